@@ -1,0 +1,96 @@
+//! Errors of the log.
+
+use std::io;
+
+use crate::{GtidSet, Offset};
+
+/// What went wrong in the log. Each variant says the cause and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An earlier write or fsync failed. The log accepts nothing more; the process must stop
+    /// and restart, and recovery will keep exactly what was durable.
+    #[error(
+        "the log is poisoned after a failed write or fsync ({reason}); no append is accepted: \
+         stop the node, check the disk, and restart (recovery keeps what was durable)"
+    )]
+    Poisoned {
+        /// The original failure.
+        reason: String,
+    },
+    /// Damage that is not a torn tail.
+    #[error(
+        "log corrupt in {file} at byte {byte}: {reason}; restore this node from a replica or \
+         backup, or inspect it with `tideline log dump`"
+    )]
+    Corrupt {
+        /// Segment file.
+        file: String,
+        /// Byte position in the file.
+        byte: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The requested offset was removed by retention or is past the end.
+    #[error(
+        "offset {requested} is not available: the log holds {first_available}..={last}; \
+         start from an available position or re-bootstrap"
+    )]
+    OffsetUnavailable {
+        /// What was asked for.
+        requested: Offset,
+        /// First offset still in the log.
+        first_available: Offset,
+        /// Last visible offset (0 = empty log).
+        last: u64,
+    },
+    /// Some GTIDs the reader lacks were removed by retention.
+    #[error(
+        "GTIDs {missing} are needed but were purged from this log; bootstrap from a snapshot \
+         or pick an upstream that still has them"
+    )]
+    GtidsPurged {
+        /// What the reader lacks and the log no longer has.
+        missing: GtidSet,
+    },
+    /// One record is larger than the configured limit.
+    #[error("record of {bytes} bytes exceeds the limit of {max} bytes; split the transaction")]
+    RecordTooLarge {
+        /// Encoded size.
+        bytes: u64,
+        /// Limit.
+        max: u32,
+    },
+    /// The record could not be encoded.
+    #[error("could not encode record: {reason}")]
+    Encode {
+        /// Encoder's message.
+        reason: String,
+    },
+    /// A slot operation named a slot that does not exist.
+    #[error("no slot named `{0}`; list slots with `tideline status`")]
+    NoSuchSlot(String),
+    /// A slot name is not acceptable.
+    #[error("invalid slot name `{0}`: use 1-64 characters from [A-Za-z0-9_.-]")]
+    BadSlotName(String),
+    /// The log has been closed.
+    #[error("the log is closed")]
+    Closed,
+    /// An I/O error outside the append path (open, read, retention).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, naming the file.
+        context: String,
+        /// The cause.
+        source: io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}

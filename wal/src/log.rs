@@ -1,0 +1,1574 @@
+//! The log: open and recover, append with group commit, read, retain.
+//!
+//! One writer thread owns the active segment. Appenders encode their record on their own
+//! thread, then take a short lock to get the next offset and add the frame to the pending
+//! batch. The writer takes the whole batch, writes it with one call, syncs once and then
+//! acknowledges every record in it: appenders that arrive during a sync form the next batch,
+//! which is group commit without any tuning knob.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{oneshot, watch};
+use uuid::Uuid;
+
+use crate::gtid::{Gtid, GtidSet};
+use crate::record::{self, FrameError, NewTransaction, Transaction};
+use crate::segment::{self, HeaderError, SegmentHeader};
+use crate::slots::{SlotInfo, Slots};
+use crate::storage::{Storage, StorageFile};
+use crate::{Error, Offset};
+
+/// When an append is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// After its bytes are on disk (fdatasync). A crash loses nothing acknowledged.
+    Sync,
+    /// After its bytes are written to the OS; a sync follows within `interval`. A crash of the
+    /// machine (not just the process) can lose up to `interval` of acknowledged records.
+    Async {
+        /// Longest time between a write and its sync.
+        interval: Duration,
+    },
+}
+
+/// How much log to keep.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionPolicy {
+    /// Log kept for readers without a slot, in bytes, whatever the slots say.
+    pub retain_bytes_min: u64,
+    /// Most log that slots may hold, in bytes. Past it the oldest segments go and the slots
+    /// that needed them are invalidated. `None`: no cap.
+    pub slot_bytes_max: Option<u64>,
+    /// Oldest log that slots may hold. `None`: no cap.
+    pub slot_age_max: Option<Duration>,
+}
+
+impl Default for RetentionPolicy {
+    fn default() -> Self {
+        RetentionPolicy {
+            retain_bytes_min: 1 << 30,
+            slot_bytes_max: Some(64 << 30),
+            slot_age_max: None,
+        }
+    }
+}
+
+/// Settings of a log.
+#[derive(Debug, Clone)]
+pub struct WalOptions {
+    /// When appends are acknowledged. Default: [`Durability::Sync`].
+    pub durability: Durability,
+    /// A segment is closed once it holds this many bytes. Default 64 MiB.
+    pub segment_bytes_max: u64,
+    /// Largest record payload accepted, on write and on read. Default 64 MiB.
+    pub record_bytes_max: u32,
+    /// The node id written into a new log; ignored when the log exists. Default: random.
+    pub server_uuid: Option<Uuid>,
+    /// What to keep.
+    pub retention: RetentionPolicy,
+    /// Check every record of every segment on open, not only the last segment.
+    pub verify_on_open: bool,
+    /// Test-only: never call fsync. Exists so crash tests can prove they catch loss.
+    #[doc(hidden)]
+    pub unsafe_skip_fsync: bool,
+    /// Test-only: carry on after a failed fsync (the bug fail-stop prevents). Exists so the
+    /// fsync-failure test can prove it catches loss.
+    #[doc(hidden)]
+    pub unsafe_ignore_sync_errors: bool,
+}
+
+impl Default for WalOptions {
+    fn default() -> Self {
+        WalOptions {
+            durability: Durability::Sync,
+            segment_bytes_max: 64 << 20,
+            record_bytes_max: record::DEFAULT_RECORD_BYTES_MAX,
+            server_uuid: None,
+            retention: RetentionPolicy::default(),
+            verify_on_open: false,
+            unsafe_skip_fsync: false,
+            unsafe_ignore_sync_errors: false,
+        }
+    }
+}
+
+/// What recovery found and did on open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments found.
+    pub segments: usize,
+    /// Records in the last segment (and in all segments with `verify_on_open`).
+    pub records_scanned: u64,
+    /// Bytes cut from the torn tail of the last segment.
+    pub truncated_bytes: u64,
+    /// A last segment whose header was torn at creation and which was removed.
+    pub removed_torn_segment: Option<String>,
+    /// Time spent, in microseconds.
+    pub elapsed_us: u64,
+}
+
+/// One segment, as reported by [`Wal::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// File name.
+    pub name: String,
+    /// Offset of its first record.
+    pub first_offset: Offset,
+    /// Bytes on disk (the active segment's as of the last write).
+    pub bytes: u64,
+    /// GTIDs in the log before it.
+    pub gtids_before: GtidSet,
+    /// Whether it is closed (not the one being appended to).
+    pub closed: bool,
+}
+
+/// A summary of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogStats {
+    /// The node id of this log.
+    pub server_uuid: Uuid,
+    /// First offset still held.
+    pub first_offset: Offset,
+    /// Highest offset written (0: none).
+    pub written_offset: u64,
+    /// Highest offset durable (0: none).
+    pub durable_offset: u64,
+    /// Highest offset readers see (0: none).
+    pub visible_offset: u64,
+    /// GTIDs of all visible records, including those purged by retention.
+    pub gtids: GtidSet,
+    /// Bytes of all segments.
+    pub total_bytes: u64,
+    /// The segments, oldest first.
+    pub segments: Vec<SegmentInfo>,
+}
+
+/// What [`Wal::run_retention`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Segment files removed.
+    pub removed_segments: Vec<String>,
+    /// Bytes freed.
+    pub removed_bytes: u64,
+    /// Slots invalidated by the cap.
+    pub invalidated_slots: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct SegmentMeta {
+    name: String,
+    first: u64,
+    gtids_before: GtidSet,
+    header_bytes: u32,
+    created_us: i64,
+    /// Size on disk; kept current for closed segments only.
+    bytes: u64,
+}
+
+type Ack = oneshot::Sender<Result<(), Error>>;
+
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    first: u64,
+    count: u64,
+    acks: Vec<Ack>,
+    gtids: Vec<Gtid>,
+}
+
+struct State {
+    next_offset: u64,
+    pending: Pending,
+    segments: Vec<SegmentMeta>,
+    closing: bool,
+}
+
+struct Shared {
+    storage: Arc<dyn Storage>,
+    opts: WalOptions,
+    server_uuid: Uuid,
+    state: Mutex<State>,
+    wake_writer: Condvar,
+    written: AtomicU64,
+    durable: AtomicU64,
+    active_bytes: AtomicU64,
+    visible_tx: watch::Sender<u64>,
+    visible_lock: Mutex<u64>,
+    visible_cv: Condvar,
+    visible_gtids: Mutex<GtidSet>,
+    poisoned: AtomicBool,
+    poison_reason: Mutex<String>,
+    slots: Mutex<Slots>,
+    retention_floor: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section below leaves the state consistent before anything that can
+    // panic, so a poisoned mutex still guards valid data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}
+
+impl Shared {
+    fn visible(&self) -> u64 {
+        *self.visible_tx.borrow()
+    }
+
+    fn poison_error(&self) -> Error {
+        Error::Poisoned {
+            reason: lock(&self.poison_reason).clone(),
+        }
+    }
+
+    fn poison(&self, reason: String) {
+        tracing::error!(%reason, "log poisoned: refusing all further appends (fail-stop)");
+        {
+            let mut r = lock(&self.poison_reason);
+            if r.is_empty() {
+                *r = reason;
+            }
+        }
+        self.poisoned.store(true, Ordering::SeqCst);
+        // Wake every waiter so it can see the poison.
+        self.visible_tx.send_modify(|_| {});
+        let _g = lock(&self.visible_lock);
+        self.visible_cv.notify_all();
+    }
+
+    fn publish_visible(&self, offset: u64, gtids: &[Gtid]) {
+        {
+            let mut set = lock(&self.visible_gtids);
+            for g in gtids {
+                set.insert(*g);
+            }
+        }
+        self.visible_tx.send_replace(offset);
+        let mut v = lock(&self.visible_lock);
+        *v = offset;
+        self.visible_cv.notify_all();
+    }
+
+    fn skip_fsync(&self) -> bool {
+        self.opts.unsafe_skip_fsync
+    }
+}
+
+/// The log. Dropping it (or [`Wal::close`]) syncs what was written and stops the writer.
+pub struct Wal {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    recovery: RecoveryReport,
+}
+
+impl std::fmt::Debug for Wal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Wal")
+            .field("server_uuid", &self.shared.server_uuid)
+            .field("visible", &self.shared.visible())
+            .finish_non_exhaustive()
+    }
+}
+
+/// An append in flight. Wait for it with [`Appended::wait`] (blocking threads) or `.await`
+/// (async tasks): it resolves to the record's offset once the record is acknowledged under
+/// the log's durability, or to an error, in which case the record must be taken as not written.
+#[must_use = "an append is acknowledged only when waited for"]
+pub struct Appended {
+    offset: Offset,
+    rx: oneshot::Receiver<Result<(), Error>>,
+}
+
+impl Appended {
+    /// The offset the record will have once acknowledged.
+    pub fn offset(&self) -> Offset {
+        self.offset
+    }
+
+    /// Blocks until the record is acknowledged. Must not be called from inside an async
+    /// runtime; `.await` the `Appended` there.
+    pub fn wait(self) -> Result<Offset, Error> {
+        let offset = self.offset;
+        match self.rx.blocking_recv() {
+            Ok(Ok(())) => Ok(offset),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Poisoned {
+                reason: "the log writer stopped before acknowledging".into(),
+            }),
+        }
+    }
+}
+
+impl Future for Appended {
+    type Output = Result<Offset, Error>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let offset = self.offset;
+        Pin::new(&mut self.rx).poll(cx).map(|r| match r {
+            Ok(Ok(())) => Ok(offset),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(Error::Poisoned {
+                reason: "the log writer stopped before acknowledging".into(),
+            }),
+        })
+    }
+}
+
+struct ScanResult {
+    records: u64,
+    gtids: Vec<Gtid>,
+    /// Byte position after the last valid frame.
+    valid_end: u64,
+    /// First byte position of an invalid frame, with the reason.
+    bad: Option<(u64, FrameError)>,
+}
+
+/// Reads a whole file into memory in one go (segments are bounded by `segment_bytes_max`
+/// plus one batch).
+fn read_all(storage: &dyn Storage, file: &dyn StorageFile, name: &str) -> Result<Vec<u8>, Error> {
+    let len = file
+        .len()
+        .map_err(|e| Error::io(format!("stat {}", storage.describe(name)), e))?;
+    let mut buf = vec![0u8; len as usize];
+    let n = file
+        .read_full_at(&mut buf, 0)
+        .map_err(|e| Error::io(format!("read {}", storage.describe(name)), e))?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// Scans frames of one segment body, checking dense offsets from `first`.
+fn scan_frames(buf: &[u8], start: usize, first: u64, record_bytes_max: u32) -> ScanResult {
+    let mut pos = start;
+    let mut expect = first;
+    let mut gtids = Vec::new();
+    while pos < buf.len() {
+        let decoded = record::check_frame(&buf[pos..], record_bytes_max).and_then(|raw| {
+            if raw.offset.get() != expect {
+                return Err(FrameError::Payload(format!(
+                    "offset {} where {expect} was expected",
+                    raw.offset
+                )));
+            }
+            let txn = record::decode_payload(raw.offset, raw.payload)?;
+            Ok((txn, raw.frame_bytes))
+        });
+        match decoded {
+            Ok((txn, used)) => {
+                gtids.push(txn.gtid);
+                pos += used;
+                expect += 1;
+            }
+            Err(e) => {
+                return ScanResult {
+                    records: expect - first,
+                    gtids,
+                    valid_end: pos as u64,
+                    bad: Some((pos as u64, e)),
+                };
+            }
+        }
+    }
+    ScanResult {
+        records: expect - first,
+        gtids,
+        valid_end: pos as u64,
+        bad: None,
+    }
+}
+
+/// Whether any valid frame with an offset at or past `expect` starts after `from`: if so,
+/// the damage at `from` is not a torn tail.
+fn valid_frame_after(buf: &[u8], from: usize, expect: u64, record_bytes_max: u32) -> Option<u64> {
+    let mut pos = from + record::FRAME_ALIGN;
+    while pos + record::FRAME_HEADER_BYTES <= buf.len() {
+        if let Ok(raw) = record::check_frame(&buf[pos..], record_bytes_max) {
+            if raw.offset.get() >= expect {
+                return Some(pos as u64);
+            }
+        }
+        pos += record::FRAME_ALIGN;
+    }
+    None
+}
+
+fn header_of(
+    storage: &dyn Storage,
+    file: &dyn StorageFile,
+    name: &str,
+) -> Result<Result<SegmentHeader, HeaderError>, Error> {
+    let mut fixed = [0u8; segment::HEADER_FIXED_BYTES];
+    let n = file
+        .read_full_at(&mut fixed, 0)
+        .map_err(|e| Error::io(format!("read {}", storage.describe(name)), e))?;
+    let total = match segment::header_len(&fixed[..n]) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
+    let mut buf = vec![0u8; total as usize];
+    let n = file
+        .read_full_at(&mut buf, 0)
+        .map_err(|e| Error::io(format!("read {}", storage.describe(name)), e))?;
+    Ok(segment::decode_header(&buf[..n]))
+}
+
+impl Wal {
+    /// Opens the log in `storage`, creating it if empty, and recovers it: the last segment is
+    /// checked record by record and a torn tail cut at a record boundary; anything else that
+    /// is damaged is an [`Error::Corrupt`] naming the file and byte.
+    pub fn open(storage: Arc<dyn Storage>, opts: WalOptions) -> Result<Wal, Error> {
+        let started = Instant::now();
+        let mut report = RecoveryReport::default();
+        let st: &dyn Storage = &*storage;
+        let mut names: Vec<(Offset, String)> = st
+            .list()
+            .map_err(|e| Error::io("list log directory", e))?
+            .into_iter()
+            .filter_map(|n| segment::parse_file_name(&n).map(|o| (o, n)))
+            .collect();
+        names.sort();
+
+        let mut segments: Vec<SegmentMeta> = Vec::with_capacity(names.len());
+        let mut server_uuid: Option<Uuid> = None;
+        let last_idx = names.len().checked_sub(1);
+        for (i, (name_offset, name)) in names.iter().enumerate() {
+            let file = st
+                .open(name)
+                .map_err(|e| Error::io(format!("open {}", st.describe(name)), e))?;
+            let header = match header_of(st, &*file, name)? {
+                Ok(h) => h,
+                Err(e) => {
+                    let len = file.len().unwrap_or(0);
+                    let torn_creation = Some(i) == last_idx
+                        && (matches!(e, HeaderError::Truncated { .. })
+                            || read_all(st, &*file, name)?.iter().all(|&b| b == 0));
+                    if torn_creation {
+                        // The writer syncs a new segment's header before writing any record to
+                        // it, so a torn header means the segment never held a record.
+                        tracing::warn!(file = %st.describe(name), len, "removing segment torn at creation");
+                        drop(file);
+                        st.remove(name)
+                            .map_err(|e| Error::io(format!("remove {}", st.describe(name)), e))?;
+                        st.sync_dir()
+                            .map_err(|e| Error::io("sync log directory", e))?;
+                        report.removed_torn_segment = Some(name.clone());
+                        continue;
+                    }
+                    return Err(Error::Corrupt {
+                        file: st.describe(name),
+                        byte: 0,
+                        reason: e.to_string(),
+                    });
+                }
+            };
+            if header.first_offset != *name_offset {
+                return Err(Error::Corrupt {
+                    file: st.describe(name),
+                    byte: 16,
+                    reason: format!(
+                        "header says first offset {} but the file name says {name_offset}",
+                        header.first_offset
+                    ),
+                });
+            }
+            match server_uuid {
+                None => server_uuid = Some(header.server_uuid),
+                Some(u) if u != header.server_uuid => {
+                    return Err(Error::Corrupt {
+                        file: st.describe(name),
+                        byte: 24,
+                        reason: format!(
+                            "segment belongs to node {} but the log is node {u}; \
+                             segments from two nodes are mixed in one directory",
+                            header.server_uuid
+                        ),
+                    });
+                }
+                Some(_) => {}
+            }
+            if let Some(prev) = segments.last() {
+                if !prev.gtids_before.is_subset(&header.gtids_before) {
+                    return Err(Error::Corrupt {
+                        file: st.describe(name),
+                        byte: 56,
+                        reason: "GTID set before this segment lacks GTIDs listed before an \
+                                 earlier segment"
+                            .into(),
+                    });
+                }
+            }
+            let bytes = file
+                .len()
+                .map_err(|e| Error::io(format!("stat {}", st.describe(name)), e))?;
+            segments.push(SegmentMeta {
+                name: name.clone(),
+                first: header.first_offset.get(),
+                gtids_before: header.gtids_before,
+                header_bytes: header.header_bytes,
+                created_us: header.created_us,
+                bytes,
+            });
+        }
+        report.segments = segments.len();
+
+        let server_uuid = server_uuid
+            .or(opts.server_uuid)
+            .unwrap_or_else(Uuid::new_v4);
+
+        if opts.verify_on_open {
+            for i in 0..segments.len().saturating_sub(1) {
+                report.records_scanned += verify_closed(st, &segments[i], &segments[i + 1], &opts)?;
+            }
+        }
+
+        // The last segment: scan, cut a torn tail.
+        let mut gtids = GtidSet::new();
+        let next_offset;
+        let active_bytes;
+        match segments.last_mut() {
+            None => {
+                next_offset = 1;
+                let meta = create_segment(st, &opts, server_uuid, Offset::FIRST, &GtidSet::new())?;
+                active_bytes = meta.bytes;
+                segments.push(meta);
+            }
+            Some(last) => {
+                let file = st
+                    .open(&last.name)
+                    .map_err(|e| Error::io(format!("open {}", st.describe(&last.name)), e))?;
+                let buf = read_all(st, &*file, &last.name)?;
+                let scan = scan_frames(
+                    &buf,
+                    last.header_bytes as usize,
+                    last.first,
+                    opts.record_bytes_max,
+                );
+                report.records_scanned += scan.records;
+                if let Some((bad_at, why)) = scan.bad {
+                    let expect = last.first + scan.records;
+                    if let Some(later) =
+                        valid_frame_after(&buf, bad_at as usize, expect, opts.record_bytes_max)
+                    {
+                        return Err(Error::Corrupt {
+                            file: st.describe(&last.name),
+                            byte: bad_at,
+                            reason: format!(
+                                "{why}, yet a valid record follows at byte {later}: this is \
+                                 damage inside the log, not a torn tail"
+                            ),
+                        });
+                    }
+                    report.truncated_bytes = buf.len() as u64 - bad_at;
+                    tracing::warn!(
+                        file = %st.describe(&last.name),
+                        at = bad_at,
+                        bytes = report.truncated_bytes,
+                        reason = %why,
+                        "truncating torn tail of the last segment"
+                    );
+                    file.set_len(bad_at)
+                        .and_then(|()| file.sync_data())
+                        .map_err(|e| {
+                            Error::io(
+                                format!("truncate torn tail of {}", st.describe(&last.name)),
+                                e,
+                            )
+                        })?;
+                }
+                gtids = last.gtids_before.clone();
+                for g in &scan.gtids {
+                    gtids.insert(*g);
+                }
+                next_offset = last.first + scan.records;
+                last.bytes = scan.valid_end;
+                active_bytes = scan.valid_end;
+            }
+        }
+
+        let last_offset = next_offset - 1;
+        report.elapsed_us = started.elapsed().as_micros() as u64;
+        let slots = Slots::load(st)?;
+        let (visible_tx, _) = watch::channel(last_offset);
+        let shared = Arc::new(Shared {
+            storage: storage.clone(),
+            opts,
+            server_uuid,
+            state: Mutex::new(State {
+                next_offset,
+                pending: Pending {
+                    first: next_offset,
+                    ..Pending::default()
+                },
+                segments,
+                closing: false,
+            }),
+            wake_writer: Condvar::new(),
+            written: AtomicU64::new(last_offset),
+            durable: AtomicU64::new(last_offset),
+            active_bytes: AtomicU64::new(active_bytes),
+            visible_tx,
+            visible_lock: Mutex::new(last_offset),
+            visible_cv: Condvar::new(),
+            visible_gtids: Mutex::new(gtids.clone()),
+            poisoned: AtomicBool::new(false),
+            poison_reason: Mutex::new(String::new()),
+            slots: Mutex::new(slots),
+            retention_floor: AtomicU64::new(u64::MAX),
+        });
+        let writer_shared = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("tideline-wal-writer".into())
+            .spawn(move || writer_main(writer_shared, gtids))
+            .map_err(|e| Error::io("start the log writer thread", e))?;
+        Ok(Wal {
+            shared,
+            writer: Mutex::new(Some(writer)),
+            recovery: report,
+        })
+    }
+
+    /// What recovery found when this log was opened.
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// The node id of this log, fixed when the log was created.
+    pub fn server_uuid(&self) -> Uuid {
+        self.shared.server_uuid
+    }
+
+    /// The durability setting.
+    pub fn durability(&self) -> Durability {
+        self.shared.opts.durability
+    }
+
+    /// The configured largest record payload.
+    pub fn record_bytes_max(&self) -> u32 {
+        self.shared.opts.record_bytes_max
+    }
+
+    /// Queues `txn` for the next group commit and returns at once with its offset-to-be.
+    /// Offsets are assigned in call order. Wait on the returned [`Appended`] for the
+    /// acknowledgement.
+    pub fn submit(&self, txn: NewTransaction) -> Result<Appended, Error> {
+        self.submit_with(txn, |_| ()).map(|(a, ())| a)
+    }
+
+    /// Like [`Wal::submit`], and calls `assigned` with the offset while still holding the
+    /// ordering lock, so a caller can record offset order atomically with its own state.
+    pub fn submit_with<R>(
+        &self,
+        txn: NewTransaction,
+        assigned: impl FnOnce(Offset) -> R,
+    ) -> Result<(Appended, R), Error>
+    where
+        R: Sized,
+    {
+        let shared = &*self.shared;
+        if shared.poisoned.load(Ordering::SeqCst) {
+            return Err(shared.poison_error());
+        }
+        let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&txn).map_err(|e| Error::Encode {
+            reason: e.to_string(),
+        })?;
+        if payload.len() as u64 > u64::from(shared.opts.record_bytes_max) {
+            return Err(Error::RecordTooLarge {
+                bytes: payload.len() as u64,
+                max: shared.opts.record_bytes_max,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut st = lock(&shared.state);
+        if st.closing {
+            return Err(Error::Closed);
+        }
+        let offset = Offset::new(st.next_offset).ok_or(Error::Closed)?;
+        record::append_frame(offset, &payload, &mut st.pending.bytes)?;
+        st.next_offset += 1;
+        st.pending.count += 1;
+        st.pending.acks.push(tx);
+        st.pending.gtids.push(txn.gtid);
+        let r = assigned(offset);
+        drop(st);
+        shared.wake_writer.notify_one();
+        Ok((Appended { offset, rx }, r))
+    }
+
+    /// Appends and waits: [`Wal::submit`] then [`Appended::wait`]. Blocking.
+    pub fn append(&self, txn: NewTransaction) -> Result<Offset, Error> {
+        self.submit(txn)?.wait()
+    }
+
+    /// Highest offset written to the OS (0: none).
+    pub fn written_offset(&self) -> u64 {
+        self.shared.written.load(Ordering::SeqCst)
+    }
+
+    /// Highest offset known durable (0: none).
+    pub fn durable_offset(&self) -> u64 {
+        self.shared.durable.load(Ordering::SeqCst)
+    }
+
+    /// Highest offset readers see (0: none): the durable head under `Sync`, the acknowledged
+    /// head under `Async`.
+    pub fn visible_offset(&self) -> u64 {
+        self.shared.visible()
+    }
+
+    /// GTIDs of all visible records, including those purged by retention.
+    pub fn gtids(&self) -> GtidSet {
+        lock(&self.shared.visible_gtids).clone()
+    }
+
+    /// Whether a failed write or fsync has poisoned the log.
+    pub fn is_poisoned(&self) -> bool {
+        self.shared.poisoned.load(Ordering::SeqCst)
+    }
+
+    /// The error every append returns once poisoned, if poisoned.
+    pub fn poison(&self) -> Option<Error> {
+        self.is_poisoned().then(|| self.shared.poison_error())
+    }
+
+    /// Resolves once `offset` is visible. Fails if the log is poisoned or closed meanwhile.
+    pub async fn wait_visible(&self, offset: Offset) -> Result<(), Error> {
+        wait_visible(&self.shared, offset).await
+    }
+
+    /// Blocks until `offset` is visible or `timeout` passes; returns whether it is visible.
+    pub fn wait_visible_blocking(&self, offset: Offset, timeout: Duration) -> Result<bool, Error> {
+        let deadline = Instant::now() + timeout;
+        let mut v = lock(&self.shared.visible_lock);
+        loop {
+            if self.shared.poisoned.load(Ordering::SeqCst) {
+                return Err(self.shared.poison_error());
+            }
+            if *v >= offset.get() {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            v = self
+                .shared
+                .visible_cv
+                .wait_timeout(v, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// A reader from `from`. Fails with [`Error::OffsetUnavailable`] if retention removed it
+    /// or it lies more than one past the visible head.
+    pub fn read_from(&self, from: Offset) -> Result<Reader, Error> {
+        let first = self.first_offset();
+        let last = self.visible_offset();
+        if from < first || from.get() > last + 1 {
+            return Err(Error::OffsetUnavailable {
+                requested: from,
+                first_available: first,
+                last,
+            });
+        }
+        Ok(Reader::new(self.shared.clone(), from.get(), None))
+    }
+
+    /// A reader of every record whose GTID is not in `have`, in log order (auto-positioning).
+    /// The first segment is picked from segment headers; records in `have` are skipped.
+    /// Fails with [`Error::GtidsPurged`] if some GTID not in `have` was purged.
+    pub fn read_missing(&self, have: &GtidSet) -> Result<Reader, Error> {
+        let st = lock(&self.shared.state);
+        let purged = &st.segments[0].gtids_before;
+        let missing = purged.difference(have);
+        if !missing.is_empty() {
+            return Err(Error::GtidsPurged { missing });
+        }
+        // Start in the first segment that holds a GTID outside `have`: segment i can be skipped
+        // when everything before segment i+1 is in `have`.
+        let mut start = st.segments[st.segments.len() - 1].first;
+        for w in st.segments.windows(2) {
+            if !w[1].gtids_before.is_subset(have) {
+                start = w[0].first;
+                break;
+            }
+        }
+        drop(st);
+        Ok(Reader::new(self.shared.clone(), start, Some(have.clone())))
+    }
+
+    /// First offset still in the log.
+    pub fn first_offset(&self) -> Offset {
+        let st = lock(&self.shared.state);
+        Offset::new(st.segments[0].first).unwrap_or(Offset::FIRST)
+    }
+
+    /// A summary of the log.
+    pub fn stats(&self) -> LogStats {
+        let st = lock(&self.shared.state);
+        let active = self.shared.active_bytes.load(Ordering::SeqCst);
+        let n = st.segments.len();
+        let segments: Vec<SegmentInfo> = st
+            .segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| SegmentInfo {
+                name: s.name.clone(),
+                first_offset: Offset::new(s.first).unwrap_or(Offset::FIRST),
+                bytes: if i + 1 == n { active } else { s.bytes },
+                gtids_before: s.gtids_before.clone(),
+                closed: i + 1 < n,
+            })
+            .collect();
+        drop(st);
+        LogStats {
+            server_uuid: self.shared.server_uuid,
+            first_offset: segments[0].first_offset,
+            written_offset: self.written_offset(),
+            durable_offset: self.durable_offset(),
+            visible_offset: self.visible_offset(),
+            gtids: self.gtids(),
+            total_bytes: segments.iter().map(|s| s.bytes).sum(),
+            segments,
+        }
+    }
+
+    /// Reads every record of every segment and checks frames, checksums, payloads and dense
+    /// offsets. Returns the number of records checked.
+    pub fn verify(&self) -> Result<u64, Error> {
+        let mut reader = self.read_from(self.first_offset())?;
+        let mut n = 0;
+        while reader.next_txn()?.is_some() {
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Creates slot `name` holding the log from `restart` on (the first offset its consumer
+    /// still needs). Creating an existing slot returns it unchanged.
+    pub fn create_slot(&self, name: &str, restart: Offset) -> Result<SlotInfo, Error> {
+        let first = self.first_offset();
+        if restart < first {
+            return Err(Error::OffsetUnavailable {
+                requested: restart,
+                first_available: first,
+                last: self.visible_offset(),
+            });
+        }
+        let mut slots = lock(&self.shared.slots);
+        let info = slots.create(name, restart)?;
+        slots.save(&*self.shared.storage)?;
+        Ok(info)
+    }
+
+    /// Records that the consumer of `name` needs nothing before `restart`. Kept in memory and
+    /// saved by the next [`Wal::run_retention`] or slot change; after a crash a slot may be a
+    /// little behind, which holds more log, never less.
+    pub fn advance_slot(&self, name: &str, restart: Offset) -> Result<(), Error> {
+        lock(&self.shared.slots).advance(name, restart)
+    }
+
+    /// Removes slot `name`.
+    pub fn drop_slot(&self, name: &str) -> Result<(), Error> {
+        let mut slots = lock(&self.shared.slots);
+        slots.drop_slot(name)?;
+        slots.save(&*self.shared.storage)
+    }
+
+    /// One slot.
+    pub fn slot(&self, name: &str) -> Option<SlotInfo> {
+        lock(&self.shared.slots).get(name).cloned()
+    }
+
+    /// All slots.
+    pub fn slots(&self) -> Vec<SlotInfo> {
+        lock(&self.shared.slots).list()
+    }
+
+    /// The owner's own hold: retention never removes a record at or after `floor` (the engine
+    /// sets it to the first offset its state store has not yet persisted).
+    pub fn set_retention_floor(&self, floor: Offset) {
+        self.shared
+            .retention_floor
+            .store(floor.get(), Ordering::SeqCst);
+    }
+
+    /// Removes closed segments that nothing needs, and enforces the slot cap. Saves slots.
+    pub fn run_retention(&self) -> Result<RetentionReport, Error> {
+        self.run_retention_at(now_us())
+    }
+
+    /// [`Wal::run_retention`] with the current time given, for tests.
+    pub fn run_retention_at(&self, now_us: i64) -> Result<RetentionReport, Error> {
+        let shared = &*self.shared;
+        let policy = &shared.opts.retention;
+        let mut report = RetentionReport::default();
+        let mut slots = lock(&shared.slots);
+        let slot_min = slots.min_active_restart();
+        let floor = shared.retention_floor.load(Ordering::SeqCst);
+        let mut to_remove = Vec::new();
+        {
+            let mut st = lock(&shared.state);
+            let active = shared.active_bytes.load(Ordering::SeqCst);
+            let mut total: u64 = st.segments[..st.segments.len() - 1]
+                .iter()
+                .map(|s| s.bytes)
+                .sum::<u64>()
+                + active;
+            let mut cut = 0;
+            while cut + 1 < st.segments.len() {
+                let seg = &st.segments[cut];
+                let next = &st.segments[cut + 1];
+                let last_offset = next.first - 1;
+                if last_offset >= floor {
+                    break;
+                }
+                let needed_by_slot = slot_min.is_some_and(|m| m <= last_offset);
+                let remove = if needed_by_slot {
+                    let over_bytes = policy.slot_bytes_max.is_some_and(|max| total > max);
+                    let closed_age_us = now_us.saturating_sub(next.created_us);
+                    let over_age = policy
+                        .slot_age_max
+                        .is_some_and(|max| closed_age_us > max.as_micros() as i64);
+                    if over_bytes || over_age {
+                        let cap = if over_bytes {
+                            "slot_bytes_max"
+                        } else {
+                            "slot_age_max"
+                        };
+                        report
+                            .invalidated_slots
+                            .extend(slots.invalidate_below(next.first, cap));
+                        true
+                    } else {
+                        false
+                    }
+                } else {
+                    total > policy.retain_bytes_min
+                };
+                if !remove {
+                    break;
+                }
+                total -= seg.bytes;
+                cut += 1;
+            }
+            for seg in st.segments.drain(..cut) {
+                report.removed_bytes += seg.bytes;
+                to_remove.push(seg.name);
+            }
+        }
+        for name in &to_remove {
+            shared
+                .storage
+                .remove(name)
+                .map_err(|e| Error::io(format!("remove {}", shared.storage.describe(name)), e))?;
+        }
+        if !to_remove.is_empty() {
+            shared
+                .storage
+                .sync_dir()
+                .map_err(|e| Error::io("sync log directory", e))?;
+            tracing::info!(
+                segments = to_remove.len(),
+                bytes = report.removed_bytes,
+                "retention removed segments"
+            );
+        }
+        for name in &report.invalidated_slots {
+            tracing::warn!(slot = %name, "slot invalidated by the retention cap");
+        }
+        report.removed_segments = to_remove;
+        slots.save(&*shared.storage)?;
+        Ok(report)
+    }
+
+    /// Syncs what was written and stops the writer. Appends after this fail with
+    /// [`Error::Closed`]. Returns the poison error if the log was poisoned.
+    pub fn close(&self) -> Result<(), Error> {
+        {
+            let mut st = lock(&self.shared.state);
+            st.closing = true;
+        }
+        self.shared.wake_writer.notify_all();
+        if let Some(h) = lock(&self.writer).take() {
+            if h.join().is_err() {
+                return Err(Error::Poisoned {
+                    reason: "the log writer thread panicked".into(),
+                });
+            }
+        }
+        let _ = lock(&self.shared.slots).save(&*self.shared.storage);
+        self.poison().map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Wal {
+    fn drop(&mut self) {
+        let _ = self.close();
+    }
+}
+
+async fn wait_visible(shared: &Shared, offset: Offset) -> Result<(), Error> {
+    let mut rx = shared.visible_tx.subscribe();
+    let target = offset.get();
+    let res = rx
+        .wait_for(|v| *v >= target || shared.poisoned.load(Ordering::SeqCst))
+        .await;
+    if shared.poisoned.load(Ordering::SeqCst) && shared.visible() < target {
+        return Err(shared.poison_error());
+    }
+    res.map(|_| ()).map_err(|_| Error::Closed)
+}
+
+fn verify_closed(
+    st: &dyn Storage,
+    seg: &SegmentMeta,
+    next: &SegmentMeta,
+    opts: &WalOptions,
+) -> Result<u64, Error> {
+    let file = st
+        .open(&seg.name)
+        .map_err(|e| Error::io(format!("open {}", st.describe(&seg.name)), e))?;
+    let buf = read_all(st, &*file, &seg.name)?;
+    let scan = scan_frames(
+        &buf,
+        seg.header_bytes as usize,
+        seg.first,
+        opts.record_bytes_max,
+    );
+    if let Some((at, why)) = scan.bad {
+        return Err(Error::Corrupt {
+            file: st.describe(&seg.name),
+            byte: at,
+            reason: why.to_string(),
+        });
+    }
+    if seg.first + scan.records != next.first {
+        return Err(Error::Corrupt {
+            file: st.describe(&seg.name),
+            byte: scan.valid_end,
+            reason: format!(
+                "closed segment ends at offset {} but the next segment starts at {}",
+                seg.first + scan.records - 1,
+                next.first
+            ),
+        });
+    }
+    let mut gtids = seg.gtids_before.clone();
+    for g in scan.gtids {
+        gtids.insert(g);
+    }
+    if gtids != next.gtids_before {
+        return Err(Error::Corrupt {
+            file: st.describe(&next.name),
+            byte: 56,
+            reason: "GTID set in the header differs from the GTIDs of the records before it".into(),
+        });
+    }
+    Ok(scan.records)
+}
+
+fn create_segment(
+    st: &dyn Storage,
+    opts: &WalOptions,
+    server_uuid: Uuid,
+    first: Offset,
+    gtids_before: &GtidSet,
+) -> Result<SegmentMeta, Error> {
+    let name = segment::file_name(first);
+    let created_us = now_us();
+    let header = segment::encode_header(first, server_uuid, created_us, gtids_before);
+    let ctx = |what: &str| format!("{what} {}", st.describe(&name));
+    let file = st.create(&name).map_err(|e| Error::io(ctx("create"), e))?;
+    file.write_all_at(&header, 0)
+        .map_err(|e| Error::io(ctx("write header of"), e))?;
+    if !opts.unsafe_skip_fsync {
+        file.sync_data().map_err(|e| Error::io(ctx("sync"), e))?;
+        st.sync_dir()
+            .map_err(|e| Error::io("sync log directory", e))?;
+    }
+    Ok(SegmentMeta {
+        name,
+        first: first.get(),
+        gtids_before: gtids_before.clone(),
+        header_bytes: header.len() as u32,
+        created_us,
+        bytes: header.len() as u64,
+    })
+}
+
+/// The writer thread: owns the active segment.
+fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
+    let storage = shared.storage.clone();
+    let st: &dyn Storage = &*storage;
+    let mut name = {
+        let state = lock(&shared.state);
+        state.segments[state.segments.len() - 1].name.clone()
+    };
+    let mut file = match st.open(&name) {
+        Ok(f) => f,
+        Err(e) => {
+            shared.poison(format!(
+                "cannot open active segment {}: {e}",
+                st.describe(&name)
+            ));
+            fail_pending_forever(&shared);
+            return;
+        }
+    };
+    let mut len = shared.active_bytes.load(Ordering::SeqCst);
+    let sync_interval = match shared.opts.durability {
+        Durability::Sync => None,
+        Durability::Async { interval } => Some(interval.max(Duration::from_micros(100))),
+    };
+    let mut dirty = false;
+    let mut last_sync = Instant::now();
+
+    loop {
+        let (batch, closing) = {
+            let mut state = lock(&shared.state);
+            loop {
+                if state.pending.count > 0 || state.closing {
+                    break;
+                }
+                match sync_interval {
+                    Some(iv) if dirty => {
+                        let left = iv.saturating_sub(last_sync.elapsed());
+                        if left.is_zero() {
+                            break;
+                        }
+                        state = shared
+                            .wake_writer
+                            .wait_timeout(state, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    _ => {
+                        state = shared
+                            .wake_writer
+                            .wait(state)
+                            .unwrap_or_else(|p| p.into_inner());
+                    }
+                }
+            }
+            let next_first = state.next_offset;
+            let batch = std::mem::replace(
+                &mut state.pending,
+                Pending {
+                    first: next_first,
+                    ..Pending::default()
+                },
+            );
+            (batch, state.closing)
+        };
+
+        if batch.count > 0 {
+            if shared.poisoned.load(Ordering::SeqCst) {
+                for ack in batch.acks {
+                    let _ = ack.send(Err(shared.poison_error()));
+                }
+                continue;
+            }
+            // Roll before the batch if the active segment is full.
+            let header_only = lock(&shared.state)
+                .segments
+                .last()
+                .is_some_and(|s| u64::from(s.header_bytes) == len);
+            if !header_only && len + batch.bytes.len() as u64 > shared.opts.segment_bytes_max {
+                match roll(&shared, st, &*file, &name, len, batch.first, &gtids_in_log) {
+                    Ok((new_name, new_file, new_len)) => {
+                        name = new_name;
+                        file = new_file;
+                        len = new_len;
+                        dirty = false;
+                        last_sync = Instant::now();
+                    }
+                    Err(reason) => {
+                        shared.poison(reason);
+                        for ack in batch.acks {
+                            let _ = ack.send(Err(shared.poison_error()));
+                        }
+                        continue;
+                    }
+                }
+            }
+            if let Err(e) = file.write_all_at(&batch.bytes, len) {
+                shared.poison(format!("write to {} failed: {e}", st.describe(&name)));
+                for ack in batch.acks {
+                    let _ = ack.send(Err(shared.poison_error()));
+                }
+                continue;
+            }
+            len += batch.bytes.len() as u64;
+            shared.active_bytes.store(len, Ordering::SeqCst);
+            let last = batch.first + batch.count - 1;
+            shared.written.store(last, Ordering::SeqCst);
+            for g in &batch.gtids {
+                gtids_in_log.insert(*g);
+            }
+            match sync_interval {
+                None => {
+                    if let Err(reason) = sync_file(&shared, st, &*file, &name) {
+                        shared.poison(reason);
+                        for ack in batch.acks {
+                            let _ = ack.send(Err(shared.poison_error()));
+                        }
+                        continue;
+                    }
+                    shared.durable.store(last, Ordering::SeqCst);
+                    shared.publish_visible(last, &batch.gtids);
+                }
+                Some(_) => {
+                    shared.publish_visible(last, &batch.gtids);
+                    dirty = true;
+                }
+            }
+            for ack in batch.acks {
+                let _ = ack.send(Ok(()));
+            }
+        }
+
+        if dirty && (closing || sync_interval.is_some_and(|iv| last_sync.elapsed() >= iv)) {
+            let written = shared.written.load(Ordering::SeqCst);
+            if let Err(reason) = sync_file(&shared, st, &*file, &name) {
+                shared.poison(reason);
+            } else {
+                shared.durable.store(written, Ordering::SeqCst);
+            }
+            dirty = false;
+            last_sync = Instant::now();
+        }
+        if closing && lock(&shared.state).pending.count == 0 {
+            return;
+        }
+    }
+}
+
+/// After the writer could not even start, answer every append with the poison error.
+fn fail_pending_forever(shared: &Shared) {
+    let mut state = lock(&shared.state);
+    state.closing = true;
+    for ack in std::mem::take(&mut state.pending.acks) {
+        let _ = ack.send(Err(shared.poison_error()));
+    }
+}
+
+/// Syncs the active file; returns the poison reason on failure (unless the test-only switch
+/// says to carry on).
+fn sync_file(
+    shared: &Shared,
+    st: &dyn Storage,
+    file: &dyn StorageFile,
+    name: &str,
+) -> Result<(), String> {
+    if shared.skip_fsync() {
+        return Ok(());
+    }
+    match file.sync_data() {
+        Ok(()) => Ok(()),
+        Err(e) if shared.opts.unsafe_ignore_sync_errors => {
+            tracing::error!(file = %st.describe(name), error = %e, "fsync failed; ignored by test-only switch");
+            Ok(())
+        }
+        Err(e) => Err(format!("fsync of {} failed: {e}", st.describe(name))),
+    }
+}
+
+/// Closes the active segment (synced) and starts a new one at `first`.
+fn roll(
+    shared: &Shared,
+    st: &dyn Storage,
+    file: &dyn StorageFile,
+    name: &str,
+    len: u64,
+    first: u64,
+    gtids_before: &GtidSet,
+) -> Result<(String, Box<dyn StorageFile>, u64), String> {
+    sync_file(shared, st, file, name)?;
+    shared
+        .durable
+        .store(shared.written.load(Ordering::SeqCst), Ordering::SeqCst);
+    let first = Offset::new(first).ok_or_else(|| "segment at offset 0".to_string())?;
+    let meta = create_segment(st, &shared.opts, shared.server_uuid, first, gtids_before)
+        .map_err(|e| e.to_string())?;
+    let new_file = st
+        .open(&meta.name)
+        .map_err(|e| format!("open {}: {e}", st.describe(&meta.name)))?;
+    let new_len = meta.bytes;
+    let new_name = meta.name.clone();
+    {
+        let mut state = lock(&shared.state);
+        if let Some(prev) = state.segments.last_mut() {
+            prev.bytes = len;
+        }
+        state.segments.push(meta);
+    }
+    shared.active_bytes.store(new_len, Ordering::SeqCst);
+    Ok((new_name, new_file, new_len))
+}
+
+struct OpenSegment {
+    file: Box<dyn StorageFile>,
+    name: String,
+    /// File position of `buf[0]`.
+    buf_file_pos: u64,
+}
+
+/// Reads records in log order up to the visible head. Obtained from [`Wal::read_from`] or
+/// [`Wal::read_missing`]. A reader keeps working on a segment that retention removes after
+/// it was opened.
+pub struct Reader {
+    shared: Arc<Shared>,
+    next: u64,
+    exclude: Option<GtidSet>,
+    seg: Option<OpenSegment>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+const READ_CHUNK_BYTES: usize = 1 << 20;
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader")
+            .field("next", &self.next)
+            .field("segment", &self.seg.as_ref().map(|s| &s.name))
+            .field("excluding", &self.exclude.as_ref().map(ToString::to_string))
+            .finish()
+    }
+}
+
+impl Reader {
+    fn new(shared: Arc<Shared>, next: u64, exclude: Option<GtidSet>) -> Reader {
+        Reader {
+            shared,
+            next,
+            exclude,
+            seg: None,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+
+    /// The offset the next record read will have (or would have, for skipped ones).
+    pub fn next_offset(&self) -> Offset {
+        Offset::new(self.next).unwrap_or(Offset::FIRST)
+    }
+
+    /// Resolves once a record at or after the reader's position is visible.
+    pub async fn wait(&self) -> Result<(), Error> {
+        wait_visible(&self.shared, self.next_offset()).await
+    }
+
+    /// The next visible record, or `None` when the reader has caught up with the visible head.
+    pub fn next_txn(&mut self) -> Result<Option<Transaction>, Error> {
+        loop {
+            if self.next > self.shared.visible() {
+                return Ok(None);
+            }
+            let txn = self.read_one()?;
+            self.next += 1;
+            if let Some(have) = &self.exclude {
+                if have.contains(&txn.gtid) {
+                    continue;
+                }
+            }
+            return Ok(Some(txn));
+        }
+    }
+
+    /// Locates the segment holding `self.next` and positions the buffer at its header end.
+    fn open_segment(&mut self) -> Result<(), Error> {
+        let shared = &*self.shared;
+        let st: &dyn Storage = &*shared.storage;
+        let (meta, first_available) = {
+            let state = lock(&shared.state);
+            let idx = state.segments.partition_point(|s| s.first <= self.next);
+            let first_available = state.segments[0].first;
+            (
+                idx.checked_sub(1).map(|i| state.segments[i].clone()),
+                first_available,
+            )
+        };
+        let Some(meta) = meta else {
+            return Err(Error::OffsetUnavailable {
+                requested: self.next_offset(),
+                first_available: Offset::new(first_available).unwrap_or(Offset::FIRST),
+                last: shared.visible(),
+            });
+        };
+        let file = st.open(&meta.name).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Error::OffsetUnavailable {
+                    requested: self.next_offset(),
+                    first_available: Offset::new(first_available).unwrap_or(Offset::FIRST),
+                    last: shared.visible(),
+                }
+            } else {
+                Error::io(format!("open {}", st.describe(&meta.name)), e)
+            }
+        })?;
+        self.seg = Some(OpenSegment {
+            file,
+            name: meta.name.clone(),
+            buf_file_pos: u64::from(meta.header_bytes),
+        });
+        self.buf.clear();
+        self.pos = 0;
+        // Skip frames before `next` without decoding their payloads.
+        let mut at = meta.first;
+        while at < self.next {
+            let used = self.frame_at_pos(true)?.1;
+            self.pos += used;
+            at += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads the record at `self.next`, switching segments as needed.
+    fn read_one(&mut self) -> Result<Transaction, Error> {
+        if self.seg.is_none() {
+            self.open_segment()?;
+        }
+        let (txn, used) = match self.frame_at_pos(false) {
+            Ok(x) => x,
+            Err(ReadEnd::End) => {
+                self.seg = None;
+                self.open_segment()?;
+                self.frame_at_pos(false)?
+            }
+            Err(ReadEnd::Err(e)) => return Err(e),
+        };
+        self.pos += used;
+        txn.ok_or_else(|| Error::Corrupt {
+            file: String::new(),
+            byte: 0,
+            reason: "internal: frame without payload".into(),
+        })
+    }
+
+    fn corrupt(&self, at: usize, reason: String) -> Error {
+        let seg = self.seg.as_ref();
+        Error::Corrupt {
+            file: seg
+                .map(|s| self.shared.storage.describe(&s.name))
+                .unwrap_or_default(),
+            byte: seg.map_or(0, |s| s.buf_file_pos) + at as u64,
+            reason,
+        }
+    }
+
+    /// Checks (and unless `skip`, decodes) the frame at `self.pos`, reading more of the file
+    /// as needed. Does not advance `self.pos`.
+    fn frame_at_pos(&mut self, skip: bool) -> Result<(Option<Transaction>, usize), ReadEnd> {
+        let max = self.shared.opts.record_bytes_max;
+        loop {
+            match record::check_frame(&self.buf[self.pos..], max) {
+                Ok(raw) => {
+                    let expect = if skip { None } else { Some(self.next) };
+                    if let Some(expect) = expect {
+                        if raw.offset.get() != expect {
+                            return Err(ReadEnd::Err(self.corrupt(
+                                self.pos,
+                                format!(
+                                    "record has offset {} where {expect} was expected",
+                                    raw.offset
+                                ),
+                            )));
+                        }
+                    }
+                    if skip {
+                        return Ok((None, raw.frame_bytes));
+                    }
+                    let txn = record::decode_payload(raw.offset, raw.payload)
+                        .map_err(|e| ReadEnd::Err(self.corrupt(self.pos, e.to_string())))?;
+                    return Ok((Some(txn), raw.frame_bytes));
+                }
+                Err(FrameError::Truncated { needed, .. }) => {
+                    let got = self.refill(needed).map_err(ReadEnd::Err)?;
+                    if got == 0 {
+                        // Nothing more in this file. Either the record is in the next segment,
+                        // or the file is missing bytes that must be there.
+                        let more_segments = {
+                            let state = lock(&self.shared.state);
+                            state.segments.iter().any(|s| s.first == self.next)
+                        };
+                        if more_segments && self.buf.len() == self.pos {
+                            return Err(ReadEnd::End);
+                        }
+                        let reason = if self.buf.len() == self.pos {
+                            format!("segment ends before offset {}", self.next)
+                        } else {
+                            format!("record at offset {} is truncated", self.next)
+                        };
+                        return Err(ReadEnd::Err(self.corrupt(self.pos, reason)));
+                    }
+                }
+                Err(e) => return Err(ReadEnd::Err(self.corrupt(self.pos, e.to_string()))),
+            }
+        }
+    }
+
+    /// Reads at least `needed` bytes past `self.pos` if the file has them. Returns bytes read.
+    fn refill(&mut self, needed: usize) -> Result<usize, Error> {
+        let Some(seg) = self.seg.as_mut() else {
+            return Ok(0);
+        };
+        // Drop consumed bytes.
+        if self.pos > 0 {
+            seg.buf_file_pos += self.pos as u64;
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let have = self.buf.len();
+        let want = needed.max(READ_CHUNK_BYTES).max(have + 1);
+        self.buf.resize(want, 0);
+        let n = seg
+            .file
+            .read_full_at(&mut self.buf[have..], seg.buf_file_pos + have as u64)
+            .map_err(|e| {
+                Error::io(
+                    format!("read {}", self.shared.storage.describe(&seg.name)),
+                    e,
+                )
+            })?;
+        self.buf.truncate(have + n);
+        Ok(n)
+    }
+}
+
+enum ReadEnd {
+    /// The current segment has no more records; move on.
+    End,
+    Err(Error),
+}
+
+impl From<ReadEnd> for Error {
+    fn from(e: ReadEnd) -> Error {
+        match e {
+            ReadEnd::Err(e) => e,
+            ReadEnd::End => Error::Corrupt {
+                file: String::new(),
+                byte: 0,
+                reason: "a segment ends where a record was expected".into(),
+            },
+        }
+    }
+}
+
+impl Iterator for Reader {
+    type Item = Result<Transaction, Error>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_txn().transpose()
+    }
+}

@@ -1,0 +1,76 @@
+//! The changes a transaction is made of.
+#![allow(
+    missing_docs,
+    reason = "rkyv's derive generates undocumented resolver types for enum variants"
+)]
+
+/// One change inside a transaction.
+///
+/// persisted: changes must stay backward compatible. New variants are added at the end and
+/// bump `FORMAT_VERSION`; old readers then refuse the segment instead of misreading it.
+#[derive(Clone, Debug, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum Op {
+    /// Set `key` in `tree` to `value`.
+    Put {
+        /// Tree (keyspace) name.
+        tree: String,
+        /// Key bytes.
+        key: Vec<u8>,
+        /// New value bytes.
+        value: Vec<u8>,
+        /// The value before this change, when the writer recorded it.
+        before: Option<Vec<u8>>,
+    },
+    /// Remove `key` from `tree`.
+    Delete {
+        /// Tree (keyspace) name.
+        tree: String,
+        /// Key bytes.
+        key: Vec<u8>,
+        /// The value before this change, when the writer recorded it.
+        before: Option<Vec<u8>>,
+    },
+    /// Combine `operand` into `key` with the tree's merge operator. The operand is logged, not
+    /// the result, so every node resolves it the same way.
+    Merge {
+        /// Tree (keyspace) name.
+        tree: String,
+        /// Key bytes.
+        key: Vec<u8>,
+        /// Merge operand.
+        operand: Vec<u8>,
+    },
+    /// Create `tree`, optionally with a named merge operator.
+    CreateTree {
+        /// Tree (keyspace) name.
+        tree: String,
+        /// Name of the tree's merge operator, if any.
+        merge_operator: Option<String>,
+    },
+    /// Drop `tree` and everything in it.
+    DropTree {
+        /// Tree (keyspace) name.
+        tree: String,
+    },
+}
+
+impl Op {
+    /// The tree this op touches.
+    pub fn tree(&self) -> &str {
+        match self {
+            Op::Put { tree, .. }
+            | Op::Delete { tree, .. }
+            | Op::Merge { tree, .. }
+            | Op::CreateTree { tree, .. }
+            | Op::DropTree { tree } => tree,
+        }
+    }
+
+    /// The key this op touches, if it touches one key.
+    pub fn key(&self) -> Option<&[u8]> {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key, .. } | Op::Merge { key, .. } => Some(key),
+            Op::CreateTree { .. } | Op::DropTree { .. } => None,
+        }
+    }
+}

@@ -1,0 +1,451 @@
+//! Disk access behind a small trait, with a file implementation and an in-memory one that can
+//! simulate a crash and inject faults.
+//!
+//! The log only ever appends to files, truncates the tail of the last one, creates, renames and
+//! removes whole files, and syncs file data and the directory. [`MemStorage`] models exactly
+//! what survives a crash under those operations: file data up to the last successful sync, and
+//! directory entries as of the last directory sync. A failed sync is modelled the way Linux
+//! behaves: the dirty pages are marked clean without reaching the disk, so a later successful
+//! sync does not bring them back.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// A directory of files.
+pub trait Storage: Send + Sync + fmt::Debug {
+    /// Names of the files in the directory.
+    fn list(&self) -> io::Result<Vec<String>>;
+    /// Creates a new empty file; fails if it exists.
+    fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>>;
+    /// Opens an existing file for reading and writing.
+    fn open(&self, name: &str) -> io::Result<Box<dyn StorageFile>>;
+    /// Removes a file.
+    fn remove(&self, name: &str) -> io::Result<()>;
+    /// Atomically replaces `to` with `from`.
+    fn rename(&self, from: &str, to: &str) -> io::Result<()>;
+    /// Makes creations, renames and removals durable.
+    fn sync_dir(&self) -> io::Result<()>;
+    /// A human-readable location for `name`, used in error messages.
+    fn describe(&self, name: &str) -> String;
+}
+
+/// One open file.
+pub trait StorageFile: Send + Sync {
+    /// Reads at `pos`; returns fewer bytes only at end of file.
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize>;
+    /// Writes all of `buf` at `pos`.
+    fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()>;
+    /// Makes the file's data durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// Reads until `buf` is full or end of file; returns the bytes read.
+    fn read_full_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.read_at(&mut buf[done..], pos + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+}
+
+/// Files in a directory on the real file system.
+#[derive(Debug, Clone)]
+pub struct FileStorage {
+    dir: PathBuf,
+}
+
+impl FileStorage {
+    /// Uses `dir`, creating it (and its parents) if needed.
+    pub fn new(dir: impl AsRef<Path>) -> io::Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        fs::create_dir_all(&dir)?;
+        Ok(FileStorage { dir })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+struct RealFile(fs::File);
+
+impl StorageFile for RealFile {
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        self.0.read_at(buf, pos)
+    }
+    fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, pos)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+impl Storage for FileStorage {
+    fn list(&self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                if let Ok(name) = entry.file_name().into_string() {
+                    out.push(name);
+                }
+            }
+        }
+        Ok(out)
+    }
+    fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(self.dir.join(name))?;
+        Ok(Box::new(RealFile(f)))
+    }
+    fn open(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.dir.join(name))?;
+        Ok(Box::new(RealFile(f)))
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        fs::remove_file(self.dir.join(name))
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        fs::rename(self.dir.join(from), self.dir.join(to))
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        fs::File::open(&self.dir)?.sync_all()
+    }
+    fn describe(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+#[derive(Default)]
+struct MemFileState {
+    /// What reads see (the page cache).
+    data: Vec<u8>,
+    /// What would survive a crash now.
+    durable: Vec<u8>,
+}
+
+#[derive(Default)]
+struct MemFile {
+    state: Mutex<MemFileState>,
+}
+
+#[derive(Default)]
+struct MemDir {
+    live: BTreeMap<String, Arc<MemFile>>,
+    durable: BTreeMap<String, Arc<MemFile>>,
+}
+
+/// An in-memory directory that can simulate a crash and fail syncs on demand.
+#[derive(Clone, Default)]
+pub struct MemStorage {
+    dir: Arc<Mutex<MemDir>>,
+    faults: Arc<Faults>,
+}
+
+#[derive(Default)]
+struct Faults {
+    syncs: AtomicU64,
+    /// Syncs numbered at or after this (1-based) fail with EIO; 0 = never.
+    fail_syncs_from: AtomicU64,
+}
+
+impl fmt::Debug for MemStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemStorage").finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain byte vectors behind, which are
+    // still consistent enough for a test double to go on.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// How a simulated crash treats data written since the last sync.
+#[derive(Debug, Clone, Copy)]
+pub enum CrashMode {
+    /// Everything not synced is lost.
+    DropUnsynced,
+    /// A prefix of each file's unsynced bytes survives (a torn write); `seed` picks its length.
+    TearUnsynced {
+        /// Picks how much of each file's unsynced tail survives.
+        seed: u64,
+    },
+}
+
+impl MemStorage {
+    /// An empty directory.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// From now on, the `n`-th sync (data or directory, counting from 1 since creation) and
+    /// every later one fail with EIO, dropping the dirty data as Linux does.
+    pub fn fail_syncs_from(&self, n: u64) {
+        self.faults.fail_syncs_from.store(n, Ordering::SeqCst);
+    }
+
+    /// Syncs attempted so far.
+    pub fn sync_count(&self) -> u64 {
+        self.faults.syncs.load(Ordering::SeqCst)
+    }
+
+    /// The directory as it would be found after a power cut right now.
+    pub fn crash(&self, mode: CrashMode) -> MemStorage {
+        let dir = lock(&self.dir);
+        let mut durable = BTreeMap::new();
+        let mut rng = match mode {
+            CrashMode::DropUnsynced => 0,
+            CrashMode::TearUnsynced { seed } => seed | 1,
+        };
+        for (name, file) in &dir.durable {
+            let st = lock(&file.state);
+            let mut bytes = st.durable.clone();
+            if rng != 0 && st.data.len() > bytes.len() && st.data.starts_with(&bytes) {
+                rng = xorshift(rng);
+                let extra = (rng % (st.data.len() - bytes.len() + 1) as u64) as usize;
+                let end = bytes.len() + extra;
+                bytes.extend_from_slice(&st.data[st.durable.len()..end]);
+            }
+            let f = Arc::new(MemFile {
+                state: Mutex::new(MemFileState {
+                    data: bytes.clone(),
+                    durable: bytes,
+                }),
+            });
+            durable.insert(name.clone(), f);
+        }
+        MemStorage {
+            dir: Arc::new(Mutex::new(MemDir {
+                live: durable.clone(),
+                durable,
+            })),
+            faults: Arc::default(),
+        }
+    }
+
+    /// Flips one bit of a file's contents (both live and durable), for corruption tests.
+    pub fn flip_bit(&self, name: &str, bit: u64) -> io::Result<()> {
+        let dir = lock(&self.dir);
+        let file = dir.live.get(name).ok_or_else(not_found)?;
+        let mut st = lock(&file.state);
+        let byte = (bit / 8) as usize;
+        if byte >= st.data.len() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "bit past end"));
+        }
+        st.data[byte] ^= 1 << (bit % 8);
+        if byte < st.durable.len() {
+            st.durable[byte] ^= 1 << (bit % 8);
+        }
+        Ok(())
+    }
+
+    /// Length of a file as reads see it.
+    pub fn file_len(&self, name: &str) -> io::Result<u64> {
+        let dir = lock(&self.dir);
+        let file = dir.live.get(name).ok_or_else(not_found)?;
+        Ok(lock(&file.state).data.len() as u64)
+    }
+
+    fn sync_outcome(&self) -> io::Result<()> {
+        let n = self.faults.syncs.fetch_add(1, Ordering::SeqCst) + 1;
+        let from = self.faults.fail_syncs_from.load(Ordering::SeqCst);
+        if from != 0 && n >= from {
+            return Err(io::Error::from_raw_os_error(EIO));
+        }
+        Ok(())
+    }
+}
+
+/// EIO, the same number on every Unix this runs on.
+const EIO: i32 = 5;
+
+fn xorshift(mut x: u64) -> u64 {
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    x
+}
+
+fn not_found() -> io::Error {
+    io::Error::new(io::ErrorKind::NotFound, "no such file")
+}
+
+struct MemHandle {
+    file: Arc<MemFile>,
+    storage: MemStorage,
+}
+
+impl StorageFile for MemHandle {
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
+        let st = lock(&self.file.state);
+        let pos = usize::try_from(pos).unwrap_or(usize::MAX);
+        if pos >= st.data.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(st.data.len() - pos);
+        buf[..n].copy_from_slice(&st.data[pos..pos + n]);
+        Ok(n)
+    }
+    fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()> {
+        let mut st = lock(&self.file.state);
+        let pos = pos as usize;
+        if st.data.len() < pos + buf.len() {
+            st.data.resize(pos + buf.len(), 0);
+        }
+        // The log only appends past the durable length, so the durable copy needs no update
+        // here; it catches up at the next sync.
+        st.data[pos..pos + buf.len()].copy_from_slice(buf);
+        Ok(())
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        let outcome = self.storage.sync_outcome();
+        let mut st = lock(&self.file.state);
+        let st = &mut *st;
+        match outcome {
+            Ok(()) => {
+                // Append-only model: bytes already durable (or lost to an earlier failed sync)
+                // stay as they are; the rest of the page cache reaches the disk.
+                let durable_len = st.durable.len();
+                if st.data.len() >= durable_len {
+                    st.durable.extend_from_slice(&st.data[durable_len..]);
+                } else {
+                    st.durable.truncate(st.data.len());
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Linux marks the dirty pages clean and forgets them: they never reach disk.
+                let durable_len = st.durable.len();
+                if st.data.len() > durable_len {
+                    st.durable.resize(st.data.len(), 0);
+                }
+                Err(e)
+            }
+        }
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(lock(&self.file.state).data.len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let mut st = lock(&self.file.state);
+        st.data.resize(len as usize, 0);
+        if st.durable.len() > len as usize {
+            st.durable.truncate(len as usize);
+        }
+        Ok(())
+    }
+}
+
+impl Storage for MemStorage {
+    fn list(&self) -> io::Result<Vec<String>> {
+        Ok(lock(&self.dir).live.keys().cloned().collect())
+    }
+    fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        let mut dir = lock(&self.dir);
+        if dir.live.contains_key(name) {
+            return Err(io::Error::new(io::ErrorKind::AlreadyExists, "file exists"));
+        }
+        let file = Arc::new(MemFile::default());
+        dir.live.insert(name.to_owned(), file.clone());
+        Ok(Box::new(MemHandle {
+            file,
+            storage: self.clone(),
+        }))
+    }
+    fn open(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        let dir = lock(&self.dir);
+        let file = dir.live.get(name).ok_or_else(not_found)?.clone();
+        Ok(Box::new(MemHandle {
+            file,
+            storage: self.clone(),
+        }))
+    }
+    fn remove(&self, name: &str) -> io::Result<()> {
+        lock(&self.dir).live.remove(name).ok_or_else(not_found)?;
+        Ok(())
+    }
+    fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let mut dir = lock(&self.dir);
+        let file = dir.live.remove(from).ok_or_else(not_found)?;
+        dir.live.insert(to.to_owned(), file);
+        Ok(())
+    }
+    fn sync_dir(&self) -> io::Result<()> {
+        self.sync_outcome()?;
+        let mut dir = lock(&self.dir);
+        dir.durable = dir.live.clone();
+        Ok(())
+    }
+    fn describe(&self, name: &str) -> String {
+        format!("mem:{name}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_keeps_synced_data_and_synced_names_only() {
+        let s = MemStorage::new();
+        let a = s.create("a").unwrap();
+        a.write_all_at(b"hello", 0).unwrap();
+        a.sync_data().unwrap();
+        s.sync_dir().unwrap();
+        a.write_all_at(b" world", 5).unwrap();
+        let b = s.create("b").unwrap();
+        b.sync_data().unwrap();
+        let after = s.crash(CrashMode::DropUnsynced);
+        assert_eq!(after.list().unwrap(), vec!["a".to_string()]);
+        let a2 = after.open("a").unwrap();
+        let mut buf = vec![0; 32];
+        let n = a2.read_full_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+    }
+
+    #[test]
+    fn failed_sync_loses_dirty_data_for_good() {
+        let s = MemStorage::new();
+        let a = s.create("a").unwrap();
+        s.sync_dir().unwrap();
+        a.write_all_at(b"lost", 0).unwrap();
+        s.fail_syncs_from(s.sync_count() + 1);
+        assert!(a.sync_data().is_err());
+        s.fail_syncs_from(0);
+        a.write_all_at(b"kept", 4).unwrap();
+        a.sync_data().unwrap();
+        let after = s.crash(CrashMode::DropUnsynced);
+        let mut buf = vec![0; 8];
+        after.open("a").unwrap().read_full_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf, b"\0\0\0\0kept");
+    }
+}
