@@ -73,6 +73,9 @@ pub enum Error {
     /// A slot name is not acceptable.
     #[error("invalid slot name `{0}`: use 1-64 characters from [A-Za-z0-9_.-]")]
     BadSlotName(String),
+    /// The log was opened read-only (for inspection).
+    #[error("the log is open read-only; appends and slot changes go through the running node")]
+    ReadOnly,
     /// The log has been closed.
     #[error("the log is closed")]
     Closed,

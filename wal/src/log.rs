@@ -74,6 +74,9 @@ pub struct WalOptions {
     pub retention: RetentionPolicy,
     /// Check every record of every segment on open, not only the last segment.
     pub verify_on_open: bool,
+    /// Open for inspection only: no writer, no truncation of a torn tail (it is just not
+    /// read), no file created or removed. For tools reading the log of a running node.
+    pub read_only: bool,
     /// Test-only: never call fsync. Exists so crash tests can prove they catch loss.
     #[doc(hidden)]
     pub unsafe_skip_fsync: bool,
@@ -92,6 +95,7 @@ impl Default for WalOptions {
             server_uuid: None,
             retention: RetentionPolicy::default(),
             verify_on_open: false,
+            read_only: false,
             unsafe_skip_fsync: false,
             unsafe_ignore_sync_errors: false,
         }
@@ -392,11 +396,10 @@ fn scan_frames(buf: &[u8], start: usize, first: u64, record_bytes_max: u32) -> S
 fn valid_frame_after(buf: &[u8], from: usize, expect: u64, record_bytes_max: u32) -> Option<u64> {
     let mut pos = from + record::FRAME_ALIGN;
     while pos + record::FRAME_HEADER_BYTES <= buf.len() {
-        if let Ok(raw) = record::check_frame(&buf[pos..], record_bytes_max) {
-            if raw.offset.get() >= expect {
+        if let Ok(raw) = record::check_frame(&buf[pos..], record_bytes_max)
+            && raw.offset.get() >= expect {
                 return Some(pos as u64);
             }
-        }
         pos += record::FRAME_ALIGN;
     }
     None
@@ -452,6 +455,9 @@ impl Wal {
                     let torn_creation = Some(i) == last_idx
                         && (matches!(e, HeaderError::Truncated { .. })
                             || read_all(st, &*file, name)?.iter().all(|&b| b == 0));
+                    if torn_creation && opts.read_only {
+                        continue;
+                    }
                     if torn_creation {
                         // The writer syncs a new segment's header before writing any record to
                         // it, so a torn header means the segment never held a record.
@@ -496,8 +502,8 @@ impl Wal {
                 }
                 Some(_) => {}
             }
-            if let Some(prev) = segments.last() {
-                if !prev.gtids_before.is_subset(&header.gtids_before) {
+            if let Some(prev) = segments.last()
+                && !prev.gtids_before.is_subset(&header.gtids_before) {
                     return Err(Error::Corrupt {
                         file: st.describe(name),
                         byte: 56,
@@ -506,7 +512,6 @@ impl Wal {
                             .into(),
                     });
                 }
-            }
             let bytes = file
                 .len()
                 .map_err(|e| Error::io(format!("stat {}", st.describe(name)), e))?;
@@ -536,6 +541,12 @@ impl Wal {
         let next_offset;
         let active_bytes;
         match segments.last_mut() {
+            None if opts.read_only => {
+                return Err(Error::io(
+                    "open the log read-only",
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no log segments here"),
+                ));
+            }
             None => {
                 next_offset = 1;
                 let meta = create_segment(st, &opts, server_uuid, Offset::FIRST, &GtidSet::new())?;
@@ -554,8 +565,8 @@ impl Wal {
                     opts.record_bytes_max,
                 );
                 report.records_scanned += scan.records;
-                if let Some((bad_at, why)) = scan.bad {
-                    let expect = last.first + scan.records;
+                if let Some((bad_at, why)) = &scan.bad {
+                    let (bad_at, expect) = (*bad_at, last.first + scan.records);
                     if let Some(later) =
                         valid_frame_after(&buf, bad_at as usize, expect, opts.record_bytes_max)
                     {
@@ -569,6 +580,9 @@ impl Wal {
                         });
                     }
                     report.truncated_bytes = buf.len() as u64 - bad_at;
+                }
+                if let (Some((bad_at, why)), false) = (&scan.bad, opts.read_only) {
+                    let bad_at = *bad_at;
                     tracing::warn!(
                         file = %st.describe(&last.name),
                         at = bad_at,
@@ -625,14 +639,19 @@ impl Wal {
             slots: Mutex::new(slots),
             retention_floor: AtomicU64::new(u64::MAX),
         });
-        let writer_shared = shared.clone();
-        let writer = std::thread::Builder::new()
-            .name("tideline-wal-writer".into())
-            .spawn(move || writer_main(writer_shared, gtids))
-            .map_err(|e| Error::io("start the log writer thread", e))?;
+        let writer = if shared.opts.read_only {
+            None
+        } else {
+            let writer_shared = shared.clone();
+            let handle = std::thread::Builder::new()
+                .name("tideline-wal-writer".into())
+                .spawn(move || writer_main(writer_shared, gtids))
+                .map_err(|e| Error::io("start the log writer thread", e))?;
+            Some(handle)
+        };
         Ok(Wal {
             shared,
-            writer: Mutex::new(Some(writer)),
+            writer: Mutex::new(writer),
             recovery: report,
         })
     }
@@ -677,6 +696,9 @@ impl Wal {
         let shared = &*self.shared;
         if shared.poisoned.load(Ordering::SeqCst) {
             return Err(shared.poison_error());
+        }
+        if shared.opts.read_only {
+            return Err(Error::ReadOnly);
         }
         let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&txn).map_err(|e| Error::Encode {
             reason: e.to_string(),
@@ -857,6 +879,7 @@ impl Wal {
     /// Creates slot `name` holding the log from `restart` on (the first offset its consumer
     /// still needs). Creating an existing slot returns it unchanged.
     pub fn create_slot(&self, name: &str, restart: Offset) -> Result<SlotInfo, Error> {
+        self.writable()?;
         let first = self.first_offset();
         if restart < first {
             return Err(Error::OffsetUnavailable {
@@ -880,6 +903,7 @@ impl Wal {
 
     /// Removes slot `name`.
     pub fn drop_slot(&self, name: &str) -> Result<(), Error> {
+        self.writable()?;
         let mut slots = lock(&self.shared.slots);
         slots.drop_slot(name)?;
         slots.save(&*self.shared.storage)
@@ -910,6 +934,7 @@ impl Wal {
 
     /// [`Wal::run_retention`] with the current time given, for tests.
     pub fn run_retention_at(&self, now_us: i64) -> Result<RetentionReport, Error> {
+        self.writable()?;
         let shared = &*self.shared;
         let policy = &shared.opts.retention;
         let mut report = RetentionReport::default();
@@ -992,6 +1017,13 @@ impl Wal {
         Ok(report)
     }
 
+    fn writable(&self) -> Result<(), Error> {
+        if self.shared.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
     /// Syncs what was written and stops the writer. Appends after this fail with
     /// [`Error::Closed`]. Returns the poison error if the log was poisoned.
     pub fn close(&self) -> Result<(), Error> {
@@ -1000,14 +1032,15 @@ impl Wal {
             st.closing = true;
         }
         self.shared.wake_writer.notify_all();
-        if let Some(h) = lock(&self.writer).take() {
-            if h.join().is_err() {
+        if let Some(h) = lock(&self.writer).take()
+            && h.join().is_err() {
                 return Err(Error::Poisoned {
                     reason: "the log writer thread panicked".into(),
                 });
             }
+        if !self.shared.opts.read_only {
+            let _ = lock(&self.shared.slots).save(&*self.shared.storage);
         }
-        let _ = lock(&self.shared.slots).save(&*self.shared.storage);
         self.poison().map_or(Ok(()), Err)
     }
 }
@@ -1378,11 +1411,10 @@ impl Reader {
             }
             let txn = self.read_one()?;
             self.next += 1;
-            if let Some(have) = &self.exclude {
-                if have.contains(&txn.gtid) {
+            if let Some(have) = &self.exclude
+                && have.contains(&txn.gtid) {
                     continue;
                 }
-            }
             return Ok(Some(txn));
         }
     }
@@ -1476,8 +1508,8 @@ impl Reader {
             match record::check_frame(&self.buf[self.pos..], max) {
                 Ok(raw) => {
                     let expect = if skip { None } else { Some(self.next) };
-                    if let Some(expect) = expect {
-                        if raw.offset.get() != expect {
+                    if let Some(expect) = expect
+                        && raw.offset.get() != expect {
                             return Err(ReadEnd::Err(self.corrupt(
                                 self.pos,
                                 format!(
@@ -1486,7 +1518,6 @@ impl Reader {
                                 ),
                             )));
                         }
-                    }
                     if skip {
                         return Ok((None, raw.frame_bytes));
                     }

@@ -190,7 +190,7 @@ pub fn decode_payload(offset: Offset, payload: &[u8]) -> Result<Transaction, Fra
     // The pinned `unaligned` format gives every archived type alignment 1, so a payload at
     // any address validates; the copy into an AlignedVec is kept only as a guard in case the
     // format features are ever changed, and is skipped when already aligned.
-    let body = if (payload.as_ptr() as usize) % 16 == 0 {
+    let body = if (payload.as_ptr() as usize).is_multiple_of(16) {
         rkyv::from_bytes::<NewTransaction, rancor::Error>(payload)
     } else {
         let mut aligned = AlignedVec::<16>::with_capacity(payload.len());

@@ -36,6 +36,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
 }
 
 /// One open file.
+#[expect(
+    clippy::len_without_is_empty,
+    reason = "a file's length is a position to append at, not a collection size"
+)]
 pub trait StorageFile: Send + Sync {
     /// Reads at `pos`; returns fewer bytes only at end of file.
     fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize>;
@@ -107,11 +111,10 @@ impl Storage for FileStorage {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;
-            if entry.file_type()?.is_file() {
-                if let Ok(name) = entry.file_name().into_string() {
+            if entry.file_type()?.is_file()
+                && let Ok(name) = entry.file_name().into_string() {
                     out.push(name);
                 }
-            }
         }
         Ok(out)
     }

@@ -1,0 +1,151 @@
+//! `tideline log dump|info|verify`: offline inspection of a node's log.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::json;
+use tideline_wal::{FileStorage, Offset, Reader, Storage, Wal, WalOptions};
+
+use crate::position::StartPosition;
+use crate::render;
+
+/// Arguments of `log dump`.
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    /// Data directory of the node (its log is in DATA/log).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// Where to start: earliest, offset:N, or gtid:SET (records whose GTID is not in SET).
+    #[arg(long, default_value = "earliest", value_name = "POSITION")]
+    from: StartPosition,
+    /// Stop after this many transactions.
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+}
+
+/// The log directory inside a data directory.
+pub fn log_dir(data: &Path) -> PathBuf {
+    data.join("log")
+}
+
+/// Opens an existing log read-only, safe beside a running node; refuses to create one.
+pub fn open_existing(data: &Path, verify_on_open: bool) -> anyhow::Result<Wal> {
+    let dir = log_dir(data);
+    let has_segments = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries.filter_map(Result::ok).any(|e| {
+                tideline_wal::segment::parse_file_name(&e.file_name().to_string_lossy()).is_some()
+            })
+        })
+        .unwrap_or(false);
+    if !has_segments {
+        bail!(
+            "no Tideline log in {}: pass the --data directory of a node (it holds log/*.wal)",
+            dir.display()
+        );
+    }
+    let storage: Arc<dyn Storage> = Arc::new(
+        FileStorage::new(&dir).with_context(|| format!("open log directory {}", dir.display()))?,
+    );
+    let opts = WalOptions {
+        verify_on_open,
+        read_only: true,
+        ..WalOptions::default()
+    };
+    Wal::open(storage, opts).with_context(|| format!("open the log in {}", dir.display()))
+}
+
+fn reader_for(wal: &Wal, from: &StartPosition) -> anyhow::Result<Reader> {
+    Ok(match from {
+        StartPosition::Earliest => wal.read_from(wal.first_offset())?,
+        StartPosition::Offset(o) => wal.read_from(*o)?,
+        StartPosition::Gtid(set) => wal.read_missing(set)?,
+        StartPosition::Latest => {
+            let next = Offset::new(wal.visible_offset() + 1).unwrap_or(Offset::FIRST);
+            wal.read_from(next)?
+        }
+    })
+}
+
+/// `log dump`.
+pub fn dump(args: &DumpArgs) -> anyhow::Result<ExitCode> {
+    let wal = open_existing(&args.data, false)?;
+    let mut reader = reader_for(&wal, &args.from)?;
+    let stdout = std::io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let mut n = 0u64;
+    while args.limit.is_none_or(|l| n < l) {
+        let Some(txn) = reader.next_txn()? else { break };
+        serde_json::to_writer(&mut out, &render::txn_json(&txn))?;
+        if let Err(e) = out.write_all(b"\n") {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(ExitCode::SUCCESS);
+            }
+            return Err(e.into());
+        }
+        n += 1;
+    }
+    match out.flush() {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
+        _ => {}
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `log info`.
+pub fn info(data: &Path) -> anyhow::Result<ExitCode> {
+    let wal = open_existing(data, false)?;
+    let stats = wal.stats();
+    let segments: Vec<_> = stats
+        .segments
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name,
+                "first_offset": s.first_offset.get(),
+                "bytes": s.bytes,
+                "closed": s.closed,
+                "gtids_before": s.gtids_before.to_string(),
+            })
+        })
+        .collect();
+    let recovery = wal.recovery_report();
+    let out = json!({
+        "server_uuid": stats.server_uuid.to_string(),
+        "first_offset": stats.first_offset.get(),
+        "last_offset": stats.visible_offset,
+        "durable_offset": stats.durable_offset,
+        "gtid_executed": stats.gtids.to_string(),
+        "total_bytes": stats.total_bytes,
+        "segments": segments,
+        "slots": wal.slots(),
+        "recovery": {
+            "truncated_bytes": recovery.truncated_bytes,
+            "records_scanned": recovery.records_scanned,
+            "elapsed_us": recovery.elapsed_us,
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `log verify`.
+pub fn verify(data: &Path) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
+    let wal = open_existing(data, true)?;
+    let n = wal.verify()?;
+    let stats = wal.stats();
+    println!(
+        "ok: {n} records in {} segments ({} bytes), offsets {}..={}, verified in {:.2?}",
+        stats.segments.len(),
+        stats.total_bytes,
+        stats.first_offset,
+        stats.visible_offset,
+        started.elapsed()
+    );
+    Ok(ExitCode::SUCCESS)
+}
