@@ -397,9 +397,10 @@ fn valid_frame_after(buf: &[u8], from: usize, expect: u64, record_bytes_max: u32
     let mut pos = from + record::FRAME_ALIGN;
     while pos + record::FRAME_HEADER_BYTES <= buf.len() {
         if let Ok(raw) = record::check_frame(&buf[pos..], record_bytes_max)
-            && raw.offset.get() >= expect {
-                return Some(pos as u64);
-            }
+            && raw.offset.get() >= expect
+        {
+            return Some(pos as u64);
+        }
         pos += record::FRAME_ALIGN;
     }
     None
@@ -503,15 +504,16 @@ impl Wal {
                 Some(_) => {}
             }
             if let Some(prev) = segments.last()
-                && !prev.gtids_before.is_subset(&header.gtids_before) {
-                    return Err(Error::Corrupt {
-                        file: st.describe(name),
-                        byte: 56,
-                        reason: "GTID set before this segment lacks GTIDs listed before an \
+                && !prev.gtids_before.is_subset(&header.gtids_before)
+            {
+                return Err(Error::Corrupt {
+                    file: st.describe(name),
+                    byte: 56,
+                    reason: "GTID set before this segment lacks GTIDs listed before an \
                                  earlier segment"
-                            .into(),
-                    });
-                }
+                        .into(),
+                });
+            }
             let bytes = file
                 .len()
                 .map_err(|e| Error::io(format!("stat {}", st.describe(name)), e))?;
@@ -1033,11 +1035,12 @@ impl Wal {
         }
         self.shared.wake_writer.notify_all();
         if let Some(h) = lock(&self.writer).take()
-            && h.join().is_err() {
-                return Err(Error::Poisoned {
-                    reason: "the log writer thread panicked".into(),
-                });
-            }
+            && h.join().is_err()
+        {
+            return Err(Error::Poisoned {
+                reason: "the log writer thread panicked".into(),
+            });
+        }
         if !self.shared.opts.read_only {
             let _ = lock(&self.shared.slots).save(&*self.shared.storage);
         }
@@ -1140,6 +1143,9 @@ fn create_segment(
     })
 }
 
+/// Longest a writer waits to gather a batch (see the gathering comment in `writer_main`).
+const GATHER_MAX: Duration = Duration::from_micros(200);
+
 /// The writer thread: owns the active segment.
 fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
     let storage = shared.storage.clone();
@@ -1166,13 +1172,40 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
     };
     let mut dirty = false;
     let mut last_sync = Instant::now();
+    // Size of the last synced batch and how long its sync took (Sync durability only).
+    let mut last_batch: u64 = 0;
+    let mut last_sync_took = Duration::ZERO;
 
     loop {
         let (batch, closing) = {
             let mut state = lock(&shared.state);
+            let mut gather_until: Option<Instant> = None;
             loop {
-                if state.pending.count > 0 || state.closing {
+                if state.closing {
                     break;
+                }
+                if state.pending.count > 0 {
+                    // Gathering: the writers acknowledged by the last sync come back within
+                    // microseconds. Taking the first of them alone would split one group into
+                    // a batch of 1 and a batch of the rest, halving the fsyncs' yield. So while
+                    // the batch holds less than half of the previous one, wait a little
+                    // (at most half the last sync's duration, capped) for the rest.
+                    if sync_interval.is_some() || state.pending.count * 2 >= last_batch {
+                        break;
+                    }
+                    let until = *gather_until.get_or_insert_with(|| {
+                        Instant::now() + (last_sync_took / 2).min(GATHER_MAX)
+                    });
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    state = shared
+                        .wake_writer
+                        .wait_timeout(state, left)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0;
+                    continue;
                 }
                 match sync_interval {
                     Some(iv) if dirty => {
@@ -1251,7 +1284,11 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
             }
             match sync_interval {
                 None => {
-                    if let Err(reason) = sync_file(&shared, st, &*file, &name) {
+                    let sync_started = Instant::now();
+                    let synced = sync_file(&shared, st, &*file, &name);
+                    last_sync_took = sync_started.elapsed();
+                    last_batch = batch.count;
+                    if let Err(reason) = synced {
                         shared.poison(reason);
                         for ack in batch.acks {
                             let _ = ack.send(Err(shared.poison_error()));
@@ -1412,9 +1449,10 @@ impl Reader {
             let txn = self.read_one()?;
             self.next += 1;
             if let Some(have) = &self.exclude
-                && have.contains(&txn.gtid) {
-                    continue;
-                }
+                && have.contains(&txn.gtid)
+            {
+                continue;
+            }
             return Ok(Some(txn));
         }
     }
@@ -1509,15 +1547,16 @@ impl Reader {
                 Ok(raw) => {
                     let expect = if skip { None } else { Some(self.next) };
                     if let Some(expect) = expect
-                        && raw.offset.get() != expect {
-                            return Err(ReadEnd::Err(self.corrupt(
-                                self.pos,
-                                format!(
-                                    "record has offset {} where {expect} was expected",
-                                    raw.offset
-                                ),
-                            )));
-                        }
+                        && raw.offset.get() != expect
+                    {
+                        return Err(ReadEnd::Err(self.corrupt(
+                            self.pos,
+                            format!(
+                                "record has offset {} where {expect} was expected",
+                                raw.offset
+                            ),
+                        )));
+                    }
                     if skip {
                         return Ok((None, raw.frame_bytes));
                     }
