@@ -1,0 +1,427 @@
+//! The QUIC client: one connection, one stream per request or subscription.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tideline_wal::{GtidSet, Transaction};
+use uuid::Uuid;
+
+use crate::proto::{self, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Request, Response, Start, WriteOp};
+use crate::tls::{self, ClientSecrets};
+use crate::wire::{FramedRecv, WireError, send_message};
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// CA and token.
+    pub secrets: ClientSecrets,
+    /// Name sent in `Hello`, for the server's logs.
+    pub client_name: String,
+    /// Most time for DNS, the QUIC/TLS handshake and the token exchange.
+    pub connect_timeout: Duration,
+    /// A connection silent this long is dead (keep-alives run at a quarter of it).
+    pub idle_timeout: Duration,
+    /// Frame limits.
+    pub limits: Limits,
+}
+
+impl ClientConfig {
+    /// Defaults: 5 s to connect, 5 s idle timeout (a dead node is noticed within 5 s).
+    pub fn new(secrets: ClientSecrets) -> Self {
+        ClientConfig {
+            secrets,
+            client_name: "tideline-client".into(),
+            connect_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// What went wrong talking to a node. [`ClientError::is_retryable`] says whether to try again.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The address did not resolve or the node could not be reached in time.
+    #[error("cannot reach {addr}: {reason}; check that the node runs and the address is right")]
+    Connect {
+        /// Address dialled.
+        addr: String,
+        /// Cause.
+        reason: String,
+    },
+    /// The node refused our token.
+    #[error("{addr} refused the token: pass the --secrets DIR of this cluster (or --token-file)")]
+    Unauthorized {
+        /// Address dialled.
+        addr: String,
+    },
+    /// The connection broke.
+    #[error("connection lost: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// A stream broke or the peer broke the protocol.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The node answered with an error.
+    #[error("{message}")]
+    Server {
+        /// Class.
+        code: ErrorCode,
+        /// The node's message.
+        message: String,
+    },
+    /// The node answered something unexpected.
+    #[error("unexpected answer from the node: {0}")]
+    Unexpected(String),
+}
+
+impl ClientError {
+    /// Whether retrying (after a reconnect) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } | ClientError::Connection(_) => true,
+            ClientError::Wire(WireError::Read(_) | WireError::Write(_)) => true,
+            ClientError::Server { code, .. } => {
+                matches!(code, ErrorCode::Unavailable | ErrorCode::Conflict)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// A connection to one node.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    cfg: ClientConfig,
+    server_uuid: Uuid,
+    addr: String,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.addr)
+            .field("server_uuid", &self.server_uuid)
+            .finish()
+    }
+}
+
+fn client_endpoint(cfg: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
+    let connect_err = |reason: String| ClientError::Connect {
+        addr: "local endpoint".into(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(cfg.secrets.ca.clone())
+        .map_err(|e| connect_err(format!("bad CA certificate: {e}")))?;
+    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| connect_err(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls_cfg.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls_cfg)
+        .map_err(|e| connect_err(e.to_string()))?;
+    let mut client_cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(cfg.idle_timeout).ok());
+    t.keep_alive_interval(Some((cfg.idle_timeout / 4).max(Duration::from_millis(100))));
+    client_cfg.transport_config(Arc::new(t));
+    let bind: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
+    let mut endpoint =
+        quinn::Endpoint::client(bind).map_err(|e| connect_err(format!("bind UDP socket: {e}")))?;
+    endpoint.set_default_client_config(client_cfg);
+    Ok(endpoint)
+}
+
+impl Client {
+    /// Resolves `addr` (`host:port`) afresh, connects, and authenticates with the token.
+    pub async fn connect(addr: &str, cfg: ClientConfig) -> Result<Client, ClientError> {
+        let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
+        let timeout = || ClientError::Connect {
+            addr: addr.to_string(),
+            reason: format!("no answer within {:?}", cfg.connect_timeout),
+        };
+        let addrs: Vec<std::net::SocketAddr> =
+            tokio::time::timeout_at(deadline, tokio::net::lookup_host(addr))
+                .await
+                .map_err(|_| timeout())?
+                .map_err(|e| ClientError::Connect {
+                    addr: addr.to_string(),
+                    reason: format!("cannot resolve: {e}"),
+                })?
+                .collect();
+        let endpoint = client_endpoint(&cfg)?;
+        let mut last_err = None;
+        for sa in addrs {
+            let connecting = match endpoint.connect(sa, tls::SERVER_NAME) {
+                Ok(c) => c,
+                Err(e) => {
+                    last_err = Some(e.to_string());
+                    continue;
+                }
+            };
+            match tokio::time::timeout_at(deadline, connecting).await {
+                Ok(Ok(conn)) => {
+                    let mut client = Client {
+                        endpoint: endpoint.clone(),
+                        conn,
+                        cfg: cfg.clone(),
+                        server_uuid: Uuid::nil(),
+                        addr: addr.to_string(),
+                    };
+                    let welcome = tokio::time::timeout_at(deadline, client.hello())
+                        .await
+                        .map_err(|_| timeout())??;
+                    client.server_uuid = welcome;
+                    return Ok(client);
+                }
+                Ok(Err(e)) => last_err = Some(e.to_string()),
+                Err(_) => return Err(timeout()),
+            }
+        }
+        Err(ClientError::Connect {
+            addr: addr.to_string(),
+            reason: last_err.unwrap_or_else(|| "the name resolved to no address".into()),
+        })
+    }
+
+    async fn hello(&self) -> Result<Uuid, ClientError> {
+        let resp = self
+            .request(Request::Hello {
+                token: self.cfg.secrets.token.clone(),
+                client: self.cfg.client_name.clone(),
+                protocol: PROTOCOL_VERSION,
+            })
+            .await;
+        match resp {
+            Ok(Response::Welcome { server_uuid, .. }) => Ok(Uuid::from_bytes(server_uuid)),
+            Ok(Response::Error {
+                code: ErrorCode::Unauthorized,
+                ..
+            }) => Err(ClientError::Unauthorized {
+                addr: self.addr.clone(),
+            }),
+            Err(ClientError::Connection(quinn::ConnectionError::ApplicationClosed(c)))
+                if c.error_code == quinn::VarInt::from_u32(crate::server::close_code::UNAUTHORIZED) =>
+            {
+                Err(ClientError::Unauthorized {
+                    addr: self.addr.clone(),
+                })
+            }
+            Ok(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The node's `server_uuid`.
+    pub fn server_uuid(&self) -> Uuid {
+        self.server_uuid
+    }
+
+    /// The address this client dialled.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends one request on a new stream and reads one answer; error answers become
+    /// [`ClientError::Server`] except for `Hello`.
+    async fn request(&self, req: Request) -> Result<Response, ClientError> {
+        let is_hello = matches!(req, Request::Hello { .. });
+        let (mut send, recv) = self.conn.open_bi().await?;
+        send_message(&mut send, &req).await?;
+        let _ = send.finish();
+        let mut recv = FramedRecv::new(recv, self.cfg.limits);
+        let resp = match recv.next_message::<Response>().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(ClientError::Unexpected("the node closed the stream".into())),
+            Err(WireError::Read(quinn::ReadError::ConnectionLost(e))) => return Err(e.into()),
+            Err(e) => return Err(e.into()),
+        };
+        match resp {
+            Response::Error { code, message } if !is_hello => {
+                Err(ClientError::Server { code, message })
+            }
+            r => Ok(r),
+        }
+    }
+
+    /// Reads one key.
+    pub async fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        match self
+            .request(Request::Get {
+                tree: tree.into(),
+                key: key.to_vec(),
+            })
+            .await?
+        {
+            Response::Value { value } => Ok(value),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Reads up to `limit` keys with `prefix`.
+    pub async fn scan(
+        &self,
+        tree: &str,
+        prefix: &[u8],
+        limit: u64,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClientError> {
+        match self
+            .request(Request::Scan {
+                tree: tree.into(),
+                prefix: prefix.to_vec(),
+                limit,
+            })
+            .await?
+        {
+            Response::Rows { rows } => Ok(rows),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Commits `ops` atomically; returns the offset and GTID text.
+    pub async fn commit(&self, ops: Vec<WriteOp>) -> Result<(u64, String), ClientError> {
+        match self.request(Request::Commit { ops }).await? {
+            Response::Committed { offset, gtid } => Ok((offset, gtid)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// The node's status document.
+    pub async fn status(&self) -> Result<String, ClientError> {
+        match self.request(Request::Status).await? {
+            Response::Status { json } => Ok(json),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// A read fence: resolves once the node has applied and made durable `gtids`, or at the
+    /// timeout. Returns whether they were reached and the node's `gtid_executed`.
+    pub async fn wait_for(
+        &self,
+        gtids: &GtidSet,
+        timeout: Duration,
+    ) -> Result<(bool, GtidSet), ClientError> {
+        match self
+            .request(Request::WaitFor {
+                gtids: gtids.to_string(),
+                timeout_ms: timeout.as_millis() as u64,
+            })
+            .await?
+        {
+            Response::Fenced {
+                reached,
+                gtid_executed,
+            } => {
+                let set = gtid_executed
+                    .parse()
+                    .map_err(|e| ClientError::Unexpected(format!("bad GTID set from node: {e}")))?;
+                Ok((reached, set))
+            }
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Opens a subscription on its own stream.
+    pub async fn subscribe(
+        &self,
+        start: Start,
+        tree: Option<String>,
+        prefix: Option<Vec<u8>>,
+        slot: Option<String>,
+    ) -> Result<Subscription, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        send_message(
+            &mut send,
+            &Request::Subscribe {
+                start,
+                tree,
+                prefix,
+                slot,
+            },
+        )
+        .await?;
+        let mut recv = FramedRecv::new(recv, self.cfg.limits);
+        match recv.next_message::<Response>().await? {
+            Some(Response::Subscribed { next_offset, head }) => Ok(Subscription {
+                send,
+                recv,
+                next_offset,
+                head,
+            }),
+            Some(Response::Error { code, message }) => Err(ClientError::Server { code, message }),
+            Some(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
+            None => Err(ClientError::Unexpected(
+                "the node closed the subscription stream".into(),
+            )),
+        }
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        self.conn.close(quinn::VarInt::from_u32(0), b"bye");
+        self.endpoint.wait_idle().await;
+    }
+}
+
+/// What a subscription yields.
+#[derive(Debug)]
+pub enum Event {
+    /// Records, in offset order.
+    Batch(Vec<Transaction>),
+    /// The server is alive; its head.
+    Heartbeat {
+        /// Visible head.
+        head: u64,
+        /// Server clock.
+        server_time_us: i64,
+    },
+}
+
+/// One subscription stream.
+pub struct Subscription {
+    send: quinn::SendStream,
+    recv: FramedRecv,
+    next_offset: u64,
+    head: u64,
+}
+
+impl Subscription {
+    /// The offset the server started from.
+    pub fn next_offset(&self) -> u64 {
+        self.next_offset
+    }
+
+    /// The server's head when the subscription started.
+    pub fn head(&self) -> u64 {
+        self.head
+    }
+
+    /// The next event; `None` when the server ended the subscription cleanly.
+    pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
+        match self.recv.next::<Response>().await? {
+            None => Ok(None),
+            Some(Frame::Batch(txns)) => Ok(Some(Event::Batch(txns))),
+            Some(Frame::Message(Response::Heartbeat {
+                head,
+                server_time_us,
+            })) => Ok(Some(Event::Heartbeat {
+                head,
+                server_time_us,
+            })),
+            Some(Frame::Message(Response::Error { code, message })) => {
+                Err(ClientError::Server { code, message })
+            }
+            Some(Frame::Message(other)) => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Acknowledges processing through `offset` (moves the slot, if any).
+    pub async fn ack(&mut self, offset: u64) -> Result<(), ClientError> {
+        send_message(&mut self.send, &Request::Ack { offset }).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,37 @@
+//! # tideline-stream: the wire protocol and its QUIC server and client
+//!
+//! Tideline serves resumable tails of its log, and key-value requests, over QUIC (quinn,
+//! ALPN `tideline/1`, TLS 1.3 with a cluster CA, a cluster token on every connection). One
+//! subscription per bidirectional stream, so a slow tail never blocks another; every request
+//! gets its own stream too.
+//!
+//! - [`proto`]: frames, messages, and the two ends of a subscription as state machines — no
+//!   sockets, no clocks, no tokio. Records travel as the log's own checksummed frames.
+//! - [`server`]: the quinn server; it reaches the node through the [`Node`] trait.
+//! - [`client`]: the quinn client, one request or subscription per stream.
+//! - [`tls`]: creating and loading the cluster secrets.
+//!
+//! It does not reconnect, checkpoint or fence by itself: that is the smart client in
+//! `tideline-consumers`. See `docs/PROTOCOL.md` for every message and a resume timeline.
+//!
+//! ```
+//! use tideline_stream::proto::{encode_message, FrameDecoder, Frame, Limits, Request, Start};
+//! let mut wire = Vec::new();
+//! encode_message(&Request::Subscribe { start: Start::Earliest, tree: None, prefix: None, slot: None }, &mut wire)?;
+//! let mut dec = FrameDecoder::new(Limits::default());
+//! dec.feed(&wire);
+//! assert!(matches!(dec.next_frame::<Request>()?, Some(Frame::Message(Request::Subscribe { .. }))));
+//! # Ok::<(), tideline_stream::proto::ProtoError>(())
+//! ```
+
+pub mod client;
+pub mod proto;
+pub mod server;
+pub mod tls;
+mod wire;
+
+pub use client::{Client, ClientConfig, ClientError, Event, Subscription};
+pub use proto::{ErrorCode, Limits, Start, WriteOp};
+pub use server::{Node, NodeError, ServeError, ServerConfig, ServerHandle, serve};
+pub use tls::{ClientSecrets, SecretsError, ServerSecrets, ensure_secrets};
+pub use wire::WireError;
