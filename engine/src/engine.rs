@@ -1,0 +1,1431 @@
+//! The engine: open and recover, the commit pipeline, the applier and checkpoints.
+//!
+//! Commit pipeline (one transaction):
+//! 1. Under the commit lock: validate the read set against the write sets of every transaction
+//!    submitted after the reader's snapshot (optimistic concurrency control), check trees and
+//!    operands against the catalog as of all submitted transactions, give the transaction its
+//!    GTID, and submit it to the log, which assigns the next offset.
+//! 2. Outside any engine lock: wait for the log's acknowledgement (group commit: many
+//!    committers share one fsync).
+//! 3. Apply in offset order: the first acknowledged committer that finds the next offset ready
+//!    becomes the applier and writes every consecutive ready transaction as one atomic store
+//!    batch, together with the applied offset and `gtid_executed` (flat combining). A commit
+//!    returns once its offset is applied, so it is visible to every later read.
+//!
+//! Invariants: the store applies offsets densely and in order; `applied` in the store is the
+//! offset of the last transaction whose effects are in the same store batch; the log's
+//! retention floor is never above the first offset the store has not persisted.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fjall::{KeyspaceCreateOptions, PersistMode};
+use tideline_wal::{Appended, Gtid, GtidSet, NewTransaction, Offset, Op, Wal};
+use uuid::Uuid;
+
+use crate::catalog::{self, Catalog, DEFAULT_TREE, Tree, TreeInfo};
+use crate::error::{OpenError, ReadError, WriteError, key_text};
+use crate::merge::{self, MergeOperator};
+use crate::snapshot::{Scan, Snapshot, owned_bounds};
+use crate::txn::{ReadItem, Txn};
+
+/// Default key limit: 64 KiB.
+pub const KEY_BYTES_MAX_DEFAULT: usize = 64 << 10;
+/// Default value (and merge operand) limit: 16 MiB.
+pub const VALUE_BYTES_MAX_DEFAULT: usize = 16 << 20;
+/// The store cannot hold longer keys than this.
+pub const KEY_BYTES_MAX_LIMIT: usize = 65536;
+
+/// Settings of an engine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Longest key accepted, in bytes. Default 64 KiB; at most [`KEY_BYTES_MAX_LIMIT`].
+    pub key_bytes_max: usize,
+    /// Longest value or merge operand accepted, in bytes. Default 16 MiB.
+    pub value_bytes_max: usize,
+    /// Refuse local writes (a replica). Upstream transactions are still applied.
+    pub read_only: bool,
+    /// The store's block cache, in bytes. Default 64 MiB.
+    pub cache_bytes: u64,
+    /// How often the store is synced and the log's retention floor raised. Default 1 s.
+    pub checkpoint_interval: Duration,
+    /// How often [`Engine::transaction`] runs a transaction again after a conflict. Default 32.
+    pub conflict_retries_max: u32,
+    /// Keys of recent write sets kept for conflict checks. A reading transaction whose
+    /// snapshot is older than the oldest kept write set gets a retryable conflict.
+    /// Default 262,144.
+    pub history_keys_max: usize,
+    /// Most transactions applied in one store batch. Default 4096.
+    pub apply_group_txns_max: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            key_bytes_max: KEY_BYTES_MAX_DEFAULT,
+            value_bytes_max: VALUE_BYTES_MAX_DEFAULT,
+            read_only: false,
+            cache_bytes: 64 << 20,
+            checkpoint_interval: Duration::from_secs(1),
+            conflict_retries_max: 32,
+            history_keys_max: 1 << 18,
+            apply_group_txns_max: 4096,
+        }
+    }
+}
+
+/// Where a committed transaction sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// Its local offset.
+    pub offset: Offset,
+    /// Its GTID.
+    pub gtid: Gtid,
+}
+
+/// What [`Engine::apply_upstream`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The transaction was logged at a local offset and applied.
+    Committed(CommitInfo),
+    /// Its GTID was already executed (or in flight) here: nothing was done.
+    AlreadyExecuted,
+}
+
+/// The result of [`Engine::transaction`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome<T> {
+    /// What the closure returned.
+    pub value: T,
+    /// Where the transaction was logged; `None` when it wrote nothing.
+    pub commit: Option<CommitInfo>,
+}
+
+/// What [`Engine::compare_and_swap`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CasOutcome {
+    /// The value matched and was replaced.
+    Swapped(CommitInfo),
+    /// The value did not match; nothing was written. Carries the current value.
+    Mismatch(Option<Vec<u8>>),
+}
+
+/// A log position: the last applied offset and the GTIDs executed up to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Last applied offset; `None` before the first transaction.
+    pub offset: Option<Offset>,
+    /// GTIDs executed up to and including `offset`.
+    pub gtid_executed: GtidSet,
+}
+
+pub(crate) struct View {
+    pub(crate) offset: u64,
+    pub(crate) gtids: Arc<GtidSet>,
+    pub(crate) catalog: Arc<Catalog>,
+}
+
+struct HistoryEntry {
+    offset: u64,
+    keys: Vec<(Arc<str>, Vec<u8>)>,
+    trees: Vec<Arc<str>>,
+}
+
+struct CommitState {
+    /// `gtid_executed` plus every GTID submitted and not yet applied.
+    submitted: GtidSet,
+    /// Tree name → merge operator, as of every submitted transaction.
+    trees: BTreeMap<String, Option<MergeOperator>>,
+    /// Write sets of recent transactions, oldest first.
+    history: VecDeque<HistoryEntry>,
+    history_keys: usize,
+    /// Write sets at or before this offset were dropped from `history`.
+    history_floor: u64,
+}
+
+struct ApplyState {
+    applied: u64,
+    ready: BTreeMap<u64, Arc<NewTransaction>>,
+    applying: bool,
+    /// The store could not apply: nothing more will be.
+    store_failed: Option<String>,
+    /// The log failed to acknowledge this offset: it and everything after will never apply.
+    dead_from: u64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) wal: Arc<Wal>,
+    pub(crate) db: fjall::Database,
+    meta: fjall::Keyspace,
+    path: PathBuf,
+    pub(crate) opts: EngineOptions,
+    server_uuid: Uuid,
+    read_only: AtomicBool,
+    failed: AtomicBool,
+    failed_reason: Mutex<String>,
+    commit: Mutex<CommitState>,
+    apply: Mutex<ApplyState>,
+    applied_cv: Condvar,
+    pub(crate) view: RwLock<View>,
+    pub(crate) catalog: RwLock<Arc<Catalog>>,
+    applied: AtomicU64,
+    /// Serialises checkpoints (the store sync and the floor that follows it).
+    checkpoint_lock: Mutex<()>,
+    stop: Mutex<bool>,
+    stop_cv: Condvar,
+}
+
+/// The embedded engine. Cheap to share: wrap it in an `Arc`; every method takes `&self`.
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("server_uuid", &self.inner.server_uuid)
+            .field("path", &self.inner.path)
+            .field("applied", &self.inner.applied.load(Ordering::SeqCst))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections leave their state consistent before anything that can panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Whether the local transaction or the upstream one is being committed.
+#[derive(Clone, Copy)]
+pub(crate) enum Origin {
+    Local,
+    Upstream { gtid: Gtid, timestamp_us: i64 },
+}
+
+/// A submitted, not yet acknowledged transaction.
+struct InFlight {
+    appended: Appended,
+    txn: Arc<NewTransaction>,
+}
+
+impl Engine {
+    /// Opens the engine: the state store in `store_dir` (created if missing) on top of `wal`,
+    /// which the engine then owns as its only writer. Recovery replays every log record after
+    /// the store's applied offset; nothing is written to the log.
+    pub fn open(
+        store_dir: impl AsRef<Path>,
+        wal: Arc<Wal>,
+        opts: EngineOptions,
+    ) -> Result<Engine, OpenError> {
+        if opts.key_bytes_max == 0 || opts.key_bytes_max > KEY_BYTES_MAX_LIMIT {
+            return Err(OpenError::BadOption(format!(
+                "key_bytes_max must be 1..={KEY_BYTES_MAX_LIMIT}, not {}",
+                opts.key_bytes_max
+            )));
+        }
+        if opts.value_bytes_max == 0 || opts.value_bytes_max > u32::MAX as usize {
+            return Err(OpenError::BadOption(format!(
+                "value_bytes_max must be 1..={}, not {}",
+                u32::MAX,
+                opts.value_bytes_max
+            )));
+        }
+        let path = store_dir.as_ref().to_path_buf();
+        let shown = path.display().to_string();
+        let store_err = |source: fjall::Error| OpenError::Store {
+            path: shown.clone(),
+            source,
+        };
+        let corrupt = |what: String| OpenError::CorruptStore {
+            path: shown.clone(),
+            what,
+        };
+        let db = fjall::Database::builder(&path)
+            .cache_size(opts.cache_bytes)
+            .manual_journal_persist(true)
+            .open()
+            .map_err(store_err)?;
+        let meta = db
+            .keyspace(catalog::META_KEYSPACE, KeyspaceCreateOptions::default)
+            .map_err(store_err)?;
+
+        // Read the store's position.
+        if let Some(f) = meta.get(catalog::KEY_FORMAT).map_err(store_err)? {
+            if &*f != catalog::FORMAT {
+                return Err(corrupt(format!(
+                    "store format {:?}, this build reads {:?}",
+                    String::from_utf8_lossy(&f),
+                    String::from_utf8_lossy(catalog::FORMAT)
+                )));
+            }
+        }
+        let applied = match meta.get(catalog::KEY_APPLIED).map_err(store_err)? {
+            None => 0,
+            Some(b) => {
+                let arr: [u8; 8] = (*b)
+                    .try_into()
+                    .map_err(|_| corrupt(format!("`applied` has {} bytes, not 8", b.len())))?;
+                u64::from_le_bytes(arr)
+            }
+        };
+        let gtids: GtidSet = match meta.get(catalog::KEY_GTIDS).map_err(store_err)? {
+            None => GtidSet::new(),
+            Some(b) => std::str::from_utf8(&b)
+                .map_err(|_| corrupt("`gtid_executed` is not UTF-8".into()))?
+                .parse()
+                .map_err(|e| corrupt(format!("`gtid_executed` does not parse: {e}")))?,
+        };
+        if let Some(b) = meta.get(catalog::KEY_SERVER_UUID).map_err(store_err)? {
+            let store_uuid: Uuid = std::str::from_utf8(&b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| corrupt("`server_uuid` does not parse".into()))?;
+            if store_uuid != wal.server_uuid() {
+                return Err(OpenError::WrongLog {
+                    store_uuid,
+                    log_uuid: wal.server_uuid(),
+                });
+            }
+        }
+        let mut cat = Catalog::default();
+        for kv in meta.prefix(catalog::TREE_PREFIX) {
+            let (k, v) = kv.into_inner().map_err(store_err)?;
+            let name = std::str::from_utf8(&k[catalog::TREE_PREFIX.len()..])
+                .map_err(|_| corrupt("a tree name is not UTF-8".into()))?
+                .to_string();
+            let (keyspace, merge) = catalog::decode_tree_meta(&v).map_err(corrupt)?;
+            let handle = db
+                .keyspace(&keyspace, KeyspaceCreateOptions::default)
+                .map_err(store_err)?;
+            cat.trees.insert(
+                name,
+                Arc::new(Tree {
+                    merge,
+                    keyspace,
+                    handle,
+                }),
+            );
+        }
+        // Keyspaces no tree refers to: created for a batch that never committed, or of a
+        // dropped tree whose removal was cut short.
+        let used: std::collections::HashSet<&str> =
+            cat.trees.values().map(|t| t.keyspace.as_str()).collect();
+        for name in db.list_keyspace_names() {
+            let name: &str = &name;
+            if name != catalog::META_KEYSPACE && !used.contains(name) {
+                let h = db
+                    .keyspace(name, KeyspaceCreateOptions::default)
+                    .map_err(store_err)?;
+                db.delete_keyspace(h).map_err(store_err)?;
+            }
+        }
+
+        // Check the store against the log.
+        let log_last = wal.visible_offset();
+        if applied > log_last {
+            return Err(OpenError::StoreAheadOfLog {
+                store_offset: applied,
+                log_offset: log_last,
+            });
+        }
+        let first = wal.first_offset().get();
+        if applied < log_last && first > applied + 1 {
+            return Err(OpenError::LogMissing {
+                store_offset: applied,
+                first_offset: first,
+            });
+        }
+        // Hold the log the store may still need until the first checkpoint below.
+        wal.set_retention_floor(Offset::new(applied + 1).unwrap_or(Offset::FIRST));
+
+        let catalog = Arc::new(cat);
+        let server_uuid = wal.server_uuid();
+        let inner = Arc::new(Inner {
+            wal: wal.clone(),
+            db,
+            meta,
+            path,
+            read_only: AtomicBool::new(opts.read_only),
+            opts,
+            server_uuid,
+            failed: AtomicBool::new(false),
+            failed_reason: Mutex::new(String::new()),
+            commit: Mutex::new(CommitState {
+                submitted: GtidSet::new(),
+                trees: BTreeMap::new(),
+                history: VecDeque::new(),
+                history_keys: 0,
+                history_floor: applied,
+            }),
+            apply: Mutex::new(ApplyState {
+                applied,
+                ready: BTreeMap::new(),
+                applying: false,
+                store_failed: None,
+                dead_from: u64::MAX,
+            }),
+            applied_cv: Condvar::new(),
+            view: RwLock::new(View {
+                offset: applied,
+                gtids: Arc::new(gtids),
+                catalog: catalog.clone(),
+            }),
+            catalog: RwLock::new(catalog),
+            applied: AtomicU64::new(applied),
+            checkpoint_lock: Mutex::new(()),
+            stop: Mutex::new(false),
+            stop_cv: Condvar::new(),
+        });
+
+        // Replay.
+        let replayed = inner.replay(applied)?;
+        {
+            let v = inner.view.read().unwrap_or_else(|p| p.into_inner());
+            let mut st = lock(&inner.commit);
+            st.submitted = (*v.gtids).clone();
+            st.trees = v
+                .catalog
+                .trees
+                .iter()
+                .map(|(n, t)| (n.clone(), t.merge))
+                .collect();
+            st.history_floor = v.offset;
+            lock(&inner.apply).applied = v.offset;
+            let log_gtids = wal.gtids();
+            if !log_gtids.is_subset(&v.gtids) {
+                tracing::warn!(
+                    log = %log_gtids, store = %v.gtids,
+                    "the log holds GTIDs the store has not executed; they were skipped as duplicates"
+                );
+            }
+        }
+        if replayed > 0 {
+            tracing::info!(replayed, "replayed log records into the store");
+        }
+        inner
+            .checkpoint()
+            .map_err(|reason| OpenError::Apply { offset: 0, reason })?;
+
+        let bg = inner.clone();
+        let handle = std::thread::Builder::new()
+            .name("tideline-engine-checkpoint".into())
+            .spawn(move || bg.checkpoint_loop())
+            .map_err(|e| {
+                OpenError::BadOption(format!("cannot start the checkpoint thread: {e}"))
+            })?;
+        Ok(Engine {
+            inner,
+            checkpointer: Mutex::new(Some(handle)),
+        })
+    }
+
+    /// The log this engine writes to.
+    pub fn wal(&self) -> &Arc<Wal> {
+        &self.inner.wal
+    }
+
+    /// This node's server uuid (the log's).
+    pub fn server_uuid(&self) -> Uuid {
+        self.inner.server_uuid
+    }
+
+    /// The last applied position: offset and `gtid_executed`.
+    pub fn position(&self) -> Position {
+        let v = self.inner.view.read().unwrap_or_else(|p| p.into_inner());
+        Position {
+            offset: Offset::new(v.offset),
+            gtid_executed: (*v.gtids).clone(),
+        }
+    }
+
+    /// GTIDs of every applied transaction.
+    pub fn gtid_executed(&self) -> GtidSet {
+        self.position().gtid_executed
+    }
+
+    /// Whether local writes are refused.
+    pub fn is_read_only(&self) -> bool {
+        self.inner.read_only.load(Ordering::SeqCst)
+    }
+
+    /// Switches read-only mode (a replica is read-only; promotion turns it off).
+    pub fn set_read_only(&self, read_only: bool) {
+        self.inner.read_only.store(read_only, Ordering::SeqCst);
+    }
+
+    /// `Some(reason)` once the engine refuses writes after a fatal failure (fail-stop).
+    pub fn fail_stop_reason(&self) -> Option<String> {
+        self.inner.fail_stop_reason()
+    }
+
+    /// The trees, by name.
+    pub fn trees(&self) -> Vec<TreeInfo> {
+        self.inner.current_catalog().infos()
+    }
+
+    /// Creates `tree` with an optional merge operator, by name (see [`MergeOperator`]).
+    /// Returns `None` when the tree already exists with the same operator (nothing logged).
+    pub fn create_tree(
+        &self,
+        tree: &str,
+        merge_operator: Option<&str>,
+    ) -> Result<Option<CommitInfo>, WriteError> {
+        let mut tx = self.begin();
+        tx.create_tree(tree, merge_operator)?;
+        tx.commit()
+    }
+
+    /// Drops `tree` and everything in it (a logged op).
+    pub fn drop_tree(&self, tree: &str) -> Result<CommitInfo, WriteError> {
+        let mut tx = self.begin();
+        tx.drop_tree(tree)?;
+        tx.commit()?
+            .ok_or_else(|| WriteError::UnknownTree(tree.to_string()))
+    }
+
+    /// Starts a transaction. Reads see one snapshot (taken at the first read) plus the
+    /// transaction's own writes; [`Txn::commit`] checks that nothing it read changed.
+    pub fn begin(&self) -> Txn<'_> {
+        Txn::new(self)
+    }
+
+    /// Runs `f` in a transaction and commits it, running it again on a conflict (up to
+    /// [`EngineOptions::conflict_retries_max`] times). `f` may run more than once, so it
+    /// should only act through the transaction.
+    pub fn transaction<T>(
+        &self,
+        mut f: impl FnMut(&mut Txn<'_>) -> Result<T, WriteError>,
+    ) -> Result<Outcome<T>, WriteError> {
+        let mut attempt = 0;
+        loop {
+            let mut tx = self.begin();
+            let value = f(&mut tx)?;
+            match tx.commit() {
+                Ok(commit) => return Ok(Outcome { value, commit }),
+                Err(e) if e.is_retryable() && attempt < self.inner.opts.conflict_retries_max => {
+                    attempt += 1;
+                    std::thread::yield_now();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Sets `key` in `tree` to `value`.
+    pub fn put(&self, tree: &str, key: &[u8], value: &[u8]) -> Result<CommitInfo, WriteError> {
+        let mut tx = self.begin();
+        tx.put(tree, key, value)?;
+        tx.commit()?.ok_or_else(internal_nothing_logged)
+    }
+
+    /// Removes `key` from `tree` (logged even when the key is absent).
+    pub fn delete(&self, tree: &str, key: &[u8]) -> Result<CommitInfo, WriteError> {
+        let mut tx = self.begin();
+        tx.delete(tree, key)?;
+        tx.commit()?.ok_or_else(internal_nothing_logged)
+    }
+
+    /// Merges `operand` into `key` with the tree's merge operator.
+    pub fn merge(&self, tree: &str, key: &[u8], operand: &[u8]) -> Result<CommitInfo, WriteError> {
+        let mut tx = self.begin();
+        tx.merge(tree, key, operand)?;
+        tx.commit()?.ok_or_else(internal_nothing_logged)
+    }
+
+    /// Replaces the value of `key` with `new` (`None`: delete) if it currently is `expected`
+    /// (`None`: absent).
+    pub fn compare_and_swap(
+        &self,
+        tree: &str,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<CasOutcome, WriteError> {
+        let out = self.transaction(|tx| {
+            let current = tx.get(tree, key)?;
+            if current.as_deref() != expected {
+                return Ok(Some(current));
+            }
+            match new {
+                Some(v) => tx.put(tree, key, v)?,
+                None => tx.delete(tree, key)?,
+            }
+            Ok(None)
+        })?;
+        match (out.value, out.commit) {
+            (Some(current), _) => Ok(CasOutcome::Mismatch(current)),
+            (None, Some(c)) => Ok(CasOutcome::Swapped(c)),
+            (None, None) => Err(internal_nothing_logged()),
+        }
+    }
+
+    /// Adds `delta` to the counter at `key` (decimal text; absent = 0) and returns the new
+    /// value. A read-modify-write transaction: works on any tree, conflicts retried.
+    pub fn increment(&self, tree: &str, key: &[u8], delta: i64) -> Result<i64, WriteError> {
+        let out = self.transaction(|tx| {
+            let current = match tx.get(tree, key)? {
+                None => 0,
+                Some(v) => merge::parse_i64(&v).ok_or_else(|| WriteError::NotAnInteger {
+                    tree: tree.to_string(),
+                    key: key_text(key),
+                })?,
+            };
+            let next = current
+                .checked_add(delta)
+                .ok_or_else(|| WriteError::Overflow {
+                    tree: tree.to_string(),
+                    key: key_text(key),
+                })?;
+            tx.put(tree, key, next.to_string().as_bytes())?;
+            Ok(next)
+        })?;
+        Ok(out.value)
+    }
+
+    /// Stores JSON text at `key` after checking that it parses; malformed JSON is refused
+    /// with [`WriteError::MalformedJson`] and nothing is written.
+    pub fn put_json(&self, tree: &str, key: &[u8], json: &str) -> Result<CommitInfo, WriteError> {
+        serde_json::from_str::<serde_json::Value>(json).map_err(|e| {
+            WriteError::MalformedJson {
+                tree: tree.to_string(),
+                key: key_text(key),
+                reason: e.to_string(),
+            }
+        })?;
+        self.put(tree, key, json.as_bytes())
+    }
+
+    /// Reads `key` as JSON.
+    pub fn get_json(&self, tree: &str, key: &[u8]) -> Result<Option<serde_json::Value>, ReadError> {
+        match self.get(tree, key)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| ReadError::NotJson {
+                    tree: tree.to_string(),
+                    key: key_text(key),
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    /// Applies an RFC 7386 merge patch (JSON text) to the document at `key` (absent = null)
+    /// in a read-modify-write transaction; returns the new document. For a blind, logged
+    /// patch use a tree with the `json-merge-patch` operator and [`Engine::merge`].
+    pub fn patch_json(
+        &self,
+        tree: &str,
+        key: &[u8],
+        patch: &str,
+    ) -> Result<serde_json::Value, WriteError> {
+        let bad = |reason: String| WriteError::MalformedJson {
+            tree: tree.to_string(),
+            key: key_text(key),
+            reason,
+        };
+        let patch: serde_json::Value =
+            serde_json::from_str(patch).map_err(|e| bad(e.to_string()))?;
+        let out = self.transaction(|tx| {
+            let mut doc = match tx.get(tree, key)? {
+                None => serde_json::Value::Null,
+                Some(v) => serde_json::from_slice(&v).map_err(|e| {
+                    WriteError::Read(ReadError::NotJson {
+                        tree: tree.to_string(),
+                        key: key_text(key),
+                        reason: e.to_string(),
+                    })
+                })?,
+            };
+            merge::merge_patch(&mut doc, &patch);
+            let bytes = serde_json::to_vec(&doc).map_err(|e| bad(e.to_string()))?;
+            tx.put(tree, key, &bytes)?;
+            Ok(doc)
+        })?;
+        Ok(out.value)
+    }
+
+    /// The current value of `key` in `tree`. Never waits for writers.
+    pub fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ReadError> {
+        let catalog = self.inner.current_catalog();
+        match catalog.get(tree) {
+            Some(t) => Ok(t.handle.get(key)?.map(|v| v.to_vec())),
+            None if tree == DEFAULT_TREE => Ok(None),
+            None => Err(ReadError::UnknownTree(tree.to_string())),
+        }
+    }
+
+    /// Key-value pairs of `tree` in `range` (any bounds), ascending or, with `reverse`,
+    /// descending. The scan reads one consistent state.
+    pub fn range<K: AsRef<[u8]>>(
+        &self,
+        tree: &str,
+        range: impl std::ops::RangeBounds<K>,
+        reverse: bool,
+    ) -> Result<Scan, ReadError> {
+        let catalog = self.inner.current_catalog();
+        let bounds = owned_bounds(&range);
+        match catalog.get(tree) {
+            Some(t) => Ok(Scan::new(bounds.map(|b| t.handle.range(b)), reverse)),
+            None if tree == DEFAULT_TREE => Ok(Scan::new(None, reverse)),
+            None => Err(ReadError::UnknownTree(tree.to_string())),
+        }
+    }
+
+    /// Key-value pairs of `tree` whose key starts with `prefix`.
+    pub fn prefix(&self, tree: &str, prefix: &[u8], reverse: bool) -> Result<Scan, ReadError> {
+        let catalog = self.inner.current_catalog();
+        match catalog.get(tree) {
+            Some(t) => Ok(Scan::new(Some(t.handle.prefix(prefix)), reverse)),
+            None if tree == DEFAULT_TREE => Ok(Scan::new(None, reverse)),
+            None => Err(ReadError::UnknownTree(tree.to_string())),
+        }
+    }
+
+    /// A consistent read snapshot, tagged with its position. Writers go on; the snapshot
+    /// keeps reading the state it was taken at for as long as it is held (old versions are
+    /// kept for it, so do not hold one forever).
+    pub fn snapshot(&self) -> Snapshot {
+        self.inner.snapshot()
+    }
+
+    /// Applies a transaction received from an upstream: it keeps its origin GTID and gets
+    /// the next local offset, or is skipped when its GTID is already executed here. Allowed
+    /// in read-only mode.
+    pub fn apply_upstream(&self, txn: NewTransaction) -> Result<Applied, WriteError> {
+        let mut out = self.apply_upstream_batch(vec![txn])?;
+        Ok(out.pop().unwrap_or(Applied::AlreadyExecuted))
+    }
+
+    /// [`Engine::apply_upstream`] for many transactions in order, sharing group commits.
+    /// On error, the transactions before the failing one may have been applied.
+    pub fn apply_upstream_batch(
+        &self,
+        txns: Vec<NewTransaction>,
+    ) -> Result<Vec<Applied>, WriteError> {
+        let mut results = Vec::with_capacity(txns.len());
+        let mut pending = Vec::new();
+        {
+            let inner = &self.inner;
+            inner.check_not_failed()?;
+            let mut st = lock(&inner.commit);
+            for txn in txns {
+                let origin = Origin::Upstream {
+                    gtid: txn.gtid,
+                    timestamp_us: txn.timestamp_us,
+                };
+                match inner.submit_locked(&mut st, txn.ops, None, origin)? {
+                    None => results.push(Applied::AlreadyExecuted),
+                    Some(f) => {
+                        results.push(Applied::AlreadyExecuted);
+                        pending.push((results.len() - 1, f));
+                    }
+                }
+            }
+        }
+        for (i, f) in pending {
+            results[i] = Applied::Committed(self.inner.finish(f)?);
+        }
+        Ok(results)
+    }
+
+    /// Syncs the store and raises the log's retention floor to the first offset the store
+    /// has not persisted. Runs on its own every [`EngineOptions::checkpoint_interval`].
+    pub fn checkpoint(&self) -> Result<(), WriteError> {
+        self.inner
+            .checkpoint()
+            .map_err(|reason| WriteError::FailStop { reason })
+    }
+
+    /// Stops the checkpoint thread and syncs the store. The log is left open (it may be
+    /// shared); close it with [`Wal::close`].
+    pub fn close(&self) -> Result<(), WriteError> {
+        {
+            *lock(&self.inner.stop) = true;
+            self.inner.stop_cv.notify_all();
+        }
+        if let Some(h) = lock(&self.checkpointer).take() {
+            let _ = h.join();
+        }
+        self.checkpoint()
+    }
+
+    pub(crate) fn commit_txn(
+        &self,
+        ops: Vec<Op>,
+        reads: Option<(u64, &[ReadItem])>,
+    ) -> Result<Option<CommitInfo>, WriteError> {
+        let inner = &self.inner;
+        if inner.read_only.load(Ordering::SeqCst) {
+            return Err(WriteError::ReadOnly);
+        }
+        inner.check_not_failed()?;
+        let f = {
+            let mut st = lock(&inner.commit);
+            inner.submit_locked(&mut st, ops, reads, Origin::Local)?
+        };
+        match f {
+            None => Ok(None),
+            Some(f) => inner.finish(f).map(Some),
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "closing the engine failed");
+        }
+    }
+}
+
+fn internal_nothing_logged() -> WriteError {
+    WriteError::Conflict("internal: a write transaction logged nothing".into())
+}
+
+/// Checks a key and value against the limits.
+pub(crate) fn check_kv(
+    opts: &EngineOptions,
+    tree: &str,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), WriteError> {
+    if key.is_empty() {
+        return Err(WriteError::EmptyKey(tree.to_string()));
+    }
+    if key.len() > opts.key_bytes_max {
+        return Err(WriteError::KeyTooLarge {
+            bytes: key.len(),
+            max: opts.key_bytes_max,
+        });
+    }
+    if let Some(v) = value {
+        if v.len() > opts.value_bytes_max {
+            return Err(WriteError::ValueTooLarge {
+                bytes: v.len(),
+                max: opts.value_bytes_max,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn range_contains(lo: &Bound<Vec<u8>>, hi: &Bound<Vec<u8>>, key: &[u8]) -> bool {
+    let above = match lo {
+        Bound::Included(l) => key >= l.as_slice(),
+        Bound::Excluded(l) => key > l.as_slice(),
+        Bound::Unbounded => true,
+    };
+    let below = match hi {
+        Bound::Included(h) => key <= h.as_slice(),
+        Bound::Excluded(h) => key < h.as_slice(),
+        Bound::Unbounded => true,
+    };
+    above && below
+}
+
+impl Inner {
+    pub(crate) fn current_catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+        // Taken under the view lock, which the applier holds across each store batch, so the
+        // store snapshot and the position describe the same state.
+        let snap = self.db.snapshot();
+        Snapshot::new(snap, v.catalog.clone(), v.offset, v.gtids.clone())
+    }
+
+    fn fail_stop_reason(&self) -> Option<String> {
+        if let Some(e) = self.wal.poison() {
+            return Some(e.to_string());
+        }
+        self.failed
+            .load(Ordering::SeqCst)
+            .then(|| lock(&self.failed_reason).clone())
+    }
+
+    fn check_not_failed(&self) -> Result<(), WriteError> {
+        match self.fail_stop_reason() {
+            Some(reason) => Err(WriteError::FailStop { reason }),
+            None => Ok(()),
+        }
+    }
+
+    fn fail(&self, reason: String) {
+        tracing::error!(%reason, "engine stopped accepting writes (fail-stop)");
+        {
+            let mut r = lock(&self.failed_reason);
+            if r.is_empty() {
+                *r = reason;
+            }
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// Validates and submits one transaction; called with the commit lock held. `Ok(None)`:
+    /// nothing to log (a local transaction without effect, or an upstream GTID already here).
+    fn submit_locked(
+        &self,
+        st: &mut CommitState,
+        ops: Vec<Op>,
+        reads: Option<(u64, &[ReadItem])>,
+        origin: Origin,
+    ) -> Result<Option<InFlight>, WriteError> {
+        let local = matches!(origin, Origin::Local);
+        if let Origin::Upstream { gtid, .. } = origin {
+            if st.submitted.contains(&gtid) {
+                return Ok(None);
+            }
+        }
+        // Serializability: nothing this transaction read may have been written by a
+        // transaction submitted after its snapshot.
+        if let Some((snap, reads)) = reads {
+            if !reads.is_empty() {
+                if snap < st.history_floor {
+                    return Err(WriteError::Conflict(format!(
+                        "the transaction's snapshot (offset {snap}) is older than the conflict \
+                         history (offset {})",
+                        st.history_floor
+                    )));
+                }
+                for e in st.history.iter().rev() {
+                    if e.offset <= snap {
+                        break;
+                    }
+                    for r in reads {
+                        if let Some(why) = conflicts(r, e) {
+                            return Err(WriteError::Conflict(format!(
+                                "{why} was changed by the transaction at offset {}",
+                                e.offset
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+
+        // Check trees, operators, operands and limits against the catalog as of every
+        // submitted transaction, and build the logged op list.
+        let mut changes: BTreeMap<String, Option<Option<MergeOperator>>> = BTreeMap::new();
+        let tree_state = |changes: &BTreeMap<String, Option<Option<MergeOperator>>>,
+                          name: &str|
+         -> Option<Option<MergeOperator>> {
+            match changes.get(name) {
+                Some(c) => *c,
+                None => st.trees.get(name).copied(),
+            }
+        };
+        let mut out: Vec<Op> = Vec::with_capacity(ops.len() + 1);
+        let mut keys: Vec<(Arc<str>, Vec<u8>)> = Vec::new();
+        let mut tree_ops: Vec<Arc<str>> = Vec::new();
+        let mut names: HashMap<String, Arc<str>> = HashMap::new();
+        let mut intern = |s: &str| -> Arc<str> {
+            if let Some(a) = names.get(s) {
+                return a.clone();
+            }
+            let a: Arc<str> = Arc::from(s);
+            names.insert(s.to_string(), a.clone());
+            a
+        };
+        for op in ops {
+            match &op {
+                Op::CreateTree {
+                    tree,
+                    merge_operator,
+                } => {
+                    if !catalog::is_valid_tree_name(tree) {
+                        return Err(WriteError::BadTreeName(tree.clone()));
+                    }
+                    let m = match merge_operator {
+                        None => None,
+                        Some(n) => Some(MergeOperator::from_name(n).ok_or_else(|| {
+                            WriteError::UnknownMergeOperator {
+                                name: n.clone(),
+                                known: merge::known_operators(),
+                            }
+                        })?),
+                    };
+                    match tree_state(&changes, tree) {
+                        Some(existing) if local => {
+                            if existing == m {
+                                continue;
+                            }
+                            return Err(WriteError::TreeExists {
+                                tree: tree.clone(),
+                                existing: existing.map_or("none".into(), |e| e.name().into()),
+                            });
+                        }
+                        // Upstream: creating an existing tree is a no-op when applied.
+                        Some(_) => {}
+                        None => {
+                            changes.insert(tree.clone(), Some(m));
+                        }
+                    }
+                    tree_ops.push(intern(tree));
+                }
+                Op::DropTree { tree } => {
+                    if tree_state(&changes, tree).is_none() {
+                        if local {
+                            return Err(WriteError::UnknownTree(tree.clone()));
+                        }
+                    } else {
+                        changes.insert(tree.clone(), None);
+                    }
+                    tree_ops.push(intern(tree));
+                }
+                Op::Put { tree, key, .. } | Op::Delete { tree, key, .. } | Op::Merge { tree, key, .. } => {
+                    let value = match &op {
+                        Op::Put { value, .. } => Some(value.as_slice()),
+                        Op::Merge { operand, .. } => Some(operand.as_slice()),
+                        _ => None,
+                    };
+                    check_kv(&self.opts, tree, key, value)?;
+                    let state = match tree_state(&changes, tree) {
+                        Some(s) => s,
+                        None if local && tree == DEFAULT_TREE => {
+                            // Implicit creation belongs to the transaction that needs it.
+                            out.push(Op::CreateTree {
+                                tree: DEFAULT_TREE.into(),
+                                merge_operator: None,
+                            });
+                            changes.insert(DEFAULT_TREE.into(), Some(None));
+                            tree_ops.push(intern(DEFAULT_TREE));
+                            None
+                        }
+                        None => return Err(WriteError::UnknownTree(tree.clone())),
+                    };
+                    if let Op::Merge { operand, .. } = &op {
+                        let m = state.ok_or_else(|| WriteError::NoMergeOperator(tree.clone()))?;
+                        m.check_operand(operand)
+                            .map_err(|reason| WriteError::BadOperand {
+                                tree: tree.clone(),
+                                operator: m.name().into(),
+                                reason,
+                            })?;
+                    }
+                    keys.push((intern(tree), key.clone()));
+                }
+            }
+            out.push(op);
+        }
+        if out.is_empty() && local {
+            return Ok(None);
+        }
+
+        let (gtid, timestamp_us) = match origin {
+            Origin::Local => {
+                let seq = st
+                    .submitted
+                    .last_seq(&self.server_uuid)
+                    .map_or(1, |s| s + 1);
+                let gtid = Gtid::new(self.server_uuid, seq)
+                    .map_err(|e| WriteError::Conflict(format!("internal: {e}")))?;
+                (gtid, now_us())
+            }
+            Origin::Upstream { gtid, timestamp_us } => (gtid, timestamp_us),
+        };
+        let txn = Arc::new(NewTransaction {
+            gtid,
+            timestamp_us,
+            ops: out,
+        });
+        let (appended, ()) = self.wal.submit_with((*txn).clone(), |_| ())?;
+        let offset = appended.offset().get();
+
+        // Only now, with the record submitted, does the transaction count as in flight.
+        st.submitted.insert(gtid);
+        for (name, c) in changes {
+            match c {
+                Some(m) => {
+                    st.trees.insert(name, m);
+                }
+                None => {
+                    st.trees.remove(&name);
+                }
+            }
+        }
+        st.history_keys += keys.len() + tree_ops.len();
+        st.history.push_back(HistoryEntry {
+            offset,
+            keys,
+            trees: tree_ops,
+        });
+        let applied = self.applied.load(Ordering::SeqCst);
+        while st.history_keys > self.opts.history_keys_max {
+            match st.history.front() {
+                Some(e) if e.offset <= applied => {
+                    st.history_floor = e.offset;
+                    st.history_keys -= e.keys.len() + e.trees.len();
+                    st.history.pop_front();
+                }
+                _ => break,
+            }
+        }
+        Ok(Some(InFlight { appended, txn }))
+    }
+
+    /// Waits for the log's acknowledgement, then for the transaction to be applied.
+    fn finish(&self, f: InFlight) -> Result<CommitInfo, WriteError> {
+        let offset = f.appended.offset();
+        let gtid = f.txn.gtid;
+        if let Err(e) = f.appended.wait() {
+            let reason = e.to_string();
+            self.fail(format!("the log did not acknowledge offset {offset}: {reason}"));
+            let mut a = lock(&self.apply);
+            a.dead_from = a.dead_from.min(offset.get());
+            drop(a);
+            self.applied_cv.notify_all();
+            return Err(WriteError::from(e));
+        }
+        self.apply_and_wait(offset.get(), f.txn)?;
+        Ok(CommitInfo { offset, gtid })
+    }
+
+    fn apply_and_wait(&self, offset: u64, txn: Arc<NewTransaction>) -> Result<(), WriteError> {
+        let mut a = lock(&self.apply);
+        a.ready.insert(offset, txn);
+        loop {
+            if a.applied >= offset {
+                return Ok(());
+            }
+            if let Some(reason) = &a.store_failed {
+                return Err(WriteError::FailStop {
+                    reason: reason.clone(),
+                });
+            }
+            if offset >= a.dead_from {
+                return Err(WriteError::FailStop {
+                    reason: format!(
+                        "an earlier record (offset {}) was not acknowledged by the log",
+                        a.dead_from
+                    ),
+                });
+            }
+            let next = a.applied + 1;
+            if !a.applying && a.ready.contains_key(&next) {
+                a.applying = true;
+                let mut group = Vec::new();
+                let mut at = next;
+                while group.len() < self.opts.apply_group_txns_max {
+                    match a.ready.remove(&at) {
+                        Some(t) => {
+                            group.push((at, t));
+                            at += 1;
+                        }
+                        None => break,
+                    }
+                }
+                drop(a);
+                let result = self.apply_group(&group);
+                a = lock(&self.apply);
+                a.applying = false;
+                match result {
+                    Ok(()) => a.applied = at - 1,
+                    Err(reason) => {
+                        let reason = format!(
+                            "applying offsets {next}..{} to the store failed: {reason}",
+                            at - 1
+                        );
+                        self.fail(reason.clone());
+                        a.store_failed = Some(reason);
+                    }
+                }
+                self.applied_cv.notify_all();
+                continue;
+            }
+            a = self
+                .applied_cv
+                .wait(a)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Applies consecutive transactions as one atomic store batch. Only one caller at a time
+    /// (the `applying` flag, or recovery before the engine is shared).
+    fn apply_group(&self, group: &[(u64, Arc<NewTransaction>)]) -> Result<(), String> {
+        let Some(&(last, _)) = group.last() else {
+            return Ok(());
+        };
+        let (mut gtids, base_catalog) = {
+            let v = self.view.read().unwrap_or_else(|p| p.into_inner());
+            debug_assert_eq!(v.offset + 1, group[0].0, "offsets apply densely, in order");
+            ((*v.gtids).clone(), v.catalog.clone())
+        };
+        let mut catalog: Option<Catalog> = None;
+        let mut dropped: Vec<fjall::Keyspace> = Vec::new();
+        let has_merge = group
+            .iter()
+            .any(|(_, t)| t.ops.iter().any(|o| matches!(o, Op::Merge { .. })));
+        // Values written earlier in this group, by (keyspace, key); kept only when a merge
+        // in the group may need to read them.
+        let mut overlay: HashMap<(String, Vec<u8>), Option<Vec<u8>>> = HashMap::new();
+        let mut batch = self.db.batch();
+        for (offset, txn) in group {
+            if gtids.contains(&txn.gtid) {
+                // Never logged twice by this engine; skipped defensively all the same.
+                tracing::warn!(offset, gtid = %txn.gtid, "skipping a record whose GTID is already executed");
+                continue;
+            }
+            gtids.insert(txn.gtid);
+            for (i, op) in txn.ops.iter().enumerate() {
+                let cat = catalog.as_ref().unwrap_or(&base_catalog);
+                match op {
+                    Op::CreateTree {
+                        tree,
+                        merge_operator,
+                    } => {
+                        if cat.get(tree).is_some() {
+                            continue;
+                        }
+                        let merge = merge_operator.as_deref().and_then(MergeOperator::from_name);
+                        let keyspace = format!("t{offset}.{i}");
+                        let handle = self
+                            .db
+                            .keyspace(&keyspace, KeyspaceCreateOptions::default)
+                            .map_err(|e| format!("create keyspace {keyspace}: {e}"))?;
+                        batch.insert(
+                            &self.meta,
+                            catalog::tree_meta_key(tree),
+                            catalog::encode_tree_meta(&keyspace, merge),
+                        );
+                        let c = catalog.get_or_insert_with(|| (*base_catalog).clone());
+                        c.trees.insert(
+                            tree.clone(),
+                            Arc::new(Tree {
+                                merge,
+                                keyspace,
+                                handle,
+                            }),
+                        );
+                    }
+                    Op::DropTree { tree } => {
+                        let Some(t) = cat.get(tree).cloned() else {
+                            continue;
+                        };
+                        batch.remove(&self.meta, catalog::tree_meta_key(tree));
+                        dropped.push(t.handle.clone());
+                        catalog
+                            .get_or_insert_with(|| (*base_catalog).clone())
+                            .trees
+                            .remove(tree);
+                    }
+                    Op::Put {
+                        tree, key, value, ..
+                    } => {
+                        let t = self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
+                        batch.insert(&t.handle, key.as_slice(), value.as_slice());
+                        if has_merge {
+                            overlay.insert((t.keyspace.clone(), key.clone()), Some(value.clone()));
+                        }
+                    }
+                    Op::Delete { tree, key, .. } => {
+                        let t = self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
+                        batch.remove(&t.handle, key.as_slice());
+                        if has_merge {
+                            overlay.insert((t.keyspace.clone(), key.clone()), None);
+                        }
+                    }
+                    Op::Merge { tree, key, operand } => {
+                        let t = self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
+                        let slot = (t.keyspace.clone(), key.clone());
+                        let existing = match overlay.get(&slot) {
+                            Some(v) => v.clone(),
+                            None => t
+                                .handle
+                                .get(key)
+                                .map_err(|e| format!("read for merge: {e}"))?
+                                .map(|v| v.to_vec()),
+                        };
+                        let value = match t.merge {
+                            Some(m) => m.resolve(existing.as_deref(), operand),
+                            // Refused on submission; a deterministic meaning all the same.
+                            None => operand.clone(),
+                        };
+                        batch.insert(&t.handle, key.as_slice(), value.as_slice());
+                        overlay.insert(slot, Some(value));
+                    }
+                }
+            }
+        }
+        batch.insert(&self.meta, catalog::KEY_FORMAT, catalog::FORMAT);
+        batch.insert(&self.meta, catalog::KEY_APPLIED, last.to_le_bytes().as_slice());
+        batch.insert(&self.meta, catalog::KEY_GTIDS, gtids.to_string().into_bytes());
+        batch.insert(
+            &self.meta,
+            catalog::KEY_SERVER_UUID,
+            self.server_uuid.to_string().into_bytes(),
+        );
+        let new_catalog = catalog.map(Arc::new);
+        {
+            let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
+            batch.commit().map_err(|e| format!("store batch commit: {e}"))?;
+            v.offset = last;
+            v.gtids = Arc::new(gtids);
+            if let Some(c) = &new_catalog {
+                v.catalog = c.clone();
+                *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = c.clone();
+            }
+            self.applied.store(last, Ordering::SeqCst);
+        }
+        for h in dropped {
+            if let Err(e) = self.db.delete_keyspace(h) {
+                // The tree is already gone from the catalog; the keyspace is removed on the
+                // next open.
+                tracing::warn!(error = %e, "could not remove a dropped tree's keyspace");
+            }
+        }
+        Ok(())
+    }
+
+    /// The tree a data op applies to. Submission guarantees it exists; a log written by
+    /// another build might not, and then the tree is created so that apply stays total and
+    /// deterministic.
+    fn tree_for_apply(
+        &self,
+        catalog: &mut Option<Catalog>,
+        base: &Arc<Catalog>,
+        tree: &str,
+        offset: u64,
+        op_index: usize,
+    ) -> Result<Arc<Tree>, String> {
+        if let Some(t) = catalog.as_ref().unwrap_or(base).get(tree) {
+            return Ok(t.clone());
+        }
+        tracing::warn!(tree, offset, "log record writes to a missing tree; creating it");
+        let keyspace = format!("t{offset}.{op_index}");
+        let handle = self
+            .db
+            .keyspace(&keyspace, KeyspaceCreateOptions::default)
+            .map_err(|e| format!("create keyspace {keyspace}: {e}"))?;
+        let t = Arc::new(Tree {
+            merge: None,
+            keyspace,
+            handle,
+        });
+        catalog
+            .get_or_insert_with(|| (**base).clone())
+            .trees
+            .insert(tree.to_string(), t.clone());
+        Ok(t)
+    }
+
+    /// Replays log records after `applied`. Returns how many were applied.
+    fn replay(&self, applied: u64) -> Result<u64, OpenError> {
+        if self.wal.visible_offset() <= applied {
+            return Ok(0);
+        }
+        let from = Offset::new(applied + 1).unwrap_or(Offset::FIRST);
+        let mut reader = self.wal.read_from(from)?;
+        let mut group: Vec<(u64, Arc<NewTransaction>)> = Vec::new();
+        let mut group_bytes = 0usize;
+        let mut count = 0;
+        let flush = |group: &mut Vec<(u64, Arc<NewTransaction>)>| -> Result<(), OpenError> {
+            if let Some(&(offset, _)) = group.last() {
+                self.apply_group(group)
+                    .map_err(|reason| OpenError::Apply { offset, reason })?;
+            }
+            group.clear();
+            Ok(())
+        };
+        while let Some(t) = reader.next_txn()? {
+            group_bytes += t
+                .ops
+                .iter()
+                .map(|o| match o {
+                    Op::Put { key, value, .. } => key.len() + value.len(),
+                    Op::Merge { key, operand, .. } => key.len() + operand.len(),
+                    Op::Delete { key, .. } => key.len(),
+                    _ => 64,
+                })
+                .sum::<usize>();
+            group.push((
+                t.offset.get(),
+                Arc::new(NewTransaction {
+                    gtid: t.gtid,
+                    timestamp_us: t.timestamp_us,
+                    ops: t.ops,
+                }),
+            ));
+            count += 1;
+            if group.len() >= self.opts.apply_group_txns_max || group_bytes >= 32 << 20 {
+                flush(&mut group)?;
+                group_bytes = 0;
+            }
+        }
+        flush(&mut group)?;
+        Ok(count)
+    }
+
+    fn checkpoint(&self) -> Result<(), String> {
+        let _g = lock(&self.checkpoint_lock);
+        let applied = self.applied.load(Ordering::SeqCst);
+        // Every batch up to `applied` was committed to the store's journal before this sync.
+        if let Err(e) = self.db.persist(PersistMode::SyncAll) {
+            let reason = format!("syncing the state store failed: {e}");
+            self.fail(reason.clone());
+            return Err(reason);
+        }
+        self.wal
+            .set_retention_floor(Offset::new(applied + 1).unwrap_or(Offset::FIRST));
+        Ok(())
+    }
+
+    fn checkpoint_loop(self: Arc<Self>) {
+        let mut stop = lock(&self.stop);
+        loop {
+            if *stop {
+                return;
+            }
+            stop = self
+                .stop_cv
+                .wait_timeout(stop, self.opts.checkpoint_interval)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            if *stop {
+                return;
+            }
+            drop(stop);
+            if self.checkpoint().is_err() {
+                return;
+            }
+            stop = lock(&self.stop);
+        }
+    }
+}
+
+/// Whether read `r` is invalidated by write set `e`; names what was read.
+fn conflicts(r: &ReadItem, e: &HistoryEntry) -> Option<String> {
+    let tree = r.tree();
+    if e.trees.iter().any(|t| &**t == tree) {
+        return Some(format!("tree `{tree}`"));
+    }
+    match r {
+        ReadItem::Key { tree, key } => e
+            .keys
+            .iter()
+            .any(|(t, k)| &**t == tree.as_str() && k == key)
+            .then(|| format!("key {:?} in tree `{tree}`", key_text(key))),
+        ReadItem::Range { tree, lo, hi } => e
+            .keys
+            .iter()
+            .any(|(t, k)| &**t == tree.as_str() && range_contains(lo, hi, k))
+            .then(|| format!("a key in a range read from tree `{tree}`")),
+    }
+}

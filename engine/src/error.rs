@@ -1,0 +1,276 @@
+//! Errors of the engine: one enum per operation family (open, read, write). Each message
+//! says what happened and what to do about it.
+
+/// Opening or recovering an engine failed. Nothing was changed in the log.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The state store could not be opened or read.
+    #[error(
+        "cannot open the state store in {path}: {source}; check that the directory exists, is \
+         writable and is not used by another process"
+    )]
+    Store {
+        /// The store directory.
+        path: String,
+        /// The store's error.
+        source: fjall::Error,
+    },
+    /// The store holds bytes that do not decode.
+    #[error(
+        "the state store in {path} is damaged ({what}); delete the store directory to rebuild \
+         it from the log, or restore the node from a replica"
+    )]
+    CorruptStore {
+        /// The store directory.
+        path: String,
+        /// What did not decode.
+        what: String,
+    },
+    /// The store was built from another node's log.
+    #[error(
+        "the state store belongs to server {store_uuid} but the log is server {log_uuid}; \
+         point --data at the matching log and store, or delete the store to rebuild it"
+    )]
+    WrongLog {
+        /// server_uuid recorded in the store.
+        store_uuid: uuid::Uuid,
+        /// server_uuid of the log.
+        log_uuid: uuid::Uuid,
+    },
+    /// The store has applied records the log does not hold: the log lost durable records.
+    #[error(
+        "the state store has applied offset {store_offset} but the log ends at \
+         {log_offset}; the log lost acknowledged records: restore this node from a replica"
+    )]
+    StoreAheadOfLog {
+        /// Offset applied by the store.
+        store_offset: u64,
+        /// Last visible offset of the log.
+        log_offset: u64,
+    },
+    /// The store needs records that retention already removed from the log.
+    #[error(
+        "the state store has applied up to offset {store_offset}, but the log starts at \
+         {first_offset}; records in between are gone: delete the store and re-bootstrap this \
+         node from a replica"
+    )]
+    LogMissing {
+        /// Offset applied by the store.
+        store_offset: u64,
+        /// First offset still in the log.
+        first_offset: u64,
+    },
+    /// Reading the log during replay failed.
+    #[error("replaying the log into the store failed: {0}")]
+    Log(#[from] tideline_wal::Error),
+    /// Applying a replayed record to the store failed.
+    #[error(
+        "applying log record {offset} to the store failed: {reason}; check the disk and \
+         restart (replay resumes from the store's last applied offset)"
+    )]
+    Apply {
+        /// The record's offset.
+        offset: u64,
+        /// What failed.
+        reason: String,
+    },
+    /// A setting is out of range.
+    #[error("invalid engine option: {0}")]
+    BadOption(String),
+}
+
+/// A read failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// No tree has this name.
+    #[error(
+        "no tree named `{0}`; create it first (Engine::create_tree) or list trees with \
+         Engine::trees"
+    )]
+    UnknownTree(String),
+    /// The state store failed.
+    #[error("reading the state store failed: {0}; check the disk, then retry")]
+    Store(#[from] fjall::Error),
+    /// A JSON helper found a value that is not JSON.
+    #[error(
+        "value of key {key:?} in tree `{tree}` is not JSON ({reason}); read it with get() \
+         instead of get_json()"
+    )]
+    NotJson {
+        /// Tree.
+        tree: String,
+        /// Key, lossily as text.
+        key: String,
+        /// Parser's message.
+        reason: String,
+    },
+}
+
+/// A transaction (or a single write, which is a transaction of one op) was not committed.
+/// Nothing it wrote reached the log or the store, except where a variant says otherwise.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// No tree has this name.
+    #[error(
+        "no tree named `{0}`; create it first (Engine::create_tree) or list trees with \
+         Engine::trees"
+    )]
+    UnknownTree(String),
+    /// A tree with this name already exists, with another merge operator.
+    #[error(
+        "tree `{tree}` already exists with merge operator {existing}; drop it first or use \
+         another name"
+    )]
+    TreeExists {
+        /// Tree.
+        tree: String,
+        /// Its operator (`none` if none).
+        existing: String,
+    },
+    /// A tree name is not acceptable.
+    #[error("invalid tree name `{0}`: use 1-128 characters from [A-Za-z0-9_.:-]")]
+    BadTreeName(String),
+    /// No built-in merge operator has this name.
+    #[error("unknown merge operator `{name}`; built-ins are {known}")]
+    UnknownMergeOperator {
+        /// The name asked for.
+        name: String,
+        /// The known names.
+        known: String,
+    },
+    /// A merge on a tree created without a merge operator.
+    #[error(
+        "tree `{0}` has no merge operator; create the tree with one (e.g. `add`) or use put"
+    )]
+    NoMergeOperator(String),
+    /// A merge operand the tree's operator cannot use.
+    #[error("bad operand for merge operator `{operator}` in tree `{tree}`: {reason}")]
+    BadOperand {
+        /// Tree.
+        tree: String,
+        /// Operator name.
+        operator: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Keys must not be empty.
+    #[error("empty key in tree `{0}`: keys must be 1 byte or longer")]
+    EmptyKey(String),
+    /// A key over the limit.
+    #[error(
+        "key of {bytes} bytes exceeds the limit of {max} bytes; use a shorter key (or raise \
+         EngineOptions::key_bytes_max, at most 65536)"
+    )]
+    KeyTooLarge {
+        /// Key length.
+        bytes: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A value (or merge operand) over the limit.
+    #[error(
+        "value of {bytes} bytes exceeds the limit of {max} bytes; split it, or raise \
+         EngineOptions::value_bytes_max"
+    )]
+    ValueTooLarge {
+        /// Value length.
+        bytes: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A JSON helper was given text that is not JSON.
+    #[error("malformed JSON for key {key:?} in tree `{tree}`: {reason}; nothing was written")]
+    MalformedJson {
+        /// Tree.
+        tree: String,
+        /// Key, lossily as text.
+        key: String,
+        /// Parser's message.
+        reason: String,
+    },
+    /// A counter helper found a value that is not a decimal integer.
+    #[error(
+        "value of key {key:?} in tree `{tree}` is not a decimal integer; overwrite it with put \
+         before counting"
+    )]
+    NotAnInteger {
+        /// Tree.
+        tree: String,
+        /// Key, lossily as text.
+        key: String,
+    },
+    /// A counter would overflow.
+    #[error("counter {key:?} in tree `{tree}` would overflow i64; nothing was written")]
+    Overflow {
+        /// Tree.
+        tree: String,
+        /// Key, lossily as text.
+        key: String,
+    },
+    /// Another transaction committed a write to something this one read. Retryable: run the
+    /// transaction again (Engine::transaction does so itself).
+    #[error(
+        "transaction conflict: {0}; nothing was written, run the transaction again \
+         (Engine::transaction retries automatically)"
+    )]
+    Conflict(String),
+    /// The engine is read-only (a replica). Local writes are refused.
+    #[error(
+        "this node is read-only (a replica); send writes to the primary, or promote this node \
+         (Engine::set_read_only(false))"
+    )]
+    ReadOnly,
+    /// The engine stopped accepting writes after a failure it cannot recover from at run time
+    /// (a failed log fsync, or a store write that failed after the log accepted a record).
+    #[error(
+        "the engine refuses writes after a fatal failure ({reason}); stop the node, check the \
+         disk and restart it: recovery keeps every acknowledged transaction"
+    )]
+    FailStop {
+        /// The original failure.
+        reason: String,
+    },
+    /// The transaction does not fit into one log record.
+    #[error(
+        "the transaction encodes to {bytes} bytes, over the log's record limit of {max}; \
+         split it into smaller transactions"
+    )]
+    TooLarge {
+        /// Encoded size.
+        bytes: u64,
+        /// Limit.
+        max: u32,
+    },
+    /// The log refused the record for another reason.
+    #[error("the log refused the transaction: {0}")]
+    Log(tideline_wal::Error),
+    /// A read inside the transaction failed.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
+
+impl WriteError {
+    /// Whether running the same transaction again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, WriteError::Conflict(_))
+    }
+}
+
+impl From<tideline_wal::Error> for WriteError {
+    fn from(e: tideline_wal::Error) -> Self {
+        match e {
+            tideline_wal::Error::Poisoned { reason } => WriteError::FailStop { reason },
+            tideline_wal::Error::RecordTooLarge { bytes, max } => WriteError::TooLarge { bytes, max },
+            other => WriteError::Log(other),
+        }
+    }
+}
+
+/// Text form of a key for error messages (lossy, truncated).
+pub(crate) fn key_text(key: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&key[..key.len().min(64)]).into_owned();
+    if key.len() > 64 { format!("{s}…") } else { s }
+}

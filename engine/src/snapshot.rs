@@ -1,0 +1,166 @@
+//! Consistent read snapshots and scans.
+
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+
+use fjall::Readable;
+use tideline_wal::{GtidSet, Offset};
+
+use crate::catalog::{Catalog, DEFAULT_TREE, Tree, TreeInfo};
+use crate::engine::Position;
+use crate::error::ReadError;
+
+/// One committed state of the engine, tagged with its log position. Readers of a snapshot
+/// never wait for writers and never see a later commit. Cheap to clone.
+#[derive(Clone)]
+pub struct Snapshot {
+    inner: fjall::Snapshot,
+    catalog: Arc<Catalog>,
+    offset: u64,
+    gtids: Arc<GtidSet>,
+}
+
+impl std::fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshot")
+            .field("offset", &self.offset)
+            .field("gtid_executed", &self.gtids.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Snapshot {
+    pub(crate) fn new(
+        inner: fjall::Snapshot,
+        catalog: Arc<Catalog>,
+        offset: u64,
+        gtids: Arc<GtidSet>,
+    ) -> Snapshot {
+        Snapshot {
+            inner,
+            catalog,
+            offset,
+            gtids,
+        }
+    }
+
+    /// The last offset applied in this snapshot; `None` before the first transaction.
+    pub fn offset(&self) -> Option<Offset> {
+        Offset::new(self.offset)
+    }
+
+    pub(crate) fn offset_raw(&self) -> u64 {
+        self.offset
+    }
+
+    /// The GTIDs executed in this snapshot.
+    pub fn gtid_executed(&self) -> &GtidSet {
+        &self.gtids
+    }
+
+    /// Offset and GTID set together.
+    pub fn position(&self) -> Position {
+        Position {
+            offset: self.offset(),
+            gtid_executed: (*self.gtids).clone(),
+        }
+    }
+
+    /// The trees in this snapshot.
+    pub fn trees(&self) -> Vec<TreeInfo> {
+        self.catalog.infos()
+    }
+
+    pub(crate) fn tree(&self, tree: &str) -> Result<Option<&Arc<Tree>>, ReadError> {
+        match self.catalog.get(tree) {
+            Some(t) => Ok(Some(t)),
+            None if tree == DEFAULT_TREE => Ok(None),
+            None => Err(ReadError::UnknownTree(tree.to_string())),
+        }
+    }
+
+    /// The value of `key` in `tree`.
+    pub fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ReadError> {
+        match self.tree(tree)? {
+            Some(t) => Ok(self.inner.get(&t.handle, key)?.map(|v| v.to_vec())),
+            None => Ok(None),
+        }
+    }
+
+    /// Key-value pairs of `tree` in `range`, ascending or, with `reverse`, descending.
+    pub fn range<K: AsRef<[u8]>>(
+        &self,
+        tree: &str,
+        range: impl RangeBounds<K>,
+        reverse: bool,
+    ) -> Result<Scan, ReadError> {
+        let bounds = owned_bounds(&range);
+        Ok(match (self.tree(tree)?, bounds) {
+            (Some(t), Some(b)) => Scan::new(Some(self.inner.range(&t.handle, b)), reverse),
+            _ => Scan::new(None, reverse),
+        })
+    }
+
+    /// Key-value pairs of `tree` whose key starts with `prefix`.
+    pub fn prefix(&self, tree: &str, prefix: &[u8], reverse: bool) -> Result<Scan, ReadError> {
+        Ok(match self.tree(tree)? {
+            Some(t) => Scan::new(Some(self.inner.prefix(&t.handle, prefix)), reverse),
+            None => Scan::new(None, reverse),
+        })
+    }
+}
+
+/// A scan over key-value pairs, in key order (or reverse key order). Each item is
+/// `(key, value)`.
+pub struct Scan {
+    inner: Option<fjall::Iter>,
+    reverse: bool,
+}
+
+impl std::fmt::Debug for Scan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scan")
+            .field("reverse", &self.reverse)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Scan {
+    pub(crate) fn new(inner: Option<fjall::Iter>, reverse: bool) -> Scan {
+        Scan { inner, reverse }
+    }
+}
+
+impl Iterator for Scan {
+    type Item = Result<(Vec<u8>, Vec<u8>), ReadError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        let it = self.inner.as_mut()?;
+        let g = if self.reverse { it.next_back() } else { it.next() }?;
+        Some(
+            g.into_inner()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .map_err(ReadError::from),
+        )
+    }
+}
+
+/// Owned copies of any bounds; `None` for a range that is empty by its bounds alone (the
+/// store does not accept inverted ranges).
+pub(crate) fn owned_bounds<K: AsRef<[u8]>>(
+    range: &impl RangeBounds<K>,
+) -> Option<(Bound<Vec<u8>>, Bound<Vec<u8>>)> {
+    let conv = |b: Bound<&K>| match b {
+        Bound::Included(k) => Bound::Included(k.as_ref().to_vec()),
+        Bound::Excluded(k) => Bound::Excluded(k.as_ref().to_vec()),
+        Bound::Unbounded => Bound::Unbounded,
+    };
+    let lo = conv(range.start_bound());
+    let hi = conv(range.end_bound());
+    let empty = match (&lo, &hi) {
+        (Bound::Included(l), Bound::Included(h)) => l > h,
+        (Bound::Included(l) | Bound::Excluded(l), Bound::Excluded(h))
+        | (Bound::Excluded(l), Bound::Included(h)) => l >= h,
+        _ => false,
+    };
+    (!empty).then_some((lo, hi))
+}

@@ -1,0 +1,417 @@
+//! Serializable multi-key transactions (optimistic concurrency control).
+//!
+//! A transaction reads one snapshot, taken at its first read, plus its own writes. Writes
+//! are buffered. On commit the engine checks, under its commit lock, that no transaction
+//! submitted after the snapshot wrote a key (or a key inside a range, or the tree) that this
+//! one read; if one did, the commit fails with a retryable [`WriteError::Conflict`] and
+//! nothing is written. Transactions that only write (blind puts, deletes, merges) never
+//! conflict. Merges are blind too: they are logged as operands and resolved when applied.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::{Bound, RangeBounds};
+
+use tideline_wal::Op;
+
+use crate::catalog::{self, DEFAULT_TREE};
+use crate::engine::{CommitInfo, Engine, check_kv};
+use crate::error::WriteError;
+use crate::merge::{self, MergeOperator};
+use crate::snapshot::{Snapshot, owned_bounds};
+
+/// Something a transaction read, checked for conflicts on commit.
+#[derive(Debug, Clone)]
+pub(crate) enum ReadItem {
+    Key {
+        tree: String,
+        key: Vec<u8>,
+    },
+    Range {
+        tree: String,
+        lo: Bound<Vec<u8>>,
+        hi: Bound<Vec<u8>>,
+    },
+}
+
+impl ReadItem {
+    pub(crate) fn tree(&self) -> &str {
+        match self {
+            ReadItem::Key { tree, .. } | ReadItem::Range { tree, .. } => tree,
+        }
+    }
+}
+
+/// A transaction in progress. Obtain one from [`Engine::begin`] or, with automatic retries,
+/// [`Engine::transaction`]. Dropping it without [`Txn::commit`] discards it.
+pub struct Txn<'e> {
+    engine: &'e Engine,
+    snap: Option<Snapshot>,
+    ops: Vec<Op>,
+    /// Indices into `ops` of the writes to each (tree, key), in order.
+    writes: BTreeMap<(String, Vec<u8>), Vec<usize>>,
+    reads: Vec<ReadItem>,
+    /// Values read from the snapshot, by (tree, key).
+    read_values: HashMap<(String, Vec<u8>), Option<Vec<u8>>>,
+    /// Trees created (`Some(operator)`) or dropped (`None`) by this transaction.
+    trees: BTreeMap<String, Option<Option<MergeOperator>>>,
+}
+
+impl std::fmt::Debug for Txn<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Txn")
+            .field("ops", &self.ops.len())
+            .field("reads", &self.reads.len())
+            .field("snapshot", &self.snap)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a tree is, seen from inside a transaction.
+enum TreeState {
+    /// Exists in the snapshot / catalog, with this operator.
+    Existing(Option<MergeOperator>),
+    /// Created by this transaction: starts empty.
+    Created(Option<MergeOperator>),
+    /// `default` before anything created it: empty, created on first write.
+    ImplicitDefault,
+}
+
+impl<'e> Txn<'e> {
+    pub(crate) fn new(engine: &'e Engine) -> Txn<'e> {
+        Txn {
+            engine,
+            snap: None,
+            ops: Vec::new(),
+            writes: BTreeMap::new(),
+            reads: Vec::new(),
+            read_values: HashMap::new(),
+            trees: BTreeMap::new(),
+        }
+    }
+
+    /// The snapshot this transaction reads, taken now if it has not read yet.
+    pub fn snapshot(&mut self) -> &Snapshot {
+        if self.snap.is_none() {
+            self.snap = Some(self.engine.inner.snapshot());
+        }
+        self.snap.as_ref().unwrap_or_else(|| unreachable!("set just above"))
+    }
+
+    /// The tree as writes see it: local changes, else the engine's latest catalog (checked
+    /// again at commit against every submitted transaction).
+    fn tree_for_write(&self, tree: &str) -> Result<TreeState, WriteError> {
+        match self.trees.get(tree) {
+            Some(Some(m)) => return Ok(TreeState::Created(*m)),
+            Some(None) => return Err(WriteError::UnknownTree(tree.to_string())),
+            None => {}
+        }
+        match self.engine.inner.current_catalog().get(tree) {
+            Some(t) => Ok(TreeState::Existing(t.merge)),
+            None if tree == DEFAULT_TREE => Ok(TreeState::ImplicitDefault),
+            None => Err(WriteError::UnknownTree(tree.to_string())),
+        }
+    }
+
+    /// The tree as reads see it: local changes, else the snapshot's catalog.
+    fn tree_for_read(&mut self, tree: &str) -> Result<TreeState, WriteError> {
+        match self.trees.get(tree) {
+            Some(Some(m)) => return Ok(TreeState::Created(*m)),
+            Some(None) => return Err(WriteError::UnknownTree(tree.to_string())),
+            None => {}
+        }
+        let snap = self.snapshot();
+        match snap.tree(tree)? {
+            Some(t) => Ok(TreeState::Existing(t.merge)),
+            None => Ok(TreeState::ImplicitDefault),
+        }
+    }
+
+    fn push_write(&mut self, tree: &str, key: &[u8], op: Op) {
+        self.writes
+            .entry((tree.to_string(), key.to_vec()))
+            .or_default()
+            .push(self.ops.len());
+        self.ops.push(op);
+    }
+
+    /// Sets `key` in `tree` to `value`.
+    pub fn put(&mut self, tree: &str, key: &[u8], value: &[u8]) -> Result<(), WriteError> {
+        check_kv(&self.engine.inner.opts, tree, key, Some(value))?;
+        self.tree_for_write(tree)?;
+        let op = Op::Put {
+            tree: tree.to_string(),
+            key: key.to_vec(),
+            value: value.to_vec(),
+            before: None,
+        };
+        self.push_write(tree, key, op);
+        Ok(())
+    }
+
+    /// Removes `key` from `tree`.
+    pub fn delete(&mut self, tree: &str, key: &[u8]) -> Result<(), WriteError> {
+        check_kv(&self.engine.inner.opts, tree, key, None)?;
+        self.tree_for_write(tree)?;
+        let op = Op::Delete {
+            tree: tree.to_string(),
+            key: key.to_vec(),
+            before: None,
+        };
+        self.push_write(tree, key, op);
+        Ok(())
+    }
+
+    /// Merges `operand` into `key` with the tree's merge operator (blind: no read, no
+    /// conflict). A malformed operand is refused here, before anything is logged.
+    pub fn merge(&mut self, tree: &str, key: &[u8], operand: &[u8]) -> Result<(), WriteError> {
+        check_kv(&self.engine.inner.opts, tree, key, Some(operand))?;
+        let m = match self.tree_for_write(tree)? {
+            TreeState::Existing(m) | TreeState::Created(m) => m,
+            TreeState::ImplicitDefault => None,
+        }
+        .ok_or_else(|| WriteError::NoMergeOperator(tree.to_string()))?;
+        m.check_operand(operand)
+            .map_err(|reason| WriteError::BadOperand {
+                tree: tree.to_string(),
+                operator: m.name().into(),
+                reason,
+            })?;
+        let op = Op::Merge {
+            tree: tree.to_string(),
+            key: key.to_vec(),
+            operand: operand.to_vec(),
+        };
+        self.push_write(tree, key, op);
+        Ok(())
+    }
+
+    /// Creates `tree` with an optional merge operator (by name). Creating a tree that exists
+    /// with the same operator does nothing.
+    pub fn create_tree(
+        &mut self,
+        tree: &str,
+        merge_operator: Option<&str>,
+    ) -> Result<(), WriteError> {
+        if !catalog::is_valid_tree_name(tree) {
+            return Err(WriteError::BadTreeName(tree.to_string()));
+        }
+        let m = match merge_operator {
+            None => None,
+            Some(n) => Some(MergeOperator::from_name(n).ok_or_else(|| {
+                WriteError::UnknownMergeOperator {
+                    name: n.to_string(),
+                    known: merge::known_operators(),
+                }
+            })?),
+        };
+        match self.tree_for_write(tree) {
+            Ok(TreeState::Existing(e) | TreeState::Created(e)) => {
+                if e == m {
+                    return Ok(());
+                }
+                return Err(WriteError::TreeExists {
+                    tree: tree.to_string(),
+                    existing: e.map_or("none".into(), |e| e.name().into()),
+                });
+            }
+            Ok(TreeState::ImplicitDefault) | Err(WriteError::UnknownTree(_)) => {}
+            Err(e) => return Err(e),
+        }
+        self.ops.push(Op::CreateTree {
+            tree: tree.to_string(),
+            merge_operator: m.map(|m| m.name().to_string()),
+        });
+        self.trees.insert(tree.to_string(), Some(m));
+        Ok(())
+    }
+
+    /// Drops `tree` and everything in it.
+    pub fn drop_tree(&mut self, tree: &str) -> Result<(), WriteError> {
+        match self.tree_for_write(tree)? {
+            TreeState::Existing(_) | TreeState::Created(_) => {}
+            TreeState::ImplicitDefault => return Err(WriteError::UnknownTree(tree.to_string())),
+        }
+        self.ops.push(Op::DropTree {
+            tree: tree.to_string(),
+        });
+        self.trees.insert(tree.to_string(), None);
+        self.writes.retain(|(t, _), _| t != tree);
+        Ok(())
+    }
+
+    /// The value of `key` in `tree`: the snapshot's, with this transaction's own writes on top.
+    pub fn get(&mut self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, WriteError> {
+        let (base, merge) = match self.tree_for_read(tree)? {
+            TreeState::Created(m) => (None, m),
+            TreeState::ImplicitDefault => (self.read_base(tree, key)?, None),
+            TreeState::Existing(m) => (self.read_base(tree, key)?, m),
+        };
+        Ok(self.fold_own_writes(tree, key, base, merge))
+    }
+
+    fn read_base(&mut self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, WriteError> {
+        let slot = (tree.to_string(), key.to_vec());
+        if let Some(v) = self.read_values.get(&slot) {
+            return Ok(v.clone());
+        }
+        let v = self.snapshot().get(tree, key)?;
+        self.reads.push(ReadItem::Key {
+            tree: tree.to_string(),
+            key: key.to_vec(),
+        });
+        self.read_values.insert(slot, v.clone());
+        Ok(v)
+    }
+
+    fn fold_own_writes(
+        &self,
+        tree: &str,
+        key: &[u8],
+        base: Option<Vec<u8>>,
+        merge: Option<MergeOperator>,
+    ) -> Option<Vec<u8>> {
+        let Some(idx) = self.writes.get(&(tree.to_string(), key.to_vec())) else {
+            return base;
+        };
+        let mut v = base;
+        for &i in idx {
+            match &self.ops[i] {
+                Op::Put { value, .. } => v = Some(value.clone()),
+                Op::Delete { .. } => v = None,
+                Op::Merge { operand, .. } => {
+                    v = Some(match merge {
+                        Some(m) => m.resolve(v.as_deref(), operand),
+                        None => operand.clone(),
+                    })
+                }
+                Op::CreateTree { .. } | Op::DropTree { .. } => {}
+            }
+        }
+        v
+    }
+
+    /// Up to `limit` key-value pairs of `tree` in `range` (ascending, or descending with
+    /// `reverse`), as the snapshot holds them with this transaction's writes on top. The
+    /// whole range counts as read: a concurrent write anywhere in it is a conflict.
+    pub fn range<K: AsRef<[u8]>>(
+        &mut self,
+        tree: &str,
+        range: impl RangeBounds<K>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, WriteError> {
+        let Some((lo, hi)) = owned_bounds(&range) else {
+            return Ok(Vec::new());
+        };
+        let state = self.tree_for_read(tree)?;
+        let merge = match state {
+            TreeState::Existing(m) | TreeState::Created(m) => m,
+            TreeState::ImplicitDefault => None,
+        };
+        let own: Vec<Vec<u8>> = self
+            .writes
+            .range((
+                map_bound(&lo, |k| (tree.to_string(), k.clone())),
+                map_bound(&hi, |k| (tree.to_string(), k.clone())),
+            ))
+            .filter(|((t, _), _)| t == tree)
+            .map(|((_, k), _)| k.clone())
+            .collect();
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        if !matches!(state, TreeState::Created(_)) {
+            self.reads.push(ReadItem::Range {
+                tree: tree.to_string(),
+                lo: lo.clone(),
+                hi: hi.clone(),
+            });
+            // Own deletes can hide at most `own.len()` pairs of the snapshot.
+            let want = limit.saturating_add(own.len());
+            for kv in self.snapshot().range(tree, (lo, hi), reverse)?.take(want) {
+                let (k, v) = kv?;
+                merged.insert(k, v);
+            }
+        }
+        for k in own {
+            let base = match state {
+                TreeState::Created(_) => None,
+                _ => self.read_base(tree, &k)?,
+            };
+            match self.fold_own_writes(tree, &k, base, merge) {
+                Some(v) => merged.insert(k, v),
+                None => merged.remove(&k),
+            };
+        }
+        let out: Vec<(Vec<u8>, Vec<u8>)> = if reverse {
+            merged.into_iter().rev().take(limit).collect()
+        } else {
+            merged.into_iter().take(limit).collect()
+        };
+        Ok(out)
+    }
+
+    /// Up to `limit` pairs of `tree` whose key starts with `prefix`; see [`Txn::range`].
+    pub fn prefix(
+        &mut self,
+        tree: &str,
+        prefix: &[u8],
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, WriteError> {
+        let hi = match prefix_end(prefix) {
+            Some(end) => Bound::Excluded(end),
+            None => Bound::Unbounded,
+        };
+        self.range(
+            tree,
+            (Bound::Included(prefix.to_vec()), hi),
+            reverse,
+            limit,
+        )
+    }
+
+    /// Commits: returns where the transaction was logged once it is durable (under sync
+    /// durability) and visible to every later read, or `None` if it wrote nothing. On
+    /// [`WriteError::Conflict`] nothing was written; run the transaction again.
+    pub fn commit(mut self) -> Result<Option<CommitInfo>, WriteError> {
+        if self.ops.is_empty() {
+            // Read-only: serializable at its snapshot, nothing to check.
+            return Ok(None);
+        }
+        // Record before-images where this transaction read the key from its snapshot and
+        // the write is the first to that key: the commit check makes the read current.
+        for ((tree, key), idx) in &self.writes {
+            let Some(&first) = idx.first() else { continue };
+            if let Some(before) = self.read_values.get(&(tree.clone(), key.clone())) {
+                match &mut self.ops[first] {
+                    Op::Put { before: b, .. } | Op::Delete { before: b, .. } => {
+                        b.clone_from(before);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let reads = self.snap.as_ref().map(|s| s.offset_raw());
+        let ops = std::mem::take(&mut self.ops);
+        self.engine
+            .commit_txn(ops, reads.map(|s| (s, self.reads.as_slice())))
+    }
+}
+
+fn map_bound<T, U>(b: &Bound<T>, f: impl Fn(&T) -> U) -> Bound<U> {
+    match b {
+        Bound::Included(x) => Bound::Included(f(x)),
+        Bound::Excluded(x) => Bound::Excluded(f(x)),
+        Bound::Unbounded => Bound::Unbounded,
+    }
+}
+
+/// The smallest key greater than every key starting with `prefix`; `None` if there is none.
+pub(crate) fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
