@@ -221,6 +221,11 @@ impl Client {
         self.server_uuid
     }
 
+    /// The underlying QUIC connection, for tools and tests that speak raw frames.
+    pub fn raw_connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
     /// The address this client dialled.
     pub fn addr(&self) -> &str {
         &self.addr
@@ -382,6 +387,7 @@ pub enum Event {
 }
 
 /// One subscription stream.
+#[derive(Debug)]
 pub struct Subscription {
     send: quinn::SendStream,
     recv: FramedRecv,

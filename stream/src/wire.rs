@@ -18,6 +18,7 @@ pub enum WireError {
 }
 
 /// Frames read from a quinn receive stream.
+#[derive(Debug)]
 pub struct FramedRecv {
     recv: quinn::RecvStream,
     dec: FrameDecoder,
