@@ -6,7 +6,9 @@ use std::time::Duration;
 use tideline_wal::{GtidSet, Transaction};
 use uuid::Uuid;
 
-use crate::proto::{self, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Request, Response, Start, WriteOp};
+use crate::proto::{
+    self, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Request, Response, Start, WriteOp,
+};
 use crate::tls::{self, ClientSecrets};
 use crate::wire::{FramedRecv, WireError, send_message};
 
@@ -205,7 +207,8 @@ impl Client {
                 addr: self.addr.clone(),
             }),
             Err(ClientError::Connection(quinn::ConnectionError::ApplicationClosed(c)))
-                if c.error_code == quinn::VarInt::from_u32(crate::server::close_code::UNAUTHORIZED) =>
+                if c.error_code
+                    == quinn::VarInt::from_u32(crate::server::close_code::UNAUTHORIZED) =>
             {
                 Err(ClientError::Unauthorized {
                     addr: self.addr.clone(),

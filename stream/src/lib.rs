@@ -24,6 +24,8 @@
 //! # Ok::<(), tideline_stream::proto::ProtoError>(())
 //! ```
 
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
 pub mod client;
 pub mod proto;
 pub mod server;

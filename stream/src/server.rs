@@ -176,12 +176,11 @@ pub fn serve<N: Node>(
         cfg.idle_timeout,
         cfg.max_streams_per_connection,
     )));
-    let endpoint = quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|source| {
-        ServeError::Bind {
+    let endpoint =
+        quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|source| ServeError::Bind {
             addr: cfg.listen,
             source,
-        }
-    })?;
+        })?;
     let local_addr = endpoint.local_addr().map_err(|source| ServeError::Bind {
         addr: cfg.listen,
         source,
@@ -198,7 +197,8 @@ pub fn serve<N: Node>(
                 continue;
             }
             active.fetch_add(1, Ordering::SeqCst);
-            let (node, cfg, token, active) = (node.clone(), cfg.clone(), token.clone(), active.clone());
+            let (node, cfg, token, active) =
+                (node.clone(), cfg.clone(), token.clone(), active.clone());
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
                 if let Err(e) = handle_connection(incoming, node, cfg, token).await {
@@ -390,7 +390,11 @@ fn now_us() -> i64 {
 }
 
 /// Keeps only the ops matching the filters; `None` if nothing is left.
-pub fn filter_txn(txn: Transaction, tree: Option<&str>, prefix: Option<&[u8]>) -> Option<Transaction> {
+pub fn filter_txn(
+    txn: Transaction,
+    tree: Option<&str>,
+    prefix: Option<&[u8]>,
+) -> Option<Transaction> {
     if tree.is_none() && prefix.is_none() {
         return Some(txn);
     }
@@ -419,15 +423,18 @@ fn open_reader(wal: &Wal, start: &Start) -> Result<Reader, Response> {
             wal.read_from(o).map_err(unavailable)
         }
         Start::Gtid(text) => {
-            let set: GtidSet = text
-                .parse()
-                .map_err(|e: tideline_wal::GtidParseError| error(ErrorCode::InvalidRequest, e.to_string()))?;
+            let set: GtidSet = text.parse().map_err(|e: tideline_wal::GtidParseError| {
+                error(ErrorCode::InvalidRequest, e.to_string())
+            })?;
             wal.read_missing(&set).map_err(unavailable)
         }
     }
 }
 
-#[expect(clippy::too_many_arguments, reason = "one subscription's whole context")]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one subscription's whole context"
+)]
 async fn serve_subscription<N: Node>(
     node: Arc<N>,
     cfg: Arc<ServerConfig>,
@@ -451,11 +458,11 @@ async fn serve_subscription<N: Node>(
         && let Err(e) = wal
             .create_slot(name, reader.next_offset())
             .and_then(|_| wal.advance_slot(name, reader.next_offset()))
-        {
-            send_message(&mut send, &error(ErrorCode::InvalidRequest, e.to_string())).await?;
-            let _ = send.finish();
-            return Ok(());
-        }
+    {
+        send_message(&mut send, &error(ErrorCode::InvalidRequest, e.to_string())).await?;
+        let _ = send.finish();
+        return Ok(());
+    }
     let head = wal.visible_offset();
     let mut sub = ServerSubscription::new(
         reader.next_offset().get(),
@@ -504,7 +511,11 @@ async fn serve_subscription<N: Node>(
                 Ok(Some(t)) => t,
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = send_message(&mut send, &error(ErrorCode::PositionUnavailable, e.to_string())).await;
+                    let _ = send_message(
+                        &mut send,
+                        &error(ErrorCode::PositionUnavailable, e.to_string()),
+                    )
+                    .await;
                     let _ = send.finish();
                     ack_task.abort();
                     return Ok(());

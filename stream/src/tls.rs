@@ -23,7 +23,13 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// The name every node certificate carries and every client verifies.
 pub const SERVER_NAME: &str = "tideline.internal";
 
-const FILES: [&str; 5] = ["ca.pem", "ca.key.pem", "server.pem", "server.key.pem", "token"];
+const FILES: [&str; 5] = [
+    "ca.pem",
+    "ca.key.pem",
+    "server.pem",
+    "server.key.pem",
+    "token",
+];
 
 /// Why secrets could not be created or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -158,10 +164,22 @@ pub fn ensure_secrets(dir: &Path) -> Result<bool, SecretsError> {
     let token_hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
 
     write_private(&dir.join("ca.pem"), ca_cert.pem().as_bytes(), false)?;
-    write_private(&dir.join("ca.key.pem"), issuer.key().serialize_pem().as_bytes(), true)?;
+    write_private(
+        &dir.join("ca.key.pem"),
+        issuer.key().serialize_pem().as_bytes(),
+        true,
+    )?;
     write_private(&dir.join("server.pem"), server_cert.pem().as_bytes(), false)?;
-    write_private(&dir.join("server.key.pem"), server_key.serialize_pem().as_bytes(), true)?;
-    write_private(&dir.join("token"), format!("{token_hex}\n").as_bytes(), true)?;
+    write_private(
+        &dir.join("server.key.pem"),
+        server_key.serialize_pem().as_bytes(),
+        true,
+    )?;
+    write_private(
+        &dir.join("token"),
+        format!("{token_hex}\n").as_bytes(),
+        true,
+    )?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))?;

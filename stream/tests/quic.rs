@@ -15,10 +15,12 @@ use tideline_stream::{
 };
 use tideline_wal::{Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, Wal, WalOptions};
 
+type Kv = BTreeMap<(String, Vec<u8>), Vec<u8>>;
+
 struct TestNode {
     wal: Wal,
     next_seq: Mutex<u64>,
-    kv: Mutex<BTreeMap<(String, Vec<u8>), Vec<u8>>>,
+    kv: Mutex<Kv>,
 }
 
 impl TestNode {
@@ -36,7 +38,12 @@ impl Node for TestNode {
         &self.wal
     }
     fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
-        Ok(self.kv.lock().unwrap().get(&(tree.to_string(), key.to_vec())).cloned())
+        Ok(self
+            .kv
+            .lock()
+            .unwrap()
+            .get(&(tree.to_string(), key.to_vec()))
+            .cloned())
     }
     fn scan(&self, tree: &str, prefix: &[u8], limit: u64) -> Result<Rows, NodeError> {
         Ok(self
@@ -139,7 +146,7 @@ async fn start() -> Fixture {
 
 fn put(i: u64) -> Vec<WriteOp> {
     vec![WriteOp::Put {
-        tree: if i % 2 == 0 { "even" } else { "odd" }.into(),
+        tree: if i.is_multiple_of(2) { "even" } else { "odd" }.into(),
         key: format!("key:{i:05}").into_bytes(),
         value: vec![b'v'; 100],
     }]
@@ -170,10 +177,16 @@ async fn tails_from_every_start_position_exactly_once() {
     }
     let uuid = f.node.wal.server_uuid();
 
-    let mut sub = client.subscribe(Start::Earliest, None, None, None).await.unwrap();
+    let mut sub = client
+        .subscribe(Start::Earliest, None, None, None)
+        .await
+        .unwrap();
     assert_eq!(take(&mut sub, 1000).await, (1..=1000).collect::<Vec<_>>());
 
-    let mut sub = client.subscribe(Start::Offset(501), None, None, None).await.unwrap();
+    let mut sub = client
+        .subscribe(Start::Offset(501), None, None, None)
+        .await
+        .unwrap();
     assert_eq!(take(&mut sub, 500).await, (501..=1000).collect::<Vec<_>>());
 
     let set = Start::Gtid(format!("{uuid}:1-600"));
@@ -185,10 +198,16 @@ async fn tails_from_every_start_position_exactly_once() {
         .subscribe(Start::Earliest, Some("even".into()), None, None)
         .await
         .unwrap();
-    assert_eq!(take(&mut sub, 500).await, (2..=1000).step_by(2).collect::<Vec<_>>());
+    assert_eq!(
+        take(&mut sub, 500).await,
+        (2..=1000).step_by(2).collect::<Vec<_>>()
+    );
 
     // latest: only what is committed after the subscription is in place.
-    let mut sub = client.subscribe(Start::Latest, None, None, None).await.unwrap();
+    let mut sub = client
+        .subscribe(Start::Latest, None, None, None)
+        .await
+        .unwrap();
     for i in 1001..=1010 {
         client.commit(put(i)).await.unwrap();
     }
@@ -202,12 +221,18 @@ async fn tails_from_every_start_position_exactly_once() {
     assert_eq!(client.get("even", b"nope").await.unwrap(), None);
     assert_eq!(client.scan("odd", b"key:0000", 100).await.unwrap().len(), 5);
     let (reached, _) = client
-        .wait_for(&format!("{uuid}:1-1010").parse().unwrap(), Duration::from_secs(1))
+        .wait_for(
+            &format!("{uuid}:1-1010").parse().unwrap(),
+            Duration::from_secs(1),
+        )
         .await
         .unwrap();
     assert!(reached);
     let (reached, _) = client
-        .wait_for(&format!("{uuid}:2000").parse().unwrap(), Duration::from_millis(50))
+        .wait_for(
+            &format!("{uuid}:2000").parse().unwrap(),
+            Duration::from_millis(50),
+        )
         .await
         .unwrap();
     assert!(!reached);
@@ -218,7 +243,13 @@ async fn tails_from_every_start_position_exactly_once() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, ClientError::Server { code: ErrorCode::PositionUnavailable, .. }),
+        matches!(
+            err,
+            ClientError::Server {
+                code: ErrorCode::PositionUnavailable,
+                ..
+            }
+        ),
         "{err}"
     );
     f.server.shutdown().await;
@@ -289,8 +320,14 @@ async fn a_stalled_subscription_does_not_hold_up_another() {
             .collect();
         client.commit(ops).await.unwrap();
     }
-    let _stalled = client.subscribe(Start::Earliest, None, None, None).await.unwrap();
-    let mut fast = client.subscribe(Start::Earliest, None, None, None).await.unwrap();
+    let _stalled = client
+        .subscribe(Start::Earliest, None, None, None)
+        .await
+        .unwrap();
+    let mut fast = client
+        .subscribe(Start::Earliest, None, None, None)
+        .await
+        .unwrap();
     assert_eq!(take(&mut fast, 40).await, (1..=40).collect::<Vec<_>>());
     // Writers are not blocked either.
     let (offset, _) = client.commit(put(1)).await.unwrap();

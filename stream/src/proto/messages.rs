@@ -199,4 +199,3 @@ pub enum Response {
         message: String,
     },
 }
-

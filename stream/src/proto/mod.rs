@@ -104,7 +104,8 @@ where
             >,
         >,
 {
-    let body = rkyv::to_bytes::<rancor::Error>(msg).map_err(|e| ProtoError::BadMessage(e.to_string()))?;
+    let body =
+        rkyv::to_bytes::<rancor::Error>(msg).map_err(|e| ProtoError::BadMessage(e.to_string()))?;
     let len = u32::try_from(body.len()).map_err(|_| ProtoError::FrameTooLarge {
         len: u32::MAX,
         max: u32::MAX,
@@ -189,9 +190,8 @@ pub fn decode_batch(body: &[u8], limits: &Limits) -> Result<Vec<Transaction>, Pr
     let mut out = Vec::with_capacity(count.min(body.len() / record::FRAME_HEADER_BYTES));
     let mut pos = 4;
     for _ in 0..count {
-        let (txn, used) = record::decode_frame(&body[pos..], limits.record_bytes_max).map_err(
-            |e: FrameError| ProtoError::BadBatch(format!("record {}: {e}", out.len())),
-        )?;
+        let (txn, used) = record::decode_frame(&body[pos..], limits.record_bytes_max)
+            .map_err(|e: FrameError| ProtoError::BadBatch(format!("record {}: {e}", out.len())))?;
         out.push(txn);
         pos += used;
     }
@@ -405,12 +405,13 @@ impl ClientSubscription {
     pub fn handle_subscribed(&mut self, next_offset: u64, head: u64) -> Result<(), ProtoError> {
         self.head = head;
         if let Some(last) = self.last_offset
-            && next_offset > last + 1 {
-                return Err(ProtoError::Violation(format!(
-                    "server resumes at offset {next_offset} but offset {} was expected next",
-                    last + 1
-                )));
-            }
+            && next_offset > last + 1
+        {
+            return Err(ProtoError::Violation(format!(
+                "server resumes at offset {next_offset} but offset {} was expected next",
+                last + 1
+            )));
+        }
         Ok(())
     }
 
