@@ -27,6 +27,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod client;
+pub mod log_node;
 pub mod proto;
 pub mod server;
 pub mod tls;

@@ -143,6 +143,9 @@ impl ServerHandle {
             .close(quinn::VarInt::from_u32(0), b"server shutting down");
         let _ = self.task.await;
         self.endpoint.wait_idle().await;
+        drop(self.endpoint);
+        // Let quinn's endpoint driver see the last handle go and release the socket.
+        tokio::task::yield_now().await;
     }
 }
 
@@ -190,7 +193,11 @@ pub fn serve<N: Node>(
     let cfg = Arc::new(cfg);
     let active = Arc::new(AtomicUsize::new(0));
     let task = tokio::spawn(async move {
+        // Connection tasks live in a JoinSet so that shutdown ends every one of them (and,
+        // through their own JoinSets, every stream task), releasing the socket.
+        let mut connections = tokio::task::JoinSet::new();
         while let Some(incoming) = ep.accept().await {
+            while connections.try_join_next().is_some() {}
             if active.load(Ordering::SeqCst) >= cfg.max_connections {
                 tracing::warn!(remote = %incoming.remote_address(), "refusing connection: max_connections reached");
                 incoming.refuse();
@@ -199,7 +206,7 @@ pub fn serve<N: Node>(
             active.fetch_add(1, Ordering::SeqCst);
             let (node, cfg, token, active) =
                 (node.clone(), cfg.clone(), token.clone(), active.clone());
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let remote = incoming.remote_address();
                 if let Err(e) = handle_connection(incoming, node, cfg, token).await {
                     tracing::debug!(%remote, error = %e, "connection ended");
@@ -207,6 +214,7 @@ pub fn serve<N: Node>(
                 active.fetch_sub(1, Ordering::SeqCst);
             });
         }
+        connections.shutdown().await;
     });
     Ok(ServerHandle {
         endpoint,
@@ -294,10 +302,12 @@ async fn handle_connection<N: Node>(
             return Err(ConnError::Unauthorized);
         }
     }
+    let mut streams = tokio::task::JoinSet::new();
     loop {
         let (send, recv) = conn.accept_bi().await?;
+        while streams.try_join_next().is_some() {}
         let (node, cfg) = (node.clone(), cfg.clone());
-        tokio::spawn(async move {
+        streams.spawn(async move {
             if let Err(e) = handle_stream(node, cfg, send, recv).await {
                 tracing::debug!(error = %e, "stream ended with an error");
             }

@@ -3,123 +3,19 @@
 //! a wrong CA, malformed and oversized frames are refused while the server keeps serving; a
 //! stalled subscription does not hold up another one.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
+use tideline_stream::log_node::LogNode;
 use tideline_stream::proto::{self, Start, WriteOp};
-use tideline_stream::server::Rows;
 use tideline_stream::{
-    Client, ClientConfig, ClientError, ErrorCode, Event, Node, NodeError, ServerConfig,
-    ServerHandle, tls,
+    Client, ClientConfig, ClientError, ErrorCode, Event, Node, ServerConfig, ServerHandle, tls,
 };
-use tideline_wal::{Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, Wal, WalOptions};
-
-type Kv = BTreeMap<(String, Vec<u8>), Vec<u8>>;
-
-struct TestNode {
-    wal: Wal,
-    next_seq: Mutex<u64>,
-    kv: Mutex<Kv>,
-}
-
-impl TestNode {
-    fn new() -> Self {
-        TestNode {
-            wal: Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).unwrap(),
-            next_seq: Mutex::new(1),
-            kv: Mutex::new(BTreeMap::new()),
-        }
-    }
-}
-
-impl Node for TestNode {
-    fn wal(&self) -> &Wal {
-        &self.wal
-    }
-    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
-        Ok(self
-            .kv
-            .lock()
-            .unwrap()
-            .get(&(tree.to_string(), key.to_vec()))
-            .cloned())
-    }
-    fn scan(&self, tree: &str, prefix: &[u8], limit: u64) -> Result<Rows, NodeError> {
-        Ok(self
-            .kv
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|((t, k), _)| t == tree && k.starts_with(prefix))
-            .take(limit as usize)
-            .map(|((_, k), v)| (k.clone(), v.clone()))
-            .collect())
-    }
-    async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
-        let ops: Vec<Op> = ops
-            .into_iter()
-            .map(|op| match op {
-                WriteOp::Put { tree, key, value } => Op::Put {
-                    tree,
-                    key,
-                    value,
-                    before: None,
-                },
-                WriteOp::Delete { tree, key } => Op::Delete {
-                    tree,
-                    key,
-                    before: None,
-                },
-                WriteOp::Merge { tree, key, operand } => Op::Merge { tree, key, operand },
-            })
-            .collect();
-        let (pending, gtid) = {
-            let mut seq = self.next_seq.lock().unwrap();
-            let gtid = Gtid::new(self.wal.server_uuid(), *seq).unwrap();
-            let p = self
-                .wal
-                .submit(NewTransaction {
-                    gtid,
-                    timestamp_us: 0,
-                    ops: ops.clone(),
-                })
-                .map_err(|e| NodeError::new(ErrorCode::Unavailable, e.to_string()))?;
-            *seq += 1;
-            (p, gtid)
-        };
-        let offset = pending
-            .await
-            .map_err(|e| NodeError::new(ErrorCode::Unavailable, e.to_string()))?;
-        let mut kv = self.kv.lock().unwrap();
-        for op in ops {
-            if let Op::Put {
-                tree, key, value, ..
-            } = op
-            {
-                kv.insert((tree, key), value);
-            }
-        }
-        Ok((offset, gtid))
-    }
-    fn status_json(&self) -> String {
-        format!(r#"{{"last_offset":{}}}"#, self.wal.visible_offset())
-    }
-    async fn wait_for(&self, gtids: GtidSet, timeout: Duration) -> (bool, GtidSet) {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let have = self.wal.gtids();
-            if gtids.is_subset(&have) || tokio::time::Instant::now() >= deadline {
-                return (gtids.is_subset(&have), have);
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-}
+use tideline_wal::{MemStorage, Wal, WalOptions};
 
 struct Fixture {
     _dir: tempfile::TempDir,
-    node: Arc<TestNode>,
+    node: Arc<LogNode>,
     server: ServerHandle,
     client_cfg: ClientConfig,
 }
@@ -128,7 +24,9 @@ async fn start() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     tls::ensure_secrets(dir.path()).unwrap();
     let secrets = tls::load_server(dir.path()).unwrap();
-    let node = Arc::new(TestNode::new());
+    let node = Arc::new(LogNode::new(
+        Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).unwrap(),
+    ));
     let server = tideline_stream::serve(
         ServerConfig::new("127.0.0.1:0".parse().unwrap()),
         secrets,
@@ -170,12 +68,12 @@ async fn tails_from_every_start_position_exactly_once() {
     let f = start().await;
     let addr = f.server.local_addr().to_string();
     let client = Client::connect(&addr, f.client_cfg.clone()).await.unwrap();
-    assert_eq!(client.server_uuid(), f.node.wal.server_uuid());
+    assert_eq!(client.server_uuid(), f.node.wal().server_uuid());
     for i in 1..=1000 {
         let (offset, _) = client.commit(put(i)).await.unwrap();
         assert_eq!(offset, i);
     }
-    let uuid = f.node.wal.server_uuid();
+    let uuid = f.node.wal().server_uuid();
 
     let mut sub = client
         .subscribe(Start::Earliest, None, None, None)

@@ -377,6 +377,12 @@ impl ClientSubscription {
         }
     }
 
+    /// The same subscription resumed on the same server after `offset` was delivered.
+    pub fn resuming_after(mut self, offset: u64) -> Self {
+        self.last_offset = Some(offset);
+        self
+    }
+
     /// Highest offset delivered.
     pub fn last_offset(&self) -> Option<u64> {
         self.last_offset

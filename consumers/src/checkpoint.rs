@@ -1,0 +1,184 @@
+//! Where a consumer is, kept across its own restarts.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tideline_wal::GtidSet;
+use uuid::Uuid;
+
+use crate::tail::TailStart;
+
+/// A consumer's position: the last transaction delivered, both as a local offset of the node
+/// it came from and as the set of GTIDs delivered so far.
+///
+/// persisted: changes must stay backward compatible (checkpoint files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// The node whose offsets `offset` counts.
+    pub server_uuid: Uuid,
+    /// Last offset delivered on that node.
+    pub offset: u64,
+    /// Every GTID delivered (or known at the start).
+    pub gtids: GtidSet,
+}
+
+impl Position {
+    /// Where to resume on node `server_uuid`: by offset on the same node, by GTID set on any
+    /// other (auto-positioning, no offset arithmetic across nodes).
+    pub fn resume_on(&self, server_uuid: Uuid) -> TailStart {
+        if server_uuid == self.server_uuid {
+            TailStart::Offset(self.offset + 1)
+        } else {
+            TailStart::Gtid(self.gtids.clone())
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct PositionFile {
+    server_uuid: String,
+    offset: u64,
+    gtids: String,
+}
+
+/// Why a checkpoint could not be read or written.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CheckpointError {
+    /// File I/O failed.
+    #[error("checkpoint {path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The file does not hold a checkpoint.
+    #[error("checkpoint {path} is damaged ({reason}); remove it to start over from --from")]
+    Corrupt {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Stores a consumer's position.
+pub trait Checkpoint: Send {
+    /// The saved position, if any.
+    fn load(&self) -> Result<Option<Position>, CheckpointError>;
+    /// Saves `pos` durably.
+    fn save(&mut self, pos: &Position) -> Result<(), CheckpointError>;
+}
+
+/// A checkpoint in a JSON file, replaced atomically (temporary file, fsync, rename, fsync of
+/// the directory).
+#[derive(Debug, Clone)]
+pub struct FileCheckpoint {
+    path: PathBuf,
+}
+
+impl FileCheckpoint {
+    /// A checkpoint at `path` (created on the first save).
+    pub fn new(path: impl AsRef<Path>) -> Self {
+        FileCheckpoint {
+            path: path.as_ref().to_path_buf(),
+        }
+    }
+}
+
+impl Checkpoint for FileCheckpoint {
+    fn load(&self) -> Result<Option<Position>, CheckpointError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(CheckpointError::Io {
+                    path: self.path.clone(),
+                    source,
+                });
+            }
+        };
+        let corrupt = |reason: String| CheckpointError::Corrupt {
+            path: self.path.clone(),
+            reason,
+        };
+        let f: PositionFile = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
+        Ok(Some(Position {
+            server_uuid: Uuid::try_parse(&f.server_uuid).map_err(|e| corrupt(e.to_string()))?,
+            offset: f.offset,
+            gtids: f.gtids.parse().map_err(|e| corrupt(format!("{e}")))?,
+        }))
+    }
+
+    fn save(&mut self, pos: &Position) -> Result<(), CheckpointError> {
+        use std::io::Write;
+        let io = |source| CheckpointError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let body = serde_json::to_vec(&PositionFile {
+            server_uuid: pos.server_uuid.to_string(),
+            offset: pos.offset,
+            gtids: pos.gtids.to_string(),
+        })
+        .map_err(|e| io(std::io::Error::other(e)))?;
+        let tmp = self.path.with_extension("tmp");
+        {
+            let mut f = std::fs::File::create(&tmp).map_err(io)?;
+            f.write_all(&body).map_err(io)?;
+            f.sync_all().map_err(io)?;
+        }
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+        Ok(())
+    }
+}
+
+/// A checkpoint in memory, shared by clones (for tests and for applications that keep the
+/// position in their own database).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryCheckpoint {
+    pos: Arc<Mutex<Option<Position>>>,
+}
+
+impl Checkpoint for MemoryCheckpoint {
+    fn load(&self) -> Result<Option<Position>, CheckpointError> {
+        Ok(self.pos.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+    fn save(&mut self, pos: &Position) -> Result<(), CheckpointError> {
+        *self.pos.lock().unwrap_or_else(|p| p.into_inner()) = Some(pos.clone());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_checkpoint_round_trips_and_reports_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp.json");
+        let mut cp = FileCheckpoint::new(&path);
+        assert_eq!(cp.load().unwrap(), None);
+        let uuid = Uuid::from_bytes([9; 16]);
+        let pos = Position {
+            server_uuid: uuid,
+            offset: 7,
+            gtids: format!("{uuid}:1-7").parse().unwrap(),
+        };
+        cp.save(&pos).unwrap();
+        assert_eq!(cp.load().unwrap(), Some(pos));
+        std::fs::write(&path, b"{not json").unwrap();
+        let e = cp.load().unwrap_err();
+        assert!(e.to_string().contains("remove it"), "{e}");
+    }
+}

@@ -1,0 +1,410 @@
+//! Resumable tails and sessions with read fences.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use tideline_stream::proto::ClientSubscription;
+use tideline_stream::{Client, ClientConfig, ClientError, ErrorCode, Event, Start};
+use tideline_wal::{GtidSet, Transaction};
+
+use crate::checkpoint::{Checkpoint, CheckpointError, Position};
+
+/// Where a tail starts when it has no checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TailStart {
+    /// The oldest transaction the node still holds.
+    Earliest,
+    /// The first transaction committed after the subscription is in place.
+    Latest,
+    /// A local offset of the node.
+    Offset(u64),
+    /// Everything whose GTID is not in the set.
+    Gtid(GtidSet),
+}
+
+impl TailStart {
+    fn to_wire(&self) -> Start {
+        match self {
+            TailStart::Earliest => Start::Earliest,
+            TailStart::Latest => Start::Latest,
+            TailStart::Offset(n) => Start::Offset(*n),
+            TailStart::Gtid(set) => Start::Gtid(set.to_string()),
+        }
+    }
+}
+
+/// Settings of a tail.
+#[derive(Debug, Clone)]
+pub struct TailConfig {
+    /// `host:port` of the node; resolved again at every reconnect.
+    pub addr: String,
+    /// Connection settings.
+    pub client: ClientConfig,
+    /// Start position when there is no checkpoint.
+    pub start: TailStart,
+    /// Only this tree.
+    pub tree: Option<String>,
+    /// Only keys with this prefix.
+    pub prefix: Option<Vec<u8>>,
+    /// A named slot on the node holding the log for this consumer (acked after each batch).
+    pub slot: Option<String>,
+    /// First reconnect delay; doubles up to `backoff_max`, with jitter.
+    pub backoff_min: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Give up after this many failed reconnects in a row (`None`: never).
+    pub reconnect_attempts_max: Option<u32>,
+}
+
+impl TailConfig {
+    /// A tail of `addr` from `start`, reconnecting forever.
+    pub fn new(addr: impl Into<String>, client: ClientConfig, start: TailStart) -> Self {
+        TailConfig {
+            addr: addr.into(),
+            client,
+            start,
+            tree: None,
+            prefix: None,
+            slot: None,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+            reconnect_attempts_max: None,
+        }
+    }
+}
+
+/// Why a tail ended. Network trouble never ends a tail by itself (it reconnects); these do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TailError {
+    /// The start or resume position is gone (purged by retention, or past the end).
+    #[error("position unavailable: {0}")]
+    PositionUnavailable(String),
+    /// The node's history lacks what this consumer already saw (it lost data, or is a
+    /// different node under the same id). Re-bootstrap the consumer.
+    #[error(
+        "node {server_uuid} has history only up to offset {node_head}, but this consumer already \
+         saw offset {seen}: the node lost transactions; re-bootstrap the consumer"
+    )]
+    Diverged {
+        /// The node.
+        server_uuid: uuid::Uuid,
+        /// Its head now.
+        node_head: u64,
+        /// What the consumer saw.
+        seen: u64,
+    },
+    /// The node refused the credentials.
+    #[error(transparent)]
+    Unauthorized(ClientError),
+    /// Reading or writing the checkpoint failed.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// Reconnecting failed too many times in a row.
+    #[error("gave up after {attempts} failed reconnects; last error: {last}")]
+    GaveUp {
+        /// Attempts made.
+        attempts: u32,
+        /// The last error.
+        last: ClientError,
+    },
+    /// The node answered with a non-retryable error or broke the protocol.
+    #[error(transparent)]
+    Client(ClientError),
+}
+
+fn backoff(cfg: &TailConfig, attempt: u32) -> Duration {
+    let base = cfg
+        .backoff_min
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(cfg.backoff_max);
+    // ±20% jitter so that many consumers of a restarted node do not reconnect in lockstep.
+    let jitter = rand::random_range(0.8..1.2);
+    base.mul_f64(jitter)
+}
+
+/// Classifies an error that ends a connection: retry, or end the tail.
+fn classify(e: ClientError) -> Result<ClientError, TailError> {
+    match e {
+        ClientError::Unauthorized { .. } => Err(TailError::Unauthorized(e)),
+        ClientError::Server {
+            code: ErrorCode::PositionUnavailable,
+            message,
+        } => Err(TailError::PositionUnavailable(message)),
+        e if e.is_retryable() => Ok(e),
+        e => Err(TailError::Client(e)),
+    }
+}
+
+type SharedCheckpoint = Arc<Mutex<Option<Box<dyn Checkpoint>>>>;
+
+/// A resumable tail: an async [`Stream`] of transactions that reconnects and resumes by
+/// itself. See [`tail`].
+pub struct Tail {
+    stream: Pin<Box<dyn Stream<Item = Result<Transaction, TailError>> + Send>>,
+    delivered: Arc<Mutex<Option<Position>>>,
+    checkpoint: SharedCheckpoint,
+}
+
+impl std::fmt::Debug for Tail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tail")
+            .field("delivered", &*lock(&self.delivered))
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Tail {
+    /// The position after the last transaction returned (and any filtered out after it).
+    pub fn position(&self) -> Option<Position> {
+        lock(&self.delivered).clone()
+    }
+
+    /// Declares every transaction returned so far processed and saves the checkpoint. The
+    /// tail also saves by itself whenever the application asks for the transaction after the
+    /// last one of a batch, so a crash re-delivers at most the batch in progress; an
+    /// application that stops cleanly calls this last and loses and repeats nothing.
+    pub fn commit(&mut self) -> Result<(), TailError> {
+        let pos = lock(&self.delivered).clone();
+        if let (Some(p), Some(cp)) = (pos, lock(&self.checkpoint).as_mut()) {
+            cp.save(&p)?;
+        }
+        Ok(())
+    }
+}
+
+impl Stream for Tail {
+    type Item = Result<Transaction, TailError>;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.stream.as_mut().poll_next(cx)
+    }
+}
+
+/// Starts a tail. With a checkpoint, it starts from the saved position (ignoring
+/// `cfg.start`) and saves after every batch the application has consumed (see
+/// [`Tail::commit`]). Transactions come in log order, each once: after a reconnect to the
+/// same node it resumes by offset, after a switch to another node by GTID set.
+pub fn tail(cfg: TailConfig, checkpoint: Option<Box<dyn Checkpoint>>) -> Tail {
+    let delivered: Arc<Mutex<Option<Position>>> = Arc::new(Mutex::new(None));
+    let checkpoint: SharedCheckpoint = Arc::new(Mutex::new(checkpoint));
+    let stream = run(cfg, delivered.clone(), checkpoint.clone());
+    Tail {
+        stream: Box::pin(stream),
+        delivered,
+        checkpoint,
+    }
+}
+
+fn run(
+    cfg: TailConfig,
+    delivered: Arc<Mutex<Option<Position>>>,
+    checkpoint: SharedCheckpoint,
+) -> impl Stream<Item = Result<Transaction, TailError>> + Send {
+    async_stream::stream! {
+        let loaded = lock(&checkpoint).as_ref().map(|c| c.load());
+        let mut pos: Option<Position> = match loaded {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => { yield Err(TailError::from(e)); return; }
+            None => None,
+        };
+        lock(&delivered).clone_from(&pos);
+        let mut failures: u32 = 0;
+        loop {
+            if failures > 0 {
+                if cfg.reconnect_attempts_max.is_some_and(|m| failures > m) {
+                    // The last error was reported through tracing at each failure.
+                    yield Err(TailError::GaveUp {
+                        attempts: failures - 1,
+                        last: ClientError::Unexpected("node unreachable".into()),
+                    });
+                    return;
+                }
+                tokio::time::sleep(backoff(&cfg, failures - 1)).await;
+            }
+            let client = match Client::connect(&cfg.addr, cfg.client.clone()).await {
+                Ok(c) => c,
+                Err(e) => match classify(e) {
+                    Ok(e) => {
+                        tracing::warn!(addr = %cfg.addr, error = %e, attempt = failures + 1, "tail: reconnecting");
+                        failures += 1;
+                        continue;
+                    }
+                    Err(fatal) => { yield Err(fatal); return; }
+                },
+            };
+            let uuid = client.server_uuid();
+            // Known GTIDs: a `latest` start has seen nothing, but must not replay the node's
+            // past after a failover; take the node's gtid_executed before subscribing.
+            let mut latest_seed = None;
+            if pos.is_none() && cfg.start == TailStart::Latest {
+                match client.wait_for(&GtidSet::new(), Duration::ZERO).await {
+                    Ok((_, executed)) => latest_seed = Some(executed),
+                    Err(e) => match classify(e) {
+                        Ok(_) => { failures += 1; continue; }
+                        Err(fatal) => { yield Err(fatal); return; }
+                    },
+                }
+            }
+            let start = match &pos {
+                Some(p) => p.resume_on(uuid),
+                None => cfg.start.clone(),
+            };
+            let mut sub = match client
+                .subscribe(start.to_wire(), cfg.tree.clone(), cfg.prefix.clone(), cfg.slot.clone())
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => match classify(e) {
+                    Ok(e) => {
+                        tracing::warn!(addr = %cfg.addr, error = %e, "tail: resubscribing");
+                        failures += 1;
+                        continue;
+                    }
+                    Err(fatal) => { yield Err(fatal); return; }
+                },
+            };
+            if let Some(executed) = latest_seed {
+                // From here on, resume by offset: a reconnect must not skip what was committed
+                // while the tail was away.
+                let p = Position { server_uuid: uuid, offset: sub.next_offset() - 1, gtids: executed };
+                *lock(&delivered) = Some(p.clone());
+                pos = Some(p);
+            }
+            if let Some(p) = &pos && p.server_uuid == uuid && sub.head() < p.offset {
+                yield Err(TailError::Diverged { server_uuid: uuid, node_head: sub.head(), seen: p.offset });
+                return;
+            }
+            let mut state = match &pos {
+                Some(p) => {
+                    let mut s = ClientSubscription::new(p.gtids.clone());
+                    if p.server_uuid == uuid && p.offset > 0 {
+                        s = s.resuming_after(p.offset);
+                    }
+                    s
+                }
+                None => ClientSubscription::new(GtidSet::new()),
+            };
+            if let Err(e) = state.handle_subscribed(sub.next_offset(), sub.head()) {
+                yield Err(TailError::Client(ClientError::Wire(e.into())));
+                return;
+            }
+            failures = 0;
+            loop {
+                match sub.next().await {
+                    Ok(Some(Event::Batch(txns))) => {
+                        let last_offset = txns.last().map(|t| t.offset.get());
+                        let mut gtids = state.seen().clone();
+                        let fresh = match state.handle_batch(txns) {
+                            Ok(f) => f,
+                            Err(e) => { yield Err(TailError::Client(ClientError::Wire(e.into()))); return; }
+                        };
+                        for txn in fresh {
+                            gtids.insert(txn.gtid);
+                            let p = Position { server_uuid: uuid, offset: txn.offset.get(), gtids: gtids.clone() };
+                            *lock(&delivered) = Some(p);
+                            yield Ok(txn);
+                        }
+                        // The application has asked for more: it took every transaction of
+                        // the batch.
+                        if let Some(o) = last_offset.or(state.last_offset()) {
+                            let p = Position { server_uuid: uuid, offset: o, gtids: state.seen().clone() };
+                            *lock(&delivered) = Some(p.clone());
+                            let saved = lock(&checkpoint).as_mut().map(|cp| cp.save(&p));
+                            if let Some(Err(e)) = saved {
+                                yield Err(e.into());
+                                return;
+                            }
+                            pos = Some(p);
+                            if cfg.slot.is_some() {
+                                let _ = sub.ack(o).await;
+                            }
+                        }
+                    }
+                    Ok(Some(Event::Heartbeat { .. })) => {}
+                    Ok(None) => {
+                        tracing::info!(addr = %cfg.addr, "tail: node ended the subscription; reconnecting");
+                        failures += 1;
+                        break;
+                    }
+                    Err(e) => match classify(e) {
+                        Ok(e) => {
+                            tracing::warn!(addr = %cfg.addr, error = %e, "tail: connection lost; reconnecting");
+                            failures += 1;
+                            break;
+                        }
+                        Err(fatal) => { yield Err(fatal); return; }
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// A client session that reconnects on demand, for requests and read fences.
+#[derive(Debug)]
+pub struct Session {
+    addr: String,
+    cfg: ClientConfig,
+    client: tokio::sync::Mutex<Option<Arc<Client>>>,
+}
+
+impl Session {
+    /// A session with `addr`; connects on first use.
+    pub fn new(addr: impl Into<String>, cfg: ClientConfig) -> Self {
+        Session {
+            addr: addr.into(),
+            cfg,
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The current connection, connecting (again) if needed.
+    pub async fn client(&self) -> Result<Arc<Client>, ClientError> {
+        let mut guard = self.client.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = Arc::new(Client::connect(&self.addr, self.cfg.clone()).await?);
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn forget(&self) {
+        *self.client.lock().await = None;
+    }
+
+    /// A read fence: resolves once the node has applied and made durable every GTID of
+    /// `gtids` (returns `true`), or at `timeout` (returns `false`). Retries once on a broken
+    /// connection (waiting is idempotent).
+    pub async fn wait_for(&self, gtids: &GtidSet, timeout: Duration) -> Result<bool, ClientError> {
+        for attempt in 0..2 {
+            let c = self.client().await?;
+            match c.wait_for(gtids, timeout).await {
+                Ok((reached, _)) => return Ok(reached),
+                Err(e) if e.is_retryable() && attempt == 0 => self.forget().await,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    /// Reads one key, retrying once on a broken connection (reads are idempotent).
+    pub async fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        for attempt in 0..2 {
+            let c = self.client().await?;
+            match c.get(tree, key).await {
+                Ok(v) => return Ok(v),
+                Err(e) if e.is_retryable() && attempt == 0 => self.forget().await,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
+    }
+}

@@ -1,0 +1,193 @@
+//! The smart client's promise: a tail survives a node restart and its own restart (with a
+//! checkpoint file) and delivers every transaction exactly once, in order; a lost position is
+//! a typed error. Guards against gaps and duplicates at reconnects and against silent skips.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tideline_consumers::{FileCheckpoint, TailConfig, TailError, TailStart, tail};
+use tideline_stream::log_node::LogNode;
+use tideline_stream::proto::WriteOp;
+use tideline_stream::{Client, ClientConfig, ServerConfig, ServerHandle, tls};
+use tideline_wal::{FileStorage, Transaction, Wal, WalOptions};
+
+fn start_node(data: &Path, secrets: &Path, listen: SocketAddr) -> ServerHandle {
+    let wal = Wal::open(
+        Arc::new(FileStorage::new(data).unwrap()),
+        WalOptions::default(),
+    )
+    .unwrap();
+    let node = Arc::new(LogNode::new(wal));
+    // An in-process restart may find the old socket not yet released: retry briefly (a real
+    // restart is a new process, whose old socket the kernel has freed).
+    for _ in 0..100 {
+        match tideline_stream::serve(
+            ServerConfig::new(listen),
+            tls::load_server(secrets).unwrap(),
+            node.clone(),
+        ) {
+            Ok(h) => return h,
+            Err(tideline_stream::ServeError::Bind { .. }) => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("could not bind {listen} again");
+}
+
+async fn write(addr: &str, cfg: &ClientConfig, range: std::ops::RangeInclusive<u64>) {
+    let client = Client::connect(addr, cfg.clone()).await.unwrap();
+    for i in range {
+        client
+            .commit(vec![WriteOp::Put {
+                tree: "default".into(),
+                key: format!("k{i}").into_bytes(),
+                value: i.to_string().into_bytes(),
+            }])
+            .await
+            .unwrap();
+    }
+    client.close().await;
+}
+
+fn client_cfg(secrets: &Path) -> ClientConfig {
+    let mut cfg = ClientConfig::new(tls::load_client_dir(secrets).unwrap());
+    cfg.connect_timeout = Duration::from_secs(2);
+    cfg.idle_timeout = Duration::from_secs(2);
+    cfg
+}
+
+fn fast_reconnect(mut t: TailConfig) -> TailConfig {
+    t.backoff_min = Duration::from_millis(20);
+    t.backoff_max = Duration::from_millis(200);
+    t
+}
+
+async fn next_txn<S>(s: &mut S) -> Transaction
+where
+    S: futures_util::Stream<Item = Result<Transaction, TailError>> + Unpin,
+{
+    match tokio::time::timeout(Duration::from_secs(20), s.next()).await {
+        Ok(Some(Ok(t))) => t,
+        other => panic!("tail ended: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_resumes_across_a_node_restart_and_its_own_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, secrets) = (dir.path().join("log"), dir.path().join("secrets"));
+    tls::ensure_secrets(&secrets).unwrap();
+    let server = start_node(&data, &secrets, "127.0.0.1:0".parse().unwrap());
+    let listen = server.local_addr();
+    let addr = listen.to_string();
+    let cfg = client_cfg(&secrets);
+    write(&addr, &cfg, 1..=100).await;
+
+    let checkpoint = dir.path().join("tail.checkpoint");
+    let tcfg = fast_reconnect(TailConfig::new(&addr, cfg.clone(), TailStart::Earliest));
+    let mut seen = Vec::new();
+    {
+        let mut t = tail(
+            tcfg.clone(),
+            Some(Box::new(FileCheckpoint::new(&checkpoint))),
+        );
+        for _ in 0..100 {
+            seen.push(next_txn(&mut t).await.offset.get());
+        }
+        // The node goes away and comes back on the same address; writes go on after it.
+        server.shutdown().await;
+        let server = start_node(&data, &secrets, listen);
+        write(&addr, &cfg, 101..=150).await;
+        for _ in 0..50 {
+            seen.push(next_txn(&mut t).await.offset.get());
+        }
+        // A clean stop: everything returned was processed.
+        t.commit().unwrap();
+        server.shutdown().await;
+    }
+    assert_eq!(seen, (1..=150).collect::<Vec<_>>());
+
+    // The consumer itself restarts: the checkpoint says where it was.
+    let server = start_node(&data, &secrets, listen);
+    write(&addr, &cfg, 151..=160).await;
+    let mut t = pin!(tail(
+        tcfg.clone(),
+        Some(Box::new(FileCheckpoint::new(&checkpoint)))
+    ));
+    let mut after = Vec::new();
+    for _ in 0..10 {
+        after.push(next_txn(&mut t).await.offset.get());
+    }
+    assert_eq!(after, (151..=160).collect::<Vec<_>>());
+
+    // A position the node does not have is loud.
+    let gone = fast_reconnect(TailConfig::new(
+        &addr,
+        cfg.clone(),
+        TailStart::Offset(10_000),
+    ));
+    let mut t = pin!(tail(gone, None));
+    match tokio::time::timeout(Duration::from_secs(10), t.next()).await {
+        Ok(Some(Err(TailError::PositionUnavailable(msg)))) => {
+            assert!(msg.contains("10000"), "{msg}")
+        }
+        other => panic!("expected PositionUnavailable, got {other:?}"),
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latest_starts_after_the_subscription_and_fences_see_own_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, secrets) = (dir.path().join("log"), dir.path().join("secrets"));
+    tls::ensure_secrets(&secrets).unwrap();
+    let server = start_node(&data, &secrets, "127.0.0.1:0".parse().unwrap());
+    let addr = server.local_addr().to_string();
+    let cfg = client_cfg(&secrets);
+    write(&addr, &cfg, 1..=20).await;
+
+    let mut t = pin!(tail(
+        fast_reconnect(TailConfig::new(&addr, cfg.clone(), TailStart::Latest)),
+        None
+    ));
+    // Give the subscription time to be in place, then write.
+    let writer = {
+        let (addr, cfg) = (addr.clone(), cfg.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            write(&addr, &cfg, 21..=25).await;
+        })
+    };
+    let first = next_txn(&mut t).await;
+    assert_eq!(first.offset.get(), 21, "latest must skip the past");
+    writer.await.unwrap();
+
+    let session = tideline_consumers::Session::new(&addr, cfg.clone());
+    let client = Client::connect(&addr, cfg.clone()).await.unwrap();
+    let (_, gtid) = client
+        .commit(vec![WriteOp::Put {
+            tree: "default".into(),
+            key: b"mine".to_vec(),
+            value: b"1".to_vec(),
+        }])
+        .await
+        .unwrap();
+    let set = gtid.parse().unwrap();
+    assert!(
+        session
+            .wait_for(&set, Duration::from_secs(5))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        session.get("default", b"mine").await.unwrap(),
+        Some(b"1".to_vec())
+    );
+    server.shutdown().await;
+}
