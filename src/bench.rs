@@ -52,9 +52,9 @@ pub struct WalBenchArgs {
 
 fn bar(len: u64, what: &str) -> ProgressBar {
     let pb = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template(
-        "{msg:>28} [{bar:30}] {percent:>3}% {per_sec:>14} eta {eta}",
-    ) {
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>28} [{bar:30}] {percent:>3}% {per_sec:>14} eta {eta}")
+    {
         pb.set_style(style.progress_chars("=> "));
     }
     pb.set_message(what.to_owned());
@@ -111,7 +111,12 @@ fn raw_fsync_rate(dir: &Path, seconds: f64) -> anyhow::Result<(f64, f64)> {
 }
 
 /// Durable appends/s with `writers` threads, each appending and waiting in a loop.
-fn group_commit_rate(dir: &Path, writers: usize, seconds: f64, value: &[u8]) -> anyhow::Result<f64> {
+fn group_commit_rate(
+    dir: &Path,
+    writers: usize,
+    seconds: f64,
+    value: &[u8],
+) -> anyhow::Result<f64> {
     let wal = Arc::new(open_wal(dir, Durability::Sync)?);
     let uuid = wal.server_uuid();
     let next_seq = Arc::new(Mutex::new(1u64));
@@ -120,7 +125,8 @@ fn group_commit_rate(dir: &Path, writers: usize, seconds: f64, value: &[u8]) -> 
     let started = Instant::now();
     let mut handles = Vec::new();
     for _ in 0..writers {
-        let (wal, next_seq, stop, acked) = (wal.clone(), next_seq.clone(), stop.clone(), acked.clone());
+        let (wal, next_seq, stop, acked) =
+            (wal.clone(), next_seq.clone(), stop.clone(), acked.clone());
         let value = value.to_vec();
         handles.push(std::thread::spawn(move || -> anyhow::Result<()> {
             while !stop.load(Ordering::Relaxed) {
@@ -146,7 +152,8 @@ fn group_commit_rate(dir: &Path, writers: usize, seconds: f64, value: &[u8]) -> 
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed().as_secs_f64();
     for h in handles {
-        h.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+        h.join()
+            .map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
     }
     let rate = acked.load(Ordering::Relaxed) as f64 / elapsed;
     Ok(rate)
@@ -197,9 +204,12 @@ fn wal_bandwidth(dir: &Path, mib: u64) -> anyhow::Result<f64> {
 
 /// Fills a log with about `mib` MiB of `value`-sized records, pipelined, async durability.
 fn build_log(dir: &Path, mib: u64, value: &[u8]) -> anyhow::Result<u64> {
-    let wal = open_wal(dir, Durability::Async {
-        interval: Duration::from_millis(50),
-    })?;
+    let wal = open_wal(
+        dir,
+        Durability::Async {
+            interval: Duration::from_millis(50),
+        },
+    )?;
     let target = mib << 20;
     let pb = bar(mib, "building log (MiB)");
     let mut seq = 0u64;
@@ -233,8 +243,7 @@ fn build_log(dir: &Path, mib: u64, value: &[u8]) -> anyhow::Result<u64> {
 
 /// `bench wal`.
 pub fn wal(args: &WalBenchArgs) -> anyhow::Result<ExitCode> {
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("create {}", args.dir.display()))?;
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
     let root = args.dir.join(format!("run-{}", std::process::id()));
     std::fs::create_dir_all(&root)?;
     let result = run_all(args, &root);
@@ -292,7 +301,10 @@ fn run_all(args: &WalBenchArgs, root: &Path) -> anyhow::Result<serde_json::Value
     drop(reader);
     wal.close()?;
     drop(wal);
-    anyhow::ensure!(scanned == records, "scan read {scanned} records, expected {records}");
+    anyhow::ensure!(
+        scanned == records,
+        "scan read {scanned} records, expected {records}"
+    );
 
     let t = Instant::now();
     let storage: Arc<dyn Storage> = Arc::new(FileStorage::new(&log_dir)?);

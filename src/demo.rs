@@ -13,9 +13,9 @@ use clap::Args;
 use indicatif::ProgressBar;
 use tideline_wal::{Durability, FileStorage, Gtid, NewTransaction, Op, Storage, Wal, WalOptions};
 
+use crate::DurabilityArg;
 use crate::log_cmd::log_dir;
 use crate::render;
-use crate::DurabilityArg;
 
 /// Arguments of `demo`.
 #[derive(Debug, Args)]
@@ -100,7 +100,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         }));
     }
     for h in handles {
-        h.join().map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
+        h.join()
+            .map_err(|_| anyhow::anyhow!("writer thread panicked"))??;
     }
     pb.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();

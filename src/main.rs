@@ -1,12 +1,15 @@
 //! `tideline`: the command-line tool and node of the Tideline replication-stream platform.
 //!
-//! Subcommands available now: `log dump|info|verify` (offline inspection of a data directory,
-//! like mysqlbinlog), `bench wal` (the log's load generator) and `demo` (writes a small
-//! workload through the log with group commit and shows it). See `README.md`.
+//! `serve` runs a node (engine + log + QUIC server); `put`, `get`, `del`, `load`, `scan`,
+//! `tail` and `status` talk to one; `log dump|info|verify` inspect a data directory offline,
+//! like mysqlbinlog; `bench` runs load generators; `demo` shows the log at work. See
+//! `README.md`.
 
 mod bench;
+mod client_cmd;
 mod demo;
 mod log_cmd;
+mod node;
 mod position;
 mod render;
 
@@ -25,6 +28,22 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a node: the engine, its log, and the QUIC server for tails and requests.
+    Serve(node::ServeArgs),
+    /// Write one key (prints the commit's offset and GTID as JSON).
+    Put(client_cmd::PutArgs),
+    /// Print one key's value as stored; a missing key exits 1 with `not found`.
+    Get(client_cmd::KeyArgs),
+    /// Delete one key (prints the commit's offset and GTID as JSON).
+    Del(client_cmd::KeyArgs),
+    /// Import KEY<TAB>VALUE lines from stdin in batched transactions.
+    Load(client_cmd::LoadArgs),
+    /// Print keys in order as KEY<TAB>VALUE lines.
+    Scan(client_cmd::ScanArgs),
+    /// Follow the node's changes from a position: one JSON line per transaction.
+    Tail(client_cmd::TailArgs),
+    /// Print the node's status as JSON.
+    Status(client_cmd::StatusArgs),
     /// Inspect a node's log offline (the node need not run).
     #[command(subcommand)]
     Log(LogCommand),
@@ -68,19 +87,31 @@ enum DurabilityArg {
     Async,
 }
 
-fn init_tracing() {
+fn init_tracing(server: bool) {
+    let default = if server { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDELINE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    init_tracing(matches!(cli.command, Command::Serve(_)));
+    // One TLS crypto provider for the whole process, chosen explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
+        Command::Serve(args) => node::serve(&args),
+        Command::Put(args) => client_cmd::put(&args),
+        Command::Get(args) => client_cmd::get(&args),
+        Command::Del(args) => client_cmd::del(&args),
+        Command::Load(args) => client_cmd::load(&args),
+        Command::Scan(args) => client_cmd::scan(&args),
+        Command::Tail(args) => client_cmd::tail_cmd(&args),
+        Command::Status(args) => client_cmd::status(&args),
         Command::Log(LogCommand::Dump(args)) => log_cmd::dump(&args),
         Command::Log(LogCommand::Info(args)) => log_cmd::info(&args.data),
         Command::Log(LogCommand::Verify(args)) => log_cmd::verify(&args.data),

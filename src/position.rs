@@ -62,8 +62,14 @@ mod tests {
 
     #[test]
     fn parses_every_form_and_rejects_garbage() {
-        assert_eq!("earliest".parse::<StartPosition>().unwrap(), StartPosition::Earliest);
-        assert_eq!("latest".parse::<StartPosition>().unwrap(), StartPosition::Latest);
+        assert_eq!(
+            "earliest".parse::<StartPosition>().unwrap(),
+            StartPosition::Earliest
+        );
+        assert_eq!(
+            "latest".parse::<StartPosition>().unwrap(),
+            StartPosition::Latest
+        );
         assert_eq!(
             "offset:501".parse::<StartPosition>().unwrap(),
             StartPosition::Offset(Offset::new(501).unwrap())

@@ -91,7 +91,9 @@ mod tests {
     fn renders_the_documented_shape() {
         let txn = Transaction {
             offset: Offset::new(3).unwrap(),
-            gtid: "3e11fa47-71ca-11e1-9e33-c80aa9429562:7".parse::<Gtid>().unwrap(),
+            gtid: "3e11fa47-71ca-11e1-9e33-c80aa9429562:7"
+                .parse::<Gtid>()
+                .unwrap(),
             timestamp_us: 1_700_000_000_123_456,
             ops: vec![
                 Op::Put {

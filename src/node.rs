@@ -1,0 +1,319 @@
+//! The node: engine + log + QUIC server, and `tideline serve`.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Args;
+use serde_json::json;
+use tideline_engine::{Engine, EngineOptions, ReadError, WriteError};
+use tideline_stream::server::Rows;
+use tideline_stream::{ErrorCode, Node, NodeError, ServerConfig, WriteOp};
+use tideline_wal::{Durability, FileStorage, Gtid, GtidSet, Offset, Storage, Wal, WalOptions};
+
+use crate::DurabilityArg;
+use crate::log_cmd::log_dir;
+
+/// Arguments of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Data directory (log in DATA/log, state store in DATA/store).
+    #[arg(long, value_name = "DIR")]
+    data: PathBuf,
+    /// UDP address for the QUIC stream and KV protocol.
+    #[arg(long, default_value = "127.0.0.1:7400", value_name = "ADDR")]
+    listen: SocketAddr,
+    /// Secrets directory (CA, certificate, token); created on first start. Default DATA/secrets.
+    #[arg(long, value_name = "DIR")]
+    secrets: Option<PathBuf>,
+    /// `sync`: acknowledge after fsync (default). `async`: after write, fsync every 10 ms.
+    #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
+    durability: DurabilityArg,
+    /// Refuse local writes (a replica fed by upstreams).
+    #[arg(long)]
+    read_only: bool,
+}
+
+/// The engine seen through the stream server's [`Node`] trait.
+pub struct EngineNode {
+    engine: Arc<Engine>,
+    wal: Arc<Wal>,
+    started: Instant,
+}
+
+fn read_err(e: ReadError) -> NodeError {
+    match e {
+        ReadError::UnknownTree(_) => NodeError::new(ErrorCode::InvalidRequest, e.to_string()),
+        other => NodeError::new(ErrorCode::Internal, other.to_string()),
+    }
+}
+
+fn write_err(e: WriteError) -> NodeError {
+    let code = if e.is_retryable() {
+        ErrorCode::Conflict
+    } else {
+        match &e {
+            WriteError::ReadOnly => ErrorCode::ReadOnly,
+            WriteError::FailStop { .. } => ErrorCode::Unavailable,
+            WriteError::KeyTooLarge { .. }
+            | WriteError::ValueTooLarge { .. }
+            | WriteError::TooLarge { .. } => ErrorCode::TooLarge,
+            WriteError::Log(_) | WriteError::Read(_) => ErrorCode::Internal,
+            _ => ErrorCode::InvalidRequest,
+        }
+    };
+    NodeError::new(code, e.to_string())
+}
+
+impl EngineNode {
+    /// Wraps an open engine.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        let wal = engine.wal().clone();
+        EngineNode {
+            engine,
+            wal,
+            started: Instant::now(),
+        }
+    }
+
+    /// The status document (`tideline status`, `/api/status`).
+    pub fn status(&self) -> serde_json::Value {
+        let pos = self.engine.position();
+        let read_only = self.engine.is_read_only();
+        json!({
+            "server_uuid": self.engine.server_uuid().to_string(),
+            "role": if read_only { "replica" } else { "primary" },
+            "read_only": read_only,
+            "gtid_executed": pos.gtid_executed.to_string(),
+            "first_offset": self.wal.first_offset().get(),
+            "last_offset": pos.offset.map_or(0, |o| o.get()),
+            "written_offset": self.wal.written_offset(),
+            "durable_offset": self.wal.durable_offset(),
+            "durability": match self.wal.durability() {
+                Durability::Sync => "sync",
+                Durability::Async { .. } => "async",
+            },
+            "fail_stop": self.engine.fail_stop_reason(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "trees": self.engine.trees().iter().map(|t| &t.name).collect::<Vec<_>>(),
+            "slots": self.wal.slots(),
+            "upstreams": [],
+        })
+    }
+}
+
+/// Commits client writes as one engine transaction (blocking).
+fn commit_ops(engine: &Engine, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
+    let known: BTreeSet<String> = engine.trees().into_iter().map(|t| t.name).collect();
+    let outcome = engine
+        .transaction(|tx| {
+            // A tree a write names but that does not exist yet is created by the same
+            // transaction, so the log holds nothing but transactions.
+            let mut created = BTreeSet::new();
+            for op in &ops {
+                let tree = match op {
+                    WriteOp::Put { tree, .. }
+                    | WriteOp::Delete { tree, .. }
+                    | WriteOp::Merge { tree, .. } => tree,
+                };
+                if tree != "default" && !known.contains(tree) && created.insert(tree.clone()) {
+                    tx.create_tree(tree, None)?;
+                }
+            }
+            for op in &ops {
+                match op {
+                    WriteOp::Put { tree, key, value } => tx.put(tree, key, value)?,
+                    WriteOp::Delete { tree, key } => tx.delete(tree, key)?,
+                    WriteOp::Merge { tree, key, operand } => tx.merge(tree, key, operand)?,
+                }
+            }
+            Ok(())
+        })
+        .map_err(write_err)?;
+    let c = outcome.commit.ok_or_else(|| {
+        NodeError::new(ErrorCode::InvalidRequest, "the transaction wrote nothing")
+    })?;
+    Ok((c.offset, c.gtid))
+}
+
+impl Node for EngineNode {
+    fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
+        match self.engine.get(tree, key) {
+            // A tree nobody wrote to yet holds no keys.
+            Err(ReadError::UnknownTree(_)) => Ok(None),
+            other => other.map_err(read_err),
+        }
+    }
+
+    fn scan(&self, tree: &str, prefix: &[u8], limit: u64) -> Result<Rows, NodeError> {
+        let scan = match self.engine.prefix(tree, prefix, false) {
+            Err(ReadError::UnknownTree(_)) => return Ok(Vec::new()),
+            other => other.map_err(read_err)?,
+        };
+        scan.take(limit.min(usize::MAX as u64) as usize)
+            .collect::<Result<Rows, ReadError>>()
+            .map_err(read_err)
+    }
+
+    async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || commit_ops(&engine, ops))
+            .await
+            .map_err(|e| NodeError::new(ErrorCode::Internal, format!("commit task failed: {e}")))?
+    }
+
+    fn status_json(&self) -> String {
+        self.status().to_string()
+    }
+
+    async fn wait_for(&self, gtids: GtidSet, timeout: Duration) -> (bool, GtidSet) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let pos = self.engine.position();
+            let applied = pos.offset.map_or(0, |o| o.get());
+            // Applied here, and durable: under async durability the engine applies what was
+            // written, so also wait for the log's sync to cover it.
+            if gtids.is_subset(&pos.gtid_executed) && self.wal.durable_offset() >= applied {
+                return (true, pos.gtid_executed);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return (false, pos.gtid_executed);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// Opens the log and engine of a data directory.
+pub fn open_engine(
+    data: &Path,
+    durability: Durability,
+    read_only: bool,
+) -> anyhow::Result<Arc<Engine>> {
+    let dir = log_dir(data);
+    let storage: Arc<dyn Storage> =
+        Arc::new(FileStorage::new(&dir).with_context(|| format!("create {}", dir.display()))?);
+    let wal = Arc::new(
+        Wal::open(
+            storage,
+            WalOptions {
+                durability,
+                ..WalOptions::default()
+            },
+        )
+        .with_context(|| format!("open the log in {}", dir.display()))?,
+    );
+    let report = wal.recovery_report();
+    if report.truncated_bytes > 0 {
+        tracing::warn!(
+            bytes = report.truncated_bytes,
+            "recovery cut a torn tail of the log"
+        );
+    }
+    let store = data.join("store");
+    let engine = Engine::open(
+        &store,
+        wal,
+        EngineOptions {
+            read_only,
+            ..EngineOptions::default()
+        },
+    )
+    .with_context(|| format!("open the state store in {}", store.display()))?;
+    Ok(Arc::new(engine))
+}
+
+/// `serve`.
+pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tideline")
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(serve_async(args))
+}
+
+async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let secrets_dir = args
+        .secrets
+        .clone()
+        .unwrap_or_else(|| args.data.join("secrets"));
+    if tideline_stream::ensure_secrets(&secrets_dir)? {
+        tracing::info!(dir = %secrets_dir.display(), "created cluster secrets (CA, certificate, token)");
+    }
+    let secrets = tideline_stream::tls::load_server(&secrets_dir)?;
+    let durability = match args.durability {
+        DurabilityArg::Sync => Durability::Sync,
+        DurabilityArg::Async => Durability::Async {
+            interval: Duration::from_millis(10),
+        },
+    };
+    let data = args.data.clone();
+    let read_only = args.read_only;
+    let engine = tokio::task::spawn_blocking(move || open_engine(&data, durability, read_only))
+        .await
+        .context("open task failed")??;
+    let node = Arc::new(EngineNode::new(engine.clone()));
+    let server = tideline_stream::serve(ServerConfig::new(args.listen), secrets, node.clone())?;
+    tracing::info!(
+        listen = %server.local_addr(),
+        server_uuid = %engine.server_uuid(),
+        gtid_executed = %engine.gtid_executed(),
+        "serving"
+    );
+    eprintln!(
+        "tideline serving on {} (server_uuid {}, data {}, secrets {})",
+        server.local_addr(),
+        engine.server_uuid(),
+        args.data.display(),
+        secrets_dir.display()
+    );
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install the SIGTERM handler")?;
+    let mut watchdog = tokio::time::interval(Duration::from_millis(100));
+    let mut retention = tokio::time::interval(Duration::from_secs(10));
+    let exit = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break None,
+            _ = sigterm.recv() => break None,
+            _ = watchdog.tick() => {
+                // Fail-stop: a poisoned log or a dead engine thread ends the node.
+                if let Some(reason) = engine.fail_stop_reason() {
+                    break Some(reason);
+                }
+            }
+            _ = retention.tick() => {
+                let wal = engine.wal().clone();
+                let report = tokio::task::spawn_blocking(move || wal.run_retention()).await;
+                if let Ok(Err(e)) = report {
+                    tracing::warn!(error = %e, "retention failed");
+                }
+            }
+        }
+    };
+    server.shutdown().await;
+    if let Some(reason) = exit {
+        tracing::error!(%reason, "fail-stop: exiting");
+        eprintln!("error: fail-stop: {reason}");
+        return Ok(ExitCode::from(2));
+    }
+    tracing::info!("shutting down: syncing the log and the store");
+    let closed = tokio::task::spawn_blocking(move || {
+        engine.close().map_err(anyhow::Error::from)?;
+        engine.wal().close().map_err(anyhow::Error::from)
+    })
+    .await
+    .context("shutdown task failed")?;
+    closed?;
+    eprintln!("tideline stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
