@@ -601,6 +601,15 @@ impl Wal {
                             )
                         })?;
                 }
+                // What was found may have been written by a process that died before its
+                // fsync. It becomes visible now, so it is made durable first: file data and
+                // the directory entry (the segment may have been created just before the death).
+                if !opts.unsafe_skip_fsync && !opts.read_only {
+                    file.sync_data()
+                        .map_err(|e| Error::io(format!("sync {}", st.describe(&last.name)), e))?;
+                    st.sync_dir()
+                        .map_err(|e| Error::io("sync log directory", e))?;
+                }
                 gtids = last.gtids_before.clone();
                 for g in &scan.gtids {
                     gtids.insert(*g);
@@ -1268,8 +1277,13 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     }
                 }
             }
+            // Under `Sync`, everything before this batch is durable.
+            let len_before = len;
             if let Err(e) = file.write_all_at(&batch.bytes, len) {
                 shared.poison(format!("write to {} failed: {e}", st.describe(&name)));
+                // Whatever part of the batch reached the file was never acknowledged: cut it,
+                // so a restart cannot find it (best effort; recovery cuts a torn tail anyway).
+                let _ = file.set_len(len_before);
                 for ack in batch.acks {
                     let _ = ack.send(Err(shared.poison_error()));
                 }
@@ -1290,6 +1304,10 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     last_batch = batch.count;
                     if let Err(reason) = synced {
                         shared.poison(reason);
+                        // The failed fsync may have dropped the batch's pages unwritten while
+                        // the page cache still shows them (Linux). A restart reading the cache
+                        // would show records a power cut then takes back: cut the batch.
+                        let _ = file.set_len(len_before);
                         for ack in batch.acks {
                             let _ = ack.send(Err(shared.poison_error()));
                         }
@@ -1601,7 +1619,18 @@ impl Reader {
             self.pos = 0;
         }
         let have = self.buf.len();
-        let want = needed.max(READ_CHUNK_BYTES).max(have + 1);
+        // Up to a chunk (more if the frame needs it), but not past the end of the file: a
+        // caught-up tail then zero-fills a few bytes, not a whole chunk per record, and a
+        // damaged length cannot grow the buffer beyond the file.
+        let file_len = seg.file.len().map_err(|e| {
+            Error::io(
+                format!("stat {}", self.shared.storage.describe(&seg.name)),
+                e,
+            )
+        })?;
+        let left = file_len.saturating_sub(seg.buf_file_pos + have as u64);
+        let more = needed.saturating_sub(have).max(READ_CHUNK_BYTES);
+        let want = have + usize::try_from(left).unwrap_or(usize::MAX).min(more).max(1);
         self.buf.resize(want, 0);
         let n = seg
             .file
