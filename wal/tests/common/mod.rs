@@ -1,0 +1,313 @@
+//! Helpers shared by the fault-injection tests: the deterministic workload (what is written for
+//! each GTID number), concurrent writers that record what was acknowledged, and the checker of
+//! a recovered log.
+//!
+//! The checker is a function returning `Result`, never a panic, so that every harness can also
+//! run a canary: the same scenario with the protection switched off, asserting that the
+//! checker reports loss.
+#![allow(
+    dead_code,
+    reason = "each test binary uses its own subset of these helpers"
+)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tideline_wal::{Error, Gtid, GtidSet, NewTransaction, Offset, Op, Storage, Wal, WalOptions};
+use uuid::Uuid;
+
+/// The node id of every log in these tests, so that a log reopened from an image that lost
+/// everything still stamps the same GTIDs.
+pub const UUID: Uuid = Uuid::from_bytes([
+    0x3e, 0x11, 0xfa, 0x47, 0x71, 0xca, 0x11, 0xe1, 0x9e, 0x33, 0xc8, 0x0a, 0xa9, 0x42, 0x95, 0x62,
+]);
+
+/// What the workload writes as GTID number `seq`: a deterministic function of `seq`, with sizes
+/// that vary from record to record (so frames have every amount of padding and segments roll
+/// at different places) and every kind of op.
+pub fn txn_for(seq: u64) -> NewTransaction {
+    let mix = seq.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let len = (mix >> 56) as usize; // 0..=255
+    let value: Vec<u8> = (0..len)
+        .map(|i| (seq as u8).wrapping_mul(31).wrapping_add(i as u8))
+        .collect();
+    let key = seq.to_be_bytes().to_vec();
+    let op = match seq % 5 {
+        0 => Op::Delete {
+            tree: "t".into(),
+            key,
+            before: Some(value),
+        },
+        1 => Op::Merge {
+            tree: "counters".into(),
+            key,
+            operand: value,
+        },
+        _ => Op::Put {
+            tree: "t".into(),
+            key,
+            value,
+            before: None,
+        },
+    };
+    NewTransaction {
+        gtid: Gtid { uuid: UUID, seq },
+        timestamp_us: 1_700_000_000_000_000 + seq as i64,
+        ops: vec![op],
+    }
+}
+
+/// Options for the logs of these tests: the fixed node id and small segments, so that crashes
+/// land around segment rolls too.
+pub fn opts(segment_bytes_max: u64) -> WalOptions {
+    WalOptions {
+        segment_bytes_max,
+        server_uuid: Some(UUID),
+        ..WalOptions::default()
+    }
+}
+
+/// Reads the whole log and checks the invariants every crash must preserve:
+/// - offsets and GTID numbers are dense from 1, offset n holding GTID number n (no gap, no
+///   duplicate);
+/// - every record is byte for byte what the workload wrote for its number (the log is a prefix
+///   of what was written);
+/// - the log holds at least `must_hold` records: every acknowledged record, and everything
+///   already seen present before.
+///
+/// Returns the number of records.
+pub fn check_log(wal: &Wal, must_hold: u64) -> Result<u64, String> {
+    if wal.server_uuid() != UUID {
+        return Err(format!(
+            "log belongs to node {}, not {UUID}: the log was lost and recreated",
+            wal.server_uuid()
+        ));
+    }
+    if wal.first_offset() != Offset::FIRST {
+        return Err(format!(
+            "log starts at offset {}, not 1",
+            wal.first_offset()
+        ));
+    }
+    let mut reader = wal
+        .read_from(Offset::FIRST)
+        .map_err(|e| format!("cannot read the log: {e}"))?;
+    let mut n = 0u64;
+    loop {
+        let txn = match reader.next_txn() {
+            Ok(Some(txn)) => txn,
+            Ok(None) => break,
+            Err(e) => return Err(format!("reading record {}: {e}", n + 1)),
+        };
+        n += 1;
+        if txn.offset.get() != n {
+            return Err(format!(
+                "record {n} has offset {}: a gap or a duplicate",
+                txn.offset
+            ));
+        }
+        if txn.gtid.uuid != UUID || txn.gtid.seq != n {
+            return Err(format!(
+                "offset {n} holds GTID {}, expected {UUID}:{n}: a gap, a duplicate or a \
+                 reordering",
+                txn.gtid
+            ));
+        }
+        let want = txn_for(n);
+        if txn.timestamp_us != want.timestamp_us || txn.ops != want.ops {
+            return Err(format!(
+                "record {n} differs from what was written: the log is not a prefix of the \
+                 writes"
+            ));
+        }
+    }
+    if wal.visible_offset() != n {
+        return Err(format!(
+            "visible offset {} but {n} records read",
+            wal.visible_offset()
+        ));
+    }
+    let want_gtids = if n == 0 {
+        GtidSet::new()
+    } else {
+        format!("{UUID}:1-{n}")
+            .parse()
+            .map_err(|e| format!("{e}"))?
+    };
+    if wal.gtids() != want_gtids {
+        return Err(format!(
+            "gtid_executed is `{}`, expected `{want_gtids}`",
+            wal.gtids()
+        ));
+    }
+    if must_hold > n {
+        return Err(format!(
+            "LOSS: record {must_hold} was acknowledged (or seen present before) but the log \
+             ends at {n}"
+        ));
+    }
+    Ok(n)
+}
+
+/// Opens `storage` (running recovery) and checks it with [`check_log`]. An open that fails is
+/// reported as an error too: a log that cannot be opened has lost everything.
+pub fn open_and_check(
+    storage: Arc<dyn Storage>,
+    opts: WalOptions,
+    must_hold: u64,
+) -> Result<(Wal, u64), String> {
+    let wal = Wal::open(storage, opts).map_err(|e| format!("reopen failed: {e}"))?;
+    let n = check_log(&wal, must_hold)?;
+    Ok((wal, n))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What the writers saw.
+#[derive(Default)]
+pub struct WriteLog {
+    /// The next GTID number to submit; held across `submit` so numbers follow offsets.
+    next: Mutex<u64>,
+    acked: Mutex<BTreeSet<u64>>,
+    acked_count: AtomicU64,
+    /// Appends that failed: the GTID number and the error.
+    failed: Mutex<Vec<(u64, Error)>>,
+    /// Broken expectations seen by a writer (an ack for the wrong offset).
+    broken: Mutex<Vec<String>>,
+}
+
+impl WriteLog {
+    /// Highest acknowledged GTID number (0: none).
+    pub fn acked_max(&self) -> u64 {
+        lock(&self.acked).last().copied().unwrap_or(0)
+    }
+    /// Number of acknowledgements so far.
+    pub fn acked_count(&self) -> u64 {
+        self.acked_count.load(Ordering::SeqCst)
+    }
+    /// The acknowledged GTID numbers.
+    pub fn acked(&self) -> BTreeSet<u64> {
+        lock(&self.acked).clone()
+    }
+    /// Takes the failures seen so far.
+    pub fn take_failed(&self) -> Vec<(u64, Error)> {
+        std::mem::take(&mut *lock(&self.failed))
+    }
+    /// Broken expectations seen by writers.
+    pub fn broken(&self) -> Vec<String> {
+        lock(&self.broken).clone()
+    }
+}
+
+/// Concurrent writers appending the workload to one log.
+pub struct Writers {
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    handles: Vec<JoinHandle<()>>,
+    /// What they saw.
+    pub log: Arc<WriteLog>,
+}
+
+impl Writers {
+    /// Starts `threads` writers appending GTID numbers from `first_seq` on, in offset order.
+    /// A writer stops at its first failed append.
+    pub fn start(wal: Arc<Wal>, threads: usize, first_seq: u64) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(WriteLog {
+            next: Mutex::new(first_seq),
+            ..WriteLog::default()
+        });
+        let handles = (0..threads)
+            .map(|_| {
+                let (wal, stop, log) = (wal.clone(), stop.clone(), log.clone());
+                let paused = paused.clone();
+                std::thread::spawn(move || writer(&wal, &stop, &paused, &log))
+            })
+            .collect();
+        Writers {
+            stop,
+            paused,
+            handles,
+            log,
+        }
+    }
+
+    /// Holds the writers after their current append (keeps the log small while a crash image
+    /// is checked), or lets them go on.
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::SeqCst);
+    }
+
+    /// Waits until at least `target` appends were acknowledged, or every writer has stopped.
+    pub fn wait_acked(&self, target: u64) {
+        while self.log.acked_count() < target && self.handles.iter().any(|h| !h.is_finished()) {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Whether every writer has stopped (after a failure).
+    pub fn all_stopped(&self) -> bool {
+        self.handles.iter().all(|h| h.is_finished())
+    }
+
+    /// Stops the writers and waits for them.
+    pub fn stop(mut self) -> Arc<WriteLog> {
+        self.stop.store(true, Ordering::SeqCst);
+        for h in self.handles.drain(..) {
+            h.join().expect("a writer thread panicked");
+        }
+        self.log.clone()
+    }
+}
+
+impl Drop for Writers {
+    /// Writers never outlive their harness, even when a check fails early.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn writer(wal: &Wal, stop: &AtomicBool, paused: &AtomicBool, log: &WriteLog) {
+    while !stop.load(Ordering::SeqCst) {
+        if paused.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let (seq, appended) = {
+            let mut next = lock(&log.next);
+            let seq = *next;
+            match wal.submit(txn_for(seq)) {
+                Ok(a) => {
+                    *next += 1;
+                    (seq, a)
+                }
+                Err(e) => {
+                    lock(&log.failed).push((seq, e));
+                    return;
+                }
+            }
+        };
+        match appended.wait() {
+            Ok(offset) => {
+                if offset.get() != seq {
+                    lock(&log.broken).push(format!("GTID number {seq} acked at offset {offset}"));
+                }
+                lock(&log.acked).insert(seq);
+                log.acked_count.fetch_add(1, Ordering::SeqCst);
+            }
+            Err(e) => {
+                lock(&log.failed).push((seq, e));
+                return;
+            }
+        }
+    }
+}
