@@ -34,17 +34,17 @@ use crate::merge::{self, MergeOperator};
 use crate::snapshot::{Scan, Snapshot, owned_bounds};
 use crate::txn::{ReadItem, Txn};
 
-/// Default key limit: 64 KiB.
-pub const KEY_BYTES_MAX_DEFAULT: usize = 64 << 10;
+/// Default key limit: 64 KiB less one byte (65,535), the state store's hard limit.
+pub const KEY_BYTES_MAX_DEFAULT: usize = KEY_BYTES_MAX_LIMIT;
 /// Default value (and merge operand) limit: 16 MiB.
 pub const VALUE_BYTES_MAX_DEFAULT: usize = 16 << 20;
-/// The store cannot hold longer keys than this.
-pub const KEY_BYTES_MAX_LIMIT: usize = 65536;
+/// The store cannot hold longer keys than this (fjall: 65,535 bytes).
+pub const KEY_BYTES_MAX_LIMIT: usize = 65535;
 
 /// Settings of an engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {
-    /// Longest key accepted, in bytes. Default 64 KiB; at most [`KEY_BYTES_MAX_LIMIT`].
+    /// Longest key accepted, in bytes. Default and maximum [`KEY_BYTES_MAX_LIMIT`] (64 KiB − 1).
     pub key_bytes_max: usize,
     /// Longest value or merge operand accepted, in bytes. Default 16 MiB.
     pub value_bytes_max: usize,
@@ -62,6 +62,10 @@ pub struct EngineOptions {
     pub history_keys_max: usize,
     /// Most transactions applied in one store batch. Default 4096.
     pub apply_group_txns_max: usize,
+    /// Test-only: do not replay the log on open (the bug recovery prevents). Exists so the
+    /// crash test can prove it catches lost transactions.
+    #[doc(hidden)]
+    pub unsafe_skip_replay: bool,
 }
 
 impl Default for EngineOptions {
@@ -75,6 +79,7 @@ impl Default for EngineOptions {
             conflict_retries_max: 32,
             history_keys_max: 1 << 18,
             apply_group_txns_max: 4096,
+            unsafe_skip_replay: false,
         }
     }
 }
@@ -174,6 +179,10 @@ pub(crate) struct Inner {
     pub(crate) view: RwLock<View>,
     pub(crate) catalog: RwLock<Arc<Catalog>>,
     applied: AtomicU64,
+    /// Offset of the last transaction submitted to the log.
+    last_submitted: AtomicU64,
+    /// Whether `format` and `server_uuid` are in the store (written with the first batch).
+    identity_written: AtomicBool,
     /// Serialises checkpoints (the store sync and the floor that follows it).
     checkpoint_lock: Mutex<()>,
     stop: Mutex<bool>,
@@ -258,19 +267,23 @@ impl Engine {
             .manual_journal_persist(true)
             .open()
             .map_err(store_err)?;
+        // The metadata keys are overwritten by every batch: a small memtable flushes (and
+        // compacts away) their old versions early.
         let meta = db
-            .keyspace(catalog::META_KEYSPACE, KeyspaceCreateOptions::default)
+            .keyspace(catalog::META_KEYSPACE, || {
+                KeyspaceCreateOptions::default().max_memtable_size(4 << 20)
+            })
             .map_err(store_err)?;
 
         // Read the store's position.
-        if let Some(f) = meta.get(catalog::KEY_FORMAT).map_err(store_err)? {
-            if &*f != catalog::FORMAT {
-                return Err(corrupt(format!(
-                    "store format {:?}, this build reads {:?}",
-                    String::from_utf8_lossy(&f),
-                    String::from_utf8_lossy(catalog::FORMAT)
-                )));
-            }
+        if let Some(f) = meta.get(catalog::KEY_FORMAT).map_err(store_err)?
+            && &*f != catalog::FORMAT
+        {
+            return Err(corrupt(format!(
+                "store format {:?}, this build reads {:?}",
+                String::from_utf8_lossy(&f),
+                String::from_utf8_lossy(catalog::FORMAT)
+            )));
         }
         let applied = match meta.get(catalog::KEY_APPLIED).map_err(store_err)? {
             None => 0,
@@ -288,8 +301,9 @@ impl Engine {
                 .parse()
                 .map_err(|e| corrupt(format!("`gtid_executed` does not parse: {e}")))?,
         };
-        if let Some(b) = meta.get(catalog::KEY_SERVER_UUID).map_err(store_err)? {
-            let store_uuid: Uuid = std::str::from_utf8(&b)
+        let identity = meta.get(catalog::KEY_SERVER_UUID).map_err(store_err)?;
+        if let Some(b) = &identity {
+            let store_uuid: Uuid = std::str::from_utf8(b)
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .ok_or_else(|| corrupt("`server_uuid` does not parse".into()))?;
@@ -385,6 +399,8 @@ impl Engine {
             }),
             catalog: RwLock::new(catalog),
             applied: AtomicU64::new(applied),
+            last_submitted: AtomicU64::new(0),
+            identity_written: AtomicBool::new(identity.is_some()),
             checkpoint_lock: Mutex::new(()),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
@@ -517,7 +533,11 @@ impl Engine {
                 Ok(commit) => return Ok(Outcome { value, commit }),
                 Err(e) if e.is_retryable() && attempt < self.inner.opts.conflict_retries_max => {
                     attempt += 1;
-                    std::thread::yield_now();
+                    // The writer we conflicted with may not be applied yet; a snapshot taken
+                    // before it is would conflict again. Wait until everything submitted so
+                    // far is applied, so the next attempt reads past it.
+                    let target = self.inner.last_submitted.load(Ordering::SeqCst);
+                    self.inner.wait_applied(target, Duration::from_secs(1));
                 }
                 Err(e) => return Err(e),
             }
@@ -598,12 +618,10 @@ impl Engine {
     /// Stores JSON text at `key` after checking that it parses; malformed JSON is refused
     /// with [`WriteError::MalformedJson`] and nothing is written.
     pub fn put_json(&self, tree: &str, key: &[u8], json: &str) -> Result<CommitInfo, WriteError> {
-        serde_json::from_str::<serde_json::Value>(json).map_err(|e| {
-            WriteError::MalformedJson {
-                tree: tree.to_string(),
-                key: key_text(key),
-                reason: e.to_string(),
-            }
+        serde_json::from_str::<serde_json::Value>(json).map_err(|e| WriteError::MalformedJson {
+            tree: tree.to_string(),
+            key: key_text(key),
+            reason: e.to_string(),
         })?;
         self.put(tree, key, json.as_bytes())
     }
@@ -811,13 +829,13 @@ pub(crate) fn check_kv(
             max: opts.key_bytes_max,
         });
     }
-    if let Some(v) = value {
-        if v.len() > opts.value_bytes_max {
-            return Err(WriteError::ValueTooLarge {
-                bytes: v.len(),
-                max: opts.value_bytes_max,
-            });
-        }
+    if let Some(v) = value
+        && v.len() > opts.value_bytes_max
+    {
+        return Err(WriteError::ValueTooLarge {
+            bytes: v.len(),
+            max: opts.value_bytes_max,
+        });
     }
     Ok(())
 }
@@ -850,6 +868,23 @@ impl Inner {
         // store snapshot and the position describe the same state.
         let snap = self.db.snapshot();
         Snapshot::new(snap, v.catalog.clone(), v.offset, v.gtids.clone())
+    }
+
+    /// Waits until `offset` is applied (or the store failed, or `timeout` passed).
+    fn wait_applied(&self, offset: u64, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut a = lock(&self.apply);
+        while a.applied < offset && a.store_failed.is_none() && offset < a.dead_from {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            a = self
+                .applied_cv
+                .wait_timeout(a, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
     }
 
     fn fail_stop_reason(&self) -> Option<String> {
@@ -889,33 +924,33 @@ impl Inner {
         origin: Origin,
     ) -> Result<Option<InFlight>, WriteError> {
         let local = matches!(origin, Origin::Local);
-        if let Origin::Upstream { gtid, .. } = origin {
-            if st.submitted.contains(&gtid) {
-                return Ok(None);
-            }
+        if let Origin::Upstream { gtid, .. } = origin
+            && st.submitted.contains(&gtid)
+        {
+            return Ok(None);
         }
         // Serializability: nothing this transaction read may have been written by a
         // transaction submitted after its snapshot.
-        if let Some((snap, reads)) = reads {
-            if !reads.is_empty() {
-                if snap < st.history_floor {
-                    return Err(WriteError::Conflict(format!(
-                        "the transaction's snapshot (offset {snap}) is older than the conflict \
+        if let Some((snap, reads)) = reads
+            && !reads.is_empty()
+        {
+            if snap < st.history_floor {
+                return Err(WriteError::Conflict(format!(
+                    "the transaction's snapshot (offset {snap}) is older than the conflict \
                          history (offset {})",
-                        st.history_floor
-                    )));
+                    st.history_floor
+                )));
+            }
+            for e in st.history.iter().rev() {
+                if e.offset <= snap {
+                    break;
                 }
-                for e in st.history.iter().rev() {
-                    if e.offset <= snap {
-                        break;
-                    }
-                    for r in reads {
-                        if let Some(why) = conflicts(r, e) {
-                            return Err(WriteError::Conflict(format!(
-                                "{why} was changed by the transaction at offset {}",
-                                e.offset
-                            )));
-                        }
+                for r in reads {
+                    if let Some(why) = conflicts(r, e) {
+                        return Err(WriteError::Conflict(format!(
+                            "{why} was changed by the transaction at offset {}",
+                            e.offset
+                        )));
                     }
                 }
             }
@@ -990,7 +1025,9 @@ impl Inner {
                     }
                     tree_ops.push(intern(tree));
                 }
-                Op::Put { tree, key, .. } | Op::Delete { tree, key, .. } | Op::Merge { tree, key, .. } => {
+                Op::Put { tree, key, .. }
+                | Op::Delete { tree, key, .. }
+                | Op::Merge { tree, key, .. } => {
                     let value = match &op {
                         Op::Put { value, .. } => Some(value.as_slice()),
                         Op::Merge { operand, .. } => Some(operand.as_slice()),
@@ -1048,6 +1085,7 @@ impl Inner {
         });
         let (appended, ()) = self.wal.submit_with((*txn).clone(), |_| ())?;
         let offset = appended.offset().get();
+        self.last_submitted.store(offset, Ordering::SeqCst);
 
         // Only now, with the record submitted, does the transaction count as in flight.
         st.submitted.insert(gtid);
@@ -1087,7 +1125,9 @@ impl Inner {
         let gtid = f.txn.gtid;
         if let Err(e) = f.appended.wait() {
             let reason = e.to_string();
-            self.fail(format!("the log did not acknowledge offset {offset}: {reason}"));
+            self.fail(format!(
+                "the log did not acknowledge offset {offset}: {reason}"
+            ));
             let mut a = lock(&self.apply);
             a.dead_from = a.dead_from.min(offset.get());
             drop(a);
@@ -1133,7 +1173,12 @@ impl Inner {
                     }
                 }
                 drop(a);
-                let result = self.apply_group(&group);
+                // A panic while applying must not leave `applying` set with every committer
+                // waiting: it becomes a store failure (fail-stop) like any other.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.apply_group(&group)
+                }))
+                .unwrap_or_else(|_| Err("the applier panicked".into()));
                 a = lock(&self.apply);
                 a.applying = false;
                 match result {
@@ -1150,10 +1195,7 @@ impl Inner {
                 self.applied_cv.notify_all();
                 continue;
             }
-            a = self
-                .applied_cv
-                .wait(a)
-                .unwrap_or_else(|p| p.into_inner());
+            a = self.applied_cv.wait(a).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -1229,21 +1271,24 @@ impl Inner {
                     Op::Put {
                         tree, key, value, ..
                     } => {
-                        let t = self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
+                        let t =
+                            self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
                         batch.insert(&t.handle, key.as_slice(), value.as_slice());
                         if has_merge {
                             overlay.insert((t.keyspace.clone(), key.clone()), Some(value.clone()));
                         }
                     }
                     Op::Delete { tree, key, .. } => {
-                        let t = self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
+                        let t =
+                            self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
                         batch.remove(&t.handle, key.as_slice());
                         if has_merge {
                             overlay.insert((t.keyspace.clone(), key.clone()), None);
                         }
                     }
                     Op::Merge { tree, key, operand } => {
-                        let t = self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
+                        let t =
+                            self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
                         let slot = (t.keyspace.clone(), key.clone());
                         let existing = match overlay.get(&slot) {
                             Some(v) => v.clone(),
@@ -1265,8 +1310,16 @@ impl Inner {
             }
         }
         batch.insert(&self.meta, catalog::KEY_FORMAT, catalog::FORMAT);
-        batch.insert(&self.meta, catalog::KEY_APPLIED, last.to_le_bytes().as_slice());
-        batch.insert(&self.meta, catalog::KEY_GTIDS, gtids.to_string().into_bytes());
+        batch.insert(
+            &self.meta,
+            catalog::KEY_APPLIED,
+            last.to_le_bytes().as_slice(),
+        );
+        batch.insert(
+            &self.meta,
+            catalog::KEY_GTIDS,
+            gtids.to_string().into_bytes(),
+        );
         batch.insert(
             &self.meta,
             catalog::KEY_SERVER_UUID,
@@ -1275,7 +1328,9 @@ impl Inner {
         let new_catalog = catalog.map(Arc::new);
         {
             let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
-            batch.commit().map_err(|e| format!("store batch commit: {e}"))?;
+            batch
+                .commit()
+                .map_err(|e| format!("store batch commit: {e}"))?;
             v.offset = last;
             v.gtids = Arc::new(gtids);
             if let Some(c) = &new_catalog {
@@ -1283,6 +1338,7 @@ impl Inner {
                 *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = c.clone();
             }
             self.applied.store(last, Ordering::SeqCst);
+            self.identity_written.store(true, Ordering::SeqCst);
         }
         for h in dropped {
             if let Err(e) = self.db.delete_keyspace(h) {
@@ -1308,7 +1364,11 @@ impl Inner {
         if let Some(t) = catalog.as_ref().unwrap_or(base).get(tree) {
             return Ok(t.clone());
         }
-        tracing::warn!(tree, offset, "log record writes to a missing tree; creating it");
+        tracing::warn!(
+            tree,
+            offset,
+            "log record writes to a missing tree; creating it"
+        );
         let keyspace = format!("t{offset}.{op_index}");
         let handle = self
             .db
@@ -1328,7 +1388,7 @@ impl Inner {
 
     /// Replays log records after `applied`. Returns how many were applied.
     fn replay(&self, applied: u64) -> Result<u64, OpenError> {
-        if self.wal.visible_offset() <= applied {
+        if self.wal.visible_offset() <= applied || self.opts.unsafe_skip_replay {
             return Ok(0);
         }
         let from = Offset::new(applied + 1).unwrap_or(Offset::FIRST);

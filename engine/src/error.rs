@@ -142,9 +142,7 @@ pub enum WriteError {
         known: String,
     },
     /// A merge on a tree created without a merge operator.
-    #[error(
-        "tree `{0}` has no merge operator; create the tree with one (e.g. `add`) or use put"
-    )]
+    #[error("tree `{0}` has no merge operator; create the tree with one (e.g. `add`) or use put")]
     NoMergeOperator(String),
     /// A merge operand the tree's operator cannot use.
     #[error("bad operand for merge operator `{operator}` in tree `{tree}`: {reason}")]
@@ -162,7 +160,7 @@ pub enum WriteError {
     /// A key over the limit.
     #[error(
         "key of {bytes} bytes exceeds the limit of {max} bytes; use a shorter key (or raise \
-         EngineOptions::key_bytes_max, at most 65536)"
+         EngineOptions::key_bytes_max, at most 65535)"
     )]
     KeyTooLarge {
         /// Key length.
@@ -263,7 +261,9 @@ impl From<tideline_wal::Error> for WriteError {
     fn from(e: tideline_wal::Error) -> Self {
         match e {
             tideline_wal::Error::Poisoned { reason } => WriteError::FailStop { reason },
-            tideline_wal::Error::RecordTooLarge { bytes, max } => WriteError::TooLarge { bytes, max },
+            tideline_wal::Error::RecordTooLarge { bytes, max } => {
+                WriteError::TooLarge { bytes, max }
+            }
             other => WriteError::Log(other),
         }
     }

@@ -36,7 +36,7 @@
 //! does); it only sets the log's retention floor. Its API is blocking: from async code call
 //! it through `spawn_blocking`.
 //!
-//! Limits (configurable in [`EngineOptions`]): keys 1 byte to 64 KiB, values and merge
+//! Limits (configurable in [`EngineOptions`]): keys 1 byte to 64 KiB − 1 (65,535 bytes, the store's hard limit), values and merge
 //! operands up to 16 MiB; tree names 1-128 characters of `[A-Za-z0-9_.:-]`.
 //!
 //! ## Example
@@ -93,6 +93,6 @@ pub use engine::{
 };
 pub use error::{OpenError, ReadError, WriteError};
 pub use merge::{MergeOperator, merge_patch};
-pub use snapshot::{Scan, Snapshot};
+pub use snapshot::{KeyValue, Scan, Snapshot};
 pub use tideline_wal::{Gtid, GtidSet, Offset, Wal};
 pub use txn::Txn;

@@ -60,9 +60,11 @@ impl MergeOperator {
     /// Checks an operand before it is logged. `Err` carries what is wrong with it.
     pub fn check_operand(self, operand: &[u8]) -> Result<(), String> {
         match self {
-            MergeOperator::Add | MergeOperator::Max => parse_i64(operand).map(|_| ()).ok_or_else(
-                || "the operand must be a signed 64-bit integer in decimal text, like `-12`".into(),
-            ),
+            MergeOperator::Add | MergeOperator::Max => {
+                parse_i64(operand).map(|_| ()).ok_or_else(|| {
+                    "the operand must be a signed 64-bit integer in decimal text, like `-12`".into()
+                })
+            }
             MergeOperator::Append => Ok(()),
             MergeOperator::JsonMergePatch => serde_json::from_slice::<Value>(operand)
                 .map(|_| ())
@@ -198,7 +200,11 @@ mod tests {
             (json!({"a":"b"}), json!({"a":"c"}), json!({"a":"c"})),
             (json!({"a":"b"}), json!({"b":"c"}), json!({"a":"b","b":"c"})),
             (json!({"a":"b"}), json!({"a":null}), json!({})),
-            (json!({"a":"b","b":"c"}), json!({"a":null}), json!({"b":"c"})),
+            (
+                json!({"a":"b","b":"c"}),
+                json!({"a":null}),
+                json!({"b":"c"}),
+            ),
             (json!({"a":["b"]}), json!({"a":"c"}), json!({"a":"c"})),
             (json!({"a":"c"}), json!({"a":["b"]}), json!({"a":["b"]})),
             (
@@ -207,12 +213,12 @@ mod tests {
                 json!({"a":{"b":"d"}}),
             ),
             (json!({"a":[{"b":"c"}]}), json!({"a":[1]}), json!({"a":[1]})),
-            (json!(["a","b"]), json!(["c","d"]), json!(["c","d"])),
+            (json!(["a", "b"]), json!(["c", "d"]), json!(["c", "d"])),
             (json!({"a":"b"}), json!(["c"]), json!(["c"])),
             (json!({"a":"foo"}), json!(null), json!(null)),
             (json!({"a":"foo"}), json!("bar"), json!("bar")),
             (json!({"e":null}), json!({"a":1}), json!({"e":null,"a":1})),
-            (json!([1,2]), json!({"a":"b","c":null}), json!({"a":"b"})),
+            (json!([1, 2]), json!({"a":"b","c":null}), json!({"a":"b"})),
             (
                 json!({}),
                 json!({"a":{"bb":{"ccc":null}}}),

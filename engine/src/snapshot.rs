@@ -132,10 +132,14 @@ impl Scan {
 }
 
 impl Iterator for Scan {
-    type Item = Result<(Vec<u8>, Vec<u8>), ReadError>;
+    type Item = Result<KeyValue, ReadError>;
     fn next(&mut self) -> Option<Self::Item> {
         let it = self.inner.as_mut()?;
-        let g = if self.reverse { it.next_back() } else { it.next() }?;
+        let g = if self.reverse {
+            it.next_back()
+        } else {
+            it.next()
+        }?;
         Some(
             g.into_inner()
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
@@ -144,11 +148,15 @@ impl Iterator for Scan {
     }
 }
 
+/// A range as owned lower and upper bounds.
+pub(crate) type OwnedBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
+
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// Owned copies of any bounds; `None` for a range that is empty by its bounds alone (the
 /// store does not accept inverted ranges).
-pub(crate) fn owned_bounds<K: AsRef<[u8]>>(
-    range: &impl RangeBounds<K>,
-) -> Option<(Bound<Vec<u8>>, Bound<Vec<u8>>)> {
+pub(crate) fn owned_bounds<K: AsRef<[u8]>>(range: &impl RangeBounds<K>) -> Option<OwnedBounds> {
     let conv = |b: Bound<&K>| match b {
         Bound::Included(k) => Bound::Included(k.as_ref().to_vec()),
         Bound::Excluded(k) => Bound::Excluded(k.as_ref().to_vec()),

@@ -16,7 +16,7 @@ use crate::catalog::{self, DEFAULT_TREE};
 use crate::engine::{CommitInfo, Engine, check_kv};
 use crate::error::WriteError;
 use crate::merge::{self, MergeOperator};
-use crate::snapshot::{Snapshot, owned_bounds};
+use crate::snapshot::{KeyValue, Snapshot, owned_bounds};
 
 /// Something a transaction read, checked for conflicts on commit.
 #[derive(Debug, Clone)]
@@ -93,7 +93,9 @@ impl<'e> Txn<'e> {
         if self.snap.is_none() {
             self.snap = Some(self.engine.inner.snapshot());
         }
-        self.snap.as_ref().unwrap_or_else(|| unreachable!("set just above"))
+        self.snap
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("set just above"))
     }
 
     /// The tree as writes see it: local changes, else the engine's latest catalog (checked
@@ -298,7 +300,7 @@ impl<'e> Txn<'e> {
         range: impl RangeBounds<K>,
         reverse: bool,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, WriteError> {
+    ) -> Result<Vec<KeyValue>, WriteError> {
         let Some((lo, hi)) = owned_bounds(&range) else {
             return Ok(Vec::new());
         };
@@ -340,7 +342,7 @@ impl<'e> Txn<'e> {
                 None => merged.remove(&k),
             };
         }
-        let out: Vec<(Vec<u8>, Vec<u8>)> = if reverse {
+        let out: Vec<KeyValue> = if reverse {
             merged.into_iter().rev().take(limit).collect()
         } else {
             merged.into_iter().take(limit).collect()
@@ -355,17 +357,12 @@ impl<'e> Txn<'e> {
         prefix: &[u8],
         reverse: bool,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, WriteError> {
+    ) -> Result<Vec<KeyValue>, WriteError> {
         let hi = match prefix_end(prefix) {
             Some(end) => Bound::Excluded(end),
             None => Bound::Unbounded,
         };
-        self.range(
-            tree,
-            (Bound::Included(prefix.to_vec()), hi),
-            reverse,
-            limit,
-        )
+        self.range(tree, (Bound::Included(prefix.to_vec()), hi), reverse, limit)
     }
 
     /// Commits: returns where the transaction was logged once it is durable (under sync

@@ -20,20 +20,43 @@ const TREES: [&str; 3] = ["default", "counts", "log"];
 
 #[derive(Debug, Clone)]
 enum Action {
-    Put { tree: usize, key: u8, value: u8 },
-    Delete { tree: usize, key: u8 },
-    Add { key: u8, n: i8 },
-    Append { key: u8, byte: u8 },
+    Put {
+        tree: usize,
+        key: u8,
+        value: u8,
+    },
+    Delete {
+        tree: usize,
+        key: u8,
+    },
+    Add {
+        key: u8,
+        n: i8,
+    },
+    Append {
+        key: u8,
+        byte: u8,
+    },
     /// Compare-and-swap on `default`: expect the model's value (or a wrong one).
-    Cas { key: u8, right: bool, value: u8 },
+    Cas {
+        key: u8,
+        right: bool,
+        value: u8,
+    },
     /// Read a key inside the transaction and copy it to another key.
-    Copy { from: u8, to: u8 },
+    Copy {
+        from: u8,
+        to: u8,
+    },
 }
 
 #[derive(Debug, Clone)]
 enum Step {
     Txn(Vec<Action>),
-    Crash { tear: Option<u64>, rollback_store: bool },
+    Crash {
+        tear: Option<u64>,
+        rollback_store: bool,
+    },
     Reopen,
     RecreateLog,
 }
@@ -177,7 +200,11 @@ fn run(steps: Vec<Step>) {
                         next = model.clone();
                         for a in &actions {
                             match *a {
-                                Action::Put { tree, key: k, value } => {
+                                Action::Put {
+                                    tree,
+                                    key: k,
+                                    value,
+                                } => {
                                     tx.put(TREES[tree], &key(k), &[value])?;
                                     next.insert((tree, key(k)), vec![value]);
                                 }
@@ -198,10 +225,18 @@ fn run(steps: Vec<Step>) {
                                     tx.merge("log", &key(k), &[byte])?;
                                     next.entry((2, key(k))).or_default().push(byte);
                                 }
-                                Action::Cas { key: k, right, value } => {
+                                Action::Cas {
+                                    key: k,
+                                    right,
+                                    value,
+                                } => {
                                     let cur = tx.get("default", &key(k))?;
                                     assert_eq!(cur, next.get(&(0, key(k))).cloned());
-                                    let expected = if right { cur.clone() } else { Some(vec![b'x'; 3]) };
+                                    let expected = if right {
+                                        cur.clone()
+                                    } else {
+                                        Some(vec![b'x'; 3])
+                                    };
                                     if cur == expected {
                                         tx.put("default", &key(k), &[value])?;
                                         next.insert((0, key(k)), vec![value]);
@@ -225,7 +260,10 @@ fn run(steps: Vec<Step>) {
                 }
                 model = next;
             }
-            Step::Crash { tear, rollback_store } => {
+            Step::Crash {
+                tear,
+                rollback_store,
+            } => {
                 // No final checkpoint: the engine is dropped as is; the log keeps only synced bytes.
                 let e = h.engine.take().expect("open");
                 let wal = e.wal().clone();
@@ -236,11 +274,9 @@ fn run(steps: Vec<Step>) {
                     None => CrashMode::DropUnsynced,
                 };
                 h.storage = Arc::new(h.storage.crash(mode));
-                if rollback_store {
-                    if let Some(old) = &h.old_store {
-                        std::fs::remove_dir_all(&h.store).expect("remove store");
-                        copy_dir(old, &h.store);
-                    }
+                if rollback_store && let Some(old) = &h.old_store {
+                    std::fs::remove_dir_all(&h.store).expect("remove store");
+                    copy_dir(old, &h.store);
                 }
                 h.open();
             }
@@ -285,12 +321,24 @@ proptest! {
 #[test]
 fn crash_with_store_rolled_back_replays_merges_once() {
     run(vec![
-        Step::Txn(vec![Action::Add { key: 1, n: 5 }, Action::Append { key: 1, byte: 7 }]),
+        Step::Txn(vec![
+            Action::Add { key: 1, n: 5 },
+            Action::Append { key: 1, byte: 7 },
+        ]),
         Step::Reopen,
         Step::Txn(vec![Action::Add { key: 1, n: 3 }]),
-        Step::Txn(vec![Action::Append { key: 1, byte: 9 }, Action::Copy { from: 1, to: 2 }]),
-        Step::Crash { tear: Some(3), rollback_store: true },
+        Step::Txn(vec![
+            Action::Append { key: 1, byte: 9 },
+            Action::Copy { from: 1, to: 2 },
+        ]),
+        Step::Crash {
+            tear: Some(3),
+            rollback_store: true,
+        },
         Step::Txn(vec![Action::Add { key: 1, n: -1 }]),
-        Step::Crash { tear: None, rollback_store: true },
+        Step::Crash {
+            tear: None,
+            rollback_store: true,
+        },
     ]);
 }

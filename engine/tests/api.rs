@@ -1,0 +1,491 @@
+//! The engine's API on its everyday paths and its refusals: trees, point reads, ranges and
+//! prefixes in both directions, compare-and-swap, counters, JSON documents, merge operators,
+//! conflicts between transactions, read-only mode, fail-stop on a poisoned log, and bad
+//! input (unknown tree or operator, oversized key or value, malformed JSON), where nothing
+//! may reach the log or the store. Guards against silent partial writes and wrong results.
+
+use std::sync::Arc;
+
+use tideline_engine::{
+    CasOutcome, Engine, EngineOptions, MergeOperator, ReadError, TreeInfo, WriteError,
+};
+use tideline_wal::{MemStorage, Wal, WalOptions};
+
+struct Node {
+    engine: Engine,
+    _dir: tempfile::TempDir,
+    storage: Arc<MemStorage>,
+}
+
+fn node() -> Node {
+    node_with(EngineOptions::default())
+}
+
+fn node_with(opts: EngineOptions) -> Node {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = Arc::new(MemStorage::new());
+    let wal = Wal::open(storage.clone(), WalOptions::default()).expect("open log");
+    let engine = Engine::open(dir.path(), Arc::new(wal), opts).expect("open engine");
+    Node {
+        engine,
+        _dir: dir,
+        storage,
+    }
+}
+
+fn scan(it: tideline_engine::Scan) -> Vec<(String, String)> {
+    it.map(|kv| {
+        let (k, v) = kv.expect("scan item");
+        (
+            String::from_utf8(k).expect("utf8 key"),
+            String::from_utf8(v).expect("utf8 value"),
+        )
+    })
+    .collect()
+}
+
+#[test]
+fn first_commit_is_offset_one_and_creates_default_inside_it() {
+    let n = node();
+    let e = &n.engine;
+    assert_eq!(
+        e.wal().visible_offset(),
+        0,
+        "opening writes nothing to the log"
+    );
+    let c = e.put("default", b"k", b"v").expect("put");
+    assert_eq!(c.offset.get(), 1);
+    assert_eq!(c.gtid.to_string(), format!("{}:1", e.server_uuid()));
+    let txn = e
+        .wal()
+        .read_from(c.offset)
+        .expect("reader")
+        .next_txn()
+        .expect("read")
+        .expect("record");
+    assert!(
+        matches!(&txn.ops[0], tideline_wal::Op::CreateTree { tree, merge_operator: None } if tree == "default")
+    );
+    assert!(matches!(&txn.ops[1], tideline_wal::Op::Put { .. }));
+    assert_eq!(
+        e.trees(),
+        vec![TreeInfo {
+            name: "default".into(),
+            merge_operator: None
+        }]
+    );
+}
+
+#[test]
+fn ranges_prefixes_and_reverse() {
+    let n = node();
+    let e = &n.engine;
+    for k in ["a", "b", "ba", "bb", "c", "d"] {
+        e.put("default", k.as_bytes(), k.to_uppercase().as_bytes())
+            .expect("put");
+    }
+    let keys = |v: Vec<(String, String)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    assert_eq!(
+        keys(scan(
+            e.range("default", &b"b"[..]..&b"c"[..], false)
+                .expect("range")
+        )),
+        ["b", "ba", "bb"]
+    );
+    assert_eq!(
+        keys(scan(
+            e.range("default", &b"b"[..]..=&b"c"[..], true)
+                .expect("range")
+        )),
+        ["c", "bb", "ba", "b"]
+    );
+    assert_eq!(
+        keys(scan(
+            e.range("default", &b"bb"[..].., false).expect("range")
+        )),
+        ["bb", "c", "d"]
+    );
+    assert_eq!(
+        keys(scan(e.range("default", ..&b"b"[..], false).expect("range"))),
+        ["a"]
+    );
+    assert!(
+        scan(
+            e.range("default", &b"d"[..]..&b"a"[..], false)
+                .expect("inverted")
+        )
+        .is_empty()
+    );
+    assert_eq!(
+        keys(scan(e.prefix("default", b"b", false).expect("prefix"))),
+        ["b", "ba", "bb"]
+    );
+    assert_eq!(
+        keys(scan(e.prefix("default", b"b", true).expect("prefix"))),
+        ["bb", "ba", "b"]
+    );
+    // Inside a transaction, own writes show through ranges, deletes hide keys.
+    e.transaction(|tx| {
+        tx.delete("default", b"ba")?;
+        tx.put("default", b"bc", b"new")?;
+        let got: Vec<Vec<u8>> = tx
+            .prefix("default", b"b", false, 10)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(got, vec![b"b".to_vec(), b"bb".to_vec(), b"bc".to_vec()]);
+        let got: Vec<Vec<u8>> = tx
+            .range("default", &b"a"[..].., true, 2)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(got, vec![b"d".to_vec(), b"c".to_vec()]);
+        Ok(())
+    })
+    .expect("txn");
+}
+
+#[test]
+fn cas_counters_json_and_merge_operators() {
+    let n = node();
+    let e = &n.engine;
+    // Compare-and-swap.
+    assert!(matches!(
+        e.compare_and_swap("default", b"k", None, Some(b"1"))
+            .expect("cas"),
+        CasOutcome::Swapped(_)
+    ));
+    assert_eq!(
+        e.compare_and_swap("default", b"k", None, Some(b"2"))
+            .expect("cas"),
+        CasOutcome::Mismatch(Some(b"1".to_vec()))
+    );
+    assert!(matches!(
+        e.compare_and_swap("default", b"k", Some(b"1"), None)
+            .expect("cas"),
+        CasOutcome::Swapped(_)
+    ));
+    assert_eq!(e.get("default", b"k").expect("get"), None);
+    // Counters.
+    assert_eq!(e.increment("default", b"n", 5).expect("incr"), 5);
+    assert_eq!(e.increment("default", b"n", -7).expect("incr"), -2);
+    e.put("default", b"text", b"abc").expect("put");
+    assert!(matches!(
+        e.increment("default", b"text", 1),
+        Err(WriteError::NotAnInteger { .. })
+    ));
+    // JSON documents.
+    e.put_json("default", b"doc", r#"{"a":1,"b":{"c":2}}"#)
+        .expect("put json");
+    let doc = e
+        .patch_json("default", b"doc", r#"{"b":{"c":null,"d":3},"e":"x"}"#)
+        .expect("patch");
+    assert_eq!(doc, serde_json::json!({"a":1,"b":{"d":3},"e":"x"}));
+    assert_eq!(e.get_json("default", b"doc").expect("get json"), Some(doc));
+    assert!(matches!(
+        e.get_json("default", b"text"),
+        Err(ReadError::NotJson { .. })
+    ));
+    // Every built-in operator, logged as operands.
+    for m in MergeOperator::ALL {
+        e.create_tree(m.name(), Some(m.name())).expect("create");
+    }
+    e.merge("add", b"k", b"40").expect("merge");
+    e.merge("add", b"k", b"2").expect("merge");
+    e.merge("append", b"k", b"ab").expect("merge");
+    e.merge("append", b"k", b"cd").expect("merge");
+    e.merge("max", b"k", b"3").expect("merge");
+    e.merge("max", b"k", b"-9").expect("merge");
+    e.merge("json-merge-patch", b"k", br#"{"a":{"b":1}}"#)
+        .expect("merge");
+    e.merge("json-merge-patch", b"k", br#"{"a":{"c":2},"z":null}"#)
+        .expect("merge");
+    assert_eq!(
+        e.get("add", b"k").expect("get").as_deref(),
+        Some(&b"42"[..])
+    );
+    assert_eq!(
+        e.get("append", b"k").expect("get").as_deref(),
+        Some(&b"abcd"[..])
+    );
+    assert_eq!(e.get("max", b"k").expect("get").as_deref(), Some(&b"3"[..]));
+    assert_eq!(
+        e.get_json("json-merge-patch", b"k").expect("get"),
+        Some(serde_json::json!({"a":{"b":1,"c":2}}))
+    );
+    // A merge and a read of the same key in one transaction see the merged value.
+    let out = e
+        .transaction(|tx| {
+            tx.merge("add", b"k", b"8")?;
+            tx.get("add", b"k")
+        })
+        .expect("txn");
+    assert_eq!(out.value.as_deref(), Some(&b"50"[..]));
+    // The log holds the operand, not the result.
+    let last = e
+        .wal()
+        .read_from(out.commit.expect("logged").offset)
+        .expect("reader")
+        .next_txn()
+        .expect("read")
+        .expect("record");
+    assert!(matches!(&last.ops[0], tideline_wal::Op::Merge { operand, .. } if operand == b"8"));
+}
+
+#[test]
+fn trees_create_list_drop() {
+    let n = node();
+    let e = &n.engine;
+    assert!(e.create_tree("users", None).expect("create").is_some());
+    assert!(
+        e.create_tree("users", None).expect("same again").is_none(),
+        "no-op, nothing logged"
+    );
+    assert!(matches!(
+        e.create_tree("users", Some("add")),
+        Err(WriteError::TreeExists { .. })
+    ));
+    e.put("users", b"u1", b"ann").expect("put");
+    let snap = e.snapshot();
+    e.drop_tree("users").expect("drop");
+    assert!(matches!(
+        e.get("users", b"u1"),
+        Err(ReadError::UnknownTree(_))
+    ));
+    assert_eq!(
+        snap.get("users", b"u1")
+            .expect("old snapshot still reads")
+            .as_deref(),
+        Some(&b"ann"[..])
+    );
+    e.create_tree("users", Some("append")).expect("re-create");
+    assert_eq!(
+        e.get("users", b"u1").expect("get"),
+        None,
+        "a re-created tree starts empty"
+    );
+    assert_eq!(
+        e.trees(),
+        vec![TreeInfo {
+            name: "users".into(),
+            merge_operator: Some(MergeOperator::Append)
+        }]
+    );
+}
+
+#[test]
+fn conflicting_transactions_report_a_retryable_error() {
+    let n = node();
+    let e = &n.engine;
+    e.put("default", b"x", b"0").expect("put");
+    let mut t1 = e.begin();
+    let mut t2 = e.begin();
+    assert_eq!(
+        t1.get("default", b"x").expect("read").as_deref(),
+        Some(&b"0"[..])
+    );
+    assert_eq!(
+        t2.get("default", b"x").expect("read").as_deref(),
+        Some(&b"0"[..])
+    );
+    t1.put("default", b"x", b"1").expect("write");
+    t2.put("default", b"x", b"2").expect("write");
+    t1.commit().expect("first commit wins");
+    let err = t2.commit().expect_err("second must conflict");
+    assert!(err.is_retryable(), "{err}");
+    assert_eq!(
+        e.get("default", b"x").expect("get").as_deref(),
+        Some(&b"1"[..])
+    );
+    // A range read conflicts with an insert into the range (no phantoms).
+    let mut t3 = e.begin();
+    assert_eq!(
+        t3.prefix("default", b"y", false, 10).expect("scan").len(),
+        0
+    );
+    e.put("default", b"y1", b"p").expect("phantom");
+    t3.put("default", b"count", b"0").expect("write");
+    assert!(t3.commit().expect_err("phantom").is_retryable());
+    // Concurrent increments all land, through retries.
+    let e = Arc::new(n);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let n = e.clone();
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    n.engine.increment("default", b"ctr", 1).expect("increment");
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    assert_eq!(
+        e.engine.get("default", b"ctr").expect("get").as_deref(),
+        Some(&b"200"[..])
+    );
+}
+
+#[test]
+fn bad_input_is_refused_and_nothing_is_written() {
+    let n = node_with(EngineOptions::default());
+    let e = &n.engine;
+    e.create_tree("plain", None).expect("create");
+    e.create_tree("sums", Some("add")).expect("create");
+    e.create_tree("docs", Some("json-merge-patch"))
+        .expect("create");
+    e.put("plain", b"keep", b"1").expect("put");
+    let before_offset = e.wal().visible_offset();
+    let before_gtids = e.gtid_executed();
+    let before_data: Vec<_> = e
+        .range::<&[u8]>("plain", .., false)
+        .expect("scan")
+        .map(|r| r.expect("item"))
+        .collect();
+
+    let big_key = vec![b'k'; 64 * 1024];
+    let big_value = vec![0u8; 16 * 1024 * 1024 + 1];
+    let cases: Vec<(&str, Result<(), WriteError>)> = vec![
+        ("unknown tree", e.put("nope", b"k", b"v").map(drop)),
+        (
+            "unknown merge operator",
+            e.create_tree("t2", Some("sum")).map(drop),
+        ),
+        ("bad tree name", e.create_tree("has space", None).map(drop)),
+        (
+            "merge without operator",
+            e.merge("plain", b"k", b"1").map(drop),
+        ),
+        ("bad add operand", e.merge("sums", b"k", b"one").map(drop)),
+        (
+            "bad json operand",
+            e.merge("docs", b"k", b"{oops").map(drop),
+        ),
+        (
+            "malformed json",
+            e.put_json("plain", b"k", "{\"a\":").map(drop),
+        ),
+        (
+            "malformed json patch",
+            e.patch_json("plain", b"keep", "[1,").map(drop),
+        ),
+        ("oversized key", e.put("plain", &big_key, b"v").map(drop)),
+        (
+            "oversized value",
+            e.put("plain", b"k", &big_value).map(drop),
+        ),
+        (
+            "oversized operand",
+            e.merge("sums", b"k", &big_value).map(drop),
+        ),
+        ("empty key", e.put("plain", b"", b"v").map(drop)),
+        ("drop unknown tree", e.drop_tree("nope").map(drop)),
+        // A transaction with good writes and one bad one writes none of them.
+        (
+            "bad op in a transaction",
+            e.transaction(|tx| {
+                tx.put("plain", b"good", b"1")?;
+                tx.merge("plain", b"bad", b"1")?;
+                Ok(())
+            })
+            .map(drop),
+        ),
+    ];
+    for (what, r) in cases {
+        let err = r.expect_err(what);
+        assert!(!err.is_retryable(), "{what}: {err}");
+        let msg = err.to_string();
+        assert!(msg.len() > 20, "{what}: message too thin: {msg}");
+        match what {
+            "unknown tree" | "drop unknown tree" => {
+                assert!(matches!(err, WriteError::UnknownTree(_)), "{what}: {err:?}")
+            }
+            "unknown merge operator" => assert!(
+                matches!(err, WriteError::UnknownMergeOperator { .. }),
+                "{err:?}"
+            ),
+            "oversized key" => assert!(
+                matches!(
+                    err,
+                    WriteError::KeyTooLarge {
+                        bytes: 65536,
+                        max: 65535
+                    }
+                ),
+                "{err:?}"
+            ),
+            "oversized value" | "oversized operand" => {
+                assert!(matches!(err, WriteError::ValueTooLarge { .. }), "{err:?}")
+            }
+            "malformed json" | "malformed json patch" => {
+                assert!(matches!(err, WriteError::MalformedJson { .. }), "{err:?}")
+            }
+            _ => {}
+        }
+    }
+    // The largest accepted key and value go through.
+    e.put(
+        "plain",
+        &big_key[..64 * 1024 - 1],
+        &big_value[..16 * 1024 * 1024],
+    )
+    .expect("at the limits");
+    e.delete("plain", &big_key[..64 * 1024 - 1])
+        .expect("delete");
+    assert_eq!(
+        e.wal().visible_offset(),
+        before_offset + 2,
+        "refusals logged nothing"
+    );
+    let mut g = before_gtids.clone();
+    g.union_with(&e.gtid_executed());
+    assert_eq!(g.count(), before_gtids.count() + 2);
+    let after_data: Vec<_> = e
+        .range::<&[u8]>("plain", .., false)
+        .expect("scan")
+        .map(|r| r.expect("item"))
+        .collect();
+    assert_eq!(before_data, after_data);
+    assert!(matches!(
+        e.get("nope", b"k"),
+        Err(ReadError::UnknownTree(_))
+    ));
+}
+
+#[test]
+fn read_only_refuses_local_writes() {
+    let n = node_with(EngineOptions {
+        read_only: true,
+        ..EngineOptions::default()
+    });
+    let e = &n.engine;
+    assert!(e.is_read_only());
+    let err = e.put("default", b"k", b"v").expect_err("read-only");
+    assert!(matches!(err, WriteError::ReadOnly));
+    assert!(err.to_string().contains("read-only"), "{err}");
+    assert_eq!(e.wal().visible_offset(), 0);
+    e.set_read_only(false);
+    e.put("default", b"k", b"v").expect("promoted");
+}
+
+#[test]
+fn poisoned_log_makes_the_engine_fail_stop() {
+    let n = node();
+    let e = &n.engine;
+    e.put("default", b"a", b"1").expect("put");
+    n.storage.fail_syncs_from(n.storage.sync_count() + 1);
+    let err = e.put("default", b"b", b"2").expect_err("fsync fails");
+    assert!(matches!(err, WriteError::FailStop { .. }), "{err:?}");
+    let err = e
+        .put("default", b"c", b"3")
+        .expect_err("refused afterwards");
+    assert!(matches!(err, WriteError::FailStop { .. }), "{err:?}");
+    assert!(e.fail_stop_reason().is_some());
+    // Reads still work and show only what was acknowledged.
+    assert_eq!(
+        e.get("default", b"a").expect("get").as_deref(),
+        Some(&b"1"[..])
+    );
+    assert_eq!(e.get("default", b"b").expect("get"), None);
+}
