@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fjall::{KeyspaceCreateOptions, PersistMode};
-use tideline_wal::{Appended, Gtid, GtidSet, NewTransaction, Offset, Op, Wal};
+use tideline_wal::{Gtid, GtidSet, NewTransaction, Offset, Op, Wal};
 use uuid::Uuid;
 
 use crate::catalog::{self, Catalog, DEFAULT_TREE, Tree, TreeInfo};
@@ -153,14 +153,20 @@ struct CommitState {
     history_floor: u64,
 }
 
+/// An acknowledged transaction waiting to be applied, and the committer to wake.
+struct Ready {
+    txn: Arc<NewTransaction>,
+    waiter: std::thread::Thread,
+}
+
 struct ApplyState {
     applied: u64,
-    ready: BTreeMap<u64, Arc<NewTransaction>>,
-    applying: bool,
+    ready: BTreeMap<u64, Ready>,
     /// The store could not apply: nothing more will be.
     store_failed: Option<String>,
     /// The log failed to acknowledge this offset: it and everything after will never apply.
     dead_from: u64,
+    dead_reason: String,
 }
 
 pub(crate) struct Inner {
@@ -187,12 +193,15 @@ pub(crate) struct Inner {
     checkpoint_lock: Mutex<()>,
     stop: Mutex<bool>,
     stop_cv: Condvar,
+    /// Tells the applier thread to exit once nothing visible is left to apply.
+    stopping: AtomicBool,
 }
 
 /// The embedded engine. Cheap to share: wrap it in an `Arc`; every method takes `&self`.
 pub struct Engine {
     pub(crate) inner: Arc<Inner>,
-    checkpointer: Mutex<Option<JoinHandle<()>>>,
+    /// The applier and checkpoint threads.
+    threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -224,10 +233,10 @@ pub(crate) enum Origin {
     Upstream { gtid: Gtid, timestamp_us: i64 },
 }
 
-/// A submitted, not yet acknowledged transaction.
+/// A submitted transaction, not yet applied.
 struct InFlight {
-    appended: Appended,
-    txn: Arc<NewTransaction>,
+    offset: Offset,
+    gtid: Gtid,
 }
 
 impl Engine {
@@ -387,9 +396,9 @@ impl Engine {
             apply: Mutex::new(ApplyState {
                 applied,
                 ready: BTreeMap::new(),
-                applying: false,
                 store_failed: None,
                 dead_from: u64::MAX,
+                dead_reason: String::new(),
             }),
             applied_cv: Condvar::new(),
             view: RwLock::new(View {
@@ -404,6 +413,7 @@ impl Engine {
             checkpoint_lock: Mutex::new(()),
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
+            stopping: AtomicBool::new(false),
         });
 
         // Replay.
@@ -435,16 +445,18 @@ impl Engine {
             .checkpoint()
             .map_err(|reason| OpenError::Apply { offset: 0, reason })?;
 
-        let bg = inner.clone();
-        let handle = std::thread::Builder::new()
-            .name("tideline-engine-checkpoint".into())
-            .spawn(move || bg.checkpoint_loop())
-            .map_err(|e| {
-                OpenError::BadOption(format!("cannot start the checkpoint thread: {e}"))
-            })?;
+        let spawn = |name: &str, f: fn(Arc<Inner>)| {
+            let bg = inner.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(bg))
+                .map_err(|e| OpenError::BadOption(format!("cannot start thread {name}: {e}")))
+        };
+        let applier = spawn("tideline-engine-apply", Inner::apply_loop)?;
+        let checkpointer = spawn("tideline-engine-checkpoint", Inner::checkpoint_loop)?;
         Ok(Engine {
             inner,
-            checkpointer: Mutex::new(Some(handle)),
+            threads: Mutex::new(vec![applier, checkpointer]),
         })
     }
 
@@ -774,7 +786,8 @@ impl Engine {
             *lock(&self.inner.stop) = true;
             self.inner.stop_cv.notify_all();
         }
-        if let Some(h) = lock(&self.checkpointer).take() {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        for h in lock(&self.threads).drain(..) {
             let _ = h.join();
         }
         self.checkpoint()
@@ -1083,8 +1096,20 @@ impl Inner {
             timestamp_us,
             ops: out,
         });
-        let (appended, ()) = self.wal.submit_with((*txn).clone(), |_| ())?;
+        // The applier learns of the transaction while the log assigns its offset (under the
+        // log's lock), so it is known before the log can make it visible. Acknowledgements
+        // reach committers through the applier; the log's own handle is not waited on.
+        let (appended, ()) = self.wal.submit_with((*txn).clone(), |off| {
+            lock(&self.apply).ready.insert(
+                off.get(),
+                Ready {
+                    txn: txn.clone(),
+                    waiter: std::thread::current(),
+                },
+            );
+        })?;
         let offset = appended.offset().get();
+        drop(appended);
         self.last_submitted.store(offset, Ordering::SeqCst);
 
         // Only now, with the record submitted, does the transaction count as in flight.
@@ -1116,86 +1141,158 @@ impl Inner {
                 _ => break,
             }
         }
-        Ok(Some(InFlight { appended, txn }))
+        Ok(Some(InFlight {
+            offset: Offset::new(offset).unwrap_or(Offset::FIRST),
+            gtid,
+        }))
     }
 
-    /// Waits for the log's acknowledgement, then for the transaction to be applied.
+    /// Waits until the transaction is applied (hence durable and visible), or failed.
     fn finish(&self, f: InFlight) -> Result<CommitInfo, WriteError> {
-        let offset = f.appended.offset();
-        let gtid = f.txn.gtid;
-        if let Err(e) = f.appended.wait() {
-            let reason = e.to_string();
-            self.fail(format!(
-                "the log did not acknowledge offset {offset}: {reason}"
-            ));
-            let mut a = lock(&self.apply);
-            a.dead_from = a.dead_from.min(offset.get());
+        let mut a = lock(&self.apply);
+        loop {
+            if let Some(r) = Self::outcome(&a, f.offset.get()) {
+                return r.map(|()| CommitInfo {
+                    offset: f.offset,
+                    gtid: f.gtid,
+                });
+            }
             drop(a);
-            self.applied_cv.notify_all();
-            return Err(WriteError::from(e));
+            // Woken by the applier (unpark); the timeout is only a safety net.
+            std::thread::park_timeout(Duration::from_millis(50));
+            a = lock(&self.apply);
         }
-        self.apply_and_wait(offset.get(), f.txn)?;
-        Ok(CommitInfo { offset, gtid })
     }
 
-    fn apply_and_wait(&self, offset: u64, txn: Arc<NewTransaction>) -> Result<(), WriteError> {
-        let mut a = lock(&self.apply);
-        a.ready.insert(offset, txn);
+    /// What became of `offset`, if anything final.
+    fn outcome(a: &ApplyState, offset: u64) -> Option<Result<(), WriteError>> {
+        if a.applied >= offset {
+            return Some(Ok(()));
+        }
+        if let Some(reason) = &a.store_failed {
+            return Some(Err(WriteError::FailStop {
+                reason: reason.clone(),
+            }));
+        }
+        if offset >= a.dead_from {
+            return Some(Err(WriteError::FailStop {
+                reason: a.dead_reason.clone(),
+            }));
+        }
+        None
+    }
+
+    /// The applier thread: waits for the log's visible head to move, applies every newly
+    /// visible transaction in offset order as one store batch per group, and wakes each
+    /// committer once (no thundering herd, one wake-up per commit).
+    fn apply_loop(self: Arc<Self>) {
         loop {
-            if a.applied >= offset {
+            let next = lock(&self.apply).applied + 1;
+            let Some(next_off) = Offset::new(next) else {
+                return;
+            };
+            match self
+                .wal
+                .wait_visible_blocking(next_off, Duration::from_millis(50))
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    // Poisoned: apply what became visible before, then fail the rest.
+                    let _ = self.apply_visible();
+                    let reason = format!("the log stopped acknowledging: {e}");
+                    self.fail(reason.clone());
+                    let mut a = lock(&self.apply);
+                    a.dead_from = a.applied + 1;
+                    a.dead_reason = reason;
+                    for r in a.ready.values() {
+                        r.waiter.unpark();
+                    }
+                    drop(a);
+                    self.applied_cv.notify_all();
+                    return;
+                }
+            }
+            if self.apply_visible().is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Applies every visible transaction not yet applied. `Err` once the store failed.
+    fn apply_visible(&self) -> Result<(), ()> {
+        let visible = self.wal.visible_offset();
+        loop {
+            let mut a = lock(&self.apply);
+            let next = a.applied + 1;
+            if next > visible {
                 return Ok(());
             }
-            if let Some(reason) = &a.store_failed {
-                return Err(WriteError::FailStop {
-                    reason: reason.clone(),
-                });
-            }
-            if offset >= a.dead_from {
-                return Err(WriteError::FailStop {
-                    reason: format!(
-                        "an earlier record (offset {}) was not acknowledged by the log",
-                        a.dead_from
-                    ),
-                });
-            }
-            let next = a.applied + 1;
-            if !a.applying && a.ready.contains_key(&next) {
-                a.applying = true;
-                let mut group = Vec::new();
-                let mut at = next;
-                while group.len() < self.opts.apply_group_txns_max {
-                    match a.ready.remove(&at) {
-                        Some(t) => {
-                            group.push((at, t));
-                            at += 1;
-                        }
-                        None => break,
+            let mut group = Vec::new();
+            let mut waiters = Vec::new();
+            let mut at = next;
+            while at <= visible && group.len() < self.opts.apply_group_txns_max {
+                match a.ready.remove(&at) {
+                    Some(r) => {
+                        group.push((at, r.txn));
+                        waiters.push(r.waiter);
+                        at += 1;
                     }
+                    None => break,
                 }
-                drop(a);
-                // A panic while applying must not leave `applying` set with every committer
-                // waiting: it becomes a store failure (fail-stop) like any other.
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    self.apply_group(&group)
-                }))
-                .unwrap_or_else(|_| Err("the applier panicked".into()));
-                a = lock(&self.apply);
-                a.applying = false;
-                match result {
-                    Ok(()) => a.applied = at - 1,
-                    Err(reason) => {
-                        let reason = format!(
-                            "applying offsets {next}..{} to the store failed: {reason}",
-                            at - 1
-                        );
-                        self.fail(reason.clone());
-                        a.store_failed = Some(reason);
-                    }
-                }
-                self.applied_cv.notify_all();
-                continue;
             }
-            a = self.applied_cv.wait(a).unwrap_or_else(|p| p.into_inner());
+            if group.is_empty() {
+                // Visible but never submitted through this engine: someone else writes to
+                // the log, which breaks the one-writer contract.
+                let reason = format!(
+                    "log offset {next} was not written by this engine; the engine must be the \
+                     log's only writer"
+                );
+                self.fail(reason.clone());
+                a.store_failed = Some(reason);
+                for r in a.ready.values() {
+                    r.waiter.unpark();
+                }
+                return Err(());
+            }
+            drop(a);
+            // A panic while applying becomes a store failure (fail-stop), not a hang.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply_group(&group)))
+                    .unwrap_or_else(|_| Err("the applier panicked".into()));
+            let mut a = lock(&self.apply);
+            match result {
+                Ok(()) => {
+                    a.applied = at - 1;
+                    drop(a);
+                    for w in waiters {
+                        w.unpark();
+                    }
+                    self.applied_cv.notify_all();
+                }
+                Err(reason) => {
+                    let reason = format!(
+                        "applying offsets {next}..={} to the store failed: {reason}",
+                        at - 1
+                    );
+                    self.fail(reason.clone());
+                    a.store_failed = Some(reason);
+                    for w in waiters {
+                        w.unpark();
+                    }
+                    for r in a.ready.values() {
+                        r.waiter.unpark();
+                    }
+                    drop(a);
+                    self.applied_cv.notify_all();
+                    return Err(());
+                }
+            }
         }
     }
 
