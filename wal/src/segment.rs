@@ -150,7 +150,8 @@ pub fn header_len(prefix: &[u8]) -> Result<u32, HeaderError> {
         return Err(HeaderError::BadMagic);
     }
     let total = u32::from_le_bytes([prefix[12], prefix[13], prefix[14], prefix[15]]);
-    if (total as usize) < HEADER_FIXED_BYTES || total > HEADER_BYTES_MAX || !total.is_multiple_of(8) {
+    if (total as usize) < HEADER_FIXED_BYTES || total > HEADER_BYTES_MAX || !total.is_multiple_of(8)
+    {
         return Err(HeaderError::Invalid("header length out of range"));
     }
     Ok(total)

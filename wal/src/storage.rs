@@ -112,9 +112,10 @@ impl Storage for FileStorage {
         for entry in fs::read_dir(&self.dir)? {
             let entry = entry?;
             if entry.file_type()?.is_file()
-                && let Ok(name) = entry.file_name().into_string() {
-                    out.push(name);
-                }
+                && let Ok(name) = entry.file_name().into_string()
+            {
+                out.push(name);
+            }
         }
         Ok(out)
     }

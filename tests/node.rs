@@ -1,0 +1,343 @@
+//! The node as users run it: real `tideline serve` processes and CLI commands over loopback
+//! QUIC. Covers the CLI contract (tails from every start position deliver exactly the expected
+//! transactions, in order, once; `get` of a missing key exits 1), resuming a tail across a
+//! SIGKILL of the server and across a restart of the consumer from its checkpoint file, a
+//! stalled consumer that must not hold up a fast one or the writers nor grow server memory, and
+//! clear refusals of a wrong token, an unreachable node and bad positions.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tideline");
+
+fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port on loopback")
+}
+
+struct Node {
+    child: Option<Child>,
+    data: PathBuf,
+    addr: String,
+}
+
+impl Node {
+    fn start(data: &Path, port: u16) -> Node {
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--data"])
+            .arg(data)
+            .args(["--listen", &addr])
+            .env("TIDELINE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tideline serve");
+        // The node prints one line when it serves.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "node did not start");
+            match lines.next() {
+                Some(Ok(l)) if l.contains("tideline serving on") => break,
+                Some(Ok(_)) => {}
+                other => panic!("node exited before serving: {other:?}"),
+            }
+        }
+        // Keep draining stderr so the node never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Node {
+            child: Some(child),
+            data: data.to_path_buf(),
+            addr,
+        }
+    }
+
+    fn secrets(&self) -> PathBuf {
+        self.data.join("secrets")
+    }
+
+    fn cli(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("TIDELINE_SECRETS", self.secrets());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        self.cli()
+            .args(args)
+            .args(["--node", &self.addr])
+            .output()
+            .expect("run tideline")
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn load(node: &Node, from: u64, to: u64, batch: usize) {
+    let mut child = node
+        .cli()
+        .args(["load", "--node", &node.addr, "--batch", &batch.to_string()])
+        // One transaction at a time, so offsets follow key order.
+        .args(["--parallel", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run tideline load");
+    {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        for i in from..=to {
+            writeln!(stdin, "key:{i:06}\tvalue-{i}").expect("write to load");
+        }
+    }
+    assert!(child.wait().expect("wait for load").success());
+}
+
+fn tail_lines(node: &Node, from: &str, limit: u64) -> Vec<Value> {
+    let out = node.run(&["tail", "--from", from, "--limit", &limit.to_string()]);
+    assert!(
+        out.status.success(),
+        "tail failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("tail prints UTF-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("tail prints JSON lines"))
+        .collect()
+}
+
+fn offsets(lines: &[Value]) -> Vec<u64> {
+    lines
+        .iter()
+        .map(|l| l["offset"].as_u64().expect("offset"))
+        .collect()
+}
+
+#[test]
+fn cli_tails_from_every_position_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), free_port());
+    load(&node, 1, 1000, 1); // 1,000 transactions of one put each
+    let status: Value = serde_json::from_slice(&node.run(&["status"]).stdout).unwrap();
+    let uuid = status["server_uuid"].as_str().unwrap().to_string();
+    assert_eq!(status["gtid_executed"], format!("{uuid}:1-1000"));
+    assert_eq!(status["last_offset"], 1000);
+
+    assert_eq!(
+        offsets(&tail_lines(&node, "earliest", 1000)),
+        (1..=1000).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        offsets(&tail_lines(&node, "offset:501", 500)),
+        (501..=1000).collect::<Vec<_>>()
+    );
+    let by_gtid = tail_lines(&node, &format!("gtid:{uuid}:1-600"), 400);
+    assert_eq!(offsets(&by_gtid), (601..=1000).collect::<Vec<_>>());
+    assert_eq!(by_gtid[0]["gtid"], format!("{uuid}:601"));
+    assert_eq!(by_gtid[0]["ops"][0]["key"], "key:000601");
+
+    // latest: only transactions committed after the tail subscribed.
+    let tail = node
+        .cli()
+        .args(["tail", "--node", &node.addr, "--from", "latest", "--limit", "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    load(&node, 1001, 1003, 1);
+    let out = tail.wait_with_output().unwrap();
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(offsets(&lines), vec![1001, 1002, 1003]);
+
+    // get/scan/del and the missing-key contract.
+    let got = node.run(&["get", "key:000007"]);
+    assert_eq!(got.stdout, b"value-7");
+    let missing = node.run(&["get", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(missing.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("not found"));
+    assert!(node.run(&["del", "key:000007"]).status.success());
+    assert_eq!(node.run(&["get", "key:000007"]).status.code(), Some(1));
+    let scan = node.run(&["scan", "--prefix", "key:00001", "--limit", "3"]);
+    assert_eq!(
+        String::from_utf8(scan.stdout).unwrap(),
+        "key:000010\tvalue-10\nkey:000011\tvalue-11\nkey:000012\tvalue-12\n"
+    );
+}
+
+#[test]
+fn tail_resumes_after_kill_9_of_the_node_and_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let port = free_port();
+    let mut node = Node::start(&data, port);
+    load(&node, 1, 300, 10); // 30 transactions
+    let checkpoint = dir.path().join("tail.cp");
+    let addr = node.addr.clone();
+    let tail = node
+        .cli()
+        .args(["tail", "--node", &addr, "--from", "earliest", "--limit", "60"])
+        .arg("--checkpoint")
+        .arg(&checkpoint)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let the tail catch up, kill the node hard, restart it, write more.
+    std::thread::sleep(Duration::from_millis(1500));
+    node.kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    let node = Node::start(&data, port);
+    load(&node, 301, 600, 10); // 30 more transactions
+    let out = tail.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(offsets(&lines), (1..=60).collect::<Vec<_>>(), "no gap, no duplicate");
+
+    // The consumer restarts from its checkpoint: nothing repeated, nothing skipped.
+    load(&node, 601, 650, 10); // 5 more
+    let out = node
+        .cli()
+        .args(["tail", "--node", &node.addr, "--from", "earliest", "--limit", "5"])
+        .arg("--checkpoint")
+        .arg(&checkpoint)
+        .output()
+        .unwrap();
+    let lines: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(offsets(&lines), (61..=65).collect::<Vec<_>>());
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_stalled_consumer_blocks_nobody_and_server_memory_stays_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), free_port());
+    // ~80 MB of log: far more than any buffer the server may hold for one consumer.
+    let value = "x".repeat(10_000);
+    let mut child = node
+        .cli()
+        .args(["load", "--node", &node.addr, "--batch", "100"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    {
+        let mut stdin = child.stdin.take().unwrap();
+        for i in 0..8_000 {
+            writeln!(stdin, "big:{i:06}\t{value}").unwrap();
+        }
+    }
+    assert!(child.wait().unwrap().success());
+    let rss_before = rss_kib(node.pid());
+
+    // A consumer that subscribes and never reads: its stdout pipe fills and it stops.
+    let mut stalled = node
+        .cli()
+        .args(["tail", "--node", &node.addr, "--from", "earliest"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // A fast consumer reads everything, and writers keep committing meanwhile.
+    let fast = node.run(&["tail", "--from", "earliest", "--limit", "80"]);
+    assert!(fast.status.success());
+    assert_eq!(String::from_utf8_lossy(&fast.stdout).lines().count(), 80);
+    load(&node, 1, 100, 1);
+    let rss_after = rss_kib(node.pid());
+    let _ = stalled.kill();
+    let _ = stalled.wait();
+    assert!(
+        rss_after < rss_before + 128 * 1024,
+        "server RSS grew from {rss_before} KiB to {rss_after} KiB with one stalled consumer"
+    );
+}
+
+#[test]
+fn wrong_token_unreachable_node_and_bad_positions_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), free_port());
+    load(&node, 1, 3, 1);
+
+    let bad_token = dir.path().join("bad-token");
+    std::fs::write(&bad_token, "0000\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["get", "--node", &node.addr, "k"])
+        .arg("--ca")
+        .arg(node.secrets().join("ca.pem"))
+        .arg("--token-file")
+        .arg(&bad_token)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused the token"), "{err}");
+
+    let started = Instant::now();
+    let out = node
+        .cli()
+        .args(["status", "--node", &format!("127.0.0.1:{}", free_port())])
+        .args(["--timeout-ms", "1500"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(started.elapsed() < Duration::from_secs(10), "must give up, not hang");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot reach"), "{err}");
+
+    for (from, expect) in [
+        ("garbage", "bad position"),
+        ("gtid:not-a-uuid:1", "bad position"),
+        ("offset:999999", "not available"),
+    ] {
+        let out = node.run(&["tail", "--from", from, "--limit", "1"]);
+        assert!(!out.status.success(), "{from}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(expect), "{from}: {err}");
+    }
+}
