@@ -102,7 +102,7 @@ fn reader(
             let v = engine.get("default", &k).expect("get");
             let ns = t.elapsed().as_nanos() as u64;
             std::hint::black_box(v);
-            if gets % 8 == 0 && samples.len() < samples.capacity() {
+            if gets.is_multiple_of(8) && samples.len() < samples.capacity() {
                 samples.push(ns);
             }
             gets += 1;
@@ -192,8 +192,12 @@ fn main() {
     // 2 + 3. Batch load with concurrent point reads; idle read latency first.
     let engine = open_engine(&base.path().join("load"), opts.clone());
     let loaded = AtomicU64::new(0);
-    let preload = (load_puts / 10).max(txn_puts);
-    load(&engine, 0, preload, loaders, txn_puts, &loaded);
+    // The load alone: nothing else runs.
+    let start = Instant::now();
+    load(&engine, 0, load_puts, loaders, txn_puts, &loaded);
+    let load_secs = start.elapsed().as_secs_f64();
+    let load_rate = load_puts as f64 / load_secs;
+    let preload = load_puts;
     let stop = AtomicBool::new(false);
     let idle = std::thread::scope(|s| {
         let hs: Vec<_> = (0..readers)
@@ -217,7 +221,7 @@ fn main() {
     let idle_p99 = percentile(&mut idle_samples, 0.99);
 
     stop.store(false, Ordering::SeqCst);
-    let (load_secs, busy) = std::thread::scope(|s| {
+    let (busy_load_secs, busy) = std::thread::scope(|s| {
         let hs: Vec<_> = (0..readers)
             .map(|r| {
                 s.spawn({
@@ -244,17 +248,20 @@ fn main() {
                 .collect::<Vec<_>>(),
         )
     });
-    let load_rate = load_puts as f64 / load_secs;
+    let busy_load_rate = load_puts as f64 / busy_load_secs;
     let busy_gets: u64 = busy.iter().map(|r| r.0).sum();
-    let busy_rate = busy_gets as f64 / load_secs;
+    let busy_rate = busy_gets as f64 / busy_load_secs;
     let mut busy_samples: Vec<u64> = busy.into_iter().flat_map(|r| r.1).collect();
     let busy_p50 = percentile(&mut busy_samples, 0.50);
     let busy_p99 = percentile(&mut busy_samples, 0.99);
     println!(
         "batch load: {load_puts} puts of 100 B in transactions of {txn_puts}, {loaders} loaders:"
     );
-    println!("  {load_rate:>10.0} puts/s  ({load_secs:.2} s)");
-    println!("point gets, {readers} readers ({preload} keys before the load):");
+    println!("  alone         : {load_rate:>10.0} puts/s  ({load_secs:.2} s)");
+    println!(
+        "  with {readers} readers: {busy_load_rate:>10.0} puts/s  ({busy_load_secs:.2} s, a second load of {load_puts} new keys)"
+    );
+    println!("point gets, {readers} readers ({preload} keys before the second load):");
     println!("  idle        : {idle_rate:>10.0} gets/s  p50 {idle_p50} ns  p99 {idle_p99} ns");
     println!(
         "  during load : {busy_rate:>10.0} gets/s  p50 {busy_p50} ns  p99 {busy_p99} ns  ({:.2}x idle p99)",
@@ -291,6 +298,7 @@ fn main() {
             "engine_vs_wal": (engine_rate / wal_rate * 1000.0).round() / 1000.0,
             "load_puts": load_puts,
             "load_puts_per_s": load_rate.round(),
+            "load_with_readers_puts_per_s": busy_load_rate.round(),
             "readers": readers,
             "idle_gets_per_s": idle_rate.round(),
             "idle_p99_ns": idle_p99,

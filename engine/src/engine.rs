@@ -233,6 +233,13 @@ pub(crate) enum Origin {
     Upstream { gtid: Gtid, timestamp_us: i64 },
 }
 
+/// A transaction ready to be submitted: see [`Inner::prepare`].
+struct Prepared {
+    ops: Vec<Op>,
+    copy: Vec<Op>,
+    keys: Vec<(Arc<str>, Vec<u8>)>,
+}
+
 /// A submitted transaction, not yet applied.
 struct InFlight {
     offset: Offset,
@@ -740,28 +747,33 @@ impl Engine {
     }
 
     /// [`Engine::apply_upstream`] for many transactions in order, sharing group commits.
-    /// On error, the transactions before the failing one may have been applied.
+    /// Keys and values of the whole batch are checked before anything is submitted; on a
+    /// later error (an unknown tree), the transactions before the failing one are applied.
     pub fn apply_upstream_batch(
         &self,
         txns: Vec<NewTransaction>,
     ) -> Result<Vec<Applied>, WriteError> {
         let mut results = Vec::with_capacity(txns.len());
         let mut pending = Vec::new();
-        {
-            let inner = &self.inner;
-            inner.check_not_failed()?;
-            let mut st = lock(&inner.commit);
-            for txn in txns {
+        let inner = &self.inner;
+        inner.check_not_failed()?;
+        // Limits are checked for the whole batch before anything is submitted.
+        let prepared = txns
+            .into_iter()
+            .map(|t| {
                 let origin = Origin::Upstream {
-                    gtid: txn.gtid,
-                    timestamp_us: txn.timestamp_us,
+                    gtid: t.gtid,
+                    timestamp_us: t.timestamp_us,
                 };
-                match inner.submit_locked(&mut st, txn.ops, None, origin)? {
-                    None => results.push(Applied::AlreadyExecuted),
-                    Some(f) => {
-                        results.push(Applied::AlreadyExecuted);
-                        pending.push((results.len() - 1, f));
-                    }
+                inner.prepare(t.ops, true).map(|p| (p, origin))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        {
+            let mut st = lock(&inner.commit);
+            for (p, origin) in prepared {
+                results.push(Applied::AlreadyExecuted);
+                if let Some(f) = inner.submit_locked(&mut st, p, None, origin)? {
+                    pending.push((results.len() - 1, f));
                 }
             }
         }
@@ -803,9 +815,10 @@ impl Engine {
             return Err(WriteError::ReadOnly);
         }
         inner.check_not_failed()?;
+        let prepared = inner.prepare(ops, false)?;
         let f = {
             let mut st = lock(&inner.commit);
-            inner.submit_locked(&mut st, ops, reads, Origin::Local)?
+            inner.submit_locked(&mut st, prepared, reads, Origin::Local)?
         };
         match f {
             None => Ok(None),
@@ -929,13 +942,50 @@ impl Inner {
 
     /// Validates and submits one transaction; called with the commit lock held. `Ok(None)`:
     /// nothing to log (a local transaction without effect, or an upstream GTID already here).
+    /// The work of a commit that needs no lock: limit checks (for upstream transactions;
+    /// local ones were checked op by op), the copy of the ops the applier keeps, and the
+    /// write set for conflict checks.
+    fn prepare(&self, ops: Vec<Op>, check_limits: bool) -> Result<Prepared, WriteError> {
+        let mut keys = Vec::with_capacity(ops.len());
+        let mut last_tree: Option<Arc<str>> = None;
+        for op in &ops {
+            let (tree, key, value) = match op {
+                Op::Put {
+                    tree, key, value, ..
+                } => (tree, key, Some(value.as_slice())),
+                Op::Merge {
+                    tree, key, operand, ..
+                } => (tree, key, Some(operand.as_slice())),
+                Op::Delete { tree, key, .. } => (tree, key, None),
+                Op::CreateTree { .. } | Op::DropTree { .. } => continue,
+            };
+            if check_limits {
+                check_kv(&self.opts, tree, key, value)?;
+            }
+            let name = match &last_tree {
+                Some(t) if **t == **tree => t.clone(),
+                _ => {
+                    let t: Arc<str> = Arc::from(tree.as_str());
+                    last_tree = Some(t.clone());
+                    t
+                }
+            };
+            keys.push((name, key.clone()));
+        }
+        let copy = ops.clone();
+        Ok(Prepared { ops, copy, keys })
+    }
+
     fn submit_locked(
         &self,
         st: &mut CommitState,
-        ops: Vec<Op>,
+        prepared: Prepared,
         reads: Option<(u64, &[ReadItem])>,
         origin: Origin,
     ) -> Result<Option<InFlight>, WriteError> {
+        let Prepared { ops, copy, keys } = prepared;
+        // Set when the logged op list differs from `ops` (an op dropped or added).
+        let mut modified = false;
         let local = matches!(origin, Origin::Local);
         if let Origin::Upstream { gtid, .. } = origin
             && st.submitted.contains(&gtid)
@@ -981,7 +1031,6 @@ impl Inner {
             }
         };
         let mut out: Vec<Op> = Vec::with_capacity(ops.len() + 1);
-        let mut keys: Vec<(Arc<str>, Vec<u8>)> = Vec::new();
         let mut tree_ops: Vec<Arc<str>> = Vec::new();
         let mut names: HashMap<String, Arc<str>> = HashMap::new();
         let mut intern = |s: &str| -> Arc<str> {
@@ -1013,6 +1062,7 @@ impl Inner {
                     match tree_state(&changes, tree) {
                         Some(existing) if local => {
                             if existing == m {
+                                modified = true;
                                 continue;
                             }
                             return Err(WriteError::TreeExists {
@@ -1038,15 +1088,7 @@ impl Inner {
                     }
                     tree_ops.push(intern(tree));
                 }
-                Op::Put { tree, key, .. }
-                | Op::Delete { tree, key, .. }
-                | Op::Merge { tree, key, .. } => {
-                    let value = match &op {
-                        Op::Put { value, .. } => Some(value.as_slice()),
-                        Op::Merge { operand, .. } => Some(operand.as_slice()),
-                        _ => None,
-                    };
-                    check_kv(&self.opts, tree, key, value)?;
+                Op::Put { tree, .. } | Op::Delete { tree, .. } | Op::Merge { tree, .. } => {
                     let state = match tree_state(&changes, tree) {
                         Some(s) => s,
                         None if local && tree == DEFAULT_TREE => {
@@ -1057,6 +1099,7 @@ impl Inner {
                             });
                             changes.insert(DEFAULT_TREE.into(), Some(None));
                             tree_ops.push(intern(DEFAULT_TREE));
+                            modified = true;
                             None
                         }
                         None => return Err(WriteError::UnknownTree(tree.clone())),
@@ -1070,7 +1113,6 @@ impl Inner {
                                 reason,
                             })?;
                     }
-                    keys.push((intern(tree), key.clone()));
                 }
             }
             out.push(op);
@@ -1094,12 +1136,17 @@ impl Inner {
         let txn = Arc::new(NewTransaction {
             gtid,
             timestamp_us,
-            ops: out,
+            ops: if modified { out.clone() } else { copy },
         });
+        let logged = NewTransaction {
+            gtid,
+            timestamp_us,
+            ops: out,
+        };
         // The applier learns of the transaction while the log assigns its offset (under the
         // log's lock), so it is known before the log can make it visible. Acknowledgements
         // reach committers through the applier; the log's own handle is not waited on.
-        let (appended, ()) = self.wal.submit_with((*txn).clone(), |off| {
+        let (appended, ()) = self.wal.submit_with(logged, |off| {
             lock(&self.apply).ready.insert(
                 off.get(),
                 Ready {

@@ -9,10 +9,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
 
 use tideline_wal::Op;
 
-use crate::catalog::{self, DEFAULT_TREE};
+use crate::catalog::{self, Catalog, DEFAULT_TREE};
 use crate::engine::{CommitInfo, Engine, check_kv};
 use crate::error::WriteError;
 use crate::merge::{self, MergeOperator};
@@ -46,8 +47,12 @@ pub struct Txn<'e> {
     engine: &'e Engine,
     snap: Option<Snapshot>,
     ops: Vec<Op>,
-    /// Indices into `ops` of the writes to each (tree, key), in order.
-    writes: BTreeMap<(String, Vec<u8>), Vec<usize>>,
+    /// Indices into `ops` of the writes to each (tree, key), in order; built at the first
+    /// read, so write-only transactions never pay for it.
+    writes: Option<BTreeMap<(String, Vec<u8>), Vec<usize>>>,
+    /// The engine's catalog when this transaction first wrote (writes are checked against
+    /// it early, and again at commit against every submitted transaction).
+    catalog: Option<Arc<Catalog>>,
     reads: Vec<ReadItem>,
     /// Values read from the snapshot, by (tree, key).
     read_values: HashMap<(String, Vec<u8>), Option<Vec<u8>>>,
@@ -81,7 +86,8 @@ impl<'e> Txn<'e> {
             engine,
             snap: None,
             ops: Vec::new(),
-            writes: BTreeMap::new(),
+            writes: None,
+            catalog: None,
             reads: Vec::new(),
             read_values: HashMap::new(),
             trees: BTreeMap::new(),
@@ -100,13 +106,16 @@ impl<'e> Txn<'e> {
 
     /// The tree as writes see it: local changes, else the engine's latest catalog (checked
     /// again at commit against every submitted transaction).
-    fn tree_for_write(&self, tree: &str) -> Result<TreeState, WriteError> {
+    fn tree_for_write(&mut self, tree: &str) -> Result<TreeState, WriteError> {
         match self.trees.get(tree) {
             Some(Some(m)) => return Ok(TreeState::Created(*m)),
             Some(None) => return Err(WriteError::UnknownTree(tree.to_string())),
             None => {}
         }
-        match self.engine.inner.current_catalog().get(tree) {
+        let catalog = self
+            .catalog
+            .get_or_insert_with(|| self.engine.inner.current_catalog());
+        match catalog.get(tree) {
             Some(t) => Ok(TreeState::Existing(t.merge)),
             None if tree == DEFAULT_TREE => Ok(TreeState::ImplicitDefault),
             None => Err(WriteError::UnknownTree(tree.to_string())),
@@ -128,11 +137,36 @@ impl<'e> Txn<'e> {
     }
 
     fn push_write(&mut self, tree: &str, key: &[u8], op: Op) {
-        self.writes
-            .entry((tree.to_string(), key.to_vec()))
-            .or_default()
-            .push(self.ops.len());
+        if let Some(w) = &mut self.writes {
+            w.entry((tree.to_string(), key.to_vec()))
+                .or_default()
+                .push(self.ops.len());
+        }
         self.ops.push(op);
+    }
+
+    /// Builds the index of own writes if a read needs it.
+    fn index_writes(&mut self) {
+        if self.writes.is_some() {
+            return;
+        }
+        let mut w: BTreeMap<(String, Vec<u8>), Vec<usize>> = BTreeMap::new();
+        for (i, op) in self.ops.iter().enumerate() {
+            match op {
+                Op::Put { tree, key, .. }
+                | Op::Delete { tree, key, .. }
+                | Op::Merge { tree, key, .. } => {
+                    w.entry((tree.clone(), key.clone())).or_default().push(i);
+                }
+                Op::DropTree { tree } => w.retain(|(t, _), _| t != tree),
+                Op::CreateTree { .. } => {}
+            }
+        }
+        self.writes = Some(w);
+    }
+
+    fn own_writes(&self, tree: &str, key: &[u8]) -> Option<&Vec<usize>> {
+        self.writes.as_ref()?.get(&(tree.to_string(), key.to_vec()))
     }
 
     /// Sets `key` in `tree` to `value`.
@@ -236,12 +270,15 @@ impl<'e> Txn<'e> {
             tree: tree.to_string(),
         });
         self.trees.insert(tree.to_string(), None);
-        self.writes.retain(|(t, _), _| t != tree);
+        if let Some(w) = &mut self.writes {
+            w.retain(|(t, _), _| t != tree);
+        }
         Ok(())
     }
 
     /// The value of `key` in `tree`: the snapshot's, with this transaction's own writes on top.
     pub fn get(&mut self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, WriteError> {
+        self.index_writes();
         let (base, merge) = match self.tree_for_read(tree)? {
             TreeState::Created(m) => (None, m),
             TreeState::ImplicitDefault => (self.read_base(tree, key)?, None),
@@ -271,7 +308,7 @@ impl<'e> Txn<'e> {
         base: Option<Vec<u8>>,
         merge: Option<MergeOperator>,
     ) -> Option<Vec<u8>> {
-        let Some(idx) = self.writes.get(&(tree.to_string(), key.to_vec())) else {
+        let Some(idx) = self.own_writes(tree, key) else {
             return base;
         };
         let mut v = base;
@@ -304,6 +341,7 @@ impl<'e> Txn<'e> {
         let Some((lo, hi)) = owned_bounds(&range) else {
             return Ok(Vec::new());
         };
+        self.index_writes();
         let state = self.tree_for_read(tree)?;
         let merge = match state {
             TreeState::Existing(m) | TreeState::Created(m) => m,
@@ -311,13 +349,17 @@ impl<'e> Txn<'e> {
         };
         let own: Vec<Vec<u8>> = self
             .writes
-            .range((
-                map_bound(&lo, |k| (tree.to_string(), k.clone())),
-                map_bound(&hi, |k| (tree.to_string(), k.clone())),
-            ))
-            .filter(|((t, _), _)| t == tree)
-            .map(|((_, k), _)| k.clone())
-            .collect();
+            .as_ref()
+            .map(|w| {
+                w.range((
+                    map_bound(&lo, |k| (tree.to_string(), k.clone())),
+                    map_bound(&hi, |k| (tree.to_string(), k.clone())),
+                ))
+                .filter(|((t, _), _)| t == tree)
+                .map(|((_, k), _)| k.clone())
+                .collect()
+            })
+            .unwrap_or_default();
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
         if !matches!(state, TreeState::Created(_)) {
             self.reads.push(ReadItem::Range {
@@ -375,7 +417,13 @@ impl<'e> Txn<'e> {
         }
         // Record before-images where this transaction read the key from its snapshot and
         // the write is the first to that key: the commit check makes the read current.
-        for ((tree, key), idx) in &self.writes {
+        let writes = if self.read_values.is_empty() {
+            None
+        } else {
+            self.index_writes();
+            self.writes.take()
+        };
+        for ((tree, key), idx) in writes.iter().flatten() {
             let Some(&first) = idx.first() else { continue };
             if let Some(before) = self.read_values.get(&(tree.clone(), key.clone())) {
                 match &mut self.ops[first] {
