@@ -189,6 +189,9 @@ struct Pending {
 struct State {
     next_offset: u64,
     pending: Pending,
+    /// The last batch's buffer, cleared, handed back by the writer so the next batch does not
+    /// grow a fresh allocation (and fault in fresh pages) from nothing.
+    spare: Vec<u8>,
     segments: Vec<SegmentMeta>,
     closing: bool,
 }
@@ -634,6 +637,7 @@ impl Wal {
                     first: next_offset,
                     ..Pending::default()
                 },
+                spare: Vec::new(),
                 segments,
                 closing: false,
             }),
@@ -711,9 +715,14 @@ impl Wal {
         if shared.opts.read_only {
             return Err(Error::ReadOnly);
         }
-        let payload = rkyv::to_bytes::<rkyv::rancor::Error>(&txn).map_err(|e| Error::Encode {
-            reason: e.to_string(),
-        })?;
+        // Sized up front: growing a large record's buffer by doubling copies it several times.
+        let buf = rkyv::util::AlignedVec::<16>::with_capacity(encoded_size_hint(&txn));
+        let payload =
+            rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&txn, buf).map_err(|e| {
+                Error::Encode {
+                    reason: e.to_string(),
+                }
+            })?;
         if payload.len() as u64 > u64::from(shared.opts.record_bytes_max) {
             return Err(Error::RecordTooLarge {
                 bytes: payload.len() as u64,
@@ -1152,6 +1161,38 @@ fn create_segment(
     })
 }
 
+/// Largest batch buffer the writer keeps for reuse.
+const SPARE_BYTES_MAX: usize = 256 << 20;
+
+/// A close upper estimate of a transaction's archived size.
+fn encoded_size_hint(txn: &NewTransaction) -> usize {
+    let ops: usize = txn
+        .ops
+        .iter()
+        .map(|op| {
+            let bytes = match op {
+                crate::Op::Put {
+                    tree,
+                    key,
+                    value,
+                    before,
+                } => tree.len() + key.len() + value.len() + before.as_ref().map_or(0, Vec::len),
+                crate::Op::Delete { tree, key, before } => {
+                    tree.len() + key.len() + before.as_ref().map_or(0, Vec::len)
+                }
+                crate::Op::Merge { tree, key, operand } => tree.len() + key.len() + operand.len(),
+                crate::Op::CreateTree {
+                    tree,
+                    merge_operator,
+                } => tree.len() + merge_operator.as_ref().map_or(0, String::len),
+                crate::Op::DropTree { tree } => tree.len(),
+            };
+            bytes + 48
+        })
+        .sum();
+    ops + 64
+}
+
 /// Longest a writer waits to gather a batch (see the gathering comment in `writer_main`).
 const GATHER_MAX: Duration = Duration::from_micros(200);
 
@@ -1237,10 +1278,12 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                 }
             }
             let next_first = state.next_offset;
+            let bytes = std::mem::take(&mut state.spare);
             let batch = std::mem::replace(
                 &mut state.pending,
                 Pending {
                     first: next_first,
+                    bytes,
                     ..Pending::default()
                 },
             );
@@ -1323,6 +1366,11 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
             }
             for ack in batch.acks {
                 let _ = ack.send(Ok(()));
+            }
+            let mut bytes = batch.bytes;
+            if bytes.capacity() <= SPARE_BYTES_MAX {
+                bytes.clear();
+                lock(&shared.state).spare = bytes;
             }
         }
 
