@@ -8,9 +8,11 @@
 //!
 //! Prints readable figures, then one JSON line. Sizes come from environment variables so CI
 //! can run it small:
-//! `BENCH_WRITERS` (64), `BENCH_COMMITS` (20000, total per system), `BENCH_LOAD_PUTS`
+//! `BENCH_WRITERS` (64), `BENCH_COMMITS` (20000, total per system, in `BENCH_ROUNDS` (4)
+//! alternating rounds), `BENCH_LOAD_PUTS`
 //! (1000000), `BENCH_LOADERS` (2), `BENCH_READERS` (2), `BENCH_RSS_KEYS` (10000000),
-//! `BENCH_DIR` (a temporary directory under the system temp dir).
+//! `BENCH_CACHE_MB` (the engine default, 64), `BENCH_DIR` (a temporary directory under the
+//! system temp dir), `BENCH_ONLY_COMMITS` (set: stop after step 1).
 //!
 //! `cargo bench -p tideline-engine --bench engine`
 
@@ -64,8 +66,9 @@ fn percentile(samples: &mut [u64], p: f64) -> u64 {
     samples[idx]
 }
 
-/// Commits/s of `writers` threads doing `total` single-put commits through `commit`.
-fn concurrent_commits(writers: u64, total: u64, commit: impl Fn(u64, u64) + Sync) -> f64 {
+/// Runs `total` single-put commits from `writers` threads through `commit`; returns
+/// (commits, seconds).
+fn concurrent_commits(writers: u64, total: u64, commit: impl Fn(u64, u64) + Sync) -> (u64, f64) {
     let per = total / writers;
     let start = Instant::now();
     std::thread::scope(|s| {
@@ -78,7 +81,7 @@ fn concurrent_commits(writers: u64, total: u64, commit: impl Fn(u64, u64) + Sync
             });
         }
     });
-    (per * writers) as f64 / start.elapsed().as_secs_f64()
+    (per * writers, start.elapsed().as_secs_f64())
 }
 
 /// Gets random loaded keys until `stop`; returns (gets, latency samples in ns).
@@ -111,8 +114,32 @@ fn reader(
     (gets, samples)
 }
 
+/// 100 bytes that do not compress, different for every key.
+fn value_of(i: u64) -> [u8; 100] {
+    let mut v = [0u8; 100];
+    let mut x = i.wrapping_mul(0x2545_F491_4F6C_DD1D) | 1;
+    for chunk in v.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    v
+}
+
+/// Waits (up to a minute) until the store has no flush or compaction running.
+fn settle(engine: &Engine) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let s = engine.store_stats();
+        if s.outstanding_flushes == 0 && s.active_compactions == 0 {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn load(engine: &Engine, from: u64, to: u64, loaders: u64, txn_puts: u64, loaded: &AtomicU64) {
-    let value = [7u8; 100];
     let next = AtomicU64::new(from);
     std::thread::scope(|s| {
         for _ in 0..loaders {
@@ -125,7 +152,7 @@ fn load(engine: &Engine, from: u64, to: u64, loaders: u64, txn_puts: u64, loaded
                     let end = (start + txn_puts).min(to);
                     let mut tx = engine.begin();
                     for i in start..end {
-                        tx.put("default", &key_of(i), &value).expect("put");
+                        tx.put("default", &key_of(i), &value_of(i)).expect("put");
                     }
                     tx.commit().expect("commit");
                     loaded.fetch_max(end, Ordering::SeqCst);
@@ -133,6 +160,29 @@ fn load(engine: &Engine, from: u64, to: u64, loaders: u64, txn_puts: u64, loaded
             });
         }
     });
+}
+
+/// Step 4 on its own, in a child process: load keys, print RSS as JSON.
+fn rss_child(dir: &std::path::Path, opts: EngineOptions, keys: u64, loaders: u64) {
+    let engine = open_engine(&dir.join("rss"), opts);
+    let rss_open = rss_bytes();
+    let loaded = AtomicU64::new(0);
+    let start = Instant::now();
+    load(&engine, 0, keys, loaders, 1_000, &loaded);
+    let secs = start.elapsed().as_secs_f64();
+    let rss = rss_bytes();
+    let stats = engine.store_stats();
+    println!(
+        "{}",
+        serde_json::json!({
+            "rss_bytes": rss,
+            "rss_bytes_engine_open": rss_open,
+            "puts_per_s": (keys as f64 / secs).round(),
+            "write_buffer_bytes": stats.write_buffer_bytes,
+            "disk_bytes": stats.disk_bytes,
+        })
+    );
+    engine.close().expect("close");
 }
 
 fn main() {
@@ -144,43 +194,57 @@ fn main() {
     let readers = env("BENCH_READERS", 2);
     let rss_keys = env("BENCH_RSS_KEYS", 10_000_000);
     let txn_puts = 1_000;
+    let opts = EngineOptions {
+        cache_bytes: env("BENCH_CACHE_MB", EngineOptions::default().cache_bytes >> 20) << 20,
+        ..EngineOptions::default()
+    };
+    if let Ok(dir) = std::env::var("BENCH_RSS_CHILD") {
+        rss_child(std::path::Path::new(&dir), opts, rss_keys, loaders);
+        return;
+    }
     let base = match std::env::var("BENCH_DIR") {
         Ok(d) => tempfile::tempdir_in(d).expect("bench dir"),
         Err(_) => tempfile::tempdir().expect("bench dir"),
     };
-    let opts = EngineOptions::default();
     let cache_bytes = opts.cache_bytes;
     let value = [1u8; 100];
 
-    // 1. Concurrent single-put commits: the bare log, then the engine, same writers.
-    let wal_rate = {
+    // 1. Concurrent single-put commits: the bare log and the engine, same writers. The two
+    // alternate in rounds so that background noise on a shared machine hits both alike.
+    let rounds = env("BENCH_ROUNDS", 4).max(1);
+    let (wal_rate, engine_rate) = {
         let storage = FileStorage::new(base.path().join("bare")).expect("dir");
         let wal = Wal::open(Arc::new(storage), WalOptions::default()).expect("open log");
         let uuid = wal.server_uuid();
         let seq = AtomicU64::new(1);
-        concurrent_commits(writers, commits, |w, i| {
-            let txn = NewTransaction {
-                gtid: Gtid::new(uuid, seq.fetch_add(1, Ordering::SeqCst)).expect("gtid"),
-                timestamp_us: 0,
-                ops: vec![Op::Put {
-                    tree: "default".into(),
-                    key: format!("w{w}-{i}").into_bytes(),
-                    value: value.to_vec(),
-                    before: None,
-                }],
-            };
-            wal.append(txn).expect("append");
-        })
-    };
-    let engine_rate = {
         let engine = open_engine(&base.path().join("commits"), opts.clone());
-        let r = concurrent_commits(writers, commits, |w, i| {
-            engine
-                .put("default", format!("w{w}-{i}").as_bytes(), &value)
-                .expect("put");
-        });
+        let (mut wal_secs, mut engine_secs, mut done) = (0.0, 0.0, 0);
+        for round in 0..rounds {
+            let per_round = commits / rounds;
+            let r = concurrent_commits(writers, per_round, |w, i| {
+                let txn = NewTransaction {
+                    gtid: Gtid::new(uuid, seq.fetch_add(1, Ordering::SeqCst)).expect("gtid"),
+                    timestamp_us: 0,
+                    ops: vec![Op::Put {
+                        tree: "default".into(),
+                        key: format!("r{round}-w{w}-{i}").into_bytes(),
+                        value: value.to_vec(),
+                        before: None,
+                    }],
+                };
+                wal.append(txn).expect("append");
+            });
+            wal_secs += r.1;
+            let r = concurrent_commits(writers, per_round, |w, i| {
+                engine
+                    .put("default", format!("r{round}-w{w}-{i}").as_bytes(), &value)
+                    .expect("put");
+            });
+            engine_secs += r.1;
+            done += r.0;
+        }
         engine.close().expect("close");
-        r
+        (done as f64 / wal_secs, done as f64 / engine_secs)
     };
     println!("commits, {writers} writers, sync, 1 put of 100 B each:");
     println!("  bare log : {wal_rate:>10.0} txn/s");
@@ -188,6 +252,10 @@ fn main() {
         "  engine   : {engine_rate:>10.0} txn/s  ({:.0}% of the bare log)",
         100.0 * engine_rate / wal_rate
     );
+
+    if std::env::var("BENCH_ONLY_COMMITS").is_ok() {
+        return;
+    }
 
     // 2 + 3. Batch load with concurrent point reads; idle read latency first.
     let engine = open_engine(&base.path().join("load"), opts.clone());
@@ -198,6 +266,7 @@ fn main() {
     let load_secs = start.elapsed().as_secs_f64();
     let load_rate = load_puts as f64 / load_secs;
     let preload = load_puts;
+    settle(&engine);
     let stop = AtomicBool::new(false);
     let idle = std::thread::scope(|s| {
         let hs: Vec<_> = (0..readers)
@@ -270,22 +339,34 @@ fn main() {
     engine.close().expect("close");
     drop(engine);
 
-    // 4. RSS after loading keys.
-    let rss_before = rss_bytes();
-    let engine = open_engine(&base.path().join("rss"), opts);
-    let loaded = AtomicU64::new(0);
-    let start = Instant::now();
-    load(&engine, 0, rss_keys, loaders, txn_puts, &loaded);
-    let rss_load_secs = start.elapsed().as_secs_f64();
-    let rss_after = rss_bytes();
+    // 4. RSS after loading keys, in a fresh process so earlier steps do not count.
+    let exe = std::env::current_exe().expect("current exe");
+    let out = std::process::Command::new(exe)
+        .env("BENCH_RSS_CHILD", base.path())
+        .output()
+        .expect("run the RSS step");
+    let line = String::from_utf8_lossy(&out.stdout);
+    let rss: serde_json::Value = line
+        .lines()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "RSS step printed no JSON: {line} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let rss_after = rss["rss_bytes"].as_u64().unwrap_or(0);
+    let rss_open = rss["rss_bytes_engine_open"].as_u64().unwrap_or(0);
     println!(
-        "RSS after loading {rss_keys} keys ({:.0} puts/s): {} MiB (process before: {} MiB; store cache {} MiB)",
-        rss_keys as f64 / rss_load_secs,
+        "RSS after loading {rss_keys} keys in a fresh process ({} puts/s): {} MiB (after opening \
+         the engine: {} MiB; store cache {} MiB, memtables {} MiB, store on disk {} MiB)",
+        rss["puts_per_s"],
         rss_after >> 20,
-        rss_before >> 20,
-        cache_bytes >> 20
+        rss_open >> 20,
+        cache_bytes >> 20,
+        rss["write_buffer_bytes"].as_u64().unwrap_or(0) >> 20,
+        rss["disk_bytes"].as_u64().unwrap_or(0) >> 20,
     );
-    engine.close().expect("close");
 
     println!(
         "{}",
@@ -306,7 +387,7 @@ fn main() {
             "load_p99_ns": busy_p99,
             "rss_keys": rss_keys,
             "rss_bytes": rss_after,
-            "rss_bytes_before": rss_before,
+            "rss_bytes_engine_open": rss_open,
             "cache_bytes": cache_bytes,
         })
     );

@@ -58,10 +58,16 @@ pub struct EngineOptions {
     pub conflict_retries_max: u32,
     /// Keys of recent write sets kept for conflict checks. A reading transaction whose
     /// snapshot is older than the oldest kept write set gets a retryable conflict.
-    /// Default 262,144.
+    /// Default 65,536.
     pub history_keys_max: usize,
     /// Most transactions applied in one store batch. Default 4096.
     pub apply_group_txns_max: usize,
+    /// A store batch takes no further transaction once it holds this many ops. Default
+    /// 16,384.
+    pub apply_group_ops_max: usize,
+    /// Size at which a tree's in-memory table is flushed to disk. With the cache, this
+    /// bounds the store's memory. Default 16 MiB.
+    pub memtable_bytes: u64,
     /// Test-only: do not replay the log on open (the bug recovery prevents). Exists so the
     /// crash test can prove it catches lost transactions.
     #[doc(hidden)]
@@ -77,8 +83,10 @@ impl Default for EngineOptions {
             cache_bytes: 64 << 20,
             checkpoint_interval: Duration::from_secs(1),
             conflict_retries_max: 32,
-            history_keys_max: 1 << 18,
+            history_keys_max: 1 << 16,
             apply_group_txns_max: 4096,
+            apply_group_ops_max: 1 << 14,
+            memtable_bytes: 16 << 20,
             unsafe_skip_replay: false,
         }
     }
@@ -118,6 +126,26 @@ pub enum CasOutcome {
     Swapped(CommitInfo),
     /// The value did not match; nothing was written. Carries the current value.
     Mismatch(Option<Vec<u8>>),
+}
+
+/// Figures about the state store (see [`Engine::store_stats`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Bytes the store occupies on disk.
+    pub disk_bytes: u64,
+    /// Journal files of the store.
+    pub journal_count: usize,
+    /// Memtables waiting to be flushed.
+    pub outstanding_flushes: usize,
+    /// Compactions running.
+    pub active_compactions: usize,
+    /// Configured block cache, in bytes.
+    pub cache_bytes_max: u64,
+    /// Block cache in use, in bytes.
+    pub cache_bytes: u64,
+    /// Memtables (active and sealed), in bytes.
+    pub write_buffer_bytes: u64,
 }
 
 /// A log position: the last applied offset and the GTIDs executed up to it.
@@ -268,6 +296,12 @@ impl Engine {
                 opts.value_bytes_max
             )));
         }
+        if opts.memtable_bytes < 1 << 20 {
+            return Err(OpenError::BadOption(format!(
+                "memtable_bytes must be at least 1 MiB, not {}",
+                opts.memtable_bytes
+            )));
+        }
         let path = store_dir.as_ref().to_path_buf();
         let shown = path.display().to_string();
         let store_err = |source: fjall::Error| OpenError::Store {
@@ -338,7 +372,7 @@ impl Engine {
                 .to_string();
             let (keyspace, merge) = catalog::decode_tree_meta(&v).map_err(corrupt)?;
             let handle = db
-                .keyspace(&keyspace, KeyspaceCreateOptions::default)
+                .keyspace(&keyspace, || tree_options(&opts))
                 .map_err(store_err)?;
             cat.trees.insert(
                 name,
@@ -465,6 +499,20 @@ impl Engine {
             inner,
             threads: Mutex::new(vec![applier, checkpointer]),
         })
+    }
+
+    /// Figures about the state store, for metrics and benchmarks.
+    pub fn store_stats(&self) -> StoreStats {
+        let db = &self.inner.db;
+        StoreStats {
+            disk_bytes: db.disk_space().unwrap_or(0),
+            journal_count: db.journal_count(),
+            outstanding_flushes: db.outstanding_flushes(),
+            active_compactions: db.active_compactions(),
+            cache_bytes_max: db.cache_capacity(),
+            cache_bytes: db.cache_size(),
+            write_buffer_bytes: db.write_buffer_size(),
+        }
     }
 
     /// The log this engine writes to.
@@ -837,6 +885,11 @@ impl Drop for Engine {
 
 fn internal_nothing_logged() -> WriteError {
     WriteError::Conflict("internal: a write transaction logged nothing".into())
+}
+
+/// Store options of a tree's keyspace.
+fn tree_options(opts: &EngineOptions) -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default().max_memtable_size(opts.memtable_bytes)
 }
 
 /// Checks a key and value against the limits.
@@ -1283,9 +1336,14 @@ impl Inner {
             let mut group = Vec::new();
             let mut waiters = Vec::new();
             let mut at = next;
-            while at <= visible && group.len() < self.opts.apply_group_txns_max {
+            let mut ops = 0;
+            while at <= visible
+                && group.len() < self.opts.apply_group_txns_max
+                && ops < self.opts.apply_group_ops_max
+            {
                 match a.ready.remove(&at) {
                     Some(r) => {
+                        ops += r.txn.ops.len();
                         group.push((at, r.txn));
                         waiters.push(r.waiter);
                         at += 1;
@@ -1384,7 +1442,7 @@ impl Inner {
                         let keyspace = format!("t{offset}.{i}");
                         let handle = self
                             .db
-                            .keyspace(&keyspace, KeyspaceCreateOptions::default)
+                            .keyspace(&keyspace, || tree_options(&self.opts))
                             .map_err(|e| format!("create keyspace {keyspace}: {e}"))?;
                         batch.insert(
                             &self.meta,
@@ -1516,7 +1574,7 @@ impl Inner {
         let keyspace = format!("t{offset}.{op_index}");
         let handle = self
             .db
-            .keyspace(&keyspace, KeyspaceCreateOptions::default)
+            .keyspace(&keyspace, || tree_options(&self.opts))
             .map_err(|e| format!("create keyspace {keyspace}: {e}"))?;
         let t = Arc::new(Tree {
             merge: None,

@@ -89,7 +89,7 @@ mod txn;
 pub use catalog::{DEFAULT_TREE, TREE_NAME_BYTES_MAX, TreeInfo, is_valid_tree_name};
 pub use engine::{
     Applied, CasOutcome, CommitInfo, Engine, EngineOptions, KEY_BYTES_MAX_DEFAULT,
-    KEY_BYTES_MAX_LIMIT, Outcome, Position, VALUE_BYTES_MAX_DEFAULT,
+    KEY_BYTES_MAX_LIMIT, Outcome, Position, StoreStats, VALUE_BYTES_MAX_DEFAULT,
 };
 pub use error::{OpenError, ReadError, WriteError};
 pub use merge::{MergeOperator, merge_patch};

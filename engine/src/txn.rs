@@ -41,6 +41,9 @@ impl ReadItem {
     }
 }
 
+/// Indices into a transaction's ops of the writes to each (tree, key), in order.
+type WriteIndex = BTreeMap<(String, Vec<u8>), Vec<usize>>;
+
 /// A transaction in progress. Obtain one from [`Engine::begin`] or, with automatic retries,
 /// [`Engine::transaction`]. Dropping it without [`Txn::commit`] discards it.
 pub struct Txn<'e> {
@@ -49,7 +52,7 @@ pub struct Txn<'e> {
     ops: Vec<Op>,
     /// Indices into `ops` of the writes to each (tree, key), in order; built at the first
     /// read, so write-only transactions never pay for it.
-    writes: Option<BTreeMap<(String, Vec<u8>), Vec<usize>>>,
+    writes: Option<WriteIndex>,
     /// The engine's catalog when this transaction first wrote (writes are checked against
     /// it early, and again at commit against every submitted transaction).
     catalog: Option<Arc<Catalog>>,
@@ -150,7 +153,7 @@ impl<'e> Txn<'e> {
         if self.writes.is_some() {
             return;
         }
-        let mut w: BTreeMap<(String, Vec<u8>), Vec<usize>> = BTreeMap::new();
+        let mut w = WriteIndex::new();
         for (i, op) in self.ops.iter().enumerate() {
             match op {
                 Op::Put { tree, key, .. }
