@@ -6,12 +6,14 @@
 //! `README.md`.
 
 mod bench;
+mod bench_stream;
 mod client_cmd;
 mod demo;
 mod log_cmd;
 mod node;
 mod position;
 mod render;
+mod replica;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +70,8 @@ enum LogCommand {
 enum BenchCommand {
     /// Group commit, bandwidth, scan and recovery of the log, beside the raw disk.
     Wal(bench::WalBenchArgs),
+    /// Tails over QUIC beside a bare quinn stream and PostgreSQL logical decoding.
+    Stream(bench_stream::StreamBenchArgs),
 }
 
 /// The data directory of a node.
@@ -116,6 +120,7 @@ fn main() -> ExitCode {
         Command::Log(LogCommand::Info(args)) => log_cmd::info(&args.data),
         Command::Log(LogCommand::Verify(args)) => log_cmd::verify(&args.data),
         Command::Bench(BenchCommand::Wal(args)) => bench::wal(&args),
+        Command::Bench(BenchCommand::Stream(args)) => bench_stream::stream(&args),
         Command::Demo(args) => demo::run(&args),
     };
     match result {

@@ -17,6 +17,7 @@ use tideline_wal::{Durability, FileStorage, Gtid, GtidSet, Offset, Storage, Wal,
 
 use crate::DurabilityArg;
 use crate::log_cmd::log_dir;
+use crate::replica::{self, SharedStatus};
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -33,9 +34,16 @@ pub struct ServeArgs {
     /// `sync`: acknowledge after fsync (default). `async`: after write, fsync every 10 ms.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
     durability: DurabilityArg,
-    /// Refuse local writes (a replica fed by upstreams).
+    /// Refuse local writes. Implied by --upstream unless --allow-local-writes is given.
     #[arg(long)]
     read_only: bool,
+    /// Replicate from this node (repeat for a multi-source merge). Positions are found by
+    /// GTID auto-positioning; no offsets or file names are configured.
+    #[arg(long, value_name = "HOST:PORT")]
+    upstream: Vec<String>,
+    /// Accept client writes even with --upstream (they become errant on the upstream side).
+    #[arg(long)]
+    allow_local_writes: bool,
 }
 
 /// The engine seen through the stream server's [`Node`] trait.
@@ -43,6 +51,7 @@ pub struct EngineNode {
     engine: Arc<Engine>,
     wal: Arc<Wal>,
     started: Instant,
+    upstreams: Vec<SharedStatus>,
 }
 
 fn read_err(e: ReadError) -> NodeError {
@@ -71,12 +80,13 @@ fn write_err(e: WriteError) -> NodeError {
 
 impl EngineNode {
     /// Wraps an open engine.
-    pub fn new(engine: Arc<Engine>) -> Self {
+    pub fn new(engine: Arc<Engine>, upstreams: Vec<SharedStatus>) -> Self {
         let wal = engine.wal().clone();
         EngineNode {
             engine,
             wal,
             started: Instant::now(),
+            upstreams,
         }
     }
 
@@ -84,9 +94,15 @@ impl EngineNode {
     pub fn status(&self) -> serde_json::Value {
         let pos = self.engine.position();
         let read_only = self.engine.is_read_only();
+        let upstreams: Vec<serde_json::Value> = self
+            .upstreams
+            .iter()
+            .map(|u| u.lock().unwrap_or_else(|p| p.into_inner()).to_json())
+            .collect();
+        let replica = !self.upstreams.is_empty() || read_only;
         json!({
             "server_uuid": self.engine.server_uuid().to_string(),
-            "role": if read_only { "replica" } else { "primary" },
+            "role": if replica { "replica" } else { "primary" },
             "read_only": read_only,
             "gtid_executed": pos.gtid_executed.to_string(),
             "first_offset": self.wal.first_offset().get(),
@@ -101,7 +117,7 @@ impl EngineNode {
             "uptime_s": self.started.elapsed().as_secs(),
             "trees": self.engine.trees().iter().map(|t| &t.name).collect::<Vec<_>>(),
             "slots": self.wal.slots(),
-            "upstreams": [],
+            "upstreams": upstreams,
         })
     }
 }
@@ -257,11 +273,21 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         },
     };
     let data = args.data.clone();
-    let read_only = args.read_only;
+    let read_only = args.read_only || (!args.upstream.is_empty() && !args.allow_local_writes);
     let engine = tokio::task::spawn_blocking(move || open_engine(&data, durability, read_only))
         .await
         .context("open task failed")??;
-    let node = Arc::new(EngineNode::new(engine.clone()));
+    let mut upstreams = Vec::new();
+    if !args.upstream.is_empty() {
+        let mut cfg = tideline_stream::ClientConfig::new(tideline_stream::tls::load_client_dir(
+            &secrets_dir,
+        )?);
+        cfg.client_name = format!("replica {}", engine.server_uuid());
+        for addr in &args.upstream {
+            upstreams.push(replica::spawn(addr.clone(), cfg.clone(), engine.clone()));
+        }
+    }
+    let node = Arc::new(EngineNode::new(engine.clone(), upstreams));
     let server = tideline_stream::serve(ServerConfig::new(args.listen), secrets, node.clone())?;
     tracing::info!(
         listen = %server.local_addr(),

@@ -5,116 +5,15 @@
 //! stalled consumer that must not hold up a fast one or the writers nor grow server memory, and
 //! clear refusals of a wrong token, an unreachable node and bad positions.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::UdpSocket;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_tideline");
+mod common;
 
-fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port on loopback")
-}
-
-struct Node {
-    child: Option<Child>,
-    data: PathBuf,
-    addr: String,
-}
-
-impl Node {
-    fn start(data: &Path, port: u16) -> Node {
-        let addr = format!("127.0.0.1:{port}");
-        let mut child = Command::new(BIN)
-            .args(["serve", "--data"])
-            .arg(data)
-            .args(["--listen", &addr])
-            .env("TIDELINE_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start tideline serve");
-        // The node prints one line when it serves.
-        let stderr = child.stderr.take().expect("piped stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            assert!(Instant::now() < deadline, "node did not start");
-            match lines.next() {
-                Some(Ok(l)) if l.contains("tideline serving on") => break,
-                Some(Ok(_)) => {}
-                other => panic!("node exited before serving: {other:?}"),
-            }
-        }
-        // Keep draining stderr so the node never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Node {
-            child: Some(child),
-            data: data.to_path_buf(),
-            addr,
-        }
-    }
-
-    fn secrets(&self) -> PathBuf {
-        self.data.join("secrets")
-    }
-
-    fn cli(&self) -> Command {
-        let mut c = Command::new(BIN);
-        c.env("TIDELINE_SECRETS", self.secrets());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        self.cli()
-            .args(args)
-            .args(["--node", &self.addr])
-            .output()
-            .expect("run tideline")
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill(); // SIGKILL
-            let _ = c.wait();
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn load(node: &Node, from: u64, to: u64, batch: usize) {
-    let mut child = node
-        .cli()
-        .args(["load", "--node", &node.addr, "--batch", &batch.to_string()])
-        // One transaction at a time, so offsets follow key order.
-        .args(["--parallel", "1"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("run tideline load");
-    {
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        for i in from..=to {
-            writeln!(stdin, "key:{i:06}\tvalue-{i}").expect("write to load");
-        }
-    }
-    assert!(child.wait().expect("wait for load").success());
-}
+use common::{BIN, Node, free_port, load};
 
 fn tail_lines(node: &Node, from: &str, limit: u64) -> Vec<Value> {
     let out = node.run(&["tail", "--from", from, "--limit", &limit.to_string()]);
@@ -163,7 +62,9 @@ fn cli_tails_from_every_position_exactly_once() {
     // latest: only transactions committed after the tail subscribed.
     let tail = node
         .cli()
-        .args(["tail", "--node", &node.addr, "--from", "latest", "--limit", "3"])
+        .args([
+            "tail", "--node", &node.addr, "--from", "latest", "--limit", "3",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -204,7 +105,9 @@ fn tail_resumes_after_kill_9_of_the_node_and_from_its_checkpoint() {
     let addr = node.addr.clone();
     let tail = node
         .cli()
-        .args(["tail", "--node", &addr, "--from", "earliest", "--limit", "60"])
+        .args([
+            "tail", "--node", &addr, "--from", "earliest", "--limit", "60",
+        ])
         .arg("--checkpoint")
         .arg(&checkpoint)
         .stdout(Stdio::piped())
@@ -217,19 +120,29 @@ fn tail_resumes_after_kill_9_of_the_node_and_from_its_checkpoint() {
     let node = Node::start(&data, port);
     load(&node, 301, 600, 10); // 30 more transactions
     let out = tail.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(offsets(&lines), (1..=60).collect::<Vec<_>>(), "no gap, no duplicate");
+    assert_eq!(
+        offsets(&lines),
+        (1..=60).collect::<Vec<_>>(),
+        "no gap, no duplicate"
+    );
 
     // The consumer restarts from its checkpoint: nothing repeated, nothing skipped.
     load(&node, 601, 650, 10); // 5 more
     let out = node
         .cli()
-        .args(["tail", "--node", &node.addr, "--from", "earliest", "--limit", "5"])
+        .args([
+            "tail", "--node", &node.addr, "--from", "earliest", "--limit", "5",
+        ])
         .arg("--checkpoint")
         .arg(&checkpoint)
         .output()
@@ -326,7 +239,10 @@ fn wrong_token_unreachable_node_and_bad_positions_fail_clearly() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(started.elapsed() < Duration::from_secs(10), "must give up, not hang");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "must give up, not hang"
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot reach"), "{err}");
 

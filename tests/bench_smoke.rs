@@ -1,0 +1,76 @@
+//! `tideline bench stream` as a user runs it, at tiny sizes: every phase (tail, fan-out, bare
+//! quinn, large values, paced latency) runs to the end and the `--json` report carries each
+//! figure as a positive number. Guards against a benchmark that silently stops measuring
+//! (a phase that hangs, a field renamed or left at zero). PostgreSQL is skipped with
+//! `--no-postgres`; no wall-clock figure is asserted.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tideline");
+
+fn positive(report: &Value, path: &[&str]) -> f64 {
+    let mut v = report;
+    for key in path {
+        v = &v[*key];
+    }
+    let x = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("{} is not a number in {report}", path.join(".")));
+    assert!(x > 0.0, "{} is {x}, expected > 0", path.join("."));
+    x
+}
+
+#[test]
+fn bench_stream_reports_every_figure() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let out = Command::new(BIN)
+        .args(["bench", "stream", "--json", "--no-postgres"])
+        .args(["--changes", "2000", "--consumers", "2"])
+        .args(["--large-mib", "1", "--latency-rate", "2000"])
+        .args(["--latency-seconds", "0.2", "--udp-buffer-bytes", "1048576"])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .expect("run tideline bench stream");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+
+    assert_eq!(report["changes"], 2000);
+    assert_eq!(report["tail"]["changes"], 2000);
+    assert_eq!(report["consumers"]["changes"], 4000);
+    for path in [
+        &["tail", "changes_per_s"][..],
+        &["tail", "mib_s"],
+        &["bare_quinn", "mib_s"],
+        &["bare_quinn", "equivalent_changes_per_s"],
+        &["bare_quinn_big_buffers", "mib_s"],
+        &["tail_vs_bare"],
+        &["consumers", "aggregate_changes_per_s"],
+        &["large", "tail_mib_s"],
+        &["large", "bare_mib_s"],
+        &["large", "tail_vs_bare"],
+        &["latency", "achieved_rate_per_s"],
+        &["latency", "p50_us"],
+        &["latency", "p99_us"],
+    ] {
+        positive(&report, path);
+    }
+    assert!(report["latency"]["p99_us"].as_i64() >= report["latency"]["p50_us"].as_i64());
+    assert_eq!(report["postgres"]["skipped"], "--no-postgres");
+    let goals = report["goals"].as_array().expect("goals is a list");
+    assert_eq!(goals.len(), 5, "PostgreSQL's goal is absent when skipped");
+    for g in goals {
+        assert!(g["met"].is_boolean(), "goal without a verdict: {g}");
+    }
+    // The run's files are removed.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("the bench directory exists")
+        .collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}

@@ -1,0 +1,124 @@
+//! Helpers shared by the process-level tests: start `tideline serve`, run CLI commands.
+#![allow(dead_code, reason = "each test file uses a different subset")]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tideline");
+
+pub fn free_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("a free UDP port on loopback")
+}
+
+pub struct Node {
+    child: Option<Child>,
+    pub data: PathBuf,
+    pub addr: String,
+    secrets: PathBuf,
+}
+
+impl Node {
+    pub fn start(data: &Path, port: u16) -> Node {
+        Node::start_with(data, port, &[])
+    }
+
+    pub fn start_with(data: &Path, port: u16, extra: &[&str]) -> Node {
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--data"])
+            .arg(data)
+            .args(["--listen", &addr])
+            .args(extra)
+            .env("TIDELINE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start tideline serve");
+        // The node prints one line when it serves.
+        let stderr = child.stderr.take().expect("piped stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "node did not start");
+            match lines.next() {
+                Some(Ok(l)) if l.contains("tideline serving on") => break,
+                Some(Ok(_)) => {}
+                other => panic!("node exited before serving: {other:?}"),
+            }
+        }
+        // Keep draining stderr so the node never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        let secrets = extra
+            .iter()
+            .position(|a| *a == "--secrets")
+            .and_then(|i| extra.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| data.join("secrets"));
+        Node {
+            child: Some(child),
+            data: data.to_path_buf(),
+            addr,
+            secrets,
+        }
+    }
+
+    pub fn secrets(&self) -> PathBuf {
+        self.secrets.clone()
+    }
+
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.env("TIDELINE_SECRETS", self.secrets());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        self.cli()
+            .args(args)
+            .args(["--node", &self.addr])
+            .output()
+            .expect("run tideline")
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn load(node: &Node, from: u64, to: u64, batch: usize) {
+    let mut child = node
+        .cli()
+        .args(["load", "--node", &node.addr, "--batch", &batch.to_string()])
+        // One transaction at a time, so offsets follow key order.
+        .args(["--parallel", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run tideline load");
+    {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        for i in from..=to {
+            writeln!(stdin, "key:{i:06}\tvalue-{i}").expect("write to load");
+        }
+    }
+    assert!(child.wait().expect("wait for load").success());
+}

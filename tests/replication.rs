@@ -1,0 +1,192 @@
+//! Replication topologies with real processes: chain A→B→C, fan-out A→B and A→C, a
+//! multi-source merge A→C and B→C, and failover of C from A to B by GTID auto-positioning.
+//! Each ends with the replicas' state and `gtid_executed` equal to what they replicate, every
+//! transaction applied once. Also: replicas refuse client writes, and a replica's own writes
+//! are reported as errant GTIDs when it is pointed at an upstream that lacks them.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{Node, free_port, load};
+use serde_json::Value;
+
+fn status(node: &Node) -> Value {
+    let out = node.run(&["status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status is JSON")
+}
+
+fn gtids(node: &Node) -> String {
+    status(node)["gtid_executed"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits until `node` has executed `want`, or fails after 60 s.
+fn wait_gtids(node: &Node, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let have = gtids(node);
+        if have == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has {have}, expected {want}; status: {}",
+            node.addr,
+            status(node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn scan(node: &Node, tree: &str) -> String {
+    let out = node.run(&["scan", "--tree", tree, "--limit", "1000000"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn replica(dir: &Path, name: &str, secrets: &Path, upstreams: &[&Node]) -> Node {
+    let secrets = secrets.to_str().unwrap().to_string();
+    let mut args = vec!["--secrets".to_string(), secrets];
+    for u in upstreams {
+        args.push("--upstream".into());
+        args.push(u.addr.clone());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Node::start_with(&dir.join(name), free_port(), &args)
+}
+
+fn primary(dir: &Path, name: &str, secrets: &Path) -> Node {
+    Node::start_with(
+        &dir.join(name),
+        free_port(),
+        &["--secrets", secrets.to_str().unwrap()],
+    )
+}
+
+#[test]
+fn chain_and_fan_out_converge_with_origin_gtids() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let a = primary(dir.path(), "a", &secrets);
+    load(&a, 1, 200, 10);
+    let b = replica(dir.path(), "b", &secrets, &[&a]);
+    let c = replica(dir.path(), "c", &secrets, &[&b]); // chain A→B→C
+    let d = replica(dir.path(), "d", &secrets, &[&a]); // fan-out A→D
+    load(&a, 201, 400, 10); // writes continue while replicas catch up
+    let want = gtids(&a);
+    assert!(want.ends_with(":1-40"), "{want}");
+    for n in [&b, &c, &d] {
+        wait_gtids(n, &want);
+        assert_eq!(scan(n, "default"), scan(&a, "default"));
+    }
+    // C got A's transactions through B, with A's GTIDs, dense local offsets.
+    let sc = status(&c);
+    assert_eq!(sc["role"], "replica");
+    assert_eq!(sc["last_offset"], 40);
+    assert_eq!(sc["upstreams"][0]["state"], "connected");
+    // Replicas refuse client writes.
+    let out = b.run(&["put", "x", "y"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("read-only"));
+}
+
+#[test]
+fn multi_source_merge_and_failover_by_auto_positioning() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let a = primary(dir.path(), "a", &secrets);
+    let b = replica(dir.path(), "b", &secrets, &[&a]);
+    load(&a, 1, 100, 10);
+    let want_a = gtids(&a);
+    wait_gtids(&b, &want_a);
+
+    // Multi-source: C replicates from A and from B; B holds exactly A's transactions, so C
+    // receives every one of them twice and must apply each once.
+    let mut c = replica(dir.path(), "c", &secrets, &[&a, &b]);
+    wait_gtids(&c, &want_a);
+    assert_eq!(
+        status(&c)["last_offset"],
+        10,
+        "each transaction applied once"
+    );
+    assert_eq!(scan(&c, "default"), scan(&a, "default"));
+
+    // Failover: C restarts pointed at B only; A keeps writing through B.
+    c.kill9();
+    let c_data = c.data.clone();
+    drop(c);
+    load(&a, 101, 200, 10);
+    let want = gtids(&a);
+    wait_gtids(&b, &want);
+    let c = Node::start_with(
+        &c_data,
+        free_port(),
+        &[
+            "--secrets",
+            secrets.to_str().unwrap(),
+            "--upstream",
+            &b.addr,
+        ],
+    );
+    wait_gtids(&c, &want);
+    assert_eq!(status(&c)["last_offset"], 20);
+    assert_eq!(scan(&c, "default"), scan(&a, "default"));
+}
+
+#[test]
+fn a_replicas_own_writes_are_reported_as_errant() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let a = primary(dir.path(), "a", &secrets);
+    load(&a, 1, 10, 10);
+    let r = Node::start_with(
+        &dir.path().join("r"),
+        free_port(),
+        &[
+            "--secrets",
+            secrets.to_str().unwrap(),
+            "--upstream",
+            &a.addr,
+            "--allow-local-writes",
+        ],
+    );
+    wait_gtids(&r, &gtids(&a));
+    assert!(r.run(&["put", "local", "1"]).status.success());
+    let r_uuid = status(&r)["server_uuid"].as_str().unwrap().to_string();
+    // Restart the replica: on reconnect it compares its GTIDs with the upstream's.
+    let data = r.data.clone();
+    drop(r);
+    let r = Node::start_with(
+        &data,
+        free_port(),
+        &[
+            "--secrets",
+            secrets.to_str().unwrap(),
+            "--upstream",
+            &a.addr,
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(&r);
+        if s["upstreams"][0]["state"] == "connected" {
+            assert_eq!(s["upstreams"][0]["errant"], format!("{r_uuid}:1"));
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
