@@ -850,6 +850,19 @@ impl Engine {
         for h in lock(&self.threads).drain(..) {
             let _ = h.join();
         }
+        {
+            // Nothing applies any more: a commit still waiting learns it now.
+            let mut a = lock(&self.inner.apply);
+            if a.dead_from == u64::MAX {
+                a.dead_from = a.applied + 1;
+                a.dead_reason = "the engine was closed before the transaction was applied; \
+                                 reopen it (recovery applies what the log holds)"
+                    .into();
+            }
+            for r in a.ready.values() {
+                r.waiter.unpark();
+            }
+        }
         self.checkpoint()
     }
 
@@ -976,6 +989,9 @@ impl Inner {
     }
 
     fn check_not_failed(&self) -> Result<(), WriteError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(WriteError::Closed);
+        }
         match self.fail_stop_reason() {
             Some(reason) => Err(WriteError::FailStop { reason }),
             None => Ok(()),

@@ -231,6 +231,9 @@ pub enum WriteError {
         /// The original failure.
         reason: String,
     },
+    /// The engine was closed.
+    #[error("the engine is closed; open it again to write")]
+    Closed,
     /// The transaction does not fit into one log record.
     #[error(
         "the transaction encodes to {bytes} bytes, over the log's record limit of {max}; \
