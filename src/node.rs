@@ -316,6 +316,9 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
                 if let Some(reason) = engine.fail_stop_reason() {
                     break Some(reason);
                 }
+                if server.is_finished() {
+                    break Some("the QUIC server task stopped".to_string());
+                }
             }
             _ = retention.tick() => {
                 let wal = engine.wal().clone();

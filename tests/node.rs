@@ -257,3 +257,34 @@ fn wrong_token_unreachable_node_and_bad_positions_fail_clearly() {
         assert!(err.contains(expect), "{from}: {err}");
     }
 }
+
+#[test]
+fn sigterm_drains_syncs_and_exits_cleanly_keeping_every_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let port = free_port();
+    let mut node = Node::start(&data, port);
+    load(&node, 1, 50, 1);
+    let pid = node.pid() as i32;
+    let rc = send_signal(pid, 15); // SIGTERM
+    assert_eq!(rc, 0);
+    let status = node.wait();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "clean shutdown exits 0"
+    );
+    let node = Node::start(&data, port);
+    let s: Value = serde_json::from_slice(&node.run(&["status"]).stdout).unwrap();
+    assert_eq!(s["last_offset"], 50);
+}
+
+fn send_signal(pid: i32, sig: i32) -> i32 {
+    // The `kill` tool keeps this test free of unsafe code.
+    let out = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    if out.success() { 0 } else { -1 }
+}

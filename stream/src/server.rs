@@ -137,6 +137,12 @@ impl ServerHandle {
         self.local_addr
     }
 
+    /// Whether the accept loop has ended (it only ends at shutdown; anything else is a
+    /// failure the node must stop for).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Stops accepting, closes connections, and waits for the accept loop to end.
     pub async fn shutdown(self) {
         self.endpoint

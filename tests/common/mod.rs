@@ -93,6 +93,11 @@ impl Node {
         }
     }
 
+    /// Waits for the node to exit by itself; returns its status.
+    pub fn wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.take().and_then(|mut c| c.wait().ok())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
