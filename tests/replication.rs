@@ -92,6 +92,20 @@ fn chain_and_fan_out_converge_with_origin_gtids() {
         wait_gtids(n, &want);
         assert_eq!(scan(n, "default"), scan(&a, "default"));
     }
+    // No Long Fork: every replica applied A's transactions in A's commit order.
+    let order = |n: &Node| -> Vec<String> {
+        let out = n.run(&["tail", "--from", "earliest", "--limit", "40"]);
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["gtid"].to_string())
+            .collect()
+    };
+    let a_order = order(&a);
+    assert_eq!(a_order.len(), 40);
+    for n in [&b, &c, &d] {
+        assert_eq!(order(n), a_order);
+    }
     // C got A's transactions through B, with A's GTIDs, dense local offsets.
     let sc = status(&c);
     assert_eq!(sc["role"], "replica");
