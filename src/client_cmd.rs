@@ -21,6 +21,13 @@ pub struct NodeArgs {
     /// The node's address, HOST:PORT (its --listen).
     #[arg(long, default_value = "127.0.0.1:7400", value_name = "ADDR")]
     node: String,
+    #[command(flatten)]
+    cred: CredArgs,
+}
+
+/// How to authenticate with the cluster.
+#[derive(Debug, Clone, Args)]
+pub struct CredArgs {
     /// The cluster's secrets directory (ca.pem and token). Also from env TIDELINE_SECRETS.
     #[arg(long, value_name = "DIR", env = "TIDELINE_SECRETS")]
     secrets: Option<PathBuf>,
@@ -37,6 +44,18 @@ pub struct NodeArgs {
 
 impl NodeArgs {
     fn client_config(&self) -> anyhow::Result<ClientConfig> {
+        self.cred.client_config()
+    }
+
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let cfg = self.client_config()?;
+        Ok(Client::connect(&self.node, cfg).await?)
+    }
+}
+
+impl CredArgs {
+    /// The client configuration these credentials give.
+    pub fn client_config(&self) -> anyhow::Result<ClientConfig> {
         let secrets = match (&self.ca, &self.token_file, &self.secrets) {
             (Some(ca), Some(token), _) => tls::load_client(ca, token)?,
             (_, _, Some(dir)) => tls::load_client_dir(dir)?,
@@ -58,14 +77,10 @@ impl NodeArgs {
         cfg.idle_timeout = Duration::from_millis(self.timeout_ms);
         Ok(cfg)
     }
-
-    async fn connect(&self) -> anyhow::Result<Client> {
-        let cfg = self.client_config()?;
-        Ok(Client::connect(&self.node, cfg).await?)
-    }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// A small multi-threaded runtime for one client command.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

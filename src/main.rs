@@ -14,6 +14,7 @@ mod node;
 mod position;
 mod render;
 mod replica;
+mod verify;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,6 +47,8 @@ enum Command {
     Tail(client_cmd::TailArgs),
     /// Print the node's status as JSON.
     Status(client_cmd::StatusArgs),
+    /// Compare nodes key by key: prints equal, or the first differing key (exit 1).
+    Verify(verify::VerifyArgs),
     /// Inspect a node's log offline (the node need not run).
     #[command(subcommand)]
     Log(LogCommand),
@@ -116,6 +119,7 @@ fn main() -> ExitCode {
         Command::Scan(args) => client_cmd::scan(&args),
         Command::Tail(args) => client_cmd::tail_cmd(&args),
         Command::Status(args) => client_cmd::status(&args),
+        Command::Verify(args) => verify::verify(&args),
         Command::Log(LogCommand::Dump(args)) => log_cmd::dump(&args),
         Command::Log(LogCommand::Info(args)) => log_cmd::info(&args.data),
         Command::Log(LogCommand::Verify(args)) => log_cmd::verify(&args.data),

@@ -179,6 +179,24 @@ impl Node for EngineNode {
             .map_err(read_err)
     }
 
+    fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError> {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(a) => Bound::Excluded(a.to_vec()),
+            None => Bound::Unbounded,
+        };
+        let scan = match self
+            .engine
+            .range::<Vec<u8>>(tree, (lower, Bound::Unbounded), false)
+        {
+            Err(ReadError::UnknownTree(_)) => return Ok(Vec::new()),
+            other => other.map_err(read_err)?,
+        };
+        scan.take(limit.min(usize::MAX as u64) as usize)
+            .collect::<Result<Rows, ReadError>>()
+            .map_err(read_err)
+    }
+
     async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
         let engine = self.engine.clone();
         tokio::task::spawn_blocking(move || commit_ops(&engine, ops))

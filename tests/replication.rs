@@ -92,6 +92,11 @@ fn chain_and_fan_out_converge_with_origin_gtids() {
         wait_gtids(n, &want);
         assert_eq!(scan(n, "default"), scan(&a, "default"));
     }
+    let out = a.run(&["verify", "--node", &c.addr, "--node", &d.addr]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["equal"], true);
+    assert_eq!(report["comparisons"][0]["keys_compared"], 400);
     // No Long Fork: every replica applied A's transactions in A's commit order.
     let order = |n: &Node| -> Vec<String> {
         let out = n.run(&["tail", "--from", "earliest", "--limit", "40"]);
@@ -179,6 +184,13 @@ fn a_replicas_own_writes_are_reported_as_errant() {
     );
     wait_gtids(&r, &gtids(&a));
     assert!(r.run(&["put", "local", "1"]).status.success());
+    let out = a.run(&["verify", "--node", &a.addr, "--node", &r.addr]);
+    assert_eq!(out.status.code(), Some(1), "diverged nodes are not equal");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let diff = &report["comparisons"][0]["first_difference"];
+    assert_eq!(diff["key"], "local", "{report}");
+    assert_eq!(diff["first"], Value::Null);
+    assert_eq!(diff["other"], "1");
     let r_uuid = status(&r)["server_uuid"].as_str().unwrap().to_string();
     // Restart the replica: on reconnect it compares its GTIDs with the upstream's.
     let data = r.data.clone();

@@ -290,6 +290,26 @@ impl Client {
         }
     }
 
+    /// Reads up to `limit` keys strictly after `after` (from the start when `None`).
+    pub async fn range_after(
+        &self,
+        tree: &str,
+        after: Option<&[u8]>,
+        limit: u64,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClientError> {
+        match self
+            .request(Request::Range {
+                tree: tree.into(),
+                after: after.map(<[u8]>::to_vec),
+                limit,
+            })
+            .await?
+        {
+            Response::Rows { rows } => Ok(rows),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// Commits `ops` atomically; returns the offset and GTID text.
     pub async fn commit(&self, ops: Vec<WriteOp>) -> Result<(u64, String), ClientError> {
         match self.request(Request::Commit { ops }).await? {

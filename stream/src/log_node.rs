@@ -102,6 +102,18 @@ impl Node for LogNode {
         }
         Ok((offset, gtid))
     }
+    fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError> {
+        Ok(self
+            .kv
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((t, k), _)| t == tree && after.is_none_or(|a| k.as_slice() > a))
+            .take(limit as usize)
+            .map(|((_, k), v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
     fn status_json(&self) -> String {
         format!(r#"{{"last_offset":{}}}"#, self.wal.visible_offset())
     }

@@ -54,6 +54,8 @@ pub trait Node: Send + Sync + 'static {
     fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError>;
     /// Reads up to `limit` keys starting with `prefix`, in key order.
     fn scan(&self, tree: &str, prefix: &[u8], limit: u64) -> Result<Rows, NodeError>;
+    /// Reads up to `limit` keys strictly after `after` (all keys when `None`), in key order.
+    fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError>;
     /// Commits `ops` atomically; resolves once acknowledged (durable under sync durability).
     fn commit(
         &self,
@@ -372,6 +374,12 @@ async fn handle_stream<N: Node>(
             },
             Err(e) => error(e.code, e.message),
         },
+        Request::Range { tree, after, limit } => {
+            match node.range_after(&tree, after.as_deref(), limit) {
+                Ok(rows) => Response::Rows { rows },
+                Err(e) => error(e.code, e.message),
+            }
+        }
         Request::Status => Response::Status {
             json: node.status_json(),
         },

@@ -111,6 +111,16 @@ pub enum Request {
         /// Give up after this long.
         timeout_ms: u64,
     },
+    /// Read keys in order strictly after `after` (from the first key when `None`), for
+    /// paging through a whole tree. Answered with `Rows`.
+    Range {
+        /// Tree.
+        tree: String,
+        /// Exclusive lower bound.
+        after: Option<Vec<u8>>,
+        /// Most rows.
+        limit: u64,
+    },
 }
 
 /// Error classes, so a client knows whether to retry.
