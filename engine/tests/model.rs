@@ -96,6 +96,8 @@ struct Harness {
     storage: Arc<MemStorage>,
     engine: Option<Engine>,
     committed: u64,
+    /// Canary only: open without replaying the log.
+    skip_replay: bool,
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -112,7 +114,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 impl Harness {
-    fn new() -> Harness {
+    fn new(skip_replay: bool) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = dir.path().join("store");
         let mut h = Harness {
@@ -122,6 +124,7 @@ impl Harness {
             storage: Arc::new(MemStorage::new()),
             engine: None,
             committed: 0,
+            skip_replay,
         };
         h.open();
         let e = h.engine();
@@ -141,6 +144,7 @@ impl Harness {
             // Small history and groups exercise pruning and multi-batch replay.
             history_keys_max: 16,
             apply_group_txns_max: 3,
+            unsafe_skip_replay: self.skip_replay,
             ..EngineOptions::default()
         };
         self.engine = Some(Engine::open(&self.store, Arc::new(wal), opts).expect("open engine"));
@@ -188,7 +192,11 @@ impl Harness {
 }
 
 fn run(steps: Vec<Step>) {
-    let mut h = Harness::new();
+    run_with(steps, false);
+}
+
+fn run_with(steps: Vec<Step>, skip_replay: bool) {
+    let mut h = Harness::new(skip_replay);
     let mut model: Model = BTreeMap::new();
     for step in steps {
         match step {
@@ -341,4 +349,23 @@ fn crash_with_store_rolled_back_replays_merges_once() {
             rollback_store: true,
         },
     ]);
+}
+
+/// Canary: with log replay disabled, a crash that rolls the store back must be caught.
+#[test]
+fn canary_without_replay_the_model_check_fails() {
+    let steps = vec![
+        Step::Txn(vec![Action::Add { key: 1, n: 5 }]),
+        Step::Reopen,
+        Step::Txn(vec![Action::Add { key: 1, n: 3 }]),
+        Step::Crash {
+            tear: None,
+            rollback_store: true,
+        },
+    ];
+    let caught = std::panic::catch_unwind(|| run_with(steps, true)).is_err();
+    assert!(
+        caught,
+        "with replay disabled the model test passed: it is blind to lost commits"
+    );
 }
