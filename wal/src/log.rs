@@ -394,6 +394,20 @@ fn scan_frames(buf: &[u8], start: usize, first: u64, record_bytes_max: u32) -> S
     }
 }
 
+/// Opens a segment, reads it whole and scans its frames.
+fn scan_segment(
+    st: &dyn Storage,
+    seg: &SegmentMeta,
+    record_bytes_max: u32,
+) -> Result<(Box<dyn StorageFile>, Vec<u8>, ScanResult), Error> {
+    let file = st
+        .open(&seg.name)
+        .map_err(|e| Error::io(format!("open {}", st.describe(&seg.name)), e))?;
+    let buf = read_all(st, &*file, &seg.name)?;
+    let scan = scan_frames(&buf, seg.header_bytes as usize, seg.first, record_bytes_max);
+    Ok((file, buf, scan))
+}
+
 /// Whether any valid frame with an offset at or past `expect` starts after `from`: if so,
 /// the damage at `from` is not a torn tail.
 fn valid_frame_after(buf: &[u8], from: usize, expect: u64, record_bytes_max: u32) -> Option<u64> {
@@ -559,16 +573,7 @@ impl Wal {
                 segments.push(meta);
             }
             Some(last) => {
-                let file = st
-                    .open(&last.name)
-                    .map_err(|e| Error::io(format!("open {}", st.describe(&last.name)), e))?;
-                let buf = read_all(st, &*file, &last.name)?;
-                let scan = scan_frames(
-                    &buf,
-                    last.header_bytes as usize,
-                    last.first,
-                    opts.record_bytes_max,
-                );
+                let (file, buf, scan) = scan_segment(st, last, opts.record_bytes_max)?;
                 report.records_scanned += scan.records;
                 if let Some((bad_at, why)) = &scan.bad {
                     let (bad_at, expect) = (*bad_at, last.first + scan.records);
@@ -1090,16 +1095,7 @@ fn verify_closed(
     next: &SegmentMeta,
     opts: &WalOptions,
 ) -> Result<u64, Error> {
-    let file = st
-        .open(&seg.name)
-        .map_err(|e| Error::io(format!("open {}", st.describe(&seg.name)), e))?;
-    let buf = read_all(st, &*file, &seg.name)?;
-    let scan = scan_frames(
-        &buf,
-        seg.header_bytes as usize,
-        seg.first,
-        opts.record_bytes_max,
-    );
+    let (_, _, scan) = scan_segment(st, seg, opts.record_bytes_max)?;
     if let Some((at, why)) = scan.bad {
         return Err(Error::Corrupt {
             file: st.describe(&seg.name),
