@@ -8,13 +8,12 @@ use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use anyhow::Context;
 use clap::Args;
 use indicatif::ProgressBar;
-use tideline_wal::{Durability, FileStorage, Gtid, NewTransaction, Op, Storage, Wal, WalOptions};
+use tideline_wal::{Gtid, NewTransaction, Op};
 
 use crate::DurabilityArg;
-use crate::log_cmd::log_dir;
+use crate::log_cmd::{log_dir, open_log};
 use crate::render;
 
 /// Arguments of `demo`.
@@ -37,24 +36,7 @@ pub struct DemoArgs {
 /// `demo`.
 pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let dir = log_dir(&args.data);
-    let storage: Arc<dyn Storage> =
-        Arc::new(FileStorage::new(&dir).with_context(|| format!("create {}", dir.display()))?);
-    let durability = match args.durability {
-        DurabilityArg::Sync => Durability::Sync,
-        DurabilityArg::Async => Durability::Async {
-            interval: std::time::Duration::from_millis(10),
-        },
-    };
-    let wal = Arc::new(
-        Wal::open(
-            storage,
-            WalOptions {
-                durability,
-                ..WalOptions::default()
-            },
-        )
-        .with_context(|| format!("open the log in {}", dir.display()))?,
-    );
+    let wal = open_log(&args.data, args.durability.durability())?;
     let uuid = wal.server_uuid();
     let before = wal.gtids();
     let start_seq = before.last_seq(&uuid).unwrap_or(0) + 1;

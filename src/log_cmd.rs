@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::json;
-use tideline_wal::{FileStorage, Offset, Reader, Storage, Wal, WalOptions};
+use tideline_wal::{Durability, FileStorage, Offset, Reader, Storage, Wal, WalOptions};
 
 use crate::position::StartPosition;
 use crate::render;
@@ -30,6 +30,20 @@ pub struct DumpArgs {
 /// The log directory inside a data directory.
 pub fn log_dir(data: &Path) -> PathBuf {
     data.join("log")
+}
+
+/// Opens (or creates) the log of a data directory for writing.
+pub fn open_log(data: &Path, durability: Durability) -> anyhow::Result<Arc<Wal>> {
+    let dir = log_dir(data);
+    let storage: Arc<dyn Storage> =
+        Arc::new(FileStorage::new(&dir).with_context(|| format!("create {}", dir.display()))?);
+    let opts = WalOptions {
+        durability,
+        ..WalOptions::default()
+    };
+    let wal =
+        Wal::open(storage, opts).with_context(|| format!("open the log in {}", dir.display()))?;
+    Ok(Arc::new(wal))
 }
 
 /// Opens an existing log read-only, safe beside a running node; refuses to create one.

@@ -94,6 +94,18 @@ enum DurabilityArg {
     Async,
 }
 
+impl DurabilityArg {
+    /// The log setting this flag stands for.
+    fn durability(self) -> tideline_wal::Durability {
+        match self {
+            DurabilityArg::Sync => tideline_wal::Durability::Sync,
+            DurabilityArg::Async => tideline_wal::Durability::Async {
+                interval: std::time::Duration::from_millis(10),
+            },
+        }
+    }
+}
+
 fn init_tracing(server: bool) {
     let default = if server { "info" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDELINE_LOG")

@@ -13,10 +13,10 @@ use serde_json::json;
 use tideline_engine::{Engine, EngineOptions, ReadError, WriteError};
 use tideline_stream::server::Rows;
 use tideline_stream::{ErrorCode, Node, NodeError, ServerConfig, WriteOp};
-use tideline_wal::{Durability, FileStorage, Gtid, GtidSet, Offset, Storage, Wal, WalOptions};
+use tideline_wal::{Durability, Gtid, GtidSet, Offset, Wal};
 
 use crate::DurabilityArg;
-use crate::log_cmd::log_dir;
+use crate::log_cmd::open_log;
 use crate::replica::{self, SharedStatus};
 
 /// Arguments of `serve`.
@@ -232,19 +232,7 @@ pub fn open_engine(
     durability: Durability,
     read_only: bool,
 ) -> anyhow::Result<Arc<Engine>> {
-    let dir = log_dir(data);
-    let storage: Arc<dyn Storage> =
-        Arc::new(FileStorage::new(&dir).with_context(|| format!("create {}", dir.display()))?);
-    let wal = Arc::new(
-        Wal::open(
-            storage,
-            WalOptions {
-                durability,
-                ..WalOptions::default()
-            },
-        )
-        .with_context(|| format!("open the log in {}", dir.display()))?,
-    );
+    let wal = open_log(data, durability)?;
     let report = wal.recovery_report();
     if report.truncated_bytes > 0 {
         tracing::warn!(
@@ -284,12 +272,7 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         tracing::info!(dir = %secrets_dir.display(), "created cluster secrets (CA, certificate, token)");
     }
     let secrets = tideline_stream::tls::load_server(&secrets_dir)?;
-    let durability = match args.durability {
-        DurabilityArg::Sync => Durability::Sync,
-        DurabilityArg::Async => Durability::Async {
-            interval: Duration::from_millis(10),
-        },
-    };
+    let durability = args.durability.durability();
     let data = args.data.clone();
     let read_only = args.read_only || (!args.upstream.is_empty() && !args.allow_local_writes);
     let engine = tokio::task::spawn_blocking(move || open_engine(&data, durability, read_only))

@@ -394,18 +394,25 @@ fn scan_frames(buf: &[u8], start: usize, first: u64, record_bytes_max: u32) -> S
     }
 }
 
+/// A segment read whole, with the result of scanning its frames.
+struct ScannedSegment {
+    file: Box<dyn StorageFile>,
+    buf: Vec<u8>,
+    scan: ScanResult,
+}
+
 /// Opens a segment, reads it whole and scans its frames.
 fn scan_segment(
     st: &dyn Storage,
     seg: &SegmentMeta,
     record_bytes_max: u32,
-) -> Result<(Box<dyn StorageFile>, Vec<u8>, ScanResult), Error> {
+) -> Result<ScannedSegment, Error> {
     let file = st
         .open(&seg.name)
         .map_err(|e| Error::io(format!("open {}", st.describe(&seg.name)), e))?;
     let buf = read_all(st, &*file, &seg.name)?;
     let scan = scan_frames(&buf, seg.header_bytes as usize, seg.first, record_bytes_max);
-    Ok((file, buf, scan))
+    Ok(ScannedSegment { file, buf, scan })
 }
 
 /// Whether any valid frame with an offset at or past `expect` starts after `from`: if so,
@@ -573,7 +580,8 @@ impl Wal {
                 segments.push(meta);
             }
             Some(last) => {
-                let (file, buf, scan) = scan_segment(st, last, opts.record_bytes_max)?;
+                let ScannedSegment { file, buf, scan } =
+                    scan_segment(st, last, opts.record_bytes_max)?;
                 report.records_scanned += scan.records;
                 if let Some((bad_at, why)) = &scan.bad {
                     let (bad_at, expect) = (*bad_at, last.first + scan.records);
@@ -1095,7 +1103,7 @@ fn verify_closed(
     next: &SegmentMeta,
     opts: &WalOptions,
 ) -> Result<u64, Error> {
-    let (_, _, scan) = scan_segment(st, seg, opts.record_bytes_max)?;
+    let scan = scan_segment(st, seg, opts.record_bytes_max)?.scan;
     if let Some((at, why)) = scan.bad {
         return Err(Error::Corrupt {
             file: st.describe(&seg.name),
