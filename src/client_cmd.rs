@@ -188,7 +188,7 @@ pub struct ScanArgs {
     limit: u64,
 }
 
-/// `scan`: KEY<TAB>VALUE lines.
+/// `scan`: `KEY<TAB>VALUE` lines.
 pub fn scan(args: &ScanArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let client = args.node.connect().await?;
@@ -244,7 +244,7 @@ pub struct LoadArgs {
     parallel: usize,
 }
 
-/// `load`: KEY<TAB>VALUE lines from stdin in batched transactions.
+/// `load`: `KEY<TAB>VALUE` lines from stdin in batched transactions.
 pub fn load(args: &LoadArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let client = std::sync::Arc::new(args.node.connect().await?);

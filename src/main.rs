@@ -39,9 +39,9 @@ enum Command {
     Get(client_cmd::KeyArgs),
     /// Delete one key (prints the commit's offset and GTID as JSON).
     Del(client_cmd::KeyArgs),
-    /// Import KEY<TAB>VALUE lines from stdin in batched transactions.
+    /// Import `KEY<TAB>VALUE` lines from stdin in batched transactions.
     Load(client_cmd::LoadArgs),
-    /// Print keys in order as KEY<TAB>VALUE lines.
+    /// Print keys in order as `KEY<TAB>VALUE` lines.
     Scan(client_cmd::ScanArgs),
     /// Follow the node's changes from a position: one JSON line per transaction.
     Tail(client_cmd::TailArgs),

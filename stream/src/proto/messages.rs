@@ -62,7 +62,7 @@ pub enum Request {
         token: String,
         /// Free-form client name, for logs and the overview page.
         client: String,
-        /// [`PROTOCOL_VERSION`].
+        /// [`PROTOCOL_VERSION`](super::PROTOCOL_VERSION).
         protocol: u32,
     },
     /// Start a subscription on this stream.
