@@ -196,6 +196,7 @@ fn main() {
     let txn_puts = 1_000;
     let opts = EngineOptions {
         cache_bytes: env("BENCH_CACHE_MB", EngineOptions::default().cache_bytes >> 20) << 20,
+        store_threads: env("BENCH_STORE_THREADS", 0) as usize,
         ..EngineOptions::default()
     };
     if let Ok(dir) = std::env::var("BENCH_RSS_CHILD") {

@@ -65,6 +65,9 @@ pub struct EngineOptions {
     /// A store batch takes no further transaction once it holds this many ops. Default
     /// 16,384.
     pub apply_group_ops_max: usize,
+    /// Background threads of the store (flushes, compactions); 0: the store's default
+    /// (one per core, at most 4).
+    pub store_threads: usize,
     /// Size at which a tree's in-memory table is flushed to disk. With the cache, this
     /// bounds the store's memory. Default 16 MiB.
     pub memtable_bytes: u64,
@@ -87,6 +90,7 @@ impl Default for EngineOptions {
             apply_group_txns_max: 4096,
             apply_group_ops_max: 1 << 14,
             memtable_bytes: 16 << 20,
+            store_threads: 0,
             unsafe_skip_replay: false,
         }
     }
@@ -312,11 +316,13 @@ impl Engine {
             path: shown.clone(),
             what,
         };
-        let db = fjall::Database::builder(&path)
+        let mut builder = fjall::Database::builder(&path)
             .cache_size(opts.cache_bytes)
-            .manual_journal_persist(true)
-            .open()
-            .map_err(store_err)?;
+            .manual_journal_persist(true);
+        if opts.store_threads > 0 {
+            builder = builder.worker_threads(opts.store_threads);
+        }
+        let db = builder.open().map_err(store_err)?;
         // The metadata keys are overwritten by every batch: a small memtable flushes (and
         // compacts away) their old versions early.
         let meta = db
