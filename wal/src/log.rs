@@ -1516,8 +1516,12 @@ impl Reader {
             if self.next > self.shared.visible() {
                 return Ok(None);
             }
-            let txn = self.read_one()?;
+            let (decoded, used) = self.read_one(Mode::Decode)?;
+            self.pos += used;
             self.next += 1;
+            let Decoded::Txn(txn) = decoded else {
+                return Err(self.corrupt(self.pos, "internal: frame not decoded".into()));
+            };
             if let Some(have) = &self.exclude
                 && have.contains(&txn.gtid)
             {
@@ -1525,6 +1529,36 @@ impl Reader {
             }
             return Ok(Some(txn));
         }
+    }
+
+    /// Like [`Reader::next_txn`], but appends the record's frame to `out` exactly as the log
+    /// stores it (checksum checked, payload validated, not decoded) and returns its offset and
+    /// GTID. For passing records on unchanged, as a tail server does.
+    pub fn next_raw(&mut self, out: &mut Vec<u8>) -> Result<Option<(Offset, Gtid)>, Error> {
+        loop {
+            if self.next > self.shared.visible() {
+                return Ok(None);
+            }
+            let (decoded, used) = self.read_one(Mode::Raw)?;
+            let offset = self.position_checked()?;
+            let Decoded::Raw(gtid) = decoded else {
+                return Err(self.corrupt(self.pos, "internal: frame not validated".into()));
+            };
+            let frame = self.pos..self.pos + used;
+            self.pos += used;
+            self.next += 1;
+            if let Some(have) = &self.exclude
+                && have.contains(&gtid)
+            {
+                continue;
+            }
+            out.extend_from_slice(&self.buf[frame]);
+            return Ok(Some((offset, gtid)));
+        }
+    }
+
+    fn position_checked(&self) -> Result<Offset, Error> {
+        Offset::new(self.next).ok_or_else(|| self.corrupt(self.pos, "offset 0".into()))
     }
 
     /// Locates the segment holding `self.next` and positions the buffer at its header end.
@@ -1568,33 +1602,28 @@ impl Reader {
         // Skip frames before `next` without decoding their payloads.
         let mut at = meta.first;
         while at < self.next {
-            let used = self.frame_at_pos(true)?.1;
+            let used = self.frame_at_pos(Mode::Skip)?.1;
             self.pos += used;
             at += 1;
         }
         Ok(())
     }
 
-    /// Reads the record at `self.next`, switching segments as needed.
-    fn read_one(&mut self) -> Result<Transaction, Error> {
+    /// Reads the record at `self.next`, switching segments as needed. Leaves `self.pos` at
+    /// the frame; returns what was decoded and the frame's length.
+    fn read_one(&mut self, mode: Mode) -> Result<(Decoded, usize), Error> {
         if self.seg.is_none() {
             self.open_segment()?;
         }
-        let (txn, used) = match self.frame_at_pos(false) {
-            Ok(x) => x,
+        match self.frame_at_pos(mode) {
+            Ok(x) => Ok(x),
             Err(ReadEnd::End) => {
                 self.seg = None;
                 self.open_segment()?;
-                self.frame_at_pos(false)?
+                Ok(self.frame_at_pos(mode)?)
             }
-            Err(ReadEnd::Err(e)) => return Err(e),
-        };
-        self.pos += used;
-        txn.ok_or_else(|| Error::Corrupt {
-            file: String::new(),
-            byte: 0,
-            reason: "internal: frame without payload".into(),
-        })
+            Err(ReadEnd::Err(e)) => Err(e),
+        }
     }
 
     fn corrupt(&self, at: usize, reason: String) -> Error {
@@ -1608,9 +1637,10 @@ impl Reader {
         }
     }
 
-    /// Checks (and unless `skip`, decodes) the frame at `self.pos`, reading more of the file
+    /// Checks (and as `mode` says, decodes) the frame at `self.pos`, reading more of the file
     /// as needed. Does not advance `self.pos`.
-    fn frame_at_pos(&mut self, skip: bool) -> Result<(Option<Transaction>, usize), ReadEnd> {
+    fn frame_at_pos(&mut self, mode: Mode) -> Result<(Decoded, usize), ReadEnd> {
+        let skip = matches!(mode, Mode::Skip);
         let max = self.shared.opts.record_bytes_max;
         loop {
             match record::check_frame(&self.buf[self.pos..], max) {
@@ -1627,12 +1657,15 @@ impl Reader {
                             ),
                         )));
                     }
-                    if skip {
-                        return Ok((None, raw.frame_bytes));
+                    let decoded = match mode {
+                        Mode::Skip => Ok(Decoded::Skipped),
+                        Mode::Decode => {
+                            record::decode_payload(raw.offset, raw.payload).map(Decoded::Txn)
+                        }
+                        Mode::Raw => record::payload_gtid(raw.payload).map(Decoded::Raw),
                     }
-                    let txn = record::decode_payload(raw.offset, raw.payload)
-                        .map_err(|e| ReadEnd::Err(self.corrupt(self.pos, e.to_string())))?;
-                    return Ok((Some(txn), raw.frame_bytes));
+                    .map_err(|e| ReadEnd::Err(self.corrupt(self.pos, e.to_string())))?;
+                    return Ok((decoded, raw.frame_bytes));
                 }
                 Err(FrameError::Truncated { needed, .. }) => {
                     let got = self.refill(needed).map_err(ReadEnd::Err)?;
@@ -1696,6 +1729,23 @@ impl Reader {
         self.buf.truncate(have + n);
         Ok(n)
     }
+}
+
+/// How much of a frame to decode.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// Check the frame only (positioning).
+    Skip,
+    /// Build the transaction.
+    Decode,
+    /// Validate the payload and extract the GTID; the frame is passed on as stored.
+    Raw,
+}
+
+enum Decoded {
+    Skipped,
+    Txn(Transaction),
+    Raw(Gtid),
 }
 
 enum ReadEnd {

@@ -209,6 +209,21 @@ pub fn decode_payload(offset: Offset, payload: &[u8]) -> Result<Transaction, Fra
     })
 }
 
+/// Validates an rkyv payload and returns only its GTID, without building the transaction
+/// (for passing frames on unchanged).
+pub fn payload_gtid(payload: &[u8]) -> Result<Gtid, FrameError> {
+    let archived = rkyv::access::<rkyv::Archived<NewTransaction>, rancor::Error>(payload)
+        .map_err(|e| FrameError::Payload(e.to_string()))?;
+    let seq = archived.gtid.seq.to_native();
+    if seq == 0 {
+        return Err(FrameError::Payload("GTID number 0".into()));
+    }
+    Ok(Gtid {
+        uuid: archived.gtid.uuid,
+        seq,
+    })
+}
+
 /// Checks and decodes the frame at the start of `buf`. Returns the transaction and the number
 /// of bytes the frame occupies. Never panics and never allocates more than the frame's checked
 /// length, whatever `buf` holds.
