@@ -526,13 +526,39 @@ async fn serve_subscription<N: Node>(
     };
 
     let (tree, prefix) = (tree.as_deref(), prefix.as_deref());
+    // Without filters, records go out as the log stores them: no decode, no re-encode.
+    let pass_through = tree.is_none() && prefix.is_none();
     let mut batch = BatchBuilder::new();
     let mut out = Vec::with_capacity(cfg.batch_bytes_target + 4096);
     let result = loop {
         let mut through = None;
         while batch.bytes() < cfg.batch_bytes_target {
-            let txn = match reader.next_txn() {
-                Ok(Some(t)) => t,
+            let next = if pass_through {
+                let mut offset = None;
+                batch
+                    .push_frame_with(|buf| {
+                        offset = reader.next_raw(buf)?.map(|(o, _)| o);
+                        Ok::<_, tideline_wal::Error>(offset.is_some())
+                    })
+                    .map(|_| offset.map(Offset::get))
+            } else {
+                reader.next_txn().and_then(|t| {
+                    Ok(match t {
+                        None => None,
+                        Some(txn) => {
+                            let o = txn.offset.get();
+                            if let Some(t) = filter_txn(txn, tree, prefix) {
+                                batch.push(&t).map_err(|e| tideline_wal::Error::Encode {
+                                    reason: e.to_string(),
+                                })?;
+                            }
+                            Some(o)
+                        }
+                    })
+                })
+            };
+            let offset = match next {
+                Ok(Some(o)) => o,
                 Ok(None) => break,
                 Err(e) => {
                     let _ = send_message(
@@ -545,10 +571,7 @@ async fn serve_subscription<N: Node>(
                     return Ok(());
                 }
             };
-            through = Some(txn.offset.get());
-            if let Some(t) = filter_txn(txn, tree, prefix) {
-                batch.push(&t)?;
-            }
+            through = Some(offset);
         }
         if !batch.is_empty() {
             out.clear();

@@ -143,6 +143,19 @@ impl BatchBuilder {
         Ok(())
     }
 
+    /// Adds one record whose frame `fill` appends as the log stores it (no re-encoding);
+    /// `fill` returns whether it appended one.
+    pub fn push_frame_with<E>(
+        &mut self,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<bool, E>,
+    ) -> Result<bool, E> {
+        let added = fill(&mut self.frames)?;
+        if added {
+            self.count += 1;
+        }
+        Ok(added)
+    }
+
     /// Records in the batch.
     pub fn len(&self) -> usize {
         self.count as usize
