@@ -57,6 +57,9 @@ pub struct TailConfig {
     pub backoff_max: Duration,
     /// Give up after this many failed reconnects in a row (`None`: never).
     pub reconnect_attempts_max: Option<u32>,
+    /// Least time between two automatic checkpoint saves (each syncs a file). A crash of the
+    /// consumer re-delivers at most what arrived in this interval. Default 200 ms.
+    pub checkpoint_interval: Duration,
 }
 
 impl TailConfig {
@@ -72,6 +75,7 @@ impl TailConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             reconnect_attempts_max: None,
+            checkpoint_interval: Duration::from_millis(200),
         }
     }
 }
@@ -168,9 +172,10 @@ impl Tail {
     }
 
     /// Declares every transaction returned so far processed and saves the checkpoint. The
-    /// tail also saves by itself whenever the application asks for the transaction after the
-    /// last one of a batch, so a crash re-delivers at most the batch in progress; an
-    /// application that stops cleanly calls this last and loses and repeats nothing.
+    /// tail also saves by itself when the application asks for the transaction after the last
+    /// one of a batch, at most once per `checkpoint_interval`, so a crash re-delivers at most
+    /// what arrived in that interval; an application that stops cleanly calls this last and
+    /// loses and repeats nothing.
     pub fn commit(&mut self) -> Result<(), TailError> {
         let pos = lock(&self.delivered).clone();
         if let (Some(p), Some(cp)) = (pos, lock(&self.checkpoint).as_mut()) {
@@ -188,7 +193,7 @@ impl Stream for Tail {
 }
 
 /// Starts a tail. With a checkpoint, it starts from the saved position (ignoring
-/// `cfg.start`) and saves after every batch the application has consumed (see
+/// `cfg.start`) and saves the position of what the application has consumed (see
 /// [`Tail::commit`]). Transactions come in log order, each once: after a reconnect to the
 /// same node it resumes by offset, after a switch to another node by GTID set.
 pub fn tail(cfg: TailConfig, checkpoint: Option<Box<dyn Checkpoint>>) -> Tail {
@@ -215,6 +220,7 @@ fn run(
             None => None,
         };
         lock(&delivered).clone_from(&pos);
+        let mut last_saved = tokio::time::Instant::now() - cfg.checkpoint_interval;
         let mut failures: u32 = 0;
         loop {
             if failures > 0 {
@@ -316,10 +322,15 @@ fn run(
                         if let Some(o) = last_offset.or(state.last_offset()) {
                             let p = Position { server_uuid: uuid, offset: o, gtids: state.seen().clone() };
                             *lock(&delivered) = Some(p.clone());
-                            let saved = lock(&checkpoint).as_mut().map(|cp| cp.save(&p));
-                            if let Some(Err(e)) = saved {
-                                yield Err(e.into());
-                                return;
+                            // Saving syncs a file: at most once per interval, so a fast tail is
+                            // not held to the disk's fsync rate. `Tail::commit` saves at once.
+                            if last_saved.elapsed() >= cfg.checkpoint_interval {
+                                let saved = lock(&checkpoint).as_mut().map(|cp| cp.save(&p));
+                                if let Some(Err(e)) = saved {
+                                    yield Err(e.into());
+                                    return;
+                                }
+                                last_saved = tokio::time::Instant::now();
                             }
                             pos = Some(p);
                             if cfg.slot.is_some() {
