@@ -611,6 +611,11 @@ impl Engine {
                     // far is applied, so the next attempt reads past it.
                     let target = self.inner.last_submitted.load(Ordering::SeqCst);
                     self.inner.wait_applied(target, Duration::from_secs(1));
+                    // Then a random pause growing with the attempts: contenders that all woke
+                    // on the same apply would otherwise race again in lockstep, and the same
+                    // one could lose every time.
+                    let cap_us = (20u64 << attempt.min(7)).min(2_000);
+                    std::thread::sleep(Duration::from_micros(rand::random_range(0..=cap_us)));
                 }
                 Err(e) => return Err(e),
             }
