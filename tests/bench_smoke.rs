@@ -58,6 +58,8 @@ fn bench_stream_reports_every_figure() {
         &["latency", "achieved_rate_per_s"],
         &["latency", "p50_us"],
         &["latency", "p99_us"],
+        &["latency_without_fsync", "p50_us"],
+        &["latency_without_fsync", "p99_us"],
     ] {
         positive(&report, path);
     }

@@ -1,0 +1,1124 @@
+//! `tideline bench stream`: tails over QUIC beside a bare quinn stream and PostgreSQL logical
+//! decoding, measured in one run on one machine, all on loopback.
+//!
+//! Phases: (1) one consumer tails a log of `--changes` one-put transactions already on disk,
+//! served by the real server ([`LogNode`] over the log) and read with the real client, beside
+//! a bare quinn stream carrying the same bytes in large writes; then `--consumers` consumers
+//! tail the same log at once; (2) the same with 64 KiB values (bandwidth); (3) commit-to-
+//! consumer latency with a writer paced at `--latency-rate` under async durability;
+//! (4) PostgreSQL logical decoding (`pg_recvlogical`, test_decoding) draining as many 100-byte
+//! row changes.
+//!
+//! The server runtime and the client runtime are each a current-thread tokio runtime on its
+//! own OS thread, for every phase and for the bare quinn pair alike: with a multi-threaded
+//! runtime the figures flip between a one-core and a two-core mode from run to run.
+//!
+//! The bare quinn baseline uses the system's default UDP socket buffers, as the Tideline server
+//! and client do (their sockets are created inside `tideline-stream`); it is measured a second
+//! time with `--udp-buffer-bytes` buffers to show what larger buffers would give.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tideline_stream::log_node::LogNode;
+use tideline_stream::{
+    Client, ClientConfig, ClientSecrets, Event, Node, ServerConfig, ServerSecrets, Start, tls,
+};
+use tideline_wal::{Durability, FileStorage, Gtid, NewTransaction, Op, Storage, Wal, WalOptions};
+
+/// Arguments of `bench stream`.
+#[derive(Debug, Args)]
+pub struct StreamBenchArgs {
+    /// Directory for the logs and secrets; created, and emptied afterwards.
+    #[arg(long, value_name = "DIR", default_value = "./tideline-bench")]
+    dir: PathBuf,
+    /// One-put transactions in the log tailed in phase 1 (and row changes for PostgreSQL).
+    #[arg(long, default_value_t = 2_000_000)]
+    changes: u64,
+    /// Value bytes of each change in phase 1.
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+    /// Concurrent consumers (one connection each) in the fan-out measurement.
+    #[arg(long, default_value_t = 8)]
+    consumers: usize,
+    /// Value bytes in the large-value phase.
+    #[arg(long, default_value_t = 64 << 10)]
+    large_value_bytes: usize,
+    /// MiB of large values in the large-value phase.
+    #[arg(long, default_value_t = 1024)]
+    large_mib: u64,
+    /// Transactions per second committed by the paced writer in the latency phase.
+    #[arg(long, default_value_t = 10_000)]
+    latency_rate: u64,
+    /// Seconds of paced writing in the latency phase.
+    #[arg(long, default_value_t = 5.0)]
+    latency_seconds: f64,
+    /// Bytes of each write on the bare quinn stream.
+    #[arg(long, default_value_t = 1 << 20)]
+    bare_write_bytes: usize,
+    /// UDP socket buffers (send and receive) for the second bare quinn measurement; 0 skips it.
+    #[arg(long, default_value_t = 4 << 20)]
+    udp_buffer_bytes: usize,
+    /// Skip the PostgreSQL comparison.
+    #[arg(long)]
+    no_postgres: bool,
+    /// PostgreSQL host (trust authentication is assumed).
+    #[arg(long, default_value = "127.0.0.1")]
+    pg_host: String,
+    /// PostgreSQL port.
+    #[arg(long, default_value_t = 5432)]
+    pg_port: u16,
+    /// PostgreSQL user.
+    #[arg(long, default_value = "postgres")]
+    pg_user: String,
+    /// PostgreSQL database (a table and a slot are created there and dropped afterwards).
+    #[arg(long, default_value = "postgres")]
+    pg_db: String,
+    /// Rows per inserting transaction on PostgreSQL.
+    #[arg(long, default_value_t = 100_000)]
+    pg_rows_per_txn: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Keep the files written instead of removing them.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// `bench stream`.
+pub fn stream(args: &StreamBenchArgs) -> anyhow::Result<ExitCode> {
+    ensure!(args.changes > 0, "--changes must be at least 1");
+    ensure!(args.consumers > 0, "--consumers must be at least 1");
+    ensure!(
+        args.bare_write_bytes > 0,
+        "--bare-write-bytes must be at least 1"
+    );
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
+    let root = args.dir.join(format!("stream-{}", std::process::id()));
+    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+    let result = run_all(args, &root);
+    if !args.keep {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runtimes
+
+/// The two runtimes and the cluster secrets every phase uses.
+struct Ctx {
+    server_rt: RtThread,
+    client_rt: RtThread,
+    server_secrets: ServerSecrets,
+    client_secrets: ClientSecrets,
+}
+
+/// A current-thread tokio runtime driven by its own OS thread until dropped.
+struct RtThread {
+    handle: tokio::runtime::Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl RtThread {
+    fn start(name: &str) -> anyhow::Result<RtThread> {
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(name.to_owned())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(rt.handle().clone()));
+                rt.block_on(async {
+                    let _ = stop_rx.await;
+                });
+            })
+            .with_context(|| format!("spawn the {name} thread"))?;
+        let handle = handle_rx
+            .recv()
+            .context("the runtime thread ended before starting")?
+            .with_context(|| format!("build the {name} runtime"))?;
+        Ok(RtThread {
+            handle,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `fut` on this runtime and blocks the calling thread (not a runtime thread) until
+    /// it completes.
+    fn run<F>(&self, fut: F) -> anyhow::Result<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv()
+            .context("the runtime thread stopped before the task finished")
+    }
+
+    /// Starts `fut` on this runtime; its result arrives on the returned channel.
+    fn start_task<F>(&self, fut: F) -> std::sync::mpsc::Receiver<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.handle.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx
+    }
+}
+
+impl Drop for RtThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>28} [{bar:30}] {percent:>3}% {per_sec:>14} eta {eta}")
+    {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_owned());
+    pb
+}
+
+fn put(seq: u64, value: &[u8]) -> Vec<Op> {
+    vec![Op::Put {
+        tree: "bench".into(),
+        key: seq.to_be_bytes().to_vec(),
+        value: value.to_vec(),
+        before: None,
+    }]
+}
+
+fn open_wal(dir: &Path, durability: Durability) -> anyhow::Result<Wal> {
+    open_wal_with(dir, durability, false)
+}
+
+/// `skip_fsync` is for the latency diagnostic only: it tells the log's periodic fsync apart
+/// from the transport.
+fn open_wal_with(dir: &Path, durability: Durability, skip_fsync: bool) -> anyhow::Result<Wal> {
+    let storage: Arc<dyn Storage> =
+        Arc::new(FileStorage::new(dir).with_context(|| format!("create {}", dir.display()))?);
+    let opts = WalOptions {
+        durability,
+        unsafe_skip_fsync: skip_fsync,
+        ..WalOptions::default()
+    };
+    Wal::open(storage, opts).with_context(|| format!("open a log in {}", dir.display()))
+}
+
+const ASYNC_10MS: Durability = Durability::Async {
+    interval: Duration::from_millis(10),
+};
+
+/// Writes `records` one-put transactions of `value` into a new log in `dir`, pipelined, with
+/// async durability, and closes it. Returns the log's bytes on disk.
+fn build_log(dir: &Path, records: u64, value: &[u8], what: &str) -> anyhow::Result<u64> {
+    let wal = open_wal(dir, ASYNC_10MS)?;
+    let uuid = wal.server_uuid();
+    let pb = bar(records, what);
+    let mut seq = 0u64;
+    while seq < records {
+        let mut last = None;
+        let n = (records - seq).min(10_000);
+        for _ in 0..n {
+            seq += 1;
+            last = Some(wal.submit(NewTransaction {
+                gtid: Gtid::new(uuid, seq)?,
+                timestamp_us: crate::now_us(),
+                ops: put(seq, value),
+            })?);
+        }
+        if let Some(p) = last {
+            p.wait()?;
+        }
+        pb.inc(n);
+    }
+    let bytes = wal.stats().total_bytes;
+    wal.close()?;
+    pb.finish_and_clear();
+    Ok(bytes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tideline server and tails
+
+/// A Tideline server over the log in `dir`, on the server runtime.
+struct Server {
+    handle: Option<tideline_stream::ServerHandle>,
+    addr: SocketAddr,
+    node: Arc<LogNode>,
+}
+
+fn start_server(rt: &RtThread, wal: Wal, secrets: &ServerSecrets) -> anyhow::Result<Server> {
+    let node = Arc::new(LogNode::new(wal));
+    let cfg = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let (secrets, n) = (secrets.clone(), node.clone());
+    let handle = rt
+        .run(async move { tideline_stream::serve(cfg, secrets, n) })?
+        .context("start the Tideline server")?;
+    Ok(Server {
+        addr: handle.local_addr(),
+        handle: Some(handle),
+        node,
+    })
+}
+
+impl Server {
+    fn stop(mut self, rt: &RtThread) -> anyhow::Result<()> {
+        if let Some(h) = self.handle.take() {
+            rt.run(h.shutdown())?;
+        }
+        self.node.wal().close()?;
+        Ok(())
+    }
+}
+
+/// Reads `expect` transactions from `earliest` on a connected client, checking that offsets
+/// arrive dense and in order. Returns the changes (ops) received and the seconds it took from
+/// the subscribe request to the last transaction.
+async fn tail_all(client: &Client, expect: u64) -> anyhow::Result<(u64, f64)> {
+    let started = Instant::now();
+    let mut sub = client
+        .subscribe(Start::Earliest, None, None, None)
+        .await
+        .context("subscribe from earliest")?;
+    let (mut txns, mut changes) = (0u64, 0u64);
+    while txns < expect {
+        match sub.next().await.context("read the subscription")? {
+            Some(Event::Batch(batch)) => {
+                for t in &batch {
+                    ensure!(
+                        t.offset.get() == txns + 1,
+                        "offset {} arrived where {} was expected",
+                        t.offset.get(),
+                        txns + 1
+                    );
+                    txns += 1;
+                    changes += t.ops.len() as u64;
+                }
+            }
+            Some(Event::Heartbeat { .. }) => {}
+            None => bail!("the server ended the subscription after {txns} of {expect}"),
+        }
+    }
+    Ok((changes, started.elapsed().as_secs_f64()))
+}
+
+async fn connect(addr: SocketAddr, secrets: ClientSecrets) -> anyhow::Result<Client> {
+    let mut cfg = ClientConfig::new(secrets);
+    cfg.client_name = "tideline-bench".into();
+    Client::connect(&addr.to_string(), cfg)
+        .await
+        .with_context(|| format!("connect to {addr}"))
+}
+
+/// One consumer tails the whole log. Returns (changes, seconds).
+fn tail_one(
+    rt: &RtThread,
+    addr: SocketAddr,
+    secrets: &ClientSecrets,
+    expect: u64,
+) -> anyhow::Result<(u64, f64)> {
+    let secrets = secrets.clone();
+    rt.run(async move {
+        let client = connect(addr, secrets).await?;
+        let r = tail_all(&client, expect).await;
+        client.close().await;
+        r
+    })?
+}
+
+/// `consumers` consumers, one connection each, tail the whole log at once. Returns (changes
+/// received by all, seconds from the first subscribe to the last transaction).
+fn tail_many(
+    rt: &RtThread,
+    addr: SocketAddr,
+    secrets: &ClientSecrets,
+    expect: u64,
+    consumers: usize,
+) -> anyhow::Result<(u64, f64)> {
+    let secrets = secrets.clone();
+    rt.run(async move {
+        let mut clients = Vec::with_capacity(consumers);
+        for _ in 0..consumers {
+            clients.push(Arc::new(connect(addr, secrets.clone()).await?));
+        }
+        let started = Instant::now();
+        let tasks: Vec<_> = clients
+            .iter()
+            .map(|c| {
+                let c = c.clone();
+                tokio::spawn(async move { tail_all(&c, expect).await })
+            })
+            .collect();
+        let mut total = 0u64;
+        for t in tasks {
+            total += t.await.context("a consumer task panicked")??.0;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        for c in clients {
+            if let Ok(c) = Arc::try_unwrap(c) {
+                c.close().await;
+            }
+        }
+        Ok::<_, anyhow::Error>((total, secs))
+    })?
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bare quinn
+
+const BARE_ALPN: &[u8] = b"tideline-bench/bare";
+
+fn udp_socket(buffer_bytes: Option<usize>) -> anyhow::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+    let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
+        .context("create a UDP socket")?;
+    if let Some(b) = buffer_bytes {
+        sock.set_recv_buffer_size(b)
+            .context("set the UDP receive buffer")?;
+        sock.set_send_buffer_size(b)
+            .context("set the UDP send buffer")?;
+    }
+    sock.bind(&SockAddr::from(SocketAddr::from(([127, 0, 0, 1], 0))))
+        .context("bind a UDP socket on loopback")?;
+    sock.set_nonblocking(true)?;
+    Ok(sock.into())
+}
+
+fn bare_server_config(secrets: &ServerSecrets) -> anyhow::Result<quinn::ServerConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls_cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(secrets.chain.clone(), secrets.key.clone_key())?;
+    tls_cfg.alpn_protocols = vec![BARE_ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls_cfg)?;
+    Ok(quinn::ServerConfig::with_crypto(Arc::new(quic)))
+}
+
+fn bare_client_config(secrets: &ClientSecrets) -> anyhow::Result<quinn::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(secrets.ca.clone())?;
+    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls_cfg.alpn_protocols = vec![BARE_ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls_cfg)?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+/// What a bare quinn transfer measured.
+struct Bare {
+    seconds: f64,
+    lost_packets: u64,
+    sent_packets: u64,
+}
+
+/// The server side sends `bytes` in `write_bytes` writes on one stream; the client reads them
+/// with `read_chunk`. Same TLS material as Tideline, same runtime layout. Seconds are measured
+/// by the client from opening the stream to its end.
+fn bare_quinn(
+    ctx: &Ctx,
+    bytes: u64,
+    write_bytes: usize,
+    buffer_bytes: Option<usize>,
+) -> anyhow::Result<Bare> {
+    let (server_rt, client_rt) = (&ctx.server_rt, &ctx.client_rt);
+    let server_cfg = bare_server_config(&ctx.server_secrets)?;
+    let client_cfg = bare_client_config(&ctx.client_secrets)?;
+    let server_sock = udp_socket(buffer_bytes)?;
+    let client_sock = udp_socket(buffer_bytes)?;
+    let server_ep = server_rt.run(async move {
+        quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server_cfg),
+            server_sock,
+            Arc::new(quinn::TokioRuntime),
+        )
+    })??;
+    let server_addr = server_ep.local_addr()?;
+    let ep = server_ep.clone();
+    let sender = server_rt.start_task(async move {
+        let incoming = ep.accept().await.context("bare: no connection came")?;
+        let conn = incoming.await.context("bare: server handshake")?;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut go = [0u8; 1];
+        recv.read_exact(&mut go).await?;
+        let buf = vec![0x42u8; write_bytes];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(write_bytes as u64) as usize;
+            send.write_all(&buf[..n]).await?;
+            left -= n as u64;
+        }
+        send.finish()?;
+        let _ = send.stopped().await;
+        let stats = conn.stats();
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        Ok::<_, anyhow::Error>((stats.path.lost_packets, stats.path.sent_packets))
+    });
+    let seconds = client_rt.run(async move {
+        let mut ep = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            client_sock,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        ep.set_default_client_config(client_cfg);
+        let conn = ep
+            .connect(server_addr, tls::SERVER_NAME)?
+            .await
+            .context("bare: client handshake")?;
+        let started = Instant::now();
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&[1]).await?;
+        let mut got = 0u64;
+        while let Some(chunk) = recv.read_chunk(usize::MAX, true).await? {
+            got += chunk.bytes.len() as u64;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        ensure!(got == bytes, "bare: received {got} of {bytes} bytes");
+        let _ = send.finish();
+        conn.close(quinn::VarInt::from_u32(0), b"done");
+        ep.wait_idle().await;
+        Ok::<_, anyhow::Error>(secs)
+    })??;
+    let (lost_packets, sent_packets) =
+        sender.recv().context("bare: the sender task vanished")??;
+    server_rt.run(async move {
+        server_ep.close(quinn::VarInt::from_u32(0), b"done");
+        server_ep.wait_idle().await;
+    })?;
+    Ok(Bare {
+        seconds,
+        lost_packets,
+        sent_packets,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Latency
+
+/// Microsecond latencies: percentiles of a sorted sample.
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// A writer commits `count` transactions paced at `rate`/s, each stamped with the time of its
+/// submit; one consumer tailing from `latest` records receive time − stamp for each.
+/// `skip_fsync` runs the same without the log's periodic fsync (a diagnostic).
+fn latency(
+    ctx: &Ctx,
+    dir: &Path,
+    rate: u64,
+    count: u64,
+    value: &[u8],
+    skip_fsync: bool,
+) -> anyhow::Result<(Vec<i64>, f64)> {
+    let (server_rt, client_rt) = (&ctx.server_rt, &ctx.client_rt);
+    let wal = open_wal_with(dir, ASYNC_10MS, skip_fsync)?;
+    let server = start_server(server_rt, wal, &ctx.server_secrets)?;
+    let (addr, secrets) = (server.addr, ctx.client_secrets.clone());
+    // Subscribe first, then let the writer go.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    let consumer = client_rt.start_task(async move {
+        let client = connect(addr, secrets).await?;
+        let mut sub = client
+            .subscribe(Start::Latest, None, None, None)
+            .await
+            .context("subscribe from latest")?;
+        let _ = ready_tx.send(());
+        let mut lat = Vec::with_capacity(count as usize);
+        while (lat.len() as u64) < count {
+            match sub.next().await.context("read the subscription")? {
+                Some(Event::Batch(batch)) => {
+                    let now = crate::now_us();
+                    lat.extend(batch.iter().map(|t| now - t.timestamp_us));
+                }
+                Some(Event::Heartbeat { .. }) => {}
+                None => bail!("the server ended the subscription"),
+            }
+        }
+        drop(sub);
+        client.close().await;
+        Ok::<_, anyhow::Error>(lat)
+    });
+    if ready_rx.recv().is_err() {
+        // The consumer ended before subscribing: its own error says why.
+        consumer.recv().context("the latency consumer vanished")??;
+        bail!("the latency consumer ended before subscribing");
+    }
+    let wal = server.node.wal();
+    let uuid = wal.server_uuid();
+    let started = Instant::now();
+    for seq in 1..=count {
+        let due = started + Duration::from_secs_f64((seq - 1) as f64 / rate as f64);
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        wal.submit(NewTransaction {
+            gtid: Gtid::new(uuid, seq)?,
+            timestamp_us: crate::now_us(),
+            ops: put(seq, value),
+        })?
+        .wait()?;
+    }
+    let achieved = count as f64 / started.elapsed().as_secs_f64();
+    let lat = consumer.recv().context("the latency consumer vanished")??;
+    server.stop(server_rt)?;
+    Ok((lat, achieved))
+}
+
+/// Percentiles of one latency run; the first 1% (connection warm-up) is left out.
+fn latency_summary((mut lat, achieved): (Vec<i64>, f64)) -> Value {
+    let count = lat.len();
+    let warmup = count / 100;
+    let mut sample = lat.split_off(warmup);
+    sample.sort_unstable();
+    json!({
+        "achieved_rate_per_s": achieved.round(),
+        "transactions": count,
+        "warmup_left_out": warmup,
+        "p50_us": percentile(&sample, 0.50),
+        "p99_us": percentile(&sample, 0.99),
+        "p999_us": percentile(&sample, 0.999),
+        "max_us": sample.last().copied().unwrap_or(0),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL
+
+struct Pg<'a> {
+    args: &'a StreamBenchArgs,
+}
+
+impl Pg<'_> {
+    fn conn_args(&self) -> Vec<String> {
+        let a = self.args;
+        vec![
+            "-h".into(),
+            a.pg_host.clone(),
+            "-p".into(),
+            a.pg_port.to_string(),
+            "-U".into(),
+            a.pg_user.clone(),
+            "-d".into(),
+            a.pg_db.clone(),
+        ]
+    }
+
+    /// Runs SQL with psql; returns its unaligned, tuples-only output.
+    fn sql(&self, sql: &str) -> anyhow::Result<String> {
+        let out = Command::new("psql")
+            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-At"])
+            .args(self.conn_args())
+            .args(["-c", sql])
+            .stdin(Stdio::null())
+            .output()
+            .context("run psql (is the PostgreSQL client installed?)")?;
+        if !out.status.success() {
+            bail!(
+                "psql failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+/// Drains `changes` 100-byte row changes through `pg_recvlogical` with test_decoding.
+/// `Err` means the comparison could not run; the caller reports it as skipped.
+fn postgres(args: &StreamBenchArgs, changes: u64, value_bytes: usize) -> anyhow::Result<Value> {
+    let pg = Pg { args };
+    let wal_level = pg
+        .sql("SHOW wal_level")
+        .context("PostgreSQL is not answering")?;
+    ensure!(
+        wal_level == "logical",
+        "wal_level is {wal_level}, logical decoding needs logical: run \
+         `ALTER SYSTEM SET wal_level = logical` and restart PostgreSQL"
+    );
+    let version = pg.sql("SHOW server_version")?;
+    let id = std::process::id();
+    let (table, slot) = (
+        format!("tideline_bench_{id}"),
+        format!("tideline_bench_{id}"),
+    );
+    pg.sql(&format!(
+        "CREATE TABLE {table} (id bigint NOT NULL, v text NOT NULL)"
+    ))?;
+    let result = (|| -> anyhow::Result<Value> {
+        pg.sql(&format!(
+            "SELECT lsn FROM pg_create_logical_replication_slot('{slot}', 'test_decoding')"
+        ))?;
+        let per_txn = args.pg_rows_per_txn.max(1);
+        let pb = bar(changes, "inserting PostgreSQL rows");
+        let mut done = 0u64;
+        while done < changes {
+            let n = (changes - done).min(per_txn);
+            pg.sql(&format!(
+                "INSERT INTO {table} SELECT g, repeat('x', {value_bytes}) \
+                 FROM generate_series({}, {}) g",
+                done + 1,
+                done + n
+            ))?;
+            done += n;
+            pb.inc(n);
+        }
+        pb.finish_and_clear();
+        let endpos = pg.sql("SELECT pg_current_wal_lsn()")?;
+        eprintln!("pg_recvlogical draining {changes} changes to {endpos} ...");
+        let started = Instant::now();
+        let mut child = Command::new("pg_recvlogical")
+            .args(pg.conn_args())
+            .args(["--slot", &slot, "--start", "--no-loop", "--endpos", &endpos])
+            .args(["-f", "-"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run pg_recvlogical")?;
+        let stdout = child.stdout.take().context("pg_recvlogical stdout")?;
+        let mut reader = std::io::BufReader::with_capacity(1 << 20, stdout);
+        let mut line = Vec::new();
+        let mut rows = 0u64;
+        loop {
+            line.clear();
+            if reader.read_until(b'\n', &mut line)? == 0 {
+                break;
+            }
+            if line.starts_with(b"table ") {
+                rows += 1;
+            }
+        }
+        let out = child.wait_with_output()?;
+        let seconds = started.elapsed().as_secs_f64();
+        ensure!(
+            out.status.success(),
+            "pg_recvlogical failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        ensure!(
+            rows == changes,
+            "pg_recvlogical delivered {rows} of {changes} row changes"
+        );
+        Ok(json!({
+            "version": version,
+            "plugin": "test_decoding",
+            "changes": rows,
+            "transactions": changes.div_ceil(per_txn),
+            "seconds": seconds,
+            "changes_per_s": (rows as f64 / seconds).round(),
+        }))
+    })();
+    let _ = pg.sql(&format!(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+         WHERE slot_name = '{slot}'"
+    ));
+    let _ = pg.sql(&format!("DROP TABLE IF EXISTS {table}"));
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+fn goal(name: &str, value: f64, target: f64, unit: &str, higher_is_better: bool) -> Value {
+    let met = if higher_is_better {
+        value >= target
+    } else {
+        value <= target
+    };
+    json!({
+        "goal": name,
+        "value": value,
+        "target": target,
+        "unit": unit,
+        "higher_is_better": higher_is_better,
+        "met": met,
+    })
+}
+
+fn bare_json(b: &Bare, bytes: u64, changes: u64) -> Value {
+    json!({
+        "seconds": b.seconds,
+        "mib_s": bytes as f64 / (1 << 20) as f64 / b.seconds,
+        "equivalent_changes_per_s": (changes as f64 / b.seconds).round(),
+        "lost_packets": b.lost_packets,
+        "sent_packets": b.sent_packets,
+    })
+}
+
+fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
+    // Other processes on the machine move every figure here: record how busy it was.
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned));
+    let secrets_dir = root.join("secrets");
+    tls::ensure_secrets(&secrets_dir)?;
+    let ctx = Ctx {
+        server_rt: RtThread::start("bench-server")?,
+        client_rt: RtThread::start("bench-client")?,
+        server_secrets: tls::load_server(&secrets_dir)?,
+        client_secrets: tls::load_client_dir(&secrets_dir)?,
+    };
+    let (server_rt, client_rt) = (&ctx.server_rt, &ctx.client_rt);
+    let (server_secrets, client_secrets) = (&ctx.server_secrets, &ctx.client_secrets);
+    let big_buffers = (args.udp_buffer_bytes > 0).then_some(args.udp_buffer_bytes);
+
+    // Phase 1: small values.
+    let value = vec![0x61u8; args.value_bytes];
+    let small_dir = root.join("small");
+    let log_bytes = build_log(&small_dir, args.changes, &value, "building log (changes)")?;
+    let server = start_server(server_rt, open_wal(&small_dir, ASYNC_10MS)?, server_secrets)?;
+    eprintln!("one consumer tailing {} changes ...", args.changes);
+    let (changes, tail_s) = tail_one(client_rt, server.addr, client_secrets, args.changes)?;
+    eprintln!(
+        "{} consumers tailing {} changes each ...",
+        args.consumers, args.changes
+    );
+    let (many_changes, many_s) = tail_many(
+        client_rt,
+        server.addr,
+        client_secrets,
+        args.changes,
+        args.consumers,
+    )?;
+    server.stop(server_rt)?;
+    let _ = std::fs::remove_dir_all(&small_dir);
+    eprintln!("bare quinn stream, {} MiB ...", log_bytes >> 20);
+    let bare = bare_quinn(&ctx, log_bytes, args.bare_write_bytes, None)?;
+    let bare_big = match big_buffers {
+        Some(b) => {
+            eprintln!(
+                "bare quinn stream, {} MiB, {b} B UDP buffers ...",
+                log_bytes >> 20
+            );
+            Some(bare_quinn(&ctx, log_bytes, args.bare_write_bytes, Some(b))?)
+        }
+        None => None,
+    };
+    let tail_rate = changes as f64 / tail_s;
+    let many_rate = many_changes as f64 / many_s;
+    let small_ratio = bare.seconds / tail_s;
+
+    // Phase 2: large values.
+    let large_value = vec![0x62u8; args.large_value_bytes];
+    let large_records = ((args.large_mib << 20) / args.large_value_bytes.max(1) as u64).max(1);
+    let large_dir = root.join("large");
+    let large_bytes = build_log(
+        &large_dir,
+        large_records,
+        &large_value,
+        "building large-value log",
+    )?;
+    let server = start_server(server_rt, open_wal(&large_dir, ASYNC_10MS)?, server_secrets)?;
+    eprintln!(
+        "one consumer tailing {large_records} values of {} B ...",
+        args.large_value_bytes
+    );
+    let (_, large_tail_s) = tail_one(client_rt, server.addr, client_secrets, large_records)?;
+    server.stop(server_rt)?;
+    let _ = std::fs::remove_dir_all(&large_dir);
+    eprintln!("bare quinn stream, {} MiB ...", large_bytes >> 20);
+    let large_bare = bare_quinn(&ctx, large_bytes, args.bare_write_bytes, None)?;
+    let large_bare_big = match big_buffers {
+        Some(b) => Some(bare_quinn(
+            &ctx,
+            large_bytes,
+            args.bare_write_bytes,
+            Some(b),
+        )?),
+        None => None,
+    };
+    let mib = |bytes: u64, s: f64| bytes as f64 / (1 << 20) as f64 / s;
+    let large_ratio = large_bare.seconds / large_tail_s;
+
+    // Phase 3: latency.
+    let count = ((args.latency_rate as f64 * args.latency_seconds).round() as u64).max(1);
+    eprintln!(
+        "latency: {count} transactions at {} /s, async durability ...",
+        args.latency_rate
+    );
+    let lat_dir = root.join("latency");
+    let lat = latency_summary(latency(
+        &ctx,
+        &lat_dir,
+        args.latency_rate.max(1),
+        count,
+        &value,
+        false,
+    )?);
+    let _ = std::fs::remove_dir_all(&lat_dir);
+    eprintln!("latency again, log without fsync (diagnostic) ...");
+    let lat_nosync = latency_summary(latency(
+        &ctx,
+        &lat_dir,
+        args.latency_rate.max(1),
+        count,
+        &value,
+        true,
+    )?);
+    let _ = std::fs::remove_dir_all(&lat_dir);
+    let p99 = lat["p99_us"].as_f64().unwrap_or(f64::NAN);
+
+    // Phase 4: PostgreSQL.
+    let pg = if args.no_postgres {
+        json!({ "skipped": "--no-postgres" })
+    } else {
+        match postgres(args, args.changes, args.value_bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("!!! PostgreSQL comparison SKIPPED: {e:#}");
+                json!({ "skipped": format!("{e:#}") })
+            }
+        }
+    };
+    drop(ctx);
+
+    let mut goals = vec![
+        goal(
+            "tail, one consumer, changes/s",
+            tail_rate.round(),
+            3_000_000.0,
+            "changes/s",
+            true,
+        ),
+        goal(
+            "tail vs bare quinn, same bytes",
+            small_ratio,
+            0.5,
+            "ratio",
+            true,
+        ),
+        goal(
+            "consumers aggregate vs one consumer",
+            many_rate / tail_rate,
+            1.0,
+            "ratio",
+            true,
+        ),
+        goal(
+            "large values vs bare quinn bandwidth",
+            large_ratio,
+            0.8,
+            "ratio",
+            true,
+        ),
+        goal("commit-to-consumer p99", p99 / 1000.0, 1.0, "ms", false),
+    ];
+    let pg_ratio = pg["changes_per_s"].as_f64().map(|r| tail_rate / r);
+    if let Some(r) = pg_ratio {
+        goals.push(goal(
+            "tail vs PostgreSQL logical decoding",
+            r,
+            5.0,
+            "ratio",
+            true,
+        ));
+    }
+
+    Ok(json!({
+        "changes": args.changes,
+        "value_bytes": args.value_bytes,
+        "log_bytes": log_bytes,
+        "loadavg_1min_at_start": loadavg,
+        "runtimes": "server and client: one current-thread tokio runtime each, on its own OS thread",
+        "tail": {
+            "changes": changes,
+            "seconds": tail_s,
+            "changes_per_s": tail_rate.round(),
+            "mib_s": mib(log_bytes, tail_s),
+        },
+        "bare_quinn": bare_json(&bare, log_bytes, changes),
+        "bare_quinn_big_buffers": bare_big.as_ref().map(|b| {
+            let mut v = bare_json(b, log_bytes, changes);
+            v["udp_buffer_bytes"] = json!(args.udp_buffer_bytes);
+            v
+        }),
+        "tail_vs_bare": small_ratio,
+        "consumers": {
+            "count": args.consumers,
+            "changes": many_changes,
+            "seconds": many_s,
+            "aggregate_changes_per_s": many_rate.round(),
+            "vs_one_consumer": many_rate / tail_rate,
+        },
+        "large": {
+            "value_bytes": args.large_value_bytes,
+            "records": large_records,
+            "log_bytes": large_bytes,
+            "tail_seconds": large_tail_s,
+            "tail_mib_s": mib(large_bytes, large_tail_s),
+            "bare_mib_s": mib(large_bytes, large_bare.seconds),
+            "bare_lost_packets": large_bare.lost_packets,
+            "bare_big_buffers_mib_s": large_bare_big.as_ref().map(|b| mib(large_bytes, b.seconds)),
+            "tail_vs_bare": large_ratio,
+        },
+        "latency_target_rate_per_s": args.latency_rate,
+        "latency": lat,
+        "latency_without_fsync": lat_nosync,
+        "postgres": pg,
+        "tideline_vs_postgres": pg_ratio,
+        "goals": goals,
+    }))
+}
+
+fn print_table(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    println!(
+        "tideline bench stream ({} changes of {} B, loopback, {})",
+        r["changes"],
+        r["value_bytes"],
+        r["runtimes"].as_str().unwrap_or("")
+    );
+    println!(
+        "  tail, 1 consumer                {:>12.0} changes/s  ({:.1} MiB/s, {:.2} s)",
+        f(&r["tail"]["changes_per_s"]),
+        f(&r["tail"]["mib_s"]),
+        f(&r["tail"]["seconds"])
+    );
+    println!(
+        "  bare quinn, same bytes          {:>12.0} changes/s  ({:.1} MiB/s, {} of {} packets lost)",
+        f(&r["bare_quinn"]["equivalent_changes_per_s"]),
+        f(&r["bare_quinn"]["mib_s"]),
+        r["bare_quinn"]["lost_packets"],
+        r["bare_quinn"]["sent_packets"]
+    );
+    let big = &r["bare_quinn_big_buffers"];
+    if !big.is_null() {
+        println!(
+            "  bare quinn, {:>4} KiB UDP bufs  {:>12.0} changes/s  ({:.1} MiB/s, {} of {} packets lost)",
+            big["udp_buffer_bytes"].as_u64().unwrap_or(0) >> 10,
+            f(&big["equivalent_changes_per_s"]),
+            f(&big["mib_s"]),
+            big["lost_packets"],
+            big["sent_packets"]
+        );
+    }
+    println!(
+        "  tail / bare quinn               {:>12.0}%",
+        100.0 * f(&r["tail_vs_bare"])
+    );
+    println!(
+        "  tail, {:>2} consumers aggregate   {:>12.0} changes/s  ({:.2}x one consumer)",
+        r["consumers"]["count"],
+        f(&r["consumers"]["aggregate_changes_per_s"]),
+        f(&r["consumers"]["vs_one_consumer"])
+    );
+    let l = &r["large"];
+    println!(
+        "  tail, {:>5} B values           {:>12.1} MiB/s      (bare quinn {:.1} MiB/s: {:.0}%)",
+        l["value_bytes"],
+        f(&l["tail_mib_s"]),
+        f(&l["bare_mib_s"]),
+        100.0 * f(&l["tail_vs_bare"])
+    );
+    if !l["bare_big_buffers_mib_s"].is_null() {
+        println!(
+            "  bare quinn, big UDP buffers     {:>12.1} MiB/s",
+            f(&l["bare_big_buffers_mib_s"])
+        );
+    }
+    println!(
+        "  paced writer at {} txn/s, async durability (fsync every 10 ms):",
+        r["latency_target_rate_per_s"]
+    );
+    for (key, what) in [
+        ("latency", "commit-to-consumer"),
+        ("latency_without_fsync", "  same, log without fsync"),
+    ] {
+        let lat = &r[key];
+        println!(
+            "  {what:<26} p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms  ({:.0} txn/s)",
+            f(&lat["p50_us"]) / 1e3,
+            f(&lat["p99_us"]) / 1e3,
+            f(&lat["p999_us"]) / 1e3,
+            f(&lat["max_us"]) / 1e3,
+            f(&lat["achieved_rate_per_s"])
+        );
+    }
+    let pg = &r["postgres"];
+    match pg["skipped"].as_str() {
+        Some(why) => println!("  PostgreSQL logical decoding     SKIPPED: {why}"),
+        None => println!(
+            "  PostgreSQL {} pg_recvlogical {:>9.0} changes/s  (Tideline is {:.1}x)",
+            pg["version"].as_str().unwrap_or("?"),
+            f(&pg["changes_per_s"]),
+            f(&r["tideline_vs_postgres"])
+        ),
+    }
+    println!("goals:");
+    if let Some(goals) = r["goals"].as_array() {
+        for g in goals {
+            let op = if g["higher_is_better"].as_bool() == Some(true) {
+                ">="
+            } else {
+                "<="
+            };
+            println!(
+                "  {:<6} {:<40} {:>12.3} {} (goal {op} {})",
+                if g["met"].as_bool() == Some(true) {
+                    "met"
+                } else {
+                    "MISSED"
+                },
+                g["goal"].as_str().unwrap_or(""),
+                f(&g["value"]),
+                g["unit"].as_str().unwrap_or(""),
+                g["target"]
+            );
+        }
+    }
+}
