@@ -25,6 +25,8 @@ pub struct ClientConfig {
     pub idle_timeout: Duration,
     /// Frame limits.
     pub limits: Limits,
+    /// UDP send and receive buffer size (0: the kernel's default).
+    pub udp_buffer_bytes: usize,
 }
 
 impl ClientConfig {
@@ -36,6 +38,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(5),
             limits: Limits::default(),
+            udp_buffer_bytes: crate::udp::UDP_BUFFER_BYTES_DEFAULT,
         }
     }
 }
@@ -109,7 +112,7 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn client_endpoint(cfg: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
+fn client_endpoint(cfg: &ClientConfig, ipv6: bool) -> Result<quinn::Endpoint, ClientError> {
     let connect_err = |reason: String| ClientError::Connect {
         addr: "local endpoint".into(),
         reason,
@@ -131,9 +134,15 @@ fn client_endpoint(cfg: &ClientConfig) -> Result<quinn::Endpoint, ClientError> {
     t.max_idle_timeout(quinn::IdleTimeout::try_from(cfg.idle_timeout).ok());
     t.keep_alive_interval(Some((cfg.idle_timeout / 4).max(Duration::from_millis(100))));
     client_cfg.transport_config(Arc::new(t));
-    let bind: std::net::SocketAddr = ([0, 0, 0, 0], 0).into();
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| connect_err(format!("bind UDP socket: {e}")))?;
+    // Bound to the family of the address dialled: an IPv4 socket cannot reach [::1].
+    let bind: std::net::SocketAddr = if ipv6 {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = crate::udp::bind(bind, cfg.udp_buffer_bytes)
+        .and_then(|socket| crate::udp::endpoint(socket, None))
+        .map_err(|e| connect_err(format!("bind UDP socket: {e}")))?;
     endpoint.set_default_client_config(client_cfg);
     Ok(endpoint)
 }
@@ -155,9 +164,14 @@ impl Client {
                     reason: format!("cannot resolve: {e}"),
                 })?
                 .collect();
-        let endpoint = client_endpoint(&cfg)?;
         let mut last_err = None;
-        for sa in addrs {
+        let count = addrs.len() as u32;
+        for (i, sa) in addrs.into_iter().enumerate() {
+            // Each address gets an equal share of the time left, so a name that resolves to an
+            // address nobody listens on (say ::1 before 127.0.0.1) still reaches the next one.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let attempt_deadline = tokio::time::Instant::now() + left / (count - i as u32).max(1);
+            let endpoint = client_endpoint(&cfg, sa.is_ipv6())?;
             let connecting = match endpoint.connect(sa, tls::SERVER_NAME) {
                 Ok(c) => c,
                 Err(e) => {
@@ -165,7 +179,7 @@ impl Client {
                     continue;
                 }
             };
-            match tokio::time::timeout_at(deadline, connecting).await {
+            match tokio::time::timeout_at(attempt_deadline, connecting).await {
                 Ok(Ok(conn)) => {
                     let mut client = Client {
                         endpoint: endpoint.clone(),
@@ -181,7 +195,7 @@ impl Client {
                     return Ok(client);
                 }
                 Ok(Err(e)) => last_err = Some(e.to_string()),
-                Err(_) => return Err(timeout()),
+                Err(_) => last_err = Some(format!("{sa}: no answer")),
             }
         }
         Err(ClientError::Connect {

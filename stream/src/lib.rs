@@ -31,6 +31,7 @@ pub mod log_node;
 pub mod proto;
 pub mod server;
 pub mod tls;
+pub mod udp;
 mod wire;
 
 pub use client::{Client, ClientConfig, ClientError, Event, Subscription};

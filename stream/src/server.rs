@@ -91,6 +91,8 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// A subscription sends a batch once it holds this many bytes of records.
     pub batch_bytes_target: usize,
+    /// UDP send and receive buffer size (0: the kernel's default).
+    pub udp_buffer_bytes: usize,
 }
 
 impl ServerConfig {
@@ -105,6 +107,7 @@ impl ServerConfig {
             max_streams_per_connection: 256,
             heartbeat: Duration::from_millis(500),
             batch_bytes_target: 256 << 10,
+            udp_buffer_bytes: crate::udp::UDP_BUFFER_BYTES_DEFAULT,
         }
     }
 }
@@ -187,8 +190,9 @@ pub fn serve<N: Node>(
         cfg.idle_timeout,
         cfg.max_streams_per_connection,
     )));
-    let endpoint =
-        quinn::Endpoint::server(server_cfg, cfg.listen).map_err(|source| ServeError::Bind {
+    let endpoint = crate::udp::bind(cfg.listen, cfg.udp_buffer_bytes)
+        .and_then(|socket| crate::udp::endpoint(socket, Some(server_cfg)))
+        .map_err(|source| ServeError::Bind {
             addr: cfg.listen,
             source,
         })?;
