@@ -541,7 +541,7 @@ async fn serve_subscription<N: Node>(
                 let mut offset = None;
                 batch
                     .push_frame_with(|buf| {
-                        offset = reader.next_raw(buf)?.map(|(o, _)| o);
+                        offset = reader.next_raw(buf)?;
                         Ok::<_, tideline_wal::Error>(offset.is_some())
                     })
                     .map(|_| offset.map(Offset::get))

@@ -47,7 +47,7 @@ impl FramedRecv {
             }
             // `needed` has checked the header against the limits: reading on is bounded.
             let want = self.dec.needed()?.max(1);
-            match self.recv.read_chunk(want.max(64 * 1024), true).await? {
+            match self.recv.read_chunk(want.max(1 << 20), true).await? {
                 Some(chunk) => self.dec.feed(&chunk.bytes),
                 None => {
                     if self.dec.buffered() > 0 {

@@ -1532,28 +1532,31 @@ impl Reader {
     }
 
     /// Like [`Reader::next_txn`], but appends the record's frame to `out` exactly as the log
-    /// stores it (checksum checked, payload validated, not decoded) and returns its offset and
-    /// GTID. For passing records on unchanged, as a tail server does.
-    pub fn next_raw(&mut self, out: &mut Vec<u8>) -> Result<Option<(Offset, Gtid)>, Error> {
+    /// stores it and returns its offset. The frame's checksum and offset are checked; the
+    /// payload is not decoded (only validated, for its GTID, when this reader skips GTIDs), so
+    /// whoever receives the frame validates it. For passing records on, as a tail server does.
+    pub fn next_raw(&mut self, out: &mut Vec<u8>) -> Result<Option<Offset>, Error> {
         loop {
             if self.next > self.shared.visible() {
                 return Ok(None);
             }
-            let (decoded, used) = self.read_one(Mode::Raw)?;
-            let offset = self.position_checked()?;
-            let Decoded::Raw(gtid) = decoded else {
-                return Err(self.corrupt(self.pos, "internal: frame not validated".into()));
+            let mode = if self.exclude.is_some() {
+                Mode::Raw
+            } else {
+                Mode::Frame
             };
+            let (decoded, used) = self.read_one(mode)?;
+            let offset = self.position_checked()?;
             let frame = self.pos..self.pos + used;
             self.pos += used;
             self.next += 1;
-            if let Some(have) = &self.exclude
-                && have.contains(&gtid)
+            if let (Some(have), Decoded::Raw(gtid)) = (&self.exclude, &decoded)
+                && have.contains(gtid)
             {
                 continue;
             }
             out.extend_from_slice(&self.buf[frame]);
-            return Ok(Some((offset, gtid)));
+            return Ok(Some(offset));
         }
     }
 
@@ -1658,7 +1661,7 @@ impl Reader {
                         )));
                     }
                     let decoded = match mode {
-                        Mode::Skip => Ok(Decoded::Skipped),
+                        Mode::Skip | Mode::Frame => Ok(Decoded::Skipped),
                         Mode::Decode => {
                             record::decode_payload(raw.offset, raw.payload).map(Decoded::Txn)
                         }
@@ -1734,8 +1737,10 @@ impl Reader {
 /// How much of a frame to decode.
 #[derive(Clone, Copy)]
 enum Mode {
-    /// Check the frame only (positioning).
+    /// Check the frame only, whatever its offset (positioning).
     Skip,
+    /// Check the frame and that it holds the expected offset.
+    Frame,
     /// Build the transaction.
     Decode,
     /// Validate the payload and extract the GTID; the frame is passed on as stored.

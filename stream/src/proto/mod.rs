@@ -237,8 +237,10 @@ impl FrameDecoder {
 
     /// Adds received bytes.
     pub fn feed(&mut self, data: &[u8]) {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
+        // Drop what was consumed: only the unfinished frame moves, and the buffer never holds
+        // more than one frame plus one received chunk.
+        if self.start > 0 {
+            self.buf.drain(..self.start);
             self.start = 0;
         }
         self.buf.extend_from_slice(data);
@@ -544,6 +546,27 @@ mod tests {
                 other => panic!("expected a batch, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn the_buffer_stays_bounded_when_chunks_never_end_on_a_frame() {
+        let mut wire = Vec::new();
+        let mut b = BatchBuilder::new();
+        b.push(&txn(1, 1)).unwrap();
+        b.finish_into(&mut wire);
+        let frame = wire.len();
+        let mut d = FrameDecoder::new(Limits::default());
+        let mut seen = 0;
+        // 1,000 frames fed in chunks of 7 bytes: no chunk boundary is a frame boundary for long.
+        let stream: Vec<u8> = wire.iter().copied().cycle().take(frame * 1000).collect();
+        for chunk in stream.chunks(7) {
+            d.feed(chunk);
+            while let Some(Frame::Batch(_)) = d.next_frame::<Response>().unwrap() {
+                seen += 1;
+            }
+            assert!(d.buf.len() <= frame + 7, "buffer grew to {}", d.buf.len());
+        }
+        assert_eq!(seen, 1000);
     }
 
     #[test]
