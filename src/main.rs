@@ -6,6 +6,7 @@
 //! `README.md`.
 
 mod bench;
+mod bench_repl;
 mod bench_stream;
 mod client_cmd;
 mod demo;
@@ -75,6 +76,8 @@ enum BenchCommand {
     Wal(bench::WalBenchArgs),
     /// Tails over QUIC beside a bare quinn stream and PostgreSQL logical decoding.
     Stream(bench_stream::StreamBenchArgs),
+    /// Replica catch-up, lag through a chain A→B→C, and Redis replication beside them.
+    Replication(bench_repl::ReplBenchArgs),
 }
 
 /// The data directory of a node.
@@ -137,6 +140,7 @@ fn main() -> ExitCode {
         Command::Log(LogCommand::Verify(args)) => log_cmd::verify(&args.data),
         Command::Bench(BenchCommand::Wal(args)) => bench::wal(&args),
         Command::Bench(BenchCommand::Stream(args)) => bench_stream::stream(&args),
+        Command::Bench(BenchCommand::Replication(args)) => bench_repl::replication(&args),
         Command::Demo(args) => demo::run(&args),
     };
     match result {

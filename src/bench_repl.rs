@@ -1,0 +1,1263 @@
+//! `tideline bench replication`: replica catch-up, lag through a chain, and Redis replication
+//! beside them, measured in one run on one machine, all on loopback.
+//!
+//! Every Tideline node runs in this process: engines opened with [`open_engine`] in
+//! directories under `--dir`, each served by the real QUIC server ([`tideline_stream::serve`]
+//! over an [`EngineNode`]), replicas started with [`replica::spawn`] — the code paths of
+//! `tideline serve --upstream`, without a process per node. Redis runs as child processes.
+//!
+//! Phases:
+//! 1. **Catch-up.** A primary (async durability) is loaded with `--txns` transactions of one
+//!    `--value-bytes` put each (random 16-byte keys) by `--load-writers` parallel committers.
+//!    Then an empty replica starts; the time runs from starting its replication task to its
+//!    `gtid_executed` equalling the primary's. Once with an async replica, once with a sync one
+//!    (acknowledged only after fsync: durable), unless `--no-sync-replica`. A diagnostic
+//!    follows: the same log read locally and applied to an empty engine with no network, the
+//!    engine's share of catch-up.
+//! 2. **Lag.** A chain A→B→C, async durability everywhere. A writer paced at `--lag-rate`
+//!    commits on A for `--lag-seconds`; a consumer tails C from `latest` and records, for every
+//!    transaction, receive time minus the commit timestamp A stamped on it (same clock).
+//! 3. **Redis** (`redis-server`, `redis-benchmark`, primary and replica on loopback,
+//!    `--save "" --appendonly no`, diskless sync without delay, no replica output-buffer limit):
+//!    - *live*: replica attached, `redis-benchmark -t set -n N -r N -d B -P 64` on the primary;
+//!      rate = N / (load start → replica's `slave_repl_offset` reaches the primary's
+//!      `master_repl_offset` read after the load);
+//!    - *backlog*: the replica process is stopped (SIGSTOP) while the same load runs, so the
+//!      primary holds the whole stream for it; rate = N / (SIGCONT → offsets equal). This is
+//!      the measurement that matches Tideline's catch-up: a replica draining a backlog of N;
+//!    - *full resync*: the primary holds `--redis-keys` distinct keys; a fresh empty replica
+//!      gets `REPLICAOF`; time until `master_link_status:up` and its `DBSIZE` equals the
+//!      primary's.
+//!
+//! Tideline's bootstrap (chunked snapshot copy) is not built yet, so the bootstrap-versus-full-
+//! resync comparison of the issue is reported as pending.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tideline_engine::Engine;
+use tideline_stream::{
+    Client, ClientConfig, Event, ServerConfig, ServerHandle, ServerSecrets, Start, tls,
+};
+use tideline_wal::Durability;
+
+use crate::node::{EngineNode, open_engine};
+use crate::replica::{self, SharedStatus, UpstreamState};
+
+/// Arguments of `bench replication`.
+#[derive(Debug, Args)]
+pub struct ReplBenchArgs {
+    /// Directory for the nodes' data, the secrets and Redis; created, and emptied afterwards.
+    #[arg(long, value_name = "DIR", default_value = "./tideline-bench")]
+    dir: PathBuf,
+    /// Transactions (one put each) on the primary that an empty replica catches up on.
+    #[arg(long, default_value_t = 1_000_000)]
+    txns: u64,
+    /// Value bytes of each put (Tideline and Redis alike).
+    #[arg(long, default_value_t = 100)]
+    value_bytes: usize,
+    /// Parallel committers loading the primary.
+    #[arg(long, default_value_t = 8)]
+    load_writers: usize,
+    /// Skip the catch-up of a sync-durability replica.
+    #[arg(long)]
+    no_sync_replica: bool,
+    /// Transactions per second committed on A in the lag phase.
+    #[arg(long, default_value_t = 10_000)]
+    lag_rate: u64,
+    /// Seconds of paced writing in the lag phase.
+    #[arg(long, default_value_t = 10.0)]
+    lag_seconds: f64,
+    /// Skip the Redis comparison.
+    #[arg(long)]
+    no_redis: bool,
+    /// SETs run on the Redis primary in the live and backlog measurements.
+    #[arg(long, default_value_t = 1_000_000)]
+    redis_sets: u64,
+    /// Distinct keys the Redis primary holds for the full-resync measurement.
+    #[arg(long, default_value_t = 1_000_000)]
+    redis_keys: u64,
+    /// The redis-server binary.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: String,
+    /// The redis-benchmark binary.
+    #[arg(long, default_value = "redis-benchmark")]
+    redis_benchmark: String,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Keep the files written instead of removing them.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// Async durability as `tideline serve --durability async` sets it: fsync every 10 ms.
+const ASYNC_10MS: Durability = Durability::Async {
+    interval: Duration::from_millis(10),
+};
+
+/// Longest wait for any one convergence; a replica that takes longer has failed.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `bench replication`.
+pub fn replication(args: &ReplBenchArgs) -> anyhow::Result<ExitCode> {
+    ensure!(args.txns > 0, "--txns must be at least 1");
+    ensure!(args.load_writers > 0, "--load-writers must be at least 1");
+    ensure!(args.lag_rate > 0, "--lag-rate must be at least 1");
+    ensure!(
+        args.lag_seconds > 0.0,
+        "--lag-seconds must be more than zero"
+    );
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
+    let root = args.dir.join(format!("replication-{}", std::process::id()));
+    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+    let result = run_all(args, &root);
+    if !args.keep {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>28} [{bar:30}] {percent:>3}% {per_sec:>14} eta {eta}")
+    {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_owned());
+    pb
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tideline nodes in this process
+
+/// Cluster secrets shared by every node of the run.
+struct Ctx {
+    server_secrets: ServerSecrets,
+    client_cfg: ClientConfig,
+}
+
+impl Ctx {
+    fn new(root: &Path) -> anyhow::Result<Ctx> {
+        let dir = root.join("secrets");
+        tideline_stream::ensure_secrets(&dir)
+            .with_context(|| format!("create secrets in {}", dir.display()))?;
+        let mut client_cfg = ClientConfig::new(tls::load_client_dir(&dir)?);
+        client_cfg.client_name = "bench replication".into();
+        Ok(Ctx {
+            server_secrets: tls::load_server(&dir)?,
+            client_cfg,
+        })
+    }
+}
+
+/// One node: an engine, its server, and its replication task if it has an upstream.
+struct BenchNode {
+    engine: Arc<Engine>,
+    server: ServerHandle,
+    addr: String,
+    upstream: Option<SharedStatus>,
+}
+
+async fn open(dir: &Path, durability: Durability, read_only: bool) -> anyhow::Result<Arc<Engine>> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || open_engine(&dir, durability, read_only))
+        .await
+        .context("open task failed")?
+}
+
+/// Opens a node in `dir`, replicating from `upstream` if given, and serves it on a free port.
+async fn start_node(
+    ctx: &Ctx,
+    dir: &Path,
+    durability: Durability,
+    upstream: Option<&str>,
+) -> anyhow::Result<BenchNode> {
+    let engine = open(dir, durability, upstream.is_some()).await?;
+    let upstream = upstream
+        .map(|addr| replica::spawn(addr.to_string(), ctx.client_cfg.clone(), engine.clone()));
+    let node = Arc::new(EngineNode::new(
+        engine.clone(),
+        upstream.iter().cloned().collect(),
+    ));
+    let listen = "127.0.0.1:0".parse().context("parse the listen address")?;
+    let server =
+        tideline_stream::serve(ServerConfig::new(listen), ctx.server_secrets.clone(), node)?;
+    let addr = server.local_addr().to_string();
+    Ok(BenchNode {
+        engine,
+        server,
+        addr,
+        upstream,
+    })
+}
+
+/// Closes the engine and its log (blocking; call outside the runtime's workers).
+async fn close_engine(engine: Arc<Engine>) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        engine.close().context("close the engine")?;
+        engine.wal().close().context("close the log")
+    })
+    .await
+    .context("close task failed")?
+}
+
+impl BenchNode {
+    async fn stop(self) -> anyhow::Result<()> {
+        self.server.shutdown().await;
+        close_engine(self.engine).await
+    }
+}
+
+/// Fails if a replication task stopped on an error that needs an operator.
+fn check_upstream(status: Option<&SharedStatus>) -> anyhow::Result<()> {
+    if let Some(st) = status {
+        let s = st.lock().unwrap_or_else(|p| p.into_inner());
+        if s.state == UpstreamState::Error {
+            bail!(
+                "replication from {} stopped: {}",
+                s.addr,
+                s.error.as_deref().unwrap_or("unknown error")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A key spread over the key space: 16 hex digits of a bijective mix of `i`, so every key is
+/// distinct and inserts land at random places, as Redis's `-r` keys do.
+fn key(i: u64) -> [u8; 16] {
+    let mut z = i.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    let mut out = [0u8; 16];
+    for (n, b) in out.iter_mut().enumerate() {
+        *b = b"0123456789abcdef"[((z >> (60 - 4 * n)) & 0xf) as usize];
+    }
+    out
+}
+
+/// Commits `txns` one-put transactions on `engine` from `writers` threads.
+fn load_primary(
+    engine: &Arc<Engine>,
+    txns: u64,
+    value: &[u8],
+    writers: usize,
+) -> anyhow::Result<f64> {
+    let next = AtomicU64::new(1);
+    let pb = bar(txns, "loading the primary");
+    let started = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let handles: Vec<_> = (0..writers)
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i > txns {
+                            return Ok(());
+                        }
+                        engine
+                            .put("default", &key(i), value)
+                            .context("commit on the primary")?;
+                        if i.is_multiple_of(4096) {
+                            pb.inc(4096);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a loading thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    Ok(txns as f64 / secs)
+}
+
+/// A runtime used from inside another one: dropping it there must not block, so it is shut
+/// down in the background, on every path out of the function that owns it.
+struct SideRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for SideRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Starts an empty replica of `primary` and times it until its `gtid_executed` equals the
+/// primary's.
+async fn catch_up(
+    ctx: &Ctx,
+    dir: &Path,
+    primary: &BenchNode,
+    durability: Durability,
+) -> anyhow::Result<Value> {
+    let engine = open(dir, durability, true).await?;
+    let want = primary.engine.gtid_executed();
+    let total = primary.engine.position().offset.map_or(0, |o| o.get());
+    let label = match durability {
+        Durability::Sync => "sync",
+        Durability::Async { .. } => "async",
+    };
+    let pb = bar(total, &format!("catch-up, {label} replica"));
+    // The replication task runs on a runtime of its own, shut down after the measurement:
+    // that ends the task and releases the engine, so its store's background work (flushes,
+    // compactions) does not run on into the next phases.
+    let rt = SideRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("bench-replica")
+            .build()
+            .context("start the replica's runtime")?,
+    ));
+    let started = Instant::now();
+    let status = {
+        let _entered = rt.0.as_ref().map(|r| r.enter());
+        replica::spawn(primary.addr.clone(), ctx.client_cfg.clone(), engine.clone())
+    };
+    loop {
+        if engine.gtid_executed() == want {
+            break;
+        }
+        check_upstream(Some(&status))?;
+        ensure!(
+            started.elapsed() < CONVERGE_TIMEOUT,
+            "the {label} replica did not catch up within {CONVERGE_TIMEOUT:?}"
+        );
+        pb.set_position(engine.position().offset.map_or(0, |o| o.get()));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    let applied = engine.position().offset.map_or(0, |o| o.get());
+    ensure!(
+        applied == total,
+        "the replica applied {applied} transactions, the primary has {total}"
+    );
+    close_engine(engine).await?;
+    drop(rt);
+    Ok(json!({
+        "durability": label,
+        "transactions": total,
+        "seconds": secs,
+        "txns_per_s": (total as f64 / secs).round(),
+    }))
+}
+
+/// The engine side of catch-up alone: the primary's log read locally and applied to an empty
+/// async engine with [`Engine::apply_upstream_batch`] in batches like the stream's (about
+/// 256 KiB), one at a time, as the replication task does. No network, no QUIC, no decoding of
+/// frames from the wire: what remains when the transport costs nothing.
+fn apply_only(primary: &Engine, dir: &Path) -> anyhow::Result<Value> {
+    let engine = open_engine(dir, ASYNC_10MS, true)?;
+    let wal = primary.wal();
+    let total = wal.visible_offset();
+    let pb = bar(total, "apply only, async engine");
+    let started = Instant::now();
+    let mut reader = wal
+        .read_from(tideline_wal::Offset::FIRST)
+        .context("read the primary's log")?;
+    let mut batch = Vec::new();
+    let mut bytes = 0usize;
+    let mut applied = 0u64;
+    loop {
+        let txn = reader.next_txn().context("read the primary's log")?;
+        let end = txn.is_none();
+        if let Some(t) = txn {
+            bytes += 48
+                + t.ops
+                    .iter()
+                    .map(|op| match op {
+                        tideline_wal::Op::Put { key, value, .. } => key.len() + value.len() + 16,
+                        _ => 32,
+                    })
+                    .sum::<usize>();
+            batch.push(tideline_wal::NewTransaction {
+                gtid: t.gtid,
+                timestamp_us: t.timestamp_us,
+                ops: t.ops,
+            });
+        }
+        if (end || bytes >= 256 << 10) && !batch.is_empty() {
+            let n = batch.len() as u64;
+            engine
+                .apply_upstream_batch(std::mem::take(&mut batch))
+                .context("apply a batch")?;
+            applied += n;
+            pb.inc(n);
+            bytes = 0;
+        }
+        if end {
+            break;
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    ensure!(
+        applied == total,
+        "applied {applied} transactions, the primary's log holds {total}"
+    );
+    engine.close().context("close the engine")?;
+    engine.wal().close().context("close the log")?;
+    Ok(json!({
+        "transactions": applied,
+        "seconds": secs,
+        "txns_per_s": (applied as f64 / secs).round(),
+    }))
+}
+
+/// Microsecond latencies: percentiles of a sorted sample.
+fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// Chain A→B→C, async durability; a paced writer on A; a consumer on C records commit-on-A to
+/// receipt-from-C for every transaction.
+async fn chain_lag(ctx: &Ctx, root: &Path, args: &ReplBenchArgs) -> anyhow::Result<Value> {
+    let a = start_node(ctx, &root.join("chain-a"), ASYNC_10MS, None).await?;
+    let b = start_node(ctx, &root.join("chain-b"), ASYNC_10MS, Some(&a.addr)).await?;
+    let c = start_node(ctx, &root.join("chain-c"), ASYNC_10MS, Some(&b.addr)).await?;
+
+    // One transaction through the whole chain proves every link is up before timing starts.
+    let ea = a.engine.clone();
+    let first = tokio::task::spawn_blocking(move || ea.put("default", b"chain-ready", b"1"))
+        .await
+        .context("write task failed")?
+        .context("commit on A")?;
+    let started = Instant::now();
+    while !c.engine.gtid_executed().contains(&first.gtid) {
+        check_upstream(b.upstream.as_ref())?;
+        check_upstream(c.upstream.as_ref())?;
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the chain A→B→C did not deliver its first transaction within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let count = ((args.lag_rate as f64 * args.lag_seconds).round() as u64).max(1);
+    // A consumer on every node shows where the delay accrues; the goal is C's.
+    let mut consumers = Vec::new();
+    for node in [&a, &b, &c] {
+        consumers.push(lag_consumer(&node.addr, ctx.client_cfg.clone(), count).await?);
+    }
+    let (ea, rate, value) = (
+        a.engine.clone(),
+        args.lag_rate,
+        vec![0x6cu8; args.value_bytes],
+    );
+    let pb = bar(count, "paced writes on A");
+    let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        let started = Instant::now();
+        for i in 1..=count {
+            let due = started + Duration::from_secs_f64((i - 1) as f64 / rate as f64);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            ea.put("default", &key(i), &value).context("commit on A")?;
+            if i.is_multiple_of(1024) {
+                pb.inc(1024);
+            }
+        }
+        pb.finish_and_clear();
+        Ok(count as f64 / started.elapsed().as_secs_f64())
+    });
+    let achieved = writer.await.context("writer task failed")??;
+    let mut lats = Vec::new();
+    for (name, consumer) in ["A", "B", "C"].into_iter().zip(consumers) {
+        let lat = tokio::time::timeout(Duration::from_secs(120), consumer)
+            .await
+            .with_context(|| {
+                format!("{name} did not deliver every transaction within 120 s of the last commit")
+            })?
+            .context("consumer task failed")??;
+        lats.push(lat_summary(lat));
+    }
+    let [at_a, at_b, at_c]: [Value; 3] = lats
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("internal: one summary per node"))?;
+
+    c.stop().await?;
+    b.stop().await?;
+    a.stop().await?;
+
+    Ok(json!({
+        "target_rate_per_s": args.lag_rate,
+        "achieved_rate_per_s": achieved.round(),
+        "at_a": at_a,
+        "at_b": at_b,
+        "at_c": at_c,
+    }))
+}
+
+/// Subscribes to `addr` from `latest` and collects, for `count` transactions, receive time
+/// minus the origin's commit timestamp, in microseconds.
+async fn lag_consumer(
+    addr: &str,
+    cfg: ClientConfig,
+    count: u64,
+) -> anyhow::Result<tokio::task::JoinHandle<anyhow::Result<Vec<i64>>>> {
+    let client = Client::connect(addr, cfg)
+        .await
+        .with_context(|| format!("connect to {addr}"))?;
+    let mut sub = client
+        .subscribe(Start::Latest, None, None, None)
+        .await
+        .with_context(|| format!("subscribe to {addr} from latest"))?;
+    Ok(tokio::spawn(async move {
+        let mut lat = Vec::with_capacity(count as usize);
+        while (lat.len() as u64) < count {
+            match sub.next().await.context("read the subscription")? {
+                Some(Event::Batch(batch)) => {
+                    let now = crate::now_us();
+                    lat.extend(batch.iter().map(|t| now - t.timestamp_us));
+                }
+                Some(Event::Heartbeat { .. }) => {}
+                None => bail!("the node ended the subscription"),
+            }
+        }
+        drop(sub);
+        client.close().await;
+        Ok(lat)
+    }))
+}
+
+/// Percentiles of one consumer's delays; the first 1% (connections and caches warming up) is
+/// left out.
+fn lat_summary(mut lat: Vec<i64>) -> Value {
+    let received = lat.len();
+    let warmup = received / 100;
+    let mut sample = lat.split_off(warmup);
+    sample.sort_unstable();
+    json!({
+        "transactions": received,
+        "warmup_left_out": warmup,
+        "p50_us": percentile(&sample, 0.50),
+        "p90_us": percentile(&sample, 0.90),
+        "p99_us": percentile(&sample, 0.99),
+        "p999_us": percentile(&sample, 0.999),
+        "max_us": sample.last().copied().unwrap_or(0),
+    })
+}
+
+/// Phases 1 and 2, on one multi-threaded runtime.
+async fn tideline(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
+    let ctx = Ctx::new(root)?;
+    let primary = start_node(&ctx, &root.join("primary"), ASYNC_10MS, None).await?;
+    eprintln!(
+        "loading the primary: {} transactions of {} B, {} committers, async durability ...",
+        args.txns, args.value_bytes, args.load_writers
+    );
+    let (engine, txns, value, writers) = (
+        primary.engine.clone(),
+        args.txns,
+        vec![0x42u8; args.value_bytes],
+        args.load_writers,
+    );
+    let load_rate =
+        tokio::task::spawn_blocking(move || load_primary(&engine, txns, &value, writers))
+            .await
+            .context("load task failed")??;
+    // The whole log durable (the 10 ms fsync has run) before any replica reads it.
+    let wal = primary.engine.wal().clone();
+    while wal.durable_offset() < wal.written_offset() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    eprintln!("catch-up: an empty async replica ...");
+    let async_catch_up = catch_up(&ctx, &root.join("replica-async"), &primary, ASYNC_10MS).await?;
+    let sync_catch_up = if args.no_sync_replica {
+        Value::Null
+    } else {
+        eprintln!("catch-up: an empty sync replica ...");
+        catch_up(&ctx, &root.join("replica-sync"), &primary, Durability::Sync).await?
+    };
+    eprintln!("catch-up diagnostic: the same log applied locally, no network ...");
+    let (engine, dir) = (primary.engine.clone(), root.join("apply-only"));
+    let apply_only = tokio::task::spawn_blocking(move || apply_only(&engine, &dir))
+        .await
+        .context("apply task failed")??;
+    primary.stop().await?;
+
+    eprintln!(
+        "lag: chain A→B→C, {} txn/s for {:.1} s, async durability ...",
+        args.lag_rate, args.lag_seconds
+    );
+    let lag = chain_lag(&ctx, root, args).await?;
+    Ok(json!({
+        "load_txns_per_s": load_rate.round(),
+        "catch_up_async": async_catch_up,
+        "catch_up_sync": sync_catch_up,
+        "apply_only_async": apply_only,
+        "chain_lag": lag,
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+
+/// A RESP reply.
+#[derive(Debug)]
+enum Reply {
+    Simple,
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    /// Items are read and dropped: no command used here needs them.
+    Array,
+}
+
+/// A minimal blocking RESP2 connection: commands out, replies in.
+struct Resp {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+fn encode_command(args: &[&[u8]], out: &mut Vec<u8>) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+impl Resp {
+    fn connect(port: u16) -> std::io::Result<Resp> {
+        let writer = TcpStream::connect(("127.0.0.1", port))?;
+        writer.set_nodelay(true)?;
+        writer.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(Resp {
+            reader: BufReader::new(writer.try_clone()?),
+            writer,
+        })
+    }
+
+    fn line(&mut self) -> anyhow::Result<String> {
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line)?;
+        ensure!(n > 0, "Redis closed the connection");
+        Ok(line.trim_end_matches(['\r', '\n']).to_string())
+    }
+
+    fn reply(&mut self) -> anyhow::Result<Reply> {
+        let line = self.line()?;
+        let (kind, rest) = line.split_at(line.len().min(1));
+        Ok(match kind {
+            "+" => Reply::Simple,
+            "-" => Reply::Error(rest.to_string()),
+            ":" => Reply::Int(rest.parse().context("a RESP integer")?),
+            "$" => {
+                let len: i64 = rest.parse().context("a RESP bulk length")?;
+                if len < 0 {
+                    Reply::Bulk(None)
+                } else {
+                    let mut buf = vec![0u8; len as usize + 2];
+                    self.reader.read_exact(&mut buf)?;
+                    buf.truncate(len as usize);
+                    Reply::Bulk(Some(buf))
+                }
+            }
+            "*" => {
+                let len: i64 = rest.parse().context("a RESP array length")?;
+                for _ in 0..len.max(0) {
+                    self.reply()?;
+                }
+                Reply::Array
+            }
+            _ => bail!("unexpected RESP reply {line:?}"),
+        })
+    }
+
+    /// Sends one command and reads its reply; a Redis error becomes an `Err`.
+    fn cmd(&mut self, args: &[&str]) -> anyhow::Result<Reply> {
+        let mut out = Vec::new();
+        let args: Vec<&[u8]> = args.iter().map(|a| a.as_bytes()).collect();
+        encode_command(&args, &mut out);
+        self.writer.write_all(&out)?;
+        match self.reply()? {
+            Reply::Error(e) => bail!("Redis: {e}"),
+            r => Ok(r),
+        }
+    }
+
+    /// `INFO section` as a map.
+    fn info(&mut self, section: &str) -> anyhow::Result<HashMap<String, String>> {
+        let text = match self.cmd(&["INFO", section])? {
+            Reply::Bulk(Some(b)) => String::from_utf8_lossy(&b).into_owned(),
+            other => bail!("unexpected INFO reply {other:?}"),
+        };
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+            .collect())
+    }
+
+    fn info_u64(&mut self, section: &str, field: &str) -> anyhow::Result<u64> {
+        let info = self.info(section)?;
+        info.get(field)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("INFO {section} has no number {field}"))
+    }
+
+    /// `DBSIZE`, or `None` while the server is still loading a dataset.
+    fn dbsize(&mut self) -> anyhow::Result<Option<u64>> {
+        match self.cmd(&["DBSIZE"]) {
+            Ok(Reply::Int(n)) => Ok(Some(n.max(0) as u64)),
+            Ok(other) => bail!("unexpected DBSIZE reply {other:?}"),
+            Err(e) if e.to_string().contains("LOADING") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A redis-server child process, shut down (or killed, by its pid) when dropped.
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+fn free_tcp_port() -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("find a free TCP port")?;
+    Ok(l.local_addr()?.port())
+}
+
+impl RedisServer {
+    fn start(bin: &str, dir: &Path) -> anyhow::Result<RedisServer> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let port = free_tcp_port()?;
+        let log = dir.join("redis.log");
+        let child = Command::new(bin)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .args(["--repl-diskless-sync-delay", "0"])
+            .args(["--client-output-buffer-limit", "replica 0 0 0"])
+            .arg("--dir")
+            .arg(dir)
+            .arg("--logfile")
+            .arg(&log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {bin}"))?;
+        let mut server = RedisServer { child, port };
+        let started = Instant::now();
+        loop {
+            if let Some(status) = server.child.try_wait()? {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                bail!(
+                    "{bin} exited with {status} at start: {}",
+                    tail.lines().last().unwrap_or("")
+                );
+            }
+            if let Ok(mut c) = Resp::connect(port)
+                && matches!(c.cmd(&["PING"]), Ok(Reply::Simple))
+            {
+                return Ok(server);
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(10),
+                "{bin} did not answer PING on port {port} within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn connect(&self) -> anyhow::Result<Resp> {
+        Resp::connect(self.port).with_context(|| format!("connect to Redis on port {}", self.port))
+    }
+
+    /// Sends SIGSTOP or SIGCONT to this child, by its pid.
+    fn signal(&self, sig: &str) -> anyhow::Result<()> {
+        let status = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .context("run kill")?;
+        ensure!(status.success(), "kill {sig} {} failed", self.child.id());
+        Ok(())
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = self.signal("-CONT");
+        if let Ok(mut c) = Resp::connect(self.port) {
+            let _ = c.cmd(&["SHUTDOWN", "NOSAVE"]);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `redis-benchmark -t set -n N -r N -d B -P 64` against `port`; returns its requests/s.
+fn redis_benchmark(args: &ReplBenchArgs, port: u16) -> anyhow::Result<f64> {
+    let n = args.redis_sets.to_string();
+    let out = Command::new(&args.redis_benchmark)
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-t", "set", "-n", &n, "-r", &n])
+        .args(["-d", &args.value_bytes.to_string(), "-P", "64", "-q"])
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {}", args.redis_benchmark))?;
+    ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        args.redis_benchmark,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `-q` prints `SET: 123456.78 requests per second, p50=...` (after \r progress lines).
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rps = text
+        .rsplit("SET: ")
+        .next()
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0.0);
+    Ok(rps)
+}
+
+/// Polls the replica until its `slave_repl_offset` reaches `target`.
+fn wait_offset(replica: &mut Resp, target: u64) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let info = replica.info("replication")?;
+        let offset: u64 = info
+            .get("slave_repl_offset")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if offset >= target && info.get("master_link_status").map(String::as_str) == Some("up") {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < CONVERGE_TIMEOUT,
+            "the Redis replica stayed at offset {offset}, primary at {target}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn wait_link_up(replica: &mut Resp) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while replica
+        .info("replication")?
+        .get("master_link_status")
+        .map(String::as_str)
+        != Some("up")
+    {
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the Redis replica's link did not come up within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// SETs `keys` distinct keys of `value_bytes` on `conn`, pipelined.
+fn redis_fill(conn: &mut Resp, keys: u64, value_bytes: usize) -> anyhow::Result<()> {
+    let value = vec![b'x'; value_bytes];
+    let pb = bar(keys, "filling the Redis primary");
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < keys {
+        let n = (keys - i).min(10_000);
+        out.clear();
+        for k in i..i + n {
+            encode_command(&[b"SET", &key(k), &value], &mut out);
+        }
+        conn.writer.write_all(&out)?;
+        for _ in 0..n {
+            if let Reply::Error(e) = conn.reply()? {
+                bail!("Redis refused a SET: {e}");
+            }
+        }
+        i += n;
+        pb.inc(n);
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+fn redis(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
+    let version = Command::new(&args.redis_server)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("run {} --version", args.redis_server))?;
+    ensure!(
+        version.status.success(),
+        "{} --version failed",
+        args.redis_server
+    );
+    let version = String::from_utf8_lossy(&version.stdout)
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("v="))
+        .unwrap_or("?")
+        .to_string();
+    let dir = root.join("redis");
+    let primary = RedisServer::start(&args.redis_server, &dir.join("primary"))?;
+    let replica = RedisServer::start(&args.redis_server, &dir.join("replica"))?;
+    let mut p = primary.connect()?;
+    let mut r = replica.connect()?;
+    let port = primary.port.to_string();
+    r.cmd(&["REPLICAOF", "127.0.0.1", &port])?;
+    wait_link_up(&mut r)?;
+
+    // Live: the replica attached while the load runs.
+    eprintln!(
+        "redis: {} SETs with the replica attached ...",
+        args.redis_sets
+    );
+    let started = Instant::now();
+    let live_load_rps = redis_benchmark(args, primary.port)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let target = p.info_u64("replication", "master_repl_offset")?;
+    wait_offset(&mut r, target)?;
+    let live_s = started.elapsed().as_secs_f64();
+
+    // Backlog: the replica stopped while the load runs, then timed draining it.
+    eprintln!(
+        "redis: {} SETs with the replica stopped, then its catch-up ...",
+        args.redis_sets
+    );
+    replica.signal("-STOP")?;
+    let backlog = redis_benchmark(args, primary.port);
+    let target = p.info_u64("replication", "master_repl_offset");
+    let started = Instant::now();
+    replica.signal("-CONT")?;
+    backlog?;
+    let target = target?;
+    wait_offset(&mut r, target)?;
+    let backlog_s = started.elapsed().as_secs_f64();
+    let backlog_bytes = target;
+    drop(r);
+    drop(replica);
+
+    // Full resync of `redis_keys` distinct keys into a fresh replica.
+    eprintln!(
+        "redis: full resync of {} keys into an empty replica ...",
+        args.redis_keys
+    );
+    p.cmd(&["FLUSHALL"])?;
+    redis_fill(&mut p, args.redis_keys, args.value_bytes)?;
+    let keys = p.dbsize()?.unwrap_or(0);
+    let full_before = p.info_u64("stats", "sync_full")?;
+    let fresh = RedisServer::start(&args.redis_server, &dir.join("fresh"))?;
+    let mut f = fresh.connect()?;
+    let started = Instant::now();
+    f.cmd(&["REPLICAOF", "127.0.0.1", &port])?;
+    loop {
+        let up = f
+            .info("replication")?
+            .get("master_link_status")
+            .map(String::as_str)
+            == Some("up");
+        if up && f.dbsize()? == Some(keys) {
+            break;
+        }
+        ensure!(
+            started.elapsed() < CONVERGE_TIMEOUT,
+            "the fresh Redis replica did not finish its full resync"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let resync_s = started.elapsed().as_secs_f64();
+    let full_syncs = p.info_u64("stats", "sync_full")? - full_before;
+    drop(f);
+    drop(fresh);
+    drop(p);
+    drop(primary);
+
+    let n = args.redis_sets as f64;
+    Ok(json!({
+        "version": version,
+        "sets": args.redis_sets,
+        "live": {
+            "load_seconds": load_s,
+            "benchmark_sets_per_s": live_load_rps.round(),
+            "seconds_to_replica_caught_up": live_s,
+            "sets_per_s": (n / live_s).round(),
+        },
+        "backlog": {
+            "backlog_bytes": backlog_bytes,
+            "seconds": backlog_s,
+            "sets_per_s": (n / backlog_s).round(),
+        },
+        "full_resync": {
+            "keys": keys,
+            "seconds": resync_s,
+            "full_syncs": full_syncs,
+        },
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+fn goal(name: &str, value: f64, target: f64, unit: &str, higher_is_better: bool) -> Value {
+    let met = if higher_is_better {
+        value >= target
+    } else {
+        value <= target
+    };
+    json!({
+        "goal": name,
+        "value": value,
+        "target": target,
+        "unit": unit,
+        "higher_is_better": higher_is_better,
+        "met": met,
+    })
+}
+
+fn run_all(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("bench-repl")
+        .build()
+        .context("start the async runtime")?;
+    let t = runtime.block_on(tideline(args, root));
+    // Replication tasks still waiting on closed upstreams end with the runtime.
+    runtime.shutdown_timeout(Duration::from_secs(5));
+    let t = t?;
+
+    let redis = if args.no_redis {
+        json!({ "skipped": "--no-redis" })
+    } else {
+        match redis(args, root) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("!!! SKIPPED: Redis replication comparison: {e:#}");
+                json!({ "skipped": format!("{e:#}") })
+            }
+        }
+    };
+
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    let async_rate = f(&t["catch_up_async"]["txns_per_s"]);
+    let sync_rate = f(&t["catch_up_sync"]["txns_per_s"]);
+    let p99 = f(&t["chain_lag"]["at_c"]["p99_us"]);
+    let mut goals = vec![
+        goal(
+            "catch-up, async replica",
+            async_rate,
+            300_000.0,
+            "txn/s",
+            true,
+        ),
+        goal("chain A→B→C lag p99 (async)", p99 / 1e3, 5.0, "ms", false),
+    ];
+    if !t["catch_up_sync"].is_null() {
+        goals.insert(
+            1,
+            goal(
+                "catch-up, sync replica",
+                sync_rate,
+                300_000.0,
+                "txn/s",
+                true,
+            ),
+        );
+    }
+    let mut ratios = Value::Null;
+    if redis["skipped"].is_null() {
+        let live = f(&redis["live"]["sets_per_s"]);
+        let backlog = f(&redis["backlog"]["sets_per_s"]);
+        // "While durable": the sync replica, when it ran.
+        let (durable_rate, which) = if t["catch_up_sync"].is_null() {
+            (async_rate, "async")
+        } else {
+            (sync_rate, "sync")
+        };
+        ratios = json!({
+            "durable_replica": which,
+            "catch_up_async_vs_redis_live": async_rate / live,
+            "catch_up_async_vs_redis_backlog": async_rate / backlog,
+            "catch_up_durable_vs_redis_live": durable_rate / live,
+            "catch_up_durable_vs_redis_backlog": durable_rate / backlog,
+        });
+        goals.push(goal(
+            &format!("catch-up ({which}) / Redis live"),
+            durable_rate / live,
+            1.0,
+            "x",
+            true,
+        ));
+        goals.push(goal(
+            &format!("catch-up ({which}) / Redis backlog"),
+            durable_rate / backlog,
+            1.0,
+            "x",
+            true,
+        ));
+    }
+
+    Ok(json!({
+        "txns": args.txns,
+        "value_bytes": args.value_bytes,
+        "load_writers": args.load_writers,
+        "nodes": "in-process: engines + QUIC servers + replication tasks on loopback",
+        "load_txns_per_s": t["load_txns_per_s"],
+        "catch_up_async": t["catch_up_async"],
+        "catch_up_sync": t["catch_up_sync"],
+        "apply_only_async": t["apply_only_async"],
+        "chain_lag": t["chain_lag"],
+        "redis": redis,
+        "ratios": ratios,
+        "bootstrap_vs_full_resync": "pending: chunked bootstrap is not built yet",
+        "goals": goals,
+    }))
+}
+
+fn print_table(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    println!(
+        "tideline bench replication ({} transactions of one {} B put, loopback, {})",
+        r["txns"],
+        r["value_bytes"],
+        r["nodes"].as_str().unwrap_or("")
+    );
+    println!(
+        "  primary load, {:>2} committers    {:>12.0} txn/s   (async durability)",
+        r["load_writers"],
+        f(&r["load_txns_per_s"])
+    );
+    for key in ["catch_up_async", "catch_up_sync"] {
+        let c = &r[key];
+        if c.is_null() {
+            continue;
+        }
+        println!(
+            "  catch-up, empty {:<5} replica   {:>12.0} txn/s   ({:.2} s)",
+            c["durability"].as_str().unwrap_or("?"),
+            f(&c["txns_per_s"]),
+            f(&c["seconds"])
+        );
+    }
+    println!(
+        "  apply only (no network), async  {:>12.0} txn/s   ({:.2} s; diagnostic: the engine side of catch-up)",
+        f(&r["apply_only_async"]["txns_per_s"]),
+        f(&r["apply_only_async"]["seconds"])
+    );
+    let l = &r["chain_lag"];
+    println!(
+        "  chain A→B→C, async durability, paced writer on A at {} txn/s ({:.0} achieved):",
+        l["target_rate_per_s"],
+        f(&l["achieved_rate_per_s"])
+    );
+    for (key, what) in [
+        ("at_a", "commit on A → tail of A"),
+        ("at_b", "commit on A → tail of B"),
+        ("at_c", "commit on A → tail of C"),
+    ] {
+        let x = &l[key];
+        println!(
+            "    {what:<28} p50 {:>8.3} ms  p99 {:>8.3} ms  p99.9 {:>8.3} ms  max {:>8.3} ms",
+            f(&x["p50_us"]) / 1e3,
+            f(&x["p99_us"]) / 1e3,
+            f(&x["p999_us"]) / 1e3,
+            f(&x["max_us"]) / 1e3,
+        );
+    }
+    let redis = &r["redis"];
+    match redis["skipped"].as_str() {
+        Some(why) => println!("  Redis replication               SKIPPED: {why}"),
+        None => {
+            println!(
+                "  Redis {:<7} live, attached    {:>12.0} SET/s   ({} SETs: load {:.2} s, replica caught up at {:.2} s; redis-benchmark {:.0}/s)",
+                redis["version"].as_str().unwrap_or("?"),
+                f(&redis["live"]["sets_per_s"]),
+                redis["sets"],
+                f(&redis["live"]["load_seconds"]),
+                f(&redis["live"]["seconds_to_replica_caught_up"]),
+                f(&redis["live"]["benchmark_sets_per_s"])
+            );
+            println!(
+                "  Redis backlog drain (SIGSTOP)   {:>12.0} SET/s   ({:.2} s, {} MiB of stream)",
+                f(&redis["backlog"]["sets_per_s"]),
+                f(&redis["backlog"]["seconds"]),
+                redis["backlog"]["backlog_bytes"].as_u64().unwrap_or(0) >> 20
+            );
+            println!(
+                "  Redis full resync               {:>12.3} s       ({} keys, {} full sync)",
+                f(&redis["full_resync"]["seconds"]),
+                redis["full_resync"]["keys"],
+                redis["full_resync"]["full_syncs"]
+            );
+            let x = &r["ratios"];
+            println!(
+                "  catch-up / Redis                async {:.2}x live, {:.2}x backlog; {} {:.2}x live, {:.2}x backlog",
+                f(&x["catch_up_async_vs_redis_live"]),
+                f(&x["catch_up_async_vs_redis_backlog"]),
+                x["durable_replica"].as_str().unwrap_or("?"),
+                f(&x["catch_up_durable_vs_redis_live"]),
+                f(&x["catch_up_durable_vs_redis_backlog"])
+            );
+        }
+    }
+    println!(
+        "  bootstrap vs Redis full resync  {}",
+        r["bootstrap_vs_full_resync"].as_str().unwrap_or("")
+    );
+    println!("goals:");
+    if let Some(goals) = r["goals"].as_array() {
+        for g in goals {
+            let op = if g["higher_is_better"].as_bool() == Some(true) {
+                ">="
+            } else {
+                "<="
+            };
+            println!(
+                "  {:<6} {:<36} {:>12.3} {} (goal {op} {})",
+                if g["met"].as_bool() == Some(true) {
+                    "met"
+                } else {
+                    "MISSED"
+                },
+                g["goal"].as_str().unwrap_or(""),
+                f(&g["value"]),
+                g["unit"].as_str().unwrap_or(""),
+                g["target"]
+            );
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! `tideline bench replication` as a user runs it, at tiny sizes: the primary is loaded, an
+//! async and a sync replica catch up, the chain A→B→C carries the paced load to C, and the
+//! `--json` report carries each figure as a positive number. Guards against a benchmark that
+//! silently stops measuring (a phase that hangs, a field renamed or left at zero). Redis is
+//! skipped with `--no-redis`; no wall-clock figure is asserted.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tideline");
+
+fn positive(report: &Value, path: &[&str]) -> f64 {
+    let mut v = report;
+    for key in path {
+        v = &v[*key];
+    }
+    let x = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("{} is not a number in {report}", path.join(".")));
+    assert!(x > 0.0, "{} is {x}, expected > 0", path.join("."));
+    x
+}
+
+#[test]
+fn bench_replication_reports_every_figure() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let out = Command::new(BIN)
+        .args(["bench", "replication", "--json", "--no-redis"])
+        .args(["--txns", "2000", "--load-writers", "4"])
+        .args(["--lag-rate", "1000", "--lag-seconds", "0.3"])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .expect("run tideline bench replication");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
+
+    assert_eq!(report["txns"], 2000);
+    assert_eq!(report["catch_up_async"]["transactions"], 2000);
+    assert_eq!(report["catch_up_async"]["durability"], "async");
+    assert_eq!(report["catch_up_sync"]["transactions"], 2000);
+    assert_eq!(report["catch_up_sync"]["durability"], "sync");
+    for node in ["at_a", "at_b", "at_c"] {
+        assert_eq!(report["chain_lag"][node]["transactions"], 300, "{node}");
+    }
+    for path in [
+        &["load_txns_per_s"][..],
+        &["catch_up_async", "seconds"],
+        &["catch_up_async", "txns_per_s"],
+        &["catch_up_sync", "seconds"],
+        &["catch_up_sync", "txns_per_s"],
+        &["chain_lag", "achieved_rate_per_s"],
+        &["chain_lag", "at_a", "p50_us"],
+        &["chain_lag", "at_c", "p50_us"],
+        &["chain_lag", "at_c", "p99_us"],
+        &["chain_lag", "at_c", "max_us"],
+    ] {
+        positive(&report, path);
+    }
+    assert_eq!(report["redis"]["skipped"], "--no-redis");
+    assert!(
+        report["bootstrap_vs_full_resync"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("pending")),
+        "{report}"
+    );
+    let goals = report["goals"].as_array().expect("goals is an array");
+    assert!(goals.len() >= 3, "{report}");
+    for g in goals {
+        assert!(g["met"].is_boolean(), "{g}");
+        positive(g, &["target"]);
+    }
+    // Nothing is left behind in --dir.
+    let left: Vec<_> = std::fs::read_dir(dir.path()).expect("read --dir").collect();
+    assert!(left.is_empty(), "files left in --dir: {left:?}");
+}
