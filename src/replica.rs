@@ -37,7 +37,11 @@ pub struct UpstreamStatus {
     pub received: GtidSet,
     /// Transactions applied from this upstream since start.
     pub applied: u64,
-    /// Upstream head minus the last upstream offset received.
+    /// The upstream's head (its local offset), from batches and heartbeats.
+    pub upstream_head: u64,
+    /// Upstream offset of the last transaction applied here.
+    pub applied_offset: u64,
+    /// Upstream head minus the upstream offset of the last transaction applied here.
     pub lag_txns: u64,
     /// Age of the last applied transaction while behind; 0 when caught up.
     pub lag_seconds: f64,
@@ -55,6 +59,8 @@ impl UpstreamStatus {
             server_uuid: None,
             received: GtidSet::new(),
             applied: 0,
+            upstream_head: 0,
+            applied_offset: 0,
             lag_txns: 0,
             lag_seconds: 0.0,
             errant: GtidSet::new(),
@@ -185,63 +191,105 @@ async fn replicate_once(
         s.server_uuid = Some(upstream_uuid.to_string());
         s.errant = errant;
         s.error = None;
-        s.lag_txns = sub
-            .head()
-            .saturating_sub(sub.next_offset().saturating_sub(1));
+        s.upstream_head = sub.head();
+        s.applied_offset = sub.next_offset().saturating_sub(1);
+        s.lag_txns = s.upstream_head.saturating_sub(s.applied_offset);
     });
     tracing::info!(upstream = %addr, server_uuid = %upstream_uuid, "replicating");
+    // Receiving and applying run side by side: while one group is applied, the next batches
+    // arrive, and the applier takes everything that arrived as one group. A replica that
+    // applied batch by batch, waiting before it read on, would fall behind a busy upstream.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<tideline_wal::Transaction>>(64);
+    let mut applier = tokio::spawn(apply_loop(rx, engine.clone(), st.clone(), addr.to_string()));
     let mut head = sub.head();
-    let mut last_offset = sub.next_offset().saturating_sub(1);
-    loop {
-        match sub.next().await {
+    let received = loop {
+        let next = tokio::select! {
+            next = sub.next() => next,
+            // The applier only ends early on an error; stop receiving at once.
+            done = &mut applier => {
+                return done.map_err(|e| Stop::Fatal(format!("apply task failed: {e}")))?;
+            }
+        };
+        match next {
             Ok(Some(Event::Batch(txns))) => {
-                let Some(last) = txns.last() else { continue };
-                last_offset = last.offset.get();
-                let last_ts = last.timestamp_us;
-                let gtids: Vec<_> = txns.iter().map(|t| t.gtid).collect();
-                let batch: Vec<NewTransaction> = txns
-                    .into_iter()
-                    .map(|t| NewTransaction {
-                        gtid: t.gtid,
-                        timestamp_us: t.timestamp_us,
-                        ops: t.ops,
-                    })
-                    .collect();
-                let eng = engine.clone();
-                let applied = tokio::task::spawn_blocking(move || eng.apply_upstream_batch(batch))
-                    .await
-                    .map_err(|e| Stop::Fatal(format!("apply task failed: {e}")))?
-                    .map_err(|e| Stop::Fatal(format!("applying from {addr} failed: {e}")))?;
-                let n = applied
-                    .iter()
-                    .filter(|a| matches!(a, tideline_engine::Applied::Committed(_)))
-                    .count() as u64;
-                head = head.max(last_offset);
-                let now_us = crate::now_us();
-                update(st, |s| {
-                    for g in gtids {
-                        s.received.insert(g);
-                    }
-                    s.applied += n;
-                    s.lag_txns = head.saturating_sub(last_offset);
-                    s.lag_seconds = if s.lag_txns == 0 {
-                        0.0
-                    } else {
-                        (now_us - last_ts).max(0) as f64 / 1e6
-                    };
-                });
+                if let Some(last) = txns.last() {
+                    head = head.max(last.offset.get());
+                }
+                update(st, |s| s.upstream_head = s.upstream_head.max(head));
+                if tx.send(txns).await.is_err() {
+                    break Ok(()); // the applier stopped: its result says why
+                }
             }
             Ok(Some(Event::Heartbeat { head: h, .. })) => {
                 head = head.max(h);
                 update(st, |s| {
-                    s.lag_txns = head.saturating_sub(last_offset);
+                    s.upstream_head = s.upstream_head.max(head);
+                    s.lag_txns = s.upstream_head.saturating_sub(s.applied_offset);
                     if s.lag_txns == 0 {
                         s.lag_seconds = 0.0;
                     }
                 });
             }
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(classify(e)),
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(classify(e)),
         }
+    };
+    drop(tx);
+    let applied = applier
+        .await
+        .map_err(|e| Stop::Fatal(format!("apply task failed: {e}")))?;
+    applied.and(received)
+}
+
+/// Applies what the receiver hands over, as few, large groups as the backlog allows.
+async fn apply_loop(
+    mut rx: tokio::sync::mpsc::Receiver<Vec<tideline_wal::Transaction>>,
+    engine: Arc<Engine>,
+    st: SharedStatus,
+    addr: String,
+) -> Result<(), Stop> {
+    const GROUP_TXNS_MAX: usize = 16_384;
+    while let Some(mut txns) = rx.recv().await {
+        while txns.len() < GROUP_TXNS_MAX {
+            match rx.try_recv() {
+                Ok(more) => txns.extend(more),
+                Err(_) => break,
+            }
+        }
+        let Some(last) = txns.last() else { continue };
+        let (last_offset, last_ts) = (last.offset.get(), last.timestamp_us);
+        let gtids: Vec<_> = txns.iter().map(|t| t.gtid).collect();
+        let batch: Vec<NewTransaction> = txns
+            .into_iter()
+            .map(|t| NewTransaction {
+                gtid: t.gtid,
+                timestamp_us: t.timestamp_us,
+                ops: t.ops,
+            })
+            .collect();
+        let eng = engine.clone();
+        let applied = tokio::task::spawn_blocking(move || eng.apply_upstream_batch(batch))
+            .await
+            .map_err(|e| Stop::Fatal(format!("apply task failed: {e}")))?
+            .map_err(|e| Stop::Fatal(format!("applying from {addr} failed: {e}")))?;
+        let n = applied
+            .iter()
+            .filter(|a| matches!(a, tideline_engine::Applied::Committed(_)))
+            .count() as u64;
+        let now_us = crate::now_us();
+        update(&st, |s| {
+            for g in gtids {
+                s.received.insert(g);
+            }
+            s.applied += n;
+            s.applied_offset = last_offset;
+            s.lag_txns = s.upstream_head.saturating_sub(last_offset);
+            s.lag_seconds = if s.lag_txns == 0 {
+                0.0
+            } else {
+                (now_us - last_ts).max(0) as f64 / 1e6
+            };
+        });
     }
+    Ok(())
 }
