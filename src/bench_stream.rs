@@ -371,6 +371,30 @@ fn tail_one(
     })?
 }
 
+/// One consumer tails the whole log while another, on its own connection, subscribed first
+/// and never reads. Returns (changes, seconds) of the reading one.
+fn tail_beside_stalled(
+    rt: &RtThread,
+    addr: SocketAddr,
+    secrets: &ClientSecrets,
+    expect: u64,
+) -> anyhow::Result<(u64, f64)> {
+    let secrets = secrets.clone();
+    rt.run(async move {
+        let stalled = connect(addr, secrets.clone()).await?;
+        let stuck = stalled
+            .subscribe(Start::Earliest, None, None, None)
+            .await
+            .context("subscribe the stalled consumer")?;
+        let client = connect(addr, secrets).await?;
+        let r = tail_all(&client, expect).await;
+        drop(stuck);
+        client.close().await;
+        stalled.close().await;
+        r
+    })?
+}
+
 /// `consumers` consumers, one connection each, tail the whole log at once. Returns (changes
 /// received by all, seconds from the first subscribe to the last transaction).
 fn tail_many(
@@ -824,6 +848,9 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
     let server = start_server(server_rt, open_wal(&small_dir, ASYNC_10MS)?, server_secrets)?;
     eprintln!("one consumer tailing {} changes ...", args.changes);
     let (changes, tail_s) = tail_one(client_rt, server.addr, client_secrets, args.changes)?;
+    eprintln!("one consumer tailing beside a stalled one ...");
+    let (stalled_changes, stalled_s) =
+        tail_beside_stalled(client_rt, server.addr, client_secrets, args.changes)?;
     eprintln!(
         "{} consumers tailing {} changes each ...",
         args.consumers, args.changes
@@ -851,6 +878,7 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
     };
     let tail_rate = changes as f64 / tail_s;
     let many_rate = many_changes as f64 / many_s;
+    let stalled_rate = stalled_changes as f64 / stalled_s;
     let small_ratio = bare.seconds / tail_s;
 
     // Phase 2: large values.
@@ -950,6 +978,13 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
             true,
         ),
         goal(
+            "tail beside a stalled consumer vs alone",
+            stalled_rate / tail_rate,
+            0.8,
+            "ratio",
+            true,
+        ),
+        goal(
             "large values vs bare quinn bandwidth",
             large_ratio,
             0.8,
@@ -988,6 +1023,10 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
             v
         }),
         "tail_vs_bare": small_ratio,
+        "beside_stalled": {
+            "changes_per_s": stalled_rate.round(),
+            "vs_alone": stalled_rate / tail_rate,
+        },
         "consumers": {
             "count": args.consumers,
             "changes": many_changes,
@@ -1056,6 +1095,11 @@ fn print_table(r: &Value) {
         r["consumers"]["count"],
         f(&r["consumers"]["aggregate_changes_per_s"]),
         f(&r["consumers"]["vs_one_consumer"])
+    );
+    println!(
+        "  tail beside a stalled consumer  {:>12.0} changes/s  ({:.2}x alone)",
+        f(&r["beside_stalled"]["changes_per_s"]),
+        f(&r["beside_stalled"]["vs_alone"])
     );
     let l = &r["large"];
     println!(
