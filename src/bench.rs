@@ -5,6 +5,7 @@
 //! (4) full scan of a large log; (5) recovery (open) of that log, default and full-verify.
 //! Only ratios from one run compare: shared disks vary by 10x from one minute to the next.
 
+use crate::bench_util::{bar, open_wal, put, run_in_dir};
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -15,10 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use tideline_wal::{
-    Durability, FileStorage, Gtid, NewTransaction, Offset, Op, Storage, Wal, WalOptions,
+    Durability, FileStorage, Gtid, NewTransaction, Offset, Storage, Wal, WalOptions,
 };
 
 /// Arguments of `bench wal`.
@@ -48,36 +48,6 @@ pub struct WalBenchArgs {
     /// Keep the files written instead of removing them.
     #[arg(long)]
     keep: bool,
-}
-
-fn bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg:>28} [{bar:30}] {percent:>3}% {per_sec:>14} eta {eta}")
-    {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(what.to_owned());
-    pb
-}
-
-fn put(seq: u64, value: &[u8]) -> Vec<Op> {
-    vec![Op::Put {
-        tree: "bench".into(),
-        key: seq.to_be_bytes().to_vec(),
-        value: value.to_vec(),
-        before: None,
-    }]
-}
-
-fn open_wal(dir: &Path, durability: Durability) -> anyhow::Result<Wal> {
-    let storage: Arc<dyn Storage> =
-        Arc::new(FileStorage::new(dir).with_context(|| format!("create {}", dir.display()))?);
-    let opts = WalOptions {
-        durability,
-        ..WalOptions::default()
-    };
-    Wal::open(storage, opts).with_context(|| format!("open a log in {}", dir.display()))
 }
 
 /// Raw 4 KiB write + fdatasync, one at a time: the disk's durable-write rate.
@@ -243,20 +213,14 @@ fn build_log(dir: &Path, mib: u64, value: &[u8]) -> anyhow::Result<u64> {
 
 /// `bench wal`.
 pub fn wal(args: &WalBenchArgs) -> anyhow::Result<ExitCode> {
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
-    let root = args.dir.join(format!("run-{}", std::process::id()));
-    std::fs::create_dir_all(&root)?;
-    let result = run_all(args, &root);
-    if !args.keep {
-        let _ = std::fs::remove_dir_all(&root);
-    }
-    let report = result?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_table(&report);
-    }
-    Ok(ExitCode::SUCCESS)
+    run_in_dir(
+        &args.dir,
+        "wal",
+        args.keep,
+        args.json,
+        |root| run_all(args, root),
+        print_table,
+    )
 }
 
 fn run_all(args: &WalBenchArgs, root: &Path) -> anyhow::Result<serde_json::Value> {

@@ -32,6 +32,7 @@
 //! Tideline's bootstrap (chunked snapshot copy) is not built yet, so the bootstrap-versus-full-
 //! resync comparison of the issue is reported as pending.
 
+use crate::bench_util::{ASYNC_10MS, bar, goal, percentile, run_in_dir};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -43,7 +44,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tideline_engine::Engine;
 use tideline_stream::{
@@ -101,11 +101,6 @@ pub struct ReplBenchArgs {
     keep: bool,
 }
 
-/// Async durability as `tideline serve --durability async` sets it: fsync every 10 ms.
-const ASYNC_10MS: Durability = Durability::Async {
-    interval: Duration::from_millis(10),
-};
-
 /// Longest wait for any one convergence; a replica that takes longer has failed.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -118,31 +113,14 @@ pub fn replication(args: &ReplBenchArgs) -> anyhow::Result<ExitCode> {
         args.lag_seconds > 0.0,
         "--lag-seconds must be more than zero"
     );
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
-    let root = args.dir.join(format!("replication-{}", std::process::id()));
-    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
-    let result = run_all(args, &root);
-    if !args.keep {
-        let _ = std::fs::remove_dir_all(&root);
-    }
-    let report = result?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_table(&report);
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-fn bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg:>28} [{bar:30}] {percent:>3}% {per_sec:>14} eta {eta}")
-    {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(what.to_owned());
-    pb
+    run_in_dir(
+        &args.dir,
+        "replication",
+        args.keep,
+        args.json,
+        |root| run_all(args, root),
+        print_table,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -427,15 +405,6 @@ fn apply_only(primary: &Engine, dir: &Path) -> anyhow::Result<Value> {
         "seconds": secs,
         "txns_per_s": (applied as f64 / secs).round(),
     }))
-}
-
-/// Microsecond latencies: percentiles of a sorted sample.
-fn percentile(sorted: &[i64], p: f64) -> i64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
 }
 
 /// Chain A→B→C, async durability; a paced writer on A; a consumer on C records commit-on-A to
@@ -1032,22 +1001,6 @@ fn redis(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
 
 // ---------------------------------------------------------------------------------------------
 // The run
-
-fn goal(name: &str, value: f64, target: f64, unit: &str, higher_is_better: bool) -> Value {
-    let met = if higher_is_better {
-        value >= target
-    } else {
-        value <= target
-    };
-    json!({
-        "goal": name,
-        "value": value,
-        "target": target,
-        "unit": unit,
-        "higher_is_better": higher_is_better,
-        "met": met,
-    })
-}
 
 fn run_all(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -17,6 +17,9 @@
 //! and client do (their sockets are created inside `tideline-stream`); it is measured a second
 //! time with `--udp-buffer-bytes` buffers to show what larger buffers would give.
 
+use crate::bench_util::{
+    ASYNC_10MS, bar, goal, open_wal, open_wal_with, percentile, put, run_in_dir,
+};
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,13 +29,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tideline_stream::log_node::LogNode;
 use tideline_stream::{
     Client, ClientConfig, ClientSecrets, Event, Node, ServerConfig, ServerSecrets, Start, tls,
 };
-use tideline_wal::{Durability, FileStorage, Gtid, NewTransaction, Op, Storage, Wal, WalOptions};
+use tideline_wal::{Gtid, NewTransaction, Wal};
 
 /// Arguments of `bench stream`.
 #[derive(Debug, Args)]
@@ -101,20 +103,14 @@ pub fn stream(args: &StreamBenchArgs) -> anyhow::Result<ExitCode> {
         args.bare_write_bytes > 0,
         "--bare-write-bytes must be at least 1"
     );
-    std::fs::create_dir_all(&args.dir).with_context(|| format!("create {}", args.dir.display()))?;
-    let root = args.dir.join(format!("stream-{}", std::process::id()));
-    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
-    let result = run_all(args, &root);
-    if !args.keep {
-        let _ = std::fs::remove_dir_all(&root);
-    }
-    let report = result?;
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print_table(&report);
-    }
-    Ok(ExitCode::SUCCESS)
+    run_in_dir(
+        &args.dir,
+        "stream",
+        args.keep,
+        args.json,
+        |root| run_all(args, root),
+        print_table,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -211,47 +207,6 @@ impl Drop for RtThread {
 
 // ---------------------------------------------------------------------------------------------
 // Logs
-
-fn bar(len: u64, what: &str) -> ProgressBar {
-    let pb = ProgressBar::new(len);
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg:>28} [{bar:30}] {percent:>3}% {per_sec:>14} eta {eta}")
-    {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb.set_message(what.to_owned());
-    pb
-}
-
-fn put(seq: u64, value: &[u8]) -> Vec<Op> {
-    vec![Op::Put {
-        tree: "bench".into(),
-        key: seq.to_be_bytes().to_vec(),
-        value: value.to_vec(),
-        before: None,
-    }]
-}
-
-fn open_wal(dir: &Path, durability: Durability) -> anyhow::Result<Wal> {
-    open_wal_with(dir, durability, false)
-}
-
-/// `skip_fsync` is for the latency diagnostic only: it tells the log's periodic fsync apart
-/// from the transport.
-fn open_wal_with(dir: &Path, durability: Durability, skip_fsync: bool) -> anyhow::Result<Wal> {
-    let storage: Arc<dyn Storage> =
-        Arc::new(FileStorage::new(dir).with_context(|| format!("create {}", dir.display()))?);
-    let opts = WalOptions {
-        durability,
-        unsafe_skip_fsync: skip_fsync,
-        ..WalOptions::default()
-    };
-    Wal::open(storage, opts).with_context(|| format!("open a log in {}", dir.display()))
-}
-
-const ASYNC_10MS: Durability = Durability::Async {
-    interval: Duration::from_millis(10),
-};
 
 /// Writes `records` one-put transactions of `value` into a new log in `dir`, pipelined, with
 /// async durability, and closes it. Returns the log's bytes on disk.
@@ -569,15 +524,6 @@ fn bare_quinn(
 // ---------------------------------------------------------------------------------------------
 // Latency
 
-/// Microsecond latencies: percentiles of a sorted sample.
-fn percentile(sorted: &[i64], p: f64) -> i64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
 /// A writer commits `count` transactions paced at `rate`/s, each stamped with the time of its
 /// submit; one consumer tailing from `latest` records receive time − stamp for each.
 /// `skip_fsync` runs the same without the log's periodic fsync (a diagnostic).
@@ -797,22 +743,6 @@ fn postgres(args: &StreamBenchArgs, changes: u64, value_bytes: usize) -> anyhow:
 
 // ---------------------------------------------------------------------------------------------
 // The run
-
-fn goal(name: &str, value: f64, target: f64, unit: &str, higher_is_better: bool) -> Value {
-    let met = if higher_is_better {
-        value >= target
-    } else {
-        value <= target
-    };
-    json!({
-        "goal": name,
-        "value": value,
-        "target": target,
-        "unit": unit,
-        "higher_is_better": higher_is_better,
-        "met": met,
-    })
-}
 
 fn bare_json(b: &Bare, bytes: u64, changes: u64) -> Value {
     json!({

@@ -8,6 +8,7 @@
 mod bench;
 mod bench_repl;
 mod bench_stream;
+mod bench_util;
 mod client_cmd;
 mod demo;
 mod log_cmd;

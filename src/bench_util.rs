@@ -1,0 +1,107 @@
+//! What the `bench` commands share: the run directory, progress bars, records, goals.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use tideline_wal::{Durability, FileStorage, Op, Storage, Wal, WalOptions};
+
+/// Async durability as `tideline serve --durability async` sets it: fsync every 10 ms.
+pub const ASYNC_10MS: Durability = Durability::Async {
+    interval: Duration::from_millis(10),
+};
+
+/// Runs a benchmark in a fresh directory `DIR/NAME-PID` (removed afterwards unless `keep`),
+/// then prints its report: one JSON object with `json`, else the table `print` draws.
+pub fn run_in_dir(
+    dir: &Path,
+    name: &str,
+    keep: bool,
+    json: bool,
+    run: impl FnOnce(&Path) -> anyhow::Result<Value>,
+    print: fn(&Value),
+) -> anyhow::Result<ExitCode> {
+    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let root = dir.join(format!("{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+    let result = run(&root);
+    if !keep {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+    let report = result?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print(&report);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A progress bar on stderr.
+pub fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>28} [{bar:30}] {percent:>3}% {per_sec:>14} eta {eta}")
+    {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_owned());
+    pb
+}
+
+/// One put of `value` under the big-endian key `seq`, in tree `bench`.
+pub fn put(seq: u64, value: &[u8]) -> Vec<Op> {
+    vec![Op::Put {
+        tree: "bench".into(),
+        key: seq.to_be_bytes().to_vec(),
+        value: value.to_vec(),
+        before: None,
+    }]
+}
+
+/// Opens (or creates) a log in `dir`; `skip_fsync` only for diagnostics.
+pub fn open_wal_with(dir: &Path, durability: Durability, skip_fsync: bool) -> anyhow::Result<Wal> {
+    let storage: Arc<dyn Storage> =
+        Arc::new(FileStorage::new(dir).with_context(|| format!("create {}", dir.display()))?);
+    let opts = WalOptions {
+        durability,
+        unsafe_skip_fsync: skip_fsync,
+        ..WalOptions::default()
+    };
+    Wal::open(storage, opts).with_context(|| format!("open a log in {}", dir.display()))
+}
+
+/// Opens (or creates) a log in `dir`.
+pub fn open_wal(dir: &Path, durability: Durability) -> anyhow::Result<Wal> {
+    open_wal_with(dir, durability, false)
+}
+
+/// The `p` quantile (0..=1) of sorted samples; 0 when there are none.
+pub fn percentile(sorted: &[i64], p: f64) -> i64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// A goal's verdict, as the reports list them.
+pub fn goal(name: &str, value: f64, target: f64, unit: &str, higher_is_better: bool) -> Value {
+    let met = if higher_is_better {
+        value >= target
+    } else {
+        value <= target
+    };
+    json!({
+        "goal": name,
+        "value": value,
+        "target": target,
+        "unit": unit,
+        "higher_is_better": higher_is_better,
+        "met": met,
+    })
+}
