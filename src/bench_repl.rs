@@ -32,7 +32,7 @@
 //! Tideline's bootstrap (chunked snapshot copy) is not built yet, so the bootstrap-versus-full-
 //! resync comparison of the issue is reported as pending.
 
-use crate::bench_util::{ASYNC_10MS, bar, goal, percentile, run_in_dir};
+use crate::bench_util::{ASYNC_10MS, bar, goal, percentile, print_goals, run_in_dir};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -1191,26 +1191,5 @@ fn print_table(r: &Value) {
         "  bootstrap vs Redis full resync  {}",
         r["bootstrap_vs_full_resync"].as_str().unwrap_or("")
     );
-    println!("goals:");
-    if let Some(goals) = r["goals"].as_array() {
-        for g in goals {
-            let op = if g["higher_is_better"].as_bool() == Some(true) {
-                ">="
-            } else {
-                "<="
-            };
-            println!(
-                "  {:<6} {:<36} {:>12.3} {} (goal {op} {})",
-                if g["met"].as_bool() == Some(true) {
-                    "met"
-                } else {
-                    "MISSED"
-                },
-                g["goal"].as_str().unwrap_or(""),
-                f(&g["value"]),
-                g["unit"].as_str().unwrap_or(""),
-                g["target"]
-            );
-        }
-    }
+    print_goals(r);
 }

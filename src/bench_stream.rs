@@ -18,7 +18,7 @@
 //! time with `--udp-buffer-bytes` buffers to show what larger buffers would give.
 
 use crate::bench_util::{
-    ASYNC_10MS, bar, goal, open_wal, open_wal_with, percentile, put, run_in_dir,
+    ASYNC_10MS, bar, goal, open_wal, open_wal_with, percentile, print_goals, put, run_in_dir,
 };
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -1073,26 +1073,5 @@ fn print_table(r: &Value) {
             f(&r["tideline_vs_postgres"])
         ),
     }
-    println!("goals:");
-    if let Some(goals) = r["goals"].as_array() {
-        for g in goals {
-            let op = if g["higher_is_better"].as_bool() == Some(true) {
-                ">="
-            } else {
-                "<="
-            };
-            println!(
-                "  {:<6} {:<40} {:>12.3} {} (goal {op} {})",
-                if g["met"].as_bool() == Some(true) {
-                    "met"
-                } else {
-                    "MISSED"
-                },
-                g["goal"].as_str().unwrap_or(""),
-                f(&g["value"]),
-                g["unit"].as_str().unwrap_or(""),
-                g["target"]
-            );
-        }
-    }
+    print_goals(r);
 }

@@ -105,3 +105,27 @@ pub fn goal(name: &str, value: f64, target: f64, unit: &str, higher_is_better: b
         "met": met,
     })
 }
+
+/// Prints the `goals` of a report, one line each, met or MISSED.
+pub fn print_goals(r: &Value) {
+    println!("goals:");
+    for g in r["goals"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let op = if g["higher_is_better"].as_bool() == Some(true) {
+            ">="
+        } else {
+            "<="
+        };
+        println!(
+            "  {:<6} {:<40} {:>12.3} {} (goal {op} {})",
+            if g["met"].as_bool() == Some(true) {
+                "met"
+            } else {
+                "MISSED"
+            },
+            g["goal"].as_str().unwrap_or(""),
+            g["value"].as_f64().unwrap_or(f64::NAN),
+            g["unit"].as_str().unwrap_or(""),
+            g["target"]
+        );
+    }
+}
