@@ -4,41 +4,28 @@
 //! silently stops measuring (a phase that hangs, a field renamed or left at zero). Redis is
 //! skipped with `--no-redis`; no wall-clock figure is asserted.
 
-use std::process::Command;
+mod common;
 
-use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tideline");
-
-fn positive(report: &Value, path: &[&str]) -> f64 {
-    let mut v = report;
-    for key in path {
-        v = &v[*key];
-    }
-    let x = v
-        .as_f64()
-        .unwrap_or_else(|| panic!("{} is not a number in {report}", path.join(".")));
-    assert!(x > 0.0, "{} is {x}, expected > 0", path.join("."));
-    x
-}
+use common::{positive, run_bench};
 
 #[test]
 fn bench_replication_reports_every_figure() {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let out = Command::new(BIN)
-        .args(["bench", "replication", "--json", "--no-redis"])
-        .args(["--txns", "2000", "--load-writers", "4"])
-        .args(["--lag-rate", "1000", "--lag-seconds", "0.3"])
-        .arg("--dir")
-        .arg(dir.path())
-        .output()
-        .expect("run tideline bench replication");
-    assert!(
-        out.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let report = run_bench(
+        dir.path(),
+        &[
+            "replication",
+            "--no-redis",
+            "--txns",
+            "2000",
+            "--load-writers",
+            "4",
+            "--lag-rate",
+            "1000",
+            "--lag-seconds",
+            "0.3",
+        ],
     );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
 
     assert_eq!(report["txns"], 2000);
     assert_eq!(report["catch_up_async"]["transactions"], 2000);

@@ -4,42 +4,32 @@
 //! (a phase that hangs, a field renamed or left at zero). PostgreSQL is skipped with
 //! `--no-postgres`; no wall-clock figure is asserted.
 
-use std::process::Command;
+mod common;
 
-use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_tideline");
-
-fn positive(report: &Value, path: &[&str]) -> f64 {
-    let mut v = report;
-    for key in path {
-        v = &v[*key];
-    }
-    let x = v
-        .as_f64()
-        .unwrap_or_else(|| panic!("{} is not a number in {report}", path.join(".")));
-    assert!(x > 0.0, "{} is {x}, expected > 0", path.join("."));
-    x
-}
+use common::{positive, run_bench};
 
 #[test]
 fn bench_stream_reports_every_figure() {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let out = Command::new(BIN)
-        .args(["bench", "stream", "--json", "--no-postgres"])
-        .args(["--changes", "2000", "--consumers", "2"])
-        .args(["--large-mib", "1", "--latency-rate", "2000"])
-        .args(["--latency-seconds", "0.2", "--udp-buffer-bytes", "1048576"])
-        .arg("--dir")
-        .arg(dir.path())
-        .output()
-        .expect("run tideline bench stream");
-    assert!(
-        out.status.success(),
-        "bench failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let report = run_bench(
+        dir.path(),
+        &[
+            "stream",
+            "--no-postgres",
+            "--changes",
+            "2000",
+            "--consumers",
+            "2",
+            "--large-mib",
+            "1",
+            "--latency-rate",
+            "2000",
+            "--latency-seconds",
+            "0.2",
+            "--udp-buffer-bytes",
+            "1048576",
+        ],
     );
-    let report: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON object");
 
     assert_eq!(report["changes"], 2000);
     assert_eq!(report["tail"]["changes"], 2000);

@@ -127,3 +127,34 @@ pub fn load(node: &Node, from: u64, to: u64, batch: usize) {
     }
     assert!(child.wait().expect("wait for load").success());
 }
+
+/// The number at `path` in a JSON report, asserted positive.
+pub fn positive(report: &serde_json::Value, path: &[&str]) -> f64 {
+    let mut v = report;
+    for key in path {
+        v = &v[*key];
+    }
+    let x = v
+        .as_f64()
+        .unwrap_or_else(|| panic!("{} is not a number in {report}", path.join(".")));
+    assert!(x > 0.0, "{} is {x}, expected > 0", path.join("."));
+    x
+}
+
+/// Runs `tideline bench ARGS --json --dir DIR` and returns its report.
+pub fn run_bench(dir: &Path, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .arg("--dir")
+        .arg(dir)
+        .output()
+        .expect("run tideline bench");
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
