@@ -216,3 +216,30 @@ fn a_replicas_own_writes_are_reported_as_errant() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn replicas_resume_after_kill_9_of_their_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let port = free_port();
+    let mut a = Node::start_with(
+        &dir.path().join("a"),
+        port,
+        &["--secrets", secrets.to_str().unwrap()],
+    );
+    load(&a, 1, 100, 10);
+    let b = replica(dir.path(), "b", &secrets, &[&a]);
+    wait_gtids(&b, &gtids(&a));
+    // The upstream dies hard mid-stream and comes back on the same address.
+    let a_data = a.data.clone();
+    a.kill9();
+    drop(a);
+    let a = Node::start_with(&a_data, port, &["--secrets", secrets.to_str().unwrap()]);
+    load(&a, 101, 300, 10);
+    let want = gtids(&a);
+    assert!(want.ends_with(":1-30"), "{want}");
+    wait_gtids(&b, &want);
+    // No gap, no duplicate: B's local offsets are dense and hold each transaction once.
+    assert_eq!(status(&b)["last_offset"], 30);
+    assert_eq!(scan(&b, "default"), scan(&a, "default"));
+}
