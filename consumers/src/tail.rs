@@ -222,13 +222,15 @@ fn run(
         lock(&delivered).clone_from(&pos);
         let mut last_saved = tokio::time::Instant::now() - cfg.checkpoint_interval;
         let mut failures: u32 = 0;
+        let mut last_err: Option<ClientError> = None;
         loop {
             if failures > 0 {
                 if cfg.reconnect_attempts_max.is_some_and(|m| failures > m) {
-                    // The last error was reported through tracing at each failure.
                     yield Err(TailError::GaveUp {
                         attempts: failures - 1,
-                        last: ClientError::Unexpected("node unreachable".into()),
+                        last: last_err.take().unwrap_or_else(|| {
+                            ClientError::Unexpected("the node ended the subscription".into())
+                        }),
                     });
                     return;
                 }
@@ -239,6 +241,7 @@ fn run(
                 Err(e) => match classify(e) {
                     Ok(e) => {
                         tracing::warn!(addr = %cfg.addr, error = %e, attempt = failures + 1, "tail: reconnecting");
+                        last_err = Some(e);
                         failures += 1;
                         continue;
                     }
@@ -253,7 +256,7 @@ fn run(
                 match client.wait_for(&GtidSet::new(), Duration::ZERO).await {
                     Ok((_, executed)) => latest_seed = Some(executed),
                     Err(e) => match classify(e) {
-                        Ok(_) => { failures += 1; continue; }
+                        Ok(e) => { last_err = Some(e); failures += 1; continue; }
                         Err(fatal) => { yield Err(fatal); return; }
                     },
                 }
@@ -270,6 +273,7 @@ fn run(
                 Err(e) => match classify(e) {
                     Ok(e) => {
                         tracing::warn!(addr = %cfg.addr, error = %e, "tail: resubscribing");
+                        last_err = Some(e);
                         failures += 1;
                         continue;
                     }
@@ -347,6 +351,7 @@ fn run(
                     Err(e) => match classify(e) {
                         Ok(e) => {
                             tracing::warn!(addr = %cfg.addr, error = %e, "tail: connection lost; reconnecting");
+                            last_err = Some(e);
                             failures += 1;
                             break;
                         }

@@ -191,3 +191,32 @@ async fn latest_starts_after_the_subscription_and_fences_see_own_writes() {
     );
     server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_gives_up_after_its_reconnect_budget_naming_the_last_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    tls::ensure_secrets(&secrets).unwrap();
+    // A port nobody listens on.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cfg = client_cfg(&secrets);
+    cfg.connect_timeout = Duration::from_millis(200);
+    let mut t = fast_reconnect(TailConfig::new(
+        format!("127.0.0.1:{port}"),
+        cfg,
+        TailStart::Earliest,
+    ));
+    t.reconnect_attempts_max = Some(2);
+    let mut t = tail(t, None);
+    match tokio::time::timeout(Duration::from_secs(20), t.next()).await {
+        Ok(Some(Err(TailError::GaveUp { attempts, last }))) => {
+            assert_eq!(attempts, 2);
+            assert!(last.to_string().contains("cannot reach"), "{last}");
+        }
+        other => panic!("expected GaveUp, got {other:?}"),
+    }
+}
