@@ -194,6 +194,9 @@ struct State {
     spare: Vec<u8>,
     segments: Vec<SegmentMeta>,
     closing: bool,
+    /// The writer is (about to be) waiting for work: the next submit must wake it. Appenders
+    /// that find it false skip the wake-up, so a burst of submits costs one, not one each.
+    writer_waiting: bool,
 }
 
 struct Shared {
@@ -653,6 +656,7 @@ impl Wal {
                 spare: Vec::new(),
                 segments,
                 closing: false,
+                writer_waiting: false,
             }),
             wake_writer: Condvar::new(),
             written: AtomicU64::new(last_offset),
@@ -754,8 +758,11 @@ impl Wal {
         st.pending.acks.push(tx);
         st.pending.gtids.push(txn.gtid);
         let r = assigned(offset);
+        let wake = std::mem::take(&mut st.writer_waiting);
         drop(st);
-        shared.wake_writer.notify_one();
+        if wake {
+            shared.wake_writer.notify_one();
+        }
         Ok((Appended { offset, rx }, r))
     }
 
@@ -1254,11 +1261,13 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     if left.is_zero() {
                         break;
                     }
+                    state.writer_waiting = true;
                     state = shared
                         .wake_writer
                         .wait_timeout(state, left)
                         .unwrap_or_else(|p| p.into_inner())
                         .0;
+                    state.writer_waiting = false;
                     continue;
                 }
                 match sync_interval {
@@ -1267,17 +1276,21 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                         if left.is_zero() {
                             break;
                         }
+                        state.writer_waiting = true;
                         state = shared
                             .wake_writer
                             .wait_timeout(state, left)
                             .unwrap_or_else(|p| p.into_inner())
                             .0;
+                        state.writer_waiting = false;
                     }
                     _ => {
+                        state.writer_waiting = true;
                         state = shared
                             .wake_writer
                             .wait(state)
                             .unwrap_or_else(|p| p.into_inner());
+                        state.writer_waiting = false;
                     }
                 }
             }
