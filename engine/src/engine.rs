@@ -1372,7 +1372,14 @@ impl Inner {
                     Some(r) => {
                         ops += r.txn.ops.len();
                         group.push((at, r.txn));
-                        waiters.push(r.waiter);
+                        // One wake-up per thread, not per transaction: a thread that submitted
+                        // a whole batch (upstream apply) waits on its last one only once.
+                        if !waiters
+                            .iter()
+                            .any(|w: &std::thread::Thread| w.id() == r.waiter.id())
+                        {
+                            waiters.push(r.waiter);
+                        }
                         at += 1;
                     }
                     None => break,
