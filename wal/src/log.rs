@@ -270,6 +270,30 @@ impl Shared {
         self.visible_cv.notify_all();
     }
 
+    /// The writer's wait for appends (or the timeout): flags itself as waiting so the next
+    /// submit wakes it.
+    fn wait_for_work<'a>(
+        &self,
+        mut state: MutexGuard<'a, State>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, State> {
+        state.writer_waiting = true;
+        let mut state = match timeout {
+            Some(t) => {
+                self.wake_writer
+                    .wait_timeout(state, t)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0
+            }
+            None => self
+                .wake_writer
+                .wait(state)
+                .unwrap_or_else(|p| p.into_inner()),
+        };
+        state.writer_waiting = false;
+        state
+    }
+
     fn skip_fsync(&self) -> bool {
         self.opts.unsafe_skip_fsync
     }
@@ -1261,13 +1285,7 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     if left.is_zero() {
                         break;
                     }
-                    state.writer_waiting = true;
-                    state = shared
-                        .wake_writer
-                        .wait_timeout(state, left)
-                        .unwrap_or_else(|p| p.into_inner())
-                        .0;
-                    state.writer_waiting = false;
+                    state = shared.wait_for_work(state, Some(left));
                     continue;
                 }
                 match sync_interval {
@@ -1276,22 +1294,9 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                         if left.is_zero() {
                             break;
                         }
-                        state.writer_waiting = true;
-                        state = shared
-                            .wake_writer
-                            .wait_timeout(state, left)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
-                        state.writer_waiting = false;
+                        state = shared.wait_for_work(state, Some(left));
                     }
-                    _ => {
-                        state.writer_waiting = true;
-                        state = shared
-                            .wake_writer
-                            .wait(state)
-                            .unwrap_or_else(|p| p.into_inner());
-                        state.writer_waiting = false;
-                    }
+                    _ => state = shared.wait_for_work(state, None),
                 }
             }
             let next_first = state.next_offset;
