@@ -44,6 +44,12 @@ pub struct ServeArgs {
     /// Accept client writes even with --upstream (they become errant on the upstream side).
     #[arg(long)]
     allow_local_writes: bool,
+    /// Longest key accepted, in bytes (at most 65535, the store's limit).
+    #[arg(long, default_value_t = 65_535, value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    key_bytes_max: u32,
+    /// Longest value accepted, in bytes (at most 16 MiB, what one protocol message carries).
+    #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(1..=(16 << 20)))]
+    value_bytes_max: u32,
 }
 
 /// The engine seen through the stream server's [`Node`] trait.
@@ -226,11 +232,27 @@ impl Node for EngineNode {
     }
 }
 
-/// Opens the log and engine of a data directory.
+/// Opens the log and engine of a data directory with default limits.
 pub fn open_engine(
     data: &Path,
     durability: Durability,
     read_only: bool,
+) -> anyhow::Result<Arc<Engine>> {
+    open_engine_with(
+        data,
+        durability,
+        EngineOptions {
+            read_only,
+            ..EngineOptions::default()
+        },
+    )
+}
+
+/// Opens the log and engine of a data directory.
+pub fn open_engine_with(
+    data: &Path,
+    durability: Durability,
+    opts: EngineOptions,
 ) -> anyhow::Result<Arc<Engine>> {
     let wal = open_log(data, durability)?;
     let report = wal.recovery_report();
@@ -241,15 +263,8 @@ pub fn open_engine(
         );
     }
     let store = data.join("store");
-    let engine = Engine::open(
-        &store,
-        wal,
-        EngineOptions {
-            read_only,
-            ..EngineOptions::default()
-        },
-    )
-    .with_context(|| format!("open the state store in {}", store.display()))?;
+    let engine = Engine::open(&store, wal, opts)
+        .with_context(|| format!("open the state store in {}", store.display()))?;
     Ok(Arc::new(engine))
 }
 
@@ -275,7 +290,13 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let durability = args.durability.durability();
     let data = args.data.clone();
     let read_only = args.read_only || (!args.upstream.is_empty() && !args.allow_local_writes);
-    let engine = tokio::task::spawn_blocking(move || open_engine(&data, durability, read_only))
+    let opts = EngineOptions {
+        read_only,
+        key_bytes_max: args.key_bytes_max as usize,
+        value_bytes_max: args.value_bytes_max as usize,
+        ..EngineOptions::default()
+    };
+    let engine = tokio::task::spawn_blocking(move || open_engine_with(&data, durability, opts))
         .await
         .context("open task failed")??;
     let mut upstreams = Vec::new();

@@ -288,3 +288,35 @@ fn send_signal(pid: i32, sig: i32) -> i32 {
         .expect("run kill");
     if out.success() { 0 } else { -1 }
 }
+
+#[test]
+fn size_limits_are_configurable_and_refusals_are_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(
+        &dir.path().join("n"),
+        free_port(),
+        &["--key-bytes-max", "8", "--value-bytes-max", "16"],
+    );
+    assert!(node.run(&["put", "k", "0123456789abcdef"]).status.success());
+    for (key, value) in [("k", "0123456789abcdefX"), ("key-too-long", "v")] {
+        let out = node.run(&["put", key, value]);
+        assert!(!out.status.success(), "{key}={value} was accepted");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("limit") || err.contains("too large") || err.contains("exceeds"),
+            "{err}"
+        );
+    }
+    // Nothing of the refused writes reached the log.
+    let s: Value = serde_json::from_slice(&node.run(&["status"]).stdout).unwrap();
+    assert_eq!(s["last_offset"], 1);
+    // A bad limit is refused before the node starts.
+    let out = Command::new(BIN)
+        .args(["serve", "--data"])
+        .arg(dir.path().join("m"))
+        .args(["--key-bytes-max", "70000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("key-bytes-max"));
+}
