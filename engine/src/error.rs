@@ -160,7 +160,7 @@ pub enum WriteError {
     /// A key over the limit.
     #[error(
         "key of {bytes} bytes exceeds the limit of {max} bytes; use a shorter key (or raise \
-         EngineOptions::key_bytes_max, at most 65535)"
+         the limit, at most 65535: `serve --key-bytes-max`, EngineOptions::key_bytes_max)"
     )]
     KeyTooLarge {
         /// Key length.
@@ -170,8 +170,8 @@ pub enum WriteError {
     },
     /// A value (or merge operand) over the limit.
     #[error(
-        "value of {bytes} bytes exceeds the limit of {max} bytes; split it, or raise \
-         EngineOptions::value_bytes_max"
+        "value of {bytes} bytes exceeds the limit of {max} bytes; split it, or raise the \
+         limit (`serve --value-bytes-max`, EngineOptions::value_bytes_max)"
     )]
     ValueTooLarge {
         /// Value length.
