@@ -350,41 +350,48 @@ fn tail_beside_stalled(
     })?
 }
 
-/// `consumers` consumers, one connection each, tail the whole log at once. Returns (changes
-/// received by all, seconds from the first subscribe to the last transaction).
+/// `consumers` consumers tail the whole log at once, each on its own OS thread with its own
+/// current-thread runtime and connection, as separate consumer processes would. Returns
+/// (changes received by all, seconds from the common start to the last transaction).
 fn tail_many(
-    rt: &RtThread,
     addr: SocketAddr,
     secrets: &ClientSecrets,
     expect: u64,
     consumers: usize,
 ) -> anyhow::Result<(u64, f64)> {
-    let secrets = secrets.clone();
-    rt.run(async move {
-        let mut clients = Vec::with_capacity(consumers);
-        for _ in 0..consumers {
-            clients.push(Arc::new(connect(addr, secrets.clone()).await?));
-        }
-        let started = Instant::now();
-        let tasks: Vec<_> = clients
-            .iter()
-            .map(|c| {
-                let c = c.clone();
-                tokio::spawn(async move { tail_all(&c, expect).await })
-            })
-            .collect();
-        let mut total = 0u64;
-        for t in tasks {
-            total += t.await.context("a consumer task panicked")??.0;
-        }
-        let secs = started.elapsed().as_secs_f64();
-        for c in clients {
-            if let Ok(c) = Arc::try_unwrap(c) {
-                c.close().await;
-            }
-        }
-        Ok::<_, anyhow::Error>((total, secs))
-    })?
+    let start = Arc::new(std::sync::Barrier::new(consumers + 1));
+    let handles: Vec<_> = (0..consumers)
+        .map(|i| {
+            let (secrets, start) = (secrets.clone(), start.clone());
+            std::thread::Builder::new()
+                .name(format!("bench-consumer-{i}"))
+                .spawn(move || -> anyhow::Result<u64> {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .context("start a consumer runtime")?;
+                    let client = rt.block_on(connect(addr, secrets));
+                    // Every consumer starts together, connected or not.
+                    start.wait();
+                    let client = client?;
+                    rt.block_on(async {
+                        let r = tail_all(&client, expect).await;
+                        client.close().await;
+                        r.map(|(changes, _)| changes)
+                    })
+                })
+                .context("start a consumer thread")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    start.wait();
+    let started = Instant::now();
+    let mut total = 0u64;
+    for h in handles {
+        total += h
+            .join()
+            .map_err(|_| anyhow::anyhow!("a consumer thread panicked"))??;
+    }
+    Ok((total, started.elapsed().as_secs_f64()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -785,13 +792,8 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
         "{} consumers tailing {} changes each ...",
         args.consumers, args.changes
     );
-    let (many_changes, many_s) = tail_many(
-        client_rt,
-        server.addr,
-        client_secrets,
-        args.changes,
-        args.consumers,
-    )?;
+    let (many_changes, many_s) =
+        tail_many(server.addr, client_secrets, args.changes, args.consumers)?;
     server.stop(server_rt)?;
     let _ = std::fs::remove_dir_all(&small_dir);
     eprintln!("bare quinn stream, {} MiB ...", log_bytes >> 20);
@@ -939,7 +941,7 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
         "value_bytes": args.value_bytes,
         "log_bytes": log_bytes,
         "loadavg_1min_at_start": loadavg,
-        "runtimes": "server and client: one current-thread tokio runtime each, on its own OS thread",
+        "runtimes": "server and client: one current-thread tokio runtime each, on its own OS thread; fan-out: one thread and runtime per consumer",
         "tail": {
             "changes": changes,
             "seconds": tail_s,
