@@ -32,7 +32,9 @@
 //! Tideline's bootstrap (chunked snapshot copy) is not built yet, so the bootstrap-versus-full-
 //! resync comparison of the issue is reported as pending.
 
-use crate::bench_util::{ASYNC_10MS, bar, goal, percentile, print_goals, run_in_dir};
+use crate::bench_util::{
+    ASYNC_10MS, bar, collect_delays, goal, percentile, print_goals, run_in_dir,
+};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -47,7 +49,7 @@ use clap::Args;
 use serde_json::{Value, json};
 use tideline_engine::Engine;
 use tideline_stream::{
-    Client, ClientConfig, Event, ServerConfig, ServerHandle, ServerSecrets, Start, tls,
+    Client, ClientConfig, ServerConfig, ServerHandle, ServerSecrets, Start, tls,
 };
 use tideline_wal::Durability;
 
@@ -502,17 +504,7 @@ async fn lag_consumer(
         .await
         .with_context(|| format!("subscribe to {addr} from latest"))?;
     Ok(tokio::spawn(async move {
-        let mut lat = Vec::with_capacity(count as usize);
-        while (lat.len() as u64) < count {
-            match sub.next().await.context("read the subscription")? {
-                Some(Event::Batch(batch)) => {
-                    let now = crate::now_us();
-                    lat.extend(batch.iter().map(|t| now - t.timestamp_us));
-                }
-                Some(Event::Heartbeat { .. }) => {}
-                None => bail!("the node ended the subscription"),
-            }
-        }
+        let lat = collect_delays(&mut sub, count).await?;
         drop(sub);
         client.close().await;
         Ok(lat)

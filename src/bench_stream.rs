@@ -18,7 +18,8 @@
 //! time with `--udp-buffer-bytes` buffers to show what larger buffers would give.
 
 use crate::bench_util::{
-    ASYNC_10MS, bar, goal, open_wal, open_wal_with, percentile, print_goals, put, run_in_dir,
+    ASYNC_10MS, bar, collect_delays, goal, open_wal, open_wal_with, percentile, print_goals, put,
+    run_in_dir,
 };
 use std::io::BufRead;
 use std::net::SocketAddr;
@@ -555,17 +556,7 @@ fn latency(
             .await
             .context("subscribe from latest")?;
         let _ = ready_tx.send(());
-        let mut lat = Vec::with_capacity(count as usize);
-        while (lat.len() as u64) < count {
-            match sub.next().await.context("read the subscription")? {
-                Some(Event::Batch(batch)) => {
-                    let now = crate::now_us();
-                    lat.extend(batch.iter().map(|t| now - t.timestamp_us));
-                }
-                Some(Event::Heartbeat { .. }) => {}
-                None => bail!("the server ended the subscription"),
-            }
-        }
+        let lat = collect_delays(&mut sub, count).await?;
         drop(sub);
         client.close().await;
         Ok::<_, anyhow::Error>(lat)

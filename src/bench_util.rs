@@ -129,3 +129,23 @@ pub fn print_goals(r: &Value) {
         );
     }
 }
+
+/// Reads `count` transactions from a subscription and returns, for each, the delay in
+/// microseconds from its commit timestamp to its arrival.
+pub async fn collect_delays(
+    sub: &mut tideline_stream::Subscription,
+    count: u64,
+) -> anyhow::Result<Vec<i64>> {
+    let mut lat = Vec::with_capacity(count as usize);
+    while (lat.len() as u64) < count {
+        match sub.next().await.context("read the subscription")? {
+            Some(tideline_stream::Event::Batch(batch)) => {
+                let now = crate::now_us();
+                lat.extend(batch.iter().map(|t| now - t.timestamp_us));
+            }
+            Some(tideline_stream::Event::Heartbeat { .. }) => {}
+            None => anyhow::bail!("the node ended the subscription"),
+        }
+    }
+    Ok(lat)
+}
