@@ -13,7 +13,6 @@
 //! allocated. See `docs/FORMAT.md`.
 
 use rkyv::rancor;
-use rkyv::util::AlignedVec;
 
 use crate::gtid::Gtid;
 pub use crate::op::Op;
@@ -185,18 +184,15 @@ pub fn check_frame(buf: &[u8], record_bytes_max: u32) -> Result<RawFrame<'_>, Fr
     })
 }
 
+// Frames sit at any address in read and network buffers; decoding them in place relies on the
+// pinned `unaligned` rkyv format. A build with other format features fails here.
+const _: () = assert!(std::mem::align_of::<rkyv::Archived<NewTransaction>>() == 1);
+
 /// Validates an rkyv payload and turns it into a [`Transaction`].
 pub fn decode_payload(offset: Offset, payload: &[u8]) -> Result<Transaction, FrameError> {
-    // The pinned `unaligned` format gives every archived type alignment 1, so a payload at
-    // any address validates; the copy into an AlignedVec is kept only as a guard in case the
-    // format features are ever changed, and is skipped when already aligned.
-    let body = if (payload.as_ptr() as usize).is_multiple_of(16) {
-        rkyv::from_bytes::<NewTransaction, rancor::Error>(payload)
-    } else {
-        let mut aligned = AlignedVec::<16>::with_capacity(payload.len());
-        aligned.extend_from_slice(payload);
-        rkyv::from_bytes::<NewTransaction, rancor::Error>(&aligned)
-    }
+    // The pinned `unaligned` format gives every archived type alignment 1 (checked at compile
+    // time below), so a payload validates in place at any address: no copy.
+    let body = rkyv::from_bytes::<NewTransaction, rancor::Error>(payload)
     .map_err(|e| FrameError::Payload(e.to_string()))?;
     if body.gtid.seq == 0 {
         return Err(FrameError::Payload("GTID number 0".into()));
