@@ -191,9 +191,9 @@ const _: () = assert!(std::mem::align_of::<rkyv::Archived<NewTransaction>>() == 
 /// Validates an rkyv payload and turns it into a [`Transaction`].
 pub fn decode_payload(offset: Offset, payload: &[u8]) -> Result<Transaction, FrameError> {
     // The pinned `unaligned` format gives every archived type alignment 1 (checked at compile
-    // time below), so a payload validates in place at any address: no copy.
+    // time above), so a payload validates in place at any address: no copy.
     let body = rkyv::from_bytes::<NewTransaction, rancor::Error>(payload)
-    .map_err(|e| FrameError::Payload(e.to_string()))?;
+        .map_err(|e| FrameError::Payload(e.to_string()))?;
     if body.gtid.seq == 0 {
         return Err(FrameError::Payload("GTID number 0".into()));
     }
