@@ -843,25 +843,21 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
         args.latency_rate
     );
     let lat_dir = root.join("latency");
-    let lat = latency_summary(latency(
-        &ctx,
-        &lat_dir,
-        args.latency_rate.max(1),
-        count,
-        &value,
-        false,
-    )?);
-    let _ = std::fs::remove_dir_all(&lat_dir);
+    let paced = |skip_fsync: bool| -> anyhow::Result<Value> {
+        let r = latency(
+            &ctx,
+            &lat_dir,
+            args.latency_rate.max(1),
+            count,
+            &value,
+            skip_fsync,
+        );
+        let _ = std::fs::remove_dir_all(&lat_dir);
+        Ok(latency_summary(r?))
+    };
+    let lat = paced(false)?;
     eprintln!("latency again, log without fsync (diagnostic) ...");
-    let lat_nosync = latency_summary(latency(
-        &ctx,
-        &lat_dir,
-        args.latency_rate.max(1),
-        count,
-        &value,
-        true,
-    )?);
-    let _ = std::fs::remove_dir_all(&lat_dir);
+    let lat_nosync = paced(true)?;
     let p99 = lat["p99_us"].as_f64().unwrap_or(f64::NAN);
 
     // Phase 4: PostgreSQL.

@@ -114,41 +114,38 @@ pub struct KeyArgs {
     key: String,
 }
 
-fn print_commit(offset: u64, gtid: &str) {
-    println!("{}", serde_json::json!({"offset": offset, "gtid": gtid}));
+/// Commits one write and prints `{"offset":N,"gtid":"uuid:n"}`.
+fn commit_one(node: &NodeArgs, op: WriteOp) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let client = node.connect().await?;
+        let (offset, gtid) = client.commit(vec![op]).await?;
+        println!("{}", serde_json::json!({"offset": offset, "gtid": gtid}));
+        client.close().await;
+        Ok(ExitCode::SUCCESS)
+    })
 }
 
-/// `put`: prints `{"offset":N,"gtid":"uuid:n"}`.
+/// `put`.
 pub fn put(args: &PutArgs) -> anyhow::Result<ExitCode> {
-    runtime()?.block_on(async {
-        let client = args.node.connect().await?;
-        let (offset, gtid) = client
-            .commit(vec![WriteOp::Put {
-                tree: args.tree.clone(),
-                key: args.key.as_bytes().to_vec(),
-                value: args.value.as_bytes().to_vec(),
-            }])
-            .await?;
-        print_commit(offset, &gtid);
-        client.close().await;
-        Ok(ExitCode::SUCCESS)
-    })
+    commit_one(
+        &args.node,
+        WriteOp::Put {
+            tree: args.tree.clone(),
+            key: args.key.as_bytes().to_vec(),
+            value: args.value.as_bytes().to_vec(),
+        },
+    )
 }
 
-/// `del`: prints `{"offset":N,"gtid":"uuid:n"}`.
+/// `del`.
 pub fn del(args: &KeyArgs) -> anyhow::Result<ExitCode> {
-    runtime()?.block_on(async {
-        let client = args.node.connect().await?;
-        let (offset, gtid) = client
-            .commit(vec![WriteOp::Delete {
-                tree: args.tree.clone(),
-                key: args.key.as_bytes().to_vec(),
-            }])
-            .await?;
-        print_commit(offset, &gtid);
-        client.close().await;
-        Ok(ExitCode::SUCCESS)
-    })
+    commit_one(
+        &args.node,
+        WriteOp::Delete {
+            tree: args.tree.clone(),
+            key: args.key.as_bytes().to_vec(),
+        },
+    )
 }
 
 /// `get`: the value as stored; a missing key prints nothing and exits 1.
