@@ -53,6 +53,16 @@ pub enum Error {
         /// What the reader lacks and the log no longer has.
         missing: GtidSet,
     },
+    /// The log's history was replaced (the node was bootstrapped from a copy) after this reader
+    /// was opened.
+    #[error(
+        "this node's log was replaced by a bootstrap and now starts after GTIDs {gtids_before}; \
+         resubscribe by GTID set (a consumer that lacks those GTIDs must bootstrap as well)"
+    )]
+    HistoryReset {
+        /// The GTIDs before the new history.
+        gtids_before: GtidSet,
+    },
     /// One record is larger than the configured limit.
     #[error("record of {bytes} bytes exceeds the limit of {max} bytes; split the transaction")]
     RecordTooLarge {

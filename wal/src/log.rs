@@ -197,6 +197,14 @@ struct State {
     /// The writer is (about to be) waiting for work: the next submit must wake it. Appenders
     /// that find it false skip the wake-up, so a burst of submits costs one, not one each.
     writer_waiting: bool,
+    /// A [`Wal::reset_history`] waiting for the writer.
+    reset: Option<ResetRequest>,
+}
+
+/// A request to replace the log's history, carried out by the writer thread.
+struct ResetRequest {
+    gtids_before: GtidSet,
+    ack: Ack,
 }
 
 struct Shared {
@@ -216,6 +224,8 @@ struct Shared {
     poison_reason: Mutex<String>,
     slots: Mutex<Slots>,
     retention_floor: AtomicU64,
+    /// Bumped by every [`Wal::reset_history`]; readers opened before a reset refuse to go on.
+    history_epoch: AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -485,9 +495,15 @@ impl Wal {
         let started = Instant::now();
         let mut report = RecoveryReport::default();
         let st: &dyn Storage = &*storage;
-        let mut names: Vec<(Offset, String)> = st
-            .list()
-            .map_err(|e| Error::io("list log directory", e))?
+        let listed = st.list().map_err(|e| Error::io("list log directory", e))?;
+        if !opts.read_only {
+            // The new first segment of a history reset that did not get renamed into place.
+            for n in listed.iter().filter(|n| n.ends_with(RESET_SUFFIX)) {
+                st.remove(n)
+                    .map_err(|e| Error::io(format!("remove {}", st.describe(n)), e))?;
+            }
+        }
+        let mut names: Vec<(Offset, String)> = listed
             .into_iter()
             .filter_map(|n| segment::parse_file_name(&n).map(|o| (o, n)))
             .collect();
@@ -554,6 +570,25 @@ impl Wal {
                 }
                 Some(_) => {}
             }
+            let bytes = file
+                .len()
+                .map_err(|e| Error::io(format!("stat {}", st.describe(name)), e))?;
+            if let Some(prev) = segments.last()
+                && !prev.gtids_before.is_subset(&header.gtids_before)
+                && Some(i) == last_idx
+                && bytes == u64::from(header.header_bytes)
+                && !opts.read_only
+            {
+                // An empty last segment whose GTID set does not contain the earlier ones' is
+                // what an interrupted `reset_history` leaves: finish it.
+                tracing::warn!(file = %st.describe(name), "completing an interrupted history reset");
+                for s in segments.drain(..) {
+                    st.remove(&s.name)
+                        .map_err(|e| Error::io(format!("remove {}", st.describe(&s.name)), e))?;
+                }
+                st.sync_dir()
+                    .map_err(|e| Error::io("sync log directory", e))?;
+            }
             if let Some(prev) = segments.last()
                 && !prev.gtids_before.is_subset(&header.gtids_before)
             {
@@ -565,9 +600,6 @@ impl Wal {
                         .into(),
                 });
             }
-            let bytes = file
-                .len()
-                .map_err(|e| Error::io(format!("stat {}", st.describe(name)), e))?;
             segments.push(SegmentMeta {
                 name: name.clone(),
                 first: header.first_offset.get(),
@@ -681,6 +713,7 @@ impl Wal {
                 segments,
                 closing: false,
                 writer_waiting: false,
+                reset: None,
             }),
             wake_writer: Condvar::new(),
             written: AtomicU64::new(last_offset),
@@ -694,6 +727,7 @@ impl Wal {
             poison_reason: Mutex::new(String::new()),
             slots: Mutex::new(slots),
             retention_floor: AtomicU64::new(u64::MAX),
+            history_epoch: AtomicU64::new(0),
         });
         let writer = if shared.opts.read_only {
             None
@@ -793,6 +827,39 @@ impl Wal {
     /// Appends and waits: [`Wal::submit`] then [`Appended::wait`]. Blocking.
     pub fn append(&self, txn: NewTransaction) -> Result<Offset, Error> {
         self.submit(txn)?.wait()
+    }
+
+    /// Replaces the log's history: every segment is removed and a new, empty segment starts at
+    /// the next offset with `gtids_before` as the GTIDs before it, so the log's GTID set becomes
+    /// exactly `gtids_before` and offsets go on from where they were. This is how a node that was
+    /// bootstrapped from a copy of another node's state records what that copy contains: the
+    /// GTIDs count as executed here and as purged from this log, so a downstream that lacks them
+    /// gets [`Error::GtidsPurged`] and bootstraps too. Readers opened before the reset fail with
+    /// [`Error::HistoryReset`]. Blocks until done, synced and the directory synced.
+    ///
+    /// The caller must be the log's only writer and have no append in flight (appends submitted
+    /// before are written first). Calling it again with the same set on an empty log changes
+    /// nothing visible. A crash part-way leaves either the old history or the new one (an
+    /// interrupted reset is completed by [`Wal::open`]).
+    pub fn reset_history(&self, gtids_before: &GtidSet) -> Result<(), Error> {
+        self.writable()?;
+        let shared = &*self.shared;
+        if shared.poisoned.load(Ordering::SeqCst) {
+            return Err(shared.poison_error());
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut st = lock(&shared.state);
+            if st.closing {
+                return Err(Error::Closed);
+            }
+            st.reset = Some(ResetRequest {
+                gtids_before: gtids_before.clone(),
+                ack: tx,
+            });
+        }
+        shared.wake_writer.notify_one();
+        rx.blocking_recv().map_err(|_| Error::Closed)?
     }
 
     /// Highest offset written to the OS (0: none).
@@ -1262,11 +1329,11 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
     let mut last_sync_took = Duration::ZERO;
 
     loop {
-        let (batch, closing) = {
+        let (batch, closing, reset) = {
             let mut state = lock(&shared.state);
             let mut gather_until: Option<Instant> = None;
             loop {
-                if state.closing {
+                if state.closing || (state.reset.is_some() && state.pending.count == 0) {
                     break;
                 }
                 if state.pending.count > 0 {
@@ -1299,6 +1366,11 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     _ => state = shared.wait_for_work(state, None),
                 }
             }
+            let reset = if state.pending.count == 0 {
+                state.reset.take()
+            } else {
+                None
+            };
             let next_first = state.next_offset;
             let bytes = std::mem::take(&mut state.spare);
             let batch = std::mem::replace(
@@ -1309,7 +1381,7 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     ..Pending::default()
                 },
             );
-            (batch, state.closing)
+            (batch, state.closing, reset)
         };
 
         if batch.count > 0 {
@@ -1396,6 +1468,24 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
             }
         }
 
+        if let Some(req) = reset {
+            match reset_segments(&shared, st, &*file, &name, &req.gtids_before) {
+                Ok((new_name, new_file, new_len)) => {
+                    name = new_name;
+                    file = new_file;
+                    len = new_len;
+                    dirty = false;
+                    last_sync = Instant::now();
+                    gtids_in_log = req.gtids_before;
+                    let _ = req.ack.send(Ok(()));
+                }
+                Err(reason) => {
+                    shared.poison(reason);
+                    let _ = req.ack.send(Err(shared.poison_error()));
+                }
+            }
+        }
+
         if dirty && (closing || sync_interval.is_some_and(|iv| last_sync.elapsed() >= iv)) {
             let written = shared.written.load(Ordering::SeqCst);
             if let Err(reason) = sync_file(&shared, st, &*file, &name) {
@@ -1475,6 +1565,85 @@ fn roll(
     Ok((new_name, new_file, new_len))
 }
 
+/// Suffix of the file a history reset writes the new first segment to before renaming it.
+const RESET_SUFFIX: &str = ".reset";
+
+/// Carries out [`Wal::reset_history`] on the writer thread (no batch pending). Order, for
+/// crash safety: the new segment is written under a temporary name and synced; the older
+/// segments are removed oldest first (a crash here looks like retention); the new segment is
+/// renamed into place (replacing the active one when it has the same first offset); the old
+/// active segment is removed last. A crash between the last two leaves an old segment followed
+/// by an empty one whose GTID set does not contain the old one's: [`Wal::open`] recognises that
+/// and finishes the reset.
+fn reset_segments(
+    shared: &Shared,
+    st: &dyn Storage,
+    file: &dyn StorageFile,
+    name: &str,
+    gtids_before: &GtidSet,
+) -> Result<(String, Box<dyn StorageFile>, u64), String> {
+    sync_file(shared, st, file, name)?;
+    let written = shared.written.load(Ordering::SeqCst);
+    shared.durable.store(written, Ordering::SeqCst);
+    let first = Offset::new(written + 1).ok_or_else(|| "offset overflow".to_string())?;
+    let final_name = segment::file_name(first);
+    let tmp = format!("{final_name}{RESET_SUFFIX}");
+    let created_us = now_us();
+    let header = segment::encode_header(first, shared.server_uuid, created_us, gtids_before);
+    let ctx = |what: &str, n: &str| format!("{what} {}", st.describe(n));
+    {
+        let f = st
+            .create(&tmp)
+            .map_err(|e| ctx("create", &tmp) + &format!(": {e}"))?;
+        f.write_all_at(&header, 0)
+            .map_err(|e| ctx("write", &tmp) + &format!(": {e}"))?;
+        if !shared.skip_fsync() {
+            f.sync_data()
+                .map_err(|e| ctx("sync", &tmp) + &format!(": {e}"))?;
+        }
+    }
+    // From here on, readers opened before see the reset instead of a missing file.
+    shared.history_epoch.fetch_add(1, Ordering::SeqCst);
+    let old: Vec<String> = lock(&shared.state)
+        .segments
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    let (active, older) = old.split_last().ok_or("no active segment")?;
+    for n in older {
+        st.remove(n)
+            .map_err(|e| ctx("remove", n) + &format!(": {e}"))?;
+    }
+    st.rename(&tmp, &final_name)
+        .map_err(|e| ctx("rename", &tmp) + &format!(": {e}"))?;
+    if *active != final_name {
+        st.remove(active)
+            .map_err(|e| ctx("remove", active) + &format!(": {e}"))?;
+    }
+    if !shared.skip_fsync() {
+        st.sync_dir()
+            .map_err(|e| format!("sync log directory: {e}"))?;
+    }
+    let new_file = st
+        .open(&final_name)
+        .map_err(|e| ctx("open", &final_name) + &format!(": {e}"))?;
+    let bytes = header.len() as u64;
+    {
+        let mut state = lock(&shared.state);
+        state.segments = vec![SegmentMeta {
+            name: final_name.clone(),
+            first: first.get(),
+            gtids_before: gtids_before.clone(),
+            header_bytes: header.len() as u32,
+            created_us,
+            bytes,
+        }];
+    }
+    *lock(&shared.visible_gtids) = gtids_before.clone();
+    shared.active_bytes.store(bytes, Ordering::SeqCst);
+    Ok((final_name, new_file, bytes))
+}
+
 struct OpenSegment {
     file: Box<dyn StorageFile>,
     name: String,
@@ -1487,6 +1656,8 @@ struct OpenSegment {
 /// it was opened.
 pub struct Reader {
     shared: Arc<Shared>,
+    /// The log's history epoch when this reader was opened.
+    epoch: u64,
     next: u64,
     exclude: Option<GtidSet>,
     seg: Option<OpenSegment>,
@@ -1509,6 +1680,7 @@ impl std::fmt::Debug for Reader {
 impl Reader {
     fn new(shared: Arc<Shared>, next: u64, exclude: Option<GtidSet>) -> Reader {
         Reader {
+            epoch: shared.history_epoch.load(Ordering::SeqCst),
             shared,
             next,
             exclude,
@@ -1530,6 +1702,7 @@ impl Reader {
 
     /// The next visible record, or `None` when the reader has caught up with the visible head.
     pub fn next_txn(&mut self) -> Result<Option<Transaction>, Error> {
+        self.check_epoch()?;
         loop {
             if self.next > self.shared.visible() {
                 return Ok(None);
@@ -1554,6 +1727,7 @@ impl Reader {
     /// payload is not decoded (only validated, for its GTID, when this reader skips GTIDs), so
     /// whoever receives the frame validates it. For passing records on, as a tail server does.
     pub fn next_raw(&mut self, out: &mut Vec<u8>) -> Result<Option<Offset>, Error> {
+        self.check_epoch()?;
         loop {
             if self.next > self.shared.visible() {
                 return Ok(None);
@@ -1576,6 +1750,20 @@ impl Reader {
             out.extend_from_slice(&self.buf[frame]);
             return Ok(Some(offset));
         }
+    }
+
+    /// Fails once the log's history was replaced after this reader was opened.
+    fn check_epoch(&self) -> Result<(), Error> {
+        if self.shared.history_epoch.load(Ordering::SeqCst) != self.epoch {
+            return Err(Error::HistoryReset {
+                gtids_before: self.shared_gtids_before(),
+            });
+        }
+        Ok(())
+    }
+
+    fn shared_gtids_before(&self) -> GtidSet {
+        lock(&self.shared.state).segments[0].gtids_before.clone()
     }
 
     fn position_checked(&self) -> Result<Offset, Error> {

@@ -1,0 +1,174 @@
+//! `Wal::reset_history`: what a node bootstrapped from a copy of another node's state relies on.
+//! The log's GTID set becomes the copy's, offsets go on, readers opened before refuse to go on,
+//! a downstream lacking the copied GTIDs is told they were purged, and a crash part-way through
+//! leaves either the old history or the new one.
+
+use std::sync::Arc;
+
+use tideline_wal::{
+    Error, Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, Storage, Wal, WalOptions, segment,
+};
+
+fn txn(uuid: uuid::Uuid, seq: u64) -> NewTransaction {
+    NewTransaction {
+        gtid: Gtid::new(uuid, seq).expect("seq >= 1"),
+        timestamp_us: seq as i64,
+        ops: vec![Op::Put {
+            tree: "default".into(),
+            key: format!("k{seq}").into_bytes(),
+            value: vec![seq as u8; 100],
+            before: None,
+        }],
+    }
+}
+
+fn small_segments() -> WalOptions {
+    WalOptions {
+        segment_bytes_max: 4096,
+        ..WalOptions::default()
+    }
+}
+
+fn copied_set() -> GtidSet {
+    "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-1000"
+        .parse()
+        .unwrap()
+}
+
+/// A log of 200 records over several segments; returns its storage and server uuid.
+fn log_with_history() -> (Arc<dyn Storage>, uuid::Uuid) {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let wal = Wal::open(storage.clone(), small_segments()).unwrap();
+    let uuid = wal.server_uuid();
+    for seq in 1..=200 {
+        wal.append(txn(uuid, seq)).unwrap();
+    }
+    assert!(wal.stats().segments.len() > 3);
+    (storage, uuid)
+}
+
+#[test]
+fn reset_replaces_history_and_offsets_go_on() {
+    let (storage, uuid) = log_with_history();
+    let wal = Wal::open(storage.clone(), small_segments()).unwrap();
+    let mut old_reader = wal.read_from(Offset::FIRST).unwrap();
+    assert!(old_reader.next_txn().unwrap().is_some());
+
+    let copied = copied_set();
+    wal.reset_history(&copied).unwrap();
+
+    assert_eq!(wal.gtids(), copied);
+    assert_eq!(wal.first_offset().get(), 201);
+    assert_eq!(wal.visible_offset(), 200);
+    assert_eq!(wal.stats().segments.len(), 1);
+    // The reader opened before must not go on as if nothing happened.
+    assert!(matches!(
+        old_reader.next_txn(),
+        Err(Error::HistoryReset { gtids_before }) if gtids_before == copied
+    ));
+    // Offsets and this node's own GTIDs go on.
+    assert_eq!(wal.append(txn(uuid, 201)).unwrap().get(), 201);
+    assert!(matches!(
+        wal.read_from(Offset::new(200).unwrap()),
+        Err(Error::OffsetUnavailable { .. })
+    ));
+    // A downstream lacking the copied GTIDs is told they are gone; one that has them reads on.
+    assert!(matches!(
+        wal.read_missing(&GtidSet::new()),
+        Err(Error::GtidsPurged { missing }) if missing == copied
+    ));
+    let got: Vec<u64> = wal
+        .read_missing(&copied)
+        .unwrap()
+        .map(|t| t.unwrap().gtid.seq)
+        .collect();
+    assert_eq!(got, vec![201]);
+    drop(wal);
+
+    let wal = Wal::open(storage, small_segments()).unwrap();
+    let mut expect = copied.clone();
+    expect.insert(Gtid::new(uuid, 201).unwrap());
+    assert_eq!(wal.gtids(), expect);
+    assert_eq!(wal.first_offset().get(), 201);
+    assert_eq!(wal.visible_offset(), 201);
+    assert_eq!(wal.server_uuid(), uuid);
+}
+
+#[test]
+fn reset_of_an_empty_log_is_repeatable() {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let wal = Wal::open(storage.clone(), WalOptions::default()).unwrap();
+    let uuid = wal.server_uuid();
+    let copied = copied_set();
+    wal.reset_history(&copied).unwrap();
+    wal.reset_history(&copied).unwrap();
+    assert_eq!(wal.gtids(), copied);
+    assert_eq!(wal.first_offset(), Offset::FIRST);
+    assert_eq!(wal.append(txn(uuid, 1)).unwrap(), Offset::FIRST);
+    drop(wal);
+    let wal = Wal::open(storage, WalOptions::default()).unwrap();
+    assert_eq!(wal.server_uuid(), uuid);
+    assert_eq!(wal.visible_offset(), 1);
+    assert!(wal.gtids().contains(&Gtid::new(uuid, 1).unwrap()));
+    assert!(copied.is_subset(&wal.gtids()));
+}
+
+/// The crash window between renaming the new first segment into place and removing the old
+/// active one: an old segment followed by an empty one whose GTID set lacks the old one's.
+/// Open must finish the reset (without that rule it reports the log corrupt).
+#[test]
+fn open_finishes_a_reset_interrupted_after_the_rename() {
+    let (storage, uuid) = log_with_history();
+    let names = segment_names(&*storage);
+    // The older segments were removed; the old active one is still there.
+    for n in &names[..names.len() - 1] {
+        storage.remove(n).unwrap();
+    }
+    let copied = copied_set();
+    write_empty_segment(&*storage, uuid, Offset::new(201).unwrap(), &copied);
+
+    let wal = Wal::open(storage.clone(), small_segments()).unwrap();
+    assert_eq!(wal.gtids(), copied);
+    assert_eq!(wal.first_offset().get(), 201);
+    assert_eq!(wal.visible_offset(), 200);
+    assert_eq!(segment_names(&*storage).len(), 1);
+    assert_eq!(wal.append(txn(uuid, 201)).unwrap().get(), 201);
+}
+
+/// The crash window before the rename: the old history stays whole and the temporary file goes.
+#[test]
+fn open_keeps_the_old_history_when_the_reset_did_not_get_renamed() {
+    let (storage, uuid) = log_with_history();
+    let before = segment_names(&*storage);
+    let name = format!("{}.reset", segment::file_name(Offset::new(201).unwrap()));
+    let header = segment::encode_header(Offset::new(201).unwrap(), uuid, 0, &copied_set());
+    storage
+        .create(&name)
+        .unwrap()
+        .write_all_at(&header, 0)
+        .unwrap();
+
+    let wal = Wal::open(storage.clone(), small_segments()).unwrap();
+    assert_eq!(wal.gtids().to_string(), format!("{uuid}:1-200"));
+    assert_eq!(wal.verify().unwrap(), 200);
+    assert_eq!(segment_names(&*storage), before);
+    assert!(!storage.list().unwrap().contains(&name));
+}
+
+fn segment_names(storage: &dyn Storage) -> Vec<String> {
+    let mut names: Vec<String> = storage
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|n| segment::parse_file_name(n).is_some())
+        .collect();
+    names.sort();
+    names
+}
+
+fn write_empty_segment(storage: &dyn Storage, uuid: uuid::Uuid, first: Offset, gtids: &GtidSet) {
+    let header = segment::encode_header(first, uuid, 0, gtids);
+    let f = storage.create(&segment::file_name(first)).unwrap();
+    f.write_all_at(&header, 0).unwrap();
+    f.sync_data().unwrap();
+}
