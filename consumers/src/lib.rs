@@ -14,6 +14,9 @@
 //! other node has applied and made durable the GTIDs it wrote, then read its own writes there
 //! (the etcd / ZooKeeper lesson).
 //!
+//! [`Bootstrap`] copies a node's state in resumable chunks merged with its live log (DBLog's
+//! watermarks, placed by the server), for new replicas and indexes.
+//!
 //! It does not apply transactions anywhere: sinks and replicas are `tideline-connectors`.
 //!
 //! ```
@@ -29,8 +32,11 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod bootstrap;
 mod checkpoint;
 mod tail;
+
+pub use bootstrap::{Bootstrap, BootstrapError, BootstrapProgress, BootstrapStep};
 
 pub use checkpoint::{Checkpoint, CheckpointError, FileCheckpoint, MemoryCheckpoint, Position};
 pub use tail::{Session, Tail, TailConfig, TailError, TailStart, tail};

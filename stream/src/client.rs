@@ -7,7 +7,8 @@ use tideline_wal::{GtidSet, Transaction};
 use uuid::Uuid;
 
 use crate::proto::{
-    self, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Request, Response, Start, WriteOp,
+    self, BootstrapResume, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Request, Response, Start,
+    WriteOp,
 };
 use crate::tls::{self, ClientSecrets};
 use crate::wire::{FramedRecv, WireError, send_message};
@@ -402,6 +403,45 @@ impl Client {
         }
     }
 
+    /// Starts (or, with `resume`, resumes) a bootstrap on its own stream. See
+    /// [`BootstrapStream`] and `tideline_consumers::bootstrap` for the merging end.
+    pub async fn bootstrap(
+        &self,
+        resume: Option<BootstrapResume>,
+        chunk_bytes: u64,
+    ) -> Result<BootstrapStream, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        send_message(
+            &mut send,
+            &Request::Bootstrap {
+                resume,
+                chunk_bytes,
+            },
+        )
+        .await?;
+        let _ = send.finish();
+        let mut recv = FramedRecv::new(recv, self.cfg.limits);
+        match recv.next_message::<Response>().await? {
+            Some(Response::BootstrapStarted {
+                server_uuid,
+                after_offset,
+                keys_estimate,
+                bytes_estimate,
+            }) => Ok(BootstrapStream {
+                recv,
+                server_uuid: Uuid::from_bytes(server_uuid),
+                after_offset,
+                keys_estimate,
+                bytes_estimate,
+            }),
+            Some(Response::Error { code, message }) => Err(ClientError::Server { code, message }),
+            Some(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
+            None => Err(ClientError::Unexpected(
+                "the node closed the bootstrap stream".into(),
+            )),
+        }
+    }
+
     /// Closes the connection.
     pub async fn close(self) {
         self.conn.close(quinn::VarInt::from_u32(0), b"bye");
@@ -466,5 +506,86 @@ impl Subscription {
     pub async fn ack(&mut self, offset: u64) -> Result<(), ClientError> {
         send_message(&mut self.send, &Request::Ack { offset }).await?;
         Ok(())
+    }
+}
+
+/// What a bootstrap stream carries, in order.
+#[derive(Debug)]
+pub enum BootstrapEvent {
+    /// Live log records, densely after the previous ones.
+    Records(Vec<Transaction>),
+    /// A chunk of a tree read at `offset` (see [`Response::Chunk`]).
+    Chunk {
+        /// Tree.
+        tree: String,
+        /// Its merge operator.
+        merge_operator: Option<String>,
+        /// First key of the range.
+        from: Vec<u8>,
+        /// End of the range (exclusive), `None` = end of tree.
+        to: Option<Vec<u8>>,
+        /// Packed entries (see [`crate::proto::unpack_entries`]).
+        entries: Vec<u8>,
+        /// Position read at.
+        offset: u64,
+    },
+    /// The copy is complete at `offset`, where the server had executed `gtid_executed`.
+    Done {
+        /// Handover offset.
+        offset: u64,
+        /// GTID set text.
+        gtid_executed: String,
+    },
+}
+
+/// The receiving side of [`Client::bootstrap`].
+#[derive(Debug)]
+pub struct BootstrapStream {
+    recv: FramedRecv,
+    /// The server.
+    pub server_uuid: Uuid,
+    /// Live records after this offset follow.
+    pub after_offset: u64,
+    /// Estimated keys (progress only).
+    pub keys_estimate: u64,
+    /// Estimated bytes (progress only).
+    pub bytes_estimate: u64,
+}
+
+impl BootstrapStream {
+    /// The next event; `None` if the server ended the stream without `Done` (an error).
+    pub async fn next(&mut self) -> Result<Option<BootstrapEvent>, ClientError> {
+        Ok(match self.recv.next::<Response>().await? {
+            None => None,
+            Some(Frame::Batch(txns)) => Some(BootstrapEvent::Records(txns)),
+            Some(Frame::Message(Response::Chunk {
+                tree,
+                merge_operator,
+                from,
+                to,
+                entries,
+                offset,
+            })) => Some(BootstrapEvent::Chunk {
+                tree,
+                merge_operator,
+                from,
+                to,
+                entries,
+                offset,
+            }),
+            Some(Frame::Message(Response::BootstrapDone {
+                offset,
+                gtid_executed,
+            })) => Some(BootstrapEvent::Done {
+                offset,
+                gtid_executed,
+            }),
+            Some(Frame::Message(Response::Error { code, message })) => {
+                return Err(ClientError::Server { code, message });
+            }
+            Some(Frame::Message(other)) => {
+                return Err(ClientError::Unexpected(format!("{other:?}")));
+            }
+        })
     }
 }

@@ -29,13 +29,16 @@
 pub mod client;
 pub mod log_node;
 pub mod proto;
+mod serve_bootstrap;
 pub mod server;
 pub mod tls;
 pub mod udp;
 mod wire;
 
-pub use client::{Client, ClientConfig, ClientError, Event, Subscription};
+pub use client::{
+    BootstrapEvent, BootstrapStream, Client, ClientConfig, ClientError, Event, Subscription,
+};
 pub use proto::{ErrorCode, Limits, Start, WriteOp};
-pub use server::{Node, NodeError, ServeError, ServerConfig, ServerHandle, serve};
+pub use server::{BootstrapView, Node, NodeError, ServeError, ServerConfig, ServerHandle, serve};
 pub use tls::{ClientSecrets, SecretsError, ServerSecrets, ensure_secrets};
 pub use wire::WireError;

@@ -70,6 +70,38 @@ pub trait Node: Send + Sync + 'static {
         gtids: GtidSet,
         timeout: Duration,
     ) -> impl Future<Output = (bool, GtidSet)> + Send;
+    /// A consistent read view of the node's current state, for bootstrap chunks. Nodes
+    /// without a state (a bare log) refuse.
+    fn bootstrap_view(&self) -> Result<Arc<dyn BootstrapView>, NodeError> {
+        Err(NodeError::new(
+            ErrorCode::InvalidRequest,
+            "this node has no state to bootstrap from; pick a node that runs the engine",
+        ))
+    }
+    /// Called for every chunk served (for status and metrics).
+    fn on_bootstrap_chunk(&self, _bytes: usize) {}
+}
+
+/// One committed state of a node, to copy chunks from. Reads never wait for writers.
+pub trait BootstrapView: Send + Sync + 'static {
+    /// Last log offset applied in this view (0: none).
+    fn offset(&self) -> u64;
+    /// GTIDs executed in this view.
+    fn gtid_executed(&self) -> GtidSet;
+    /// Trees in name order, with their merge operators.
+    fn trees(&self) -> Vec<(String, Option<String>)>;
+    /// Rough size of the state: (keys, bytes of keys and values), for progress.
+    fn estimate(&self) -> (u64, u64);
+    /// Packs entries of `tree` from `from` (inclusive) in key order into `out` (see
+    /// [`crate::proto::pack_entry`]) until about `bytes_max` bytes, at least one entry when
+    /// any is left; returns the first key not packed (`None`: the tree is done). Blocking.
+    fn chunk(
+        &self,
+        tree: &str,
+        from: &[u8],
+        bytes_max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, NodeError>;
 }
 
 /// Server settings. Every limit is documented in `docs/PROTOCOL.md`.
@@ -327,7 +359,7 @@ async fn handle_connection<N: Node>(
     }
 }
 
-fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Response {
     Response::Error {
         code,
         message: message.into(),
@@ -399,6 +431,13 @@ async fn handle_stream<N: Node>(
             }
             Err(e) => error(ErrorCode::InvalidRequest, e.to_string()),
         },
+        Request::Bootstrap {
+            resume,
+            chunk_bytes,
+        } => {
+            return crate::serve_bootstrap::serve_bootstrap(node, cfg, send, resume, chunk_bytes)
+                .await;
+        }
         Request::Hello { .. } => error(ErrorCode::InvalidRequest, "already authenticated"),
         Request::Ack { .. } => error(
             ErrorCode::InvalidRequest,
@@ -437,8 +476,9 @@ pub fn filter_txn(
     Some(Transaction { ops, ..txn })
 }
 
-fn open_reader(wal: &Wal, start: &Start) -> Result<Reader, Response> {
-    let unavailable = |e: tideline_wal::Error| error(ErrorCode::PositionUnavailable, e.to_string());
+fn open_reader(wal: &Wal, start: &Start) -> Result<Reader, Box<Response>> {
+    let unavailable =
+        |e: tideline_wal::Error| Box::new(error(ErrorCode::PositionUnavailable, e.to_string()));
     match start {
         Start::Earliest => wal.read_from(wal.first_offset()).map_err(unavailable),
         Start::Latest => {
@@ -446,13 +486,14 @@ fn open_reader(wal: &Wal, start: &Start) -> Result<Reader, Response> {
             wal.read_from(next).map_err(unavailable)
         }
         Start::Offset(n) => {
-            let o = Offset::new(*n)
-                .ok_or_else(|| error(ErrorCode::InvalidRequest, "offset 0 does not exist"))?;
+            let o = Offset::new(*n).ok_or_else(|| {
+                Box::new(error(ErrorCode::InvalidRequest, "offset 0 does not exist"))
+            })?;
             wal.read_from(o).map_err(unavailable)
         }
         Start::Gtid(text) => {
             let set: GtidSet = text.parse().map_err(|e: tideline_wal::GtidParseError| {
-                error(ErrorCode::InvalidRequest, e.to_string())
+                Box::new(error(ErrorCode::InvalidRequest, e.to_string()))
             })?;
             wal.read_missing(&set).map_err(unavailable)
         }
@@ -477,7 +518,7 @@ async fn serve_subscription<N: Node>(
     let mut reader = match open_reader(wal, &start) {
         Ok(r) => r,
         Err(resp) => {
-            send_message(&mut send, &resp).await?;
+            send_message(&mut send, &*resp).await?;
             let _ = send.finish();
             return Ok(());
         }

@@ -121,6 +121,43 @@ pub enum Request {
         /// Most rows.
         limit: u64,
     },
+    /// Start (or resume) a bootstrap on this stream: the server sends one ordered stream of
+    /// live log batches and [`Response::Chunk`]s, each chunk placed at the log position it was
+    /// read at, and ends with [`Response::BootstrapDone`].
+    Bootstrap {
+        /// Where a previous bootstrap from this server stopped; `None` starts from scratch.
+        resume: Option<BootstrapResume>,
+        /// Target size of a chunk's entries, in bytes (the server caps it).
+        chunk_bytes: u64,
+    },
+}
+
+/// Where to resume a bootstrap.
+///
+/// persisted: wire type; changes must stay backward compatible.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct BootstrapResume {
+    /// The server the earlier part came from (offsets are that server's).
+    pub server_uuid: [u8; 16],
+    /// Every live record up to and including this offset was already received.
+    pub after_offset: u64,
+    /// Everything before this point of the (tree, key) order was already copied.
+    pub cursor: Cursor,
+}
+
+/// A point in the (tree name, key) order that a bootstrap copies in.
+///
+/// persisted: wire type; changes must stay backward compatible.
+#[derive(
+    Debug, Clone, Default, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize,
+)]
+pub struct Cursor {
+    /// Tree being copied ("" before the first tree).
+    pub tree: String,
+    /// First key of `tree` not yet copied.
+    pub key: Vec<u8>,
+    /// `tree` is copied completely.
+    pub tree_done: bool,
 }
 
 /// Error classes, so a client knows whether to retry.
@@ -207,5 +244,41 @@ pub enum Response {
         code: ErrorCode,
         /// What happened and what to do.
         message: String,
+    },
+    /// A bootstrap stream begins; live records after `after_offset` follow, mixed with chunks.
+    BootstrapStarted {
+        /// The server's `server_uuid`.
+        server_uuid: [u8; 16],
+        /// Live records after this offset follow.
+        after_offset: u64,
+        /// Estimated keys in the server's trees (for progress; may be off).
+        keys_estimate: u64,
+        /// Estimated bytes of keys and values (for progress; may be off).
+        bytes_estimate: u64,
+    },
+    /// A chunk of a tree, read from a snapshot at `offset`: it replaces the key range
+    /// `[from, to)` (`to: None` = to the end of the tree). Every live record up to `offset`
+    /// was sent before it; every later one comes after it.
+    Chunk {
+        /// Tree.
+        tree: String,
+        /// The tree's merge operator, if any.
+        merge_operator: Option<String>,
+        /// First key of the range (inclusive).
+        from: Vec<u8>,
+        /// End of the range (exclusive); `None` = end of the tree.
+        to: Option<Vec<u8>>,
+        /// The entries, packed: per entry `u32` key length, `u32` value length (little
+        /// endian), key bytes, value bytes; ascending keys. See [`super::pack_entry`].
+        entries: Vec<u8>,
+        /// Snapshot position (last applied offset) the chunk was read at.
+        offset: u64,
+    },
+    /// The bootstrap is complete: the copy equals the server's state at `offset`.
+    BootstrapDone {
+        /// The handover position.
+        offset: u64,
+        /// The server's `gtid_executed` at `offset`.
+        gtid_executed: String,
     },
 }

@@ -52,8 +52,10 @@ impl Default for Limits {
     }
 }
 
+pub mod bootstrap;
 mod messages;
-pub use messages::{ErrorCode, Request, Response, Start, WriteOp};
+pub use bootstrap::{BootstrapPosition, Cursor, pack_entry, unpack_entries};
+pub use messages::{BootstrapResume, ErrorCode, Request, Response, Start, WriteOp};
 
 /// Protocol violations and decoding failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,321 @@
+//! The receiving end of a bootstrap as a state machine (no I/O): DBLog's watermarks, with the
+//! server placing each chunk in the ordered stream at the log position it was read at.
+//!
+//! The consumer applies one ordered stream. A live record's op on a key the copy has already
+//! passed (before the [`Cursor`]) is applied; an op on a key not yet copied is dropped, because
+//! the chunk that copies that key is read later and already contains it. A chunk replaces its
+//! key range and moves the cursor past it. Since every record up to a chunk's position arrives
+//! before the chunk and every later one after it, no event is lost or overwritten by an older
+//! chunk.
+
+use tideline_wal::{Op, Transaction};
+
+use super::ProtoError;
+pub use super::messages::Cursor;
+
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// Bytes of a packed entry's header (`u32` key length, `u32` value length).
+pub const ENTRY_HEADER_BYTES: usize = 8;
+
+/// Appends one entry to a packed chunk body (see [`super::Response::Chunk`]).
+pub fn pack_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    // Keys and values are far below 4 GiB (the engine's limits), so the casts are exact.
+    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+    out.extend_from_slice(key);
+    out.extend_from_slice(value);
+}
+
+/// The entries of a packed chunk body, checked: lengths inside the body, keys strictly
+/// ascending, all inside `[from, to)`.
+pub fn unpack_entries(
+    body: &[u8],
+    from: &[u8],
+    to: Option<&[u8]>,
+) -> Result<Vec<Entry>, ProtoError> {
+    let bad = |why: String| ProtoError::BadMessage(format!("chunk entries: {why}"));
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < body.len() {
+        let header = body
+            .get(at..at + ENTRY_HEADER_BYTES)
+            .ok_or_else(|| bad(format!("entry header cut at byte {at}")))?;
+        let klen = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let vlen = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        let start = at + ENTRY_HEADER_BYTES;
+        let kend = start
+            .checked_add(klen)
+            .filter(|&e| e <= body.len())
+            .ok_or_else(|| bad(format!("key of {klen} bytes runs past the body at {at}")))?;
+        let vend = kend
+            .checked_add(vlen)
+            .filter(|&e| e <= body.len())
+            .ok_or_else(|| bad(format!("value of {vlen} bytes runs past the body at {at}")))?;
+        let key = &body[start..kend];
+        if key < from || to.is_some_and(|t| key >= t) {
+            return Err(bad(format!("key {key:?} outside the chunk's range")));
+        }
+        if out
+            .last()
+            .is_some_and(|(k, _): &(Vec<u8>, Vec<u8>)| k.as_slice() >= key)
+        {
+            return Err(bad(format!("key {key:?} is not above the previous key")));
+        }
+        out.push((key.to_vec(), body[kend..vend].to_vec()));
+        at = vend;
+    }
+    Ok(out)
+}
+
+impl Cursor {
+    /// Whether the copy has passed `(tree, key)`: the key's current value is in the copy, so a
+    /// live op on it must be applied.
+    pub fn covers_key(&self, tree: &str, key: &[u8]) -> bool {
+        tree < self.tree.as_str() || (tree == self.tree && (self.tree_done || key < &self.key[..]))
+    }
+
+    /// Whether a live create/drop of `tree` must be applied: the copy has started on it (a
+    /// tree not reached yet is copied later as it then is).
+    pub fn covers_tree(&self, tree: &str) -> bool {
+        tree <= self.tree.as_str()
+    }
+
+    /// Whether the copy has passed every op of `op`.
+    pub fn covers(&self, op: &Op) -> bool {
+        match op.key() {
+            Some(k) => self.covers_key(op.tree(), k),
+            None => self.covers_tree(op.tree()),
+        }
+    }
+}
+
+/// Where a bootstrap stands: the last live offset received and the copy's cursor. Persist it
+/// atomically with what was applied; it is all a resume needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BootstrapPosition {
+    /// Every live record up to this offset was received (and handled).
+    pub after_offset: u64,
+    /// Everything before this point was copied.
+    pub cursor: Cursor,
+}
+
+impl BootstrapPosition {
+    /// Takes a batch of live records: they must continue exactly after `after_offset` (the
+    /// server reads its log densely; records already received after a resume are dropped).
+    /// Returns, per record, its offset and the ops to apply (possibly none).
+    pub fn on_records(
+        &mut self,
+        txns: Vec<Transaction>,
+    ) -> Result<Vec<(u64, Vec<Op>)>, ProtoError> {
+        let mut out = Vec::with_capacity(txns.len());
+        for txn in txns {
+            let o = txn.offset.get();
+            if o <= self.after_offset {
+                continue;
+            }
+            if o != self.after_offset + 1 {
+                return Err(ProtoError::Violation(format!(
+                    "bootstrap stream jumped from offset {} to {o}",
+                    self.after_offset
+                )));
+            }
+            self.after_offset = o;
+            let ops: Vec<Op> = txn
+                .ops
+                .into_iter()
+                .filter(|op| self.cursor.covers(op))
+                .collect();
+            out.push((o, ops));
+        }
+        Ok(out)
+    }
+
+    /// Takes a chunk header: it must start at the cursor (the next tree from its first key,
+    /// or the current tree at the cursor's key) and be read no earlier than the records
+    /// received. Moves the cursor past it.
+    pub fn on_chunk(
+        &mut self,
+        tree: &str,
+        from: &[u8],
+        to: Option<&[u8]>,
+        offset: u64,
+    ) -> Result<(), ProtoError> {
+        let starts_here = if tree == self.cursor.tree {
+            !self.cursor.tree_done && from == &self.cursor.key[..]
+        } else {
+            tree > self.cursor.tree.as_str() && from.is_empty()
+        };
+        if !starts_here {
+            return Err(ProtoError::Violation(format!(
+                "chunk of tree `{tree}` from {from:?} does not start at the cursor ({:?})",
+                self.cursor
+            )));
+        }
+        if to.is_some_and(|t| t <= from) {
+            return Err(ProtoError::Violation(format!(
+                "chunk range from {from:?} to {to:?} is empty"
+            )));
+        }
+        if offset != self.after_offset {
+            return Err(ProtoError::Violation(format!(
+                "chunk read at offset {offset} but the stream is at offset {}",
+                self.after_offset
+            )));
+        }
+        self.cursor = match to {
+            Some(t) => Cursor {
+                tree: tree.to_string(),
+                key: t.to_vec(),
+                tree_done: false,
+            },
+            None => Cursor {
+                tree: tree.to_string(),
+                key: Vec::new(),
+                tree_done: true,
+            },
+        };
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use tideline_wal::{Gtid, Offset};
+
+    fn put(tree: &str, key: &str, value: &str) -> Op {
+        Op::Put {
+            tree: tree.into(),
+            key: key.as_bytes().to_vec(),
+            value: value.as_bytes().to_vec(),
+            before: None,
+        }
+    }
+
+    fn record(offset: u64, ops: Vec<Op>) -> Transaction {
+        Transaction {
+            offset: Offset::new(offset).unwrap(),
+            gtid: Gtid::new(uuid::Uuid::nil(), offset).unwrap(),
+            timestamp_us: 0,
+            ops,
+        }
+    }
+
+    type State = BTreeMap<(String, Vec<u8>), Vec<u8>>;
+
+    fn apply_op(state: &mut State, op: &Op) {
+        if let Op::Put {
+            tree, key, value, ..
+        } = op
+        {
+            state.insert((tree.clone(), key.clone()), value.clone());
+        }
+    }
+
+    /// A writer keeps writing while the copy goes on: the merged result equals the source's
+    /// final state, and dropping the cursor rule (applying every op) would not.
+    #[test]
+    fn chunks_merged_with_live_records_equal_the_source() {
+        let mut source: State = BTreeMap::new();
+        for k in 0..10 {
+            source.insert(("a".into(), vec![b'0' + k]), b"v0".to_vec());
+        }
+        let mut replica: State = BTreeMap::new();
+        let mut pos = BootstrapPosition::default();
+        let mut offset = 0;
+        let mut write = |source: &mut State, key: u8, v: &str| {
+            offset += 1;
+            let op = put("a", std::str::from_utf8(&[key]).unwrap(), v);
+            apply_op(source, &op);
+            record(offset, vec![op])
+        };
+        // Chunk 1 covers keys 0..5 at offset 0.
+        let chunk = |source: &State, from: u8, to: Option<u8>| -> Vec<(Vec<u8>, Vec<u8>)> {
+            source
+                .iter()
+                .filter(|((_, k), _)| k[0] >= from && to.is_none_or(|t| k[0] < t))
+                .map(|((_, k), v)| (k.clone(), v.clone()))
+                .collect()
+        };
+        let c1 = chunk(&source, b'0', Some(b'5'));
+        pos.on_chunk("a", b"0", Some(b"5"), 0).unwrap_err(); // must start at the tree's first key
+        pos.on_chunk("a", b"", Some(b"5"), 0).unwrap();
+        for (k, v) in c1 {
+            replica.insert(("a".into(), k), v);
+        }
+        // Writes to a copied key (1) and a not-yet-copied key (7).
+        let r1 = write(&mut source, b'1', "v1");
+        let r2 = write(&mut source, b'7', "v1");
+        for (_, ops) in pos.on_records(vec![r1, r2]).unwrap() {
+            for op in &ops {
+                apply_op(&mut replica, op);
+            }
+        }
+        // Chunk 2 covers the rest at offset 2 and includes key 7's new value.
+        let c2 = chunk(&source, b'5', None);
+        pos.on_chunk("a", b"5", None, 2).unwrap();
+        for (k, v) in c2 {
+            replica.insert(("a".into(), k), v);
+        }
+        let r3 = write(&mut source, b'8', "v2");
+        for (_, ops) in pos.on_records(vec![r3]).unwrap() {
+            for op in &ops {
+                apply_op(&mut replica, op);
+            }
+        }
+        assert_eq!(replica, source);
+        assert!(pos.cursor.tree_done);
+    }
+
+    #[test]
+    fn out_of_order_input_is_refused() {
+        let mut pos = BootstrapPosition::default();
+        assert!(pos.on_records(vec![record(2, vec![])]).is_err(), "gap");
+        pos.on_records(vec![record(1, vec![])]).unwrap();
+        assert_eq!(pos.on_records(vec![record(1, vec![])]).unwrap(), vec![]);
+        assert!(
+            pos.on_chunk("a", b"", None, 0).is_err(),
+            "older than the records"
+        );
+        pos.on_chunk("b", b"", None, 1).unwrap();
+        assert!(
+            pos.on_chunk("a", b"", None, 1).is_err(),
+            "tree behind the cursor"
+        );
+        assert!(
+            pos.on_chunk("b", b"", None, 1).is_err(),
+            "tree already done"
+        );
+    }
+
+    #[test]
+    fn packed_entries_round_trip_and_bad_bodies_are_refused() {
+        let mut body = Vec::new();
+        pack_entry(&mut body, b"k1", b"v1");
+        pack_entry(&mut body, b"k2", b"");
+        let got = unpack_entries(&body, b"k", None).unwrap();
+        assert_eq!(
+            got,
+            vec![(b"k1".to_vec(), b"v1".to_vec()), (b"k2".to_vec(), vec![])]
+        );
+        assert!(
+            unpack_entries(&body, b"k", Some(b"k2")).is_err(),
+            "outside range"
+        );
+        assert!(
+            unpack_entries(&body[..body.len() - 1], b"", None).is_err(),
+            "cut"
+        );
+        let mut unsorted = Vec::new();
+        pack_entry(&mut unsorted, b"b", b"");
+        pack_entry(&mut unsorted, b"a", b"");
+        assert!(unpack_entries(&unsorted, b"", None).is_err());
+        let mut huge = Vec::new();
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        huge.extend_from_slice(&0u32.to_le_bytes());
+        assert!(unpack_entries(&huge, b"", None).is_err());
+    }
+}

@@ -1,0 +1,205 @@
+//! The sending end of a bootstrap: one ordered stream of live log records and chunks, each
+//! chunk read from a fresh view of the node's state and placed right after the last record
+//! that view contains (DBLog's watermarks, done by the server). See `proto::bootstrap` for the
+//! receiving end and `docs/PROTOCOL.md` for the messages.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tideline_wal::Offset;
+use uuid::Uuid;
+
+use crate::proto::{BatchBuilder, BootstrapResume, Cursor, ErrorCode, Response};
+use crate::server::{BootstrapView, Node, ServerConfig, error};
+use crate::wire::{WireError, send_message};
+
+/// Smallest and largest chunk a client may ask for. The largest stays well inside the message
+/// limit (a chunk also holds at least one entry, which may be a 16 MiB value).
+pub(crate) const CHUNK_BYTES_MIN: usize = 16 << 10;
+/// See [`CHUNK_BYTES_MIN`].
+pub(crate) const CHUNK_BYTES_MAX: usize = 8 << 20;
+
+pub(crate) async fn serve_bootstrap<N: Node>(
+    node: Arc<N>,
+    cfg: Arc<ServerConfig>,
+    mut send: quinn::SendStream,
+    resume: Option<BootstrapResume>,
+    chunk_bytes: u64,
+) -> Result<(), WireError> {
+    let result = run(&*node, &cfg, &mut send, resume, chunk_bytes).await;
+    match result {
+        Ok(()) => {}
+        Err(Stop::Refused(resp)) => send_message(&mut send, &resp).await?,
+        Err(Stop::Wire(e)) => return Err(e),
+    }
+    let _ = send.finish();
+    Ok(())
+}
+
+enum Stop {
+    /// Tell the client why, then end the stream.
+    Refused(Response),
+    /// The stream broke.
+    Wire(WireError),
+}
+
+impl From<WireError> for Stop {
+    fn from(e: WireError) -> Self {
+        Stop::Wire(e)
+    }
+}
+
+fn refused(code: ErrorCode, message: impl Into<String>) -> Stop {
+    Stop::Refused(error(code, message))
+}
+
+async fn run<N: Node>(
+    node: &N,
+    cfg: &ServerConfig,
+    send: &mut quinn::SendStream,
+    resume: Option<BootstrapResume>,
+    chunk_bytes: u64,
+) -> Result<(), Stop> {
+    let chunk_bytes = usize::try_from(chunk_bytes).map_or(CHUNK_BYTES_MAX, |b| {
+        b.clamp(CHUNK_BYTES_MIN, CHUNK_BYTES_MAX)
+    });
+    let wal = node.wal();
+    let ours = wal.server_uuid();
+    let first = node
+        .bootstrap_view()
+        .map_err(|e| refused(e.code, e.message))?;
+    let (after, mut cursor) = match resume {
+        None => (first.offset(), Cursor::default()),
+        Some(r) if Uuid::from_bytes(r.server_uuid) == ours => (r.after_offset, r.cursor),
+        Some(r) => {
+            return Err(refused(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "this bootstrap was begun from node {}, not {ours}; start it again from \
+                     scratch",
+                    Uuid::from_bytes(r.server_uuid)
+                ),
+            ));
+        }
+    };
+    let next = Offset::new(after + 1).unwrap_or(Offset::FIRST);
+    let mut reader = wal.read_from(next).map_err(|e| {
+        refused(
+            ErrorCode::PositionUnavailable,
+            format!("cannot resume this bootstrap: {e}"),
+        )
+    })?;
+    let (keys_estimate, bytes_estimate) = first.estimate();
+    send_message(
+        send,
+        &Response::BootstrapStarted {
+            server_uuid: *ours.as_bytes(),
+            after_offset: after,
+            keys_estimate,
+            bytes_estimate,
+        },
+    )
+    .await?;
+
+    let mut view: Option<Arc<dyn BootstrapView>> = Some(first);
+    let mut batch = BatchBuilder::new();
+    let mut out = Vec::with_capacity(cfg.batch_bytes_target + 4096);
+    loop {
+        let v = match view.take() {
+            Some(v) => v,
+            None => node
+                .bootstrap_view()
+                .map_err(|e| refused(e.code, e.message))?,
+        };
+        let at = v.offset();
+        if at + 1 < reader.next_offset().get() {
+            // The view lags what was already sent (a restart's replay finishing): wait for
+            // the state to catch up rather than place a chunk before records it lacks.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        // Every live record the view contains goes out before the chunk read from it.
+        while reader.next_offset().get() <= at {
+            while batch.bytes() < cfg.batch_bytes_target && reader.next_offset().get() <= at {
+                let pushed = batch.push_frame_with(|buf| reader.next_raw(buf).map(|o| o.is_some()));
+                match pushed {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(e) => {
+                        return Err(refused(
+                            ErrorCode::PositionUnavailable,
+                            format!("reading the log for this bootstrap failed: {e}"),
+                        ));
+                    }
+                }
+            }
+            if batch.is_empty() {
+                // Applied but not yet visible to readers cannot happen; guard anyway.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                continue;
+            }
+            out.clear();
+            batch.finish_into(&mut out);
+            send.write_all(&out)
+                .await
+                .map_err(|e| Stop::Wire(e.into()))?;
+        }
+        let trees = v.trees();
+        let next_tree = trees.into_iter().find(|(name, _)| {
+            (*name == cursor.tree && !cursor.tree_done) || name.as_str() > cursor.tree.as_str()
+        });
+        let Some((tree, merge_operator)) = next_tree else {
+            send_message(
+                send,
+                &Response::BootstrapDone {
+                    offset: at,
+                    gtid_executed: v.gtid_executed().to_string(),
+                },
+            )
+            .await?;
+            return Ok(());
+        };
+        let from = if tree == cursor.tree {
+            std::mem::take(&mut cursor.key)
+        } else {
+            Vec::new()
+        };
+        let (entries, to, from) = {
+            let (v, tree) = (v.clone(), tree.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut entries = Vec::with_capacity(chunk_bytes + (64 << 10));
+                v.chunk(&tree, &from, chunk_bytes, &mut entries)
+                    .map(|to| (entries, to, from))
+            })
+            .await
+            .map_err(|e| refused(ErrorCode::Internal, format!("chunk reader failed: {e}")))?
+            .map_err(|e| refused(e.code, e.message))?
+        };
+        let bytes = entries.len();
+        cursor = match &to {
+            Some(k) => Cursor {
+                tree: tree.clone(),
+                key: k.clone(),
+                tree_done: false,
+            },
+            None => Cursor {
+                tree: tree.clone(),
+                key: Vec::new(),
+                tree_done: true,
+            },
+        };
+        send_message(
+            send,
+            &Response::Chunk {
+                tree,
+                merge_operator,
+                from,
+                to,
+                entries,
+                offset: at,
+            },
+        )
+        .await?;
+        node.on_bootstrap_chunk(bytes);
+    }
+}
