@@ -11,7 +11,9 @@
 use std::time::Instant;
 
 use tideline_stream::proto::{BootstrapPosition, BootstrapResume, Cursor, ProtoError};
-use tideline_stream::{BootstrapEvent, BootstrapStream, Client, ClientError, ErrorCode};
+use tideline_stream::{
+    BootstrapEvent, BootstrapStream, ChunkAcker, Client, ClientError, ErrorCode,
+};
 use tideline_wal::{GtidSet, Op};
 use uuid::Uuid;
 
@@ -224,6 +226,13 @@ impl Bootstrap {
             done: false,
             started: Instant::now(),
         })
+    }
+
+    /// The half that reports stored chunks to the node (see [`ChunkAcker`]): after storing
+    /// the n-th chunk of this connection, call `stored(n)`; the node sends the next chunk only
+    /// then, so a consumer killed at any moment loses at most one chunk. Taken once.
+    pub fn take_acker(&mut self) -> Option<ChunkAcker> {
+        self.stream.take_acker()
     }
 
     /// The position to store with the last step returned.

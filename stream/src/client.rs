@@ -419,7 +419,6 @@ impl Client {
             },
         )
         .await?;
-        let _ = send.finish();
         let mut recv = FramedRecv::new(recv, self.cfg.limits);
         match recv.next_message::<Response>().await? {
             Some(Response::BootstrapStarted {
@@ -429,6 +428,7 @@ impl Client {
                 bytes_estimate,
             }) => Ok(BootstrapStream {
                 recv,
+                send: Some(send),
                 server_uuid: Uuid::from_bytes(server_uuid),
                 after_offset,
                 keys_estimate,
@@ -542,6 +542,7 @@ pub enum BootstrapEvent {
 #[derive(Debug)]
 pub struct BootstrapStream {
     recv: FramedRecv,
+    send: Option<quinn::SendStream>,
     /// The server.
     pub server_uuid: Uuid,
     /// Live records after this offset follow.
@@ -552,7 +553,27 @@ pub struct BootstrapStream {
     pub bytes_estimate: u64,
 }
 
+/// Tells the server how many chunks of a bootstrap stream are stored; it sends the next chunk
+/// only then. Taken from [`BootstrapStream::take_acker`] by whoever stores the chunks.
+#[derive(Debug)]
+pub struct ChunkAcker {
+    send: quinn::SendStream,
+}
+
+impl ChunkAcker {
+    /// `chunks` chunks of this stream are stored.
+    pub async fn stored(&mut self, chunks: u64) -> Result<(), ClientError> {
+        send_message(&mut self.send, &Request::ChunksStored { chunks }).await?;
+        Ok(())
+    }
+}
+
 impl BootstrapStream {
+    /// The acknowledging half (once).
+    pub fn take_acker(&mut self) -> Option<ChunkAcker> {
+        self.send.take().map(|send| ChunkAcker { send })
+    }
+
     /// The next event; `None` if the server ended the stream without `Done` (an error).
     pub async fn next(&mut self) -> Result<Option<BootstrapEvent>, ClientError> {
         Ok(match self.recv.next::<Response>().await? {

@@ -36,7 +36,8 @@ pub mod udp;
 mod wire;
 
 pub use client::{
-    BootstrapEvent, BootstrapStream, Client, ClientConfig, ClientError, Event, Subscription,
+    BootstrapEvent, BootstrapStream, ChunkAcker, Client, ClientConfig, ClientError, Event,
+    Subscription,
 };
 pub use proto::{ErrorCode, Limits, Start, WriteOp};
 pub use server::{BootstrapView, Node, NodeError, ServeError, ServerConfig, ServerHandle, serve};

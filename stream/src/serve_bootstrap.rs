@@ -9,9 +9,9 @@ use std::time::Duration;
 use tideline_wal::Offset;
 use uuid::Uuid;
 
-use crate::proto::{BatchBuilder, BootstrapResume, Cursor, ErrorCode, Response};
+use crate::proto::{BatchBuilder, BootstrapResume, Cursor, ErrorCode, Request, Response};
 use crate::server::{BootstrapView, Node, ServerConfig, error};
-use crate::wire::{WireError, send_message};
+use crate::wire::{FramedRecv, WireError, send_message};
 
 /// Smallest and largest chunk a client may ask for. The largest stays well inside the message
 /// limit (a chunk also holds at least one entry, which may be a 16 MiB value).
@@ -23,14 +23,26 @@ pub(crate) async fn serve_bootstrap<N: Node>(
     node: Arc<N>,
     cfg: Arc<ServerConfig>,
     mut send: quinn::SendStream,
+    mut recv: FramedRecv,
     resume: Option<BootstrapResume>,
     chunk_bytes: u64,
 ) -> Result<(), WireError> {
-    let result = run(&*node, &cfg, &mut send, resume, chunk_bytes).await;
+    // The consumer reports the chunks it has stored; a chunk goes out only once every
+    // earlier one is stored.
+    let (stored_tx, stored_rx) = tokio::sync::watch::channel(0u64);
+    let acks = tokio::spawn(async move {
+        while let Ok(Some(Request::ChunksStored { chunks })) = recv.next_message::<Request>().await
+        {
+            stored_tx.send_replace(chunks);
+        }
+    });
+    let result = run(&*node, &cfg, &mut send, stored_rx, resume, chunk_bytes).await;
+    acks.abort();
     match result {
         Ok(()) => {}
-        Err(Stop::Refused(resp)) => send_message(&mut send, &resp).await?,
+        Err(Stop::Refused(resp)) => send_message(&mut send, &*resp).await?,
         Err(Stop::Wire(e)) => return Err(e),
+        Err(Stop::Gone) => {}
     }
     let _ = send.finish();
     Ok(())
@@ -38,9 +50,11 @@ pub(crate) async fn serve_bootstrap<N: Node>(
 
 enum Stop {
     /// Tell the client why, then end the stream.
-    Refused(Response),
+    Refused(Box<Response>),
     /// The stream broke.
     Wire(WireError),
+    /// The consumer went away.
+    Gone,
 }
 
 impl From<WireError> for Stop {
@@ -50,13 +64,60 @@ impl From<WireError> for Stop {
 }
 
 fn refused(code: ErrorCode, message: impl Into<String>) -> Stop {
-    Stop::Refused(error(code, message))
+    Stop::Refused(Box::new(error(code, message)))
+}
+
+/// What comes after the live records of one view.
+enum Piece {
+    Chunk {
+        tree: String,
+        merge_operator: Option<String>,
+        from: Vec<u8>,
+        to: Option<Vec<u8>>,
+        entries: Vec<u8>,
+    },
+    Done {
+        gtid_executed: String,
+    },
+}
+
+/// Reads the next chunk after `cursor` from `view` (blocking).
+fn next_piece(
+    view: &dyn BootstrapView,
+    cursor: &Cursor,
+    chunk_bytes: usize,
+) -> Result<Piece, Stop> {
+    let next_tree = view.trees().into_iter().find(|(name, _)| {
+        (*name == cursor.tree && !cursor.tree_done) || name.as_str() > cursor.tree.as_str()
+    });
+    let Some((tree, merge_operator)) = next_tree else {
+        return Ok(Piece::Done {
+            gtid_executed: view.gtid_executed().to_string(),
+        });
+    };
+    let from = if tree == cursor.tree {
+        cursor.key.clone()
+    } else {
+        Vec::new()
+    };
+    let mut entries = Vec::with_capacity(chunk_bytes + (64 << 10));
+    let to = view
+        .chunk(&tree, &from, chunk_bytes, &mut entries)
+        .map_err(|e| refused(e.code, e.message))?;
+    Ok(Piece::Chunk {
+        tree,
+        merge_operator,
+        from,
+        to,
+        entries,
+    })
 }
 
 async fn run<N: Node>(
     node: &N,
     cfg: &ServerConfig,
     send: &mut quinn::SendStream,
+    mut stored: tokio::sync::watch::Receiver<u64>,
     resume: Option<BootstrapResume>,
     chunk_bytes: u64,
 ) -> Result<(), Stop> {
@@ -104,6 +165,7 @@ async fn run<N: Node>(
     let mut view: Option<Arc<dyn BootstrapView>> = Some(first);
     let mut batch = BatchBuilder::new();
     let mut out = Vec::with_capacity(cfg.batch_bytes_target + 4096);
+    let mut chunks_sent = 0u64;
     loop {
         let v = match view.take() {
             Some(v) => v,
@@ -118,11 +180,16 @@ async fn run<N: Node>(
             tokio::time::sleep(Duration::from_millis(1)).await;
             continue;
         }
+        // Read the chunk while the records before it go out (and the consumer stores the
+        // previous chunk).
+        let reading = {
+            let (v, c) = (v.clone(), cursor.clone());
+            tokio::task::spawn_blocking(move || next_piece(&*v, &c, chunk_bytes))
+        };
         // Every live record the view contains goes out before the chunk read from it.
         while reader.next_offset().get() <= at {
             while batch.bytes() < cfg.batch_bytes_target && reader.next_offset().get() <= at {
-                let pushed = batch.push_frame_with(|buf| reader.next_raw(buf).map(|o| o.is_some()));
-                match pushed {
+                match batch.push_frame_with(|buf| reader.next_raw(buf).map(|o| o.is_some())) {
                     Ok(true) => {}
                     Ok(false) => break,
                     Err(e) => {
@@ -134,7 +201,6 @@ async fn run<N: Node>(
                 }
             }
             if batch.is_empty() {
-                // Applied but not yet visible to readers cannot happen; guard anyway.
                 tokio::time::sleep(Duration::from_millis(1)).await;
                 continue;
             }
@@ -144,37 +210,32 @@ async fn run<N: Node>(
                 .await
                 .map_err(|e| Stop::Wire(e.into()))?;
         }
-        let trees = v.trees();
-        let next_tree = trees.into_iter().find(|(name, _)| {
-            (*name == cursor.tree && !cursor.tree_done) || name.as_str() > cursor.tree.as_str()
-        });
-        let Some((tree, merge_operator)) = next_tree else {
-            send_message(
-                send,
-                &Response::BootstrapDone {
-                    offset: at,
-                    gtid_executed: v.gtid_executed().to_string(),
-                },
-            )
-            .await?;
-            return Ok(());
-        };
-        let from = if tree == cursor.tree {
-            std::mem::take(&mut cursor.key)
-        } else {
-            Vec::new()
-        };
-        let (entries, to, from) = {
-            let (v, tree) = (v.clone(), tree.clone());
-            tokio::task::spawn_blocking(move || {
-                let mut entries = Vec::with_capacity(chunk_bytes + (64 << 10));
-                v.chunk(&tree, &from, chunk_bytes, &mut entries)
-                    .map(|to| (entries, to, from))
-            })
+        let piece = reading
             .await
-            .map_err(|e| refused(ErrorCode::Internal, format!("chunk reader failed: {e}")))?
-            .map_err(|e| refused(e.code, e.message))?
+            .map_err(|e| refused(ErrorCode::Internal, format!("chunk reader failed: {e}")))??;
+        let (tree, merge_operator, from, to, entries) = match piece {
+            Piece::Chunk {
+                tree,
+                merge_operator,
+                from,
+                to,
+                entries,
+            } => (tree, merge_operator, from, to, entries),
+            Piece::Done { gtid_executed } => {
+                send_message(
+                    send,
+                    &Response::BootstrapDone {
+                        offset: at,
+                        gtid_executed,
+                    },
+                )
+                .await?;
+                return Ok(());
+            }
         };
+        if stored.wait_for(|&n| n >= chunks_sent).await.is_err() {
+            return Err(Stop::Gone);
+        }
         let bytes = entries.len();
         cursor = match &to {
             Some(k) => Cursor {
@@ -200,6 +261,7 @@ async fn run<N: Node>(
             },
         )
         .await?;
+        chunks_sent += 1;
         node.on_bootstrap_chunk(bytes);
     }
 }

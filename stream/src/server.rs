@@ -435,11 +435,18 @@ async fn handle_stream<N: Node>(
             resume,
             chunk_bytes,
         } => {
-            return crate::serve_bootstrap::serve_bootstrap(node, cfg, send, resume, chunk_bytes)
-                .await;
+            return crate::serve_bootstrap::serve_bootstrap(
+                node,
+                cfg,
+                send,
+                recv,
+                resume,
+                chunk_bytes,
+            )
+            .await;
         }
         Request::Hello { .. } => error(ErrorCode::InvalidRequest, "already authenticated"),
-        Request::Ack { .. } => error(
+        Request::Ack { .. } | Request::ChunksStored { .. } => error(
             ErrorCode::InvalidRequest,
             "ack outside a subscription stream",
         ),

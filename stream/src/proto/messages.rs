@@ -130,6 +130,13 @@ pub enum Request {
         /// Target size of a chunk's entries, in bytes (the server caps it).
         chunk_bytes: u64,
     },
+    /// On a bootstrap stream: the consumer has stored this many chunks of the stream. The
+    /// server sends a chunk only once every earlier one is stored, so a consumer killed at
+    /// any moment loses at most one chunk.
+    ChunksStored {
+        /// Chunks stored since this stream began.
+        chunks: u64,
+    },
 }
 
 /// Where to resume a bootstrap.
