@@ -13,8 +13,13 @@
 //! | `gtid_executed` | GTID set text, `uuid:1-5,uuid2:3` |
 //! | `server_uuid` | the log's server uuid, text |
 //! | `tree/<name>` | JSON `{"keyspace":"t12.0","merge":"add"}` (`merge` null when none) |
+//! | `keyspace_id_next` | above every store keyspace id the engine was given, u64 little-endian (see `retire_keyspace_ids`) |
+//! | `bootstrap` | while a bootstrap runs: the caller's opaque progress record |
+//! | `bootstrap_finishing` | while a bootstrap finishes: the GTID set text it finishes at |
 //!
-//! All of them are written in the same atomic batch as the data they describe.
+//! All of them are written in the same atomic batch as the data they describe. Trees made by
+//! a bootstrap live in keyspaces named `r<16 hex digits>` (random: the offset does not move
+//! while bootstrapping).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,6 +32,9 @@ pub(crate) const KEY_APPLIED: &[u8] = b"applied";
 pub(crate) const KEY_GTIDS: &[u8] = b"gtid_executed";
 pub(crate) const KEY_SERVER_UUID: &[u8] = b"server_uuid";
 pub(crate) const TREE_PREFIX: &[u8] = b"tree/";
+pub(crate) const KEY_BOOTSTRAP: &[u8] = b"bootstrap";
+pub(crate) const KEY_KEYSPACE_ID_NEXT: &[u8] = b"keyspace_id_next";
+pub(crate) const KEY_BOOTSTRAP_FINISHING: &[u8] = b"bootstrap_finishing";
 pub(crate) const FORMAT: &[u8] = b"1";
 
 /// The tree used when a caller names none; created by the first transaction that writes to it.

@@ -28,6 +28,7 @@ use fjall::{KeyspaceCreateOptions, PersistMode};
 use tideline_wal::{Gtid, GtidSet, NewTransaction, Offset, Op, Wal};
 use uuid::Uuid;
 
+use crate::apply::{NewKeyspace, StoreBatch};
 use crate::catalog::{self, Catalog, DEFAULT_TREE, Tree, TreeInfo};
 use crate::error::{OpenError, ReadError, WriteError, key_text};
 use crate::merge::{self, MergeOperator};
@@ -165,6 +166,9 @@ pub(crate) struct View {
     pub(crate) offset: u64,
     pub(crate) gtids: Arc<GtidSet>,
     pub(crate) catalog: Arc<Catalog>,
+    /// Raised whenever a bootstrap replaces the state without moving the offset (begin,
+    /// finish): a transaction that read a snapshot of an older generation must not commit.
+    pub(crate) generation: u64,
 }
 
 struct HistoryEntry {
@@ -173,7 +177,7 @@ struct HistoryEntry {
     trees: Vec<Arc<str>>,
 }
 
-struct CommitState {
+pub(crate) struct CommitState {
     /// `gtid_executed` plus every GTID submitted and not yet applied.
     submitted: GtidSet,
     /// Tree name → merge operator, as of every submitted transaction.
@@ -183,6 +187,8 @@ struct CommitState {
     history_keys: usize,
     /// Write sets at or before this offset were dropped from `history`.
     history_floor: u64,
+    /// The view's generation as of the last bootstrap begin or finish.
+    generation: u64,
 }
 
 /// An acknowledged transaction waiting to be applied, and the committer to wake.
@@ -204,21 +210,21 @@ struct ApplyState {
 pub(crate) struct Inner {
     pub(crate) wal: Arc<Wal>,
     pub(crate) db: fjall::Database,
-    meta: fjall::Keyspace,
+    pub(crate) meta: fjall::Keyspace,
     path: PathBuf,
     pub(crate) opts: EngineOptions,
     server_uuid: Uuid,
-    read_only: AtomicBool,
+    pub(crate) read_only: AtomicBool,
     failed: AtomicBool,
     failed_reason: Mutex<String>,
-    commit: Mutex<CommitState>,
+    pub(crate) commit: Mutex<CommitState>,
     apply: Mutex<ApplyState>,
     applied_cv: Condvar,
     pub(crate) view: RwLock<View>,
     pub(crate) catalog: RwLock<Arc<Catalog>>,
-    applied: AtomicU64,
+    pub(crate) applied: AtomicU64,
     /// Offset of the last transaction submitted to the log.
-    last_submitted: AtomicU64,
+    pub(crate) last_submitted: AtomicU64,
     /// Whether `format` and `server_uuid` are in the store (written with the first batch).
     identity_written: AtomicBool,
     /// Serialises checkpoints (the store sync and the floor that follows it).
@@ -227,6 +233,11 @@ pub(crate) struct Inner {
     stop_cv: Condvar,
     /// Tells the applier thread to exit once nothing visible is left to apply.
     stopping: AtomicBool,
+    /// The progress record of an unfinished bootstrap (`Some` while bootstrapping). The lock
+    /// also serialises the bootstrap calls.
+    pub(crate) bootstrap: Mutex<Option<Vec<u8>>>,
+    /// Whether a bootstrap is in progress (writes are refused). Changed under the commit lock.
+    pub(crate) bootstrapping: AtomicBool,
 }
 
 /// The embedded engine. Cheap to share: wrap it in an `Arc`; every method takes `&self`.
@@ -246,7 +257,7 @@ impl std::fmt::Debug for Engine {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // Critical sections leave their state consistent before anything that can panic.
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -270,6 +281,13 @@ struct Prepared {
     ops: Vec<Op>,
     copy: Vec<Op>,
     keys: Vec<(Arc<str>, Vec<u8>)>,
+}
+
+/// Which state a transaction's snapshot read: its offset and the view's generation.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SnapshotAt {
+    pub(crate) offset: u64,
+    pub(crate) generation: u64,
 }
 
 /// A submitted transaction, not yet applied.
@@ -393,14 +411,29 @@ impl Engine {
         // dropped tree whose removal was cut short.
         let used: std::collections::HashSet<&str> =
             cat.trees.values().map(|t| t.keyspace.as_str()).collect();
+        let mut orphans = Vec::new();
         for name in db.list_keyspace_names() {
             let name: &str = &name;
             if name != catalog::META_KEYSPACE && !used.contains(name) {
-                let h = db
-                    .keyspace(name, KeyspaceCreateOptions::default)
-                    .map_err(store_err)?;
-                db.delete_keyspace(h).map_err(store_err)?;
+                orphans.push(
+                    db.keyspace(name, KeyspaceCreateOptions::default)
+                        .map_err(store_err)?,
+                );
             }
+        }
+        retire_keyspace_ids(&db, &meta, orphans).map_err(store_err)?;
+
+        // A bootstrap in progress, or one whose finish was cut short: complete the finish.
+        let mut bootstrap = meta
+            .get(catalog::KEY_BOOTSTRAP)
+            .map_err(store_err)?
+            .map(|b| b.to_vec());
+        if let Some(marker) = meta
+            .get(catalog::KEY_BOOTSTRAP_FINISHING)
+            .map_err(store_err)?
+        {
+            crate::bootstrap::complete_finish(&db, &meta, &wal, &marker, &shown)?;
+            bootstrap = None;
         }
 
         // Check the store against the log.
@@ -439,6 +472,7 @@ impl Engine {
                 history: VecDeque::new(),
                 history_keys: 0,
                 history_floor: applied,
+                generation: 0,
             }),
             apply: Mutex::new(ApplyState {
                 applied,
@@ -452,6 +486,7 @@ impl Engine {
                 offset: applied,
                 gtids: Arc::new(gtids),
                 catalog: catalog.clone(),
+                generation: 0,
             }),
             catalog: RwLock::new(catalog),
             applied: AtomicU64::new(applied),
@@ -461,6 +496,8 @@ impl Engine {
             stop: Mutex::new(false),
             stop_cv: Condvar::new(),
             stopping: AtomicBool::new(false),
+            bootstrapping: AtomicBool::new(bootstrap.is_some()),
+            bootstrap: Mutex::new(bootstrap),
         });
 
         // Replay.
@@ -478,7 +515,8 @@ impl Engine {
             st.history_floor = v.offset;
             lock(&inner.apply).applied = v.offset;
             let log_gtids = wal.gtids();
-            if !log_gtids.is_subset(&v.gtids) {
+            // While bootstrapping, the store's GTIDs are the upstream's, not the log's.
+            if !log_gtids.is_subset(&v.gtids) && !inner.bootstrapping.load(Ordering::SeqCst) {
                 tracing::warn!(
                     log = %log_gtids, store = %v.gtids,
                     "the log holds GTIDs the store has not executed; they were skipped as duplicates"
@@ -880,9 +918,12 @@ impl Engine {
     pub(crate) fn commit_txn(
         &self,
         ops: Vec<Op>,
-        reads: Option<(u64, &[ReadItem])>,
+        reads: Option<(SnapshotAt, &[ReadItem])>,
     ) -> Result<Option<CommitInfo>, WriteError> {
         let inner = &self.inner;
+        if inner.bootstrapping.load(Ordering::SeqCst) {
+            return Err(WriteError::Bootstrapping);
+        }
         if inner.read_only.load(Ordering::SeqCst) {
             return Err(WriteError::ReadOnly);
         }
@@ -912,7 +953,7 @@ fn internal_nothing_logged() -> WriteError {
 }
 
 /// Store options of a tree's keyspace.
-fn tree_options(opts: &EngineOptions) -> KeyspaceCreateOptions {
+pub(crate) fn tree_options(opts: &EngineOptions) -> KeyspaceCreateOptions {
     KeyspaceCreateOptions::default().max_memtable_size(opts.memtable_bytes)
 }
 
@@ -970,7 +1011,13 @@ impl Inner {
         // Taken under the view lock, which the applier holds across each store batch, so the
         // store snapshot and the position describe the same state.
         let snap = self.db.snapshot();
-        Snapshot::new(snap, v.catalog.clone(), v.offset, v.gtids.clone())
+        Snapshot::new(
+            snap,
+            v.catalog.clone(),
+            v.offset,
+            v.gtids.clone(),
+            v.generation,
+        )
     }
 
     /// Waits until `offset` is applied (or the store failed, or `timeout` passed).
@@ -999,7 +1046,7 @@ impl Inner {
             .then(|| lock(&self.failed_reason).clone())
     }
 
-    fn check_not_failed(&self) -> Result<(), WriteError> {
+    pub(crate) fn check_not_failed(&self) -> Result<(), WriteError> {
         if self.stopping.load(Ordering::SeqCst) {
             return Err(WriteError::Closed);
         }
@@ -1060,9 +1107,13 @@ impl Inner {
         &self,
         st: &mut CommitState,
         prepared: Prepared,
-        reads: Option<(u64, &[ReadItem])>,
+        reads: Option<(SnapshotAt, &[ReadItem])>,
         origin: Origin,
     ) -> Result<Option<InFlight>, WriteError> {
+        // Checked under the commit lock, which `bootstrap_begin` takes to set the flag.
+        if self.bootstrapping.load(Ordering::SeqCst) {
+            return Err(WriteError::Bootstrapping);
+        }
         let Prepared { ops, copy, keys } = prepared;
         // Set when the logged op list differs from `ops` (an op dropped or added).
         let mut modified = false;
@@ -1074,9 +1125,17 @@ impl Inner {
         }
         // Serializability: nothing this transaction read may have been written by a
         // transaction submitted after its snapshot.
-        if let Some((snap, reads)) = reads
+        if let Some((at, reads)) = reads
             && !reads.is_empty()
         {
+            let snap = at.offset;
+            if at.generation != st.generation {
+                return Err(WriteError::Conflict(
+                    "this node was bootstrapped from its upstream after the transaction's \
+                     snapshot"
+                        .into(),
+                ));
+            }
             if snap < st.history_floor {
                 return Err(WriteError::Conflict(format!(
                     "the transaction's snapshot (offset {snap}) is older than the conflict \
@@ -1446,15 +1505,11 @@ impl Inner {
             debug_assert_eq!(v.offset + 1, group[0].0, "offsets apply densely, in order");
             ((*v.gtids).clone(), v.catalog.clone())
         };
-        let mut catalog: Option<Catalog> = None;
-        let mut dropped: Vec<fjall::Keyspace> = Vec::new();
         let has_merge = group
             .iter()
             .any(|(_, t)| t.ops.iter().any(|o| matches!(o, Op::Merge { .. })));
-        // Values written earlier in this group, by (keyspace, key); kept only when a merge
-        // in the group may need to read them.
-        let mut overlay: HashMap<(String, Vec<u8>), Option<Vec<u8>>> = HashMap::new();
-        let mut batch = self.db.batch();
+        // Values written earlier in the group are kept only when a merge may need them.
+        let mut sb = StoreBatch::new(self, base_catalog, has_merge);
         for (offset, txn) in group {
             if gtids.contains(&txn.gtid) {
                 // Never logged twice by this engine; skipped defensively all the same.
@@ -1463,103 +1518,21 @@ impl Inner {
             }
             gtids.insert(txn.gtid);
             for (i, op) in txn.ops.iter().enumerate() {
-                let cat = catalog.as_ref().unwrap_or(&base_catalog);
-                match op {
-                    Op::CreateTree {
-                        tree,
-                        merge_operator,
-                    } => {
-                        if cat.get(tree).is_some() {
-                            continue;
-                        }
-                        let merge = merge_operator.as_deref().and_then(MergeOperator::from_name);
-                        let keyspace = format!("t{offset}.{i}");
-                        let handle = self
-                            .db
-                            .keyspace(&keyspace, || tree_options(&self.opts))
-                            .map_err(|e| format!("create keyspace {keyspace}: {e}"))?;
-                        batch.insert(
-                            &self.meta,
-                            catalog::tree_meta_key(tree),
-                            catalog::encode_tree_meta(&keyspace, merge),
-                        );
-                        let c = catalog.get_or_insert_with(|| (*base_catalog).clone());
-                        c.trees.insert(
-                            tree.clone(),
-                            Arc::new(Tree {
-                                merge,
-                                keyspace,
-                                handle,
-                            }),
-                        );
-                    }
-                    Op::DropTree { tree } => {
-                        let Some(t) = cat.get(tree).cloned() else {
-                            continue;
-                        };
-                        batch.remove(&self.meta, catalog::tree_meta_key(tree));
-                        dropped.push(t.handle.clone());
-                        catalog
-                            .get_or_insert_with(|| (*base_catalog).clone())
-                            .trees
-                            .remove(tree);
-                    }
-                    Op::Put {
-                        tree, key, value, ..
-                    } => {
-                        let t =
-                            self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
-                        batch.insert(&t.handle, key.as_slice(), value.as_slice());
-                        if has_merge {
-                            overlay.insert((t.keyspace.clone(), key.clone()), Some(value.clone()));
-                        }
-                    }
-                    Op::Delete { tree, key, .. } => {
-                        let t =
-                            self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
-                        batch.remove(&t.handle, key.as_slice());
-                        if has_merge {
-                            overlay.insert((t.keyspace.clone(), key.clone()), None);
-                        }
-                    }
-                    Op::Merge { tree, key, operand } => {
-                        let t =
-                            self.tree_for_apply(&mut catalog, &base_catalog, tree, *offset, i)?;
-                        let slot = (t.keyspace.clone(), key.clone());
-                        let existing = match overlay.get(&slot) {
-                            Some(v) => v.clone(),
-                            None => t
-                                .handle
-                                .get(key)
-                                .map_err(|e| format!("read for merge: {e}"))?
-                                .map(|v| v.to_vec()),
-                        };
-                        let value = match t.merge {
-                            Some(m) => m.resolve(existing.as_deref(), operand),
-                            // Refused on submission; a deterministic meaning all the same.
-                            None => operand.clone(),
-                        };
-                        batch.insert(&t.handle, key.as_slice(), value.as_slice());
-                        overlay.insert(slot, Some(value));
-                    }
-                }
+                sb.apply_op(
+                    op,
+                    NewKeyspace::Log {
+                        offset: *offset,
+                        op_index: i,
+                    },
+                )?;
             }
         }
-        batch.insert(&self.meta, catalog::KEY_FORMAT, catalog::FORMAT);
-        batch.insert(
-            &self.meta,
-            catalog::KEY_APPLIED,
-            last.to_le_bytes().as_slice(),
-        );
+        let (mut batch, catalog, dropped) = sb.into_parts();
+        self.write_identity(&mut batch, last);
         batch.insert(
             &self.meta,
             catalog::KEY_GTIDS,
             gtids.to_string().into_bytes(),
-        );
-        batch.insert(
-            &self.meta,
-            catalog::KEY_SERVER_UUID,
-            self.server_uuid.to_string().into_bytes(),
         );
         let new_catalog = catalog.map(Arc::new);
         {
@@ -1576,50 +1549,81 @@ impl Inner {
             self.applied.store(last, Ordering::SeqCst);
             self.identity_written.store(true, Ordering::SeqCst);
         }
-        for h in dropped {
-            if let Err(e) = self.db.delete_keyspace(h) {
-                // The tree is already gone from the catalog; the keyspace is removed on the
-                // next open.
-                tracing::warn!(error = %e, "could not remove a dropped tree's keyspace");
-            }
-        }
+        self.remove_keyspaces(dropped);
         Ok(())
     }
 
-    /// The tree a data op applies to. Submission guarantees it exists; a log written by
-    /// another build might not, and then the tree is created so that apply stays total and
-    /// deterministic.
-    fn tree_for_apply(
-        &self,
-        catalog: &mut Option<Catalog>,
-        base: &Arc<Catalog>,
-        tree: &str,
-        offset: u64,
-        op_index: usize,
-    ) -> Result<Arc<Tree>, String> {
-        if let Some(t) = catalog.as_ref().unwrap_or(base).get(tree) {
-            return Ok(t.clone());
-        }
-        tracing::warn!(
-            tree,
-            offset,
-            "log record writes to a missing tree; creating it"
+    /// Adds the store's format, server uuid and applied offset to `batch`.
+    pub(crate) fn write_identity(&self, batch: &mut fjall::OwnedWriteBatch, applied: u64) {
+        batch.insert(&self.meta, catalog::KEY_FORMAT, catalog::FORMAT);
+        batch.insert(
+            &self.meta,
+            catalog::KEY_APPLIED,
+            applied.to_le_bytes().as_slice(),
         );
-        let keyspace = format!("t{offset}.{op_index}");
-        let handle = self
-            .db
-            .keyspace(&keyspace, || tree_options(&self.opts))
-            .map_err(|e| format!("create keyspace {keyspace}: {e}"))?;
-        let t = Arc::new(Tree {
-            merge: None,
-            keyspace,
-            handle,
-        });
-        catalog
-            .get_or_insert_with(|| (**base).clone())
+        batch.insert(
+            &self.meta,
+            catalog::KEY_SERVER_UUID,
+            self.server_uuid.to_string().into_bytes(),
+        );
+    }
+
+    /// A store failure outside the log's apply path: the engine stops accepting writes
+    /// (fail-stop), and the error says so.
+    pub(crate) fn store_failure(&self, reason: String) -> WriteError {
+        self.fail(reason.clone());
+        WriteError::FailStop { reason }
+    }
+
+    /// Waits until every submitted transaction is applied; `Err` if one never will be.
+    pub(crate) fn wait_all_applied(&self) -> Result<(), WriteError> {
+        let target = self.last_submitted.load(Ordering::SeqCst);
+        let mut a = lock(&self.apply);
+        loop {
+            if let Some(r) = Self::outcome(&a, target) {
+                return r;
+            }
+            a = self
+                .applied_cv
+                .wait_timeout(a, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// Makes the commit state match the view after a bootstrap replaced the state: the
+    /// submitted GTIDs and trees are the view's, and no earlier write set counts any more.
+    pub(crate) fn reset_commit_state(&self, st: &mut CommitState, v: &View) {
+        st.submitted = (*v.gtids).clone();
+        st.trees = v
+            .catalog
             .trees
-            .insert(tree.to_string(), t.clone());
-        Ok(t)
+            .iter()
+            .map(|(n, t)| (n.clone(), t.merge))
+            .collect();
+        st.history.clear();
+        st.history_keys = 0;
+        st.history_floor = v.offset;
+        st.generation = v.generation;
+    }
+
+    /// Removes the keyspaces of trees a committed batch dropped. The trees are already gone
+    /// from the catalog; a keyspace that cannot be removed now is removed on the next open.
+    pub(crate) fn remove_keyspaces(&self, dropped: Vec<fjall::Keyspace>) {
+        if dropped.is_empty() {
+            return;
+        }
+        // The batch that recorded these keyspaces' ids (`keyspace_id_next`) must be durable
+        // before the store forgets them: see `retire_keyspace_ids`.
+        if let Err(e) = self.db.persist(PersistMode::SyncAll) {
+            tracing::warn!(error = %e, "could not sync the store; dropped keyspaces are removed on the next open");
+            return;
+        }
+        for h in dropped {
+            if let Err(e) = self.db.delete_keyspace(h) {
+                tracing::warn!(error = %e, "could not remove a dropped tree's keyspace");
+            }
+        }
     }
 
     /// Replays log records after `applied`. Returns how many were applied.
@@ -1704,6 +1708,72 @@ impl Inner {
             stop = lock(&self.stop);
         }
     }
+}
+
+/// Prefix of the scratch keyspaces of [`retire_keyspace_ids`] (no tree uses it).
+const SCRATCH_PREFIX: &str = "idfloor.";
+
+/// Removes the `orphans` and makes sure that the store hands out no keyspace id it used
+/// before.
+///
+/// fjall 3.1 recovers its sequence number from the data keyspaces only, not from its own
+/// keyspace registry, and after a restart it hands out again the ids of removed keyspaces
+/// when they were the highest. A keyspace created with such an id is registered at a sequence
+/// number below the removal's tombstone, so the next recovery finds it unregistered and drops
+/// its data. The engine therefore records in `keyspace_id_next` (in the batch that creates a
+/// keyspace, and here) a bound on every id it was given, and on open burns ids (creates and
+/// removes scratch keyspaces) until the store hands out one at or above that bound. The last
+/// scratch keyspace is kept, so that after the next restart the store's ids start above it.
+fn retire_keyspace_ids(
+    db: &fjall::Database,
+    meta: &fjall::Keyspace,
+    orphans: Vec<fjall::Keyspace>,
+) -> Result<(), fjall::Error> {
+    let stored = match meta.get(catalog::KEY_KEYSPACE_ID_NEXT)? {
+        Some(b) => <[u8; 8]>::try_from(&*b).map_or(0, u64::from_le_bytes),
+        None => 0,
+    };
+    let record = |floor: u64| -> Result<(), fjall::Error> {
+        let mut batch = db.batch();
+        batch.insert(
+            meta,
+            catalog::KEY_KEYSPACE_ID_NEXT,
+            floor.to_le_bytes().as_slice(),
+        );
+        batch.commit()?;
+        db.persist(PersistMode::SyncAll)
+    };
+    let (scratch, orphans): (Vec<_>, Vec<_>) = orphans
+        .into_iter()
+        .partition(|h| h.name().starts_with(SCRATCH_PREFIX));
+    // Orphans were created by batches that never committed: their ids may be unrecorded.
+    let mut floor = orphans
+        .iter()
+        .chain(&scratch)
+        .map(|h| h.id().saturating_add(1))
+        .fold(stored, u64::max);
+    if floor > stored {
+        record(floor)?;
+    }
+    for h in orphans {
+        db.delete_keyspace(h)?;
+    }
+    loop {
+        let name = format!("{SCRATCH_PREFIX}{:016x}", rand::random::<u64>());
+        let h = db.keyspace(&name, KeyspaceCreateOptions::default)?;
+        let id = h.id();
+        let reused = id < floor;
+        floor = floor.max(id.saturating_add(1));
+        record(floor)?;
+        if !reused {
+            break;
+        }
+        db.delete_keyspace(h)?;
+    }
+    for h in scratch {
+        db.delete_keyspace(h)?;
+    }
+    Ok(())
 }
 
 /// Whether read `r` is invalidated by write set `e`; names what was read.

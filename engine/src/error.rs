@@ -251,6 +251,43 @@ pub enum WriteError {
     /// A read inside the transaction failed.
     #[error(transparent)]
     Read(#[from] ReadError),
+    /// A bootstrap is replacing this node's state: local commits and upstream apply wait
+    /// until it finishes.
+    #[error(
+        "this node is being bootstrapped from its upstream; writes are refused until it \
+         finishes (see `tideline status`)"
+    )]
+    Bootstrapping,
+    /// A bootstrap call other than `bootstrap_begin` while no bootstrap runs.
+    #[error(
+        "no bootstrap is in progress on this node; start one with Engine::bootstrap_begin \
+         (nothing was written)"
+    )]
+    NotBootstrapping,
+    /// A bootstrap would wipe a read-write node under local writers.
+    #[error(
+        "cannot bootstrap: this read-write node has local transactions in flight (applied \
+         offset {applied}, submitted {submitted}); stop local writers and make the node \
+         read-only (Engine::set_read_only(true)) first"
+    )]
+    CommitsInFlight {
+        /// Last applied offset.
+        applied: u64,
+        /// Last submitted offset.
+        submitted: u64,
+    },
+    /// A bootstrap chunk or op from the upstream is malformed (peer data). Nothing of the
+    /// `bootstrap_apply` call was written; the progress record is unchanged.
+    #[error(
+        "bad bootstrap data for tree `{tree}`: {reason}; nothing was written: the upstream \
+         sent inconsistent data, resume the bootstrap (or restart it with bootstrap_begin)"
+    )]
+    BadChunk {
+        /// Tree.
+        tree: String,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl WriteError {

@@ -79,6 +79,8 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod apply;
+mod bootstrap;
 mod catalog;
 mod engine;
 mod error;
@@ -86,6 +88,7 @@ mod merge;
 mod snapshot;
 mod txn;
 
+pub use bootstrap::RestoreOp;
 pub use catalog::{DEFAULT_TREE, TREE_NAME_BYTES_MAX, TreeInfo, is_valid_tree_name};
 pub use engine::{
     Applied, CasOutcome, CommitInfo, Engine, EngineOptions, KEY_BYTES_MAX_DEFAULT,

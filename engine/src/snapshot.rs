@@ -7,7 +7,7 @@ use fjall::Readable;
 use tideline_wal::{GtidSet, Offset};
 
 use crate::catalog::{Catalog, DEFAULT_TREE, Tree, TreeInfo};
-use crate::engine::Position;
+use crate::engine::{Position, SnapshotAt};
 use crate::error::ReadError;
 
 /// One committed state of the engine, tagged with its log position. Readers of a snapshot
@@ -18,6 +18,7 @@ pub struct Snapshot {
     catalog: Arc<Catalog>,
     offset: u64,
     gtids: Arc<GtidSet>,
+    generation: u64,
 }
 
 impl std::fmt::Debug for Snapshot {
@@ -35,12 +36,14 @@ impl Snapshot {
         catalog: Arc<Catalog>,
         offset: u64,
         gtids: Arc<GtidSet>,
+        generation: u64,
     ) -> Snapshot {
         Snapshot {
             inner,
             catalog,
             offset,
             gtids,
+            generation,
         }
     }
 
@@ -49,8 +52,12 @@ impl Snapshot {
         Offset::new(self.offset)
     }
 
-    pub(crate) fn offset_raw(&self) -> u64 {
-        self.offset
+    /// Which state this snapshot reads, for the commit check of a transaction.
+    pub(crate) fn at(&self) -> SnapshotAt {
+        SnapshotAt {
+            offset: self.offset,
+            generation: self.generation,
+        }
     }
 
     /// The GTIDs executed in this snapshot.

@@ -437,7 +437,7 @@ impl<'e> Txn<'e> {
                 }
             }
         }
-        let reads = self.snap.as_ref().map(|s| s.offset_raw());
+        let reads = self.snap.as_ref().map(|s| s.at());
         let ops = std::mem::take(&mut self.ops);
         self.engine
             .commit_txn(ops, reads.map(|s| (s, self.reads.as_slice())))

@@ -1,0 +1,459 @@
+//! Bootstrap: replacing this node's state with its upstream's, in resumable steps, outside
+//! the log.
+//!
+//! A replica's upstream streams one ordered sequence of live transactions and chunks (key
+//! ranges of a tree read from a snapshot, placed at the log position they were read). The
+//! replica's pipeline decides what to keep and hands it to [`Engine::bootstrap_apply`] as
+//! [`RestoreOp`]s. The engine writes them **straight into the store**, not into the log, in one
+//! atomic store batch together with the caller's opaque **progress record**, so a node killed
+//! at any moment resumes from its last finished step: progress and data always move together.
+//!
+//! Steps and what each leaves on disk (meta keys, see `catalog.rs`):
+//!
+//! ```text
+//!  bootstrap_begin(p)   one batch: drop every tree, gtid_executed = {}, bootstrap = p; SyncAll
+//!  bootstrap_apply(..)  one batch per call: ops + chunks, bootstrap = p'; persist(Buffer)
+//!  bootstrap_finish(S)  (1) one batch: gtid_executed = S, bootstrap_finishing = S; SyncAll
+//!                       (2) wal.reset_history(S): the log's GTIDs become S, next offset unchanged
+//!                       (3) one batch: remove bootstrap, bootstrap_finishing; SyncAll
+//! ```
+//!
+//! Engine::open completes (2) and (3) when it finds `bootstrap_finishing`; with only
+//! `bootstrap` present it opens bootstrapping, with the last stored progress record.
+//!
+//! While bootstrapping, local commits and upstream apply get [`WriteError::Bootstrapping`];
+//! reads work and see the partial state. The applied offset does not move (nothing is logged),
+//! so trees made by a bootstrap get random keyspace names (`r<hex>`) instead of offset-based
+//! ones. `bootstrap_apply` persists with `PersistMode::Buffer`: a killed process keeps every
+//! call that returned; a power cut may lose the last calls, data and progress together.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use fjall::PersistMode;
+use tideline_wal::{GtidSet, Op, Wal};
+
+use crate::apply::{ChunkWrite, NewKeyspace, StoreBatch};
+use crate::catalog::{self, Catalog};
+use crate::engine::{Engine, EngineOptions, check_kv, lock};
+use crate::error::{OpenError, WriteError};
+use crate::merge::{self, MergeOperator};
+
+/// What a bootstrap writes into the store, outside the log (see [`Engine::bootstrap_apply`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreOp {
+    /// A `Put`/`Delete`/`Merge`/`CreateTree`/`DropTree` op from the upstream's live stream,
+    /// applied with exactly the meaning a logged op has (merges resolved against the current
+    /// value, trees created and dropped), but not logged and without touching
+    /// `gtid_executed`.
+    Op(Op),
+    /// A chunk of a tree: makes sure `tree` exists (created with `merge_operator` if absent;
+    /// an existing tree is kept, operator included), removes every key in `[from, to)`
+    /// (`to: None`: to the end of the tree), then puts `entries`.
+    Chunk {
+        /// The tree.
+        tree: String,
+        /// The tree's merge operator, by name, used when the chunk creates the tree.
+        merge_operator: Option<String>,
+        /// First key of the range (inclusive).
+        from: Vec<u8>,
+        /// End of the range (exclusive); `None`: the end of the tree.
+        to: Option<Vec<u8>>,
+        /// The range's key-value pairs: keys strictly ascending, all inside the range.
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+}
+
+impl Engine {
+    /// Starts a bootstrap. On a read-write node with local transactions in flight it refuses
+    /// ([`WriteError::CommitsInFlight`]); otherwise it first waits until every submitted
+    /// transaction (upstream apply in flight) is applied. Then, in one store batch, it drops
+    /// every tree, sets `gtid_executed` to the empty set and stores `progress`, and syncs the
+    /// store. From then on local commits, `apply_upstream` and `apply_upstream_batch` return
+    /// [`WriteError::Bootstrapping`] until [`Engine::bootstrap_finish`]. Reads keep working and
+    /// see the partial state. Called again while bootstrapping, it starts over (wipes again).
+    pub fn bootstrap_begin(&self, progress: &[u8]) -> Result<(), WriteError> {
+        let inner = &self.inner;
+        inner.check_not_failed()?;
+        let mut slot = lock(&inner.bootstrap);
+        let mut st = lock(&inner.commit);
+        let submitted = inner.last_submitted.load(Ordering::SeqCst);
+        let applied = inner.applied.load(Ordering::SeqCst);
+        if submitted > applied && !inner.read_only.load(Ordering::SeqCst) {
+            return Err(WriteError::CommitsInFlight { applied, submitted });
+        }
+        // Under the commit lock: nothing submits after this.
+        inner.bootstrapping.store(true, Ordering::SeqCst);
+        if let Err(e) = inner.wait_all_applied() {
+            inner.bootstrapping.store(slot.is_some(), Ordering::SeqCst);
+            return Err(e);
+        }
+        let applied = inner.applied.load(Ordering::SeqCst);
+
+        let base = inner.current_catalog();
+        let mut sb = StoreBatch::new(inner, base.clone(), false);
+        for name in base.trees.keys() {
+            sb.drop_tree(name);
+        }
+        let (mut batch, _, dropped) = sb.into_parts();
+        batch.insert(&inner.meta, catalog::KEY_GTIDS, b"".as_slice());
+        batch.insert(&inner.meta, catalog::KEY_BOOTSTRAP, progress);
+        batch.remove(&inner.meta, catalog::KEY_BOOTSTRAP_FINISHING);
+        inner.write_identity(&mut batch, applied);
+        let empty = Arc::new(Catalog::default());
+        {
+            let mut v = inner.view.write().unwrap_or_else(|p| p.into_inner());
+            batch
+                .commit()
+                .map_err(|e| inner.store_failure(format!("bootstrap begin: {e}")))?;
+            v.gtids = Arc::new(GtidSet::new());
+            v.catalog = empty.clone();
+            v.generation += 1;
+            *inner.catalog.write().unwrap_or_else(|p| p.into_inner()) = empty;
+            inner.reset_commit_state(&mut st, &v);
+        }
+        drop(st);
+        inner.remove_keyspaces(dropped);
+        inner
+            .db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| inner.store_failure(format!("syncing the store: {e}")))?;
+        *slot = Some(progress.to_vec());
+        tracing::info!(applied, "bootstrap started: state wiped, writes refused");
+        Ok(())
+    }
+
+    /// The progress record of an unfinished bootstrap (it survives restarts), or `None`.
+    pub fn bootstrap_progress(&self) -> Option<Vec<u8>> {
+        lock(&self.inner.bootstrap).clone()
+    }
+
+    /// Whether a bootstrap is in progress (writes are refused).
+    pub fn is_bootstrapping(&self) -> bool {
+        self.inner.bootstrapping.load(Ordering::SeqCst)
+    }
+
+    /// Applies `ops` in order and replaces the progress record, in one atomic store batch,
+    /// then persists the store's journal to the OS (`PersistMode::Buffer`): a killed process
+    /// keeps it; a power cut may lose recent calls, but progress and data always move
+    /// together. Refused ([`WriteError::NotBootstrapping`]) unless bootstrapping.
+    ///
+    /// The input is peer data and is checked before anything is written: keys and values
+    /// against the limits, tree names, merge operator names, and chunks (entries strictly
+    /// ascending and inside `[from, to)`). A bad input gets a typed error
+    /// ([`WriteError::BadChunk`], [`WriteError::KeyTooLarge`], ...) and nothing of the call is
+    /// written. A store failure makes the engine fail-stop ([`WriteError::FailStop`]); after a
+    /// restart the bootstrap resumes from the last stored progress record.
+    ///
+    /// The ops share one store batch held in memory: keep a call to a few MiB (a chunk).
+    pub fn bootstrap_apply(&self, ops: Vec<RestoreOp>, progress: &[u8]) -> Result<(), WriteError> {
+        let inner = &self.inner;
+        inner.check_not_failed()?;
+        let mut slot = lock(&inner.bootstrap);
+        if slot.is_none() {
+            return Err(WriteError::NotBootstrapping);
+        }
+        let merges = validate(&inner.opts, &ops)?;
+        let mut sb = StoreBatch::new(inner, inner.current_catalog(), true);
+        for (op, merge) in ops.into_iter().zip(merges) {
+            let applied = match op {
+                RestoreOp::Op(op) => sb.apply_op(&op, NewKeyspace::Restore),
+                RestoreOp::Chunk {
+                    tree,
+                    from,
+                    to,
+                    entries,
+                    ..
+                } => sb.apply_chunk(&tree, merge, from, to, entries),
+            };
+            applied.map_err(|reason| inner.store_failure(format!("bootstrap apply: {reason}")))?;
+        }
+        let (mut batch, catalog, dropped) = sb.into_parts();
+        batch.insert(&inner.meta, catalog::KEY_BOOTSTRAP, progress);
+        {
+            let mut v = inner.view.write().unwrap_or_else(|p| p.into_inner());
+            batch
+                .commit()
+                .map_err(|e| inner.store_failure(format!("bootstrap apply: {e}")))?;
+            if let Some(c) = catalog {
+                let c = Arc::new(c);
+                v.catalog = c.clone();
+                *inner.catalog.write().unwrap_or_else(|p| p.into_inner()) = c;
+            }
+        }
+        inner.remove_keyspaces(dropped);
+        *slot = Some(progress.to_vec());
+        inner
+            .db
+            .persist(PersistMode::Buffer)
+            .map_err(|e| inner.store_failure(format!("persisting the store's journal: {e}")))?;
+        Ok(())
+    }
+
+    /// Ends the bootstrap: the state now equals the upstream's at a point whose executed
+    /// GTIDs are `gtid_executed`. Crash-safe at every step (see the module docs): (1) one
+    /// store batch sets `gtid_executed` and the marker `bootstrap_finishing`, synced; (2) the
+    /// log's history is reset so its GTID set is `gtid_executed` ([`Wal::reset_history`]);
+    /// (3) one batch removes the progress record and the marker. [`Engine::open`] completes
+    /// (2) and (3) when it finds the marker. Afterwards positions, snapshots and
+    /// `gtid_executed()` carry `gtid_executed` at the unchanged offset, writes are accepted
+    /// again (subject to read-only mode), the next local commit takes the next offset, and
+    /// `apply_upstream` of a GTID in the set is [`crate::Applied::AlreadyExecuted`].
+    ///
+    /// On an error the node stays bootstrapping; call `bootstrap_finish` again, or restart
+    /// the node (open completes a finish whose first step was stored).
+    pub fn bootstrap_finish(&self, gtid_executed: &GtidSet) -> Result<(), WriteError> {
+        self.finish_steps(gtid_executed, false)
+    }
+
+    /// Test-only: runs only step (1) of [`Engine::bootstrap_finish`], as if the process died
+    /// right after it. Reopen the engine to see open complete the finish.
+    #[doc(hidden)]
+    pub fn bootstrap_finish_step1_only_for_tests(
+        &self,
+        gtid_executed: &GtidSet,
+    ) -> Result<(), WriteError> {
+        self.finish_steps(gtid_executed, true)
+    }
+
+    fn finish_steps(&self, gtids: &GtidSet, step1_only: bool) -> Result<(), WriteError> {
+        let inner = &self.inner;
+        inner.check_not_failed()?;
+        let mut slot = lock(&inner.bootstrap);
+        if slot.is_none() {
+            return Err(WriteError::NotBootstrapping);
+        }
+        let text = gtids.to_string();
+        // (1)
+        let mut batch = inner.db.batch();
+        batch.insert(&inner.meta, catalog::KEY_GTIDS, text.as_bytes());
+        batch.insert(
+            &inner.meta,
+            catalog::KEY_BOOTSTRAP_FINISHING,
+            text.as_bytes(),
+        );
+        {
+            let mut v = inner.view.write().unwrap_or_else(|p| p.into_inner());
+            batch
+                .commit()
+                .map_err(|e| inner.store_failure(format!("bootstrap finish: {e}")))?;
+            v.gtids = Arc::new(gtids.clone());
+        }
+        inner
+            .db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| inner.store_failure(format!("syncing the store: {e}")))?;
+        if step1_only {
+            return Ok(());
+        }
+        // (2) No append is in flight: every write is refused while bootstrapping.
+        inner.wal.reset_history(gtids)?;
+        // (3)
+        let mut batch = inner.db.batch();
+        batch.remove(&inner.meta, catalog::KEY_BOOTSTRAP);
+        batch.remove(&inner.meta, catalog::KEY_BOOTSTRAP_FINISHING);
+        batch
+            .commit()
+            .map_err(|e| inner.store_failure(format!("bootstrap finish: {e}")))?;
+        inner
+            .db
+            .persist(PersistMode::SyncAll)
+            .map_err(|e| inner.store_failure(format!("syncing the store: {e}")))?;
+        {
+            let mut st = lock(&inner.commit);
+            let mut v = inner.view.write().unwrap_or_else(|p| p.into_inner());
+            v.generation += 1;
+            inner.reset_commit_state(&mut st, &v);
+            inner.bootstrapping.store(false, Ordering::SeqCst);
+        }
+        *slot = None;
+        tracing::info!(gtid_executed = %text, "bootstrap finished: writes accepted again");
+        Ok(())
+    }
+}
+
+/// Completes a finish cut short after its step (1), found by `Engine::open` (`marker` is the
+/// `bootstrap_finishing` value): steps (2) and (3).
+pub(crate) fn complete_finish(
+    db: &fjall::Database,
+    meta: &fjall::Keyspace,
+    wal: &Wal,
+    marker: &[u8],
+    path: &str,
+) -> Result<(), OpenError> {
+    let gtids: GtidSet = std::str::from_utf8(marker)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| OpenError::CorruptStore {
+            path: path.to_string(),
+            what: "`bootstrap_finishing` is not a GTID set".into(),
+        })?;
+    let store_err = |source| OpenError::Store {
+        path: path.to_string(),
+        source,
+    };
+    wal.reset_history(&gtids)?;
+    let mut batch = db.batch();
+    batch.remove(meta, catalog::KEY_BOOTSTRAP);
+    batch.remove(meta, catalog::KEY_BOOTSTRAP_FINISHING);
+    batch.commit().map_err(store_err)?;
+    db.persist(PersistMode::SyncAll).map_err(store_err)?;
+    tracing::info!(gtid_executed = %gtids, "completed a bootstrap finish cut short by a restart");
+    Ok(())
+}
+
+/// Checks a `bootstrap_apply` input (peer data) before anything is written; returns, per
+/// op, the merge operator a chunk creates its tree with.
+fn validate(
+    opts: &EngineOptions,
+    ops: &[RestoreOp],
+) -> Result<Vec<Option<MergeOperator>>, WriteError> {
+    let operator = |name: &Option<String>| -> Result<Option<MergeOperator>, WriteError> {
+        match name {
+            None => Ok(None),
+            Some(n) => MergeOperator::from_name(n).map(Some).ok_or_else(|| {
+                WriteError::UnknownMergeOperator {
+                    name: n.clone(),
+                    known: merge::known_operators(),
+                }
+            }),
+        }
+    };
+    let tree_name = |tree: &str| {
+        if catalog::is_valid_tree_name(tree) {
+            Ok(())
+        } else {
+            Err(WriteError::BadTreeName(tree.to_string()))
+        }
+    };
+    let mut out = Vec::with_capacity(ops.len());
+    for op in ops {
+        match op {
+            RestoreOp::Op(op) => {
+                match op {
+                    Op::CreateTree {
+                        tree,
+                        merge_operator,
+                    } => {
+                        tree_name(tree)?;
+                        operator(merge_operator)?;
+                    }
+                    Op::DropTree { .. } => {}
+                    Op::Put {
+                        tree, key, value, ..
+                    } => check_kv(opts, tree, key, Some(value))?,
+                    Op::Merge { tree, key, operand } => check_kv(opts, tree, key, Some(operand))?,
+                    Op::Delete { tree, key, .. } => check_kv(opts, tree, key, None)?,
+                }
+                out.push(None);
+            }
+            RestoreOp::Chunk {
+                tree,
+                merge_operator,
+                from,
+                to,
+                entries,
+            } => {
+                tree_name(tree)?;
+                let merge = operator(merge_operator)?;
+                let bad = |reason: String| WriteError::BadChunk {
+                    tree: tree.clone(),
+                    reason,
+                };
+                if let Some(to) = to
+                    && to < from
+                {
+                    return Err(bad("the range ends before it starts".into()));
+                }
+                let mut prev: Option<&[u8]> = None;
+                for (i, (key, value)) in entries.iter().enumerate() {
+                    check_kv(opts, tree, key, Some(value))?;
+                    if prev.is_some_and(|p| key.as_slice() <= p) {
+                        return Err(bad(format!(
+                            "entry {i} is not above the entry before it (keys must be strictly \
+                             ascending)"
+                        )));
+                    }
+                    if key < from || to.as_ref().is_some_and(|to| key >= to) {
+                        return Err(bad(format!("entry {i} lies outside the chunk's range")));
+                    }
+                    prev = Some(key);
+                }
+                out.push(merge);
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl StoreBatch<'_> {
+    /// Adds a chunk (validated): creates the tree if absent, removes every key of the range
+    /// the tree holds as of the ops so far (store and this batch), then puts the entries.
+    pub(crate) fn apply_chunk(
+        &mut self,
+        tree: &str,
+        merge: Option<MergeOperator>,
+        from: Vec<u8>,
+        to: Option<Vec<u8>>,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<(), String> {
+        let t = match self.catalog().get(tree) {
+            Some(t) => t.clone(),
+            None => self.create_tree(tree, merge, NewKeyspace::Restore)?,
+        };
+        let chunk = ChunkWrite {
+            keyspace: t.keyspace.clone(),
+            from,
+            to,
+            entries,
+        };
+        // Keys rewritten by the chunk need no tombstone: the later put wins within the batch.
+        let stale = |key: &[u8]| chunk.covers(key) && chunk.value(key).is_none();
+        // What the store holds in the range; a keyspace made by this batch holds nothing.
+        if self
+            .base
+            .get(tree)
+            .is_some_and(|b| b.keyspace == t.keyspace)
+        {
+            let range = match &chunk.to {
+                Some(to) => t.handle.range(chunk.from.as_slice()..to.as_slice()),
+                None => t.handle.range(chunk.from.as_slice()..),
+            };
+            for kv in range {
+                let key = kv
+                    .key()
+                    .map_err(|e| format!("reading tree `{tree}`: {e}"))?;
+                if chunk.value(&key).is_none() {
+                    self.batch.remove(&t.handle, key);
+                }
+            }
+        }
+        // What earlier ops of this batch wrote in the range: the chunk replaces it.
+        let written: Vec<Vec<u8>> = self
+            .overlay
+            .keys()
+            .filter(|(ks, k)| *ks == t.keyspace && chunk.covers(k))
+            .map(|(_, k)| k.clone())
+            .collect();
+        for key in written {
+            if stale(&key) {
+                self.batch.remove(&t.handle, key.as_slice());
+            }
+            self.overlay.remove(&(t.keyspace.clone(), key));
+        }
+        // What earlier chunks of this batch put in the range.
+        for earlier in self.chunks.iter().filter(|c| c.keyspace == t.keyspace) {
+            for (key, _) in &earlier.entries {
+                if stale(key) {
+                    self.batch.remove(&t.handle, key.as_slice());
+                }
+            }
+        }
+        for (key, value) in &chunk.entries {
+            self.batch
+                .insert(&t.handle, key.as_slice(), value.as_slice());
+        }
+        self.chunks.push(chunk);
+        Ok(())
+    }
+}
