@@ -4,7 +4,10 @@
 //!    each — for the engine and, beside it, for the bare log with the same writers;
 //! 2. batch load: M puts of 100 bytes in transactions of 1,000;
 //! 3. point gets/s while that load runs, with p99 latency beside the idle p99;
-//! 4. RSS after loading K keys, beside the store's configured cache.
+//! 4. RSS after loading K keys, beside the store's configured cache;
+//! 5. bootstrap restore: R keys (16-byte keys, 100-byte values, ascending) written with
+//!    `bootstrap_apply` in chunks of ~4 MiB, as a replica's bootstrap does; MB/s of user data
+//!    (key + value bytes). A producer thread builds the chunks while the engine applies them.
 //!
 //! Prints readable figures, then one JSON line. Sizes come from environment variables so CI
 //! can run it small:
@@ -12,7 +15,8 @@
 //! alternating rounds), `BENCH_LOAD_PUTS`
 //! (1000000), `BENCH_LOADERS` (2), `BENCH_READERS` (2), `BENCH_RSS_KEYS` (10000000),
 //! `BENCH_CACHE_MB` (the engine default, 64), `BENCH_DIR` (a temporary directory under the
-//! system temp dir), `BENCH_ONLY_COMMITS` (set: stop after step 1).
+//! system temp dir), `BENCH_ONLY_COMMITS` (set: stop after step 1), `BENCH_RESTORE_KEYS`
+//! (1000000), `BENCH_RESTORE_CHUNK_KB` (4096), `BENCH_ONLY_RESTORE` (set: run step 5 only).
 //!
 //! `cargo bench -p tideline-engine --bench engine`
 
@@ -20,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use tideline_engine::{Engine, EngineOptions};
+use tideline_engine::{Engine, EngineOptions, GtidSet, RestoreOp};
 use tideline_wal::{FileStorage, Gtid, NewTransaction, Op, Wal, WalOptions};
 
 fn env(name: &str, default: u64) -> u64 {
@@ -185,6 +189,112 @@ fn rss_child(dir: &std::path::Path, opts: EngineOptions, keys: u64, loaders: u64
     engine.close().expect("close");
 }
 
+/// What step 5 measured.
+struct Restore {
+    keys: u64,
+    user_bytes: u64,
+    chunks: u64,
+    apply_secs: f64,
+    total_secs: f64,
+    settle_secs: f64,
+    finish_secs: f64,
+}
+
+/// Step 5: a bootstrap of `keys` keys into a fresh engine, in chunks of `chunk_bytes`.
+fn restore(dir: &std::path::Path, opts: EngineOptions, keys: u64, chunk_bytes: u64) -> Restore {
+    const KEY_BYTES: u64 = 16;
+    const VALUE_BYTES: u64 = 100;
+    let per_chunk = (chunk_bytes / (KEY_BYTES + VALUE_BYTES)).max(1);
+    let key = |i: u64| {
+        let mut k = vec![0u8; 16];
+        k[8..].copy_from_slice(&i.to_be_bytes());
+        k
+    };
+    let engine = open_engine(dir, opts);
+    engine.bootstrap_begin(b"0").expect("begin");
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<RestoreOp>)>(2);
+    let start = Instant::now();
+    let mut apply_secs = 0.0;
+    let mut chunks = 0;
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut from = 0;
+            while from < keys {
+                let to = (from + per_chunk).min(keys);
+                let entries = (from..to).map(|i| (key(i), value_of(i).to_vec())).collect();
+                let chunk = RestoreOp::Chunk {
+                    tree: "default".into(),
+                    merge_operator: None,
+                    from: key(from),
+                    to: (to < keys).then(|| key(to)),
+                    entries,
+                };
+                if tx.send((to, vec![chunk])).is_err() {
+                    return;
+                }
+                from = to;
+            }
+        });
+        for (done, ops) in rx {
+            let t = Instant::now();
+            engine
+                .bootstrap_apply(ops, done.to_string().as_bytes())
+                .expect("bootstrap_apply");
+            apply_secs += t.elapsed().as_secs_f64();
+            chunks += 1;
+        }
+    });
+    let total_secs = start.elapsed().as_secs_f64();
+    let t = Instant::now();
+    settle(&engine);
+    let settle_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    engine.bootstrap_finish(&GtidSet::new()).expect("finish");
+    let finish_secs = t.elapsed().as_secs_f64();
+    let last = key(keys.saturating_sub(1));
+    assert_eq!(
+        engine.get("default", &last).expect("get").as_deref(),
+        Some(&value_of(keys.saturating_sub(1))[..]),
+        "the last key was restored"
+    );
+    engine.close().expect("close");
+    Restore {
+        keys,
+        user_bytes: keys * (KEY_BYTES + VALUE_BYTES),
+        chunks,
+        apply_secs,
+        total_secs,
+        settle_secs,
+        finish_secs,
+    }
+}
+
+fn print_restore(r: &Restore, chunk_bytes: u64) {
+    let mb = r.user_bytes as f64 / 1e6;
+    println!(
+        "bootstrap restore: {} keys (16 B keys, 100 B values, {:.0} MB of user data) in {} \
+         chunks of ~{} KiB:",
+        r.keys,
+        mb,
+        r.chunks,
+        chunk_bytes >> 10
+    );
+    println!(
+        "  pipeline (build + apply) : {:>8.1} MB/s  ({:.2} s)",
+        mb / r.total_secs,
+        r.total_secs
+    );
+    println!(
+        "  bootstrap_apply alone    : {:>8.1} MB/s  ({:.2} s)",
+        mb / r.apply_secs,
+        r.apply_secs
+    );
+    println!(
+        "  then flushes settled in {:.2} s, bootstrap_finish took {:.3} s",
+        r.settle_secs, r.finish_secs
+    );
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     let writers = env("BENCH_WRITERS", 64);
@@ -207,6 +317,27 @@ fn main() {
         Ok(d) => tempfile::tempdir_in(d).expect("bench dir"),
         Err(_) => tempfile::tempdir().expect("bench dir"),
     };
+    let restore_keys = env("BENCH_RESTORE_KEYS", 1_000_000);
+    let restore_chunk_bytes = env("BENCH_RESTORE_CHUNK_KB", 4096) << 10;
+    if std::env::var("BENCH_ONLY_RESTORE").is_ok() {
+        let r = restore(
+            &base.path().join("restore"),
+            opts,
+            restore_keys,
+            restore_chunk_bytes,
+        );
+        print_restore(&r, restore_chunk_bytes);
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "tideline-engine-restore",
+                "restore_keys": r.keys,
+                "restore_mb_per_s": (r.user_bytes as f64 / 1e6 / r.total_secs * 10.0).round() / 10.0,
+                "restore_apply_mb_per_s": (r.user_bytes as f64 / 1e6 / r.apply_secs * 10.0).round() / 10.0,
+            })
+        );
+        return;
+    }
     let cache_bytes = opts.cache_bytes;
     let value = [1u8; 100];
 
@@ -369,6 +500,15 @@ fn main() {
         rss["disk_bytes"].as_u64().unwrap_or(0) >> 20,
     );
 
+    // 5. Bootstrap restore.
+    let r = restore(
+        &base.path().join("restore"),
+        opts,
+        restore_keys,
+        restore_chunk_bytes,
+    );
+    print_restore(&r, restore_chunk_bytes);
+
     println!(
         "{}",
         serde_json::json!({
@@ -390,6 +530,9 @@ fn main() {
             "rss_bytes": rss_after,
             "rss_bytes_engine_open": rss_open,
             "cache_bytes": cache_bytes,
+            "restore_keys": r.keys,
+            "restore_mb_per_s": (r.user_bytes as f64 / 1e6 / r.total_secs * 10.0).round() / 10.0,
+            "restore_apply_mb_per_s": (r.user_bytes as f64 / 1e6 / r.apply_secs * 10.0).round() / 10.0,
         })
     );
 }

@@ -6,7 +6,10 @@
 //! replica's pipeline decides what to keep and hands it to [`Engine::bootstrap_apply`] as
 //! [`RestoreOp`]s. The engine writes them **straight into the store**, not into the log, in one
 //! atomic store batch together with the caller's opaque **progress record**, so a node killed
-//! at any moment resumes from its last finished step: progress and data always move together.
+//! at any moment resumes from its last finished step: progress and data move together. The
+//! one exception, for speed: chunks that lead a call are ingested as tables just before the
+//! call's batch, so a crash between the two can leave them in place under the previous
+//! progress record, which is safe for a resumed copy (see `StoreBatch::ingest_chunk`).
 //!
 //! Steps and what each leaves on disk (meta keys, see `catalog.rs`):
 //!
@@ -135,8 +138,14 @@ impl Engine {
 
     /// Applies `ops` in order and replaces the progress record, in one atomic store batch,
     /// then persists the store's journal to the OS (`PersistMode::Buffer`): a killed process
-    /// keeps it; a power cut may lose recent calls, but progress and data always move
-    /// together. Refused ([`WriteError::NotBootstrapping`]) unless bootstrapping.
+    /// keeps it; a power cut may lose recent calls, but progress and data move together.
+    /// Refused ([`WriteError::NotBootstrapping`]) unless bootstrapping.
+    ///
+    /// Chunks that come before the call's first op are written faster, as new tables (bulk
+    /// ingestion), just before the batch. A crash between the two can leave those chunks in
+    /// place while the progress record still names the previous call. That is safe when the
+    /// caller resumes a chunked copy: the chunks lie in ranges not yet copied according to the
+    /// record, a resumed copy sends those ranges again, and each chunk replaces its range.
     ///
     /// The input is peer data and is checked before anything is written: keys and values
     /// against the limits, tree names, merge operator names, and chunks (entries strictly
@@ -155,9 +164,24 @@ impl Engine {
         }
         let merges = validate(&inner.opts, &ops)?;
         let mut sb = StoreBatch::new(inner, inner.current_catalog(), true);
+        // Chunks before the first op are ingested as tables (see `ingest_chunk`); the rest
+        // goes into the batch, in order.
+        let mut leading = true;
         for (op, merge) in ops.into_iter().zip(merges) {
             let applied = match op {
-                RestoreOp::Op(op) => sb.apply_op(&op, NewKeyspace::Restore),
+                RestoreOp::Op(op) => {
+                    leading = false;
+                    sb.apply_op(&op, NewKeyspace::Restore)
+                }
+                RestoreOp::Chunk {
+                    tree,
+                    from,
+                    to,
+                    entries,
+                    ..
+                } if leading && !inner.opts.unsafe_bootstrap_no_ingest => {
+                    sb.ingest_chunk(&tree, merge, &from, to.as_deref(), &entries)
+                }
                 RestoreOp::Chunk {
                     tree,
                     from,
@@ -387,6 +411,61 @@ fn validate(
 }
 
 impl StoreBatch<'_> {
+    /// Writes a chunk (validated) that no op of the call precedes straight into the tree's
+    /// tables (the store's bulk ingestion: no journal, no memtable), before the batch. The
+    /// stream is the chunk's entries merged with a tombstone for every other key the tree
+    /// holds in the range; it gets a sequence number above everything written before, and
+    /// the batch (ops after the chunks, the progress record, a tree's catalog entry) commits
+    /// after it.
+    ///
+    /// Not atomic with the progress record: a crash after the ingestion and before the batch
+    /// leaves this call's chunks in place while the progress record still names the call
+    /// before. That is safe for a bootstrap: the chunks lie in ranges the progress record says
+    /// are not copied yet, a resumed copy sends every such range again as chunks, and each
+    /// chunk replaces its whole range; live ops for ranges not yet copied are skipped by the
+    /// caller. A tree the chunk created has no catalog entry until the batch commits, so its
+    /// keyspace is removed on open.
+    pub(crate) fn ingest_chunk(
+        &mut self,
+        tree: &str,
+        merge: Option<MergeOperator>,
+        from: &[u8],
+        to: Option<&[u8]>,
+        entries: &[(Vec<u8>, Vec<u8>)],
+    ) -> Result<(), String> {
+        let (t, existed) = match self.catalog().get(tree) {
+            Some(t) => (t.clone(), true),
+            None => (self.create_tree(tree, merge, NewKeyspace::Restore)?, false),
+        };
+        let failed = |e: fjall::Error| format!("ingesting a chunk into tree `{tree}`: {e}");
+        let mut ingestion = t.handle.start_ingestion().map_err(failed)?;
+        let mut next = entries.iter().peekable();
+        if existed {
+            let range = match to {
+                Some(to) => t.handle.range(from..to),
+                None => t.handle.range(from..),
+            };
+            for kv in range {
+                let key = kv.key().map_err(failed)?;
+                while let Some((k, v)) = next.next_if(|(k, _)| k.as_slice() < &*key) {
+                    ingestion
+                        .write(k.as_slice(), v.as_slice())
+                        .map_err(failed)?;
+                }
+                if next.peek().is_some_and(|(k, _)| k.as_slice() == &*key) {
+                    continue;
+                }
+                ingestion.write_tombstone(key).map_err(failed)?;
+            }
+        }
+        for (k, v) in next {
+            ingestion
+                .write(k.as_slice(), v.as_slice())
+                .map_err(failed)?;
+        }
+        ingestion.finish().map_err(failed)
+    }
+
     /// Adds a chunk (validated): creates the tree if absent, removes every key of the range
     /// the tree holds as of the ops so far (store and this batch), then puts the entries.
     pub(crate) fn apply_chunk(

@@ -76,6 +76,10 @@ pub struct EngineOptions {
     /// crash test can prove it catches lost transactions.
     #[doc(hidden)]
     pub unsafe_skip_replay: bool,
+    /// Test-only: write every bootstrap chunk through the store batch, never through bulk
+    /// ingestion (to compare the two paths).
+    #[doc(hidden)]
+    pub unsafe_bootstrap_no_ingest: bool,
 }
 
 impl Default for EngineOptions {
@@ -93,6 +97,7 @@ impl Default for EngineOptions {
             memtable_bytes: 16 << 20,
             store_threads: 0,
             unsafe_skip_replay: false,
+            unsafe_bootstrap_no_ingest: false,
         }
     }
 }

@@ -7,8 +7,9 @@
 //!   an operator, empty chunks, drops, chunks replacing ranges written before): wrong op
 //!   semantics, stale keys surviving a chunk, batch-internal ordering bugs;
 //! - a child process killed with SIGKILL mid-bootstrap reopens bootstrapping with its last
-//!   stored progress record, and the data is exactly what the calls up to it wrote: progress
-//!   and data drifting apart, lost or doubled batches;
+//!   stored progress record, and the data is exactly what the calls up to it wrote (plus, at
+//!   most, the leading chunk of the call in flight, which is ingested before the call's
+//!   batch): progress and data drifting apart, lost or doubled batches;
 //! - finish: `gtid_executed` and the log's GTIDs become the given set, the next commit takes
 //!   the next offset and is logged, upstream GTIDs in the set are no-ops, a finish cut short
 //!   after its first step is completed by open;
@@ -849,6 +850,7 @@ fn sigkill_mid_bootstrap_resumes_from_the_last_stored_progress() {
         .unwrap_or(8);
     let dir = tempfile::tempdir().expect("tempdir");
     let mut stored = 0;
+    let mut stray_chunks = 0;
     for cycle in 0..cycles {
         let acked = run_child(dir.path());
         let e = open_files(dir.path());
@@ -865,13 +867,29 @@ fn sigkill_mid_bootstrap_resumes_from_the_last_stored_progress() {
         );
         assert!(progress >= stored, "cycle {cycle}: progress went back");
         // Each call changes the state (the `calls` counter), so this tells progress `p` from
-        // `p - 1` and `p + 1`: data and progress moved together.
-        assert_model(&e, &crash_model(progress), &format!("cycle {cycle}"));
+        // `p - 1` and `p + 1`: data and progress moved together. The one exception allowed:
+        // the leading chunk of the call in flight, ingested before the call's batch, may be
+        // in place (it lies in a range the progress record says is not copied yet).
+        let want = crash_model(progress);
+        if let Some(d) = difference(&dump(&e), &want) {
+            let mut with_chunk = want;
+            with_chunk.apply(&crash_batch(progress + 1)[0]);
+            if let Some(d2) = difference(&dump(&e), &with_chunk) {
+                panic!("cycle {cycle}: {d}; nor with the next chunk in place: {d2}");
+            }
+            stray_chunks += 1;
+        }
         stored = progress;
         close(e);
     }
     assert!(stored > 0, "the children made progress");
+    eprintln!("{cycles} kills, {stray_chunks} left the next chunk in place");
+    // Resume as a caller would (the call after the stored progress, which replaces a chunk
+    // it may have left in place), then finish.
     let e = open_files(dir.path());
+    stored += 1;
+    e.bootstrap_apply(crash_batch(stored), stored.to_string().as_bytes())
+        .expect("resume");
     let set: GtidSet = format!("{}:1-{stored}", upstream()).parse().expect("set");
     e.bootstrap_finish(&set).expect("finish");
     close(e);
