@@ -99,7 +99,17 @@ impl Engine {
             sb.drop_tree(name);
         }
         let (mut batch, _, dropped) = sb.into_parts();
-        batch.insert(&inner.meta, catalog::KEY_GTIDS, b"".as_slice());
+        // This node's own GTIDs stay executed: its next local commit must not reuse one that
+        // a downstream may already hold (their effects are gone with the rest of the state).
+        let own = own_gtids(
+            &inner.view.read().unwrap_or_else(|p| p.into_inner()).gtids,
+            inner.server_uuid,
+        );
+        batch.insert(
+            &inner.meta,
+            catalog::KEY_GTIDS,
+            own.to_string().into_bytes(),
+        );
         batch.insert(&inner.meta, catalog::KEY_BOOTSTRAP, progress);
         batch.remove(&inner.meta, catalog::KEY_BOOTSTRAP_FINISHING);
         inner.write_identity(&mut batch, applied);
@@ -109,7 +119,7 @@ impl Engine {
             batch
                 .commit()
                 .map_err(|e| inner.store_failure(format!("bootstrap begin: {e}")))?;
-            v.gtids = Arc::new(GtidSet::new());
+            v.gtids = Arc::new(own);
             v.catalog = empty.clone();
             v.generation += 1;
             *inner.catalog.write().unwrap_or_else(|p| p.into_inner()) = empty;
@@ -247,6 +257,11 @@ impl Engine {
         if slot.is_none() {
             return Err(WriteError::NotBootstrapping);
         }
+        // The copy's GTIDs, plus this node's own (kept since `bootstrap_begin`).
+        let gtids = &{
+            let v = inner.view.read().unwrap_or_else(|p| p.into_inner());
+            gtids.union(&own_gtids(&v.gtids, inner.server_uuid))
+        };
         let text = gtids.to_string();
         // (1)
         let mut batch = inner.db.batch();
@@ -294,6 +309,15 @@ impl Engine {
         tracing::info!(gtid_executed = %text, "bootstrap finished: writes accepted again");
         Ok(())
     }
+}
+
+/// The part of `set` that `uuid` originated.
+fn own_gtids(set: &GtidSet, uuid: uuid::Uuid) -> GtidSet {
+    let mut own = GtidSet::new();
+    for iv in set.intervals(&uuid) {
+        own.insert_interval(uuid, *iv);
+    }
+    own
 }
 
 /// Completes a finish cut short after its step (1), found by `Engine::open` (`marker` is the

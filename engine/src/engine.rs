@@ -218,7 +218,7 @@ pub(crate) struct Inner {
     pub(crate) meta: fjall::Keyspace,
     path: PathBuf,
     pub(crate) opts: EngineOptions,
-    server_uuid: Uuid,
+    pub(crate) server_uuid: Uuid,
     pub(crate) read_only: AtomicBool,
     failed: AtomicBool,
     failed_reason: Mutex<String>,

@@ -371,7 +371,10 @@ fn chunks_and_ops_reproduce_the_model() {
         offset,
         "nothing is logged while bootstrapping"
     );
-    assert!(e.gtid_executed().is_empty());
+    assert!(
+        e.gtid_executed().intervals(&upstream()).is_empty(),
+        "no copied GTID counts as executed before the finish"
+    );
 }
 
 #[derive(Debug, Clone)]
@@ -612,6 +615,9 @@ fn finish_sets_gtids_and_the_log_goes_on_at_the_next_offset() {
     e.bootstrap_finish(&set).expect("finish");
     assert!(!e.is_bootstrapping());
     assert_eq!(e.bootstrap_progress(), None);
+    // The copy's GTIDs, and this node's own ones stay executed: its next local GTID must not
+    // reuse one a downstream may already hold.
+    let set: GtidSet = format!("{set},{me}:1-3").parse().expect("set");
     assert_eq!(e.gtid_executed(), set);
     assert_eq!(e.wal().gtids(), set, "the log's GTIDs are the set");
     assert_eq!(
@@ -628,7 +634,11 @@ fn finish_sets_gtids_and_the_log_goes_on_at_the_next_offset() {
 
     let c = e.put("default", b"after", b"1").expect("put after finish");
     assert_eq!(c.offset, Offset::new(4).expect("4"));
-    assert_eq!(c.gtid.uuid, me);
+    assert_eq!(
+        (c.gtid.uuid, c.gtid.seq),
+        (me, 4),
+        "own GTIDs go on, never reused"
+    );
     let mut reader = e.wal().read_from(c.offset).expect("reader");
     let logged = reader.next_txn().expect("read").expect("logged");
     assert_eq!((logged.offset, logged.gtid), (c.offset, c.gtid));
@@ -667,9 +677,13 @@ fn a_finish_cut_short_after_its_first_step_is_completed_by_open() {
     e.bootstrap_begin(b"p0").expect("begin");
     e.bootstrap_apply(vec![put("default", b"k", b"v")], b"p1")
         .expect("apply");
-    let set: GtidSet = format!("{}:1-7", upstream()).parse().expect("set");
-    e.bootstrap_finish_step1_only_for_tests(&set)
+    let copied: GtidSet = format!("{}:1-7", upstream()).parse().expect("set");
+    e.bootstrap_finish_step1_only_for_tests(&copied)
         .expect("step 1");
+    // The node's own GTID stays executed next to the copy's.
+    let set: GtidSet = format!("{copied},{}:1", e.server_uuid())
+        .parse()
+        .expect("set");
     let want = dump(&e);
     assert_ne!(e.wal().gtids(), set, "step 2 has not run");
     // Only synced bytes of the log survive (the reset has not happened).
@@ -686,7 +700,8 @@ fn a_finish_cut_short_after_its_first_step_is_completed_by_open() {
     close(e);
     // Opening again changes nothing.
     let e = open_mem(dir.path(), &storage);
-    assert_eq!(e.wal().gtids().count(), 8);
+    // The 7 copied, the node's own first one, and the put after the finish.
+    assert_eq!(e.wal().gtids().count(), 9);
     assert!(!e.is_bootstrapping());
 }
 
