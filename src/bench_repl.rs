@@ -29,8 +29,11 @@
 //!      gets `REPLICAOF`; time until `master_link_status:up` and its `DBSIZE` equals the
 //!      primary's.
 //!
-//! Tideline's bootstrap (chunked snapshot copy) is not built yet, so the bootstrap-versus-full-
-//! resync comparison of the issue is reported as pending.
+//! 4. **Bootstrap.** A primary loaded with `--bootstrap-small-keys`, then `--bootstrap-keys`,
+//!    keys of `--value-bytes` (transactions of 1,000 puts); an empty replica with `--bootstrap
+//!    auto` copies it in 4 MiB chunks; timed from starting its replication task to the end of
+//!    the bootstrap. MB/s counts key and value bytes. The small copy is compared with Redis's
+//!    full resync of `--redis-keys` keys.
 
 use crate::bench_util::{
     ASYNC_10MS, bar, collect_delays, goal, percentile, print_goals, run_in_dir,
@@ -54,7 +57,7 @@ use tideline_stream::{
 use tideline_wal::Durability;
 
 use crate::node::{EngineNode, open_engine};
-use crate::replica::{self, SharedStatus, UpstreamState};
+use crate::replica::{self, BootstrapMode, ReplicaOptions, SharedStatus, UpstreamState};
 
 /// Arguments of `bench replication`.
 #[derive(Debug, Args)]
@@ -80,6 +83,16 @@ pub struct ReplBenchArgs {
     /// Seconds of paced writing in the lag phase.
     #[arg(long, default_value_t = 10.0)]
     lag_seconds: f64,
+    /// Keys (of `--value-bytes`) the primary holds for the large bootstrap measurement.
+    #[arg(long, default_value_t = 10_000_000)]
+    bootstrap_keys: u64,
+    /// Keys for the bootstrap compared with Redis's full resync (same count as `--redis-keys`
+    /// makes the comparison fair).
+    #[arg(long, default_value_t = 1_000_000)]
+    bootstrap_small_keys: u64,
+    /// Skip the bootstrap measurements.
+    #[arg(long)]
+    no_bootstrap: bool,
     /// Skip the Redis comparison.
     #[arg(long)]
     no_redis: bool,
@@ -102,6 +115,13 @@ pub struct ReplBenchArgs {
     #[arg(long)]
     keep: bool,
 }
+
+/// Replicas that catch up from the log (the catch-up and lag phases measure exactly that).
+const LOG_ONLY: ReplicaOptions = ReplicaOptions {
+    bootstrap: BootstrapMode::Never,
+    sources: 1,
+    chunk_bytes: 4 << 20,
+};
 
 /// Longest wait for any one convergence; a replica that takes longer has failed.
 const CONVERGE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -171,8 +191,14 @@ async fn start_node(
     upstream: Option<&str>,
 ) -> anyhow::Result<BenchNode> {
     let engine = open(dir, durability, upstream.is_some()).await?;
-    let upstream = upstream
-        .map(|addr| replica::spawn(addr.to_string(), ctx.client_cfg.clone(), engine.clone()));
+    let upstream = upstream.map(|addr| {
+        replica::spawn(
+            addr.to_string(),
+            ctx.client_cfg.clone(),
+            engine.clone(),
+            LOG_ONLY,
+        )
+    });
     let node = Arc::new(EngineNode::new(
         engine.clone(),
         upstream.iter().cloned().collect(),
@@ -316,7 +342,12 @@ async fn catch_up(
     let started = Instant::now();
     let status = {
         let _entered = rt.0.as_ref().map(|r| r.enter());
-        replica::spawn(primary.addr.clone(), ctx.client_cfg.clone(), engine.clone())
+        replica::spawn(
+            primary.addr.clone(),
+            ctx.client_cfg.clone(),
+            engine.clone(),
+            LOG_ONLY,
+        )
     };
     loop {
         if engine.gtid_executed() == want {
@@ -344,6 +375,126 @@ async fn catch_up(
         "transactions": total,
         "seconds": secs,
         "txns_per_s": (total as f64 / secs).round(),
+    }))
+}
+
+/// Loads `keys` puts of `value` on `engine` in transactions of 1,000 from two threads.
+fn load_batched(engine: &Arc<Engine>, keys: u64, value: &[u8]) -> anyhow::Result<f64> {
+    const BATCH: u64 = 1_000;
+    let next = AtomicU64::new(0);
+    let pb = bar(keys, "loading the primary");
+    let started = Instant::now();
+    std::thread::scope(|s| -> anyhow::Result<()> {
+        let handles: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| -> anyhow::Result<()> {
+                    loop {
+                        let first = next.fetch_add(BATCH, Ordering::Relaxed);
+                        if first >= keys {
+                            return Ok(());
+                        }
+                        let last = (first + BATCH).min(keys);
+                        engine
+                            .transaction(|tx| {
+                                for i in first..last {
+                                    tx.put("default", &key(i), value)?;
+                                }
+                                Ok(())
+                            })
+                            .context("commit on the primary")?;
+                        pb.inc(last - first);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("a loading thread panicked"))??;
+        }
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    Ok(keys as f64 / started.elapsed().as_secs_f64())
+}
+
+/// A primary holding `keys` keys, and an empty replica bootstrapping from it: timed from
+/// starting the replication task to the end of the bootstrap (state copied, `gtid_executed`
+/// equal to the primary's).
+async fn bootstrap_copy(
+    ctx: &Ctx,
+    root: &Path,
+    name: &str,
+    keys: u64,
+    value_bytes: usize,
+) -> anyhow::Result<Value> {
+    let primary = start_node(ctx, &root.join(format!("{name}-primary")), ASYNC_10MS, None).await?;
+    eprintln!("bootstrap: loading {keys} keys of {value_bytes} B ...");
+    let (engine, value) = (primary.engine.clone(), vec![0x42u8; value_bytes]);
+    let load_rate = tokio::task::spawn_blocking(move || load_batched(&engine, keys, &value))
+        .await
+        .context("load task failed")??;
+    let want = primary.engine.gtid_executed();
+    // The primary's store settles (flushes) before the copy, as a long-running node's would.
+    let e = primary.engine.clone();
+    tokio::task::spawn_blocking(move || e.checkpoint())
+        .await
+        .context("checkpoint task failed")??;
+    let user_bytes = keys * (16 + value_bytes as u64);
+    eprintln!("bootstrap: an empty replica copies {keys} keys ...");
+    let rt = SideRuntime(Some(
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("bench-replica")
+            .build()
+            .context("start the replica's runtime")?,
+    ));
+    let engine = open(&root.join(format!("{name}-replica")), ASYNC_10MS, true).await?;
+    let pb = bar(user_bytes, "bootstrap (bytes)");
+    let started = Instant::now();
+    let status = {
+        let _entered = rt.0.as_ref().map(|r| r.enter());
+        replica::spawn(
+            primary.addr.clone(),
+            ctx.client_cfg.clone(),
+            engine.clone(),
+            ReplicaOptions {
+                bootstrap: BootstrapMode::Auto,
+                ..LOG_ONLY
+            },
+        )
+    };
+    let progress = loop {
+        let (state, progress) = {
+            let s = status.lock().unwrap_or_else(|p| p.into_inner());
+            (s.state, s.bootstrap.clone())
+        };
+        if state == UpstreamState::Connected && engine.gtid_executed() == want {
+            break progress.unwrap_or(Value::Null);
+        }
+        check_upstream(Some(&status))?;
+        ensure!(
+            started.elapsed() < CONVERGE_TIMEOUT,
+            "the replica did not bootstrap within {CONVERGE_TIMEOUT:?}"
+        );
+        if let Some(b) = progress.as_ref().and_then(|p| p["bytes"].as_u64()) {
+            pb.set_position(b);
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let secs = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    close_engine(engine).await?;
+    drop(rt);
+    primary.stop().await?;
+    Ok(json!({
+        "keys": keys,
+        "value_bytes": value_bytes,
+        "user_bytes": user_bytes,
+        "load_puts_per_s": load_rate.round(),
+        "seconds": secs,
+        "mb_per_s": (user_bytes as f64 / secs / 1e6 * 10.0).round() / 10.0,
+        "keys_per_s": (keys as f64 / secs).round(),
+        "chunks": progress["chunks"],
     }))
 }
 
@@ -573,7 +724,30 @@ async fn tideline(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
         args.lag_rate, args.lag_seconds
     );
     let lag = chain_lag(&ctx, root, args).await?;
+    let (boot_large, boot_small) = if args.no_bootstrap {
+        (Value::Null, Value::Null)
+    } else {
+        let small = bootstrap_copy(
+            &ctx,
+            root,
+            "boot-small",
+            args.bootstrap_small_keys,
+            args.value_bytes,
+        )
+        .await?;
+        let large = bootstrap_copy(
+            &ctx,
+            root,
+            "boot-large",
+            args.bootstrap_keys,
+            args.value_bytes,
+        )
+        .await?;
+        (large, small)
+    };
     Ok(json!({
+        "bootstrap_large": boot_large,
+        "bootstrap_small": boot_small,
         "load_txns_per_s": load_rate.round(),
         "catch_up_async": async_catch_up,
         "catch_up_sync": sync_catch_up,
@@ -1043,6 +1217,27 @@ fn run_all(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
             ),
         );
     }
+    if !t["bootstrap_large"].is_null() {
+        goals.push(goal(
+            "bootstrap, large state",
+            f(&t["bootstrap_large"]["mb_per_s"]),
+            200.0,
+            "MB/s",
+            true,
+        ));
+    }
+    let mut bootstrap_vs_full_resync = Value::Null;
+    if redis["skipped"].is_null() && !t["bootstrap_small"].is_null() {
+        let ratio = f(&redis["full_resync"]["seconds"]) / f(&t["bootstrap_small"]["seconds"]);
+        bootstrap_vs_full_resync = json!(ratio);
+        goals.push(goal(
+            "bootstrap speed-up over Redis full resync",
+            ratio,
+            2.0,
+            "x",
+            true,
+        ));
+    }
     let mut ratios = Value::Null;
     if redis["skipped"].is_null() {
         let live = f(&redis["live"]["sets_per_s"]);
@@ -1088,7 +1283,9 @@ fn run_all(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
         "chain_lag": t["chain_lag"],
         "redis": redis,
         "ratios": ratios,
-        "bootstrap_vs_full_resync": "pending: chunked bootstrap is not built yet",
+        "bootstrap_large": t["bootstrap_large"],
+        "bootstrap_small": t["bootstrap_small"],
+        "bootstrap_vs_full_resync": bootstrap_vs_full_resync,
         "goals": goals,
     }))
 }
@@ -1179,9 +1376,23 @@ fn print_table(r: &Value) {
             );
         }
     }
-    println!(
-        "  bootstrap vs Redis full resync  {}",
-        r["bootstrap_vs_full_resync"].as_str().unwrap_or("")
-    );
+    for key in ["bootstrap_small", "bootstrap_large"] {
+        let b = &r[key];
+        if b.is_null() {
+            continue;
+        }
+        println!(
+            "  bootstrap, empty replica        {:>12.1} MB/s    ({} keys of {} B in {:.2} s, {} chunks, {:.0} keys/s)",
+            f(&b["mb_per_s"]),
+            b["keys"],
+            b["value_bytes"],
+            f(&b["seconds"]),
+            b["chunks"],
+            f(&b["keys_per_s"])
+        );
+    }
+    if let Some(x) = r["bootstrap_vs_full_resync"].as_f64() {
+        println!("  bootstrap / Redis full resync   {x:>12.2}x faster");
+    }
     print_goals(r);
 }

@@ -9,6 +9,7 @@ mod bench;
 mod bench_repl;
 mod bench_stream;
 mod bench_util;
+mod bootstrap;
 mod client_cmd;
 mod demo;
 mod log_cmd;

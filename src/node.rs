@@ -5,14 +5,15 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use tideline_engine::{Engine, EngineOptions, ReadError, WriteError};
+use tideline_engine::{Engine, EngineOptions, ReadError, Snapshot, WriteError};
 use tideline_stream::server::Rows;
-use tideline_stream::{ErrorCode, Node, NodeError, ServerConfig, WriteOp};
+use tideline_stream::{BootstrapView, ErrorCode, Node, NodeError, ServerConfig, WriteOp};
 use tideline_wal::{Durability, Gtid, GtidSet, Offset, Wal};
 
 use crate::DurabilityArg;
@@ -44,6 +45,15 @@ pub struct ServeArgs {
     /// Accept client writes even with --upstream (they become errant on the upstream side).
     #[arg(long)]
     allow_local_writes: bool,
+    /// `auto`: an empty replica, or one whose upstream purged GTIDs it needs, copies the
+    /// upstream's state in resumable chunks while tailing its log (single upstream only).
+    /// `never`: catch up from the upstream's log only.
+    #[arg(long, value_enum, default_value_t = replica::BootstrapMode::Auto)]
+    bootstrap: replica::BootstrapMode,
+    /// Size of the chunks a bootstrap asks for (the upstream keeps it within 16 KiB..8 MiB).
+    /// A killed replica re-fetches at most one chunk.
+    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
+    bootstrap_chunk_bytes: u64,
     /// Longest key accepted, in bytes (at most 65535, the store's limit).
     #[arg(long, default_value_t = 65_535, value_parser = clap::value_parser!(u32).range(1..=65_535))]
     key_bytes_max: u32,
@@ -58,6 +68,62 @@ pub struct EngineNode {
     wal: Arc<Wal>,
     started: Instant,
     upstreams: Vec<SharedStatus>,
+    /// Bootstrap chunks served to replicas, and their bytes.
+    chunks_served: AtomicU64,
+    chunk_bytes_served: AtomicU64,
+}
+
+/// A snapshot of the engine, as the server's bootstrap reads it.
+struct EngineView {
+    snap: Snapshot,
+    estimate: (u64, u64),
+}
+
+impl BootstrapView for EngineView {
+    fn offset(&self) -> u64 {
+        self.snap.offset().map_or(0, Offset::get)
+    }
+
+    fn gtid_executed(&self) -> GtidSet {
+        self.snap.gtid_executed().clone()
+    }
+
+    fn trees(&self) -> Vec<(String, Option<String>)> {
+        let mut trees: Vec<(String, Option<String>)> = self
+            .snap
+            .trees()
+            .into_iter()
+            .map(|t| (t.name, t.merge_operator.map(|m| m.name().to_string())))
+            .collect();
+        trees.sort();
+        trees
+    }
+
+    fn estimate(&self) -> (u64, u64) {
+        self.estimate
+    }
+
+    fn chunk(
+        &self,
+        tree: &str,
+        from: &[u8],
+        bytes_max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, NodeError> {
+        let scan = match self.snap.range(tree, from.., false) {
+            Err(ReadError::UnknownTree(_)) => return Ok(None),
+            other => other.map_err(read_err)?,
+        };
+        for kv in scan {
+            let (k, v) = kv.map_err(read_err)?;
+            let size = 8 + k.len() + v.len();
+            if !out.is_empty() && out.len() + size > bytes_max {
+                return Ok(Some(k));
+            }
+            tideline_stream::proto::pack_entry(out, &k, &v);
+        }
+        Ok(None)
+    }
 }
 
 fn read_err(e: ReadError) -> NodeError {
@@ -73,7 +139,7 @@ fn write_err(e: WriteError) -> NodeError {
     } else {
         match &e {
             WriteError::ReadOnly => ErrorCode::ReadOnly,
-            WriteError::FailStop { .. } => ErrorCode::Unavailable,
+            WriteError::FailStop { .. } | WriteError::Bootstrapping => ErrorCode::Unavailable,
             WriteError::KeyTooLarge { .. }
             | WriteError::ValueTooLarge { .. }
             | WriteError::TooLarge { .. } => ErrorCode::TooLarge,
@@ -93,6 +159,8 @@ impl EngineNode {
             wal,
             started: Instant::now(),
             upstreams,
+            chunks_served: AtomicU64::new(0),
+            chunk_bytes_served: AtomicU64::new(0),
         }
     }
 
@@ -124,6 +192,11 @@ impl EngineNode {
             "trees": self.engine.trees().iter().map(|t| &t.name).collect::<Vec<_>>(),
             "slots": self.wal.slots(),
             "upstreams": upstreams,
+            "bootstrapping": self.engine.is_bootstrapping(),
+            "bootstrap_served": {
+                "chunks": self.chunks_served.load(Ordering::Relaxed),
+                "bytes": self.chunk_bytes_served.load(Ordering::Relaxed),
+            },
         })
     }
 }
@@ -212,6 +285,27 @@ impl Node for EngineNode {
 
     fn status_json(&self) -> String {
         self.status().to_string()
+    }
+
+    fn bootstrap_view(&self) -> Result<Arc<dyn BootstrapView>, NodeError> {
+        if self.engine.is_bootstrapping() {
+            return Err(NodeError::new(
+                ErrorCode::Unavailable,
+                "this node is itself being bootstrapped; retry once it has finished (see \
+                 `tideline status`)",
+            ));
+        }
+        let stats = self.engine.store_stats();
+        Ok(Arc::new(EngineView {
+            snap: self.engine.snapshot(),
+            estimate: (0, stats.disk_bytes),
+        }))
+    }
+
+    fn on_bootstrap_chunk(&self, bytes: usize) {
+        self.chunks_served.fetch_add(1, Ordering::Relaxed);
+        self.chunk_bytes_served
+            .fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     async fn wait_for(&self, gtids: GtidSet, timeout: Duration) -> (bool, GtidSet) {
@@ -305,8 +399,18 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             &secrets_dir,
         )?);
         cfg.client_name = format!("replica {}", engine.server_uuid());
+        let opts = replica::ReplicaOptions {
+            bootstrap: args.bootstrap,
+            sources: args.upstream.len(),
+            chunk_bytes: args.bootstrap_chunk_bytes,
+        };
         for addr in &args.upstream {
-            upstreams.push(replica::spawn(addr.clone(), cfg.clone(), engine.clone()));
+            upstreams.push(replica::spawn(
+                addr.clone(),
+                cfg.clone(),
+                engine.clone(),
+                opts,
+            ));
         }
     }
     let node = Arc::new(EngineNode::new(engine.clone(), upstreams));

@@ -20,6 +20,8 @@ pub enum UpstreamState {
     Connecting,
     /// Subscribed and applying.
     Connected,
+    /// Copying the upstream's state in chunks (see `bootstrap`).
+    Bootstrapping,
     /// Stopped on an error that needs an operator (see `error`).
     Error,
 }
@@ -49,6 +51,8 @@ pub struct UpstreamStatus {
     pub errant: GtidSet,
     /// The last error, if any.
     pub error: Option<String>,
+    /// Progress of the running or last bootstrap from this upstream.
+    pub bootstrap: Option<serde_json::Value>,
 }
 
 impl UpstreamStatus {
@@ -65,6 +69,7 @@ impl UpstreamStatus {
             lag_seconds: 0.0,
             errant: GtidSet::new(),
             error: None,
+            bootstrap: None,
         }
     }
 
@@ -75,6 +80,7 @@ impl UpstreamStatus {
             "state": match self.state {
                 UpstreamState::Connecting => "connecting",
                 UpstreamState::Connected => "connected",
+                UpstreamState::Bootstrapping => "bootstrapping",
                 UpstreamState::Error => "error",
             },
             "server_uuid": self.server_uuid,
@@ -84,6 +90,7 @@ impl UpstreamStatus {
             "lag_seconds": self.lag_seconds,
             "errant": self.errant.to_string(),
             "error": self.error,
+            "bootstrap": self.bootstrap,
         })
     }
 }
@@ -91,12 +98,38 @@ impl UpstreamStatus {
 /// A shared, updatable upstream status.
 pub type SharedStatus = Arc<Mutex<UpstreamStatus>>;
 
-fn update(status: &SharedStatus, f: impl FnOnce(&mut UpstreamStatus)) {
+pub(crate) fn update(status: &SharedStatus, f: impl FnOnce(&mut UpstreamStatus)) {
     f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
 }
 
+/// When a replica copies its upstream's state instead of catching up from its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BootstrapMode {
+    /// When the replica is empty, or the upstream purged GTIDs it needs (single upstream only).
+    Auto,
+    /// Never: catch up from the upstream's log, and stop with an error if it was purged.
+    Never,
+}
+
+/// How a replica replicates.
+#[derive(Debug, Clone, Copy)]
+pub struct ReplicaOptions {
+    /// When to bootstrap.
+    pub bootstrap: BootstrapMode,
+    /// How many upstreams the node has (a multi-source replica cannot bootstrap: a copy of
+    /// one upstream would replace what the others sent).
+    pub sources: usize,
+    /// Chunk size asked of the upstream when bootstrapping.
+    pub chunk_bytes: u64,
+}
+
 /// Starts replicating from `addr` into `engine`; returns the status handle.
-pub fn spawn(addr: String, cfg: ClientConfig, engine: Arc<Engine>) -> SharedStatus {
+pub fn spawn(
+    addr: String,
+    cfg: ClientConfig,
+    engine: Arc<Engine>,
+    opts: ReplicaOptions,
+) -> SharedStatus {
     let status: SharedStatus = Arc::new(Mutex::new(UpstreamStatus::new(&addr)));
     let st = status.clone();
     tokio::spawn(async move {
@@ -108,7 +141,7 @@ pub fn spawn(addr: String, cfg: ClientConfig, engine: Arc<Engine>) -> SharedStat
                     .min(Duration::from_secs(5));
                 tokio::time::sleep(delay).await;
             }
-            match replicate_once(&addr, &cfg, &engine, &st).await {
+            match replicate_once(&addr, &cfg, &engine, &st, opts).await {
                 Ok(()) => failures = 1,
                 Err(Stop::Retry(e)) => {
                     tracing::warn!(upstream = %addr, error = %e, "replication: reconnecting");
@@ -132,24 +165,36 @@ pub fn spawn(addr: String, cfg: ClientConfig, engine: Arc<Engine>) -> SharedStat
     status
 }
 
-enum Stop {
+/// Why one replication session ended.
+pub(crate) enum Stop {
+    /// Reconnect after a pause.
     Retry(String),
+    /// Needs an operator.
     Fatal(String),
 }
 
-fn classify(e: ClientError) -> Stop {
+/// Classifies a client error. A position the upstream no longer has mid-stream (its history
+/// was replaced by its own bootstrap) is retried: the next subscription finds out what to do.
+pub(crate) fn classify(e: ClientError) -> Stop {
     match &e {
         ClientError::Unauthorized { .. } => Stop::Fatal(e.to_string()),
         ClientError::Server {
-            code: ErrorCode::PositionUnavailable,
+            code: ErrorCode::PositionUnavailable | ErrorCode::Unavailable,
             ..
-        } => Stop::Fatal(format!(
-            "{e}; this replica needs GTIDs the upstream has purged: bootstrap it from a \
-             snapshot (empty its data directory) or pick an upstream that still has them"
-        )),
+        } => Stop::Retry(e.to_string()),
         _ if e.is_retryable() => Stop::Retry(e.to_string()),
         _ => Stop::Fatal(e.to_string()),
     }
+}
+
+fn is_purged(e: &ClientError) -> bool {
+    matches!(
+        e,
+        ClientError::Server {
+            code: ErrorCode::PositionUnavailable,
+            ..
+        }
+    )
 }
 
 async fn replicate_once(
@@ -157,6 +202,7 @@ async fn replicate_once(
     cfg: &ClientConfig,
     engine: &Arc<Engine>,
     st: &SharedStatus,
+    opts: ReplicaOptions,
 ) -> Result<(), Stop> {
     let client = Client::connect(addr, cfg.clone()).await.map_err(classify)?;
     let upstream_uuid = client.server_uuid();
@@ -165,11 +211,72 @@ async fn replicate_once(
             "{addr} is this node itself (server_uuid {upstream_uuid}); remove it from --upstream"
         )));
     }
+    update(st, |s| s.server_uuid = Some(upstream_uuid.to_string()));
+    let can_bootstrap = opts.bootstrap == BootstrapMode::Auto && opts.sources == 1;
+    let empty = engine.gtid_executed().is_empty() && engine.trees().is_empty();
+    if engine.is_bootstrapping() || (can_bootstrap && empty) {
+        crate::bootstrap::run(&client, engine, st, addr, opts.chunk_bytes).await?;
+    }
+    match follow(addr, &client, engine, st).await {
+        Err(Purged(e)) if can_bootstrap => {
+            tracing::warn!(upstream = %addr, error = %e, "the upstream purged GTIDs this replica needs: bootstrapping");
+            crate::bootstrap::run(&client, engine, st, addr, opts.chunk_bytes).await?;
+            follow(addr, &client, engine, st)
+                .await
+                .map_err(|Purged(e)| Stop::Retry(format!("after the bootstrap: {e}")))?
+        }
+        Err(Purged(e)) => Err(Stop::Fatal(format!(
+            "{e}; this replica needs GTIDs the upstream has purged{}",
+            if opts.sources > 1 {
+                ": a multi-source replica cannot bootstrap from one upstream (the copy would \
+                 replace what the others sent); bootstrap it from one upstream first, then add \
+                 the others"
+            } else {
+                ": restart it with --bootstrap auto, or pick an upstream that still has them"
+            }
+        ))),
+        Ok(r) => r,
+    }
+}
+
+/// The upstream has purged GTIDs this replica needs.
+struct Purged(ClientError);
+
+/// Replicates from the upstream's log: errant check, subscription by GTID set, apply.
+/// `Err(Purged)` when the subscription is refused because the upstream purged what is needed.
+async fn follow(
+    addr: &str,
+    client: &Client,
+    engine: &Arc<Engine>,
+    st: &SharedStatus,
+) -> Result<Result<(), Stop>, Purged> {
+    Ok(match subscribe_and_apply(addr, client, engine, st).await {
+        Err(SubscribeError::Purged(e)) => return Err(Purged(e)),
+        Err(SubscribeError::Stop(s)) => Err(s),
+        Ok(r) => r,
+    })
+}
+
+enum SubscribeError {
+    Purged(ClientError),
+    Stop(Stop),
+}
+
+impl From<ClientError> for SubscribeError {
+    fn from(e: ClientError) -> Self {
+        SubscribeError::Stop(classify(e))
+    }
+}
+
+async fn subscribe_and_apply(
+    addr: &str,
+    client: &Client,
+    engine: &Arc<Engine>,
+    st: &SharedStatus,
+) -> Result<Result<(), Stop>, SubscribeError> {
+    let upstream_uuid = client.server_uuid();
     // Errant transactions: what this node wrote itself that the upstream lacks.
-    let (_, upstream_executed) = client
-        .wait_for(&GtidSet::new(), Duration::ZERO)
-        .await
-        .map_err(classify)?;
+    let (_, upstream_executed) = client.wait_for(&GtidSet::new(), Duration::ZERO).await?;
     let have = engine.gtid_executed();
     let own: GtidSet =
         have.intervals(&engine.server_uuid())
@@ -182,10 +289,14 @@ async fn replicate_once(
     if !errant.is_empty() {
         tracing::warn!(upstream = %addr, errant = %errant, "errant transactions: this replica has GTIDs its upstream lacks");
     }
-    let mut sub = client
+    let mut sub = match client
         .subscribe(Start::Gtid(have.to_string()), None, None, None)
         .await
-        .map_err(classify)?;
+    {
+        Ok(sub) => sub,
+        Err(e) if is_purged(&e) => return Err(SubscribeError::Purged(e)),
+        Err(e) => return Err(e.into()),
+    };
     update(st, |s| {
         s.state = UpstreamState::Connected;
         s.server_uuid = Some(upstream_uuid.to_string());
@@ -202,18 +313,22 @@ async fn replicate_once(
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<tideline_wal::Transaction>>(64);
     let mut applier = tokio::spawn(apply_loop(rx, engine.clone(), st.clone(), addr.to_string()));
     let mut head = sub.head();
+    let mut last_received = 0u64;
     let received = loop {
         let next = tokio::select! {
             next = sub.next() => next,
             // The applier only ends early on an error; stop receiving at once.
             done = &mut applier => {
-                return done.map_err(|e| Stop::Fatal(format!("apply task failed: {e}")))?;
+                return Ok(done
+                    .map_err(|e| Stop::Fatal(format!("apply task failed: {e}")))
+                    .and_then(|r| r));
             }
         };
         match next {
             Ok(Some(Event::Batch(txns))) => {
                 if let Some(last) = txns.last() {
                     head = head.max(last.offset.get());
+                    last_received = last.offset.get();
                 }
                 update(st, |s| s.upstream_head = s.upstream_head.max(head));
                 if tx.send(txns).await.is_err() {
@@ -224,6 +339,11 @@ async fn replicate_once(
                 head = head.max(h);
                 update(st, |s| {
                     s.upstream_head = s.upstream_head.max(head);
+                    // A heartbeat means everything up to the head was sent or skipped (records
+                    // this replica already has): once what was sent is applied, it is caught up.
+                    if s.applied_offset >= last_received {
+                        s.applied_offset = s.applied_offset.max(h);
+                    }
                     s.lag_txns = s.upstream_head.saturating_sub(s.applied_offset);
                     if s.lag_txns == 0 {
                         s.lag_seconds = 0.0;
@@ -235,10 +355,10 @@ async fn replicate_once(
         }
     };
     drop(tx);
-    let applied = applier
+    Ok(applier
         .await
-        .map_err(|e| Stop::Fatal(format!("apply task failed: {e}")))?;
-    applied.and(received)
+        .map_err(|e| Stop::Fatal(format!("apply task failed: {e}")))
+        .and_then(|applied| applied.and(received)))
 }
 
 /// Applies what the receiver hands over, as few, large groups as the backlog allows.

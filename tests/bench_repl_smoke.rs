@@ -1,8 +1,9 @@
 //! `tideline bench replication` as a user runs it, at tiny sizes: the primary is loaded, an
-//! async and a sync replica catch up, the chain A→B→C carries the paced load to C, and the
-//! `--json` report carries each figure as a positive number. Guards against a benchmark that
-//! silently stops measuring (a phase that hangs, a field renamed or left at zero). Redis is
-//! skipped with `--no-redis`; no wall-clock figure is asserted.
+//! async and a sync replica catch up, the chain A→B→C carries the paced load to C, empty
+//! replicas bootstrap a small and a larger state, and the `--json` report carries each figure
+//! as a positive number. Guards against a benchmark that silently stops measuring (a phase that
+//! hangs, a field renamed or left at zero). Redis is skipped with `--no-redis`; no wall-clock
+//! figure is asserted.
 
 mod common;
 
@@ -24,6 +25,10 @@ fn bench_replication_reports_every_figure() {
             "1000",
             "--lag-seconds",
             "0.3",
+            "--bootstrap-keys",
+            "20000",
+            "--bootstrap-small-keys",
+            "3000",
         ],
     );
 
@@ -46,16 +51,17 @@ fn bench_replication_reports_every_figure() {
         &["chain_lag", "at_c", "p50_us"],
         &["chain_lag", "at_c", "p99_us"],
         &["chain_lag", "at_c", "max_us"],
+        &["bootstrap_small", "seconds"],
+        &["bootstrap_small", "mb_per_s"],
+        &["bootstrap_large", "mb_per_s"],
+        &["bootstrap_large", "chunks"],
     ] {
         positive(&report, path);
     }
     assert_eq!(report["redis"]["skipped"], "--no-redis");
-    assert!(
-        report["bootstrap_vs_full_resync"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("pending")),
-        "{report}"
-    );
+    assert_eq!(report["bootstrap_large"]["keys"], 20000);
+    // Without Redis there is nothing to compare the bootstrap with.
+    assert!(report["bootstrap_vs_full_resync"].is_null(), "{report}");
     let goals = report["goals"].as_array().expect("goals is an array");
     assert!(goals.len() >= 3, "{report}");
     for g in goals {

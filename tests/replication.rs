@@ -9,57 +9,19 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Node, free_port, load};
+use common::{Node, free_port, gtids, load, scan, status, wait_gtids};
 use serde_json::Value;
 
-fn status(node: &Node) -> Value {
-    let out = node.run(&["status"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status is JSON")
-}
-
-fn gtids(node: &Node) -> String {
-    status(node)["gtid_executed"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
-/// Waits until `node` has executed `want`, or fails after 60 s.
-fn wait_gtids(node: &Node, want: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let have = gtids(node);
-        if have == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} has {have}, expected {want}; status: {}",
-            node.addr,
-            status(node)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-fn scan(node: &Node, tree: &str) -> String {
-    let out = node.run(&["scan", "--tree", tree, "--limit", "1000000"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
+/// A replica that catches up from its upstreams' logs only (`--bootstrap never`): these tests
+/// check log order and local offsets; `tests/bootstrap.rs` covers copying state instead.
 fn replica(dir: &Path, name: &str, secrets: &Path, upstreams: &[&Node]) -> Node {
     let secrets = secrets.to_str().unwrap().to_string();
-    let mut args = vec!["--secrets".to_string(), secrets];
+    let mut args = vec![
+        "--secrets".to_string(),
+        secrets,
+        "--bootstrap".into(),
+        "never".into(),
+    ];
     for u in upstreams {
         args.push("--upstream".into());
         args.push(u.addr.clone());

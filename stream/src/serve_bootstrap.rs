@@ -222,6 +222,11 @@ async fn run<N: Node>(
                 entries,
             } => (tree, merge_operator, from, to, entries),
             Piece::Done { gtid_executed } => {
+                // The handover follows the last chunk's storing, so the consumer's last
+                // report still finds this end listening.
+                if stored.wait_for(|&n| n >= chunks_sent).await.is_err() {
+                    return Err(Stop::Gone);
+                }
                 send_message(
                     send,
                     &Response::BootstrapDone {

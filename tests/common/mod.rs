@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tideline");
 
 pub fn free_port() -> u16 {
@@ -52,8 +54,14 @@ impl Node {
                 other => panic!("node exited before serving: {other:?}"),
             }
         }
-        // Keep draining stderr so the node never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
+        // Keep draining stderr so the node never blocks on a full pipe; its warnings go to the
+        // test's output (shown when the test fails).
+        let tag = addr.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                eprintln!("[node {tag}] {line}");
+            }
+        });
         let secrets = extra
             .iter()
             .position(|a| *a == "--secrets")
@@ -157,4 +165,49 @@ pub fn run_bench(dir: &Path, args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).expect("stdout is one JSON object")
+}
+
+pub fn status(node: &Node) -> Value {
+    let out = node.run(&["status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status is JSON")
+}
+
+pub fn gtids(node: &Node) -> String {
+    status(node)["gtid_executed"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Waits until `node` has executed `want`, or fails after 60 s.
+pub fn wait_gtids(node: &Node, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let have = gtids(node);
+        if have == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has {have}, expected {want}; status: {}",
+            node.addr,
+            status(node)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn scan(node: &Node, tree: &str) -> String {
+    let out = node.run(&["scan", "--tree", tree, "--limit", "1000000"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }

@@ -216,7 +216,8 @@ mod tests {
     }
 
     /// A writer keeps writing while the copy goes on: the merged result equals the source's
-    /// final state, and dropping the cursor rule (applying every op) would not.
+    /// final state. The op on a copied key must be applied (the chunk that held that key
+    /// came before it); the op on a key not yet copied is dropped (the later chunk has it).
     #[test]
     fn chunks_merged_with_live_records_equal_the_source() {
         let mut source: State = BTreeMap::new();
