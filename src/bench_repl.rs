@@ -174,6 +174,8 @@ struct BenchNode {
     server: ServerHandle,
     addr: String,
     upstream: Option<SharedStatus>,
+    /// Stops the replication task (it would go on dialling a stopped upstream).
+    replication: Option<tokio::task::AbortHandle>,
 }
 
 async fn open(dir: &Path, durability: Durability, read_only: bool) -> anyhow::Result<Arc<Engine>> {
@@ -191,14 +193,16 @@ async fn start_node(
     upstream: Option<&str>,
 ) -> anyhow::Result<BenchNode> {
     let engine = open(dir, durability, upstream.is_some()).await?;
-    let upstream = upstream.map(|addr| {
-        replica::spawn(
-            addr.to_string(),
-            ctx.client_cfg.clone(),
-            engine.clone(),
-            LOG_ONLY,
-        )
-    });
+    let (upstream, replication) = upstream
+        .map(|addr| {
+            replica::spawn(
+                addr.to_string(),
+                ctx.client_cfg.clone(),
+                engine.clone(),
+                LOG_ONLY,
+            )
+        })
+        .unzip();
     let node = Arc::new(EngineNode::new(
         engine.clone(),
         upstream.iter().cloned().collect(),
@@ -212,6 +216,7 @@ async fn start_node(
         server,
         addr,
         upstream,
+        replication,
     })
 }
 
@@ -227,6 +232,9 @@ async fn close_engine(engine: Arc<Engine>) -> anyhow::Result<()> {
 
 impl BenchNode {
     async fn stop(self) -> anyhow::Result<()> {
+        if let Some(task) = &self.replication {
+            task.abort();
+        }
         self.server.shutdown().await;
         close_engine(self.engine).await
     }
@@ -340,7 +348,8 @@ async fn catch_up(
             .context("start the replica's runtime")?,
     ));
     let started = Instant::now();
-    let status = {
+    // The task ends with its runtime.
+    let (status, _task) = {
         let _entered = rt.0.as_ref().map(|r| r.enter());
         replica::spawn(
             primary.addr.clone(),
@@ -451,7 +460,8 @@ async fn bootstrap_copy(
     let engine = open(&root.join(format!("{name}-replica")), ASYNC_10MS, true).await?;
     let pb = bar(user_bytes, "bootstrap (bytes)");
     let started = Instant::now();
-    let status = {
+    // The task ends with its runtime.
+    let (status, _task) = {
         let _entered = rt.0.as_ref().map(|r| r.enter());
         replica::spawn(
             primary.addr.clone(),

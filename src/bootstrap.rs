@@ -98,9 +98,14 @@ pub async fn run(
         }
     });
     let started_at = Instant::now();
+    // Where the time goes: waiting for the stream, or storing.
+    let (mut waited, mut storing) = (Duration::ZERO, Duration::ZERO);
     let mut last_log = Instant::now();
     let result = loop {
-        let Some(item) = rx.recv().await else {
+        let wait_started = Instant::now();
+        let item = rx.recv().await;
+        waited += wait_started.elapsed();
+        let Some(item) = item else {
             break Err(Stop::Retry("the bootstrap stream ended early".into()));
         };
         let (step, progress, rate) = match item {
@@ -108,7 +113,13 @@ pub async fn run(
             Ok(None) => break Err(Stop::Retry("the bootstrap stream ended early".into())),
             Err(e) => break Err(bootstrap_stop(e)),
         };
-        let is_chunk = matches!(step, BootstrapStep::Chunk { .. });
+        let completes_chunk = matches!(
+            step,
+            BootstrapStep::Chunk {
+                completes_chunk: true,
+                ..
+            }
+        );
         let ops = match step {
             BootstrapStep::Ops(ops) => ops.into_iter().map(RestoreOp::Op).collect(),
             BootstrapStep::Chunk {
@@ -117,6 +128,7 @@ pub async fn run(
                 from,
                 to,
                 entries,
+                ..
             } => vec![RestoreOp::Chunk {
                 tree,
                 merge_operator,
@@ -140,6 +152,8 @@ pub async fn run(
                     keys = progress.keys,
                     bytes = progress.bytes,
                     seconds = started_at.elapsed().as_secs_f64(),
+                    waiting_for_stream_s = waited.as_secs_f64(),
+                    storing_s = storing.as_secs_f64(),
                     gtid_executed = %gtid_executed,
                     "bootstrap complete; replicating from the handover point"
                 );
@@ -147,10 +161,12 @@ pub async fn run(
             }
         };
         let (eng, p) = (engine.clone(), progress.to_json());
+        let store_started = Instant::now();
         if let Err(e) = blocking(move || eng.bootstrap_apply(ops, &p)).await {
             break Err(e);
         }
-        if is_chunk {
+        storing += store_started.elapsed();
+        if completes_chunk {
             chunks_stored += 1;
             if let Err(e) = acker.stored(chunks_stored).await {
                 break Err(classify(e));

@@ -34,13 +34,20 @@ pub fn log_dir(data: &Path) -> PathBuf {
 
 /// Opens (or creates) the log of a data directory for writing.
 pub fn open_log(data: &Path, durability: Durability) -> anyhow::Result<Arc<Wal>> {
+    open_log_with(
+        data,
+        WalOptions {
+            durability,
+            ..WalOptions::default()
+        },
+    )
+}
+
+/// Opens (or creates) the log of a data directory with `opts`.
+pub fn open_log_with(data: &Path, opts: WalOptions) -> anyhow::Result<Arc<Wal>> {
     let dir = log_dir(data);
     let storage: Arc<dyn Storage> =
         Arc::new(FileStorage::new(&dir).with_context(|| format!("create {}", dir.display()))?);
-    let opts = WalOptions {
-        durability,
-        ..WalOptions::default()
-    };
     let wal =
         Wal::open(storage, opts).with_context(|| format!("open the log in {}", dir.display()))?;
     Ok(Arc::new(wal))

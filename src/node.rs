@@ -14,10 +14,10 @@ use serde_json::json;
 use tideline_engine::{Engine, EngineOptions, ReadError, Snapshot, WriteError};
 use tideline_stream::server::Rows;
 use tideline_stream::{BootstrapView, ErrorCode, Node, NodeError, ServerConfig, WriteOp};
-use tideline_wal::{Durability, Gtid, GtidSet, Offset, Wal};
+use tideline_wal::{Durability, Gtid, GtidSet, Offset, RetentionPolicy, Wal, WalOptions};
 
 use crate::DurabilityArg;
-use crate::log_cmd::open_log;
+use crate::log_cmd::open_log_with;
 use crate::replica::{self, SharedStatus};
 
 /// Arguments of `serve`.
@@ -54,6 +54,14 @@ pub struct ServeArgs {
     /// A killed replica re-fetches at most one chunk.
     #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
     bootstrap_chunk_bytes: u64,
+    /// Size at which the log starts a new segment file (retention removes whole segments).
+    #[arg(long, default_value_t = 64 << 20, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(4096..=(1 << 40)))]
+    log_segment_bytes: u64,
+    /// Log kept for consumers without a slot, in bytes; older segments go once no slot needs
+    /// them (checked every 10 s). A replica needing purged GTIDs bootstraps instead.
+    #[arg(long, default_value_t = 1 << 30, value_name = "BYTES")]
+    log_retain_bytes: u64,
     /// Longest key accepted, in bytes (at most 65535, the store's limit).
     #[arg(long, default_value_t = 65_535, value_parser = clap::value_parser!(u32).range(1..=65_535))]
     key_bytes_max: u32,
@@ -334,7 +342,10 @@ pub fn open_engine(
 ) -> anyhow::Result<Arc<Engine>> {
     open_engine_with(
         data,
-        durability,
+        WalOptions {
+            durability,
+            ..WalOptions::default()
+        },
         EngineOptions {
             read_only,
             ..EngineOptions::default()
@@ -345,10 +356,10 @@ pub fn open_engine(
 /// Opens the log and engine of a data directory.
 pub fn open_engine_with(
     data: &Path,
-    durability: Durability,
+    log: WalOptions,
     opts: EngineOptions,
 ) -> anyhow::Result<Arc<Engine>> {
-    let wal = open_log(data, durability)?;
+    let wal = open_log_with(data, log)?;
     let report = wal.recovery_report();
     if report.truncated_bytes > 0 {
         tracing::warn!(
@@ -390,7 +401,16 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         value_bytes_max: args.value_bytes_max as usize,
         ..EngineOptions::default()
     };
-    let engine = tokio::task::spawn_blocking(move || open_engine_with(&data, durability, opts))
+    let log = WalOptions {
+        durability,
+        segment_bytes_max: args.log_segment_bytes,
+        retention: RetentionPolicy {
+            retain_bytes_min: args.log_retain_bytes,
+            ..RetentionPolicy::default()
+        },
+        ..WalOptions::default()
+    };
+    let engine = tokio::task::spawn_blocking(move || open_engine_with(&data, log, opts))
         .await
         .context("open task failed")??;
     let mut upstreams = Vec::new();
@@ -405,12 +425,9 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             chunk_bytes: args.bootstrap_chunk_bytes,
         };
         for addr in &args.upstream {
-            upstreams.push(replica::spawn(
-                addr.clone(),
-                cfg.clone(),
-                engine.clone(),
-                opts,
-            ));
+            // The tasks live as long as the node's runtime.
+            let (status, _task) = replica::spawn(addr.clone(), cfg.clone(), engine.clone(), opts);
+            upstreams.push(status);
         }
     }
     let node = Arc::new(EngineNode::new(engine.clone(), upstreams));

@@ -123,16 +123,17 @@ pub struct ReplicaOptions {
     pub chunk_bytes: u64,
 }
 
-/// Starts replicating from `addr` into `engine`; returns the status handle.
+/// Starts replicating from `addr` into `engine`; returns the status handle and a handle that
+/// stops the replication task.
 pub fn spawn(
     addr: String,
     cfg: ClientConfig,
     engine: Arc<Engine>,
     opts: ReplicaOptions,
-) -> SharedStatus {
+) -> (SharedStatus, tokio::task::AbortHandle) {
     let status: SharedStatus = Arc::new(Mutex::new(UpstreamStatus::new(&addr)));
     let st = status.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let mut failures: u32 = 0;
         loop {
             if failures > 0 {
@@ -162,7 +163,7 @@ pub fn spawn(
             }
         }
     });
-    status
+    (status, task.abort_handle())
 }
 
 /// Why one replication session ended.

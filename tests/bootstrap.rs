@@ -229,3 +229,53 @@ fn a_replica_killed_mid_bootstrap_resumes_from_its_last_chunk() {
         "A served {served} chunks, B stored {stored}: more than one re-sent per kill"
     );
 }
+
+/// A replica that is only behind catches up from the log; once its upstream purged GTIDs it
+/// needs, it bootstraps instead (and its own data is replaced by the copy).
+#[test]
+fn a_replica_whose_needed_gtids_were_purged_bootstraps() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let secrets_s = secrets.to_str().unwrap().to_string();
+    let a = Node::start_with(
+        &dir.path().join("a"),
+        free_port(),
+        &[
+            "--secrets",
+            &secrets_s,
+            "--log-segment-bytes",
+            "16384",
+            "--log-retain-bytes",
+            "0",
+        ],
+    );
+    let b = replica(dir.path(), "b", &secrets_s, &a, "65536");
+    load_sized(&a, "default", 0, 500, 100);
+    wait_gtids(&b, &gtids(&a));
+    assert_eq!(status(&b)["last_offset"], 1, "B caught up from the log");
+    let b_data = b.data.clone();
+    drop(b); // killed
+
+    // A moves on and its retention (every 10 s) removes what B would need.
+    for i in 0..20 {
+        load_sized(&a, "default", 1_000 + i * 100, 100, 100);
+    }
+    let b_last = 1;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&a)["first_offset"].as_u64().unwrap() <= b_last + 1 {
+        assert!(Instant::now() < deadline, "A never purged: {}", status(&a));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let b = Node::start_with(
+        &b_data,
+        free_port(),
+        &["--secrets", &secrets_s, "--upstream", &a.addr],
+    );
+    let u = wait_upstream(&b, "B to bootstrap", |u| {
+        u["state"] == "connected" && !u["bootstrap"].is_null()
+    });
+    wait_gtids(&b, &gtids(&a));
+    assert_equal(&a, &b);
+    assert_eq!(u["bootstrap"]["trees_done"], 1, "{u}");
+}

@@ -95,7 +95,7 @@ pub enum BootstrapStep {
     /// Ops of live records on ranges already copied (possibly empty: the position still moved).
     Ops(Vec<Op>),
     /// Replace `[from, to)` of `tree` (`to: None` = to its end) with `entries`, creating the
-    /// tree with `merge_operator` if it does not exist.
+    /// tree with `merge_operator` if it does not exist. One part of a chunk.
     Chunk {
         /// Tree.
         tree: String,
@@ -107,6 +107,10 @@ pub enum BootstrapStep {
         to: Option<Vec<u8>>,
         /// Ascending entries, all inside the range.
         entries: Vec<(Vec<u8>, Vec<u8>)>,
+        /// This part ends its chunk: once it is stored, report the chunk stored (see
+        /// [`Bootstrap::take_acker`]). A chunk travels in parts so that one part is stored
+        /// while the next arrives; the progress moves only with the last.
+        completes_chunk: bool,
     },
     /// The copy equals the node's state at `offset`, where it had executed `gtid_executed`.
     Done {
@@ -142,6 +146,9 @@ pub struct Bootstrap {
     done: bool,
     started: Instant,
     bytes_at_start: u64,
+    /// Keys and bytes of the parts of the chunk in progress.
+    part_keys: u64,
+    part_bytes: u64,
 }
 
 impl Bootstrap {
@@ -224,6 +231,8 @@ impl Bootstrap {
             pos,
             progress,
             done: false,
+            part_keys: 0,
+            part_bytes: 0,
             started: Instant::now(),
         })
     }
@@ -273,22 +282,33 @@ impl Bootstrap {
                 to,
                 entries,
                 offset,
+                last,
             } => {
                 let bytes = entries.len() as u64;
                 let entries =
                     tideline_stream::proto::unpack_entries(&entries, &from, to.as_deref())?;
-                self.pos.on_chunk(&tree, &from, to.as_deref(), offset)?;
-                self.progress.chunks += 1;
-                self.progress.trees_done += u64::from(to.is_none());
-                self.progress.keys += entries.len() as u64;
-                self.progress.bytes += bytes - 8 * entries.len() as u64;
-                BootstrapStep::Chunk {
+                self.pos
+                    .on_chunk(&tree, &from, to.as_deref(), offset, last)?;
+                self.part_keys += entries.len() as u64;
+                self.part_bytes += bytes - 8 * entries.len() as u64;
+                let tree_done = to.is_none();
+                let step = BootstrapStep::Chunk {
                     tree,
                     merge_operator,
                     from,
                     to,
                     entries,
+                    completes_chunk: last,
+                };
+                if !last {
+                    // The stored position stays at the chunk's start until its last part.
+                    return Ok(Some(step));
                 }
+                self.progress.chunks += 1;
+                self.progress.trees_done += u64::from(tree_done);
+                self.progress.keys += std::mem::take(&mut self.part_keys);
+                self.progress.bytes += std::mem::take(&mut self.part_bytes);
+                step
             }
             BootstrapEvent::Done {
                 offset,

@@ -13,6 +13,9 @@ use crate::proto::{
 use crate::tls::{self, ClientSecrets};
 use crate::wire::{FramedRecv, WireError, send_message};
 
+/// Per-stream receive window: one bootstrap chunk (up to 8 MiB) and its envelope.
+const STREAM_WINDOW_BYTES: u32 = 9 << 20;
+
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -134,6 +137,9 @@ fn client_endpoint(cfg: &ClientConfig, ipv6: bool) -> Result<quinn::Endpoint, Cl
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(cfg.idle_timeout).ok());
     t.keep_alive_interval(Some((cfg.idle_timeout / 4).max(Duration::from_millis(100))));
+    // Room for a whole bootstrap chunk in flight (the stream window bounds what a stalled
+    // reader holds; tails stay bounded by the server's batch size).
+    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW_BYTES));
     client_cfg.transport_config(Arc::new(t));
     // Bound to the family of the address dialled: an IPv4 socket cannot reach [::1].
     let bind: std::net::SocketAddr = if ipv6 {
@@ -514,7 +520,7 @@ impl Subscription {
 pub enum BootstrapEvent {
     /// Live log records, densely after the previous ones.
     Records(Vec<Transaction>),
-    /// A chunk of a tree read at `offset` (see [`Response::Chunk`]).
+    /// A part of a chunk of a tree read at `offset` (see [`Response::Chunk`]).
     Chunk {
         /// Tree.
         tree: String,
@@ -528,6 +534,8 @@ pub enum BootstrapEvent {
         entries: Vec<u8>,
         /// Position read at.
         offset: u64,
+        /// Whether this part ends its chunk.
+        last: bool,
     },
     /// The copy is complete at `offset`, where the server had executed `gtid_executed`.
     Done {
@@ -586,6 +594,7 @@ impl BootstrapStream {
                 to,
                 entries,
                 offset,
+                last,
             })) => Some(BootstrapEvent::Chunk {
                 tree,
                 merge_operator,
@@ -593,6 +602,7 @@ impl BootstrapStream {
                 to,
                 entries,
                 offset,
+                last,
             }),
             Some(Frame::Message(Response::BootstrapDone {
                 offset,

@@ -9,7 +9,9 @@ use std::time::Duration;
 use tideline_wal::Offset;
 use uuid::Uuid;
 
-use crate::proto::{BatchBuilder, BootstrapResume, Cursor, ErrorCode, Request, Response};
+use crate::proto::{
+    BatchBuilder, BootstrapResume, Cursor, ErrorCode, Request, Response, packed_parts,
+};
 use crate::server::{BootstrapView, Node, ServerConfig, error};
 use crate::wire::{FramedRecv, WireError, send_message};
 
@@ -18,6 +20,8 @@ use crate::wire::{FramedRecv, WireError, send_message};
 pub(crate) const CHUNK_BYTES_MIN: usize = 16 << 10;
 /// See [`CHUNK_BYTES_MIN`].
 pub(crate) const CHUNK_BYTES_MAX: usize = 8 << 20;
+/// Size of the parts a chunk is sent in.
+const PART_BYTES: usize = 64 << 20;
 
 pub(crate) async fn serve_bootstrap<N: Node>(
     node: Arc<N>,
@@ -254,19 +258,37 @@ async fn run<N: Node>(
                 tree_done: true,
             },
         };
-        send_message(
-            send,
-            &Response::Chunk {
-                tree,
-                merge_operator,
-                from,
-                to,
-                entries,
-                offset: at,
-            },
-        )
-        .await?;
-        chunks_sent += 1;
         node.on_bootstrap_chunk(bytes);
+        // The chunk goes out in parts, each with its own sub-range, so the consumer stores
+        // one part while the next arrives. It counts as stored after its last part.
+        let parts = packed_parts(&entries, PART_BYTES);
+        let n = parts.len().max(1);
+        for i in 0..n {
+            let last = i + 1 == n;
+            let (range, part_from) = match parts.get(i) {
+                Some((r, k)) if i > 0 => (r.clone(), k.clone()),
+                Some((r, _)) => (r.clone(), from.clone()),
+                None => (0..0, from.clone()),
+            };
+            let part_to = if last {
+                to.clone()
+            } else {
+                parts.get(i + 1).map(|(_, k)| k.clone())
+            };
+            send_message(
+                send,
+                &Response::Chunk {
+                    tree: tree.clone(),
+                    merge_operator: merge_operator.clone(),
+                    from: part_from,
+                    to: part_to,
+                    entries: entries.get(range).unwrap_or_default().to_vec(),
+                    offset: at,
+                    last,
+                },
+            )
+            .await?;
+        }
+        chunks_sent += 1;
     }
 }

@@ -28,6 +28,35 @@ pub fn pack_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
     out.extend_from_slice(value);
 }
 
+/// Splits a packed chunk body into parts of about `part_bytes` at entry boundaries: per part,
+/// its byte range and its first key. Stops at the first malformed entry (the body is the
+/// server's own; this never panics on a bad one).
+pub fn packed_parts(body: &[u8], part_bytes: usize) -> Vec<(std::ops::Range<usize>, Vec<u8>)> {
+    let mut parts: Vec<(std::ops::Range<usize>, Vec<u8>)> = Vec::new();
+    let mut at = 0usize;
+    while at < body.len() {
+        let Some(header) = body.get(at..at + ENTRY_HEADER_BYTES) else {
+            break;
+        };
+        let klen = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let vlen = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+        let kstart = at + ENTRY_HEADER_BYTES;
+        let end = kstart.saturating_add(klen).saturating_add(vlen);
+        let Some(key) = body
+            .get(kstart..kstart + klen)
+            .filter(|_| end <= body.len())
+        else {
+            break;
+        };
+        match parts.last_mut() {
+            Some((range, _)) if range.end - range.start < part_bytes => range.end = end,
+            _ => parts.push((at..end, key.to_vec())),
+        }
+        at = end;
+    }
+    parts
+}
+
 /// The entries of a packed chunk body, checked: lengths inside the body, keys strictly
 /// ascending, all inside `[from, to)`.
 pub fn unpack_entries(
@@ -141,7 +170,13 @@ impl BootstrapPosition {
         from: &[u8],
         to: Option<&[u8]>,
         offset: u64,
+        last: bool,
     ) -> Result<(), ProtoError> {
+        if !last && to.is_none() {
+            return Err(ProtoError::Violation(
+                "a chunk part that is not the last one ends at the end of its tree".into(),
+            ));
+        }
         let starts_here = if tree == self.cursor.tree {
             !self.cursor.tree_done && from == &self.cursor.key[..]
         } else {
@@ -242,8 +277,8 @@ mod tests {
                 .collect()
         };
         let c1 = chunk(&source, b'0', Some(b'5'));
-        pos.on_chunk("a", b"0", Some(b"5"), 0).unwrap_err(); // must start at the tree's first key
-        pos.on_chunk("a", b"", Some(b"5"), 0).unwrap();
+        pos.on_chunk("a", b"0", Some(b"5"), 0, true).unwrap_err(); // must start at the tree's first key
+        pos.on_chunk("a", b"", Some(b"5"), 0, true).unwrap();
         for (k, v) in c1 {
             replica.insert(("a".into(), k), v);
         }
@@ -257,7 +292,7 @@ mod tests {
         }
         // Chunk 2 covers the rest at offset 2 and includes key 7's new value.
         let c2 = chunk(&source, b'5', None);
-        pos.on_chunk("a", b"5", None, 2).unwrap();
+        pos.on_chunk("a", b"5", None, 2, true).unwrap();
         for (k, v) in c2 {
             replica.insert(("a".into(), k), v);
         }
@@ -278,18 +313,40 @@ mod tests {
         pos.on_records(vec![record(1, vec![])]).unwrap();
         assert_eq!(pos.on_records(vec![record(1, vec![])]).unwrap(), vec![]);
         assert!(
-            pos.on_chunk("a", b"", None, 0).is_err(),
+            pos.on_chunk("a", b"", None, 0, true).is_err(),
             "older than the records"
         );
-        pos.on_chunk("b", b"", None, 1).unwrap();
+        pos.on_chunk("b", b"", None, 1, true).unwrap();
         assert!(
-            pos.on_chunk("a", b"", None, 1).is_err(),
+            pos.on_chunk("a", b"", None, 1, true).is_err(),
             "tree behind the cursor"
         );
         assert!(
-            pos.on_chunk("b", b"", None, 1).is_err(),
+            pos.on_chunk("b", b"", None, 1, true).is_err(),
             "tree already done"
         );
+    }
+
+    #[test]
+    fn a_chunk_in_parts_moves_the_cursor_part_by_part() {
+        let mut pos = BootstrapPosition::default();
+        assert!(
+            pos.on_chunk("a", b"", None, 0, false).is_err(),
+            "open-ended part"
+        );
+        pos.on_chunk("a", b"", Some(b"m"), 0, false).unwrap();
+        assert!(pos.cursor.covers_key("a", b"c"));
+        pos.on_chunk("a", b"m", None, 0, true).unwrap();
+        assert!(pos.cursor.tree_done);
+        let mut body = Vec::new();
+        for k in [b"a", b"b", b"c", b"d"] {
+            pack_entry(&mut body, k, &[0; 10]);
+        }
+        let parts = packed_parts(&body, 30);
+        let firsts: Vec<&[u8]> = parts.iter().map(|(_, k)| k.as_slice()).collect();
+        assert_eq!(firsts, vec![&b"a"[..], &b"c"[..]]);
+        assert_eq!(parts[1].0.end, body.len());
+        assert_eq!(parts[0].0.end, parts[1].0.start);
     }
 
     #[test]

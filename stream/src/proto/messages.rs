@@ -263,9 +263,9 @@ pub enum Response {
         /// Estimated bytes of keys and values (for progress; may be off).
         bytes_estimate: u64,
     },
-    /// A chunk of a tree, read from a snapshot at `offset`: it replaces the key range
-    /// `[from, to)` (`to: None` = to the end of the tree). Every live record up to `offset`
-    /// was sent before it; every later one comes after it.
+    /// A part of a chunk of a tree, read from a snapshot at `offset`: it replaces the key
+    /// range `[from, to)` (`to: None` = to the end of the tree). Every live record up to
+    /// `offset` was sent before the chunk's first part; every later one comes after its last.
     Chunk {
         /// Tree.
         tree: String,
@@ -280,6 +280,10 @@ pub enum Response {
         entries: Vec<u8>,
         /// Snapshot position (last applied offset) the chunk was read at.
         offset: u64,
+        /// Whether this message ends the chunk. A chunk travels as consecutive parts (each
+        /// with its own sub-range, so the receiver can store each as it arrives); its
+        /// progress counts only once its last part is stored.
+        last: bool,
     },
     /// The bootstrap is complete: the copy equals the server's state at `offset`.
     BootstrapDone {

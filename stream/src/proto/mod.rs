@@ -54,7 +54,7 @@ impl Default for Limits {
 
 pub mod bootstrap;
 mod messages;
-pub use bootstrap::{BootstrapPosition, Cursor, pack_entry, unpack_entries};
+pub use bootstrap::{BootstrapPosition, Cursor, pack_entry, packed_parts, unpack_entries};
 pub use messages::{BootstrapResume, ErrorCode, Request, Response, Start, WriteOp};
 
 /// Protocol violations and decoding failures.
