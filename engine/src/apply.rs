@@ -65,7 +65,8 @@ pub(crate) struct StoreBatch<'a> {
     pub(crate) track: bool,
     /// Values written by earlier ops of the batch, by (keyspace, key); `None`: deleted.
     pub(crate) overlay: HashMap<(String, Vec<u8>), Option<Vec<u8>>>,
-    /// Chunks written earlier in the batch (bootstrap only), oldest first. An overlay entry is
+    /// Chunks written earlier in the batch (bootstrap only), oldest first; not the call's
+    /// leading chunks, which are ingested into the store before the batch and read from it. An overlay entry is
     /// always newer than every chunk covering its key (a chunk clears the overlay in its range).
     pub(crate) chunks: Vec<ChunkWrite>,
 }

@@ -442,6 +442,13 @@ impl StoreBatch<'_> {
     /// the batch (ops after the chunks, the progress record, a tree's catalog entry) commits
     /// after it.
     ///
+    /// Ingesting into a tree that holds data is sound: fjall flushes the keyspace's memtable
+    /// first and gives the new tables one sequence number above every write so far, placed
+    /// as the newest L0 run, so they shadow what the tree held and the batch's later writes
+    /// shadow them. What the batch path must know: the data is in the store at once, also in
+    /// a keyspace this call created, so later chunks and merges of the call read it from the
+    /// store (`apply_chunk` reads the store's range for every keyspace).
+    ///
     /// Not atomic with the progress record: a crash after the ingestion and before the batch
     /// leaves this call's chunks in place while the progress record still names the call
     /// before. That is safe for a bootstrap: the chunks lie in ranges the progress record says
@@ -512,23 +519,19 @@ impl StoreBatch<'_> {
         };
         // Keys rewritten by the chunk need no tombstone: the later put wins within the batch.
         let stale = |key: &[u8]| chunk.covers(key) && chunk.value(key).is_none();
-        // What the store holds in the range; a keyspace made by this batch holds nothing.
-        if self
-            .base
-            .get(tree)
-            .is_some_and(|b| b.keyspace == t.keyspace)
-        {
-            let range = match &chunk.to {
-                Some(to) => t.handle.range(chunk.from.as_slice()..to.as_slice()),
-                None => t.handle.range(chunk.from.as_slice()..),
-            };
-            for kv in range {
-                let key = kv
-                    .key()
-                    .map_err(|e| format!("reading tree `{tree}`: {e}"))?;
-                if chunk.value(&key).is_none() {
-                    self.batch.remove(&t.handle, key);
-                }
+        // What the store holds in the range. Always read, even for a keyspace this call
+        // created: the call's leading chunks were ingested into the store already, new
+        // trees included (a keyspace made by the batch is not necessarily empty).
+        let range = match &chunk.to {
+            Some(to) => t.handle.range(chunk.from.as_slice()..to.as_slice()),
+            None => t.handle.range(chunk.from.as_slice()..),
+        };
+        for kv in range {
+            let key = kv
+                .key()
+                .map_err(|e| format!("reading tree `{tree}`: {e}"))?;
+            if chunk.value(&key).is_none() {
+                self.batch.remove(&t.handle, key);
             }
         }
         // What earlier ops of this batch wrote in the range: the chunk replaces it.

@@ -5,7 +5,9 @@
 //! - chunks and ops, in any split into `bootstrap_apply` calls, reproduce a `BTreeMap` model
 //!   exactly (merges on top of a chunk in the same call or later, trees created by chunks with
 //!   an operator, empty chunks, drops, chunks replacing ranges written before): wrong op
-//!   semantics, stale keys surviving a chunk, batch-internal ordering bugs;
+//!   semantics, stale keys surviving a chunk, batch-internal ordering bugs; and calls led by
+//!   chunks (ingested as tables) then ops and chunks (the store batch): a later chunk of a
+//!   call missing what the call's leading chunks ingested, also into a tree they created;
 //! - a child process killed with SIGKILL mid-bootstrap reopens bootstrapping with its last
 //!   stored progress record, and the data is exactly what the calls up to it wrote (plus, at
 //!   most, the leading chunk of the call in flight, which is ingested before the call's
@@ -400,9 +402,43 @@ fn gen_op() -> impl Strategy<Value = GenOp> {
         4 => (t.clone(), k.clone(), v.clone()).prop_map(|(t, k, v)| GenOp::Merge(t, k, v)),
         1 => t.clone().prop_map(GenOp::Create),
         1 => t.clone().prop_map(GenOp::Drop),
-        4 => (t, 0u8..12, prop::option::of(1u8..13), prop::collection::vec((k, v), 0..8))
-            .prop_map(|(t, from, to, e)| GenOp::Chunk(t, from, to, e)),
+        4 => gen_chunk(3),
     ]
+}
+
+/// A chunk of one of the first `trees` trees.
+fn gen_chunk(trees: u8) -> impl Strategy<Value = GenOp> {
+    (
+        0..trees,
+        0u8..12,
+        prop::option::of(1u8..13),
+        prop::collection::vec((0u8..12, 0u8..50), 0..8),
+    )
+        .prop_map(|(t, from, to, e)| GenOp::Chunk(t, from, to, e))
+}
+
+/// One `bootstrap_apply` call shaped like a real bootstrap's: chunks first (the part the
+/// engine ingests as tables), then ops and chunks mixed (through the store batch), on two
+/// trees that are often dropped, so that calls start on missing trees, trees created by the
+/// call's own leading chunks, and trees filled by earlier calls.
+fn gen_call() -> impl Strategy<Value = Vec<GenOp>> {
+    let t = 0u8..2;
+    let later = prop_oneof![
+        3 => (t.clone(), 0u8..12, 0u8..50).prop_map(|(t, k, v)| GenOp::Put(t, k, v)),
+        2 => (t.clone(), 0u8..12).prop_map(|(t, k)| GenOp::Delete(t, k)),
+        3 => (t.clone(), 0u8..12, 0u8..50).prop_map(|(t, k, v)| GenOp::Merge(t, k, v)),
+        1 => t.clone().prop_map(GenOp::Create),
+        2 => t.prop_map(GenOp::Drop),
+        4 => gen_chunk(2),
+    ];
+    (
+        prop::collection::vec(gen_chunk(2), 0..4),
+        prop::collection::vec(later, 0..8),
+    )
+        .prop_map(|(mut leading, later)| {
+            leading.extend(later);
+            leading
+        })
 }
 
 fn key(k: u8) -> Vec<u8> {
@@ -443,7 +479,13 @@ fn to_restore(g: &GenOp) -> RestoreOp {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("TIDELINE_BOOTSTRAP_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(48),
+        ..ProptestConfig::default()
+    })]
 
     /// Any sequence of ops and chunks, split into calls anywhere, gives the model's state.
     #[test]
@@ -462,6 +504,47 @@ proptest! {
         }
         bootstrap_and_check(&e, &batches);
     }
+
+    /// Calls led by chunks (ingested as tables) followed by ops and chunks (the store batch)
+    /// give the model's state. This one finds, within its default cases, what the split
+    /// above rarely hits: a later chunk of a call not removing keys that the call's leading
+    /// chunk ingested into a tree it created (the bug fixed by always reading the store in
+    /// `apply_chunk`). Checked by reverting that fix: this test failed in each of 5 runs
+    /// of its default cases, with the regression file moved away.
+    #[test]
+    fn calls_led_by_chunks_match_the_model(
+        calls in prop::collection::vec(gen_call(), 1..8),
+    ) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = open_mem(dir.path(), &Arc::new(MemStorage::new()));
+        let batches: Vec<Vec<RestoreOp>> = calls
+            .iter()
+            .map(|call| call.iter().map(to_restore).collect())
+            .collect();
+        bootstrap_and_check(&e, &batches);
+    }
+}
+
+/// The shrunk case of the bug above, as a plain test: a call whose leading chunk creates the
+/// tree (ingested as a table), then an op, then a chunk over the same range through the batch;
+/// the later chunk must remove the ingested key it lacks.
+#[test]
+fn a_later_chunk_replaces_what_a_leading_chunk_ingested_into_a_new_tree() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = open_mem(dir.path(), &Arc::new(MemStorage::new()));
+    let batches = vec![vec![
+        chunk("t1", None, b"k00", None, &[(b"k06", b"20")]),
+        put("t2", b"k10", b"22"),
+        chunk(
+            "t1",
+            None,
+            b"k05",
+            None,
+            &[(b"k05", b"35"), (b"k08", b"40")],
+        ),
+    ]];
+    bootstrap_and_check(&e, &batches);
+    assert_eq!(e.get("t1", b"k06").expect("get"), None);
 }
 
 // ---------------------------------------------------------------------------------------
