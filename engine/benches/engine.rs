@@ -198,6 +198,8 @@ struct Restore {
     total_secs: f64,
     settle_secs: f64,
     finish_secs: f64,
+    /// `Snapshot::approximate_len` after the restore.
+    estimate: u64,
 }
 
 /// Step 5: a bootstrap of `keys` keys into a fresh engine, in chunks of `chunk_bytes`.
@@ -251,6 +253,7 @@ fn restore(dir: &std::path::Path, opts: EngineOptions, keys: u64, chunk_bytes: u
     let t = Instant::now();
     engine.bootstrap_finish(&GtidSet::new()).expect("finish");
     let finish_secs = t.elapsed().as_secs_f64();
+    let estimate = engine.snapshot().approximate_len();
     let last = key(keys.saturating_sub(1));
     assert_eq!(
         engine.get("default", &last).expect("get").as_deref(),
@@ -266,6 +269,7 @@ fn restore(dir: &std::path::Path, opts: EngineOptions, keys: u64, chunk_bytes: u
         total_secs,
         settle_secs,
         finish_secs,
+        estimate,
     }
 }
 
@@ -292,6 +296,10 @@ fn print_restore(r: &Restore, chunk_bytes: u64) {
     println!(
         "  then flushes settled in {:.2} s, bootstrap_finish took {:.3} s",
         r.settle_secs, r.finish_secs
+    );
+    println!(
+        "  Snapshot::approximate_len afterwards: {} ({} keys restored)",
+        r.estimate, r.keys
     );
 }
 

@@ -489,3 +489,49 @@ fn poisoned_log_makes_the_engine_fail_stop() {
     );
     assert_eq!(e.get("default", b"b").expect("get"), None);
 }
+
+#[test]
+fn snapshot_approximate_len_estimates_the_keys_of_all_trees() {
+    let n = node();
+    let e = &n.engine;
+    assert_eq!(
+        e.snapshot().approximate_len(),
+        0,
+        "a fresh node holds nothing"
+    );
+    assert_eq!(
+        e.snapshot()
+            .approximate_tree_len("default")
+            .expect("default"),
+        0
+    );
+    assert!(matches!(
+        e.snapshot().approximate_tree_len("nope"),
+        Err(ReadError::UnknownTree(_))
+    ));
+    e.create_tree("b", Some("add")).expect("create b");
+    for i in 0..300u32 {
+        e.put("default", format!("k{i:04}").as_bytes(), b"v")
+            .expect("put");
+    }
+    for i in 0..200u32 {
+        e.merge("b", format!("c{i:04}").as_bytes(), b"1")
+            .expect("merge");
+    }
+    let snap = e.snapshot();
+    // Insert-only: exact.
+    assert_eq!(snap.approximate_tree_len("default").expect("default"), 300);
+    assert_eq!(snap.approximate_tree_len("b").expect("b"), 200);
+    assert_eq!(snap.approximate_len(), 500);
+    // Deletes and overwrites leave entries behind: the estimate does not drop below the
+    // real count (250 keys), and stays within the entries written.
+    for i in 0..100u32 {
+        e.delete("default", format!("k{i:04}").as_bytes())
+            .expect("delete");
+        e.put("default", format!("k{:04}", 100 + i).as_bytes(), b"w")
+            .expect("overwrite");
+    }
+    e.checkpoint().expect("checkpoint");
+    let later = e.snapshot().approximate_len();
+    assert!((400..=700).contains(&later), "estimate {later}");
+}
