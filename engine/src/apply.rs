@@ -3,7 +3,7 @@
 //! commits and replay) and a bootstrap (`Engine::bootstrap_apply`, ops written outside the
 //! log) build their store batch through [`StoreBatch`], so an op means the same on both paths.
 //!
-//! A `StoreBatch` collects writes into one atomic fjall batch and the catalog as it will be
+//! A `StoreBatch` collects writes into one atomic store batch and the catalog as it will be
 //! once the batch commits. Nothing is visible before the caller commits the batch; keyspaces
 //! created for new trees exist at once but no tree refers to them until the batch (which
 //! holds their `tree/<name>` entries) commits, so a crash before that leaves only unreferenced
@@ -17,6 +17,7 @@ use tideline_wal::Op;
 use crate::catalog::{self, Catalog, Tree};
 use crate::engine::{Inner, tree_options};
 use crate::merge::MergeOperator;
+use crate::store::{Batch, Store, StoreTree, TreeHandle, WriteBatch};
 
 /// How a tree created by an op names its keyspace.
 #[derive(Clone, Copy, Debug)]
@@ -53,13 +54,13 @@ impl ChunkWrite {
 /// One atomic store batch under construction. See the module docs.
 pub(crate) struct StoreBatch<'a> {
     pub(crate) inner: &'a Inner,
-    pub(crate) batch: fjall::OwnedWriteBatch,
+    pub(crate) batch: Batch,
     /// The catalog before the batch.
     pub(crate) base: Arc<Catalog>,
     /// The catalog as of the ops so far, once an op changed it.
     pub(crate) catalog: Option<Catalog>,
     /// Keyspaces of trees dropped by the batch, to remove once it committed.
-    pub(crate) dropped: Vec<fjall::Keyspace>,
+    pub(crate) dropped: Vec<TreeHandle>,
     /// Whether to remember written values (`overlay`): needed when a later op of the batch
     /// may read them (a merge, or a bootstrap chunk replacing a range).
     pub(crate) track: bool,
@@ -97,13 +98,7 @@ impl<'a> StoreBatch<'a> {
 
     /// The batch, the new catalog if an op changed it, and the keyspaces to remove after the
     /// batch committed.
-    pub(crate) fn into_parts(
-        self,
-    ) -> (
-        fjall::OwnedWriteBatch,
-        Option<Catalog>,
-        Vec<fjall::Keyspace>,
-    ) {
+    pub(crate) fn into_parts(self) -> (Batch, Option<Catalog>, Vec<TreeHandle>) {
         (self.batch, self.catalog, self.dropped)
     }
 
@@ -192,7 +187,7 @@ impl<'a> StoreBatch<'a> {
             NewKeyspace::Log { offset, op_index } => format!("t{offset}.{op_index}"),
             NewKeyspace::Restore => loop {
                 let name = format!("r{:016x}", rand::random::<u64>());
-                if !self.inner.db.keyspace_exists(&name) {
+                if !self.inner.db.tree_exists(&name) {
                     break name;
                 }
             },
@@ -200,12 +195,12 @@ impl<'a> StoreBatch<'a> {
         let handle = self
             .inner
             .db
-            .keyspace(&keyspace, || tree_options(&self.inner.opts))
+            .tree(&keyspace, &tree_options(&self.inner.opts))
             .map_err(|e| format!("create keyspace {keyspace}: {e}"))?;
         self.batch.insert(
             &self.inner.meta,
-            catalog::tree_meta_key(tree),
-            catalog::encode_tree_meta(&keyspace, merge),
+            &catalog::tree_meta_key(tree),
+            &catalog::encode_tree_meta(&keyspace, merge),
         );
         // Ids only grow within a process, so the last creation of a batch records the bound.
         self.batch.insert(
@@ -228,7 +223,7 @@ impl<'a> StoreBatch<'a> {
             return;
         };
         self.batch
-            .remove(&self.inner.meta, catalog::tree_meta_key(tree));
+            .remove(&self.inner.meta, &catalog::tree_meta_key(tree));
         self.dropped.push(t.handle.clone());
         self.catalog_mut().trees.remove(tree);
     }

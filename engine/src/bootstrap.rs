@@ -27,13 +27,12 @@
 //! While bootstrapping, local commits and upstream apply get [`WriteError::Bootstrapping`];
 //! reads work and see the partial state. The applied offset does not move (nothing is logged),
 //! so trees made by a bootstrap get random keyspace names (`r<hex>`) instead of offset-based
-//! ones. `bootstrap_apply` persists with `PersistMode::Buffer`: a killed process keeps every
+//! ones. `bootstrap_apply` persists with `Persist::Buffer`: a killed process keeps every
 //! call that returned; a power cut may lose the last calls, data and progress together.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use fjall::PersistMode;
 use tideline_wal::{GtidSet, Op, Wal};
 
 use crate::apply::{ChunkWrite, NewKeyspace, StoreBatch};
@@ -41,6 +40,7 @@ use crate::catalog::{self, Catalog};
 use crate::engine::{Engine, EngineOptions, check_kv, lock};
 use crate::error::{OpenError, WriteError};
 use crate::merge::{self, MergeOperator};
+use crate::store::{Backend, Ingest, Persist, Store, StoreTree, TreeHandle, WriteBatch};
 
 /// What a bootstrap writes into the store, outside the log (see [`Engine::bootstrap_apply`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,11 +105,7 @@ impl Engine {
             &inner.view.read().unwrap_or_else(|p| p.into_inner()).gtids,
             inner.server_uuid,
         );
-        batch.insert(
-            &inner.meta,
-            catalog::KEY_GTIDS,
-            own.to_string().into_bytes(),
-        );
+        batch.insert(&inner.meta, catalog::KEY_GTIDS, own.to_string().as_bytes());
         batch.insert(&inner.meta, catalog::KEY_BOOTSTRAP, progress);
         batch.remove(&inner.meta, catalog::KEY_BOOTSTRAP_FINISHING);
         inner.write_identity(&mut batch, applied);
@@ -129,7 +125,7 @@ impl Engine {
         inner.remove_keyspaces(dropped);
         inner
             .db
-            .persist(PersistMode::SyncAll)
+            .persist(Persist::Sync)
             .map_err(|e| inner.store_failure(format!("syncing the store: {e}")))?;
         *slot = Some(progress.to_vec());
         tracing::info!(applied, "bootstrap started: state wiped, writes refused");
@@ -147,7 +143,7 @@ impl Engine {
     }
 
     /// Applies `ops` in order and replaces the progress record, in one atomic store batch,
-    /// then persists the store's journal to the OS (`PersistMode::Buffer`): a killed process
+    /// then persists the store's journal to the OS (`Persist::Buffer`): a killed process
     /// keeps it; a power cut may lose recent calls, but progress and data move together.
     /// Refused ([`WriteError::NotBootstrapping`]) unless bootstrapping.
     ///
@@ -219,7 +215,7 @@ impl Engine {
         *slot = Some(progress.to_vec());
         inner
             .db
-            .persist(PersistMode::Buffer)
+            .persist(Persist::Buffer)
             .map_err(|e| inner.store_failure(format!("persisting the store's journal: {e}")))?;
         Ok(())
     }
@@ -280,7 +276,7 @@ impl Engine {
         }
         inner
             .db
-            .persist(PersistMode::SyncAll)
+            .persist(Persist::Sync)
             .map_err(|e| inner.store_failure(format!("syncing the store: {e}")))?;
         if step1_only {
             return Ok(());
@@ -296,7 +292,7 @@ impl Engine {
             .map_err(|e| inner.store_failure(format!("bootstrap finish: {e}")))?;
         inner
             .db
-            .persist(PersistMode::SyncAll)
+            .persist(Persist::Sync)
             .map_err(|e| inner.store_failure(format!("syncing the store: {e}")))?;
         {
             let mut st = lock(&inner.commit);
@@ -323,8 +319,8 @@ fn own_gtids(set: &GtidSet, uuid: uuid::Uuid) -> GtidSet {
 /// Completes a finish cut short after its step (1), found by `Engine::open` (`marker` is the
 /// `bootstrap_finishing` value): steps (2) and (3).
 pub(crate) fn complete_finish(
-    db: &fjall::Database,
-    meta: &fjall::Keyspace,
+    db: &Backend,
+    meta: &TreeHandle,
     wal: &Wal,
     marker: &[u8],
     path: &str,
@@ -345,7 +341,7 @@ pub(crate) fn complete_finish(
     batch.remove(meta, catalog::KEY_BOOTSTRAP);
     batch.remove(meta, catalog::KEY_BOOTSTRAP_FINISHING);
     batch.commit().map_err(store_err)?;
-    db.persist(PersistMode::SyncAll).map_err(store_err)?;
+    db.persist(Persist::Sync).map_err(store_err)?;
     tracing::info!(gtid_executed = %gtids, "completed a bootstrap finish cut short by a restart");
     Ok(())
 }
@@ -468,33 +464,33 @@ impl StoreBatch<'_> {
             Some(t) => (t.clone(), true),
             None => (self.create_tree(tree, merge, NewKeyspace::Restore)?, false),
         };
-        let failed = |e: fjall::Error| format!("ingesting a chunk into tree `{tree}`: {e}");
-        let mut ingestion = t.handle.start_ingestion().map_err(failed)?;
+        // The chunk's entries merged with a tombstone for every other key the range holds.
         let mut next = entries.iter().peekable();
-        if existed {
-            let range = match to {
-                Some(to) => t.handle.range(from..to),
-                None => t.handle.range(from..),
-            };
-            for kv in range {
-                let key = kv.key().map_err(failed)?;
-                while let Some((k, v)) = next.next_if(|(k, _)| k.as_slice() < &*key) {
-                    ingestion
-                        .write(k.as_slice(), v.as_slice())
-                        .map_err(failed)?;
+        let mut held = existed.then(|| t.handle.keys(from, to).peekable());
+        let stream = std::iter::from_fn(move || {
+            if let Some(held) = held.as_mut() {
+                while let Some(key) = held.peek() {
+                    let key = match key {
+                        Ok(k) => k,
+                        Err(_) => return held.next().map(|e| e.map(Ingest::Tombstone)),
+                    };
+                    match next.peek() {
+                        Some((k, v)) if k.as_slice() < key.as_slice() => {
+                            next.next();
+                            return Some(Ok(Ingest::Put(k, v)));
+                        }
+                        Some((k, _)) if k.as_slice() == key.as_slice() => {
+                            held.next();
+                        }
+                        _ => return held.next().map(|e| e.map(Ingest::Tombstone)),
+                    }
                 }
-                if next.peek().is_some_and(|(k, _)| k.as_slice() == &*key) {
-                    continue;
-                }
-                ingestion.write_tombstone(key).map_err(failed)?;
             }
-        }
-        for (k, v) in next {
-            ingestion
-                .write(k.as_slice(), v.as_slice())
-                .map_err(failed)?;
-        }
-        ingestion.finish().map_err(failed)
+            next.next().map(|(k, v)| Ok(Ingest::Put(k, v)))
+        });
+        t.handle
+            .ingest(stream)
+            .map_err(|e| format!("ingesting a chunk into tree `{tree}`: {e}"))
     }
 
     /// Adds a chunk (validated): creates the tree if absent, removes every key of the range
@@ -522,16 +518,10 @@ impl StoreBatch<'_> {
         // What the store holds in the range. Always read, even for a keyspace this call
         // created: the call's leading chunks were ingested into the store already, new
         // trees included (a keyspace made by the batch is not necessarily empty).
-        let range = match &chunk.to {
-            Some(to) => t.handle.range(chunk.from.as_slice()..to.as_slice()),
-            None => t.handle.range(chunk.from.as_slice()..),
-        };
-        for kv in range {
-            let key = kv
-                .key()
-                .map_err(|e| format!("reading tree `{tree}`: {e}"))?;
+        for key in t.handle.keys(&chunk.from, chunk.to.as_deref()) {
+            let key = key.map_err(|e| format!("reading tree `{tree}`: {e}"))?;
             if chunk.value(&key).is_none() {
-                self.batch.remove(&t.handle, key);
+                self.batch.remove(&t.handle, &key);
             }
         }
         // What earlier ops of this batch wrote in the range: the chunk replaces it.

@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crate::merge::MergeOperator;
+use crate::store::TreeHandle;
 
 pub(crate) const META_KEYSPACE: &str = "meta";
 pub(crate) const KEY_FORMAT: &[u8] = b"format";
@@ -48,7 +49,7 @@ pub const TREE_NAME_BYTES_MAX: usize = 128;
 pub(crate) struct Tree {
     pub(crate) merge: Option<MergeOperator>,
     pub(crate) keyspace: String,
-    pub(crate) handle: fjall::Keyspace,
+    pub(crate) handle: TreeHandle,
 }
 
 /// Name → tree, as of one applied log position. Shared read-only; replaced as a whole.

@@ -24,7 +24,6 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fjall::{KeyspaceCreateOptions, PersistMode};
 use tideline_wal::{Gtid, GtidSet, NewTransaction, Offset, Op, Wal};
 use uuid::Uuid;
 
@@ -33,6 +32,10 @@ use crate::catalog::{self, Catalog, DEFAULT_TREE, Tree, TreeInfo};
 use crate::error::{OpenError, ReadError, WriteError, key_text};
 use crate::merge::{self, MergeOperator};
 use crate::snapshot::{Scan, Snapshot, owned_bounds};
+use crate::store::{
+    Backend, Batch, Persist, Store, StoreError, StoreOptions, StoreStats, StoreTree, TreeHandle,
+    TreeOptions, WriteBatch,
+};
 use crate::txn::{ReadItem, Txn};
 
 /// Default key limit: 64 KiB less one byte (65,535), the state store's hard limit.
@@ -138,26 +141,6 @@ pub enum CasOutcome {
     Mismatch(Option<Vec<u8>>),
 }
 
-/// Figures about the state store (see [`Engine::store_stats`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct StoreStats {
-    /// Bytes the store occupies on disk.
-    pub disk_bytes: u64,
-    /// Journal files of the store.
-    pub journal_count: usize,
-    /// Memtables waiting to be flushed.
-    pub outstanding_flushes: usize,
-    /// Compactions running.
-    pub active_compactions: usize,
-    /// Configured block cache, in bytes.
-    pub cache_bytes_max: u64,
-    /// Block cache in use, in bytes.
-    pub cache_bytes: u64,
-    /// Memtables (active and sealed), in bytes.
-    pub write_buffer_bytes: u64,
-}
-
 /// A log position: the last applied offset and the GTIDs executed up to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
@@ -214,8 +197,8 @@ struct ApplyState {
 
 pub(crate) struct Inner {
     pub(crate) wal: Arc<Wal>,
-    pub(crate) db: fjall::Database,
-    pub(crate) meta: fjall::Keyspace,
+    pub(crate) db: Backend,
+    pub(crate) meta: TreeHandle,
     path: PathBuf,
     pub(crate) opts: EngineOptions,
     pub(crate) server_uuid: Uuid,
@@ -331,7 +314,7 @@ impl Engine {
         }
         let path = store_dir.as_ref().to_path_buf();
         let shown = path.display().to_string();
-        let store_err = |source: fjall::Error| OpenError::Store {
+        let store_err = |source: StoreError| OpenError::Store {
             path: shown.clone(),
             source,
         };
@@ -339,19 +322,23 @@ impl Engine {
             path: shown.clone(),
             what,
         };
-        let mut builder = fjall::Database::builder(&path)
-            .cache_size(opts.cache_bytes)
-            .manual_journal_persist(true);
-        if opts.store_threads > 0 {
-            builder = builder.worker_threads(opts.store_threads);
-        }
-        let db = builder.open().map_err(store_err)?;
+        let db = Backend::open(
+            &path,
+            &StoreOptions {
+                cache_bytes: opts.cache_bytes,
+                worker_threads: opts.store_threads,
+            },
+        )
+        .map_err(store_err)?;
         // The metadata keys are overwritten by every batch: a small memtable flushes (and
         // compacts away) their old versions early.
         let meta = db
-            .keyspace(catalog::META_KEYSPACE, || {
-                KeyspaceCreateOptions::default().max_memtable_size(4 << 20)
-            })
+            .tree(
+                catalog::META_KEYSPACE,
+                &TreeOptions {
+                    memtable_bytes: Some(4 << 20),
+                },
+            )
             .map_err(store_err)?;
 
         // Read the store's position.
@@ -395,13 +382,13 @@ impl Engine {
         }
         let mut cat = Catalog::default();
         for kv in meta.prefix(catalog::TREE_PREFIX) {
-            let (k, v) = kv.into_inner().map_err(store_err)?;
+            let (k, v) = kv.map_err(store_err)?;
             let name = std::str::from_utf8(&k[catalog::TREE_PREFIX.len()..])
                 .map_err(|_| corrupt("a tree name is not UTF-8".into()))?
                 .to_string();
             let (keyspace, merge) = catalog::decode_tree_meta(&v).map_err(corrupt)?;
             let handle = db
-                .keyspace(&keyspace, || tree_options(&opts))
+                .tree(&keyspace, &tree_options(&opts))
                 .map_err(store_err)?;
             cat.trees.insert(
                 name,
@@ -417,13 +404,9 @@ impl Engine {
         let used: std::collections::HashSet<&str> =
             cat.trees.values().map(|t| t.keyspace.as_str()).collect();
         let mut orphans = Vec::new();
-        for name in db.list_keyspace_names() {
-            let name: &str = &name;
-            if name != catalog::META_KEYSPACE && !used.contains(name) {
-                orphans.push(
-                    db.keyspace(name, KeyspaceCreateOptions::default)
-                        .map_err(store_err)?,
-                );
+        for name in db.tree_names() {
+            if name != catalog::META_KEYSPACE && !used.contains(name.as_str()) {
+                orphans.push(db.tree(&name, &TreeOptions::default()).map_err(store_err)?);
             }
         }
         retire_keyspace_ids(&db, &meta, orphans).map_err(store_err)?;
@@ -552,16 +535,7 @@ impl Engine {
 
     /// Figures about the state store, for metrics and benchmarks.
     pub fn store_stats(&self) -> StoreStats {
-        let db = &self.inner.db;
-        StoreStats {
-            disk_bytes: db.disk_space().unwrap_or(0),
-            journal_count: db.journal_count(),
-            outstanding_flushes: db.outstanding_flushes(),
-            active_compactions: db.active_compactions(),
-            cache_bytes_max: db.cache_capacity(),
-            cache_bytes: db.cache_size(),
-            write_buffer_bytes: db.write_buffer_size(),
-        }
+        self.inner.db.stats()
     }
 
     /// The log this engine writes to.
@@ -958,8 +932,10 @@ fn internal_nothing_logged() -> WriteError {
 }
 
 /// Store options of a tree's keyspace.
-pub(crate) fn tree_options(opts: &EngineOptions) -> KeyspaceCreateOptions {
-    KeyspaceCreateOptions::default().max_memtable_size(opts.memtable_bytes)
+pub(crate) fn tree_options(opts: &EngineOptions) -> TreeOptions {
+    TreeOptions {
+        memtable_bytes: Some(opts.memtable_bytes),
+    }
 }
 
 /// Checks a key and value against the limits.
@@ -1534,11 +1510,7 @@ impl Inner {
         }
         let (mut batch, catalog, dropped) = sb.into_parts();
         self.write_identity(&mut batch, last);
-        batch.insert(
-            &self.meta,
-            catalog::KEY_GTIDS,
-            gtids.to_string().into_bytes(),
-        );
+        batch.insert(&self.meta, catalog::KEY_GTIDS, gtids.to_string().as_bytes());
         let new_catalog = catalog.map(Arc::new);
         {
             let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
@@ -1559,7 +1531,7 @@ impl Inner {
     }
 
     /// Adds the store's format, server uuid and applied offset to `batch`.
-    pub(crate) fn write_identity(&self, batch: &mut fjall::OwnedWriteBatch, applied: u64) {
+    pub(crate) fn write_identity(&self, batch: &mut Batch, applied: u64) {
         batch.insert(&self.meta, catalog::KEY_FORMAT, catalog::FORMAT);
         batch.insert(
             &self.meta,
@@ -1569,7 +1541,7 @@ impl Inner {
         batch.insert(
             &self.meta,
             catalog::KEY_SERVER_UUID,
-            self.server_uuid.to_string().into_bytes(),
+            self.server_uuid.to_string().as_bytes(),
         );
     }
 
@@ -1614,18 +1586,18 @@ impl Inner {
 
     /// Removes the keyspaces of trees a committed batch dropped. The trees are already gone
     /// from the catalog; a keyspace that cannot be removed now is removed on the next open.
-    pub(crate) fn remove_keyspaces(&self, dropped: Vec<fjall::Keyspace>) {
+    pub(crate) fn remove_keyspaces(&self, dropped: Vec<TreeHandle>) {
         if dropped.is_empty() {
             return;
         }
         // The batch that recorded these keyspaces' ids (`keyspace_id_next`) must be durable
         // before the store forgets them: see `retire_keyspace_ids`.
-        if let Err(e) = self.db.persist(PersistMode::SyncAll) {
+        if let Err(e) = self.db.persist(Persist::Sync) {
             tracing::warn!(error = %e, "could not sync the store; dropped keyspaces are removed on the next open");
             return;
         }
         for h in dropped {
-            if let Err(e) = self.db.delete_keyspace(h) {
+            if let Err(e) = self.db.delete_tree(h) {
                 tracing::warn!(error = %e, "could not remove a dropped tree's keyspace");
             }
         }
@@ -1682,7 +1654,7 @@ impl Inner {
         let _g = lock(&self.checkpoint_lock);
         let applied = self.applied.load(Ordering::SeqCst);
         // Every batch up to `applied` was committed to the store's journal before this sync.
-        if let Err(e) = self.db.persist(PersistMode::SyncAll) {
+        if let Err(e) = self.db.persist(Persist::Sync) {
             let reason = format!("syncing the state store failed: {e}");
             self.fail(reason.clone());
             return Err(reason);
@@ -1730,15 +1702,15 @@ const SCRATCH_PREFIX: &str = "idfloor.";
 /// removes scratch keyspaces) until the store hands out one at or above that bound. The last
 /// scratch keyspace is kept, so that after the next restart the store's ids start above it.
 fn retire_keyspace_ids(
-    db: &fjall::Database,
-    meta: &fjall::Keyspace,
-    orphans: Vec<fjall::Keyspace>,
-) -> Result<(), fjall::Error> {
+    db: &Backend,
+    meta: &TreeHandle,
+    orphans: Vec<TreeHandle>,
+) -> Result<(), StoreError> {
     let stored = match meta.get(catalog::KEY_KEYSPACE_ID_NEXT)? {
         Some(b) => <[u8; 8]>::try_from(&*b).map_or(0, u64::from_le_bytes),
         None => 0,
     };
-    let record = |floor: u64| -> Result<(), fjall::Error> {
+    let record = |floor: u64| -> Result<(), StoreError> {
         let mut batch = db.batch();
         batch.insert(
             meta,
@@ -1746,7 +1718,7 @@ fn retire_keyspace_ids(
             floor.to_le_bytes().as_slice(),
         );
         batch.commit()?;
-        db.persist(PersistMode::SyncAll)
+        db.persist(Persist::Sync)
     };
     let (scratch, orphans): (Vec<_>, Vec<_>) = orphans
         .into_iter()
@@ -1761,11 +1733,11 @@ fn retire_keyspace_ids(
         record(floor)?;
     }
     for h in orphans {
-        db.delete_keyspace(h)?;
+        db.delete_tree(h)?;
     }
     loop {
         let name = format!("{SCRATCH_PREFIX}{:016x}", rand::random::<u64>());
-        let h = db.keyspace(&name, KeyspaceCreateOptions::default)?;
+        let h = db.tree(&name, &TreeOptions::default())?;
         let id = h.id();
         let reused = id < floor;
         floor = floor.max(id.saturating_add(1));
@@ -1773,10 +1745,10 @@ fn retire_keyspace_ids(
         if !reused {
             break;
         }
-        db.delete_keyspace(h)?;
+        db.delete_tree(h)?;
     }
     for h in scratch {
-        db.delete_keyspace(h)?;
+        db.delete_tree(h)?;
     }
     Ok(())
 }

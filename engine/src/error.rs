@@ -1,6 +1,8 @@
 //! Errors of the engine: one enum per operation family (open, read, write). Each message
 //! says what happened and what to do about it.
 
+use crate::store::StoreError;
+
 /// Opening or recovering an engine failed. Nothing was changed in the log.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -14,7 +16,7 @@ pub enum OpenError {
         /// The store directory.
         path: String,
         /// The store's error.
-        source: fjall::Error,
+        source: StoreError,
     },
     /// The store holds bytes that do not decode.
     #[error(
@@ -92,7 +94,7 @@ pub enum ReadError {
     UnknownTree(String),
     /// The state store failed.
     #[error("reading the state store failed: {0}; check the disk, then retry")]
-    Store(#[from] fjall::Error),
+    Store(#[from] StoreError),
     /// A JSON helper found a value that is not JSON.
     #[error(
         "value of key {key:?} in tree `{tree}` is not JSON ({reason}); read it with get() \

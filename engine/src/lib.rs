@@ -29,6 +29,9 @@
 //! - [`Snapshot`]: one committed state with its [`Position`] (offset and GTID set).
 //! - [`MergeOperator`]: the built-ins `add`, `append`, `json-merge-patch`, `max`.
 //! - [`OpenError`], [`ReadError`], [`WriteError`]: what went wrong and what to do.
+//! - [`StoreError`]: a failure of the state store, inside [`OpenError::Store`] and
+//!   [`ReadError::Store`]. The store sits behind a small crate-private trait (`store`), with
+//!   fjall as its one implementation; no store type is part of the API.
 //!
 //! ## What it does not do
 //! No networking, no CLI, no replication transport: the stream and connector crates feed
@@ -86,16 +89,18 @@ mod engine;
 mod error;
 mod merge;
 mod snapshot;
+mod store;
 mod txn;
 
 pub use bootstrap::RestoreOp;
 pub use catalog::{DEFAULT_TREE, TREE_NAME_BYTES_MAX, TreeInfo, is_valid_tree_name};
 pub use engine::{
     Applied, CasOutcome, CommitInfo, Engine, EngineOptions, KEY_BYTES_MAX_DEFAULT,
-    KEY_BYTES_MAX_LIMIT, Outcome, Position, StoreStats, VALUE_BYTES_MAX_DEFAULT,
+    KEY_BYTES_MAX_LIMIT, Outcome, Position, VALUE_BYTES_MAX_DEFAULT,
 };
 pub use error::{OpenError, ReadError, WriteError};
 pub use merge::{MergeOperator, merge_patch};
 pub use snapshot::{KeyValue, Scan, Snapshot};
+pub use store::{StoreError, StoreStats};
 pub use tideline_wal::{Gtid, GtidSet, Offset, Wal};
 pub use txn::Txn;

@@ -3,18 +3,19 @@
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 
-use fjall::Readable;
 use tideline_wal::{GtidSet, Offset};
 
 use crate::catalog::{Catalog, DEFAULT_TREE, Tree, TreeInfo};
 use crate::engine::{Position, SnapshotAt};
 use crate::error::ReadError;
+pub(crate) use crate::store::OwnedBounds;
+use crate::store::{StoreIter, StoreSnap, StoreSnapshot, StoreTree};
 
 /// One committed state of the engine, tagged with its log position. Readers of a snapshot
 /// never wait for writers and never see a later commit. Cheap to clone.
 #[derive(Clone)]
 pub struct Snapshot {
-    inner: fjall::Snapshot,
+    inner: StoreSnap,
     catalog: Arc<Catalog>,
     offset: u64,
     gtids: Arc<GtidSet>,
@@ -32,7 +33,7 @@ impl std::fmt::Debug for Snapshot {
 
 impl Snapshot {
     pub(crate) fn new(
-        inner: fjall::Snapshot,
+        inner: StoreSnap,
         catalog: Arc<Catalog>,
         offset: u64,
         gtids: Arc<GtidSet>,
@@ -143,13 +144,13 @@ impl Snapshot {
 
 /// The store's O(1) entry count of a tree (see [`Snapshot::approximate_len`]).
 fn approximate_tree_len(t: &Tree) -> u64 {
-    u64::try_from(t.handle.approximate_len()).unwrap_or(u64::MAX)
+    t.handle.approximate_len()
 }
 
 /// A scan over key-value pairs, in key order (or reverse key order). Each item is
 /// `(key, value)`.
 pub struct Scan {
-    inner: Option<fjall::Iter>,
+    inner: Option<StoreIter>,
     reverse: bool,
 }
 
@@ -162,7 +163,7 @@ impl std::fmt::Debug for Scan {
 }
 
 impl Scan {
-    pub(crate) fn new(inner: Option<fjall::Iter>, reverse: bool) -> Scan {
+    pub(crate) fn new(inner: Option<StoreIter>, reverse: bool) -> Scan {
         Scan { inner, reverse }
     }
 }
@@ -176,16 +177,9 @@ impl Iterator for Scan {
         } else {
             it.next()
         }?;
-        Some(
-            g.into_inner()
-                .map(|(k, v)| (k.to_vec(), v.to_vec()))
-                .map_err(ReadError::from),
-        )
+        Some(g.map_err(ReadError::from))
     }
 }
-
-/// A range as owned lower and upper bounds.
-pub(crate) type OwnedBounds = (Bound<Vec<u8>>, Bound<Vec<u8>>);
 
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
