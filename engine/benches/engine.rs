@@ -14,9 +14,11 @@
 //! `BENCH_WRITERS` (64), `BENCH_COMMITS` (20000, total per system, in `BENCH_ROUNDS` (4)
 //! alternating rounds), `BENCH_LOAD_PUTS`
 //! (1000000), `BENCH_LOADERS` (2), `BENCH_READERS` (2), `BENCH_RSS_KEYS` (10000000),
-//! `BENCH_CACHE_MB` (the engine default, 64), `BENCH_DIR` (a temporary directory under the
+//! `BENCH_CACHE_MB` (the engine default, 64), `BENCH_MEMTABLE_MB` (the engine default, 16), `BENCH_DIR` (a temporary directory under the
 //! system temp dir), `BENCH_ONLY_COMMITS` (set: stop after step 1), `BENCH_RESTORE_KEYS`
-//! (1000000), `BENCH_RESTORE_CHUNK_KB` (4096), `BENCH_ONLY_RESTORE` (set: run step 5 only).
+//! (1000000), `BENCH_RESTORE_CHUNK_KB` (4096), `BENCH_ONLY_RESTORE` (set: run step 5 only),
+//! `BENCH_ONLY_LOAD` (set: stop after step 3; with `BENCH_COMMITS=640` it runs steps 2-3
+//! almost alone, e.g. under `perf record`).
 //!
 //! `cargo bench -p tideline-engine --bench engine`
 
@@ -315,6 +317,10 @@ fn main() {
     let opts = EngineOptions {
         cache_bytes: env("BENCH_CACHE_MB", EngineOptions::default().cache_bytes >> 20) << 20,
         store_threads: env("BENCH_STORE_THREADS", 0) as usize,
+        memtable_bytes: env(
+            "BENCH_MEMTABLE_MB",
+            EngineOptions::default().memtable_bytes >> 20,
+        ) << 20,
         ..EngineOptions::default()
     };
     if let Ok(dir) = std::env::var("BENCH_RSS_CHILD") {
@@ -478,6 +484,21 @@ fn main() {
     );
     engine.close().expect("close");
     drop(engine);
+    if std::env::var("BENCH_ONLY_LOAD").is_ok() {
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "tideline-engine-load",
+                "load_puts_per_s": load_rate.round(),
+                "load_with_readers_puts_per_s": busy_load_rate.round(),
+                "idle_gets_per_s": idle_rate.round(),
+                "idle_p99_ns": idle_p99,
+                "load_gets_per_s": busy_rate.round(),
+                "load_p99_ns": busy_p99,
+            })
+        );
+        return;
+    }
 
     // 4. RSS after loading keys, in a fresh process so earlier steps do not count.
     let exe = std::env::current_exe().expect("current exe");
