@@ -177,7 +177,7 @@ impl Engine {
             let applied = match op {
                 RestoreOp::Op(op) => {
                     leading = false;
-                    sb.apply_op(&op, NewKeyspace::Restore)
+                    sb.apply_op((&op).into(), NewKeyspace::Restore)
                 }
                 RestoreOp::Chunk {
                     tree,

@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tideline_wal::{Gtid, GtidSet, NewTransaction, Offset, Op, Wal};
 use uuid::Uuid;
 
-use crate::apply::{NewKeyspace, StoreBatch};
+use crate::apply::{ApplyTxn, NewKeyspace, OpRef, PackedOps, PackedTxn, StoreBatch};
 use crate::catalog::{self, Catalog, DEFAULT_TREE, Tree, TreeInfo};
 use crate::error::{OpenError, ReadError, WriteError, key_text};
 use crate::merge::{self, MergeOperator};
@@ -181,7 +181,7 @@ pub(crate) struct CommitState {
 
 /// An acknowledged transaction waiting to be applied, and the committer to wake.
 struct Ready {
-    txn: Arc<NewTransaction>,
+    txn: Arc<PackedTxn>,
     waiter: std::thread::Thread,
 }
 
@@ -267,7 +267,8 @@ pub(crate) enum Origin {
 /// A transaction ready to be submitted: see [`Inner::prepare`].
 struct Prepared {
     ops: Vec<Op>,
-    copy: Vec<Op>,
+    /// What the applier keeps of `ops`.
+    packed: PackedOps,
     keys: Vec<(Arc<str>, Vec<u8>)>,
 }
 
@@ -1051,7 +1052,7 @@ impl Inner {
     /// Validates and submits one transaction; called with the commit lock held. `Ok(None)`:
     /// nothing to log (a local transaction without effect, or an upstream GTID already here).
     /// The work of a commit that needs no lock: limit checks (for upstream transactions;
-    /// local ones were checked op by op), the copy of the ops the applier keeps, and the
+    /// local ones were checked op by op), the packed copy of the ops the applier keeps, and the
     /// write set for conflict checks.
     fn prepare(&self, ops: Vec<Op>, check_limits: bool) -> Result<Prepared, WriteError> {
         let mut keys = Vec::with_capacity(ops.len());
@@ -1080,8 +1081,8 @@ impl Inner {
             };
             keys.push((name, key.clone()));
         }
-        let copy = ops.clone();
-        Ok(Prepared { ops, copy, keys })
+        let packed = PackedOps::pack(&ops);
+        Ok(Prepared { ops, packed, keys })
     }
 
     fn submit_locked(
@@ -1095,7 +1096,7 @@ impl Inner {
         if self.bootstrapping.load(Ordering::SeqCst) {
             return Err(WriteError::Bootstrapping);
         }
-        let Prepared { ops, copy, keys } = prepared;
+        let Prepared { ops, packed, keys } = prepared;
         // Set when the logged op list differs from `ops` (an op dropped or added).
         let mut modified = false;
         let local = matches!(origin, Origin::Local);
@@ -1253,10 +1254,13 @@ impl Inner {
             }
             Origin::Upstream { gtid, timestamp_us } => (gtid, timestamp_us),
         };
-        let txn = Arc::new(NewTransaction {
+        let txn = Arc::new(PackedTxn {
             gtid,
-            timestamp_us,
-            ops: if modified { out.clone() } else { copy },
+            ops: if modified {
+                PackedOps::pack(&out)
+            } else {
+                packed
+            },
         });
         let logged = NewTransaction {
             gtid,
@@ -1410,7 +1414,7 @@ impl Inner {
             {
                 match a.ready.remove(&at) {
                     Some(r) => {
-                        ops += r.txn.ops.len();
+                        ops += r.txn.op_count();
                         group.push((at, r.txn));
                         // One wake-up per thread, not per transaction: a thread that submitted
                         // a whole batch (upstream apply) waits on its last one only once.
@@ -1477,7 +1481,7 @@ impl Inner {
 
     /// Applies consecutive transactions as one atomic store batch. Only one caller at a time
     /// (the `applying` flag, or recovery before the engine is shared).
-    fn apply_group(&self, group: &[(u64, Arc<NewTransaction>)]) -> Result<(), String> {
+    fn apply_group<T: ApplyTxn>(&self, group: &[(u64, Arc<T>)]) -> Result<(), String> {
         let Some(&(last, _)) = group.last() else {
             return Ok(());
         };
@@ -1488,17 +1492,18 @@ impl Inner {
         };
         let has_merge = group
             .iter()
-            .any(|(_, t)| t.ops.iter().any(|o| matches!(o, Op::Merge { .. })));
+            .any(|(_, t)| t.ops().any(|o| matches!(o, OpRef::Merge { .. })));
         // Values written earlier in the group are kept only when a merge may need them.
         let mut sb = StoreBatch::new(self, base_catalog, has_merge);
         for (offset, txn) in group {
-            if gtids.contains(&txn.gtid) {
+            let gtid = txn.gtid();
+            if gtids.contains(&gtid) {
                 // Never logged twice by this engine; skipped defensively all the same.
-                tracing::warn!(offset, gtid = %txn.gtid, "skipping a record whose GTID is already executed");
+                tracing::warn!(offset, gtid = %gtid, "skipping a record whose GTID is already executed");
                 continue;
             }
-            gtids.insert(txn.gtid);
-            for (i, op) in txn.ops.iter().enumerate() {
+            gtids.insert(gtid);
+            for (i, op) in txn.ops().enumerate() {
                 sb.apply_op(
                     op,
                     NewKeyspace::Log {
