@@ -8,6 +8,10 @@
 //! 5. bootstrap restore: R keys (16-byte keys, 100-byte values, ascending) written with
 //!    `bootstrap_apply` in chunks of ~4 MiB, as a replica's bootstrap does; MB/s of user data
 //!    (key + value bytes). A producer thread builds the chunks while the engine applies them.
+//! 6. upstream apply (a replica catching up): U one-put transactions (16-byte random keys,
+//!    100-byte values) of another origin, handed to `apply_upstream_batch` in batches of
+//!    ~256 KiB (1,450 transactions, as the replica's stream delivers them) on an engine whose
+//!    log has async durability (10 ms), as `tideline bench replication`'s "apply only" row does.
 //!
 //! Prints readable figures, then one JSON line. Sizes come from environment variables so CI
 //! can run it small:
@@ -17,6 +21,7 @@
 //! `BENCH_CACHE_MB` (the engine default, 64), `BENCH_MEMTABLE_MB` (the engine default, 16), `BENCH_DIR` (a temporary directory under the
 //! system temp dir), `BENCH_ONLY_COMMITS` (set: stop after step 1), `BENCH_RESTORE_KEYS`
 //! (1000000), `BENCH_RESTORE_CHUNK_KB` (4096), `BENCH_ONLY_RESTORE` (set: run step 5 only),
+//! `BENCH_UPSTREAM_TXNS` (1000000), `BENCH_ONLY_UPSTREAM` (set: run step 6 only),
 //! `BENCH_ONLY_LOAD` (set: stop after step 3; with `BENCH_COMMITS=640` it runs steps 2-3
 //! almost alone, e.g. under `perf record`).
 //!
@@ -305,6 +310,70 @@ fn print_restore(r: &Restore, chunk_bytes: u64) {
     );
 }
 
+/// Step 6: `txns` one-put upstream transactions applied with `apply_upstream_batch`;
+/// returns transactions/s.
+fn upstream(dir: &std::path::Path, opts: EngineOptions, txns: u64) -> f64 {
+    let storage = FileStorage::new(dir.join("log")).expect("log dir");
+    let wal_opts = WalOptions {
+        durability: tideline_wal::Durability::Async {
+            interval: Duration::from_millis(10),
+        },
+        ..WalOptions::default()
+    };
+    let wal = Wal::open(Arc::new(storage), wal_opts).expect("open log");
+    let engine = Engine::open(dir.join("store"), Arc::new(wal), opts).expect("open engine");
+    // The origin created the tree in its first transaction; so does this stream.
+    let origin = uuid::Uuid::from_u128(0x7e57_0000_0000_4000_8000_0000_0000_0001);
+    let txn = |seq: u64| NewTransaction {
+        gtid: Gtid::new(origin, seq).expect("gtid"),
+        timestamp_us: 0,
+        ops: {
+            let mut ops = Vec::with_capacity(2);
+            if seq == 1 {
+                ops.push(Op::CreateTree {
+                    tree: "default".into(),
+                    merge_operator: None,
+                });
+            }
+            ops.push(Op::Put {
+                tree: "default".into(),
+                key: key_of(seq).to_vec(),
+                value: value_of(seq).to_vec(),
+                before: None,
+            });
+            ops
+        },
+    };
+    const BATCH_TXNS: u64 = 1_450;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<NewTransaction>>(2);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut seq = 1;
+            while seq <= txns {
+                let end = (seq + BATCH_TXNS).min(txns + 1);
+                if tx.send((seq..end).map(txn).collect()).is_err() {
+                    return;
+                }
+                seq = end;
+            }
+        });
+        for batch in rx {
+            engine
+                .apply_upstream_batch(batch)
+                .expect("apply_upstream_batch");
+        }
+    });
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(
+        engine.gtid_executed().to_string(),
+        format!("{origin}:1-{txns}"),
+        "every upstream transaction was applied"
+    );
+    engine.close().expect("close");
+    txns as f64 / secs
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; nothing else is accepted.
     let writers = env("BENCH_WRITERS", 64);
@@ -348,6 +417,22 @@ fn main() {
                 "restore_keys": r.keys,
                 "restore_mb_per_s": (r.user_bytes as f64 / 1e6 / r.total_secs * 10.0).round() / 10.0,
                 "restore_apply_mb_per_s": (r.user_bytes as f64 / 1e6 / r.apply_secs * 10.0).round() / 10.0,
+            })
+        );
+        return;
+    }
+    let upstream_txns = env("BENCH_UPSTREAM_TXNS", 1_000_000);
+    if std::env::var("BENCH_ONLY_UPSTREAM").is_ok() {
+        let rate = upstream(&base.path().join("upstream"), opts, upstream_txns);
+        println!(
+            "upstream apply: {upstream_txns} one-put transactions, batches of ~256 KiB: {rate:>10.0} txn/s"
+        );
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "tideline-engine-upstream",
+                "upstream_txns": upstream_txns,
+                "upstream_txn_per_s": rate.round(),
             })
         );
         return;
@@ -530,6 +615,7 @@ fn main() {
     );
 
     // 5. Bootstrap restore.
+    let opts_upstream = opts.clone();
     let r = restore(
         &base.path().join("restore"),
         opts,
@@ -537,6 +623,12 @@ fn main() {
         restore_chunk_bytes,
     );
     print_restore(&r, restore_chunk_bytes);
+
+    // 6. Upstream apply.
+    let upstream_rate = upstream(&base.path().join("upstream"), opts_upstream, upstream_txns);
+    println!(
+        "upstream apply: {upstream_txns} one-put transactions, batches of ~256 KiB: {upstream_rate:>10.0} txn/s"
+    );
 
     println!(
         "{}",
@@ -562,6 +654,8 @@ fn main() {
             "restore_keys": r.keys,
             "restore_mb_per_s": (r.user_bytes as f64 / 1e6 / r.total_secs * 10.0).round() / 10.0,
             "restore_apply_mb_per_s": (r.user_bytes as f64 / 1e6 / r.apply_secs * 10.0).round() / 10.0,
+            "upstream_txns": upstream_txns,
+            "upstream_txn_per_s": upstream_rate.round(),
         })
     );
 }
