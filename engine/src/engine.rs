@@ -283,6 +283,10 @@ pub(crate) struct SnapshotAt {
 struct InFlight {
     offset: Offset,
     gtid: Gtid,
+    /// The committer's reference to what the applier applies: the applier drops its own
+    /// before it wakes the committer, so the buffers are freed by the thread that allocated
+    /// them, off the applier (the engine's one serial stage).
+    _txn: Arc<PackedTxn>,
 }
 
 impl Engine {
@@ -1315,6 +1319,7 @@ impl Inner {
         Ok(Some(InFlight {
             offset: Offset::new(offset).unwrap_or(Offset::FIRST),
             gtid,
+            _txn: txn,
         }))
     }
 
@@ -1448,6 +1453,8 @@ impl Inner {
             let result =
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply_group(&group)))
                     .unwrap_or_else(|_| Err("the applier panicked".into()));
+            // Before any committer wakes: each frees its own transaction (see `InFlight`).
+            drop(group);
             let mut a = lock(&self.apply);
             match result {
                 Ok(()) => {
