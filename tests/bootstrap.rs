@@ -150,6 +150,11 @@ fn an_empty_replica_bootstraps_while_the_primary_keeps_writing() {
         progress["live_records"].as_u64().unwrap() > 0,
         "writes went on: {u}"
     );
+    assert!(progress["keys_estimate"].as_u64().unwrap() >= 40_000, "{u}");
+    assert!(
+        progress["bytes_estimate"].as_u64().unwrap() >= 40_000 * 100,
+        "{u}"
+    );
     // The copy's GTIDs count as purged from B's new log; B's own log starts after them.
     let sb = status(&b);
     assert!(sb["first_offset"].as_u64().unwrap() >= 1);
