@@ -31,7 +31,7 @@
 //!
 //! 4. **Bootstrap.** A primary loaded with `--bootstrap-small-keys`, then `--bootstrap-keys`,
 //!    keys of `--value-bytes` (transactions of 1,000 puts); an empty replica with `--bootstrap
-//!    auto` copies it in 4 MiB chunks; timed from starting its replication task to the end of
+//!    auto` copies it in `--bootstrap-chunk-bytes` chunks (8 MiB); timed from starting its replication task to the end of
 //!    the bootstrap. MB/s counts key and value bytes. The small copy is compared with Redis's
 //!    full resync of `--redis-keys` keys.
 
@@ -90,6 +90,9 @@ pub struct ReplBenchArgs {
     /// makes the comparison fair).
     #[arg(long, default_value_t = 1_000_000)]
     bootstrap_small_keys: u64,
+    /// Chunk size the bootstrapping replicas ask for.
+    #[arg(long, default_value_t = crate::node::BOOTSTRAP_CHUNK_BYTES_DEFAULT)]
+    bootstrap_chunk_bytes: u64,
     /// Skip the bootstrap measurements.
     #[arg(long)]
     no_bootstrap: bool,
@@ -435,6 +438,7 @@ async fn bootstrap_copy(
     name: &str,
     keys: u64,
     value_bytes: usize,
+    chunk_bytes: u64,
 ) -> anyhow::Result<Value> {
     let primary = start_node(ctx, &root.join(format!("{name}-primary")), ASYNC_10MS, None).await?;
     eprintln!("bootstrap: loading {keys} keys of {value_bytes} B ...");
@@ -469,6 +473,7 @@ async fn bootstrap_copy(
             engine.clone(),
             ReplicaOptions {
                 bootstrap: BootstrapMode::Auto,
+                chunk_bytes,
                 ..LOG_ONLY
             },
         )
@@ -505,6 +510,7 @@ async fn bootstrap_copy(
         "mb_per_s": (user_bytes as f64 / secs / 1e6 * 10.0).round() / 10.0,
         "keys_per_s": (keys as f64 / secs).round(),
         "chunks": progress["chunks"],
+        "chunk_bytes": chunk_bytes,
     }))
 }
 
@@ -743,6 +749,7 @@ async fn tideline(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
             "boot-small",
             args.bootstrap_small_keys,
             args.value_bytes,
+            args.bootstrap_chunk_bytes,
         )
         .await?;
         let large = bootstrap_copy(
@@ -751,6 +758,7 @@ async fn tideline(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
             "boot-large",
             args.bootstrap_keys,
             args.value_bytes,
+            args.bootstrap_chunk_bytes,
         )
         .await?;
         (large, small)

@@ -52,7 +52,7 @@ pub struct ServeArgs {
     bootstrap: replica::BootstrapMode,
     /// Size of the chunks a bootstrap asks for (the upstream keeps it within 16 KiB..8 MiB).
     /// A killed replica re-fetches at most one chunk.
-    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
+    #[arg(long, default_value_t = BOOTSTRAP_CHUNK_BYTES_DEFAULT, value_name = "BYTES")]
     bootstrap_chunk_bytes: u64,
     /// Size at which the log starts a new segment file (retention removes whole segments).
     #[arg(long, default_value_t = 64 << 20, value_name = "BYTES",
@@ -69,6 +69,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(1..=(16 << 20)))]
     value_bytes_max: u32,
 }
+
+/// Chunk size a bootstrapping replica asks for by default.
+pub const BOOTSTRAP_CHUNK_BYTES_DEFAULT: u64 = 8 << 20;
 
 /// The engine seen through the stream server's [`Node`] trait.
 pub struct EngineNode {
