@@ -316,6 +316,36 @@ fn load_primary(
 /// down in the background, on every path out of the function that owns it.
 struct SideRuntime(Option<tokio::runtime::Runtime>);
 
+impl SideRuntime {
+    fn new() -> anyhow::Result<SideRuntime> {
+        Ok(SideRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("bench-replica")
+                .build()
+                .context("start the replica's runtime")?,
+        )))
+    }
+
+    /// Starts replicating from `addr` into `engine` on this runtime; the task ends with it.
+    fn replicate(
+        &self,
+        ctx: &Ctx,
+        addr: &str,
+        engine: &Arc<Engine>,
+        opts: ReplicaOptions,
+    ) -> SharedStatus {
+        let _entered = self.0.as_ref().map(|r| r.enter());
+        replica::spawn(
+            addr.to_string(),
+            ctx.client_cfg.clone(),
+            engine.clone(),
+            opts,
+        )
+        .0
+    }
+}
+
 impl Drop for SideRuntime {
     fn drop(&mut self) {
         if let Some(rt) = self.0.take() {
@@ -343,24 +373,9 @@ async fn catch_up(
     // The replication task runs on a runtime of its own, shut down after the measurement:
     // that ends the task and releases the engine, so its store's background work (flushes,
     // compactions) does not run on into the next phases.
-    let rt = SideRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("bench-replica")
-            .build()
-            .context("start the replica's runtime")?,
-    ));
+    let rt = SideRuntime::new()?;
     let started = Instant::now();
-    // The task ends with its runtime.
-    let (status, _task) = {
-        let _entered = rt.0.as_ref().map(|r| r.enter());
-        replica::spawn(
-            primary.addr.clone(),
-            ctx.client_cfg.clone(),
-            engine.clone(),
-            LOG_ONLY,
-        )
-    };
+    let status = rt.replicate(ctx, &primary.addr, &engine, LOG_ONLY);
     loop {
         if engine.gtid_executed() == want {
             break;
@@ -454,30 +469,16 @@ async fn bootstrap_copy(
         .context("checkpoint task failed")??;
     let user_bytes = keys * (16 + value_bytes as u64);
     eprintln!("bootstrap: an empty replica copies {keys} keys ...");
-    let rt = SideRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("bench-replica")
-            .build()
-            .context("start the replica's runtime")?,
-    ));
+    let rt = SideRuntime::new()?;
     let engine = open(&root.join(format!("{name}-replica")), ASYNC_10MS, true).await?;
     let pb = bar(user_bytes, "bootstrap (bytes)");
     let started = Instant::now();
-    // The task ends with its runtime.
-    let (status, _task) = {
-        let _entered = rt.0.as_ref().map(|r| r.enter());
-        replica::spawn(
-            primary.addr.clone(),
-            ctx.client_cfg.clone(),
-            engine.clone(),
-            ReplicaOptions {
-                bootstrap: BootstrapMode::Auto,
-                chunk_bytes,
-                ..LOG_ONLY
-            },
-        )
+    let opts = ReplicaOptions {
+        bootstrap: BootstrapMode::Auto,
+        chunk_bytes,
+        ..LOG_ONLY
     };
+    let status = rt.replicate(ctx, &primary.addr, &engine, opts);
     let progress = loop {
         let (state, progress) = {
             let s = status.lock().unwrap_or_else(|p| p.into_inner());

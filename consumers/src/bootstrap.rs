@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use tideline_stream::proto::{BootstrapPosition, BootstrapResume, Cursor, ProtoError};
+use tideline_stream::proto::{BootstrapPosition, BootstrapResume, Chunk, Cursor, ProtoError};
 use tideline_stream::{
     BootstrapEvent, BootstrapStream, ChunkAcker, Client, ClientError, ErrorCode,
 };
@@ -288,7 +288,7 @@ impl Bootstrap {
                 self.progress.records += n;
                 BootstrapStep::Ops(ops)
             }
-            BootstrapEvent::Chunk {
+            BootstrapEvent::Chunk(Chunk {
                 tree,
                 merge_operator,
                 from,
@@ -296,7 +296,7 @@ impl Bootstrap {
                 entries,
                 offset,
                 last,
-            } => {
+            }) => {
                 let bytes = entries.len() as u64;
                 let entries =
                     tideline_stream::proto::unpack_entries(&entries, &from, to.as_deref())?;
