@@ -182,7 +182,13 @@ impl EngineNode {
         let upstreams: Vec<serde_json::Value> = self
             .upstreams
             .iter()
-            .map(|u| u.lock().unwrap_or_else(|p| p.into_inner()).to_json())
+            .map(|u| {
+                let u = u.lock().unwrap_or_else(|p| p.into_inner());
+                let mut j = u.to_json();
+                // What this node executed of what came from this upstream.
+                j["applied_gtids"] = json!(u.received.intersection(&pos.gtid_executed).to_string());
+                j
+            })
             .collect();
         let replica = !self.upstreams.is_empty() || read_only;
         json!({
