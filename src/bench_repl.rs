@@ -31,7 +31,7 @@
 //!
 //! 4. **Bootstrap.** A primary loaded with `--bootstrap-small-keys`, then `--bootstrap-keys`,
 //!    keys of `--value-bytes` (transactions of 1,000 puts); an empty replica with `--bootstrap
-//!    auto` copies it in 4 MiB chunks; timed from starting its replication task to the end of
+//!    auto` copies it in `--bootstrap-chunk-bytes` chunks (8 MiB); timed from starting its replication task to the end of
 //!    the bootstrap. MB/s counts key and value bytes. The small copy is compared with Redis's
 //!    full resync of `--redis-keys` keys.
 
@@ -90,6 +90,9 @@ pub struct ReplBenchArgs {
     /// makes the comparison fair).
     #[arg(long, default_value_t = 1_000_000)]
     bootstrap_small_keys: u64,
+    /// Chunk size the bootstrapping replicas ask for.
+    #[arg(long, default_value_t = crate::node::BOOTSTRAP_CHUNK_BYTES_DEFAULT)]
+    bootstrap_chunk_bytes: u64,
     /// Skip the bootstrap measurements.
     #[arg(long)]
     no_bootstrap: bool,
@@ -313,6 +316,36 @@ fn load_primary(
 /// down in the background, on every path out of the function that owns it.
 struct SideRuntime(Option<tokio::runtime::Runtime>);
 
+impl SideRuntime {
+    fn new() -> anyhow::Result<SideRuntime> {
+        Ok(SideRuntime(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("bench-replica")
+                .build()
+                .context("start the replica's runtime")?,
+        )))
+    }
+
+    /// Starts replicating from `addr` into `engine` on this runtime; the task ends with it.
+    fn replicate(
+        &self,
+        ctx: &Ctx,
+        addr: &str,
+        engine: &Arc<Engine>,
+        opts: ReplicaOptions,
+    ) -> SharedStatus {
+        let _entered = self.0.as_ref().map(|r| r.enter());
+        replica::spawn(
+            addr.to_string(),
+            ctx.client_cfg.clone(),
+            engine.clone(),
+            opts,
+        )
+        .0
+    }
+}
+
 impl Drop for SideRuntime {
     fn drop(&mut self) {
         if let Some(rt) = self.0.take() {
@@ -340,24 +373,9 @@ async fn catch_up(
     // The replication task runs on a runtime of its own, shut down after the measurement:
     // that ends the task and releases the engine, so its store's background work (flushes,
     // compactions) does not run on into the next phases.
-    let rt = SideRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("bench-replica")
-            .build()
-            .context("start the replica's runtime")?,
-    ));
+    let rt = SideRuntime::new()?;
     let started = Instant::now();
-    // The task ends with its runtime.
-    let (status, _task) = {
-        let _entered = rt.0.as_ref().map(|r| r.enter());
-        replica::spawn(
-            primary.addr.clone(),
-            ctx.client_cfg.clone(),
-            engine.clone(),
-            LOG_ONLY,
-        )
-    };
+    let status = rt.replicate(ctx, &primary.addr, &engine, LOG_ONLY);
     loop {
         if engine.gtid_executed() == want {
             break;
@@ -435,6 +453,7 @@ async fn bootstrap_copy(
     name: &str,
     keys: u64,
     value_bytes: usize,
+    chunk_bytes: u64,
 ) -> anyhow::Result<Value> {
     let primary = start_node(ctx, &root.join(format!("{name}-primary")), ASYNC_10MS, None).await?;
     eprintln!("bootstrap: loading {keys} keys of {value_bytes} B ...");
@@ -450,29 +469,16 @@ async fn bootstrap_copy(
         .context("checkpoint task failed")??;
     let user_bytes = keys * (16 + value_bytes as u64);
     eprintln!("bootstrap: an empty replica copies {keys} keys ...");
-    let rt = SideRuntime(Some(
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("bench-replica")
-            .build()
-            .context("start the replica's runtime")?,
-    ));
+    let rt = SideRuntime::new()?;
     let engine = open(&root.join(format!("{name}-replica")), ASYNC_10MS, true).await?;
     let pb = bar(user_bytes, "bootstrap (bytes)");
     let started = Instant::now();
-    // The task ends with its runtime.
-    let (status, _task) = {
-        let _entered = rt.0.as_ref().map(|r| r.enter());
-        replica::spawn(
-            primary.addr.clone(),
-            ctx.client_cfg.clone(),
-            engine.clone(),
-            ReplicaOptions {
-                bootstrap: BootstrapMode::Auto,
-                ..LOG_ONLY
-            },
-        )
+    let opts = ReplicaOptions {
+        bootstrap: BootstrapMode::Auto,
+        chunk_bytes,
+        ..LOG_ONLY
     };
+    let status = rt.replicate(ctx, &primary.addr, &engine, opts);
     let progress = loop {
         let (state, progress) = {
             let s = status.lock().unwrap_or_else(|p| p.into_inner());
@@ -505,6 +511,7 @@ async fn bootstrap_copy(
         "mb_per_s": (user_bytes as f64 / secs / 1e6 * 10.0).round() / 10.0,
         "keys_per_s": (keys as f64 / secs).round(),
         "chunks": progress["chunks"],
+        "chunk_bytes": chunk_bytes,
     }))
 }
 
@@ -743,6 +750,7 @@ async fn tideline(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
             "boot-small",
             args.bootstrap_small_keys,
             args.value_bytes,
+            args.bootstrap_chunk_bytes,
         )
         .await?;
         let large = bootstrap_copy(
@@ -751,6 +759,7 @@ async fn tideline(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
             "boot-large",
             args.bootstrap_keys,
             args.value_bytes,
+            args.bootstrap_chunk_bytes,
         )
         .await?;
         (large, small)

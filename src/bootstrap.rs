@@ -23,7 +23,8 @@ const PIPELINE_STEPS: usize = 4;
 
 /// What `status` shows of a bootstrap in progress.
 pub fn progress_json(p: &BootstrapProgress, rate: f64) -> serde_json::Value {
-    let left = p.bytes_estimate.saturating_sub(p.bytes) as f64;
+    let total = p.bytes_estimate_now();
+    let left = total.saturating_sub(p.bytes) as f64;
     let eta = (rate > 0.0).then(|| (left / rate * 10.0).round() / 10.0);
     json!({
         "tree": p.tree,
@@ -31,7 +32,8 @@ pub fn progress_json(p: &BootstrapProgress, rate: f64) -> serde_json::Value {
         "chunks": p.chunks,
         "keys": p.keys,
         "bytes": p.bytes,
-        "bytes_estimate": p.bytes_estimate,
+        "bytes_estimate": total,
+        "keys_estimate": p.keys_estimate,
         "percent": (p.fraction() * 1000.0).round() / 10.0,
         "rate_bytes_per_s": rate.round(),
         "eta_s": eta,
@@ -71,7 +73,7 @@ pub async fn run(
         blocking(move || eng.bootstrap_begin(&p)).await?;
         tracing::info!(
             upstream = %addr,
-            bytes_estimate = b.progress().bytes_estimate,
+            keys_estimate = b.progress().keys_estimate,
             "bootstrapping from a snapshot of the upstream"
         );
     }
@@ -136,7 +138,10 @@ pub async fn run(
                 to,
                 entries,
             }],
-            BootstrapStep::Done { gtid_executed, .. } => {
+            BootstrapStep::Done {
+                gtid_executed,
+                offset,
+            } => {
                 let (eng, set) = (engine.clone(), gtid_executed.clone());
                 if let Err(e) = blocking(move || eng.bootstrap_finish(&set)).await {
                     break Err(e);
@@ -144,6 +149,9 @@ pub async fn run(
                 bar.finish_and_clear();
                 update(st, |s| {
                     s.received = s.received.union(&gtid_executed);
+                    s.applied_offset = offset;
+                    s.upstream_head = s.upstream_head.max(offset);
+                    s.lag_txns = s.upstream_head.saturating_sub(offset);
                     s.bootstrap = Some(progress_json(&progress, rate));
                 });
                 tracing::info!(
@@ -172,6 +180,7 @@ pub async fn run(
                 break Err(classify(e));
             }
         }
+        bar.set_length(progress.bytes_estimate_now());
         bar.set_position(progress.bytes);
         bar.set_message(format!(
             "tree {} · {} chunks",
@@ -218,7 +227,8 @@ async fn blocking(
 
 /// A byte progress bar on a terminal; hidden otherwise (status and logs carry progress).
 fn progress_bar(p: &BootstrapProgress) -> ProgressBar {
-    let bar = ProgressBar::with_draw_target(Some(p.bytes_estimate), ProgressDrawTarget::stderr());
+    let bar =
+        ProgressBar::with_draw_target(Some(p.bytes_estimate_now()), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template(
             "bootstrap {bar:30} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",

@@ -52,7 +52,7 @@ pub struct ServeArgs {
     bootstrap: replica::BootstrapMode,
     /// Size of the chunks a bootstrap asks for (the upstream keeps it within 16 KiB..8 MiB).
     /// A killed replica re-fetches at most one chunk.
-    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES")]
+    #[arg(long, default_value_t = BOOTSTRAP_CHUNK_BYTES_DEFAULT, value_name = "BYTES")]
     bootstrap_chunk_bytes: u64,
     /// Size at which the log starts a new segment file (retention removes whole segments).
     #[arg(long, default_value_t = 64 << 20, value_name = "BYTES",
@@ -69,6 +69,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(1..=(16 << 20)))]
     value_bytes_max: u32,
 }
+
+/// Chunk size a bootstrapping replica asks for by default.
+pub const BOOTSTRAP_CHUNK_BYTES_DEFAULT: u64 = 8 << 20;
 
 /// The engine seen through the stream server's [`Node`] trait.
 pub struct EngineNode {
@@ -179,7 +182,13 @@ impl EngineNode {
         let upstreams: Vec<serde_json::Value> = self
             .upstreams
             .iter()
-            .map(|u| u.lock().unwrap_or_else(|p| p.into_inner()).to_json())
+            .map(|u| {
+                let u = u.lock().unwrap_or_else(|p| p.into_inner());
+                let mut j = u.to_json();
+                // What this node executed of what came from this upstream.
+                j["applied_gtids"] = json!(u.received.intersection(&pos.gtid_executed).to_string());
+                j
+            })
             .collect();
         let replica = !self.upstreams.is_empty() || read_only;
         json!({
@@ -303,10 +312,12 @@ impl Node for EngineNode {
                  `tideline status`)",
             ));
         }
-        let stats = self.engine.store_stats();
+        let snap = self.engine.snapshot();
+        // Keys from the store's counters (no data read); bytes are left to the consumer, which
+        // scales the keys by the average entry size it sees.
         Ok(Arc::new(EngineView {
-            snap: self.engine.snapshot(),
-            estimate: (0, stats.disk_bytes),
+            estimate: (snap.approximate_len(), 0),
+            snap,
         }))
     }
 

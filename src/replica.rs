@@ -304,7 +304,9 @@ async fn subscribe_and_apply(
         s.errant = errant;
         s.error = None;
         s.upstream_head = sub.head();
-        s.applied_offset = sub.next_offset().saturating_sub(1);
+        // After a bootstrap the handover offset is already known; a subscription by GTID set
+        // may start further back (records this replica has are skipped).
+        s.applied_offset = s.applied_offset.max(sub.next_offset().saturating_sub(1));
         s.lag_txns = s.upstream_head.saturating_sub(s.applied_offset);
     });
     tracing::info!(upstream = %addr, server_uuid = %upstream_uuid, "replicating");

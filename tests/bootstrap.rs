@@ -34,6 +34,19 @@ fn load_sized(node: &Node, tree: &str, first: u64, count: u64, value_len: usize)
     assert!(child.wait().expect("wait for load").success());
 }
 
+/// A temporary directory for a cluster and the path of its secrets.
+fn cluster() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets").to_str().unwrap().to_string();
+    (dir, secrets)
+}
+
+fn primary(dir: &std::path::Path, secrets: &str, extra: &[&str]) -> Node {
+    let mut args = vec!["--secrets", secrets];
+    args.extend_from_slice(extra);
+    Node::start_with(&dir.join("a"), free_port(), &args)
+}
+
 fn replica(dir: &std::path::Path, name: &str, secrets: &str, upstream: &Node, chunk: &str) -> Node {
     Node::start_with(
         &dir.join(name),
@@ -117,14 +130,8 @@ fn wait_upstream(node: &Node, what: &str, pred: impl Fn(&Value) -> bool) -> Valu
 
 #[test]
 fn an_empty_replica_bootstraps_while_the_primary_keeps_writing() {
-    let dir = tempfile::tempdir().unwrap();
-    let secrets = dir.path().join("secrets");
-    let secrets_s = secrets.to_str().unwrap().to_string();
-    let a = Node::start_with(
-        &dir.path().join("a"),
-        free_port(),
-        &["--secrets", &secrets_s],
-    );
+    let (dir, secrets_s) = cluster();
+    let a = primary(dir.path(), &secrets_s, &[]);
     load_sized(&a, "default", 0, 20_000, 100);
     load_sized(&a, "users", 0, 20_000, 100);
 
@@ -149,6 +156,11 @@ fn an_empty_replica_bootstraps_while_the_primary_keeps_writing() {
     assert!(
         progress["live_records"].as_u64().unwrap() > 0,
         "writes went on: {u}"
+    );
+    assert!(progress["keys_estimate"].as_u64().unwrap() >= 40_000, "{u}");
+    assert!(
+        progress["bytes_estimate"].as_u64().unwrap() >= 40_000 * 100,
+        "{u}"
     );
     // The copy's GTIDs count as purged from B's new log; B's own log starts after them.
     let sb = status(&b);
@@ -185,14 +197,8 @@ fn an_empty_replica_bootstraps_while_the_primary_keeps_writing() {
 
 #[test]
 fn a_replica_killed_mid_bootstrap_resumes_from_its_last_chunk() {
-    let dir = tempfile::tempdir().unwrap();
-    let secrets = dir.path().join("secrets");
-    let secrets_s = secrets.to_str().unwrap().to_string();
-    let a = Node::start_with(
-        &dir.path().join("a"),
-        free_port(),
-        &["--secrets", &secrets_s],
-    );
+    let (dir, secrets_s) = cluster();
+    let a = primary(dir.path(), &secrets_s, &[]);
     load_sized(&a, "default", 0, 100_000, 100);
 
     let mut b = replica(dir.path(), "b", &secrets_s, &a, "16384");
@@ -234,20 +240,11 @@ fn a_replica_killed_mid_bootstrap_resumes_from_its_last_chunk() {
 /// needs, it bootstraps instead (and its own data is replaced by the copy).
 #[test]
 fn a_replica_whose_needed_gtids_were_purged_bootstraps() {
-    let dir = tempfile::tempdir().unwrap();
-    let secrets = dir.path().join("secrets");
-    let secrets_s = secrets.to_str().unwrap().to_string();
-    let a = Node::start_with(
-        &dir.path().join("a"),
-        free_port(),
-        &[
-            "--secrets",
-            &secrets_s,
-            "--log-segment-bytes",
-            "16384",
-            "--log-retain-bytes",
-            "0",
-        ],
+    let (dir, secrets_s) = cluster();
+    let a = primary(
+        dir.path(),
+        &secrets_s,
+        &["--log-segment-bytes", "16384", "--log-retain-bytes", "0"],
     );
     let b = replica(dir.path(), "b", &secrets_s, &a, "65536");
     load_sized(&a, "default", 0, 500, 100);

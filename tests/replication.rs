@@ -78,6 +78,8 @@ fn chain_and_fan_out_converge_with_origin_gtids() {
     assert_eq!(sc["role"], "replica");
     assert_eq!(sc["last_offset"], 40);
     assert_eq!(sc["upstreams"][0]["state"], "connected");
+    assert_eq!(sc["upstreams"][0]["received"], want);
+    assert_eq!(sc["upstreams"][0]["applied_gtids"], want);
     // Replicas refuse client writes.
     let out = b.run(&["put", "x", "y"]);
     assert!(!out.status.success());

@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use tideline_stream::proto::{BootstrapPosition, BootstrapResume, Cursor, ProtoError};
+use tideline_stream::proto::{BootstrapPosition, BootstrapResume, Chunk, Cursor, ProtoError};
 use tideline_stream::{
     BootstrapEvent, BootstrapStream, ChunkAcker, Client, ClientError, ErrorCode,
 };
@@ -80,12 +80,25 @@ impl BootstrapProgress {
         self.tree_done = pos.cursor.tree_done;
     }
 
-    /// Share of the estimated bytes copied, 0.0-1.0 (1.0 when nothing was estimated).
-    pub fn fraction(&self) -> f64 {
-        if self.bytes_estimate == 0 {
-            return 1.0;
+    /// Estimated bytes of the whole copy: the node's figure if it gave one, else its key
+    /// estimate times the average entry size copied so far (0 before the first chunk).
+    pub fn bytes_estimate_now(&self) -> u64 {
+        if self.bytes_estimate > 0 || self.keys == 0 {
+            return self.bytes_estimate.max(self.bytes);
         }
-        (self.bytes as f64 / self.bytes_estimate as f64).min(1.0)
+        let per_key = self.bytes as f64 / self.keys as f64;
+        ((self.keys_estimate as f64 * per_key) as u64).max(self.bytes)
+    }
+
+    /// Share of the copy done, 0.0-1.0, from the node's estimates (which may be off).
+    pub fn fraction(&self) -> f64 {
+        if self.keys_estimate > 0 {
+            return (self.keys as f64 / self.keys_estimate as f64).min(1.0);
+        }
+        match self.bytes_estimate_now() {
+            0 => 0.0,
+            total => (self.bytes as f64 / total as f64).min(1.0),
+        }
     }
 }
 
@@ -275,7 +288,7 @@ impl Bootstrap {
                 self.progress.records += n;
                 BootstrapStep::Ops(ops)
             }
-            BootstrapEvent::Chunk {
+            BootstrapEvent::Chunk(Chunk {
                 tree,
                 merge_operator,
                 from,
@@ -283,7 +296,7 @@ impl Bootstrap {
                 entries,
                 offset,
                 last,
-            } => {
+            }) => {
                 let bytes = entries.len() as u64;
                 let entries =
                     tideline_stream::proto::unpack_entries(&entries, &from, to.as_deref())?;

@@ -7,8 +7,8 @@ use tideline_wal::{GtidSet, Transaction};
 use uuid::Uuid;
 
 use crate::proto::{
-    self, BootstrapResume, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Request, Response, Start,
-    WriteOp,
+    self, BootstrapResume, Chunk, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Request, Response,
+    Start, WriteOp,
 };
 use crate::tls::{self, ClientSecrets};
 use crate::wire::{FramedRecv, WireError, send_message};
@@ -520,23 +520,8 @@ impl Subscription {
 pub enum BootstrapEvent {
     /// Live log records, densely after the previous ones.
     Records(Vec<Transaction>),
-    /// A part of a chunk of a tree read at `offset` (see [`Response::Chunk`]).
-    Chunk {
-        /// Tree.
-        tree: String,
-        /// Its merge operator.
-        merge_operator: Option<String>,
-        /// First key of the range.
-        from: Vec<u8>,
-        /// End of the range (exclusive), `None` = end of tree.
-        to: Option<Vec<u8>>,
-        /// Packed entries (see [`crate::proto::unpack_entries`]).
-        entries: Vec<u8>,
-        /// Position read at.
-        offset: u64,
-        /// Whether this part ends its chunk.
-        last: bool,
-    },
+    /// A part of a chunk of a tree.
+    Chunk(Chunk),
     /// The copy is complete at `offset`, where the server had executed `gtid_executed`.
     Done {
         /// Handover offset.
@@ -587,23 +572,7 @@ impl BootstrapStream {
         Ok(match self.recv.next::<Response>().await? {
             None => None,
             Some(Frame::Batch(txns)) => Some(BootstrapEvent::Records(txns)),
-            Some(Frame::Message(Response::Chunk {
-                tree,
-                merge_operator,
-                from,
-                to,
-                entries,
-                offset,
-                last,
-            })) => Some(BootstrapEvent::Chunk {
-                tree,
-                merge_operator,
-                from,
-                to,
-                entries,
-                offset,
-                last,
-            }),
+            Some(Frame::Message(Response::Chunk(c))) => Some(BootstrapEvent::Chunk(c)),
             Some(Frame::Message(Response::BootstrapDone {
                 offset,
                 gtid_executed,

@@ -10,7 +10,7 @@ use tideline_wal::Offset;
 use uuid::Uuid;
 
 use crate::proto::{
-    BatchBuilder, BootstrapResume, Cursor, ErrorCode, Request, Response, packed_parts,
+    BatchBuilder, BootstrapResume, Chunk, Cursor, ErrorCode, Request, Response, packed_parts,
 };
 use crate::server::{BootstrapView, Node, ServerConfig, error};
 use crate::wire::{FramedRecv, WireError, send_message};
@@ -280,7 +280,7 @@ async fn run<N: Node>(
             };
             send_message(
                 send,
-                &Response::Chunk {
+                &Response::Chunk(Chunk {
                     tree: tree.clone(),
                     merge_operator: merge_operator.clone(),
                     from: part_from,
@@ -288,7 +288,7 @@ async fn run<N: Node>(
                     entries: entries.get(range).unwrap_or_default().to_vec(),
                     offset: at,
                     last,
-                },
+                }),
             )
             .await?;
         }

@@ -263,28 +263,8 @@ pub enum Response {
         /// Estimated bytes of keys and values (for progress; may be off).
         bytes_estimate: u64,
     },
-    /// A part of a chunk of a tree, read from a snapshot at `offset`: it replaces the key
-    /// range `[from, to)` (`to: None` = to the end of the tree). Every live record up to
-    /// `offset` was sent before the chunk's first part; every later one comes after its last.
-    Chunk {
-        /// Tree.
-        tree: String,
-        /// The tree's merge operator, if any.
-        merge_operator: Option<String>,
-        /// First key of the range (inclusive).
-        from: Vec<u8>,
-        /// End of the range (exclusive); `None` = end of the tree.
-        to: Option<Vec<u8>>,
-        /// The entries, packed: per entry `u32` key length, `u32` value length (little
-        /// endian), key bytes, value bytes; ascending keys. See [`super::pack_entry`].
-        entries: Vec<u8>,
-        /// Snapshot position (last applied offset) the chunk was read at.
-        offset: u64,
-        /// Whether this message ends the chunk. A chunk travels as consecutive parts (each
-        /// with its own sub-range, so the receiver can store each as it arrives); its
-        /// progress counts only once its last part is stored.
-        last: bool,
-    },
+    /// A part of a chunk of a tree (see [`Chunk`]).
+    Chunk(Chunk),
     /// The bootstrap is complete: the copy equals the server's state at `offset`.
     BootstrapDone {
         /// The handover position.
@@ -292,4 +272,30 @@ pub enum Response {
         /// The server's `gtid_executed` at `offset`.
         gtid_executed: String,
     },
+}
+
+/// A part of a chunk of a tree, read from a snapshot at `offset`: it replaces the key range
+/// `[from, to)` (`to: None` = to the end of the tree). Every live record up to `offset` was
+/// sent before the chunk's first part; every later one comes after its last.
+///
+/// persisted: wire type; changes must stay backward compatible.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct Chunk {
+    /// Tree.
+    pub tree: String,
+    /// The tree's merge operator, if any.
+    pub merge_operator: Option<String>,
+    /// First key of the range (inclusive).
+    pub from: Vec<u8>,
+    /// End of the range (exclusive); `None` = end of the tree.
+    pub to: Option<Vec<u8>>,
+    /// The entries, packed: per entry `u32` key length, `u32` value length (little endian),
+    /// key bytes, value bytes; ascending keys. See [`super::pack_entry`].
+    pub entries: Vec<u8>,
+    /// Snapshot position (last applied offset) the chunk was read at.
+    pub offset: u64,
+    /// Whether this message ends the chunk. A chunk travels as consecutive parts (each with
+    /// its own sub-range, so the receiver can store each as it arrives); its progress counts
+    /// only once its last part is stored.
+    pub last: bool,
 }
