@@ -1155,7 +1155,11 @@ impl Inner {
                 None => st.trees.get(name).copied(),
             }
         };
-        let mut out: Vec<Op> = Vec::with_capacity(ops.len() + 1);
+        // Ops dropped from the logged list (a local re-creation of an existing tree) and where
+        // the implicit creation of `default` goes: the list is rebuilt only when it changes,
+        // else `ops` is logged as it is (no move of every op under the commit lock).
+        let mut dropped_ops: Vec<usize> = Vec::new();
+        let mut create_default_at: Vec<usize> = Vec::new();
         let mut tree_ops: Vec<Arc<str>> = Vec::new();
         let mut names: HashMap<String, Arc<str>> = HashMap::new();
         let mut intern = |s: &str| -> Arc<str> {
@@ -1166,8 +1170,8 @@ impl Inner {
             names.insert(s.to_string(), a.clone());
             a
         };
-        for op in ops {
-            match &op {
+        for (i, op) in ops.iter().enumerate() {
+            match op {
                 Op::CreateTree {
                     tree,
                     merge_operator,
@@ -1188,6 +1192,7 @@ impl Inner {
                         Some(existing) if local => {
                             if existing == m {
                                 modified = true;
+                                dropped_ops.push(i);
                                 continue;
                             }
                             return Err(WriteError::TreeExists {
@@ -1218,10 +1223,7 @@ impl Inner {
                         Some(s) => s,
                         None if local && tree == DEFAULT_TREE => {
                             // Implicit creation belongs to the transaction that needs it.
-                            out.push(Op::CreateTree {
-                                tree: DEFAULT_TREE.into(),
-                                merge_operator: None,
-                            });
+                            create_default_at.push(i);
                             changes.insert(DEFAULT_TREE.into(), Some(None));
                             tree_ops.push(intern(DEFAULT_TREE));
                             modified = true;
@@ -1229,7 +1231,7 @@ impl Inner {
                         }
                         None => return Err(WriteError::UnknownTree(tree.clone())),
                     };
-                    if let Op::Merge { operand, .. } = &op {
+                    if let Op::Merge { operand, .. } = op {
                         let m = state.ok_or_else(|| WriteError::NoMergeOperator(tree.clone()))?;
                         m.check_operand(operand)
                             .map_err(|reason| WriteError::BadOperand {
@@ -1240,8 +1242,27 @@ impl Inner {
                     }
                 }
             }
-            out.push(op);
         }
+        let out = if modified {
+            // Both index lists ascend: they were filled in op order.
+            let mut out = Vec::with_capacity(ops.len() + create_default_at.len());
+            let mut create = create_default_at.into_iter().peekable();
+            let mut skip = dropped_ops.into_iter().peekable();
+            for (i, op) in ops.into_iter().enumerate() {
+                if create.next_if_eq(&i).is_some() {
+                    out.push(Op::CreateTree {
+                        tree: DEFAULT_TREE.into(),
+                        merge_operator: None,
+                    });
+                }
+                if skip.next_if_eq(&i).is_none() {
+                    out.push(op);
+                }
+            }
+            out
+        } else {
+            ops
+        };
         if out.is_empty() && local {
             return Ok(None);
         }

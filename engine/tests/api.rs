@@ -535,3 +535,55 @@ fn snapshot_approximate_len_estimates_the_keys_of_all_trees() {
     let later = e.snapshot().approximate_len();
     assert!((400..=700).contains(&later), "estimate {later}");
 }
+
+/// The op list a commit logs differs from the transaction's where the engine edits it: a
+/// creation of an existing tree with the same operator is left out, and the implicit creation
+/// of `default` goes just before the first write that needs it.
+#[test]
+fn logged_ops_leave_out_redundant_creations_and_add_implicit_ones() {
+    use tideline_wal::Op;
+    let n = node();
+    let e = &n.engine;
+    e.create_tree("users", None).expect("create");
+    let mut tx = e.begin();
+    tx.put("users", b"u1", b"ann").expect("put");
+    tx.create_tree("users", None).expect("same tree again");
+    tx.put("default", b"a", b"1").expect("put");
+    tx.put("users", b"u2", b"bob").expect("put");
+    let c = tx.commit().expect("commit").expect("logged");
+    let txn = e
+        .wal()
+        .read_from(c.offset)
+        .expect("reader")
+        .next_txn()
+        .expect("read")
+        .expect("record");
+    let shape: Vec<String> = txn
+        .ops
+        .iter()
+        .map(|op| match op {
+            Op::CreateTree { tree, .. } => format!("create {tree}"),
+            Op::Put { tree, key, .. } => format!("put {tree} {}", String::from_utf8_lossy(key)),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            "put users u1",
+            "create default",
+            "put default a",
+            "put users u2"
+        ]
+    );
+    for (tree, key, value) in [
+        ("users", "u1", "ann"),
+        ("default", "a", "1"),
+        ("users", "u2", "bob"),
+    ] {
+        assert_eq!(
+            e.get(tree, key.as_bytes()).expect("get").as_deref(),
+            Some(value.as_bytes())
+        );
+    }
+}
