@@ -462,11 +462,24 @@ async fn bootstrap_copy(
         .await
         .context("load task failed")??;
     let want = primary.engine.gtid_executed();
-    // The primary's store settles (flushes) before the copy, as a long-running node's would.
+    // The primary's store settles before the copy (flushed, compactions done), as a node that
+    // has held its data a while would be, and as Redis's primary is: the copy is measured,
+    // not the load's aftermath.
     let e = primary.engine.clone();
     tokio::task::spawn_blocking(move || e.checkpoint())
         .await
         .context("checkpoint task failed")??;
+    let settle = Instant::now();
+    let mut quiet_since = Instant::now();
+    while settle.elapsed() < Duration::from_secs(120) {
+        let st = primary.engine.store_stats();
+        if st.active_compactions > 0 || st.outstanding_flushes > 0 {
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let user_bytes = keys * (16 + value_bytes as u64);
     eprintln!("bootstrap: an empty replica copies {keys} keys ...");
     let rt = SideRuntime::new()?;
