@@ -112,7 +112,12 @@ impl DurabilityArg {
 }
 
 fn init_tracing(server: bool) {
-    let default = if server { "info" } else { "warn" };
+    // The store's own info lines (table ingestion, journal rotation) are noise to operators.
+    let default = if server {
+        "info,fjall=warn,lsm_tree=warn"
+    } else {
+        "warn"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDELINE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
