@@ -3,34 +3,20 @@
 //! a downstream lacking the copied GTIDs is told they were purged, and a crash part-way through
 //! leaves either the old history or the new one.
 
+mod common;
+
 use std::sync::Arc;
 
-use tideline_wal::{
-    Error, Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, Storage, Wal, WalOptions, segment,
-};
-
-fn txn(uuid: uuid::Uuid, seq: u64) -> NewTransaction {
-    NewTransaction {
-        gtid: Gtid::new(uuid, seq).expect("seq >= 1"),
-        timestamp_us: seq as i64,
-        ops: vec![Op::Put {
-            tree: "default".into(),
-            key: format!("k{seq}").into_bytes(),
-            value: vec![seq as u8; 100],
-            before: None,
-        }],
-    }
-}
+use common::{UUID, opts, txn_for};
+use tideline_wal::{Error, Gtid, GtidSet, MemStorage, Offset, Storage, Wal, WalOptions, segment};
 
 fn small_segments() -> WalOptions {
-    WalOptions {
-        segment_bytes_max: 4096,
-        ..WalOptions::default()
-    }
+    opts(4096)
 }
 
+/// GTIDs of another node, as a bootstrap would have copied them.
 fn copied_set() -> GtidSet {
-    "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-1000"
+    "4f22ab58-82db-12f2-8f44-d91bb0530673:1-1000"
         .parse()
         .unwrap()
 }
@@ -39,12 +25,11 @@ fn copied_set() -> GtidSet {
 fn log_with_history() -> (Arc<dyn Storage>, uuid::Uuid) {
     let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
     let wal = Wal::open(storage.clone(), small_segments()).unwrap();
-    let uuid = wal.server_uuid();
     for seq in 1..=200 {
-        wal.append(txn(uuid, seq)).unwrap();
+        wal.append(txn_for(seq)).unwrap();
     }
     assert!(wal.stats().segments.len() > 3);
-    (storage, uuid)
+    (storage, UUID)
 }
 
 #[test]
@@ -67,7 +52,7 @@ fn reset_replaces_history_and_offsets_go_on() {
         Err(Error::HistoryReset { gtids_before }) if gtids_before == copied
     ));
     // Offsets and this node's own GTIDs go on.
-    assert_eq!(wal.append(txn(uuid, 201)).unwrap().get(), 201);
+    assert_eq!(wal.append(txn_for(201)).unwrap().get(), 201);
     assert!(matches!(
         wal.read_from(Offset::new(200).unwrap()),
         Err(Error::OffsetUnavailable { .. })
@@ -97,16 +82,16 @@ fn reset_replaces_history_and_offsets_go_on() {
 #[test]
 fn reset_of_an_empty_log_is_repeatable() {
     let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
-    let wal = Wal::open(storage.clone(), WalOptions::default()).unwrap();
+    let wal = Wal::open(storage.clone(), opts(64 << 20)).unwrap();
     let uuid = wal.server_uuid();
     let copied = copied_set();
     wal.reset_history(&copied).unwrap();
     wal.reset_history(&copied).unwrap();
     assert_eq!(wal.gtids(), copied);
     assert_eq!(wal.first_offset(), Offset::FIRST);
-    assert_eq!(wal.append(txn(uuid, 1)).unwrap(), Offset::FIRST);
+    assert_eq!(wal.append(txn_for(1)).unwrap(), Offset::FIRST);
     drop(wal);
-    let wal = Wal::open(storage, WalOptions::default()).unwrap();
+    let wal = Wal::open(storage, opts(64 << 20)).unwrap();
     assert_eq!(wal.server_uuid(), uuid);
     assert_eq!(wal.visible_offset(), 1);
     assert!(wal.gtids().contains(&Gtid::new(uuid, 1).unwrap()));
@@ -132,7 +117,7 @@ fn open_finishes_a_reset_interrupted_after_the_rename() {
     assert_eq!(wal.first_offset().get(), 201);
     assert_eq!(wal.visible_offset(), 200);
     assert_eq!(segment_names(&*storage).len(), 1);
-    assert_eq!(wal.append(txn(uuid, 201)).unwrap().get(), 201);
+    assert_eq!(wal.append(txn_for(201)).unwrap().get(), 201);
 }
 
 /// The crash window before the rename: the old history stays whole and the temporary file goes.
