@@ -272,31 +272,29 @@ fn key(i: u64) -> [u8; 16] {
     out
 }
 
-/// Commits `txns` one-put transactions on `engine` from `writers` threads.
-fn load_primary(
-    engine: &Arc<Engine>,
-    txns: u64,
-    value: &[u8],
-    writers: usize,
+/// Runs `work(first, end)` over `0..total` in steps of `step`, from `threads` threads, with a
+/// progress bar; returns items per second.
+fn load_parallel(
+    total: u64,
+    threads: usize,
+    step: u64,
+    work: impl Fn(u64, u64) -> anyhow::Result<()> + Sync,
 ) -> anyhow::Result<f64> {
-    let next = AtomicU64::new(1);
-    let pb = bar(txns, "loading the primary");
+    let next = AtomicU64::new(0);
+    let pb = bar(total, "loading the primary");
     let started = Instant::now();
     std::thread::scope(|s| -> anyhow::Result<()> {
-        let handles: Vec<_> = (0..writers)
+        let handles: Vec<_> = (0..threads)
             .map(|_| {
                 s.spawn(|| -> anyhow::Result<()> {
                     loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i > txns {
+                        let first = next.fetch_add(step, Ordering::Relaxed);
+                        if first >= total {
                             return Ok(());
                         }
-                        engine
-                            .put("default", &key(i), value)
-                            .context("commit on the primary")?;
-                        if i.is_multiple_of(4096) {
-                            pb.inc(4096);
-                        }
+                        let end = (first + step).min(total);
+                        work(first, end)?;
+                        pb.inc(end - first);
                     }
                 })
             })
@@ -307,9 +305,23 @@ fn load_primary(
         }
         Ok(())
     })?;
-    let secs = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
-    Ok(txns as f64 / secs)
+    Ok(total as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Commits `txns` one-put transactions on `engine` from `writers` threads.
+fn load_primary(
+    engine: &Arc<Engine>,
+    txns: u64,
+    value: &[u8],
+    writers: usize,
+) -> anyhow::Result<f64> {
+    load_parallel(txns, writers, 1, |i, _| {
+        engine
+            .put("default", &key(i + 1), value)
+            .context("commit on the primary")?;
+        Ok(())
+    })
 }
 
 /// A runtime used from inside another one: dropping it there must not block, so it is shut
@@ -407,41 +419,17 @@ async fn catch_up(
 
 /// Loads `keys` puts of `value` on `engine` in transactions of 1,000 from two threads.
 fn load_batched(engine: &Arc<Engine>, keys: u64, value: &[u8]) -> anyhow::Result<f64> {
-    const BATCH: u64 = 1_000;
-    let next = AtomicU64::new(0);
-    let pb = bar(keys, "loading the primary");
-    let started = Instant::now();
-    std::thread::scope(|s| -> anyhow::Result<()> {
-        let handles: Vec<_> = (0..2)
-            .map(|_| {
-                s.spawn(|| -> anyhow::Result<()> {
-                    loop {
-                        let first = next.fetch_add(BATCH, Ordering::Relaxed);
-                        if first >= keys {
-                            return Ok(());
-                        }
-                        let last = (first + BATCH).min(keys);
-                        engine
-                            .transaction(|tx| {
-                                for i in first..last {
-                                    tx.put("default", &key(i), value)?;
-                                }
-                                Ok(())
-                            })
-                            .context("commit on the primary")?;
-                        pb.inc(last - first);
-                    }
-                })
+    load_parallel(keys, 2, 1_000, |first, end| {
+        engine
+            .transaction(|tx| {
+                for i in first..end {
+                    tx.put("default", &key(i), value)?;
+                }
+                Ok(())
             })
-            .collect();
-        for h in handles {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("a loading thread panicked"))??;
-        }
+            .context("commit on the primary")?;
         Ok(())
-    })?;
-    pb.finish_and_clear();
-    Ok(keys as f64 / started.elapsed().as_secs_f64())
+    })
 }
 
 /// A primary holding `keys` keys, and an empty replica bootstrapping from it: timed from
