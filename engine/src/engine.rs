@@ -497,15 +497,7 @@ impl Engine {
         let replayed = inner.replay(applied)?;
         {
             let v = inner.view.read().unwrap_or_else(|p| p.into_inner());
-            let mut st = lock(&inner.commit);
-            st.submitted = (*v.gtids).clone();
-            st.trees = v
-                .catalog
-                .trees
-                .iter()
-                .map(|(n, t)| (n.clone(), t.merge))
-                .collect();
-            st.history_floor = v.offset;
+            inner.reset_commit_state(&mut lock(&inner.commit), &v);
             lock(&inner.apply).applied = v.offset;
             let log_gtids = wal.gtids();
             // While bootstrapping, the store's GTIDs are the upstream's, not the log's.
@@ -1605,8 +1597,8 @@ impl Inner {
         }
     }
 
-    /// Makes the commit state match the view after a bootstrap replaced the state: the
-    /// submitted GTIDs and trees are the view's, and no earlier write set counts any more.
+    /// Makes the commit state match the view (at open, and after a bootstrap replaced the
+    /// state): the submitted GTIDs and trees are the view's, and no earlier write set counts.
     pub(crate) fn reset_commit_state(&self, st: &mut CommitState, v: &View) {
         st.submitted = (*v.gtids).clone();
         st.trees = v
