@@ -173,11 +173,8 @@ impl RtThread {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.handle.spawn(async move {
-            let _ = tx.send(fut.await);
-        });
-        rx.recv()
+        self.start_task(fut)
+            .recv()
             .context("the runtime thread stopped before the task finished")
     }
 
