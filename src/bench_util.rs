@@ -25,6 +25,7 @@ pub fn run_in_dir(
     run: impl FnOnce(&Path) -> anyhow::Result<Value>,
     print: fn(&Value),
 ) -> anyhow::Result<ExitCode> {
+    crate::log_cmd::refuse_node_dir(dir, "bench")?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let root = dir.join(format!("{name}-{}", std::process::id()));
     std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;

@@ -1,9 +1,11 @@
 //! `tideline demo`: the log doing its job on embedded defaults. Eight writers commit
 //! concurrently with sync durability; group commit shares fsyncs among them; the result is
-//! read back and summarised. Run it twice on the same directory to see recovery continue
-//! the GTID sequence.
+//! read back and summarised. By default it works in a fresh temporary directory that it
+//! removes afterwards; run it twice with the same `--data` to see recovery continue the GTID
+//! sequence. It refuses a directory that holds a node, and the log's writer lock refuses a log
+//! that another process has open.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -13,15 +15,16 @@ use indicatif::ProgressBar;
 use tideline_wal::{Gtid, NewTransaction, Op};
 
 use crate::DurabilityArg;
-use crate::log_cmd::{log_dir, open_log};
+use crate::log_cmd::{log_dir, open_log, refuse_node_dir};
 use crate::render;
 
 /// Arguments of `demo`.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Data directory (the log goes to DATA/log).
-    #[arg(long, value_name = "DIR", default_value = "./data")]
-    data: PathBuf,
+    /// Data directory (the log goes to DATA/log). Default: a fresh temporary directory,
+    /// removed afterwards. A node's data directory is refused.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
     /// Transactions to commit.
     #[arg(long, default_value_t = 20_000)]
     txns: u64,
@@ -35,8 +38,19 @@ pub struct DemoArgs {
 
 /// `demo`.
 pub fn run(args: &DemoArgs) -> anyhow::Result<ExitCode> {
-    let dir = log_dir(&args.data);
-    let wal = open_log(&args.data, args.durability.durability())?;
+    let Some(data) = &args.data else {
+        let tmp = std::env::temp_dir().join(format!("tideline-demo-{}", std::process::id()));
+        let result = run_in(&tmp, args);
+        let _ = std::fs::remove_dir_all(&tmp);
+        return result;
+    };
+    refuse_node_dir(data, "demo")?;
+    run_in(data, args)
+}
+
+fn run_in(data: &Path, args: &DemoArgs) -> anyhow::Result<ExitCode> {
+    let dir = log_dir(data);
+    let wal = open_log(data, args.durability.durability())?;
     let uuid = wal.server_uuid();
     let before = wal.gtids();
     let start_seq = before.last_seq(&uuid).unwrap_or(0) + 1;

@@ -32,6 +32,22 @@ pub fn log_dir(data: &Path) -> PathBuf {
     data.join("log")
 }
 
+/// Refuses `dir` if it holds a node (its state store or cluster secrets): tools that write a
+/// log of their own (`demo`, `bench`) must never append to a node's log, running or not.
+pub fn refuse_node_dir(dir: &Path, tool: &str) -> anyhow::Result<()> {
+    for part in ["store", "secrets"] {
+        if dir.join(part).exists() {
+            bail!(
+                "{} holds a node (it has {part}/); `tideline {tool}` writes a log of its own and \
+                 must not touch a node's: leave out --data/--dir to use a fresh temporary \
+                 directory, or name an empty one",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Opens (or creates) the log of a data directory for writing.
 pub fn open_log(data: &Path, durability: Durability) -> anyhow::Result<Arc<Wal>> {
     open_log_with(

@@ -89,6 +89,17 @@ pub enum Error {
     /// The log has been closed.
     #[error("the log is closed")]
     Closed,
+    /// Another process has this log open for writing (a running node, `demo` or `bench`).
+    #[error(
+        "the log in {dir} is in use by {holder}; stop that process first or use another data \
+         directory (read-only tools such as `tideline log dump|info|verify` work beside it)"
+    )]
+    InUse {
+        /// The log directory.
+        dir: String,
+        /// Who holds it: `PID n`, or `another process` when the lock file names none.
+        holder: String,
+    },
     /// An I/O error outside the append path (open, read, retention).
     #[error("{context}: {source}")]
     Io {

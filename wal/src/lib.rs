@@ -66,4 +66,6 @@ pub use log::{
 pub use offset::Offset;
 pub use record::{NewTransaction, Op, Transaction};
 pub use slots::{SlotInfo, SlotState};
-pub use storage::{CrashMode, FileStorage, MemStorage, Storage, StorageFile};
+pub use storage::{
+    CrashMode, FileStorage, LOCK_FILE_NAME, MemStorage, Storage, StorageFile, WriterLock,
+};

@@ -21,7 +21,7 @@ use crate::gtid::{Gtid, GtidSet};
 use crate::record::{self, FrameError, NewTransaction, Transaction};
 use crate::segment::{self, HeaderError, SegmentHeader};
 use crate::slots::{SlotInfo, Slots};
-use crate::storage::{Storage, StorageFile};
+use crate::storage::{Storage, StorageFile, WriterLock};
 use crate::{Error, Offset};
 
 /// When an append is acknowledged.
@@ -314,6 +314,8 @@ pub struct Wal {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
     recovery: RecoveryReport,
+    /// The directory's writer lock (none for a read-only log); released after `close`.
+    _writer_lock: Option<WriterLock>,
 }
 
 impl std::fmt::Debug for Wal {
@@ -495,6 +497,13 @@ impl Wal {
         let started = Instant::now();
         let mut report = RecoveryReport::default();
         let st: &dyn Storage = &*storage;
+        // One writer per directory, before anything is read or repaired: a second writer
+        // would reuse offsets and GTIDs and tear the first one's records.
+        let writer_lock = if opts.read_only {
+            None
+        } else {
+            Some(st.lock_writer()?)
+        };
         let listed = st.list().map_err(|e| Error::io("list log directory", e))?;
         if !opts.read_only {
             // The new first segment of a history reset that did not get renamed into place.
@@ -743,6 +752,7 @@ impl Wal {
             shared,
             writer: Mutex::new(writer),
             recovery: report,
+            _writer_lock: writer_lock,
         })
     }
 

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::Error;
+
 /// A directory of files.
 pub trait Storage: Send + Sync + fmt::Debug {
     /// Names of the files in the directory.
@@ -33,7 +35,25 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn sync_dir(&self) -> io::Result<()>;
     /// A human-readable location for `name`, used in error messages.
     fn describe(&self, name: &str) -> String;
+    /// Takes the directory for one writer. The returned guard holds it until dropped; while it
+    /// is held, another `lock_writer` on the same directory — from this process or another —
+    /// fails with [`Error::InUse`]. Read-only users never take it. The default takes nothing:
+    /// an in-memory directory belongs to whoever holds the value.
+    fn lock_writer(&self) -> Result<WriterLock, Error> {
+        Ok(WriterLock(None))
+    }
 }
+
+/// Held by the one writer of a log directory; dropping it releases the directory.
+#[derive(Debug)]
+pub struct WriterLock(
+    #[expect(dead_code, reason = "held for its drop, which unlocks")] Option<fs::File>,
+);
+
+/// The lock file in a log directory. It holds the PID of the writer, for error messages; the
+/// lock itself is an `flock` on it, released by the kernel when the process dies, so a crashed
+/// writer never leaves a stale lock behind.
+pub const LOCK_FILE_NAME: &str = "LOCK";
 
 /// One open file.
 #[expect(
@@ -145,6 +165,41 @@ impl Storage for FileStorage {
     }
     fn describe(&self, name: &str) -> String {
         self.dir.join(name).display().to_string()
+    }
+    fn lock_writer(&self) -> Result<WriterLock, Error> {
+        let path = self.dir.join(LOCK_FILE_NAME);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+        match file.try_lock() {
+            Ok(()) => {
+                // The PID is only a hint for the error message of the next would-be writer.
+                let pid = format!("{}\n", std::process::id());
+                file.set_len(0)
+                    .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
+                    .map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+                Ok(WriterLock(Some(file)))
+            }
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut buf = [0u8; 32];
+                let n = file.read_at(&mut buf, 0).unwrap_or(0);
+                let pid = std::str::from_utf8(&buf[..n])
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok());
+                Err(Error::InUse {
+                    dir: self.dir.display().to_string(),
+                    holder: pid
+                        .map_or_else(|| "another process".to_string(), |p| format!("PID {p}")),
+                })
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                Err(Error::io(format!("lock {}", path.display()), e))
+            }
+        }
     }
 }
 
