@@ -71,6 +71,13 @@ pub enum Error {
         /// Limit.
         max: u32,
     },
+    /// The record is one no reader would accept (a GTID number 0, for instance); nothing was
+    /// written.
+    #[error("record refused: {reason}; fix the writer (nothing was written)")]
+    InvalidRecord {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The record could not be encoded.
     #[error("could not encode record: {reason}")]
     Encode {

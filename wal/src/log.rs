@@ -467,6 +467,34 @@ fn valid_frame_after(buf: &[u8], from: usize, expect: u64, record_bytes_max: u32
     None
 }
 
+/// Whether the bad frame at the start of `buf`, found by recovery in the last segment, is
+/// one a torn write cannot leave: a whole frame whose checksum matches but which the log
+/// cannot accept (wrong offset, undecodable payload, GTID number 0, or more payload than
+/// `record_bytes_max`). A torn write leaves a frame short of its length or failing its
+/// checksum; anything else is damage, a writer bug or a log written with other settings, and
+/// cutting it would throw away a record some reader may already have seen. Returns the reason
+/// to refuse the open with, or `None` for a torn tail.
+fn refused_not_torn(buf: &[u8], why: &FrameError) -> Option<String> {
+    match why {
+        FrameError::Truncated { .. } | FrameError::Checksum => None,
+        FrameError::Payload(_) => Some(format!(
+            "{why}, yet its checksum is valid: a torn write cannot leave a whole frame, so \
+             this is not cut as a torn tail"
+        )),
+        FrameError::TooLarge { len, max } => {
+            // Checked with the limit lifted: the length is still bounded by the bytes present
+            // before anything is read, so nothing of that size is allocated.
+            record::check_frame(buf, u32::MAX).ok().map(|_| {
+                format!(
+                    "a whole, checksum-valid record of {len} payload bytes exceeds \
+                     record_bytes_max ({max}): the log was written with a higher limit; \
+                     open it with record_bytes_max of at least {len}"
+                )
+            })
+        }
+    }
+}
+
 fn header_of(
     storage: &dyn Storage,
     file: &dyn StorageFile,
@@ -644,6 +672,13 @@ impl Wal {
                 report.records_scanned += scan.records;
                 if let Some((bad_at, why)) = &scan.bad {
                     let (bad_at, expect) = (*bad_at, last.first + scan.records);
+                    if let Some(reason) = refused_not_torn(&buf[bad_at as usize..], why) {
+                        return Err(Error::Corrupt {
+                            file: st.describe(&last.name),
+                            byte: bad_at,
+                            reason,
+                        });
+                    }
                     if let Some(later) =
                         valid_frame_after(&buf, bad_at as usize, expect, opts.record_bytes_max)
                     {
@@ -789,6 +824,13 @@ impl Wal {
         }
         if shared.opts.read_only {
             return Err(Error::ReadOnly);
+        }
+        // The readers refuse a record with GTID number 0 (`record::decode_payload`): one
+        // written would stop recovery and every tail at it.
+        if txn.gtid.seq == 0 {
+            return Err(Error::InvalidRecord {
+                reason: format!("GTID {}:0 (GTID numbers start at 1)", txn.gtid.uuid),
+            });
         }
         // Sized up front: growing a large record's buffer by doubling copies it several times.
         let buf = rkyv::util::AlignedVec::<16>::with_capacity(encoded_size_hint(&txn));
