@@ -31,6 +31,9 @@ pub enum Durability {
     Sync,
     /// After its bytes are written to the OS; a sync follows within `interval`. A crash of the
     /// machine (not just the process) can lose up to `interval` of acknowledged records.
+    /// Readers see a record only once that sync covered it (the visible head is the durable
+    /// head, as under `Sync`), so what a power cut takes back was never shown to anyone and
+    /// its offset and GTID number can be given again.
     Async {
         /// Longest time between a write and its sync.
         interval: Duration,
@@ -84,6 +87,11 @@ pub struct WalOptions {
     /// fsync-failure test can prove it catches loss.
     #[doc(hidden)]
     pub unsafe_ignore_sync_errors: bool,
+    /// Test-only: under `Async`, show records to readers once written rather than once
+    /// durable (the bug that lets a power cut take back what a reader saw). Exists so the
+    /// async visibility test can prove it catches the reissue.
+    #[doc(hidden)]
+    pub unsafe_show_unsynced: bool,
 }
 
 impl Default for WalOptions {
@@ -98,6 +106,7 @@ impl Default for WalOptions {
             read_only: false,
             unsafe_skip_fsync: false,
             unsafe_ignore_sync_errors: false,
+            unsafe_show_unsynced: false,
         }
     }
 }
@@ -914,8 +923,7 @@ impl Wal {
         self.shared.durable.load(Ordering::SeqCst)
     }
 
-    /// Highest offset readers see (0: none): the durable head under `Sync`, the acknowledged
-    /// head under `Async`.
+    /// Highest offset readers see (0: none): the durable head, under both durabilities.
     pub fn visible_offset(&self) -> u64 {
         self.shared.visible()
     }
@@ -1365,6 +1373,8 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
         Durability::Async { interval } => Some(interval.max(Duration::from_micros(100))),
     };
     let mut dirty = false;
+    // GTIDs written but not yet durable: under `Async` readers see them only after the sync.
+    let mut unpublished: Vec<Gtid> = Vec::new();
     let mut last_sync = Instant::now();
     // Size of the last synced batch and how long its sync took (Sync durability only).
     let mut last_batch: u64 = 0;
@@ -1439,7 +1449,16 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                 .last()
                 .is_some_and(|s| u64::from(s.header_bytes) == len);
             if !header_only && len + batch.bytes.len() as u64 > shared.opts.segment_bytes_max {
-                match roll(&shared, st, &*file, &name, len, batch.first, &gtids_in_log) {
+                match roll(
+                    &shared,
+                    st,
+                    &*file,
+                    &name,
+                    len,
+                    batch.first,
+                    &gtids_in_log,
+                    &mut unpublished,
+                ) {
                     Ok((new_name, new_file, new_len)) => {
                         name = new_name;
                         file = new_file;
@@ -1496,7 +1515,12 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     shared.publish_visible(last, &batch.gtids);
                 }
                 Some(_) => {
-                    shared.publish_visible(last, &batch.gtids);
+                    // Acknowledged now, shown to readers once durable (see `made_durable`).
+                    if shared.opts.unsafe_show_unsynced {
+                        shared.publish_visible(last, &batch.gtids);
+                    } else {
+                        unpublished.extend_from_slice(&batch.gtids);
+                    }
                     dirty = true;
                 }
             }
@@ -1511,7 +1535,14 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
         }
 
         if let Some(req) = reset {
-            match reset_segments(&shared, st, &*file, &name, &req.gtids_before) {
+            match reset_segments(
+                &shared,
+                st,
+                &*file,
+                &name,
+                &req.gtids_before,
+                &mut unpublished,
+            ) {
                 Ok((new_name, new_file, new_len)) => {
                     name = new_name;
                     file = new_file;
@@ -1529,11 +1560,10 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
         }
 
         if dirty && (closing || sync_interval.is_some_and(|iv| last_sync.elapsed() >= iv)) {
-            let written = shared.written.load(Ordering::SeqCst);
             if let Err(reason) = sync_file(&shared, st, &*file, &name) {
                 shared.poison(reason);
             } else {
-                shared.durable.store(written, Ordering::SeqCst);
+                made_durable(&shared, &mut unpublished);
             }
             dirty = false;
             last_sync = Instant::now();
@@ -1542,6 +1572,19 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
             return;
         }
     }
+}
+
+/// Everything written is durable now (the writer just synced it): moves the durable head and
+/// shows readers what they could not see yet. Under `Async` this is the only place records
+/// become visible, so a power cut can never take back a record a reader saw, and a restarted
+/// node never reissues an offset or GTID number with other content.
+fn made_durable(shared: &Shared, unpublished: &mut Vec<Gtid>) {
+    let written = shared.written.load(Ordering::SeqCst);
+    shared.durable.store(written, Ordering::SeqCst);
+    if shared.visible() < written {
+        shared.publish_visible(written, unpublished);
+    }
+    unpublished.clear();
 }
 
 /// After the writer could not even start, answer every append with the poison error.
@@ -1575,6 +1618,10 @@ fn sync_file(
 }
 
 /// Closes the active segment (synced) and starts a new one at `first`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the writer thread's own state, passed down rather than bundled for one caller"
+)]
 fn roll(
     shared: &Shared,
     st: &dyn Storage,
@@ -1583,11 +1630,10 @@ fn roll(
     len: u64,
     first: u64,
     gtids_before: &GtidSet,
+    unpublished: &mut Vec<Gtid>,
 ) -> Result<(String, Box<dyn StorageFile>, u64), String> {
     sync_file(shared, st, file, name)?;
-    shared
-        .durable
-        .store(shared.written.load(Ordering::SeqCst), Ordering::SeqCst);
+    made_durable(shared, unpublished);
     let first = Offset::new(first).ok_or_else(|| "segment at offset 0".to_string())?;
     let meta = create_segment(st, &shared.opts, shared.server_uuid, first, gtids_before)
         .map_err(|e| e.to_string())?;
@@ -1623,10 +1669,11 @@ fn reset_segments(
     file: &dyn StorageFile,
     name: &str,
     gtids_before: &GtidSet,
+    unpublished: &mut Vec<Gtid>,
 ) -> Result<(String, Box<dyn StorageFile>, u64), String> {
     sync_file(shared, st, file, name)?;
+    made_durable(shared, unpublished);
     let written = shared.written.load(Ordering::SeqCst);
-    shared.durable.store(written, Ordering::SeqCst);
     let first = Offset::new(written + 1).ok_or_else(|| "offset overflow".to_string())?;
     let final_name = segment::file_name(first);
     let tmp = format!("{final_name}{RESET_SUFFIX}");
