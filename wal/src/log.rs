@@ -232,6 +232,10 @@ struct Shared {
     poisoned: AtomicBool,
     poison_reason: Mutex<String>,
     slots: Mutex<Slots>,
+    /// Held by whoever removes segment files ([`Wal::run_retention`], a history reset) from
+    /// choosing them until they are gone and `state.segments` says so, so two of them never
+    /// pick the same file. Lock order: `segment_files`, then `slots`, then `state`.
+    segment_files: Mutex<()>,
     retention_floor: AtomicU64,
     /// Bumped by every [`Wal::reset_history`]; readers opened before a reset refuse to go on.
     history_epoch: AtomicU64,
@@ -770,6 +774,7 @@ impl Wal {
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(String::new()),
             slots: Mutex::new(slots),
+            segment_files: Mutex::new(()),
             retention_floor: AtomicU64::new(u64::MAX),
             history_epoch: AtomicU64::new(0),
         });
@@ -1061,6 +1066,9 @@ impl Wal {
     /// still needs). Creating an existing slot returns it unchanged.
     pub fn create_slot(&self, name: &str, restart: Offset) -> Result<SlotInfo, Error> {
         self.writable()?;
+        // Checked under the slots lock, which retention holds from choosing segments until
+        // they are removed: once this check passes, retention sees the new slot.
+        let mut slots = lock(&self.shared.slots);
         let first = self.first_offset();
         if restart < first {
             return Err(Error::OffsetUnavailable {
@@ -1069,7 +1077,6 @@ impl Wal {
                 last: self.visible_offset(),
             });
         }
-        let mut slots = lock(&self.shared.slots);
         let info = slots.create(name, restart)?;
         slots.save(&*self.shared.storage)?;
         Ok(info)
@@ -1119,12 +1126,13 @@ impl Wal {
         let shared = &*self.shared;
         let policy = &shared.opts.retention;
         let mut report = RetentionReport::default();
+        let _files = lock(&shared.segment_files);
         let mut slots = lock(&shared.slots);
         let slot_min = slots.min_active_restart();
         let floor = shared.retention_floor.load(Ordering::SeqCst);
         let mut to_remove = Vec::new();
-        {
-            let mut st = lock(&shared.state);
+        let cut = {
+            let st = lock(&shared.state);
             let active = shared.active_bytes.load(Ordering::SeqCst);
             let mut total: u64 = st.segments[..st.segments.len() - 1]
                 .iter()
@@ -1168,6 +1176,15 @@ impl Wal {
                 total -= seg.bytes;
                 cut += 1;
             }
+            cut
+        };
+        // A slot's invalidation is durable before the segments it needed go: after a crash
+        // in between, the slot says invalidated and its log is still there, never the other
+        // way round. Only the holder of `segment_files` removes from the front of
+        // `state.segments`, so the first `cut` are still the ones chosen.
+        slots.save(&*shared.storage)?;
+        {
+            let mut st = lock(&shared.state);
             for seg in st.segments.drain(..cut) {
                 report.removed_bytes += seg.bytes;
                 to_remove.push(seg.name);
@@ -1194,7 +1211,6 @@ impl Wal {
             tracing::warn!(slot = %name, "slot invalidated by the retention cap");
         }
         report.removed_segments = to_remove;
-        slots.save(&*shared.storage)?;
         Ok(report)
     }
 
@@ -1691,6 +1707,8 @@ fn reset_segments(
                 .map_err(|e| ctx("sync", &tmp) + &format!(": {e}"))?;
         }
     }
+    // Retention must not pick the segments this removes, nor remove one this is about to.
+    let _files = lock(&shared.segment_files);
     // From here on, readers opened before see the reset instead of a missing file.
     shared.history_epoch.fetch_add(1, Ordering::SeqCst);
     let old: Vec<String> = lock(&shared.state)
