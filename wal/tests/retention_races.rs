@@ -205,6 +205,16 @@ fn reset_history_beside_looping_retention() {
             );
         }
         assert_eq!(wal.gtids(), set, "round {round}");
+        // The retention loop lifts the floor in its next round; wait for that before the next
+        // round holds segments again, so the lift cannot land in the middle of it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while storage.paused.load(Ordering::SeqCst) && retention.error().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: retention stalled"
+            );
+            std::thread::yield_now();
+        }
         if let Some(e) = retention.error() {
             panic!("round {round}: retention failed beside reset_history: {e}");
         }
