@@ -340,7 +340,10 @@ impl std::fmt::Debug for Wal {
 
 /// An append in flight. Wait for it with [`Appended::wait`] (blocking threads) or `.await`
 /// (async tasks): it resolves to the record's offset once the record is acknowledged under
-/// the log's durability, or to an error, in which case the record must be taken as not written.
+/// the log's durability, or to an error. After [`Error::Poisoned`] the outcome is unknown: part
+/// of the record's batch may have reached the disk before a sync failed, so after a restart the
+/// record may or may not be in the log (whole, never damaged: recovery keeps only whole, valid
+/// records). Other errors mean nothing was written.
 #[must_use = "an append is acknowledged only when waited for"]
 pub struct Appended {
     offset: Offset,
@@ -1384,6 +1387,8 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
         }
     };
     let mut len = shared.active_bytes.load(Ordering::SeqCst);
+    // The active file's length as of its last successful sync (recovery synced what it found).
+    let mut synced_len = len;
     let sync_interval = match shared.opts.durability {
         Durability::Sync => None,
         Durability::Async { interval } => Some(interval.max(Duration::from_micros(100))),
@@ -1479,11 +1484,13 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                         name = new_name;
                         file = new_file;
                         len = new_len;
+                        synced_len = new_len;
                         dirty = false;
                         last_sync = Instant::now();
                     }
                     Err(reason) => {
                         shared.poison(reason);
+                        cut_unsynced(&shared, &*file, synced_len);
                         for ack in batch.acks {
                             let _ = ack.send(Err(shared.poison_error()));
                         }
@@ -1518,15 +1525,13 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     last_batch = batch.count;
                     if let Err(reason) = synced {
                         shared.poison(reason);
-                        // The failed fsync may have dropped the batch's pages unwritten while
-                        // the page cache still shows them (Linux). A restart reading the cache
-                        // would show records a power cut then takes back: cut the batch.
-                        let _ = file.set_len(len_before);
+                        cut_unsynced(&shared, &*file, synced_len);
                         for ack in batch.acks {
                             let _ = ack.send(Err(shared.poison_error()));
                         }
                         continue;
                     }
+                    synced_len = len;
                     shared.durable.store(last, Ordering::SeqCst);
                     shared.publish_visible(last, &batch.gtids);
                 }
@@ -1563,6 +1568,7 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     name = new_name;
                     file = new_file;
                     len = new_len;
+                    synced_len = new_len;
                     dirty = false;
                     last_sync = Instant::now();
                     gtids_in_log = req.gtids_before;
@@ -1570,6 +1576,7 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                 }
                 Err(reason) => {
                     shared.poison(reason);
+                    cut_unsynced(&shared, &*file, synced_len);
                     let _ = req.ack.send(Err(shared.poison_error()));
                 }
             }
@@ -1578,7 +1585,9 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
         if dirty && (closing || sync_interval.is_some_and(|iv| last_sync.elapsed() >= iv)) {
             if let Err(reason) = sync_file(&shared, st, &*file, &name) {
                 shared.poison(reason);
+                cut_unsynced(&shared, &*file, synced_len);
             } else {
+                synced_len = len;
                 made_durable(&shared, &mut unpublished);
             }
             dirty = false;
@@ -1601,6 +1610,23 @@ fn made_durable(shared: &Shared, unpublished: &mut Vec<Gtid>) {
         shared.publish_visible(written, unpublished);
     }
     unpublished.clear();
+}
+
+/// After a failed sync of the active file. Linux may drop the dirty pages of a failed fsync
+/// unwritten while the page cache still shows them, so a restart without a power cut would
+/// read, recover and show records that the next power cut takes back. The file is cut back to
+/// what the last successful sync covered, and a sync is attempted to make the cut durable (it
+/// acknowledges nothing, so this is not a retry). Best effort: the log is poisoned and the node
+/// stops either way, and whatever part of the unsynced bytes reached the disk before the error
+/// may come back after a power cut. That is why the outcome of a failed append is unknown.
+fn cut_unsynced(shared: &Shared, file: &dyn StorageFile, synced_len: u64) {
+    if shared.durable.load(Ordering::SeqCst) >= shared.written.load(Ordering::SeqCst) {
+        return;
+    }
+    let _ = file.set_len(synced_len);
+    if !shared.skip_fsync() {
+        let _ = file.sync_data();
+    }
 }
 
 /// After the writer could not even start, answer every append with the poison error.
