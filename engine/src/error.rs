@@ -225,9 +225,14 @@ pub enum WriteError {
     ReadOnly,
     /// The engine stopped accepting writes after a failure it cannot recover from at run time
     /// (a failed log fsync, or a store write that failed after the log accepted a record).
+    /// The outcome of the transaction that got this error is unknown: its record may have
+    /// reached the disk before the failure, and then it is committed after the restart (look
+    /// for its GTID in `gtid_executed`, or read its keys back). Transactions refused after the
+    /// failure are not committed.
     #[error(
         "the engine refuses writes after a fatal failure ({reason}); stop the node, check the \
-         disk and restart it: recovery keeps every acknowledged transaction"
+         disk and restart it: recovery keeps every acknowledged transaction, and one that \
+         failed with this error may or may not be there"
     )]
     FailStop {
         /// The original failure.

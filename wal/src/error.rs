@@ -8,11 +8,13 @@ use crate::{GtidSet, Offset};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// An earlier write or fsync failed. The log accepts nothing more; the process must stop
-    /// and restart, and recovery will keep exactly what was durable.
+    /// A write or fsync failed. The log accepts nothing more; the process must stop and
+    /// restart. Recovery keeps every acknowledged record; an append that failed with this
+    /// error has an unknown outcome (its bytes may have reached the disk before the failure).
     #[error(
         "the log is poisoned after a failed write or fsync ({reason}); no append is accepted: \
-         stop the node, check the disk, and restart (recovery keeps what was durable)"
+         stop the node, check the disk, and restart (recovery keeps every acknowledged record; \
+         one whose append failed with this error may or may not be there)"
     )]
     Poisoned {
         /// The original failure.
@@ -70,6 +72,13 @@ pub enum Error {
         bytes: u64,
         /// Limit.
         max: u32,
+    },
+    /// The record is one no reader would accept (a GTID number 0, for instance); nothing was
+    /// written.
+    #[error("record refused: {reason}; fix the writer (nothing was written)")]
+    InvalidRecord {
+        /// What is wrong with it.
+        reason: String,
     },
     /// The record could not be encoded.
     #[error("could not encode record: {reason}")]

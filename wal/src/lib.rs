@@ -10,10 +10,16 @@
 //!   Under [`Durability::Sync`] an append is acknowledged after its bytes are durable; under
 //!   [`Durability::Async`] after they are written, with a sync every few milliseconds.
 //! - **Written vs durable**: [`Wal::written_offset`] and [`Wal::durable_offset`] are kept
-//!   apart. Readers see up to [`Wal::visible_offset`]: the durable head under `Sync`, the
-//!   acknowledged (written) head under `Async`.
+//!   apart. Readers (readers, [`Wal::wait_visible`], and through them tails, replicas and the
+//!   engine's applier) see up to [`Wal::visible_offset`], which is the durable head in both
+//!   modes: nothing a reader saw can be taken back by a power cut, so the log never reissues
+//!   an offset or GTID number a reader saw. Under `Async` readers therefore lag acknowledged
+//!   appends by up to the sync interval.
 //! - **Fail-stop**: a failed write or fsync poisons the log. Every later append fails with
-//!   [`Error::Poisoned`]; the owner must stop. Nothing is retried and acknowledged.
+//!   [`Error::Poisoned`]; the owner must stop. Nothing is retried and acknowledged. The
+//!   active segment is cut back to the last good sync, but the outcome of the appends that
+//!   failed is unknown: part of their batch may have reached the disk and come back after a
+//!   power cut (as whole records only).
 //! - **Readers** ([`Wal::read_from`], [`Wal::read_missing`]) from an offset or from
 //!   "everything not in this [`GtidSet`]" (auto-positioning: the first segment is found from
 //!   segment headers), and [`Wal::wait_visible`] to await new records without polling.

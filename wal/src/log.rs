@@ -31,6 +31,9 @@ pub enum Durability {
     Sync,
     /// After its bytes are written to the OS; a sync follows within `interval`. A crash of the
     /// machine (not just the process) can lose up to `interval` of acknowledged records.
+    /// Readers see a record only once that sync covered it (the visible head is the durable
+    /// head, as under `Sync`), so what a power cut takes back was never shown to anyone and
+    /// its offset and GTID number can be given again.
     Async {
         /// Longest time between a write and its sync.
         interval: Duration,
@@ -84,6 +87,11 @@ pub struct WalOptions {
     /// fsync-failure test can prove it catches loss.
     #[doc(hidden)]
     pub unsafe_ignore_sync_errors: bool,
+    /// Test-only: under `Async`, show records to readers once written rather than once
+    /// durable (the bug that lets a power cut take back what a reader saw). Exists so the
+    /// async visibility test can prove it catches the reissue.
+    #[doc(hidden)]
+    pub unsafe_show_unsynced: bool,
 }
 
 impl Default for WalOptions {
@@ -98,6 +106,7 @@ impl Default for WalOptions {
             read_only: false,
             unsafe_skip_fsync: false,
             unsafe_ignore_sync_errors: false,
+            unsafe_show_unsynced: false,
         }
     }
 }
@@ -223,6 +232,10 @@ struct Shared {
     poisoned: AtomicBool,
     poison_reason: Mutex<String>,
     slots: Mutex<Slots>,
+    /// Held by whoever removes segment files ([`Wal::run_retention`], a history reset) from
+    /// choosing them until they are gone and `state.segments` says so, so two of them never
+    /// pick the same file. Lock order: `segment_files`, then `slots`, then `state`.
+    segment_files: Mutex<()>,
     retention_floor: AtomicU64,
     /// Bumped by every [`Wal::reset_history`]; readers opened before a reset refuse to go on.
     history_epoch: AtomicU64,
@@ -329,7 +342,10 @@ impl std::fmt::Debug for Wal {
 
 /// An append in flight. Wait for it with [`Appended::wait`] (blocking threads) or `.await`
 /// (async tasks): it resolves to the record's offset once the record is acknowledged under
-/// the log's durability, or to an error, in which case the record must be taken as not written.
+/// the log's durability, or to an error. After [`Error::Poisoned`] the outcome is unknown: part
+/// of the record's batch may have reached the disk before a sync failed, so after a restart the
+/// record may or may not be in the log (whole, never damaged: recovery keeps only whole, valid
+/// records). Other errors mean nothing was written.
 #[must_use = "an append is acknowledged only when waited for"]
 pub struct Appended {
     offset: Offset,
@@ -467,6 +483,34 @@ fn valid_frame_after(buf: &[u8], from: usize, expect: u64, record_bytes_max: u32
         pos += record::FRAME_ALIGN;
     }
     None
+}
+
+/// Whether the bad frame at the start of `buf`, found by recovery in the last segment, is
+/// one a torn write cannot leave: a whole frame whose checksum matches but which the log
+/// cannot accept (wrong offset, undecodable payload, GTID number 0, or more payload than
+/// `record_bytes_max`). A torn write leaves a frame short of its length or failing its
+/// checksum; anything else is damage, a writer bug or a log written with other settings, and
+/// cutting it would throw away a record some reader may already have seen. Returns the reason
+/// to refuse the open with, or `None` for a torn tail.
+fn refused_not_torn(buf: &[u8], why: &FrameError) -> Option<String> {
+    match why {
+        FrameError::Truncated { .. } | FrameError::Checksum => None,
+        FrameError::Payload(_) => Some(format!(
+            "{why}, yet its checksum is valid: a torn write cannot leave a whole frame, so \
+             this is not cut as a torn tail"
+        )),
+        FrameError::TooLarge { len, max } => {
+            // Checked with the limit lifted: the length is still bounded by the bytes present
+            // before anything is read, so nothing of that size is allocated.
+            record::check_frame(buf, u32::MAX).ok().map(|_| {
+                format!(
+                    "a whole, checksum-valid record of {len} payload bytes exceeds \
+                     record_bytes_max ({max}): the log was written with a higher limit; \
+                     open it with record_bytes_max of at least {len}"
+                )
+            })
+        }
+    }
 }
 
 fn header_of(
@@ -653,6 +697,13 @@ impl Wal {
                 report.records_scanned += scan.records;
                 if let Some((bad_at, why)) = &scan.bad {
                     let (bad_at, expect) = (*bad_at, last.first + scan.records);
+                    if let Some(reason) = refused_not_torn(&buf[bad_at as usize..], why) {
+                        return Err(Error::Corrupt {
+                            file: st.describe(&last.name),
+                            byte: bad_at,
+                            reason,
+                        });
+                    }
                     if let Some(later) =
                         valid_frame_after(&buf, bad_at as usize, expect, opts.record_bytes_max)
                     {
@@ -735,6 +786,7 @@ impl Wal {
             poisoned: AtomicBool::new(false),
             poison_reason: Mutex::new(String::new()),
             slots: Mutex::new(slots),
+            segment_files: Mutex::new(()),
             retention_floor: AtomicU64::new(u64::MAX),
             history_epoch: AtomicU64::new(0),
         });
@@ -799,6 +851,13 @@ impl Wal {
         }
         if shared.opts.read_only {
             return Err(Error::ReadOnly);
+        }
+        // The readers refuse a record with GTID number 0 (`record::decode_payload`): one
+        // written would stop recovery and every tail at it.
+        if txn.gtid.seq == 0 {
+            return Err(Error::InvalidRecord {
+                reason: format!("GTID {}:0 (GTID numbers start at 1)", txn.gtid.uuid),
+            });
         }
         // Sized up front: growing a large record's buffer by doubling copies it several times.
         let buf = rkyv::util::AlignedVec::<16>::with_capacity(encoded_size_hint(&txn));
@@ -882,8 +941,7 @@ impl Wal {
         self.shared.durable.load(Ordering::SeqCst)
     }
 
-    /// Highest offset readers see (0: none): the durable head under `Sync`, the acknowledged
-    /// head under `Async`.
+    /// Highest offset readers see (0: none): the durable head, under both durabilities.
     pub fn visible_offset(&self) -> u64 {
         self.shared.visible()
     }
@@ -1021,6 +1079,9 @@ impl Wal {
     /// still needs). Creating an existing slot returns it unchanged.
     pub fn create_slot(&self, name: &str, restart: Offset) -> Result<SlotInfo, Error> {
         self.writable()?;
+        // Checked under the slots lock, which retention holds from choosing segments until
+        // they are removed: once this check passes, retention sees the new slot.
+        let mut slots = lock(&self.shared.slots);
         let first = self.first_offset();
         if restart < first {
             return Err(Error::OffsetUnavailable {
@@ -1029,7 +1090,6 @@ impl Wal {
                 last: self.visible_offset(),
             });
         }
-        let mut slots = lock(&self.shared.slots);
         let info = slots.create(name, restart)?;
         slots.save(&*self.shared.storage)?;
         Ok(info)
@@ -1079,12 +1139,13 @@ impl Wal {
         let shared = &*self.shared;
         let policy = &shared.opts.retention;
         let mut report = RetentionReport::default();
+        let _files = lock(&shared.segment_files);
         let mut slots = lock(&shared.slots);
         let slot_min = slots.min_active_restart();
         let floor = shared.retention_floor.load(Ordering::SeqCst);
         let mut to_remove = Vec::new();
-        {
-            let mut st = lock(&shared.state);
+        let cut = {
+            let st = lock(&shared.state);
             let active = shared.active_bytes.load(Ordering::SeqCst);
             let mut total: u64 = st.segments[..st.segments.len() - 1]
                 .iter()
@@ -1128,6 +1189,15 @@ impl Wal {
                 total -= seg.bytes;
                 cut += 1;
             }
+            cut
+        };
+        // A slot's invalidation is durable before the segments it needed go: after a crash
+        // in between, the slot says invalidated and its log is still there, never the other
+        // way round. Only the holder of `segment_files` removes from the front of
+        // `state.segments`, so the first `cut` are still the ones chosen.
+        slots.save(&*shared.storage)?;
+        {
+            let mut st = lock(&shared.state);
             for seg in st.segments.drain(..cut) {
                 report.removed_bytes += seg.bytes;
                 to_remove.push(seg.name);
@@ -1154,7 +1224,6 @@ impl Wal {
             tracing::warn!(slot = %name, "slot invalidated by the retention cap");
         }
         report.removed_segments = to_remove;
-        slots.save(&*shared.storage)?;
         Ok(report)
     }
 
@@ -1328,11 +1397,15 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
         }
     };
     let mut len = shared.active_bytes.load(Ordering::SeqCst);
+    // The active file's length as of its last successful sync (recovery synced what it found).
+    let mut synced_len = len;
     let sync_interval = match shared.opts.durability {
         Durability::Sync => None,
         Durability::Async { interval } => Some(interval.max(Duration::from_micros(100))),
     };
     let mut dirty = false;
+    // GTIDs written but not yet durable: under `Async` readers see them only after the sync.
+    let mut unpublished: Vec<Gtid> = Vec::new();
     let mut last_sync = Instant::now();
     // Size of the last synced batch and how long its sync took (Sync durability only).
     let mut last_batch: u64 = 0;
@@ -1407,16 +1480,27 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                 .last()
                 .is_some_and(|s| u64::from(s.header_bytes) == len);
             if !header_only && len + batch.bytes.len() as u64 > shared.opts.segment_bytes_max {
-                match roll(&shared, st, &*file, &name, len, batch.first, &gtids_in_log) {
+                match roll(
+                    &shared,
+                    st,
+                    &*file,
+                    &name,
+                    len,
+                    batch.first,
+                    &gtids_in_log,
+                    &mut unpublished,
+                ) {
                     Ok((new_name, new_file, new_len)) => {
                         name = new_name;
                         file = new_file;
                         len = new_len;
+                        synced_len = new_len;
                         dirty = false;
                         last_sync = Instant::now();
                     }
                     Err(reason) => {
                         shared.poison(reason);
+                        cut_unsynced(&shared, &*file, synced_len);
                         for ack in batch.acks {
                             let _ = ack.send(Err(shared.poison_error()));
                         }
@@ -1451,20 +1535,23 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     last_batch = batch.count;
                     if let Err(reason) = synced {
                         shared.poison(reason);
-                        // The failed fsync may have dropped the batch's pages unwritten while
-                        // the page cache still shows them (Linux). A restart reading the cache
-                        // would show records a power cut then takes back: cut the batch.
-                        let _ = file.set_len(len_before);
+                        cut_unsynced(&shared, &*file, synced_len);
                         for ack in batch.acks {
                             let _ = ack.send(Err(shared.poison_error()));
                         }
                         continue;
                     }
+                    synced_len = len;
                     shared.durable.store(last, Ordering::SeqCst);
                     shared.publish_visible(last, &batch.gtids);
                 }
                 Some(_) => {
-                    shared.publish_visible(last, &batch.gtids);
+                    // Acknowledged now, shown to readers once durable (see `made_durable`).
+                    if shared.opts.unsafe_show_unsynced {
+                        shared.publish_visible(last, &batch.gtids);
+                    } else {
+                        unpublished.extend_from_slice(&batch.gtids);
+                    }
                     dirty = true;
                 }
             }
@@ -1479,11 +1566,19 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
         }
 
         if let Some(req) = reset {
-            match reset_segments(&shared, st, &*file, &name, &req.gtids_before) {
+            match reset_segments(
+                &shared,
+                st,
+                &*file,
+                &name,
+                &req.gtids_before,
+                &mut unpublished,
+            ) {
                 Ok((new_name, new_file, new_len)) => {
                     name = new_name;
                     file = new_file;
                     len = new_len;
+                    synced_len = new_len;
                     dirty = false;
                     last_sync = Instant::now();
                     gtids_in_log = req.gtids_before;
@@ -1491,17 +1586,19 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                 }
                 Err(reason) => {
                     shared.poison(reason);
+                    cut_unsynced(&shared, &*file, synced_len);
                     let _ = req.ack.send(Err(shared.poison_error()));
                 }
             }
         }
 
         if dirty && (closing || sync_interval.is_some_and(|iv| last_sync.elapsed() >= iv)) {
-            let written = shared.written.load(Ordering::SeqCst);
             if let Err(reason) = sync_file(&shared, st, &*file, &name) {
                 shared.poison(reason);
+                cut_unsynced(&shared, &*file, synced_len);
             } else {
-                shared.durable.store(written, Ordering::SeqCst);
+                synced_len = len;
+                made_durable(&shared, &mut unpublished);
             }
             dirty = false;
             last_sync = Instant::now();
@@ -1509,6 +1606,36 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
         if closing && lock(&shared.state).pending.count == 0 {
             return;
         }
+    }
+}
+
+/// Everything written is durable now (the writer just synced it): moves the durable head and
+/// shows readers what they could not see yet. Under `Async` this is the only place records
+/// become visible, so a power cut can never take back a record a reader saw, and a restarted
+/// node never reissues an offset or GTID number with other content.
+fn made_durable(shared: &Shared, unpublished: &mut Vec<Gtid>) {
+    let written = shared.written.load(Ordering::SeqCst);
+    shared.durable.store(written, Ordering::SeqCst);
+    if shared.visible() < written {
+        shared.publish_visible(written, unpublished);
+    }
+    unpublished.clear();
+}
+
+/// After a failed sync of the active file. Linux may drop the dirty pages of a failed fsync
+/// unwritten while the page cache still shows them, so a restart without a power cut would
+/// read, recover and show records that the next power cut takes back. The file is cut back to
+/// what the last successful sync covered, and a sync is attempted to make the cut durable (it
+/// acknowledges nothing, so this is not a retry). Best effort: the log is poisoned and the node
+/// stops either way, and whatever part of the unsynced bytes reached the disk before the error
+/// may come back after a power cut. That is why the outcome of a failed append is unknown.
+fn cut_unsynced(shared: &Shared, file: &dyn StorageFile, synced_len: u64) {
+    if shared.durable.load(Ordering::SeqCst) >= shared.written.load(Ordering::SeqCst) {
+        return;
+    }
+    let _ = file.set_len(synced_len);
+    if !shared.skip_fsync() {
+        let _ = file.sync_data();
     }
 }
 
@@ -1543,6 +1670,10 @@ fn sync_file(
 }
 
 /// Closes the active segment (synced) and starts a new one at `first`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the writer thread's own state, passed down rather than bundled for one caller"
+)]
 fn roll(
     shared: &Shared,
     st: &dyn Storage,
@@ -1551,11 +1682,10 @@ fn roll(
     len: u64,
     first: u64,
     gtids_before: &GtidSet,
+    unpublished: &mut Vec<Gtid>,
 ) -> Result<(String, Box<dyn StorageFile>, u64), String> {
     sync_file(shared, st, file, name)?;
-    shared
-        .durable
-        .store(shared.written.load(Ordering::SeqCst), Ordering::SeqCst);
+    made_durable(shared, unpublished);
     let first = Offset::new(first).ok_or_else(|| "segment at offset 0".to_string())?;
     let meta = create_segment(st, &shared.opts, shared.server_uuid, first, gtids_before)
         .map_err(|e| e.to_string())?;
@@ -1591,10 +1721,11 @@ fn reset_segments(
     file: &dyn StorageFile,
     name: &str,
     gtids_before: &GtidSet,
+    unpublished: &mut Vec<Gtid>,
 ) -> Result<(String, Box<dyn StorageFile>, u64), String> {
     sync_file(shared, st, file, name)?;
+    made_durable(shared, unpublished);
     let written = shared.written.load(Ordering::SeqCst);
-    shared.durable.store(written, Ordering::SeqCst);
     let first = Offset::new(written + 1).ok_or_else(|| "offset overflow".to_string())?;
     let final_name = segment::file_name(first);
     let tmp = format!("{final_name}{RESET_SUFFIX}");
@@ -1612,6 +1743,8 @@ fn reset_segments(
                 .map_err(|e| ctx("sync", &tmp) + &format!(": {e}"))?;
         }
     }
+    // Retention must not pick the segments this removes, nor remove one this is about to.
+    let _files = lock(&shared.segment_files);
     // From here on, readers opened before see the reset instead of a missing file.
     shared.history_epoch.fetch_add(1, Ordering::SeqCst);
     let old: Vec<String> = lock(&shared.state)

@@ -4,9 +4,11 @@
 //! The log only ever appends to files, truncates the tail of the last one, creates, renames and
 //! removes whole files, and syncs file data and the directory. [`MemStorage`] models exactly
 //! what survives a crash under those operations: file data up to the last successful sync, and
-//! directory entries as of the last directory sync. A failed sync is modelled the way Linux
-//! behaves: the dirty pages are marked clean without reaching the disk, so a later successful
-//! sync does not bring them back.
+//! directory entries as of the last directory sync. A truncation, like a write, is durable only
+//! once a later sync succeeds. A failed sync is modelled the way Linux behaves: the dirty pages
+//! are marked clean, so a later successful sync does not bring them back; by default none of
+//! them reached the disk, and with [`MemStorage::persist_on_failed_sync`] a seeded prefix did
+//! (the pages written before the error), so what a failed sync leaves is unknown.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -209,6 +211,10 @@ struct MemFileState {
     data: Vec<u8>,
     /// What would survive a crash now.
     durable: Vec<u8>,
+    /// Lowest position written or truncated since the last sync: the next sync makes
+    /// `data[dirty_from..]` durable (and cuts `durable` there first). `None`: nothing below the
+    /// end of `durable` changed; the next sync appends what `data` has past it.
+    dirty_from: Option<usize>,
 }
 
 #[derive(Default)]
@@ -234,6 +240,9 @@ struct Faults {
     syncs: AtomicU64,
     /// Syncs numbered at or after this (1-based) fail with EIO; 0 = never.
     fail_syncs_from: AtomicU64,
+    /// Non-zero: a failed data sync persists a prefix of the dirty bytes, its length drawn
+    /// from this xorshift state.
+    failed_sync_rng: AtomicU64,
 }
 
 impl fmt::Debug for MemStorage {
@@ -272,6 +281,36 @@ impl MemStorage {
         self.faults.fail_syncs_from.store(n, Ordering::SeqCst);
     }
 
+    /// From now on, a failed data sync persists a prefix of the file's dirty bytes, of a length
+    /// drawn from `seed` (from none to all): the pages written before the error reached the
+    /// disk. Without this, a failed sync persists none of them.
+    pub fn persist_on_failed_sync(&self, seed: u64) {
+        self.faults
+            .failed_sync_rng
+            .store(seed | 1, Ordering::SeqCst);
+    }
+
+    /// How many of `dirty` bytes a failed sync persists.
+    fn failed_sync_prefix(&self, dirty: usize) -> usize {
+        let mut drawn = 0;
+        let _ = self
+            .faults
+            .failed_sync_rng
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |x| {
+                if x == 0 {
+                    return None;
+                }
+                let next = xorshift(x);
+                drawn = next;
+                Some(next)
+            });
+        if drawn == 0 {
+            0
+        } else {
+            (drawn % (dirty as u64 + 1)) as usize
+        }
+    }
+
     /// Syncs attempted so far.
     pub fn sync_count(&self) -> u64 {
         self.faults.syncs.load(Ordering::SeqCst)
@@ -298,6 +337,7 @@ impl MemStorage {
                 state: Mutex::new(MemFileState {
                     data: bytes.clone(),
                     durable: bytes,
+                    dirty_from: None,
                 }),
             });
             durable.insert(name.clone(), f);
@@ -380,33 +420,41 @@ impl StorageFile for MemHandle {
         if st.data.len() < pos + buf.len() {
             st.data.resize(pos + buf.len(), 0);
         }
-        // The log only appends past the durable length, so the durable copy needs no update
-        // here; it catches up at the next sync.
         st.data[pos..pos + buf.len()].copy_from_slice(buf);
+        if pos < st.durable.len() {
+            st.dirty_from = Some(st.dirty_from.map_or(pos, |d| d.min(pos)));
+        }
         Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {
         let outcome = self.storage.sync_outcome();
         let mut st = lock(&self.file.state);
         let st = &mut *st;
+        // What this sync is about: everything from the lowest change on.
+        let from = st
+            .dirty_from
+            .take()
+            .unwrap_or(st.durable.len())
+            .min(st.data.len());
         match outcome {
             Ok(()) => {
-                // Append-only model: bytes already durable (or lost to an earlier failed sync)
-                // stay as they are; the rest of the page cache reaches the disk.
-                let durable_len = st.durable.len();
-                if st.data.len() >= durable_len {
-                    st.durable.extend_from_slice(&st.data[durable_len..]);
-                } else {
-                    st.durable.truncate(st.data.len());
-                }
+                // Bytes already durable below `from` (or lost to an earlier failed sync) stay
+                // as they are; from `from` on the disk becomes the page cache.
+                st.durable.truncate(from);
+                st.durable.extend_from_slice(&st.data[from..]);
                 Ok(())
             }
             Err(e) => {
-                // Linux marks the dirty pages clean and forgets them: they never reach disk.
-                let durable_len = st.durable.len();
-                if st.data.len() > durable_len {
-                    st.durable.resize(st.data.len(), 0);
-                }
+                // Linux marks the dirty pages clean and forgets them: a seeded prefix reached
+                // the disk before the error (none by default), the rest never will. A pending
+                // truncation is lost too. The file gets the page cache's length; bytes that
+                // never arrived keep what the disk had there, zeros past its old end.
+                let dirty = st.data.len() - from;
+                let kept = self.storage.failed_sync_prefix(dirty);
+                let new_len = st.durable.len().max(st.data.len());
+                st.durable.resize(new_len, 0);
+                let (data, durable) = (&st.data, &mut st.durable);
+                durable[from..from + kept].copy_from_slice(&data[from..from + kept]);
                 Err(e)
             }
         }
@@ -416,9 +464,11 @@ impl StorageFile for MemHandle {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         let mut st = lock(&self.file.state);
-        st.data.resize(len as usize, 0);
-        if st.durable.len() > len as usize {
-            st.durable.truncate(len as usize);
+        let len = len as usize;
+        st.data.resize(len, 0);
+        // Like a write, the new length reaches the disk at the next successful sync.
+        if len < st.durable.len() {
+            st.dirty_from = Some(st.dirty_from.map_or(len, |d| d.min(len)));
         }
         Ok(())
     }
@@ -489,6 +539,53 @@ mod tests {
         let mut buf = vec![0; 32];
         let n = a2.read_full_at(&mut buf, 0).unwrap();
         assert_eq!(&buf[..n], b"hello");
+    }
+
+    #[test]
+    fn a_truncation_is_durable_only_at_the_next_sync() {
+        let s = MemStorage::new();
+        let a = s.create("a").unwrap();
+        s.sync_dir().unwrap();
+        a.write_all_at(b"hello world", 0).unwrap();
+        a.sync_data().unwrap();
+        a.set_len(5).unwrap();
+        let mut buf = vec![0; 32];
+        let crashed = s.crash(CrashMode::DropUnsynced).open("a").unwrap();
+        let n = crashed.read_full_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"hello world", "the cut was not synced");
+        a.write_all_at(b"!", 5).unwrap();
+        a.sync_data().unwrap();
+        let crashed = s.crash(CrashMode::DropUnsynced).open("a").unwrap();
+        let n = crashed.read_full_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"hello!");
+    }
+
+    #[test]
+    fn a_failed_sync_may_persist_a_prefix() {
+        let mut kept = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            let s = MemStorage::new();
+            s.persist_on_failed_sync(seed);
+            let a = s.create("a").unwrap();
+            s.sync_dir().unwrap();
+            a.write_all_at(b"durable", 0).unwrap();
+            a.sync_data().unwrap();
+            a.write_all_at(b"-maybe", 7).unwrap();
+            s.fail_syncs_from(s.sync_count() + 1);
+            assert!(a.sync_data().is_err());
+            let mut buf = vec![0; 32];
+            let crashed = s.crash(CrashMode::DropUnsynced).open("a").unwrap();
+            let n = crashed.read_full_at(&mut buf, 0).unwrap();
+            assert_eq!(n, 13, "the file keeps the page cache's length");
+            let prefix = buf[7..13].iter().take_while(|&&b| b != 0).count();
+            assert_eq!(&buf[..7 + prefix], &b"durable-maybe"[..7 + prefix]);
+            assert!(buf[7 + prefix..13].iter().all(|&b| b == 0));
+            kept.insert(prefix);
+        }
+        assert!(
+            kept.contains(&0) && kept.contains(&6),
+            "prefixes seen: {kept:?}"
+        );
     }
 
     #[test]
