@@ -47,7 +47,7 @@ impl NodeArgs {
         self.cred.client_config()
     }
 
-    async fn connect(&self) -> anyhow::Result<Client> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
         let cfg = self.client_config()?;
         Ok(Client::connect(&self.node, cfg).await?)
     }

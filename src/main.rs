@@ -5,6 +5,7 @@
 //! like mysqlbinlog; `bench` runs load generators; `demo` shows the log at work. See
 //! `README.md`.
 
+mod admin;
 mod bench;
 mod bench_repl;
 mod bench_stream;
@@ -13,6 +14,7 @@ mod bootstrap;
 mod client_cmd;
 mod demo;
 mod log_cmd;
+mod monitor_cmd;
 mod node;
 mod position;
 mod render;
@@ -50,6 +52,10 @@ enum Command {
     Tail(client_cmd::TailArgs),
     /// Print the node's status as JSON.
     Status(client_cmd::StatusArgs),
+    /// Show every request the node serves, live (like Redis MONITOR).
+    Monitor(monitor_cmd::MonitorArgs),
+    /// Show the hottest keys and slowest requests, refreshed every interval.
+    Top(monitor_cmd::TopArgs),
     /// Compare nodes key by key: prints equal, or the first differing key (exit 1).
     Verify(verify::VerifyArgs),
     /// Inspect a node's log offline (the node need not run).
@@ -149,6 +155,8 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Stream(args)) => bench_stream::stream(&args),
         Command::Bench(BenchCommand::Replication(args)) => bench_repl::replication(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Monitor(args) => monitor_cmd::monitor(&args),
+        Command::Top(args) => monitor_cmd::top(&args),
     };
     match result {
         Ok(code) => code,
