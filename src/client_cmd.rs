@@ -43,6 +43,11 @@ pub struct CredArgs {
 }
 
 impl NodeArgs {
+    /// The node's address as given.
+    pub fn addr(&self) -> &str {
+        &self.node
+    }
+
     fn client_config(&self) -> anyhow::Result<ClientConfig> {
         self.cred.client_config()
     }

@@ -7,6 +7,7 @@
 
 mod admin;
 mod bench;
+mod bench_node;
 mod bench_repl;
 mod bench_stream;
 mod bench_util;
@@ -86,6 +87,8 @@ enum BenchCommand {
     Stream(bench_stream::StreamBenchArgs),
     /// Replica catch-up, lag through a chain A→B→C, and Redis replication beside them.
     Replication(bench_repl::ReplBenchArgs),
+    /// Load a running node with N clients (puts or gets), like redis-benchmark.
+    Node(bench_node::NodeBenchArgs),
 }
 
 /// The data directory of a node.
@@ -154,6 +157,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Wal(args)) => bench::wal(&args),
         Command::Bench(BenchCommand::Stream(args)) => bench_stream::stream(&args),
         Command::Bench(BenchCommand::Replication(args)) => bench_repl::replication(&args),
+        Command::Bench(BenchCommand::Node(args)) => bench_node::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Monitor(args) => monitor_cmd::monitor(&args),
         Command::Top(args) => monitor_cmd::top(&args),

@@ -163,7 +163,8 @@ impl Interval {
     }
 
     fn trim(&mut self, rows: usize) {
-        self.slowest.sort_by_key(|e| std::cmp::Reverse(e.latency_us));
+        self.slowest
+            .sort_by_key(|e| std::cmp::Reverse(e.latency_us));
         self.slowest.truncate(rows);
     }
 
