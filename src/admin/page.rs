@@ -247,14 +247,14 @@ fn bootstrap_cell(b: &Value) -> String {
         "<span class=\"bar\" title=\"{pct:.1}%\"><span style=\"width:{w:.1}%\"></span></span> {pct:.1}%",
         w = pct.clamp(0.0, 100.0)
     );
-    if let Some(rate) = obj.get("bytes_per_s").and_then(Value::as_f64) {
+    if let Some(rate) = obj.get("rate_bytes_per_s").and_then(Value::as_f64) {
         let _ = write!(cell, " · {}/s", human_bytes(rate as u64));
     }
     if let Some(eta) = obj.get("eta_s").and_then(Value::as_f64) {
         let _ = write!(cell, " · ETA {eta:.0} s");
     }
-    if let Some(state) = obj.get("state").and_then(Value::as_str) {
-        let _ = write!(cell, " · {}", esc(state));
+    if let Some(tree) = obj.get("tree").and_then(Value::as_str) {
+        let _ = write!(cell, " · tree {}", esc(tree));
     }
     cell
 }
