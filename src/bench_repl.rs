@@ -206,13 +206,14 @@ async fn start_node(
             )
         })
         .unzip();
+    let listen = "127.0.0.1:0".parse().context("parse the listen address")?;
+    let cfg = ServerConfig::new(listen);
     let node = Arc::new(EngineNode::new(
         engine.clone(),
         upstream.iter().cloned().collect(),
+        cfg.observer.clone(),
     ));
-    let listen = "127.0.0.1:0".parse().context("parse the listen address")?;
-    let server =
-        tideline_stream::serve(ServerConfig::new(listen), ctx.server_secrets.clone(), node)?;
+    let server = tideline_stream::serve(cfg, ctx.server_secrets.clone(), node)?;
     let addr = server.local_addr().to_string();
     Ok(BenchNode {
         engine,

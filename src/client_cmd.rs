@@ -43,11 +43,16 @@ pub struct CredArgs {
 }
 
 impl NodeArgs {
+    /// The node's address as given.
+    pub fn addr(&self) -> &str {
+        &self.node
+    }
+
     fn client_config(&self) -> anyhow::Result<ClientConfig> {
         self.cred.client_config()
     }
 
-    async fn connect(&self) -> anyhow::Result<Client> {
+    pub(crate) async fn connect(&self) -> anyhow::Result<Client> {
         let cfg = self.client_config()?;
         Ok(Client::connect(&self.node, cfg).await?)
     }

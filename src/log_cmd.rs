@@ -96,7 +96,7 @@ pub fn open_existing(data: &Path, verify_on_open: bool) -> anyhow::Result<Wal> {
     Wal::open(storage, opts).with_context(|| format!("open the log in {}", dir.display()))
 }
 
-fn reader_for(wal: &Wal, from: &StartPosition) -> anyhow::Result<Reader> {
+pub fn reader_for(wal: &Wal, from: &StartPosition) -> anyhow::Result<Reader> {
     Ok(match from {
         StartPosition::Earliest => wal.read_from(wal.first_offset())?,
         StartPosition::Offset(o) => wal.read_from(*o)?,

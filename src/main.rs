@@ -5,7 +5,9 @@
 //! like mysqlbinlog; `bench` runs load generators; `demo` shows the log at work. See
 //! `README.md`.
 
+mod admin;
 mod bench;
+mod bench_node;
 mod bench_repl;
 mod bench_stream;
 mod bench_util;
@@ -13,6 +15,7 @@ mod bootstrap;
 mod client_cmd;
 mod demo;
 mod log_cmd;
+mod monitor_cmd;
 mod node;
 mod position;
 mod render;
@@ -50,6 +53,10 @@ enum Command {
     Tail(client_cmd::TailArgs),
     /// Print the node's status as JSON.
     Status(client_cmd::StatusArgs),
+    /// Show every request the node serves, live (like Redis MONITOR).
+    Monitor(monitor_cmd::MonitorArgs),
+    /// Show the hottest keys and slowest requests, refreshed every interval.
+    Top(monitor_cmd::TopArgs),
     /// Compare nodes key by key: prints equal, or the first differing key (exit 1).
     Verify(verify::VerifyArgs),
     /// Inspect a node's log offline (the node need not run).
@@ -80,6 +87,8 @@ enum BenchCommand {
     Stream(bench_stream::StreamBenchArgs),
     /// Replica catch-up, lag through a chain A→B→C, and Redis replication beside them.
     Replication(bench_repl::ReplBenchArgs),
+    /// Load a running node with N clients (puts or gets), like redis-benchmark.
+    Node(bench_node::NodeBenchArgs),
 }
 
 /// The data directory of a node.
@@ -148,7 +157,10 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Wal(args)) => bench::wal(&args),
         Command::Bench(BenchCommand::Stream(args)) => bench_stream::stream(&args),
         Command::Bench(BenchCommand::Replication(args)) => bench_repl::replication(&args),
+        Command::Bench(BenchCommand::Node(args)) => bench_node::run(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Monitor(args) => monitor_cmd::monitor(&args),
+        Command::Top(args) => monitor_cmd::top(&args),
     };
     match result {
         Ok(code) => code,

@@ -13,7 +13,7 @@ use clap::Args;
 use serde_json::json;
 use tideline_engine::{Engine, EngineOptions, ReadError, Snapshot, WriteError};
 use tideline_stream::server::Rows;
-use tideline_stream::{BootstrapView, ErrorCode, Node, NodeError, ServerConfig, WriteOp};
+use tideline_stream::{BootstrapView, ErrorCode, Node, NodeError, Observer, ServerConfig, WriteOp};
 use tideline_wal::{Durability, Gtid, GtidSet, Offset, RetentionPolicy, Wal, WalOptions};
 
 use crate::DurabilityArg;
@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// Longest value accepted, in bytes (at most 16 MiB, what one protocol message carries).
     #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(1..=(16 << 20)))]
     value_bytes_max: u32,
+    /// Serve the HTTP admin here: overview page `/`, `/api/status`, `/api/log`, `/health`,
+    /// `/metrics`. Off unless given (e.g. `--http 127.0.0.1:7480`); off loopback every path
+    /// but `/health` needs `Authorization: Bearer TOKEN` (the cluster token).
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
 }
 
 /// Chunk size a bootstrapping replica asks for by default.
@@ -82,6 +87,8 @@ pub struct EngineNode {
     /// Bootstrap chunks served to replicas, and their bytes.
     chunks_served: AtomicU64,
     chunk_bytes_served: AtomicU64,
+    /// The QUIC server's counters and live subscriptions.
+    observer: Arc<Observer>,
 }
 
 /// A snapshot of the engine, as the server's bootstrap reads it.
@@ -162,8 +169,8 @@ fn write_err(e: WriteError) -> NodeError {
 }
 
 impl EngineNode {
-    /// Wraps an open engine.
-    pub fn new(engine: Arc<Engine>, upstreams: Vec<SharedStatus>) -> Self {
+    /// Wraps an open engine; `observer` is the one in the QUIC server's configuration.
+    pub fn new(engine: Arc<Engine>, upstreams: Vec<SharedStatus>, observer: Arc<Observer>) -> Self {
         let wal = engine.wal().clone();
         EngineNode {
             engine,
@@ -172,7 +179,18 @@ impl EngineNode {
             upstreams,
             chunks_served: AtomicU64::new(0),
             chunk_bytes_served: AtomicU64::new(0),
+            observer,
         }
+    }
+
+    /// The node's log.
+    pub fn wal_ref(&self) -> &Wal {
+        &self.wal
+    }
+
+    /// The QUIC server's counters and live subscriptions.
+    pub fn observer(&self) -> &Observer {
+        &self.observer
     }
 
     /// The status document (`tideline status`, `/api/status`).
@@ -191,6 +209,19 @@ impl EngineNode {
             })
             .collect();
         let replica = !self.upstreams.is_empty() || read_only;
+        let last_offset = pos.offset.map_or(0, |o| o.get());
+        let consumers: Vec<serde_json::Value> = self
+            .observer
+            .subscriptions()
+            .into_iter()
+            .map(|c| {
+                let lag = last_offset.saturating_sub(c.sent_through);
+                let mut j = json!(c);
+                j["lag_txns"] = json!(lag);
+                j
+            })
+            .collect();
+        let stats = self.wal.stats();
         json!({
             "server_uuid": self.engine.server_uuid().to_string(),
             "role": if replica { "replica" } else { "primary" },
@@ -208,6 +239,13 @@ impl EngineNode {
             "uptime_s": self.started.elapsed().as_secs(),
             "trees": self.engine.trees().iter().map(|t| &t.name).collect::<Vec<_>>(),
             "slots": self.wal.slots(),
+            "log": { "bytes": stats.total_bytes, "segments": stats.segments.len() },
+            "consumers": consumers,
+            "connections": {
+                "active": self.observer.connections_active(),
+                "streams": self.observer.streams_active(),
+                "monitors": self.observer.monitors(),
+            },
             "upstreams": upstreams,
             "bootstrapping": self.engine.is_bootstrapping(),
             "bootstrap_served": {
@@ -295,9 +333,24 @@ impl Node for EngineNode {
 
     async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
         let engine = self.engine.clone();
-        tokio::task::spawn_blocking(move || commit_ops(&engine, ops))
+        let started = Instant::now();
+        let n_ops = ops.len() as u64;
+        let result = tokio::task::spawn_blocking(move || commit_ops(&engine, ops))
             .await
-            .map_err(|e| NodeError::new(ErrorCode::Internal, format!("commit task failed: {e}")))?
+            .map_err(|e| NodeError::new(ErrorCode::Internal, format!("commit task failed: {e}")))?;
+        match &result {
+            Ok(_) => {
+                metrics::counter!("tideline_commits_total").increment(1);
+                metrics::counter!("tideline_commit_ops_total").increment(n_ops);
+                metrics::histogram!("tideline_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                metrics::counter!("tideline_commit_errors_total", "code" => format!("{:?}", e.code))
+                    .increment(1);
+            }
+        }
+        result
     }
 
     fn status_json(&self) -> String {
@@ -441,8 +494,22 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             upstreams.push(status);
         }
     }
-    let node = Arc::new(EngineNode::new(engine.clone(), upstreams));
-    let server = tideline_stream::serve(ServerConfig::new(args.listen), secrets, node.clone())?;
+    let server_cfg = ServerConfig::new(args.listen);
+    let node = Arc::new(EngineNode::new(
+        engine.clone(),
+        upstreams,
+        server_cfg.observer.clone(),
+    ));
+    let token = secrets.token.clone();
+    let server = tideline_stream::serve(server_cfg, secrets, node.clone())?;
+    let admin = match args.http {
+        Some(addr) => {
+            let admin = crate::admin::serve(addr, node.clone(), token).await?;
+            eprintln!("tideline admin on http://{}/", admin.local_addr());
+            Some(admin)
+        }
+        None => None,
+    };
     tracing::info!(
         listen = %server.local_addr(),
         server_uuid = %engine.server_uuid(),
@@ -484,6 +551,9 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         }
     };
     server.shutdown().await;
+    if let Some(admin) = admin {
+        admin.shutdown().await;
+    }
     if let Some(reason) = exit {
         tracing::error!(%reason, "fail-stop: exiting");
         eprintln!("error: fail-stop: {reason}");

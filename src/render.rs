@@ -18,7 +18,8 @@ pub fn rfc3339_us(timestamp_us: i64) -> String {
     humantime::format_rfc3339_micros(t).to_string()
 }
 
-fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
+/// Puts `bytes` into `obj` as `field` (UTF-8) or `field_b64` (anything else).
+pub fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(s) => {
             obj.insert(field.to_owned(), Value::String(s.to_owned()));

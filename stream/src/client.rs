@@ -7,8 +7,8 @@ use tideline_wal::{GtidSet, Transaction};
 use uuid::Uuid;
 
 use crate::proto::{
-    self, BootstrapResume, Chunk, ErrorCode, Frame, Limits, PROTOCOL_VERSION, Request, Response,
-    Start, WriteOp,
+    self, BootstrapResume, Chunk, ErrorCode, Frame, Limits, MonitorEvent, PROTOCOL_VERSION,
+    Request, Response, Start, WriteOp,
 };
 use crate::tls::{self, ClientSecrets};
 use crate::wire::{FramedRecv, WireError, send_message};
@@ -448,6 +448,26 @@ impl Client {
         }
     }
 
+    /// Attaches a live monitor: every request the node serves (on `tree`, a `sample_ppm`
+    /// share of them) arrives as a [`MonitorEvent`] until the returned stream is dropped.
+    pub async fn monitor(
+        &self,
+        tree: Option<String>,
+        sample_ppm: u32,
+    ) -> Result<MonitorStream, ClientError> {
+        let (mut send, recv) = self.conn.open_bi().await?;
+        send_message(&mut send, &Request::Monitor { tree, sample_ppm }).await?;
+        let mut recv = FramedRecv::new(recv, self.cfg.limits);
+        match recv.next_message::<Response>().await? {
+            Some(Response::MonitorStarted) => Ok(MonitorStream { _send: send, recv }),
+            Some(Response::Error { code, message }) => Err(ClientError::Server { code, message }),
+            Some(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
+            None => Err(ClientError::Unexpected(
+                "the node closed the monitor stream (a node older than the monitor?)".into(),
+            )),
+        }
+    }
+
     /// Closes the connection.
     pub async fn close(self) {
         self.conn.close(quinn::VarInt::from_u32(0), b"bye");
@@ -512,6 +532,26 @@ impl Subscription {
     pub async fn ack(&mut self, offset: u64) -> Result<(), ClientError> {
         send_message(&mut self.send, &Request::Ack { offset }).await?;
         Ok(())
+    }
+}
+
+/// A live monitor (see [`Client::monitor`]); dropping it detaches.
+#[derive(Debug)]
+pub struct MonitorStream {
+    _send: quinn::SendStream,
+    recv: FramedRecv,
+}
+
+impl MonitorStream {
+    /// The next events, oldest first, and how many this monitor missed by reading too slowly
+    /// since the previous call; `None` when the node ended the stream.
+    pub async fn next(&mut self) -> Result<Option<(Vec<MonitorEvent>, u64)>, ClientError> {
+        match self.recv.next_message::<Response>().await? {
+            None => Ok(None),
+            Some(Response::Monitor { events, dropped }) => Ok(Some((events, dropped))),
+            Some(Response::Error { code, message }) => Err(ClientError::Server { code, message }),
+            Some(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
     }
 }
 

@@ -28,6 +28,7 @@
 
 pub mod client;
 pub mod log_node;
+pub mod observe;
 pub mod proto;
 mod serve_bootstrap;
 pub mod server;
@@ -37,9 +38,10 @@ mod wire;
 
 pub use client::{
     BootstrapEvent, BootstrapStream, ChunkAcker, Client, ClientConfig, ClientError, Event,
-    Subscription,
+    MonitorStream, Subscription,
 };
-pub use proto::{ErrorCode, Limits, Start, WriteOp};
+pub use observe::{Observer, RefuseReason, SubscriptionInfo};
+pub use proto::{ErrorCode, Limits, MonitorEvent, Start, WriteOp};
 pub use server::{BootstrapView, Node, NodeError, ServeError, ServerConfig, ServerHandle, serve};
 pub use tls::{ClientSecrets, SecretsError, ServerSecrets, ensure_secrets};
 pub use wire::WireError;

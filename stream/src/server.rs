@@ -16,9 +16,10 @@ use tideline_wal::{Gtid, GtidSet, Offset, Op, Reader, Transaction, Wal};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
+use crate::observe::{Observer, Peer, RefuseReason, SubscriptionInfo};
 use crate::proto::{
-    self, BatchBuilder, ErrorCode, Limits, PROTOCOL_VERSION, Request, Response, ServerSubscription,
-    Start, WriteOp,
+    self, BatchBuilder, ErrorCode, Limits, MonitorEvent, PROTOCOL_VERSION, Request, Response,
+    ServerSubscription, Start, WriteOp,
 };
 use crate::tls::{self, ServerSecrets};
 use crate::wire::{FramedRecv, WireError, send_message};
@@ -125,6 +126,8 @@ pub struct ServerConfig {
     pub batch_bytes_target: usize,
     /// UDP send and receive buffer size (0: the kernel's default).
     pub udp_buffer_bytes: usize,
+    /// Counters, the subscription registry and the monitor feed; the node reads them.
+    pub observer: Arc<Observer>,
 }
 
 impl ServerConfig {
@@ -140,6 +143,7 @@ impl ServerConfig {
             heartbeat: Duration::from_millis(500),
             batch_bytes_target: 256 << 10,
             udp_buffer_bytes: crate::udp::UDP_BUFFER_BYTES_DEFAULT,
+            observer: Arc::new(Observer::new()),
         }
     }
 }
@@ -244,6 +248,7 @@ pub fn serve<N: Node>(
             while connections.try_join_next().is_some() {}
             if active.load(Ordering::SeqCst) >= cfg.max_connections {
                 tracing::warn!(remote = %incoming.remote_address(), "refusing connection: max_connections reached");
+                cfg.observer.on_refused(RefuseReason::MaxConnections);
                 incoming.refuse();
                 continue;
             }
@@ -252,7 +257,13 @@ pub fn serve<N: Node>(
                 (node.clone(), cfg.clone(), token.clone(), active.clone());
             connections.spawn(async move {
                 let remote = incoming.remote_address();
-                if let Err(e) = handle_connection(incoming, node, cfg, token).await {
+                let _open = cfg.observer.connection();
+                let observer = cfg.observer.clone();
+                let result = handle_connection(incoming, node, cfg, token).await;
+                if let Err(ConnError::Timeout) = result {
+                    observer.on_refused(RefuseReason::HandshakeTimeout);
+                }
+                if let Err(e) = result {
                     tracing::debug!(%remote, error = %e, "connection ended");
                 }
                 active.fetch_sub(1, Ordering::SeqCst);
@@ -307,13 +318,14 @@ async fn handle_connection<N: Node>(
     let hello = tokio::time::timeout_at(deadline, recv.next_message::<Request>())
         .await
         .map_err(|_| ConnError::Timeout)?;
-    match hello {
+    let peer_name: Arc<str> = match hello {
         Ok(Some(Request::Hello {
             token: offered,
             client,
             ..
         })) if tls::token_eq(&offered, &token) => {
             tracing::debug!(remote = %conn.remote_address(), %client, "client authenticated");
+            let name: Arc<str> = client.as_str().into();
             send_message(
                 &mut send,
                 &Response::Welcome {
@@ -323,9 +335,11 @@ async fn handle_connection<N: Node>(
             )
             .await?;
             let _ = send.finish();
+            name
         }
         _ => {
             tracing::warn!(remote = %conn.remote_address(), "refusing connection: bad or missing token");
+            cfg.observer.on_refused(RefuseReason::Unauthorized);
             let _ = send_message(
                 &mut send,
                 &Response::Error {
@@ -345,14 +359,19 @@ async fn handle_connection<N: Node>(
             );
             return Err(ConnError::Unauthorized);
         }
-    }
+    };
+    let peer = Peer {
+        remote: conn.remote_address(),
+        client: peer_name,
+    };
     let mut streams = tokio::task::JoinSet::new();
     loop {
         let (send, recv) = conn.accept_bi().await?;
         while streams.try_join_next().is_some() {}
-        let (node, cfg) = (node.clone(), cfg.clone());
+        let (node, cfg, peer) = (node.clone(), cfg.clone(), peer.clone());
         streams.spawn(async move {
-            if let Err(e) = handle_stream(node, cfg, send, recv).await {
+            let _open = cfg.observer.stream();
+            if let Err(e) = handle_stream(node, cfg, peer, send, recv).await {
                 tracing::debug!(error = %e, "stream ended with an error");
             }
         });
@@ -369,6 +388,7 @@ pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Response {
 async fn handle_stream<N: Node>(
     node: Arc<N>,
     cfg: Arc<ServerConfig>,
+    peer: Peer,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Result<(), WireError> {
@@ -382,6 +402,21 @@ async fn handle_stream<N: Node>(
             return Err(e);
         }
     };
+    let started = std::time::Instant::now();
+    let seen = Seen::of(&req);
+    if let Some(seen) = &seen {
+        cfg.observer.on_request(seen.kind);
+    }
+    // Published once the answer is known (subscriptions and bootstraps when they start).
+    let peer_for_sub = peer.clone();
+    let observer = cfg.observer.clone();
+    let report = move |ok: bool| {
+        if let Some(seen) = seen
+            && observer.monitoring()
+        {
+            observer.publish(seen.event(&peer, started.elapsed(), ok));
+        }
+    };
     let resp = match req {
         Request::Subscribe {
             start,
@@ -389,7 +424,17 @@ async fn handle_stream<N: Node>(
             prefix,
             slot,
         } => {
-            return serve_subscription(node, cfg, send, recv, start, tree, prefix, slot).await;
+            report(true);
+            let sub = SubscriptionRequest {
+                start,
+                tree,
+                prefix,
+                slot,
+            };
+            return serve_subscription(node, cfg, peer_for_sub, send, recv, sub).await;
+        }
+        Request::Monitor { tree, sample_ppm } => {
+            return serve_monitor(cfg, send, recv, tree, sample_ppm).await;
         }
         Request::Get { tree, key } => match node.get(&tree, &key) {
             Ok(value) => Response::Value { value },
@@ -435,6 +480,7 @@ async fn handle_stream<N: Node>(
             resume,
             chunk_bytes,
         } => {
+            report(true);
             return crate::serve_bootstrap::serve_bootstrap(
                 node,
                 cfg,
@@ -451,9 +497,129 @@ async fn handle_stream<N: Node>(
             "ack outside a subscription stream",
         ),
     };
+    report(!matches!(resp, Response::Error { .. }));
     send_message(&mut send, &resp).await?;
     let _ = send.finish();
     Ok(())
+}
+
+/// What a monitor reports of a request, taken before the request is consumed.
+struct Seen {
+    kind: &'static str,
+    tree: String,
+    key: Vec<u8>,
+}
+
+impl Seen {
+    fn of(req: &Request) -> Option<Seen> {
+        let seen = |kind, tree: &str, key: &[u8]| {
+            Some(Seen {
+                kind,
+                tree: tree.to_string(),
+                key: key.to_vec(),
+            })
+        };
+        match req {
+            Request::Get { tree, key } => seen("get", tree, key),
+            Request::Scan { tree, prefix, .. } => seen("scan", tree, prefix),
+            Request::Range { tree, after, .. } => {
+                seen("range", tree, after.as_deref().unwrap_or_default())
+            }
+            Request::Commit { ops } => match ops.first() {
+                Some(WriteOp::Put { tree, key, .. })
+                | Some(WriteOp::Delete { tree, key })
+                | Some(WriteOp::Merge { tree, key, .. }) => seen("commit", tree, key),
+                None => seen("commit", "", b""),
+            },
+            Request::Status => seen("status", "", b""),
+            Request::WaitFor { gtids, .. } => seen("wait_for", "", gtids.as_bytes()),
+            Request::Subscribe { tree, prefix, .. } => seen(
+                "subscribe",
+                tree.as_deref().unwrap_or_default(),
+                prefix.as_deref().unwrap_or_default(),
+            ),
+            Request::Bootstrap { .. } => seen("bootstrap", "", b""),
+            Request::Hello { .. }
+            | Request::Ack { .. }
+            | Request::ChunksStored { .. }
+            | Request::Monitor { .. } => None,
+        }
+    }
+
+    fn event(self, peer: &Peer, latency: Duration, ok: bool) -> MonitorEvent {
+        MonitorEvent {
+            ts_us: now_us(),
+            remote: peer.remote.to_string(),
+            kind: self.kind.to_string(),
+            tree: self.tree,
+            key: self.key,
+            latency_us: latency.as_micros().min(u64::MAX as u128) as u64,
+            ok,
+        }
+    }
+}
+
+/// Events sent to a monitor in one message at most.
+const MONITOR_EVENTS_PER_MESSAGE: usize = 512;
+
+/// Streams the requests this node serves to one monitor until it closes its stream.
+async fn serve_monitor(
+    cfg: Arc<ServerConfig>,
+    mut send: quinn::SendStream,
+    mut recv: FramedRecv,
+    tree: Option<String>,
+    sample_ppm: u32,
+) -> Result<(), WireError> {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut feed = cfg.observer.attach_monitor();
+    send_message(&mut send, &Response::MonitorStarted).await?;
+    let sample_ppm = sample_ppm.min(1_000_000);
+    let mut events = Vec::new();
+    let mut dropped = 0u64;
+    loop {
+        // Wait for one event (or the monitor leaving), then take what else is queued.
+        let first = tokio::select! {
+            r = feed.rx.recv() => r,
+            _ = recv.next_message::<Request>() => break,
+            _ = send.stopped() => break,
+        };
+        let mut next = Some(first);
+        while let Some(r) = next.take() {
+            match r {
+                Ok(e) => {
+                    let wanted = tree.as_deref().is_none_or(|t| t == e.tree)
+                        && (sample_ppm >= 1_000_000
+                            || rand::random_range(0..1_000_000u32) < sample_ppm);
+                    if wanted {
+                        events.push(e);
+                    }
+                }
+                Err(RecvError::Lagged(n)) => dropped += n,
+                Err(RecvError::Closed) => return Ok(()),
+            }
+            if events.len() < MONITOR_EVENTS_PER_MESSAGE {
+                next = feed.rx.try_recv().ok().map(Ok);
+            }
+        }
+        if events.is_empty() && dropped == 0 {
+            continue;
+        }
+        let msg = Response::Monitor {
+            events: std::mem::take(&mut events),
+            dropped: std::mem::take(&mut dropped),
+        };
+        send_message(&mut send, &msg).await?;
+    }
+    let _ = send.finish();
+    Ok(())
+}
+
+/// What a `Subscribe` asked for.
+struct SubscriptionRequest {
+    start: Start,
+    tree: Option<String>,
+    prefix: Option<Vec<u8>>,
+    slot: Option<String>,
 }
 
 fn now_us() -> i64 {
@@ -507,20 +673,20 @@ fn open_reader(wal: &Wal, start: &Start) -> Result<Reader, Box<Response>> {
     }
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one subscription's whole context"
-)]
 async fn serve_subscription<N: Node>(
     node: Arc<N>,
     cfg: Arc<ServerConfig>,
+    peer: Peer,
     mut send: quinn::SendStream,
     mut recv: FramedRecv,
-    start: Start,
-    tree: Option<String>,
-    prefix: Option<Vec<u8>>,
-    slot: Option<String>,
+    req: SubscriptionRequest,
 ) -> Result<(), WireError> {
+    let SubscriptionRequest {
+        start,
+        tree,
+        prefix,
+        slot,
+    } = req;
     let wal = node.wal();
     let mut reader = match open_reader(wal, &start) {
         Ok(r) => r,
@@ -557,6 +723,26 @@ async fn serve_subscription<N: Node>(
     // Acks arrive on the receive side; handle them in their own task so a consumer's acks
     // never wait behind our sends.
     let sent_through = Arc::new(std::sync::atomic::AtomicU64::new(sub.next_offset() - 1));
+    let _listed = cfg.observer.subscription(
+        SubscriptionInfo {
+            remote: peer.remote.to_string(),
+            client: peer.client.to_string(),
+            start: match &start {
+                Start::Earliest => "earliest".to_string(),
+                Start::Latest => "latest".to_string(),
+                Start::Offset(n) => format!("offset:{n}"),
+                Start::Gtid(set) => format!("gtid:{set}"),
+            },
+            tree: tree.clone(),
+            prefix: prefix
+                .as_ref()
+                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            slot: slot.clone(),
+            sent_through: 0,
+            since_us: now_us(),
+        },
+        sent_through.clone(),
+    );
     let ack_task = {
         let sent_through = sent_through.clone();
         let node = node.clone();

@@ -243,7 +243,7 @@ pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 /// Compares two tokens in time independent of where they differ.
-pub(crate) fn token_eq(a: &str, b: &str) -> bool {
+pub fn token_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
         return false;

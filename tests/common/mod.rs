@@ -23,6 +23,8 @@ pub struct Node {
     pub data: PathBuf,
     pub addr: String,
     secrets: PathBuf,
+    /// The HTTP admin's address, when started with `--http`.
+    pub admin: Option<String>,
 }
 
 impl Node {
@@ -46,10 +48,16 @@ impl Node {
         let stderr = child.stderr.take().expect("piped stderr");
         let mut lines = BufReader::new(stderr).lines();
         let deadline = Instant::now() + Duration::from_secs(30);
+        let mut admin = None;
         loop {
             assert!(Instant::now() < deadline, "node did not start");
             match lines.next() {
                 Some(Ok(l)) if l.contains("tideline serving on") => break,
+                Some(Ok(l)) if l.starts_with("tideline admin on http://") => {
+                    admin = l
+                        .strip_prefix("tideline admin on http://")
+                        .map(|a| a.trim_end_matches('/').to_string());
+                }
                 Some(Ok(_)) => {}
                 other => panic!("node exited before serving: {other:?}"),
             }
@@ -73,6 +81,7 @@ impl Node {
             data: data.to_path_buf(),
             addr,
             secrets,
+            admin,
         }
     }
 

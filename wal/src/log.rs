@@ -1521,6 +1521,9 @@ fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                 continue;
             }
             len += batch.bytes.len() as u64;
+            metrics::histogram!("tideline_log_group_commit_records").record(batch.count as f64);
+            metrics::counter!("tideline_log_written_bytes_total")
+                .increment(batch.bytes.len() as u64);
             shared.active_bytes.store(len, Ordering::SeqCst);
             let last = batch.first + batch.count - 1;
             shared.written.store(last, Ordering::SeqCst);
@@ -1659,7 +1662,10 @@ fn sync_file(
     if shared.skip_fsync() {
         return Ok(());
     }
-    match file.sync_data() {
+    let started = Instant::now();
+    let synced = file.sync_data();
+    metrics::histogram!("tideline_log_fsync_seconds").record(started.elapsed().as_secs_f64());
+    match synced {
         Ok(()) => Ok(()),
         Err(e) if shared.opts.unsafe_ignore_sync_errors => {
             tracing::error!(file = %st.describe(name), error = %e, "fsync failed; ignored by test-only switch");

@@ -137,6 +137,15 @@ pub enum Request {
         /// Chunks stored since this stream began.
         chunks: u64,
     },
+    /// Attach a live monitor (like Redis MONITOR): the server answers `MonitorStarted`, then
+    /// streams `Monitor { events }` with every request it serves (or a sample of them) until
+    /// the client closes the stream.
+    Monitor {
+        /// Only requests on this tree.
+        tree: Option<String>,
+        /// Share of requests to report, in parts per million (1,000,000 = every request).
+        sample_ppm: u32,
+    },
 }
 
 /// Where to resume a bootstrap.
@@ -272,6 +281,16 @@ pub enum Response {
         /// The server's `gtid_executed` at `offset`.
         gtid_executed: String,
     },
+    /// A monitor is attached; events follow.
+    MonitorStarted,
+    /// Requests the node served since the last `Monitor` message, oldest first. `dropped`
+    /// counts events this monitor missed because it read too slowly.
+    Monitor {
+        /// The events.
+        events: Vec<MonitorEvent>,
+        /// Events lost to a slow monitor since the previous message.
+        dropped: u64,
+    },
 }
 
 /// A part of a chunk of a tree, read from a snapshot at `offset`: it replaces the key range
@@ -298,4 +317,25 @@ pub struct Chunk {
     /// its own sub-range, so the receiver can store each as it arrives); its progress counts
     /// only once its last part is stored.
     pub last: bool,
+}
+
+/// One request a node served, as a monitor reports it.
+///
+/// persisted: wire type; changes must stay backward compatible.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct MonitorEvent {
+    /// When it finished, microseconds since the Unix epoch.
+    pub ts_us: i64,
+    /// The client's address.
+    pub remote: String,
+    /// `get`, `scan`, `range`, `commit`, `subscribe`, `status`, `wait_for` or `bootstrap`.
+    pub kind: String,
+    /// The tree (empty where the request has none).
+    pub tree: String,
+    /// The key, the scan prefix, or the first key a commit wrote (empty where none).
+    pub key: Vec<u8>,
+    /// How long the node took to answer, in microseconds.
+    pub latency_us: u64,
+    /// Whether the answer was a success.
+    pub ok: bool,
 }

@@ -55,7 +55,9 @@ impl Default for Limits {
 pub mod bootstrap;
 mod messages;
 pub use bootstrap::{BootstrapPosition, Cursor, pack_entry, packed_parts, unpack_entries};
-pub use messages::{BootstrapResume, Chunk, ErrorCode, Request, Response, Start, WriteOp};
+pub use messages::{
+    BootstrapResume, Chunk, ErrorCode, MonitorEvent, Request, Response, Start, WriteOp,
+};
 
 /// Protocol violations and decoding failures.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,283 @@
+//! The HTTP admin (`serve --http ADDR`): an overview page a person reads at a glance, the
+//! status JSON, recent log records, a health check and Prometheus metrics.
+//!
+//! It owns the admin listener, the 1 s sampler that feeds the page's charts and the gauges,
+//! and nothing else: it reads the node through [`EngineNode`] and never writes to it. Bound to
+//! loopback it serves anyone who can reach it (as the node's other local tools do); bound
+//! elsewhere, every path but `/health` needs `Authorization: Bearer TOKEN` (the cluster token).
+//!
+//! | path | what |
+//! |---|---|
+//! | `/` | HTML overview; refreshes its `<main>` every 2 s from `/?part=main` |
+//! | `/api/status` | the `tideline status` JSON |
+//! | `/api/log?from=POSITION&limit=N` | JSON lines exactly as `tideline tail` prints them |
+//! | `/health` | 200 `ok: ...` or 503 with the reason |
+//! | `/metrics` | Prometheus text format |
+
+mod metrics;
+mod page;
+mod samples;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::node::EngineNode;
+use crate::position::StartPosition;
+
+pub use self::metrics::install_recorder;
+use self::samples::Samples;
+
+/// Records `/api/log` returns when the request names no limit, and at most.
+const LOG_LIMIT_DEFAULT: u64 = 100;
+const LOG_LIMIT_MAX: u64 = 10_000;
+
+/// What the handlers share.
+struct Admin {
+    node: Arc<EngineNode>,
+    samples: Samples,
+    metrics: ::metrics_exporter_prometheus::PrometheusHandle,
+    /// `Some(token)` when the listener is not on loopback.
+    token: Option<String>,
+}
+
+/// A running admin server; [`AdminHandle::shutdown`] stops it.
+pub struct AdminHandle {
+    local_addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AdminHandle {
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops serving and waits for the server and the sampler to end.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Binds `addr` and serves the admin pages of `node`. `token` guards every path but
+/// `/health` when `addr` is not a loopback address.
+pub async fn serve(
+    addr: SocketAddr,
+    node: Arc<EngineNode>,
+    token: String,
+) -> anyhow::Result<AdminHandle> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind the HTTP admin on {addr} (is the port in use?)"))?;
+    let local_addr = listener.local_addr().context("read the admin address")?;
+    let admin = Arc::new(Admin {
+        node,
+        samples: Samples::new(),
+        metrics: install_recorder(),
+        token: (!addr.ip().is_loopback()).then_some(token),
+    });
+    let app = Router::new()
+        .route("/", get(overview))
+        .route("/api/status", get(api_status))
+        .route("/api/log", get(api_log))
+        .route("/metrics", get(metrics_text))
+        .route_layer(middleware::from_fn_with_state(admin.clone(), require_token))
+        .route("/health", get(health))
+        .with_state(admin.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let sampler = tokio::spawn(samples::run(admin.clone()));
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await;
+        sampler.abort();
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the HTTP admin stopped");
+        }
+    });
+    Ok(AdminHandle {
+        local_addr,
+        stop,
+        task,
+    })
+}
+
+async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
+    let Some(token) = &admin.token else {
+        return next.run(req).await;
+    };
+    let offered = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match offered {
+        Some(t) if tideline_stream::tls::token_eq(t, token) => next.run(req).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "this admin listener is not on loopback: send `Authorization: Bearer TOKEN` with \
+             the cluster token (the `token` file in the secrets directory)\n",
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct OverviewQuery {
+    part: Option<String>,
+}
+
+async fn overview(State(admin): State<Arc<Admin>>, Query(q): Query<OverviewQuery>) -> Response {
+    let view = page::View::gather(&admin.node, &admin.samples);
+    let html = match q.part.as_deref() {
+        Some("main") => page::main_section(&view),
+        _ => page::document(&view),
+    };
+    Html(html).into_response()
+}
+
+async fn api_status(State(admin): State<Arc<Admin>>) -> Response {
+    json_response(StatusCode::OK, &admin.node.status())
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{v}\n"),
+    )
+        .into_response()
+}
+
+#[derive(Debug, Deserialize)]
+struct LogQuery {
+    from: Option<String>,
+    limit: Option<u64>,
+}
+
+async fn api_log(State(admin): State<Arc<Admin>>, Query(q): Query<LogQuery>) -> Response {
+    let from = match q
+        .from
+        .as_deref()
+        .unwrap_or("earliest")
+        .parse::<StartPosition>()
+    {
+        Ok(StartPosition::Latest) => {
+            return bad_request(
+                "from=latest names no record yet: use earliest, offset:N or gtid:SET",
+            );
+        }
+        Ok(p) => p,
+        Err(e) => return bad_request(&e),
+    };
+    let limit = q.limit.unwrap_or(LOG_LIMIT_DEFAULT);
+    if limit == 0 || limit > LOG_LIMIT_MAX {
+        return bad_request(&format!("limit must be 1..={LOG_LIMIT_MAX}"));
+    }
+    let node = admin.node.clone();
+    let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
+        let mut reader = crate::log_cmd::reader_for(node.wal_ref(), &from)?;
+        let mut out = String::new();
+        for _ in 0..limit {
+            let Some(txn) = reader.next_txn()? else { break };
+            out.push_str(&crate::render::txn_json(&txn).to_string());
+            out.push('\n');
+        }
+        Ok(out)
+    })
+    .await;
+    match lines {
+        Ok(Ok(body)) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/x-ndjson")],
+            body,
+        )
+            .into_response(),
+        Ok(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+fn bad_request(msg: &str) -> Response {
+    (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response()
+}
+
+async fn health(State(admin): State<Arc<Admin>>) -> Response {
+    let (ok, reason) = health_of(&admin.node.status());
+    let code = if ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        format!("{}: {reason}\n", if ok { "ok" } else { "unavailable" }),
+    )
+        .into_response()
+}
+
+/// Whether the node is healthy, and why (or why not): a primary accepts writes; a replica has
+/// every upstream connected and applying.
+pub fn health_of(status: &Value) -> (bool, String) {
+    if let Some(reason) = status["fail_stop"].as_str() {
+        return (false, format!("fail-stop: {reason}"));
+    }
+    if status["bootstrapping"].as_bool() == Some(true) {
+        return (false, "bootstrapping: copying an upstream's state".into());
+    }
+    let upstreams = status["upstreams"].as_array().cloned().unwrap_or_default();
+    if upstreams.is_empty() {
+        return if status["read_only"].as_bool() == Some(true) {
+            (false, "read-only and replicating from nobody".into())
+        } else {
+            (true, "accepting writes".into())
+        };
+    }
+    let mut down = Vec::new();
+    let mut lag = 0u64;
+    for u in &upstreams {
+        let state = u["state"].as_str().unwrap_or("unknown");
+        if state != "connected" {
+            let error = u["error"].as_str().unwrap_or("no error reported");
+            down.push(format!(
+                "upstream {} is {state} ({error})",
+                u["addr"].as_str().unwrap_or("?")
+            ));
+        }
+        lag = lag.max(u["lag_txns"].as_u64().unwrap_or(0));
+    }
+    if down.is_empty() {
+        (
+            true,
+            format!(
+                "replicating from {} upstream(s), lag {lag} transactions",
+                upstreams.len()
+            ),
+        )
+    } else {
+        (false, down.join("; "))
+    }
+}
+
+async fn metrics_text(State(admin): State<Arc<Admin>>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        admin.metrics.render(),
+    )
+        .into_response()
+}

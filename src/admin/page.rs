@@ -1,0 +1,442 @@
+//! The overview page: plain HTML rendered on the node, a few lines of script that refresh
+//! `<main>` every 2 s, and inline SVG charts. No framework, no external asset: the page works
+//! from a machine with no network. Everything shown comes from the status document, the last
+//! records of the log and the sampler's ring.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+use super::samples::{Sample, Samples};
+use crate::node::EngineNode;
+
+/// Transactions listed under "Recent transactions".
+const RECENT_TXNS: u64 = 15;
+
+/// What one rendering shows.
+pub struct View {
+    status: Value,
+    recent: Vec<Value>,
+    samples: Vec<Sample>,
+    health: (bool, String),
+}
+
+impl View {
+    /// Reads the node now.
+    pub fn gather(node: &EngineNode, samples: &Samples) -> View {
+        let status = node.status();
+        let wal = node.wal_ref();
+        let last = status["last_offset"].as_u64().unwrap_or(0);
+        let first = wal.first_offset().get();
+        let from = last.saturating_sub(RECENT_TXNS - 1).max(first).max(1);
+        let mut recent = Vec::new();
+        if last >= from
+            && let Some(start) = tideline_wal::Offset::new(from)
+            && let Ok(reader) = wal.read_from(start)
+        {
+            for txn in reader.take(RECENT_TXNS as usize).flatten() {
+                recent.push(crate::render::txn_json(&txn));
+            }
+        }
+        recent.reverse();
+        let health = super::health_of(&status);
+        View {
+            status,
+            recent,
+            samples: samples.all(),
+            health,
+        }
+    }
+}
+
+/// HTML-escapes `s`.
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::Null => "—".to_string(),
+        Value::String(s) if s.is_empty() => "—".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+const STYLE: &str = r#"
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f6f7f9;color:#1d232b}
+header{background:#12324a;color:#fff;padding:12px 20px;display:flex;gap:16px;align-items:baseline;flex-wrap:wrap}
+header h1{font-size:18px;margin:0}
+.badge{padding:2px 8px;border-radius:10px;font-size:12px;font-weight:600;background:#2d5f82}
+.ok{background:#1f7a3e}.bad{background:#b3261e}
+main{padding:12px 20px;display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:14px}
+section{background:#fff;border:1px solid #dde2e8;border-radius:6px;padding:10px 14px;overflow:auto}
+section.wide{grid-column:1/-1}
+h2{font-size:14px;margin:0 0 8px;text-transform:uppercase;letter-spacing:.04em;color:#4a5663}
+table{border-collapse:collapse;width:100%}
+th,td{text-align:left;padding:3px 8px 3px 0;border-bottom:1px solid #eef1f4;vertical-align:top}
+th{font-weight:600;color:#4a5663;white-space:nowrap}
+code{font:12px ui-monospace,monospace;word-break:break-all}
+.bar{background:#e4e8ec;border-radius:3px;height:10px;width:160px;display:inline-block;vertical-align:middle}
+.bar>span{display:block;height:100%;background:#2d7fb8;border-radius:3px}
+.muted{color:#7a8794}
+.err{color:#b3261e}
+svg{background:#fbfcfd;border:1px solid #eef1f4}
+footer{padding:0 20px 14px;color:#7a8794;font-size:12px}
+"#;
+
+const SCRIPT: &str = r#"
+window.addEventListener('error', function (e) {
+  document.body.dataset.jsError = String(e.message || e);
+  var b = document.getElementById('js-error');
+  if (b) { b.textContent = 'page script error: ' + (e.message || e); b.hidden = false; }
+});
+(function () {
+  var n = 0;
+  function refresh() {
+    fetch('/?part=main', {cache: 'no-store', credentials: 'same-origin'})
+      .then(function (r) { if (!r.ok) throw new Error('HTTP ' + r.status); return r.text(); })
+      .then(function (html) {
+        document.querySelector('main').innerHTML = html;
+        n += 1;
+        document.body.dataset.refreshed = String(n);
+        document.getElementById('updated').textContent = new Date().toLocaleTimeString();
+      })
+      .catch(function (e) {
+        document.getElementById('updated').textContent = 'node unreachable (' + e.message + ')';
+      });
+  }
+  document.body.dataset.script = 'ok';
+  refresh();
+  setInterval(refresh, 2000);
+})();
+"#;
+
+/// The whole page.
+pub fn document(v: &View) -> String {
+    let s = &v.status;
+    let uuid = text(&s["server_uuid"]);
+    let role = text(&s["role"]);
+    let (ok, reason) = &v.health;
+    let mut h = String::with_capacity(16 << 10);
+    let _ = write!(
+        h,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width\">\
+         <title>tideline {role} {short}</title><style>{STYLE}</style></head>\
+         <body data-refreshed=\"0\"><header><h1>tideline</h1>\
+         <span class=\"badge\" id=\"role\">{role}{ro}</span>\
+         <span class=\"badge {hc}\" id=\"health\" title=\"{reason}\">{hw}</span>\
+         <code>{uuid}</code><span class=\"muted\">durability {dur}</span></header>\
+         <p id=\"js-error\" class=\"err\" hidden></p><main>{main}</main>\
+         <footer>updated <span id=\"updated\">now</span> · \
+         <a href=\"/api/status\">/api/status</a> · <a href=\"/api/log?from=earliest&amp;limit=100\">/api/log</a> · \
+         <a href=\"/metrics\">/metrics</a> · <a href=\"/health\">/health</a></footer>\
+         <script>{SCRIPT}</script></body></html>",
+        role = esc(&role),
+        short = esc(uuid.get(..8).unwrap_or(&uuid)),
+        ro = if s["read_only"].as_bool() == Some(true) {
+            " · read-only"
+        } else {
+            ""
+        },
+        hc = if *ok { "ok" } else { "bad" },
+        hw = if *ok { "healthy" } else { "unhealthy" },
+        reason = esc(reason),
+        uuid = esc(&uuid),
+        dur = esc(&text(&s["durability"])),
+        main = main_section(v),
+    );
+    h
+}
+
+/// The refreshed part of the page.
+pub fn main_section(v: &View) -> String {
+    let mut h = String::with_capacity(12 << 10);
+    position(&mut h, v);
+    charts(&mut h, &v.samples);
+    upstreams(&mut h, &v.status);
+    consumers(&mut h, &v.status);
+    pipelines(&mut h);
+    recent(&mut h, &v.recent);
+    h
+}
+
+fn position(h: &mut String, v: &View) {
+    let s = &v.status;
+    let (ok, reason) = &v.health;
+    let _ = write!(
+        h,
+        "<section id=\"position\"><h2>Position</h2><table>\
+         <tr><th>health</th><td class=\"{hc}\">{reason}</td></tr>\
+         <tr><th>gtid_executed</th><td><code id=\"gtid-executed\">{gtids}</code></td></tr>\
+         <tr><th>offsets</th><td>first {first} · last {last} · durable {durable}</td></tr>\
+         <tr><th>log</th><td>{segments} segment(s), {bytes}</td></tr>\
+         <tr><th>trees</th><td>{trees}</td></tr>\
+         <tr><th>uptime</th><td>{uptime} s</td></tr>\
+         <tr><th>QUIC</th><td>{conns} connection(s), {streams} stream(s), {monitors} monitor(s)</td></tr>\
+         </table></section>",
+        hc = if *ok { "" } else { "err" },
+        reason = esc(reason),
+        gtids = esc(&text(&s["gtid_executed"])),
+        first = text(&s["first_offset"]),
+        last = text(&s["last_offset"]),
+        durable = text(&s["durable_offset"]),
+        segments = text(&s["log"]["segments"]),
+        bytes = human_bytes(s["log"]["bytes"].as_u64().unwrap_or(0)),
+        trees = esc(&s["trees"]
+            .as_array()
+            .map(|t| t.iter().map(text).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default()),
+        uptime = text(&s["uptime_s"]),
+        conns = text(&s["connections"]["active"]),
+        streams = text(&s["connections"]["streams"]),
+        monitors = text(&s["connections"]["monitors"]),
+    );
+}
+
+fn upstreams(h: &mut String, s: &Value) {
+    let ups = s["upstreams"].as_array().cloned().unwrap_or_default();
+    h.push_str("<section id=\"upstreams\" class=\"wide\"><h2>Upstreams</h2>");
+    if ups.is_empty() {
+        h.push_str("<p class=\"muted\">none: this node replicates from nobody</p></section>");
+        return;
+    }
+    h.push_str(
+        "<table><tr><th>upstream</th><th>state</th><th>lag</th><th>applied</th>\
+         <th>errant GTIDs</th><th>bootstrap</th><th>error</th></tr>",
+    );
+    for u in &ups {
+        let errant = text(&u["errant"]);
+        let _ = write!(
+            h,
+            "<tr class=\"upstream\"><td><code>{addr}</code></td><td>{state}</td>\
+             <td class=\"lag\">{lag_txns} txns · {lag_s:.3} s</td><td>{applied}</td>\
+             <td class=\"{ec}\"><code>{errant}</code></td><td>{boot}</td><td class=\"err\">{error}</td></tr>",
+            addr = esc(&text(&u["addr"])),
+            state = esc(&text(&u["state"])),
+            lag_txns = u["lag_txns"].as_u64().unwrap_or(0),
+            lag_s = u["lag_seconds"].as_f64().unwrap_or(0.0),
+            applied = text(&u["applied"]),
+            ec = if errant == "—" { "" } else { "err" },
+            errant = esc(&errant),
+            boot = bootstrap_cell(&u["bootstrap"]),
+            error = esc(u["error"].as_str().unwrap_or("")),
+        );
+    }
+    h.push_str("</table></section>");
+}
+
+fn bootstrap_cell(b: &Value) -> String {
+    let Some(obj) = b.as_object() else {
+        return "—".to_string();
+    };
+    let pct = obj.get("percent").and_then(Value::as_f64).unwrap_or(0.0);
+    let mut cell = format!(
+        "<span class=\"bar\" title=\"{pct:.1}%\"><span style=\"width:{w:.1}%\"></span></span> {pct:.1}%",
+        w = pct.clamp(0.0, 100.0)
+    );
+    if let Some(rate) = obj.get("rate_bytes_per_s").and_then(Value::as_f64) {
+        let _ = write!(cell, " · {}/s", human_bytes(rate as u64));
+    }
+    if let Some(eta) = obj.get("eta_s").and_then(Value::as_f64) {
+        let _ = write!(cell, " · ETA {eta:.0} s");
+    }
+    if let Some(tree) = obj.get("tree").and_then(Value::as_str) {
+        let _ = write!(cell, " · tree {}", esc(tree));
+    }
+    cell
+}
+
+fn consumers(h: &mut String, s: &Value) {
+    let subs = s["consumers"].as_array().cloned().unwrap_or_default();
+    let slots = s["slots"].as_array().cloned().unwrap_or_default();
+    h.push_str("<section id=\"consumers\"><h2>Consumers</h2>");
+    if subs.is_empty() {
+        h.push_str("<p class=\"muted\">no live subscription</p>");
+    } else {
+        h.push_str(
+            "<table><tr><th>client</th><th>from</th><th>filter</th><th>sent through</th>\
+             <th>lag</th></tr>",
+        );
+        for c in &subs {
+            let filter = match (c["tree"].as_str(), c["prefix"].as_str()) {
+                (None, None) => "—".to_string(),
+                (t, p) => format!(
+                    "{}{}",
+                    t.unwrap_or("*"),
+                    p.map(|p| format!(" / {p}*")).unwrap_or_default()
+                ),
+            };
+            let _ = write!(
+                h,
+                "<tr><td>{client} <span class=\"muted\">{remote}</span>{slot}</td><td><code>{start}</code></td>\
+                 <td>{filter}</td><td>{through}</td><td>{lag} txns</td></tr>",
+                client = esc(&text(&c["client"])),
+                remote = esc(&text(&c["remote"])),
+                slot = c["slot"]
+                    .as_str()
+                    .map(|s| format!(" · slot {}", esc(s)))
+                    .unwrap_or_default(),
+                start = esc(&text(&c["start"])),
+                filter = esc(&filter),
+                through = text(&c["sent_through"]),
+                lag = c["lag_txns"].as_u64().unwrap_or(0),
+            );
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("<h2 style=\"margin-top:10px\">Slots</h2>");
+    if slots.is_empty() {
+        h.push_str("<p class=\"muted\">no slot</p>");
+    } else {
+        let last = s["last_offset"].as_u64().unwrap_or(0);
+        h.push_str(
+            "<table><tr><th>slot</th><th>restart offset</th><th>holds</th><th>state</th></tr>",
+        );
+        for sl in &slots {
+            let restart = sl["restart_offset"].as_u64().unwrap_or(0);
+            let state = text(&sl["state"]);
+            let _ = write!(
+                h,
+                "<tr><td>{name}</td><td>{restart}</td><td>{held} txns</td><td class=\"{c}\">{state}{reason}</td></tr>",
+                name = esc(&text(&sl["name"])),
+                held = last.saturating_sub(restart.saturating_sub(1)),
+                c = if state == "active" { "" } else { "err" },
+                state = esc(&state),
+                reason = sl["reason"]
+                    .as_str()
+                    .map(|r| format!(": {}", esc(r)))
+                    .unwrap_or_default(),
+            );
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("</section>");
+}
+
+fn pipelines(h: &mut String) {
+    h.push_str(
+        "<section id=\"pipelines\"><h2>Pipelines, sinks and indexes</h2>\
+         <p class=\"muted\">none configured on this node</p></section>",
+    );
+}
+
+fn recent(h: &mut String, txns: &[Value]) {
+    h.push_str("<section id=\"recent\" class=\"wide\"><h2>Recent transactions</h2>");
+    if txns.is_empty() {
+        h.push_str("<p class=\"muted\">the log holds no transaction yet</p></section>");
+        return;
+    }
+    h.push_str(
+        "<table><tr><th>offset</th><th>GTID</th><th>time</th><th>trees</th><th>ops</th></tr>",
+    );
+    for t in txns {
+        let ops = t["ops"].as_array().cloned().unwrap_or_default();
+        let mut trees: Vec<String> = ops
+            .iter()
+            .filter_map(|o| o["tree"].as_str().map(str::to_string))
+            .collect();
+        trees.sort();
+        trees.dedup();
+        let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
+        for o in &ops {
+            *kinds.entry(text(&o["op"])).or_default() += 1;
+        }
+        let kinds = kinds
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = write!(
+            h,
+            "<tr><td>{offset}</td><td><code>{gtid}</code></td><td>{ts}</td><td>{trees}</td><td>{kinds}</td></tr>",
+            offset = text(&t["offset"]),
+            gtid = esc(&text(&t["gtid"])),
+            ts = esc(&text(&t["ts"])),
+            trees = esc(&trees.join(", ")),
+            kinds = esc(&kinds),
+        );
+    }
+    h.push_str("</table></section>");
+}
+
+fn charts(h: &mut String, samples: &[Sample]) {
+    h.push_str("<section id=\"charts\" class=\"wide\"><h2>Last minutes</h2>");
+    if samples.len() < 2 {
+        h.push_str("<p class=\"muted\">collecting samples (one a second)…</p></section>");
+        return;
+    }
+    chart(h, "commit rate (records/s)", samples, |s| s.commit_rate);
+    chart(h, "replication lag (s)", samples, |s| s.lag_seconds);
+    h.push_str("</section>");
+}
+
+fn chart(h: &mut String, title: &str, samples: &[Sample], y: fn(&Sample) -> f64) {
+    const W: f64 = 560.0;
+    const H: f64 = 90.0;
+    let max = samples.iter().map(y).fold(0.0, f64::max);
+    let scale = if max > 0.0 { max } else { 1.0 };
+    let t0 = samples[0].t_us;
+    let span = (samples[samples.len() - 1].t_us - t0).max(1) as f64;
+    let mut points = String::new();
+    for s in samples {
+        let px = (s.t_us - t0) as f64 / span * W;
+        let py = H - y(s) / scale * (H - 4.0);
+        let _ = write!(points, "{px:.1},{py:.1} ");
+    }
+    let now = samples.last().map(y).unwrap_or(0.0);
+    let _ = write!(
+        h,
+        "<figure style=\"display:inline-block;margin:0 18px 6px 0\">\
+         <figcaption>{title}: now {now:.2}, max {max:.2}</figcaption>\
+         <svg width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\" role=\"img\" aria-label=\"{title}\">\
+         <polyline fill=\"none\" stroke=\"#2d7fb8\" stroke-width=\"1.5\" points=\"{points}\"/></svg></figure>",
+        title = esc(title),
+    );
+}
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_covers_markup() {
+        assert_eq!(
+            esc("<a href=\"x\">&'"),
+            "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
+
+    #[test]
+    fn sizes_read_naturally() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+    }
+}

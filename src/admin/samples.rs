@@ -1,0 +1,170 @@
+//! Once a second: a sample of commit rate and replication lag for the page's charts (an
+//! in-memory ring of the last minutes), and the node's gauges and totals copied into the
+//! metrics recorder. Owns the ring; reads the node; writes nothing else.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::Admin;
+
+/// Samples kept: five minutes at one a second.
+const SAMPLES_MAX: usize = 300;
+const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// One point of the charts.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Microseconds since the epoch.
+    pub t_us: i64,
+    /// The log's last offset then.
+    pub last_offset: u64,
+    /// Records per second since the previous sample.
+    pub commit_rate: f64,
+    /// Largest replication lag over the upstreams, in seconds.
+    pub lag_seconds: f64,
+}
+
+/// The ring of samples.
+pub struct Samples {
+    ring: Mutex<VecDeque<Sample>>,
+}
+
+impl Samples {
+    pub fn new() -> Self {
+        Samples {
+            ring: Mutex::new(VecDeque::with_capacity(SAMPLES_MAX)),
+        }
+    }
+
+    /// The samples, oldest first.
+    pub fn all(&self) -> Vec<Sample> {
+        self.ring
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    fn push(&self, t_us: i64, last_offset: u64, lag_seconds: f64) {
+        let mut ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
+        let commit_rate = ring.back().map_or(0.0, |prev| {
+            let dt = (t_us - prev.t_us) as f64 / 1e6;
+            if dt > 0.0 {
+                last_offset.saturating_sub(prev.last_offset) as f64 / dt
+            } else {
+                0.0
+            }
+        });
+        if ring.len() == SAMPLES_MAX {
+            ring.pop_front();
+        }
+        ring.push_back(Sample {
+            t_us,
+            last_offset,
+            commit_rate,
+            lag_seconds,
+        });
+    }
+}
+
+/// Samples until aborted.
+pub async fn run(admin: Arc<Admin>) {
+    let mut tick = tokio::time::interval(SAMPLE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let status = admin.node.status();
+        let last = status["last_offset"].as_u64().unwrap_or(0);
+        let lag = status["upstreams"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|u| u["lag_seconds"].as_f64())
+            .fold(0.0, f64::max);
+        admin.samples.push(crate::now_us(), last, lag);
+        export(&admin, &status);
+        admin.metrics.run_upkeep();
+    }
+}
+
+fn flag(v: &Value) -> f64 {
+    if v.as_bool() == Some(true) { 1.0 } else { 0.0 }
+}
+
+/// Copies the status document and the server's counters into the recorder.
+fn export(admin: &Admin, status: &Value) {
+    use metrics::{counter, gauge};
+    let num = |v: &Value| v.as_u64().unwrap_or(0);
+    let last = num(&status["last_offset"]);
+    counter!("tideline_log_records_total").absolute(last);
+    gauge!("tideline_log_last_offset").set(last as f64);
+    gauge!("tideline_log_first_offset").set(num(&status["first_offset"]) as f64);
+    gauge!("tideline_log_durable_offset").set(num(&status["durable_offset"]) as f64);
+    let stats = admin.node.wal_ref().stats();
+    gauge!("tideline_log_bytes").set(stats.total_bytes as f64);
+    gauge!("tideline_log_segments").set(stats.segments.len() as f64);
+    gauge!("tideline_read_only").set(flag(&status["read_only"]));
+    gauge!("tideline_fail_stop").set(if status["fail_stop"].is_null() {
+        0.0
+    } else {
+        1.0
+    });
+    gauge!("tideline_bootstrapping").set(flag(&status["bootstrapping"]));
+    counter!("tideline_bootstrap_served_chunks_total")
+        .absolute(num(&status["bootstrap_served"]["chunks"]));
+
+    for u in status["upstreams"].as_array().into_iter().flatten() {
+        let addr = u["addr"].as_str().unwrap_or("?").to_string();
+        let labels = [("upstream", addr)];
+        gauge!("tideline_upstream_connected", &labels).set(if u["state"] == "connected" {
+            1.0
+        } else {
+            0.0
+        });
+        gauge!("tideline_replication_lag_transactions", &labels).set(num(&u["lag_txns"]) as f64);
+        gauge!("tideline_replication_lag_seconds", &labels)
+            .set(u["lag_seconds"].as_f64().unwrap_or(0.0));
+        counter!("tideline_replication_applied_total", &labels).absolute(num(&u["applied"]));
+        if let Some(b) = u["bootstrap"].as_object() {
+            gauge!("tideline_bootstrap_bytes", &labels)
+                .set(b.get("bytes").and_then(Value::as_u64).unwrap_or(0) as f64);
+            if let Some(p) = b.get("percent").and_then(Value::as_f64) {
+                gauge!("tideline_bootstrap_ratio", &labels).set(p / 100.0);
+            }
+        }
+    }
+    for s in status["slots"].as_array().into_iter().flatten() {
+        let name = s["name"].as_str().unwrap_or("?").to_string();
+        let labels = [("slot", name)];
+        let restart = num(&s["restart_offset"]);
+        gauge!("tideline_slot_lag_transactions", &labels)
+            .set(last.saturating_sub(restart.saturating_sub(1)) as f64);
+        let active = s["state"].as_str().is_none_or(|st| st == "active");
+        gauge!("tideline_slot_active", &labels).set(if active { 1.0 } else { 0.0 });
+    }
+    let consumers = status["consumers"].as_array().cloned().unwrap_or_default();
+    gauge!("tideline_consumers").set(consumers.len() as f64);
+    for c in &consumers {
+        let labels = [
+            ("remote", c["remote"].as_str().unwrap_or("?").to_string()),
+            ("client", c["client"].as_str().unwrap_or("?").to_string()),
+        ];
+        gauge!("tideline_consumer_lag_transactions", &labels).set(num(&c["lag_txns"]) as f64);
+    }
+    let observer = admin.node.observer();
+    gauge!("tideline_quic_connections").set(observer.connections_active() as f64);
+    counter!("tideline_quic_connections_total").absolute(observer.connections_total());
+    gauge!("tideline_quic_streams").set(observer.streams_active() as f64);
+    for reason in tideline_stream::RefuseReason::ALL {
+        counter!("tideline_quic_refused_total", "reason" => reason.label())
+            .absolute(observer.refused(reason));
+    }
+    for (kind, n) in observer.requests() {
+        counter!("tideline_requests_total", "kind" => kind).absolute(n);
+    }
+    gauge!("tideline_monitors").set(observer.monitors() as f64);
+}
