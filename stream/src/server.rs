@@ -463,7 +463,9 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
-/// Keeps only the ops matching the filters; `None` if nothing is left.
+/// Keeps only the ops matching the filters; `None` if nothing is left. Tree-level ops
+/// (`CreateTree`, `DropTree`) of a tree the filter lets through pass whatever the prefix: a
+/// consumer of some keys of a tree must see that tree dropped, or it keeps stale keys.
 pub fn filter_txn(
     txn: Transaction,
     tree: Option<&str>,
@@ -474,7 +476,7 @@ pub fn filter_txn(
     }
     let keep = |op: &Op| {
         tree.is_none_or(|t| op.tree() == t)
-            && prefix.is_none_or(|p| op.key().is_some_and(|k| k.starts_with(p)))
+            && prefix.is_none_or(|p| op.key().is_none_or(|k| k.starts_with(p)))
     };
     let ops: Vec<Op> = txn.ops.into_iter().filter(keep).collect();
     if ops.is_empty() {
@@ -694,5 +696,31 @@ mod tests {
         assert_eq!(t.ops, vec![put("a", "user:1")]);
         assert!(filter_txn(txn.clone(), Some("c"), None).is_none());
         assert_eq!(filter_txn(txn.clone(), None, None).unwrap(), txn);
+    }
+
+    /// A consumer of `tree=users, prefix=u:` must see its tree created and dropped, or it keeps
+    /// stale keys after a drop. Tree-level ops of other trees stay out.
+    #[test]
+    fn a_prefix_filter_keeps_tree_level_ops_of_the_filtered_tree() {
+        let txn = |ops: Vec<Op>| Transaction {
+            offset: Offset::FIRST,
+            gtid: Gtid::new(Uuid::from_bytes([1; 16]), 1).unwrap(),
+            timestamp_us: 0,
+            ops,
+        };
+        let create = |tree: &str| Op::CreateTree {
+            tree: tree.into(),
+            merge_operator: None,
+        };
+        let drop = |tree: &str| Op::DropTree { tree: tree.into() };
+        let t = txn(vec![create("users"), create("orders")]);
+        let kept = filter_txn(t.clone(), Some("users"), Some(b"u:"));
+        assert_eq!(kept.map(|t| t.ops), Some(vec![create("users")]));
+        let t = txn(vec![drop("users"), drop("orders")]);
+        let kept = filter_txn(t.clone(), Some("users"), Some(b"u:"));
+        assert_eq!(kept.map(|t| t.ops), Some(vec![drop("users")]));
+        // A prefix without a tree filters every tree: every tree's tree-level ops pass.
+        let kept = filter_txn(t.clone(), None, Some(b"u:"));
+        assert_eq!(kept.map(|t| t.ops), Some(t.ops));
     }
 }
