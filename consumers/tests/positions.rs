@@ -229,6 +229,59 @@ async fn a_tail_of_a_bootstrapped_replica_fails_over_without_replaying_history()
     p_server.shutdown().await;
 }
 
+/// Item 3, the tail has received nothing yet: it subscribed to R (bootstrapped from P:1-100),
+/// P writes 10 more that R never gets, R dies and the address leads to P. Exactly the 10 new
+/// ones arrive, once: a reconnect before the first record resumes from the subscription's
+/// covered set, not from `earliest` again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_that_has_received_nothing_fails_over_without_replaying_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    tls::ensure_secrets(&secrets).unwrap();
+    let p_wal = mem_wal(WalOptions::default());
+    let p = p_wal.server_uuid();
+    for i in 1..=100 {
+        append_all(&[&p_wal], put(gtid(p, i), "default", &format!("k{i}"))).await;
+    }
+    let r_wal = mem_wal(WalOptions::default());
+    let copied: GtidSet = format!("{p}:1-100").parse().unwrap();
+    tokio::task::block_in_place(|| r_wal.reset_history(&copied)).unwrap();
+    let (p_node, r_node) = (Arc::new(LogNode::new(p_wal)), Arc::new(LogNode::new(r_wal)));
+
+    let r_server = serve_at(r_node.clone(), &secrets, "127.0.0.1:0".parse().unwrap());
+    let listen = r_server.local_addr();
+    let mut cfg = tail_cfg(&listen.to_string(), &secrets, TailStart::Earliest);
+    cfg.slot = Some("sink".into());
+    let (mut rx, task) = spawn_tail(cfg, None);
+    // The slot exists once the subscription on R is in place.
+    wait_until("the subscription on R is in place", || {
+        r_node.wal().slot("sink").is_some()
+    })
+    .await;
+    for i in 101..=110 {
+        append_all(
+            &[p_node.wal()],
+            put(gtid(p, i), "default", &format!("k{i}")),
+        )
+        .await;
+    }
+    r_server.shutdown().await;
+    let p_server = serve_at(p_node.clone(), &secrets, listen);
+    let mut got: Vec<Gtid> = Vec::new();
+    for _ in 101..=110 {
+        got.push(recv(&mut rx).await.gtid);
+    }
+    assert_eq!(
+        got,
+        (101..=110).map(|i| gtid(p, i)).collect::<Vec<_>>(),
+        "after failover the tail must deliver only what came after its start point"
+    );
+    append_all(&[p_node.wal()], put(gtid(p, 111), "default", "k111")).await;
+    assert_eq!(recv(&mut rx).await.gtid, gtid(p, 111), "delivered once");
+    task.abort();
+    p_server.shutdown().await;
+}
+
 /// Item 4: a tail of tree `users` gets one match, then 10,000 transactions on other trees
 /// that its filter drops. The failover target B holds the same transactions and ran
 /// retention, purging them. The tail's saved position and its slot move past the dropped
