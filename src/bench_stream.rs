@@ -293,7 +293,7 @@ async fn tail_all(client: &Client, expect: u64) -> anyhow::Result<(u64, f64)> {
                     changes += t.ops.len() as u64;
                 }
             }
-            Some(Event::Heartbeat { .. }) => {}
+            Some(Event::Heartbeat { .. } | Event::Progress { .. }) => {}
             None => bail!("the server ended the subscription after {txns} of {expect}"),
         }
     }

@@ -144,7 +144,10 @@ pub async fn collect_delays(
                 let now = crate::now_us();
                 lat.extend(batch.iter().map(|t| now - t.timestamp_us));
             }
-            Some(tideline_stream::Event::Heartbeat { .. }) => {}
+            // Unfiltered: no progress reports; nothing to do with one anyway.
+            Some(
+                tideline_stream::Event::Heartbeat { .. } | tideline_stream::Event::Progress { .. },
+            ) => {}
             None => anyhow::bail!("the node ended the subscription"),
         }
     }

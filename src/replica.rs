@@ -338,6 +338,8 @@ async fn subscribe_and_apply(
                     break Ok(()); // the applier stopped: its result says why
                 }
             }
+            // Only filtered subscriptions get progress reports; a replica's is unfiltered.
+            Ok(Some(Event::Progress { .. })) => {}
             Ok(Some(Event::Heartbeat { head: h, .. })) => {
                 head = head.max(h);
                 update(st, |s| {

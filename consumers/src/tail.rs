@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use tideline_stream::proto::ClientSubscription;
-use tideline_stream::{Client, ClientConfig, ClientError, ErrorCode, Event, Start};
+use tideline_stream::{Client, ClientConfig, ClientError, ErrorCode, Event, Start, Subscription};
 use tideline_wal::{GtidSet, Transaction};
 
 use crate::checkpoint::{Checkpoint, CheckpointError, Position};
@@ -143,7 +143,76 @@ fn classify(e: ClientError) -> Result<ClientError, TailError> {
     }
 }
 
-type SharedCheckpoint = Arc<Mutex<Option<Box<dyn Checkpoint>>>>;
+/// The application's checkpoint and what it holds now (loaded or last saved): slots are
+/// acked only up to that.
+struct Store {
+    checkpoint: Option<Box<dyn Checkpoint>>,
+    stored: Option<Position>,
+}
+
+impl Store {
+    fn save(&mut self, pos: &Position) -> Result<(), CheckpointError> {
+        if let Some(cp) = self.checkpoint.as_mut() {
+            cp.save(pos)?;
+            self.stored = Some(pos.clone());
+        }
+        Ok(())
+    }
+}
+
+type SharedCheckpoint = Arc<Mutex<Store>>;
+
+/// Per subscription: when the checkpoint was saved last and what the slot was acked to.
+struct Settle {
+    last_saved: Option<tokio::time::Instant>,
+    acked: u64,
+}
+
+/// Takes `pos` as the tail's position: publishes it, saves it when the checkpoint interval
+/// has passed, and acks the slot on `server` up to what the checkpoint holds (without a
+/// checkpoint, up to `pos`: the application keeps no position to resume from, so the slot
+/// only has to hold the log for this process's reconnects). Only offsets of `server` are
+/// acked there.
+async fn settle(
+    pos: Position,
+    server: uuid::Uuid,
+    cfg: &TailConfig,
+    st: &mut Settle,
+    sub: &mut Subscription,
+    delivered: &Mutex<Option<Position>>,
+    checkpoint: &Mutex<Store>,
+) -> Result<(), CheckpointError> {
+    *lock(delivered) = Some(pos.clone());
+    let ack = {
+        let mut store = lock(checkpoint);
+        if store.checkpoint.is_none() {
+            Some(&pos)
+        } else {
+            // Saving syncs a file: at most once per interval, so a fast tail is not held to
+            // the disk's fsync rate. `Tail::commit` saves at once.
+            let due = st
+                .last_saved
+                .is_none_or(|t| t.elapsed() >= cfg.checkpoint_interval);
+            if due && store.stored.as_ref() != Some(&pos) {
+                store.save(&pos)?;
+                st.last_saved = Some(tokio::time::Instant::now());
+            }
+            store.stored.as_ref()
+        }
+        .filter(|p| p.server_uuid == server)
+        .map(|p| p.offset)
+    };
+    if cfg.slot.is_some()
+        && let Some(o) = ack
+        && o > st.acked
+    {
+        // A lost ack only holds more log; the next one repeats it.
+        if sub.ack(o).await.is_ok() {
+            st.acked = o;
+        }
+    }
+    Ok(())
+}
 
 /// A resumable tail: an async [`Stream`] of transactions that reconnects and resumes by
 /// itself. See [`tail`].
@@ -173,13 +242,15 @@ impl Tail {
 
     /// Declares every transaction returned so far processed and saves the checkpoint. The
     /// tail also saves by itself when the application asks for the transaction after the last
-    /// one of a batch, at most once per `checkpoint_interval`, so a crash re-delivers at most
-    /// what arrived in that interval; an application that stops cleanly calls this last and
-    /// loses and repeats nothing.
+    /// one of a batch, on progress reports and heartbeats, at most once per
+    /// `checkpoint_interval`, so a crash re-delivers at most what arrived in that interval; an
+    /// application that stops cleanly calls this last and loses and repeats nothing. The slot
+    /// is acked only up to what the checkpoint holds (at the next batch, progress report or
+    /// heartbeat after a save), so a consumer that crashes finds its log still held.
     pub fn commit(&mut self) -> Result<(), TailError> {
         let pos = lock(&self.delivered).clone();
-        if let (Some(p), Some(cp)) = (pos, lock(&self.checkpoint).as_mut()) {
-            cp.save(&p)?;
+        if let Some(p) = pos {
+            lock(&self.checkpoint).save(&p)?;
         }
         Ok(())
     }
@@ -198,7 +269,10 @@ impl Stream for Tail {
 /// same node it resumes by offset, after a switch to another node by GTID set.
 pub fn tail(cfg: TailConfig, checkpoint: Option<Box<dyn Checkpoint>>) -> Tail {
     let delivered: Arc<Mutex<Option<Position>>> = Arc::new(Mutex::new(None));
-    let checkpoint: SharedCheckpoint = Arc::new(Mutex::new(checkpoint));
+    let checkpoint: SharedCheckpoint = Arc::new(Mutex::new(Store {
+        checkpoint,
+        stored: None,
+    }));
     let stream = run(cfg, delivered.clone(), checkpoint.clone());
     Tail {
         stream: Box::pin(stream),
@@ -213,14 +287,15 @@ fn run(
     checkpoint: SharedCheckpoint,
 ) -> impl Stream<Item = Result<Transaction, TailError>> + Send {
     async_stream::stream! {
-        let loaded = lock(&checkpoint).as_ref().map(|c| c.load());
+        let loaded = lock(&checkpoint).checkpoint.as_ref().map(|c| c.load());
         let mut pos: Option<Position> = match loaded {
             Some(Ok(p)) => p,
             Some(Err(e)) => { yield Err(TailError::from(e)); return; }
             None => None,
         };
+        lock(&checkpoint).stored.clone_from(&pos);
         lock(&delivered).clone_from(&pos);
-        let mut last_saved = tokio::time::Instant::now() - cfg.checkpoint_interval;
+        let mut last_saved = None;
         let mut failures: u32 = 0;
         let mut last_err: Option<ClientError> = None;
         loop {
@@ -249,18 +324,6 @@ fn run(
                 },
             };
             let uuid = client.server_uuid();
-            // Known GTIDs: a `latest` start has seen nothing, but must not replay the node's
-            // past after a failover; take the node's gtid_executed before subscribing.
-            let mut latest_seed = None;
-            if pos.is_none() && cfg.start == TailStart::Latest {
-                match client.wait_for(&GtidSet::new(), Duration::ZERO).await {
-                    Ok((_, executed)) => latest_seed = Some(executed),
-                    Err(e) => match classify(e) {
-                        Ok(e) => { last_err = Some(e); failures += 1; continue; }
-                        Err(fatal) => { yield Err(fatal); return; }
-                    },
-                }
-            }
             let start = match &pos {
                 Some(p) => p.resume_on(uuid),
                 None => cfg.start.clone(),
@@ -280,13 +343,6 @@ fn run(
                     Err(fatal) => { yield Err(fatal); return; }
                 },
             };
-            if let Some(executed) = latest_seed {
-                // From here on, resume by offset: a reconnect must not skip what was committed
-                // while the tail was away.
-                let p = Position { server_uuid: uuid, offset: sub.next_offset() - 1, gtids: executed };
-                *lock(&delivered) = Some(p.clone());
-                pos = Some(p);
-            }
             if let Some(p) = &pos && p.server_uuid == uuid && sub.head() < p.offset {
                 yield Err(TailError::Diverged { server_uuid: uuid, node_head: sub.head(), seen: p.offset });
                 return;
@@ -301,13 +357,33 @@ fn run(
                 }
                 None => ClientSubscription::new(GtidSet::new()),
             };
-            if let Err(e) = state.handle_subscribed(sub.next_offset(), sub.head()) {
+            if let Err(e) = state.handle_subscribed(sub.next_offset(), sub.head(), sub.gtids_before()) {
                 yield Err(TailError::Client(ClientError::Wire(e.into())));
                 return;
             }
             failures = 0;
+            // The position is defined from the subscription on: everything covered before its
+            // start counts as seen (a `latest` start's set comes from the subscription itself,
+            // with nothing between), and a reconnect before the first record resumes here
+            // rather than re-evaluating the start.
+            let here = match &pos {
+                Some(p) => Position { gtids: state.seen().clone(), ..p.clone() },
+                None => Position {
+                    server_uuid: uuid,
+                    offset: sub.next_offset().saturating_sub(1),
+                    gtids: state.seen().clone(),
+                },
+            };
+            pos = Some(here.clone());
+            let mut st = Settle { last_saved, acked: 0 };
+            if let Err(e) = settle(here, uuid, &cfg, &mut st, &mut sub, &delivered, &checkpoint).await {
+                yield Err(e.into());
+                return;
+            }
+            // Saving the start is not a save of delivered work: the first batch may save too.
+            st.last_saved = last_saved;
             loop {
-                match sub.next().await {
+                let taken = match sub.next().await {
                     Ok(Some(Event::Batch(txns))) => {
                         let last_offset = txns.last().map(|t| t.offset.get());
                         let mut gtids = state.seen().clone();
@@ -323,26 +399,22 @@ fn run(
                         }
                         // The application has asked for more: it took every transaction of
                         // the batch.
-                        if let Some(o) = last_offset.or(state.last_offset()) {
-                            let p = Position { server_uuid: uuid, offset: o, gtids: state.seen().clone() };
-                            *lock(&delivered) = Some(p.clone());
-                            // Saving syncs a file: at most once per interval, so a fast tail is
-                            // not held to the disk's fsync rate. `Tail::commit` saves at once.
-                            if last_saved.elapsed() >= cfg.checkpoint_interval {
-                                let saved = lock(&checkpoint).as_mut().map(|cp| cp.save(&p));
-                                if let Some(Err(e)) = saved {
-                                    yield Err(e.into());
-                                    return;
-                                }
-                                last_saved = tokio::time::Instant::now();
-                            }
-                            pos = Some(p);
-                            if cfg.slot.is_some() {
-                                let _ = sub.ack(o).await;
-                            }
-                        }
+                        last_offset.or(state.last_offset()).map(|o| Position {
+                            server_uuid: uuid,
+                            offset: o,
+                            gtids: state.seen().clone(),
+                        })
                     }
-                    Ok(Some(Event::Heartbeat { .. })) => {}
+                    Ok(Some(Event::Progress { through, gtids })) => {
+                        state.handle_progress(through, &gtids);
+                        Some(Position {
+                            server_uuid: uuid,
+                            offset: state.last_offset().unwrap_or(through),
+                            gtids: state.seen().clone(),
+                        })
+                    }
+                    // Idle: save what a throttled save left behind.
+                    Ok(Some(Event::Heartbeat { .. })) => pos.clone(),
                     Ok(None) => {
                         tracing::info!(addr = %cfg.addr, "tail: node ended the subscription; reconnecting");
                         failures += 1;
@@ -357,8 +429,16 @@ fn run(
                         }
                         Err(fatal) => { yield Err(fatal); return; }
                     },
+                };
+                if let Some(p) = taken {
+                    pos = Some(p.clone());
+                    if let Err(e) = settle(p, uuid, &cfg, &mut st, &mut sub, &delivered, &checkpoint).await {
+                        yield Err(e.into());
+                        return;
+                    }
                 }
             }
+            last_saved = st.last_saved;
         }
     }
 }

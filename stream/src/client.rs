@@ -220,7 +220,15 @@ impl Client {
             })
             .await;
         match resp {
-            Ok(Response::Welcome { server_uuid, .. }) => Ok(Uuid::from_bytes(server_uuid)),
+            Ok(Response::Welcome {
+                server_uuid,
+                protocol,
+            }) if protocol == PROTOCOL_VERSION => Ok(Uuid::from_bytes(server_uuid)),
+            Ok(Response::Welcome { protocol, .. }) => Err(ClientError::Unexpected(format!(
+                "{} speaks protocol {protocol}, this client {PROTOCOL_VERSION}: use a tideline \
+                 client of the node's version",
+                self.addr
+            ))),
             Ok(Response::Error {
                 code: ErrorCode::Unauthorized,
                 ..
@@ -235,6 +243,7 @@ impl Client {
                     addr: self.addr.clone(),
                 })
             }
+            Ok(Response::Error { code, message }) => Err(ClientError::Server { code, message }),
             Ok(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
             Err(e) => Err(e),
         }
@@ -395,11 +404,16 @@ impl Client {
         .await?;
         let mut recv = FramedRecv::new(recv, self.cfg.limits);
         match recv.next_message::<Response>().await? {
-            Some(Response::Subscribed { next_offset, head }) => Ok(Subscription {
+            Some(Response::Subscribed {
+                next_offset,
+                head,
+                gtids_before,
+            }) => Ok(Subscription {
                 send,
                 recv,
                 next_offset,
                 head,
+                gtids_before: parse_gtids(&gtids_before)?,
             }),
             Some(Response::Error { code, message }) => Err(ClientError::Server { code, message }),
             Some(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -475,6 +489,11 @@ impl Client {
     }
 }
 
+fn parse_gtids(text: &str) -> Result<GtidSet, ClientError> {
+    text.parse()
+        .map_err(|e| ClientError::Unexpected(format!("bad GTID set from the node: {e}")))
+}
+
 /// What a subscription yields.
 #[derive(Debug)]
 pub enum Event {
@@ -487,6 +506,14 @@ pub enum Event {
         /// Server clock.
         server_time_us: i64,
     },
+    /// A filtered subscription: every record through `through` was considered (sent or
+    /// dropped by the filter); `gtids` is every GTID covered through it.
+    Progress {
+        /// Last offset considered.
+        through: u64,
+        /// GTIDs covered through `through`.
+        gtids: GtidSet,
+    },
 }
 
 /// One subscription stream.
@@ -496,12 +523,19 @@ pub struct Subscription {
     recv: FramedRecv,
     next_offset: u64,
     head: u64,
+    gtids_before: GtidSet,
 }
 
 impl Subscription {
     /// The offset the server started from.
     pub fn next_offset(&self) -> u64 {
         self.next_offset
+    }
+
+    /// Every GTID covered before [`Subscription::next_offset`]: the history before the start
+    /// point (for a GTID start, the set asked with). Count it as seen.
+    pub fn gtids_before(&self) -> &GtidSet {
+        &self.gtids_before
     }
 
     /// The server's head when the subscription started.
@@ -521,6 +555,12 @@ impl Subscription {
                 head,
                 server_time_us,
             })),
+            Some(Frame::Message(Response::Progress { through, gtids })) => {
+                Ok(Some(Event::Progress {
+                    through,
+                    gtids: parse_gtids(&gtids)?,
+                }))
+            }
             Some(Frame::Message(Response::Error { code, message })) => {
                 Err(ClientError::Server { code, message })
             }

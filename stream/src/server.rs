@@ -288,6 +288,8 @@ enum ConnError {
     Wire(#[from] WireError),
     #[error("unauthorized")]
     Unauthorized,
+    #[error("client speaks protocol {0}")]
+    Version(u32),
 }
 
 /// Application close codes.
@@ -319,6 +321,32 @@ async fn handle_connection<N: Node>(
         .await
         .map_err(|_| ConnError::Timeout)?;
     let peer_name: Arc<str> = match hello {
+        Ok(Some(Request::Hello {
+            token: offered,
+            protocol,
+            ..
+        })) if tls::token_eq(&offered, &token) && protocol != PROTOCOL_VERSION => {
+            tracing::warn!(remote = %conn.remote_address(), protocol, "refusing connection: other protocol version");
+            let _ = send_message(
+                &mut send,
+                &error(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "this node speaks protocol {PROTOCOL_VERSION}, the client {protocol}: \
+                         use a tideline client of the node's version"
+                    ),
+                ),
+            )
+            .await;
+            let _ = send.finish();
+            // The answer reaches the client before the close (its stream is finished first).
+            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+            conn.close(
+                quinn::VarInt::from_u32(close_code::PROTOCOL),
+                b"protocol version",
+            );
+            return Err(ConnError::Version(protocol));
+        }
         Ok(Some(Request::Hello {
             token: offered,
             client,
@@ -622,6 +650,10 @@ struct SubscriptionRequest {
     slot: Option<String>,
 }
 
+/// Most records a filtered subscription reads before it ends a batch (and reports progress),
+/// so that a long stretch the filter drops still moves the consumer's position as it goes.
+const CONSIDERED_PER_BATCH_MAX: usize = 4096;
+
 fn now_us() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -629,7 +661,9 @@ fn now_us() -> i64 {
         .unwrap_or(0)
 }
 
-/// Keeps only the ops matching the filters; `None` if nothing is left.
+/// Keeps only the ops matching the filters; `None` if nothing is left. Tree-level ops
+/// (`CreateTree`, `DropTree`) of a tree the filter lets through pass whatever the prefix: a
+/// consumer of some keys of a tree must see that tree dropped, or it keeps stale keys.
 pub fn filter_txn(
     txn: Transaction,
     tree: Option<&str>,
@@ -640,7 +674,7 @@ pub fn filter_txn(
     }
     let keep = |op: &Op| {
         tree.is_none_or(|t| op.tree() == t)
-            && prefix.is_none_or(|p| op.key().is_some_and(|k| k.starts_with(p)))
+            && prefix.is_none_or(|p| op.key().is_none_or(|k| k.starts_with(p)))
     };
     let ops: Vec<Op> = txn.ops.into_iter().filter(keep).collect();
     if ops.is_empty() {
@@ -649,27 +683,87 @@ pub fn filter_txn(
     Some(Transaction { ops, ..txn })
 }
 
-fn open_reader(wal: &Wal, start: &Start) -> Result<Reader, Box<Response>> {
+/// How often opening a reader retries when retention removes the segment it was about to
+/// read between the look at the segment list and the open.
+const OPEN_ATTEMPTS_MAX: u32 = 8;
+
+/// Opens a reader at `start`, with the GTID set covered before its first record: for an
+/// offset start (`earliest`, `latest`, `offset:N`), the `gtids_before` of the segment holding
+/// the start plus the GTIDs of that segment's records before it (read once, so the start and
+/// the set come from one look at the log and nothing falls between them); for a GTID start,
+/// the client's own set (the reader skips exactly those).
+fn open_reader(wal: &Wal, start: &Start) -> Result<(Reader, GtidSet), Box<Response>> {
     let unavailable =
         |e: tideline_wal::Error| Box::new(error(ErrorCode::PositionUnavailable, e.to_string()));
-    match start {
-        Start::Earliest => wal.read_from(wal.first_offset()).map_err(unavailable),
-        Start::Latest => {
-            let next = Offset::new(wal.visible_offset() + 1).unwrap_or(Offset::FIRST);
-            wal.read_from(next).map_err(unavailable)
-        }
-        Start::Offset(n) => {
-            let o = Offset::new(*n).ok_or_else(|| {
-                Box::new(error(ErrorCode::InvalidRequest, "offset 0 does not exist"))
-            })?;
-            wal.read_from(o).map_err(unavailable)
-        }
+    let requested = match start {
         Start::Gtid(text) => {
             let set: GtidSet = text.parse().map_err(|e: tideline_wal::GtidParseError| {
                 Box::new(error(ErrorCode::InvalidRequest, e.to_string()))
             })?;
-            wal.read_missing(&set).map_err(unavailable)
+            let reader = wal.read_missing(&set).map_err(unavailable)?;
+            return Ok((reader, set));
         }
+        Start::Offset(0) => {
+            return Err(Box::new(error(
+                ErrorCode::InvalidRequest,
+                "offset 0 does not exist",
+            )));
+        }
+        Start::Offset(n) => Some(*n),
+        Start::Earliest | Start::Latest => None,
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let stats = wal.stats();
+        let next = match (requested, start) {
+            (Some(n), _) => n,
+            (None, Start::Latest) => stats.visible_offset + 1,
+            (None, _) => stats.first_offset.get(),
+        };
+        let at = Offset::new(next).unwrap_or(Offset::FIRST);
+        // The segment holding `next`; none when retention removed it (or `next` is before the
+        // log): `read_from` names what is missing.
+        let Some(seg) = stats
+            .segments
+            .iter()
+            .rev()
+            .find(|s| s.first_offset <= at)
+            .filter(|_| next <= stats.visible_offset + 1)
+        else {
+            return Err(wal.read_from(at).map_or_else(unavailable, |_| {
+                Box::new(error(
+                    ErrorCode::PositionUnavailable,
+                    format!("offset {next} is not in the log"),
+                ))
+            }));
+        };
+        let mut reader = match wal.read_from(seg.first_offset) {
+            Ok(r) => r,
+            Err(tideline_wal::Error::OffsetUnavailable { .. }) if attempt < OPEN_ATTEMPTS_MAX => {
+                continue;
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let mut covered = seg.gtids_before.clone();
+        while reader.next_offset() < at {
+            match reader.next_txn() {
+                Ok(Some(txn)) => {
+                    covered.insert(txn.gtid);
+                }
+                Ok(None) => {
+                    return Err(Box::new(error(
+                        ErrorCode::Internal,
+                        format!(
+                            "the log ended at offset {} before the start {next}; retry",
+                            reader.next_offset()
+                        ),
+                    )));
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        return Ok((reader, covered));
     }
 }
 
@@ -688,7 +782,7 @@ async fn serve_subscription<N: Node>(
         slot,
     } = req;
     let wal = node.wal();
-    let mut reader = match open_reader(wal, &start) {
+    let (mut reader, covered) = match open_reader(wal, &start) {
         Ok(r) => r,
         Err(resp) => {
             send_message(&mut send, &*resp).await?;
@@ -696,26 +790,36 @@ async fn serve_subscription<N: Node>(
             return Ok(());
         }
     };
+    // A new slot starts where the subscription starts; an existing one stays where the
+    // consumer's acks put it (a resume may start past what its checkpoint stored, and the
+    // slot must keep holding that).
     if let Some(name) = &slot
-        && let Err(e) = wal
-            .create_slot(name, reader.next_offset())
-            .and_then(|_| wal.advance_slot(name, reader.next_offset()))
+        && let Err(e) = wal.create_slot(name, reader.next_offset())
     {
         send_message(&mut send, &error(ErrorCode::InvalidRequest, e.to_string())).await?;
         let _ = send.finish();
         return Ok(());
     }
     let head = wal.visible_offset();
+    let (tree, prefix) = (tree.as_deref(), prefix.as_deref());
+    // Without filters, records go out as the log stores them: no decode, no re-encode, and
+    // no progress reports (every record considered is sent).
+    let pass_through = tree.is_none() && prefix.is_none();
+    let gtids_before = covered.to_string();
     let mut sub = ServerSubscription::new(
         reader.next_offset().get(),
         cfg.heartbeat.as_micros() as i64,
         now_us(),
     );
+    if !pass_through {
+        sub = sub.with_progress(covered);
+    }
     send_message(
         &mut send,
         &Response::Subscribed {
             next_offset: sub.next_offset(),
             head,
+            gtids_before,
         },
     )
     .await?;
@@ -733,10 +837,8 @@ async fn serve_subscription<N: Node>(
                 Start::Offset(n) => format!("offset:{n}"),
                 Start::Gtid(set) => format!("gtid:{set}"),
             },
-            tree: tree.clone(),
-            prefix: prefix
-                .as_ref()
-                .map(|p| String::from_utf8_lossy(p).into_owned()),
+            tree: tree.map(str::to_string),
+            prefix: prefix.map(|p| String::from_utf8_lossy(p).into_owned()),
             slot: slot.clone(),
             sent_through: 0,
             since_us: now_us(),
@@ -763,14 +865,16 @@ async fn serve_subscription<N: Node>(
         })
     };
 
-    let (tree, prefix) = (tree.as_deref(), prefix.as_deref());
-    // Without filters, records go out as the log stores them: no decode, no re-encode.
-    let pass_through = tree.is_none() && prefix.is_none();
     let mut batch = BatchBuilder::new();
     let mut out = Vec::with_capacity(cfg.batch_bytes_target + 4096);
     let result = loop {
         let mut through = None;
-        while batch.bytes() < cfg.batch_bytes_target {
+        let mut last_pushed = None;
+        let mut considered = 0usize;
+        while batch.bytes() < cfg.batch_bytes_target
+            && (pass_through || considered < CONSIDERED_PER_BATCH_MAX)
+        {
+            considered += 1;
             let next = if pass_through {
                 let mut offset = None;
                 batch
@@ -785,10 +889,12 @@ async fn serve_subscription<N: Node>(
                         None => None,
                         Some(txn) => {
                             let o = txn.offset.get();
+                            sub.on_considered(o, txn.gtid);
                             if let Some(t) = filter_txn(txn, tree, prefix) {
                                 batch.push(&t).map_err(|e| tideline_wal::Error::Encode {
                                     reason: e.to_string(),
                                 })?;
+                                last_pushed = Some(o);
                             }
                             Some(o)
                         }
@@ -815,17 +921,26 @@ async fn serve_subscription<N: Node>(
             out.clear();
             batch.finish_into(&mut out);
             let t = through.unwrap_or(sub.next_offset());
+            // Before the write: the consumer may ack the batch before `write_all` returns.
+            sent_through.store(t, Ordering::SeqCst);
             // Waits for flow-control credit: back-pressure from a slow consumer stops here.
             if let Err(e) = send.write_all(&out).await {
                 break Err(e.into());
             }
-            sub.on_sent(t, now_us());
-            sent_through.store(t, Ordering::SeqCst);
-            continue;
-        }
-        if let Some(t) = through {
+            sub.on_sent(last_pushed.unwrap_or(t), now_us());
+            sub.on_skipped(t);
+        } else if let Some(t) = through {
             sub.on_skipped(t);
             sent_through.store(t, Ordering::SeqCst);
+        }
+        // A filtered tail hears how far the server got, so its position passes what the
+        // filter dropped (sent at every batch end where that is news).
+        if let Some(p) = sub.poll_progress(now_us())
+            && let Err(e) = send_message(&mut send, &p).await
+        {
+            break Err(e);
+        }
+        if through.is_some() {
             continue;
         }
         // Caught up: wait for new records, a heartbeat, or the consumer leaving.
@@ -839,6 +954,10 @@ async fn serve_subscription<N: Node>(
                 }
             }
             () = sleep => {
+                if let Some(p) = sub.poll_progress(now_us())
+                    && let Err(e) = send_message(&mut send, &p).await {
+                        break Err(e);
+                    }
                 if let Some(hb) = sub.poll_heartbeat(wal.visible_offset(), now_us())
                     && let Err(e) = send_message(&mut send, &hb).await {
                         break Err(e);
@@ -880,5 +999,31 @@ mod tests {
         assert_eq!(t.ops, vec![put("a", "user:1")]);
         assert!(filter_txn(txn.clone(), Some("c"), None).is_none());
         assert_eq!(filter_txn(txn.clone(), None, None).unwrap(), txn);
+    }
+
+    /// A consumer of `tree=users, prefix=u:` must see its tree created and dropped, or it keeps
+    /// stale keys after a drop. Tree-level ops of other trees stay out.
+    #[test]
+    fn a_prefix_filter_keeps_tree_level_ops_of_the_filtered_tree() {
+        let txn = |ops: Vec<Op>| Transaction {
+            offset: Offset::FIRST,
+            gtid: Gtid::new(Uuid::from_bytes([1; 16]), 1).unwrap(),
+            timestamp_us: 0,
+            ops,
+        };
+        let create = |tree: &str| Op::CreateTree {
+            tree: tree.into(),
+            merge_operator: None,
+        };
+        let drop = |tree: &str| Op::DropTree { tree: tree.into() };
+        let t = txn(vec![create("users"), create("orders")]);
+        let kept = filter_txn(t.clone(), Some("users"), Some(b"u:"));
+        assert_eq!(kept.map(|t| t.ops), Some(vec![create("users")]));
+        let t = txn(vec![drop("users"), drop("orders")]);
+        let kept = filter_txn(t.clone(), Some("users"), Some(b"u:"));
+        assert_eq!(kept.map(|t| t.ops), Some(vec![drop("users")]));
+        // A prefix without a tree filters every tree: every tree's tree-level ops pass.
+        let kept = filter_txn(t.clone(), None, Some(b"u:"));
+        assert_eq!(kept.map(|t| t.ops), Some(t.ops));
     }
 }

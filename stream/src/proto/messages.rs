@@ -217,6 +217,10 @@ pub enum Response {
         next_offset: u64,
         /// The visible head at the time.
         head: u64,
+        /// GTID set text: every GTID covered before `next_offset` (the history before the
+        /// start point, purged or not; for a GTID start, the client's own set). A client adds
+        /// it to its seen set, so that after a failover it asks only for what came later.
+        gtids_before: String,
     },
     /// Sent on an idle subscription: the server's visible head.
     Heartbeat {
@@ -280,6 +284,17 @@ pub enum Response {
         offset: u64,
         /// The server's `gtid_executed` at `offset`.
         gtid_executed: String,
+    },
+    /// On a filtered subscription: every record up to and including `through` was considered
+    /// (sent or dropped by the filter), and `gtids` is every GTID covered through it (the
+    /// start's covered set and all records considered). Lets the consumer's checkpoint and
+    /// slot move past records its filter dropped. Sent at the end of a batch and before a
+    /// heartbeat whenever the filter dropped records after the last one sent.
+    Progress {
+        /// Last offset considered.
+        through: u64,
+        /// GTID set text covered through `through`.
+        gtids: String,
     },
     /// A monitor is attached; events follow.
     MonitorStarted,

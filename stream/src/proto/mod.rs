@@ -18,12 +18,13 @@
 
 use rkyv::rancor;
 use tideline_wal::record::{self, FrameError};
-use tideline_wal::{GtidSet, Offset, Transaction};
+use tideline_wal::{Gtid, GtidSet, Offset, Transaction};
 
 /// ALPN protocol id.
 pub const ALPN: &[u8] = b"tideline/1";
-/// Protocol version sent in [`Request::Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol version sent in [`Request::Hello`] and [`Response::Welcome`]; both ends refuse
+/// another. 2: `Subscribed` carries `gtids_before`, filtered subscriptions get `Progress`.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Frame kind: a message.
@@ -298,14 +299,24 @@ impl FrameDecoder {
     }
 }
 
-/// The server's side of one subscription: what to send next, when a heartbeat is due, what
-/// the consumer acknowledged.
+/// The server's side of one subscription: what to send next, when a heartbeat or a progress
+/// report is due, what the consumer acknowledged.
 #[derive(Debug)]
 pub struct ServerSubscription {
     next_offset: u64,
     acked: u64,
     last_sent_us: i64,
     heartbeat_every_us: i64,
+    /// Filtered subscriptions only: what progress reports need.
+    progress: Option<ProgressState>,
+}
+
+#[derive(Debug)]
+struct ProgressState {
+    /// Every GTID before `next_offset`: the start's covered set plus each record considered.
+    covered: GtidSet,
+    /// Highest offset the consumer knows was considered (a record sent, or a report).
+    announced: u64,
 }
 
 impl ServerSubscription {
@@ -316,7 +327,43 @@ impl ServerSubscription {
             acked: next_offset.saturating_sub(1),
             last_sent_us: now_us,
             heartbeat_every_us,
+            progress: None,
         }
+    }
+
+    /// Makes this a filtered subscription that reports progress; `covered` is every GTID
+    /// before `next_offset` (what `Subscribed` announced). Records considered must then be
+    /// passed to [`ServerSubscription::on_considered`].
+    pub fn with_progress(mut self, covered: GtidSet) -> Self {
+        self.progress = Some(ProgressState {
+            covered,
+            announced: self.next_offset.saturating_sub(1),
+        });
+        self
+    }
+
+    /// Records that the record at `offset` with `gtid` was considered (sent or filtered out).
+    pub fn on_considered(&mut self, offset: u64, gtid: Gtid) {
+        self.next_offset = self.next_offset.max(offset + 1);
+        if let Some(p) = &mut self.progress {
+            p.covered.insert(gtid);
+        }
+    }
+
+    /// A progress report to send now, if the filter dropped records after the last one the
+    /// consumer heard of. Counts as something sent (it postpones the next heartbeat).
+    pub fn poll_progress(&mut self, now_us: i64) -> Option<Response> {
+        let through = self.next_offset.saturating_sub(1);
+        let p = self.progress.as_mut()?;
+        if through <= p.announced {
+            return None;
+        }
+        p.announced = through;
+        self.last_sent_us = now_us;
+        Some(Response::Progress {
+            through,
+            gtids: p.covered.to_string(),
+        })
     }
 
     /// The next offset the server will consider.
@@ -329,11 +376,13 @@ impl ServerSubscription {
         self.acked
     }
 
-    /// Records that everything up to `through` was considered (sent or filtered out) at
-    /// `now_us`, and something was sent.
-    pub fn on_sent(&mut self, through: u64, now_us: i64) {
-        self.next_offset = self.next_offset.max(through + 1);
+    /// Records that a batch whose last record is `last_sent` went out at `now_us`.
+    pub fn on_sent(&mut self, last_sent: u64, now_us: i64) {
+        self.next_offset = self.next_offset.max(last_sent + 1);
         self.last_sent_us = now_us;
+        if let Some(p) = &mut self.progress {
+            p.announced = p.announced.max(last_sent);
+        }
     }
 
     /// Records that records up to `through` were considered but filtered out (nothing sent).
@@ -427,7 +476,14 @@ impl ClientSubscription {
     }
 
     /// Handles a `Subscribed` answer: the server must start at or before the resume point.
-    pub fn handle_subscribed(&mut self, next_offset: u64, head: u64) -> Result<(), ProtoError> {
+    /// `gtids_before` (everything covered before the start) counts as seen, so a failover
+    /// never replays history from before the start point.
+    pub fn handle_subscribed(
+        &mut self,
+        next_offset: u64,
+        head: u64,
+        gtids_before: &GtidSet,
+    ) -> Result<(), ProtoError> {
         self.head = head;
         if let Some(last) = self.last_offset
             && next_offset > last + 1
@@ -437,7 +493,19 @@ impl ClientSubscription {
                 last + 1
             )));
         }
+        self.seen.union_with(gtids_before);
         Ok(())
+    }
+
+    /// Handles a progress report of a filtered subscription: everything through `through`
+    /// was considered and `gtids` is covered. The position moves past records the filter
+    /// dropped; nothing is delivered.
+    pub fn handle_progress(&mut self, through: u64, gtids: &GtidSet) {
+        if self.last_offset.is_none_or(|l| through > l) {
+            self.last_offset = Some(through);
+        }
+        self.head = self.head.max(through);
+        self.seen.union_with(gtids);
     }
 
     /// Handles a heartbeat.
@@ -518,6 +586,7 @@ mod tests {
             &Response::Subscribed {
                 next_offset: 1,
                 head: 3,
+                gtids_before: String::new(),
             },
             &mut wire,
         )
@@ -609,7 +678,9 @@ mod tests {
         let mut now = 1_000_000i64;
         let mut client = ClientSubscription::new(GtidSet::new());
         let mut server = ServerSubscription::new(1, 500_000, now);
-        client.handle_subscribed(server.next_offset(), 10).unwrap();
+        client
+            .handle_subscribed(server.next_offset(), 10, &GtidSet::new())
+            .unwrap();
         let mut delivered = Vec::new();
         // First connection: records 1..=4, then the connection drops mid-batch (5..=6 lost).
         for chunk in [&log[0..2], &log[2..4]] {
@@ -624,7 +695,9 @@ mod tests {
         let resume = client.resume_start(Start::Earliest);
         assert_eq!(resume, Start::Offset(5));
         let mut server = ServerSubscription::new(5, 500_000, now);
-        client.handle_subscribed(server.next_offset(), 10).unwrap();
+        client
+            .handle_subscribed(server.next_offset(), 10, &GtidSet::new())
+            .unwrap();
         // The server re-sends 4 (harmless) and then 5..=10.
         let got = client.handle_batch(log[3..10].to_vec()).unwrap();
         server.on_sent(10, now);
@@ -637,9 +710,49 @@ mod tests {
         assert!(matches!(hb, Some(Response::Heartbeat { head: 10, .. })));
         // A server that skips ahead on resume is caught.
         let mut c2 = client.clone();
-        assert!(c2.handle_subscribed(12, 12).is_err());
+        assert!(c2.handle_subscribed(12, 12, &GtidSet::new()).is_err());
         // Out-of-order offsets are a violation.
         let mut c3 = ClientSubscription::new(GtidSet::new());
         assert!(c3.handle_batch(vec![txn(3, 3), txn(2, 2)]).is_err());
+    }
+
+    /// A filtered subscription reports what its filter dropped, and the client's position and
+    /// seen set move past it: the start's covered set, then records considered but not sent.
+    #[test]
+    fn progress_moves_a_filtered_position_past_dropped_records() {
+        let uuid = Uuid::from_bytes([1; 16]);
+        let covered: GtidSet = format!("{uuid}:1-10").parse().unwrap();
+        let mut server = ServerSubscription::new(11, 500_000, 0).with_progress(covered.clone());
+        let mut client = ClientSubscription::new(GtidSet::new());
+        client.handle_subscribed(11, 20, &covered).unwrap();
+        assert!(client.seen().is_subset(&covered) && covered.is_subset(client.seen()));
+        // Nothing considered yet: nothing to report.
+        assert_eq!(server.poll_progress(1), None);
+        // 11 is sent, 12..=20 are dropped by the filter.
+        server.on_considered(11, txn(11, 11).gtid);
+        client.handle_batch(vec![txn(11, 11)]).unwrap();
+        server.on_sent(11, 2);
+        assert_eq!(
+            server.poll_progress(3),
+            None,
+            "the batch told the client everything"
+        );
+        for o in 12..=20 {
+            server.on_considered(o, txn(o, o).gtid);
+        }
+        let Some(Response::Progress { through, gtids }) = server.poll_progress(4) else {
+            panic!("expected a progress report");
+        };
+        assert_eq!(
+            (through, gtids.as_str()),
+            (20, format!("{uuid}:1-20").as_str())
+        );
+        assert_eq!(server.poll_progress(5), None, "reported once");
+        client.handle_progress(through, &gtids.parse().unwrap());
+        assert_eq!(client.last_offset(), Some(20));
+        assert_eq!(client.resume_start(Start::Earliest), Start::Offset(21));
+        assert_eq!(client.seen().to_string(), format!("{uuid}:1-20"));
+        // A record already covered by progress is not delivered again after a resend.
+        assert!(client.handle_batch(vec![txn(20, 20)]).unwrap().is_empty());
     }
 }
