@@ -38,13 +38,19 @@ enum Command {
     Serve(node::ServeArgs),
     /// Write one key (prints the commit's offset and GTID as JSON).
     Put(client_cmd::PutArgs),
-    /// Print one key's value as stored; a missing key exits 1 with `not found`.
-    Get(client_cmd::KeyArgs),
-    /// Delete one key (prints the commit's offset and GTID as JSON).
+    /// Print one key's value as stored (plus a newline on a terminal, unless --raw); a
+    /// missing key exits 1 with `not found`.
+    Get(client_cmd::GetArgs),
+    /// Delete one key (prints the commit's offset and GTID as JSON); a missing key commits
+    /// nothing and exits 1 with `no such key`.
     Del(client_cmd::KeyArgs),
-    /// Import `KEY<TAB>VALUE` lines from stdin in batched transactions.
+    /// Import `KEY<TAB>VALUE` lines from stdin in batched transactions (escapes as `scan`
+    /// writes them: `\\` `\t` `\n` `\r`).
     Load(client_cmd::LoadArgs),
-    /// Print keys in order as `KEY<TAB>VALUE` lines.
+    /// Print keys in order as `KEY<TAB>VALUE` lines, the whole range unless --limit.
+    ///
+    /// A backslash, tab, newline or carriage return inside a key or value is written as
+    /// `\\`, `\t`, `\n` or `\r`, so every row is one line and `scan | load` copies any data.
     Scan(client_cmd::ScanArgs),
     /// Follow the node's changes from a position: one JSON line per transaction.
     Tail(client_cmd::TailArgs),

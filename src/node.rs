@@ -13,7 +13,9 @@ use clap::Args;
 use serde_json::json;
 use tideline_engine::{Engine, EngineOptions, ReadError, Snapshot, WriteError};
 use tideline_stream::server::Rows;
-use tideline_stream::{BootstrapView, ErrorCode, Node, NodeError, ServerConfig, WriteOp};
+use tideline_stream::{
+    BootstrapView, ErrorCode, Node, NodeError, Page, ScanPage, ServerConfig, WriteOp,
+};
 use tideline_wal::{Durability, Gtid, GtidSet, Offset, RetentionPolicy, Wal, WalOptions};
 
 use crate::DurabilityArg;
@@ -82,6 +84,8 @@ pub struct EngineNode {
     /// Bootstrap chunks served to replicas, and their bytes.
     chunks_served: AtomicU64,
     chunk_bytes_served: AtomicU64,
+    /// Key and value limits the engine enforces, shown in `status` so clients check first.
+    limits: (usize, usize),
 }
 
 /// A snapshot of the engine, as the server's bootstrap reads it.
@@ -158,8 +162,45 @@ fn write_err(e: WriteError) -> NodeError {
             _ => ErrorCode::InvalidRequest,
         }
     };
-    NodeError::new(code, e.to_string())
+    NodeError::new(code, write_message(&e))
 }
+
+/// The engine's words, turned into the CLI step that fixes the problem.
+fn write_message(e: &WriteError) -> String {
+    match e {
+        WriteError::ReadOnly => "this node is read-only (a replica, or started with --read-only); \
+             send writes to the primary, or promote this node by restarting it without \
+             --upstream and --read-only (`tideline serve --data DIR ...`)"
+            .to_string(),
+        WriteError::KeyTooLarge { bytes, max } if *max >= KEY_BYTES_CEILING => format!(
+            "key of {bytes} bytes exceeds the limit of {max} bytes, the most the store allows; \
+             use a shorter key"
+        ),
+        WriteError::KeyTooLarge { bytes, max } => format!(
+            "key of {bytes} bytes exceeds this node's limit of {max} bytes; use a shorter key, \
+             or restart the node with `tideline serve --key-bytes-max N` (at most \
+             {KEY_BYTES_CEILING})"
+        ),
+        WriteError::ValueTooLarge { bytes, max } if *max >= VALUE_BYTES_CEILING => format!(
+            "value of {bytes} bytes exceeds the limit of {max} bytes, the most one message \
+             carries; split the value"
+        ),
+        WriteError::ValueTooLarge { bytes, max } => format!(
+            "value of {bytes} bytes exceeds this node's limit of {max} bytes; split it, or \
+             restart the node with `tideline serve --value-bytes-max N` (at most \
+             {VALUE_BYTES_CEILING})"
+        ),
+        WriteError::Conflict(what) => {
+            format!("transaction conflict: {what}; nothing was written: run the command again")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Largest `--key-bytes-max`: the store's key limit.
+const KEY_BYTES_CEILING: usize = 65_535;
+/// Largest `--value-bytes-max`: what one protocol message carries.
+const VALUE_BYTES_CEILING: usize = 16 << 20;
 
 impl EngineNode {
     /// Wraps an open engine.
@@ -172,7 +213,14 @@ impl EngineNode {
             upstreams,
             chunks_served: AtomicU64::new(0),
             chunk_bytes_served: AtomicU64::new(0),
+            limits: (KEY_BYTES_CEILING, VALUE_BYTES_CEILING),
         }
+    }
+
+    /// Records the key and value limits the engine was opened with (for `status`).
+    pub fn with_limits(mut self, key_bytes_max: usize, value_bytes_max: usize) -> Self {
+        self.limits = (key_bytes_max, value_bytes_max);
+        self
     }
 
     /// The status document (`tideline status`, `/api/status`).
@@ -210,6 +258,10 @@ impl EngineNode {
             "slots": self.wal.slots(),
             "upstreams": upstreams,
             "bootstrapping": self.engine.is_bootstrapping(),
+            "limits": {
+                "key_bytes_max": self.limits.0,
+                "value_bytes_max": self.limits.1,
+            },
             "bootstrap_served": {
                 "chunks": self.chunks_served.load(Ordering::Relaxed),
                 "bytes": self.chunk_bytes_served.load(Ordering::Relaxed),
@@ -265,14 +317,23 @@ impl Node for EngineNode {
         }
     }
 
-    fn scan(&self, tree: &str, prefix: &[u8], limit: u64) -> Result<Rows, NodeError> {
-        let scan = match self.engine.prefix(tree, prefix, false) {
-            Err(ReadError::UnknownTree(_)) => return Ok(Vec::new()),
+    fn scan(&self, tree: &str, prefix: &[u8], page: ScanPage<'_>) -> Result<Page, NodeError> {
+        use std::ops::Bound;
+        // Start after the previous page's last key, or at the prefix; stop at the first key
+        // outside the prefix. The iterator reads lazily: one page is held, never the range.
+        let lower = match page.after {
+            Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
+            _ => Bound::Included(prefix.to_vec()),
+        };
+        let rows = match self
+            .engine
+            .range::<Vec<u8>>(tree, (lower, Bound::Unbounded), false)
+        {
+            Err(ReadError::UnknownTree(_)) => return Ok(Page::default()),
             other => other.map_err(read_err)?,
         };
-        scan.take(limit.min(usize::MAX as u64) as usize)
-            .collect::<Result<Rows, ReadError>>()
-            .map_err(read_err)
+        let rows = rows.take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)));
+        tideline_stream::server::collect_page(rows, page).map_err(read_err)
     }
 
     fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError> {
@@ -394,11 +455,56 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(serve_async(args))
 }
 
+/// Checks, before anything is created on disk, that `serve` can run: the port is free, the
+/// data directory is usable, the upstream addresses parse, and a replica has its cluster's
+/// secrets (a new cluster's could never connect to the upstream).
+fn preflight(args: &ServeArgs, secrets_dir: &Path) -> anyhow::Result<()> {
+    // Bind the port and let it go at once: `serve` binds it again below, after opening the
+    // data directory. A port taken in between still fails there, with the same words.
+    if let Err(e) = std::net::UdpSocket::bind(args.listen) {
+        anyhow::bail!(
+            "cannot listen on {}: {}; is another node using the port? Stop it or pass \
+             another --listen HOST:PORT",
+            args.listen,
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                format!("the address is in use ({e})")
+            } else {
+                e.to_string()
+            }
+        );
+    }
+    if args.data.exists() && !args.data.is_dir() {
+        anyhow::bail!(
+            "--data {} is a file, not a directory: pass a directory (created if absent)",
+            args.data.display()
+        );
+    }
+    for up in &args.upstream {
+        let port_ok = up
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            anyhow::bail!("--upstream {up:?} is not HOST:PORT (for example 127.0.0.1:7400)");
+        }
+    }
+    if !args.upstream.is_empty() && !secrets_dir.join("ca.pem").exists() {
+        anyhow::bail!(
+            "a replica needs its cluster's secrets, and {} holds none: pass --secrets DIR with \
+             the upstream's secrets directory (a new cluster's certificates could never \
+             connect to {})",
+            secrets_dir.display(),
+            args.upstream.join(", ")
+        );
+    }
+    Ok(())
+}
+
 async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let secrets_dir = args
         .secrets
         .clone()
         .unwrap_or_else(|| args.data.join("secrets"));
+    preflight(args, &secrets_dir)?;
     if tideline_stream::ensure_secrets(&secrets_dir)? {
         tracing::info!(dir = %secrets_dir.display(), "created cluster secrets (CA, certificate, token)");
     }
@@ -441,7 +547,10 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             upstreams.push(status);
         }
     }
-    let node = Arc::new(EngineNode::new(engine.clone(), upstreams));
+    let node = Arc::new(
+        EngineNode::new(engine.clone(), upstreams)
+            .with_limits(args.key_bytes_max as usize, args.value_bytes_max as usize),
+    );
     let server = tideline_stream::serve(ServerConfig::new(args.listen), secrets, node.clone())?;
     tracing::info!(
         listen = %server.local_addr(),

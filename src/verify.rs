@@ -22,10 +22,29 @@ pub struct VerifyArgs {
     /// Keys fetched per request while paging through a tree.
     #[arg(long, default_value_t = 1000)]
     page: u64,
+    /// Print differing values in full (by default a value over 256 bytes is shown as its
+    /// first 64 bytes, its length and its SHA-256).
+    #[arg(long)]
+    full_values: bool,
 }
 
-fn show(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// Values up to this size are shown in full.
+const SHOW_BYTES_MAX: usize = 256;
+/// Bytes of a big value's prefix that are shown.
+const PREFIX_BYTES: usize = 64;
+
+/// A key or value for the report: text when short (or `full`), else prefix, length and hash.
+fn show(bytes: &[u8], full: bool) -> Value {
+    if full || bytes.len() <= SHOW_BYTES_MAX {
+        return json!(String::from_utf8_lossy(bytes));
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    json!({
+        "prefix": String::from_utf8_lossy(&bytes[..PREFIX_BYTES]),
+        "bytes": bytes.len(),
+        "sha256": hex,
+    })
 }
 
 /// The first key where two trees differ, with both sides (`null` where absent).
@@ -34,6 +53,7 @@ async fn first_difference(
     b: &Client,
     tree: &str,
     page: u64,
+    full: bool,
 ) -> anyhow::Result<(u64, Option<Value>)> {
     let (mut after_a, mut after_b): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
     let (mut rows_a, mut rows_b) = (Vec::new().into_iter(), Vec::new().into_iter());
@@ -57,18 +77,22 @@ async fn first_difference(
             (None, None) => return Ok((compared, None)),
             (Some((ka, va)), Some((kb, vb))) if ka == kb => {
                 if va != vb {
-                    Some(json!({"key": show(ka), "first": show(va), "other": show(vb)}))
+                    Some(
+                        json!({"key": show(ka, full), "first": show(va, full), "other": show(vb, full)}),
+                    )
                 } else {
                     None
                 }
             }
             (Some((ka, va)), Some((kb, _))) if ka < kb => {
-                Some(json!({"key": show(ka), "first": show(va), "other": null}))
+                Some(json!({"key": show(ka, full), "first": show(va, full), "other": null}))
             }
             (Some((ka, va)), None) => {
-                Some(json!({"key": show(ka), "first": show(va), "other": null}))
+                Some(json!({"key": show(ka, full), "first": show(va, full), "other": null}))
             }
-            (_, Some((kb, vb))) => Some(json!({"key": show(kb), "first": null, "other": show(vb)})),
+            (_, Some((kb, vb))) => {
+                Some(json!({"key": show(kb, full), "first": null, "other": show(vb, full)}))
+            }
         };
         if diff.is_some() {
             return Ok((compared, diff));
@@ -118,7 +142,8 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             let mut keys = 0u64;
             for tree in &all_trees {
                 let (n, diff) =
-                    first_difference(&clients[0], other, tree, args.page.max(1)).await?;
+                    first_difference(&clients[0], other, tree, args.page.max(1), args.full_values)
+                        .await?;
                 keys += n;
                 if let Some(mut d) = diff {
                     d["tree"] = json!(tree);
