@@ -376,6 +376,10 @@ pub struct LoadArgs {
     /// Transactions in flight at once.
     #[arg(long, default_value_t = 8)]
     parallel: usize,
+    /// All lines in one transaction, or nothing: refused (nothing committed) above 16 MiB of
+    /// keys, values and 64 bytes per line.
+    #[arg(long, conflicts_with_all = ["batch", "batch_bytes", "parallel"])]
+    atomic: bool,
 }
 
 /// One batch of `load`: the input lines it covers (blank lines included) and its writes.
@@ -412,7 +416,8 @@ fn parse_load_line(
             limits.1
         ));
     }
-    let bytes = key.len() + value.len();
+    // What the op costs in a message: its bytes plus a bound on its envelope.
+    let bytes = key.len() + value.len() + tree.len() + OP_ENVELOPE_BYTES;
     let op = WriteOp::Put {
         tree: tree.to_string(),
         key,
@@ -420,6 +425,13 @@ fn parse_load_line(
     };
     Ok((op, bytes))
 }
+
+/// A bound on the bytes one put adds to a commit message beyond its tree, key and value.
+const OP_ENVELOPE_BYTES: usize = 64;
+
+/// Most bytes of one `load --atomic` transaction (keys, values, trees and 64 bytes per line):
+/// what one message carries, less room for the largest key.
+const ATOMIC_BYTES_MAX: u64 = 16 << 20;
 
 /// The node's key and value limits from its status (older nodes: the largest allowed).
 async fn node_limits(client: &tideline_stream::Client) -> anyhow::Result<(usize, usize)> {
@@ -494,8 +506,17 @@ pub fn load(args: &LoadArgs) -> anyhow::Result<ExitCode> {
         let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         // Read stdin on a blocking thread; commit on the runtime with bounded parallelism.
         let tree = args.tree.clone();
-        let batch = args.batch.max(1);
-        let batch_bytes = args.batch_bytes as usize;
+        let atomic = args.atomic;
+        let batch = if atomic {
+            usize::MAX
+        } else {
+            args.batch.max(1)
+        };
+        let batch_bytes = if atomic {
+            ATOMIC_BYTES_MAX
+        } else {
+            args.batch_bytes
+        } as usize;
         let stop = failed.clone();
         let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
             let stdin = std::io::stdin().lock();
@@ -518,14 +539,25 @@ pub fn load(args: &LoadArgs) -> anyhow::Result<ExitCode> {
                 let (op, size) = match parse_load_line(line, &tree, limits) {
                     Ok(x) => x,
                     Err(e) => {
-                        // Everything before the bad line goes; nothing after it.
-                        if !ops.is_empty() && !send(std::mem::take(&mut ops), (first_line, n - 1)) {
+                        // Everything before the bad line goes (with --atomic: nothing); nothing
+                        // after it.
+                        if !atomic
+                            && !ops.is_empty()
+                            && !send(std::mem::take(&mut ops), (first_line, n - 1))
+                        {
                             return Ok(());
                         }
                         return Err(format!("line {n}: {e}"));
                     }
                 };
                 if !ops.is_empty() && bytes + size > batch_bytes {
+                    if atomic {
+                        return Err(format!(
+                            "line {n}: --atomic input passes {ATOMIC_BYTES_MAX} bytes (keys, \
+                             values and {OP_ENVELOPE_BYTES} bytes per line), more than one \
+                             transaction carries; load without --atomic to commit in batches"
+                        ));
+                    }
                     if !send(std::mem::take(&mut ops), (first_line, n - 1)) {
                         return Ok(());
                     }

@@ -220,6 +220,40 @@ fn a_failed_load_commits_nothing_after_the_bad_line_and_says_what_it_committed()
     assert_eq!(node.run(&["get", "k02502"]).status.code(), Some(1));
 }
 
+#[test]
+fn load_atomic_commits_all_lines_in_one_transaction_or_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), free_port());
+    let out = run_with_stdin(&node, &["load", "--atomic"], b"a\t1\nb\t2\n\tbad\nc\t3\n");
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("line 3") && err.contains("nothing was committed"),
+        "{err}"
+    );
+    assert_eq!(last_offset(&node), 0, "{err}");
+
+    // Above the stated size: refused, nothing committed.
+    let value = "x".repeat(1 << 20);
+    let input: String = (0..17).map(|i| format!("big{i}\t{value}\n")).collect();
+    let out = run_with_stdin(&node, &["load", "--atomic"], input.as_bytes());
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--atomic") && err.contains("nothing was committed"),
+        "{err}"
+    );
+    assert_eq!(last_offset(&node), 0, "{err}");
+
+    let input: String = (0..5000).map(|i| format!("k{i}\tv\n")).collect();
+    let out = run_with_stdin(&node, &["load", "--atomic"], input.as_bytes());
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["transactions"], 1, "{report}");
+    assert_eq!(report["keys"], 5000, "{report}");
+    assert_eq!(last_offset(&node), 1);
+}
+
 // ---- issue 17.3: large values -----------------------------------------------------------
 
 #[test]
