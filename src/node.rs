@@ -239,6 +239,7 @@ impl EngineNode {
             })
             .collect();
         let replica = !self.upstreams.is_empty() || read_only;
+        let store = self.engine.store_stats();
         json!({
             "server_uuid": self.engine.server_uuid().to_string(),
             "role": if replica { "replica" } else { "primary" },
@@ -258,6 +259,11 @@ impl EngineNode {
             "slots": self.wal.slots(),
             "upstreams": upstreams,
             "bootstrapping": self.engine.is_bootstrapping(),
+            "store": {
+                "cache_bytes": store.cache_bytes,
+                "cache_bytes_max": store.cache_bytes_max,
+                "write_buffer_bytes": store.write_buffer_bytes,
+            },
             "limits": {
                 "key_bytes_max": self.limits.0,
                 "value_bytes_max": self.limits.1,
