@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use serde_json::{Value, json};
-use tideline_stream::Client;
+use tideline_stream::{Client, SCAN_PAGE_BYTES_MAX};
 
 use crate::client_cmd::{CredArgs, runtime};
 
@@ -19,7 +19,8 @@ pub struct VerifyArgs {
     nodes: Vec<String>,
     #[command(flatten)]
     cred: CredArgs,
-    /// Keys fetched per request while paging through a tree.
+    /// Most keys fetched per request while paging through a tree (a page also stops at
+    /// 1 MiB).
     #[arg(long, default_value_t = 1000)]
     page: u64,
     /// Print differing values in full (by default a value over 256 bytes is shown as its
@@ -60,16 +61,26 @@ async fn first_difference(
     let (mut done_a, mut done_b) = (false, false);
     let mut compared = 0u64;
     loop {
+        // Pages bounded in rows and bytes (a tree of big values never makes one huge
+        // answer); an empty page ends a side.
         if rows_a.len() == 0 && !done_a {
-            let rows = a.range_after(tree, after_a.as_deref(), page).await?;
-            done_a = (rows.len() as u64) < page;
-            after_a = rows.last().map(|(k, _)| k.clone());
+            let rows = a
+                .scan_page(tree, b"", after_a.as_deref(), page, SCAN_PAGE_BYTES_MAX)
+                .await?;
+            done_a = rows.is_empty();
+            if let Some((k, _)) = rows.last() {
+                after_a = Some(k.clone());
+            }
             rows_a = rows.into_iter();
         }
         if rows_b.len() == 0 && !done_b {
-            let rows = b.range_after(tree, after_b.as_deref(), page).await?;
-            done_b = (rows.len() as u64) < page;
-            after_b = rows.last().map(|(k, _)| k.clone());
+            let rows = b
+                .scan_page(tree, b"", after_b.as_deref(), page, SCAN_PAGE_BYTES_MAX)
+                .await?;
+            done_b = rows.is_empty();
+            if let Some((k, _)) = rows.last() {
+                after_b = Some(k.clone());
+            }
             rows_b = rows.into_iter();
         }
         let (ra, rb) = (rows_a.as_slice().first(), rows_b.as_slice().first());

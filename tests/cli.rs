@@ -567,6 +567,25 @@ fn verify_shows_a_prefix_length_and_hash_of_big_values() {
     );
     let out = verify(&["--full-values"]);
     assert!(out.stdout.len() > 2_000_000);
+
+    // A tree bigger than one message (20 x 1 MB) is compared page by page, not refused.
+    let value = "c".repeat(1_000_000);
+    let input: String = (0..20).map(|i| format!("big{i:02}\t{value}\n")).collect();
+    for node in [&a, &b] {
+        let out = run_with_stdin(node, &["load", "--tree", "big"], input.as_bytes());
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = a
+        .cli()
+        .args(["verify", "--node", &a.addr, "--node", &b.addr])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| panic!("verify failed: {}", stderr(&out)));
+    assert_eq!(
+        report["comparisons"][0]["first_difference"]["tree"],
+        "default"
+    );
 }
 
 // ---- issue 17.7: scan | load round-trips any data -----------------------------------------

@@ -459,8 +459,8 @@ async fn handle_stream<N: Node>(
                 Ok(p) if p.more && (p.rows.len() as u64) < limit => error(
                     ErrorCode::TooLarge,
                     format!(
-                        "the answer holds more than {} bytes: use a client that scans in pages \
-                         (tideline 0.1 with ScanPage), or pass a smaller --limit",
+                        "the answer holds more than {} bytes: use a client of this version \
+                         (it scans in pages), or pass a smaller --limit",
                         page.bytes_max
                     ),
                 ),
