@@ -233,20 +233,30 @@ impl EngineNode {
             .map(|u| {
                 let u = u.lock().unwrap_or_else(|p| p.into_inner());
                 let mut j = u.to_json();
-                // What this node executed of what came from this upstream.
-                j["applied_gtids"] = json!(u.received.intersection(&pos.gtid_executed).to_string());
+                // What this node executed of what came from this upstream, however it arrived
+                // (log or bootstrap copy); `applied` counts it, `applied_since_start` counts
+                // the transactions applied from the upstream's log since this node started.
+                let applied = u.received.intersection(&pos.gtid_executed);
+                j["applied_since_start"] = j["applied"].take();
+                j["applied"] = json!(applied.count());
+                j["applied_gtids"] = json!(applied.to_string());
                 j
             })
             .collect();
         let replica = !self.upstreams.is_empty() || read_only;
         let store = self.engine.store_stats();
+        let first_offset = self.wal.first_offset().get();
+        let last_offset = pos.offset.map_or(0, |o| o.get());
         json!({
             "server_uuid": self.engine.server_uuid().to_string(),
             "role": if replica { "replica" } else { "primary" },
             "read_only": read_only,
             "gtid_executed": pos.gtid_executed.to_string(),
-            "first_offset": self.wal.first_offset().get(),
-            "last_offset": pos.offset.map_or(0, |o| o.get()),
+            "first_offset": first_offset,
+            "last_offset": last_offset,
+            // Records the log holds: 0 on a fresh node or right after a bootstrap (which copies
+            // state, not history), where first_offset is the next offset to be written.
+            "log_records": (last_offset + 1).saturating_sub(first_offset),
             "written_offset": self.wal.written_offset(),
             "durable_offset": self.wal.durable_offset(),
             "durability": match self.wal.durability() {

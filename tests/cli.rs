@@ -679,6 +679,27 @@ fn checkpoint_over_from_empty_secrets_env_and_del_of_a_missing_key_are_explained
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
+#[test]
+fn a_bootstrapped_replicas_status_counts_what_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = Node::start(&dir.path().join("p"), free_port());
+    common::load(&primary, 1, 6, 1);
+    let secrets = primary.secrets().display().to_string();
+    let replica = Node::start_with(
+        &dir.path().join("r"),
+        free_port(),
+        &["--upstream", &primary.addr, "--secrets", &secrets],
+    );
+    common::wait_gtids(&replica, &common::gtids(&primary));
+    let s = common::status(&replica);
+    // The copy brought the state, not the history: the log holds no record, and says so.
+    assert_eq!(s["log_records"], 0, "{s}");
+    assert_eq!(common::status(&primary)["log_records"], 6);
+    let up = &s["upstreams"][0];
+    assert_eq!(up["applied"], 6, "applied counts applied_gtids: {s}");
+    assert!(up["applied_since_start"].is_u64(), "{s}");
+}
+
 // ---- issue 17.10: tail gives up on an absent node ----------------------------------------
 
 #[test]
