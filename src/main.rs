@@ -41,13 +41,19 @@ enum Command {
     Serve(node::ServeArgs),
     /// Write one key (prints the commit's offset and GTID as JSON).
     Put(client_cmd::PutArgs),
-    /// Print one key's value as stored; a missing key exits 1 with `not found`.
-    Get(client_cmd::KeyArgs),
-    /// Delete one key (prints the commit's offset and GTID as JSON).
+    /// Print one key's value as stored (plus a newline on a terminal, unless --raw); a
+    /// missing key exits 1 with `not found`.
+    Get(client_cmd::GetArgs),
+    /// Delete one key (prints the commit's offset and GTID as JSON); a missing key commits
+    /// nothing and exits 1 with `no such key`.
     Del(client_cmd::KeyArgs),
-    /// Import `KEY<TAB>VALUE` lines from stdin in batched transactions.
+    /// Import `KEY<TAB>VALUE` lines from stdin in batched transactions (escapes as `scan`
+    /// writes them: `\\` `\t` `\n` `\r`).
     Load(client_cmd::LoadArgs),
-    /// Print keys in order as `KEY<TAB>VALUE` lines.
+    /// Print keys in order as `KEY<TAB>VALUE` lines, the whole range unless --limit.
+    ///
+    /// A backslash, tab, newline or carriage return inside a key or value is written as
+    /// `\\`, `\t`, `\n` or `\r`, so every row is one line and `scan | load` copies any data.
     Scan(client_cmd::ScanArgs),
     /// Follow the node's changes from a position: one JSON line per transaction.
     Tail(client_cmd::TailArgs),
@@ -165,10 +171,28 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each said once: many error types repeat their
+/// cause's text in their own message (`connection lost: X` with cause `X`), which a plain
+/// chain printer would show twice.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// Microseconds since the Unix epoch, for commit timestamps.
@@ -177,4 +201,38 @@ pub fn now_us() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_micros() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error that repeats its cause's text and also returns it as `source()`.
+    #[derive(Debug)]
+    struct Lost(std::io::Error);
+
+    impl std::fmt::Display for Lost {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "connection lost: {}", self.0)
+        }
+    }
+
+    impl std::error::Error for Lost {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let text = io.to_string();
+        let e = anyhow::Error::from(Lost(io)).context("start the node");
+        let line = error_line(&e);
+        assert_eq!(line.matches(&text).count(), 1, "{line}");
+        assert!(
+            line.starts_with("start the node: connection lost: "),
+            "{line}"
+        );
+    }
 }

@@ -13,7 +13,9 @@ use clap::Args;
 use serde_json::json;
 use tideline_engine::{Engine, EngineOptions, ReadError, Snapshot, WriteError};
 use tideline_stream::server::Rows;
-use tideline_stream::{BootstrapView, ErrorCode, Node, NodeError, Observer, ServerConfig, WriteOp};
+use tideline_stream::{
+    BootstrapView, ErrorCode, Node, NodeError, Observer, Page, ScanPage, ServerConfig, WriteOp,
+};
 use tideline_wal::{Durability, Gtid, GtidSet, Offset, RetentionPolicy, Wal, WalOptions};
 
 use crate::DurabilityArg;
@@ -89,6 +91,8 @@ pub struct EngineNode {
     chunk_bytes_served: AtomicU64,
     /// The QUIC server's counters and live subscriptions.
     observer: Arc<Observer>,
+    /// Key and value limits the engine enforces, shown in `status` so clients check first.
+    limits: (usize, usize),
 }
 
 /// A snapshot of the engine, as the server's bootstrap reads it.
@@ -165,8 +169,45 @@ fn write_err(e: WriteError) -> NodeError {
             _ => ErrorCode::InvalidRequest,
         }
     };
-    NodeError::new(code, e.to_string())
+    NodeError::new(code, write_message(&e))
 }
+
+/// The engine's words, turned into the CLI step that fixes the problem.
+fn write_message(e: &WriteError) -> String {
+    match e {
+        WriteError::ReadOnly => "this node is read-only (a replica, or started with --read-only); \
+             send writes to the primary, or promote this node by restarting it without \
+             --upstream and --read-only (`tideline serve --data DIR ...`)"
+            .to_string(),
+        WriteError::KeyTooLarge { bytes, max } if *max >= KEY_BYTES_CEILING => format!(
+            "key of {bytes} bytes exceeds the limit of {max} bytes, the most the store allows; \
+             use a shorter key"
+        ),
+        WriteError::KeyTooLarge { bytes, max } => format!(
+            "key of {bytes} bytes exceeds this node's limit of {max} bytes; use a shorter key, \
+             or restart the node with `tideline serve --key-bytes-max N` (at most \
+             {KEY_BYTES_CEILING})"
+        ),
+        WriteError::ValueTooLarge { bytes, max } if *max >= VALUE_BYTES_CEILING => format!(
+            "value of {bytes} bytes exceeds the limit of {max} bytes, the most one message \
+             carries; split the value"
+        ),
+        WriteError::ValueTooLarge { bytes, max } => format!(
+            "value of {bytes} bytes exceeds this node's limit of {max} bytes; split it, or \
+             restart the node with `tideline serve --value-bytes-max N` (at most \
+             {VALUE_BYTES_CEILING})"
+        ),
+        WriteError::Conflict(what) => {
+            format!("transaction conflict: {what}; nothing was written: run the command again")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Largest `--key-bytes-max`: the store's key limit.
+const KEY_BYTES_CEILING: usize = 65_535;
+/// Largest `--value-bytes-max`: what one protocol message carries.
+const VALUE_BYTES_CEILING: usize = 16 << 20;
 
 impl EngineNode {
     /// Wraps an open engine; `observer` is the one in the QUIC server's configuration.
@@ -180,7 +221,14 @@ impl EngineNode {
             chunks_served: AtomicU64::new(0),
             chunk_bytes_served: AtomicU64::new(0),
             observer,
+            limits: (KEY_BYTES_CEILING, VALUE_BYTES_CEILING),
         }
+    }
+
+    /// Records the key and value limits the engine was opened with (for `status`).
+    pub fn with_limits(mut self, key_bytes_max: usize, value_bytes_max: usize) -> Self {
+        self.limits = (key_bytes_max, value_bytes_max);
+        self
     }
 
     /// The node's log.
@@ -203,12 +251,19 @@ impl EngineNode {
             .map(|u| {
                 let u = u.lock().unwrap_or_else(|p| p.into_inner());
                 let mut j = u.to_json();
-                // What this node executed of what came from this upstream.
-                j["applied_gtids"] = json!(u.received.intersection(&pos.gtid_executed).to_string());
+                // What this node executed of what came from this upstream, however it arrived
+                // (log or bootstrap copy); `applied` counts it, `applied_since_start` counts
+                // the transactions applied from the upstream's log since this node started.
+                let applied = u.received.intersection(&pos.gtid_executed);
+                j["applied_since_start"] = j["applied"].take();
+                j["applied"] = json!(applied.count());
+                j["applied_gtids"] = json!(applied.to_string());
                 j
             })
             .collect();
         let replica = !self.upstreams.is_empty() || read_only;
+        let store = self.engine.store_stats();
+        let first_offset = self.wal.first_offset().get();
         let last_offset = pos.offset.map_or(0, |o| o.get());
         let consumers: Vec<serde_json::Value> = self
             .observer
@@ -227,8 +282,11 @@ impl EngineNode {
             "role": if replica { "replica" } else { "primary" },
             "read_only": read_only,
             "gtid_executed": pos.gtid_executed.to_string(),
-            "first_offset": self.wal.first_offset().get(),
-            "last_offset": pos.offset.map_or(0, |o| o.get()),
+            "first_offset": first_offset,
+            "last_offset": last_offset,
+            // Records the log holds: 0 on a fresh node or right after a bootstrap (which copies
+            // state, not history), where first_offset is the next offset to be written.
+            "log_records": (last_offset + 1).saturating_sub(first_offset),
             "written_offset": self.wal.written_offset(),
             "durable_offset": self.wal.durable_offset(),
             "durability": match self.wal.durability() {
@@ -248,6 +306,15 @@ impl EngineNode {
             },
             "upstreams": upstreams,
             "bootstrapping": self.engine.is_bootstrapping(),
+            "store": {
+                "cache_bytes": store.cache_bytes,
+                "cache_bytes_max": store.cache_bytes_max,
+                "write_buffer_bytes": store.write_buffer_bytes,
+            },
+            "limits": {
+                "key_bytes_max": self.limits.0,
+                "value_bytes_max": self.limits.1,
+            },
             "bootstrap_served": {
                 "chunks": self.chunks_served.load(Ordering::Relaxed),
                 "bytes": self.chunk_bytes_served.load(Ordering::Relaxed),
@@ -303,14 +370,23 @@ impl Node for EngineNode {
         }
     }
 
-    fn scan(&self, tree: &str, prefix: &[u8], limit: u64) -> Result<Rows, NodeError> {
-        let scan = match self.engine.prefix(tree, prefix, false) {
-            Err(ReadError::UnknownTree(_)) => return Ok(Vec::new()),
+    fn scan(&self, tree: &str, prefix: &[u8], page: ScanPage<'_>) -> Result<Page, NodeError> {
+        use std::ops::Bound;
+        // Start after the previous page's last key, or at the prefix; stop at the first key
+        // outside the prefix. The iterator reads lazily: one page is held, never the range.
+        let lower = match page.after {
+            Some(a) if a >= prefix => Bound::Excluded(a.to_vec()),
+            _ => Bound::Included(prefix.to_vec()),
+        };
+        let rows = match self
+            .engine
+            .range::<Vec<u8>>(tree, (lower, Bound::Unbounded), false)
+        {
+            Err(ReadError::UnknownTree(_)) => return Ok(Page::default()),
             other => other.map_err(read_err)?,
         };
-        scan.take(limit.min(usize::MAX as u64) as usize)
-            .collect::<Result<Rows, ReadError>>()
-            .map_err(read_err)
+        let rows = rows.take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)));
+        tideline_stream::server::collect_page(rows, page).map_err(read_err)
     }
 
     fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError> {
@@ -447,11 +523,56 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(serve_async(args))
 }
 
+/// Checks, before anything is created on disk, that `serve` can run: the port is free, the
+/// data directory is usable, the upstream addresses parse, and a replica has its cluster's
+/// secrets (a new cluster's could never connect to the upstream).
+fn preflight(args: &ServeArgs, secrets_dir: &Path) -> anyhow::Result<()> {
+    // Bind the port and let it go at once: `serve` binds it again below, after opening the
+    // data directory. A port taken in between still fails there, with the same words.
+    if let Err(e) = std::net::UdpSocket::bind(args.listen) {
+        anyhow::bail!(
+            "cannot listen on {}: {}; is another node using the port? Stop it or pass \
+             another --listen HOST:PORT",
+            args.listen,
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                format!("the address is in use ({e})")
+            } else {
+                e.to_string()
+            }
+        );
+    }
+    if args.data.exists() && !args.data.is_dir() {
+        anyhow::bail!(
+            "--data {} is a file, not a directory: pass a directory (created if absent)",
+            args.data.display()
+        );
+    }
+    for up in &args.upstream {
+        let port_ok = up
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            anyhow::bail!("--upstream {up:?} is not HOST:PORT (for example 127.0.0.1:7400)");
+        }
+    }
+    if !args.upstream.is_empty() && !secrets_dir.join("ca.pem").exists() {
+        anyhow::bail!(
+            "a replica needs its cluster's secrets, and {} holds none: pass --secrets DIR with \
+             the upstream's secrets directory (a new cluster's certificates could never \
+             connect to {})",
+            secrets_dir.display(),
+            args.upstream.join(", ")
+        );
+    }
+    Ok(())
+}
+
 async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let secrets_dir = args
         .secrets
         .clone()
         .unwrap_or_else(|| args.data.join("secrets"));
+    preflight(args, &secrets_dir)?;
     if tideline_stream::ensure_secrets(&secrets_dir)? {
         tracing::info!(dir = %secrets_dir.display(), "created cluster secrets (CA, certificate, token)");
     }
@@ -495,11 +616,10 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let server_cfg = ServerConfig::new(args.listen);
-    let node = Arc::new(EngineNode::new(
-        engine.clone(),
-        upstreams,
-        server_cfg.observer.clone(),
-    ));
+    let node = Arc::new(
+        EngineNode::new(engine.clone(), upstreams, server_cfg.observer.clone())
+            .with_limits(args.key_bytes_max as usize, args.value_bytes_max as usize),
+    );
     let token = secrets.token.clone();
     let server = tideline_stream::serve(server_cfg, secrets, node.clone())?;
     let admin = match args.http {

@@ -152,7 +152,23 @@ pub fn spawn(
                     });
                     failures += 1;
                 }
-                Err(Stop::Fatal(e)) => {
+                // Another cluster's certificate: permanent, unless this upstream once worked
+                // (it may be mid-redeploy), in which case it is retried like a network error.
+                Err(Stop::Permanent(e))
+                    if st
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .server_uuid
+                        .is_some() =>
+                {
+                    tracing::warn!(upstream = %addr, error = %e, "replication: reconnecting");
+                    update(&st, |s| {
+                        s.state = UpstreamState::Connecting;
+                        s.error = Some(e);
+                    });
+                    failures += 1;
+                }
+                Err(Stop::Fatal(e) | Stop::Permanent(e)) => {
                     tracing::error!(upstream = %addr, error = %e, "replication stopped");
                     update(&st, |s| {
                         s.state = UpstreamState::Error;
@@ -172,6 +188,9 @@ pub(crate) enum Stop {
     Retry(String),
     /// Needs an operator.
     Fatal(String),
+    /// A connection error that waiting cannot fix (another cluster's certificate): needs an
+    /// operator unless the upstream was reached before.
+    Permanent(String),
 }
 
 /// Classifies a client error. A position the upstream no longer has mid-stream (its history
@@ -179,6 +198,7 @@ pub(crate) enum Stop {
 pub(crate) fn classify(e: ClientError) -> Stop {
     match &e {
         ClientError::Unauthorized { .. } => Stop::Fatal(e.to_string()),
+        ClientError::WrongCluster { .. } => Stop::Permanent(e.to_string()),
         ClientError::Server {
             code: ErrorCode::PositionUnavailable | ErrorCode::Unavailable,
             ..

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use serde_json::{Value, json};
-use tideline_stream::Client;
+use tideline_stream::{Client, SCAN_PAGE_BYTES_MAX};
 
 use crate::client_cmd::{CredArgs, runtime};
 
@@ -19,13 +19,33 @@ pub struct VerifyArgs {
     nodes: Vec<String>,
     #[command(flatten)]
     cred: CredArgs,
-    /// Keys fetched per request while paging through a tree.
+    /// Most keys fetched per request while paging through a tree (a page also stops at
+    /// 1 MiB).
     #[arg(long, default_value_t = 1000)]
     page: u64,
+    /// Print differing values in full (by default a value over 256 bytes is shown as its
+    /// first 64 bytes, its length and its SHA-256).
+    #[arg(long)]
+    full_values: bool,
 }
 
-fn show(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
+/// Values up to this size are shown in full.
+const SHOW_BYTES_MAX: usize = 256;
+/// Bytes of a big value's prefix that are shown.
+const PREFIX_BYTES: usize = 64;
+
+/// A key or value for the report: text when short (or `full`), else prefix, length and hash.
+fn show(bytes: &[u8], full: bool) -> Value {
+    if full || bytes.len() <= SHOW_BYTES_MAX {
+        return json!(String::from_utf8_lossy(bytes));
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    json!({
+        "prefix": String::from_utf8_lossy(&bytes[..PREFIX_BYTES]),
+        "bytes": bytes.len(),
+        "sha256": hex,
+    })
 }
 
 /// The first key where two trees differ, with both sides (`null` where absent).
@@ -34,22 +54,33 @@ async fn first_difference(
     b: &Client,
     tree: &str,
     page: u64,
+    full: bool,
 ) -> anyhow::Result<(u64, Option<Value>)> {
     let (mut after_a, mut after_b): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
     let (mut rows_a, mut rows_b) = (Vec::new().into_iter(), Vec::new().into_iter());
     let (mut done_a, mut done_b) = (false, false);
     let mut compared = 0u64;
     loop {
+        // Pages bounded in rows and bytes (a tree of big values never makes one huge
+        // answer); an empty page ends a side.
         if rows_a.len() == 0 && !done_a {
-            let rows = a.range_after(tree, after_a.as_deref(), page).await?;
-            done_a = (rows.len() as u64) < page;
-            after_a = rows.last().map(|(k, _)| k.clone());
+            let rows = a
+                .scan_page(tree, b"", after_a.as_deref(), page, SCAN_PAGE_BYTES_MAX)
+                .await?;
+            done_a = rows.is_empty();
+            if let Some((k, _)) = rows.last() {
+                after_a = Some(k.clone());
+            }
             rows_a = rows.into_iter();
         }
         if rows_b.len() == 0 && !done_b {
-            let rows = b.range_after(tree, after_b.as_deref(), page).await?;
-            done_b = (rows.len() as u64) < page;
-            after_b = rows.last().map(|(k, _)| k.clone());
+            let rows = b
+                .scan_page(tree, b"", after_b.as_deref(), page, SCAN_PAGE_BYTES_MAX)
+                .await?;
+            done_b = rows.is_empty();
+            if let Some((k, _)) = rows.last() {
+                after_b = Some(k.clone());
+            }
             rows_b = rows.into_iter();
         }
         let (ra, rb) = (rows_a.as_slice().first(), rows_b.as_slice().first());
@@ -57,18 +88,22 @@ async fn first_difference(
             (None, None) => return Ok((compared, None)),
             (Some((ka, va)), Some((kb, vb))) if ka == kb => {
                 if va != vb {
-                    Some(json!({"key": show(ka), "first": show(va), "other": show(vb)}))
+                    Some(
+                        json!({"key": show(ka, full), "first": show(va, full), "other": show(vb, full)}),
+                    )
                 } else {
                     None
                 }
             }
             (Some((ka, va)), Some((kb, _))) if ka < kb => {
-                Some(json!({"key": show(ka), "first": show(va), "other": null}))
+                Some(json!({"key": show(ka, full), "first": show(va, full), "other": null}))
             }
             (Some((ka, va)), None) => {
-                Some(json!({"key": show(ka), "first": show(va), "other": null}))
+                Some(json!({"key": show(ka, full), "first": show(va, full), "other": null}))
             }
-            (_, Some((kb, vb))) => Some(json!({"key": show(kb), "first": null, "other": show(vb)})),
+            (_, Some((kb, vb))) => {
+                Some(json!({"key": show(kb, full), "first": null, "other": show(vb, full)}))
+            }
         };
         if diff.is_some() {
             return Ok((compared, diff));
@@ -118,7 +153,8 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
             let mut keys = 0u64;
             for tree in &all_trees {
                 let (n, diff) =
-                    first_difference(&clients[0], other, tree, args.page.max(1)).await?;
+                    first_difference(&clients[0], other, tree, args.page.max(1), args.full_values)
+                        .await?;
                 keys += n;
                 if let Some(mut d) = diff {
                     d["tree"] = json!(tree);

@@ -214,6 +214,15 @@ async fn settle(
     Ok(())
 }
 
+/// Classifies a failed connect: another cluster's certificate ends the tail, unless this tail
+/// reached the node before (it may be mid-redeploy): then it is retried like a network error.
+fn classify_connect(e: ClientError, connected_once: bool) -> Result<ClientError, TailError> {
+    match e {
+        ClientError::WrongCluster { .. } if connected_once => Ok(e),
+        e => classify(e),
+    }
+}
+
 /// A resumable tail: an async [`Stream`] of transactions that reconnects and resumes by
 /// itself. See [`tail`].
 pub struct Tail {
@@ -298,6 +307,7 @@ fn run(
         let mut last_saved = None;
         let mut failures: u32 = 0;
         let mut last_err: Option<ClientError> = None;
+        let mut connected_once = false;
         loop {
             if failures > 0 {
                 if cfg.reconnect_attempts_max.is_some_and(|m| failures > m) {
@@ -312,8 +322,11 @@ fn run(
                 tokio::time::sleep(backoff(&cfg, failures - 1)).await;
             }
             let client = match Client::connect(&cfg.addr, cfg.client.clone()).await {
-                Ok(c) => c,
-                Err(e) => match classify(e) {
+                Ok(c) => {
+                    connected_once = true;
+                    c
+                }
+                Err(e) => match classify_connect(e, connected_once) {
                     Ok(e) => {
                         tracing::warn!(addr = %cfg.addr, error = %e, attempt = failures + 1, "tail: reconnecting");
                         last_err = Some(e);

@@ -27,7 +27,9 @@ use tideline_consumers::{
 use tideline_stream::log_node::LogNode;
 use tideline_stream::proto::WriteOp;
 use tideline_stream::server::Rows;
-use tideline_stream::{ClientConfig, Node, NodeError, ServerConfig, ServerHandle, tls};
+use tideline_stream::{
+    ClientConfig, Node, NodeError, Page, ScanPage, ServerConfig, ServerHandle, tls,
+};
 use tideline_wal::{
     Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, RetentionPolicy, Transaction, Wal,
     WalOptions,
@@ -465,8 +467,8 @@ impl Node for CommitAfterRead {
     fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
         self.inner.get(tree, key)
     }
-    fn scan(&self, tree: &str, prefix: &[u8], limit: u64) -> Result<Rows, NodeError> {
-        self.inner.scan(tree, prefix, limit)
+    fn scan(&self, tree: &str, prefix: &[u8], page: ScanPage<'_>) -> Result<Page, NodeError> {
+        self.inner.scan(tree, prefix, page)
     }
     fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError> {
         self.inner.range_after(tree, after, limit)

@@ -10,6 +10,7 @@ use crate::proto::{
     self, BootstrapResume, Chunk, ErrorCode, Frame, Limits, MonitorEvent, PROTOCOL_VERSION,
     Request, Response, Start, WriteOp,
 };
+use crate::server::SCAN_PAGE_BYTES_MAX;
 use crate::tls::{self, ClientSecrets};
 use crate::wire::{FramedRecv, WireError, send_message};
 
@@ -58,6 +59,20 @@ pub enum ClientError {
         addr: String,
         /// Cause.
         reason: String,
+    },
+    /// The node's certificate is not signed by our CA: it belongs to another cluster (or we
+    /// hold another cluster's secrets). Permanent: retrying cannot help.
+    #[error(
+        "the node at {addr} belongs to another cluster (CA mismatch: {reason}); secrets used: \
+         {secrets}; pass the --secrets DIR of that node's cluster"
+    )]
+    WrongCluster {
+        /// Address dialled.
+        addr: String,
+        /// The TLS stack's words.
+        reason: String,
+        /// Where the CA we trusted came from.
+        secrets: String,
     },
     /// The node refused our token.
     #[error("{addr} refused the token: pass the --secrets DIR of this cluster (or --token-file)")]
@@ -201,7 +216,18 @@ impl Client {
                     client.server_uuid = welcome;
                     return Ok(client);
                 }
-                Ok(Err(e)) => last_err = Some(e.to_string()),
+                Ok(Err(e)) => {
+                    let reason = e.to_string();
+                    // A certificate our CA did not sign: another cluster, not a network fault.
+                    if reason.contains("invalid peer certificate") {
+                        return Err(ClientError::WrongCluster {
+                            addr: addr.to_string(),
+                            reason,
+                            secrets: cfg.secrets.origin.clone(),
+                        });
+                    }
+                    last_err = Some(reason);
+                }
                 Err(_) => last_err = Some(format!("{sa}: no answer")),
             }
         }
@@ -300,18 +326,46 @@ impl Client {
         }
     }
 
-    /// Reads up to `limit` keys with `prefix`.
+    /// Reads up to `limit` keys with `prefix`, page by page (see [`Client::scan_page`]); the
+    /// rows are collected here, so a caller printing a big range should page itself.
     pub async fn scan(
         &self,
         tree: &str,
         prefix: &[u8],
         limit: u64,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClientError> {
+        let mut rows = Vec::new();
+        let mut after: Option<Vec<u8>> = None;
+        while (rows.len() as u64) < limit {
+            let left = limit - rows.len() as u64;
+            let page = self
+                .scan_page(tree, prefix, after.as_deref(), left, SCAN_PAGE_BYTES_MAX)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(last.clone());
+            rows.extend(page);
+        }
+        Ok(rows)
+    }
+
+    /// Reads one page of keys with `prefix` strictly after `after`: at most `limit` rows and
+    /// about `bytes_max` bytes (the node caps both at [`SCAN_PAGE_BYTES_MAX`]). An empty page
+    /// means the range is exhausted; otherwise ask again after the page's last key.
+    pub async fn scan_page(
+        &self,
+        tree: &str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: u64,
+        bytes_max: u64,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClientError> {
         match self
-            .request(Request::Scan {
+            .request(Request::ScanPage {
                 tree: tree.into(),
                 prefix: prefix.to_vec(),
+                after: after.map(<[u8]>::to_vec),
                 limit,
+                bytes_max,
             })
             .await?
         {

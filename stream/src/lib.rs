@@ -42,6 +42,9 @@ pub use client::{
 };
 pub use observe::{Observer, RefuseReason, SubscriptionInfo};
 pub use proto::{ErrorCode, Limits, MonitorEvent, Start, WriteOp};
-pub use server::{BootstrapView, Node, NodeError, ServeError, ServerConfig, ServerHandle, serve};
+pub use server::{
+    BootstrapView, Node, NodeError, Page, SCAN_PAGE_BYTES_MAX, ScanPage, ServeError, ServerConfig,
+    ServerHandle, serve,
+};
 pub use tls::{ClientSecrets, SecretsError, ServerSecrets, ensure_secrets};
 pub use wire::WireError;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tideline_wal::{Gtid, GtidSet, NewTransaction, Offset, Op, Wal};
 
 use crate::proto::{ErrorCode, WriteOp};
-use crate::server::{Node, NodeError, Rows};
+use crate::server::{Node, NodeError, Page, Rows, ScanPage, collect_page};
 
 type Kv = BTreeMap<(String, Vec<u8>), Vec<u8>>;
 
@@ -44,16 +44,15 @@ impl Node for LogNode {
             .get(&(tree.to_string(), key.to_vec()))
             .cloned())
     }
-    fn scan(&self, tree: &str, prefix: &[u8], limit: u64) -> Result<Rows, NodeError> {
-        Ok(self
-            .kv
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn scan(&self, tree: &str, prefix: &[u8], page: ScanPage<'_>) -> Result<Page, NodeError> {
+        let kv = self.kv.lock().unwrap_or_else(|p| p.into_inner());
+        let rows = kv
             .iter()
-            .filter(|((t, k), _)| t == tree && k.starts_with(prefix))
-            .take(limit as usize)
-            .map(|((_, k), v)| (k.clone(), v.clone()))
-            .collect())
+            .filter(|((t, k), _)| {
+                t == tree && k.starts_with(prefix) && page.after.is_none_or(|a| k.as_slice() > a)
+            })
+            .map(|((_, k), v)| Ok::<_, NodeError>((k.clone(), v.clone())));
+        collect_page(rows, page)
     }
     async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
         let ops: Vec<Op> = ops

@@ -46,6 +46,51 @@ impl NodeError {
 /// Key-value pairs in key order.
 pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// Bounds of one page of a scan.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanPage<'a> {
+    /// Exclusive lower bound (the last key of the previous page); `None`: from the start.
+    pub after: Option<&'a [u8]>,
+    /// Most rows.
+    pub limit: u64,
+    /// Stop adding rows once this many bytes of keys and values are in the page.
+    pub bytes_max: u64,
+}
+
+/// One page of a scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    /// Rows in key order.
+    pub rows: Rows,
+    /// Whether rows are left after this page (the page stopped at a bound).
+    pub more: bool,
+}
+
+/// Largest page a scan answer holds, in bytes of keys and values: a page (plus one row of at
+/// most a 64 KiB key and a 16 MiB value) stays within one message, and the server holds one
+/// page per request.
+pub const SCAN_PAGE_BYTES_MAX: u64 = 1 << 20;
+
+/// Builds a page from rows in key order, applying `page`'s bounds.
+pub fn collect_page<E>(
+    rows: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
+    page: ScanPage<'_>,
+) -> Result<Page, E> {
+    let mut out = Page::default();
+    let mut bytes = 0u64;
+    for row in rows {
+        let (k, v) = row?;
+        if out.rows.len() as u64 >= page.limit || (!out.rows.is_empty() && bytes >= page.bytes_max)
+        {
+            out.more = true;
+            break;
+        }
+        bytes += (k.len() + v.len()) as u64;
+        out.rows.push((k, v));
+    }
+    Ok(out)
+}
+
 /// What the server needs from the node it serves. The `tideline` package implements it with
 /// the engine; tests implement it with a bare log.
 pub trait Node: Send + Sync + 'static {
@@ -53,8 +98,11 @@ pub trait Node: Send + Sync + 'static {
     fn wal(&self) -> &Wal;
     /// Reads one key.
     fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError>;
-    /// Reads up to `limit` keys starting with `prefix`, in key order.
-    fn scan(&self, tree: &str, prefix: &[u8], limit: u64) -> Result<Rows, NodeError>;
+    /// Reads one page of keys starting with `prefix`, in key order, strictly after `after`:
+    /// at most `limit` rows, and no more rows once their keys and values pass `bytes_max`
+    /// (the first row always counts, so a page is never empty while keys are left). The
+    /// server holds at most one page per request.
+    fn scan(&self, tree: &str, prefix: &[u8], page: ScanPage<'_>) -> Result<Page, NodeError>;
     /// Reads up to `limit` keys strictly after `after` (all keys when `None`), in key order.
     fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError>;
     /// Commits `ops` atomically; resolves once acknowledged (durable under sync durability).
@@ -155,8 +203,8 @@ pub enum ServeError {
     /// TLS setup failed.
     #[error(transparent)]
     Secrets(#[from] tls::SecretsError),
-    /// Binding the socket failed.
-    #[error("cannot listen on {addr}: {source} (is another node using the port?)")]
+    /// Binding the socket failed. The cause is `source()`, printed once by a chain printer.
+    #[error("cannot listen on {addr} (is another node using the port? pass another --listen)")]
     Bind {
         /// Address.
         addr: SocketAddr,
@@ -468,14 +516,48 @@ async fn handle_stream<N: Node>(
             Ok(value) => Response::Value { value },
             Err(e) => error(e.code, e.message),
         },
+        // The single-answer scan of older clients: bounded like a page; an answer that would
+        // not fit one message is refused rather than built.
         Request::Scan {
             tree,
             prefix,
             limit,
-        } => match node.scan(&tree, &prefix, limit) {
-            Ok(rows) => Response::Rows { rows },
-            Err(e) => error(e.code, e.message),
-        },
+        } => {
+            let page = ScanPage {
+                after: None,
+                limit,
+                bytes_max: u64::from(cfg.limits.message_bytes_max) / 2,
+            };
+            match node.scan(&tree, &prefix, page) {
+                Ok(p) if p.more && (p.rows.len() as u64) < limit => error(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "the answer holds more than {} bytes: use a client of this version \
+                         (it scans in pages), or pass a smaller --limit",
+                        page.bytes_max
+                    ),
+                ),
+                Ok(p) => Response::Rows { rows: p.rows },
+                Err(e) => error(e.code, e.message),
+            }
+        }
+        Request::ScanPage {
+            tree,
+            prefix,
+            after,
+            limit,
+            bytes_max,
+        } => {
+            let page = ScanPage {
+                after: after.as_deref(),
+                limit,
+                bytes_max: bytes_max.clamp(1, SCAN_PAGE_BYTES_MAX),
+            };
+            match node.scan(&tree, &prefix, page) {
+                Ok(p) => Response::Rows { rows: p.rows },
+                Err(e) => error(e.code, e.message),
+            }
+        }
         Request::Commit { ops } => match node.commit(ops).await {
             Ok((offset, gtid)) => Response::Committed {
                 offset: offset.get(),
@@ -549,7 +631,9 @@ impl Seen {
         };
         match req {
             Request::Get { tree, key } => seen("get", tree, key),
-            Request::Scan { tree, prefix, .. } => seen("scan", tree, prefix),
+            Request::Scan { tree, prefix, .. } | Request::ScanPage { tree, prefix, .. } => {
+                seen("scan", tree, prefix)
+            }
             Request::Range { tree, after, .. } => {
                 seen("range", tree, after.as_deref().unwrap_or_default())
             }
@@ -1025,5 +1109,37 @@ mod tests {
         // A prefix without a tree filters every tree: every tree's tree-level ops pass.
         let kept = filter_txn(t.clone(), None, Some(b"u:"));
         assert_eq!(kept.map(|t| t.ops), Some(t.ops));
+    }
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    type Row = Result<(Vec<u8>, Vec<u8>), ()>;
+
+    fn rows(n: usize, value_bytes: usize) -> Vec<Row> {
+        (0..n)
+            .map(|i| Ok((format!("k{i:04}").into_bytes(), vec![b'v'; value_bytes])))
+            .collect()
+    }
+
+    #[test]
+    fn a_page_stops_at_its_row_and_byte_bounds_but_never_comes_back_empty() {
+        let page = |limit, bytes_max| ScanPage {
+            after: None,
+            limit,
+            bytes_max,
+        };
+        let p = collect_page(rows(10, 100).into_iter(), page(3, 1 << 20)).unwrap();
+        assert_eq!((p.rows.len(), p.more), (3, true));
+        // 105 bytes per row: the page closes once 250 bytes are in it.
+        let p = collect_page(rows(10, 100).into_iter(), page(100, 250)).unwrap();
+        assert_eq!((p.rows.len(), p.more), (3, true));
+        // One row larger than the bound still makes a page.
+        let p = collect_page(rows(2, 10_000).into_iter(), page(100, 250)).unwrap();
+        assert_eq!((p.rows.len(), p.more), (1, true));
+        let p = collect_page(rows(2, 1).into_iter(), page(100, 1 << 20)).unwrap();
+        assert_eq!((p.rows.len(), p.more), (2, false));
     }
 }

@@ -54,6 +54,15 @@ pub enum SecretsError {
         /// Missing file names.
         missing: String,
     },
+    /// A client's secrets directory has no `ca.pem`.
+    #[error(
+        "{dir} holds no ca.pem: pass --secrets with the secrets directory of a node of the \
+         cluster (DATA/secrets of the node, or the one its `serve --secrets` names)"
+    )]
+    Missing {
+        /// Directory.
+        dir: PathBuf,
+    },
     /// A PEM file did not parse.
     #[error("{path} is not a valid PEM {what}: {reason}")]
     BadPem {
@@ -90,6 +99,8 @@ pub struct ClientSecrets {
     pub ca: CertificateDer<'static>,
     /// Cluster token.
     pub token: String,
+    /// Where these secrets were read from (a directory, or the CA file), for messages.
+    pub origin: String,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SecretsError + '_ {
@@ -230,12 +241,21 @@ pub fn load_client(ca_file: &Path, token_file: &Path) -> Result<ClientSecrets, S
     Ok(ClientSecrets {
         ca: read_cert(ca_file)?,
         token: read_token(token_file)?,
+        origin: ca_file.display().to_string(),
     })
 }
 
 /// Loads what a client needs from a secrets directory.
 pub fn load_client_dir(dir: &Path) -> Result<ClientSecrets, SecretsError> {
-    load_client(&dir.join("ca.pem"), &dir.join("token"))
+    let ca = dir.join("ca.pem");
+    if !ca.exists() {
+        return Err(SecretsError::Missing {
+            dir: dir.to_path_buf(),
+        });
+    }
+    let mut secrets = load_client(&ca, &dir.join("token"))?;
+    secrets.origin = dir.display().to_string();
+    Ok(secrets)
 }
 
 pub(crate) fn provider() -> Arc<rustls::crypto::CryptoProvider> {

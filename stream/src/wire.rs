@@ -9,12 +9,25 @@ pub enum WireError {
     /// The peer broke the protocol.
     #[error(transparent)]
     Proto(#[from] ProtoError),
-    /// Reading failed (connection lost, stream reset).
+    /// Reading failed (connection lost, stream reset). The cause is in the message, not in
+    /// `source()`, so that a chain printer (`{:#}`) shows it once.
     #[error("read failed: {0}")]
-    Read(#[from] quinn::ReadError),
+    Read(quinn::ReadError),
     /// Writing failed (connection lost, stream stopped by the peer).
     #[error("write failed: {0}")]
-    Write(#[from] quinn::WriteError),
+    Write(quinn::WriteError),
+}
+
+impl From<quinn::ReadError> for WireError {
+    fn from(e: quinn::ReadError) -> Self {
+        WireError::Read(e)
+    }
+}
+
+impl From<quinn::WriteError> for WireError {
+    fn from(e: quinn::WriteError) -> Self {
+        WireError::Write(e)
+    }
 }
 
 /// Frames read from a quinn receive stream.

@@ -168,7 +168,7 @@ async fn wrong_token_wrong_ca_and_bad_frames_are_refused_and_the_server_goes_on(
     let mut wrong_ca = f.client_cfg.clone();
     wrong_ca.secrets.ca = tls::load_client_dir(other.path()).unwrap().ca;
     let err = Client::connect(&addr, wrong_ca).await.unwrap_err();
-    assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+    assert!(matches!(err, ClientError::WrongCluster { .. }), "{err}");
 
     // Raw frames on an authenticated connection: oversized and garbage.
     let client = Client::connect(&addr, f.client_cfg.clone()).await.unwrap();

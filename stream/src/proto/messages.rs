@@ -137,6 +137,22 @@ pub enum Request {
         /// Chunks stored since this stream began.
         chunks: u64,
     },
+    /// Read one page of keys starting with `prefix`, in key order, strictly after `after`
+    /// (from the first such key when `None`). Answered with `Rows`: at most `limit` rows and
+    /// about `bytes_max` bytes (the server caps both; a page holds at least one row when any
+    /// is left). An empty page ends the scan. A client pages by passing the last key it got.
+    ScanPage {
+        /// Tree.
+        tree: String,
+        /// Key prefix (empty: all).
+        prefix: Vec<u8>,
+        /// Exclusive lower bound: the last key of the previous page.
+        after: Option<Vec<u8>>,
+        /// Most rows in this page.
+        limit: u64,
+        /// Target size of the page's keys and values, in bytes.
+        bytes_max: u64,
+    },
     /// Attach a live monitor (like Redis MONITOR): the server answers `MonitorStarted`, then
     /// streams `Monitor { events }` with every request it serves (or a sample of them) until
     /// the client closes the stream.
