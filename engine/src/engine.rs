@@ -1183,6 +1183,29 @@ impl Inner {
                     match tree_state(&changes, tree) {
                         Some(existing) if local => {
                             if existing == m {
+                                // Created by another transaction since this one found it
+                                // absent. Dropping the creation is right only if nothing here
+                                // relied on the tree being new and empty: a read of it or a
+                                // write to it would otherwise be a lost update.
+                                let read_it = reads
+                                    .is_some_and(|(_, r)| r.iter().any(|r| r.covers_tree(tree)));
+                                let wrote_it = ops.iter().enumerate().any(|(j, o)| {
+                                    j != i
+                                        && match o {
+                                            Op::Put { tree: t, .. }
+                                            | Op::Delete { tree: t, .. }
+                                            | Op::Merge { tree: t, .. }
+                                            | Op::CreateTree { tree: t, .. }
+                                            | Op::DropTree { tree: t } => t == tree,
+                                        }
+                                });
+                                if read_it || wrote_it {
+                                    return Err(WriteError::Conflict(format!(
+                                        "tree `{tree}` was created by another transaction after \
+                                         this one found it absent and {} it",
+                                        if read_it { "read" } else { "wrote to" }
+                                    )));
+                                }
                                 modified = true;
                                 dropped_ops.push(i);
                                 continue;
@@ -1784,11 +1807,12 @@ fn retire_keyspace_ids(
 
 /// Whether read `r` is invalidated by write set `e`; names what was read.
 fn conflicts(r: &ReadItem, e: &HistoryEntry) -> Option<String> {
-    let tree = r.tree();
-    if e.trees.iter().any(|t| &**t == tree) {
-        return Some(format!("tree `{tree}`"));
+    if let Some(t) = e.trees.iter().find(|t| r.covers_tree(t)) {
+        return Some(format!("tree `{t}`"));
     }
     match r {
+        ReadItem::All => (!e.keys.is_empty())
+            .then(|| "the transaction's snapshot (read through `Txn::snapshot`)".to_string()),
         ReadItem::Key { tree, key } => e
             .keys
             .iter()
