@@ -821,7 +821,10 @@ impl Engine {
 
     /// [`Engine::apply_upstream`] for many transactions in order, sharing group commits.
     /// Keys and values of the whole batch are checked before anything is submitted; on a
-    /// later error (an unknown tree), the transactions before the failing one are applied.
+    /// later error (an unknown tree), the transactions before the failing one are applied
+    /// (the call waits for them, so `gtid_executed` shows them when it returns) and nothing
+    /// from the failing one on is. The error returned is the first in batch order: a failure
+    /// to apply an earlier transaction (fail-stop) comes before the later one's refusal.
     pub fn apply_upstream_batch(
         &self,
         txns: Vec<NewTransaction>,
@@ -841,19 +844,30 @@ impl Engine {
                 inner.prepare(t.ops, true).map(|p| (p, origin))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut refused = None;
         {
             let mut st = lock(&inner.commit);
             for (p, origin) in prepared {
                 results.push(Applied::AlreadyExecuted);
-                if let Some(f) = inner.submit_locked(&mut st, p, None, origin)? {
-                    pending.push((results.len() - 1, f));
+                match inner.submit_locked(&mut st, p, None, origin) {
+                    Ok(Some(f)) => pending.push((results.len() - 1, f)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
                 }
             }
         }
+        // Submitted transactions are in the log: wait for them even when a later one was
+        // refused. A failure here means every later offset fails too (fail-stop).
         for (i, f) in pending {
             results[i] = Applied::Committed(self.inner.finish(f)?);
         }
-        Ok(results)
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(results),
+        }
     }
 
     /// Syncs the store and raises the log's retention floor to the first offset the store
