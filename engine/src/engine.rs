@@ -226,6 +226,9 @@ pub(crate) struct Inner {
     pub(crate) bootstrap: Mutex<Option<Vec<u8>>>,
     /// Whether a bootstrap is in progress (writes are refused). Changed under the commit lock.
     pub(crate) bootstrapping: AtomicBool,
+    /// Counts changes of the view's position (`applied`, `gtid_executed`), sent after each
+    /// change is visible to readers: async waiters (read fences) wake on it.
+    view_changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// The embedded engine. Cheap to share: wrap it in an `Arc`; every method takes `&self`.
@@ -491,6 +494,7 @@ impl Engine {
             stopping: AtomicBool::new(false),
             bootstrapping: AtomicBool::new(bootstrap.is_some()),
             bootstrap: Mutex::new(bootstrap),
+            view_changes: tokio::sync::watch::Sender::new(0),
         });
 
         // Replay.
@@ -557,6 +561,14 @@ impl Engine {
     /// GTIDs of every applied transaction.
     pub fn gtid_executed(&self) -> GtidSet {
         self.position().gtid_executed
+    }
+
+    /// A receiver that is marked changed whenever the applied position or `gtid_executed`
+    /// moves (after the change is visible to [`Engine::position`]): an async read fence
+    /// waits on it instead of polling. Mark it seen (`borrow_and_update`) *before* reading the
+    /// position, then await `changed()`, and no change is missed.
+    pub fn view_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.view_changes.subscribe()
     }
 
     /// Whether local writes are refused.
@@ -1592,8 +1604,14 @@ impl Inner {
             self.applied.store(last, Ordering::SeqCst);
             self.identity_written.store(true, Ordering::SeqCst);
         }
+        self.notify_view_changed();
         self.remove_keyspaces(dropped);
         Ok(())
+    }
+
+    /// Wakes async waiters on [`Engine::view_changes`]; call after the view changed.
+    pub(crate) fn notify_view_changed(&self) {
+        self.view_changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Adds the store's format, server uuid and applied offset to `batch`.
