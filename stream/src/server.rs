@@ -212,12 +212,21 @@ impl ServerHandle {
     }
 }
 
-fn transport(idle: Duration, streams: u32) -> quinn::TransportConfig {
+/// Bytes of stream data (all streams together) an unauthenticated peer may have in flight:
+/// room for its `Hello`; raised to unlimited (per-stream windows still apply) after it.
+const UNAUTHENTICATED_RECEIVE_WINDOW_BYTES: u32 = 64 << 10;
+
+/// The transport of every connection as it starts, unauthenticated: one stream and a small
+/// connection receive window, both raised after `Hello`.
+fn transport(idle: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some((idle / 4).max(Duration::from_millis(100))));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(streams));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t.receive_window(quinn::VarInt::from_u32(
+        UNAUTHENTICATED_RECEIVE_WINDOW_BYTES,
+    ));
     t
 }
 
@@ -238,8 +247,7 @@ pub fn serve<N: Node>(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls_cfg)
         .map_err(|e| tls::SecretsError::Tls(e.to_string()))?;
     let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    // One stream until the peer has authenticated; raised per connection after `Hello`.
-    server_cfg.transport_config(Arc::new(transport(cfg.idle_timeout, 1)));
+    server_cfg.transport_config(Arc::new(transport(cfg.idle_timeout)));
     let endpoint = crate::udp::bind(cfg.listen, cfg.udp_buffer_bytes)
         .and_then(|socket| crate::udp::endpoint(socket, Some(server_cfg)))
         .map_err(|source| ServeError::Bind {
@@ -435,6 +443,7 @@ async fn handle_connection<N: Node>(
     };
     drop(slot);
     conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(c.cfg.max_streams_per_connection));
+    conn.set_receive_window(quinn::VarInt::MAX);
     let mut streams = tokio::task::JoinSet::new();
     loop {
         let (send, recv) = conn.accept_bi().await?;
