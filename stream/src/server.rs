@@ -136,6 +136,11 @@ pub struct ServerConfig {
     pub handshakes_before_retry: usize,
     /// Largest first message (`Hello`) of an unauthenticated connection, in bytes.
     pub hello_bytes_max: u32,
+    /// Test-only: give unauthenticated peers the limits of authenticated ones and count them
+    /// toward `max_connections`, with no Retry and no eviction (the lockout the handshake
+    /// budget prevents). Exists so the flood tests can prove they catch it.
+    #[doc(hidden)]
+    pub unsafe_no_handshake_budget: bool,
     /// Heartbeat interval on idle subscriptions.
     pub heartbeat: Duration,
     /// A subscription sends a batch once it holds this many bytes of records.
@@ -157,6 +162,7 @@ impl ServerConfig {
             handshakes_max: 256,
             handshakes_before_retry: 32,
             hello_bytes_max: 4 << 10,
+            unsafe_no_handshake_budget: false,
             heartbeat: Duration::from_millis(500),
             batch_bytes_target: 256 << 10,
             udp_buffer_bytes: crate::udp::UDP_BUFFER_BYTES_DEFAULT,
@@ -218,12 +224,17 @@ const UNAUTHENTICATED_RECEIVE_WINDOW_BYTES: u32 = 64 << 10;
 
 /// The transport of every connection as it starts, unauthenticated: one stream and a small
 /// connection receive window, both raised after `Hello`.
-fn transport(idle: Duration) -> quinn::TransportConfig {
+fn transport(cfg: &ServerConfig) -> quinn::TransportConfig {
+    let idle = cfg.idle_timeout;
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some((idle / 4).max(Duration::from_millis(100))));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    if cfg.unsafe_no_handshake_budget {
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(cfg.max_streams_per_connection));
+        return t;
+    }
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
     t.receive_window(quinn::VarInt::from_u32(
         UNAUTHENTICATED_RECEIVE_WINDOW_BYTES,
     ));
@@ -247,7 +258,7 @@ pub fn serve<N: Node>(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls_cfg)
         .map_err(|e| tls::SecretsError::Tls(e.to_string()))?;
     let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server_cfg.transport_config(Arc::new(transport(cfg.idle_timeout)));
+    server_cfg.transport_config(Arc::new(transport(&cfg)));
     let endpoint = crate::udp::bind(cfg.listen, cfg.udp_buffer_bytes)
         .and_then(|socket| crate::udp::endpoint(socket, Some(server_cfg)))
         .map_err(|source| ServeError::Bind {
@@ -270,8 +281,10 @@ pub fn serve<N: Node>(
         while let Some(incoming) = ep.accept().await {
             while connections.try_join_next().is_some() {}
             let remote = incoming.remote_address();
+            let legacy = cfg.unsafe_no_handshake_budget;
             let in_progress = lock(&handshakes).pending.len();
-            if in_progress >= cfg.handshakes_before_retry
+            if !legacy
+                && in_progress >= cfg.handshakes_before_retry
                 && !incoming.remote_address_validated()
                 && incoming.may_retry()
             {
@@ -286,7 +299,17 @@ pub fn serve<N: Node>(
                 incoming.refuse();
                 continue;
             }
-            let (slot, evicted) = Handshakes::enter(&handshakes, cfg.handshakes_max);
+            // Test-only legacy admission: the place is taken before the token is seen.
+            let pre_active = legacy.then(|| {
+                active.fetch_add(1, Ordering::SeqCst);
+                ActiveSlot(active.clone())
+            });
+            let handshakes_max = if legacy {
+                usize::MAX
+            } else {
+                cfg.handshakes_max
+            };
+            let (slot, evicted) = Handshakes::enter(&handshakes, handshakes_max);
             let conn = Conn {
                 node: node.clone(),
                 cfg: cfg.clone(),
@@ -294,7 +317,7 @@ pub fn serve<N: Node>(
                 active: active.clone(),
             };
             connections.spawn(async move {
-                if let Err(e) = handle_connection(incoming, conn, slot, evicted).await {
+                if let Err(e) = handle_connection(incoming, conn, slot, evicted, pre_active).await {
                     tracing::debug!(%remote, error = %e, "connection ended");
                 }
             });
@@ -416,6 +439,7 @@ async fn handle_connection<N: Node>(
     c: Conn<N>,
     slot: HandshakeSlot,
     mut evicted: tokio::sync::oneshot::Receiver<()>,
+    pre_active: Option<ActiveSlot>,
 ) -> Result<(), ConnError> {
     let deadline = tokio::time::Instant::now() + c.cfg.handshake_timeout;
     let connecting = incoming.accept()?;
@@ -424,7 +448,7 @@ async fn handle_connection<N: Node>(
         _ = &mut evicted => return Err(ConnError::Evicted),
     };
     let authenticated = tokio::select! {
-        r = tokio::time::timeout_at(deadline, authenticate(&conn, &c)) => {
+        r = tokio::time::timeout_at(deadline, authenticate(&conn, &c, pre_active)) => {
             r.unwrap_or(Err(ConnError::Timeout))
         }
         _ = &mut evicted => Err(ConnError::Evicted),
@@ -463,12 +487,17 @@ async fn handle_connection<N: Node>(
 async fn authenticate<N: Node>(
     conn: &quinn::Connection,
     c: &Conn<N>,
+    pre_active: Option<ActiveSlot>,
 ) -> Result<ActiveSlot, ConnError> {
     let (mut send, recv) = conn.accept_bi().await?;
-    let hello_limits = Limits {
-        message_bytes_max: c.cfg.hello_bytes_max,
-        batch_bytes_max: 0,
-        ..c.cfg.limits
+    let hello_limits = if c.cfg.unsafe_no_handshake_budget {
+        c.cfg.limits
+    } else {
+        Limits {
+            message_bytes_max: c.cfg.hello_bytes_max,
+            batch_bytes_max: 0,
+            ..c.cfg.limits
+        }
     };
     let mut recv = FramedRecv::new(recv, hello_limits);
     let refusal = match recv.next_message::<Request>().await {
@@ -477,6 +506,18 @@ async fn authenticate<N: Node>(
             client,
             ..
         })) if tls::token_eq(&offered, &c.token) => {
+            if let Some(active) = pre_active {
+                send_message(
+                    &mut send,
+                    &Response::Welcome {
+                        server_uuid: *c.node.wal().server_uuid().as_bytes(),
+                        protocol: PROTOCOL_VERSION,
+                    },
+                )
+                .await?;
+                let _ = send.finish();
+                return Ok(active);
+            }
             if c.active.fetch_add(1, Ordering::SeqCst) >= c.cfg.max_connections {
                 c.active.fetch_sub(1, Ordering::SeqCst);
                 tracing::warn!(remote = %conn.remote_address(), "refusing connection: max_connections reached");

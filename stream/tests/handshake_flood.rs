@@ -11,7 +11,8 @@
 //!
 //! Guards against the handshake budget being shared with authenticated connections, against
 //! handshakes without address validation holding state, and against unauthenticated peers
-//! getting the limits of authenticated ones.
+//! getting the limits of authenticated ones. The canary switches the budget off
+//! (`unsafe_no_handshake_budget`) and checks that every harness then reports the lockout.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use std::time::Duration;
 
 use tideline_stream::log_node::LogNode;
 use tideline_stream::proto::{self, Request, Response};
-use tideline_stream::{Client, ClientConfig, ServerConfig, ServerHandle, tls};
+use tideline_stream::{Client, ClientConfig, ClientError, ServerConfig, ServerHandle, tls};
 use tideline_wal::{MemStorage, Wal, WalOptions};
 
 struct Fixture {
@@ -86,14 +87,18 @@ fn long_header_dcid(datagram: &[u8]) -> Option<Vec<u8>> {
     datagram.get(6..6 + len).map(<[u8]>::to_vec)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_client_connects_past_1024_handshakes_that_never_finish() {
-    const FLOOD: usize = 1024;
+/// Sends `flood` real client Initials through a relay that drops every answer, waits until
+/// the server has answered each one (so it has seen them all), then connects a real client.
+async fn connect_past_unfinished_handshakes(
+    flood: usize,
+    tune: impl FnOnce(&mut ServerConfig),
+) -> Result<Client, ClientError> {
     // Long handshake and idle timeouts: the stuck handshakes must not simply expire before
     // the real client arrives.
     let f = start(|c| {
         c.handshake_timeout = Duration::from_secs(120);
         c.idle_timeout = Duration::from_secs(120);
+        tune(c);
     })
     .await;
     let server_addr = f.server.local_addr();
@@ -107,8 +112,8 @@ async fn a_real_client_connects_past_1024_handshakes_that_never_finish() {
     );
     let relay_addr = relay.local_addr().expect("relay addr");
     let flood_ep = raw_endpoint(&f);
-    let mut pending = Vec::with_capacity(FLOOD);
-    for _ in 0..FLOOD {
+    let mut pending = Vec::with_capacity(flood);
+    for _ in 0..flood {
         pending.push(
             flood_ep
                 .connect(relay_addr, tls::SERVER_NAME)
@@ -118,13 +123,13 @@ async fn a_real_client_connects_past_1024_handshakes_that_never_finish() {
     let mut answered: HashSet<Vec<u8>> = HashSet::new();
     let mut buf = vec![0u8; 65536];
     let limit = tokio::time::Instant::now() + Duration::from_secs(60);
-    while answered.len() < FLOOD {
+    while answered.len() < flood {
         let (n, from): (usize, SocketAddr) =
             tokio::time::timeout_at(limit, relay.recv_from(&mut buf))
                 .await
                 .unwrap_or_else(|_| {
                     panic!(
-                        "the server answered only {} of {FLOOD} handshakes",
+                        "the server answered only {} of {flood} handshakes",
                         answered.len()
                     )
                 })
@@ -142,33 +147,41 @@ async fn a_real_client_connects_past_1024_handshakes_that_never_finish() {
     }
 
     // Every stuck handshake has been answered (so the server has seen it); a real client
-    // still gets in within its default connect timeout.
-    let client = Client::connect(&server_addr.to_string(), f.client_cfg.clone())
-        .await
-        .expect("a real client connects past the stuck handshakes");
-    assert_eq!(
-        client.status().await.expect("status"),
-        r#"{"last_offset":0}"#
-    );
+    // must still get in within its default connect timeout.
+    let client = Client::connect(&server_addr.to_string(), f.client_cfg.clone()).await;
+    if let Ok(c) = &client {
+        assert_eq!(c.status().await.expect("status"), r#"{"last_offset":0}"#);
+    }
     drop(pending);
     f.server.shutdown().await;
+    client
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_real_client_connects_past_more_silent_peers_than_the_connection_cap() {
-    // A small connection cap (authenticated clients) and a long handshake timeout: peers that
-    // finished TLS but never sent Hello must not occupy the cap nor block the real client.
-    const CAP: usize = 16;
-    const SILENT: usize = 300;
+async fn a_real_client_connects_past_1024_handshakes_that_never_finish() {
+    connect_past_unfinished_handshakes(1024, |_| {})
+        .await
+        .expect("a real client connects past the stuck handshakes");
+}
+
+/// Connects `silent` peers that finish TLS but never send `Hello` to a server whose
+/// connection cap is `cap`, then a real client.
+async fn connect_past_silent_peers(
+    cap: usize,
+    silent: usize,
+    tune: impl FnOnce(&mut ServerConfig),
+) -> Result<Client, ClientError> {
+    // A long handshake timeout: the silent peers must not simply expire.
     let f = start(|c| {
-        c.max_connections = CAP;
+        c.max_connections = cap;
         c.handshake_timeout = Duration::from_secs(60);
+        tune(c);
     })
     .await;
     let server_addr = f.server.local_addr();
     let ep = raw_endpoint(&f);
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..SILENT {
+    for _ in 0..silent {
         let connecting = ep.connect(server_addr, tls::SERVER_NAME).expect("connect");
         tasks.spawn(async move {
             tokio::time::timeout(Duration::from_secs(60), connecting)
@@ -178,34 +191,60 @@ async fn a_real_client_connects_past_more_silent_peers_than_the_connection_cap()
         });
     }
     // Wait until every silent peer's handshake has an outcome.
-    let mut silent = Vec::new();
+    let mut held = Vec::new();
     while let Some(r) = tasks.join_next().await {
         if let Some(conn) = r.expect("task") {
-            silent.push(conn);
+            held.push(conn);
         }
     }
-    let client = Client::connect(&server_addr.to_string(), f.client_cfg.clone())
-        .await
-        .expect("a real client connects past the silent peers");
-    assert_eq!(
-        client.status().await.expect("status"),
-        r#"{"last_offset":0}"#
-    );
-    drop(silent);
+    let client = Client::connect(&server_addr.to_string(), f.client_cfg.clone()).await;
+    if let Ok(c) = &client {
+        assert_eq!(c.status().await.expect("status"), r#"{"last_offset":0}"#);
+    }
+    drop(held);
     f.server.shutdown().await;
+    client
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unauthenticated_peer_gets_a_small_first_message_and_one_stream() {
-    // A long handshake timeout: a server that waits for a large hello's body would wait this
-    // long, far beyond the bounded wait below.
-    let f = start(|c| c.handshake_timeout = Duration::from_secs(120)).await;
-    let server_addr = f.server.local_addr();
-    let ep = raw_endpoint(&f);
+async fn a_real_client_connects_past_more_silent_peers_than_the_connection_cap() {
+    // More silent peers than the handshake budget (256) too, so that eviction is exercised.
+    connect_past_silent_peers(16, 300, |_| {})
+        .await
+        .expect("a real client connects past the silent peers");
+}
 
-    // 1. A first message announced at 1 MiB is refused at once, before its body.
+/// Canary: with the handshake budget switched off, both harnesses see the real client locked
+/// out (smaller floods do: the cap is lowered to match).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_without_the_handshake_budget_real_clients_are_locked_out() {
+    let legacy = |c: &mut ServerConfig| c.unsafe_no_handshake_budget = true;
+    let r = connect_past_unfinished_handshakes(64, |c| {
+        c.max_connections = 64;
+        legacy(c);
+    })
+    .await;
+    assert!(r.is_err(), "the flood harness missed the lockout");
+    let r = connect_past_silent_peers(16, 32, legacy).await;
+    assert!(r.is_err(), "the silent-peer harness missed the lockout");
+    let f = start(legacy).await;
+    assert!(
+        second_stream_before_hello(&f).await,
+        "the stream check missed the second stream"
+    );
+    assert!(
+        !large_hello_refused_within(&f, Duration::from_secs(2)).await,
+        "the hello check missed the large hello"
+    );
+    f.server.shutdown().await;
+}
+
+/// Announces a 1 MiB first message and returns whether the server refused it, with an error
+/// naming `Hello`, within `bound`.
+async fn large_hello_refused_within(f: &Fixture, bound: Duration) -> bool {
+    let ep = raw_endpoint(f);
     let conn = ep
-        .connect(server_addr, tls::SERVER_NAME)
+        .connect(f.server.local_addr(), tls::SERVER_NAME)
         .expect("connect")
         .await
         .expect("TLS");
@@ -213,35 +252,35 @@ async fn an_unauthenticated_peer_gets_a_small_first_message_and_one_stream() {
     let mut header = (1u32 << 20).to_le_bytes().to_vec();
     header.push(proto::KIND_MESSAGE);
     send.write_all(&header).await.expect("header");
-    let answer = tokio::time::timeout(Duration::from_secs(30), recv.read_to_end(64 << 10)).await;
-    let body = match answer {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => panic!("the server closed without an answer: {e}"),
-        Err(_) => panic!("the server waited for a 1 MiB hello instead of refusing it"),
+    let Ok(answer) = tokio::time::timeout(bound, recv.read_to_end(64 << 10)).await else {
+        return false;
     };
+    let body = answer.unwrap_or_else(|e| panic!("the server closed without an answer: {e}"));
     let mut dec = proto::FrameDecoder::new(proto::Limits::default());
     dec.feed(&body);
     match dec.next_frame::<Response>() {
         Ok(Some(proto::Frame::Message(Response::Error { message, .. }))) => {
             assert!(message.contains("Hello"), "{message}");
+            true
         }
         other => panic!("expected an error answer, got {other:?}"),
     }
+}
 
-    // 2. Before Hello, a second stream cannot be opened; after it, many can.
+/// Whether a peer that has not sent `Hello` can open a second stream. Then sends `Hello` and
+/// checks that streams are granted.
+async fn second_stream_before_hello(f: &Fixture) -> bool {
+    let ep = raw_endpoint(f);
     let conn = ep
-        .connect(server_addr, tls::SERVER_NAME)
+        .connect(f.server.local_addr(), tls::SERVER_NAME)
         .expect("connect")
         .await
         .expect("TLS");
     let (mut hello_send, mut hello_recv) = conn.open_bi().await.expect("first stream");
     // A zero timeout polls once: the stream credit is in the transport parameters.
-    assert!(
-        tokio::time::timeout(Duration::ZERO, conn.open_bi())
-            .await
-            .is_err(),
-        "a second stream was allowed before the peer authenticated"
-    );
+    let second = tokio::time::timeout(Duration::ZERO, conn.open_bi())
+        .await
+        .is_ok();
     let mut buf = Vec::new();
     proto::encode_message(
         &Request::Hello {
@@ -273,5 +312,21 @@ async fn an_unauthenticated_peer_gets_a_small_first_message_and_one_stream() {
                 .expect("stream"),
         );
     }
+    second
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_peer_gets_a_small_first_message_and_one_stream() {
+    // A long handshake timeout: a server that waits for a large hello's body would wait this
+    // long, far beyond the bounded wait below.
+    let f = start(|c| c.handshake_timeout = Duration::from_secs(120)).await;
+    assert!(
+        large_hello_refused_within(&f, Duration::from_secs(30)).await,
+        "the server waited for a 1 MiB hello instead of refusing it"
+    );
+    assert!(
+        !second_stream_before_hello(&f).await,
+        "a second stream was allowed before the peer authenticated"
+    );
     f.server.shutdown().await;
 }
