@@ -77,6 +77,10 @@ pub struct ServeArgs {
     http: Option<SocketAddr>,
 }
 
+/// How often a read fence re-checks durability once its GTIDs are applied but the log has
+/// not synced them yet (async durability only).
+const ASYNC_SYNC_RECHECK: Duration = Duration::from_millis(2);
+
 /// Chunk size a bootstrapping replica asks for by default.
 pub const BOOTSTRAP_CHUNK_BYTES_DEFAULT: u64 = 8 << 20;
 
@@ -458,18 +462,40 @@ impl Node for EngineNode {
 
     async fn wait_for(&self, gtids: GtidSet, timeout: Duration) -> (bool, GtidSet) {
         let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.engine.view_changes();
         loop {
+            // Seen before reading the position: a change after this wakes `changed()` below.
+            changes.borrow_and_update();
             let pos = self.engine.position();
             let applied = pos.offset.map_or(0, |o| o.get());
+            let executed = gtids.is_subset(&pos.gtid_executed);
             // Applied here, and durable: under async durability the engine applies what was
             // written, so also wait for the log's sync to cover it.
-            if gtids.is_subset(&pos.gtid_executed) && self.wal.durable_offset() >= applied {
+            if executed && self.wal.durable_offset() >= applied {
                 return (true, pos.gtid_executed);
             }
             if tokio::time::Instant::now() >= deadline {
                 return (false, pos.gtid_executed);
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            if executed {
+                // Applied, not yet synced (async durability): the log syncs within its
+                // interval and announces nothing, so re-check shortly. This phase lasts at
+                // most one sync interval; the wait for the apply itself polls nothing.
+                tokio::time::sleep_until(
+                    deadline.min(tokio::time::Instant::now() + ASYNC_SYNC_RECHECK),
+                )
+                .await;
+                continue;
+            }
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() {
+                        // The engine is gone: nothing more will be applied.
+                        return (false, self.engine.gtid_executed());
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {}
+            }
         }
     }
 }
@@ -689,4 +715,68 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     closed?;
     eprintln!("tideline stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    //! `WaitFor` (a read fence) on the engine node: a waiter is woken by the apply it waits
+    //! for, not by a timer. Guards against the fence polling the engine for up to an hour.
+
+    use super::*;
+
+    /// The runtime's clock is paused and never advances (a task that always yields keeps the
+    /// runtime from idling, which is when a paused clock jumps). A fence that only re-checks
+    /// on a timer therefore never sees the commit; one woken by the apply does. The loop
+    /// below is bounded by a real-time limit that only a broken fence reaches.
+    #[test]
+    fn wait_for_is_woken_by_the_apply_not_by_a_timer() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let engine = open_engine(dir.path(), Durability::Sync, false).expect("open engine");
+        let node = Arc::new(EngineNode::new(
+            engine.clone(),
+            Vec::new(),
+            Arc::new(Observer::new()),
+        ));
+        let want: GtidSet = format!("{}:1", engine.server_uuid())
+            .parse()
+            .expect("gtid set");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let busy = tokio::spawn(async {
+                loop {
+                    tokio::task::yield_now().await;
+                }
+            });
+            let fence = {
+                let (node, want) = (node.clone(), want.clone());
+                tokio::spawn(async move { node.wait_for(want, Duration::from_secs(3600)).await })
+            };
+            // Let the fence check once and start waiting.
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+            assert!(!fence.is_finished(), "nothing was committed yet");
+            let writer = {
+                let engine = engine.clone();
+                std::thread::spawn(move || engine.put("default", b"k", b"v"))
+            };
+            let limit = std::time::Instant::now() + Duration::from_secs(30);
+            while !fence.is_finished() && std::time::Instant::now() < limit {
+                tokio::task::yield_now().await;
+            }
+            writer.join().expect("writer thread").expect("put");
+            assert!(
+                fence.is_finished(),
+                "the fence was not woken by the apply of the GTID it waits for"
+            );
+            let (reached, executed) = fence.await.expect("fence task");
+            assert!(reached);
+            assert!(want.is_subset(&executed));
+            busy.abort();
+        });
+    }
 }

@@ -121,6 +121,7 @@ impl Engine {
             *inner.catalog.write().unwrap_or_else(|p| p.into_inner()) = empty;
             inner.reset_commit_state(&mut st, &v);
         }
+        inner.notify_view_changed();
         drop(st);
         inner.remove_keyspaces(dropped);
         inner
@@ -274,6 +275,7 @@ impl Engine {
                 .map_err(|e| inner.store_failure(format!("bootstrap finish: {e}")))?;
             v.gtids = Arc::new(gtids.clone());
         }
+        inner.notify_view_changed();
         inner
             .db
             .persist(Persist::Sync)

@@ -226,6 +226,9 @@ pub(crate) struct Inner {
     pub(crate) bootstrap: Mutex<Option<Vec<u8>>>,
     /// Whether a bootstrap is in progress (writes are refused). Changed under the commit lock.
     pub(crate) bootstrapping: AtomicBool,
+    /// Counts changes of the view's position (`applied`, `gtid_executed`), sent after each
+    /// change is visible to readers: async waiters (read fences) wake on it.
+    view_changes: tokio::sync::watch::Sender<u64>,
 }
 
 /// The embedded engine. Cheap to share: wrap it in an `Arc`; every method takes `&self`.
@@ -491,6 +494,7 @@ impl Engine {
             stopping: AtomicBool::new(false),
             bootstrapping: AtomicBool::new(bootstrap.is_some()),
             bootstrap: Mutex::new(bootstrap),
+            view_changes: tokio::sync::watch::Sender::new(0),
         });
 
         // Replay.
@@ -557,6 +561,14 @@ impl Engine {
     /// GTIDs of every applied transaction.
     pub fn gtid_executed(&self) -> GtidSet {
         self.position().gtid_executed
+    }
+
+    /// A receiver that is marked changed whenever the applied position or `gtid_executed`
+    /// moves (after the change is visible to [`Engine::position`]): an async read fence
+    /// waits on it instead of polling. Mark it seen (`borrow_and_update`) *before* reading the
+    /// position, then await `changed()`, and no change is missed.
+    pub fn view_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.view_changes.subscribe()
     }
 
     /// Whether local writes are refused.
@@ -821,7 +833,10 @@ impl Engine {
 
     /// [`Engine::apply_upstream`] for many transactions in order, sharing group commits.
     /// Keys and values of the whole batch are checked before anything is submitted; on a
-    /// later error (an unknown tree), the transactions before the failing one are applied.
+    /// later error (an unknown tree), the transactions before the failing one are applied
+    /// (the call waits for them, so `gtid_executed` shows them when it returns) and nothing
+    /// from the failing one on is. The error returned is the first in batch order: a failure
+    /// to apply an earlier transaction (fail-stop) comes before the later one's refusal.
     pub fn apply_upstream_batch(
         &self,
         txns: Vec<NewTransaction>,
@@ -841,19 +856,30 @@ impl Engine {
                 inner.prepare(t.ops, true).map(|p| (p, origin))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let mut refused = None;
         {
             let mut st = lock(&inner.commit);
             for (p, origin) in prepared {
                 results.push(Applied::AlreadyExecuted);
-                if let Some(f) = inner.submit_locked(&mut st, p, None, origin)? {
-                    pending.push((results.len() - 1, f));
+                match inner.submit_locked(&mut st, p, None, origin) {
+                    Ok(Some(f)) => pending.push((results.len() - 1, f)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
                 }
             }
         }
+        // Submitted transactions are in the log: wait for them even when a later one was
+        // refused. A failure here means every later offset fails too (fail-stop).
         for (i, f) in pending {
             results[i] = Applied::Committed(self.inner.finish(f)?);
         }
-        Ok(results)
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(results),
+        }
     }
 
     /// Syncs the store and raises the log's retention floor to the first offset the store
@@ -1183,6 +1209,29 @@ impl Inner {
                     match tree_state(&changes, tree) {
                         Some(existing) if local => {
                             if existing == m {
+                                // Created by another transaction since this one found it
+                                // absent. Dropping the creation is right only if nothing here
+                                // relied on the tree being new and empty: a read of it or a
+                                // write to it would otherwise be a lost update.
+                                let read_it = reads
+                                    .is_some_and(|(_, r)| r.iter().any(|r| r.covers_tree(tree)));
+                                let wrote_it = ops.iter().enumerate().any(|(j, o)| {
+                                    j != i
+                                        && match o {
+                                            Op::Put { tree: t, .. }
+                                            | Op::Delete { tree: t, .. }
+                                            | Op::Merge { tree: t, .. }
+                                            | Op::CreateTree { tree: t, .. }
+                                            | Op::DropTree { tree: t } => t == tree,
+                                        }
+                                });
+                                if read_it || wrote_it {
+                                    return Err(WriteError::Conflict(format!(
+                                        "tree `{tree}` was created by another transaction after \
+                                         this one found it absent and {} it",
+                                        if read_it { "read" } else { "wrote to" }
+                                    )));
+                                }
                                 modified = true;
                                 dropped_ops.push(i);
                                 continue;
@@ -1555,8 +1604,14 @@ impl Inner {
             self.applied.store(last, Ordering::SeqCst);
             self.identity_written.store(true, Ordering::SeqCst);
         }
+        self.notify_view_changed();
         self.remove_keyspaces(dropped);
         Ok(())
+    }
+
+    /// Wakes async waiters on [`Engine::view_changes`]; call after the view changed.
+    pub(crate) fn notify_view_changed(&self) {
+        self.view_changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Adds the store's format, server uuid and applied offset to `batch`.
@@ -1784,11 +1839,12 @@ fn retire_keyspace_ids(
 
 /// Whether read `r` is invalidated by write set `e`; names what was read.
 fn conflicts(r: &ReadItem, e: &HistoryEntry) -> Option<String> {
-    let tree = r.tree();
-    if e.trees.iter().any(|t| &**t == tree) {
-        return Some(format!("tree `{tree}`"));
+    if let Some(t) = e.trees.iter().find(|t| r.covers_tree(t)) {
+        return Some(format!("tree `{t}`"));
     }
     match r {
+        ReadItem::All => (!e.keys.is_empty())
+            .then(|| "the transaction's snapshot (read through `Txn::snapshot`)".to_string()),
         ReadItem::Key { tree, key } => e
             .keys
             .iter()

@@ -6,6 +6,11 @@
 //! one read; if one did, the commit fails with a retryable [`WriteError::Conflict`] and
 //! nothing is written. Transactions that only write (blind puts, deletes, merges) never
 //! conflict. Merges are blind too: they are logged as operands and resolved when applied.
+//!
+//! Two reads are easy to miss and are recorded all the same: reads of a tree this transaction
+//! creates (they assume the tree starts empty: if another transaction creates it first, the
+//! commit conflicts instead of silently dropping the creation), and reads made through the raw
+//! snapshot ([`Txn::snapshot`], which counts as a read of everything).
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::{Bound, RangeBounds};
@@ -31,12 +36,17 @@ pub(crate) enum ReadItem {
         lo: Bound<Vec<u8>>,
         hi: Bound<Vec<u8>>,
     },
+    /// Everything in the snapshot: what [`Txn::snapshot`] hands out is read without the
+    /// transaction seeing which keys, so any write after the snapshot conflicts.
+    All,
 }
 
 impl ReadItem {
-    pub(crate) fn tree(&self) -> &str {
+    /// Whether this read covers (part of) `tree`.
+    pub(crate) fn covers_tree(&self, name: &str) -> bool {
         match self {
-            ReadItem::Key { tree, .. } | ReadItem::Range { tree, .. } => tree,
+            ReadItem::Key { tree, .. } | ReadItem::Range { tree, .. } => tree == name,
+            ReadItem::All => true,
         }
     }
 }
@@ -97,8 +107,22 @@ impl<'e> Txn<'e> {
         }
     }
 
-    /// The snapshot this transaction reads, taken now if it has not read yet.
+    /// The snapshot this transaction reads, taken now if it has not read yet. It does not
+    /// show this transaction's own writes.
+    ///
+    /// The transaction cannot see which keys are read through the returned snapshot, so
+    /// calling this counts as reading *everything*: the commit then conflicts with any
+    /// transaction submitted after the snapshot. Prefer [`Txn::get`], [`Txn::range`] and
+    /// [`Txn::prefix`], which record exactly what they read.
     pub fn snapshot(&mut self) -> &Snapshot {
+        if !self.reads.iter().any(|r| matches!(r, ReadItem::All)) {
+            self.reads.push(ReadItem::All);
+        }
+        self.snap()
+    }
+
+    /// The snapshot, taken now if needed; reads through it must be recorded by the caller.
+    fn snap(&mut self) -> &Snapshot {
         if self.snap.is_none() {
             self.snap = Some(self.engine.inner.snapshot());
         }
@@ -132,7 +156,7 @@ impl<'e> Txn<'e> {
             Some(None) => return Err(WriteError::UnknownTree(tree.to_string())),
             None => {}
         }
-        let snap = self.snapshot();
+        let snap = self.snap();
         match snap.tree(tree)? {
             Some(t) => Ok(TreeState::Existing(t.merge)),
             None => Ok(TreeState::ImplicitDefault),
@@ -283,11 +307,27 @@ impl<'e> Txn<'e> {
     pub fn get(&mut self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, WriteError> {
         self.index_writes();
         let (base, merge) = match self.tree_for_read(tree)? {
-            TreeState::Created(m) => (None, m),
+            TreeState::Created(m) => {
+                // "Absent: the tree is new" is a read too: see `read_created`.
+                self.read_created(ReadItem::Key {
+                    tree: tree.to_string(),
+                    key: key.to_vec(),
+                });
+                (None, m)
+            }
             TreeState::ImplicitDefault => (self.read_base(tree, key)?, None),
             TreeState::Existing(m) => (self.read_base(tree, key)?, m),
         };
         Ok(self.fold_own_writes(tree, key, base, merge))
+    }
+
+    /// Records a read of a tree this transaction creates. The commit conflicts if another
+    /// transaction created the tree first (the creation is then dropped, and the tree is not
+    /// the empty one this read saw); a snapshot is taken so that the read is also checked
+    /// against every transaction submitted after it.
+    fn read_created(&mut self, item: ReadItem) {
+        self.snap();
+        self.reads.push(item);
     }
 
     fn read_base(&mut self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, WriteError> {
@@ -295,7 +335,7 @@ impl<'e> Txn<'e> {
         if let Some(v) = self.read_values.get(&slot) {
             return Ok(v.clone());
         }
-        let v = self.snapshot().get(tree, key)?;
+        let v = self.snap().get(tree, key)?;
         self.reads.push(ReadItem::Key {
             tree: tree.to_string(),
             key: key.to_vec(),
@@ -364,15 +404,18 @@ impl<'e> Txn<'e> {
             })
             .unwrap_or_default();
         let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-        if !matches!(state, TreeState::Created(_)) {
-            self.reads.push(ReadItem::Range {
-                tree: tree.to_string(),
-                lo: lo.clone(),
-                hi: hi.clone(),
-            });
+        let item = ReadItem::Range {
+            tree: tree.to_string(),
+            lo: lo.clone(),
+            hi: hi.clone(),
+        };
+        if matches!(state, TreeState::Created(_)) {
+            self.read_created(item);
+        } else {
+            self.reads.push(item);
             // Own deletes can hide at most `own.len()` pairs of the snapshot.
             let want = limit.saturating_add(own.len());
-            for kv in self.snapshot().range(tree, (lo, hi), reverse)?.take(want) {
+            for kv in self.snap().range(tree, (lo, hi), reverse)?.take(want) {
                 let (k, v) = kv?;
                 merged.insert(k, v);
             }

@@ -224,3 +224,74 @@ fn upstream_transaction_for_a_missing_tree_is_refused_whole() {
     assert_eq!(e.wal().visible_offset(), 0);
     assert!(e.gtid_executed().is_empty());
 }
+
+/// An upstream batch whose last transaction names a tree the replica lacks: the call fails,
+/// and by the time it returns the transactions before the failing one are applied, as its
+/// contract says (a caller that records "received up to here" or reads `gtid_executed` after
+/// the error must not see them still in flight). The valid transactions carry 4 MiB values so
+/// that writing and applying them takes far longer than reaching the failing one.
+#[test]
+fn failed_upstream_batch_returns_after_the_transactions_before_the_failure_are_applied() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = open(
+        dir.path(),
+        &Arc::new(MemStorage::new()),
+        EngineOptions {
+            read_only: true,
+            ..EngineOptions::default()
+        },
+    );
+    let origin = uuid::Uuid::new_v4();
+    let gtid = |n| tideline_wal::Gtid::new(origin, n).expect("gtid");
+    let big = vec![b'v'; 4 << 20];
+    let mut batch = vec![NewTransaction {
+        gtid: gtid(1),
+        timestamp_us: 0,
+        ops: vec![tideline_wal::Op::CreateTree {
+            tree: "t".into(),
+            merge_operator: None,
+        }],
+    }];
+    for n in 2..=8u64 {
+        batch.push(NewTransaction {
+            gtid: gtid(n),
+            timestamp_us: 0,
+            ops: vec![tideline_wal::Op::Put {
+                tree: "t".into(),
+                key: format!("k{n}").into_bytes(),
+                value: big.clone(),
+                before: None,
+            }],
+        });
+    }
+    batch.push(NewTransaction {
+        gtid: gtid(9),
+        timestamp_us: 0,
+        ops: vec![tideline_wal::Op::Put {
+            tree: "missing".into(),
+            key: b"k".to_vec(),
+            value: b"v".to_vec(),
+            before: None,
+        }],
+    });
+    let err = e
+        .apply_upstream_batch(batch)
+        .expect_err("the last transaction names a missing tree");
+    assert!(matches!(err, WriteError::UnknownTree(_)), "{err}");
+    // Checked at once, with no waiting: the call itself must have waited.
+    let executed = e.gtid_executed();
+    let want: tideline_wal::GtidSet = format!("{origin}:1-8").parse().expect("set");
+    assert_eq!(
+        executed, want,
+        "the transactions before the failing one are applied when the call returns"
+    );
+    assert_eq!(e.position().offset, Offset::new(8));
+    for n in 2..=8u64 {
+        assert_eq!(
+            e.get("t", format!("k{n}").as_bytes())
+                .expect("get")
+                .map(|v| v.len()),
+            Some(big.len())
+        );
+    }
+}

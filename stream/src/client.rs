@@ -261,6 +261,8 @@ impl Client {
             }) => Err(ClientError::Unauthorized {
                 addr: self.addr.clone(),
             }),
+            // Busy (`Unavailable`: retry later) or a refused first message.
+            Ok(Response::Error { code, message }) => Err(ClientError::Server { code, message }),
             Err(ClientError::Connection(quinn::ConnectionError::ApplicationClosed(c)))
                 if c.error_code
                     == quinn::VarInt::from_u32(crate::server::close_code::UNAUTHORIZED) =>
@@ -269,7 +271,6 @@ impl Client {
                     addr: self.addr.clone(),
                 })
             }
-            Ok(Response::Error { code, message }) => Err(ClientError::Server { code, message }),
             Ok(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
             Err(e) => Err(e),
         }

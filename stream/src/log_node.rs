@@ -119,11 +119,24 @@ impl Node for LogNode {
     async fn wait_for(&self, gtids: GtidSet, timeout: Duration) -> (bool, GtidSet) {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
+            // The head before the GTIDs: a record made visible after this read wakes the wait.
+            let head = self.wal.visible_offset();
             let have = self.wal.gtids();
             if gtids.is_subset(&have) || tokio::time::Instant::now() >= deadline {
                 return (gtids.is_subset(&have), have);
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            let Some(next) = Offset::new(head + 1) else {
+                return (false, have);
+            };
+            tokio::select! {
+                r = self.wal.wait_visible(next) => {
+                    if r.is_err() {
+                        // Poisoned or closed: nothing more becomes visible.
+                        return (false, self.wal.gtids());
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {}
+            }
         }
     }
 }

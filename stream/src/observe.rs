@@ -24,14 +24,20 @@ pub enum RefuseReason {
     Unauthorized,
     /// No TLS handshake and `Hello` within the handshake timeout.
     HandshakeTimeout,
+    /// Evicted before it authenticated, by newer handshakes (`handshakes_max` reached).
+    HandshakeEvicted,
+    /// A first message that was not a valid `Hello`, or a `Hello` of another protocol version.
+    BadHello,
 }
 
 impl RefuseReason {
     /// Every reason, in the order of [`Observer::refused`].
-    pub const ALL: [RefuseReason; 3] = [
+    pub const ALL: [RefuseReason; 5] = [
         RefuseReason::MaxConnections,
         RefuseReason::Unauthorized,
         RefuseReason::HandshakeTimeout,
+        RefuseReason::HandshakeEvicted,
+        RefuseReason::BadHello,
     ];
 
     /// The label used in metrics.
@@ -40,6 +46,8 @@ impl RefuseReason {
             RefuseReason::MaxConnections => "max_connections",
             RefuseReason::Unauthorized => "unauthorized",
             RefuseReason::HandshakeTimeout => "handshake_timeout",
+            RefuseReason::HandshakeEvicted => "handshake_evicted",
+            RefuseReason::BadHello => "bad_hello",
         }
     }
 }
@@ -87,7 +95,7 @@ pub struct Observer {
     connections_active: AtomicU64,
     connections_total: AtomicU64,
     streams_active: AtomicU64,
-    refused: [AtomicU64; 3],
+    refused: [AtomicU64; RefuseReason::ALL.len()],
     requests: [AtomicU64; REQUEST_KINDS.len()],
     subscriptions: Mutex<BTreeMap<u64, LiveSubscription>>,
     next_subscription: AtomicU64,

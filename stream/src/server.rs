@@ -1,15 +1,24 @@
 //! The QUIC server: authenticates connections, serves subscriptions from the log and key-value
 //! requests through the [`Node`] trait, each on its own stream.
 //!
+//! Admission: a peer is *unauthenticated* from its first packet until its `Hello` carried the
+//! cluster token. Unauthenticated peers have their own budget, apart from the authenticated
+//! connections: at most `handshakes_max` at once (a new one evicts the oldest, so peers that
+//! never finish cannot lock real clients out), a QUIC Retry (address validation, no state
+//! kept) once `handshakes_before_retry` are in progress, one stream, and a first message of at
+//! most `hello_bytes_max`. Only after `Hello` does a connection count toward
+//! `max_connections` and get `max_streams_per_connection` streams and the full frame limits.
+//!
 //! Back-pressure: a subscription task writes with `write_all`, which waits for QUIC flow
 //! control credit. A consumer that stops reading stalls only its own stream's task; the server
 //! holds at most one batch (`batch_bytes_target`) plus the stream's send window for it, so
 //! memory stays bounded and writers and other tails are not slowed.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tideline_wal::{Gtid, GtidSet, Offset, Op, Reader, Transaction, Wal};
@@ -164,10 +173,23 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// A connection must finish TLS and present its token within this.
     pub handshake_timeout: Duration,
-    /// Most concurrent connections; more are refused.
+    /// Most concurrent authenticated connections; more are refused.
     pub max_connections: usize,
-    /// Most concurrent streams per connection.
+    /// Most concurrent streams per authenticated connection (an unauthenticated one gets one).
     pub max_streams_per_connection: u32,
+    /// Most connections between their first packet and their `Hello` (TLS handshake and
+    /// token), counted apart from `max_connections`. When full, a new one evicts the oldest.
+    pub handshakes_max: usize,
+    /// Once this many handshakes are in progress, a peer whose address is not yet validated
+    /// gets a QUIC Retry (stateless) and must come back from the address it claims. 0: always.
+    pub handshakes_before_retry: usize,
+    /// Largest first message (`Hello`) of an unauthenticated connection, in bytes.
+    pub hello_bytes_max: u32,
+    /// Test-only: give unauthenticated peers the limits of authenticated ones and count them
+    /// toward `max_connections`, with no Retry and no eviction (the lockout the handshake
+    /// budget prevents). Exists so the flood tests can prove they catch it.
+    #[doc(hidden)]
+    pub unsafe_no_handshake_budget: bool,
     /// Heartbeat interval on idle subscriptions.
     pub heartbeat: Duration,
     /// A subscription sends a batch once it holds this many bytes of records.
@@ -188,6 +210,10 @@ impl ServerConfig {
             handshake_timeout: Duration::from_secs(5),
             max_connections: 1024,
             max_streams_per_connection: 256,
+            handshakes_max: 256,
+            handshakes_before_retry: 32,
+            hello_bytes_max: 4 << 10,
+            unsafe_no_handshake_budget: false,
             heartbeat: Duration::from_millis(500),
             batch_bytes_target: 256 << 10,
             udp_buffer_bytes: crate::udp::UDP_BUFFER_BYTES_DEFAULT,
@@ -244,12 +270,26 @@ impl ServerHandle {
     }
 }
 
-fn transport(idle: Duration, streams: u32) -> quinn::TransportConfig {
+/// Bytes of stream data (all streams together) an unauthenticated peer may have in flight:
+/// room for its `Hello`; raised to unlimited (per-stream windows still apply) after it.
+const UNAUTHENTICATED_RECEIVE_WINDOW_BYTES: u32 = 64 << 10;
+
+/// The transport of every connection as it starts, unauthenticated: one stream and a small
+/// connection receive window, both raised after `Hello`.
+fn transport(cfg: &ServerConfig) -> quinn::TransportConfig {
+    let idle = cfg.idle_timeout;
     let mut t = quinn::TransportConfig::default();
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some((idle / 4).max(Duration::from_millis(100))));
-    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(streams));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    if cfg.unsafe_no_handshake_budget {
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(cfg.max_streams_per_connection));
+        return t;
+    }
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+    t.receive_window(quinn::VarInt::from_u32(
+        UNAUTHENTICATED_RECEIVE_WINDOW_BYTES,
+    ));
     t
 }
 
@@ -270,10 +310,7 @@ pub fn serve<N: Node>(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls_cfg)
         .map_err(|e| tls::SecretsError::Tls(e.to_string()))?;
     let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server_cfg.transport_config(Arc::new(transport(
-        cfg.idle_timeout,
-        cfg.max_streams_per_connection,
-    )));
+    server_cfg.transport_config(Arc::new(transport(&cfg)));
     let endpoint = crate::udp::bind(cfg.listen, cfg.udp_buffer_bytes)
         .and_then(|socket| crate::udp::endpoint(socket, Some(server_cfg)))
         .map_err(|source| ServeError::Bind {
@@ -288,33 +325,67 @@ pub fn serve<N: Node>(
     let token: Arc<str> = secrets.token.into();
     let cfg = Arc::new(cfg);
     let active = Arc::new(AtomicUsize::new(0));
+    let handshakes = Arc::new(Mutex::new(Handshakes::default()));
     let task = tokio::spawn(async move {
         // Connection tasks live in a JoinSet so that shutdown ends every one of them (and,
         // through their own JoinSets, every stream task), releasing the socket.
         let mut connections = tokio::task::JoinSet::new();
         while let Some(incoming) = ep.accept().await {
             while connections.try_join_next().is_some() {}
+            let remote = incoming.remote_address();
+            let legacy = cfg.unsafe_no_handshake_budget;
+            let in_progress = lock(&handshakes).pending.len();
+            if !legacy
+                && in_progress >= cfg.handshakes_before_retry
+                && !incoming.remote_address_validated()
+                && incoming.may_retry()
+            {
+                // Under load: the peer must prove its address before it gets any state.
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
             if active.load(Ordering::SeqCst) >= cfg.max_connections {
-                tracing::warn!(remote = %incoming.remote_address(), "refusing connection: max_connections reached");
+                tracing::warn!(%remote, "refusing connection: max_connections reached");
                 cfg.observer.on_refused(RefuseReason::MaxConnections);
                 incoming.refuse();
                 continue;
             }
-            active.fetch_add(1, Ordering::SeqCst);
-            let (node, cfg, token, active) =
-                (node.clone(), cfg.clone(), token.clone(), active.clone());
+            // Test-only legacy admission: the place is taken before the token is seen.
+            let pre_active = legacy.then(|| {
+                active.fetch_add(1, Ordering::SeqCst);
+                ActiveSlot(active.clone())
+            });
+            let handshakes_max = if legacy {
+                usize::MAX
+            } else {
+                cfg.handshakes_max
+            };
+            let (slot, evicted) = Handshakes::enter(&handshakes, handshakes_max);
+            let conn = Conn {
+                node: node.clone(),
+                cfg: cfg.clone(),
+                token: token.clone(),
+                active: active.clone(),
+            };
+            let observer = cfg.observer.clone();
             connections.spawn(async move {
-                let remote = incoming.remote_address();
-                let _open = cfg.observer.connection();
-                let observer = cfg.observer.clone();
-                let result = handle_connection(incoming, node, cfg, token).await;
-                if let Err(ConnError::Timeout) = result {
-                    observer.on_refused(RefuseReason::HandshakeTimeout);
-                }
-                if let Err(e) = result {
+                let _open = observer.connection();
+                if let Err(e) = handle_connection(incoming, conn, slot, evicted, pre_active).await {
+                    let refused = match e {
+                        ConnError::Timeout => Some(RefuseReason::HandshakeTimeout),
+                        ConnError::Evicted => Some(RefuseReason::HandshakeEvicted),
+                        ConnError::Full => Some(RefuseReason::MaxConnections),
+                        ConnError::Unauthorized => Some(RefuseReason::Unauthorized),
+                        ConnError::BadHello | ConnError::Version(_) => Some(RefuseReason::BadHello),
+                        ConnError::Connection(_) | ConnError::Wire(_) => None,
+                    };
+                    if let Some(reason) = refused {
+                        observer.on_refused(reason);
+                    }
                     tracing::debug!(%remote, error = %e, "connection ended");
                 }
-                active.fetch_sub(1, Ordering::SeqCst);
             });
         }
         connections.shutdown().await;
@@ -326,10 +397,88 @@ pub fn serve<N: Node>(
     })
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Critical sections below leave the map consistent before anything that can panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Connections that have not authenticated yet, oldest first; each can be told to give up.
+#[derive(Default)]
+struct Handshakes {
+    next_id: u64,
+    pending: BTreeMap<u64, tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Handshakes {
+    /// Registers a new handshake, evicting the oldest when `max` are in progress. The
+    /// receiver resolves when this one is evicted.
+    fn enter(
+        this: &Arc<Mutex<Handshakes>>,
+        max: usize,
+    ) -> (HandshakeSlot, tokio::sync::oneshot::Receiver<()>) {
+        let mut h = lock(this);
+        while h.pending.len() >= max.max(1) {
+            let Some((_, evict)) = h.pending.pop_first() else {
+                break;
+            };
+            // The oldest unauthenticated peer makes room: a real client finishes in a round
+            // trip or two, a peer that never finishes would otherwise hold its place until
+            // the handshake timeout.
+            let _ = evict.send(());
+        }
+        let id = h.next_id;
+        h.next_id += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        h.pending.insert(id, tx);
+        (
+            HandshakeSlot {
+                id,
+                handshakes: this.clone(),
+            },
+            rx,
+        )
+    }
+}
+
+/// A place among the handshakes in progress, given back on drop.
+struct HandshakeSlot {
+    id: u64,
+    handshakes: Arc<Mutex<Handshakes>>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        lock(&self.handshakes).pending.remove(&self.id);
+    }
+}
+
+/// A place among the authenticated connections, given back on drop.
+struct ActiveSlot(Arc<AtomicUsize>);
+
+impl Drop for ActiveSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a connection task shares with the server.
+struct Conn<N> {
+    node: Arc<N>,
+    cfg: Arc<ServerConfig>,
+    token: Arc<str>,
+    active: Arc<AtomicUsize>,
+}
+
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
     #[error("handshake timed out")]
     Timeout,
+    #[error("evicted by newer handshakes (handshakes_max reached)")]
+    Evicted,
+    #[error("refused: max_connections reached")]
+    Full,
+    #[error("the first message was not a valid Hello")]
+    BadHello,
     #[error(transparent)]
     Connection(#[from] quinn::ConnectionError),
     #[error(transparent)]
@@ -348,103 +497,54 @@ pub mod close_code {
     pub const UNAUTHORIZED: u32 = 1;
     /// Protocol violation.
     pub const PROTOCOL: u32 = 2;
+    /// Too many connections: authenticated ones at `max_connections`, or this one evicted
+    /// before it authenticated by newer handshakes. Try again later.
+    pub const BUSY: u32 = 3;
 }
 
 async fn handle_connection<N: Node>(
     incoming: quinn::Incoming,
-    node: Arc<N>,
-    cfg: Arc<ServerConfig>,
-    token: Arc<str>,
+    c: Conn<N>,
+    slot: HandshakeSlot,
+    mut evicted: tokio::sync::oneshot::Receiver<()>,
+    pre_active: Option<ActiveSlot>,
 ) -> Result<(), ConnError> {
-    let deadline = tokio::time::Instant::now() + cfg.handshake_timeout;
-    let conn = tokio::time::timeout_at(deadline, incoming)
-        .await
-        .map_err(|_| ConnError::Timeout)??;
-    // Authentication: the first stream must carry Hello with the cluster token.
-    let (mut send, recv) = tokio::time::timeout_at(deadline, conn.accept_bi())
-        .await
-        .map_err(|_| ConnError::Timeout)??;
-    let mut recv = FramedRecv::new(recv, cfg.limits);
-    let hello = tokio::time::timeout_at(deadline, recv.next_message::<Request>())
-        .await
-        .map_err(|_| ConnError::Timeout)?;
-    let peer_name: Arc<str> = match hello {
-        Ok(Some(Request::Hello {
-            token: offered,
-            protocol,
-            ..
-        })) if tls::token_eq(&offered, &token) && protocol != PROTOCOL_VERSION => {
-            tracing::warn!(remote = %conn.remote_address(), protocol, "refusing connection: other protocol version");
-            let _ = send_message(
-                &mut send,
-                &error(
-                    ErrorCode::InvalidRequest,
-                    format!(
-                        "this node speaks protocol {PROTOCOL_VERSION}, the client {protocol}: \
-                         use a tideline client of the node's version"
-                    ),
-                ),
-            )
-            .await;
-            let _ = send.finish();
-            // The answer reaches the client before the close (its stream is finished first).
-            let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
-            conn.close(
-                quinn::VarInt::from_u32(close_code::PROTOCOL),
-                b"protocol version",
-            );
-            return Err(ConnError::Version(protocol));
+    let deadline = tokio::time::Instant::now() + c.cfg.handshake_timeout;
+    let connecting = incoming.accept()?;
+    let conn = tokio::select! {
+        r = tokio::time::timeout_at(deadline, connecting) => r.map_err(|_| ConnError::Timeout)??,
+        _ = &mut evicted => return Err(ConnError::Evicted),
+    };
+    let authenticated = tokio::select! {
+        r = tokio::time::timeout_at(deadline, authenticate(&conn, &c, pre_active)) => {
+            r.unwrap_or(Err(ConnError::Timeout))
         }
-        Ok(Some(Request::Hello {
-            token: offered,
-            client,
-            ..
-        })) if tls::token_eq(&offered, &token) => {
-            tracing::debug!(remote = %conn.remote_address(), %client, "client authenticated");
-            let name: Arc<str> = client.as_str().into();
-            send_message(
-                &mut send,
-                &Response::Welcome {
-                    server_uuid: *node.wal().server_uuid().as_bytes(),
-                    protocol: PROTOCOL_VERSION,
-                },
-            )
-            .await?;
-            let _ = send.finish();
-            name
-        }
-        _ => {
-            tracing::warn!(remote = %conn.remote_address(), "refusing connection: bad or missing token");
-            cfg.observer.on_refused(RefuseReason::Unauthorized);
-            let _ = send_message(
-                &mut send,
-                &Response::Error {
-                    code: ErrorCode::Unauthorized,
-                    message: "wrong cluster token: pass the --secrets DIR (or --token-file) \
-                              of this cluster"
-                        .into(),
-                },
-            )
-            .await;
-            let _ = send.finish();
-            // Give the error a moment to reach the client before closing.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            conn.close(
-                quinn::VarInt::from_u32(close_code::UNAUTHORIZED),
-                b"unauthorized",
-            );
-            return Err(ConnError::Unauthorized);
+        _ = &mut evicted => Err(ConnError::Evicted),
+    };
+    let (_active, client) = match authenticated {
+        Ok(a) => a,
+        Err(e) => {
+            let code = match e {
+                ConnError::Unauthorized => close_code::UNAUTHORIZED,
+                ConnError::Evicted | ConnError::Full => close_code::BUSY,
+                _ => close_code::PROTOCOL,
+            };
+            conn.close(quinn::VarInt::from_u32(code), e.to_string().as_bytes());
+            return Err(e);
         }
     };
+    drop(slot);
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(c.cfg.max_streams_per_connection));
+    conn.set_receive_window(quinn::VarInt::MAX);
     let peer = Peer {
         remote: conn.remote_address(),
-        client: peer_name,
+        client,
     };
     let mut streams = tokio::task::JoinSet::new();
     loop {
         let (send, recv) = conn.accept_bi().await?;
         while streams.try_join_next().is_some() {}
-        let (node, cfg, peer) = (node.clone(), cfg.clone(), peer.clone());
+        let (node, cfg, peer) = (c.node.clone(), c.cfg.clone(), peer.clone());
         streams.spawn(async move {
             let _open = cfg.observer.stream();
             if let Err(e) = handle_stream(node, cfg, peer, send, recv).await {
@@ -452,6 +552,124 @@ async fn handle_connection<N: Node>(
             }
         });
     }
+}
+
+/// Reads the first stream's `Hello` (with the small limits of an unauthenticated peer) and
+/// checks its token; on success takes a place among the authenticated connections and answers
+/// `Welcome`; returns that place and the name the client gave. A client of another protocol
+/// version is refused with words naming both. On failure the peer gets an `Error` saying why,
+/// and the caller closes.
+async fn authenticate<N: Node>(
+    conn: &quinn::Connection,
+    c: &Conn<N>,
+    pre_active: Option<ActiveSlot>,
+) -> Result<(ActiveSlot, Arc<str>), ConnError> {
+    let (mut send, recv) = conn.accept_bi().await?;
+    let hello_limits = if c.cfg.unsafe_no_handshake_budget {
+        c.cfg.limits
+    } else {
+        Limits {
+            message_bytes_max: c.cfg.hello_bytes_max,
+            batch_bytes_max: 0,
+            ..c.cfg.limits
+        }
+    };
+    let mut recv = FramedRecv::new(recv, hello_limits);
+    let refusal = match recv.next_message::<Request>().await {
+        Ok(Some(Request::Hello {
+            token: offered,
+            protocol,
+            ..
+        })) if tls::token_eq(&offered, &c.token) && protocol != PROTOCOL_VERSION => {
+            tracing::warn!(remote = %conn.remote_address(), protocol, "refusing connection: other protocol version");
+            (
+                ConnError::Version(protocol),
+                error(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "this node speaks protocol {PROTOCOL_VERSION}, the client {protocol}: \
+                         use a tideline client of the node's version"
+                    ),
+                ),
+            )
+        }
+        Ok(Some(Request::Hello {
+            token: offered,
+            client,
+            ..
+        })) if tls::token_eq(&offered, &c.token) => {
+            let client: Arc<str> = client.as_str().into();
+            if let Some(active) = pre_active {
+                send_message(
+                    &mut send,
+                    &Response::Welcome {
+                        server_uuid: *c.node.wal().server_uuid().as_bytes(),
+                        protocol: PROTOCOL_VERSION,
+                    },
+                )
+                .await?;
+                let _ = send.finish();
+                return Ok((active, client));
+            }
+            if c.active.fetch_add(1, Ordering::SeqCst) >= c.cfg.max_connections {
+                c.active.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!(remote = %conn.remote_address(), "refusing connection: max_connections reached");
+                (
+                    ConnError::Full,
+                    error(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "this node serves {} connections already; try again later",
+                            c.cfg.max_connections
+                        ),
+                    ),
+                )
+            } else {
+                let active = ActiveSlot(c.active.clone());
+                tracing::debug!(remote = %conn.remote_address(), %client, "client authenticated");
+                send_message(
+                    &mut send,
+                    &Response::Welcome {
+                        server_uuid: *c.node.wal().server_uuid().as_bytes(),
+                        protocol: PROTOCOL_VERSION,
+                    },
+                )
+                .await?;
+                let _ = send.finish();
+                return Ok((active, client));
+            }
+        }
+        Ok(None) => return Err(ConnError::Unauthorized),
+        Ok(Some(_)) => {
+            tracing::warn!(remote = %conn.remote_address(), "refusing connection: bad or missing token");
+            (
+                ConnError::Unauthorized,
+                error(
+                    ErrorCode::Unauthorized,
+                    "wrong cluster token: pass the --secrets DIR (or --token-file) of this \
+                     cluster",
+                ),
+            )
+        }
+        Err(e) => {
+            tracing::warn!(remote = %conn.remote_address(), error = %e, "refusing connection: bad first message");
+            (
+                ConnError::BadHello,
+                error(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "the first message of a connection must be Hello, at most {} bytes: {e}",
+                        c.cfg.hello_bytes_max
+                    ),
+                ),
+            )
+        }
+    };
+    let _ = send_message(&mut send, &refusal.1).await;
+    let _ = send.finish();
+    // Give the error a moment to reach the client before the caller closes.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Err(refusal.0)
 }
 
 pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Response {

@@ -1,0 +1,332 @@
+//! Peers that have not presented the cluster token must not be able to crowd out real
+//! clients or make the server hold much for them. Scenarios:
+//!
+//! - 1,024 QUIC handshakes that never finish (real client Initials replayed through a relay
+//!   that drops every answer, as a spoofing or abandoning peer would), then a real client
+//!   still connects within its connect timeout;
+//! - more peers than the connection cap that finish TLS but never send `Hello`, then a real
+//!   client still connects;
+//! - an unauthenticated peer may not announce a large first message (the server refuses it at
+//!   once instead of waiting for megabytes) nor open a second stream before `Hello`.
+//!
+//! Guards against the handshake budget being shared with authenticated connections, against
+//! handshakes without address validation holding state, and against unauthenticated peers
+//! getting the limits of authenticated ones. The canary switches the budget off
+//! (`unsafe_no_handshake_budget`) and checks that every harness then reports the lockout.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tideline_stream::log_node::LogNode;
+use tideline_stream::proto::{self, Request, Response};
+use tideline_stream::{Client, ClientConfig, ClientError, ServerConfig, ServerHandle, tls};
+use tideline_wal::{MemStorage, Wal, WalOptions};
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    server: ServerHandle,
+    client_cfg: ClientConfig,
+}
+
+async fn start(tune: impl FnOnce(&mut ServerConfig)) -> Fixture {
+    let dir = tempfile::tempdir().expect("tempdir");
+    tls::ensure_secrets(dir.path()).expect("secrets");
+    let secrets = tls::load_server(dir.path()).expect("server secrets");
+    let node = Arc::new(LogNode::new(
+        Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).expect("log"),
+    ));
+    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().expect("addr"));
+    tune(&mut cfg);
+    let server = tideline_stream::serve(cfg, secrets, node).expect("serve");
+    let client_cfg = ClientConfig::new(tls::load_client_dir(dir.path()).expect("client secrets"));
+    Fixture {
+        dir,
+        server,
+        client_cfg,
+    }
+}
+
+/// A bare quinn client endpoint that trusts the cluster CA and speaks `tideline/1`, for peers
+/// that misbehave on purpose.
+fn raw_endpoint(f: &Fixture) -> quinn::Endpoint {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(tls::load_client_dir(f.dir.path()).expect("secrets").ca)
+        .expect("CA");
+    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls_cfg.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls_cfg).expect("QUIC TLS");
+    let mut client_cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    // The misbehaving peers stay silent, but must outlive the test's waits.
+    transport.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(120)).expect("idle"),
+    ));
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    client_cfg.transport_config(Arc::new(transport));
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    ep.set_default_client_config(client_cfg);
+    ep
+}
+
+/// The destination connection id of a QUIC long-header packet (what a server puts there is
+/// the connection id the client chose for itself): one per handshake answered.
+fn long_header_dcid(datagram: &[u8]) -> Option<Vec<u8>> {
+    if datagram.first()? & 0x80 == 0 {
+        return None;
+    }
+    let len = *datagram.get(5)? as usize;
+    datagram.get(6..6 + len).map(<[u8]>::to_vec)
+}
+
+/// Sends `flood` real client Initials through a relay that drops every answer, waits until
+/// the server has answered each one (so it has seen them all), then connects a real client.
+async fn connect_past_unfinished_handshakes(
+    flood: usize,
+    tune: impl FnOnce(&mut ServerConfig),
+) -> Result<Client, ClientError> {
+    // Long handshake and idle timeouts: the stuck handshakes must not simply expire before
+    // the real client arrives.
+    let f = start(|c| {
+        c.handshake_timeout = Duration::from_secs(120);
+        c.idle_timeout = Duration::from_secs(120);
+        tune(c);
+    })
+    .await;
+    let server_addr = f.server.local_addr();
+
+    // The relay: real client Initials go to the server from the relay's socket; whatever the
+    // server answers is dropped, so no handshake can finish.
+    let relay = Arc::new(
+        tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("relay"),
+    );
+    let relay_addr = relay.local_addr().expect("relay addr");
+    let flood_ep = raw_endpoint(&f);
+    let mut pending = Vec::with_capacity(flood);
+    for _ in 0..flood {
+        pending.push(
+            flood_ep
+                .connect(relay_addr, tls::SERVER_NAME)
+                .expect("connect"),
+        );
+    }
+    let mut answered: HashSet<Vec<u8>> = HashSet::new();
+    let mut buf = vec![0u8; 65536];
+    let limit = tokio::time::Instant::now() + Duration::from_secs(60);
+    while answered.len() < flood {
+        let (n, from): (usize, SocketAddr) =
+            tokio::time::timeout_at(limit, relay.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "the server answered only {} of {flood} handshakes",
+                        answered.len()
+                    )
+                })
+                .expect("relay recv");
+        if from == server_addr {
+            if let Some(dcid) = long_header_dcid(&buf[..n]) {
+                answered.insert(dcid);
+            }
+        } else {
+            relay
+                .send_to(&buf[..n], server_addr)
+                .await
+                .expect("relay send");
+        }
+    }
+
+    // Every stuck handshake has been answered (so the server has seen it); a real client
+    // must still get in within its default connect timeout.
+    let client = Client::connect(&server_addr.to_string(), f.client_cfg.clone()).await;
+    if let Ok(c) = &client {
+        assert_eq!(c.status().await.expect("status"), r#"{"last_offset":0}"#);
+    }
+    drop(pending);
+    f.server.shutdown().await;
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_client_connects_past_1024_handshakes_that_never_finish() {
+    connect_past_unfinished_handshakes(1024, |_| {})
+        .await
+        .expect("a real client connects past the stuck handshakes");
+}
+
+/// Connects `silent` peers that finish TLS but never send `Hello` to a server whose
+/// connection cap is `cap`, then a real client.
+async fn connect_past_silent_peers(
+    cap: usize,
+    silent: usize,
+    tune: impl FnOnce(&mut ServerConfig),
+) -> Result<Client, ClientError> {
+    // A long handshake timeout: the silent peers must not simply expire.
+    let f = start(|c| {
+        c.max_connections = cap;
+        c.handshake_timeout = Duration::from_secs(60);
+        tune(c);
+    })
+    .await;
+    let server_addr = f.server.local_addr();
+    let ep = raw_endpoint(&f);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..silent {
+        let connecting = ep.connect(server_addr, tls::SERVER_NAME).expect("connect");
+        tasks.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(60), connecting)
+                .await
+                .ok()
+                .and_then(Result::ok)
+        });
+    }
+    // Wait until every silent peer's handshake has an outcome.
+    let mut held = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        if let Some(conn) = r.expect("task") {
+            held.push(conn);
+        }
+    }
+    let client = Client::connect(&server_addr.to_string(), f.client_cfg.clone()).await;
+    if let Ok(c) = &client {
+        assert_eq!(c.status().await.expect("status"), r#"{"last_offset":0}"#);
+    }
+    drop(held);
+    f.server.shutdown().await;
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_client_connects_past_more_silent_peers_than_the_connection_cap() {
+    // More silent peers than the handshake budget (256) too, so that eviction is exercised.
+    connect_past_silent_peers(16, 300, |_| {})
+        .await
+        .expect("a real client connects past the silent peers");
+}
+
+/// Canary: with the handshake budget switched off, both harnesses see the real client locked
+/// out (smaller floods do: the cap is lowered to match).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_without_the_handshake_budget_real_clients_are_locked_out() {
+    let legacy = |c: &mut ServerConfig| c.unsafe_no_handshake_budget = true;
+    let r = connect_past_unfinished_handshakes(64, |c| {
+        c.max_connections = 64;
+        legacy(c);
+    })
+    .await;
+    assert!(r.is_err(), "the flood harness missed the lockout");
+    let r = connect_past_silent_peers(16, 32, legacy).await;
+    assert!(r.is_err(), "the silent-peer harness missed the lockout");
+    let f = start(legacy).await;
+    assert!(
+        second_stream_before_hello(&f).await,
+        "the stream check missed the second stream"
+    );
+    assert!(
+        !large_hello_refused_within(&f, Duration::from_secs(2)).await,
+        "the hello check missed the large hello"
+    );
+    f.server.shutdown().await;
+}
+
+/// Announces a 1 MiB first message and returns whether the server refused it, with an error
+/// naming `Hello`, within `bound`.
+async fn large_hello_refused_within(f: &Fixture, bound: Duration) -> bool {
+    let ep = raw_endpoint(f);
+    let conn = ep
+        .connect(f.server.local_addr(), tls::SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("TLS");
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let mut header = (1u32 << 20).to_le_bytes().to_vec();
+    header.push(proto::KIND_MESSAGE);
+    send.write_all(&header).await.expect("header");
+    let Ok(answer) = tokio::time::timeout(bound, recv.read_to_end(64 << 10)).await else {
+        return false;
+    };
+    let body = answer.unwrap_or_else(|e| panic!("the server closed without an answer: {e}"));
+    let mut dec = proto::FrameDecoder::new(proto::Limits::default());
+    dec.feed(&body);
+    match dec.next_frame::<Response>() {
+        Ok(Some(proto::Frame::Message(Response::Error { message, .. }))) => {
+            assert!(message.contains("Hello"), "{message}");
+            true
+        }
+        other => panic!("expected an error answer, got {other:?}"),
+    }
+}
+
+/// Whether a peer that has not sent `Hello` can open a second stream. Then sends `Hello` and
+/// checks that streams are granted.
+async fn second_stream_before_hello(f: &Fixture) -> bool {
+    let ep = raw_endpoint(f);
+    let conn = ep
+        .connect(f.server.local_addr(), tls::SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("TLS");
+    let (mut hello_send, mut hello_recv) = conn.open_bi().await.expect("first stream");
+    // A zero timeout polls once: the stream credit is in the transport parameters.
+    let second = tokio::time::timeout(Duration::ZERO, conn.open_bi())
+        .await
+        .is_ok();
+    let mut buf = Vec::new();
+    proto::encode_message(
+        &Request::Hello {
+            token: f.client_cfg.secrets.token.clone(),
+            client: "test".into(),
+            protocol: proto::PROTOCOL_VERSION,
+        },
+        &mut buf,
+    )
+    .expect("encode");
+    hello_send.write_all(&buf).await.expect("hello");
+    let _ = hello_send.finish();
+    let body = hello_recv.read_to_end(64 << 10).await.expect("welcome");
+    let mut dec = proto::FrameDecoder::new(proto::Limits::default());
+    dec.feed(&body);
+    assert!(
+        matches!(
+            dec.next_frame::<Response>(),
+            Ok(Some(proto::Frame::Message(Response::Welcome { .. })))
+        ),
+        "expected Welcome"
+    );
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        streams.push(
+            tokio::time::timeout(Duration::from_secs(30), conn.open_bi())
+                .await
+                .expect("streams are granted after Hello")
+                .expect("stream"),
+        );
+    }
+    second
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_peer_gets_a_small_first_message_and_one_stream() {
+    // A long handshake timeout: a server that waits for a large hello's body would wait this
+    // long, far beyond the bounded wait below.
+    let f = start(|c| c.handshake_timeout = Duration::from_secs(120)).await;
+    assert!(
+        large_hello_refused_within(&f, Duration::from_secs(30)).await,
+        "the server waited for a 1 MiB hello instead of refusing it"
+    );
+    assert!(
+        !second_stream_before_hello(&f).await,
+        "a second stream was allowed before the peer authenticated"
+    );
+    f.server.shutdown().await;
+}
