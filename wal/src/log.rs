@@ -22,7 +22,7 @@ use crate::record::{self, FrameError, NewTransaction, Transaction};
 use crate::segment::{self, HeaderError, SegmentHeader};
 use crate::slots::{SlotInfo, Slots};
 use crate::storage::{Storage, StorageFile};
-use crate::{Error, Offset};
+use crate::{Epoch, Error, Offset};
 
 /// When an append is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +169,8 @@ struct SegmentMeta {
     name: String,
     first: u64,
     gtids_before: GtidSet,
+    /// The history the segment belongs to (the same for every segment of a log).
+    epoch: Epoch,
     header_bytes: u32,
     created_us: i64,
     /// Size on disk; kept current for closed segments only.
@@ -224,7 +226,8 @@ struct Shared {
     poison_reason: Mutex<String>,
     slots: Mutex<Slots>,
     retention_floor: AtomicU64,
-    /// Bumped by every [`Wal::reset_history`]; readers opened before a reset refuse to go on.
+    /// The log's history epoch (persisted in every segment header); a new one is drawn by
+    /// every [`Wal::reset_history`], and readers opened before a reset refuse to go on.
     history_epoch: AtomicU64,
 }
 
@@ -574,13 +577,15 @@ impl Wal {
                 .len()
                 .map_err(|e| Error::io(format!("stat {}", st.describe(name)), e))?;
             if let Some(prev) = segments.last()
-                && !prev.gtids_before.is_subset(&header.gtids_before)
+                && (!prev.gtids_before.is_subset(&header.gtids_before)
+                    || prev.epoch != header.epoch)
                 && Some(i) == last_idx
                 && bytes == u64::from(header.header_bytes)
                 && !opts.read_only
             {
-                // An empty last segment whose GTID set does not contain the earlier ones' is
-                // what an interrupted `reset_history` leaves: finish it.
+                // An empty last segment of another history epoch (or, written before epochs,
+                // whose GTID set does not contain the earlier ones') is what an interrupted
+                // `reset_history` leaves: finish it.
                 tracing::warn!(file = %st.describe(name), "completing an interrupted history reset");
                 for s in segments.drain(..) {
                     st.remove(&s.name)
@@ -600,10 +605,24 @@ impl Wal {
                         .into(),
                 });
             }
+            if let Some(prev) = segments.last()
+                && prev.epoch != header.epoch
+            {
+                return Err(Error::Corrupt {
+                    file: st.describe(name),
+                    byte: 56,
+                    reason: format!(
+                        "segment of history epoch {} follows one of epoch {}; a log holds one \
+                         history",
+                        header.epoch, prev.epoch
+                    ),
+                });
+            }
             segments.push(SegmentMeta {
                 name: name.clone(),
                 first: header.first_offset.get(),
                 gtids_before: header.gtids_before,
+                epoch: header.epoch,
                 header_bytes: header.header_bytes,
                 created_us: header.created_us,
                 bytes,
@@ -634,7 +653,14 @@ impl Wal {
             }
             None => {
                 next_offset = 1;
-                let meta = create_segment(st, &opts, server_uuid, Offset::FIRST, &GtidSet::new())?;
+                let meta = create_segment(
+                    st,
+                    &opts,
+                    server_uuid,
+                    Offset::FIRST,
+                    &GtidSet::new(),
+                    Epoch::INITIAL,
+                )?;
                 active_bytes = meta.bytes;
                 segments.push(meta);
             }
@@ -696,6 +722,7 @@ impl Wal {
         }
 
         let last_offset = next_offset - 1;
+        let epoch = segments.last().map_or(Epoch::INITIAL, |s| s.epoch);
         report.elapsed_us = started.elapsed().as_micros() as u64;
         let slots = Slots::load(st)?;
         let (visible_tx, _) = watch::channel(last_offset);
@@ -727,7 +754,7 @@ impl Wal {
             poison_reason: Mutex::new(String::new()),
             slots: Mutex::new(slots),
             retention_floor: AtomicU64::new(u64::MAX),
-            history_epoch: AtomicU64::new(0),
+            history_epoch: AtomicU64::new(epoch.get()),
         });
         let writer = if shared.opts.read_only {
             None
@@ -754,6 +781,12 @@ impl Wal {
     /// The node id of this log, fixed when the log was created.
     pub fn server_uuid(&self) -> Uuid {
         self.shared.server_uuid
+    }
+
+    /// The log's history epoch: [`Epoch::INITIAL`] until the first [`Wal::reset_history`],
+    /// a new one after each. Stored in every segment header, so it survives restarts.
+    pub fn history_epoch(&self) -> Epoch {
+        Epoch::new(self.shared.history_epoch.load(Ordering::SeqCst))
     }
 
     /// The durability setting.
@@ -1240,10 +1273,12 @@ fn create_segment(
     server_uuid: Uuid,
     first: Offset,
     gtids_before: &GtidSet,
+    epoch: Epoch,
 ) -> Result<SegmentMeta, Error> {
     let name = segment::file_name(first);
     let created_us = now_us();
-    let header = segment::encode_header(first, server_uuid, created_us, gtids_before);
+    let header =
+        segment::encode_header_in_epoch(first, server_uuid, created_us, gtids_before, epoch);
     let ctx = |what: &str| format!("{what} {}", st.describe(&name));
     let file = st.create(&name).map_err(|e| Error::io(ctx("create"), e))?;
     file.write_all_at(&header, 0)
@@ -1257,6 +1292,7 @@ fn create_segment(
         name,
         first: first.get(),
         gtids_before: gtids_before.clone(),
+        epoch,
         header_bytes: header.len() as u32,
         created_us,
         bytes: header.len() as u64,
@@ -1547,8 +1583,16 @@ fn roll(
         .durable
         .store(shared.written.load(Ordering::SeqCst), Ordering::SeqCst);
     let first = Offset::new(first).ok_or_else(|| "segment at offset 0".to_string())?;
-    let meta = create_segment(st, &shared.opts, shared.server_uuid, first, gtids_before)
-        .map_err(|e| e.to_string())?;
+    let epoch = Epoch::new(shared.history_epoch.load(Ordering::SeqCst));
+    let meta = create_segment(
+        st,
+        &shared.opts,
+        shared.server_uuid,
+        first,
+        gtids_before,
+        epoch,
+    )
+    .map_err(|e| e.to_string())?;
     let new_file = st
         .open(&meta.name)
         .map_err(|e| format!("open {}: {e}", st.describe(&meta.name)))?;
@@ -1589,7 +1633,9 @@ fn reset_segments(
     let final_name = segment::file_name(first);
     let tmp = format!("{final_name}{RESET_SUFFIX}");
     let created_us = now_us();
-    let header = segment::encode_header(first, shared.server_uuid, created_us, gtids_before);
+    let epoch = Epoch::fresh();
+    let header =
+        segment::encode_header_in_epoch(first, shared.server_uuid, created_us, gtids_before, epoch);
     let ctx = |what: &str, n: &str| format!("{what} {}", st.describe(n));
     {
         let f = st
@@ -1603,7 +1649,7 @@ fn reset_segments(
         }
     }
     // From here on, readers opened before see the reset instead of a missing file.
-    shared.history_epoch.fetch_add(1, Ordering::SeqCst);
+    shared.history_epoch.store(epoch.get(), Ordering::SeqCst);
     let old: Vec<String> = lock(&shared.state)
         .segments
         .iter()
@@ -1634,6 +1680,7 @@ fn reset_segments(
             name: final_name.clone(),
             first: first.get(),
             gtids_before: gtids_before.clone(),
+            epoch,
             header_bytes: header.len() as u32,
             created_us,
             bytes,
