@@ -14,7 +14,7 @@ use serde_json::json;
 use tideline_engine::{Engine, EngineOptions, ReadError, Snapshot, WriteError};
 use tideline_stream::server::Rows;
 use tideline_stream::{BootstrapView, ErrorCode, Node, NodeError, ServerConfig, WriteOp};
-use tideline_wal::{Durability, Gtid, GtidSet, Offset, RetentionPolicy, Wal, WalOptions};
+use tideline_wal::{Durability, Epoch, Gtid, GtidSet, Offset, RetentionPolicy, Wal, WalOptions};
 
 use crate::DurabilityArg;
 use crate::log_cmd::open_log_with;
@@ -87,12 +87,17 @@ pub struct EngineNode {
 /// A snapshot of the engine, as the server's bootstrap reads it.
 struct EngineView {
     snap: Snapshot,
+    epoch: Epoch,
     estimate: (u64, u64),
 }
 
 impl BootstrapView for EngineView {
     fn offset(&self) -> u64 {
         self.snap.offset().map_or(0, Offset::get)
+    }
+
+    fn epoch(&self) -> Epoch {
+        self.epoch
     }
 
     fn gtid_executed(&self) -> GtidSet {
@@ -305,19 +310,19 @@ impl Node for EngineNode {
     }
 
     fn bootstrap_view(&self) -> Result<Arc<dyn BootstrapView>, NodeError> {
-        if self.engine.is_bootstrapping() {
+        let Some((snap, epoch)) = self.engine.snapshot_for_copy() else {
             return Err(NodeError::new(
                 ErrorCode::Unavailable,
                 "this node is itself being bootstrapped; retry once it has finished (see \
                  `tideline status`)",
             ));
-        }
-        let snap = self.engine.snapshot();
+        };
         // Keys from the store's counters (no data read); bytes are left to the consumer, which
         // scales the keys by the average entry size it sees.
         Ok(Arc::new(EngineView {
             estimate: (snap.approximate_len(), 0),
             snap,
+            epoch,
         }))
     }
 

@@ -292,7 +292,6 @@ fn wait_purged_past(node: &Node, offset: u64) {
 /// would mix chunks of U's old state with chunks of its new one. R must notice the new
 /// history epoch, start its copy again, and end equal to U.
 #[test]
-#[ignore = "issue 10 item 1: history epochs; enabled with its fix"]
 fn a_bootstrap_resumed_after_its_upstream_history_was_replaced_starts_again() {
     let (dir, secrets_s) = cluster();
     let v = primary(

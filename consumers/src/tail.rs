@@ -195,7 +195,8 @@ impl Stream for Tail {
 /// Starts a tail. With a checkpoint, it starts from the saved position (ignoring
 /// `cfg.start`) and saves the position of what the application has consumed (see
 /// [`Tail::commit`]). Transactions come in log order, each once: after a reconnect to the
-/// same node it resumes by offset, after a switch to another node by GTID set.
+/// same node in the same history epoch it resumes by offset; after a switch to another node,
+/// or once the node's history was replaced (it was bootstrapped), by GTID set.
 pub fn tail(cfg: TailConfig, checkpoint: Option<Box<dyn Checkpoint>>) -> Tail {
     let delivered: Arc<Mutex<Option<Position>>> = Arc::new(Mutex::new(None));
     let checkpoint: SharedCheckpoint = Arc::new(Mutex::new(checkpoint));
@@ -265,6 +266,7 @@ fn run(
                 Some(p) => p.resume_on(uuid),
                 None => cfg.start.clone(),
             };
+            let by_offset = pos.is_some() && matches!(start, TailStart::Offset(_));
             let mut sub = match client
                 .subscribe(start.to_wire(), cfg.tree.clone(), cfg.prefix.clone(), cfg.slot.clone())
                 .await
@@ -280,21 +282,34 @@ fn run(
                     Err(fatal) => { yield Err(fatal); return; }
                 },
             };
+            let epoch = sub.epoch();
+            if by_offset && let Some(p) = pos.as_mut() && !p.offset_valid_in(uuid, epoch) {
+                // The node's history was replaced since this position was taken (it was
+                // bootstrapped): its offsets name other transactions now. Resume by GTID set.
+                tracing::warn!(
+                    addr = %cfg.addr, was = ?p.epoch, now = %epoch,
+                    "tail: the node's history was replaced; resuming by GTID set"
+                );
+                p.epoch = None;
+                drop(sub);
+                continue;
+            }
             if let Some(executed) = latest_seed {
                 // From here on, resume by offset: a reconnect must not skip what was committed
                 // while the tail was away.
-                let p = Position { server_uuid: uuid, offset: sub.next_offset() - 1, gtids: executed };
+                let p = Position { server_uuid: uuid, offset: sub.next_offset() - 1, gtids: executed, epoch: Some(epoch) };
                 *lock(&delivered) = Some(p.clone());
                 pos = Some(p);
             }
-            if let Some(p) = &pos && p.server_uuid == uuid && sub.head() < p.offset {
+            let same_history = pos.as_ref().is_some_and(|p| p.offset_valid_in(uuid, epoch));
+            if let Some(p) = &pos && same_history && sub.head() < p.offset {
                 yield Err(TailError::Diverged { server_uuid: uuid, node_head: sub.head(), seen: p.offset });
                 return;
             }
             let mut state = match &pos {
                 Some(p) => {
                     let mut s = ClientSubscription::new(p.gtids.clone());
-                    if p.server_uuid == uuid && p.offset > 0 {
+                    if same_history && p.offset > 0 {
                         s = s.resuming_after(p.offset);
                     }
                     s
@@ -317,14 +332,14 @@ fn run(
                         };
                         for txn in fresh {
                             gtids.insert(txn.gtid);
-                            let p = Position { server_uuid: uuid, offset: txn.offset.get(), gtids: gtids.clone() };
+                            let p = Position { server_uuid: uuid, offset: txn.offset.get(), gtids: gtids.clone(), epoch: Some(epoch) };
                             *lock(&delivered) = Some(p);
                             yield Ok(txn);
                         }
                         // The application has asked for more: it took every transaction of
                         // the batch.
                         if let Some(o) = last_offset.or(state.last_offset()) {
-                            let p = Position { server_uuid: uuid, offset: o, gtids: state.seen().clone() };
+                            let p = Position { server_uuid: uuid, offset: o, gtids: state.seen().clone(), epoch: Some(epoch) };
                             *lock(&delivered) = Some(p.clone());
                             // Saving syncs a file: at most once per interval, so a fast tail is
                             // not held to the disk's fsync rate. `Tail::commit` saves at once.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use tideline_wal::{Gtid, GtidSet, Offset, Op, Reader, Transaction, Wal};
+use tideline_wal::{Epoch, Gtid, GtidSet, Offset, Op, Reader, Transaction, Wal};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -86,6 +86,8 @@ pub trait Node: Send + Sync + 'static {
 pub trait BootstrapView: Send + Sync + 'static {
     /// Last log offset applied in this view (0: none).
     fn offset(&self) -> u64;
+    /// The node's history epoch this view belongs to (see [`tideline_wal::Epoch`]).
+    fn epoch(&self) -> Epoch;
     /// GTIDs executed in this view.
     fn gtid_executed(&self) -> GtidSet;
     /// Trees in name order, with their merge operators.
@@ -308,6 +310,28 @@ async fn handle_connection<N: Node>(
         .await
         .map_err(|_| ConnError::Timeout)?;
     match hello {
+        Ok(Some(Request::Hello {
+            token: offered,
+            protocol,
+            ..
+        })) if tls::token_eq(&offered, &token) && protocol != PROTOCOL_VERSION => {
+            tracing::warn!(remote = %conn.remote_address(), protocol, "refusing connection: other protocol version");
+            let _ = send_message(
+                &mut send,
+                &Response::Error {
+                    code: ErrorCode::InvalidRequest,
+                    message: format!(
+                        "this node speaks protocol {PROTOCOL_VERSION} and the client \
+                         {protocol}: run the same Tideline version on both ends"
+                    ),
+                },
+            )
+            .await;
+            let _ = send.finish();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            conn.close(quinn::VarInt::from_u32(0), b"protocol version");
+            return Ok(());
+        }
         Ok(Some(Request::Hello {
             token: offered,
             client,
@@ -550,6 +574,7 @@ async fn serve_subscription<N: Node>(
         &Response::Subscribed {
             next_offset: sub.next_offset(),
             head,
+            epoch: reader.epoch().get(),
         },
     )
     .await?;

@@ -1737,6 +1737,12 @@ impl Reader {
         }
     }
 
+    /// The log's history epoch this reader reads in: it fails with [`Error::HistoryReset`]
+    /// once the log moves to another.
+    pub fn epoch(&self) -> Epoch {
+        Epoch::new(self.epoch)
+    }
+
     /// The offset the next record read will have (or would have, for skipped ones).
     pub fn next_offset(&self) -> Offset {
         Offset::new(self.next).unwrap_or(Offset::FIRST)

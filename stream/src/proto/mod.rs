@@ -22,8 +22,9 @@ use tideline_wal::{GtidSet, Offset, Transaction};
 
 /// ALPN protocol id.
 pub const ALPN: &[u8] = b"tideline/1";
-/// Protocol version sent in [`Request::Hello`].
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Protocol version sent in [`Request::Hello`] and [`Response::Welcome`]; both ends refuse
+/// another one. 2: history epochs in `Subscribed`, `BootstrapStarted` and `BootstrapResume`.
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 5;
 /// Frame kind: a message.
@@ -516,6 +517,7 @@ mod tests {
             &Response::Subscribed {
                 next_offset: 1,
                 head: 3,
+                epoch: 9,
             },
             &mut wire,
         )
