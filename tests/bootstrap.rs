@@ -361,7 +361,8 @@ fn a_bootstrap_resumed_after_its_upstream_history_was_replaced_starts_again() {
 
 /// Issue 10, item 2: a replica killed mid-bootstrap from X restarts with two upstreams, X and
 /// Y. Exactly one bootstrap may run, from X (the one its stored progress names); Y waits for
-/// it and then replicates. Two bootstraps at once wipe each other's copies.
+/// it and then replicates. Two bootstraps at once wipe each other's copies. Restarted first
+/// with upstreams that do not include X, it copies from none of them and says why.
 #[test]
 fn a_pending_bootstrap_with_several_upstreams_runs_once_from_the_stored_one() {
     let (dir, secrets_s) = cluster();
@@ -383,6 +384,45 @@ fn a_pending_bootstrap_with_several_upstreams_runs_once_from_the_stored_one() {
         ur["state"], "bootstrapping",
         "killed before finishing: {ur}"
     );
+    r.kill9();
+    drop(r);
+    let x_uuid = status(&x)["server_uuid"].as_str().unwrap().to_string();
+
+    // Neither Y nor Z is X: no copy runs, and both upstreams say which node is pending.
+    let z = Node::start_with(
+        &dir.path().join("z"),
+        free_port(),
+        &["--secrets", &secrets_s],
+    );
+    let mut r = Node::start_with(
+        &r_data,
+        free_port(),
+        &[
+            "--secrets",
+            &secrets_s,
+            "--upstream",
+            &y.addr,
+            "--upstream",
+            &z.addr,
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(&r);
+        let waiting = (0..2).all(|i| {
+            let u = &s["upstreams"][i];
+            u["bootstrap"].is_null()
+                && u["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(&format!("bootstrap from node {x_uuid}")))
+        });
+        if waiting {
+            assert_eq!(s["bootstrapping"], true, "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "waiting for both to refuse: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     r.kill9();
     drop(r);
 
