@@ -202,6 +202,7 @@ impl EngineNode {
             "read_only": read_only,
             "gtid_executed": pos.gtid_executed.to_string(),
             "first_offset": self.wal.first_offset().get(),
+            "history_epoch": self.wal.history_epoch().get(),
             "last_offset": pos.offset.map_or(0, |o| o.get()),
             "written_offset": self.wal.written_offset(),
             "durable_offset": self.wal.durable_offset(),

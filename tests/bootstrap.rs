@@ -318,6 +318,8 @@ fn a_bootstrap_resumed_after_its_upstream_history_was_replaced_starts_again() {
     // U goes down; V's data changes (every key rewritten) and V purges what U would need.
     let u_data = u.data.clone();
     let u_last = status(&u)["last_offset"].as_u64().unwrap();
+    let u_epoch = status(&u)["history_epoch"].clone();
+    assert!(u_epoch.is_u64(), "status names the history epoch");
     u.kill9();
     drop(u);
     let v_before = status(&v)["last_offset"].as_u64().unwrap();
@@ -333,10 +335,15 @@ fn a_bootstrap_resumed_after_its_upstream_history_was_replaced_starts_again() {
         x["state"] == "connected" && !x["bootstrap"].is_null()
     });
     wait_gtids(&u, &gtids(&v));
+    let su = status(&u);
     assert_eq!(
-        status(&u)["last_offset"].as_u64().unwrap(),
+        su["last_offset"].as_u64().unwrap(),
         u_last,
         "U's offsets go on where they were: only the epoch tells its histories apart"
+    );
+    assert_ne!(
+        su["history_epoch"], u_epoch,
+        "U's history was replaced: {su}"
     );
 
     // R comes back with its stored progress.
@@ -352,9 +359,13 @@ fn a_bootstrap_resumed_after_its_upstream_history_was_replaced_starts_again() {
             "16384",
         ],
     );
-    wait_upstream(&r, "R to finish its bootstrap", |x| {
+    let ur = wait_upstream(&r, "R to finish its bootstrap", |x| {
         x["state"] == "connected"
     });
+    assert_eq!(
+        ur["bootstrap"]["resumes"], 0,
+        "the copy started again: {ur}"
+    );
     wait_gtids(&r, &gtids(&u));
     assert_equal(&u, &r);
 }
