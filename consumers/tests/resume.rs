@@ -1,6 +1,7 @@
 //! The smart client's promise: a tail survives a node restart and its own restart (with a
 //! checkpoint file) and delivers every transaction exactly once, in order; a lost position is
-//! a typed error. Guards against gaps and duplicates at reconnects and against silent skips.
+//! a typed error. Guards against gaps and duplicates at reconnects and against silent skips,
+//! also when the node's log history was replaced by a bootstrap (a new history epoch).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -325,4 +326,42 @@ async fn a_tail_resumed_across_a_history_reset_gets_exactly_what_it_lacks() {
     assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(p_uuid, 131).unwrap());
     u_server.shutdown().await;
     p_server.shutdown().await;
+}
+
+/// The other side of the same item: when the copy that replaced U's history holds nothing the
+/// tail lacks, the tail resumes on U itself (by GTID set, since the epoch changed) and gets
+/// exactly the transactions after its checkpoint, once, with no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_resumed_across_a_history_reset_it_has_everything_of_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    tls::ensure_secrets(&secrets).unwrap();
+    let cfg = client_cfg(&secrets);
+    let (u_server, u) = start_log_node(&dir.path().join("u"), &secrets);
+    let origin = uuid::Uuid::new_v4();
+    append(u.wal(), origin, 1..=100);
+    let checkpoint = tideline_consumers::MemoryCheckpoint::default();
+    let u_cfg = fast_reconnect(TailConfig::new(
+        u_server.local_addr().to_string(),
+        cfg.clone(),
+        TailStart::Earliest,
+    ));
+    {
+        let mut t = tail(u_cfg.clone(), Some(Box::new(checkpoint.clone())));
+        for n in 1..=100 {
+            assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(origin, n).unwrap());
+        }
+        t.commit().unwrap();
+    }
+    let copied: GtidSet = format!("{origin}:1-100").parse().unwrap();
+    tokio::task::block_in_place(|| u.wal().reset_history(&copied)).unwrap();
+    append(u.wal(), origin, 101..=110);
+
+    let mut t = pin!(tail(u_cfg, Some(Box::new(checkpoint))));
+    for n in 101..=110 {
+        assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(origin, n).unwrap());
+    }
+    append(u.wal(), origin, 111..=111);
+    assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(origin, 111).unwrap());
+    u_server.shutdown().await;
 }
