@@ -21,6 +21,11 @@ use crate::replica::{SharedStatus, Stop, UpstreamState, classify, update};
 /// Steps received ahead of the store.
 const PIPELINE_STEPS: usize = 4;
 
+/// Held by the one bootstrap running in this process (a process has one engine): two copies
+/// into the same store would wipe each other, and the first to finish would record a full
+/// GTID set over partial state.
+static RUNNING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// What `status` shows of a bootstrap in progress.
 pub fn progress_json(p: &BootstrapProgress, rate: f64) -> serde_json::Value {
     let total = p.bytes_estimate_now();
@@ -51,6 +56,12 @@ pub async fn run(
     addr: &str,
     chunk_bytes: u64,
 ) -> Result<GtidSet, Stop> {
+    let _running = RUNNING.try_lock().map_err(|_| {
+        Stop::Retry(format!(
+            "another upstream task of this replica is running its bootstrap; {addr} waits until \
+             it has finished"
+        ))
+    })?;
     let stored = engine
         .bootstrap_progress()
         .and_then(|b| BootstrapProgress::from_json(&b));

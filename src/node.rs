@@ -16,7 +16,7 @@ use tideline_stream::server::Rows;
 use tideline_stream::{
     BootstrapView, ErrorCode, Node, NodeError, Observer, Page, ScanPage, ServerConfig, WriteOp,
 };
-use tideline_wal::{Durability, Gtid, GtidSet, Offset, RetentionPolicy, Wal, WalOptions};
+use tideline_wal::{Durability, Epoch, Gtid, GtidSet, Offset, RetentionPolicy, Wal, WalOptions};
 
 use crate::DurabilityArg;
 use crate::log_cmd::open_log_with;
@@ -102,12 +102,17 @@ pub struct EngineNode {
 /// A snapshot of the engine, as the server's bootstrap reads it.
 struct EngineView {
     snap: Snapshot,
+    epoch: Epoch,
     estimate: (u64, u64),
 }
 
 impl BootstrapView for EngineView {
     fn offset(&self) -> u64 {
         self.snap.offset().map_or(0, Offset::get)
+    }
+
+    fn epoch(&self) -> Epoch {
+        self.epoch
     }
 
     fn gtid_executed(&self) -> GtidSet {
@@ -287,6 +292,7 @@ impl EngineNode {
             "read_only": read_only,
             "gtid_executed": pos.gtid_executed.to_string(),
             "first_offset": first_offset,
+            "history_epoch": self.wal.history_epoch().get(),
             "last_offset": last_offset,
             // Records the log holds: 0 on a fresh node or right after a bootstrap (which copies
             // state, not history), where first_offset is the next offset to be written.
@@ -438,19 +444,19 @@ impl Node for EngineNode {
     }
 
     fn bootstrap_view(&self) -> Result<Arc<dyn BootstrapView>, NodeError> {
-        if self.engine.is_bootstrapping() {
+        let Some((snap, epoch)) = self.engine.snapshot_for_copy() else {
             return Err(NodeError::new(
                 ErrorCode::Unavailable,
                 "this node is itself being bootstrapped; retry once it has finished (see \
                  `tideline status`)",
             ));
-        }
-        let snap = self.engine.snapshot();
+        };
         // Keys from the store's counters (no data read); bytes are left to the consumer, which
         // scales the keys by the average entry size it sees.
         Ok(Arc::new(EngineView {
             estimate: (snap.approximate_len(), 0),
             snap,
+            epoch,
         }))
     }
 

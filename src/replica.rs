@@ -168,6 +168,14 @@ pub fn spawn(
                     });
                     failures += 1;
                 }
+                Err(Stop::Held(e)) => {
+                    tracing::error!(upstream = %addr, error = %e, "replication held for an operator");
+                    update(&st, |s| {
+                        s.state = UpstreamState::Error;
+                        s.error = Some(e);
+                    });
+                    failures = failures.max(6);
+                }
                 Err(Stop::Fatal(e) | Stop::Permanent(e)) => {
                     tracing::error!(upstream = %addr, error = %e, "replication stopped");
                     update(&st, |s| {
@@ -191,6 +199,9 @@ pub(crate) enum Stop {
     /// A connection error that waiting cannot fix (another cluster's certificate): needs an
     /// operator unless the upstream was reached before.
     Permanent(String),
+    /// Needs an operator, or a change on the upstream: shown as `error`, checked again after
+    /// a pause (the longest backoff).
+    Held(String),
 }
 
 /// Classifies a client error. A position the upstream no longer has mid-stream (its history
@@ -235,14 +246,17 @@ async fn replicate_once(
     update(st, |s| s.server_uuid = Some(upstream_uuid.to_string()));
     let can_bootstrap = opts.bootstrap == BootstrapMode::Auto && opts.sources == 1;
     let empty = engine.gtid_executed().is_empty() && engine.trees().is_empty();
+    if engine.is_bootstrapping() {
+        pending_bootstrap_is_ours(addr, upstream_uuid, engine, opts)?;
+    }
     if engine.is_bootstrapping() || (can_bootstrap && empty) {
         crate::bootstrap::run(&client, engine, st, addr, opts.chunk_bytes).await?;
     }
-    match follow(addr, &client, engine, st).await {
+    match follow(addr, &client, engine, st, opts.sources).await {
         Err(Purged(e)) if can_bootstrap => {
             tracing::warn!(upstream = %addr, error = %e, "the upstream purged GTIDs this replica needs: bootstrapping");
             crate::bootstrap::run(&client, engine, st, addr, opts.chunk_bytes).await?;
-            follow(addr, &client, engine, st)
+            follow(addr, &client, engine, st, opts.sources)
                 .await
                 .map_err(|Purged(e)| Stop::Retry(format!("after the bootstrap: {e}")))?
         }
@@ -260,6 +274,41 @@ async fn replicate_once(
     }
 }
 
+/// Exactly one bootstrap may run: a bootstrap left unfinished (its progress is stored) is
+/// resumed only from the upstream its progress names. The tasks of the other upstreams wait
+/// (retrying) until it has finished; if no configured upstream is that node, none copies and
+/// each says why. A single-source replica may start the copy again from scratch from its one
+/// upstream (the operator repointed it).
+fn pending_bootstrap_is_ours(
+    addr: &str,
+    upstream_uuid: uuid::Uuid,
+    engine: &Engine,
+    opts: ReplicaOptions,
+) -> Result<(), Stop> {
+    if opts.sources == 1 {
+        return Ok(());
+    }
+    let stored = engine
+        .bootstrap_progress()
+        .and_then(|b| tideline_consumers::BootstrapProgress::from_json(&b));
+    match stored {
+        Some(p) if p.server_uuid == upstream_uuid => Ok(()),
+        Some(p) => Err(Stop::Retry(format!(
+            "this replica is in the middle of a bootstrap from node {}; {addr} (node \
+             {upstream_uuid}) waits until it has finished. If node {} is not among the \
+             --upstream addresses, restart with its address as the only --upstream to finish \
+             the copy (or with one upstream of your choice to copy that one from scratch)",
+            p.server_uuid, p.server_uuid
+        ))),
+        None => Err(Stop::Fatal(
+            "this replica is in the middle of a bootstrap whose stored progress does not \
+             decode, so it cannot tell which of its upstreams it was copying: restart it with \
+             one --upstream to copy that one from scratch"
+                .into(),
+        )),
+    }
+}
+
 /// The upstream has purged GTIDs this replica needs.
 struct Purged(ClientError);
 
@@ -270,12 +319,15 @@ async fn follow(
     client: &Client,
     engine: &Arc<Engine>,
     st: &SharedStatus,
+    sources: usize,
 ) -> Result<Result<(), Stop>, Purged> {
-    Ok(match subscribe_and_apply(addr, client, engine, st).await {
-        Err(SubscribeError::Purged(e)) => return Err(Purged(e)),
-        Err(SubscribeError::Stop(s)) => Err(s),
-        Ok(r) => r,
-    })
+    Ok(
+        match subscribe_and_apply(addr, client, engine, st, sources).await {
+            Err(SubscribeError::Purged(e)) => return Err(Purged(e)),
+            Err(SubscribeError::Stop(s)) => Err(s),
+            Ok(r) => r,
+        },
+    )
 }
 
 enum SubscribeError {
@@ -294,21 +346,31 @@ async fn subscribe_and_apply(
     client: &Client,
     engine: &Arc<Engine>,
     st: &SharedStatus,
+    sources: usize,
 ) -> Result<Result<(), Stop>, SubscribeError> {
     let upstream_uuid = client.server_uuid();
-    // Errant transactions: what this node wrote itself that the upstream lacks.
     let (_, upstream_executed) = client.wait_for(&GtidSet::new(), Duration::ZERO).await?;
     let have = engine.gtid_executed();
-    let own: GtidSet =
-        have.intervals(&engine.server_uuid())
-            .iter()
-            .fold(GtidSet::new(), |mut acc, iv| {
-                acc.insert_interval(engine.server_uuid(), *iv);
-                acc
-            });
-    let errant = own.difference(&upstream_executed);
+    let (errant, held) = errant_gtids(
+        &have,
+        &upstream_executed,
+        engine.server_uuid(),
+        !engine.is_read_only(),
+        sources,
+    );
     if !errant.is_empty() {
         tracing::warn!(upstream = %addr, errant = %errant, "errant transactions: this replica has GTIDs its upstream lacks");
+    }
+    if !held.is_empty() {
+        update(st, |s| s.errant = errant.clone());
+        return Err(SubscribeError::Stop(Stop::Held(format!(
+            "errant GTIDs {held}: this replica executed them and upstream {addr} (node \
+             {upstream_uuid}, gtid_executed {upstream_executed}) lacks them, so applying from \
+             it would mix two histories. Not replicating from it until that changes: point \
+             this replica at an upstream that has them, let this upstream receive them, or \
+             re-bootstrap this replica from it (docs/OPERATIONS.md, \"Errant GTIDs\"); \
+             checked again every few seconds"
+        ))));
     }
     let mut sub = match client
         .subscribe(Start::Gtid(have.to_string()), None, None, None)
@@ -386,6 +448,39 @@ async fn subscribe_and_apply(
         .and_then(|applied| applied.and(received)))
 }
 
+/// Errant GTIDs of this replica with respect to an upstream that has executed `upstream`:
+/// returns (what to report, what makes the replica refuse the upstream).
+///
+/// Reported: every GTID this replica has that the upstream lacks, of any origin. With several
+/// upstreams, GTIDs of an origin the upstream has never seen are left out: they came from
+/// another source (a multi-source merge), not from a history the upstream diverged from.
+/// Refused on: all of those, except this node's own GTIDs when it accepts local writes
+/// (`--allow-local-writes`: its own writes reach the upstream, if ever, through another path,
+/// as in a circular topology).
+pub(crate) fn errant_gtids(
+    have: &GtidSet,
+    upstream: &GtidSet,
+    own_uuid: uuid::Uuid,
+    local_writes: bool,
+    sources: usize,
+) -> (GtidSet, GtidSet) {
+    let mut errant = GtidSet::new();
+    let mut held = GtidSet::new();
+    let lacking = have.difference(upstream);
+    for uuid in lacking.uuids() {
+        if sources > 1 && upstream.intervals(uuid).is_empty() && *uuid != own_uuid {
+            continue;
+        }
+        for iv in lacking.intervals(uuid) {
+            errant.insert_interval(*uuid, *iv);
+            if !(local_writes && *uuid == own_uuid) {
+                held.insert_interval(*uuid, *iv);
+            }
+        }
+    }
+    (errant, held)
+}
+
 /// Applies what the receiver hands over, as few, large groups as the backlog allows.
 async fn apply_loop(
     mut rx: tokio::sync::mpsc::Receiver<Vec<tideline_wal::Transaction>>,
@@ -437,4 +532,44 @@ async fn apply_loop(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(text: &str) -> GtidSet {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn errant_gtids_of_any_origin_hold_replication() {
+        let (a, b, me) = (
+            "aaaaaaaa-0000-0000-0000-000000000000",
+            "bbbbbbbb-0000-0000-0000-000000000000",
+            "cccccccc-0000-0000-0000-000000000000",
+        );
+        let me_uuid = uuid::Uuid::parse_str(me).unwrap();
+        // Failover to an upstream that lost A:10: errant, whoever wrote it.
+        let have = set(&format!("{a}:1-10"));
+        let (errant, held) = errant_gtids(&have, &set(&format!("{a}:1-9")), me_uuid, false, 1);
+        assert_eq!(
+            (errant.to_string(), held),
+            (format!("{a}:10"), errant.clone())
+        );
+        // A multi-source merge: B's GTIDs are unknown to A, so not errant towards A.
+        let have = set(&format!("{a}:1-10,{b}:1-3"));
+        let (errant, _) = errant_gtids(&have, &set(&format!("{a}:1-10")), me_uuid, false, 2);
+        assert!(errant.is_empty(), "{errant}");
+        // ... but with one upstream they are.
+        let (errant, _) = errant_gtids(&have, &set(&format!("{a}:1-10")), me_uuid, false, 1);
+        assert_eq!(errant.to_string(), format!("{b}:1-3"));
+        // Own writes are reported; they hold replication only on a read-only replica.
+        let have = set(&format!("{me}:1-2"));
+        let (errant, held) = errant_gtids(&have, &GtidSet::new(), me_uuid, true, 2);
+        assert_eq!(errant.to_string(), format!("{me}:1-2"));
+        assert!(held.is_empty());
+        let (_, held) = errant_gtids(&have, &GtidSet::new(), me_uuid, false, 1);
+        assert_eq!(held.to_string(), format!("{me}:1-2"));
+    }
 }

@@ -276,3 +276,188 @@ fn a_replica_whose_needed_gtids_were_purged_bootstraps() {
     assert_equal(&a, &b);
     assert_eq!(u["bootstrap"]["trees_done"], 1, "{u}");
 }
+
+/// Waits until `node`'s `first_offset` passes `offset` (its retention ran, every 10 s).
+fn wait_purged_past(node: &Node, offset: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(node)["first_offset"].as_u64().unwrap() <= offset {
+        assert!(Instant::now() < deadline, "never purged: {}", status(node));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Issue 10, item 1: R bootstraps from U and is killed after some stored chunks; U's history
+/// is then replaced (U is bootstrapped from V, whose data changed meanwhile) at the same
+/// offsets. R's stored progress names U and an offset U's new log still has, so resuming it
+/// would mix chunks of U's old state with chunks of its new one. R must notice the new
+/// history epoch, start its copy again, and end equal to U.
+#[test]
+fn a_bootstrap_resumed_after_its_upstream_history_was_replaced_starts_again() {
+    let (dir, secrets_s) = cluster();
+    let v = primary(
+        dir.path(),
+        &secrets_s,
+        &["--log-segment-bytes", "16384", "--log-retain-bytes", "0"],
+    );
+    let mut u = replica(dir.path(), "u", &secrets_s, &v, "65536");
+    load_sized(&v, "default", 0, 20_000, 100);
+    wait_gtids(&u, &gtids(&v));
+
+    let mut r = replica(dir.path(), "r", &secrets_s, &u, "16384");
+    let r_data = r.data.clone();
+    let ur = wait_upstream(&r, "R to store chunks", |u| {
+        u["bootstrap"]["chunks"].as_u64().unwrap_or(0) >= 5
+    });
+    assert_eq!(
+        ur["state"], "bootstrapping",
+        "killed before finishing: {ur}"
+    );
+    r.kill9();
+    drop(r);
+
+    // U goes down; V's data changes (every key rewritten) and V purges what U would need.
+    let u_data = u.data.clone();
+    let u_last = status(&u)["last_offset"].as_u64().unwrap();
+    let u_epoch = status(&u)["history_epoch"].clone();
+    assert!(u_epoch.is_u64(), "status names the history epoch");
+    u.kill9();
+    drop(u);
+    let v_before = status(&v)["last_offset"].as_u64().unwrap();
+    load_sized(&v, "default", 0, 20_000, 120);
+    wait_purged_past(&v, v_before + 1);
+    // U comes back, cannot catch up from V's log, and bootstraps: new state, same offsets.
+    let u = Node::start_with(
+        &u_data,
+        free_port(),
+        &["--secrets", &secrets_s, "--upstream", &v.addr],
+    );
+    wait_upstream(&u, "U to bootstrap from V", |x| {
+        x["state"] == "connected" && !x["bootstrap"].is_null()
+    });
+    wait_gtids(&u, &gtids(&v));
+    let su = status(&u);
+    assert_eq!(
+        su["last_offset"].as_u64().unwrap(),
+        u_last,
+        "U's offsets go on where they were: only the epoch tells its histories apart"
+    );
+    assert_ne!(
+        su["history_epoch"], u_epoch,
+        "U's history was replaced: {su}"
+    );
+
+    // R comes back with its stored progress.
+    let r = Node::start_with(
+        &r_data,
+        free_port(),
+        &[
+            "--secrets",
+            &secrets_s,
+            "--upstream",
+            &u.addr,
+            "--bootstrap-chunk-bytes",
+            "16384",
+        ],
+    );
+    let ur = wait_upstream(&r, "R to finish its bootstrap", |x| {
+        x["state"] == "connected"
+    });
+    assert_eq!(
+        ur["bootstrap"]["resumes"], 0,
+        "the copy started again: {ur}"
+    );
+    wait_gtids(&r, &gtids(&u));
+    assert_equal(&u, &r);
+}
+
+/// Issue 10, item 2: a replica killed mid-bootstrap from X restarts with two upstreams, X and
+/// Y. Exactly one bootstrap may run, from X (the one its stored progress names); Y waits for
+/// it and then replicates. Two bootstraps at once wipe each other's copies. Restarted first
+/// with upstreams that do not include X, it copies from none of them and says why.
+#[test]
+fn a_pending_bootstrap_with_several_upstreams_runs_once_from_the_stored_one() {
+    let (dir, secrets_s) = cluster();
+    let x = primary(dir.path(), &secrets_s, &[]);
+    let y = Node::start_with(
+        &dir.path().join("y"),
+        free_port(),
+        &["--secrets", &secrets_s],
+    );
+    load_sized(&x, "default", 0, 20_000, 100);
+    load_sized(&y, "other", 0, 2_000, 100);
+
+    let mut r = replica(dir.path(), "r", &secrets_s, &x, "16384");
+    let r_data = r.data.clone();
+    let ur = wait_upstream(&r, "R to store chunks", |u| {
+        u["bootstrap"]["chunks"].as_u64().unwrap_or(0) >= 5
+    });
+    assert_eq!(
+        ur["state"], "bootstrapping",
+        "killed before finishing: {ur}"
+    );
+    r.kill9();
+    drop(r);
+    let x_uuid = status(&x)["server_uuid"].as_str().unwrap().to_string();
+
+    // Neither Y nor Z is X: no copy runs, and both upstreams say which node is pending.
+    let z = Node::start_with(
+        &dir.path().join("z"),
+        free_port(),
+        &["--secrets", &secrets_s],
+    );
+    let mut r = Node::start_with(
+        &r_data,
+        free_port(),
+        &[
+            "--secrets",
+            &secrets_s,
+            "--upstream",
+            &y.addr,
+            "--upstream",
+            &z.addr,
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(&r);
+        let waiting = (0..2).all(|i| {
+            let u = &s["upstreams"][i];
+            u["bootstrap"].is_null()
+                && u["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains(&format!("bootstrap from node {x_uuid}")))
+        });
+        if waiting {
+            assert_eq!(s["bootstrapping"], true, "{s}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "waiting for both to refuse: {s}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r.kill9();
+    drop(r);
+
+    let r = Node::start_with(
+        &r_data,
+        free_port(),
+        &[
+            "--secrets",
+            &secrets_s,
+            "--upstream",
+            &y.addr,
+            "--upstream",
+            &x.addr,
+            "--bootstrap-chunk-bytes",
+            "16384",
+        ],
+    );
+    let want: tideline_wal::GtidSet = gtids(&x).parse().unwrap();
+    let want = want.union(&gtids(&y).parse().unwrap()).to_string();
+    wait_gtids(&r, &want);
+    assert_eq!(common::scan(&r, "default"), common::scan(&x, "default"));
+    assert_eq!(common::scan(&r, "other"), common::scan(&y, "other"));
+    let s = status(&r);
+    let (from_y, from_x) = (&s["upstreams"][0], &s["upstreams"][1]);
+    assert!(from_y["bootstrap"].is_null(), "Y was never copied: {s}");
+    assert_eq!(from_x["bootstrap"]["resumes"], 1, "X's copy resumed: {s}");
+}

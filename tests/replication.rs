@@ -1,8 +1,9 @@
 //! Replication topologies with real processes: chain A→B→C, fan-out A→B and A→C, a
 //! multi-source merge A→C and B→C, and failover of C from A to B by GTID auto-positioning.
 //! Each ends with the replicas' state and `gtid_executed` equal to what they replicate, every
-//! transaction applied once. Also: replicas refuse client writes, and a replica's own writes
-//! are reported as errant GTIDs when it is pointed at an upstream that lacks them.
+//! transaction applied once. Also: replicas refuse client writes, and a replica pointed at an
+//! upstream that lacks GTIDs it has (its own writes, or another origin's) reports them as
+//! errant and applies nothing from that upstream.
 
 mod common;
 
@@ -169,16 +170,84 @@ fn a_replicas_own_writes_are_reported_as_errant() {
             &a.addr,
         ],
     );
+    // It is read-only now: its own GTID the upstream lacks is errant, and it stops applying
+    // from that upstream until an operator decides (see docs/OPERATIONS.md).
+    let u = wait_settled(&r);
+    assert_eq!(u["state"], "error", "{u}");
+    assert_eq!(u["errant"], format!("{r_uuid}:1"), "{u}");
+}
+
+/// Polls `node`'s first upstream until it is `connected` or in `error`; returns it.
+fn wait_settled(node: &Node) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let s = status(&r);
-        if s["upstreams"][0]["state"] == "connected" {
-            assert_eq!(s["upstreams"][0]["errant"], format!("{r_uuid}:1"));
-            break;
+        let s = status(node);
+        let u = &s["upstreams"][0];
+        if u["state"] == "connected" || u["state"] == "error" {
+            return u.clone();
         }
         assert!(Instant::now() < deadline, "{s}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Issue 10, item 5: R holds A:1-10; it fails over to B, which holds only A:1-9 (B lost A:10,
+/// say, when A died). A:10 is errant even though R did not write it: R must name it in
+/// `status` and refuse to apply anything from B (which would make R a mix of two histories),
+/// until an operator decides.
+#[test]
+fn a_replica_refuses_an_upstream_that_lacks_gtids_of_any_origin() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let a = primary(dir.path(), "a", &secrets);
+    let mut b = replica(dir.path(), "b", &secrets, &[&a]);
+    let mut r = replica(dir.path(), "r", &secrets, &[&a]);
+    load(&a, 1, 90, 10);
+    wait_gtids(&b, &gtids(&a));
+    let b_data = b.data.clone();
+    b.kill9();
+    drop(b);
+    load(&a, 91, 100, 10);
+    let want_r = gtids(&a);
+    wait_gtids(&r, &want_r);
+    let a_uuid = status(&a)["server_uuid"].as_str().unwrap().to_string();
+    assert_eq!(want_r, format!("{a_uuid}:1-10"));
+
+    // B is promoted (a primary now) and R is repointed at it.
+    let b = Node::start_with(
+        &b_data,
+        free_port(),
+        &["--secrets", secrets.to_str().unwrap()],
+    );
+    let r_data = r.data.clone();
+    r.kill9();
+    drop(r);
+    let r = replica(dir.path(), "r", &secrets, &[&b]);
+    assert_eq!(r.data, r_data);
+    let u = wait_settled(&r);
+    assert_eq!(u["errant"], format!("{a_uuid}:10"), "{u}");
+    assert_eq!(u["state"], "error", "{u}");
+    let err = u["error"].as_str().unwrap_or_default();
+    assert!(err.contains(&format!("{a_uuid}:10")), "{err}");
+
+    // B takes a write; R sees it exists (its error names B's GTIDs) and still applies nothing.
+    assert!(b.run(&["put", "after-failover", "1"]).status.success());
+    let b_uuid = status(&b)["server_uuid"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let u = status(&r)["upstreams"][0].clone();
+        if u["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(&format!("{b_uuid}:1"))
+        {
+            assert_eq!(u["state"], "error", "{u}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "R never re-checked B: {u}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(gtids(&r), want_r, "nothing applied from B");
 }
 
 #[test]

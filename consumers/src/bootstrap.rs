@@ -25,6 +25,10 @@ pub struct BootstrapProgress {
     pub server_uuid: Uuid,
     /// Every live record up to this offset of that node was handled.
     pub after_offset: u64,
+    /// The node's history epoch the copy is taken in (its offsets are that history's).
+    /// `None` in progress stored before epochs were recorded: such a copy starts again.
+    #[serde(default)]
+    pub epoch: Option<u64>,
     /// Tree being copied ("" before the first).
     pub tree: String,
     /// First key of `tree` not yet copied, hex.
@@ -185,6 +189,11 @@ impl Bootstrap {
                 let pos = p.position().ok_or_else(|| {
                     BootstrapError::Restart("the stored position does not decode".into())
                 })?;
+                if p.epoch.is_none() {
+                    return Err(BootstrapError::Restart(
+                        "the stored progress names no history epoch of the node".into(),
+                    ));
+                }
                 Some((p, pos))
             }
             None => None,
@@ -193,6 +202,7 @@ impl Bootstrap {
             server_uuid: *p.server_uuid.as_bytes(),
             after_offset: pos.after_offset,
             cursor: pos.cursor.clone(),
+            epoch: p.epoch.unwrap_or_default(),
         });
         let stream = match client.bootstrap(wire_resume, chunk_bytes).await {
             Ok(s) => s,
@@ -215,6 +225,7 @@ impl Bootstrap {
                 let mut p = BootstrapProgress {
                     server_uuid: stream.server_uuid,
                     after_offset: 0,
+                    epoch: Some(stream.epoch.get()),
                     tree: String::new(),
                     key_hex: String::new(),
                     tree_done: false,
@@ -231,6 +242,13 @@ impl Bootstrap {
                 (p, pos)
             }
         };
+        if progress.epoch != Some(stream.epoch.get()) {
+            return Err(ProtoError::Violation(format!(
+                "asked to resume in history epoch {:?}, the node answers in epoch {}",
+                progress.epoch, stream.epoch
+            ))
+            .into());
+        }
         if stream.after_offset != pos.after_offset {
             return Err(ProtoError::Violation(format!(
                 "asked to resume after offset {}, the node starts after {}",
@@ -372,6 +390,7 @@ mod tests {
         let p = BootstrapProgress {
             server_uuid: Uuid::from_bytes([3; 16]),
             after_offset: 42,
+            epoch: Some(5),
             tree: "users".into(),
             key_hex: hex_encode(&[0, 255, 16]),
             tree_done: false,
@@ -386,6 +405,11 @@ mod tests {
         };
         let back = BootstrapProgress::from_json(&p.to_json()).unwrap();
         assert_eq!(back, p);
+        // Progress stored before history epochs: it decodes, and a resume starts again.
+        let mut old: serde_json::Value = serde_json::from_slice(&p.to_json()).unwrap();
+        old.as_object_mut().unwrap().remove("epoch");
+        let old = BootstrapProgress::from_json(&serde_json::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(old.epoch, None);
         assert_eq!(back.position().unwrap().cursor.key, vec![0, 255, 16]);
         assert!(BootstrapProgress::from_json(b"{").is_none());
         let mut bad = p;

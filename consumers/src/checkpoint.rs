@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tideline_wal::GtidSet;
+use tideline_wal::{Epoch, GtidSet};
 use uuid::Uuid;
 
 use crate::tail::TailStart;
@@ -21,17 +21,27 @@ pub struct Position {
     pub offset: u64,
     /// Every GTID delivered (or known at the start).
     pub gtids: GtidSet,
+    /// The node's history epoch `offset` belongs to; `None` when unknown (a checkpoint
+    /// written before epochs were recorded), which resumes by GTID set.
+    pub epoch: Option<Epoch>,
 }
 
 impl Position {
     /// Where to resume on node `server_uuid`: by offset on the same node, by GTID set on any
-    /// other (auto-positioning, no offset arithmetic across nodes).
+    /// other (auto-positioning, no offset arithmetic across nodes). A resume by offset still
+    /// needs the node's history epoch to match (see [`Position::offset_valid_in`]).
     pub fn resume_on(&self, server_uuid: Uuid) -> TailStart {
-        if server_uuid == self.server_uuid {
+        if server_uuid == self.server_uuid && self.epoch.is_some() {
             TailStart::Offset(self.offset + 1)
         } else {
             TailStart::Gtid(self.gtids.clone())
         }
+    }
+
+    /// Whether `offset` names the same place on node `server_uuid` in history `epoch`: the
+    /// same node, and its history was not replaced since (a bootstrap of that node).
+    pub fn offset_valid_in(&self, server_uuid: Uuid, epoch: Epoch) -> bool {
+        server_uuid == self.server_uuid && self.epoch == Some(epoch)
     }
 }
 
@@ -40,6 +50,9 @@ struct PositionFile {
     server_uuid: String,
     offset: u64,
     gtids: String,
+    /// Absent in files written before history epochs.
+    #[serde(default)]
+    epoch: Option<u64>,
 }
 
 /// Why a checkpoint could not be read or written.
@@ -109,6 +122,7 @@ impl Checkpoint for FileCheckpoint {
             server_uuid: Uuid::try_parse(&f.server_uuid).map_err(|e| corrupt(e.to_string()))?,
             offset: f.offset,
             gtids: f.gtids.parse().map_err(|e| corrupt(format!("{e}")))?,
+            epoch: f.epoch.map(Epoch::new),
         }))
     }
 
@@ -122,6 +136,7 @@ impl Checkpoint for FileCheckpoint {
             server_uuid: pos.server_uuid.to_string(),
             offset: pos.offset,
             gtids: pos.gtids.to_string(),
+            epoch: pos.epoch.map(Epoch::get),
         })
         .map_err(|e| io(std::io::Error::other(e)))?;
         let tmp = self.path.with_extension("tmp");
@@ -174,9 +189,19 @@ mod tests {
             server_uuid: uuid,
             offset: 7,
             gtids: format!("{uuid}:1-7").parse().unwrap(),
+            epoch: Some(Epoch::new(3)),
         };
         cp.save(&pos).unwrap();
-        assert_eq!(cp.load().unwrap(), Some(pos));
+        assert_eq!(cp.load().unwrap(), Some(pos.clone()));
+        // A file written before history epochs loads with none, and resumes by GTID set.
+        std::fs::write(
+            &path,
+            format!(r#"{{"server_uuid":"{uuid}","offset":7,"gtids":"{uuid}:1-7"}}"#),
+        )
+        .unwrap();
+        let old = cp.load().unwrap().unwrap();
+        assert_eq!(old.epoch, None);
+        assert_eq!(old.resume_on(uuid), TailStart::Gtid(pos.gtids.clone()));
         std::fs::write(&path, b"{not json").unwrap();
         let e = cp.load().unwrap_err();
         assert!(e.to_string().contains("remove it"), "{e}");

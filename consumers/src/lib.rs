@@ -21,12 +21,16 @@
 //!
 //! ```
 //! use tideline_consumers::{Position, TailStart};
-//! // Resuming after offset 41 of node `uuid`, having seen these GTIDs:
+//! // Resuming after offset 41 of node `uuid` (in its history epoch 0), having seen these GTIDs:
 //! let uuid = uuid::Uuid::from_bytes([7; 16]);
-//! let pos = Position { server_uuid: uuid, offset: 41, gtids: format!("{uuid}:1-41").parse()? };
+//! let epoch = Some(tideline_wal::Epoch::INITIAL);
+//! let pos = Position { server_uuid: uuid, offset: 41, gtids: format!("{uuid}:1-41").parse()?, epoch };
 //! // On the same node the tail resumes at offset 42; on another node, by GTID set.
 //! assert_eq!(pos.resume_on(uuid), TailStart::Offset(42));
 //! assert!(matches!(pos.resume_on(uuid::Uuid::nil()), TailStart::Gtid(_)));
+//! // If that node's history was replaced since (it was bootstrapped), offset 41 means
+//! // nothing any more: the tail notices the new epoch and resumes by GTID set.
+//! assert!(!pos.offset_valid_in(uuid, tideline_wal::Epoch::new(99)));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 

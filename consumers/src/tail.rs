@@ -275,7 +275,8 @@ impl Stream for Tail {
 /// Starts a tail. With a checkpoint, it starts from the saved position (ignoring
 /// `cfg.start`) and saves the position of what the application has consumed (see
 /// [`Tail::commit`]). Transactions come in log order, each once: after a reconnect to the
-/// same node it resumes by offset, after a switch to another node by GTID set.
+/// same node in the same history epoch it resumes by offset; after a switch to another node,
+/// or once the node's history was replaced (it was bootstrapped), by GTID set.
 pub fn tail(cfg: TailConfig, checkpoint: Option<Box<dyn Checkpoint>>) -> Tail {
     let delivered: Arc<Mutex<Option<Position>>> = Arc::new(Mutex::new(None));
     let checkpoint: SharedCheckpoint = Arc::new(Mutex::new(Store {
@@ -341,6 +342,7 @@ fn run(
                 Some(p) => p.resume_on(uuid),
                 None => cfg.start.clone(),
             };
+            let by_offset = pos.is_some() && matches!(start, TailStart::Offset(_));
             let mut sub = match client
                 .subscribe(start.to_wire(), cfg.tree.clone(), cfg.prefix.clone(), cfg.slot.clone())
                 .await
@@ -356,14 +358,27 @@ fn run(
                     Err(fatal) => { yield Err(fatal); return; }
                 },
             };
-            if let Some(p) = &pos && p.server_uuid == uuid && sub.head() < p.offset {
+            let epoch = sub.epoch();
+            if by_offset && let Some(p) = pos.as_mut() && !p.offset_valid_in(uuid, epoch) {
+                // The node's history was replaced since this position was taken (it was
+                // bootstrapped): its offsets name other transactions now. Resume by GTID set.
+                tracing::warn!(
+                    addr = %cfg.addr, was = ?p.epoch, now = %epoch,
+                    "tail: the node's history was replaced; resuming by GTID set"
+                );
+                p.epoch = None;
+                drop(sub);
+                continue;
+            }
+            let same_history = pos.as_ref().is_some_and(|p| p.offset_valid_in(uuid, epoch));
+            if let Some(p) = &pos && same_history && sub.head() < p.offset {
                 yield Err(TailError::Diverged { server_uuid: uuid, node_head: sub.head(), seen: p.offset });
                 return;
             }
             let mut state = match &pos {
                 Some(p) => {
                     let mut s = ClientSubscription::new(p.gtids.clone());
-                    if p.server_uuid == uuid && p.offset > 0 {
+                    if same_history && p.offset > 0 {
                         s = s.resuming_after(p.offset);
                     }
                     s
@@ -385,6 +400,7 @@ fn run(
                     server_uuid: uuid,
                     offset: sub.next_offset().saturating_sub(1),
                     gtids: state.seen().clone(),
+                    epoch: Some(epoch),
                 },
             };
             pos = Some(here.clone());
@@ -406,7 +422,7 @@ fn run(
                         };
                         for txn in fresh {
                             gtids.insert(txn.gtid);
-                            let p = Position { server_uuid: uuid, offset: txn.offset.get(), gtids: gtids.clone() };
+                            let p = Position { server_uuid: uuid, offset: txn.offset.get(), gtids: gtids.clone(), epoch: Some(epoch) };
                             *lock(&delivered) = Some(p);
                             yield Ok(txn);
                         }
@@ -416,6 +432,7 @@ fn run(
                             server_uuid: uuid,
                             offset: o,
                             gtids: state.seen().clone(),
+                            epoch: Some(epoch),
                         })
                     }
                     Ok(Some(Event::Progress { through, gtids })) => {
@@ -424,6 +441,7 @@ fn run(
                             server_uuid: uuid,
                             offset: state.last_offset().unwrap_or(through),
                             gtids: state.seen().clone(),
+                            epoch: Some(epoch),
                         })
                     }
                     // Idle: save what a throttled save left behind.

@@ -1,6 +1,7 @@
 //! The smart client's promise: a tail survives a node restart and its own restart (with a
 //! checkpoint file) and delivers every transaction exactly once, in order; a lost position is
-//! a typed error. Guards against gaps and duplicates at reconnects and against silent skips.
+//! a typed error. Guards against gaps and duplicates at reconnects and against silent skips,
+//! also when the node's log history was replaced by a bootstrap (a new history epoch).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,8 +13,8 @@ use futures_util::StreamExt;
 use tideline_consumers::{FileCheckpoint, TailConfig, TailError, TailStart, tail};
 use tideline_stream::log_node::LogNode;
 use tideline_stream::proto::WriteOp;
-use tideline_stream::{Client, ClientConfig, ServerConfig, ServerHandle, tls};
-use tideline_wal::{FileStorage, Transaction, Wal, WalOptions};
+use tideline_stream::{Client, ClientConfig, Node, ServerConfig, ServerHandle, tls};
+use tideline_wal::{FileStorage, Gtid, GtidSet, NewTransaction, Op, Transaction, Wal, WalOptions};
 
 fn start_node(data: &Path, secrets: &Path, listen: SocketAddr) -> ServerHandle {
     let wal = Wal::open(
@@ -219,4 +220,148 @@ async fn a_tail_gives_up_after_its_reconnect_budget_naming_the_last_error() {
         }
         other => panic!("expected GaveUp, got {other:?}"),
     }
+}
+
+/// A node that serves a log we can write into directly (origin GTIDs of another node, history
+/// resets), as a replica's log is written.
+fn start_log_node(data: &Path, secrets: &Path) -> (ServerHandle, Arc<LogNode>) {
+    let wal = Wal::open(
+        Arc::new(FileStorage::new(data).unwrap()),
+        WalOptions::default(),
+    )
+    .unwrap();
+    let node = Arc::new(LogNode::new(wal));
+    let server = tideline_stream::serve(
+        ServerConfig::new("127.0.0.1:0".parse().unwrap()),
+        tls::load_server(secrets).unwrap(),
+        node.clone(),
+    )
+    .unwrap();
+    (server, node)
+}
+
+/// Appends the transactions `origin:range` (one put each) to `wal`, keeping their GTIDs.
+fn append(wal: &Wal, origin: uuid::Uuid, range: std::ops::RangeInclusive<u64>) {
+    tokio::task::block_in_place(|| append_blocking(wal, origin, range))
+}
+
+fn append_blocking(wal: &Wal, origin: uuid::Uuid, range: std::ops::RangeInclusive<u64>) {
+    for n in range {
+        wal.append(NewTransaction {
+            gtid: Gtid::new(origin, n).unwrap(),
+            timestamp_us: 0,
+            ops: vec![Op::Put {
+                tree: "default".into(),
+                key: format!("k{n}").into_bytes(),
+                value: n.to_string().into_bytes(),
+                before: None,
+            }],
+        })
+        .unwrap();
+    }
+}
+
+/// Issue 10, item 1: a tail checkpointed at node U's head; U's history is then replaced (U
+/// was bootstrapped and gained P:101-120 by the copy, outside its log) and U goes on at the
+/// same offsets. Resuming by offset on U would skip P:101-120 silently. The tail must notice
+/// the new history epoch, resume by GTID set, get a typed error naming what U cannot send, and
+/// then, failed over to P, receive exactly the GTIDs it lacks, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_resumed_across_a_history_reset_gets_exactly_what_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    tls::ensure_secrets(&secrets).unwrap();
+    let cfg = client_cfg(&secrets);
+    // P: the origin, with the whole history.
+    let (p_server, p) = start_log_node(&dir.path().join("p"), &secrets);
+    let p_uuid = p.wal().server_uuid();
+    append(p.wal(), p_uuid, 1..=130);
+    // U: a replica of P that had P:1-100 at offsets 1-100.
+    let (u_server, u) = start_log_node(&dir.path().join("u"), &secrets);
+    append(u.wal(), p_uuid, 1..=100);
+
+    let checkpoint = tideline_consumers::MemoryCheckpoint::default();
+    let u_cfg = fast_reconnect(TailConfig::new(
+        u_server.local_addr().to_string(),
+        cfg.clone(),
+        TailStart::Earliest,
+    ));
+    {
+        let mut t = tail(u_cfg.clone(), Some(Box::new(checkpoint.clone())));
+        for n in 1..=100 {
+            assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(p_uuid, n).unwrap());
+        }
+        t.commit().unwrap();
+    }
+    // U is bootstrapped from a copy holding P:1-120: its log restarts after offset 100 with
+    // those GTIDs before it, then P:121-130 arrive at offsets 101-110.
+    let copied: GtidSet = format!("{p_uuid}:1-120").parse().unwrap();
+    tokio::task::block_in_place(|| u.wal().reset_history(&copied)).unwrap();
+    append(u.wal(), p_uuid, 121..=130);
+
+    let mut t = pin!(tail(u_cfg, Some(Box::new(checkpoint.clone()))));
+    match tokio::time::timeout(Duration::from_secs(20), t.next()).await {
+        Ok(Some(Err(TailError::PositionUnavailable(msg)))) => {
+            assert!(msg.contains(&format!("{p_uuid}:101-120")), "{msg}")
+        }
+        Ok(Some(Ok(txn))) => panic!(
+            "the tail resumed by offset on a replaced history: got {} at offset {}, \
+             silently skipping {p_uuid}:101-120",
+            txn.gtid, txn.offset
+        ),
+        other => panic!("expected PositionUnavailable, got {other:?}"),
+    }
+
+    // Failed over to P, the same checkpoint gets exactly P:101-130, each once.
+    let p_cfg = fast_reconnect(TailConfig::new(
+        p_server.local_addr().to_string(),
+        cfg.clone(),
+        TailStart::Earliest,
+    ));
+    let mut t = pin!(tail(p_cfg, Some(Box::new(checkpoint))));
+    for n in 101..=130 {
+        assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(p_uuid, n).unwrap());
+    }
+    append(p.wal(), p_uuid, 131..=131);
+    assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(p_uuid, 131).unwrap());
+    u_server.shutdown().await;
+    p_server.shutdown().await;
+}
+
+/// The other side of the same item: when the copy that replaced U's history holds nothing the
+/// tail lacks, the tail resumes on U itself (by GTID set, since the epoch changed) and gets
+/// exactly the transactions after its checkpoint, once, with no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_resumed_across_a_history_reset_it_has_everything_of_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    tls::ensure_secrets(&secrets).unwrap();
+    let cfg = client_cfg(&secrets);
+    let (u_server, u) = start_log_node(&dir.path().join("u"), &secrets);
+    let origin = uuid::Uuid::new_v4();
+    append(u.wal(), origin, 1..=100);
+    let checkpoint = tideline_consumers::MemoryCheckpoint::default();
+    let u_cfg = fast_reconnect(TailConfig::new(
+        u_server.local_addr().to_string(),
+        cfg.clone(),
+        TailStart::Earliest,
+    ));
+    {
+        let mut t = tail(u_cfg.clone(), Some(Box::new(checkpoint.clone())));
+        for n in 1..=100 {
+            assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(origin, n).unwrap());
+        }
+        t.commit().unwrap();
+    }
+    let copied: GtidSet = format!("{origin}:1-100").parse().unwrap();
+    tokio::task::block_in_place(|| u.wal().reset_history(&copied)).unwrap();
+    append(u.wal(), origin, 101..=110);
+
+    let mut t = pin!(tail(u_cfg, Some(Box::new(checkpoint))));
+    for n in 101..=110 {
+        assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(origin, n).unwrap());
+    }
+    append(u.wal(), origin, 111..=111);
+    assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(origin, 111).unwrap());
+    u_server.shutdown().await;
 }

@@ -24,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tideline_wal::{Gtid, GtidSet, NewTransaction, Offset, Op, Wal};
+use tideline_wal::{Epoch, Gtid, GtidSet, NewTransaction, Offset, Op, Wal};
 use uuid::Uuid;
 
 use crate::apply::{ApplyTxn, NewKeyspace, OpRef, PackedOps, PackedTxn, StoreBatch};
@@ -821,6 +821,30 @@ impl Engine {
     /// kept for it, so do not hold one forever).
     pub fn snapshot(&self) -> Snapshot {
         self.inner.snapshot()
+    }
+
+    /// A snapshot to copy this node's state from (a bootstrap served to a replica), with the
+    /// log's history epoch its state belongs to; `None` while this node is being bootstrapped
+    /// itself. Both are checked under the lock that a bootstrap's wipe and its end take, so
+    /// the snapshot never shows wiped or half-copied state, and the epoch is the one in which
+    /// the snapshot's offset is meaningful.
+    pub fn snapshot_for_copy(&self) -> Option<(Snapshot, Epoch)> {
+        let inner = &self.inner;
+        let v = inner.view.read().unwrap_or_else(|p| p.into_inner());
+        // A bootstrap sets the flag before it wipes the state (under this lock's write side)
+        // and clears it, under the write side too, only after its history reset: with the
+        // flag clear here, the state and the epoch read below are of one history.
+        if inner.bootstrapping.load(Ordering::SeqCst) {
+            return None;
+        }
+        let snap = Snapshot::new(
+            inner.db.snapshot(),
+            v.catalog.clone(),
+            v.offset,
+            v.gtids.clone(),
+            v.generation,
+        );
+        Some((snap, inner.wal.history_epoch()))
     }
 
     /// Applies a transaction received from an upstream: it keeps its origin GTID and gets

@@ -54,17 +54,31 @@ fn header(bytes: &[u8]) {
         return;
     };
     assert!(h.header_bytes as usize <= bytes.len());
-    let out = segment::encode_header(h.first_offset, h.server_uuid, h.created_us, &h.gtids_before);
+    let out = segment::encode_header_in_epoch(
+        h.first_offset,
+        h.server_uuid,
+        h.created_us,
+        &h.gtids_before,
+        h.epoch,
+    );
     let back = segment::decode_header(&out).expect("a re-encoded header decodes");
-    // The length may differ: the input may pad more, or spell the GTID set non-canonically.
+    // The length may differ: the input may pad more, spell the GTID set non-canonically, or
+    // be format 1 (re-encoded as the current format, same epoch).
     assert_eq!(
         (
             back.first_offset,
             back.server_uuid,
             back.created_us,
-            &back.gtids_before
+            &back.gtids_before,
+            back.epoch
         ),
-        (h.first_offset, h.server_uuid, h.created_us, &h.gtids_before)
+        (
+            h.first_offset,
+            h.server_uuid,
+            h.created_us,
+            &h.gtids_before,
+            h.epoch
+        )
     );
 }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tideline_wal::{GtidSet, Transaction};
+use tideline_wal::{Epoch, GtidSet, Transaction};
 use uuid::Uuid;
 
 use crate::proto::{
@@ -251,10 +251,17 @@ impl Client {
                 protocol,
             }) if protocol == PROTOCOL_VERSION => Ok(Uuid::from_bytes(server_uuid)),
             Ok(Response::Welcome { protocol, .. }) => Err(ClientError::Unexpected(format!(
-                "{} speaks protocol {protocol}, this client {PROTOCOL_VERSION}: use a tideline \
-                 client of the node's version",
+                "{} speaks protocol {protocol} and this client {PROTOCOL_VERSION}: run the same \
+                 Tideline version on both ends",
                 self.addr
             ))),
+            Ok(Response::Error {
+                code: ErrorCode::InvalidRequest,
+                message,
+            }) => Err(ClientError::Server {
+                code: ErrorCode::InvalidRequest,
+                message,
+            }),
             Ok(Response::Error {
                 code: ErrorCode::Unauthorized,
                 ..
@@ -463,12 +470,14 @@ impl Client {
                 next_offset,
                 head,
                 gtids_before,
+                epoch,
             }) => Ok(Subscription {
                 send,
                 recv,
                 next_offset,
                 head,
                 gtids_before: parse_gtids(&gtids_before)?,
+                epoch: Epoch::new(epoch),
             }),
             Some(Response::Error { code, message }) => Err(ClientError::Server { code, message }),
             Some(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -501,6 +510,7 @@ impl Client {
                 after_offset,
                 keys_estimate,
                 bytes_estimate,
+                epoch,
             }) => Ok(BootstrapStream {
                 recv,
                 send: Some(send),
@@ -508,6 +518,7 @@ impl Client {
                 after_offset,
                 keys_estimate,
                 bytes_estimate,
+                epoch: Epoch::new(epoch),
             }),
             Some(Response::Error { code, message }) => Err(ClientError::Server { code, message }),
             Some(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
@@ -579,9 +590,16 @@ pub struct Subscription {
     next_offset: u64,
     head: u64,
     gtids_before: GtidSet,
+    epoch: Epoch,
 }
 
 impl Subscription {
+    /// The server's history epoch: `next_offset` and every offset received are offsets of
+    /// that history (see [`Epoch`]).
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
     /// The offset the server started from.
     pub fn next_offset(&self) -> u64 {
         self.next_offset
@@ -679,6 +697,8 @@ pub struct BootstrapStream {
     pub keys_estimate: u64,
     /// Estimated bytes (progress only).
     pub bytes_estimate: u64,
+    /// The server's history epoch the copy is taken in; store it with the progress.
+    pub epoch: Epoch,
 }
 
 /// Tells the server how many chunks of a bootstrap stream are stored; it sends the next chunk

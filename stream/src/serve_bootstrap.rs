@@ -2,11 +2,16 @@
 //! chunk read from a fresh view of the node's state and placed right after the last record
 //! that view contains (DBLog's watermarks, done by the server). See `proto::bootstrap` for the
 //! receiving end and `docs/PROTOCOL.md` for the messages.
+//!
+//! Every view and the log reader belong to one history epoch of this node, named in
+//! `BootstrapStarted`. A resume must name the same epoch; if the node's history is replaced
+//! while the copy is served (the node is bootstrapped itself), the stream ends with
+//! `PositionUnavailable`: offsets and chunks of two histories must never be mixed.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tideline_wal::Offset;
+use tideline_wal::{Epoch, Offset};
 use uuid::Uuid;
 
 use crate::proto::{
@@ -74,6 +79,17 @@ fn refused(code: ErrorCode, message: impl Into<String>) -> Stop {
     Stop::Refused(Box::new(error(code, message)))
 }
 
+/// The node's history was replaced while a bootstrap was served.
+fn epoch_changed(was: Epoch, now: Epoch) -> Stop {
+    refused(
+        ErrorCode::PositionUnavailable,
+        format!(
+            "this node's history was replaced while the bootstrap was served (epoch {was}, now \
+             {now}: the node was bootstrapped itself); start the bootstrap again from scratch"
+        ),
+    )
+}
+
 /// What comes after the live records of one view.
 enum Piece {
     Chunk {
@@ -136,9 +152,23 @@ async fn run<N: Node>(
     let first = node
         .bootstrap_view()
         .map_err(|e| refused(e.code, e.message))?;
+    let epoch = first.epoch();
     let (after, mut cursor) = match resume {
         None => (first.offset(), Cursor::default()),
-        Some(r) if Uuid::from_bytes(r.server_uuid) == ours => (r.after_offset, r.cursor),
+        Some(r) if Uuid::from_bytes(r.server_uuid) == ours && r.epoch == epoch.get() => {
+            (r.after_offset, r.cursor)
+        }
+        Some(r) if Uuid::from_bytes(r.server_uuid) == ours => {
+            return Err(refused(
+                ErrorCode::PositionUnavailable,
+                format!(
+                    "this bootstrap was begun in history epoch {} of node {ours}, whose history \
+                     has since been replaced (epoch {epoch}, the node was bootstrapped itself); \
+                     start it again from scratch",
+                    r.epoch
+                ),
+            ));
+        }
         Some(r) => {
             return Err(refused(
                 ErrorCode::InvalidRequest,
@@ -157,6 +187,9 @@ async fn run<N: Node>(
             format!("cannot resume this bootstrap: {e}"),
         )
     })?;
+    if reader.epoch() != epoch {
+        return Err(epoch_changed(epoch, reader.epoch()));
+    }
     let (keys_estimate, bytes_estimate) = first.estimate();
     send_message(
         send,
@@ -165,6 +198,7 @@ async fn run<N: Node>(
             after_offset: after,
             keys_estimate,
             bytes_estimate,
+            epoch: epoch.get(),
         },
     )
     .await?;
@@ -180,6 +214,9 @@ async fn run<N: Node>(
                 .bootstrap_view()
                 .map_err(|e| refused(e.code, e.message))?,
         };
+        if v.epoch() != epoch {
+            return Err(epoch_changed(epoch, v.epoch()));
+        }
         let at = v.offset();
         if at + 1 < reader.next_offset().get() {
             // The view lags what was already sent (a restart's replay finishing): wait for

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tideline_wal::{Gtid, GtidSet, Offset, Op, Reader, Transaction, Wal};
+use tideline_wal::{Epoch, Gtid, GtidSet, Offset, Op, Reader, Transaction, Wal};
 use tokio::task::JoinHandle;
 use uuid::Uuid;
 
@@ -144,6 +144,8 @@ pub trait Node: Send + Sync + 'static {
 pub trait BootstrapView: Send + Sync + 'static {
     /// Last log offset applied in this view (0: none).
     fn offset(&self) -> u64;
+    /// The node's history epoch this view belongs to (see [`tideline_wal::Epoch`]).
+    fn epoch(&self) -> Epoch;
     /// GTIDs executed in this view.
     fn gtid_executed(&self) -> GtidSet;
     /// Trees in name order, with their merge operators.
@@ -1122,6 +1124,7 @@ async fn serve_subscription<N: Node>(
             next_offset: sub.next_offset(),
             head,
             gtids_before,
+            epoch: reader.epoch().get(),
         },
     )
     .await?;

@@ -69,7 +69,7 @@ pub use log::{
     Appended, Durability, LogStats, Reader, RecoveryReport, RetentionPolicy, RetentionReport,
     SegmentInfo, Wal, WalOptions,
 };
-pub use offset::Offset;
+pub use offset::{Epoch, Offset};
 pub use record::{NewTransaction, Op, Transaction};
 pub use slots::{SlotInfo, SlotState};
 pub use storage::{

@@ -22,7 +22,7 @@ use crate::record::{self, FrameError, NewTransaction, Transaction};
 use crate::segment::{self, HeaderError, SegmentHeader};
 use crate::slots::{SlotInfo, Slots};
 use crate::storage::{Storage, StorageFile, WriterLock};
-use crate::{Error, Offset};
+use crate::{Epoch, Error, Offset};
 
 /// When an append is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +178,8 @@ struct SegmentMeta {
     name: String,
     first: u64,
     gtids_before: GtidSet,
+    /// The history the segment belongs to (the same for every segment of a log).
+    epoch: Epoch,
     header_bytes: u32,
     created_us: i64,
     /// Size on disk; kept current for closed segments only.
@@ -237,7 +239,8 @@ struct Shared {
     /// pick the same file. Lock order: `segment_files`, then `slots`, then `state`.
     segment_files: Mutex<()>,
     retention_floor: AtomicU64,
-    /// Bumped by every [`Wal::reset_history`]; readers opened before a reset refuse to go on.
+    /// The log's history epoch (persisted in every segment header); a new one is drawn by
+    /// every [`Wal::reset_history`], and readers opened before a reset refuse to go on.
     history_epoch: AtomicU64,
 }
 
@@ -627,13 +630,15 @@ impl Wal {
                 .len()
                 .map_err(|e| Error::io(format!("stat {}", st.describe(name)), e))?;
             if let Some(prev) = segments.last()
-                && !prev.gtids_before.is_subset(&header.gtids_before)
+                && (!prev.gtids_before.is_subset(&header.gtids_before)
+                    || prev.epoch != header.epoch)
                 && Some(i) == last_idx
                 && bytes == u64::from(header.header_bytes)
                 && !opts.read_only
             {
-                // An empty last segment whose GTID set does not contain the earlier ones' is
-                // what an interrupted `reset_history` leaves: finish it.
+                // An empty last segment of another history epoch (or, written before epochs,
+                // whose GTID set does not contain the earlier ones') is what an interrupted
+                // `reset_history` leaves: finish it.
                 tracing::warn!(file = %st.describe(name), "completing an interrupted history reset");
                 for s in segments.drain(..) {
                     st.remove(&s.name)
@@ -653,10 +658,24 @@ impl Wal {
                         .into(),
                 });
             }
+            if let Some(prev) = segments.last()
+                && prev.epoch != header.epoch
+            {
+                return Err(Error::Corrupt {
+                    file: st.describe(name),
+                    byte: 56,
+                    reason: format!(
+                        "segment of history epoch {} follows one of epoch {}; a log holds one \
+                         history",
+                        header.epoch, prev.epoch
+                    ),
+                });
+            }
             segments.push(SegmentMeta {
                 name: name.clone(),
                 first: header.first_offset.get(),
                 gtids_before: header.gtids_before,
+                epoch: header.epoch,
                 header_bytes: header.header_bytes,
                 created_us: header.created_us,
                 bytes,
@@ -687,7 +706,14 @@ impl Wal {
             }
             None => {
                 next_offset = 1;
-                let meta = create_segment(st, &opts, server_uuid, Offset::FIRST, &GtidSet::new())?;
+                let meta = create_segment(
+                    st,
+                    &opts,
+                    server_uuid,
+                    Offset::FIRST,
+                    &GtidSet::new(),
+                    Epoch::INITIAL,
+                )?;
                 active_bytes = meta.bytes;
                 segments.push(meta);
             }
@@ -756,6 +782,7 @@ impl Wal {
         }
 
         let last_offset = next_offset - 1;
+        let epoch = segments.last().map_or(Epoch::INITIAL, |s| s.epoch);
         report.elapsed_us = started.elapsed().as_micros() as u64;
         let slots = Slots::load(st)?;
         let (visible_tx, _) = watch::channel(last_offset);
@@ -788,7 +815,7 @@ impl Wal {
             slots: Mutex::new(slots),
             segment_files: Mutex::new(()),
             retention_floor: AtomicU64::new(u64::MAX),
-            history_epoch: AtomicU64::new(0),
+            history_epoch: AtomicU64::new(epoch.get()),
         });
         let writer = if shared.opts.read_only {
             None
@@ -816,6 +843,12 @@ impl Wal {
     /// The node id of this log, fixed when the log was created.
     pub fn server_uuid(&self) -> Uuid {
         self.shared.server_uuid
+    }
+
+    /// The log's history epoch: [`Epoch::INITIAL`] until the first [`Wal::reset_history`],
+    /// a new one after each. Stored in every segment header, so it survives restarts.
+    pub fn history_epoch(&self) -> Epoch {
+        Epoch::new(self.shared.history_epoch.load(Ordering::SeqCst))
     }
 
     /// The durability setting.
@@ -1319,10 +1352,12 @@ fn create_segment(
     server_uuid: Uuid,
     first: Offset,
     gtids_before: &GtidSet,
+    epoch: Epoch,
 ) -> Result<SegmentMeta, Error> {
     let name = segment::file_name(first);
     let created_us = now_us();
-    let header = segment::encode_header(first, server_uuid, created_us, gtids_before);
+    let header =
+        segment::encode_header_in_epoch(first, server_uuid, created_us, gtids_before, epoch);
     let ctx = |what: &str| format!("{what} {}", st.describe(&name));
     let file = st.create(&name).map_err(|e| Error::io(ctx("create"), e))?;
     file.write_all_at(&header, 0)
@@ -1336,6 +1371,7 @@ fn create_segment(
         name,
         first: first.get(),
         gtids_before: gtids_before.clone(),
+        epoch,
         header_bytes: header.len() as u32,
         created_us,
         bytes: header.len() as u64,
@@ -1693,8 +1729,16 @@ fn roll(
     sync_file(shared, st, file, name)?;
     made_durable(shared, unpublished);
     let first = Offset::new(first).ok_or_else(|| "segment at offset 0".to_string())?;
-    let meta = create_segment(st, &shared.opts, shared.server_uuid, first, gtids_before)
-        .map_err(|e| e.to_string())?;
+    let epoch = Epoch::new(shared.history_epoch.load(Ordering::SeqCst));
+    let meta = create_segment(
+        st,
+        &shared.opts,
+        shared.server_uuid,
+        first,
+        gtids_before,
+        epoch,
+    )
+    .map_err(|e| e.to_string())?;
     let new_file = st
         .open(&meta.name)
         .map_err(|e| format!("open {}: {e}", st.describe(&meta.name)))?;
@@ -1736,7 +1780,9 @@ fn reset_segments(
     let final_name = segment::file_name(first);
     let tmp = format!("{final_name}{RESET_SUFFIX}");
     let created_us = now_us();
-    let header = segment::encode_header(first, shared.server_uuid, created_us, gtids_before);
+    let epoch = Epoch::fresh();
+    let header =
+        segment::encode_header_in_epoch(first, shared.server_uuid, created_us, gtids_before, epoch);
     let ctx = |what: &str, n: &str| format!("{what} {}", st.describe(n));
     {
         let f = st
@@ -1752,7 +1798,7 @@ fn reset_segments(
     // Retention must not pick the segments this removes, nor remove one this is about to.
     let _files = lock(&shared.segment_files);
     // From here on, readers opened before see the reset instead of a missing file.
-    shared.history_epoch.fetch_add(1, Ordering::SeqCst);
+    shared.history_epoch.store(epoch.get(), Ordering::SeqCst);
     let old: Vec<String> = lock(&shared.state)
         .segments
         .iter()
@@ -1783,6 +1829,7 @@ fn reset_segments(
             name: final_name.clone(),
             first: first.get(),
             gtids_before: gtids_before.clone(),
+            epoch,
             header_bytes: header.len() as u32,
             created_us,
             bytes,
@@ -1837,6 +1884,12 @@ impl Reader {
             buf: Vec::new(),
             pos: 0,
         }
+    }
+
+    /// The log's history epoch this reader reads in: it fails with [`Error::HistoryReset`]
+    /// once the log moves to another.
+    pub fn epoch(&self) -> Epoch {
+        Epoch::new(self.epoch)
     }
 
     /// The offset the next record read will have (or would have, for skipped ones).

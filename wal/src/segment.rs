@@ -9,30 +9,39 @@
 //!  | magic   | format | rkyv   | header  | first_offset | server_uuid | created_us|
 //!  | 8 bytes | u16 LE | u16 LE | u32 LE  | u64 LE       | 16 bytes    | i64 LE    |
 //!  +---------+--------+--------+---------+--------------+-------------+-----------+
-//!  48            52        56                          header_bytes
-//!  +-------------+---------+---------------------------+
-//!  | gtid_len    | crc     | gtids_before (UTF-8 text) | zero pad to 8
-//!  | u32 LE      | u32 LE  | gtid_len bytes            |
-//!  +-------------+---------+---------------------------+
+//!  48            52        56              64                          header_bytes
+//!  +-------------+---------+---------------+---------------------------+
+//!  | gtid_len    | crc     | history_epoch | gtids_before (UTF-8 text) | zero pad to 8
+//!  | u32 LE      | u32 LE  | u64 LE        | gtid_len bytes            |
+//!  +-------------+---------+---------------+---------------------------+
 //! ```
 //! `crc` is CRC32C over the whole header (padding included) with the crc field taken as zero.
 //! `gtids_before` is the canonical text of every GTID in the log before this segment, which
 //! lets a reader asking for "everything not in S" pick its first segment from headers alone.
+//! `history_epoch` names the log's history (see [`Epoch`]): every segment of one history
+//! carries the same value; a history reset writes its first segment with a new one.
+//!
+//! Format 1 (read, no longer written) is the same without `history_epoch`: its GTID text
+//! starts at byte 56 and its epoch is [`Epoch::INITIAL`].
 
 use uuid::Uuid;
 
-use crate::Offset;
 use crate::gtid::GtidSet;
+use crate::{Epoch, Offset};
 
 /// The first eight bytes of every segment.
 pub const MAGIC: [u8; 8] = *b"TIDELOG\0";
-/// Version of the segment and frame layout.
-pub const FORMAT_VERSION: u16 = 1;
+/// Version of the segment and frame layout written by this build.
+pub const FORMAT_VERSION: u16 = 2;
+/// Oldest segment format this build reads (format 1 has no `history_epoch`).
+pub const FORMAT_VERSION_MIN: u16 = 1;
 /// Identifies the pinned rkyv format: bit 0 little-endian, bit 1 unaligned primitives,
 /// bits 2..4 pointer width (1 = 32 bits). A reader refuses any other value.
 pub const RKYV_FORMAT: u16 = 0b0111;
-/// Bytes of the fixed part of the header.
+/// Bytes of the fixed part of the header common to every format (enough to read its length).
 pub const HEADER_FIXED_BYTES: usize = 56;
+/// Bytes of the fixed part of a format 2 header (with `history_epoch`).
+pub const HEADER_FIXED_BYTES_V2: usize = 64;
 /// Largest header accepted when reading: bounds what a corrupt length can make us allocate.
 pub const HEADER_BYTES_MAX: u32 = 16 << 20;
 /// File name suffix of segments.
@@ -49,6 +58,8 @@ pub struct SegmentHeader {
     pub created_us: i64,
     /// Every GTID in the log before this segment.
     pub gtids_before: GtidSet,
+    /// The history this segment belongs to ([`Epoch::INITIAL`] for format 1).
+    pub epoch: Epoch,
     /// Total bytes of the header, padding included; the first frame starts here.
     pub header_bytes: u32,
 }
@@ -67,15 +78,32 @@ pub fn parse_file_name(name: &str) -> Option<Offset> {
     Offset::new(stem.parse().ok()?)
 }
 
-/// Encodes a header.
+/// Encodes a header of a log that was never reset ([`Epoch::INITIAL`]).
 pub fn encode_header(
     first_offset: Offset,
     server_uuid: Uuid,
     created_us: i64,
     gtids_before: &GtidSet,
 ) -> Vec<u8> {
+    encode_header_in_epoch(
+        first_offset,
+        server_uuid,
+        created_us,
+        gtids_before,
+        Epoch::INITIAL,
+    )
+}
+
+/// Encodes a header (current format) of a segment of history `epoch`.
+pub fn encode_header_in_epoch(
+    first_offset: Offset,
+    server_uuid: Uuid,
+    created_us: i64,
+    gtids_before: &GtidSet,
+    epoch: Epoch,
+) -> Vec<u8> {
     let text = gtids_before.to_string();
-    let total = (HEADER_FIXED_BYTES + text.len()).next_multiple_of(8);
+    let total = (HEADER_FIXED_BYTES_V2 + text.len()).next_multiple_of(8);
     let mut out = Vec::with_capacity(total);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -86,6 +114,7 @@ pub fn encode_header(
     out.extend_from_slice(&created_us.to_le_bytes());
     out.extend_from_slice(&(text.len() as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&epoch.get().to_le_bytes());
     out.extend_from_slice(text.as_bytes());
     out.resize(total, 0);
     let crc = crc32c::crc32c(&out);
@@ -129,8 +158,8 @@ impl std::fmt::Display for HeaderError {
             HeaderError::UnsupportedVersion { format, rkyv } => write!(
                 f,
                 "segment format {format} / rkyv format {rkyv:#06b} is not readable by this \
-                 build (it reads format {FORMAT_VERSION}, rkyv {RKYV_FORMAT:#06b}); \
-                 upgrade Tideline"
+                 build (it reads formats {FORMAT_VERSION_MIN}-{FORMAT_VERSION}, rkyv \
+                 {RKYV_FORMAT:#06b}); upgrade Tideline"
             ),
             HeaderError::Invalid(why) => write!(f, "segment header invalid: {why}"),
             HeaderError::Checksum => f.write_str("segment header checksum mismatch"),
@@ -181,21 +210,31 @@ pub fn decode_header(buf: &[u8]) -> Result<SegmentHeader, HeaderError> {
         u64::from_le_bytes(b)
     };
     let (format, rkyv) = (u16_at(8), u16_at(10));
-    if format != FORMAT_VERSION || rkyv != RKYV_FORMAT {
+    if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&format) || rkyv != RKYV_FORMAT {
         return Err(HeaderError::UnsupportedVersion { format, rkyv });
     }
+    let (fixed, epoch) = if format == 1 {
+        (HEADER_FIXED_BYTES, Epoch::INITIAL)
+    } else {
+        if total < HEADER_FIXED_BYTES_V2 {
+            return Err(HeaderError::Invalid(
+                "header shorter than its format's fixed part",
+            ));
+        }
+        (HEADER_FIXED_BYTES_V2, Epoch::new(u64_at(56)))
+    };
     let first_offset = Offset::new(u64_at(16)).ok_or(HeaderError::Invalid("first offset is 0"))?;
     let mut uuid = [0u8; 16];
     uuid.copy_from_slice(&h[24..40]);
     let created_us = u64_at(40) as i64;
     let gtid_len = u32::from_le_bytes([h[48], h[49], h[50], h[51]]) as usize;
-    if HEADER_FIXED_BYTES + gtid_len > total {
+    if fixed + gtid_len > total {
         return Err(HeaderError::Invalid("GTID text runs past the header"));
     }
-    if h[HEADER_FIXED_BYTES + gtid_len..].iter().any(|&b| b != 0) {
+    if h[fixed + gtid_len..].iter().any(|&b| b != 0) {
         return Err(HeaderError::Invalid("non-zero header padding"));
     }
-    let text = std::str::from_utf8(&h[HEADER_FIXED_BYTES..HEADER_FIXED_BYTES + gtid_len])
+    let text = std::str::from_utf8(&h[fixed..fixed + gtid_len])
         .map_err(|_| HeaderError::Invalid("GTID text is not UTF-8"))?;
     let gtids_before: GtidSet = text
         .parse()
@@ -205,6 +244,7 @@ pub fn decode_header(buf: &[u8]) -> Result<SegmentHeader, HeaderError> {
         server_uuid: Uuid::from_bytes(uuid),
         created_us,
         gtids_before,
+        epoch,
         header_bytes: total as u32,
     })
 }
@@ -231,6 +271,43 @@ mod tests {
             bad[bit / 8] ^= 1 << (bit % 8);
             assert!(decode_header(&bad).is_err(), "bit {bit}");
         }
+    }
+
+    #[test]
+    fn epochs_round_trip_and_format_1_headers_still_read() {
+        let gtids: GtidSet = "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5".parse().unwrap();
+        let uuid = Uuid::from_bytes([3; 16]);
+        let first = Offset::new(9).unwrap();
+        let h = encode_header_in_epoch(first, uuid, 5, &gtids, Epoch::new(42));
+        assert_eq!(decode_header(&h).unwrap().epoch, Epoch::new(42));
+        assert_eq!(
+            decode_header(&encode_header(first, uuid, 5, &gtids))
+                .unwrap()
+                .epoch,
+            Epoch::INITIAL
+        );
+        // A format 1 header, as builds before epochs wrote it.
+        let text = gtids.to_string();
+        let total = (HEADER_FIXED_BYTES + text.len()).next_multiple_of(8);
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(&MAGIC);
+        v1.extend_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&RKYV_FORMAT.to_le_bytes());
+        v1.extend_from_slice(&(total as u32).to_le_bytes());
+        v1.extend_from_slice(&first.get().to_le_bytes());
+        v1.extend_from_slice(uuid.as_bytes());
+        v1.extend_from_slice(&5i64.to_le_bytes());
+        v1.extend_from_slice(&(text.len() as u32).to_le_bytes());
+        v1.extend_from_slice(&[0; 4]);
+        v1.extend_from_slice(text.as_bytes());
+        v1.resize(total, 0);
+        let crc = crc32c::crc32c(&v1);
+        v1[52..56].copy_from_slice(&crc.to_le_bytes());
+        let d = decode_header(&v1).unwrap();
+        assert_eq!(
+            (d.first_offset, d.gtids_before, d.epoch),
+            (first, gtids, Epoch::INITIAL)
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@ mod common;
 use std::sync::Arc;
 
 use common::{UUID, opts, txn_for};
-use tideline_wal::{Error, Gtid, GtidSet, MemStorage, Offset, Storage, Wal, WalOptions, segment};
+use tideline_wal::{
+    Epoch, Error, Gtid, GtidSet, MemStorage, Offset, Storage, Wal, WalOptions, segment,
+};
 
 fn small_segments() -> WalOptions {
     opts(4096)
@@ -40,7 +42,11 @@ fn reset_replaces_history_and_offsets_go_on() {
     assert!(old_reader.next_txn().unwrap().is_some());
 
     let copied = copied_set();
+    let epoch_before = wal.history_epoch();
+    assert_eq!(epoch_before, Epoch::INITIAL);
     wal.reset_history(&copied).unwrap();
+    let epoch = wal.history_epoch();
+    assert_ne!(epoch, epoch_before, "a reset starts a new history epoch");
 
     assert_eq!(wal.gtids(), copied);
     assert_eq!(wal.first_offset().get(), 201);
@@ -70,12 +76,23 @@ fn reset_replaces_history_and_offsets_go_on() {
     assert_eq!(got, vec![201]);
     drop(wal);
 
+    let wal = Wal::open(storage.clone(), small_segments()).unwrap();
+    assert_eq!(wal.history_epoch(), epoch, "the epoch is persisted");
+    // Segments rolled after the reset stay in its epoch.
+    for seq in 202..=400 {
+        wal.append(txn_for(seq)).unwrap();
+    }
+    assert!(wal.stats().segments.len() > 1);
+    drop(wal);
     let wal = Wal::open(storage, small_segments()).unwrap();
+    assert_eq!(wal.history_epoch(), epoch);
     let mut expect = copied.clone();
-    expect.insert(Gtid::new(uuid, 201).unwrap());
+    for seq in 201..=400 {
+        expect.insert(Gtid::new(uuid, seq).unwrap());
+    }
     assert_eq!(wal.gtids(), expect);
     assert_eq!(wal.first_offset().get(), 201);
-    assert_eq!(wal.visible_offset(), 201);
+    assert_eq!(wal.visible_offset(), 400);
     assert_eq!(wal.server_uuid(), uuid);
 }
 
@@ -118,6 +135,33 @@ fn open_finishes_a_reset_interrupted_after_the_rename() {
     assert_eq!(wal.visible_offset(), 200);
     assert_eq!(segment_names(&*storage).len(), 1);
     assert_eq!(wal.append(txn_for(201)).unwrap().get(), 201);
+}
+
+/// The same crash window when the copy's GTID set contains the old history's (a replica that
+/// was only behind): only the new segment's history epoch tells the two histories apart.
+/// Without it, open would keep the old records as if they preceded the copy.
+#[test]
+fn open_finishes_an_interrupted_reset_to_a_larger_set_by_its_epoch() {
+    let (storage, uuid) = log_with_history();
+    let names = segment_names(&*storage);
+    for n in &names[..names.len() - 1] {
+        storage.remove(n).unwrap();
+    }
+    let mut copied = copied_set();
+    for seq in 1..=200 {
+        copied.insert(Gtid::new(uuid, seq).unwrap());
+    }
+    let first = Offset::new(201).unwrap();
+    let header = segment::encode_header_in_epoch(first, uuid, 0, &copied, Epoch::new(7));
+    let f = storage.create(&segment::file_name(first)).unwrap();
+    f.write_all_at(&header, 0).unwrap();
+    f.sync_data().unwrap();
+
+    let wal = Wal::open(storage.clone(), small_segments()).unwrap();
+    assert_eq!(segment_names(&*storage).len(), 1, "the old history is gone");
+    assert_eq!(wal.history_epoch(), Epoch::new(7));
+    assert_eq!(wal.gtids(), copied);
+    assert_eq!(wal.first_offset().get(), 201);
 }
 
 /// The crash window before the rename: the old history stays whole and the temporary file goes.

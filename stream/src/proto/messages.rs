@@ -175,6 +175,9 @@ pub struct BootstrapResume {
     pub after_offset: u64,
     /// Everything before this point of the (tree, key) order was already copied.
     pub cursor: Cursor,
+    /// The server's history epoch the earlier part was copied in (from
+    /// [`Response::BootstrapStarted`]); the server refuses to resume in another one.
+    pub epoch: u64,
 }
 
 /// A point in the (tree name, key) order that a bootstrap copies in.
@@ -237,6 +240,10 @@ pub enum Response {
         /// start point, purged or not; for a GTID start, the client's own set). A client adds
         /// it to its seen set, so that after a failover it asks only for what came later.
         gtids_before: String,
+        /// The server's history epoch: offsets of this subscription are meaningful only
+        /// within it. A client resuming by offset checks it and falls back to its GTID set
+        /// when the server's history was replaced.
+        epoch: u64,
     },
     /// Sent on an idle subscription: the server's visible head.
     Heartbeat {
@@ -291,6 +298,9 @@ pub enum Response {
         keys_estimate: u64,
         /// Estimated bytes of keys and values (for progress; may be off).
         bytes_estimate: u64,
+        /// The server's history epoch the copy is taken in; needed to resume it. If the
+        /// epoch changes while the copy is served, the server ends the stream with an error.
+        epoch: u64,
     },
     /// A part of a chunk of a tree (see [`Chunk`]).
     Chunk(Chunk),

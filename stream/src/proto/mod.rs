@@ -23,7 +23,8 @@ use tideline_wal::{Gtid, GtidSet, Offset, Transaction};
 /// ALPN protocol id.
 pub const ALPN: &[u8] = b"tideline/1";
 /// Protocol version sent in [`Request::Hello`] and [`Response::Welcome`]; both ends refuse
-/// another. 2: `Subscribed` carries `gtids_before`, filtered subscriptions get `Progress`.
+/// another one. 2: `Subscribed` carries `gtids_before` and the history `epoch`, filtered
+/// subscriptions get `Progress`, `BootstrapStarted` and `BootstrapResume` carry the epoch.
 pub const PROTOCOL_VERSION: u32 = 2;
 /// Bytes of a frame header.
 pub const FRAME_HEADER_BYTES: usize = 5;
@@ -587,6 +588,7 @@ mod tests {
                 next_offset: 1,
                 head: 3,
                 gtids_before: String::new(),
+                epoch: 9,
             },
             &mut wire,
         )

@@ -1,0 +1,216 @@
+//! Issue 10, item 1, on the serving side: a bootstrap is served from views of one history of
+//! the node. If the node's history is replaced while it serves one (the node was bootstrapped
+//! itself: new state, offsets going on, a new history epoch), it must end the stream with
+//! `PositionUnavailable` rather than send chunks of the new state after chunks of the old one
+//! (the replica would hold a mix of both), and a resume naming the old epoch is refused so the
+//! replica starts again from scratch.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tideline_stream::log_node::LogNode;
+use tideline_stream::proto::{BootstrapResume, Cursor, WriteOp, pack_entry, unpack_entries};
+use tideline_stream::{
+    BootstrapEvent, BootstrapView, Client, ClientConfig, ClientError, ErrorCode, Node, NodeError,
+    ServerConfig, tls,
+};
+use tideline_wal::{Epoch, Gtid, GtidSet, MemStorage, Offset, Wal, WalOptions};
+
+/// Keys of the one tree, each with a 1 KiB value: about 100 KiB, several 16 KiB chunks.
+const KEYS: u32 = 100;
+
+/// A log-only node with a state to copy: tree `t` whose values all read `o` in the log's
+/// first history and `n` after its history is reset.
+struct TwoHistories {
+    log: LogNode,
+}
+
+struct View {
+    epoch: Epoch,
+}
+
+impl BootstrapView for View {
+    fn offset(&self) -> u64 {
+        0
+    }
+    fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+    fn gtid_executed(&self) -> GtidSet {
+        GtidSet::new()
+    }
+    fn trees(&self) -> Vec<(String, Option<String>)> {
+        vec![("t".into(), None)]
+    }
+    fn estimate(&self) -> (u64, u64) {
+        (u64::from(KEYS), u64::from(KEYS) * 1024)
+    }
+    fn chunk(
+        &self,
+        _tree: &str,
+        from: &[u8],
+        bytes_max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, NodeError> {
+        let value = if self.epoch == Epoch::INITIAL {
+            b'o'
+        } else {
+            b'n'
+        };
+        for i in 0..KEYS {
+            let key = format!("k{i:03}").into_bytes();
+            if key.as_slice() < from {
+                continue;
+            }
+            if out.len() >= bytes_max {
+                return Ok(Some(key));
+            }
+            pack_entry(out, &key, &[value; 1024]);
+        }
+        Ok(None)
+    }
+}
+
+impl Node for TwoHistories {
+    fn wal(&self) -> &Wal {
+        self.log.wal()
+    }
+    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
+        self.log.get(tree, key)
+    }
+    fn scan(
+        &self,
+        tree: &str,
+        prefix: &[u8],
+        page: tideline_stream::ScanPage<'_>,
+    ) -> Result<tideline_stream::Page, NodeError> {
+        self.log.scan(tree, prefix, page)
+    }
+    fn range_after(
+        &self,
+        tree: &str,
+        after: Option<&[u8]>,
+        limit: u64,
+    ) -> Result<tideline_stream::server::Rows, NodeError> {
+        self.log.range_after(tree, after, limit)
+    }
+    async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
+        self.log.commit(ops).await
+    }
+    fn status_json(&self) -> String {
+        self.log.status_json()
+    }
+    async fn wait_for(&self, gtids: GtidSet, timeout: Duration) -> (bool, GtidSet) {
+        self.log.wait_for(gtids, timeout).await
+    }
+    fn bootstrap_view(&self) -> Result<Arc<dyn BootstrapView>, NodeError> {
+        Ok(Arc::new(View {
+            epoch: self.log.wal().history_epoch(),
+        }))
+    }
+}
+
+async fn next(
+    s: &mut tideline_stream::BootstrapStream,
+) -> Result<Option<BootstrapEvent>, ClientError> {
+    tokio::time::timeout(Duration::from_secs(10), s.next())
+        .await
+        .expect("the server answers within 10 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_never_crosses_a_history_reset_of_its_server() {
+    let dir = tempfile::tempdir().unwrap();
+    tls::ensure_secrets(dir.path()).unwrap();
+    let node = Arc::new(TwoHistories {
+        log: LogNode::new(Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).unwrap()),
+    });
+    let server = tideline_stream::serve(
+        ServerConfig::new("127.0.0.1:0".parse().unwrap()),
+        tls::load_server(dir.path()).unwrap(),
+        node.clone(),
+    )
+    .unwrap();
+    let addr = server.local_addr().to_string();
+    let cfg = ClientConfig::new(tls::load_client_dir(dir.path()).unwrap());
+    let client = Client::connect(&addr, cfg).await.unwrap();
+
+    let mut stream = client.bootstrap(None, 16 << 10).await.unwrap();
+    assert_eq!(stream.epoch, Epoch::INITIAL);
+    let mut acker = stream.take_acker().unwrap();
+    let first = match next(&mut stream).await {
+        Ok(Some(BootstrapEvent::Chunk(c))) => c,
+        other => panic!("expected the first chunk, got {other:?}"),
+    };
+    assert!(
+        first.last && first.to.is_some(),
+        "several chunks: {first:?}"
+    );
+
+    // The node is bootstrapped itself: new state, new epoch. Then the first chunk is stored.
+    tokio::task::block_in_place(|| node.wal().reset_history(&GtidSet::new())).unwrap();
+    let new_epoch = node.wal().history_epoch();
+    assert_ne!(new_epoch, Epoch::INITIAL);
+    acker.stored(1).await.unwrap();
+    let mut chunks = 1u64;
+    loop {
+        match next(&mut stream).await {
+            Ok(Some(BootstrapEvent::Chunk(c))) => {
+                // A chunk read before the reset may still go out; never one of the new state.
+                let entries = unpack_entries(&c.entries, &c.from, c.to.as_deref()).unwrap();
+                assert!(
+                    entries.iter().all(|(_, v)| v[0] == b'o'),
+                    "chunk {} of the new history after {chunks} of the old one",
+                    chunks + 1
+                );
+                chunks += 1;
+                // The server may have ended the stream already (the error follows).
+                let _ = acker.stored(chunks).await;
+            }
+            Err(ClientError::Server {
+                code: ErrorCode::PositionUnavailable,
+                message,
+            }) => {
+                assert!(message.contains("history was replaced"), "{message}");
+                break;
+            }
+            other => panic!("expected the stream to end with PositionUnavailable: {other:?}"),
+        }
+    }
+    assert!(
+        chunks <= 2,
+        "{chunks} chunks of the old state after the reset"
+    );
+
+    // Resuming the copy taken in the old epoch is refused: the replica must start again.
+    let resume = BootstrapResume {
+        server_uuid: *client.server_uuid().as_bytes(),
+        after_offset: 0,
+        cursor: Cursor {
+            tree: "t".into(),
+            key: first.to.clone().unwrap(),
+            tree_done: false,
+        },
+        epoch: Epoch::INITIAL.get(),
+    };
+    match client.bootstrap(Some(resume.clone()), 16 << 10).await {
+        Err(ClientError::Server {
+            code: ErrorCode::PositionUnavailable,
+            message,
+        }) => assert!(message.contains("start it again from scratch"), "{message}"),
+        other => panic!("expected PositionUnavailable, got {other:?}"),
+    }
+    // In the current epoch the same resume is accepted.
+    let resumed = client
+        .bootstrap(
+            Some(BootstrapResume {
+                epoch: new_epoch.get(),
+                ..resume
+            }),
+            16 << 10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(resumed.epoch, new_epoch);
+    server.shutdown().await;
+}
