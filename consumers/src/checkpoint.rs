@@ -1,49 +1,17 @@
-//! Where a consumer is, kept across its own restarts.
+//! Where a consumer is, kept across its own restarts: the [`Checkpoint`] trait and its file
+//! and in-memory stores.
+//!
+//! Owns: storing and loading a [`Position`] (the file format, written atomically). Must never
+//! connect to a node or decide where a tail resumes: that is [`crate::position`] and the tail.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tideline_wal::{Epoch, GtidSet};
+use tideline_wal::Epoch;
 use uuid::Uuid;
 
-use crate::tail::TailStart;
-
-/// A consumer's position: the last transaction delivered, both as a local offset of the node
-/// it came from and as the set of GTIDs delivered so far.
-///
-/// persisted: changes must stay backward compatible (checkpoint files).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Position {
-    /// The node whose offsets `offset` counts.
-    pub server_uuid: Uuid,
-    /// Last offset delivered on that node.
-    pub offset: u64,
-    /// Every GTID delivered (or known at the start).
-    pub gtids: GtidSet,
-    /// The node's history epoch `offset` belongs to; `None` when unknown (a checkpoint
-    /// written before epochs were recorded), which resumes by GTID set.
-    pub epoch: Option<Epoch>,
-}
-
-impl Position {
-    /// Where to resume on node `server_uuid`: by offset on the same node, by GTID set on any
-    /// other (auto-positioning, no offset arithmetic across nodes). A resume by offset still
-    /// needs the node's history epoch to match (see [`Position::offset_valid_in`]).
-    pub fn resume_on(&self, server_uuid: Uuid) -> TailStart {
-        if server_uuid == self.server_uuid && self.epoch.is_some() {
-            TailStart::Offset(self.offset + 1)
-        } else {
-            TailStart::Gtid(self.gtids.clone())
-        }
-    }
-
-    /// Whether `offset` names the same place on node `server_uuid` in history `epoch`: the
-    /// same node, and its history was not replaced since (a bootstrap of that node).
-    pub fn offset_valid_in(&self, server_uuid: Uuid, epoch: Epoch) -> bool {
-        server_uuid == self.server_uuid && self.epoch == Some(epoch)
-    }
-}
+use crate::position::Position;
 
 #[derive(Serialize, Deserialize)]
 struct PositionFile {
@@ -177,6 +145,7 @@ impl Checkpoint for MemoryCheckpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::position::TailStart;
 
     #[test]
     fn file_checkpoint_round_trips_and_reports_damage() {

@@ -38,9 +38,10 @@
 
 pub mod bootstrap;
 mod checkpoint;
+mod position;
 mod tail;
 
 pub use bootstrap::{Bootstrap, BootstrapError, BootstrapProgress, BootstrapStep};
-
-pub use checkpoint::{Checkpoint, CheckpointError, FileCheckpoint, MemoryCheckpoint, Position};
-pub use tail::{Session, Tail, TailConfig, TailError, TailStart, tail};
+pub use checkpoint::{Checkpoint, CheckpointError, FileCheckpoint, MemoryCheckpoint};
+pub use position::{Position, TailStart};
+pub use tail::{Session, Tail, TailConfig, TailError, tail};

@@ -1,4 +1,9 @@
 //! Resumable tails and sessions with read fences.
+//!
+//! Owns: the connection to one node, reconnecting with backoff and resuming right after the
+//! last transaction delivered, and saving positions through a [`Checkpoint`]. Must never skip
+//! a position silently (a lost position ends the stream with a [`TailError`]), and must never
+//! reach into how a checkpoint stores its position.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -7,34 +12,11 @@ use std::time::Duration;
 
 use futures_core::Stream;
 use tideline_stream::proto::ClientSubscription;
-use tideline_stream::{Client, ClientConfig, ClientError, ErrorCode, Event, Start, Subscription};
+use tideline_stream::{Client, ClientConfig, ClientError, ErrorCode, Event, Subscription};
 use tideline_wal::{GtidSet, Transaction};
 
-use crate::checkpoint::{Checkpoint, CheckpointError, Position};
-
-/// Where a tail starts when it has no checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TailStart {
-    /// The oldest transaction the node still holds.
-    Earliest,
-    /// The first transaction committed after the subscription is in place.
-    Latest,
-    /// A local offset of the node.
-    Offset(u64),
-    /// Everything whose GTID is not in the set.
-    Gtid(GtidSet),
-}
-
-impl TailStart {
-    fn to_wire(&self) -> Start {
-        match self {
-            TailStart::Earliest => Start::Earliest,
-            TailStart::Latest => Start::Latest,
-            TailStart::Offset(n) => Start::Offset(*n),
-            TailStart::Gtid(set) => Start::Gtid(set.to_string()),
-        }
-    }
-}
+use crate::checkpoint::{Checkpoint, CheckpointError};
+use crate::position::{Position, TailStart};
 
 /// Settings of a tail.
 #[derive(Debug, Clone)]

@@ -30,7 +30,6 @@ pub mod client;
 pub mod log_node;
 pub mod observe;
 pub mod proto;
-mod serve_bootstrap;
 pub mod server;
 pub mod tls;
 pub mod udp;

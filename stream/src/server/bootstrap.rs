@@ -7,6 +7,10 @@
 //! `BootstrapStarted`. A resume must name the same epoch; if the node's history is replaced
 //! while the copy is served (the node is bootstrapped itself), the stream ends with
 //! `PositionUnavailable`: offsets and chunks of two histories must never be mixed.
+//!
+//! Owns: the bootstrap stream of one consumer, from `Bootstrap` to `BootstrapDone`. Must never
+//! send a chunk before every earlier one is stored (`ChunksStored`), and never write to the
+//! node: it reads views and the log only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +18,11 @@ use std::time::Duration;
 use tideline_wal::{Epoch, Offset};
 use uuid::Uuid;
 
+use super::config::{ServerConfig, error};
+use super::node::{BootstrapView, Node};
 use crate::proto::{
     BatchBuilder, BootstrapResume, Chunk, Cursor, ErrorCode, Request, Response, packed_parts,
 };
-use crate::server::{BootstrapView, Node, ServerConfig, error};
 use crate::wire::{FramedRecv, WireError, send_message};
 
 /// Smallest and largest chunk a client may ask for. The largest stays well inside the message
@@ -31,7 +36,7 @@ pub(crate) const CHUNK_BYTES_MAX: usize = 8 << 20;
 /// protocol and the consumer handle parts, for machines where overlapping pays.
 const PART_BYTES: usize = CHUNK_BYTES_MAX;
 
-pub(crate) async fn serve_bootstrap<N: Node>(
+pub(super) async fn serve_bootstrap<N: Node>(
     node: Arc<N>,
     cfg: Arc<ServerConfig>,
     mut send: quinn::SendStream,

@@ -1,0 +1,468 @@
+//! Admission: the accept loop, the handshake budget, and `Hello` (the cluster token and the
+//! protocol version). A connection ends here or is handed, one stream at a time, to
+//! [`super::dispatch`].
+//!
+//! Owns: [`serve`], [`ServerHandle`], the transport of a connection as it starts, the places
+//! among handshakes in progress and among authenticated connections. Must never let an
+//! unauthenticated peer open more than its one stream, send more than `hello_bytes_max`, or
+//! count toward `max_connections`; must never read node state beyond the `server_uuid` of
+//! `Welcome` (requests are dispatch's job).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use uuid::Uuid;
+
+use super::config::{ServerConfig, close_code, error};
+use super::dispatch::handle_stream;
+use super::node::Node;
+use crate::observe::{Peer, RefuseReason};
+use crate::proto::{self, ErrorCode, Limits, PROTOCOL_VERSION, Request, Response};
+use crate::tls::{self, ServerSecrets};
+use crate::wire::{FramedRecv, WireError, send_message};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// TLS setup failed.
+    #[error(transparent)]
+    Secrets(#[from] tls::SecretsError),
+    /// Binding the socket failed. The cause is `source()`, printed once by a chain printer.
+    #[error("cannot listen on {addr} (is another node using the port? pass another --listen)")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// A running server. Dropping it does not stop it; call [`ServerHandle::shutdown`].
+pub struct ServerHandle {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl ServerHandle {
+    /// The bound address (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Whether the accept loop has ended (it only ends at shutdown; anything else is a
+    /// failure the node must stop for).
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Stops accepting, closes connections, and waits for the accept loop to end.
+    pub async fn shutdown(self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"server shutting down");
+        let _ = self.task.await;
+        self.endpoint.wait_idle().await;
+        drop(self.endpoint);
+        // Let quinn's endpoint driver see the last handle go and release the socket.
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Bytes of stream data (all streams together) an unauthenticated peer may have in flight:
+/// room for its `Hello`; raised to unlimited (per-stream windows still apply) after it.
+const UNAUTHENTICATED_RECEIVE_WINDOW_BYTES: u32 = 64 << 10;
+
+/// The transport of every connection as it starts, unauthenticated: one stream and a small
+/// connection receive window, both raised after `Hello`.
+fn transport(cfg: &ServerConfig) -> quinn::TransportConfig {
+    let idle = cfg.idle_timeout;
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
+    t.keep_alive_interval(Some((idle / 4).max(Duration::from_millis(100))));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    if cfg.unsafe_no_handshake_budget {
+        t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(cfg.max_streams_per_connection));
+        return t;
+    }
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
+    t.receive_window(quinn::VarInt::from_u32(
+        UNAUTHENTICATED_RECEIVE_WINDOW_BYTES,
+    ));
+    t
+}
+
+/// Starts serving `node` with `secrets`. Must be called inside a tokio runtime.
+pub fn serve<N: Node>(
+    cfg: ServerConfig,
+    secrets: ServerSecrets,
+    node: Arc<N>,
+) -> Result<ServerHandle, ServeError> {
+    let tls_err = |e: rustls::Error| tls::SecretsError::Tls(e.to_string());
+    let mut tls_cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_err)?
+        .with_no_client_auth()
+        .with_single_cert(secrets.chain.clone(), secrets.key.clone_key())
+        .map_err(tls_err)?;
+    tls_cfg.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls_cfg)
+        .map_err(|e| tls::SecretsError::Tls(e.to_string()))?;
+    let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    server_cfg.transport_config(Arc::new(transport(&cfg)));
+    let endpoint = crate::udp::bind(cfg.listen, cfg.udp_buffer_bytes)
+        .and_then(|socket| crate::udp::endpoint(socket, Some(server_cfg)))
+        .map_err(|source| ServeError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local_addr = endpoint.local_addr().map_err(|source| ServeError::Bind {
+        addr: cfg.listen,
+        source,
+    })?;
+    let ep = endpoint.clone();
+    let token: Arc<str> = secrets.token.into();
+    let cfg = Arc::new(cfg);
+    let active = Arc::new(AtomicUsize::new(0));
+    let handshakes = Arc::new(Mutex::new(Handshakes::default()));
+    let task = tokio::spawn(async move {
+        // Connection tasks live in a JoinSet so that shutdown ends every one of them (and,
+        // through their own JoinSets, every stream task), releasing the socket.
+        let mut connections = tokio::task::JoinSet::new();
+        while let Some(incoming) = ep.accept().await {
+            while connections.try_join_next().is_some() {}
+            let remote = incoming.remote_address();
+            let legacy = cfg.unsafe_no_handshake_budget;
+            let in_progress = lock(&handshakes).pending.len();
+            if !legacy
+                && in_progress >= cfg.handshakes_before_retry
+                && !incoming.remote_address_validated()
+                && incoming.may_retry()
+            {
+                // Under load: the peer must prove its address before it gets any state.
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
+            }
+            if active.load(Ordering::SeqCst) >= cfg.max_connections {
+                tracing::warn!(%remote, "refusing connection: max_connections reached");
+                cfg.observer.on_refused(RefuseReason::MaxConnections);
+                incoming.refuse();
+                continue;
+            }
+            // Test-only legacy admission: the place is taken before the token is seen.
+            let pre_active = legacy.then(|| {
+                active.fetch_add(1, Ordering::SeqCst);
+                ActiveSlot(active.clone())
+            });
+            let handshakes_max = if legacy {
+                usize::MAX
+            } else {
+                cfg.handshakes_max
+            };
+            let (slot, evicted) = Handshakes::enter(&handshakes, handshakes_max);
+            let conn = Conn {
+                node: node.clone(),
+                cfg: cfg.clone(),
+                token: token.clone(),
+                active: active.clone(),
+            };
+            let observer = cfg.observer.clone();
+            connections.spawn(async move {
+                let _open = observer.connection();
+                if let Err(e) = handle_connection(incoming, conn, slot, evicted, pre_active).await {
+                    let refused = match e {
+                        ConnError::Timeout => Some(RefuseReason::HandshakeTimeout),
+                        ConnError::Evicted => Some(RefuseReason::HandshakeEvicted),
+                        ConnError::Full => Some(RefuseReason::MaxConnections),
+                        ConnError::Unauthorized => Some(RefuseReason::Unauthorized),
+                        ConnError::BadHello | ConnError::Version(_) => Some(RefuseReason::BadHello),
+                        ConnError::Connection(_) | ConnError::Wire(_) => None,
+                    };
+                    if let Some(reason) = refused {
+                        observer.on_refused(reason);
+                    }
+                    tracing::debug!(%remote, error = %e, "connection ended");
+                }
+            });
+        }
+        connections.shutdown().await;
+    });
+    Ok(ServerHandle {
+        endpoint,
+        local_addr,
+        task,
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Critical sections below leave the map consistent before anything that can panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Connections that have not authenticated yet, oldest first; each can be told to give up.
+#[derive(Default)]
+struct Handshakes {
+    next_id: u64,
+    pending: BTreeMap<u64, tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Handshakes {
+    /// Registers a new handshake, evicting the oldest when `max` are in progress. The
+    /// receiver resolves when this one is evicted.
+    fn enter(
+        this: &Arc<Mutex<Handshakes>>,
+        max: usize,
+    ) -> (HandshakeSlot, tokio::sync::oneshot::Receiver<()>) {
+        let mut h = lock(this);
+        while h.pending.len() >= max.max(1) {
+            let Some((_, evict)) = h.pending.pop_first() else {
+                break;
+            };
+            // The oldest unauthenticated peer makes room: a real client finishes in a round
+            // trip or two, a peer that never finishes would otherwise hold its place until
+            // the handshake timeout.
+            let _ = evict.send(());
+        }
+        let id = h.next_id;
+        h.next_id += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        h.pending.insert(id, tx);
+        (
+            HandshakeSlot {
+                id,
+                handshakes: this.clone(),
+            },
+            rx,
+        )
+    }
+}
+
+/// A place among the handshakes in progress, given back on drop.
+struct HandshakeSlot {
+    id: u64,
+    handshakes: Arc<Mutex<Handshakes>>,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        lock(&self.handshakes).pending.remove(&self.id);
+    }
+}
+
+/// A place among the authenticated connections, given back on drop.
+struct ActiveSlot(Arc<AtomicUsize>);
+
+impl Drop for ActiveSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What a connection task shares with the server.
+struct Conn<N> {
+    node: Arc<N>,
+    cfg: Arc<ServerConfig>,
+    token: Arc<str>,
+    active: Arc<AtomicUsize>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("evicted by newer handshakes (handshakes_max reached)")]
+    Evicted,
+    #[error("refused: max_connections reached")]
+    Full,
+    #[error("the first message was not a valid Hello")]
+    BadHello,
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    #[error("unauthorized")]
+    Unauthorized,
+    #[error("client speaks protocol {0}")]
+    Version(u32),
+}
+
+async fn handle_connection<N: Node>(
+    incoming: quinn::Incoming,
+    c: Conn<N>,
+    slot: HandshakeSlot,
+    mut evicted: tokio::sync::oneshot::Receiver<()>,
+    pre_active: Option<ActiveSlot>,
+) -> Result<(), ConnError> {
+    let deadline = tokio::time::Instant::now() + c.cfg.handshake_timeout;
+    let connecting = incoming.accept()?;
+    let conn = tokio::select! {
+        r = tokio::time::timeout_at(deadline, connecting) => r.map_err(|_| ConnError::Timeout)??,
+        _ = &mut evicted => return Err(ConnError::Evicted),
+    };
+    let authenticated = tokio::select! {
+        r = tokio::time::timeout_at(deadline, authenticate(&conn, &c, pre_active)) => {
+            r.unwrap_or(Err(ConnError::Timeout))
+        }
+        _ = &mut evicted => Err(ConnError::Evicted),
+    };
+    let (_active, client) = match authenticated {
+        Ok(a) => a,
+        Err(e) => {
+            let code = match e {
+                ConnError::Unauthorized => close_code::UNAUTHORIZED,
+                ConnError::Evicted | ConnError::Full => close_code::BUSY,
+                _ => close_code::PROTOCOL,
+            };
+            conn.close(quinn::VarInt::from_u32(code), e.to_string().as_bytes());
+            return Err(e);
+        }
+    };
+    drop(slot);
+    conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(c.cfg.max_streams_per_connection));
+    conn.set_receive_window(quinn::VarInt::MAX);
+    let peer = Peer {
+        remote: conn.remote_address(),
+        client,
+    };
+    let mut streams = tokio::task::JoinSet::new();
+    loop {
+        let (send, recv) = conn.accept_bi().await?;
+        while streams.try_join_next().is_some() {}
+        let (node, cfg, peer) = (c.node.clone(), c.cfg.clone(), peer.clone());
+        streams.spawn(async move {
+            let _open = cfg.observer.stream();
+            if let Err(e) = handle_stream(node, cfg, peer, send, recv).await {
+                tracing::debug!(error = %e, "stream ended with an error");
+            }
+        });
+    }
+}
+
+/// Reads the first stream's `Hello` (with the small limits of an unauthenticated peer) and
+/// checks its token; on success takes a place among the authenticated connections and answers
+/// `Welcome`; returns that place and the name the client gave. A client of another protocol
+/// version is refused with words naming both. On failure the peer gets an `Error` saying why,
+/// and the caller closes.
+async fn authenticate<N: Node>(
+    conn: &quinn::Connection,
+    c: &Conn<N>,
+    pre_active: Option<ActiveSlot>,
+) -> Result<(ActiveSlot, Arc<str>), ConnError> {
+    let (mut send, recv) = conn.accept_bi().await?;
+    let hello_limits = if c.cfg.unsafe_no_handshake_budget {
+        c.cfg.limits
+    } else {
+        Limits {
+            message_bytes_max: c.cfg.hello_bytes_max,
+            batch_bytes_max: 0,
+            ..c.cfg.limits
+        }
+    };
+    let mut recv = FramedRecv::new(recv, hello_limits);
+    let refusal = match recv.next_message::<Request>().await {
+        Ok(Some(Request::Hello {
+            token: offered,
+            protocol,
+            ..
+        })) if tls::token_eq(&offered, &c.token) && protocol != PROTOCOL_VERSION => {
+            tracing::warn!(remote = %conn.remote_address(), protocol, "refusing connection: other protocol version");
+            (
+                ConnError::Version(protocol),
+                error(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "this node speaks protocol {PROTOCOL_VERSION}, the client {protocol}: \
+                         use a tideline client of the node's version"
+                    ),
+                ),
+            )
+        }
+        Ok(Some(Request::Hello {
+            token: offered,
+            client,
+            ..
+        })) if tls::token_eq(&offered, &c.token) => {
+            let client: Arc<str> = client.as_str().into();
+            if let Some(active) = pre_active {
+                send_message(
+                    &mut send,
+                    &Response::Welcome {
+                        server_uuid: *c.node.wal().server_uuid().as_bytes(),
+                        protocol: PROTOCOL_VERSION,
+                    },
+                )
+                .await?;
+                let _ = send.finish();
+                return Ok((active, client));
+            }
+            if c.active.fetch_add(1, Ordering::SeqCst) >= c.cfg.max_connections {
+                c.active.fetch_sub(1, Ordering::SeqCst);
+                tracing::warn!(remote = %conn.remote_address(), "refusing connection: max_connections reached");
+                (
+                    ConnError::Full,
+                    error(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "this node serves {} connections already; try again later",
+                            c.cfg.max_connections
+                        ),
+                    ),
+                )
+            } else {
+                let active = ActiveSlot(c.active.clone());
+                tracing::debug!(remote = %conn.remote_address(), %client, "client authenticated");
+                send_message(
+                    &mut send,
+                    &Response::Welcome {
+                        server_uuid: *c.node.wal().server_uuid().as_bytes(),
+                        protocol: PROTOCOL_VERSION,
+                    },
+                )
+                .await?;
+                let _ = send.finish();
+                return Ok((active, client));
+            }
+        }
+        Ok(None) => return Err(ConnError::Unauthorized),
+        Ok(Some(_)) => {
+            tracing::warn!(remote = %conn.remote_address(), "refusing connection: bad or missing token");
+            (
+                ConnError::Unauthorized,
+                error(
+                    ErrorCode::Unauthorized,
+                    "wrong cluster token: pass the --secrets DIR (or --token-file) of this \
+                     cluster",
+                ),
+            )
+        }
+        Err(e) => {
+            tracing::warn!(remote = %conn.remote_address(), error = %e, "refusing connection: bad first message");
+            (
+                ConnError::BadHello,
+                error(
+                    ErrorCode::InvalidRequest,
+                    format!(
+                        "the first message of a connection must be Hello, at most {} bytes: {e}",
+                        c.cfg.hello_bytes_max
+                    ),
+                ),
+            )
+        }
+    };
+    let _ = send_message(&mut send, &refusal.1).await;
+    let _ = send.finish();
+    // Give the error a moment to reach the client before the caller closes.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    Err(refusal.0)
+}
+
+/// The uuid of a `Welcome`.
+pub fn welcome_uuid(bytes: [u8; 16]) -> Uuid {
+    Uuid::from_bytes(bytes)
+}

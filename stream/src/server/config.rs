@@ -1,0 +1,103 @@
+//! What every serving module shares: the server's settings ([`ServerConfig`]), the close
+//! codes it ends connections with, the `Error` answer, and the clock.
+//!
+//! Owns: settings and the small helpers the other modules of the server use. Must never hold
+//! state, do I/O, or depend on another module of the server (admission, dispatch,
+//! subscriptions, the monitor feed and bootstrap all depend on it, never the reverse).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::observe::Observer;
+use crate::proto::{ErrorCode, Limits, Response};
+
+/// Server settings. Every limit is documented in `docs/PROTOCOL.md`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// Frame limits.
+    pub limits: Limits,
+    /// A connection with no traffic (keep-alives count) for this long is closed.
+    pub idle_timeout: Duration,
+    /// A connection must finish TLS and present its token within this.
+    pub handshake_timeout: Duration,
+    /// Most concurrent authenticated connections; more are refused.
+    pub max_connections: usize,
+    /// Most concurrent streams per authenticated connection (an unauthenticated one gets one).
+    pub max_streams_per_connection: u32,
+    /// Most connections between their first packet and their `Hello` (TLS handshake and
+    /// token), counted apart from `max_connections`. When full, a new one evicts the oldest.
+    pub handshakes_max: usize,
+    /// Once this many handshakes are in progress, a peer whose address is not yet validated
+    /// gets a QUIC Retry (stateless) and must come back from the address it claims. 0: always.
+    pub handshakes_before_retry: usize,
+    /// Largest first message (`Hello`) of an unauthenticated connection, in bytes.
+    pub hello_bytes_max: u32,
+    /// Test-only: give unauthenticated peers the limits of authenticated ones and count them
+    /// toward `max_connections`, with no Retry and no eviction (the lockout the handshake
+    /// budget prevents). Exists so the flood tests can prove they catch it.
+    #[doc(hidden)]
+    pub unsafe_no_handshake_budget: bool,
+    /// Heartbeat interval on idle subscriptions.
+    pub heartbeat: Duration,
+    /// A subscription sends a batch once it holds this many bytes of records.
+    pub batch_bytes_target: usize,
+    /// UDP send and receive buffer size (0: the kernel's default).
+    pub udp_buffer_bytes: usize,
+    /// Counters, the subscription registry and the monitor feed; the node reads them.
+    pub observer: Arc<Observer>,
+}
+
+impl ServerConfig {
+    /// Defaults for `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        ServerConfig {
+            listen,
+            limits: Limits::default(),
+            idle_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(5),
+            max_connections: 1024,
+            max_streams_per_connection: 256,
+            handshakes_max: 256,
+            handshakes_before_retry: 32,
+            hello_bytes_max: 4 << 10,
+            unsafe_no_handshake_budget: false,
+            heartbeat: Duration::from_millis(500),
+            batch_bytes_target: 256 << 10,
+            udp_buffer_bytes: crate::udp::UDP_BUFFER_BYTES_DEFAULT,
+            observer: Arc::new(Observer::new()),
+        }
+    }
+}
+
+/// Application close codes.
+pub mod close_code {
+    /// Normal close.
+    pub const OK: u32 = 0;
+    /// Wrong or missing token.
+    pub const UNAUTHORIZED: u32 = 1;
+    /// Protocol violation.
+    pub const PROTOCOL: u32 = 2;
+    /// Too many connections: authenticated ones at `max_connections`, or this one evicted
+    /// before it authenticated by newer handshakes. Try again later.
+    pub const BUSY: u32 = 3;
+}
+
+/// An `Error` answer.
+pub(crate) fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+/// Microseconds since the Unix epoch, for heartbeats and monitor events (0 if the clock is
+/// before it).
+pub(super) fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,225 @@
+//! Request dispatch: reads the first message of an authenticated stream and answers it. The
+//! small key-value requests (get, scan and paged scan, range, commit, status, read fences) are
+//! answered here through the [`Node`] trait; a subscription, a bootstrap or a monitor hands its
+//! stream to [`super::subscription`], [`super::bootstrap`] or [`super::monitor`].
+//!
+//! Owns: the request-to-answer mapping, the bounds on what one answer may hold (a page at most
+//! [`SCAN_PAGE_BYTES_MAX`]), and the monitor hook (every request served is published to the
+//! monitor feed once its answer is known). Must never authenticate (admission did) and must
+//! never hold more than one page of a scan in memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tideline_wal::GtidSet;
+
+use super::config::{ServerConfig, error, now_us};
+use super::node::{Node, SCAN_PAGE_BYTES_MAX, ScanPage};
+use super::subscription::{SubscriptionRequest, serve_subscription};
+use crate::observe::Peer;
+use crate::proto::{ErrorCode, MonitorEvent, Request, Response, WriteOp};
+use crate::wire::{FramedRecv, WireError, send_message};
+
+/// Serves one authenticated stream: one request, or one subscription, bootstrap or monitor.
+pub(super) async fn handle_stream<N: Node>(
+    node: Arc<N>,
+    cfg: Arc<ServerConfig>,
+    peer: Peer,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> Result<(), WireError> {
+    let mut recv = FramedRecv::new(recv, cfg.limits);
+    let req = match recv.next_message::<Request>().await {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(()),
+        Err(e) => {
+            let _ = send_message(&mut send, &error(ErrorCode::InvalidRequest, e.to_string())).await;
+            let _ = send.finish();
+            return Err(e);
+        }
+    };
+    let started = std::time::Instant::now();
+    let seen = Seen::of(&req);
+    if let Some(seen) = &seen {
+        cfg.observer.on_request(seen.kind);
+    }
+    // Published once the answer is known (subscriptions and bootstraps when they start).
+    let peer_for_sub = peer.clone();
+    let observer = cfg.observer.clone();
+    let report = move |ok: bool| {
+        if let Some(seen) = seen
+            && observer.monitoring()
+        {
+            observer.publish(seen.event(&peer, started.elapsed(), ok));
+        }
+    };
+    let resp = match req {
+        Request::Subscribe {
+            start,
+            tree,
+            prefix,
+            slot,
+        } => {
+            report(true);
+            let sub = SubscriptionRequest {
+                start,
+                tree,
+                prefix,
+                slot,
+            };
+            return serve_subscription(node, cfg, peer_for_sub, send, recv, sub).await;
+        }
+        Request::Monitor { tree, sample_ppm } => {
+            return super::monitor::serve_monitor(cfg, send, recv, tree, sample_ppm).await;
+        }
+        Request::Get { tree, key } => match node.get(&tree, &key) {
+            Ok(value) => Response::Value { value },
+            Err(e) => error(e.code, e.message),
+        },
+        // The single-answer scan of older clients: bounded like a page; an answer that would
+        // not fit one message is refused rather than built.
+        Request::Scan {
+            tree,
+            prefix,
+            limit,
+        } => {
+            let page = ScanPage {
+                after: None,
+                limit,
+                bytes_max: u64::from(cfg.limits.message_bytes_max) / 2,
+            };
+            match node.scan(&tree, &prefix, page) {
+                Ok(p) if p.more && (p.rows.len() as u64) < limit => error(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "the answer holds more than {} bytes: use a client of this version \
+                         (it scans in pages), or pass a smaller --limit",
+                        page.bytes_max
+                    ),
+                ),
+                Ok(p) => Response::Rows { rows: p.rows },
+                Err(e) => error(e.code, e.message),
+            }
+        }
+        Request::ScanPage {
+            tree,
+            prefix,
+            after,
+            limit,
+            bytes_max,
+        } => {
+            let page = ScanPage {
+                after: after.as_deref(),
+                limit,
+                bytes_max: bytes_max.clamp(1, SCAN_PAGE_BYTES_MAX),
+            };
+            match node.scan(&tree, &prefix, page) {
+                Ok(p) => Response::Rows { rows: p.rows },
+                Err(e) => error(e.code, e.message),
+            }
+        }
+        Request::Commit { ops } => match node.commit(ops).await {
+            Ok((offset, gtid)) => Response::Committed {
+                offset: offset.get(),
+                gtid: gtid.to_string(),
+            },
+            Err(e) => error(e.code, e.message),
+        },
+        Request::Range { tree, after, limit } => {
+            match node.range_after(&tree, after.as_deref(), limit) {
+                Ok(rows) => Response::Rows { rows },
+                Err(e) => error(e.code, e.message),
+            }
+        }
+        Request::Status => Response::Status {
+            json: node.status_json(),
+        },
+        Request::WaitFor { gtids, timeout_ms } => match gtids.parse::<GtidSet>() {
+            Ok(set) => {
+                let (reached, executed) = node
+                    .wait_for(set, Duration::from_millis(timeout_ms.min(3_600_000)))
+                    .await;
+                Response::Fenced {
+                    reached,
+                    gtid_executed: executed.to_string(),
+                }
+            }
+            Err(e) => error(ErrorCode::InvalidRequest, e.to_string()),
+        },
+        Request::Bootstrap {
+            resume,
+            chunk_bytes,
+        } => {
+            report(true);
+            return super::bootstrap::serve_bootstrap(node, cfg, send, recv, resume, chunk_bytes)
+                .await;
+        }
+        Request::Hello { .. } => error(ErrorCode::InvalidRequest, "already authenticated"),
+        Request::Ack { .. } | Request::ChunksStored { .. } => error(
+            ErrorCode::InvalidRequest,
+            "ack outside a subscription stream",
+        ),
+    };
+    report(!matches!(resp, Response::Error { .. }));
+    send_message(&mut send, &resp).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// What a monitor reports of a request, taken before the request is consumed.
+struct Seen {
+    kind: &'static str,
+    tree: String,
+    key: Vec<u8>,
+}
+
+impl Seen {
+    fn of(req: &Request) -> Option<Seen> {
+        let seen = |kind, tree: &str, key: &[u8]| {
+            Some(Seen {
+                kind,
+                tree: tree.to_string(),
+                key: key.to_vec(),
+            })
+        };
+        match req {
+            Request::Get { tree, key } => seen("get", tree, key),
+            Request::Scan { tree, prefix, .. } | Request::ScanPage { tree, prefix, .. } => {
+                seen("scan", tree, prefix)
+            }
+            Request::Range { tree, after, .. } => {
+                seen("range", tree, after.as_deref().unwrap_or_default())
+            }
+            Request::Commit { ops } => match ops.first() {
+                Some(WriteOp::Put { tree, key, .. })
+                | Some(WriteOp::Delete { tree, key })
+                | Some(WriteOp::Merge { tree, key, .. }) => seen("commit", tree, key),
+                None => seen("commit", "", b""),
+            },
+            Request::Status => seen("status", "", b""),
+            Request::WaitFor { gtids, .. } => seen("wait_for", "", gtids.as_bytes()),
+            Request::Subscribe { tree, prefix, .. } => seen(
+                "subscribe",
+                tree.as_deref().unwrap_or_default(),
+                prefix.as_deref().unwrap_or_default(),
+            ),
+            Request::Bootstrap { .. } => seen("bootstrap", "", b""),
+            Request::Hello { .. }
+            | Request::Ack { .. }
+            | Request::ChunksStored { .. }
+            | Request::Monitor { .. } => None,
+        }
+    }
+
+    fn event(self, peer: &Peer, latency: Duration, ok: bool) -> MonitorEvent {
+        MonitorEvent {
+            ts_us: now_us(),
+            remote: peer.remote.to_string(),
+            kind: self.kind.to_string(),
+            tree: self.tree,
+            key: self.key,
+            latency_us: latency.as_micros().min(u64::MAX as u128) as u64,
+            ok,
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! What the server needs from the node it serves: the [`Node`] and [`BootstrapView`] traits,
+//! the error a node answers with, and the bounds of a scan page.
+//!
+//! Owns: the contract between the QUIC server and node state (the `tideline` package implements
+//! it with the engine, [`crate::log_node`] with a bare log). Must never do I/O, hold a
+//! connection, or depend on another module of the server: every serving module depends on
+//! this one, so the arrows run one way.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tideline_wal::{Epoch, Gtid, GtidSet, Offset, Wal};
+
+use crate::proto::{ErrorCode, WriteOp};
+
+/// A failed node operation, with its class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeError {
+    /// Class (tells the client whether to retry).
+    pub code: ErrorCode,
+    /// What happened and what to do.
+    pub message: String,
+}
+
+impl NodeError {
+    /// Builds an error.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        NodeError {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Key-value pairs in key order.
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Bounds of one page of a scan.
+#[derive(Debug, Clone, Copy)]
+pub struct ScanPage<'a> {
+    /// Exclusive lower bound (the last key of the previous page); `None`: from the start.
+    pub after: Option<&'a [u8]>,
+    /// Most rows.
+    pub limit: u64,
+    /// Stop adding rows once this many bytes of keys and values are in the page.
+    pub bytes_max: u64,
+}
+
+/// One page of a scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    /// Rows in key order.
+    pub rows: Rows,
+    /// Whether rows are left after this page (the page stopped at a bound).
+    pub more: bool,
+}
+
+/// Largest page a scan answer holds, in bytes of keys and values: a page (plus one row of at
+/// most a 64 KiB key and a 16 MiB value) stays within one message, and the server holds one
+/// page per request.
+pub const SCAN_PAGE_BYTES_MAX: u64 = 1 << 20;
+
+/// Builds a page from rows in key order, applying `page`'s bounds.
+pub fn collect_page<E>(
+    rows: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
+    page: ScanPage<'_>,
+) -> Result<Page, E> {
+    let mut out = Page::default();
+    let mut bytes = 0u64;
+    for row in rows {
+        let (k, v) = row?;
+        if out.rows.len() as u64 >= page.limit || (!out.rows.is_empty() && bytes >= page.bytes_max)
+        {
+            out.more = true;
+            break;
+        }
+        bytes += (k.len() + v.len()) as u64;
+        out.rows.push((k, v));
+    }
+    Ok(out)
+}
+
+/// What the server needs from the node it serves. The `tideline` package implements it with
+/// the engine; tests implement it with a bare log.
+pub trait Node: Send + Sync + 'static {
+    /// The node's log.
+    fn wal(&self) -> &Wal;
+    /// Reads one key.
+    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError>;
+    /// Reads one page of keys starting with `prefix`, in key order, strictly after `after`:
+    /// at most `limit` rows, and no more rows once their keys and values pass `bytes_max`
+    /// (the first row always counts, so a page is never empty while keys are left). The
+    /// server holds at most one page per request.
+    fn scan(&self, tree: &str, prefix: &[u8], page: ScanPage<'_>) -> Result<Page, NodeError>;
+    /// Reads up to `limit` keys strictly after `after` (all keys when `None`), in key order.
+    fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError>;
+    /// Commits `ops` atomically; resolves once acknowledged (durable under sync durability).
+    fn commit(
+        &self,
+        ops: Vec<WriteOp>,
+    ) -> impl Future<Output = Result<(Offset, Gtid), NodeError>> + Send;
+    /// The status document (JSON).
+    fn status_json(&self) -> String;
+    /// Resolves once `gtids` are applied and durable, or at the timeout; returns whether they
+    /// were reached and the node's `gtid_executed`.
+    fn wait_for(
+        &self,
+        gtids: GtidSet,
+        timeout: Duration,
+    ) -> impl Future<Output = (bool, GtidSet)> + Send;
+    /// A consistent read view of the node's current state, for bootstrap chunks. Nodes
+    /// without a state (a bare log) refuse.
+    fn bootstrap_view(&self) -> Result<Arc<dyn BootstrapView>, NodeError> {
+        Err(NodeError::new(
+            ErrorCode::InvalidRequest,
+            "this node has no state to bootstrap from; pick a node that runs the engine",
+        ))
+    }
+    /// Called for every chunk served (for status and metrics).
+    fn on_bootstrap_chunk(&self, _bytes: usize) {}
+}
+
+/// One committed state of a node, to copy chunks from. Reads never wait for writers.
+pub trait BootstrapView: Send + Sync + 'static {
+    /// Last log offset applied in this view (0: none).
+    fn offset(&self) -> u64;
+    /// The node's history epoch this view belongs to (see [`tideline_wal::Epoch`]).
+    fn epoch(&self) -> Epoch;
+    /// GTIDs executed in this view.
+    fn gtid_executed(&self) -> GtidSet;
+    /// Trees in name order, with their merge operators.
+    fn trees(&self) -> Vec<(String, Option<String>)>;
+    /// Rough size of the state: (keys, bytes of keys and values), for progress.
+    fn estimate(&self) -> (u64, u64);
+    /// Packs entries of `tree` from `from` (inclusive) in key order into `out` (see
+    /// [`crate::proto::pack_entry`]) until about `bytes_max` bytes, at least one entry when
+    /// any is left; returns the first key not packed (`None`: the tree is done). Blocking.
+    fn chunk(
+        &self,
+        tree: &str,
+        from: &[u8],
+        bytes_max: usize,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Vec<u8>>, NodeError>;
+}
+
+#[cfg(test)]
+mod page_tests {
+    use super::*;
+
+    type Row = Result<(Vec<u8>, Vec<u8>), ()>;
+
+    fn rows(n: usize, value_bytes: usize) -> Vec<Row> {
+        (0..n)
+            .map(|i| Ok((format!("k{i:04}").into_bytes(), vec![b'v'; value_bytes])))
+            .collect()
+    }
+
+    #[test]
+    fn a_page_stops_at_its_row_and_byte_bounds_but_never_comes_back_empty() {
+        let page = |limit, bytes_max| ScanPage {
+            after: None,
+            limit,
+            bytes_max,
+        };
+        let p = collect_page(rows(10, 100).into_iter(), page(3, 1 << 20)).unwrap();
+        assert_eq!((p.rows.len(), p.more), (3, true));
+        // 105 bytes per row: the page closes once 250 bytes are in it.
+        let p = collect_page(rows(10, 100).into_iter(), page(100, 250)).unwrap();
+        assert_eq!((p.rows.len(), p.more), (3, true));
+        // One row larger than the bound still makes a page.
+        let p = collect_page(rows(2, 10_000).into_iter(), page(100, 250)).unwrap();
+        assert_eq!((p.rows.len(), p.more), (1, true));
+        let p = collect_page(rows(2, 1).into_iter(), page(100, 1 << 20)).unwrap();
+        assert_eq!((p.rows.len(), p.more), (2, false));
+    }
+}
