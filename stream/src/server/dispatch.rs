@@ -39,10 +39,15 @@ pub(super) async fn handle_stream<N: Node>(
         }
     };
     let started = std::time::Instant::now();
-    let seen = Seen::of(&req);
-    if let Some(seen) = &seen {
-        cfg.observer.on_request(seen.kind);
+    if let Some(kind) = request_kind(&req) {
+        cfg.observer.on_request(kind);
     }
+    // Copied only while a monitor is attached: with none, a request pays one atomic load here.
+    let seen = if cfg.observer.monitoring() {
+        Seen::of(&req)
+    } else {
+        None
+    };
     // Published once the answer is known (subscriptions and bootstraps when they start).
     let peer_for_sub = peer.clone();
     let observer = cfg.observer.clone();
@@ -173,42 +178,52 @@ struct Seen {
     key: Vec<u8>,
 }
 
+/// The kind a request is counted and monitored as; `None` for the messages that are not
+/// requests of their own (`Hello`, acks, the monitor itself).
+fn request_kind(req: &Request) -> Option<&'static str> {
+    Some(match req {
+        Request::Get { .. } => "get",
+        Request::Scan { .. } | Request::ScanPage { .. } => "scan",
+        Request::Range { .. } => "range",
+        Request::Commit { .. } => "commit",
+        Request::Status => "status",
+        Request::WaitFor { .. } => "wait_for",
+        Request::Subscribe { .. } => "subscribe",
+        Request::Bootstrap { .. } => "bootstrap",
+        Request::Hello { .. }
+        | Request::Ack { .. }
+        | Request::ChunksStored { .. }
+        | Request::Monitor { .. } => return None,
+    })
+}
+
 impl Seen {
     fn of(req: &Request) -> Option<Seen> {
-        let seen = |kind, tree: &str, key: &[u8]| {
-            Some(Seen {
-                kind,
-                tree: tree.to_string(),
-                key: key.to_vec(),
-            })
-        };
-        match req {
-            Request::Get { tree, key } => seen("get", tree, key),
+        let kind = request_kind(req)?;
+        let (tree, key): (&str, &[u8]) = match req {
+            Request::Get { tree, key } => (tree, key),
             Request::Scan { tree, prefix, .. } | Request::ScanPage { tree, prefix, .. } => {
-                seen("scan", tree, prefix)
+                (tree, prefix)
             }
-            Request::Range { tree, after, .. } => {
-                seen("range", tree, after.as_deref().unwrap_or_default())
-            }
+            Request::Range { tree, after, .. } => (tree, after.as_deref().unwrap_or_default()),
             Request::Commit { ops } => match ops.first() {
                 Some(WriteOp::Put { tree, key, .. })
                 | Some(WriteOp::Delete { tree, key })
-                | Some(WriteOp::Merge { tree, key, .. }) => seen("commit", tree, key),
-                None => seen("commit", "", b""),
+                | Some(WriteOp::Merge { tree, key, .. }) => (tree, key),
+                None => ("", b""),
             },
-            Request::Status => seen("status", "", b""),
-            Request::WaitFor { gtids, .. } => seen("wait_for", "", gtids.as_bytes()),
-            Request::Subscribe { tree, prefix, .. } => seen(
-                "subscribe",
+            Request::WaitFor { gtids, .. } => ("", gtids.as_bytes()),
+            Request::Subscribe { tree, prefix, .. } => (
                 tree.as_deref().unwrap_or_default(),
                 prefix.as_deref().unwrap_or_default(),
             ),
-            Request::Bootstrap { .. } => seen("bootstrap", "", b""),
-            Request::Hello { .. }
-            | Request::Ack { .. }
-            | Request::ChunksStored { .. }
-            | Request::Monitor { .. } => None,
-        }
+            _ => ("", b""),
+        };
+        Some(Seen {
+            kind,
+            tree: tree.to_string(),
+            key: key.to_vec(),
+        })
     }
 
     fn event(self, peer: &Peer, latency: Duration, ok: bool) -> MonitorEvent {
