@@ -3,9 +3,9 @@
 //!
 //! The `tideline` binary belongs to another package, so Cargo gives these tests no
 //! `CARGO_BIN_EXE_tideline`: [`bin`] finds it next to the test executable (both live in the
-//! same target profile directory). `cargo nextest run --workspace` (`scripts/test`) builds
-//! every binary of the workspace first; run alone, `-p tideline-integration` does not, and
-//! [`bin`] then says what to build.
+//! same target profile directory). `cargo nextest run --workspace` builds it (the root
+//! package's `tests/binary.rs` makes Cargo do so) and `scripts/test` builds every binary first;
+//! `-p tideline-integration` alone does not, and [`bin`] then says what to build.
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
 use std::io::{BufRead, BufReader, Write};
@@ -29,10 +29,12 @@ pub fn bin() -> &'static str {
             .and_then(Path::parent)
             .expect("the test executable lives in target/<profile>/deps");
         let bin = profile_dir.join(format!("tideline{}", std::env::consts::EXE_SUFFIX));
+        let built = std::fs::metadata(&bin).is_ok_and(|m| m.is_file() && m.len() > 0);
         assert!(
-            bin.is_file(),
-            "the tideline binary is not at {}: build it first with `cargo build -p tideline` \
-             (or run the tests with `cargo nextest run --workspace`, which builds every binary)",
+            built,
+            "the tideline binary is not at {} (or is empty): build it first with \
+             `cargo build -p tideline --bin tideline`, or run the tests with `scripts/test` or \
+             `cargo nextest run --workspace`, which build it",
             bin.display()
         );
         bin.to_string_lossy().into_owned()
