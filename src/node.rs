@@ -1,4 +1,9 @@
 //! The node: engine + log + QUIC server, and `tideline serve`.
+//!
+//! Owns: opening the engine on a data directory, [`EngineNode`] (the stream server's view of
+//! the engine), `status`, and the wiring of `serve` (replication pipelines from
+//! `tideline-connectors`, the HTTP admin). Must never: replicate or bootstrap itself (it only
+//! starts the pipelines and shows their status), or acknowledge a write the log has not.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -20,7 +25,7 @@ use tideline_wal::{Durability, Epoch, Gtid, GtidSet, Offset, RetentionPolicy, Wa
 
 use crate::DurabilityArg;
 use crate::log_cmd::open_log_with;
-use crate::replica::{self, SharedStatus};
+use tideline_connectors::{BootstrapMode, ReplicaOptions, SharedStatus};
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -50,8 +55,8 @@ pub struct ServeArgs {
     /// `auto`: an empty replica, or one whose upstream purged GTIDs it needs, copies the
     /// upstream's state in resumable chunks while tailing its log (single upstream only).
     /// `never`: catch up from the upstream's log only.
-    #[arg(long, value_enum, default_value_t = replica::BootstrapMode::Auto)]
-    bootstrap: replica::BootstrapMode,
+    #[arg(long, value_enum, default_value_t = BootstrapArg::Auto)]
+    bootstrap: BootstrapArg,
     /// Size of the chunks a bootstrap asks for (the upstream keeps it within 16 KiB..8 MiB).
     /// A killed replica re-fetches at most one chunk.
     #[arg(long, default_value_t = BOOTSTRAP_CHUNK_BYTES_DEFAULT, value_name = "BYTES")]
@@ -80,6 +85,25 @@ pub struct ServeArgs {
 /// How often a read fence re-checks durability once its GTIDs are applied but the log has
 /// not synced them yet (async durability only).
 const ASYNC_SYNC_RECHECK: Duration = Duration::from_millis(2);
+
+/// `--bootstrap`: when a replica copies its upstream's state instead of catching up from its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BootstrapArg {
+    /// When the replica is empty, or the upstream purged GTIDs it needs (single upstream only).
+    Auto,
+    /// Never: catch up from the upstream's log, and stop with an error if it was purged.
+    Never,
+}
+
+impl BootstrapArg {
+    /// The pipeline setting this flag stands for.
+    fn mode(self) -> BootstrapMode {
+        match self {
+            BootstrapArg::Auto => BootstrapMode::Auto,
+            BootstrapArg::Never => BootstrapMode::Never,
+        }
+    }
+}
 
 /// Chunk size a bootstrapping replica asks for by default.
 pub const BOOTSTRAP_CHUNK_BYTES_DEFAULT: u64 = 8 << 20;
@@ -636,14 +660,15 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             &secrets_dir,
         )?);
         cfg.client_name = format!("replica {}", engine.server_uuid());
-        let opts = replica::ReplicaOptions {
-            bootstrap: args.bootstrap,
+        let opts = ReplicaOptions {
+            bootstrap: args.bootstrap.mode(),
             sources: args.upstream.len(),
             chunk_bytes: args.bootstrap_chunk_bytes,
         };
         for addr in &args.upstream {
             // The tasks live as long as the node's runtime.
-            let (status, _task) = replica::spawn(addr.clone(), cfg.clone(), engine.clone(), opts);
+            let (status, _task) =
+                tideline_connectors::spawn(addr.clone(), cfg.clone(), engine.clone(), opts);
             upstreams.push(status);
         }
     }

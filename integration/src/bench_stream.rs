@@ -1,4 +1,4 @@
-//! `tideline bench stream`: tails over QUIC beside a bare quinn stream and PostgreSQL logical
+//! `peer-bench stream`: tails over QUIC beside a bare quinn stream and PostgreSQL logical
 //! decoding, measured in one run on one machine, all on loopback.
 //!
 //! Phases: (1) one consumer tails a log of `--changes` one-put transactions already on disk,
@@ -17,16 +17,16 @@
 //! and client do (their sockets are created inside `tideline-stream`); it is measured a second
 //! time with `--udp-buffer-bytes` buffers to show what larger buffers would give.
 
-use crate::bench_util::{
-    ASYNC_10MS, bar, collect_delays, goal, open_wal, open_wal_with, percentile, print_goals, put,
-    run_in_dir,
-};
 use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tideline::bench_util::{
+    ASYNC_10MS, bar, collect_delays, goal, open_wal, open_wal_with, percentile, print_goals, put,
+    run_in_dir,
+};
 
 use anyhow::{Context, bail, ensure};
 use clap::Args;
@@ -220,7 +220,7 @@ fn build_log(dir: &Path, records: u64, value: &[u8], what: &str) -> anyhow::Resu
             seq += 1;
             last = Some(wal.submit(NewTransaction {
                 gtid: Gtid::new(uuid, seq)?,
-                timestamp_us: crate::now_us(),
+                timestamp_us: tideline::now_us(),
                 ops: put(seq, value),
             })?);
         }
@@ -574,7 +574,7 @@ fn latency(
         }
         wal.submit(NewTransaction {
             gtid: Gtid::new(uuid, seq)?,
-            timestamp_us: crate::now_us(),
+            timestamp_us: tideline::now_us(),
             ops: put(seq, value),
         })?
         .wait()?;
@@ -973,7 +973,7 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
 fn print_table(r: &Value) {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     println!(
-        "tideline bench stream ({} changes of {} B, loopback, {})",
+        "peer-bench stream ({} changes of {} B, loopback, {})",
         r["changes"],
         r["value_bytes"],
         r["runtimes"].as_str().unwrap_or("")

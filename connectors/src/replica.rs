@@ -4,106 +4,25 @@
 //! chains, fan-out, multi-source merges and circular paths are safe. Failover is a restart with
 //! another `--upstream`: the replica sends its `gtid_executed`, the new upstream streams
 //! exactly what is missing. No file names or offsets appear anywhere in the configuration.
+//!
+//! Owns: the replication loop of one upstream (connect, back off, decide to bootstrap, follow
+//! the tail and apply it), errant-GTID detection. Must never: write a transaction whose GTID
+//! the engine already executed, move a GTID number or offset the upstream assigned, or copy
+//! state itself (that is `bootstrap`'s job, which this module calls and never the reverse).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::json;
 use tideline_engine::Engine;
 use tideline_stream::{Client, ClientConfig, ClientError, ErrorCode, Event, Start};
 use tideline_wal::{GtidSet, NewTransaction};
 
-/// Connection state of one upstream, as `status` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamState {
-    /// Dialling, or waiting to dial again.
-    Connecting,
-    /// Subscribed and applying.
-    Connected,
-    /// Copying the upstream's state in chunks (see `bootstrap`).
-    Bootstrapping,
-    /// Stopped on an error that needs an operator (see `error`).
-    Error,
-}
-
-/// What a replica knows about one upstream.
-#[derive(Debug, Clone)]
-pub struct UpstreamStatus {
-    /// Address as configured.
-    pub addr: String,
-    /// Connection state.
-    pub state: UpstreamState,
-    /// The upstream's `server_uuid`, once connected.
-    pub server_uuid: Option<String>,
-    /// GTIDs received from this upstream since start (applied or already present).
-    pub received: GtidSet,
-    /// Transactions applied from this upstream since start.
-    pub applied: u64,
-    /// The upstream's head (its local offset), from batches and heartbeats.
-    pub upstream_head: u64,
-    /// Upstream offset of the last transaction applied here.
-    pub applied_offset: u64,
-    /// Upstream head minus the upstream offset of the last transaction applied here.
-    pub lag_txns: u64,
-    /// Age of the last applied transaction while behind; 0 when caught up.
-    pub lag_seconds: f64,
-    /// Local GTIDs the upstream does not have (written here, or diverged), named.
-    pub errant: GtidSet,
-    /// The last error, if any.
-    pub error: Option<String>,
-    /// Progress of the running or last bootstrap from this upstream.
-    pub bootstrap: Option<serde_json::Value>,
-}
-
-impl UpstreamStatus {
-    fn new(addr: &str) -> Self {
-        UpstreamStatus {
-            addr: addr.to_string(),
-            state: UpstreamState::Connecting,
-            server_uuid: None,
-            received: GtidSet::new(),
-            applied: 0,
-            upstream_head: 0,
-            applied_offset: 0,
-            lag_txns: 0,
-            lag_seconds: 0.0,
-            errant: GtidSet::new(),
-            error: None,
-            bootstrap: None,
-        }
-    }
-
-    /// The `status` JSON of this upstream.
-    pub fn to_json(&self) -> serde_json::Value {
-        json!({
-            "addr": self.addr,
-            "state": match self.state {
-                UpstreamState::Connecting => "connecting",
-                UpstreamState::Connected => "connected",
-                UpstreamState::Bootstrapping => "bootstrapping",
-                UpstreamState::Error => "error",
-            },
-            "server_uuid": self.server_uuid,
-            "received": self.received.to_string(),
-            "applied": self.applied,
-            "lag_txns": self.lag_txns,
-            "lag_seconds": self.lag_seconds,
-            "errant": self.errant.to_string(),
-            "error": self.error,
-            "bootstrap": self.bootstrap,
-        })
-    }
-}
-
-/// A shared, updatable upstream status.
-pub type SharedStatus = Arc<Mutex<UpstreamStatus>>;
-
-pub(crate) fn update(status: &SharedStatus, f: impl FnOnce(&mut UpstreamStatus)) {
-    f(&mut status.lock().unwrap_or_else(|p| p.into_inner()));
-}
+use crate::bootstrap;
+use crate::status::{SharedStatus, UpstreamState, UpstreamStatus, update};
+use crate::stop::{Stop, classify};
 
 /// When a replica copies its upstream's state instead of catching up from its log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BootstrapMode {
     /// When the replica is empty, or the upstream purged GTIDs it needs (single upstream only).
     Auto,
@@ -190,35 +109,6 @@ pub fn spawn(
     (status, task.abort_handle())
 }
 
-/// Why one replication session ended.
-pub(crate) enum Stop {
-    /// Reconnect after a pause.
-    Retry(String),
-    /// Needs an operator.
-    Fatal(String),
-    /// A connection error that waiting cannot fix (another cluster's certificate): needs an
-    /// operator unless the upstream was reached before.
-    Permanent(String),
-    /// Needs an operator, or a change on the upstream: shown as `error`, checked again after
-    /// a pause (the longest backoff).
-    Held(String),
-}
-
-/// Classifies a client error. A position the upstream no longer has mid-stream (its history
-/// was replaced by its own bootstrap) is retried: the next subscription finds out what to do.
-pub(crate) fn classify(e: ClientError) -> Stop {
-    match &e {
-        ClientError::Unauthorized { .. } => Stop::Fatal(e.to_string()),
-        ClientError::WrongCluster { .. } => Stop::Permanent(e.to_string()),
-        ClientError::Server {
-            code: ErrorCode::PositionUnavailable | ErrorCode::Unavailable,
-            ..
-        } => Stop::Retry(e.to_string()),
-        _ if e.is_retryable() => Stop::Retry(e.to_string()),
-        _ => Stop::Fatal(e.to_string()),
-    }
-}
-
 fn is_purged(e: &ClientError) -> bool {
     matches!(
         e,
@@ -250,12 +140,12 @@ async fn replicate_once(
         pending_bootstrap_is_ours(addr, upstream_uuid, engine, opts)?;
     }
     if engine.is_bootstrapping() || (can_bootstrap && empty) {
-        crate::bootstrap::run(&client, engine, st, addr, opts.chunk_bytes).await?;
+        bootstrap::run(&client, engine, st, addr, opts.chunk_bytes).await?;
     }
     match follow(addr, &client, engine, st, opts.sources).await {
         Err(Purged(e)) if can_bootstrap => {
             tracing::warn!(upstream = %addr, error = %e, "the upstream purged GTIDs this replica needs: bootstrapping");
-            crate::bootstrap::run(&client, engine, st, addr, opts.chunk_bytes).await?;
+            bootstrap::run(&client, engine, st, addr, opts.chunk_bytes).await?;
             follow(addr, &client, engine, st, opts.sources)
                 .await
                 .map_err(|Purged(e)| Stop::Retry(format!("after the bootstrap: {e}")))?

@@ -5,6 +5,10 @@
 //! the previous step into the store (chunks go straight into the store, not the log, with the
 //! progress record in the same atomic batch). A replica killed at any point resumes from the
 //! last step it stored, so at most the chunk in flight is sent again.
+//!
+//! Owns: one bootstrap at a time per process, its progress in `status`. Must never: call back
+//! into `replica` (replication decides when to bootstrap; this module only copies), or record
+//! a GTID set over state it has not stored.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,7 +20,8 @@ use tideline_engine::{Engine, RestoreOp};
 use tideline_stream::Client;
 use tideline_wal::GtidSet;
 
-use crate::replica::{SharedStatus, Stop, UpstreamState, classify, update};
+use crate::status::{SharedStatus, UpstreamState, update};
+use crate::stop::{Stop, classify};
 
 /// Steps received ahead of the store.
 const PIPELINE_STEPS: usize = 4;
@@ -27,7 +32,7 @@ const PIPELINE_STEPS: usize = 4;
 static RUNNING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// What `status` shows of a bootstrap in progress.
-pub fn progress_json(p: &BootstrapProgress, rate: f64) -> serde_json::Value {
+pub(crate) fn progress_json(p: &BootstrapProgress, rate: f64) -> serde_json::Value {
     let total = p.bytes_estimate_now();
     let left = total.saturating_sub(p.bytes) as f64;
     let eta = (rate > 0.0).then(|| (left / rate * 10.0).round() / 10.0);
@@ -49,7 +54,7 @@ pub fn progress_json(p: &BootstrapProgress, rate: f64) -> serde_json::Value {
 
 /// Runs (or resumes) a bootstrap from `client`'s node into `engine`; returns the GTID set the
 /// copy holds, from which replication continues.
-pub async fn run(
+pub(crate) async fn run(
     client: &Client,
     engine: &Arc<Engine>,
     st: &SharedStatus,

@@ -100,7 +100,7 @@ fn a_second_writer_is_refused_and_the_live_log_stays_intact() {
 fn demo_uses_a_fresh_directory_and_refuses_one_that_holds_a_node() {
     let dir = tempfile::tempdir().unwrap();
     // With no --data, demo runs in a temporary directory of its own, not ./data.
-    let out = std::process::Command::new(common::BIN)
+    let out = std::process::Command::new(common::bin())
         .args(["demo", "--txns", "50"])
         .current_dir(dir.path())
         .output()
@@ -117,7 +117,7 @@ fn demo_uses_a_fresh_directory_and_refuses_one_that_holds_a_node() {
     let mut node = Node::start(&data, free_port());
     assert!(node.run(&["put", "k", "v"]).status.success());
     node.kill9();
-    let out = std::process::Command::new(common::BIN)
+    let out = std::process::Command::new(common::bin())
         .args(["demo", "--txns", "50", "--data"])
         .arg(&data)
         .output()

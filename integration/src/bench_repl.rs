@@ -1,4 +1,4 @@
-//! `tideline bench replication`: replica catch-up, lag through a chain, and Redis replication
+//! `peer-bench replication`: replica catch-up, lag through a chain, and Redis replication
 //! beside them, measured in one run on one machine, all on loopback.
 //!
 //! Every Tideline node runs in this process: engines opened with [`open_engine`] in
@@ -35,9 +35,6 @@
 //!    the bootstrap. MB/s counts key and value bytes. The small copy is compared with Redis's
 //!    full resync of `--redis-keys` keys.
 
-use crate::bench_util::{
-    ASYNC_10MS, bar, collect_delays, goal, percentile, print_goals, run_in_dir,
-};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -46,6 +43,9 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use tideline::bench_util::{
+    ASYNC_10MS, bar, collect_delays, goal, percentile, print_goals, run_in_dir,
+};
 
 use anyhow::{Context, bail, ensure};
 use clap::Args;
@@ -56,8 +56,10 @@ use tideline_stream::{
 };
 use tideline_wal::Durability;
 
-use crate::node::{EngineNode, open_engine};
-use crate::replica::{self, BootstrapMode, ReplicaOptions, SharedStatus, UpstreamState};
+use tideline::node::{EngineNode, open_engine};
+use tideline_connectors::{
+    self as replica, BootstrapMode, ReplicaOptions, SharedStatus, UpstreamState,
+};
 
 /// Arguments of `bench replication`.
 #[derive(Debug, Args)]
@@ -91,7 +93,7 @@ pub struct ReplBenchArgs {
     #[arg(long, default_value_t = 1_000_000)]
     bootstrap_small_keys: u64,
     /// Chunk size the bootstrapping replicas ask for.
-    #[arg(long, default_value_t = crate::node::BOOTSTRAP_CHUNK_BYTES_DEFAULT)]
+    #[arg(long, default_value_t = tideline::node::BOOTSTRAP_CHUNK_BYTES_DEFAULT)]
     bootstrap_chunk_bytes: u64,
     /// Skip the bootstrap measurements.
     #[arg(long)]
@@ -1314,7 +1316,7 @@ fn run_all(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
 fn print_table(r: &Value) {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     println!(
-        "tideline bench replication ({} transactions of one {} B put, loopback, {})",
+        "peer-bench replication ({} transactions of one {} B put, loopback, {})",
         r["txns"],
         r["value_bytes"],
         r["nodes"].as_str().unwrap_or("")

@@ -1,4 +1,4 @@
-//! `tideline bench stream` as a user runs it, at tiny sizes: every phase (tail, fan-out, bare
+//! `peer-bench stream` as a user runs it, at tiny sizes: every phase (tail, fan-out, bare
 //! quinn, large values, paced latency) runs to the end and the `--json` report carries each
 //! figure as a positive number. Guards against a benchmark that silently stops measuring
 //! (a phase that hangs, a field renamed or left at zero). PostgreSQL is skipped with

@@ -1,4 +1,11 @@
-//! Helpers shared by the process-level tests: start `tideline serve`, run CLI commands.
+//! Helpers shared by the process-level tests: the one node launcher (start `tideline serve`,
+//! wait until it serves, kill it), CLI runs, the peer benchmark runner.
+//!
+//! The `tideline` binary belongs to another package, so Cargo gives these tests no
+//! `CARGO_BIN_EXE_tideline`: [`bin`] finds it next to the test executable (both live in the
+//! same target profile directory). `cargo nextest run --workspace` builds it (the root
+//! package's `tests/binary.rs` makes Cargo do so) and `scripts/test` builds every binary first;
+//! `-p tideline-integration` alone does not, and [`bin`] then says what to build.
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
 use std::io::{BufRead, BufReader, Write};
@@ -9,7 +16,33 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_tideline");
+/// The `tideline` binary of this build profile: `target/<profile>/tideline`, next to
+/// `target/<profile>/deps/<test>-<hash>`. Panics, naming the command that builds it, when it
+/// is not there.
+pub fn bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the path of the running test executable");
+        // target/<profile>/deps/<test> -> target/<profile>/tideline
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("the test executable lives in target/<profile>/deps");
+        let bin = profile_dir.join(format!("tideline{}", std::env::consts::EXE_SUFFIX));
+        let built = std::fs::metadata(&bin).is_ok_and(|m| m.is_file() && m.len() > 0);
+        assert!(
+            built,
+            "the tideline binary is not at {} (or is empty): build it first with \
+             `cargo build -p tideline --bin tideline`, or run the tests with `scripts/test` or \
+             `cargo nextest run --workspace`, which build it",
+            bin.display()
+        );
+        bin.to_string_lossy().into_owned()
+    })
+}
+
+/// The `peer-bench` binary, built by Cargo for this package's tests.
+pub const PEER_BENCH: &str = env!("CARGO_BIN_EXE_peer-bench");
 
 pub fn free_port() -> u16 {
     UdpSocket::bind("127.0.0.1:0")
@@ -34,7 +67,7 @@ impl Node {
 
     pub fn start_with(data: &Path, port: u16, extra: &[&str]) -> Node {
         let addr = format!("127.0.0.1:{port}");
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["serve", "--data"])
             .arg(data)
             .args(["--listen", &addr])
@@ -90,7 +123,7 @@ impl Node {
     }
 
     pub fn cli(&self) -> Command {
-        let mut c = Command::new(BIN);
+        let mut c = Command::new(bin());
         c.env("TIDELINE_SECRETS", self.secrets());
         c
     }
@@ -158,16 +191,15 @@ pub fn positive(report: &serde_json::Value, path: &[&str]) -> f64 {
     x
 }
 
-/// Runs `tideline bench ARGS --json --dir DIR` and returns its report.
+/// Runs `peer-bench ARGS --json --dir DIR` and returns its report.
 pub fn run_bench(dir: &Path, args: &[&str]) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .arg("bench")
+    let out = Command::new(PEER_BENCH)
         .args(args)
         .arg("--json")
         .arg("--dir")
         .arg(dir)
         .output()
-        .expect("run tideline bench");
+        .expect("run peer-bench");
     assert!(
         out.status.success(),
         "bench failed: {}",

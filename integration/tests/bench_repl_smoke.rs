@@ -1,4 +1,4 @@
-//! `tideline bench replication` as a user runs it, at tiny sizes: the primary is loaded, an
+//! `peer-bench replication` as a user runs it, at tiny sizes: the primary is loaded, an
 //! async and a sync replica catch up, the chain A→B→C carries the paced load to C, empty
 //! replicas bootstrap a small and a larger state, and the `--json` report carries each figure
 //! as a positive number. Guards against a benchmark that silently stops measuring (a phase that

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{BIN, Node, free_port, load};
+use common::{Node, bin, free_port, load};
 
 fn tail_lines(node: &Node, from: &str, limit: u64) -> Vec<Value> {
     let out = node.run(&["tail", "--from", from, "--limit", &limit.to_string()]);
@@ -219,7 +219,7 @@ fn wrong_token_unreachable_node_and_bad_positions_fail_clearly() {
 
     let bad_token = dir.path().join("bad-token");
     std::fs::write(&bad_token, "0000\n").unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["get", "--node", &node.addr, "k"])
         .arg("--ca")
         .arg(node.secrets().join("ca.pem"))
@@ -311,7 +311,7 @@ fn size_limits_are_configurable_and_refusals_are_clear() {
     let s: Value = serde_json::from_slice(&node.run(&["status"]).stdout).unwrap();
     assert_eq!(s["last_offset"], 1);
     // A bad limit is refused before the node starts.
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["serve", "--data"])
         .arg(dir.path().join("m"))
         .args(["--key-bytes-max", "70000"])

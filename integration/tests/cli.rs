@@ -21,7 +21,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{BIN, Node, free_port};
+use common::{Node, bin, free_port};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -197,13 +197,16 @@ fn get_ends_with_a_newline_on_a_terminal_and_prints_exact_bytes_otherwise() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("n"), free_port());
     assert!(node.run(&["put", "k1", "v1"]).status.success());
-    let tty = on_terminal(&node, &format!("{BIN} get --node {} k1", node.addr));
+    let tty = on_terminal(&node, &format!("{} get --node {} k1", bin(), node.addr));
     assert!(
         tty.ends_with(b"v1\r\n"),
         "{:?}",
         String::from_utf8_lossy(&tty)
     );
-    let raw = on_terminal(&node, &format!("{BIN} get --raw --node {} k1", node.addr));
+    let raw = on_terminal(
+        &node,
+        &format!("{} get --raw --node {} k1", bin(), node.addr),
+    );
     assert!(raw.ends_with(b"v1"), "{:?}", String::from_utf8_lossy(&raw));
     // A pipe gets the value as stored.
     assert_eq!(node.run(&["get", "k1"]).stdout, b"v1");
@@ -319,7 +322,7 @@ fn another_clusters_secrets_fail_fast_with_words_that_say_so() {
     let node = Node::start(&dir.path().join("a"), free_port());
     let other = Node::start(&dir.path().join("b"), free_port());
     let wrong = other.secrets();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["get", "--node", &node.addr, "k", "--secrets"])
         .arg(&wrong)
         .output()
@@ -330,7 +333,7 @@ fn another_clusters_secrets_fail_fast_with_words_that_say_so() {
     assert!(err.contains(&wrong.display().to_string()), "{err}");
 
     // tail gives up at once instead of retrying forever.
-    let tail = Command::new(BIN)
+    let tail = Command::new(bin())
         .args([
             "tail",
             "--node",
@@ -382,7 +385,7 @@ fn another_clusters_secrets_fail_fast_with_words_that_say_so() {
 
     // A replica without --secrets would create a new cluster that can never connect.
     let fresh = dir.path().join("fresh");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["serve", "--data"])
         .arg(&fresh)
         .args(["--listen", &format!("127.0.0.1:{}", free_port())])
@@ -464,7 +467,7 @@ fn serve_on_a_port_in_use_changes_nothing_and_says_why_once() {
     let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let data = dir.path().join("n");
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["serve", "--data"])
         .arg(&data)
         .args(["--listen", &addr])
@@ -508,7 +511,7 @@ fn messages_name_cli_steps_not_rust_apis() {
     // A secrets directory without ca.pem is missing a file, not holding a bad certificate.
     let empty = dir.path().join("empty-secrets");
     std::fs::create_dir_all(&empty).unwrap();
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["status", "--node", &node.addr, "--secrets"])
         .arg(&empty)
         .output()
@@ -618,7 +621,10 @@ fn scan_output_round_trips_through_load_whatever_the_bytes() {
         );
     }
     // --help says how rows are escaped.
-    let help = Command::new(BIN).args(["scan", "--help"]).output().unwrap();
+    let help = Command::new(bin())
+        .args(["scan", "--help"])
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&help.stdout).contains("\\t"));
 }
 
@@ -661,7 +667,7 @@ fn checkpoint_over_from_empty_secrets_env_and_del_of_a_missing_key_are_explained
         )
         .unwrap();
     }
-    let out = Command::new(BIN)
+    let out = Command::new(bin())
         .args(["status", "--node", &node.addr])
         .env("TIDELINE_SECRETS", "")
         .current_dir(&cwd)

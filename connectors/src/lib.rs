@@ -1,0 +1,43 @@
+//! `tideline-connectors`: pipelines that drive a source tail into a sink.
+//!
+//! Where it sits: above `tideline-consumers` (the smart client), `tideline-engine` and
+//! `tideline-wal`; below the `tideline` node, which only wires pipelines up from its
+//! configuration (`--upstream`) and shows their [`UpstreamStatus`] in `status`.
+//!
+//! What it holds today: replication, a pipeline whose source is an upstream node's tail (by
+//! GTID auto-positioning) and whose sink is the local engine ([`spawn`]), with its chunked
+//! bootstrap that copies the upstream's state when the replica is empty or the upstream purged
+//! what it needs. The `Sink` contract and the external sinks (secondary index, PostgreSQL,
+//! Redis, NATS, JSON-lines file, webhook) will live here too.
+//!
+//! What it does not do: open or own an engine (the node passes one in), serve anything, parse
+//! a command line, or write the log by any path other than the engine's commit (a replicated
+//! transaction keeps its origin GTID and gets the next local offset).
+//!
+//! Key types: [`spawn`] starts one upstream's replication task; [`ReplicaOptions`] and
+//! [`BootstrapMode`] say how; [`SharedStatus`] is what `status` reads.
+//!
+//! ```
+//! use tideline_connectors::{UpstreamState, UpstreamStatus};
+//!
+//! // What `status` shows of an upstream before its first connection.
+//! let s = UpstreamStatus::new("127.0.0.1:7400");
+//! assert_eq!(s.state, UpstreamState::Connecting);
+//! assert_eq!(s.to_json()["addr"], "127.0.0.1:7400");
+//! ```
+
+mod bootstrap;
+mod replica;
+mod status;
+mod stop;
+
+pub use replica::{BootstrapMode, ReplicaOptions, spawn};
+pub use status::{SharedStatus, UpstreamState, UpstreamStatus};
+
+/// Microseconds since the Unix epoch, for lag figures.
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+}

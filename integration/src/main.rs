@@ -1,0 +1,54 @@
+//! `peer-bench`: Tideline measured beside its peers, on one machine, on loopback.
+//!
+//! `peer-bench replication` (replica catch-up, lag through a chain A→B→C, bootstrap, and Redis
+//! replication beside them) and `peer-bench stream` (tails over QUIC beside a bare quinn stream
+//! and PostgreSQL logical decoding). Run them in release:
+//! `cargo run -p tideline-integration --release --bin peer-bench -- replication|stream`.
+//! The results, with the machine and the date, go into `docs/benchmarks.md`.
+//!
+//! This package (`tideline-integration`, never published) also holds the multi-process tests
+//! (`tests/`), which start the `tideline` binary. It depends on every Tideline crate and none
+//! depends on it. What it must never do: hold code the node needs at run time (the user-facing
+//! load generators, `tideline bench wal|node`, stay in the node), or be a dependency of a
+//! crate that ships.
+
+mod bench_repl;
+mod bench_stream;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Tideline beside PostgreSQL, Redis and bare quinn: figures from one run on one machine.
+#[derive(Debug, Parser)]
+#[command(name = "peer-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Tails over QUIC beside a bare quinn stream and PostgreSQL logical decoding.
+    Stream(bench_stream::StreamBenchArgs),
+    /// Replica catch-up, lag through a chain A→B→C, and Redis replication beside them.
+    Replication(bench_repl::ReplBenchArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tideline::init_tracing(false);
+    // One TLS crypto provider for the whole process, chosen explicitly.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let result = match cli.command {
+        Command::Stream(args) => bench_stream::stream(&args),
+        Command::Replication(args) => bench_repl::replication(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", tideline::error_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! `load`: escaped `KEY<TAB>VALUE` lines from stdin, committed in batched transactions with a
+//! progress bar.
+//!
+//! Owns: parsing and checking lines against the node's limits, batching, commits in flight,
+//! and the report of which input lines were committed. Must never: send anything after a bad
+//! line or a failed batch, or report a line committed that was not.
+
+use std::io::{BufRead, IsTerminal};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use tideline_stream::WriteOp;
+
+use super::escape::unescape;
+use super::{NodeArgs, runtime};
+
+/// Arguments of `load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Tree.
+    #[arg(long, default_value = "default")]
+    tree: String,
+    /// Puts per transaction.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Bytes of keys and values per transaction (a larger single line gets one of its own);
+    /// at most 16 MiB, what one message carries.
+    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES",
+          value_parser = clap::value_parser!(u64).range(1..=(16 << 20)))]
+    batch_bytes: u64,
+    /// Transactions in flight at once.
+    #[arg(long, default_value_t = 8)]
+    parallel: usize,
+    /// All lines in one transaction, or nothing: refused (nothing committed) above 16 MiB of
+    /// keys, values and 64 bytes per line.
+    #[arg(long, conflicts_with_all = ["batch", "batch_bytes", "parallel"])]
+    atomic: bool,
+}
+
+/// One batch of `load`: the input lines it covers (blank lines included) and its writes.
+struct LoadBatch {
+    lines: (u64, u64),
+    ops: Vec<WriteOp>,
+}
+
+/// Checks one input line against the node's limits; the error names what to change.
+fn parse_load_line(
+    line: &[u8],
+    tree: &str,
+    limits: (usize, usize),
+) -> Result<(WriteOp, usize), String> {
+    let Some(tab) = line.iter().position(|&b| b == b'\t') else {
+        return Err("expected KEY<TAB>VALUE, found no tab".into());
+    };
+    let key = unescape(&line[..tab]).map_err(|e| format!("key: {e}"))?;
+    let value = unescape(&line[tab + 1..]).map_err(|e| format!("value: {e}"))?;
+    if key.is_empty() {
+        return Err("empty key: keys must be 1 byte or longer".into());
+    }
+    if key.len() > limits.0 {
+        return Err(format!(
+            "key of {} bytes exceeds the node's limit of {} bytes (serve --key-bytes-max)",
+            key.len(),
+            limits.0
+        ));
+    }
+    if value.len() > limits.1 {
+        return Err(format!(
+            "value of {} bytes exceeds the node's limit of {} bytes (serve --value-bytes-max)",
+            value.len(),
+            limits.1
+        ));
+    }
+    // What the op costs in a message: its bytes plus a bound on its envelope.
+    let bytes = key.len() + value.len() + tree.len() + OP_ENVELOPE_BYTES;
+    let op = WriteOp::Put {
+        tree: tree.to_string(),
+        key,
+        value,
+    };
+    Ok((op, bytes))
+}
+
+/// A bound on the bytes one put adds to a commit message beyond its tree, key and value.
+const OP_ENVELOPE_BYTES: usize = 64;
+
+/// Most bytes of one `load --atomic` transaction (keys, values, trees and 64 bytes per line):
+/// what one message carries, less room for the largest key.
+const ATOMIC_BYTES_MAX: u64 = 16 << 20;
+
+/// The node's key and value limits from its status (older nodes: the largest allowed).
+async fn node_limits(client: &tideline_stream::Client) -> anyhow::Result<(usize, usize)> {
+    let json = client.status().await?;
+    let status: serde_json::Value =
+        serde_json::from_str(&json).context("the node sent a status that is not JSON")?;
+    let get = |name: &str, default: usize| {
+        status["limits"][name]
+            .as_u64()
+            .map_or(default, |n| n as usize)
+    };
+    Ok((
+        get("key_bytes_max", 65_535),
+        get("value_bytes_max", 16 << 20),
+    ))
+}
+
+/// What a finished commit task of `load` gave.
+type LoadResult = Result<anyhow::Result<((u64, u64), usize, String)>, tokio::task::JoinError>;
+
+/// Records one finished batch; returns the keys it committed.
+fn record(
+    r: LoadResult,
+    committed: &mut Vec<((u64, u64), String)>,
+    failure: &mut Option<String>,
+) -> u64 {
+    match r {
+        Ok(Ok((lines, n, gtid))) => {
+            committed.push((lines, gtid));
+            n as u64
+        }
+        Ok(Err(e)) => {
+            failure.get_or_insert(format!("{e:#}"));
+            0
+        }
+        Err(e) => {
+            failure.get_or_insert(format!("commit task failed: {e}"));
+            0
+        }
+    }
+}
+
+/// Line ranges as text: `1-2000, 3001-4000`.
+fn ranges_text(ranges: &[(u64, u64)]) -> String {
+    ranges
+        .iter()
+        .map(|(a, b)| format!("{a}-{b}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `load`: escaped `KEY<TAB>VALUE` lines from stdin in batched transactions. A bad line or a
+/// failed batch stops the load: nothing more is sent, the batches in flight are waited for,
+/// and the error says exactly which lines were committed.
+pub fn load(args: &LoadArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let client = std::sync::Arc::new(args.node.connect().await?);
+        let limits = node_limits(&client).await?;
+        let pb = if std::io::stderr().is_terminal() {
+            let pb = ProgressBar::new_spinner();
+            if let Ok(style) =
+                ProgressStyle::with_template("{spinner} {pos} keys loaded ({per_sec}) {elapsed}")
+            {
+                pb.set_style(style);
+            }
+            pb
+        } else {
+            ProgressBar::hidden()
+        };
+        let started = std::time::Instant::now();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<LoadBatch>(args.parallel.max(1));
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Read stdin on a blocking thread; commit on the runtime with bounded parallelism.
+        let tree = args.tree.clone();
+        let atomic = args.atomic;
+        let batch = if atomic {
+            usize::MAX
+        } else {
+            args.batch.max(1)
+        };
+        let batch_bytes = if atomic {
+            ATOMIC_BYTES_MAX
+        } else {
+            args.batch_bytes
+        } as usize;
+        let stop = failed.clone();
+        let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let stdin = std::io::stdin().lock();
+            let mut ops = Vec::with_capacity(batch.min(4096));
+            let mut bytes = 0usize;
+            let mut first_line = 1u64;
+            let send = |ops: Vec<WriteOp>, lines: (u64, u64)| {
+                !stop.load(std::sync::atomic::Ordering::SeqCst)
+                    && tx.blocking_send(LoadBatch { lines, ops }).is_ok()
+            };
+            let mut last_line = 0u64;
+            for (n, line) in stdin.split(b'\n').enumerate() {
+                let n = n as u64 + 1;
+                last_line = n;
+                let line = line.map_err(|e| format!("line {n}: cannot read stdin: {e}"))?;
+                let line = line.strip_suffix(b"\r").unwrap_or(&line);
+                if line.is_empty() {
+                    continue;
+                }
+                let (op, size) = match parse_load_line(line, &tree, limits) {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // Everything before the bad line goes (with --atomic: nothing); nothing
+                        // after it.
+                        if !atomic
+                            && !ops.is_empty()
+                            && !send(std::mem::take(&mut ops), (first_line, n - 1))
+                        {
+                            return Ok(());
+                        }
+                        return Err(format!("line {n}: {e}"));
+                    }
+                };
+                if !ops.is_empty() && bytes + size > batch_bytes {
+                    if atomic {
+                        return Err(format!(
+                            "line {n}: --atomic input passes {ATOMIC_BYTES_MAX} bytes (keys, \
+                             values and {OP_ENVELOPE_BYTES} bytes per line), more than one \
+                             transaction carries; load without --atomic to commit in batches"
+                        ));
+                    }
+                    if !send(std::mem::take(&mut ops), (first_line, n - 1)) {
+                        return Ok(());
+                    }
+                    first_line = n;
+                    bytes = 0;
+                }
+                ops.push(op);
+                bytes += size;
+                if ops.len() >= batch {
+                    if !send(std::mem::take(&mut ops), (first_line, n)) {
+                        return Ok(());
+                    }
+                    first_line = n + 1;
+                    bytes = 0;
+                }
+            }
+            if !ops.is_empty() {
+                let _ = send(ops, (first_line, last_line));
+            }
+            Ok(())
+        });
+        let mut inflight = tokio::task::JoinSet::new();
+        let mut loaded = 0u64;
+        let mut txns = 0u64;
+        // Committed line ranges with their GTIDs, and the first failure.
+        let mut committed: Vec<((u64, u64), String)> = Vec::new();
+        let mut failure: Option<String> = None;
+        while failure.is_none() {
+            let Some(b) = rx.recv().await else { break };
+            while inflight.len() >= args.parallel.max(1) {
+                if let Some(r) = inflight.join_next().await {
+                    let n = record(r, &mut committed, &mut failure);
+                    loaded += n;
+                    txns += u64::from(n > 0);
+                    pb.set_position(loaded);
+                }
+            }
+            if failure.is_some() {
+                break;
+            }
+            let client = client.clone();
+            inflight.spawn(async move {
+                let n = b.ops.len();
+                let (first, last) = b.lines;
+                let (_, gtid) = client.commit(b.ops).await.with_context(|| {
+                    format!("lines {first}-{last} (one transaction, not committed)")
+                })?;
+                Ok::<_, anyhow::Error>((b.lines, n, gtid))
+            });
+        }
+        // After a failure send nothing more: stop the reader, then wait for what is in flight.
+        failed.store(true, std::sync::atomic::Ordering::SeqCst);
+        drop(rx);
+        while let Some(r) = inflight.join_next().await {
+            let n = record(r, &mut committed, &mut failure);
+            loaded += n;
+            txns += u64::from(n > 0);
+            pb.set_position(loaded);
+        }
+        let read = reader.await.context("stdin reader failed")?;
+        pb.finish_and_clear();
+        if let Ok(client) = std::sync::Arc::try_unwrap(client) {
+            client.close().await;
+        }
+        committed.sort_by_key(|(lines, _)| *lines);
+        let last_gtid = committed
+            .iter()
+            .map(|(_, g)| g.clone())
+            .max_by_key(|g| {
+                g.rsplit_once(':')
+                    .and_then(|(_, n)| n.parse::<u64>().ok())
+                    .unwrap_or(0)
+            })
+            .unwrap_or_default();
+        let cause = match (failure, read) {
+            (Some(f), _) => Some(f),
+            (None, Err(e)) => Some(e),
+            (None, Ok(())) => None,
+        };
+        if let Some(cause) = cause {
+            // Merge adjacent batches into line ranges.
+            let mut ranges: Vec<(u64, u64)> = Vec::new();
+            for ((a, b), _) in &committed {
+                match ranges.last_mut() {
+                    Some((_, end)) if *end + 1 == *a => *end = *b,
+                    _ => ranges.push((*a, *b)),
+                }
+            }
+            let done = match ranges.as_slice() {
+                [] => "nothing was committed".to_string(),
+                [(1, end)] => format!(
+                    "lines 1-{end} committed ({loaded} keys, last GTID {last_gtid}); nothing \
+                     after line {end} was committed"
+                ),
+                _ => format!(
+                    "lines {} committed ({loaded} keys, last GTID {last_gtid}); nothing else \
+                     was committed",
+                    ranges_text(&ranges)
+                ),
+            };
+            bail!("{cause}; {done}");
+        }
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!(
+            "loaded {loaded} keys in {txns} transactions in {secs:.2}s ({:.0} keys/s)",
+            loaded as f64 / secs.max(1e-9)
+        );
+        println!(
+            "{}",
+            serde_json::json!({"keys": loaded, "transactions": txns, "last_gtid": last_gtid})
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}

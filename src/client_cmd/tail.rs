@@ -1,0 +1,120 @@
+//! `tail`: a node's changes from a position, one JSON line per transaction.
+//!
+//! Owns: turning `--from` into a start, the optional checkpoint file and slot, `--limit`.
+//! Must never: print a transaction twice across a resume from its checkpoint, or store a
+//! checkpoint past what it has printed.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use futures_util::StreamExt;
+use tideline_consumers::{FileCheckpoint, TailConfig, TailStart, tail};
+
+use super::{NodeArgs, runtime};
+use crate::position::StartPosition;
+use crate::render;
+
+/// Arguments of `tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    /// Where to start: earliest, latest, offset:N or gtid:SET.
+    #[arg(long, value_name = "POSITION")]
+    from: StartPosition,
+    /// Only this tree.
+    #[arg(long)]
+    tree: Option<String>,
+    /// Only keys starting with this.
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Exit after this many transactions delivered (after filters).
+    #[arg(long, value_name = "N")]
+    limit: Option<u64>,
+    /// A named slot on the node that holds the log for this consumer.
+    #[arg(long, value_name = "NAME")]
+    slot: Option<String>,
+    /// Resume from (and keep) a position in this file across restarts of `tail`. A position
+    /// saved there wins over --from.
+    #[arg(long, value_name = "FILE")]
+    checkpoint: Option<PathBuf>,
+    /// Keep trying while the node cannot be reached at start, instead of giving up after
+    /// --timeout-ms. (Once connected, a tail always reconnects.)
+    #[arg(long)]
+    retry: bool,
+}
+
+/// `tail`: one JSON line per transaction.
+pub fn tail_cmd(args: &TailArgs) -> anyhow::Result<ExitCode> {
+    runtime()?.block_on(async {
+        let cfg = args.node.client_config()?;
+        let start = match &args.from {
+            StartPosition::Earliest => TailStart::Earliest,
+            StartPosition::Latest => TailStart::Latest,
+            StartPosition::Offset(o) => TailStart::Offset(o.get()),
+            StartPosition::Gtid(s) => TailStart::Gtid(s.clone()),
+        };
+        let mut tcfg = TailConfig::new(args.node.node.clone(), cfg.clone(), start);
+        tcfg.tree = args.tree.clone();
+        tcfg.prefix = args.prefix.as_ref().map(|p| p.as_bytes().to_vec());
+        tcfg.slot = args.slot.clone();
+        if let Some(path) = &args.checkpoint {
+            use tideline_consumers::Checkpoint as _;
+            if let Ok(Some(pos)) = FileCheckpoint::new(path).load() {
+                eprintln!(
+                    "note: --from {} is ignored: resuming after offset {} of node {} from \
+                     checkpoint {} (delete the file to start from --from)",
+                    args.from,
+                    pos.offset,
+                    pos.server_uuid,
+                    path.display()
+                );
+            }
+        }
+        if !args.retry {
+            // The first connection must work within --timeout-ms; later ones are retried.
+            let probe = tideline_stream::Client::connect(&args.node.node, cfg.clone())
+                .await
+                .map_err(|e| {
+                    if e.is_retryable() {
+                        anyhow::anyhow!(
+                            "{e}; tail gave up after --timeout-ms {} (pass --retry to keep \
+                             trying until the node answers)",
+                            args.node.cred.timeout_ms
+                        )
+                    } else {
+                        anyhow::Error::from(e)
+                    }
+                })?;
+            probe.close().await;
+        }
+        let checkpoint = args
+            .checkpoint
+            .as_ref()
+            .map(|p| Box::new(FileCheckpoint::new(p)) as Box<dyn tideline_consumers::Checkpoint>);
+        let mut t = tail(tcfg, checkpoint);
+        let mut out = std::io::stdout().lock();
+        let mut n = 0u64;
+        while args.limit.is_none_or(|l| n < l) {
+            let next = tokio::select! {
+                next = t.next() => next,
+                _ = tokio::signal::ctrl_c() => break,
+            };
+            let Some(item) = next else { break };
+            let txn = item?;
+            let mut line = serde_json::to_vec(&render::txn_json(&txn))?;
+            line.push(b'\n');
+            if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
+                if e.kind() == std::io::ErrorKind::BrokenPipe {
+                    break;
+                }
+                return Err(e.into());
+            }
+            n += 1;
+        }
+        t.commit()?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
