@@ -111,7 +111,7 @@ pub(super) fn create_segment(
     let file = st.create(&name).map_err(|e| Error::io(ctx("create"), e))?;
     file.write_all_at(&header, 0)
         .map_err(|e| Error::io(ctx("write header of"), e))?;
-    if !opts.unsafe_skip_fsync {
+    if !opts.skip_fsync() {
         file.sync_data().map_err(|e| Error::io(ctx("sync"), e))?;
         st.sync_dir()
             .map_err(|e| Error::io("sync log directory", e))?;
@@ -335,7 +335,7 @@ pub(super) fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                 }
                 Some(_) => {
                     // Acknowledged now, shown to readers once durable (see `made_durable`).
-                    if shared.opts.unsafe_show_unsynced {
+                    if shared.opts.show_unsynced() {
                         shared.publish_visible(last, &batch.gtids);
                     } else {
                         unpublished.extend_from_slice(&batch.gtids);
@@ -452,7 +452,7 @@ pub(super) fn sync_file(
     metrics::histogram!("tideline_log_fsync_seconds").record(started.elapsed().as_secs_f64());
     match synced {
         Ok(()) => Ok(()),
-        Err(e) if shared.opts.unsafe_ignore_sync_errors => {
+        Err(e) if shared.opts.ignore_sync_errors() => {
             tracing::error!(file = %st.describe(name), error = %e, "fsync failed; ignored by test-only switch");
             Ok(())
         }

@@ -12,8 +12,9 @@
 //! acknowledges every record in it: appenders that arrive during a sync form the next batch,
 //! which is group commit without any tuning knob.
 //!
-//! Owns: [`WalOptions`] and the reports, `Shared` (the state behind every lock, and the lock
-//! order: `segment_files`, then `slots`, then `state`), and the visibility rule: past the head that
+//! Owns: [`WalOptions`] (whose test-only `unsafe_*` switches exist only with the `testing`
+//! feature) and the reports, `Shared` (the state behind every lock, and the lock order:
+//! `segment_files`, then `slots`, then `state`), and the visibility rule: past the head that
 //! recovery found, records become visible only through `Shared::publish_visible`, which the
 //! writer calls once they are durable.
 //! Must never: touch a segment file (that is the writer's, recovery's or retention's job), or
@@ -99,16 +100,22 @@ pub struct WalOptions {
     /// Open for inspection only: no writer, no truncation of a torn tail (it is just not
     /// read), no file created or removed. For tools reading the log of a running node.
     pub read_only: bool,
+    // The `unsafe_*` switches below disable a protection so that a fault-injection test can
+    // prove it catches the loss (its canary). They exist only with the `testing` feature, so
+    // no production build can set them.
     /// Test-only: never call fsync. Exists so crash tests can prove they catch loss.
+    #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_skip_fsync: bool,
     /// Test-only: carry on after a failed fsync (the bug fail-stop prevents). Exists so the
     /// fsync-failure test can prove it catches loss.
+    #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_ignore_sync_errors: bool,
     /// Test-only: under `Async`, show records to readers once written rather than once
     /// durable (the bug that lets a power cut take back what a reader saw). Exists so the
     /// async visibility test can prove it catches the reissue.
+    #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_show_unsynced: bool,
 }
@@ -123,10 +130,40 @@ impl Default for WalOptions {
             retention: RetentionPolicy::default(),
             verify_on_open: false,
             read_only: false,
+            #[cfg(feature = "testing")]
             unsafe_skip_fsync: false,
+            #[cfg(feature = "testing")]
             unsafe_ignore_sync_errors: false,
+            #[cfg(feature = "testing")]
             unsafe_show_unsynced: false,
         }
+    }
+}
+
+impl WalOptions {
+    /// Whether fsync is skipped: only a `testing` build can say yes.
+    pub(crate) fn skip_fsync(&self) -> bool {
+        #[cfg(feature = "testing")]
+        return self.unsafe_skip_fsync;
+        #[cfg(not(feature = "testing"))]
+        false
+    }
+
+    /// Whether a failed fsync is ignored: only a `testing` build can say yes.
+    pub(crate) fn ignore_sync_errors(&self) -> bool {
+        #[cfg(feature = "testing")]
+        return self.unsafe_ignore_sync_errors;
+        #[cfg(not(feature = "testing"))]
+        false
+    }
+
+    /// Whether records are shown once written rather than once durable: only a `testing`
+    /// build can say yes.
+    pub(crate) fn show_unsynced(&self) -> bool {
+        #[cfg(feature = "testing")]
+        return self.unsafe_show_unsynced;
+        #[cfg(not(feature = "testing"))]
+        false
     }
 }
 
@@ -340,7 +377,7 @@ impl Shared {
     }
 
     fn skip_fsync(&self) -> bool {
-        self.opts.unsafe_skip_fsync
+        self.opts.skip_fsync()
     }
 }
 

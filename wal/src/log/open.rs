@@ -402,7 +402,7 @@ impl Wal {
                 // What was found may have been written by a process that died before its
                 // fsync. It becomes visible now, so it is made durable first: file data and
                 // the directory entry (the segment may have been created just before the death).
-                if !opts.unsafe_skip_fsync && !opts.read_only {
+                if !opts.skip_fsync() && !opts.read_only {
                     file.sync_data()
                         .map_err(|e| Error::io(format!("sync {}", st.describe(&last.name)), e))?;
                     st.sync_dir()
