@@ -64,12 +64,21 @@ pub fn put(seq: u64, value: &[u8]) -> Vec<Op> {
     }]
 }
 
-/// Opens (or creates) a log in `dir`; `skip_fsync` only for diagnostics.
+/// Opens (or creates) a log in `dir`; `skip_fsync` only for diagnostics, and only in a build
+/// with the `bench-without-fsync` feature (which turns on the log's test-only switches).
 pub fn open_wal_with(dir: &Path, durability: Durability, skip_fsync: bool) -> anyhow::Result<Wal> {
+    #[cfg(not(feature = "bench-without-fsync"))]
+    if skip_fsync {
+        anyhow::bail!(
+            "this build cannot run the log without fsync: rebuild with \
+             `--features bench-without-fsync` (a diagnostic build; never deploy it)"
+        );
+    }
     let storage: Arc<dyn Storage> =
         Arc::new(FileStorage::new(dir).with_context(|| format!("create {}", dir.display()))?);
     let opts = WalOptions {
         durability,
+        #[cfg(feature = "bench-without-fsync")]
         unsafe_skip_fsync: skip_fsync,
         ..WalOptions::default()
     };

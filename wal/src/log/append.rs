@@ -1,0 +1,505 @@
+//! Appending and group commit: [`Wal::submit`] queues an encoded frame, and the writer thread
+//! writes each batch with one call, syncs it once, acknowledges it, rolls segments and carries
+//! out history resets.
+//!
+//! Owns: the active segment file, the written and durable heads, and fail-stop (a failed write
+//! or fsync poisons the log and cuts the active segment back to the last good sync).
+//! Must never: acknowledge an append under `Sync` before its bytes are durable, retry a failed
+//! fsync and acknowledge, or make a record visible before it is durable.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::gtid::{Gtid, GtidSet};
+use crate::record::{self, NewTransaction};
+use crate::segment;
+use crate::storage::{Storage, StorageFile};
+use crate::{Epoch, Error, Offset};
+
+use super::retain::reset_segments;
+use super::{Appended, Durability, Pending, SegmentMeta, Shared, Wal, WalOptions, lock, now_us};
+
+impl Wal {
+    /// Queues `txn` for the next group commit and returns at once with its offset-to-be.
+    /// Offsets are assigned in call order. Wait on the returned [`Appended`] for the
+    /// acknowledgement.
+    pub fn submit(&self, txn: NewTransaction) -> Result<Appended, Error> {
+        self.submit_with(txn, |_| ()).map(|(a, ())| a)
+    }
+
+    /// Like [`Wal::submit`], and calls `assigned` with the offset while still holding the
+    /// ordering lock, so a caller can record offset order atomically with its own state.
+    pub fn submit_with<R>(
+        &self,
+        txn: NewTransaction,
+        assigned: impl FnOnce(Offset) -> R,
+    ) -> Result<(Appended, R), Error>
+    where
+        R: Sized,
+    {
+        let shared = &*self.shared;
+        if shared.poisoned.load(Ordering::SeqCst) {
+            return Err(shared.poison_error());
+        }
+        if shared.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
+        // The readers refuse a record with GTID number 0 (`record::decode_payload`): one
+        // written would stop recovery and every tail at it.
+        if txn.gtid.seq == 0 {
+            return Err(Error::InvalidRecord {
+                reason: format!("GTID {}:0 (GTID numbers start at 1)", txn.gtid.uuid),
+            });
+        }
+        // Sized up front: growing a large record's buffer by doubling copies it several times.
+        let buf = rkyv::util::AlignedVec::<16>::with_capacity(encoded_size_hint(&txn));
+        let payload =
+            rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&txn, buf).map_err(|e| {
+                Error::Encode {
+                    reason: e.to_string(),
+                }
+            })?;
+        if payload.len() as u64 > u64::from(shared.opts.record_bytes_max) {
+            return Err(Error::RecordTooLarge {
+                bytes: payload.len() as u64,
+                max: shared.opts.record_bytes_max,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        let mut st = lock(&shared.state);
+        if st.closing {
+            return Err(Error::Closed);
+        }
+        let offset = Offset::new(st.next_offset).ok_or(Error::Closed)?;
+        record::append_frame(offset, &payload, &mut st.pending.bytes)?;
+        st.next_offset += 1;
+        st.pending.count += 1;
+        st.pending.acks.push(tx);
+        st.pending.gtids.push(txn.gtid);
+        let r = assigned(offset);
+        let wake = std::mem::take(&mut st.writer_waiting);
+        drop(st);
+        if wake {
+            shared.wake_writer.notify_one();
+        }
+        Ok((Appended { offset, rx }, r))
+    }
+
+    /// Appends and waits: [`Wal::submit`] then [`Appended::wait`]. Blocking.
+    pub fn append(&self, txn: NewTransaction) -> Result<Offset, Error> {
+        self.submit(txn)?.wait()
+    }
+}
+
+pub(super) fn create_segment(
+    st: &dyn Storage,
+    opts: &WalOptions,
+    server_uuid: Uuid,
+    first: Offset,
+    gtids_before: &GtidSet,
+    epoch: Epoch,
+) -> Result<SegmentMeta, Error> {
+    let name = segment::file_name(first);
+    let created_us = now_us();
+    let header =
+        segment::encode_header_in_epoch(first, server_uuid, created_us, gtids_before, epoch);
+    let ctx = |what: &str| format!("{what} {}", st.describe(&name));
+    let file = st.create(&name).map_err(|e| Error::io(ctx("create"), e))?;
+    file.write_all_at(&header, 0)
+        .map_err(|e| Error::io(ctx("write header of"), e))?;
+    if !opts.skip_fsync() {
+        file.sync_data().map_err(|e| Error::io(ctx("sync"), e))?;
+        st.sync_dir()
+            .map_err(|e| Error::io("sync log directory", e))?;
+    }
+    Ok(SegmentMeta {
+        name,
+        first: first.get(),
+        gtids_before: gtids_before.clone(),
+        epoch,
+        header_bytes: header.len() as u32,
+        created_us,
+        bytes: header.len() as u64,
+    })
+}
+
+/// Largest batch buffer the writer keeps for reuse.
+const SPARE_BYTES_MAX: usize = 256 << 20;
+
+/// A close upper estimate of a transaction's archived size.
+fn encoded_size_hint(txn: &NewTransaction) -> usize {
+    let ops: usize = txn
+        .ops
+        .iter()
+        .map(|op| {
+            let bytes = match op {
+                crate::Op::Put {
+                    tree,
+                    key,
+                    value,
+                    before,
+                } => tree.len() + key.len() + value.len() + before.as_ref().map_or(0, Vec::len),
+                crate::Op::Delete { tree, key, before } => {
+                    tree.len() + key.len() + before.as_ref().map_or(0, Vec::len)
+                }
+                crate::Op::Merge { tree, key, operand } => tree.len() + key.len() + operand.len(),
+                crate::Op::CreateTree {
+                    tree,
+                    merge_operator,
+                } => tree.len() + merge_operator.as_ref().map_or(0, String::len),
+                crate::Op::DropTree { tree } => tree.len(),
+            };
+            bytes + 48
+        })
+        .sum();
+    ops + 64
+}
+
+/// Longest a writer waits to gather a batch (see the gathering comment in `writer_main`).
+const GATHER_MAX: Duration = Duration::from_micros(200);
+
+/// The writer thread: owns the active segment.
+pub(super) fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
+    let storage = shared.storage.clone();
+    let st: &dyn Storage = &*storage;
+    let mut name = {
+        let state = lock(&shared.state);
+        state.segments[state.segments.len() - 1].name.clone()
+    };
+    let mut file = match st.open(&name) {
+        Ok(f) => f,
+        Err(e) => {
+            shared.poison(format!(
+                "cannot open active segment {}: {e}",
+                st.describe(&name)
+            ));
+            fail_pending_forever(&shared);
+            return;
+        }
+    };
+    let mut len = shared.active_bytes.load(Ordering::SeqCst);
+    // The active file's length as of its last successful sync (recovery synced what it found).
+    let mut synced_len = len;
+    let sync_interval = match shared.opts.durability {
+        Durability::Sync => None,
+        Durability::Async { interval } => Some(interval.max(Duration::from_micros(100))),
+    };
+    let mut dirty = false;
+    // GTIDs written but not yet durable: under `Async` readers see them only after the sync.
+    let mut unpublished: Vec<Gtid> = Vec::new();
+    let mut last_sync = Instant::now();
+    // Size of the last synced batch and how long its sync took (Sync durability only).
+    let mut last_batch: u64 = 0;
+    let mut last_sync_took = Duration::ZERO;
+
+    loop {
+        let (batch, closing, reset) = {
+            let mut state = lock(&shared.state);
+            let mut gather_until: Option<Instant> = None;
+            loop {
+                if state.closing || (state.reset.is_some() && state.pending.count == 0) {
+                    break;
+                }
+                if state.pending.count > 0 {
+                    // Gathering: the writers acknowledged by the last sync come back within
+                    // microseconds. Taking the first of them alone would split one group into
+                    // a batch of 1 and a batch of the rest, halving the fsyncs' yield. So while
+                    // the batch holds less than half of the previous one, wait a little
+                    // (at most half the last sync's duration, capped) for the rest.
+                    if sync_interval.is_some() || state.pending.count * 2 >= last_batch {
+                        break;
+                    }
+                    let until = *gather_until.get_or_insert_with(|| {
+                        Instant::now() + (last_sync_took / 2).min(GATHER_MAX)
+                    });
+                    let left = until.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    state = shared.wait_for_work(state, Some(left));
+                    continue;
+                }
+                match sync_interval {
+                    Some(iv) if dirty => {
+                        let left = iv.saturating_sub(last_sync.elapsed());
+                        if left.is_zero() {
+                            break;
+                        }
+                        state = shared.wait_for_work(state, Some(left));
+                    }
+                    _ => state = shared.wait_for_work(state, None),
+                }
+            }
+            let reset = if state.pending.count == 0 {
+                state.reset.take()
+            } else {
+                None
+            };
+            let next_first = state.next_offset;
+            let bytes = std::mem::take(&mut state.spare);
+            let batch = std::mem::replace(
+                &mut state.pending,
+                Pending {
+                    first: next_first,
+                    bytes,
+                    ..Pending::default()
+                },
+            );
+            (batch, state.closing, reset)
+        };
+
+        if batch.count > 0 {
+            if shared.poisoned.load(Ordering::SeqCst) {
+                for ack in batch.acks {
+                    let _ = ack.send(Err(shared.poison_error()));
+                }
+                continue;
+            }
+            // Roll before the batch if the active segment is full.
+            let header_only = lock(&shared.state)
+                .segments
+                .last()
+                .is_some_and(|s| u64::from(s.header_bytes) == len);
+            if !header_only && len + batch.bytes.len() as u64 > shared.opts.segment_bytes_max {
+                match roll(
+                    &shared,
+                    st,
+                    &*file,
+                    &name,
+                    len,
+                    batch.first,
+                    &gtids_in_log,
+                    &mut unpublished,
+                ) {
+                    Ok((new_name, new_file, new_len)) => {
+                        name = new_name;
+                        file = new_file;
+                        len = new_len;
+                        synced_len = new_len;
+                        dirty = false;
+                        last_sync = Instant::now();
+                    }
+                    Err(reason) => {
+                        shared.poison(reason);
+                        cut_unsynced(&shared, &*file, synced_len);
+                        for ack in batch.acks {
+                            let _ = ack.send(Err(shared.poison_error()));
+                        }
+                        continue;
+                    }
+                }
+            }
+            // Under `Sync`, everything before this batch is durable.
+            let len_before = len;
+            if let Err(e) = file.write_all_at(&batch.bytes, len) {
+                shared.poison(format!("write to {} failed: {e}", st.describe(&name)));
+                // Whatever part of the batch reached the file was never acknowledged: cut it,
+                // so a restart cannot find it (best effort; recovery cuts a torn tail anyway).
+                let _ = file.set_len(len_before);
+                for ack in batch.acks {
+                    let _ = ack.send(Err(shared.poison_error()));
+                }
+                continue;
+            }
+            len += batch.bytes.len() as u64;
+            metrics::histogram!("tideline_log_group_commit_records").record(batch.count as f64);
+            metrics::counter!("tideline_log_written_bytes_total")
+                .increment(batch.bytes.len() as u64);
+            shared.active_bytes.store(len, Ordering::SeqCst);
+            let last = batch.first + batch.count - 1;
+            shared.written.store(last, Ordering::SeqCst);
+            for g in &batch.gtids {
+                gtids_in_log.insert(*g);
+            }
+            match sync_interval {
+                None => {
+                    let sync_started = Instant::now();
+                    let synced = sync_file(&shared, st, &*file, &name);
+                    last_sync_took = sync_started.elapsed();
+                    last_batch = batch.count;
+                    if let Err(reason) = synced {
+                        shared.poison(reason);
+                        cut_unsynced(&shared, &*file, synced_len);
+                        for ack in batch.acks {
+                            let _ = ack.send(Err(shared.poison_error()));
+                        }
+                        continue;
+                    }
+                    synced_len = len;
+                    shared.durable.store(last, Ordering::SeqCst);
+                    shared.publish_visible(last, &batch.gtids);
+                }
+                Some(_) => {
+                    // Acknowledged now, shown to readers once durable (see `made_durable`).
+                    if shared.opts.show_unsynced() {
+                        shared.publish_visible(last, &batch.gtids);
+                    } else {
+                        unpublished.extend_from_slice(&batch.gtids);
+                    }
+                    dirty = true;
+                }
+            }
+            for ack in batch.acks {
+                let _ = ack.send(Ok(()));
+            }
+            let mut bytes = batch.bytes;
+            if bytes.capacity() <= SPARE_BYTES_MAX {
+                bytes.clear();
+                lock(&shared.state).spare = bytes;
+            }
+        }
+
+        if let Some(req) = reset {
+            match reset_segments(
+                &shared,
+                st,
+                &*file,
+                &name,
+                &req.gtids_before,
+                &mut unpublished,
+            ) {
+                Ok((new_name, new_file, new_len)) => {
+                    name = new_name;
+                    file = new_file;
+                    len = new_len;
+                    synced_len = new_len;
+                    dirty = false;
+                    last_sync = Instant::now();
+                    gtids_in_log = req.gtids_before;
+                    let _ = req.ack.send(Ok(()));
+                }
+                Err(reason) => {
+                    shared.poison(reason);
+                    cut_unsynced(&shared, &*file, synced_len);
+                    let _ = req.ack.send(Err(shared.poison_error()));
+                }
+            }
+        }
+
+        if dirty && (closing || sync_interval.is_some_and(|iv| last_sync.elapsed() >= iv)) {
+            if let Err(reason) = sync_file(&shared, st, &*file, &name) {
+                shared.poison(reason);
+                cut_unsynced(&shared, &*file, synced_len);
+            } else {
+                synced_len = len;
+                made_durable(&shared, &mut unpublished);
+            }
+            dirty = false;
+            last_sync = Instant::now();
+        }
+        if closing && lock(&shared.state).pending.count == 0 {
+            return;
+        }
+    }
+}
+
+/// Everything written is durable now (the writer just synced it): moves the durable head and
+/// shows readers what they could not see yet. Under `Async` this is the only place records
+/// become visible, so a power cut can never take back a record a reader saw, and a restarted
+/// node never reissues an offset or GTID number with other content.
+pub(super) fn made_durable(shared: &Shared, unpublished: &mut Vec<Gtid>) {
+    let written = shared.written.load(Ordering::SeqCst);
+    shared.durable.store(written, Ordering::SeqCst);
+    if shared.visible() < written {
+        shared.publish_visible(written, unpublished);
+    }
+    unpublished.clear();
+}
+
+/// After a failed sync of the active file. Linux may drop the dirty pages of a failed fsync
+/// unwritten while the page cache still shows them, so a restart without a power cut would
+/// read, recover and show records that the next power cut takes back. The file is cut back to
+/// what the last successful sync covered, and a sync is attempted to make the cut durable (it
+/// acknowledges nothing, so this is not a retry). Best effort: the log is poisoned and the node
+/// stops either way, and whatever part of the unsynced bytes reached the disk before the error
+/// may come back after a power cut. That is why the outcome of a failed append is unknown.
+fn cut_unsynced(shared: &Shared, file: &dyn StorageFile, synced_len: u64) {
+    if shared.durable.load(Ordering::SeqCst) >= shared.written.load(Ordering::SeqCst) {
+        return;
+    }
+    let _ = file.set_len(synced_len);
+    if !shared.skip_fsync() {
+        let _ = file.sync_data();
+    }
+}
+
+/// After the writer could not even start, answer every append with the poison error.
+fn fail_pending_forever(shared: &Shared) {
+    let mut state = lock(&shared.state);
+    state.closing = true;
+    for ack in std::mem::take(&mut state.pending.acks) {
+        let _ = ack.send(Err(shared.poison_error()));
+    }
+}
+
+/// Syncs the active file; returns the poison reason on failure (unless the test-only switch
+/// says to carry on).
+pub(super) fn sync_file(
+    shared: &Shared,
+    st: &dyn Storage,
+    file: &dyn StorageFile,
+    name: &str,
+) -> Result<(), String> {
+    if shared.skip_fsync() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    let synced = file.sync_data();
+    metrics::histogram!("tideline_log_fsync_seconds").record(started.elapsed().as_secs_f64());
+    match synced {
+        Ok(()) => Ok(()),
+        Err(e) if shared.opts.ignore_sync_errors() => {
+            tracing::error!(file = %st.describe(name), error = %e, "fsync failed; ignored by test-only switch");
+            Ok(())
+        }
+        Err(e) => Err(format!("fsync of {} failed: {e}", st.describe(name))),
+    }
+}
+
+/// Closes the active segment (synced) and starts a new one at `first`.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the writer thread's own state, passed down rather than bundled for one caller"
+)]
+fn roll(
+    shared: &Shared,
+    st: &dyn Storage,
+    file: &dyn StorageFile,
+    name: &str,
+    len: u64,
+    first: u64,
+    gtids_before: &GtidSet,
+    unpublished: &mut Vec<Gtid>,
+) -> Result<(String, Box<dyn StorageFile>, u64), String> {
+    sync_file(shared, st, file, name)?;
+    made_durable(shared, unpublished);
+    let first = Offset::new(first).ok_or_else(|| "segment at offset 0".to_string())?;
+    let epoch = Epoch::new(shared.history_epoch.load(Ordering::SeqCst));
+    let meta = create_segment(
+        st,
+        &shared.opts,
+        shared.server_uuid,
+        first,
+        gtids_before,
+        epoch,
+    )
+    .map_err(|e| e.to_string())?;
+    let new_file = st
+        .open(&meta.name)
+        .map_err(|e| format!("open {}: {e}", st.describe(&meta.name)))?;
+    let new_len = meta.bytes;
+    let new_name = meta.name.clone();
+    {
+        let mut state = lock(&shared.state);
+        if let Some(prev) = state.segments.last_mut() {
+            prev.bytes = len;
+        }
+        state.segments.push(meta);
+    }
+    shared.active_bytes.store(new_len, Ordering::SeqCst);
+    Ok((new_name, new_file, new_len))
+}
