@@ -42,9 +42,9 @@ fuzz_target!(|data: &[u8]| {
     };
     let piece = usize::from(cut).max(1);
     if mode & 0x80 == 0 {
-        check::<Request>(&bytes, piece, |r| tideline_fuzz::request_round_trips(r));
+        check::<Request>(&bytes, piece, tideline_fuzz::request_round_trips);
     } else {
-        check::<Response>(&bytes, piece, |r| tideline_fuzz::response_round_trips(r));
+        check::<Response>(&bytes, piece, tideline_fuzz::response_round_trips);
     }
 });
 
