@@ -13,6 +13,32 @@ use uuid::Uuid;
 
 use crate::position::Position;
 
+// The checkpoint file format belongs here, beside the checkpoints that store it.
+impl Position {
+    /// Reads a checkpoint file's bytes (what [`FileCheckpoint`] stores; pure, for tests and
+    /// fuzzing). The error says what is wrong with them.
+    pub fn parse(bytes: &[u8]) -> Result<Position, String> {
+        let f: PositionFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        Ok(Position {
+            server_uuid: Uuid::try_parse(&f.server_uuid).map_err(|e| e.to_string())?,
+            offset: f.offset,
+            gtids: f.gtids.parse().map_err(|e| format!("{e}"))?,
+            epoch: f.epoch.map(Epoch::new),
+        })
+    }
+
+    /// The checkpoint file's bytes for this position; [`Position::parse`] reads them back.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&PositionFile {
+            server_uuid: self.server_uuid.to_string(),
+            offset: self.offset,
+            gtids: self.gtids.to_string(),
+            epoch: self.epoch.map(Epoch::get),
+        })
+        .expect("a struct of strings and integers always serialises to JSON")
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct PositionFile {
     server_uuid: String,
@@ -71,8 +97,8 @@ impl FileCheckpoint {
 
 impl Checkpoint for FileCheckpoint {
     fn load(&self) -> Result<Option<Position>, CheckpointError> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(t) => t,
+        let bytes = match std::fs::read(&self.path) {
+            Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
                 return Err(CheckpointError::Io {
@@ -81,17 +107,12 @@ impl Checkpoint for FileCheckpoint {
                 });
             }
         };
-        let corrupt = |reason: String| CheckpointError::Corrupt {
-            path: self.path.clone(),
-            reason,
-        };
-        let f: PositionFile = serde_json::from_str(&text).map_err(|e| corrupt(e.to_string()))?;
-        Ok(Some(Position {
-            server_uuid: Uuid::try_parse(&f.server_uuid).map_err(|e| corrupt(e.to_string()))?,
-            offset: f.offset,
-            gtids: f.gtids.parse().map_err(|e| corrupt(format!("{e}")))?,
-            epoch: f.epoch.map(Epoch::new),
-        }))
+        Position::parse(&bytes)
+            .map(Some)
+            .map_err(|reason| CheckpointError::Corrupt {
+                path: self.path.clone(),
+                reason,
+            })
     }
 
     fn save(&mut self, pos: &Position) -> Result<(), CheckpointError> {
@@ -100,13 +121,7 @@ impl Checkpoint for FileCheckpoint {
             path: self.path.clone(),
             source,
         };
-        let body = serde_json::to_vec(&PositionFile {
-            server_uuid: pos.server_uuid.to_string(),
-            offset: pos.offset,
-            gtids: pos.gtids.to_string(),
-            epoch: pos.epoch.map(Epoch::get),
-        })
-        .map_err(|e| io(std::io::Error::other(e)))?;
+        let body = pos.to_bytes();
         let tmp = self.path.with_extension("tmp");
         {
             let mut f = std::fs::File::create(&tmp).map_err(io)?;

@@ -196,7 +196,33 @@ where
     M::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
         + rkyv::Deserialize<M, rkyv::api::high::HighDeserializer<rancor::Error>>,
 {
-    rkyv::from_bytes::<M, rancor::Error>(body).map_err(|e| ProtoError::BadMessage(e.to_string()))
+    rkyv::from_bytes::<M, rancor::Error>(body)
+        .map_err(|e| ProtoError::BadMessage(without_addresses(&e.to_string())))
+}
+
+/// `text` with every hexadecimal number of 8 digits or more replaced by `<addr>`. rkyv's
+/// validation errors name addresses of the buffer they check, and a peer gets the error text
+/// back (even an unauthenticated one, for a malformed `Hello`): it must learn nothing about
+/// the node's memory layout.
+fn without_addresses(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("0x") {
+        let digits = rest[at + 2..]
+            .bytes()
+            .take_while(u8::is_ascii_hexdigit)
+            .count();
+        let end = at + 2 + digits;
+        out.push_str(&rest[..at]);
+        out.push_str(if digits >= 8 {
+            "<addr>"
+        } else {
+            &rest[at..end]
+        });
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Decodes a batch body: a count and that many log frames.
@@ -670,6 +696,45 @@ mod tests {
             d.next_frame::<Request>(),
             Err(ProtoError::BadMessage(_))
         ));
+    }
+
+    /// Whether `text` holds a hexadecimal number long enough to be a memory address.
+    fn names_an_address(text: &str) -> bool {
+        text.match_indices("0x").any(|(at, _)| {
+            text[at + 2..]
+                .chars()
+                .take_while(char::is_ascii_hexdigit)
+                .count()
+                >= 8
+        })
+    }
+
+    /// Found by the `stream_frames` fuzz target: rkyv's validation errors name addresses of
+    /// the decoder's buffer, and the server sends the error text back to the peer, even to one
+    /// that has not authenticated (a malformed `Hello`): a free hint for defeating ASLR.
+    #[test]
+    fn malformed_messages_name_no_memory_address() {
+        let hello = Request::Hello {
+            token: "t".repeat(40),
+            client: "a client with a long name".into(),
+            protocol: PROTOCOL_VERSION,
+        };
+        let mut frame = Vec::new();
+        encode_message(&hello, &mut frame).unwrap();
+        let body = &frame[FRAME_HEADER_BYTES..];
+        let mut refused = 0;
+        for at in 0..body.len() {
+            for mask in [0x01u8, 0x10, 0x80, 0xff] {
+                let mut bad = body.to_vec();
+                bad[at] ^= mask;
+                if let Err(e) = decode_message::<Request>(&bad) {
+                    refused += 1;
+                    let text = e.to_string();
+                    assert!(!names_an_address(&text), "byte {at} ^ {mask:#x}: {text}");
+                }
+            }
+        }
+        assert!(refused > 0, "no edit was refused: the test proves nothing");
     }
 
     /// Drives a server and a client subscription against each other across a reconnect, on a
