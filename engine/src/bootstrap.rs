@@ -37,9 +37,10 @@ use tideline_wal::{GtidSet, Op, Wal};
 
 use crate::apply::{ChunkWrite, NewKeyspace, StoreBatch};
 use crate::catalog::{self, Catalog};
-use crate::engine::{Engine, EngineOptions, check_kv, lock};
+use crate::engine::Engine;
 use crate::error::{OpenError, WriteError};
 use crate::merge::{self, MergeOperator};
+use crate::state::{EngineOptions, check_kv, lock};
 use crate::store::{Backend, Ingest, Persist, Store, StoreTree, TreeHandle, WriteBatch};
 
 /// What a bootstrap writes into the store, outside the log (see [`Engine::bootstrap_apply`]).
