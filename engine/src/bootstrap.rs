@@ -187,7 +187,7 @@ impl Engine {
                     to,
                     entries,
                     ..
-                } if leading && !inner.opts.unsafe_bootstrap_no_ingest => {
+                } if leading && inner.opts.ingest_leading_chunks() => {
                     sb.ingest_chunk(&tree, merge, &from, to.as_deref(), &entries)
                 }
                 RestoreOp::Chunk {

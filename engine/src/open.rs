@@ -282,7 +282,7 @@ impl Engine {
 impl Inner {
     /// Replays log records after `applied`. Returns how many were applied.
     fn replay(&self, applied: u64) -> Result<u64, OpenError> {
-        if self.wal.visible_offset() <= applied || self.opts.unsafe_skip_replay {
+        if self.wal.visible_offset() <= applied || !self.opts.replay_on_open() {
             return Ok(0);
         }
         let from = Offset::new(applied + 1).unwrap_or(Offset::FIRST);

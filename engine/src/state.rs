@@ -64,14 +64,42 @@ pub struct EngineOptions {
     /// Size at which a tree's in-memory table is flushed to disk. With the cache, this
     /// bounds the store's memory. Default 16 MiB.
     pub memtable_bytes: u64,
-    /// Test-only: do not replay the log on open (the bug recovery prevents). Exists so the
-    /// crash test can prove it catches lost transactions.
+    /// Test-only (cargo feature `testing`, absent from production builds): do not replay the
+    /// log on open (the bug recovery prevents). Exists so the crash test can prove it catches
+    /// lost transactions.
+    #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_skip_replay: bool,
-    /// Test-only: write every bootstrap chunk through the store batch, never through bulk
-    /// ingestion (to compare the two paths).
+    /// Test-only (cargo feature `testing`): write every bootstrap chunk through the store
+    /// batch, never through bulk ingestion (to compare the two paths).
+    #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_bootstrap_no_ingest: bool,
+}
+
+// The test-only switches, read through these so that without the `testing` feature the
+// protections they disable are always on.
+impl EngineOptions {
+    /// Whether open replays the log into the store: always, unless a test turned it off.
+    #[cfg(feature = "testing")]
+    pub(crate) fn replay_on_open(&self) -> bool {
+        !self.unsafe_skip_replay
+    }
+    #[cfg(not(feature = "testing"))]
+    pub(crate) fn replay_on_open(&self) -> bool {
+        true
+    }
+
+    /// Whether a bootstrap call's leading chunks may be ingested as tables: always, unless a
+    /// test turned it off to compare the two paths.
+    #[cfg(feature = "testing")]
+    pub(crate) fn ingest_leading_chunks(&self) -> bool {
+        !self.unsafe_bootstrap_no_ingest
+    }
+    #[cfg(not(feature = "testing"))]
+    pub(crate) fn ingest_leading_chunks(&self) -> bool {
+        true
+    }
 }
 
 impl Default for EngineOptions {
@@ -88,7 +116,9 @@ impl Default for EngineOptions {
             apply_group_ops_max: 1 << 14,
             memtable_bytes: 16 << 20,
             store_threads: 0,
+            #[cfg(feature = "testing")]
             unsafe_skip_replay: false,
+            #[cfg(feature = "testing")]
             unsafe_bootstrap_no_ingest: false,
         }
     }
