@@ -7,7 +7,12 @@
 //! once the batch commits. Nothing is visible before the caller commits the batch; keyspaces
 //! created for new trees exist at once but no tree refers to them until the batch (which
 //! holds their `tree/<name>` entries) commits, so a crash before that leaves only unreferenced
-//! keyspaces, which open removes.
+//! keyspaces, which open removes. The applier's compact copy of a transaction (`OpRef`,
+//! `PackedTxn`) is in `packed`.
+//!
+//! Must never: commit the batch or publish the catalog (its caller does both, under the view
+//! lock, with the applied position), check limits or conflicts (the commit path and bootstrap
+//! do), or touch the log.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -1,4 +1,8 @@
 //! Consistent read snapshots and scans.
+//!
+//! Owns: [`Snapshot`] (one committed state with its [`Position`]), [`Scan`] and
+//! `SnapshotAt`, what a transaction's conflict check needs of its snapshot. Taking a snapshot
+//! of the engine is in `read`. Must never: write, wait for writers, or see a later commit.
 
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
