@@ -238,8 +238,10 @@ impl Engine {
         self.finish_steps(gtid_executed, false)
     }
 
-    /// Test-only: runs only step (1) of [`Engine::bootstrap_finish`], as if the process died
-    /// right after it. Reopen the engine to see open complete the finish.
+    /// Test-only (cargo feature `testing`): runs only step (1) of
+    /// [`Engine::bootstrap_finish`], as if the process died right after it. Reopen the engine
+    /// to see open complete the finish.
+    #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub fn bootstrap_finish_step1_only_for_tests(
         &self,
