@@ -37,9 +37,10 @@ use tideline_wal::{GtidSet, Op, Wal};
 
 use crate::apply::{ChunkWrite, NewKeyspace, StoreBatch};
 use crate::catalog::{self, Catalog};
-use crate::engine::{Engine, EngineOptions, check_kv, lock};
+use crate::engine::Engine;
 use crate::error::{OpenError, WriteError};
 use crate::merge::{self, MergeOperator};
+use crate::state::{EngineOptions, check_kv, lock};
 use crate::store::{Backend, Ingest, Persist, Store, StoreTree, TreeHandle, WriteBatch};
 
 /// What a bootstrap writes into the store, outside the log (see [`Engine::bootstrap_apply`]).
@@ -186,7 +187,7 @@ impl Engine {
                     to,
                     entries,
                     ..
-                } if leading && !inner.opts.unsafe_bootstrap_no_ingest => {
+                } if leading && inner.opts.ingest_leading_chunks() => {
                     sb.ingest_chunk(&tree, merge, &from, to.as_deref(), &entries)
                 }
                 RestoreOp::Chunk {
@@ -237,8 +238,10 @@ impl Engine {
         self.finish_steps(gtid_executed, false)
     }
 
-    /// Test-only: runs only step (1) of [`Engine::bootstrap_finish`], as if the process died
-    /// right after it. Reopen the engine to see open complete the finish.
+    /// Test-only (cargo feature `testing`): runs only step (1) of
+    /// [`Engine::bootstrap_finish`], as if the process died right after it. Reopen the engine
+    /// to see open complete the finish.
+    #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub fn bootstrap_finish_step1_only_for_tests(
         &self,

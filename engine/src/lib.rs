@@ -82,25 +82,33 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod applier;
 mod apply;
 mod bootstrap;
 mod catalog;
+mod commit;
 mod engine;
 mod error;
 mod merge;
+mod open;
+mod packed;
+mod read;
 mod snapshot;
+mod state;
 mod store;
+mod trees;
 mod txn;
 
 pub use bootstrap::RestoreOp;
 pub use catalog::{DEFAULT_TREE, TREE_NAME_BYTES_MAX, TreeInfo, is_valid_tree_name};
-pub use engine::{
-    Applied, CasOutcome, CommitInfo, Engine, EngineOptions, KEY_BYTES_MAX_DEFAULT,
-    KEY_BYTES_MAX_LIMIT, Outcome, Position, VALUE_BYTES_MAX_DEFAULT,
-};
+pub use commit::Applied;
+pub use engine::{CasOutcome, Engine, Outcome};
 pub use error::{OpenError, ReadError, WriteError};
 pub use merge::{MergeOperator, merge_patch};
-pub use snapshot::{KeyValue, Scan, Snapshot};
+pub use snapshot::{KeyValue, Position, Scan, Snapshot};
+pub use state::{
+    CommitInfo, EngineOptions, KEY_BYTES_MAX_DEFAULT, KEY_BYTES_MAX_LIMIT, VALUE_BYTES_MAX_DEFAULT,
+};
 pub use store::{StoreError, StoreStats};
 pub use tideline_wal::{Gtid, GtidSet, Offset, Wal};
 pub use txn::Txn;

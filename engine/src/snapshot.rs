@@ -1,4 +1,8 @@
 //! Consistent read snapshots and scans.
+//!
+//! Owns: [`Snapshot`] (one committed state with its [`Position`]), [`Scan`] and
+//! `SnapshotAt`, what a transaction's conflict check needs of its snapshot. Taking a snapshot
+//! of the engine is in `read`. Must never: write, wait for writers, or see a later commit.
 
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
@@ -6,10 +10,25 @@ use std::sync::Arc;
 use tideline_wal::{GtidSet, Offset};
 
 use crate::catalog::{Catalog, DEFAULT_TREE, Tree, TreeInfo};
-use crate::engine::{Position, SnapshotAt};
 use crate::error::ReadError;
 pub(crate) use crate::store::OwnedBounds;
 use crate::store::{StoreIter, StoreSnap, StoreSnapshot, StoreTree};
+
+/// A log position: the last applied offset and the GTIDs executed up to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    /// Last applied offset; `None` before the first transaction.
+    pub offset: Option<Offset>,
+    /// GTIDs executed up to and including `offset`.
+    pub gtid_executed: GtidSet,
+}
+
+/// Which state a transaction's snapshot read: its offset and the view's generation.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SnapshotAt {
+    pub(crate) offset: u64,
+    pub(crate) generation: u64,
+}
 
 /// One committed state of the engine, tagged with its log position. Readers of a snapshot
 /// never wait for writers and never see a later commit. Cheap to clone.

@@ -19,10 +19,10 @@ use std::sync::Arc;
 use tideline_wal::Op;
 
 use crate::catalog::{self, Catalog, DEFAULT_TREE};
-use crate::engine::{CommitInfo, Engine, check_kv};
 use crate::error::WriteError;
 use crate::merge::{self, MergeOperator};
 use crate::snapshot::{KeyValue, Snapshot, owned_bounds};
+use crate::state::{CommitInfo, Inner, check_kv};
 
 /// Something a transaction read, checked for conflicts on commit.
 #[derive(Debug, Clone)]
@@ -54,10 +54,11 @@ impl ReadItem {
 /// Indices into a transaction's ops of the writes to each (tree, key), in order.
 type WriteIndex = BTreeMap<(String, Vec<u8>), Vec<usize>>;
 
-/// A transaction in progress. Obtain one from [`Engine::begin`] or, with automatic retries,
-/// [`Engine::transaction`]. Dropping it without [`Txn::commit`] discards it.
+/// A transaction in progress. Obtain one from [`Engine::begin`](crate::Engine::begin) or, with
+/// automatic retries, [`Engine::transaction`](crate::Engine::transaction). Dropping it without
+/// [`Txn::commit`] discards it.
 pub struct Txn<'e> {
-    engine: &'e Engine,
+    inner: &'e Inner,
     snap: Option<Snapshot>,
     ops: Vec<Op>,
     /// Indices into `ops` of the writes to each (tree, key), in order; built at the first
@@ -94,9 +95,9 @@ enum TreeState {
 }
 
 impl<'e> Txn<'e> {
-    pub(crate) fn new(engine: &'e Engine) -> Txn<'e> {
+    pub(crate) fn new(inner: &'e Inner) -> Txn<'e> {
         Txn {
-            engine,
+            inner,
             snap: None,
             ops: Vec::new(),
             writes: None,
@@ -124,7 +125,7 @@ impl<'e> Txn<'e> {
     /// The snapshot, taken now if needed; reads through it must be recorded by the caller.
     fn snap(&mut self) -> &Snapshot {
         if self.snap.is_none() {
-            self.snap = Some(self.engine.inner.snapshot());
+            self.snap = Some(self.inner.snapshot());
         }
         self.snap
             .as_ref()
@@ -141,7 +142,7 @@ impl<'e> Txn<'e> {
         }
         let catalog = self
             .catalog
-            .get_or_insert_with(|| self.engine.inner.current_catalog());
+            .get_or_insert_with(|| self.inner.current_catalog());
         match catalog.get(tree) {
             Some(t) => Ok(TreeState::Existing(t.merge)),
             None if tree == DEFAULT_TREE => Ok(TreeState::ImplicitDefault),
@@ -198,7 +199,7 @@ impl<'e> Txn<'e> {
 
     /// Sets `key` in `tree` to `value`.
     pub fn put(&mut self, tree: &str, key: &[u8], value: &[u8]) -> Result<(), WriteError> {
-        check_kv(&self.engine.inner.opts, tree, key, Some(value))?;
+        check_kv(&self.inner.opts, tree, key, Some(value))?;
         self.tree_for_write(tree)?;
         let op = Op::Put {
             tree: tree.to_string(),
@@ -212,7 +213,7 @@ impl<'e> Txn<'e> {
 
     /// Removes `key` from `tree`.
     pub fn delete(&mut self, tree: &str, key: &[u8]) -> Result<(), WriteError> {
-        check_kv(&self.engine.inner.opts, tree, key, None)?;
+        check_kv(&self.inner.opts, tree, key, None)?;
         self.tree_for_write(tree)?;
         let op = Op::Delete {
             tree: tree.to_string(),
@@ -226,7 +227,7 @@ impl<'e> Txn<'e> {
     /// Merges `operand` into `key` with the tree's merge operator (blind: no read, no
     /// conflict). A malformed operand is refused here, before anything is logged.
     pub fn merge(&mut self, tree: &str, key: &[u8], operand: &[u8]) -> Result<(), WriteError> {
-        check_kv(&self.engine.inner.opts, tree, key, Some(operand))?;
+        check_kv(&self.inner.opts, tree, key, Some(operand))?;
         let m = match self.tree_for_write(tree)? {
             TreeState::Existing(m) | TreeState::Created(m) => m,
             TreeState::ImplicitDefault => None,
@@ -482,7 +483,7 @@ impl<'e> Txn<'e> {
         }
         let reads = self.snap.as_ref().map(|s| s.at());
         let ops = std::mem::take(&mut self.ops);
-        self.engine
+        self.inner
             .commit_txn(ops, reads.map(|s| (s, self.reads.as_slice())))
     }
 }

@@ -17,15 +17,13 @@
 //!   after its first step is completed by open;
 //! - writes refused while bootstrapping; malformed peer input refused with nothing written.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::Duration;
 
 use proptest::prelude::*;
-use rand::Rng;
 use tideline_engine::{Applied, Engine, EngineOptions, RestoreOp, WriteError};
 use tideline_wal::{
     FileStorage, Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, Wal, WalOptions,
@@ -903,41 +901,11 @@ fn bootstrap_crash_child() {
 
 /// Runs the child for a random while, kills it, returns the last call it saw returning.
 fn run_child(dir: &Path) -> Option<u64> {
-    let exe = std::env::current_exe().expect("current exe");
-    let mut child = Command::new(exe)
-        .args([
-            "--exact",
-            CHILD,
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(ENV_DIR, dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut last = None;
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if line.ends_with("READY") {
-                let _ = ready_tx.send(());
-            }
-            if let Some(n) = line.strip_prefix("P ").and_then(|n| n.parse().ok()) {
-                last = Some(n);
-            }
-        }
-        last
-    });
-    let _ = ready_rx.recv_timeout(Duration::from_secs(20));
-    std::thread::sleep(Duration::from_millis(rand::rng().random_range(20..300)));
-    child.kill().expect("SIGKILL the child");
-    let _ = child.wait();
-    reader.join().expect("reader thread")
+    let lines = common::run_child(CHILD, &[(ENV_DIR, dir.as_os_str())], 20..300);
+    lines
+        .iter()
+        .rev()
+        .find_map(|line| line.strip_prefix("P ").and_then(|n| n.parse().ok()))
 }
 
 #[test]

@@ -11,14 +11,14 @@
 //! Canary: with log replay disabled the same check must fail, proving it catches loss.
 //! `TIDELINE_CRASH_CYCLES` sets the number of cycles (default 50).
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
 use tideline_engine::{Engine, EngineOptions};
 use tideline_wal::{FileStorage, Wal, WalOptions};
 
@@ -87,49 +87,24 @@ fn crash_child() {
 
 /// Runs one child for a random while, kills it, returns the acknowledged (writer, i) pairs.
 fn run_child(dir: &Path, cycle: u64) -> Vec<(usize, u64)> {
-    let exe = std::env::current_exe().expect("current exe");
-    let mut child = Command::new(exe)
-        .args([
-            "--exact",
-            CHILD,
-            "--ignored",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env(ENV_DIR, dir)
-        .env(ENV_CYCLE, cycle.to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn child");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        let mut acked = Vec::new();
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            // libtest may print "test crash_child ... " on the same line first.
-            if line.ends_with("READY") {
-                let _ = ready_tx.send(());
-            }
-            let mut parts = line.split(' ');
-            if parts.next() == Some("A") {
-                let w = parts.next().and_then(|x| x.parse().ok());
-                let i = parts.next().and_then(|x| x.parse().ok());
-                if let (Some(w), Some(i)) = (w, i) {
-                    acked.push((w, i));
-                }
+    let cycle = cycle.to_string();
+    let lines = common::run_child(
+        CHILD,
+        &[(ENV_DIR, dir.as_os_str()), (ENV_CYCLE, OsStr::new(&cycle))],
+        5..150,
+    );
+    let mut acked = Vec::new();
+    for line in lines {
+        let mut parts = line.split(' ');
+        if parts.next() == Some("A") {
+            let w = parts.next().and_then(|x| x.parse().ok());
+            let i = parts.next().and_then(|x| x.parse().ok());
+            if let (Some(w), Some(i)) = (w, i) {
+                acked.push((w, i));
             }
         }
-        acked
-    });
-    let _ = ready_rx.recv_timeout(Duration::from_secs(20));
-    let delay_ms = rand::rng().random_range(5..150);
-    std::thread::sleep(Duration::from_millis(delay_ms));
-    child.kill().expect("SIGKILL the child");
-    let _ = child.wait();
-    reader.join().expect("reader thread")
+    }
+    acked
 }
 
 /// Checks every invariant; `Err` names the first one broken.

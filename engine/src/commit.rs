@@ -1,0 +1,542 @@
+//! The commit path: validating a transaction, giving it its GTID and submitting it to the log.
+//!
+//! Owns: conflict checks against recent write sets, tree and operand checks against the catalog
+//! as of every submitted transaction, GTID assignment, submission to the log, waiting for the
+//! applier's outcome, and upstream apply ([`Engine::apply_upstream`],
+//! [`Engine::apply_upstream_batch`]). Step 3 below, the applier, is in `applier`.
+//!
+//! Must never: write to the store (only the applier applies logged transactions), or count a
+//! transaction as submitted before the log accepted it.
+//!
+//! Commit pipeline (one transaction):
+//! 1. Under the commit lock: validate the read set against the write sets of every transaction
+//!    submitted after the reader's snapshot (optimistic concurrency control), check trees and
+//!    operands against the catalog as of all submitted transactions, give the transaction its
+//!    GTID, and submit it to the log, which assigns the next offset.
+//! 2. Outside any engine lock: wait for the log's acknowledgement (group commit: many
+//!    committers share one fsync).
+//! 3. Apply in offset order: the first acknowledged committer that finds the next offset ready
+//!    becomes the applier and writes every consecutive ready transaction as one atomic store
+//!    batch, together with the applied offset and `gtid_executed` (flat combining). A commit
+//!    returns once its offset is applied, so it is visible to every later read.
+//!
+//! Invariants: the store applies offsets densely and in order; `applied` in the store is the
+//! offset of the last transaction whose effects are in the same store batch; the log's
+//! retention floor is never above the first offset the store has not persisted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tideline_wal::{Gtid, NewTransaction, Offset, Op};
+
+use crate::catalog::{self, DEFAULT_TREE};
+use crate::engine::Engine;
+use crate::error::{WriteError, key_text};
+use crate::merge::{self, MergeOperator};
+use crate::packed::{PackedOps, PackedTxn};
+use crate::snapshot::SnapshotAt;
+use crate::state::{CommitInfo, CommitState, HistoryEntry, Inner, Ready, check_kv, lock};
+use crate::txn::ReadItem;
+
+/// What [`Engine::apply_upstream`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The transaction was logged at a local offset and applied.
+    Committed(CommitInfo),
+    /// Its GTID was already executed (or in flight) here: nothing was done.
+    AlreadyExecuted,
+}
+
+/// Whether the local transaction or the upstream one is being committed.
+#[derive(Clone, Copy)]
+pub(crate) enum Origin {
+    Local,
+    Upstream { gtid: Gtid, timestamp_us: i64 },
+}
+
+/// A transaction ready to be submitted: see [`Inner::prepare`].
+struct Prepared {
+    ops: Vec<Op>,
+    /// What the applier keeps of `ops`.
+    packed: PackedOps,
+    keys: Vec<(Arc<str>, Vec<u8>)>,
+}
+
+/// A submitted transaction, not yet applied.
+struct InFlight {
+    offset: Offset,
+    gtid: Gtid,
+    /// The committer's reference to what the applier applies: the applier drops its own
+    /// before it wakes the committer, so the buffers are freed by the thread that allocated
+    /// them, off the applier (the engine's one serial stage).
+    _txn: Arc<PackedTxn>,
+}
+
+fn now_us() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl Engine {
+    /// Applies a transaction received from an upstream: it keeps its origin GTID and gets
+    /// the next local offset, or is skipped when its GTID is already executed here. Allowed
+    /// in read-only mode.
+    pub fn apply_upstream(&self, txn: NewTransaction) -> Result<Applied, WriteError> {
+        let mut out = self.apply_upstream_batch(vec![txn])?;
+        Ok(out.pop().unwrap_or(Applied::AlreadyExecuted))
+    }
+
+    /// [`Engine::apply_upstream`] for many transactions in order, sharing group commits.
+    /// Keys and values of the whole batch are checked before anything is submitted; on a
+    /// later error (an unknown tree), the transactions before the failing one are applied
+    /// (the call waits for them, so `gtid_executed` shows them when it returns) and nothing
+    /// from the failing one on is. The error returned is the first in batch order: a failure
+    /// to apply an earlier transaction (fail-stop) comes before the later one's refusal.
+    pub fn apply_upstream_batch(
+        &self,
+        txns: Vec<NewTransaction>,
+    ) -> Result<Vec<Applied>, WriteError> {
+        let mut results = Vec::with_capacity(txns.len());
+        let mut pending = Vec::new();
+        let inner = &self.inner;
+        inner.check_not_failed()?;
+        // Limits are checked for the whole batch before anything is submitted.
+        let prepared = txns
+            .into_iter()
+            .map(|t| {
+                let origin = Origin::Upstream {
+                    gtid: t.gtid,
+                    timestamp_us: t.timestamp_us,
+                };
+                inner.prepare(t.ops, true).map(|p| (p, origin))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut refused = None;
+        {
+            let mut st = lock(&inner.commit);
+            for (p, origin) in prepared {
+                results.push(Applied::AlreadyExecuted);
+                match inner.submit_locked(&mut st, p, None, origin) {
+                    Ok(Some(f)) => pending.push((results.len() - 1, f)),
+                    Ok(None) => {}
+                    Err(e) => {
+                        refused = Some(e);
+                        break;
+                    }
+                }
+            }
+        }
+        // Submitted transactions are in the log: wait for them even when a later one was
+        // refused. A failure here means every later offset fails too (fail-stop).
+        for (i, f) in pending {
+            results[i] = Applied::Committed(self.inner.finish(f)?);
+        }
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(results),
+        }
+    }
+}
+
+impl Inner {
+    /// Commits a local transaction built by a [`Txn`](crate::Txn): `reads` is its snapshot
+    /// and read set, checked for conflicts. `Ok(None)`: nothing to log.
+    pub(crate) fn commit_txn(
+        &self,
+        ops: Vec<Op>,
+        reads: Option<(SnapshotAt, &[ReadItem])>,
+    ) -> Result<Option<CommitInfo>, WriteError> {
+        let inner = self;
+        if inner.bootstrapping.load(Ordering::SeqCst) {
+            return Err(WriteError::Bootstrapping);
+        }
+        if inner.read_only.load(Ordering::SeqCst) {
+            return Err(WriteError::ReadOnly);
+        }
+        inner.check_not_failed()?;
+        let prepared = inner.prepare(ops, false)?;
+        let f = {
+            let mut st = lock(&inner.commit);
+            inner.submit_locked(&mut st, prepared, reads, Origin::Local)?
+        };
+        match f {
+            None => Ok(None),
+            Some(f) => inner.finish(f).map(Some),
+        }
+    }
+
+    /// Validates and submits one transaction; called with the commit lock held. `Ok(None)`:
+    /// nothing to log (a local transaction without effect, or an upstream GTID already here).
+    /// The work of a commit that needs no lock: limit checks (for upstream transactions;
+    /// local ones were checked op by op), the packed copy of the ops the applier keeps, and the
+    /// write set for conflict checks.
+    fn prepare(&self, ops: Vec<Op>, check_limits: bool) -> Result<Prepared, WriteError> {
+        let mut keys = Vec::with_capacity(ops.len());
+        let mut last_tree: Option<Arc<str>> = None;
+        for op in &ops {
+            let (tree, key, value) = match op {
+                Op::Put {
+                    tree, key, value, ..
+                } => (tree, key, Some(value.as_slice())),
+                Op::Merge {
+                    tree, key, operand, ..
+                } => (tree, key, Some(operand.as_slice())),
+                Op::Delete { tree, key, .. } => (tree, key, None),
+                Op::CreateTree { .. } | Op::DropTree { .. } => continue,
+            };
+            if check_limits {
+                check_kv(&self.opts, tree, key, value)?;
+            }
+            let name = match &last_tree {
+                Some(t) if **t == **tree => t.clone(),
+                _ => {
+                    let t: Arc<str> = Arc::from(tree.as_str());
+                    last_tree = Some(t.clone());
+                    t
+                }
+            };
+            keys.push((name, key.clone()));
+        }
+        let packed = PackedOps::pack(&ops);
+        Ok(Prepared { ops, packed, keys })
+    }
+
+    fn submit_locked(
+        &self,
+        st: &mut CommitState,
+        prepared: Prepared,
+        reads: Option<(SnapshotAt, &[ReadItem])>,
+        origin: Origin,
+    ) -> Result<Option<InFlight>, WriteError> {
+        // Checked under the commit lock, which `bootstrap_begin` takes to set the flag.
+        if self.bootstrapping.load(Ordering::SeqCst) {
+            return Err(WriteError::Bootstrapping);
+        }
+        let Prepared { ops, packed, keys } = prepared;
+        // Set when the logged op list differs from `ops` (an op dropped or added).
+        let mut modified = false;
+        let local = matches!(origin, Origin::Local);
+        if let Origin::Upstream { gtid, .. } = origin
+            && st.submitted.contains(&gtid)
+        {
+            return Ok(None);
+        }
+        // Serializability: nothing this transaction read may have been written by a
+        // transaction submitted after its snapshot.
+        if let Some((at, reads)) = reads
+            && !reads.is_empty()
+        {
+            let snap = at.offset;
+            if at.generation != st.generation {
+                return Err(WriteError::Conflict(
+                    "this node was bootstrapped from its upstream after the transaction's \
+                     snapshot"
+                        .into(),
+                ));
+            }
+            if snap < st.history_floor {
+                return Err(WriteError::Conflict(format!(
+                    "the transaction's snapshot (offset {snap}) is older than the conflict \
+                         history (offset {})",
+                    st.history_floor
+                )));
+            }
+            for e in st.history.iter().rev() {
+                if e.offset <= snap {
+                    break;
+                }
+                for r in reads {
+                    if let Some(why) = conflicts(r, e) {
+                        return Err(WriteError::Conflict(format!(
+                            "{why} was changed by the transaction at offset {}",
+                            e.offset
+                        )));
+                    }
+                }
+            }
+        }
+
+        // Check trees, operators, operands and limits against the catalog as of every
+        // submitted transaction, and build the logged op list.
+        let mut changes: BTreeMap<String, Option<Option<MergeOperator>>> = BTreeMap::new();
+        let tree_state = |changes: &BTreeMap<String, Option<Option<MergeOperator>>>,
+                          name: &str|
+         -> Option<Option<MergeOperator>> {
+            match changes.get(name) {
+                Some(c) => *c,
+                None => st.trees.get(name).copied(),
+            }
+        };
+        // Ops dropped from the logged list (a local re-creation of an existing tree) and where
+        // the implicit creation of `default` goes: the list is rebuilt only when it changes,
+        // else `ops` is logged as it is (no move of every op under the commit lock).
+        let mut dropped_ops: Vec<usize> = Vec::new();
+        let mut create_default_at: Vec<usize> = Vec::new();
+        let mut tree_ops: Vec<Arc<str>> = Vec::new();
+        let mut names: HashMap<String, Arc<str>> = HashMap::new();
+        let mut intern = |s: &str| -> Arc<str> {
+            if let Some(a) = names.get(s) {
+                return a.clone();
+            }
+            let a: Arc<str> = Arc::from(s);
+            names.insert(s.to_string(), a.clone());
+            a
+        };
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                Op::CreateTree {
+                    tree,
+                    merge_operator,
+                } => {
+                    if !catalog::is_valid_tree_name(tree) {
+                        return Err(WriteError::BadTreeName(tree.clone()));
+                    }
+                    let m = match merge_operator {
+                        None => None,
+                        Some(n) => Some(MergeOperator::from_name(n).ok_or_else(|| {
+                            WriteError::UnknownMergeOperator {
+                                name: n.clone(),
+                                known: merge::known_operators(),
+                            }
+                        })?),
+                    };
+                    match tree_state(&changes, tree) {
+                        Some(existing) if local => {
+                            if existing == m {
+                                // Created by another transaction since this one found it
+                                // absent. Dropping the creation is right only if nothing here
+                                // relied on the tree being new and empty: a read of it or a
+                                // write to it would otherwise be a lost update.
+                                let read_it = reads
+                                    .is_some_and(|(_, r)| r.iter().any(|r| r.covers_tree(tree)));
+                                let wrote_it = ops.iter().enumerate().any(|(j, o)| {
+                                    j != i
+                                        && match o {
+                                            Op::Put { tree: t, .. }
+                                            | Op::Delete { tree: t, .. }
+                                            | Op::Merge { tree: t, .. }
+                                            | Op::CreateTree { tree: t, .. }
+                                            | Op::DropTree { tree: t } => t == tree,
+                                        }
+                                });
+                                if read_it || wrote_it {
+                                    return Err(WriteError::Conflict(format!(
+                                        "tree `{tree}` was created by another transaction after \
+                                         this one found it absent and {} it",
+                                        if read_it { "read" } else { "wrote to" }
+                                    )));
+                                }
+                                modified = true;
+                                dropped_ops.push(i);
+                                continue;
+                            }
+                            return Err(WriteError::TreeExists {
+                                tree: tree.clone(),
+                                existing: existing.map_or("none".into(), |e| e.name().into()),
+                            });
+                        }
+                        // Upstream: creating an existing tree is a no-op when applied.
+                        Some(_) => {}
+                        None => {
+                            changes.insert(tree.clone(), Some(m));
+                        }
+                    }
+                    tree_ops.push(intern(tree));
+                }
+                Op::DropTree { tree } => {
+                    if tree_state(&changes, tree).is_none() {
+                        if local {
+                            return Err(WriteError::UnknownTree(tree.clone()));
+                        }
+                    } else {
+                        changes.insert(tree.clone(), None);
+                    }
+                    tree_ops.push(intern(tree));
+                }
+                Op::Put { tree, .. } | Op::Delete { tree, .. } | Op::Merge { tree, .. } => {
+                    let state = match tree_state(&changes, tree) {
+                        Some(s) => s,
+                        None if local && tree == DEFAULT_TREE => {
+                            // Implicit creation belongs to the transaction that needs it.
+                            create_default_at.push(i);
+                            changes.insert(DEFAULT_TREE.into(), Some(None));
+                            tree_ops.push(intern(DEFAULT_TREE));
+                            modified = true;
+                            None
+                        }
+                        None => return Err(WriteError::UnknownTree(tree.clone())),
+                    };
+                    if let Op::Merge { operand, .. } = op {
+                        let m = state.ok_or_else(|| WriteError::NoMergeOperator(tree.clone()))?;
+                        m.check_operand(operand)
+                            .map_err(|reason| WriteError::BadOperand {
+                                tree: tree.clone(),
+                                operator: m.name().into(),
+                                reason,
+                            })?;
+                    }
+                }
+            }
+        }
+        let out = if modified {
+            // Both index lists ascend: they were filled in op order.
+            let mut out = Vec::with_capacity(ops.len() + create_default_at.len());
+            let mut create = create_default_at.into_iter().peekable();
+            let mut skip = dropped_ops.into_iter().peekable();
+            for (i, op) in ops.into_iter().enumerate() {
+                if create.next_if_eq(&i).is_some() {
+                    out.push(Op::CreateTree {
+                        tree: DEFAULT_TREE.into(),
+                        merge_operator: None,
+                    });
+                }
+                if skip.next_if_eq(&i).is_none() {
+                    out.push(op);
+                }
+            }
+            out
+        } else {
+            ops
+        };
+        if out.is_empty() && local {
+            return Ok(None);
+        }
+
+        let (gtid, timestamp_us) = match origin {
+            Origin::Local => {
+                let seq = st
+                    .submitted
+                    .last_seq(&self.server_uuid)
+                    .map_or(1, |s| s + 1);
+                let gtid = Gtid::new(self.server_uuid, seq)
+                    .map_err(|e| WriteError::Conflict(format!("internal: {e}")))?;
+                (gtid, now_us())
+            }
+            Origin::Upstream { gtid, timestamp_us } => (gtid, timestamp_us),
+        };
+        let txn = Arc::new(PackedTxn {
+            gtid,
+            ops: if modified {
+                PackedOps::pack(&out)
+            } else {
+                packed
+            },
+        });
+        let logged = NewTransaction {
+            gtid,
+            timestamp_us,
+            ops: out,
+        };
+        // The applier learns of the transaction while the log assigns its offset (under the
+        // log's lock), so it is known before the log can make it visible. Acknowledgements
+        // reach committers through the applier; the log's own handle is not waited on.
+        let (appended, ()) = self.wal.submit_with(logged, |off| {
+            lock(&self.apply).ready.insert(
+                off.get(),
+                Ready {
+                    txn: txn.clone(),
+                    waiter: std::thread::current(),
+                },
+            );
+        })?;
+        let offset = appended.offset().get();
+        drop(appended);
+        self.last_submitted.store(offset, Ordering::SeqCst);
+
+        // Only now, with the record submitted, does the transaction count as in flight.
+        st.submitted.insert(gtid);
+        for (name, c) in changes {
+            match c {
+                Some(m) => {
+                    st.trees.insert(name, m);
+                }
+                None => {
+                    st.trees.remove(&name);
+                }
+            }
+        }
+        st.history_keys += keys.len() + tree_ops.len();
+        st.history.push_back(HistoryEntry {
+            offset,
+            keys,
+            trees: tree_ops,
+        });
+        let applied = self.applied.load(Ordering::SeqCst);
+        while st.history_keys > self.opts.history_keys_max {
+            match st.history.front() {
+                Some(e) if e.offset <= applied => {
+                    st.history_floor = e.offset;
+                    st.history_keys -= e.keys.len() + e.trees.len();
+                    st.history.pop_front();
+                }
+                _ => break,
+            }
+        }
+        Ok(Some(InFlight {
+            offset: Offset::new(offset).unwrap_or(Offset::FIRST),
+            gtid,
+            _txn: txn,
+        }))
+    }
+
+    /// Waits until the transaction is applied (hence durable and visible), or failed.
+    fn finish(&self, f: InFlight) -> Result<CommitInfo, WriteError> {
+        let done = CommitInfo {
+            offset: f.offset,
+            gtid: f.gtid,
+        };
+        loop {
+            // Fast path, without the apply lock the applier and every waking committer need:
+            // `applied` moves only after a store batch committed and the view shows it, and
+            // offsets apply densely, in order.
+            if self.applied.load(Ordering::SeqCst) >= f.offset.get() {
+                return Ok(done);
+            }
+            if let Some(r) = Self::outcome(&lock(&self.apply), f.offset.get()) {
+                return r.map(|()| done);
+            }
+            // Woken by the applier (unpark); the timeout is only a safety net.
+            std::thread::park_timeout(Duration::from_millis(50));
+        }
+    }
+}
+
+fn range_contains(lo: &Bound<Vec<u8>>, hi: &Bound<Vec<u8>>, key: &[u8]) -> bool {
+    let above = match lo {
+        Bound::Included(l) => key >= l.as_slice(),
+        Bound::Excluded(l) => key > l.as_slice(),
+        Bound::Unbounded => true,
+    };
+    let below = match hi {
+        Bound::Included(h) => key <= h.as_slice(),
+        Bound::Excluded(h) => key < h.as_slice(),
+        Bound::Unbounded => true,
+    };
+    above && below
+}
+
+/// Whether read `r` is invalidated by write set `e`; names what was read.
+fn conflicts(r: &ReadItem, e: &HistoryEntry) -> Option<String> {
+    if let Some(t) = e.trees.iter().find(|t| r.covers_tree(t)) {
+        return Some(format!("tree `{t}`"));
+    }
+    match r {
+        ReadItem::All => (!e.keys.is_empty())
+            .then(|| "the transaction's snapshot (read through `Txn::snapshot`)".to_string()),
+        ReadItem::Key { tree, key } => e
+            .keys
+            .iter()
+            .any(|(t, k)| &**t == tree.as_str() && k == key)
+            .then(|| format!("key {:?} in tree `{tree}`", key_text(key))),
+        ReadItem::Range { tree, lo, hi } => e
+            .keys
+            .iter()
+            .any(|(t, k)| &**t == tree.as_str() && range_contains(lo, hi, k))
+            .then(|| format!("a key in a range read from tree `{tree}`")),
+    }
+}

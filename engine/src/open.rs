@@ -1,0 +1,365 @@
+//! Opening, recovery, checkpoints and closing.
+//!
+//! Owns: [`Engine::open`] (option checks, the store's position and identity checked against
+//! the log, the catalog loaded, an interrupted bootstrap finish completed, replay of every log
+//! record after the store's applied offset, the applier and checkpoint threads started),
+//! checkpoints (sync the store, then raise the log's retention floor) and [`Engine::close`].
+//!
+//! Invariants: recovery applies offsets densely and in order through the same applier code as
+//! live commits (`Inner::apply_group`), so a crash at any point loses no acknowledged
+//! transaction and applies none twice; the log's retention floor is never above the first
+//! offset the store has not persisted. Open writes nothing to the log.
+//!
+//! Must never: append to the log, or raise the retention floor before the store sync that
+//! covers it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use tideline_wal::{GtidSet, NewTransaction, Offset, Op, Wal};
+use uuid::Uuid;
+
+use crate::catalog;
+use crate::engine::Engine;
+use crate::error::{OpenError, WriteError};
+use crate::state::{
+    ApplyState, CommitState, EngineOptions, Inner, KEY_BYTES_MAX_LIMIT, View, lock,
+};
+use crate::store::{Backend, Persist, Store, StoreError, StoreOptions, StoreTree, TreeOptions};
+use crate::trees::load_catalog;
+
+impl Engine {
+    /// Opens the engine: the state store in `store_dir` (created if missing) on top of `wal`,
+    /// which the engine then owns as its only writer. Recovery replays every log record after
+    /// the store's applied offset; nothing is written to the log.
+    pub fn open(
+        store_dir: impl AsRef<Path>,
+        wal: Arc<Wal>,
+        opts: EngineOptions,
+    ) -> Result<Engine, OpenError> {
+        if opts.key_bytes_max == 0 || opts.key_bytes_max > KEY_BYTES_MAX_LIMIT {
+            return Err(OpenError::BadOption(format!(
+                "key_bytes_max must be 1..={KEY_BYTES_MAX_LIMIT}, not {}",
+                opts.key_bytes_max
+            )));
+        }
+        if opts.value_bytes_max == 0 || opts.value_bytes_max > u32::MAX as usize {
+            return Err(OpenError::BadOption(format!(
+                "value_bytes_max must be 1..={}, not {}",
+                u32::MAX,
+                opts.value_bytes_max
+            )));
+        }
+        if opts.memtable_bytes < 1 << 20 {
+            return Err(OpenError::BadOption(format!(
+                "memtable_bytes must be at least 1 MiB, not {}",
+                opts.memtable_bytes
+            )));
+        }
+        let path = store_dir.as_ref().to_path_buf();
+        let shown = path.display().to_string();
+        let store_err = |source: StoreError| OpenError::Store {
+            path: shown.clone(),
+            source,
+        };
+        let corrupt = |what: String| OpenError::CorruptStore {
+            path: shown.clone(),
+            what,
+        };
+        let db = Backend::open(
+            &path,
+            &StoreOptions {
+                cache_bytes: opts.cache_bytes,
+                worker_threads: opts.store_threads,
+            },
+        )
+        .map_err(store_err)?;
+        // The metadata keys are overwritten by every batch: a small memtable flushes (and
+        // compacts away) their old versions early.
+        let meta = db
+            .tree(
+                catalog::META_KEYSPACE,
+                &TreeOptions {
+                    memtable_bytes: Some(4 << 20),
+                },
+            )
+            .map_err(store_err)?;
+
+        // Read the store's position.
+        if let Some(f) = meta.get(catalog::KEY_FORMAT).map_err(store_err)?
+            && &*f != catalog::FORMAT
+        {
+            return Err(corrupt(format!(
+                "store format {:?}, this build reads {:?}",
+                String::from_utf8_lossy(&f),
+                String::from_utf8_lossy(catalog::FORMAT)
+            )));
+        }
+        let applied = match meta.get(catalog::KEY_APPLIED).map_err(store_err)? {
+            None => 0,
+            Some(b) => {
+                let arr: [u8; 8] = (*b)
+                    .try_into()
+                    .map_err(|_| corrupt(format!("`applied` has {} bytes, not 8", b.len())))?;
+                u64::from_le_bytes(arr)
+            }
+        };
+        let gtids: GtidSet = match meta.get(catalog::KEY_GTIDS).map_err(store_err)? {
+            None => GtidSet::new(),
+            Some(b) => std::str::from_utf8(&b)
+                .map_err(|_| corrupt("`gtid_executed` is not UTF-8".into()))?
+                .parse()
+                .map_err(|e| corrupt(format!("`gtid_executed` does not parse: {e}")))?,
+        };
+        let identity = meta.get(catalog::KEY_SERVER_UUID).map_err(store_err)?;
+        if let Some(b) = &identity {
+            let store_uuid: Uuid = std::str::from_utf8(b)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .ok_or_else(|| corrupt("`server_uuid` does not parse".into()))?;
+            if store_uuid != wal.server_uuid() {
+                return Err(OpenError::WrongLog {
+                    store_uuid,
+                    log_uuid: wal.server_uuid(),
+                });
+            }
+        }
+        let cat = load_catalog(&db, &meta, &opts, &shown)?;
+
+        // A bootstrap in progress, or one whose finish was cut short: complete the finish.
+        let mut bootstrap = meta
+            .get(catalog::KEY_BOOTSTRAP)
+            .map_err(store_err)?
+            .map(|b| b.to_vec());
+        if let Some(marker) = meta
+            .get(catalog::KEY_BOOTSTRAP_FINISHING)
+            .map_err(store_err)?
+        {
+            crate::bootstrap::complete_finish(&db, &meta, &wal, &marker, &shown)?;
+            bootstrap = None;
+        }
+
+        // Check the store against the log.
+        let log_last = wal.visible_offset();
+        if applied > log_last {
+            return Err(OpenError::StoreAheadOfLog {
+                store_offset: applied,
+                log_offset: log_last,
+            });
+        }
+        let first = wal.first_offset().get();
+        if applied < log_last && first > applied + 1 {
+            return Err(OpenError::LogMissing {
+                store_offset: applied,
+                first_offset: first,
+            });
+        }
+        // Hold the log the store may still need until the first checkpoint below.
+        wal.set_retention_floor(Offset::new(applied + 1).unwrap_or(Offset::FIRST));
+
+        let catalog = Arc::new(cat);
+        let server_uuid = wal.server_uuid();
+        let inner = Arc::new(Inner {
+            wal: wal.clone(),
+            db,
+            meta,
+            path,
+            read_only: AtomicBool::new(opts.read_only),
+            opts,
+            server_uuid,
+            failed: AtomicBool::new(false),
+            failed_reason: Mutex::new(String::new()),
+            commit: Mutex::new(CommitState {
+                submitted: GtidSet::new(),
+                trees: BTreeMap::new(),
+                history: VecDeque::new(),
+                history_keys: 0,
+                history_floor: applied,
+                generation: 0,
+            }),
+            apply: Mutex::new(ApplyState {
+                applied,
+                ready: BTreeMap::new(),
+                store_failed: None,
+                dead_from: u64::MAX,
+                dead_reason: String::new(),
+            }),
+            applied_cv: Condvar::new(),
+            view: RwLock::new(View {
+                offset: applied,
+                gtids: Arc::new(gtids),
+                catalog: catalog.clone(),
+                generation: 0,
+            }),
+            catalog: RwLock::new(catalog),
+            applied: AtomicU64::new(applied),
+            last_submitted: AtomicU64::new(0),
+            identity_written: AtomicBool::new(identity.is_some()),
+            checkpoint_lock: Mutex::new(()),
+            stop: Mutex::new(false),
+            stop_cv: Condvar::new(),
+            stopping: AtomicBool::new(false),
+            bootstrapping: AtomicBool::new(bootstrap.is_some()),
+            bootstrap: Mutex::new(bootstrap),
+            view_changes: tokio::sync::watch::Sender::new(0),
+        });
+
+        // Replay.
+        let replayed = inner.replay(applied)?;
+        {
+            let v = inner.view.read().unwrap_or_else(|p| p.into_inner());
+            inner.reset_commit_state(&mut lock(&inner.commit), &v);
+            lock(&inner.apply).applied = v.offset;
+            let log_gtids = wal.gtids();
+            // While bootstrapping, the store's GTIDs are the upstream's, not the log's.
+            if !log_gtids.is_subset(&v.gtids) && !inner.bootstrapping.load(Ordering::SeqCst) {
+                tracing::warn!(
+                    log = %log_gtids, store = %v.gtids,
+                    "the log holds GTIDs the store has not executed; they were skipped as duplicates"
+                );
+            }
+        }
+        if replayed > 0 {
+            tracing::info!(replayed, "replayed log records into the store");
+        }
+        inner
+            .checkpoint()
+            .map_err(|reason| OpenError::Apply { offset: 0, reason })?;
+
+        let spawn = |name: &str, f: fn(Arc<Inner>)| {
+            let bg = inner.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || f(bg))
+                .map_err(|e| OpenError::BadOption(format!("cannot start thread {name}: {e}")))
+        };
+        let applier = spawn("tideline-engine-apply", Inner::apply_loop)?;
+        let checkpointer = spawn("tideline-engine-checkpoint", Inner::checkpoint_loop)?;
+        Ok(Engine {
+            inner,
+            threads: Mutex::new(vec![applier, checkpointer]),
+        })
+    }
+
+    /// Syncs the store and raises the log's retention floor to the first offset the store
+    /// has not persisted. Runs on its own every [`EngineOptions::checkpoint_interval`].
+    pub fn checkpoint(&self) -> Result<(), WriteError> {
+        self.inner
+            .checkpoint()
+            .map_err(|reason| WriteError::FailStop { reason })
+    }
+
+    /// Stops the checkpoint thread and syncs the store. The log is left open (it may be
+    /// shared); close it with [`Wal::close`].
+    pub fn close(&self) -> Result<(), WriteError> {
+        {
+            *lock(&self.inner.stop) = true;
+            self.inner.stop_cv.notify_all();
+        }
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        for h in lock(&self.threads).drain(..) {
+            let _ = h.join();
+        }
+        {
+            // Nothing applies any more: a commit still waiting learns it now.
+            let mut a = lock(&self.inner.apply);
+            if a.dead_from == u64::MAX {
+                a.dead_from = a.applied + 1;
+                a.dead_reason = "the engine was closed before the transaction was applied; \
+                                 reopen it (recovery applies what the log holds)"
+                    .into();
+            }
+            for r in a.ready.values() {
+                r.waiter.unpark();
+            }
+        }
+        self.checkpoint()
+    }
+}
+
+impl Inner {
+    /// Replays log records after `applied`. Returns how many were applied.
+    fn replay(&self, applied: u64) -> Result<u64, OpenError> {
+        if self.wal.visible_offset() <= applied || !self.opts.replay_on_open() {
+            return Ok(0);
+        }
+        let from = Offset::new(applied + 1).unwrap_or(Offset::FIRST);
+        let mut reader = self.wal.read_from(from)?;
+        let mut group: Vec<(u64, Arc<NewTransaction>)> = Vec::new();
+        let mut group_bytes = 0usize;
+        let mut count = 0;
+        let flush = |group: &mut Vec<(u64, Arc<NewTransaction>)>| -> Result<(), OpenError> {
+            if let Some(&(offset, _)) = group.last() {
+                self.apply_group(group)
+                    .map_err(|reason| OpenError::Apply { offset, reason })?;
+            }
+            group.clear();
+            Ok(())
+        };
+        while let Some(t) = reader.next_txn()? {
+            group_bytes += t
+                .ops
+                .iter()
+                .map(|o| match o {
+                    Op::Put { key, value, .. } => key.len() + value.len(),
+                    Op::Merge { key, operand, .. } => key.len() + operand.len(),
+                    Op::Delete { key, .. } => key.len(),
+                    _ => 64,
+                })
+                .sum::<usize>();
+            group.push((
+                t.offset.get(),
+                Arc::new(NewTransaction {
+                    gtid: t.gtid,
+                    timestamp_us: t.timestamp_us,
+                    ops: t.ops,
+                }),
+            ));
+            count += 1;
+            if group.len() >= self.opts.apply_group_txns_max || group_bytes >= 32 << 20 {
+                flush(&mut group)?;
+                group_bytes = 0;
+            }
+        }
+        flush(&mut group)?;
+        Ok(count)
+    }
+
+    pub(crate) fn checkpoint(&self) -> Result<(), String> {
+        let _g = lock(&self.checkpoint_lock);
+        let applied = self.applied.load(Ordering::SeqCst);
+        // Every batch up to `applied` was committed to the store's journal before this sync.
+        if let Err(e) = self.db.persist(Persist::Sync) {
+            let reason = format!("syncing the state store failed: {e}");
+            self.fail(reason.clone());
+            return Err(reason);
+        }
+        self.wal
+            .set_retention_floor(Offset::new(applied + 1).unwrap_or(Offset::FIRST));
+        Ok(())
+    }
+
+    fn checkpoint_loop(self: Arc<Self>) {
+        let mut stop = lock(&self.stop);
+        loop {
+            if *stop {
+                return;
+            }
+            stop = self
+                .stop_cv
+                .wait_timeout(stop, self.opts.checkpoint_interval)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+            if *stop {
+                return;
+            }
+            drop(stop);
+            if self.checkpoint().is_err() {
+                return;
+            }
+            stop = lock(&self.stop);
+        }
+    }
+}

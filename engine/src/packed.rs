@@ -1,0 +1,285 @@
+//! A transaction as the applier keeps it: borrowed ops ([`OpRef`]), the [`ApplyTxn`] view the
+//! applier works on, and the packed form of a transaction in flight ([`PackedTxn`]).
+//!
+//! Owns: the compact in-memory representation of ops between submission and apply. A leaf
+//! module: it depends on nothing else in the crate, so the shared state (`state`, whose
+//! applier queue holds [`PackedTxn`]s) and the store batch builder (`apply`) can both use it.
+//!
+//! Must never: change what an op means (that is `apply`), or touch the store or the log.
+
+use tideline_wal::{Gtid, NewTransaction, Op};
+
+/// An op as the store applies it, borrowed from a logged [`Op`] or from a [`PackedTxn`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum OpRef<'a> {
+    CreateTree {
+        tree: &'a str,
+        merge_operator: Option<&'a str>,
+    },
+    DropTree {
+        tree: &'a str,
+    },
+    Put {
+        tree: &'a str,
+        key: &'a [u8],
+        value: &'a [u8],
+    },
+    Delete {
+        tree: &'a str,
+        key: &'a [u8],
+    },
+    Merge {
+        tree: &'a str,
+        key: &'a [u8],
+        operand: &'a [u8],
+    },
+}
+
+impl<'a> From<&'a Op> for OpRef<'a> {
+    fn from(op: &'a Op) -> OpRef<'a> {
+        match op {
+            Op::CreateTree {
+                tree,
+                merge_operator,
+            } => OpRef::CreateTree {
+                tree,
+                merge_operator: merge_operator.as_deref(),
+            },
+            Op::DropTree { tree } => OpRef::DropTree { tree },
+            Op::Put {
+                tree, key, value, ..
+            } => OpRef::Put { tree, key, value },
+            Op::Delete { tree, key, .. } => OpRef::Delete { tree, key },
+            Op::Merge { tree, key, operand } => OpRef::Merge { tree, key, operand },
+        }
+    }
+}
+
+/// A transaction the applier can apply: a GTID and ops.
+pub(crate) trait ApplyTxn {
+    fn gtid(&self) -> Gtid;
+    fn op_count(&self) -> usize;
+    fn ops(&self) -> impl Iterator<Item = OpRef<'_>>;
+}
+
+impl ApplyTxn for NewTransaction {
+    fn gtid(&self) -> Gtid {
+        self.gtid
+    }
+    fn op_count(&self) -> usize {
+        self.ops.len()
+    }
+    fn ops(&self) -> impl Iterator<Item = OpRef<'_>> {
+        self.ops.iter().map(OpRef::from)
+    }
+}
+
+/// The ops of a transaction in flight, as the applier keeps them: every key, value and
+/// operand in one buffer and every tree name in one string, so a transaction costs three
+/// allocations whatever its size (a clone of its `Vec<Op>` costs three per op, and the
+/// applier, the engine's one serial stage, would free them all).
+pub(crate) struct PackedOps {
+    ops: Vec<PackedOp>,
+    bytes: Vec<u8>,
+    names: String,
+}
+
+#[derive(Clone, Copy)]
+enum PackedKind {
+    CreateTree,
+    CreateTreeWithOperator,
+    DropTree,
+    Put,
+    Delete,
+    Merge,
+}
+
+/// One op of [`PackedOps`]: ranges of its tree name (in `names`), key and value or operand
+/// or merge operator name (in `bytes`, the operator's name in `names`).
+#[derive(Clone, Copy)]
+struct PackedOp {
+    kind: PackedKind,
+    tree: (usize, usize),
+    key: (usize, usize),
+    value: (usize, usize),
+}
+
+impl PackedOps {
+    pub(crate) fn pack(ops: &[Op]) -> PackedOps {
+        let mut bytes_len = 0;
+        for op in ops {
+            bytes_len += match op {
+                Op::Put { key, value, .. } => key.len() + value.len(),
+                Op::Merge { key, operand, .. } => key.len() + operand.len(),
+                Op::Delete { key, .. } => key.len(),
+                Op::CreateTree { .. } | Op::DropTree { .. } => 0,
+            };
+        }
+        let mut p = PackedOps {
+            ops: Vec::with_capacity(ops.len()),
+            bytes: Vec::with_capacity(bytes_len),
+            names: String::new(),
+        };
+        let mut last_tree = (0, 0);
+        for op in ops {
+            let r = OpRef::from(op);
+            let tree = match r {
+                OpRef::CreateTree { tree, .. }
+                | OpRef::DropTree { tree }
+                | OpRef::Put { tree, .. }
+                | OpRef::Delete { tree, .. }
+                | OpRef::Merge { tree, .. } => tree,
+            };
+            // Consecutive ops on one tree (the usual case) share its name.
+            if p.names.get(last_tree.0..last_tree.1) != Some(tree) || p.ops.is_empty() {
+                last_tree = push_str(&mut p.names, tree);
+            }
+            let none = (0, 0);
+            let (kind, key, value) = match r {
+                OpRef::CreateTree {
+                    merge_operator: None,
+                    ..
+                } => (PackedKind::CreateTree, none, none),
+                OpRef::CreateTree {
+                    merge_operator: Some(m),
+                    ..
+                } => {
+                    let m = push_str(&mut p.names, m);
+                    // The operator's name sits in `names`, after the tree name.
+                    (PackedKind::CreateTreeWithOperator, none, m)
+                }
+                OpRef::DropTree { .. } => (PackedKind::DropTree, none, none),
+                OpRef::Put { key, value, .. } => (
+                    PackedKind::Put,
+                    push(&mut p.bytes, key),
+                    push(&mut p.bytes, value),
+                ),
+                OpRef::Delete { key, .. } => (PackedKind::Delete, push(&mut p.bytes, key), none),
+                OpRef::Merge { key, operand, .. } => (
+                    PackedKind::Merge,
+                    push(&mut p.bytes, key),
+                    push(&mut p.bytes, operand),
+                ),
+            };
+            p.ops.push(PackedOp {
+                kind,
+                tree: last_tree,
+                key,
+                value,
+            });
+        }
+        p
+    }
+}
+
+fn push(buf: &mut Vec<u8>, b: &[u8]) -> (usize, usize) {
+    let start = buf.len();
+    buf.extend_from_slice(b);
+    (start, buf.len())
+}
+
+fn push_str(buf: &mut String, s: &str) -> (usize, usize) {
+    let start = buf.len();
+    buf.push_str(s);
+    (start, buf.len())
+}
+
+/// A transaction in flight: its GTID and packed ops.
+pub(crate) struct PackedTxn {
+    pub(crate) gtid: Gtid,
+    pub(crate) ops: PackedOps,
+}
+
+impl ApplyTxn for PackedTxn {
+    fn gtid(&self) -> Gtid {
+        self.gtid
+    }
+    fn op_count(&self) -> usize {
+        self.ops.ops.len()
+    }
+    fn ops(&self) -> impl Iterator<Item = OpRef<'_>> {
+        let p = &self.ops;
+        // Ranges were recorded by `pack` while it filled these buffers.
+        p.ops.iter().map(move |o| {
+            let tree = &p.names[o.tree.0..o.tree.1];
+            let key = &p.bytes[o.key.0..o.key.1];
+            match o.kind {
+                PackedKind::CreateTree => OpRef::CreateTree {
+                    tree,
+                    merge_operator: None,
+                },
+                PackedKind::CreateTreeWithOperator => OpRef::CreateTree {
+                    tree,
+                    merge_operator: Some(&p.names[o.value.0..o.value.1]),
+                },
+                PackedKind::DropTree => OpRef::DropTree { tree },
+                PackedKind::Put => OpRef::Put {
+                    tree,
+                    key,
+                    value: &p.bytes[o.value.0..o.value.1],
+                },
+                PackedKind::Delete => OpRef::Delete { tree, key },
+                PackedKind::Merge => OpRef::Merge {
+                    tree,
+                    key,
+                    operand: &p.bytes[o.value.0..o.value.1],
+                },
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Packing keeps every op, field for field, in order, across tree changes.
+    #[test]
+    fn packed_ops_read_back_as_logged() {
+        let put = |tree: &str, k: &[u8], v: &[u8]| Op::Put {
+            tree: tree.into(),
+            key: k.to_vec(),
+            value: v.to_vec(),
+            before: Some(b"old".to_vec()),
+        };
+        let ops = vec![
+            Op::CreateTree {
+                tree: "default".into(),
+                merge_operator: None,
+            },
+            put("default", b"a", b"1"),
+            put("default", b"b", b""),
+            Op::CreateTree {
+                tree: "c".into(),
+                merge_operator: Some("add".into()),
+            },
+            Op::Merge {
+                tree: "c".into(),
+                key: b"n".to_vec(),
+                operand: b"2".to_vec(),
+            },
+            Op::Delete {
+                tree: "default".into(),
+                key: b"a".to_vec(),
+                before: None,
+            },
+            Op::DropTree { tree: "c".into() },
+            put("default", b"z", b"26"),
+        ];
+        let gtid = Gtid::new(uuid::Uuid::nil(), 1).expect("seq 1 is valid");
+        let packed = PackedTxn {
+            gtid,
+            ops: PackedOps::pack(&ops),
+        };
+        let logged = NewTransaction {
+            gtid,
+            timestamp_us: 0,
+            ops: ops.clone(),
+        };
+        assert_eq!(packed.op_count(), ops.len());
+        let a: Vec<String> = packed.ops().map(|o| format!("{o:?}")).collect();
+        let b: Vec<String> = logged.ops().map(|o| format!("{o:?}")).collect();
+        assert_eq!(a, b);
+        assert!(PackedOps::pack(&[]).ops.is_empty());
+    }
+}

@@ -1,0 +1,339 @@
+//! The engine's shared state: what every other part of the engine reaches for.
+//!
+//! Owns: the engine's options and limits, [`Inner`] (the store handles, the view readers see,
+//! the commit state, the applier's queue, the fail-stop flag) and the small helpers on it that
+//! several rooms need (current catalog, fail-stop, the store's identity keys, resetting the
+//! commit state). It is the bottom of the engine's module graph: `open`, `commit`, `applier`,
+//! `read`, `trees`, `txn`, `apply` and `bootstrap` depend on it; it depends on none of them
+//! (only on `catalog`, `error`, `merge`, `packed` and `store`).
+//!
+//! Must never: validate, log or apply a transaction itself (that is `commit` and `applier`),
+//! read the log, or grow a dependency on a module above it.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use tideline_wal::{Gtid, GtidSet, Offset, Wal};
+use uuid::Uuid;
+
+use crate::catalog::{self, Catalog};
+use crate::error::WriteError;
+use crate::merge::MergeOperator;
+use crate::packed::PackedTxn;
+use crate::store::{Backend, Batch, TreeHandle, TreeOptions, WriteBatch};
+
+/// Default key limit: 64 KiB less one byte (65,535), the state store's hard limit.
+pub const KEY_BYTES_MAX_DEFAULT: usize = KEY_BYTES_MAX_LIMIT;
+
+/// Default value (and merge operand) limit: 16 MiB.
+pub const VALUE_BYTES_MAX_DEFAULT: usize = 16 << 20;
+
+/// The store cannot hold longer keys than this (fjall: 65,535 bytes).
+pub const KEY_BYTES_MAX_LIMIT: usize = 65535;
+
+/// Settings of an engine.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Longest key accepted, in bytes. Default and maximum [`KEY_BYTES_MAX_LIMIT`] (64 KiB − 1).
+    pub key_bytes_max: usize,
+    /// Longest value or merge operand accepted, in bytes. Default 16 MiB.
+    pub value_bytes_max: usize,
+    /// Refuse local writes (a replica). Upstream transactions are still applied.
+    pub read_only: bool,
+    /// The store's block cache, in bytes. Default 64 MiB.
+    pub cache_bytes: u64,
+    /// How often the store is synced and the log's retention floor raised. Default 1 s.
+    pub checkpoint_interval: Duration,
+    /// How often [`Engine::transaction`](crate::Engine::transaction) runs a transaction again after a conflict. Default 32.
+    pub conflict_retries_max: u32,
+    /// Keys of recent write sets kept for conflict checks. A reading transaction whose
+    /// snapshot is older than the oldest kept write set gets a retryable conflict.
+    /// Default 65,536.
+    pub history_keys_max: usize,
+    /// Most transactions applied in one store batch. Default 4096.
+    pub apply_group_txns_max: usize,
+    /// A store batch takes no further transaction once it holds this many ops. Default
+    /// 16,384.
+    pub apply_group_ops_max: usize,
+    /// Background threads of the store (flushes, compactions); 0: the store's default
+    /// (one per core, at most 4).
+    pub store_threads: usize,
+    /// Size at which a tree's in-memory table is flushed to disk. With the cache, this
+    /// bounds the store's memory. Default 16 MiB.
+    pub memtable_bytes: u64,
+    /// Test-only (cargo feature `testing`, absent from production builds): do not replay the
+    /// log on open (the bug recovery prevents). Exists so the crash test can prove it catches
+    /// lost transactions.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_skip_replay: bool,
+    /// Test-only (cargo feature `testing`): write every bootstrap chunk through the store
+    /// batch, never through bulk ingestion (to compare the two paths).
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_bootstrap_no_ingest: bool,
+}
+
+// The test-only switches, read through these so that without the `testing` feature the
+// protections they disable are always on.
+impl EngineOptions {
+    /// Whether open replays the log into the store: always, unless a test turned it off.
+    #[cfg(feature = "testing")]
+    pub(crate) fn replay_on_open(&self) -> bool {
+        !self.unsafe_skip_replay
+    }
+    #[cfg(not(feature = "testing"))]
+    pub(crate) fn replay_on_open(&self) -> bool {
+        true
+    }
+
+    /// Whether a bootstrap call's leading chunks may be ingested as tables: always, unless a
+    /// test turned it off to compare the two paths.
+    #[cfg(feature = "testing")]
+    pub(crate) fn ingest_leading_chunks(&self) -> bool {
+        !self.unsafe_bootstrap_no_ingest
+    }
+    #[cfg(not(feature = "testing"))]
+    pub(crate) fn ingest_leading_chunks(&self) -> bool {
+        true
+    }
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            key_bytes_max: KEY_BYTES_MAX_DEFAULT,
+            value_bytes_max: VALUE_BYTES_MAX_DEFAULT,
+            read_only: false,
+            cache_bytes: 64 << 20,
+            checkpoint_interval: Duration::from_secs(1),
+            conflict_retries_max: 32,
+            history_keys_max: 1 << 16,
+            apply_group_txns_max: 4096,
+            apply_group_ops_max: 1 << 14,
+            memtable_bytes: 16 << 20,
+            store_threads: 0,
+            #[cfg(feature = "testing")]
+            unsafe_skip_replay: false,
+            #[cfg(feature = "testing")]
+            unsafe_bootstrap_no_ingest: false,
+        }
+    }
+}
+
+/// Where a committed transaction sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitInfo {
+    /// Its local offset.
+    pub offset: Offset,
+    /// Its GTID.
+    pub gtid: Gtid,
+}
+
+/// What readers see: the applied position and the catalog, changed by the applier (and a
+/// bootstrap) together with the store batch that holds them.
+pub(crate) struct View {
+    pub(crate) offset: u64,
+    pub(crate) gtids: Arc<GtidSet>,
+    pub(crate) catalog: Arc<Catalog>,
+    /// Raised whenever a bootstrap replaces the state without moving the offset (begin,
+    /// finish): a transaction that read a snapshot of an older generation must not commit.
+    pub(crate) generation: u64,
+}
+
+pub(crate) struct HistoryEntry {
+    pub(crate) offset: u64,
+    pub(crate) keys: Vec<(Arc<str>, Vec<u8>)>,
+    pub(crate) trees: Vec<Arc<str>>,
+}
+
+pub(crate) struct CommitState {
+    /// `gtid_executed` plus every GTID submitted and not yet applied.
+    pub(crate) submitted: GtidSet,
+    /// Tree name → merge operator, as of every submitted transaction.
+    pub(crate) trees: BTreeMap<String, Option<MergeOperator>>,
+    /// Write sets of recent transactions, oldest first.
+    pub(crate) history: VecDeque<HistoryEntry>,
+    pub(crate) history_keys: usize,
+    /// Write sets at or before this offset were dropped from `history`.
+    pub(crate) history_floor: u64,
+    /// The view's generation as of the last bootstrap begin or finish.
+    pub(crate) generation: u64,
+}
+
+/// An acknowledged transaction waiting to be applied, and the committer to wake.
+pub(crate) struct Ready {
+    pub(crate) txn: Arc<PackedTxn>,
+    pub(crate) waiter: std::thread::Thread,
+}
+
+pub(crate) struct ApplyState {
+    pub(crate) applied: u64,
+    pub(crate) ready: BTreeMap<u64, Ready>,
+    /// The store could not apply: nothing more will be.
+    pub(crate) store_failed: Option<String>,
+    /// The log failed to acknowledge this offset: it and everything after will never apply.
+    pub(crate) dead_from: u64,
+    pub(crate) dead_reason: String,
+}
+
+/// Everything the engine handle, its threads and its transactions share.
+pub(crate) struct Inner {
+    pub(crate) wal: Arc<Wal>,
+    pub(crate) db: Backend,
+    pub(crate) meta: TreeHandle,
+    pub(crate) path: PathBuf,
+    pub(crate) opts: EngineOptions,
+    pub(crate) server_uuid: Uuid,
+    pub(crate) read_only: AtomicBool,
+    pub(crate) failed: AtomicBool,
+    pub(crate) failed_reason: Mutex<String>,
+    pub(crate) commit: Mutex<CommitState>,
+    pub(crate) apply: Mutex<ApplyState>,
+    pub(crate) applied_cv: Condvar,
+    pub(crate) view: RwLock<View>,
+    pub(crate) catalog: RwLock<Arc<Catalog>>,
+    pub(crate) applied: AtomicU64,
+    /// Offset of the last transaction submitted to the log.
+    pub(crate) last_submitted: AtomicU64,
+    /// Whether `format` and `server_uuid` are in the store (written with the first batch).
+    pub(crate) identity_written: AtomicBool,
+    /// Serialises checkpoints (the store sync and the floor that follows it).
+    pub(crate) checkpoint_lock: Mutex<()>,
+    pub(crate) stop: Mutex<bool>,
+    pub(crate) stop_cv: Condvar,
+    /// Tells the applier thread to exit once nothing visible is left to apply.
+    pub(crate) stopping: AtomicBool,
+    /// The progress record of an unfinished bootstrap (`Some` while bootstrapping). The lock
+    /// also serialises the bootstrap calls.
+    pub(crate) bootstrap: Mutex<Option<Vec<u8>>>,
+    /// Whether a bootstrap is in progress (writes are refused). Changed under the commit lock.
+    pub(crate) bootstrapping: AtomicBool,
+    /// Counts changes of the view's position (`applied`, `gtid_executed`), sent after each
+    /// change is visible to readers: async waiters (read fences) wake on it.
+    pub(crate) view_changes: tokio::sync::watch::Sender<u64>,
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Critical sections leave their state consistent before anything that can panic.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Store options of a tree's keyspace.
+pub(crate) fn tree_options(opts: &EngineOptions) -> TreeOptions {
+    TreeOptions {
+        memtable_bytes: Some(opts.memtable_bytes),
+    }
+}
+
+/// Checks a key and value against the limits.
+pub(crate) fn check_kv(
+    opts: &EngineOptions,
+    tree: &str,
+    key: &[u8],
+    value: Option<&[u8]>,
+) -> Result<(), WriteError> {
+    if key.is_empty() {
+        return Err(WriteError::EmptyKey(tree.to_string()));
+    }
+    if key.len() > opts.key_bytes_max {
+        return Err(WriteError::KeyTooLarge {
+            bytes: key.len(),
+            max: opts.key_bytes_max,
+        });
+    }
+    if let Some(v) = value
+        && v.len() > opts.value_bytes_max
+    {
+        return Err(WriteError::ValueTooLarge {
+            bytes: v.len(),
+            max: opts.value_bytes_max,
+        });
+    }
+    Ok(())
+}
+
+impl Inner {
+    pub(crate) fn current_catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn fail_stop_reason(&self) -> Option<String> {
+        if let Some(e) = self.wal.poison() {
+            return Some(e.to_string());
+        }
+        self.failed
+            .load(Ordering::SeqCst)
+            .then(|| lock(&self.failed_reason).clone())
+    }
+
+    pub(crate) fn check_not_failed(&self) -> Result<(), WriteError> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err(WriteError::Closed);
+        }
+        match self.fail_stop_reason() {
+            Some(reason) => Err(WriteError::FailStop { reason }),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn fail(&self, reason: String) {
+        tracing::error!(%reason, "engine stopped accepting writes (fail-stop)");
+        {
+            let mut r = lock(&self.failed_reason);
+            if r.is_empty() {
+                *r = reason;
+            }
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    /// Wakes async waiters on [`Engine::view_changes`](crate::Engine::view_changes); call after the view changed.
+    pub(crate) fn notify_view_changed(&self) {
+        self.view_changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Adds the store's format, server uuid and applied offset to `batch`.
+    pub(crate) fn write_identity(&self, batch: &mut Batch, applied: u64) {
+        batch.insert(&self.meta, catalog::KEY_FORMAT, catalog::FORMAT);
+        batch.insert(
+            &self.meta,
+            catalog::KEY_APPLIED,
+            applied.to_le_bytes().as_slice(),
+        );
+        batch.insert(
+            &self.meta,
+            catalog::KEY_SERVER_UUID,
+            self.server_uuid.to_string().as_bytes(),
+        );
+    }
+
+    /// A store failure outside the log's apply path: the engine stops accepting writes
+    /// (fail-stop), and the error says so.
+    pub(crate) fn store_failure(&self, reason: String) -> WriteError {
+        self.fail(reason.clone());
+        WriteError::FailStop { reason }
+    }
+
+    /// Makes the commit state match the view (at open, and after a bootstrap replaced the
+    /// state): the submitted GTIDs and trees are the view's, and no earlier write set counts.
+    pub(crate) fn reset_commit_state(&self, st: &mut CommitState, v: &View) {
+        st.submitted = (*v.gtids).clone();
+        st.trees = v
+            .catalog
+            .trees
+            .iter()
+            .map(|(n, t)| (n.clone(), t.merge))
+            .collect();
+        st.history.clear();
+        st.history_keys = 0;
+        st.history_floor = v.offset;
+        st.generation = v.generation;
+    }
+}
