@@ -49,13 +49,10 @@ pub(super) async fn handle_stream<N: Node>(
         None
     };
     // Published once the answer is known (subscriptions and bootstraps when they start).
-    let peer_for_sub = peer.clone();
-    let observer = cfg.observer.clone();
-    let report = move |ok: bool| {
-        if let Some(seen) = seen
-            && observer.monitoring()
-        {
-            observer.publish(seen.event(&peer, started.elapsed(), ok));
+    let report = |seen: Option<Seen>, cfg: &ServerConfig, peer: &Peer, ok: bool| {
+        if let Some(seen) = seen {
+            cfg.observer
+                .publish(seen.event(peer, started.elapsed(), ok));
         }
     };
     let resp = match req {
@@ -65,14 +62,14 @@ pub(super) async fn handle_stream<N: Node>(
             prefix,
             slot,
         } => {
-            report(true);
+            report(seen, &cfg, &peer, true);
             let sub = SubscriptionRequest {
                 start,
                 tree,
                 prefix,
                 slot,
             };
-            return serve_subscription(node, cfg, peer_for_sub, send, recv, sub).await;
+            return serve_subscription(node, cfg, peer, send, recv, sub).await;
         }
         Request::Monitor { tree, sample_ppm } => {
             return super::monitor::serve_monitor(cfg, send, recv, tree, sample_ppm).await;
@@ -155,7 +152,7 @@ pub(super) async fn handle_stream<N: Node>(
             resume,
             chunk_bytes,
         } => {
-            report(true);
+            report(seen, &cfg, &peer, true);
             return super::bootstrap::serve_bootstrap(node, cfg, send, recv, resume, chunk_bytes)
                 .await;
         }
@@ -165,7 +162,7 @@ pub(super) async fn handle_stream<N: Node>(
             "ack outside a subscription stream",
         ),
     };
-    report(!matches!(resp, Response::Error { .. }));
+    report(seen, &cfg, &peer, !matches!(resp, Response::Error { .. }));
     send_message(&mut send, &resp).await?;
     let _ = send.finish();
     Ok(())
