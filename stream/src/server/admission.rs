@@ -85,7 +85,7 @@ fn transport(cfg: &ServerConfig) -> quinn::TransportConfig {
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some((idle / 4).max(Duration::from_millis(100))));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
-    if cfg.unsafe_no_handshake_budget {
+    if cfg.no_handshake_budget() {
         t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(cfg.max_streams_per_connection));
         return t;
     }
@@ -136,7 +136,7 @@ pub fn serve<N: Node>(
         while let Some(incoming) = ep.accept().await {
             while connections.try_join_next().is_some() {}
             let remote = incoming.remote_address();
-            let legacy = cfg.unsafe_no_handshake_budget;
+            let legacy = cfg.no_handshake_budget();
             let in_progress = lock(&handshakes).pending.len();
             if !legacy
                 && in_progress >= cfg.handshakes_before_retry
@@ -355,7 +355,7 @@ async fn authenticate<N: Node>(
     pre_active: Option<ActiveSlot>,
 ) -> Result<(ActiveSlot, Arc<str>), ConnError> {
     let (mut send, recv) = conn.accept_bi().await?;
-    let hello_limits = if c.cfg.unsafe_no_handshake_budget {
+    let hello_limits = if c.cfg.no_handshake_budget() {
         c.cfg.limits
     } else {
         Limits {

@@ -38,6 +38,7 @@ pub struct ServerConfig {
     /// Test-only: give unauthenticated peers the limits of authenticated ones and count them
     /// toward `max_connections`, with no Retry and no eviction (the lockout the handshake
     /// budget prevents). Exists so the flood tests can prove they catch it.
+    #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_no_handshake_budget: bool,
     /// Heartbeat interval on idle subscriptions.
@@ -51,6 +52,14 @@ pub struct ServerConfig {
 }
 
 impl ServerConfig {
+    /// Whether the handshake budget is off: never, unless a test turned it off.
+    pub(crate) fn no_handshake_budget(&self) -> bool {
+        #[cfg(feature = "testing")]
+        return self.unsafe_no_handshake_budget;
+        #[cfg(not(feature = "testing"))]
+        false
+    }
+
     /// Defaults for `listen`.
     pub fn new(listen: SocketAddr) -> Self {
         ServerConfig {
@@ -63,6 +72,7 @@ impl ServerConfig {
             handshakes_max: 256,
             handshakes_before_retry: 32,
             hello_bytes_max: 4 << 10,
+            #[cfg(feature = "testing")]
             unsafe_no_handshake_budget: false,
             heartbeat: Duration::from_millis(500),
             batch_bytes_target: 256 << 10,
