@@ -389,44 +389,45 @@ async fn authenticate<N: Node>(
             ..
         })) if tls::token_eq(&offered, &c.token) => {
             let client: Arc<str> = client.as_str().into();
-            if let Some(active) = pre_active {
-                send_message(
-                    &mut send,
-                    &Response::Welcome {
-                        server_uuid: *c.node.wal().server_uuid().as_bytes(),
-                        protocol: PROTOCOL_VERSION,
-                    },
-                )
-                .await?;
-                let _ = send.finish();
-                return Ok((active, client));
-            }
-            if c.active.fetch_add(1, Ordering::SeqCst) >= c.cfg.max_connections {
-                c.active.fetch_sub(1, Ordering::SeqCst);
-                tracing::warn!(remote = %conn.remote_address(), "refusing connection: max_connections reached");
-                (
-                    ConnError::Full,
-                    error(
-                        ErrorCode::Unavailable,
-                        format!(
-                            "this node serves {} connections already; try again later",
-                            c.cfg.max_connections
+            // A place among the authenticated connections (the legacy test admission took it
+            // before the token was seen).
+            let place = match pre_active {
+                Some(active) => Some(active),
+                None if c.active.fetch_add(1, Ordering::SeqCst) < c.cfg.max_connections => {
+                    Some(ActiveSlot(c.active.clone()))
+                }
+                None => {
+                    c.active.fetch_sub(1, Ordering::SeqCst);
+                    None
+                }
+            };
+            match place {
+                Some(active) => {
+                    tracing::debug!(remote = %conn.remote_address(), %client, "client authenticated");
+                    send_message(
+                        &mut send,
+                        &Response::Welcome {
+                            server_uuid: *c.node.wal().server_uuid().as_bytes(),
+                            protocol: PROTOCOL_VERSION,
+                        },
+                    )
+                    .await?;
+                    let _ = send.finish();
+                    return Ok((active, client));
+                }
+                None => {
+                    tracing::warn!(remote = %conn.remote_address(), "refusing connection: max_connections reached");
+                    (
+                        ConnError::Full,
+                        error(
+                            ErrorCode::Unavailable,
+                            format!(
+                                "this node serves {} connections already; try again later",
+                                c.cfg.max_connections
+                            ),
                         ),
-                    ),
-                )
-            } else {
-                let active = ActiveSlot(c.active.clone());
-                tracing::debug!(remote = %conn.remote_address(), %client, "client authenticated");
-                send_message(
-                    &mut send,
-                    &Response::Welcome {
-                        server_uuid: *c.node.wal().server_uuid().as_bytes(),
-                        protocol: PROTOCOL_VERSION,
-                    },
-                )
-                .await?;
-                let _ = send.finish();
-                return Ok((active, client));
+                    )
+                }
             }
         }
         Ok(None) => return Err(ConnError::Unauthorized),
