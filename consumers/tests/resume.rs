@@ -193,6 +193,74 @@ async fn latest_starts_after_the_subscription_and_fences_see_own_writes() {
     server.shutdown().await;
 }
 
+/// A read fence is what a client uses to read its own write on another node: on a replica that
+/// has not applied the write yet, the fence must not resolve as reached; once the replica
+/// applies it (keeping the origin GTID), the fence resolves. (A fence on the writing node
+/// cannot fail: the write is already there. `LogNode` serves reads only from writes committed
+/// through it, so the read after the fence is not checked here.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fence_on_a_lagging_replica_waits_until_it_applied_the_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    tls::ensure_secrets(&secrets).unwrap();
+    let (a_server, _a) = start_log_node(&dir.path().join("a"), &secrets);
+    let (b_server, b) = start_log_node(&dir.path().join("b"), &secrets);
+    let cfg = client_cfg(&secrets);
+    let a_addr = a_server.local_addr().to_string();
+    let b_addr = b_server.local_addr().to_string();
+
+    let client = Client::connect(&a_addr, cfg.clone()).await.unwrap();
+    let (_, gtid) = client
+        .commit(vec![WriteOp::Put {
+            tree: "default".into(),
+            key: b"mine".to_vec(),
+            value: b"1".to_vec(),
+        }])
+        .await
+        .unwrap();
+    let written: Gtid = gtid.parse().unwrap();
+    let set: GtidSet = gtid.parse().unwrap();
+
+    // B lags: it has not applied the write, so the fence times out unreached.
+    let session = tideline_consumers::Session::new(&b_addr, cfg.clone());
+    assert!(
+        !session
+            .wait_for(&set, Duration::from_millis(300))
+            .await
+            .unwrap(),
+        "a fence on a replica that lacks {gtid} resolved as reached"
+    );
+
+    // A fence waiting on B, then B applies the write: the fence resolves.
+    let fence = {
+        let (fence, set) = (
+            tideline_consumers::Session::new(&b_addr, cfg.clone()),
+            set.clone(),
+        );
+        tokio::spawn(async move { fence.wait_for(&set, Duration::from_secs(30)).await })
+    };
+    tokio::task::block_in_place(|| {
+        b.wal()
+            .append(NewTransaction {
+                gtid: written,
+                timestamp_us: 0,
+                ops: vec![Op::Put {
+                    tree: "default".into(),
+                    key: b"mine".to_vec(),
+                    value: b"1".to_vec(),
+                    before: None,
+                }],
+            })
+            .unwrap()
+    });
+    assert!(
+        fence.await.unwrap().unwrap(),
+        "the fence on B did not resolve after B applied {gtid}"
+    );
+    a_server.shutdown().await;
+    b_server.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tail_gives_up_after_its_reconnect_budget_naming_the_last_error() {
     let dir = tempfile::tempdir().unwrap();

@@ -162,9 +162,36 @@ fn an_empty_replica_bootstraps_while_the_primary_keeps_writing() {
         progress["bytes_estimate"].as_u64().unwrap() >= 40_000 * 100,
         "{u}"
     );
-    // The copy's GTIDs count as purged from B's new log; B's own log starts after them.
+    // The copy's GTIDs count as purged from B's new log; B's own log starts after them
+    // (OPERATIONS.md, `status`; `Wal::reset_history`): a new history epoch, offsets going on
+    // from where B's (empty) log was, and only the records applied after the copy in it, not
+    // the copied history.
     let sb = status(&b);
-    assert!(sb["first_offset"].as_u64().unwrap() >= 1);
+    let number = |f: &str| {
+        sb[f]
+            .as_u64()
+            .unwrap_or_else(|| panic!("status has no numeric {f}: {sb}"))
+    };
+    let (first, last, records) = (
+        number("first_offset"),
+        number("last_offset"),
+        number("log_records"),
+    );
+    assert_ne!(
+        number("history_epoch"),
+        0,
+        "the bootstrap replaced B's history: {sb}"
+    );
+    assert_eq!(first, 1, "B was empty: its offsets go on from 1: {sb}");
+    assert_eq!(records, last + 1 - first, "{sb}");
+    let executed: tideline_wal::GtidSet = sb["gtid_executed"]
+        .as_str()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("status has no GTID set: {sb}"));
+    assert!(
+        records < executed.count(),
+        "B's log must hold what came after the copy, not the copied history: {sb}"
+    );
     assert_eq!(sb["bootstrapping"], false);
 
     // No write on the primary was held up by the bootstrap.

@@ -170,19 +170,31 @@ async fn wrong_token_wrong_ca_and_bad_frames_are_refused_and_the_server_goes_on(
     let err = Client::connect(&addr, wrong_ca).await.unwrap_err();
     assert!(matches!(err, ClientError::WrongCluster { .. }), "{err}");
 
-    // Raw frames on an authenticated connection: oversized and garbage.
+    // Raw frames on an authenticated connection: oversized, garbage and an unknown kind. Each
+    // is answered with a typed `InvalidRequest` whose message names what was wrong.
     let client = Client::connect(&addr, f.client_cfg.clone()).await.unwrap();
-    for raw in [
-        {
-            let mut v = u32::MAX.to_le_bytes().to_vec();
-            v.push(proto::KIND_MESSAGE);
-            v
-        },
-        vec![3, 0, 0, 0, proto::KIND_MESSAGE, 0xde, 0xad, 0xbe],
-        vec![1, 0, 0, 0, 77, 0],
+    for (raw, names) in [
+        (
+            {
+                let mut v = u32::MAX.to_le_bytes().to_vec();
+                v.push(proto::KIND_MESSAGE);
+                v
+            },
+            "exceeds the limit",
+        ),
+        (
+            vec![3, 0, 0, 0, proto::KIND_MESSAGE, 0xde, 0xad, 0xbe],
+            "malformed message",
+        ),
+        (vec![1, 0, 0, 0, 77, 0], "unknown frame kind 77"),
     ] {
-        let resp = client_raw(&client, &raw).await;
-        assert!(resp.contains("Error"), "{resp}");
+        match client_raw(&client, &raw).await {
+            Ok(Some(proto::Frame::Message(proto::Response::Error {
+                code: ErrorCode::InvalidRequest,
+                message,
+            }))) => assert!(message.contains(names), "{raw:?}: {message}"),
+            other => panic!("{raw:?}: expected an InvalidRequest error, got {other:?}"),
+        }
     }
     // Still serving, on the same connection and on a new one.
     client.commit(put(1)).await.unwrap();
@@ -191,15 +203,18 @@ async fn wrong_token_wrong_ca_and_bad_frames_are_refused_and_the_server_goes_on(
     f.server.shutdown().await;
 }
 
-/// Sends raw bytes on a fresh stream of `client`'s connection and describes the answer.
-async fn client_raw(client: &Client, raw: &[u8]) -> String {
+/// Sends raw bytes on a fresh stream of `client`'s connection and decodes the answer.
+async fn client_raw(
+    client: &Client,
+    raw: &[u8],
+) -> Result<Option<proto::Frame<proto::Response>>, proto::ProtoError> {
     let (mut send, mut recv) = client.raw_connection().open_bi().await.unwrap();
     send.write_all(raw).await.unwrap();
     let _ = send.finish();
     let body = recv.read_to_end(1 << 20).await.unwrap_or_default();
     let mut dec = proto::FrameDecoder::new(proto::Limits::default());
     dec.feed(&body);
-    format!("{:?}", dec.next_frame::<proto::Response>())
+    dec.next_frame::<proto::Response>()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -159,7 +159,13 @@ fn single_failed_sync(opts: WalOptions) -> Result<(), String> {
     let failed = wal.append(txn_for(11));
     storage.fail_syncs_from(0);
     match failed {
-        Ok(_) => acked = 11,
+        // Only the canary (protection off) may acknowledge over the failed fsync.
+        Ok(_) if opts.unsafe_ignore_sync_errors => acked = 11,
+        Ok(offset) => {
+            return Err(format!(
+                "append 11 was acknowledged (offset {offset}) over a failed fsync"
+            ));
+        }
         Err(Error::Poisoned { .. }) => {}
         Err(e) => return Err(format!("append 11 failed with {e}, not Poisoned")),
     }
@@ -279,7 +285,9 @@ fn restart_after_failed_async_sync(opts: WalOptions) -> Result<(), String> {
         // records "durable"): either way the waiter wakes.
         let last = Offset::new(wal.written_offset()).ok_or("nothing written")?;
         match wal.wait_visible_blocking(last, Duration::from_secs(30)) {
-            Err(Error::Poisoned { .. }) | Ok(true) => {}
+            Err(Error::Poisoned { .. }) => {}
+            // Only the canary (protection off) may make records "durable" over a failed sync.
+            Ok(true) if opts.unsafe_ignore_sync_errors => {}
             other => {
                 return Err(format!(
                     "the failed interval sync went unnoticed: {other:?}"
