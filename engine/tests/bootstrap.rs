@@ -11,7 +11,10 @@
 //! - a child process killed with SIGKILL mid-bootstrap reopens bootstrapping with its last
 //!   stored progress record, and the data is exactly what the calls up to it wrote (plus, at
 //!   most, the leading chunk of the call in flight, which is ingested before the call's
-//!   batch): progress and data drifting apart, lost or doubled batches;
+//!   batch): progress and data drifting apart, lost or doubled batches; every cycle must
+//!   store calls of its own, the kill moments are seeded (the seed is printed, and
+//!   `TIDELINE_TEST_SEED=N` replays the schedule), and the shared runner fails a cycle whose
+//!   child printed no `READY` or no call, ended before the kill or not of the SIGKILL;
 //! - finish: `gtid_executed` and the log's GTIDs become the given set, the next commit takes
 //!   the next offset and is logged, upstream GTIDs in the set are no-ops, a finish cut short
 //!   after its first step is completed by open;
@@ -24,6 +27,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use proptest::prelude::*;
+use rand::rngs::StdRng;
 use tideline_engine::{Applied, Engine, EngineOptions, RestoreOp, WriteError};
 use tideline_wal::{
     FileStorage, Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, Wal, WalOptions,
@@ -899,13 +903,25 @@ fn bootstrap_crash_child() {
     }
 }
 
-/// Runs the child for a random while, kills it, returns the last call it saw returning.
-fn run_child(dir: &Path) -> Option<u64> {
-    let lines = common::run_child(CHILD, &[(ENV_DIR, dir.as_os_str())], 20..300);
-    lines
+/// Runs the child until its first returned call and a seeded while after, kills it, returns
+/// the last call it saw returning and what the runner kept; panics (naming `label`) when the
+/// runner reports a misbehaving child.
+fn run_child(dir: &Path, rng: &mut StdRng, label: &str) -> (Option<u64>, common::ChildRun) {
+    let run = common::run_child(
+        CHILD,
+        &[(ENV_DIR, dir.as_os_str())],
+        20..300,
+        |l| l.starts_with("P "),
+        rng,
+        label,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let last = run
+        .lines
         .iter()
         .rev()
-        .find_map(|line| line.strip_prefix("P ").and_then(|n| n.parse().ok()))
+        .find_map(|line| line.strip_prefix("P ").and_then(|n| n.parse().ok()));
+    (last, run)
 }
 
 #[test]
@@ -914,24 +930,44 @@ fn sigkill_mid_bootstrap_resumes_from_the_last_stored_progress() {
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or(8);
+    let (seed, mut rng) =
+        common::seeded("sigkill_mid_bootstrap_resumes_from_the_last_stored_progress");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut stored = 0;
     let mut stray_chunks = 0;
     for cycle in 0..cycles {
-        let acked = run_child(dir.path());
+        let label = format!(
+            "cycle {cycle} (seed {seed}, replay with {}={seed})",
+            common::SEED_ENV
+        );
+        let (acked, run) = run_child(dir.path(), &mut rng, &label);
+        let fail = |e: &str| -> ! {
+            panic!(
+                "{label}: {e} (killed {} ms after the first returned call); child stderr:\n{}",
+                run.kill_after_ms, run.stderr
+            )
+        };
         let e = open_files(dir.path());
-        assert!(e.is_bootstrapping(), "cycle {cycle}: still bootstrapping");
+        if !e.is_bootstrapping() {
+            fail("no longer bootstrapping after the kill");
+        }
         let progress: u64 = e
             .bootstrap_progress()
             .and_then(|p| String::from_utf8(p).ok())
             .and_then(|p| p.parse().ok())
-            .expect("progress is a number");
-        let acked = acked.unwrap_or(stored);
-        assert!(
-            progress >= acked && progress <= acked + 1,
-            "cycle {cycle}: progress {progress}, last returned call {acked}"
-        );
-        assert!(progress >= stored, "cycle {cycle}: progress went back");
+            .unwrap_or_else(|| fail("the stored progress is not a number"));
+        // Progress in this cycle: the child saw a call return, past what was stored before.
+        let Some(acked) = acked else {
+            fail("the child returned no call")
+        };
+        if acked <= stored {
+            fail(&format!(
+                "last returned call {acked}, but {stored} was stored before the cycle"
+            ));
+        }
+        if !(progress >= acked && progress <= acked + 1) {
+            fail(&format!("progress {progress}, last returned call {acked}"));
+        }
         // Each call changes the state (the `calls` counter), so this tells progress `p` from
         // `p - 1` and `p + 1`: data and progress moved together. The one exception allowed:
         // the leading chunk of the call in flight, ingested before the call's batch, may be
@@ -941,15 +977,16 @@ fn sigkill_mid_bootstrap_resumes_from_the_last_stored_progress() {
             let mut with_chunk = want;
             with_chunk.apply(&crash_batch(progress + 1)[0]);
             if let Some(d2) = difference(&dump(&e), &with_chunk) {
-                panic!("cycle {cycle}: {d}; nor with the next chunk in place: {d2}");
+                fail(&format!("{d}; nor with the next chunk in place: {d2}"));
             }
             stray_chunks += 1;
         }
         stored = progress;
         close(e);
     }
-    assert!(stored > 0, "the children made progress");
-    eprintln!("{cycles} kills, {stray_chunks} left the next chunk in place");
+    eprintln!(
+        "{cycles} kills (seed {seed}), {stored} calls stored, {stray_chunks} left the next chunk in place"
+    );
     // Resume as a caller would (the call after the stored progress, which replaces a chunk
     // it may have left in place), then finish.
     let e = open_files(dir.path());

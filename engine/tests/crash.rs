@@ -8,7 +8,14 @@
 //!   merge was lost or applied twice on replay;
 //! - `gtid_executed` is `uuid:1-N` with N the last offset (dense, no duplicates).
 //!
-//! Canary: with log replay disabled the same check must fail, proving it catches loss.
+//! Every cycle must show progress of its own (the child acknowledged writes, and more writes
+//! are present after it than before); the runner fails a cycle whose child printed no `READY`
+//! or no ack, ended before the kill, or did not die of the SIGKILL, and shows its stderr.
+//! Kill moments come from a seeded generator: the seed is printed at the start and in every
+//! failure, and `TIDELINE_TEST_SEED=N` replays that kill schedule (thread timing still varies).
+//!
+//! Canary: with log replay disabled the same check must fail, proving it catches loss; the
+//! `runner_reports_*` tests are the runner's canaries (a misbehaving child must fail a run).
 //! `TIDELINE_CRASH_CYCLES` sets the number of cycles (default 50).
 
 mod common;
@@ -19,6 +26,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::SEED_ENV;
+use rand::rngs::StdRng;
 use tideline_engine::{Engine, EngineOptions};
 use tideline_wal::{FileStorage, Wal, WalOptions};
 
@@ -81,20 +90,33 @@ fn crash_child() {
         })
         .collect();
     for t in threads {
-        let _ = t.join();
+        // A writer only ends by failing: its panic fails this child (the parent sees the
+        // child end before the SIGKILL and shows the panic from its stderr).
+        t.join().expect("a writer thread failed");
     }
 }
 
-/// Runs one child for a random while, kills it, returns the acknowledged (writer, i) pairs.
-fn run_child(dir: &Path, cycle: u64) -> Vec<(usize, u64)> {
+/// One killed child: the acknowledged (writer, i) pairs and what the runner kept.
+struct Cycle {
+    acked: Vec<(usize, u64)>,
+    run: common::ChildRun,
+}
+
+/// Runs one child until its first acknowledgement and a seeded while after, kills it, returns
+/// the acknowledged (writer, i) pairs; panics (naming `label`) when the runner reports one.
+fn run_child(dir: &Path, cycle: u64, rng: &mut StdRng, label: &str) -> Cycle {
     let cycle = cycle.to_string();
-    let lines = common::run_child(
+    let run = common::run_child(
         CHILD,
         &[(ENV_DIR, dir.as_os_str()), (ENV_CYCLE, OsStr::new(&cycle))],
         5..150,
-    );
+        |l| l.starts_with("A "),
+        rng,
+        label,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let mut acked = Vec::new();
-    for line in lines {
+    for line in &run.lines {
         let mut parts = line.split(' ');
         if parts.next() == Some("A") {
             let w = parts.next().and_then(|x| x.parse().ok());
@@ -104,7 +126,7 @@ fn run_child(dir: &Path, cycle: u64) -> Vec<(usize, u64)> {
             }
         }
     }
-    acked
+    Cycle { acked, run }
 }
 
 /// Checks every invariant; `Err` names the first one broken.
@@ -207,34 +229,46 @@ fn cycles() -> u64 {
 
 #[test]
 fn sigkill_during_concurrent_writes_loses_nothing() {
+    let (seed, mut rng) = common::seeded("sigkill_during_concurrent_writes_loses_nothing");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut acked: BTreeMap<(u64, usize), u64> = BTreeMap::new();
     let mut acked_total = 0usize;
-    let started = std::time::Instant::now();
+    let mut durable = 0u64;
     for cycle in 0..cycles() {
-        let got = run_child(dir.path(), cycle);
+        let label = format!("cycle {cycle} (seed {seed}, replay with {SEED_ENV}={seed})");
+        let Cycle { acked: got, run } = run_child(dir.path(), cycle, &mut rng, &label);
+        let fail = |e: &str| -> ! {
+            panic!(
+                "{label}: {e} (killed {} ms after the first ack); child stderr:\n{}",
+                run.kill_after_ms, run.stderr
+            )
+        };
+        // Progress in this cycle, not only over the run: acks, and more durable writes.
+        if got.is_empty() {
+            fail("the child acknowledged nothing");
+        }
         acked_total += got.len();
         for (w, i) in got {
             let e = acked.entry((cycle, w)).or_insert(0);
             *e = (*e).max(i);
         }
-        if let Err(e) = verify(dir.path(), &acked, EngineOptions::default()) {
-            panic!("cycle {cycle}: {e}");
+        match verify(dir.path(), &acked, EngineOptions::default()) {
+            Ok(n) if n > durable => durable = n,
+            Ok(n) => fail(&format!(
+                "{n} writes present after the cycle, {durable} before"
+            )),
+            Err(e) => fail(&e),
         }
     }
-    assert!(
-        acked_total > 0,
-        "the children acknowledged nothing: the test did not run"
-    );
     eprintln!(
-        "{} cycles, {acked_total} acknowledged transactions checked in {:?}",
-        cycles(),
-        started.elapsed()
+        "{} cycles (seed {seed}), {acked_total} acknowledged and {durable} durable transactions checked",
+        cycles()
     );
 }
 
 #[test]
 fn canary_without_replay_the_crash_test_detects_loss() {
+    let (seed, mut rng) = common::seeded("canary_without_replay_the_crash_test_detects_loss");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut acked: BTreeMap<(u64, usize), u64> = BTreeMap::new();
     let broken = EngineOptions {
@@ -242,13 +276,118 @@ fn canary_without_replay_the_crash_test_detects_loss() {
         ..EngineOptions::default()
     };
     for cycle in 0..10 {
-        for (w, i) in run_child(dir.path(), cycle) {
+        let label = format!("canary cycle {cycle} (seed {seed}, replay with {SEED_ENV}={seed})");
+        for (w, i) in run_child(dir.path(), cycle, &mut rng, &label).acked {
             let e = acked.entry((cycle, w)).or_insert(0);
             *e = (*e).max(i);
         }
-        if verify(dir.path(), &acked, broken.clone()).is_err() {
+        if let Err(e) = verify(dir.path(), &acked, broken.clone()) {
+            eprintln!("{label}: the harness caught the loss: {e}");
             return;
         }
     }
-    panic!("with replay disabled, 10 crash cycles went unnoticed: the crash test is blind");
+    panic!(
+        "with replay disabled, 10 crash cycles went unnoticed (seed {seed}): the crash test is blind"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// The runner's own checks (its canaries): a child that misbehaves must fail the run.
+
+const PROBE: &str = "runner_probe_child";
+const ENV_PROBE: &str = "TIDELINE_ENGINE_RUNNER_PROBE";
+
+/// A child that misbehaves on purpose, as `TIDELINE_ENGINE_RUNNER_PROBE` says. Not a test on
+/// its own (ignored; returns at once without that environment).
+#[test]
+#[ignore = "child process of the runner's own tests"]
+fn runner_probe_child() {
+    match std::env::var(ENV_PROBE).as_deref() {
+        Ok("die") => {
+            println!("READY");
+            println!("A 0 0");
+            // Fails like a writer would, then ends (at once, unlike a backtrace-printing panic).
+            eprintln!("thread 'writer' panicked at crash.rs: probe child failing on purpose");
+            std::process::exit(3);
+        }
+        Ok("panicking") => {
+            println!("READY");
+            eprintln!("thread 'writer' panicked at crash.rs: probe child failing on purpose");
+            println!("A 0 0");
+            loop {
+                std::thread::park();
+            }
+        }
+        Ok("no-ready") => {
+            eprintln!("probe child leaving before READY");
+        }
+        Ok("no-progress") => {
+            println!("READY");
+            eprintln!("probe child leaving before any progress");
+        }
+        _ => {}
+    }
+}
+
+/// Runs the probe child `how`; the runner's error, or a panic saying it accepted the child.
+fn probe(how: &str, kill_after_ms: std::ops::Range<u64>) -> String {
+    let (seed, mut rng) = common::seeded(how);
+    let label = format!("probe {how} (seed {seed})");
+    match common::run_child(
+        PROBE,
+        &[(ENV_PROBE, OsStr::new(how))],
+        kill_after_ms,
+        |l| l.starts_with("A "),
+        &mut rng,
+        &label,
+    ) {
+        Ok(run) => panic!("the runner accepted a misbehaving child ({how}): {run:?}"),
+        Err(e) => {
+            assert!(e.starts_with(&label), "the error names the run: {e}");
+            e
+        }
+    }
+}
+
+#[test]
+fn runner_reports_a_child_that_dies_on_its_own() {
+    // A second is ample for the child to end after its ack (it exits at once).
+    let e = probe("die", 1000..1001);
+    assert!(e.contains("ended by itself"), "{e}");
+    assert!(e.contains("exited with code 3"), "exit status shown: {e}");
+    assert!(
+        e.contains("probe child failing on purpose"),
+        "stderr shown: {e}"
+    );
+}
+
+#[test]
+fn runner_reports_a_child_that_never_gets_ready() {
+    let e = probe("no-ready", 0..1);
+    assert!(e.contains("before READY"), "{e}");
+    assert!(
+        e.contains("probe child leaving before READY"),
+        "stderr shown: {e}"
+    );
+}
+
+#[test]
+fn runner_reports_a_child_that_makes_no_progress() {
+    let e = probe("no-progress", 0..1);
+    assert!(e.contains("before a first progress line"), "{e}");
+    assert!(
+        e.contains("probe child leaving before any progress"),
+        "stderr shown: {e}"
+    );
+}
+
+#[test]
+fn runner_reports_a_child_killed_while_panicking() {
+    let e = probe("panicking", 0..1);
+    assert!(e.contains("panicked before the SIGKILL"), "{e}");
+    assert!(e.contains("died of signal 9"), "exit status shown: {e}");
+    assert!(
+        e.contains("probe child failing on purpose"),
+        "stderr shown: {e}"
+    );
 }
