@@ -21,7 +21,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Node, bin, free_port};
+use common::{Node, bin, free_port, rss_kib};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -71,18 +71,6 @@ fn last_offset(node: &Node) -> u64 {
     common::status(node)["last_offset"]
         .as_u64()
         .expect("last_offset")
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 // ---- issue 10.15: scan streams in pages -------------------------------------------------

@@ -13,7 +13,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Node, bin, free_port, load};
+use common::{Node, bin, free_port, load, rss_kib};
 
 fn tail_lines(node: &Node, from: &str, limit: u64) -> Vec<Value> {
     let out = node.run(&["tail", "--from", from, "--limit", &limit.to_string()]);
@@ -153,18 +153,6 @@ fn tail_resumes_after_kill_9_of_the_node_and_from_its_checkpoint() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(offsets(&lines), (61..=65).collect::<Vec<_>>());
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 #[test]
