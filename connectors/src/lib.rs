@@ -7,8 +7,9 @@
 //! What it holds today: replication, a pipeline whose source is an upstream node's tail (by
 //! GTID auto-positioning) and whose sink is the local engine ([`spawn`]), with its chunked
 //! bootstrap that copies the upstream's state when the replica is empty or the upstream purged
-//! what it needs. The `Sink` contract and the external sinks (secondary index, PostgreSQL,
-//! Redis, NATS, JSON-lines file, webhook) will live here too.
+//! what it needs; the [`Sink`] contract ([`sink`]) that everything downstream keeps, and the
+//! [`pipeline`] that drives a source node's log (and its bootstrap) into a sink, with the
+//! change [`envelope`] the JSON sinks share.
 //!
 //! What it does not do: open or own an engine (the node passes one in), serve anything, parse
 //! a command line, or write the log by any path other than the engine's commit (a replicated
@@ -27,11 +28,19 @@
 //! ```
 
 mod bootstrap;
+pub mod envelope;
+pub mod pipeline;
 mod replica;
+pub mod sink;
 mod status;
 mod stop;
 
+pub use pipeline::{
+    Filter, PipelineCheckpoint, PipelineConfig, PipelineError, PipelineState, PipelineStatus,
+    SharedPipelineStatus, StartFrom,
+};
 pub use replica::{BootstrapMode, ReplicaOptions, spawn};
+pub use sink::{Batch, Item, Sink, SinkError, SinkFuture};
 pub use status::{SharedStatus, UpstreamState, UpstreamStatus};
 
 /// Microseconds since the Unix epoch, for lag figures.

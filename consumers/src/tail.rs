@@ -6,6 +6,7 @@
 //! reach into how a checkpoint stores its position.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -211,6 +212,7 @@ pub struct Tail {
     stream: Pin<Box<dyn Stream<Item = Result<Transaction, TailError>> + Send>>,
     delivered: Arc<Mutex<Option<Position>>>,
     checkpoint: SharedCheckpoint,
+    head: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Tail {
@@ -229,6 +231,13 @@ impl Tail {
     /// The position after the last transaction returned (and any filtered out after it).
     pub fn position(&self) -> Option<Position> {
         lock(&self.delivered).clone()
+    }
+
+    /// The node's head (its last offset) as last reported by the node: at the subscription,
+    /// with every batch and with every heartbeat. 0 before the first subscription. With
+    /// [`Tail::position`], it gives the consumer's lag in transactions.
+    pub fn head(&self) -> u64 {
+        self.head.load(Ordering::Relaxed)
     }
 
     /// Declares every transaction returned so far processed and saves the checkpoint. The
@@ -265,11 +274,13 @@ pub fn tail(cfg: TailConfig, checkpoint: Option<Box<dyn Checkpoint>>) -> Tail {
         checkpoint,
         stored: None,
     }));
-    let stream = run(cfg, delivered.clone(), checkpoint.clone());
+    let head = Arc::new(AtomicU64::new(0));
+    let stream = run(cfg, delivered.clone(), checkpoint.clone(), head.clone());
     Tail {
         stream: Box::pin(stream),
         delivered,
         checkpoint,
+        head,
     }
 }
 
@@ -277,6 +288,7 @@ fn run(
     cfg: TailConfig,
     delivered: Arc<Mutex<Option<Position>>>,
     checkpoint: SharedCheckpoint,
+    head: Arc<AtomicU64>,
 ) -> impl Stream<Item = Result<Transaction, TailError>> + Send {
     async_stream::stream! {
         let loaded = lock(&checkpoint).checkpoint.as_ref().map(|c| c.load());
@@ -341,6 +353,8 @@ fn run(
                 },
             };
             let epoch = sub.epoch();
+            // Another node (a failover) may be behind the last one: its head, not the max.
+            head.store(sub.head(), Ordering::Relaxed);
             if by_offset && let Some(p) = pos.as_mut() && !p.offset_valid_in(uuid, epoch) {
                 // The node's history was replaced since this position was taken (it was
                 // bootstrapped): its offsets name other transactions now. Resume by GTID set.
@@ -397,6 +411,9 @@ fn run(
                 let taken = match sub.next().await {
                     Ok(Some(Event::Batch(txns))) => {
                         let last_offset = txns.last().map(|t| t.offset.get());
+                        if let Some(o) = last_offset {
+                            head.fetch_max(o, Ordering::Relaxed);
+                        }
                         let mut gtids = state.seen().clone();
                         let fresh = match state.handle_batch(txns) {
                             Ok(f) => f,
@@ -427,7 +444,10 @@ fn run(
                         })
                     }
                     // Idle: save what a throttled save left behind.
-                    Ok(Some(Event::Heartbeat { .. })) => pos.clone(),
+                    Ok(Some(Event::Heartbeat { head: h, .. })) => {
+                        head.fetch_max(h, Ordering::Relaxed);
+                        pos.clone()
+                    }
                     Ok(None) => {
                         tracing::info!(addr = %cfg.addr, "tail: node ended the subscription; reconnecting");
                         failures += 1;

@@ -1,0 +1,221 @@
+//! The change envelope: one JSON object per change, shared by every sink that ships JSON (the
+//! file, webhook and NATS sinks), documented in `docs/OPERATIONS.md` ("The change envelope").
+//!
+//! ```json
+//! {"op":"put","tree":"users","key":"u1","before":"{\"n\":1}","after":"{\"n\":2}",
+//!  "source":{"server_uuid":"…","offset":12,"gtid":"…:12","ts":"2026-11-30T08:00:00.000000Z"}}
+//! ```
+//!
+//! - `op`: `put`, `delete`, `merge` (its `operand`; the value after it is the tree's merge
+//!   operator applied to the value before), `read` (a row copied by a bootstrap),
+//!   `create_tree` (with `merge_operator` when it has one) or `drop_tree` (no key).
+//! - `key`, `before`, `after`, `operand`: the bytes as a UTF-8 string, or, when they are not
+//!   UTF-8, base64 under the same name with `_b64` appended (`key_b64`). Values are never
+//!   parsed: a JSON document travels as its text, exactly as stored.
+//! - `before`: only where the log carries a before-image (writers that record them).
+//! - `source.offset` and `source.gtid`: the transaction's place in the source's log; `null`
+//!   for bootstrap rows and for changes made while a bootstrap runs (the copy as a whole is
+//!   positioned by its end GTID set). `source.ts`: the origin's commit time, RFC 3339 UTC.
+//!
+//! Owns: the envelope's shape and its text helpers. Must never: decide batching, delivery or
+//! positions (the pipeline and the sinks do).
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use base64::Engine as _;
+use serde_json::{Map, Value, json};
+use tideline_wal::{Op, Transaction};
+
+use crate::sink::Item;
+
+/// RFC 3339 text (UTC, microseconds) for a timestamp in microseconds since the Unix epoch.
+pub fn rfc3339_us(timestamp_us: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_micros(timestamp_us.max(0) as u64);
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+/// Puts `bytes` into `obj` as `field` (UTF-8) or `field_b64` (anything else).
+pub fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            obj.insert(field.to_owned(), Value::String(s.to_owned()));
+        }
+        Err(_) => {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+            obj.insert(format!("{field}_b64"), Value::String(b64));
+        }
+    }
+}
+
+/// Where a change comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct Source<'a> {
+    /// The source node.
+    pub server_uuid: uuid::Uuid,
+    /// The transaction, for live changes; `None` during a bootstrap.
+    pub txn: Option<&'a Transaction>,
+}
+
+impl Source<'_> {
+    fn json(&self) -> Value {
+        match self.txn {
+            Some(t) => json!({
+                "server_uuid": self.server_uuid.to_string(),
+                "offset": t.offset.get(),
+                "gtid": t.gtid.to_string(),
+                "ts": rfc3339_us(t.timestamp_us),
+            }),
+            None => json!({
+                "server_uuid": self.server_uuid.to_string(),
+                "offset": null,
+                "gtid": null,
+                "ts": null,
+            }),
+        }
+    }
+}
+
+/// The envelope of one op.
+pub fn op_envelope(op: &Op, source: Source<'_>) -> Value {
+    let mut obj = Map::new();
+    let (name, tree) = match op {
+        Op::Put { tree, .. } => ("put", tree),
+        Op::Delete { tree, .. } => ("delete", tree),
+        Op::Merge { tree, .. } => ("merge", tree),
+        Op::CreateTree { tree, .. } => ("create_tree", tree),
+        Op::DropTree { tree } => ("drop_tree", tree),
+    };
+    obj.insert("op".into(), Value::String(name.into()));
+    obj.insert("tree".into(), Value::String(tree.clone()));
+    match op {
+        Op::Put {
+            key, value, before, ..
+        } => {
+            put_bytes(&mut obj, "key", key);
+            if let Some(b) = before {
+                put_bytes(&mut obj, "before", b);
+            }
+            put_bytes(&mut obj, "after", value);
+        }
+        Op::Delete { key, before, .. } => {
+            put_bytes(&mut obj, "key", key);
+            if let Some(b) = before {
+                put_bytes(&mut obj, "before", b);
+            }
+        }
+        Op::Merge { key, operand, .. } => {
+            put_bytes(&mut obj, "key", key);
+            put_bytes(&mut obj, "operand", operand);
+        }
+        Op::CreateTree { merge_operator, .. } => {
+            if let Some(m) = merge_operator {
+                obj.insert("merge_operator".into(), Value::String(m.clone()));
+            }
+        }
+        Op::DropTree { .. } => {}
+    }
+    obj.insert("source".into(), source.json());
+    Value::Object(obj)
+}
+
+/// The envelope of a row copied by a bootstrap (`op: read`).
+pub fn read_envelope(tree: &str, key: &[u8], value: &[u8], server_uuid: uuid::Uuid) -> Value {
+    let mut obj = Map::new();
+    obj.insert("op".into(), Value::String("read".into()));
+    obj.insert("tree".into(), Value::String(tree.to_owned()));
+    put_bytes(&mut obj, "key", key);
+    put_bytes(&mut obj, "after", value);
+    obj.insert(
+        "source".into(),
+        Source {
+            server_uuid,
+            txn: None,
+        }
+        .json(),
+    );
+    Value::Object(obj)
+}
+
+/// Calls `f` with the envelope of every change of `item`, in order.
+pub fn for_each_envelope(item: &Item, server_uuid: uuid::Uuid, mut f: impl FnMut(Value)) {
+    match item {
+        Item::Txn(t) => {
+            let source = Source {
+                server_uuid,
+                txn: Some(t),
+            };
+            for op in &t.ops {
+                f(op_envelope(op, source));
+            }
+        }
+        Item::Ops(ops) => {
+            let source = Source {
+                server_uuid,
+                txn: None,
+            };
+            for op in ops {
+                f(op_envelope(op, source));
+            }
+        }
+        Item::Chunk { tree, entries, .. } => {
+            for (k, v) in entries {
+                f(read_envelope(tree, k, v, server_uuid));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tideline_wal::{Gtid, Offset};
+
+    #[test]
+    fn a_put_carries_before_after_and_its_source() {
+        let uuid = uuid::Uuid::from_bytes([1; 16]);
+        let txn = Transaction {
+            offset: Offset::new(12).unwrap(),
+            gtid: Gtid::new(uuid, 12).unwrap(),
+            timestamp_us: 1_700_000_000_000_000,
+            ops: vec![Op::Put {
+                tree: "users".into(),
+                key: b"u1".to_vec(),
+                value: b"{\"n\":2}".to_vec(),
+                before: Some(vec![0xff]),
+            }],
+        };
+        let mut out = vec![];
+        for_each_envelope(&Item::Txn(txn), uuid, |v| out.push(v));
+        assert_eq!(out.len(), 1);
+        let e = &out[0];
+        assert_eq!(e["op"], "put");
+        assert_eq!(e["key"], "u1");
+        assert_eq!(e["after"], "{\"n\":2}");
+        assert_eq!(e["before_b64"], "/w==");
+        assert!(e.get("before").is_none());
+        assert_eq!(e["source"]["offset"], 12);
+        assert_eq!(e["source"]["gtid"], format!("{uuid}:12"));
+        assert_eq!(e["source"]["ts"], "2023-11-14T22:13:20.000000Z");
+    }
+
+    #[test]
+    fn bootstrap_rows_are_reads_without_a_gtid() {
+        let uuid = uuid::Uuid::from_bytes([2; 16]);
+        let item = Item::Chunk {
+            tree: "t".into(),
+            merge_operator: None,
+            from: vec![],
+            to: None,
+            entries: vec![
+                (b"a".to_vec(), b"1".to_vec()),
+                (b"b".to_vec(), b"2".to_vec()),
+            ],
+        };
+        let mut out = vec![];
+        for_each_envelope(&item, uuid, |v| out.push(v));
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1]["op"], "read");
+        assert_eq!(out[1]["key"], "b");
+        assert!(out[1]["source"]["gtid"].is_null());
+    }
+}

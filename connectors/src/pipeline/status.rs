@@ -1,0 +1,191 @@
+//! What `status`, `/metrics` and the overview page show of a pipeline.
+//!
+//! Owns: [`PipelineStatus`] and its JSON. Must never: hold its lock across an `.await`.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::json;
+use tideline_consumers::Position;
+
+use crate::sink::SinkError;
+
+/// A pipeline's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PipelineState {
+    /// Opening the sink, or connecting to the source.
+    Starting,
+    /// Copying the source's state.
+    Bootstrapping,
+    /// Following the source's log.
+    Running,
+    /// The sink failed with a passing fault; retrying with backoff.
+    Retrying,
+    /// The sink needs an operator; tried again after a long pause.
+    Held,
+    /// Stopped on an error (see `last_error`).
+    Failed,
+}
+
+impl PipelineState {
+    /// The name `status` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PipelineState::Starting => "starting",
+            PipelineState::Bootstrapping => "bootstrapping",
+            PipelineState::Running => "running",
+            PipelineState::Retrying => "retrying",
+            PipelineState::Held => "held",
+            PipelineState::Failed => "failed",
+        }
+    }
+}
+
+/// Counters and state of one pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineStatus {
+    /// Its name.
+    pub name: String,
+    /// The source node's address.
+    pub source: String,
+    /// What the sink writes to.
+    pub sink: String,
+    /// State.
+    pub state: PipelineState,
+    /// The last position stored by the sink.
+    pub position: Option<Position>,
+    /// The source's head offset, as last reported.
+    pub source_head: u64,
+    /// Source transactions not yet stored by the sink.
+    pub lag_txns: u64,
+    /// Age of the last stored transaction while behind; 0 when caught up.
+    pub lag_seconds: f64,
+    /// Transactions stored since start.
+    pub txns_total: u64,
+    /// Changes (ops, bootstrap rows) stored since start.
+    pub changes_total: u64,
+    /// Batches stored since start.
+    pub batches_total: u64,
+    /// Failed sink calls since start.
+    pub errors_total: u64,
+    /// Separate outages (runs of failures ended by a success, or still going).
+    pub outages_total: u64,
+    /// The last error, cleared when the sink stores again.
+    pub last_error: Option<String>,
+    /// Bootstrap progress, while and after copying.
+    pub bootstrap: Option<serde_json::Value>,
+    /// Changes per second over the last few seconds.
+    pub rate: f64,
+    rate_window: (Instant, u64),
+}
+
+/// A status shared between a pipeline's task and its readers.
+#[derive(Debug, Clone)]
+pub struct SharedPipelineStatus(Arc<Mutex<PipelineStatus>>);
+
+impl SharedPipelineStatus {
+    /// A copy of the status now.
+    pub fn get(&self) -> PipelineStatus {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Applies `f` under the lock.
+    pub fn update(&self, f: impl FnOnce(&mut PipelineStatus)) {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+impl PipelineStatus {
+    /// A new pipeline's shared status.
+    pub fn shared(name: &str, source: &str, sink: &str) -> SharedPipelineStatus {
+        SharedPipelineStatus(Arc::new(Mutex::new(PipelineStatus {
+            name: name.into(),
+            source: source.into(),
+            sink: sink.into(),
+            state: PipelineState::Starting,
+            position: None,
+            source_head: 0,
+            lag_txns: 0,
+            lag_seconds: 0.0,
+            txns_total: 0,
+            changes_total: 0,
+            batches_total: 0,
+            errors_total: 0,
+            outages_total: 0,
+            last_error: None,
+            bootstrap: None,
+            rate: 0.0,
+            rate_window: (Instant::now(), 0),
+        })))
+    }
+
+    pub(crate) fn failed(&mut self, e: &SinkError, first: bool) {
+        self.errors_total += 1;
+        if first {
+            self.outages_total += 1;
+        }
+        self.state = match e {
+            SinkError::Hold(_) => PipelineState::Held,
+            _ => PipelineState::Retrying,
+        };
+        self.last_error = Some(e.to_string());
+    }
+
+    pub(crate) fn recovered(&mut self) {
+        self.last_error = None;
+        if matches!(self.state, PipelineState::Retrying | PipelineState::Held) {
+            self.state = if self.bootstrap.is_some() && self.position.is_none() {
+                PipelineState::Bootstrapping
+            } else {
+                PipelineState::Running
+            };
+        }
+    }
+
+    pub(crate) fn wrote(&mut self, txns: u64, changes: u64, last_ts_us: Option<i64>) {
+        self.txns_total += txns;
+        self.changes_total += changes;
+        self.batches_total += 1;
+        if let Some(ts) = last_ts_us {
+            self.lag_seconds = ((crate::now_us() - ts).max(0) as f64) / 1e6;
+        }
+        let (since, base) = self.rate_window;
+        let secs = since.elapsed().as_secs_f64();
+        if secs >= 2.0 {
+            self.rate = (self.changes_total - base) as f64 / secs;
+            self.rate_window = (Instant::now(), self.changes_total);
+        }
+    }
+
+    pub(crate) fn caught_up_to(&mut self, pos: &Position, head: u64) {
+        self.position = Some(pos.clone());
+        self.source_head = self.source_head.max(head);
+        self.lag_txns = self.source_head.saturating_sub(pos.offset);
+        if self.lag_txns == 0 {
+            self.lag_seconds = 0.0;
+        }
+    }
+
+    /// The `status` JSON of this pipeline.
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "name": self.name,
+            "source": self.source,
+            "sink": self.sink,
+            "state": self.state.as_str(),
+            "offset": self.position.as_ref().map(|p| p.offset),
+            "gtids": self.position.as_ref().map(|p| p.gtids.to_string()),
+            "source_head": self.source_head,
+            "lag_txns": self.lag_txns,
+            "lag_seconds": self.lag_seconds,
+            "txns": self.txns_total,
+            "changes": self.changes_total,
+            "batches": self.batches_total,
+            "rate_changes_per_s": self.rate.round(),
+            "errors": self.errors_total,
+            "outages": self.outages_total,
+            "last_error": self.last_error,
+            "bootstrap": self.bootstrap,
+        })
+    }
+}

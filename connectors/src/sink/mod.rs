@@ -1,0 +1,141 @@
+//! The sink contract: how a stream of transactions reaches anything downstream.
+//!
+//! # The contract
+//!
+//! 1. **Input.** A sink receives [`Batch`]es of [`Item`]s in the source's log order, **at least
+//!    once**: after a crash or a retry, items it already wrote may come again. Every live item
+//!    carries its source position: a [`Item::Txn`] has its origin GTID and the source node's
+//!    offset; a bootstrap step ([`Item::Chunk`], [`Item::Ops`]) belongs to the copy whose
+//!    progress the batch's checkpoint records.
+//! 2. **Exactly-once effect.** A sink stores the batch's [`Batch::checkpoint`] **with** its data:
+//!    in the same transaction (a database), or written only after the data is durable (a file,
+//!    a message broker that acknowledged). [`Sink::open`] returns the last checkpoint stored,
+//!    and the pipeline resumes right after it, so what was written is not repeated and what
+//!    was not is not lost. A sink that cannot make data and checkpoint atomic must make a
+//!    repeated item harmless: idempotent by GTID (an upsert of the same value; a broker's
+//!    de-duplication keyed by the GTID; a file cut back to the length stored beside the
+//!    checkpoint).
+//! 3. **Errors say what happens next** ([`SinkError`]): `Retry` — a passing fault (network,
+//!    server restarting, timeout); the pipeline retries the same batch with jittered backoff
+//!    and reports the outage. `Hold` — needs an operator (refused credentials, a 4xx answer,
+//!    a schema that does not fit); the pipeline stops writing, shows the error in `status`,
+//!    and tries again only after a long pause. `Fatal` — the pipeline stops.
+//! 4. **Back-pressure.** [`Sink::write`] returns when the batch is stored; the pipeline does
+//!    not read further ahead than one batch plus what the tail buffers, so a slow sink slows
+//!    its own pipeline and nothing else (the source node never waits on a consumer).
+//! 5. **Order.** A sink applies the items of a batch in order; a later item on the same key
+//!    wins. It never reorders across batches.
+//!
+//! What a sink must never do: move its stored checkpoint past data it has not stored, keep
+//! the checkpoint in a place other than beside its data, or read the source itself.
+//!
+//! Each sink lives in a module of its own below this one.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use tideline_wal::{Op, Transaction};
+
+/// What a sink's async methods return: boxed, so that a pipeline can hold any sink as
+/// `Box<dyn Sink>` (chosen from a configuration file at run time).
+pub type SinkFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One step of the source, in log order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Item {
+    /// A committed transaction of the source, with its GTID and source offset.
+    Txn(Transaction),
+    /// Bootstrap: replace `[from, to)` of `tree` (`to: None` = to its end) with `entries`, the
+    /// range's rows as of the source position the chunk was read at. A sink that cannot
+    /// remove a key range writes the entries as upserts (the pipeline bootstraps only a sink
+    /// that stored no checkpoint, so the range holds nothing else).
+    Chunk {
+        /// Tree.
+        tree: String,
+        /// Its merge operator, if any.
+        merge_operator: Option<String>,
+        /// First key of the range.
+        from: Vec<u8>,
+        /// End of the range, exclusive.
+        to: Option<Vec<u8>>,
+        /// Ascending `(key, value)` rows.
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+    },
+    /// Bootstrap: live changes to ranges already copied, in log order. They have no GTID of
+    /// their own: the copy ends at a GTID set (the checkpoint after it), and the live tail
+    /// takes over there.
+    Ops(Vec<Op>),
+}
+
+/// A batch for [`Sink::write`].
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// The source node (`server_uuid`), for envelopes and logs.
+    pub source: uuid::Uuid,
+    /// The items, in log order.
+    pub items: Vec<Item>,
+    /// Where the pipeline stands after the last item: opaque bytes the sink stores with the
+    /// data (contract item 2) and gives back from [`Sink::open`].
+    pub checkpoint: Vec<u8>,
+}
+
+impl Batch {
+    /// The transactions of this batch (live items only).
+    pub fn txns(&self) -> impl Iterator<Item = &Transaction> {
+        self.items.iter().filter_map(|i| match i {
+            Item::Txn(t) => Some(t),
+            _ => None,
+        })
+    }
+
+    /// How many changes (ops and chunk rows) the batch carries, for rates and counters.
+    pub fn changes(&self) -> usize {
+        self.items
+            .iter()
+            .map(|i| match i {
+                Item::Txn(t) => t.ops.len(),
+                Item::Chunk { entries, .. } => entries.len(),
+                Item::Ops(ops) => ops.len(),
+            })
+            .sum()
+    }
+}
+
+/// Why a sink could not store a batch, and what the pipeline does about it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// A passing fault: the pipeline retries the same batch after a jittered backoff.
+    #[error("{0} (retrying)")]
+    Retry(String),
+    /// Needs an operator: shown in `status`; tried again only after a long pause.
+    #[error("{0} (held for an operator)")]
+    Hold(String),
+    /// The pipeline stops.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl SinkError {
+    /// The message without the pipeline's note on what happens next.
+    pub fn message(&self) -> &str {
+        match self {
+            SinkError::Retry(m) | SinkError::Hold(m) | SinkError::Fatal(m) => m,
+        }
+    }
+}
+
+/// A destination of a pipeline. See the module docs for the contract every sink keeps.
+pub trait Sink: Send {
+    /// What this sink writes to, for `status` and logs (`postgres 127.0.0.1:5432/test`).
+    /// Never includes a password.
+    fn describe(&self) -> String;
+
+    /// Reaches the destination, creates what it needs (tables, streams, files) and returns the
+    /// checkpoint stored with the data, `None` when the sink holds none (it starts empty). Also
+    /// what `tideline connect --check` calls to test reachability; it moves no data.
+    fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>>;
+
+    /// Stores `batch` and its checkpoint, exactly once in effect (contract item 2). Returns
+    /// when both are stored.
+    fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>>;
+}
