@@ -310,6 +310,7 @@ impl EngineNode {
             })
             .collect();
         let stats = self.wal.stats();
+        let trees = self.engine.trees();
         json!({
             "server_uuid": self.engine.server_uuid().to_string(),
             "role": if replica { "replica" } else { "primary" },
@@ -329,7 +330,13 @@ impl EngineNode {
             },
             "fail_stop": self.engine.fail_stop_reason(),
             "uptime_s": self.started.elapsed().as_secs(),
-            "trees": self.engine.trees().iter().map(|t| &t.name).collect::<Vec<_>>(),
+            "trees": trees.iter().map(|t| &t.name).collect::<Vec<_>>(),
+            // Tree -> merge operator, for trees that have one: sinks that store values (not
+            // the log's operands) resolve merges with them.
+            "merge_operators": trees
+                .iter()
+                .filter_map(|t| t.merge_operator.map(|m| (t.name.clone(), json!(m.name()))))
+                .collect::<serde_json::Map<_, _>>(),
             "slots": self.wal.slots(),
             "log": { "bytes": stats.total_bytes, "segments": stats.segments.len() },
             "consumers": consumers,

@@ -24,6 +24,7 @@
 mod checkpoint;
 mod status;
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -207,6 +208,8 @@ pub async fn run(
         })?),
         None => None,
     };
+    let operators = merge_operators(&cfg, st).await?;
+    sink.set_merge_operators(&operators);
     let position = match stored {
         Some(PipelineCheckpoint::Tail(p)) => Some(p),
         Some(PipelineCheckpoint::Bootstrap(p)) => {
@@ -269,6 +272,51 @@ async fn open(
             Err(e) => {
                 let delay = after_failure(cfg, st, sink, e, &mut failures)?;
                 tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// The source's merge operators, from its `status` (`merge_operators`: tree -> name), so that
+/// a sink storing values can resolve merges on trees created before the pipeline started.
+/// Retries a passing fault like the tail does; a node that does not report them gives none.
+async fn merge_operators(
+    cfg: &PipelineConfig,
+    st: &SharedPipelineStatus,
+) -> Result<BTreeMap<String, String>, PipelineError> {
+    let mut failures = 0u32;
+    loop {
+        let r = async {
+            let client = Client::connect(&cfg.addr, cfg.client.clone()).await?;
+            let status = client.status().await;
+            client.close().await;
+            status
+        }
+        .await;
+        match r {
+            Ok(json) => {
+                let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+                let ops = v["merge_operators"]
+                    .as_object()
+                    .map(|m| {
+                        m.iter()
+                            .filter_map(|(t, o)| Some((t.clone(), o.as_str()?.to_owned())))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                return Ok(ops);
+            }
+            Err(e) if e.is_retryable() => {
+                tracing::warn!(pipeline = %cfg.name, error = %e, "source unreachable; retrying");
+                st.update(|s| s.last_error = Some(format!("source {}: {e}", cfg.addr)));
+                tokio::time::sleep(backoff(cfg, failures)).await;
+                failures += 1;
+            }
+            Err(e) => {
+                return Err(PipelineError::Source {
+                    addr: cfg.addr.clone(),
+                    message: e.to_string(),
+                });
             }
         }
     }

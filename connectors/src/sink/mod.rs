@@ -31,6 +31,11 @@
 //!
 //! Each sink lives in a module of its own below this one.
 
+pub(crate) mod fold;
+pub mod postgres;
+pub mod redis;
+
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -138,4 +143,12 @@ pub trait Sink: Send {
     /// Stores `batch` and its checkpoint, exactly once in effect (contract item 2). Returns
     /// when both are stored.
     fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>>;
+
+    /// The source's merge operators (tree → operator name) as its `status` names them when the
+    /// pipeline starts, before the first [`Sink::write`]. A sink that stores values rather
+    /// than the log's operands resolves merges with them (ops in the stream — `create_tree`,
+    /// a bootstrap chunk — override them). Default: ignored.
+    fn set_merge_operators(&mut self, operators: &BTreeMap<String, String>) {
+        let _ = operators;
+    }
 }

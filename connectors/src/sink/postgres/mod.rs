@@ -1,0 +1,692 @@
+//! The PostgreSQL sink: one table per tree, each batch and its position in one transaction.
+//!
+//! Mapping (docs/OPERATIONS.md, "Connectors"): tree `t` → table `"schema"."t"` (the `table`
+//! template), created if absent as
+//! `(key text COLLATE "C" PRIMARY KEY, value jsonb, value_bytes bytea, <mapped columns> text)`.
+//! A value that is JSON goes to `value` (jsonb: PostgreSQL keeps its meaning, not its
+//! spacing or key order), any other value to `value_bytes`; the other column is NULL. A key
+//! must be UTF-8 text without NUL (the primary key is `text`): any other key holds the
+//! pipeline with an error naming it. Put → upsert; delete → delete; merge → the tree's merge
+//! operator applied to the stored value (read with `SELECT ... FOR UPDATE` in the same
+//! transaction) and upserted; bootstrap chunk → its rows upserted and the range's other rows
+//! deleted (`key >= from AND key < to`, compared bytewise with `COLLATE "C"`); tree created →
+//! table created; tree dropped → table truncated (or dropped: `on_drop_tree`).
+//!
+//! Exactly once: every batch is one transaction that also upserts the pipeline's row of
+//! `tideline_positions(pipeline, checkpoint, updated_at)`; a crash before `COMMIT` leaves
+//! neither rows nor position, one after leaves both.
+//!
+//! Errors: an unreachable, restarting or reset server, a serialization failure or deadlock →
+//! `Retry`; refused credentials, a missing database or privilege, a table whose columns do
+//! not fit, a key that is not text → `Hold` with what to do. A failed batch is rolled back and
+//! the connection dropped; the next try reconnects.
+
+mod config;
+
+pub use config::{OnDropTree, PostgresConfig, WriteMethod};
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Client, NoTls, Statement, Transaction};
+
+use crate::sink::fold::{self, Final, Operators, Step, TreeRun};
+use crate::sink::{Batch, Sink, SinkError, SinkFuture};
+
+/// PostgreSQL's longest identifier, in bytes; longer names are silently cut by the server.
+const IDENT_BYTES_MAX: usize = 63;
+
+/// The PostgreSQL sink; see the module docs.
+pub struct PostgresSink {
+    cfg: PostgresConfig,
+    pg: tokio_postgres::Config,
+    pipeline: String,
+    describe: String,
+    /// Mapped columns, in order: (quoted name, JSON pointer).
+    columns: Vec<(String, String)>,
+    conn: Option<Conn>,
+    operators: Operators,
+}
+
+/// One connection and what it has prepared.
+struct Conn {
+    client: Client,
+    stmts: HashMap<String, Statement>,
+    /// Tables known to exist with the mapped columns (reset with the connection).
+    tables: HashSet<String>,
+    /// The COPY staging table exists in this session.
+    staged: bool,
+}
+
+impl PostgresSink {
+    /// A sink for `pipeline` (its row in `tideline_positions`). Checks the settings; connects
+    /// only in [`Sink::open`].
+    pub fn new(cfg: PostgresConfig, pipeline: &str) -> Result<PostgresSink, SinkError> {
+        let mut pg: tokio_postgres::Config = cfg.url.parse().map_err(|e| {
+            SinkError::Fatal(format!(
+                "sink url: {e}; write postgres://USER[:PASSWORD]@HOST:PORT/DATABASE"
+            ))
+        })?;
+        pg.connect_timeout(Duration::from_millis(cfg.connect_timeout_ms.max(1)));
+        if pg.get_application_name().is_none() {
+            pg.application_name(format!("tideline {pipeline}"));
+        }
+        if !cfg.table.contains("{tree}") {
+            return Err(SinkError::Fatal(format!(
+                "sink table `{}` does not contain `{{tree}}`: every tree would write one table",
+                cfg.table
+            )));
+        }
+        let mut columns = Vec::new();
+        for (name, pointer) in &cfg.columns {
+            if ["key", "value", "value_bytes"].contains(&name.as_str()) {
+                return Err(SinkError::Fatal(format!(
+                    "sink column `{name}` is one of the sink's own columns (key, value, \
+                     value_bytes); choose another name"
+                )));
+            }
+            if !(pointer.is_empty() || pointer.starts_with('/')) {
+                return Err(SinkError::Fatal(format!(
+                    "sink column `{name}`: `{pointer}` is not a JSON pointer; write it like \
+                     \"/email\" or \"/address/city\""
+                )));
+            }
+            columns.push((quote_ident(name), pointer.clone()));
+        }
+        let describe = describe(&pg);
+        Ok(PostgresSink {
+            cfg,
+            pg,
+            pipeline: pipeline.to_owned(),
+            describe,
+            columns,
+            conn: None,
+            operators: Operators::default(),
+        })
+    }
+
+    async fn connect(&mut self) -> Result<&mut Conn, SinkError> {
+        if self.conn.is_none() {
+            let (client, connection) = self
+                .pg
+                .connect(NoTls)
+                .await
+                .map_err(|e| classify(&e, "connect"))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "postgres connection ended");
+                }
+            });
+            self.conn = Some(Conn {
+                client,
+                stmts: HashMap::new(),
+                tables: HashSet::new(),
+                staged: false,
+            });
+        }
+        Ok(self.conn.as_mut().expect("set just above"))
+    }
+
+    fn positions_table(&self) -> String {
+        format!("{}.\"tideline_positions\"", quote_ident(&self.cfg.schema))
+    }
+
+    fn table(&self, tree: &str) -> Result<String, SinkError> {
+        let name = self.cfg.table.replace("{tree}", tree);
+        if name.len() > IDENT_BYTES_MAX {
+            return Err(SinkError::Hold(format!(
+                "tree `{tree}` maps to table `{name}`, longer than PostgreSQL's {IDENT_BYTES_MAX} \
+                 bytes; shorten the sink's `table` template or leave the tree out (`trees`)"
+            )));
+        }
+        Ok(format!(
+            "{}.{}",
+            quote_ident(&self.cfg.schema),
+            quote_ident(&name)
+        ))
+    }
+
+    async fn open_inner(&mut self) -> Result<Option<Vec<u8>>, SinkError> {
+        let schema = quote_ident(&self.cfg.schema);
+        let positions = self.positions_table();
+        let pipeline = self.pipeline.clone();
+        let conn = self.connect().await?;
+        if schema != "\"public\"" {
+            conn.client
+                .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
+                .await
+                .map_err(|e| classify(&e, "create the schema"))?;
+        }
+        conn.client
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {positions} (pipeline text PRIMARY KEY, checkpoint \
+                 bytea NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"
+            ))
+            .await
+            .map_err(|e| classify(&e, "create tideline_positions"))?;
+        let row = conn
+            .client
+            .query_opt(
+                &format!("SELECT checkpoint FROM {positions} WHERE pipeline = $1"),
+                &[&pipeline],
+            )
+            .await
+            .map_err(|e| classify(&e, "read the position"))?;
+        Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+    }
+
+    async fn write_inner(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let steps = fold::fold(batch, &mut self.operators)?;
+        // Table names first (a bad one holds the pipeline before anything is sent).
+        let mut tables: HashMap<String, String> = HashMap::new();
+        for step in &steps {
+            let trees: Vec<&str> = match step {
+                Step::Create(t) | Step::Drop(t) | Step::ClearRange { tree: t, .. } => vec![t],
+                Step::Run(run) => fold::run_trees(run).collect(),
+            };
+            for t in trees {
+                if !tables.contains_key(t) {
+                    tables.insert(t.to_owned(), self.table(t)?);
+                }
+            }
+        }
+        let positions = self.positions_table();
+        let pipeline = self.pipeline.clone();
+        let columns = self.columns.clone();
+        let method = self.cfg.method;
+        let on_drop = self.cfg.on_drop_tree;
+        let conn = self.connect().await?;
+        let Conn {
+            client,
+            stmts,
+            tables: known,
+            staged,
+        } = conn;
+        let txn = client
+            .transaction()
+            .await
+            .map_err(|e| classify(&e, "begin"))?;
+        let mut created: Vec<String> = Vec::new();
+        let mut dropped: Vec<String> = Vec::new();
+        for step in &steps {
+            match step {
+                Step::Create(tree) => {
+                    let t = &tables[tree];
+                    ensure_table(&txn, known, &mut created, t, &columns).await?;
+                }
+                Step::Run(run) => {
+                    for (tree, rows) in &run.trees {
+                        let t = &tables[tree];
+                        ensure_table(&txn, known, &mut created, t, &columns).await?;
+                        write_rows(&txn, stmts, staged, t, tree, rows, &columns, method).await?;
+                    }
+                }
+                Step::ClearRange { tree, from, to } => {
+                    let t = &tables[tree];
+                    ensure_table(&txn, known, &mut created, t, &columns).await?;
+                    let from = key_text(tree, from)?;
+                    let to = to.as_deref().map(|k| key_text(tree, k)).transpose()?;
+                    txn.execute(
+                        &format!(
+                            "DELETE FROM {t} WHERE key COLLATE \"C\" >= $1 AND ($2::text IS NULL \
+                             OR key COLLATE \"C\" < $2)"
+                        ),
+                        &[&from, &to],
+                    )
+                    .await
+                    .map_err(|e| classify(&e, &format!("clear a range of {t}")))?;
+                }
+                Step::Drop(tree) => {
+                    let t = &tables[tree];
+                    match on_drop {
+                        OnDropTree::Drop => {
+                            txn.batch_execute(&format!("DROP TABLE IF EXISTS {t}"))
+                                .await
+                                .map_err(|e| classify(&e, &format!("drop {t}")))?;
+                            created.retain(|c| c != t);
+                            dropped.push(t.clone());
+                        }
+                        OnDropTree::Truncate => {
+                            let exists: Option<String> = txn
+                                .query_one("SELECT to_regclass($1)::text", &[t])
+                                .await
+                                .map_err(|e| classify(&e, &format!("look {t} up")))?
+                                .get(0);
+                            if exists.is_some() {
+                                txn.batch_execute(&format!("TRUNCATE {t}"))
+                                    .await
+                                    .map_err(|e| classify(&e, &format!("truncate {t}")))?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let sql = format!(
+            "INSERT INTO {positions} (pipeline, checkpoint, updated_at) VALUES ($1, $2, now()) \
+             ON CONFLICT (pipeline) DO UPDATE SET checkpoint = EXCLUDED.checkpoint, updated_at \
+             = now()"
+        );
+        let stmt = prepare(&txn, stmts, &sql).await?;
+        txn.execute(&stmt, &[&pipeline, &batch.checkpoint])
+            .await
+            .map_err(|e| classify(&e, "store the position"))?;
+        txn.commit().await.map_err(|e| classify(&e, "commit"))?;
+        for t in dropped {
+            known.remove(&t);
+        }
+        known.extend(created);
+        Ok(())
+    }
+}
+
+/// `"name"` with inner quotes doubled.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn describe(pg: &tokio_postgres::Config) -> String {
+    let host = match pg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    let db = pg
+        .get_dbname()
+        .or(pg.get_user())
+        .unwrap_or("postgres")
+        .to_owned();
+    format!("postgres {host}:{port}/{db}")
+}
+
+/// A key as the table's `text` key, or why it cannot be one.
+fn key_text<'k>(tree: &str, key: &'k [u8]) -> Result<&'k str, SinkError> {
+    match std::str::from_utf8(key) {
+        Ok(s) if !s.contains('\0') => Ok(s),
+        _ => Err(SinkError::Hold(format!(
+            "tree `{tree}` has key {}, which is not UTF-8 text without NUL and cannot be a \
+             `key text` row; leave the tree or its binary keys out of this pipeline (`trees`, \
+             `prefix`) or use a sink that keeps bytes (redis, file)",
+            crate::sink::postgres::hex(key)
+        ))),
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    let mut s = String::from("0x");
+    for b in bytes.iter().take(64) {
+        s.push_str(&format!("{b:02x}"));
+    }
+    if bytes.len() > 64 {
+        s.push('…');
+    }
+    s
+}
+
+/// The `value` (JSON text) or `value_bytes` of a stored value.
+fn split_value(value: &[u8]) -> (Option<&str>, Option<&[u8]>, Option<serde_json::Value>) {
+    if let Ok(text) = std::str::from_utf8(value)
+        // jsonb refuses the NUL character; such a document is kept as bytes.
+        && !text.contains("\\u0000")
+        && let Ok(doc) = serde_json::from_str::<serde_json::Value>(text)
+    {
+        return (Some(text), None, Some(doc));
+    }
+    (None, Some(value), None)
+}
+
+/// A mapped column's text from a JSON document.
+fn column_text(doc: Option<&serde_json::Value>, pointer: &str) -> Option<String> {
+    match doc?.pointer(pointer)? {
+        serde_json::Value::Null => None,
+        serde_json::Value::String(s) if !s.contains('\0') => Some(s.clone()),
+        serde_json::Value::String(_) => None,
+        v => Some(v.to_string()),
+    }
+}
+
+async fn prepare(
+    txn: &Transaction<'_>,
+    stmts: &mut HashMap<String, Statement>,
+    sql: &str,
+) -> Result<Statement, SinkError> {
+    if let Some(s) = stmts.get(sql) {
+        return Ok(s.clone());
+    }
+    let s = txn
+        .prepare(sql)
+        .await
+        .map_err(|e| classify(&e, "prepare a statement"))?;
+    stmts.insert(sql.to_owned(), s.clone());
+    Ok(s)
+}
+
+async fn ensure_table(
+    txn: &Transaction<'_>,
+    known: &HashSet<String>,
+    created: &mut Vec<String>,
+    table: &str,
+    columns: &[(String, String)],
+) -> Result<(), SinkError> {
+    if known.contains(table) || created.iter().any(|c| c == table) {
+        return Ok(());
+    }
+    let mut sql = format!(
+        "CREATE TABLE IF NOT EXISTS {table} (key text COLLATE \"C\" PRIMARY KEY, value jsonb, \
+         value_bytes bytea"
+    );
+    for (c, _) in columns {
+        sql.push_str(&format!(", {c} text"));
+    }
+    sql.push_str(");");
+    for (c, _) in columns {
+        sql.push_str(&format!(
+            "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {c} text;"
+        ));
+    }
+    txn.batch_execute(&sql)
+        .await
+        .map_err(|e| classify(&e, &format!("create {table}")))?;
+    created.push(table.to_owned());
+    Ok(())
+}
+
+/// Writes one tree's run: merges resolved against the stored rows, then deletes and upserts.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call site; the parts of a borrowed Conn"
+)]
+async fn write_rows(
+    txn: &Transaction<'_>,
+    stmts: &mut HashMap<String, Statement>,
+    staged: &mut bool,
+    table: &str,
+    tree: &str,
+    rows: &TreeRun,
+    columns: &[(String, String)],
+    method: WriteMethod,
+) -> Result<(), SinkError> {
+    // The stored values that pending merges apply to, locked until COMMIT.
+    let merge_keys: Vec<&str> = rows
+        .iter()
+        .filter(|(_, f)| matches!(f, Final::Merges(_)))
+        .map(|(k, _)| key_text(tree, k))
+        .collect::<Result<_, _>>()?;
+    let mut stored: HashMap<String, Vec<u8>> = HashMap::new();
+    if !merge_keys.is_empty() {
+        let sql = format!(
+            "SELECT key, value::text, value_bytes FROM {table} WHERE key = ANY($1::text[]) FOR \
+             UPDATE"
+        );
+        let stmt = prepare(txn, stmts, &sql).await?;
+        for r in txn
+            .query(&stmt, &[&merge_keys])
+            .await
+            .map_err(|e| classify(&e, &format!("read merged rows of {table}")))?
+        {
+            let k: String = r.get(0);
+            let v: Option<String> = r.get(1);
+            let b: Option<Vec<u8>> = r.get(2);
+            stored.insert(k, v.map(String::into_bytes).or(b).unwrap_or_default());
+        }
+    }
+    let mut deletes: Vec<&str> = Vec::new();
+    let mut resolved: Vec<(&str, Vec<u8>)> = Vec::new();
+    for (k, f) in rows {
+        let key = key_text(tree, k)?;
+        let value = match f {
+            Final::Value(v) => v.clone(),
+            Final::Merges(_) => f.resolve(stored.get(key).map(Vec::as_slice)),
+        };
+        match value {
+            Some(v) => resolved.push((key, v)),
+            None => deletes.push(key),
+        }
+    }
+    if !deletes.is_empty() {
+        let sql = format!("DELETE FROM {table} WHERE key = ANY($1::text[])");
+        let stmt = prepare(txn, stmts, &sql).await?;
+        txn.execute(&stmt, &[&deletes])
+            .await
+            .map_err(|e| classify(&e, &format!("delete from {table}")))?;
+    }
+    if resolved.is_empty() {
+        return Ok(());
+    }
+    let mut keys: Vec<&str> = Vec::with_capacity(resolved.len());
+    let mut json: Vec<Option<&str>> = Vec::with_capacity(resolved.len());
+    let mut bytes: Vec<Option<&[u8]>> = Vec::with_capacity(resolved.len());
+    let mut cols: Vec<Vec<Option<String>>> =
+        vec![Vec::with_capacity(resolved.len()); columns.len()];
+    for (k, v) in &resolved {
+        let (j, b, doc) = split_value(v);
+        keys.push(k);
+        json.push(j);
+        bytes.push(b);
+        for (i, (_, pointer)) in columns.iter().enumerate() {
+            cols[i].push(column_text(doc.as_ref(), pointer));
+        }
+    }
+    let names: String = columns.iter().map(|(c, _)| format!(", {c}")).collect();
+    let sets: String = columns
+        .iter()
+        .map(|(c, _)| format!(", {c} = EXCLUDED.{c}"))
+        .collect();
+    let conflict = format!(
+        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, value_bytes = \
+         EXCLUDED.value_bytes{sets}"
+    );
+    match method {
+        WriteMethod::Unnest => {
+            let mut arrays = String::from("$1::text[], $2::text[], $3::bytea[]");
+            let mut aliases = String::from("k, v, b");
+            for i in 0..columns.len() {
+                arrays.push_str(&format!(", ${}::text[]", i + 4));
+                aliases.push_str(&format!(", c{i}"));
+            }
+            let sql = format!(
+                "INSERT INTO {table} (key, value, value_bytes{names}) SELECT {} FROM unnest({arrays}) \
+                 AS u({aliases}) {conflict}",
+                select_list(columns.len())
+            );
+            let stmt = prepare(txn, stmts, &sql).await?;
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&keys, &json, &bytes];
+            for c in &cols {
+                params.push(c);
+            }
+            txn.execute(&stmt, &params)
+                .await
+                .map_err(|e| classify(&e, &format!("upsert into {table}")))?;
+        }
+        WriteMethod::Copy => {
+            if !*staged {
+                let mut sql = String::from(
+                    "CREATE TEMP TABLE IF NOT EXISTS tideline_stage (k text, v text, b bytea",
+                );
+                for i in 0..columns.len() {
+                    sql.push_str(&format!(", c{i} text"));
+                }
+                sql.push(')');
+                txn.batch_execute(&sql)
+                    .await
+                    .map_err(|e| classify(&e, "create the staging table"))?;
+            }
+            let mut types = vec![Type::TEXT, Type::TEXT, Type::BYTEA];
+            types.extend(std::iter::repeat_n(Type::TEXT, columns.len()));
+            let sink = txn
+                .copy_in("COPY tideline_stage FROM STDIN BINARY")
+                .await
+                .map_err(|e| classify(&e, "copy rows"))?;
+            let writer = BinaryCopyInWriter::new(sink, &types);
+            let mut writer = std::pin::pin!(writer);
+            for i in 0..keys.len() {
+                let mut row: Vec<&(dyn ToSql + Sync)> = vec![&keys[i], &json[i], &bytes[i]];
+                for c in &cols {
+                    row.push(&c[i]);
+                }
+                writer
+                    .as_mut()
+                    .write(&row)
+                    .await
+                    .map_err(|e| classify(&e, "copy rows"))?;
+            }
+            writer
+                .finish()
+                .await
+                .map_err(|e| classify(&e, "copy rows"))?;
+            let sql = format!(
+                "INSERT INTO {table} (key, value, value_bytes{names}) SELECT {} FROM \
+                 tideline_stage {conflict}; TRUNCATE tideline_stage",
+                select_list(columns.len())
+            );
+            txn.batch_execute(&sql)
+                .await
+                .map_err(|e| classify(&e, &format!("merge staged rows into {table}")))?;
+            // Only after the transaction commits does the table surely exist; until then a
+            // rollback would take it away, so a failed batch resets `staged` with the conn.
+            *staged = true;
+        }
+    }
+    Ok(())
+}
+
+fn select_list(columns: usize) -> String {
+    let mut s = String::from("k, v::jsonb, b");
+    for i in 0..columns {
+        s.push_str(&format!(", c{i}"));
+    }
+    s
+}
+
+/// What a PostgreSQL error means for the pipeline.
+fn classify(e: &tokio_postgres::Error, doing: &str) -> SinkError {
+    let Some(db) = e.as_db_error() else {
+        // No SQL state: the connection failed, was refused, reset or closed.
+        return SinkError::Retry(format!("postgres: {doing}: {e}"));
+    };
+    let code = db.code();
+    let msg = format!("postgres: {doing}: {} ({})", db.message(), code.code());
+    let class = &code.code()[..2];
+    if *code == SqlState::INVALID_PASSWORD || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    {
+        return SinkError::Hold(format!(
+            "{msg}; fix the user or password in the sink's url (and pg_hba.conf)"
+        ));
+    }
+    if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        return SinkError::Hold(format!(
+            "{msg}; grant the sink's user CREATE on the schema and INSERT, UPDATE, DELETE, \
+             SELECT, TRUNCATE on its tables"
+        ));
+    }
+    if *code == SqlState::INVALID_CATALOG_NAME {
+        return SinkError::Hold(format!("{msg}; create the database or fix the sink's url"));
+    }
+    // 08 connection, 40 rollbacks (serialization, deadlock), 53 resources, 57 operator
+    // intervention (shutdown, restart), 58 system errors; a concurrent CREATE TABLE IF NOT
+    // EXISTS can also lose a race on the catalog's unique index.
+    // A table dropped behind the sink's back: the retry reconnects and creates it again.
+    if ["08", "40", "53", "57", "58"].contains(&class)
+        || *code == SqlState::UNIQUE_VIOLATION
+        || *code == SqlState::UNDEFINED_TABLE
+    {
+        return SinkError::Retry(msg);
+    }
+    SinkError::Hold(format!(
+        "{msg}; the table does not fit the sink's mapping (docs/OPERATIONS.md, \"Connectors\"): \
+         fix or drop it"
+    ))
+}
+
+impl Sink for PostgresSink {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
+        Box::pin(async move {
+            let r = self.open_inner().await;
+            if r.is_err() {
+                self.conn = None;
+            }
+            r
+        })
+    }
+
+    fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            let r = self.write_inner(batch).await;
+            if r.is_err() {
+                // The transaction was rolled back (or the server is gone): start afresh.
+                self.conn = None;
+            }
+            r
+        })
+    }
+
+    fn set_merge_operators(&mut self, operators: &BTreeMap<String, String>) {
+        self.operators.learn_from_source(operators);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_split_into_json_and_bytes_and_columns_read_pointers() {
+        let (j, b, doc) = split_value(br#"{"email":"a@b","n":3}"#);
+        assert_eq!(j, Some(r#"{"email":"a@b","n":3}"#));
+        assert!(b.is_none());
+        assert_eq!(column_text(doc.as_ref(), "/email").as_deref(), Some("a@b"));
+        assert_eq!(column_text(doc.as_ref(), "/n").as_deref(), Some("3"));
+        assert_eq!(column_text(doc.as_ref(), "/missing"), None);
+        let (j, b, _) = split_value(b"plain \xff bytes");
+        assert!(j.is_none());
+        assert_eq!(b, Some(&b"plain \xff bytes"[..]));
+        // jsonb cannot hold NUL: kept as bytes instead of failing the batch.
+        let (j, _, _) = split_value(br#""a\u0000b""#);
+        assert!(j.is_none());
+    }
+
+    #[test]
+    fn bad_settings_are_refused_before_any_connection() {
+        for (cfg, needle) in [
+            (PostgresConfig::new("postgres://h:notaport/db"), "sink url"),
+            (
+                {
+                    let mut c = PostgresConfig::new("postgres://postgres@127.0.0.1/test");
+                    c.table = "fixed".into();
+                    c
+                },
+                "{tree}",
+            ),
+            (
+                {
+                    let mut c = PostgresConfig::new("postgres://postgres@127.0.0.1/test");
+                    c.columns.insert("value".into(), "/v".into());
+                    c
+                },
+                "own columns",
+            ),
+        ] {
+            let e = PostgresSink::new(cfg, "p").err().expect("refused");
+            assert!(e.message().contains(needle), "{e}");
+        }
+    }
+
+    #[test]
+    fn keys_that_are_not_text_hold_the_pipeline_naming_the_key() {
+        let e = key_text("users", b"a\xffb").unwrap_err();
+        assert!(
+            matches!(&e, SinkError::Hold(m) if m.contains("0x61ff62") && m.contains("`users`")),
+            "{e}"
+        );
+        assert_eq!(key_text("users", b"u1").unwrap(), "u1");
+    }
+}

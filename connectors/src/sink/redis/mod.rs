@@ -1,0 +1,434 @@
+//! The Redis sink: a key per row by a template, each batch and its position in one MULTI/EXEC.
+//!
+//! Mapping (docs/OPERATIONS.md, "Connectors"): the row `key` of `tree` is the Redis key
+//! `key` template with `{tree}` and `{key}` replaced (default `{tree}:{key}`; bytes are kept
+//! as they are, so binary keys and values need no encoding). Put → `SET`; delete → `DEL`;
+//! merge → the tree's merge operator applied to the stored value and `SET` (the stored values
+//! are read after `WATCH`ing them, so a change by anyone else between the read and `EXEC`
+//! makes the transaction fail and the batch is tried again); bootstrap chunk → its rows
+//! `SET` (Redis cannot remove a key range; the pipeline bootstraps only a sink that holds
+//! none of its rows); tree dropped → its keys (found with `SCAN MATCH` on the template)
+//! deleted in the batch's transaction.
+//!
+//! Exactly once: every batch is one `MULTI ... EXEC` that also `SET`s
+//! `tideline:position:{pipeline}` to the checkpoint; Redis applies a transaction whole or not
+//! at all. (What survives a crash of Redis itself is Redis's persistence setting: with AOF
+//! `appendfsync always` a transaction is durable when `EXEC` answers.)
+//!
+//! Errors: refused, reset or timed-out connections and a loading or read-only server →
+//! `Retry`; refused credentials or missing ACL permissions → `Hold` with what to do.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use serde::Deserialize;
+
+use crate::sink::fold::{self, Final, Operators, Step};
+use crate::sink::{Batch, Sink, SinkError, SinkFuture};
+
+/// How many keys one `DEL` names at most (a dropped tree's keys).
+const DEL_KEYS_MAX: usize = 1000;
+/// How often a batch whose watched keys changed under it is tried again at once.
+const WATCH_TRIES: usize = 5;
+
+/// Settings of the Redis sink: the keys of a pipeline's `[sink]` table besides `kind`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Where to connect: `redis://[user:password@]host:port[/db]`.
+    pub url: String,
+    /// The Redis key of a row: `{tree}` and `{key}` stand for the tree's name and the row's
+    /// key (default `{tree}:{key}`). Must contain `{key}`.
+    #[serde(default = "default_key")]
+    pub key: String,
+    /// Give up connecting after this many milliseconds (default 5000); the pipeline retries.
+    #[serde(default = "default_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Give up on an answer after this many milliseconds (default 30000): a batch's
+    /// transaction is one answer.
+    #[serde(default = "default_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+}
+
+fn default_key() -> String {
+    "{tree}:{key}".into()
+}
+
+fn default_timeout_ms() -> u64 {
+    5000
+}
+
+fn default_response_timeout_ms() -> u64 {
+    30_000
+}
+
+impl RedisConfig {
+    /// A configuration with the defaults and `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisConfig {
+            url: url.into(),
+            key: default_key(),
+            connect_timeout_ms: default_timeout_ms(),
+            response_timeout_ms: default_response_timeout_ms(),
+        }
+    }
+}
+
+/// A piece of the key template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Lit(Vec<u8>),
+    Tree,
+    Key,
+}
+
+/// The Redis sink; see the module docs.
+pub struct RedisSink {
+    client: redis::Client,
+    cfg: RedisConfig,
+    template: Vec<Part>,
+    position_key: String,
+    describe: String,
+    conn: Option<MultiplexedConnection>,
+    operators: Operators,
+}
+
+impl RedisSink {
+    /// A sink for `pipeline` (its position key `tideline:position:{pipeline}`). Checks the
+    /// settings; connects only in [`Sink::open`].
+    pub fn new(cfg: RedisConfig, pipeline: &str) -> Result<RedisSink, SinkError> {
+        let client = redis::Client::open(cfg.url.as_str()).map_err(|e| {
+            SinkError::Fatal(format!(
+                "sink url: {e}; write redis://[USER:PASSWORD@]HOST:PORT[/DB]"
+            ))
+        })?;
+        let template = parse_template(&cfg.key)?;
+        let info = client.get_connection_info();
+        let describe = format!("redis {}/{}", info.addr(), info.redis_settings().db());
+        Ok(RedisSink {
+            client,
+            cfg,
+            template,
+            position_key: format!("tideline:position:{pipeline}"),
+            describe,
+            conn: None,
+            operators: Operators::default(),
+        })
+    }
+
+    fn key(&self, tree: &str, key: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(tree.len() + key.len() + 8);
+        for p in &self.template {
+            match p {
+                Part::Lit(b) => out.extend_from_slice(b),
+                Part::Tree => out.extend_from_slice(tree.as_bytes()),
+                Part::Key => out.extend_from_slice(key),
+            }
+        }
+        out
+    }
+
+    /// The `SCAN MATCH` pattern of every key of `tree`.
+    fn pattern(&self, tree: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in &self.template {
+            match p {
+                Part::Lit(b) => glob_escape(b, &mut out),
+                Part::Tree => glob_escape(tree.as_bytes(), &mut out),
+                Part::Key => out.push(b'*'),
+            }
+        }
+        out
+    }
+
+    async fn connect(&mut self) -> Result<MultiplexedConnection, SinkError> {
+        if let Some(c) = &self.conn {
+            return Ok(c.clone());
+        }
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(
+                self.cfg.connect_timeout_ms.max(1),
+            )))
+            .set_response_timeout(Some(Duration::from_millis(
+                self.cfg.response_timeout_ms.max(1),
+            )));
+        let c = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(|e| classify(&e, "connect"))?;
+        self.conn = Some(c.clone());
+        Ok(c)
+    }
+
+    async fn open_inner(&mut self) -> Result<Option<Vec<u8>>, SinkError> {
+        let mut con = self.connect().await?;
+        let v: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&self.position_key)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| classify(&e, "read the position"))?;
+        Ok(v)
+    }
+
+    async fn write_inner(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let steps = fold::fold(batch, &mut self.operators)?;
+        let mut con = self.connect().await?;
+        // A dropped tree's keys, found before the transaction.
+        let mut drops: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+        for step in &steps {
+            if let Step::Drop(tree) = step
+                && !drops.contains_key(tree)
+            {
+                let keys = self.scan(&mut con, tree).await?;
+                drops.insert(tree.clone(), keys);
+            }
+        }
+        // Keys whose stored value a merge needs: those not dropped earlier in the batch.
+        let mut watched: Vec<Vec<u8>> = Vec::new();
+        let mut dropped: HashSet<&str> = HashSet::new();
+        for step in &steps {
+            match step {
+                Step::Drop(t) => {
+                    dropped.insert(t);
+                }
+                Step::Run(run) => {
+                    for (tree, rows) in &run.trees {
+                        if dropped.contains(tree.as_str()) {
+                            continue;
+                        }
+                        for (k, f) in rows {
+                            if matches!(f, Final::Merges(_)) {
+                                watched.push(self.key(tree, k));
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        watched.sort();
+        watched.dedup();
+        for _ in 0..WATCH_TRIES {
+            let mut stored: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+            if !watched.is_empty() {
+                redis::cmd("WATCH")
+                    .arg(&watched)
+                    .query_async::<()>(&mut con)
+                    .await
+                    .map_err(|e| classify(&e, "watch merged keys"))?;
+                let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                    .arg(&watched)
+                    .query_async(&mut con)
+                    .await
+                    .map_err(|e| classify(&e, "read merged keys"))?;
+                for (k, v) in watched.iter().zip(values) {
+                    if let Some(v) = v {
+                        stored.insert(k.clone(), v);
+                    }
+                }
+            }
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            // Keys of a tree dropped earlier in this batch hold nothing any more.
+            let mut dropped: HashSet<&str> = HashSet::new();
+            for step in &steps {
+                match step {
+                    Step::Create(_) | Step::ClearRange { .. } => {}
+                    Step::Drop(tree) => {
+                        dropped.insert(tree);
+                        for keys in drops[tree].chunks(DEL_KEYS_MAX) {
+                            pipe.cmd("DEL").arg(keys).ignore();
+                        }
+                    }
+                    Step::Run(run) => {
+                        for (tree, rows) in &run.trees {
+                            let gone = dropped.contains(tree.as_str());
+                            for (k, f) in rows {
+                                let key = self.key(tree, k);
+                                let base = if gone { None } else { stored.get(&key) };
+                                match f.resolve(base.map(Vec::as_slice)) {
+                                    Some(v) => pipe.cmd("SET").arg(&key).arg(v).ignore(),
+                                    None => pipe.cmd("DEL").arg(&key).ignore(),
+                                };
+                            }
+                        }
+                    }
+                }
+            }
+            pipe.cmd("SET")
+                .arg(&self.position_key)
+                .arg(&batch.checkpoint);
+            let r: Option<(redis::Value,)> = pipe
+                .query_async(&mut con)
+                .await
+                .map_err(|e| classify(&e, "write the batch"))?;
+            if r.is_some() {
+                return Ok(());
+            }
+            // EXEC answered nil: a watched key changed between the read and EXEC.
+            tracing::debug!(sink = %self.describe, "a merged key changed under the batch; again");
+        }
+        Err(SinkError::Retry(format!(
+            "redis: keys this pipeline merges into kept changing under it ({WATCH_TRIES} tries); \
+             is another writer using the same keys (the sink's `key` template)?"
+        )))
+    }
+
+    async fn scan(
+        &self,
+        con: &mut MultiplexedConnection,
+        tree: &str,
+    ) -> Result<Vec<Vec<u8>>, SinkError> {
+        let pattern = self.pattern(tree);
+        let mut cursor: u64 = 0;
+        let mut keys = Vec::new();
+        loop {
+            let (next, page): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(con)
+                .await
+                .map_err(|e| classify(&e, "scan a dropped tree's keys"))?;
+            keys.extend(page);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+}
+
+fn parse_template(t: &str) -> Result<Vec<Part>, SinkError> {
+    let mut parts = Vec::new();
+    let mut lit = Vec::new();
+    let mut rest = t;
+    while !rest.is_empty() {
+        if let Some(r) = rest.strip_prefix("{tree}") {
+            parts.push(Part::Lit(std::mem::take(&mut lit)));
+            parts.push(Part::Tree);
+            rest = r;
+        } else if let Some(r) = rest.strip_prefix("{key}") {
+            parts.push(Part::Lit(std::mem::take(&mut lit)));
+            parts.push(Part::Key);
+            rest = r;
+        } else {
+            let c = rest.chars().next().expect("rest is not empty");
+            let mut buf = [0u8; 4];
+            lit.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            rest = &rest[c.len_utf8()..];
+        }
+    }
+    parts.push(Part::Lit(lit));
+    parts.retain(|p| !matches!(p, Part::Lit(l) if l.is_empty()));
+    if parts.iter().filter(|p| **p == Part::Key).count() != 1 {
+        return Err(SinkError::Fatal(format!(
+            "sink key `{t}` must contain `{{key}}` exactly once (e.g. \"{{tree}}:{{key}}\")"
+        )));
+    }
+    Ok(parts)
+}
+
+fn glob_escape(bytes: &[u8], out: &mut Vec<u8>) {
+    for &b in bytes {
+        if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
+            out.push(b'\\');
+        }
+        out.push(b);
+    }
+}
+
+/// What a Redis error means for the pipeline.
+fn classify(e: &redis::RedisError, doing: &str) -> SinkError {
+    use redis::{ErrorKind, ServerErrorKind};
+    let msg = format!("redis: {doing}: {e}");
+    if e.is_io_error() || e.is_connection_refusal() || e.is_timeout() || e.is_connection_dropped() {
+        return SinkError::Retry(msg);
+    }
+    match e.kind() {
+        ErrorKind::AuthenticationFailed => {
+            SinkError::Hold(format!("{msg}; fix the user or password in the sink's url"))
+        }
+        ErrorKind::Server(ServerErrorKind::NoPerm) => SinkError::Hold(format!(
+            "{msg}; give the sink's user the GET, SET, DEL, MGET, WATCH, MULTI, EXEC and SCAN \
+             commands on its keys"
+        )),
+        ErrorKind::Server(
+            ServerErrorKind::BusyLoading
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::MasterDown
+            | ServerErrorKind::ReadOnly
+            | ServerErrorKind::ExecAbort,
+        ) => SinkError::Retry(msg),
+        ErrorKind::Io | ErrorKind::Parse => SinkError::Retry(msg),
+        _ if e.is_unrecoverable_error() => SinkError::Retry(msg),
+        _ => SinkError::Hold(format!(
+            "{msg}; see docs/OPERATIONS.md (\"Connectors\") for the Redis sink's mapping"
+        )),
+    }
+}
+
+impl Sink for RedisSink {
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+
+    fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
+        Box::pin(async move {
+            let r = self.open_inner().await;
+            if r.is_err() {
+                self.conn = None;
+            }
+            r
+        })
+    }
+
+    fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            let r = self.write_inner(batch).await;
+            if r.is_err() {
+                // Also clears a WATCH left by a failed attempt.
+                self.conn = None;
+            }
+            r
+        })
+    }
+
+    fn set_merge_operators(&mut self, operators: &BTreeMap<String, String>) {
+        self.operators.learn_from_source(operators);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_template_renders_bytes_and_its_scan_pattern_escapes_globs() {
+        let mut cfg = RedisConfig::new("redis://127.0.0.1:6379");
+        cfg.key = "app:{tree}/{key}".into();
+        let s = RedisSink::new(cfg, "p").unwrap();
+        assert_eq!(s.key("users", b"u\xff1"), b"app:users/u\xff1");
+        assert_eq!(s.pattern("a*b"), b"app:a\\*b/*");
+        assert_eq!(s.position_key, "tideline:position:p");
+    }
+
+    #[test]
+    fn bad_settings_are_refused_before_any_connection() {
+        let mut cfg = RedisConfig::new("redis://127.0.0.1:6379");
+        cfg.key = "{tree}".into();
+        let e = RedisSink::new(cfg, "p").err().expect("refused");
+        assert!(e.message().contains("{key}"), "{e}");
+        let e = RedisSink::new(RedisConfig::new("http://x"), "p")
+            .err()
+            .expect("refused");
+        assert!(e.message().contains("sink url"), "{e}");
+    }
+}
