@@ -28,6 +28,7 @@
 //! ```
 
 mod bootstrap;
+pub mod config;
 pub mod envelope;
 pub mod pipeline;
 mod replica;

@@ -1,0 +1,610 @@
+//! Pipeline files: the TOML that `tideline connect --config FILE` and `tideline serve
+//! --connect FILE` run, documented key by key in `docs/OPERATIONS.md` ("Connectors").
+//!
+//! One pipeline at the top level, or several as `[[pipeline]]` tables:
+//!
+//! ```toml
+//! [source]
+//! node = "127.0.0.1:7400"
+//! secrets = "./data/secrets"
+//! from = "bootstrap"            # or "earliest", "latest", "offset:N", "gtid:SET"
+//! trees = ["users"]             # optional filter
+//!
+//! [sink]
+//! kind = "postgres"             # or "redis"
+//! url = "postgres://postgres@127.0.0.1:5432/test"
+//! ```
+//!
+//! Every mistake — a key no table knows, a wrong type, a missing key, a bad value — is a
+//! [`ConfigError`] naming the line and the key, and nothing starts.
+//!
+//! Owns: parsing and checking files, building each pipeline's [`PipelineConfig`] and its
+//! sink. Must never: connect anywhere (that is [`crate::Sink::open`], which `--check` calls).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use tideline_consumers::TailStart;
+use tideline_stream::{ClientConfig, tls};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use crate::pipeline::{Filter, PipelineConfig, StartFrom};
+use crate::sink::postgres::{PostgresConfig, PostgresSink};
+use crate::sink::redis::{RedisConfig, RedisSink};
+use crate::sink::{Sink, SinkError};
+
+/// A mistake in a pipeline file: where and what.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file} line {line}: {message}")]
+pub struct ConfigError {
+    /// The file, as given.
+    pub file: String,
+    /// 1-based line.
+    pub line: usize,
+    /// What is wrong and what to write instead.
+    pub message: String,
+}
+
+/// A pipeline file, checked.
+#[derive(Debug, Clone)]
+pub struct ConnectFile {
+    /// Its pipelines, in file order; names are unique.
+    pub pipelines: Vec<PipelineSpec>,
+}
+
+/// One pipeline of a file.
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    /// Its name: the key of its stored position in the sink, and its label in `status`.
+    pub name: String,
+    /// Where it reads.
+    pub source: SourceConfig,
+    /// Where it writes.
+    pub sink: SinkConfig,
+    /// A batch is written at this many changes ...
+    pub batch_changes: usize,
+    /// ... or this long after its first change.
+    pub batch_delay: Duration,
+    /// Where the start position came from: `from` parsed.
+    pub from: StartFrom,
+    /// The line of the pipeline's sink table, for messages.
+    pub line: usize,
+}
+
+/// A sink's kind and settings.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum SinkConfig {
+    /// `kind = "postgres"`.
+    Postgres(PostgresConfig),
+    /// `kind = "redis"`.
+    Redis(RedisConfig),
+}
+
+/// The `[source]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// The source node, `HOST:PORT` (its `--listen`).
+    pub node: String,
+    /// The cluster's secrets directory (relative paths from the working directory); without
+    /// it, env `TIDELINE_SECRETS`, else `./data/secrets`.
+    #[serde(default)]
+    pub secrets: Option<PathBuf>,
+    /// Where to start when the sink holds no position: `bootstrap` (default: copy the
+    /// source's state, then follow its log), `earliest`, `latest`, `offset:N`, `gtid:SET`.
+    #[serde(default = "default_from")]
+    pub from: Spanned<String>,
+    /// Only these trees (default: all).
+    #[serde(default)]
+    pub trees: Vec<String>,
+    /// Only keys starting with this text.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Only these op kinds: `put`, `delete`, `merge`, `create_tree`, `drop_tree` (default:
+    /// all).
+    #[serde(default)]
+    pub ops: Vec<Spanned<String>>,
+    /// Give up on an unreachable or silent source after this many milliseconds (default
+    /// 5000); the pipeline retries.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_from() -> Spanned<String> {
+    Spanned::new(0..0, "bootstrap".into())
+}
+
+fn default_timeout_ms() -> u64 {
+    5000
+}
+
+/// The keys a pipeline has besides `source` and `sink`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PipelineDoc {
+    name: Option<Spanned<String>>,
+    source: SourceConfig,
+    /// Checked by kind below, from the spanned document.
+    #[expect(
+        dead_code,
+        reason = "present for deny_unknown_fields; read from the DeTable"
+    )]
+    sink: IgnoredAny,
+    batch_changes: Option<usize>,
+    batch_delay_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileDoc {
+    name: Option<Spanned<String>>,
+    source: Option<SourceConfig>,
+    #[expect(
+        dead_code,
+        reason = "present for deny_unknown_fields; read from the DeTable"
+    )]
+    sink: Option<IgnoredAny>,
+    batch_changes: Option<usize>,
+    batch_delay_ms: Option<u64>,
+    #[serde(default)]
+    pipeline: Vec<PipelineDoc>,
+}
+
+const OPS: [&str; 5] = ["put", "delete", "merge", "create_tree", "drop_tree"];
+const SINKS_BUILT_IN: [&str; 2] = ["postgres", "redis"];
+const SINKS_KNOWN: [&str; 5] = ["postgres", "redis", "nats", "webhook", "file"];
+
+impl ConnectFile {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<ConnectFile, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            line: 0,
+            message: format!("cannot read it: {e}"),
+        })?;
+        Self::parse(&text, &file)
+    }
+
+    /// Checks `text`; `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<ConnectFile, ConfigError> {
+        let err = |span: Option<std::ops::Range<usize>>, message: String| ConfigError {
+            file: file.to_owned(),
+            line: span.map_or(0, |s| line_of(text, s.start)),
+            message,
+        };
+        let root = DeTable::parse(text).map_err(|e| err(e.span(), e.message().to_owned()))?;
+        let doc: FileDoc = toml::from_str(text).map_err(|e| {
+            let message = match e.span() {
+                Some(s) => name_the_key(root.get_ref(), &s, e.message()),
+                None => e.message().to_owned(),
+            };
+            err(e.span(), message)
+        })?;
+        // (spanned table of the pipeline, its sink) pairs, in order.
+        let mut pipelines = Vec::new();
+        let top_level = doc.source.is_some() || root.get_ref().contains_key("sink");
+        if top_level && !doc.pipeline.is_empty() {
+            return Err(err(
+                key_span(root.get_ref(), "pipeline"),
+                "a file holds either one pipeline ([source] and [sink] at the top) or \
+                 [[pipeline]] tables, not both; move [source] and [sink] into a [[pipeline]]"
+                    .into(),
+            ));
+        }
+        if top_level {
+            let Some(source) = doc.source else {
+                return Err(err(
+                    key_span(root.get_ref(), "sink"),
+                    "missing [source] table: add `[source]` with `node = \"HOST:PORT\"`".into(),
+                ));
+            };
+            let Some(sink) = root.get_ref().get("sink") else {
+                return Err(err(
+                    key_span(root.get_ref(), "source"),
+                    "missing [sink] table: add `[sink]` with `kind` and that sink's keys".into(),
+                ));
+            };
+            pipelines.push((
+                doc.name
+                    .map(|n| n.into_inner())
+                    .unwrap_or_else(|| "default".into()),
+                source,
+                sink,
+                doc.batch_changes,
+                doc.batch_delay_ms,
+            ));
+        } else {
+            let Some(array) = root
+                .get_ref()
+                .get("pipeline")
+                .and_then(|p| match p.get_ref() {
+                    DeValue::Array(a) => Some(a),
+                    _ => None,
+                })
+            else {
+                return Err(err(
+                    Some(0..0),
+                    "no pipeline: write [source] and [sink] tables, or [[pipeline]] tables with \
+                     name, [pipeline.source] and [pipeline.sink]"
+                        .into(),
+                ));
+            };
+            for (p, t) in doc.pipeline.into_iter().zip(array.iter()) {
+                let DeValue::Table(t) = t.get_ref() else {
+                    continue;
+                };
+                let Some(name) = p.name else {
+                    return Err(err(
+                        Some(t.values().next().map_or(0..0, |v| v.span())),
+                        "missing field `name` in a [[pipeline]]: every pipeline of a file needs \
+                         a name (it keys the pipeline's position in the sink)"
+                            .into(),
+                    ));
+                };
+                let sink = t
+                    .get("sink")
+                    .expect("deserialized: the sink field is there");
+                pipelines.push((
+                    name.into_inner(),
+                    p.source,
+                    sink,
+                    p.batch_changes,
+                    p.batch_delay_ms,
+                ));
+            }
+        }
+        let mut out = Vec::new();
+        for (name, source, sink, batch_changes, batch_delay_ms) in pipelines {
+            if name.is_empty() || out.iter().any(|p: &PipelineSpec| p.name == name) {
+                return Err(err(
+                    Some(sink.span()),
+                    format!("pipeline name `{name}` is empty or used twice; give each its own"),
+                ));
+            }
+            let from = parse_from(source.from.get_ref())
+                .map_err(|m| err(Some(source.from.span()), format!("source.from: {m}")))?;
+            for op in &source.ops {
+                if !OPS.contains(&op.get_ref().as_str()) {
+                    return Err(err(
+                        Some(op.span()),
+                        format!(
+                            "source.ops: unknown op `{}`; use {}",
+                            op.get_ref(),
+                            OPS.join(", ")
+                        ),
+                    ));
+                }
+            }
+            if batch_changes == Some(0) {
+                return Err(err(
+                    Some(sink.span()),
+                    "batch_changes: must be at least 1".into(),
+                ));
+            }
+            let sink_cfg = sink_config(text, file, sink)?;
+            out.push(PipelineSpec {
+                name,
+                from,
+                source,
+                sink: sink_cfg,
+                batch_changes: batch_changes.unwrap_or(10_000),
+                batch_delay: Duration::from_millis(batch_delay_ms.unwrap_or(50)),
+                line: line_of(text, sink.span().start),
+            });
+        }
+        Ok(ConnectFile { pipelines: out })
+    }
+}
+
+/// Deserializes a `[sink]` table by its `kind`, with errors at the offending key's line.
+fn sink_config(
+    text: &str,
+    file: &str,
+    sink: &Spanned<DeValue<'_>>,
+) -> Result<SinkConfig, ConfigError> {
+    let err = |span: std::ops::Range<usize>, message: String| ConfigError {
+        file: file.to_owned(),
+        line: line_of(text, span.start),
+        message,
+    };
+    let DeValue::Table(table) = sink.get_ref() else {
+        return Err(err(sink.span(), "sink: must be a table".into()));
+    };
+    let Some(kind) = table.get("kind") else {
+        return Err(err(
+            sink.span(),
+            format!(
+                "sink: missing field `kind`; use one of {}",
+                SINKS_KNOWN.join(", ")
+            ),
+        ));
+    };
+    let Some(kind_name) = kind.get_ref().as_str() else {
+        return Err(err(kind.span(), "sink.kind: must be a string".into()));
+    };
+    let mut rest = table.clone();
+    rest.remove("kind");
+    let de = || toml::de::Deserializer::from(Spanned::new(sink.span(), rest.clone()));
+    let fail = |e: toml::de::Error| {
+        let span = e.span().unwrap_or(sink.span());
+        let message = name_the_key(table, &span, e.message());
+        err(span, format!("sink: {message}"))
+    };
+    match kind_name {
+        "postgres" => PostgresConfig::deserialize(de())
+            .map(SinkConfig::Postgres)
+            .map_err(fail),
+        "redis" => RedisConfig::deserialize(de())
+            .map(SinkConfig::Redis)
+            .map_err(fail),
+        k if SINKS_KNOWN.contains(&k) => Err(err(
+            kind.span(),
+            format!(
+                "sink kind `{k}` is not built into this tideline; built in: {}",
+                SINKS_BUILT_IN.join(", ")
+            ),
+        )),
+        k => Err(err(
+            kind.span(),
+            format!(
+                "unknown sink kind `{k}`; use one of {}",
+                SINKS_KNOWN.join(", ")
+            ),
+        )),
+    }
+}
+
+/// Adds the key's name to a message about a value (`invalid type: ...` names none).
+fn name_the_key(table: &DeTable<'_>, span: &std::ops::Range<usize>, message: &str) -> String {
+    match key_at(table, span, "") {
+        Some(path) if !message.contains(&format!("`{}`", last(&path))) => {
+            format!("{path}: {message}")
+        }
+        _ => message.to_owned(),
+    }
+}
+
+fn last(path: &str) -> &str {
+    path.rsplit('.').next().unwrap_or(path)
+}
+
+/// The dotted path of the key whose key or value span holds `span`, deepest first.
+fn key_at(table: &DeTable<'_>, span: &std::ops::Range<usize>, prefix: &str) -> Option<String> {
+    for (k, v) in table {
+        let path = if prefix.is_empty() {
+            k.get_ref().to_string()
+        } else {
+            format!("{prefix}.{}", k.get_ref())
+        };
+        let vs = v.span();
+        let ks = k.span();
+        let inside = |s: &std::ops::Range<usize>| s.start <= span.start && span.end <= s.end;
+        if let DeValue::Table(t) = v.get_ref()
+            && let Some(deeper) = key_at(t, span, &path)
+        {
+            return Some(deeper);
+        }
+        if let DeValue::Array(a) = v.get_ref() {
+            for (i, item) in a.iter().enumerate() {
+                if let DeValue::Table(t) = item.get_ref()
+                    && let Some(deeper) = key_at(t, span, &format!("{path}[{i}]"))
+                {
+                    return Some(deeper);
+                }
+            }
+        }
+        if (inside(&vs) && !matches!(v.get_ref(), DeValue::Table(_))) || inside(&ks) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+fn key_span(table: &DeTable<'_>, key: &str) -> Option<std::ops::Range<usize>> {
+    table.get(key).map(|v| v.span())
+}
+
+/// 1-based line of byte `at`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.as_bytes()[..at.min(text.len())]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+fn parse_from(s: &str) -> Result<StartFrom, String> {
+    const HINT: &str = "use bootstrap, earliest, latest, offset:N or gtid:SET";
+    Ok(match s.trim() {
+        "bootstrap" => StartFrom::Bootstrap,
+        "earliest" => StartFrom::Tail(TailStart::Earliest),
+        "latest" => StartFrom::Tail(TailStart::Latest),
+        other => {
+            if let Some(n) = other.strip_prefix("offset:") {
+                match n.parse::<u64>() {
+                    Ok(n) if n >= 1 => StartFrom::Tail(TailStart::Offset(n)),
+                    _ => return Err(format!("bad offset in `{other}`: offsets count from 1")),
+                }
+            } else if let Some(set) = other.strip_prefix("gtid:") {
+                StartFrom::Tail(TailStart::Gtid(
+                    set.parse()
+                        .map_err(|e| format!("bad GTID set in `{other}`: {e}"))?,
+                ))
+            } else {
+                return Err(format!("unknown start `{other}`; {HINT}"));
+            }
+        }
+    })
+}
+
+impl PipelineSpec {
+    /// The pipeline's settings, with the source's credentials loaded.
+    pub fn pipeline_config(&self) -> Result<PipelineConfig, String> {
+        let from_env = std::env::var_os("TIDELINE_SECRETS")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        let dir = self
+            .source
+            .secrets
+            .clone()
+            .or(from_env)
+            .unwrap_or_else(|| PathBuf::from("./data/secrets"));
+        let secrets = tls::load_client_dir(&dir).map_err(|e| {
+            format!(
+                "pipeline `{}`: source secrets {}: {e}; set `secrets` in [source] to the \
+                 node's secrets directory",
+                self.name,
+                dir.display()
+            )
+        })?;
+        let mut client = ClientConfig::new(secrets);
+        client.client_name = format!("tideline-connect {}", self.name);
+        client.connect_timeout = Duration::from_millis(self.source.timeout_ms.max(1));
+        client.idle_timeout = Duration::from_millis(self.source.timeout_ms.max(1));
+        let mut cfg = PipelineConfig::new(&self.name, &self.source.node, client);
+        cfg.from = self.from.clone();
+        cfg.filter = Filter {
+            trees: self.source.trees.clone(),
+            prefix: self.source.prefix.clone().map(String::into_bytes),
+            ops: self
+                .source
+                .ops
+                .iter()
+                .map(|o| o.get_ref().clone())
+                .collect(),
+        };
+        cfg.batch_changes = self.batch_changes;
+        cfg.batch_delay = self.batch_delay;
+        Ok(cfg)
+    }
+
+    /// The pipeline's sink, not yet opened.
+    pub fn sink(&self) -> Result<Box<dyn Sink>, SinkError> {
+        Ok(match &self.sink {
+            SinkConfig::Postgres(c) => Box::new(PostgresSink::new(c.clone(), &self.name)?),
+            SinkConfig::Redis(c) => Box::new(RedisSink::new(c.clone(), &self.name)?),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"[source]
+node = "127.0.0.1:7400"
+secrets = "./data/secrets"
+from = "bootstrap"            # or "earliest", "latest", "offset:N", "gtid:SET"
+trees = ["users"]             # optional filter
+
+[sink]
+kind = "postgres"             # or "redis", "nats", "webhook", "file"
+url = "postgres://postgres@127.0.0.1:5432/test"
+"#;
+
+    fn error(text: &str) -> ConfigError {
+        ConnectFile::parse(text, "p.toml").expect_err("refused")
+    }
+
+    #[test]
+    fn the_issues_minimal_file_works_as_written() {
+        let f = ConnectFile::parse(MINIMAL, "p.toml").unwrap();
+        let [p] = f.pipelines.as_slice() else {
+            panic!()
+        };
+        assert_eq!(p.name, "default");
+        assert_eq!(p.from, StartFrom::Bootstrap);
+        assert_eq!(p.source.trees, ["users"]);
+        assert_eq!(p.line, 7);
+        let SinkConfig::Postgres(pg) = &p.sink else {
+            panic!()
+        };
+        assert_eq!(pg.url, "postgres://postgres@127.0.0.1:5432/test");
+        assert_eq!(pg.schema, "public");
+    }
+
+    #[test]
+    fn several_pipelines_with_their_own_sinks() {
+        let text = r#"
+[[pipeline]]
+name = "to-pg"
+batch_changes = 500
+[pipeline.source]
+node = "127.0.0.1:7400"
+from = "gtid:3e11fa47-71ca-11e1-9e33-c80aa9429562:1-5"
+ops = ["put", "delete"]
+[pipeline.sink]
+kind = "postgres"
+url = "postgres://postgres@127.0.0.1/test"
+columns = { email = "/email" }
+
+[[pipeline]]
+name = "to-redis"
+[pipeline.source]
+node = "127.0.0.1:7400"
+from = "offset:12"
+[pipeline.sink]
+kind = "redis"
+url = "redis://127.0.0.1:6379"
+key = "app:{tree}:{key}"
+"#;
+        let f = ConnectFile::parse(text, "p.toml").unwrap();
+        assert_eq!(f.pipelines.len(), 2);
+        assert_eq!(f.pipelines[0].batch_changes, 500);
+        assert!(
+            matches!(&f.pipelines[0].sink, SinkConfig::Postgres(c) if c.columns["email"] == "/email")
+        );
+        assert_eq!(f.pipelines[1].from, StartFrom::Tail(TailStart::Offset(12)));
+        assert!(
+            matches!(&f.pipelines[1].sink, SinkConfig::Redis(c) if c.key == "app:{tree}:{key}")
+        );
+        assert_eq!(f.pipelines[1].line, 19);
+    }
+
+    #[test]
+    fn mistakes_name_the_key_and_the_line() {
+        // Unknown key in the sink.
+        let e = error(&MINIMAL.replace("url =", "ulr ="));
+        assert_eq!(e.line, 9, "{e}");
+        assert!(e.message.contains("ulr"), "{e}");
+        // Wrong type in the sink: the message names the key, not only the type.
+        let e = error(&format!("{MINIMAL}connect_timeout_ms = \"soon\"\n"));
+        assert_eq!(e.line, 10, "{e}");
+        assert!(e.message.contains("connect_timeout_ms"), "{e}");
+        // Missing key in the sink: the table's line.
+        let e = error(&MINIMAL.replace("url = \"postgres://postgres@127.0.0.1:5432/test\"\n", ""));
+        assert_eq!(e.line, 7, "{e}");
+        assert!(e.message.contains("`url`"), "{e}");
+        // Unknown key and wrong type in the source.
+        let e = error(&MINIMAL.replace("trees =", "tress ="));
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("tress"), "{e}");
+        let e = error(&MINIMAL.replace(r#"trees = ["users"]"#, "trees = 3"));
+        assert_eq!(e.line, 5, "{e}");
+        assert!(e.message.contains("trees"), "{e}");
+        // A bad value.
+        let e = error(&MINIMAL.replace("from = \"bootstrap\"", "from = \"yesterday\""));
+        assert_eq!(e.line, 4, "{e}");
+        assert!(
+            e.message.contains("source.from") && e.message.contains("yesterday"),
+            "{e}"
+        );
+        // Kinds.
+        let e = error(&MINIMAL.replace("kind = \"postgres\"", "kind = \"nats\""));
+        assert_eq!(e.line, 8, "{e}");
+        assert!(e.message.contains("not built in"), "{e}");
+        let e = error(&MINIMAL.replace("kind = \"postgres\"", "kind = \"mysql\""));
+        assert!(e.message.contains("unknown sink kind `mysql`"), "{e}");
+        // Missing tables, bad TOML.
+        let e = error("[source]\nnode = \"a:1\"\n");
+        assert!(e.message.contains("missing [sink]"), "{e}");
+        let e = error("[source\n");
+        assert_eq!(e.line, 1, "{e}");
+        assert!(e.to_string().starts_with("p.toml line 1: "), "{e}");
+    }
+}
