@@ -18,6 +18,7 @@ mod bench;
 mod bench_node;
 pub mod bench_util;
 mod client_cmd;
+mod connect;
 mod demo;
 mod log_cmd;
 mod monitor_cmd;
@@ -67,6 +68,10 @@ enum Command {
     Monitor(monitor_cmd::MonitorArgs),
     /// Show the hottest keys and slowest requests, refreshed every interval.
     Top(monitor_cmd::TopArgs),
+    /// Run the pipelines of a TOML file: a source node's changes into PostgreSQL or Redis,
+    /// exactly once, until Ctrl-C (docs/OPERATIONS.md, "Connectors"). --check validates the
+    /// file and reaches each source and sink without moving data.
+    Connect(connect::ConnectArgs),
     /// Compare nodes key by key: prints equal, or the first differing key (exit 1).
     Verify(verify::VerifyArgs),
     /// Inspect a node's log offline (the node need not run).
@@ -146,7 +151,10 @@ pub fn init_tracing(server: bool) {
 /// Parses the command line, runs the command, and prints an error as one line on stderr.
 pub fn run() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(matches!(cli.command, Command::Serve(_)));
+    init_tracing(matches!(
+        cli.command,
+        Command::Serve(_) | Command::Connect(_)
+    ));
     // One TLS crypto provider for the whole process, chosen explicitly.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let result = match cli.command {
@@ -159,6 +167,7 @@ pub fn run() -> ExitCode {
         Command::Tail(args) => client_cmd::tail_cmd(&args),
         Command::Status(args) => client_cmd::status(&args),
         Command::Verify(args) => verify::verify(&args),
+        Command::Connect(args) => connect::connect(&args),
         Command::Log(LogCommand::Dump(args)) => log_cmd::dump(&args),
         Command::Log(LogCommand::Info(args)) => log_cmd::info(&args.data),
         Command::Log(LogCommand::Verify(args)) => log_cmd::verify(&args.data),

@@ -25,7 +25,8 @@ use tideline_wal::{Durability, Epoch, Gtid, GtidSet, Offset, RetentionPolicy, Wa
 
 use crate::DurabilityArg;
 use crate::log_cmd::open_log_with;
-use tideline_connectors::{BootstrapMode, ReplicaOptions, SharedStatus};
+use tideline_connectors::config::ConnectFile;
+use tideline_connectors::{BootstrapMode, ReplicaOptions, SharedPipelineStatus, SharedStatus};
 
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
@@ -80,6 +81,12 @@ pub struct ServeArgs {
     /// but `/health` needs `Authorization: Bearer TOKEN` (the cluster token).
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
+    /// Run the pipelines of this TOML file inside the node (as `tideline connect --config
+    /// FILE` would); their status shows in `status`, `/metrics` and the overview page. A
+    /// pipeline's source may be this node's own --listen address; its secrets default to
+    /// this node's.
+    #[arg(long, value_name = "FILE")]
+    connect: Option<PathBuf>,
 }
 
 /// How often a read fence re-checks durability once its GTIDs are applied but the log has
@@ -114,6 +121,8 @@ pub struct EngineNode {
     wal: Arc<Wal>,
     started: Instant,
     upstreams: Vec<SharedStatus>,
+    /// Pipelines run by this node (`serve --connect`).
+    pipelines: Vec<SharedPipelineStatus>,
     /// Bootstrap chunks served to replicas, and their bytes.
     chunks_served: AtomicU64,
     chunk_bytes_served: AtomicU64,
@@ -251,6 +260,7 @@ impl EngineNode {
             wal,
             started: Instant::now(),
             upstreams,
+            pipelines: Vec::new(),
             chunks_served: AtomicU64::new(0),
             chunk_bytes_served: AtomicU64::new(0),
             observer,
@@ -261,6 +271,12 @@ impl EngineNode {
     /// Records the key and value limits the engine was opened with (for `status`).
     pub fn with_limits(mut self, key_bytes_max: usize, value_bytes_max: usize) -> Self {
         self.limits = (key_bytes_max, value_bytes_max);
+        self
+    }
+
+    /// Shows these pipelines in `status` (`serve --connect`).
+    pub fn with_pipelines(mut self, pipelines: Vec<SharedPipelineStatus>) -> Self {
+        self.pipelines = pipelines;
         self
     }
 
@@ -346,6 +362,7 @@ impl EngineNode {
                 "monitors": self.observer.monitors(),
             },
             "upstreams": upstreams,
+            "pipelines": self.pipelines.iter().map(|p| p.get().to_json()).collect::<Vec<_>>(),
             "bootstrapping": self.engine.is_bootstrapping(),
             "store": {
                 "cache_bytes": store.cache_bytes,
@@ -589,7 +606,7 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 /// Checks, before anything is created on disk, that `serve` can run: the port is free, the
 /// data directory is usable, the upstream addresses parse, and a replica has its cluster's
 /// secrets (a new cluster's could never connect to the upstream).
-fn preflight(args: &ServeArgs, secrets_dir: &Path) -> anyhow::Result<()> {
+fn preflight(args: &ServeArgs, secrets_dir: &Path) -> anyhow::Result<Option<ConnectFile>> {
     // Bind the port and let it go at once: `serve` binds it again below, after opening the
     // data directory. A port taken in between still fails there, with the same words.
     if let Err(e) = std::net::UdpSocket::bind(args.listen) {
@@ -627,7 +644,12 @@ fn preflight(args: &ServeArgs, secrets_dir: &Path) -> anyhow::Result<()> {
             args.upstream.join(", ")
         );
     }
-    Ok(())
+    match &args.connect {
+        None => Ok(None),
+        Some(path) => Ok(Some(ConnectFile::load(path).map_err(|e| {
+            anyhow::anyhow!("--connect: {e} (docs/OPERATIONS.md, \"Connectors\")")
+        })?)),
+    }
 }
 
 async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
@@ -635,7 +657,7 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .secrets
         .clone()
         .unwrap_or_else(|| args.data.join("secrets"));
-    preflight(args, &secrets_dir)?;
+    let connect = preflight(args, &secrets_dir)?;
     if tideline_stream::ensure_secrets(&secrets_dir)? {
         tracing::info!(dir = %secrets_dir.display(), "created cluster secrets (CA, certificate, token)");
     }
@@ -679,10 +701,17 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             upstreams.push(status);
         }
     }
+    // The node's pipelines: they reach their source (this node, often) over QUIC and retry
+    // until it answers, so they can start before the server does.
+    let pipelines = match &connect {
+        Some(file) => crate::connect::spawn_all(file, Some(&secrets_dir))?,
+        None => Vec::new(),
+    };
     let server_cfg = ServerConfig::new(args.listen);
     let node = Arc::new(
         EngineNode::new(engine.clone(), upstreams, server_cfg.observer.clone())
-            .with_limits(args.key_bytes_max as usize, args.value_bytes_max as usize),
+            .with_limits(args.key_bytes_max as usize, args.value_bytes_max as usize)
+            .with_pipelines(pipelines.iter().map(|(s, _)| s.clone()).collect()),
     );
     let token = secrets.token.clone();
     let server = tideline_stream::serve(server_cfg, secrets, node.clone())?;
@@ -734,6 +763,10 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             }
         }
     };
+    for (_, task) in &pipelines {
+        // Each batch is stored with its position in one step: stopping anywhere is safe.
+        task.abort();
+    }
     server.shutdown().await;
     if let Some(admin) = admin {
         admin.shutdown().await;

@@ -443,8 +443,13 @@ fn parse_from(s: &str) -> Result<StartFrom, String> {
 }
 
 impl PipelineSpec {
-    /// The pipeline's settings, with the source's credentials loaded.
-    pub fn pipeline_config(&self) -> Result<PipelineConfig, String> {
+    /// The pipeline's settings, with the source's credentials loaded from `secrets`, else
+    /// `default_secrets` (a node running the file passes its own), else env
+    /// `TIDELINE_SECRETS`, else `./data/secrets`.
+    pub fn pipeline_config(
+        &self,
+        default_secrets: Option<&Path>,
+    ) -> Result<PipelineConfig, String> {
         let from_env = std::env::var_os("TIDELINE_SECRETS")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from);
@@ -452,6 +457,7 @@ impl PipelineSpec {
             .source
             .secrets
             .clone()
+            .or(default_secrets.map(Path::to_path_buf))
             .or(from_env)
             .unwrap_or_else(|| PathBuf::from("./data/secrets"));
         let secrets = tls::load_client_dir(&dir).map_err(|e| {

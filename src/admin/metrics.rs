@@ -170,4 +170,29 @@ fn describe() {
     describe_gauge!("tideline_quic_streams", "Open QUIC streams");
     describe_counter!("tideline_requests_total", "Client requests, by kind");
     describe_gauge!("tideline_monitors", "Attached live monitors");
+    describe_gauge!(
+        "tideline_pipeline_lag_txns",
+        "Source transactions a pipeline's sink has not stored yet"
+    );
+    describe_gauge!(
+        "tideline_pipeline_lag_seconds",
+        Unit::Seconds,
+        "Age of the last transaction a pipeline stored while it is behind; 0 when caught up"
+    );
+    describe_counter!(
+        "tideline_pipeline_changes_total",
+        "Changes (ops, bootstrap rows) a pipeline's sink stored since start"
+    );
+    describe_counter!(
+        "tideline_pipeline_errors_total",
+        "Failed sink calls of a pipeline since start"
+    );
+    describe_counter!(
+        "tideline_pipeline_outages_total",
+        "Separate sink outages of a pipeline since start"
+    );
+    describe_gauge!(
+        "tideline_pipeline_state",
+        "1 for a pipeline's current state (starting, bootstrapping, running, retrying, held, failed)"
+    );
 }

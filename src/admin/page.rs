@@ -168,7 +168,7 @@ pub fn main_section(v: &View) -> String {
     charts(&mut h, &v.samples);
     upstreams(&mut h, &v.status);
     consumers(&mut h, &v.status);
-    pipelines(&mut h);
+    pipelines(&mut h, &v.status);
     recent(&mut h, &v.recent);
     h
 }
@@ -326,11 +326,45 @@ fn consumers(h: &mut String, s: &Value) {
     h.push_str("</section>");
 }
 
-fn pipelines(h: &mut String) {
+fn pipelines(h: &mut String, s: &Value) {
+    let pipes = s["pipelines"].as_array().cloned().unwrap_or_default();
+    h.push_str("<section id=\"pipelines\" class=\"wide\"><h2>Pipelines, sinks and indexes</h2>");
+    if pipes.is_empty() {
+        h.push_str(
+            "<p class=\"muted\">none configured on this node (serve --connect FILE)</p></section>",
+        );
+        return;
+    }
     h.push_str(
-        "<section id=\"pipelines\"><h2>Pipelines, sinks and indexes</h2>\
-         <p class=\"muted\">none configured on this node</p></section>",
+        "<table><tr><th>pipeline</th><th>source</th><th>sink</th><th>state</th><th>lag</th>\
+         <th>changes</th><th>rate</th><th>errors · outages</th><th>bootstrap</th><th>error</th></tr>",
     );
+    for p in &pipes {
+        let state = text(&p["state"]);
+        let bad = matches!(state.as_str(), "retrying" | "held" | "failed");
+        let _ = write!(
+            h,
+            "<tr class=\"pipeline\"><td><code>{name}</code></td><td><code>{source}</code></td>\
+             <td><code>{sink}</code></td><td class=\"{sc}\">{state}</td>\
+             <td class=\"lag\">{lag_txns} txns · {lag_s:.3} s</td><td>{changes}</td>\
+             <td>{rate}/s</td><td>{errors} · {outages}</td><td>{boot}</td>\
+             <td class=\"err\">{error}</td></tr>",
+            name = esc(&text(&p["name"])),
+            source = esc(&text(&p["source"])),
+            sink = esc(&text(&p["sink"])),
+            sc = if bad { "err" } else { "" },
+            state = esc(&state),
+            lag_txns = p["lag_txns"].as_u64().unwrap_or(0),
+            lag_s = p["lag_seconds"].as_f64().unwrap_or(0.0),
+            changes = text(&p["changes"]),
+            rate = text(&p["rate_changes_per_s"]),
+            errors = text(&p["errors"]),
+            outages = text(&p["outages"]),
+            boot = bootstrap_cell(&p["bootstrap"]),
+            error = esc(p["last_error"].as_str().unwrap_or("")),
+        );
+    }
+    h.push_str("</table></section>");
 }
 
 fn recent(h: &mut String, txns: &[Value]) {

@@ -137,6 +137,27 @@ fn export(admin: &Admin, status: &Value) {
             }
         }
     }
+    for p in status["pipelines"].as_array().into_iter().flatten() {
+        let labels = [("pipeline", p["name"].as_str().unwrap_or("?").to_string())];
+        gauge!("tideline_pipeline_lag_txns", &labels).set(num(&p["lag_txns"]) as f64);
+        gauge!("tideline_pipeline_lag_seconds", &labels)
+            .set(p["lag_seconds"].as_f64().unwrap_or(0.0));
+        counter!("tideline_pipeline_changes_total", &labels).absolute(num(&p["changes"]));
+        counter!("tideline_pipeline_errors_total", &labels).absolute(num(&p["errors"]));
+        counter!("tideline_pipeline_outages_total", &labels).absolute(num(&p["outages"]));
+        let state = p["state"].as_str().unwrap_or("?");
+        for st in tideline_connectors::PipelineState::ALL {
+            let labels = [
+                ("pipeline", labels[0].1.clone()),
+                ("state", st.as_str().to_string()),
+            ];
+            gauge!("tideline_pipeline_state", &labels).set(if st.as_str() == state {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
     for s in status["slots"].as_array().into_iter().flatten() {
         let name = s["name"].as_str().unwrap_or("?").to_string();
         let labels = [("slot", name)];

@@ -28,6 +28,16 @@ pub enum PipelineState {
 }
 
 impl PipelineState {
+    /// Every state, for metrics that export one series per state.
+    pub const ALL: [PipelineState; 6] = [
+        PipelineState::Starting,
+        PipelineState::Bootstrapping,
+        PipelineState::Running,
+        PipelineState::Retrying,
+        PipelineState::Held,
+        PipelineState::Failed,
+    ];
+
     /// The name `status` uses.
     pub fn as_str(self) -> &'static str {
         match self {
