@@ -135,7 +135,7 @@ impl DurabilityArg {
 pub fn init_tracing(server: bool) {
     // The store's own info lines (table ingestion, journal rotation) are noise to operators.
     let default = if server {
-        "info,fjall=warn,lsm_tree=warn"
+        "info,fjall=warn,lsm_tree=warn,tokio_postgres=warn"
     } else {
         "warn"
     };

@@ -36,6 +36,26 @@ pub mod postgres;
 pub mod redis;
 
 use std::collections::BTreeMap;
+
+/// Test-only switch (feature `testing`, env `TIDELINE_TESTING_POSITION_APART`): a value sink
+/// stores the position in a step of its own after the data, so that a kill between the two
+/// repeats the batch. The canary of the exactly-once kill tests; announced on stderr.
+#[cfg(feature = "testing")]
+pub(crate) fn position_apart() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        let on = std::env::var_os("TIDELINE_TESTING_POSITION_APART").is_some();
+        if on {
+            eprintln!("TESTING SWITCH ON: sinks store positions apart from their data");
+        }
+        on
+    })
+}
+
+#[cfg(not(feature = "testing"))]
+pub(crate) fn position_apart() -> bool {
+    false
+}
 use std::future::Future;
 use std::pin::Pin;
 

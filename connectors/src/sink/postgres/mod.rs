@@ -271,10 +271,20 @@ impl PostgresSink {
              = now()"
         );
         let stmt = prepare(&txn, stmts, &sql).await?;
-        txn.execute(&stmt, &[&pipeline, &batch.checkpoint])
-            .await
-            .map_err(|e| classify(&e, "store the position"))?;
-        txn.commit().await.map_err(|e| classify(&e, "commit"))?;
+        if crate::sink::position_apart() {
+            // Canary only (feature `testing`): data first, position later, apart.
+            txn.commit().await.map_err(|e| classify(&e, "commit"))?;
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            client
+                .execute(&stmt, &[&pipeline, &batch.checkpoint])
+                .await
+                .map_err(|e| classify(&e, "store the position"))?;
+        } else {
+            txn.execute(&stmt, &[&pipeline, &batch.checkpoint])
+                .await
+                .map_err(|e| classify(&e, "store the position"))?;
+            txn.commit().await.map_err(|e| classify(&e, "commit"))?;
+        }
         for t in dropped {
             known.remove(&t);
         }

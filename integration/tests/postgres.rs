@@ -1,0 +1,425 @@
+//! The PostgreSQL sink against the real server on 127.0.0.1:5432 (trust, user `postgres`,
+//! database `test`; `scripts/services` starts it), through `tideline connect` and `tideline
+//! serve --connect` as operators run them.
+//!
+//! - Exactly once under kill -9: a random workload (puts, deletes, `add` and
+//!   `json-merge-patch` merges) runs on a source node while `tideline connect` is SIGKILLed at
+//!   random points ≥ 20 times (`TIDELINE_SINK_KILL_CYCLES`); at the end the tables equal the
+//!   log's projection, row by row. Merges are not idempotent, so a batch applied twice, or
+//!   skipped, shows. Its canary stores positions apart from the data (the `testing` switch)
+//!   and must see the difference.
+//! - The server drops the connector (`pg_terminate_backend`, not a restart of the shared
+//!   server that parallel tests use): the node's pipeline retries, catches up, and `status`
+//!   and `/metrics` count the outage.
+//! - A bad file and an unreachable or refusing server: a clear one-line error, no position.
+
+mod common;
+mod sinkkit;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use sinkkit::{Norm, SourceNode};
+
+const PG: &str = "127.0.0.1:5432";
+const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+fn pg() -> tokio_postgres::Client {
+    let rt = tokio::runtime::Handle::current();
+    let (client, conn) = rt
+        .block_on(tokio_postgres::connect(URL, tokio_postgres::NoTls))
+        .expect("connect to PostgreSQL");
+    rt.spawn(conn);
+    client
+}
+
+/// The stored checkpoint of `pipeline`.
+async fn position(c: &tokio_postgres::Client, pipeline: &str) -> Option<Vec<u8>> {
+    c.query_opt(
+        "SELECT checkpoint FROM tideline_positions WHERE pipeline = $1",
+        &[&pipeline],
+    )
+    .await
+    .ok()
+    .flatten()
+    .map(|r| r.get(0))
+}
+
+/// Rows of `table` as the sink stores them: jsonb by meaning, bytea by bytes.
+async fn rows(c: &tokio_postgres::Client, table: &str) -> BTreeMap<Vec<u8>, Norm> {
+    let sql = format!("SELECT key, value::text, value_bytes FROM \"{table}\"");
+    let Ok(rows) = c.query(&sql, &[]).await else {
+        return BTreeMap::new();
+    };
+    rows.iter()
+        .map(|r| {
+            let k: String = r.get(0);
+            let v: Option<String> = r.get(1);
+            let b: Option<Vec<u8>> = r.get(2);
+            let n = match (v, b) {
+                (Some(j), None) => Norm::Json(serde_json::from_str(&j).expect("jsonb text")),
+                (None, Some(b)) => Norm::Bytes(b),
+                other => panic!("row {k} of {table} has value and value_bytes {other:?}"),
+            };
+            (k.into_bytes(), n)
+        })
+        .collect()
+}
+
+async fn drop_tables(c: &tokio_postgres::Client, prefix: &str, pipeline: &str) {
+    for (tree, _) in sinkkit::TREES {
+        let _ = c
+            .batch_execute(&format!("DROP TABLE IF EXISTS \"{prefix}{tree}\""))
+            .await;
+    }
+    let _ = c
+        .execute(
+            "DELETE FROM tideline_positions WHERE pipeline = $1",
+            &[&pipeline],
+        )
+        .await;
+}
+
+/// Runs the kill cycles; returns whether the sink ended equal to the projection (and the
+/// mismatch message when not).
+fn kill_cycles(canary: bool) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceNode::start(dir.path());
+    let _guard = source.runtime.enter();
+    let db = pg();
+    let seed = sinkkit::seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let name = sinkkit::unique("pgkill");
+    let prefix = format!("{name}_");
+    // Some state before the first start, copied by the bootstrap.
+    for _ in 0..200 {
+        sinkkit::random_txn(&source.engine, &mut rng);
+    }
+    let file = sinkkit::pipeline_file(
+        dir.path(),
+        &name,
+        &format!(
+            "name = \"{name}\"\nbatch_changes = 200\nbatch_delay_ms = 20\n\n[source]\nnode = \
+             \"{}\"\nsecrets = \"{}\"\nfrom = \"bootstrap\"\n\n[sink]\nkind = \"postgres\"\nurl \
+             = \"{URL}\"\ntable = \"{prefix}{{tree}}\"\n",
+            source.addr,
+            source.secrets.display()
+        ),
+    );
+    let log = dir.path().join("connect.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = sinkkit::workload(source.engine.clone(), seed ^ 1, stop.clone());
+    let mut progressed = 0;
+    let cycles = sinkkit::cycles();
+    for cycle in 0..cycles {
+        let before =
+            sinkkit::checkpoint_offset(source.runtime.block_on(position(&db, &name)).as_deref());
+        let mut child = sinkkit::connect(&file, &log, canary);
+        // Kill once the connector has stored something this cycle (work observably in
+        // flight), then at a random point of the batches that follow.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = source.runtime.block_on(position(&db, &name));
+            // The first cycle may die while bootstrapping; later ones once the tail moved.
+            if sinkkit::checkpoint_offset(now.as_deref()) > before || (cycle == 0 && now.is_some())
+            {
+                progressed += 1;
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..150)));
+        sinkkit::kill9(&mut child, &log);
+        eprintln!(
+            "cycle {cycle}: killed at stored offset {}",
+            sinkkit::checkpoint_offset(source.runtime.block_on(position(&db, &name)).as_deref())
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let txns = writer.join().expect("the workload thread");
+    assert!(
+        progressed * 2 >= cycles,
+        "only {progressed} of {cycles} cycles stored anything before the kill; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // A last run catches up with everything, then the tables must equal the projection.
+    let last = source.last_offset();
+    let mut child = sinkkit::connect(&file, &log, canary);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sinkkit::checkpoint_offset(source.runtime.block_on(position(&db, &name)).as_deref())
+        < last
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the connector did not catch up with offset {last}; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sinkkit::kill9(&mut child, &log);
+    let want = source.projection();
+    let mut have = BTreeMap::new();
+    for (tree, _) in sinkkit::TREES {
+        have.insert(
+            tree.to_string(),
+            source
+                .runtime
+                .block_on(rows(&db, &format!("{prefix}{tree}"))),
+        );
+    }
+    eprintln!(
+        "{cycles} kill cycles, {progressed} mid-batch, {txns} workload transactions, seed {seed}"
+    );
+    let r =
+        std::panic::catch_unwind(|| sinkkit::assert_same("postgres", &want, &have)).map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "mismatch".into())
+        });
+    source.runtime.block_on(drop_tables(&db, &prefix, &name));
+    r
+}
+
+#[test]
+fn kill9_mid_batch_stores_every_change_exactly_once() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    if let Err(e) = kill_cycles(false) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn canary_positions_stored_apart_from_the_data_are_caught() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    let e = kill_cycles(true).expect_err(
+        "with positions stored apart from the data, kills must repeat merges and the check \
+         must see it (is the tideline binary built with tideline-connectors/testing?)",
+    );
+    eprintln!("canary caught it: {}", e.lines().next().unwrap_or_default());
+}
+
+fn wait_until<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_dropped_connection_is_retried_caught_up_and_shown_in_status_and_metrics() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let db = pg();
+    let dir = tempfile::tempdir().unwrap();
+    let name = sinkkit::unique("pgout");
+    let port = common::free_port();
+    let file = sinkkit::pipeline_file(
+        dir.path(),
+        &name,
+        &format!(
+            "name = \"{name}\"\n[source]\nnode = \"127.0.0.1:{port}\"\nfrom = \"earliest\"\n\
+             trees = [\"users\"]\n[sink]\nkind = \"postgres\"\nurl = \"{URL}\"\ntable = \
+             \"{name}_{{tree}}\"\ncolumns = {{ email = \"/email\" }}\n"
+        ),
+    );
+    let node = common::Node::start_with(
+        &dir.path().join("node"),
+        port,
+        &["--http", "127.0.0.1:0", "--connect", file.to_str().unwrap()],
+    );
+    let count = |n: i64| {
+        let sql = format!("SELECT count(*) FROM \"{name}_users\" WHERE email IS NOT NULL");
+        move || -> Option<()> {
+            let c: i64 = rt_block(db_query_one(&sql))?;
+            (c == n).then_some(())
+        }
+    };
+    for i in 0..5 {
+        let out = node.run(&[
+            "put",
+            "--tree",
+            "users",
+            &format!("u{i}"),
+            &format!("{{\"email\":\"u{i}@x\"}}"),
+        ]);
+        assert!(out.status.success());
+    }
+    wait_until(30, "5 rows in PostgreSQL", count(5));
+    // The server drops the sink's connection (as a restart or a failover would).
+    let killed: i64 = rt
+        .block_on(db.query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+            &[&format!("tideline {name}")],
+        ))
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1, "the pipeline's one backend");
+    for i in 5..10 {
+        let out = node.run(&[
+            "put",
+            "--tree",
+            "users",
+            &format!("u{i}"),
+            &format!("{{\"email\":\"u{i}@x\"}}"),
+        ]);
+        assert!(out.status.success());
+    }
+    wait_until(30, "10 rows in PostgreSQL after the outage", count(10));
+    let p = wait_until(10, "the outage in status", || {
+        let s = common::status(&node);
+        let p = s["pipelines"][0].clone();
+        (p["outages"].as_u64() >= Some(1) && p["state"] == "running" && p["lag_txns"] == 0)
+            .then_some(p)
+    });
+    assert_eq!(p["name"], name.as_str());
+    assert!(p["errors"].as_u64() >= Some(1), "{p}");
+    assert!(p["last_error"].is_null(), "cleared once stored again: {p}");
+    let admin = node.admin.clone().expect("admin address");
+    wait_until(10, "pipeline series in /metrics", || {
+        let body = http_get(&admin, "/metrics");
+        let want = format!("tideline_pipeline_outages_total{{pipeline=\"{name}\"}} 1");
+        (body.contains(&want)
+            && body.contains(&format!(
+                "tideline_pipeline_state{{pipeline=\"{name}\",state=\"running\"}} 1"
+            ))
+            && body.contains("tideline_pipeline_lag_txns"))
+        .then_some(())
+    });
+    let page = http_get(&admin, "/");
+    assert!(
+        page.contains(&name) && page.contains("class=\"pipeline\""),
+        "the overview lists the pipeline"
+    );
+    let _ = rt.block_on(db.batch_execute(&format!("DROP TABLE IF EXISTS \"{name}_users\"")));
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the admin listener");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read the answer");
+    raw
+}
+
+fn rt_block<T>(f: impl std::future::Future<Output = Option<T>>) -> Option<T> {
+    tokio::runtime::Handle::current().block_on(f)
+}
+
+async fn db_query_one(sql: &str) -> Option<i64> {
+    let (c, conn) = tokio_postgres::connect(URL, tokio_postgres::NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    c.query_one(sql, &[]).await.ok().map(|r| r.get(0))
+}
+
+#[test]
+fn bad_files_and_unreachable_or_refusing_servers_give_one_clear_line_and_no_position() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let db = pg();
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceNode::start(&dir.path().join("src"));
+    let name = sinkkit::unique("pgbad");
+    let body = |url: &str| {
+        format!(
+            "name = \"{name}\"\n[source]\nnode = \"{}\"\nsecrets = \"{}\"\n[sink]\nkind = \
+             \"postgres\"\nurl = \"{url}\"\ntable = \"{name}_{{tree}}\"\n",
+            source.addr,
+            source.secrets.display()
+        )
+    };
+    let tideline = |args: &[&str]| Command::new(common::bin()).args(args).output().unwrap();
+    // A key no sink knows: exit 1, one line naming the file, the line and the key.
+    let bad = sinkkit::pipeline_file(dir.path(), "bad", &format!("{}batch_rows = 5\n", body(URL)));
+    let out = tideline(&["connect", "--config", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("line 9") && err.contains("batch_rows"),
+        "{err}"
+    );
+    // Nothing listens on port 1: --check fails naming the sink; connect retries, stores nothing.
+    let down = sinkkit::pipeline_file(
+        dir.path(),
+        "down",
+        &body("postgres://postgres@127.0.0.1:1/test"),
+    );
+    let out = tideline(&["connect", "--check", "--config", down.to_str().unwrap()]);
+    let verdict = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{verdict}");
+    assert!(
+        verdict.contains(&format!(
+            "pipeline {name}: FAILED: sink postgres 127.0.0.1:1/test"
+        )),
+        "{verdict}"
+    );
+    // A role the server refuses: held for an operator, with what to do.
+    let refused = sinkkit::pipeline_file(
+        dir.path(),
+        "refused",
+        &body("postgres://nosuchrole@127.0.0.1:5432/test"),
+    );
+    let out = tideline(&["connect", "--check", "--config", refused.to_str().unwrap()]);
+    let verdict = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{verdict}");
+    assert!(
+        verdict.contains("nosuchrole") && verdict.contains("fix the user"),
+        "{verdict}"
+    );
+    // Running against the unreachable sink: status lines say retrying; no position anywhere.
+    let log = dir.path().join("down.log");
+    let mut child = sinkkit::connect(&down, &log, false);
+    wait_until(20, "a retrying status line", || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("retrying") && l.contains("127.0.0.1:1"))
+            .map(|_| ())
+    });
+    sinkkit::kill9(&mut child, &log);
+    assert!(
+        rt.block_on(position(&db, &name)).is_none(),
+        "no position stored"
+    );
+    // The good file checks out and moves nothing either.
+    let good = sinkkit::pipeline_file(dir.path(), "good", &body(URL));
+    let out = tideline(&["connect", "--check", "--config", good.to_str().unwrap()]);
+    let verdict = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{verdict}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        verdict.contains("ok") && verdict.contains("holds no position"),
+        "{verdict}"
+    );
+    assert!(
+        rt.block_on(position(&db, &name)).is_none(),
+        "--check stores no position"
+    );
+}
