@@ -89,6 +89,8 @@ pub struct RedisSink {
     cfg: RedisConfig,
     template: Vec<Part>,
     position_key: String,
+    /// `CLIENT SETNAME`: `tideline:{pipeline}` (no spaces allowed).
+    client_name: String,
     describe: String,
     conn: Option<MultiplexedConnection>,
     operators: Operators,
@@ -111,6 +113,7 @@ impl RedisSink {
             cfg,
             template,
             position_key: format!("tideline:position:{pipeline}"),
+            client_name: format!("tideline:{}", pipeline.replace(char::is_whitespace, "_")),
             describe,
             conn: None,
             operators: Operators::default(),
@@ -158,6 +161,14 @@ impl RedisSink {
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
             .map_err(|e| classify(&e, "connect"))?;
+        // Named, so that an operator finds the pipeline in CLIENT LIST; a server whose ACL
+        // forbids CLIENT SETNAME still serves the sink.
+        let mut named = c.clone();
+        let _ = redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(&self.client_name)
+            .query_async::<()>(&mut named)
+            .await;
         self.conn = Some(c.clone());
         Ok(c)
     }
@@ -257,14 +268,29 @@ impl RedisSink {
                     }
                 }
             }
-            pipe.cmd("SET")
-                .arg(&self.position_key)
-                .arg(&batch.checkpoint);
+            let apart = crate::sink::position_apart();
+            if apart {
+                // Canary only (feature `testing`): the position goes in a step of its own.
+                pipe.cmd("PING");
+            } else {
+                pipe.cmd("SET")
+                    .arg(&self.position_key)
+                    .arg(&batch.checkpoint);
+            }
             let r: Option<(redis::Value,)> = pipe
                 .query_async(&mut con)
                 .await
                 .map_err(|e| classify(&e, "write the batch"))?;
             if r.is_some() {
+                if apart {
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    redis::cmd("SET")
+                        .arg(&self.position_key)
+                        .arg(&batch.checkpoint)
+                        .query_async::<()>(&mut con)
+                        .await
+                        .map_err(|e| classify(&e, "store the position"))?;
+                }
                 return Ok(());
             }
             // EXEC answered nil: a watched key changed between the read and EXEC.

@@ -1,0 +1,322 @@
+//! The Redis sink against the real server on 127.0.0.1:6379 (`scripts/services` starts it),
+//! through `tideline connect` and `tideline serve --connect` as operators run them.
+//!
+//! - Exactly once under kill -9: a random workload (puts, deletes, `add` and
+//!   `json-merge-patch` merges) runs on a source node while `tideline connect` is SIGKILLed at
+//!   random points ≥ 20 times (`TIDELINE_SINK_KILL_CYCLES`); at the end the keys equal the
+//!   log's projection. Merges are not idempotent, so a batch applied twice, or skipped, shows.
+//!   Its canary stores positions apart from the data (the `testing` switch) and must see it.
+//! - The server drops the connector (`CLIENT KILL ID`, its connection only: parallel tests
+//!   share the server): the node's pipeline retries, catches up, `status` counts the outage.
+//! - An unreachable server: `--check` says so in one line; `connect` retries and stores
+//!   nothing.
+
+mod common;
+mod sinkkit;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use redis::aio::MultiplexedConnection;
+use sinkkit::{Norm, SourceNode};
+
+const REDIS: &str = "127.0.0.1:6379";
+const URL: &str = "redis://127.0.0.1:6379";
+
+async fn conn() -> MultiplexedConnection {
+    redis::Client::open(URL)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis")
+}
+
+async fn position(c: &mut MultiplexedConnection, pipeline: &str) -> Option<Vec<u8>> {
+    redis::cmd("GET")
+        .arg(format!("tideline:position:{pipeline}"))
+        .query_async(c)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Every key under `prefix` and its value, the prefix cut off.
+async fn keys(c: &mut MultiplexedConnection, prefix: &str) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, page): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(c)
+            .await
+            .expect("SCAN");
+        for k in page {
+            let v: Option<Vec<u8>> = redis::cmd("GET").arg(&k).query_async(c).await.expect("GET");
+            if let Some(v) = v {
+                out.insert(k[prefix.len()..].to_vec(), v);
+            }
+        }
+        if next == 0 {
+            return out;
+        }
+        cursor = next;
+    }
+}
+
+async fn clean(c: &mut MultiplexedConnection, prefix: &str, pipeline: &str) {
+    let ks: Vec<Vec<u8>> = keys(c, prefix)
+        .await
+        .into_keys()
+        .map(|k| [prefix.as_bytes(), &k].concat())
+        .collect();
+    for chunk in ks.chunks(500) {
+        let _: Result<(), _> = redis::cmd("DEL").arg(chunk).query_async(c).await;
+    }
+    let _: Result<(), _> = redis::cmd("DEL")
+        .arg(format!("tideline:position:{pipeline}"))
+        .query_async(c)
+        .await;
+}
+
+fn kill_cycles(canary: bool) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceNode::start(dir.path());
+    let rt = &source.runtime;
+    let mut db = rt.block_on(conn());
+    let seed = sinkkit::seed();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let name = sinkkit::unique("rdkill");
+    for _ in 0..200 {
+        sinkkit::random_txn(&source.engine, &mut rng);
+    }
+    let file = sinkkit::pipeline_file(
+        dir.path(),
+        &name,
+        &format!(
+            "name = \"{name}\"\nbatch_changes = 200\nbatch_delay_ms = 20\n\n[source]\nnode = \
+             \"{}\"\nsecrets = \"{}\"\nfrom = \"bootstrap\"\n\n[sink]\nkind = \"redis\"\nurl = \
+             \"{URL}\"\nkey = \"{name}:{{tree}}:{{key}}\"\n",
+            source.addr,
+            source.secrets.display()
+        ),
+    );
+    let log = dir.path().join("connect.log");
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = sinkkit::workload(source.engine.clone(), seed ^ 1, stop.clone());
+    let mut progressed = 0;
+    let cycles = sinkkit::cycles();
+    for cycle in 0..cycles {
+        let before = sinkkit::checkpoint_offset(rt.block_on(position(&mut db, &name)).as_deref());
+        let mut child = sinkkit::connect(&file, &log, canary);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = rt.block_on(position(&mut db, &name));
+            // The first cycle may die while bootstrapping; later ones once the tail moved.
+            if sinkkit::checkpoint_offset(now.as_deref()) > before || (cycle == 0 && now.is_some())
+            {
+                progressed += 1;
+                break;
+            }
+            if Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..150)));
+        sinkkit::kill9(&mut child, &log);
+        eprintln!(
+            "cycle {cycle}: killed at stored offset {}",
+            sinkkit::checkpoint_offset(rt.block_on(position(&mut db, &name)).as_deref())
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    let txns = writer.join().expect("the workload thread");
+    assert!(
+        progressed * 2 >= cycles,
+        "only {progressed} of {cycles} cycles stored anything before the kill; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let last = source.last_offset();
+    let mut child = sinkkit::connect(&file, &log, canary);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sinkkit::checkpoint_offset(rt.block_on(position(&mut db, &name)).as_deref()) < last {
+        assert!(
+            Instant::now() < deadline,
+            "the connector did not catch up with offset {last}; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    sinkkit::kill9(&mut child, &log);
+    let want = source.projection();
+    let mut have = BTreeMap::new();
+    for (tree, _) in sinkkit::TREES {
+        let rows = rt.block_on(keys(&mut db, &format!("{name}:{tree}:")));
+        have.insert(
+            tree.to_string(),
+            rows.into_iter().map(|(k, v)| (k, Norm::of(&v))).collect(),
+        );
+    }
+    eprintln!(
+        "{cycles} kill cycles, {progressed} mid-batch, {txns} workload transactions, seed {seed}"
+    );
+    let r = std::panic::catch_unwind(|| sinkkit::assert_same("redis", &want, &have)).map_err(|e| {
+        e.downcast_ref::<String>()
+            .cloned()
+            .unwrap_or_else(|| "mismatch".into())
+    });
+    rt.block_on(clean(&mut db, &format!("{name}:"), &name));
+    r
+}
+
+#[test]
+fn kill9_mid_batch_stores_every_change_exactly_once() {
+    if !sinkkit::service_up("Redis", REDIS) {
+        return;
+    }
+    if let Err(e) = kill_cycles(false) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn canary_positions_stored_apart_from_the_data_are_caught() {
+    if !sinkkit::service_up("Redis", REDIS) {
+        return;
+    }
+    let e = kill_cycles(true).expect_err(
+        "with positions stored apart from the data, kills must repeat merges and the check \
+         must see it (is the tideline binary built with tideline-connectors/testing?)",
+    );
+    eprintln!("canary caught it: {}", e.lines().next().unwrap_or_default());
+}
+
+fn wait_until<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_killed_connection_is_retried_caught_up_and_shown_in_status() {
+    if !sinkkit::service_up("Redis", REDIS) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut db = rt.block_on(conn());
+    let dir = tempfile::tempdir().unwrap();
+    let name = sinkkit::unique("rdout");
+    let port = common::free_port();
+    let file = sinkkit::pipeline_file(
+        dir.path(),
+        &name,
+        &format!(
+            "name = \"{name}\"\n[source]\nnode = \"127.0.0.1:{port}\"\nfrom = \"earliest\"\n\
+             [sink]\nkind = \"redis\"\nurl = \"{URL}\"\nkey = \"{name}:{{tree}}:{{key}}\"\n"
+        ),
+    );
+    let node = common::Node::start_with(
+        &dir.path().join("node"),
+        port,
+        &["--connect", file.to_str().unwrap()],
+    );
+    let prefix = format!("{name}:users:");
+    for i in 0..5 {
+        let out = node.run(&["put", "--tree", "users", &format!("u{i}"), "v"]);
+        assert!(out.status.success());
+    }
+    wait_until(30, "5 keys in Redis", || {
+        (rt.block_on(keys(&mut db, &prefix)).len() == 5).then_some(())
+    });
+    // Kill the sink's connection only (found by the name the sink gives it).
+    let list: String = rt
+        .block_on(redis::cmd("CLIENT").arg("LIST").query_async(&mut db))
+        .unwrap();
+    let id = list
+        .lines()
+        .find(|l| l.contains(&format!("name=tideline:{name} ")))
+        .and_then(|l| l.split_whitespace().find_map(|f| f.strip_prefix("id=")))
+        .expect("the sink's connection in CLIENT LIST")
+        .to_string();
+    let killed: i64 = rt
+        .block_on(
+            redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("ID")
+                .arg(&id)
+                .query_async(&mut db),
+        )
+        .unwrap();
+    assert_eq!(killed, 1);
+    for i in 5..10 {
+        let out = node.run(&["put", "--tree", "users", &format!("u{i}"), "v"]);
+        assert!(out.status.success());
+    }
+    wait_until(30, "10 keys in Redis after the outage", || {
+        (rt.block_on(keys(&mut db, &prefix)).len() == 10).then_some(())
+    });
+    let p = wait_until(10, "the outage in status", || {
+        let s = common::status(&node);
+        let p = s["pipelines"][0].clone();
+        (p["outages"].as_u64() >= Some(1) && p["state"] == "running" && p["lag_txns"] == 0)
+            .then_some(p)
+    });
+    assert!(p["errors"].as_u64() >= Some(1), "{p}");
+    rt.block_on(clean(&mut db, &format!("{name}:"), &name));
+}
+
+#[test]
+fn an_unreachable_server_gives_one_clear_line_and_no_position() {
+    if !sinkkit::service_up("Redis", REDIS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceNode::start(&dir.path().join("src"));
+    let mut db = source.runtime.block_on(conn());
+    let name = sinkkit::unique("rdbad");
+    let down = sinkkit::pipeline_file(
+        dir.path(),
+        "down",
+        &format!(
+            "name = \"{name}\"\n[source]\nnode = \"{}\"\nsecrets = \"{}\"\n[sink]\nkind = \
+             \"redis\"\nurl = \"redis://127.0.0.1:1\"\n",
+            source.addr,
+            source.secrets.display()
+        ),
+    );
+    let out = Command::new(common::bin())
+        .args(["connect", "--check", "--config", down.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let verdict = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{verdict}");
+    assert_eq!(verdict.trim().lines().count(), 1, "{verdict}");
+    assert!(
+        verdict.contains(&format!("pipeline {name}: FAILED: sink redis 127.0.0.1:1")),
+        "{verdict}"
+    );
+    let log = dir.path().join("down.log");
+    let mut child = sinkkit::connect(&down, &log, false);
+    wait_until(20, "a retrying status line", || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("retrying"))
+            .map(|_| ())
+    });
+    sinkkit::kill9(&mut child, &log);
+    assert!(source.runtime.block_on(position(&mut db, &name)).is_none());
+}
