@@ -2,8 +2,9 @@
 //!
 //! `peer-bench replication` (replica catch-up, lag through a chain A→B→C, bootstrap, and Redis
 //! replication beside them) and `peer-bench stream` (tails over QUIC beside a bare quinn stream
-//! and PostgreSQL logical decoding). Run them in release:
-//! `cargo run -p tideline-integration --release --bin peer-bench -- replication|stream`.
+//! and PostgreSQL logical decoding), `peer-bench sinks` (the PostgreSQL and Redis sinks beside
+//! the servers' own COPY and redis-benchmark). Run them in release:
+//! `cargo run -p tideline-integration --release --bin peer-bench -- replication|stream|sinks`.
 //! The results, with the machine and the date, go into `docs/benchmarks.md`.
 //!
 //! This package (`tideline-integration`, never published) also holds the multi-process tests
@@ -13,6 +14,7 @@
 //! crate that ships.
 
 mod bench_repl;
+mod bench_sinks;
 mod bench_stream;
 
 use std::process::ExitCode;
@@ -33,6 +35,8 @@ enum Command {
     Stream(bench_stream::StreamBenchArgs),
     /// Replica catch-up, lag through a chain A→B→C, and Redis replication beside them.
     Replication(bench_repl::ReplBenchArgs),
+    /// The PostgreSQL and Redis sinks beside their servers' own COPY and redis-benchmark.
+    Sinks(bench_sinks::SinkBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Stream(args) => bench_stream::stream(&args),
         Command::Replication(args) => bench_repl::replication(&args),
+        Command::Sinks(args) => bench_sinks::sinks(&args),
     };
     match result {
         Ok(code) => code,
