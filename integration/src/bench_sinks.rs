@@ -239,7 +239,8 @@ pub fn sinks(args: &SinkBenchArgs) -> anyhow::Result<ExitCode> {
 async fn sinks_async(args: &SinkBenchArgs) -> anyhow::Result<ExitCode> {
     let tag = format!("bench{}", std::process::id());
     let per_s = |d: Duration| args.changes as f64 / d.as_secs_f64();
-    let mut report = json!({ "changes": args.changes, "batch": args.batch, "ops_per_txn": args.ops_per_txn });
+    let mut report =
+        json!({ "changes": args.changes, "batch": args.batch, "ops_per_txn": args.ops_per_txn });
     // PostgreSQL: each method into a fresh table, then the server's own COPY.
     let mut tables = Vec::new();
     for method in [WriteMethod::Unnest, WriteMethod::Copy] {
@@ -260,8 +261,7 @@ async fn sinks_async(args: &SinkBenchArgs) -> anyhow::Result<ExitCode> {
         .as_f64()
         .unwrap_or(0.0)
         .max(report["postgres"]["copy"].as_f64().unwrap_or(0.0));
-    report["postgres"]["ratio_best_to_copy"] =
-        json!((best / per_s(d) * 1000.0).round() / 1000.0);
+    report["postgres"]["ratio_best_to_copy"] = json!((best / per_s(d) * 1000.0).round() / 1000.0);
     // Redis: the sink, then redis-benchmark with the same pipelining.
     let name = format!("{tag}_redis");
     let mut cfg = RedisConfig::new(&args.redis_url);

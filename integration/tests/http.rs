@@ -134,7 +134,25 @@ fn overview_page_renders_gtids_and_replica_lag_in_a_real_browser() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let primary = start_http(&dir.path().join("p"), &[]);
+    // The primary also runs a pipeline (serve --connect) into Redis: the page lists it. Its
+    // tree filter matches nothing the test writes, so it leaves no keys behind; with Redis
+    // down its row still shows (retrying).
+    let port = free_port();
+    let pipeline = format!("page{}", std::process::id());
+    let file = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = \"{pipeline}\"\n[source]\nnode = \"127.0.0.1:{port}\"\nfrom = \"latest\"\n\
+             trees = [\"nothing-here\"]\n[sink]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n"
+        ),
+    )
+    .unwrap();
+    let primary = Node::start_with(
+        &dir.path().join("p"),
+        port,
+        &["--http", "127.0.0.1:0", "--connect", file.to_str().unwrap()],
+    );
     let secrets = primary.secrets();
     let replica = start_http(
         &dir.path().join("r"),
@@ -181,6 +199,24 @@ fn overview_page_renders_gtids_and_replica_lag_in_a_real_browser() {
         );
         assert!(dom.contains("Recent transactions"), "{dom}");
     }
+    // The primary's page lists its pipeline, its sink and its state.
+    let dom = render(
+        &format!("http://{}/", admin(&primary)),
+        &shots.join("overview-primary.png"),
+        &dir.path().join("chromium-primary-2"),
+    );
+    let row = dom
+        .split("<tr class=\"pipeline\">")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no pipeline row: {dom}"));
+    assert!(row.contains(&pipeline), "{row}");
+    assert!(row.contains("redis 127.0.0.1:6379/0"), "{row}");
+    assert!(
+        ["running", "retrying", "starting"]
+            .iter()
+            .any(|s| row.contains(s)),
+        "{row}"
+    );
     // The replica's page lists its upstream with its lag.
     let dom = render(
         &format!("http://{}/", admin(&replica)),
