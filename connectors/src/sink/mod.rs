@@ -31,6 +31,8 @@
 //!
 //! Each sink lives in a module of its own below this one.
 
+pub mod file;
+
 use std::future::Future;
 use std::pin::Pin;
 
