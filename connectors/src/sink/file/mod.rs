@@ -176,7 +176,12 @@ impl FileSink {
         position::suffixed(&self.cfg.path, &n.to_string())
     }
 
-    fn store_position(&self, bytes: u64, segment: u64, checkpoint: Option<&[u8]>) -> Result<(), SinkError> {
+    fn store_position(
+        &self,
+        bytes: u64,
+        segment: u64,
+        checkpoint: Option<&[u8]>,
+    ) -> Result<(), SinkError> {
         let pos = FilePosition {
             pipeline: self.pipeline.clone(),
             segment,
@@ -371,7 +376,9 @@ impl FileSink {
         }
         #[cfg(feature = "testing")]
         if std::mem::take(&mut self.testing.crash_before_position) {
-            return Err(SinkError::Fatal("simulated crash before the position".into()));
+            return Err(SinkError::Fatal(
+                "simulated crash before the position".into(),
+            ));
         }
         let bytes = self.stored_bytes + self.buf.len() as u64;
         self.store_position(bytes, self.segment, Some(&batch.checkpoint))?;

@@ -156,9 +156,6 @@ mod tests {
             suffixed(Path::new("/d/changes.jsonl"), "2"),
             PathBuf::from("/d/changes.jsonl.2")
         );
-        assert_eq!(
-            path_of(Path::new("out")),
-            PathBuf::from("out.position")
-        );
+        assert_eq!(path_of(Path::new("out")), PathBuf::from("out.position"));
     }
 }

@@ -91,9 +91,14 @@ fn lines_and_the_position_survive_a_reopen() {
     assert_eq!(open(&mut s).unwrap(), Some(b"cp3".to_vec()));
     resume_and_write(&mut s, 10);
     assert_eq!(gtids_in(&path), (1..=10).collect::<Vec<_>>());
-    let first: serde_json::Value =
-        serde_json::from_str(std::fs::read_to_string(&path).unwrap().lines().next().unwrap())
-            .unwrap();
+    let first: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
     assert_eq!(first["op"], "put");
     assert_eq!(first["key"], "k1");
     assert_eq!(first["source"]["offset"], 1);
@@ -158,7 +163,10 @@ fn rotation_numbers_files_in_order_and_a_half_done_rotation_is_undone() {
     };
     let mut s = FileSink::new(cfg.clone(), "test").unwrap();
     resume_and_write(&mut s, 30);
-    assert!(position::suffixed(&path, "2").exists(), "rotated at least twice");
+    assert!(
+        position::suffixed(&path, "2").exists(),
+        "rotated at least twice"
+    );
     assert_eq!(gtids_in(&path), (1..=30).collect::<Vec<_>>());
     let segment = s.segment;
     drop(s);
