@@ -1,10 +1,10 @@
 //! `tideline`: the command-line tool and node of the Tideline replication-stream platform.
 //!
 //! `serve` runs a node (engine + log + QUIC server + the replication pipelines of
-//! `tideline-connectors` + HTTP admin); `put`, `get`, `del`, `load`, `scan`, `tail` and
-//! `status` talk to one; `log dump|info|verify` inspect a data directory offline, like
-//! mysqlbinlog; `bench wal|node` are the user-facing load generators; `demo` shows the log at
-//! work. See `README.md`.
+//! `tideline-connectors` + HTTP admin); `put`, `get`, `del`, `load`, `scan`, `tail`,
+//! `sink file` and `status` talk to one; `log dump|info|verify` inspect a data directory
+//! offline, like mysqlbinlog; `bench wal|node|sink-file` are the user-facing load generators;
+//! `demo` shows the log at work. See `README.md`.
 //!
 //! The package is a library and a thin binary (`main.rs` calls [`run`]). The library exists so
 //! that `tideline-integration`'s peer benchmarks run nodes in process ([`node::EngineNode`],
@@ -63,6 +63,9 @@ enum Command {
     Tail(client_cmd::TailArgs),
     /// Print the node's status as JSON.
     Status(client_cmd::StatusArgs),
+    /// Drive a node's changes into a sink, until Ctrl-C or an error.
+    #[command(subcommand)]
+    Sink(SinkCommand),
     /// Show every request the node serves, live (like Redis MONITOR).
     Monitor(monitor_cmd::MonitorArgs),
     /// Show the hottest keys and slowest requests, refreshed every interval.
@@ -87,6 +90,13 @@ enum LogCommand {
     Info(DataArg),
     /// Read and check every record of every segment; exits non-zero on damage.
     Verify(DataArg),
+}
+
+#[derive(Debug, Subcommand)]
+enum SinkCommand {
+    /// Append one JSON change envelope per line to a file (rotated by size), resuming exactly
+    /// where it stopped: the position is kept beside the file.
+    File(client_cmd::SinkFileArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,6 +168,7 @@ pub fn run() -> ExitCode {
         Command::Scan(args) => client_cmd::scan(&args),
         Command::Tail(args) => client_cmd::tail_cmd(&args),
         Command::Status(args) => client_cmd::status(&args),
+        Command::Sink(SinkCommand::File(args)) => client_cmd::sink_file(&args),
         Command::Verify(args) => verify::verify(&args),
         Command::Log(LogCommand::Dump(args)) => log_cmd::dump(&args),
         Command::Log(LogCommand::Info(args)) => log_cmd::info(&args.data),

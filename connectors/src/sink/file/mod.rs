@@ -130,7 +130,7 @@ impl FileSink {
     pub fn new(cfg: FileConfig, pipeline: &str) -> Result<FileSink, SinkError> {
         if cfg.path.as_os_str().is_empty() || cfg.path.file_name().is_none() {
             return Err(SinkError::Fatal(format!(
-                "file sink: path {:?} names no file; give a file path such as changes.jsonl",
+                "path {:?} names no file; give a file path such as changes.jsonl",
                 cfg.path
             )));
         }
@@ -199,7 +199,7 @@ impl FileSink {
             && !dir.is_dir()
         {
             return Err(fatal(format!(
-                "file sink: directory {} does not exist; create it first",
+                "directory {} does not exist; create it first",
                 dir.display()
             )));
         }
@@ -208,7 +208,7 @@ impl FileSink {
         let pos = match stored {
             Some(bytes) => FilePosition::decode(&bytes).map_err(|why| {
                 fatal(format!(
-                    "file sink: position file {} is damaged ({why}); to start over, move \
+                    "position file {} is damaged ({why}); to start over, move \
                      {} and its rotated files away together with it",
                     pos_path.display(),
                     path.display()
@@ -219,7 +219,7 @@ impl FileSink {
                 for p in [path.clone(), self.rotated(1)] {
                     if p.exists() {
                         return Err(fatal(format!(
-                            "file sink: {} exists but {} does not, so it was not written by \
+                            "{} exists but {} does not, so it was not written by \
                              this sink (or its position was deleted); move it away or choose \
                              another file",
                             p.display(),
@@ -246,7 +246,7 @@ impl FileSink {
             match std::fs::metadata(&path) {
                 Ok(m) if m.len() > 0 => {
                     return Err(fatal(format!(
-                        "file sink: both {} and {} hold data, but the position ({}) names \
+                        "both {} and {} hold data, but the position ({}) names \
                          neither as rotated; the files were changed by something else",
                         next.display(),
                         path.display(),
@@ -259,7 +259,7 @@ impl FileSink {
             std::fs::rename(&next, &path)
                 .and_then(|()| sync_dir(&path))
                 .map_err(|e| io_error("rename back", &next, &e))?;
-            tracing::info!(file = %path.display(), "file sink: undid a rotation the position did not record");
+            tracing::info!(file = %path.display(), "undid a rotation the position did not record");
         }
         let mut file = OpenOptions::new()
             .create(true)
@@ -274,7 +274,7 @@ impl FileSink {
             .len();
         if len < pos.bytes {
             return Err(fatal(format!(
-                "file sink: {} holds {len} bytes but its position ({}) says {} were stored: \
+                "{} holds {len} bytes but its position ({}) says {} were stored: \
                  the file was cut or replaced; restore it, or move it, its rotated files and \
                  the position away to start over",
                 path.display(),
@@ -290,7 +290,7 @@ impl FileSink {
             tracing::info!(
                 file = %path.display(),
                 bytes = len - pos.bytes,
-                "file sink: cutting what the last run wrote after its stored position"
+                "cutting what the last run wrote after its stored position"
             );
             file.set_len(pos.bytes)
                 .and_then(|()| file.sync_all())
@@ -329,7 +329,7 @@ impl FileSink {
             .map_err(|e| io_error("create", &path, &e))?;
         sync_dir(&path).map_err(|e| io_error("sync the directory of", &path, &e))?;
         self.file = Some(file);
-        tracing::info!(file = %to.display(), "file sink: rotated");
+        tracing::info!(file = %to.display(), "rotated");
         Ok(())
     }
 
@@ -340,9 +340,10 @@ impl FileSink {
             self.open_sync()?;
         }
         if self.dirty {
-            let file = self.file.as_mut().ok_or_else(|| {
-                SinkError::Fatal("file sink: written before it was opened".into())
-            })?;
+            let file = self
+                .file
+                .as_mut()
+                .ok_or_else(|| SinkError::Fatal("written before it was opened".into()))?;
             file.set_len(self.stored_bytes)
                 .and_then(|()| file.seek(SeekFrom::Start(self.stored_bytes)).map(drop))
                 .map_err(|e| io_error("cut a failed write from", &path, &e))?;
@@ -358,7 +359,7 @@ impl FileSink {
         let file = self
             .file
             .as_mut()
-            .ok_or_else(|| SinkError::Fatal("file sink: written before it was opened".into()))?;
+            .ok_or_else(|| SinkError::Fatal("written before it was opened".into()))?;
         if !self.buf.is_empty() {
             self.dirty = true;
             file.write_all(&self.buf)
@@ -368,7 +369,7 @@ impl FileSink {
             // the file back to the stored position and writes them again.
             file.sync_data().map_err(|e| {
                 SinkError::Fatal(format!(
-                    "file sink: fsync of {} failed: {e}; restart the sink (it cuts the file \
+                    "fsync of {} failed: {e}; restart the sink (it cuts the file \
                      back to its stored position and writes again from there)",
                     path.display()
                 ))
