@@ -16,6 +16,7 @@
 mod admin;
 mod bench;
 mod bench_node;
+mod bench_sink;
 pub mod bench_util;
 mod client_cmd;
 mod demo;
@@ -105,6 +106,8 @@ enum BenchCommand {
     Wal(bench::WalBenchArgs),
     /// Load a running node with N clients (puts or gets), like redis-benchmark.
     Node(bench_node::NodeBenchArgs),
+    /// The JSON-lines file sink beside `tideline tail > file`, on the same log.
+    SinkFile(bench_sink::SinkFileBenchArgs),
 }
 
 /// The data directory of a node.
@@ -175,6 +178,7 @@ pub fn run() -> ExitCode {
         Command::Log(LogCommand::Verify(args)) => log_cmd::verify(&args.data),
         Command::Bench(BenchCommand::Wal(args)) => bench::wal(&args),
         Command::Bench(BenchCommand::Node(args)) => bench_node::run(&args),
+        Command::Bench(BenchCommand::SinkFile(args)) => bench_sink::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Monitor(args) => monitor_cmd::monitor(&args),
         Command::Top(args) => monitor_cmd::top(&args),

@@ -197,12 +197,20 @@ pub fn write_lines(item: &Item, server_uuid: uuid::Uuid, out: &mut Vec<u8>) {
 
 /// `,"source":{...}}\n`: the end of every envelope of one transaction (or bootstrap step).
 fn source_text(server_uuid: uuid::Uuid, txn: Option<&Transaction>) -> Vec<u8> {
-    let mut s = Vec::with_capacity(160);
-    s.extend_from_slice(b",\"source\":");
-    let v = Source { server_uuid, txn }.json();
-    // A map of strings and numbers always serializes.
-    serde_json::to_writer(&mut s, &v).expect("a JSON value serializes into memory");
-    s.extend_from_slice(b"}\n");
+    use std::io::Write as _;
+    let mut s = Vec::with_capacity(192);
+    // Uuids, GTIDs, numbers and RFC 3339 times hold nothing JSON escapes.
+    let _ = write!(s, ",\"source\":{{\"server_uuid\":\"{server_uuid}\",");
+    let _ = match txn {
+        Some(t) => writeln!(
+            s,
+            "\"offset\":{},\"gtid\":\"{}\",\"ts\":\"{}\"}}}}",
+            t.offset.get(),
+            t.gtid,
+            rfc3339_us(t.timestamp_us)
+        ),
+        None => writeln!(s, "\"offset\":null,\"gtid\":null,\"ts\":null}}}}"),
+    };
     s
 }
 

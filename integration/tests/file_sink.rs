@@ -280,3 +280,66 @@ fn kill_9_mid_batch_leaves_every_change_exactly_once() {
         );
     }
 }
+
+/// `--from bootstrap`: the node's current state as `read` envelopes (no GTID: the copy is
+/// positioned as a whole), then its changes; `--tree` keeps other trees out.
+#[test]
+fn from_bootstrap_writes_the_state_then_the_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("node"), free_port());
+    for (tree, key) in [("docs", "a"), ("docs", "b"), ("other", "x")] {
+        let out = node.run(&["put", "--tree", tree, key, "v"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(node.run(&["del", "--tree", "docs", "a"]).status.success());
+    let out = dir.path().join("changes.jsonl");
+    let mut child = sink_cmd(&node, &out)
+        .args(["--from", "bootstrap", "--tree", "docs"])
+        .spawn()
+        .unwrap();
+    let wait_for = |offset: u64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while stored_offset(&out) < offset {
+            assert!(
+                Instant::now() < deadline,
+                "the sink did not reach offset {offset}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for(4);
+    assert!(
+        node.run(&["put", "--tree", "docs", "c", "w"])
+            .status
+            .success()
+    );
+    wait_for(5);
+    child.kill().unwrap();
+    let _ = child.wait();
+    let lines: Vec<Value> = std::fs::read_to_string(&out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let brief: Vec<(String, String, Value)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["op"].as_str().unwrap().to_string(),
+                v["key"].as_str().unwrap().to_string(),
+                v["source"]["offset"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        brief,
+        [
+            ("read".to_string(), "b".to_string(), Value::Null),
+            ("put".to_string(), "c".to_string(), Value::from(5)),
+        ]
+    );
+}
