@@ -1,4 +1,4 @@
-//! Client commands: `put`, `get`, `del`, `status` here; `load`, `scan` and `tail` in their own
+//! Client commands: `put`, `get`, `del`, `status` here; `load`, `scan`, `tail` and `sink file` in their own
 //! modules, with the escaping `scan` writes and `load` reads.
 //!
 //! Owns: how a command reaches and authenticates with a node ([`NodeArgs`], [`CredArgs`]), the
@@ -9,10 +9,12 @@
 mod escape;
 mod load;
 mod scan;
+mod sink_file;
 mod tail;
 
 pub use load::{LoadArgs, load};
 pub use scan::{ScanArgs, scan};
+pub use sink_file::{SinkFileArgs, sink_file};
 pub use tail::{TailArgs, tail_cmd};
 
 use std::io::{IsTerminal, Write};

@@ -1,10 +1,10 @@
 //! `tideline`: the command-line tool and node of the Tideline replication-stream platform.
 //!
 //! `serve` runs a node (engine + log + QUIC server + the replication pipelines of
-//! `tideline-connectors` + HTTP admin); `put`, `get`, `del`, `load`, `scan`, `tail` and
-//! `status` talk to one; `log dump|info|verify` inspect a data directory offline, like
-//! mysqlbinlog; `bench wal|node` are the user-facing load generators; `demo` shows the log at
-//! work. See `README.md`.
+//! `tideline-connectors` + HTTP admin); `put`, `get`, `del`, `load`, `scan`, `tail`,
+//! `sink file` and `status` talk to one; `log dump|info|verify` inspect a data directory
+//! offline, like mysqlbinlog; `bench wal|node|sink-file` are the user-facing load generators;
+//! `demo` shows the log at work. See `README.md`.
 //!
 //! The package is a library and a thin binary (`main.rs` calls [`run`]). The library exists so
 //! that `tideline-integration`'s peer benchmarks run nodes in process ([`node::EngineNode`],
@@ -16,6 +16,7 @@
 mod admin;
 mod bench;
 mod bench_node;
+mod bench_sink;
 pub mod bench_util;
 mod client_cmd;
 mod connect;
@@ -64,6 +65,9 @@ enum Command {
     Tail(client_cmd::TailArgs),
     /// Print the node's status as JSON.
     Status(client_cmd::StatusArgs),
+    /// Drive a node's changes into a sink, until Ctrl-C or an error.
+    #[command(subcommand)]
+    Sink(SinkCommand),
     /// Show every request the node serves, live (like Redis MONITOR).
     Monitor(monitor_cmd::MonitorArgs),
     /// Show the hottest keys and slowest requests, refreshed every interval.
@@ -95,11 +99,20 @@ enum LogCommand {
 }
 
 #[derive(Debug, Subcommand)]
+enum SinkCommand {
+    /// Append one JSON change envelope per line to a file (rotated by size), resuming exactly
+    /// where it stopped: the position is kept beside the file.
+    File(client_cmd::SinkFileArgs),
+}
+
+#[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Group commit, bandwidth, scan and recovery of the log, beside the raw disk.
     Wal(bench::WalBenchArgs),
     /// Load a running node with N clients (puts or gets), like redis-benchmark.
     Node(bench_node::NodeBenchArgs),
+    /// The JSON-lines file sink beside `tideline tail > file`, on the same log.
+    SinkFile(bench_sink::SinkFileBenchArgs),
 }
 
 /// The data directory of a node.
@@ -166,6 +179,7 @@ pub fn run() -> ExitCode {
         Command::Scan(args) => client_cmd::scan(&args),
         Command::Tail(args) => client_cmd::tail_cmd(&args),
         Command::Status(args) => client_cmd::status(&args),
+        Command::Sink(SinkCommand::File(args)) => client_cmd::sink_file(&args),
         Command::Verify(args) => verify::verify(&args),
         Command::Connect(args) => connect::connect(&args),
         Command::Log(LogCommand::Dump(args)) => log_cmd::dump(&args),
@@ -173,6 +187,7 @@ pub fn run() -> ExitCode {
         Command::Log(LogCommand::Verify(args)) => log_cmd::verify(&args.data),
         Command::Bench(BenchCommand::Wal(args)) => bench::wal(&args),
         Command::Bench(BenchCommand::Node(args)) => bench_node::run(&args),
+        Command::Bench(BenchCommand::SinkFile(args)) => bench_sink::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Monitor(args) => monitor_cmd::monitor(&args),
         Command::Top(args) => monitor_cmd::top(&args),

@@ -31,6 +31,7 @@
 //!
 //! Each sink lives in a module of its own below this one.
 
+pub mod file;
 pub(crate) mod fold;
 pub mod postgres;
 pub mod redis;
