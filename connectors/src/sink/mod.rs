@@ -31,6 +31,9 @@
 //!
 //! Each sink lives in a module of its own below this one.
 
+pub mod nats;
+pub mod webhook;
+
 use std::future::Future;
 use std::pin::Pin;
 
