@@ -267,24 +267,7 @@ impl NatsSink {
                  it is the stream's that de-duplicates"
             );
         }
-        let kv = match js.get_key_value(cfg.positions_bucket.clone()).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(jetstream::kv::Config {
-                    bucket: cfg.positions_bucket.clone(),
-                    description: "tideline pipeline checkpoints, keyed by pipeline".into(),
-                    history: 1,
-                    storage: jetstream::stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| {
-                    SinkError::Retry(format!(
-                        "NATS positions bucket {:?}: {e}",
-                        cfg.positions_bucket
-                    ))
-                })?,
-        };
+        let kv = positions_bucket(&js, &cfg.positions_bucket).await?;
         Ok(Conn {
             js,
             kv,
@@ -342,6 +325,39 @@ impl NatsSink {
         }
         Ok(())
     }
+}
+
+/// The positions bucket, created when absent. Created as the stream a KV bucket is
+/// (`KV_<bucket>` on `$KV.<bucket>.>`, one value per key, rollups, direct gets: what
+/// `nats kv add` makes) rather than through `create_key_value`, whose account query does not
+/// parse the answer of nats-server 2.9 (Debian 12's).
+async fn positions_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<jetstream::kv::Store, SinkError> {
+    if let Ok(kv) = js.get_key_value(bucket).await {
+        return Ok(kv);
+    }
+    let stream = jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some("tideline pipeline checkpoints, keyed by pipeline".into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        storage: jetstream::stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    // Two pipelines may race to create it: an identical config is accepted twice.
+    js.get_or_create_stream(stream)
+        .await
+        .map_err(|e| SinkError::Retry(format!("NATS positions bucket {bucket:?}: {e}")))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| SinkError::Retry(format!("NATS positions bucket {bucket:?}: {e}")))
 }
 
 impl Sink for NatsSink {
