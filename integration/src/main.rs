@@ -2,7 +2,8 @@
 //!
 //! `peer-bench replication` (replica catch-up, lag through a chain A→B→C, bootstrap, and Redis
 //! replication beside them) and `peer-bench stream` (tails over QUIC beside a bare quinn stream
-//! and PostgreSQL logical decoding). Run them in release:
+//! and PostgreSQL logical decoding), `peer-bench nats` (the NATS sink beside a bare JetStream
+//! publisher). Run them in release:
 //! `cargo run -p tideline-integration --release --bin peer-bench -- replication|stream`.
 //! The results, with the machine and the date, go into `docs/benchmarks.md`.
 //!
@@ -12,6 +13,7 @@
 //! load generators, `tideline bench wal|node`, stay in the node), or be a dependency of a
 //! crate that ships.
 
+mod bench_nats;
 mod bench_repl;
 mod bench_stream;
 
@@ -33,6 +35,8 @@ enum Command {
     Stream(bench_stream::StreamBenchArgs),
     /// Replica catch-up, lag through a chain A→B→C, and Redis replication beside them.
     Replication(bench_repl::ReplBenchArgs),
+    /// The NATS JetStream sink beside a bare JetStream publisher with the same pipelining.
+    Nats(bench_nats::NatsBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Stream(args) => bench_stream::stream(&args),
         Command::Replication(args) => bench_repl::replication(&args),
+        Command::Nats(args) => bench_nats::nats(&args),
     };
     match result {
         Ok(code) => code,

@@ -285,7 +285,10 @@ fn kill_cycles_verdict(test: &str, per: Per, without_msg_id: bool) -> Result<(),
         std::thread::sleep(Duration::from_millis(20));
     }
     sinks::kill9(&mut child, &stderr);
-    eprintln!("{test}: {cycles} kill cycles, {} transactions", committed.len());
+    eprintln!(
+        "{test}: {cycles} kill cycles, {} transactions",
+        committed.len()
+    );
     let msgs = rt.block_on(read_all(&js, &cfg.stream));
     let verdict = check_stream(&msgs, &committed, &model, &cfg);
     let _ = rt.block_on(js.delete_stream(&cfg.stream));
@@ -346,6 +349,15 @@ fn an_unreachable_server_is_retried_with_a_clear_error() {
     assert!(matches!(e, SinkError::Fatal(_)), "{e}");
 }
 
+/// The `nats-server` binary: Debian puts it in /usr/sbin, which a user's PATH may lack.
+fn nats_server_bin() -> &'static str {
+    if Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    }
+}
+
 /// A `nats-server` of this test's own, with JetStream, on `port`, storing in `dir`.
 struct OwnServer {
     child: std::process::Child,
@@ -353,7 +365,7 @@ struct OwnServer {
 
 impl OwnServer {
     fn start(port: u16, dir: &Path) -> OwnServer {
-        let child = std::process::Command::new("nats-server")
+        let child = std::process::Command::new(nats_server_bin())
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
             .arg(dir)
             .stdout(std::process::Stdio::null())
@@ -386,7 +398,7 @@ impl Drop for OwnServer {
 
 #[test]
 fn a_restarted_server_is_an_outage_the_pipeline_rides_out() {
-    let has_server = std::process::Command::new("nats-server")
+    let has_server = std::process::Command::new(nats_server_bin())
         .arg("--version")
         .output()
         .is_ok();
@@ -490,7 +502,11 @@ fn a_restarted_server_is_an_outage_the_pipeline_rides_out() {
     let _server = OwnServer::start(nats_port, &store);
     wait_offset(second.last().unwrap().offset, "after the restart");
     let after = status.get();
-    assert!(!task.is_finished(), "the pipeline stopped: {}", after.to_json());
+    assert!(
+        !task.is_finished(),
+        "the pipeline stopped: {}",
+        after.to_json()
+    );
     assert!(after.outages_total >= 1, "{}", after.to_json());
     assert_eq!(after.state.as_str(), "running", "{}", after.to_json());
     task.abort();

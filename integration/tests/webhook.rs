@@ -70,7 +70,12 @@ async fn receive(
             "receiver says no: bad field `x`\nsecond line".into(),
         );
     }
-    let h = |k: &str| headers.get(k).and_then(|v| v.to_str().ok()).map(String::from);
+    let h = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
     let envelopes: Vec<Value> = serde_json::from_slice(&body).expect("a JSON array body");
     r.posts.lock().unwrap().push(Post {
         pipeline: h("tideline-pipeline").unwrap_or_default(),
@@ -207,7 +212,9 @@ fn stored_offset(path: &std::path::Path) -> u64 {
     let cp = base64::engine::general_purpose::STANDARD
         .decode(v["checkpoint_b64"].as_str().expect("checkpoint_b64"))
         .expect("base64");
-    PipelineCheckpoint::decode(&cp).expect("a checkpoint").offset()
+    PipelineCheckpoint::decode(&cp)
+        .expect("a checkpoint")
+        .offset()
 }
 
 #[test]
@@ -251,7 +258,11 @@ fn server_errors_are_retried_without_loss_and_each_post_names_its_gtids() {
     }
     let s = status.get();
     task.abort();
-    assert!(s.outages_total >= 1, "the 503s are an outage: {}", s.to_json());
+    assert!(
+        s.outages_total >= 1,
+        "the 503s are an outage: {}",
+        s.to_json()
+    );
     assert!(s.errors_total >= 3, "{}", s.to_json());
     let posts = receiver.posts.lock().unwrap().clone();
     for p in &posts {

@@ -117,7 +117,11 @@ pub fn workload(
                 let mut changes = Vec::new();
                 let both = rng.random_range(0..3) == 0;
                 for j in 0..n {
-                    let tree = if both && j % 2 == 1 { "orders" } else { "users" };
+                    let tree = if both && j % 2 == 1 {
+                        "orders"
+                    } else {
+                        "users"
+                    };
                     let key = format!("k{:03}", rng.random_range(0..200));
                     if rng.random_range(0..4) == 0 {
                         ops.push(WriteOp::Delete {
@@ -157,7 +161,10 @@ pub fn is_data(e: &Value) -> bool {
 
 /// Applies one envelope to a model (what a receiver that upserts and deletes would hold).
 pub fn apply(model: &mut Model, e: &Value) {
-    let tree = e["tree"].as_str().expect("an envelope names its tree").to_string();
+    let tree = e["tree"]
+        .as_str()
+        .expect("an envelope names its tree")
+        .to_string();
     let key = e["key"].as_str().expect("a UTF-8 key").to_string();
     match e["op"].as_str() {
         Some("put") | Some("read") => {
