@@ -3,8 +3,9 @@
 //! `peer-bench replication` (replica catch-up, lag through a chain A→B→C, bootstrap, and Redis
 //! replication beside them) and `peer-bench stream` (tails over QUIC beside a bare quinn stream
 //! and PostgreSQL logical decoding), `peer-bench sinks` (the PostgreSQL and Redis sinks beside
-//! the servers' own COPY and redis-benchmark). Run them in release:
-//! `cargo run -p tideline-integration --release --bin peer-bench -- replication|stream|sinks`.
+//! the servers' own COPY and redis-benchmark), `peer-bench nats` (the NATS sink beside a bare
+//! JetStream publisher). Run them in release:
+//! `cargo run -p tideline-integration --release --bin peer-bench -- replication|stream|sinks|nats`.
 //! The results, with the machine and the date, go into `docs/benchmarks.md`.
 //!
 //! This package (`tideline-integration`, never published) also holds the multi-process tests
@@ -13,6 +14,7 @@
 //! load generators, `tideline bench wal|node`, stay in the node), or be a dependency of a
 //! crate that ships.
 
+mod bench_nats;
 mod bench_repl;
 mod bench_sinks;
 mod bench_stream;
@@ -37,6 +39,8 @@ enum Command {
     Replication(bench_repl::ReplBenchArgs),
     /// The PostgreSQL and Redis sinks beside their servers' own COPY and redis-benchmark.
     Sinks(bench_sinks::SinkBenchArgs),
+    /// The NATS JetStream sink beside a bare JetStream publisher with the same pipelining.
+    Nats(bench_nats::NatsBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Stream(args) => bench_stream::stream(&args),
         Command::Replication(args) => bench_repl::replication(&args),
         Command::Sinks(args) => bench_sinks::sinks(&args),
+        Command::Nats(args) => bench_nats::nats(&args),
     };
     match result {
         Ok(code) => code,

@@ -34,7 +34,9 @@
 pub mod file;
 pub(crate) mod fold;
 pub mod postgres;
+pub mod nats;
 pub mod redis;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 
@@ -57,6 +59,7 @@ pub(crate) fn position_apart() -> bool {
 pub(crate) fn position_apart() -> bool {
     false
 }
+
 use std::future::Future;
 use std::pin::Pin;
 

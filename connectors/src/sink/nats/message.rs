@@ -1,0 +1,283 @@
+//! What the NATS sink publishes for a batch: subjects, message ids and payloads. Pure: no
+//! client, no clock, so that the shapes documented in `docs/OPERATIONS.md` ("NATS JetStream
+//! sink") are tested without a server.
+//!
+//! - Live transaction, `per = "txn"`: one message, payload
+//!   `{"gtid":"UUID:N","offset":N,"ts":"RFC 3339","changes":[envelope, ...]}`, id `UUID:N`.
+//! - Live transaction, `per = "op"`: one message per change, payload its envelope, id
+//!   `UUID:N:I` (I = the change's index in the transaction, from 0).
+//! - Bootstrap row (`op: read`), in both modes: one message per row, id
+//!   `boot:SERVER_UUID:HASH` where HASH names the tree, key and value, so that a chunk sent
+//!   again after a crash (same rows, same values) is dropped by the stream.
+//! - Live change during a bootstrap (no GTID of its own), in both modes: one message per
+//!   change, id `boot:SERVER_UUID:EPOCH:OFFSET:I` from the bootstrap progress the batch
+//!   stores (OFFSET = the last live record the step handled).
+//!
+//! Owns: these shapes. Must never: publish, or decide when the checkpoint moves.
+
+use serde_json::{Value, json};
+use tideline_wal::{Op, Transaction};
+
+use crate::envelope::{self, Source};
+use crate::pipeline::PipelineCheckpoint;
+use crate::sink::{Batch, Item};
+
+/// One message per transaction or per change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Per {
+    /// One message per transaction: its changes in one payload.
+    Txn,
+    /// One message per change.
+    Op,
+}
+
+/// The `{tree}` of a transaction whose changes touch several trees, in `per = "txn"` mode.
+pub const MULTI_TREE: &str = "_multi";
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Subject.
+    pub subject: String,
+    /// The `Nats-Msg-Id` header: the stream drops a second message with the same id within
+    /// its duplicate window.
+    pub id: String,
+    /// JSON payload.
+    pub payload: Vec<u8>,
+}
+
+/// The tree as one subject token: `.`, `*`, `>` and whitespace become `_` (they would split or
+/// widen the subject), an empty name is `_`.
+pub fn subject_token(tree: &str) -> String {
+    if tree.is_empty() {
+        return "_".into();
+    }
+    tree.chars()
+        .map(|c| {
+            if c == '.' || c == '*' || c == '>' || c.is_whitespace() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// `template` with `{tree}` replaced by `tree`'s token.
+pub fn subject(template: &str, tree: &str) -> String {
+    template.replace("{tree}", &subject_token(tree))
+}
+
+fn op_tree(op: &Op) -> &str {
+    match op {
+        Op::Put { tree, .. }
+        | Op::Delete { tree, .. }
+        | Op::Merge { tree, .. }
+        | Op::CreateTree { tree, .. }
+        | Op::DropTree { tree } => tree,
+    }
+}
+
+/// The tree a transaction's message is published under: its only tree, or [`MULTI_TREE`].
+pub fn txn_tree(txn: &Transaction) -> &str {
+    let mut trees = txn.ops.iter().map(op_tree);
+    let first = trees.next().unwrap_or(MULTI_TREE);
+    if trees.all(|t| t == first) {
+        first
+    } else {
+        MULTI_TREE
+    }
+}
+
+fn to_bytes(v: &Value) -> Vec<u8> {
+    // Serializing a `Value` cannot fail (its keys are strings).
+    serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// Hex of the first 16 bytes of SHA-256 over length-prefixed parts.
+fn digest(parts: &[&[u8]]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parts {
+        ctx.update(&(p.len() as u64).to_le_bytes());
+        ctx.update(p);
+    }
+    ctx.finish().as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The messages of `batch`, in order.
+pub fn messages(batch: &Batch, template: &str, per: Per) -> Vec<Message> {
+    let mut out = Vec::new();
+    let uuid = batch.source;
+    for item in &batch.items {
+        match item {
+            Item::Txn(t) => {
+                let source = Source {
+                    server_uuid: uuid,
+                    txn: Some(t),
+                };
+                let gtid = t.gtid.to_string();
+                match per {
+                    Per::Txn => {
+                        let changes: Vec<Value> = t
+                            .ops
+                            .iter()
+                            .map(|op| envelope::op_envelope(op, source))
+                            .collect();
+                        let payload = json!({
+                            "gtid": gtid,
+                            "offset": t.offset.get(),
+                            "ts": envelope::rfc3339_us(t.timestamp_us),
+                            "changes": changes,
+                        });
+                        out.push(Message {
+                            subject: subject(template, txn_tree(t)),
+                            id: gtid,
+                            payload: to_bytes(&payload),
+                        });
+                    }
+                    Per::Op => {
+                        for (i, op) in t.ops.iter().enumerate() {
+                            out.push(Message {
+                                subject: subject(template, op_tree(op)),
+                                id: format!("{gtid}:{i}"),
+                                payload: to_bytes(&envelope::op_envelope(op, source)),
+                            });
+                        }
+                    }
+                }
+            }
+            Item::Chunk { tree, entries, .. } => {
+                let subject = subject(template, tree);
+                for (k, v) in entries {
+                    out.push(Message {
+                        subject: subject.clone(),
+                        id: format!("boot:{uuid}:{}", digest(&[tree.as_bytes(), k, v])),
+                        payload: to_bytes(&envelope::read_envelope(tree, k, v, uuid)),
+                    });
+                }
+            }
+            Item::Ops(ops) => {
+                let step = match PipelineCheckpoint::decode(&batch.checkpoint) {
+                    Ok(PipelineCheckpoint::Bootstrap(p)) => {
+                        format!("{}:{}", p.epoch.unwrap_or_default(), p.after_offset)
+                    }
+                    // Not a bootstrap checkpoint (a caller of its own): name the step by it.
+                    _ => digest(&[&batch.checkpoint]),
+                };
+                let source = Source {
+                    server_uuid: uuid,
+                    txn: None,
+                };
+                for (i, op) in ops.iter().enumerate() {
+                    out.push(Message {
+                        subject: subject(template, op_tree(op)),
+                        id: format!("boot:{uuid}:{step}:{i}"),
+                        payload: to_bytes(&envelope::op_envelope(op, source)),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tideline_wal::{Gtid, Offset};
+
+    fn put(tree: &str, key: &str) -> Op {
+        Op::Put {
+            tree: tree.into(),
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            before: None,
+        }
+    }
+
+    fn txn(uuid: uuid::Uuid, n: u64, ops: Vec<Op>) -> Item {
+        Item::Txn(Transaction {
+            offset: Offset::new(n).unwrap(),
+            gtid: Gtid::new(uuid, n).unwrap(),
+            timestamp_us: 1_700_000_000_000_000,
+            ops,
+        })
+    }
+
+    #[test]
+    fn a_transaction_is_one_message_with_its_gtid_as_id() {
+        let uuid = uuid::Uuid::from_bytes([7; 16]);
+        let batch = Batch {
+            source: uuid,
+            items: vec![
+                txn(uuid, 3, vec![put("users", "a"), put("users", "b")]),
+                txn(uuid, 4, vec![put("users", "c"), put("orders", "d")]),
+            ],
+            checkpoint: vec![],
+        };
+        let m = messages(&batch, "tideline.{tree}", Per::Txn);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[0].id, format!("{uuid}:3"));
+        assert_eq!(m[0].subject, "tideline.users");
+        assert_eq!(m[1].subject, "tideline._multi");
+        let p: Value = serde_json::from_slice(&m[0].payload).unwrap();
+        assert_eq!(p["gtid"], format!("{uuid}:3"));
+        assert_eq!(p["offset"], 3);
+        assert_eq!(p["ts"], "2023-11-14T22:13:20.000000Z");
+        assert_eq!(p["changes"].as_array().unwrap().len(), 2);
+        assert_eq!(p["changes"][1]["key"], "b");
+    }
+
+    #[test]
+    fn per_op_messages_carry_the_gtid_and_the_change_index() {
+        let uuid = uuid::Uuid::from_bytes([7; 16]);
+        let batch = Batch {
+            source: uuid,
+            items: vec![txn(uuid, 9, vec![put("a.b", "k1"), put("c", "k2")])],
+            checkpoint: vec![],
+        };
+        let m = messages(&batch, "cdc.{tree}.changes", Per::Op);
+        let ids: Vec<_> = m.iter().map(|m| m.id.as_str()).collect();
+        assert_eq!(ids, [format!("{uuid}:9:0"), format!("{uuid}:9:1")]);
+        assert_eq!(m[0].subject, "cdc.a_b.changes");
+        assert_eq!(m[1].subject, "cdc.c.changes");
+        let p: Value = serde_json::from_slice(&m[1].payload).unwrap();
+        assert_eq!(p["key"], "k2");
+        assert_eq!(p["source"]["gtid"], format!("{uuid}:9"));
+    }
+
+    #[test]
+    fn a_resent_chunk_has_the_same_ids_and_a_changed_row_a_new_one() {
+        let uuid = uuid::Uuid::from_bytes([8; 16]);
+        let chunk = |v: &[u8]| Batch {
+            source: uuid,
+            items: vec![Item::Chunk {
+                tree: "t".into(),
+                merge_operator: None,
+                from: vec![],
+                to: None,
+                entries: vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), v.to_vec())],
+            }],
+            checkpoint: b"{}".to_vec(),
+        };
+        let first = messages(&chunk(b"2"), "x.{tree}", Per::Txn);
+        let again = messages(&chunk(b"2"), "x.{tree}", Per::Txn);
+        let changed = messages(&chunk(b"3"), "x.{tree}", Per::Txn);
+        assert_eq!(first, again);
+        assert_eq!(first[0].id, changed[0].id);
+        assert_ne!(first[1].id, changed[1].id);
+        assert_ne!(first[0].id, first[1].id);
+        assert!(first[0].id.starts_with(&format!("boot:{uuid}:")));
+    }
+
+    #[test]
+    fn tree_names_become_one_subject_token() {
+        assert_eq!(subject_token("a.b c*>"), "a_b_c__");
+        assert_eq!(subject_token(""), "_");
+        assert_eq!(subject("fixed", "users"), "fixed");
+    }
+}

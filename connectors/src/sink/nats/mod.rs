@@ -1,0 +1,419 @@
+//! The NATS JetStream sink: changes as JSON messages on a stream, de-duplicated by GTID.
+//!
+//! Delivery: every message of a batch is published with a `Nats-Msg-Id` header (the GTID, see
+//! [`message`]) and the pipelined acks are all awaited; only then is the batch's checkpoint
+//! written, to the JetStream key-value bucket `positions_bucket` (default
+//! `tideline_positions`) under the pipeline's name. A crash between the acks and that write
+//! sends the batch again on restart, and the stream drops each message whose id it saw within
+//! its **duplicate window**: at least once + de-duplication = exactly once, as long as the
+//! connector is back within the window (a longer outage may repeat the batch it was writing).
+//!
+//! Owns: the connection, the stream and the bucket it creates when absent, the publish-ack
+//! accounting. Must never: write the checkpoint before every publish of its batch is acked.
+//!
+//! Layout: `message.rs` builds subjects, ids and payloads (pure); this file talks to the server.
+
+pub mod message;
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage};
+use bytes::Bytes;
+
+pub use message::{Message, Per};
+
+use crate::sink::{Batch, Sink, SinkError, SinkFuture};
+
+/// The `[sink]` table of a pipeline with `kind = "nats"`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL, `nats://host:port` (default `nats://127.0.0.1:4222`). Plain TCP: TLS
+    /// (`tls://`) is refused.
+    #[serde(default = "default_url")]
+    pub url: String,
+    /// The JetStream stream; created when absent (default `TIDELINE`).
+    #[serde(default = "default_stream")]
+    pub stream: String,
+    /// The subjects the stream captures when this sink creates it (default `["tideline.>"]`);
+    /// they must cover every subject the template produces.
+    #[serde(default = "default_subjects")]
+    pub subjects: Vec<String>,
+    /// Subject template; `{tree}` is replaced by the tree's name (`.`, `*`, `>` and blanks as
+    /// `_`), or `_multi` for a transaction touching several trees in `per = "txn"` mode
+    /// (default `tideline.{tree}`).
+    #[serde(default = "default_subject")]
+    pub subject: String,
+    /// `"txn"` (default): one message per transaction; `"op"`: one per change.
+    #[serde(default = "default_per")]
+    pub per: Per,
+    /// The stream's duplicate window in seconds when this sink creates it (default 120): how
+    /// long after a message the stream still drops another with its id, i.e. how long a
+    /// crashed connector may take to come back without repeating a message.
+    #[serde(default = "default_window")]
+    pub duplicate_window_secs: u64,
+    /// How long to wait for a publish's ack, or a stream/bucket request (default 10000).
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_ms: u64,
+    /// Publishes awaiting their ack at once (default 4096): the pipelining depth.
+    #[serde(default = "default_in_flight")]
+    pub max_in_flight: usize,
+    /// The key-value bucket holding each pipeline's checkpoint (default `tideline_positions`).
+    #[serde(default = "default_bucket")]
+    pub positions_bucket: String,
+    /// User name, with `password`.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Password, with `user`.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Authentication token (instead of user and password).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn default_url() -> String {
+    "nats://127.0.0.1:4222".into()
+}
+fn default_stream() -> String {
+    "TIDELINE".into()
+}
+fn default_subjects() -> Vec<String> {
+    vec!["tideline.>".into()]
+}
+fn default_subject() -> String {
+    "tideline.{tree}".into()
+}
+fn default_per() -> Per {
+    Per::Txn
+}
+fn default_window() -> u64 {
+    120
+}
+fn default_ack_timeout() -> u64 {
+    10_000
+}
+fn default_in_flight() -> usize {
+    4096
+}
+fn default_bucket() -> String {
+    "tideline_positions".into()
+}
+
+impl NatsConfig {
+    /// The defaults with `url`.
+    pub fn new(url: impl Into<String>) -> NatsConfig {
+        NatsConfig {
+            url: url.into(),
+            stream: default_stream(),
+            subjects: default_subjects(),
+            subject: default_subject(),
+            per: default_per(),
+            duplicate_window_secs: default_window(),
+            ack_timeout_ms: default_ack_timeout(),
+            max_in_flight: default_in_flight(),
+            positions_bucket: default_bucket(),
+            user: None,
+            password: None,
+            token: None,
+        }
+    }
+}
+
+/// A KV key may hold letters, digits and `-_=./` (and not start or end with `.`).
+fn valid_kv_key(k: &str) -> bool {
+    !k.is_empty()
+        && !k.starts_with('.')
+        && !k.ends_with('.')
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=./".contains(c))
+}
+
+/// A stream or bucket name may not hold blanks, `.`, `*`, `>`, `/` or `\`.
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.chars()
+            .all(|c| !c.is_whitespace() && !".*>/\\".contains(c))
+}
+
+struct Conn {
+    js: jetstream::Context,
+    kv: jetstream::kv::Store,
+    max_payload: usize,
+}
+
+/// Writes batches to a JetStream stream; see the module docs.
+pub struct NatsSink {
+    cfg: NatsConfig,
+    pipeline: String,
+    conn: Option<Conn>,
+}
+
+impl NatsSink {
+    /// Checks `cfg` (no I/O); [`Sink::open`] connects.
+    pub fn new(cfg: NatsConfig, pipeline: &str) -> Result<NatsSink, SinkError> {
+        let bad = |m: String| Err(SinkError::Fatal(m));
+        if !cfg.url.starts_with("nats://") {
+            return bad(format!(
+                "sink url {:?}: give a nats://host:port URL (TLS is not supported by this sink)",
+                cfg.url
+            ));
+        }
+        if !valid_name(&cfg.stream) {
+            return bad(format!(
+                "sink stream {:?}: a stream name has no blanks, '.', '*', '>', '/' or '\\'",
+                cfg.stream
+            ));
+        }
+        if !valid_name(&cfg.positions_bucket) {
+            return bad(format!(
+                "sink positions_bucket {:?}: a bucket name has no blanks, '.', '*', '>', '/' or '\\'",
+                cfg.positions_bucket
+            ));
+        }
+        if cfg.subjects.is_empty() || cfg.subject.is_empty() {
+            return bad("sink subjects and subject must not be empty".into());
+        }
+        if cfg.duplicate_window_secs == 0 {
+            return bad(
+                "sink duplicate_window_secs is 0: de-duplication needs a window (e.g. 120)".into(),
+            );
+        }
+        if cfg.max_in_flight == 0 || cfg.ack_timeout_ms == 0 {
+            return bad("sink max_in_flight and ack_timeout_ms must be at least 1".into());
+        }
+        if cfg.user.is_some() != cfg.password.is_some() {
+            return bad("sink user and password go together: give both or neither".into());
+        }
+        if !valid_kv_key(pipeline) {
+            return bad(format!(
+                "pipeline name {pipeline:?} cannot key the NATS positions bucket: use letters, \
+                 digits and -_=./"
+            ));
+        }
+        Ok(NatsSink {
+            cfg,
+            pipeline: pipeline.to_owned(),
+            conn: None,
+        })
+    }
+
+    async fn connect(&self) -> Result<Conn, SinkError> {
+        let cfg = &self.cfg;
+        let timeout = Duration::from_millis(cfg.ack_timeout_ms);
+        let mut opts = async_nats::ConnectOptions::new()
+            .name(format!("tideline pipeline {}", self.pipeline))
+            .connection_timeout(timeout)
+            .request_timeout(Some(timeout));
+        if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        if let Some(t) = &cfg.token {
+            opts = opts.token(t.clone());
+        }
+        let client = opts.connect(cfg.url.as_str()).await.map_err(|e| {
+            use async_nats::ConnectErrorKind as K;
+            match e.kind() {
+                K::AuthorizationViolation | K::Authentication => SinkError::Hold(format!(
+                    "NATS at {} refused the credentials ({e}): check user/password/token",
+                    cfg.url
+                )),
+                K::ServerParse => SinkError::Fatal(format!("sink url {:?}: {e}", cfg.url)),
+                _ => SinkError::Retry(format!(
+                    "NATS at {} is not reachable ({e}); is nats-server running?",
+                    cfg.url
+                )),
+            }
+        })?;
+        let max_payload = client.server_info().max_payload;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(timeout)
+            .ack_timeout(timeout)
+            .max_ack_inflight(cfg.max_in_flight)
+            .backpressure_on_inflight(true)
+            .build(client);
+        let stream_cfg = jetstream::stream::Config {
+            name: cfg.stream.clone(),
+            subjects: cfg.subjects.clone(),
+            duplicate_window: Duration::from_secs(cfg.duplicate_window_secs),
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        };
+        let mut stream = js.get_or_create_stream(stream_cfg).await.map_err(|e| {
+            use async_nats::jetstream::context::CreateStreamErrorKind as K;
+            match e.kind() {
+                K::JetStreamUnavailable => SinkError::Hold(format!(
+                    "NATS at {} has no JetStream ({e}): start nats-server with -js",
+                    cfg.url
+                )),
+                K::JetStream(_) => SinkError::Hold(format!(
+                    "NATS refused stream {:?} ({e}): check its subjects do not overlap another \
+                     stream's",
+                    cfg.stream
+                )),
+                _ => SinkError::Retry(format!("NATS stream {:?}: {e}", cfg.stream)),
+            }
+        })?;
+        let info = stream
+            .info()
+            .await
+            .map_err(|e| SinkError::Retry(format!("NATS stream {:?} info: {e}", cfg.stream)))?;
+        let window = info.config.duplicate_window;
+        if window != Duration::from_secs(cfg.duplicate_window_secs) {
+            tracing::warn!(
+                stream = %cfg.stream,
+                window_secs = window.as_secs_f64(),
+                "the existing stream's duplicate window differs from duplicate_window_secs; \
+                 it is the stream's that de-duplicates"
+            );
+        }
+        let kv = positions_bucket(&js, &cfg.positions_bucket).await?;
+        Ok(Conn {
+            js,
+            kv,
+            max_payload,
+        })
+    }
+
+    async fn publish_all(&self, conn: &Conn, msgs: Vec<Message>) -> Result<(), SinkError> {
+        let stream = &self.cfg.stream;
+        let mut acks = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            if m.payload.len() + m.id.len() + 64 > conn.max_payload {
+                return Err(SinkError::Hold(format!(
+                    "message {} is {} bytes, over the server's max_payload of {}: raise \
+                     max_payload in nats-server or use per = \"op\"",
+                    m.id,
+                    m.payload.len(),
+                    conn.max_payload
+                )));
+            }
+            let publish = PublishMessage::build().payload(Bytes::from(m.payload));
+            #[cfg(feature = "testing")]
+            let publish = if testing::without_msg_id() {
+                publish
+            } else {
+                publish.message_id(&m.id)
+            };
+            #[cfg(not(feature = "testing"))]
+            let publish = publish.message_id(&m.id);
+            let ack = conn
+                .js
+                .send_publish(m.subject.clone(), publish)
+                .await
+                .map_err(|e| SinkError::Retry(format!("NATS publish to {}: {e}", m.subject)))?;
+            acks.push((m.subject, ack));
+        }
+        for (subject, ack) in acks {
+            let ack = ack.await.map_err(|e| {
+                use async_nats::jetstream::context::PublishErrorKind as K;
+                match e.kind() {
+                    K::StreamNotFound => SinkError::Hold(format!(
+                        "no JetStream stream captures subject {subject:?}: add it to the \
+                         subjects of stream {stream:?}"
+                    )),
+                    _ => SinkError::Retry(format!("NATS publish to {subject}: {e}")),
+                }
+            })?;
+            if &ack.stream != stream {
+                return Err(SinkError::Hold(format!(
+                    "subject {subject:?} is captured by stream {:?}, not {stream:?}: make the \
+                     subjects of the two streams disjoint",
+                    ack.stream
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The positions bucket, created when absent. Created as the stream a KV bucket is
+/// (`KV_<bucket>` on `$KV.<bucket>.>`, one value per key, rollups, direct gets: what
+/// `nats kv add` makes) rather than through `create_key_value`, whose account query does not
+/// parse the answer of nats-server 2.9 (Debian 12's).
+async fn positions_bucket(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<jetstream::kv::Store, SinkError> {
+    if let Ok(kv) = js.get_key_value(bucket).await {
+        return Ok(kv);
+    }
+    let stream = jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        description: Some("tideline pipeline checkpoints, keyed by pipeline".into()),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        storage: jetstream::stream::StorageType::File,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: jetstream::stream::DiscardPolicy::New,
+        num_replicas: 1,
+        ..Default::default()
+    };
+    // Two pipelines may race to create it: an identical config is accepted twice.
+    js.get_or_create_stream(stream)
+        .await
+        .map_err(|e| SinkError::Retry(format!("NATS positions bucket {bucket:?}: {e}")))?;
+    js.get_key_value(bucket)
+        .await
+        .map_err(|e| SinkError::Retry(format!("NATS positions bucket {bucket:?}: {e}")))
+}
+
+impl Sink for NatsSink {
+    fn describe(&self) -> String {
+        let host = self.cfg.url.trim_start_matches("nats://");
+        // Never a password: drop any `user:pass@`.
+        let host = host.rsplit('@').next().unwrap_or(host);
+        format!("nats {host} stream {}", self.cfg.stream)
+    }
+
+    fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
+        Box::pin(async move {
+            let conn = self.connect().await?;
+            let stored = conn.kv.get(self.pipeline.clone()).await.map_err(|e| {
+                SinkError::Retry(format!(
+                    "NATS positions bucket {:?}, key {:?}: {e}",
+                    self.cfg.positions_bucket, self.pipeline
+                ))
+            })?;
+            self.conn = Some(conn);
+            Ok(stored.map(|b| b.to_vec()))
+        })
+    }
+
+    fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            if self.conn.is_none() {
+                self.conn = Some(self.connect().await?);
+            }
+            let conn = self.conn.as_ref().expect("connected just above");
+            let msgs = message::messages(batch, &self.cfg.subject, self.cfg.per);
+            self.publish_all(conn, msgs).await?;
+            // Every message is acked: only now may the checkpoint move.
+            conn.kv
+                .put(
+                    self.pipeline.as_str(),
+                    Bytes::copy_from_slice(&batch.checkpoint),
+                )
+                .await
+                .map_err(|e| {
+                    SinkError::Retry(format!(
+                        "NATS positions bucket {:?}: {e}",
+                        self.cfg.positions_bucket
+                    ))
+                })?;
+            Ok(())
+        })
+    }
+}
+
+/// Test-only switches (feature `testing`): never in a build you deploy.
+#[cfg(feature = "testing")]
+pub mod testing {
+    /// With env `TIDELINE_TEST_NATS_WITHOUT_MSG_ID=1` the sink publishes without the
+    /// `Nats-Msg-Id` header: the protection off, for the crash tests' canary.
+    pub fn without_msg_id() -> bool {
+        std::env::var_os("TIDELINE_TEST_NATS_WITHOUT_MSG_ID").is_some_and(|v| v == "1")
+    }
+}

@@ -1,0 +1,441 @@
+//! The webhook sink: each batch POSTed as JSON envelopes to one URL.
+//!
+//! Delivery: a webhook has no transaction to hold a checkpoint, so the sink keeps it in a local
+//! file (`position_file`), replaced atomically (write, fsync, rename, fsync the directory)
+//! only after the receiver answered 2xx. A crash between the answer and that write POSTs the
+//! batch again on restart, perhaps cut differently: the receiver de-duplicates by the
+//! `Tideline-Gtid-Range` header (the batch's GTID set), keeping per origin the highest GTID
+//! it applied (docs/OPERATIONS.md, "Webhook sink").
+//!
+//! Answers: 2xx stored; 5xx, 408, 429, refused connections and timeouts are retried by the
+//! pipeline with backoff ([`SinkError::Retry`]); any other answer (4xx, a redirect) holds the
+//! pipeline for an operator ([`SinkError::Hold`]) with the status and the body's first line,
+//! and the position does not move.
+//!
+//! Owns: the HTTP request, its headers and the position file. Must never: write the position
+//! before the receiver's 2xx.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Uri;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+use tideline_wal::GtidSet;
+
+use crate::envelope;
+use crate::pipeline::PipelineCheckpoint;
+use crate::sink::{Batch, Sink, SinkError, SinkFuture};
+
+/// How a batch's envelopes travel in the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// A JSON array of envelopes (`application/json`).
+    Json,
+    /// One envelope per line (`application/x-ndjson`).
+    Jsonl,
+}
+
+/// The `[sink]` table of a pipeline with `kind = "webhook"`.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Where batches are POSTed: an `http://host:port/path` URL.
+    pub url: String,
+    /// The file holding this pipeline's checkpoint, replaced atomically after each 2xx; its
+    /// directory is created when absent.
+    pub position_file: PathBuf,
+    /// `"json"` (default, a JSON array) or `"jsonl"` (one envelope per line).
+    #[serde(default = "default_format")]
+    pub format: Format,
+    /// Extra request headers, e.g. `{ Authorization = "Bearer ..." }` (never logged).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// How long one POST may take, connection included, before it is retried (default 10000).
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_format() -> Format {
+    Format::Json
+}
+fn default_timeout() -> u64 {
+    10_000
+}
+
+impl WebhookConfig {
+    /// The defaults with `url` and `position_file`.
+    pub fn new(url: impl Into<String>, position_file: impl Into<PathBuf>) -> WebhookConfig {
+        WebhookConfig {
+            url: url.into(),
+            position_file: position_file.into(),
+            format: default_format(),
+            headers: BTreeMap::new(),
+            timeout_ms: default_timeout(),
+        }
+    }
+}
+
+/// The header carrying the batch's GTID set.
+pub const GTID_RANGE_HEADER: &str = "tideline-gtid-range";
+/// The header carrying the pipeline's name.
+pub const PIPELINE_HEADER: &str = "tideline-pipeline";
+/// The header naming a bootstrap step (batches of a bootstrap carry no GTID).
+pub const BOOTSTRAP_HEADER: &str = "tideline-bootstrap";
+
+/// POSTs batches to a URL; see the module docs.
+pub struct WebhookSink {
+    cfg: WebhookConfig,
+    pipeline: String,
+    uri: Uri,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl WebhookSink {
+    /// Checks `cfg` (no I/O); [`Sink::open`] reads the position file and tests the URL.
+    pub fn new(cfg: WebhookConfig, pipeline: &str) -> Result<WebhookSink, SinkError> {
+        let uri: Uri = cfg
+            .url
+            .parse()
+            .map_err(|e| SinkError::Fatal(format!("sink url {:?}: {e}", cfg.url)))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(SinkError::Fatal(format!(
+                    "sink url {:?}: https is not supported by the webhook sink; POST to an \
+                     http:// URL (a TLS-terminating proxy on loopback can forward it)",
+                    cfg.url
+                )));
+            }
+            _ => {
+                return Err(SinkError::Fatal(format!(
+                    "sink url {:?}: give an http://host:port/path URL",
+                    cfg.url
+                )));
+            }
+        }
+        if uri.host().is_none() {
+            return Err(SinkError::Fatal(format!(
+                "sink url {:?} names no host",
+                cfg.url
+            )));
+        }
+        if cfg.timeout_ms == 0 {
+            return Err(SinkError::Fatal(
+                "sink timeout_ms must be at least 1".into(),
+            ));
+        }
+        let mut headers = Vec::new();
+        for (k, v) in &cfg.headers {
+            let name = HeaderName::try_from(k.as_str()).map_err(|_| {
+                SinkError::Fatal(format!("sink headers: {k:?} is not an HTTP header name"))
+            })?;
+            let value = HeaderValue::try_from(v.as_str()).map_err(|_| {
+                SinkError::Fatal(format!(
+                    "sink headers: the value of {k:?} is not a valid HTTP header value"
+                ))
+            })?;
+            headers.push((name, value));
+        }
+        let pipeline_value = HeaderValue::try_from(pipeline).map_err(|_| {
+            SinkError::Fatal(format!(
+                "pipeline name {pipeline:?} cannot travel in an HTTP header"
+            ))
+        })?;
+        headers.push((HeaderName::from_static(PIPELINE_HEADER), pipeline_value));
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(Duration::from_millis(cfg.timeout_ms)));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        Ok(WebhookSink {
+            cfg,
+            pipeline: pipeline.to_owned(),
+            uri,
+            headers,
+            client,
+        })
+    }
+
+    fn authority(&self) -> String {
+        let host = self.uri.host().unwrap_or_default();
+        let port = self.uri.port_u16().unwrap_or(80);
+        format!("{host}:{port}")
+    }
+
+    fn body(&self, batch: &Batch) -> Vec<u8> {
+        let mut envelopes: Vec<Value> = Vec::with_capacity(batch.changes());
+        for item in &batch.items {
+            envelope::for_each_envelope(item, batch.source, |v| envelopes.push(v));
+        }
+        match self.cfg.format {
+            Format::Json => serde_json::to_vec(&envelopes).unwrap_or_default(),
+            Format::Jsonl => {
+                let mut out = Vec::new();
+                for e in &envelopes {
+                    // Writing a `Value` into a Vec cannot fail.
+                    let _ = serde_json::to_writer(&mut out, e);
+                    out.push(b'\n');
+                }
+                out
+            }
+        }
+    }
+
+    async fn post(&self, batch: &Batch) -> Result<(), SinkError> {
+        let mut req = hyper::Request::post(self.uri.clone()).header(
+            hyper::header::CONTENT_TYPE,
+            match self.cfg.format {
+                Format::Json => "application/json",
+                Format::Jsonl => "application/x-ndjson",
+            },
+        );
+        for (k, v) in &self.headers {
+            req = req.header(k, v);
+        }
+        for (k, v) in batch_headers(batch) {
+            req = req.header(k, v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(self.body(batch))))
+            .map_err(|e| SinkError::Fatal(format!("webhook request: {e}")))?;
+        let url = &self.cfg.url;
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let answer = async {
+            let resp = self.client.request(req).await?;
+            let status = resp.status();
+            // The body only matters for the error message: read what comes in time.
+            let body = resp.into_body().collect().await.map(|b| b.to_bytes());
+            Ok::<_, hyper_util::client::legacy::Error>((status, body.unwrap_or_default()))
+        };
+        let (status, body) = match tokio::time::timeout(timeout, answer).await {
+            Err(_) => {
+                return Err(SinkError::Retry(format!(
+                    "webhook {url} did not answer within {} ms",
+                    self.cfg.timeout_ms
+                )));
+            }
+            Ok(Err(e)) => {
+                return Err(SinkError::Retry(format!(
+                    "webhook {url}: {e}{}",
+                    std::error::Error::source(&e)
+                        .map(|s| format!(" ({s})"))
+                        .unwrap_or_default()
+                )));
+            }
+            Ok(Ok(r)) => r,
+        };
+        if status.is_success() {
+            return Ok(());
+        }
+        let first_line = String::from_utf8_lossy(&body)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(200)
+            .collect::<String>();
+        let message = format!("webhook {url} answered {status}: {first_line:?}");
+        let code = status.as_u16();
+        if status.is_server_error() || code == 408 || code == 429 {
+            Err(SinkError::Retry(message))
+        } else {
+            Err(SinkError::Hold(format!(
+                "{message}; fix the receiver or the pipeline's config (the position did not move)"
+            )))
+        }
+    }
+}
+
+/// The headers that identify `batch`: its GTID set (live transactions), or the bootstrap
+/// step it is (a bootstrap's checkpoint: `SERVER_UUID:EPOCH:TREE:KEY_HEX:OFFSET`).
+pub fn batch_headers(batch: &Batch) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::new();
+    let mut set = GtidSet::new();
+    for t in batch.txns() {
+        set.insert(t.gtid);
+    }
+    if !set.is_empty()
+        && let Ok(v) = HeaderValue::try_from(set.to_string())
+    {
+        out.push((HeaderName::from_static(GTID_RANGE_HEADER), v));
+    }
+    if let Ok(PipelineCheckpoint::Bootstrap(p)) = PipelineCheckpoint::decode(&batch.checkpoint) {
+        let step = format!(
+            "{}:{}:{}:{}:{}",
+            p.server_uuid,
+            p.epoch.unwrap_or_default(),
+            p.tree,
+            p.key_hex,
+            p.after_offset
+        );
+        if let Ok(v) = HeaderValue::try_from(step) {
+            out.push((HeaderName::from_static(BOOTSTRAP_HEADER), v));
+        }
+    }
+    out
+}
+
+/// The position file: `{"pipeline":"NAME","checkpoint_b64":"..."}`.
+/// persisted: changes must stay backward compatible.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PositionFile {
+    pipeline: String,
+    checkpoint_b64: String,
+}
+
+fn read_position(path: &Path, pipeline: &str) -> Result<Option<Vec<u8>>, SinkError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(SinkError::Hold(format!(
+                "position file {}: {e}; check its permissions",
+                path.display()
+            )));
+        }
+    };
+    let bad = |why: String| {
+        SinkError::Hold(format!(
+            "position file {} {why}; restore it, or remove it to start the pipeline over",
+            path.display()
+        ))
+    };
+    let f: PositionFile =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("does not decode ({e})")))?;
+    if f.pipeline != pipeline {
+        return Err(bad(format!(
+            "belongs to pipeline {:?}, not {pipeline:?}",
+            f.pipeline
+        )));
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(&f.checkpoint_b64)
+        .map(Some)
+        .map_err(|e| bad(format!("holds a bad checkpoint ({e})")))
+}
+
+/// Replaces `path` with the checkpoint: a temporary file beside it, fsynced, renamed over it,
+/// and the directory fsynced, so that a crash leaves the old file or the new one.
+fn write_position(path: &Path, pipeline: &str, checkpoint: &[u8]) -> std::io::Result<()> {
+    let f = PositionFile {
+        pipeline: pipeline.to_owned(),
+        checkpoint_b64: base64::engine::general_purpose::STANDARD.encode(checkpoint),
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = dir.join(name);
+    {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(&serde_json::to_vec(&f).unwrap_or_default())?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+impl Sink for WebhookSink {
+    fn describe(&self) -> String {
+        // The URL without any user info, query or fragment.
+        format!("webhook http://{}{}", self.authority(), self.uri.path())
+    }
+
+    fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
+        Box::pin(async move {
+            let path = self.cfg.position_file.clone();
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    SinkError::Hold(format!(
+                        "position file directory {}: {e}; create it or fix its permissions",
+                        dir.display()
+                    ))
+                })?;
+            }
+            let stored = read_position(&path, &self.pipeline)?;
+            // Reachability: a TCP connection, no request (open moves no data).
+            let addr = self.authority();
+            let timeout = Duration::from_millis(self.cfg.timeout_ms);
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr)).await {
+                Ok(Ok(_)) => Ok(stored),
+                Ok(Err(e)) => Err(SinkError::Retry(format!(
+                    "webhook {} is not reachable ({e}); is the receiver running?",
+                    self.cfg.url
+                ))),
+                Err(_) => Err(SinkError::Retry(format!(
+                    "webhook {}: no connection within {} ms",
+                    self.cfg.url, self.cfg.timeout_ms
+                ))),
+            }
+        })
+    }
+
+    fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            // A batch that only moves the position (everything filtered out) is not POSTed.
+            if !batch.items.is_empty() && batch.changes() > 0 {
+                self.post(batch).await?;
+            }
+            let (path, pipeline, checkpoint) = (
+                self.cfg.position_file.clone(),
+                self.pipeline.clone(),
+                batch.checkpoint.clone(),
+            );
+            tokio::task::spawn_blocking(move || write_position(&path, &pipeline, &checkpoint))
+                .await
+                .map_err(|e| SinkError::Retry(format!("position file writer: {e}")))?
+                .map_err(|e| {
+                    SinkError::Hold(format!(
+                        "position file {}: {e}; check the disk and its permissions",
+                        self.cfg.position_file.display()
+                    ))
+                })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_position_file_round_trips_and_refuses_another_pipeline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pos.json");
+        assert_eq!(read_position(&path, "p").unwrap(), None);
+        write_position(&path, "p", b"{\"tail\":1}").unwrap();
+        assert_eq!(
+            read_position(&path, "p").unwrap().as_deref(),
+            Some(&b"{\"tail\":1}"[..])
+        );
+        let e = read_position(&path, "q").unwrap_err();
+        assert!(matches!(&e, SinkError::Hold(m) if m.contains("belongs to pipeline \"p\"")));
+        std::fs::write(&path, b"garbage").unwrap();
+        let e = read_position(&path, "p").unwrap_err();
+        assert!(matches!(&e, SinkError::Hold(m) if m.contains("does not decode")));
+    }
+
+    #[test]
+    fn https_and_bad_headers_are_refused_up_front() {
+        let e = WebhookSink::new(WebhookConfig::new("https://x/y", "p"), "p")
+            .err()
+            .unwrap();
+        assert!(e.message().contains("https is not supported"), "{e}");
+        let mut cfg = WebhookConfig::new("http://127.0.0.1:1/x", "p");
+        cfg.headers.insert("bad header".into(), "v".into());
+        let e = WebhookSink::new(cfg, "p").err().unwrap();
+        assert!(e.message().contains("not an HTTP header name"), "{e}");
+    }
+}

@@ -1,0 +1,522 @@
+//! The NATS JetStream sink against the real server on 127.0.0.1:4222 (and, for the restart
+//! test, a `nats-server` of its own).
+//!
+//! Scenarios: a node takes a seeded random workload (puts and deletes, one to three changes
+//! per transaction, a third spanning two trees) while a connector child process (this test
+//! binary re-executed) runs a pipeline into a fresh stream and is killed with SIGKILL as soon
+//! as it has published something, again and again (20 cycles; `TIDELINE_SINK_KILL_CYCLES` for
+//! more, see `scripts/sink-crash`). A last child catches up; then the stream must hold each
+//! transaction exactly once (count, GTIDs, ids, changes) and replaying it must give the
+//! workload's final state. A second scenario stops and restarts the NATS server under a running
+//! pipeline: it retries, reports the outage and catches up, again exactly once.
+//!
+//! Guards against: a checkpoint written before the acks (loss), a re-sent batch landing twice
+//! (no or unstable `Nats-Msg-Id`), a pipeline that gives up or loses data across a server
+//! restart. Canary: with the `Nats-Msg-Id` header off (feature `testing`), the same kill
+//! cycles must leave duplicates that the same checker reports.
+
+mod common;
+mod sinks;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use tideline_connectors::sink::nats::{NatsConfig, NatsSink, Per, message};
+use tideline_connectors::{PipelineCheckpoint, Sink, SinkError};
+
+use common::{Node, free_port};
+use sinks::{Committed, Model};
+
+const CHILD_TEST: &str = "nats_connector_child";
+const NATS_PORT: u16 = 4222;
+
+/// The connector child of the kill tests; does nothing unless they re-execute it.
+#[test]
+#[ignore = "the connector child process of the kill tests; it does nothing unless they re-execute it"]
+fn nats_connector_child() {
+    sinks::child_main();
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+}
+
+async fn js(url: &str) -> jetstream::Context {
+    let client = async_nats::connect(url).await.expect("connect to NATS");
+    jetstream::new(client)
+}
+
+/// The stored checkpoint's source offset, 0 without one.
+async fn checkpoint_offset(js: &jetstream::Context, bucket: &str, pipeline: &str) -> u64 {
+    let Ok(kv) = js.get_key_value(bucket).await else {
+        return 0;
+    };
+    match kv.get(pipeline).await {
+        Ok(Some(b)) => PipelineCheckpoint::decode(&b)
+            .map(|c| c.offset())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
+    match js.get_stream(stream).await {
+        Ok(mut s) => s.info().await.map(|i| i.state.messages).unwrap_or(0),
+        Err(_) => 0,
+    }
+}
+
+/// Every message of `stream`: `(Nats-Msg-Id, subject, payload)`.
+async fn read_all(js: &jetstream::Context, stream: &str) -> Vec<(String, String, Value)> {
+    let mut s = js.get_stream(stream).await.expect("the stream exists");
+    let last = s.info().await.expect("stream info").state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        let m = s.get_raw_message(seq).await.expect("a stored message");
+        let id = m
+            .headers
+            .get(async_nats::header::NATS_MESSAGE_ID)
+            .map(|v| v.as_str().to_string())
+            .unwrap_or_default();
+        let payload: Value = serde_json::from_slice(&m.payload).expect("a JSON payload");
+        out.push((id, m.subject.to_string(), payload));
+    }
+    out
+}
+
+/// Checks that the stream holds each committed transaction exactly once, in a shape that
+/// replays to `model`. `Err` says what is wrong.
+fn check_stream(
+    msgs: &[(String, String, Value)],
+    committed: &[Committed],
+    model: &Model,
+    cfg: &NatsConfig,
+) -> Result<(), String> {
+    let by_gtid: BTreeMap<&str, &Committed> =
+        committed.iter().map(|c| (c.gtid.as_str(), c)).collect();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut replay = Model::new();
+    let mut changes_seen = 0usize;
+    let mut tree_ops = 0usize;
+    // Reported after repeats, so that the canary (no ids at all) is judged by its repeats.
+    let mut id_err = None;
+    for (id, subject, p) in msgs {
+        let envelopes: Vec<Value> = match cfg.per {
+            Per::Txn => p["changes"].as_array().cloned().unwrap_or_default(),
+            Per::Op => vec![p.clone()],
+        };
+        // The node creates a tree in the transaction that first writes to it: the workload's
+        // model holds only its own puts and deletes.
+        let envelopes: Vec<Value> = envelopes.into_iter().filter(sinks::is_data).collect();
+        if envelopes.is_empty() {
+            tree_ops += 1;
+            continue;
+        }
+        let gtid = match cfg.per {
+            Per::Txn => p["gtid"].as_str().unwrap_or_default().to_string(),
+            Per::Op => p["source"]["gtid"].as_str().unwrap_or_default().to_string(),
+        };
+        let c = by_gtid
+            .get(gtid.as_str())
+            .ok_or_else(|| format!("message {id} carries GTID {gtid:?}, never committed"))?;
+        let key = match cfg.per {
+            Per::Txn => {
+                if id != &gtid && id_err.is_none() {
+                    id_err = Some(format!("message of {gtid} has Nats-Msg-Id {id:?}"));
+                }
+                let trees: BTreeSet<&str> =
+                    c.changes.iter().map(|(_, t, _, _)| t.as_str()).collect();
+                let tree = if trees.len() == 1 {
+                    trees.iter().next().copied().unwrap_or_default()
+                } else {
+                    message::MULTI_TREE
+                };
+                if subject != &message::subject(&cfg.subject, tree) {
+                    return Err(format!("{gtid} on subject {subject}"));
+                }
+                let got: Vec<(String, String, String, String)> = envelopes
+                    .iter()
+                    .map(|e| {
+                        (
+                            e["op"].as_str().unwrap_or_default().to_string(),
+                            e["tree"].as_str().unwrap_or_default().to_string(),
+                            e["key"].as_str().unwrap_or_default().to_string(),
+                            e["after"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect();
+                let want: Vec<(String, String, String, String)> = c
+                    .changes
+                    .iter()
+                    .map(|(o, t, k, v)| (o.to_string(), t.clone(), k.clone(), v.clone()))
+                    .collect();
+                if got != want || p["offset"] != c.offset {
+                    return Err(format!("{gtid} carries {got:?}, committed {want:?}"));
+                }
+                gtid.clone()
+            }
+            Per::Op => id.clone(),
+        };
+        *seen.entry(key).or_default() += 1;
+        changes_seen += envelopes.len();
+        for e in &envelopes {
+            sinks::apply(&mut replay, e);
+        }
+    }
+    let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
+    if !repeated.is_empty() {
+        return Err(format!(
+            "{} messages more than once, e.g. {:?}",
+            repeated.len(),
+            &repeated[..repeated.len().min(5)]
+        ));
+    }
+    if let Some(e) = id_err {
+        return Err(e);
+    }
+    let want_msgs = match cfg.per {
+        Per::Txn => committed.len(),
+        Per::Op => committed.iter().map(|c| c.changes.len()).sum(),
+    };
+    if msgs.len() - tree_ops != want_msgs {
+        return Err(format!(
+            "the stream holds {} messages of data, expected {want_msgs}",
+            msgs.len() - tree_ops
+        ));
+    }
+    let want_changes: usize = committed.iter().map(|c| c.changes.len()).sum();
+    if changes_seen != want_changes {
+        return Err(format!("{changes_seen} changes, expected {want_changes}"));
+    }
+    if &replay != model {
+        return Err(format!(
+            "replaying the stream gives {} rows, the workload left {}",
+            replay.len(),
+            model.len()
+        ));
+    }
+    Ok(())
+}
+
+fn kill_cycles() -> usize {
+    std::env::var("TIDELINE_SINK_KILL_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20)
+}
+
+/// Runs the kill cycles against a fresh stream; returns the checker's verdict.
+fn kill_cycles_verdict(test: &str, per: Per, without_msg_id: bool) -> Result<(), String> {
+    let seed = sinks::seed(test);
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("node"), free_port());
+    let run = sinks::run_id();
+    let cfg = sinks::nats_config(&run, per);
+    let pipeline = format!("kill-{run}");
+    let spec = sinks::child_spec(
+        &node.addr,
+        &node.secrets(),
+        &pipeline,
+        "nats",
+        sinks::nats_json(&cfg),
+        50,
+    );
+    let rt = rt();
+    let js = rt.block_on(js(&cfg.url));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = sinks::workload(
+        &node.addr,
+        &node.secrets(),
+        seed,
+        1_500,
+        Duration::from_millis(1),
+        stop.clone(),
+    );
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x9e37);
+    let env: Vec<(&str, &str)> = if without_msg_id {
+        vec![("TIDELINE_TEST_NATS_WITHOUT_MSG_ID", "1")]
+    } else {
+        vec![]
+    };
+    let stderr = dir.path().join("child.stderr");
+    let cycles = kill_cycles();
+    for cycle in 0..cycles {
+        let before = rt.block_on(stream_messages(&js, &cfg.stream));
+        let mut child = sinks::spawn_child(CHILD_TEST, &spec, &stderr, &env);
+        // Kill once this child has observably published (the stream grew), a random moment
+        // later: mostly mid-batch while it catches up on what was written while it was down.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while rt.block_on(stream_messages(&js, &cfg.stream)) == before {
+            assert!(
+                Instant::now() < deadline,
+                "cycle {cycle}: the connector published nothing in 60 s; stderr:\n{}",
+                std::fs::read_to_string(&stderr).unwrap_or_default()
+            );
+            if writer.is_finished() && before > 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..30)));
+        sinks::kill9(&mut child, &stderr);
+    }
+    let committed = writer.join().expect("the workload");
+    let model = sinks::model_of(&committed);
+    let last = committed.last().map(|c| c.offset).unwrap_or(0);
+    let mut child = sinks::spawn_child(CHILD_TEST, &spec, &stderr, &env);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rt.block_on(checkpoint_offset(&js, &cfg.positions_bucket, &pipeline)) < last {
+        assert!(
+            Instant::now() < deadline,
+            "the last connector did not catch up to offset {last}; stderr:\n{}",
+            std::fs::read_to_string(&stderr).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    sinks::kill9(&mut child, &stderr);
+    eprintln!(
+        "{test}: {cycles} kill cycles, {} transactions",
+        committed.len()
+    );
+    let msgs = rt.block_on(read_all(&js, &cfg.stream));
+    let verdict = check_stream(&msgs, &committed, &model, &cfg);
+    let _ = rt.block_on(js.delete_stream(&cfg.stream));
+    verdict
+}
+
+#[test]
+fn kill9_mid_batch_leaves_each_transaction_once_in_the_stream() {
+    if !sinks::service_up("NATS", NATS_PORT) {
+        return;
+    }
+    let test = "kill9_mid_batch_leaves_each_transaction_once_in_the_stream";
+    if let Err(e) = kill_cycles_verdict(test, Per::Txn, false) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn kill9_with_one_message_per_change_leaves_each_change_once() {
+    if !sinks::service_up("NATS", NATS_PORT) {
+        return;
+    }
+    let test = "kill9_with_one_message_per_change_leaves_each_change_once";
+    if let Err(e) = kill_cycles_verdict(test, Per::Op, false) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn canary_without_msg_ids_the_kill_cycles_leave_duplicates() {
+    if !sinks::service_up("NATS", NATS_PORT) {
+        return;
+    }
+    let test = "canary_without_msg_ids_the_kill_cycles_leave_duplicates";
+    let verdict = kill_cycles_verdict(test, Per::Txn, true);
+    let e = verdict.expect_err("without Nats-Msg-Id the kills must leave duplicates");
+    assert!(e.contains("more than once"), "{e}");
+}
+
+#[test]
+fn an_unreachable_server_is_retried_with_a_clear_error() {
+    let port = free_port();
+    let rt = rt();
+    let mut sink = NatsSink::new(
+        NatsConfig::new(format!("nats://127.0.0.1:{port}")),
+        "unreachable",
+    )
+    .expect("a valid config");
+    let e = rt.block_on(sink.open()).expect_err("nothing listens there");
+    assert!(
+        matches!(&e, SinkError::Retry(m) if m.contains(&format!("127.0.0.1:{port}"))
+            && m.contains("not reachable")),
+        "{e}"
+    );
+    let e = NatsSink::new(NatsConfig::new("tls://x:1"), "p")
+        .err()
+        .expect("tls refused");
+    assert!(matches!(e, SinkError::Fatal(_)), "{e}");
+}
+
+/// The `nats-server` binary: Debian puts it in /usr/sbin, which a user's PATH may lack.
+fn nats_server_bin() -> &'static str {
+    if Path::new("/usr/sbin/nats-server").exists() {
+        "/usr/sbin/nats-server"
+    } else {
+        "nats-server"
+    }
+}
+
+/// A `nats-server` of this test's own, with JetStream, on `port`, storing in `dir`.
+struct OwnServer {
+    child: std::process::Child,
+}
+
+impl OwnServer {
+    fn start(port: u16, dir: &Path) -> OwnServer {
+        let child = std::process::Command::new(nats_server_bin())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        OwnServer { child }
+    }
+
+    /// A clean stop (SIGTERM): the server flushes its streams.
+    fn stop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_restarted_server_is_an_outage_the_pipeline_rides_out() {
+    let has_server = std::process::Command::new(nats_server_bin())
+        .arg("--version")
+        .output()
+        .is_ok();
+    if !has_server {
+        let msg = "SKIPPED: no nats-server binary on PATH; install the nats-server package";
+        assert!(std::env::var_os("CI").is_none(), "{msg} (CI is set)");
+        eprintln!("{msg}");
+        return;
+    }
+    let seed = sinks::seed("a_restarted_server_is_an_outage_the_pipeline_rides_out");
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("node"), free_port());
+    let nats_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let store = dir.path().join("nats");
+    let mut server = OwnServer::start(nats_port, &store);
+    let run = sinks::run_id();
+    let mut cfg = sinks::nats_config(&run, Per::Txn);
+    cfg.url = format!("nats://127.0.0.1:{nats_port}");
+    cfg.ack_timeout_ms = 1_000;
+    let pipeline = format!("restart-{run}");
+    let rt = rt();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut pcfg = tideline_connectors::PipelineConfig::new(
+        &pipeline,
+        &node.addr,
+        tideline_stream::ClientConfig::new(
+            tideline_stream::tls::load_client_dir(&node.secrets()).unwrap(),
+        ),
+    );
+    pcfg.retry_min = Duration::from_millis(50);
+    pcfg.retry_max = Duration::from_millis(500);
+    let sink = NatsSink::new(cfg.clone(), &pipeline).unwrap();
+    let (status, task) = {
+        let _g = rt.enter();
+        tideline_connectors::pipeline::spawn(pcfg, Box::new(sink))
+    };
+    let js_url = cfg.url.clone();
+    let wait_offset = |want: u64, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let have = rt.block_on(async {
+                let js = js(&js_url).await;
+                checkpoint_offset(&js, &cfg.positions_bucket, &pipeline).await
+            });
+            if have >= want {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: checkpoint at {have}, want {want}; status {}",
+                status.get().to_json()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let first: Vec<Committed> = sinks::workload(
+        &node.addr,
+        &node.secrets(),
+        seed,
+        300,
+        Duration::ZERO,
+        stop.clone(),
+    )
+    .join()
+    .unwrap();
+    wait_offset(first.last().unwrap().offset, "before the restart");
+    server.stop();
+    // Written while the server is down.
+    let second = sinks::workload(
+        &node.addr,
+        &node.secrets(),
+        seed + 1,
+        300,
+        Duration::ZERO,
+        stop.clone(),
+    )
+    .join()
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status.get().outages_total == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no outage reported: {}",
+            status.get().to_json()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let during = status.get();
+    assert!(
+        during
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("NATS")),
+        "the outage names NATS: {}",
+        during.to_json()
+    );
+    let _server = OwnServer::start(nats_port, &store);
+    wait_offset(second.last().unwrap().offset, "after the restart");
+    let after = status.get();
+    assert!(
+        !task.is_finished(),
+        "the pipeline stopped: {}",
+        after.to_json()
+    );
+    assert!(after.outages_total >= 1, "{}", after.to_json());
+    assert_eq!(after.state.as_str(), "running", "{}", after.to_json());
+    task.abort();
+    let mut committed = first;
+    committed.extend(second);
+    let msgs = rt.block_on(async {
+        let js = js(&js_url).await;
+        read_all(&js, &cfg.stream).await
+    });
+    if let Err(e) = check_stream(&msgs, &committed, &sinks::model_of(&committed), &cfg) {
+        panic!("{e}");
+    }
+}
