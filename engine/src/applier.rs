@@ -170,9 +170,10 @@ impl Inner {
             }
             drop(a);
             // A panic while applying becomes a store failure (fail-stop), not a hang.
-            let result =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply_group(&group, false)))
-                    .unwrap_or_else(|_| Err("the applier panicked".into()));
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.apply_group(&group, false)
+            }))
+            .unwrap_or_else(|_| Err("the applier panicked".into()));
             // Before any committer wakes: each frees its own transaction (see `InFlight`).
             drop(group);
             let mut a = lock(&self.apply);

@@ -189,16 +189,20 @@ impl<'a> StoreBatch<'a> {
                 continue;
             }
             if let DocEntry::Entry(e) = &old {
-                self.index_writes
-                    .insert((idx.keyspace.clone(), e.clone()), (idx.handle.clone(), false));
+                self.index_writes.insert(
+                    (idx.keyspace.clone(), e.clone()),
+                    (idx.handle.clone(), false),
+                );
             }
             let duplicate = match &new {
                 DocEntry::Entry(e) if idx.unique => self.other_holder(&idx, e, key)?,
                 _ => None,
             };
             if let DocEntry::Entry(e) = &new {
-                self.index_writes
-                    .insert((idx.keyspace.clone(), e.clone()), (idx.handle.clone(), true));
+                self.index_writes.insert(
+                    (idx.keyspace.clone(), e.clone()),
+                    (idx.handle.clone(), true),
+                );
             }
             let p = self.progress_mut(&idx);
             if let Some(other) = duplicate {

@@ -8,7 +8,7 @@
 //! `CreateIndex` on, live maintenance (in `apply`) keeps the index entry of *every* written
 //! key current. A backfill step takes the index lock, which the applier holds across each
 //! group apply, reads the *current* values of the next range of at most
-//! [`BACKFILL_RANGE_KEYS`] keys, and writes their entries, the counters and the cursor (the
+//! `EngineOptions::index_backfill_keys` keys, and writes their entries, the counters and the cursor (the
 //! first key not yet backfilled) in one store batch. An entry computed from the current value
 //! is never stale, and a key written before the step already has the same entry, so the
 //! result equals a recomputation once the cursor passes the last key. Writers wait for at
@@ -28,7 +28,7 @@ use tideline_wal::Op;
 use crate::apply::StoreBatch;
 use crate::engine::Engine;
 use crate::error::{ReadError, WriteError};
-use crate::index::{self, BACKFILL_RANGE_KEYS, DocEntry, Index, IndexInfo, Parsed, Phase};
+use crate::index::{self, DocEntry, Index, IndexInfo, Parsed, Phase};
 use crate::snapshot::{KeyValue, Snapshot};
 use crate::state::{CommitInfo, Inner, lock};
 use crate::store::{StoreSnapshot, StoreTree, WriteBatch};
@@ -182,7 +182,10 @@ impl Snapshot {
     /// whose next component starts with `prefix`, strictly after entry key `after` (from a
     /// previous page's `next`): at most `limit` rows, and no more once their bytes pass
     /// `bytes_max` (at least one row when any is left). Refused while the index is not live.
-    #[expect(clippy::too_many_arguments, reason = "a query's parts; a struct adds nothing")]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a query's parts; a struct adds nothing"
+    )]
     pub fn index_scan(
         &self,
         tree: &str,
@@ -296,7 +299,7 @@ impl Inner {
         let mut seen: std::collections::HashMap<Vec<u8>, Vec<u8>> = Default::default();
         for kv in t.handle.range((Bound::Included(cursor), Bound::Unbounded)) {
             let (k, v) = kv.map_err(|e| format!("read tree `{}`: {e}", idx.tree))?;
-            if n == BACKFILL_RANGE_KEYS {
+            if n == self.opts.index_backfill_keys.max(1) {
                 next_cursor = Some(k);
                 break;
             }
@@ -352,4 +355,3 @@ impl Inner {
         Ok(true)
     }
 }
-

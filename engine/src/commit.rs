@@ -36,11 +36,11 @@ use crate::catalog::{self, DEFAULT_TREE};
 use crate::engine::Engine;
 use crate::error::{WriteError, key_text};
 use crate::index::{self, DocEntry, Index, Parsed};
-use crate::store::StoreTree;
 use crate::merge::{self, MergeOperator};
 use crate::packed::{PackedOps, PackedTxn};
 use crate::snapshot::SnapshotAt;
 use crate::state::{CommitInfo, CommitState, HistoryEntry, Inner, Ready, check_kv, lock};
+use crate::store::StoreTree;
 use crate::txn::ReadItem;
 
 /// What [`Engine::apply_upstream`] did.

@@ -335,9 +335,7 @@ pub enum WriteError {
         name: String,
     },
     /// No index has this name on this tree.
-    #[error(
-        "no index named `{name}` on tree `{tree}`; list indexes with `tideline index list`"
-    )]
+    #[error("no index named `{name}` on tree `{tree}`; list indexes with `tideline index list`")]
     UnknownIndex {
         /// Tree.
         tree: String,

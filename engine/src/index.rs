@@ -39,9 +39,6 @@ pub(crate) const INDEX_STATE_PREFIX: &[u8] = b"index_state/";
 /// Duplicate examples kept per unique index.
 const DUPLICATE_EXAMPLES_MAX: usize = 5;
 
-/// Most documents one backfill step reads (one store batch, serialized with the applier).
-pub(crate) const BACKFILL_RANGE_KEYS: usize = 2048;
-
 /// Whether `name` is an acceptable index name: the tree name rules.
 pub fn is_valid_index_name(name: &str) -> bool {
     crate::catalog::is_valid_tree_name(name)
@@ -121,9 +118,13 @@ pub struct IndexInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Phase {
     /// Keys below `cursor` are backfilled.
-    Backfilling { cursor: Vec<u8> },
+    Backfilling {
+        cursor: Vec<u8>,
+    },
     Live,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 /// An index's progress and counters (persisted in `index_state/<tree>/<name>` with the batch
@@ -501,10 +502,7 @@ pub(crate) fn decode_def(bytes: &[u8]) -> Result<(String, Vec<String>, bool), St
 
 /// Human text of an index value, for errors and status (lossy).
 pub(crate) fn values_text(values: &[Vec<u8>]) -> String {
-    let parts: Vec<String> = values
-        .iter()
-        .map(|v| crate::error::key_text(v))
-        .collect();
+    let parts: Vec<String> = values.iter().map(|v| crate::error::key_text(v)).collect();
     parts.join(", ")
 }
 

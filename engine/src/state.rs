@@ -58,6 +58,9 @@ pub struct EngineOptions {
     /// A store batch takes no further transaction once it holds this many ops. Default
     /// 16,384.
     pub apply_group_ops_max: usize,
+    /// Documents one backfill step of a secondary index reads and indexes, in one store
+    /// batch serialized with the applier: a writer waits at most one such step. Default 2048.
+    pub index_backfill_keys: usize,
     /// Background threads of the store (flushes, compactions); 0: the store's default
     /// (one per core, at most 4).
     pub store_threads: usize,
@@ -132,6 +135,7 @@ impl Default for EngineOptions {
             apply_group_ops_max: 1 << 14,
             memtable_bytes: 16 << 20,
             store_threads: 0,
+            index_backfill_keys: 2048,
             #[cfg(feature = "testing")]
             unsafe_skip_replay: false,
             #[cfg(feature = "testing")]

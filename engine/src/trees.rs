@@ -14,9 +14,9 @@
 use std::sync::Arc;
 
 use crate::catalog::{self, Catalog, Tree, TreeInfo};
-use crate::index;
 use crate::engine::Engine;
 use crate::error::{OpenError, WriteError};
+use crate::index;
 use crate::state::{CommitInfo, EngineOptions, Inner, tree_options};
 use crate::store::{
     Backend, Persist, Store, StoreError, StoreTree, TreeHandle, TreeOptions, WriteBatch,
@@ -113,7 +113,11 @@ pub(crate) fn load_catalog(
             .ok_or_else(|| corrupt(format!("index entry `{rest}` lacks `tree/name`")))?;
         let (keyspace, paths, unique) = index::decode_def(&v).map_err(corrupt)?;
         let progress = match meta
-            .get(&index::index_meta_key(index::INDEX_STATE_PREFIX, tree, name))
+            .get(&index::index_meta_key(
+                index::INDEX_STATE_PREFIX,
+                tree,
+                name,
+            ))
             .map_err(store_err)?
         {
             Some(b) => index::Progress::decode(&b).map_err(corrupt)?,

@@ -284,10 +284,12 @@ fn run(steps: &[Step], skip_index_replay: bool) -> Result<(), String> {
         let e = h.engine();
         match s {
             Step::Put { key: k, v, w } => {
-                e.put(TREE, &key(*k), &doc(*v, *w)).map_err(|e| e.to_string())?;
+                e.put(TREE, &key(*k), &doc(*v, *w))
+                    .map_err(|e| e.to_string())?;
             }
             Step::NotJson { key: k } => {
-                e.put(TREE, &key(*k), b"not json {").map_err(|e| e.to_string())?;
+                e.put(TREE, &key(*k), b"not json {")
+                    .map_err(|e| e.to_string())?;
             }
             Step::Delete { key: k } => {
                 e.delete(TREE, &key(*k)).map_err(|e| e.to_string())?;
@@ -313,7 +315,7 @@ fn run(steps: &[Step], skip_index_replay: bool) -> Result<(), String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 24, max_shrink_iters: 100, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 16, max_shrink_iters: 100, ..ProptestConfig::default() })]
     #[test]
     fn indexes_equal_recomputation_across_crashes(steps in prop::collection::vec(step(), 1..40)) {
         if let Err(e) = run(&steps, false) {
@@ -367,11 +369,14 @@ fn get_by_index_finds_the_current_documents_and_counts_skipped_ones() {
     let dir = tempfile::tempdir().expect("tempdir");
     let e = mem_engine(dir.path());
     e.create_tree("users", None).expect("tree");
-    e.put("users", b"u1", br#"{"email":"a@x","n":1}"#).expect("put");
+    e.put("users", b"u1", br#"{"email":"a@x","n":1}"#)
+        .expect("put");
     e.put("users", b"u2", br#"{"email":"b@x"}"#).expect("put");
     e.put("users", b"u3", b"not json").expect("put");
-    e.put("users", b"u4", br#"{"name":"no email"}"#).expect("put");
-    e.put("users", b"u5", br#"{"email":{"nested":1}}"#).expect("put");
+    e.put("users", b"u4", br#"{"name":"no email"}"#)
+        .expect("put");
+    e.put("users", b"u5", br#"{"email":{"nested":1}}"#)
+        .expect("put");
     e.create_index("users", "by_email", &["/email"], false)
         .expect("create");
     assert!(e.wait_indexes_live(LIVE_WAIT));
@@ -383,7 +388,10 @@ fn get_by_index_finds_the_current_documents_and_counts_skipped_ones() {
             .expect("get")
             .rows
     };
-    assert_eq!(get("a@x"), vec![(b"u1".to_vec(), br#"{"email":"a@x","n":1}"#.to_vec())]);
+    assert_eq!(
+        get("a@x"),
+        vec![(b"u1".to_vec(), br#"{"email":"a@x","n":1}"#.to_vec())]
+    );
     // Change the indexed field: the old value no longer finds it.
     e.put("users", b"u1", br#"{"email":"c@x"}"#).expect("put");
     assert!(get("a@x").is_empty());
@@ -416,14 +424,22 @@ fn bad_definitions_get_clear_errors() {
     let dir = tempfile::tempdir().expect("tempdir");
     let e = mem_engine(dir.path());
     e.create_tree("t", None).expect("tree");
-    let err = e.create_index("t", "x", &["email"], false).expect_err("bad path");
+    let err = e
+        .create_index("t", "x", &["email"], false)
+        .expect_err("bad path");
     assert!(err.to_string().contains("is not a JSON pointer"), "{err}");
-    let err = e.create_index("missing", "x", &["/a"], false).expect_err("no tree");
+    let err = e
+        .create_index("missing", "x", &["/a"], false)
+        .expect_err("no tree");
     assert!(matches!(err, WriteError::UnknownTree(_)), "{err}");
-    let err = e.create_index("t", "bad name", &["/a"], false).expect_err("name");
+    let err = e
+        .create_index("t", "bad name", &["/a"], false)
+        .expect_err("name");
     assert!(matches!(err, WriteError::BadIndex(_)), "{err}");
     e.create_index("t", "x", &["/a"], false).expect("create");
-    let err = e.create_index("t", "x", &["/b"], false).expect_err("exists");
+    let err = e
+        .create_index("t", "x", &["/b"], false)
+        .expect_err("exists");
     assert!(matches!(err, WriteError::IndexExists { .. }), "{err}");
     let err = e.drop_index("t", "y").expect_err("unknown");
     assert!(matches!(err, WriteError::UnknownIndex { .. }), "{err}");
@@ -461,7 +477,8 @@ fn a_unique_index_refuses_a_second_key_once_live_and_reports_backfill_duplicates
     );
     assert_eq!(e.get("users", b"u9").expect("get"), None);
     // Rewriting the holder itself, or moving the value within one transaction, is fine.
-    e.put("users", b"u3", br#"{"email":"b@x","n":2}"#).expect("same key");
+    e.put("users", b"u3", br#"{"email":"b@x","n":2}"#)
+        .expect("same key");
     e.transaction(|tx| {
         tx.put("users", b"u3", br#"{"email":"c@x"}"#)?;
         tx.put("users", b"u9", br#"{"email":"b@x"}"#)?;
@@ -496,8 +513,12 @@ fn concurrent_writers_of_one_unique_value_commit_exactly_once() {
                 let e = e.clone();
                 let value = value.clone();
                 std::thread::spawn(move || {
-                    e.put("users", format!("r{round}-w{w}").as_bytes(), value.as_bytes())
-                        .is_ok()
+                    e.put(
+                        "users",
+                        format!("r{round}-w{w}").as_bytes(),
+                        value.as_bytes(),
+                    )
+                    .is_ok()
                 })
             })
             .collect();
@@ -508,17 +529,15 @@ fn concurrent_writers_of_one_unique_value_commit_exactly_once() {
             .count();
         let held = e
             .snapshot()
-            .index_get(
-                "users",
-                "by_email",
-                &[format!("r{round}").into_bytes()],
-                10,
-            )
+            .index_get("users", "by_email", &[format!("r{round}").into_bytes()], 10)
             .expect("get")
             .rows
             .len();
         // A writer may also lose to a retryable conflict; never may two win.
-        assert!(won <= 1 && held == won, "round {round}: {won} won, {held} held");
+        assert!(
+            won <= 1 && held == won,
+            "round {round}: {won} won, {held} held"
+        );
     }
 }
 
@@ -532,7 +551,10 @@ fn queries_are_refused_while_backfilling() {
     // the query says what to do.
     match e.snapshot().index_get("t", "i", &[b"x".to_vec()], 1) {
         Ok(_) => {}
-        Err(err) => assert!(err.to_string().contains("query it once it is live"), "{err}"),
+        Err(err) => assert!(
+            err.to_string().contains("query it once it is live"),
+            "{err}"
+        ),
     }
     assert!(e.wait_indexes_live(LIVE_WAIT));
     assert!(e.snapshot().index_is_live("t", "i").expect("exists"));
@@ -606,7 +628,8 @@ fn backfill_under_writes(n: u64) -> (Vec<Duration>, Duration) {
     // Let the writer run before and during the backfill.
     std::thread::sleep(Duration::from_millis(50));
     let t = Instant::now();
-    e.create_index(TREE, "by_v", &["/v"], false).expect("create");
+    e.create_index(TREE, "by_v", &["/v"], false)
+        .expect("create");
     e.create_index(TREE, "by_vw", &["/v", "/w"], false)
         .expect("create");
     assert!(e.wait_indexes_live(Duration::from_secs(600)));
@@ -654,10 +677,10 @@ fn backfill_of_1m_documents_while_writes_continue_equals_recomputation() {
 const CHILD: &str = "index_crash_child";
 const ENV_DIR: &str = "TIDELINE_INDEX_CRASH_DIR";
 const ENV_CYCLE: &str = "TIDELINE_INDEX_CRASH_CYCLE";
-const DOCS: u64 = 20_000;
+const DOCS: u64 = 2_000;
 
 /// The child: on cycle 0 loads the documents; on every cycle drops and re-creates one of
-/// the indexes (so some kills land mid-backfill), then rewrites, patches and deletes
+/// the indexes (so kills land mid-backfill), then rewrites, patches and deletes
 /// documents until killed. Prints `A` after each acknowledged write.
 #[test]
 #[ignore = "child process of the SIGKILL index test"]
@@ -669,15 +692,22 @@ fn index_crash_child() {
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let e = file_engine(Path::new(&dir), EngineOptions::default());
+    // Small backfill steps: a backfill spans many batches, and kills land inside it.
+    let e = file_engine(
+        Path::new(&dir),
+        EngineOptions {
+            index_backfill_keys: 8,
+            ..EngineOptions::default()
+        },
+    );
     if cycle == 0 {
         e.create_tree(TREE, Some("json-merge-patch")).expect("tree");
         load_docs(&e, DOCS);
         for (name, paths) in INDEXES {
             e.create_index(TREE, name, paths, false).expect("create");
         }
-    } else if cycle % 2 == 0 {
-        let (name, paths) = INDEXES[(cycle as usize / 2) % 2];
+    } else {
+        let (name, paths) = INDEXES[cycle as usize % 2];
         e.drop_index(TREE, name).expect("drop");
         e.create_index(TREE, name, paths, false).expect("create");
     }
@@ -688,7 +718,11 @@ fn index_crash_child() {
         match i % 4 {
             0 => e.delete(TREE, key.as_bytes()).map(|_| ()).expect("delete"),
             1 => e
-                .merge(TREE, key.as_bytes(), format!(r#"{{"v":"p{}"}}"#, i % 13).as_bytes())
+                .merge(
+                    TREE,
+                    key.as_bytes(),
+                    format!(r#"{{"v":"p{}"}}"#, i % 13).as_bytes(),
+                )
                 .map(|_| ())
                 .expect("merge"),
             _ => e
@@ -700,13 +734,18 @@ fn index_crash_child() {
                 .map(|_| ())
                 .expect("put"),
         }
-        println!("A {i}");
+        let backfilling = e
+            .indexes()
+            .iter()
+            .any(|i| matches!(i.state, IndexState::Backfilling { .. }));
+        println!("A {i} {}", if backfilling { "backfilling" } else { "live" });
     }
 }
 
-fn crash_cycles(cycles: u64, opts: impl Fn() -> EngineOptions, label: &str) -> Result<(), String> {
+fn crash_cycles(cycles: u64, opts: impl Fn() -> EngineOptions, label: &str) -> Result<u32, String> {
     let (seed, mut rng) = common::seeded(label);
     let dir = tempfile::tempdir().expect("tempdir");
+    let mut mid_backfill = 0;
     for cycle in 0..cycles {
         let what = format!("{label} cycle {cycle} (seed {seed})");
         let c = cycle.to_string();
@@ -716,7 +755,7 @@ fn crash_cycles(cycles: u64, opts: impl Fn() -> EngineOptions, label: &str) -> R
                 (ENV_DIR, dir.path().as_os_str()),
                 (ENV_CYCLE, OsStr::new(&c)),
             ],
-            5..400,
+            5..250,
             |l| l.starts_with("A "),
             &mut rng,
             &what,
@@ -724,13 +763,27 @@ fn crash_cycles(cycles: u64, opts: impl Fn() -> EngineOptions, label: &str) -> R
         .unwrap_or_else(|e| panic!("{e}"));
         let acked = run.lines.iter().filter(|l| l.starts_with("A ")).count();
         if acked == 0 {
-            panic!("{what}: the child acknowledged nothing; stderr: {}", run.stderr);
+            panic!(
+                "{what}: the child acknowledged nothing; stderr: {}",
+                run.stderr
+            );
         }
-        eprintln!("{what}: killed {} ms after its first ack, {acked} acks", run.kill_after_ms);
+        let in_backfill = run
+            .lines
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("A "))
+            .is_some_and(|l| l.ends_with("backfilling"));
+        mid_backfill += u32::from(in_backfill);
+        eprintln!(
+            "{what}: killed {} ms after its first ack, {acked} acks{}",
+            run.kill_after_ms,
+            if in_backfill { ", mid-backfill" } else { "" }
+        );
         let e = file_engine(dir.path(), opts());
         check_indexes(&e, &["by_v", "by_vw"]).map_err(|err| format!("{what}: {err}"))?;
     }
-    Ok(())
+    Ok(mid_backfill)
 }
 
 #[test]
@@ -739,7 +792,14 @@ fn sigkill_mid_workload_and_mid_backfill_keeps_indexes_equal_to_recomputation() 
         .ok()
         .and_then(|c| c.parse().ok())
         .unwrap_or(20);
-    crash_cycles(cycles, EngineOptions::default, "index sigkill").unwrap_or_else(|e| panic!("{e}"));
+    let mid_backfill = crash_cycles(cycles, EngineOptions::default, "index sigkill")
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The last ack before the kill says whether an index was backfilling: some kills must
+    // have landed there for the run to cover resuming a backfill.
+    assert!(
+        mid_backfill > 0,
+        "no kill landed mid-backfill in {cycles} cycles"
+    );
 }
 
 /// Canary: recovery without index maintenance must be caught within a few cycles.
@@ -749,5 +809,6 @@ fn canary_sigkill_without_index_replay_is_caught() {
         unsafe_skip_index_replay: true,
         ..EngineOptions::default()
     };
-    crash_cycles(10, opts, "index sigkill canary").expect_err("skipping index replay must be caught");
+    crash_cycles(10, opts, "index sigkill canary")
+        .expect_err("skipping index replay must be caught");
 }
