@@ -2,7 +2,7 @@
 //!
 //! `serve` runs a node (engine + log + QUIC server + the replication pipelines of
 //! `tideline-connectors` + HTTP admin); `put`, `get`, `del`, `load`, `scan`, `tail` and
-//! `status` talk to one; `log dump|info|verify` inspect a data directory offline, like
+//! `status` and `index` talk to one; `log dump|info|verify` inspect a data directory offline, like
 //! mysqlbinlog; `bench wal|node` are the user-facing load generators; `demo` shows the log at
 //! work. See `README.md`.
 //!
@@ -63,6 +63,10 @@ enum Command {
     Tail(client_cmd::TailArgs),
     /// Print the node's status as JSON.
     Status(client_cmd::StatusArgs),
+    /// Secondary indexes over JSON fields: create, list, status, drop. Query them with
+    /// `get --index` and `scan --index`.
+    #[command(subcommand)]
+    Index(client_cmd::IndexCommand),
     /// Show every request the node serves, live (like Redis MONITOR).
     Monitor(monitor_cmd::MonitorArgs),
     /// Show the hottest keys and slowest requests, refreshed every interval.
@@ -158,6 +162,7 @@ pub fn run() -> ExitCode {
         Command::Scan(args) => client_cmd::scan(&args),
         Command::Tail(args) => client_cmd::tail_cmd(&args),
         Command::Status(args) => client_cmd::status(&args),
+        Command::Index(cmd) => client_cmd::index_cmd(&cmd),
         Command::Verify(args) => verify::verify(&args),
         Command::Log(LogCommand::Dump(args)) => log_cmd::dump(&args),
         Command::Log(LogCommand::Info(args)) => log_cmd::info(&args.data),

@@ -7,10 +7,10 @@ use tideline_wal::{Epoch, GtidSet, Transaction};
 use uuid::Uuid;
 
 use crate::proto::{
-    self, BootstrapResume, Chunk, ErrorCode, Frame, Limits, MonitorEvent, PROTOCOL_VERSION,
-    Request, Response, Start, WriteOp,
+    self, BootstrapResume, Chunk, ErrorCode, Frame, IndexQuery, Limits, MonitorEvent,
+    PROTOCOL_VERSION, Request, Response, Start, WriteOp,
 };
-use crate::server::SCAN_PAGE_BYTES_MAX;
+use crate::server::{IndexPage, SCAN_PAGE_BYTES_MAX};
 use crate::tls::{self, ClientSecrets};
 use crate::wire::{FramedRecv, WireError, send_message};
 
@@ -406,6 +406,15 @@ impl Client {
     pub async fn commit(&self, ops: Vec<WriteOp>) -> Result<(u64, String), ClientError> {
         match self.request(Request::Commit { ops }).await? {
             Response::Committed { offset, gtid } => Ok((offset, gtid)),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Reads one page of a secondary index (see [`IndexQuery`]): the documents and the
+    /// entry key to resume after (`None`: no more).
+    pub async fn index_query(&self, query: IndexQuery) -> Result<IndexPage, ClientError> {
+        match self.request(Request::IndexQuery(query)).await? {
+            Response::IndexRows { rows, next } => Ok(IndexPage { rows, next }),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
