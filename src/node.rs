@@ -164,6 +164,18 @@ impl BootstrapView for EngineView {
         self.estimate
     }
 
+    fn indexes(&self, tree: &str) -> Vec<tideline_stream::IndexDef> {
+        self.snap
+            .indexes(tree)
+            .into_iter()
+            .map(|i| tideline_stream::IndexDef {
+                name: i.name,
+                paths: i.paths,
+                unique: i.unique,
+            })
+            .collect()
+    }
+
     fn chunk(
         &self,
         tree: &str,

@@ -156,6 +156,14 @@ impl Snapshot {
         }
     }
 
+    /// The indexes of `tree` in this snapshot (their definitions, and their state now).
+    pub fn indexes(&self, tree: &str) -> Vec<IndexInfo> {
+        self.catalog()
+            .indexes_of(tree)
+            .map(|m| m.values().map(|i| i.info()).collect())
+            .unwrap_or_default()
+    }
+
     /// Whether index `name` of `tree` exists and is live.
     pub fn index_is_live(&self, tree: &str, name: &str) -> Result<bool, ReadError> {
         match self.live_index(tree, name) {

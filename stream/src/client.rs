@@ -684,6 +684,16 @@ pub enum BootstrapEvent {
     Records(Vec<Transaction>),
     /// A part of a chunk of a tree.
     Chunk(Chunk),
+    /// The secondary indexes of the tree whose chunk follows (see
+    /// [`Response::BootstrapIndexes`]).
+    Indexes {
+        /// The tree.
+        tree: String,
+        /// Its merge operator.
+        merge_operator: Option<String>,
+        /// Its index definitions.
+        indexes: Vec<crate::proto::IndexDef>,
+    },
     /// The copy is complete at `offset`, where the server had executed `gtid_executed`.
     Done {
         /// Handover offset.
@@ -737,6 +747,15 @@ impl BootstrapStream {
             None => None,
             Some(Frame::Batch(txns)) => Some(BootstrapEvent::Records(txns)),
             Some(Frame::Message(Response::Chunk(c))) => Some(BootstrapEvent::Chunk(c)),
+            Some(Frame::Message(Response::BootstrapIndexes {
+                tree,
+                merge_operator,
+                indexes,
+            })) => Some(BootstrapEvent::Indexes {
+                tree,
+                merge_operator,
+                indexes,
+            }),
             Some(Frame::Message(Response::BootstrapDone {
                 offset,
                 gtid_executed,

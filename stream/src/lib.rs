@@ -40,7 +40,7 @@ pub use client::{
     MonitorStream, Subscription,
 };
 pub use observe::{Observer, RefuseReason, SubscriptionInfo};
-pub use proto::{ErrorCode, IndexQuery, Limits, MonitorEvent, Start, WriteOp};
+pub use proto::{ErrorCode, IndexDef, IndexQuery, Limits, MonitorEvent, Start, WriteOp};
 pub use server::{
     BootstrapView, IndexPage, Node, NodeError, Page, SCAN_PAGE_BYTES_MAX, ScanPage, ServeError,
     ServerConfig, ServerHandle, serve,

@@ -69,6 +69,19 @@ pub enum WriteOp {
     },
 }
 
+/// A secondary index's definition.
+///
+/// persisted: wire type; changes must stay backward compatible.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct IndexDef {
+    /// Index name.
+    pub name: String,
+    /// JSON pointers, one per component.
+    pub paths: Vec<String>,
+    /// Whether it is unique.
+    pub unique: bool,
+}
+
 /// A read of a secondary index: documents whose leading components equal `values` and
 /// whose next component starts with `prefix`, in index order, strictly after entry key
 /// `after`, from one snapshot of the node. With `fence`, the node first waits (at most
@@ -379,6 +392,18 @@ pub enum Response {
         events: Vec<MonitorEvent>,
         /// Events lost to a slow monitor since the previous message.
         dropped: u64,
+    },
+    /// On a bootstrap stream, right before the first part of each chunk of a tree that has
+    /// secondary indexes: the tree's index definitions in the view the chunk is read from.
+    /// The consumer declares them (creating the tree first if needed) and builds their
+    /// entries from its own copy; live index ops of the tree follow as log records.
+    BootstrapIndexes {
+        /// The tree.
+        tree: String,
+        /// Its merge operator (to create the tree before its first chunk).
+        merge_operator: Option<String>,
+        /// The definitions, by name.
+        indexes: Vec<IndexDef>,
     },
     /// Answer to [`Request::IndexQuery`]: documents (primary key, value) in index order.
     IndexRows {

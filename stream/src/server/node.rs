@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tideline_wal::{Epoch, Gtid, GtidSet, Offset, Wal};
 
-use crate::proto::{ErrorCode, IndexQuery, WriteOp};
+use crate::proto::{ErrorCode, IndexDef, IndexQuery, WriteOp};
 
 /// A failed node operation, with its class.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +156,10 @@ pub trait BootstrapView: Send + Sync + 'static {
     fn trees(&self) -> Vec<(String, Option<String>)>;
     /// Rough size of the state: (keys, bytes of keys and values), for progress.
     fn estimate(&self) -> (u64, u64);
+    /// The secondary indexes of `tree` in this view, by name (none by default).
+    fn indexes(&self, _tree: &str) -> Vec<IndexDef> {
+        Vec::new()
+    }
     /// Packs entries of `tree` from `from` (inclusive) in key order into `out` (see
     /// [`crate::proto::pack_entry`]) until about `bytes_max` bytes, at least one entry when
     /// any is left; returns the first key not packed (`None`: the tree is done). Blocking.
