@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// Longest value accepted, in bytes (at most 16 MiB, what one protocol message carries).
     #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(1..=(16 << 20)))]
     value_bytes_max: u32,
+    /// Documents a secondary index's backfill reads per step. Each step is one store batch
+    /// that writers wait behind: smaller steps shorten that wait, larger ones backfill faster.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    index_backfill_keys: u32,
     /// Serve the HTTP admin here: overview page `/`, `/api/status`, `/api/log`, `/health`,
     /// `/metrics`. Off unless given (e.g. `--http 127.0.0.1:7480`); off loopback every path
     /// but `/health` needs `Authorization: Bearer TOKEN` (the cluster token).
@@ -770,6 +774,7 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         read_only,
         key_bytes_max: args.key_bytes_max as usize,
         value_bytes_max: args.value_bytes_max as usize,
+        index_backfill_keys: args.index_backfill_keys as usize,
         ..EngineOptions::default()
     };
     let log = WalOptions {
