@@ -7,11 +7,13 @@
 //! own (a commit whose outcome is unknown is reported, not sent twice).
 
 mod escape;
+mod index;
 mod load;
 mod scan;
 mod sink_file;
 mod tail;
 
+pub use index::{IndexCommand, index_cmd};
 pub use load::{LoadArgs, load};
 pub use scan::{ScanArgs, scan};
 pub use sink_file::{SinkFileArgs, sink_file};
@@ -138,6 +140,20 @@ pub struct GetArgs {
     /// Print the value's bytes exactly, with no newline even on a terminal.
     #[arg(long)]
     raw: bool,
+    /// Read through secondary index NAME of the tree: KEY is then the indexed value, and
+    /// every matching document prints as a `KEY<TAB>VALUE` line (escaped as `scan` does).
+    #[arg(long, value_name = "NAME")]
+    index: Option<String>,
+    /// The values of a composite index's further paths, in order (KEY is the first).
+    #[arg(long = "and", value_name = "VALUE", requires = "index")]
+    more: Vec<String>,
+    /// Read fence: first wait until the node has applied this GTID set (and the index is
+    /// live), so a write acknowledged elsewhere is seen.
+    #[arg(long, value_name = "GTIDSET", requires = "index")]
+    after: Option<String>,
+    /// How long `--after` waits, in milliseconds.
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    after_timeout_ms: u64,
 }
 
 /// Arguments of `get` and `del`.
@@ -213,6 +229,25 @@ pub fn del(args: &KeyArgs) -> anyhow::Result<ExitCode> {
 /// the prompt does not run into it; a missing key prints nothing and exits 1.
 pub fn get(args: &GetArgs) -> anyhow::Result<ExitCode> {
     let key = &args.key;
+    if let Some(index) = &args.index {
+        let mut values = vec![key.key.as_bytes().to_vec()];
+        values.extend(args.more.iter().map(|v| v.as_bytes().to_vec()));
+        let printed = index::print_index_read(&index::IndexRead {
+            node: &key.node,
+            tree: &key.tree,
+            index,
+            values,
+            prefix: Vec::new(),
+            limit: u64::MAX,
+            fence: args.after.clone(),
+            fence_timeout_ms: args.after_timeout_ms,
+        })?;
+        if printed == 0 {
+            eprintln!("not found");
+            return Ok(ExitCode::from(1));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     runtime()?.block_on(async {
         let client = key.node.connect().await?;
         let value = client.get(&key.tree, key.key.as_bytes()).await?;

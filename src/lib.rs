@@ -2,9 +2,10 @@
 //!
 //! `serve` runs a node (engine + log + QUIC server + the replication pipelines of
 //! `tideline-connectors` + HTTP admin); `put`, `get`, `del`, `load`, `scan`, `tail`,
-//! `sink file` and `status` talk to one; `log dump|info|verify` inspect a data directory
-//! offline, like mysqlbinlog; `bench wal|node|sink-file` are the user-facing load generators;
-//! `demo` shows the log at work. See `README.md`.
+//! `index`, `sink file` and `status` talk to one; `connect` runs pipelines from a file;
+//! `log dump|info|verify` inspect a data directory offline, like mysqlbinlog;
+//! `bench wal|node|sink-file` are the user-facing load generators; `demo` shows the log at
+//! work. See `README.md`.
 //!
 //! The package is a library and a thin binary (`main.rs` calls [`run`]). The library exists so
 //! that `tideline-integration`'s peer benchmarks run nodes in process ([`node::EngineNode`],
@@ -68,6 +69,10 @@ enum Command {
     /// Drive a node's changes into a sink, until Ctrl-C or an error.
     #[command(subcommand)]
     Sink(SinkCommand),
+    /// Secondary indexes over JSON fields: create, list, status, drop. Query them with
+    /// `get --index` and `scan --index`.
+    #[command(subcommand)]
+    Index(client_cmd::IndexCommand),
     /// Show every request the node serves, live (like Redis MONITOR).
     Monitor(monitor_cmd::MonitorArgs),
     /// Show the hottest keys and slowest requests, refreshed every interval.
@@ -180,6 +185,7 @@ pub fn run() -> ExitCode {
         Command::Tail(args) => client_cmd::tail_cmd(&args),
         Command::Status(args) => client_cmd::status(&args),
         Command::Sink(SinkCommand::File(args)) => client_cmd::sink_file(&args),
+        Command::Index(cmd) => client_cmd::index_cmd(&cmd),
         Command::Verify(args) => verify::verify(&args),
         Command::Connect(args) => connect::connect(&args),
         Command::Log(LogCommand::Dump(args)) => log_cmd::dump(&args),

@@ -16,11 +16,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use serde_json::json;
-use tideline_engine::{Engine, EngineOptions, ReadError, Snapshot, WriteError};
+use tideline_engine::{
+    Engine, EngineOptions, IndexInfo, IndexState, ReadError, Snapshot, WriteError,
+};
 use tideline_stream::server::Rows;
 use tideline_stream::{
     BootstrapView, ErrorCode, Node, NodeError, Observer, Page, ScanPage, ServerConfig, WriteOp,
 };
+use tideline_stream::{IndexPage, IndexQuery};
 use tideline_wal::{Durability, Epoch, Gtid, GtidSet, Offset, RetentionPolicy, Wal, WalOptions};
 
 use crate::DurabilityArg;
@@ -76,6 +79,10 @@ pub struct ServeArgs {
     /// Longest value accepted, in bytes (at most 16 MiB, what one protocol message carries).
     #[arg(long, default_value_t = 16 << 20, value_parser = clap::value_parser!(u32).range(1..=(16 << 20)))]
     value_bytes_max: u32,
+    /// Documents a secondary index's backfill reads per step. Each step is one store batch
+    /// that writers wait behind: smaller steps shorten that wait, larger ones backfill faster.
+    #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    index_backfill_keys: u32,
     /// Serve the HTTP admin here: overview page `/`, `/api/status`, `/api/log`, `/health`,
     /// `/metrics`. Off unless given (e.g. `--http 127.0.0.1:7480`); off loopback every path
     /// but `/health` needs `Authorization: Bearer TOKEN` (the cluster token).
@@ -92,6 +99,9 @@ pub struct ServeArgs {
 /// How often a read fence re-checks durability once its GTIDs are applied but the log has
 /// not synced them yet (async durability only).
 const ASYNC_SYNC_RECHECK: Duration = Duration::from_millis(2);
+
+/// How often a fenced index read re-checks whether a backfilling index went live.
+const INDEX_LIVE_RECHECK: Duration = Duration::from_millis(10);
 
 /// `--bootstrap`: when a replica copies its upstream's state instead of catching up from its log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -165,6 +175,18 @@ impl BootstrapView for EngineView {
 
     fn estimate(&self) -> (u64, u64) {
         self.estimate
+    }
+
+    fn indexes(&self, tree: &str) -> Vec<tideline_stream::IndexDef> {
+        self.snap
+            .indexes(tree)
+            .into_iter()
+            .map(|i| tideline_stream::IndexDef {
+                name: i.name,
+                paths: i.paths,
+                unique: i.unique,
+            })
+            .collect()
     }
 
     fn chunk(
@@ -353,6 +375,7 @@ impl EngineNode {
                 .iter()
                 .filter_map(|t| t.merge_operator.map(|m| (t.name.clone(), json!(m.name()))))
                 .collect::<serde_json::Map<_, _>>(),
+            "indexes": self.engine.indexes().iter().map(index_json).collect::<Vec<_>>(),
             "slots": self.wal.slots(),
             "log": { "bytes": stats.total_bytes, "segments": stats.segments.len() },
             "consumers": consumers,
@@ -381,6 +404,64 @@ impl EngineNode {
     }
 }
 
+/// One index as `status` shows it: definition, state (with percent and rate while
+/// backfilling, or the reason it failed), entries, skipped documents and duplicates.
+pub fn index_json(i: &IndexInfo) -> serde_json::Value {
+    let mut j = json!({
+        "tree": i.tree,
+        "name": i.name,
+        "paths": i.paths,
+        "unique": i.unique,
+        "state": i.state.name(),
+        "entries": i.entries,
+        "skipped": i.skipped,
+        "duplicates": i.duplicates,
+        "duplicate_examples": i.duplicate_examples,
+        // Maintained in the same store batch as the data: never behind what is applied.
+        "lag_txns": 0,
+    });
+    match &i.state {
+        IndexState::Backfilling {
+            percent,
+            docs_per_s,
+        } => {
+            j["percent"] = json!((percent * 10.0).round() / 10.0);
+            j["docs_per_s"] = json!(docs_per_s.round());
+        }
+        IndexState::Failed { reason } => j["reason"] = json!(reason),
+        _ => {}
+    }
+    j
+}
+
+/// Reads one page of an index from one snapshot (blocking).
+fn index_page(engine: &Engine, q: &IndexQuery) -> Result<IndexPage, ReadError> {
+    let limit = usize::try_from(q.limit).unwrap_or(usize::MAX).max(1);
+    let p = engine.snapshot().index_scan(
+        &q.tree,
+        &q.index,
+        &q.values,
+        &q.prefix,
+        q.after.as_deref(),
+        limit,
+        q.bytes_max,
+    )?;
+    Ok(IndexPage {
+        rows: p.rows,
+        next: p.next,
+    })
+}
+
+fn index_read_err(e: ReadError) -> NodeError {
+    match e {
+        ReadError::UnknownTree(_) | ReadError::UnknownIndex { .. } => {
+            NodeError::new(ErrorCode::InvalidRequest, e.to_string())
+        }
+        ReadError::IndexNotLive { .. } => NodeError::new(ErrorCode::Unavailable, e.to_string()),
+        other => NodeError::new(ErrorCode::Internal, other.to_string()),
+    }
+}
+
 /// Commits client writes as one engine transaction (blocking).
 fn commit_ops(engine: &Engine, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
     let known: BTreeSet<String> = engine.trees().into_iter().map(|t| t.name).collect();
@@ -394,6 +475,8 @@ fn commit_ops(engine: &Engine, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), Node
                     WriteOp::Put { tree, .. }
                     | WriteOp::Delete { tree, .. }
                     | WriteOp::Merge { tree, .. } => tree,
+                    // An index names a tree that must exist: never created implicitly.
+                    WriteOp::CreateIndex { .. } | WriteOp::DropIndex { .. } => continue,
                 };
                 if tree != "default" && !known.contains(tree) && created.insert(tree.clone()) {
                     tx.create_tree(tree, None)?;
@@ -404,6 +487,16 @@ fn commit_ops(engine: &Engine, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), Node
                     WriteOp::Put { tree, key, value } => tx.put(tree, key, value)?,
                     WriteOp::Delete { tree, key } => tx.delete(tree, key)?,
                     WriteOp::Merge { tree, key, operand } => tx.merge(tree, key, operand)?,
+                    WriteOp::CreateIndex {
+                        tree,
+                        name,
+                        paths,
+                        unique,
+                    } => {
+                        let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
+                        tx.create_index(tree, name, &paths, *unique)?;
+                    }
+                    WriteOp::DropIndex { tree, name } => tx.drop_index(tree, name)?,
                 }
             }
             Ok(())
@@ -512,6 +605,47 @@ impl Node for EngineNode {
         self.chunks_served.fetch_add(1, Ordering::Relaxed);
         self.chunk_bytes_served
             .fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    async fn index_query(&self, q: IndexQuery) -> Result<IndexPage, NodeError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(q.timeout_ms);
+        if let Some(text) = &q.fence {
+            let set: GtidSet = text.parse().map_err(|e| {
+                NodeError::new(
+                    ErrorCode::InvalidRequest,
+                    format!("--after {text:?} is not a GTID set ({e}); write it like uuid:1-5"),
+                )
+            })?;
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let (reached, executed) = self.wait_for(set, left).await;
+            if !reached {
+                return Err(NodeError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the node has not applied {text} within {} ms (it has {executed}); \
+                         check its upstream's lag (`tideline status`) or pass a longer \
+                         --timeout",
+                        q.timeout_ms
+                    ),
+                ));
+            }
+        }
+        loop {
+            let engine = self.engine.clone();
+            let query = q.clone();
+            let result = tokio::task::spawn_blocking(move || index_page(&engine, &query))
+                .await
+                .map_err(|e| NodeError::new(ErrorCode::Internal, format!("index read: {e}")))?;
+            match result {
+                // With a fence, a backfilling index is waited for like the GTIDs.
+                Err(ReadError::IndexNotLive { .. })
+                    if q.fence.is_some() && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(INDEX_LIVE_RECHECK).await;
+                }
+                other => return other.map_err(index_read_err),
+            }
+        }
     }
 
     async fn wait_for(&self, gtids: GtidSet, timeout: Duration) -> (bool, GtidSet) {
@@ -669,6 +803,7 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         read_only,
         key_bytes_max: args.key_bytes_max as usize,
         value_bytes_max: args.value_bytes_max as usize,
+        index_backfill_keys: args.index_backfill_keys as usize,
         ..EngineOptions::default()
     };
     let log = WalOptions {

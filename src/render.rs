@@ -40,6 +40,8 @@ pub fn op_json(op: &Op) -> Value {
         Op::Merge { tree, .. } => ("merge", tree),
         Op::CreateTree { tree, .. } => ("create_tree", tree),
         Op::DropTree { tree } => ("drop_tree", tree),
+        Op::CreateIndex { tree, .. } => ("create_index", tree),
+        Op::DropIndex { tree, .. } => ("drop_index", tree),
     };
     obj.insert("op".into(), Value::String(name.into()));
     obj.insert("tree".into(), Value::String(tree.clone()));
@@ -69,6 +71,19 @@ pub fn op_json(op: &Op) -> Value {
             }
         }
         Op::DropTree { .. } => {}
+        Op::CreateIndex {
+            name,
+            paths,
+            unique,
+            ..
+        } => {
+            obj.insert("name".into(), Value::String(name.clone()));
+            obj.insert("paths".into(), json!(paths));
+            obj.insert("unique".into(), Value::Bool(*unique));
+        }
+        Op::DropIndex { name, .. } => {
+            obj.insert("name".into(), Value::String(name.clone()));
+        }
     }
     Value::Object(obj)
 }
@@ -108,6 +123,16 @@ mod tests {
                     key: b"gone".to_vec(),
                     before: None,
                 },
+                Op::CreateIndex {
+                    tree: "t".into(),
+                    name: "by_email".into(),
+                    paths: vec!["/email".into()],
+                    unique: true,
+                },
+                Op::DropIndex {
+                    tree: "t".into(),
+                    name: "by_email".into(),
+                },
             ],
         };
         let text = txn_json(&txn).to_string();
@@ -116,7 +141,9 @@ mod tests {
             concat!(
                 r#"{"offset":3,"gtid":"3e11fa47-71ca-11e1-9e33-c80aa9429562:7","#,
                 r#""ts":"2023-11-14T22:13:20.123456Z","ops":[{"op":"put","tree":"default","#,
-                r#""key":"k","value_b64":"/wA="},{"op":"delete","tree":"t","key":"gone"}]}"#
+                r#""key":"k","value_b64":"/wA="},{"op":"delete","tree":"t","key":"gone"},"#,
+                r#"{"op":"create_index","tree":"t","name":"by_email","paths":["/email"],"#,
+                r#""unique":true},{"op":"drop_index","tree":"t","name":"by_email"}]}"#
             )
         );
     }

@@ -306,6 +306,25 @@ impl Bootstrap {
                 self.progress.records += n;
                 BootstrapStep::Ops(ops)
             }
+            BootstrapEvent::Indexes {
+                tree,
+                merge_operator,
+                indexes,
+            } => {
+                // The tree first (its chunk follows), then its indexes; both are no-ops when
+                // they exist. The position does not move.
+                let mut ops = vec![Op::CreateTree {
+                    tree: tree.clone(),
+                    merge_operator,
+                }];
+                ops.extend(indexes.into_iter().map(|i| Op::CreateIndex {
+                    tree: tree.clone(),
+                    name: i.name,
+                    paths: i.paths,
+                    unique: i.unique,
+                }));
+                BootstrapStep::Ops(ops)
+            }
             BootstrapEvent::Chunk(Chunk {
                 tree,
                 merge_operator,

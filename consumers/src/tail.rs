@@ -524,6 +524,43 @@ impl Session {
         Ok(false)
     }
 
+    /// The documents secondary index `index` of `tree` maps `values` to (one per indexed
+    /// path, or fewer for a composite index), as (key, value) pairs in index order, read from
+    /// one snapshot of the node (at most 1 MiB; ask [`Client::index_query`] for pages).
+    /// With `after`, the node first waits until it has applied that GTID set and the index is
+    /// live, so a write acknowledged anywhere (e.g. the primary) is seen on a replica: the
+    /// fence fails with [`ErrorCode::Unavailable`](tideline_stream::ErrorCode) after
+    /// `timeout`. Retries once on a broken connection (reads are idempotent).
+    pub async fn index_get(
+        &self,
+        tree: &str,
+        index: &str,
+        values: &[Vec<u8>],
+        after: Option<&GtidSet>,
+        timeout: Duration,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClientError> {
+        let query = tideline_stream::IndexQuery {
+            tree: tree.into(),
+            index: index.into(),
+            values: values.to_vec(),
+            prefix: Vec::new(),
+            after: None,
+            limit: u64::MAX,
+            bytes_max: tideline_stream::SCAN_PAGE_BYTES_MAX,
+            fence: after.map(GtidSet::to_string),
+            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        };
+        for attempt in 0..2 {
+            let c = self.client().await?;
+            match c.index_query(query.clone()).await {
+                Ok(p) => return Ok(p.rows),
+                Err(e) if e.is_retryable() && attempt == 0 => self.forget().await,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Vec::new())
+    }
+
     /// Reads one key, retrying once on a broken connection (reads are idempotent).
     pub async fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
         for attempt in 0..2 {

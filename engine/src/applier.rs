@@ -170,9 +170,10 @@ impl Inner {
             }
             drop(a);
             // A panic while applying becomes a store failure (fail-stop), not a hang.
-            let result =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.apply_group(&group)))
-                    .unwrap_or_else(|_| Err("the applier panicked".into()));
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.apply_group(&group, false)
+            }))
+            .unwrap_or_else(|_| Err("the applier panicked".into()));
             // Before any committer wakes: each frees its own transaction (see `InFlight`).
             drop(group);
             let mut a = lock(&self.apply);
@@ -208,20 +209,31 @@ impl Inner {
 
     /// Applies consecutive transactions as one atomic store batch. Only one caller at a time
     /// (the `applying` flag, or recovery before the engine is shared).
-    pub(crate) fn apply_group<T: ApplyTxn>(&self, group: &[(u64, Arc<T>)]) -> Result<(), String> {
+    /// `replay`: called by recovery (only a test switch treats it differently).
+    pub(crate) fn apply_group<T: ApplyTxn>(
+        &self,
+        group: &[(u64, Arc<T>)],
+        replay: bool,
+    ) -> Result<(), String> {
         let Some(&(last, _)) = group.last() else {
             return Ok(());
         };
+        // Serialized with backfill steps, which read the trees' current values.
+        let _indexes = lock(&self.index_lock);
         let (mut gtids, base_catalog) = {
             let v = self.view.read().unwrap_or_else(|p| p.into_inner());
             debug_assert_eq!(v.offset + 1, group[0].0, "offsets apply densely, in order");
             ((*v.gtids).clone(), v.catalog.clone())
         };
-        let has_merge = group
-            .iter()
-            .any(|(_, t)| t.ops().any(|o| matches!(o, OpRef::Merge { .. })));
-        // Values written earlier in the group are kept only when a merge may need them.
-        let mut sb = StoreBatch::new(self, base_catalog, has_merge);
+        // Values written earlier in the group are kept only when a merge or an index's live
+        // maintenance may need them.
+        let track = !base_catalog.indexes.is_empty()
+            || group.iter().any(|(_, t)| {
+                t.ops()
+                    .any(|o| matches!(o, OpRef::Merge { .. } | OpRef::CreateIndex { .. }))
+            });
+        let mut sb = StoreBatch::new(self, base_catalog, track);
+        sb.skip_maintenance = replay && !self.opts.maintain_indexes_on_replay();
         for (offset, txn) in group {
             let gtid = txn.gtid();
             if gtids.contains(&gtid) {
@@ -240,7 +252,7 @@ impl Inner {
                 )?;
             }
         }
-        let (mut batch, catalog, dropped) = sb.into_parts();
+        let (mut batch, catalog, dropped, progress) = sb.into_parts();
         self.write_identity(&mut batch, last);
         batch.insert(&self.meta, catalog::KEY_GTIDS, gtids.to_string().as_bytes());
         let new_catalog = catalog.map(Arc::new);
@@ -257,6 +269,9 @@ impl Inner {
             }
             self.applied.store(last, Ordering::SeqCst);
             self.identity_written.store(true, Ordering::SeqCst);
+            for (idx, p) in progress {
+                *lock(&idx.progress) = p;
+            }
         }
         self.notify_view_changed();
         self.remove_keyspaces(dropped);

@@ -1,5 +1,8 @@
 //! What an op does to the store: the one place that gives `CreateTree`, `DropTree`, `Put`,
-//! `Delete` and `Merge` their meaning. Both the log applier (`Inner::apply_group`, live
+//! `Delete`, `Merge`, `CreateIndex` and `DropIndex` their meaning, including the live
+//! maintenance of secondary indexes: a write to an indexed tree reads the key's value before
+//! it (store, or this batch's earlier writes) and replaces the old index entry with the new
+//! one in the same atomic batch, so the index is exactly as current as the data it covers. Both the log applier (`Inner::apply_group`, live
 //! commits and replay) and a bootstrap (`Engine::bootstrap_apply`, ops written outside the
 //! log) build their store batch through [`StoreBatch`], so an op means the same on both paths.
 //!
@@ -18,10 +21,27 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::catalog::{self, Catalog, Tree};
+use crate::index::{self, DocEntry, Index, Parsed, Progress};
 use crate::merge::MergeOperator;
 use crate::packed::OpRef;
 use crate::state::{Inner, tree_options};
 use crate::store::{Batch, Store, StoreTree, TreeHandle, WriteBatch};
+
+/// `value → existing key, new key` for a duplicate met on a unique index.
+fn duplicate_text(idx: &Index, new: &DocEntry, other: &[u8], pk: &[u8]) -> String {
+    let value = match new {
+        DocEntry::Entry(e) => idx
+            .decode_entry(e)
+            .map(|(v, _)| index::values_text(&v))
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    format!(
+        "{value:?} → {:?}, {:?}",
+        crate::error::key_text(other),
+        crate::error::key_text(pk)
+    )
+}
 
 /// How a tree created by an op names its keyspace.
 #[derive(Clone, Copy, Debug)]
@@ -74,7 +94,17 @@ pub(crate) struct StoreBatch<'a> {
     /// leading chunks, which are ingested into the store before the batch and read from it. An overlay entry is
     /// always newer than every chunk covering its key (a chunk clears the overlay in its range).
     pub(crate) chunks: Vec<ChunkWrite>,
+    /// Index entries to write (`true`) or remove (`false`), by (index keyspace, entry key):
+    /// the last change of an entry in the batch wins, so each entry is written once.
+    pub(crate) index_writes: HashMap<(String, Vec<u8>), (TreeHandle, bool)>,
+    /// Progress of every index the batch changed, by index keyspace, as of the ops so far.
+    pub(crate) progress: HashMap<String, (Arc<Index>, Progress)>,
+    /// Test-only canary (`unsafe_skip_index_replay`): no live maintenance.
+    pub(crate) skip_maintenance: bool,
 }
+
+/// An index's progress as a committed batch leaves it (see [`StoreBatch::into_parts`]).
+pub(crate) type ProgressUpdate = (Arc<Index>, Progress);
 
 impl<'a> StoreBatch<'a> {
     pub(crate) fn new(inner: &'a Inner, base: Arc<Catalog>, track: bool) -> StoreBatch<'a> {
@@ -87,6 +117,9 @@ impl<'a> StoreBatch<'a> {
             track,
             overlay: HashMap::new(),
             chunks: Vec::new(),
+            index_writes: HashMap::new(),
+            progress: HashMap::new(),
+            skip_maintenance: false,
         }
     }
 
@@ -100,10 +133,211 @@ impl<'a> StoreBatch<'a> {
         self.catalog.get_or_insert_with(|| (**base).clone())
     }
 
-    /// The batch, the new catalog if an op changed it, and the keyspaces to remove after the
-    /// batch committed.
-    pub(crate) fn into_parts(self) -> (Batch, Option<Catalog>, Vec<TreeHandle>) {
-        (self.batch, self.catalog, self.dropped)
+    /// The batch (with its index entries and the progress records of the indexes it
+    /// changed), the new catalog if an op changed it, the keyspaces to remove after the batch
+    /// committed, and the progress to publish once it committed.
+    pub(crate) fn into_parts(
+        mut self,
+    ) -> (Batch, Option<Catalog>, Vec<TreeHandle>, Vec<ProgressUpdate>) {
+        for ((_, entry), (handle, put)) in self.index_writes.drain() {
+            if put {
+                self.batch.insert(&handle, &entry, b"");
+            } else {
+                self.batch.remove(&handle, &entry);
+            }
+        }
+        let mut updates = Vec::with_capacity(self.progress.len());
+        for (_, (idx, p)) in self.progress.drain() {
+            self.batch.insert(
+                &self.inner.meta,
+                &index::index_meta_key(index::INDEX_STATE_PREFIX, &idx.tree, &idx.name),
+                &p.encode(),
+            );
+            updates.push((idx, p));
+        }
+        (self.batch, self.catalog, self.dropped, updates)
+    }
+
+    /// The working copy of `idx`'s progress in this batch.
+    pub(crate) fn progress_mut(&mut self, idx: &Arc<Index>) -> &mut Progress {
+        &mut self
+            .progress
+            .entry(idx.keyspace.clone())
+            .or_insert_with(|| (idx.clone(), idx.progress()))
+            .1
+    }
+
+    /// Keeps the indexes of `tree` in step with `key` changing from `before` to `after`
+    /// (live maintenance): the old entry goes, the new one comes, and the counters move when
+    /// the key lies in the backfilled part.
+    fn maintain(
+        &mut self,
+        tree: &str,
+        key: &[u8],
+        before: Option<&[u8]>,
+        after: Option<&[u8]>,
+    ) -> Result<(), String> {
+        let Some(idxs) = self.catalog().indexes_of(tree) else {
+            return Ok(());
+        };
+        let idxs: Vec<Arc<Index>> = idxs.values().cloned().collect();
+        let (mut parsed_before, mut parsed_after) = (Parsed::default(), Parsed::default());
+        for idx in idxs {
+            let old = idx.entry_for(key, before, &mut parsed_before);
+            let new = idx.entry_for(key, after, &mut parsed_after);
+            if old == new {
+                continue;
+            }
+            if let DocEntry::Entry(e) = &old {
+                self.index_writes.insert(
+                    (idx.keyspace.clone(), e.clone()),
+                    (idx.handle.clone(), false),
+                );
+            }
+            let duplicate = match &new {
+                DocEntry::Entry(e) if idx.unique => self.other_holder(&idx, e, key)?,
+                _ => None,
+            };
+            if let DocEntry::Entry(e) = &new {
+                self.index_writes.insert(
+                    (idx.keyspace.clone(), e.clone()),
+                    (idx.handle.clone(), true),
+                );
+            }
+            let p = self.progress_mut(&idx);
+            if let Some(other) = duplicate {
+                p.add_duplicate(|| duplicate_text(&idx, &new, &other, key));
+            }
+            if p.counts(key) {
+                let delta = |d: &DocEntry, sign: i64| match d {
+                    DocEntry::Entry(_) => (sign, 0),
+                    DocEntry::Skipped => (0, sign),
+                    DocEntry::Absent => (0, 0),
+                };
+                let (e1, s1) = delta(&old, -1);
+                let (e2, s2) = delta(&new, 1);
+                p.entries = p.entries.saturating_add_signed(e1 + e2);
+                p.skipped = p.skipped.saturating_add_signed(s1 + s2);
+            }
+        }
+        Ok(())
+    }
+
+    /// Another primary key the store's index holds under the value of `entry` (whose
+    /// primary key is `pk`), unless this batch removes that entry.
+    pub(crate) fn other_holder(
+        &self,
+        idx: &Index,
+        entry: &[u8],
+        pk: &[u8],
+    ) -> Result<Option<Vec<u8>>, String> {
+        let prefix = &entry[..entry.len() - pk.len()];
+        for kv in idx.handle.prefix(prefix) {
+            let (k, _) = kv.map_err(|e| format!("read index `{}`: {e}", idx.name))?;
+            let other = &k[prefix.len()..];
+            if other == pk {
+                continue;
+            }
+            let removed = matches!(
+                self.index_writes.get(&(idx.keyspace.clone(), k.clone())),
+                Some((_, false))
+            );
+            if !removed {
+                return Ok(Some(other.to_vec()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Creates index `name` on `tree` (no-op when the tree is missing or the index exists).
+    fn create_index(
+        &mut self,
+        tree: &str,
+        name: &str,
+        paths: &[String],
+        unique: bool,
+        at: NewKeyspace,
+    ) -> Result<(), String> {
+        if self.catalog().get(tree).is_none() || self.catalog().index(tree, name).is_some() {
+            return Ok(());
+        }
+        let keyspace = self.new_keyspace_name('i', at);
+        let handle = self
+            .inner
+            .db
+            .tree(&keyspace, &tree_options(&self.inner.opts))
+            .map_err(|e| format!("create keyspace {keyspace}: {e}"))?;
+        self.batch.insert(
+            &self.inner.meta,
+            &index::index_meta_key(index::INDEX_PREFIX, tree, name),
+            &index::encode_def(&keyspace, paths, unique),
+        );
+        self.batch.insert(
+            &self.inner.meta,
+            catalog::KEY_KEYSPACE_ID_NEXT,
+            handle.id().saturating_add(1).to_le_bytes().as_slice(),
+        );
+        let idx = Index::new(
+            tree,
+            name,
+            paths.to_vec(),
+            unique,
+            keyspace.clone(),
+            handle,
+            Progress::new(),
+        );
+        self.progress
+            .insert(keyspace, (idx.clone(), Progress::new()));
+        self.catalog_mut()
+            .indexes
+            .entry(tree.to_string())
+            .or_default()
+            .insert(name.to_string(), idx);
+        Ok(())
+    }
+
+    /// Drops index `name` of `tree` if it exists: its entries in this batch, its keyspace
+    /// after it.
+    pub(crate) fn drop_index(&mut self, tree: &str, name: &str) {
+        let Some(idx) = self.catalog().index(tree, name).cloned() else {
+            return;
+        };
+        self.batch.remove(
+            &self.inner.meta,
+            &index::index_meta_key(index::INDEX_PREFIX, tree, name),
+        );
+        self.batch.remove(
+            &self.inner.meta,
+            &index::index_meta_key(index::INDEX_STATE_PREFIX, tree, name),
+        );
+        self.progress.remove(&idx.keyspace);
+        self.index_writes.retain(|(ks, _), _| *ks != idx.keyspace);
+        self.dropped.push(idx.handle.clone());
+        let cat = self.catalog_mut();
+        if let Some(m) = cat.indexes.get_mut(tree) {
+            m.remove(name);
+            if m.is_empty() {
+                cat.indexes.remove(tree);
+            }
+        }
+    }
+
+    /// A fresh keyspace name: `<kind><offset>.<op index>` for a logged op, `r<random>` for a
+    /// bootstrap op.
+    fn new_keyspace_name(&self, kind: char, at: NewKeyspace) -> String {
+        match at {
+            NewKeyspace::Log { offset, op_index } => format!("{kind}{offset}.{op_index}"),
+            NewKeyspace::Restore => loop {
+                let name = format!("r{:016x}", rand::random::<u64>());
+                if !self.inner.db.tree_exists(&name) {
+                    break name;
+                }
+            },
+        }
+    }
+
+    fn has_indexes(&self, tree: &str) -> bool {
+        !self.skip_maintenance && self.catalog().indexes_of(tree).is_some()
     }
 
     /// Adds `op` to the batch with its one meaning: creating an existing tree keeps it
@@ -126,11 +360,19 @@ impl<'a> StoreBatch<'a> {
             OpRef::DropTree { tree } => self.drop_tree(tree),
             OpRef::Put { tree, key, value } => {
                 let t = self.tree_for_data(tree, at)?;
+                if self.has_indexes(tree) {
+                    let before = self.current_value(&t, key)?;
+                    self.maintain(tree, key, before.as_deref(), Some(value))?;
+                }
                 self.batch.insert(&t.handle, key, value);
                 self.remember(&t, key, Some(value));
             }
             OpRef::Delete { tree, key } => {
                 let t = self.tree_for_data(tree, at)?;
+                if self.has_indexes(tree) {
+                    let before = self.current_value(&t, key)?;
+                    self.maintain(tree, key, before.as_deref(), None)?;
+                }
                 self.batch.remove(&t.handle, key);
                 self.remember(&t, key, None);
             }
@@ -142,10 +384,20 @@ impl<'a> StoreBatch<'a> {
                     // Refused on submission; a deterministic meaning all the same.
                     None => operand.to_vec(),
                 };
+                if self.has_indexes(tree) {
+                    self.maintain(tree, key, existing.as_deref(), Some(&value))?;
+                }
                 self.batch.insert(&t.handle, key, &value);
                 self.overlay
                     .insert((t.keyspace.clone(), key.to_vec()), Some(value));
             }
+            OpRef::CreateIndex {
+                tree,
+                name,
+                paths,
+                unique,
+            } => self.create_index(tree, name, paths, unique, at)?,
+            OpRef::DropIndex { tree, name } => self.drop_index(tree, name),
         }
         Ok(())
     }
@@ -185,15 +437,7 @@ impl<'a> StoreBatch<'a> {
         merge: Option<MergeOperator>,
         at: NewKeyspace,
     ) -> Result<Arc<Tree>, String> {
-        let keyspace = match at {
-            NewKeyspace::Log { offset, op_index } => format!("t{offset}.{op_index}"),
-            NewKeyspace::Restore => loop {
-                let name = format!("r{:016x}", rand::random::<u64>());
-                if !self.inner.db.tree_exists(&name) {
-                    break name;
-                }
-            },
-        };
+        let keyspace = self.new_keyspace_name('t', at);
         let handle = self
             .inner
             .db
@@ -219,11 +463,20 @@ impl<'a> StoreBatch<'a> {
         Ok(t)
     }
 
-    /// Drops `tree` if it exists: its entry goes in this batch, its keyspace after it.
+    /// Drops `tree` (and its indexes) if it exists: its entry goes in this batch, its
+    /// keyspace after it.
     pub(crate) fn drop_tree(&mut self, tree: &str) {
         let Some(t) = self.catalog().get(tree).cloned() else {
             return;
         };
+        let names: Vec<String> = self
+            .catalog()
+            .indexes_of(tree)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
+        for name in names {
+            self.drop_index(tree, &name);
+        }
         self.batch
             .remove(&self.inner.meta, &catalog::tree_meta_key(tree));
         self.dropped.push(t.handle.clone());

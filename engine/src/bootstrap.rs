@@ -99,7 +99,7 @@ impl Engine {
         for name in base.trees.keys() {
             sb.drop_tree(name);
         }
-        let (mut batch, _, dropped) = sb.into_parts();
+        let (mut batch, _, dropped, _) = sb.into_parts();
         // This node's own GTIDs stay executed: its next local commit must not reuse one that
         // a downstream may already hold (their effects are gone with the rest of the state).
         let own = own_gtids(
@@ -171,6 +171,7 @@ impl Engine {
             return Err(WriteError::NotBootstrapping);
         }
         let merges = validate(&inner.opts, &ops)?;
+        let _indexes = lock(&inner.index_lock);
         let mut sb = StoreBatch::new(inner, inner.current_catalog(), true);
         // Chunks before the first op are ingested as tables (see `ingest_chunk`); the rest
         // goes into the batch, in order.
@@ -200,13 +201,16 @@ impl Engine {
             };
             applied.map_err(|reason| inner.store_failure(format!("bootstrap apply: {reason}")))?;
         }
-        let (mut batch, catalog, dropped) = sb.into_parts();
+        let (mut batch, catalog, dropped, index_progress) = sb.into_parts();
         batch.insert(&inner.meta, catalog::KEY_BOOTSTRAP, progress);
         {
             let mut v = inner.view.write().unwrap_or_else(|p| p.into_inner());
             batch
                 .commit()
                 .map_err(|e| inner.store_failure(format!("bootstrap apply: {e}")))?;
+            for (idx, p) in index_progress {
+                *lock(&idx.progress) = p;
+            }
             if let Some(c) = catalog {
                 let c = Arc::new(c);
                 v.catalog = c.clone();
@@ -263,8 +267,29 @@ impl Engine {
             gtids.union(&own_gtids(&v.gtids, inner.server_uuid))
         };
         let text = gtids.to_string();
-        // (1)
-        let mut batch = inner.db.batch();
+        // (1) Chunks bypass index maintenance: every index starts again from an empty
+        // keyspace and is backfilled from the copied state.
+        let _indexes = lock(&inner.index_lock);
+        let mut sb = StoreBatch::new(inner, inner.current_catalog(), false);
+        let defs: Vec<_> = sb
+            .base
+            .all_indexes()
+            .map(|i| (i.tree.clone(), i.name.clone(), i.paths.clone(), i.unique))
+            .collect();
+        for (tree, name, paths, unique) in &defs {
+            sb.drop_index(tree, name);
+            sb.apply_op(
+                crate::packed::OpRef::CreateIndex {
+                    tree,
+                    name,
+                    paths,
+                    unique: *unique,
+                },
+                NewKeyspace::Restore,
+            )
+            .map_err(|reason| inner.store_failure(format!("bootstrap finish: {reason}")))?;
+        }
+        let (mut batch, new_catalog, dropped, _) = sb.into_parts();
         batch.insert(&inner.meta, catalog::KEY_GTIDS, text.as_bytes());
         batch.insert(
             &inner.meta,
@@ -277,7 +302,14 @@ impl Engine {
                 .commit()
                 .map_err(|e| inner.store_failure(format!("bootstrap finish: {e}")))?;
             v.gtids = Arc::new(gtids.clone());
+            if let Some(c) = new_catalog {
+                let c = Arc::new(c);
+                v.catalog = c.clone();
+                *inner.catalog.write().unwrap_or_else(|p| p.into_inner()) = c;
+            }
         }
+        drop(_indexes);
+        inner.remove_keyspaces(dropped);
         inner.notify_view_changed();
         inner
             .db
@@ -387,7 +419,11 @@ fn validate(
                         tree_name(tree)?;
                         operator(merge_operator)?;
                     }
-                    Op::DropTree { .. } => {}
+                    Op::DropTree { .. } | Op::DropIndex { .. } => {}
+                    Op::CreateIndex { tree, name, .. } => {
+                        tree_name(tree)?;
+                        tree_name(name)?;
+                    }
                     Op::Put {
                         tree, key, value, ..
                     } => check_kv(opts, tree, key, Some(value))?,

@@ -14,16 +14,21 @@
 //! | `server_uuid` | the log's server uuid, text |
 //! | `tree/<name>` | JSON `{"keyspace":"t12.0","merge":"add"}` (`merge` null when none) |
 //! | `keyspace_id_next` | above every store keyspace id the engine was given, u64 little-endian (see `retire_keyspace_ids`) |
+//! | `index/<tree>/<name>` | JSON `{"keyspace":"i12.0","paths":["/email"],"unique":false}` |
+//! | `index_state/<tree>/<name>` | JSON progress: `state` (`backfilling`/`live`/`failed`), `cursor_hex` (first key not yet backfilled), `reason`, `entries`, `skipped`, `duplicates`, `examples`, `backfilled`, `total_estimate` |
 //! | `bootstrap` | while a bootstrap runs: the caller's opaque progress record |
 //! | `bootstrap_finishing` | while a bootstrap finishes: the GTID set text it finishes at |
 //!
-//! All of them are written in the same atomic batch as the data they describe. Trees made by
+//! All of them are written in the same atomic batch as the data they describe. An index's
+//! entries live in a keyspace of their own named like a tree's, `i<offset>.<op index>` after
+//! the `CreateIndex` op that made it (see `index` for the entry encoding). Trees made by
 //! a bootstrap live in keyspaces named `r<16 hex digits>` (random: the offset does not move
 //! while bootstrapping).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::index::Index;
 use crate::merge::MergeOperator;
 use crate::store::TreeHandle;
 
@@ -56,11 +61,28 @@ pub(crate) struct Tree {
 #[derive(Clone, Default)]
 pub(crate) struct Catalog {
     pub(crate) trees: BTreeMap<String, Arc<Tree>>,
+    /// Tree name → index name → index. A tree without indexes has no entry.
+    pub(crate) indexes: BTreeMap<String, BTreeMap<String, Arc<Index>>>,
 }
 
 impl Catalog {
     pub(crate) fn get(&self, name: &str) -> Option<&Arc<Tree>> {
         self.trees.get(name)
+    }
+
+    /// The indexes of `tree` (none: `None`).
+    pub(crate) fn indexes_of(&self, tree: &str) -> Option<&BTreeMap<String, Arc<Index>>> {
+        self.indexes.get(tree).filter(|m| !m.is_empty())
+    }
+
+    /// Index `name` of `tree`.
+    pub(crate) fn index(&self, tree: &str, name: &str) -> Option<&Arc<Index>> {
+        self.indexes.get(tree).and_then(|m| m.get(name))
+    }
+
+    /// Every index, by tree then name.
+    pub(crate) fn all_indexes(&self) -> impl Iterator<Item = &Arc<Index>> {
+        self.indexes.values().flat_map(|m| m.values())
     }
 
     pub(crate) fn infos(&self) -> Vec<TreeInfo> {

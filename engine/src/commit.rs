@@ -24,7 +24,7 @@
 //! offset of the last transaction whose effects are in the same store batch; the log's
 //! retention floor is never above the first offset the store has not persisted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -35,10 +35,12 @@ use tideline_wal::{Gtid, NewTransaction, Offset, Op};
 use crate::catalog::{self, DEFAULT_TREE};
 use crate::engine::Engine;
 use crate::error::{WriteError, key_text};
+use crate::index::{self, DocEntry, Index, Parsed};
 use crate::merge::{self, MergeOperator};
 use crate::packed::{PackedOps, PackedTxn};
 use crate::snapshot::SnapshotAt;
 use crate::state::{CommitInfo, CommitState, HistoryEntry, Inner, Ready, check_kv, lock};
+use crate::store::StoreTree;
 use crate::txn::ReadItem;
 
 /// What [`Engine::apply_upstream`] did.
@@ -187,7 +189,10 @@ impl Inner {
                     tree, key, operand, ..
                 } => (tree, key, Some(operand.as_slice())),
                 Op::Delete { tree, key, .. } => (tree, key, None),
-                Op::CreateTree { .. } | Op::DropTree { .. } => continue,
+                Op::CreateTree { .. }
+                | Op::DropTree { .. }
+                | Op::CreateIndex { .. }
+                | Op::DropIndex { .. } => continue,
             };
             if check_limits {
                 check_kv(&self.opts, tree, key, value)?;
@@ -275,6 +280,7 @@ impl Inner {
         // Ops dropped from the logged list (a local re-creation of an existing tree) and where
         // the implicit creation of `default` goes: the list is rebuilt only when it changes,
         // else `ops` is logged as it is (no move of every op under the commit lock).
+        let mut index_changes: BTreeMap<(String, String), bool> = BTreeMap::new();
         let mut dropped_ops: Vec<usize> = Vec::new();
         let mut create_default_at: Vec<usize> = Vec::new();
         let mut tree_ops: Vec<Arc<str>> = Vec::new();
@@ -321,7 +327,9 @@ impl Inner {
                                             | Op::Delete { tree: t, .. }
                                             | Op::Merge { tree: t, .. }
                                             | Op::CreateTree { tree: t, .. }
-                                            | Op::DropTree { tree: t } => t == tree,
+                                            | Op::DropTree { tree: t }
+                                            | Op::CreateIndex { tree: t, .. }
+                                            | Op::DropIndex { tree: t, .. } => t == tree,
                                         }
                                 });
                                 if read_it || wrote_it {
@@ -356,7 +364,49 @@ impl Inner {
                     } else {
                         changes.insert(tree.clone(), None);
                     }
+                    for (t, n) in st.indexes.iter().filter(|(t, _)| t == tree) {
+                        index_changes.insert((t.clone(), n.clone()), false);
+                    }
+                    index_changes.retain(|(t, _), live| t != tree || !*live);
                     tree_ops.push(intern(tree));
+                }
+                Op::CreateIndex {
+                    tree, name, paths, ..
+                } => {
+                    let key = (tree.clone(), name.clone());
+                    let exists = index_changes
+                        .get(&key)
+                        .copied()
+                        .unwrap_or_else(|| st.indexes.contains(&key));
+                    if local {
+                        check_index_def(name, paths)?;
+                        if tree_state(&changes, tree).is_none() {
+                            return Err(WriteError::UnknownTree(tree.clone()));
+                        }
+                        if exists {
+                            return Err(WriteError::IndexExists {
+                                tree: tree.clone(),
+                                name: name.clone(),
+                            });
+                        }
+                    }
+                    if tree_state(&changes, tree).is_some() {
+                        index_changes.insert(key, true);
+                    }
+                }
+                Op::DropIndex { tree, name } => {
+                    let key = (tree.clone(), name.clone());
+                    let exists = index_changes
+                        .get(&key)
+                        .copied()
+                        .unwrap_or_else(|| st.indexes.contains(&key));
+                    if local && !exists {
+                        return Err(WriteError::UnknownIndex {
+                            tree: tree.clone(),
+                            name: name.clone(),
+                        });
+                    }
+                    index_changes.insert(key, false);
                 }
                 Op::Put { tree, .. } | Op::Delete { tree, .. } | Op::Merge { tree, .. } => {
                     let state = match tree_state(&changes, tree) {
@@ -406,6 +456,12 @@ impl Inner {
         if out.is_empty() && local {
             return Ok(None);
         }
+        // A replica applying upstream transactions never refuses them.
+        let claims = if local {
+            self.check_unique(st, &out)?
+        } else {
+            Vec::new()
+        };
 
         let (gtid, timestamp_us) = match origin {
             Origin::Local => {
@@ -460,6 +516,16 @@ impl Inner {
                 }
             }
         }
+        for (name, c) in &index_changes {
+            if *c {
+                st.indexes.insert(name.clone());
+            } else {
+                st.indexes.remove(name);
+            }
+        }
+        for (claim, pk) in claims {
+            st.claims.insert(claim, (pk, offset));
+        }
         st.history_keys += keys.len() + tree_ops.len();
         st.history.push_back(HistoryEntry {
             offset,
@@ -503,6 +569,176 @@ impl Inner {
             // Woken by the applier (unpark); the timeout is only a safety net.
             std::thread::park_timeout(Duration::from_millis(50));
         }
+    }
+}
+
+/// Checks an index definition of a local transaction.
+fn check_index_def(name: &str, paths: &[String]) -> Result<(), WriteError> {
+    if !index::is_valid_index_name(name) {
+        return Err(WriteError::BadIndex(format!(
+            "name `{name}`: use 1-128 characters from [A-Za-z0-9_.:-]"
+        )));
+    }
+    if paths.is_empty() || paths.len() > INDEX_PATHS_MAX {
+        return Err(WriteError::BadIndex(format!(
+            "give 1 to {INDEX_PATHS_MAX} paths (--path /json/pointer), not {}",
+            paths.len()
+        )));
+    }
+    if let Some(p) = paths.iter().find(|p| !index::is_valid_json_pointer(p)) {
+        return Err(WriteError::BadIndex(format!(
+            "path `{p}` is not a JSON pointer: write it like `/email` or `/address/city`"
+        )));
+    }
+    Ok(())
+}
+
+/// Most components of a composite index.
+const INDEX_PATHS_MAX: usize = 16;
+
+impl Inner {
+    /// Whether a transaction submitted and not yet applied wrote `key` of `tree`.
+    fn pending_write(st: &CommitState, applied: u64, tree: &str, key: &[u8]) -> bool {
+        st.history
+            .iter()
+            .rev()
+            .take_while(|e| e.offset > applied)
+            .any(|e| e.keys.iter().any(|(t, k)| &**t == tree && k == key))
+    }
+
+    /// Refuses a local transaction whose puts or merges would give a second primary key a
+    /// value that a live unique index maps to another key: in the applied index, in the
+    /// claims of transactions submitted and not yet applied, or earlier in this transaction.
+    /// A holder that a pending transaction is rewriting makes it a retryable conflict.
+    /// Returns the claims this transaction makes, to record once it is submitted.
+    fn check_unique(
+        &self,
+        st: &mut CommitState,
+        ops: &[Op],
+    ) -> Result<Vec<((String, Vec<u8>), Vec<u8>)>, WriteError> {
+        let cat = self.current_catalog();
+        if cat.indexes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let unique_of = |tree: &str| -> Vec<Arc<Index>> {
+            cat.indexes_of(tree)
+                .map(|m| {
+                    m.values()
+                        .filter(|i| i.unique && i.is_live())
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        if !ops.iter().any(|o| !unique_of(o.tree()).is_empty()) {
+            return Ok(Vec::new());
+        }
+        let applied = self.applied.load(Ordering::SeqCst);
+        if st.claims.len() > 4096 {
+            st.claims.retain(|_, (_, off)| *off > applied);
+        }
+        let written: HashSet<(&str, &[u8])> = ops
+            .iter()
+            .filter_map(|o| o.key().map(|k| (o.tree(), k)))
+            .collect();
+        let mut overlay: HashMap<(&str, &[u8]), Option<Vec<u8>>> = HashMap::new();
+        let mut mine: HashMap<(String, Vec<u8>), Vec<u8>> = HashMap::new();
+        for op in ops {
+            let (tree, key) = match op {
+                Op::Put { tree, key, .. } | Op::Merge { tree, key, .. } => (tree, key),
+                Op::Delete { tree, key, .. } => {
+                    overlay.insert((tree, key), None);
+                    continue;
+                }
+                _ => continue,
+            };
+            let idxs = unique_of(tree);
+            if idxs.is_empty() {
+                continue;
+            }
+            let after = match op {
+                Op::Put { value, .. } => value.clone(),
+                Op::Merge { operand, .. } => {
+                    let before = match overlay.get(&(tree.as_str(), key.as_slice())) {
+                        Some(v) => v.clone(),
+                        None => {
+                            if Self::pending_write(st, applied, tree, key) {
+                                return Err(WriteError::Conflict(format!(
+                                    "key {:?} of tree `{tree}`, merged under a unique index, has \
+                                     a write not yet applied",
+                                    key_text(key)
+                                )));
+                            }
+                            match cat.get(tree) {
+                                Some(t) => t
+                                    .handle
+                                    .get(key)
+                                    .map_err(|e| self.store_failure(format!("read: {e}")))?
+                                    .map(|v| v.to_vec()),
+                                None => None,
+                            }
+                        }
+                    };
+                    match cat.get(tree).and_then(|t| t.merge) {
+                        Some(m) => m.resolve(before.as_deref(), operand),
+                        None => operand.clone(),
+                    }
+                }
+                _ => continue,
+            };
+            for idx in &idxs {
+                let mut parsed = Parsed::default();
+                let DocEntry::Entry(e) = idx.entry_for(key, Some(&after), &mut parsed) else {
+                    continue;
+                };
+                let prefix = e[..e.len() - key.len()].to_vec();
+                let claim = (idx.keyspace.clone(), prefix.clone());
+                let violation = |other: &[u8]| WriteError::UniqueViolation {
+                    tree: tree.clone(),
+                    index: idx.name.clone(),
+                    value: idx
+                        .decode_entry(&e)
+                        .map(|(v, _)| index::values_text(&v))
+                        .unwrap_or_default(),
+                    existing_key: key_text(other),
+                    key: key_text(key),
+                };
+                if let Some(other) = mine.get(&claim)
+                    && other != key
+                {
+                    return Err(violation(other));
+                }
+                let holders = st
+                    .claims
+                    .get(&claim)
+                    .filter(|(_, off)| *off > applied)
+                    .map(|(pk, _)| pk.clone())
+                    .into_iter()
+                    .map(Ok)
+                    .chain(idx.handle.prefix(&prefix).map(|kv| {
+                        kv.map(|(k, _)| k[prefix.len()..].to_vec())
+                            .map_err(|e| self.store_failure(format!("read index: {e}")))
+                    }));
+                for other in holders {
+                    let other = other?;
+                    if other == *key || written.contains(&(tree.as_str(), other.as_slice())) {
+                        continue;
+                    }
+                    if Self::pending_write(st, applied, tree, &other) {
+                        return Err(WriteError::Conflict(format!(
+                            "key {:?} holding a value of unique index `{}` has a write not yet \
+                             applied",
+                            key_text(&other),
+                            idx.name
+                        )));
+                    }
+                    return Err(violation(&other));
+                }
+                mine.insert(claim, key.clone());
+            }
+            overlay.insert((tree, key), Some(after));
+        }
+        Ok(mine.into_iter().collect())
     }
 }
 

@@ -95,6 +95,43 @@ pub enum ReadError {
     /// The state store failed.
     #[error("reading the state store failed: {0}; check the disk, then retry")]
     Store(#[from] StoreError),
+    /// No index has this name on this tree.
+    #[error(
+        "no index named `{name}` on tree `{tree}`; list indexes with `tideline index list` \
+         (Engine::indexes)"
+    )]
+    UnknownIndex {
+        /// Tree.
+        tree: String,
+        /// Index name.
+        name: String,
+    },
+    /// The index is not live yet (backfilling) or failed: its entries are incomplete.
+    #[error(
+        "index `{name}` on tree `{tree}` is {state}; query it once it is live (see \
+         `tideline index status`), or pass a fence (`--after`) to wait for it"
+    )]
+    IndexNotLive {
+        /// Tree.
+        tree: String,
+        /// Index name.
+        name: String,
+        /// Its state, e.g. `backfilling (42.0%)`.
+        state: String,
+    },
+    /// An index entry does not match its document: the index is damaged.
+    #[error(
+        "index `{name}` on tree `{tree}` has an entry for key {key:?} that does not match the \
+         document; drop the index and create it again, and report this as a bug"
+    )]
+    IndexDamaged {
+        /// Tree.
+        tree: String,
+        /// Index name.
+        name: String,
+        /// The key, lossily as text.
+        key: String,
+    },
     /// A JSON helper found a value that is not JSON.
     #[error(
         "value of key {key:?} in tree `{tree}` is not JSON ({reason}); read it with get() \
@@ -282,6 +319,46 @@ pub enum WriteError {
         applied: u64,
         /// Last submitted offset.
         submitted: u64,
+    },
+    /// An index definition is not acceptable.
+    #[error("invalid index: {0}")]
+    BadIndex(String),
+    /// An index with this name exists on the tree.
+    #[error(
+        "index `{name}` already exists on tree `{tree}`; drop it first (`tideline index drop`) \
+         or use another name"
+    )]
+    IndexExists {
+        /// Tree.
+        tree: String,
+        /// Index name.
+        name: String,
+    },
+    /// No index has this name on this tree.
+    #[error("no index named `{name}` on tree `{tree}`; list indexes with `tideline index list`")]
+    UnknownIndex {
+        /// Tree.
+        tree: String,
+        /// Index name.
+        name: String,
+    },
+    /// A write would give a second key the value a live unique index already maps to another.
+    #[error(
+        "unique index `{index}` on tree `{tree}` already maps value {value:?} to key \
+         {existing_key:?}; nothing was written: change or delete that document first, or drop \
+         the index and create it without --unique"
+    )]
+    UniqueViolation {
+        /// Tree.
+        tree: String,
+        /// Index name.
+        index: String,
+        /// The value, lossily as text (components joined by `, `).
+        value: String,
+        /// The key that holds it, lossily as text.
+        existing_key: String,
+        /// The key this transaction wrote, lossily as text.
+        key: String,
     },
     /// A bootstrap chunk or op from the upstream is malformed (peer data). Nothing of the
     /// `bootstrap_apply` call was written; the progress record is unchanged.

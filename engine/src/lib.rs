@@ -84,11 +84,13 @@
 
 mod applier;
 mod apply;
+mod backfill;
 mod bootstrap;
 mod catalog;
 mod commit;
 mod engine;
 mod error;
+mod index;
 mod merge;
 mod open;
 mod packed;
@@ -99,11 +101,13 @@ mod store;
 mod trees;
 mod txn;
 
+pub use backfill::IndexPage;
 pub use bootstrap::RestoreOp;
 pub use catalog::{DEFAULT_TREE, TREE_NAME_BYTES_MAX, TreeInfo, is_valid_tree_name};
 pub use commit::Applied;
 pub use engine::{CasOutcome, Engine, Outcome};
 pub use error::{OpenError, ReadError, WriteError};
+pub use index::{IndexInfo, IndexState, is_valid_index_name, is_valid_json_pointer, value_prefix};
 pub use merge::{MergeOperator, merge_patch};
 pub use snapshot::{KeyValue, Position, Scan, Snapshot};
 pub use state::{

@@ -178,6 +178,8 @@ impl Engine {
                 history_keys: 0,
                 history_floor: applied,
                 generation: 0,
+                indexes: Default::default(),
+                claims: Default::default(),
             }),
             apply: Mutex::new(ApplyState {
                 applied,
@@ -204,6 +206,7 @@ impl Engine {
             bootstrapping: AtomicBool::new(bootstrap.is_some()),
             bootstrap: Mutex::new(bootstrap),
             view_changes: tokio::sync::watch::Sender::new(0),
+            index_lock: Mutex::new(()),
         });
 
         // Replay.
@@ -237,9 +240,10 @@ impl Engine {
         };
         let applier = spawn("tideline-engine-apply", Inner::apply_loop)?;
         let checkpointer = spawn("tideline-engine-checkpoint", Inner::checkpoint_loop)?;
+        let backfill = spawn("tideline-engine-backfill", Inner::backfill_loop)?;
         Ok(Engine {
             inner,
-            threads: Mutex::new(vec![applier, checkpointer]),
+            threads: Mutex::new(vec![applier, checkpointer, backfill]),
         })
     }
 
@@ -292,7 +296,7 @@ impl Inner {
         let mut count = 0;
         let flush = |group: &mut Vec<(u64, Arc<NewTransaction>)>| -> Result<(), OpenError> {
             if let Some(&(offset, _)) = group.last() {
-                self.apply_group(group)
+                self.apply_group(group, true)
                     .map_err(|reason| OpenError::Apply { offset, reason })?;
             }
             group.clear();

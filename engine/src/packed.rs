@@ -33,6 +33,30 @@ pub(crate) enum OpRef<'a> {
         key: &'a [u8],
         operand: &'a [u8],
     },
+    CreateIndex {
+        tree: &'a str,
+        name: &'a str,
+        paths: &'a [String],
+        unique: bool,
+    },
+    DropIndex {
+        tree: &'a str,
+        name: &'a str,
+    },
+}
+
+impl OpRef<'_> {
+    pub(crate) fn tree(&self) -> &str {
+        match self {
+            OpRef::CreateTree { tree, .. }
+            | OpRef::DropTree { tree }
+            | OpRef::Put { tree, .. }
+            | OpRef::Delete { tree, .. }
+            | OpRef::Merge { tree, .. }
+            | OpRef::CreateIndex { tree, .. }
+            | OpRef::DropIndex { tree, .. } => tree,
+        }
+    }
 }
 
 impl<'a> From<&'a Op> for OpRef<'a> {
@@ -51,6 +75,18 @@ impl<'a> From<&'a Op> for OpRef<'a> {
             } => OpRef::Put { tree, key, value },
             Op::Delete { tree, key, .. } => OpRef::Delete { tree, key },
             Op::Merge { tree, key, operand } => OpRef::Merge { tree, key, operand },
+            Op::CreateIndex {
+                tree,
+                name,
+                paths,
+                unique,
+            } => OpRef::CreateIndex {
+                tree,
+                name,
+                paths,
+                unique: *unique,
+            },
+            Op::DropIndex { tree, name } => OpRef::DropIndex { tree, name },
         }
     }
 }
@@ -82,6 +118,8 @@ pub(crate) struct PackedOps {
     ops: Vec<PackedOp>,
     bytes: Vec<u8>,
     names: String,
+    /// Index definitions and drops, kept as logged (rare: no need to pack them).
+    rare: Vec<Op>,
 }
 
 #[derive(Clone, Copy)]
@@ -92,6 +130,8 @@ enum PackedKind {
     Put,
     Delete,
     Merge,
+    /// `rare[key.0]`.
+    Rare,
 }
 
 /// One op of [`PackedOps`]: ranges of its tree name (in `names`), key and value or operand
@@ -112,24 +152,22 @@ impl PackedOps {
                 Op::Put { key, value, .. } => key.len() + value.len(),
                 Op::Merge { key, operand, .. } => key.len() + operand.len(),
                 Op::Delete { key, .. } => key.len(),
-                Op::CreateTree { .. } | Op::DropTree { .. } => 0,
+                Op::CreateTree { .. }
+                | Op::DropTree { .. }
+                | Op::CreateIndex { .. }
+                | Op::DropIndex { .. } => 0,
             };
         }
         let mut p = PackedOps {
             ops: Vec::with_capacity(ops.len()),
             bytes: Vec::with_capacity(bytes_len),
             names: String::new(),
+            rare: Vec::new(),
         };
         let mut last_tree = (0, 0);
         for op in ops {
             let r = OpRef::from(op);
-            let tree = match r {
-                OpRef::CreateTree { tree, .. }
-                | OpRef::DropTree { tree }
-                | OpRef::Put { tree, .. }
-                | OpRef::Delete { tree, .. }
-                | OpRef::Merge { tree, .. } => tree,
-            };
+            let tree = r.tree();
             // Consecutive ops on one tree (the usual case) share its name.
             if p.names.get(last_tree.0..last_tree.1) != Some(tree) || p.ops.is_empty() {
                 last_tree = push_str(&mut p.names, tree);
@@ -160,6 +198,10 @@ impl PackedOps {
                     push(&mut p.bytes, key),
                     push(&mut p.bytes, operand),
                 ),
+                OpRef::CreateIndex { .. } | OpRef::DropIndex { .. } => {
+                    p.rare.push(op.clone());
+                    (PackedKind::Rare, (p.rare.len() - 1, 0), none)
+                }
             };
             p.ops.push(PackedOp {
                 kind,
@@ -202,7 +244,10 @@ impl ApplyTxn for PackedTxn {
         // Ranges were recorded by `pack` while it filled these buffers.
         p.ops.iter().map(move |o| {
             let tree = &p.names[o.tree.0..o.tree.1];
-            let key = &p.bytes[o.key.0..o.key.1];
+            let key = match o.kind {
+                PackedKind::Rare => &[][..],
+                _ => &p.bytes[o.key.0..o.key.1],
+            };
             match o.kind {
                 PackedKind::CreateTree => OpRef::CreateTree {
                     tree,
@@ -224,6 +269,7 @@ impl ApplyTxn for PackedTxn {
                     key,
                     operand: &p.bytes[o.value.0..o.value.1],
                 },
+                PackedKind::Rare => OpRef::from(&p.rare[o.key.0]),
             }
         })
     }
@@ -264,7 +310,17 @@ mod tests {
                 before: None,
             },
             Op::DropTree { tree: "c".into() },
+            Op::CreateIndex {
+                tree: "default".into(),
+                name: "by_x".into(),
+                paths: vec!["/x".into(), "/y".into()],
+                unique: true,
+            },
             put("default", b"z", b"26"),
+            Op::DropIndex {
+                tree: "default".into(),
+                name: "by_x".into(),
+            },
         ];
         let gtid = Gtid::new(uuid::Uuid::nil(), 1).expect("seq 1 is valid");
         let packed = PackedTxn {

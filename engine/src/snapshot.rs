@@ -93,6 +93,14 @@ impl Snapshot {
         }
     }
 
+    pub(crate) fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub(crate) fn store(&self) -> &StoreSnap {
+        &self.inner
+    }
+
     /// The trees in this snapshot.
     pub fn trees(&self) -> Vec<TreeInfo> {
         self.catalog.infos()

@@ -58,6 +58,9 @@ pub struct EngineOptions {
     /// A store batch takes no further transaction once it holds this many ops. Default
     /// 16,384.
     pub apply_group_ops_max: usize,
+    /// Documents one backfill step of a secondary index reads and indexes, in one store
+    /// batch serialized with the applier: a writer waits at most one such step. Default 2048.
+    pub index_backfill_keys: usize,
     /// Background threads of the store (flushes, compactions); 0: the store's default
     /// (one per core, at most 4).
     pub store_threads: usize,
@@ -75,6 +78,12 @@ pub struct EngineOptions {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_bootstrap_no_ingest: bool,
+    /// Test-only (cargo feature `testing`): recovery's replay applies data without index
+    /// maintenance (the bug in-batch maintenance through the one apply path prevents).
+    /// Exists so the index crash tests can prove they catch a stale or missing entry.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_skip_index_replay: bool,
 }
 
 // The test-only switches, read through these so that without the `testing` feature the
@@ -100,6 +109,16 @@ impl EngineOptions {
     pub(crate) fn ingest_leading_chunks(&self) -> bool {
         true
     }
+
+    /// Whether replay maintains indexes: always, unless a test turned it off.
+    #[cfg(feature = "testing")]
+    pub(crate) fn maintain_indexes_on_replay(&self) -> bool {
+        !self.unsafe_skip_index_replay
+    }
+    #[cfg(not(feature = "testing"))]
+    pub(crate) fn maintain_indexes_on_replay(&self) -> bool {
+        true
+    }
 }
 
 impl Default for EngineOptions {
@@ -116,10 +135,13 @@ impl Default for EngineOptions {
             apply_group_ops_max: 1 << 14,
             memtable_bytes: 16 << 20,
             store_threads: 0,
+            index_backfill_keys: 2048,
             #[cfg(feature = "testing")]
             unsafe_skip_replay: false,
             #[cfg(feature = "testing")]
             unsafe_bootstrap_no_ingest: false,
+            #[cfg(feature = "testing")]
+            unsafe_skip_index_replay: false,
         }
     }
 }
@@ -162,6 +184,12 @@ pub(crate) struct CommitState {
     pub(crate) history_floor: u64,
     /// The view's generation as of the last bootstrap begin or finish.
     pub(crate) generation: u64,
+    /// (tree, index name) of every index, as of every submitted transaction.
+    pub(crate) indexes: std::collections::BTreeSet<(String, String)>,
+    /// Values of unique indexes claimed by submitted transactions not yet applied: by
+    /// (index keyspace, encoded value) → (primary key, offset). Entries at or below the
+    /// applied offset are stale (the index holds them) and are dropped as met.
+    pub(crate) claims: std::collections::HashMap<(String, Vec<u8>), (Vec<u8>, u64)>,
 }
 
 /// An acknowledged transaction waiting to be applied, and the committer to wake.
@@ -215,6 +243,10 @@ pub(crate) struct Inner {
     /// Counts changes of the view's position (`applied`, `gtid_executed`), sent after each
     /// change is visible to readers: async waiters (read fences) wake on it.
     pub(crate) view_changes: tokio::sync::watch::Sender<u64>,
+    /// Serializes store batches that touch index entries from two sides: the applier's
+    /// group apply (live maintenance) and the backfill's range steps, which read current
+    /// values and must not interleave with a batch that changes them.
+    pub(crate) index_lock: Mutex<()>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -331,6 +363,12 @@ impl Inner {
             .iter()
             .map(|(n, t)| (n.clone(), t.merge))
             .collect();
+        st.indexes = v
+            .catalog
+            .all_indexes()
+            .map(|i| (i.tree.clone(), i.name.clone()))
+            .collect();
+        st.claims.clear();
         st.history.clear();
         st.history_keys = 0;
         st.history_floor = v.offset;

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crate::catalog::{self, Catalog, Tree, TreeInfo};
 use crate::engine::Engine;
 use crate::error::{OpenError, WriteError};
+use crate::index;
 use crate::state::{CommitInfo, EngineOptions, Inner, tree_options};
 use crate::store::{
     Backend, Persist, Store, StoreError, StoreTree, TreeHandle, TreeOptions, WriteBatch,
@@ -103,10 +104,43 @@ pub(crate) fn load_catalog(
             }),
         );
     }
-    // Keyspaces no tree refers to: created for a batch that never committed, or of a
-    // dropped tree whose removal was cut short.
-    let used: std::collections::HashSet<&str> =
-        cat.trees.values().map(|t| t.keyspace.as_str()).collect();
+    for kv in meta.prefix(index::INDEX_PREFIX) {
+        let (k, v) = kv.map_err(store_err)?;
+        let rest = std::str::from_utf8(&k[index::INDEX_PREFIX.len()..])
+            .map_err(|_| corrupt("an index name is not UTF-8".into()))?;
+        let (tree, name) = rest
+            .split_once('/')
+            .ok_or_else(|| corrupt(format!("index entry `{rest}` lacks `tree/name`")))?;
+        let (keyspace, paths, unique) = index::decode_def(&v).map_err(corrupt)?;
+        let progress = match meta
+            .get(&index::index_meta_key(
+                index::INDEX_STATE_PREFIX,
+                tree,
+                name,
+            ))
+            .map_err(store_err)?
+        {
+            Some(b) => index::Progress::decode(&b).map_err(corrupt)?,
+            None => return Err(corrupt(format!("index `{rest}` has no progress record"))),
+        };
+        if !cat.trees.contains_key(tree) {
+            return Err(corrupt(format!("index `{rest}` covers a missing tree")));
+        }
+        let handle = db.tree(&keyspace, &tree_options(opts)).map_err(store_err)?;
+        let idx = index::Index::new(tree, name, paths, unique, keyspace, handle, progress);
+        cat.indexes
+            .entry(tree.to_string())
+            .or_default()
+            .insert(name.to_string(), idx);
+    }
+    // Keyspaces no tree or index refers to: created for a batch that never committed, or of
+    // a dropped tree or index whose removal was cut short.
+    let used: std::collections::HashSet<&str> = cat
+        .trees
+        .values()
+        .map(|t| t.keyspace.as_str())
+        .chain(cat.all_indexes().map(|i| i.keyspace.as_str()))
+        .collect();
     let mut orphans = Vec::new();
     for name in db.tree_names() {
         if name != catalog::META_KEYSPACE && !used.contains(name.as_str()) {

@@ -187,7 +187,7 @@ impl<'e> Txn<'e> {
                     w.entry((tree.clone(), key.clone())).or_default().push(i);
                 }
                 Op::DropTree { tree } => w.retain(|(t, _), _| t != tree),
-                Op::CreateTree { .. } => {}
+                Op::CreateTree { .. } | Op::CreateIndex { .. } | Op::DropIndex { .. } => {}
             }
         }
         self.writes = Some(w);
@@ -288,6 +288,11 @@ impl<'e> Txn<'e> {
         Ok(())
     }
 
+    /// Adds an op that touches no key (an index definition), checked at commit.
+    pub(crate) fn push_op(&mut self, op: Op) {
+        self.ops.push(op);
+    }
+
     /// Drops `tree` and everything in it.
     pub fn drop_tree(&mut self, tree: &str) -> Result<(), WriteError> {
         match self.tree_for_write(tree)? {
@@ -366,7 +371,10 @@ impl<'e> Txn<'e> {
                         None => operand.clone(),
                     })
                 }
-                Op::CreateTree { .. } | Op::DropTree { .. } => {}
+                Op::CreateTree { .. }
+                | Op::DropTree { .. }
+                | Op::CreateIndex { .. }
+                | Op::DropIndex { .. } => {}
             }
         }
         v

@@ -58,6 +58,8 @@ impl Model {
             RestoreOp::Op(Op::DropTree { tree }) => {
                 self.trees.remove(tree);
             }
+            // Indexes are derived state: the model holds data only.
+            RestoreOp::Op(Op::CreateIndex { .. } | Op::DropIndex { .. }) => {}
             RestoreOp::Op(Op::Put {
                 tree, key, value, ..
             }) => {

@@ -156,6 +156,26 @@ fn describe() {
     );
     describe_gauge!("tideline_consumers", "Live subscriptions");
     describe_gauge!(
+        "tideline_index_entries",
+        "Entries of a secondary index (documents indexed)"
+    );
+    describe_gauge!(
+        "tideline_index_skipped_total",
+        "Documents a secondary index skips now (not JSON, a path missing, object or array)"
+    );
+    describe_gauge!(
+        "tideline_index_duplicates",
+        "Duplicates a unique index met (backfill, or applied from an upstream)"
+    );
+    describe_gauge!(
+        "tideline_index_state",
+        "1 for the secondary index's state (backfilling, live, failed), 0 for the others"
+    );
+    describe_gauge!(
+        "tideline_index_backfill_ratio",
+        "Share of a secondary index's backfill done (0..1; 1 once live)"
+    );
+    describe_gauge!(
         "tideline_quic_connections",
         "Open QUIC connections, handshakes included"
     );

@@ -169,6 +169,7 @@ pub fn main_section(v: &View) -> String {
     upstreams(&mut h, &v.status);
     consumers(&mut h, &v.status);
     pipelines(&mut h, &v.status);
+    indexes(&mut h, &v.status);
     recent(&mut h, &v.recent);
     h
 }
@@ -362,6 +363,60 @@ fn pipelines(h: &mut String, s: &Value) {
             outages = text(&p["outages"]),
             boot = bootstrap_cell(&p["bootstrap"]),
             error = esc(p["last_error"].as_str().unwrap_or("")),
+        );
+    }
+    h.push_str("</table></section>");
+}
+
+fn indexes(h: &mut String, s: &Value) {
+    let idxs = s["indexes"].as_array().cloned().unwrap_or_default();
+    h.push_str("<section id=\"indexes\" class=\"wide\"><h2>Secondary indexes</h2>");
+    if idxs.is_empty() {
+        h.push_str(
+            "<p class=\"muted\">none: declare one with <code>tideline index create</code></p>\
+             </section>",
+        );
+        return;
+    }
+    h.push_str(
+        "<table><tr><th>tree</th><th>index</th><th>paths</th><th>state</th><th>entries</th>\
+         <th>skipped</th><th>duplicates</th></tr>",
+    );
+    for i in &idxs {
+        let state = match i["state"].as_str() {
+            Some("backfilling") => {
+                let pct = i["percent"].as_f64().unwrap_or(0.0);
+                format!(
+                    "backfilling <span class=\"bar\" title=\"{pct:.1}%\"><span \
+                     style=\"width:{w:.1}%\"></span></span> {pct:.1}% · {rate} docs/s",
+                    w = pct.clamp(0.0, 100.0),
+                    rate = i["docs_per_s"].as_f64().unwrap_or(0.0),
+                )
+            }
+            Some("failed") => format!("failed: {}", esc(&text(&i["reason"]))),
+            other => esc(other.unwrap_or("?")),
+        };
+        let paths = i["paths"]
+            .as_array()
+            .map(|p| p.iter().map(text).collect::<Vec<_>>().join(", "))
+            .unwrap_or_default();
+        let _ = write!(
+            h,
+            "<tr class=\"index\"><td>{tree}</td><td><code>{name}</code>{unique}</td>\
+             <td><code>{paths}</code></td><td>{state}</td><td>{entries}</td><td>{skipped}</td>\
+             <td class=\"{dc}\">{dups}</td></tr>",
+            tree = esc(&text(&i["tree"])),
+            name = esc(&text(&i["name"])),
+            unique = if i["unique"] == true { " (unique)" } else { "" },
+            paths = esc(&paths),
+            entries = text(&i["entries"]),
+            skipped = text(&i["skipped"]),
+            dc = if i["duplicates"].as_u64().unwrap_or(0) > 0 {
+                "err"
+            } else {
+                ""
+            },
+            dups = text(&i["duplicates"]),
         );
     }
     h.push_str("</table></section>");

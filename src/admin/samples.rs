@@ -168,6 +168,27 @@ fn export(admin: &Admin, status: &Value) {
         gauge!("tideline_slot_active", &labels).set(if active { 1.0 } else { 0.0 });
     }
     let consumers = status["consumers"].as_array().cloned().unwrap_or_default();
+    for i in status["indexes"].as_array().into_iter().flatten() {
+        let labels = [
+            ("tree", i["tree"].as_str().unwrap_or_default().to_string()),
+            ("index", i["name"].as_str().unwrap_or_default().to_string()),
+        ];
+        gauge!("tideline_index_entries", &labels).set(num(&i["entries"]) as f64);
+        // Documents of the tree the index skips right now (not JSON, path missing, object
+        // or array at a path): a count that also goes down, exported under the name the
+        // design fixes.
+        gauge!("tideline_index_skipped_total", &labels).set(num(&i["skipped"]) as f64);
+        gauge!("tideline_index_duplicates", &labels).set(num(&i["duplicates"]) as f64);
+        for state in ["backfilling", "live", "failed"] {
+            let mut l = labels.to_vec();
+            l.push(("state", state.to_string()));
+            gauge!("tideline_index_state", &l).set(flag(&Value::Bool(i["state"] == state)));
+        }
+        gauge!("tideline_index_backfill_ratio", &labels).set(match i["state"].as_str() {
+            Some("backfilling") => i["percent"].as_f64().unwrap_or(0.0) / 100.0,
+            _ => 1.0,
+        });
+    }
     gauge!("tideline_consumers").set(consumers.len() as f64);
     for c in &consumers {
         let labels = [

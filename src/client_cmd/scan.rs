@@ -27,6 +27,16 @@ pub struct ScanArgs {
     /// Stop after N rows (at least 1). Without it, the whole range.
     #[arg(long, value_name = "N", value_parser = parse_limit)]
     limit: Option<u64>,
+    /// Range over secondary index NAME instead of the keys: documents in the order of the
+    /// indexed values, `--prefix` matching the start of the (first) indexed value.
+    #[arg(long, value_name = "NAME")]
+    index: Option<String>,
+    /// Read fence (with --index): first wait until the node has applied this GTID set.
+    #[arg(long, value_name = "GTIDSET", requires = "index")]
+    after: Option<String>,
+    /// How long `--after` waits, in milliseconds.
+    #[arg(long, default_value_t = 30_000, value_name = "MS")]
+    after_timeout_ms: u64,
 }
 
 fn parse_limit(s: &str) -> Result<u64, String> {
@@ -40,6 +50,19 @@ fn parse_limit(s: &str) -> Result<u64, String> {
 /// `scan`: escaped `KEY<TAB>VALUE` lines, read from the node page by page and printed as they
 /// arrive, so neither side holds the range.
 pub fn scan(args: &ScanArgs) -> anyhow::Result<ExitCode> {
+    if let Some(index) = &args.index {
+        super::index::print_index_read(&super::index::IndexRead {
+            node: &args.node,
+            tree: &args.tree,
+            index,
+            values: Vec::new(),
+            prefix: args.prefix.as_bytes().to_vec(),
+            limit: args.limit.unwrap_or(u64::MAX),
+            fence: args.after.clone(),
+            fence_timeout_ms: args.after_timeout_ms,
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
     runtime()?.block_on(async {
         let client = args.node.connect().await?;
         let mut out = BufWriter::new(std::io::stdout().lock());

@@ -7,10 +7,10 @@ use tideline_wal::{Epoch, GtidSet, Transaction};
 use uuid::Uuid;
 
 use crate::proto::{
-    self, BootstrapResume, Chunk, ErrorCode, Frame, Limits, MonitorEvent, PROTOCOL_VERSION,
-    Request, Response, Start, WriteOp,
+    self, BootstrapResume, Chunk, ErrorCode, Frame, IndexQuery, Limits, MonitorEvent,
+    PROTOCOL_VERSION, Request, Response, Start, WriteOp,
 };
-use crate::server::SCAN_PAGE_BYTES_MAX;
+use crate::server::{IndexPage, SCAN_PAGE_BYTES_MAX};
 use crate::tls::{self, ClientSecrets};
 use crate::wire::{FramedRecv, WireError, send_message};
 
@@ -410,6 +410,15 @@ impl Client {
         }
     }
 
+    /// Reads one page of a secondary index (see [`IndexQuery`]): the documents and the
+    /// entry key to resume after (`None`: no more).
+    pub async fn index_query(&self, query: IndexQuery) -> Result<IndexPage, ClientError> {
+        match self.request(Request::IndexQuery(query)).await? {
+            Response::IndexRows { rows, next } => Ok(IndexPage { rows, next }),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// The node's status document.
     pub async fn status(&self) -> Result<String, ClientError> {
         match self.request(Request::Status).await? {
@@ -675,6 +684,16 @@ pub enum BootstrapEvent {
     Records(Vec<Transaction>),
     /// A part of a chunk of a tree.
     Chunk(Chunk),
+    /// The secondary indexes of the tree whose chunk follows (see
+    /// [`Response::BootstrapIndexes`]).
+    Indexes {
+        /// The tree.
+        tree: String,
+        /// Its merge operator.
+        merge_operator: Option<String>,
+        /// Its index definitions.
+        indexes: Vec<crate::proto::IndexDef>,
+    },
     /// The copy is complete at `offset`, where the server had executed `gtid_executed`.
     Done {
         /// Handover offset.
@@ -728,6 +747,15 @@ impl BootstrapStream {
             None => None,
             Some(Frame::Batch(txns)) => Some(BootstrapEvent::Records(txns)),
             Some(Frame::Message(Response::Chunk(c))) => Some(BootstrapEvent::Chunk(c)),
+            Some(Frame::Message(Response::BootstrapIndexes {
+                tree,
+                merge_operator,
+                indexes,
+            })) => Some(BootstrapEvent::Indexes {
+                tree,
+                merge_operator,
+                indexes,
+            }),
             Some(Frame::Message(Response::BootstrapDone {
                 offset,
                 gtid_executed,

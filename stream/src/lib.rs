@@ -40,10 +40,10 @@ pub use client::{
     MonitorStream, Subscription,
 };
 pub use observe::{Observer, RefuseReason, SubscriptionInfo};
-pub use proto::{ErrorCode, Limits, MonitorEvent, Start, WriteOp};
+pub use proto::{ErrorCode, IndexDef, IndexQuery, Limits, MonitorEvent, Start, WriteOp};
 pub use server::{
-    BootstrapView, Node, NodeError, Page, SCAN_PAGE_BYTES_MAX, ScanPage, ServeError, ServerConfig,
-    ServerHandle, serve,
+    BootstrapView, IndexPage, Node, NodeError, Page, SCAN_PAGE_BYTES_MAX, ScanPage, ServeError,
+    ServerConfig, ServerHandle, serve,
 };
 pub use tls::{ClientSecrets, SecretsError, ServerSecrets, ensure_secrets};
 pub use wire::WireError;

@@ -70,6 +70,18 @@ impl Node for LogNode {
                     before: None,
                 },
                 WriteOp::Merge { tree, key, operand } => Op::Merge { tree, key, operand },
+                WriteOp::CreateIndex {
+                    tree,
+                    name,
+                    paths,
+                    unique,
+                } => Op::CreateIndex {
+                    tree,
+                    name,
+                    paths,
+                    unique,
+                },
+                WriteOp::DropIndex { tree, name } => Op::DropIndex { tree, name },
             })
             .collect();
         let (pending, gtid) = {

@@ -53,7 +53,7 @@ impl RefuseReason {
 }
 
 /// Kinds of client requests, for counting.
-pub const REQUEST_KINDS: [&str; 8] = [
+pub const REQUEST_KINDS: [&str; 9] = [
     "get",
     "scan",
     "commit",
@@ -62,6 +62,7 @@ pub const REQUEST_KINDS: [&str; 8] = [
     "wait_for",
     "subscribe",
     "bootstrap",
+    "index",
 ];
 
 /// One live subscription, as `status` and the overview page show it.

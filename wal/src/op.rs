@@ -52,6 +52,26 @@ pub enum Op {
         /// Tree (keyspace) name.
         tree: String,
     },
+    /// Declare secondary index `name` on `tree`: entries `(values at paths, primary key)`
+    /// for every value of the tree that is a JSON document holding a scalar at each path.
+    /// The node backfills it from its own data and keeps it live; entries are not logged.
+    CreateIndex {
+        /// Tree the index covers.
+        tree: String,
+        /// Index name, unique within the tree.
+        name: String,
+        /// JSON pointers (RFC 6901), one per component of the index value.
+        paths: Vec<String>,
+        /// Refuse (once live) a write that gives a second key the same value.
+        unique: bool,
+    },
+    /// Drop secondary index `name` of `tree` and its entries.
+    DropIndex {
+        /// Tree the index covers.
+        tree: String,
+        /// Index name.
+        name: String,
+    },
 }
 
 impl Op {
@@ -62,7 +82,9 @@ impl Op {
             | Op::Delete { tree, .. }
             | Op::Merge { tree, .. }
             | Op::CreateTree { tree, .. }
-            | Op::DropTree { tree } => tree,
+            | Op::DropTree { tree }
+            | Op::CreateIndex { tree, .. }
+            | Op::DropIndex { tree, .. } => tree,
         }
     }
 
@@ -70,7 +92,10 @@ impl Op {
     pub fn key(&self) -> Option<&[u8]> {
         match self {
             Op::Put { key, .. } | Op::Delete { key, .. } | Op::Merge { key, .. } => Some(key),
-            Op::CreateTree { .. } | Op::DropTree { .. } => None,
+            Op::CreateTree { .. }
+            | Op::DropTree { .. }
+            | Op::CreateIndex { .. }
+            | Op::DropIndex { .. } => None,
         }
     }
 }

@@ -32,7 +32,7 @@ use crate::{Epoch, Offset};
 /// The first eight bytes of every segment.
 pub const MAGIC: [u8; 8] = *b"TIDELOG\0";
 /// Version of the segment and frame layout written by this build.
-pub const FORMAT_VERSION: u16 = 2;
+pub const FORMAT_VERSION: u16 = 3;
 /// Oldest segment format this build reads (format 1 has no `history_epoch`).
 pub const FORMAT_VERSION_MIN: u16 = 1;
 /// Identifies the pinned rkyv format: bit 0 little-endian, bit 1 unaligned primitives,
@@ -40,7 +40,8 @@ pub const FORMAT_VERSION_MIN: u16 = 1;
 pub const RKYV_FORMAT: u16 = 0b0111;
 /// Bytes of the fixed part of the header common to every format (enough to read its length).
 pub const HEADER_FIXED_BYTES: usize = 56;
-/// Bytes of the fixed part of a format 2 header (with `history_epoch`).
+/// Bytes of the fixed part of a format 2 or 3 header (with `history_epoch`; format 3 adds the
+/// index ops to the records, not to the header).
 pub const HEADER_FIXED_BYTES_V2: usize = 64;
 /// Largest header accepted when reading: bounds what a corrupt length can make us allocate.
 pub const HEADER_BYTES_MAX: u32 = 16 << 20;

@@ -49,6 +49,65 @@ pub enum WriteOp {
         /// Operand.
         operand: Vec<u8>,
     },
+    /// Declare a secondary index over JSON pointers of the tree's values (a logged op).
+    CreateIndex {
+        /// Tree.
+        tree: String,
+        /// Index name.
+        name: String,
+        /// JSON pointers, one per component.
+        paths: Vec<String>,
+        /// Refuse a second key for one value once live.
+        unique: bool,
+    },
+    /// Drop a secondary index (a logged op).
+    DropIndex {
+        /// Tree.
+        tree: String,
+        /// Index name.
+        name: String,
+    },
+}
+
+/// A secondary index's definition.
+///
+/// persisted: wire type; changes must stay backward compatible.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct IndexDef {
+    /// Index name.
+    pub name: String,
+    /// JSON pointers, one per component.
+    pub paths: Vec<String>,
+    /// Whether it is unique.
+    pub unique: bool,
+}
+
+/// A read of a secondary index: documents whose leading components equal `values` and
+/// whose next component starts with `prefix`, in index order, strictly after entry key
+/// `after`, from one snapshot of the node. With `fence`, the node first waits (at most
+/// `timeout_ms`) until it has applied that GTID set and the index is live.
+///
+/// persisted: wire type; changes must stay backward compatible.
+#[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct IndexQuery {
+    /// Tree.
+    pub tree: String,
+    /// Index name.
+    pub index: String,
+    /// Exact values of the leading components (empty: all).
+    pub values: Vec<Vec<u8>>,
+    /// Prefix of the next component's value (empty: any).
+    pub prefix: Vec<u8>,
+    /// Exclusive lower bound: the `next` of the previous page.
+    pub after: Option<Vec<u8>>,
+    /// Most rows.
+    pub limit: u64,
+    /// Target size of the page's keys and values, in bytes (the server caps it).
+    pub bytes_max: u64,
+    /// GTID set text to wait for before reading.
+    pub fence: Option<String>,
+    /// How long to wait for the fence (and for the index to be live).
+    pub timeout_ms: u64,
 }
 
 /// Client to server.
@@ -162,6 +221,8 @@ pub enum Request {
         /// Share of requests to report, in parts per million (1,000,000 = every request).
         sample_ppm: u32,
     },
+    /// Read a secondary index (answered with [`Response::IndexRows`]).
+    IndexQuery(IndexQuery),
 }
 
 /// Where to resume a bootstrap.
@@ -331,6 +392,25 @@ pub enum Response {
         events: Vec<MonitorEvent>,
         /// Events lost to a slow monitor since the previous message.
         dropped: u64,
+    },
+    /// On a bootstrap stream, right before the first part of each chunk of a tree that has
+    /// secondary indexes: the tree's index definitions in the view the chunk is read from.
+    /// The consumer declares them (creating the tree first if needed) and builds their
+    /// entries from its own copy; live index ops of the tree follow as log records.
+    BootstrapIndexes {
+        /// The tree.
+        tree: String,
+        /// Its merge operator (to create the tree before its first chunk).
+        merge_operator: Option<String>,
+        /// The definitions, by name.
+        indexes: Vec<IndexDef>,
+    },
+    /// Answer to [`Request::IndexQuery`]: documents (primary key, value) in index order.
+    IndexRows {
+        /// Key-value pairs of the documents.
+        rows: Vec<(Vec<u8>, Vec<u8>)>,
+        /// Pass as `after` to read the next page; `None`: no more.
+        next: Option<Vec<u8>>,
     },
 }
 

@@ -58,7 +58,8 @@ pub mod bootstrap;
 mod messages;
 pub use bootstrap::{BootstrapPosition, Cursor, pack_entry, packed_parts, unpack_entries};
 pub use messages::{
-    BootstrapResume, Chunk, ErrorCode, MonitorEvent, Request, Response, Start, WriteOp,
+    BootstrapResume, Chunk, ErrorCode, IndexDef, IndexQuery, MonitorEvent, Request, Response,
+    Start, WriteOp,
 };
 
 /// Protocol violations and decoding failures.

@@ -232,3 +232,57 @@ fn progress_moves_a_filtered_position_past_dropped_records() {
     // A record already covered by progress is not delivered again after a resend.
     assert!(client.handle_batch(vec![txn(20, 20)]).unwrap().is_empty());
 }
+
+/// The index messages (a query with a fence, its page, index definitions inside a commit)
+/// decode to what was sent, also when they arrive byte by byte.
+#[test]
+fn index_messages_round_trip() {
+    let query = Request::IndexQuery(IndexQuery {
+        tree: "users".into(),
+        index: "by_email".into(),
+        values: vec![b"a@x\0".to_vec()],
+        prefix: b"pre".to_vec(),
+        after: Some(b"a@x\0\xff\0\x01u1".to_vec()),
+        limit: 100,
+        bytes_max: 1 << 20,
+        fence: Some(format!("{}:1-5", Uuid::from_bytes([1; 16]))),
+        timeout_ms: 5000,
+    });
+    let commit = Request::Commit {
+        ops: vec![
+            WriteOp::CreateIndex {
+                tree: "users".into(),
+                name: "by_email".into(),
+                paths: vec!["/email".into(), "/a~1b".into()],
+                unique: true,
+            },
+            WriteOp::DropIndex {
+                tree: "users".into(),
+                name: "old".into(),
+            },
+        ],
+    };
+    let rows = Response::IndexRows {
+        rows: vec![(b"u1".to_vec(), br#"{"email":"a@x"}"#.to_vec())],
+        next: Some(b"entry".to_vec()),
+    };
+    let mut wire = Vec::new();
+    encode_message(&query, &mut wire).unwrap();
+    encode_message(&commit, &mut wire).unwrap();
+    let split = wire.len();
+    encode_message(&rows, &mut wire).unwrap();
+    let mut d = FrameDecoder::new(Limits::default());
+    let mut requests = Vec::new();
+    for b in &wire[..split] {
+        d.feed(std::slice::from_ref(b));
+        while let Some(Frame::Message(m)) = d.next_frame::<Request>().unwrap() {
+            requests.push(m);
+        }
+    }
+    assert_eq!(requests, vec![query, commit]);
+    d.feed(&wire[split..]);
+    match d.next_frame::<Response>().unwrap() {
+        Some(Frame::Message(m)) => assert_eq!(m, rows),
+        other => panic!("expected the rows, got {other:?}"),
+    }
+}

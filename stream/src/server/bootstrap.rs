@@ -304,6 +304,20 @@ async fn run<N: Node>(
             },
         };
         node.on_bootstrap_chunk(bytes);
+        // Index definitions travel with every chunk of their tree, read from the chunk's
+        // view: declaring one again is a no-op, so a resume anywhere in the tree keeps them.
+        let indexes = v.indexes(&tree);
+        if !indexes.is_empty() {
+            send_message(
+                send,
+                &Response::BootstrapIndexes {
+                    tree: tree.clone(),
+                    merge_operator: merge_operator.clone(),
+                    indexes,
+                },
+            )
+            .await?;
+        }
         // The chunk goes out in parts, each with its own sub-range, so the consumer stores
         // one part while the next arrives. It counts as stored after its last part.
         let parts = packed_parts(&entries, PART_BYTES);

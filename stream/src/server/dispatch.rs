@@ -156,6 +156,17 @@ pub(super) async fn handle_stream<N: Node>(
             return super::bootstrap::serve_bootstrap(node, cfg, send, recv, resume, chunk_bytes)
                 .await;
         }
+        Request::IndexQuery(mut q) => {
+            q.bytes_max = q.bytes_max.clamp(1, SCAN_PAGE_BYTES_MAX);
+            q.timeout_ms = q.timeout_ms.min(3_600_000);
+            match node.index_query(q).await {
+                Ok(p) => Response::IndexRows {
+                    rows: p.rows,
+                    next: p.next,
+                },
+                Err(e) => error(e.code, e.message),
+            }
+        }
         Request::Hello { .. } => error(ErrorCode::InvalidRequest, "already authenticated"),
         Request::Ack { .. } | Request::ChunksStored { .. } => error(
             ErrorCode::InvalidRequest,
@@ -187,6 +198,7 @@ fn request_kind(req: &Request) -> Option<&'static str> {
         Request::WaitFor { .. } => "wait_for",
         Request::Subscribe { .. } => "subscribe",
         Request::Bootstrap { .. } => "bootstrap",
+        Request::IndexQuery(_) => "index",
         Request::Hello { .. }
         | Request::Ack { .. }
         | Request::ChunksStored { .. }
@@ -207,9 +219,12 @@ impl Seen {
                 Some(WriteOp::Put { tree, key, .. })
                 | Some(WriteOp::Delete { tree, key })
                 | Some(WriteOp::Merge { tree, key, .. }) => (tree, key),
+                Some(WriteOp::CreateIndex { tree, name, .. })
+                | Some(WriteOp::DropIndex { tree, name }) => (tree, name.as_bytes()),
                 None => ("", b""),
             },
             Request::WaitFor { gtids, .. } => ("", gtids.as_bytes()),
+            Request::IndexQuery(q) => (q.tree.as_str(), q.index.as_bytes()),
             Request::Subscribe { tree, prefix, .. } => (
                 tree.as_deref().unwrap_or_default(),
                 prefix.as_deref().unwrap_or_default(),

@@ -38,6 +38,7 @@ mod subscription;
 pub use admission::{ServeError, ServerHandle, serve, welcome_uuid};
 pub use config::{ServerConfig, close_code};
 pub use node::{
-    BootstrapView, Node, NodeError, Page, Rows, SCAN_PAGE_BYTES_MAX, ScanPage, collect_page,
+    BootstrapView, IndexPage, Node, NodeError, Page, Rows, SCAN_PAGE_BYTES_MAX, ScanPage,
+    collect_page,
 };
 pub use subscription::filter_txn;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tideline_wal::{Epoch, Gtid, GtidSet, Offset, Wal};
 
-use crate::proto::{ErrorCode, WriteOp};
+use crate::proto::{ErrorCode, IndexDef, IndexQuery, WriteOp};
 
 /// A failed node operation, with its class.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +81,15 @@ pub fn collect_page<E>(
     Ok(out)
 }
 
+/// One page of a secondary index read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexPage {
+    /// Documents (primary key, value) in index order.
+    pub rows: Rows,
+    /// The entry key to resume after; `None`: no more.
+    pub next: Option<Vec<u8>>,
+}
+
 /// What the server needs from the node it serves. The `tideline` package implements it with
 /// the engine; tests implement it with a bare log.
 pub trait Node: Send + Sync + 'static {
@@ -119,6 +128,20 @@ pub trait Node: Send + Sync + 'static {
     }
     /// Called for every chunk served (for status and metrics).
     fn on_bootstrap_chunk(&self, _bytes: usize) {}
+    /// Reads one page of a secondary index from one snapshot, after waiting for the query's
+    /// fence (see [`IndexQuery`]). `bytes_max` is already capped by the server. Nodes
+    /// without indexes refuse.
+    fn index_query(
+        &self,
+        _query: IndexQuery,
+    ) -> impl Future<Output = Result<IndexPage, NodeError>> + Send {
+        async {
+            Err(NodeError::new(
+                ErrorCode::InvalidRequest,
+                "this node has no secondary indexes; query a node that runs the engine",
+            ))
+        }
+    }
 }
 
 /// One committed state of a node, to copy chunks from. Reads never wait for writers.
@@ -133,6 +156,10 @@ pub trait BootstrapView: Send + Sync + 'static {
     fn trees(&self) -> Vec<(String, Option<String>)>;
     /// Rough size of the state: (keys, bytes of keys and values), for progress.
     fn estimate(&self) -> (u64, u64);
+    /// The secondary indexes of `tree` in this view, by name (none by default).
+    fn indexes(&self, _tree: &str) -> Vec<IndexDef> {
+        Vec::new()
+    }
     /// Packs entries of `tree` from `from` (inclusive) in key order into `out` (see
     /// [`crate::proto::pack_entry`]) until about `bytes_max` bytes, at least one entry when
     /// any is left; returns the first key not packed (`None`: the tree is done). Blocking.

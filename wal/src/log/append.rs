@@ -152,6 +152,10 @@ fn encoded_size_hint(txn: &NewTransaction) -> usize {
                     merge_operator,
                 } => tree.len() + merge_operator.as_ref().map_or(0, String::len),
                 crate::Op::DropTree { tree } => tree.len(),
+                crate::Op::CreateIndex {
+                    tree, name, paths, ..
+                } => tree.len() + name.len() + paths.iter().map(String::len).sum::<usize>(),
+                crate::Op::DropIndex { tree, name } => tree.len() + name.len(),
             };
             bytes + 48
         })

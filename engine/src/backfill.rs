@@ -1,0 +1,365 @@
+//! The backfill of secondary indexes, and the index API of the engine.
+//!
+//! Owns: the backfill thread ([`Inner::backfill_loop`]), which walks each backfilling index's
+//! tree in key ranges; [`Engine::create_index`], [`Engine::drop_index`] (logged
+//! transactions), [`Engine::indexes`] and the index queries of [`Snapshot`].
+//!
+//! How a backfill stays correct while writes go on: from the batch that applied its
+//! `CreateIndex` on, live maintenance (in `apply`) keeps the index entry of *every* written
+//! key current. A backfill step takes the index lock, which the applier holds across each
+//! group apply, reads the *current* values of the next range of at most
+//! `EngineOptions::index_backfill_keys` keys, and writes their entries, the counters and the cursor (the
+//! first key not yet backfilled) in one store batch. An entry computed from the current value
+//! is never stale, and a key written before the step already has the same entry, so the
+//! result equals a recomputation once the cursor passes the last key. Writers wait for at
+//! most one range. The cursor is persisted with the entries, so after a crash the backfill
+//! resumes at the range after the last one stored; recovery replays the log through the same
+//! live maintenance.
+//!
+//! Must never: write entries for a range outside the index lock, or touch the log.
+
+use std::ops::Bound;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tideline_wal::Op;
+
+use crate::apply::StoreBatch;
+use crate::engine::Engine;
+use crate::error::{ReadError, WriteError};
+use crate::index::{self, DocEntry, Index, IndexInfo, Parsed, Phase};
+use crate::snapshot::{KeyValue, Snapshot};
+use crate::state::{CommitInfo, Inner, lock};
+use crate::store::{StoreSnapshot, StoreTree, WriteBatch};
+
+/// One page of an index scan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IndexPage {
+    /// Documents (primary key, value) in index order.
+    pub rows: Vec<KeyValue>,
+    /// The entry key to pass as `after` for the next page; `None`: no more.
+    pub next: Option<Vec<u8>>,
+}
+
+impl Engine {
+    /// Declares index `name` on `tree` over the JSON pointers `paths` (a logged
+    /// transaction, so replicas get it). The index is backfilled in the background while
+    /// writes go on; see [`Engine::indexes`] for its state. With `unique`, once live, a
+    /// transaction that would give a second key the same value is refused
+    /// ([`WriteError::UniqueViolation`]).
+    pub fn create_index(
+        &self,
+        tree: &str,
+        name: &str,
+        paths: &[&str],
+        unique: bool,
+    ) -> Result<CommitInfo, WriteError> {
+        let mut tx = self.begin();
+        tx.create_index(tree, name, paths, unique)?;
+        tx.commit()?.ok_or_else(|| WriteError::IndexExists {
+            tree: tree.into(),
+            name: name.into(),
+        })
+    }
+
+    /// Drops index `name` of `tree` (a logged transaction).
+    pub fn drop_index(&self, tree: &str, name: &str) -> Result<CommitInfo, WriteError> {
+        let mut tx = self.begin();
+        tx.drop_index(tree, name)?;
+        tx.commit()?.ok_or_else(|| WriteError::UnknownIndex {
+            tree: tree.into(),
+            name: name.into(),
+        })
+    }
+
+    /// Every index, by tree then name, with its state and counters.
+    pub fn indexes(&self) -> Vec<IndexInfo> {
+        self.inner
+            .current_catalog()
+            .all_indexes()
+            .map(|i| i.info())
+            .collect()
+    }
+
+    /// Waits until no index is backfilling (or `timeout` passed); returns whether none is.
+    pub fn wait_indexes_live(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let busy = self
+                .inner
+                .current_catalog()
+                .all_indexes()
+                .any(|i| matches!(i.progress().phase, Phase::Backfilling { .. }));
+            if !busy {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl crate::txn::Txn<'_> {
+    /// Declares index `name` on `tree` over `paths` (JSON pointers). Checked at commit:
+    /// the tree must exist and the index must not.
+    pub fn create_index(
+        &mut self,
+        tree: &str,
+        name: &str,
+        paths: &[&str],
+        unique: bool,
+    ) -> Result<(), WriteError> {
+        self.push_op(Op::CreateIndex {
+            tree: tree.into(),
+            name: name.into(),
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+            unique,
+        });
+        Ok(())
+    }
+
+    /// Drops index `name` of `tree`. Checked at commit: the index must exist.
+    pub fn drop_index(&mut self, tree: &str, name: &str) -> Result<(), WriteError> {
+        self.push_op(Op::DropIndex {
+            tree: tree.into(),
+            name: name.into(),
+        });
+        Ok(())
+    }
+}
+
+impl Snapshot {
+    fn live_index(&self, tree: &str, name: &str) -> Result<&Arc<Index>, ReadError> {
+        let idx = self
+            .catalog()
+            .index(tree, name)
+            .ok_or_else(|| ReadError::UnknownIndex {
+                tree: tree.into(),
+                name: name.into(),
+            })?;
+        let info = idx.info();
+        match info.state {
+            index::IndexState::Live => Ok(idx),
+            index::IndexState::Backfilling { percent, .. } => Err(ReadError::IndexNotLive {
+                tree: tree.into(),
+                name: name.into(),
+                state: format!("backfilling ({percent:.1}%)"),
+            }),
+            index::IndexState::Failed { reason } => Err(ReadError::IndexNotLive {
+                tree: tree.into(),
+                name: name.into(),
+                state: format!("failed ({reason}); drop and create it again"),
+            }),
+        }
+    }
+
+    /// The indexes of `tree` in this snapshot (their definitions, and their state now).
+    pub fn indexes(&self, tree: &str) -> Vec<IndexInfo> {
+        self.catalog()
+            .indexes_of(tree)
+            .map(|m| m.values().map(|i| i.info()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether index `name` of `tree` exists and is live.
+    pub fn index_is_live(&self, tree: &str, name: &str) -> Result<bool, ReadError> {
+        match self.live_index(tree, name) {
+            Ok(_) => Ok(true),
+            Err(ReadError::IndexNotLive { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The documents whose leading index components equal `values` (one per path, or fewer
+    /// for a composite index), in index order, all read from this snapshot: at most `limit`
+    /// rows; `next` is set when more are left. Refused while the index is not live.
+    pub fn index_get(
+        &self,
+        tree: &str,
+        name: &str,
+        values: &[Vec<u8>],
+        limit: usize,
+    ) -> Result<IndexPage, ReadError> {
+        self.index_scan(tree, name, values, b"", None, limit, u64::MAX)
+    }
+
+    /// One page of the index in order: entries whose leading components equal `values` and
+    /// whose next component starts with `prefix`, strictly after entry key `after` (from a
+    /// previous page's `next`): at most `limit` rows, and no more once their bytes pass
+    /// `bytes_max` (at least one row when any is left). Refused while the index is not live.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a query's parts; a struct adds nothing"
+    )]
+    pub fn index_scan(
+        &self,
+        tree: &str,
+        name: &str,
+        values: &[Vec<u8>],
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+        bytes_max: u64,
+    ) -> Result<IndexPage, ReadError> {
+        let idx = self.live_index(tree, name)?;
+        let t = self
+            .catalog()
+            .get(tree)
+            .ok_or_else(|| ReadError::UnknownTree(tree.into()))?;
+        let mut start = index::value_prefix(values);
+        if values.len() < idx.paths.len() {
+            index::push_escaped(&mut start, prefix);
+        }
+        let lo = match after {
+            Some(a) if a >= start.as_slice() => Bound::Excluded(a.to_vec()),
+            _ => Bound::Included(start.clone()),
+        };
+        let hi = match crate::txn::prefix_end(&start) {
+            Some(e) => Bound::Excluded(e),
+            None => Bound::Unbounded,
+        };
+        let mut page = IndexPage::default();
+        let mut bytes = 0u64;
+        let store = self.store();
+        let mut last = None;
+        for kv in store.range(&idx.handle, (lo, hi)) {
+            let (entry, _) = kv?;
+            if page.rows.len() >= limit || (!page.rows.is_empty() && bytes >= bytes_max) {
+                page.next = last;
+                return Ok(page);
+            }
+            // Maintained in the same batch as the data: the entry's document is in this
+            // snapshot and maps to this very entry. Anything else is damage, said loudly.
+            let damaged = |key: &[u8]| ReadError::IndexDamaged {
+                tree: tree.into(),
+                name: name.into(),
+                key: crate::error::key_text(key),
+            };
+            let Some((_, pk)) = idx.decode_entry(&entry) else {
+                return Err(damaged(&entry));
+            };
+            let Some(v) = store.get(&t.handle, pk)? else {
+                return Err(damaged(pk));
+            };
+            if idx.entry_for(pk, Some(&v), &mut Parsed::default()) != DocEntry::Entry(entry.clone())
+            {
+                return Err(damaged(pk));
+            }
+            bytes += (pk.len() + v.len()) as u64;
+            page.rows.push((pk.to_vec(), v.to_vec()));
+            last = Some(entry);
+        }
+        Ok(page)
+    }
+}
+
+impl Inner {
+    /// The backfill thread: runs steps while any index is backfilling, naps otherwise.
+    pub(crate) fn backfill_loop(self: Arc<Self>) {
+        loop {
+            if self.stopping.load(Ordering::SeqCst) || self.failed.load(Ordering::SeqCst) {
+                return;
+            }
+            match self.backfill_step() {
+                Ok(true) => {}
+                Ok(false) => std::thread::park_timeout(Duration::from_millis(20)),
+                Err(reason) => {
+                    self.fail(format!("index backfill: {reason}"));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Backfills the next range of the first backfilling index. `Ok(false)`: nothing to do.
+    pub(crate) fn backfill_step(&self) -> Result<bool, String> {
+        let _serial = lock(&self.index_lock);
+        if self.bootstrapping.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        let cat = self.current_catalog();
+        let Some((idx, cursor)) = cat.all_indexes().find_map(|i| match i.progress().phase {
+            Phase::Backfilling { cursor } => Some((i.clone(), cursor)),
+            _ => None,
+        }) else {
+            return Ok(false);
+        };
+        let Some(t) = cat.get(&idx.tree).cloned() else {
+            return Ok(false);
+        };
+        {
+            let mut base = lock(&idx.rate_base);
+            if base.is_none() {
+                *base = Some((Instant::now(), idx.progress().backfilled));
+            }
+        }
+        let mut sb = StoreBatch::new(self, cat.clone(), false);
+        let mut p = sb.progress_mut(&idx).clone();
+        if cursor.is_empty() && p.backfilled == 0 {
+            p.total_estimate = t.handle.approximate_len();
+        }
+        let mut n = 0usize;
+        let mut next_cursor = None;
+        // Values this step indexed, for duplicates within the range (unique indexes).
+        let mut seen: std::collections::HashMap<Vec<u8>, Vec<u8>> = Default::default();
+        for kv in t.handle.range((Bound::Included(cursor), Bound::Unbounded)) {
+            let (k, v) = kv.map_err(|e| format!("read tree `{}`: {e}", idx.tree))?;
+            if n == self.opts.index_backfill_keys.max(1) {
+                next_cursor = Some(k);
+                break;
+            }
+            n += 1;
+            match idx.entry_for(&k, Some(&v), &mut Parsed::default()) {
+                DocEntry::Entry(e) => {
+                    let holder = if idx.unique {
+                        let prefix = e[..e.len() - k.len()].to_vec();
+                        match seen.insert(prefix, k.clone()) {
+                            Some(other) if other != k => Some(other),
+                            _ => sb.other_holder(&idx, &e, &k)?,
+                        }
+                    } else {
+                        None
+                    };
+                    if let Some(other) = holder {
+                        let value = idx
+                            .decode_entry(&e)
+                            .map(|(v, _)| index::values_text(&v))
+                            .unwrap_or_default();
+                        p.add_duplicate(|| {
+                            format!(
+                                "{value:?} → {:?}, {:?}",
+                                crate::error::key_text(&other),
+                                crate::error::key_text(&k)
+                            )
+                        });
+                    }
+                    sb.index_writes
+                        .insert((idx.keyspace.clone(), e), (idx.handle.clone(), true));
+                    p.entries += 1;
+                }
+                DocEntry::Skipped => p.skipped += 1,
+                DocEntry::Absent => {}
+            }
+        }
+        p.backfilled += n as u64;
+        p.phase = match next_cursor {
+            Some(c) => Phase::Backfilling { cursor: c },
+            None => Phase::Live,
+        };
+        *sb.progress_mut(&idx) = p;
+        let (batch, _, _, updates) = sb.into_parts();
+        batch
+            .commit()
+            .map_err(|e| format!("store batch commit: {e}"))?;
+        for (i, p) in updates {
+            if matches!(p.phase, Phase::Live) {
+                tracing::info!(tree = %i.tree, index = %i.name, entries = p.entries, skipped = p.skipped, "index backfilled: live");
+            }
+            *lock(&i.progress) = p;
+        }
+        Ok(true)
+    }
+}
