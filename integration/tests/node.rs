@@ -630,3 +630,70 @@ fn a_filtered_tail_resumes_from_its_checkpoint_past_what_its_filter_dropped() {
         .collect();
     assert_eq!(keys, vec!["u:3", "u:mixed", "u:4"], "only u: ops pass");
 }
+
+/// Slots over the wire (OPERATIONS.md, "Retention and slots"): a tail with `--slot` moves the
+/// slot with its acks (after its checkpoint stored them), and once that consumer is gone
+/// retention (every 10 s, everything else unretained: `--log-retain-bytes 0`, 4 KiB segments)
+/// removes old segments but none the slot still needs: the consumer's next offset stays
+/// readable.
+#[test]
+fn a_slot_moves_with_acks_and_holds_retention_for_a_consumer_that_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(
+        &dir.path().join("n"),
+        0,
+        &["--log-segment-bytes", "4096", "--log-retain-bytes", "0"],
+    );
+    load_big(&node, 1, 20, 1000); // offsets 1..=20, a few segments
+    let checkpoint = dir.path().join("s.cp");
+    let mut tail = node
+        .cli()
+        .args(["tail", "--node", &node.addr, "--from", "earliest"])
+        .args(["--slot", "s", "--limit", "100"])
+        .arg("--checkpoint")
+        .arg(&checkpoint)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(tail.stdout.take().unwrap()).lines();
+    for _ in 0..20 {
+        lines.next().expect("tail output").expect("UTF-8");
+    }
+    // The acks move the slot to the first offset the consumer still needs.
+    let slot = |node: &Node| -> Value {
+        common::status(node)["slots"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "s").cloned())
+            .unwrap_or(Value::Null)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while slot(&node)["restart_offset"] != 21 {
+        assert!(
+            Instant::now() < deadline,
+            "the slot never moved to 21: {}",
+            slot(&node)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The consumer dies; the log goes on.
+    tail.kill().unwrap();
+    tail.wait().unwrap();
+    load_big(&node, 21, 40, 1000); // offsets 21..=60
+    let first = |node: &Node| common::status(node)["first_offset"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while first(&node) == 1 {
+        assert!(Instant::now() < deadline, "retention never ran");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        first(&node) <= 21,
+        "retention removed offsets the slot needs: first offset {}, slot {}",
+        first(&node),
+        slot(&node)
+    );
+    assert_eq!(slot(&node)["restart_offset"], 21);
+    assert_eq!(
+        offsets(&tail_lines(&node, "offset:21", 40)),
+        (21..=60).collect::<Vec<_>>()
+    );
+}
