@@ -62,6 +62,20 @@ pub struct Node {
     /// The HTTP admin's address, when started with `--http`.
     pub admin: Option<String>,
     stderr_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The network namespace the node runs in (`None`: the test's own).
+    netns: Option<String>,
+}
+
+/// A command running the `tideline` binary in network namespace `netns` (or in this one).
+pub fn in_netns(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin()]);
+            c
+        }
+        None => Command::new(bin()),
+    }
 }
 
 impl Node {
@@ -72,11 +86,17 @@ impl Node {
     }
 
     pub fn start_with(data: &Path, port: u16, extra: &[&str]) -> Node {
-        let listen = format!("127.0.0.1:{port}");
-        let mut child = Command::new(bin())
+        Node::start_in(None, data, &format!("127.0.0.1:{port}"), extra)
+    }
+
+    /// Starts `tideline serve --listen LISTEN` inside network namespace `netns` (through
+    /// `ip netns exec`; root only), or in this one. Its `cli()` runs there too.
+    pub fn start_in(netns: Option<&str>, data: &Path, listen: &str, extra: &[&str]) -> Node {
+        let mut cmd = in_netns(netns);
+        let mut child = cmd
             .args(["serve", "--data"])
             .arg(data)
-            .args(["--listen", &listen])
+            .args(["--listen", listen])
             .args(extra)
             .env("TIDELINE_LOG", "warn")
             .stdout(Stdio::null())
@@ -88,6 +108,7 @@ impl Node {
         let mut lines = BufReader::new(stderr).lines();
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut admin = None;
+        let mut early = Vec::new();
         let addr = loop {
             assert!(Instant::now() < deadline, "node did not start");
             match lines.next() {
@@ -109,8 +130,8 @@ impl Node {
                         .strip_prefix("tideline admin on http://")
                         .map(|a| a.trim_end_matches('/').to_string());
                 }
-                Some(Ok(_)) => {}
-                other => panic!("node exited before serving: {other:?}"),
+                Some(Ok(l)) => early.push(l),
+                other => panic!("node exited before serving ({other:?}); its stderr: {early:?}"),
             }
         };
         // Keep draining stderr so the node never blocks on a full pipe; its warnings go to the
@@ -137,6 +158,7 @@ impl Node {
             secrets,
             admin,
             stderr_lines,
+            netns: netns.map(str::to_string),
         }
     }
 
@@ -153,7 +175,7 @@ impl Node {
     }
 
     pub fn cli(&self) -> Command {
-        let mut c = Command::new(bin());
+        let mut c = in_netns(self.netns.as_deref());
         c.env("TIDELINE_SECRETS", self.secrets());
         c
     }
