@@ -269,6 +269,11 @@ fn a_replica_and_a_tail_ride_out_loss_partitions_and_pauses() {
             .spawn()
             .unwrap(),
     );
+    // A tail that never reached its node gives up; one that did rides out anything. Start the
+    // faults once A lists the subscription.
+    common::wait_consumer(&a, "of the tail across the link", |c| {
+        c["start"] == "earliest"
+    });
     let (tx, rx) = std::sync::mpsc::channel::<u64>();
     let stdout = tail.0.stdout.take().unwrap();
     std::thread::spawn(move || {
