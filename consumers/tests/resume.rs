@@ -1,6 +1,7 @@
-//! The smart client's promise: a tail survives a node restart and its own restart (with a
-//! checkpoint file) and delivers every transaction exactly once, in order; a lost position is
-//! a typed error. Guards against gaps and duplicates at reconnects and against silent skips,
+//! The smart client's promise: a tail survives a node restart while it is mid-transfer (the
+//! application has taken half of the log) and delivers every transaction exactly once, in
+//! order; after a crash of the consumer itself mid-transfer (no final commit), its checkpoint
+//! file resumes it with no gap (at least once); a lost position is a typed error. Guards against gaps and duplicates at reconnects and against silent skips,
 //! also when the node's log history was replaced by a bootstrap (a new history epoch).
 
 use std::net::SocketAddr;
@@ -13,10 +14,19 @@ use futures_util::StreamExt;
 use tideline_consumers::{FileCheckpoint, TailConfig, TailError, TailStart, tail};
 use tideline_stream::log_node::LogNode;
 use tideline_stream::proto::WriteOp;
-use tideline_stream::{Client, ClientConfig, Node, ServerConfig, ServerHandle, tls};
+use tideline_stream::{Client, ClientConfig, Node, Observer, ServerConfig, ServerHandle, tls};
 use tideline_wal::{FileStorage, Gtid, GtidSet, NewTransaction, Op, Transaction, Wal, WalOptions};
 
 fn start_node(data: &Path, secrets: &Path, listen: SocketAddr) -> ServerHandle {
+    start_node_observed(data, secrets, listen).0
+}
+
+/// [`start_node`], also returning the server's observer (its live subscriptions).
+fn start_node_observed(
+    data: &Path,
+    secrets: &Path,
+    listen: SocketAddr,
+) -> (ServerHandle, Arc<Observer>) {
     let wal = Wal::open(
         Arc::new(FileStorage::new(data).unwrap()),
         WalOptions::default(),
@@ -26,12 +36,10 @@ fn start_node(data: &Path, secrets: &Path, listen: SocketAddr) -> ServerHandle {
     // An in-process restart may find the old socket not yet released: retry briefly (a real
     // restart is a new process, whose old socket the kernel has freed).
     for _ in 0..100 {
-        match tideline_stream::serve(
-            ServerConfig::new(listen),
-            tls::load_server(secrets).unwrap(),
-            node.clone(),
-        ) {
-            Ok(h) => return h,
+        let cfg = ServerConfig::new(listen);
+        let observer = cfg.observer.clone();
+        match tideline_stream::serve(cfg, tls::load_server(secrets).unwrap(), node.clone()) {
+            Ok(h) => return (h, observer),
             Err(tideline_stream::ServeError::Bind { .. }) => {
                 std::thread::sleep(Duration::from_millis(20))
             }
@@ -93,39 +101,49 @@ async fn tail_resumes_across_a_node_restart_and_its_own_restart() {
     let checkpoint = dir.path().join("tail.checkpoint");
     let tcfg = fast_reconnect(TailConfig::new(&addr, cfg.clone(), TailStart::Earliest));
     let mut seen = Vec::new();
-    {
+    let server = {
         let mut t = tail(
             tcfg.clone(),
             Some(Box::new(FileCheckpoint::new(&checkpoint))),
         );
-        for _ in 0..100 {
+        // Mid-transfer: the application has half of the log, the rest is still to come.
+        for _ in 0..50 {
             seen.push(next_txn(&mut t).await.offset.get());
         }
         // The node goes away and comes back on the same address; writes go on after it.
         server.shutdown().await;
         let server = start_node(&data, &secrets, listen);
         write(&addr, &cfg, 101..=150).await;
-        for _ in 0..50 {
+        for _ in 0..100 {
             seen.push(next_txn(&mut t).await.offset.get());
         }
-        // A clean stop: everything returned was processed.
-        t.commit().unwrap();
-        server.shutdown().await;
-    }
-    assert_eq!(seen, (1..=150).collect::<Vec<_>>());
+        assert_eq!(seen, (1..=150).collect::<Vec<_>>());
+        write(&addr, &cfg, 151..=160).await;
+        // The consumer crashes mid-transfer: it has taken 5 of 10 new transactions and
+        // commits nothing more (the tail's own saves are all it has).
+        for _ in 0..5 {
+            seen.push(next_txn(&mut t).await.offset.get());
+        }
+        server
+    };
+    assert_eq!(seen, (1..=155).collect::<Vec<_>>());
 
-    // The consumer itself restarts: the checkpoint says where it was.
-    let server = start_node(&data, &secrets, listen);
-    write(&addr, &cfg, 151..=160).await;
+    // The consumer restarts from its checkpoint: it may get again what it took after the last
+    // save (at least once), never less than the next one it lacks, then everything in order.
     let mut t = pin!(tail(
         tcfg.clone(),
         Some(Box::new(FileCheckpoint::new(&checkpoint)))
     ));
-    let mut after = Vec::new();
-    for _ in 0..10 {
+    let first = next_txn(&mut t).await.offset.get();
+    assert!(
+        (1..=156).contains(&first),
+        "resumed at offset {first} after taking 1..=155: a gap"
+    );
+    let mut after = vec![first];
+    while after.last() != Some(&160) {
         after.push(next_txn(&mut t).await.offset.get());
     }
-    assert_eq!(after, (151..=160).collect::<Vec<_>>());
+    assert_eq!(after, (first..=160).collect::<Vec<_>>());
 
     // A position the node does not have is loud.
     let gone = fast_reconnect(TailConfig::new(
@@ -148,7 +166,7 @@ async fn latest_starts_after_the_subscription_and_fences_see_own_writes() {
     let dir = tempfile::tempdir().unwrap();
     let (data, secrets) = (dir.path().join("log"), dir.path().join("secrets"));
     tls::ensure_secrets(&secrets).unwrap();
-    let server = start_node(&data, &secrets, "127.0.0.1:0".parse().unwrap());
+    let (server, observer) = start_node_observed(&data, &secrets, "127.0.0.1:0".parse().unwrap());
     let addr = server.local_addr().to_string();
     let cfg = client_cfg(&secrets);
     write(&addr, &cfg, 1..=20).await;
@@ -157,11 +175,18 @@ async fn latest_starts_after_the_subscription_and_fences_see_own_writes() {
         fast_reconnect(TailConfig::new(&addr, cfg.clone(), TailStart::Latest)),
         None
     ));
-    // Give the subscription time to be in place, then write.
+    // Write once the server lists the subscription (its start is fixed by then).
     let writer = {
         let (addr, cfg) = (addr.clone(), cfg.clone());
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            while !observer.subscriptions().iter().any(|s| s.start == "latest") {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the tail never subscribed"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
             write(&addr, &cfg, 21..=25).await;
         })
     };

@@ -258,6 +258,41 @@ impl Engine {
     /// Stops the checkpoint thread and syncs the store. The log is left open (it may be
     /// shared); close it with [`Wal::close`].
     pub fn close(&self) -> Result<(), WriteError> {
+        self.stop_threads();
+        self.checkpoint()
+    }
+
+    /// Test-only (cargo feature `testing`): stops the engine the way a killed process stops,
+    /// for crash tests that run in one process. New writes are refused and the background
+    /// threads end, but nothing is checkpointed, and the engine (with its store and log) is
+    /// leaked rather than dropped: no store sync, no journal flush, no drop path. What the
+    /// store's directory holds afterwards is what a SIGKILL at this moment would leave
+    /// (batches still in the store's in-process journal buffer are lost). Returns once the
+    /// store's own background work (flushes, compactions) has ended, so that a copy of the
+    /// directory is a consistent image; the directory stays locked by the leaked store, so
+    /// reopen a copy. Other clones of the `Arc` may still be used (their writes are refused)
+    /// and dropped: this one is leaked, so the engine's drop path never runs.
+    #[cfg(feature = "testing")]
+    pub fn crash(self: Arc<Self>) {
+        self.stop_threads();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let s = self.inner.db.stats();
+            if s.outstanding_flushes == 0 && s.active_compactions == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store's flushes and compactions did not end within 30 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::mem::forget(self);
+    }
+
+    /// Refuses new writes, ends the applier and checkpoint threads and fails every commit
+    /// still waiting to be applied.
+    fn stop_threads(&self) {
         {
             *lock(&self.inner.stop) = true;
             self.inner.stop_cv.notify_all();
@@ -279,7 +314,6 @@ impl Engine {
                 r.waiter.unpark();
             }
         }
-        self.checkpoint()
     }
 }
 

@@ -587,3 +587,33 @@ fn logged_ops_leave_out_redundant_creations_and_add_implicit_ones() {
         );
     }
 }
+
+/// ENGINE.md, recovery: a store that has applied more than its log holds (the log lost
+/// acknowledged records, say restored from an older copy) is refused with the typed
+/// `StoreAheadOfLog`, naming both offsets and what to do; nothing is replayed or written.
+#[test]
+fn a_store_ahead_of_its_log_is_refused_with_a_typed_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = Arc::new(MemStorage::new());
+    let wal = Arc::new(Wal::open(storage.clone(), WalOptions::default()).expect("open log"));
+    let engine = Engine::open(dir.path(), wal.clone(), EngineOptions::default()).expect("open");
+    engine.put("default", b"a", b"1").expect("put a");
+    engine.put("default", b"b", b"2").expect("put b");
+    // The log as it was after two commits (everything synced: `sync` durability).
+    let older = storage.crash(tideline_wal::CrashMode::DropUnsynced);
+    engine.put("default", b"c", b"3").expect("put c");
+    engine.close().expect("close");
+    drop(engine);
+    wal.close().expect("close log");
+
+    let old_wal = Wal::open(Arc::new(older), WalOptions::default()).expect("open the older log");
+    match Engine::open(dir.path(), Arc::new(old_wal), EngineOptions::default()) {
+        Err(tideline_engine::OpenError::StoreAheadOfLog {
+            store_offset,
+            log_offset,
+        }) => {
+            assert_eq!((store_offset, log_offset), (3, 2));
+        }
+        other => panic!("expected StoreAheadOfLog, got {other:?}"),
+    }
+}

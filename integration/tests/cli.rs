@@ -21,7 +21,7 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Node, bin, free_port, rss_kib};
+use common::{Node, bin, rss_kib};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -83,7 +83,7 @@ const SCAN_KEYS_DEFAULT: u64 = 160_000;
 #[test]
 fn scan_streams_a_tree_larger_than_one_message_in_bounded_server_memory() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("n"), free_port());
+    let node = Node::start(&dir.path().join("n"), 0);
     let keys: u64 = std::env::var("TIDELINE_SCAN_KEYS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -183,7 +183,7 @@ fn on_terminal(node: &Node, cmd: &str) -> Vec<u8> {
 #[test]
 fn get_ends_with_a_newline_on_a_terminal_and_prints_exact_bytes_otherwise() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("n"), free_port());
+    let node = Node::start(&dir.path().join("n"), 0);
     assert!(node.run(&["put", "k1", "v1"]).status.success());
     let tty = on_terminal(&node, &format!("{} get --node {} k1", bin(), node.addr));
     assert!(
@@ -205,7 +205,7 @@ fn get_ends_with_a_newline_on_a_terminal_and_prints_exact_bytes_otherwise() {
 #[test]
 fn a_failed_load_commits_nothing_after_the_bad_line_and_says_what_it_committed() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("n"), free_port());
+    let node = Node::start(&dir.path().join("n"), 0);
     let mut input = Vec::new();
     for i in 1..=5000u32 {
         if i == 2501 {
@@ -230,7 +230,7 @@ fn a_failed_load_commits_nothing_after_the_bad_line_and_says_what_it_committed()
 #[test]
 fn load_atomic_commits_all_lines_in_one_transaction_or_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("n"), free_port());
+    let node = Node::start(&dir.path().join("n"), 0);
     let out = run_with_stdin(&node, &["load", "--atomic"], b"a\t1\nb\t2\n\tbad\nc\t3\n");
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -266,7 +266,7 @@ fn load_atomic_commits_all_lines_in_one_transaction_or_nothing() {
 #[test]
 fn large_values_load_in_byte_sized_batches_and_put_reads_stdin_or_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("n"), free_port());
+    let node = Node::start(&dir.path().join("n"), 0);
     // Two 9 MB values: too much for one message, fine in two transactions.
     let big = "x".repeat(9_000_000);
     let input = format!("a\t{big}\nb\t{big}\n");
@@ -307,8 +307,8 @@ fn large_values_load_in_byte_sized_batches_and_put_reads_stdin_or_a_file() {
 #[test]
 fn another_clusters_secrets_fail_fast_with_words_that_say_so() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("a"), free_port());
-    let other = Node::start(&dir.path().join("b"), free_port());
+    let node = Node::start(&dir.path().join("a"), 0);
+    let other = Node::start(&dir.path().join("b"), 0);
     let wrong = other.secrets();
     let out = Command::new(bin())
         .args(["get", "--node", &node.addr, "k", "--secrets"])
@@ -350,7 +350,7 @@ fn another_clusters_secrets_fail_fast_with_words_that_say_so() {
     // A replica holding the other cluster's secrets stops and says the same in `status`.
     let replica = Node::start_with(
         &dir.path().join("r"),
-        free_port(),
+        0,
         &[
             "--upstream",
             &node.addr,
@@ -376,7 +376,7 @@ fn another_clusters_secrets_fail_fast_with_words_that_say_so() {
     let out = Command::new(bin())
         .args(["serve", "--data"])
         .arg(&fresh)
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--listen", "127.0.0.1:0"])
         .args(["--upstream", &node.addr])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -405,9 +405,9 @@ fn lines_of(r: impl Read + Send + 'static) -> std::sync::mpsc::Receiver<String> 
 #[test]
 fn a_tail_that_once_worked_rides_out_another_clusters_node_on_its_address() {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
     let data = dir.path().join("a");
-    let mut node = Node::start(&data, port);
+    let mut node = Node::start(&data, 0);
+    let port = node.port();
     common::load(&node, 1, 1, 1);
     let mut tail = node
         .cli()
@@ -477,7 +477,7 @@ fn serve_on_a_port_in_use_changes_nothing_and_says_why_once() {
 #[test]
 fn messages_name_cli_steps_not_rust_apis() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start_with(&dir.path().join("n"), free_port(), &["--read-only"]);
+    let node = Node::start_with(&dir.path().join("n"), 0, &["--read-only"]);
     let out = node.run(&["put", "k", "v"]);
     assert!(!out.status.success());
     let err = stderr(&out);
@@ -485,7 +485,7 @@ fn messages_name_cli_steps_not_rust_apis() {
     assert!(!err.contains("Engine::"), "{err}");
     assert!(err.contains("tideline serve"), "{err}");
 
-    let node = Node::start(&dir.path().join("m"), free_port());
+    let node = Node::start(&dir.path().join("m"), 0);
     let key = "k".repeat(70_000);
     let out = node.run(&["put", &key, "v"]);
     assert!(!out.status.success());
@@ -515,9 +515,9 @@ fn messages_name_cli_steps_not_rust_apis() {
 #[test]
 fn verify_shows_a_prefix_length_and_hash_of_big_values() {
     let dir = tempfile::tempdir().unwrap();
-    let a = Node::start(&dir.path().join("a"), free_port());
+    let a = Node::start(&dir.path().join("a"), 0);
     let secrets = a.secrets().display().to_string();
-    let b = Node::start_with(&dir.path().join("b"), free_port(), &["--secrets", &secrets]);
+    let b = Node::start_with(&dir.path().join("b"), 0, &["--secrets", &secrets]);
     let value_a = "a".repeat(1_000_000);
     let value_b = "b".repeat(1_000_000);
     assert!(
@@ -584,7 +584,7 @@ fn verify_shows_a_prefix_length_and_hash_of_big_values() {
 #[test]
 fn scan_output_round_trips_through_load_whatever_the_bytes() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("n"), free_port());
+    let node = Node::start(&dir.path().join("n"), 0);
     let pairs: [(&str, &str); 4] = [
         ("tab\tkey", "new\nline"),
         ("back\\slash", "c:\\temp\\n"),
@@ -621,7 +621,7 @@ fn scan_output_round_trips_through_load_whatever_the_bytes() {
 #[test]
 fn checkpoint_over_from_empty_secrets_env_and_del_of_a_missing_key_are_explained() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("n"), free_port());
+    let node = Node::start(&dir.path().join("n"), 0);
     common::load(&node, 1, 5, 1);
 
     // --from is overridden by a checkpoint that holds a position: stderr says so.
@@ -676,12 +676,12 @@ fn checkpoint_over_from_empty_secrets_env_and_del_of_a_missing_key_are_explained
 #[test]
 fn a_bootstrapped_replicas_status_counts_what_it_holds() {
     let dir = tempfile::tempdir().unwrap();
-    let primary = Node::start(&dir.path().join("p"), free_port());
+    let primary = Node::start(&dir.path().join("p"), 0);
     common::load(&primary, 1, 6, 1);
     let secrets = primary.secrets().display().to_string();
     let replica = Node::start_with(
         &dir.path().join("r"),
-        free_port(),
+        0,
         &["--upstream", &primary.addr, "--secrets", &secrets],
     );
     common::wait_gtids(&replica, &common::gtids(&primary));
@@ -699,8 +699,8 @@ fn a_bootstrapped_replicas_status_counts_what_it_holds() {
 #[test]
 fn tail_of_an_absent_node_gives_up_after_its_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("n"), free_port());
-    let absent = format!("127.0.0.1:{}", free_port());
+    let node = Node::start(&dir.path().join("n"), 0);
+    let (absent, _silent) = common::silent_addr();
     let tail = node
         .cli()
         .args([

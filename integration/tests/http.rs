@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Node, free_port};
+use common::Node;
 
 /// `GET path` on `addr` (HTTP/1.0, so the server closes when done): status and body.
 fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
@@ -50,7 +50,7 @@ fn wait_until<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 fn start_http(data: &Path, extra: &[&str]) -> Node {
     let mut args = vec!["--http", "127.0.0.1:0"];
     args.extend_from_slice(extra);
-    Node::start_with(data, free_port(), &args)
+    Node::start_with(data, 0, &args)
 }
 
 fn admin(node: &Node) -> String {
@@ -309,8 +309,8 @@ fn api_log_lines_equal_tail_and_status_matches_the_cli() {
 fn health_follows_a_replicas_upstream_down_and_back() {
     let dir = tempfile::tempdir().unwrap();
     let p_data = dir.path().join("p");
-    let p_port = free_port();
-    let mut primary = Node::start(&p_data, p_port);
+    let mut primary = Node::start(&p_data, 0);
+    let p_port = primary.port();
     let secrets = primary.secrets();
     let replica = start_http(
         &dir.path().join("r"),
@@ -352,7 +352,7 @@ fn off_loopback_every_path_but_health_needs_the_token() {
     let dir = tempfile::tempdir().unwrap();
     // Bound to every address: not loopback, so the token is required (reached here over
     // loopback all the same).
-    let node = Node::start_with(&dir.path().join("p"), free_port(), &["--http", "0.0.0.0:0"]);
+    let node = Node::start_with(&dir.path().join("p"), 0, &["--http", "0.0.0.0:0"]);
     let port = admin(&node).rsplit(':').next().unwrap().to_string();
     let addr = format!("127.0.0.1:{port}");
     let token = std::fs::read_to_string(node.secrets().join("token")).unwrap();
@@ -369,7 +369,7 @@ fn off_loopback_every_path_but_health_needs_the_token() {
 #[test]
 fn monitor_shows_a_put_from_another_client() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("p"), free_port());
+    let node = Node::start(&dir.path().join("p"), 0);
     let mut monitor = node
         .cli()
         .args(["monitor", "--json", "--node", &node.addr])

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{Node, free_port};
+use common::Node;
 
 fn stderr(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -17,7 +17,7 @@ fn stderr(out: &std::process::Output) -> String {
 fn a_second_writer_is_refused_and_the_live_log_stays_intact() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("node");
-    let mut node = Node::start(&data, free_port());
+    let mut node = Node::start(&data, 0);
     for i in 0..5 {
         let out = node.run(&["put", &format!("k{i}"), "v"]);
         assert!(out.status.success(), "{}", stderr(&out));
@@ -46,7 +46,7 @@ fn a_second_writer_is_refused_and_the_live_log_stays_intact() {
     // process that holds it.
     let out = node
         .cli()
-        .args(["serve", "--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["serve", "--listen", "127.0.0.1:0"])
         .arg("--data")
         .arg(&data)
         .env("TIDELINE_LOG", "warn")
@@ -91,7 +91,7 @@ fn a_second_writer_is_refused_and_the_live_log_stays_intact() {
         .output()
         .unwrap();
     assert!(out.status.success(), "log verify: {}", stderr(&out));
-    let node = Node::start(&data, free_port());
+    let node = Node::start(&data, 0);
     let status = common::status(&node);
     assert_eq!(status["last_offset"], 6, "{status}");
 }
@@ -114,7 +114,7 @@ fn demo_uses_a_fresh_directory_and_refuses_one_that_holds_a_node() {
 
     // A stopped node's directory is refused too: demo must not append to a node's log.
     let data = dir.path().join("node");
-    let mut node = Node::start(&data, free_port());
+    let mut node = Node::start(&data, 0);
     assert!(node.run(&["put", "k", "v"]).status.success());
     node.kill9();
     let out = std::process::Command::new(common::bin())

@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Node, free_port, gtids, load, scan, status, wait_gtids};
+use common::{Node, gtids, load, scan, status, wait_gtids};
 use serde_json::Value;
 
 /// A replica that catches up from its upstreams' logs only (`--bootstrap never`): these tests
@@ -28,13 +28,13 @@ fn replica(dir: &Path, name: &str, secrets: &Path, upstreams: &[&Node]) -> Node 
         args.push(u.addr.clone());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Node::start_with(&dir.join(name), free_port(), &args)
+    Node::start_with(&dir.join(name), 0, &args)
 }
 
 fn primary(dir: &Path, name: &str, secrets: &Path) -> Node {
     Node::start_with(
         &dir.join(name),
-        free_port(),
+        0,
         &["--secrets", secrets.to_str().unwrap()],
     )
 }
@@ -117,7 +117,7 @@ fn multi_source_merge_and_failover_by_auto_positioning() {
     wait_gtids(&b, &want);
     let c = Node::start_with(
         &c_data,
-        free_port(),
+        0,
         &[
             "--secrets",
             secrets.to_str().unwrap(),
@@ -138,7 +138,7 @@ fn a_replicas_own_writes_are_reported_as_errant() {
     load(&a, 1, 10, 10);
     let r = Node::start_with(
         &dir.path().join("r"),
-        free_port(),
+        0,
         &[
             "--secrets",
             secrets.to_str().unwrap(),
@@ -162,7 +162,7 @@ fn a_replicas_own_writes_are_reported_as_errant() {
     drop(r);
     let r = Node::start_with(
         &data,
-        free_port(),
+        0,
         &[
             "--secrets",
             secrets.to_str().unwrap(),
@@ -214,11 +214,7 @@ fn a_replica_refuses_an_upstream_that_lacks_gtids_of_any_origin() {
     assert_eq!(want_r, format!("{a_uuid}:1-10"));
 
     // B is promoted (a primary now) and R is repointed at it.
-    let b = Node::start_with(
-        &b_data,
-        free_port(),
-        &["--secrets", secrets.to_str().unwrap()],
-    );
+    let b = Node::start_with(&b_data, 0, &["--secrets", secrets.to_str().unwrap()]);
     let r_data = r.data.clone();
     r.kill9();
     drop(r);
@@ -250,29 +246,167 @@ fn a_replica_refuses_an_upstream_that_lacks_gtids_of_any_origin() {
     assert_eq!(gtids(&r), want_r, "nothing applied from B");
 }
 
+/// The upstream dies by SIGKILL while B is observably mid-catch-up: B has applied some of
+/// A's 40 transactions (320 KiB each, about 13 MiB of log) and received fewer than all of
+/// them. A comes back on the same address and keeps writing: B must end with every
+/// transaction once, dense local offsets, and A's state.
 #[test]
 fn replicas_resume_after_kill_9_of_their_upstream() {
+    const TXNS: u64 = 40;
     let dir = tempfile::tempdir().unwrap();
     let secrets = dir.path().join("secrets");
-    let port = free_port();
     let mut a = Node::start_with(
         &dir.path().join("a"),
-        port,
+        0,
         &["--secrets", secrets.to_str().unwrap()],
     );
-    load(&a, 1, 100, 10);
+    let port = a.port();
+    load_values(&a, 1, TXNS * 10, 10, 32 << 10);
     let b = replica(dir.path(), "b", &secrets, &[&a]);
-    wait_gtids(&b, &gtids(&a));
-    // The upstream dies hard mid-stream and comes back on the same address.
+    let total = format!("{}:1-{TXNS}", status(&a)["server_uuid"].as_str().unwrap());
+    // Wait until B has applied part of the log, then kill A at once.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let applied = status(&b)["last_offset"].as_u64().unwrap_or(0);
+        if applied >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B applied nothing: {}",
+            status(&b)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let a_data = a.data.clone();
     a.kill9();
     drop(a);
+    let received = status(&b)["upstreams"][0]["received"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_ne!(
+        received, total,
+        "B had received the whole log before the kill: nothing was in flight"
+    );
     let a = Node::start_with(&a_data, port, &["--secrets", secrets.to_str().unwrap()]);
-    load(&a, 101, 300, 10);
+    load(&a, TXNS * 10 + 1, TXNS * 10 + 200, 10);
     let want = gtids(&a);
-    assert!(want.ends_with(":1-30"), "{want}");
+    assert!(want.ends_with(&format!(":1-{}", TXNS + 20)), "{want}");
     wait_gtids(&b, &want);
     // No gap, no duplicate: B's local offsets are dense and hold each transaction once.
-    assert_eq!(status(&b)["last_offset"], 30);
+    assert_eq!(status(&b)["last_offset"], TXNS + 20);
     assert_eq!(scan(&b, "default"), scan(&a, "default"));
+}
+
+/// Loads keys `key:NNNNNN` for `from..=to` with values of `value_bytes`, `batch` per
+/// transaction.
+fn load_values(node: &Node, from: u64, to: u64, batch: usize, value_bytes: usize) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let value = "v".repeat(value_bytes);
+    let mut child = node
+        .cli()
+        .args(["load", "--node", &node.addr, "--batch", &batch.to_string()])
+        .args(["--parallel", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run tideline load");
+    {
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        for i in from..=to {
+            writeln!(stdin, "key:{i:06}\t{value}").expect("write to load");
+        }
+    }
+    assert!(child.wait().expect("wait for load").success());
+}
+
+/// A real failover: the primary A dies for good (SIGKILL, never restarted) while replica C is
+/// behind (it was down while A took more writes) and B is caught up. B is promoted (restarted
+/// without `--upstream`: writable, role primary), C is repointed at B and positions itself
+/// by GTID alone (no offsets). C must get exactly the A transactions it lacked from B, then
+/// B's own writes; in the end B and C hold equal state (`tideline verify`), equal GTID sets,
+/// dense local offsets, and no errant GTIDs.
+#[test]
+fn failover_promotes_a_replica_and_repoints_the_others_by_gtid() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let s = secrets.to_str().unwrap();
+    let mut a = primary(dir.path(), "a", &secrets);
+    let mut b = replica(dir.path(), "b", &secrets, &[&a]);
+    let mut c = replica(dir.path(), "c", &secrets, &[&a]);
+    load(&a, 1, 100, 10);
+    let a_uuid = status(&a)["server_uuid"].as_str().unwrap().to_string();
+    wait_gtids(&b, &format!("{a_uuid}:1-10"));
+    wait_gtids(&c, &format!("{a_uuid}:1-10"));
+    // C goes down and falls behind; B follows A to the end.
+    c.kill9();
+    load(&a, 101, 200, 10);
+    let a_final = format!("{a_uuid}:1-20");
+    wait_gtids(&b, &a_final);
+    // A dies for good.
+    a.kill9();
+    drop(a);
+
+    // Promote B: restart it without an upstream. It is writable now.
+    let b_data = b.data.clone();
+    b.kill9();
+    drop(b);
+    let b = Node::start_with(&b_data, 0, &["--secrets", s]);
+    let sb = status(&b);
+    assert_eq!(sb["role"], "primary", "{sb}");
+    assert_eq!(sb["read_only"], false, "{sb}");
+    assert_eq!(sb["gtid_executed"], a_final, "B lost nothing of A");
+    // Repoint C at B: no offsets given, C asks for what its GTID set lacks.
+    let c_data = c.data.clone();
+    drop(c);
+    let c = Node::start_with(
+        &c_data,
+        0,
+        &[
+            "--secrets",
+            s,
+            "--bootstrap",
+            "never",
+            "--upstream",
+            &b.addr,
+        ],
+    );
+    wait_gtids(&c, &a_final);
+    // B takes writes of its own as the new primary; C follows.
+    load(&b, 201, 300, 10);
+    let want = gtids(&b);
+    let b_uuid = sb["server_uuid"].as_str().unwrap();
+    assert_eq!(
+        want,
+        sorted_set(&[&format!("{a_uuid}:1-20"), &format!("{b_uuid}:1-10")])
+    );
+    wait_gtids(&c, &want);
+
+    let sc = status(&c);
+    let u = &sc["upstreams"][0];
+    assert_eq!(u["state"], "connected", "{sc}");
+    assert!(
+        u["errant"].is_null() || u["errant"] == "",
+        "no errant GTIDs after a clean failover: {sc}"
+    );
+    assert_eq!(
+        sc["last_offset"], 30,
+        "dense offsets, each transaction once: {sc}"
+    );
+    assert_eq!(sc["read_only"], true, "{sc}");
+    let out = b.run(&["verify", "--node", &c.addr]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["equal"], true, "{report}");
+    assert_eq!(scan(&c, "default"), scan(&b, "default"));
+    assert_eq!(scan(&b, "default").lines().count(), 300);
+}
+
+/// A GTID set's text with its uuids sorted, as nodes print it.
+fn sorted_set(parts: &[&str]) -> String {
+    let mut v: Vec<&str> = parts.to_vec();
+    v.sort();
+    v.join(",")
 }

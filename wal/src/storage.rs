@@ -243,6 +243,11 @@ struct Faults {
     /// Non-zero: a failed data sync persists a prefix of the dirty bytes, its length drawn
     /// from this xorshift state.
     failed_sync_rng: AtomicU64,
+    writes: AtomicU64,
+    /// Data writes numbered at or after this (1-based) fail; 0 = never.
+    fail_writes_from: AtomicU64,
+    /// The errno those writes fail with (EIO, ENOSPC, ...).
+    fail_writes_errno: AtomicU64,
 }
 
 impl fmt::Debug for MemStorage {
@@ -279,6 +284,23 @@ impl MemStorage {
     /// every later one fail with EIO, dropping the dirty data as Linux does.
     pub fn fail_syncs_from(&self, n: u64) {
         self.faults.fail_syncs_from.store(n, Ordering::SeqCst);
+    }
+
+    /// From now on, the `n`-th data write (`write_all_at`, counting from 1 since creation) and
+    /// every later one fail with `errno` (`libc::ENOSPC`, `libc::EIO`, ...); `n` = 0: writes succeed again
+    /// (space was freed, the disk fixed). A failing write is a short write: the first half of
+    /// its bytes reach the page cache (never the disk until a sync), as `write(2)` on a disk
+    /// that fills up part-way leaves them.
+    pub fn fail_writes_from(&self, n: u64, errno: i32) {
+        self.faults
+            .fail_writes_errno
+            .store(errno as u64, Ordering::SeqCst);
+        self.faults.fail_writes_from.store(n, Ordering::SeqCst);
+    }
+
+    /// Data writes attempted so far.
+    pub fn write_count(&self) -> u64 {
+        self.faults.writes.load(Ordering::SeqCst)
     }
 
     /// From now on, a failed data sync persists a prefix of the file's dirty bytes, of a length
@@ -382,6 +404,18 @@ impl MemStorage {
         }
         Ok(())
     }
+
+    fn write_outcome(&self) -> io::Result<()> {
+        let n = self.faults.writes.fetch_add(1, Ordering::SeqCst) + 1;
+        let from = self.faults.fail_writes_from.load(Ordering::SeqCst);
+        if from != 0 && n >= from {
+            let errno = self.faults.fail_writes_errno.load(Ordering::SeqCst);
+            return Err(io::Error::from_raw_os_error(
+                i32::try_from(errno).unwrap_or(EIO),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// EIO, the same number on every Unix this runs on.
@@ -415,6 +449,11 @@ impl StorageFile for MemHandle {
         Ok(n)
     }
     fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()> {
+        let outcome = self.storage.write_outcome();
+        let buf = match &outcome {
+            Ok(()) => buf,
+            Err(_) => &buf[..buf.len() / 2],
+        };
         let mut st = lock(&self.file.state);
         let pos = pos as usize;
         if st.data.len() < pos + buf.len() {
@@ -424,7 +463,7 @@ impl StorageFile for MemHandle {
         if pos < st.durable.len() {
             st.dirty_from = Some(st.dirty_from.map_or(pos, |d| d.min(pos)));
         }
-        Ok(())
+        outcome
     }
     fn sync_data(&self) -> io::Result<()> {
         let outcome = self.storage.sync_outcome();

@@ -44,11 +44,14 @@ pub fn bin() -> &'static str {
 /// The `peer-bench` binary, built by Cargo for this package's tests.
 pub const PEER_BENCH: &str = env!("CARGO_BIN_EXE_peer-bench");
 
-pub fn free_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("a free UDP port on loopback")
+/// An address on loopback where nothing answers, for "cannot reach" tests: a UDP socket bound
+/// and kept (return value 2) for as long as the caller holds it, so no node of another test
+/// can be given that port meanwhile; it reads nothing, so a QUIC client times out. Nodes
+/// never take a port from here: they bind port 0 and report theirs ([`Node::start`]).
+pub fn silent_addr() -> (String, UdpSocket) {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("a free UDP port on loopback");
+    let addr = socket.local_addr().expect("the bound address").to_string();
+    (addr, socket)
 }
 
 pub struct Node {
@@ -58,19 +61,42 @@ pub struct Node {
     secrets: PathBuf,
     /// The HTTP admin's address, when started with `--http`.
     pub admin: Option<String>,
+    stderr_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// The network namespace the node runs in (`None`: the test's own).
+    netns: Option<String>,
+}
+
+/// A command running the `tideline` binary in network namespace `netns` (or in this one).
+pub fn in_netns(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin()]);
+            c
+        }
+        None => Command::new(bin()),
+    }
 }
 
 impl Node {
+    /// Starts `tideline serve` on `127.0.0.1:port`; port 0 lets the node pick a free one
+    /// (no race with other tests), and [`Node::addr`] is the one it reports it bound.
     pub fn start(data: &Path, port: u16) -> Node {
         Node::start_with(data, port, &[])
     }
 
     pub fn start_with(data: &Path, port: u16, extra: &[&str]) -> Node {
-        let addr = format!("127.0.0.1:{port}");
-        let mut child = Command::new(bin())
+        Node::start_in(None, data, &format!("127.0.0.1:{port}"), extra)
+    }
+
+    /// Starts `tideline serve --listen LISTEN` inside network namespace `netns` (through
+    /// `ip netns exec`; root only), or in this one. Its `cli()` runs there too.
+    pub fn start_in(netns: Option<&str>, data: &Path, listen: &str, extra: &[&str]) -> Node {
+        let mut cmd = in_netns(netns);
+        let mut child = cmd
             .args(["serve", "--data"])
             .arg(data)
-            .args(["--listen", &addr])
+            .args(["--listen", listen])
             .args(extra)
             .env("TIDELINE_LOG", "warn")
             .stdout(Stdio::null())
@@ -82,25 +108,41 @@ impl Node {
         let mut lines = BufReader::new(stderr).lines();
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut admin = None;
-        loop {
+        let mut early = Vec::new();
+        let addr = loop {
             assert!(Instant::now() < deadline, "node did not start");
             match lines.next() {
-                Some(Ok(l)) if l.contains("tideline serving on") => break,
+                Some(Ok(l)) if l.starts_with("tideline serving on ") => {
+                    // "tideline serving on ADDR (server_uuid ...": the address it bound.
+                    let bound = l["tideline serving on ".len()..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or_default()
+                        .to_string();
+                    assert!(
+                        bound.parse::<std::net::SocketAddr>().is_ok(),
+                        "the node's ready line names no address: {l}"
+                    );
+                    break bound;
+                }
                 Some(Ok(l)) if l.starts_with("tideline admin on http://") => {
                     admin = l
                         .strip_prefix("tideline admin on http://")
                         .map(|a| a.trim_end_matches('/').to_string());
                 }
-                Some(Ok(_)) => {}
-                other => panic!("node exited before serving: {other:?}"),
+                Some(Ok(l)) => early.push(l),
+                other => panic!("node exited before serving ({other:?}); its stderr: {early:?}"),
             }
-        }
+        };
         // Keep draining stderr so the node never blocks on a full pipe; its warnings go to the
-        // test's output (shown when the test fails).
+        // test's output (shown when the test fails) and are kept for `stderr_lines`.
         let tag = addr.clone();
+        let kept = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr_lines = kept.clone();
         std::thread::spawn(move || {
             for line in lines.map_while(Result::ok) {
                 eprintln!("[node {tag}] {line}");
+                kept.lock().unwrap_or_else(|p| p.into_inner()).push(line);
             }
         });
         let secrets = extra
@@ -115,7 +157,17 @@ impl Node {
             addr,
             secrets,
             admin,
+            stderr_lines,
+            netns: netns.map(str::to_string),
         }
+    }
+
+    /// The port the node listens on (to restart it on the same address).
+    pub fn port(&self) -> u16 {
+        self.addr
+            .parse::<std::net::SocketAddr>()
+            .expect("the node's address")
+            .port()
     }
 
     pub fn secrets(&self) -> PathBuf {
@@ -123,7 +175,7 @@ impl Node {
     }
 
     pub fn cli(&self) -> Command {
-        let mut c = Command::new(bin());
+        let mut c = in_netns(self.netns.as_deref());
         c.env("TIDELINE_SECRETS", self.secrets());
         c
     }
@@ -146,6 +198,31 @@ impl Node {
     /// Waits for the node to exit by itself; returns its status.
     pub fn wait(&mut self) -> Option<std::process::ExitStatus> {
         self.child.take().and_then(|mut c| c.wait().ok())
+    }
+
+    /// The lines the node wrote to stderr after its ready line, so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr_lines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits up to `timeout` for the node to exit by itself; its status, or `None` if it is
+    /// still running.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut()?;
+            if let Ok(Some(status)) = c.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -253,15 +330,37 @@ pub fn scan(node: &Node, tree: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// Resident memory of process `pid` in KiB, from `/proc` (0 when it cannot be read).
+/// Resident memory of process `pid` in KiB, from `/proc/PID/status` (`VmRSS`). Panics when it
+/// cannot be read: a bound checked against 0 would pass whatever the node does.
 pub fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(str::to_string))
-        })
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {path} for the node's RSS: {e}"));
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("no VmRSS line in {path}"))
+}
+
+/// Waits until `node`'s status lists a live subscription for which `pred` holds (its fields
+/// are those of `status`'s `consumers[]`: `start`, `tree`, `prefix`, `slot`, `sent_through`,
+/// ...), or fails after 30 s. Returns that subscription.
+pub fn wait_consumer(node: &Node, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = status(node);
+        if let Some(c) = s["consumers"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| pred(c)))
+        {
+            return c.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no subscription {what} on {} within 30 s; status: {s}",
+            node.addr
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -299,7 +299,9 @@ pub(super) fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
             }
             // Under `Sync`, everything before this batch is durable.
             let len_before = len;
-            if let Err(e) = file.write_all_at(&batch.bytes, len) {
+            if let Err(e) = file.write_all_at(&batch.bytes, len)
+                && !ignore_write_error(&shared, st, &name, &e)
+            {
                 shared.poison(format!("write to {} failed: {e}", st.describe(&name)));
                 // Whatever part of the batch reached the file was never acknowledged: cut it,
                 // so a restart cannot find it (best effort; recovery cuts a torn tail anyway).
@@ -462,6 +464,15 @@ pub(super) fn sync_file(
         }
         Err(e) => Err(format!("fsync of {} failed: {e}", st.describe(name))),
     }
+}
+
+/// Whether a failed write is to be ignored (only the test-only switch says so).
+fn ignore_write_error(shared: &Shared, st: &dyn Storage, name: &str, e: &std::io::Error) -> bool {
+    if shared.opts.ignore_write_errors() {
+        tracing::error!(file = %st.describe(name), error = %e, "write failed; ignored by test-only switch");
+        return true;
+    }
+    false
 }
 
 /// Closes the active segment (synced) and starts a new one at `first`.

@@ -112,6 +112,11 @@ pub struct WalOptions {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_ignore_sync_errors: bool,
+    /// Test-only: carry on after a failed write (EIO, ENOSPC) as if it had been written, and
+    /// acknowledge. Exists so the write-failure test can prove it catches the loss.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_ignore_write_errors: bool,
     /// Test-only: under `Async`, show records to readers once written rather than once
     /// durable (the bug that lets a power cut take back what a reader saw). Exists so the
     /// async visibility test can prove it catches the reissue.
@@ -135,6 +140,8 @@ impl Default for WalOptions {
             #[cfg(feature = "testing")]
             unsafe_ignore_sync_errors: false,
             #[cfg(feature = "testing")]
+            unsafe_ignore_write_errors: false,
+            #[cfg(feature = "testing")]
             unsafe_show_unsynced: false,
         }
     }
@@ -145,6 +152,14 @@ impl WalOptions {
     pub(crate) fn skip_fsync(&self) -> bool {
         #[cfg(feature = "testing")]
         return self.unsafe_skip_fsync;
+        #[cfg(not(feature = "testing"))]
+        false
+    }
+
+    /// Whether a failed write is ignored: only a `testing` build can say yes.
+    pub(crate) fn ignore_write_errors(&self) -> bool {
+        #[cfg(feature = "testing")]
+        return self.unsafe_ignore_write_errors;
         #[cfg(not(feature = "testing"))]
         false
     }
