@@ -32,9 +32,9 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use crate::pipeline::{Filter, PipelineConfig, StartFrom};
-use crate::sink::postgres::{PostgresConfig, PostgresSink};
 use crate::sink::file::{FileConfig, FileSink};
 use crate::sink::nats::{NatsConfig, NatsSink};
+use crate::sink::postgres::{PostgresConfig, PostgresSink};
 use crate::sink::redis::{RedisConfig, RedisSink};
 use crate::sink::webhook::{WebhookConfig, WebhookSink};
 use crate::sink::{Sink, SinkError};

@@ -8,7 +8,8 @@
 //!
 //! - `op`: `put`, `delete`, `merge` (its `operand`; the value after it is the tree's merge
 //!   operator applied to the value before), `read` (a row copied by a bootstrap),
-//!   `create_tree` (with `merge_operator` when it has one) or `drop_tree` (no key).
+//!   `create_tree` (with `merge_operator` when it has one), `drop_tree` (no key),
+//!   `create_index` (with `name`, `paths`, `unique`) or `drop_index` (with `name`).
 //! - `key`, `before`, `after`, `operand`: the bytes as a UTF-8 string, or, when they are not
 //!   UTF-8, base64 under the same name with `_b64` appended (`key_b64`). Values are never
 //!   parsed: a JSON document travels as its text, exactly as stored.
@@ -84,6 +85,8 @@ pub fn op_envelope(op: &Op, source: Source<'_>) -> Value {
         Op::Merge { tree, .. } => ("merge", tree),
         Op::CreateTree { tree, .. } => ("create_tree", tree),
         Op::DropTree { tree } => ("drop_tree", tree),
+        Op::CreateIndex { tree, .. } => ("create_index", tree),
+        Op::DropIndex { tree, .. } => ("drop_index", tree),
     };
     obj.insert("op".into(), Value::String(name.into()));
     obj.insert("tree".into(), Value::String(tree.clone()));
@@ -113,6 +116,19 @@ pub fn op_envelope(op: &Op, source: Source<'_>) -> Value {
             }
         }
         Op::DropTree { .. } => {}
+        Op::CreateIndex {
+            name,
+            paths,
+            unique,
+            ..
+        } => {
+            obj.insert("name".into(), Value::String(name.clone()));
+            obj.insert("paths".into(), json!(paths));
+            obj.insert("unique".into(), Value::Bool(*unique));
+        }
+        Op::DropIndex { name, .. } => {
+            obj.insert("name".into(), Value::String(name.clone()));
+        }
     }
     obj.insert("source".into(), source.json());
     Value::Object(obj)
@@ -243,6 +259,8 @@ fn write_op(op: &Op, source: &[u8], out: &mut Vec<u8>) {
         Op::Merge { tree, .. } => (b"merge", tree),
         Op::CreateTree { tree, .. } => (b"create_tree", tree),
         Op::DropTree { tree } => (b"drop_tree", tree),
+        Op::CreateIndex { tree, .. } => (b"create_index", tree),
+        Op::DropIndex { tree, .. } => (b"drop_index", tree),
     };
     out.extend_from_slice(b"{\"op\":\"");
     out.extend_from_slice(name);
@@ -275,6 +293,31 @@ fn write_op(op: &Op, source: &[u8], out: &mut Vec<u8>) {
             }
         }
         Op::DropTree { .. } => {}
+        Op::CreateIndex {
+            name,
+            paths,
+            unique,
+            ..
+        } => {
+            out.extend_from_slice(b",\"name\":");
+            write_str(out, name);
+            out.extend_from_slice(b",\"paths\":[");
+            for (i, p) in paths.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_str(out, p);
+            }
+            out.extend_from_slice(if *unique {
+                b"],\"unique\":true"
+            } else {
+                b"],\"unique\":false"
+            });
+        }
+        Op::DropIndex { name, .. } => {
+            out.extend_from_slice(b",\"name\":");
+            write_str(out, name);
+        }
     }
     out.extend_from_slice(source);
 }

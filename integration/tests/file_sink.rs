@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Node, free_port};
+use common::Node;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tideline_stream::{Client, ClientConfig, WriteOp, tls};
@@ -172,7 +172,7 @@ fn kill_9_mid_batch_leaves_every_change_exactly_once() {
         .unwrap_or(20);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("node"), free_port());
+    let node = Node::start(&dir.path().join("node"), 0);
     let out = dir.path().join("changes.jsonl");
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(node.addr.clone(), node.secrets(), seed, stop.clone());
@@ -286,7 +286,7 @@ fn kill_9_mid_batch_leaves_every_change_exactly_once() {
 #[test]
 fn from_bootstrap_writes_the_state_then_the_changes() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("node"), free_port());
+    let node = Node::start(&dir.path().join("node"), 0);
     for (tree, key) in [("docs", "a"), ("docs", "b"), ("other", "x")] {
         let out = node.run(&["put", "--tree", tree, key, "v"]);
         assert!(

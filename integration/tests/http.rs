@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Node;
+use common::{Node, free_port};
 
 /// `GET path` on `addr` (HTTP/1.0, so the server closes when done): status and body.
 fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {

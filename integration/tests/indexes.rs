@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Node, free_port, wait_gtids};
+use common::{Node, wait_gtids};
 use serde_json::Value;
 
 fn ok(out: &std::process::Output) -> String {
@@ -147,7 +147,7 @@ fn check_index(node: &Node, tree: &str, name: &str, path: &str) -> Result<(), St
 fn primary(dir: &Path, name: &str, secrets: &Path) -> Node {
     Node::start_with(
         &dir.join(name),
-        free_port(),
+        0,
         &["--secrets", secrets.to_str().expect("UTF-8 path")],
     )
 }
@@ -155,7 +155,7 @@ fn primary(dir: &Path, name: &str, secrets: &Path) -> Node {
 fn replica(dir: &Path, name: &str, secrets: &Path, upstream: &Node, bootstrap: &str) -> Node {
     Node::start_with(
         &dir.join(name),
-        free_port(),
+        0,
         &[
             "--secrets",
             secrets.to_str().expect("UTF-8 path"),
@@ -436,10 +436,15 @@ fn kill9_mid_workload_and_mid_backfill_keeps_the_index_equal_to_recomputation() 
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("n");
-    let port = free_port();
+    // The first start picks a free port; restarts keep it.
+    let port = std::cell::Cell::new(0u16);
     let mut mid_backfill = 0;
     // Small backfill steps: a backfill spans many batches, so kills land inside it.
-    let start = || Node::start_with(&data, port, &["--index-backfill-keys", "8"]);
+    let start = || {
+        let n = Node::start_with(&data, port.get(), &["--index-backfill-keys", "8"]);
+        port.set(n.port());
+        n
+    };
     for cycle in 0..cycles {
         let t0 = Instant::now();
         let mut node = start();

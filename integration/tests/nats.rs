@@ -220,7 +220,7 @@ fn kill_cycles() -> usize {
 fn kill_cycles_verdict(test: &str, per: Per, without_msg_id: bool) -> Result<(), String> {
     let seed = sinks::seed(test);
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("node"), free_port());
+    let node = Node::start(&dir.path().join("node"), 0);
     let run = sinks::run_id();
     let cfg = sinks::nats_config(&run, per);
     let pipeline = format!("kill-{run}");
@@ -410,7 +410,7 @@ fn a_restarted_server_is_an_outage_the_pipeline_rides_out() {
     }
     let seed = sinks::seed("a_restarted_server_is_an_outage_the_pipeline_rides_out");
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("node"), free_port());
+    let node = Node::start(&dir.path().join("node"), 0);
     let nats_port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()

@@ -232,6 +232,7 @@ impl Stored {
                 self.state.retain(|(t, _), _| t != tree);
                 self.merge_ops.remove(tree);
             }
+            Op::CreateIndex { .. } | Op::DropIndex { .. } => {}
         }
     }
 }

@@ -30,7 +30,7 @@ use tideline_connectors::PipelineCheckpoint;
 use tideline_connectors::sink::webhook::{WebhookConfig, WebhookSink};
 use tideline_wal::GtidSet;
 
-use common::{Node, free_port};
+use common::Node;
 use sinks::Committed;
 
 const CHILD_TEST: &str = "webhook_connector_child";
@@ -221,7 +221,7 @@ fn stored_offset(path: &std::path::Path) -> u64 {
 fn server_errors_are_retried_without_loss_and_each_post_names_its_gtids() {
     let seed = sinks::seed("server_errors_are_retried_without_loss");
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("node"), free_port());
+    let node = Node::start(&dir.path().join("node"), 0);
     let rt = rt();
     let receiver = Arc::new(Receiver {
         posts: Mutex::new(vec![]),
@@ -288,7 +288,7 @@ fn server_errors_are_retried_without_loss_and_each_post_names_its_gtids() {
 fn a_client_error_holds_the_pipeline_and_keeps_the_position() {
     let seed = sinks::seed("a_client_error_holds_the_pipeline");
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("node"), free_port());
+    let node = Node::start(&dir.path().join("node"), 0);
     let rt = rt();
     let receiver = Arc::new(Receiver {
         posts: Mutex::new(vec![]),
@@ -342,7 +342,7 @@ fn a_client_error_holds_the_pipeline_and_keeps_the_position() {
 fn kill9_mid_batch_then_dedup_by_header_gives_each_change_once() {
     let seed = sinks::seed("kill9_mid_batch_then_dedup_by_header");
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(&dir.path().join("node"), free_port());
+    let node = Node::start(&dir.path().join("node"), 0);
     let rt = rt();
     let receiver = Arc::new(Receiver {
         posts: Mutex::new(vec![]),

@@ -55,7 +55,8 @@ pub struct Filter {
     pub trees: Vec<String>,
     /// Only keys starting with this (tree ops, which have no key, pass when their tree does).
     pub prefix: Option<Vec<u8>>,
-    /// Only these op kinds (empty: all): `put`, `delete`, `merge`, `create_tree`, `drop_tree`.
+    /// Only these op kinds (empty: all): `put`, `delete`, `merge`, `create_tree`, `drop_tree`,
+    /// `create_index`, `drop_index`.
     pub ops: Vec<String>,
 }
 
@@ -76,6 +77,8 @@ impl Filter {
             Op::Merge { tree, key, .. } => ("merge", tree, Some(key)),
             Op::CreateTree { tree, .. } => ("create_tree", tree, None),
             Op::DropTree { tree } => ("drop_tree", tree, None),
+            Op::CreateIndex { tree, .. } => ("create_index", tree, None),
+            Op::DropIndex { tree, .. } => ("drop_index", tree, None),
         };
         (self.ops.is_empty() || self.ops.iter().any(|o| o == kind))
             && self.tree_passes(tree)

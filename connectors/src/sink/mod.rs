@@ -33,8 +33,8 @@
 
 pub mod file;
 pub(crate) mod fold;
-pub mod postgres;
 pub mod nats;
+pub mod postgres;
 pub mod redis;
 pub mod webhook;
 

@@ -54,6 +54,19 @@ pub fn silent_addr() -> (String, UdpSocket) {
     (addr, socket)
 }
 
+/// A port that was free a moment ago, for the few tests that must name a node's address
+/// before it starts (a pipeline file the node itself reads with `serve --connect`) or need a
+/// TCP port where nothing listens. Everything else starts nodes on port 0 ([`Node::start`]),
+/// which cannot race with other tests.
+#[allow(dead_code)]
+pub fn free_port() -> u16 {
+    let udp = UdpSocket::bind("127.0.0.1:0").expect("a free UDP port on loopback");
+    let port = udp.local_addr().expect("the bound address").port();
+    // The node listens on UDP (QUIC); keep the port free on TCP too for services' tests.
+    drop(udp);
+    port
+}
+
 pub struct Node {
     child: Option<Child>,
     pub data: PathBuf,

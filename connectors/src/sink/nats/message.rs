@@ -70,13 +70,7 @@ pub fn subject(template: &str, tree: &str) -> String {
 }
 
 fn op_tree(op: &Op) -> &str {
-    match op {
-        Op::Put { tree, .. }
-        | Op::Delete { tree, .. }
-        | Op::Merge { tree, .. }
-        | Op::CreateTree { tree, .. }
-        | Op::DropTree { tree } => tree,
-    }
+    op.tree()
 }
 
 /// The tree a transaction's message is published under: its only tree, or [`MULTI_TREE`].
