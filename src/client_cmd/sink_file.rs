@@ -56,8 +56,9 @@ pub struct SinkFileArgs {
     /// Where to start when FILE.position holds no position yet: bootstrap (the node's
     /// current state as `read` envelopes, then its changes), earliest, latest, offset:N or
     /// gtid:SET. A stored position always wins: the sink resumes right after it.
-    #[arg(long, value_name = "POSITION", default_value = "earliest")]
-    from: SinkStart,
+    /// [default: earliest]
+    #[arg(long, value_name = "POSITION")]
+    from: Option<SinkStart>,
     /// Only this tree (repeat for several).
     #[arg(long, value_name = "T")]
     tree: Vec<String>,
@@ -105,7 +106,18 @@ pub fn sink_file(args: &SinkFileArgs) -> anyhow::Result<ExitCode> {
     let name = "sink-file";
     let sink = FileSink::new(file_cfg, name).map_err(|e| anyhow::anyhow!("{}", e.message()))?;
     let mut cfg = PipelineConfig::new(name, args.node.addr(), client.clone());
-    cfg.from = args.from.0.clone();
+    cfg.from = args
+        .from
+        .clone()
+        .map_or(StartFrom::Tail(TailStart::Earliest), |s| s.0);
+    let position = PathBuf::from(format!("{}.position", args.out.display()));
+    if args.from.is_some() && position.exists() {
+        eprintln!(
+            "note: --from is ignored if {} holds a position: the sink resumes right after it \
+             (move the file, its rotated files and the position away to start over)",
+            position.display()
+        );
+    }
     cfg.filter = Filter {
         trees: args.tree.clone(),
         prefix: args.prefix.as_ref().map(|p| p.as_bytes().to_vec()),

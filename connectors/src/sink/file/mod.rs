@@ -10,7 +10,7 @@
 //!   starts (rotation happens between batches, so a batch never spans two files). Reading
 //!   `.1`, `.2`, ..., `.N`, then the live file gives every change in log order.
 //! - `changes.jsonl.position`: which rotated file is the last, how many bytes of the live file
-//!   hold stored envelopes, and the pipeline's checkpoint ([`position`]).
+//!   hold stored envelopes, and the pipeline's checkpoint (format in `position.rs`).
 //!
 //! # Exactly once
 //!
