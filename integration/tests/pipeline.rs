@@ -319,7 +319,9 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 async fn wait_caught_up(src: &Source, sink: &TestSink, st: &SharedPipelineStatus) {
     let last = src.last_offset();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while sink.tail_offset() < Some(last) {
+    // The sink stores first; the pipeline's status follows when the write returns.
+    let status_offset = || st.get().position.map(|p| p.offset);
+    while sink.tail_offset() < Some(last) || status_offset() < Some(last) {
         assert!(
             Instant::now() < deadline,
             "the sink stands at {:?}, the source at {last}; status {}",
