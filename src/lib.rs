@@ -3,7 +3,7 @@
 //! `serve` runs a node (engine + log + QUIC server + the replication pipelines of
 //! `tideline-connectors` + HTTP admin); `put`, `get`, `del`, `load`, `scan`, `tail` and
 //! `status` and `index` talk to one; `log dump|info|verify` inspect a data directory offline, like
-//! mysqlbinlog; `bench wal|node` are the user-facing load generators; `demo` shows the log at
+//! mysqlbinlog; `bench wal|node|index` are the user-facing load generators; `demo` shows the log at
 //! work. See `README.md`.
 //!
 //! The package is a library and a thin binary (`main.rs` calls [`run`]). The library exists so
@@ -15,6 +15,7 @@
 
 mod admin;
 mod bench;
+mod bench_index;
 mod bench_node;
 pub mod bench_util;
 mod client_cmd;
@@ -99,6 +100,9 @@ enum BenchCommand {
     Wal(bench::WalBenchArgs),
     /// Load a running node with N clients (puts or gets), like redis-benchmark.
     Node(bench_node::NodeBenchArgs),
+    /// Secondary indexes: backfill rate beside a plain load, and write latency and
+    /// throughput with one index against without.
+    Index(bench_index::IndexBenchArgs),
 }
 
 /// The data directory of a node.
@@ -169,6 +173,7 @@ pub fn run() -> ExitCode {
         Command::Log(LogCommand::Verify(args)) => log_cmd::verify(&args.data),
         Command::Bench(BenchCommand::Wal(args)) => bench::wal(&args),
         Command::Bench(BenchCommand::Node(args)) => bench_node::run(&args),
+        Command::Bench(BenchCommand::Index(args)) => bench_index::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Monitor(args) => monitor_cmd::monitor(&args),
         Command::Top(args) => monitor_cmd::top(&args),
