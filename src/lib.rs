@@ -4,7 +4,7 @@
 //! `tideline-connectors` + HTTP admin); `put`, `get`, `del`, `load`, `scan`, `tail`,
 //! `index`, `sink file` and `status` talk to one; `connect` runs pipelines from a file;
 //! `log dump|info|verify` inspect a data directory offline, like mysqlbinlog;
-//! `bench wal|node|sink-file` are the user-facing load generators; `demo` shows the log at
+//! `bench wal|node|index|sink-file` are the user-facing load generators; `demo` shows the log at
 //! work. See `README.md`.
 //!
 //! The package is a library and a thin binary (`main.rs` calls [`run`]). The library exists so
@@ -16,6 +16,7 @@
 
 mod admin;
 mod bench;
+mod bench_index;
 mod bench_node;
 mod bench_sink;
 pub mod bench_util;
@@ -118,6 +119,9 @@ enum BenchCommand {
     Node(bench_node::NodeBenchArgs),
     /// The JSON-lines file sink beside `tideline tail > file`, on the same log.
     SinkFile(bench_sink::SinkFileBenchArgs),
+    /// Secondary indexes: backfill rate beside a plain load, and write latency and
+    /// throughput with one index against without.
+    Index(bench_index::IndexBenchArgs),
 }
 
 /// The data directory of a node.
@@ -194,6 +198,7 @@ pub fn run() -> ExitCode {
         Command::Bench(BenchCommand::Wal(args)) => bench::wal(&args),
         Command::Bench(BenchCommand::Node(args)) => bench_node::run(&args),
         Command::Bench(BenchCommand::SinkFile(args)) => bench_sink::run(&args),
+        Command::Bench(BenchCommand::Index(args)) => bench_index::run(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Monitor(args) => monitor_cmd::monitor(&args),
         Command::Top(args) => monitor_cmd::top(&args),

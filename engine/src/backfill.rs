@@ -336,8 +336,8 @@ impl Inner {
                             )
                         });
                     }
-                    sb.index_writes
-                        .insert((idx.keyspace.clone(), e), (idx.handle.clone(), true));
+                    // Each key comes once per step: straight into the batch.
+                    sb.batch.insert(&idx.handle, &e, b"");
                     p.entries += 1;
                 }
                 DocEntry::Skipped => p.skipped += 1,

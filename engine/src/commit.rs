@@ -593,6 +593,9 @@ fn check_index_def(name: &str, paths: &[String]) -> Result<(), WriteError> {
     Ok(())
 }
 
+/// A unique value a transaction claims: (index keyspace, encoded value) and its primary key.
+type Claim = ((String, Vec<u8>), Vec<u8>);
+
 /// Most components of a composite index.
 const INDEX_PATHS_MAX: usize = 16;
 
@@ -615,7 +618,7 @@ impl Inner {
         &self,
         st: &mut CommitState,
         ops: &[Op],
-    ) -> Result<Vec<((String, Vec<u8>), Vec<u8>)>, WriteError> {
+    ) -> Result<Vec<Claim>, WriteError> {
         let cat = self.current_catalog();
         if cat.indexes.is_empty() {
             return Ok(Vec::new());

@@ -55,6 +55,11 @@ fn served(req: &Request) {
                 gtids_round_trip(&set);
             }
         }
+        Request::IndexQuery(q) => {
+            if let Some(Ok(set)) = q.fence.as_deref().map(str::parse::<GtidSet>) {
+                gtids_round_trip(&set);
+            }
+        }
         _ => {}
     }
 }

@@ -164,8 +164,24 @@ fn overview_page_renders_gtids_and_replica_lag_in_a_real_browser() {
         ],
     );
     common::load(&primary, 1, 300, 50);
+    // A secondary index, on the primary and (through the log) on the replica.
+    for (k, v) in [("u1", r#"{"email":"a@x"}"#), ("u2", "not json")] {
+        let out = primary.run(&["put", "--tree", "users", k, v]);
+        assert!(out.status.success());
+    }
+    let out = primary.run(&[
+        "index", "create", "--tree", "users", "--name", "by_email", "--path", "/email", "--wait",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let want = common::gtids(&primary);
     common::wait_gtids(&replica, &want);
+    wait_until(30, "the replica's index is live", || {
+        (common::status(&replica)["indexes"][0]["state"] == "live").then_some(())
+    });
 
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR"));
     for (who, node) in [("primary", &primary), ("replica", &replica)] {
@@ -198,6 +214,15 @@ fn overview_page_renders_gtids_and_replica_lag_in_a_real_browser() {
             "the {who}'s page does not show gtid_executed {want}: {dom}"
         );
         assert!(dom.contains("Recent transactions"), "{dom}");
+        // The index section: the index, live, with its entries and skipped documents.
+        let row = dom
+            .split("<tr class=\"index\">")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no index row on the {who}'s page: {dom}"));
+        assert!(
+            row.starts_with("<td>users</td><td><code>by_email</code></td><td><code>/email</code></td><td>live</td><td>1</td><td>1</td>"),
+            "{who}: {row}"
+        );
     }
     // The primary's page lists its pipeline, its sink and its state.
     let dom = render(

@@ -1,0 +1,259 @@
+//! `tideline bench index`: secondary indexes, side by side with the plain writes they ride on,
+//! in one run on one engine (the node's engine and log, in process, on real files).
+//!
+//! 1. **load**: N JSON documents through batched transactions of 1,000 puts (what `tideline
+//!    load` sends), as the base of the ratio;
+//! 2. **backfill**: an index declared on the loaded tree, until live: documents per second;
+//! 3. **live maintenance**: single-put transactions from several writers paced at a target
+//!    rate (10,000/s), on a tree without an index, then on the same tree with one: write
+//!    latency p50/p99 of each. Index lag is 0 by construction (maintenance is in the store
+//!    batch of the write), so the latency with the index is what maintenance costs;
+//! 4. **throughput**: the same writers unpaced, without and with the index.
+//!
+//! Goals: backfill ≥ 200,000 docs/s; write throughput with one index ≥ 70% of without.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::{Value, json};
+use tideline_engine::{Engine, EngineOptions};
+use tideline_wal::{Durability, WalOptions};
+
+use crate::bench_util::{goal, percentile, print_goals, run_in_dir};
+
+/// Arguments of `bench index`.
+#[derive(Debug, Args)]
+pub struct IndexBenchArgs {
+    /// Directory to write in (on the disk to measure); created, and emptied afterwards.
+    #[arg(long, value_name = "DIR", default_value = "./tideline-bench")]
+    dir: PathBuf,
+    /// Documents loaded and backfilled.
+    #[arg(long, default_value_t = 1_000_000)]
+    docs: u64,
+    /// Target rate of the paced write phases, writes per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Seconds per write phase.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Concurrent writers in the write phases.
+    #[arg(long, default_value_t = 32)]
+    writers: usize,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Keep the files written instead of removing them.
+    #[arg(long)]
+    keep: bool,
+}
+
+const TREE: &str = "docs";
+
+fn document(i: u64) -> String {
+    format!(
+        r#"{{"id":{i},"email":"user{i}@example.com","city":"city{}","age":{},"tags":["a","b"]}}"#,
+        i % 5000,
+        18 + i % 60
+    )
+}
+
+fn open(dir: &Path) -> anyhow::Result<Arc<Engine>> {
+    crate::node::open_engine_with(
+        dir,
+        WalOptions {
+            durability: Durability::Sync,
+            ..WalOptions::default()
+        },
+        EngineOptions::default(),
+    )
+}
+
+/// Writers each committing single puts, paced to `rate` in all (0: as fast as they can) for
+/// `seconds`; returns (writes per second, latencies in µs sorted).
+fn writes(
+    engine: &Arc<Engine>,
+    tree: &str,
+    docs: u64,
+    writers: usize,
+    rate: u64,
+    seconds: f64,
+) -> (f64, Vec<i64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let (engine, stop, next, tree) =
+                (engine.clone(), stop.clone(), next.clone(), tree.to_string());
+            std::thread::spawn(move || {
+                let mut lat = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if rate > 0 {
+                        // Open loop: write i is due at i / rate seconds.
+                        let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+                        let now = Instant::now();
+                        if due > now {
+                            std::thread::sleep(due - now);
+                        }
+                    }
+                    let key = format!("d{:09}", (i * 7919 + w as u64) % docs.max(1));
+                    let t = Instant::now();
+                    if engine
+                        .put(&tree, key.as_bytes(), document(i + docs).as_bytes())
+                        .is_err()
+                    {
+                        return lat;
+                    }
+                    lat.push(t.elapsed().as_micros() as i64);
+                }
+                lat
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs_f64(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let mut lat: Vec<i64> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap_or_default())
+        .collect();
+    let elapsed = started.elapsed().as_secs_f64();
+    lat.sort_unstable();
+    (lat.len() as f64 / elapsed, lat)
+}
+
+fn measure(root: &Path, a: &IndexBenchArgs) -> anyhow::Result<Value> {
+    let engine = open(&root.join("node"))?;
+    engine.create_tree(TREE, None)?;
+    let bar = crate::bench_util::bar(a.docs, "load (1,000 per txn)");
+    let t = Instant::now();
+    let mut i = 0;
+    while i < a.docs {
+        let end = (i + 1000).min(a.docs);
+        engine.transaction(|tx| {
+            for j in i..end {
+                tx.put(TREE, format!("d{j:09}").as_bytes(), document(j).as_bytes())?;
+            }
+            Ok(())
+        })?;
+        bar.inc(end - i);
+        i = end;
+    }
+    bar.finish_and_clear();
+    let load_s = t.elapsed().as_secs_f64();
+
+    let t = Instant::now();
+    engine.create_index(TREE, "by_city", &["/city"], false)?;
+    if !engine.wait_indexes_live(Duration::from_secs(3600)) {
+        anyhow::bail!("the index did not become live within an hour");
+    }
+    let backfill_s = t.elapsed().as_secs_f64();
+    let info = engine
+        .indexes()
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("the index vanished"))?;
+    anyhow::ensure!(
+        info.entries == a.docs,
+        "the index holds {} entries for {} documents",
+        info.entries,
+        a.docs
+    );
+
+    // Write phases on a second tree of the same documents, without then with an index.
+    engine.create_tree("plain", None)?;
+    let seed = a.docs.min(100_000);
+    engine.transaction(|tx| {
+        for j in 0..seed.min(1000) {
+            tx.put(
+                "plain",
+                format!("d{j:09}").as_bytes(),
+                document(j).as_bytes(),
+            )?;
+        }
+        Ok(())
+    })?;
+    let (paced_plain, lat_plain) = writes(&engine, "plain", seed, a.writers, a.rate, a.seconds);
+    let (max_plain, _) = writes(&engine, "plain", seed, a.writers, 0, a.seconds);
+    engine.create_index("plain", "by_city", &["/city"], false)?;
+    engine.wait_indexes_live(Duration::from_secs(600));
+    let (paced_indexed, lat_indexed) = writes(&engine, "plain", seed, a.writers, a.rate, a.seconds);
+    let (max_indexed, _) = writes(&engine, "plain", seed, a.writers, 0, a.seconds);
+    engine.close()?;
+    engine.wal().close()?;
+
+    let backfill_rate = a.docs as f64 / backfill_s;
+    let ratio = max_indexed / max_plain.max(1.0);
+    let p = |l: &[i64], q| percentile(l, q) as f64 / 1000.0;
+    Ok(json!({
+        "docs": a.docs,
+        "load": { "seconds": load_s, "docs_per_s": a.docs as f64 / load_s },
+        "backfill": { "seconds": backfill_s, "docs_per_s": backfill_rate, "entries": info.entries },
+        "paced": {
+            "target_per_s": a.rate,
+            "writers": a.writers,
+            "without_index": { "per_s": paced_plain, "p50_ms": p(&lat_plain, 0.5), "p99_ms": p(&lat_plain, 0.99) },
+            "with_index": { "per_s": paced_indexed, "p50_ms": p(&lat_indexed, 0.5), "p99_ms": p(&lat_indexed, 0.99) },
+            "index_lag_p99_ms": 0.0,
+        },
+        "max": { "without_index_per_s": max_plain, "with_index_per_s": max_indexed, "ratio": ratio },
+        "goals": [
+            goal("index backfill", backfill_rate, 200_000.0, "docs/s", true),
+            goal("write throughput with one index / without", ratio * 100.0, 70.0, "%", true),
+        ],
+    }))
+}
+
+fn print(r: &Value) {
+    let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    println!("documents                 {}", r["docs"]);
+    println!(
+        "load (1,000 per txn)      {:>10.0} docs/s  ({:.1} s)",
+        f(&r["load"]["docs_per_s"]),
+        f(&r["load"]["seconds"])
+    );
+    println!(
+        "index backfill            {:>10.0} docs/s  ({:.1} s)",
+        f(&r["backfill"]["docs_per_s"]),
+        f(&r["backfill"]["seconds"])
+    );
+    let pc = &r["paced"];
+    println!(
+        "paced writes, target {}/s, {} writers (index lag 0: maintained in the write's batch):",
+        pc["target_per_s"], pc["writers"]
+    );
+    for (name, k) in [
+        ("without index", "without_index"),
+        ("with one index", "with_index"),
+    ] {
+        println!(
+            "  {name:<16} {:>9.0} writes/s  p50 {:.2} ms  p99 {:.2} ms",
+            f(&pc[k]["per_s"]),
+            f(&pc[k]["p50_ms"]),
+            f(&pc[k]["p99_ms"])
+        );
+    }
+    println!(
+        "unpaced writes            {:>10.0} without, {:.0} with one index ({:.0}%)",
+        f(&r["max"]["without_index_per_s"]),
+        f(&r["max"]["with_index_per_s"]),
+        f(&r["max"]["ratio"]) * 100.0
+    );
+    print_goals(r);
+}
+
+/// `bench index`.
+pub fn run(a: &IndexBenchArgs) -> anyhow::Result<ExitCode> {
+    run_in_dir(
+        &a.dir,
+        "index",
+        a.keep,
+        a.json,
+        |root| measure(root, a),
+        print,
+    )
+}
