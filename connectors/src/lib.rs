@@ -9,8 +9,9 @@
 //! bootstrap that copies the upstream's state when the replica is empty or the upstream purged
 //! what it needs; the [`Sink`] contract ([`sink`]) that everything downstream keeps, and the
 //! [`pipeline`] that drives a source node's log (and its bootstrap) into a sink, with the
-//! change [`envelope`] the JSON sinks share; and the sinks, one folder each under [`sink`]:
-//! today the JSON-lines file sink ([`sink::file`]).
+//! change [`envelope`] the JSON sinks share; and the sinks, one module each below [`sink`]:
+//! [`sink::file`] (JSON lines), [`sink::postgres`], [`sink::redis`], [`sink::nats`]
+//! (JetStream, de-duplicated by GTID) and [`sink::webhook`] (HTTP POSTs).
 //!
 //! What it does not do: open or own an engine (the node passes one in), serve anything, parse
 //! a command line, or write the log by any path other than the engine's commit (a replicated

@@ -121,12 +121,18 @@ async fn bare_side(args: &NatsBenchArgs, run: &str, batches: &[Batch]) -> anyhow
         .collect();
     let started = Instant::now();
     for batch in msgs {
-        let mut acks = Vec::with_capacity(batch.len());
+        // The same pipelining as the sink: at most max_in_flight acks outstanding.
+        let mut acks = std::collections::VecDeque::with_capacity(args.max_in_flight);
         for m in batch {
+            if acks.len() >= args.max_in_flight
+                && let Some(a) = acks.pop_front()
+            {
+                a.await?;
+            }
             let p = jetstream::message::PublishMessage::build()
                 .payload(Bytes::from(m.payload))
                 .message_id(&m.id);
-            acks.push(js.send_publish(m.subject, p).await?);
+            acks.push_back(js.send_publish(m.subject, p).await?);
         }
         for a in acks {
             a.await?;

@@ -276,8 +276,9 @@ impl NatsSink {
     }
 
     async fn publish_all(&self, conn: &Conn, msgs: Vec<Message>) -> Result<(), SinkError> {
-        let stream = &self.cfg.stream;
-        let mut acks = Vec::with_capacity(msgs.len());
+        // At most `max_in_flight` acks outstanding: an ack future holds its in-flight permit
+        // until it is awaited, so the oldest is awaited before the next publish past the limit.
+        let mut acks = std::collections::VecDeque::with_capacity(self.cfg.max_in_flight);
         for m in msgs {
             if m.payload.len() + m.id.len() + 64 > conn.max_payload {
                 return Err(SinkError::Hold(format!(
@@ -287,6 +288,11 @@ impl NatsSink {
                     m.payload.len(),
                     conn.max_payload
                 )));
+            }
+            if acks.len() >= self.cfg.max_in_flight
+                && let Some((subject, ack)) = acks.pop_front()
+            {
+                self.check_ack(subject, ack).await?;
             }
             let publish = PublishMessage::build().payload(Bytes::from(m.payload));
             #[cfg(feature = "testing")]
@@ -302,26 +308,36 @@ impl NatsSink {
                 .send_publish(m.subject.clone(), publish)
                 .await
                 .map_err(|e| SinkError::Retry(format!("NATS publish to {}: {e}", m.subject)))?;
-            acks.push((m.subject, ack));
+            acks.push_back((m.subject, ack));
         }
         for (subject, ack) in acks {
-            let ack = ack.await.map_err(|e| {
-                use async_nats::jetstream::context::PublishErrorKind as K;
-                match e.kind() {
-                    K::StreamNotFound => SinkError::Hold(format!(
-                        "no JetStream stream captures subject {subject:?}: add it to the \
-                         subjects of stream {stream:?}"
-                    )),
-                    _ => SinkError::Retry(format!("NATS publish to {subject}: {e}")),
-                }
-            })?;
-            if &ack.stream != stream {
-                return Err(SinkError::Hold(format!(
-                    "subject {subject:?} is captured by stream {:?}, not {stream:?}: make the \
-                     subjects of the two streams disjoint",
-                    ack.stream
-                )));
+            self.check_ack(subject, ack).await?;
+        }
+        Ok(())
+    }
+
+    async fn check_ack(
+        &self,
+        subject: String,
+        ack: jetstream::context::PublishAckFuture,
+    ) -> Result<(), SinkError> {
+        let stream = &self.cfg.stream;
+        let ack = ack.await.map_err(|e| {
+            use async_nats::jetstream::context::PublishErrorKind as K;
+            match e.kind() {
+                K::StreamNotFound => SinkError::Hold(format!(
+                    "no JetStream stream captures subject {subject:?}: add it to the \
+                     subjects of stream {stream:?}"
+                )),
+                _ => SinkError::Retry(format!("NATS publish to {subject}: {e}")),
             }
+        })?;
+        if &ack.stream != stream {
+            return Err(SinkError::Hold(format!(
+                "subject {subject:?} is captured by stream {:?}, not {stream:?}: make the \
+                 subjects of the two streams disjoint",
+                ack.stream
+            )));
         }
         Ok(())
     }
