@@ -441,7 +441,7 @@ fn kill9_mid_workload_and_mid_backfill_keeps_the_index_equal_to_recomputation() 
     let mut mid_backfill = 0;
     // Small backfill steps: a backfill spans many batches, so kills land inside it.
     let start = || {
-        let n = Node::start_with(&data, port.get(), &["--index-backfill-keys", "8"]);
+        let n = Node::start_with(&data, port.get(), &["--index-backfill-keys", "2"]);
         port.set(n.port());
         n
     };
@@ -520,7 +520,12 @@ fn kill9_mid_workload_and_mid_backfill_keeps_the_index_equal_to_recomputation() 
             );
             std::thread::sleep(Duration::from_millis(2));
         }
-        std::thread::sleep(Duration::from_millis(rand(300)));
+        // Every fourth cycle (one that has just declared the index) kills as soon as writes
+        // flow, while the backfill still runs; the others a seeded while later, mostly with
+        // the index live.
+        if cycle % 4 != 0 {
+            std::thread::sleep(Duration::from_millis(rand(300)));
+        }
         let backfilling = index_list(&node)
             .iter()
             .any(|i| i["state"] == "backfilling");

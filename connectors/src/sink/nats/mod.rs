@@ -405,7 +405,14 @@ impl Sink for NatsSink {
             }
             let conn = self.conn.as_ref().expect("connected just above");
             let msgs = message::messages(batch, &self.cfg.subject, self.cfg.per);
+            #[cfg(feature = "testing")]
+            let published = !msgs.is_empty();
             self.publish_all(conn, msgs).await?;
+            #[cfg(feature = "testing")]
+            if published && testing::die_before_position() {
+                // The worst moment for a crash: every message acked, the checkpoint not moved.
+                std::process::abort();
+            }
             // Every message is acked: only now may the checkpoint move.
             conn.kv
                 .put(
@@ -431,5 +438,13 @@ pub mod testing {
     /// `Nats-Msg-Id` header: the protection off, for the crash tests' canary.
     pub fn without_msg_id() -> bool {
         std::env::var_os("TIDELINE_TEST_NATS_WITHOUT_MSG_ID").is_some_and(|v| v == "1")
+    }
+
+    /// With env `TIDELINE_TEST_NATS_DIE_BEFORE_POSITION=1` the process aborts after the first
+    /// batch that published something is acked, before its checkpoint is stored: a crash at
+    /// the one moment that makes the next run publish the batch again (the kill tests' first
+    /// cycle, so that their verdict never depends on where a random kill landed).
+    pub fn die_before_position() -> bool {
+        std::env::var_os("TIDELINE_TEST_NATS_DIE_BEFORE_POSITION").is_some_and(|v| v == "1")
     }
 }
