@@ -614,11 +614,7 @@ impl Inner {
     /// claims of transactions submitted and not yet applied, or earlier in this transaction.
     /// A holder that a pending transaction is rewriting makes it a retryable conflict.
     /// Returns the claims this transaction makes, to record once it is submitted.
-    fn check_unique(
-        &self,
-        st: &mut CommitState,
-        ops: &[Op],
-    ) -> Result<Vec<Claim>, WriteError> {
+    fn check_unique(&self, st: &mut CommitState, ops: &[Op]) -> Result<Vec<Claim>, WriteError> {
         let cat = self.current_catalog();
         if cat.indexes.is_empty() {
             return Ok(Vec::new());
