@@ -2,34 +2,11 @@
 //! transaction, `{"offset":N,"gtid":"uuid:n","ts":"RFC 3339","ops":[...]}`. Keys and values
 //! that are not UTF-8 appear as `key_b64` / `value_b64`.
 
-use std::time::{Duration, UNIX_EPOCH};
-
-use base64::Engine as _;
 use serde_json::{Map, Value, json};
 use tideline_wal::{Op, Transaction};
 
-/// RFC 3339 text (UTC, microseconds) for a timestamp in microseconds since the Unix epoch.
-pub fn rfc3339_us(timestamp_us: i64) -> String {
-    let t = if timestamp_us >= 0 {
-        UNIX_EPOCH + Duration::from_micros(timestamp_us as u64)
-    } else {
-        UNIX_EPOCH
-    };
-    humantime::format_rfc3339_micros(t).to_string()
-}
-
-/// Puts `bytes` into `obj` as `field` (UTF-8) or `field_b64` (anything else).
-pub fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => {
-            obj.insert(field.to_owned(), Value::String(s.to_owned()));
-        }
-        Err(_) => {
-            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
-            obj.insert(format!("{field}_b64"), Value::String(b64));
-        }
-    }
-}
+// One text form for times and bytes in every JSON Tideline prints: the change envelope's.
+pub use tideline_connectors::envelope::{put_bytes, rfc3339_us};
 
 /// One op as a JSON object.
 pub fn op_json(op: &Op) -> Value {
