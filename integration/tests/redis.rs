@@ -29,9 +29,13 @@ const REDIS: &str = "127.0.0.1:6379";
 const URL: &str = "redis://127.0.0.1:6379";
 
 async fn conn() -> MultiplexedConnection {
+    // The client's default response timeout (500 ms) is shorter than a SCAN of the shared
+    // server can take while the rest of the suite loads both cores.
+    let cfg = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(std::time::Duration::from_secs(30)));
     redis::Client::open(URL)
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&cfg)
         .await
         .expect("connect to Redis")
 }
