@@ -11,17 +11,9 @@ pub use tideline_connectors::envelope::{put_bytes, rfc3339_us};
 /// One op as a JSON object.
 pub fn op_json(op: &Op) -> Value {
     let mut obj = Map::new();
-    let (name, tree) = match op {
-        Op::Put { tree, .. } => ("put", tree),
-        Op::Delete { tree, .. } => ("delete", tree),
-        Op::Merge { tree, .. } => ("merge", tree),
-        Op::CreateTree { tree, .. } => ("create_tree", tree),
-        Op::DropTree { tree } => ("drop_tree", tree),
-        Op::CreateIndex { tree, .. } => ("create_index", tree),
-        Op::DropIndex { tree, .. } => ("drop_index", tree),
-    };
+    let (name, tree) = (op.kind(), op.tree());
     obj.insert("op".into(), Value::String(name.into()));
-    obj.insert("tree".into(), Value::String(tree.clone()));
+    obj.insert("tree".into(), Value::String(tree.to_owned()));
     match op {
         Op::Put {
             key, value, before, ..

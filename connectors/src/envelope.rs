@@ -79,17 +79,9 @@ impl Source<'_> {
 /// The envelope of one op.
 pub fn op_envelope(op: &Op, source: Source<'_>) -> Value {
     let mut obj = Map::new();
-    let (name, tree) = match op {
-        Op::Put { tree, .. } => ("put", tree),
-        Op::Delete { tree, .. } => ("delete", tree),
-        Op::Merge { tree, .. } => ("merge", tree),
-        Op::CreateTree { tree, .. } => ("create_tree", tree),
-        Op::DropTree { tree } => ("drop_tree", tree),
-        Op::CreateIndex { tree, .. } => ("create_index", tree),
-        Op::DropIndex { tree, .. } => ("drop_index", tree),
-    };
+    let (name, tree) = (op.kind(), op.tree());
     obj.insert("op".into(), Value::String(name.into()));
-    obj.insert("tree".into(), Value::String(tree.clone()));
+    obj.insert("tree".into(), Value::String(tree.to_owned()));
     match op {
         Op::Put {
             key, value, before, ..
@@ -253,15 +245,7 @@ fn write_bytes_field(out: &mut Vec<u8>, field: &str, bytes: &[u8]) {
 }
 
 fn write_op(op: &Op, source: &[u8], out: &mut Vec<u8>) {
-    let (name, tree): (&[u8], _) = match op {
-        Op::Put { tree, .. } => (b"put", tree),
-        Op::Delete { tree, .. } => (b"delete", tree),
-        Op::Merge { tree, .. } => (b"merge", tree),
-        Op::CreateTree { tree, .. } => (b"create_tree", tree),
-        Op::DropTree { tree } => (b"drop_tree", tree),
-        Op::CreateIndex { tree, .. } => (b"create_index", tree),
-        Op::DropIndex { tree, .. } => (b"drop_index", tree),
-    };
+    let (name, tree) = (op.kind().as_bytes(), op.tree());
     out.extend_from_slice(b"{\"op\":\"");
     out.extend_from_slice(name);
     out.extend_from_slice(b"\",\"tree\":");

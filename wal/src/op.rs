@@ -75,6 +75,21 @@ pub enum Op {
 }
 
 impl Op {
+    /// The op's kind as every JSON view of the log names it (`tail`, `log dump`, the change
+    /// envelope, pipeline filters): `put`, `delete`, `merge`, `create_tree`, `drop_tree`,
+    /// `create_index`, `drop_index`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Op::Put { .. } => "put",
+            Op::Delete { .. } => "delete",
+            Op::Merge { .. } => "merge",
+            Op::CreateTree { .. } => "create_tree",
+            Op::DropTree { .. } => "drop_tree",
+            Op::CreateIndex { .. } => "create_index",
+            Op::DropIndex { .. } => "drop_index",
+        }
+    }
+
     /// The tree this op touches.
     pub fn tree(&self) -> &str {
         match self {

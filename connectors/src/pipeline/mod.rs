@@ -71,15 +71,7 @@ impl Filter {
 
     /// Whether `op` reaches the sink.
     pub fn passes(&self, op: &Op) -> bool {
-        let (kind, tree, key) = match op {
-            Op::Put { tree, key, .. } => ("put", tree, Some(key)),
-            Op::Delete { tree, key, .. } => ("delete", tree, Some(key)),
-            Op::Merge { tree, key, .. } => ("merge", tree, Some(key)),
-            Op::CreateTree { tree, .. } => ("create_tree", tree, None),
-            Op::DropTree { tree } => ("drop_tree", tree, None),
-            Op::CreateIndex { tree, .. } => ("create_index", tree, None),
-            Op::DropIndex { tree, .. } => ("drop_index", tree, None),
-        };
+        let (kind, tree, key) = (op.kind(), op.tree(), op.key());
         (self.ops.is_empty() || self.ops.iter().any(|o| o == kind))
             && self.tree_passes(tree)
             && key.is_none_or(|k| self.key_passes(k))
