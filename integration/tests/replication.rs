@@ -16,6 +16,12 @@ use serde_json::Value;
 /// A replica that catches up from its upstreams' logs only (`--bootstrap never`): these tests
 /// check log order and local offsets; `tests/bootstrap.rs` covers copying state instead.
 fn replica(dir: &Path, name: &str, secrets: &Path, upstreams: &[&Node]) -> Node {
+    let addrs: Vec<&str> = upstreams.iter().map(|u| u.addr.as_str()).collect();
+    replica_of(dir, name, secrets, &addrs)
+}
+
+/// A replica of the upstreams at `addrs`, which need not be nodes (a [`common::Relay`]).
+fn replica_of(dir: &Path, name: &str, secrets: &Path, addrs: &[&str]) -> Node {
     let secrets = secrets.to_str().unwrap().to_string();
     let mut args = vec![
         "--secrets".to_string(),
@@ -23,9 +29,9 @@ fn replica(dir: &Path, name: &str, secrets: &Path, upstreams: &[&Node]) -> Node 
         "--bootstrap".into(),
         "never".into(),
     ];
-    for u in upstreams {
+    for addr in addrs {
         args.push("--upstream".into());
-        args.push(u.addr.clone());
+        args.push(addr.to_string());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Node::start_with(&dir.join(name), 0, &args)
@@ -248,8 +254,10 @@ fn a_replica_refuses_an_upstream_that_lacks_gtids_of_any_origin() {
 
 /// The upstream dies by SIGKILL while B is observably mid-catch-up: B has applied some of
 /// A's 40 transactions (320 KiB each, about 13 MiB of log) and received fewer than all of
-/// them. A comes back on the same address and keeps writing: B must end with every
-/// transaction once, dense local offsets, and A's state.
+/// them. B reaches A through a relay that passes 2 MiB/s, so the transfer takes seconds
+/// whatever the machine's speed, and the relay holds all traffic from the moment B has
+/// applied one transaction until A is dead. A comes back on the same address and keeps
+/// writing: B must end with every transaction once, dense local offsets, and A's state.
 #[test]
 fn replicas_resume_after_kill_9_of_their_upstream() {
     const TXNS: u64 = 40;
@@ -262,9 +270,10 @@ fn replicas_resume_after_kill_9_of_their_upstream() {
     );
     let port = a.port();
     load_values(&a, 1, TXNS * 10, 10, 32 << 10);
-    let b = replica(dir.path(), "b", &secrets, &[&a]);
+    let relay = common::Relay::start(&a.addr, 2 << 20);
+    let b = replica_of(dir.path(), "b", &secrets, &[&relay.addr]);
     let total = format!("{}:1-{TXNS}", status(&a)["server_uuid"].as_str().unwrap());
-    // Wait until B has applied part of the log, then kill A at once.
+    // Wait until B has applied part of the log, then cut it off from A and kill A.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let applied = status(&b)["last_offset"].as_u64().unwrap_or(0);
@@ -278,6 +287,7 @@ fn replicas_resume_after_kill_9_of_their_upstream() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
+    relay.hold(true);
     let a_data = a.data.clone();
     a.kill9();
     drop(a);
@@ -290,6 +300,8 @@ fn replicas_resume_after_kill_9_of_their_upstream() {
         "B had received the whole log before the kill: nothing was in flight"
     );
     let a = Node::start_with(&a_data, port, &["--secrets", secrets.to_str().unwrap()]);
+    relay.unlimit();
+    relay.hold(false);
     load(&a, TXNS * 10 + 1, TXNS * 10 + 200, 10);
     let want = gtids(&a);
     assert!(want.ends_with(&format!(":1-{}", TXNS + 20)), "{want}");

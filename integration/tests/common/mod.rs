@@ -9,9 +9,12 @@
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
 use std::io::{BufRead, BufReader, Write};
-use std::net::UdpSocket;
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -52,6 +55,108 @@ pub fn silent_addr() -> (String, UdpSocket) {
     let socket = UdpSocket::bind("127.0.0.1:0").expect("a free UDP port on loopback");
     let addr = socket.local_addr().expect("the bound address").to_string();
     (addr, socket)
+}
+
+/// A UDP relay on loopback between one client and a node, for tests that need a transfer
+/// observably in flight. The client dials [`Relay::addr`]; the relay passes datagrams both
+/// ways, the node's to the client at most `rate` bytes per second (what arrives faster queues
+/// in the socket or drops, and QUIC's congestion control slows the sender), and
+/// [`Relay::hold`] stops all traffic both ways until released. The target's port may go
+/// silent and come back (a node killed and restarted on the same address).
+pub struct Relay {
+    pub addr: String,
+    hold: Arc<AtomicBool>,
+    rate: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Relays to `target` (`host:port`), the node's datagrams limited to `rate` bytes/s.
+    pub fn start(target: &str, rate: u64) -> Relay {
+        let front = UdpSocket::bind("127.0.0.1:0").expect("bind the relay's front");
+        let back = UdpSocket::bind("127.0.0.1:0").expect("bind the relay's back");
+        back.connect(target).expect("aim the relay at its target");
+        for s in [&front, &back] {
+            s.set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("set a read timeout");
+        }
+        let addr = front.local_addr().expect("the relay's address").to_string();
+        let front = Arc::new(front);
+        let back = Arc::new(back);
+        let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let hold = Arc::new(AtomicBool::new(false));
+        let rate = Arc::new(AtomicU64::new(rate));
+        let stop = Arc::new(AtomicBool::new(false));
+        let up = {
+            let (front, back, client) = (front.clone(), back.clone(), client.clone());
+            let (hold, stop) = (hold.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = front.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
+                    if !hold.load(Ordering::Relaxed) {
+                        // A dead target refuses; the client's retries go on regardless.
+                        let _ = back.send(&buf[..n]);
+                    }
+                }
+            })
+        };
+        let down = {
+            let (hold, stop, rate) = (hold.clone(), stop.clone(), rate.clone());
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 65536];
+                let mut next = Instant::now();
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(n) = back.recv(&mut buf) else {
+                        continue;
+                    };
+                    let to = *client.lock().unwrap_or_else(|p| p.into_inner());
+                    let (Some(to), false) = (to, hold.load(Ordering::Relaxed)) else {
+                        continue;
+                    };
+                    let r = rate.load(Ordering::Relaxed);
+                    if r > 0 {
+                        let now = Instant::now();
+                        next = next.max(now) + Duration::from_secs_f64(n as f64 / r as f64);
+                        if next > now {
+                            std::thread::sleep(next - now);
+                        }
+                    }
+                    let _ = front.send_to(&buf[..n], to);
+                }
+            })
+        };
+        Relay {
+            addr,
+            hold,
+            rate,
+            stop,
+            threads: vec![up, down],
+        }
+    }
+
+    /// Stops (`true`) or resumes (`false`) all traffic both ways; held datagrams are dropped.
+    pub fn hold(&self, on: bool) {
+        self.hold.store(on, Ordering::SeqCst);
+    }
+
+    /// Lifts the rate limit.
+    pub fn unlimit(&self) {
+        self.rate.store(0, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A port that was free a moment ago, for the few tests that must name a node's address
