@@ -7,7 +7,11 @@
 //! tail's history has no gap and no duplicate.
 //!
 //! Needs root (`ip netns`, `tc`). Without them the test skips with a loud line, except under
-//! CI (`CI` set), where it fails.
+//! CI (`CI` set), where it fails. A kernel without `sch_netem` skips the netem round loudly.
+//!
+//! The second test puts the same faults — loss, delay with reordering, a rate limit, a
+//! partition — between real processes on loopback with user-space relays
+//! ([`common::Relay`]), so that they are tested on every machine, netem or not.
 
 mod common;
 
@@ -17,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{Node, gtids, status};
+use common::{Impair, Node, Relay, gtids, status};
 
 /// Two namespaces joined by a veth pair; removed on drop.
 struct Net {
@@ -154,6 +158,11 @@ impl Drop for Net {
 
 /// Loads `count` single-put transactions into `node` from its namespace.
 fn load(node: &Node, from: u64, count: u64) {
+    load_sized(node, from, count, 0)
+}
+
+/// Loads `count` single-put transactions into `node`, values padded to `bytes`.
+fn load_sized(node: &Node, from: u64, count: u64, bytes: usize) {
     let mut child = node
         .cli()
         .args([
@@ -172,7 +181,9 @@ fn load(node: &Node, from: u64, count: u64) {
     {
         let mut stdin = child.stdin.take().expect("stdin");
         for i in from..from + count {
-            writeln!(stdin, "k{i:06}\tv{i}").expect("write to load");
+            let value = format!("v{i}");
+            let pad = "p".repeat(bytes.saturating_sub(value.len()));
+            writeln!(stdin, "k{i:06}\t{value}{pad}").expect("write to load");
         }
     }
     assert!(child.wait().expect("wait for load").success());
@@ -340,6 +351,129 @@ fn a_replica_and_a_tail_ride_out_loss_partitions_and_pauses() {
     );
 
     // Equal state, and the tail has every transaction once, in order.
+    let out = a.run(&["verify", "--node", &b.addr]);
+    assert!(
+        out.status.success(),
+        "verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let total = next - 1;
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (got.len() as u64) < total {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(o) => got.push(o),
+            Err(_) => panic!("the tail has {} of {total} after 10 s", got.len()),
+        }
+    }
+    drop(tail);
+    assert_eq!(
+        got,
+        (1..=total).collect::<Vec<_>>(),
+        "the tail's history has a gap or a duplicate"
+    );
+}
+
+/// The faults of `tc netem`, in user space: B replicates and a tail follows A through relays
+/// that drop, delay and reorder, limit the rate, and partition. Under each fault (except the
+/// partition) B must keep up with A's commits; after each heal B converges within 10 s; at
+/// the end B's state equals A's and the tail has every transaction once, in order. The
+/// relays' randomness comes from a printed seed (`TIDELINE_TEST_SEED` replays it).
+#[test]
+fn a_replica_and_a_tail_ride_out_loss_delay_reordering_and_rate_limits_through_relays() {
+    let seed = std::env::var("TIDELINE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("relay seed {seed} (replay: TIDELINE_TEST_SEED={seed})");
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let s = secrets.to_str().unwrap();
+    let a = Node::start_with(&dir.path().join("a"), 0, &["--secrets", s]);
+    let to_b = Relay::start(&a.addr, Impair::default(), seed);
+    let to_tail = Relay::start(&a.addr, Impair::default(), seed.wrapping_add(1));
+    let b = Node::start_with(
+        &dir.path().join("b"),
+        0,
+        &[
+            "--secrets",
+            s,
+            "--bootstrap",
+            "never",
+            "--upstream",
+            &to_b.addr,
+        ],
+    );
+    let mut tail = KillOnDrop(
+        a.cli()
+            .args(["tail", "--node", &to_tail.addr, "--from", "earliest"])
+            .args(["--timeout-ms", "2000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    common::wait_consumer(&a, "of the tail through the relay", |c| {
+        c["start"] == "earliest"
+    });
+    let (tx, rx) = std::sync::mpsc::channel::<u64>();
+    let stdout = tail.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let v: Value = serde_json::from_str(&l).expect("tail prints JSON");
+            if tx.send(v["offset"].as_u64().expect("offset")).is_err() {
+                break;
+            }
+        }
+    });
+    let ms = Duration::from_millis;
+    let rounds = [
+        (
+            "delay 20 ms + up to 10 ms (reordering), 10% loss",
+            Impair {
+                loss: 0.10,
+                delay: ms(20),
+                jitter: ms(10),
+                ..Impair::default()
+            },
+        ),
+        (
+            "rate 256 KiB/s, 1% loss",
+            Impair {
+                rate: 256 << 10,
+                loss: 0.01,
+                ..Impair::default()
+            },
+        ),
+        (
+            "partition",
+            Impair {
+                hold: true,
+                ..Impair::default()
+            },
+        ),
+    ];
+    let mut next = 1;
+    for (name, fault) in rounds {
+        to_b.set(fault);
+        to_tail.set(fault);
+        // 40 transactions of 4 KiB: 160 KiB, more than half a second at the limited rate.
+        load_sized(&a, next, 40, 4096);
+        next += 40;
+        if fault.hold {
+            wait_upstream_down(&b);
+        } else {
+            let took = converge(&b, &gtids(&a), Duration::from_secs(30), name);
+            eprintln!("{name}: B kept up, {took:?} after the writes");
+        }
+        to_b.hold(false);
+        to_tail.hold(false);
+        load_sized(&a, next, 10, 0);
+        next += 10;
+        let took = converge(&b, &gtids(&a), Duration::from_secs(10), name);
+        eprintln!("{name}: B converged {took:?} after the heal");
+    }
     let out = a.run(&["verify", "--node", &b.addr]);
     assert!(
         out.status.success(),

@@ -270,7 +270,11 @@ fn replicas_resume_after_kill_9_of_their_upstream() {
     );
     let port = a.port();
     load_values(&a, 1, TXNS * 10, 10, 32 << 10);
-    let relay = common::Relay::start(&a.addr, 2 << 20);
+    let slow = common::Impair {
+        rate: 2 << 20,
+        ..Default::default()
+    };
+    let relay = common::Relay::start(&a.addr, slow, 0);
     let b = replica_of(dir.path(), "b", &secrets, &[&relay.addr]);
     let total = format!("{}:1-{TXNS}", status(&a)["server_uuid"].as_str().unwrap());
     // Wait until B has applied part of the log, then cut it off from A and kill A.
@@ -300,7 +304,6 @@ fn replicas_resume_after_kill_9_of_their_upstream() {
         "B had received the whole log before the kill: nothing was in flight"
     );
     let a = Node::start_with(&a_data, port, &["--secrets", secrets.to_str().unwrap()]);
-    relay.unlimit();
     relay.hold(false);
     load(&a, TXNS * 10 + 1, TXNS * 10 + 200, 10);
     let want = gtids(&a);

@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -57,23 +57,109 @@ pub fn silent_addr() -> (String, UdpSocket) {
     (addr, socket)
 }
 
-/// A UDP relay on loopback between one client and a node, for tests that need a transfer
-/// observably in flight. The client dials [`Relay::addr`]; the relay passes datagrams both
-/// ways, the node's to the client at most `rate` bytes per second (what arrives faster queues
-/// in the socket or drops, and QUIC's congestion control slows the sender), and
-/// [`Relay::hold`] stops all traffic both ways until released. The target's port may go
-/// silent and come back (a node killed and restarted on the same address).
+/// What a [`Relay`] does to the datagrams it passes, each way: drop a share (`loss`, 0..1),
+/// delay each by `delay` plus a random part up to `jitter` (datagrams overtake each other:
+/// reordering), pass at most `rate` bytes per second (0: unlimited; the excess queues up to
+/// [`RELAY_QUEUE_BYTES`], beyond which it drops, as a router's queue does), or `hold`
+/// everything (dropped). The default passes everything at once.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Impair {
+    pub loss: f64,
+    pub delay: Duration,
+    pub jitter: Duration,
+    pub rate: u64,
+    pub hold: bool,
+}
+
+/// The bytes a [`Relay`] queues per direction before it drops.
+pub const RELAY_QUEUE_BYTES: usize = 256 << 10;
+
+/// A UDP relay on loopback between one client and a node: the network faults of `tc netem`
+/// (loss, delay, reordering, rate limits, partitions) in user space, for tests on any kernel
+/// and without root, and for tests that need a transfer observably in flight. The client
+/// dials [`Relay::addr`]; the target may go silent and come back on the same address (a
+/// node killed and restarted). Random choices come from `seed`, printed by the test.
 pub struct Relay {
     pub addr: String,
-    hold: Arc<AtomicBool>,
-    rate: Arc<AtomicU64>,
+    impair: Arc<Mutex<Impair>>,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
 
+type Datagram = std::cmp::Reverse<(Instant, u64, Vec<u8>)>;
+
+/// One direction of a relay: datagrams waiting for their time.
+#[derive(Default)]
+struct Lane {
+    queue: Mutex<LaneQueue>,
+    ready: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct LaneQueue {
+    heap: std::collections::BinaryHeap<Datagram>,
+    bytes: usize,
+    seq: u64,
+    next_slot: Option<Instant>,
+}
+
+impl Lane {
+    /// Queues `data` as `impair` says (or drops it).
+    fn push(&self, data: &[u8], impair: Impair, rng: &mut impl rand::Rng) {
+        if impair.hold || (impair.loss > 0.0 && rng.random::<f64>() < impair.loss) {
+            return;
+        }
+        let now = Instant::now();
+        let mut due = now + impair.delay;
+        if !impair.jitter.is_zero() {
+            due += impair.jitter.mul_f64(rng.random::<f64>());
+        }
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.bytes + data.len() > RELAY_QUEUE_BYTES {
+            return;
+        }
+        if impair.rate > 0 {
+            let slot = q.next_slot.unwrap_or(now).max(now)
+                + Duration::from_secs_f64(data.len() as f64 / impair.rate as f64);
+            q.next_slot = Some(slot);
+            due = due.max(slot);
+        }
+        q.seq += 1;
+        let seq = q.seq;
+        q.bytes += data.len();
+        q.heap.push(std::cmp::Reverse((due, seq, data.to_vec())));
+        self.ready.notify_one();
+    }
+
+    /// The next datagram whose time has come, waiting at most 20 ms.
+    fn pop(&self) -> Option<Vec<u8>> {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let wait = match q.heap.peek() {
+            Some(std::cmp::Reverse((due, _, _))) if *due <= now => {
+                let std::cmp::Reverse((_, _, data)) = q.heap.pop()?;
+                q.bytes -= data.len();
+                return Some(data);
+            }
+            Some(std::cmp::Reverse((due, _, _))) => (*due - now).min(Duration::from_millis(20)),
+            None => Duration::from_millis(20),
+        };
+        let _ = self.ready.wait_timeout(q, wait);
+        None
+    }
+
+    fn clear(&self) {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        q.heap.clear();
+        q.bytes = 0;
+        q.next_slot = None;
+    }
+}
+
 impl Relay {
-    /// Relays to `target` (`host:port`), the node's datagrams limited to `rate` bytes/s.
-    pub fn start(target: &str, rate: u64) -> Relay {
+    /// Relays to `target` (`host:port`) with `impair` from the start.
+    pub fn start(target: &str, impair: Impair, seed: u64) -> Relay {
+        use rand::SeedableRng;
         let front = UdpSocket::bind("127.0.0.1:0").expect("bind the relay's front");
         let back = UdpSocket::bind("127.0.0.1:0").expect("bind the relay's back");
         back.connect(target).expect("aim the relay at its target");
@@ -85,68 +171,77 @@ impl Relay {
         let front = Arc::new(front);
         let back = Arc::new(back);
         let client: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
-        let hold = Arc::new(AtomicBool::new(false));
-        let rate = Arc::new(AtomicU64::new(rate));
+        let impair = Arc::new(Mutex::new(impair));
         let stop = Arc::new(AtomicBool::new(false));
-        let up = {
+        let up = Arc::new(Lane::default());
+        let down = Arc::new(Lane::default());
+        let mut threads = Vec::new();
+        // Receivers: the client's datagrams onto the up lane, the node's onto the down lane.
+        for (dir, lane) in [(0u64, up.clone()), (1, down.clone())] {
             let (front, back, client) = (front.clone(), back.clone(), client.clone());
-            let (hold, stop) = (hold.clone(), stop.clone());
-            std::thread::spawn(move || {
+            let (impair, stop) = (impair.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ dir);
                 let mut buf = vec![0u8; 65536];
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok((n, from)) = front.recv_from(&mut buf) else {
-                        continue;
-                    };
-                    *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
-                    if !hold.load(Ordering::Relaxed) {
+                    let n = if dir == 0 {
+                        let Ok((n, from)) = front.recv_from(&mut buf) else {
+                            continue;
+                        };
+                        *client.lock().unwrap_or_else(|p| p.into_inner()) = Some(from);
+                        n
+                    } else {
                         // A dead target refuses; the client's retries go on regardless.
-                        let _ = back.send(&buf[..n]);
-                    }
+                        let Ok(n) = back.recv(&mut buf) else {
+                            continue;
+                        };
+                        n
+                    };
+                    let now = *impair.lock().unwrap_or_else(|p| p.into_inner());
+                    lane.push(&buf[..n], now, &mut rng);
                 }
-            })
-        };
-        let down = {
-            let (hold, stop, rate) = (hold.clone(), stop.clone(), rate.clone());
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 65536];
-                let mut next = Instant::now();
+            }));
+        }
+        // Senders: each lane's datagrams out when their time comes.
+        for (dir, lane) in [(0u64, up), (1, down)] {
+            let (front, back, client) = (front.clone(), back.clone(), client.clone());
+            let (impair, stop) = (impair.clone(), stop.clone());
+            threads.push(std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok(n) = back.recv(&mut buf) else {
+                    let Some(data) = lane.pop() else {
                         continue;
                     };
-                    let to = *client.lock().unwrap_or_else(|p| p.into_inner());
-                    let (Some(to), false) = (to, hold.load(Ordering::Relaxed)) else {
+                    if impair.lock().unwrap_or_else(|p| p.into_inner()).hold {
+                        lane.clear();
                         continue;
-                    };
-                    let r = rate.load(Ordering::Relaxed);
-                    if r > 0 {
-                        let now = Instant::now();
-                        next = next.max(now) + Duration::from_secs_f64(n as f64 / r as f64);
-                        if next > now {
-                            std::thread::sleep(next - now);
-                        }
                     }
-                    let _ = front.send_to(&buf[..n], to);
+                    if dir == 0 {
+                        let _ = back.send(&data);
+                    } else if let Some(to) = *client.lock().unwrap_or_else(|p| p.into_inner()) {
+                        let _ = front.send_to(&data, to);
+                    }
                 }
-            })
-        };
+            }));
+        }
         Relay {
             addr,
-            hold,
-            rate,
+            impair,
             stop,
-            threads: vec![up, down],
+            threads,
         }
     }
 
-    /// Stops (`true`) or resumes (`false`) all traffic both ways; held datagrams are dropped.
-    pub fn hold(&self, on: bool) {
-        self.hold.store(on, Ordering::SeqCst);
+    /// From now on, impairs as `impair` says.
+    pub fn set(&self, impair: Impair) {
+        *self.impair.lock().unwrap_or_else(|p| p.into_inner()) = impair;
     }
 
-    /// Lifts the rate limit.
-    pub fn unlimit(&self) {
-        self.rate.store(0, Ordering::SeqCst);
+    /// Stops all traffic both ways (a partition), or lifts every impairment (`false`).
+    pub fn hold(&self, on: bool) {
+        self.set(Impair {
+            hold: on,
+            ..Impair::default()
+        });
     }
 }
 
