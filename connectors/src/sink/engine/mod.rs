@@ -17,8 +17,9 @@
 //! - **Bootstrap.** [`Sink::begin_copy`] wipes the engine and records the starting progress
 //!   ([`Engine::bootstrap_begin`]); every copy batch becomes one [`Engine::bootstrap_apply`]
 //!   call ([`Item::Chunk`] → [`RestoreOp::Chunk`], [`Item::Ops`] → [`RestoreOp::Op`]); the
-//!   first batch with a tail checkpoint while bootstrapping ends the copy at that checkpoint's
-//!   GTID set ([`Engine::bootstrap_finish`]).
+//!   first empty batch with a tail checkpoint of the copy's source ends the copy at that
+//!   checkpoint's GTID set ([`Engine::bootstrap_finish`]). Live transactions that meet a copy
+//!   they are not part of (another upstream of a multi-source replica) wait ([`SinkError::Retry`]).
 //!
 //! The progress record is stored in the engine as [`BootstrapProgress::to_json`] (not wrapped
 //! in the pipeline's checkpoint JSON), so that a bootstrap interrupted by an older version of
@@ -50,6 +51,10 @@ pub struct EngineSink {
     engine: Arc<Engine>,
     /// Transactions the last [`Sink::write`] committed (not counting GTIDs already executed).
     last_committed: u64,
+    /// The source of the copy this sink began or continued, if any: only a tail checkpoint of
+    /// that source ends it (a live batch of another upstream of a multi-source replica meets a
+    /// running copy and waits; it never finishes a copy it did not make).
+    copying: Option<uuid::Uuid>,
 }
 
 impl EngineSink {
@@ -58,6 +63,7 @@ impl EngineSink {
         EngineSink {
             engine,
             last_committed: 0,
+            copying: None,
         }
     }
 
@@ -144,7 +150,10 @@ impl Sink for EngineSink {
                 Err(e) => return Err(SinkError::Fatal(format!("internal: {e}"))),
             };
             let engine = self.engine.clone();
-            blocking(move || engine.bootstrap_begin(&progress.to_json())).await
+            let source = progress.server_uuid;
+            blocking(move || engine.bootstrap_begin(&progress.to_json())).await?;
+            self.copying = Some(source);
+            Ok(())
         })
     }
 
@@ -188,19 +197,22 @@ impl Sink for EngineSink {
                         }
                     }
                     let engine = self.engine.clone();
+                    let source = progress.server_uuid;
                     let progress = progress.to_json();
-                    blocking(move || engine.bootstrap_apply(ops, &progress)).await
+                    blocking(move || engine.bootstrap_apply(ops, &progress)).await?;
+                    self.copying = Some(source);
+                    Ok(())
                 }
                 PipelineCheckpoint::Tail(pos) => {
-                    if self.engine.is_bootstrapping() {
-                        // The copy is complete: it holds exactly `pos.gtids`.
-                        if batch.items.iter().any(|i| !matches!(i, Item::Txn(_))) {
-                            return Err(SinkError::Fatal(
-                                "internal: a copy step after the copy's end".into(),
-                            ));
-                        }
+                    if self.engine.is_bootstrapping()
+                        && batch.items.is_empty()
+                        && self.copying == Some(pos.server_uuid)
+                    {
+                        // The copy this sink made is complete: it holds exactly `pos.gtids`.
                         let (engine, set) = (self.engine.clone(), pos.gtids.clone());
                         blocking(move || engine.bootstrap_finish(&set)).await?;
+                        self.copying = None;
+                        return Ok(());
                     }
                     let mut txns = Vec::with_capacity(batch.items.len());
                     for item in &batch.items {
@@ -214,6 +226,7 @@ impl Sink for EngineSink {
                         }
                     }
                     if txns.is_empty() {
+                        // Nothing to apply; the position is `gtid_executed`, already stored.
                         return Ok(());
                     }
                     let engine = self.engine.clone();
