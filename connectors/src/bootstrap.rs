@@ -170,7 +170,9 @@ impl Report for CopyReport<'_> {
             "tree {} · {} chunks",
             progress.tree, progress.chunks
         ));
-        update(&self.st, |s| s.bootstrap = Some(progress_json(progress, rate)));
+        update(&self.st, |s| {
+            s.bootstrap = Some(progress_json(progress, rate))
+        });
         let mut last_log = self.last_log.lock().unwrap_or_else(|p| p.into_inner());
         if last_log.elapsed() >= Duration::from_secs(5) {
             *last_log = Instant::now();

@@ -132,7 +132,11 @@ impl<'a> Driver<'a> {
     }
 
     /// Writes `batch`, retrying as the error says; reports it once stored.
-    pub(crate) async fn write(&self, sink: &mut dyn Sink, batch: &Batch) -> Result<(), PipelineError> {
+    pub(crate) async fn write(
+        &self,
+        sink: &mut dyn Sink,
+        batch: &Batch,
+    ) -> Result<(), PipelineError> {
         let mut failures = 0;
         loop {
             match sink.write(batch).await {
@@ -144,11 +148,8 @@ impl<'a> Driver<'a> {
             }
         }
         let last_ts = batch.txns().last().map(|t| t.timestamp_us);
-        self.report.wrote(
-            batch.txns().count() as u64,
-            batch.changes() as u64,
-            last_ts,
-        );
+        self.report
+            .wrote(batch.txns().count() as u64, batch.changes() as u64, last_ts);
         Ok(())
     }
 }

@@ -38,9 +38,9 @@ use tideline_stream::{Client, ClientConfig};
 use tideline_wal::{Op, Transaction};
 
 use crate::sink::{Batch, Item, Sink};
+pub use checkpoint::PipelineCheckpoint;
 use copy::{CopyStop, SourceEnd};
 use drive::Driver;
-pub use checkpoint::PipelineCheckpoint;
 pub use status::{PipelineState, PipelineStatus, SharedPipelineStatus};
 
 /// Where a pipeline whose sink holds no checkpoint starts.

@@ -19,7 +19,10 @@ const SOURCE: uuid::Uuid = uuid::Uuid::from_bytes([0xaa; 16]);
 fn open(dir: &Path) -> Arc<Engine> {
     let storage = Arc::new(FileStorage::new(dir.join("log")).expect("log directory"));
     let wal = Wal::open(storage, WalOptions::default()).expect("open log");
-    Arc::new(Engine::open(dir.join("store"), Arc::new(wal), EngineOptions::default()).expect("open engine"))
+    Arc::new(
+        Engine::open(dir.join("store"), Arc::new(wal), EngineOptions::default())
+            .expect("open engine"),
+    )
 }
 
 fn txn(n: u64, ops: Vec<Op>) -> Transaction {
@@ -75,7 +78,11 @@ async fn the_same_batch_twice_is_applied_once_and_its_position_survives_reopen()
     let dir = tempfile::tempdir().expect("tempdir");
     let engine = open(dir.path());
     let mut sink = EngineSink::new(engine.clone());
-    assert_eq!(sink.open().await.expect("open"), None, "an empty engine holds no checkpoint");
+    assert_eq!(
+        sink.open().await.expect("open"),
+        None,
+        "an empty engine holds no checkpoint"
+    );
 
     let batch = live_batch();
     sink.write(&batch).await.expect("first write");
@@ -83,14 +90,25 @@ async fn the_same_batch_twice_is_applied_once_and_its_position_survives_reopen()
     sink.write(&batch).await.expect("second write");
     assert_eq!(sink.last_committed(), 0, "every GTID was already executed");
     assert_eq!(engine.gtid_executed(), set(&format!("{SOURCE}:1-3")));
-    assert_eq!(engine.position().offset.map(Offset::get), Some(3), "three local offsets, not six");
-    assert_eq!(engine.get("t", b"a").expect("read").as_deref(), Some(&b"3"[..]));
+    assert_eq!(
+        engine.position().offset.map(Offset::get),
+        Some(3),
+        "three local offsets, not six"
+    );
+    assert_eq!(
+        engine.get("t", b"a").expect("read").as_deref(),
+        Some(&b"3"[..])
+    );
     engine.close().expect("close");
     drop((sink, engine));
 
     let engine = open(dir.path());
     let mut sink = EngineSink::new(engine.clone());
-    let stored = sink.open().await.expect("open").expect("a checkpoint after reopen");
+    let stored = sink
+        .open()
+        .await
+        .expect("open")
+        .expect("a checkpoint after reopen");
     match PipelineCheckpoint::decode(&stored).expect("decodes") {
         PipelineCheckpoint::Tail(p) => assert_eq!(p.gtids, set(&format!("{SOURCE}:1-3"))),
         other => panic!("expected a tail position, got {other:?}"),
@@ -141,19 +159,27 @@ async fn a_copy_resumes_after_reopen_and_ends_at_its_gtid_set() {
         checkpoint: PipelineCheckpoint::Bootstrap(progress(1)).encode(),
     };
     sink.write(&chunk).await.expect("chunk");
-    sink.write(&chunk).await.expect("the same chunk again replaces its range");
+    sink.write(&chunk)
+        .await
+        .expect("the same chunk again replaces its range");
     engine.close().expect("close");
     drop((sink, engine));
 
     let engine = open(dir.path());
     let mut sink = EngineSink::new(engine.clone());
-    let stored = sink.open().await.expect("open").expect("the copy's progress");
+    let stored = sink
+        .open()
+        .await
+        .expect("open")
+        .expect("the copy's progress");
     assert_eq!(
         PipelineCheckpoint::decode(&stored).expect("decodes"),
         PipelineCheckpoint::Bootstrap(progress(1))
     );
     assert_eq!(
-        engine.bootstrap_progress().and_then(|p| BootstrapProgress::from_json(&p)),
+        engine
+            .bootstrap_progress()
+            .and_then(|p| BootstrapProgress::from_json(&p)),
         Some(progress(1)),
         "stored as the replica's bootstrap always stored it"
     );
@@ -171,8 +197,14 @@ async fn a_copy_resumes_after_reopen_and_ends_at_its_gtid_set() {
     sink.write(&done).await.expect("finish");
     assert!(!engine.is_bootstrapping());
     assert_eq!(engine.gtid_executed(), set(&format!("{SOURCE}:1-7")));
-    assert_eq!(engine.get("t", b"a").expect("read").as_deref(), Some(&b"x"[..]));
-    assert_eq!(engine.get("t", b"b").expect("read").as_deref(), Some(&b"y"[..]));
+    assert_eq!(
+        engine.get("t", b"a").expect("read").as_deref(),
+        Some(&b"x"[..])
+    );
+    assert_eq!(
+        engine.get("t", b"b").expect("read").as_deref(),
+        Some(&b"y"[..])
+    );
     // The live tail takes over: a GTID the copy holds is a no-op, the next one applies.
     let next = Batch {
         source: SOURCE,
@@ -184,6 +216,12 @@ async fn a_copy_resumes_after_reopen_and_ends_at_its_gtid_set() {
     };
     sink.write(&next).await.expect("live");
     assert_eq!(sink.last_committed(), 1);
-    assert_eq!(engine.get("t", b"a").expect("read").as_deref(), Some(&b"x"[..]));
-    assert_eq!(engine.get("t", b"c").expect("read").as_deref(), Some(&b"z"[..]));
+    assert_eq!(
+        engine.get("t", b"a").expect("read").as_deref(),
+        Some(&b"x"[..])
+    );
+    assert_eq!(
+        engine.get("t", b"c").expect("read").as_deref(),
+        Some(&b"z"[..])
+    );
 }
