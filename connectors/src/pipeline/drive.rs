@@ -122,7 +122,10 @@ impl<'a> Driver<'a> {
         let mut failures = 0;
         loop {
             match sink.begin_copy(checkpoint).await {
-                Ok(()) => return Ok(self.after_success(sink, failures)),
+                Ok(()) => {
+                    self.after_success(sink, failures);
+                    return Ok(());
+                }
                 Err(e) => {
                     let delay = self.after_failure(sink, e, &mut failures)?;
                     tokio::time::sleep(delay).await;
