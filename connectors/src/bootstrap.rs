@@ -1,30 +1,30 @@
-//! A replica's bootstrap: copy the upstream's state in chunks merged with its live log, store
-//! progress with every step, and hand over to ordinary replication at the end.
-//!
-//! Receiving and applying overlap: one task reads steps off the stream while this one writes
-//! the previous step into the store (chunks go straight into the store, not the log, with the
-//! progress record in the same atomic batch). A replica killed at any point resumes from the
-//! last step it stored, so at most the chunk in flight is sent again.
+//! A replica's bootstrap: the decision to copy (resume the stored copy, or start again from
+//! scratch), and what `status`, the log and a terminal show while it runs. The copy itself is
+//! the pipeline's ([`crate::pipeline::copy`]): chunks merged with the upstream's live log, each
+//! step stored by the engine sink with the copy's progress in the same atomic store batch, so a
+//! replica killed at any point resumes from the last step it stored.
 //!
 //! Owns: one bootstrap at a time per process, its progress in `status`. Must never: call back
 //! into `replica` (replication decides when to bootstrap; this module only copies), or record
 //! a GTID set over state it has not stored.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
-use tideline_consumers::{Bootstrap, BootstrapError, BootstrapProgress, BootstrapStep};
-use tideline_engine::{Engine, RestoreOp};
+use tideline_consumers::{Bootstrap, BootstrapError, BootstrapProgress, Position};
+use tideline_engine::Engine;
 use tideline_stream::Client;
 use tideline_wal::GtidSet;
 
+use crate::pipeline::copy::{self, CopyStop, SourceEnd};
+use crate::pipeline::drive::{Driver, Report};
+use crate::pipeline::{Filter, PipelineError};
+use crate::sink::SinkError;
+use crate::sink::engine::EngineSink;
 use crate::status::{SharedStatus, UpstreamState, update};
 use crate::stop::{Stop, classify};
-
-/// Steps received ahead of the store.
-const PIPELINE_STEPS: usize = 4;
 
 /// Held by the one bootstrap running in this process (a process has one engine): two copies
 /// into the same store would wipe each other, and the first to finish would record a full
@@ -52,10 +52,11 @@ pub(crate) fn progress_json(p: &BootstrapProgress, rate: f64) -> serde_json::Val
     })
 }
 
-/// Runs (or resumes) a bootstrap from `client`'s node into `engine`; returns the GTID set the
-/// copy holds, from which replication continues.
+/// Runs (or resumes) a bootstrap from `client`'s node into `sink`'s engine; returns the GTID
+/// set the copy holds, from which replication continues.
 pub(crate) async fn run(
     client: &Client,
+    sink: &mut EngineSink,
     engine: &Arc<Engine>,
     st: &SharedStatus,
     addr: &str,
@@ -82,11 +83,8 @@ pub(crate) async fn run(
             }
         }),
     };
-    let mut b = started.map_err(bootstrap_stop)?;
+    let b = started.map_err(bootstrap_stop)?;
     if b.progress().resumes == 0 {
-        // A fresh start (or a restart from scratch): wipe and record the starting point.
-        let (eng, p) = (engine.clone(), b.progress().to_json());
-        blocking(move || eng.bootstrap_begin(&p)).await?;
         tracing::info!(
             upstream = %addr,
             keys_estimate = b.progress().keys_estimate,
@@ -98,115 +96,88 @@ pub(crate) async fn run(
         s.error = None;
         s.bootstrap = Some(progress_json(b.progress(), 0.0));
     });
-    let bar = progress_bar(b.progress());
-    let mut acker = b
-        .take_acker()
-        .ok_or_else(|| Stop::Fatal("internal: bootstrap acker taken twice".into()))?;
-    let mut chunks_stored = 0u64;
-
-    let (tx, mut rx) = tokio::sync::mpsc::channel(PIPELINE_STEPS);
-    let receiver = tokio::spawn(async move {
-        loop {
-            let step = b.next().await;
-            let done = matches!(step, Ok(None) | Err(_));
-            let item = step.map(|s| s.map(|s| (s, b.progress().clone(), b.rate())));
-            if tx.send(item).await.is_err() || done {
-                return;
-            }
-        }
-    });
-    let started_at = Instant::now();
-    // Where the time goes: waiting for the stream, or storing.
-    let (mut waited, mut storing) = (Duration::ZERO, Duration::ZERO);
-    let mut last_log = Instant::now();
-    let result = loop {
-        let wait_started = Instant::now();
-        let item = rx.recv().await;
-        waited += wait_started.elapsed();
-        let Some(item) = item else {
-            break Err(Stop::Retry("the bootstrap stream ended early".into()));
-        };
-        let (step, progress, rate) = match item {
-            Ok(Some(x)) => x,
-            Ok(None) => break Err(Stop::Retry("the bootstrap stream ended early".into())),
-            Err(e) => break Err(bootstrap_stop(e)),
-        };
-        let completes_chunk = matches!(
-            step,
-            BootstrapStep::Chunk {
-                completes_chunk: true,
-                ..
-            }
-        );
-        let ops = match step {
-            BootstrapStep::Ops(ops) => ops.into_iter().map(RestoreOp::Op).collect(),
-            BootstrapStep::Chunk {
-                tree,
-                merge_operator,
-                from,
-                to,
-                entries,
-                ..
-            } => vec![RestoreOp::Chunk {
-                tree,
-                merge_operator,
-                from,
-                to,
-                entries,
-            }],
-            BootstrapStep::Done {
-                gtid_executed,
-                offset,
-            } => {
-                let (eng, set) = (engine.clone(), gtid_executed.clone());
-                if let Err(e) = blocking(move || eng.bootstrap_finish(&set)).await {
-                    break Err(e);
+    let report = CopyReport {
+        st: st.clone(),
+        addr,
+        bar: progress_bar(b.progress()),
+        started_at: Instant::now(),
+        last_log: Mutex::new(Instant::now()),
+    };
+    let d = driver(addr, &report);
+    let result = copy::copy(&d, &Filter::default(), sink, b).await;
+    match result {
+        Ok(pos) => Ok(pos.gtids),
+        Err(stop) => {
+            report.bar.abandon();
+            Err(match stop {
+                CopyStop::Sink(e) => sink_stop(e),
+                CopyStop::Source(SourceEnd::Ended, _) => {
+                    Stop::Retry("the bootstrap stream ended early".into())
                 }
-                bar.finish_and_clear();
-                update(st, |s| {
-                    s.received = s.received.union(&gtid_executed);
-                    s.applied_offset = offset;
-                    s.upstream_head = s.upstream_head.max(offset);
-                    s.lag_txns = s.upstream_head.saturating_sub(offset);
-                    s.bootstrap = Some(progress_json(&progress, rate));
-                });
-                tracing::info!(
-                    upstream = %addr,
-                    chunks = progress.chunks,
-                    keys = progress.keys,
-                    bytes = progress.bytes,
-                    seconds = started_at.elapsed().as_secs_f64(),
-                    waiting_for_stream_s = waited.as_secs_f64(),
-                    storing_s = storing.as_secs_f64(),
-                    gtid_executed = %gtid_executed,
-                    "bootstrap complete; replicating from the handover point"
-                );
-                break Ok(gtid_executed);
-            }
-        };
-        let (eng, p) = (engine.clone(), progress.to_json());
-        let store_started = Instant::now();
-        if let Err(e) = blocking(move || eng.bootstrap_apply(ops, &p)).await {
-            break Err(e);
+                CopyStop::Source(SourceEnd::Failed(e), _) => bootstrap_stop(e),
+                CopyStop::Source(SourceEnd::Ack(e), _) => classify(e),
+            })
         }
-        storing += store_started.elapsed();
-        if completes_chunk {
-            chunks_stored += 1;
-            if let Err(e) = acker.stored(chunks_stored).await {
-                break Err(classify(e));
-            }
-        }
-        bar.set_length(progress.bytes_estimate_now());
-        bar.set_position(progress.bytes);
-        bar.set_message(format!(
+    }
+}
+
+/// The driver of a replica's calls into its engine sink: the replica's own backoff (100 ms
+/// doubling to 5 s), reporting to `report`.
+pub(crate) fn driver<'a>(addr: &'a str, report: &'a dyn Report) -> Driver<'a> {
+    Driver {
+        name: addr,
+        retry_min: Duration::from_millis(100),
+        retry_max: Duration::from_secs(5),
+        hold_pause: Duration::from_secs(5),
+        report,
+    }
+}
+
+/// A sink error that stops a replica's session. The engine sink's fatal errors are a store
+/// failure (the engine is fail-stop) or input the engine refuses.
+pub(crate) fn sink_stop(e: PipelineError) -> Stop {
+    match e {
+        PipelineError::Sink { message, .. } => Stop::Fatal(message),
+        other => Stop::Fatal(other.to_string()),
+    }
+}
+
+/// What a copy shows: the upstream's status, a progress bar on a terminal, a log line every
+/// few seconds.
+struct CopyReport<'a> {
+    st: SharedStatus,
+    addr: &'a str,
+    bar: ProgressBar,
+    started_at: Instant,
+    last_log: Mutex<Instant>,
+}
+
+impl Report for CopyReport<'_> {
+    fn sink_failed(&self, e: &SinkError, _first: bool) {
+        update(&self.st, |s| s.error = Some(e.to_string()));
+    }
+
+    fn sink_recovered(&self) {
+        update(&self.st, |s| s.error = None);
+    }
+
+    fn wrote(&self, _txns: u64, _changes: u64, _last_ts_us: Option<i64>) {}
+
+    fn copy_step(&self, progress: &BootstrapProgress, rate: f64) {
+        self.bar.set_length(progress.bytes_estimate_now());
+        self.bar.set_position(progress.bytes);
+        self.bar.set_message(format!(
             "tree {} · {} chunks",
             progress.tree, progress.chunks
         ));
-        update(st, |s| s.bootstrap = Some(progress_json(&progress, rate)));
+        update(&self.st, |s| {
+            s.bootstrap = Some(progress_json(progress, rate))
+        });
+        let mut last_log = self.last_log.lock().unwrap_or_else(|p| p.into_inner());
         if last_log.elapsed() >= Duration::from_secs(5) {
-            last_log = Instant::now();
+            *last_log = Instant::now();
             tracing::info!(
-                upstream = %addr,
+                upstream = %self.addr,
                 tree = %progress.tree,
                 chunks = progress.chunks,
                 bytes = progress.bytes,
@@ -215,12 +186,27 @@ pub(crate) async fn run(
                 "bootstrapping"
             );
         }
-    };
-    receiver.abort();
-    if result.is_err() {
-        bar.abandon();
     }
-    result
+
+    fn copy_done(&self, pos: &Position, progress: &BootstrapProgress, rate: f64) {
+        self.bar.finish_and_clear();
+        update(&self.st, |s| {
+            s.received = s.received.union(&pos.gtids);
+            s.applied_offset = pos.offset;
+            s.upstream_head = s.upstream_head.max(pos.offset);
+            s.lag_txns = s.upstream_head.saturating_sub(pos.offset);
+            s.bootstrap = Some(progress_json(progress, rate));
+        });
+        tracing::info!(
+            upstream = %self.addr,
+            chunks = progress.chunks,
+            keys = progress.keys,
+            bytes = progress.bytes,
+            seconds = self.started_at.elapsed().as_secs_f64(),
+            gtid_executed = %pos.gtids,
+            "bootstrap complete; replicating from the handover point"
+        );
+    }
 }
 
 fn bootstrap_stop(e: BootstrapError) -> Stop {
@@ -230,15 +216,6 @@ fn bootstrap_stop(e: BootstrapError) -> Stop {
         BootstrapError::Protocol(p) => Stop::Retry(format!("bootstrap stream broken: {p}")),
         other => Stop::Retry(other.to_string()),
     }
-}
-
-async fn blocking(
-    f: impl FnOnce() -> Result<(), tideline_engine::WriteError> + Send + 'static,
-) -> Result<(), Stop> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Stop::Fatal(format!("bootstrap task failed: {e}")))?
-        .map_err(|e| Stop::Fatal(format!("writing the bootstrap into the store failed: {e}")))
 }
 
 /// A byte progress bar on a terminal; hidden otherwise (status and logs carry progress).

@@ -4,14 +4,15 @@
 //! `tideline-wal`; below the `tideline` node, which only wires pipelines up from its
 //! configuration (`--upstream`) and shows their [`UpstreamStatus`] in `status`.
 //!
-//! What it holds today: replication, a pipeline whose source is an upstream node's tail (by
-//! GTID auto-positioning) and whose sink is the local engine ([`spawn`]), with its chunked
-//! bootstrap that copies the upstream's state when the replica is empty or the upstream purged
-//! what it needs; the [`Sink`] contract ([`sink`]) that everything downstream keeps, and the
-//! [`pipeline`] that drives a source node's log (and its bootstrap) into a sink, with the
-//! change [`envelope`] the JSON sinks share; and the sinks, one module each below [`sink`]:
-//! [`sink::file`] (JSON lines), [`sink::postgres`], [`sink::redis`], [`sink::nats`]
-//! (JetStream, de-duplicated by GTID) and [`sink::webhook`] (HTTP POSTs).
+//! What it holds today: the [`Sink`] contract ([`sink`]) that everything downstream keeps, and
+//! the [`pipeline`] that drives a source node's log (and its bootstrap) into a sink, with the
+//! change [`envelope`] the JSON sinks share; replication, the pipeline whose source is an
+//! upstream node's tail (by GTID auto-positioning, [`spawn`]) and whose sink is the local
+//! engine ([`EngineSink`]), with its chunked bootstrap that copies the upstream's state when the
+//! replica is empty or the upstream purged what it needs; and the sinks, one module each below
+//! [`sink`]: [`sink::engine`] (the replica's), [`sink::file`] (JSON lines), [`sink::postgres`],
+//! [`sink::redis`], [`sink::nats`] (JetStream, de-duplicated by GTID) and [`sink::webhook`]
+//! (HTTP POSTs).
 //!
 //! What it does not do: open or own an engine (the node passes one in), serve anything, parse
 //! a command line, or write the log by any path other than the engine's commit (a replicated
@@ -43,6 +44,7 @@ pub use pipeline::{
     SharedPipelineStatus, StartFrom,
 };
 pub use replica::{BootstrapMode, ReplicaOptions, spawn};
+pub use sink::engine::EngineSink;
 pub use sink::{Batch, Item, Sink, SinkError, SinkFuture};
 pub use status::{SharedStatus, UpstreamState, UpstreamStatus};
 

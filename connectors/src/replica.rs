@@ -5,19 +5,32 @@
 //! another `--upstream`: the replica sends its `gtid_executed`, the new upstream streams
 //! exactly what is missing. No file names or offsets appear anywhere in the configuration.
 //!
+//! A replica is a pipeline whose sink is its own engine ([`EngineSink`]): this module is its
+//! source side — one auto-positioned tail per upstream, the decision to bootstrap, errant-GTID
+//! detection, multi-source rules and the upstream's `status` — and it hands every received
+//! group of transactions to the engine sink through the pipeline's [`Driver`] (the same retry
+//! and reporting every pipeline uses), as the bootstrap hands its steps through the pipeline's
+//! copy. The engine sink applies them idempotently by GTID and its position is the engine's
+//! own `gtid_executed`, stored in the same store batch as the data.
+//!
 //! Owns: the replication loop of one upstream (connect, back off, decide to bootstrap, follow
-//! the tail and apply it), errant-GTID detection. Must never: write a transaction whose GTID
-//! the engine already executed, move a GTID number or offset the upstream assigned, or copy
-//! state itself (that is `bootstrap`'s job, which this module calls and never the reverse).
+//! the tail and hand it to the sink), errant-GTID detection. Must never: write to the engine
+//! other than through the engine sink, move a GTID number or offset the upstream assigned, or
+//! copy state itself (that is `bootstrap`'s job, which this module calls and never the reverse).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tideline_consumers::Position;
 use tideline_engine::Engine;
 use tideline_stream::{Client, ClientConfig, ClientError, ErrorCode, Event, Start};
-use tideline_wal::{GtidSet, NewTransaction};
+use tideline_wal::{GtidSet, Transaction};
 
 use crate::bootstrap;
+use crate::pipeline::PipelineCheckpoint;
+use crate::pipeline::drive::{Driver, Report};
+use crate::sink::engine::EngineSink;
+use crate::sink::{Batch, Item, SinkError};
 use crate::status::{SharedStatus, UpstreamState, UpstreamStatus, update};
 use crate::stop::{Stop, classify};
 
@@ -139,13 +152,14 @@ async fn replicate_once(
     if engine.is_bootstrapping() {
         pending_bootstrap_is_ours(addr, upstream_uuid, engine, opts)?;
     }
+    let mut sink = EngineSink::new(engine.clone());
     if engine.is_bootstrapping() || (can_bootstrap && empty) {
-        bootstrap::run(&client, engine, st, addr, opts.chunk_bytes).await?;
+        bootstrap::run(&client, &mut sink, engine, st, addr, opts.chunk_bytes).await?;
     }
     match follow(addr, &client, engine, st, opts.sources).await {
         Err(Purged(e)) if can_bootstrap => {
             tracing::warn!(upstream = %addr, error = %e, "the upstream purged GTIDs this replica needs: bootstrapping");
-            bootstrap::run(&client, engine, st, addr, opts.chunk_bytes).await?;
+            bootstrap::run(&client, &mut sink, engine, st, addr, opts.chunk_bytes).await?;
             follow(addr, &client, engine, st, opts.sources)
                 .await
                 .map_err(|Purged(e)| Stop::Retry(format!("after the bootstrap: {e}")))?
@@ -285,8 +299,14 @@ async fn subscribe_and_apply(
     // Receiving and applying run side by side: while one group is applied, the next batches
     // arrive, and the applier takes everything that arrived as one group. A replica that
     // applied batch by batch, waiting before it read on, would fall behind a busy upstream.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<tideline_wal::Transaction>>(64);
-    let mut applier = tokio::spawn(apply_loop(rx, engine.clone(), st.clone(), addr.to_string()));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<Transaction>>(64);
+    let mut applier = tokio::spawn(apply_loop(
+        rx,
+        EngineSink::new(engine.clone()),
+        st.clone(),
+        addr.to_string(),
+        (upstream_uuid, have),
+    ));
     let mut head = sub.head();
     let mut last_received = 0u64;
     let received = loop {
@@ -371,14 +391,42 @@ pub(crate) fn errant_gtids(
     (errant, held)
 }
 
-/// Applies what the receiver hands over, as few, large groups as the backlog allows.
+/// What the live side of a replica reports of its sink calls: errors in the upstream's status.
+/// The counters (`applied`, lag) are updated by [`apply_loop`], which knows the upstream's
+/// offsets.
+struct LiveReport(SharedStatus);
+
+impl Report for LiveReport {
+    fn sink_failed(&self, e: &SinkError, _first: bool) {
+        update(&self.0, |s| s.error = Some(e.to_string()));
+    }
+
+    fn sink_recovered(&self) {
+        update(&self.0, |s| s.error = None);
+    }
+
+    fn wrote(&self, _txns: u64, _changes: u64, _last_ts_us: Option<i64>) {}
+
+    fn copy_step(&self, _: &tideline_consumers::BootstrapProgress, _: f64) {}
+
+    fn copy_done(&self, _: &Position, _: &tideline_consumers::BootstrapProgress, _: f64) {}
+}
+
+/// The sink side of the replica's pipeline: takes what the receiver hands over as few, large
+/// batches as the backlog allows (no timer: a batch is whatever arrived while the previous one
+/// was stored, so an idle replica applies each transaction at once) and writes them to the
+/// engine sink. `(upstream, gtids)`: the upstream's `server_uuid` and the GTID set the
+/// subscription started from, which the batches' checkpoints extend.
 async fn apply_loop(
-    mut rx: tokio::sync::mpsc::Receiver<Vec<tideline_wal::Transaction>>,
-    engine: Arc<Engine>,
+    mut rx: tokio::sync::mpsc::Receiver<Vec<Transaction>>,
+    mut sink: EngineSink,
     st: SharedStatus,
     addr: String,
+    (upstream, mut gtids): (uuid::Uuid, GtidSet),
 ) -> Result<(), Stop> {
     const GROUP_TXNS_MAX: usize = 16_384;
+    let report = LiveReport(st.clone());
+    let d: Driver<'_> = bootstrap::driver(&addr, &report);
     while let Some(mut txns) = rx.recv().await {
         while txns.len() < GROUP_TXNS_MAX {
             match rx.try_recv() {
@@ -388,28 +436,31 @@ async fn apply_loop(
         }
         let Some(last) = txns.last() else { continue };
         let (last_offset, last_ts) = (last.offset.get(), last.timestamp_us);
-        let gtids: Vec<_> = txns.iter().map(|t| t.gtid).collect();
-        let batch: Vec<NewTransaction> = txns
-            .into_iter()
-            .map(|t| NewTransaction {
-                gtid: t.gtid,
-                timestamp_us: t.timestamp_us,
-                ops: t.ops,
+        for t in &txns {
+            gtids.insert(t.gtid);
+        }
+        let batch = Batch {
+            source: upstream,
+            checkpoint: PipelineCheckpoint::Tail(Position {
+                server_uuid: upstream,
+                offset: last_offset,
+                gtids: gtids.clone(),
+                epoch: None,
             })
-            .collect();
-        let eng = engine.clone();
-        let applied = tokio::task::spawn_blocking(move || eng.apply_upstream_batch(batch))
-            .await
-            .map_err(|e| Stop::Fatal(format!("apply task failed: {e}")))?
-            .map_err(|e| Stop::Fatal(format!("applying from {addr} failed: {e}")))?;
-        let n = applied
-            .iter()
-            .filter(|a| matches!(a, tideline_engine::Applied::Committed(_)))
-            .count() as u64;
+            .encode(),
+            items: txns.into_iter().map(Item::Txn).collect(),
+        };
+        d.write(&mut sink, &batch).await.map_err(|e| match e {
+            crate::PipelineError::Sink { message, .. } => {
+                Stop::Fatal(format!("applying from {addr} failed: {message}"))
+            }
+            other => Stop::Fatal(format!("applying from {addr} failed: {other}")),
+        })?;
+        let n = sink.last_committed();
         let now_us = crate::now_us();
         update(&st, |s| {
-            for g in gtids {
-                s.received.insert(g);
+            for t in batch.txns() {
+                s.received.insert(t.gtid);
             }
             s.applied += n;
             s.applied_offset = last_offset;

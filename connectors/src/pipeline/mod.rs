@@ -22,6 +22,8 @@
 //! or skip a position (a lost source position ends the pipeline with an error).
 
 mod checkpoint;
+pub(crate) mod copy;
+pub(crate) mod drive;
 mod status;
 
 use std::collections::BTreeMap;
@@ -29,14 +31,16 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tideline_consumers::{
-    Bootstrap, BootstrapError, BootstrapProgress, BootstrapStep, Checkpoint, CheckpointError,
-    Position, Tail, TailConfig, TailStart,
+    Bootstrap, BootstrapError, BootstrapProgress, Checkpoint, CheckpointError, Position, Tail,
+    TailConfig, TailStart,
 };
 use tideline_stream::{Client, ClientConfig};
 use tideline_wal::{Op, Transaction};
 
-use crate::sink::{Batch, Item, Sink, SinkError};
+use crate::sink::{Batch, Item, Sink};
 pub use checkpoint::PipelineCheckpoint;
+use copy::{CopyStop, SourceEnd};
+use drive::Driver;
 pub use status::{PipelineState, PipelineStatus, SharedPipelineStatus};
 
 /// Where a pipeline whose sink holds no checkpoint starts.
@@ -61,11 +65,11 @@ pub struct Filter {
 }
 
 impl Filter {
-    fn tree_passes(&self, tree: &str) -> bool {
+    pub(crate) fn tree_passes(&self, tree: &str) -> bool {
         self.trees.is_empty() || self.trees.iter().any(|t| t == tree)
     }
 
-    fn key_passes(&self, key: &[u8]) -> bool {
+    pub(crate) fn key_passes(&self, key: &[u8]) -> bool {
         self.prefix.as_deref().is_none_or(|p| key.starts_with(p))
     }
 
@@ -193,7 +197,8 @@ pub async fn run(
     mut sink: Box<dyn Sink>,
     st: &SharedPipelineStatus,
 ) -> Result<(), PipelineError> {
-    let stored = open(&cfg, st, &mut *sink).await?;
+    let d = Driver::of(&cfg, st);
+    let stored = d.open(&mut *sink).await?;
     let stored = match stored {
         Some(bytes) => Some(PipelineCheckpoint::decode(&bytes).map_err(|reason| {
             PipelineError::Checkpoint {
@@ -203,73 +208,19 @@ pub async fn run(
         })?),
         None => None,
     };
-    let operators = merge_operators(&cfg, st).await?;
+    let operators = merge_operators(&cfg, &d, st).await?;
     sink.set_merge_operators(&operators);
     let position = match stored {
         Some(PipelineCheckpoint::Tail(p)) => Some(p),
         Some(PipelineCheckpoint::Bootstrap(p)) => {
-            Some(bootstrap(&cfg, st, &mut *sink, Some(p)).await?)
+            Some(bootstrap(&cfg, &d, st, &mut *sink, Some(p)).await?)
         }
         None if cfg.from == StartFrom::Bootstrap => {
-            Some(bootstrap(&cfg, st, &mut *sink, None).await?)
+            Some(bootstrap(&cfg, &d, st, &mut *sink, None).await?)
         }
         None => None,
     };
-    follow(&cfg, st, &mut *sink, position).await
-}
-
-/// What to do after a failed sink call: the pause before trying again, or the error that
-/// stops the pipeline. Every failure is in the status (state, errors, last error, outages):
-/// `Retry` waits with jittered backoff, `Hold` waits `hold_pause`, `Fatal` stops.
-fn after_failure(
-    cfg: &PipelineConfig,
-    st: &SharedPipelineStatus,
-    sink: &dyn Sink,
-    e: SinkError,
-    failures: &mut u32,
-) -> Result<Duration, PipelineError> {
-    if let SinkError::Fatal(message) = e {
-        return Err(PipelineError::Sink {
-            sink: sink.describe(),
-            message,
-        });
-    }
-    tracing::warn!(pipeline = %cfg.name, sink = %sink.describe(), error = %e, "sink failed");
-    st.update(|s| s.failed(&e, *failures == 0));
-    let delay = match e {
-        SinkError::Hold(_) => cfg.hold_pause,
-        _ => backoff(cfg, *failures),
-    };
-    *failures += 1;
-    Ok(delay)
-}
-
-fn after_success(cfg: &PipelineConfig, st: &SharedPipelineStatus, sink: &dyn Sink, failures: u32) {
-    if failures > 0 {
-        tracing::info!(pipeline = %cfg.name, sink = %sink.describe(), "sink reachable again");
-        st.update(|s| s.recovered());
-    }
-}
-
-/// Opens the sink, retrying as its errors say; returns the checkpoint it holds.
-async fn open(
-    cfg: &PipelineConfig,
-    st: &SharedPipelineStatus,
-    sink: &mut dyn Sink,
-) -> Result<Option<Vec<u8>>, PipelineError> {
-    let mut failures = 0;
-    loop {
-        match sink.open().await {
-            Ok(v) => {
-                after_success(cfg, st, sink, failures);
-                return Ok(v);
-            }
-            Err(e) => {
-                let delay = after_failure(cfg, st, sink, e, &mut failures)?;
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
+    follow(&cfg, &d, st, &mut *sink, position).await
 }
 
 /// The source's merge operators, from its `status` (`merge_operators`: tree -> name), so that
@@ -277,6 +228,7 @@ async fn open(
 /// Retries a passing fault like the tail does; a node that does not report them gives none.
 async fn merge_operators(
     cfg: &PipelineConfig,
+    d: &Driver<'_>,
     st: &SharedPipelineStatus,
 ) -> Result<BTreeMap<String, String>, PipelineError> {
     let mut failures = 0u32;
@@ -304,7 +256,7 @@ async fn merge_operators(
             Err(e) if e.is_retryable() => {
                 tracing::warn!(pipeline = %cfg.name, error = %e, "source unreachable; retrying");
                 st.update(|s| s.last_error = Some(format!("source {}: {e}", cfg.addr)));
-                tokio::time::sleep(backoff(cfg, failures)).await;
+                tokio::time::sleep(d.backoff(failures)).await;
                 failures += 1;
             }
             Err(e) => {
@@ -315,39 +267,6 @@ async fn merge_operators(
             }
         }
     }
-}
-
-fn backoff(cfg: &PipelineConfig, failures: u32) -> Duration {
-    let base = cfg
-        .retry_min
-        .saturating_mul(1u32 << failures.min(16))
-        .min(cfg.retry_max);
-    // ±25% so that the pipelines of one restarted server do not retry in lockstep.
-    base.mul_f64(rand::random_range(0.75..1.25))
-}
-
-/// Writes `batch`, retrying as the error says; counts it.
-async fn write(
-    cfg: &PipelineConfig,
-    st: &SharedPipelineStatus,
-    sink: &mut dyn Sink,
-    batch: Batch,
-) -> Result<(), PipelineError> {
-    let changes = batch.changes() as u64;
-    let txns = batch.txns().count() as u64;
-    let last_ts = batch.txns().last().map(|t| t.timestamp_us);
-    let mut failures = 0;
-    loop {
-        match sink.write(&batch).await {
-            Ok(()) => break after_success(cfg, st, sink, failures),
-            Err(e) => {
-                let delay = after_failure(cfg, st, sink, e, &mut failures)?;
-                tokio::time::sleep(delay).await;
-            }
-        }
-    }
-    st.update(|s| s.wrote(txns, changes, last_ts));
-    Ok(())
 }
 
 /// A checkpoint for the tail that only hands it the sink's stored position: the sink stores
@@ -366,6 +285,7 @@ impl Checkpoint for FromSink {
 /// Follows the source's log from `position` (or `cfg.from` without one) for ever.
 async fn follow(
     cfg: &PipelineConfig,
+    d: &Driver<'_>,
     st: &SharedPipelineStatus,
     sink: &mut dyn Sink,
     position: Option<Position>,
@@ -414,7 +334,7 @@ async fn follow(
             items,
             checkpoint: PipelineCheckpoint::Tail(pos.clone()).encode(),
         };
-        write(cfg, st, sink, batch).await?;
+        d.write(sink, &batch).await?;
         last_write = Instant::now();
         st.update(|s| s.caught_up_to(&pos, head));
         written = Some(pos);
@@ -471,6 +391,7 @@ fn filtered(filter: &Filter, mut txn: Transaction) -> Option<Transaction> {
 /// with every batch; returns the position the live tail takes over at.
 async fn bootstrap(
     cfg: &PipelineConfig,
+    d: &Driver<'_>,
     st: &SharedPipelineStatus,
     sink: &mut dyn Sink,
     mut stored: Option<BootstrapProgress>,
@@ -482,7 +403,7 @@ async fn bootstrap(
     let mut failures = 0u32;
     loop {
         if failures > 0 {
-            tokio::time::sleep(backoff(cfg, failures - 1)).await;
+            tokio::time::sleep(d.backoff(failures - 1)).await;
         }
         st.update(|s| s.state = PipelineState::Bootstrapping);
         let client = match Client::connect(&cfg.addr, cfg.client.clone()).await {
@@ -511,118 +432,25 @@ async fn bootstrap(
             }
             Err(e) => return Err(source_err(e.to_string())),
         };
-        match copy(cfg, st, sink, b).await? {
-            Ok(pos) => return Ok(pos),
-            Err(CopyInterrupted(why, progress)) => {
-                tracing::warn!(pipeline = %cfg.name, error = %why, "bootstrap interrupted; resuming");
-                st.update(|s| s.last_error = Some(why));
-                stored = progress.or(stored);
-                failures += 1;
+        let (why, progress) = match copy::copy(d, &cfg.filter, sink, b).await {
+            Ok(pos) => {
+                tracing::info!(pipeline = %cfg.name, "bootstrap complete; following the log");
+                return Ok(pos);
             }
-        }
-    }
-}
-
-/// A retryable end of one bootstrap connection, with the last progress stored.
-struct CopyInterrupted(String, Option<BootstrapProgress>);
-
-async fn copy(
-    cfg: &PipelineConfig,
-    st: &SharedPipelineStatus,
-    sink: &mut dyn Sink,
-    mut b: Bootstrap,
-) -> Result<Result<Position, CopyInterrupted>, PipelineError> {
-    let server_uuid = b.progress().server_uuid;
-    let mut acker = b.take_acker();
-    let mut chunks_stored = 0u64;
-    let mut saved: Option<BootstrapProgress> = None;
-    loop {
-        let step = match b.next().await {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                return Ok(Err(CopyInterrupted(
-                    "the bootstrap stream ended early".into(),
-                    saved,
-                )));
-            }
-            Err(BootstrapError::Client(e)) if e.is_retryable() => {
-                return Ok(Err(CopyInterrupted(e.to_string(), saved)));
-            }
-            Err(BootstrapError::Restart(why)) => {
-                return Ok(Err(CopyInterrupted(why, None)));
-            }
-            Err(e) => {
-                return Err(PipelineError::Source {
-                    addr: cfg.addr.clone(),
-                    message: e.to_string(),
-                });
-            }
+            Err(CopyStop::Sink(e)) => return Err(e),
+            Err(CopyStop::Source(end, saved)) => match end {
+                SourceEnd::Ended => ("the bootstrap stream ended early".to_string(), saved),
+                SourceEnd::Ack(e) => (e.to_string(), saved),
+                SourceEnd::Failed(BootstrapError::Client(e)) if e.is_retryable() => {
+                    (e.to_string(), saved)
+                }
+                SourceEnd::Failed(BootstrapError::Restart(why)) => (why, None),
+                SourceEnd::Failed(e) => return Err(source_err(e.to_string())),
+            },
         };
-        let progress = b.progress().clone();
-        let (item, completes_chunk) = match step {
-            BootstrapStep::Ops(mut ops) => {
-                ops.retain(|op| cfg.filter.passes(op));
-                ((!ops.is_empty()).then_some(Item::Ops(ops)), false)
-            }
-            BootstrapStep::Chunk {
-                tree,
-                merge_operator,
-                from,
-                to,
-                mut entries,
-                completes_chunk,
-            } => {
-                let item = cfg.filter.tree_passes(&tree).then(|| {
-                    if cfg.filter.prefix.is_some() {
-                        entries.retain(|(k, _)| cfg.filter.key_passes(k));
-                    }
-                    Item::Chunk {
-                        tree,
-                        merge_operator,
-                        from,
-                        to,
-                        entries,
-                    }
-                });
-                (item, completes_chunk)
-            }
-            BootstrapStep::Done {
-                offset,
-                gtid_executed,
-            } => {
-                let pos = Position {
-                    server_uuid,
-                    offset,
-                    gtids: gtid_executed,
-                    epoch: progress.epoch.map(tideline_wal::Epoch::new),
-                };
-                let batch = Batch {
-                    source: server_uuid,
-                    items: vec![],
-                    checkpoint: PipelineCheckpoint::Tail(pos.clone()).encode(),
-                };
-                write(cfg, st, sink, batch).await?;
-                st.update(|s| {
-                    s.bootstrap = Some(crate::bootstrap::progress_json(&progress, b.rate()));
-                    s.position = Some(pos.clone());
-                });
-                tracing::info!(pipeline = %cfg.name, keys = progress.keys, "bootstrap complete; following the log");
-                return Ok(Ok(pos));
-            }
-        };
-        let batch = Batch {
-            source: server_uuid,
-            items: item.into_iter().collect(),
-            checkpoint: PipelineCheckpoint::Bootstrap(progress.clone()).encode(),
-        };
-        write(cfg, st, sink, batch).await?;
-        saved = Some(progress.clone());
-        st.update(|s| s.bootstrap = Some(crate::bootstrap::progress_json(&progress, b.rate())));
-        if completes_chunk && let Some(a) = acker.as_mut() {
-            chunks_stored += 1;
-            if let Err(e) = a.stored(chunks_stored).await {
-                return Ok(Err(CopyInterrupted(e.to_string(), saved)));
-            }
-        }
+        tracing::warn!(pipeline = %cfg.name, error = %why, "bootstrap interrupted; resuming");
+        st.update(|s| s.last_error = Some(why));
+        stored = progress.or(stored);
+        failures += 1;
     }
 }

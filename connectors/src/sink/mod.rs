@@ -31,6 +31,7 @@
 //!
 //! Each sink lives in a module of its own below this one.
 
+pub mod engine;
 pub mod file;
 pub(crate) mod fold;
 pub mod nats;
@@ -167,6 +168,16 @@ pub trait Sink: Send {
     /// Stores `batch` and its checkpoint, exactly once in effect (contract item 2). Returns
     /// when both are stored.
     fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>>;
+
+    /// A copy of the source starts from scratch (a fresh bootstrap, or one that cannot resume),
+    /// before its first [`Sink::write`]; `checkpoint` is the copy's starting point. A sink
+    /// that can, clears what it holds and stores `checkpoint` with that (the engine sink wipes
+    /// the engine); the others keep the default, which does nothing: the pipeline bootstraps
+    /// only a sink that holds no checkpoint, and each chunk replaces its range.
+    fn begin_copy<'a>(&'a mut self, checkpoint: &'a [u8]) -> SinkFuture<'a, Result<(), SinkError>> {
+        let _ = checkpoint;
+        Box::pin(async { Ok(()) })
+    }
 
     /// The source's merge operators (tree → operator name) as its `status` names them when the
     /// pipeline starts, before the first [`Sink::write`]. A sink that stores values rather

@@ -1,0 +1,152 @@
+//! One connection's worth of a bootstrap copy: the source's ordered stream of chunks and live
+//! ops turned into batches, each stored by the sink with the copy's progress as checkpoint.
+//! Shared by every pipeline that bootstraps and by the replica (whose sink is the engine).
+//!
+//! Receiving and storing overlap: a task reads steps off the stream (up to
+//! [`STEPS_AHEAD`] ahead) while the sink stores the previous one, so the copy runs at the
+//! slower of the two, not at their sum. A process killed at any point resumes from the last
+//! step the sink stored, so at most the steps in flight are sent again.
+//!
+//! Owns: the order of copy steps, when a copy begins from scratch ([`Sink::begin_copy`]), the
+//! chunk acknowledgements to the source. Must never: acknowledge a chunk before the sink stored
+//! it, or move the checkpoint past a step not stored.
+
+use tideline_consumers::{Bootstrap, BootstrapError, BootstrapProgress, BootstrapStep, Position};
+use tideline_stream::ClientError;
+
+use super::drive::Driver;
+use super::{Filter, PipelineCheckpoint, PipelineError};
+use crate::sink::{Batch, Item, Sink};
+
+/// Steps received ahead of the sink.
+const STEPS_AHEAD: usize = 4;
+
+/// Why a copy stopped before its end.
+pub(crate) enum CopyStop {
+    /// The source's stream ended, failed, or refused an acknowledgement; `saved` is the last
+    /// progress the sink stored on this connection (`None`: none yet).
+    Source(SourceEnd, Option<BootstrapProgress>),
+    /// The sink refused for good.
+    Sink(PipelineError),
+}
+
+/// How the source's side of a copy ended.
+pub(crate) enum SourceEnd {
+    /// The stream ended before the copy was complete.
+    Ended,
+    /// The stream failed.
+    Failed(BootstrapError),
+    /// A chunk acknowledgement could not be sent.
+    Ack(ClientError),
+}
+
+/// Aborts the receiving task when the copy ends, however it ends (a dropped future included).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type Received = Result<Option<(BootstrapStep, BootstrapProgress, f64)>, BootstrapError>;
+
+/// Copies from `b` into `sink` until the copy is complete; returns the position the live tail
+/// takes over at. A copy that starts from scratch (`resumes == 0`) first calls
+/// [`Sink::begin_copy`]. `filter` keeps only the changes that pass.
+pub(crate) async fn copy(
+    d: &Driver<'_>,
+    filter: &Filter,
+    sink: &mut dyn Sink,
+    mut b: Bootstrap,
+) -> Result<Position, CopyStop> {
+    let server_uuid = b.progress().server_uuid;
+    if b.progress().resumes == 0 {
+        let start = PipelineCheckpoint::Bootstrap(b.progress().clone()).encode();
+        d.begin_copy(sink, &start).await.map_err(CopyStop::Sink)?;
+    }
+    let mut acker = b.take_acker();
+    let mut chunks_stored = 0u64;
+    let mut saved: Option<BootstrapProgress> = None;
+
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Received>(STEPS_AHEAD);
+    let receiver = tokio::spawn(async move {
+        loop {
+            let step = b.next().await;
+            let done = matches!(step, Ok(None) | Err(_));
+            let item = step.map(|s| s.map(|s| (s, b.progress().clone(), b.rate())));
+            if tx.send(item).await.is_err() || done {
+                return;
+            }
+        }
+    });
+    let _receiver = AbortOnDrop(receiver.abort_handle());
+    loop {
+        let (step, progress, rate) = match rx.recv().await {
+            Some(Ok(Some(x))) => x,
+            None | Some(Ok(None)) => return Err(CopyStop::Source(SourceEnd::Ended, saved)),
+            Some(Err(e)) => return Err(CopyStop::Source(SourceEnd::Failed(e), saved)),
+        };
+        let (item, completes_chunk) = match step {
+            BootstrapStep::Ops(mut ops) => {
+                ops.retain(|op| filter.passes(op));
+                ((!ops.is_empty()).then_some(Item::Ops(ops)), false)
+            }
+            BootstrapStep::Chunk {
+                tree,
+                merge_operator,
+                from,
+                to,
+                mut entries,
+                completes_chunk,
+            } => {
+                let item = filter.tree_passes(&tree).then(|| {
+                    if filter.prefix.is_some() {
+                        entries.retain(|(k, _)| filter.key_passes(k));
+                    }
+                    Item::Chunk {
+                        tree,
+                        merge_operator,
+                        from,
+                        to,
+                        entries,
+                    }
+                });
+                (item, completes_chunk)
+            }
+            BootstrapStep::Done {
+                offset,
+                gtid_executed,
+            } => {
+                let pos = Position {
+                    server_uuid,
+                    offset,
+                    gtids: gtid_executed,
+                    epoch: progress.epoch.map(tideline_wal::Epoch::new),
+                };
+                let batch = Batch {
+                    source: server_uuid,
+                    items: vec![],
+                    checkpoint: PipelineCheckpoint::Tail(pos.clone()).encode(),
+                };
+                d.write(sink, &batch).await.map_err(CopyStop::Sink)?;
+                d.report.copy_done(&pos, &progress, rate);
+                return Ok(pos);
+            }
+        };
+        let batch = Batch {
+            source: server_uuid,
+            items: item.into_iter().collect(),
+            checkpoint: PipelineCheckpoint::Bootstrap(progress.clone()).encode(),
+        };
+        d.write(sink, &batch).await.map_err(CopyStop::Sink)?;
+        d.report.copy_step(&progress, rate);
+        saved = Some(progress);
+        if completes_chunk && let Some(a) = acker.as_mut() {
+            chunks_stored += 1;
+            if let Err(e) = a.stored(chunks_stored).await {
+                return Err(CopyStop::Source(SourceEnd::Ack(e), saved));
+            }
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! Calling a sink: opening it, beginning a copy and writing batches, each retried as the
+//! sink's error says, with the outcome reported. Shared by every pipeline and by the replica
+//! (whose sink is the engine), so that there is one retry policy for all of them.
+//!
+//! Owns: [`Driver`] (retry settings and whom to report to), [`Report`], the jittered backoff.
+//! Must never: change a batch between retries, or report a batch written before the sink
+//! returned.
+
+use std::time::Duration;
+
+use tideline_consumers::{BootstrapProgress, Position};
+
+use super::{PipelineConfig, PipelineError, SharedPipelineStatus};
+use crate::sink::{Batch, Sink, SinkError};
+
+/// Where the shared steps report what happened: a pipeline's status, or a replica's upstream
+/// status. Called without any lock held; implementations must not block.
+pub(crate) trait Report: Sync {
+    /// A sink call failed and will be tried again (`first`: the first failure of an outage).
+    fn sink_failed(&self, e: &SinkError, first: bool);
+    /// A sink call succeeded after failures.
+    fn sink_recovered(&self);
+    /// A batch was stored.
+    fn wrote(&self, txns: u64, changes: u64, last_ts_us: Option<i64>);
+    /// A copy step was stored; `rate` in bytes per second.
+    fn copy_step(&self, progress: &BootstrapProgress, rate: f64);
+    /// The copy is complete and stored; the live tail takes over at `pos`.
+    fn copy_done(&self, pos: &Position, progress: &BootstrapProgress, rate: f64);
+}
+
+/// How the shared steps retry, and whom they report to.
+pub(crate) struct Driver<'a> {
+    /// Name for logs (a pipeline's name, a replica's upstream address).
+    pub name: &'a str,
+    /// First retry delay after a `Retry` error (doubles, with jitter, up to `retry_max`).
+    pub retry_min: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Pause before a held sink is tried again.
+    pub hold_pause: Duration,
+    /// Where outcomes go.
+    pub report: &'a dyn Report,
+}
+
+impl<'a> Driver<'a> {
+    /// The driver of pipeline `cfg`, reporting to `st`.
+    pub(crate) fn of(cfg: &'a PipelineConfig, st: &'a SharedPipelineStatus) -> Self {
+        Driver {
+            name: &cfg.name,
+            retry_min: cfg.retry_min,
+            retry_max: cfg.retry_max,
+            hold_pause: cfg.hold_pause,
+            report: st,
+        }
+    }
+
+    /// The pause before retry number `failures + 1`.
+    pub(crate) fn backoff(&self, failures: u32) -> Duration {
+        let base = self
+            .retry_min
+            .saturating_mul(1u32 << failures.min(16))
+            .min(self.retry_max);
+        // ±25% so that the pipelines of one restarted server do not retry in lockstep.
+        base.mul_f64(rand::random_range(0.75..1.25))
+    }
+
+    /// What to do after a failed sink call: the pause before trying again, or the error that
+    /// stops the caller. `Retry` waits with jittered backoff, `Hold` waits `hold_pause`,
+    /// `Fatal` stops.
+    fn after_failure(
+        &self,
+        sink: &dyn Sink,
+        e: SinkError,
+        failures: &mut u32,
+    ) -> Result<Duration, PipelineError> {
+        if let SinkError::Fatal(message) = e {
+            return Err(PipelineError::Sink {
+                sink: sink.describe(),
+                message,
+            });
+        }
+        tracing::warn!(pipeline = %self.name, sink = %sink.describe(), error = %e, "sink failed");
+        self.report.sink_failed(&e, *failures == 0);
+        let delay = match e {
+            SinkError::Hold(_) => self.hold_pause,
+            _ => self.backoff(*failures),
+        };
+        *failures += 1;
+        Ok(delay)
+    }
+
+    fn after_success(&self, sink: &dyn Sink, failures: u32) {
+        if failures > 0 {
+            tracing::info!(pipeline = %self.name, sink = %sink.describe(), "sink reachable again");
+            self.report.sink_recovered();
+        }
+    }
+
+    /// Opens the sink, retrying as its errors say; returns the checkpoint it holds.
+    pub(crate) async fn open(&self, sink: &mut dyn Sink) -> Result<Option<Vec<u8>>, PipelineError> {
+        let mut failures = 0;
+        loop {
+            match sink.open().await {
+                Ok(v) => {
+                    self.after_success(sink, failures);
+                    return Ok(v);
+                }
+                Err(e) => {
+                    let delay = self.after_failure(sink, e, &mut failures)?;
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Tells the sink a copy starts from scratch at `checkpoint`, retrying as it says.
+    pub(crate) async fn begin_copy(
+        &self,
+        sink: &mut dyn Sink,
+        checkpoint: &[u8],
+    ) -> Result<(), PipelineError> {
+        let mut failures = 0;
+        loop {
+            match sink.begin_copy(checkpoint).await {
+                Ok(()) => {
+                    self.after_success(sink, failures);
+                    return Ok(());
+                }
+                Err(e) => {
+                    let delay = self.after_failure(sink, e, &mut failures)?;
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+    }
+
+    /// Writes `batch`, retrying as the error says; reports it once stored.
+    pub(crate) async fn write(
+        &self,
+        sink: &mut dyn Sink,
+        batch: &Batch,
+    ) -> Result<(), PipelineError> {
+        let mut failures = 0;
+        loop {
+            match sink.write(batch).await {
+                Ok(()) => break self.after_success(sink, failures),
+                Err(e) => {
+                    let delay = self.after_failure(sink, e, &mut failures)?;
+                    tokio::time::sleep(delay).await;
+                }
+            }
+        }
+        let last_ts = batch.txns().last().map(|t| t.timestamp_us);
+        self.report
+            .wrote(batch.txns().count() as u64, batch.changes() as u64, last_ts);
+        Ok(())
+    }
+}
+
+impl Report for SharedPipelineStatus {
+    fn sink_failed(&self, e: &SinkError, first: bool) {
+        self.update(|s| s.failed(e, first));
+    }
+
+    fn sink_recovered(&self) {
+        self.update(|s| s.recovered());
+    }
+
+    fn wrote(&self, txns: u64, changes: u64, last_ts_us: Option<i64>) {
+        self.update(|s| s.wrote(txns, changes, last_ts_us));
+    }
+
+    fn copy_step(&self, progress: &BootstrapProgress, rate: f64) {
+        self.update(|s| s.bootstrap = Some(crate::bootstrap::progress_json(progress, rate)));
+    }
+
+    fn copy_done(&self, pos: &Position, progress: &BootstrapProgress, rate: f64) {
+        self.update(|s| {
+            s.bootstrap = Some(crate::bootstrap::progress_json(progress, rate));
+            s.position = Some(pos.clone());
+        });
+    }
+}

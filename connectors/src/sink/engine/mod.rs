@@ -1,0 +1,243 @@
+//! The engine sink: a node's own engine as the destination of a pipeline. A replica is the
+//! pipeline whose sink this is (see `replica`); nothing else writes replicated transactions or
+//! bootstrap steps into the engine.
+//!
+//! # How it keeps the contract
+//!
+//! - **Idempotent by GTID.** A live [`Item::Txn`] is handed to
+//!   [`Engine::apply_upstream_batch`]: it keeps its origin GTID and gets the next local offset,
+//!   or is a no-op when its GTID is already in `gtid_executed` (re-delivery, multi-source and
+//!   circular paths are safe).
+//! - **Position with the data.** While following a log the sink's position *is* the engine's
+//!   `gtid_executed`, which the engine's applier writes in the same store batch as the
+//!   transactions' effects; the [`PipelineCheckpoint::Tail`] of a batch is therefore not stored
+//!   separately (a resume goes by GTID set: auto-positioning). While copying, the bootstrap
+//!   progress ([`PipelineCheckpoint::Bootstrap`]) is stored by [`Engine::bootstrap_apply`] in
+//!   the same atomic store batch as the chunk or ops it follows.
+//! - **Bootstrap.** [`Sink::begin_copy`] wipes the engine and records the starting progress
+//!   ([`Engine::bootstrap_begin`]); every copy batch becomes one [`Engine::bootstrap_apply`]
+//!   call ([`Item::Chunk`] → [`RestoreOp::Chunk`], [`Item::Ops`] → [`RestoreOp::Op`]); the
+//!   first empty batch with a tail checkpoint of the copy's source ends the copy at that
+//!   checkpoint's GTID set ([`Engine::bootstrap_finish`]). Live transactions that meet a copy
+//!   they are not part of (another upstream of a multi-source replica) wait ([`SinkError::Retry`]).
+//!
+//! The progress record is stored in the engine as [`BootstrapProgress::to_json`] (not wrapped
+//! in the pipeline's checkpoint JSON), so that a bootstrap interrupted by an older version of
+//! the node resumes here, and [`Engine::bootstrap_progress`] stays readable as it was.
+//!
+//! Errors: a store failure is fail-stop in the engine and [`SinkError::Fatal`] here; a write
+//! refused because another copy into this engine is running is [`SinkError::Retry`]; input the
+//! engine refuses (an unknown tree, a key over the limit) is [`SinkError::Fatal`]: replaying it
+//! would be refused again, and skipping it would diverge from the source.
+//!
+//! Owns: the mapping of batches onto the engine's upstream-apply and bootstrap calls. Must
+//! never: assign GTIDs or offsets, apply a GTID already executed, or record bootstrap progress
+//! or a GTID set over state it has not stored.
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+use tideline_consumers::{BootstrapProgress, Position};
+use tideline_engine::{Applied, Engine, RestoreOp, WriteError};
+use tideline_wal::{NewTransaction, Transaction};
+
+use crate::pipeline::PipelineCheckpoint;
+use crate::sink::{Batch, Item, Sink, SinkError, SinkFuture};
+
+/// A pipeline's destination that is this node's engine.
+pub struct EngineSink {
+    engine: Arc<Engine>,
+    /// Transactions the last [`Sink::write`] committed (not counting GTIDs already executed).
+    last_committed: u64,
+    /// The source of the copy this sink began or continued, if any: only a tail checkpoint of
+    /// that source ends it (a live batch of another upstream of a multi-source replica meets a
+    /// running copy and waits; it never finishes a copy it did not make).
+    copying: Option<uuid::Uuid>,
+}
+
+impl EngineSink {
+    /// A sink into `engine`.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        EngineSink {
+            engine,
+            last_committed: 0,
+            copying: None,
+        }
+    }
+
+    /// How many transactions the last successful write committed; the rest of its
+    /// transactions were already executed here.
+    pub fn last_committed(&self) -> u64 {
+        self.last_committed
+    }
+
+    /// The checkpoint the engine holds: the stored bootstrap progress while copying, its
+    /// `gtid_executed` otherwise, `None` when it holds nothing at all.
+    fn stored(&self) -> Result<Option<PipelineCheckpoint>, SinkError> {
+        let engine = &self.engine;
+        if engine.is_bootstrapping() {
+            let stored = engine.bootstrap_progress().unwrap_or_default();
+            let progress = BootstrapProgress::from_json(&stored).ok_or_else(|| {
+                SinkError::Fatal(
+                    "the engine is in the middle of a bootstrap whose stored progress does not \
+                     decode: restart the node with one --upstream to copy that one from scratch"
+                        .into(),
+                )
+            })?;
+            return Ok(Some(PipelineCheckpoint::Bootstrap(progress)));
+        }
+        let gtids = engine.gtid_executed();
+        if gtids.is_empty() && engine.trees().is_empty() {
+            return Ok(None);
+        }
+        // No epoch: the resume goes by GTID set, whatever node it meets.
+        Ok(Some(PipelineCheckpoint::Tail(Position {
+            server_uuid: engine.server_uuid(),
+            offset: 0,
+            gtids,
+            epoch: None,
+        })))
+    }
+}
+
+/// Runs a blocking engine call off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, WriteError> + Send + 'static,
+) -> Result<T, SinkError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SinkError::Fatal(format!("engine task failed: {e}")))?
+        .map_err(write_error)
+}
+
+fn write_error(e: WriteError) -> SinkError {
+    match e {
+        WriteError::Bootstrapping => SinkError::Retry(format!(
+            "{e}: another copy into this node is running; waiting until it has finished"
+        )),
+        e => SinkError::Fatal(e.to_string()),
+    }
+}
+
+fn new_transaction(t: &Transaction) -> NewTransaction {
+    NewTransaction {
+        gtid: t.gtid,
+        timestamp_us: t.timestamp_us,
+        ops: t.ops.clone(),
+    }
+}
+
+impl Sink for EngineSink {
+    fn describe(&self) -> String {
+        format!("engine {}", self.engine.server_uuid())
+    }
+
+    fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
+        Box::pin(async move { Ok(self.stored()?.map(|c| c.encode())) })
+    }
+
+    fn begin_copy<'a>(&'a mut self, checkpoint: &'a [u8]) -> SinkFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            let progress = match PipelineCheckpoint::decode(checkpoint) {
+                Ok(PipelineCheckpoint::Bootstrap(p)) => p,
+                Ok(PipelineCheckpoint::Tail(_)) => {
+                    return Err(SinkError::Fatal(
+                        "internal: a copy begun with a tail position".into(),
+                    ));
+                }
+                Err(e) => return Err(SinkError::Fatal(format!("internal: {e}"))),
+            };
+            let engine = self.engine.clone();
+            let source = progress.server_uuid;
+            blocking(move || engine.bootstrap_begin(&progress.to_json())).await?;
+            self.copying = Some(source);
+            Ok(())
+        })
+    }
+
+    fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            self.last_committed = 0;
+            let checkpoint = PipelineCheckpoint::decode(&batch.checkpoint)
+                .map_err(|e| SinkError::Fatal(format!("internal: {e}")))?;
+            match checkpoint {
+                PipelineCheckpoint::Bootstrap(progress) => {
+                    if !self.engine.is_bootstrapping() {
+                        return Err(SinkError::Fatal(
+                            "internal: a copy step for an engine that is not bootstrapping \
+                             (the copy was not begun)"
+                                .into(),
+                        ));
+                    }
+                    let mut ops = Vec::with_capacity(batch.items.len());
+                    for item in &batch.items {
+                        match item {
+                            Item::Ops(o) => ops.extend(o.iter().cloned().map(RestoreOp::Op)),
+                            Item::Chunk {
+                                tree,
+                                merge_operator,
+                                from,
+                                to,
+                                entries,
+                            } => ops.push(RestoreOp::Chunk {
+                                tree: tree.clone(),
+                                merge_operator: merge_operator.clone(),
+                                from: from.clone(),
+                                to: to.clone(),
+                                entries: entries.clone(),
+                            }),
+                            Item::Txn(t) => {
+                                return Err(SinkError::Fatal(format!(
+                                    "internal: live transaction {} inside a copy step",
+                                    t.gtid
+                                )));
+                            }
+                        }
+                    }
+                    let engine = self.engine.clone();
+                    let source = progress.server_uuid;
+                    let progress = progress.to_json();
+                    blocking(move || engine.bootstrap_apply(ops, &progress)).await?;
+                    self.copying = Some(source);
+                    Ok(())
+                }
+                PipelineCheckpoint::Tail(pos) => {
+                    if self.engine.is_bootstrapping()
+                        && batch.items.is_empty()
+                        && self.copying == Some(pos.server_uuid)
+                    {
+                        // The copy this sink made is complete: it holds exactly `pos.gtids`.
+                        let (engine, set) = (self.engine.clone(), pos.gtids.clone());
+                        blocking(move || engine.bootstrap_finish(&set)).await?;
+                        self.copying = None;
+                        return Ok(());
+                    }
+                    let mut txns = Vec::with_capacity(batch.items.len());
+                    for item in &batch.items {
+                        match item {
+                            Item::Txn(t) => txns.push(new_transaction(t)),
+                            _ => {
+                                return Err(SinkError::Fatal(
+                                    "internal: a copy step with a tail position".into(),
+                                ));
+                            }
+                        }
+                    }
+                    if txns.is_empty() {
+                        // Nothing to apply; the position is `gtid_executed`, already stored.
+                        return Ok(());
+                    }
+                    let engine = self.engine.clone();
+                    let applied = blocking(move || engine.apply_upstream_batch(txns)).await?;
+                    self.last_committed = applied
+                        .iter()
+                        .filter(|a| matches!(a, Applied::Committed(_)))
+                        .count() as u64;
+                    Ok(())
+                }
+            }
+        })
+    }
+}
