@@ -340,6 +340,60 @@ pub fn write_op(op: &Op, source: &SourceText, out: &mut Vec<u8>) {
     out.extend_from_slice(&source.0);
 }
 
+/// One op of every kind, with keys, values and tree names that need escaping or base64: the
+/// fixture of the tests that compare the direct writer with the JSON values.
+#[cfg(test)]
+pub(crate) fn sample_ops() -> Vec<Op> {
+    vec![
+        Op::CreateTree {
+            tree: "c".into(),
+            merge_operator: Some("add".into()),
+        },
+        Op::CreateTree {
+            tree: "plain".into(),
+            merge_operator: None,
+        },
+        Op::Put {
+            tree: "t\"q".into(),
+            key: b"k\n1".to_vec(),
+            value: vec![0xff, 0],
+            before: Some("old \u{e9}".as_bytes().to_vec()),
+        },
+        Op::Put {
+            tree: "t".into(),
+            key: vec![0x80],
+            value: b"{\"a\":1}".to_vec(),
+            before: None,
+        },
+        Op::Delete {
+            tree: "t".into(),
+            key: b"gone".to_vec(),
+            before: Some(b"was".to_vec()),
+        },
+        Op::Delete {
+            tree: "t".into(),
+            key: b"gone2".to_vec(),
+            before: None,
+        },
+        Op::Merge {
+            tree: "c".into(),
+            key: b"n".to_vec(),
+            operand: b"5".to_vec(),
+        },
+        Op::CreateIndex {
+            tree: "t".into(),
+            name: "by\"n".into(),
+            paths: vec!["/a".into(), "/b~1c".into()],
+            unique: true,
+        },
+        Op::DropIndex {
+            tree: "t".into(),
+            name: "old".into(),
+        },
+        Op::DropTree { tree: "t".into() },
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,44 +455,7 @@ mod tests {
             offset: Offset::new(7).unwrap(),
             gtid: Gtid::new(uuid, 7).unwrap(),
             timestamp_us: 1_700_000_000_123_456,
-            ops: vec![
-                Op::CreateTree {
-                    tree: "c".into(),
-                    merge_operator: Some("add".into()),
-                },
-                Op::CreateTree {
-                    tree: "plain".into(),
-                    merge_operator: None,
-                },
-                Op::Put {
-                    tree: "t\"q".into(),
-                    key: b"k\n1".to_vec(),
-                    value: vec![0xff, 0],
-                    before: Some("old \u{e9}".as_bytes().to_vec()),
-                },
-                Op::Put {
-                    tree: "t".into(),
-                    key: vec![0x80],
-                    value: b"{\"a\":1}".to_vec(),
-                    before: None,
-                },
-                Op::Delete {
-                    tree: "t".into(),
-                    key: b"gone".to_vec(),
-                    before: Some(b"was".to_vec()),
-                },
-                Op::Delete {
-                    tree: "t".into(),
-                    key: b"gone2".to_vec(),
-                    before: None,
-                },
-                Op::Merge {
-                    tree: "c".into(),
-                    key: b"n".to_vec(),
-                    operand: b"5".to_vec(),
-                },
-                Op::DropTree { tree: "t".into() },
-            ],
+            ops: sample_ops(),
         };
         let items = [
             Item::Txn(txn.clone()),

@@ -325,35 +325,7 @@ mod tests {
     #[test]
     fn the_direct_writer_gives_the_envelopes_json_values_give() {
         let uuid = uuid::Uuid::from_bytes([9; 16]);
-        let ops = vec![
-            Op::CreateTree {
-                tree: "c".into(),
-                merge_operator: Some("add".into()),
-            },
-            Op::Put {
-                tree: "t\"q".into(),
-                key: b"k\n1".to_vec(),
-                value: vec![0xff, 0],
-                before: Some("old \u{e9}".as_bytes().to_vec()),
-            },
-            Op::Put {
-                tree: "t".into(),
-                key: vec![0x80],
-                value: b"{\"a\":1}".to_vec(),
-                before: None,
-            },
-            Op::Delete {
-                tree: "t".into(),
-                key: b"gone".to_vec(),
-                before: Some(b"was".to_vec()),
-            },
-            Op::Merge {
-                tree: "c".into(),
-                key: b"n".to_vec(),
-                operand: b"5".to_vec(),
-            },
-            Op::DropTree { tree: "t".into() },
-        ];
+        let ops = envelope::sample_ops();
         let batch = Batch {
             source: uuid,
             items: vec![
