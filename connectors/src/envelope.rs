@@ -232,7 +232,10 @@ impl SourceText {
         use std::io::Write as _;
         let mut s = SourceText::open(server_uuid);
         // Uuids, GTIDs, numbers and RFC 3339 times hold nothing JSON escapes.
-        let _ = write!(s.0, "\"offset\":{offset},\"gtid\":\"{gtid}\",\"ts\":\"{ts}\"}}}}");
+        let _ = write!(
+            s.0,
+            "\"offset\":{offset},\"gtid\":\"{gtid}\",\"ts\":\"{ts}\"}}}}"
+        );
         s
     }
 

@@ -624,7 +624,10 @@ fn a_subject_no_stream_captures_holds_with_a_clear_error() {
             .await
             .expect("the positions bucket the sink opened");
         assert!(
-            kv.get(pipeline.as_str()).await.expect("read the bucket").is_none(),
+            kv.get(pipeline.as_str())
+                .await
+                .expect("read the bucket")
+                .is_none(),
             "a checkpoint was stored although nothing was"
         );
         let _ = js.delete_stream(&cfg.stream).await;

@@ -92,7 +92,11 @@ fn kill_cycles(canary: bool) -> Result<(), String> {
     let source = SourceNode::start(dir.path());
     let _guard = source.runtime.enter();
     let db = pg();
-    let seed = sinkkit::seed(if canary { "postgres kill cycles (canary)" } else { "postgres kill cycles" });
+    let seed = sinkkit::seed(if canary {
+        "postgres kill cycles (canary)"
+    } else {
+        "postgres kill cycles"
+    });
     let mut rng = StdRng::seed_from_u64(seed);
     let name = sinkkit::unique("pgkill");
     let prefix = format!("{name}_");

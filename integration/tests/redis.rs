@@ -96,7 +96,11 @@ fn kill_cycles(canary: bool) -> Result<(), String> {
     let source = SourceNode::start(dir.path());
     let rt = &source.runtime;
     let mut db = rt.block_on(conn());
-    let seed = sinkkit::seed(if canary { "redis kill cycles (canary)" } else { "redis kill cycles" });
+    let seed = sinkkit::seed(if canary {
+        "redis kill cycles (canary)"
+    } else {
+        "redis kill cycles"
+    });
     let mut rng = StdRng::seed_from_u64(seed);
     let name = sinkkit::unique("rdkill");
     for _ in 0..200 {

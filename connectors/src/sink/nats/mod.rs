@@ -233,7 +233,7 @@ impl NatsSink {
             }
         })?;
         let max_payload = client.server_info().max_payload;
-        let window = publish::AckWindow::open(&client).await?;
+        let ack_window = publish::AckWindow::open(&client).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
             .ack_timeout(timeout)
@@ -276,7 +276,7 @@ impl NatsSink {
         let kv = positions_bucket(&js, &cfg.positions_bucket).await?;
         Ok(Conn {
             kv,
-            window,
+            window: ack_window,
             max_payload,
         })
     }

@@ -82,7 +82,10 @@ impl AckWindow {
         msgs: &[Message],
         s: &Settings<'_>,
     ) -> Result<(), SinkError> {
-        assert!(s.max_in_flight > 0, "the config check refuses a window of 0");
+        assert!(
+            s.max_in_flight > 0,
+            "the config check refuses a window of 0"
+        );
         let first = self.next_seq;
         let mut batch = Progress {
             first,
