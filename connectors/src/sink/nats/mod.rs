@@ -211,7 +211,10 @@ impl NatsSink {
         let mut opts = async_nats::ConnectOptions::new()
             .name(format!("tideline pipeline {}", self.pipeline))
             .connection_timeout(timeout)
-            .request_timeout(Some(timeout));
+            .request_timeout(Some(timeout))
+            // The client drops a message for a full subscription: room for a window of acks
+            // and the late ones of an attempt given up (a drop would only cost a retry).
+            .subscription_capacity(cfg.max_in_flight.saturating_mul(2).max(64 * 1024));
         if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
             opts = opts.user_and_password(u.clone(), p.clone());
         }
