@@ -41,7 +41,10 @@ struct AckError {
 pub(crate) struct AckWindow {
     client: Client,
     inbox: String,
-    acks: Subscriber,
+    /// `None` only while the window is dropped.
+    acks: Option<Subscriber>,
+    /// The runtime the window was opened in: a subscription's drop spawns its unsubscribe.
+    runtime: tokio::runtime::Handle,
     /// The sequence number of the next publish.
     next_seq: u64,
 }
@@ -69,7 +72,8 @@ impl AckWindow {
         Ok(AckWindow {
             client: client.clone(),
             inbox,
-            acks,
+            acks: Some(acks),
+            runtime: tokio::runtime::Handle::current(),
             next_seq: 0,
         })
     }
@@ -126,7 +130,8 @@ impl AckWindow {
         batch: &mut Progress,
         s: &Settings<'_>,
     ) -> Result<(), SinkError> {
-        let answer = tokio::time::timeout(s.ack_timeout, self.acks.next())
+        let acks = self.acks.as_mut().expect("taken only on drop");
+        let answer = tokio::time::timeout(s.ack_timeout, acks.next())
             .await
             .map_err(|_| {
                 SinkError::Retry(format!(
@@ -187,6 +192,15 @@ impl AckWindow {
             batch.done += 1;
         }
         Ok(())
+    }
+}
+
+impl Drop for AckWindow {
+    fn drop(&mut self) {
+        // A sink may be dropped outside its runtime (after `block_on`, at a pipeline's end):
+        // the subscription's drop spawns its unsubscribe, which needs one.
+        let _runtime = self.runtime.enter();
+        drop(self.acks.take());
     }
 }
 
