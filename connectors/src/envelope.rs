@@ -179,47 +179,82 @@ pub fn for_each_envelope(item: &Item, server_uuid: uuid::Uuid, mut f: impl FnMut
 pub fn write_lines(item: &Item, server_uuid: uuid::Uuid, out: &mut Vec<u8>) {
     match item {
         Item::Txn(t) => {
-            let source = source_text(server_uuid, Some(t));
+            let source = SourceText::new(server_uuid, Some(t));
             for op in &t.ops {
                 write_op(op, &source, out);
+                out.push(b'\n');
             }
         }
         Item::Ops(ops) => {
-            let source = source_text(server_uuid, None);
+            let source = SourceText::new(server_uuid, None);
             for op in ops {
                 write_op(op, &source, out);
+                out.push(b'\n');
             }
         }
         Item::Chunk { tree, entries, .. } => {
-            let source = source_text(server_uuid, None);
+            let source = SourceText::new(server_uuid, None);
             for (k, v) in entries {
-                out.extend_from_slice(b"{\"op\":\"read\",\"tree\":");
-                write_str(out, tree);
-                write_bytes_field(out, "key", k);
-                write_bytes_field(out, "after", v);
-                out.extend_from_slice(&source);
+                write_read(tree, k, v, &source, out);
+                out.push(b'\n');
             }
         }
     }
 }
 
-/// `,"source":{...}}\n`: the end of every envelope of one transaction (or bootstrap step).
-fn source_text(server_uuid: uuid::Uuid, txn: Option<&Transaction>) -> Vec<u8> {
-    use std::io::Write as _;
-    let mut s = Vec::with_capacity(192);
-    // Uuids, GTIDs, numbers and RFC 3339 times hold nothing JSON escapes.
-    let _ = write!(s, ",\"source\":{{\"server_uuid\":\"{server_uuid}\",");
-    let _ = match txn {
-        Some(t) => writeln!(
-            s,
-            "\"offset\":{},\"gtid\":\"{}\",\"ts\":\"{}\"}}}}",
-            t.offset.get(),
-            t.gtid,
-            rfc3339_us(t.timestamp_us)
-        ),
-        None => writeln!(s, "\"offset\":null,\"gtid\":null,\"ts\":null}}}}"),
-    };
-    s
+/// `,"source":{...}}`: the end of every envelope of one transaction (or of one bootstrap
+/// step), rendered once and shared by its envelopes.
+#[derive(Debug, Clone)]
+pub struct SourceText(Vec<u8>);
+
+impl SourceText {
+    /// The source of `txn`'s changes (its offset, GTID and commit time), or of changes
+    /// without a transaction of their own (`None`: a bootstrap's).
+    pub fn new(server_uuid: uuid::Uuid, txn: Option<&Transaction>) -> SourceText {
+        match txn {
+            Some(t) => SourceText::live(
+                server_uuid,
+                t.offset.get(),
+                &t.gtid.to_string(),
+                &rfc3339_us(t.timestamp_us),
+            ),
+            None => {
+                let mut s = SourceText::open(server_uuid);
+                s.0.extend_from_slice(b"\"offset\":null,\"gtid\":null,\"ts\":null}}");
+                s
+            }
+        }
+    }
+
+    /// The source of a transaction's changes whose GTID and RFC 3339 commit time
+    /// ([`rfc3339_us`]) the caller has already rendered.
+    pub fn live(server_uuid: uuid::Uuid, offset: u64, gtid: &str, ts: &str) -> SourceText {
+        use std::io::Write as _;
+        let mut s = SourceText::open(server_uuid);
+        // Uuids, GTIDs, numbers and RFC 3339 times hold nothing JSON escapes.
+        let _ = write!(
+            s.0,
+            "\"offset\":{offset},\"gtid\":\"{gtid}\",\"ts\":\"{ts}\"}}}}"
+        );
+        s
+    }
+
+    fn open(server_uuid: uuid::Uuid) -> SourceText {
+        use std::io::Write as _;
+        let mut s = Vec::with_capacity(160);
+        let _ = write!(s, ",\"source\":{{\"server_uuid\":\"{server_uuid}\",");
+        SourceText(s)
+    }
+}
+
+/// Appends the envelope of a row copied by a bootstrap (what [`read_envelope`] gives) to
+/// `out` as one JSON object, without a newline.
+pub fn write_read(tree: &str, key: &[u8], value: &[u8], source: &SourceText, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"op\":\"read\",\"tree\":");
+    write_str(out, tree);
+    write_bytes_field(out, "key", key);
+    write_bytes_field(out, "after", value);
+    out.extend_from_slice(&source.0);
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {
@@ -244,7 +279,9 @@ fn write_bytes_field(out: &mut Vec<u8>, field: &str, bytes: &[u8]) {
     }
 }
 
-fn write_op(op: &Op, source: &[u8], out: &mut Vec<u8>) {
+/// Appends the envelope of `op` (what [`op_envelope`] gives) to `out` as one JSON object,
+/// without a newline.
+pub fn write_op(op: &Op, source: &SourceText, out: &mut Vec<u8>) {
     let (name, tree) = (op.kind().as_bytes(), op.tree());
     out.extend_from_slice(b"{\"op\":\"");
     out.extend_from_slice(name);
@@ -303,7 +340,61 @@ fn write_op(op: &Op, source: &[u8], out: &mut Vec<u8>) {
             write_str(out, name);
         }
     }
-    out.extend_from_slice(source);
+    out.extend_from_slice(&source.0);
+}
+
+/// One op of every kind, with keys, values and tree names that need escaping or base64: the
+/// fixture of the tests that compare the direct writer with the JSON values.
+#[cfg(test)]
+pub(crate) fn sample_ops() -> Vec<Op> {
+    vec![
+        Op::CreateTree {
+            tree: "c".into(),
+            merge_operator: Some("add".into()),
+        },
+        Op::CreateTree {
+            tree: "plain".into(),
+            merge_operator: None,
+        },
+        Op::Put {
+            tree: "t\"q".into(),
+            key: b"k\n1".to_vec(),
+            value: vec![0xff, 0],
+            before: Some("old \u{e9}".as_bytes().to_vec()),
+        },
+        Op::Put {
+            tree: "t".into(),
+            key: vec![0x80],
+            value: b"{\"a\":1}".to_vec(),
+            before: None,
+        },
+        Op::Delete {
+            tree: "t".into(),
+            key: b"gone".to_vec(),
+            before: Some(b"was".to_vec()),
+        },
+        Op::Delete {
+            tree: "t".into(),
+            key: b"gone2".to_vec(),
+            before: None,
+        },
+        Op::Merge {
+            tree: "c".into(),
+            key: b"n".to_vec(),
+            operand: b"5".to_vec(),
+        },
+        Op::CreateIndex {
+            tree: "t".into(),
+            name: "by\"n".into(),
+            paths: vec!["/a".into(), "/b~1c".into()],
+            unique: true,
+        },
+        Op::DropIndex {
+            tree: "t".into(),
+            name: "old".into(),
+        },
+        Op::DropTree { tree: "t".into() },
+    ]
 }
 
 #[cfg(test)]
@@ -367,44 +458,7 @@ mod tests {
             offset: Offset::new(7).unwrap(),
             gtid: Gtid::new(uuid, 7).unwrap(),
             timestamp_us: 1_700_000_000_123_456,
-            ops: vec![
-                Op::CreateTree {
-                    tree: "c".into(),
-                    merge_operator: Some("add".into()),
-                },
-                Op::CreateTree {
-                    tree: "plain".into(),
-                    merge_operator: None,
-                },
-                Op::Put {
-                    tree: "t\"q".into(),
-                    key: b"k\n1".to_vec(),
-                    value: vec![0xff, 0],
-                    before: Some("old \u{e9}".as_bytes().to_vec()),
-                },
-                Op::Put {
-                    tree: "t".into(),
-                    key: vec![0x80],
-                    value: b"{\"a\":1}".to_vec(),
-                    before: None,
-                },
-                Op::Delete {
-                    tree: "t".into(),
-                    key: b"gone".to_vec(),
-                    before: Some(b"was".to_vec()),
-                },
-                Op::Delete {
-                    tree: "t".into(),
-                    key: b"gone2".to_vec(),
-                    before: None,
-                },
-                Op::Merge {
-                    tree: "c".into(),
-                    key: b"n".to_vec(),
-                    operand: b"5".to_vec(),
-                },
-                Op::DropTree { tree: "t".into() },
-            ],
+            ops: sample_ops(),
         };
         let items = [
             Item::Txn(txn.clone()),

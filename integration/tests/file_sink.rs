@@ -8,12 +8,12 @@
 //! the sink's unit tests (`connectors/src/sink/file/tests.rs`: with the cut off, the same
 //! crash duplicates).
 //!
-//! Cycles: 20 by default; `TIDELINE_FILE_SINK_CYCLES=N` runs more. `TIDELINE_TEST_SEED=N`
+//! Cycles: 20 by default; `TIDELINE_SINK_KILL_CYCLES=N` runs more. `TIDELINE_TEST_SEED=N`
 //! replays the kill timings and the workload.
 
 mod common;
+mod sinkkit;
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -23,59 +23,6 @@ use std::time::{Duration, Instant};
 use common::Node;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
-use tideline_stream::{Client, ClientConfig, WriteOp, tls};
-
-fn seed() -> u64 {
-    std::env::var("TIDELINE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random)
-}
-
-/// Commits random transactions (1-5 puts and deletes over 500 keys) until `stop`.
-fn writer(
-    addr: String,
-    secrets: PathBuf,
-    seed: u64,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let cfg = ClientConfig::new(tls::load_client_dir(&secrets).unwrap());
-            let client = Client::connect(&addr, cfg).await.unwrap();
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let ops = (0..rng.random_range(1..=5))
-                    .map(|_| {
-                        let key = format!("k{:03}", rng.random_range(0..500)).into_bytes();
-                        if rng.random_range(0..4) == 0 {
-                            WriteOp::Delete {
-                                tree: "docs".into(),
-                                key,
-                            }
-                        } else {
-                            WriteOp::Put {
-                                tree: "docs".into(),
-                                key,
-                                value: format!("{{\"n\":{}}}", rng.random::<u32>()).into_bytes(),
-                            }
-                        }
-                    })
-                    .collect();
-                client.commit(ops).await.unwrap();
-                n += 1;
-            }
-            client.close().await;
-            n
-        })
-    })
-}
 
 /// The source offset the position beside `out` covers (0 before the first batch).
 fn stored_offset(out: &Path) -> u64 {
@@ -143,7 +90,8 @@ fn log_ops(node: &Node, last: u64) -> Vec<(String, String, String, String)> {
     all
 }
 
-fn sink_cmd(node: &Node, out: &Path) -> Command {
+/// `tideline sink file` into `out`, its stderr appended to `log`.
+fn sink_cmd(node: &Node, out: &Path, log: &Path) -> Command {
     let mut c = node.cli();
     c.args(["sink", "file", "--node", &node.addr, "--out"])
         .arg(out)
@@ -157,29 +105,34 @@ fn sink_cmd(node: &Node, out: &Path) -> Command {
             "5",
         ])
         .env("TIDELINE_LOG", "warn")
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        .stderr(sinkkit::log_file(log));
     c
 }
 
 #[test]
 fn kill_9_mid_batch_leaves_every_change_exactly_once() {
-    let seed = seed();
-    println!("seed {seed} (TIDELINE_TEST_SEED={seed} replays it)");
-    let cycles: usize = std::env::var("TIDELINE_FILE_SINK_CYCLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let seed = sinkkit::seed("kill_9_mid_batch_leaves_every_change_exactly_once");
+    let cycles = sinkkit::cycles();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("node"), 0);
     let out = dir.path().join("changes.jsonl");
+    let log = dir.path().join("sink.stderr");
     let stop = Arc::new(AtomicBool::new(false));
-    let w = writer(node.addr.clone(), node.secrets(), seed, stop.clone());
+    let w = sinkkit::client_workload(
+        &node.addr,
+        &node.secrets(),
+        seed,
+        usize::MAX,
+        Duration::ZERO,
+        stop.clone(),
+    );
     let mut killed_with_unstored = 0;
     for cycle in 0..cycles {
         let before = stored_offset(&out);
-        let mut child = sink_cmd(&node, &out)
+        let mut child = sink_cmd(&node, &out, &log)
             .spawn()
             .expect("start tideline sink file");
         // Kill while work is observably in flight: once this run has stored a batch, after a
@@ -187,14 +140,10 @@ fn kill_9_mid_batch_leaves_every_change_exactly_once() {
         let deadline = Instant::now() + Duration::from_secs(30);
         while stored_offset(&out) <= before {
             if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                panic!("cycle {cycle}: sink file exited by itself ({status}): {err}");
+                panic!(
+                    "cycle {cycle}: sink file exited by itself ({status}): {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -203,21 +152,8 @@ fn kill_9_mid_batch_leaves_every_change_exactly_once() {
             std::thread::sleep(Duration::from_millis(2));
         }
         std::thread::sleep(Duration::from_millis(rng.random_range(0..40)));
-        child.kill().unwrap(); // SIGKILL
-        let status = child.wait().unwrap();
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        use std::os::unix::process::ExitStatusExt;
-        assert_eq!(
-            status.signal(),
-            Some(9),
-            "cycle {cycle}: sink file ended by itself ({status}) before the kill: {err}"
-        );
+        sinkkit::kill9(&mut child, &log);
+        let err = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(!err.contains("error"), "cycle {cycle}: {err}");
         let len = std::fs::metadata(&out).map_or(0, |m| m.len());
         let pos: Value =
@@ -228,10 +164,10 @@ fn kill_9_mid_batch_leaves_every_change_exactly_once() {
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let commits = w.join().unwrap();
+    let commits = w.join().unwrap().len();
     let last = common::status(&node)["last_offset"].as_u64().unwrap();
     // A last run catches up and stops cleanly on SIGINT.
-    let mut child = sink_cmd(&node, &out).spawn().unwrap();
+    let mut child = sink_cmd(&node, &out, &log).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while stored_offset(&out) < last {
         assert!(
@@ -248,13 +184,7 @@ fn kill_9_mid_batch_leaves_every_change_exactly_once() {
         .unwrap();
     assert!(sent.success());
     let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.success(), "after Ctrl-C: {status}: {err}");
     assert!(err.contains("sink file stopped"), "{err}");
 
@@ -297,7 +227,7 @@ fn from_bootstrap_writes_the_state_then_the_changes() {
     }
     assert!(node.run(&["del", "--tree", "docs", "a"]).status.success());
     let out = dir.path().join("changes.jsonl");
-    let mut child = sink_cmd(&node, &out)
+    let mut child = sink_cmd(&node, &out, &dir.path().join("sink.stderr"))
         .args(["--from", "bootstrap", "--tree", "docs"])
         .spawn()
         .unwrap();

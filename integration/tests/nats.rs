@@ -16,7 +16,7 @@
 //! cycles must leave duplicates that the same checker reports.
 
 mod common;
-mod sinks;
+mod sinkkit;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -32,7 +32,7 @@ use tideline_connectors::sink::nats::{NatsConfig, NatsSink, Per, message};
 use tideline_connectors::{PipelineCheckpoint, Sink, SinkError};
 
 use common::{Node, free_port};
-use sinks::{Committed, Model};
+use sinkkit::{Committed, Model};
 
 const CHILD_TEST: &str = "nats_connector_child";
 const NATS_PORT: u16 = 4222;
@@ -41,7 +41,7 @@ const NATS_PORT: u16 = 4222;
 #[test]
 #[ignore = "the connector child process of the kill tests; it does nothing unless they re-execute it"]
 fn nats_connector_child() {
-    sinks::child_main();
+    sinkkit::child_main();
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -118,7 +118,7 @@ fn check_stream(
         };
         // The node creates a tree in the transaction that first writes to it: the workload's
         // model holds only its own puts and deletes.
-        let envelopes: Vec<Value> = envelopes.into_iter().filter(sinks::is_data).collect();
+        let envelopes: Vec<Value> = envelopes.into_iter().filter(sinkkit::is_data).collect();
         if envelopes.is_empty() {
             tree_ops += 1;
             continue;
@@ -171,7 +171,7 @@ fn check_stream(
         *seen.entry(key).or_default() += 1;
         changes_seen += envelopes.len();
         for e in &envelopes {
-            sinks::apply(&mut replay, e);
+            sinkkit::apply(&mut replay, e);
         }
     }
     let repeated: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
@@ -209,33 +209,26 @@ fn check_stream(
     Ok(())
 }
 
-fn kill_cycles() -> usize {
-    std::env::var("TIDELINE_SINK_KILL_CYCLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20)
-}
-
 /// Runs the kill cycles against a fresh stream; returns the checker's verdict.
 fn kill_cycles_verdict(test: &str, per: Per, without_msg_id: bool) -> Result<(), String> {
-    let seed = sinks::seed(test);
+    let seed = sinkkit::seed(test);
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("node"), 0);
-    let run = sinks::run_id();
-    let cfg = sinks::nats_config(&run, per);
+    let run = sinkkit::unique("");
+    let cfg = sinkkit::nats_config(&run, per);
     let pipeline = format!("kill-{run}");
-    let spec = sinks::child_spec(
+    let spec = sinkkit::child_spec(
         &node.addr,
         &node.secrets(),
         &pipeline,
         "nats",
-        sinks::nats_json(&cfg),
+        sinkkit::nats_json(&cfg),
         50,
     );
     let rt = rt();
     let js = rt.block_on(js(&cfg.url));
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = sinks::workload(
+    let writer = sinkkit::client_workload(
         &node.addr,
         &node.secrets(),
         seed,
@@ -250,7 +243,7 @@ fn kill_cycles_verdict(test: &str, per: Per, without_msg_id: bool) -> Result<(),
         vec![]
     };
     let stderr = dir.path().join("child.stderr");
-    let cycles = kill_cycles();
+    let cycles = sinkkit::cycles();
     for cycle in 0..cycles {
         let before = rt.block_on(stream_messages(&js, &cfg.stream));
         if cycle == 0 {
@@ -259,7 +252,7 @@ fn kill_cycles_verdict(test: &str, per: Per, without_msg_id: bool) -> Result<(),
             // the GTID message ids keep it out of the stream a second time.
             let mut first = env.clone();
             first.push(("TIDELINE_TEST_NATS_DIE_BEFORE_POSITION", "1"));
-            let mut child = sinks::spawn_child(CHILD_TEST, &spec, &stderr, &first);
+            let mut child = sinkkit::spawn_child(CHILD_TEST, &spec, &stderr, &first);
             let deadline = Instant::now() + Duration::from_secs(60);
             while child.try_wait().expect("the child's status").is_none() {
                 assert!(
@@ -274,7 +267,7 @@ fn kill_cycles_verdict(test: &str, per: Per, without_msg_id: bool) -> Result<(),
             );
             continue;
         }
-        let mut child = sinks::spawn_child(CHILD_TEST, &spec, &stderr, &env);
+        let mut child = sinkkit::spawn_child(CHILD_TEST, &spec, &stderr, &env);
         // Kill once this child has observably published (the stream grew), a random moment
         // later: mostly mid-batch while it catches up on what was written while it was down.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -290,12 +283,12 @@ fn kill_cycles_verdict(test: &str, per: Per, without_msg_id: bool) -> Result<(),
             std::thread::sleep(Duration::from_millis(2));
         }
         std::thread::sleep(Duration::from_millis(rng.random_range(0..5)));
-        sinks::kill9(&mut child, &stderr);
+        sinkkit::kill9(&mut child, &stderr);
     }
     let committed = writer.join().expect("the workload");
-    let model = sinks::model_of(&committed);
+    let model = sinkkit::model_of(&committed);
     let last = committed.last().map(|c| c.offset).unwrap_or(0);
-    let mut child = sinks::spawn_child(CHILD_TEST, &spec, &stderr, &env);
+    let mut child = sinkkit::spawn_child(CHILD_TEST, &spec, &stderr, &env);
     let deadline = Instant::now() + Duration::from_secs(120);
     while rt.block_on(checkpoint_offset(&js, &cfg.positions_bucket, &pipeline)) < last {
         assert!(
@@ -305,7 +298,7 @@ fn kill_cycles_verdict(test: &str, per: Per, without_msg_id: bool) -> Result<(),
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    sinks::kill9(&mut child, &stderr);
+    sinkkit::kill9(&mut child, &stderr);
     eprintln!(
         "{test}: {cycles} kill cycles, {} transactions",
         committed.len()
@@ -318,7 +311,7 @@ fn kill_cycles_verdict(test: &str, per: Per, without_msg_id: bool) -> Result<(),
 
 #[test]
 fn kill9_mid_batch_leaves_each_transaction_once_in_the_stream() {
-    if !sinks::service_up("NATS", NATS_PORT) {
+    if !sinkkit::service_up("NATS", NATS_PORT) {
         return;
     }
     let test = "kill9_mid_batch_leaves_each_transaction_once_in_the_stream";
@@ -329,7 +322,7 @@ fn kill9_mid_batch_leaves_each_transaction_once_in_the_stream() {
 
 #[test]
 fn kill9_with_one_message_per_change_leaves_each_change_once() {
-    if !sinks::service_up("NATS", NATS_PORT) {
+    if !sinkkit::service_up("NATS", NATS_PORT) {
         return;
     }
     let test = "kill9_with_one_message_per_change_leaves_each_change_once";
@@ -340,7 +333,7 @@ fn kill9_with_one_message_per_change_leaves_each_change_once() {
 
 #[test]
 fn canary_without_msg_ids_the_kill_cycles_leave_duplicates() {
-    if !sinks::service_up("NATS", NATS_PORT) {
+    if !sinkkit::service_up("NATS", NATS_PORT) {
         return;
     }
     let test = "canary_without_msg_ids_the_kill_cycles_leave_duplicates";
@@ -429,7 +422,7 @@ fn a_restarted_server_is_an_outage_the_pipeline_rides_out() {
         eprintln!("{msg}");
         return;
     }
-    let seed = sinks::seed("a_restarted_server_is_an_outage_the_pipeline_rides_out");
+    let seed = sinkkit::seed("a_restarted_server_is_an_outage_the_pipeline_rides_out");
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("node"), 0);
     let nats_port = {
@@ -438,8 +431,8 @@ fn a_restarted_server_is_an_outage_the_pipeline_rides_out() {
     };
     let store = dir.path().join("nats");
     let mut server = OwnServer::start(nats_port, &store);
-    let run = sinks::run_id();
-    let mut cfg = sinks::nats_config(&run, Per::Txn);
+    let run = sinkkit::unique("");
+    let mut cfg = sinkkit::nats_config(&run, Per::Txn);
     cfg.url = format!("nats://127.0.0.1:{nats_port}");
     cfg.ack_timeout_ms = 1_000;
     let pipeline = format!("restart-{run}");
@@ -479,7 +472,7 @@ fn a_restarted_server_is_an_outage_the_pipeline_rides_out() {
         }
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let first: Vec<Committed> = sinks::workload(
+    let first: Vec<Committed> = sinkkit::client_workload(
         &node.addr,
         &node.secrets(),
         seed,
@@ -492,7 +485,7 @@ fn a_restarted_server_is_an_outage_the_pipeline_rides_out() {
     wait_offset(first.last().unwrap().offset, "before the restart");
     server.stop();
     // Written while the server is down.
-    let second = sinks::workload(
+    let second = sinkkit::client_workload(
         &node.addr,
         &node.secrets(),
         seed + 1,
@@ -537,7 +530,7 @@ fn a_restarted_server_is_an_outage_the_pipeline_rides_out() {
         let js = js(&js_url).await;
         read_all(&js, &cfg.stream).await
     });
-    if let Err(e) = check_stream(&msgs, &committed, &sinks::model_of(&committed), &cfg) {
+    if let Err(e) = check_stream(&msgs, &committed, &sinkkit::model_of(&committed), &cfg) {
         panic!("{e}");
     }
 }
@@ -547,14 +540,31 @@ fn a_restarted_server_is_an_outage_the_pipeline_rides_out() {
 /// 10,000 changes, the default window 4,096).
 #[test]
 fn a_batch_larger_than_the_ack_window_is_written() {
-    if !sinks::service_up("NATS", NATS_PORT) {
+    if !sinkkit::service_up("NATS", NATS_PORT) {
         return;
     }
-    let run = sinks::run_id();
-    let mut cfg = sinks::nats_config(&run, Per::Txn);
+    let run = sinkkit::unique("");
+    let mut cfg = sinkkit::nats_config(&run, Per::Txn);
     cfg.max_in_flight = 8;
+    let batch = one_put_batch(100);
+    let rt = rt();
+    let mut sink = NatsSink::new(cfg.clone(), &format!("window-{run}")).unwrap();
+    rt.block_on(async {
+        sink.open().await.expect("open");
+        tokio::time::timeout(Duration::from_secs(30), sink.write(&batch))
+            .await
+            .expect("the write of 100 messages through a window of 8 never finished")
+            .expect("the write succeeds");
+        let js = js(&cfg.url).await;
+        assert_eq!(stream_messages(&js, &cfg.stream).await, 100);
+        let _ = js.delete_stream(&cfg.stream).await;
+    });
+}
+
+/// `n` one-put transactions of tree `t` in one batch.
+fn one_put_batch(n: u64) -> tideline_connectors::Batch {
     let uuid = uuid::Uuid::from_bytes([9; 16]);
-    let items = (1..=100u64)
+    let items = (1..=n)
         .map(|n| {
             tideline_connectors::Item::Txn(tideline_wal::Transaction {
                 offset: tideline_wal::Offset::new(n).unwrap(),
@@ -569,21 +579,57 @@ fn a_batch_larger_than_the_ack_window_is_written() {
             })
         })
         .collect();
-    let batch = tideline_connectors::Batch {
+    tideline_connectors::Batch {
         source: uuid,
         items,
         checkpoint: b"{}".to_vec(),
-    };
+    }
+}
+
+/// A subject template outside the stream's subjects: the server has no stream to answer the
+/// publish, and the sink holds for an operator with a message naming the subject and the
+/// stream (not a retry loop, not a timeout), its checkpoint unmoved.
+#[test]
+fn a_subject_no_stream_captures_holds_with_a_clear_error() {
+    if !sinkkit::service_up("NATS", NATS_PORT) {
+        return;
+    }
+    let run = sinkkit::unique("");
+    let mut cfg = sinkkit::nats_config(&run, Per::Txn);
+    cfg.subject = format!("tlnowhere.{run}.{{tree}}");
+    cfg.ack_timeout_ms = 30_000;
+    let pipeline = format!("nowhere-{run}");
     let rt = rt();
-    let mut sink = NatsSink::new(cfg.clone(), &format!("window-{run}")).unwrap();
+    let mut sink = NatsSink::new(cfg.clone(), &pipeline).unwrap();
     rt.block_on(async {
         sink.open().await.expect("open");
-        tokio::time::timeout(Duration::from_secs(30), sink.write(&batch))
+        let err = sink
+            .write(&one_put_batch(10))
             .await
-            .expect("the write of 100 messages through a window of 8 never finished")
-            .expect("the write succeeds");
+            .expect_err("no stream captures the subject");
+        match &err {
+            SinkError::Hold(m) => {
+                assert!(
+                    m.contains("no JetStream stream captures subject")
+                        && m.contains(&format!("tlnowhere.{run}.t"))
+                        && m.contains(&cfg.stream),
+                    "{m}"
+                );
+            }
+            other => panic!("held for an operator, not {other:?}"),
+        }
         let js = js(&cfg.url).await;
-        assert_eq!(stream_messages(&js, &cfg.stream).await, 100);
+        let kv = js
+            .get_key_value(&cfg.positions_bucket)
+            .await
+            .expect("the positions bucket the sink opened");
+        assert!(
+            kv.get(pipeline.as_str())
+                .await
+                .expect("read the bucket")
+                .is_none(),
+            "a checkpoint was stored although nothing was"
+        );
         let _ = js.delete_stream(&cfg.stream).await;
     });
 }

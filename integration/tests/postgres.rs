@@ -26,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sinkkit::{Norm, SourceNode};
 
-const PG: &str = "127.0.0.1:5432";
+const PG: u16 = 5432;
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 fn pg() -> tokio_postgres::Client {
@@ -92,7 +92,11 @@ fn kill_cycles(canary: bool) -> Result<(), String> {
     let source = SourceNode::start(dir.path());
     let _guard = source.runtime.enter();
     let db = pg();
-    let seed = sinkkit::seed();
+    let seed = sinkkit::seed(if canary {
+        "postgres kill cycles (canary)"
+    } else {
+        "postgres kill cycles"
+    });
     let mut rng = StdRng::seed_from_u64(seed);
     let name = sinkkit::unique("pgkill");
     let prefix = format!("{name}_");
@@ -113,7 +117,7 @@ fn kill_cycles(canary: bool) -> Result<(), String> {
     );
     let log = dir.path().join("connect.log");
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = sinkkit::workload(source.engine.clone(), seed ^ 1, stop.clone());
+    let writer = sinkkit::engine_workload(source.engine.clone(), seed ^ 1, stop.clone());
     let mut progressed = 0;
     let cycles = sinkkit::cycles();
     for cycle in 0..cycles {

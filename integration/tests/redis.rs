@@ -25,7 +25,7 @@ use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 use sinkkit::{Norm, SourceNode};
 
-const REDIS: &str = "127.0.0.1:6379";
+const REDIS: u16 = 6379;
 const URL: &str = "redis://127.0.0.1:6379";
 
 async fn conn() -> MultiplexedConnection {
@@ -96,7 +96,11 @@ fn kill_cycles(canary: bool) -> Result<(), String> {
     let source = SourceNode::start(dir.path());
     let rt = &source.runtime;
     let mut db = rt.block_on(conn());
-    let seed = sinkkit::seed();
+    let seed = sinkkit::seed(if canary {
+        "redis kill cycles (canary)"
+    } else {
+        "redis kill cycles"
+    });
     let mut rng = StdRng::seed_from_u64(seed);
     let name = sinkkit::unique("rdkill");
     for _ in 0..200 {
@@ -115,7 +119,7 @@ fn kill_cycles(canary: bool) -> Result<(), String> {
     );
     let log = dir.path().join("connect.log");
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = sinkkit::workload(source.engine.clone(), seed ^ 1, stop.clone());
+    let writer = sinkkit::engine_workload(source.engine.clone(), seed ^ 1, stop.clone());
     let mut progressed = 0;
     let cycles = sinkkit::cycles();
     for cycle in 0..cycles {

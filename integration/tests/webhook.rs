@@ -14,7 +14,7 @@
 //! Canary: a receiver that does not de-duplicate must see repeats after the same kills.
 
 mod common;
-mod sinks;
+mod sinkkit;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -31,7 +31,7 @@ use tideline_connectors::sink::webhook::{WebhookConfig, WebhookSink};
 use tideline_wal::GtidSet;
 
 use common::Node;
-use sinks::Committed;
+use sinkkit::Committed;
 
 const CHILD_TEST: &str = "webhook_connector_child";
 
@@ -39,7 +39,7 @@ const CHILD_TEST: &str = "webhook_connector_child";
 #[test]
 #[ignore = "the connector child process of the kill test; it does nothing unless it re-executes it"]
 fn webhook_connector_child() {
-    sinks::child_main();
+    sinkkit::child_main();
 }
 
 /// One POST as the receiver saw it.
@@ -155,7 +155,7 @@ fn check(kept: &[Value], committed: &[Committed]) -> Result<(), String> {
                 .map(|(o, t, k, _)| (c.gtid.clone(), o.to_string(), t.clone(), k.clone()))
         })
         .collect();
-    let kept: Vec<&Value> = kept.iter().filter(|e| sinks::is_data(e)).collect();
+    let kept: Vec<&Value> = kept.iter().filter(|e| sinkkit::is_data(e)).collect();
     let got: Vec<(String, String, String, String)> = kept
         .iter()
         .map(|e| {
@@ -177,11 +177,11 @@ fn check(kept: &[Value], committed: &[Committed]) -> Result<(), String> {
     if let Some(i) = (0..got.len()).find(|&i| got[i] != want[i]) {
         return Err(format!("change {i}: got {:?}, want {:?}", got[i], want[i]));
     }
-    let mut model = sinks::Model::new();
+    let mut model = sinkkit::Model::new();
     for e in &kept {
-        sinks::apply(&mut model, e);
+        sinkkit::apply(&mut model, e);
     }
-    if model != sinks::model_of(committed) {
+    if model != sinkkit::model_of(committed) {
         return Err("the receiver's state differs from the workload's".into());
     }
     Ok(())
@@ -219,7 +219,7 @@ fn stored_offset(path: &std::path::Path) -> u64 {
 
 #[test]
 fn server_errors_are_retried_without_loss_and_each_post_names_its_gtids() {
-    let seed = sinks::seed("server_errors_are_retried_without_loss");
+    let seed = sinkkit::seed("server_errors_are_retried_without_loss");
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("node"), 0);
     let rt = rt();
@@ -230,7 +230,7 @@ fn server_errors_are_retried_without_loss_and_each_post_names_its_gtids() {
         fail_status: StatusCode::SERVICE_UNAVAILABLE,
     });
     let url = start_receiver(&rt, receiver.clone());
-    let committed = sinks::workload(
+    let committed = sinkkit::client_workload(
         &node.addr,
         &node.secrets(),
         seed,
@@ -286,7 +286,7 @@ fn server_errors_are_retried_without_loss_and_each_post_names_its_gtids() {
 
 #[test]
 fn a_client_error_holds_the_pipeline_and_keeps_the_position() {
-    let seed = sinks::seed("a_client_error_holds_the_pipeline");
+    let seed = sinkkit::seed("a_client_error_holds_the_pipeline");
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("node"), 0);
     let rt = rt();
@@ -297,7 +297,7 @@ fn a_client_error_holds_the_pipeline_and_keeps_the_position() {
         fail_status: StatusCode::BAD_REQUEST,
     });
     let url = start_receiver(&rt, receiver.clone());
-    sinks::workload(
+    sinkkit::client_workload(
         &node.addr,
         &node.secrets(),
         seed,
@@ -340,7 +340,7 @@ fn a_client_error_holds_the_pipeline_and_keeps_the_position() {
 
 #[test]
 fn kill9_mid_batch_then_dedup_by_header_gives_each_change_once() {
-    let seed = sinks::seed("kill9_mid_batch_then_dedup_by_header");
+    let seed = sinkkit::seed("kill9_mid_batch_then_dedup_by_header");
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(&dir.path().join("node"), 0);
     let rt = rt();
@@ -354,7 +354,7 @@ fn kill9_mid_batch_then_dedup_by_header_gives_each_change_once() {
     let position = dir.path().join("webhook.json");
     let mut sink_cfg = serde_json::json!({ "url": url, "position_file": position });
     sink_cfg["timeout_ms"] = 5_000.into();
-    let spec = sinks::child_spec(
+    let spec = sinkkit::child_spec(
         &node.addr,
         &node.secrets(),
         "killed",
@@ -362,7 +362,7 @@ fn kill9_mid_batch_then_dedup_by_header_gives_each_change_once() {
         sink_cfg,
         20,
     );
-    let writer = sinks::workload(
+    let writer = sinkkit::client_workload(
         &node.addr,
         &node.secrets(),
         seed,
@@ -372,13 +372,10 @@ fn kill9_mid_batch_then_dedup_by_header_gives_each_change_once() {
     );
     let mut rng = StdRng::seed_from_u64(seed ^ 0x51);
     let stderr = dir.path().join("child.stderr");
-    let cycles = std::env::var("TIDELINE_SINK_KILL_CYCLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20);
+    let cycles = sinkkit::cycles();
     for cycle in 0..cycles {
         let before = receiver.requests.load(Ordering::SeqCst);
-        let mut child = sinks::spawn_child(CHILD_TEST, &spec, &stderr, &[]);
+        let mut child = sinkkit::spawn_child(CHILD_TEST, &spec, &stderr, &[]);
         let deadline = Instant::now() + Duration::from_secs(60);
         while receiver.requests.load(Ordering::SeqCst) == before {
             assert!(
@@ -392,11 +389,11 @@ fn kill9_mid_batch_then_dedup_by_header_gives_each_change_once() {
             std::thread::sleep(Duration::from_millis(1));
         }
         std::thread::sleep(Duration::from_millis(rng.random_range(0..20)));
-        sinks::kill9(&mut child, &stderr);
+        sinkkit::kill9(&mut child, &stderr);
     }
     let committed = writer.join().unwrap();
     let last = committed.last().unwrap().offset;
-    let mut child = sinks::spawn_child(CHILD_TEST, &spec, &stderr, &[]);
+    let mut child = sinkkit::spawn_child(CHILD_TEST, &spec, &stderr, &[]);
     let deadline = Instant::now() + Duration::from_secs(120);
     while stored_offset(&position) < last {
         assert!(
@@ -406,7 +403,7 @@ fn kill9_mid_batch_then_dedup_by_header_gives_each_change_once() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    sinks::kill9(&mut child, &stderr);
+    sinkkit::kill9(&mut child, &stderr);
     let posts = receiver.posts.lock().unwrap().clone();
     let all: Vec<Value> = posts.iter().flat_map(|p| p.envelopes.clone()).collect();
     eprintln!(

@@ -1,7 +1,20 @@
-//! Shared by the PostgreSQL and Redis sink tests (`postgres.rs`, `redis.rs`): a source node in
-//! this process (so that trees can have merge operators, which the wire protocol cannot
-//! create), a seeded random workload on it, the log's projection (what a value sink must hold
-//! in the end), `tideline connect` children to kill, and the service checks.
+//! Shared by the sink tests (`postgres.rs`, `redis.rs`, `nats.rs`, `webhook.rs`,
+//! `file_sink.rs`): the service checks, seeds and kill-cycle counts, the two workloads, the
+//! connector children to kill with SIGKILL, and the log's projection a sink must end up
+//! holding.
+//!
+//! - Workloads: [`engine_workload`] commits to a [`SourceNode`] served from this process (so
+//!   that trees can have merge operators, which the wire protocol cannot create), for the
+//!   value sinks whose end state is compared with the engine's ([`SourceNode::projection`],
+//!   [`assert_same`]); [`client_workload`] commits over the wire to a node and records what
+//!   it committed ([`Committed`]), for the message sinks whose output is replayed into a
+//!   [`Model`] ([`model_of`], [`apply`]).
+//! - Children: [`connect`] runs `tideline connect --config FILE`; [`spawn_child`] re-executes
+//!   the test binary as a connector ([`child_main`]) for sinks tested with settings a file
+//!   does not reach. Both log to a file; [`kill9`] kills either and checks it died of the
+//!   kill.
+//! - Seeds: `TIDELINE_TEST_SEED` replays a run ([`seed`]); `TIDELINE_SINK_KILL_CYCLES` sets
+//!   the kill cycles ([`cycles`], 20 by default: the minimum).
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
 use std::collections::BTreeMap;
@@ -15,28 +28,24 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
 use tideline::node::{EngineNode, open_engine};
+use tideline_connectors::sink::nats::{NatsConfig, NatsSink, Per};
+use tideline_connectors::sink::webhook::{WebhookConfig, WebhookSink};
+use tideline_connectors::{PipelineConfig, Sink, StartFrom};
+use tideline_consumers::TailStart;
 use tideline_engine::Engine;
-use tideline_stream::{ServerConfig, ServerHandle, tls};
+use tideline_stream::{ServerConfig, ServerHandle, WriteOp, tls};
 use tideline_wal::Durability;
 
-/// Trees of the workload: plain values (JSON and bytes), `add` counters, JSON documents
-/// patched by `json-merge-patch`.
-pub const TREES: [(&str, Option<&str>); 3] = [
-    ("kv", None),
-    ("cnt", Some("add")),
-    ("doc", Some("json-merge-patch")),
-];
+// ---- Services, names, seeds ------------------------------------------------------------
 
-/// Whether `service` answers on `addr`. When it does not: panics under env `CI` (a test that
-/// needs a service never skips in CI), else prints a loud SKIPPED line and returns false.
-pub fn service_up(service: &str, addr: &str) -> bool {
-    let ok = addr
-        .parse()
-        .ok()
-        .and_then(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).ok())
-        .is_some();
-    if ok {
+/// Whether `service` answers on 127.0.0.1:`port`. When it does not: panics under env `CI` (a
+/// test that needs a service never skips in CI), else prints a loud SKIPPED line and returns
+/// false.
+pub fn service_up(service: &str, port: u16) -> bool {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    if TcpStream::connect_timeout(&addr, Duration::from_secs(2)).is_ok() {
         return true;
     }
     if std::env::var_os("CI").is_some() {
@@ -48,14 +57,44 @@ pub fn service_up(service: &str, addr: &str) -> bool {
     false
 }
 
-/// A name no other run uses: tables, keys and pipelines of parallel tests never collide.
+/// A name no other run uses (letters, digits and `x`): tables, keys, streams and pipelines
+/// of parallel tests never collide.
 pub fn unique(prefix: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{prefix}{}x{nanos:x}", std::process::id())
+    format!(
+        "{prefix}{}x{:x}",
+        std::process::id(),
+        rand::rng().random_range(0..u32::MAX)
+    )
 }
+
+/// The seed of this run: env `TIDELINE_TEST_SEED`, else random; printed with the test's name
+/// so that a failure replays.
+pub fn seed(test: &str) -> u64 {
+    let seed = std::env::var("TIDELINE_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("{test}: seed {seed} (replay with TIDELINE_TEST_SEED={seed})");
+    seed
+}
+
+/// Kill cycles: env `TIDELINE_SINK_KILL_CYCLES`, else 20 (the minimum).
+pub fn cycles() -> usize {
+    std::env::var("TIDELINE_SINK_KILL_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20)
+}
+
+// ---- Workloads ------------------------------------------------------------------------
+
+/// Trees of the workload: plain values (JSON and bytes), `add` counters, JSON documents
+/// patched by `json-merge-patch`.
+pub const TREES: [(&str, Option<&str>); 3] = [
+    ("kv", None),
+    ("cnt", Some("add")),
+    ("doc", Some("json-merge-patch")),
+];
 
 /// A node served from this process: engine + QUIC server on a free port.
 pub struct SourceNode {
@@ -169,8 +208,8 @@ pub fn random_txn(engine: &Engine, rng: &mut StdRng) {
     tx.commit().expect("commit a workload transaction");
 }
 
-/// Writes random transactions until `stop`, a few hundred a second.
-pub fn workload(
+/// Writes random transactions to `engine` until `stop`, a few hundred a second.
+pub fn engine_workload(
     engine: Arc<Engine>,
     seed: u64,
     stop: Arc<AtomicBool>,
@@ -187,22 +226,142 @@ pub fn workload(
     })
 }
 
-/// The seed of this run: env `TIDELINE_SINK_SEED`, else random; printed so a failure replays.
-pub fn seed() -> u64 {
-    let seed = std::env::var("TIDELINE_SINK_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (replay with TIDELINE_SINK_SEED={seed})");
-    seed
+/// A transaction the workload committed.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub gtid: String,
+    pub offset: u64,
+    /// `(op, tree, key, value)` of each change, in order (value "" for a delete).
+    pub changes: Vec<(&'static str, String, String, String)>,
 }
 
-/// Kill cycles: env `TIDELINE_SINK_KILL_CYCLES`, else 20 (the minimum).
-pub fn cycles() -> usize {
-    std::env::var("TIDELINE_SINK_KILL_CYCLES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20)
+/// The state `committed` leaves, applied in order.
+pub fn model_of(committed: &[Committed]) -> Model {
+    let mut m = Model::new();
+    for c in committed {
+        for (op, tree, key, value) in &c.changes {
+            if *op == "delete" {
+                m.remove(&(tree.clone(), key.clone()));
+            } else {
+                m.insert((tree.clone(), key.clone()), value.clone());
+            }
+        }
+    }
+    m
+}
+
+/// The state the workload left: `(tree, key) -> value`.
+pub type Model = BTreeMap<(String, String), String>;
+
+/// Commits `txns` random transactions (1-3 puts/deletes over 200 keys in two trees, a third
+/// of them spanning both) to the node at `addr`, pausing `pause` between them, until `stop`.
+/// Returns what it committed.
+pub fn client_workload(
+    addr: &str,
+    secrets: &Path,
+    seed: u64,
+    txns: usize,
+    pause: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<Committed>> {
+    let (addr, secrets) = (addr.to_owned(), secrets.to_owned());
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        rt.block_on(async move {
+            let _ = rustls::crypto::ring::default_provider().install_default();
+            let s = tideline_stream::tls::load_client_dir(&secrets).expect("client secrets");
+            let client =
+                tideline_stream::Client::connect(&addr, tideline_stream::ClientConfig::new(s))
+                    .await
+                    .expect("connect the workload to the node");
+            let mut rng = StdRng::seed_from_u64(seed);
+            let mut out = Vec::new();
+            for i in 0..txns {
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let n = rng.random_range(1..=3);
+                let mut ops = Vec::new();
+                let mut changes = Vec::new();
+                let both = rng.random_range(0..3) == 0;
+                for j in 0..n {
+                    let tree = if both && j % 2 == 1 {
+                        "orders"
+                    } else {
+                        "users"
+                    };
+                    let key = format!("k{:03}", rng.random_range(0..200));
+                    if rng.random_range(0..4) == 0 {
+                        ops.push(WriteOp::Delete {
+                            tree: tree.into(),
+                            key: key.clone().into_bytes(),
+                        });
+                        changes.push(("delete", tree.to_string(), key, String::new()));
+                    } else {
+                        let value = format!("{{\"seed\":{seed},\"i\":{i},\"j\":{j}}}");
+                        ops.push(WriteOp::Put {
+                            tree: tree.into(),
+                            key: key.clone().into_bytes(),
+                            value: value.clone().into_bytes(),
+                        });
+                        changes.push(("put", tree.to_string(), key, value));
+                    }
+                }
+                let (offset, gtid) = client.commit(ops).await.expect("commit");
+                out.push(Committed {
+                    gtid,
+                    offset,
+                    changes,
+                });
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            client.close().await;
+            out
+        })
+    })
+}
+
+/// Whether an envelope is a put, delete or bootstrap read (not a tree's creation or drop).
+pub fn is_data(e: &Value) -> bool {
+    matches!(e["op"].as_str(), Some("put" | "delete" | "read" | "merge"))
+}
+
+/// Applies one envelope to a model (what a receiver that upserts and deletes would hold).
+pub fn apply(model: &mut Model, e: &Value) {
+    let tree = e["tree"]
+        .as_str()
+        .expect("an envelope names its tree")
+        .to_string();
+    let key = e["key"].as_str().expect("a UTF-8 key").to_string();
+    match e["op"].as_str() {
+        Some("put") | Some("read") => {
+            let after = e["after"].as_str().expect("a UTF-8 value").to_string();
+            model.insert((tree, key), after);
+        }
+        Some("delete") => {
+            model.remove(&(tree, key));
+        }
+        other => panic!("unexpected op {other:?} in {e}"),
+    }
+}
+
+// ---- Connector children -----------------------------------------------------------------
+
+/// The env var carrying a re-executed child's spec (JSON); set only in the child.
+pub const CHILD_ENV: &str = "TIDELINE_TEST_SINK_CHILD";
+
+/// `path` opened for appending, for a child's stderr: the cycles of one test share one log.
+pub fn log_file(path: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("open the connector log")
 }
 
 /// Writes a pipeline file into `dir` and returns its path.
@@ -220,14 +379,9 @@ pub fn connect(config: &Path, log: &Path, canary: bool) -> Child {
     c.args(["connect", "--config"])
         .arg(config)
         .env("TIDELINE_LOG", "warn")
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .expect("open the connector log"),
-        );
+        .stderr(log_file(log));
     if canary {
         c.env("TIDELINE_TESTING_POSITION_APART", "1");
     } else {
@@ -236,21 +390,144 @@ pub fn connect(config: &Path, log: &Path, canary: bool) -> Child {
     c.spawn().expect("start tideline connect")
 }
 
-/// SIGKILLs `child` and reaps it; asserts it was still running (it never exits by itself).
-pub fn kill9(child: &mut Child, log: &Path) {
+/// What the child runs.
+pub fn child_spec(
+    node: &str,
+    secrets: &Path,
+    pipeline: &str,
+    kind: &str,
+    sink: Value,
+    batch_changes: usize,
+) -> String {
+    json!({
+        "node": node,
+        "secrets": secrets,
+        "pipeline": pipeline,
+        "kind": kind,
+        "sink": sink,
+        "batch_changes": batch_changes,
+    })
+    .to_string()
+}
+
+/// Starts the test binary `test` (an `#[ignore]`d test calling [`child_main`]) as a connector
+/// child with `spec`, stderr to `stderr`, extra env `env`.
+pub fn spawn_child(test: &str, spec: &str, stderr: &Path, env: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().expect("the test binary"));
+    cmd.args(["--exact", test, "--ignored", "--nocapture"])
+        .env(CHILD_ENV, spec)
+        .env("TIDELINE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file(stderr));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn the connector child")
+}
+
+/// Kills `child` with SIGKILL and checks it was still running (it died of the kill, not of
+/// an error of its own).
+pub fn kill9(child: &mut Child, stderr: &Path) {
+    use std::os::unix::process::ExitStatusExt;
     if let Ok(Some(status)) = child.try_wait() {
         panic!(
-            "the connector exited by itself ({status}); its log:\n{}",
-            std::fs::read_to_string(log).unwrap_or_default()
+            "the connector exited by itself ({status}); its stderr:\n{}",
+            std::fs::read_to_string(stderr).unwrap_or_default()
         );
     }
-    child.kill().expect("SIGKILL the connector");
-    let status = child.wait().expect("reap the connector");
-    assert!(
-        !status.success(),
-        "a killed connector reports failure: {status}"
+    let _ = child.kill();
+    let status = child.wait().expect("wait for the connector");
+    assert_eq!(
+        status.signal(),
+        Some(9),
+        "the connector ended with {status}, not by the kill; its stderr:\n{}",
+        std::fs::read_to_string(stderr).unwrap_or_default()
     );
 }
+
+/// The child's body: runs the pipeline of `CHILD_ENV` until killed. Returns at once (doing
+/// nothing) when the env var is not set.
+pub fn child_main() {
+    let Ok(spec) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let spec: Value = serde_json::from_str(&spec).expect("the child spec is JSON");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let result = rt.block_on(async move {
+        let secrets = tideline_stream::tls::load_client_dir(Path::new(
+            spec["secrets"].as_str().expect("secrets"),
+        ))
+        .expect("client secrets");
+        let pipeline = spec["pipeline"].as_str().expect("pipeline");
+        let mut cfg = PipelineConfig::new(
+            pipeline,
+            spec["node"].as_str().expect("node"),
+            tideline_stream::ClientConfig::new(secrets),
+        );
+        cfg.from = StartFrom::Tail(TailStart::Earliest);
+        cfg.batch_changes = spec["batch_changes"].as_u64().unwrap_or(10_000) as usize;
+        cfg.retry_min = Duration::from_millis(50);
+        cfg.retry_max = Duration::from_millis(500);
+        let sink: Box<dyn Sink> = match spec["kind"].as_str() {
+            Some("nats") => {
+                let c: NatsConfig =
+                    serde_json::from_value(spec["sink"].clone()).expect("a NATS config");
+                Box::new(NatsSink::new(c, pipeline).expect("a NATS sink"))
+            }
+            Some("webhook") => {
+                let c: WebhookConfig =
+                    serde_json::from_value(spec["sink"].clone()).expect("a webhook config");
+                Box::new(WebhookSink::new(c, pipeline).expect("a webhook sink"))
+            }
+            other => panic!("unknown sink kind {other:?}"),
+        };
+        let (status, task) = tideline_connectors::pipeline::spawn(cfg, sink);
+        // Status on stderr now and then, for a failing test's output.
+        let printer = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                eprintln!("status {}", status.get().to_json());
+            }
+        });
+        let r = task.await;
+        printer.abort();
+        r
+    });
+    panic!("the pipeline stopped: {result:?}");
+}
+
+/// A NATS sink config for one test run: its own stream, subjects and pipeline key.
+pub fn nats_config(run: &str, per: Per) -> NatsConfig {
+    let mut c = NatsConfig::new("nats://127.0.0.1:4222");
+    c.stream = format!("TLTEST_{run}");
+    c.subjects = vec![format!("tltest.{run}.>")];
+    c.subject = format!("tltest.{run}.{{tree}}");
+    c.per = per;
+    c
+}
+
+/// A NATS config as the child's JSON spec expects it.
+pub fn nats_json(c: &NatsConfig) -> Value {
+    json!({
+        "url": c.url,
+        "stream": c.stream,
+        "subjects": c.subjects,
+        "subject": c.subject,
+        "per": match c.per { Per::Txn => "txn", Per::Op => "op" },
+        "duplicate_window_secs": c.duplicate_window_secs,
+        "ack_timeout_ms": c.ack_timeout_ms,
+        "max_in_flight": c.max_in_flight,
+        "positions_bucket": c.positions_bucket,
+    })
+}
+
+// ---- The log's projection ---------------------------------------------------------------
 
 /// The offset in a stored pipeline checkpoint (`{"tail":{"offset":N,..}}`), 0 while
 /// bootstrapping or without one.

@@ -15,10 +15,14 @@
 //!
 //! Owns: these shapes. Must never: publish, or decide when the checkpoint moves.
 
-use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::ops::Range;
+
+use async_nats::Subject;
+use bytes::Bytes;
 use tideline_wal::{Op, Transaction};
 
-use crate::envelope::{self, Source};
+use crate::envelope::{self, SourceText};
 use crate::pipeline::PipelineCheckpoint;
 use crate::sink::{Batch, Item};
 
@@ -38,13 +42,13 @@ pub const MULTI_TREE: &str = "_multi";
 /// A message to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
-    /// Subject.
-    pub subject: String,
+    /// Subject (cheap to clone: shared bytes).
+    pub subject: Subject,
     /// The `Nats-Msg-Id` header: the stream drops a second message with the same id within
     /// its duplicate window.
     pub id: String,
-    /// JSON payload.
-    pub payload: Vec<u8>,
+    /// JSON payload: a slice of the one buffer all payloads of its batch were written into.
+    pub payload: Bytes,
 }
 
 /// The tree as one subject token: `.`, `*`, `>` and whitespace become `_` (they would split or
@@ -84,105 +88,289 @@ pub fn txn_tree(txn: &Transaction) -> &str {
     }
 }
 
-fn to_bytes(v: &Value) -> Vec<u8> {
-    // Serializing a `Value` cannot fail (its keys are strings).
-    serde_json::to_vec(v).unwrap_or_default()
-}
-
 /// Hex of the first 16 bytes of SHA-256 over length-prefixed parts.
 fn digest(parts: &[&[u8]]) -> String {
+    use std::fmt::Write as _;
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for p in parts {
         ctx.update(&(p.len() as u64).to_le_bytes());
         ctx.update(p);
     }
-    ctx.finish().as_ref()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    let mut hex = String::with_capacity(32);
+    for b in &ctx.finish().as_ref()[..16] {
+        let _ = write!(hex, "{b:02x}");
+    }
+    hex
 }
 
-/// The messages of `batch`, in order.
-pub fn messages(batch: &Batch, template: &str, per: Per) -> Vec<Message> {
-    let mut out = Vec::new();
-    let uuid = batch.source;
-    for item in &batch.items {
-        match item {
-            Item::Txn(t) => {
-                let source = Source {
-                    server_uuid: uuid,
-                    txn: Some(t),
-                };
-                let gtid = t.gtid.to_string();
-                match per {
-                    Per::Txn => {
-                        let changes: Vec<Value> = t
-                            .ops
-                            .iter()
-                            .map(|op| envelope::op_envelope(op, source))
-                            .collect();
-                        let payload = json!({
-                            "gtid": gtid,
-                            "offset": t.offset.get(),
-                            "ts": envelope::rfc3339_us(t.timestamp_us),
-                            "changes": changes,
-                        });
-                        out.push(Message {
-                            subject: subject(template, txn_tree(t)),
-                            id: gtid,
-                            payload: to_bytes(&payload),
-                        });
-                    }
-                    Per::Op => {
-                        for (i, op) in t.ops.iter().enumerate() {
-                            out.push(Message {
-                                subject: subject(template, op_tree(op)),
-                                id: format!("{gtid}:{i}"),
-                                payload: to_bytes(&envelope::op_envelope(op, source)),
+/// Trees whose subject a [`Builder`] keeps at most; past it, it forgets them all and starts
+/// again (a bound, not a cache policy: real sources have far fewer trees).
+const SUBJECTS_MAX: usize = 4096;
+
+/// Builds the messages of batches without a JSON value tree: every payload of a batch is
+/// written by the envelope's direct writer into one buffer that its messages share, and each
+/// tree's subject is rendered once and kept between batches.
+#[derive(Debug)]
+pub struct Builder {
+    template: String,
+    per: Per,
+    subjects: HashMap<String, Subject>,
+    /// The last batch's payload bytes: the next buffer starts that large.
+    bytes_hint: usize,
+}
+
+/// A message whose payload is still a range of the batch's buffer.
+struct Pending {
+    subject: Subject,
+    id: String,
+    payload: Range<usize>,
+}
+
+impl Builder {
+    /// Messages for subject `template` (with `{tree}`), one per transaction or per change.
+    pub fn new(template: &str, per: Per) -> Builder {
+        Builder {
+            template: template.to_owned(),
+            per,
+            subjects: HashMap::new(),
+            bytes_hint: 0,
+        }
+    }
+
+    fn subject(&mut self, tree: &str) -> Subject {
+        if let Some(s) = self.subjects.get(tree) {
+            return s.clone();
+        }
+        if self.subjects.len() >= SUBJECTS_MAX {
+            self.subjects.clear();
+        }
+        let s = Subject::from(subject(&self.template, tree));
+        self.subjects.insert(tree.to_owned(), s.clone());
+        s
+    }
+
+    /// The messages of `batch`, in order.
+    pub fn messages(&mut self, batch: &Batch) -> Vec<Message> {
+        let mut buf = Vec::with_capacity(self.bytes_hint);
+        let mut pending = Vec::with_capacity(batch.items.len());
+        let uuid = batch.source;
+        for item in &batch.items {
+            match item {
+                Item::Txn(t) => {
+                    let gtid = t.gtid.to_string();
+                    let ts = envelope::rfc3339_us(t.timestamp_us);
+                    let source = SourceText::live(uuid, t.offset.get(), &gtid, &ts);
+                    match self.per {
+                        Per::Txn => {
+                            use std::io::Write as _;
+                            let start = buf.len();
+                            // A GTID and an RFC 3339 time hold nothing JSON escapes.
+                            let _ = write!(
+                                buf,
+                                "{{\"gtid\":\"{gtid}\",\"offset\":{},\"ts\":\"{ts}\",\"changes\":[",
+                                t.offset.get()
+                            );
+                            for (i, op) in t.ops.iter().enumerate() {
+                                if i > 0 {
+                                    buf.push(b',');
+                                }
+                                envelope::write_op(op, &source, &mut buf);
+                            }
+                            buf.extend_from_slice(b"]}");
+                            pending.push(Pending {
+                                subject: self.subject(txn_tree(t)),
+                                id: gtid,
+                                payload: start..buf.len(),
                             });
+                        }
+                        Per::Op => {
+                            for (i, op) in t.ops.iter().enumerate() {
+                                let start = buf.len();
+                                envelope::write_op(op, &source, &mut buf);
+                                pending.push(Pending {
+                                    subject: self.subject(op_tree(op)),
+                                    id: format!("{gtid}:{i}"),
+                                    payload: start..buf.len(),
+                                });
+                            }
                         }
                     }
                 }
-            }
-            Item::Chunk { tree, entries, .. } => {
-                let subject = subject(template, tree);
-                for (k, v) in entries {
-                    out.push(Message {
-                        subject: subject.clone(),
-                        id: format!("boot:{uuid}:{}", digest(&[tree.as_bytes(), k, v])),
-                        payload: to_bytes(&envelope::read_envelope(tree, k, v, uuid)),
-                    });
-                }
-            }
-            Item::Ops(ops) => {
-                let step = match PipelineCheckpoint::decode(&batch.checkpoint) {
-                    Ok(PipelineCheckpoint::Bootstrap(p)) => {
-                        format!("{}:{}", p.epoch.unwrap_or_default(), p.after_offset)
+                Item::Chunk { tree, entries, .. } => {
+                    let subject = self.subject(tree);
+                    let source = SourceText::new(uuid, None);
+                    for (k, v) in entries {
+                        let start = buf.len();
+                        envelope::write_read(tree, k, v, &source, &mut buf);
+                        pending.push(Pending {
+                            subject: subject.clone(),
+                            id: format!("boot:{uuid}:{}", digest(&[tree.as_bytes(), k, v])),
+                            payload: start..buf.len(),
+                        });
                     }
-                    // Not a bootstrap checkpoint (a caller of its own): name the step by it.
-                    _ => digest(&[&batch.checkpoint]),
-                };
-                let source = Source {
-                    server_uuid: uuid,
-                    txn: None,
-                };
-                for (i, op) in ops.iter().enumerate() {
-                    out.push(Message {
-                        subject: subject(template, op_tree(op)),
-                        id: format!("boot:{uuid}:{step}:{i}"),
-                        payload: to_bytes(&envelope::op_envelope(op, source)),
-                    });
+                }
+                Item::Ops(ops) => {
+                    let step = match PipelineCheckpoint::decode(&batch.checkpoint) {
+                        Ok(PipelineCheckpoint::Bootstrap(p)) => {
+                            format!("{}:{}", p.epoch.unwrap_or_default(), p.after_offset)
+                        }
+                        // Not a bootstrap checkpoint (a caller of its own): name the step by it.
+                        _ => digest(&[&batch.checkpoint]),
+                    };
+                    let source = SourceText::new(uuid, None);
+                    for (i, op) in ops.iter().enumerate() {
+                        let start = buf.len();
+                        envelope::write_op(op, &source, &mut buf);
+                        pending.push(Pending {
+                            subject: self.subject(op_tree(op)),
+                            id: format!("boot:{uuid}:{step}:{i}"),
+                            payload: start..buf.len(),
+                        });
+                    }
                 }
             }
         }
+        self.bytes_hint = buf.len();
+        let all = Bytes::from(buf);
+        pending
+            .into_iter()
+            .map(|p| Message {
+                subject: p.subject,
+                id: p.id,
+                payload: all.slice(p.payload),
+            })
+            .collect()
     }
-    out
+}
+
+/// The messages of `batch`, in order (a [`Builder`] used once).
+pub fn messages(batch: &Batch, template: &str, per: Per) -> Vec<Message> {
+    Builder::new(template, per).messages(batch)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
     use tideline_wal::{Gtid, Offset};
+
+    /// The messages of `batch` built as JSON values and serialized: the shapes the direct
+    /// writer must reproduce byte for byte.
+    fn by_value(batch: &Batch, template: &str, per: Per) -> Vec<(String, String, Vec<u8>)> {
+        let mut out = Vec::new();
+        let uuid = batch.source;
+        let to_bytes = |v: &Value| serde_json::to_vec(v).unwrap();
+        for item in &batch.items {
+            match item {
+                Item::Txn(t) => {
+                    let source = envelope::Source {
+                        server_uuid: uuid,
+                        txn: Some(t),
+                    };
+                    let gtid = t.gtid.to_string();
+                    match per {
+                        Per::Txn => {
+                            let changes: Vec<Value> = t
+                                .ops
+                                .iter()
+                                .map(|op| envelope::op_envelope(op, source))
+                                .collect();
+                            let payload = json!({
+                                "gtid": gtid,
+                                "offset": t.offset.get(),
+                                "ts": envelope::rfc3339_us(t.timestamp_us),
+                                "changes": changes,
+                            });
+                            out.push((subject(template, txn_tree(t)), gtid, to_bytes(&payload)));
+                        }
+                        Per::Op => {
+                            for (i, op) in t.ops.iter().enumerate() {
+                                out.push((
+                                    subject(template, op_tree(op)),
+                                    format!("{gtid}:{i}"),
+                                    to_bytes(&envelope::op_envelope(op, source)),
+                                ));
+                            }
+                        }
+                    }
+                }
+                Item::Chunk { tree, entries, .. } => {
+                    for (k, v) in entries {
+                        out.push((
+                            subject(template, tree),
+                            format!("boot:{uuid}:{}", digest(&[tree.as_bytes(), k, v])),
+                            to_bytes(&envelope::read_envelope(tree, k, v, uuid)),
+                        ));
+                    }
+                }
+                Item::Ops(ops) => {
+                    let source = envelope::Source {
+                        server_uuid: uuid,
+                        txn: None,
+                    };
+                    for (i, op) in ops.iter().enumerate() {
+                        let step = digest(&[&batch.checkpoint]);
+                        out.push((
+                            subject(template, op_tree(op)),
+                            format!("boot:{uuid}:{step}:{i}"),
+                            to_bytes(&envelope::op_envelope(op, source)),
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_direct_writer_gives_the_envelopes_json_values_give() {
+        let uuid = uuid::Uuid::from_bytes([9; 16]);
+        let ops = envelope::sample_ops();
+        let batch = Batch {
+            source: uuid,
+            items: vec![
+                txn(uuid, 5, ops.clone()),
+                txn(uuid, 6, vec![put("users", "a")]),
+                Item::Txn(Transaction {
+                    offset: Offset::new(7).unwrap(),
+                    gtid: Gtid::new(uuid, 7).unwrap(),
+                    timestamp_us: 1_700_000_000_123_456,
+                    ops: vec![],
+                }),
+                Item::Chunk {
+                    tree: "t.x".into(),
+                    merge_operator: None,
+                    from: vec![],
+                    to: None,
+                    entries: vec![(b"a".to_vec(), b"1".to_vec()), (vec![0xfe], vec![0xfd])],
+                },
+                Item::Ops(ops),
+            ],
+            checkpoint: b"not a bootstrap checkpoint".to_vec(),
+        };
+        for per in [Per::Txn, Per::Op] {
+            let mut builder = Builder::new("cdc.{tree}", per);
+            // Twice through one builder: its kept subjects and buffer size change nothing.
+            for _ in 0..2 {
+                let got: Vec<_> = builder
+                    .messages(&batch)
+                    .into_iter()
+                    .map(|m| (m.subject.to_string(), m.id, m.payload.to_vec()))
+                    .collect();
+                let want = by_value(&batch, "cdc.{tree}", per);
+                assert_eq!(got.len(), want.len(), "{per:?}");
+                for (g, w) in got.iter().zip(&want) {
+                    assert_eq!(g.0, w.0, "{per:?}");
+                    assert_eq!(g.1, w.1, "{per:?}");
+                    assert_eq!(
+                        String::from_utf8_lossy(&g.2),
+                        String::from_utf8_lossy(&w.2),
+                        "{per:?}"
+                    );
+                }
+            }
+        }
+    }
 
     fn put(tree: &str, key: &str) -> Op {
         Op::Put {
@@ -216,8 +404,8 @@ mod tests {
         let m = messages(&batch, "tideline.{tree}", Per::Txn);
         assert_eq!(m.len(), 2);
         assert_eq!(m[0].id, format!("{uuid}:3"));
-        assert_eq!(m[0].subject, "tideline.users");
-        assert_eq!(m[1].subject, "tideline._multi");
+        assert_eq!(m[0].subject.as_str(), "tideline.users");
+        assert_eq!(m[1].subject.as_str(), "tideline._multi");
         let p: Value = serde_json::from_slice(&m[0].payload).unwrap();
         assert_eq!(p["gtid"], format!("{uuid}:3"));
         assert_eq!(p["offset"], 3);
@@ -237,8 +425,8 @@ mod tests {
         let m = messages(&batch, "cdc.{tree}.changes", Per::Op);
         let ids: Vec<_> = m.iter().map(|m| m.id.as_str()).collect();
         assert_eq!(ids, [format!("{uuid}:9:0"), format!("{uuid}:9:1")]);
-        assert_eq!(m[0].subject, "cdc.a_b.changes");
-        assert_eq!(m[1].subject, "cdc.c.changes");
+        assert_eq!(m[0].subject.as_str(), "cdc.a_b.changes");
+        assert_eq!(m[1].subject.as_str(), "cdc.c.changes");
         let p: Value = serde_json::from_slice(&m[1].payload).unwrap();
         assert_eq!(p["key"], "k2");
         assert_eq!(p["source"]["gtid"], format!("{uuid}:9"));

@@ -1,7 +1,8 @@
 //! The NATS JetStream sink: changes as JSON messages on a stream, de-duplicated by GTID.
 //!
 //! Delivery: every message of a batch is published with a `Nats-Msg-Id` header (the GTID, see
-//! [`message`]) and the pipelined acks are all awaited; only then is the batch's checkpoint
+//! [`message`]), up to `max_in_flight` awaiting their ack at once (see `publish.rs`), and
+//! every ack is awaited; only then is the batch's checkpoint
 //! written, to the JetStream key-value bucket `positions_bucket` (default
 //! `tideline_positions`) under the pipeline's name. A crash between the acks and that write
 //! sends the batch again on restart, and the stream drops each message whose id it saw within
@@ -11,13 +12,15 @@
 //! Owns: the connection, the stream and the bucket it creates when absent, the publish-ack
 //! accounting. Must never: write the checkpoint before every publish of its batch is acked.
 //!
-//! Layout: `message.rs` builds subjects, ids and payloads (pure); this file talks to the server.
+//! Layout: `message.rs` builds subjects, ids and payloads (pure); `publish.rs` publishes a
+//! batch and matches its acks; this file connects, checks and stores the checkpoint.
 
 pub mod message;
+mod publish;
 
 use std::time::Duration;
 
-use async_nats::jetstream::{self, message::PublishMessage};
+use async_nats::jetstream;
 use bytes::Bytes;
 
 pub use message::{Message, Per};
@@ -52,7 +55,8 @@ pub struct NatsConfig {
     /// crashed connector may take to come back without repeating a message.
     #[serde(default = "default_window")]
     pub duplicate_window_secs: u64,
-    /// How long to wait for a publish's ack, or a stream/bucket request (default 10000).
+    /// How long to wait for the next ack of a batch's publishes, or for the answer to a
+    /// stream/bucket request, before the batch is retried (default 10000).
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_ms: u64,
     /// Publishes awaiting their ack at once (default 4096): the pipelining depth.
@@ -137,8 +141,8 @@ fn valid_name(n: &str) -> bool {
 }
 
 struct Conn {
-    js: jetstream::Context,
     kv: jetstream::kv::Store,
+    window: publish::AckWindow,
     max_payload: usize,
 }
 
@@ -147,6 +151,7 @@ pub struct NatsSink {
     cfg: NatsConfig,
     pipeline: String,
     conn: Option<Conn>,
+    builder: message::Builder,
 }
 
 impl NatsSink {
@@ -191,10 +196,12 @@ impl NatsSink {
                  digits and -_=./"
             ));
         }
+        let builder = message::Builder::new(&cfg.subject, cfg.per);
         Ok(NatsSink {
             cfg,
             pipeline: pipeline.to_owned(),
             conn: None,
+            builder,
         })
     }
 
@@ -204,7 +211,10 @@ impl NatsSink {
         let mut opts = async_nats::ConnectOptions::new()
             .name(format!("tideline pipeline {}", self.pipeline))
             .connection_timeout(timeout)
-            .request_timeout(Some(timeout));
+            .request_timeout(Some(timeout))
+            // The client drops a message for a full subscription: room for a window of acks
+            // and the late ones of an attempt given up (a drop would only cost a retry).
+            .subscription_capacity(cfg.max_in_flight.saturating_mul(2).max(64 * 1024));
         if let (Some(u), Some(p)) = (&cfg.user, &cfg.password) {
             opts = opts.user_and_password(u.clone(), p.clone());
         }
@@ -226,11 +236,10 @@ impl NatsSink {
             }
         })?;
         let max_payload = client.server_info().max_payload;
+        let ack_window = publish::AckWindow::open(&client).await?;
         let js = jetstream::ContextBuilder::new()
             .timeout(timeout)
             .ack_timeout(timeout)
-            .max_ack_inflight(cfg.max_in_flight)
-            .backpressure_on_inflight(true)
             .build(client);
         let stream_cfg = jetstream::stream::Config {
             name: cfg.stream.clone(),
@@ -269,16 +278,18 @@ impl NatsSink {
         }
         let kv = positions_bucket(&js, &cfg.positions_bucket).await?;
         Ok(Conn {
-            js,
             kv,
+            window: ack_window,
             max_payload,
         })
     }
 
-    async fn publish_all(&self, conn: &Conn, msgs: Vec<Message>) -> Result<(), SinkError> {
-        // At most `max_in_flight` acks outstanding: an ack future holds its in-flight permit
-        // until it is awaited, so the oldest is awaited before the next publish past the limit.
-        let mut acks = std::collections::VecDeque::with_capacity(self.cfg.max_in_flight);
+    /// Publishes `msgs` and awaits every ack (the checkpoint is not this function's).
+    async fn publish_all(
+        cfg: &NatsConfig,
+        conn: &mut Conn,
+        msgs: &[Message],
+    ) -> Result<(), SinkError> {
         for m in msgs {
             if m.payload.len() + m.id.len() + 64 > conn.max_payload {
                 return Err(SinkError::Hold(format!(
@@ -289,57 +300,18 @@ impl NatsSink {
                     conn.max_payload
                 )));
             }
-            if acks.len() >= self.cfg.max_in_flight
-                && let Some((subject, ack)) = acks.pop_front()
-            {
-                self.check_ack(subject, ack).await?;
-            }
-            let publish = PublishMessage::build().payload(Bytes::from(m.payload));
-            #[cfg(feature = "testing")]
-            let publish = if testing::without_msg_id() {
-                publish
-            } else {
-                publish.message_id(&m.id)
-            };
-            #[cfg(not(feature = "testing"))]
-            let publish = publish.message_id(&m.id);
-            let ack = conn
-                .js
-                .send_publish(m.subject.clone(), publish)
-                .await
-                .map_err(|e| SinkError::Retry(format!("NATS publish to {}: {e}", m.subject)))?;
-            acks.push_back((m.subject, ack));
         }
-        for (subject, ack) in acks {
-            self.check_ack(subject, ack).await?;
-        }
-        Ok(())
-    }
-
-    async fn check_ack(
-        &self,
-        subject: String,
-        ack: jetstream::context::PublishAckFuture,
-    ) -> Result<(), SinkError> {
-        let stream = &self.cfg.stream;
-        let ack = ack.await.map_err(|e| {
-            use async_nats::jetstream::context::PublishErrorKind as K;
-            match e.kind() {
-                K::StreamNotFound => SinkError::Hold(format!(
-                    "no JetStream stream captures subject {subject:?}: add it to the \
-                     subjects of stream {stream:?}"
-                )),
-                _ => SinkError::Retry(format!("NATS publish to {subject}: {e}")),
-            }
-        })?;
-        if &ack.stream != stream {
-            return Err(SinkError::Hold(format!(
-                "subject {subject:?} is captured by stream {:?}, not {stream:?}: make the \
-                 subjects of the two streams disjoint",
-                ack.stream
-            )));
-        }
-        Ok(())
+        #[cfg(feature = "testing")]
+        let with_id = !testing::without_msg_id();
+        #[cfg(not(feature = "testing"))]
+        let with_id = true;
+        let settings = publish::Settings {
+            stream: &cfg.stream,
+            max_in_flight: cfg.max_in_flight,
+            ack_timeout: Duration::from_millis(cfg.ack_timeout_ms),
+            with_id,
+        };
+        conn.window.publish(msgs, &settings).await
     }
 }
 
@@ -403,11 +375,11 @@ impl Sink for NatsSink {
             if self.conn.is_none() {
                 self.conn = Some(self.connect().await?);
             }
-            let conn = self.conn.as_ref().expect("connected just above");
-            let msgs = message::messages(batch, &self.cfg.subject, self.cfg.per);
+            let msgs = self.builder.messages(batch);
+            let conn = self.conn.as_mut().expect("connected just above");
+            Self::publish_all(&self.cfg, conn, &msgs).await?;
             #[cfg(feature = "testing")]
             let published = !msgs.is_empty();
-            self.publish_all(conn, msgs).await?;
             #[cfg(feature = "testing")]
             if published && testing::die_before_position() {
                 // The worst moment for a crash: every message acked, the checkpoint not moved.
