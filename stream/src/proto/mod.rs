@@ -178,6 +178,12 @@ impl BatchBuilder {
         self.frames.len()
     }
 
+    /// Gives back what the builder holds beyond `bytes` (after a batch that one large record
+    /// made larger than usual), so that it does not keep that size for ever.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        self.frames.shrink_to(bytes);
+    }
+
     /// Appends the batch frame to `out` and empties the builder.
     pub fn finish_into(&mut self, out: &mut Vec<u8>) {
         let len = (4 + self.frames.len()) as u32;

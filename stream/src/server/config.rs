@@ -45,6 +45,12 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// A subscription sends a batch once it holds this many bytes of records.
     pub batch_bytes_target: usize,
+    /// Most memory the server holds for one consumer that stops reading: the batch being
+    /// prepared and its encoded copy (`2 * batch_bytes_target`), plus the data written to the
+    /// connection and not yet acknowledged by the peer (the connection's send window, the rest
+    /// of this figure, shared by the streams of one connection). One transaction larger than a
+    /// batch makes that batch larger. At least [`ServerConfig::consumer_buffer_bytes_min`].
+    pub consumer_buffer_bytes: usize,
     /// UDP send and receive buffer size (0: the kernel's default).
     pub udp_buffer_bytes: usize,
     /// Counters, the subscription registry and the monitor feed; the node reads them.
@@ -76,11 +82,33 @@ impl ServerConfig {
             unsafe_no_handshake_budget: false,
             heartbeat: Duration::from_millis(500),
             batch_bytes_target: 256 << 10,
+            consumer_buffer_bytes: CONSUMER_BUFFER_BYTES_DEFAULT,
             udp_buffer_bytes: crate::udp::UDP_BUFFER_BYTES_DEFAULT,
             observer: Arc::new(Observer::new()),
         }
     }
+
+    /// The smallest `consumer_buffer_bytes` this configuration accepts: two batches and a send
+    /// window of at least two more (below that a tail waits on acknowledgements between
+    /// batches).
+    pub fn consumer_buffer_bytes_min(&self) -> usize {
+        4 * self.batch_bytes_target
+    }
+
+    /// The connection's send window: what `consumer_buffer_bytes` leaves once the batch being
+    /// prepared and its encoded copy are taken out. `None` when the buffer is smaller than
+    /// [`ServerConfig::consumer_buffer_bytes_min`].
+    pub(crate) fn send_window_bytes(&self) -> Option<u64> {
+        (self.consumer_buffer_bytes >= self.consumer_buffer_bytes_min())
+            .then(|| (self.consumer_buffer_bytes - 2 * self.batch_bytes_target) as u64)
+    }
 }
+
+/// Default [`ServerConfig::consumer_buffer_bytes`]: 4 MiB per consumer that stops reading, so
+/// a thousand of them hold at most 4 GiB; a reading tail on loopback or a LAN needs far less
+/// than the 3.5 MiB of send window it leaves (raise it for links whose bandwidth times round
+/// trip exceeds that).
+pub const CONSUMER_BUFFER_BYTES_DEFAULT: usize = 4 << 20;
 
 /// Application close codes.
 pub mod close_code {

@@ -301,6 +301,14 @@ pub(super) async fn serve_subscription<N: Node>(
             }
             sub.on_sent(last_pushed.unwrap_or(t), now_us());
             sub.on_skipped(t);
+            // A transaction much larger than a batch made both buffers larger: give that back,
+            // so a consumer holds the consumer buffer again, not its largest transaction for
+            // ever. (Everyday batches end up to one record past the target: their buffers grow
+            // to twice it once and stay, with no reallocation per batch.)
+            if out.capacity() > 4 * cfg.batch_bytes_target {
+                out.shrink_to(2 * cfg.batch_bytes_target);
+                batch.shrink_to(2 * cfg.batch_bytes_target);
+            }
         } else if let Some(t) = through {
             sub.on_skipped(t);
             sent_through.store(t, Ordering::SeqCst);
