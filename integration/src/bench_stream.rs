@@ -71,8 +71,9 @@ pub struct StreamBenchArgs {
     #[arg(long, default_value_t = 4 << 20)]
     udp_buffer_bytes: usize,
     /// The server's `consumer_buffer_bytes` (`serve --consumer-buffer-bytes`): what it holds at
-    /// most for one consumer, its send window being this less two batches. 10524288 gives
-    /// the 10 MB send window quinn has by default, which the server used before the bound.
+    /// most for one consumer, its send window being this less 1.75 MiB (reader chunk, batch,
+    /// connection state). 11835008 gives the 10 MB send window quinn has by default, which the
+    /// server used before the bound.
     #[arg(long, default_value_t = tideline_stream::CONSUMER_BUFFER_BYTES_DEFAULT)]
     consumer_buffer_bytes: usize,
     /// Skip the PostgreSQL comparison.

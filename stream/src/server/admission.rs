@@ -34,8 +34,9 @@ pub enum ServeError {
     Secrets(#[from] tls::SecretsError),
     /// `consumer_buffer_bytes` is too small for the batch size.
     #[error(
-        "the consumer buffer ({buffer_bytes} bytes) must be at least {min_bytes} bytes (four \
-         batches of {batch_bytes}): pass a larger --consumer-buffer-bytes"
+        "the consumer buffer ({buffer_bytes} bytes) must be at least {min_bytes} bytes (a log \
+         reader's chunk, the connection's state and four batches of {batch_bytes}): pass a \
+         larger --consumer-buffer-bytes"
     )]
     ConsumerBuffer {
         /// The buffer asked for.

@@ -25,8 +25,9 @@
 //! Back-pressure: a subscription task writes with `write_all`, which waits for QUIC flow
 //! control credit and for room in the connection's send window. A consumer that stops reading
 //! stalls only its own stream's task; the server holds at most `consumer_buffer_bytes` for it
-//! (the batch being prepared, its encoded copy, and the send window: data written and not yet
-//! acknowledged), so memory stays bounded and writers and other tails are not slowed.
+//! (its log reader's chunk, the batch being prepared, the connection's state, and the send
+//! window: data written and not yet acknowledged), so memory stays bounded and writers and
+//! other tails are not slowed.
 
 mod admission;
 mod bootstrap;
