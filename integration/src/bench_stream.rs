@@ -790,7 +790,12 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
     let value = vec![0x61u8; args.value_bytes];
     let small_dir = root.join("small");
     let log_bytes = build_log(&small_dir, args.changes, &value, "building log (changes)")?;
-    let server = start_server(server_rt, open_wal(&small_dir, ASYNC_10MS)?, server_secrets, args.consumer_buffer_bytes)?;
+    let server = start_server(
+        server_rt,
+        open_wal(&small_dir, ASYNC_10MS)?,
+        server_secrets,
+        args.consumer_buffer_bytes,
+    )?;
     eprintln!("one consumer tailing {} changes ...", args.changes);
     let (changes, tail_s) = tail_one(client_rt, server.addr, client_secrets, args.changes)?;
     eprintln!("one consumer tailing beside a stalled one ...");
@@ -831,7 +836,12 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
         &large_value,
         "building large-value log",
     )?;
-    let server = start_server(server_rt, open_wal(&large_dir, ASYNC_10MS)?, server_secrets, args.consumer_buffer_bytes)?;
+    let server = start_server(
+        server_rt,
+        open_wal(&large_dir, ASYNC_10MS)?,
+        server_secrets,
+        args.consumer_buffer_bytes,
+    )?;
     eprintln!(
         "one consumer tailing {large_records} values of {} B ...",
         args.large_value_bytes

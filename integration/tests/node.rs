@@ -202,7 +202,8 @@ fn tail_resumes_after_kill_9_of_the_node_and_from_its_checkpoint() {
 /// buffer (`--consumer-buffer-bytes`, default 4 MiB: reader chunk, batch, connection state and
 /// send window), plus one transaction past a batch (100 KB here), in KiB. Many stopped
 /// consumers at once: `stalled_consumers.rs`.
-const STALLED_PROMISE_KIB: u64 = (tideline_stream::CONSUMER_BUFFER_BYTES_DEFAULT as u64 >> 10) + 100;
+const STALLED_PROMISE_KIB: u64 =
+    (tideline_stream::CONSUMER_BUFFER_BYTES_DEFAULT as u64 >> 10) + 100;
 /// Allowance on top of the promise: the allocator keeping freed pages, the fast tail's and the
 /// writer's transient buffers, quinn's per-stream bookkeeping.
 const STALLED_MARGIN_KIB: u64 = 8 << 10;

@@ -43,8 +43,7 @@ pub use observe::{Observer, RefuseReason, SubscriptionInfo};
 pub use proto::{ErrorCode, IndexDef, IndexQuery, Limits, MonitorEvent, Start, WriteOp};
 pub use server::{
     BootstrapView, CONSUMER_BUFFER_BYTES_DEFAULT, IndexPage, Node, NodeError, Page,
-    SCAN_PAGE_BYTES_MAX, ScanPage, ServeError,
-    ServerConfig, ServerHandle, serve,
+    SCAN_PAGE_BYTES_MAX, ScanPage, ServeError, ServerConfig, ServerHandle, serve,
 };
 pub use tls::{ClientSecrets, SecretsError, ServerSecrets, ensure_secrets};
 pub use wire::WireError;

@@ -121,13 +121,11 @@ pub fn serve<N: Node>(
     secrets: ServerSecrets,
     node: Arc<N>,
 ) -> Result<ServerHandle, ServeError> {
-    let send_window = cfg
-        .send_window_bytes()
-        .ok_or(ServeError::ConsumerBuffer {
-            buffer_bytes: cfg.consumer_buffer_bytes,
-            min_bytes: cfg.consumer_buffer_bytes_min(),
-            batch_bytes: cfg.batch_bytes_target,
-        })?;
+    let send_window = cfg.send_window_bytes().ok_or(ServeError::ConsumerBuffer {
+        buffer_bytes: cfg.consumer_buffer_bytes,
+        min_bytes: cfg.consumer_buffer_bytes_min(),
+        batch_bytes: cfg.batch_bytes_target,
+    })?;
     let tls_err = |e: rustls::Error| tls::SecretsError::Tls(e.to_string());
     let mut tls_cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
