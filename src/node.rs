@@ -83,6 +83,20 @@ pub struct ServeArgs {
     /// that writers wait behind: smaller steps shorten that wait, larger ones backfill faster.
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     index_backfill_keys: u32,
+    /// Most memory held for one consumer that stops reading (or stops acknowledging), in
+    /// bytes: its log reader's 1 MiB chunk, the batch being prepared, the connection's state
+    /// and the connection's send window (the data written and not yet acknowledged: the rest,
+    /// 2.25 MiB by default). At least 2.25 MiB. Raise it only for links where one tail's
+    /// bandwidth times the round trip exceeds the send window.
+    #[arg(long, default_value_t = tideline_stream::CONSUMER_BUFFER_BYTES_DEFAULT as u64,
+          value_name = "BYTES", value_parser = clap::value_parser!(u64).range((1 << 20)..=(1 << 36)))]
+    consumer_buffer_bytes: u64,
+    /// A client connection with no traffic for this long is closed (keep-alives, sent every
+    /// quarter of it by both ends, count as traffic), in milliseconds. The shorter of the
+    /// node's and the client's applies.
+    #[arg(long, default_value_t = 10_000, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
+    idle_timeout_ms: u64,
     /// Serve the HTTP admin here: overview page `/`, `/api/status`, `/api/log`, `/health`,
     /// `/metrics`. Off unless given (e.g. `--http 127.0.0.1:7480`); off loopback every path
     /// but `/health` needs `Authorization: Bearer TOKEN` (the cluster token).
@@ -842,7 +856,10 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         Some(file) => crate::connect::spawn_all(file, Some(&secrets_dir))?,
         None => Vec::new(),
     };
-    let server_cfg = ServerConfig::new(args.listen);
+    let mut server_cfg = ServerConfig::new(args.listen);
+    server_cfg.idle_timeout = Duration::from_millis(args.idle_timeout_ms);
+    server_cfg.consumer_buffer_bytes = usize::try_from(args.consumer_buffer_bytes)
+        .context("--consumer-buffer-bytes does not fit this machine's address space")?;
     let node = Arc::new(
         EngineNode::new(engine.clone(), upstreams, server_cfg.observer.clone())
             .with_limits(args.key_bytes_max as usize, args.value_bytes_max as usize)

@@ -70,6 +70,12 @@ pub struct StreamBenchArgs {
     /// UDP socket buffers (send and receive) for the second bare quinn measurement; 0 skips it.
     #[arg(long, default_value_t = 4 << 20)]
     udp_buffer_bytes: usize,
+    /// The server's `consumer_buffer_bytes` (`serve --consumer-buffer-bytes`): what it holds at
+    /// most for one consumer, its send window being this less 1.75 MiB (reader chunk, batch,
+    /// connection state). 11835008 gives the 10 MB send window quinn has by default, which the
+    /// server used before the bound.
+    #[arg(long, default_value_t = tideline_stream::CONSUMER_BUFFER_BYTES_DEFAULT)]
+    consumer_buffer_bytes: usize,
     /// Skip the PostgreSQL comparison.
     #[arg(long)]
     no_postgres: bool,
@@ -123,6 +129,8 @@ struct Ctx {
     client_rt: RtThread,
     server_secrets: ServerSecrets,
     client_secrets: ClientSecrets,
+    /// The server's `consumer_buffer_bytes`, in every phase.
+    consumer_buffer_bytes: usize,
 }
 
 /// A current-thread tokio runtime driven by its own OS thread until dropped.
@@ -245,9 +253,15 @@ struct Server {
     node: Arc<LogNode>,
 }
 
-fn start_server(rt: &RtThread, wal: Wal, secrets: &ServerSecrets) -> anyhow::Result<Server> {
+fn start_server(
+    rt: &RtThread,
+    wal: Wal,
+    secrets: &ServerSecrets,
+    consumer_buffer_bytes: usize,
+) -> anyhow::Result<Server> {
     let node = Arc::new(LogNode::new(wal));
-    let cfg = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let mut cfg = ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+    cfg.consumer_buffer_bytes = consumer_buffer_bytes;
     let (secrets, n) = (secrets.clone(), node.clone());
     let handle = rt
         .run(async move { tideline_stream::serve(cfg, secrets, n) })?
@@ -542,7 +556,12 @@ fn latency(
 ) -> anyhow::Result<(Vec<i64>, f64)> {
     let (server_rt, client_rt) = (&ctx.server_rt, &ctx.client_rt);
     let wal = open_wal_with(dir, ASYNC_10MS, skip_fsync)?;
-    let server = start_server(server_rt, wal, &ctx.server_secrets)?;
+    let server = start_server(
+        server_rt,
+        wal,
+        &ctx.server_secrets,
+        ctx.consumer_buffer_bytes,
+    )?;
     let (addr, secrets) = (server.addr, ctx.client_secrets.clone());
     // Subscribe first, then let the writer go.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
@@ -761,6 +780,7 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
         client_rt: RtThread::start("bench-client")?,
         server_secrets: tls::load_server(&secrets_dir)?,
         client_secrets: tls::load_client_dir(&secrets_dir)?,
+        consumer_buffer_bytes: args.consumer_buffer_bytes,
     };
     let (server_rt, client_rt) = (&ctx.server_rt, &ctx.client_rt);
     let (server_secrets, client_secrets) = (&ctx.server_secrets, &ctx.client_secrets);
@@ -770,7 +790,12 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
     let value = vec![0x61u8; args.value_bytes];
     let small_dir = root.join("small");
     let log_bytes = build_log(&small_dir, args.changes, &value, "building log (changes)")?;
-    let server = start_server(server_rt, open_wal(&small_dir, ASYNC_10MS)?, server_secrets)?;
+    let server = start_server(
+        server_rt,
+        open_wal(&small_dir, ASYNC_10MS)?,
+        server_secrets,
+        args.consumer_buffer_bytes,
+    )?;
     eprintln!("one consumer tailing {} changes ...", args.changes);
     let (changes, tail_s) = tail_one(client_rt, server.addr, client_secrets, args.changes)?;
     eprintln!("one consumer tailing beside a stalled one ...");
@@ -811,7 +836,12 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
         &large_value,
         "building large-value log",
     )?;
-    let server = start_server(server_rt, open_wal(&large_dir, ASYNC_10MS)?, server_secrets)?;
+    let server = start_server(
+        server_rt,
+        open_wal(&large_dir, ASYNC_10MS)?,
+        server_secrets,
+        args.consumer_buffer_bytes,
+    )?;
     eprintln!(
         "one consumer tailing {large_records} values of {} B ...",
         args.large_value_bytes
@@ -929,6 +959,7 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
         "value_bytes": args.value_bytes,
         "log_bytes": log_bytes,
         "loadavg_1min_at_start": loadavg,
+        "consumer_buffer_bytes": args.consumer_buffer_bytes,
         "runtimes": "server and client: one current-thread tokio runtime each, on its own OS thread; fan-out: one thread and runtime per consumer",
         "tail": {
             "changes": changes,

@@ -198,10 +198,12 @@ fn tail_resumes_after_kill_9_of_the_node_and_from_its_checkpoint() {
     assert_eq!(offsets(&lines), (701..=705).collect::<Vec<_>>());
 }
 
-/// What PROTOCOL.md lets the server hold for a consumer that stops reading: one batch (about
-/// 256 KiB, or one larger transaction: 100 KiB here) plus the stream's send window (quinn's
-/// connection send window, 10 MB, above the client's 9 MiB stream window), in KiB.
-const STALLED_PROMISE_KIB: u64 = 256 + 100 + 10_000_000 / 1024;
+/// What PROTOCOL.md lets the server hold for a consumer that stops reading: the consumer
+/// buffer (`--consumer-buffer-bytes`, default 4 MiB: reader chunk, batch, connection state and
+/// send window), plus one transaction past a batch (100 KB here), in KiB. Many stopped
+/// consumers at once: `stalled_consumers.rs`.
+const STALLED_PROMISE_KIB: u64 =
+    (tideline_stream::CONSUMER_BUFFER_BYTES_DEFAULT as u64 >> 10) + 100;
 /// Allowance on top of the promise: the allocator keeping freed pages, the fast tail's and the
 /// writer's transient buffers, quinn's per-stream bookkeeping.
 const STALLED_MARGIN_KIB: u64 = 8 << 10;

@@ -42,8 +42,8 @@ pub use client::{
 pub use observe::{Observer, RefuseReason, SubscriptionInfo};
 pub use proto::{ErrorCode, IndexDef, IndexQuery, Limits, MonitorEvent, Start, WriteOp};
 pub use server::{
-    BootstrapView, IndexPage, Node, NodeError, Page, SCAN_PAGE_BYTES_MAX, ScanPage, ServeError,
-    ServerConfig, ServerHandle, serve,
+    BootstrapView, CONSUMER_BUFFER_BYTES_DEFAULT, IndexPage, Node, NodeError, Page,
+    SCAN_PAGE_BYTES_MAX, ScanPage, ServeError, ServerConfig, ServerHandle, serve,
 };
 pub use tls::{ClientSecrets, SecretsError, ServerSecrets, ensure_secrets};
 pub use wire::WireError;

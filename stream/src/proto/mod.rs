@@ -178,6 +178,35 @@ impl BatchBuilder {
         self.frames.len()
     }
 
+    /// Gives back what the builder holds beyond `bytes` (after a batch that one large record
+    /// made larger than usual), so that it does not keep that size for ever.
+    pub fn shrink_to(&mut self, bytes: usize) {
+        self.frames.shrink_to(bytes);
+    }
+
+    /// The batch frame's header and the start of its body (the record count): the frame is
+    /// these bytes followed by [`BatchBuilder::frames`]. Sending both from the builder saves a
+    /// copy of the batch.
+    pub fn header(&self) -> [u8; FRAME_HEADER_BYTES + 4] {
+        let len = (4 + self.frames.len()) as u32;
+        let mut h = [0u8; FRAME_HEADER_BYTES + 4];
+        h[..4].copy_from_slice(&len.to_le_bytes());
+        h[4] = KIND_BATCH;
+        h[5..].copy_from_slice(&self.count.to_le_bytes());
+        h
+    }
+
+    /// The record frames pushed so far.
+    pub fn frames(&self) -> &[u8] {
+        &self.frames
+    }
+
+    /// Empties the builder (keeping its buffer).
+    pub fn clear(&mut self) {
+        self.frames.clear();
+        self.count = 0;
+    }
+
     /// Appends the batch frame to `out` and empties the builder.
     pub fn finish_into(&mut self, out: &mut Vec<u8>) {
         let len = (4 + self.frames.len()) as u32;

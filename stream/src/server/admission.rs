@@ -32,6 +32,20 @@ pub enum ServeError {
     /// TLS setup failed.
     #[error(transparent)]
     Secrets(#[from] tls::SecretsError),
+    /// `consumer_buffer_bytes` is too small for the batch size.
+    #[error(
+        "the consumer buffer ({buffer_bytes} bytes) must be at least {min_bytes} bytes (a log \
+         reader's chunk, the connection's state and four batches of {batch_bytes}): pass a \
+         larger --consumer-buffer-bytes"
+    )]
+    ConsumerBuffer {
+        /// The buffer asked for.
+        buffer_bytes: usize,
+        /// The smallest accepted.
+        min_bytes: usize,
+        /// The batch size it must hold.
+        batch_bytes: usize,
+    },
     /// Binding the socket failed. The cause is `source()`, printed once by a chain printer.
     #[error("cannot listen on {addr} (is another node using the port? pass another --listen)")]
     Bind {
@@ -78,10 +92,15 @@ impl ServerHandle {
 const UNAUTHENTICATED_RECEIVE_WINDOW_BYTES: u32 = 64 << 10;
 
 /// The transport of every connection as it starts, unauthenticated: one stream and a small
-/// connection receive window, both raised after `Hello`.
-fn transport(cfg: &ServerConfig) -> quinn::TransportConfig {
+/// connection receive window, both raised after `Hello`. The send window is the consumer
+/// buffer's share for data written and not yet acknowledged (`send_window` is the caller's
+/// [`ServerConfig::send_window_bytes`]).
+fn transport(cfg: &ServerConfig, send_window: u64) -> quinn::TransportConfig {
     let idle = cfg.idle_timeout;
     let mut t = quinn::TransportConfig::default();
+    // Bounds what the server holds for a peer that stops acknowledging or reading: without
+    // it quinn buffers up to 10 MB per connection (its default), whatever the peer's credit.
+    t.send_window(send_window);
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some((idle / 4).max(Duration::from_millis(100))));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
@@ -102,6 +121,11 @@ pub fn serve<N: Node>(
     secrets: ServerSecrets,
     node: Arc<N>,
 ) -> Result<ServerHandle, ServeError> {
+    let send_window = cfg.send_window_bytes().ok_or(ServeError::ConsumerBuffer {
+        buffer_bytes: cfg.consumer_buffer_bytes,
+        min_bytes: cfg.consumer_buffer_bytes_min(),
+        batch_bytes: cfg.batch_bytes_target,
+    })?;
     let tls_err = |e: rustls::Error| tls::SecretsError::Tls(e.to_string());
     let mut tls_cfg = rustls::ServerConfig::builder_with_provider(tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -113,7 +137,7 @@ pub fn serve<N: Node>(
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls_cfg)
         .map_err(|e| tls::SecretsError::Tls(e.to_string()))?;
     let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
-    server_cfg.transport_config(Arc::new(transport(&cfg)));
+    server_cfg.transport_config(Arc::new(transport(&cfg, send_window)));
     let endpoint = crate::udp::bind(cfg.listen, cfg.udp_buffer_bytes)
         .and_then(|socket| crate::udp::endpoint(socket, Some(server_cfg)))
         .map_err(|source| ServeError::Bind {

@@ -45,6 +45,14 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// A subscription sends a batch once it holds this many bytes of records.
     pub batch_bytes_target: usize,
+    /// Most memory the server holds for one consumer that stops reading (or acknowledging):
+    /// its log reader's chunk ([`READER_CHUNK_BYTES`]), the batch being prepared
+    /// (room for twice `batch_bytes_target`), the connection's own state
+    /// ([`CONNECTION_STATE_BYTES`]) and the data written to it and not yet acknowledged by the
+    /// peer (the connection's send window: the rest of this figure, shared by the streams of
+    /// one connection). One transaction larger than a batch makes that batch larger while it
+    /// is sent. At least [`ServerConfig::consumer_buffer_bytes_min`].
+    pub consumer_buffer_bytes: usize,
     /// UDP send and receive buffer size (0: the kernel's default).
     pub udp_buffer_bytes: usize,
     /// Counters, the subscription registry and the monitor feed; the node reads them.
@@ -76,11 +84,48 @@ impl ServerConfig {
             unsafe_no_handshake_budget: false,
             heartbeat: Duration::from_millis(500),
             batch_bytes_target: 256 << 10,
+            consumer_buffer_bytes: CONSUMER_BUFFER_BYTES_DEFAULT,
             udp_buffer_bytes: crate::udp::UDP_BUFFER_BYTES_DEFAULT,
             observer: Arc::new(Observer::new()),
         }
     }
+
+    /// What a consumer holds besides its send window: the reader's chunk, the batch being
+    /// prepared, the connection's state.
+    fn consumer_fixed_bytes(&self) -> usize {
+        READER_CHUNK_BYTES + 2 * self.batch_bytes_target + CONNECTION_STATE_BYTES
+    }
+
+    /// The smallest `consumer_buffer_bytes` this configuration accepts: what a consumer holds
+    /// besides its send window, and a send window of two batches (below that a tail waits on
+    /// acknowledgements between batches).
+    pub fn consumer_buffer_bytes_min(&self) -> usize {
+        self.consumer_fixed_bytes() + 2 * self.batch_bytes_target
+    }
+
+    /// The connection's send window: what `consumer_buffer_bytes` leaves once the reader's
+    /// chunk, the batch being prepared and the connection's state are taken out. `None` when
+    /// the buffer is smaller than [`ServerConfig::consumer_buffer_bytes_min`].
+    pub(crate) fn send_window_bytes(&self) -> Option<u64> {
+        (self.consumer_buffer_bytes >= self.consumer_buffer_bytes_min())
+            .then(|| (self.consumer_buffer_bytes - self.consumer_fixed_bytes()) as u64)
+    }
 }
+
+/// What one open log reader holds: `tideline_wal`'s reader reads a segment 1 MiB at a time
+/// (its `READ_CHUNK_BYTES`; more only for a larger record).
+pub const READER_CHUNK_BYTES: usize = 1 << 20;
+
+/// What one connection's TLS session and quinn state (packet and stream bookkeeping, receive
+/// buffers of its requests) take, counted in a consumer's buffer: an estimate, measured
+/// together with the rest in `integration/tests/stalled_consumers.rs`.
+pub const CONNECTION_STATE_BYTES: usize = 256 << 10;
+
+/// Default [`ServerConfig::consumer_buffer_bytes`]: 4 MiB per consumer that stops reading, so
+/// a thousand of them hold at most 4 GiB; a reading tail on loopback or a LAN needs far less
+/// than the 2.25 MiB of send window it leaves (raise it for links whose bandwidth times round
+/// trip exceeds that).
+pub const CONSUMER_BUFFER_BYTES_DEFAULT: usize = 4 << 20;
 
 /// Application close codes.
 pub mod close_code {

@@ -23,9 +23,11 @@
 //! `max_connections` and get `max_streams_per_connection` streams and the full frame limits.
 //!
 //! Back-pressure: a subscription task writes with `write_all`, which waits for QUIC flow
-//! control credit. A consumer that stops reading stalls only its own stream's task; the server
-//! holds at most one batch (`batch_bytes_target`) plus the stream's send window for it, so
-//! memory stays bounded and writers and other tails are not slowed.
+//! control credit and for room in the connection's send window. A consumer that stops reading
+//! stalls only its own stream's task; the server holds at most `consumer_buffer_bytes` for it
+//! (its log reader's chunk, the batch being prepared, the connection's state, and the send
+//! window: data written and not yet acknowledged), so memory stays bounded and writers and
+//! other tails are not slowed.
 
 mod admission;
 mod bootstrap;
@@ -36,7 +38,7 @@ mod node;
 mod subscription;
 
 pub use admission::{ServeError, ServerHandle, serve, welcome_uuid};
-pub use config::{ServerConfig, close_code};
+pub use config::{CONSUMER_BUFFER_BYTES_DEFAULT, ServerConfig, close_code};
 pub use node::{
     BootstrapView, IndexPage, Node, NodeError, Page, Rows, SCAN_PAGE_BYTES_MAX, ScanPage,
     collect_page,

@@ -238,7 +238,6 @@ pub(super) async fn serve_subscription<N: Node>(
     };
 
     let mut batch = BatchBuilder::new();
-    let mut out = Vec::with_capacity(cfg.batch_bytes_target + 4096);
     let result = loop {
         let mut through = None;
         let mut last_pushed = None;
@@ -290,17 +289,27 @@ pub(super) async fn serve_subscription<N: Node>(
             through = Some(offset);
         }
         if !batch.is_empty() {
-            out.clear();
-            batch.finish_into(&mut out);
             let t = through.unwrap_or(sub.next_offset());
             // Before the write: the consumer may ack the batch before `write_all` returns.
             sent_through.store(t, Ordering::SeqCst);
-            // Waits for flow-control credit: back-pressure from a slow consumer stops here.
-            if let Err(e) = send.write_all(&out).await {
+            // Waits for flow-control credit and room in the send window: back-pressure from a
+            // slow consumer stops here. The frame goes out from the builder (header, then the
+            // records), with no copy of the batch.
+            let header = batch.header();
+            if let Err(e) = send.write_all(&header).await {
                 break Err(e.into());
             }
+            if let Err(e) = send.write_all(batch.frames()).await {
+                break Err(e.into());
+            }
+            batch.clear();
             sub.on_sent(last_pushed.unwrap_or(t), now_us());
             sub.on_skipped(t);
+            // A transaction much larger than a batch made the builder larger: give that back,
+            // so a consumer holds the consumer buffer again, not its largest transaction for
+            // ever. (Everyday batches end up to one record past the target: the buffer grows
+            // to twice it once and stays, with no reallocation per batch.)
+            batch.shrink_to(2 * cfg.batch_bytes_target);
         } else if let Some(t) = through {
             sub.on_skipped(t);
             sent_through.store(t, Ordering::SeqCst);
