@@ -141,7 +141,9 @@ fn writes(
         .collect();
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = match (cpu_before, process_cpu_us()) {
-        (Some(a), Some(b)) if !lat.is_empty() => Some(b.saturating_sub(a) as f64 / lat.len() as f64),
+        (Some(a), Some(b)) if !lat.is_empty() => {
+            Some(b.saturating_sub(a) as f64 / lat.len() as f64)
+        }
         _ => None,
     };
     lat.sort_unstable();

@@ -229,9 +229,9 @@ impl Inner {
         // index created mid-group may read them; writes to indexed trees are kept regardless
         // (see `StoreBatch::track`).
         let track = group.iter().any(|(_, t)| {
-                t.ops()
-                    .any(|o| matches!(o, OpRef::Merge { .. } | OpRef::CreateIndex { .. }))
-            });
+            t.ops()
+                .any(|o| matches!(o, OpRef::Merge { .. } | OpRef::CreateIndex { .. }))
+        });
         let mut sb = StoreBatch::new(self, base_catalog, track);
         sb.skip_maintenance = replay && !self.opts.maintain_indexes_on_replay();
         for (offset, txn) in group {

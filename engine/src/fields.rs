@@ -444,7 +444,11 @@ mod tests {
     fn deep_nesting_fails_as_the_full_parse_does() {
         let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
         check(&["/email"], deep.as_bytes());
-        let deep = format!(r#"{{"email":"x","n":{}1{}}}"#, "[".repeat(200), "]".repeat(200));
+        let deep = format!(
+            r#"{{"email":"x","n":{}1{}}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
         check(&["/email"], deep.as_bytes());
     }
 
