@@ -8,7 +8,9 @@
 //!    rate (10,000/s), on a tree without an index, then on the same tree with one: write
 //!    latency p50/p99 of each. Index lag is 0 by construction (maintenance is in the store
 //!    batch of the write), so the latency with the index is what maintenance costs;
-//! 4. **throughput**: the same writers unpaced, without and with the index.
+//! 4. **throughput**: the same writers unpaced, without and with the index, and the process's
+//!    CPU time per write in each (all threads): their ratio is what the throughput ratio is on
+//!    a machine where nothing else runs and the CPU is the limit.
 //!
 //! Goals: backfill ≥ 200,000 docs/s; write throughput with one index ≥ 70% of without.
 
@@ -72,8 +74,23 @@ fn open(dir: &Path) -> anyhow::Result<Arc<Engine>> {
     )
 }
 
+/// CPU time this process has used (all threads, user and system), in µs; `None` where
+/// `/proc/self/stat` cannot be read. Its ticks are USER_HZ, 100 per second on Linux.
+fn process_cpu_us() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces) closed by the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut f = rest.split(' ');
+    let utime: u64 = f.nth(11)?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some((utime + stime) * 10_000)
+}
+
 /// Writers each committing single puts, paced to `rate` in all (0: as fast as they can) for
-/// `seconds`; returns (writes per second, latencies in µs sorted).
+/// `seconds`; returns (writes per second, latencies in µs sorted, process CPU µs per write).
+/// The CPU per write counts every thread of the process (writers, log, applier, the store's
+/// flushes and compactions): on a shared machine it moves far less with the load than the
+/// rate does.
 fn writes(
     engine: &Arc<Engine>,
     tree: &str,
@@ -81,7 +98,8 @@ fn writes(
     writers: usize,
     rate: u64,
     seconds: f64,
-) -> (f64, Vec<i64>) {
+) -> (f64, Vec<i64>, Option<f64>) {
+    let cpu_before = process_cpu_us();
     let stop = Arc::new(AtomicBool::new(false));
     let next = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
@@ -122,8 +140,14 @@ fn writes(
         .flat_map(|h| h.join().unwrap_or_default())
         .collect();
     let elapsed = started.elapsed().as_secs_f64();
+    let cpu = match (cpu_before, process_cpu_us()) {
+        (Some(a), Some(b)) if !lat.is_empty() => {
+            Some(b.saturating_sub(a) as f64 / lat.len() as f64)
+        }
+        _ => None,
+    };
     lat.sort_unstable();
-    (lat.len() as f64 / elapsed, lat)
+    (lat.len() as f64 / elapsed, lat, cpu)
 }
 
 fn measure(root: &Path, a: &IndexBenchArgs) -> anyhow::Result<Value> {
@@ -177,12 +201,13 @@ fn measure(root: &Path, a: &IndexBenchArgs) -> anyhow::Result<Value> {
         }
         Ok(())
     })?;
-    let (paced_plain, lat_plain) = writes(&engine, "plain", seed, a.writers, a.rate, a.seconds);
-    let (max_plain, _) = writes(&engine, "plain", seed, a.writers, 0, a.seconds);
+    let (paced_plain, lat_plain, _) = writes(&engine, "plain", seed, a.writers, a.rate, a.seconds);
+    let (max_plain, _, cpu_plain) = writes(&engine, "plain", seed, a.writers, 0, a.seconds);
     engine.create_index("plain", "by_city", &["/city"], false)?;
     engine.wait_indexes_live(Duration::from_secs(600));
-    let (paced_indexed, lat_indexed) = writes(&engine, "plain", seed, a.writers, a.rate, a.seconds);
-    let (max_indexed, _) = writes(&engine, "plain", seed, a.writers, 0, a.seconds);
+    let (paced_indexed, lat_indexed, _) =
+        writes(&engine, "plain", seed, a.writers, a.rate, a.seconds);
+    let (max_indexed, _, cpu_indexed) = writes(&engine, "plain", seed, a.writers, 0, a.seconds);
     engine.close()?;
     engine.wal().close()?;
 
@@ -200,7 +225,18 @@ fn measure(root: &Path, a: &IndexBenchArgs) -> anyhow::Result<Value> {
             "with_index": { "per_s": paced_indexed, "p50_ms": p(&lat_indexed, 0.5), "p99_ms": p(&lat_indexed, 0.99) },
             "index_lag_p99_ms": 0.0,
         },
-        "max": { "without_index_per_s": max_plain, "with_index_per_s": max_indexed, "ratio": ratio },
+        "max": {
+            "without_index_per_s": max_plain,
+            "with_index_per_s": max_indexed,
+            "ratio": ratio,
+            "cpu_us_per_write_without_index": cpu_plain,
+            "cpu_us_per_write_with_index": cpu_indexed,
+            // What the throughput ratio is when the CPU is the limit and nothing else runs.
+            "cpu_ratio": match (cpu_plain, cpu_indexed) {
+                (Some(p), Some(i)) if i > 0.0 => Some(p / i),
+                _ => None,
+            },
+        },
         "goals": [
             goal("index backfill", backfill_rate, 200_000.0, "docs/s", true),
             goal("write throughput with one index / without", ratio * 100.0, 70.0, "%", true),
@@ -242,6 +278,12 @@ fn print(r: &Value) {
         f(&r["max"]["without_index_per_s"]),
         f(&r["max"]["with_index_per_s"]),
         f(&r["max"]["ratio"]) * 100.0
+    );
+    println!(
+        "  CPU per unpaced write    {:>9.1} µs without, {:.1} µs with one index (without/with {:.0}%)",
+        f(&r["max"]["cpu_us_per_write_without_index"]),
+        f(&r["max"]["cpu_us_per_write_with_index"]),
+        f(&r["max"]["cpu_ratio"]) * 100.0
     );
     print_goals(r);
 }

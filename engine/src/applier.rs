@@ -225,13 +225,13 @@ impl Inner {
             debug_assert_eq!(v.offset + 1, group[0].0, "offsets apply densely, in order");
             ((*v.gtids).clone(), v.catalog.clone())
         };
-        // Values written earlier in the group are kept only when a merge or an index's live
-        // maintenance may need them.
-        let track = !base_catalog.indexes.is_empty()
-            || group.iter().any(|(_, t)| {
-                t.ops()
-                    .any(|o| matches!(o, OpRef::Merge { .. } | OpRef::CreateIndex { .. }))
-            });
+        // Values written earlier in the group are kept for every tree only when a merge or an
+        // index created mid-group may read them; writes to indexed trees are kept regardless
+        // (see `StoreBatch::track`).
+        let track = group.iter().any(|(_, t)| {
+            t.ops()
+                .any(|o| matches!(o, OpRef::Merge { .. } | OpRef::CreateIndex { .. }))
+        });
         let mut sb = StoreBatch::new(self, base_catalog, track);
         sb.skip_maintenance = replay && !self.opts.maintain_indexes_on_replay();
         for (offset, txn) in group {

@@ -53,6 +53,47 @@ pub(crate) enum NewKeyspace {
     Restore,
 }
 
+/// Values written by earlier ops of a batch, by keyspace then key (`None`: deleted). Two
+/// levels, so that a lookup borrows its keyspace and key instead of building an owned pair.
+#[derive(Default)]
+pub(crate) struct Overlay(HashMap<String, HashMap<Vec<u8>, Option<Vec<u8>>>>);
+
+impl Overlay {
+    pub(crate) fn get(&self, keyspace: &str, key: &[u8]) -> Option<&Option<Vec<u8>>> {
+        self.0.get(keyspace)?.get(key)
+    }
+
+    pub(crate) fn insert(&mut self, keyspace: &str, key: Vec<u8>, value: Option<Vec<u8>>) {
+        match self.0.get_mut(keyspace) {
+            Some(m) => {
+                m.insert(key, value);
+            }
+            None => {
+                self.0
+                    .insert(keyspace.to_string(), HashMap::from([(key, value)]));
+            }
+        }
+    }
+
+    pub(crate) fn remove(&mut self, keyspace: &str, key: &[u8]) {
+        if let Some(m) = self.0.get_mut(keyspace) {
+            m.remove(key);
+        }
+    }
+
+    /// The keys of `keyspace` written so far, in no order.
+    pub(crate) fn keys(&self, keyspace: &str) -> impl Iterator<Item = &Vec<u8>> {
+        self.0.get(keyspace).into_iter().flat_map(|m| m.keys())
+    }
+}
+
+/// The entries a batch writes (`true`) or removes (`false`) in one index's keyspace; the last
+/// change of an entry in the batch wins, so each entry is written once.
+pub(crate) struct IndexWrites {
+    handle: TreeHandle,
+    entries: HashMap<Vec<u8>, bool>,
+}
+
 /// A chunk written earlier in the same batch: its keyspace, range and entries (ascending).
 pub(crate) struct ChunkWrite {
     pub(crate) keyspace: String,
@@ -85,22 +126,25 @@ pub(crate) struct StoreBatch<'a> {
     pub(crate) catalog: Option<Catalog>,
     /// Keyspaces of trees dropped by the batch, to remove once it committed.
     pub(crate) dropped: Vec<TreeHandle>,
-    /// Whether to remember written values (`overlay`): needed when a later op of the batch
-    /// may read them (a merge, or a bootstrap chunk replacing a range).
+    /// Whether to remember every written value (`overlay`): needed when a later op of the
+    /// batch may read any of them (a merge, an index created mid-batch, or a bootstrap chunk
+    /// replacing a range). Writes to a tree with indexes are remembered regardless: a later
+    /// write of the same key reads its value before it.
     pub(crate) track: bool,
-    /// Values written by earlier ops of the batch, by (keyspace, key); `None`: deleted.
-    pub(crate) overlay: HashMap<(String, Vec<u8>), Option<Vec<u8>>>,
+    /// Values written by earlier ops of the batch.
+    pub(crate) overlay: Overlay,
     /// Chunks written earlier in the batch (bootstrap only), oldest first; not the call's
     /// leading chunks, which are ingested into the store before the batch and read from it. An overlay entry is
     /// always newer than every chunk covering its key (a chunk clears the overlay in its range).
     pub(crate) chunks: Vec<ChunkWrite>,
-    /// Index entries to write (`true`) or remove (`false`), by (index keyspace, entry key):
-    /// the last change of an entry in the batch wins, so each entry is written once.
-    pub(crate) index_writes: HashMap<(String, Vec<u8>), (TreeHandle, bool)>,
+    /// Index entries to write or remove, by index keyspace.
+    pub(crate) index_writes: HashMap<String, IndexWrites>,
     /// Progress of every index the batch changed, by index keyspace, as of the ops so far.
     pub(crate) progress: HashMap<String, (Arc<Index>, Progress)>,
     /// Test-only canary (`unsafe_skip_index_replay`): no live maintenance.
     pub(crate) skip_maintenance: bool,
+    /// Scratch list of the indexes one write maintains (kept to save an allocation per op).
+    idx_scratch: Vec<Arc<Index>>,
 }
 
 /// An index's progress as a committed batch leaves it (see [`StoreBatch::into_parts`]).
@@ -115,11 +159,12 @@ impl<'a> StoreBatch<'a> {
             catalog: None,
             dropped: Vec::new(),
             track,
-            overlay: HashMap::new(),
+            overlay: Overlay::default(),
             chunks: Vec::new(),
             index_writes: HashMap::new(),
             progress: HashMap::new(),
             skip_maintenance: false,
+            idx_scratch: Vec::new(),
         }
     }
 
@@ -139,11 +184,13 @@ impl<'a> StoreBatch<'a> {
     pub(crate) fn into_parts(
         mut self,
     ) -> (Batch, Option<Catalog>, Vec<TreeHandle>, Vec<ProgressUpdate>) {
-        for ((_, entry), (handle, put)) in self.index_writes.drain() {
-            if put {
-                self.batch.insert(&handle, &entry, b"");
-            } else {
-                self.batch.remove(&handle, &entry);
+        for (_, w) in self.index_writes.drain() {
+            for (entry, put) in w.entries {
+                if put {
+                    self.batch.insert(&w.handle, &entry, b"");
+                } else {
+                    self.batch.remove(&w.handle, &entry);
+                }
             }
         }
         let mut updates = Vec::with_capacity(self.progress.len());
@@ -160,11 +207,41 @@ impl<'a> StoreBatch<'a> {
 
     /// The working copy of `idx`'s progress in this batch.
     pub(crate) fn progress_mut(&mut self, idx: &Arc<Index>) -> &mut Progress {
+        if !self.progress.contains_key(&idx.keyspace) {
+            self.progress
+                .insert(idx.keyspace.clone(), (idx.clone(), idx.progress()));
+        }
         &mut self
             .progress
-            .entry(idx.keyspace.clone())
-            .or_insert_with(|| (idx.clone(), idx.progress()))
+            .get_mut(&idx.keyspace)
+            .expect("inserted above when missing")
             .1
+    }
+
+    /// Records that `entry` of `idx` is written (`put`) or removed by this batch.
+    fn index_write(&mut self, idx: &Index, entry: Vec<u8>, put: bool) {
+        match self.index_writes.get_mut(&idx.keyspace) {
+            Some(w) => {
+                w.entries.insert(entry, put);
+            }
+            None => {
+                self.index_writes.insert(
+                    idx.keyspace.clone(),
+                    IndexWrites {
+                        handle: idx.handle.clone(),
+                        entries: HashMap::from([(entry, put)]),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Whether this batch removes `entry` of the index in `keyspace`.
+    fn index_removes(&self, keyspace: &str, entry: &[u8]) -> bool {
+        self.index_writes
+            .get(keyspace)
+            .and_then(|w| w.entries.get(entry))
+            == Some(&false)
     }
 
     /// Keeps the indexes of `tree` in step with `key` changing from `before` to `after`
@@ -177,45 +254,55 @@ impl<'a> StoreBatch<'a> {
         before: Option<&[u8]>,
         after: Option<&[u8]>,
     ) -> Result<(), String> {
-        let Some(idxs) = self.catalog().indexes_of(tree) else {
-            return Ok(());
-        };
-        let idxs: Vec<Arc<Index>> = idxs.values().cloned().collect();
-        let (mut parsed_before, mut parsed_after) = (Parsed::default(), Parsed::default());
+        let mut idxs = std::mem::take(&mut self.idx_scratch);
+        idxs.clear();
+        if let Some(m) = self.catalog().indexes_of(tree) {
+            idxs.extend(m.values().cloned());
+        }
+        let result = self.maintain_with(&idxs, key, before, after);
+        idxs.clear();
+        self.idx_scratch = idxs;
+        result
+    }
+
+    fn maintain_with(
+        &mut self,
+        idxs: &[Arc<Index>],
+        key: &[u8],
+        before: Option<&[u8]>,
+        after: Option<&[u8]>,
+    ) -> Result<(), String> {
+        let mut parsed_before = Parsed::for_indexes(idxs.len());
+        let mut parsed_after = Parsed::for_indexes(idxs.len());
         for idx in idxs {
             let old = idx.entry_for(key, before, &mut parsed_before);
             let new = idx.entry_for(key, after, &mut parsed_after);
             if old == new {
                 continue;
             }
-            if let DocEntry::Entry(e) = &old {
-                self.index_writes.insert(
-                    (idx.keyspace.clone(), e.clone()),
-                    (idx.handle.clone(), false),
-                );
+            let counted = |d: &DocEntry, sign: i64| match d {
+                DocEntry::Entry(_) => (sign, 0),
+                DocEntry::Skipped => (0, sign),
+                DocEntry::Absent => (0, 0),
+            };
+            let (e1, s1) = counted(&old, -1);
+            let (e2, s2) = counted(&new, 1);
+            if let DocEntry::Entry(e) = old {
+                self.index_write(idx, e, false);
             }
             let duplicate = match &new {
-                DocEntry::Entry(e) if idx.unique => self.other_holder(&idx, e, key)?,
+                DocEntry::Entry(e) if idx.unique => self.other_holder(idx, e, key)?,
                 _ => None,
             };
-            if let DocEntry::Entry(e) = &new {
-                self.index_writes.insert(
-                    (idx.keyspace.clone(), e.clone()),
-                    (idx.handle.clone(), true),
-                );
+            let example = duplicate.map(|other| duplicate_text(idx, &new, &other, key));
+            if let DocEntry::Entry(e) = new {
+                self.index_write(idx, e, true);
             }
-            let p = self.progress_mut(&idx);
-            if let Some(other) = duplicate {
-                p.add_duplicate(|| duplicate_text(&idx, &new, &other, key));
+            let p = self.progress_mut(idx);
+            if let Some(example) = example {
+                p.add_duplicate(|| example);
             }
             if p.counts(key) {
-                let delta = |d: &DocEntry, sign: i64| match d {
-                    DocEntry::Entry(_) => (sign, 0),
-                    DocEntry::Skipped => (0, sign),
-                    DocEntry::Absent => (0, 0),
-                };
-                let (e1, s1) = delta(&old, -1);
-                let (e2, s2) = delta(&new, 1);
                 p.entries = p.entries.saturating_add_signed(e1 + e2);
                 p.skipped = p.skipped.saturating_add_signed(s1 + s2);
             }
@@ -238,11 +325,7 @@ impl<'a> StoreBatch<'a> {
             if other == pk {
                 continue;
             }
-            let removed = matches!(
-                self.index_writes.get(&(idx.keyspace.clone(), k.clone())),
-                Some((_, false))
-            );
-            if !removed {
+            if !self.index_removes(&idx.keyspace, &k) {
                 return Ok(Some(other.to_vec()));
             }
         }
@@ -311,7 +394,7 @@ impl<'a> StoreBatch<'a> {
             &index::index_meta_key(index::INDEX_STATE_PREFIX, tree, name),
         );
         self.progress.remove(&idx.keyspace);
-        self.index_writes.retain(|(ks, _), _| *ks != idx.keyspace);
+        self.index_writes.remove(&idx.keyspace);
         self.dropped.push(idx.handle.clone());
         let cat = self.catalog_mut();
         if let Some(m) = cat.indexes.get_mut(tree) {
@@ -365,7 +448,7 @@ impl<'a> StoreBatch<'a> {
                     self.maintain(tree, key, before.as_deref(), Some(value))?;
                 }
                 self.batch.insert(&t.handle, key, value);
-                self.remember(&t, key, Some(value));
+                self.remember(tree, &t, key, Some(value));
             }
             OpRef::Delete { tree, key } => {
                 let t = self.tree_for_data(tree, at)?;
@@ -374,7 +457,7 @@ impl<'a> StoreBatch<'a> {
                     self.maintain(tree, key, before.as_deref(), None)?;
                 }
                 self.batch.remove(&t.handle, key);
-                self.remember(&t, key, None);
+                self.remember(tree, &t, key, None);
             }
             OpRef::Merge { tree, key, operand } => {
                 let t = self.tree_for_data(tree, at)?;
@@ -388,8 +471,7 @@ impl<'a> StoreBatch<'a> {
                     self.maintain(tree, key, existing.as_deref(), Some(&value))?;
                 }
                 self.batch.insert(&t.handle, key, &value);
-                self.overlay
-                    .insert((t.keyspace.clone(), key.to_vec()), Some(value));
+                self.overlay.insert(&t.keyspace, key.to_vec(), Some(value));
             }
             OpRef::CreateIndex {
                 tree,
@@ -402,18 +484,16 @@ impl<'a> StoreBatch<'a> {
         Ok(())
     }
 
-    fn remember(&mut self, t: &Tree, key: &[u8], value: Option<&[u8]>) {
-        if self.track {
-            self.overlay.insert(
-                (t.keyspace.clone(), key.to_vec()),
-                value.map(<[u8]>::to_vec),
-            );
+    fn remember(&mut self, tree: &str, t: &Tree, key: &[u8], value: Option<&[u8]>) {
+        if self.track || self.has_indexes(tree) {
+            self.overlay
+                .insert(&t.keyspace, key.to_vec(), value.map(<[u8]>::to_vec));
         }
     }
 
     /// The value of `key` in tree `t` as of the ops added so far.
     pub(crate) fn current_value(&self, t: &Tree, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
-        if let Some(v) = self.overlay.get(&(t.keyspace.clone(), key.to_vec())) {
+        if let Some(v) = self.overlay.get(&t.keyspace, key) {
             return Ok(v.clone());
         }
         if let Some(c) = self

@@ -568,15 +568,15 @@ impl StoreBatch<'_> {
         // What earlier ops of this batch wrote in the range: the chunk replaces it.
         let written: Vec<Vec<u8>> = self
             .overlay
-            .keys()
-            .filter(|(ks, k)| *ks == t.keyspace && chunk.covers(k))
-            .map(|(_, k)| k.clone())
+            .keys(&t.keyspace)
+            .filter(|k| chunk.covers(k))
+            .cloned()
             .collect();
         for key in written {
             if stale(&key) {
                 self.batch.remove(&t.handle, key.as_slice());
             }
-            self.overlay.remove(&(t.keyspace.clone(), key));
+            self.overlay.remove(&t.keyspace, &key);
         }
         // What earlier chunks of this batch put in the range.
         for earlier in self.chunks.iter().filter(|c| c.keyspace == t.keyspace) {

@@ -22,13 +22,15 @@
 //! 0x00 0x01, so entries sort by the components' bytes, component by component, then by
 //! primary key; the entry's value is empty. A component is a string's UTF-8 bytes, or the
 //! JSON text of any other scalar (`42`, `true`, `null`). A document that is not JSON, lacks a
-//! path, or holds an object or array at one, is *skipped* (counted, no entry).
+//! path, or holds an object or array at one, is *skipped* (counted, no entry). The paths are
+//! read without building the document (`fields`), with the same result as a full parse.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde_json::Value;
 
+use crate::fields::Fields;
 use crate::state::KEY_BYTES_MAX_LIMIT;
 use crate::store::TreeHandle;
 
@@ -266,6 +268,8 @@ pub(crate) struct Index {
     pub(crate) tree: String,
     pub(crate) name: String,
     pub(crate) paths: Vec<String>,
+    /// `paths` compiled for reading them without a full parse.
+    fields: Fields,
     pub(crate) unique: bool,
     pub(crate) keyspace: String,
     pub(crate) handle: TreeHandle,
@@ -298,6 +302,7 @@ impl Index {
         Arc::new(Index {
             tree: tree.to_string(),
             name: name.to_string(),
+            fields: Fields::new(&paths),
             paths,
             unique,
             keyspace,
@@ -316,22 +321,34 @@ impl Index {
     }
 
     /// The entry of `doc` stored under primary key `pk`; `parsed` caches the document's
-    /// parse across the indexes of one tree.
+    /// parse across the indexes of one tree (see [`Parsed`]).
     pub(crate) fn entry_for(&self, pk: &[u8], doc: Option<&[u8]>, parsed: &mut Parsed) -> DocEntry {
         let Some(doc) = doc else {
             return DocEntry::Absent;
         };
-        let Some(v) = parsed.get(doc) else {
-            return DocEntry::Skipped;
-        };
-        let mut values = Vec::with_capacity(self.paths.len());
-        for p in &self.paths {
-            match v.pointer(p).and_then(scalar_bytes) {
-                Some(b) => values.push(b),
-                None => return DocEntry::Skipped,
+        let mut entry = Vec::with_capacity(doc.len().min(64) + pk.len());
+        if parsed.shared {
+            let Some(v) = parsed.get(doc) else {
+                return DocEntry::Skipped;
+            };
+            for p in &self.paths {
+                match v.pointer(p).and_then(scalar_bytes) {
+                    Some(b) => push_component(&mut entry, &b),
+                    None => return DocEntry::Skipped,
+                }
+            }
+        } else {
+            let Some(values) = self.fields.extract(doc) else {
+                return DocEntry::Skipped;
+            };
+            for v in &values {
+                match v {
+                    Some(b) => push_component(&mut entry, b),
+                    None => return DocEntry::Skipped,
+                }
             }
         }
-        let entry = entry_key(&values, pk);
+        entry.extend_from_slice(pk);
         if entry.len() > KEY_BYTES_MAX_LIMIT {
             return DocEntry::Skipped;
         }
@@ -383,14 +400,26 @@ impl Index {
     }
 }
 
-/// A document parsed at most once for all indexes of its tree.
+/// How [`Index::entry_for`] reads a document. By default (one index) only that index's paths
+/// are read, in one checking pass that builds nothing else ([`Fields`]); `shared` (several
+/// indexes of one tree reading the same document) parses the document into a `Value` once
+/// and serves every index from it. Both give the same entries (see `fields`).
 #[derive(Default)]
 pub(crate) struct Parsed {
+    shared: bool,
     done: bool,
     value: Option<Value>,
 }
 
 impl Parsed {
+    /// A cache for a document that `indexes` indexes read.
+    pub(crate) fn for_indexes(indexes: usize) -> Parsed {
+        Parsed {
+            shared: indexes > 1,
+            ..Parsed::default()
+        }
+    }
+
     fn get(&mut self, doc: &[u8]) -> Option<&Value> {
         if !self.done {
             self.value = serde_json::from_slice(doc).ok();
@@ -420,18 +449,24 @@ pub(crate) fn push_escaped(out: &mut Vec<u8>, value: &[u8]) {
     }
 }
 
+/// Appends one component: `value` escaped, then the terminator.
+fn push_component(out: &mut Vec<u8>, value: &[u8]) {
+    push_escaped(out, value);
+    out.extend_from_slice(&[0x00, 0x01]);
+}
+
 /// The encoded components (each escaped and terminated): the prefix of every entry whose
 /// leading components equal `values`.
 pub fn value_prefix(values: &[Vec<u8>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(values.iter().map(|v| v.len() + 2).sum());
     for v in values {
-        push_escaped(&mut out, v);
-        out.extend_from_slice(&[0x00, 0x01]);
+        push_component(&mut out, v);
     }
     out
 }
 
-/// The entry key of `values` and primary key `pk`.
+/// The entry key of `values` and primary key `pk` (as [`Index::entry_for`] builds it).
+#[cfg(test)]
 pub(crate) fn entry_key(values: &[Vec<u8>], pk: &[u8]) -> Vec<u8> {
     let mut out = value_prefix(values);
     out.extend_from_slice(pk);

@@ -90,6 +90,7 @@ mod catalog;
 mod commit;
 mod engine;
 mod error;
+mod fields;
 mod index;
 mod merge;
 mod open;
