@@ -394,6 +394,7 @@ impl Inner {
                 return;
             }
             drop(stop);
+            self.killed_by_test("checkpointer");
             if self.checkpoint().is_err() {
                 return;
             }

@@ -257,6 +257,10 @@ pub(super) fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
         };
 
         if batch.count > 0 {
+            assert!(
+                !shared.opts.writer_killed_at(batch.first),
+                "test-only switch unsafe_kill_writer: the log writer thread dies"
+            );
             if shared.poisoned.load(Ordering::SeqCst) {
                 for ack in batch.acks {
                     let _ = ack.send(Err(shared.poison_error()));
