@@ -53,13 +53,27 @@ fn cluster() -> (tempfile::TempDir, String) {
     (dir, secrets)
 }
 
-/// Loads `count` keys `PREFIX:NNNNNNNN` of `value_len` bytes into `tree`.
+/// Loads `count` keys `PREFIX:NNNNNNNN` of `value_len` bytes into `tree`, 100 per transaction.
 fn load_keys(node: &Node, tree: &str, prefix: &str, first: u64, count: u64, value_len: usize) {
+    load_batched(node, tree, prefix, first, count, value_len, 100);
+}
+
+/// Loads `count` keys `PREFIX:NNNNNNNN` of `value_len` bytes into `tree`, `batch` per
+/// transaction, one transaction at a time (offsets follow key order).
+fn load_batched(
+    node: &Node,
+    tree: &str,
+    prefix: &str,
+    first: u64,
+    count: u64,
+    value_len: usize,
+    batch: usize,
+) {
     use std::io::Write;
     let mut child = node
         .cli()
         .args(["load", "--node", &node.addr, "--tree", tree])
-        .args(["--batch", "100"])
+        .args(["--batch", &batch.to_string(), "--parallel", "1"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
@@ -426,7 +440,7 @@ fn a_slot_past_the_age_cap_is_invalidated_its_log_purged_and_its_consumer_told()
             "2s",
         ],
     );
-    load_keys(&node, "default", "k", 0, 20, 1000); // offsets 1..=20, a few segments
+    load_batched(&node, "default", "k", 0, 20, 1000, 1); // offsets 1..=20, a few segments
     let checkpoint = dir.path().join("s.cp");
     let tail = |limit: u64| {
         node.cli()
@@ -456,7 +470,7 @@ fn a_slot_past_the_age_cap_is_invalidated_its_log_purged_and_its_consumer_told()
     // The consumer dies; the log goes on and its segments age past the cap.
     consumer.kill().unwrap();
     consumer.wait().unwrap();
-    load_keys(&node, "default", "k", 20, 40, 1000); // offsets 21..=60
+    load_batched(&node, "default", "k", 20, 40, 1000, 1); // offsets 21..=60
 
     let s = wait_for(Duration::from_secs(60), "the slot to be invalidated", || {
         let s = slot(&node);

@@ -147,6 +147,48 @@ fn silent_peers_do_not_lock_out_a_real_client_and_are_closed_by_the_handshake_ti
     );
 }
 
+/// One connection that has shown the cluster token (`Hello`, answered by `Welcome`).
+async fn authenticate(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    token: &str,
+    i: usize,
+) -> Result<quinn::Connection, String> {
+    let conn = ep
+        .connect(addr, tls::SERVER_NAME)
+        .map_err(|e| format!("connect: {e}"))?
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| format!("first stream: {e}"))?;
+    let mut buf = Vec::new();
+    proto::encode_message(
+        &Request::Hello {
+            token: token.to_owned(),
+            client: format!("limits test {i}"),
+            protocol: proto::PROTOCOL_VERSION,
+        },
+        &mut buf,
+    )
+    .expect("encode Hello");
+    send.write_all(&buf)
+        .await
+        .map_err(|e| format!("send Hello: {e}"))?;
+    let _ = send.finish();
+    let answer = recv
+        .read_to_end(64 << 10)
+        .await
+        .map_err(|e| format!("the node's answer: {e}"))?;
+    let mut dec = proto::FrameDecoder::new(proto::Limits::default());
+    dec.feed(&answer);
+    match dec.next_frame::<proto::Response>() {
+        Ok(Some(proto::Frame::Message(proto::Response::Welcome { .. }))) => Ok(conn),
+        other => Err(format!("expected Welcome, got {other:?}")),
+    }
+}
+
 #[test]
 fn the_1025th_authenticated_connection_is_told_to_try_again_later() {
     const CAP: usize = 1024;
@@ -158,38 +200,24 @@ fn the_1025th_authenticated_connection_is_told_to_try_again_later() {
     let ep = rt.block_on(async { raw_endpoint(&node.secrets()) });
 
     // 1,024 connections, each authenticated with `Hello` and then idle (keep-alives only).
+    // Sixteen handshakes at a time (under the 32 after which the node asks for a Retry); on a
+    // loaded machine a handshake can outlast the node's 5 s handshake timeout, so a connection
+    // whose handshake the node ended is tried again (the cap is what this test is about).
     let held: Vec<quinn::Connection> = rt.block_on(async {
         let mut tasks = tokio::task::JoinSet::new();
-        let gate = Arc::new(tokio::sync::Semaphore::new(64));
+        let gate = Arc::new(tokio::sync::Semaphore::new(16));
         for i in 0..CAP {
             let (ep, token, gate) = (ep.clone(), token.clone(), gate.clone());
             tasks.spawn(async move {
                 let _permit = gate.acquire().await.expect("semaphore");
-                let conn = ep
-                    .connect(addr, tls::SERVER_NAME)
-                    .expect("connect")
-                    .await
-                    .unwrap_or_else(|e| panic!("connection {i}: TLS: {e}"));
-                let (mut send, mut recv) = conn.open_bi().await.expect("first stream");
-                let mut buf = Vec::new();
-                proto::encode_message(
-                    &Request::Hello {
-                        token,
-                        client: format!("limits test {i}"),
-                        protocol: proto::PROTOCOL_VERSION,
-                    },
-                    &mut buf,
-                )
-                .expect("encode Hello");
-                send.write_all(&buf).await.expect("send Hello");
-                let _ = send.finish();
-                let answer = recv.read_to_end(64 << 10).await.expect("the node's answer");
-                let mut dec = proto::FrameDecoder::new(proto::Limits::default());
-                dec.feed(&answer);
-                match dec.next_frame::<proto::Response>() {
-                    Ok(Some(proto::Frame::Message(proto::Response::Welcome { .. }))) => conn,
-                    other => panic!("connection {i}: expected Welcome, got {other:?}"),
+                let mut failures = Vec::new();
+                while failures.len() < 5 {
+                    match authenticate(&ep, addr, &token, i).await {
+                        Ok(conn) => return conn,
+                        Err(e) => failures.push(e),
+                    }
                 }
+                panic!("connection {i} failed 5 times: {failures:?}");
             });
         }
         let mut held = Vec::new();

@@ -438,7 +438,7 @@ fn cut_unsynced(shared: &Shared, file: &dyn StorageFile, synced_len: u64) {
 }
 
 /// After the writer could not even start, answer every append with the poison error.
-fn fail_pending_forever(shared: &Shared) {
+pub(super) fn fail_pending_forever(shared: &Shared) {
     let mut state = lock(&shared.state);
     state.closing = true;
     for ack in std::mem::take(&mut state.pending.acks) {
