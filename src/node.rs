@@ -885,7 +885,10 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     );
     #[cfg(feature = "testing")]
     if let Some(task) = armed {
-        eprintln!("TESTING: {} armed: the {task} will die", testing::KILL_TASK_ENV);
+        eprintln!(
+            "TESTING: {} armed: the {task} will die",
+            testing::KILL_TASK_ENV
+        );
     }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -161,7 +161,11 @@ fn log_info_dump_and_verify_beside_a_live_node_see_a_dense_prefix_and_disturb_no
         let committed_before = status(&node)["last_offset"].as_u64().unwrap();
 
         let out = log_tool(&node, &["info"]);
-        assert!(out.status.success(), "round {round}: log info: {}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "round {round}: log info: {}",
+            stderr(&out)
+        );
         let info: Value = serde_json::from_slice(&out.stdout).expect("log info prints JSON");
         let last = info["last_offset"].as_u64().unwrap();
         assert!(
@@ -178,7 +182,11 @@ fn log_info_dump_and_verify_beside_a_live_node_see_a_dense_prefix_and_disturb_no
         );
 
         let out = log_tool(&node, &["dump"]);
-        assert!(out.status.success(), "round {round}: log dump: {}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "round {round}: log dump: {}",
+            stderr(&out)
+        );
         let lines: Vec<Value> = String::from_utf8(out.stdout)
             .unwrap()
             .lines()
@@ -191,12 +199,19 @@ fn log_info_dump_and_verify_beside_a_live_node_see_a_dense_prefix_and_disturb_no
         );
         for (i, l) in lines.iter().enumerate() {
             let n = i as u64 + 1;
-            assert_eq!(l["offset"], n, "round {round}: a gap or duplicate in log dump: {l}");
+            assert_eq!(
+                l["offset"], n,
+                "round {round}: a gap or duplicate in log dump: {l}"
+            );
             assert_eq!(l["gtid"], format!("{uuid}:{n}"), "round {round}: {l}");
         }
 
         let out = log_tool(&node, &["verify"]);
-        assert!(out.status.success(), "round {round}: log verify: {}", stderr(&out));
+        assert!(
+            out.status.success(),
+            "round {round}: log verify: {}",
+            stderr(&out)
+        );
         let said = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(said.starts_with("ok: "), "round {round}: {said}");
     }
@@ -205,15 +220,25 @@ fn log_info_dump_and_verify_beside_a_live_node_see_a_dense_prefix_and_disturb_no
     stop.store(true, Ordering::SeqCst);
     let fed = writer.join().unwrap();
     let s = status(&node);
-    assert_eq!(s["last_offset"], fed, "every acknowledged put was committed once: {s}");
+    assert_eq!(
+        s["last_offset"], fed,
+        "every acknowledged put was committed once: {s}"
+    );
     assert_eq!(acked.load(Ordering::SeqCst), fed);
     let segments = s["log"]["segments"].as_u64().unwrap();
-    assert!(segments > 2, "the node rolled segments while the tools ran: {s}");
+    assert!(
+        segments > 2,
+        "the node rolled segments while the tools ran: {s}"
+    );
 
     // After a kill -9 the log verifies and holds every commit.
     node.kill9();
     let out = log_tool(&node, &["verify"]);
-    assert!(out.status.success(), "log verify after kill -9: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "log verify after kill -9: {}",
+        stderr(&out)
+    );
     let node = Node::start(&node.data.clone(), 0);
     assert_eq!(status(&node)["last_offset"], fed);
 }
@@ -267,7 +292,11 @@ fn bootstrap_never_stops_with_a_clear_error_when_the_upstream_purged_what_it_nee
     }
     wait_purged_past(&a, b_needs);
 
-    let b = Node::start_with(&b_data, 0, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = Node::start_with(
+        &b_data,
+        0,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
     let u = wait_for(Duration::from_secs(60), "B's upstream to stop", || {
         let u = upstream(&b, 0);
         (u["state"] == "error").then_some(u)
@@ -277,7 +306,10 @@ fn bootstrap_never_stops_with_a_clear_error_when_the_upstream_purged_what_it_nee
         error.contains("purged") && error.contains("--bootstrap auto"),
         "the error should say the upstream purged what is needed and name the remedy: {u}"
     );
-    assert!(u["bootstrap"].is_null(), "a --bootstrap never replica copied: {u}");
+    assert!(
+        u["bootstrap"].is_null(),
+        "a --bootstrap never replica copied: {u}"
+    );
     let s = status(&b);
     assert_eq!(s["bootstrapping"], false, "{s}");
     // Data untouched: the same GTIDs, the same keys, the same log.
@@ -341,9 +373,16 @@ fn an_empty_multi_source_replica_never_bootstraps_and_says_why() {
         "{ua}"
     );
     let s = status(&r);
-    assert!(ua["bootstrap"].is_null() && s["upstreams"][1]["bootstrap"].is_null(), "{s}");
+    assert!(
+        ua["bootstrap"].is_null() && s["upstreams"][1]["bootstrap"].is_null(),
+        "{s}"
+    );
     assert_eq!(s["bootstrapping"], false, "{s}");
-    assert_eq!(gtids(&r), gtids(&b), "nothing of A arrived, all of B did: {s}");
+    assert_eq!(
+        gtids(&r),
+        gtids(&b),
+        "nothing of A arrived, all of B did: {s}"
+    );
     assert_eq!(common::scan(&r, "from_a"), "", "no copy of A's tree");
     assert_eq!(common::scan(&r, "from_b"), common::scan(&b, "from_b"));
 }
@@ -378,7 +417,10 @@ fn a_bootstrapping_node_refuses_to_serve_a_bootstrap_until_it_has_finished() {
 
     // Writes to B are refused meanwhile.
     let out = b.run(&["put", "k", "v"]);
-    assert!(!out.status.success(), "a bootstrapping replica took a write");
+    assert!(
+        !out.status.success(),
+        "a bootstrapping replica took a write"
+    );
 
     let c = Node::start_with(
         &dir.path().join("c"),
@@ -392,7 +434,10 @@ fn a_bootstrapping_node_refuses_to_serve_a_bootstrap_until_it_has_finished() {
             .is_some_and(|e| e.contains("itself being bootstrapped"))
             .then_some(u)
     });
-    assert!(uc["bootstrap"].is_null(), "C copied from a node mid-copy: {uc}");
+    assert!(
+        uc["bootstrap"].is_null(),
+        "C copied from a node mid-copy: {uc}"
+    );
     assert_eq!(gtids(&c), "", "C received nothing from a node mid-copy");
     assert_eq!(status(&b)["bootstrapping"], true, "B still mid-copy");
 
@@ -405,7 +450,10 @@ fn a_bootstrapping_node_refuses_to_serve_a_bootstrap_until_it_has_finished() {
     let report: Value = serde_json::from_slice(&out.stdout).expect("verify prints JSON");
     assert_eq!(report["equal"], true, "{report}");
     let uc = upstream(&c, 0);
-    assert!(!uc["bootstrap"].is_null(), "C bootstrapped from B once B had finished: {uc}");
+    assert!(
+        !uc["bootstrap"].is_null(),
+        "C bootstrapped from B once B had finished: {uc}"
+    );
 }
 
 /// Sends signal `sig` (by name: STOP, CONT) to `pid`; the `kill` tool keeps this test free
@@ -472,10 +520,14 @@ fn a_slot_past_the_age_cap_is_invalidated_its_log_purged_and_its_consumer_told()
     consumer.wait().unwrap();
     load_batched(&node, "default", "k", 20, 40, 1000, 1); // offsets 21..=60
 
-    let s = wait_for(Duration::from_secs(60), "the slot to be invalidated", || {
-        let s = slot(&node);
-        (s["state"] == "invalidated").then_some(s)
-    });
+    let s = wait_for(
+        Duration::from_secs(60),
+        "the slot to be invalidated",
+        || {
+            let s = slot(&node);
+            (s["state"] == "invalidated").then_some(s)
+        },
+    );
     let reason = s["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("slot_age_max") && reason.contains("needed offset 21"),

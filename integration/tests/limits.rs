@@ -133,7 +133,8 @@ fn silent_peers_do_not_lock_out_a_real_client_and_are_closed_by_the_handshake_ti
     });
     let took = started.elapsed();
     assert_eq!(
-        closed_within, 0,
+        closed_within,
+        0,
         "{closed_within} silent peers still open {:?} after they connected (handshake timeout \
          {HANDSHAKE_TIMEOUT:?} plus {MARGIN:?})",
         HANDSHAKE_TIMEOUT + MARGIN

@@ -42,8 +42,11 @@ fn kill_task_round(task: &str, thread_words: &str) {
         &[("TIDELINE_TESTING_KILL_TASK", task)],
     );
     assert!(
-        node.wait_stderr("TESTING: TIDELINE_TESTING_KILL_TASK armed", Duration::from_secs(10))
-            .is_some(),
+        node.wait_stderr(
+            "TESTING: TIDELINE_TESTING_KILL_TASK armed",
+            Duration::from_secs(10)
+        )
+        .is_some(),
         "the node did not arm TIDELINE_TESTING_KILL_TASK: the tideline binary was built without \
          its `testing` feature; build it with the tests (`scripts/test`, or `cargo build \
          --workspace --bins --tests`)"
@@ -74,7 +77,10 @@ fn kill_task_round(task: &str, thread_words: &str) {
         fail_stop.contains(thread_words),
         "{task} killed: the fail-stop line should name the {thread_words}: {fail_stop}"
     );
-    eprintln!("{task} killed: exit 2 after {:?}: {fail_stop}", started.elapsed());
+    eprintln!(
+        "{task} killed: exit 2 after {:?}: {fail_stop}",
+        started.elapsed()
+    );
 
     // The puts end (the node is gone); those acknowledged must survive the restart.
     let acked: Vec<&str> = [("k1", first), ("k2", second)]

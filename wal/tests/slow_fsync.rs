@@ -51,9 +51,8 @@ fn durable_in_image(storage: &MemStorage, opts: &WalOptions, offset: u64) -> Res
 /// behind it, then the gate opens. Returns how many data syncs the nine records took.
 fn held_sync_round(opts: &WalOptions) -> Result<u64, String> {
     let storage = MemStorage::new();
-    let wal = Arc::new(
-        Wal::open(Arc::new(storage.clone()), opts.clone()).map_err(|e| e.to_string())?,
-    );
+    let wal =
+        Arc::new(Wal::open(Arc::new(storage.clone()), opts.clone()).map_err(|e| e.to_string())?);
     storage.hold_syncs();
     let syncs_before = storage.sync_count();
     let acks: Arc<Mutex<Vec<u64>>> = Arc::default();
@@ -195,8 +194,14 @@ fn a_held_fsync_blocks_no_reader_and_no_tail() {
         .recv_timeout(WAIT_MAX)
         .expect("a reader is blocked behind the held fsync")
         .unwrap();
-    assert_eq!(read, 20, "a reader sees exactly the records durable before the held fsync");
-    assert!(twenty, "record 20 is durable: waiting for it must return at once");
+    assert_eq!(
+        read, 20,
+        "a reader sees exactly the records durable before the held fsync"
+    );
+    assert!(
+        twenty,
+        "record 20 is durable: waiting for it must return at once"
+    );
     assert!(
         !twenty_one,
         "record 21 became visible before its fsync completed (sync durability)"

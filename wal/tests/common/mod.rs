@@ -66,9 +66,10 @@ pub fn txn_for(seq: u64) -> NewTransaction {
 pub fn fault_seeds(test: &str, default: std::ops::Range<u64>) -> std::ops::Range<u64> {
     let seeds = match std::env::var("TIDELINE_FAULT_SEEDS") {
         Ok(n) => {
-            let n: u64 = n.trim().parse().unwrap_or_else(|_| {
-                panic!("TIDELINE_FAULT_SEEDS={n:?} is not a number of seeds")
-            });
+            let n: u64 = n
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("TIDELINE_FAULT_SEEDS={n:?} is not a number of seeds"));
             default.start..default.start + n
         }
         Err(_) => default,
