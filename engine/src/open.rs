@@ -247,8 +247,11 @@ impl Engine {
                 .map_err(|e| OpenError::BadOption(format!("cannot start thread {name}: {e}")))
         };
         let applier = spawn("tideline-engine-apply", "applier", Inner::apply_loop)?;
-        let checkpointer =
-            spawn("tideline-engine-checkpoint", "checkpointer", Inner::checkpoint_loop)?;
+        let checkpointer = spawn(
+            "tideline-engine-checkpoint",
+            "checkpointer",
+            Inner::checkpoint_loop,
+        )?;
         let backfill = spawn("tideline-engine-backfill", "backfill", Inner::backfill_loop)?;
         Ok(Engine {
             inner,
