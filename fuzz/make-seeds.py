@@ -98,3 +98,51 @@ write("bootstrap_progress", "record", b"\0" + json.dumps(progress).encode())
 del progress["epoch"]
 write("bootstrap_progress", "record-before-epochs", b"\0" + json.dumps(progress).encode())
 write("bootstrap_progress", "template", b"\1" + FILL)
+
+# connect_toml: the pipeline file's text as it is (no mode byte). A valid file per sink kind,
+# both layouts, and broken ones (each mistake the parser names by line and key).
+SRC = '[source]\nnode = "127.0.0.1:7400"\nsecrets = "./data/secrets"\nfrom = "bootstrap"\ntrees = ["users"]\n'
+SINKS = {
+    "postgres": 'kind = "postgres"\nurl = "postgres://postgres@127.0.0.1:5432/test"\nschema = "public"\n'
+                'table = "{tree}"\nmethod = "copy"\ncolumns = { email = "/email" }\nconnect_timeout_ms = 5000\n',
+    "redis": 'kind = "redis"\nurl = "redis://127.0.0.1:6379"\nkey = "app:{tree}:{key}"\n'
+             'connect_timeout_ms = 5000\nresponse_timeout_ms = 5000\n',
+    "nats": 'kind = "nats"\nurl = "nats://127.0.0.1:4222"\nstream = "TIDELINE"\nsubjects = ["tideline.>"]\n'
+            'subject = "tideline.{tree}"\nper = "txn"\nduplicate_window_secs = 120\nack_timeout_ms = 5000\nmax_in_flight = 256\n',
+    "webhook": 'kind = "webhook"\nurl = "http://127.0.0.1:8080/tideline"\nposition_file = "./data/webhook.position"\n'
+               'format = "json"\nheaders = { Authorization = "Bearer s3cret" }\ntimeout_ms = 5000\n',
+    "file": 'kind = "file"\npath = "./out/changes.jsonl"\nrotate_bytes = 1048576\n',
+}
+for kind, body in SINKS.items():
+    write("connect_toml", f"top-{kind}", (SRC + "\n[sink]\n" + body).encode())
+multi = ""
+for i, (kind, body) in enumerate(SINKS.items()):
+    multi += (f'[[pipeline]]\nname = "p-{kind}"\nbatch_changes = {1000 * (i + 1)}\nbatch_delay_ms = 20\n'
+              f'[pipeline.source]\nnode = "127.0.0.1:7400"\nfrom = "{["earliest", "latest", "offset:7", "gtid:" + U1 + ":1-5", "bootstrap"][i]}"\n'
+              f'prefix = "user:"\nops = ["put", "delete"]\ntimeout_ms = 2000\n[pipeline.sink]\n{body}\n')
+write("connect_toml", "pipelines-all-kinds", multi.encode())
+write("connect_toml", "inline-array", ('pipeline = [{ name = "a", source = { node = "h:1" }, '
+                                       'sink = { kind = "file", path = "o.jsonl" } }]\n').encode())
+BROKEN = {
+    "unknown-key": SRC + '\n[sink]\nkind = "postgres"\nulr = "postgres://x"\n',
+    "wrong-type": SRC + '\n[sink]\nkind = "redis"\nurl = "redis://x"\nconnect_timeout_ms = "soon"\n',
+    "unknown-kind": SRC + '\n[sink]\nkind = "kafka"\n',
+    "no-kind": SRC + '\n[sink]\nurl = "x"\n',
+    "kind-not-string": SRC + '\n[sink]\nkind = 7\n',
+    "sink-not-table": SRC + '\nsink = "file"\n',
+    "no-source": '[sink]\nkind = "file"\npath = "o"\n',
+    "no-sink": SRC,
+    "both-layouts": SRC + '[sink]\nkind = "file"\npath = "o"\n[[pipeline]]\nname = "x"\n',
+    "unnamed-pipeline": '[[pipeline]]\n[pipeline.source]\nnode = "h:1"\n[pipeline.sink]\nkind = "file"\npath = "o"\n',
+    "duplicate-name": ('[[pipeline]]\nname = "a"\n[pipeline.source]\nnode = "h:1"\n[pipeline.sink]\nkind = "file"\npath = "o"\n') * 2,
+    "bad-from": SRC.replace('"bootstrap"', '"offset:0"') + '[sink]\nkind = "file"\npath = "o"\n',
+    "bad-gtid": SRC.replace('"bootstrap"', '"gtid:nonsense:1-"') + '[sink]\nkind = "file"\npath = "o"\n',
+    "bad-op": SRC + 'ops = ["upsert"]\n[sink]\nkind = "file"\npath = "o"\n',
+    "zero-batch": 'batch_changes = 0\n' + SRC + '[sink]\nkind = "file"\npath = "o"\n',
+    "syntax": '[source\nnode = "h:1"\n',
+    "unterminated": '[source]\nnode = "h:1\n',
+    "empty": '',
+    "pipeline-not-array": 'pipeline = 3\n',
+}
+for name, text in BROKEN.items():
+    write("connect_toml", f"broken-{name}", text.encode())

@@ -73,6 +73,15 @@ pub struct ServeArgs {
     /// them (checked every 10 s). A replica needing purged GTIDs bootstraps instead.
     #[arg(long, default_value_t = 1 << 30, value_name = "BYTES")]
     log_retain_bytes: u64,
+    /// Most log that consumer slots may hold, in bytes; past it the oldest segments go anyway
+    /// and the slots that needed them are invalidated (docs/OPERATIONS.md, "Retention and
+    /// slots"). 0: no cap.
+    #[arg(long, default_value_t = 64 << 30, value_name = "BYTES")]
+    log_slot_bytes_max: u64,
+    /// Oldest log that consumer slots may hold (`90s`, `12h`, `7d`): a closed segment older
+    /// than this goes anyway and the slots that needed it are invalidated. Default: no cap.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    log_slot_age_max: Option<Duration>,
     /// Longest key accepted, in bytes (at most 65535, the store's limit).
     #[arg(long, default_value_t = 65_535, value_parser = clap::value_parser!(u32).range(1..=65_535))]
     key_bytes_max: u32,
@@ -825,10 +834,13 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         segment_bytes_max: args.log_segment_bytes,
         retention: RetentionPolicy {
             retain_bytes_min: args.log_retain_bytes,
-            ..RetentionPolicy::default()
+            slot_bytes_max: (args.log_slot_bytes_max > 0).then_some(args.log_slot_bytes_max),
+            slot_age_max: args.log_slot_age_max,
         },
         ..WalOptions::default()
     };
+    #[cfg(feature = "testing")]
+    let (log, opts, armed) = testing::kill_switch(log, opts)?;
     let engine = tokio::task::spawn_blocking(move || open_engine_with(&data, log, opts))
         .await
         .context("open task failed")??;
@@ -888,6 +900,13 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         args.data.display(),
         secrets_dir.display()
     );
+    #[cfg(feature = "testing")]
+    if let Some(task) = armed {
+        eprintln!(
+            "TESTING: {} armed: the {task} will die",
+            testing::KILL_TASK_ENV
+        );
+    }
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install the SIGTERM handler")?;
@@ -942,3 +961,37 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 
 #[cfg(test)]
 mod tests;
+
+/// Test-only switches (cargo feature `testing`, absent from the binary a release build makes):
+/// env `TIDELINE_TESTING_KILL_TASK=applier|checkpointer|backfill|log-writer` kills that
+/// critical task once the node has a commit, so that a test can watch the watchdog stop the
+/// node with exit code 2.
+#[cfg(feature = "testing")]
+mod testing {
+    use tideline_engine::EngineOptions;
+    use tideline_wal::WalOptions;
+
+    pub(super) const KILL_TASK_ENV: &str = "TIDELINE_TESTING_KILL_TASK";
+
+    /// The options with the switch of env `TIDELINE_TESTING_KILL_TASK` set, and the task armed.
+    pub(super) fn kill_switch(
+        mut log: WalOptions,
+        mut opts: EngineOptions,
+    ) -> anyhow::Result<(WalOptions, EngineOptions, Option<String>)> {
+        let Ok(task) = std::env::var(KILL_TASK_ENV) else {
+            return Ok((log, opts, None));
+        };
+        match task.as_str() {
+            "" => return Ok((log, opts, None)),
+            "applier" | "checkpointer" | "backfill" => {
+                opts.unsafe_kill_thread = Some(task.clone());
+            }
+            "log-writer" => log.unsafe_kill_writer = true,
+            other => anyhow::bail!(
+                "{KILL_TASK_ENV}={other}: unknown task; use applier, checkpointer, backfill or \
+                 log-writer"
+            ),
+        }
+        Ok((log, opts, Some(task)))
+    }
+}

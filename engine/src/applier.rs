@@ -83,6 +83,7 @@ impl Inner {
     /// committer once (no thundering herd, one wake-up per commit).
     pub(crate) fn apply_loop(self: Arc<Self>) {
         loop {
+            self.killed_by_test("applier");
             let next = lock(&self.apply).applied + 1;
             let Some(next_off) = Offset::new(next) else {
                 return;

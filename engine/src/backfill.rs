@@ -263,6 +263,7 @@ impl Inner {
             if self.stopping.load(Ordering::SeqCst) || self.failed.load(Ordering::SeqCst) {
                 return;
             }
+            self.killed_by_test("backfill");
             match self.backfill_step() {
                 Ok(true) => {}
                 Ok(false) => std::thread::park_timeout(Duration::from_millis(20)),

@@ -231,16 +231,28 @@ impl Engine {
             .checkpoint()
             .map_err(|reason| OpenError::Apply { offset: 0, reason })?;
 
-        let spawn = |name: &str, f: fn(Arc<Inner>)| {
+        // A thread that dies (a panic outside the applier's own guard, a bug) fails the engine
+        // (fail-stop) instead of leaving commits waiting for ever behind a dead thread.
+        let spawn = |name: &str, role: &'static str, f: fn(Arc<Inner>)| {
             let bg = inner.clone();
             std::thread::Builder::new()
                 .name(name.into())
-                .spawn(move || f(bg))
+                .spawn(move || {
+                    let guard = bg.clone();
+                    let run = std::panic::AssertUnwindSafe(|| f(bg));
+                    if let Err(panic) = std::panic::catch_unwind(run) {
+                        guard.thread_died(role, &panic_text(&*panic));
+                    }
+                })
                 .map_err(|e| OpenError::BadOption(format!("cannot start thread {name}: {e}")))
         };
-        let applier = spawn("tideline-engine-apply", Inner::apply_loop)?;
-        let checkpointer = spawn("tideline-engine-checkpoint", Inner::checkpoint_loop)?;
-        let backfill = spawn("tideline-engine-backfill", Inner::backfill_loop)?;
+        let applier = spawn("tideline-engine-apply", "applier", Inner::apply_loop)?;
+        let checkpointer = spawn(
+            "tideline-engine-checkpoint",
+            "checkpointer",
+            Inner::checkpoint_loop,
+        )?;
+        let backfill = spawn("tideline-engine-backfill", "backfill", Inner::backfill_loop)?;
         Ok(Engine {
             inner,
             threads: Mutex::new(vec![applier, checkpointer, backfill]),
@@ -317,7 +329,36 @@ impl Engine {
     }
 }
 
+/// The text of a panic's payload (`panic!` with a literal or a format).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 impl Inner {
+    /// A background thread died: the engine fails (fail-stop, which the node's watchdog turns
+    /// into exit code 2), and every commit waiting to be applied learns it now.
+    fn thread_died(&self, role: &str, panic: &str) {
+        let reason = format!(
+            "the engine's {role} thread died ({panic}); restart the node: recovery replays \
+             what the log holds"
+        );
+        self.fail(reason.clone());
+        let mut a = lock(&self.apply);
+        if a.dead_from == u64::MAX {
+            a.dead_from = a.applied + 1;
+            a.dead_reason = reason;
+        }
+        for r in a.ready.values() {
+            r.waiter.unpark();
+        }
+        drop(a);
+        self.applied_cv.notify_all();
+    }
+
     /// Replays log records after `applied`. Returns how many were applied.
     fn replay(&self, applied: u64) -> Result<u64, OpenError> {
         if self.wal.visible_offset() <= applied || !self.opts.replay_on_open() {
@@ -394,6 +435,7 @@ impl Inner {
                 return;
             }
             drop(stop);
+            self.killed_by_test("checkpointer");
             if self.checkpoint().is_err() {
                 return;
             }

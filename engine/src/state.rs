@@ -84,6 +84,13 @@ pub struct EngineOptions {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_skip_index_replay: bool,
+    /// Test-only (cargo feature `testing`): the named background thread (`applier`,
+    /// `checkpointer`, `backfill`) panics once the log holds a record, outside the engine's
+    /// own guards (a bug killing a critical thread). Exists so the node's watchdog test can
+    /// prove a dead thread stops the node.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_kill_thread: Option<String>,
 }
 
 // The test-only switches, read through these so that without the `testing` feature the
@@ -142,6 +149,8 @@ impl Default for EngineOptions {
             unsafe_bootstrap_no_ingest: false,
             #[cfg(feature = "testing")]
             unsafe_skip_index_replay: false,
+            #[cfg(feature = "testing")]
+            unsafe_kill_thread: None,
         }
     }
 }
@@ -313,6 +322,18 @@ impl Inner {
             Some(reason) => Err(WriteError::FailStop { reason }),
             None => Ok(()),
         }
+    }
+
+    /// The test-only switch `unsafe_kill_thread`: panics in background thread `thread` once
+    /// the log holds a record. Never does anything without the `testing` feature.
+    pub(crate) fn killed_by_test(&self, thread: &str) {
+        #[cfg(feature = "testing")]
+        if self.opts.unsafe_kill_thread.as_deref() == Some(thread) && self.wal.visible_offset() >= 1
+        {
+            panic!("test-only switch unsafe_kill_thread: the engine's {thread} thread dies");
+        }
+        #[cfg(not(feature = "testing"))]
+        let _ = thread;
     }
 
     pub(crate) fn fail(&self, reason: String) {

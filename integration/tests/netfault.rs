@@ -309,37 +309,50 @@ fn a_replica_and_a_tail_ride_out_loss_partitions_and_pauses() {
         let took = converge(&b, &gtids(&a), Duration::from_secs(10), name);
         eprintln!("{name}: B converged {took:?} after the heal");
     };
-    round(
-        "delay 20ms, 10% loss, reordering",
-        &|| {
-            net.netem(&[
-                "delay", "20ms", "5ms", "loss", "10%", "reorder", "25%", "50%",
-            ])
-        },
-        &|| {},
-        &|| {
-            net.netem(&[]);
-        },
-    );
-    round(
-        "partition (link down) while A commits",
-        &|| {
-            net.link(false);
-            true
-        },
-        // Until B has noticed: its upstream is no longer connected (it must reconnect).
-        &|| wait_upstream_down(&b),
-        &|| net.link(true),
-    );
-    round(
-        "B paused (SIGSTOP) while A commits",
-        &|| {
-            signal(b.pid(), "-STOP");
-            true
-        },
-        &|| {},
-        &|| signal(b.pid(), "-CONT"),
-    );
+    // The three rounds, `TIDELINE_NETFAULT_CYCLES` times (default once; `scripts/soak` runs
+    // more).
+    let cycles: u64 = std::env::var("TIDELINE_NETFAULT_CYCLES")
+        .ok()
+        .map(|c| {
+            c.trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("TIDELINE_NETFAULT_CYCLES={c:?} is not a number"))
+        })
+        .unwrap_or(1);
+    for cycle in 1..=cycles {
+        eprintln!("netfault cycle {cycle} of {cycles}");
+        round(
+            "delay 20ms, 10% loss, reordering",
+            &|| {
+                net.netem(&[
+                    "delay", "20ms", "5ms", "loss", "10%", "reorder", "25%", "50%",
+                ])
+            },
+            &|| {},
+            &|| {
+                net.netem(&[]);
+            },
+        );
+        round(
+            "partition (link down) while A commits",
+            &|| {
+                net.link(false);
+                true
+            },
+            // Until B has noticed: its upstream is no longer connected (it must reconnect).
+            &|| wait_upstream_down(&b),
+            &|| net.link(true),
+        );
+        round(
+            "B paused (SIGSTOP) while A commits",
+            &|| {
+                signal(b.pid(), "-STOP");
+                true
+            },
+            &|| {},
+            &|| signal(b.pid(), "-CONT"),
+        );
+    }
     // Every round commits on A, whatever the network did: the last one always runs.
     load(&a, next, 10);
     next += 10;

@@ -226,6 +226,19 @@ impl Client {
                             secrets: cfg.secrets.origin.clone(),
                         });
                     }
+                    // Refused at the door: the node serves as many connections as it
+                    // allows. Busy, not unreachable (docs/OPERATIONS.md promises these words).
+                    if let quinn::ConnectionError::ConnectionClosed(close) = &e
+                        && close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+                    {
+                        return Err(ClientError::Server {
+                            code: ErrorCode::Unavailable,
+                            message: format!(
+                                "{addr} refused the connection: it serves as many connections \
+                                 as it allows (1,024 by default); try again later"
+                            ),
+                        });
+                    }
                     last_err = Some(reason);
                 }
                 Err(_) => last_err = Some(format!("{sa}: no answer")),

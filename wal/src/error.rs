@@ -89,6 +89,18 @@ pub enum Error {
     /// A slot operation named a slot that does not exist.
     #[error("no slot named `{0}`; list slots with `tideline status`")]
     NoSuchSlot(String),
+    /// A subscription named a slot that retention's cap invalidated: it holds no log, so its
+    /// consumer must not believe its position is kept.
+    #[error(
+        "slot {name} was invalidated: {reason}. It holds no log any more; until it is dropped, \
+         subscribe with another slot name"
+    )]
+    SlotInvalidated {
+        /// The slot.
+        name: String,
+        /// Why, from retention (the cap and the offsets).
+        reason: String,
+    },
     /// A slot name is not acceptable.
     #[error("invalid slot name `{0}`: use 1-64 characters from [A-Za-z0-9_.-]")]
     BadSlotName(String),

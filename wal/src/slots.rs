@@ -140,6 +140,16 @@ impl Slots {
 
     pub(crate) fn create(&mut self, name: &str, restart: Offset) -> Result<SlotInfo, Error> {
         check_name(name)?;
+        if let Some(SlotInfo {
+            state: SlotState::Invalidated { reason },
+            ..
+        }) = self.map.get(name)
+        {
+            return Err(Error::SlotInvalidated {
+                name: name.to_owned(),
+                reason: reason.clone(),
+            });
+        }
         let info = self
             .map
             .entry(name.to_owned())

@@ -9,6 +9,11 @@
 //! are marked clean, so a later successful sync does not bring them back; by default none of
 //! them reached the disk, and with [`MemStorage::persist_on_failed_sync`] a seeded prefix did
 //! (the pages written before the error), so what a failed sync leaves is unknown.
+//!
+//! A slow disk is modelled too: [`MemStorage::slow_syncs`] makes every data sync take a set
+//! time, and [`MemStorage::hold_syncs`] stops data syncs at a gate until
+//! [`MemStorage::release_syncs`], so that a test can observe what the log does while one is in
+//! progress. Like a real `fdatasync`, a sync in progress never blocks reads of the file.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -17,7 +22,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use crate::Error;
 
@@ -248,6 +254,18 @@ struct Faults {
     fail_writes_from: AtomicU64,
     /// The errno those writes fail with (EIO, ENOSPC, ...).
     fail_writes_errno: AtomicU64,
+    /// Microseconds every data sync takes before it does anything; 0 = no delay.
+    sync_delay_us: AtomicU64,
+    /// The gate data syncs stop at while it is held.
+    gate: Mutex<SyncGate>,
+    gate_moved: Condvar,
+}
+
+#[derive(Default)]
+struct SyncGate {
+    held: bool,
+    /// Data syncs stopped at the gate right now.
+    waiting: u64,
 }
 
 impl fmt::Debug for MemStorage {
@@ -296,6 +314,77 @@ impl MemStorage {
             .fail_writes_errno
             .store(errno as u64, Ordering::SeqCst);
         self.faults.fail_writes_from.store(n, Ordering::SeqCst);
+    }
+
+    /// From now on every data sync (`sync_data`) takes `delay` before it starts (a slow or
+    /// overloaded disk); `Duration::ZERO` restores full speed. Reads of the file meanwhile go on
+    /// as they would beside a real `fdatasync` in progress.
+    pub fn slow_syncs(&self, delay: Duration) {
+        let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        self.faults.sync_delay_us.store(us, Ordering::SeqCst);
+    }
+
+    /// From now on every data sync stops at a gate, before it has made anything durable,
+    /// until [`MemStorage::release_syncs`]: the longest possible slow sync, under the test's
+    /// control. [`MemStorage::syncs_waiting`] says how many are stopped there.
+    pub fn hold_syncs(&self) {
+        lock(&self.faults.gate).held = true;
+    }
+
+    /// Opens the gate of [`MemStorage::hold_syncs`]: the syncs stopped there go on.
+    pub fn release_syncs(&self) {
+        lock(&self.faults.gate).held = false;
+        self.faults.gate_moved.notify_all();
+    }
+
+    /// Data syncs stopped at the gate of [`MemStorage::hold_syncs`] right now.
+    pub fn syncs_waiting(&self) -> u64 {
+        lock(&self.faults.gate).waiting
+    }
+
+    /// Waits until at least `n` data syncs are stopped at the gate, or `timeout` passes;
+    /// returns whether they are.
+    pub fn wait_syncs_waiting(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut gate = lock(&self.faults.gate);
+        while gate.waiting < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            gate = self
+                .faults
+                .gate_moved
+                .wait_timeout(gate, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        true
+    }
+
+    /// A data sync's slow-disk faults: the delay of [`MemStorage::slow_syncs`], then the gate
+    /// of [`MemStorage::hold_syncs`]. Runs before the sync touches the file, so reads go on.
+    fn slow_sync_faults(&self) {
+        let us = self.faults.sync_delay_us.load(Ordering::SeqCst);
+        if us > 0 {
+            // The fault itself is the delay: a disk that takes this long to flush.
+            std::thread::sleep(Duration::from_micros(us));
+        }
+        let mut gate = lock(&self.faults.gate);
+        if !gate.held {
+            return;
+        }
+        gate.waiting += 1;
+        self.faults.gate_moved.notify_all();
+        while gate.held {
+            gate = self
+                .faults
+                .gate_moved
+                .wait(gate)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        gate.waiting -= 1;
+        self.faults.gate_moved.notify_all();
     }
 
     /// Data writes attempted so far.
@@ -466,6 +555,7 @@ impl StorageFile for MemHandle {
         outcome
     }
     fn sync_data(&self) -> io::Result<()> {
+        self.storage.slow_sync_faults();
         let outcome = self.storage.sync_outcome();
         let mut st = lock(&self.file.state);
         let st = &mut *st;

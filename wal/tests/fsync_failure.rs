@@ -121,7 +121,7 @@ fn eio_round(seed: u64, opts: &WalOptions) -> Result<(), String> {
 
 #[test]
 fn eio_on_fsync_poisons_and_nothing_is_acked_after() {
-    for seed in 0..60 {
+    for seed in common::fault_seeds("eio on fsync", 0..60) {
         // 1-8 KiB segments, so the failing sync often belongs to a segment roll.
         eio_round(seed, &opts(1024 << (seed % 4))).unwrap_or_else(|e| panic!("{e}"));
     }

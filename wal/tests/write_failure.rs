@@ -121,7 +121,7 @@ impl IgnoreWriteErrors for WalOptions {
 
 #[test]
 fn enospc_on_write_poisons_keeps_every_ack_and_resumes_after_restart() {
-    for seed in 0..30 {
+    for seed in common::fault_seeds("enospc on write", 0..30) {
         // 1-8 KiB segments, so the failing write is sometimes a new segment's header.
         write_fault_round(seed, &opts(1024 << (seed % 4)), libc::ENOSPC)
             .unwrap_or_else(|e| panic!("{e}"));
@@ -130,7 +130,7 @@ fn enospc_on_write_poisons_keeps_every_ack_and_resumes_after_restart() {
 
 #[test]
 fn eio_on_write_poisons_keeps_every_ack_and_resumes_after_restart() {
-    for seed in 100..130 {
+    for seed in common::fault_seeds("eio on write", 100..130) {
         write_fault_round(seed, &opts(1024 << (seed % 4)), libc::EIO)
             .unwrap_or_else(|e| panic!("{e}"));
     }

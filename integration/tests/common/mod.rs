@@ -305,6 +305,17 @@ impl Node {
     /// Starts `tideline serve --listen LISTEN` inside network namespace `netns` (through
     /// `ip netns exec`; root only), or in this one. Its `cli()` runs there too.
     pub fn start_in(netns: Option<&str>, data: &Path, listen: &str, extra: &[&str]) -> Node {
+        Node::start_env(netns, data, listen, extra, &[])
+    }
+
+    /// [`Node::start_in`] with extra environment variables for the node.
+    pub fn start_env(
+        netns: Option<&str>,
+        data: &Path,
+        listen: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
         let mut cmd = in_netns(netns);
         let mut child = cmd
             .args(["serve", "--data"])
@@ -312,6 +323,7 @@ impl Node {
             .args(["--listen", listen])
             .args(extra)
             .env("TIDELINE_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -419,6 +431,20 @@ impl Node {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Waits up to `timeout` for a stderr line (after the ready line) containing `text`.
+    pub fn wait_stderr(&self, text: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(l) = self.stderr_lines().into_iter().find(|l| l.contains(text)) {
+                return Some(l);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Waits up to `timeout` for the node to exit by itself; its status, or `None` if it is

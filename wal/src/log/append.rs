@@ -257,6 +257,10 @@ pub(super) fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
         };
 
         if batch.count > 0 {
+            assert!(
+                !shared.opts.writer_killed_at(batch.first),
+                "test-only switch unsafe_kill_writer: the log writer thread dies"
+            );
             if shared.poisoned.load(Ordering::SeqCst) {
                 for ack in batch.acks {
                     let _ = ack.send(Err(shared.poison_error()));
@@ -434,7 +438,7 @@ fn cut_unsynced(shared: &Shared, file: &dyn StorageFile, synced_len: u64) {
 }
 
 /// After the writer could not even start, answer every append with the poison error.
-fn fail_pending_forever(shared: &Shared) {
+pub(super) fn fail_pending_forever(shared: &Shared) {
     let mut state = lock(&shared.state);
     state.closing = true;
     for ack in std::mem::take(&mut state.pending.acks) {

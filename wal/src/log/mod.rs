@@ -123,6 +123,12 @@ pub struct WalOptions {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_show_unsynced: bool,
+    /// Test-only: the log's writer thread panics when it is about to write a batch after the
+    /// first record (a bug killing the thread). Exists so the node's watchdog test can prove a
+    /// dead writer stops the node.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_kill_writer: bool,
 }
 
 impl Default for WalOptions {
@@ -143,12 +149,26 @@ impl Default for WalOptions {
             unsafe_ignore_write_errors: false,
             #[cfg(feature = "testing")]
             unsafe_show_unsynced: false,
+            #[cfg(feature = "testing")]
+            unsafe_kill_writer: false,
         }
     }
 }
 
 impl WalOptions {
     /// Whether fsync is skipped: only a `testing` build can say yes.
+    /// Whether the writer thread is to die before writing a batch that starts at `first`
+    /// (test-only switch; never without the `testing` feature).
+    pub(crate) fn writer_killed_at(&self, first: u64) -> bool {
+        #[cfg(feature = "testing")]
+        return self.unsafe_kill_writer && first > 1;
+        #[cfg(not(feature = "testing"))]
+        {
+            let _ = first;
+            false
+        }
+    }
+
     pub(crate) fn skip_fsync(&self) -> bool {
         #[cfg(feature = "testing")]
         return self.unsafe_skip_fsync;

@@ -22,7 +22,7 @@ use crate::slots::Slots;
 use crate::storage::{Storage, StorageFile};
 use crate::{Epoch, Error, Offset};
 
-use super::append::{create_segment, writer_main};
+use super::append::{create_segment, fail_pending_forever, writer_main};
 use super::retain::RESET_SUFFIX;
 use super::{Pending, RecoveryReport, SegmentMeta, Shared, State, Wal, WalOptions};
 
@@ -460,7 +460,24 @@ impl Wal {
             let writer_shared = shared.clone();
             let handle = std::thread::Builder::new()
                 .name("tideline-wal-writer".into())
-                .spawn(move || writer_main(writer_shared, gtids))
+                .spawn(move || {
+                    // A writer that dies (a bug) poisons the log: fail-stop, never appends
+                    // queued for ever behind a dead thread.
+                    let guard = writer_shared.clone();
+                    let run = std::panic::AssertUnwindSafe(|| writer_main(writer_shared, gtids));
+                    if let Err(panic) = std::panic::catch_unwind(run) {
+                        let text = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_owned())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic without a message".into());
+                        guard.poison(format!(
+                            "the log writer thread died ({text}); restart the node: recovery \
+                             keeps every acknowledged record"
+                        ));
+                        fail_pending_forever(&guard);
+                    }
+                })
                 .map_err(|e| Error::io("start the log writer thread", e))?;
             Some(handle)
         };

@@ -55,7 +55,8 @@ impl Wal {
     }
 
     /// Creates slot `name` holding the log from `restart` on (the first offset its consumer
-    /// still needs). Creating an existing slot returns it unchanged.
+    /// still needs). Creating an existing slot returns it unchanged; one that retention's cap
+    /// invalidated is refused with [`Error::SlotInvalidated`].
     pub fn create_slot(&self, name: &str, restart: Offset) -> Result<SlotInfo, Error> {
         self.writable()?;
         // Checked under the slots lock, which retention holds from choosing segments until

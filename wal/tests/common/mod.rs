@@ -60,6 +60,29 @@ pub fn txn_for(seq: u64) -> NewTransaction {
     }
 }
 
+/// The seeds a seeded fault test runs: `default`, or as many from its start as env
+/// `TIDELINE_FAULT_SEEDS` says (the long runs of `scripts/soak`). Printed, so that a failure's
+/// seed range is in the output even when the failure message is lost.
+pub fn fault_seeds(test: &str, default: std::ops::Range<u64>) -> std::ops::Range<u64> {
+    let seeds = match std::env::var("TIDELINE_FAULT_SEEDS") {
+        Ok(n) => {
+            let n: u64 = n
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("TIDELINE_FAULT_SEEDS={n:?} is not a number of seeds"));
+            default.start..default.start + n
+        }
+        Err(_) => default,
+    };
+    eprintln!(
+        "{test}: seeds {}..{} ({} rounds; each failure names its seed)",
+        seeds.start,
+        seeds.end,
+        seeds.end - seeds.start
+    );
+    seeds
+}
+
 /// Options for the logs of these tests: the fixed node id and small segments, so that crashes
 /// land around segment rolls too.
 pub fn opts(segment_bytes_max: u64) -> WalOptions {

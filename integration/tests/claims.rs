@@ -1,0 +1,569 @@
+//! Claims of the README and docs/ that had no test of their own, each checked against real
+//! `tideline` processes as a user would rely on it. Each test names the sentence it checks.
+//!
+//! - `log info|dump|verify` beside a live node (README "Inspecting a log offline": read-only,
+//!   safe beside a running node) while it commits and rolls segments: every run succeeds and
+//!   shows a dense prefix of what was committed, the node goes on, and after a kill -9 the log
+//!   verifies and holds every acknowledged commit.
+//! - `--bootstrap never` against an upstream that purged GTIDs the replica needs
+//!   (OPERATIONS.md "Bootstrap": "catches up from the upstream's log only and stops with an
+//!   error if it was purged"): `error` state naming the purge and the remedy, no copy, the
+//!   replica's data untouched.
+//! - a multi-source replica never bootstraps (OPERATIONS.md: "a copy of one upstream would
+//!   replace what the others sent"): an empty replica with two upstreams, one of which purged
+//!   what it needs, copies nothing, says why, and still replicates the other from its log.
+//! - a bootstrapping node refuses to serve bootstraps (OPERATIONS.md, ARCHITECTURE.md:
+//!   `Unavailable`, retried): a downstream replica waits, copies nothing meanwhile, and
+//!   bootstraps once its upstream finished, ending equal to the primary.
+//! - the slot age cap (OPERATIONS.md "Retention and slots"): a slot whose log is older than
+//!   `--log-slot-age-max` is invalidated with a reason naming the cap, retention then removes
+//!   that log, and the slot's consumer gets a clear error instead of a silent skip.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{Node, gtids, status, wait_gtids};
+use serde_json::Value;
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or fails naming `what` after `limit`.
+fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "waited {limit:?} for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A temporary directory for a cluster and the path of its secrets.
+fn cluster() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets").to_str().unwrap().to_string();
+    (dir, secrets)
+}
+
+/// Loads `count` keys `PREFIX:NNNNNNNN` of `value_len` bytes into `tree`, 100 per transaction.
+fn load_keys(node: &Node, tree: &str, prefix: &str, first: u64, count: u64, value_len: usize) {
+    load_batched(node, tree, prefix, first, count, value_len, 100);
+}
+
+/// Loads `count` keys `PREFIX:NNNNNNNN` of `value_len` bytes into `tree`, `batch` per
+/// transaction, one transaction at a time (offsets follow key order).
+fn load_batched(
+    node: &Node,
+    tree: &str,
+    prefix: &str,
+    first: u64,
+    count: u64,
+    value_len: usize,
+    batch: usize,
+) {
+    use std::io::Write;
+    let mut child = node
+        .cli()
+        .args(["load", "--node", &node.addr, "--tree", tree])
+        .args(["--batch", &batch.to_string(), "--parallel", "1"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run tideline load");
+    {
+        let mut stdin = std::io::BufWriter::new(child.stdin.take().expect("piped stdin"));
+        let value = "v".repeat(value_len);
+        for i in first..first + count {
+            writeln!(stdin, "{prefix}:{i:08}\t{value}").expect("write to load");
+        }
+    }
+    assert!(child.wait().expect("wait for load").success());
+}
+
+fn upstream(node: &Node, i: usize) -> Value {
+    status(node)["upstreams"][i].clone()
+}
+
+/// Waits until `node`'s `first_offset` passes `offset` (its retention runs every 10 s).
+fn wait_purged_past(node: &Node, offset: u64) {
+    wait_for(Duration::from_secs(60), "the upstream to purge", || {
+        (status(node)["first_offset"].as_u64().unwrap() > offset).then_some(())
+    });
+}
+
+fn log_tool(node: &Node, args: &[&str]) -> Output {
+    Command::new(common::bin())
+        .arg("log")
+        .args(args)
+        .arg("--data")
+        .arg(&node.data)
+        .output()
+        .expect("run tideline log")
+}
+
+/// README: "`log info|dump|verify` ... open the log read-only, safe beside a running node".
+#[test]
+fn log_info_dump_and_verify_beside_a_live_node_see_a_dense_prefix_and_disturb_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Small segments: the node rolls while the tools open the log.
+    let mut node = Node::start_with(&dir.path().join("n"), 0, &["--log-segment-bytes", "8192"]);
+    let uuid = status(&node)["server_uuid"].as_str().unwrap().to_string();
+
+    // A writer commits single puts until told to stop, counting acknowledgements.
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        let (addr, secrets) = (node.addr.clone(), node.secrets());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let secrets = tideline_stream::tls::load_client_dir(&secrets).unwrap();
+                let client = tideline_stream::Client::connect(
+                    &addr,
+                    tideline_stream::ClientConfig::new(secrets),
+                )
+                .await
+                .unwrap();
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    i += 1;
+                    client
+                        .commit(vec![tideline_stream::WriteOp::Put {
+                            tree: "default".into(),
+                            key: format!("key:{i:08}").into_bytes(),
+                            value: vec![b'x'; 200],
+                        }])
+                        .await
+                        .unwrap();
+                    acked.store(i, Ordering::SeqCst);
+                }
+                i
+            })
+        })
+    };
+    wait_for(Duration::from_secs(60), "the first commits", || {
+        (status(&node)["last_offset"].as_u64().unwrap_or(0) >= 20).then_some(())
+    });
+
+    for round in 0..6 {
+        let committed_before = status(&node)["last_offset"].as_u64().unwrap();
+
+        let out = log_tool(&node, &["info"]);
+        assert!(
+            out.status.success(),
+            "round {round}: log info: {}",
+            stderr(&out)
+        );
+        let info: Value = serde_json::from_slice(&out.stdout).expect("log info prints JSON");
+        let last = info["last_offset"].as_u64().unwrap();
+        assert!(
+            last >= committed_before,
+            "round {round}: log info shows {last} records, the node had committed \
+             {committed_before} before it ran: {info}"
+        );
+        assert_eq!(info["server_uuid"], uuid.as_str());
+        assert_eq!(info["first_offset"], 1, "{info}");
+        assert_eq!(
+            info["gtid_executed"],
+            format!("{uuid}:1-{last}"),
+            "round {round}: {info}"
+        );
+
+        let out = log_tool(&node, &["dump"]);
+        assert!(
+            out.status.success(),
+            "round {round}: log dump: {}",
+            stderr(&out)
+        );
+        let lines: Vec<Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("log dump prints JSON lines"))
+            .collect();
+        assert!(
+            lines.len() as u64 >= committed_before,
+            "round {round}: log dump printed {} records, {committed_before} were committed",
+            lines.len()
+        );
+        for (i, l) in lines.iter().enumerate() {
+            let n = i as u64 + 1;
+            assert_eq!(
+                l["offset"], n,
+                "round {round}: a gap or duplicate in log dump: {l}"
+            );
+            assert_eq!(l["gtid"], format!("{uuid}:{n}"), "round {round}: {l}");
+        }
+
+        let out = log_tool(&node, &["verify"]);
+        assert!(
+            out.status.success(),
+            "round {round}: log verify: {}",
+            stderr(&out)
+        );
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(said.starts_with("ok: "), "round {round}: {said}");
+    }
+
+    // The node went on all along, with its own numbering.
+    stop.store(true, Ordering::SeqCst);
+    let fed = writer.join().unwrap();
+    let s = status(&node);
+    assert_eq!(
+        s["last_offset"], fed,
+        "every acknowledged put was committed once: {s}"
+    );
+    assert_eq!(acked.load(Ordering::SeqCst), fed);
+    let segments = s["log"]["segments"].as_u64().unwrap();
+    assert!(
+        segments > 2,
+        "the node rolled segments while the tools ran: {s}"
+    );
+
+    // After a kill -9 the log verifies and holds every commit.
+    node.kill9();
+    let out = log_tool(&node, &["verify"]);
+    assert!(
+        out.status.success(),
+        "log verify after kill -9: {}",
+        stderr(&out)
+    );
+    let node = Node::start(&node.data.clone(), 0);
+    assert_eq!(status(&node)["last_offset"], fed);
+}
+
+/// OPERATIONS.md: "`--bootstrap never` disables it: the replica then catches up from the
+/// upstream's log only and stops with an error if it was purged."
+#[test]
+fn bootstrap_never_stops_with_a_clear_error_when_the_upstream_purged_what_it_needs() {
+    let (dir, secrets) = cluster();
+    let a = Node::start_with(
+        &dir.path().join("a"),
+        0,
+        &[
+            "--secrets",
+            &secrets,
+            "--log-segment-bytes",
+            "16384",
+            "--log-retain-bytes",
+            "0",
+        ],
+    );
+    let b_args = |a: &Node| {
+        vec![
+            "--secrets".to_string(),
+            secrets.clone(),
+            "--upstream".to_string(),
+            a.addr.clone(),
+            "--bootstrap".to_string(),
+            "never".to_string(),
+        ]
+    };
+    // B catches up from A's log while A still has it all (2 transactions).
+    load_keys(&a, "default", "early", 0, 200, 100);
+    let args = b_args(&a);
+    let b = Node::start_with(
+        &dir.path().join("b"),
+        0,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    wait_gtids(&b, &gtids(&a));
+    let b_data = b.data.clone();
+    let b_gtids = gtids(&b);
+    let b_scan = common::scan(&b, "default");
+    let b_last = status(&b)["last_offset"].as_u64().unwrap();
+    drop(b); // killed
+    let b_needs = status(&a)["last_offset"].as_u64().unwrap() + 1;
+
+    // A moves on (a transaction of about 11 KB per 16 KiB segment) and purges what B needs.
+    for i in 0..20 {
+        load_keys(&a, "default", "later", i * 100, 100, 100);
+    }
+    wait_purged_past(&a, b_needs);
+
+    let b = Node::start_with(
+        &b_data,
+        0,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let u = wait_for(Duration::from_secs(60), "B's upstream to stop", || {
+        let u = upstream(&b, 0);
+        (u["state"] == "error").then_some(u)
+    });
+    let error = u["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("purged") && error.contains("--bootstrap auto"),
+        "the error should say the upstream purged what is needed and name the remedy: {u}"
+    );
+    assert!(
+        u["bootstrap"].is_null(),
+        "a --bootstrap never replica copied: {u}"
+    );
+    let s = status(&b);
+    assert_eq!(s["bootstrapping"], false, "{s}");
+    // Data untouched: the same GTIDs, the same keys, the same log.
+    assert_eq!(gtids(&b), b_gtids, "{s}");
+    assert_eq!(common::scan(&b, "default"), b_scan);
+    assert_eq!(s["last_offset"], b_last, "{s}");
+    // And it stays stopped: still an error after A commits more.
+    load_keys(&a, "default", "after", 0, 10, 10);
+    let u = upstream(&b, 0);
+    assert_eq!(u["state"], "error", "{u}");
+    assert_eq!(gtids(&b), b_gtids);
+}
+
+/// OPERATIONS.md: "A multi-source replica never bootstraps (a copy of one upstream would
+/// replace what the others sent): bootstrap it from one upstream first, then add the others."
+#[test]
+fn an_empty_multi_source_replica_never_bootstraps_and_says_why() {
+    let (dir, secrets) = cluster();
+    let a = Node::start_with(
+        &dir.path().join("a"),
+        0,
+        &[
+            "--secrets",
+            &secrets,
+            "--log-segment-bytes",
+            "16384",
+            "--log-retain-bytes",
+            "0",
+        ],
+    );
+    let b = Node::start_with(&dir.path().join("b"), 0, &["--secrets", &secrets]);
+    // A purges its beginning: an empty replica can only get A's state by a copy.
+    for i in 0..20 {
+        load_keys(&a, "from_a", "a", i * 100, 100, 100);
+    }
+    wait_purged_past(&a, 1);
+    load_keys(&b, "from_b", "b", 0, 300, 50);
+
+    let r = Node::start_with(
+        &dir.path().join("r"),
+        0,
+        &[
+            "--secrets",
+            &secrets,
+            "--upstream",
+            &a.addr,
+            "--upstream",
+            &b.addr,
+        ],
+    );
+    // B's transactions arrive from B's log ...
+    wait_gtids(&r, &gtids(&b));
+    // ... and A's upstream stops with the reason and the remedy, without a copy.
+    let ua = wait_for(Duration::from_secs(60), "A's upstream to stop", || {
+        let u = upstream(&r, 0);
+        (u["state"] == "error").then_some(u)
+    });
+    let error = ua["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("multi-source replica cannot bootstrap") && error.contains("purged"),
+        "{ua}"
+    );
+    let s = status(&r);
+    assert!(
+        ua["bootstrap"].is_null() && s["upstreams"][1]["bootstrap"].is_null(),
+        "{s}"
+    );
+    assert_eq!(s["bootstrapping"], false, "{s}");
+    assert_eq!(
+        gtids(&r),
+        gtids(&b),
+        "nothing of A arrived, all of B did: {s}"
+    );
+    assert_eq!(common::scan(&r, "from_a"), "", "no copy of A's tree");
+    assert_eq!(common::scan(&r, "from_b"), common::scan(&b, "from_b"));
+}
+
+/// OPERATIONS.md: "While bootstrapping it refuses writes, and it refuses to serve bootstraps
+/// itself (downstream replicas retry)". B copies A; A is paused (SIGSTOP) mid-copy so that B
+/// stays bootstrapping while C, empty, asks B for a copy.
+#[test]
+fn a_bootstrapping_node_refuses_to_serve_a_bootstrap_until_it_has_finished() {
+    let (dir, secrets) = cluster();
+    let a = Node::start_with(&dir.path().join("a"), 0, &["--secrets", &secrets]);
+    load_keys(&a, "default", "key", 0, 20_000, 100);
+    let b = Node::start_with(
+        &dir.path().join("b"),
+        0,
+        &[
+            "--secrets",
+            &secrets,
+            "--upstream",
+            &a.addr,
+            "--bootstrap-chunk-bytes",
+            "16384",
+        ],
+    );
+    wait_for(Duration::from_secs(120), "B to store some chunks", || {
+        let u = upstream(&b, 0);
+        (u["bootstrap"]["chunks"].as_u64().unwrap_or(0) >= 3).then_some(())
+    });
+    signal(a.pid(), "STOP"); // A paused mid-copy
+    let s = status(&b);
+    assert_eq!(s["bootstrapping"], true, "B is mid-copy: {s}");
+
+    // Writes to B are refused meanwhile.
+    let out = b.run(&["put", "k", "v"]);
+    assert!(
+        !out.status.success(),
+        "a bootstrapping replica took a write"
+    );
+
+    let c = Node::start_with(
+        &dir.path().join("c"),
+        0,
+        &["--secrets", &secrets, "--upstream", &b.addr],
+    );
+    let uc = wait_for(Duration::from_secs(60), "C to be refused by B", || {
+        let u = upstream(&c, 0);
+        u["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("itself being bootstrapped"))
+            .then_some(u)
+    });
+    assert!(
+        uc["bootstrap"].is_null(),
+        "C copied from a node mid-copy: {uc}"
+    );
+    assert_eq!(gtids(&c), "", "C received nothing from a node mid-copy");
+    assert_eq!(status(&b)["bootstrapping"], true, "B still mid-copy");
+
+    // A goes on; B finishes; C (retrying) then copies B and ends equal to A.
+    signal(a.pid(), "CONT");
+    let want = gtids(&a);
+    wait_gtids(&b, &want);
+    wait_gtids(&c, &want);
+    let out = a.run(&["verify", "--node", &a.addr, "--node", &c.addr]);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("verify prints JSON");
+    assert_eq!(report["equal"], true, "{report}");
+    let uc = upstream(&c, 0);
+    assert!(
+        !uc["bootstrap"].is_null(),
+        "C bootstrapped from B once B had finished: {uc}"
+    );
+}
+
+/// Sends signal `sig` (by name: STOP, CONT) to `pid`; the `kill` tool keeps this test free
+/// of unsafe code.
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// OPERATIONS.md "Retention and slots": slots hold the log "up to a cap (`slot_bytes_max`
+/// ...; optional `slot_age_max`). Past the cap the oldest segments go anyway and the slots
+/// that needed them become `invalidated`, with a reason naming the cap and the first offset
+/// still available ... A reader asking for a removed position gets `offset N is not
+/// available: the log holds A..=B` ..., never a silent skip."
+#[test]
+fn a_slot_past_the_age_cap_is_invalidated_its_log_purged_and_its_consumer_told() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start_with(
+        &dir.path().join("n"),
+        0,
+        &[
+            "--log-segment-bytes",
+            "4096",
+            "--log-retain-bytes",
+            "0",
+            "--log-slot-age-max",
+            "2s",
+        ],
+    );
+    load_batched(&node, "default", "k", 0, 20, 1000, 1); // offsets 1..=20, a few segments
+    let checkpoint = dir.path().join("s.cp");
+    let tail = |limit: u64| {
+        node.cli()
+            .args(["tail", "--node", &node.addr, "--from", "earliest"])
+            .args(["--slot", "s", "--limit", &limit.to_string()])
+            .arg("--checkpoint")
+            .arg(&checkpoint)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut consumer = tail(100);
+    let mut lines = BufReader::new(consumer.stdout.take().unwrap()).lines();
+    for _ in 0..20 {
+        lines.next().expect("tail output").expect("UTF-8");
+    }
+    let slot = |node: &Node| -> Value {
+        status(node)["slots"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == "s").cloned())
+            .unwrap_or(Value::Null)
+    };
+    wait_for(Duration::from_secs(30), "the slot to move to 21", || {
+        (slot(&node)["restart_offset"] == 21).then_some(())
+    });
+    // The consumer dies; the log goes on and its segments age past the cap.
+    consumer.kill().unwrap();
+    consumer.wait().unwrap();
+    load_batched(&node, "default", "k", 20, 40, 1000, 1); // offsets 21..=60
+
+    let s = wait_for(
+        Duration::from_secs(60),
+        "the slot to be invalidated",
+        || {
+            let s = slot(&node);
+            (s["state"] == "invalidated").then_some(s)
+        },
+    );
+    let reason = s["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("slot_age_max") && reason.contains("needed offset 21"),
+        "the reason should name the cap and the offset: {s}"
+    );
+    let first = wait_for(Duration::from_secs(60), "retention to purge", || {
+        let f = status(&node)["first_offset"].as_u64().unwrap();
+        (f > 21).then_some(f)
+    });
+
+    // The consumer comes back from its checkpoint (offset 21): a clear error, no skip.
+    let out = tail(100).wait_with_output().unwrap();
+    assert!(!out.status.success(), "a resume into purged log succeeded");
+    let err = stderr(&out);
+    assert!(
+        err.contains("offset 21 is not available") && err.contains(&format!("{first}..=")),
+        "the consumer should be told what is gone and what is left: {err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "nothing may be delivered past the gap: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    // A fresh subscription naming the invalidated slot is refused too: its slot holds nothing,
+    // and accepting it would let the consumer believe its position is kept.
+    std::fs::remove_file(&checkpoint).unwrap();
+    let out = tail(1).wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "a subscription with an invalidated slot was accepted: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("slot s was invalidated") && err.contains("slot_age_max"),
+        "the refusal should name the slot and why it was invalidated: {err}"
+    );
+}
