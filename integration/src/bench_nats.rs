@@ -39,7 +39,7 @@ pub struct NatsBenchArgs {
     #[arg(long, default_value_t = 100)]
     value_bytes: usize,
     /// Publishes awaiting their ack at once, on both sides.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = 16384)]
     max_in_flight: usize,
     /// Rounds of (bare, sink), alternating; each side's best counts.
     #[arg(long, default_value_t = 3)]

@@ -59,7 +59,7 @@ pub struct NatsConfig {
     /// stream/bucket request, before the batch is retried (default 10000).
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_ms: u64,
-    /// Publishes awaiting their ack at once (default 4096): the pipelining depth.
+    /// Publishes awaiting their ack at once (default 16384): the pipelining depth.
     #[serde(default = "default_in_flight")]
     pub max_in_flight: usize,
     /// The key-value bucket holding each pipeline's checkpoint (default `tideline_positions`).
@@ -98,7 +98,7 @@ fn default_ack_timeout() -> u64 {
     10_000
 }
 fn default_in_flight() -> usize {
-    4096
+    16384
 }
 fn default_bucket() -> String {
     "tideline_positions".into()
