@@ -46,9 +46,9 @@ pub struct ServerConfig {
     /// A subscription sends a batch once it holds this many bytes of records.
     pub batch_bytes_target: usize,
     /// Most memory the server holds for one consumer that stops reading (or acknowledging):
-    /// its log reader's chunk ([`READER_CHUNK_BYTES`]), the batch being prepared
+    /// its log reader's chunk (`READER_CHUNK_BYTES`, 1 MiB), the batch being prepared
     /// (room for twice `batch_bytes_target`), the connection's own state
-    /// ([`CONNECTION_STATE_BYTES`]) and the data written to it and not yet acknowledged by the
+    /// (`CONNECTION_STATE_BYTES`, 256 KiB) and the data written to it and not yet acknowledged by the
     /// peer (the connection's send window: the rest of this figure, shared by the streams of
     /// one connection). One transaction larger than a batch makes that batch larger while it
     /// is sent. At least [`ServerConfig::consumer_buffer_bytes_min`].
