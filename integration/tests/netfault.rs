@@ -364,29 +364,8 @@ fn a_replica_and_a_tail_ride_out_loss_partitions_and_pauses() {
     );
 
     // Equal state, and the tail has every transaction once, in order.
-    let out = a.run(&["verify", "--node", &b.addr]);
-    assert!(
-        out.status.success(),
-        "verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let total = next - 1;
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (got.len() as u64) < total {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(o) => got.push(o),
-            Err(_) => panic!("the tail has {} of {total} after 10 s", got.len()),
-        }
-    }
+    equal_and_every_offset_once(&a, &b, &rx, next - 1);
     drop(tail);
-    assert_eq!(
-        got,
-        (1..=total).collect::<Vec<_>>(),
-        "the tail's history has a gap or a duplicate"
-    );
 }
 
 /// The faults of `tc netem`, in user space: B replicates and a tail follows A through relays
@@ -487,6 +466,18 @@ fn a_replica_and_a_tail_ride_out_loss_delay_reordering_and_rate_limits_through_r
         let took = converge(&b, &gtids(&a), Duration::from_secs(10), name);
         eprintln!("{name}: B converged {took:?} after the heal");
     }
+    equal_and_every_offset_once(&a, &b, &rx, next - 1);
+    drop(tail);
+}
+
+/// `tideline verify` finds A and B equal, and the tail's offsets (from `rx`) are exactly
+/// 1..=`total` within 10 s: no gap, no duplicate.
+fn equal_and_every_offset_once(
+    a: &Node,
+    b: &Node,
+    rx: &std::sync::mpsc::Receiver<u64>,
+    total: u64,
+) {
     let out = a.run(&["verify", "--node", &b.addr]);
     assert!(
         out.status.success(),
@@ -494,7 +485,6 @@ fn a_replica_and_a_tail_ride_out_loss_delay_reordering_and_rate_limits_through_r
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let total = next - 1;
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while (got.len() as u64) < total {
@@ -504,7 +494,6 @@ fn a_replica_and_a_tail_ride_out_loss_delay_reordering_and_rate_limits_through_r
             Err(_) => panic!("the tail has {} of {total} after 10 s", got.len()),
         }
     }
-    drop(tail);
     assert_eq!(
         got,
         (1..=total).collect::<Vec<_>>(),
