@@ -1,5 +1,6 @@
 //! `peer-bench replication` as a user runs it, at tiny sizes: the primary is loaded, an
-//! async and a sync replica catch up, the chain A→B→C carries the paced load to C, empty
+//! async and a sync replica catch up, a sync and an async chain A→B→C carry the paced load
+//! to C, empty
 //! replicas bootstrap a small and a larger state, and the `--json` report carries each figure
 //! as a positive number. Guards against a benchmark that silently stops measuring (a phase that
 //! hangs, a field renamed or left at zero). Redis is skipped with `--no-redis`; no wall-clock
@@ -21,10 +22,14 @@ fn bench_replication_reports_every_figure() {
             "2000",
             "--load-writers",
             "4",
+            "--load-seconds",
+            "0.3",
             "--lag-rate",
             "1000",
             "--lag-seconds",
             "0.3",
+            "--lag-writers",
+            "32",
             "--bootstrap-keys",
             "20000",
             "--bootstrap-small-keys",
@@ -37,8 +42,12 @@ fn bench_replication_reports_every_figure() {
     assert_eq!(report["catch_up_async"]["durability"], "async");
     assert_eq!(report["catch_up_sync"]["transactions"], 2000);
     assert_eq!(report["catch_up_sync"]["durability"], "sync");
-    for node in ["at_a", "at_b", "at_c"] {
-        assert_eq!(report["chain_lag"][node]["transactions"], 300, "{node}");
+    for durability in ["sync", "async"] {
+        let lag = &report["chain_lag"][durability];
+        assert_eq!(lag["durability"], durability, "{report}");
+        for node in ["at_a", "at_b", "at_c"] {
+            assert_eq!(lag[node]["transactions"], 300, "{durability} {node}");
+        }
     }
     for path in [
         &["load_txns_per_s"][..],
@@ -46,11 +55,16 @@ fn bench_replication_reports_every_figure() {
         &["catch_up_async", "txns_per_s"],
         &["catch_up_sync", "seconds"],
         &["catch_up_sync", "txns_per_s"],
-        &["chain_lag", "achieved_rate_per_s"],
-        &["chain_lag", "at_a", "p50_us"],
-        &["chain_lag", "at_c", "p50_us"],
-        &["chain_lag", "at_c", "p99_us"],
-        &["chain_lag", "at_c", "max_us"],
+        &["chain_lag", "sync", "achieved_rate_per_s"],
+        &["chain_lag", "sync", "at_a", "p50_us"],
+        &["chain_lag", "sync", "at_c", "p50_us"],
+        &["chain_lag", "sync", "at_c", "p99_us"],
+        &["chain_lag", "sync", "at_c", "max_us"],
+        &["chain_lag", "async", "achieved_rate_per_s"],
+        &["chain_lag", "async", "at_a", "p50_us"],
+        &["chain_lag", "async", "at_c", "p50_us"],
+        &["chain_lag", "async", "at_c", "p99_us"],
+        &["chain_lag", "async", "at_c", "max_us"],
         &["bootstrap_small", "seconds"],
         &["bootstrap_small", "mb_per_s"],
         &["bootstrap_large", "mb_per_s"],
