@@ -109,7 +109,7 @@ fn run_in(data: &Path, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         args.txns as f64 / secs,
         match args.durability {
             DurabilityArg::Sync => "after fsync",
-            DurabilityArg::Async => "after write",
+            DurabilityArg::Async => "after the 10 ms interval fsync",
         }
     );
     println!("gtid_executed: {}", stats.gtids);

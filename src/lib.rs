@@ -132,12 +132,14 @@ struct DataArg {
     data: PathBuf,
 }
 
-/// `sync` acknowledges after fsync; `async` after write, with an fsync every interval.
+/// `sync` fsyncs each group of commits; `async` fsyncs every interval. Either way a commit is
+/// acknowledged once applied, which is after its record is durable (README, "Durability").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DurabilityArg {
     /// Acknowledge after fsync (default): an acknowledged commit survives power loss.
     Sync,
-    /// Acknowledge after write; fsync every 10 ms: a power cut can lose the last 10 ms.
+    /// One fsync every 10 ms for everything written since: fewer fsyncs, but commits, tails and
+    /// replicas wait up to 10 ms for it (nothing is shown or acknowledged before it).
     Async,
 }
 

@@ -43,7 +43,8 @@ pub struct ServeArgs {
     /// Secrets directory (CA, certificate, token); created on first start. Default DATA/secrets.
     #[arg(long, value_name = "DIR")]
     secrets: Option<PathBuf>,
-    /// `sync`: acknowledge after fsync (default). `async`: after write, fsync every 10 ms.
+    /// `sync`: fsync each group of commits (default). `async`: one fsync every 10 ms; commits,
+    /// tails and replicas wait up to 10 ms for it (nothing is shown before it is durable).
     #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
     durability: DurabilityArg,
     /// Refuse local writes. Implied by --upstream unless --allow-local-writes is given.
