@@ -205,7 +205,11 @@ pub fn write_lines(item: &Item, server_uuid: uuid::Uuid, out: &mut Vec<u8>) {
 /// `,"source":{...}}`: the end of every envelope of one transaction (or of one bootstrap
 /// step), rendered once and shared by its envelopes.
 #[derive(Debug, Clone)]
-pub struct SourceText(Vec<u8>);
+pub struct SourceText {
+    text: Vec<u8>,
+    /// The length of `,"source":{"server_uuid":"…",`, the part every transaction shares.
+    open_len: usize,
+}
 
 impl SourceText {
     /// The source of `txn`'s changes (its offset, GTID and commit time), or of changes
@@ -220,7 +224,8 @@ impl SourceText {
             ),
             None => {
                 let mut s = SourceText::open(server_uuid);
-                s.0.extend_from_slice(b"\"offset\":null,\"gtid\":null,\"ts\":null}}");
+                s.text
+                    .extend_from_slice(b"\"offset\":null,\"gtid\":null,\"ts\":null}}");
                 s
             }
         }
@@ -229,21 +234,134 @@ impl SourceText {
     /// The source of a transaction's changes whose GTID and RFC 3339 commit time
     /// ([`rfc3339_us`]) the caller has already rendered.
     pub fn live(server_uuid: uuid::Uuid, offset: u64, gtid: &str, ts: &str) -> SourceText {
-        use std::io::Write as _;
         let mut s = SourceText::open(server_uuid);
-        // Uuids, GTIDs, numbers and RFC 3339 times hold nothing JSON escapes.
-        let _ = write!(
-            s.0,
-            "\"offset\":{offset},\"gtid\":\"{gtid}\",\"ts\":\"{ts}\"}}}}"
-        );
+        s.set_live(offset, gtid, ts);
         s
     }
 
+    /// Makes this the source of another transaction of the same server (what
+    /// [`SourceText::live`] gives, without rendering the server's uuid again).
+    pub fn set_live(&mut self, offset: u64, gtid: &str, ts: &str) {
+        // Uuids, GTIDs, numbers and RFC 3339 times hold nothing JSON escapes.
+        let s = &mut self.text;
+        s.truncate(self.open_len);
+        s.extend_from_slice(b"\"offset\":");
+        push_u64(s, offset);
+        s.extend_from_slice(b",\"gtid\":\"");
+        s.extend_from_slice(gtid.as_bytes());
+        s.extend_from_slice(b"\",\"ts\":\"");
+        s.extend_from_slice(ts.as_bytes());
+        s.extend_from_slice(b"\"}}");
+    }
+
     fn open(server_uuid: uuid::Uuid) -> SourceText {
-        use std::io::Write as _;
-        let mut s = Vec::with_capacity(160);
-        let _ = write!(s, ",\"source\":{{\"server_uuid\":\"{server_uuid}\",");
-        SourceText(s)
+        let mut text = Vec::with_capacity(160);
+        text.extend_from_slice(b",\"source\":{\"server_uuid\":\"");
+        text.extend_from_slice(
+            server_uuid
+                .hyphenated()
+                .encode_lower(&mut uuid::Uuid::encode_buffer())
+                .as_bytes(),
+        );
+        text.extend_from_slice(b"\",");
+        let open_len = text.len();
+        SourceText { text, open_len }
+    }
+}
+
+/// Appends `n` in decimal (what `{n}` gives, without the formatting machinery).
+pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+/// Renders GTIDs (`UUID:N`, what `Gtid`'s `Display` gives) into one buffer, the uuid's text
+/// kept from the last GTID of the same origin.
+#[derive(Debug, Default)]
+pub struct GtidText {
+    uuid: Option<uuid::Uuid>,
+    text: String,
+    /// The length of `UUID:`.
+    prefix_len: usize,
+}
+
+impl GtidText {
+    /// The text of `gtid`.
+    pub fn render(&mut self, gtid: &tideline_wal::Gtid) -> &str {
+        if self.uuid != Some(gtid.uuid) {
+            self.text.clear();
+            self.text.push_str(
+                gtid.uuid
+                    .hyphenated()
+                    .encode_lower(&mut uuid::Uuid::encode_buffer()),
+            );
+            self.text.push(':');
+            self.prefix_len = self.text.len();
+            self.uuid = Some(gtid.uuid);
+        }
+        self.text.truncate(self.prefix_len);
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        let mut n = gtid.seq;
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        for &d in &digits[i..] {
+            self.text.push(char::from(d));
+        }
+        &self.text
+    }
+}
+
+/// Renders commit times as [`rfc3339_us`] does, the text of the second kept from the last
+/// time in the same second (a batch's transactions mostly share their second).
+#[derive(Debug, Default)]
+pub struct TsText {
+    /// The second of `text`, when `text` holds one in the shape `….uuuuuuZ`.
+    second: Option<u64>,
+    text: String,
+}
+
+impl TsText {
+    /// The RFC 3339 text of `timestamp_us`.
+    pub fn render(&mut self, timestamp_us: i64) -> &str {
+        let us = timestamp_us.max(0) as u64;
+        let (second, micros) = (us / 1_000_000, us % 1_000_000);
+        if self.second != Some(second) {
+            self.text = rfc3339_us(timestamp_us);
+            // `….uuuuuuZ`: only then are the microseconds the 6 digits before the end.
+            let b = self.text.as_bytes();
+            let shaped = b.len() >= 8 && b[b.len() - 1] == b'Z' && b[b.len() - 8] == b'.';
+            self.second = shaped.then_some(second);
+            return &self.text;
+        }
+        let end = self.text.len() - 1;
+        self.text.truncate(end - 6);
+        let mut digits = [b'0'; 6];
+        let mut n = micros;
+        for d in digits.iter_mut().rev() {
+            *d = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+        for &d in &digits {
+            self.text.push(char::from(d));
+        }
+        self.text.push('Z');
+        &self.text
     }
 }
 
@@ -254,11 +372,20 @@ pub fn write_read(tree: &str, key: &[u8], value: &[u8], source: &SourceText, out
     write_str(out, tree);
     write_bytes_field(out, "key", key);
     write_bytes_field(out, "after", value);
-    out.extend_from_slice(&source.0);
+    out.extend_from_slice(&source.text);
 }
 
 fn write_str(out: &mut Vec<u8>, s: &str) {
-    serde_json::to_writer(&mut *out, s).expect("a string serializes into memory");
+    // serde_json escapes only control characters, `"` and `\\`: without them the text is
+    // its own JSON string.
+    if s.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    } else {
+        serde_json::to_writer(&mut *out, s).expect("a string serializes into memory");
+    }
 }
 
 /// `,"field":"text"` or `,"field_b64":"..."`, as [`put_bytes`] names it.
@@ -340,7 +467,7 @@ pub fn write_op(op: &Op, source: &SourceText, out: &mut Vec<u8>) {
             write_str(out, name);
         }
     }
-    out.extend_from_slice(&source.0);
+    out.extend_from_slice(&source.text);
 }
 
 /// One op of every kind, with keys, values and tree names that need escaping or base64: the

@@ -44,12 +44,27 @@ pub struct NatsBenchArgs {
     /// Rounds of (bare, sink), alternating; each side's best counts.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Which side runs: `both` (the figure), or only `sink` or `bare` (to count one side's
+    /// instructions under `valgrind --tool=callgrind`; the other side's figures are then 0).
+    #[arg(long, value_enum, default_value_t = Side::Both)]
+    side: Side,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
     /// Unused (every peer-bench command takes it).
     #[arg(long, value_name = "DIR", default_value = "./tideline-bench")]
     dir: std::path::PathBuf,
+}
+
+/// The sides `peer-bench nats` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Side {
+    /// The bare publisher, then the sink, each round.
+    Both,
+    /// The sink only.
+    Sink,
+    /// The bare publisher only.
+    Bare,
 }
 
 fn batches(args: &NatsBenchArgs) -> Vec<Batch> {
@@ -163,12 +178,20 @@ pub fn nats(args: &NatsBenchArgs) -> anyhow::Result<std::process::ExitCode> {
         let (mut bare_rounds, mut sink_rounds) = (vec![], vec![]);
         for round in 0..args.rounds {
             let run = format!("{run}_{round}");
-            let b = bare_side(args, &run, &batches)
-                .await
-                .context("the bare JetStream publisher")?;
-            let s = sink_side(args, &run, &batches)
-                .await
-                .context("the NATS sink")?;
+            let b = if args.side == Side::Sink {
+                f64::INFINITY
+            } else {
+                bare_side(args, &run, &batches)
+                    .await
+                    .context("the bare JetStream publisher")?
+            };
+            let s = if args.side == Side::Bare {
+                f64::INFINITY
+            } else {
+                sink_side(args, &run, &batches)
+                    .await
+                    .context("the NATS sink")?
+            };
             // The sink's stream and its checkpoint key are left for inspection only in a
             // failure.
             let client = async_nats::connect(args.url.as_str()).await?;

@@ -47,24 +47,31 @@ pub struct SinkBenchArgs {
     json: bool,
 }
 
-fn value(i: u64) -> Vec<u8> {
+/// The value of row `i`: a small JSON document (also `peer-bench pg-logical`'s rows).
+pub(crate) fn value(i: u64) -> Vec<u8> {
     format!("{{\"n\":{i},\"email\":\"user{i}@example.com\"}}").into_bytes()
 }
 
 /// The batches of the run: `changes` puts to tree `tree`, `ops_per_txn` per transaction.
 fn batches(args: &SinkBenchArgs, tree: &str) -> Vec<Batch> {
+    batches_of(args.changes, args.batch, args.ops_per_txn, tree)
+}
+
+/// `changes` puts of [`value`] to keys `k0000000..` of tree `tree`, `ops_per_txn` per
+/// transaction, `batch` changes per batch.
+pub(crate) fn batches_of(changes: u64, batch: usize, ops_per_txn: usize, tree: &str) -> Vec<Batch> {
     let source = uuid::Uuid::new_v4();
     let mut out = Vec::new();
     let mut i = 0u64;
     let mut n = 0u64;
-    while i < args.changes {
+    while i < changes {
         let mut items = Vec::new();
         let mut in_batch = 0;
-        while in_batch < args.batch && i < args.changes {
+        while in_batch < batch && i < changes {
             n += 1;
             let mut ops = Vec::new();
-            for _ in 0..args.ops_per_txn {
-                if i >= args.changes {
+            for _ in 0..ops_per_txn {
+                if i >= changes {
                     break;
                 }
                 ops.push(Op::Put {
@@ -92,7 +99,8 @@ fn batches(args: &SinkBenchArgs, tree: &str) -> Vec<Batch> {
     out
 }
 
-async fn run_sink(sink: &mut dyn Sink, batches: &[Batch]) -> anyhow::Result<Duration> {
+/// Opens `sink` (not timed), then writes `batches` through it: the time of the writes.
+pub(crate) async fn run_sink(sink: &mut dyn Sink, batches: &[Batch]) -> anyhow::Result<Duration> {
     sink.open().await.map_err(|e| anyhow::anyhow!("{e}"))?;
     let t = Instant::now();
     for b in batches {

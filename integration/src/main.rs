@@ -4,8 +4,9 @@
 //! replication beside them) and `peer-bench stream` (tails over QUIC beside a bare quinn stream
 //! and PostgreSQL logical decoding), `peer-bench sinks` (the PostgreSQL and Redis sinks beside
 //! the servers' own COPY and redis-benchmark), `peer-bench nats` (the NATS sink beside a bare
-//! JetStream publisher). Run them in release:
-//! `cargo run -p tideline-integration --release --bin peer-bench -- replication|stream|sinks|nats`.
+//! JetStream publisher), `peer-bench pg-logical` (the PostgreSQL sink beside PostgreSQL's own
+//! logical-replication apply, on a private server it starts). Run them in release:
+//! `cargo run -p tideline-integration --release --bin peer-bench -- replication|stream|sinks|nats|pg-logical`.
 //! The results, with the machine and the date, go into `docs/benchmarks.md`.
 //!
 //! This package (`tideline-integration`, never published) also holds the multi-process tests
@@ -15,6 +16,7 @@
 //! crate that ships.
 
 mod bench_nats;
+mod bench_pg_logical;
 mod bench_repl;
 mod bench_sinks;
 mod bench_stream;
@@ -41,6 +43,9 @@ enum Command {
     Sinks(bench_sinks::SinkBenchArgs),
     /// The NATS JetStream sink beside a bare JetStream publisher with the same pipelining.
     Nats(bench_nats::NatsBenchArgs),
+    /// The PostgreSQL sink beside PostgreSQL's own logical-replication apply, on a private
+    /// throwaway PostgreSQL server this command starts.
+    PgLogical(bench_pg_logical::PgLogicalArgs),
 }
 
 fn main() -> ExitCode {
@@ -53,6 +58,7 @@ fn main() -> ExitCode {
         Command::Replication(args) => bench_repl::replication(&args),
         Command::Sinks(args) => bench_sinks::sinks(&args),
         Command::Nats(args) => bench_nats::nats(&args),
+        Command::PgLogical(args) => bench_pg_logical::pg_logical(&args),
     };
     match result {
         Ok(code) => code,

@@ -22,7 +22,7 @@ use async_nats::Subject;
 use bytes::Bytes;
 use tideline_wal::{Op, Transaction};
 
-use crate::envelope::{self, SourceText};
+use crate::envelope::{self, GtidText, SourceText, TsText};
 use crate::pipeline::PipelineCheckpoint;
 use crate::sink::{Batch, Item};
 
@@ -154,39 +154,46 @@ impl Builder {
         let mut buf = Vec::with_capacity(self.bytes_hint);
         let mut pending = Vec::with_capacity(batch.items.len());
         let uuid = batch.source;
+        // One rendering of the server's uuid, of each origin's uuid and of each second per
+        // batch: the transactions' texts only change their numbers.
+        let mut live = SourceText::live(uuid, 0, "", "");
+        let mut gtids = GtidText::default();
+        let mut times = TsText::default();
         for item in &batch.items {
             match item {
                 Item::Txn(t) => {
-                    let gtid = t.gtid.to_string();
-                    let ts = envelope::rfc3339_us(t.timestamp_us);
-                    let source = SourceText::live(uuid, t.offset.get(), &gtid, &ts);
+                    let gtid = gtids.render(&t.gtid);
+                    let ts = times.render(t.timestamp_us);
+                    live.set_live(t.offset.get(), gtid, ts);
+                    let source = &live;
                     match self.per {
                         Per::Txn => {
-                            use std::io::Write as _;
                             let start = buf.len();
                             // A GTID and an RFC 3339 time hold nothing JSON escapes.
-                            let _ = write!(
-                                buf,
-                                "{{\"gtid\":\"{gtid}\",\"offset\":{},\"ts\":\"{ts}\",\"changes\":[",
-                                t.offset.get()
-                            );
+                            buf.extend_from_slice(b"{\"gtid\":\"");
+                            buf.extend_from_slice(gtid.as_bytes());
+                            buf.extend_from_slice(b"\",\"offset\":");
+                            envelope::push_u64(&mut buf, t.offset.get());
+                            buf.extend_from_slice(b",\"ts\":\"");
+                            buf.extend_from_slice(ts.as_bytes());
+                            buf.extend_from_slice(b"\",\"changes\":[");
                             for (i, op) in t.ops.iter().enumerate() {
                                 if i > 0 {
                                     buf.push(b',');
                                 }
-                                envelope::write_op(op, &source, &mut buf);
+                                envelope::write_op(op, source, &mut buf);
                             }
                             buf.extend_from_slice(b"]}");
                             pending.push(Pending {
                                 subject: self.subject(txn_tree(t)),
-                                id: gtid,
+                                id: gtid.to_owned(),
                                 payload: start..buf.len(),
                             });
                         }
                         Per::Op => {
                             for (i, op) in t.ops.iter().enumerate() {
                                 let start = buf.len();
-                                envelope::write_op(op, &source, &mut buf);
+                                envelope::write_op(op, source, &mut buf);
                                 pending.push(Pending {
                                     subject: self.subject(op_tree(op)),
                                     id: format!("{gtid}:{i}"),
@@ -368,6 +375,60 @@ mod tests {
                         "{per:?}"
                     );
                 }
+            }
+        }
+    }
+
+    /// The builder keeps the uuid's and the second's text between transactions: a batch
+    /// whose transactions change origin, second and microseconds in every order must still
+    /// give what rendering each from scratch gives.
+    #[test]
+    fn kept_gtid_and_time_texts_match_rendering_each_afresh() {
+        let server = uuid::Uuid::from_bytes([1; 16]);
+        let other = uuid::Uuid::from_bytes([2; 16]);
+        let cases: [(uuid::Uuid, u64, i64); 9] = [
+            (server, 1, 1_700_000_000_000_000),
+            (server, 9, 1_700_000_000_000_001),
+            (other, 10, 1_700_000_000_999_999),
+            (server, 99, 1_700_000_001_000_000),
+            (other, 100, 1_700_000_000_500_000),
+            (other, u64::MAX, 1_700_000_000_500_000),
+            (server, 12_345_678_901, -5),
+            (server, 7, 0),
+            (other, 8, 253_402_300_799_999_999),
+        ];
+        let items = cases
+            .iter()
+            .enumerate()
+            .map(|(i, &(origin, seq, ts))| {
+                Item::Txn(Transaction {
+                    offset: Offset::new(i as u64 + 1).unwrap(),
+                    gtid: Gtid::new(origin, seq).unwrap(),
+                    timestamp_us: ts,
+                    ops: vec![put("t", "k")],
+                })
+            })
+            .collect();
+        let batch = Batch {
+            source: server,
+            items,
+            checkpoint: vec![],
+        };
+        for per in [Per::Txn, Per::Op] {
+            let got: Vec<_> = Builder::new("s.{tree}", per)
+                .messages(&batch)
+                .into_iter()
+                .map(|m| (m.subject.to_string(), m.id, m.payload.to_vec()))
+                .collect();
+            let want = by_value(&batch, "s.{tree}", per);
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert_eq!(g.1, w.1, "{per:?}");
+                assert_eq!(
+                    String::from_utf8_lossy(&g.2),
+                    String::from_utf8_lossy(&w.2),
+                    "{per:?}"
+                );
             }
         }
     }

@@ -288,9 +288,9 @@ impl NatsSink {
     async fn publish_all(
         cfg: &NatsConfig,
         conn: &mut Conn,
-        msgs: &[Message],
+        msgs: &mut [Message],
     ) -> Result<(), SinkError> {
-        for m in msgs {
+        for m in msgs.iter() {
             if m.payload.len() + m.id.len() + 64 > conn.max_payload {
                 return Err(SinkError::Hold(format!(
                     "message {} is {} bytes, over the server's max_payload of {}: raise \
@@ -375,9 +375,9 @@ impl Sink for NatsSink {
             if self.conn.is_none() {
                 self.conn = Some(self.connect().await?);
             }
-            let msgs = self.builder.messages(batch);
+            let mut msgs = self.builder.messages(batch);
             let conn = self.conn.as_mut().expect("connected just above");
-            Self::publish_all(&self.cfg, conn, &msgs).await?;
+            Self::publish_all(&self.cfg, conn, &mut msgs).await?;
             #[cfg(feature = "testing")]
             let published = !msgs.is_empty();
             #[cfg(feature = "testing")]

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_nats::header::{HeaderMap, NATS_MESSAGE_ID};
 use async_nats::{Client, StatusCode, Subject, Subscriber};
-use futures_util::StreamExt as _;
+use futures_util::{FutureExt as _, StreamExt as _};
 
 use super::message::Message;
 use crate::sink::SinkError;
@@ -79,11 +79,12 @@ impl AckWindow {
     }
 
     /// Publishes `msgs` in order with at most `s.max_in_flight` unacked, and waits for every
-    /// ack. An error leaves some messages possibly stored: the caller publishes the batch
-    /// again, and the stream drops the repeats by their ids.
+    /// ack. Each message's id moves into its header (`msgs` are built per attempt). An error
+    /// leaves some messages possibly stored: the caller publishes the batch again, and the
+    /// stream drops the repeats by their ids.
     pub(crate) async fn publish(
         &mut self,
-        msgs: &[Message],
+        msgs: &mut [Message],
         s: &Settings<'_>,
     ) -> Result<(), SinkError> {
         assert!(
@@ -96,14 +97,28 @@ impl AckWindow {
             acked: vec![false; msgs.len()],
             done: 0,
         };
-        for (i, m) in msgs.iter().enumerate() {
+        // The reply subjects `INBOX.SEQ` of the whole batch in one buffer, each a slice of it.
+        let mut replies = Vec::with_capacity(msgs.len() * (self.inbox.len() + 12));
+        let mut ends = Vec::with_capacity(msgs.len());
+        for i in 0..msgs.len() as u64 {
+            replies.extend_from_slice(self.inbox.as_bytes());
+            replies.push(b'.');
+            crate::envelope::push_u64(&mut replies, first + i);
+            ends.push(replies.len());
+        }
+        let replies = bytes::Bytes::from(replies);
+        let mut start = 0;
+        for i in 0..msgs.len() {
             while i - batch.done >= s.max_in_flight {
                 self.receive(msgs, &mut batch, s).await?;
             }
-            let reply = Subject::from(format!("{}.{}", self.inbox, first + i as u64));
+            let reply = Subject::try_from(replies.slice(start..ends[i]))
+                .expect("an inbox and a number are ASCII");
+            start = ends[i];
+            let m = &mut msgs[i];
             let mut headers = HeaderMap::new();
             if s.with_id {
-                headers.insert(NATS_MESSAGE_ID, m.id.as_str());
+                headers.insert(NATS_MESSAGE_ID, std::mem::take(&mut m.id));
             }
             self.next_seq += 1;
             self.client
@@ -122,8 +137,8 @@ impl AckWindow {
         Ok(())
     }
 
-    /// Takes the next ack off the subscription and marks its message; an ack of another
-    /// batch is skipped.
+    /// Waits for the next ack and takes it and every other ack already received off the
+    /// subscription, marking their messages; an ack of another batch is skipped.
     async fn receive(
         &mut self,
         msgs: &[Message],
@@ -141,10 +156,28 @@ impl AckWindow {
                     msgs.len(),
                     s.ack_timeout.as_millis()
                 ))
-            })?
-            .ok_or_else(|| {
+            })?;
+        let mut answer = Some(answer);
+        while let Some(a) = answer {
+            let a = a.ok_or_else(|| {
                 SinkError::Retry("the NATS connection closed while acks were awaited".into())
             })?;
+            self.mark(&a, msgs, batch, s)?;
+            // The acks that are already here, without a timer each.
+            let acks = self.acks.as_mut().expect("taken only on drop");
+            answer = acks.next().now_or_never();
+        }
+        Ok(())
+    }
+
+    /// Checks the ack `answer` and marks its message.
+    fn mark(
+        &self,
+        answer: &async_nats::Message,
+        msgs: &[Message],
+        batch: &mut Progress,
+        s: &Settings<'_>,
+    ) -> Result<(), SinkError> {
         let seq = answer
             .subject
             .strip_prefix(self.inbox.as_str())
@@ -158,40 +191,62 @@ impl AckWindow {
             // An earlier attempt's ack, arriving late: that attempt was given up.
             return Ok(());
         };
-        let subject = msgs[i].subject.as_str();
-        if answer.status == Some(StatusCode::NO_RESPONDERS) {
-            return Err(SinkError::Hold(format!(
-                "no JetStream stream captures subject {subject:?}: add it to the subjects of \
-                 stream {:?}",
-                s.stream
-            )));
-        }
-        let ack: Ack = serde_json::from_slice(&answer.payload).map_err(|e| {
-            SinkError::Retry(format!(
-                "NATS answered the publish to {subject} with something not an ack ({e}): {}",
-                String::from_utf8_lossy(&answer.payload)
-            ))
-        })?;
-        if let Some(e) = ack.error {
-            return Err(SinkError::Retry(format!(
-                "NATS publish to {subject}: {} (JetStream error {})",
-                e.description, e.err_code
-            )));
-        }
-        match ack.stream.as_deref() {
-            Some(stream) if stream == s.stream => {}
-            other => {
-                return Err(SinkError::Hold(format!(
-                    "subject {subject:?} is captured by stream {other:?}, not {:?}: make the \
-                     subjects of the two streams disjoint",
-                    s.stream
-                )));
-            }
+        if !is_plain_ack(&answer.payload, s.stream) {
+            check_answer(answer, &msgs[i].subject, s.stream)?;
         }
         if !std::mem::replace(&mut batch.acked[i], true) {
             batch.done += 1;
         }
         Ok(())
+    }
+}
+
+/// Whether `payload` is certainly a positive ack from `stream`: it opens with
+/// `{"stream":"STREAM",` (nats-server writes an error's fields before and instead of the
+/// ack's) and names no error. Anything else goes to [`check_answer`].
+fn is_plain_ack(payload: &[u8], stream: &str) -> bool {
+    const OPEN: &[u8] = b"{\"stream\":\"";
+    let Some(rest) = payload.strip_prefix(OPEN) else {
+        return false;
+    };
+    let Some(rest) = rest.strip_prefix(stream.as_bytes()) else {
+        return false;
+    };
+    rest.starts_with(b"\",") && !payload.windows(7).any(|w| w == b"\"error\"")
+}
+
+/// Checks an answer to a publish of `subject` that is not a plain ack: an error, or an ack
+/// from another stream, becomes the sink's error.
+fn check_answer(
+    answer: &async_nats::Message,
+    subject: &Subject,
+    stream: &str,
+) -> Result<(), SinkError> {
+    let subject = subject.as_str();
+    if answer.status == Some(StatusCode::NO_RESPONDERS) {
+        return Err(SinkError::Hold(format!(
+            "no JetStream stream captures subject {subject:?}: add it to the subjects of \
+             stream {stream:?}"
+        )));
+    }
+    let ack: Ack = serde_json::from_slice(&answer.payload).map_err(|e| {
+        SinkError::Retry(format!(
+            "NATS answered the publish to {subject} with something not an ack ({e}): {}",
+            String::from_utf8_lossy(&answer.payload)
+        ))
+    })?;
+    if let Some(e) = ack.error {
+        return Err(SinkError::Retry(format!(
+            "NATS publish to {subject}: {} (JetStream error {})",
+            e.description, e.err_code
+        )));
+    }
+    match ack.stream.as_deref() {
+        Some(s) if s == stream => Ok(()),
+        other => Err(SinkError::Hold(format!(
+            "subject {subject:?} is captured by stream {other:?}, not {stream:?}: make the \
+             subjects of the two streams disjoint"
+        ))),
     }
 }
 
@@ -211,4 +266,33 @@ struct Progress {
     acked: Vec<bool>,
     /// How many are acked.
     done: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_plain_ack;
+
+    /// The fast path may only ever accept a positive ack of the configured stream: anything
+    /// else (another stream, a stream whose name merely starts alike, an error) must go to
+    /// the full check.
+    #[test]
+    fn only_a_positive_ack_of_the_stream_is_plain() {
+        assert!(is_plain_ack(br#"{"stream":"TL","seq":12}"#, "TL"));
+        assert!(is_plain_ack(
+            br#"{"stream":"TL","seq":12,"duplicate":true}"#,
+            "TL"
+        ));
+        assert!(!is_plain_ack(br#"{"stream":"TL2","seq":12}"#, "TL"));
+        assert!(!is_plain_ack(br#"{"stream":"T","seq":12}"#, "TL"));
+        assert!(!is_plain_ack(br#"{"stream":"TL"}"#, "TL"));
+        assert!(!is_plain_ack(
+            br#"{"error":{"code":503,"err_code":10077,"description":"no space"}}"#,
+            "TL"
+        ));
+        assert!(!is_plain_ack(
+            br#"{"stream":"TL","error":{"code":400,"description":"x"}}"#,
+            "TL"
+        ));
+        assert!(!is_plain_ack(b"", "TL"));
+    }
 }
