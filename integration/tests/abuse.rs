@@ -473,8 +473,9 @@ fn garbage_datagrams(addr: SocketAddr, n: usize, seed: u64) -> u64 {
 }
 
 /// Runs `tideline tail --from earliest --limit N` and returns its duration; fails unless it
-/// delivered exactly offsets 1..=N.
-fn tail_round(node: &Node, txns: u64) -> Duration {
+/// delivered exactly offsets 1..=N. A tail that could not run to the end (it could not
+/// connect, or the node closed it) is an `Err` with its stderr.
+fn tail_round(node: &Node, txns: u64) -> Result<Duration, String> {
     let start = Instant::now();
     let out = node
         .cli()
@@ -485,11 +486,12 @@ fn tail_round(node: &Node, txns: u64) -> Duration {
         .output()
         .expect("run tideline tail");
     let took = start.elapsed();
-    assert!(
-        out.status.success(),
-        "the legitimate tail failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if !out.status.success() {
+        return Err(format!(
+            "after {took:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     let mut want = 1u64;
     for line in text.lines() {
@@ -507,20 +509,71 @@ fn tail_round(node: &Node, txns: u64) -> Duration {
         "the legitimate tail delivered {} of {txns}",
         want - 1
     );
-    took
+    Ok(took)
 }
 
-/// Tail rounds until `stop` is set (at least one); returns transactions per second.
-fn tail_rounds(node: &Node, txns: u64, stop: &AtomicBool) -> (f64, u64) {
-    let (mut total, mut rounds) = (Duration::ZERO, 0u64);
+/// What the legitimate tail did during the abuse.
+struct TailRun {
+    txn_s: f64,
+    rounds: u64,
+    /// Rounds that could not run to the end, with the tail's stderr.
+    failed: Vec<String>,
+}
+
+/// Tail rounds until `stop` is set (at least one).
+fn tail_rounds(node: &Node, txns: u64, stop: &AtomicBool) -> TailRun {
+    let (mut total, mut rounds, mut failed) = (Duration::ZERO, 0u64, Vec::new());
     loop {
-        total += tail_round(node, txns);
-        rounds += 1;
-        if stop.load(Ordering::SeqCst) {
+        match tail_round(node, txns) {
+            Ok(took) => {
+                total += took;
+                rounds += 1;
+            }
+            Err(e) => failed.push(e),
+        }
+        if stop.load(Ordering::SeqCst) && rounds > 0 {
             break;
         }
     }
-    ((txns * rounds) as f64 / total.as_secs_f64(), rounds)
+    TailRun {
+        txn_s: (txns * rounds) as f64 / total.as_secs_f64(),
+        rounds,
+        failed,
+    }
+}
+
+/// The node's `tideline_quic_refused_total` by reason, once the admin's sampler (every
+/// second) has caught up: two reads a sampling period apart agree.
+fn refused_by_reason(node: &Node) -> std::collections::BTreeMap<String, u64> {
+    use std::io::{Read, Write};
+    let admin = node.admin.as_deref().expect("the node runs its HTTP admin");
+    let read = || {
+        let mut s = std::net::TcpStream::connect(admin).expect("connect to the admin listener");
+        s.set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("read timeout");
+        write!(s, "GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").expect("request");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).expect("read /metrics");
+        let mut by = std::collections::BTreeMap::new();
+        for line in raw.lines() {
+            let Some(rest) = line.strip_prefix("tideline_quic_refused_total{reason=\"") else {
+                continue;
+            };
+            let (reason, value) = rest.split_once("\"} ").expect("a labelled sample");
+            by.insert(reason.to_string(), value.trim().parse().expect("a count"));
+        }
+        by
+    };
+    let mut last = read();
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(1100));
+        let now = read();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last
 }
 
 /// Loads `txns` transactions of 10 puts of 100 bytes.
@@ -558,7 +611,12 @@ fn run(scale: &Scale) -> Report {
     eprintln!("abuse: seed {seed} (replay with TIDELINE_TEST_SEED={seed})");
     let dir = tempfile::tempdir().expect("tempdir");
     // Async durability: the log loads fast; nothing here depends on it.
-    let node = Node::start_with(&dir.path().join("n"), 0, &["--durability", "async"]);
+    // The HTTP admin: the node's own count of the connections it refused, by reason.
+    let node = Node::start_with(
+        &dir.path().join("n"),
+        0,
+        &["--durability", "async", "--http", "127.0.0.1:0"],
+    );
     load_log(&node, scale.tail_txns);
     let addr: SocketAddr = node.addr.parse().expect("the node's address");
     let token = tls::load_client_dir(&node.secrets())
@@ -569,7 +627,8 @@ fn run(scale: &Scale) -> Report {
     let t0 = Instant::now();
     let (mut alone, mut rounds) = (Duration::ZERO, 0u64);
     while rounds < 3 || t0.elapsed() < Duration::from_secs(2) {
-        alone += tail_round(&node, scale.tail_txns);
+        alone += tail_round(&node, scale.tail_txns)
+            .unwrap_or_else(|e| panic!("the legitimate tail failed with no abuse: {e}"));
         rounds += 1;
     }
     let tail_alone = (scale.tail_txns * rounds) as f64 / alone.as_secs_f64();
@@ -584,7 +643,7 @@ fn run(scale: &Scale) -> Report {
         .build()
         .expect("runtime");
     let abuse_done = AtomicBool::new(false);
-    let (tail_abused, abused_rounds, outcome) = std::thread::scope(|s| {
+    let (tail, outcome) = std::thread::scope(|s| {
         let sampler = {
             let (peak, stop) = (peak.clone(), stop.clone());
             s.spawn(move || {
@@ -665,12 +724,12 @@ fn run(scale: &Scale) -> Report {
         });
         let sent = datagrams.join().expect("datagrams");
         abuse_done.store(true, Ordering::SeqCst);
-        let (tail_abused, rounds) = tail.join().expect("legitimate tail");
+        let tail = tail.join().expect("legitimate tail");
         stop.store(true, Ordering::SeqCst);
         sampler
             .join()
             .expect("RSS sampler (it fails when /proc cannot be read)");
-        (tail_abused, rounds, (outcome, sent))
+        (tail, (outcome, sent))
     });
     let ((slow, unauth, granted, forged, auth_opened), datagrams) = outcome;
     let rss_peak = peak.load(Ordering::SeqCst).max(rss_kib(pid));
@@ -687,10 +746,25 @@ fn run(scale: &Scale) -> Report {
     eprintln!(
         "abuse: node RSS {rss_before} KiB -> peak {rss_peak} KiB (+{growth} KiB; cap +{RSS_CAP_GROWTH_KIB} KiB)"
     );
+    let tail_abused = tail.txn_s;
     eprintln!(
         "abuse: legitimate tail alone {tail_alone:.0} txn/s ({rounds} rounds), during the abuse \
-         {tail_abused:.0} txn/s ({abused_rounds} rounds): {:.2}x",
+         {tail_abused:.0} txn/s ({} rounds, {} failed): {:.2}x",
+        tail.rounds,
+        tail.failed.len(),
         tail_abused / tail_alone
+    );
+    for e in &tail.failed {
+        eprintln!("abuse: a legitimate tail round failed {e}");
+    }
+    eprintln!(
+        "abuse: the node refused, by reason: {:?}",
+        refused_by_reason(&node)
+    );
+    assert!(
+        tail.failed.is_empty(),
+        "{} legitimate tail rounds failed during the abuse (above)",
+        tail.failed.len()
     );
     assert_eq!(slow.attempts as usize, scale.slow);
     assert_eq!(unauth.attempts as usize, scale.unauth_conns);
