@@ -68,7 +68,8 @@ struct Scale {
     tail_txns: u64,
 }
 
-const CI: Scale = Scale {
+/// The abuse of the issue, in full: run by `scripts/abuse`.
+const FULL: Scale = Scale {
     slow: 1000,
     unauth_conns: 100,
     unauth_opens: 100,
@@ -77,6 +78,20 @@ const CI: Scale = Scale {
     forged: 200,
     datagrams: 100_000,
     tail_txns: 2_000,
+};
+
+/// Every kind of abuse, scaled for CI (a debug node on two cores shared with other tests):
+/// still more slow and silent peers (320) than the node's handshake budget (256), so that the
+/// budget refuses and evicts while the legitimate tail connects again and again.
+const CI: Scale = Scale {
+    slow: 300,
+    unauth_conns: 20,
+    unauth_opens: 100,
+    auth_conns: 2,
+    auth_opens: 500,
+    forged: 40,
+    datagrams: 20_000,
+    tail_txns: 500,
 };
 
 /// A bare quinn endpoint trusting the cluster CA, for peers that misbehave on purpose.
@@ -774,14 +789,14 @@ fn run(scale: &Scale) -> Report {
         "an unauthenticated connection was granted {granted} streams"
     );
     // Slow and silent unauthenticated peers end by the handshake timeout (close code 2) or by
-    // eviction (3; 0 when the eviction came before the node's side of TLS finished: quinn
-    // closes a dropped handshake with 0), each within the bound `ended_by_node` checks.
+    // eviction (3, at whatever stage of TLS the node's side was), each within the bound
+    // `ended_by_node` checks, or are refused during the handshake.
     let mut all = Tally::default();
     all.merge(slow);
     all.merge(unauth);
     for code in all.closed.keys() {
         assert!(
-            [0, 2, 3].contains(code),
+            [2, 3].contains(code),
             "an unauthenticated peer was closed with code {code}: {:?}",
             all.closed
         );
@@ -806,12 +821,17 @@ fn run(scale: &Scale) -> Report {
     }
 }
 
+/// Every kind of abuse at CI scale; everything but the throughput ratio is asserted.
 #[test]
-#[ignore = "fails on the shared 2-core development machine (load 16-20, debug build): during \
-            the flood the legitimate tail cannot connect within its 5 s timeout and some \
-            handshakes get no answer within 30 s; see docs/reliability.md. Run by scripts/abuse"]
 fn abusive_peers_are_refused_in_time_and_a_legitimate_tail_keeps_going() {
     run(&CI);
+}
+
+/// `scripts/abuse`: the full abuse of the issue, everything but the ratio asserted.
+#[test]
+#[ignore = "1,100 handshakes and 100,000 datagrams: run by scripts/abuse on a release build"]
+fn abusive_peers_in_full_are_refused_in_time_and_a_legitimate_tail_keeps_going() {
+    run(&FULL);
 }
 
 /// `scripts/abuse`: the same run on a release build, asserting that the legitimate tail keeps
@@ -821,7 +841,7 @@ fn abusive_peers_are_refused_in_time_and_a_legitimate_tail_keeps_going() {
 fn a_legitimate_tail_keeps_90_percent_of_its_throughput_under_abuse() {
     let scale = Scale {
         tail_txns: 20_000,
-        ..CI
+        ..FULL
     };
     let r = run(&scale);
     let ratio = r.tail_abused_txn_s / r.tail_alone_txn_s;
