@@ -1,4 +1,5 @@
-//! Abuse of a real `tideline serve` while a legitimate tail runs. At once:
+//! Abuse of a real `tideline serve` while a legitimate tail runs. At once (in full, as
+//! `scripts/abuse` runs it; CI runs every kind scaled down, [`CI`]):
 //!
 //! - 1,000 slow connections: each finishes TLS and trickles a genuine `Hello` one byte every
 //!   100 ms (too slow to finish within the 5 s handshake timeout);
@@ -19,7 +20,7 @@
 //! during the abuse delivers every transaction each time, and its throughput beside the
 //! abuse is printed as a ratio of its throughput alone (the CI test does not assert the ratio:
 //! two shared cores make it noisy; `scripts/abuse` runs the `#[ignore]`d variant, which
-//! asserts ≥ 90% on a release build).
+//! asserts ≥ 90% on a release build), with the node's own count of refusals by reason.
 //!
 //! Guards against any of these peers holding the node's memory or time without bound, or
 //! crowding out real clients. The canary of the admission side is
@@ -546,7 +547,7 @@ fn tail_rounds(node: &Node, txns: u64, stop: &AtomicBool) -> TailRun {
             }
             Err(e) => failed.push(e),
         }
-        if stop.load(Ordering::SeqCst) && rounds > 0 {
+        if stop.load(Ordering::SeqCst) {
             break;
         }
     }
@@ -611,6 +612,17 @@ fn load_log(node: &Node, txns: u64) {
     assert!(child.wait().expect("wait for load").success());
 }
 
+/// Sets its flags when dropped (also while unwinding).
+struct StopOnDrop<'a>([&'a AtomicBool; 2]);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        for flag in self.0 {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
 /// Everything the run measured.
 struct Report {
     tail_alone_txn_s: f64,
@@ -659,6 +671,9 @@ fn run(scale: &Scale) -> Report {
         .expect("runtime");
     let abuse_done = AtomicBool::new(false);
     let (tail, outcome) = std::thread::scope(|s| {
+        // A failed check below unwinds through here: stop the tail and the sampler, or the
+        // scope would wait for them for ever.
+        let _stop = StopOnDrop([&abuse_done, &*stop]);
         let sampler = {
             let (peak, stop) = (peak.clone(), stop.clone());
             s.spawn(move || {
