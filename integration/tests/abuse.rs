@@ -189,9 +189,11 @@ impl Tally {
 }
 
 /// Longest wait for a handshake to finish or be refused. Not a bound on the node: in the
-/// flood a client's Initial can be lost (the garbage datagrams fill the node's socket buffer)
-/// and its retransmits back off, before the node has seen it at all.
-const HANDSHAKE_WAIT: Duration = Duration::from_secs(30);
+/// flood a client's Initial (or the node's answer) can be lost (the garbage datagrams fill
+/// the node's socket buffer) and the client's retransmits back off, 1, 2, 4, 8, 16, 32 s
+/// after it, before the node has seen it at all; 30 s was seen to be too short for the full
+/// abuse (release, load 12-14). Five losses in a row are waited for.
+const HANDSHAKE_WAIT: Duration = Duration::from_secs(70);
 
 /// A connection that finishes TLS (or is refused during it) and then runs `act`; returns how
 /// the node ended it (`Ok(code)`: closed with an application code after TLS; `Err(())`:
