@@ -169,6 +169,22 @@ fn client_endpoint(cfg: &ClientConfig, ipv6: bool) -> Result<quinn::Endpoint, Cl
     Ok(endpoint)
 }
 
+/// First pause before a connection attempt the node answered busy is tried again; doubled
+/// after each, up to [`BUSY_RETRY_MAX`].
+const BUSY_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// Longest pause between attempts the node answered busy.
+const BUSY_RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// How one connection attempt failed.
+enum Attempt {
+    /// The node asked to try again later.
+    Busy(ClientError),
+    /// This address did not work; the next one may.
+    Failed(String),
+    /// Give up.
+    Fatal(ClientError),
+}
+
 impl Client {
     /// Resolves `addr` (`host:port`) afresh, connects, and authenticates with the token.
     pub async fn connect(addr: &str, cfg: ClientConfig) -> Result<Client, ClientError> {
@@ -193,61 +209,125 @@ impl Client {
             // address nobody listens on (say ::1 before 127.0.0.1) still reaches the next one.
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             let attempt_deadline = tokio::time::Instant::now() + left / (count - i as u32).max(1);
-            let endpoint = client_endpoint(&cfg, sa.is_ipv6())?;
-            let connecting = match endpoint.connect(sa, tls::SERVER_NAME) {
-                Ok(c) => c,
-                Err(e) => {
-                    last_err = Some(e.to_string());
-                    continue;
-                }
-            };
-            match tokio::time::timeout_at(attempt_deadline, connecting).await {
-                Ok(Ok(conn)) => {
-                    let mut client = Client {
-                        endpoint: endpoint.clone(),
-                        conn,
-                        cfg: cfg.clone(),
-                        server_uuid: Uuid::nil(),
-                        addr: addr.to_string(),
-                    };
-                    let welcome = tokio::time::timeout_at(deadline, client.hello())
-                        .await
-                        .map_err(|_| timeout())??;
-                    client.server_uuid = welcome;
-                    return Ok(client);
-                }
-                Ok(Err(e)) => {
-                    let reason = e.to_string();
-                    // A certificate our CA did not sign: another cluster, not a network fault.
-                    if reason.contains("invalid peer certificate") {
-                        return Err(ClientError::WrongCluster {
-                            addr: addr.to_string(),
-                            reason,
-                            secrets: cfg.secrets.origin.clone(),
-                        });
+            let mut backoff = BUSY_RETRY_FIRST;
+            loop {
+                match Client::attempt(addr, sa, &cfg, attempt_deadline, deadline).await {
+                    Ok(client) => return Ok(client),
+                    Err(Attempt::Fatal(e)) => return Err(e),
+                    Err(Attempt::Failed(reason)) => {
+                        last_err = Some(reason);
+                        break;
                     }
-                    // Refused at the door: the node serves as many connections as it
-                    // allows. Busy, not unreachable (docs/OPERATIONS.md promises these words).
-                    if let quinn::ConnectionError::ConnectionClosed(close) = &e
-                        && close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
-                    {
-                        return Err(ClientError::Server {
-                            code: ErrorCode::Unavailable,
-                            message: format!(
-                                "{addr} refused the connection: it serves as many connections \
-                                 as it allows (1,024 by default); try again later"
-                            ),
-                        });
+                    // The node is busy (as many connections or handshakes as it allows) or
+                    // pushed this handshake out: it asks to try again later, so try again
+                    // while the connect timeout lasts.
+                    Err(Attempt::Busy(e)) => {
+                        if tokio::time::Instant::now() + backoff >= attempt_deadline {
+                            return Err(e);
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(BUSY_RETRY_MAX);
                     }
-                    last_err = Some(reason);
                 }
-                Err(_) => last_err = Some(format!("{sa}: no answer")),
             }
         }
         Err(ClientError::Connect {
             addr: addr.to_string(),
             reason: last_err.unwrap_or_else(|| "the name resolved to no address".into()),
         })
+    }
+
+    /// One connection attempt to `sa`: the handshake until `attempt_deadline`, `Hello` until
+    /// `deadline`.
+    async fn attempt(
+        addr: &str,
+        sa: std::net::SocketAddr,
+        cfg: &ClientConfig,
+        attempt_deadline: tokio::time::Instant,
+        deadline: tokio::time::Instant,
+    ) -> Result<Client, Attempt> {
+        let busy = |why: &str| ClientError::Server {
+            code: ErrorCode::Unavailable,
+            message: format!(
+                "{addr} {why}: it serves as many connections as it allows (1,024 by default) \
+                 or is flooded with handshakes; try again later"
+            ),
+        };
+        let endpoint = client_endpoint(cfg, sa.is_ipv6()).map_err(Attempt::Fatal)?;
+        let connecting = endpoint
+            .connect(sa, tls::SERVER_NAME)
+            .map_err(|e| Attempt::Failed(e.to_string()))?;
+        let conn = match tokio::time::timeout_at(attempt_deadline, connecting).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                let reason = e.to_string();
+                // A certificate our CA did not sign: another cluster, not a network fault.
+                if reason.contains("invalid peer certificate") {
+                    return Err(Attempt::Fatal(ClientError::WrongCluster {
+                        addr: addr.to_string(),
+                        reason,
+                        secrets: cfg.secrets.origin.clone(),
+                    }));
+                }
+                // Refused at the door, or closed by the node during the handshake (evicted:
+                // code 3 once this side has finished TLS, QUIC's APPLICATION_ERROR before).
+                // Busy, not unreachable (docs/OPERATIONS.md promises these words).
+                return Err(match &e {
+                    quinn::ConnectionError::ConnectionClosed(close)
+                        if close.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+                    {
+                        Attempt::Busy(busy("refused the connection"))
+                    }
+                    quinn::ConnectionError::ConnectionClosed(close)
+                        if close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR =>
+                    {
+                        Attempt::Busy(busy("closed the handshake"))
+                    }
+                    quinn::ConnectionError::ApplicationClosed(close)
+                        if close.error_code
+                            == quinn::VarInt::from_u32(crate::server::close_code::BUSY) =>
+                    {
+                        Attempt::Busy(busy("closed the handshake"))
+                    }
+                    _ => Attempt::Failed(reason),
+                });
+            }
+            Err(_) => return Err(Attempt::Failed(format!("{sa}: no answer"))),
+        };
+        let mut client = Client {
+            endpoint: endpoint.clone(),
+            conn,
+            cfg: cfg.clone(),
+            server_uuid: Uuid::nil(),
+            addr: addr.to_string(),
+        };
+        let timeout = || ClientError::Connect {
+            addr: addr.to_string(),
+            reason: format!("no answer within {:?}", cfg.connect_timeout),
+        };
+        match tokio::time::timeout_at(deadline, client.hello()).await {
+            Err(_) => Err(Attempt::Fatal(timeout())),
+            Ok(Ok(welcome)) => {
+                client.server_uuid = welcome;
+                Ok(client)
+            }
+            // `Error { Unavailable }`: authenticated while the node serves `max_connections`.
+            Ok(Err(
+                e @ ClientError::Server {
+                    code: ErrorCode::Unavailable,
+                    ..
+                },
+            )) => Err(Attempt::Busy(e)),
+            // Evicted by newer handshakes before its `Hello` was read.
+            Ok(Err(ClientError::Connection(quinn::ConnectionError::ApplicationClosed(c))))
+                if c.error_code == quinn::VarInt::from_u32(crate::server::close_code::BUSY) =>
+            {
+                Err(Attempt::Busy(busy(
+                    "closed the connection before its Hello",
+                )))
+            }
+            Ok(Err(e)) => Err(Attempt::Fatal(e)),
+        }
     }
 
     async fn hello(&self) -> Result<Uuid, ClientError> {

@@ -26,17 +26,21 @@ pub enum RefuseReason {
     HandshakeTimeout,
     /// Evicted before it authenticated, by newer handshakes (`handshakes_max` reached).
     HandshakeEvicted,
+    /// Refused at its first packet: `handshakes_max` handshakes in progress, none of them
+    /// older than the grace period.
+    HandshakesFull,
     /// A first message that was not a valid `Hello`, or a `Hello` of another protocol version.
     BadHello,
 }
 
 impl RefuseReason {
     /// Every reason, in the order of [`Observer::refused`].
-    pub const ALL: [RefuseReason; 5] = [
+    pub const ALL: [RefuseReason; 6] = [
         RefuseReason::MaxConnections,
         RefuseReason::Unauthorized,
         RefuseReason::HandshakeTimeout,
         RefuseReason::HandshakeEvicted,
+        RefuseReason::HandshakesFull,
         RefuseReason::BadHello,
     ];
 
@@ -47,6 +51,7 @@ impl RefuseReason {
             RefuseReason::Unauthorized => "unauthorized",
             RefuseReason::HandshakeTimeout => "handshake_timeout",
             RefuseReason::HandshakeEvicted => "handshake_evicted",
+            RefuseReason::HandshakesFull => "handshakes_full",
             RefuseReason::BadHello => "bad_hello",
         }
     }

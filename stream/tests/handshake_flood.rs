@@ -334,3 +334,228 @@ async fn an_unauthenticated_peer_gets_a_small_first_message_and_one_stream() {
     );
     f.server.shutdown().await;
 }
+
+/// A UDP relay between one client and the server that holds every answer of the server to
+/// the client until [`HoldingRelay::release`]: the client's handshake stays in progress on the
+/// server (TLS sent, the client's `Finished` not yet back) for as long as the test needs.
+struct HoldingRelay {
+    addr: SocketAddr,
+    release: Arc<tokio::sync::Notify>,
+    answered: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl HoldingRelay {
+    fn start(server: SocketAddr) -> HoldingRelay {
+        let socket = tideline_stream::udp::bind("127.0.0.1:0".parse().expect("addr"), 4 << 20)
+            .and_then(|s| {
+                s.set_nonblocking(true)?;
+                tokio::net::UdpSocket::from_std(s)
+            })
+            .expect("relay");
+        let addr = socket.local_addr().expect("relay addr");
+        let release = Arc::new(tokio::sync::Notify::new());
+        let answered = Arc::new(tokio::sync::Notify::new());
+        let (rel, ans) = (release.clone(), answered.clone());
+        let task = tokio::spawn(async move {
+            let mut client = None;
+            let mut held: Option<Vec<Vec<u8>>> = Some(Vec::new());
+            let mut buf = vec![0u8; 65536];
+            let released = rel.notified();
+            tokio::pin!(released);
+            loop {
+                tokio::select! {
+                    r = socket.recv_from(&mut buf) => {
+                        let (n, from) = r.expect("relay recv");
+                        if from == server {
+                            match (&mut held, client) {
+                                (Some(h), _) => {
+                                    h.push(buf[..n].to_vec());
+                                    ans.notify_one();
+                                }
+                                (None, Some(c)) => {
+                                    let _ = socket.send_to(&buf[..n], c).await;
+                                }
+                                (None, None) => {}
+                            }
+                        } else {
+                            client = Some(from);
+                            let _ = socket.send_to(&buf[..n], server).await;
+                        }
+                    }
+                    () = &mut released, if held.is_some() => {
+                        for d in held.take().unwrap_or_default() {
+                            if let Some(c) = client {
+                                let _ = socket.send_to(&d, c).await;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        HoldingRelay {
+            addr,
+            release,
+            answered,
+            task,
+        }
+    }
+
+    fn release(&self) {
+        self.release.notify_one();
+    }
+}
+
+impl Drop for HoldingRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A real client (a raw connection, which never retries, so that only the server is judged)
+/// starts its handshake through a relay that holds the server's answers; once the server has
+/// answered it, `flood` peers connect directly and finish TLS without a `Hello`; then the
+/// relay lets the real client finish and it sends its `Hello`. Returns how the real client
+/// ended: `Ok` once welcomed, or the error it got.
+async fn real_handshake_under_a_burst(
+    flood: usize,
+    tune: impl FnOnce(&mut ServerConfig),
+) -> Result<(), String> {
+    // Long timeouts: only eviction may end the real client's handshake.
+    let f = start(|c| {
+        c.handshakes_max = 8;
+        c.handshake_timeout = Duration::from_secs(60);
+        c.idle_timeout = Duration::from_secs(60);
+        tune(c);
+    })
+    .await;
+    let relay = HoldingRelay::start(f.server.local_addr());
+    let real_ep = raw_endpoint(&f);
+    let answered = relay.answered.notified();
+    let connecting = real_ep
+        .connect(relay.addr, tls::SERVER_NAME)
+        .expect("connect");
+    let real = tokio::spawn(async move {
+        let conn = connecting.await.map_err(|e| format!("handshake: {e}"))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| format!("stream: {e}"))?;
+        Ok::<_, String>((conn, send, recv))
+    });
+    tokio::time::timeout(Duration::from_secs(30), answered)
+        .await
+        .expect("the server answered the real client's first packet");
+    // The burst: every peer's handshake has an outcome (finished TLS, or refused).
+    let flood_ep = raw_endpoint(&f);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..flood {
+        let connecting = flood_ep
+            .connect(f.server.local_addr(), tls::SERVER_NAME)
+            .expect("connect");
+        tasks.spawn(async move {
+            tokio::time::timeout(Duration::from_secs(30), connecting)
+                .await
+                .ok()
+                .and_then(Result::ok)
+        });
+    }
+    let mut held = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        held.extend(r.expect("flood task"));
+    }
+    relay.release();
+    let token = f.client_cfg.secrets.token.clone();
+    let outcome = async {
+        let (conn, mut send, mut recv) = tokio::time::timeout(Duration::from_secs(30), real)
+            .await
+            .map_err(|_| "the real client's handshake did not end".to_string())?
+            .expect("real client task")?;
+        let mut hello = Vec::new();
+        proto::encode_message(
+            &Request::Hello {
+                token,
+                client: "real".into(),
+                protocol: proto::PROTOCOL_VERSION,
+            },
+            &mut hello,
+        )
+        .expect("encode");
+        send.write_all(&hello)
+            .await
+            .map_err(|e| format!("hello: {e}"))?;
+        let _ = send.finish();
+        let body = tokio::time::timeout(Duration::from_secs(30), recv.read_to_end(64 << 10))
+            .await
+            .map_err(|_| "no answer to the real client's hello".to_string())?
+            .map_err(|e| format!("answer: {e} (closed: {:?})", conn.close_reason()))?;
+        let mut dec = proto::FrameDecoder::new(proto::Limits::default());
+        dec.feed(&body);
+        match dec.next_frame::<Response>() {
+            Ok(Some(proto::Frame::Message(Response::Welcome { .. }))) => Ok(()),
+            other => Err(format!("answer to the real client's hello: {other:?}")),
+        }
+    }
+    .await;
+    drop(held);
+    f.server.shutdown().await;
+    outcome
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_client_in_its_handshake_is_not_evicted_by_a_burst_of_newer_ones() {
+    // A grace period far longer than the burst takes on a loaded machine (the default, 1 s,
+    // is for a real client's round trips, not for 32 handshakes of a debug build).
+    real_handshake_under_a_burst(32, |c| c.handshake_grace = Duration::from_secs(20))
+        .await
+        .expect("the real client is welcomed after the burst");
+}
+
+/// Canary: with no grace period (the oldest handshake is always evicted, as before it
+/// existed) the same burst pushes the real client out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_without_the_grace_period_a_burst_evicts_a_real_client() {
+    let r = real_handshake_under_a_burst(32, |c| c.handshake_grace = Duration::ZERO).await;
+    let e = r.expect_err("the burst harness missed the eviction");
+    eprintln!("the real client, evicted: {e}");
+}
+
+/// A client the node answers busy (here: its one authenticated connection taken) tries again
+/// within its connect timeout, and gets in once a place frees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_told_busy_tries_again_within_its_connect_timeout() {
+    let observer = Arc::new(tideline_stream::Observer::new());
+    let obs = observer.clone();
+    let f = start(move |c| {
+        c.max_connections = 1;
+        c.observer = obs;
+    })
+    .await;
+    let addr = f.server.local_addr().to_string();
+    let mut cfg = f.client_cfg.clone();
+    cfg.connect_timeout = Duration::from_secs(30);
+    let holder = Client::connect(&addr, cfg.clone())
+        .await
+        .expect("the first client");
+    let second = {
+        let addr = addr.clone();
+        tokio::spawn(async move { Client::connect(&addr, cfg).await })
+    };
+    // Once the node has refused the second client, the first leaves.
+    let refused = tideline_stream::RefuseReason::MaxConnections;
+    let limit = tokio::time::Instant::now() + Duration::from_secs(30);
+    while observer.refused(refused) == 0 {
+        assert!(
+            tokio::time::Instant::now() < limit,
+            "the node never refused the second client"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(holder);
+    let second = second
+        .await
+        .expect("task")
+        .expect("the second client gets in once the first has left");
+    assert_eq!(
+        second.status().await.expect("status"),
+        r#"{"last_offset":0}"#
+    );
+    f.server.shutdown().await;
+}

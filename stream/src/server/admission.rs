@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 use uuid::Uuid;
@@ -189,7 +189,17 @@ pub fn serve<N: Node>(
             } else {
                 cfg.handshakes_max
             };
-            let (slot, evicted) = Handshakes::enter(&handshakes, handshakes_max);
+            let Some((slot, evicted)) =
+                Handshakes::enter(&handshakes, handshakes_max, cfg.handshake_grace)
+            else {
+                // Every place is held by a handshake younger than the grace period: the
+                // newcomer is refused (no state kept; clients retry within their connect
+                // timeout) rather than evicting a handshake that may be a real client's.
+                tracing::debug!(%remote, "refusing connection: handshakes_max reached");
+                cfg.observer.on_refused(RefuseReason::HandshakesFull);
+                incoming.refuse();
+                continue;
+            };
             let conn = Conn {
                 node: node.clone(),
                 cfg: cfg.clone(),
@@ -229,41 +239,48 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Connections that have not authenticated yet, oldest first; each can be told to give up.
+/// Connections that have not authenticated yet, oldest first (with when each arrived); each
+/// can be told to give up.
 #[derive(Default)]
 struct Handshakes {
     next_id: u64,
-    pending: BTreeMap<u64, tokio::sync::oneshot::Sender<()>>,
+    pending: BTreeMap<u64, (Instant, tokio::sync::oneshot::Sender<()>)>,
 }
 
 impl Handshakes {
-    /// Registers a new handshake, evicting the oldest when `max` are in progress. The
-    /// receiver resolves when this one is evicted.
+    /// Registers a new handshake. When `max` are in progress, the oldest makes room if it
+    /// has been in progress for `grace` at least; `None` (the newcomer is refused) when every
+    /// one is younger. The receiver resolves when this one is evicted.
     fn enter(
         this: &Arc<Mutex<Handshakes>>,
         max: usize,
-    ) -> (HandshakeSlot, tokio::sync::oneshot::Receiver<()>) {
+        grace: Duration,
+    ) -> Option<(HandshakeSlot, tokio::sync::oneshot::Receiver<()>)> {
         let mut h = lock(this);
+        let now = Instant::now();
         while h.pending.len() >= max.max(1) {
-            let Some((_, evict)) = h.pending.pop_first() else {
-                break;
-            };
-            // The oldest unauthenticated peer makes room: a real client finishes in a round
-            // trip or two, a peer that never finishes would otherwise hold its place until
-            // the handshake timeout.
-            let _ = evict.send(());
+            let (_, (since, _)) = h.pending.first_key_value()?;
+            // A real client finishes TLS and sends its `Hello` in a round trip or two: within
+            // the grace period its place is safe from any flood of newer handshakes. A peer
+            // that never finishes is evicted after it, or ends at the handshake timeout.
+            if now.saturating_duration_since(*since) < grace {
+                return None;
+            }
+            if let Some((_, (_, evict))) = h.pending.pop_first() {
+                let _ = evict.send(());
+            }
         }
         let id = h.next_id;
         h.next_id += 1;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        h.pending.insert(id, tx);
-        (
+        h.pending.insert(id, (now, tx));
+        Some((
             HandshakeSlot {
                 id,
                 handshakes: this.clone(),
             },
             rx,
-        )
+        ))
     }
 }
 
@@ -325,9 +342,31 @@ async fn handle_connection<N: Node>(
 ) -> Result<(), ConnError> {
     let deadline = tokio::time::Instant::now() + c.cfg.handshake_timeout;
     let connecting = incoming.accept()?;
-    let conn = tokio::select! {
-        r = tokio::time::timeout_at(deadline, connecting) => r.map_err(|_| ConnError::Timeout)??,
-        _ = &mut evicted => return Err(ConnError::Evicted),
+    // The node's side of the connection exists from the first packet (0.5-RTT: a server
+    // always gets it), so a handshake evicted or timed out while TLS is still in progress
+    // is closed with its code like any other; nothing is sent on it before `Hello`.
+    let conn = match connecting.into_0rtt() {
+        Ok((conn, established)) => {
+            let ended = tokio::select! {
+                r = tokio::time::timeout_at(deadline, established) => match r {
+                    Ok(_) => conn.close_reason().map(ConnError::Connection),
+                    Err(_) => Some(ConnError::Timeout),
+                },
+                _ = &mut evicted => Some(ConnError::Evicted),
+            };
+            if let Some(e) = ended {
+                conn.close(
+                    quinn::VarInt::from_u32(close_code_of(&e)),
+                    e.to_string().as_bytes(),
+                );
+                return Err(e);
+            }
+            conn
+        }
+        Err(connecting) => tokio::select! {
+            r = tokio::time::timeout_at(deadline, connecting) => r.map_err(|_| ConnError::Timeout)??,
+            _ = &mut evicted => return Err(ConnError::Evicted),
+        },
     };
     let authenticated = tokio::select! {
         r = tokio::time::timeout_at(deadline, authenticate(&conn, &c, pre_active)) => {
@@ -338,12 +377,10 @@ async fn handle_connection<N: Node>(
     let (_active, client) = match authenticated {
         Ok(a) => a,
         Err(e) => {
-            let code = match e {
-                ConnError::Unauthorized => close_code::UNAUTHORIZED,
-                ConnError::Evicted | ConnError::Full => close_code::BUSY,
-                _ => close_code::PROTOCOL,
-            };
-            conn.close(quinn::VarInt::from_u32(code), e.to_string().as_bytes());
+            conn.close(
+                quinn::VarInt::from_u32(close_code_of(&e)),
+                e.to_string().as_bytes(),
+            );
             return Err(e);
         }
     };
@@ -365,6 +402,16 @@ async fn handle_connection<N: Node>(
                 tracing::debug!(error = %e, "stream ended with an error");
             }
         });
+    }
+}
+
+/// The application code a connection that failed admission with `e` is closed with
+/// (docs/PROTOCOL.md).
+fn close_code_of(e: &ConnError) -> u32 {
+    match e {
+        ConnError::Unauthorized => close_code::UNAUTHORIZED,
+        ConnError::Evicted | ConnError::Full => close_code::BUSY,
+        _ => close_code::PROTOCOL,
     }
 }
 

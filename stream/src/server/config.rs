@@ -28,8 +28,13 @@ pub struct ServerConfig {
     /// Most concurrent streams per authenticated connection (an unauthenticated one gets one).
     pub max_streams_per_connection: u32,
     /// Most connections between their first packet and their `Hello` (TLS handshake and
-    /// token), counted apart from `max_connections`. When full, a new one evicts the oldest.
+    /// token), counted apart from `max_connections`. When full, a new one evicts the oldest
+    /// if that one has been in progress for `handshake_grace`, and is refused otherwise.
     pub handshakes_max: usize,
+    /// How long a handshake in progress is safe from eviction by newer ones: long enough for
+    /// a real client to finish TLS and send its `Hello`, so that no flood of handshakes,
+    /// however fast, can push it out first. Zero: the oldest is always evicted.
+    pub handshake_grace: Duration,
     /// Once this many handshakes are in progress, a peer whose address is not yet validated
     /// gets a QUIC Retry (stateless) and must come back from the address it claims. 0: always.
     pub handshakes_before_retry: usize,
@@ -78,6 +83,7 @@ impl ServerConfig {
             max_connections: 1024,
             max_streams_per_connection: 256,
             handshakes_max: 256,
+            handshake_grace: Duration::from_secs(1),
             handshakes_before_retry: 32,
             hello_bytes_max: 4 << 10,
             #[cfg(feature = "testing")]

@@ -17,7 +17,9 @@
 //! Admission: a peer is *unauthenticated* from its first packet until its `Hello` carried the
 //! cluster token. Unauthenticated peers have their own budget, apart from the authenticated
 //! connections: at most `handshakes_max` at once (a new one evicts the oldest, so peers that
-//! never finish cannot lock real clients out), a QUIC Retry (address validation, no state
+//! never finish cannot lock real clients out, but only one in progress for `handshake_grace`:
+//! while all are younger the newcomer is refused, so a burst cannot push out a real client
+//! in the round trips of its handshake; evicted ones are closed with code 3 at any stage), a QUIC Retry (address validation, no state
 //! kept) once `handshakes_before_retry` are in progress, one stream, and a first message of at
 //! most `hello_bytes_max`. Only after `Hello` does a connection count toward
 //! `max_connections` and get `max_streams_per_connection` streams and the full frame limits.
