@@ -5,12 +5,15 @@
 //! Scenario: a node started with the test-only switch `TIDELINE_TESTING_KILL_TASK=TASK` (the
 //! `tideline` package's `testing` feature, which builds that include this package's tests turn
 //! on) takes a commit, and then TASK (the engine's applier or checkpointer, or the log's writer
-//! thread) panics the way a bug would kill it. The node must exit by itself with code 2 and an
+//! thread) panics the way a bug would kill it, or (`quic-server`) the QUIC server's accept loop
+//! ends, its task aborted. The node must exit by itself with code 2 and an
 //! `error: fail-stop:` line naming the task, within the watchdog's tick plus shutdown; after a
 //! restart without the switch, every acknowledged put is there and writes go on.
 //!
 //! Guards against: a node that keeps answering (status, tails) with a dead applier or log
-//! writer, so commits hang for ever while the node looks healthy.
+//! writer, so commits hang for ever while the node looks healthy; and a node whose accept loop
+//! died, which takes no connection any more yet keeps running (its replicas' and pipelines'
+//! tasks, its HTTP admin) instead of stopping so that a supervisor restarts it.
 
 mod common;
 
@@ -117,4 +120,9 @@ fn a_dead_checkpointer_stops_the_node_with_exit_code_2() {
 #[test]
 fn a_dead_log_writer_stops_the_node_with_exit_code_2() {
     kill_task_round("log-writer", "log writer thread");
+}
+
+#[test]
+fn a_dead_quic_server_task_stops_the_node_with_exit_code_2() {
+    kill_task_round("quic-server", "QUIC server task");
 }
