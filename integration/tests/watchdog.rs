@@ -56,10 +56,15 @@ fn kill_task_round(task: &str, thread_words: &str) {
     );
 
     // The first put makes the log non-empty (the engine's threads die then); the log writer
-    // dies before the second one's batch.
-    let first = put_in_background(&node, "k1");
-    let second = put_in_background(&node, "k2");
+    // dies before the second one's batch. The second starts once the first has ended
+    // (acknowledged, or failed with the node): started together, the two could share the
+    // first batch, and the log writer would never reach a second one.
     let started = Instant::now();
+    let first = put_in_background(&node, "k1");
+    while !first.is_finished() && started.elapsed() < EXIT_WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = put_in_background(&node, "k2");
     let status = node.wait_timeout(EXIT_WAIT).unwrap_or_else(|| {
         panic!(
             "{task} killed: the node still runs {EXIT_WAIT:?} later; its stderr: {:#?}",
