@@ -902,7 +902,7 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         secrets_dir.display()
     );
     #[cfg(feature = "testing")]
-    if let Some(task) = armed {
+    if let Some(task) = &armed {
         eprintln!(
             "TESTING: {} armed: the {task} will die",
             testing::KILL_TASK_ENV
@@ -921,6 +921,12 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
                 // Fail-stop: a poisoned log or a dead engine thread ends the node.
                 if let Some(reason) = engine.fail_stop_reason() {
                     break Some(reason);
+                }
+                #[cfg(feature = "testing")]
+                if armed.as_deref() == Some(testing::QUIC_SERVER)
+                    && engine.wal().durable_offset() >= 1
+                {
+                    server.unsafe_abort_accept_loop();
                 }
                 if server.is_finished() {
                     break Some("the QUIC server task stopped".to_string());
@@ -964,15 +970,17 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 mod tests;
 
 /// Test-only switches (cargo feature `testing`, absent from the binary a release build makes):
-/// env `TIDELINE_TESTING_KILL_TASK=applier|checkpointer|backfill|log-writer` kills that
-/// critical task once the node has a commit, so that a test can watch the watchdog stop the
-/// node with exit code 2.
+/// env `TIDELINE_TESTING_KILL_TASK=applier|checkpointer|backfill|log-writer|quic-server` kills
+/// that critical task once the node has a commit, so that a test can watch the watchdog stop
+/// the node with exit code 2.
 #[cfg(feature = "testing")]
 mod testing {
     use tideline_engine::EngineOptions;
     use tideline_wal::WalOptions;
 
     pub(super) const KILL_TASK_ENV: &str = "TIDELINE_TESTING_KILL_TASK";
+    /// The task name that kills the QUIC server's accept loop.
+    pub(super) const QUIC_SERVER: &str = "quic-server";
 
     /// The options with the switch of env `TIDELINE_TESTING_KILL_TASK` set, and the task armed.
     pub(super) fn kill_switch(
@@ -988,9 +996,11 @@ mod testing {
                 opts.unsafe_kill_thread = Some(task.clone());
             }
             "log-writer" => log.unsafe_kill_writer = true,
+            // Killed by the node itself once it has a commit (`serve`'s watchdog loop).
+            QUIC_SERVER => {}
             other => anyhow::bail!(
-                "{KILL_TASK_ENV}={other}: unknown task; use applier, checkpointer, backfill or \
-                 log-writer"
+                "{KILL_TASK_ENV}={other}: unknown task; use applier, checkpointer, backfill, \
+                 log-writer or {QUIC_SERVER}"
             ),
         }
         Ok((log, opts, Some(task)))

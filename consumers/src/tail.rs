@@ -41,7 +41,8 @@ pub struct TailConfig {
     /// Give up after this many failed reconnects in a row (`None`: never).
     pub reconnect_attempts_max: Option<u32>,
     /// Least time between two automatic checkpoint saves (each syncs a file). A crash of the
-    /// consumer re-delivers at most what arrived in this interval. Default 200 ms.
+    /// consumer re-delivers what it took since the last save: the batch in progress and the
+    /// batches taken within this interval. Default 200 ms.
     pub checkpoint_interval: Duration,
 }
 
@@ -243,8 +244,9 @@ impl Tail {
     /// Declares every transaction returned so far processed and saves the checkpoint. The
     /// tail also saves by itself when the application asks for the transaction after the last
     /// one of a batch, on progress reports and heartbeats, at most once per
-    /// `checkpoint_interval`, so a crash re-delivers at most what arrived in that interval; an
-    /// application that stops cleanly calls this last and loses and repeats nothing. The slot
+    /// `checkpoint_interval`, so a crash re-delivers at most the batch in progress and the
+    /// batches taken within that interval; an application that stops cleanly calls this last
+    /// and loses and repeats nothing. The slot
     /// is acked only up to what the checkpoint holds (at the next batch, progress report or
     /// heartbeat after a save), so a consumer that crashes finds its log still held.
     pub fn commit(&mut self) -> Result<(), TailError> {

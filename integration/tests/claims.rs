@@ -567,3 +567,335 @@ fn a_slot_past_the_age_cap_is_invalidated_its_log_purged_and_its_consumer_told()
         "the refusal should name the slot and why it was invalidated: {err}"
     );
 }
+
+/// Value bytes of each transaction in the re-delivery test: a batch (`batch_bytes_target`,
+/// 256 KiB, PROTOCOL.md) closes once it holds that much, so it carries at most
+/// `256 KiB / VALUE + 1` of these transactions.
+const REDELIVERY_VALUE_BYTES: usize = 1024;
+/// The most transactions one batch of the re-delivery test can carry.
+const REDELIVERY_BATCH_TXNS_MAX: u64 = (256 << 10) / REDELIVERY_VALUE_BYTES as u64 + 1;
+
+/// Kills `child` (`tideline tail`) and returns the offsets it printed, `got` (already read)
+/// followed by those of its complete lines in `buffered` (read but not parsed) and in the
+/// pipe (a line cut by the kill was not delivered), and its stderr.
+fn drain_killed_tail(
+    mut child: std::process::Child,
+    mut got: Vec<u64>,
+    buffered: Vec<u8>,
+) -> (Vec<u64>, String) {
+    use std::io::Read;
+    let _ = child.kill(); // SIGKILL
+    let status = child.wait().expect("wait for the killed tail");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9),
+        "the tail ended before the kill: {status}"
+    );
+    let mut rest = buffered;
+    child
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_end(&mut rest)
+        .expect("read the tail's stdout");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut err)
+        .expect("read the tail's stderr");
+    let text = String::from_utf8(rest).expect("the tail prints UTF-8");
+    let complete = text.rsplit_once('\n').map_or("", |(lines, _cut)| lines);
+    for line in complete.lines().filter(|l| !l.is_empty()) {
+        let v: Value = serde_json::from_str(line).expect("the tail prints JSON lines");
+        got.push(v["offset"].as_u64().expect("offset"));
+    }
+    (got, err)
+}
+
+/// The offset a checkpoint file holds.
+fn checkpoint_offset(path: &std::path::Path) -> u64 {
+    let bytes = std::fs::read(path).expect("the tail saved its checkpoint");
+    tideline_consumers::Position::parse(&bytes)
+        .unwrap_or_else(|e| panic!("the checkpoint {} does not parse: {e}", path.display()))
+        .offset
+}
+
+/// PROTOCOL.md: the consumer saves its checkpoint "when it has fully taken a batch ... at
+/// most every 200 ms (`checkpoint_interval`) ...; after a crash of the consumer itself at most
+/// what arrived in that interval is delivered again", and `tail.rs`'s contract: it never
+/// stores a checkpoint past what it has printed. Scenario: `tideline tail --checkpoint` is
+/// killed with SIGKILL twice while it is printing a 3,000-transaction log (the test has read
+/// 700 lines of each run and more are on the way), then runs to the end. The test reads at
+/// most one line per 2 ms, so a batch (at most 257 transactions of 1 KiB here) takes longer
+/// than the 200 ms interval to print and every batch boundary is a save: what a killed run
+/// printed past its saved checkpoint is at most one batch. Checked per kill: the checkpoint is
+/// not past what was printed, what is printed again is at most one batch, the next run starts
+/// right after the checkpoint (and says so on stderr), and over the three runs every offset
+/// 1..=3000 is printed, the re-delivered ones twice and no other twice.
+///
+/// Guards against: a checkpoint saved ahead of the output (a crash then loses transactions),
+/// a save that stops after the first (a crash repeats everything since), and a resume from
+/// anywhere but the checkpoint.
+#[test]
+fn a_tail_killed_mid_stream_re_delivers_at_most_the_batch_after_its_checkpoint() {
+    const TXNS: u64 = 3_000;
+    const READ_PER_RUN: usize = 700;
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), 0);
+    load_batched(&node, "default", "k", 1, TXNS, REDELIVERY_VALUE_BYTES, 1);
+    let checkpoint = dir.path().join("tail.cp");
+    let spawn_tail = |limit: u64| {
+        node.cli()
+            .args(["tail", "--node", &node.addr, "--from", "earliest"])
+            .args(["--limit", &limit.to_string()])
+            .arg("--checkpoint")
+            .arg(&checkpoint)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tideline tail")
+    };
+
+    let mut printed: Vec<u64> = Vec::new(); // every run's output, in order
+    let mut saved = 0u64; // the checkpoint the next run resumes from
+    for run in 1..=2 {
+        let mut child = spawn_tail(TXNS);
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut got = Vec::new();
+        let mut line = String::new();
+        while got.len() < READ_PER_RUN {
+            line.clear();
+            let n = lines.read_line(&mut line).expect("read the tail's stdout");
+            assert!(n > 0, "run {run}: the tail ended after {} lines", got.len());
+            let v: Value = serde_json::from_str(&line).expect("the tail prints JSON lines");
+            got.push(v["offset"].as_u64().expect("offset"));
+            // The pace that makes each batch take longer than the checkpoint interval.
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // Kill the tail mid-stream; what the reader buffered comes before the pipe's rest.
+        let buffered = lines.buffer().to_vec();
+        child.stdout = Some(lines.into_inner());
+        let (got, err) = drain_killed_tail(child, got, buffered);
+        let last = *got.last().expect("the run printed");
+        assert_eq!(
+            got,
+            (saved + 1..=last).collect::<Vec<_>>(),
+            "run {run} (resumed after {saved}) printed a gap or a duplicate; stderr: {err}"
+        );
+        assert!(
+            last < TXNS,
+            "run {run} printed the whole log before the kill: the kill was not mid-stream"
+        );
+        let cp = checkpoint_offset(&checkpoint);
+        assert!(
+            cp <= last,
+            "run {run}: the checkpoint holds offset {cp}, past the last printed ({last}): a \
+             crash loses {}..={cp}",
+            last + 1
+        );
+        assert!(
+            cp > saved,
+            "run {run}: the checkpoint did not move from {saved} while {} lines were printed",
+            got.len()
+        );
+        let again = last - cp;
+        eprintln!(
+            "run {run}: printed {}..={last}, killed; checkpoint at {cp}: {again} transactions \
+             will be delivered again (bound {REDELIVERY_BATCH_TXNS_MAX}, one batch)",
+            saved + 1
+        );
+        assert!(
+            again <= REDELIVERY_BATCH_TXNS_MAX,
+            "run {run}: {again} transactions printed past the checkpoint ({cp}..{last}), more \
+             than one batch ({REDELIVERY_BATCH_TXNS_MAX}): saves do not follow the batches"
+        );
+        printed.extend(&got);
+        saved = cp;
+    }
+
+    // The last run resumes after the checkpoint and reads to the end.
+    let out = spawn_tail(TXNS - saved)
+        .wait_with_output()
+        .expect("run tideline tail");
+    let err = stderr(&out);
+    assert!(out.status.success(), "the last run failed: {err}");
+    assert!(
+        err.contains(&format!("resuming after offset {saved} ")),
+        "the tail should say it resumes from its checkpoint (offset {saved}): {err}"
+    );
+    let got: Vec<u64> = String::from_utf8(out.stdout)
+        .expect("the tail prints UTF-8")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("the tail prints JSON lines")["offset"]
+                .as_u64()
+                .expect("offset")
+        })
+        .collect();
+    assert_eq!(got, (saved + 1..=TXNS).collect::<Vec<_>>(), "the last run");
+    printed.extend(&got);
+
+    // Over the three runs: everything, and only what the bound allows twice.
+    let mut seen = std::collections::BTreeMap::<u64, u32>::new();
+    for o in &printed {
+        *seen.entry(*o).or_default() += 1;
+    }
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (1..=TXNS).collect::<Vec<_>>()
+    );
+    let twice = seen.values().filter(|n| **n > 1).count() as u64;
+    assert!(
+        seen.values().all(|n| *n <= 2) && twice <= 2 * REDELIVERY_BATCH_TXNS_MAX,
+        "{twice} transactions delivered more than once over two kills"
+    );
+}
+
+/// Commits the deletion of `keys` of `tree` on `node` in one transaction (through the Rust
+/// client: the CLI deletes one key per process).
+fn delete_keys(node: &Node, tree: &str, keys: &[String]) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    rt.block_on(async {
+        let secrets =
+            tideline_stream::tls::load_client_dir(&node.secrets()).expect("the cluster's secrets");
+        let client = tideline_stream::Client::connect(
+            &node.addr,
+            tideline_stream::ClientConfig::new(secrets),
+        )
+        .await
+        .expect("connect");
+        let ops = keys
+            .iter()
+            .map(|k| tideline_stream::WriteOp::Delete {
+                tree: tree.into(),
+                key: k.clone().into_bytes(),
+            })
+            .collect();
+        client.commit(ops).await.expect("commit the deletes");
+    });
+}
+
+/// OPERATIONS.md "Bootstrap": a replica "whose upstream purged GTIDs it needs copies the
+/// upstream's state", and ARCHITECTURE.md: `bootstrap_begin` wipes the state first. Scenario:
+/// B replicates A (two trees), then is stopped; meanwhile A deletes every key of tree `stale`
+/// and half of `default`, rewrites the other half, and purges the log B would need. B,
+/// restarted, must bootstrap (its local data is stale, not empty) and end equal to A
+/// (`tideline verify`) with none of the deleted keys, in either tree, and the new values.
+///
+/// Guards against: a bootstrap that copies over the old state instead of replacing it, so
+/// keys deleted on the upstream while the replica was away live on in the replica.
+#[test]
+fn a_bootstrap_over_stale_local_data_leaves_none_of_the_old_keys() {
+    let (dir, secrets) = cluster();
+    let a = Node::start_with(
+        &dir.path().join("a"),
+        0,
+        &[
+            "--secrets",
+            &secrets,
+            "--log-segment-bytes",
+            "16384",
+            "--log-retain-bytes",
+            "0",
+        ],
+    );
+    let b_args = |a: &Node| {
+        vec![
+            "--secrets".to_string(),
+            secrets.clone(),
+            "--upstream".to_string(),
+            a.addr.clone(),
+            "--bootstrap-chunk-bytes".to_string(),
+            "65536".to_string(),
+        ]
+    };
+    let args = b_args(&a);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let b = Node::start_with(&dir.path().join("b"), 0, &args);
+    load_keys(&a, "stale", "gone", 0, 300, 100);
+    load_keys(&a, "default", "old", 0, 600, 100);
+    wait_gtids(&b, &gtids(&a));
+    assert_eq!(common::scan(&b, "stale").lines().count(), 300);
+    assert_eq!(common::scan(&b, "default").lines().count(), 600);
+    let b_data = b.data.clone();
+    drop(b); // killed
+    let b_needs = status(&a)["last_offset"].as_u64().unwrap() + 1;
+
+    // While B is away: A deletes all of `stale` and old:0..300, rewrites old:300..600, writes
+    // new keys (a transaction of about 11 KB per 16 KiB segment) and purges what B needs.
+    let gone: Vec<String> = (0..300).map(|i| format!("gone:{i:08}")).collect();
+    delete_keys(&a, "stale", &gone);
+    let old: Vec<String> = (0..300).map(|i| format!("old:{i:08}")).collect();
+    delete_keys(&a, "default", &old);
+    load_keys(&a, "default", "old", 300, 300, 7);
+    for i in 0..20 {
+        load_keys(&a, "default", "new", i * 100, 100, 100);
+    }
+    wait_purged_past(&a, b_needs);
+
+    let b = Node::start_with(&b_data, 0, &args);
+    wait_for(
+        Duration::from_secs(300),
+        "B to bootstrap and catch up",
+        || {
+            let u = upstream(&b, 0);
+            (u["state"] == "connected" && !u["bootstrap"].is_null() && gtids(&b) == gtids(&a))
+                .then_some(())
+        },
+    );
+    // B's `stale` tree, empty on A, may be absent (an unknown tree) or empty.
+    let out = b.run(&["scan", "--tree", "stale", "--limit", "1000000"]);
+    let stale = if out.status.success() {
+        String::from_utf8(out.stdout).expect("scan prints UTF-8")
+    } else {
+        assert!(
+            stderr(&out).contains("no tree"),
+            "scan of B's tree `stale`: {}",
+            stderr(&out)
+        );
+        String::new()
+    };
+    let default = common::scan(&b, "default");
+    let old_left: Vec<&str> = stale
+        .lines()
+        .chain(default.lines())
+        .filter(|l| {
+            let key = l.split('\t').next().unwrap_or_default();
+            key.starts_with("gone:")
+                || key
+                    .strip_prefix("old:")
+                    .and_then(|n| n.parse::<u64>().ok())
+                    .is_some_and(|n| n < 300)
+        })
+        .collect();
+    assert!(
+        old_left.is_empty(),
+        "B kept {} keys its upstream deleted while it was away, e.g. {:?}",
+        old_left.len(),
+        &old_left[..old_left.len().min(3)]
+    );
+    assert!(
+        default
+            .lines()
+            .filter(|l| l.starts_with("old:"))
+            .all(|l| l.ends_with("\tvvvvvvv")),
+        "B kept old values of rewritten keys"
+    );
+    assert_eq!(
+        default.lines().count(),
+        300 + 2_000,
+        "B's default tree: old:300..600 and new:0..2000"
+    );
+    let out = a.run(&["verify", "--node", &a.addr, "--node", &b.addr]);
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("verify prints JSON ({e}): {}", stderr(&out)));
+    assert!(
+        out.status.success() && report["equal"] == true,
+        "tideline verify finds A and B different: {report}"
+    );
+}

@@ -107,6 +107,22 @@ fn multi_source_merge_and_failover_by_auto_positioning() {
     // receives every one of them twice and must apply each once.
     let mut c = replica(dir.path(), "c", &secrets, &[&a, &b]);
     wait_gtids(&c, &want_a);
+    // Both upstreams delivered: B's stream too, not only A's (a replica that never reached
+    // its second upstream would pass every check below).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status(&c);
+        let received: Vec<&Value> = (0..2).map(|i| &s["upstreams"][i]["received"]).collect();
+        if received.iter().all(|r| r.as_str() == Some(want_a.as_str())) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "C did not receive A's transactions from both upstreams (A, then B): {received:?}, \
+             expected {want_a}; status: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(
         status(&c)["last_offset"],
         10,

@@ -5,12 +5,15 @@
 //! Scenario: a node started with the test-only switch `TIDELINE_TESTING_KILL_TASK=TASK` (the
 //! `tideline` package's `testing` feature, which builds that include this package's tests turn
 //! on) takes a commit, and then TASK (the engine's applier or checkpointer, or the log's writer
-//! thread) panics the way a bug would kill it. The node must exit by itself with code 2 and an
+//! thread) panics the way a bug would kill it, or (`quic-server`) the QUIC server's accept loop
+//! ends, its task aborted. The node must exit by itself with code 2 and an
 //! `error: fail-stop:` line naming the task, within the watchdog's tick plus shutdown; after a
 //! restart without the switch, every acknowledged put is there and writes go on.
 //!
 //! Guards against: a node that keeps answering (status, tails) with a dead applier or log
-//! writer, so commits hang for ever while the node looks healthy.
+//! writer, so commits hang for ever while the node looks healthy; and a node whose accept loop
+//! died, which takes no connection any more yet keeps running (its replicas' and pipelines'
+//! tasks, its HTTP admin) instead of stopping so that a supervisor restarts it.
 
 mod common;
 
@@ -53,10 +56,15 @@ fn kill_task_round(task: &str, thread_words: &str) {
     );
 
     // The first put makes the log non-empty (the engine's threads die then); the log writer
-    // dies before the second one's batch.
-    let first = put_in_background(&node, "k1");
-    let second = put_in_background(&node, "k2");
+    // dies before the second one's batch. The second starts once the first has ended
+    // (acknowledged, or failed with the node): started together, the two could share the
+    // first batch, and the log writer would never reach a second one.
     let started = Instant::now();
+    let first = put_in_background(&node, "k1");
+    while !first.is_finished() && started.elapsed() < EXIT_WAIT {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = put_in_background(&node, "k2");
     let status = node.wait_timeout(EXIT_WAIT).unwrap_or_else(|| {
         panic!(
             "{task} killed: the node still runs {EXIT_WAIT:?} later; its stderr: {:#?}",
@@ -117,4 +125,9 @@ fn a_dead_checkpointer_stops_the_node_with_exit_code_2() {
 #[test]
 fn a_dead_log_writer_stops_the_node_with_exit_code_2() {
     kill_task_round("log-writer", "log writer thread");
+}
+
+#[test]
+fn a_dead_quic_server_task_stops_the_node_with_exit_code_2() {
+    kill_task_round("quic-server", "QUIC server task");
 }

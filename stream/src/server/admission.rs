@@ -87,6 +87,15 @@ impl ServerHandle {
     }
 }
 
+#[cfg(feature = "testing")]
+impl ServerHandle {
+    /// Test-only: ends the accept loop as a bug would (its task aborted, its connections
+    /// dropped), so that a test can watch the node's watchdog notice ([`Self::is_finished`]).
+    pub fn unsafe_abort_accept_loop(&self) {
+        self.task.abort();
+    }
+}
+
 /// Bytes of stream data (all streams together) an unauthenticated peer may have in flight:
 /// room for its `Hello`; raised to unlimited (per-stream windows still apply) after it.
 const UNAUTHENTICATED_RECEIVE_WINDOW_BYTES: u32 = 64 << 10;
