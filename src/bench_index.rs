@@ -191,7 +191,11 @@ fn measure_only(root: &Path, a: &IndexBenchArgs, only: Only, n: u64) -> anyhow::
         let end = (i + 1000).min(seed);
         engine.transaction(|tx| {
             for j in i..end {
-                tx.put("plain", format!("d{j:09}").as_bytes(), document(j).as_bytes())?;
+                tx.put(
+                    "plain",
+                    format!("d{j:09}").as_bytes(),
+                    document(j).as_bytes(),
+                )?;
             }
             Ok(())
         })?;
@@ -268,13 +272,15 @@ fn measure(root: &Path, a: &IndexBenchArgs) -> anyhow::Result<Value> {
         }
         Ok(())
     })?;
-    let (paced_plain, lat_plain, _) = writes(&engine, "plain", seed, a.writers, a.rate, a.seconds, None);
+    let (paced_plain, lat_plain, _) =
+        writes(&engine, "plain", seed, a.writers, a.rate, a.seconds, None);
     let (max_plain, _, cpu_plain) = writes(&engine, "plain", seed, a.writers, 0, a.seconds, None);
     engine.create_index("plain", "by_city", &["/city"], false)?;
     engine.wait_indexes_live(Duration::from_secs(600));
     let (paced_indexed, lat_indexed, _) =
         writes(&engine, "plain", seed, a.writers, a.rate, a.seconds, None);
-    let (max_indexed, _, cpu_indexed) = writes(&engine, "plain", seed, a.writers, 0, a.seconds, None);
+    let (max_indexed, _, cpu_indexed) =
+        writes(&engine, "plain", seed, a.writers, 0, a.seconds, None);
     engine.close()?;
     engine.wal().close()?;
 
