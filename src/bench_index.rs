@@ -13,6 +13,12 @@
 //!    a machine where nothing else runs and the CPU is the limit.
 //!
 //! Goals: backfill ≥ 200,000 docs/s; write throughput with one index ≥ 70% of without.
+//!
+//! `--only without|with --writes N` runs step 4 alone, for a fixed number of writes, on a
+//! tree where every written key already holds a document: for instruction counts per write
+//! under `valgrind --tool=callgrind`, which are repeatable on a loaded machine where rates
+//! are not. Run it for two values of N and divide the difference of the totals by the
+//! difference of N (`scripts/callgrind-index`), so that start-up and seeding cancel out.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -20,7 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde_json::{Value, json};
 use tideline_engine::{Engine, EngineOptions};
 use tideline_wal::{Durability, WalOptions};
@@ -51,6 +57,23 @@ pub struct IndexBenchArgs {
     /// Keep the files written instead of removing them.
     #[arg(long)]
     keep: bool,
+    /// Run only the unpaced write phase without or with the index, for `--writes` writes,
+    /// on a tree seeded with `min(--docs, 100000)` documents (for callgrind; see the module
+    /// docs).
+    #[arg(long, value_enum, requires = "writes")]
+    only: Option<Only>,
+    /// Writes of the `--only` phase, in all writers together.
+    #[arg(long, requires = "only")]
+    writes: Option<u64>,
+}
+
+/// The one phase `--only` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Only {
+    /// Unpaced writes to a tree without an index.
+    Without,
+    /// Unpaced writes to a tree with one live index.
+    With,
 }
 
 const TREE: &str = "docs";
@@ -87,7 +110,7 @@ fn process_cpu_us() -> Option<u64> {
 }
 
 /// Writers each committing single puts, paced to `rate` in all (0: as fast as they can) for
-/// `seconds`; returns (writes per second, latencies in µs sorted, process CPU µs per write).
+/// `seconds`, or until `limit` writes were started when it is set; returns (writes per second, latencies in µs sorted, process CPU µs per write).
 /// The CPU per write counts every thread of the process (writers, log, applier, the store's
 /// flushes and compactions): on a shared machine it moves far less with the load than the
 /// rate does.
@@ -98,6 +121,7 @@ fn writes(
     writers: usize,
     rate: u64,
     seconds: f64,
+    limit: Option<u64>,
 ) -> (f64, Vec<i64>, Option<f64>) {
     let cpu_before = process_cpu_us();
     let stop = Arc::new(AtomicBool::new(false));
@@ -111,6 +135,9 @@ fn writes(
                 let mut lat = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
+                    if limit.is_some_and(|l| i >= l) {
+                        break;
+                    }
                     if rate > 0 {
                         // Open loop: write i is due at i / rate seconds.
                         let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
@@ -133,8 +160,10 @@ fn writes(
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_secs_f64(seconds));
-    stop.store(true, Ordering::Relaxed);
+    if limit.is_none() {
+        std::thread::sleep(Duration::from_secs_f64(seconds));
+        stop.store(true, Ordering::Relaxed);
+    }
     let mut lat: Vec<i64> = handles
         .into_iter()
         .flat_map(|h| h.join().unwrap_or_default())
@@ -150,7 +179,49 @@ fn writes(
     (lat.len() as f64 / elapsed, lat, cpu)
 }
 
+/// `--only`: seeds tree `plain` with `min(docs, 100000)` documents (so that every write
+/// replaces one, as in the full run's phases with the index), declares the index when asked,
+/// then runs `writes` unpaced writes.
+fn measure_only(root: &Path, a: &IndexBenchArgs, only: Only, n: u64) -> anyhow::Result<Value> {
+    let engine = open(&root.join("node"))?;
+    engine.create_tree("plain", None)?;
+    let seed = a.docs.clamp(1, 100_000);
+    let mut i = 0;
+    while i < seed {
+        let end = (i + 1000).min(seed);
+        engine.transaction(|tx| {
+            for j in i..end {
+                tx.put(
+                    "plain",
+                    format!("d{j:09}").as_bytes(),
+                    document(j).as_bytes(),
+                )?;
+            }
+            Ok(())
+        })?;
+        i = end;
+    }
+    if only == Only::With {
+        engine.create_index("plain", "by_city", &["/city"], false)?;
+        if !engine.wait_indexes_live(Duration::from_secs(600)) {
+            anyhow::bail!("the index did not become live within 10 minutes");
+        }
+    }
+    let (rate, lat, cpu) = writes(&engine, "plain", seed, a.writers, 0, 0.0, Some(n));
+    engine.close()?;
+    engine.wal().close()?;
+    Ok(json!({
+        "only": format!("{only:?}").to_lowercase(),
+        "writes": lat.len(),
+        "per_s": rate,
+        "cpu_us_per_write": cpu,
+    }))
+}
+
 fn measure(root: &Path, a: &IndexBenchArgs) -> anyhow::Result<Value> {
+    if let (Some(only), Some(n)) = (a.only, a.writes) {
+        return measure_only(root, a, only, n);
+    }
     let engine = open(&root.join("node"))?;
     engine.create_tree(TREE, None)?;
     let bar = crate::bench_util::bar(a.docs, "load (1,000 per txn)");
@@ -201,13 +272,15 @@ fn measure(root: &Path, a: &IndexBenchArgs) -> anyhow::Result<Value> {
         }
         Ok(())
     })?;
-    let (paced_plain, lat_plain, _) = writes(&engine, "plain", seed, a.writers, a.rate, a.seconds);
-    let (max_plain, _, cpu_plain) = writes(&engine, "plain", seed, a.writers, 0, a.seconds);
+    let (paced_plain, lat_plain, _) =
+        writes(&engine, "plain", seed, a.writers, a.rate, a.seconds, None);
+    let (max_plain, _, cpu_plain) = writes(&engine, "plain", seed, a.writers, 0, a.seconds, None);
     engine.create_index("plain", "by_city", &["/city"], false)?;
     engine.wait_indexes_live(Duration::from_secs(600));
     let (paced_indexed, lat_indexed, _) =
-        writes(&engine, "plain", seed, a.writers, a.rate, a.seconds);
-    let (max_indexed, _, cpu_indexed) = writes(&engine, "plain", seed, a.writers, 0, a.seconds);
+        writes(&engine, "plain", seed, a.writers, a.rate, a.seconds, None);
+    let (max_indexed, _, cpu_indexed) =
+        writes(&engine, "plain", seed, a.writers, 0, a.seconds, None);
     engine.close()?;
     engine.wal().close()?;
 
@@ -246,6 +319,15 @@ fn measure(root: &Path, a: &IndexBenchArgs) -> anyhow::Result<Value> {
 
 fn print(r: &Value) {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
+    if let Some(only) = r["only"].as_str() {
+        println!(
+            "unpaced writes {only} index: {} writes, {:.0} writes/s, CPU {:.1} µs per write",
+            r["writes"],
+            f(&r["per_s"]),
+            f(&r["cpu_us_per_write"])
+        );
+        return;
+    }
     println!("documents                 {}", r["docs"]);
     println!(
         "load (1,000 per txn)      {:>10.0} docs/s  ({:.1} s)",

@@ -24,7 +24,7 @@ use std::time::Duration;
 use tideline_consumers::Position;
 use tideline_engine::Engine;
 use tideline_stream::{Client, ClientConfig, ClientError, ErrorCode, Event, Start};
-use tideline_wal::{GtidSet, Transaction};
+use tideline_wal::{Gtid, GtidSet, Transaction};
 
 use crate::bootstrap;
 use crate::pipeline::PipelineCheckpoint;
@@ -436,8 +436,9 @@ async fn apply_loop(
         }
         let Some(last) = txns.last() else { continue };
         let (last_offset, last_ts) = (last.offset.get(), last.timestamp_us);
-        for t in &txns {
-            gtids.insert(t.gtid);
+        let received: Vec<Gtid> = txns.iter().map(|t| t.gtid).collect();
+        for g in &received {
+            gtids.insert(*g);
         }
         let batch = Batch {
             source: upstream,
@@ -450,7 +451,7 @@ async fn apply_loop(
             .encode(),
             items: txns.into_iter().map(Item::Txn).collect(),
         };
-        d.write(&mut sink, &batch).await.map_err(|e| match e {
+        d.write(&mut sink, batch).await.map_err(|e| match e {
             crate::PipelineError::Sink { message, .. } => {
                 Stop::Fatal(format!("applying from {addr} failed: {message}"))
             }
@@ -459,8 +460,8 @@ async fn apply_loop(
         let n = sink.last_committed();
         let now_us = crate::now_us();
         update(&st, |s| {
-            for t in batch.txns() {
-                s.received.insert(t.gtid);
+            for g in &received {
+                s.received.insert(*g);
             }
             s.applied += n;
             s.applied_offset = last_offset;

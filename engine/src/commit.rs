@@ -103,31 +103,63 @@ impl Engine {
         &self,
         txns: Vec<NewTransaction>,
     ) -> Result<Vec<Applied>, WriteError> {
+        self.apply_upstream_owned(txns).map_err(|r| r.error)
+    }
+
+    /// [`Engine::apply_upstream_batch`] for a caller that owns its transactions and would
+    /// otherwise keep a copy to retry with: when the engine refuses the whole batch because a
+    /// bootstrap is running ([`WriteError::Bootstrapping`], nothing applied), the transactions
+    /// come back untouched in [`Refused::txns`]; after any other error that list is empty.
+    pub fn apply_upstream_owned(
+        &self,
+        txns: Vec<NewTransaction>,
+    ) -> Result<Vec<Applied>, Box<Refused>> {
+        let refused = |error| {
+            Box::new(Refused {
+                error,
+                txns: Vec::new(),
+            })
+        };
         let mut results = Vec::with_capacity(txns.len());
         let mut pending = Vec::new();
         let inner = &self.inner;
-        inner.check_not_failed()?;
+        inner.check_not_failed().map_err(refused)?;
         // Limits are checked for the whole batch before anything is submitted.
         let prepared = txns
             .into_iter()
             .map(|t| {
-                let origin = Origin::Upstream {
-                    gtid: t.gtid,
-                    timestamp_us: t.timestamp_us,
-                };
-                inner.prepare(t.ops, true).map(|p| (p, origin))
+                inner
+                    .prepare(t.ops, true)
+                    .map(|p| (p, t.gtid, t.timestamp_us))
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut refused = None;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(refused)?;
+        let mut refusal = None;
         {
             let mut st = lock(&inner.commit);
-            for (p, origin) in prepared {
+            // The flag changes only under the commit lock (`bootstrap_begin`), which this
+            // loop holds throughout: a running bootstrap refuses the whole batch or none of it.
+            if inner.bootstrapping.load(Ordering::SeqCst) {
+                return Err(Box::new(Refused {
+                    error: WriteError::Bootstrapping,
+                    txns: prepared
+                        .into_iter()
+                        .map(|(p, gtid, timestamp_us)| NewTransaction {
+                            gtid,
+                            timestamp_us,
+                            ops: p.ops,
+                        })
+                        .collect(),
+                }));
+            }
+            for (p, gtid, timestamp_us) in prepared {
+                let origin = Origin::Upstream { gtid, timestamp_us };
                 results.push(Applied::AlreadyExecuted);
                 match inner.submit_locked(&mut st, p, None, origin) {
                     Ok(Some(f)) => pending.push((results.len() - 1, f)),
                     Ok(None) => {}
                     Err(e) => {
-                        refused = Some(e);
+                        refusal = Some(e);
                         break;
                     }
                 }
@@ -136,13 +168,23 @@ impl Engine {
         // Submitted transactions are in the log: wait for them even when a later one was
         // refused. A failure here means every later offset fails too (fail-stop).
         for (i, f) in pending {
-            results[i] = Applied::Committed(self.inner.finish(f)?);
+            results[i] = Applied::Committed(self.inner.finish(f).map_err(refused)?);
         }
-        match refused {
-            Some(e) => Err(e),
+        match refusal {
+            Some(e) => Err(refused(e)),
             None => Ok(results),
         }
     }
+}
+
+/// Why [`Engine::apply_upstream_owned`] applied nothing (or not all), and the transactions it
+/// hands back.
+#[derive(Debug)]
+pub struct Refused {
+    /// The refusal, as [`Engine::apply_upstream_batch`] reports it.
+    pub error: WriteError,
+    /// The batch, untouched, when `error` is [`WriteError::Bootstrapping`]; else empty.
+    pub txns: Vec<NewTransaction>,
 }
 
 impl Inner {

@@ -105,7 +105,7 @@ mod txn;
 pub use backfill::IndexPage;
 pub use bootstrap::RestoreOp;
 pub use catalog::{DEFAULT_TREE, TREE_NAME_BYTES_MAX, TreeInfo, is_valid_tree_name};
-pub use commit::Applied;
+pub use commit::{Applied, Refused};
 pub use engine::{CasOutcome, Engine, Outcome};
 pub use error::{OpenError, ReadError, WriteError};
 pub use index::{IndexInfo, IndexState, is_valid_index_name, is_valid_json_pointer, value_prefix};

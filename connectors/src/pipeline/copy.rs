@@ -129,7 +129,7 @@ pub(crate) async fn copy(
                     items: vec![],
                     checkpoint: PipelineCheckpoint::Tail(pos.clone()).encode(),
                 };
-                d.write(sink, &batch).await.map_err(CopyStop::Sink)?;
+                d.write(sink, batch).await.map_err(CopyStop::Sink)?;
                 d.report.copy_done(&pos, &progress, rate);
                 return Ok(pos);
             }
@@ -139,7 +139,7 @@ pub(crate) async fn copy(
             items: item.into_iter().collect(),
             checkpoint: PipelineCheckpoint::Bootstrap(progress.clone()).encode(),
         };
-        d.write(sink, &batch).await.map_err(CopyStop::Sink)?;
+        d.write(sink, batch).await.map_err(CopyStop::Sink)?;
         d.report.copy_step(&progress, rate);
         saved = Some(progress);
         if completes_chunk && let Some(a) = acker.as_mut() {

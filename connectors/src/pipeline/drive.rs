@@ -134,25 +134,27 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Writes `batch`, retrying as the error says; reports it once stored.
+    /// Writes `batch` (handed to the sink by value, back on a failure), retrying as the
+    /// error says; reports it once stored.
     pub(crate) async fn write(
         &self,
         sink: &mut dyn Sink,
-        batch: &Batch,
+        mut batch: Batch,
     ) -> Result<(), PipelineError> {
+        let last_ts = batch.txns().last().map(|t| t.timestamp_us);
+        let (txns, changes) = (batch.txns().count() as u64, batch.changes() as u64);
         let mut failures = 0;
         loop {
-            match sink.write(batch).await {
+            match sink.write_owned(batch).await {
                 Ok(()) => break self.after_success(sink, failures),
-                Err(e) => {
+                Err((e, back)) => {
+                    batch = back;
                     let delay = self.after_failure(sink, e, &mut failures)?;
                     tokio::time::sleep(delay).await;
                 }
             }
         }
-        let last_ts = batch.txns().last().map(|t| t.timestamp_us);
-        self.report
-            .wrote(batch.txns().count() as u64, batch.changes() as u64, last_ts);
+        self.report.wrote(txns, changes, last_ts);
         Ok(())
     }
 }

@@ -334,7 +334,7 @@ async fn follow(
             items,
             checkpoint: PipelineCheckpoint::Tail(pos.clone()).encode(),
         };
-        d.write(sink, &batch).await?;
+        d.write(sink, batch).await?;
         last_write = Instant::now();
         st.update(|s| s.caught_up_to(&pos, head));
         written = Some(pos);

@@ -169,6 +169,20 @@ pub trait Sink: Send {
     /// when both are stored.
     fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>>;
 
+    /// [`Sink::write`] of a batch the caller gives up: a sink that would copy the items out
+    /// of a borrowed batch (the engine sink) moves them instead. A write that failed with
+    /// [`SinkError::Retry`] or [`SinkError::Hold`] hands the batch back as it came, for the
+    /// retry (after [`SinkError::Fatal`] the pipeline stops, and what comes back may lack the
+    /// items). Default: [`Sink::write`] on the batch.
+    fn write_owned(&mut self, batch: Batch) -> SinkFuture<'_, Result<(), (SinkError, Batch)>> {
+        Box::pin(async move {
+            match self.write(&batch).await {
+                Ok(()) => Ok(()),
+                Err(e) => Err((e, batch)),
+            }
+        })
+    }
+
     /// A copy of the source starts from scratch (a fresh bootstrap, or one that cannot resume),
     /// before its first [`Sink::write`]; `checkpoint` is the copy's starting point. A sink
     /// that can, clears what it holds and stores `checkpoint` with that (the engine sink wipes

@@ -73,6 +73,28 @@ impl EngineSink {
         self.last_committed
     }
 
+    /// Ends the copy this sink made when `batch` is the empty batch with the tail checkpoint
+    /// of its source (the engine then holds exactly `pos.gtids`); `Ok(false)`: not such a batch.
+    async fn finishes_copy(&mut self, batch: &Batch, pos: &Position) -> Result<bool, SinkError> {
+        if !(self.engine.is_bootstrapping()
+            && batch.items.is_empty()
+            && self.copying == Some(pos.server_uuid))
+        {
+            return Ok(false);
+        }
+        let (engine, set) = (self.engine.clone(), pos.gtids.clone());
+        blocking(move || engine.bootstrap_finish(&set)).await?;
+        self.copying = None;
+        Ok(true)
+    }
+
+    fn count_committed(&mut self, applied: &[Applied]) {
+        self.last_committed = applied
+            .iter()
+            .filter(|a| matches!(a, Applied::Committed(_)))
+            .count() as u64;
+    }
+
     /// The checkpoint the engine holds: the stored bootstrap progress while copying, its
     /// `gtid_executed` otherwise, `None` when it holds nothing at all.
     fn stored(&self) -> Result<Option<PipelineCheckpoint>, SinkError> {
@@ -119,6 +141,10 @@ fn write_error(e: WriteError) -> SinkError {
         )),
         e => SinkError::Fatal(e.to_string()),
     }
+}
+
+fn copy_step_with_tail() -> SinkError {
+    SinkError::Fatal("internal: a copy step with a tail position".into())
 }
 
 fn new_transaction(t: &Transaction) -> NewTransaction {
@@ -204,25 +230,14 @@ impl Sink for EngineSink {
                     Ok(())
                 }
                 PipelineCheckpoint::Tail(pos) => {
-                    if self.engine.is_bootstrapping()
-                        && batch.items.is_empty()
-                        && self.copying == Some(pos.server_uuid)
-                    {
-                        // The copy this sink made is complete: it holds exactly `pos.gtids`.
-                        let (engine, set) = (self.engine.clone(), pos.gtids.clone());
-                        blocking(move || engine.bootstrap_finish(&set)).await?;
-                        self.copying = None;
+                    if self.finishes_copy(batch, &pos).await? {
                         return Ok(());
                     }
                     let mut txns = Vec::with_capacity(batch.items.len());
                     for item in &batch.items {
                         match item {
                             Item::Txn(t) => txns.push(new_transaction(t)),
-                            _ => {
-                                return Err(SinkError::Fatal(
-                                    "internal: a copy step with a tail position".into(),
-                                ));
-                            }
+                            _ => return Err(copy_step_with_tail()),
                         }
                     }
                     if txns.is_empty() {
@@ -231,12 +246,87 @@ impl Sink for EngineSink {
                     }
                     let engine = self.engine.clone();
                     let applied = blocking(move || engine.apply_upstream_batch(txns)).await?;
-                    self.last_committed = applied
-                        .iter()
-                        .filter(|a| matches!(a, Applied::Committed(_)))
-                        .count() as u64;
+                    self.count_committed(&applied);
                     Ok(())
                 }
+            }
+        })
+    }
+
+    /// The replica's path: live transactions move into the engine without a copy; a batch
+    /// the engine refuses because a copy is running comes back whole (the engine hands the
+    /// transactions back), and the other kinds of batch go through [`Sink::write`].
+    fn write_owned(&mut self, batch: Batch) -> SinkFuture<'_, Result<(), (SinkError, Batch)>> {
+        Box::pin(async move {
+            let live = batch.items.iter().all(|i| matches!(i, Item::Txn(_)));
+            let pos = match PipelineCheckpoint::decode(&batch.checkpoint) {
+                Ok(PipelineCheckpoint::Tail(pos)) if live => pos,
+                _ => {
+                    return match self.write(&batch).await {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err((e, batch)),
+                    };
+                }
+            };
+            self.last_committed = 0;
+            match self.finishes_copy(&batch, &pos).await {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => return Err((e, batch)),
+            }
+            if batch.items.is_empty() {
+                return Ok(());
+            }
+            let Batch {
+                source,
+                items,
+                checkpoint,
+            } = batch;
+            // The engine keeps no source offsets: a batch handed back gets them from here.
+            let mut offsets = Vec::with_capacity(items.len());
+            let txns: Vec<NewTransaction> = items
+                .into_iter()
+                .filter_map(|i| match i {
+                    Item::Txn(t) => {
+                        offsets.push(t.offset);
+                        Some(NewTransaction {
+                            gtid: t.gtid,
+                            timestamp_us: t.timestamp_us,
+                            ops: t.ops,
+                        })
+                    }
+                    _ => None,
+                })
+                .collect();
+            let engine = self.engine.clone();
+            let result = tokio::task::spawn_blocking(move || engine.apply_upstream_owned(txns))
+                .await
+                .map_err(|e| SinkError::Fatal(format!("engine task failed: {e}")));
+            // Whole after a refusal because a copy runs (the only `Retry`); emptied after a
+            // fatal error, which ends the pipeline.
+            let back = |txns: Vec<NewTransaction>| Batch {
+                source,
+                items: txns
+                    .into_iter()
+                    .zip(offsets)
+                    .map(|(t, offset)| {
+                        Item::Txn(Transaction {
+                            offset,
+                            gtid: t.gtid,
+                            timestamp_us: t.timestamp_us,
+                            ops: t.ops,
+                        })
+                    })
+                    .collect(),
+                checkpoint,
+            };
+            match result {
+                Err(e) => Err((e, back(Vec::new()))),
+                Ok(Ok(applied)) => {
+                    self.count_committed(&applied);
+                    Ok(())
+                }
+                Ok(Err(refused)) => Err((write_error(refused.error), back(refused.txns))),
             }
         })
     }

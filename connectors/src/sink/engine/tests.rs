@@ -12,7 +12,7 @@ use tideline_wal::{FileStorage, Gtid, GtidSet, Offset, Op, Transaction, Wal, Wal
 
 use super::EngineSink;
 use crate::pipeline::PipelineCheckpoint;
-use crate::sink::{Batch, Item, Sink};
+use crate::sink::{Batch, Item, Sink, SinkError};
 
 const SOURCE: uuid::Uuid = uuid::Uuid::from_bytes([0xaa; 16]);
 
@@ -223,5 +223,57 @@ async fn a_copy_resumes_after_reopen_and_ends_at_its_gtid_set() {
     assert_eq!(
         engine.get("t", b"c").expect("read").as_deref(),
         Some(&b"z"[..])
+    );
+}
+
+/// The replica's by-value write (`write_owned`): live transactions move into the engine; when
+/// a copy into the engine is running, the engine refuses them and the batch comes back whole
+/// (to be retried), not emptied by the move. Guards against a retried batch that lost its
+/// transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owned_live_batch_refused_during_a_copy_comes_back_whole_and_applies_after_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let mut sink = EngineSink::new(engine.clone());
+    let begin = PipelineCheckpoint::Bootstrap(progress(0)).encode();
+    sink.begin_copy(&begin).await.expect("begin");
+
+    let batch = live_batch();
+    let (err, back) = sink
+        .write_owned(batch.clone())
+        .await
+        .expect_err("the engine refuses live transactions while it is copying");
+    assert!(matches!(err, SinkError::Retry(_)), "{err:?}");
+    assert_eq!(
+        (back.source, &back.items, &back.checkpoint),
+        (batch.source, &batch.items, &batch.checkpoint),
+        "the batch comes back as it went"
+    );
+    assert!(engine.gtid_executed().is_empty(), "nothing was applied");
+
+    // The copy ends at a set that does not hold the batch's GTIDs: the batch then applies.
+    let other = uuid::Uuid::from_bytes([0xbb; 16]);
+    let done = Batch {
+        source: SOURCE,
+        items: vec![],
+        checkpoint: tail_checkpoint(7, &format!("{other}:1-2")),
+    };
+    sink.write_owned(done)
+        .await
+        .map_err(|(e, _)| e)
+        .expect("finish");
+    assert!(!engine.is_bootstrapping());
+    sink.write_owned(back)
+        .await
+        .map_err(|(e, _)| e)
+        .expect("the retried batch");
+    assert_eq!(sink.last_committed(), 3);
+    assert_eq!(
+        engine.gtid_executed(),
+        set(&format!("{SOURCE}:1-3,{other}:1-2"))
+    );
+    assert_eq!(
+        engine.get("t", b"a").expect("read").as_deref(),
+        Some(&b"3"[..])
     );
 }
