@@ -1358,26 +1358,12 @@ fn run_all(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
             true,
         ),
     ];
-    // The lag goal is the sync chain's: under async every hop shows a transaction only after
-    // its interval fsync (README, "Durability"), up to 10 ms per hop by design.
-    for name in ["sync", "async"] {
-        let l = &t["chain_lag"][name];
-        if l.is_null() {
-            continue;
-        }
-        let p99 = f(&l["at_c"]["p99_us"]) / 1e3;
-        if name == "sync" {
-            goals.push(goal("chain A→B→C lag p99 (sync)", p99, 5.0, "ms", false));
-        } else {
-            // Three intervals (A, B and C each show only what their fsync covered).
-            goals.push(goal(
-                "chain A→B→C lag p99 (async, floor 3 x 10 ms)",
-                p99,
-                30.0,
-                "ms",
-                false,
-            ));
-        }
+    // The lag goal is the sync chain's: under async every node shows a transaction only
+    // after its own interval fsync (README, "Durability"), up to 10 ms per node by design, so
+    // the async chain is printed, not held to the goal.
+    if !t["chain_lag"]["sync"].is_null() {
+        let p99 = f(&t["chain_lag"]["sync"]["at_c"]["p99_us"]) / 1e3;
+        goals.push(goal("chain A→B→C lag p99 (sync)", p99, 5.0, "ms", false));
     }
     if !t["catch_up_sync"].is_null() {
         goals.insert(
