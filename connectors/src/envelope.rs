@@ -270,8 +270,13 @@ impl SourceText {
 }
 
 /// Appends `n` in decimal (what `{n}` gives, without the formatting machinery).
-pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+pub fn push_u64(out: &mut Vec<u8>, n: u64) {
     let mut digits = [0u8; 20];
+    out.extend_from_slice(decimal(n, &mut digits));
+}
+
+/// `n` in decimal ASCII digits, written at the end of `digits`.
+fn decimal(mut n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut i = digits.len();
     loop {
         i -= 1;
@@ -281,7 +286,7 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[i..]);
+    &digits[i..]
 }
 
 /// Renders GTIDs (`UUID:N`, what `Gtid`'s `Display` gives) into one buffer, the uuid's text
@@ -310,17 +315,7 @@ impl GtidText {
         }
         self.text.truncate(self.prefix_len);
         let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        let mut n = gtid.seq;
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        for &d in &digits[i..] {
+        for &d in decimal(gtid.seq, &mut digits) {
             self.text.push(char::from(d));
         }
         &self.text
