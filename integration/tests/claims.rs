@@ -248,18 +248,7 @@ fn log_info_dump_and_verify_beside_a_live_node_see_a_dense_prefix_and_disturb_no
 #[test]
 fn bootstrap_never_stops_with_a_clear_error_when_the_upstream_purged_what_it_needs() {
     let (dir, secrets) = cluster();
-    let a = Node::start_with(
-        &dir.path().join("a"),
-        0,
-        &[
-            "--secrets",
-            &secrets,
-            "--log-segment-bytes",
-            "16384",
-            "--log-retain-bytes",
-            "0",
-        ],
-    );
+    let a = purging_node(&dir.path().join("a"), &secrets);
     let b_args = |a: &Node| {
         vec![
             "--secrets".to_string(),
@@ -328,18 +317,7 @@ fn bootstrap_never_stops_with_a_clear_error_when_the_upstream_purged_what_it_nee
 #[test]
 fn an_empty_multi_source_replica_never_bootstraps_and_says_why() {
     let (dir, secrets) = cluster();
-    let a = Node::start_with(
-        &dir.path().join("a"),
-        0,
-        &[
-            "--secrets",
-            &secrets,
-            "--log-segment-bytes",
-            "16384",
-            "--log-retain-bytes",
-            "0",
-        ],
-    );
+    let a = purging_node(&dir.path().join("a"), &secrets);
     let b = Node::start_with(&dir.path().join("b"), 0, &["--secrets", &secrets]);
     // A purges its beginning: an empty replica can only get A's state by a copy.
     for i in 0..20 {
@@ -792,18 +770,7 @@ fn delete_keys(node: &Node, tree: &str, keys: &[String]) {
 #[test]
 fn a_bootstrap_over_stale_local_data_leaves_none_of_the_old_keys() {
     let (dir, secrets) = cluster();
-    let a = Node::start_with(
-        &dir.path().join("a"),
-        0,
-        &[
-            "--secrets",
-            &secrets,
-            "--log-segment-bytes",
-            "16384",
-            "--log-retain-bytes",
-            "0",
-        ],
-    );
+    let a = purging_node(&dir.path().join("a"), &secrets);
     let b_args = |a: &Node| {
         vec![
             "--secrets".to_string(),
@@ -898,4 +865,21 @@ fn a_bootstrap_over_stale_local_data_leaves_none_of_the_old_keys() {
         out.status.success() && report["equal"] == true,
         "tideline verify finds A and B different: {report}"
     );
+}
+
+/// A node of the cluster whose log keeps nothing it need not: 16 KiB segments, no retained
+/// bytes, so that a few writes purge its beginning.
+fn purging_node(data: &std::path::Path, secrets: &str) -> Node {
+    Node::start_with(
+        data,
+        0,
+        &[
+            "--secrets",
+            secrets,
+            "--log-segment-bytes",
+            "16384",
+            "--log-retain-bytes",
+            "0",
+        ],
+    )
 }
