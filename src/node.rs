@@ -681,8 +681,9 @@ impl Node for EngineNode {
             let pos = self.engine.position();
             let applied = pos.offset.map_or(0, |o| o.get());
             let executed = gtids.is_subset(&pos.gtid_executed);
-            // Applied here, and durable: under async durability the engine applies what was
-            // written, so also wait for the log's sync to cover it.
+            // Applied here, and durable. The engine applies only durable records (the log's
+            // visible head is its durable head), so this holds once applied; the check keeps
+            // a fence from ever answering before the fsync should that change.
             if executed && self.wal.durable_offset() >= applied {
                 return (true, pos.gtid_executed);
             }
