@@ -842,7 +842,7 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         ..WalOptions::default()
     };
     #[cfg(feature = "testing")]
-    let (log, opts, armed) = testing::kill_switch(log, opts)?;
+    let (log, opts, armed) = testing::switches(log, opts)?;
     let engine = tokio::task::spawn_blocking(move || open_engine_with(&data, log, opts))
         .await
         .context("open task failed")??;
@@ -973,21 +973,29 @@ mod tests;
 /// Test-only switches (cargo feature `testing`, absent from the binary a release build makes):
 /// env `TIDELINE_TESTING_KILL_TASK=applier|checkpointer|backfill|log-writer|quic-server` kills
 /// that critical task once the node has a commit, so that a test can watch the watchdog stop
-/// the node with exit code 2.
+/// the node with exit code 2; env `TIDELINE_TESTING_SKIP_BOOTSTRAP_WIPE=1` makes a bootstrap
+/// keep the replica's old trees (the engine's `unsafe_bootstrap_skip_wipe`), the canary of the
+/// stale-data bootstrap test.
 #[cfg(feature = "testing")]
 mod testing {
     use tideline_engine::EngineOptions;
     use tideline_wal::WalOptions;
 
     pub(super) const KILL_TASK_ENV: &str = "TIDELINE_TESTING_KILL_TASK";
+    const SKIP_BOOTSTRAP_WIPE_ENV: &str = "TIDELINE_TESTING_SKIP_BOOTSTRAP_WIPE";
     /// The task name that kills the QUIC server's accept loop.
     pub(super) const QUIC_SERVER: &str = "quic-server";
 
-    /// The options with the switch of env `TIDELINE_TESTING_KILL_TASK` set, and the task armed.
-    pub(super) fn kill_switch(
+    /// The options with the switches of the environment set, and the task armed.
+    pub(super) fn switches(
         mut log: WalOptions,
         mut opts: EngineOptions,
     ) -> anyhow::Result<(WalOptions, EngineOptions, Option<String>)> {
+        match std::env::var(SKIP_BOOTSTRAP_WIPE_ENV).as_deref() {
+            Err(_) | Ok("" | "0") => {}
+            Ok("1") => opts.unsafe_bootstrap_skip_wipe = true,
+            Ok(other) => anyhow::bail!("{SKIP_BOOTSTRAP_WIPE_ENV}={other}: use 1 or 0"),
+        }
         let Ok(task) = std::env::var(KILL_TASK_ENV) else {
             return Ok((log, opts, None));
         };

@@ -95,9 +95,12 @@ impl Engine {
         let applied = inner.applied.load(Ordering::SeqCst);
 
         let base = inner.current_catalog();
+        let wipe = inner.opts.wipe_on_bootstrap();
         let mut sb = StoreBatch::new(inner, base.clone(), false);
-        for name in base.trees.keys() {
-            sb.drop_tree(name);
+        if wipe {
+            for name in base.trees.keys() {
+                sb.drop_tree(name);
+            }
         }
         let (mut batch, _, dropped, _) = sb.into_parts();
         // This node's own GTIDs stay executed: its next local commit must not reuse one that
@@ -110,16 +113,20 @@ impl Engine {
         batch.insert(&inner.meta, catalog::KEY_BOOTSTRAP, progress);
         batch.remove(&inner.meta, catalog::KEY_BOOTSTRAP_FINISHING);
         inner.write_identity(&mut batch, applied);
-        let empty = Arc::new(Catalog::default());
+        let next_catalog = if wipe {
+            Arc::new(Catalog::default())
+        } else {
+            base.clone()
+        };
         {
             let mut v = inner.view.write().unwrap_or_else(|p| p.into_inner());
             batch
                 .commit()
                 .map_err(|e| inner.store_failure(format!("bootstrap begin: {e}")))?;
             v.gtids = Arc::new(own);
-            v.catalog = empty.clone();
+            v.catalog = next_catalog.clone();
             v.generation += 1;
-            *inner.catalog.write().unwrap_or_else(|p| p.into_inner()) = empty;
+            *inner.catalog.write().unwrap_or_else(|p| p.into_inner()) = next_catalog;
             inner.reset_commit_state(&mut st, &v);
         }
         inner.notify_view_changed();

@@ -91,6 +91,12 @@ pub struct EngineOptions {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_kill_thread: Option<String>,
+    /// Test-only (cargo feature `testing`): `bootstrap_begin` keeps every tree instead of
+    /// dropping them (the bug its wipe prevents: local data the upstream never had outlives
+    /// the copy). Exists so the node-level stale-data test can prove it catches a skipped wipe.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_bootstrap_skip_wipe: bool,
 }
 
 // The test-only switches, read through these so that without the `testing` feature the
@@ -126,6 +132,16 @@ impl EngineOptions {
     pub(crate) fn maintain_indexes_on_replay(&self) -> bool {
         true
     }
+
+    /// Whether `bootstrap_begin` drops every tree: always, unless a test turned it off.
+    #[cfg(feature = "testing")]
+    pub(crate) fn wipe_on_bootstrap(&self) -> bool {
+        !self.unsafe_bootstrap_skip_wipe
+    }
+    #[cfg(not(feature = "testing"))]
+    pub(crate) fn wipe_on_bootstrap(&self) -> bool {
+        true
+    }
 }
 
 impl Default for EngineOptions {
@@ -151,6 +167,8 @@ impl Default for EngineOptions {
             unsafe_skip_index_replay: false,
             #[cfg(feature = "testing")]
             unsafe_kill_thread: None,
+            #[cfg(feature = "testing")]
+            unsafe_bootstrap_skip_wipe: false,
         }
     }
 }

@@ -500,3 +500,104 @@ fn a_pending_bootstrap_with_several_upstreams_runs_once_from_the_stored_one() {
     assert!(from_y["bootstrap"].is_null(), "Y was never copied: {s}");
     assert_eq!(from_x["bootstrap"]["resumes"], 1, "X's copy resumed: {s}");
 }
+
+/// Issue 15, "stale local data wiped by a bootstrap" (ARCHITECTURE.md: `bootstrap_begin`
+/// wipes the state first; OPERATIONS.md "Bootstrap": the replica ends with a copy of the
+/// upstream's state). The local data here is in no history of the new upstream: R was
+/// copying X (tree `x_only`) when it was killed; restarted with A as its one upstream, it
+/// starts a copy of A from scratch. A has no tree `x_only`, so no chunk of A's covers it:
+/// only the wipe removes it. Claims checked: after the copy none of R's old keys remain
+/// (`x_only` absent or empty), `tideline verify` finds A and R equal, R's `gtid_executed` is
+/// A's and its upstream reports nothing errant.
+///
+/// Returns the violations found (empty: none). Canary:
+/// [`canary_a_bootstrap_that_skips_the_wipe_leaves_stale_keys`].
+fn stale_data_round(skip_wipe: bool) -> Vec<String> {
+    let (dir, secrets_s) = cluster();
+    let x = Node::start_with(&dir.path().join("x"), 0, &["--secrets", &secrets_s]);
+    load_sized(&x, "x_only", 0, 30_000, 100);
+    let mut r = replica(dir.path(), "r", &secrets_s, &x, "16384");
+    let r_data = r.data.clone();
+    let ur = wait_upstream(&r, "R to store chunks of X", |u| {
+        u["bootstrap"]["chunks"].as_u64().unwrap_or(0) >= 5
+    });
+    assert_eq!(
+        ur["state"], "bootstrapping",
+        "killed before finishing: {ur}"
+    );
+    let copied = common::scan(&r, "x_only").lines().count();
+    assert!(copied > 0, "R holds none of X's keys yet: {ur}");
+    r.kill9();
+    drop(r);
+    drop(x);
+
+    let a = primary(dir.path(), &secrets_s, &[]);
+    load_sized(&a, "default", 0, 2_000, 100);
+    let env: &[(&str, &str)] = if skip_wipe {
+        &[("TIDELINE_TESTING_SKIP_BOOTSTRAP_WIPE", "1")]
+    } else {
+        &[]
+    };
+    let r = Node::start_env(
+        None,
+        &r_data,
+        "127.0.0.1:0",
+        &["--secrets", &secrets_s, "--upstream", &a.addr],
+        env,
+    );
+    let u = wait_upstream(&r, "R to copy A", |u| {
+        u["state"] == "connected" && !u["bootstrap"].is_null()
+    });
+    wait_gtids(&r, &gtids(&a));
+
+    let mut violations = Vec::new();
+    let out = r.run(&["scan", "--tree", "x_only", "--limit", "1000000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stale = if out.status.success() {
+        out.stdout
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .count()
+    } else {
+        assert!(err.contains("no tree"), "scan of R's tree `x_only`: {err}");
+        0
+    };
+    if stale > 0 {
+        violations.push(format!(
+            "R kept {stale} stale keys of tree `x_only` (it held at least {copied} before the \
+             copy of A, which has no such tree)"
+        ));
+    }
+    let out = a.run(&["verify", "--node", &a.addr, "--node", &r.addr]);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("verify prints JSON");
+    if !(out.status.success() && report["equal"] == true) {
+        violations.push(format!("tideline verify finds A and R different: {report}"));
+    }
+    let errant = status(&r)["upstreams"][0]["errant"].clone();
+    if !errant.as_str().unwrap_or_default().is_empty() || gtids(&r) != gtids(&a) {
+        violations.push(format!(
+            "R's GTIDs {} are not A's {} (errant: {errant})",
+            gtids(&r),
+            gtids(&a),
+        ));
+    }
+    eprintln!("R held {copied}+ keys of X; after the copy of A: {violations:?}; {u}");
+    violations
+}
+
+#[test]
+fn a_bootstrap_wipes_local_data_that_is_not_in_the_upstreams_history() {
+    let violations = stale_data_round(false);
+    assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// The canary of [`stale_data_round`]: with the wipe skipped (test-only switch), the round
+/// must report R's stale keys.
+#[test]
+fn canary_a_bootstrap_that_skips_the_wipe_leaves_stale_keys() {
+    let violations = stale_data_round(true);
+    assert!(
+        violations.iter().any(|v| v.contains("stale keys")),
+        "with the wipe skipped the round found nothing: {violations:?}"
+    );
+}
