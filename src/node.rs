@@ -107,6 +107,14 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 10_000, value_name = "MS",
           value_parser = clap::value_parser!(u64).range(1000..=3_600_000))]
     idle_timeout_ms: u64,
+    /// How long a connection in its handshake (TLS, then the token) is safe from eviction by
+    /// newer ones once the handshake budget (256) is full, in milliseconds: while every
+    /// handshake in progress is younger, a newcomer is refused at the door instead. Long
+    /// enough for a real client to finish its handshake; below the 5 s handshake timeout. 0:
+    /// a newcomer always evicts the oldest (a burst of handshakes can push out a real client).
+    #[arg(long, default_value_t = HANDSHAKE_GRACE_MS_DEFAULT, value_name = "MS",
+          value_parser = parse_handshake_grace_ms)]
+    handshake_grace_ms: u64,
     /// Serve the HTTP admin here: overview page `/`, `/api/status`, `/api/log`, `/health`,
     /// `/metrics`. Off unless given (e.g. `--http 127.0.0.1:7480`); off loopback every path
     /// but `/health` needs `Authorization: Bearer TOKEN` (the cluster token).
@@ -118,6 +126,43 @@ pub struct ServeArgs {
     /// this node's.
     #[arg(long, value_name = "FILE")]
     connect: Option<PathBuf>,
+}
+
+/// Default `--handshake-grace-ms`: `ServerConfig`'s `handshake_grace` (a unit test checks).
+const HANDSHAKE_GRACE_MS_DEFAULT: u64 = 1000;
+
+/// `--handshake-grace-ms`: milliseconds below the server's handshake timeout. A grace as long
+/// as the timeout would never let a handshake be evicted: once the budget is full of peers
+/// that never finish, every new connection, real clients included, would be refused.
+fn parse_handshake_grace_ms(text: &str) -> Result<u64, String> {
+    let ms: u64 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a whole number of milliseconds"))?;
+    let timeout = server_defaults().handshake_timeout.as_millis();
+    if u128::from(ms) >= timeout {
+        return Err(format!(
+            "{ms} ms is not below the handshake timeout ({timeout} ms): no handshake would ever \
+             be old enough to evict, so a budget full of peers that never finish would refuse \
+             every new connection; use 0..={}",
+            timeout - 1
+        ));
+    }
+    Ok(ms)
+}
+
+/// The stream server's defaults (the listen address is set apart).
+fn server_defaults() -> ServerConfig {
+    ServerConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+/// The stream server's settings that `serve`'s flags give.
+fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
+    let mut cfg = ServerConfig::new(args.listen);
+    cfg.idle_timeout = Duration::from_millis(args.idle_timeout_ms);
+    cfg.handshake_grace = Duration::from_millis(args.handshake_grace_ms);
+    cfg.consumer_buffer_bytes = usize::try_from(args.consumer_buffer_bytes)
+        .context("--consumer-buffer-bytes does not fit this machine's address space")?;
+    Ok(cfg)
 }
 
 /// How often a read fence re-checks durability once its GTIDs are applied but the log has
@@ -870,10 +915,7 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         Some(file) => crate::connect::spawn_all(file, Some(&secrets_dir))?,
         None => Vec::new(),
     };
-    let mut server_cfg = ServerConfig::new(args.listen);
-    server_cfg.idle_timeout = Duration::from_millis(args.idle_timeout_ms);
-    server_cfg.consumer_buffer_bytes = usize::try_from(args.consumer_buffer_bytes)
-        .context("--consumer-buffer-bytes does not fit this machine's address space")?;
+    let server_cfg = server_config(&args)?;
     let node = Arc::new(
         EngineNode::new(engine.clone(), upstreams, server_cfg.observer.clone())
             .with_limits(args.key_bytes_max as usize, args.value_bytes_max as usize)

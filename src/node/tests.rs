@@ -1,5 +1,7 @@
 //! `WaitFor` (a read fence) on the engine node: a waiter is woken by the apply it waits
 //! for, not by a timer. Guards against the fence polling the engine for up to an hour.
+//! `serve`'s server flags: `--handshake-grace-ms` reaches the server's settings, defaults to
+//! the server's own default, and refuses values the handshake budget cannot work with.
 
 use super::*;
 
@@ -57,4 +59,53 @@ fn wait_for_is_woken_by_the_apply_not_by_a_timer() {
         assert!(want.is_subset(&executed));
         busy.abort();
     });
+}
+
+/// `serve`'s arguments as the command line gives them.
+#[derive(Debug, clap::Parser)]
+struct Serve {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+fn serve_args(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+    use clap::Parser;
+    let argv = ["serve", "--data", "/nonexistent"].iter().chain(extra);
+    Serve::try_parse_from(argv).map(|s| s.args)
+}
+
+/// Claim: `--handshake-grace-ms` sets the server's `handshake_grace` (0 included: no grace),
+/// and without it the server keeps its own default. Fails if the flag is not wired through.
+#[test]
+fn handshake_grace_flag_reaches_the_server_config() {
+    let default = server_config(&serve_args(&[]).expect("no flags"))
+        .expect("a server config")
+        .handshake_grace;
+    assert_eq!(default, server_defaults().handshake_grace);
+    for ms in [0u64, 250, 4999] {
+        let args = serve_args(&["--handshake-grace-ms", &ms.to_string()]).expect("a valid grace");
+        let cfg = server_config(&args).expect("a server config");
+        assert_eq!(cfg.handshake_grace, Duration::from_millis(ms));
+    }
+}
+
+/// Claim: a grace that is not a number, or not below the handshake timeout, is refused with a
+/// message naming the flag and why (a grace as long as the timeout would let a budget full of
+/// peers that never finish refuse every new connection).
+#[test]
+fn handshake_grace_flag_refuses_bad_values_with_a_reason() {
+    for (value, why) in [
+        ("5000", "not below the handshake timeout (5000 ms)"),
+        ("60000", "use 0..=4999"),
+        ("1s", "not a whole number of milliseconds"),
+        ("1.5", "not a whole number of milliseconds"),
+    ] {
+        let err = serve_args(&["--handshake-grace-ms", value])
+            .expect_err("a bad grace must be refused")
+            .to_string();
+        assert!(
+            err.contains("--handshake-grace-ms") && err.contains(why),
+            "--handshake-grace-ms {value}: {err}"
+        );
+    }
 }
