@@ -915,7 +915,7 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         Some(file) => crate::connect::spawn_all(file, Some(&secrets_dir))?,
         None => Vec::new(),
     };
-    let server_cfg = server_config(&args)?;
+    let server_cfg = server_config(args)?;
     let node = Arc::new(
         EngineNode::new(engine.clone(), upstreams, server_cfg.observer.clone())
             .with_limits(args.key_bytes_max as usize, args.value_bytes_max as usize)

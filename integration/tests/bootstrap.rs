@@ -148,6 +148,16 @@ fn wait_upstream(node: &Node, what: &str, pred: impl Fn(&Value) -> bool) -> Valu
     }
 }
 
+/// Waits until replica `r` has stored `chunks` chunks of its bootstrap, and checks it is still
+/// copying (a kill then lands mid-copy); returns its upstream's status.
+fn wait_mid_bootstrap(r: &Node, chunks: u64) -> Value {
+    let u = wait_upstream(r, "the replica to store chunks", |u| {
+        u["bootstrap"]["chunks"].as_u64().unwrap_or(0) >= chunks
+    });
+    assert_eq!(u["state"], "bootstrapping", "killed before finishing: {u}");
+    u
+}
+
 #[test]
 fn an_empty_replica_bootstraps_while_the_primary_keeps_writing() {
     let (dir, secrets_s) = cluster();
@@ -352,13 +362,7 @@ fn a_bootstrap_resumed_after_its_upstream_history_was_replaced_starts_again() {
 
     let mut r = replica(dir.path(), "r", &secrets_s, &u, "16384");
     let r_data = r.data.clone();
-    let ur = wait_upstream(&r, "R to store chunks", |u| {
-        u["bootstrap"]["chunks"].as_u64().unwrap_or(0) >= 5
-    });
-    assert_eq!(
-        ur["state"], "bootstrapping",
-        "killed before finishing: {ur}"
-    );
+    wait_mid_bootstrap(&r, 5);
     r.kill9();
     drop(r);
 
@@ -431,13 +435,7 @@ fn a_pending_bootstrap_with_several_upstreams_runs_once_from_the_stored_one() {
 
     let mut r = replica(dir.path(), "r", &secrets_s, &x, "16384");
     let r_data = r.data.clone();
-    let ur = wait_upstream(&r, "R to store chunks", |u| {
-        u["bootstrap"]["chunks"].as_u64().unwrap_or(0) >= 5
-    });
-    assert_eq!(
-        ur["state"], "bootstrapping",
-        "killed before finishing: {ur}"
-    );
+    wait_mid_bootstrap(&r, 5);
     r.kill9();
     drop(r);
     let x_uuid = status(&x)["server_uuid"].as_str().unwrap().to_string();
@@ -518,13 +516,7 @@ fn stale_data_round(skip_wipe: bool) -> Vec<String> {
     load_sized(&x, "x_only", 0, 30_000, 100);
     let mut r = replica(dir.path(), "r", &secrets_s, &x, "16384");
     let r_data = r.data.clone();
-    let ur = wait_upstream(&r, "R to store chunks of X", |u| {
-        u["bootstrap"]["chunks"].as_u64().unwrap_or(0) >= 5
-    });
-    assert_eq!(
-        ur["state"], "bootstrapping",
-        "killed before finishing: {ur}"
-    );
+    let ur = wait_mid_bootstrap(&r, 5);
     let copied = common::scan(&r, "x_only").lines().count();
     assert!(copied > 0, "R holds none of X's keys yet: {ur}");
     r.kill9();
