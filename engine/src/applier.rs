@@ -235,6 +235,7 @@ impl Inner {
         });
         let mut sb = StoreBatch::new(self, base_catalog, track);
         sb.skip_maintenance = replay && !self.opts.maintain_indexes_on_replay();
+        sb.remember_repeats_only(group.iter().flat_map(|(_, t)| t.ops()));
         for (offset, txn) in group {
             let gtid = txn.gtid();
             if gtids.contains(&gtid) {

@@ -56,6 +56,23 @@ pub(crate) enum NewKeyspace {
     Restore,
 }
 
+/// A value [`StoreBatch::current_value`] read: a copy of one an earlier op of the batch
+/// wrote, or the store's own (no copy).
+pub(crate) enum Current {
+    Written(Vec<u8>),
+    Stored(<TreeHandle as StoreTree>::Value),
+}
+
+impl std::ops::Deref for Current {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Current::Written(v) => v,
+            Current::Stored(v) => v,
+        }
+    }
+}
+
 /// Values written by earlier ops of a batch, by keyspace then key (`None`: deleted). Two
 /// levels, so that a lookup borrows its keyspace and key instead of building an owned pair.
 #[derive(Default)]
@@ -149,6 +166,24 @@ pub(crate) struct StoreBatch<'a> {
     pub(crate) skip_maintenance: bool,
     /// Scratch list of the indexes one write maintains (kept to save an allocation per op).
     idx_scratch: Vec<Arc<Index>>,
+    /// When set, a write to an indexed tree is remembered only if the hash of its tree and
+    /// key is in the set: the keys a group writes more than once (see
+    /// [`StoreBatch::remember_repeats_only`]). `None`: every such write is remembered.
+    repeated: Option<(foldhash::fast::RandomState, HashSet<u64>)>,
+    /// Writes to indexed trees the batch will apply, when known: sizes the index entry maps.
+    indexed_writes: usize,
+}
+
+type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
+
+/// The tree and key an op writes, if it writes one.
+fn written_key<'o>(op: &OpRef<'o>) -> Option<(&'o str, &'o [u8])> {
+    match *op {
+        OpRef::Put { tree, key, .. }
+        | OpRef::Delete { tree, key }
+        | OpRef::Merge { tree, key, .. } => Some((tree, key)),
+        _ => None,
+    }
 }
 
 /// An index's progress as a committed batch leaves it (see [`StoreBatch::into_parts`]).
@@ -169,7 +204,31 @@ impl<'a> StoreBatch<'a> {
             progress: HashMap::default(),
             skip_maintenance: false,
             idx_scratch: Vec::new(),
+            repeated: None,
+            indexed_writes: 0,
         }
+    }
+
+    /// Remembers writes to indexed trees only where a later op of `ops` (all the ops this
+    /// batch will apply, in order) writes the same key again: the only reads of the overlay
+    /// that are not `track`'s are the value-before reads of later writes. Sound while no op
+    /// adds an index mid-batch, which sets `track` (then everything is remembered anyway).
+    pub(crate) fn remember_repeats_only<'o>(&mut self, ops: impl Iterator<Item = OpRef<'o>>) {
+        if self.track {
+            return;
+        }
+        let state = foldhash::fast::RandomState::default();
+        let (mut seen, mut repeated) = (HashSet::default(), HashSet::default());
+        for (tree, key) in ops.filter_map(|op| written_key(&op)) {
+            if self.has_indexes(tree) {
+                self.indexed_writes += 1;
+                let h = std::hash::BuildHasher::hash_one(&state, (tree, key));
+                if !seen.insert(h) {
+                    repeated.insert(h);
+                }
+            }
+        }
+        self.repeated = Some((state, repeated));
     }
 
     /// The catalog as of the ops added so far.
@@ -229,7 +288,9 @@ impl<'a> StoreBatch<'a> {
                 w.entries.insert(entry, put);
             }
             None => {
-                let mut entries = HashMap::default();
+                // An update removes one entry and writes another.
+                let mut entries =
+                    HashMap::with_capacity_and_hasher(2 * self.indexed_writes, Default::default());
                 entries.insert(entry, put);
                 self.index_writes.insert(
                     idx.keyspace.clone(),
@@ -496,16 +557,22 @@ impl<'a> StoreBatch<'a> {
     }
 
     fn remember(&mut self, tree: &str, t: &Tree, key: &[u8], value: Option<&[u8]>) {
-        if self.track || self.has_indexes(tree) {
+        let read_again = || match &self.repeated {
+            Some((state, set)) => {
+                set.contains(&std::hash::BuildHasher::hash_one(state, (tree, key)))
+            }
+            None => true,
+        };
+        if self.track || (self.has_indexes(tree) && read_again()) {
             self.overlay
                 .insert(&t.keyspace, key.to_vec(), value.map(<[u8]>::to_vec));
         }
     }
 
     /// The value of `key` in tree `t` as of the ops added so far.
-    pub(crate) fn current_value(&self, t: &Tree, key: &[u8]) -> Result<Option<Vec<u8>>, String> {
+    pub(crate) fn current_value(&self, t: &Tree, key: &[u8]) -> Result<Option<Current>, String> {
         if let Some(v) = self.overlay.get(&t.keyspace, key) {
-            return Ok(v.clone());
+            return Ok(v.clone().map(Current::Written));
         }
         if let Some(c) = self
             .chunks
@@ -513,12 +580,12 @@ impl<'a> StoreBatch<'a> {
             .rev()
             .find(|c| c.keyspace == t.keyspace && c.covers(key))
         {
-            return Ok(c.value(key).cloned());
+            return Ok(c.value(key).cloned().map(Current::Written));
         }
         Ok(t.handle
             .get(key)
             .map_err(|e| format!("read for merge: {e}"))?
-            .map(|v| v.to_vec()))
+            .map(Current::Stored))
     }
 
     /// Creates `tree` (which must not exist in the batch's catalog) in a fresh keyspace.

@@ -142,25 +142,86 @@ impl Fields {
                     .collect(),
             );
         }
-        let mut out = vec![None; self.paths.len()];
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            self.walk(doc, s).then(|| {
+                s.slots
+                    .iter()
+                    .map(|r| r.map(|(a, b)| s.buf[a..b].to_vec()))
+                    .collect()
+            })
+        })
+    }
+
+    /// Appends to `entry` the component at each pointer, in order, as
+    /// `index::push_component` writes it; `false` (with `entry` in an unspecified state) when
+    /// the document is not JSON or a pointer is missing or holds an object or array. The
+    /// same answer as [`Fields::extract`], without an allocation per value.
+    pub(crate) fn extract_entry(&self, doc: &[u8], entry: &mut Vec<u8>) -> bool {
+        if self.full_parse {
+            let Some(values) = self.extract(doc) else {
+                return false;
+            };
+            for v in &values {
+                match v {
+                    Some(b) => crate::index::push_component(entry, b),
+                    None => return false,
+                }
+            }
+            return true;
+        }
+        SCRATCH.with(|s| {
+            let s = &mut *s.borrow_mut();
+            if !self.walk(doc, s) {
+                return false;
+            }
+            for r in &s.slots {
+                match r {
+                    Some((a, b)) => crate::index::push_component(entry, &s.buf[*a..*b]),
+                    None => return false,
+                }
+            }
+            true
+        })
+    }
+
+    /// One pass over `doc` (compiled pointers only), leaving each slot's bytes in `s`;
+    /// `false`: not JSON.
+    fn walk(&self, doc: &[u8], s: &mut Scratch) -> bool {
+        s.buf.clear();
+        s.slots.clear();
+        s.slots.resize(self.paths.len(), None);
         let mut de = serde_json::Deserializer::from_slice(doc);
-        Walk {
+        let ok = Walk {
             fields: self,
             node: 0,
-            out: &mut out,
+            out: s,
         }
         .deserialize(&mut de)
-        .ok()?;
-        de.end().ok()?;
-        Some(out)
+        .is_ok();
+        ok && de.end().is_ok()
     }
+}
+
+/// Where one pass leaves the values it found: their bytes one after another in `buf`, and
+/// for each slot the range of its value (`None`: missing or not a scalar). Kept per thread so
+/// that an extraction allocates nothing once warm; a replaced value (a duplicate key) leaves
+/// its bytes behind, unreferenced, until the next pass.
+#[derive(Default)]
+struct Scratch {
+    buf: Vec<u8>,
+    slots: Vec<Option<(usize, usize)>>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 /// Walks the value at trie node `node`, filling the slots below it.
 struct Walk<'f, 'o> {
     fields: &'f Fields,
     node: usize,
-    out: &'o mut [Option<Vec<u8>>],
+    out: &'o mut Scratch,
 }
 
 impl<'de> DeserializeSeed<'de> for Walk<'_, '_> {
@@ -170,16 +231,88 @@ impl<'de> DeserializeSeed<'de> for Walk<'_, '_> {
         let n = &fields.nodes[self.node];
         // The value replaces whatever an earlier duplicate key put below this node.
         for &s in &n.slots_below {
-            self.out[s] = None;
+            self.out.slots[s] = None;
         }
         match n.slot {
             Some(slot) => {
-                let v = <Value as serde::Deserialize>::deserialize(d)?;
-                self.out[slot] = crate::index::scalar_bytes(&v);
+                let start = self.out.buf.len();
+                if d.deserialize_any(Leaf(&mut self.out.buf))? {
+                    self.out.slots[slot] = Some((start, self.out.buf.len()));
+                }
                 Ok(())
             }
             None => d.deserialize_any(self),
         }
+    }
+}
+
+/// The value at a pointer: a scalar's component bytes appended to the buffer (`true`), as
+/// `index::scalar_bytes` renders the `Value` a full parse builds (a string's UTF-8, another
+/// scalar's JSON text); an object or array is checked and gives `false`.
+struct Leaf<'b>(&'b mut Vec<u8>);
+
+impl Leaf<'_> {
+    fn number<E: de::Error>(self, n: serde_json::Number) -> Result<bool, E> {
+        use std::io::Write as _;
+        write!(self.0, "{n}").map_err(E::custom)?;
+        Ok(true)
+    }
+}
+
+impl<'de> Visitor<'de> for Leaf<'_> {
+    type Value = bool;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, b: bool) -> Result<bool, E> {
+        self.0.extend_from_slice(if b { b"true" } else { b"false" });
+        Ok(true)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<bool, E> {
+        self.number(v.into())
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<bool, E> {
+        self.number(v.into())
+    }
+    fn visit_i128<E: de::Error>(self, v: i128) -> Result<bool, E> {
+        // Never produced by serde_json's parser as built here; what a `Value` holds if it were.
+        match serde_json::to_value(v) {
+            Ok(Value::Number(n)) => self.number(n),
+            _ => Err(E::custom("number out of range")),
+        }
+    }
+    fn visit_u128<E: de::Error>(self, v: u128) -> Result<bool, E> {
+        match serde_json::to_value(v) {
+            Ok(Value::Number(n)) => self.number(n),
+            _ => Err(E::custom("number out of range")),
+        }
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<bool, E> {
+        // As `Value` does: a float that is not finite would be `null`.
+        match serde_json::Number::from_f64(v) {
+            Some(n) => self.number(n),
+            None => self.visit_unit(),
+        }
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<bool, E> {
+        self.0.extend_from_slice(v.as_bytes());
+        Ok(true)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<bool, E> {
+        self.0.extend_from_slice(b"null");
+        Ok(true)
+    }
+    fn visit_none<E: de::Error>(self) -> Result<bool, E> {
+        self.visit_unit()
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<bool, A::Error> {
+        Check.visit_seq(seq).map(|()| false)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<bool, A::Error> {
+        Check.visit_map(map).map(|()| false)
     }
 }
 
@@ -381,12 +514,35 @@ mod tests {
     fn check(paths: &[&str], doc: &[u8]) {
         let paths: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
         let f = Fields::new(&paths);
+        let expected = full(&paths, doc);
         assert_eq!(
             f.extract(doc),
-            full(&paths, doc),
+            expected,
             "paths {paths:?}, document {:?}",
             String::from_utf8_lossy(doc)
         );
+        // The entry form: every component in order, or nothing when one is missing.
+        let mut want = Vec::new();
+        let complete = expected.is_some_and(|vs| {
+            vs.iter().all(|v| match v {
+                Some(b) => {
+                    crate::index::push_component(&mut want, b);
+                    true
+                }
+                None => false,
+            })
+        });
+        let mut got = b"prefix".to_vec();
+        assert_eq!(
+            f.extract_entry(doc, &mut got),
+            complete,
+            "paths {paths:?}, document {:?}",
+            String::from_utf8_lossy(doc)
+        );
+        if complete {
+            assert_eq!(&got[..6], b"prefix");
+            assert_eq!(&got[6..], &want[..], "paths {paths:?}");
+        }
     }
 
     #[test]
@@ -398,6 +554,12 @@ mod tests {
             br#"{"email":1.50,"age":-0,"big":1e300}"#,
             br#"{"email":12345678901234567890123}"#,
             br#"{"email":-9223372036854775809}"#,
+            br#"{"email":-0}"#,
+            br#"{"email":1E2,"city":-1.5e-7}"#,
+            br#"{"email":18446744073709551615,"city":-9223372036854775808}"#,
+            br#"{"email":false,"city":null}"#,
+            br#"{"email":"a","email":{"x":1}}"#,
+            br#"{"email":{"x":1},"email":"b"}"#,
             br#"{"email":"a","email":"b"}"#,
             br#"{"address":{"city":"p"},"address":3}"#,
             br#"{"address":3,"address":{"city":"q"}}"#,

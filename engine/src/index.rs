@@ -337,16 +337,8 @@ impl Index {
                     None => return DocEntry::Skipped,
                 }
             }
-        } else {
-            let Some(values) = self.fields.extract(doc) else {
-                return DocEntry::Skipped;
-            };
-            for v in &values {
-                match v {
-                    Some(b) => push_component(&mut entry, b),
-                    None => return DocEntry::Skipped,
-                }
-            }
+        } else if !self.fields.extract_entry(doc, &mut entry) {
+            return DocEntry::Skipped;
         }
         entry.extend_from_slice(pk);
         if entry.len() > KEY_BYTES_MAX_LIMIT {
@@ -450,7 +442,7 @@ pub(crate) fn push_escaped(out: &mut Vec<u8>, value: &[u8]) {
 }
 
 /// Appends one component: `value` escaped, then the terminator.
-fn push_component(out: &mut Vec<u8>, value: &[u8]) {
+pub(crate) fn push_component(out: &mut Vec<u8>, value: &[u8]) {
     push_escaped(out, value);
     out.extend_from_slice(&[0x00, 0x01]);
 }
