@@ -27,7 +27,8 @@ fn current() -> std::io::Result<CpuList> {
     // SAFETY: `cpu_set_t` is a plain bit array, all zeroes is a valid (empty) set; the kernel
     // writes at most `size_of::<cpu_set_t>()` bytes into it.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -142,7 +143,10 @@ impl Drop for Restore {
     fn drop(&mut self) {
         // No panic here: this may run while unwinding.
         if let Err(e) = try_pin_current_thread(&self.0) {
-            eprintln!("abuse: could not give the test thread its CPUs {:?} back: {e}", self.0);
+            eprintln!(
+                "abuse: could not give the test thread its CPUs {:?} back: {e}",
+                self.0
+            );
         }
     }
 }

@@ -181,7 +181,12 @@ where
 }
 
 /// 1,000 connections trickling a genuine `Hello`, one byte every 100 ms.
-pub async fn slow_connections(ep: quinn::Endpoint, addr: SocketAddr, n: usize, token: String) -> Tally {
+pub async fn slow_connections(
+    ep: quinn::Endpoint,
+    addr: SocketAddr,
+    n: usize,
+    token: String,
+) -> Tally {
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..n {
         let (ep, hello) = (ep.clone(), hello(&token));
@@ -291,7 +296,8 @@ pub async fn forged_tokens(
             if let Ok(code) = end {
                 assert_eq!(
                     code, want,
-                    "close code for a forged hello (oversized: {oversized})"
+                    "close code for a forged hello (oversized: {oversized}; closed {took:?} after \
+                     TLS finished on the client's side)"
                 );
             }
             (end, took)
@@ -306,7 +312,11 @@ pub async fn forged_tokens(
 }
 
 /// Authenticates a raw connection.
-pub async fn authenticate(ep: &quinn::Endpoint, addr: SocketAddr, token: &str) -> quinn::Connection {
+pub async fn authenticate(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    token: &str,
+) -> quinn::Connection {
     let conn = ep
         .connect(addr, tls::SERVER_NAME)
         .expect("connect")
