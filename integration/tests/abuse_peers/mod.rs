@@ -24,32 +24,10 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// timers fire late while it works through the flood's handshakes.
 pub const SLACK: Duration = Duration::from_secs(20);
 
-/// A bare quinn endpoint trusting the cluster CA, for peers that misbehave on purpose.
+/// A bare quinn endpoint trusting the cluster CA, for peers that misbehave on purpose; they
+/// never give up by themselves: only the node may end their connections.
 pub fn raw_endpoint(node: &Node) -> quinn::Endpoint {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(tls::load_client_dir(&node.secrets()).expect("secrets").ca)
-        .expect("CA");
-    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .expect("TLS 1.3")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls_cfg.alpn_protocols = vec![proto::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls_cfg).expect("QUIC TLS");
-    let mut client_cfg = quinn::ClientConfig::new(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
-    // The peers never give up by themselves: only the node may end their connections.
-    transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(120)).expect("idle"),
-    ));
-    transport.keep_alive_interval(Some(Duration::from_secs(1)));
-    client_cfg.transport_config(Arc::new(transport));
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    ep.set_default_client_config(client_cfg);
-    ep
+    crate::common::raw_endpoint(&node.secrets(), Duration::from_secs(120))
 }
 
 pub fn hello(token: &str) -> Vec<u8> {
