@@ -436,7 +436,8 @@ fn run(scale: &Scale, placement: Placement) -> Report {
     let txns_abused = scale.tail_txns * tail.rounds;
     let tail_share = node_cpu_alone.mul_f64(txns_abused as f64 / txns_alone as f64);
     eprintln!(
-        "abuse: node CPU alone {} ms for {txns_alone} txns ({:.1} µs/txn); during the abuse {}          ms in {:.1} s for {txns_abused} txns: {} ms beyond the tail's share",
+        "abuse: node CPU alone {} ms for {txns_alone} txns ({:.1} µs/txn); during the abuse {} \
+         ms in {:.1} s for {txns_abused} txns: {} ms beyond the tail's share",
         node_cpu_alone.as_millis(),
         node_cpu_alone.as_secs_f64() * 1e6 / txns_alone as f64,
         node_cpu_abused.as_millis(),
