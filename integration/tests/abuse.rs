@@ -22,30 +22,41 @@
 //! two shared cores make it noisy; `scripts/abuse` runs the `#[ignore]`d variant, which
 //! asserts ≥ 90% on a release build), with the node's own count of refusals by reason.
 //!
+//! Where things run, and why (`abuse_peers::cpus`): the goal is what the abuse costs *the
+//! node*. A real attacker spends its own machines' CPU on its handshakes, trickles and
+//! datagrams; here the attack generator is this test process, on the node's machine. The runs
+//! that report the ratio (`scripts/abuse`, the two `#[ignore]`d tests) therefore pin the node
+//! and the legitimate tail to one fixed set of CPUs in both phases (alone and under abuse) and
+//! the attack generator (its runtime, datagram thread and RSS sampler) to a disjoint set; on a
+//! two-CPU machine the node and the tail share CPU 0 and the attackers have CPU 1. With fewer
+//! than two usable CPUs they say so loudly and share every CPU as before. The CI-scale test
+//! does not pin: its ratio is not asserted, and a debug node on one CPU would stretch the
+//! timings it checks. Each run also prints the node's own CPU time alone and under abuse, so
+//! that the abuse's cost to the node can be read without the tail's rate.
+//!
 //! Guards against any of these peers holding the node's memory or time without bound, or
 //! crowding out real clients. The canary of the admission side is
 //! `stream/tests/handshake_flood.rs`; the canary of the consumer buffer is
 //! `stalled_consumers.rs`.
 
+mod abuse_peers;
 mod common;
 
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use abuse_peers::cpus::{Placement, cpu_time};
+use abuse_peers::{
+    Tally, authenticated_opens, forged_tokens, garbage_datagrams, raw_endpoint, slow_connections,
+    unauthenticated_opens,
+};
 use common::{Node, rss_kib};
-use rand::{Rng, RngCore, SeedableRng};
-use tideline_stream::proto::{self, Frame, FrameDecoder, Limits, Request, Response};
-use tideline_stream::{Client, ClientConfig, ErrorCode, Event, Start, tls};
+use rand::Rng;
+use tideline_stream::{Client, ClientConfig, Event, Start, tls};
 
-/// The node's handshake timeout (docs/PROTOCOL.md; `ServerConfig::new`).
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Scheduling slack on top of it: two shared cores run the node (a debug build in CI, where a
-/// TLS handshake costs milliseconds of CPU), the 1,100 peers and the tail, and the node's
-/// timers fire late while it works through the flood's handshakes.
-const SLACK: Duration = Duration::from_secs(20);
 /// Consumers that subscribe and never read.
 const NEVER_READING: u64 = 20;
 /// Cap on the node's RSS growth during the abuse, in KiB: the never-reading consumers'
@@ -94,417 +105,6 @@ const CI: Scale = Scale {
     datagrams: 20_000,
     tail_txns: 500,
 };
-
-/// A bare quinn endpoint trusting the cluster CA, for peers that misbehave on purpose.
-fn raw_endpoint(node: &Node) -> quinn::Endpoint {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(tls::load_client_dir(&node.secrets()).expect("secrets").ca)
-        .expect("CA");
-    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .expect("TLS 1.3")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls_cfg.alpn_protocols = vec![proto::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls_cfg).expect("QUIC TLS");
-    let mut client_cfg = quinn::ClientConfig::new(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
-    // The peers never give up by themselves: only the node may end their connections.
-    transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(120)).expect("idle"),
-    ));
-    transport.keep_alive_interval(Some(Duration::from_secs(1)));
-    client_cfg.transport_config(Arc::new(transport));
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    ep.set_default_client_config(client_cfg);
-    ep
-}
-
-fn hello(token: &str) -> Vec<u8> {
-    let mut buf = Vec::new();
-    proto::encode_message(
-        &Request::Hello {
-            token: token.to_string(),
-            client: "abuse".into(),
-            protocol: proto::PROTOCOL_VERSION,
-        },
-        &mut buf,
-    )
-    .expect("encode hello");
-    buf
-}
-
-/// The first frame of `body`, which must be a message.
-fn answer(body: &[u8]) -> Response {
-    let mut dec = FrameDecoder::new(Limits::default());
-    dec.feed(body);
-    match dec.next_frame::<Response>() {
-        Ok(Some(Frame::Message(m))) => m,
-        other => panic!("expected a message, got {other:?} ({} bytes)", body.len()),
-    }
-}
-
-/// The application close code a connection ended with; `None` for any other end (a closed
-/// endpoint, a timeout of the peer's own, a reset).
-fn close_code(e: &quinn::ConnectionError) -> Option<u64> {
-    match e {
-        quinn::ConnectionError::ApplicationClosed(c) => Some(c.error_code.into_inner()),
-        _ => None,
-    }
-}
-
-/// How an abusive connection ended without an application close code.
-#[derive(Debug, Clone, Copy)]
-enum Unclosed {
-    /// Refused or closed during the handshake.
-    Refused,
-    /// No outcome within [`HANDSHAKE_WAIT`].
-    Unanswered,
-}
-
-/// How the abusive connections ended.
-#[derive(Default, Debug)]
-struct Tally {
-    attempts: u64,
-    /// Closed by the node with an application code, by code.
-    closed: std::collections::BTreeMap<u64, u64>,
-    /// Refused before TLS finished (eviction or Retry on a handshake in progress).
-    refused_in_handshake: u64,
-    /// Neither finished nor refused within [`HANDSHAKE_WAIT`] on the peer's side: the node's
-    /// answer (or the peer's packets) lost in the flood. The node's own counts must still
-    /// show it ended them (checked in `run`).
-    unanswered: u64,
-    /// Longest time from the client's first packet to the end.
-    slowest: Duration,
-}
-
-impl Tally {
-    fn add(&mut self, end: Result<u64, Unclosed>, took: Duration) {
-        self.attempts += 1;
-        match end {
-            Ok(code) => *self.closed.entry(code).or_default() += 1,
-            Err(Unclosed::Refused) => self.refused_in_handshake += 1,
-            Err(Unclosed::Unanswered) => self.unanswered += 1,
-        }
-        self.slowest = self.slowest.max(took);
-    }
-
-    fn merge(&mut self, other: Tally) {
-        self.attempts += other.attempts;
-        for (k, v) in other.closed {
-            *self.closed.entry(k).or_default() += v;
-        }
-        self.refused_in_handshake += other.refused_in_handshake;
-        self.unanswered += other.unanswered;
-        self.slowest = self.slowest.max(other.slowest);
-    }
-}
-
-/// Longest wait for a handshake to finish or be refused. Not a bound on the node: in the
-/// flood a client's Initial (or the node's answer) can be lost (the garbage datagrams fill
-/// the node's socket buffer) and the client's retransmits back off, 1, 2, 4, 8, 16, 32 s
-/// after it, before the node has seen it at all, and a close the node sends during the
-/// handshake, once lost, is never sent again (the node forgets the connection). A peer
-/// with no outcome by then counts as unanswered; `run` checks the node's own counts.
-const HANDSHAKE_WAIT: Duration = Duration::from_secs(30);
-
-/// A connection that finishes TLS (or is refused during it) and then runs `act`; returns how
-/// the node ended it (`Ok(code)`: closed with an application code after TLS; `Err(())`:
-/// refused during the handshake, by eviction or the timeout) and how long after TLS finished.
-/// Fails if the node has not ended it within the handshake timeout and slack of TLS
-/// finishing.
-async fn ended_by_node<F, Fut>(
-    ep: quinn::Endpoint,
-    addr: SocketAddr,
-    act: F,
-) -> (Result<u64, Unclosed>, Duration)
-where
-    F: FnOnce(quinn::Connection) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let bound = HANDSHAKE_TIMEOUT + SLACK;
-    let connecting = ep.connect(addr, tls::SERVER_NAME).expect("connect");
-    let conn = match tokio::time::timeout(HANDSHAKE_WAIT, connecting).await {
-        Err(_) => return (Err(Unclosed::Unanswered), HANDSHAKE_WAIT),
-        Ok(Err(_)) => return (Err(Unclosed::Refused), Duration::ZERO),
-        Ok(Ok(c)) => c,
-    };
-    let start = Instant::now();
-    let closed = conn.clone();
-    let acting = async move {
-        act(conn).await;
-        std::future::pending::<()>().await;
-    };
-    let end = tokio::time::timeout(bound, async move {
-        tokio::select! {
-            e = closed.closed() => e,
-            () = acting => unreachable!("a pending future never completes"),
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("the node did not close an abusive connection within {bound:?}"));
-    // The node's side of TLS may end after the client's: a close then is still one during
-    // the handshake (no application code).
-    (close_code(&end).ok_or(Unclosed::Refused), start.elapsed())
-}
-
-/// 1,000 connections trickling a genuine `Hello`, one byte every 100 ms.
-async fn slow_connections(ep: quinn::Endpoint, addr: SocketAddr, n: usize, token: String) -> Tally {
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..n {
-        let (ep, hello) = (ep.clone(), hello(&token));
-        tasks.spawn(ended_by_node(ep, addr, move |conn| async move {
-            let Ok((mut send, _recv)) = conn.open_bi().await else {
-                return;
-            };
-            for b in hello {
-                if send.write_all(&[b]).await.is_err() {
-                    return;
-                }
-                // Pacing of the trickle, not synchronisation.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }));
-    }
-    let mut tally = Tally::default();
-    while let Some(r) = tasks.join_next().await {
-        let (end, took) = r.expect("slow connection task");
-        tally.add(end, took);
-    }
-    tally
-}
-
-/// Unauthenticated connections that try to open `opens` streams each and send nothing.
-/// Returns the tally and the most streams any one of them was granted.
-async fn unauthenticated_opens(
-    ep: quinn::Endpoint,
-    addr: SocketAddr,
-    conns: usize,
-    opens: usize,
-) -> (Tally, u64) {
-    let granted_max = Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..conns {
-        let (ep, granted_max) = (ep.clone(), granted_max.clone());
-        tasks.spawn(ended_by_node(ep, addr, move |conn| async move {
-            let mut held = Vec::new();
-            for _ in 0..opens {
-                // A zero timeout polls once: stream credit is in the transport parameters.
-                if let Ok(Ok(s)) = tokio::time::timeout(Duration::ZERO, conn.open_bi()).await {
-                    held.push(s);
-                }
-            }
-            granted_max.fetch_max(held.len() as u64, Ordering::SeqCst);
-            std::future::pending::<()>().await;
-        }));
-    }
-    let mut tally = Tally::default();
-    while let Some(r) = tasks.join_next().await {
-        let (end, took) = r.expect("unauthenticated task");
-        tally.add(end, took);
-    }
-    (tally, granted_max.load(Ordering::SeqCst))
-}
-
-/// `Hello`s with forged and random tokens; each must get `Error { Unauthorized }` (or, for
-/// the oversized one, `InvalidRequest`) and the matching close code.
-async fn forged_tokens(
-    ep: quinn::Endpoint,
-    addr: SocketAddr,
-    n: usize,
-    token: String,
-    seed: u64,
-) -> Tally {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..n {
-        let forged = match i % 4 {
-            0 => (0..token.len())
-                .map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)]))
-                .collect(),
-            1 => {
-                let mut t = token.clone().into_bytes();
-                let at = rng.random_range(0..t.len());
-                t[at] = if t[at] == b'0' { b'1' } else { b'0' };
-                String::from_utf8(t).expect("hex token")
-            }
-            2 => String::new(),
-            _ => "f".repeat(5000),
-        };
-        let ep = ep.clone();
-        tasks.spawn(async move {
-            let oversized = forged.len() > 4096;
-            let (end, took) = ended_by_node(ep, addr, move |conn| async move {
-                let Ok((mut send, mut recv)) = conn.open_bi().await else {
-                    return;
-                };
-                if send.write_all(&hello(&forged)).await.is_err() {
-                    return;
-                }
-                let _ = send.finish();
-                if let Ok(body) = recv.read_to_end(64 << 10).await {
-                    let want = if oversized {
-                        ErrorCode::InvalidRequest
-                    } else {
-                        ErrorCode::Unauthorized
-                    };
-                    match answer(&body) {
-                        Response::Error { code, .. } => assert_eq!(code, want, "forged hello"),
-                        other => panic!("a forged token got {other:?}"),
-                    }
-                }
-            })
-            .await;
-            let want = if oversized { 2 } else { 1 };
-            if let Ok(code) = end {
-                assert_eq!(
-                    code, want,
-                    "close code for a forged hello (oversized: {oversized})"
-                );
-            }
-            (end, took)
-        });
-    }
-    let mut tally = Tally::default();
-    while let Some(r) = tasks.join_next().await {
-        let (end, took) = r.expect("forged task");
-        tally.add(end, took);
-    }
-    tally
-}
-
-/// Authenticates a raw connection.
-async fn authenticate(ep: &quinn::Endpoint, addr: SocketAddr, token: &str) -> quinn::Connection {
-    let conn = ep
-        .connect(addr, tls::SERVER_NAME)
-        .expect("connect")
-        .await
-        .expect("TLS with the node");
-    let (mut send, mut recv) = conn.open_bi().await.expect("hello stream");
-    send.write_all(&hello(token)).await.expect("hello");
-    let _ = send.finish();
-    let body = recv.read_to_end(64 << 10).await.expect("welcome");
-    assert!(
-        matches!(answer(&body), Response::Welcome { .. }),
-        "an authenticated peer was not welcomed"
-    );
-    conn
-}
-
-/// Authenticated connections opening `opens` streams each: even ones finished empty, odd ones
-/// carrying a garbage message (answered `InvalidRequest`), and one announcing a 1 GiB message
-/// (answered `InvalidRequest` at once). Returns the streams opened.
-async fn authenticated_opens(
-    ep: quinn::Endpoint,
-    addr: SocketAddr,
-    conns: usize,
-    opens: usize,
-    token: String,
-    seed: u64,
-) -> u64 {
-    let mut tasks = tokio::task::JoinSet::new();
-    for c in 0..conns {
-        let (ep, token) = (ep.clone(), token.clone());
-        tasks.spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ c as u64);
-            let conn = authenticate(&ep, addr, &token).await;
-            // The oversized frame: refused before its body.
-            let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-            let mut header = (1u32 << 30).to_le_bytes().to_vec();
-            header.push(proto::KIND_MESSAGE);
-            send.write_all(&header).await.expect("header");
-            let body = tokio::time::timeout(SLACK, recv.read_to_end(64 << 10))
-                .await
-                .expect("a 1 GiB frame header was not refused at once")
-                .expect("the answer to a 1 GiB frame header");
-            assert!(
-                matches!(
-                    answer(&body),
-                    Response::Error {
-                        code: ErrorCode::InvalidRequest,
-                        ..
-                    }
-                ),
-                "a 1 GiB frame got another answer"
-            );
-            let mut opened = 1u64;
-            for i in 0..opens {
-                let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-                opened += 1;
-                if i % 2 == 1 {
-                    // Random bytes that happen to be a valid request (a unit variant needs
-                    // little more than its tag) would be served as one: draw again.
-                    let garbage = loop {
-                        let mut g = vec![0u8; rng.random_range(1..512)];
-                        rng.fill_bytes(&mut g);
-                        if proto::decode_message::<Request>(&g).is_err() {
-                            break g;
-                        }
-                    };
-                    let mut frame = (garbage.len() as u32).to_le_bytes().to_vec();
-                    frame.push(proto::KIND_MESSAGE);
-                    frame.extend_from_slice(&garbage);
-                    send.write_all(&frame).await.expect("garbage");
-                }
-                let _ = send.finish();
-                let body = tokio::time::timeout(SLACK, recv.read_to_end(64 << 10))
-                    .await
-                    .expect("a stream was not answered or ended within the slack")
-                    .expect("the answer");
-                if i % 2 == 1 {
-                    assert!(
-                        matches!(
-                            answer(&body),
-                            Response::Error {
-                                code: ErrorCode::InvalidRequest,
-                                ..
-                            }
-                        ),
-                        "a garbage message got another answer"
-                    );
-                } else {
-                    assert!(body.is_empty(), "an empty stream got an answer");
-                }
-            }
-            conn.close(0u32.into(), b"done");
-            opened
-        });
-    }
-    let mut opened = 0;
-    while let Some(r) = tasks.join_next().await {
-        opened += r.expect("authenticated task");
-    }
-    opened
-}
-
-/// Random datagrams at the node's port; a quarter shaped like QUIC v1 Initials (long header,
-/// padded to 1,200 bytes) so that the node's packet parser, not just its header check, sees them.
-fn garbage_datagrams(addr: SocketAddr, n: usize, seed: u64) -> u64 {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-    let mut sent = 0;
-    let mut buf = vec![0u8; 1400];
-    for i in 0..n {
-        let len = if i % 4 == 0 {
-            1200
-        } else {
-            rng.random_range(1..1400)
-        };
-        rng.fill_bytes(&mut buf[..len]);
-        if i % 4 == 0 {
-            buf[0] = 0xc0 | (buf[0] & 0x0f);
-            buf[1..5].copy_from_slice(&1u32.to_be_bytes());
-            buf[5] = 8;
-        }
-        if socket.send_to(&buf[..len], addr).is_ok() {
-            sent += 1;
-        }
-    }
-    sent
-}
 
 /// Runs `tideline tail --from earliest --limit N` and returns its duration; fails unless it
 /// delivered exactly offsets 1..=N. A tail that could not run to the end (it could not
@@ -648,12 +248,16 @@ struct Report {
     rss_growth_kib: u64,
 }
 
-fn run(scale: &Scale) -> Report {
+fn run(scale: &Scale, placement: Placement) -> Report {
     let seed: u64 = std::env::var("TIDELINE_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| rand::rng().random());
     eprintln!("abuse: seed {seed} (replay with TIDELINE_TEST_SEED={seed})");
+    eprintln!("abuse: {}", placement.describe());
+    // The node, the log's loader and the tail rounds alone are started from this thread, and
+    // inherit its CPUs: the node's side.
+    let _restore = placement.node_side_for_now();
     let dir = tempfile::tempdir().expect("tempdir");
     // Async durability: the log loads fast; nothing here depends on it.
     // The HTTP admin: the node's own count of the connections it refused, by reason.
@@ -669,6 +273,8 @@ fn run(scale: &Scale) -> Report {
         .token;
 
     // The legitimate tail alone: at least three rounds and two seconds.
+    let pid = node.pid();
+    let node_cpu_before_alone = cpu_time(pid);
     let t0 = Instant::now();
     let (mut alone, mut rounds) = (Duration::ZERO, 0u64);
     while rounds < 3 || t0.elapsed() < Duration::from_secs(2) {
@@ -677,13 +283,20 @@ fn run(scale: &Scale) -> Report {
         rounds += 1;
     }
     let tail_alone = (scale.tail_txns * rounds) as f64 / alone.as_secs_f64();
+    let node_cpu_alone = cpu_time(pid) - node_cpu_before_alone;
+    let txns_alone = scale.tail_txns * rounds;
 
-    let pid = node.pid();
     let rss_before = rss_kib(pid);
+    let node_cpu_before_abuse = cpu_time(pid);
+    let abuse_start = Instant::now();
     let peak = Arc::new(AtomicU64::new(rss_before));
     let stop = Arc::new(AtomicBool::new(false));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .on_thread_start({
+            let placement = placement.clone();
+            move || placement.attack_side()
+        })
         .enable_all()
         .build()
         .expect("runtime");
@@ -694,15 +307,26 @@ fn run(scale: &Scale) -> Report {
         let _stop = StopOnDrop([&abuse_done, &*stop]);
         let sampler = {
             let (peak, stop) = (peak.clone(), stop.clone());
+            let placement = &placement;
             s.spawn(move || {
+                // Measuring, not serving: off the node's CPUs.
+                placement.attack_side();
                 while !stop.load(Ordering::SeqCst) {
                     peak.fetch_max(rss_kib(pid), Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(10));
                 }
             })
         };
-        let tail = s.spawn(|| tail_rounds(&node, scale.tail_txns, &abuse_done));
-        let datagrams = s.spawn(|| garbage_datagrams(addr, scale.datagrams, seed));
+        let tail = s.spawn(|| {
+            placement.node_side();
+            tail_rounds(&node, scale.tail_txns, &abuse_done)
+        });
+        let datagrams = s.spawn(|| {
+            placement.attack_side();
+            garbage_datagrams(addr, scale.datagrams, seed)
+        });
+        // This thread drives the attack (`block_on`): the attack generator's side.
+        placement.attack_side();
         let outcome = rt.block_on(async {
             let ep = raw_endpoint(&node);
             // Never-reading consumers: subscribed, first batch taken, then left alone.
@@ -779,6 +403,8 @@ fn run(scale: &Scale) -> Report {
             .expect("RSS sampler (it fails when /proc cannot be read)");
         (tail, (outcome, sent))
     });
+    let node_cpu_abused = cpu_time(pid) - node_cpu_before_abuse;
+    let abuse_wall = abuse_start.elapsed();
     let ((slow, unauth, granted, forged, auth_opened), datagrams) = outcome;
     let rss_peak = peak.load(Ordering::SeqCst).max(rss_kib(pid));
     let growth = rss_peak.saturating_sub(rss_before);
@@ -805,6 +431,19 @@ fn run(scale: &Scale) -> Report {
     for e in &tail.failed {
         eprintln!("abuse: a legitimate tail round failed {e}");
     }
+    // What the abuse cost the node: its CPU time during the abuse beyond what serving the
+    // tail's transactions cost it alone (per transaction).
+    let txns_abused = scale.tail_txns * tail.rounds;
+    let tail_share = node_cpu_alone.mul_f64(txns_abused as f64 / txns_alone as f64);
+    eprintln!(
+        "abuse: node CPU alone {} ms for {txns_alone} txns ({:.1} µs/txn); during the abuse {} \
+         ms in {:.1} s for {txns_abused} txns: {} ms beyond the tail's share",
+        node_cpu_alone.as_millis(),
+        node_cpu_alone.as_secs_f64() * 1e6 / txns_alone as f64,
+        node_cpu_abused.as_millis(),
+        abuse_wall.as_secs_f64(),
+        node_cpu_abused.saturating_sub(tail_share).as_millis()
+    );
     let refused = refused_by_reason(&node);
     eprintln!("abuse: the node refused, by reason: {refused:?}");
     assert!(
@@ -869,14 +508,16 @@ fn run(scale: &Scale) -> Report {
 /// Every kind of abuse at CI scale; everything but the throughput ratio is asserted.
 #[test]
 fn abusive_peers_are_refused_in_time_and_a_legitimate_tail_keeps_going() {
-    run(&CI);
+    // Not pinned: a debug node on one CPU would stretch the handshake timings this test checks,
+    // and its ratio is not asserted.
+    run(&CI, Placement::everywhere());
 }
 
 /// `scripts/abuse`: the full abuse of the issue, everything but the ratio asserted.
 #[test]
 #[ignore = "1,100 handshakes and 100,000 datagrams: run by scripts/abuse on a release build"]
 fn abusive_peers_in_full_are_refused_in_time_and_a_legitimate_tail_keeps_going() {
-    run(&FULL);
+    run(&FULL, Placement::split());
 }
 
 /// `scripts/abuse`: the same run on a release build, asserting that the legitimate tail keeps
@@ -888,7 +529,7 @@ fn a_legitimate_tail_keeps_90_percent_of_its_throughput_under_abuse() {
         tail_txns: 20_000,
         ..FULL
     };
-    let r = run(&scale);
+    let r = run(&scale, Placement::split());
     let ratio = r.tail_abused_txn_s / r.tail_alone_txn_s;
     eprintln!(
         "abuse ratio {ratio:.3} (alone {:.0} txn/s, abused {:.0} txn/s, RSS +{} KiB)",

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::Node;
+use common::{Node, raw_endpoint};
 use tideline_stream::proto::{self, Request};
 use tideline_stream::tls;
 
@@ -29,34 +29,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What the machine may add to it: a loaded 2-core machine, 300 connections at once.
 const MARGIN: Duration = Duration::from_secs(10);
 
-/// A bare quinn client endpoint that trusts the cluster CA and speaks `tideline/1`, for peers
-/// that misbehave on purpose, with an idle timeout far longer than the node's limits so that
-/// only the node can end their connections.
-fn raw_endpoint(secrets: &std::path::Path) -> quinn::Endpoint {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(tls::load_client_dir(secrets).expect("secrets").ca)
-        .expect("CA");
-    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .expect("TLS 1.3")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    tls_cfg.alpn_protocols = vec![proto::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls_cfg).expect("QUIC TLS");
-    let mut client_cfg = quinn::ClientConfig::new(Arc::new(quic));
-    let mut transport = quinn::TransportConfig::default();
-    transport.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(Duration::from_secs(300)).expect("idle"),
-    ));
-    transport.keep_alive_interval(Some(Duration::from_secs(1)));
-    client_cfg.transport_config(Arc::new(transport));
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    ep.set_default_client_config(client_cfg);
-    ep
-}
+/// The raw peers' idle timeout: far past the node's limits, so only the node ends them.
+const RAW_IDLE: Duration = Duration::from_secs(300);
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -76,7 +50,7 @@ fn silent_peers_do_not_lock_out_a_real_client_and_are_closed_by_the_handshake_ti
     let node = Node::start(&dir.path().join("n"), 0);
     let addr: SocketAddr = node.addr.parse().unwrap();
     let rt = runtime();
-    let ep = rt.block_on(async { raw_endpoint(&node.secrets()) });
+    let ep = rt.block_on(async { raw_endpoint(&node.secrets(), RAW_IDLE) });
 
     // 300 peers finish TLS and say nothing: more than the 256 the node holds at once.
     let started = Instant::now();
@@ -200,7 +174,7 @@ fn the_1025th_authenticated_connection_is_told_to_try_again_later() {
     let addr: SocketAddr = node.addr.parse().unwrap();
     let token = tls::load_client_dir(&node.secrets()).unwrap().token;
     let rt = runtime();
-    let ep = rt.block_on(async { raw_endpoint(&node.secrets()) });
+    let ep = rt.block_on(async { raw_endpoint(&node.secrets(), RAW_IDLE) });
 
     // 1,024 connections, each authenticated with `Hello` and then idle (keep-alives only).
     // Sixteen handshakes at a time (under the 32 after which the node asks for a Retry); on a

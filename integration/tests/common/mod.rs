@@ -603,3 +603,32 @@ pub fn wait_consumer(node: &Node, what: &str, pred: impl Fn(&Value) -> bool) -> 
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A bare quinn client endpoint that trusts the cluster CA of `secrets` and speaks
+/// `tideline/1`, for peers that misbehave on purpose: keep-alives every second and an idle
+/// timeout of `idle` (far longer than the node's limits), so that only the node ends their
+/// connections.
+pub fn raw_endpoint(secrets: &Path, idle: Duration) -> quinn::Endpoint {
+    use tideline_stream::{proto, tls};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(tls::load_client_dir(secrets).expect("secrets").ca)
+        .expect("CA");
+    let mut tls_cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .expect("TLS 1.3")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    tls_cfg.alpn_protocols = vec![proto::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls_cfg).expect("QUIC TLS");
+    let mut client_cfg = quinn::ClientConfig::new(Arc::new(quic));
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(quinn::IdleTimeout::try_from(idle).expect("idle")));
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    client_cfg.transport_config(Arc::new(transport));
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    ep.set_default_client_config(client_cfg);
+    ep
+}
