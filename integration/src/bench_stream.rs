@@ -293,6 +293,17 @@ enum Read {
     Raw,
 }
 
+/// Counts the transaction at `offset`, which must follow the `txns` counted so far.
+fn next_in_order(txns: &mut u64, offset: u64) -> anyhow::Result<()> {
+    ensure!(
+        offset == *txns + 1,
+        "offset {offset} arrived where {} was expected",
+        *txns + 1
+    );
+    *txns += 1;
+    Ok(())
+}
+
 /// Reads `expect` transactions from `earliest` on a connected client, checking that offsets
 /// arrive dense and in order. Returns the changes (ops) received and the seconds it took from
 /// the subscribe request to the last transaction.
@@ -308,13 +319,7 @@ async fn tail_all(client: &Client, expect: u64, read: Read) -> anyhow::Result<(u
             match sub.next_raw().await.context("read the subscription")? {
                 Some(Event::Batch(batch)) => {
                     for r in batch.records() {
-                        ensure!(
-                            r.offset.get() == txns + 1,
-                            "offset {} arrived where {} was expected",
-                            r.offset.get(),
-                            txns + 1
-                        );
-                        txns += 1;
+                        next_in_order(&mut txns, r.offset.get())?;
                         changes += r.archived().context("read a record")?.ops.len() as u64;
                     }
                 }
@@ -326,13 +331,7 @@ async fn tail_all(client: &Client, expect: u64, read: Read) -> anyhow::Result<(u
         match sub.next().await.context("read the subscription")? {
             Some(Event::Batch(batch)) => {
                 for t in &batch {
-                    ensure!(
-                        t.offset.get() == txns + 1,
-                        "offset {} arrived where {} was expected",
-                        t.offset.get(),
-                        txns + 1
-                    );
-                    txns += 1;
+                    next_in_order(&mut txns, t.offset.get())?;
                     changes += t.ops.len() as u64;
                 }
             }

@@ -227,7 +227,11 @@ impl RawBatch {
 
     /// Every record decoded into owned transactions (what [`decode_batch`] gives).
     pub fn decode(&self) -> Result<Vec<Transaction>, ProtoError> {
-        self.records().map(|r| r.decode()).collect()
+        let mut out = Vec::with_capacity(self.len());
+        for r in self.records() {
+            out.push(r.decode()?);
+        }
+        Ok(out)
     }
 }
 

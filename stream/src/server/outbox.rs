@@ -13,6 +13,7 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
+use crate::proto::Response;
 use crate::wire::{WireError, send_message};
 
 /// A subscription's send half with at most one batch in flight.
@@ -55,16 +56,7 @@ impl Outbox {
     }
 
     /// Writes one message after the batch in flight.
-    pub(super) async fn message<M>(&mut self, msg: &M) -> Result<(), WireError>
-    where
-        M: for<'a> rkyv::Serialize<
-                rkyv::api::high::HighSerializer<
-                    rkyv::util::AlignedVec,
-                    rkyv::ser::allocator::ArenaHandle<'a>,
-                    rkyv::rancor::Error,
-                >,
-            >,
-    {
+    pub(super) async fn message(&mut self, msg: &Response) -> Result<(), WireError> {
         self.flush().await?;
         send_message(&mut self.send, msg).await
     }
