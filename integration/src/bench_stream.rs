@@ -283,10 +283,31 @@ impl Server {
     }
 }
 
+/// How a consumer reads its batches.
+#[derive(Debug, Clone, Copy)]
+enum Read {
+    /// Decoded into owned transactions (`Subscription::next`).
+    Owned,
+    /// In place (`Subscription::next_raw`): each record validated and its ops counted through
+    /// rkyv's archived form, nothing allocated per record.
+    Raw,
+}
+
+/// Counts the transaction at `offset`, which must follow the `txns` counted so far.
+fn next_in_order(txns: &mut u64, offset: u64) -> anyhow::Result<()> {
+    ensure!(
+        offset == *txns + 1,
+        "offset {offset} arrived where {} was expected",
+        *txns + 1
+    );
+    *txns += 1;
+    Ok(())
+}
+
 /// Reads `expect` transactions from `earliest` on a connected client, checking that offsets
 /// arrive dense and in order. Returns the changes (ops) received and the seconds it took from
 /// the subscribe request to the last transaction.
-async fn tail_all(client: &Client, expect: u64) -> anyhow::Result<(u64, f64)> {
+async fn tail_all(client: &Client, expect: u64, read: Read) -> anyhow::Result<(u64, f64)> {
     let started = Instant::now();
     let mut sub = client
         .subscribe(Start::Earliest, None, None, None)
@@ -294,16 +315,23 @@ async fn tail_all(client: &Client, expect: u64) -> anyhow::Result<(u64, f64)> {
         .context("subscribe from earliest")?;
     let (mut txns, mut changes) = (0u64, 0u64);
     while txns < expect {
+        if let Read::Raw = read {
+            match sub.next_raw().await.context("read the subscription")? {
+                Some(Event::Batch(batch)) => {
+                    for r in batch.records() {
+                        next_in_order(&mut txns, r.offset.get())?;
+                        changes += r.archived().context("read a record")?.ops.len() as u64;
+                    }
+                }
+                Some(Event::Heartbeat { .. } | Event::Progress { .. }) => {}
+                None => bail!("the server ended the subscription after {txns} of {expect}"),
+            }
+            continue;
+        }
         match sub.next().await.context("read the subscription")? {
             Some(Event::Batch(batch)) => {
                 for t in &batch {
-                    ensure!(
-                        t.offset.get() == txns + 1,
-                        "offset {} arrived where {} was expected",
-                        t.offset.get(),
-                        txns + 1
-                    );
-                    txns += 1;
+                    next_in_order(&mut txns, t.offset.get())?;
                     changes += t.ops.len() as u64;
                 }
             }
@@ -328,11 +356,12 @@ fn tail_one(
     addr: SocketAddr,
     secrets: &ClientSecrets,
     expect: u64,
+    read: Read,
 ) -> anyhow::Result<(u64, f64)> {
     let secrets = secrets.clone();
     rt.run(async move {
         let client = connect(addr, secrets).await?;
-        let r = tail_all(&client, expect).await;
+        let r = tail_all(&client, expect, read).await;
         client.close().await;
         r
     })?
@@ -354,7 +383,7 @@ fn tail_beside_stalled(
             .await
             .context("subscribe the stalled consumer")?;
         let client = connect(addr, secrets).await?;
-        let r = tail_all(&client, expect).await;
+        let r = tail_all(&client, expect, Read::Owned).await;
         drop(stuck);
         client.close().await;
         stalled.close().await;
@@ -387,7 +416,7 @@ fn tail_many(
                     start.wait();
                     let client = client?;
                     rt.block_on(async {
-                        let r = tail_all(&client, expect).await;
+                        let r = tail_all(&client, expect, Read::Owned).await;
                         client.close().await;
                         r.map(|(changes, _)| changes)
                     })
@@ -797,7 +826,21 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
         args.consumer_buffer_bytes,
     )?;
     eprintln!("one consumer tailing {} changes ...", args.changes);
-    let (changes, tail_s) = tail_one(client_rt, server.addr, client_secrets, args.changes)?;
+    let (changes, tail_s) = tail_one(
+        client_rt,
+        server.addr,
+        client_secrets,
+        args.changes,
+        Read::Owned,
+    )?;
+    eprintln!("one consumer tailing {} changes in place ...", args.changes);
+    let (raw_changes, raw_s) = tail_one(
+        client_rt,
+        server.addr,
+        client_secrets,
+        args.changes,
+        Read::Raw,
+    )?;
     eprintln!("one consumer tailing beside a stalled one ...");
     let (stalled_changes, stalled_s) =
         tail_beside_stalled(client_rt, server.addr, client_secrets, args.changes)?;
@@ -846,7 +889,13 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
         "one consumer tailing {large_records} values of {} B ...",
         args.large_value_bytes
     );
-    let (_, large_tail_s) = tail_one(client_rt, server.addr, client_secrets, large_records)?;
+    let (_, large_tail_s) = tail_one(
+        client_rt,
+        server.addr,
+        client_secrets,
+        large_records,
+        Read::Owned,
+    )?;
     server.stop(server_rt)?;
     let _ = std::fs::remove_dir_all(&large_dir);
     eprintln!("bare quinn stream, {} MiB ...", large_bytes >> 20);
@@ -967,6 +1016,13 @@ fn run_all(args: &StreamBenchArgs, root: &Path) -> anyhow::Result<Value> {
             "changes_per_s": tail_rate.round(),
             "mib_s": mib(log_bytes, tail_s),
         },
+        "tail_raw": {
+            "changes": raw_changes,
+            "seconds": raw_s,
+            "changes_per_s": (raw_changes as f64 / raw_s).round(),
+            "mib_s": mib(log_bytes, raw_s),
+            "vs_bare": bare.seconds / raw_s,
+        },
         "bare_quinn": bare_json(&bare, log_bytes, changes),
         "bare_quinn_big_buffers": bare_big.as_ref().map(|b| {
             let mut v = bare_json(b, log_bytes, changes);
@@ -1018,6 +1074,13 @@ fn print_table(r: &Value) {
         f(&r["tail"]["changes_per_s"]),
         f(&r["tail"]["mib_s"]),
         f(&r["tail"]["seconds"])
+    );
+    println!(
+        "  tail, 1 consumer, in place      {:>12.0} changes/s  ({:.1} MiB/s, {:.2} s; next_raw, {:.0}% of bare quinn)",
+        f(&r["tail_raw"]["changes_per_s"]),
+        f(&r["tail_raw"]["mib_s"]),
+        f(&r["tail_raw"]["seconds"]),
+        100.0 * f(&r["tail_raw"]["vs_bare"])
     );
     println!(
         "  bare quinn, same bytes          {:>12.0} changes/s  ({:.1} MiB/s, {} of {} packets lost)",

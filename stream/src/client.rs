@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::proto::{
     self, BootstrapResume, Chunk, ErrorCode, Frame, IndexQuery, Limits, MonitorEvent,
-    PROTOCOL_VERSION, Request, Response, Start, WriteOp,
+    PROTOCOL_VERSION, RawBatch, Request, Response, Start, WriteOp,
 };
 use crate::server::{IndexPage, SCAN_PAGE_BYTES_MAX};
 use crate::tls::{self, ClientSecrets};
@@ -662,11 +662,12 @@ fn parse_gtids(text: &str) -> Result<GtidSet, ClientError> {
         .map_err(|e| ClientError::Unexpected(format!("bad GTID set from the node: {e}")))
 }
 
-/// What a subscription yields.
+/// What a subscription yields. `B` is how records come: owned transactions
+/// ([`Subscription::next`]) or a [`RawBatch`] read in place ([`Subscription::next_raw`]).
 #[derive(Debug)]
-pub enum Event {
+pub enum Event<B = Vec<Transaction>> {
     /// Records, in offset order.
-    Batch(Vec<Transaction>),
+    Batch(B),
     /// The server is alive; its head.
     Heartbeat {
         /// Visible head.
@@ -718,11 +719,34 @@ impl Subscription {
         self.head
     }
 
-    /// The next event; `None` when the server ended the subscription cleanly.
+    /// The next event, with records decoded into owned transactions; `None` when the server
+    /// ended the subscription cleanly.
     pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
-        match self.recv.next::<Response>().await? {
+        Ok(match self.next_raw().await? {
+            None => None,
+            Some(Event::Batch(b)) => Some(Event::Batch(b.decode().map_err(WireError::from)?)),
+            Some(Event::Heartbeat {
+                head,
+                server_time_us,
+            }) => Some(Event::Heartbeat {
+                head,
+                server_time_us,
+            }),
+            Some(Event::Progress { through, gtids }) => Some(Event::Progress { through, gtids }),
+        })
+    }
+
+    /// The next event, with records as they arrived: one buffer per batch, every record's
+    /// frame checked (CRC32C), nothing decoded or copied until the caller reads a record (see
+    /// [`RawBatch`]). For consumers that forward records or read a few fields. Delivers what
+    /// the server sent: the order and duplicate checks of [`ClientSubscription`] are the
+    /// caller's (`tideline_consumers` runs them on owned transactions).
+    ///
+    /// [`ClientSubscription`]: crate::proto::ClientSubscription
+    pub async fn next_raw(&mut self) -> Result<Option<Event<RawBatch>>, ClientError> {
+        match self.recv.next_raw::<Response>().await? {
             None => Ok(None),
-            Some(Frame::Batch(txns)) => Ok(Some(Event::Batch(txns))),
+            Some(Frame::Batch(b)) => Ok(Some(Event::Batch(b))),
             Some(Frame::Message(Response::Heartbeat {
                 head,
                 server_time_us,

@@ -40,7 +40,9 @@ pub use client::{
     MonitorStream, Subscription,
 };
 pub use observe::{Observer, RefuseReason, SubscriptionInfo};
-pub use proto::{ErrorCode, IndexDef, IndexQuery, Limits, MonitorEvent, Start, WriteOp};
+pub use proto::{
+    ErrorCode, IndexDef, IndexQuery, Limits, MonitorEvent, RawBatch, RawRecord, Start, WriteOp,
+};
 pub use server::{
     BootstrapView, CONSUMER_BUFFER_BYTES_DEFAULT, IndexPage, Node, NodeError, Page,
     SCAN_PAGE_BYTES_MAX, ScanPage, ServeError, ServerConfig, ServerHandle, serve,

@@ -1,6 +1,6 @@
 //! The thin I/O shell around [`crate::proto`]: frames over quinn streams.
 
-use crate::proto::{self, Frame, FrameDecoder, Limits, ProtoError};
+use crate::proto::{self, Frame, FrameDecoder, Limits, ProtoError, RawBatch};
 
 /// Errors reading or writing frames on a stream.
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +54,24 @@ impl FramedRecv {
                 rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
             > + rkyv::Deserialize<M, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
     {
+        Ok(match self.next_raw::<M>().await? {
+            None => None,
+            Some(Frame::Message(m)) => Some(Frame::Message(m)),
+            Some(Frame::Batch(b)) => Some(Frame::Batch(b.decode()?)),
+        })
+    }
+
+    /// The next frame with a batch kept as the buffer it arrived in (see [`RawBatch`]), or
+    /// `None` at a clean end of stream.
+    pub async fn next_raw<M>(&mut self) -> Result<Option<Frame<M, RawBatch>>, WireError>
+    where
+        M: rkyv::Archive,
+        M::Archived: for<'a> rkyv::bytecheck::CheckBytes<
+                rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
+            > + rkyv::Deserialize<M, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+    {
         loop {
-            if let Some(frame) = self.dec.next_frame::<M>()? {
+            if let Some(frame) = self.dec.next_raw_frame::<M>()? {
                 return Ok(Some(frame));
             }
             // `needed` has checked the header against the limits: reading on is bounded.

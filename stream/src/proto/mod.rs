@@ -16,8 +16,9 @@
 //! checksummed end to end. `len` is checked against the limit for its kind before anything is
 //! allocated. See `docs/PROTOCOL.md`.
 
+use bytes::{Buf, BytesMut};
 use rkyv::rancor;
-use tideline_wal::record::{self, FrameError};
+use tideline_wal::record;
 use tideline_wal::{Gtid, GtidSet, Offset, Transaction};
 
 /// ALPN protocol id.
@@ -54,8 +55,10 @@ impl Default for Limits {
     }
 }
 
+mod batch;
 pub mod bootstrap;
 mod messages;
+pub use batch::{BATCH_PREFIX_BYTES, BatchBuilder, RawBatch, RawRecord, decode_batch};
 pub use bootstrap::{BootstrapPosition, Cursor, pack_entry, packed_parts, unpack_entries};
 pub use messages::{
     BootstrapResume, Chunk, ErrorCode, IndexDef, IndexQuery, MonitorEvent, Request, Response,
@@ -91,13 +94,14 @@ pub enum ProtoError {
     Truncated,
 }
 
-/// A decoded frame.
+/// A decoded frame. `B` is how a batch's records come: owned transactions, or a [`RawBatch`]
+/// read in place ([`FrameDecoder::next_raw_frame`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame<M> {
+pub enum Frame<M, B = Vec<Transaction>> {
     /// A message.
     Message(M),
     /// Records of a batch.
-    Batch(Vec<Transaction>),
+    Batch(B),
 }
 
 /// Appends a message frame to `out`.
@@ -121,102 +125,6 @@ where
     out.push(KIND_MESSAGE);
     out.extend_from_slice(&body);
     Ok(())
-}
-
-/// Builds batch frames from log records, cutting a new frame when one would exceed
-/// `target_bytes` (a single larger record gets a frame of its own).
-#[derive(Debug, Default)]
-pub struct BatchBuilder {
-    frames: Vec<u8>,
-    count: u32,
-}
-
-impl BatchBuilder {
-    /// An empty batch.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Adds one record (re-framed exactly as the log frames it).
-    pub fn push(&mut self, txn: &Transaction) -> Result<(), ProtoError> {
-        let new = tideline_wal::NewTransaction {
-            gtid: txn.gtid,
-            timestamp_us: txn.timestamp_us,
-            ops: txn.ops.clone(),
-        };
-        record::encode_frame(txn.offset, &new, &mut self.frames)
-            .map_err(|e| ProtoError::BadBatch(e.to_string()))?;
-        self.count += 1;
-        Ok(())
-    }
-
-    /// Adds one record whose frame `fill` appends as the log stores it (no re-encoding);
-    /// `fill` returns whether it appended one.
-    pub fn push_frame_with<E>(
-        &mut self,
-        fill: impl FnOnce(&mut Vec<u8>) -> Result<bool, E>,
-    ) -> Result<bool, E> {
-        let added = fill(&mut self.frames)?;
-        if added {
-            self.count += 1;
-        }
-        Ok(added)
-    }
-
-    /// Records in the batch.
-    pub fn len(&self) -> usize {
-        self.count as usize
-    }
-
-    /// Whether the batch is empty.
-    pub fn is_empty(&self) -> bool {
-        self.count == 0
-    }
-
-    /// Bytes of record frames so far.
-    pub fn bytes(&self) -> usize {
-        self.frames.len()
-    }
-
-    /// Gives back what the builder holds beyond `bytes` (after a batch that one large record
-    /// made larger than usual), so that it does not keep that size for ever.
-    pub fn shrink_to(&mut self, bytes: usize) {
-        self.frames.shrink_to(bytes);
-    }
-
-    /// The batch frame's header and the start of its body (the record count): the frame is
-    /// these bytes followed by [`BatchBuilder::frames`]. Sending both from the builder saves a
-    /// copy of the batch.
-    pub fn header(&self) -> [u8; FRAME_HEADER_BYTES + 4] {
-        let len = (4 + self.frames.len()) as u32;
-        let mut h = [0u8; FRAME_HEADER_BYTES + 4];
-        h[..4].copy_from_slice(&len.to_le_bytes());
-        h[4] = KIND_BATCH;
-        h[5..].copy_from_slice(&self.count.to_le_bytes());
-        h
-    }
-
-    /// The record frames pushed so far.
-    pub fn frames(&self) -> &[u8] {
-        &self.frames
-    }
-
-    /// Empties the builder (keeping its buffer).
-    pub fn clear(&mut self) {
-        self.frames.clear();
-        self.count = 0;
-    }
-
-    /// Appends the batch frame to `out` and empties the builder.
-    pub fn finish_into(&mut self, out: &mut Vec<u8>) {
-        let len = (4 + self.frames.len()) as u32;
-        out.extend_from_slice(&len.to_le_bytes());
-        out.push(KIND_BATCH);
-        out.extend_from_slice(&self.count.to_le_bytes());
-        out.extend_from_slice(&self.frames);
-        self.frames.clear();
-        self.count = 0;
-    }
 }
 
 /// Decodes one message body.
@@ -255,35 +163,11 @@ fn without_addresses(text: &str) -> String {
     out
 }
 
-/// Decodes a batch body: a count and that many log frames.
-pub fn decode_batch(body: &[u8], limits: &Limits) -> Result<Vec<Transaction>, ProtoError> {
-    if body.len() < 4 {
-        return Err(ProtoError::BadBatch("shorter than its count".into()));
-    }
-    let count = u32::from_le_bytes([body[0], body[1], body[2], body[3]]) as usize;
-    // Each frame is at least 16 bytes: bound the allocation by what the body can hold.
-    let mut out = Vec::with_capacity(count.min(body.len() / record::FRAME_HEADER_BYTES));
-    let mut pos = 4;
-    for _ in 0..count {
-        let (txn, used) = record::decode_frame(&body[pos..], limits.record_bytes_max)
-            .map_err(|e: FrameError| ProtoError::BadBatch(format!("record {}: {e}", out.len())))?;
-        out.push(txn);
-        pos += used;
-    }
-    if pos != body.len() {
-        return Err(ProtoError::BadBatch(format!(
-            "{} stray bytes after {count} records",
-            body.len() - pos
-        )));
-    }
-    Ok(out)
-}
-
 /// Incremental frame decoder: feed bytes as they arrive, take whole frames out.
 #[derive(Debug)]
 pub struct FrameDecoder {
-    buf: Vec<u8>,
-    start: usize,
+    /// Received bytes not yet taken out as frames, from the start of the next frame.
+    buf: BytesMut,
     limits: Limits,
 }
 
@@ -291,26 +175,27 @@ impl FrameDecoder {
     /// A decoder enforcing `limits`.
     pub fn new(limits: Limits) -> Self {
         FrameDecoder {
-            buf: Vec::new(),
-            start: 0,
+            buf: BytesMut::new(),
             limits,
         }
     }
 
     /// Adds received bytes.
     pub fn feed(&mut self, data: &[u8]) {
-        // Drop what was consumed: only the unfinished frame moves, and the buffer never holds
-        // more than one frame plus one received chunk.
-        if self.start > 0 {
-            self.buf.drain(..self.start);
-            self.start = 0;
+        // Room for the whole frame at once, once its header is checked: a large batch is
+        // gathered into one buffer without growing it step by step (and it is that buffer a
+        // `RawBatch` keeps). The buffer never holds more than one frame plus one chunk.
+        if let Ok(more) = self.needed()
+            && self.buf.len() >= FRAME_HEADER_BYTES
+        {
+            self.buf.reserve(more.max(data.len()));
         }
         self.buf.extend_from_slice(data);
     }
 
     /// Bytes buffered and not yet consumed.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.buf.len()
     }
 
     /// How many more bytes the next frame needs (0 if one is complete); lets the I/O shell
@@ -320,7 +205,7 @@ impl FrameDecoder {
         if avail < FRAME_HEADER_BYTES {
             return Ok(FRAME_HEADER_BYTES - avail);
         }
-        let h = &self.buf[self.start..];
+        let h = &self.buf[..];
         let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
         let max = match h[4] {
             KIND_MESSAGE => self.limits.message_bytes_max,
@@ -333,8 +218,23 @@ impl FrameDecoder {
         Ok((FRAME_HEADER_BYTES + len as usize).saturating_sub(avail))
     }
 
-    /// The next complete frame, if any.
+    /// The next complete frame, if any, with a batch decoded into owned transactions.
     pub fn next_frame<M>(&mut self) -> Result<Option<Frame<M>>, ProtoError>
+    where
+        M: rkyv::Archive,
+        M::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
+            + rkyv::Deserialize<M, rkyv::api::high::HighDeserializer<rancor::Error>>,
+    {
+        Ok(match self.next_raw_frame::<M>()? {
+            None => None,
+            Some(Frame::Message(m)) => Some(Frame::Message(m)),
+            Some(Frame::Batch(b)) => Some(Frame::Batch(b.decode()?)),
+        })
+    }
+
+    /// The next complete frame, if any, with a batch kept as the buffer it arrived in (every
+    /// record's frame checked, nothing decoded): no copy and no allocation per record.
+    pub fn next_raw_frame<M>(&mut self) -> Result<Option<Frame<M, RawBatch>>, ProtoError>
     where
         M: rkyv::Archive,
         M::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rancor::Error>>
@@ -343,15 +243,21 @@ impl FrameDecoder {
         if self.needed()? > 0 {
             return Ok(None);
         }
-        let h = &self.buf[self.start..];
+        let h = &self.buf[..];
         let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
-        let kind = h[4];
-        let body = &h[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len];
-        let frame = match kind {
-            KIND_MESSAGE => Frame::Message(decode_message::<M>(body)?),
-            _ => Frame::Batch(decode_batch(body, &self.limits)?),
+        let frame = match h[4] {
+            KIND_MESSAGE => {
+                let m = decode_message::<M>(&h[FRAME_HEADER_BYTES..FRAME_HEADER_BYTES + len])?;
+                self.buf.advance(FRAME_HEADER_BYTES + len);
+                Frame::Message(m)
+            }
+            _ => {
+                // The frame's bytes leave the buffer as they are: the batch keeps them.
+                let mut whole = self.buf.split_to(FRAME_HEADER_BYTES + len);
+                whole.advance(FRAME_HEADER_BYTES);
+                Frame::Batch(RawBatch::check(whole.freeze(), &self.limits)?)
+            }
         };
-        self.start += FRAME_HEADER_BYTES + len;
         Ok(Some(frame))
     }
 }

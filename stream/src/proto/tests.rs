@@ -286,3 +286,56 @@ fn index_messages_round_trip() {
         other => panic!("expected the rows, got {other:?}"),
     }
 }
+
+/// A batch read in place gives the records the owned decoder gives, its frames exactly as the
+/// log stores them, and nothing of a batch whose record fails its checksum.
+#[test]
+fn a_raw_batch_reads_records_in_place_and_refuses_a_bad_checksum() {
+    let mut b = BatchBuilder::new();
+    for i in 1..=3 {
+        b.push(&txn(i, i)).unwrap();
+    }
+    let mut wire = Vec::new();
+    b.finish_into(&mut wire);
+    let mut d = FrameDecoder::new(Limits::default());
+    d.feed(&wire);
+    let Some(Frame::Batch(raw)) = d.next_raw_frame::<Response>().unwrap() else {
+        panic!("expected a batch");
+    };
+    assert_eq!(raw.len(), 3);
+    assert_eq!(raw.decode().unwrap(), vec![txn(1, 1), txn(2, 2), txn(3, 3)]);
+    assert_eq!(&raw.frames()[..], &wire[BATCH_PREFIX_BYTES..]);
+    for (r, i) in raw.records().zip(1u64..) {
+        assert_eq!(r.offset.get(), i);
+        assert_eq!(r.gtid().unwrap(), txn(i, i).gtid);
+        assert_eq!(r.archived().unwrap().ops.len(), 1);
+        assert_eq!(r.decode().unwrap(), txn(i, i));
+    }
+    // One bit of the last record's value flipped: the batch never reaches the caller.
+    let mut bad = wire.clone();
+    let at = bad.len() - 20;
+    bad[at] ^= 1;
+    let mut d = FrameDecoder::new(Limits::default());
+    d.feed(&bad);
+    let err = d.next_raw_frame::<Response>().unwrap_err();
+    assert!(
+        matches!(err, ProtoError::BadBatch(ref m) if m.contains("checksum")),
+        "{err}"
+    );
+}
+
+/// The builder hands its frame over whole (header, count, records) and starts again empty.
+#[test]
+fn a_taken_batch_frame_is_what_finish_into_writes() {
+    let mut b = BatchBuilder::with_capacity(64);
+    b.push(&txn(1, 1)).unwrap();
+    b.push(&txn(2, 2)).unwrap();
+    let mut clone = BatchBuilder::new();
+    clone.push(&txn(1, 1)).unwrap();
+    clone.push(&txn(2, 2)).unwrap();
+    let mut wire = Vec::new();
+    clone.finish_into(&mut wire);
+    assert_eq!(&b.take_frame(64)[..], &wire[..]);
+    assert!(b.is_empty());
+    assert_eq!(b.bytes(), 0);
+}

@@ -51,8 +51,8 @@ pub struct ServerConfig {
     /// A subscription sends a batch once it holds this many bytes of records.
     pub batch_bytes_target: usize,
     /// Most memory the server holds for one consumer that stops reading (or acknowledging):
-    /// its log reader's chunk (`READER_CHUNK_BYTES`, 1 MiB), the batch being prepared
-    /// (room for twice `batch_bytes_target`), the connection's own state
+    /// its log reader's chunk (`READER_CHUNK_BYTES`, 1 MiB), the batch being prepared and the
+    /// one in flight (room for twice `batch_bytes_target` each), the connection's own state
     /// (`CONNECTION_STATE_BYTES`, 256 KiB) and the data written to it and not yet acknowledged by the
     /// peer (the connection's send window: the rest of this figure, shared by the streams of
     /// one connection). One transaction larger than a batch makes that batch larger while it
@@ -97,9 +97,11 @@ impl ServerConfig {
     }
 
     /// What a consumer holds besides its send window: the reader's chunk, the batch being
-    /// prepared, the connection's state.
+    /// prepared and the one in flight (a subscription is two batches deep; the one in flight
+    /// keeps its whole buffer until quinn has taken it and the peer acknowledged all of it),
+    /// the connection's state.
     fn consumer_fixed_bytes(&self) -> usize {
-        READER_CHUNK_BYTES + 2 * self.batch_bytes_target + CONNECTION_STATE_BYTES
+        READER_CHUNK_BYTES + 2 * 2 * self.batch_bytes_target + CONNECTION_STATE_BYTES
     }
 
     /// The smallest `consumer_buffer_bytes` this configuration accepts: what a consumer holds
@@ -110,7 +112,7 @@ impl ServerConfig {
     }
 
     /// The connection's send window: what `consumer_buffer_bytes` leaves once the reader's
-    /// chunk, the batch being prepared and the connection's state are taken out. `None` when
+    /// chunk, the two batches and the connection's state are taken out. `None` when
     /// the buffer is smaller than [`ServerConfig::consumer_buffer_bytes_min`].
     pub(crate) fn send_window_bytes(&self) -> Option<u64> {
         (self.consumer_buffer_bytes >= self.consumer_buffer_bytes_min())
@@ -129,7 +131,7 @@ pub const CONNECTION_STATE_BYTES: usize = 256 << 10;
 
 /// Default [`ServerConfig::consumer_buffer_bytes`]: 4 MiB per consumer that stops reading, so
 /// a thousand of them hold at most 4 GiB; a reading tail on loopback or a LAN needs far less
-/// than the 2.25 MiB of send window it leaves (raise it for links whose bandwidth times round
+/// than the 1.75 MiB of send window it leaves (raise it for links whose bandwidth times round
 /// trip exceeds that).
 pub const CONSUMER_BUFFER_BYTES_DEFAULT: usize = 4 << 20;
 

@@ -24,10 +24,11 @@
 //! most `hello_bytes_max`. Only after `Hello` does a connection count toward
 //! `max_connections` and get `max_streams_per_connection` streams and the full frame limits.
 //!
-//! Back-pressure: a subscription task writes with `write_all`, which waits for QUIC flow
-//! control credit and for room in the connection's send window. A consumer that stops reading
-//! stalls only its own stream's task; the server holds at most `consumer_buffer_bytes` for it
-//! (its log reader's chunk, the batch being prepared, the connection's state, and the send
+//! Back-pressure: a subscription task hands each batch to quinn whole (`outbox`) and waits,
+//! before it hands the next, for QUIC flow control credit and room in the connection's send
+//! window to take the previous one. A consumer that stops reading stalls only its own
+//! stream's task; the server holds at most `consumer_buffer_bytes` for it (its log reader's
+//! chunk, the batch being prepared and the one in flight, the connection's state, and the send
 //! window: data written and not yet acknowledged), so memory stays bounded and writers and
 //! other tails are not slowed.
 
@@ -37,6 +38,7 @@ mod config;
 mod dispatch;
 mod monitor;
 mod node;
+mod outbox;
 mod subscription;
 
 pub use admission::{ServeError, ServerHandle, serve, welcome_uuid};

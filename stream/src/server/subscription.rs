@@ -15,6 +15,7 @@ use tideline_wal::{GtidSet, Offset, Op, Reader, Transaction, Wal};
 
 use super::config::{ServerConfig, close_code, error, now_us};
 use super::node::Node;
+use super::outbox::Outbox;
 use crate::observe::{Peer, SubscriptionInfo};
 use crate::proto::{BatchBuilder, ErrorCode, Request, Response, ServerSubscription, Start};
 use crate::wire::{FramedRecv, WireError, send_message};
@@ -237,7 +238,11 @@ pub(super) async fn serve_subscription<N: Node>(
         })
     };
 
-    let mut batch = BatchBuilder::new();
+    // Room for the records of one batch and the one that passes the target, as a rule, so a
+    // batch seldom reallocates while it is read.
+    let batch_capacity = cfg.batch_bytes_target + (cfg.batch_bytes_target >> 2);
+    let mut batch = BatchBuilder::with_capacity(batch_capacity);
+    let mut send = Outbox::new(send);
     let result = loop {
         let mut through = None;
         let mut last_pushed = None;
@@ -276,12 +281,10 @@ pub(super) async fn serve_subscription<N: Node>(
                 Ok(Some(o)) => o,
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = send_message(
-                        &mut send,
-                        &error(ErrorCode::PositionUnavailable, e.to_string()),
-                    )
-                    .await;
-                    let _ = send.finish();
+                    let _ = send
+                        .message(&error(ErrorCode::PositionUnavailable, e.to_string()))
+                        .await;
+                    send.finish().await;
                     ack_task.abort();
                     return Ok(());
                 }
@@ -292,24 +295,17 @@ pub(super) async fn serve_subscription<N: Node>(
             let t = through.unwrap_or(sub.next_offset());
             // Before the write: the consumer may ack the batch before `write_all` returns.
             sent_through.store(t, Ordering::SeqCst);
-            // Waits for flow-control credit and room in the send window: back-pressure from a
-            // slow consumer stops here. The frame goes out from the builder (header, then the
-            // records), with no copy of the batch.
-            let header = batch.header();
-            if let Err(e) = send.write_all(&header).await {
-                break Err(e.into());
+            // The frame (header, count, records: one buffer) goes to quinn as it is, no copy.
+            // This waits only for the previous batch to be taken whole (flow-control credit
+            // and room in the send window: back-pressure from a slow consumer stops there);
+            // what the window cannot take of this one yet goes while the next one is read.
+            // A transaction much larger than a batch leaves with its batch: the builder starts
+            // each batch at the everyday size.
+            if let Err(e) = send.send_batch(batch.take_frame(batch_capacity)).await {
+                break Err(e);
             }
-            if let Err(e) = send.write_all(batch.frames()).await {
-                break Err(e.into());
-            }
-            batch.clear();
             sub.on_sent(last_pushed.unwrap_or(t), now_us());
             sub.on_skipped(t);
-            // A transaction much larger than a batch made the builder larger: give that back,
-            // so a consumer holds the consumer buffer again, not its largest transaction for
-            // ever. (Everyday batches end up to one record past the target: the buffer grows
-            // to twice it once and stays, with no reallocation per batch.)
-            batch.shrink_to(2 * cfg.batch_bytes_target);
         } else if let Some(t) = through {
             sub.on_skipped(t);
             sent_through.store(t, Ordering::SeqCst);
@@ -317,12 +313,16 @@ pub(super) async fn serve_subscription<N: Node>(
         // A filtered tail hears how far the server got, so its position passes what the
         // filter dropped (sent at every batch end where that is news).
         if let Some(p) = sub.poll_progress(now_us())
-            && let Err(e) = send_message(&mut send, &p).await
+            && let Err(e) = send.message(&p).await
         {
             break Err(e);
         }
         if through.is_some() {
             continue;
+        }
+        // Caught up: the last batch goes out whole before the wait.
+        if let Err(e) = send.flush().await {
+            break Err(e);
         }
         // Caught up: wait for new records, a heartbeat, or the consumer leaving.
         let due = sub.heartbeat_due_us() - now_us();
@@ -330,25 +330,25 @@ pub(super) async fn serve_subscription<N: Node>(
         tokio::select! {
             r = reader.wait() => {
                 if let Err(e) = r {
-                    let _ = send_message(&mut send, &error(ErrorCode::Unavailable, e.to_string())).await;
+                    let _ = send.message(&error(ErrorCode::Unavailable, e.to_string())).await;
                     break Ok(());
                 }
             }
             () = sleep => {
                 if let Some(p) = sub.poll_progress(now_us())
-                    && let Err(e) = send_message(&mut send, &p).await {
+                    && let Err(e) = send.message(&p).await {
                         break Err(e);
                     }
                 if let Some(hb) = sub.poll_heartbeat(wal.visible_offset(), now_us())
-                    && let Err(e) = send_message(&mut send, &hb).await {
+                    && let Err(e) = send.message(&hb).await {
                         break Err(e);
                     }
             }
-            _ = send.stopped() => break Ok(()),
+            () = send.stopped() => break Ok(()),
         }
     };
     ack_task.abort();
-    let _ = send.finish();
+    send.finish().await;
     result
 }
 
