@@ -75,9 +75,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub(super) index_backfill_keys: u32,
     /// Most memory held for one consumer that stops reading (or stops acknowledging), in
-    /// bytes: its log reader's 1 MiB chunk, the batch being prepared, the connection's state
-    /// and the connection's send window (the data written and not yet acknowledged: the rest,
-    /// 2.25 MiB by default). At least 2.25 MiB. Raise it only for links where one tail's
+    /// bytes: its log reader's 1 MiB chunk, the two batches of a subscription (the one in
+    /// flight and the next, prepared meanwhile), the connection's state and the connection's
+    /// send window (the data written and not yet acknowledged: the rest, 1.75 MiB by
+    /// default). At least 2.75 MiB. Raise it only for links where one tail's
     /// bandwidth times the round trip exceeds the send window.
     #[arg(long, default_value_t = tideline_stream::CONSUMER_BUFFER_BYTES_DEFAULT as u64,
           value_name = "BYTES", value_parser = clap::value_parser!(u64).range((1 << 20)..=(1 << 36)))]
