@@ -43,7 +43,7 @@ fn check(e: &Engine) -> Result<(), String> {
         let value = format!("value{v}").into_bytes();
         let rows = e
             .snapshot()
-            .index_get(TREE, "by_v", &[value.clone()], 1000)
+            .index_get(TREE, "by_v", std::slice::from_ref(&value), 1000)
             .map_err(|e| e.to_string())?
             .rows;
         let want: Vec<Vec<u8>> = docs
