@@ -8,12 +8,15 @@
 //! replica applying an upstream's log in one call, where whole runs of transactions become
 //! one group. After each, every index must equal a recomputation from the documents.
 
+#[allow(dead_code)] // the child-process runner is for the crash tests
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use rand::{Rng, SeedableRng};
 use tideline_engine::{Engine, EngineOptions};
-use tideline_wal::{MemStorage, NewTransaction, Offset, Wal, WalOptions};
+use tideline_wal::{MemStorage, Wal, WalOptions};
 
 const TREE: &str = "docs";
 const KEYS: u64 = 4;
@@ -83,11 +86,7 @@ fn check(e: &Engine) -> Result<(), String> {
 
 #[test]
 fn racing_writers_on_few_keys_and_a_replica_applying_in_groups_keep_the_index_exact() {
-    let seed: u64 = std::env::var("TIDELINE_TEST_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random);
-    println!("seed {seed} (TIDELINE_TEST_SEED replays it)");
+    let (seed, _) = common::seeded("index_groups");
     let dir_a = tempfile::tempdir().expect("tempdir");
     let a = Arc::new(open(dir_a.path()));
     a.create_tree(TREE, None).expect("tree");
@@ -118,19 +117,7 @@ fn racing_writers_on_few_keys_and_a_replica_applying_in_groups_keep_the_index_ex
 
     // The replica applies the primary's whole log in one call: runs of transactions on the
     // same four keys land in the same groups.
-    let log: Vec<NewTransaction> = a
-        .wal()
-        .read_from(Offset::FIRST)
-        .expect("reader")
-        .map(|t| {
-            let t = t.expect("record");
-            NewTransaction {
-                gtid: t.gtid,
-                timestamp_us: t.timestamp_us,
-                ops: t.ops,
-            }
-        })
-        .collect();
+    let log = common::log_of(&a);
     let dir_b = tempfile::tempdir().expect("tempdir");
     let b = open(dir_b.path());
     b.apply_upstream_batch(log).expect("apply");

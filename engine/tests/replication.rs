@@ -4,8 +4,12 @@
 //! second source) changes nothing. Guards against torn snapshots, duplicated replication
 //! and lost idempotence across restarts.
 
+#[allow(dead_code)] // the child-process runner is for the crash tests
+mod common;
+
 use std::sync::Arc;
 
+use common::log_of;
 use tideline_engine::{Applied, Engine, EngineOptions, WriteError};
 use tideline_wal::{MemStorage, NewTransaction, Offset, Wal, WalOptions};
 
@@ -69,21 +73,6 @@ fn snapshot_before_100k_writes_reads_the_old_state() {
 }
 
 /// Reads every transaction of `e`'s log.
-fn log_of(e: &Engine) -> Vec<NewTransaction> {
-    e.wal()
-        .read_from(Offset::FIRST)
-        .expect("reader")
-        .map(|t| {
-            let t = t.expect("record");
-            NewTransaction {
-                gtid: t.gtid,
-                timestamp_us: t.timestamp_us,
-                ops: t.ops,
-            }
-        })
-        .collect()
-}
-
 #[test]
 fn upstream_apply_is_idempotent_and_keeps_origin_gtids() {
     let dir_a = tempfile::tempdir().expect("tempdir");

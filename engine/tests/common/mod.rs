@@ -1,4 +1,5 @@
-//! Helpers shared by the engine's multi-process tests (`crash.rs`, `bootstrap.rs`).
+//! Helpers shared by the engine's multi-process tests (`crash.rs`, `bootstrap.rs`), and an
+//! engine's log as an upstream ships it (`replication.rs`, `index_groups.rs`).
 //!
 //! Owns the one child-process runner: a test binary re-executes itself to run one ignored
 //! "child" test in a process of its own, which the parent kills with SIGKILL while the child
@@ -19,6 +20,8 @@ use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use tideline_engine::Engine;
+use tideline_wal::{NewTransaction, Offset};
 
 /// The environment variable that replays a run: the seed it printed.
 pub const SEED_ENV: &str = "TIDELINE_TEST_SEED";
@@ -28,6 +31,23 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// SIGKILL's number, the signal a killed child must have died of.
 const SIGKILL: i32 = 9;
+
+/// An engine's whole log as the transactions an upstream would ship to a replica.
+#[allow(dead_code)] // used by the tests that replicate; not every test including this module does
+pub fn log_of(e: &Engine) -> Vec<NewTransaction> {
+    e.wal()
+        .read_from(Offset::FIRST)
+        .expect("reader")
+        .map(|t| {
+            let t = t.expect("record");
+            NewTransaction {
+                gtid: t.gtid,
+                timestamp_us: t.timestamp_us,
+                ops: t.ops,
+            }
+        })
+        .collect()
+}
 
 /// The seed of this run: `TIDELINE_TEST_SEED` when set, else a random one; printed (with how
 /// to replay it) before anything else happens, and returned with a generator seeded by it.
