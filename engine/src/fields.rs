@@ -188,6 +188,10 @@ impl Fields {
     /// One pass over `doc` (compiled pointers only), leaving each slot's bytes in `s`;
     /// `false`: not JSON.
     fn walk(&self, doc: &[u8], s: &mut Scratch) -> bool {
+        if s.buf.capacity() > SCRATCH_KEEP_BYTES {
+            // One huge indexed value does not pin its buffer to the thread for good.
+            s.buf = Vec::new();
+        }
         s.buf.clear();
         s.slots.clear();
         s.slots.resize(self.paths.len(), None);
@@ -212,6 +216,9 @@ struct Scratch {
     buf: Vec<u8>,
     slots: Vec<Option<(usize, usize)>>,
 }
+
+/// The most scratch buffer a thread keeps between passes.
+const SCRATCH_KEEP_BYTES: usize = 64 << 10;
 
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
