@@ -4,13 +4,13 @@
 //! Owns: starting pipelines from a checked [`ConnectFile`], the `--check` verdicts, the status
 //! lines on stderr. Must never: store a position itself (only a sink does, with its data).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use tideline_connectors::config::{ConnectFile, PipelineSpec};
+use tideline_connectors::config::{ConnectFile, HostNode, PipelineSpec};
 use tideline_connectors::{PipelineError, PipelineState, SharedPipelineStatus};
 use tideline_stream::Client;
 use tokio::task::JoinHandle;
@@ -36,17 +36,13 @@ pub struct ConnectArgs {
 /// A running pipeline.
 pub type Running = (SharedPipelineStatus, JoinHandle<Result<(), PipelineError>>);
 
-/// Starts every pipeline of `file` on the current runtime; `default_secrets` is used by a
-/// pipeline whose `[source]` names none (a node passes its own).
-pub fn spawn_all(
-    file: &ConnectFile,
-    default_secrets: Option<&Path>,
-) -> anyhow::Result<Vec<Running>> {
+/// Starts every pipeline of `file` on the current runtime. A node running the file passes
+/// itself as `host`: the source of a pipeline whose `[source]` names no node, and the
+/// secrets of one that names none.
+pub fn spawn_all(file: &ConnectFile, host: Option<HostNode<'_>>) -> anyhow::Result<Vec<Running>> {
     let mut out = Vec::new();
     for p in &file.pipelines {
-        let cfg = p
-            .pipeline_config(default_secrets)
-            .map_err(anyhow::Error::msg)?;
+        let cfg = p.pipeline_config(host).map_err(anyhow::Error::msg)?;
         let sink = p
             .sink()
             .map_err(|e| anyhow::anyhow!("pipeline `{}`: {}", p.name, e.message()))?;

@@ -25,7 +25,7 @@ use tideline_stream::{IndexPage, IndexQuery};
 use tideline_wal::{Durability, Epoch, Gtid, GtidSet, Offset, RetentionPolicy, Wal, WalOptions};
 
 use crate::log_cmd::open_log_with;
-use tideline_connectors::config::ConnectFile;
+use tideline_connectors::config::{ConnectFile, HostNode};
 
 mod args;
 pub use args::ServeArgs;
@@ -49,7 +49,7 @@ pub struct EngineNode {
     started: Instant,
     upstreams: Vec<SharedStatus>,
     /// Pipelines run by this node (`serve --connect`).
-    pipelines: Vec<SharedPipelineStatus>,
+    pipelines: std::sync::OnceLock<Vec<SharedPipelineStatus>>,
     /// Bootstrap chunks served to replicas, and their bytes.
     chunks_served: AtomicU64,
     chunk_bytes_served: AtomicU64,
@@ -199,7 +199,7 @@ impl EngineNode {
             wal,
             started: Instant::now(),
             upstreams,
-            pipelines: Vec::new(),
+            pipelines: std::sync::OnceLock::new(),
             chunks_served: AtomicU64::new(0),
             chunk_bytes_served: AtomicU64::new(0),
             observer,
@@ -213,10 +213,12 @@ impl EngineNode {
         self
     }
 
-    /// Shows these pipelines in `status` (`serve --connect`).
-    pub fn with_pipelines(mut self, pipelines: Vec<SharedPipelineStatus>) -> Self {
-        self.pipelines = pipelines;
-        self
+    /// Shows these pipelines in `status` (`serve --connect`); set once, after the server
+    /// has bound (until then `status` lists none).
+    pub fn set_pipelines(&self, pipelines: Vec<SharedPipelineStatus>) {
+        // Set once by `serve`; a second call would be a wiring bug, and keeping the first
+        // list is the harmless outcome.
+        let _ = self.pipelines.set(pipelines);
     }
 
     /// The node's log.
@@ -302,7 +304,7 @@ impl EngineNode {
                 "monitors": self.observer.monitors(),
             },
             "upstreams": upstreams,
-            "pipelines": self.pipelines.iter().map(|p| p.get().to_json()).collect::<Vec<_>>(),
+            "pipelines": self.pipelines.get().into_iter().flatten().map(|p| p.get().to_json()).collect::<Vec<_>>(),
             "bootstrapping": self.engine.is_bootstrapping(),
             "store": {
                 "cache_bytes": store.cache_bytes,
@@ -757,20 +759,26 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
             upstreams.push(status);
         }
     }
-    // The node's pipelines: they reach their source (this node, often) over QUIC and retry
-    // until it answers, so they can start before the server does.
-    let pipelines = match &connect {
-        Some(file) => crate::connect::spawn_all(file, Some(&secrets_dir))?,
-        None => Vec::new(),
-    };
     let server_cfg = server_config(args)?;
     let node = Arc::new(
         EngineNode::new(engine.clone(), upstreams, server_cfg.observer.clone())
-            .with_limits(args.key_bytes_max as usize, args.value_bytes_max as usize)
-            .with_pipelines(pipelines.iter().map(|(s, _)| s.clone()).collect()),
+            .with_limits(args.key_bytes_max as usize, args.value_bytes_max as usize),
     );
     let token = secrets.token.clone();
     let server = tideline_stream::serve(server_cfg, secrets, node.clone())?;
+    // The node's pipelines start once the server has bound: one whose `[source]` names no
+    // node follows this one at the address it bound (port 0 included).
+    let pipelines = match &connect {
+        Some(file) => {
+            let host = HostNode {
+                addr: server.local_addr(),
+                secrets: &secrets_dir,
+            };
+            crate::connect::spawn_all(file, Some(host))?
+        }
+        None => Vec::new(),
+    };
+    node.set_pipelines(pipelines.iter().map(|(s, _)| s.clone()).collect());
     let admin = match args.http {
         Some(addr) => {
             let admin = crate::admin::serve(addr, node.clone(), token).await?;

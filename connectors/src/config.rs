@@ -97,8 +97,11 @@ pub enum SinkConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// The source node, `HOST:PORT` (its `--listen`).
-    pub node: String,
+    /// The source node, `HOST:PORT` (its `--listen`). Only a pipeline that a node runs
+    /// (`serve --connect`) may leave it out: its source is then that node itself, at the
+    /// address it bound (so a node listening on port 0 can feed its own pipelines).
+    #[serde(default)]
+    pub node: Option<String>,
     /// The cluster's secrets directory (relative paths from the working directory); without
     /// it, env `TIDELINE_SECRETS`, else `./data/secrets`.
     #[serde(default)]
@@ -208,7 +211,9 @@ impl ConnectFile {
             let Some(source) = doc.source else {
                 return Err(err(
                     key_span(root.get_ref(), "sink"),
-                    "missing [source] table: add `[source]` with `node = \"HOST:PORT\"`".into(),
+                    "missing [source] table: add `[source]` with `node = \"HOST:PORT\"` (inside \
+                     `serve --connect`, an empty `[source]` follows the node itself)"
+                        .into(),
                 ));
             };
             let Some(sink) = root.get_ref().get("sink") else {
@@ -452,14 +457,49 @@ fn parse_from(s: &str) -> Result<StartFrom, String> {
     })
 }
 
+/// The node a pipeline file runs inside (`serve --connect`): the source of a pipeline whose
+/// `[source]` names no `node`, and the secrets of one that names none.
+#[derive(Debug, Clone, Copy)]
+pub struct HostNode<'a> {
+    /// The address the node's QUIC server bound (an unspecified IP reads as loopback).
+    pub addr: std::net::SocketAddr,
+    /// The node's secrets directory.
+    pub secrets: &'a Path,
+}
+
+impl HostNode<'_> {
+    /// `HOST:PORT` a pipeline in the same process dials: the bound address, with `0.0.0.0`
+    /// or `::` replaced by the loopback address of the same family.
+    pub fn dial_addr(&self) -> String {
+        let mut a = self.addr;
+        if a.ip().is_unspecified() {
+            a.set_ip(match a {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        a.to_string()
+    }
+}
+
 impl PipelineSpec {
-    /// The pipeline's settings, with the source's credentials loaded from `secrets`, else
-    /// `default_secrets` (a node running the file passes its own), else env
-    /// `TIDELINE_SECRETS`, else `./data/secrets`.
-    pub fn pipeline_config(
-        &self,
-        default_secrets: Option<&Path>,
-    ) -> Result<PipelineConfig, String> {
+    /// The pipeline's settings. The source is `[source] node`, else the host node (`host`,
+    /// when a node runs the file); its credentials come from `secrets`, else the host node's,
+    /// else env `TIDELINE_SECRETS`, else `./data/secrets`.
+    pub fn pipeline_config(&self, host: Option<HostNode<'_>>) -> Result<PipelineConfig, String> {
+        let node = match (&self.source.node, host) {
+            (Some(node), _) => node.clone(),
+            (None, Some(h)) => h.dial_addr(),
+            (None, None) => {
+                return Err(format!(
+                    "pipeline `{}`: [source] names no `node`: add `node = \"HOST:PORT\"` (the \
+                     source node's --listen); only a file run by `tideline serve --connect` \
+                     may leave it out, to follow that node itself",
+                    self.name
+                ));
+            }
+        };
+        let default_secrets = host.map(|h| h.secrets);
         let from_env = std::env::var_os("TIDELINE_SECRETS")
             .filter(|v| !v.is_empty())
             .map(PathBuf::from);
@@ -482,7 +522,7 @@ impl PipelineSpec {
         client.client_name = format!("tideline-connect {}", self.name);
         client.connect_timeout = Duration::from_millis(self.source.timeout_ms.max(1));
         client.idle_timeout = Duration::from_millis(self.source.timeout_ms.max(1));
-        let mut cfg = PipelineConfig::new(&self.name, &self.source.node, client);
+        let mut cfg = PipelineConfig::new(&self.name, &node, client);
         cfg.from = self.from.clone();
         cfg.filter = Filter {
             trees: self.source.trees.clone(),
@@ -545,6 +585,45 @@ url = "postgres://postgres@127.0.0.1:5432/test"
         };
         assert_eq!(pg.url, "postgres://postgres@127.0.0.1:5432/test");
         assert_eq!(pg.schema, "public");
+    }
+
+    #[test]
+    fn a_source_without_node_follows_the_host_node_and_is_refused_elsewhere() {
+        let text = "[source]\nfrom = \"earliest\"\n[sink]\nkind = \"file\"\npath = \"x.jsonl\"\n";
+        let f = ConnectFile::parse(text, "p.toml").unwrap();
+        let [p] = f.pipelines.as_slice() else {
+            panic!()
+        };
+        let e = p.pipeline_config(None).expect_err("no node, no host");
+        assert!(
+            e.contains("names no `node`") && e.contains("serve --connect"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        tideline_stream::ensure_secrets(dir.path()).unwrap();
+        for (bound, dialed) in [
+            ("0.0.0.0:7411", "127.0.0.1:7411"),
+            ("[::]:7412", "[::1]:7412"),
+            ("10.1.2.3:7413", "10.1.2.3:7413"),
+        ] {
+            let host = HostNode {
+                addr: bound.parse().unwrap(),
+                secrets: dir.path(),
+            };
+            let cfg = p.pipeline_config(Some(host)).unwrap();
+            assert_eq!(cfg.addr, dialed);
+        }
+        // A named node wins over the host.
+        let named = text.replace("[source]\n", "[source]\nnode = \"10.9.9.9:5\"\n");
+        let f = ConnectFile::parse(&named, "p.toml").unwrap();
+        let host = HostNode {
+            addr: "0.0.0.0:1".parse().unwrap(),
+            secrets: dir.path(),
+        };
+        assert_eq!(
+            f.pipelines[0].pipeline_config(Some(host)).unwrap().addr,
+            "10.9.9.9:5"
+        );
     }
 
     #[test]

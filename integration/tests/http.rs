@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Node, free_port};
+use common::Node;
 
 /// `GET path` on `addr` (HTTP/1.0, so the server closes when done): status and body.
 fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
@@ -137,20 +137,19 @@ fn overview_page_renders_gtids_and_replica_lag_in_a_real_browser() {
     // The primary also runs a pipeline (serve --connect) into Redis: the page lists it. Its
     // tree filter matches nothing the test writes, so it leaves no keys behind; with Redis
     // down its row still shows (retrying).
-    let port = free_port();
     let pipeline = format!("page{}", std::process::id());
     let file = dir.path().join("pipeline.toml");
     std::fs::write(
         &file,
         format!(
-            "name = \"{pipeline}\"\n[source]\nnode = \"127.0.0.1:{port}\"\nfrom = \"latest\"\n\
+            "name = \"{pipeline}\"\n[source]\nfrom = \"latest\"\n\
              trees = [\"nothing-here\"]\n[sink]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:6379\"\n"
         ),
     )
     .unwrap();
     let primary = Node::start_with(
         &dir.path().join("p"),
-        port,
+        0,
         &["--http", "127.0.0.1:0", "--connect", file.to_str().unwrap()],
     );
     let secrets = primary.secrets();

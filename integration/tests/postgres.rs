@@ -235,19 +235,18 @@ fn a_dropped_connection_is_retried_caught_up_and_shown_in_status_and_metrics() {
     let db = pg();
     let dir = tempfile::tempdir().unwrap();
     let name = sinkkit::unique("pgout");
-    let port = common::free_port();
     let file = sinkkit::pipeline_file(
         dir.path(),
         &name,
         &format!(
-            "name = \"{name}\"\n[source]\nnode = \"127.0.0.1:{port}\"\nfrom = \"earliest\"\n\
+            "name = \"{name}\"\n[source]\nfrom = \"earliest\"\n\
              trees = [\"users\"]\n[sink]\nkind = \"postgres\"\nurl = \"{URL}\"\ntable = \
              \"{name}_{{tree}}\"\ncolumns = {{ email = \"/email\" }}\n"
         ),
     );
     let node = common::Node::start_with(
         &dir.path().join("node"),
-        port,
+        0,
         &["--http", "127.0.0.1:0", "--connect", file.to_str().unwrap()],
     );
     let count = |n: i64| {

@@ -228,18 +228,17 @@ fn a_killed_connection_is_retried_caught_up_and_shown_in_status() {
     let mut db = rt.block_on(conn());
     let dir = tempfile::tempdir().unwrap();
     let name = sinkkit::unique("rdout");
-    let port = common::free_port();
     let file = sinkkit::pipeline_file(
         dir.path(),
         &name,
         &format!(
-            "name = \"{name}\"\n[source]\nnode = \"127.0.0.1:{port}\"\nfrom = \"earliest\"\n\
+            "name = \"{name}\"\n[source]\nfrom = \"earliest\"\n\
              [sink]\nkind = \"redis\"\nurl = \"{URL}\"\nkey = \"{name}:{{tree}}:{{key}}\"\n"
         ),
     );
     let node = common::Node::start_with(
         &dir.path().join("node"),
-        port,
+        0,
         &["--connect", file.to_str().unwrap()],
     );
     let prefix = format!("{name}:users:");

@@ -254,10 +254,9 @@ impl Drop for Relay {
     }
 }
 
-/// A port that was free a moment ago, for the few tests that must name a node's address
-/// before it starts (a pipeline file the node itself reads with `serve --connect`) or need a
-/// TCP port where nothing listens. Everything else starts nodes on port 0 ([`Node::start`]),
-/// which cannot race with other tests.
+/// A port that was free a moment ago, for tests that need a TCP port where nothing listens.
+/// Nodes start on port 0 ([`Node::start`]), which cannot race with other tests; a pipeline a
+/// node runs (`serve --connect`) follows that node when its `[source]` names no `node`.
 #[allow(dead_code)]
 pub fn free_port() -> u16 {
     let udp = UdpSocket::bind("127.0.0.1:0").expect("a free UDP port on loopback");
