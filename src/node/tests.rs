@@ -3,7 +3,7 @@
 //! `serve`'s server flags: `--handshake-grace-ms` reaches the server's settings, defaults to
 //! the server's own default, and refuses values the handshake budget cannot work with.
 
-use super::args::server_defaults;
+use super::args::{server_config, server_defaults};
 use super::*;
 
 /// The runtime's clock is paused and never advances (a task that always yields keeps the

@@ -1,0 +1,320 @@
+//! `tideline serve`: opening the engine on a data directory, the checks before anything is
+//! opened, and the wiring of the server, its pipelines, the HTTP admin and the watchdog.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tideline_connectors::ReplicaOptions;
+use tideline_connectors::config::{ConnectFile, HostNode};
+use tideline_engine::{Engine, EngineOptions};
+use tideline_wal::{Durability, RetentionPolicy, WalOptions};
+
+use super::args::server_config;
+use super::{EngineNode, ServeArgs};
+use crate::log_cmd::open_log_with;
+
+/// Opens the log and engine of a data directory with default limits.
+pub fn open_engine(
+    data: &Path,
+    durability: Durability,
+    read_only: bool,
+) -> anyhow::Result<Arc<Engine>> {
+    open_engine_with(
+        data,
+        WalOptions {
+            durability,
+            ..WalOptions::default()
+        },
+        EngineOptions {
+            read_only,
+            ..EngineOptions::default()
+        },
+    )
+}
+
+/// Opens the log and engine of a data directory.
+pub fn open_engine_with(
+    data: &Path,
+    log: WalOptions,
+    opts: EngineOptions,
+) -> anyhow::Result<Arc<Engine>> {
+    let wal = open_log_with(data, log)?;
+    let report = wal.recovery_report();
+    if report.truncated_bytes > 0 {
+        tracing::warn!(
+            bytes = report.truncated_bytes,
+            "recovery cut a torn tail of the log"
+        );
+    }
+    let store = data.join("store");
+    let engine = Engine::open(&store, wal, opts)
+        .with_context(|| format!("open the state store in {}", store.display()))?;
+    Ok(Arc::new(engine))
+}
+
+/// `serve`.
+pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("tideline")
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(serve_async(args))
+}
+
+/// Checks, before anything is created on disk, that `serve` can run: the port is free, the
+/// data directory is usable, the upstream addresses parse, and a replica has its cluster's
+/// secrets (a new cluster's could never connect to the upstream).
+fn preflight(args: &ServeArgs, secrets_dir: &Path) -> anyhow::Result<Option<ConnectFile>> {
+    // Bind the port and let it go at once: `serve` binds it again below, after opening the
+    // data directory. A port taken in between still fails there, with the same words.
+    if let Err(e) = std::net::UdpSocket::bind(args.listen) {
+        anyhow::bail!(
+            "cannot listen on {}: {}; is another node using the port? Stop it or pass \
+             another --listen HOST:PORT",
+            args.listen,
+            if e.kind() == std::io::ErrorKind::AddrInUse {
+                format!("the address is in use ({e})")
+            } else {
+                e.to_string()
+            }
+        );
+    }
+    if args.data.exists() && !args.data.is_dir() {
+        anyhow::bail!(
+            "--data {} is a file, not a directory: pass a directory (created if absent)",
+            args.data.display()
+        );
+    }
+    for up in &args.upstream {
+        let port_ok = up
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if !port_ok {
+            anyhow::bail!("--upstream {up:?} is not HOST:PORT (for example 127.0.0.1:7400)");
+        }
+    }
+    if !args.upstream.is_empty() && !secrets_dir.join("ca.pem").exists() {
+        anyhow::bail!(
+            "a replica needs its cluster's secrets, and {} holds none: pass --secrets DIR with \
+             the upstream's secrets directory (a new cluster's certificates could never \
+             connect to {})",
+            secrets_dir.display(),
+            args.upstream.join(", ")
+        );
+    }
+    match &args.connect {
+        None => Ok(None),
+        Some(path) => Ok(Some(ConnectFile::load(path).map_err(|e| {
+            anyhow::anyhow!("--connect: {e} (docs/OPERATIONS.md, \"Connectors\")")
+        })?)),
+    }
+}
+
+async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let secrets_dir = args
+        .secrets
+        .clone()
+        .unwrap_or_else(|| args.data.join("secrets"));
+    let connect = preflight(args, &secrets_dir)?;
+    if tideline_stream::ensure_secrets(&secrets_dir)? {
+        tracing::info!(dir = %secrets_dir.display(), "created cluster secrets (CA, certificate, token)");
+    }
+    let secrets = tideline_stream::tls::load_server(&secrets_dir)?;
+    let durability = args.durability.durability();
+    let data = args.data.clone();
+    let read_only = args.read_only || (!args.upstream.is_empty() && !args.allow_local_writes);
+    let opts = EngineOptions {
+        read_only,
+        key_bytes_max: args.key_bytes_max as usize,
+        value_bytes_max: args.value_bytes_max as usize,
+        index_backfill_keys: args.index_backfill_keys as usize,
+        ..EngineOptions::default()
+    };
+    let log = WalOptions {
+        durability,
+        segment_bytes_max: args.log_segment_bytes,
+        retention: RetentionPolicy {
+            retain_bytes_min: args.log_retain_bytes,
+            slot_bytes_max: (args.log_slot_bytes_max > 0).then_some(args.log_slot_bytes_max),
+            slot_age_max: args.log_slot_age_max,
+        },
+        ..WalOptions::default()
+    };
+    #[cfg(feature = "testing")]
+    let (log, opts, armed) = testing::switches(log, opts)?;
+    let engine = tokio::task::spawn_blocking(move || open_engine_with(&data, log, opts))
+        .await
+        .context("open task failed")??;
+    let mut upstreams = Vec::new();
+    if !args.upstream.is_empty() {
+        let mut cfg = tideline_stream::ClientConfig::new(tideline_stream::tls::load_client_dir(
+            &secrets_dir,
+        )?);
+        cfg.client_name = format!("replica {}", engine.server_uuid());
+        let opts = ReplicaOptions {
+            bootstrap: args.bootstrap.mode(),
+            sources: args.upstream.len(),
+            chunk_bytes: args.bootstrap_chunk_bytes,
+        };
+        for addr in &args.upstream {
+            // The tasks live as long as the node's runtime.
+            let (status, _task) =
+                tideline_connectors::spawn(addr.clone(), cfg.clone(), engine.clone(), opts);
+            upstreams.push(status);
+        }
+    }
+    let server_cfg = server_config(args)?;
+    let node = Arc::new(
+        EngineNode::new(engine.clone(), upstreams, server_cfg.observer.clone())
+            .with_limits(args.key_bytes_max as usize, args.value_bytes_max as usize),
+    );
+    let token = secrets.token.clone();
+    let server = tideline_stream::serve(server_cfg, secrets, node.clone())?;
+    // The node's pipelines start once the server has bound: one whose `[source]` names no
+    // node follows this one at the address it bound (port 0 included).
+    let pipelines = match &connect {
+        Some(file) => {
+            let host = HostNode {
+                addr: server.local_addr(),
+                secrets: &secrets_dir,
+            };
+            crate::connect::spawn_all(file, Some(host))?
+        }
+        None => Vec::new(),
+    };
+    node.set_pipelines(pipelines.iter().map(|(s, _)| s.clone()).collect());
+    let admin = match args.http {
+        Some(addr) => {
+            let admin = crate::admin::serve(addr, node.clone(), token).await?;
+            eprintln!("tideline admin on http://{}/", admin.local_addr());
+            Some(admin)
+        }
+        None => None,
+    };
+    tracing::info!(
+        listen = %server.local_addr(),
+        server_uuid = %engine.server_uuid(),
+        gtid_executed = %engine.gtid_executed(),
+        "serving"
+    );
+    eprintln!(
+        "tideline serving on {} (server_uuid {}, data {}, secrets {})",
+        server.local_addr(),
+        engine.server_uuid(),
+        args.data.display(),
+        secrets_dir.display()
+    );
+    #[cfg(feature = "testing")]
+    if let Some(task) = &armed {
+        eprintln!(
+            "TESTING: {} armed: the {task} will die",
+            testing::KILL_TASK_ENV
+        );
+    }
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install the SIGTERM handler")?;
+    let mut watchdog = tokio::time::interval(Duration::from_millis(100));
+    let mut retention = tokio::time::interval(Duration::from_secs(10));
+    let exit = loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break None,
+            _ = sigterm.recv() => break None,
+            _ = watchdog.tick() => {
+                // Fail-stop: a poisoned log or a dead engine thread ends the node.
+                if let Some(reason) = engine.fail_stop_reason() {
+                    break Some(reason);
+                }
+                #[cfg(feature = "testing")]
+                if armed.as_deref() == Some(testing::QUIC_SERVER)
+                    && engine.wal().durable_offset() >= 1
+                {
+                    server.unsafe_abort_accept_loop();
+                }
+                if server.is_finished() {
+                    break Some("the QUIC server task stopped".to_string());
+                }
+            }
+            _ = retention.tick() => {
+                let wal = engine.wal().clone();
+                let report = tokio::task::spawn_blocking(move || wal.run_retention()).await;
+                if let Ok(Err(e)) = report {
+                    tracing::warn!(error = %e, "retention failed");
+                }
+            }
+        }
+    };
+    for (_, task) in &pipelines {
+        // Each batch is stored with its position in one step: stopping anywhere is safe.
+        task.abort();
+    }
+    server.shutdown().await;
+    if let Some(admin) = admin {
+        admin.shutdown().await;
+    }
+    if let Some(reason) = exit {
+        tracing::error!(%reason, "fail-stop: exiting");
+        eprintln!("error: fail-stop: {reason}");
+        return Ok(ExitCode::from(2));
+    }
+    tracing::info!("shutting down: syncing the log and the store");
+    let closed = tokio::task::spawn_blocking(move || {
+        engine.close().map_err(anyhow::Error::from)?;
+        engine.wal().close().map_err(anyhow::Error::from)
+    })
+    .await
+    .context("shutdown task failed")?;
+    closed?;
+    eprintln!("tideline stopped cleanly");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Test-only switches (cargo feature `testing`, absent from the binary a release build makes):
+/// env `TIDELINE_TESTING_KILL_TASK=applier|checkpointer|backfill|log-writer|quic-server` kills
+/// that critical task once the node has a commit, so that a test can watch the watchdog stop
+/// the node with exit code 2; env `TIDELINE_TESTING_SKIP_BOOTSTRAP_WIPE=1` makes a bootstrap
+/// keep the replica's old trees (the engine's `unsafe_bootstrap_skip_wipe`), the canary of the
+/// stale-data bootstrap test.
+#[cfg(feature = "testing")]
+mod testing {
+    use tideline_engine::EngineOptions;
+    use tideline_wal::WalOptions;
+
+    pub(super) const KILL_TASK_ENV: &str = "TIDELINE_TESTING_KILL_TASK";
+    const SKIP_BOOTSTRAP_WIPE_ENV: &str = "TIDELINE_TESTING_SKIP_BOOTSTRAP_WIPE";
+    /// The task name that kills the QUIC server's accept loop.
+    pub(super) const QUIC_SERVER: &str = "quic-server";
+
+    /// The options with the switches of the environment set, and the task armed.
+    pub(super) fn switches(
+        mut log: WalOptions,
+        mut opts: EngineOptions,
+    ) -> anyhow::Result<(WalOptions, EngineOptions, Option<String>)> {
+        match std::env::var(SKIP_BOOTSTRAP_WIPE_ENV).as_deref() {
+            Err(_) | Ok("" | "0") => {}
+            Ok("1") => opts.unsafe_bootstrap_skip_wipe = true,
+            Ok(other) => anyhow::bail!("{SKIP_BOOTSTRAP_WIPE_ENV}={other}: use 1 or 0"),
+        }
+        let Ok(task) = std::env::var(KILL_TASK_ENV) else {
+            return Ok((log, opts, None));
+        };
+        match task.as_str() {
+            "" => return Ok((log, opts, None)),
+            "applier" | "checkpointer" | "backfill" => {
+                opts.unsafe_kill_thread = Some(task.clone());
+            }
+            "log-writer" => log.unsafe_kill_writer = true,
+            // Killed by the node itself once it has a commit (`serve`'s watchdog loop).
+            QUIC_SERVER => {}
+            other => anyhow::bail!(
+                "{KILL_TASK_ENV}={other}: unknown task; use applier, checkpointer, backfill, \
+                 log-writer or {QUIC_SERVER}"
+            ),
+        }
+        Ok((log, opts, Some(task)))
+    }
+}
