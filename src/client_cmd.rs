@@ -11,12 +11,14 @@ mod index;
 mod load;
 mod scan;
 mod sink_file;
+mod slot;
 mod tail;
 
 pub use index::{IndexCommand, index_cmd};
 pub use load::{LoadArgs, load};
 pub use scan::{ScanArgs, scan};
 pub use sink_file::{SinkFileArgs, sink_file};
+pub use slot::{SlotCommand, slot_cmd};
 pub use tail::{TailArgs, tail_cmd};
 
 use std::io::{IsTerminal, Write};

@@ -74,6 +74,9 @@ enum Command {
     /// `get --index` and `scan --index`.
     #[command(subcommand)]
     Index(client_cmd::IndexCommand),
+    /// Consumer slots (`tail --slot`): list them, or drop one so that the log it held can go.
+    #[command(subcommand)]
+    Slot(client_cmd::SlotCommand),
     /// Show every request the node serves, live (like Redis MONITOR).
     Monitor(monitor_cmd::MonitorArgs),
     /// Show the hottest keys and slowest requests, refreshed every interval.
@@ -192,6 +195,7 @@ pub fn run() -> ExitCode {
         Command::Status(args) => client_cmd::status(&args),
         Command::Sink(SinkCommand::File(args)) => client_cmd::sink_file(&args),
         Command::Index(cmd) => client_cmd::index_cmd(&cmd),
+        Command::Slot(cmd) => client_cmd::slot_cmd(&cmd),
         Command::Verify(args) => verify::verify(&args),
         Command::Connect(args) => connect::connect(&args),
         Command::Log(LogCommand::Dump(args)) => log_cmd::dump(&args),

@@ -512,6 +512,21 @@ impl Client {
         }
     }
 
+    /// Drops the consumer slot `name` on the node, so that it holds the log no longer.
+    /// Returns the restart offset the slot held. The node refuses while a live subscription
+    /// uses the slot, and names the node's slots when there is none called `name`.
+    pub async fn drop_slot(&self, name: &str) -> Result<u64, ClientError> {
+        match self
+            .request(Request::DropSlot {
+                name: name.to_string(),
+            })
+            .await?
+        {
+            Response::SlotDropped { restart_offset } => Ok(restart_offset),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
     /// The node's status document.
     pub async fn status(&self) -> Result<String, ClientError> {
         match self.request(Request::Status).await? {

@@ -58,7 +58,7 @@ impl RefuseReason {
 }
 
 /// Kinds of client requests, for counting.
-pub const REQUEST_KINDS: [&str; 9] = [
+pub const REQUEST_KINDS: [&str; 10] = [
     "get",
     "scan",
     "commit",
@@ -68,6 +68,7 @@ pub const REQUEST_KINDS: [&str; 9] = [
     "subscribe",
     "bootstrap",
     "index",
+    "drop_slot",
 ];
 
 /// One live subscription, as `status` and the overview page show it.

@@ -223,6 +223,12 @@ pub enum Request {
     },
     /// Read a secondary index (answered with [`Response::IndexRows`]).
     IndexQuery(IndexQuery),
+    /// Remove the consumer slot `name`, so that it holds the log no longer (answered with
+    /// [`Response::SlotDropped`]). Refused while a live subscription uses the slot.
+    DropSlot {
+        /// Slot name.
+        name: String,
+    },
 }
 
 /// Where to resume a bootstrap.
@@ -411,6 +417,11 @@ pub enum Response {
         rows: Vec<(Vec<u8>, Vec<u8>)>,
         /// Pass as `after` to read the next page; `None`: no more.
         next: Option<Vec<u8>>,
+    },
+    /// Answer to [`Request::DropSlot`]: the slot is gone (and its removal saved).
+    SlotDropped {
+        /// The restart offset the slot held when it was dropped.
+        restart_offset: u64,
     },
 }
 

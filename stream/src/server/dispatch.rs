@@ -167,6 +167,7 @@ pub(super) async fn handle_stream<N: Node>(
                 Err(e) => error(e.code, e.message),
             }
         }
+        Request::DropSlot { name } => drop_slot(&*node, &cfg, &name),
         Request::Hello { .. } => error(ErrorCode::InvalidRequest, "already authenticated"),
         Request::Ack { .. } | Request::ChunksStored { .. } => error(
             ErrorCode::InvalidRequest,
@@ -177,6 +178,50 @@ pub(super) async fn handle_stream<N: Node>(
     send_message(&mut send, &resp).await?;
     let _ = send.finish();
     Ok(())
+}
+
+/// Drops slot `name` unless a live subscription of this server uses it (that consumer would
+/// go on acking into a slot that no longer holds its log; stop it first). A subscription
+/// naming the slot after the drop creates it again where it starts, as any new slot.
+fn drop_slot<N: Node>(node: &N, cfg: &ServerConfig, name: &str) -> Response {
+    let users: Vec<String> = cfg
+        .observer
+        .subscriptions()
+        .into_iter()
+        .filter(|s| s.slot.as_deref() == Some(name))
+        .map(|s| format!("{} ({})", s.client, s.remote))
+        .collect();
+    if !users.is_empty() {
+        return error(
+            ErrorCode::InvalidRequest,
+            format!(
+                "slot {name} is in use by a live subscription of {}: stop that consumer, then \
+                 drop the slot",
+                users.join(", ")
+            ),
+        );
+    }
+    let wal = node.wal();
+    let Some(slot) = wal.slot(name) else {
+        let names: Vec<String> = wal.slots().into_iter().map(|s| s.name).collect();
+        return error(
+            ErrorCode::InvalidRequest,
+            if names.is_empty() {
+                format!("no slot named {name}: this node holds no slots")
+            } else {
+                format!(
+                    "no slot named {name}; this node's slots: {}",
+                    names.join(", ")
+                )
+            },
+        );
+    };
+    match wal.drop_slot(name) {
+        Ok(()) => Response::SlotDropped {
+            restart_offset: slot.restart_offset,
+        },
+        Err(e) => error(ErrorCode::Unavailable, format!("dropping slot {name}: {e}")),
+    }
 }
 
 /// What a monitor reports of a request, taken before the request is consumed.
@@ -199,6 +244,7 @@ fn request_kind(req: &Request) -> Option<&'static str> {
         Request::Subscribe { .. } => "subscribe",
         Request::Bootstrap { .. } => "bootstrap",
         Request::IndexQuery(_) => "index",
+        Request::DropSlot { .. } => "drop_slot",
         Request::Hello { .. }
         | Request::Ack { .. }
         | Request::ChunksStored { .. }
@@ -225,6 +271,7 @@ impl Seen {
             },
             Request::WaitFor { gtids, .. } => ("", gtids.as_bytes()),
             Request::IndexQuery(q) => (q.tree.as_str(), q.index.as_bytes()),
+            Request::DropSlot { name } => ("", name.as_bytes()),
             Request::Subscribe { tree, prefix, .. } => (
                 tree.as_deref().unwrap_or_default(),
                 prefix.as_deref().unwrap_or_default(),
