@@ -34,6 +34,13 @@
 //! timings it checks. Each run also prints the node's own CPU time alone and under abuse, so
 //! that the abuse's cost to the node can be read without the tail's rate.
 //!
+//! The ratio's rule: the tail's rate alone is taken on both sides of the abuse (at least three
+//! rounds and two seconds before it, the same after it, each once the node has settled: no
+//! more than a clock tick of CPU in half a second), pooled; its rate under abuse counts only
+//! the rounds that ended before the abuse did (the one running when it ended was partly
+//! alone). Its canary takes a quarter of a CPU from the node's side while the abuse lasts and
+//! expects the ratio to fall below 90%.
+//!
 //! Guards against any of these peers holding the node's memory or time without bound, or
 //! crowding out real clients. The canary of the admission side is
 //! `stream/tests/handshake_flood.rs`; the canary of the consumer buffer is
@@ -169,6 +176,33 @@ fn tail_rounds(node: &Node, txns: u64, stop: &AtomicBool) -> TailRun {
     TailRun { rounds, failed }
 }
 
+/// Waits until the node has settled (its CPU time grew by at most one clock tick in half a
+/// second; at most 30 s): after the load its engine flushes and compacts in the background,
+/// after the abuse it closes connections, and either would be counted against the tail.
+fn wait_until_settled(pid: u32, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let before = cpu_time(pid);
+        std::thread::sleep(Duration::from_millis(500));
+        let used = cpu_time(pid) - before;
+        if used <= Duration::from_millis(10) {
+            eprintln!(
+                "abuse: node settled {what} in {:.1} s",
+                t0.elapsed().as_secs_f64()
+            );
+            return;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            eprintln!(
+                "abuse: WARNING: the node is still busy {what} after 30 s ({} ms of CPU in the \
+                 last 0.5 s)",
+                used.as_millis()
+            );
+            return;
+        }
+    }
+}
+
 /// The legitimate tail with no abuse: at least three rounds and two seconds. Returns the
 /// rounds and their total time.
 fn alone_rounds(node: &Node, txns: u64) -> (u64, Duration) {
@@ -282,6 +316,7 @@ fn run(scale: &Scale, placement: Placement, burn: Option<f64>) -> Report {
 
     // The legitimate tail alone, before the abuse (and again after it, below).
     let pid = node.pid();
+    wait_until_settled(pid, "after the load");
     let node_cpu_before_alone = cpu_time(pid);
     let (rounds_before, alone_before) = alone_rounds(&node, scale.tail_txns);
     let node_cpu_alone_before = cpu_time(pid) - node_cpu_before_alone;
@@ -420,9 +455,11 @@ fn run(scale: &Scale, placement: Placement, burn: Option<f64>) -> Report {
     // The legitimate tail alone again, once every abusive peer is gone: the alone rate is
     // taken on both sides of the abuse, so that a machine whose load changes during the run
     // does not favour either phase.
+    wait_until_settled(pid, "after the abuse");
     let node_cpu_before_after = cpu_time(pid);
     let (rounds_after, alone_after) = alone_rounds(&node, scale.tail_txns);
-    let node_cpu_alone = node_cpu_alone_before + (cpu_time(pid) - node_cpu_before_after);
+    let node_cpu_alone_after = cpu_time(pid) - node_cpu_before_after;
+    let node_cpu_alone = node_cpu_alone_before + node_cpu_alone_after;
     let rounds = rounds_before + rounds_after;
     let tail_alone = (scale.tail_txns * rounds) as f64 / (alone_before + alone_after).as_secs_f64();
     let txns_alone = scale.tail_txns * rounds;
@@ -469,6 +506,11 @@ fn run(scale: &Scale, placement: Placement, burn: Option<f64>) -> Report {
     for e in &tail.failed {
         eprintln!("abuse: a legitimate tail round failed {e}");
     }
+    eprintln!(
+        "abuse: node CPU per transaction alone: {:.1} µs before the abuse, {:.1} µs after",
+        node_cpu_alone_before.as_secs_f64() * 1e6 / (scale.tail_txns * rounds_before) as f64,
+        node_cpu_alone_after.as_secs_f64() * 1e6 / (scale.tail_txns * rounds_after) as f64
+    );
     // What the abuse cost the node: its CPU time during the abuse beyond what serving the
     // tail's transactions cost it alone (per transaction).
     let txns_abused = scale.tail_txns * tail.rounds.len() as u64;
@@ -633,8 +675,21 @@ fn the_node_cpu_each_kind_of_abuse_costs() {
         .build()
         .expect("runtime");
     let seed: u64 = rand::rng().random();
+    // `TIDELINE_ABUSE_COST_ONLY=WORD`: only the kinds whose name holds WORD (e.g. `forged`),
+    // each `TIDELINE_ABUSE_COST_TIMES` times (default 1): a clean profile of one kind.
+    let only = std::env::var("TIDELINE_ABUSE_COST_ONLY").unwrap_or_default();
+    let times: usize = std::env::var("TIDELINE_ABUSE_COST_TIMES")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
     let measure = |what: &str, attack: &dyn Fn()| {
+        if !what.contains(only.as_str()) {
+            return;
+        }
         let (cpu0, t0) = (cpu_time(pid), Instant::now());
+        for _ in 1..times {
+            attack();
+        }
         attack();
         // Let the node finish its closes and timers (its idle connections tick on).
         std::thread::sleep(Duration::from_millis(500));

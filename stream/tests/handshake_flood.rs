@@ -644,6 +644,9 @@ async fn a_peer_that_trickles_its_hello_is_closed_by_the_hello_timeout() {
     let client = Client::connect(&f.server.local_addr().to_string(), f.client_cfg.clone())
         .await
         .expect("a real client sends its Hello at once and gets in");
-    assert_eq!(client.status().await.expect("status"), r#"{"last_offset":0}"#);
+    assert_eq!(
+        client.status().await.expect("status"),
+        r#"{"last_offset":0}"#
+    );
     f.server.shutdown().await;
 }
