@@ -533,11 +533,27 @@ fn run(scale: &Scale, placement: Placement, burn: Option<f64>) -> Report {
     );
     assert_eq!(slow.attempts as usize, scale.slow);
     assert_eq!(unauth.attempts as usize, scale.unauth_conns);
+    let (unauth_attempts, unauth_refused_at_door) = (unauth.attempts, unauth.refused_in_handshake);
     assert_eq!(forged.attempts as usize, scale.forged);
-    assert_eq!(
-        granted, 1,
+    // At most one stream before `Hello`. When every stream-opening peer was refused at the
+    // door (they arrive with the slow peers' burst, while the budget is full of handshakes
+    // younger than the grace period: seen once, at 23:41 on 2026-11-30) none got a stream and
+    // there was nothing to check: said loudly (stream/tests/handshake_flood.rs checks it
+    // in-process every time).
+    assert!(
+        granted <= 1,
         "an unauthenticated connection was granted {granted} streams"
     );
+    if granted == 0 {
+        assert_eq!(
+            unauth_refused_at_door, unauth_attempts,
+            "no unauthenticated peer was granted its one stream, yet not all were refused"
+        );
+        eprintln!(
+            "abuse: WARNING: all {unauth_attempts} stream-opening peers were refused during the \
+             handshake: the one-stream check did not run in this run"
+        );
+    }
     // Slow and silent unauthenticated peers end by the handshake timeout (close code 2) or by
     // eviction (3, at whatever stage of TLS the node's side was), each within the bound
     // `ended_by_node` checks, or are refused during the handshake.
