@@ -2,7 +2,8 @@
 //! `scripts/abuse` runs it; CI runs every kind scaled down, [`CI`]):
 //!
 //! - 1,000 slow connections: each finishes TLS and trickles a genuine `Hello` one byte every
-//!   100 ms (too slow to finish within the 5 s handshake timeout);
+//!   100 ms (too slow to finish within the 1 s hello timeout, let alone the 5 s handshake
+//!   timeout);
 //! - 10,000 stream opens on unauthenticated connections (100 connections × 100 attempts: one
 //!   stream each is granted, the rest never are) and 10,000 on authenticated ones (10
 //!   connections × 1,000 streams, each finished empty or carrying a garbage message);
@@ -33,6 +34,13 @@
 //! does not pin: its ratio is not asserted, and a debug node on one CPU would stretch the
 //! timings it checks. Each run also prints the node's own CPU time alone and under abuse, so
 //! that the abuse's cost to the node can be read without the tail's rate.
+//!
+//! The ratio's rule: the tail's rate alone is taken on both sides of the abuse (at least three
+//! rounds and two seconds before it, the same after it, each once the node has settled: no
+//! more than a clock tick of CPU in half a second), pooled; its rate under abuse counts only
+//! the rounds that ended before the abuse did (the one running when it ended was partly
+//! alone). Its canary takes a quarter of a CPU from the node's side while the abuse lasts and
+//! expects the ratio to fall below 90%.
 //!
 //! Guards against any of these peers holding the node's memory or time without bound, or
 //! crowding out real clients. The canary of the admission side is
@@ -148,32 +156,65 @@ fn tail_round(node: &Node, txns: u64) -> Result<Duration, String> {
 
 /// What the legitimate tail did during the abuse.
 struct TailRun {
-    txn_s: f64,
-    rounds: u64,
+    /// Rounds that ran to the end: when each ended and how long it took.
+    rounds: Vec<(Instant, Duration)>,
     /// Rounds that could not run to the end, with the tail's stderr.
     failed: Vec<String>,
 }
 
 /// Tail rounds until `stop` is set (at least one).
 fn tail_rounds(node: &Node, txns: u64, stop: &AtomicBool) -> TailRun {
-    let (mut total, mut rounds, mut failed) = (Duration::ZERO, 0u64, Vec::new());
+    let (mut rounds, mut failed) = (Vec::new(), Vec::new());
     loop {
         match tail_round(node, txns) {
-            Ok(took) => {
-                total += took;
-                rounds += 1;
-            }
+            Ok(took) => rounds.push((Instant::now(), took)),
             Err(e) => failed.push(e),
         }
         if stop.load(Ordering::SeqCst) {
             break;
         }
     }
-    TailRun {
-        txn_s: (txns * rounds) as f64 / total.as_secs_f64(),
-        rounds,
-        failed,
+    TailRun { rounds, failed }
+}
+
+/// Waits until the node has settled (its CPU time grew by at most one clock tick in half a
+/// second; at most 30 s): after the load its engine flushes and compacts in the background,
+/// after the abuse it closes connections, and either would be counted against the tail.
+fn wait_until_settled(pid: u32, what: &str) {
+    let t0 = Instant::now();
+    loop {
+        let before = cpu_time(pid);
+        std::thread::sleep(Duration::from_millis(500));
+        let used = cpu_time(pid) - before;
+        if used <= Duration::from_millis(10) {
+            eprintln!(
+                "abuse: node settled {what} in {:.1} s",
+                t0.elapsed().as_secs_f64()
+            );
+            return;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            eprintln!(
+                "abuse: WARNING: the node is still busy {what} after 30 s ({} ms of CPU in the \
+                 last 0.5 s)",
+                used.as_millis()
+            );
+            return;
+        }
     }
+}
+
+/// The legitimate tail with no abuse: at least three rounds and two seconds. Returns the
+/// rounds and their total time.
+fn alone_rounds(node: &Node, txns: u64) -> (u64, Duration) {
+    let t0 = Instant::now();
+    let (mut took, mut rounds) = (Duration::ZERO, 0u64);
+    while rounds < 3 || t0.elapsed() < Duration::from_secs(2) {
+        took += tail_round(node, txns)
+            .unwrap_or_else(|e| panic!("the legitimate tail failed with no abuse: {e}"));
+        rounds += 1;
+    }
+    (rounds, took)
 }
 
 /// The node's `tideline_quic_refused_total` by reason, once the admin's sampler (every
@@ -248,7 +289,9 @@ struct Report {
     rss_growth_kib: u64,
 }
 
-fn run(scale: &Scale, placement: Placement) -> Report {
+/// Runs the abuse at `scale` with the processes placed by `placement`; `burn`: the canary's
+/// share of a CPU taken from the node's side while the abuse lasts.
+fn run(scale: &Scale, placement: Placement, burn: Option<f64>) -> Report {
     let seed: u64 = std::env::var("TIDELINE_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -272,19 +315,12 @@ fn run(scale: &Scale, placement: Placement) -> Report {
         .expect("secrets")
         .token;
 
-    // The legitimate tail alone: at least three rounds and two seconds.
+    // The legitimate tail alone, before the abuse (and again after it, below).
     let pid = node.pid();
+    wait_until_settled(pid, "after the load");
     let node_cpu_before_alone = cpu_time(pid);
-    let t0 = Instant::now();
-    let (mut alone, mut rounds) = (Duration::ZERO, 0u64);
-    while rounds < 3 || t0.elapsed() < Duration::from_secs(2) {
-        alone += tail_round(&node, scale.tail_txns)
-            .unwrap_or_else(|e| panic!("the legitimate tail failed with no abuse: {e}"));
-        rounds += 1;
-    }
-    let tail_alone = (scale.tail_txns * rounds) as f64 / alone.as_secs_f64();
-    let node_cpu_alone = cpu_time(pid) - node_cpu_before_alone;
-    let txns_alone = scale.tail_txns * rounds;
+    let (rounds_before, alone_before) = alone_rounds(&node, scale.tail_txns);
+    let node_cpu_alone_before = cpu_time(pid) - node_cpu_before_alone;
 
     let rss_before = rss_kib(pid);
     let node_cpu_before_abuse = cpu_time(pid);
@@ -320,6 +356,14 @@ fn run(scale: &Scale, placement: Placement) -> Report {
         let tail = s.spawn(|| {
             placement.node_side();
             tail_rounds(&node, scale.tail_txns, &abuse_done)
+        });
+        // The canary's load: the node's side loses `share` of a CPU while the abuse lasts.
+        let burner = burn.map(|share| {
+            let (placement, abuse_done) = (&placement, &abuse_done);
+            s.spawn(move || {
+                placement.node_side();
+                abuse_peers::cpus::burn(share, abuse_done);
+            })
         });
         let datagrams = s.spawn(|| {
             placement.attack_side();
@@ -396,16 +440,32 @@ fn run(scale: &Scale, placement: Placement) -> Report {
         });
         let sent = datagrams.join().expect("datagrams");
         abuse_done.store(true, Ordering::SeqCst);
+        let abuse_end = Instant::now();
+        if let Some(burner) = burner {
+            burner.join().expect("the canary's load");
+        }
         let tail = tail.join().expect("legitimate tail");
         stop.store(true, Ordering::SeqCst);
         sampler
             .join()
             .expect("RSS sampler (it fails when /proc cannot be read)");
-        (tail, (outcome, sent))
+        (tail, (outcome, sent, abuse_end))
     });
     let node_cpu_abused = cpu_time(pid) - node_cpu_before_abuse;
     let abuse_wall = abuse_start.elapsed();
-    let ((slow, unauth, granted, forged, auth_opened), datagrams) = outcome;
+    // The legitimate tail alone again, once every abusive peer is gone: the alone rate is
+    // taken on both sides of the abuse, so that a machine whose load changes during the run
+    // does not favour either phase.
+    wait_until_settled(pid, "after the abuse");
+    let node_cpu_before_after = cpu_time(pid);
+    let (rounds_after, alone_after) = alone_rounds(&node, scale.tail_txns);
+    let node_cpu_alone_after = cpu_time(pid) - node_cpu_before_after;
+    let node_cpu_alone = node_cpu_alone_before + node_cpu_alone_after;
+    let rounds = rounds_before + rounds_after;
+    let tail_alone = (scale.tail_txns * rounds) as f64 / (alone_before + alone_after).as_secs_f64();
+    let txns_alone = scale.tail_txns * rounds;
+    let rate = |rounds: u64, took: Duration| (scale.tail_txns * rounds) as f64 / took.as_secs_f64();
+    let ((slow, unauth, granted, forged, auth_opened), datagrams, abuse_end) = outcome;
     let rss_peak = peak.load(Ordering::SeqCst).max(rss_kib(pid));
     let growth = rss_peak.saturating_sub(rss_before);
     eprintln!("abuse: slow connections {slow:?}");
@@ -420,20 +480,41 @@ fn run(scale: &Scale, placement: Placement) -> Report {
     eprintln!(
         "abuse: node RSS {rss_before} KiB -> peak {rss_peak} KiB (+{growth} KiB; cap +{RSS_CAP_GROWTH_KIB} KiB)"
     );
-    let tail_abused = tail.txn_s;
+    // Under abuse: the rounds that ended before the abuse did (the one running when it ended
+    // was partly alone, so it is left out).
+    let abused: Vec<Duration> = tail
+        .rounds
+        .iter()
+        .filter(|(ended, _)| *ended <= abuse_end)
+        .map(|(_, took)| *took)
+        .collect();
+    assert!(
+        !abused.is_empty(),
+        "no legitimate tail round ran to its end within the abuse: nothing to compare"
+    );
+    let abused_rounds = abused.len() as u64;
+    let tail_abused = rate(abused_rounds, abused.iter().sum());
     eprintln!(
-        "abuse: legitimate tail alone {tail_alone:.0} txn/s ({rounds} rounds), during the abuse \
-         {tail_abused:.0} txn/s ({} rounds, {} failed): {:.2}x",
-        tail.rounds,
+        "abuse: legitimate tail alone {tail_alone:.0} txn/s ({rounds} rounds: {:.0} txn/s in \
+         {rounds_before} before the abuse, {:.0} in {rounds_after} after), during the abuse \
+         {tail_abused:.0} txn/s ({abused_rounds} rounds within it, {} in all, {} failed): {:.2}x",
+        rate(rounds_before, alone_before),
+        rate(rounds_after, alone_after),
+        tail.rounds.len(),
         tail.failed.len(),
         tail_abused / tail_alone
     );
     for e in &tail.failed {
         eprintln!("abuse: a legitimate tail round failed {e}");
     }
+    eprintln!(
+        "abuse: node CPU per transaction alone: {:.1} µs before the abuse, {:.1} µs after",
+        node_cpu_alone_before.as_secs_f64() * 1e6 / (scale.tail_txns * rounds_before) as f64,
+        node_cpu_alone_after.as_secs_f64() * 1e6 / (scale.tail_txns * rounds_after) as f64
+    );
     // What the abuse cost the node: its CPU time during the abuse beyond what serving the
     // tail's transactions cost it alone (per transaction).
-    let txns_abused = scale.tail_txns * tail.rounds;
+    let txns_abused = scale.tail_txns * tail.rounds.len() as u64;
     let tail_share = node_cpu_alone.mul_f64(txns_abused as f64 / txns_alone as f64);
     eprintln!(
         "abuse: node CPU alone {} ms for {txns_alone} txns ({:.1} µs/txn); during the abuse {} \
@@ -453,11 +534,27 @@ fn run(scale: &Scale, placement: Placement) -> Report {
     );
     assert_eq!(slow.attempts as usize, scale.slow);
     assert_eq!(unauth.attempts as usize, scale.unauth_conns);
+    let (unauth_attempts, unauth_refused_at_door) = (unauth.attempts, unauth.refused_in_handshake);
     assert_eq!(forged.attempts as usize, scale.forged);
-    assert_eq!(
-        granted, 1,
+    // At most one stream before `Hello`. When every stream-opening peer was refused at the
+    // door (they arrive with the slow peers' burst, while the budget is full of handshakes
+    // younger than the grace period: seen once, at 23:41 on 2026-11-30) none got a stream and
+    // there was nothing to check: said loudly (stream/tests/handshake_flood.rs checks it
+    // in-process every time).
+    assert!(
+        granted <= 1,
         "an unauthenticated connection was granted {granted} streams"
     );
+    if granted == 0 {
+        assert_eq!(
+            unauth_refused_at_door, unauth_attempts,
+            "no unauthenticated peer was granted its one stream, yet not all were refused"
+        );
+        eprintln!(
+            "abuse: WARNING: all {unauth_attempts} stream-opening peers were refused during the \
+             handshake: the one-stream check did not run in this run"
+        );
+    }
     // Slow and silent unauthenticated peers end by the handshake timeout (close code 2) or by
     // eviction (3, at whatever stage of TLS the node's side was), each within the bound
     // `ended_by_node` checks, or are refused during the handshake.
@@ -510,14 +607,14 @@ fn run(scale: &Scale, placement: Placement) -> Report {
 fn abusive_peers_are_refused_in_time_and_a_legitimate_tail_keeps_going() {
     // Not pinned: a debug node on one CPU would stretch the handshake timings this test checks,
     // and its ratio is not asserted.
-    run(&CI, Placement::everywhere());
+    run(&CI, Placement::everywhere(), None);
 }
 
 /// `scripts/abuse`: the full abuse of the issue, everything but the ratio asserted.
 #[test]
 #[ignore = "1,100 handshakes and 100,000 datagrams: run by scripts/abuse on a release build"]
 fn abusive_peers_in_full_are_refused_in_time_and_a_legitimate_tail_keeps_going() {
-    run(&FULL, Placement::split());
+    run(&FULL, Placement::split(), None);
 }
 
 /// `scripts/abuse`: the same run on a release build, asserting that the legitimate tail keeps
@@ -529,7 +626,7 @@ fn a_legitimate_tail_keeps_90_percent_of_its_throughput_under_abuse() {
         tail_txns: 20_000,
         ..FULL
     };
-    let r = run(&scale, Placement::split());
+    let r = run(&scale, Placement::split(), None);
     let ratio = r.tail_abused_txn_s / r.tail_alone_txn_s;
     eprintln!(
         "abuse ratio {ratio:.3} (alone {:.0} txn/s, abused {:.0} txn/s, RSS +{} KiB)",
@@ -540,4 +637,156 @@ fn a_legitimate_tail_keeps_90_percent_of_its_throughput_under_abuse() {
         "the legitimate tail kept {:.0}% of its throughput under abuse (goal ≥ 90%)",
         ratio * 100.0
     );
+}
+
+/// Canary of the ratio (`scripts/abuse`): the same run, with a quarter of the node's CPU taken
+/// by a load on the node's side while the abuse lasts, as a node that spent that much more on
+/// the abuse would lose it. The ratio must fall below 90%; if it does not, the measurement
+/// cannot see the node slowed and the 90% test proves nothing.
+#[test]
+#[ignore = "a throughput ratio: run by scripts/abuse on a release build"]
+fn canary_the_ratio_falls_below_90_percent_when_the_node_loses_a_quarter_of_its_cpu() {
+    let scale = Scale {
+        tail_txns: 20_000,
+        ..FULL
+    };
+    let r = run(&scale, Placement::split(), Some(0.25));
+    let ratio = r.tail_abused_txn_s / r.tail_alone_txn_s;
+    eprintln!(
+        "abuse canary ratio {ratio:.3} (alone {:.0} txn/s, abused {:.0} txn/s)",
+        r.tail_alone_txn_s, r.tail_abused_txn_s
+    );
+    assert!(
+        ratio < 0.9,
+        "with a quarter of the node's CPU taken during the abuse the tail still kept {:.0}% of \
+         its throughput: the ratio cannot see a slowed node",
+        ratio * 100.0
+    );
+}
+
+/// Diagnostic (`scripts/abuse`, printed, nothing asserted beyond the attackers' own checks):
+/// the node's CPU time for each kind of abuse at full scale, run one at a time with nothing
+/// else going on, so that what each kind costs the node can be compared (docs/reliability.md).
+/// The node is pinned as in the ratio runs.
+#[test]
+#[ignore = "diagnostic: run by scripts/abuse on a release build"]
+fn the_node_cpu_each_kind_of_abuse_costs() {
+    let placement = Placement::split();
+    eprintln!("abuse cost: {}", placement.describe());
+    let _restore = placement.node_side_for_now();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::start_with(&dir.path().join("n"), 0, &["--durability", "async"]);
+    load_log(&node, 20_000);
+    let addr: SocketAddr = node.addr.parse().expect("the node's address");
+    let token = tls::load_client_dir(&node.secrets())
+        .expect("secrets")
+        .token;
+    let pid = node.pid();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .on_thread_start({
+            let placement = placement.clone();
+            move || placement.attack_side()
+        })
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let seed: u64 = rand::rng().random();
+    // `TIDELINE_ABUSE_COST_ONLY=WORD`: only the kinds whose name holds WORD (e.g. `forged`),
+    // each `TIDELINE_ABUSE_COST_TIMES` times (default 1): a clean profile of one kind.
+    let only = std::env::var("TIDELINE_ABUSE_COST_ONLY").unwrap_or_default();
+    let times: usize = std::env::var("TIDELINE_ABUSE_COST_TIMES")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
+    let measure = |what: &str, attack: &dyn Fn()| {
+        if !what.contains(only.as_str()) {
+            return;
+        }
+        let (cpu0, t0) = (cpu_time(pid), Instant::now());
+        for _ in 1..times {
+            attack();
+        }
+        attack();
+        // Let the node finish its closes and timers (its idle connections tick on).
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!(
+            "abuse cost: {what}: node CPU {} ms in {:.1} s",
+            (cpu_time(pid) - cpu0).as_millis(),
+            t0.elapsed().as_secs_f64()
+        );
+    };
+    measure("nothing (0.5 s idle)", &|| {});
+    let ep = rt.block_on(async { raw_endpoint(&node) });
+    measure("1,000 slow connections", &|| {
+        let t = rt.block_on(slow_connections(ep.clone(), addr, FULL.slow, token.clone()));
+        eprintln!("abuse cost:   {t:?}");
+    });
+    measure("100 x 100 unauthenticated stream opens", &|| {
+        let (t, _) = rt.block_on(unauthenticated_opens(
+            ep.clone(),
+            addr,
+            FULL.unauth_conns,
+            FULL.unauth_opens,
+        ));
+        eprintln!("abuse cost:   {t:?}");
+    });
+    measure("200 forged tokens", &|| {
+        let t = rt.block_on(forged_tokens(
+            ep.clone(),
+            addr,
+            FULL.forged,
+            token.clone(),
+            seed,
+        ));
+        eprintln!("abuse cost:   {t:?}");
+    });
+    measure("10 x 1,000 authenticated stream opens", &|| {
+        rt.block_on(authenticated_opens(
+            ep.clone(),
+            addr,
+            FULL.auth_conns,
+            FULL.auth_opens,
+            token.clone(),
+            seed,
+        ));
+    });
+    measure("100,000 garbage datagrams", &|| {
+        let _ = std::thread::scope(|s| {
+            s.spawn(|| {
+                placement.attack_side();
+                garbage_datagrams(addr, FULL.datagrams, seed)
+            })
+            .join()
+        });
+    });
+    measure("20 never-reading consumers, held 5 s", &|| {
+        rt.block_on(async {
+            let cfg = ClientConfig::new(tls::load_client_dir(&node.secrets()).expect("secrets"));
+            let mut held = Vec::new();
+            for _ in 0..NEVER_READING {
+                let client = Client::connect(&node.addr, cfg.clone())
+                    .await
+                    .expect("connect");
+                let mut sub = client
+                    .subscribe(Start::Earliest, None, None, None)
+                    .await
+                    .expect("subscribe");
+                loop {
+                    match sub.next().await {
+                        Ok(Some(Event::Batch(_))) => break,
+                        Ok(Some(_)) => {}
+                        other => panic!("never-reading consumer: no first batch: {other:?}"),
+                    }
+                }
+                held.push((client, sub));
+            }
+            let held_from = cpu_time(pid);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            eprintln!(
+                "abuse cost:   of which holding them 5 s: {} ms",
+                (cpu_time(pid) - held_from).as_millis()
+            );
+        });
+    });
 }

@@ -97,6 +97,14 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = HANDSHAKE_GRACE_MS_DEFAULT, value_name = "MS",
           value_parser = parse_handshake_grace_ms)]
     pub(super) handshake_grace_ms: u64,
+    /// Once TLS has finished, how long a connection may take to deliver its whole `Hello`
+    /// (the cluster token), in milliseconds; never beyond the 5 s handshake timeout. A real
+    /// client sends it with its last handshake packet; a peer that trickles or withholds it
+    /// is closed with code 2. Raise it only for links whose round trip, with a retransmit,
+    /// approaches it.
+    #[arg(long, default_value_t = HELLO_TIMEOUT_MS_DEFAULT, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(100..=5000))]
+    pub(super) hello_timeout_ms: u64,
     /// Serve the HTTP admin here: overview page `/`, `/api/status`, `/api/log`, `/health`,
     /// `/metrics`. Off unless given (e.g. `--http 127.0.0.1:7480`); off loopback every path
     /// but `/health` needs `Authorization: Bearer TOKEN` (the cluster token).
@@ -109,6 +117,9 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FILE")]
     pub(super) connect: Option<PathBuf>,
 }
+
+/// Default `--hello-timeout-ms`: `ServerConfig`'s `hello_timeout` (a unit test checks).
+const HELLO_TIMEOUT_MS_DEFAULT: u64 = 1000;
 
 /// Default `--handshake-grace-ms`: `ServerConfig`'s `handshake_grace` (a unit test checks).
 const HANDSHAKE_GRACE_MS_DEFAULT: u64 = 1000;
@@ -142,6 +153,7 @@ pub(super) fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
     let mut cfg = ServerConfig::new(args.listen);
     cfg.idle_timeout = Duration::from_millis(args.idle_timeout_ms);
     cfg.handshake_grace = Duration::from_millis(args.handshake_grace_ms);
+    cfg.hello_timeout = Duration::from_millis(args.hello_timeout_ms);
     cfg.consumer_buffer_bytes = usize::try_from(args.consumer_buffer_bytes)
         .context("--consumer-buffer-bytes does not fit this machine's address space")?;
     Ok(cfg)

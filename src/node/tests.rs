@@ -90,6 +90,28 @@ fn handshake_grace_flag_reaches_the_server_config() {
     }
 }
 
+/// Claim: `--hello-timeout-ms` sets the server's `hello_timeout`, and without it the server
+/// keeps its own default; values outside 100..=5000 are refused naming the flag. Fails if the
+/// flag is not wired through or its default drifts from the server's.
+#[test]
+fn hello_timeout_flag_reaches_the_server_config() {
+    let default = server_config(&serve_args(&[]).expect("no flags"))
+        .expect("a server config")
+        .hello_timeout;
+    assert_eq!(default, server_defaults().hello_timeout);
+    for ms in [100u64, 2500, 5000] {
+        let args = serve_args(&["--hello-timeout-ms", &ms.to_string()]).expect("a valid value");
+        let cfg = server_config(&args).expect("a server config");
+        assert_eq!(cfg.hello_timeout, Duration::from_millis(ms));
+    }
+    for bad in ["99", "5001", "1s"] {
+        let err = serve_args(&["--hello-timeout-ms", bad])
+            .expect_err("a bad hello timeout must be refused")
+            .to_string();
+        assert!(err.contains("--hello-timeout-ms"), "{bad}: {err}");
+    }
+}
+
 /// Claim: a grace that is not a number, or not below the handshake timeout, is refused with a
 /// message naming the flag and why (a grace as long as the timeout would let a budget full of
 /// peers that never finish refuse every new connection).

@@ -7,7 +7,10 @@
 //! - more peers than the connection cap that finish TLS but never send `Hello`, then a real
 //!   client still connects;
 //! - an unauthenticated peer may not announce a large first message (the server refuses it at
-//!   once instead of waiting for megabytes) nor open a second stream before `Hello`.
+//!   once instead of waiting for megabytes) nor open a second stream before `Hello`;
+//! - a peer that finished TLS and trickles its `Hello` (or sends none) is closed by the hello
+//!   timeout (1 s after TLS), not left to the whole handshake timeout, while real clients
+//!   still get in.
 //!
 //! Guards against the handshake budget being shared with authenticated connections, against
 //! handshakes without address validation holding state, and against unauthenticated peers
@@ -97,6 +100,7 @@ async fn connect_past_unfinished_handshakes(
     // the real client arrives.
     let f = start(|c| {
         c.handshake_timeout = Duration::from_secs(120);
+        c.hello_timeout = Duration::from_secs(120);
         c.idle_timeout = Duration::from_secs(120);
         tune(c);
     })
@@ -175,10 +179,11 @@ async fn connect_past_silent_peers(
     silent: usize,
     tune: impl FnOnce(&mut ServerConfig),
 ) -> Result<Client, ClientError> {
-    // A long handshake timeout: the silent peers must not simply expire.
+    // Long handshake and hello timeouts: the silent peers must not simply expire.
     let f = start(|c| {
         c.max_connections = cap;
         c.handshake_timeout = Duration::from_secs(60);
+        c.hello_timeout = Duration::from_secs(60);
         tune(c);
     })
     .await;
@@ -323,7 +328,11 @@ async fn second_stream_before_hello(f: &Fixture) -> bool {
 async fn an_unauthenticated_peer_gets_a_small_first_message_and_one_stream() {
     // A long handshake timeout: a server that waits for a large hello's body would wait this
     // long, far beyond the bounded wait below.
-    let f = start(|c| c.handshake_timeout = Duration::from_secs(120)).await;
+    let f = start(|c| {
+        c.handshake_timeout = Duration::from_secs(120);
+        c.hello_timeout = Duration::from_secs(120);
+    })
+    .await;
     assert!(
         large_hello_refused_within(&f, Duration::from_secs(30)).await,
         "the server waited for a 1 MiB hello instead of refusing it"
@@ -425,6 +434,7 @@ async fn real_handshake_under_a_burst(
     let f = start(|c| {
         c.handshakes_max = 8;
         c.handshake_timeout = Duration::from_secs(60);
+        c.hello_timeout = Duration::from_secs(60);
         c.idle_timeout = Duration::from_secs(60);
         tune(c);
     })
@@ -555,6 +565,87 @@ async fn a_client_told_busy_tries_again_within_its_connect_timeout() {
         .expect("the second client gets in once the first has left");
     assert_eq!(
         second.status().await.expect("status"),
+        r#"{"last_offset":0}"#
+    );
+    f.server.shutdown().await;
+}
+
+/// A peer that has finished TLS, opens its stream and then trickles a genuine `Hello` one byte
+/// every `pace`; returns the application close code it was ended with (`None`: another end)
+/// and how long after TLS finished on its side.
+async fn trickled_hello_end(f: &Fixture, pace: Option<Duration>) -> (Option<u64>, Duration) {
+    let ep = raw_endpoint(f);
+    let conn = ep
+        .connect(f.server.local_addr(), tls::SERVER_NAME)
+        .expect("connect")
+        .await
+        .expect("TLS");
+    let tls_done = std::time::Instant::now();
+    let mut hello = Vec::new();
+    proto::encode_message(
+        &Request::Hello {
+            token: f.client_cfg.secrets.token.clone(),
+            client: "trickle".into(),
+            protocol: proto::PROTOCOL_VERSION,
+        },
+        &mut hello,
+    )
+    .expect("encode");
+    let sender = conn.clone();
+    let trickle = tokio::spawn(async move {
+        let Some(pace) = pace else {
+            return;
+        };
+        let Ok((mut send, _recv)) = sender.open_bi().await else {
+            return;
+        };
+        for b in hello {
+            if send.write_all(&[b]).await.is_err() {
+                return;
+            }
+            // Pacing of the trickle, not synchronisation.
+            tokio::time::sleep(pace).await;
+        }
+    });
+    // Far below the 60 s handshake timeout of the fixture, far above the 1 s hello timeout.
+    let end = tokio::time::timeout(Duration::from_secs(20), conn.closed())
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the server left a peer without its Hello open 20 s after TLS finished")
+        });
+    trickle.abort();
+    let code = match end {
+        quinn::ConnectionError::ApplicationClosed(c) => Some(c.error_code.into_inner()),
+        _ => None,
+    };
+    (code, tls_done.elapsed())
+}
+
+/// Claim (PROTOCOL.md, "Limits and timeouts"): once TLS has finished, a peer's whole `Hello`
+/// must arrive within the hello timeout (1 s), not whenever the 5 s handshake timeout ends;
+/// one that trickles it (a byte every 100 ms: ~9 s for a `Hello`) or sends none is closed with
+/// code 2, and a real client still connects. Guards against trickling peers holding places
+/// of the handshake budget, and costing the node a receive and an acknowledgement per
+/// trickled packet, for the whole handshake timeout. Fails on a server that waits for the
+/// handshake timeout (60 s here, with the hello timeout left at its default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_trickles_its_hello_is_closed_by_the_hello_timeout() {
+    let f = start(|c| c.handshake_timeout = Duration::from_secs(60)).await;
+    for pace in [Some(Duration::from_millis(100)), None] {
+        let (code, after) = trickled_hello_end(&f, pace).await;
+        assert_eq!(
+            code,
+            Some(2),
+            "a peer trickling its Hello every {pace:?} was not closed with code 2 ({after:?} \
+             after TLS)"
+        );
+        eprintln!("hello every {pace:?}: closed with code 2 {after:?} after TLS");
+    }
+    let client = Client::connect(&f.server.local_addr().to_string(), f.client_cfg.clone())
+        .await
+        .expect("a real client sends its Hello at once and gets in");
+    assert_eq!(
+        client.status().await.expect("status"),
         r#"{"last_offset":0}"#
     );
     f.server.shutdown().await;

@@ -176,3 +176,28 @@ pub fn cpu_time(pid: u32) -> std::time::Duration {
     let total = ticks(14) + ticks(15);
     std::time::Duration::from_millis(total * 1000 / per_second as u64)
 }
+
+/// CPU time the calling thread has used so far.
+fn thread_cpu_time() -> std::time::Duration {
+    // SAFETY: `timespec` is plain data, all zeroes is valid; the kernel fills it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
+    std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// The canary's load: on the calling thread (pin it to the node's side first), spends
+/// `share` of each 10 ms on the CPU (by its own CPU time, so the share holds however the
+/// scheduler interleaves it) and sleeps the rest, until `stop`. To the legitimate tail this
+/// is a node that spends that much more CPU under the abuse: what the ratio must catch.
+pub fn burn(share: f64, stop: &std::sync::atomic::AtomicBool) {
+    assert!((0.0..1.0).contains(&share), "a share of one CPU: {share}");
+    let period = std::time::Duration::from_millis(10);
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        let until = thread_cpu_time() + period.mul_f64(share);
+        while thread_cpu_time() < until {
+            std::hint::spin_loop();
+        }
+        std::thread::sleep(period.mul_f64(1.0 - share));
+    }
+}

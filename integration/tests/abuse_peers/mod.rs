@@ -19,6 +19,8 @@ use crate::common::Node;
 
 /// The node's handshake timeout (docs/PROTOCOL.md; `ServerConfig::new`).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The node's hello timeout: its whole `Hello` within this of TLS finishing (docs/PROTOCOL.md).
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(1);
 /// Scheduling slack on top of it: two shared cores run the node (a debug build in CI, where a
 /// TLS handshake costs milliseconds of CPU), the 1,100 peers and the tail, and the node's
 /// timers fire late while it works through the flood's handshakes.
@@ -249,13 +251,21 @@ pub async fn forged_tokens(
         let ep = ep.clone();
         tasks.spawn(async move {
             let oversized = forged.len() > 4096;
+            // When this peer handed its `Hello` to QUIC: after asking to connect, after TLS
+            // finished on its side (both instants no later than the node's own starts).
+            let handed = Arc::new(std::sync::Mutex::new(None::<(Duration, Duration)>));
+            let asked = Instant::now();
+            let handed_in = handed.clone();
             let (end, took) = ended_by_node(ep, addr, move |conn| async move {
+                let tls_done = Instant::now();
                 let Ok((mut send, mut recv)) = conn.open_bi().await else {
                     return;
                 };
                 if send.write_all(&hello(&forged)).await.is_err() {
                     return;
                 }
+                *handed_in.lock().expect("not poisoned") =
+                    Some((asked.elapsed(), tls_done.elapsed()));
                 let _ = send.finish();
                 if let Ok(body) = recv.read_to_end(64 << 10).await {
                     let want = if oversized {
@@ -271,12 +281,30 @@ pub async fn forged_tokens(
             })
             .await;
             let want = if oversized { 2 } else { 1 };
+            let handed = *handed.lock().expect("not poisoned");
+            // A peer that itself handed its `Hello` over late by the node's clocks (the
+            // handshake timeout from its first packet, the hello timeout from TLS) may be
+            // closed by them (code 2) instead: the attack generator's own CPU was late, which
+            // says nothing of the node. Every other forged `Hello` must get its code.
+            let late = match handed {
+                Some((from_connect, from_tls)) => {
+                    from_connect >= HANDSHAKE_TIMEOUT || from_tls >= HELLO_TIMEOUT
+                }
+                None => true,
+            };
             if let Ok(code) = end {
-                assert_eq!(
-                    code, want,
-                    "close code for a forged hello (oversized: {oversized}; closed {took:?} after \
-                     TLS finished on the client's side)"
+                assert!(
+                    code == want || (code == 2 && late),
+                    "close code {code} for a forged hello, want {want} (oversized: {oversized}; \
+                     Hello handed to QUIC (after connect, after TLS) {handed:?}; closed {took:?} \
+                     after TLS finished on the client's side)"
                 );
+                if code != want {
+                    eprintln!(
+                        "abuse: a forged Hello handed over late ({handed:?} after connect, TLS) \
+                         was closed by the node's timeout (code 2)"
+                    );
+                }
             }
             (end, took)
         });

@@ -377,8 +377,16 @@ async fn handle_connection<N: Node>(
             _ = &mut evicted => return Err(ConnError::Evicted),
         },
     };
+    // TLS has finished on the node's side: the `Hello` is due within `hello_timeout` (a real
+    // client sent it with its last handshake packet), not whenever the handshake timeout ends.
+    // (The test-only legacy admission keeps the old rule: the whole handshake timeout.)
+    let hello_deadline = if c.cfg.no_handshake_budget() {
+        deadline
+    } else {
+        deadline.min(tokio::time::Instant::now() + c.cfg.hello_timeout)
+    };
     let authenticated = tokio::select! {
-        r = tokio::time::timeout_at(deadline, authenticate(&conn, &c, pre_active)) => {
+        r = tokio::time::timeout_at(hello_deadline, authenticate(&conn, &c, pre_active)) => {
             r.unwrap_or(Err(ConnError::Timeout))
         }
         _ = &mut evicted => Err(ConnError::Evicted),

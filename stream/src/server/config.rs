@@ -23,6 +23,11 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// A connection must finish TLS and present its token within this.
     pub handshake_timeout: Duration,
+    /// Once the node's side of TLS has finished, the peer's whole `Hello` must have arrived
+    /// within this (and within `handshake_timeout` of the first packet): a real client sends
+    /// it with its last handshake packet, so only a peer that trickles or withholds it waits
+    /// here, and every packet it trickles costs the node a receive and an acknowledgement.
+    pub hello_timeout: Duration,
     /// Most concurrent authenticated connections; more are refused.
     pub max_connections: usize,
     /// Most concurrent streams per authenticated connection (an unauthenticated one gets one).
@@ -80,6 +85,7 @@ impl ServerConfig {
             limits: Limits::default(),
             idle_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(5),
+            hello_timeout: Duration::from_secs(1),
             max_connections: 1024,
             max_streams_per_connection: 256,
             handshakes_max: 256,
