@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tideline_wal::{Gtid, NewTransaction, Offset, Op};
+use tideline_wal::{Encoded, Gtid, NewTransaction, Offset, Op};
 
 use crate::catalog::{self, DEFAULT_TREE};
 use crate::engine::Engine;
@@ -65,6 +65,10 @@ struct Prepared {
     /// What the applier keeps of `ops`.
     packed: PackedOps,
     keys: Vec<(Arc<str>, Vec<u8>)>,
+    /// The log record, encoded before the commit lock: an upstream transaction is logged
+    /// as received (its GTID and ops never change on submission). `None` for a local one,
+    /// whose GTID is given under the lock.
+    encoded: Option<Encoded>,
 }
 
 /// A submitted transaction, not yet applied.
@@ -75,6 +79,9 @@ struct InFlight {
     /// before it wakes the committer, so the buffers are freed by the thread that allocated
     /// them, off the applier (the engine's one serial stage).
     _txn: Arc<PackedTxn>,
+    /// The logged ops and their encoding, no longer needed: freed by the committer once it
+    /// has released the commit lock, not under it.
+    _spent: (Vec<Op>, Encoded),
 }
 
 fn now_us() -> i64 {
@@ -128,11 +135,12 @@ impl Engine {
         let prepared = txns
             .into_iter()
             .map(|t| {
-                inner
-                    .prepare(t.ops, true)
-                    .map(|p| (p, t.gtid, t.timestamp_us))
+                let encoded = inner.wal.encode(&t)?;
+                let mut p = inner.prepare(t.ops, true)?;
+                p.encoded = Some(encoded);
+                Ok((p, t.gtid, t.timestamp_us))
             })
-            .collect::<Result<Vec<_>, _>>()
+            .collect::<Result<Vec<_>, WriteError>>()
             .map_err(refused)?;
         let mut refusal = None;
         {
@@ -250,7 +258,12 @@ impl Inner {
             keys.push((name, key.clone()));
         }
         let packed = PackedOps::pack(&ops);
-        Ok(Prepared { ops, packed, keys })
+        Ok(Prepared {
+            ops,
+            packed,
+            keys,
+            encoded: None,
+        })
     }
 
     fn submit_locked(
@@ -264,7 +277,12 @@ impl Inner {
         if self.bootstrapping.load(Ordering::SeqCst) {
             return Err(WriteError::Bootstrapping);
         }
-        let Prepared { ops, packed, keys } = prepared;
+        let Prepared {
+            ops,
+            packed,
+            keys,
+            encoded,
+        } = prepared;
         // Set when the logged op list differs from `ops` (an op dropped or added).
         let mut modified = false;
         let local = matches!(origin, Origin::Local);
@@ -525,15 +543,23 @@ impl Inner {
                 packed
             },
         });
-        let logged = NewTransaction {
-            gtid,
-            timestamp_us,
-            ops: out,
+        let (encoded, out) = match encoded {
+            // Upstream: logged exactly as received, encoded before the lock.
+            Some(e) if !modified => (e, out),
+            _ => {
+                let logged = NewTransaction {
+                    gtid,
+                    timestamp_us,
+                    ops: out,
+                };
+                (self.wal.encode(&logged)?, logged.ops)
+            }
         };
         // The applier learns of the transaction while the log assigns its offset (under the
         // log's lock), so it is known before the log can make it visible. Acknowledgements
-        // reach committers through the applier; the log's own handle is not waited on.
-        let (appended, ()) = self.wal.submit_with(logged, |off| {
+        // reach committers through the applier (which sees a failed log as the visible head's
+        // error), so the log's own acknowledgement is not asked for.
+        let (appended, ()) = self.wal.submit_encoded_with(&encoded, |off| {
             lock(&self.apply).ready.insert(
                 off.get(),
                 Ready {
@@ -542,8 +568,7 @@ impl Inner {
                 },
             );
         })?;
-        let offset = appended.offset().get();
-        drop(appended);
+        let offset = appended.get();
         self.last_submitted.store(offset, Ordering::SeqCst);
 
         // Only now, with the record submitted, does the transaction count as in flight.
@@ -589,6 +614,7 @@ impl Inner {
             offset: Offset::new(offset).unwrap_or(Offset::FIRST),
             gtid,
             _txn: txn,
+            _spent: (out, encoded),
         }))
     }
 

@@ -66,7 +66,7 @@ mod storage;
 pub use error::Error;
 pub use gtid::{Gtid, GtidParseError, GtidSet, Interval};
 pub use log::{
-    Appended, Durability, LogStats, Reader, RecoveryReport, RetentionPolicy, RetentionReport,
+    Appended, Durability, Encoded, LogStats, Reader, RecoveryReport, RetentionPolicy, RetentionReport,
     SegmentInfo, Wal, WalOptions,
 };
 pub use offset::{Epoch, Offset};

@@ -21,7 +21,9 @@ use crate::storage::{Storage, StorageFile};
 use crate::{Epoch, Error, Offset};
 
 use super::retain::reset_segments;
-use super::{Appended, Durability, Pending, SegmentMeta, Shared, Wal, WalOptions, lock, now_us};
+use super::{
+    Ack, Appended, Durability, Encoded, Pending, SegmentMeta, Shared, Wal, WalOptions, lock, now_us,
+};
 
 impl Wal {
     /// Queues `txn` for the next group commit and returns at once with its offset-to-be.
@@ -41,13 +43,16 @@ impl Wal {
     where
         R: Sized,
     {
-        let shared = &*self.shared;
-        if shared.poisoned.load(Ordering::SeqCst) {
-            return Err(shared.poison_error());
-        }
-        if shared.opts.read_only {
-            return Err(Error::ReadOnly);
-        }
+        let encoded = self.encode(&txn)?;
+        let (tx, rx) = oneshot::channel();
+        let (offset, r) = self.queue(&encoded, Some(tx), assigned)?;
+        Ok((Appended { offset, rx }, r))
+    }
+
+    /// Checks and encodes `txn` for [`Wal::submit_encoded_with`]. Needs no lock of the log's
+    /// (or of the caller's), so a caller that orders its submissions under a lock of its own
+    /// can encode before taking it.
+    pub fn encode(&self, txn: &NewTransaction) -> Result<Encoded, Error> {
         // The readers refuse a record with GTID number 0 (`record::decode_payload`): one
         // written would stop recovery and every tail at it.
         if txn.gtid.seq == 0 {
@@ -56,37 +61,71 @@ impl Wal {
             });
         }
         // Sized up front: growing a large record's buffer by doubling copies it several times.
-        let buf = rkyv::util::AlignedVec::<16>::with_capacity(encoded_size_hint(&txn));
+        let buf = rkyv::util::AlignedVec::<16>::with_capacity(encoded_size_hint(txn));
         let payload =
-            rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&txn, buf).map_err(|e| {
+            rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(txn, buf).map_err(|e| {
                 Error::Encode {
                     reason: e.to_string(),
                 }
             })?;
-        if payload.len() as u64 > u64::from(shared.opts.record_bytes_max) {
+        let max = self.shared.opts.record_bytes_max;
+        if payload.len() as u64 > u64::from(max) {
             return Err(Error::RecordTooLarge {
                 bytes: payload.len() as u64,
-                max: shared.opts.record_bytes_max,
+                max,
             });
         }
-        let (tx, rx) = oneshot::channel();
+        Ok(Encoded {
+            gtid: txn.gtid,
+            payload,
+        })
+    }
+
+    /// Queues a transaction encoded by [`Wal::encode`] like [`Wal::submit_with`], without an
+    /// acknowledgement to wait on: for a caller that learns of its records' fate from the
+    /// visible head ([`Wal::wait_visible_blocking`]), which moves past a record only once it
+    /// is durable, and stops with the poison error if the log fails. Saves the channel and
+    /// the writer's send per record.
+    pub fn submit_encoded_with<R>(
+        &self,
+        encoded: &Encoded,
+        assigned: impl FnOnce(Offset) -> R,
+    ) -> Result<(Offset, R), Error> {
+        self.queue(encoded, None, assigned)
+    }
+
+    fn queue<R>(
+        &self,
+        encoded: &Encoded,
+        ack: Option<Ack>,
+        assigned: impl FnOnce(Offset) -> R,
+    ) -> Result<(Offset, R), Error> {
+        let shared = &*self.shared;
+        if shared.poisoned.load(Ordering::SeqCst) {
+            return Err(shared.poison_error());
+        }
+        if shared.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
         let mut st = lock(&shared.state);
         if st.closing {
             return Err(Error::Closed);
         }
         let offset = Offset::new(st.next_offset).ok_or(Error::Closed)?;
-        record::append_frame(offset, &payload, &mut st.pending.bytes)?;
+        record::append_frame(offset, &encoded.payload, &mut st.pending.bytes)?;
         st.next_offset += 1;
         st.pending.count += 1;
-        st.pending.acks.push(tx);
-        st.pending.gtids.push(txn.gtid);
+        if let Some(ack) = ack {
+            st.pending.acks.push(ack);
+        }
+        st.pending.gtids.push(encoded.gtid);
         let r = assigned(offset);
         let wake = std::mem::take(&mut st.writer_waiting);
         drop(st);
         if wake {
             shared.wake_writer.notify_one();
         }
-        Ok((Appended { offset, rx }, r))
+        Ok((offset, r))
     }
 
     /// Appends and waits: [`Wal::submit`] then [`Appended::wait`]. Blocking.

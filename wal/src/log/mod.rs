@@ -277,7 +277,7 @@ struct SegmentMeta {
     bytes: u64,
 }
 
-type Ack = oneshot::Sender<Result<(), Error>>;
+pub(super) type Ack = oneshot::Sender<Result<(), Error>>;
 
 #[derive(Default)]
 struct Pending {
@@ -431,6 +431,25 @@ impl std::fmt::Debug for Wal {
             .field("server_uuid", &self.shared.server_uuid)
             .field("visible", &self.shared.visible())
             .finish_non_exhaustive()
+    }
+}
+
+/// A transaction checked and encoded by [`Wal::encode`], not yet in the log: its GTID and the
+/// record's payload (what a frame carries). Submitted with [`Wal::submit_encoded_with`].
+pub struct Encoded {
+    gtid: Gtid,
+    payload: rkyv::util::AlignedVec<16>,
+}
+
+impl Encoded {
+    /// The transaction's GTID.
+    pub fn gtid(&self) -> Gtid {
+        self.gtid
+    }
+
+    /// The encoded record (rkyv, the log's persisted format).
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
     }
 }
 
