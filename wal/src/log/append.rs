@@ -43,16 +43,18 @@ impl Wal {
     where
         R: Sized,
     {
-        let encoded = self.encode(&txn)?;
+        let mut encoded = Encoded::with_capacity(1);
+        self.encode_into(&txn, &mut encoded)?;
         let (tx, rx) = oneshot::channel();
-        let (offset, r) = self.queue(&encoded, Some(tx), assigned)?;
+        let (offset, r) = self.queue(encoded.gtid(0), encoded.payload(0), Some(tx), assigned)?;
         Ok((Appended { offset, rx }, r))
     }
 
-    /// Checks and encodes `txn` for [`Wal::submit_encoded_with`]. Needs no lock of the log's
-    /// (or of the caller's), so a caller that orders its submissions under a lock of its own
-    /// can encode before taking it.
-    pub fn encode(&self, txn: &NewTransaction) -> Result<Encoded, Error> {
+    /// Checks and encodes `txn` at the end of `encoded`, for [`Wal::submit_encoded_with`];
+    /// returns its index there. Needs no lock of the log's (or of the caller's), so a caller
+    /// that orders its submissions under a lock of its own can encode before taking it, and
+    /// a caller with many transactions can encode them all into one buffer.
+    pub fn encode_into(&self, txn: &NewTransaction, encoded: &mut Encoded) -> Result<usize, Error> {
         // The readers refuse a record with GTID number 0 (`record::decode_payload`): one
         // written would stop recovery and every tail at it.
         if txn.gtid.seq == 0 {
@@ -60,43 +62,53 @@ impl Wal {
                 reason: format!("GTID {}:0 (GTID numbers start at 1)", txn.gtid.uuid),
             });
         }
+        let start = encoded.buf.len();
         // Sized up front: growing a large record's buffer by doubling copies it several times.
-        let buf = rkyv::util::AlignedVec::<16>::with_capacity(encoded_size_hint(txn));
-        let payload =
-            rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(txn, buf).map_err(|e| {
-                Error::Encode {
-                    reason: e.to_string(),
-                }
-            })?;
+        encoded.buf.reserve(encoded_size_hint(txn));
+        // Appended after the records already there: the archive's relative pointers stay
+        // within its own bytes, and the pinned `unaligned` format needs no padding, so the
+        // range reads back on its own (`record::decode_payload`).
+        if let Err(e) = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(txn, &mut encoded.buf)
+        {
+            encoded.buf.resize(start, 0);
+            return Err(Error::Encode {
+                reason: e.to_string(),
+            });
+        }
+        let end = encoded.buf.len();
         let max = self.shared.opts.record_bytes_max;
-        if payload.len() as u64 > u64::from(max) {
+        if (end - start) as u64 > u64::from(max) {
+            encoded.buf.resize(start, 0);
             return Err(Error::RecordTooLarge {
-                bytes: payload.len() as u64,
+                bytes: (end - start) as u64,
                 max,
             });
         }
-        Ok(Encoded {
-            gtid: txn.gtid,
-            payload,
-        })
+        encoded.items.push((txn.gtid, end));
+        Ok(encoded.items.len() - 1)
     }
 
-    /// Queues a transaction encoded by [`Wal::encode`] like [`Wal::submit_with`], without an
-    /// acknowledgement to wait on: for a caller that learns of its records' fate from the
-    /// visible head ([`Wal::wait_visible_blocking`]), which moves past a record only once it
-    /// is durable, and stops with the poison error if the log fails. Saves the channel and
-    /// the writer's send per record.
+    /// Queues record `index` of `encoded` (from [`Wal::encode_into`]) like
+    /// [`Wal::submit_with`], without an acknowledgement to wait on: for a caller that learns
+    /// of its records' fate from the visible head ([`Wal::wait_visible_blocking`]), which moves
+    /// past a record only once it is durable and fails with the poison error if the log
+    /// fails. Saves the channel and the writer's send per record.
+    ///
+    /// # Panics
+    /// If `index` is not one `encode_into` returned for `encoded`.
     pub fn submit_encoded_with<R>(
         &self,
         encoded: &Encoded,
+        index: usize,
         assigned: impl FnOnce(Offset) -> R,
     ) -> Result<(Offset, R), Error> {
-        self.queue(encoded, None, assigned)
+        self.queue(encoded.gtid(index), encoded.payload(index), None, assigned)
     }
 
     fn queue<R>(
         &self,
-        encoded: &Encoded,
+        gtid: Gtid,
+        payload: &[u8],
         ack: Option<Ack>,
         assigned: impl FnOnce(Offset) -> R,
     ) -> Result<(Offset, R), Error> {
@@ -112,13 +124,13 @@ impl Wal {
             return Err(Error::Closed);
         }
         let offset = Offset::new(st.next_offset).ok_or(Error::Closed)?;
-        record::append_frame(offset, &encoded.payload, &mut st.pending.bytes)?;
+        record::append_frame(offset, payload, &mut st.pending.bytes)?;
         st.next_offset += 1;
         st.pending.count += 1;
         if let Some(ack) = ack {
             st.pending.acks.push(ack);
         }
-        st.pending.gtids.push(encoded.gtid);
+        st.pending.gtids.push(gtid);
         let r = assigned(offset);
         let wake = std::mem::take(&mut st.writer_waiting);
         drop(st);

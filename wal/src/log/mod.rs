@@ -434,22 +434,51 @@ impl std::fmt::Debug for Wal {
     }
 }
 
-/// A transaction checked and encoded by [`Wal::encode`], not yet in the log: its GTID and the
-/// record's payload (what a frame carries). Submitted with [`Wal::submit_encoded_with`].
+/// Transactions checked and encoded by [`Wal::encode_into`], not yet in the log: their GTIDs
+/// and records' payloads (what a frame carries), all in one buffer. Submitted one by one with
+/// [`Wal::submit_encoded_with`].
+#[derive(Default)]
 pub struct Encoded {
-    gtid: Gtid,
-    payload: rkyv::util::AlignedVec<16>,
+    buf: rkyv::util::AlignedVec<16>,
+    /// Each transaction's GTID and where its payload ends in `buf` (it starts where the one
+    /// before ends).
+    items: Vec<(Gtid, usize)>,
 }
 
 impl Encoded {
-    /// The transaction's GTID.
-    pub fn gtid(&self) -> Gtid {
-        self.gtid
+    /// Room for `txns` transactions.
+    pub fn with_capacity(txns: usize) -> Encoded {
+        Encoded {
+            buf: rkyv::util::AlignedVec::new(),
+            items: Vec::with_capacity(txns),
+        }
     }
 
-    /// The encoded record (rkyv, the log's persisted format).
-    pub fn payload(&self) -> &[u8] {
-        &self.payload
+    /// How many transactions it holds.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The GTID of transaction `index`.
+    ///
+    /// # Panics
+    /// If `index` is not below [`Encoded::len`].
+    pub fn gtid(&self, index: usize) -> Gtid {
+        self.items[index].0
+    }
+
+    /// The encoded record of transaction `index` (rkyv, the log's persisted format).
+    ///
+    /// # Panics
+    /// If `index` is not below [`Encoded::len`].
+    pub fn payload(&self, index: usize) -> &[u8] {
+        let start = if index == 0 { 0 } else { self.items[index - 1].1 };
+        &self.buf[start..self.items[index].1]
     }
 }
 
