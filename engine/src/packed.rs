@@ -214,9 +214,7 @@ impl PackedOps {
                     push(&mut self.bytes, key),
                     push(&mut self.bytes, value),
                 ),
-                OpRef::Delete { key, .. } => {
-                    (PackedKind::Delete, push(&mut self.bytes, key), none)
-                }
+                OpRef::Delete { key, .. } => (PackedKind::Delete, push(&mut self.bytes, key), none),
                 OpRef::Merge { key, operand, .. } => (
                     PackedKind::Merge,
                     push(&mut self.bytes, key),

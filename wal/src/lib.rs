@@ -69,8 +69,8 @@ mod storage;
 pub use error::Error;
 pub use gtid::{Gtid, GtidParseError, GtidSet, Interval};
 pub use log::{
-    Appended, Durability, Encoded, LogStats, Reader, RecoveryReport, RetentionPolicy, RetentionReport,
-    SegmentInfo, Wal, WalOptions,
+    Appended, Durability, Encoded, LogStats, Reader, RecoveryReport, RetentionPolicy,
+    RetentionReport, SegmentInfo, Wal, WalOptions,
 };
 pub use offset::{Epoch, Offset};
 pub use record::{NewTransaction, Op, Transaction};

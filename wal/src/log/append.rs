@@ -68,7 +68,8 @@ impl Wal {
         // Appended after the records already there: the archive's relative pointers stay
         // within its own bytes, and the pinned `unaligned` format needs no padding, so the
         // range reads back on its own (`record::decode_payload`).
-        if let Err(e) = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(txn, &mut encoded.buf)
+        if let Err(e) =
+            rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(txn, &mut encoded.buf)
         {
             encoded.buf.resize(start, 0);
             return Err(Error::Encode {

@@ -477,7 +477,11 @@ impl Encoded {
     /// # Panics
     /// If `index` is not below [`Encoded::len`].
     pub fn payload(&self, index: usize) -> &[u8] {
-        let start = if index == 0 { 0 } else { self.items[index - 1].1 };
+        let start = if index == 0 {
+            0
+        } else {
+            self.items[index - 1].1
+        };
         &self.buf[start..self.items[index].1]
     }
 }
