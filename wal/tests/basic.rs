@@ -226,8 +226,8 @@ fn records_encoded_into_one_buffer_read_back_each_as_itself() {
     }
     assert_eq!(encoded.len(), want.len());
     let mut assigned = Vec::new();
-    for i in 0..encoded.len() {
-        assert_eq!(encoded.gtid(i), want[i].gtid);
+    for (i, t) in want.iter().enumerate() {
+        assert_eq!(encoded.gtid(i), t.gtid);
         let (off, ()) = wal
             .submit_encoded_with(&encoded, i, |o| assigned.push(o.get()))
             .unwrap();
