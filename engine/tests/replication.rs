@@ -305,7 +305,11 @@ fn a_batch_applied_as_one_keeps_each_transactions_own_write_set() {
     // Offsets 3..=42 on A, each writing its own keys; sizes differ so ranges are irregular.
     for i in 0..40u32 {
         a.transaction(|tx| {
-            tx.put("default", format!("a{i:02}").as_bytes(), &vec![b'v'; i as usize])?;
+            tx.put(
+                "default",
+                format!("a{i:02}").as_bytes(),
+                &vec![b'v'; i as usize],
+            )?;
             if i % 3 == 0 {
                 tx.put("other", format!("b{i:02}").as_bytes(), b"w")?;
                 tx.delete("default", format!("gone{i}").as_bytes())?;
@@ -339,7 +343,10 @@ fn a_batch_applied_as_one_keeps_each_transactions_own_write_set() {
         ("default", "a40", None),
         ("other", "b10", None),
     ];
-    let txns: Vec<_> = cases.iter().map(|(t, k, _)| read_then_write(t, k)).collect();
+    let txns: Vec<_> = cases
+        .iter()
+        .map(|(t, k, _)| read_then_write(t, k))
+        .collect();
     let applied = b
         .apply_upstream_batch(upstream[2..].to_vec())
         .expect("apply the rest as one batch");
@@ -356,7 +363,8 @@ fn a_batch_applied_as_one_keeps_each_transactions_own_write_set() {
     }
     for i in 0..40u32 {
         assert_eq!(
-            b.get("default", format!("a{i:02}").as_bytes()).expect("get"),
+            b.get("default", format!("a{i:02}").as_bytes())
+                .expect("get"),
             Some(vec![b'v'; i as usize])
         );
         let other = b.get("other", format!("b{i:02}").as_bytes()).expect("get");
