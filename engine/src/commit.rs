@@ -83,9 +83,18 @@ struct InFlight {
     /// before it wakes the committer, so the buffers are freed by the thread that allocated
     /// them, off the applier (the engine's one serial stage).
     _txn: PackedTxn,
-    /// The logged ops and their encoding, no longer needed: freed by the committer once it
-    /// has released the commit lock, not under it.
-    _spent: (Vec<Op>, Option<Arc<Encoded>>),
+    /// The logged ops and their encoding, no longer needed once submitted (the log copied
+    /// the record, the applier reads `_txn`): freed by the committer after it released the
+    /// commit lock and before it waits ([`InFlight::release_spent`]), so the frees overlap
+    /// the log's sync and the applier's work instead of following them.
+    spent: Option<(Vec<Op>, Option<Arc<Encoded>>)>,
+}
+
+impl InFlight {
+    /// Frees what the transaction no longer needs (see `spent`).
+    fn release_spent(&mut self) {
+        self.spent = None;
+    }
 }
 
 fn now_us() -> i64 {
@@ -200,6 +209,9 @@ impl Engine {
                 }
             }
         }
+        for (_, f) in &mut pending {
+            f.release_spent();
+        }
         // Submitted transactions are in the log: wait for them even when a later one was
         // refused. A failure here means every later offset fails too (fail-stop).
         for (i, f) in pending {
@@ -245,7 +257,10 @@ impl Inner {
         };
         match f {
             None => Ok(None),
-            Some(f) => inner.finish(f).map(Some),
+            Some(mut f) => {
+                f.release_spent();
+                inner.finish(f).map(Some)
+            }
         }
     }
 
@@ -646,7 +661,7 @@ impl Inner {
             offset: Offset::new(offset).unwrap_or(Offset::FIRST),
             gtid,
             _txn: txn,
-            _spent: (out, encoded.map(|(e, _)| e)),
+            spent: Some((out, encoded.map(|(e, _)| e))),
         }))
     }
 
