@@ -138,7 +138,7 @@ impl Inner {
                 && group.len() < self.opts.apply_group_txns_max
                 && ops < self.opts.apply_group_ops_max
             {
-                match a.ready.remove(&at) {
+                match a.ready.remove(at) {
                     Some(r) => {
                         ops += r.txn.op_count();
                         group.push((at, r.txn));
@@ -213,7 +213,7 @@ impl Inner {
     /// `replay`: called by recovery (only a test switch treats it differently).
     pub(crate) fn apply_group<T: ApplyTxn>(
         &self,
-        group: &[(u64, Arc<T>)],
+        group: &[(u64, T)],
         replay: bool,
     ) -> Result<(), String> {
         let Some(&(last, _)) = group.last() else {

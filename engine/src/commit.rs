@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tideline_wal::{Gtid, NewTransaction, Offset, Op};
+use tideline_wal::{Encoded, Gtid, NewTransaction, Offset, Op};
 
 use crate::catalog::{self, DEFAULT_TREE};
 use crate::engine::Engine;
@@ -39,7 +39,9 @@ use crate::index::{self, DocEntry, Index, Parsed};
 use crate::merge::{self, MergeOperator};
 use crate::packed::{PackedOps, PackedTxn};
 use crate::snapshot::SnapshotAt;
-use crate::state::{CommitInfo, CommitState, HistoryEntry, Inner, Ready, check_kv, lock};
+use crate::state::{
+    CommitInfo, CommitState, HistoryEntry, Inner, KeysRef, Ready, WrittenKeys, check_kv, lock,
+};
 use crate::store::StoreTree;
 use crate::txn::ReadItem;
 
@@ -62,9 +64,15 @@ pub(crate) enum Origin {
 /// A transaction ready to be submitted: see [`Inner::prepare`].
 struct Prepared {
     ops: Vec<Op>,
-    /// What the applier keeps of `ops`.
-    packed: PackedOps,
-    keys: Vec<(Arc<str>, Vec<u8>)>,
+    /// What the applier keeps of `ops`: their range of a packed copy (of the whole upstream
+    /// batch, or of this transaction alone).
+    packed: (Arc<PackedOps>, std::ops::Range<usize>),
+    /// The keys `ops` write, for conflict checks.
+    keys: KeysRef,
+    /// The log record, encoded before the commit lock: an upstream transaction is logged
+    /// as received (its GTID and ops never change on submission). `None` for a local one,
+    /// whose GTID is given under the lock.
+    encoded: Option<(Arc<Encoded>, usize)>,
 }
 
 /// A submitted transaction, not yet applied.
@@ -74,7 +82,19 @@ struct InFlight {
     /// The committer's reference to what the applier applies: the applier drops its own
     /// before it wakes the committer, so the buffers are freed by the thread that allocated
     /// them, off the applier (the engine's one serial stage).
-    _txn: Arc<PackedTxn>,
+    _txn: PackedTxn,
+    /// The logged ops and their encoding, no longer needed once submitted (the log copied
+    /// the record, the applier reads `_txn`): freed by the committer after it released the
+    /// commit lock and before it waits ([`InFlight::release_spent`]), so the frees overlap
+    /// the log's sync and the applier's work instead of following them.
+    spent: Option<(Vec<Op>, Option<Arc<Encoded>>)>,
+}
+
+impl InFlight {
+    /// Frees what the transaction no longer needs (see `spent`).
+    fn release_spent(&mut self) {
+        self.spent = None;
+    }
 }
 
 fn now_us() -> i64 {
@@ -124,16 +144,40 @@ impl Engine {
         let mut pending = Vec::new();
         let inner = &self.inner;
         inner.check_not_failed().map_err(refused)?;
-        // Limits are checked for the whole batch before anything is submitted.
+        // Limits are checked for the whole batch before anything is submitted. The batch's
+        // ops are packed into one copy and its keys into one buffer (allocations per batch,
+        // not per transaction), and each record is encoded here, outside the commit lock.
+        let mut packed = PackedOps::default();
+        packed.reserve(txns.iter().flat_map(|t| &t.ops));
+        let mut keys = WrittenKeys::default();
+        let mut encoded = Encoded::with_capacity(txns.len());
+        let mut parts = Vec::with_capacity(txns.len());
+        for t in &txns {
+            let first_key = keys.len();
+            inner
+                .collect_keys(&t.ops, true, &mut keys)
+                .map_err(refused)?;
+            let index = inner
+                .wal
+                .encode_into(t, &mut encoded)
+                .map_err(|e| refused(e.into()))?;
+            parts.push((index, packed.push(&t.ops), first_key..keys.len()));
+        }
+        let (packed, keys, encoded) = (Arc::new(packed), Arc::new(keys), Arc::new(encoded));
         let prepared = txns
             .into_iter()
-            .map(|t| {
-                inner
-                    .prepare(t.ops, true)
-                    .map(|p| (p, t.gtid, t.timestamp_us))
+            .zip(parts)
+            .map(|(t, (index, ops, key_range))| {
+                let p = Prepared {
+                    ops: t.ops,
+                    packed: (packed.clone(), ops),
+                    keys: KeysRef::Shared(keys.clone(), key_range),
+                    encoded: Some((encoded.clone(), index)),
+                };
+                (p, t.gtid, t.timestamp_us)
             })
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(refused)?;
+            .collect::<Vec<_>>();
+        drop((packed, keys, encoded));
         let mut refusal = None;
         {
             let mut st = lock(&inner.commit);
@@ -164,6 +208,9 @@ impl Engine {
                     }
                 }
             }
+        }
+        for (_, f) in &mut pending {
+            f.release_spent();
         }
         // Submitted transactions are in the log: wait for them even when a later one was
         // refused. A failure here means every later offset fails too (fail-stop).
@@ -203,26 +250,44 @@ impl Inner {
             return Err(WriteError::ReadOnly);
         }
         inner.check_not_failed()?;
-        let prepared = inner.prepare(ops, false)?;
+        let prepared = inner.prepare(ops)?;
         let f = {
             let mut st = lock(&inner.commit);
             inner.submit_locked(&mut st, prepared, reads, Origin::Local)?
         };
         match f {
             None => Ok(None),
-            Some(f) => inner.finish(f).map(Some),
+            Some(mut f) => {
+                f.release_spent();
+                inner.finish(f).map(Some)
+            }
         }
     }
 
-    /// Validates and submits one transaction; called with the commit lock held. `Ok(None)`:
-    /// nothing to log (a local transaction without effect, or an upstream GTID already here).
-    /// The work of a commit that needs no lock: limit checks (for upstream transactions;
-    /// local ones were checked op by op), the packed copy of the ops the applier keeps, and the
-    /// write set for conflict checks.
-    fn prepare(&self, ops: Vec<Op>, check_limits: bool) -> Result<Prepared, WriteError> {
-        let mut keys = Vec::with_capacity(ops.len());
-        let mut last_tree: Option<Arc<str>> = None;
-        for op in &ops {
+    /// The work of a local commit that needs no lock: the packed copy of the ops the applier
+    /// keeps, and the write set for conflict checks (limits were checked op by op).
+    fn prepare(&self, ops: Vec<Op>) -> Result<Prepared, WriteError> {
+        let mut keys = WrittenKeys::default();
+        self.collect_keys(&ops, false, &mut keys)?;
+        let range = 0..ops.len();
+        let packed = Arc::new(PackedOps::pack(&ops));
+        Ok(Prepared {
+            ops,
+            packed: (packed, range),
+            keys: KeysRef::Own(keys),
+            encoded: None,
+        })
+    }
+
+    /// Adds the keys `ops` write to `keys`, checking each against this node's limits first
+    /// when `check_limits` (upstream transactions; local ones were checked op by op).
+    fn collect_keys(
+        &self,
+        ops: &[Op],
+        check_limits: bool,
+        keys: &mut WrittenKeys,
+    ) -> Result<(), WriteError> {
+        for op in ops {
             let (tree, key, value) = match op {
                 Op::Put {
                     tree, key, value, ..
@@ -239,20 +304,13 @@ impl Inner {
             if check_limits {
                 check_kv(&self.opts, tree, key, value)?;
             }
-            let name = match &last_tree {
-                Some(t) if **t == **tree => t.clone(),
-                _ => {
-                    let t: Arc<str> = Arc::from(tree.as_str());
-                    last_tree = Some(t.clone());
-                    t
-                }
-            };
-            keys.push((name, key.clone()));
+            keys.push(tree, key);
         }
-        let packed = PackedOps::pack(&ops);
-        Ok(Prepared { ops, packed, keys })
+        Ok(())
     }
 
+    /// Validates and submits one transaction; called with the commit lock held. `Ok(None)`:
+    /// nothing to log (a local transaction without effect, or an upstream GTID already here).
     fn submit_locked(
         &self,
         st: &mut CommitState,
@@ -264,7 +322,12 @@ impl Inner {
         if self.bootstrapping.load(Ordering::SeqCst) {
             return Err(WriteError::Bootstrapping);
         }
-        let Prepared { ops, packed, keys } = prepared;
+        let Prepared {
+            ops,
+            packed,
+            keys,
+            encoded,
+        } = prepared;
         // Set when the logged op list differs from `ops` (an op dropped or added).
         let mut modified = false;
         let local = matches!(origin, Origin::Local);
@@ -475,7 +538,7 @@ impl Inner {
                 }
             }
         }
-        let out = if modified {
+        let mut out = if modified {
             // Both index lists ascend: they were filled in op order.
             let mut out = Vec::with_capacity(ops.len() + create_default_at.len());
             let mut create = create_default_at.into_iter().peekable();
@@ -517,23 +580,33 @@ impl Inner {
             }
             Origin::Upstream { gtid, timestamp_us } => (gtid, timestamp_us),
         };
-        let txn = Arc::new(PackedTxn {
-            gtid,
-            ops: if modified {
-                PackedOps::pack(&out)
-            } else {
-                packed
-            },
-        });
-        let logged = NewTransaction {
-            gtid,
-            timestamp_us,
-            ops: out,
+        let txn = if modified {
+            PackedTxn::new(gtid, Arc::new(PackedOps::pack(&out)), 0..out.len())
+        } else {
+            PackedTxn::new(gtid, packed.0, packed.1)
+        };
+        // Upstream: logged exactly as received, encoded before the lock (in one buffer with
+        // the rest of its batch). Local: encoded now, under the lock, which gives its GTID.
+        let mut own = None;
+        let (record, index) = match &encoded {
+            Some((e, index)) if !modified => (&**e, *index),
+            _ => {
+                let e = own.insert(Encoded::with_capacity(1));
+                let logged = NewTransaction {
+                    gtid,
+                    timestamp_us,
+                    ops: out,
+                };
+                let index = self.wal.encode_into(&logged, e)?;
+                out = logged.ops;
+                (&*e, index)
+            }
         };
         // The applier learns of the transaction while the log assigns its offset (under the
         // log's lock), so it is known before the log can make it visible. Acknowledgements
-        // reach committers through the applier; the log's own handle is not waited on.
-        let (appended, ()) = self.wal.submit_with(logged, |off| {
+        // reach committers through the applier (which sees a failed log as the visible head's
+        // error), so the log's own acknowledgement is not asked for.
+        let (appended, ()) = self.wal.submit_encoded_with(record, index, |off| {
             lock(&self.apply).ready.insert(
                 off.get(),
                 Ready {
@@ -542,8 +615,7 @@ impl Inner {
                 },
             );
         })?;
-        let offset = appended.offset().get();
-        drop(appended);
+        let offset = appended.get();
         self.last_submitted.store(offset, Ordering::SeqCst);
 
         // Only now, with the record submitted, does the transaction count as in flight.
@@ -589,6 +661,7 @@ impl Inner {
             offset: Offset::new(offset).unwrap_or(Offset::FIRST),
             gtid,
             _txn: txn,
+            spent: Some((out, encoded.map(|(e, _)| e))),
         }))
     }
 
@@ -648,7 +721,7 @@ impl Inner {
             .iter()
             .rev()
             .take_while(|e| e.offset > applied)
-            .any(|e| e.keys.iter().any(|(t, k)| &**t == tree && k == key))
+            .any(|e| e.keys.iter().any(|(t, k)| t == tree && k == key))
     }
 
     /// Refuses a local transaction whose puts or merges would give a second primary key a
@@ -808,12 +881,12 @@ fn conflicts(r: &ReadItem, e: &HistoryEntry) -> Option<String> {
         ReadItem::Key { tree, key } => e
             .keys
             .iter()
-            .any(|(t, k)| &**t == tree.as_str() && k == key)
+            .any(|(t, k)| t == tree.as_str() && k == key.as_slice())
             .then(|| format!("key {:?} in tree `{tree}`", key_text(key))),
         ReadItem::Range { tree, lo, hi } => e
             .keys
             .iter()
-            .any(|(t, k)| &**t == tree.as_str() && range_contains(lo, hi, k))
+            .any(|(t, k)| t == tree.as_str() && range_contains(lo, hi, k))
             .then(|| format!("a key in a range read from tree `{tree}`")),
     }
 }

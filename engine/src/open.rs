@@ -25,7 +25,7 @@ use crate::catalog;
 use crate::engine::Engine;
 use crate::error::{OpenError, WriteError};
 use crate::state::{
-    ApplyState, CommitState, EngineOptions, Inner, KEY_BYTES_MAX_LIMIT, View, lock,
+    ApplyState, CommitState, EngineOptions, Inner, KEY_BYTES_MAX_LIMIT, ReadyQueue, View, lock,
 };
 use crate::store::{Backend, Persist, Store, StoreError, StoreOptions, StoreTree, TreeOptions};
 use crate::trees::load_catalog;
@@ -183,7 +183,7 @@ impl Engine {
             }),
             apply: Mutex::new(ApplyState {
                 applied,
-                ready: BTreeMap::new(),
+                ready: ReadyQueue::default(),
                 store_failed: None,
                 dead_from: u64::MAX,
                 dead_reason: String::new(),
@@ -366,10 +366,10 @@ impl Inner {
         }
         let from = Offset::new(applied + 1).unwrap_or(Offset::FIRST);
         let mut reader = self.wal.read_from(from)?;
-        let mut group: Vec<(u64, Arc<NewTransaction>)> = Vec::new();
+        let mut group: Vec<(u64, NewTransaction)> = Vec::new();
         let mut group_bytes = 0usize;
         let mut count = 0;
-        let flush = |group: &mut Vec<(u64, Arc<NewTransaction>)>| -> Result<(), OpenError> {
+        let flush = |group: &mut Vec<(u64, NewTransaction)>| -> Result<(), OpenError> {
             if let Some(&(offset, _)) = group.last() {
                 self.apply_group(group, true)
                     .map_err(|reason| OpenError::Apply { offset, reason })?;
@@ -390,11 +390,11 @@ impl Inner {
                 .sum::<usize>();
             group.push((
                 t.offset.get(),
-                Arc::new(NewTransaction {
+                NewTransaction {
                     gtid: t.gtid,
                     timestamp_us: t.timestamp_us,
                     ops: t.ops,
-                }),
+                },
             ));
             count += 1;
             if group.len() >= self.opts.apply_group_txns_max || group_bytes >= 32 << 20 {

@@ -7,6 +7,8 @@
 //!
 //! Must never: change what an op means (that is `apply`), or touch the store or the log.
 
+use std::sync::Arc;
+
 use tideline_wal::{Gtid, NewTransaction, Op};
 
 /// An op as the store applies it, borrowed from a logged [`Op`] or from a [`PackedTxn`].
@@ -110,16 +112,21 @@ impl ApplyTxn for NewTransaction {
     }
 }
 
-/// The ops of a transaction in flight, as the applier keeps them: every key, value and
+/// The ops of transactions in flight, as the applier keeps them: every key, value and
 /// operand in one buffer and every tree name in one string, so a transaction costs three
 /// allocations whatever its size (a clone of its `Vec<Op>` costs three per op, and the
-/// applier, the engine's one serial stage, would free them all).
+/// applier, the engine's one serial stage, would free them all). An upstream batch packs all
+/// its transactions into one `PackedOps` (three allocations per batch, not per transaction);
+/// each [`PackedTxn`] is a range of its op table.
+#[derive(Default)]
 pub(crate) struct PackedOps {
     ops: Vec<PackedOp>,
     bytes: Vec<u8>,
     names: String,
     /// Index definitions and drops, kept as logged (rare: no need to pack them).
     rare: Vec<Op>,
+    /// Where the last tree name pushed sits in `names` (consecutive ops share it).
+    last_tree: Option<(usize, usize)>,
 }
 
 #[derive(Clone, Copy)]
@@ -145,9 +152,19 @@ struct PackedOp {
 }
 
 impl PackedOps {
+    /// The ops of one transaction, packed on their own.
     pub(crate) fn pack(ops: &[Op]) -> PackedOps {
-        let mut bytes_len = 0;
+        let mut p = PackedOps::default();
+        p.reserve(ops);
+        p.push(ops);
+        p
+    }
+
+    /// Makes room for `ops` (of one or more later [`PackedOps::push`] calls).
+    pub(crate) fn reserve<'o>(&mut self, ops: impl IntoIterator<Item = &'o Op>) {
+        let (mut n, mut bytes_len) = (0, 0);
         for op in ops {
+            n += 1;
             bytes_len += match op {
                 Op::Put { key, value, .. } => key.len() + value.len(),
                 Op::Merge { key, operand, .. } => key.len() + operand.len(),
@@ -158,20 +175,25 @@ impl PackedOps {
                 | Op::DropIndex { .. } => 0,
             };
         }
-        let mut p = PackedOps {
-            ops: Vec::with_capacity(ops.len()),
-            bytes: Vec::with_capacity(bytes_len),
-            names: String::new(),
-            rare: Vec::new(),
-        };
-        let mut last_tree = (0, 0);
+        self.ops.reserve(n);
+        self.bytes.reserve(bytes_len);
+    }
+
+    /// Appends the ops of one transaction; returns their range in the op table.
+    pub(crate) fn push(&mut self, ops: &[Op]) -> std::ops::Range<usize> {
+        let first = self.ops.len();
         for op in ops {
             let r = OpRef::from(op);
             let tree = r.tree();
             // Consecutive ops on one tree (the usual case) share its name.
-            if p.names.get(last_tree.0..last_tree.1) != Some(tree) || p.ops.is_empty() {
-                last_tree = push_str(&mut p.names, tree);
-            }
+            let last_tree = match self.last_tree {
+                Some(t) if self.names.get(t.0..t.1) == Some(tree) => t,
+                _ => {
+                    let t = push_str(&mut self.names, tree);
+                    self.last_tree = Some(t);
+                    t
+                }
+            };
             let none = (0, 0);
             let (kind, key, value) = match r {
                 OpRef::CreateTree {
@@ -182,35 +204,67 @@ impl PackedOps {
                     merge_operator: Some(m),
                     ..
                 } => {
-                    let m = push_str(&mut p.names, m);
+                    let m = push_str(&mut self.names, m);
                     // The operator's name sits in `names`, after the tree name.
                     (PackedKind::CreateTreeWithOperator, none, m)
                 }
                 OpRef::DropTree { .. } => (PackedKind::DropTree, none, none),
                 OpRef::Put { key, value, .. } => (
                     PackedKind::Put,
-                    push(&mut p.bytes, key),
-                    push(&mut p.bytes, value),
+                    push(&mut self.bytes, key),
+                    push(&mut self.bytes, value),
                 ),
-                OpRef::Delete { key, .. } => (PackedKind::Delete, push(&mut p.bytes, key), none),
+                OpRef::Delete { key, .. } => (PackedKind::Delete, push(&mut self.bytes, key), none),
                 OpRef::Merge { key, operand, .. } => (
                     PackedKind::Merge,
-                    push(&mut p.bytes, key),
-                    push(&mut p.bytes, operand),
+                    push(&mut self.bytes, key),
+                    push(&mut self.bytes, operand),
                 ),
                 OpRef::CreateIndex { .. } | OpRef::DropIndex { .. } => {
-                    p.rare.push(op.clone());
-                    (PackedKind::Rare, (p.rare.len() - 1, 0), none)
+                    self.rare.push(op.clone());
+                    (PackedKind::Rare, (self.rare.len() - 1, 0), none)
                 }
             };
-            p.ops.push(PackedOp {
+            self.ops.push(PackedOp {
                 kind,
                 tree: last_tree,
                 key,
                 value,
             });
         }
-        p
+        first..self.ops.len()
+    }
+
+    fn op(&self, o: &PackedOp) -> OpRef<'_> {
+        // Ranges were recorded by `push` while it filled these buffers.
+        let tree = &self.names[o.tree.0..o.tree.1];
+        let key = match o.kind {
+            PackedKind::Rare => &[][..],
+            _ => &self.bytes[o.key.0..o.key.1],
+        };
+        match o.kind {
+            PackedKind::CreateTree => OpRef::CreateTree {
+                tree,
+                merge_operator: None,
+            },
+            PackedKind::CreateTreeWithOperator => OpRef::CreateTree {
+                tree,
+                merge_operator: Some(&self.names[o.value.0..o.value.1]),
+            },
+            PackedKind::DropTree => OpRef::DropTree { tree },
+            PackedKind::Put => OpRef::Put {
+                tree,
+                key,
+                value: &self.bytes[o.value.0..o.value.1],
+            },
+            PackedKind::Delete => OpRef::Delete { tree, key },
+            PackedKind::Merge => OpRef::Merge {
+                tree,
+                key,
+                operand: &self.bytes[o.value.0..o.value.1],
+            },
+            PackedKind::Rare => OpRef::from(&self.rare[o.key.0]),
+        }
     }
 }
 
@@ -226,10 +280,25 @@ fn push_str(buf: &mut String, s: &str) -> (usize, usize) {
     (start, buf.len())
 }
 
-/// A transaction in flight: its GTID and packed ops.
+/// A transaction in flight: its GTID and its ops, a range of a [`PackedOps`] it may share
+/// with the rest of its upstream batch. Cheap to clone (one reference count).
+#[derive(Clone)]
 pub(crate) struct PackedTxn {
     pub(crate) gtid: Gtid,
-    pub(crate) ops: PackedOps,
+    packed: Arc<PackedOps>,
+    range: std::ops::Range<usize>,
+}
+
+impl PackedTxn {
+    /// The transaction whose ops are `range` of `packed` (from [`PackedOps::push`]).
+    pub(crate) fn new(gtid: Gtid, packed: Arc<PackedOps>, range: std::ops::Range<usize>) -> Self {
+        debug_assert!(range.end <= packed.ops.len(), "a range `push` returned");
+        PackedTxn {
+            gtid,
+            packed,
+            range,
+        }
+    }
 }
 
 impl ApplyTxn for PackedTxn {
@@ -237,47 +306,21 @@ impl ApplyTxn for PackedTxn {
         self.gtid
     }
     fn op_count(&self) -> usize {
-        self.ops.ops.len()
+        self.range.len()
     }
     fn ops(&self) -> impl Iterator<Item = OpRef<'_>> {
-        let p = &self.ops;
-        // Ranges were recorded by `pack` while it filled these buffers.
-        p.ops.iter().map(move |o| {
-            let tree = &p.names[o.tree.0..o.tree.1];
-            let key = match o.kind {
-                PackedKind::Rare => &[][..],
-                _ => &p.bytes[o.key.0..o.key.1],
-            };
-            match o.kind {
-                PackedKind::CreateTree => OpRef::CreateTree {
-                    tree,
-                    merge_operator: None,
-                },
-                PackedKind::CreateTreeWithOperator => OpRef::CreateTree {
-                    tree,
-                    merge_operator: Some(&p.names[o.value.0..o.value.1]),
-                },
-                PackedKind::DropTree => OpRef::DropTree { tree },
-                PackedKind::Put => OpRef::Put {
-                    tree,
-                    key,
-                    value: &p.bytes[o.value.0..o.value.1],
-                },
-                PackedKind::Delete => OpRef::Delete { tree, key },
-                PackedKind::Merge => OpRef::Merge {
-                    tree,
-                    key,
-                    operand: &p.bytes[o.value.0..o.value.1],
-                },
-                PackedKind::Rare => OpRef::from(&p.rare[o.key.0]),
-            }
-        })
+        let p = &*self.packed;
+        p.ops[self.range.clone()].iter().map(move |o| p.op(o))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn b_all(t: &NewTransaction) -> Vec<String> {
+        t.ops().map(|o| format!("{o:?}")).collect()
+    }
 
     /// Packing keeps every op, field for field, in order, across tree changes.
     #[test]
@@ -323,10 +366,7 @@ mod tests {
             },
         ];
         let gtid = Gtid::new(uuid::Uuid::nil(), 1).expect("seq 1 is valid");
-        let packed = PackedTxn {
-            gtid,
-            ops: PackedOps::pack(&ops),
-        };
+        let packed = PackedTxn::new(gtid, Arc::new(PackedOps::pack(&ops)), 0..ops.len());
         let logged = NewTransaction {
             gtid,
             timestamp_us: 0,
@@ -337,5 +377,14 @@ mod tests {
         let b: Vec<String> = logged.ops().map(|o| format!("{o:?}")).collect();
         assert_eq!(a, b);
         assert!(PackedOps::pack(&[]).ops.is_empty());
+        // Several transactions in one `PackedOps` (an upstream batch): each reads back its own.
+        let mut shared = PackedOps::default();
+        let first = shared.push(&ops[..3]);
+        let second = shared.push(&ops[3..]);
+        let shared = Arc::new(shared);
+        let a = PackedTxn::new(gtid, shared.clone(), first);
+        let b = PackedTxn::new(gtid, shared, second);
+        let both: Vec<String> = a.ops().chain(b.ops()).map(|o| format!("{o:?}")).collect();
+        assert_eq!(both, b_all(&logged));
     }
 }

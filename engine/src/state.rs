@@ -195,8 +195,68 @@ pub(crate) struct View {
 
 pub(crate) struct HistoryEntry {
     pub(crate) offset: u64,
-    pub(crate) keys: Vec<(Arc<str>, Vec<u8>)>,
+    pub(crate) keys: KeysRef,
     pub(crate) trees: Vec<Arc<str>>,
+}
+
+/// The keys some transactions write, tree and key, in one buffer: an upstream batch collects
+/// all of its transactions' keys in one (two allocations per batch instead of three per
+/// transaction), and each history entry refers to its own part ([`KeysRef`]). Holds keys
+/// only, never values, so the history stays bounded by `history_keys_max` keys.
+#[derive(Default)]
+pub(crate) struct WrittenKeys {
+    bytes: Vec<u8>,
+    keys: Vec<(Arc<str>, usize, usize)>,
+}
+
+impl WrittenKeys {
+    /// Appends `key` of `tree`.
+    pub(crate) fn push(&mut self, tree: &str, key: &[u8]) {
+        let name = match self.keys.last() {
+            Some((t, _, _)) if **t == *tree => t.clone(),
+            _ => Arc::from(tree),
+        };
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(key);
+        self.keys.push((name, start, self.bytes.len()));
+    }
+
+    /// How many keys were pushed so far.
+    pub(crate) fn len(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// One transaction's keys: its own [`WrittenKeys`] (a local commit) or a range of its
+/// upstream batch's.
+pub(crate) enum KeysRef {
+    Own(WrittenKeys),
+    Shared(Arc<WrittenKeys>, std::ops::Range<usize>),
+}
+
+impl KeysRef {
+    fn parts(&self) -> (&WrittenKeys, std::ops::Range<usize>) {
+        match self {
+            KeysRef::Own(w) => (w, 0..w.keys.len()),
+            KeysRef::Shared(w, r) => (w, r.clone()),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.parts().1.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tree and key of each.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        let (all, range) = self.parts();
+        all.keys[range]
+            .iter()
+            .map(move |(t, a, b)| (&**t, &all.bytes[*a..*b]))
+    }
 }
 
 pub(crate) struct CommitState {
@@ -221,13 +281,43 @@ pub(crate) struct CommitState {
 
 /// An acknowledged transaction waiting to be applied, and the committer to wake.
 pub(crate) struct Ready {
-    pub(crate) txn: Arc<PackedTxn>,
+    pub(crate) txn: PackedTxn,
     pub(crate) waiter: std::thread::Thread,
+}
+
+/// Submitted transactions not yet taken by the applier, by offset. Offsets are given (and
+/// entries added) in ascending order under the log's ordering lock, and the applier takes them
+/// in the same order, so this is a queue: adding and taking cost no search and no tree nodes.
+#[derive(Default)]
+pub(crate) struct ReadyQueue(VecDeque<(u64, Ready)>);
+
+impl ReadyQueue {
+    /// Adds the transaction at `offset`, above every offset added before.
+    pub(crate) fn insert(&mut self, offset: u64, r: Ready) {
+        debug_assert!(
+            self.0.back().is_none_or(|(last, _)| *last < offset),
+            "offsets are added in ascending order"
+        );
+        self.0.push_back((offset, r));
+    }
+
+    /// Takes the transaction at `offset` if it is the lowest one waiting.
+    pub(crate) fn remove(&mut self, offset: u64) -> Option<Ready> {
+        match self.0.front() {
+            Some((first, _)) if *first == offset => self.0.pop_front().map(|(_, r)| r),
+            _ => None,
+        }
+    }
+
+    /// Every transaction waiting, lowest offset first.
+    pub(crate) fn values(&self) -> impl Iterator<Item = &Ready> {
+        self.0.iter().map(|(_, r)| r)
+    }
 }
 
 pub(crate) struct ApplyState {
     pub(crate) applied: u64,
-    pub(crate) ready: BTreeMap<u64, Ready>,
+    pub(crate) ready: ReadyQueue,
     /// The store could not apply: nothing more will be.
     pub(crate) store_failed: Option<String>,
     /// The log failed to acknowledge this offset: it and everything after will never apply.

@@ -284,3 +284,90 @@ fn failed_upstream_batch_returns_after_the_transactions_before_the_failure_are_a
         );
     }
 }
+
+/// An upstream batch is packed, keyed and encoded as one (its transactions share buffers):
+/// each transaction must still count as the writer of exactly its own keys. A local
+/// transaction that read a key before the batch conflicts, and the conflict names the offset
+/// of the one upstream transaction that wrote that key; one that read only keys the batch did
+/// not write commits; and what the batch wrote reads back, key by key. Guards against a
+/// transaction's keys or ops taken from a neighbour's range of the shared buffers.
+#[test]
+fn a_batch_applied_as_one_keeps_each_transactions_own_write_set() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let a = open(
+        dir_a.path(),
+        &Arc::new(MemStorage::new()),
+        EngineOptions::default(),
+    );
+    a.create_tree("other", None).expect("create");
+    a.put("default", b"seed", b"0").expect("seed");
+    // Offsets 3..=42 on A, each writing its own keys; sizes differ so ranges are irregular.
+    for i in 0..40u32 {
+        a.transaction(|tx| {
+            tx.put(
+                "default",
+                format!("a{i:02}").as_bytes(),
+                &vec![b'v'; i as usize],
+            )?;
+            if i % 3 == 0 {
+                tx.put("other", format!("b{i:02}").as_bytes(), b"w")?;
+                tx.delete("default", format!("gone{i}").as_bytes())?;
+            }
+            Ok(())
+        })
+        .expect("write");
+    }
+    let upstream = log_of(&a);
+    assert_eq!(upstream.len(), 42);
+    let b = open(
+        dir_b.path(),
+        &Arc::new(MemStorage::new()),
+        EngineOptions::default(),
+    );
+    // The trees and the seed first; B's offsets then equal A's.
+    b.apply_upstream_batch(upstream[..2].to_vec())
+        .expect("apply the head");
+    let read_then_write = |tree: &str, key: &str| {
+        let mut tx = b.begin();
+        tx.get(tree, key.as_bytes()).expect("read");
+        tx.put("default", format!("local-{key}").as_bytes(), b"x")
+            .expect("buffer a write");
+        tx
+    };
+    let cases = [
+        ("default", "a07", Some(10)),
+        ("other", "b09", Some(12)),
+        ("default", "a30", Some(33)),
+        ("default", "a39", Some(42)),
+        ("default", "a40", None),
+        ("other", "b10", None),
+    ];
+    let txns: Vec<_> = cases
+        .iter()
+        .map(|(t, k, _)| read_then_write(t, k))
+        .collect();
+    let applied = b
+        .apply_upstream_batch(upstream[2..].to_vec())
+        .expect("apply the rest as one batch");
+    assert!(applied.iter().all(|r| matches!(r, Applied::Committed(_))));
+    for ((tree, key, writer), tx) in cases.iter().zip(txns) {
+        match (tx.commit(), writer) {
+            (Err(WriteError::Conflict(why)), Some(offset)) => assert!(
+                why.ends_with(&format!("at offset {offset}")),
+                "{tree}/{key}: {why}"
+            ),
+            (Ok(_), None) => {}
+            (other, _) => panic!("{tree}/{key}: expected conflict with {writer:?}, got {other:?}"),
+        }
+    }
+    for i in 0..40u32 {
+        assert_eq!(
+            b.get("default", format!("a{i:02}").as_bytes())
+                .expect("get"),
+            Some(vec![b'v'; i as usize])
+        );
+        let other = b.get("other", format!("b{i:02}").as_bytes()).expect("get");
+        assert_eq!(other.is_some(), i % 3 == 0, "b{i:02}");
+    }
+}

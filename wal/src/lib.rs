@@ -9,6 +9,9 @@
 //! - **Append with group commit** ([`Wal::submit`]): concurrent writers share one `fdatasync`.
 //!   Under [`Durability::Sync`] an append is acknowledged after its bytes are durable; under
 //!   [`Durability::Async`] after they are written, with a sync every few milliseconds.
+//!   A caller that orders its own submissions can encode first, many records into one buffer
+//!   ([`Wal::encode_into`]), and submit them without an acknowledgement channel
+//!   ([`Wal::submit_encoded_with`]), learning their fate from the visible head.
 //! - **Written vs durable**: [`Wal::written_offset`] and [`Wal::durable_offset`] are kept
 //!   apart. Readers (readers, [`Wal::wait_visible`], and through them tails, replicas and the
 //!   engine's applier) see up to [`Wal::visible_offset`], which is the durable head in both
@@ -66,8 +69,8 @@ mod storage;
 pub use error::Error;
 pub use gtid::{Gtid, GtidParseError, GtidSet, Interval};
 pub use log::{
-    Appended, Durability, LogStats, Reader, RecoveryReport, RetentionPolicy, RetentionReport,
-    SegmentInfo, Wal, WalOptions,
+    Appended, Durability, Encoded, LogStats, Reader, RecoveryReport, RetentionPolicy,
+    RetentionReport, SegmentInfo, Wal, WalOptions,
 };
 pub use offset::{Epoch, Offset};
 pub use record::{NewTransaction, Op, Transaction};

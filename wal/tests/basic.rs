@@ -176,3 +176,82 @@ fn async_durability_acks_before_the_fsync_and_the_interval_syncs() {
     let syncs = storage.sync_count() - syncs_at_open;
     assert!(syncs >= 1, "visible without an fsync");
 }
+
+/// Transactions encoded into one buffer (`encode_into`) and submitted one by one without an
+/// acknowledgement (`submit_encoded_with`) read back as themselves, in order, after a
+/// reopen; a refused record (GTID number 0, too large) leaves the buffer as it was. Guards
+/// the batch encoding of upstream apply: a payload that read another's bytes, or a refused
+/// encoding that left a torn record behind, would show here.
+#[test]
+fn records_encoded_into_one_buffer_read_back_each_as_itself() {
+    let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let opts = || WalOptions {
+        record_bytes_max: 4096,
+        ..small_segments()
+    };
+    let wal = Wal::open(storage.clone(), opts()).unwrap();
+    let mut encoded = tideline_wal::Encoded::with_capacity(3);
+    let mut want = Vec::new();
+    for seq in 1..=40 {
+        let mut t = txn(&wal, seq);
+        // Sizes differ from record to record, so that no payload boundary is regular.
+        t.ops.push(Op::Delete {
+            tree: format!("t{}", seq % 7),
+            key: vec![seq as u8; seq as usize],
+            before: None,
+        });
+        assert_eq!(wal.encode_into(&t, &mut encoded).unwrap(), want.len());
+        want.push(t);
+        if seq == 20 {
+            let zero = NewTransaction {
+                gtid: Gtid {
+                    uuid: wal.server_uuid(),
+                    seq: 0,
+                },
+                ..txn(&wal, 1)
+            };
+            assert!(wal.encode_into(&zero, &mut encoded).is_err());
+            let mut huge = txn(&wal, 99);
+            huge.ops.push(Op::Put {
+                tree: "default".into(),
+                key: b"big".to_vec(),
+                value: vec![7; 8192],
+                before: None,
+            });
+            assert!(matches!(
+                wal.encode_into(&huge, &mut encoded),
+                Err(Error::RecordTooLarge { .. })
+            ));
+        }
+    }
+    assert_eq!(encoded.len(), want.len());
+    let mut assigned = Vec::new();
+    for (i, t) in want.iter().enumerate() {
+        assert_eq!(encoded.gtid(i), t.gtid);
+        let (off, ()) = wal
+            .submit_encoded_with(&encoded, i, |o| assigned.push(o.get()))
+            .unwrap();
+        assert_eq!(off.get(), i as u64 + 1);
+    }
+    assert_eq!(assigned, (1..=40).collect::<Vec<_>>());
+    // No acknowledgement to wait on: the visible head tells (Sync durability here).
+    assert!(
+        wal.wait_visible_blocking(Offset::new(40).unwrap(), std::time::Duration::from_secs(10))
+            .unwrap()
+    );
+    drop(wal);
+    let wal = Wal::open(storage, opts()).unwrap();
+    let got: Vec<NewTransaction> = wal
+        .read_from(Offset::FIRST)
+        .unwrap()
+        .map(|t| {
+            let t = t.unwrap();
+            NewTransaction {
+                gtid: t.gtid,
+                timestamp_us: t.timestamp_us,
+                ops: t.ops,
+            }
+        })
+        .collect();
+    assert_eq!(got, want);
+}

@@ -21,7 +21,9 @@ use crate::storage::{Storage, StorageFile};
 use crate::{Epoch, Error, Offset};
 
 use super::retain::reset_segments;
-use super::{Appended, Durability, Pending, SegmentMeta, Shared, Wal, WalOptions, lock, now_us};
+use super::{
+    Ack, Appended, Durability, Encoded, Pending, SegmentMeta, Shared, Wal, WalOptions, lock, now_us,
+};
 
 impl Wal {
     /// Queues `txn` for the next group commit and returns at once with its offset-to-be.
@@ -41,13 +43,18 @@ impl Wal {
     where
         R: Sized,
     {
-        let shared = &*self.shared;
-        if shared.poisoned.load(Ordering::SeqCst) {
-            return Err(shared.poison_error());
-        }
-        if shared.opts.read_only {
-            return Err(Error::ReadOnly);
-        }
+        let mut encoded = Encoded::with_capacity(1);
+        self.encode_into(&txn, &mut encoded)?;
+        let (tx, rx) = oneshot::channel();
+        let (offset, r) = self.queue(encoded.gtid(0), encoded.payload(0), Some(tx), assigned)?;
+        Ok((Appended { offset, rx }, r))
+    }
+
+    /// Checks and encodes `txn` at the end of `encoded`, for [`Wal::submit_encoded_with`];
+    /// returns its index there. Needs no lock of the log's (or of the caller's), so a caller
+    /// that orders its submissions under a lock of its own can encode before taking it, and
+    /// a caller with many transactions can encode them all into one buffer.
+    pub fn encode_into(&self, txn: &NewTransaction, encoded: &mut Encoded) -> Result<usize, Error> {
         // The readers refuse a record with GTID number 0 (`record::decode_payload`): one
         // written would stop recovery and every tail at it.
         if txn.gtid.seq == 0 {
@@ -55,38 +62,83 @@ impl Wal {
                 reason: format!("GTID {}:0 (GTID numbers start at 1)", txn.gtid.uuid),
             });
         }
+        let start = encoded.buf.len();
         // Sized up front: growing a large record's buffer by doubling copies it several times.
-        let buf = rkyv::util::AlignedVec::<16>::with_capacity(encoded_size_hint(&txn));
-        let payload =
-            rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&txn, buf).map_err(|e| {
-                Error::Encode {
-                    reason: e.to_string(),
-                }
-            })?;
-        if payload.len() as u64 > u64::from(shared.opts.record_bytes_max) {
-            return Err(Error::RecordTooLarge {
-                bytes: payload.len() as u64,
-                max: shared.opts.record_bytes_max,
+        encoded.buf.reserve(encoded_size_hint(txn));
+        // Appended after the records already there: the archive's relative pointers stay
+        // within its own bytes, and the pinned `unaligned` format needs no padding, so the
+        // range reads back on its own (`record::decode_payload`).
+        if let Err(e) =
+            rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(txn, &mut encoded.buf)
+        {
+            encoded.buf.resize(start, 0);
+            return Err(Error::Encode {
+                reason: e.to_string(),
             });
         }
-        let (tx, rx) = oneshot::channel();
+        let end = encoded.buf.len();
+        let max = self.shared.opts.record_bytes_max;
+        if (end - start) as u64 > u64::from(max) {
+            encoded.buf.resize(start, 0);
+            return Err(Error::RecordTooLarge {
+                bytes: (end - start) as u64,
+                max,
+            });
+        }
+        encoded.items.push((txn.gtid, end));
+        Ok(encoded.items.len() - 1)
+    }
+
+    /// Queues record `index` of `encoded` (from [`Wal::encode_into`]) like
+    /// [`Wal::submit_with`], without an acknowledgement to wait on: for a caller that learns
+    /// of its records' fate from the visible head ([`Wal::wait_visible_blocking`]), which moves
+    /// past a record only once it is durable and fails with the poison error if the log
+    /// fails. Saves the channel and the writer's send per record.
+    ///
+    /// # Panics
+    /// If `index` is not one `encode_into` returned for `encoded`.
+    pub fn submit_encoded_with<R>(
+        &self,
+        encoded: &Encoded,
+        index: usize,
+        assigned: impl FnOnce(Offset) -> R,
+    ) -> Result<(Offset, R), Error> {
+        self.queue(encoded.gtid(index), encoded.payload(index), None, assigned)
+    }
+
+    fn queue<R>(
+        &self,
+        gtid: Gtid,
+        payload: &[u8],
+        ack: Option<Ack>,
+        assigned: impl FnOnce(Offset) -> R,
+    ) -> Result<(Offset, R), Error> {
+        let shared = &*self.shared;
+        if shared.poisoned.load(Ordering::SeqCst) {
+            return Err(shared.poison_error());
+        }
+        if shared.opts.read_only {
+            return Err(Error::ReadOnly);
+        }
         let mut st = lock(&shared.state);
         if st.closing {
             return Err(Error::Closed);
         }
         let offset = Offset::new(st.next_offset).ok_or(Error::Closed)?;
-        record::append_frame(offset, &payload, &mut st.pending.bytes)?;
+        record::append_frame(offset, payload, &mut st.pending.bytes)?;
         st.next_offset += 1;
         st.pending.count += 1;
-        st.pending.acks.push(tx);
-        st.pending.gtids.push(txn.gtid);
+        if let Some(ack) = ack {
+            st.pending.acks.push(ack);
+        }
+        st.pending.gtids.push(gtid);
         let r = assigned(offset);
         let wake = std::mem::take(&mut st.writer_waiting);
         drop(st);
         if wake {
             shared.wake_writer.notify_one();
         }
-        Ok((Appended { offset, rx }, r))
+        Ok((offset, r))
     }
 
     /// Appends and waits: [`Wal::submit`] then [`Appended::wait`]. Blocking.

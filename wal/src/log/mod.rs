@@ -277,7 +277,7 @@ struct SegmentMeta {
     bytes: u64,
 }
 
-type Ack = oneshot::Sender<Result<(), Error>>;
+pub(super) type Ack = oneshot::Sender<Result<(), Error>>;
 
 #[derive(Default)]
 struct Pending {
@@ -431,6 +431,58 @@ impl std::fmt::Debug for Wal {
             .field("server_uuid", &self.shared.server_uuid)
             .field("visible", &self.shared.visible())
             .finish_non_exhaustive()
+    }
+}
+
+/// Transactions checked and encoded by [`Wal::encode_into`], not yet in the log: their GTIDs
+/// and records' payloads (what a frame carries), all in one buffer. Submitted one by one with
+/// [`Wal::submit_encoded_with`].
+#[derive(Default)]
+pub struct Encoded {
+    buf: rkyv::util::AlignedVec<16>,
+    /// Each transaction's GTID and where its payload ends in `buf` (it starts where the one
+    /// before ends).
+    items: Vec<(Gtid, usize)>,
+}
+
+impl Encoded {
+    /// Room for `txns` transactions.
+    pub fn with_capacity(txns: usize) -> Encoded {
+        Encoded {
+            buf: rkyv::util::AlignedVec::new(),
+            items: Vec::with_capacity(txns),
+        }
+    }
+
+    /// How many transactions it holds.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The GTID of transaction `index`.
+    ///
+    /// # Panics
+    /// If `index` is not below [`Encoded::len`].
+    pub fn gtid(&self, index: usize) -> Gtid {
+        self.items[index].0
+    }
+
+    /// The encoded record of transaction `index` (rkyv, the log's persisted format).
+    ///
+    /// # Panics
+    /// If `index` is not below [`Encoded::len`].
+    pub fn payload(&self, index: usize) -> &[u8] {
+        let start = if index == 0 {
+            0
+        } else {
+            self.items[index - 1].1
+        };
+        &self.buf[start..self.items[index].1]
     }
 }
 
