@@ -680,8 +680,11 @@ const ENV_CYCLE: &str = "TIDELINE_INDEX_CRASH_CYCLE";
 const DOCS: u64 = 2_000;
 
 /// The child: on cycle 0 loads the documents; on every cycle drops and re-creates one of
-/// the indexes (so kills land mid-backfill), then rewrites, patches and deletes
-/// documents until killed. Prints `A` after each acknowledged write.
+/// the indexes, then rewrites, patches and deletes documents until killed. Whenever that
+/// index has been live for a while it is dropped and re-created again, so that backfills
+/// recur all through the run and a kill lands mid-backfill however fast the machine
+/// backfills. Prints `A` after each acknowledged write, with whether an index was
+/// backfilling.
 #[test]
 #[ignore = "child process of the SIGKILL index test"]
 fn index_crash_child() {
@@ -706,14 +709,29 @@ fn index_crash_child() {
         for (name, paths) in INDEXES {
             e.create_index(TREE, name, paths, false).expect("create");
         }
-    } else {
-        let (name, paths) = INDEXES[cycle as usize % 2];
-        e.drop_index(TREE, name).expect("drop");
-        e.create_index(TREE, name, paths, false).expect("create");
+    }
+    let (name, paths) = INDEXES[cycle as usize % 2];
+    // One transaction: a kill never finds the index dropped and not yet declared again.
+    let recreate = || {
+        let mut tx = e.begin();
+        tx.drop_index(TREE, name).expect("drop");
+        tx.create_index(TREE, name, paths, false).expect("create");
+        tx.commit()
+            .expect("re-create")
+            .expect("the index was re-created");
+    };
+    if cycle > 0 {
+        recreate();
     }
     println!("READY");
     let mut rng = rand::rng();
+    // Writes acknowledged while every index was live, since the last re-creation.
+    let mut live_acks = 0u32;
     for i in 0u64.. {
+        if live_acks >= 25 {
+            recreate();
+            live_acks = 0;
+        }
         let key = format!("d{:08}", rng.random_range(0..DOCS + 100));
         match i % 4 {
             0 => e.delete(TREE, key.as_bytes()).map(|_| ()).expect("delete"),
@@ -738,6 +756,7 @@ fn index_crash_child() {
             .indexes()
             .iter()
             .any(|i| matches!(i.state, IndexState::Backfilling { .. }));
+        live_acks += u32::from(!backfilling);
         println!("A {i} {}", if backfilling { "backfilling" } else { "live" });
     }
 }
