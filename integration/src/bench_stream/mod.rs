@@ -2,8 +2,9 @@
 //! decoding, measured in one run on one machine, all on loopback.
 //!
 //! Phases: (1) one consumer tails a log of `--changes` one-put transactions already on disk,
-//! served by the real server ([`LogNode`] over the log) and read with the real client, beside
-//! a bare quinn stream carrying the same bytes in large writes; then `--consumers` consumers
+//! served by the real server ([`LogNode`](tideline_stream::log_node::LogNode) over the log)
+//! and read with the real client, beside a bare quinn stream carrying the same bytes in large
+//! writes; then `--consumers` consumers
 //! tail the same log at once; (2) the same with 64 KiB values (bandwidth); (3) commit-to-
 //! consumer latency with a writer paced at `--latency-rate` under async durability;
 //! (4) PostgreSQL logical decoding (`pg_recvlogical`, test_decoding) draining as many 100-byte
