@@ -146,8 +146,15 @@ fn free_tcp_port() -> anyhow::Result<u16> {
 impl RedisServer {
     fn start(bin: &str, dir: &Path) -> anyhow::Result<RedisServer> {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        // Redis changes into `--dir` before it opens `--logfile`: both must be absolute.
+        let dir = &std::path::absolute(dir)
+            .with_context(|| format!("make {} an absolute path", dir.display()))?;
         let port = free_tcp_port()?;
         let log = dir.join("redis.log");
+        // Where Redis says why it refused its configuration (before any log file is open).
+        let err_path = dir.join("redis.stderr");
+        let err_file = std::fs::File::create(&err_path)
+            .with_context(|| format!("create {}", err_path.display()))?;
         let child = Command::new(bin)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
@@ -159,18 +166,26 @@ impl RedisServer {
             .arg(&log)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(err_file)
             .spawn()
             .with_context(|| format!("start {bin}"))?;
         let mut server = RedisServer { child, port };
         let started = Instant::now();
         loop {
             if let Some(status) = server.child.try_wait()? {
-                let tail = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!(
-                    "{bin} exited with {status} at start: {}",
-                    tail.lines().last().unwrap_or("")
-                );
+                let said = [&err_path, &log]
+                    .iter()
+                    .filter_map(|p| std::fs::read_to_string(p).ok())
+                    .flat_map(|t| {
+                        t.lines()
+                            .map(str::trim)
+                            .filter(|l| !l.is_empty() && !l.starts_with("***"))
+                            .map(String::from)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                bail!("{bin} exited with {status} at start: {said}");
             }
             if let Ok(mut c) = Resp::connect(port)
                 && matches!(c.cmd(&["PING"]), Ok(Reply::Simple))
@@ -420,4 +435,41 @@ pub(super) fn redis(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> 
             "full_syncs": full_syncs,
         },
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RedisServer;
+
+    /// `peer-bench replication --dir` defaults to a relative path. Redis changes into `--dir`
+    /// before it opens `--logfile`, so a relative log path given beside a relative dir points
+    /// nowhere and the server exits at start: the comparison was skipped on every default run.
+    #[test]
+    fn a_server_in_a_relative_dir_starts_and_answers() {
+        if std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is not installed (scripts/services installs it)"
+            );
+            println!("SKIPPED: redis-server is not installed (scripts/services installs it)");
+            return;
+        }
+        // A relative path, `.tmpXXXX/relative`, from the test's working directory.
+        let cwd = std::env::current_dir().expect("working directory");
+        let base = tempfile::tempdir_in(&cwd).expect("tempdir in the working directory");
+        let dir = base
+            .path()
+            .strip_prefix(&cwd)
+            .expect("inside the working directory")
+            .join("relative");
+        assert!(dir.is_relative(), "{} is relative", dir.display());
+        let server = RedisServer::start("redis-server", &dir)
+            .unwrap_or_else(|e| panic!("redis-server in {}: {e:#}", dir.display()));
+        let mut c = server.connect().expect("connect");
+        assert!(c.dbsize().expect("DBSIZE").is_some());
+    }
 }
