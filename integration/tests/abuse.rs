@@ -492,6 +492,20 @@ fn run(scale: &Scale, placement: Placement, burn: Option<f64>) -> Report {
         !abused.is_empty(),
         "no legitimate tail round ran to its end within the abuse: nothing to compare"
     );
+    // Each round of the tail while the abuse ran: when it ended and how long it took, so
+    // that a low ratio shows whether every round was slower or one was held up.
+    let each: Vec<String> = tail
+        .rounds
+        .iter()
+        .map(|(ended, took)| {
+            format!(
+                "+{:.2}s {} ms",
+                ended.saturating_duration_since(abuse_start).as_secs_f64(),
+                took.as_millis()
+            )
+        })
+        .collect();
+    eprintln!("abuse: the tail's rounds under abuse (ended, took): {each:?}");
     let abused_rounds = abused.len() as u64;
     let tail_abused = rate(abused_rounds, abused.iter().sum());
     eprintln!(

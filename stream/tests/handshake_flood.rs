@@ -223,6 +223,25 @@ async fn a_real_client_connects_past_more_silent_peers_than_the_connection_cap()
         .expect("a real client connects past the silent peers");
 }
 
+/// Peers that finished TLS and hold back their `Hello` take every place among the handshakes,
+/// with a grace period far longer than the real client's connect timeout: the client still
+/// gets in, because a place whose `Hello` is overdue (100 ms after TLS, or 4 round trips)
+/// goes to a newcomer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_place_whose_hello_is_overdue_goes_to_a_real_client_before_the_grace_period() {
+    let started = std::time::Instant::now();
+    connect_past_silent_peers(16, 8, |c| {
+        c.handshakes_max = 8;
+        c.handshake_grace = Duration::from_secs(50);
+    })
+    .await
+    .expect("a real client gets a place held by a peer whose hello is overdue");
+    assert!(
+        started.elapsed() < Duration::from_secs(50),
+        "the real client got in only after the grace period"
+    );
+}
+
 /// Canary: with the handshake budget switched off, both harnesses see the real client locked
 /// out (smaller floods do: the cap is lowered to match).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

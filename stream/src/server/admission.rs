@@ -248,18 +248,42 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Connections that have not authenticated yet, oldest first (with when each arrived); each
-/// can be told to give up.
+/// Connections that have not authenticated yet, oldest first; each can be told to give up.
 #[derive(Default)]
 struct Handshakes {
     next_id: u64,
-    pending: BTreeMap<u64, (Instant, tokio::sync::oneshot::Sender<()>)>,
+    pending: BTreeMap<u64, Pending>,
+    /// Places given up for an overdue `Hello` in the current grace period: when it began,
+    /// and how many. At most `max` per grace period, so that peers which finish TLS and
+    /// hold back their `Hello` cannot make the node run more than twice the handshakes the
+    /// grace period alone allows (`max` a grace period): handshakes cost the node CPU.
+    overdue_evictions: Option<(Instant, usize)>,
 }
 
+/// One handshake in progress.
+struct Pending {
+    /// When its first packet arrived.
+    since: Instant,
+    /// Once it has finished TLS: when its `Hello` is overdue (see [`HELLO_ALLOWANCE_MIN`]).
+    hello_overdue: Option<Instant>,
+    evict: tokio::sync::oneshot::Sender<()>,
+}
+
+/// Least time a peer that has finished TLS is given for its `Hello` before a newcomer may
+/// take its place when every place is held; the allowance is the larger of this and
+/// [`HELLO_ALLOWANCE_RTTS`] of the connection's round-trip time. A real client sends its
+/// `Hello` as soon as TLS ends, so it arrives within a round trip; a peer that trickles it
+/// or sends none holds its place no longer than this, not for the whole grace period.
+const HELLO_ALLOWANCE_MIN: Duration = Duration::from_millis(100);
+/// Round trips a peer that finished TLS is given for its `Hello` (at least
+/// [`HELLO_ALLOWANCE_MIN`]).
+const HELLO_ALLOWANCE_RTTS: u32 = 4;
+
 impl Handshakes {
-    /// Registers a new handshake. When `max` are in progress, the oldest makes room if it
-    /// has been in progress for `grace` at least; `None` (the newcomer is refused) when every
-    /// one is younger. The receiver resolves when this one is evicted.
+    /// Registers a new handshake. When `max` are in progress, one makes room: the oldest,
+    /// if it has been in progress for `grace` at least, or else the one whose `Hello` is the
+    /// most overdue ([`HandshakeSlot::tls_done`]); `None` (the newcomer is refused) when
+    /// neither exists. The receiver resolves when this one is evicted.
     fn enter(
         this: &Arc<Mutex<Handshakes>>,
         max: usize,
@@ -268,21 +292,46 @@ impl Handshakes {
         let mut h = lock(this);
         let now = Instant::now();
         while h.pending.len() >= max.max(1) {
-            let (_, (since, _)) = h.pending.first_key_value()?;
+            let (&oldest, first) = h.pending.first_key_value()?;
             // A real client finishes TLS and sends its `Hello` in a round trip or two: within
-            // the grace period its place is safe from any flood of newer handshakes. A peer
-            // that never finishes is evicted after it, or ends at the handshake timeout.
-            if now.saturating_duration_since(*since) < grace {
-                return None;
-            }
-            if let Some((_, (_, evict))) = h.pending.pop_first() {
-                let _ = evict.send(());
+            // the grace period its place is safe from any flood of newer handshakes, unless
+            // it has finished TLS and let its `Hello` become overdue. A peer that never
+            // finishes is evicted after the grace period, or ends at the handshake timeout.
+            let victim = if now.saturating_duration_since(first.since) >= grace {
+                oldest
+            } else {
+                let window = match h.overdue_evictions {
+                    Some((began, n)) if now.saturating_duration_since(began) < grace => (began, n),
+                    _ => (now, 0),
+                };
+                if window.1 >= max.max(1) {
+                    return None;
+                }
+                let overdue = h
+                    .pending
+                    .iter()
+                    .filter_map(|(id, p)| Some((p.hello_overdue?, *id)))
+                    .filter(|(at, _)| *at <= now)
+                    .min();
+                let id = overdue?.1;
+                h.overdue_evictions = Some((window.0, window.1 + 1));
+                id
+            };
+            if let Some(p) = h.pending.remove(&victim) {
+                let _ = p.evict.send(());
             }
         }
         let id = h.next_id;
         h.next_id += 1;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        h.pending.insert(id, (now, tx));
+        h.pending.insert(
+            id,
+            Pending {
+                since: now,
+                hello_overdue: None,
+                evict: tx,
+            },
+        );
         Some((
             HandshakeSlot {
                 id,
@@ -297,6 +346,18 @@ impl Handshakes {
 struct HandshakeSlot {
     id: u64,
     handshakes: Arc<Mutex<Handshakes>>,
+}
+
+impl HandshakeSlot {
+    /// This handshake has finished TLS with a round-trip time of `rtt`: its `Hello` is
+    /// overdue after the allowance ([`HELLO_ALLOWANCE_MIN`], [`HELLO_ALLOWANCE_RTTS`]), from
+    /// when a newcomer may take its place.
+    fn tls_done(&self, rtt: Duration) {
+        let allowance = HELLO_ALLOWANCE_MIN.max(rtt.saturating_mul(HELLO_ALLOWANCE_RTTS));
+        if let Some(p) = lock(&self.handshakes).pending.get_mut(&self.id) {
+            p.hello_overdue = Some(Instant::now() + allowance);
+        }
+    }
 }
 
 impl Drop for HandshakeSlot {
@@ -383,6 +444,7 @@ async fn handle_connection<N: Node>(
     let hello_deadline = if c.cfg.no_handshake_budget() {
         deadline
     } else {
+        slot.tls_done(conn.rtt());
         deadline.min(tokio::time::Instant::now() + c.cfg.hello_timeout)
     };
     let authenticated = tokio::select! {
@@ -554,4 +616,45 @@ async fn authenticate<N: Node>(
 /// The uuid of a `Welcome`.
 pub fn welcome_uuid(bytes: [u8; 16]) -> Uuid {
     Uuid::from_bytes(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Marks `slot`'s `Hello` overdue from now.
+    fn overdue(h: &Arc<Mutex<Handshakes>>, slot: &HandshakeSlot) {
+        if let Some(p) = lock(h).pending.get_mut(&slot.id) {
+            p.hello_overdue = Some(Instant::now());
+        }
+    }
+
+    #[test]
+    fn overdue_hellos_give_up_their_places_at_most_max_per_grace_period() {
+        let h = Arc::new(Mutex::new(Handshakes::default()));
+        let (max, grace) = (4, Duration::from_secs(60));
+        let mut first: Vec<_> = (0..max)
+            .map(|_| Handshakes::enter(&h, max, grace).expect("a free place"))
+            .collect();
+        // Every place held by a young handshake still in TLS: the newcomer is refused.
+        assert!(Handshakes::enter(&h, max, grace).is_none());
+        // Once their `Hello`s are overdue, newcomers take their places, oldest overdue first.
+        for (slot, _) in &first {
+            overdue(&h, slot);
+        }
+        let mut second: Vec<_> = (0..max)
+            .map(|_| Handshakes::enter(&h, max, grace).expect("an overdue place"))
+            .collect();
+        for (i, (_, evicted)) in first.iter_mut().enumerate() {
+            assert!(evicted.try_recv().is_ok(), "handshake {i} was told to give up");
+        }
+        // At most `max` such evictions a grace period: the next overdue place is kept.
+        for (slot, _) in &second {
+            overdue(&h, slot);
+        }
+        assert!(Handshakes::enter(&h, max, grace).is_none());
+        for (i, (_, evicted)) in second.iter_mut().enumerate() {
+            assert!(evicted.try_recv().is_err(), "handshake {i} keeps its place");
+        }
+    }
 }
