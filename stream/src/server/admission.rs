@@ -646,7 +646,10 @@ mod tests {
             .map(|_| Handshakes::enter(&h, max, grace).expect("an overdue place"))
             .collect();
         for (i, (_, evicted)) in first.iter_mut().enumerate() {
-            assert!(evicted.try_recv().is_ok(), "handshake {i} was told to give up");
+            assert!(
+                evicted.try_recv().is_ok(),
+                "handshake {i} was told to give up"
+            );
         }
         // At most `max` such evictions a grace period: the next overdue place is kept.
         for (slot, _) in &second {
