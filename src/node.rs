@@ -560,6 +560,26 @@ impl Node for EngineNode {
         }
     }
 
+    async fn read_fence(&self, offset: Offset, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.engine.view_changes();
+        loop {
+            // Seen before reading the offset: a change after this wakes `changed()` below.
+            changes.borrow_and_update();
+            if self.engine.applied_offset() >= offset.get() {
+                return true;
+            }
+            tokio::select! {
+                r = changes.changed() => {
+                    if r.is_err() {
+                        return false;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+    }
+
     async fn wait_for(&self, gtids: GtidSet, timeout: Duration) -> (bool, GtidSet) {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut changes = self.engine.view_changes();

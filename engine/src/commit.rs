@@ -13,12 +13,13 @@
 //!    submitted after the reader's snapshot (optimistic concurrency control), check trees and
 //!    operands against the catalog as of all submitted transactions, give the transaction its
 //!    GTID, and submit it to the log, which assigns the next offset.
-//! 2. Outside any engine lock: wait for the log's acknowledgement (group commit: many
-//!    committers share one fsync).
-//! 3. Apply in offset order: the first acknowledged committer that finds the next offset ready
-//!    becomes the applier and writes every consecutive ready transaction as one atomic store
-//!    batch, together with the applied offset and `gtid_executed` (flat combining). A commit
-//!    returns once its offset is applied, so it is visible to every later read.
+//! 2. Outside any engine lock: wait (group commit: many committers share one fsync).
+//! 3. The applier (`applier`) writes every consecutive transaction the log made visible
+//!    (durable) as one atomic store batch, together with the applied offset and
+//!    `gtid_executed`. Under sync durability a commit returns once its offset is applied, so
+//!    it is visible to every later read. Under async durability a local commit that changes
+//!    no tree or index returns once the log has written its record, before the fsync and the
+//!    apply that show it ([`Inner::finish`]; `Engine::wait_visible` is its read fence).
 //!
 //! Invariants: the store applies offsets densely and in order; `applied` in the store is the
 //! offset of the last transaction whose effects are in the same store batch; the log's
@@ -30,7 +31,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tideline_wal::{Encoded, Gtid, NewTransaction, Offset, Op};
+use tideline_wal::{Appended, Durability, Encoded, Gtid, NewTransaction, Offset, Op};
 
 use crate::catalog::{self, DEFAULT_TREE};
 use crate::engine::Engine;
@@ -79,6 +80,9 @@ struct Prepared {
 struct InFlight {
     offset: Offset,
     gtid: Gtid,
+    /// Under async durability, the log's acknowledgement once the record is written: the
+    /// commit returns on it instead of on its apply (see [`Inner::finish`]).
+    written: Option<Appended>,
     /// The committer's reference to what the applier applies: the applier drops its own
     /// before it wakes the committer, so the buffers are freed by the thread that allocated
     /// them, off the applier (the engine's one serial stage).
@@ -606,7 +610,12 @@ impl Inner {
         // log's lock), so it is known before the log can make it visible. Acknowledgements
         // reach committers through the applier (which sees a failed log as the visible head's
         // error), so the log's own acknowledgement is not asked for.
-        let (appended, ()) = self.wal.submit_encoded_with(record, index, |off| {
+        //
+        // Under async durability a local transaction that changes no tree or index is
+        // acknowledged once its record is written (DESIGN: "async acks after write"): it then
+        // asks the log for that acknowledgement. A tree or index change still waits for its
+        // apply, so that the catalog every later read sees holds it.
+        let ready = |off: Offset| {
             lock(&self.apply).ready.insert(
                 off.get(),
                 Ready {
@@ -614,7 +623,18 @@ impl Inner {
                     waiter: std::thread::current(),
                 },
             );
-        })?;
+        };
+        let early_ack = local
+            && tree_ops.is_empty()
+            && index_changes.is_empty()
+            && matches!(self.wal.durability(), Durability::Async { .. });
+        let (appended, written) = if early_ack {
+            let (a, ()) = self.wal.submit_encoded_acked(record, index, ready)?;
+            (a.offset(), Some(a))
+        } else {
+            let (o, ()) = self.wal.submit_encoded_with(record, index, ready)?;
+            (o, None)
+        };
         let offset = appended.get();
         self.last_submitted.store(offset, Ordering::SeqCst);
 
@@ -660,17 +680,35 @@ impl Inner {
         Ok(Some(InFlight {
             offset: Offset::new(offset).unwrap_or(Offset::FIRST),
             gtid,
+            written,
             _txn: txn,
             spent: Some((out, encoded.map(|(e, _)| e))),
         }))
     }
 
-    /// Waits until the transaction is applied (hence durable and visible), or failed.
+    /// Waits until the transaction is applied (hence durable and visible), or failed; under
+    /// async durability (`written`), until its record is written and the applier is less
+    /// than `async_unapplied_max` transactions behind it.
     fn finish(&self, f: InFlight) -> Result<CommitInfo, WriteError> {
         let done = CommitInfo {
             offset: f.offset,
             gtid: f.gtid,
         };
+        if let Some(written) = f.written {
+            written.wait()?;
+            let behind = f.offset.get().saturating_sub(self.opts.async_unapplied_max);
+            loop {
+                if self.applied.load(Ordering::SeqCst) >= behind {
+                    return Ok(done);
+                }
+                if let Some(Err(e)) = Self::outcome(&lock(&self.apply), behind) {
+                    return Err(e);
+                }
+                // Only past the bound, where the applier is the bottleneck; the applier wakes
+                // the committer of each transaction it applies, not this one, hence the poll.
+                std::thread::park_timeout(Duration::from_millis(1));
+            }
+        }
         loop {
             // Fast path, without the apply lock the applier and every waking committer need:
             // `applied` moves only after a store batch committed and the view shows it, and

@@ -22,7 +22,7 @@ use uuid::Uuid;
 
 use crate::error::{ReadError, WriteError, key_text};
 use crate::merge;
-use crate::state::{CommitInfo, Inner};
+use crate::state::{CommitInfo, Inner, lock};
 use crate::store::{Store, StoreStats};
 use crate::txn::Txn;
 
@@ -126,6 +126,33 @@ impl Engine {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// Waits until `commit` (of this engine) is visible to its reads, or `timeout` passes;
+    /// returns whether it is. Under sync durability a commit is visible once acknowledged,
+    /// so this returns at once. Under async durability a commit is acknowledged once its
+    /// record is written and becomes visible after the interval's fsync and its apply: this
+    /// is the fence for reading one's own write. `Err` when the engine stopped (fail-stop)
+    /// before applying it.
+    pub fn wait_visible(&self, commit: &CommitInfo, timeout: Duration) -> Result<bool, WriteError> {
+        self.wait_offset_visible(commit.offset.get(), timeout)
+    }
+
+    /// [`Engine::wait_visible`] for every commit submitted so far, by any thread: after a
+    /// load under async durability, the point from which reads (and `gtid_executed`) show it
+    /// all.
+    pub fn wait_all_visible(&self, timeout: Duration) -> Result<bool, WriteError> {
+        let submitted = self.inner.last_submitted.load(Ordering::SeqCst);
+        self.wait_offset_visible(submitted, timeout)
+    }
+
+    fn wait_offset_visible(&self, offset: u64, timeout: Duration) -> Result<bool, WriteError> {
+        self.inner.wait_applied(offset, timeout);
+        match Inner::outcome(&lock(&self.inner.apply), offset) {
+            Some(Ok(())) => Ok(true),
+            Some(Err(e)) => Err(e),
+            None => Ok(false),
         }
     }
 

@@ -29,6 +29,12 @@ impl Engine {
         }
     }
 
+    /// The offset of the last applied transaction (0: none): reads show everything up to it.
+    /// One atomic load, where [`Engine::position`] copies the GTID set.
+    pub fn applied_offset(&self) -> u64 {
+        self.inner.applied.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// GTIDs of every applied transaction.
     pub fn gtid_executed(&self) -> GtidSet {
         self.position().gtid_executed

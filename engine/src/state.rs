@@ -53,6 +53,11 @@ pub struct EngineOptions {
     /// snapshot is older than the oldest kept write set gets a retryable conflict.
     /// Default 65,536.
     pub history_keys_max: usize,
+    /// Under async durability a local commit is acknowledged once its record is written,
+    /// before the interval's fsync and the apply make it visible; past this many acknowledged
+    /// transactions not yet applied, a commit waits for the applier (back-pressure: the
+    /// applier's queue holds every such transaction). Default 65,536.
+    pub async_unapplied_max: u64,
     /// Most transactions applied in one store batch. Default 4096.
     pub apply_group_txns_max: usize,
     /// A store batch takes no further transaction once it holds this many ops. Default
@@ -154,6 +159,7 @@ impl Default for EngineOptions {
             checkpoint_interval: Duration::from_secs(1),
             conflict_retries_max: 32,
             history_keys_max: 1 << 16,
+            async_unapplied_max: 1 << 16,
             apply_group_txns_max: 4096,
             apply_group_ops_max: 1 << 14,
             memtable_bytes: 16 << 20,

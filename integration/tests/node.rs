@@ -435,9 +435,9 @@ fn sigterm_drains_syncs_and_exits_cleanly_keeping_every_commit() {
     writers.check(&attempted, &node);
 }
 
-/// README, "Durability": under `async` a commit is acknowledged only once its record is
-/// applied, after the interval's fsync, so a SIGKILL (a process crash: the page cache
-/// survives) while two writers commit loses no acknowledged put.
+/// README, "Durability": under `async` a commit is acknowledged once its record is written,
+/// before the interval's fsync; a SIGKILL is a process crash and the page cache survives it,
+/// so a SIGKILL while two writers commit loses no acknowledged put.
 #[test]
 fn kill_9_under_async_loses_no_acknowledged_commit() {
     let dir = tempfile::tempdir().unwrap();

@@ -82,7 +82,8 @@ pub struct ReplBenchArgs {
     /// Parallel committers of the primary's own commit-rate measurement (one put each).
     #[arg(long, default_value_t = 8)]
     load_writers: usize,
-    /// Seconds the primary's committers run (the rest of `--txns` is filled by upstream apply).
+    /// Seconds the primary's committers run, stopping early at `--txns` (the rest of `--txns`
+    /// is filled by upstream apply).
     #[arg(long, default_value_t = 3.0)]
     load_seconds: f64,
     /// Durability of the chain A→B→C in the lag phase: `sync`, `async` (fsync every 10 ms), or
@@ -340,6 +341,7 @@ fn primary_commit_rate(
     engine: &Arc<Engine>,
     writers: usize,
     seconds: f64,
+    cap: u64,
     value: &[u8],
 ) -> anyhow::Result<(u64, f64)> {
     let next = AtomicU64::new(0);
@@ -351,6 +353,9 @@ fn primary_commit_rate(
                 s.spawn(|| -> anyhow::Result<()> {
                     while Instant::now() < deadline {
                         let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= cap {
+                            break;
+                        }
                         engine
                             .put("default", &key(i + 1), value)
                             .context("commit on the primary")?;
@@ -365,15 +370,15 @@ fn primary_commit_rate(
         }
         Ok(())
     })?;
-    let done = next.load(Ordering::Relaxed);
+    let done = next.load(Ordering::Relaxed).min(cap);
     Ok((done, done as f64 / started.elapsed().as_secs_f64()))
 }
 
 /// Fills the primary's log up to `txns` one-put transactions (keys `from + 1` on) as a
 /// replica would receive them: transactions of one other origin handed to
 /// `apply_upstream_batch` in groups of ~256 KiB. A replica catching up reads them exactly as
-/// it reads the primary's own; filling through local commits would take minutes under async
-/// durability, where every commit waits for the interval's fsync (README, "Durability").
+/// it reads the primary's own, and the fill takes the same time whatever the primary's own
+/// commit rate was.
 fn fill_primary(engine: &Arc<Engine>, from: u64, txns: u64, value: &[u8]) -> anyhow::Result<f64> {
     let origin = uuid::Uuid::new_v4();
     let group = ((256usize << 10) / (value.len() + 64)).max(1) as u64;
@@ -528,6 +533,13 @@ async fn bootstrap_copy(
     let load_rate = tokio::task::spawn_blocking(move || load_batched(&engine, keys, &value))
         .await
         .context("load task failed")??;
+    // Under async durability the load's last commits were acknowledged before they were
+    // shown: the copy is of everything loaded.
+    let e = primary.engine.clone();
+    let shown = tokio::task::spawn_blocking(move || e.wait_all_visible(Duration::from_secs(60)))
+        .await
+        .context("wait task failed")??;
+    ensure!(shown, "the primary did not show its load within 60 s");
     let want = primary.engine.gtid_executed();
     // The primary's store settles before the copy (flushed, compactions done), as a node that
     // has held its data a while would be, and as Redis's primary is: the copy is measured,
@@ -845,16 +857,18 @@ async fn tideline(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
         "primary: {} committers of one-put transactions of {} B for {:.1} s, async durability ...",
         args.load_writers, args.value_bytes, args.load_seconds
     );
-    let (engine, value, writers, seconds) = (
+    let (engine, value, writers, seconds, cap) = (
         primary.engine.clone(),
         vec![0x42u8; args.value_bytes],
         args.load_writers,
         args.load_seconds,
+        args.txns,
     );
-    let (committed, load_rate) =
-        tokio::task::spawn_blocking(move || primary_commit_rate(&engine, writers, seconds, &value))
-            .await
-            .context("commit task failed")??;
+    let (committed, load_rate) = tokio::task::spawn_blocking(move || {
+        primary_commit_rate(&engine, writers, seconds, cap, &value)
+    })
+    .await
+    .context("commit task failed")??;
     eprintln!(
         "filling the primary's log to {} transactions (upstream apply of another origin) ...",
         args.txns

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::config::{ServerConfig, close_code, error};
-use super::dispatch::handle_stream;
+use super::dispatch::{ConnSession, handle_stream};
 use super::node::Node;
 use crate::observe::{Peer, RefuseReason};
 use crate::proto::{self, ErrorCode, Limits, PROTOCOL_VERSION, Request, Response};
@@ -470,14 +470,16 @@ async fn handle_connection<N: Node>(
         remote: conn.remote_address(),
         client,
     };
+    let session = Arc::new(ConnSession::default());
     let mut streams = tokio::task::JoinSet::new();
     loop {
         let (send, recv) = conn.accept_bi().await?;
         while streams.try_join_next().is_some() {}
-        let (node, cfg, peer) = (c.node.clone(), c.cfg.clone(), peer.clone());
+        let (node, cfg, peer, session) =
+            (c.node.clone(), c.cfg.clone(), peer.clone(), session.clone());
         streams.spawn(async move {
             let _open = cfg.observer.stream();
-            if let Err(e) = handle_stream(node, cfg, peer, send, recv).await {
+            if let Err(e) = handle_stream(node, cfg, peer, session, send, recv).await {
                 tracing::debug!(error = %e, "stream ended with an error");
             }
         });

@@ -8,10 +8,10 @@
 //! monitor feed once its answer is known). Must never authenticate (admission did) and must
 //! never hold more than one page of a scan in memory.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tideline_wal::GtidSet;
+use tideline_wal::{Epoch, GtidSet, Offset};
 
 use super::config::{ServerConfig, error, now_us};
 use super::node::{Node, SCAN_PAGE_BYTES_MAX, ScanPage};
@@ -20,11 +20,60 @@ use crate::observe::Peer;
 use crate::proto::{ErrorCode, MonitorEvent, Request, Response, WriteOp};
 use crate::wire::{FramedRecv, WireError, send_message};
 
+/// How long a read waits for its connection's last commit to become visible before it is
+/// answered `Unavailable`. Under async durability that takes one fsync interval and an apply;
+/// longer means the node is failing.
+const OWN_WRITES_FENCE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the streams of one connection share: the last commit acknowledged on it (the log's
+/// history epoch then, and its offset). Reads on the connection wait until it is visible, so
+/// a client reads its own writes although under async durability a commit is acknowledged
+/// once written, before it is shown.
+#[derive(Debug, Default)]
+pub(super) struct ConnSession {
+    last_commit: Mutex<Option<(Epoch, Offset)>>,
+}
+
+impl ConnSession {
+    fn committed(&self, epoch: Epoch, offset: Offset) {
+        let mut last = self.last_commit.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_none_or(|(e, o)| e != epoch || o < offset) {
+            *last = Some((epoch, offset));
+        }
+    }
+
+    fn last_commit(&self) -> Option<(Epoch, Offset)> {
+        *self.last_commit.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Waits until the connection's last commit is visible; the refusal to send when it does not
+/// become visible in time. A commit from before a bootstrap replaced the node's history is
+/// not waited for (its offset means nothing in the new history).
+async fn own_writes_fence<N: Node>(node: &N, session: &ConnSession) -> Option<Response> {
+    let (epoch, offset) = session.last_commit()?;
+    if epoch != node.wal().history_epoch()
+        || node.read_fence(offset, OWN_WRITES_FENCE_TIMEOUT).await
+    {
+        return None;
+    }
+    Some(error(
+        ErrorCode::Unavailable,
+        format!(
+            "this connection's commit at offset {offset} is still not visible after {}s, so \
+             a read could miss it; the node may be failing: check `tideline status`",
+            OWN_WRITES_FENCE_TIMEOUT.as_secs()
+        ),
+    ))
+}
+
 /// Serves one authenticated stream: one request, or one subscription, bootstrap or monitor.
+/// `session` is shared by the streams of the stream's connection.
 pub(super) async fn handle_stream<N: Node>(
     node: Arc<N>,
     cfg: Arc<ServerConfig>,
     peer: Peer,
+    session: Arc<ConnSession>,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Result<(), WireError> {
@@ -55,6 +104,20 @@ pub(super) async fn handle_stream<N: Node>(
                 .publish(seen.event(peer, started.elapsed(), ok));
         }
     };
+    let reads = matches!(
+        req,
+        Request::Get { .. }
+            | Request::Scan { .. }
+            | Request::ScanPage { .. }
+            | Request::Range { .. }
+            | Request::IndexQuery(_)
+    );
+    if reads && let Some(refused) = own_writes_fence(&*node, &session).await {
+        report(seen, &cfg, &peer, false);
+        send_message(&mut send, &refused).await?;
+        let _ = send.finish();
+        return Ok(());
+    }
     let resp = match req {
         Request::Subscribe {
             start,
@@ -121,10 +184,13 @@ pub(super) async fn handle_stream<N: Node>(
             }
         }
         Request::Commit { ops } => match node.commit(ops).await {
-            Ok((offset, gtid)) => Response::Committed {
-                offset: offset.get(),
-                gtid: gtid.to_string(),
-            },
+            Ok((offset, gtid)) => {
+                session.committed(node.wal().history_epoch(), offset);
+                Response::Committed {
+                    offset: offset.get(),
+                    gtid: gtid.to_string(),
+                }
+            }
             Err(e) => error(e.code, e.message),
         },
         Request::Range { tree, after, limit } => {

@@ -109,6 +109,14 @@ pub trait Node: Send + Sync + 'static {
         &self,
         ops: Vec<WriteOp>,
     ) -> impl Future<Output = Result<(Offset, Gtid), NodeError>> + Send;
+    /// Resolves once this node's reads show its own commit at `offset` (`true`), or at
+    /// `timeout` (`false`). The server awaits it before a read on a connection that
+    /// committed, so a client reads its own writes: under async durability a commit is
+    /// acknowledged once written, before the fsync and the apply that show it. A node whose
+    /// commits are visible when acknowledged keeps this default.
+    fn read_fence(&self, _offset: Offset, _timeout: Duration) -> impl Future<Output = bool> + Send {
+        async { true }
+    }
     /// The status document (JSON).
     fn status_json(&self) -> String;
     /// Resolves once `gtids` are applied and durable, or at the timeout; returns whether they

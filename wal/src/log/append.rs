@@ -106,6 +106,28 @@ impl Wal {
         self.queue(encoded.gtid(index), encoded.payload(index), None, assigned)
     }
 
+    /// Like [`Wal::submit_encoded_with`], with an acknowledgement to wait on: the
+    /// [`Appended`] resolves once the record is written under [`Durability::Async`] (before
+    /// its sync, before readers see it), once durable under [`Durability::Sync`].
+    ///
+    /// # Panics
+    /// If `index` is not one `encode_into` returned for `encoded`.
+    pub fn submit_encoded_acked<R>(
+        &self,
+        encoded: &Encoded,
+        index: usize,
+        assigned: impl FnOnce(Offset) -> R,
+    ) -> Result<(Appended, R), Error> {
+        let (tx, rx) = oneshot::channel();
+        let (offset, r) = self.queue(
+            encoded.gtid(index),
+            encoded.payload(index),
+            Some(tx),
+            assigned,
+        )?;
+        Ok((Appended { offset, rx }, r))
+    }
+
     fn queue<R>(
         &self,
         gtid: Gtid,
