@@ -149,9 +149,10 @@ pub struct GetArgs {
     /// The values of a composite index's further paths, in order (KEY is the first).
     #[arg(long = "and", value_name = "VALUE", requires = "index")]
     more: Vec<String>,
-    /// Read fence: first wait until the node has applied this GTID set (and the index is
-    /// live), so a write acknowledged elsewhere is seen.
-    #[arg(long, value_name = "GTIDSET", requires = "index")]
+    /// Read fence: first wait until the node shows this GTID set (and, with `--index`, the
+    /// index is live), so a write acknowledged elsewhere (another node, or this one under
+    /// async durability: the `gtid` that `put` printed) is seen.
+    #[arg(long, value_name = "GTIDSET")]
     after: Option<String>,
     /// How long `--after` waits, in milliseconds.
     #[arg(long, default_value_t = 30_000, value_name = "MS")]
@@ -250,8 +251,27 @@ pub fn get(args: &GetArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let fence = match &args.after {
+        Some(text) => Some(text.parse::<tideline_wal::GtidSet>().map_err(|e| {
+            anyhow::anyhow!("--after {text:?} is not a GTID set ({e}); write it like uuid:1-5")
+        })?),
+        None => None,
+    };
     runtime()?.block_on(async {
         let client = key.node.connect().await?;
+        if let Some(set) = &fence {
+            let timeout = std::time::Duration::from_millis(args.after_timeout_ms);
+            let (reached, executed) = client.wait_for(set, timeout).await?;
+            if !reached {
+                client.close().await;
+                bail!(
+                    "the node did not show --after {set} within {} ms (it has {executed}); \
+                     is it a replica still catching up? raise --after-timeout-ms or check \
+                     `tideline status`",
+                    args.after_timeout_ms
+                );
+            }
+        }
         let value = client.get(&key.tree, key.key.as_bytes()).await?;
         client.close().await;
         match value {

@@ -64,3 +64,50 @@ fn a_connection_reads_its_own_writes_under_async() {
         }
     });
 }
+
+/// Across processes: `tideline put` prints the commit's GTID, and `tideline get --after GTID`
+/// from another process waits until the node shows it, then prints the value, 20 times. A
+/// GTID set that is not one, and one the node never reaches, are refused with what to do.
+#[test]
+fn get_after_the_gtid_put_printed_reads_the_write_from_another_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = Node::start_with(&dir.path().join("n"), 0, &["--durability", "async"]);
+    let mut gtid = String::new();
+    for i in 0..20u32 {
+        let want = format!("v{i}");
+        let out = node.run(&["put", "k", &want]);
+        assert!(
+            out.status.success(),
+            "put: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let printed: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("put prints JSON");
+        gtid = printed["gtid"]
+            .as_str()
+            .expect("put prints the gtid")
+            .to_string();
+        let out = node.run(&["get", "--after", &gtid, "k"]);
+        assert!(
+            out.status.success(),
+            "get: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            want,
+            "round {i}: get --after {gtid} missed the write"
+        );
+    }
+    let out = node.run(&["get", "--after", "not-a-set", "k"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not a GTID set"), "{err}");
+    // The next GTID number of the node's own origin: never committed.
+    let (uuid, n) = gtid.rsplit_once(':').expect("uuid:n");
+    let ahead = format!("{uuid}:{}", n.parse::<u64>().expect("a GTID number") + 1);
+    let out = node.run(&["get", "--after", &ahead, "--after-timeout-ms", "200", "k"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("did not show --after"), "{err}");
+}
