@@ -8,6 +8,9 @@
 //! Must never: write to the store (only the applier applies logged transactions), or count a
 //! transaction as submitted before the log accepted it.
 //!
+//! Submodules: `upstream` (the upstream apply entry points) and `index_check` (the index
+//! definitions and unique-index claims of local transactions).
+//!
 //! Commit pipeline (one transaction):
 //! 1. Under the commit lock: validate the read set against the write sets of every transaction
 //!    submitted after the reader's snapshot (optimistic concurrency control), check trees and
@@ -24,8 +27,16 @@
 //! Invariants: the store applies offsets densely and in order; `applied` in the store is the
 //! offset of the last transaction whose effects are in the same store batch; the log's
 //! retention floor is never above the first offset the store has not persisted.
+//!
+//! [`Engine::apply_upstream`]: crate::Engine::apply_upstream
+//! [`Engine::apply_upstream_batch`]: crate::Engine::apply_upstream_batch
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod index_check;
+mod upstream;
+
+pub use upstream::{Applied, Refused};
+
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -34,26 +45,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tideline_wal::{Appended, Durability, Encoded, Gtid, NewTransaction, Offset, Op};
 
 use crate::catalog::{self, DEFAULT_TREE};
-use crate::engine::Engine;
 use crate::error::{WriteError, key_text};
-use crate::index::{self, DocEntry, Index, Parsed};
 use crate::merge::{self, MergeOperator};
 use crate::packed::{PackedOps, PackedTxn};
 use crate::snapshot::SnapshotAt;
 use crate::state::{
     CommitInfo, CommitState, HistoryEntry, Inner, KeysRef, Ready, WrittenKeys, check_kv, lock,
 };
-use crate::store::StoreTree;
 use crate::txn::ReadItem;
-
-/// What [`Engine::apply_upstream`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    /// The transaction was logged at a local offset and applied.
-    Committed(CommitInfo),
-    /// Its GTID was already executed (or in flight) here: nothing was done.
-    AlreadyExecuted,
-}
+use index_check::check_index_def;
 
 /// Whether the local transaction or the upstream one is being committed.
 #[derive(Clone, Copy)]
@@ -106,136 +106,6 @@ fn now_us() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
         .unwrap_or(0)
-}
-
-impl Engine {
-    /// Applies a transaction received from an upstream: it keeps its origin GTID and gets
-    /// the next local offset, or is skipped when its GTID is already executed here. Allowed
-    /// in read-only mode.
-    pub fn apply_upstream(&self, txn: NewTransaction) -> Result<Applied, WriteError> {
-        let mut out = self.apply_upstream_batch(vec![txn])?;
-        Ok(out.pop().unwrap_or(Applied::AlreadyExecuted))
-    }
-
-    /// [`Engine::apply_upstream`] for many transactions in order, sharing group commits.
-    /// Keys and values of the whole batch are checked before anything is submitted; on a
-    /// later error (an unknown tree), the transactions before the failing one are applied
-    /// (the call waits for them, so `gtid_executed` shows them when it returns) and nothing
-    /// from the failing one on is. The error returned is the first in batch order: a failure
-    /// to apply an earlier transaction (fail-stop) comes before the later one's refusal.
-    pub fn apply_upstream_batch(
-        &self,
-        txns: Vec<NewTransaction>,
-    ) -> Result<Vec<Applied>, WriteError> {
-        self.apply_upstream_owned(txns).map_err(|r| r.error)
-    }
-
-    /// [`Engine::apply_upstream_batch`] for a caller that owns its transactions and would
-    /// otherwise keep a copy to retry with: when the engine refuses the whole batch because a
-    /// bootstrap is running ([`WriteError::Bootstrapping`], nothing applied), the transactions
-    /// come back untouched in [`Refused::txns`]; after any other error that list is empty.
-    pub fn apply_upstream_owned(
-        &self,
-        txns: Vec<NewTransaction>,
-    ) -> Result<Vec<Applied>, Box<Refused>> {
-        let refused = |error| {
-            Box::new(Refused {
-                error,
-                txns: Vec::new(),
-            })
-        };
-        let mut results = Vec::with_capacity(txns.len());
-        let mut pending = Vec::new();
-        let inner = &self.inner;
-        inner.check_not_failed().map_err(refused)?;
-        // Limits are checked for the whole batch before anything is submitted. The batch's
-        // ops are packed into one copy and its keys into one buffer (allocations per batch,
-        // not per transaction), and each record is encoded here, outside the commit lock.
-        let mut packed = PackedOps::default();
-        packed.reserve(txns.iter().flat_map(|t| &t.ops));
-        let mut keys = WrittenKeys::default();
-        let mut encoded = Encoded::with_capacity(txns.len());
-        let mut parts = Vec::with_capacity(txns.len());
-        for t in &txns {
-            let first_key = keys.len();
-            inner
-                .collect_keys(&t.ops, true, &mut keys)
-                .map_err(refused)?;
-            let index = inner
-                .wal
-                .encode_into(t, &mut encoded)
-                .map_err(|e| refused(e.into()))?;
-            parts.push((index, packed.push(&t.ops), first_key..keys.len()));
-        }
-        let (packed, keys, encoded) = (Arc::new(packed), Arc::new(keys), Arc::new(encoded));
-        let prepared = txns
-            .into_iter()
-            .zip(parts)
-            .map(|(t, (index, ops, key_range))| {
-                let p = Prepared {
-                    ops: t.ops,
-                    packed: (packed.clone(), ops),
-                    keys: KeysRef::Shared(keys.clone(), key_range),
-                    encoded: Some((encoded.clone(), index)),
-                };
-                (p, t.gtid, t.timestamp_us)
-            })
-            .collect::<Vec<_>>();
-        drop((packed, keys, encoded));
-        let mut refusal = None;
-        {
-            let mut st = lock(&inner.commit);
-            // The flag changes only under the commit lock (`bootstrap_begin`), which this
-            // loop holds throughout: a running bootstrap refuses the whole batch or none of it.
-            if inner.bootstrapping.load(Ordering::SeqCst) {
-                return Err(Box::new(Refused {
-                    error: WriteError::Bootstrapping,
-                    txns: prepared
-                        .into_iter()
-                        .map(|(p, gtid, timestamp_us)| NewTransaction {
-                            gtid,
-                            timestamp_us,
-                            ops: p.ops,
-                        })
-                        .collect(),
-                }));
-            }
-            for (p, gtid, timestamp_us) in prepared {
-                let origin = Origin::Upstream { gtid, timestamp_us };
-                results.push(Applied::AlreadyExecuted);
-                match inner.submit_locked(&mut st, p, None, origin) {
-                    Ok(Some(f)) => pending.push((results.len() - 1, f)),
-                    Ok(None) => {}
-                    Err(e) => {
-                        refusal = Some(e);
-                        break;
-                    }
-                }
-            }
-        }
-        for (_, f) in &mut pending {
-            f.release_spent();
-        }
-        // Submitted transactions are in the log: wait for them even when a later one was
-        // refused. A failure here means every later offset fails too (fail-stop).
-        for (i, f) in pending {
-            results[i] = Applied::Committed(self.inner.finish(f).map_err(refused)?);
-        }
-        match refusal {
-            Some(e) => Err(refused(e)),
-            None => Ok(results),
-        }
-    }
-}
-
-/// Why [`Engine::apply_upstream_owned`] applied nothing (or not all), and the transactions it
-/// hands back.
-#[derive(Debug)]
-pub struct Refused {
-    /// The refusal, as [`Engine::apply_upstream_batch`] reports it.
-    pub error: WriteError,
-    /// The batch, untouched, when `error` is [`WriteError::Bootstrapping`]; else empty.
-    pub txns: Vec<NewTransaction>,
 }
 
 impl Inner {
@@ -722,175 +592,6 @@ impl Inner {
             // Woken by the applier (unpark); the timeout is only a safety net.
             std::thread::park_timeout(Duration::from_millis(50));
         }
-    }
-}
-
-/// Checks an index definition of a local transaction.
-fn check_index_def(name: &str, paths: &[String]) -> Result<(), WriteError> {
-    if !index::is_valid_index_name(name) {
-        return Err(WriteError::BadIndex(format!(
-            "name `{name}`: use 1-128 characters from [A-Za-z0-9_.:-]"
-        )));
-    }
-    if paths.is_empty() || paths.len() > INDEX_PATHS_MAX {
-        return Err(WriteError::BadIndex(format!(
-            "give 1 to {INDEX_PATHS_MAX} paths (--path /json/pointer), not {}",
-            paths.len()
-        )));
-    }
-    if let Some(p) = paths.iter().find(|p| !index::is_valid_json_pointer(p)) {
-        return Err(WriteError::BadIndex(format!(
-            "path `{p}` is not a JSON pointer: write it like `/email` or `/address/city`"
-        )));
-    }
-    Ok(())
-}
-
-/// A unique value a transaction claims: (index keyspace, encoded value) and its primary key.
-type Claim = ((String, Vec<u8>), Vec<u8>);
-
-/// Most components of a composite index.
-const INDEX_PATHS_MAX: usize = 16;
-
-impl Inner {
-    /// Whether a transaction submitted and not yet applied wrote `key` of `tree`.
-    fn pending_write(st: &CommitState, applied: u64, tree: &str, key: &[u8]) -> bool {
-        st.history
-            .iter()
-            .rev()
-            .take_while(|e| e.offset > applied)
-            .any(|e| e.keys.iter().any(|(t, k)| t == tree && k == key))
-    }
-
-    /// Refuses a local transaction whose puts or merges would give a second primary key a
-    /// value that a live unique index maps to another key: in the applied index, in the
-    /// claims of transactions submitted and not yet applied, or earlier in this transaction.
-    /// A holder that a pending transaction is rewriting makes it a retryable conflict.
-    /// Returns the claims this transaction makes, to record once it is submitted.
-    fn check_unique(&self, st: &mut CommitState, ops: &[Op]) -> Result<Vec<Claim>, WriteError> {
-        let cat = self.current_catalog();
-        if cat.indexes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let unique_of = |tree: &str| -> Vec<Arc<Index>> {
-            cat.indexes_of(tree)
-                .map(|m| {
-                    m.values()
-                        .filter(|i| i.unique && i.is_live())
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        if !ops.iter().any(|o| !unique_of(o.tree()).is_empty()) {
-            return Ok(Vec::new());
-        }
-        let applied = self.applied.load(Ordering::SeqCst);
-        if st.claims.len() > 4096 {
-            st.claims.retain(|_, (_, off)| *off > applied);
-        }
-        let written: HashSet<(&str, &[u8])> = ops
-            .iter()
-            .filter_map(|o| o.key().map(|k| (o.tree(), k)))
-            .collect();
-        let mut overlay: HashMap<(&str, &[u8]), Option<Vec<u8>>> = HashMap::new();
-        let mut mine: HashMap<(String, Vec<u8>), Vec<u8>> = HashMap::new();
-        for op in ops {
-            let (tree, key) = match op {
-                Op::Put { tree, key, .. } | Op::Merge { tree, key, .. } => (tree, key),
-                Op::Delete { tree, key, .. } => {
-                    overlay.insert((tree, key), None);
-                    continue;
-                }
-                _ => continue,
-            };
-            let idxs = unique_of(tree);
-            if idxs.is_empty() {
-                continue;
-            }
-            let after = match op {
-                Op::Put { value, .. } => value.clone(),
-                Op::Merge { operand, .. } => {
-                    let before = match overlay.get(&(tree.as_str(), key.as_slice())) {
-                        Some(v) => v.clone(),
-                        None => {
-                            if Self::pending_write(st, applied, tree, key) {
-                                return Err(WriteError::Conflict(format!(
-                                    "key {:?} of tree `{tree}`, merged under a unique index, has \
-                                     a write not yet applied",
-                                    key_text(key)
-                                )));
-                            }
-                            match cat.get(tree) {
-                                Some(t) => t
-                                    .handle
-                                    .get(key)
-                                    .map_err(|e| self.store_failure(format!("read: {e}")))?
-                                    .map(|v| v.to_vec()),
-                                None => None,
-                            }
-                        }
-                    };
-                    match cat.get(tree).and_then(|t| t.merge) {
-                        Some(m) => m.resolve(before.as_deref(), operand),
-                        None => operand.clone(),
-                    }
-                }
-                _ => continue,
-            };
-            for idx in &idxs {
-                let mut parsed = Parsed::default();
-                let DocEntry::Entry(e) = idx.entry_for(key, Some(&after), &mut parsed) else {
-                    continue;
-                };
-                let prefix = e[..e.len() - key.len()].to_vec();
-                let claim = (idx.keyspace.clone(), prefix.clone());
-                let violation = |other: &[u8]| WriteError::UniqueViolation {
-                    tree: tree.clone(),
-                    index: idx.name.clone(),
-                    value: idx
-                        .decode_entry(&e)
-                        .map(|(v, _)| index::values_text(&v))
-                        .unwrap_or_default(),
-                    existing_key: key_text(other),
-                    key: key_text(key),
-                };
-                if let Some(other) = mine.get(&claim)
-                    && other != key
-                {
-                    return Err(violation(other));
-                }
-                let holders = st
-                    .claims
-                    .get(&claim)
-                    .filter(|(_, off)| *off > applied)
-                    .map(|(pk, _)| pk.clone())
-                    .into_iter()
-                    .map(Ok)
-                    .chain(idx.handle.prefix(&prefix).map(|kv| {
-                        kv.map(|(k, _)| k[prefix.len()..].to_vec())
-                            .map_err(|e| self.store_failure(format!("read index: {e}")))
-                    }));
-                for other in holders {
-                    let other = other?;
-                    if other == *key || written.contains(&(tree.as_str(), other.as_slice())) {
-                        continue;
-                    }
-                    if Self::pending_write(st, applied, tree, &other) {
-                        return Err(WriteError::Conflict(format!(
-                            "key {:?} holding a value of unique index `{}` has a write not yet \
-                             applied",
-                            key_text(&other),
-                            idx.name
-                        )));
-                    }
-                    return Err(violation(&other));
-                }
-                mine.insert(claim, key.clone());
-            }
-            overlay.insert((tree, key), Some(after));
-        }
-        Ok(mine.into_iter().collect())
     }
 }
 
