@@ -17,117 +17,17 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::index_child::{crash_child, crash_cycles};
+use common::index_fixture::{INDEXES, LIVE_WAIT, TREE, check_indexes, file_engine, load_docs};
 use proptest::prelude::*;
 use rand::Rng;
-use tideline_engine::{Engine, EngineOptions, IndexState, ReadError, WriteError, value_prefix};
-use tideline_wal::{CrashMode, FileStorage, MemStorage, Wal, WalOptions};
-
-const TREE: &str = "docs";
-/// Index name → paths.
-const INDEXES: [(&str, &[&str]); 2] = [("by_v", &["/v"]), ("by_vw", &["/v", "/w"])];
-const LIVE_WAIT: Duration = Duration::from_secs(60);
-
-/// What an index must hold for these documents: (entry order key, primary key) sorted, and
-/// the number of skipped documents.
-fn recompute(docs: &BTreeMap<Vec<u8>, Vec<u8>>, paths: &[&str]) -> (Vec<Vec<u8>>, u64) {
-    let mut entries = Vec::new();
-    let mut skipped = 0;
-    for (k, v) in docs {
-        let Ok(doc) = serde_json::from_slice::<serde_json::Value>(v) else {
-            skipped += 1;
-            continue;
-        };
-        let mut values = Vec::new();
-        for p in paths {
-            match doc.pointer(p) {
-                Some(serde_json::Value::String(s)) => values.push(s.as_bytes().to_vec()),
-                Some(serde_json::Value::Object(_) | serde_json::Value::Array(_)) | None => break,
-                Some(other) => values.push(other.to_string().into_bytes()),
-            }
-        }
-        if values.len() < paths.len() {
-            skipped += 1;
-            continue;
-        }
-        let mut order = value_prefix(&values);
-        order.extend_from_slice(k);
-        entries.push((order, k.clone()));
-    }
-    entries.sort();
-    (entries.into_iter().map(|(_, k)| k).collect(), skipped)
-}
-
-/// Every document of the index in order, through the query API (which verifies each entry).
-fn index_keys(e: &Engine, name: &str) -> Result<Vec<Vec<u8>>, ReadError> {
-    let snap = e.snapshot();
-    let mut out = Vec::new();
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let page = snap.index_scan(TREE, name, &[], b"", after.as_deref(), 97, 1 << 20)?;
-        out.extend(page.rows.into_iter().map(|(k, _)| k));
-        match page.next {
-            Some(n) => after = Some(n),
-            None => return Ok(out),
-        }
-    }
-}
-
-fn tree_docs(e: &Engine) -> BTreeMap<Vec<u8>, Vec<u8>> {
-    e.range::<&[u8]>(TREE, .., false)
-        .expect("scan")
-        .map(|kv| kv.expect("scan item"))
-        .collect()
-}
-
-/// Checks every declared index against a recomputation; `Err` says what differs.
-fn check_indexes(e: &Engine, declared: &[&str]) -> Result<(), String> {
-    if !e.wait_indexes_live(LIVE_WAIT) {
-        return Err("indexes did not become live".into());
-    }
-    let docs = tree_docs(e);
-    let infos = e.indexes();
-    let names: Vec<&str> = infos.iter().map(|i| i.name.as_str()).collect();
-    if names != declared {
-        return Err(format!("indexes {names:?}, declared {declared:?}"));
-    }
-    for info in &infos {
-        let paths = INDEXES
-            .iter()
-            .find(|(n, _)| *n == info.name)
-            .map(|(_, p)| *p)
-            .ok_or("unknown index")?;
-        let (want, skipped) = recompute(&docs, paths);
-        let got = index_keys(e, &info.name).map_err(|e| format!("{}: {e}", info.name))?;
-        if got != want {
-            return Err(format!(
-                "index {}: {} documents in index order, recomputation has {}",
-                info.name,
-                got.len(),
-                want.len()
-            ));
-        }
-        if (info.entries, info.skipped) != (want.len() as u64, skipped) {
-            return Err(format!(
-                "index {}: entries/skipped {}/{}, recomputation {}/{skipped}",
-                info.name,
-                info.entries,
-                info.skipped,
-                want.len()
-            ));
-        }
-        if info.state != IndexState::Live {
-            return Err(format!("index {} is {:?}", info.name, info.state));
-        }
-    }
-    Ok(())
-}
+use tideline_engine::{Engine, EngineOptions, WriteError};
+use tideline_wal::{CrashMode, MemStorage, Wal, WalOptions};
 
 // ---------------------------------------------------------------------------------------
 // Model test
@@ -564,37 +464,6 @@ fn queries_are_refused_while_backfilling() {
 // Backfill while writes continue
 // ---------------------------------------------------------------------------------------
 
-fn file_engine(dir: &Path, opts: EngineOptions) -> Engine {
-    let storage = FileStorage::new(dir.join("log")).expect("log dir");
-    let wal = Wal::open(
-        Arc::new(storage),
-        WalOptions {
-            segment_bytes_max: 8 << 20,
-            ..WalOptions::default()
-        },
-    )
-    .expect("open log");
-    Engine::open(dir.join("store"), Arc::new(wal), opts).expect("open engine")
-}
-
-fn load_docs(e: &Engine, n: u64) {
-    let mut i = 0;
-    while i < n {
-        e.transaction(|tx| {
-            for j in i..(i + 1000).min(n) {
-                tx.put(
-                    TREE,
-                    format!("d{j:08}").as_bytes(),
-                    format!(r#"{{"v":"g{}","w":{}}}"#, j % 1000, j % 7).as_bytes(),
-                )?;
-            }
-            Ok(())
-        })
-        .expect("load");
-        i += 1000;
-    }
-}
-
 /// Indexes `n` documents while a writer keeps changing them; returns the writer's latencies
 /// during the backfill and the backfill's duration.
 fn backfill_under_writes(n: u64) -> (Vec<Duration>, Duration) {
@@ -674,135 +543,11 @@ fn backfill_of_1m_documents_while_writes_continue_equals_recomputation() {
 // SIGKILL
 // ---------------------------------------------------------------------------------------
 
-const CHILD: &str = "index_crash_child";
-const ENV_DIR: &str = "TIDELINE_INDEX_CRASH_DIR";
-const ENV_CYCLE: &str = "TIDELINE_INDEX_CRASH_CYCLE";
-const DOCS: u64 = 2_000;
-
-/// The child: on cycle 0 loads the documents; on every cycle drops and re-creates one of
-/// the indexes, then rewrites, patches and deletes documents until killed. Whenever that
-/// index has been live for a while it is dropped and re-created again, so that backfills
-/// recur all through the run and a kill lands mid-backfill however fast the machine
-/// backfills. Prints `A` after each acknowledged write, with whether an index was
-/// backfilling.
+/// The child process of the SIGKILL test; its workload is [`common::index_child::crash_child`].
 #[test]
 #[ignore = "child process of the SIGKILL index test"]
 fn index_crash_child() {
-    let Ok(dir) = std::env::var(ENV_DIR) else {
-        return;
-    };
-    let cycle: u64 = std::env::var(ENV_CYCLE)
-        .ok()
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    // Small backfill steps: a backfill spans many batches, and kills land inside it.
-    let e = file_engine(
-        Path::new(&dir),
-        EngineOptions {
-            index_backfill_keys: 8,
-            ..EngineOptions::default()
-        },
-    );
-    if cycle == 0 {
-        e.create_tree(TREE, Some("json-merge-patch")).expect("tree");
-        load_docs(&e, DOCS);
-        for (name, paths) in INDEXES {
-            e.create_index(TREE, name, paths, false).expect("create");
-        }
-    }
-    let (name, paths) = INDEXES[cycle as usize % 2];
-    // One transaction: a kill never finds the index dropped and not yet declared again.
-    let recreate = || {
-        let mut tx = e.begin();
-        tx.drop_index(TREE, name).expect("drop");
-        tx.create_index(TREE, name, paths, false).expect("create");
-        tx.commit()
-            .expect("re-create")
-            .expect("the index was re-created");
-    };
-    if cycle > 0 {
-        recreate();
-    }
-    println!("READY");
-    let mut rng = rand::rng();
-    // Writes acknowledged while every index was live, since the last re-creation.
-    let mut live_acks = 0u32;
-    for i in 0u64.. {
-        if live_acks >= 25 {
-            recreate();
-            live_acks = 0;
-        }
-        let key = format!("d{:08}", rng.random_range(0..DOCS + 100));
-        match i % 4 {
-            0 => e.delete(TREE, key.as_bytes()).map(|_| ()).expect("delete"),
-            1 => e
-                .merge(
-                    TREE,
-                    key.as_bytes(),
-                    format!(r#"{{"v":"p{}"}}"#, i % 13).as_bytes(),
-                )
-                .map(|_| ())
-                .expect("merge"),
-            _ => e
-                .put(
-                    TREE,
-                    key.as_bytes(),
-                    format!(r#"{{"v":"c{cycle}-{}","w":{}}}"#, i % 31, i % 3).as_bytes(),
-                )
-                .map(|_| ())
-                .expect("put"),
-        }
-        let backfilling = e
-            .indexes()
-            .iter()
-            .any(|i| matches!(i.state, IndexState::Backfilling { .. }));
-        live_acks += u32::from(!backfilling);
-        println!("A {i} {}", if backfilling { "backfilling" } else { "live" });
-    }
-}
-
-fn crash_cycles(cycles: u64, opts: impl Fn() -> EngineOptions, label: &str) -> Result<u32, String> {
-    let (seed, mut rng) = common::seeded(label);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut mid_backfill = 0;
-    for cycle in 0..cycles {
-        let what = format!("{label} cycle {cycle} (seed {seed})");
-        let c = cycle.to_string();
-        let run = common::run_child(
-            CHILD,
-            &[
-                (ENV_DIR, dir.path().as_os_str()),
-                (ENV_CYCLE, OsStr::new(&c)),
-            ],
-            5..250,
-            |l| l.starts_with("A "),
-            &mut rng,
-            &what,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        let acked = run.lines.iter().filter(|l| l.starts_with("A ")).count();
-        if acked == 0 {
-            panic!(
-                "{what}: the child acknowledged nothing; stderr: {}",
-                run.stderr
-            );
-        }
-        let in_backfill = run
-            .lines
-            .iter()
-            .rev()
-            .find(|l| l.starts_with("A "))
-            .is_some_and(|l| l.ends_with("backfilling"));
-        mid_backfill += u32::from(in_backfill);
-        eprintln!(
-            "{what}: killed {} ms after its first ack, {acked} acks{}",
-            run.kill_after_ms,
-            if in_backfill { ", mid-backfill" } else { "" }
-        );
-        let e = file_engine(dir.path(), opts());
-        check_indexes(&e, &["by_v", "by_vw"]).map_err(|err| format!("{what}: {err}"))?;
-    }
-    Ok(mid_backfill)
+    crash_child();
 }
 
 #[test]

@@ -51,12 +51,13 @@ mod abuse_peers;
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use abuse_peers::cpus::{Placement, cpu_time};
+use abuse_peers::observe::{refused_by_reason, wait_until_settled};
+use abuse_peers::tail::{alone_rounds, load_log, tail_rounds};
 use abuse_peers::{
     Tally, authenticated_opens, forged_tokens, garbage_datagrams, raw_endpoint, slow_connections,
     unauthenticated_opens,
@@ -113,163 +114,6 @@ const CI: Scale = Scale {
     datagrams: 20_000,
     tail_txns: 500,
 };
-
-/// Runs `tideline tail --from earliest --limit N` and returns its duration; fails unless it
-/// delivered exactly offsets 1..=N. A tail that could not run to the end (it could not
-/// connect, or the node closed it) is an `Err` with its stderr.
-fn tail_round(node: &Node, txns: u64) -> Result<Duration, String> {
-    let start = Instant::now();
-    let out = node
-        .cli()
-        .args(["tail", "--node", &node.addr, "--from", "earliest"])
-        .args(["--limit", &txns.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run tideline tail");
-    let took = start.elapsed();
-    if !out.status.success() {
-        return Err(format!(
-            "after {took:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut want = 1u64;
-    for line in text.lines() {
-        let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
-        assert_eq!(
-            v["offset"].as_u64(),
-            Some(want),
-            "the legitimate tail skipped or repeated"
-        );
-        want += 1;
-    }
-    assert_eq!(
-        want - 1,
-        txns,
-        "the legitimate tail delivered {} of {txns}",
-        want - 1
-    );
-    Ok(took)
-}
-
-/// What the legitimate tail did during the abuse.
-struct TailRun {
-    /// Rounds that ran to the end: when each ended and how long it took.
-    rounds: Vec<(Instant, Duration)>,
-    /// Rounds that could not run to the end, with the tail's stderr.
-    failed: Vec<String>,
-}
-
-/// Tail rounds until `stop` is set (at least one).
-fn tail_rounds(node: &Node, txns: u64, stop: &AtomicBool) -> TailRun {
-    let (mut rounds, mut failed) = (Vec::new(), Vec::new());
-    loop {
-        match tail_round(node, txns) {
-            Ok(took) => rounds.push((Instant::now(), took)),
-            Err(e) => failed.push(e),
-        }
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-    }
-    TailRun { rounds, failed }
-}
-
-/// Waits until the node has settled (its CPU time grew by at most one clock tick in half a
-/// second; at most 30 s): after the load its engine flushes and compacts in the background,
-/// after the abuse it closes connections, and either would be counted against the tail.
-fn wait_until_settled(pid: u32, what: &str) {
-    let t0 = Instant::now();
-    loop {
-        let before = cpu_time(pid);
-        std::thread::sleep(Duration::from_millis(500));
-        let used = cpu_time(pid) - before;
-        if used <= Duration::from_millis(10) {
-            eprintln!(
-                "abuse: node settled {what} in {:.1} s",
-                t0.elapsed().as_secs_f64()
-            );
-            return;
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            eprintln!(
-                "abuse: WARNING: the node is still busy {what} after 30 s ({} ms of CPU in the \
-                 last 0.5 s)",
-                used.as_millis()
-            );
-            return;
-        }
-    }
-}
-
-/// The legitimate tail with no abuse: at least three rounds and two seconds. Returns the
-/// rounds and their total time.
-fn alone_rounds(node: &Node, txns: u64) -> (u64, Duration) {
-    let t0 = Instant::now();
-    let (mut took, mut rounds) = (Duration::ZERO, 0u64);
-    while rounds < 3 || t0.elapsed() < Duration::from_secs(2) {
-        took += tail_round(node, txns)
-            .unwrap_or_else(|e| panic!("the legitimate tail failed with no abuse: {e}"));
-        rounds += 1;
-    }
-    (rounds, took)
-}
-
-/// The node's `tideline_quic_refused_total` by reason, once the admin's sampler (every
-/// second) has caught up: two reads a sampling period apart agree.
-fn refused_by_reason(node: &Node) -> std::collections::BTreeMap<String, u64> {
-    use std::io::{Read, Write};
-    let admin = node.admin.as_deref().expect("the node runs its HTTP admin");
-    let read = || {
-        let mut s = std::net::TcpStream::connect(admin).expect("connect to the admin listener");
-        s.set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("read timeout");
-        write!(s, "GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").expect("request");
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).expect("read /metrics");
-        let mut by = std::collections::BTreeMap::new();
-        for line in raw.lines() {
-            let Some(rest) = line.strip_prefix("tideline_quic_refused_total{reason=\"") else {
-                continue;
-            };
-            let (reason, value) = rest.split_once("\"} ").expect("a labelled sample");
-            by.insert(reason.to_string(), value.trim().parse().expect("a count"));
-        }
-        by
-    };
-    let mut last = read();
-    for _ in 0..10 {
-        std::thread::sleep(Duration::from_millis(1100));
-        let now = read();
-        if now == last {
-            break;
-        }
-        last = now;
-    }
-    last
-}
-
-/// Loads `txns` transactions of 10 puts of 100 bytes.
-fn load_log(node: &Node, txns: u64) {
-    use std::io::Write;
-    let value = "v".repeat(100);
-    let mut child = node
-        .cli()
-        .args(["load", "--node", &node.addr, "--batch", "10"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("run tideline load");
-    {
-        let mut stdin = child.stdin.take().expect("piped stdin");
-        for i in 0..txns * 10 {
-            writeln!(stdin, "k:{i:08}\t{value}").expect("write to load");
-        }
-    }
-    assert!(child.wait().expect("wait for load").success());
-}
 
 /// Sets its flags when dropped (also while unwinding).
 struct StopOnDrop<'a>([&'a AtomicBool; 2]);

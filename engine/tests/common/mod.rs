@@ -23,6 +23,11 @@ use rand::{Rng, SeedableRng};
 use tideline_engine::Engine;
 use tideline_wal::{NewTransaction, Offset};
 
+#[allow(dead_code)] // used by `indexes.rs` only; not every test including this module does
+pub mod index_child;
+#[allow(dead_code)] // used by `indexes.rs` only; not every test including this module does
+pub mod index_fixture;
+
 /// The environment variable that replays a run: the seed it printed.
 pub const SEED_ENV: &str = "TIDELINE_TEST_SEED";
 

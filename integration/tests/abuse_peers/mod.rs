@@ -5,6 +5,8 @@
 #![allow(dead_code, reason = "shared with the test file, which uses all of it")]
 
 pub mod cpus;
+pub mod observe;
+pub mod tail;
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
