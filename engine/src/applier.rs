@@ -108,7 +108,7 @@ impl Inner {
                     a.dead_from = a.applied + 1;
                     a.dead_reason = reason;
                     for r in a.ready.values() {
-                        r.waiter.unpark();
+                        r.wake();
                     }
                     drop(a);
                     self.applied_cv.notify_all();
@@ -144,11 +144,12 @@ impl Inner {
                         group.push((at, r.txn));
                         // One wake-up per thread, not per transaction: a thread that submitted
                         // a whole batch (upstream apply) waits on its last one only once.
-                        if !waiters
-                            .iter()
-                            .any(|w: &std::thread::Thread| w.id() == r.waiter.id())
+                        if let Some(waiter) = r.waiter
+                            && !waiters
+                                .iter()
+                                .any(|w: &std::thread::Thread| w.id() == waiter.id())
                         {
-                            waiters.push(r.waiter);
+                            waiters.push(waiter);
                         }
                         at += 1;
                     }
@@ -165,7 +166,7 @@ impl Inner {
                 self.fail(reason.clone());
                 a.store_failed = Some(reason);
                 for r in a.ready.values() {
-                    r.waiter.unpark();
+                    r.wake();
                 }
                 return Err(());
             }
@@ -198,7 +199,7 @@ impl Inner {
                         w.unpark();
                     }
                     for r in a.ready.values() {
-                        r.waiter.unpark();
+                        r.wake();
                     }
                     drop(a);
                     self.applied_cv.notify_all();

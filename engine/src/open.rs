@@ -323,7 +323,7 @@ impl Engine {
                     .into();
             }
             for r in a.ready.values() {
-                r.waiter.unpark();
+                r.wake();
             }
         }
     }
@@ -353,7 +353,7 @@ impl Inner {
             a.dead_reason = reason;
         }
         for r in a.ready.values() {
-            r.waiter.unpark();
+            r.wake();
         }
         drop(a);
         self.applied_cv.notify_all();

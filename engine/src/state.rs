@@ -288,7 +288,19 @@ pub(crate) struct CommitState {
 /// An acknowledged transaction waiting to be applied, and the committer to wake.
 pub(crate) struct Ready {
     pub(crate) txn: PackedTxn,
-    pub(crate) waiter: std::thread::Thread,
+    /// The committer to wake once the transaction is applied or failed; `None` for one
+    /// already answered (an async commit, acknowledged once written): waking its thread
+    /// would only interrupt whatever it waits on next.
+    pub(crate) waiter: Option<std::thread::Thread>,
+}
+
+impl Ready {
+    /// Wakes the waiting committer, if any.
+    pub(crate) fn wake(&self) {
+        if let Some(w) = &self.waiter {
+            w.unpark();
+        }
+    }
 }
 
 /// Submitted transactions not yet taken by the applier, by offset. Offsets are given (and

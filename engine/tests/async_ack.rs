@@ -117,3 +117,21 @@ fn committers_wait_once_the_applier_is_async_unapplied_max_behind() {
         commits[0].offset
     );
 }
+
+/// The API is blocking and ENGINE.md says to call it through `spawn_blocking`, but a commit
+/// made from inside an async task anyway must get the answer it gets under sync durability
+/// (the thread blocks), not a panic from the runtime's check on blocking receives.
+#[test]
+fn a_commit_from_inside_an_async_task_is_answered() {
+    let n = node(Duration::from_millis(10), EngineOptions::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let c = rt.block_on(async { n.engine.put("t", b"k", b"v") });
+    let c = c.expect("put from an async task");
+    assert!(
+        n.engine
+            .wait_visible(&c, Duration::from_secs(10))
+            .expect("fence")
+    );
+}

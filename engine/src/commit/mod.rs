@@ -485,19 +485,19 @@ impl Inner {
         // acknowledged once its record is written (DESIGN: "async acks after write"): it then
         // asks the log for that acknowledgement. A tree or index change still waits for its
         // apply, so that the catalog every later read sees holds it.
+        let early_ack = local
+            && tree_ops.is_empty()
+            && index_changes.is_empty()
+            && matches!(self.wal.durability(), Durability::Async { .. });
         let ready = |off: Offset| {
             lock(&self.apply).ready.insert(
                 off.get(),
                 Ready {
                     txn: txn.clone(),
-                    waiter: std::thread::current(),
+                    waiter: (!early_ack).then(std::thread::current),
                 },
             );
         };
-        let early_ack = local
-            && tree_ops.is_empty()
-            && index_changes.is_empty()
-            && matches!(self.wal.durability(), Durability::Async { .. });
         let (appended, written) = if early_ack {
             let (a, ()) = self.wal.submit_encoded_acked(record, index, ready)?;
             (a.offset(), Some(a))
@@ -565,7 +565,7 @@ impl Inner {
             gtid: f.gtid,
         };
         if let Some(written) = f.written {
-            written.wait()?;
+            block_on_ack(written)?;
             let behind = f.offset.get().saturating_sub(self.opts.async_unapplied_max);
             loop {
                 if self.applied.load(Ordering::SeqCst) >= behind {
@@ -627,5 +627,29 @@ fn conflicts(r: &ReadItem, e: &HistoryEntry) -> Option<String> {
             .iter()
             .any(|(t, k)| t == tree.as_str() && range_contains(lo, hi, k))
             .then(|| format!("a key in a range read from tree `{tree}`")),
+    }
+}
+
+/// Blocks the calling thread on the log's acknowledgement. Not `Appended::wait`: tokio's
+/// blocking receive panics when called from inside an async task, and the engine's API is
+/// blocking everywhere, so such a caller (whatever ENGINE.md advises) gets the answer it would
+/// get under sync durability, its thread blocked, not a panic. A stray wake-up of this
+/// thread only polls again.
+fn block_on_ack(ack: Appended) -> Result<Offset, tideline_wal::Error> {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut ack = std::pin::pin!(ack);
+    loop {
+        if let Poll::Ready(r) = ack.as_mut().poll(&mut cx) {
+            return r;
+        }
+        std::thread::park();
     }
 }
