@@ -565,7 +565,7 @@ impl Inner {
             gtid: f.gtid,
         };
         if let Some(written) = f.written {
-            block_on_ack(written)?;
+            written.wait()?;
             let behind = f.offset.get().saturating_sub(self.opts.async_unapplied_max);
             loop {
                 if self.applied.load(Ordering::SeqCst) >= behind {
@@ -627,29 +627,5 @@ fn conflicts(r: &ReadItem, e: &HistoryEntry) -> Option<String> {
             .iter()
             .any(|(t, k)| t == tree.as_str() && range_contains(lo, hi, k))
             .then(|| format!("a key in a range read from tree `{tree}`")),
-    }
-}
-
-/// Blocks the calling thread on the log's acknowledgement. Not `Appended::wait`: tokio's
-/// blocking receive panics when called from inside an async task, and the engine's API is
-/// blocking everywhere, so such a caller (whatever ENGINE.md advises) gets the answer it would
-/// get under sync durability, its thread blocked, not a panic. A stray wake-up of this
-/// thread only polls again.
-fn block_on_ack(ack: Appended) -> Result<Offset, tideline_wal::Error> {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut ack = std::pin::pin!(ack);
-    loop {
-        if let Poll::Ready(r) = ack.as_mut().poll(&mut cx) {
-            return r;
-        }
-        std::thread::park();
     }
 }

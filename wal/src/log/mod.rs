@@ -504,16 +504,26 @@ impl Appended {
         self.offset
     }
 
-    /// Blocks until the record is acknowledged. Must not be called from inside an async
-    /// runtime; `.await` the `Appended` there.
+    /// Blocks the calling thread until the record is acknowledged. Callable from any thread,
+    /// a runtime's among them (where it blocks that thread, as any blocking call does; `.await`
+    /// the `Appended` there instead): the acknowledgement is polled on a waker that unparks
+    /// this thread, not received with tokio's blocking receive, which panics inside a runtime.
+    /// A stray unpark of the thread only polls again.
     pub fn wait(self) -> Result<Offset, Error> {
-        let offset = self.offset;
-        match self.rx.blocking_recv() {
-            Ok(Ok(())) => Ok(offset),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(Error::Poisoned {
-                reason: "the log writer stopped before acknowledging".into(),
-            }),
+        struct Unpark(std::thread::Thread);
+        impl std::task::Wake for Unpark {
+            fn wake(self: Arc<Self>) {
+                self.0.unpark();
+            }
+        }
+        let waker = std::task::Waker::from(Arc::new(Unpark(std::thread::current())));
+        let mut cx = Context::from_waker(&waker);
+        let mut this = std::pin::pin!(self);
+        loop {
+            if let Poll::Ready(r) = this.as_mut().poll(&mut cx) {
+                return r;
+            }
+            std::thread::park();
         }
     }
 }
