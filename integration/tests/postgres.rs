@@ -5,9 +5,9 @@
 //! - Exactly once under kill -9: a random workload (puts, deletes, `add` and
 //!   `json-merge-patch` merges) runs on a source node while `tideline connect` is SIGKILLed at
 //!   random points ≥ 20 times (`TIDELINE_SINK_KILL_CYCLES`); at the end the tables equal the
-//!   log's projection, row by row. Merges are not idempotent, so a batch applied twice, or
-//!   skipped, shows. Its canary stores positions apart from the data (the `testing` switch)
-//!   and must see the difference.
+//!   log's projection, row by row. Merges are not idempotent, and every transaction adds 1
+//!   to one counter nothing resets, so a batch applied twice, or skipped, shows. Its canary
+//!   stores positions apart from the data (the `testing` switch) and must see the difference.
 //! - The server drops the connector (`pg_terminate_backend`, not a restart of the shared
 //!   server that parallel tests use): the node's pipeline retries, catches up, and `status`
 //!   and `/metrics` count the outage.

@@ -4,8 +4,9 @@
 //! - Exactly once under kill -9: a random workload (puts, deletes, `add` and
 //!   `json-merge-patch` merges) runs on a source node while `tideline connect` is SIGKILLed at
 //!   random points ≥ 20 times (`TIDELINE_SINK_KILL_CYCLES`); at the end the keys equal the
-//!   log's projection. Merges are not idempotent, so a batch applied twice, or skipped, shows.
-//!   Its canary stores positions apart from the data (the `testing` switch) and must see it.
+//!   log's projection. Merges are not idempotent, and every transaction adds 1 to one
+//!   counter nothing resets, so a batch applied twice, or skipped, shows. Its canary stores
+//!   positions apart from the data (the `testing` switch) and must see it.
 //! - The server drops the connector (`CLIENT KILL ID`, its connection only: parallel tests
 //!   share the server): the node's pipeline retries, catches up, `status` counts the outage.
 //! - An unreachable server: `--check` says so in one line; `connect` retries and stores

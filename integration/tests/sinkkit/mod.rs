@@ -88,6 +88,9 @@ pub fn cycles() -> usize {
 
 // ---- Workloads ------------------------------------------------------------------------
 
+/// The key in `cnt` that every workload transaction adds 1 to and nothing else touches.
+pub const TXN_COUNTER: &[u8] = b"txns";
+
 /// Trees of the workload: plain values (JSON and bytes), `add` counters, JSON documents
 /// patched by `json-merge-patch`.
 pub const TREES: [(&str, Option<&str>); 3] = [
@@ -205,6 +208,9 @@ pub fn random_txn(engine: &Engine, rng: &mut StdRng) {
         };
         r.expect("a workload op");
     }
+    // A counter no op ever resets: every transaction adds 1, so a batch applied twice or
+    // skipped shows in the final state however the other keys were overwritten after it.
+    tx.merge("cnt", TXN_COUNTER, b"1").expect("a workload op");
     tx.commit().expect("commit a workload transaction");
 }
 
