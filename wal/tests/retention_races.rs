@@ -173,8 +173,12 @@ fn reset_history_beside_looping_retention() {
             storage.retention_rounds.clone(),
         );
         Looping::start(move || {
-            if paused.swap(false, Ordering::SeqCst) {
+            // The floor is lifted before the flag drops: the test's next round, which waits
+            // for the flag, must not set its floor before this lift lands (under load the lift
+            // came after it, and retention then took the round's segments).
+            if paused.load(Ordering::SeqCst) {
                 wal.set_retention_floor(Offset::new(u64::MAX).expect("not 0"));
+                paused.store(false, Ordering::SeqCst);
             }
             let r = wal.run_retention().map(|_| ());
             rounds.fetch_add(1, Ordering::SeqCst);
