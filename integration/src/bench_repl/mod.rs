@@ -420,11 +420,14 @@ async fn tideline(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
     tokio::task::spawn_blocking(move || fill_primary(&engine, committed, txns, &value))
         .await
         .context("fill task failed")??;
-    // The whole log durable (the 10 ms fsync has run) before any replica reads it.
-    let wal = primary.engine.wal().clone();
-    while wal.durable_offset() < wal.written_offset() {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // The whole log durable (the 10 ms fsync has run) and applied before any replica reads
+    // it: the committers' last commits were acknowledged once written, and the replicas are
+    // timed until they hold the primary's `gtid_executed`, which must then be all of it.
+    let e = primary.engine.clone();
+    let shown = tokio::task::spawn_blocking(move || e.wait_all_visible(Duration::from_secs(60)))
+        .await
+        .context("wait task failed")??;
+    ensure!(shown, "the primary did not show its load within 60 s");
 
     eprintln!("catch-up: an empty async replica ...");
     let async_catch_up = catch_up(&ctx, &root.join("replica-async"), &primary, ASYNC_10MS).await?;
