@@ -22,7 +22,8 @@ use crate::{Epoch, Error, Offset};
 
 use super::retain::reset_segments;
 use super::{
-    Ack, Appended, Durability, Encoded, Pending, SegmentMeta, Shared, Wal, WalOptions, lock, now_us,
+    Ack, Appended, Durability, Encoded, Pending, SegmentMeta, Shared, State, Wal, WalOptions, lock,
+    now_us,
 };
 
 impl Wal {
@@ -47,7 +48,14 @@ impl Wal {
         self.encode_into(&txn, &mut encoded)?;
         let (tx, rx) = oneshot::channel();
         let (offset, r) = self.queue(encoded.gtid(0), encoded.payload(0), Some(tx), assigned)?;
-        Ok((Appended { offset, rx }, r))
+        Ok((
+            Appended {
+                offset,
+                rx,
+                lead: None,
+            },
+            r,
+        ))
     }
 
     /// Checks and encodes `txn` at the end of `encoded`, for [`Wal::submit_encoded_with`];
@@ -110,6 +118,11 @@ impl Wal {
     /// [`Appended`] resolves once the record is written under [`Durability::Async`] (before
     /// its sync, before readers see it), once durable under [`Durability::Sync`].
     ///
+    /// Under `Async` the writer thread is not woken for the record: [`Appended::wait`] writes
+    /// the pending group on the calling thread unless another caller is already doing so (a
+    /// combining leader), which saves the hand-off to the writer thread and back. Awaiting or
+    /// dropping the [`Appended`] instead hands the record to the writer thread.
+    ///
     /// # Panics
     /// If `index` is not one `encode_into` returned for `encoded`.
     pub fn submit_encoded_acked<R>(
@@ -119,13 +132,17 @@ impl Wal {
         assigned: impl FnOnce(Offset) -> R,
     ) -> Result<(Appended, R), Error> {
         let (tx, rx) = oneshot::channel();
-        let (offset, r) = self.queue(
+        // Under `Async` the waiting committer writes its group itself (see [`lead`]).
+        let deferred = matches!(self.shared.opts.durability, Durability::Async { .. });
+        let (offset, r) = self.queue_for(
             encoded.gtid(index),
             encoded.payload(index),
             Some(tx),
+            deferred,
             assigned,
         )?;
-        Ok((Appended { offset, rx }, r))
+        let lead = deferred.then(|| self.shared.clone());
+        Ok((Appended { offset, rx, lead }, r))
     }
 
     fn queue<R>(
@@ -133,6 +150,20 @@ impl Wal {
         gtid: Gtid,
         payload: &[u8],
         ack: Option<Ack>,
+        assigned: impl FnOnce(Offset) -> R,
+    ) -> Result<(Offset, R), Error> {
+        self.queue_for(gtid, payload, ack, false, assigned)
+    }
+
+    /// Queues one frame. `deferred`: the caller waits on the acknowledgement with
+    /// [`Appended::wait`], which writes the pending group itself (see [`lead`]), so the writer
+    /// thread is not woken for it.
+    fn queue_for<R>(
+        &self,
+        gtid: Gtid,
+        payload: &[u8],
+        ack: Option<Ack>,
+        deferred: bool,
         assigned: impl FnOnce(Offset) -> R,
     ) -> Result<(Offset, R), Error> {
         let shared = &*self.shared;
@@ -155,7 +186,7 @@ impl Wal {
         }
         st.pending.gtids.push(gtid);
         let r = assigned(offset);
-        let wake = std::mem::take(&mut st.writer_waiting);
+        let wake = !deferred && std::mem::take(&mut st.writer_waiting);
         drop(st);
         if wake {
             shared.wake_writer.notify_one();
@@ -240,15 +271,246 @@ fn encoded_size_hint(txn: &NewTransaction) -> usize {
 /// Longest a writer waits to gather a batch (see the gathering comment in `writer_main`).
 const GATHER_MAX: Duration = Duration::from_micros(200);
 
-/// The writer thread: owns the active segment.
-pub(super) fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
+/// Groups a leading committer writes before it hands what is still pending to the writer
+/// thread, so that under a steady stream of commits its own caller is not kept for ever.
+const LEAD_ROUNDS_MAX: u32 = 8;
+
+/// The active segment and what goes with writing to it, behind `Shared::active`.
+pub(super) struct Active {
+    name: String,
+    file: Arc<dyn StorageFile>,
+    /// Bytes written to the file.
+    len: u64,
+    /// The file's length as of its last successful sync (recovery synced what it found).
+    synced_len: u64,
+    /// GTIDs written but not yet durable: under `Async` readers see them only after the sync.
+    unpublished: Vec<Gtid>,
+    /// GTIDs of every record written (the next segment's header lists them).
+    gtids_in_log: GtidSet,
+}
+
+/// Takes the pending group, leaving an empty one (with the spare buffer) for the next.
+fn take_pending(state: &mut State) -> Pending {
+    let next_first = state.next_offset;
+    let bytes = std::mem::take(&mut state.spare);
+    std::mem::replace(
+        &mut state.pending,
+        Pending {
+            first: next_first,
+            bytes,
+            ..Pending::default()
+        },
+    )
+}
+
+/// Whether `bytes` more would overfill the active segment (one that holds only its header
+/// takes any batch, so a record larger than a segment still goes somewhere).
+fn needs_roll(state: &State, active: &Active, bytes: usize, opts: &WalOptions) -> bool {
+    let header_only = state
+        .segments
+        .last()
+        .is_some_and(|s| u64::from(s.header_bytes) == active.len);
+    !header_only && active.len + bytes as u64 > opts.segment_bytes_max
+}
+
+/// The combining leader, under `Async`: a committer waiting on its record writes the pending
+/// group itself, then the groups that gathered meanwhile (their committers wait on their
+/// acknowledgements), instead of waking the writer thread and being woken by it. Segment rolls,
+/// history resets, syncs and closing stay with the writer thread: a leader that meets one of
+/// them, or has written `LEAD_ROUNDS_MAX` groups, hands what is pending to it.
+///
+/// Every pending record is always someone's: the leader's (`state.leading`, which it clears
+/// only with nothing pending or while waking the writer, under the lock appenders queue
+/// under), a caller's that will lead when it waits, or the writer thread's.
+pub(super) fn lead(shared: &Shared) {
+    {
+        let mut state = lock(&shared.state);
+        if state.leading || state.pending.count == 0 {
+            // The current leader takes the record with its next group, or someone wrote it.
+            return;
+        }
+        state.leading = true;
+    }
+    let mut active = lock(&shared.active);
+    let mut rounds = 0;
+    loop {
+        let mut state = lock(&shared.state);
+        let go_on = match active.as_ref() {
+            Some(a) => {
+                state.pending.count > 0
+                    && rounds < LEAD_ROUNDS_MAX
+                    && !state.closing
+                    && state.reset.is_none()
+                    && !shared.opts.writer_killed_at(state.pending.first)
+                    && !needs_roll(&state, a, state.pending.bytes.len(), &shared.opts)
+            }
+            None => false,
+        };
+        let Some(a) = active.as_mut().filter(|_| go_on) else {
+            state.leading = false;
+            let wake = state.pending.count > 0 && std::mem::take(&mut state.writer_waiting);
+            drop(state);
+            if wake {
+                shared.wake_writer.notify_one();
+            }
+            return;
+        };
+        let batch = take_pending(&mut state);
+        drop(state);
+        write_batch(shared, a, batch, None, false);
+        rounds += 1;
+    }
+}
+
+/// Hands a record queued for a leader to the writer thread instead (its `Appended` was
+/// awaited or dropped rather than waited for).
+pub(super) fn hand_off(shared: &Shared) {
+    let mut state = lock(&shared.state);
+    let wake =
+        !state.leading && state.pending.count > 0 && std::mem::take(&mut state.writer_waiting);
+    drop(state);
+    if wake {
+        shared.wake_writer.notify_one();
+    }
+}
+
+/// What [`write_batch`] did besides writing.
+#[derive(Default)]
+struct Wrote {
+    /// It rolled to a new segment (which synced everything before).
+    rolled: bool,
+    /// How long the batch's own sync took (`Sync` durability).
+    sync_took: Option<Duration>,
+}
+
+/// Writes one group to the active segment and acknowledges it: under `Sync` once synced,
+/// under `Async` once written (shown to readers at the writer thread's next sync). Rolls first
+/// if the segment is full (only the writer thread gets there: leaders hand such a group over).
+/// A failure poisons the log and answers the group with the poison error.
+fn write_batch(
+    shared: &Shared,
+    a: &mut Active,
+    batch: Pending,
+    sync_each: Option<&mut Instant>,
+    on_writer: bool,
+) -> Wrote {
+    let st: &dyn Storage = &*shared.storage;
+    let mut wrote = Wrote::default();
+    let fail = |batch: Pending| {
+        for ack in batch.acks {
+            let _ = ack.send(Err(shared.poison_error()));
+        }
+    };
+    if shared.poisoned.load(Ordering::SeqCst) {
+        fail(batch);
+        return wrote;
+    }
+    let full = needs_roll(&lock(&shared.state), a, batch.bytes.len(), &shared.opts);
+    if full {
+        match roll(
+            shared,
+            st,
+            &*a.file,
+            &a.name,
+            a.len,
+            batch.first,
+            &a.gtids_in_log,
+            &mut a.unpublished,
+        ) {
+            Ok((new_name, new_file, new_len)) => {
+                a.name = new_name;
+                a.file = Arc::from(new_file);
+                a.len = new_len;
+                a.synced_len = new_len;
+                shared.unsynced.store(false, Ordering::SeqCst);
+                wrote.rolled = true;
+            }
+            Err(reason) => {
+                shared.poison(reason);
+                cut_unsynced(shared, &*a.file, a.synced_len);
+                fail(batch);
+                return wrote;
+            }
+        }
+    }
+    // Under `Sync`, everything before this batch is durable.
+    let len_before = a.len;
+    if let Err(e) = a.file.write_all_at(&batch.bytes, a.len)
+        && !ignore_write_error(shared, st, &a.name, &e)
+    {
+        shared.poison(format!("write to {} failed: {e}", st.describe(&a.name)));
+        // Whatever part of the batch reached the file was never acknowledged: cut it, so a
+        // restart cannot find it (best effort; recovery cuts a torn tail anyway).
+        let _ = a.file.set_len(len_before);
+        fail(batch);
+        return wrote;
+    }
+    a.len += batch.bytes.len() as u64;
+    metrics::histogram!("tideline_log_group_commit_records").record(batch.count as f64);
+    metrics::counter!("tideline_log_written_bytes_total").increment(batch.bytes.len() as u64);
+    shared.active_bytes.store(a.len, Ordering::SeqCst);
+    let last = batch.first + batch.count - 1;
+    shared.written.store(last, Ordering::SeqCst);
+    for g in &batch.gtids {
+        a.gtids_in_log.insert(*g);
+    }
+    match sync_each {
+        Some(last_sync) => {
+            let sync_started = Instant::now();
+            let synced = sync_file(shared, st, &*a.file, &a.name);
+            wrote.sync_took = Some(sync_started.elapsed());
+            *last_sync = Instant::now();
+            if let Err(reason) = synced {
+                shared.poison(reason);
+                cut_unsynced(shared, &*a.file, a.synced_len);
+                fail(batch);
+                return wrote;
+            }
+            a.synced_len = a.len;
+            shared.durable.store(last, Ordering::SeqCst);
+            shared.publish_visible(last, &batch.gtids);
+        }
+        None => {
+            // Acknowledged now, shown to readers once durable (the writer's next sync).
+            if shared.opts.show_unsynced() {
+                shared.publish_visible(last, &batch.gtids);
+            } else {
+                a.unpublished.extend_from_slice(&batch.gtids);
+            }
+            // The writer thread sleeps without a deadline while nothing is unsynced: the
+            // first write after a sync tells it that one is due.
+            if !shared.unsynced.swap(true, Ordering::SeqCst) && !on_writer {
+                let mut state = lock(&shared.state);
+                let wake = std::mem::take(&mut state.writer_waiting);
+                drop(state);
+                if wake {
+                    shared.wake_writer.notify_one();
+                }
+            }
+        }
+    }
+    for ack in batch.acks {
+        let _ = ack.send(Ok(()));
+    }
+    let mut bytes = batch.bytes;
+    if bytes.capacity() <= SPARE_BYTES_MAX {
+        bytes.clear();
+        lock(&shared.state).spare = bytes;
+    }
+    wrote
+}
+
+/// The writer thread: opens the active segment, writes the groups no committer wrote itself,
+/// syncs (every group under `Sync`, every interval under `Async`), rolls segments and carries
+/// out history resets.
+pub(super) fn writer_main(shared: Arc<Shared>, gtids_in_log: GtidSet) {
     let storage = shared.storage.clone();
     let st: &dyn Storage = &*storage;
-    let mut name = {
+    let name = {
         let state = lock(&shared.state);
         state.segments[state.segments.len() - 1].name.clone()
     };
-    let mut file = match st.open(&name) {
+    let file = match st.open(&name) {
         Ok(f) => f,
         Err(e) => {
             shared.poison(format!(
@@ -259,30 +521,33 @@ pub(super) fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
             return;
         }
     };
-    let mut len = shared.active_bytes.load(Ordering::SeqCst);
-    // The active file's length as of its last successful sync (recovery synced what it found).
-    let mut synced_len = len;
+    let len = shared.active_bytes.load(Ordering::SeqCst);
+    *lock(&shared.active) = Some(Active {
+        name,
+        file: Arc::from(file),
+        len,
+        synced_len: len,
+        unpublished: Vec::new(),
+        gtids_in_log,
+    });
     let sync_interval = match shared.opts.durability {
         Durability::Sync => None,
         Durability::Async { interval } => Some(interval.max(Duration::from_micros(100))),
     };
-    let mut dirty = false;
-    // GTIDs written but not yet durable: under `Async` readers see them only after the sync.
-    let mut unpublished: Vec<Gtid> = Vec::new();
     let mut last_sync = Instant::now();
     // Size of the last synced batch and how long its sync took (Sync durability only).
     let mut last_batch: u64 = 0;
     let mut last_sync_took = Duration::ZERO;
 
     loop {
-        let (batch, closing, reset) = {
+        {
             let mut state = lock(&shared.state);
             let mut gather_until: Option<Instant> = None;
             loop {
                 if state.closing || (state.reset.is_some() && state.pending.count == 0) {
                     break;
                 }
-                if state.pending.count > 0 {
+                if state.pending.count > 0 && !state.leading {
                     // Gathering: the writers acknowledged by the last sync come back within
                     // microseconds. Taking the first of them alone would split one group into
                     // a batch of 1 and a batch of the rest, halving the fsyncs' yield. So while
@@ -302,7 +567,7 @@ pub(super) fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     continue;
                 }
                 match sync_interval {
-                    Some(iv) if dirty => {
+                    Some(iv) if shared.unsynced.load(Ordering::SeqCst) => {
                         let left = iv.saturating_sub(last_sync.elapsed());
                         if left.is_zero() {
                             break;
@@ -312,22 +577,22 @@ pub(super) fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                     _ => state = shared.wait_for_work(state, None),
                 }
             }
+        }
+
+        // The active segment first, then the group: whoever holds `active` when it takes a
+        // group writes it before anyone takes the next, so groups reach the file in order.
+        let mut active = lock(&shared.active);
+        let Some(a) = active.as_mut() else {
+            return;
+        };
+        let (batch, reset, closing) = {
+            let mut state = lock(&shared.state);
             let reset = if state.pending.count == 0 {
                 state.reset.take()
             } else {
                 None
             };
-            let next_first = state.next_offset;
-            let bytes = std::mem::take(&mut state.spare);
-            let batch = std::mem::replace(
-                &mut state.pending,
-                Pending {
-                    first: next_first,
-                    bytes,
-                    ..Pending::default()
-                },
-            );
-            (batch, state.closing, reset)
+            (take_pending(&mut state), reset, state.closing)
         };
 
         if batch.count > 0 {
@@ -335,105 +600,15 @@ pub(super) fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
                 !shared.opts.writer_killed_at(batch.first),
                 "test-only switch unsafe_kill_writer: the log writer thread dies"
             );
-            if shared.poisoned.load(Ordering::SeqCst) {
-                for ack in batch.acks {
-                    let _ = ack.send(Err(shared.poison_error()));
-                }
-                continue;
+            let count = batch.count;
+            let sync_each = sync_interval.is_none().then_some(&mut last_sync);
+            let wrote = write_batch(&shared, a, batch, sync_each, true);
+            if wrote.rolled {
+                last_sync = Instant::now();
             }
-            // Roll before the batch if the active segment is full.
-            let header_only = lock(&shared.state)
-                .segments
-                .last()
-                .is_some_and(|s| u64::from(s.header_bytes) == len);
-            if !header_only && len + batch.bytes.len() as u64 > shared.opts.segment_bytes_max {
-                match roll(
-                    &shared,
-                    st,
-                    &*file,
-                    &name,
-                    len,
-                    batch.first,
-                    &gtids_in_log,
-                    &mut unpublished,
-                ) {
-                    Ok((new_name, new_file, new_len)) => {
-                        name = new_name;
-                        file = new_file;
-                        len = new_len;
-                        synced_len = new_len;
-                        dirty = false;
-                        last_sync = Instant::now();
-                    }
-                    Err(reason) => {
-                        shared.poison(reason);
-                        cut_unsynced(&shared, &*file, synced_len);
-                        for ack in batch.acks {
-                            let _ = ack.send(Err(shared.poison_error()));
-                        }
-                        continue;
-                    }
-                }
-            }
-            // Under `Sync`, everything before this batch is durable.
-            let len_before = len;
-            if let Err(e) = file.write_all_at(&batch.bytes, len)
-                && !ignore_write_error(&shared, st, &name, &e)
-            {
-                shared.poison(format!("write to {} failed: {e}", st.describe(&name)));
-                // Whatever part of the batch reached the file was never acknowledged: cut it,
-                // so a restart cannot find it (best effort; recovery cuts a torn tail anyway).
-                let _ = file.set_len(len_before);
-                for ack in batch.acks {
-                    let _ = ack.send(Err(shared.poison_error()));
-                }
-                continue;
-            }
-            len += batch.bytes.len() as u64;
-            metrics::histogram!("tideline_log_group_commit_records").record(batch.count as f64);
-            metrics::counter!("tideline_log_written_bytes_total")
-                .increment(batch.bytes.len() as u64);
-            shared.active_bytes.store(len, Ordering::SeqCst);
-            let last = batch.first + batch.count - 1;
-            shared.written.store(last, Ordering::SeqCst);
-            for g in &batch.gtids {
-                gtids_in_log.insert(*g);
-            }
-            match sync_interval {
-                None => {
-                    let sync_started = Instant::now();
-                    let synced = sync_file(&shared, st, &*file, &name);
-                    last_sync_took = sync_started.elapsed();
-                    last_batch = batch.count;
-                    if let Err(reason) = synced {
-                        shared.poison(reason);
-                        cut_unsynced(&shared, &*file, synced_len);
-                        for ack in batch.acks {
-                            let _ = ack.send(Err(shared.poison_error()));
-                        }
-                        continue;
-                    }
-                    synced_len = len;
-                    shared.durable.store(last, Ordering::SeqCst);
-                    shared.publish_visible(last, &batch.gtids);
-                }
-                Some(_) => {
-                    // Acknowledged now, shown to readers once durable (see `made_durable`).
-                    if shared.opts.show_unsynced() {
-                        shared.publish_visible(last, &batch.gtids);
-                    } else {
-                        unpublished.extend_from_slice(&batch.gtids);
-                    }
-                    dirty = true;
-                }
-            }
-            for ack in batch.acks {
-                let _ = ack.send(Ok(()));
-            }
-            let mut bytes = batch.bytes;
-            if bytes.capacity() <= SPARE_BYTES_MAX {
-                bytes.clear();
-                lock(&shared.state).spare = bytes;
+            if let Some(took) = wrote.sync_took {
+                last_sync_took = took;
+                last_batch = count;
             }
         }
 
@@ -441,53 +616,83 @@ pub(super) fn writer_main(shared: Arc<Shared>, mut gtids_in_log: GtidSet) {
             match reset_segments(
                 &shared,
                 st,
-                &*file,
-                &name,
+                &*a.file,
+                &a.name,
                 &req.gtids_before,
-                &mut unpublished,
+                &mut a.unpublished,
             ) {
                 Ok((new_name, new_file, new_len)) => {
-                    name = new_name;
-                    file = new_file;
-                    len = new_len;
-                    synced_len = new_len;
-                    dirty = false;
+                    a.name = new_name;
+                    a.file = Arc::from(new_file);
+                    a.len = new_len;
+                    a.synced_len = new_len;
+                    shared.unsynced.store(false, Ordering::SeqCst);
                     last_sync = Instant::now();
-                    gtids_in_log = req.gtids_before;
+                    a.gtids_in_log = req.gtids_before;
                     let _ = req.ack.send(Ok(()));
                 }
                 Err(reason) => {
                     shared.poison(reason);
-                    cut_unsynced(&shared, &*file, synced_len);
+                    cut_unsynced(&shared, &*a.file, a.synced_len);
                     let _ = req.ack.send(Err(shared.poison_error()));
                 }
             }
         }
 
-        if dirty && (closing || sync_interval.is_some_and(|iv| last_sync.elapsed() >= iv)) {
-            if let Err(reason) = sync_file(&shared, st, &*file, &name) {
-                shared.poison(reason);
-                cut_unsynced(&shared, &*file, synced_len);
-            } else {
-                synced_len = len;
-                made_durable(&shared, &mut unpublished);
+        // Under `Async`: the interval's sync, of what was written up to now. It runs without
+        // `active`, so leading committers go on writing (and acknowledging) meanwhile; what
+        // they write is shown after the next sync.
+        let due = shared.unsynced.load(Ordering::SeqCst)
+            && (closing || sync_interval.is_some_and(|iv| last_sync.elapsed() >= iv));
+        let snapshot = due.then(|| {
+            shared.unsynced.store(false, Ordering::SeqCst);
+            (
+                a.file.clone(),
+                a.name.clone(),
+                a.len,
+                shared.written.load(Ordering::SeqCst),
+                std::mem::take(&mut a.unpublished),
+            )
+        });
+        drop(active);
+        if let Some((file, name, len, written, gtids)) = snapshot {
+            match sync_file(&shared, st, &*file, &name) {
+                Ok(()) => {
+                    // Only this thread rolls or resets, so the file is still the active one.
+                    if let Some(a) = lock(&shared.active).as_mut() {
+                        a.synced_len = a.synced_len.max(len);
+                    }
+                    shared.durable.fetch_max(written, Ordering::SeqCst);
+                    shared.publish_visible(written, &gtids);
+                }
+                Err(reason) => {
+                    shared.poison(reason);
+                    if let Some(a) = lock(&shared.active).as_ref() {
+                        cut_unsynced(&shared, &*a.file, a.synced_len);
+                    }
+                }
             }
-            dirty = false;
             last_sync = Instant::now();
         }
-        if closing && lock(&shared.state).pending.count == 0 {
+        if closing
+            && !shared.unsynced.load(Ordering::SeqCst)
+            && lock(&shared.state).pending.count == 0
+        {
+            *lock(&shared.active) = None;
             return;
         }
     }
 }
 
-/// Everything written is durable now (the writer just synced it): moves the durable head and
-/// shows readers what they could not see yet. Under `Async` this is the only place records
-/// become visible, so a power cut can never take back a record a reader saw, and a restarted
-/// node never reissues an offset or GTID number with other content.
+/// Everything written is durable now (the writer just synced it, holding the active segment):
+/// moves the durable head and shows readers what they could not see yet. Under `Async` only
+/// the writer thread's syncs make records visible, so a power cut can never take back a record
+/// a reader saw, and a restarted node never reissues an offset or GTID number with other
+/// content.
 pub(super) fn made_durable(shared: &Shared, unpublished: &mut Vec<Gtid>) {
     let written = shared.written.load(Ordering::SeqCst);
-    shared.durable.store(written, Ordering::SeqCst);
+    shared.durable.fetch_max(written, Ordering::SeqCst);
+    shared.unsynced.store(false, Ordering::SeqCst);
     if shared.visible() < written {
         shared.publish_visible(written, unpublished);
     }

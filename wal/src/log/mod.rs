@@ -301,6 +301,9 @@ struct State {
     writer_waiting: bool,
     /// A [`Wal::reset_history`] waiting for the writer.
     reset: Option<ResetRequest>,
+    /// A committer is writing the pending group itself (under `Async`, see
+    /// `append::lead`): appenders leave their records to it and wake nobody.
+    leading: bool,
 }
 
 /// A request to replace the log's history, carried out by the writer thread.
@@ -315,6 +318,12 @@ struct Shared {
     server_uuid: Uuid,
     state: Mutex<State>,
     wake_writer: Condvar,
+    /// The active segment: the writer thread's, and under `Async` also a leading committer's
+    /// while it writes its group. `None` before the writer opened it and after it stopped.
+    /// Lock order: `active` before every other lock here.
+    active: Mutex<Option<append::Active>>,
+    /// Under `Async`: something was written since the last sync began.
+    unsynced: AtomicBool,
     written: AtomicU64,
     durable: AtomicU64,
     active_bytes: AtomicU64,
@@ -374,6 +383,7 @@ impl Shared {
         self.visible_cv.notify_all();
     }
 
+    /// Shows readers the records up to `offset` and `gtids`. The head never moves back.
     fn publish_visible(&self, offset: u64, gtids: &[Gtid]) {
         {
             let mut set = lock(&self.visible_gtids);
@@ -381,9 +391,9 @@ impl Shared {
                 set.insert(*g);
             }
         }
-        self.visible_tx.send_replace(offset);
+        self.visible_tx.send_modify(|v| *v = (*v).max(offset));
         let mut v = lock(&self.visible_lock);
-        *v = offset;
+        *v = (*v).max(offset);
         self.visible_cv.notify_all();
     }
 
@@ -496,6 +506,9 @@ impl Encoded {
 pub struct Appended {
     offset: Offset,
     rx: oneshot::Receiver<Result<(), Error>>,
+    /// Set when the log did not wake its writer for this record, leaving the write to the
+    /// thread that waits ([`Appended::wait`] leads); awaiting or dropping hands it back.
+    lead: Option<Arc<Shared>>,
 }
 
 impl Appended {
@@ -509,7 +522,10 @@ impl Appended {
     /// the `Appended` there instead): the acknowledgement is polled on a waker that unparks
     /// this thread, not received with tokio's blocking receive, which panics inside a runtime.
     /// A stray unpark of the thread only polls again.
-    pub fn wait(self) -> Result<Offset, Error> {
+    pub fn wait(mut self) -> Result<Offset, Error> {
+        if let Some(shared) = self.lead.take() {
+            append::lead(&shared);
+        }
         struct Unpark(std::thread::Thread);
         impl std::task::Wake for Unpark {
             fn wake(self: Arc<Self>) {
@@ -528,9 +544,21 @@ impl Appended {
     }
 }
 
+impl Drop for Appended {
+    fn drop(&mut self) {
+        if let Some(shared) = self.lead.take() {
+            append::hand_off(&shared);
+        }
+    }
+}
+
 impl Future for Appended {
     type Output = Result<Offset, Error>;
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if let Some(shared) = self.lead.take() {
+            // Writing here would block the task's thread: the writer thread does it.
+            append::hand_off(&shared);
+        }
         let offset = self.offset;
         Pin::new(&mut self.rx).poll(cx).map(|r| match r {
             Ok(Ok(())) => Ok(offset),

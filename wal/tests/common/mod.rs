@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tideline_wal::{Error, Gtid, GtidSet, NewTransaction, Offset, Op, Storage, Wal, WalOptions};
+use tideline_wal::{
+    Encoded, Error, Gtid, GtidSet, NewTransaction, Offset, Op, Storage, Wal, WalOptions,
+};
 use uuid::Uuid;
 
 /// The node id of every log in these tests, so that a log reopened from an image that lost
@@ -308,8 +310,15 @@ fn writer(wal: &Wal, stop: &AtomicBool, paused: &AtomicBool, log: &WriteLog) {
         let (seq, appended) = {
             let mut next = lock(&log.next);
             let seq = *next;
-            match wal.submit(txn_for(seq)) {
-                Ok(a) => {
+            // As the engine commits: encoded, queued with `submit_encoded_acked` under the
+            // caller's own lock, waited for outside it. Under `Async` the waiting thread then
+            // writes the pending group itself (the combining leader).
+            let mut encoded = Encoded::with_capacity(1);
+            let queued = wal
+                .encode_into(&txn_for(seq), &mut encoded)
+                .and_then(|i| wal.submit_encoded_acked(&encoded, i, |_| ()));
+            match queued {
+                Ok((a, ())) => {
                     *next += 1;
                     (seq, a)
                 }
