@@ -1,6 +1,8 @@
 //! Appending and group commit: [`Wal::submit`] queues an encoded frame, and the writer thread
 //! writes each batch with one call, syncs it once, acknowledges it, rolls segments and carries
-//! out history resets.
+//! out history resets. Under `Async`, a committer waiting on a record queued with
+//! [`Wal::submit_encoded_acked`] writes the pending batch itself instead ([`lead`]); whoever
+//! writes holds the active segment (`Shared::active`) from taking a batch until it is written.
 //!
 //! Owns: the active segment file, the written and durable heads, and fail-stop (a failed write
 //! or fsync poisons the log and cuts the active segment back to the last good sync).
