@@ -291,6 +291,21 @@ pub(super) struct Active {
     gtids_in_log: GtidSet,
 }
 
+impl Active {
+    /// Makes a segment just created and synced (name, file, length) the active one.
+    fn switch_to(
+        &mut self,
+        shared: &Shared,
+        (name, file, len): (String, Box<dyn StorageFile>, u64),
+    ) {
+        self.name = name;
+        self.file = Arc::from(file);
+        self.len = len;
+        self.synced_len = len;
+        shared.unsynced.store(false, Ordering::SeqCst);
+    }
+}
+
 /// Takes the pending group, leaving an empty one (with the spare buffer) for the next.
 fn take_pending(state: &mut State) -> Pending {
     let next_first = state.next_offset;
@@ -419,12 +434,8 @@ fn write_batch(
             &a.gtids_in_log,
             &mut a.unpublished,
         ) {
-            Ok((new_name, new_file, new_len)) => {
-                a.name = new_name;
-                a.file = Arc::from(new_file);
-                a.len = new_len;
-                a.synced_len = new_len;
-                shared.unsynced.store(false, Ordering::SeqCst);
+            Ok(segment) => {
+                a.switch_to(shared, segment);
                 wrote.rolled = true;
             }
             Err(reason) => {
@@ -623,12 +634,8 @@ pub(super) fn writer_main(shared: Arc<Shared>, gtids_in_log: GtidSet) {
                 &req.gtids_before,
                 &mut a.unpublished,
             ) {
-                Ok((new_name, new_file, new_len)) => {
-                    a.name = new_name;
-                    a.file = Arc::from(new_file);
-                    a.len = new_len;
-                    a.synced_len = new_len;
-                    shared.unsynced.store(false, Ordering::SeqCst);
+                Ok(segment) => {
+                    a.switch_to(&shared, segment);
                     last_sync = Instant::now();
                     a.gtids_in_log = req.gtids_before;
                     let _ = req.ack.send(Ok(()));
