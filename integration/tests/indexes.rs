@@ -410,6 +410,9 @@ fn unique_refusal_and_skipped_documents_through_the_cli() {
     assert_eq!(st["indexes"][0]["skipped"], 1);
 }
 
+/// Documents of the kill test's tree, backfilled by every re-created index.
+const BACKFILL_DOCS: u64 = 10_000;
+
 /// kill -9 mid-workload and mid-backfill, ≥ 20 cycles.
 #[test]
 fn kill9_mid_workload_and_mid_backfill_keeps_the_index_equal_to_recomputation() {
@@ -452,7 +455,10 @@ fn kill9_mid_workload_and_mid_backfill_keeps_the_index_equal_to_recomputation() 
             load_docs(
                 &node,
                 "docs",
-                (0..5000).map(|i| (format!("d{i:05}"), doc(i))),
+                // Enough documents that a backfill of 2-key steps outlasts the `index list`
+                // call that sees it (with 5,000, a loaded machine finished it first in every
+                // cycle aimed at it); the writers touch the first 5,100.
+                (0..BACKFILL_DOCS).map(|i| (format!("d{i:05}"), doc(i))),
             );
             ok(&node.run(&[
                 "index", "create", "--tree", "docs", "--name", "by_email", "--path", "/email",
