@@ -236,10 +236,18 @@ impl ConnectFile {
                 .get_ref()
                 .get("pipeline")
                 .and_then(|p| match p.get_ref() {
-                    DeValue::Array(a) => Some(a),
+                    DeValue::Array(a) if !a.is_empty() => Some(a),
                     _ => None,
                 })
             else {
+                if root.get_ref().contains_key("pipeline") {
+                    return Err(err(
+                        key_span(root.get_ref(), "pipeline"),
+                        "no pipeline: `pipeline` is an empty list; write [[pipeline]] tables \
+                         with name, [pipeline.source] and [pipeline.sink]"
+                            .into(),
+                    ));
+                }
                 return Err(err(
                     Some(0..0),
                     "no pipeline: write [source] and [sink] tables, or [[pipeline]] tables with \
@@ -270,6 +278,14 @@ impl ConnectFile {
                     p.batch_delay_ms,
                 ));
             }
+        }
+        if pipelines.is_empty() {
+            return Err(err(
+                key_span(root.get_ref(), "pipeline").or(Some(0..0)),
+                "no pipeline: write [[pipeline]] tables with name, [pipeline.source] and \
+                 [pipeline.sink]"
+                    .into(),
+            ));
         }
         let mut out = Vec::new();
         for (name, source, sink, batch_changes, batch_delay_ms) in pipelines {
@@ -568,6 +584,17 @@ url = "postgres://postgres@127.0.0.1:5432/test"
 
     fn error(text: &str) -> ConfigError {
         ConnectFile::parse(text, "p.toml").expect_err("refused")
+    }
+
+    /// Found by the `connect_toml` fuzz target: `pipeline = []` parsed as a file with no
+    /// pipeline, and `connect --check` accepted it silently.
+    #[test]
+    fn an_empty_pipeline_list_is_refused_on_its_line() {
+        for text in ["pipeline = []\n", "name = \"x\"\npipeline = []\n"] {
+            let e = error(text);
+            assert!(e.message.starts_with("no pipeline"), "{e}");
+            assert_eq!(e.line, text.lines().count(), "{e}");
+        }
     }
 
     #[test]
