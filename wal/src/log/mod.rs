@@ -1,7 +1,9 @@
 //! The log: its options and reports, the state the writer and readers share, and the [`Wal`]
 //! handle's accessors. What happens to a record lives in the child modules:
 //!
-//! - [`append`]: appending and group commit (the writer thread);
+//! - [`append`]: appending (offsets, the queue of the next group);
+//! - [`writer`]: writing, syncing and acknowledging groups (the writer thread, and under
+//!   `Async` the committer that leads);
 //! - [`read`]: reading ([`Reader`], waiting for visibility);
 //! - [`open`]: opening and recovery;
 //! - [`retain`]: retention, slots and the history reset.
@@ -41,6 +43,7 @@ mod append;
 mod open;
 mod read;
 mod retain;
+mod writer;
 
 pub use read::Reader;
 
@@ -321,7 +324,7 @@ struct Shared {
     /// The active segment: the writer thread's, and under `Async` also a leading committer's
     /// while it writes its group. `None` before the writer opened it and after it stopped.
     /// Lock order: `active` before every other lock here.
-    active: Mutex<Option<append::Active>>,
+    active: Mutex<Option<writer::Active>>,
     /// Under `Async`: something was written since the last sync began.
     unsynced: AtomicBool,
     written: AtomicU64,
@@ -419,6 +422,16 @@ impl Shared {
         };
         state.writer_waiting = false;
         state
+    }
+
+    /// Wakes the writer if it waits for work (the other side of `wait_for_work`), releasing
+    /// `state` first.
+    fn wake_writer_if_waiting(&self, mut state: MutexGuard<'_, State>) {
+        let wake = std::mem::take(&mut state.writer_waiting);
+        drop(state);
+        if wake {
+            self.wake_writer.notify_one();
+        }
     }
 
     fn skip_fsync(&self) -> bool {
@@ -528,7 +541,7 @@ impl Appended {
     /// A stray unpark of the thread only polls again.
     pub fn wait(mut self) -> Result<Offset, Error> {
         if let Some(shared) = self.lead.take() {
-            append::lead(&shared);
+            writer::lead(&shared);
             // Another committer is writing this record, within microseconds: with more
             // committers than cores, giving it the CPU costs less than parking and being
             // woken by it.
@@ -561,7 +574,7 @@ impl Appended {
 impl Drop for Appended {
     fn drop(&mut self) {
         if let Some(shared) = self.lead.take() {
-            append::hand_off(&shared);
+            writer::hand_off(&shared);
         }
     }
 }
@@ -571,7 +584,7 @@ impl Future for Appended {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if let Some(shared) = self.lead.take() {
             // Writing here would block the task's thread: the writer thread does it.
-            append::hand_off(&shared);
+            writer::hand_off(&shared);
         }
         let offset = self.offset;
         Pin::new(&mut self.rx).poll(cx).map(|r| match r {

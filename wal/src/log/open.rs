@@ -22,8 +22,9 @@ use crate::slots::Slots;
 use crate::storage::{Storage, StorageFile};
 use crate::{Epoch, Error, Offset};
 
-use super::append::{create_segment, fail_pending_forever, writer_main};
+use super::append::create_segment;
 use super::retain::RESET_SUFFIX;
+use super::writer::{fail_pending_forever, writer_main};
 use super::{Pending, RecoveryReport, SegmentMeta, Shared, State, Wal, WalOptions};
 
 struct ScanResult {

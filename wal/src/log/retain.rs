@@ -17,7 +17,7 @@ use crate::slots::SlotInfo;
 use crate::storage::{Storage, StorageFile};
 use crate::{Epoch, Error, Offset};
 
-use super::append::{made_durable, sync_file};
+use super::writer::{made_durable, sync_file};
 use super::{ResetRequest, RetentionReport, SegmentMeta, Shared, Wal, lock, now_us};
 
 impl Wal {
