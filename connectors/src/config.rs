@@ -236,18 +236,10 @@ impl ConnectFile {
                 .get_ref()
                 .get("pipeline")
                 .and_then(|p| match p.get_ref() {
-                    DeValue::Array(a) if !a.is_empty() => Some(a),
+                    DeValue::Array(a) => Some(a),
                     _ => None,
                 })
             else {
-                if root.get_ref().contains_key("pipeline") {
-                    return Err(err(
-                        key_span(root.get_ref(), "pipeline"),
-                        "no pipeline: `pipeline` is an empty list; write [[pipeline]] tables \
-                         with name, [pipeline.source] and [pipeline.sink]"
-                            .into(),
-                    ));
-                }
                 return Err(err(
                     Some(0..0),
                     "no pipeline: write [source] and [sink] tables, or [[pipeline]] tables with \
@@ -279,11 +271,12 @@ impl ConnectFile {
                 ));
             }
         }
+        // `pipeline = []` (or a list with no table in it) deserializes to nothing to run.
         if pipelines.is_empty() {
             return Err(err(
                 key_span(root.get_ref(), "pipeline").or(Some(0..0)),
-                "no pipeline: write [[pipeline]] tables with name, [pipeline.source] and \
-                 [pipeline.sink]"
+                "no pipeline: the `pipeline` list is empty; write [[pipeline]] tables with \
+                 name, [pipeline.source] and [pipeline.sink]"
                     .into(),
             ));
         }
