@@ -106,19 +106,22 @@ impl BootstrapView for EngineView {
         bytes_max: usize,
         out: &mut Vec<u8>,
     ) -> Result<Option<Vec<u8>>, NodeError> {
-        let scan = match self.snap.range(tree, from.., false) {
-            Err(ReadError::UnknownTree(_)) => return Ok(None),
-            other => other.map_err(read_err)?,
-        };
-        for kv in scan {
-            let (k, v) = kv.map_err(read_err)?;
+        // Borrowed from the store and packed straight into `out`: no copy of each key and
+        // value in between.
+        let mut next = None;
+        let visited = self.snap.visit_from(tree, from, |k, v| {
             let size = 8 + k.len() + v.len();
             if !out.is_empty() && out.len() + size > bytes_max {
-                return Ok(Some(k));
+                next = Some(k.to_vec());
+                return false;
             }
-            tideline_stream::proto::pack_entry(out, &k, &v);
+            tideline_stream::proto::pack_entry(out, k, v);
+            true
+        });
+        match visited {
+            Err(ReadError::UnknownTree(_)) => Ok(None),
+            other => other.map_err(read_err).map(|()| next),
         }
-        Ok(None)
     }
 }
 

@@ -160,6 +160,26 @@ impl Snapshot {
         })
     }
 
+    /// Calls `f` with each key-value pair of `tree` from `from` (inclusive) on, ascending,
+    /// until `f` returns `false` or the tree ends. The pairs are borrowed from the store,
+    /// not copied: for a reader that only passes them on (a bootstrap's chunks), this saves
+    /// two allocations and two copies per pair against [`range`](Self::range).
+    pub fn visit_from(
+        &self,
+        tree: &str,
+        from: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), ReadError> {
+        match self.tree(tree)? {
+            Some(t) => Ok(self.inner.visit_range(
+                &t.handle,
+                (Bound::Included(from.to_vec()), Bound::Unbounded),
+                &mut f,
+            )?),
+            None => Ok(()),
+        }
+    }
+
     /// Key-value pairs of `tree` whose key starts with `prefix`.
     pub fn prefix(&self, tree: &str, prefix: &[u8], reverse: bool) -> Result<Scan, ReadError> {
         Ok(match self.tree(tree)? {

@@ -233,6 +233,21 @@ impl StoreSnapshot for FjallSnapshot {
         }
     }
 
+    fn visit_range(
+        &self,
+        tree: &FjallTree,
+        bounds: OwnedBounds,
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError> {
+        for g in self.snap.range(&tree.ks, bounds) {
+            let (k, v) = g.into_inner().map_err(err)?;
+            if !f(&k, &v) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn prefix(&self, tree: &FjallTree, prefix: &[u8]) -> FjallIter {
         FjallIter {
             iter: self.snap.prefix(&tree.ks, prefix),

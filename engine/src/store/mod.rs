@@ -209,6 +209,14 @@ pub(crate) trait StoreSnapshot: Clone + Send + Sync {
     ) -> Result<Option<<Self::Tree as StoreTree>::Value>, StoreError>;
     /// Pairs of `tree` in `bounds` as of the snapshot, ascending.
     fn range(&self, tree: &Self::Tree, bounds: OwnedBounds) -> Self::Iter;
+    /// Calls `f` with each pair of `tree` in `bounds` as of the snapshot, ascending, borrowed
+    /// from the store (no copy), until `f` returns `false` or the range ends.
+    fn visit_range(
+        &self,
+        tree: &Self::Tree,
+        bounds: OwnedBounds,
+        f: &mut dyn FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), StoreError>;
     /// Pairs of `tree` whose key starts with `prefix` as of the snapshot, ascending.
     fn prefix(&self, tree: &Self::Tree, prefix: &[u8]) -> Self::Iter;
 }
