@@ -44,7 +44,7 @@ pub struct ServeArgs {
     #[arg(long, value_enum, default_value_t = BootstrapArg::Auto)]
     pub(super) bootstrap: BootstrapArg,
     /// Size of the chunks a bootstrap asks for (the upstream keeps it within 16 KiB..8 MiB).
-    /// A killed replica re-fetches at most one chunk.
+    /// A killed replica re-fetches at most two chunks (the upstream sends one ahead).
     #[arg(long, default_value_t = BOOTSTRAP_CHUNK_BYTES_DEFAULT, value_name = "BYTES")]
     pub(super) bootstrap_chunk_bytes: u64,
     /// Size at which the log starts a new segment file (retention removes whole segments).

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tideline_stream::log_node::LogNode;
-use tideline_stream::proto::{BootstrapResume, Cursor, WriteOp, pack_entry, unpack_entries};
+use tideline_stream::proto::{
+    BootstrapResume, CHUNKS_IN_FLIGHT, Cursor, WriteOp, pack_entry, unpack_entries,
+};
 use tideline_stream::{
     BootstrapEvent, BootstrapView, Client, ClientConfig, ClientError, ErrorCode, Node, NodeError,
     ServerConfig, tls,
@@ -118,8 +120,13 @@ async fn next(
         .expect("the server answers within 10 s")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bootstrap_never_crosses_a_history_reset_of_its_server() {
+/// The node, its server and a client connected to it (the directory holds the secrets).
+async fn start() -> (
+    tempfile::TempDir,
+    Arc<TwoHistories>,
+    tideline_stream::server::ServerHandle,
+    Client,
+) {
     let dir = tempfile::tempdir().unwrap();
     tls::ensure_secrets(dir.path()).unwrap();
     let node = Arc::new(TwoHistories {
@@ -134,6 +141,67 @@ async fn a_bootstrap_never_crosses_a_history_reset_of_its_server() {
     let addr = server.local_addr().to_string();
     let cfg = ClientConfig::new(tls::load_client_dir(dir.path()).unwrap());
     let client = Client::connect(&addr, cfg).await.unwrap();
+    (dir, node, server, client)
+}
+
+async fn expect_chunk(stream: &mut tideline_stream::BootstrapStream, n: u64) {
+    match next(stream).await {
+        Ok(Some(BootstrapEvent::Chunk(c))) => {
+            assert!(
+                c.last && c.to.is_some(),
+                "chunk {n} is whole and not the end: {c:?}"
+            )
+        }
+        other => panic!("expected chunk {n}, got {other:?}"),
+    }
+}
+
+/// What a wait for the next event got, without the bytes of a chunk.
+fn describe<T>(got: &Result<Result<Option<BootstrapEvent>, ClientError>, T>) -> String {
+    match got {
+        Err(_) => "nothing".into(),
+        Ok(Ok(Some(BootstrapEvent::Chunk(c)))) => {
+            format!("a chunk from {:?} to {:?}", c.from, c.to)
+        }
+        Ok(other) => format!("{other:?}"),
+    }
+}
+
+/// A consumer that stores nothing gets `CHUNKS_IN_FLIGHT` chunks and then nothing more (the
+/// server holds no more for it), and each report of a stored chunk lets exactly one more out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_server_keeps_at_most_its_window_of_chunks_unstored() {
+    let (_dir, _node, server, client) = start().await;
+    // About 100 KiB in 16 KiB chunks: seven chunks, more than the window.
+    let mut stream = client.bootstrap(None, 16 << 10).await.unwrap();
+    let mut acker = stream.take_acker().unwrap();
+    for n in 1..=CHUNKS_IN_FLIGHT {
+        expect_chunk(&mut stream, n).await;
+    }
+    // Nothing more while none is stored: the window is full. (An absence can only be waited
+    // out; 500 ms is far above the microseconds a chunk of this node takes to read.)
+    let more = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
+    assert!(
+        more.is_err(),
+        "the server sent past its window of {CHUNKS_IN_FLIGHT} unstored chunks: {}",
+        describe(&more)
+    );
+    for stored in 1..=2 {
+        acker.stored(stored).await.unwrap();
+        expect_chunk(&mut stream, CHUNKS_IN_FLIGHT + stored).await;
+        let more = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
+        assert!(
+            more.is_err(),
+            "{stored} stored let more than {stored} chunk(s) out: {}",
+            describe(&more)
+        );
+    }
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_never_crosses_a_history_reset_of_its_server() {
+    let (_dir, node, server, client) = start().await;
 
     let mut stream = client.bootstrap(None, 16 << 10).await.unwrap();
     assert_eq!(stream.epoch, Epoch::INITIAL);
@@ -177,8 +245,10 @@ async fn a_bootstrap_never_crosses_a_history_reset_of_its_server() {
             other => panic!("expected the stream to end with PositionUnavailable: {other:?}"),
         }
     }
+    // The first chunk, and the ones the server had read (from views taken before the reset)
+    // and sent within its window.
     assert!(
-        chunks <= 2,
+        chunks <= 1 + CHUNKS_IN_FLIGHT,
         "{chunks} chunks of the old state after the reset"
     );
 

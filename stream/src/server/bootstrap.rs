@@ -9,8 +9,9 @@
 //! `PositionUnavailable`: offsets and chunks of two histories must never be mixed.
 //!
 //! Owns: the bootstrap stream of one consumer, from `Bootstrap` to `BootstrapDone`. Must never
-//! send a chunk before every earlier one is stored (`ChunksStored`), and never write to the
-//! node: it reads views and the log only.
+//! have more than [`CHUNKS_IN_FLIGHT`] chunks sent and not yet stored (`ChunksStored`), never
+//! send the handover before every chunk is stored, and never write to the node: it reads views
+//! and the log only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +22,8 @@ use uuid::Uuid;
 use super::config::{ServerConfig, error};
 use super::node::{BootstrapView, Node};
 use crate::proto::{
-    BatchBuilder, BootstrapResume, Chunk, Cursor, ErrorCode, Request, Response, packed_parts,
+    BatchBuilder, BootstrapResume, CHUNKS_IN_FLIGHT, Chunk, Cursor, ErrorCode, Request, Response,
+    packed_parts,
 };
 use crate::wire::{FramedRecv, WireError, send_message};
 
@@ -287,7 +289,11 @@ async fn run<N: Node>(
                 return Ok(());
             }
         };
-        if stored.wait_for(|&n| n >= chunks_sent).await.is_err() {
+        if stored
+            .wait_for(|&n| n + CHUNKS_IN_FLIGHT > chunks_sent)
+            .await
+            .is_err()
+        {
             return Err(Stop::Gone);
         }
         let bytes = entries.len();
