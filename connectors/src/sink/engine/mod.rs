@@ -155,6 +155,55 @@ fn new_transaction(t: &Transaction) -> NewTransaction {
     }
 }
 
+impl EngineSink {
+    /// One copy step: `items` (chunks and ops of the copy, nothing live) and the progress
+    /// after them, stored together by one [`Engine::bootstrap_apply`].
+    async fn copy_step(
+        &mut self,
+        items: Vec<Item>,
+        progress: BootstrapProgress,
+    ) -> Result<(), SinkError> {
+        if !self.engine.is_bootstrapping() {
+            return Err(SinkError::Fatal(
+                "internal: a copy step for an engine that is not bootstrapping (the copy was \
+                 not begun)"
+                    .into(),
+            ));
+        }
+        let mut ops = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                Item::Ops(o) => ops.extend(o.into_iter().map(RestoreOp::Op)),
+                Item::Chunk {
+                    tree,
+                    merge_operator,
+                    from,
+                    to,
+                    entries,
+                } => ops.push(RestoreOp::Chunk {
+                    tree,
+                    merge_operator,
+                    from,
+                    to,
+                    entries,
+                }),
+                Item::Txn(t) => {
+                    return Err(SinkError::Fatal(format!(
+                        "internal: live transaction {} inside a copy step",
+                        t.gtid
+                    )));
+                }
+            }
+        }
+        let engine = self.engine.clone();
+        let source = progress.server_uuid;
+        let progress = progress.to_json();
+        blocking(move || engine.bootstrap_apply(ops, &progress)).await?;
+        self.copying = Some(source);
+        Ok(())
+    }
+}
+
 impl Sink for EngineSink {
     fn describe(&self) -> String {
         format!("engine {}", self.engine.server_uuid())
@@ -190,44 +239,7 @@ impl Sink for EngineSink {
                 .map_err(|e| SinkError::Fatal(format!("internal: {e}")))?;
             match checkpoint {
                 PipelineCheckpoint::Bootstrap(progress) => {
-                    if !self.engine.is_bootstrapping() {
-                        return Err(SinkError::Fatal(
-                            "internal: a copy step for an engine that is not bootstrapping \
-                             (the copy was not begun)"
-                                .into(),
-                        ));
-                    }
-                    let mut ops = Vec::with_capacity(batch.items.len());
-                    for item in &batch.items {
-                        match item {
-                            Item::Ops(o) => ops.extend(o.iter().cloned().map(RestoreOp::Op)),
-                            Item::Chunk {
-                                tree,
-                                merge_operator,
-                                from,
-                                to,
-                                entries,
-                            } => ops.push(RestoreOp::Chunk {
-                                tree: tree.clone(),
-                                merge_operator: merge_operator.clone(),
-                                from: from.clone(),
-                                to: to.clone(),
-                                entries: entries.clone(),
-                            }),
-                            Item::Txn(t) => {
-                                return Err(SinkError::Fatal(format!(
-                                    "internal: live transaction {} inside a copy step",
-                                    t.gtid
-                                )));
-                            }
-                        }
-                    }
-                    let engine = self.engine.clone();
-                    let source = progress.server_uuid;
-                    let progress = progress.to_json();
-                    blocking(move || engine.bootstrap_apply(ops, &progress)).await?;
-                    self.copying = Some(source);
-                    Ok(())
+                    self.copy_step(batch.items.clone(), progress).await
                 }
                 PipelineCheckpoint::Tail(pos) => {
                     if self.finishes_copy(batch, &pos).await? {
@@ -255,12 +267,30 @@ impl Sink for EngineSink {
 
     /// The replica's path: live transactions move into the engine without a copy; a batch
     /// the engine refuses because a copy is running comes back whole (the engine hands the
-    /// transactions back), and the other kinds of batch go through [`Sink::write`].
+    /// transactions back). A copy step's chunks and ops move into the engine too; every error
+    /// of a copy step is fatal, so its batch comes back emptied, never to be retried. The
+    /// other kinds of batch go through [`Sink::write`].
     fn write_owned(&mut self, batch: Batch) -> SinkFuture<'_, Result<(), (SinkError, Batch)>> {
         Box::pin(async move {
             let live = batch.items.iter().all(|i| matches!(i, Item::Txn(_)));
             let pos = match PipelineCheckpoint::decode(&batch.checkpoint) {
                 Ok(PipelineCheckpoint::Tail(pos)) if live => pos,
+                Ok(PipelineCheckpoint::Bootstrap(progress)) => {
+                    self.last_committed = 0;
+                    let Batch {
+                        source,
+                        items,
+                        checkpoint,
+                    } = batch;
+                    return self.copy_step(items, progress).await.map_err(|e| {
+                        let emptied = Batch {
+                            source,
+                            items: Vec::new(),
+                            checkpoint,
+                        };
+                        (SinkError::Fatal(e.message().to_string()), emptied)
+                    });
+                }
                 _ => {
                     return match self.write(&batch).await {
                         Ok(()) => Ok(()),

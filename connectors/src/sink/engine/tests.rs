@@ -277,3 +277,76 @@ async fn an_owned_live_batch_refused_during_a_copy_comes_back_whole_and_applies_
         Some(&b"3"[..])
     );
 }
+
+/// The replica's by-value write of a copy step: the chunk moves into the engine (no copy of its
+/// entries) with its progress; a step the engine refuses is fatal and comes back emptied,
+/// since its entries moved into the refused call and a retry would store its progress without
+/// them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owned_copy_step_is_stored_with_its_progress_and_a_refused_one_is_fatal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let mut sink = EngineSink::new(engine.clone());
+    let begin = PipelineCheckpoint::Bootstrap(progress(0)).encode();
+    sink.begin_copy(&begin).await.expect("begin");
+    let chunk = |entries: Vec<(Vec<u8>, Vec<u8>)>, chunks| Batch {
+        source: SOURCE,
+        items: vec![Item::Chunk {
+            tree: "t".into(),
+            merge_operator: None,
+            from: vec![],
+            to: Some(b"c".to_vec()),
+            entries,
+        }],
+        checkpoint: PipelineCheckpoint::Bootstrap(progress(chunks)).encode(),
+    };
+    sink.write_owned(chunk(
+        vec![
+            (b"a".to_vec(), b"x".to_vec()),
+            (b"b".to_vec(), b"y".to_vec()),
+        ],
+        1,
+    ))
+    .await
+    .map_err(|(e, _)| e)
+    .expect("the chunk");
+    assert_eq!(
+        engine.get("t", b"b").expect("read").as_deref(),
+        Some(&b"y"[..])
+    );
+    assert_eq!(
+        engine
+            .bootstrap_progress()
+            .and_then(|p| BootstrapProgress::from_json(&p)),
+        Some(progress(1))
+    );
+
+    // Keys out of order: the engine refuses the whole step.
+    let bad = chunk(
+        vec![
+            (b"b".to_vec(), b"z".to_vec()),
+            (b"a".to_vec(), b"z".to_vec()),
+        ],
+        2,
+    );
+    let (err, back) = sink
+        .write_owned(bad.clone())
+        .await
+        .expect_err("a chunk whose keys are not ascending is refused");
+    assert!(matches!(err, SinkError::Fatal(_)), "{err:?}");
+    assert!(err.message().contains("ascending"), "{err}");
+    assert!(back.items.is_empty(), "never retried: {:?}", back.items);
+    assert_eq!(back.checkpoint, bad.checkpoint);
+    assert_eq!(
+        engine.get("t", b"b").expect("read").as_deref(),
+        Some(&b"y"[..]),
+        "nothing of the refused step is stored"
+    );
+    assert_eq!(
+        engine
+            .bootstrap_progress()
+            .and_then(|p| BootstrapProgress::from_json(&p)),
+        Some(progress(1)),
+        "nor its progress"
+    );
+}
