@@ -560,10 +560,11 @@ mod tests {
             merge_operator: None,
             from: vec![],
             to: None,
-            entries: vec![
+            entries: tideline_wal::PackedEntries::from_pairs(vec![
                 (b"a".to_vec(), b"1".to_vec()),
                 (b"b".to_vec(), b"2".to_vec()),
-            ],
+            ])
+            .unwrap(),
         };
         let mut out = vec![];
         for_each_envelope(&item, uuid, |v| out.push(v));
@@ -590,7 +591,11 @@ mod tests {
                 merge_operator: None,
                 from: vec![],
                 to: None,
-                entries: vec![(b"a".to_vec(), b"1".to_vec()), (vec![0xfe], vec![0xfd])],
+                entries: tideline_wal::PackedEntries::from_pairs(vec![
+                    (b"a".to_vec(), b"1".to_vec()),
+                    (vec![0xfe], vec![0xfd]),
+                ])
+                .unwrap(),
             },
         ];
         for item in &items {

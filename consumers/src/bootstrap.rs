@@ -14,7 +14,7 @@ use tideline_stream::proto::{BootstrapPosition, BootstrapResume, Chunk, Cursor, 
 use tideline_stream::{
     BootstrapEvent, BootstrapStream, ChunkAcker, Client, ClientError, ErrorCode,
 };
-use tideline_wal::{GtidSet, Op};
+use tideline_wal::{GtidSet, Op, PackedEntries};
 use uuid::Uuid;
 
 /// Where a bootstrap stands, with counters for progress reports. Store it (as JSON, see
@@ -122,8 +122,8 @@ pub enum BootstrapStep {
         from: Vec<u8>,
         /// End of the range, exclusive.
         to: Option<Vec<u8>>,
-        /// Ascending entries, all inside the range.
-        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        /// Ascending entries, all inside the range, packed as they came.
+        entries: PackedEntries,
         /// This part ends its chunk: once it is stored, report the chunk stored (see
         /// [`Bootstrap::take_acker`]). A chunk travels in parts so that one part is stored
         /// while the next arrives; the progress moves only with the last.
@@ -335,13 +335,12 @@ impl Bootstrap {
                 offset,
                 last,
             }) => {
-                let bytes = entries.len() as u64;
                 let entries =
-                    tideline_stream::proto::unpack_entries(&entries, &from, to.as_deref())?;
+                    tideline_stream::proto::checked_entries(entries, &from, to.as_deref())?;
                 self.pos
                     .on_chunk(&tree, &from, to.as_deref(), offset, last)?;
                 self.part_keys += entries.len() as u64;
-                self.part_bytes += bytes - 8 * entries.len() as u64;
+                self.part_bytes += entries.data_bytes() as u64;
                 let tree_done = to.is_none();
                 let step = BootstrapStep::Chunk {
                     tree,

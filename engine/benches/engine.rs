@@ -34,7 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tideline_engine::{Engine, EngineOptions, GtidSet, RestoreOp};
-use tideline_wal::{FileStorage, Gtid, NewTransaction, Op, Wal, WalOptions};
+use tideline_wal::{FileStorage, Gtid, NewTransaction, Op, PackedEntries, Wal, WalOptions};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -232,7 +232,8 @@ fn restore(dir: &std::path::Path, opts: EngineOptions, keys: u64, chunk_bytes: u
             let mut from = 0;
             while from < keys {
                 let to = (from + per_chunk).min(keys);
-                let entries = (from..to).map(|i| (key(i), value_of(i).to_vec())).collect();
+                let entries = PackedEntries::from_pairs((from..to).map(|i| (key(i), value_of(i))))
+                    .expect("ascending keys");
                 let chunk = RestoreOp::Chunk {
                     tree: "default".into(),
                     merge_operator: None,

@@ -33,7 +33,7 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use tideline_wal::{GtidSet, Op, Wal};
+use tideline_wal::{GtidSet, Op, PackedEntries, Wal};
 
 use crate::apply::{ChunkWrite, NewKeyspace, StoreBatch};
 use crate::catalog::{self, Catalog};
@@ -63,8 +63,10 @@ pub enum RestoreOp {
         from: Vec<u8>,
         /// End of the range (exclusive); `None`: the end of the tree.
         to: Option<Vec<u8>>,
-        /// The range's key-value pairs: keys strictly ascending, all inside the range.
-        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        /// The range's key-value pairs: keys strictly ascending (the type keeps them so), all
+        /// inside the range; packed as they came from the upstream, and lent from there to
+        /// the store.
+        entries: PackedEntries,
     },
 }
 
@@ -457,19 +459,19 @@ fn validate(
                 {
                     return Err(bad("the range ends before it starts".into()));
                 }
-                let mut prev: Option<&[u8]> = None;
-                for (i, (key, value)) in entries.iter().enumerate() {
+                // Strictly ascending by construction (`PackedEntries`), so the first and the
+                // last key bound the rest.
+                for (key, value) in entries {
                     check_kv(opts, tree, key, Some(value))?;
-                    if prev.is_some_and(|p| key.as_slice() <= p) {
-                        return Err(bad(format!(
-                            "entry {i} is not above the entry before it (keys must be strictly \
-                             ascending)"
-                        )));
-                    }
-                    if key < from || to.as_ref().is_some_and(|to| key >= to) {
-                        return Err(bad(format!("entry {i} lies outside the chunk's range")));
-                    }
-                    prev = Some(key);
+                }
+                let first = entries.iter().next().map(|(k, _)| k);
+                if first.is_some_and(|k| k < from.as_slice())
+                    || entries
+                        .last_key()
+                        .zip(to.as_deref())
+                        .is_some_and(|(k, to)| k >= to)
+                {
+                    return Err(bad("an entry lies outside the chunk's range".into()));
                 }
                 out.push(merge);
             }
@@ -506,7 +508,7 @@ impl StoreBatch<'_> {
         merge: Option<MergeOperator>,
         from: &[u8],
         to: Option<&[u8]>,
-        entries: &[(Vec<u8>, Vec<u8>)],
+        entries: &PackedEntries,
     ) -> Result<(), String> {
         let (t, existed) = match self.catalog().get(tree) {
             Some(t) => (t.clone(), true),
@@ -523,11 +525,11 @@ impl StoreBatch<'_> {
                         Err(_) => return held.next().map(|e| e.map(Ingest::Tombstone)),
                     };
                     match next.peek() {
-                        Some((k, v)) if k.as_slice() < key.as_slice() => {
+                        Some(&(k, v)) if k < key.as_slice() => {
                             next.next();
                             return Some(Ok(Ingest::Put(k, v)));
                         }
-                        Some((k, _)) if k.as_slice() == key.as_slice() => {
+                        Some(&(k, _)) if k == key.as_slice() => {
                             held.next();
                         }
                         _ => return held.next().map(|e| e.map(Ingest::Tombstone)),
@@ -549,17 +551,22 @@ impl StoreBatch<'_> {
         merge: Option<MergeOperator>,
         from: Vec<u8>,
         to: Option<Vec<u8>>,
-        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        entries: PackedEntries,
     ) -> Result<(), String> {
         let t = match self.catalog().get(tree) {
             Some(t) => t.clone(),
             None => self.create_tree(tree, merge, NewKeyspace::Restore)?,
         };
+        // Kept for the rest of the batch to read (`ChunkWrite::value`): this path, a chunk
+        // after an op in one call, is rare enough to copy the entries out.
         let chunk = ChunkWrite {
             keyspace: t.keyspace.clone(),
             from,
             to,
-            entries,
+            entries: entries
+                .iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect(),
         };
         // Keys rewritten by the chunk need no tombstone: the later put wins within the batch.
         let stale = |key: &[u8]| chunk.covers(key) && chunk.value(key).is_none();

@@ -287,7 +287,7 @@ impl Sink for TestSink {
                                 || to.as_ref().is_some_and(|to| k >= to)
                         });
                         for (k, v) in entries {
-                            s.state.insert((tree.clone(), k.clone()), v.clone());
+                            s.state.insert((tree.clone(), k.to_vec()), v.to_vec());
                         }
                     }
                 }

@@ -61,6 +61,7 @@ mod gtid;
 mod log;
 mod offset;
 mod op;
+pub mod packed;
 pub mod record;
 pub mod segment;
 mod slots;
@@ -73,6 +74,7 @@ pub use log::{
     RetentionReport, SegmentInfo, Wal, WalOptions,
 };
 pub use offset::{Epoch, Offset};
+pub use packed::{PackedEntries, PackedError};
 pub use record::{NewTransaction, Op, Transaction};
 pub use slots::{SlotInfo, SlotState};
 pub use storage::{

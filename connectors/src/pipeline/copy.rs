@@ -102,7 +102,7 @@ pub(crate) async fn copy(
             } => {
                 let item = filter.tree_passes(&tree).then(|| {
                     if filter.prefix.is_some() {
-                        entries.retain(|(k, _)| filter.key_passes(k));
+                        entries.retain(|k| filter.key_passes(k));
                     }
                     Item::Chunk {
                         tree,

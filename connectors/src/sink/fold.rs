@@ -184,7 +184,7 @@ pub(crate) fn fold(batch: &Batch, operators: &mut Operators) -> Result<Vec<Step>
                 });
                 let rows = run.tree(tree);
                 for (k, v) in entries {
-                    rows.insert(k.clone(), Final::Value(Some(v.clone())));
+                    rows.insert(k.to_vec(), Final::Value(Some(v.to_vec())));
                 }
             }
         }
@@ -340,7 +340,11 @@ mod tests {
                 merge_operator: None,
                 from: b"a".to_vec(),
                 to: Some(b"m".to_vec()),
-                entries: vec![(b"b".to_vec(), b"2".to_vec())],
+                entries: tideline_wal::PackedEntries::from_pairs(vec![(
+                    b"b".to_vec(),
+                    b"2".to_vec(),
+                )])
+                .unwrap(),
             },
             txn(vec![Op::DropTree { tree: "t".into() }]),
         ]);

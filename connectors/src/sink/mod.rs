@@ -64,7 +64,7 @@ pub(crate) fn position_apart() -> bool {
 use std::future::Future;
 use std::pin::Pin;
 
-use tideline_wal::{Op, Transaction};
+use tideline_wal::{Op, PackedEntries, Transaction};
 
 /// What a sink's async methods return: boxed, so that a pipeline can hold any sink as
 /// `Box<dyn Sink>` (chosen from a configuration file at run time).
@@ -89,7 +89,7 @@ pub enum Item {
         /// End of the range, exclusive.
         to: Option<Vec<u8>>,
         /// Ascending `(key, value)` rows.
-        entries: Vec<(Vec<u8>, Vec<u8>)>,
+        entries: PackedEntries,
     },
     /// Bootstrap: live changes to ranges already copied, in log order. They have no GTID of
     /// their own: the copy ends at a GTID set (the checkpoint after it), and the live tail

@@ -8,7 +8,7 @@
 //! before the chunk and every later one after it, no event is lost or overwritten by an older
 //! chunk.
 
-use tideline_wal::{Op, Transaction};
+use tideline_wal::{Op, PackedEntries, Transaction};
 
 use super::ProtoError;
 pub use super::messages::Cursor;
@@ -22,17 +22,7 @@ pub type Entry = (Vec<u8>, Vec<u8>);
 /// mid-copy fetches at most this many chunks again.
 pub const CHUNKS_IN_FLIGHT: u64 = 2;
 
-/// Bytes of a packed entry's header (`u32` key length, `u32` value length).
-pub const ENTRY_HEADER_BYTES: usize = 8;
-
-/// Appends one entry to a packed chunk body (see [`super::Response::Chunk`]).
-pub fn pack_entry(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
-    // Keys and values are far below 4 GiB (the engine's limits), so the casts are exact.
-    out.extend_from_slice(&(key.len() as u32).to_le_bytes());
-    out.extend_from_slice(&(value.len() as u32).to_le_bytes());
-    out.extend_from_slice(key);
-    out.extend_from_slice(value);
-}
+pub use tideline_wal::packed::{ENTRY_HEADER_BYTES, pack_entry};
 
 /// Splits a packed chunk body into parts of about `part_bytes` at entry boundaries: per part,
 /// its byte range and its first key. Stops at the first malformed entry (the body is the
@@ -63,45 +53,39 @@ pub fn packed_parts(body: &[u8], part_bytes: usize) -> Vec<(std::ops::Range<usiz
     parts
 }
 
-/// The entries of a packed chunk body, checked: lengths inside the body, keys strictly
-/// ascending, all inside `[from, to)`.
+/// The entries of a packed chunk body (peer data), checked: lengths inside the body, keys
+/// strictly ascending, all inside `[from, to)`. Kept packed: the replica's pipeline hands them
+/// to its engine as they came.
+pub fn checked_entries(
+    body: Vec<u8>,
+    from: &[u8],
+    to: Option<&[u8]>,
+) -> Result<PackedEntries, ProtoError> {
+    let bad = |why: String| ProtoError::BadMessage(format!("chunk entries: {why}"));
+    let entries = PackedEntries::from_body(body).map_err(|e| bad(e.to_string()))?;
+    // Ascending: the first and the last key bound them all.
+    let first = entries.iter().next().map(|(k, _)| k);
+    if let Some(key) = first.filter(|k| *k < from) {
+        return Err(bad(format!("key {key:?} before the chunk's range")));
+    }
+    if let (Some(key), Some(to)) = (entries.last_key(), to)
+        && key >= to
+    {
+        return Err(bad(format!("key {key:?} past the chunk's range")));
+    }
+    Ok(entries)
+}
+
+/// [`checked_entries`], each entry copied out.
 pub fn unpack_entries(
     body: &[u8],
     from: &[u8],
     to: Option<&[u8]>,
 ) -> Result<Vec<Entry>, ProtoError> {
-    let bad = |why: String| ProtoError::BadMessage(format!("chunk entries: {why}"));
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at < body.len() {
-        let header = body
-            .get(at..at + ENTRY_HEADER_BYTES)
-            .ok_or_else(|| bad(format!("entry header cut at byte {at}")))?;
-        let klen = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let vlen = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        let start = at + ENTRY_HEADER_BYTES;
-        let kend = start
-            .checked_add(klen)
-            .filter(|&e| e <= body.len())
-            .ok_or_else(|| bad(format!("key of {klen} bytes runs past the body at {at}")))?;
-        let vend = kend
-            .checked_add(vlen)
-            .filter(|&e| e <= body.len())
-            .ok_or_else(|| bad(format!("value of {vlen} bytes runs past the body at {at}")))?;
-        let key = &body[start..kend];
-        if key < from || to.is_some_and(|t| key >= t) {
-            return Err(bad(format!("key {key:?} outside the chunk's range")));
-        }
-        if out
-            .last()
-            .is_some_and(|(k, _): &(Vec<u8>, Vec<u8>)| k.as_slice() >= key)
-        {
-            return Err(bad(format!("key {key:?} is not above the previous key")));
-        }
-        out.push((key.to_vec(), body[kend..vend].to_vec()));
-        at = vend;
-    }
-    Ok(out)
+    Ok(checked_entries(body.to_vec(), from, to)?
+        .iter()
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect())
 }
 
 impl Cursor {
@@ -367,7 +351,18 @@ mod tests {
         );
         assert!(
             unpack_entries(&body, b"k", Some(b"k2")).is_err(),
-            "outside range"
+            "past the range"
+        );
+        assert!(
+            unpack_entries(&body, b"k2", None).is_err(),
+            "before the range"
+        );
+        assert_eq!(
+            checked_entries(body.clone(), b"k1", Some(b"k3"))
+                .unwrap()
+                .len(),
+            2,
+            "the bounds are inclusive and exclusive"
         );
         assert!(
             unpack_entries(&body[..body.len() - 1], b"", None).is_err(),

@@ -154,7 +154,8 @@ async fn a_copy_resumes_after_reopen_and_ends_at_its_gtid_set() {
             merge_operator: None,
             from: vec![],
             to: Some(b"b".to_vec()),
-            entries: vec![(b"a".to_vec(), b"x".to_vec())],
+            entries: tideline_wal::PackedEntries::from_pairs(vec![(b"a".to_vec(), b"x".to_vec())])
+                .unwrap(),
         }],
         checkpoint: PipelineCheckpoint::Bootstrap(progress(1)).encode(),
     };
@@ -289,27 +290,21 @@ async fn an_owned_copy_step_is_stored_with_its_progress_and_a_refused_one_is_fat
     let mut sink = EngineSink::new(engine.clone());
     let begin = PipelineCheckpoint::Bootstrap(progress(0)).encode();
     sink.begin_copy(&begin).await.expect("begin");
-    let chunk = |entries: Vec<(Vec<u8>, Vec<u8>)>, chunks| Batch {
+    let chunk = |entries: &[(&[u8], &[u8])], chunks| Batch {
         source: SOURCE,
         items: vec![Item::Chunk {
             tree: "t".into(),
             merge_operator: None,
             from: vec![],
             to: Some(b"c".to_vec()),
-            entries,
+            entries: tideline_wal::PackedEntries::from_pairs(entries.iter().copied()).unwrap(),
         }],
         checkpoint: PipelineCheckpoint::Bootstrap(progress(chunks)).encode(),
     };
-    sink.write_owned(chunk(
-        vec![
-            (b"a".to_vec(), b"x".to_vec()),
-            (b"b".to_vec(), b"y".to_vec()),
-        ],
-        1,
-    ))
-    .await
-    .map_err(|(e, _)| e)
-    .expect("the chunk");
+    sink.write_owned(chunk(&[(b"a", b"x"), (b"b", b"y")], 1))
+        .await
+        .map_err(|(e, _)| e)
+        .expect("the chunk");
     assert_eq!(
         engine.get("t", b"b").expect("read").as_deref(),
         Some(&b"y"[..])
@@ -321,20 +316,14 @@ async fn an_owned_copy_step_is_stored_with_its_progress_and_a_refused_one_is_fat
         Some(progress(1))
     );
 
-    // Keys out of order: the engine refuses the whole step.
-    let bad = chunk(
-        vec![
-            (b"b".to_vec(), b"z".to_vec()),
-            (b"a".to_vec(), b"z".to_vec()),
-        ],
-        2,
-    );
+    // A key past the chunk's range (`to` is "c"): the engine refuses the whole step.
+    let bad = chunk(&[(b"b", b"z"), (b"d", b"z")], 2);
     let (err, back) = sink
         .write_owned(bad.clone())
         .await
-        .expect_err("a chunk whose keys are not ascending is refused");
+        .expect_err("a chunk with a key outside its range is refused");
     assert!(matches!(err, SinkError::Fatal(_)), "{err:?}");
-    assert!(err.message().contains("ascending"), "{err}");
+    assert!(err.message().contains("outside the chunk's range"), "{err}");
     assert!(back.items.is_empty(), "never retried: {:?}", back.items);
     assert_eq!(back.checkpoint, bad.checkpoint);
     assert_eq!(

@@ -349,7 +349,11 @@ mod tests {
                     merge_operator: None,
                     from: vec![],
                     to: None,
-                    entries: vec![(b"a".to_vec(), b"1".to_vec()), (vec![0xfe], vec![0xfd])],
+                    entries: tideline_wal::PackedEntries::from_pairs(vec![
+                        (b"a".to_vec(), b"1".to_vec()),
+                        (vec![0xfe], vec![0xfd]),
+                    ])
+                    .unwrap(),
                 },
                 Item::Ops(ops),
             ],
@@ -503,7 +507,11 @@ mod tests {
                 merge_operator: None,
                 from: vec![],
                 to: None,
-                entries: vec![(b"a".to_vec(), b"1".to_vec()), (b"b".to_vec(), v.to_vec())],
+                entries: tideline_wal::PackedEntries::from_pairs(vec![
+                    (b"a".to_vec(), b"1".to_vec()),
+                    (b"b".to_vec(), v.to_vec()),
+                ])
+                .unwrap(),
             }],
             checkpoint: b"{}".to_vec(),
         };
