@@ -269,9 +269,9 @@ impl Bootstrap {
     }
 
     /// The half that reports stored chunks to the node (see [`ChunkAcker`]): after storing
-    /// the n-th chunk of this connection, call `stored(n)`; the node keeps at most
-    /// [`tideline_stream::proto::CHUNKS_IN_FLIGHT`] chunks sent and not yet stored, so a
-    /// consumer killed at any moment fetches at most that many again. Taken once.
+    /// the n-th chunk of this connection, call `stored(n)`; the node sends the next chunk only
+    /// then (or, with `serve --bootstrap-chunks-in-flight 2`, once the one before is stored),
+    /// so a consumer killed at any moment loses at most one chunk (two). Taken once.
     pub fn take_acker(&mut self) -> Option<ChunkAcker> {
         self.stream.take_acker()
     }

@@ -112,6 +112,31 @@ fn hello_timeout_flag_reaches_the_server_config() {
     }
 }
 
+#[test]
+fn bootstrap_chunks_in_flight_flag_reaches_the_server_config() {
+    let default = server_config(&serve_args(&[]).expect("no flags"))
+        .expect("a server config")
+        .bootstrap_chunks_in_flight;
+    assert_eq!(default, server_defaults().bootstrap_chunks_in_flight);
+    assert_eq!(
+        default, 1,
+        "one chunk re-fetched per kill unless asked otherwise"
+    );
+    let args = serve_args(&["--bootstrap-chunks-in-flight", "2"]).expect("a valid value");
+    assert_eq!(
+        server_config(&args)
+            .expect("a server config")
+            .bootstrap_chunks_in_flight,
+        2
+    );
+    for bad in ["0", "3", "two"] {
+        let err = serve_args(&["--bootstrap-chunks-in-flight", bad])
+            .expect_err("a window outside 1..=2 must be refused")
+            .to_string();
+        assert!(err.contains("--bootstrap-chunks-in-flight"), "{bad}: {err}");
+    }
+}
+
 /// Claim: a grace that is not a number, or not below the handshake timeout, is refused with a
 /// message naming the flag and why (a grace as long as the timeout would let a budget full of
 /// peers that never finish refuse every new connection).

@@ -9,9 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tideline_stream::log_node::LogNode;
-use tideline_stream::proto::{
-    BootstrapResume, CHUNKS_IN_FLIGHT, Cursor, WriteOp, pack_entry, unpack_entries,
-};
+use tideline_stream::proto::{BootstrapResume, Cursor, WriteOp, pack_entry, unpack_entries};
 use tideline_stream::{
     BootstrapEvent, BootstrapView, Client, ClientConfig, ClientError, ErrorCode, Node, NodeError,
     ServerConfig, tls,
@@ -120,8 +118,11 @@ async fn next(
         .expect("the server answers within 10 s")
 }
 
-/// The node, its server and a client connected to it (the directory holds the secrets).
-async fn start() -> (
+/// The node, its server (keeping `window` bootstrap chunks in flight) and a client connected to
+/// it (the directory holds the secrets).
+async fn start(
+    window: u64,
+) -> (
     tempfile::TempDir,
     Arc<TwoHistories>,
     tideline_stream::server::ServerHandle,
@@ -132,12 +133,10 @@ async fn start() -> (
     let node = Arc::new(TwoHistories {
         log: LogNode::new(Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).unwrap()),
     });
-    let server = tideline_stream::serve(
-        ServerConfig::new("127.0.0.1:0".parse().unwrap()),
-        tls::load_server(dir.path()).unwrap(),
-        node.clone(),
-    )
-    .unwrap();
+    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    cfg.bootstrap_chunks_in_flight = window;
+    let server =
+        tideline_stream::serve(cfg, tls::load_server(dir.path()).unwrap(), node.clone()).unwrap();
     let addr = server.local_addr().to_string();
     let cfg = ClientConfig::new(tls::load_client_dir(dir.path()).unwrap());
     let client = Client::connect(&addr, cfg).await.unwrap();
@@ -167,41 +166,45 @@ fn describe<T>(got: &Result<Result<Option<BootstrapEvent>, ClientError>, T>) -> 
     }
 }
 
-/// A consumer that stores nothing gets `CHUNKS_IN_FLIGHT` chunks and then nothing more (the
-/// server holds no more for it), and each report of a stored chunk lets exactly one more out.
+/// A consumer that stores nothing gets the server's window of chunks (1 by default, 2 when
+/// configured) and then nothing more: the server holds no more for it, so a consumer killed
+/// at any moment fetches at most that many again. Each report of a stored chunk lets exactly
+/// one more out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bootstrap_server_keeps_at_most_its_window_of_chunks_unstored() {
-    let (_dir, _node, server, client) = start().await;
-    // About 100 KiB in 16 KiB chunks: seven chunks, more than the window.
-    let mut stream = client.bootstrap(None, 16 << 10).await.unwrap();
-    let mut acker = stream.take_acker().unwrap();
-    for n in 1..=CHUNKS_IN_FLIGHT {
-        expect_chunk(&mut stream, n).await;
-    }
-    // Nothing more while none is stored: the window is full. (An absence can only be waited
-    // out; 500 ms is far above the microseconds a chunk of this node takes to read.)
-    let more = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
-    assert!(
-        more.is_err(),
-        "the server sent past its window of {CHUNKS_IN_FLIGHT} unstored chunks: {}",
-        describe(&more)
-    );
-    for stored in 1..=2 {
-        acker.stored(stored).await.unwrap();
-        expect_chunk(&mut stream, CHUNKS_IN_FLIGHT + stored).await;
+    for window in [1, 2] {
+        let (_dir, _node, server, client) = start(window).await;
+        // About 100 KiB in 16 KiB chunks: seven chunks, more than the window.
+        let mut stream = client.bootstrap(None, 16 << 10).await.unwrap();
+        let mut acker = stream.take_acker().unwrap();
+        for n in 1..=window {
+            expect_chunk(&mut stream, n).await;
+        }
+        // Nothing more while none is stored: the window is full. (An absence can only be
+        // waited out; 500 ms is far above the microseconds a chunk of this node takes to read.)
         let more = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
         assert!(
             more.is_err(),
-            "{stored} stored let more than {stored} chunk(s) out: {}",
+            "the server sent past its window of {window} unstored chunk(s): {}",
             describe(&more)
         );
+        for stored in 1..=2 {
+            acker.stored(stored).await.unwrap();
+            expect_chunk(&mut stream, window + stored).await;
+            let more = tokio::time::timeout(Duration::from_millis(500), stream.next()).await;
+            assert!(
+                more.is_err(),
+                "window {window}: {stored} stored let more than {stored} chunk(s) out: {}",
+                describe(&more)
+            );
+        }
+        server.shutdown().await;
     }
-    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bootstrap_never_crosses_a_history_reset_of_its_server() {
-    let (_dir, node, server, client) = start().await;
+    let (_dir, node, server, client) = start(1).await;
 
     let mut stream = client.bootstrap(None, 16 << 10).await.unwrap();
     assert_eq!(stream.epoch, Epoch::INITIAL);
@@ -245,10 +248,8 @@ async fn a_bootstrap_never_crosses_a_history_reset_of_its_server() {
             other => panic!("expected the stream to end with PositionUnavailable: {other:?}"),
         }
     }
-    // The first chunk, and the ones the server had read (from views taken before the reset)
-    // and sent within its window.
     assert!(
-        chunks <= 1 + CHUNKS_IN_FLIGHT,
+        chunks <= 2,
         "{chunks} chunks of the old state after the reset"
     );
 

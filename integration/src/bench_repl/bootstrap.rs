@@ -118,6 +118,7 @@ pub(super) async fn bootstrap_copy(
         "mb_per_s": (user_bytes as f64 / secs / 1e6 * 10.0).round() / 10.0,
         "keys_per_s": (keys as f64 / secs).round(),
         "chunks": progress["chunks"],
+        "chunks_in_flight": ctx.bootstrap_chunks_in_flight,
         "chunk_bytes": chunk_bytes,
     }))
 }

@@ -117,6 +117,10 @@ pub struct ReplBenchArgs {
     /// Chunk size the bootstrapping replicas ask for.
     #[arg(long, default_value_t = tideline::node::BOOTSTRAP_CHUNK_BYTES_DEFAULT)]
     bootstrap_chunk_bytes: u64,
+    /// Chunks the serving node keeps sent and not yet stored (`serve
+    /// --bootstrap-chunks-in-flight`): 1, the default, or 2.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=2))]
+    bootstrap_chunks_in_flight: u64,
     /// Skip the bootstrap measurements.
     #[arg(long)]
     no_bootstrap: bool,
@@ -184,10 +188,12 @@ pub fn replication(args: &ReplBenchArgs) -> anyhow::Result<ExitCode> {
 struct Ctx {
     server_secrets: ServerSecrets,
     client_cfg: ClientConfig,
+    /// `ServerConfig::bootstrap_chunks_in_flight` of every node.
+    bootstrap_chunks_in_flight: u64,
 }
 
 impl Ctx {
-    fn new(root: &Path) -> anyhow::Result<Ctx> {
+    fn new(root: &Path, bootstrap_chunks_in_flight: u64) -> anyhow::Result<Ctx> {
         let dir = root.join("secrets");
         tideline_stream::ensure_secrets(&dir)
             .with_context(|| format!("create secrets in {}", dir.display()))?;
@@ -196,6 +202,7 @@ impl Ctx {
         Ok(Ctx {
             server_secrets: tls::load_server(&dir)?,
             client_cfg,
+            bootstrap_chunks_in_flight,
         })
     }
 }
@@ -236,7 +243,8 @@ async fn start_node(
         })
         .unzip();
     let listen = "127.0.0.1:0".parse().context("parse the listen address")?;
-    let cfg = ServerConfig::new(listen);
+    let mut cfg = ServerConfig::new(listen);
+    cfg.bootstrap_chunks_in_flight = ctx.bootstrap_chunks_in_flight;
     let node = Arc::new(EngineNode::new(
         engine.clone(),
         upstream.iter().cloned().collect(),
@@ -390,7 +398,7 @@ fn durability_label(d: Durability) -> &'static str {
 
 /// Phases 1 and 2, on one multi-threaded runtime.
 async fn tideline(args: &ReplBenchArgs, root: &Path) -> anyhow::Result<Value> {
-    let ctx = Ctx::new(root)?;
+    let ctx = Ctx::new(root, args.bootstrap_chunks_in_flight)?;
     let primary = start_node(&ctx, &root.join("primary"), ASYNC_10MS, None).await?;
     eprintln!(
         "primary: {} committers of one-put transactions of {} B for {:.1} s, async durability ...",

@@ -214,12 +214,13 @@ pub(super) fn print_table(r: &Value) {
             continue;
         }
         println!(
-            "  bootstrap, empty replica        {:>12.1} MB/s    ({} keys of {} B in {:.2} s, {} chunks, {:.0} keys/s)",
+            "  bootstrap, empty replica        {:>12.1} MB/s    ({} keys of {} B in {:.2} s, {} chunks, {} in flight, {:.0} keys/s)",
             f(&b["mb_per_s"]),
             b["keys"],
             b["value_bytes"],
             f(&b["seconds"]),
             b["chunks"],
+            b["chunks_in_flight"],
             f(&b["keys_per_s"])
         );
     }

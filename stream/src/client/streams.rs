@@ -301,8 +301,8 @@ pub struct BootstrapStream {
     pub epoch: Epoch,
 }
 
-/// Tells the server how many chunks of a bootstrap stream are stored; it keeps at most
-/// [`crate::proto::CHUNKS_IN_FLIGHT`] chunks sent and not yet stored. Taken from [`BootstrapStream::take_acker`] by whoever stores the chunks.
+/// Tells the server how many chunks of a bootstrap stream are stored; it sends the next chunk
+/// only then. Taken from [`BootstrapStream::take_acker`] by whoever stores the chunks.
 #[derive(Debug)]
 pub struct ChunkAcker {
     send: quinn::SendStream,

@@ -16,12 +16,6 @@ pub use super::messages::Cursor;
 /// A key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
-/// Chunks a server has sent and the consumer not yet reported stored (`ChunksStored`), at
-/// most. Two let chunk k+1 cross the network while the consumer stores chunk k (+45–65% copy
-/// rate on a 2-core machine, docs/benchmarks.md; three measured no better); a consumer killed
-/// mid-copy fetches at most this many chunks again.
-pub const CHUNKS_IN_FLIGHT: u64 = 2;
-
 pub use tideline_wal::packed::{ENTRY_HEADER_BYTES, pack_entry};
 
 /// Splits a packed chunk body into parts of about `part_bytes` at entry boundaries: per part,

@@ -190,8 +190,8 @@ pub enum Request {
         chunk_bytes: u64,
     },
     /// On a bootstrap stream: the consumer has stored this many chunks of the stream. The
-    /// server keeps at most [`crate::proto::CHUNKS_IN_FLIGHT`] chunks sent and not yet
-    /// stored, so a consumer killed at any moment fetches at most that many again.
+    /// server sends a chunk only once every earlier one is stored, so a consumer killed at
+    /// any moment loses at most one chunk.
     ChunksStored {
         /// Chunks stored since this stream began.
         chunks: u64,

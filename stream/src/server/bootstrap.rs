@@ -9,9 +9,9 @@
 //! `PositionUnavailable`: offsets and chunks of two histories must never be mixed.
 //!
 //! Owns: the bootstrap stream of one consumer, from `Bootstrap` to `BootstrapDone`. Must never
-//! have more than [`CHUNKS_IN_FLIGHT`] chunks sent and not yet stored (`ChunksStored`), never
-//! send the handover before every chunk is stored, and never write to the node: it reads views
-//! and the log only.
+//! have more than `ServerConfig::bootstrap_chunks_in_flight` chunks sent and not yet stored
+//! (`ChunksStored`), never send the handover before every chunk is stored, and never write to
+//! the node: it reads views and the log only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,8 +22,7 @@ use uuid::Uuid;
 use super::config::{ServerConfig, error};
 use super::node::{BootstrapView, Node};
 use crate::proto::{
-    BatchBuilder, BootstrapResume, CHUNKS_IN_FLIGHT, Chunk, Cursor, ErrorCode, Request, Response,
-    packed_parts,
+    BatchBuilder, BootstrapResume, Chunk, Cursor, ErrorCode, Request, Response, packed_parts,
 };
 use crate::wire::{FramedRecv, WireError, send_message};
 
@@ -214,6 +213,7 @@ async fn run<N: Node>(
     let mut batch = BatchBuilder::new();
     let mut out = Vec::with_capacity(cfg.batch_bytes_target + 4096);
     let mut chunks_sent = 0u64;
+    let window = cfg.bootstrap_chunks_in_flight.max(1);
     loop {
         let v = match view.take() {
             Some(v) => v,
@@ -290,7 +290,7 @@ async fn run<N: Node>(
             }
         };
         if stored
-            .wait_for(|&n| n + CHUNKS_IN_FLIGHT > chunks_sent)
+            .wait_for(|&n| n + window > chunks_sent)
             .await
             .is_err()
         {
