@@ -459,18 +459,11 @@ fn validate(
                 {
                     return Err(bad("the range ends before it starts".into()));
                 }
-                // Strictly ascending by construction (`PackedEntries`), so the first and the
-                // last key bound the rest.
+                // Strictly ascending by construction (`PackedEntries`).
                 for (key, value) in entries {
                     check_kv(opts, tree, key, Some(value))?;
                 }
-                let first = entries.iter().next().map(|(k, _)| k);
-                if first.is_some_and(|k| k < from.as_slice())
-                    || entries
-                        .last_key()
-                        .zip(to.as_deref())
-                        .is_some_and(|(k, to)| k >= to)
-                {
+                if entries.key_outside(from, to.as_deref()).is_some() {
                     return Err(bad("an entry lies outside the chunk's range".into()));
                 }
                 out.push(merge);

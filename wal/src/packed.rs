@@ -37,9 +37,10 @@ pub struct PackedEntries {
 #[error("packed entries: {0}")]
 pub struct PackedError(String);
 
-/// The entry starting at byte `at` of `body`: its key, its value and where the next begins;
-/// `None` when the header or a length runs past the body.
-fn entry_at(body: &[u8], at: usize) -> Option<(&[u8], &[u8], usize)> {
+/// The entry starting at byte `at` of a packed body: its key, its value and where the next
+/// begins; `None` when the header or a length runs past the body. The one reader of the
+/// format: for a body not (yet) checked, such as one being split into parts.
+pub fn entry_at(body: &[u8], at: usize) -> Option<(&[u8], &[u8], usize)> {
     let header = body.get(at..at.checked_add(ENTRY_HEADER_BYTES)?)?;
     let klen = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let vlen = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
@@ -137,6 +138,15 @@ impl PackedEntries {
         entry_at(&self.body, self.last).map(|(k, _, _)| k)
     }
 
+    /// A key outside `[from, to)` (`to: None`: no end), if any. The keys ascend, so the first
+    /// and the last bound the rest.
+    pub fn key_outside(&self, from: &[u8], to: Option<&[u8]>) -> Option<&[u8]> {
+        let first = self.iter().next().map(|(k, _)| k);
+        first
+            .filter(|k| *k < from)
+            .or_else(|| self.last_key().filter(|k| to.is_some_and(|to| *k >= to)))
+    }
+
     /// Keeps the entries whose key passes `keep` (a copy of the kept ones).
     pub fn retain(&mut self, mut keep: impl FnMut(&[u8]) -> bool) {
         let mut kept = Self::new();
@@ -204,6 +214,13 @@ mod tests {
             vec![(&b"a"[..], &b"1"[..]), (b"bb", b""), (b"c", b"333")]
         );
         assert_eq!(p.last_key(), Some(&b"c"[..]));
+        assert_eq!(
+            p.key_outside(b"a", Some(b"d")),
+            None,
+            "bounds inclusive, exclusive"
+        );
+        assert_eq!(p.key_outside(b"b", None), Some(&b"a"[..]));
+        assert_eq!(p.key_outside(b"", Some(b"c")), Some(&b"c"[..]));
         assert_eq!(PackedEntries::from_body(p.body().to_vec()).unwrap(), p);
 
         // Cut anywhere inside the last entry: refused, never a panic.

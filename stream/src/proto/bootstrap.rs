@@ -16,6 +16,7 @@ pub use super::messages::Cursor;
 /// A key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
 
+use tideline_wal::packed::entry_at;
 pub use tideline_wal::packed::{ENTRY_HEADER_BYTES, pack_entry};
 
 /// Splits a packed chunk body into parts of about `part_bytes` at entry boundaries: per part,
@@ -24,20 +25,7 @@ pub use tideline_wal::packed::{ENTRY_HEADER_BYTES, pack_entry};
 pub fn packed_parts(body: &[u8], part_bytes: usize) -> Vec<(std::ops::Range<usize>, Vec<u8>)> {
     let mut parts: Vec<(std::ops::Range<usize>, Vec<u8>)> = Vec::new();
     let mut at = 0usize;
-    while at < body.len() {
-        let Some(header) = body.get(at..at + ENTRY_HEADER_BYTES) else {
-            break;
-        };
-        let klen = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let vlen = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
-        let kstart = at + ENTRY_HEADER_BYTES;
-        let end = kstart.saturating_add(klen).saturating_add(vlen);
-        let Some(key) = body
-            .get(kstart..kstart + klen)
-            .filter(|_| end <= body.len())
-        else {
-            break;
-        };
+    while let Some((key, _, end)) = entry_at(body, at) {
         match parts.last_mut() {
             Some((range, _)) if range.end - range.start < part_bytes => range.end = end,
             _ => parts.push((at..end, key.to_vec())),
@@ -57,15 +45,8 @@ pub fn checked_entries(
 ) -> Result<PackedEntries, ProtoError> {
     let bad = |why: String| ProtoError::BadMessage(format!("chunk entries: {why}"));
     let entries = PackedEntries::from_body(body).map_err(|e| bad(e.to_string()))?;
-    // Ascending: the first and the last key bound them all.
-    let first = entries.iter().next().map(|(k, _)| k);
-    if let Some(key) = first.filter(|k| *k < from) {
-        return Err(bad(format!("key {key:?} before the chunk's range")));
-    }
-    if let (Some(key), Some(to)) = (entries.last_key(), to)
-        && key >= to
-    {
-        return Err(bad(format!("key {key:?} past the chunk's range")));
+    if let Some(key) = entries.key_outside(from, to) {
+        return Err(bad(format!("key {key:?} outside the chunk's range")));
     }
     Ok(entries)
 }
