@@ -66,8 +66,9 @@ pub struct EngineOptions {
     /// Documents one backfill step of a secondary index reads and indexes, in one store
     /// batch serialized with the applier: a writer waits at most one such step. Default 2048.
     pub index_backfill_keys: usize,
-    /// Background threads of the store (flushes, compactions); 0: the store's default
-    /// (one per core, at most 4).
+    /// Background threads of the store (flushes, compactions); 0: one per core, at least 3
+    /// and at most 4 (fewer than 3 makes fjall's workers spin or starve flushes; see
+    /// `docs/ENGINE.md`).
     pub store_threads: usize,
     /// Size at which a tree's in-memory table is flushed to disk. With the cache, this
     /// bounds the store's memory. Default 16 MiB.

@@ -54,6 +54,20 @@ pub(crate) struct FjallKeys {
     iter: fjall::Iter,
 }
 
+/// The store's background workers (flushes, compactions) when the engine leaves the choice to
+/// the store: one per core, at least 3 and at most 4.
+///
+/// fjall's own default is one per core up to 4, and two workers spin on a 2-core machine:
+/// worker 0 keeps flushes first by handing every compaction request back to the shared queue,
+/// then takes it again at once while the other worker is busy. Under a steady write load that
+/// loop was ~8% of all CPU samples (`perf record` of the engine bench's upstream apply, in
+/// `docs/benchmarks.md`). With a third worker an idle one takes the request. One worker would
+/// not spin, but it rotates and flushes memtables only between compactions, so memtables
+/// grew to 257 MiB while loading 10 M keys.
+fn default_workers(cores: usize) -> usize {
+    cores.clamp(3, 4)
+}
+
 fn create_options(opts: &TreeOptions) -> KeyspaceCreateOptions {
     let o = KeyspaceCreateOptions::default();
     match opts.memtable_bytes {
@@ -69,12 +83,16 @@ impl Store for FjallStore {
     type Iter = FjallIter;
 
     fn open(path: &Path, opts: &StoreOptions) -> Result<Self, StoreError> {
-        let mut builder = fjall::Database::builder(path)
+        let workers = match opts.worker_threads {
+            0 => default_workers(
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            ),
+            n => n,
+        };
+        let builder = fjall::Database::builder(path)
             .cache_size(opts.cache_bytes)
-            .manual_journal_persist(true);
-        if opts.worker_threads > 0 {
-            builder = builder.worker_threads(opts.worker_threads);
-        }
+            .manual_journal_persist(true)
+            .worker_threads(workers);
         Ok(FjallStore {
             db: builder.open().map_err(err)?,
         })
@@ -280,5 +298,19 @@ impl Iterator for FjallKeys {
         self.iter
             .next()
             .map(|g| g.key().map(|k| k.to_vec()).map_err(err))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_workers;
+
+    #[test]
+    fn a_small_machine_gets_a_third_worker_and_a_large_one_at_most_four() {
+        // Two workers on two cores is the case that spins; one would starve flushes.
+        assert_eq!(default_workers(1), 3);
+        assert_eq!(default_workers(2), 3);
+        assert_eq!(default_workers(4), 4);
+        assert_eq!(default_workers(64), 4);
     }
 }
