@@ -134,13 +134,16 @@ impl Inner {
             let mut waiters = Vec::new();
             let mut at = next;
             let mut ops = 0;
+            let mut bytes = 0;
             while at <= visible
                 && group.len() < self.opts.apply_group_txns_max
                 && ops < self.opts.apply_group_ops_max
+                && bytes < self.opts.apply_group_bytes_max
             {
                 match a.ready.remove(at) {
                     Some(r) => {
                         ops += r.txn.op_count();
+                        bytes += r.txn.data_bytes();
                         group.push((at, r.txn));
                         // One wake-up per thread, not per transaction: a thread that submitted
                         // a whole batch (upstream apply) waits on its last one only once.

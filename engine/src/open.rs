@@ -18,12 +18,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 
-use tideline_wal::{GtidSet, NewTransaction, Offset, Op, Wal};
+use tideline_wal::{GtidSet, NewTransaction, Offset, Wal};
 use uuid::Uuid;
 
 use crate::catalog;
 use crate::engine::Engine;
 use crate::error::{OpenError, WriteError};
+use crate::packed::{OpRef, op_bytes};
 use crate::state::{
     ApplyState, CommitState, EngineOptions, Inner, KEY_BYTES_MAX_LIMIT, ReadyQueue, View, lock,
 };
@@ -381,12 +382,7 @@ impl Inner {
             group_bytes += t
                 .ops
                 .iter()
-                .map(|o| match o {
-                    Op::Put { key, value, .. } => key.len() + value.len(),
-                    Op::Merge { key, operand, .. } => key.len() + operand.len(),
-                    Op::Delete { key, .. } => key.len(),
-                    _ => 64,
-                })
+                .map(|o| op_bytes(&OpRef::from(o)))
                 .sum::<usize>();
             group.push((
                 t.offset.get(),
@@ -397,7 +393,9 @@ impl Inner {
                 },
             ));
             count += 1;
-            if group.len() >= self.opts.apply_group_txns_max || group_bytes >= 32 << 20 {
+            if group.len() >= self.opts.apply_group_txns_max
+                || group_bytes >= self.opts.apply_group_bytes_max
+            {
                 flush(&mut group)?;
                 group_bytes = 0;
             }

@@ -93,11 +93,29 @@ impl<'a> From<&'a Op> for OpRef<'a> {
     }
 }
 
+/// What an op weighs in a store batch: its key and value or operand, or 64 bytes for a tree
+/// or index definition.
+pub(crate) fn op_bytes(op: &OpRef<'_>) -> usize {
+    match op {
+        OpRef::Put { key, value, .. } => key.len() + value.len(),
+        OpRef::Merge { key, operand, .. } => key.len() + operand.len(),
+        OpRef::Delete { key, .. } => key.len(),
+        OpRef::CreateTree { .. }
+        | OpRef::DropTree { .. }
+        | OpRef::CreateIndex { .. }
+        | OpRef::DropIndex { .. } => 64,
+    }
+}
+
 /// A transaction the applier can apply: a GTID and ops.
 pub(crate) trait ApplyTxn {
     fn gtid(&self) -> Gtid;
     fn op_count(&self) -> usize;
     fn ops(&self) -> impl Iterator<Item = OpRef<'_>>;
+    /// The bytes its ops put in a store batch ([`op_bytes`]).
+    fn data_bytes(&self) -> usize {
+        self.ops().map(|o| op_bytes(&o)).sum()
+    }
 }
 
 impl ApplyTxn for NewTransaction {

@@ -58,11 +58,16 @@ pub struct EngineOptions {
     /// transactions not yet applied, a commit waits for the applier (back-pressure: the
     /// applier's queue holds every such transaction). Default 65,536.
     pub async_unapplied_max: u64,
-    /// Most transactions applied in one store batch. Default 4096.
+    /// Most transactions applied in one store batch. Default 16,384: the store takes a
+    /// batch's writes in key order, and a larger batch gives the sort more to work with
+    /// (`docs/benchmarks.md`, "Memtable inserts in key order").
     pub apply_group_txns_max: usize,
     /// A store batch takes no further transaction once it holds this many ops. Default
-    /// 16,384.
+    /// 65,536.
     pub apply_group_ops_max: usize,
+    /// A store batch takes no further transaction once its keys and values reach this many
+    /// bytes (bounds the batch's memory whatever the value sizes). Default 32 MiB.
+    pub apply_group_bytes_max: usize,
     /// Documents one backfill step of a secondary index reads and indexes, in one store
     /// batch serialized with the applier: a writer waits at most one such step. Default 2048.
     pub index_backfill_keys: usize,
@@ -161,8 +166,9 @@ impl Default for EngineOptions {
             conflict_retries_max: 32,
             history_keys_max: 1 << 16,
             async_unapplied_max: 1 << 16,
-            apply_group_txns_max: 4096,
-            apply_group_ops_max: 1 << 14,
+            apply_group_txns_max: 16_384,
+            apply_group_ops_max: 1 << 16,
+            apply_group_bytes_max: 32 << 20,
             memtable_bytes: 16 << 20,
             store_threads: 0,
             index_backfill_keys: 2048,
