@@ -45,8 +45,9 @@ pub(crate) struct FjallTree {
 ///
 /// The sort is stable for writes to the same key (ties keep the order they were made in), so
 /// a key written twice in one batch ends as it did before. The copy costs one buffer per
-/// batch; past [`HELD_BYTES_MAX`] the writes held so far are handed over (sorted) early, so
-/// a batch of large values holds at most that much twice.
+/// batch; past [`HELD_BYTES_MAX`] the writes held so far are handed over (sorted) early, and
+/// a single write larger than that goes to fjall at once, so a batch of large values holds at
+/// most that much twice.
 pub(crate) struct FjallBatch {
     batch: fjall::OwnedWriteBatch,
     /// The trees written, in the order first written; `Held::tree` indexes this.
@@ -71,8 +72,18 @@ struct Held {
 
 impl FjallBatch {
     fn hold(&mut self, tree: &FjallTree, key: &[u8], value: Option<&[u8]>) {
-        if self.bytes.len() + key.len() + value.map_or(0, <[u8]>::len) > HELD_BYTES_MAX {
+        let size = key.len() + value.map_or(0, <[u8]>::len);
+        if self.bytes.len() + size > HELD_BYTES_MAX {
             self.hand_over();
+            if size > HELD_BYTES_MAX {
+                // Nothing to gain from sorting a write this large: it goes to fjall at once,
+                // after every write made before it.
+                match value {
+                    Some(v) => self.batch.insert(&tree.ks, key, v),
+                    None => self.batch.remove(&tree.ks, key),
+                }
+                return;
+            }
         }
         let id = tree.ks.id();
         let t = match self.trees.iter().position(|k| k.id() == id) {
@@ -82,8 +93,7 @@ impl FjallBatch {
                 self.trees.len() - 1
             }
         };
-        // Keys are under 64 KiB and values under the log's 64 MiB record limit, and `bytes`
-        // is handed over before it passes HELD_BYTES_MAX plus one write: all fit in u32.
+        // `bytes` never holds more than HELD_BYTES_MAX: every offset and length fits in u32.
         let at = self.bytes.len() as u32;
         self.bytes.extend_from_slice(key);
         if let Some(v) = value {
@@ -475,8 +485,13 @@ mod tests {
         }
         batch.insert(&t, b"k", b"second");
         batch.remove(&t, &[b'v', 0]);
+        // A write larger than the limit goes to fjall at once, between the writes around it.
+        batch.insert(&t, b"h", b"held");
+        batch.insert(&t, b"h", &vec![1u8; HELD_BYTES_MAX + 1]);
+        batch.insert(&t, b"k", b"third");
         batch.commit().expect("commit");
-        assert_eq!(read(&t, b"k").as_deref(), Some(&b"second"[..]));
+        assert_eq!(read(&t, b"k").as_deref(), Some(&b"third"[..]));
+        assert_eq!(read(&t, b"h").map(|v| v.len()), Some(HELD_BYTES_MAX + 1));
         assert_eq!(read(&t, &[b'v', 0]), None);
         assert_eq!(read(&t, &[b'v', 3]).map(|v| v.len()), Some(big.len()));
     }
