@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sinkkit::{Norm, SourceNode};
+use tideline_connectors::sink::postgres::{PostgresConfig, PostgresSink};
+use tideline_connectors::{Batch, Item, Sink, SinkError};
 
 const PG: u16 = 5432;
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -212,6 +214,207 @@ fn canary_positions_stored_apart_from_the_data_are_caught() {
          must see it (is the tideline binary built with tideline-connectors/testing?)",
     );
     eprintln!("canary caught it: {}", e.lines().next().unwrap_or_default());
+}
+
+/// A sink of pipeline `name` writing tables `{name}_{tree}`, with `cnt` merging by `add`.
+fn counter_sink(name: &str) -> PostgresSink {
+    let mut cfg = PostgresConfig::new(URL);
+    cfg.table = format!("{name}_{{tree}}");
+    let mut sink = PostgresSink::new(cfg, name).expect("sink settings");
+    sink.set_merge_operators(&BTreeMap::from([("cnt".to_string(), "add".to_string())]));
+    sink
+}
+
+/// Batch `seq` of pipeline tests: one transaction merging `+1` into `cnt/n`; its checkpoint
+/// names it.
+fn plus_one(seq: u64) -> Batch {
+    let uuid = uuid::Uuid::from_bytes([7; 16]);
+    Batch {
+        source: uuid,
+        items: vec![Item::Txn(tideline_wal::Transaction {
+            offset: tideline_wal::Offset::new(seq).unwrap(),
+            gtid: tideline_wal::Gtid::new(uuid, seq).unwrap(),
+            timestamp_us: 0,
+            ops: vec![tideline_wal::Op::Merge {
+                tree: "cnt".into(),
+                key: b"n".to_vec(),
+                operand: b"1".to_vec(),
+            }],
+        })],
+        checkpoint: format!("after batch {seq}").into_bytes(),
+    }
+}
+
+/// `cnt/n` of pipeline `name` as stored.
+async fn counter(c: &tokio_postgres::Client, name: &str) -> Option<String> {
+    let sql = format!("SELECT value::text FROM \"{name}_cnt\" WHERE key = 'n'");
+    c.query_opt(&sql, &[])
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+}
+
+/// What a pipeline does with its sink: takes the answer of its first open (opening again
+/// while the sink says retry), then writes the batches after the stored checkpoint.
+async fn resume_and_write(
+    sink: &mut PostgresSink,
+    mut opened: Result<Option<Vec<u8>>, SinkError>,
+    batches: &[Batch],
+) {
+    let stored = loop {
+        match opened {
+            Ok(s) => break s,
+            Err(SinkError::Retry(_)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                opened = sink.open().await;
+            }
+            Err(e) => panic!("open: {e}"),
+        }
+    };
+    let after = match stored {
+        None => 0,
+        Some(cp) => {
+            1 + batches
+                .iter()
+                .position(|b| b.checkpoint == cp)
+                .expect("a checkpoint of these batches")
+        }
+    };
+    for b in &batches[after..] {
+        sink.write(b).await.expect("write a batch");
+    }
+}
+
+/// A connector killed after sending its last COMMIT leaves a PostgreSQL session that may
+/// commit after the next connector started and read the position (under load the server
+/// takes a while to get to it). The next one must not read the position before that session
+/// ended, or it writes the batch a second time: a merge counted twice.
+#[test]
+fn a_connector_never_reads_the_position_while_an_earlier_session_of_its_pipeline_lives() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let db = pg();
+    let name = sinkkit::unique("pgfence");
+    let batches = [plus_one(1), plus_one(2)];
+    rt.block_on(async {
+        let mut old = counter_sink(&name);
+        assert_eq!(old.open().await.expect("open"), None);
+        // The next connector starts while the old one's session still lives ...
+        let mut new = counter_sink(&name);
+        let early = new.open().await;
+        // ... and the old one's last transaction commits after that.
+        old.write(&batches[0])
+            .await
+            .expect("the old connector's last batch");
+        drop(old);
+        if let Err(e) = &early {
+            assert!(
+                matches!(e, SinkError::Retry(m) if m.contains("another PostgreSQL session")
+                    && m.contains("pg_terminate_backend")),
+                "a retry naming the session that holds the pipeline: {e}"
+            );
+        }
+        resume_and_write(&mut new, early, &batches).await;
+        assert_eq!(
+            counter(&db, &name).await.as_deref(),
+            Some("2"),
+            "two batches of +1 each, each applied once"
+        );
+    });
+    rt.block_on(drop_tables(&db, &format!("{name}_"), &name));
+}
+
+/// A batch whose COMMIT answer was lost (the connection died after the server committed) is
+/// retried by the pipeline: the sink must see that it is already stored and not apply it
+/// again.
+#[test]
+fn a_batch_retried_after_its_commit_answer_was_lost_is_applied_once() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let db = pg();
+    let name = sinkkit::unique("pglost");
+    rt.block_on(async {
+        let (relay, lose_next_answer) = sinkkit::relay_losing_answers(PG, b"COMMIT\0").await;
+        let mut cfg = PostgresConfig::new(format!("postgres://postgres@{relay}/test"));
+        cfg.table = format!("{name}_{{tree}}");
+        let mut sink = PostgresSink::new(cfg, &name).expect("sink settings");
+        sink.set_merge_operators(&BTreeMap::from([("cnt".to_string(), "add".to_string())]));
+        assert_eq!(sink.open().await.expect("open"), None);
+        sink.write(&plus_one(1)).await.expect("batch 1");
+        lose_next_answer.store(true, Ordering::SeqCst);
+        let e = sink
+            .write(&plus_one(2))
+            .await
+            .expect_err("batch 2's answer is lost");
+        assert!(matches!(e, SinkError::Retry(_)), "{e}");
+        assert_eq!(
+            counter(&db, &name).await.as_deref(),
+            Some("2"),
+            "the server committed batch 2 all the same"
+        );
+        // The pipeline retries batch 2, as the error says.
+        let mut tries = 0;
+        loop {
+            match sink.write(&plus_one(2)).await {
+                Ok(()) => break,
+                Err(SinkError::Retry(_)) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("the retried batch: {e}"),
+            }
+        }
+        assert_eq!(
+            counter(&db, &name).await.as_deref(),
+            Some("2"),
+            "batch 2 applied once"
+        );
+        sink.write(&plus_one(3)).await.expect("batch 3");
+        assert_eq!(counter(&db, &name).await.as_deref(), Some("3"));
+    });
+    rt.block_on(drop_tables(&db, &format!("{name}_"), &name));
+}
+
+/// A position moved by anyone but this sink (another writer of the pipeline) stops the sink
+/// before it writes anything on top of it.
+#[test]
+fn a_position_moved_by_another_writer_stops_the_sink_before_it_writes() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let db = pg();
+    let name = sinkkit::unique("pgmoved");
+    rt.block_on(async {
+        let mut sink = counter_sink(&name);
+        assert_eq!(sink.open().await.expect("open"), None);
+        sink.write(&plus_one(1)).await.expect("batch 1");
+        db.execute(
+            "UPDATE tideline_positions SET checkpoint = 'elsewhere' WHERE pipeline = $1",
+            &[&name],
+        )
+        .await
+        .expect("move the position");
+        let e = sink.write(&plus_one(2)).await.expect_err("refused");
+        assert!(
+            matches!(&e, SinkError::Fatal(m) if m.contains("another connector wrote")),
+            "{e}"
+        );
+        assert_eq!(counter(&db, &name).await.as_deref(), Some("1"));
+        assert_eq!(
+            position(&db, &name).await.as_deref(),
+            Some(&b"elsewhere"[..])
+        );
+    });
+    rt.block_on(drop_tables(&db, &format!("{name}_"), &name));
 }
 
 fn wait_until<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {

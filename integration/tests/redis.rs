@@ -25,6 +25,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 use sinkkit::{Norm, SourceNode};
+use tideline_connectors::sink::redis::{RedisConfig, RedisSink};
+use tideline_connectors::{Batch, Item, Sink, SinkError};
 
 const REDIS: u16 = 6379;
 const URL: &str = "redis://127.0.0.1:6379";
@@ -207,6 +209,103 @@ fn canary_positions_stored_apart_from_the_data_are_caught() {
          must see it (is the tideline binary built with tideline-connectors/testing?)",
     );
     eprintln!("canary caught it: {}", e.lines().next().unwrap_or_default());
+}
+
+/// Batch `seq`: one transaction merging `+1` into `cnt/n`; its checkpoint names it.
+fn plus_one(seq: u64) -> Batch {
+    let uuid = uuid::Uuid::from_bytes([7; 16]);
+    Batch {
+        source: uuid,
+        items: vec![Item::Txn(tideline_wal::Transaction {
+            offset: tideline_wal::Offset::new(seq).unwrap(),
+            gtid: tideline_wal::Gtid::new(uuid, seq).unwrap(),
+            timestamp_us: 0,
+            ops: vec![tideline_wal::Op::Merge {
+                tree: "cnt".into(),
+                key: b"n".to_vec(),
+                operand: b"1".to_vec(),
+            }],
+        })],
+        checkpoint: format!("after batch {seq}").into_bytes(),
+    }
+}
+
+/// A batch whose EXEC answer was lost (the connection died after Redis applied it) is
+/// retried by the pipeline: the sink must see that it is already stored and not apply it
+/// again; and a position moved by another writer stops the sink before it writes.
+#[test]
+fn a_batch_retried_after_its_exec_answer_was_lost_is_applied_once() {
+    if !sinkkit::service_up("Redis", REDIS) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = conn().await;
+        let name = sinkkit::unique("rdlost");
+        let (relay, lose_next_answer) = sinkkit::relay_losing_answers(REDIS, b"EXEC\r\n").await;
+        let mut cfg = RedisConfig::new(format!("redis://{relay}"));
+        cfg.key = format!("{name}:{{tree}}:{{key}}");
+        let mut sink = RedisSink::new(cfg, &name).expect("sink settings");
+        sink.set_merge_operators(&BTreeMap::from([("cnt".to_string(), "add".to_string())]));
+        let counter = format!("{name}:cnt:n");
+        assert_eq!(sink.open().await.expect("open"), None);
+        sink.write(&plus_one(1)).await.expect("batch 1");
+        lose_next_answer.store(true, Ordering::SeqCst);
+        let e = sink
+            .write(&plus_one(2))
+            .await
+            .expect_err("batch 2's answer is lost");
+        assert!(matches!(e, SinkError::Retry(_)), "{e}");
+        let get = |c: &mut MultiplexedConnection| {
+            let mut c = c.clone();
+            let key = counter.clone();
+            async move {
+                redis::cmd("GET")
+                    .arg(key)
+                    .query_async::<Option<String>>(&mut c)
+                    .await
+                    .expect("GET")
+            }
+        };
+        assert_eq!(
+            get(&mut c).await.as_deref(),
+            Some("2"),
+            "Redis applied batch 2"
+        );
+        // The pipeline retries batch 2, as the error says.
+        let mut tries = 0;
+        loop {
+            match sink.write(&plus_one(2)).await {
+                Ok(()) => break,
+                Err(SinkError::Retry(_)) if tries < 100 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("the retried batch: {e}"),
+            }
+        }
+        assert_eq!(
+            get(&mut c).await.as_deref(),
+            Some("2"),
+            "batch 2 applied once"
+        );
+        sink.write(&plus_one(3)).await.expect("batch 3");
+        assert_eq!(get(&mut c).await.as_deref(), Some("3"));
+        // Another writer moves the position: the sink stops before writing on top of it.
+        redis::cmd("SET")
+            .arg(format!("tideline:position:{name}"))
+            .arg("elsewhere")
+            .query_async::<()>(&mut c)
+            .await
+            .expect("SET");
+        let e = sink.write(&plus_one(4)).await.expect_err("refused");
+        assert!(
+            matches!(&e, SinkError::Fatal(m) if m.contains("another connector wrote")),
+            "{e}"
+        );
+        assert_eq!(get(&mut c).await.as_deref(), Some("3"));
+        clean(&mut c, &format!("{name}:"), &name).await;
+    });
 }
 
 fn wait_until<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {

@@ -14,7 +14,11 @@
 //!    was not is not lost. A sink that cannot make data and checkpoint atomic must make a
 //!    repeated item harmless: idempotent by GTID (an upsert of the same value; a broker's
 //!    de-duplication keyed by the GTID; a file cut back to the length stored beside the
-//!    checkpoint).
+//!    checkpoint). A sink whose writes can outlive the call that made them (a database
+//!    session still committing after its connector died, an answer lost after the server
+//!    applied the batch) also checks, where it stores the checkpoint, that the stored one is
+//!    the one it last read or wrote: the batch's own means it is already stored; any other,
+//!    that another writer has the pipeline.
 //! 3. **Errors say what happens next** ([`SinkError`]): `Retry` — a passing fault (network,
 //!    server restarting, timeout); the pipeline retries the same batch with jittered backoff
 //!    and reports the outage. `Hold` — needs an operator (refused credentials, a 4xx answer,

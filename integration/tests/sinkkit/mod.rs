@@ -612,3 +612,55 @@ pub fn assert_same(
     );
     eprintln!("{what}: the sink equals the log's projection ({rows} rows)");
 }
+
+// ---- A relay that loses answers --------------------------------------------------------
+
+/// A TCP relay to 127.0.0.1:`port` that, once armed (set the returned flag), passes on the
+/// client bytes holding `marker` (`COMMIT\0`, `EXEC\r\n`) to the server and then cuts that
+/// connection without passing the server's answer back: the server has committed, and the
+/// client never learns it. Returns the relay's address and its trigger (disarmed once used).
+pub async fn relay_losing_answers(port: u16, marker: &'static [u8]) -> (String, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let armed = Arc::new(AtomicBool::new(false));
+    let trigger = armed.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let cut = Arc::new(AtomicBool::new(false));
+            let (armed, cut_up) = (armed.clone(), cut.clone());
+            let up = tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                    let hit = buf[..n].windows(marker.len()).any(|w| w == marker);
+                    let cutting = hit && armed.swap(false, Ordering::SeqCst);
+                    // Set before the server can answer, so that no answer gets through.
+                    cut_up.store(cutting, Ordering::SeqCst);
+                    if sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    if cutting {
+                        // Let the server commit, then drop both sides.
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                    if cut.load(Ordering::SeqCst) || cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                up.abort();
+            });
+        }
+    });
+    (addr, trigger)
+}

@@ -14,7 +14,12 @@
 //!
 //! Exactly once: every batch is one transaction that also upserts the pipeline's row of
 //! `tideline_positions(pipeline, checkpoint, updated_at)`; a crash before `COMMIT` leaves
-//! neither rows nor position, one after leaves both.
+//! neither rows nor position, one after leaves both. One session at a time writes a
+//! pipeline: each connection takes the pipeline's advisory lock, so a new connector waits
+//! (retrying, shown in `status`) until the session of one killed mid-commit has ended. Each
+//! batch first reads the stored position `FOR UPDATE`: the one this sink last read or wrote →
+//! the batch is written; the batch's own → it had committed and only the answer was lost, so
+//! it is not applied again; any other → another writer moved it, `Fatal`.
 //!
 //! Errors: an unreachable, restarting or reset server, a serialization failure or deadlock →
 //! `Retry`; refused credentials, a missing database or privilege, a table whose columns do
@@ -49,6 +54,10 @@ pub struct PostgresSink {
     columns: Vec<(String, String)>,
     conn: Option<Conn>,
     operators: Operators,
+    /// The checkpoint stored as this sink last read or wrote it (`open`, a committed batch):
+    /// every batch checks that the stored one is still this before writing (see
+    /// [`PostgresSink::check_position`]).
+    expected: Option<Vec<u8>>,
 }
 
 /// One connection and what it has prepared.
@@ -105,6 +114,7 @@ impl PostgresSink {
             columns,
             conn: None,
             operators: Operators::default(),
+            expected: None,
         })
     }
 
@@ -120,6 +130,16 @@ impl PostgresSink {
                     tracing::debug!(error = %e, "postgres connection ended");
                 }
             });
+            // The server notices a connector host that died (not only a process) within ~30 s
+            // rather than the system's two hours, and ends its session, freeing the pipeline.
+            // Ignored where it does not apply (a Unix socket).
+            let _ = client
+                .batch_execute(
+                    "SET tcp_keepalives_idle = 10; SET tcp_keepalives_interval = 5; \
+                     SET tcp_keepalives_count = 4",
+                )
+                .await;
+            lock_pipeline(&client, &self.cfg.schema, &self.pipeline).await?;
             self.conn = Some(Conn {
                 client,
                 stmts: HashMap::new(),
@@ -175,7 +195,9 @@ impl PostgresSink {
             )
             .await
             .map_err(|e| classify(&e, "read the position"))?;
-        Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+        let stored = row.map(|r| r.get::<_, Vec<u8>>(0));
+        self.expected.clone_from(&stored);
+        Ok(stored)
     }
 
     async fn write_inner(&mut self, batch: &Batch) -> Result<(), SinkError> {
@@ -198,6 +220,7 @@ impl PostgresSink {
         let columns = self.columns.clone();
         let method = self.cfg.method;
         let on_drop = self.cfg.on_drop_tree;
+        let expected = self.expected.clone();
         let conn = self.connect().await?;
         let Conn {
             client,
@@ -209,6 +232,26 @@ impl PostgresSink {
             .transaction()
             .await
             .map_err(|e| classify(&e, "begin"))?;
+        let sql = format!("SELECT checkpoint FROM {positions} WHERE pipeline = $1 FOR UPDATE");
+        let stmt = prepare(&txn, stmts, &sql).await?;
+        let stored: Option<Vec<u8>> = txn
+            .query_opt(&stmt, &[&pipeline])
+            .await
+            .map_err(|e| classify(&e, "read the position"))?
+            .map(|r| r.get(0));
+        if stored != expected {
+            if stored.as_deref() == Some(batch.checkpoint.as_slice()) {
+                // This batch committed, but its answer was lost with the connection.
+                tracing::info!(pipeline = %pipeline, "batch already stored (its commit's answer was lost); not applying it again");
+                return Ok(());
+            }
+            return Err(SinkError::Fatal(format!(
+                "the position of pipeline `{pipeline}` in {positions} is not the one this \
+                 connector last read or wrote: another connector wrote this pipeline meanwhile. \
+                 Run one connector per pipeline; restart this one and it resumes from the stored \
+                 position"
+            )));
+        }
         let mut created: Vec<String> = Vec::new();
         let mut dropped: Vec<String> = Vec::new();
         for step in &steps {
@@ -291,6 +334,53 @@ impl PostgresSink {
         known.extend(created);
         Ok(())
     }
+}
+
+/// Takes the session-level advisory lock of `schema`.`pipeline` on `client`'s session, held
+/// until the session ends; `Retry` naming the holder when another session has it.
+///
+/// One session at a time may write a pipeline. A connector killed after sending its COMMIT
+/// leaves a session that may still commit after the next connector started: read before
+/// then, the position would be one batch behind the data and the batch applied twice (a
+/// merge counted twice). The lock is freed only when that session has ended, after it
+/// committed or rolled back whatever it had received.
+async fn lock_pipeline(client: &Client, schema: &str, pipeline: &str) -> Result<(), SinkError> {
+    let name = format!("tideline pipeline {schema}.{pipeline}");
+    let row = client
+        .query_one(
+            "SELECT hashtextextended($1, 0), pg_try_advisory_lock(hashtextextended($1, 0))",
+            &[&name],
+        )
+        .await
+        .map_err(|e| classify(&e, "lock the pipeline"))?;
+    let (key, locked): (i64, bool) = (row.get(0), row.get(1));
+    if locked {
+        return Ok(());
+    }
+    let holder = client
+        .query_opt(
+            "SELECT a.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), \
+             'a local socket') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE \
+             l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = \
+             (($1::bigint >> 32) & 4294967295) AND l.objid::bigint = ($1::bigint & 4294967295)",
+            &[&key],
+        )
+        .await
+        .ok()
+        .flatten();
+    let (who, pid) = match holder {
+        Some(r) => {
+            let (pid, app, from): (i32, String, String) = (r.get(0), r.get(1), r.get(2));
+            (format!("pid {pid}, `{app}`, from {from}"), pid.to_string())
+        }
+        None => ("it has just ended".to_owned(), "PID".to_owned()),
+    };
+    Err(SinkError::Retry(format!(
+        "postgres: pipeline `{pipeline}` is written by another PostgreSQL session ({who}): \
+         another connector runs this pipeline, or one just stopped and the server has not ended \
+         its session yet. Waiting for it; if that connector is gone for good, end its session \
+         with SELECT pg_terminate_backend({pid})"
+    )))
 }
 
 /// `"name"` with inner quotes doubled.
@@ -631,6 +721,9 @@ impl Sink for PostgresSink {
     fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let r = self.write_inner(batch).await;
+            if r.is_ok() {
+                self.expected = Some(batch.checkpoint.clone());
+            }
             if r.is_err() {
                 // The transaction was rolled back (or the server is gone): start afresh.
                 self.conn = None;

@@ -12,7 +12,10 @@
 //!
 //! Exactly once: every batch is one `MULTI ... EXEC` that also `SET`s
 //! `tideline:position:{pipeline}` to the checkpoint; Redis applies a transaction whole or not
-//! at all. (What survives a crash of Redis itself is Redis's persistence setting: with AOF
+//! at all. Before it, the position is `WATCH`ed and read: the one this sink last read or
+//! wrote → the batch is written (and EXEC fails if the position moves meanwhile); the
+//! batch's own → EXEC had succeeded and only its answer was lost, so it is not applied again;
+//! any other → another writer moved it, `Fatal`. (What survives a crash of Redis itself is Redis's persistence setting: with AOF
 //! `appendfsync always` a transaction is durable when `EXEC` answers.)
 //!
 //! Errors: refused, reset or timed-out connections and a loading or read-only server →
@@ -94,6 +97,9 @@ pub struct RedisSink {
     describe: String,
     conn: Option<MultiplexedConnection>,
     operators: Operators,
+    /// The position as this sink last read or wrote it (`open`, a stored batch): each batch
+    /// checks, under `WATCH`, that the stored one is still this before writing.
+    expected: Option<Vec<u8>>,
 }
 
 impl RedisSink {
@@ -117,6 +123,7 @@ impl RedisSink {
             describe,
             conn: None,
             operators: Operators::default(),
+            expected: None,
         })
     }
 
@@ -180,6 +187,7 @@ impl RedisSink {
             .query_async(&mut con)
             .await
             .map_err(|e| classify(&e, "read the position"))?;
+        self.expected.clone_from(&v);
         Ok(v)
     }
 
@@ -221,23 +229,39 @@ impl RedisSink {
         }
         watched.sort();
         watched.dedup();
+        // The position first: watched with the merged keys, so that EXEC fails if anyone
+        // moves it between this read and the batch.
+        watched.insert(0, self.position_key.clone().into_bytes());
         for _ in 0..WATCH_TRIES {
             let mut stored: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
-            if !watched.is_empty() {
-                redis::cmd("WATCH")
-                    .arg(&watched)
-                    .query_async::<()>(&mut con)
-                    .await
-                    .map_err(|e| classify(&e, "watch merged keys"))?;
-                let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-                    .arg(&watched)
-                    .query_async(&mut con)
-                    .await
-                    .map_err(|e| classify(&e, "read merged keys"))?;
-                for (k, v) in watched.iter().zip(values) {
-                    if let Some(v) = v {
-                        stored.insert(k.clone(), v);
-                    }
+            let (values,): (Vec<Option<Vec<u8>>>,) = redis::pipe()
+                .cmd("WATCH")
+                .arg(&watched)
+                .ignore()
+                .cmd("MGET")
+                .arg(&watched)
+                .query_async(&mut con)
+                .await
+                .map_err(|e| classify(&e, "watch and read the position and merged keys"))?;
+            let mut values = values.into_iter();
+            let position = values.next().flatten();
+            if position != self.expected {
+                let _ = redis::cmd("UNWATCH").query_async::<()>(&mut con).await;
+                if position.as_deref() == Some(batch.checkpoint.as_slice()) {
+                    // This batch was applied, but EXEC's answer was lost with the connection.
+                    tracing::info!(sink = %self.describe, "batch already stored (its EXEC's answer was lost); not applying it again");
+                    return Ok(());
+                }
+                return Err(SinkError::Fatal(format!(
+                    "redis: the position `{}` is not the one this connector last read or \
+                     wrote: another connector wrote this pipeline meanwhile. Run one connector \
+                     per pipeline; restart this one and it resumes from the stored position",
+                    self.position_key
+                )));
+            }
+            for (k, v) in watched[1..].iter().zip(values) {
+                if let Some(v) = v {
+                    stored.insert(k.clone(), v);
                 }
             }
             let mut pipe = redis::pipe();
@@ -419,6 +443,9 @@ impl Sink for RedisSink {
     fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let r = self.write_inner(batch).await;
+            if r.is_ok() {
+                self.expected = Some(batch.checkpoint.clone());
+            }
             if r.is_err() {
                 // Also clears a WATCH left by a failed attempt.
                 self.conn = None;
