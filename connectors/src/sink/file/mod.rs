@@ -11,6 +11,8 @@
 //!   `.1`, `.2`, ..., `.N`, then the live file gives every change in log order.
 //! - `changes.jsonl.position`: which rotated file is the last, how many bytes of the live file
 //!   hold stored envelopes, and the pipeline's checkpoint (format in `position.rs`).
+//! - `changes.jsonl.lock`: `flock`ed by the one sink writing these files (it holds its PID);
+//!   a second one waits, retrying, until the first has stopped.
 //!
 //! # Exactly once
 //!
@@ -87,6 +89,9 @@ pub struct FileSink {
     dirty: bool,
     /// The encoded batch (kept to reuse its allocation).
     buf: Vec<u8>,
+    /// `changes.jsonl.lock`, `flock`ed while this sink has the files (released by the kernel
+    /// when the process dies).
+    lock: Option<File>,
     /// Test-only switches (the crash tests' canaries).
     #[cfg(feature = "testing")]
     testing: Testing,
@@ -143,9 +148,53 @@ impl FileSink {
             checkpoint: None,
             dirty: false,
             buf: Vec::new(),
+            lock: None,
             #[cfg(feature = "testing")]
             testing: Testing::default(),
         })
+    }
+
+    /// Takes the files for this sink: an `flock` on `PATH.lock` holding the writer's PID. A
+    /// second connector writing the same file would cut back and interleave the first one's
+    /// lines; it waits instead (`Retry`, shown in `status`) until the first has stopped.
+    fn lock_files(&mut self) -> Result<(), SinkError> {
+        use std::os::unix::fs::FileExt;
+        if self.lock.is_some() {
+            return Ok(());
+        }
+        let path = position::suffixed(&self.cfg.path, "lock");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| io_error("open", &path, &e))?;
+        match file.try_lock() {
+            Ok(()) => {
+                let pid = format!("{}\n", std::process::id());
+                file.set_len(0)
+                    .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
+                    .map_err(|e| io_error("write", &path, &e))?;
+                self.lock = Some(file);
+                Ok(())
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut buf = [0u8; 32];
+                let n = file.read_at(&mut buf, 0).unwrap_or(0);
+                let holder = std::str::from_utf8(&buf[..n])
+                    .ok()
+                    .and_then(|s| s.trim().parse::<u32>().ok())
+                    .map_or_else(|| "another process".to_owned(), |p| format!("PID {p}"));
+                Err(SinkError::Retry(format!(
+                    "{} is written by another connector ({holder}, holding {}); waiting until \
+                     it stops. Give each pipeline its own file",
+                    self.cfg.path.display(),
+                    path.display()
+                )))
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(io_error("lock", &path, &e)),
+        }
     }
 
     /// Test only: open without cutting the live file back to the stored length (the
@@ -203,6 +252,7 @@ impl FileSink {
                 dir.display()
             )));
         }
+        self.lock_files()?;
         let pos_path = self.position_path();
         let stored = position::load(&pos_path).map_err(|e| io_error("read", &pos_path, &e))?;
         let pos = match stored {

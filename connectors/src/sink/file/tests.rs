@@ -197,3 +197,26 @@ fn files_it_did_not_write_are_refused_not_cut() {
     let e = open(&mut sink(&other)).unwrap_err();
     assert!(e.to_string().contains("is damaged"), "{e}");
 }
+
+/// Two sinks on one file would interleave their lines and cut back each other's: the second
+/// waits (`Retry` naming the first) until the first is gone, then resumes where it stopped.
+#[test]
+fn a_second_sink_on_the_same_file_waits_until_the_first_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("changes.jsonl");
+    let mut first = sink(&path);
+    assert_eq!(open(&mut first).unwrap(), None);
+    first.write_sync(&batch(1, 3)).unwrap();
+    let mut second = sink(&path);
+    let e = open(&mut second).expect_err("the files are the first sink's");
+    assert!(
+        matches!(&e, SinkError::Retry(m) if m.contains("another connector")
+            && m.contains(&format!("PID {}", std::process::id()))),
+        "{e}"
+    );
+    first.write_sync(&batch(4, 2)).unwrap();
+    drop(first);
+    assert_eq!(open(&mut second).unwrap().as_deref(), Some(&b"cp5"[..]));
+    second.write_sync(&batch(6, 1)).unwrap();
+    assert_eq!(gtids_in(&path), (1..=6).collect::<Vec<_>>());
+}
