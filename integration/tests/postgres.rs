@@ -341,7 +341,7 @@ fn a_batch_retried_after_its_commit_answer_was_lost_is_applied_once() {
     let db = pg();
     let name = sinkkit::unique("pglost");
     rt.block_on(async {
-        let (relay, lose_next_answer) = sinkkit::relay_losing_answers(PG, b"COMMIT\0").await;
+        let (relay, lose_next_answer) = sinkkit::relay_losing_answers(PG, &[b"COMMIT\0"]).await;
         let mut cfg = PostgresConfig::new(format!("postgres://postgres@{relay}/test"));
         cfg.table = format!("{name}_{{tree}}");
         let mut sink = PostgresSink::new(cfg, &name).expect("sink settings");

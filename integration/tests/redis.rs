@@ -230,11 +230,11 @@ fn plus_one(seq: u64) -> Batch {
     }
 }
 
-/// A batch whose EXEC answer was lost (the connection died after Redis applied it) is
+/// A batch whose answer was lost (the connection died after Redis applied it) is
 /// retried by the pipeline: the sink must see that it is already stored and not apply it
 /// again; and a position moved by another writer stops the sink before it writes.
 #[test]
-fn a_batch_retried_after_its_exec_answer_was_lost_is_applied_once() {
+fn a_batch_retried_after_its_answer_was_lost_is_applied_once_with_or_without_merges() {
     if !sinkkit::service_up("Redis", REDIS) {
         return;
     }
@@ -242,7 +242,9 @@ fn a_batch_retried_after_its_exec_answer_was_lost_is_applied_once() {
     rt.block_on(async {
         let mut c = conn().await;
         let name = sinkkit::unique("rdlost");
-        let (relay, lose_next_answer) = sinkkit::relay_losing_answers(REDIS, b"EXEC\r\n").await;
+        // EXEC ends a batch with merges, EVAL carries one without.
+        let (relay, lose_next_answer) =
+            sinkkit::relay_losing_answers(REDIS, &[b"EXEC\r\n", b"EVAL\r\n"]).await;
         let mut cfg = RedisConfig::new(format!("redis://{relay}"));
         cfg.key = format!("{name}:{{tree}}:{{key}}");
         let mut sink = RedisSink::new(cfg, &name).expect("sink settings");
@@ -304,6 +306,66 @@ fn a_batch_retried_after_its_exec_answer_was_lost_is_applied_once() {
             "{e}"
         );
         assert_eq!(get(&mut c).await.as_deref(), Some("3"));
+        clean(&mut c, &format!("{name}:"), &name).await;
+
+        // A batch without merges goes as one script: the same three outcomes.
+        let mut sink = RedisSink::new(
+            {
+                let mut cfg = RedisConfig::new(format!("redis://{relay}"));
+                cfg.key = format!("{name}:{{tree}}:{{key}}");
+                cfg
+            },
+            &name,
+        )
+        .expect("sink settings");
+        assert_eq!(sink.open().await.expect("open"), None);
+        let put = |seq: u64| {
+            let mut b = plus_one(seq);
+            let Item::Txn(t) = &mut b.items[0] else {
+                unreachable!()
+            };
+            t.ops = vec![tideline_wal::Op::Put {
+                tree: "cnt".into(),
+                key: b"n".to_vec(),
+                value: seq.to_string().into_bytes(),
+                before: None,
+            }];
+            b
+        };
+        sink.write(&put(1)).await.expect("put 1");
+        lose_next_answer.store(true, Ordering::SeqCst);
+        let e = sink
+            .write(&put(2))
+            .await
+            .expect_err("put 2's answer is lost");
+        assert!(matches!(e, SinkError::Retry(_)), "{e}");
+        let mut tries = 0;
+        while let Err(e) = sink.write(&put(2)).await {
+            assert!(matches!(e, SinkError::Retry(_)) && tries < 100, "{e}");
+            tries += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(get(&mut c).await.as_deref(), Some("2"));
+        assert_eq!(
+            position(&mut c, &name).await.as_deref(),
+            Some(&b"after batch 2"[..])
+        );
+        redis::cmd("SET")
+            .arg(format!("tideline:position:{name}"))
+            .arg("elsewhere")
+            .query_async::<()>(&mut c)
+            .await
+            .expect("SET");
+        let e = sink.write(&put(3)).await.expect_err("refused");
+        assert!(
+            matches!(&e, SinkError::Fatal(m) if m.contains("another connector wrote")),
+            "{e}"
+        );
+        assert_eq!(
+            get(&mut c).await.as_deref(),
+            Some("2"),
+            "nothing of the refused batch"
+        );
         clean(&mut c, &format!("{name}:"), &name).await;
     });
 }

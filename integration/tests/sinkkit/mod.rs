@@ -616,10 +616,13 @@ pub fn assert_same(
 // ---- A relay that loses answers --------------------------------------------------------
 
 /// A TCP relay to 127.0.0.1:`port` that, once armed (set the returned flag), passes on the
-/// client bytes holding `marker` (`COMMIT\0`, `EXEC\r\n`) to the server and then cuts that
+/// client bytes holding one of `markers` (`COMMIT\0`, `EXEC\r\n`) to the server and then cuts that
 /// connection without passing the server's answer back: the server has committed, and the
 /// client never learns it. Returns the relay's address and its trigger (disarmed once used).
-pub async fn relay_losing_answers(port: u16, marker: &'static [u8]) -> (String, Arc<AtomicBool>) {
+pub async fn relay_losing_answers(
+    port: u16,
+    markers: &'static [&'static [u8]],
+) -> (String, Arc<AtomicBool>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -637,7 +640,9 @@ pub async fn relay_losing_answers(port: u16, marker: &'static [u8]) -> (String, 
             let up = tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 << 10];
                 while let Ok(n @ 1..) = cr.read(&mut buf).await {
-                    let hit = buf[..n].windows(marker.len()).any(|w| w == marker);
+                    let hit = markers
+                        .iter()
+                        .any(|m| buf[..n].windows(m.len()).any(|w| w == *m));
                     let cutting = hit && armed.swap(false, Ordering::SeqCst);
                     // Set before the server can answer, so that no answer gets through.
                     cut_up.store(cutting, Ordering::SeqCst);

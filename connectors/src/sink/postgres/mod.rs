@@ -16,10 +16,11 @@
 //! `tideline_positions(pipeline, checkpoint, updated_at)`; a crash before `COMMIT` leaves
 //! neither rows nor position, one after leaves both. One session at a time writes a
 //! pipeline: each connection takes the pipeline's advisory lock, so a new connector waits
-//! (retrying, shown in `status`) until the session of one killed mid-commit has ended. Each
-//! batch first reads the stored position `FOR UPDATE`: the one this sink last read or wrote →
-//! the batch is written; the batch's own → it had committed and only the answer was lost, so
-//! it is not applied again; any other → another writer moved it, `Fatal`.
+//! (retrying, shown in `status`) until the session of one killed mid-commit has ended. The
+//! position's upsert only moves it from the one this sink last read or wrote (a compare and
+//! set in its `WHERE`); otherwise the batch is rolled back and the stored one says why: the
+//! batch's own → it had committed and only the answer was lost, so it is not applied again;
+//! any other → another writer moved it, `Fatal`.
 //!
 //! Errors: an unreachable, restarting or reset server, a serialization failure or deadlock →
 //! `Retry`; refused credentials, a missing database or privilege, a table whose columns do
@@ -232,26 +233,6 @@ impl PostgresSink {
             .transaction()
             .await
             .map_err(|e| classify(&e, "begin"))?;
-        let sql = format!("SELECT checkpoint FROM {positions} WHERE pipeline = $1 FOR UPDATE");
-        let stmt = prepare(&txn, stmts, &sql).await?;
-        let stored: Option<Vec<u8>> = txn
-            .query_opt(&stmt, &[&pipeline])
-            .await
-            .map_err(|e| classify(&e, "read the position"))?
-            .map(|r| r.get(0));
-        if stored != expected {
-            if stored.as_deref() == Some(batch.checkpoint.as_slice()) {
-                // This batch committed, but its answer was lost with the connection.
-                tracing::info!(pipeline = %pipeline, "batch already stored (its commit's answer was lost); not applying it again");
-                return Ok(());
-            }
-            return Err(SinkError::Fatal(format!(
-                "the position of pipeline `{pipeline}` in {positions} is not the one this \
-                 connector last read or wrote: another connector wrote this pipeline meanwhile. \
-                 Run one connector per pipeline; restart this one and it resumes from the stored \
-                 position"
-            )));
-        }
         let mut created: Vec<String> = Vec::new();
         let mut dropped: Vec<String> = Vec::new();
         for step in &steps {
@@ -308,25 +289,68 @@ impl PostgresSink {
                 }
             }
         }
+        // The position moves only from the one this sink last read or wrote (compare and
+        // set in the upsert itself, no statement of its own). When it is another, nothing of
+        // the batch is committed, and the stored one says why.
         let sql = format!(
             "INSERT INTO {positions} (pipeline, checkpoint, updated_at) VALUES ($1, $2, now()) \
              ON CONFLICT (pipeline) DO UPDATE SET checkpoint = EXCLUDED.checkpoint, updated_at \
-             = now()"
+             = now() WHERE {positions}.checkpoint IS NOT DISTINCT FROM $3"
         );
         let stmt = prepare(&txn, stmts, &sql).await?;
-        if crate::sink::position_apart() {
+        let read = format!("SELECT checkpoint FROM {positions} WHERE pipeline = $1");
+        let position = |r: Option<tokio_postgres::Row>| r.map(|r| r.get::<_, Vec<u8>>(0));
+        // `Some(stored)`: the position was not the expected one, and nothing was committed.
+        let moved: Option<Option<Vec<u8>>> = if crate::sink::position_apart() {
             // Canary only (feature `testing`): data first, position later, apart.
             txn.commit().await.map_err(|e| classify(&e, "commit"))?;
             tokio::time::sleep(Duration::from_millis(30)).await;
-            client
-                .execute(&stmt, &[&pipeline, &batch.checkpoint])
+            let n = client
+                .execute(&stmt, &[&pipeline, &batch.checkpoint, &expected])
                 .await
                 .map_err(|e| classify(&e, "store the position"))?;
+            match n {
+                0 => Some(position(
+                    client
+                        .query_opt(&read, &[&pipeline])
+                        .await
+                        .map_err(|e| classify(&e, "read the position"))?,
+                )),
+                _ => None,
+            }
         } else {
-            txn.execute(&stmt, &[&pipeline, &batch.checkpoint])
+            let n = txn
+                .execute(&stmt, &[&pipeline, &batch.checkpoint, &expected])
                 .await
                 .map_err(|e| classify(&e, "store the position"))?;
-            txn.commit().await.map_err(|e| classify(&e, "commit"))?;
+            if n == 0 {
+                let stored = txn
+                    .query_opt(&read, &[&pipeline])
+                    .await
+                    .map_err(|e| classify(&e, "read the position"))?;
+                txn.rollback()
+                    .await
+                    .map_err(|e| classify(&e, "roll back"))?;
+                Some(position(stored))
+            } else {
+                txn.commit().await.map_err(|e| classify(&e, "commit"))?;
+                None
+            }
+        };
+        if let Some(stored) = moved {
+            // A staging table created by the rolled-back transaction is gone with it.
+            *staged = false;
+            if stored.as_deref() == Some(batch.checkpoint.as_slice()) {
+                // This batch committed before, but its answer was lost with the connection.
+                tracing::info!(pipeline = %pipeline, "batch already stored (its commit's answer was lost); not applying it again");
+                return Ok(());
+            }
+            return Err(SinkError::Fatal(format!(
+                "the position of pipeline `{pipeline}` in {positions} is not the one this \
+                 connector last read or wrote: another connector wrote this pipeline meanwhile. \
+                 Run one connector per pipeline; restart this one and it resumes from the stored \
+                 position"
+            )));
         }
         for t in dropped {
             known.remove(&t);

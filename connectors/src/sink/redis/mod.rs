@@ -1,4 +1,4 @@
-//! The Redis sink: a key per row by a template, each batch and its position in one MULTI/EXEC.
+//! The Redis sink: a key per row by a template, each batch and its position in one transaction.
 //!
 //! Mapping (docs/OPERATIONS.md, "Connectors"): the row `key` of `tree` is the Redis key
 //! `key` template with `{tree}` and `{key}` replaced (default `{tree}:{key}`; bytes are kept
@@ -10,13 +10,16 @@
 //! none of its rows); tree dropped → its keys (found with `SCAN MATCH` on the template)
 //! deleted in the batch's transaction.
 //!
-//! Exactly once: every batch is one `MULTI ... EXEC` that also `SET`s
-//! `tideline:position:{pipeline}` to the checkpoint; Redis applies a transaction whole or not
-//! at all. Before it, the position is `WATCH`ed and read: the one this sink last read or
-//! wrote → the batch is written (and EXEC fails if the position moves meanwhile); the
-//! batch's own → EXEC had succeeded and only its answer was lost, so it is not applied again;
-//! any other → another writer moved it, `Fatal`. (What survives a crash of Redis itself is Redis's persistence setting: with AOF
-//! `appendfsync always` a transaction is durable when `EXEC` answers.)
+//! Exactly once: every batch is one Redis transaction that also `SET`s
+//! `tideline:position:{pipeline}` to the checkpoint; Redis applies it whole or not at all. The
+//! stored position is checked in the same step: the one this sink last read or wrote → the
+//! batch is written; the batch's own → the batch had been applied and only the answer was
+//! lost, so it is not applied again; any other → another writer moved it, `Fatal`. A batch
+//! without merges is one Lua script that checks and writes (one round trip); a batch with
+//! merges `WATCH`es the position with the merged keys, reads them, then sends its
+//! `MULTI ... EXEC`, which fails if any of them changed meanwhile and is tried again. (What
+//! survives a crash of Redis itself is Redis's persistence setting: with AOF
+//! `appendfsync always` a transaction is durable when it answers.)
 //!
 //! Errors: refused, reset or timed-out connections and a loading or read-only server →
 //! `Retry`; refused credentials or missing ACL permissions → `Hold` with what to do.
@@ -30,10 +33,40 @@ use serde::Deserialize;
 use crate::sink::fold::{self, Final, Operators, Step};
 use crate::sink::{Batch, Sink, SinkError, SinkFuture};
 
-/// How many keys one `DEL` names at most (a dropped tree's keys).
-const DEL_KEYS_MAX: usize = 1000;
 /// How often a batch whose watched keys changed under it is tried again at once.
 const WATCH_TRIES: usize = 5;
+
+/// Batches without merges of at most this many writes go as one script ([`WRITE_SCRIPT`]):
+/// one round trip instead of two. Larger ones go as MULTI/EXEC after a `WATCH` of the
+/// position, as batches with merges do: a script's `redis.call` per key costs more than the
+/// round trip saved once a batch holds thousands of writes (`docs/benchmarks.md`, "One writer
+/// per pipeline").
+const SCRIPT_OPS_MAX: usize = 2048;
+
+/// A batch without merges, checked and written in one step. `KEYS[1]`: the position;
+/// `KEYS[2..]`: the batch's keys in order. `ARGV`: `1` when a position is expected, the
+/// expected position, the batch's checkpoint, `1` to store it; then for each key of
+/// `KEYS[2..]` `S` and its value, or `D` and an empty string. Returns 0 when written, 1 when
+/// the position already is the batch's checkpoint (stored before; its answer was lost), 2
+/// when it is neither (another writer moved it). Scripts run atomically.
+const WRITE_SCRIPT: &str = r"
+local cur = redis.call('GET', KEYS[1])
+local want = false
+if ARGV[1] == '1' then want = ARGV[2] end
+if cur ~= want then
+  if cur == ARGV[3] then return 1 end
+  return 2
+end
+for i = 2, #KEYS do
+  if ARGV[2 * i + 1] == 'S' then
+    redis.call('SET', KEYS[i], ARGV[2 * i + 2])
+  else
+    redis.call('DEL', KEYS[i])
+  end
+end
+if ARGV[4] == '1' then redis.call('SET', KEYS[1], ARGV[3]) end
+return 0
+";
 
 /// Settings of the Redis sink: the keys of a pipeline's `[sink]` table besides `kind`.
 #[derive(Debug, Clone, Deserialize)]
@@ -229,11 +262,54 @@ impl RedisSink {
         }
         watched.sort();
         watched.dedup();
-        // The position first: watched with the merged keys, so that EXEC fails if anyone
-        // moves it between this read and the batch.
+        let apart = crate::sink::position_apart();
+        let ops = watched
+            .is_empty()
+            .then(|| self.batch_ops(&steps, &drops, &HashMap::new()))
+            .filter(|ops| ops.len() <= SCRIPT_OPS_MAX);
+        if let Some(ops) = ops {
+            // Nothing to read first: the check and the batch are one script, one round trip.
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(WRITE_SCRIPT)
+                .arg(1 + ops.len())
+                .arg(&self.position_key);
+            for (key, _) in &ops {
+                cmd.arg(key);
+            }
+            cmd.arg(if self.expected.is_some() { "1" } else { "0" })
+                .arg(self.expected.as_deref().unwrap_or_default())
+                .arg(&batch.checkpoint)
+                .arg(if apart { "0" } else { "1" });
+            for (_, value) in &ops {
+                match value {
+                    Some(v) => cmd.arg("S").arg(v),
+                    None => cmd.arg("D").arg(""),
+                };
+            }
+            let outcome: i64 = cmd
+                .query_async(&mut con)
+                .await
+                .map_err(|e| classify(&e, "write the batch"))?;
+            return match outcome {
+                0 => {
+                    if apart {
+                        self.store_position_apart(&mut con, &batch.checkpoint)
+                            .await?;
+                    }
+                    Ok(())
+                }
+                1 => {
+                    self.already_stored();
+                    Ok(())
+                }
+                _ => Err(self.moved()),
+            };
+        }
+        // Merges read stored values (and a large batch goes as MULTI/EXEC): the position is
+        // watched and read with them, so that EXEC fails if anyone moves any of them between
+        // this read and the batch.
         watched.insert(0, self.position_key.clone().into_bytes());
         for _ in 0..WATCH_TRIES {
-            let mut stored: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
             let (values,): (Vec<Option<Vec<u8>>>,) = redis::pipe()
                 .cmd("WATCH")
                 .arg(&watched)
@@ -248,51 +324,24 @@ impl RedisSink {
             if position != self.expected {
                 let _ = redis::cmd("UNWATCH").query_async::<()>(&mut con).await;
                 if position.as_deref() == Some(batch.checkpoint.as_slice()) {
-                    // This batch was applied, but EXEC's answer was lost with the connection.
-                    tracing::info!(sink = %self.describe, "batch already stored (its EXEC's answer was lost); not applying it again");
+                    self.already_stored();
                     return Ok(());
                 }
-                return Err(SinkError::Fatal(format!(
-                    "redis: the position `{}` is not the one this connector last read or \
-                     wrote: another connector wrote this pipeline meanwhile. Run one connector \
-                     per pipeline; restart this one and it resumes from the stored position",
-                    self.position_key
-                )));
+                return Err(self.moved());
             }
-            for (k, v) in watched[1..].iter().zip(values) {
-                if let Some(v) = v {
-                    stored.insert(k.clone(), v);
-                }
-            }
+            let stored: HashMap<Vec<u8>, Vec<u8>> = watched[1..]
+                .iter()
+                .zip(values)
+                .filter_map(|(k, v)| Some((k.clone(), v?)))
+                .collect();
             let mut pipe = redis::pipe();
             pipe.atomic();
-            // Keys of a tree dropped earlier in this batch hold nothing any more.
-            let mut dropped: HashSet<&str> = HashSet::new();
-            for step in &steps {
-                match step {
-                    Step::Create(_) | Step::ClearRange { .. } => {}
-                    Step::Drop(tree) => {
-                        dropped.insert(tree);
-                        for keys in drops[tree].chunks(DEL_KEYS_MAX) {
-                            pipe.cmd("DEL").arg(keys).ignore();
-                        }
-                    }
-                    Step::Run(run) => {
-                        for (tree, rows) in &run.trees {
-                            let gone = dropped.contains(tree.as_str());
-                            for (k, f) in rows {
-                                let key = self.key(tree, k);
-                                let base = if gone { None } else { stored.get(&key) };
-                                match f.resolve(base.map(Vec::as_slice)) {
-                                    Some(v) => pipe.cmd("SET").arg(&key).arg(v).ignore(),
-                                    None => pipe.cmd("DEL").arg(&key).ignore(),
-                                };
-                            }
-                        }
-                    }
-                }
+            for (key, value) in self.batch_ops(&steps, &drops, &stored) {
+                match value {
+                    Some(v) => pipe.cmd("SET").arg(key).arg(v).ignore(),
+                    None => pipe.cmd("DEL").arg(key).ignore(),
+                };
             }
-            let apart = crate::sink::position_apart();
             if apart {
                 // Canary only (feature `testing`): the position goes in a step of its own.
                 pipe.cmd("PING");
@@ -307,13 +356,8 @@ impl RedisSink {
                 .map_err(|e| classify(&e, "write the batch"))?;
             if r.is_some() {
                 if apart {
-                    tokio::time::sleep(Duration::from_millis(30)).await;
-                    redis::cmd("SET")
-                        .arg(&self.position_key)
-                        .arg(&batch.checkpoint)
-                        .query_async::<()>(&mut con)
-                        .await
-                        .map_err(|e| classify(&e, "store the position"))?;
+                    self.store_position_apart(&mut con, &batch.checkpoint)
+                        .await?;
                 }
                 return Ok(());
             }
@@ -324,6 +368,69 @@ impl RedisSink {
             "redis: keys this pipeline merges into kept changing under it ({WATCH_TRIES} tries); \
              is another writer using the same keys (the sink's `key` template)?"
         )))
+    }
+
+    /// The batch's writes in order: each Redis key and its new value (`None`: deleted), with
+    /// merges resolved against `stored` and a dropped tree's keys (`drops`) deleted.
+    fn batch_ops(
+        &self,
+        steps: &[Step],
+        drops: &HashMap<String, Vec<Vec<u8>>>,
+        stored: &HashMap<Vec<u8>, Vec<u8>>,
+    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut ops = Vec::new();
+        // Keys of a tree dropped earlier in this batch hold nothing any more.
+        let mut dropped: HashSet<&str> = HashSet::new();
+        for step in steps {
+            match step {
+                Step::Create(_) | Step::ClearRange { .. } => {}
+                Step::Drop(tree) => {
+                    dropped.insert(tree);
+                    ops.extend(drops[tree].iter().map(|k| (k.clone(), None)));
+                }
+                Step::Run(run) => {
+                    for (tree, rows) in &run.trees {
+                        let gone = dropped.contains(tree.as_str());
+                        for (k, f) in rows {
+                            let key = self.key(tree, k);
+                            let base = if gone { None } else { stored.get(&key) };
+                            let value = f.resolve(base.map(Vec::as_slice));
+                            ops.push((key, value));
+                        }
+                    }
+                }
+            }
+        }
+        ops
+    }
+
+    /// Canary only (feature `testing`): the position stored in a step of its own, after the
+    /// data.
+    async fn store_position_apart(
+        &self,
+        con: &mut MultiplexedConnection,
+        checkpoint: &[u8],
+    ) -> Result<(), SinkError> {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        redis::cmd("SET")
+            .arg(&self.position_key)
+            .arg(checkpoint)
+            .query_async::<()>(con)
+            .await
+            .map_err(|e| classify(&e, "store the position"))
+    }
+
+    fn already_stored(&self) {
+        tracing::info!(sink = %self.describe, "batch already stored (its answer was lost with the connection); not applying it again");
+    }
+
+    fn moved(&self) -> SinkError {
+        SinkError::Fatal(format!(
+            "redis: the position `{}` is not the one this connector last read or wrote: \
+             another connector wrote this pipeline meanwhile. Run one connector per pipeline; \
+             restart this one and it resumes from the stored position",
+            self.position_key
+        ))
     }
 
     async fn scan(
@@ -407,8 +514,8 @@ fn classify(e: &redis::RedisError, doing: &str) -> SinkError {
             SinkError::Hold(format!("{msg}; fix the user or password in the sink's url"))
         }
         ErrorKind::Server(ServerErrorKind::NoPerm) => SinkError::Hold(format!(
-            "{msg}; give the sink's user the GET, SET, DEL, MGET, WATCH, MULTI, EXEC and SCAN \
-             commands on its keys"
+            "{msg}; give the sink's user the GET, SET, DEL, MGET, WATCH, UNWATCH, MULTI, EXEC, \
+             EVAL and SCAN commands on its keys"
         )),
         ErrorKind::Server(
             ServerErrorKind::BusyLoading
