@@ -26,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sinkkit::{Norm, SourceNode};
 use tideline_connectors::sink::postgres::{PostgresConfig, PostgresSink};
-use tideline_connectors::{Batch, Item, Sink, SinkError};
+use tideline_connectors::{Batch, Sink, SinkError};
 
 const PG: u16 = 5432;
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -216,6 +216,11 @@ fn canary_positions_stored_apart_from_the_data_are_caught() {
     eprintln!("canary caught it: {}", e.lines().next().unwrap_or_default());
 }
 
+/// Batch `seq`: `+1` merged into `cnt/n`.
+fn plus_one(seq: u64) -> Batch {
+    sinkkit::one_change(seq, false)
+}
+
 /// A sink of pipeline `name` writing tables `{name}_{tree}`, with `cnt` merging by `add`.
 fn counter_sink(name: &str) -> PostgresSink {
     let mut cfg = PostgresConfig::new(URL);
@@ -223,26 +228,6 @@ fn counter_sink(name: &str) -> PostgresSink {
     let mut sink = PostgresSink::new(cfg, name).expect("sink settings");
     sink.set_merge_operators(&BTreeMap::from([("cnt".to_string(), "add".to_string())]));
     sink
-}
-
-/// Batch `seq` of pipeline tests: one transaction merging `+1` into `cnt/n`; its checkpoint
-/// names it.
-fn plus_one(seq: u64) -> Batch {
-    let uuid = uuid::Uuid::from_bytes([7; 16]);
-    Batch {
-        source: uuid,
-        items: vec![Item::Txn(tideline_wal::Transaction {
-            offset: tideline_wal::Offset::new(seq).unwrap(),
-            gtid: tideline_wal::Gtid::new(uuid, seq).unwrap(),
-            timestamp_us: 0,
-            ops: vec![tideline_wal::Op::Merge {
-                tree: "cnt".into(),
-                key: b"n".to_vec(),
-                operand: b"1".to_vec(),
-            }],
-        })],
-        checkpoint: format!("after batch {seq}").into_bytes(),
-    }
 }
 
 /// `cnt/n` of pipeline `name` as stored.
@@ -346,31 +331,20 @@ fn a_batch_retried_after_its_commit_answer_was_lost_is_applied_once() {
         cfg.table = format!("{name}_{{tree}}");
         let mut sink = PostgresSink::new(cfg, &name).expect("sink settings");
         sink.set_merge_operators(&BTreeMap::from([("cnt".to_string(), "add".to_string())]));
-        assert_eq!(sink.open().await.expect("open"), None);
-        sink.write(&plus_one(1)).await.expect("batch 1");
-        lose_next_answer.store(true, Ordering::SeqCst);
-        let e = sink
-            .write(&plus_one(2))
-            .await
-            .expect_err("batch 2's answer is lost");
-        assert!(matches!(e, SinkError::Retry(_)), "{e}");
+        sinkkit::store_then_lose_an_answer(
+            &mut sink,
+            &lose_next_answer,
+            &plus_one(1),
+            &plus_one(2),
+        )
+        .await;
         assert_eq!(
             counter(&db, &name).await.as_deref(),
             Some("2"),
             "the server committed batch 2 all the same"
         );
         // The pipeline retries batch 2, as the error says.
-        let mut tries = 0;
-        loop {
-            match sink.write(&plus_one(2)).await {
-                Ok(()) => break,
-                Err(SinkError::Retry(_)) if tries < 100 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("the retried batch: {e}"),
-            }
-        }
+        sinkkit::write_retrying(&mut sink, &plus_one(2)).await;
         assert_eq!(
             counter(&db, &name).await.as_deref(),
             Some("2"),

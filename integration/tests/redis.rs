@@ -26,7 +26,7 @@ use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 use sinkkit::{Norm, SourceNode};
 use tideline_connectors::sink::redis::{RedisConfig, RedisSink};
-use tideline_connectors::{Batch, Item, Sink, SinkError};
+use tideline_connectors::{Batch, Sink, SinkError};
 
 const REDIS: u16 = 6379;
 const URL: &str = "redis://127.0.0.1:6379";
@@ -211,23 +211,30 @@ fn canary_positions_stored_apart_from_the_data_are_caught() {
     eprintln!("canary caught it: {}", e.lines().next().unwrap_or_default());
 }
 
-/// Batch `seq`: one transaction merging `+1` into `cnt/n`; its checkpoint names it.
+/// Batch `seq`: `+1` merged into `cnt/n`.
 fn plus_one(seq: u64) -> Batch {
-    let uuid = uuid::Uuid::from_bytes([7; 16]);
-    Batch {
-        source: uuid,
-        items: vec![Item::Txn(tideline_wal::Transaction {
-            offset: tideline_wal::Offset::new(seq).unwrap(),
-            gtid: tideline_wal::Gtid::new(uuid, seq).unwrap(),
-            timestamp_us: 0,
-            ops: vec![tideline_wal::Op::Merge {
-                tree: "cnt".into(),
-                key: b"n".to_vec(),
-                operand: b"1".to_vec(),
-            }],
-        })],
-        checkpoint: format!("after batch {seq}").into_bytes(),
-    }
+    sinkkit::one_change(seq, false)
+}
+
+/// The position of pipeline `name` moved by someone else: the sink's next batch is refused
+/// before anything of it is written.
+async fn refused_after_the_position_moved(
+    c: &mut MultiplexedConnection,
+    sink: &mut RedisSink,
+    name: &str,
+    batch: &Batch,
+) {
+    redis::cmd("SET")
+        .arg(format!("tideline:position:{name}"))
+        .arg("elsewhere")
+        .query_async::<()>(c)
+        .await
+        .expect("SET");
+    let e = sink.write(batch).await.expect_err("refused");
+    assert!(
+        matches!(&e, SinkError::Fatal(m) if m.contains("another connector wrote")),
+        "{e}"
+    );
 }
 
 /// A batch whose answer was lost (the connection died after Redis applied it) is
@@ -250,14 +257,13 @@ fn a_batch_retried_after_its_answer_was_lost_is_applied_once_with_or_without_mer
         let mut sink = RedisSink::new(cfg, &name).expect("sink settings");
         sink.set_merge_operators(&BTreeMap::from([("cnt".to_string(), "add".to_string())]));
         let counter = format!("{name}:cnt:n");
-        assert_eq!(sink.open().await.expect("open"), None);
-        sink.write(&plus_one(1)).await.expect("batch 1");
-        lose_next_answer.store(true, Ordering::SeqCst);
-        let e = sink
-            .write(&plus_one(2))
-            .await
-            .expect_err("batch 2's answer is lost");
-        assert!(matches!(e, SinkError::Retry(_)), "{e}");
+        sinkkit::store_then_lose_an_answer(
+            &mut sink,
+            &lose_next_answer,
+            &plus_one(1),
+            &plus_one(2),
+        )
+        .await;
         let get = |c: &mut MultiplexedConnection| {
             let mut c = c.clone();
             let key = counter.clone();
@@ -275,17 +281,7 @@ fn a_batch_retried_after_its_answer_was_lost_is_applied_once_with_or_without_mer
             "Redis applied batch 2"
         );
         // The pipeline retries batch 2, as the error says.
-        let mut tries = 0;
-        loop {
-            match sink.write(&plus_one(2)).await {
-                Ok(()) => break,
-                Err(SinkError::Retry(_)) if tries < 100 => {
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                Err(e) => panic!("the retried batch: {e}"),
-            }
-        }
+        sinkkit::write_retrying(&mut sink, &plus_one(2)).await;
         assert_eq!(
             get(&mut c).await.as_deref(),
             Some("2"),
@@ -294,17 +290,7 @@ fn a_batch_retried_after_its_answer_was_lost_is_applied_once_with_or_without_mer
         sink.write(&plus_one(3)).await.expect("batch 3");
         assert_eq!(get(&mut c).await.as_deref(), Some("3"));
         // Another writer moves the position: the sink stops before writing on top of it.
-        redis::cmd("SET")
-            .arg(format!("tideline:position:{name}"))
-            .arg("elsewhere")
-            .query_async::<()>(&mut c)
-            .await
-            .expect("SET");
-        let e = sink.write(&plus_one(4)).await.expect_err("refused");
-        assert!(
-            matches!(&e, SinkError::Fatal(m) if m.contains("another connector wrote")),
-            "{e}"
-        );
+        refused_after_the_position_moved(&mut c, &mut sink, &name, &plus_one(4)).await;
         assert_eq!(get(&mut c).await.as_deref(), Some("3"));
         clean(&mut c, &format!("{name}:"), &name).await;
 
@@ -318,49 +304,15 @@ fn a_batch_retried_after_its_answer_was_lost_is_applied_once_with_or_without_mer
             &name,
         )
         .expect("sink settings");
-        assert_eq!(sink.open().await.expect("open"), None);
-        let put = |seq: u64| {
-            let mut b = plus_one(seq);
-            let Item::Txn(t) = &mut b.items[0] else {
-                unreachable!()
-            };
-            t.ops = vec![tideline_wal::Op::Put {
-                tree: "cnt".into(),
-                key: b"n".to_vec(),
-                value: seq.to_string().into_bytes(),
-                before: None,
-            }];
-            b
-        };
-        sink.write(&put(1)).await.expect("put 1");
-        lose_next_answer.store(true, Ordering::SeqCst);
-        let e = sink
-            .write(&put(2))
-            .await
-            .expect_err("put 2's answer is lost");
-        assert!(matches!(e, SinkError::Retry(_)), "{e}");
-        let mut tries = 0;
-        while let Err(e) = sink.write(&put(2)).await {
-            assert!(matches!(e, SinkError::Retry(_)) && tries < 100, "{e}");
-            tries += 1;
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let put = |seq: u64| sinkkit::one_change(seq, true);
+        sinkkit::store_then_lose_an_answer(&mut sink, &lose_next_answer, &put(1), &put(2)).await;
+        sinkkit::write_retrying(&mut sink, &put(2)).await;
         assert_eq!(get(&mut c).await.as_deref(), Some("2"));
         assert_eq!(
             position(&mut c, &name).await.as_deref(),
             Some(&b"after batch 2"[..])
         );
-        redis::cmd("SET")
-            .arg(format!("tideline:position:{name}"))
-            .arg("elsewhere")
-            .query_async::<()>(&mut c)
-            .await
-            .expect("SET");
-        let e = sink.write(&put(3)).await.expect_err("refused");
-        assert!(
-            matches!(&e, SinkError::Fatal(m) if m.contains("another connector wrote")),
-            "{e}"
-        );
+        refused_after_the_position_moved(&mut c, &mut sink, &name, &put(3)).await;
         assert_eq!(
             get(&mut c).await.as_deref(),
             Some("2"),

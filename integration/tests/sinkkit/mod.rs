@@ -669,3 +669,70 @@ pub async fn relay_losing_answers(
     });
     (addr, trigger)
 }
+
+// ---- Batches for sinks driven directly ---------------------------------------------------
+
+/// Batch `seq`: one transaction merging `+1` into `cnt/n` (or putting `seq` there, `put`);
+/// its checkpoint names it.
+pub fn one_change(seq: u64, put: bool) -> tideline_connectors::Batch {
+    let uuid = uuid::Uuid::from_bytes([7; 16]);
+    let (tree, key) = ("cnt".to_string(), b"n".to_vec());
+    let op = if put {
+        tideline_wal::Op::Put {
+            tree,
+            key,
+            value: seq.to_string().into_bytes(),
+            before: None,
+        }
+    } else {
+        tideline_wal::Op::Merge {
+            tree,
+            key,
+            operand: b"1".to_vec(),
+        }
+    };
+    tideline_connectors::Batch {
+        source: uuid,
+        items: vec![tideline_connectors::Item::Txn(tideline_wal::Transaction {
+            offset: tideline_wal::Offset::new(seq).unwrap(),
+            gtid: tideline_wal::Gtid::new(uuid, seq).unwrap(),
+            timestamp_us: 0,
+            ops: vec![op],
+        })],
+        checkpoint: format!("after batch {seq}").into_bytes(),
+    }
+}
+
+/// Writes `batch` as the pipeline would after a `Retry`: again until it is stored (at most
+/// 100 tries); any other error fails the test.
+pub async fn write_retrying(sink: &mut dyn Sink, batch: &tideline_connectors::Batch) {
+    for _ in 0..100 {
+        match sink.write(batch).await {
+            Ok(()) => return,
+            Err(tideline_connectors::SinkError::Retry(_)) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("the retried batch: {e}"),
+        }
+    }
+    panic!("the batch was still refused with `Retry` after 100 tries");
+}
+
+/// Opens `sink` (which must hold no position), stores `first`, then writes `second` through
+/// a relay armed by `lose` ([`relay_losing_answers`]): the write must fail with `Retry`, its
+/// answer lost, though the server applied it.
+pub async fn store_then_lose_an_answer(
+    sink: &mut dyn Sink,
+    lose: &AtomicBool,
+    first: &tideline_connectors::Batch,
+    second: &tideline_connectors::Batch,
+) {
+    assert_eq!(sink.open().await.expect("open"), None);
+    sink.write(first).await.expect("the first batch");
+    lose.store(true, Ordering::SeqCst);
+    let e = sink
+        .write(second)
+        .await
+        .expect_err("the second batch's answer is lost");
+    assert!(matches!(e, tideline_connectors::SinkError::Retry(_)), "{e}");
+}
