@@ -633,3 +633,54 @@ fn a_subject_no_stream_captures_holds_with_a_clear_error() {
         let _ = js.delete_stream(&cfg.stream).await;
     });
 }
+
+/// The positions bucket moves a pipeline's checkpoint only from the one the sink last read
+/// or wrote: a connector that opened before another one wrote (one killed whose last write
+/// lands late, or a second connector of the pipeline) never moves it back, and a write that
+/// finds its own checkpoint already stored (its answer lost) is not an error.
+#[test]
+fn a_stale_writer_never_moves_the_position_back() {
+    if !sinkkit::service_up("NATS", NATS_PORT) {
+        return;
+    }
+    let run = sinkkit::unique("");
+    let cfg = sinkkit::nats_config(&run, Per::Txn);
+    let pipeline = format!("stale-{run}");
+    let rt = rt();
+    rt.block_on(async {
+        let mut live = NatsSink::new(cfg.clone(), &pipeline).unwrap();
+        let mut stale = NatsSink::new(cfg.clone(), &pipeline).unwrap();
+        assert_eq!(live.open().await.expect("open"), None);
+        assert_eq!(stale.open().await.expect("open"), None);
+        let batch = |seq: u64| {
+            let mut b = sinkkit::one_change(seq, true);
+            b.checkpoint = format!("cp{seq}").into_bytes();
+            b
+        };
+        live.write(&batch(1)).await.expect("batch 1");
+        // The same batch from the other writer: already stored, nothing to do.
+        stale.write(&batch(1)).await.expect("batch 1 again");
+        live.write(&batch(2)).await.expect("batch 2");
+        let e = stale
+            .write(&batch(1))
+            .await
+            .expect_err("a checkpoint older than the stored one");
+        assert!(
+            matches!(&e, SinkError::Fatal(m) if m.contains("another connector wrote")),
+            "{e}"
+        );
+        let js = js(&cfg.url).await;
+        let kv = js
+            .get_key_value(&cfg.positions_bucket)
+            .await
+            .expect("the positions bucket");
+        let stored = kv.get(pipeline.as_str()).await.expect("read the bucket");
+        assert_eq!(
+            stored.as_deref(),
+            Some(&b"cp2"[..]),
+            "the position moved back"
+        );
+        let _ = kv.purge(pipeline.as_str()).await;
+        let _ = js.delete_stream(&cfg.stream).await;
+    });
+}

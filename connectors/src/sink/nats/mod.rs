@@ -4,7 +4,9 @@
 //! [`message`]), up to `max_in_flight` awaiting their ack at once (see `publish.rs`), and
 //! every ack is awaited; only then is the batch's checkpoint
 //! written, to the JetStream key-value bucket `positions_bucket` (default
-//! `tideline_positions`) under the pipeline's name. A crash between the acks and that write
+//! `tideline_positions`) under the pipeline's name, over the revision this sink last read or
+//! wrote (compare and set: a stale writer never moves it back; one finding its own checkpoint
+//! already stored goes on; any other stops, `Fatal`). A crash between the acks and that write
 //! sends the batch again on restart, and the stream drops each message whose id it saw within
 //! its **duplicate window**: at least once + de-duplication = exactly once, as long as the
 //! connector is back within the window (a longer outage may repeat the batch it was writing).
@@ -152,9 +154,30 @@ pub struct NatsSink {
     pipeline: String,
     conn: Option<Conn>,
     builder: message::Builder,
+    /// The bucket's revision of the pipeline's key as this sink last read or wrote it (0: no
+    /// entry). A checkpoint is stored only over that revision (compare and set).
+    revision: u64,
 }
 
 impl NatsSink {
+    /// The bucket's revision of the pipeline's key (0: none) and its checkpoint (`None` when
+    /// absent or deleted).
+    async fn stored(&self, conn: &Conn) -> Result<(u64, Option<Vec<u8>>), SinkError> {
+        let entry = conn.kv.entry(self.pipeline.clone()).await.map_err(|e| {
+            SinkError::Retry(format!(
+                "NATS positions bucket {:?}, key {:?}: {e}",
+                self.cfg.positions_bucket, self.pipeline
+            ))
+        })?;
+        Ok(match entry {
+            None => (0, None),
+            Some(e) if e.operation == jetstream::kv::Operation::Put => {
+                (e.revision, Some(e.value.to_vec()))
+            }
+            Some(e) => (e.revision, None),
+        })
+    }
+
     /// Checks `cfg` (no I/O); [`Sink::open`] connects.
     pub fn new(cfg: NatsConfig, pipeline: &str) -> Result<NatsSink, SinkError> {
         let bad = |m: String| Err(SinkError::Fatal(m));
@@ -202,6 +225,7 @@ impl NatsSink {
             pipeline: pipeline.to_owned(),
             conn: None,
             builder,
+            revision: 0,
         })
     }
 
@@ -359,14 +383,10 @@ impl Sink for NatsSink {
     fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
         Box::pin(async move {
             let conn = self.connect().await?;
-            let stored = conn.kv.get(self.pipeline.clone()).await.map_err(|e| {
-                SinkError::Retry(format!(
-                    "NATS positions bucket {:?}, key {:?}: {e}",
-                    self.cfg.positions_bucket, self.pipeline
-                ))
-            })?;
+            let (revision, stored) = self.stored(&conn).await?;
+            self.revision = revision;
             self.conn = Some(conn);
-            Ok(stored.map(|b| b.to_vec()))
+            Ok(stored)
         })
     }
 
@@ -385,20 +405,45 @@ impl Sink for NatsSink {
                 // The worst moment for a crash: every message acked, the checkpoint not moved.
                 std::process::abort();
             }
-            // Every message is acked: only now may the checkpoint move.
-            conn.kv
-                .put(
+            // Every message is acked: only now may the checkpoint move, and only from the
+            // revision this sink last read or wrote.
+            let put = conn
+                .kv
+                .update(
                     self.pipeline.as_str(),
                     Bytes::copy_from_slice(&batch.checkpoint),
+                    self.revision,
                 )
-                .await
-                .map_err(|e| {
-                    SinkError::Retry(format!(
-                        "NATS positions bucket {:?}: {e}",
-                        self.cfg.positions_bucket
-                    ))
-                })?;
-            Ok(())
+                .await;
+            let e = match put {
+                Ok(revision) => {
+                    self.revision = revision;
+                    return Ok(());
+                }
+                Err(e) => e,
+            };
+            // Refused (the key moved on) or unanswered: the stored entry tells which.
+            let conn = self.conn.as_ref().expect("connected above");
+            let (revision, stored) = self.stored(conn).await?;
+            if stored.as_deref() == Some(batch.checkpoint.as_slice()) {
+                // Stored before (by this sink, its answer lost, or by another writer of the
+                // same batch): nothing left to do.
+                self.revision = revision;
+                return Ok(());
+            }
+            if revision == self.revision {
+                return Err(SinkError::Retry(format!(
+                    "NATS positions bucket {:?}: {e}",
+                    self.cfg.positions_bucket
+                )));
+            }
+            Err(SinkError::Fatal(format!(
+                "NATS positions bucket {:?}: the checkpoint of pipeline {:?} is not the one this \
+                 connector last read or wrote: another connector wrote this pipeline meanwhile. \
+                 Run one connector per pipeline; restart this one and it resumes from the stored \
+                 position",
+                self.cfg.positions_bucket, self.pipeline
+            )))
         })
     }
 }
