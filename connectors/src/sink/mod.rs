@@ -68,6 +68,51 @@ pub(crate) fn position_apart() -> bool {
 use std::future::Future;
 use std::pin::Pin;
 
+/// Takes `lock` (created if absent) for the one sink writing the files beside it: an `flock`
+/// held as long as the returned file lives and released by the kernel when the process dies,
+/// with the holder's PID written in it for the next one's message. A second sink gets `Retry`
+/// naming the holder: it waits (shown in `status`) until the first has stopped. `what` names
+/// the files in that message.
+pub(crate) fn lock_beside(lock: &std::path::Path, what: &str) -> Result<std::fs::File, SinkError> {
+    use std::os::unix::fs::FileExt;
+    let io = |doing: &str, e: std::io::Error| {
+        SinkError::Hold(format!(
+            "{doing} {}: {e}; check the directory's permissions",
+            lock.display()
+        ))
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(lock)
+        .map_err(|e| io("open", e))?;
+    match file.try_lock() {
+        Ok(()) => {
+            let pid = format!("{}\n", std::process::id());
+            file.set_len(0)
+                .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
+                .map_err(|e| io("write", e))?;
+            Ok(file)
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut buf = [0u8; 32];
+            let n = file.read_at(&mut buf, 0).unwrap_or(0);
+            let holder = std::str::from_utf8(&buf[..n])
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .map_or_else(|| "another process".to_owned(), |p| format!("PID {p}"));
+            Err(SinkError::Retry(format!(
+                "{what} is written by another connector ({holder}, holding {}); waiting until \
+                 it stops. Give each pipeline its own files",
+                lock.display()
+            )))
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io("lock", e)),
+    }
+}
+
 use tideline_wal::{Op, PackedEntries, Transaction};
 
 /// What a sink's async methods return: boxed, so that a pipeline can hold any sink as

@@ -154,47 +154,15 @@ impl FileSink {
         })
     }
 
-    /// Takes the files for this sink: an `flock` on `PATH.lock` holding the writer's PID. A
-    /// second connector writing the same file would cut back and interleave the first one's
-    /// lines; it waits instead (`Retry`, shown in `status`) until the first has stopped.
+    /// Takes the files for this sink (`PATH.lock`, [`crate::sink::lock_beside`]): a second
+    /// connector writing the same file would cut back and interleave the first one's lines.
     fn lock_files(&mut self) -> Result<(), SinkError> {
-        use std::os::unix::fs::FileExt;
-        if self.lock.is_some() {
-            return Ok(());
+        if self.lock.is_none() {
+            let lock = position::suffixed(&self.cfg.path, "lock");
+            let what = self.cfg.path.display().to_string();
+            self.lock = Some(crate::sink::lock_beside(&lock, &what)?);
         }
-        let path = position::suffixed(&self.cfg.path, "lock");
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|e| io_error("open", &path, &e))?;
-        match file.try_lock() {
-            Ok(()) => {
-                let pid = format!("{}\n", std::process::id());
-                file.set_len(0)
-                    .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
-                    .map_err(|e| io_error("write", &path, &e))?;
-                self.lock = Some(file);
-                Ok(())
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut buf = [0u8; 32];
-                let n = file.read_at(&mut buf, 0).unwrap_or(0);
-                let holder = std::str::from_utf8(&buf[..n])
-                    .ok()
-                    .and_then(|s| s.trim().parse::<u32>().ok())
-                    .map_or_else(|| "another process".to_owned(), |p| format!("PID {p}"));
-                Err(SinkError::Retry(format!(
-                    "{} is written by another connector ({holder}, holding {}); waiting until \
-                     it stops. Give each pipeline its own file",
-                    self.cfg.path.display(),
-                    path.display()
-                )))
-            }
-            Err(std::fs::TryLockError::Error(e)) => Err(io_error("lock", &path, &e)),
-        }
+        Ok(())
     }
 
     /// Test only: open without cutting the live file back to the stored length (the

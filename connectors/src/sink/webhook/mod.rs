@@ -5,7 +5,8 @@
 //! only after the receiver answered 2xx. A crash between the answer and that write POSTs the
 //! batch again on restart, perhaps cut differently: the receiver de-duplicates by the
 //! `Tideline-Gtid-Range` header (the batch's GTID set), keeping per origin the highest GTID
-//! it applied (docs/OPERATIONS.md, "Webhook sink").
+//! it applied (docs/OPERATIONS.md, "Webhook sink"). One sink at a time owns a position file:
+//! it `flock`s `POSITION_FILE.lock`, and a second one waits until the first has stopped.
 //!
 //! Answers: 2xx stored; 5xx, 408, 429, refused connections and timeouts are retried by the
 //! pipeline with backoff ([`SinkError::Retry`]); any other answer (4xx, a redirect) holds the
@@ -99,6 +100,8 @@ pub struct WebhookSink {
     uri: Uri,
     headers: Vec<(HeaderName, HeaderValue)>,
     client: Client<HttpConnector, Full<Bytes>>,
+    /// `POSITION_FILE.lock`, held while this sink owns the position file.
+    lock: Option<std::fs::File>,
 }
 
 impl WebhookSink {
@@ -163,6 +166,7 @@ impl WebhookSink {
             uri,
             headers,
             client,
+            lock: None,
         })
     }
 
@@ -364,6 +368,15 @@ impl Sink for WebhookSink {
                     ))
                 })?;
             }
+            if self.lock.is_none() {
+                let mut lock = path.clone().into_os_string();
+                lock.push(".lock");
+                let what = path.display().to_string();
+                self.lock = Some(crate::sink::lock_beside(
+                    std::path::Path::new(&lock),
+                    &what,
+                )?);
+            }
             let stored = read_position(&path, &self.pipeline)?;
             // Reachability: a TCP connection, no request (open moves no data).
             let addr = self.authority();
@@ -425,6 +438,30 @@ mod tests {
         std::fs::write(&path, b"garbage").unwrap();
         let e = read_position(&path, "p").unwrap_err();
         assert!(matches!(&e, SinkError::Hold(m) if m.contains("does not decode")));
+    }
+
+    /// Two connectors sharing a position file would each move it over the other's: the
+    /// second waits (`Retry` naming the first) until the first is gone.
+    #[tokio::test]
+    async fn a_second_sink_on_the_same_position_file_waits_until_the_first_is_gone() {
+        let receiver = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", receiver.local_addr().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let pos = dir.path().join("hook.position");
+        let mut first = WebhookSink::new(WebhookConfig::new(&url, &pos), "p").unwrap();
+        let mut second = WebhookSink::new(WebhookConfig::new(&url, &pos), "p").unwrap();
+        assert_eq!(first.open().await.unwrap(), None);
+        let e = second
+            .open()
+            .await
+            .expect_err("the file is the first sink's");
+        assert!(
+            matches!(&e, SinkError::Retry(m) if m.contains("another connector")
+                && m.contains(&format!("PID {}", std::process::id()))),
+            "{e}"
+        );
+        drop(first);
+        assert_eq!(second.open().await.unwrap(), None);
     }
 
     #[test]
