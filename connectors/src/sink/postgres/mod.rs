@@ -383,8 +383,8 @@ async fn lock_pipeline(client: &Client, schema: &str, pipeline: &str) -> Result<
     }
     let holder = client
         .query_opt(
-            "SELECT a.pid, coalesce(a.application_name, ''), coalesce(host(a.client_addr), \
-             'a local socket') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE \
+            "SELECT a.pid, coalesce(a.application_name, ''), coalesce(', from ' || \
+             host(a.client_addr), '') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE \
              l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = \
              (($1::bigint >> 32) & 4294967295) AND l.objid::bigint = ($1::bigint & 4294967295)",
             &[&key],
@@ -395,7 +395,8 @@ async fn lock_pipeline(client: &Client, schema: &str, pipeline: &str) -> Result<
     let (who, pid) = match holder {
         Some(r) => {
             let (pid, app, from): (i32, String, String) = (r.get(0), r.get(1), r.get(2));
-            (format!("pid {pid}, `{app}`, from {from}"), pid.to_string())
+            // `from` is empty for a Unix socket, or when this role may not see addresses.
+            (format!("pid {pid}, `{app}`{from}"), pid.to_string())
         }
         None => ("it has just ended".to_owned(), "PID".to_owned()),
     };
