@@ -26,7 +26,7 @@ use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 use sinkkit::{Norm, SourceNode};
 use tideline_connectors::sink::redis::{RedisConfig, RedisSink};
-use tideline_connectors::{Batch, Sink, SinkError};
+use tideline_connectors::{Batch, Item, Sink, SinkError};
 
 const REDIS: u16 = 6379;
 const URL: &str = "redis://127.0.0.1:6379";
@@ -318,6 +318,38 @@ fn a_batch_retried_after_its_answer_was_lost_is_applied_once_with_or_without_mer
             Some("2"),
             "nothing of the refused batch"
         );
+        clean(&mut c, &format!("{name}:"), &name).await;
+
+        // A batch without merges too large for one script goes as MULTI/EXEC: the same.
+        let big = |seq: u64| {
+            let mut b = put(seq);
+            if let Item::Txn(t) = &mut b.items[0] {
+                t.ops.extend((0..3000).map(|i| tideline_wal::Op::Put {
+                    tree: "big".into(),
+                    key: format!("k{i}").into_bytes(),
+                    value: seq.to_string().into_bytes(),
+                    before: None,
+                }));
+            }
+            b
+        };
+        let mut sink = RedisSink::new(
+            {
+                let mut cfg = RedisConfig::new(format!("redis://{relay}"));
+                cfg.key = format!("{name}:{{tree}}:{{key}}");
+                cfg
+            },
+            &name,
+        )
+        .expect("sink settings");
+        sinkkit::store_then_lose_an_answer(&mut sink, &lose_next_answer, &big(1), &big(2)).await;
+        sinkkit::write_retrying(&mut sink, &big(2)).await;
+        assert_eq!(
+            position(&mut c, &name).await.as_deref(),
+            Some(&b"after batch 2"[..])
+        );
+        refused_after_the_position_moved(&mut c, &mut sink, &name, &big(3)).await;
+        assert_eq!(get(&mut c).await.as_deref(), Some("2"));
         clean(&mut c, &format!("{name}:"), &name).await;
     });
 }

@@ -56,8 +56,7 @@ pub struct PostgresSink {
     conn: Option<Conn>,
     operators: Operators,
     /// The checkpoint stored as this sink last read or wrote it (`open`, a committed batch):
-    /// every batch checks that the stored one is still this before writing (see
-    /// [`PostgresSink::check_position`]).
+    /// a batch's upsert moves the stored one only from this (see the module docs).
     expected: Option<Vec<u8>>,
 }
 

@@ -130,8 +130,8 @@ pub struct RedisSink {
     describe: String,
     conn: Option<MultiplexedConnection>,
     operators: Operators,
-    /// The position as this sink last read or wrote it (`open`, a stored batch): each batch
-    /// checks, under `WATCH`, that the stored one is still this before writing.
+    /// The position as this sink last read or wrote it (`open`, a stored batch): a batch is
+    /// written only while the stored one is still this (see the module docs).
     expected: Option<Vec<u8>>,
 }
 
@@ -263,11 +263,11 @@ impl RedisSink {
         watched.sort();
         watched.dedup();
         let apart = crate::sink::position_apart();
-        let ops = watched
+        // Without merges the writes do not depend on anything read: worked out once.
+        let mut plain = watched
             .is_empty()
-            .then(|| self.batch_ops(&steps, &drops, &HashMap::new()))
-            .filter(|ops| ops.len() <= SCRIPT_OPS_MAX);
-        if let Some(ops) = ops {
+            .then(|| self.batch_ops(&steps, &drops, &HashMap::new()));
+        if let Some(ops) = plain.take_if(|ops| ops.len() <= SCRIPT_OPS_MAX) {
             // Nothing to read first: the check and the batch are one script, one round trip.
             let mut cmd = redis::cmd("EVAL");
             cmd.arg(WRITE_SCRIPT)
@@ -329,14 +329,22 @@ impl RedisSink {
                 }
                 return Err(self.moved());
             }
-            let stored: HashMap<Vec<u8>, Vec<u8>> = watched[1..]
-                .iter()
-                .zip(values)
-                .filter_map(|(k, v)| Some((k.clone(), v?)))
-                .collect();
+            let resolved;
+            let ops = match &plain {
+                Some(ops) => ops,
+                None => {
+                    let stored: HashMap<Vec<u8>, Vec<u8>> = watched[1..]
+                        .iter()
+                        .zip(values)
+                        .filter_map(|(k, v)| Some((k.clone(), v?)))
+                        .collect();
+                    resolved = self.batch_ops(&steps, &drops, &stored);
+                    &resolved
+                }
+            };
             let mut pipe = redis::pipe();
             pipe.atomic();
-            for (key, value) in self.batch_ops(&steps, &drops, &stored) {
+            for (key, value) in ops {
                 match value {
                     Some(v) => pipe.cmd("SET").arg(key).arg(v).ignore(),
                     None => pipe.cmd("DEL").arg(key).ignore(),
