@@ -247,10 +247,12 @@ async fn resume_and_write(
     mut opened: Result<Option<Vec<u8>>, SinkError>,
     batches: &[Batch],
 ) {
+    let deadline = Instant::now() + Duration::from_secs(10);
     let stored = loop {
         match opened {
             Ok(s) => break s,
-            Err(SinkError::Retry(_)) => {
+            Err(SinkError::Retry(m)) => {
+                assert!(Instant::now() < deadline, "still refused after 10 s: {m}");
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 opened = sink.open().await;
             }
