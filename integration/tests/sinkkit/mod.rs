@@ -639,10 +639,16 @@ pub async fn relay_losing_answers(
             let (armed, cut_up) = (armed.clone(), cut.clone());
             let up = tokio::spawn(async move {
                 let mut buf = vec![0u8; 64 << 10];
+                // The end of the previous read, one byte short of the longest marker: a marker
+                // may straddle two reads, and one already passed on cannot match again.
+                let carry = markers.iter().map(|m| m.len()).max().unwrap_or(1) - 1;
+                let mut seen: Vec<u8> = Vec::new();
                 while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                    seen.extend_from_slice(&buf[..n]);
                     let hit = markers
                         .iter()
-                        .any(|m| buf[..n].windows(m.len()).any(|w| w == *m));
+                        .any(|m| seen.windows(m.len()).any(|w| w == *m));
+                    seen.drain(..seen.len().saturating_sub(carry));
                     let cutting = hit && armed.swap(false, Ordering::SeqCst);
                     // Set before the server can answer, so that no answer gets through.
                     cut_up.store(cutting, Ordering::SeqCst);
