@@ -104,8 +104,8 @@ pub(crate) fn lock_beside(lock: &std::path::Path, what: &str) -> Result<std::fs:
                 .and_then(|s| s.trim().parse::<u32>().ok())
                 .map_or_else(|| "another process".to_owned(), |p| format!("PID {p}"));
             Err(SinkError::Retry(format!(
-                "{what} is written by another connector ({holder}, holding {}); waiting until \
-                 it stops. Give each pipeline its own files",
+                "{what} is written by another connector ({holder}, holding {}); a connector \
+                 waits until it stops. Give each pipeline its own files",
                 lock.display()
             )))
         }

@@ -402,7 +402,7 @@ async fn lock_pipeline(client: &Client, schema: &str, pipeline: &str) -> Result<
     Err(SinkError::Retry(format!(
         "postgres: pipeline `{pipeline}` is written by another PostgreSQL session ({who}): \
          another connector runs this pipeline, or one just stopped and the server has not ended \
-         its session yet. Waiting for it; if that connector is gone for good, end its session \
+         its session yet. A connector waits for it; if that one is gone for good, end its session \
          with SELECT pg_terminate_backend({pid})"
     )))
 }
