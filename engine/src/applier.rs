@@ -273,11 +273,14 @@ impl Inner {
                 v.catalog = c.clone();
                 *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = c.clone();
             }
-            self.applied.store(last, Ordering::SeqCst);
             self.identity_written.store(true, Ordering::SeqCst);
             for (idx, p) in progress {
                 *lock(&idx.progress) = p;
             }
+            // Last: a committer that sees its offset applied returns at once (its fast path),
+            // so whatever the group changed (index counters included) is published before.
+            self.applied.store(last, Ordering::SeqCst);
+            self.paused_by_test_after_applied();
         }
         self.notify_view_changed();
         self.remove_keyspaces(dropped);

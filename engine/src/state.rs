@@ -108,6 +108,13 @@ pub struct EngineOptions {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_bootstrap_skip_wipe: bool,
+    /// Test-only (cargo feature `testing`): the applier sleeps this long right after a
+    /// group's offset became the applied one, before it returns. Widens the moment in which
+    /// a committer may already see its transaction applied, so that a test can prove that
+    /// everything the group changed is published by then (index counters included).
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_pause_after_applied: Option<std::time::Duration>,
 }
 
 // The test-only switches, read through these so that without the `testing` feature the
@@ -182,6 +189,8 @@ impl Default for EngineOptions {
             unsafe_kill_thread: None,
             #[cfg(feature = "testing")]
             unsafe_bootstrap_skip_wipe: false,
+            #[cfg(feature = "testing")]
+            unsafe_pause_after_applied: None,
         }
     }
 }
@@ -459,6 +468,14 @@ impl Inner {
 
     /// The test-only switch `unsafe_kill_thread`: panics in background thread `thread` once
     /// the log holds a record. Never does anything without the `testing` feature.
+    /// The test-only switch `unsafe_pause_after_applied`.
+    pub(crate) fn paused_by_test_after_applied(&self) {
+        #[cfg(feature = "testing")]
+        if let Some(d) = self.opts.unsafe_pause_after_applied {
+            std::thread::sleep(d);
+        }
+    }
+
     pub(crate) fn killed_by_test(&self, thread: &str) {
         #[cfg(feature = "testing")]
         if self.opts.unsafe_kill_thread.as_deref() == Some(thread) && self.wal.visible_offset() >= 1
