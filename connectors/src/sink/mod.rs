@@ -68,6 +68,17 @@ pub(crate) fn position_apart() -> bool {
 use std::future::Future;
 use std::pin::Pin;
 
+/// What a sink returns when its stored position (`position` names it and where it is kept)
+/// is neither the one it last read or wrote nor the batch's own: another writer has the
+/// pipeline (contract item 2).
+pub(crate) fn position_moved(position: &str) -> SinkError {
+    SinkError::Fatal(format!(
+        "{position} is not the one this connector last read or wrote: another connector wrote \
+         this pipeline meanwhile. Run one connector per pipeline; restart this one and it \
+         resumes from the stored position"
+    ))
+}
+
 /// Takes `lock` (created if absent) for the one sink writing the files beside it: an `flock`
 /// held as long as the returned file lives and released by the kernel when the process dies,
 /// with the holder's PID written in it for the next one's message. A second sink gets `Retry`

@@ -437,11 +437,8 @@ impl Sink for NatsSink {
                     self.cfg.positions_bucket
                 )));
             }
-            Err(SinkError::Fatal(format!(
-                "NATS positions bucket {:?}: the checkpoint of pipeline {:?} is not the one this \
-                 connector last read or wrote: another connector wrote this pipeline meanwhile. \
-                 Run one connector per pipeline; restart this one and it resumes from the stored \
-                 position",
+            Err(crate::sink::position_moved(&format!(
+                "NATS positions bucket {:?}: the checkpoint of pipeline {:?}",
                 self.cfg.positions_bucket, self.pipeline
             )))
         })

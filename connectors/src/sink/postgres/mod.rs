@@ -28,18 +28,21 @@
 //! the connection dropped; the next try reconnects.
 
 mod config;
+mod lock;
+mod rows;
 
 pub use config::{OnDropTree, PostgresConfig, WriteMethod};
+
+use lock::lock_pipeline;
+use rows::write_rows;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement, Transaction};
 
-use crate::sink::fold::{self, Final, Operators, Step, TreeRun};
+use crate::sink::fold::{self, Operators, Step};
 use crate::sink::{Batch, Sink, SinkError, SinkFuture};
 
 /// PostgreSQL's longest identifier, in bytes; longer names are silently cut by the server.
@@ -187,15 +190,7 @@ impl PostgresSink {
             ))
             .await
             .map_err(|e| classify(&e, "create tideline_positions"))?;
-        let row = conn
-            .client
-            .query_opt(
-                &format!("SELECT checkpoint FROM {positions} WHERE pipeline = $1"),
-                &[&pipeline],
-            )
-            .await
-            .map_err(|e| classify(&e, "read the position"))?;
-        let stored = row.map(|r| r.get::<_, Vec<u8>>(0));
+        let stored = read_position(&conn.client, &positions, &pipeline).await?;
         self.expected.clone_from(&stored);
         Ok(stored)
     }
@@ -297,58 +292,40 @@ impl PostgresSink {
              = now() WHERE {positions}.checkpoint IS NOT DISTINCT FROM $3"
         );
         let stmt = prepare(&txn, stmts, &sql).await?;
-        let read = format!("SELECT checkpoint FROM {positions} WHERE pipeline = $1");
-        let position = |r: Option<tokio_postgres::Row>| r.map(|r| r.get::<_, Vec<u8>>(0));
-        // `Some(stored)`: the position was not the expected one, and nothing was committed.
-        let moved: Option<Option<Vec<u8>>> = if crate::sink::position_apart() {
+        let stored = if crate::sink::position_apart() {
             // Canary only (feature `testing`): data first, position later, apart.
             txn.commit().await.map_err(|e| classify(&e, "commit"))?;
             tokio::time::sleep(Duration::from_millis(30)).await;
-            let n = client
+            client
                 .execute(&stmt, &[&pipeline, &batch.checkpoint, &expected])
                 .await
-                .map_err(|e| classify(&e, "store the position"))?;
-            match n {
-                0 => Some(position(
-                    client
-                        .query_opt(&read, &[&pipeline])
-                        .await
-                        .map_err(|e| classify(&e, "read the position"))?,
-                )),
-                _ => None,
-            }
+                .map_err(|e| classify(&e, "store the position"))?
         } else {
             let n = txn
                 .execute(&stmt, &[&pipeline, &batch.checkpoint, &expected])
                 .await
                 .map_err(|e| classify(&e, "store the position"))?;
             if n == 0 {
-                let stored = txn
-                    .query_opt(&read, &[&pipeline])
-                    .await
-                    .map_err(|e| classify(&e, "read the position"))?;
                 txn.rollback()
                     .await
                     .map_err(|e| classify(&e, "roll back"))?;
-                Some(position(stored))
             } else {
                 txn.commit().await.map_err(|e| classify(&e, "commit"))?;
-                None
             }
+            n
         };
-        if let Some(stored) = moved {
+        if stored == 0 {
+            // Not the expected position: nothing of the batch was committed.
             // A staging table created by the rolled-back transaction is gone with it.
             *staged = false;
-            if stored.as_deref() == Some(batch.checkpoint.as_slice()) {
+            let now = read_position(client, &positions, &pipeline).await?;
+            if now.as_deref() == Some(batch.checkpoint.as_slice()) {
                 // This batch committed before, but its answer was lost with the connection.
                 tracing::info!(pipeline = %pipeline, "batch already stored (its commit's answer was lost); not applying it again");
                 return Ok(());
             }
-            return Err(SinkError::Fatal(format!(
-                "the position of pipeline `{pipeline}` in {positions} is not the one this \
-                 connector last read or wrote: another connector wrote this pipeline meanwhile. \
-                 Run one connector per pipeline; restart this one and it resumes from the stored \
-                 position"
+            return Err(crate::sink::position_moved(&format!(
+                "the position of pipeline `{pipeline}` in {positions}"
             )));
         }
         for t in dropped {
@@ -359,52 +336,20 @@ impl PostgresSink {
     }
 }
 
-/// Takes the session-level advisory lock of `schema`.`pipeline` on `client`'s session, held
-/// until the session ends; `Retry` naming the holder when another session has it.
-///
-/// One session at a time may write a pipeline. A connector killed after sending its COMMIT
-/// leaves a session that may still commit after the next connector started: read before
-/// then, the position would be one batch behind the data and the batch applied twice (a
-/// merge counted twice). The lock is freed only when that session has ended, after it
-/// committed or rolled back whatever it had received.
-async fn lock_pipeline(client: &Client, schema: &str, pipeline: &str) -> Result<(), SinkError> {
-    let name = format!("tideline pipeline {schema}.{pipeline}");
+/// The checkpoint stored for `pipeline` in table `positions`.
+async fn read_position(
+    client: &Client,
+    positions: &str,
+    pipeline: &str,
+) -> Result<Option<Vec<u8>>, SinkError> {
     let row = client
-        .query_one(
-            "SELECT hashtextextended($1, 0), pg_try_advisory_lock(hashtextextended($1, 0))",
-            &[&name],
-        )
-        .await
-        .map_err(|e| classify(&e, "lock the pipeline"))?;
-    let (key, locked): (i64, bool) = (row.get(0), row.get(1));
-    if locked {
-        return Ok(());
-    }
-    let holder = client
         .query_opt(
-            "SELECT a.pid, coalesce(a.application_name, ''), coalesce(', from ' || \
-             host(a.client_addr), '') FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid WHERE \
-             l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 AND l.classid::bigint = \
-             (($1::bigint >> 32) & 4294967295) AND l.objid::bigint = ($1::bigint & 4294967295)",
-            &[&key],
+            &format!("SELECT checkpoint FROM {positions} WHERE pipeline = $1"),
+            &[&pipeline],
         )
         .await
-        .ok()
-        .flatten();
-    let (who, pid) = match holder {
-        Some(r) => {
-            let (pid, app, from): (i32, String, String) = (r.get(0), r.get(1), r.get(2));
-            // `from` is empty for a Unix socket, or when this role may not see addresses.
-            (format!("pid {pid}, `{app}`{from}"), pid.to_string())
-        }
-        None => ("it has just ended".to_owned(), "PID".to_owned()),
-    };
-    Err(SinkError::Retry(format!(
-        "postgres: pipeline `{pipeline}` is written by another PostgreSQL session ({who}): \
-         another connector runs this pipeline, or one just stopped and the server has not ended \
-         its session yet. A connector waits for it; if that one is gone for good, end its session \
-         with SELECT pg_terminate_backend({pid})"
-    )))
+        .map_err(|e| classify(&e, "read the position"))?;
+    Ok(row.map(|r| r.get(0)))
 }
 
 /// `"name"` with inner quotes doubled.
@@ -452,28 +397,6 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// The `value` (JSON text) or `value_bytes` of a stored value.
-fn split_value(value: &[u8]) -> (Option<&str>, Option<&[u8]>, Option<serde_json::Value>) {
-    if let Ok(text) = std::str::from_utf8(value)
-        // jsonb refuses the NUL character; such a document is kept as bytes.
-        && !text.contains("\\u0000")
-        && let Ok(doc) = serde_json::from_str::<serde_json::Value>(text)
-    {
-        return (Some(text), None, Some(doc));
-    }
-    (None, Some(value), None)
-}
-
-/// A mapped column's text from a JSON document.
-fn column_text(doc: Option<&serde_json::Value>, pointer: &str) -> Option<String> {
-    match doc?.pointer(pointer)? {
-        serde_json::Value::Null => None,
-        serde_json::Value::String(s) if !s.contains('\0') => Some(s.clone()),
-        serde_json::Value::String(_) => None,
-        v => Some(v.to_string()),
-    }
-}
-
 async fn prepare(
     txn: &Transaction<'_>,
     stmts: &mut HashMap<String, Statement>,
@@ -518,173 +441,6 @@ async fn ensure_table(
         .map_err(|e| classify(&e, &format!("create {table}")))?;
     created.push(table.to_owned());
     Ok(())
-}
-
-/// Writes one tree's run: merges resolved against the stored rows, then deletes and upserts.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "one call site; the parts of a borrowed Conn"
-)]
-async fn write_rows(
-    txn: &Transaction<'_>,
-    stmts: &mut HashMap<String, Statement>,
-    staged: &mut bool,
-    table: &str,
-    tree: &str,
-    rows: &TreeRun,
-    columns: &[(String, String)],
-    method: WriteMethod,
-) -> Result<(), SinkError> {
-    // The stored values that pending merges apply to, locked until COMMIT.
-    let merge_keys: Vec<&str> = rows
-        .iter()
-        .filter(|(_, f)| matches!(f, Final::Merges(_)))
-        .map(|(k, _)| key_text(tree, k))
-        .collect::<Result<_, _>>()?;
-    let mut stored: HashMap<String, Vec<u8>> = HashMap::new();
-    if !merge_keys.is_empty() {
-        let sql = format!(
-            "SELECT key, value::text, value_bytes FROM {table} WHERE key = ANY($1::text[]) FOR \
-             UPDATE"
-        );
-        let stmt = prepare(txn, stmts, &sql).await?;
-        for r in txn
-            .query(&stmt, &[&merge_keys])
-            .await
-            .map_err(|e| classify(&e, &format!("read merged rows of {table}")))?
-        {
-            let k: String = r.get(0);
-            let v: Option<String> = r.get(1);
-            let b: Option<Vec<u8>> = r.get(2);
-            stored.insert(k, v.map(String::into_bytes).or(b).unwrap_or_default());
-        }
-    }
-    let mut deletes: Vec<&str> = Vec::new();
-    let mut resolved: Vec<(&str, Vec<u8>)> = Vec::new();
-    for (k, f) in rows {
-        let key = key_text(tree, k)?;
-        let value = match f {
-            Final::Value(v) => v.clone(),
-            Final::Merges(_) => f.resolve(stored.get(key).map(Vec::as_slice)),
-        };
-        match value {
-            Some(v) => resolved.push((key, v)),
-            None => deletes.push(key),
-        }
-    }
-    if !deletes.is_empty() {
-        let sql = format!("DELETE FROM {table} WHERE key = ANY($1::text[])");
-        let stmt = prepare(txn, stmts, &sql).await?;
-        txn.execute(&stmt, &[&deletes])
-            .await
-            .map_err(|e| classify(&e, &format!("delete from {table}")))?;
-    }
-    if resolved.is_empty() {
-        return Ok(());
-    }
-    let mut keys: Vec<&str> = Vec::with_capacity(resolved.len());
-    let mut json: Vec<Option<&str>> = Vec::with_capacity(resolved.len());
-    let mut bytes: Vec<Option<&[u8]>> = Vec::with_capacity(resolved.len());
-    let mut cols: Vec<Vec<Option<String>>> =
-        vec![Vec::with_capacity(resolved.len()); columns.len()];
-    for (k, v) in &resolved {
-        let (j, b, doc) = split_value(v);
-        keys.push(k);
-        json.push(j);
-        bytes.push(b);
-        for (i, (_, pointer)) in columns.iter().enumerate() {
-            cols[i].push(column_text(doc.as_ref(), pointer));
-        }
-    }
-    let names: String = columns.iter().map(|(c, _)| format!(", {c}")).collect();
-    let sets: String = columns
-        .iter()
-        .map(|(c, _)| format!(", {c} = EXCLUDED.{c}"))
-        .collect();
-    let conflict = format!(
-        "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, value_bytes = \
-         EXCLUDED.value_bytes{sets}"
-    );
-    match method {
-        WriteMethod::Unnest => {
-            let mut arrays = String::from("$1::text[], $2::text[], $3::bytea[]");
-            let mut aliases = String::from("k, v, b");
-            for i in 0..columns.len() {
-                arrays.push_str(&format!(", ${}::text[]", i + 4));
-                aliases.push_str(&format!(", c{i}"));
-            }
-            let sql = format!(
-                "INSERT INTO {table} (key, value, value_bytes{names}) SELECT {} FROM unnest({arrays}) \
-                 AS u({aliases}) {conflict}",
-                select_list(columns.len())
-            );
-            let stmt = prepare(txn, stmts, &sql).await?;
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&keys, &json, &bytes];
-            for c in &cols {
-                params.push(c);
-            }
-            txn.execute(&stmt, &params)
-                .await
-                .map_err(|e| classify(&e, &format!("upsert into {table}")))?;
-        }
-        WriteMethod::Copy => {
-            if !*staged {
-                let mut sql = String::from(
-                    "CREATE TEMP TABLE IF NOT EXISTS tideline_stage (k text, v text, b bytea",
-                );
-                for i in 0..columns.len() {
-                    sql.push_str(&format!(", c{i} text"));
-                }
-                sql.push(')');
-                txn.batch_execute(&sql)
-                    .await
-                    .map_err(|e| classify(&e, "create the staging table"))?;
-            }
-            let mut types = vec![Type::TEXT, Type::TEXT, Type::BYTEA];
-            types.extend(std::iter::repeat_n(Type::TEXT, columns.len()));
-            let sink = txn
-                .copy_in("COPY tideline_stage FROM STDIN BINARY")
-                .await
-                .map_err(|e| classify(&e, "copy rows"))?;
-            let writer = BinaryCopyInWriter::new(sink, &types);
-            let mut writer = std::pin::pin!(writer);
-            for i in 0..keys.len() {
-                let mut row: Vec<&(dyn ToSql + Sync)> = vec![&keys[i], &json[i], &bytes[i]];
-                for c in &cols {
-                    row.push(&c[i]);
-                }
-                writer
-                    .as_mut()
-                    .write(&row)
-                    .await
-                    .map_err(|e| classify(&e, "copy rows"))?;
-            }
-            writer
-                .finish()
-                .await
-                .map_err(|e| classify(&e, "copy rows"))?;
-            let sql = format!(
-                "INSERT INTO {table} (key, value, value_bytes{names}) SELECT {} FROM \
-                 tideline_stage {conflict}; TRUNCATE tideline_stage",
-                select_list(columns.len())
-            );
-            txn.batch_execute(&sql)
-                .await
-                .map_err(|e| classify(&e, &format!("merge staged rows into {table}")))?;
-            // Only after the transaction commits does the table surely exist; until then a
-            // rollback would take it away, so a failed batch resets `staged` with the conn.
-            *staged = true;
-        }
-    }
-    Ok(())
-}
-
-fn select_list(columns: usize) -> String {
-    let mut s = String::from("k, v::jsonb, b");
-    for i in 0..columns {
-        s.push_str(&format!(", c{i}"));
-    }
-    s
 }
 
 /// What a PostgreSQL error means for the pipeline.
@@ -764,22 +520,6 @@ impl Sink for PostgresSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn values_split_into_json_and_bytes_and_columns_read_pointers() {
-        let (j, b, doc) = split_value(br#"{"email":"a@b","n":3}"#);
-        assert_eq!(j, Some(r#"{"email":"a@b","n":3}"#));
-        assert!(b.is_none());
-        assert_eq!(column_text(doc.as_ref(), "/email").as_deref(), Some("a@b"));
-        assert_eq!(column_text(doc.as_ref(), "/n").as_deref(), Some("3"));
-        assert_eq!(column_text(doc.as_ref(), "/missing"), None);
-        let (j, b, _) = split_value(b"plain \xff bytes");
-        assert!(j.is_none());
-        assert_eq!(b, Some(&b"plain \xff bytes"[..]));
-        // jsonb cannot hold NUL: kept as bytes instead of failing the batch.
-        let (j, _, _) = split_value(br#""a\u0000b""#);
-        assert!(j.is_none());
-    }
 
     #[test]
     fn bad_settings_are_refused_before_any_connection() {

@@ -433,12 +433,7 @@ impl RedisSink {
     }
 
     fn moved(&self) -> SinkError {
-        SinkError::Fatal(format!(
-            "redis: the position `{}` is not the one this connector last read or wrote: \
-             another connector wrote this pipeline meanwhile. Run one connector per pipeline; \
-             restart this one and it resumes from the stored position",
-            self.position_key
-        ))
+        crate::sink::position_moved(&format!("redis: the position `{}`", self.position_key))
     }
 
     async fn scan(
