@@ -221,9 +221,10 @@ fn plus_one(seq: u64) -> Batch {
     sinkkit::one_change(seq, false)
 }
 
-/// A sink of pipeline `name` writing tables `{name}_{tree}`, with `cnt` merging by `add`.
-fn counter_sink(name: &str) -> PostgresSink {
-    let mut cfg = PostgresConfig::new(URL);
+/// A sink of pipeline `name` on `url`, writing tables `{name}_{tree}`, with `cnt` merging by
+/// `add`.
+fn counter_sink(name: &str, url: &str) -> PostgresSink {
+    let mut cfg = PostgresConfig::new(url);
     cfg.table = format!("{name}_{{tree}}");
     let mut sink = PostgresSink::new(cfg, name).expect("sink settings");
     sink.set_merge_operators(&BTreeMap::from([("cnt".to_string(), "add".to_string())]));
@@ -288,10 +289,10 @@ fn a_connector_never_reads_the_position_while_an_earlier_session_of_its_pipeline
     let name = sinkkit::unique("pgfence");
     let batches = [plus_one(1), plus_one(2)];
     rt.block_on(async {
-        let mut old = counter_sink(&name);
+        let mut old = counter_sink(&name, URL);
         assert_eq!(old.open().await.expect("open"), None);
         // The next connector starts while the old one's session still lives ...
-        let mut new = counter_sink(&name);
+        let mut new = counter_sink(&name, URL);
         let early = new.open().await;
         // ... and the old one's last transaction commits after that.
         old.write(&batches[0])
@@ -329,10 +330,7 @@ fn a_batch_retried_after_its_commit_answer_was_lost_is_applied_once() {
     let name = sinkkit::unique("pglost");
     rt.block_on(async {
         let (relay, lose_next_answer) = sinkkit::relay_losing_answers(PG, &[b"COMMIT\0"]).await;
-        let mut cfg = PostgresConfig::new(format!("postgres://postgres@{relay}/test"));
-        cfg.table = format!("{name}_{{tree}}");
-        let mut sink = PostgresSink::new(cfg, &name).expect("sink settings");
-        sink.set_merge_operators(&BTreeMap::from([("cnt".to_string(), "add".to_string())]));
+        let mut sink = counter_sink(&name, &format!("postgres://postgres@{relay}/test"));
         sinkkit::store_then_lose_an_answer(
             &mut sink,
             &lose_next_answer,
@@ -370,7 +368,7 @@ fn a_position_moved_by_another_writer_stops_the_sink_before_it_writes() {
     let db = pg();
     let name = sinkkit::unique("pgmoved");
     rt.block_on(async {
-        let mut sink = counter_sink(&name);
+        let mut sink = counter_sink(&name, URL);
         assert_eq!(sink.open().await.expect("open"), None);
         sink.write(&plus_one(1)).await.expect("batch 1");
         db.execute(

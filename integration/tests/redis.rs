@@ -252,10 +252,15 @@ fn a_batch_retried_after_its_answer_was_lost_is_applied_once_with_or_without_mer
         // EXEC ends a batch with merges, EVAL carries one without.
         let (relay, lose_next_answer) =
             sinkkit::relay_losing_answers(REDIS, &[b"EXEC\r\n", b"EVAL\r\n"]).await;
-        let mut cfg = RedisConfig::new(format!("redis://{relay}"));
-        cfg.key = format!("{name}:{{tree}}:{{key}}");
-        let mut sink = RedisSink::new(cfg, &name).expect("sink settings");
-        sink.set_merge_operators(&BTreeMap::from([("cnt".to_string(), "add".to_string())]));
+        // A sink of the pipeline through the relay, with `cnt` merging by `add`.
+        let relay_sink = || {
+            let mut cfg = RedisConfig::new(format!("redis://{relay}"));
+            cfg.key = format!("{name}:{{tree}}:{{key}}");
+            let mut sink = RedisSink::new(cfg, &name).expect("sink settings");
+            sink.set_merge_operators(&BTreeMap::from([("cnt".to_string(), "add".to_string())]));
+            sink
+        };
+        let mut sink = relay_sink();
         let counter = format!("{name}:cnt:n");
         sinkkit::store_then_lose_an_answer(
             &mut sink,
@@ -295,15 +300,7 @@ fn a_batch_retried_after_its_answer_was_lost_is_applied_once_with_or_without_mer
         clean(&mut c, &format!("{name}:"), &name).await;
 
         // A batch without merges goes as one script: the same three outcomes.
-        let mut sink = RedisSink::new(
-            {
-                let mut cfg = RedisConfig::new(format!("redis://{relay}"));
-                cfg.key = format!("{name}:{{tree}}:{{key}}");
-                cfg
-            },
-            &name,
-        )
-        .expect("sink settings");
+        let mut sink = relay_sink();
         let put = |seq: u64| sinkkit::one_change(seq, true);
         sinkkit::store_then_lose_an_answer(&mut sink, &lose_next_answer, &put(1), &put(2)).await;
         sinkkit::write_retrying(&mut sink, &put(2)).await;
@@ -333,15 +330,7 @@ fn a_batch_retried_after_its_answer_was_lost_is_applied_once_with_or_without_mer
             }
             b
         };
-        let mut sink = RedisSink::new(
-            {
-                let mut cfg = RedisConfig::new(format!("redis://{relay}"));
-                cfg.key = format!("{name}:{{tree}}:{{key}}");
-                cfg
-            },
-            &name,
-        )
-        .expect("sink settings");
+        let mut sink = relay_sink();
         sinkkit::store_then_lose_an_answer(&mut sink, &lose_next_answer, &big(1), &big(2)).await;
         sinkkit::write_retrying(&mut sink, &big(2)).await;
         assert_eq!(
