@@ -174,6 +174,7 @@ impl Inner {
                 return Err(());
             }
             drop(a);
+            self.paused_by_test_before_apply();
             // A panic while applying becomes a store failure (fail-stop), not a hang.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.apply_group(&group, false)

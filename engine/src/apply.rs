@@ -172,6 +172,10 @@ pub(crate) struct StoreBatch<'a> {
     repeated: Option<(foldhash::fast::RandomState, HashSet<u64>)>,
     /// Writes to indexed trees the batch will apply, when known: sizes the index entry maps.
     indexed_writes: usize,
+    /// Primary keys this batch gave each value of a unique index, by (index keyspace, the
+    /// entry's value prefix): a second holder of a value within one batch is a duplicate
+    /// too, though the store's index does not hold either entry yet.
+    unique_puts: HashMap<(String, Vec<u8>), Vec<Vec<u8>>>,
 }
 
 type HashSet<T> = std::collections::HashSet<T, foldhash::fast::RandomState>;
@@ -206,6 +210,7 @@ impl<'a> StoreBatch<'a> {
             idx_scratch: Vec::new(),
             repeated: None,
             indexed_writes: 0,
+            unique_puts: HashMap::default(),
         }
     }
 
@@ -363,6 +368,16 @@ impl<'a> StoreBatch<'a> {
             };
             let example = duplicate.map(|other| duplicate_text(idx, &new, &other, key));
             if let DocEntry::Entry(e) = new {
+                if idx.unique {
+                    let prefix = e[..e.len() - key.len()].to_vec();
+                    let holders = self
+                        .unique_puts
+                        .entry((idx.keyspace.clone(), prefix))
+                        .or_default();
+                    if !holders.iter().any(|k| k == key) {
+                        holders.push(key.to_vec());
+                    }
+                }
                 self.index_write(idx, e, true);
             }
             // An entry replaced by another (the common update) moves no counter: the progress
@@ -382,8 +397,9 @@ impl<'a> StoreBatch<'a> {
         Ok(())
     }
 
-    /// Another primary key the store's index holds under the value of `entry` (whose
-    /// primary key is `pk`), unless this batch removes that entry.
+    /// Another primary key that holds the value of `entry` (whose primary key is `pk`): in
+    /// the store's index, unless this batch removes that entry, or put by an earlier write
+    /// of this batch and not removed since.
     pub(crate) fn other_holder(
         &self,
         idx: &Index,
@@ -399,6 +415,19 @@ impl<'a> StoreBatch<'a> {
             }
             if !self.index_removes(&idx.keyspace, &k) {
                 return Ok(Some(other.to_vec()));
+            }
+        }
+        if let Some(holders) = self
+            .unique_puts
+            .get(&(idx.keyspace.clone(), prefix.to_vec()))
+        {
+            let writes = self.index_writes.get(&idx.keyspace);
+            for other in holders.iter().filter(|k| k.as_slice() != pk) {
+                let mut e = prefix.to_vec();
+                e.extend_from_slice(other);
+                if writes.and_then(|w| w.entries.get(&e)) == Some(&true) {
+                    return Ok(Some(other.clone()));
+                }
             }
         }
         Ok(None)

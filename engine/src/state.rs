@@ -115,6 +115,13 @@ pub struct EngineOptions {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_pause_after_applied: Option<std::time::Duration>,
+    /// Test-only (cargo feature `testing`): the applier sleeps this long before it applies
+    /// each group (holding nothing). Widens the moment in which a transaction is committed
+    /// and not yet applied, so that a test can prove what counts such transactions (the
+    /// claims of unique indexes) covers it.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_pause_before_apply: Option<std::time::Duration>,
 }
 
 // The test-only switches, read through these so that without the `testing` feature the
@@ -191,6 +198,8 @@ impl Default for EngineOptions {
             unsafe_bootstrap_skip_wipe: false,
             #[cfg(feature = "testing")]
             unsafe_pause_after_applied: None,
+            #[cfg(feature = "testing")]
+            unsafe_pause_before_apply: None,
         }
     }
 }
@@ -466,8 +475,6 @@ impl Inner {
         }
     }
 
-    /// The test-only switch `unsafe_kill_thread`: panics in background thread `thread` once
-    /// the log holds a record. Never does anything without the `testing` feature.
     /// The test-only switch `unsafe_pause_after_applied`.
     pub(crate) fn paused_by_test_after_applied(&self) {
         #[cfg(feature = "testing")]
@@ -476,6 +483,16 @@ impl Inner {
         }
     }
 
+    /// The test-only switch `unsafe_pause_before_apply`.
+    pub(crate) fn paused_by_test_before_apply(&self) {
+        #[cfg(feature = "testing")]
+        if let Some(d) = self.opts.unsafe_pause_before_apply {
+            std::thread::sleep(d);
+        }
+    }
+
+    /// The test-only switch `unsafe_kill_thread`: panics in background thread `thread` once
+    /// the log holds a record. Never does anything without the `testing` feature.
     pub(crate) fn killed_by_test(&self, thread: &str) {
         #[cfg(feature = "testing")]
         if self.opts.unsafe_kill_thread.as_deref() == Some(thread) && self.wal.visible_offset() >= 1

@@ -60,7 +60,9 @@ impl Inner {
     /// value that a live unique index maps to another key: in the applied index, in the
     /// claims of transactions submitted and not yet applied, or earlier in this transaction.
     /// A holder that a pending transaction is rewriting makes it a retryable conflict.
-    /// Returns the claims this transaction makes, to record once it is submitted.
+    /// Returns the claims this transaction makes, to record once it is submitted: for every
+    /// unique index, backfilling ones included (they refuse nothing yet, but may go live
+    /// before this transaction is applied).
     pub(super) fn check_unique(
         &self,
         st: &mut CommitState,
@@ -72,12 +74,7 @@ impl Inner {
         }
         let unique_of = |tree: &str| -> Vec<Arc<Index>> {
             cat.indexes_of(tree)
-                .map(|m| {
-                    m.values()
-                        .filter(|i| i.unique && i.is_live())
-                        .cloned()
-                        .collect()
-                })
+                .map(|m| m.values().filter(|i| i.unique).cloned().collect())
                 .unwrap_or_default()
         };
         if !ops.iter().any(|o| !unique_of(o.tree()).is_empty()) {
@@ -143,6 +140,13 @@ impl Inner {
                 };
                 let prefix = e[..e.len() - key.len()].to_vec();
                 let claim = (idx.keyspace.clone(), prefix.clone());
+                if !idx.is_live() {
+                    // Backfilling: duplicates are counted, not refused, but the claim is
+                    // recorded all the same. The index may go live before this transaction
+                    // is applied, and a writer checked after that must see its value taken.
+                    mine.insert(claim, key.clone());
+                    continue;
+                }
                 let violation = |other: &[u8]| WriteError::UniqueViolation {
                     tree: tree.clone(),
                     index: idx.name.clone(),
