@@ -142,7 +142,28 @@ impl Snapshot {
             })?;
         let info = idx.info();
         match info.state {
-            index::IndexState::Live => Ok(idx),
+            // Live now; but this snapshot may be older than the go-live, and its index
+            // keyspace then holds only what the backfill had reached. Its own progress
+            // record (written in the batch with those entries) says which.
+            index::IndexState::Live => {
+                let key = index::index_meta_key(index::INDEX_STATE_PREFIX, tree, name);
+                let live_here = match self.meta_get(&key)? {
+                    Some(bytes) => {
+                        matches!(index::Progress::decode(&bytes), Ok(p) if p.phase == Phase::Live)
+                    }
+                    None => false,
+                };
+                if live_here {
+                    Ok(idx)
+                } else {
+                    Err(ReadError::IndexNotLive {
+                        tree: tree.into(),
+                        name: name.into(),
+                        state: "live now but backfilling as of this snapshot (take a new one)"
+                            .into(),
+                    })
+                }
+            }
             index::IndexState::Backfilling { percent, .. } => Err(ReadError::IndexNotLive {
                 tree: tree.into(),
                 name: name.into(),

@@ -122,6 +122,7 @@ impl Engine {
         }
         let snap = Snapshot::new(
             inner.db.snapshot(),
+            inner.meta.clone(),
             v.catalog.clone(),
             v.offset,
             v.gtids.clone(),
@@ -139,6 +140,7 @@ impl Inner {
         let snap = self.db.snapshot();
         Snapshot::new(
             snap,
+            self.meta.clone(),
             v.catalog.clone(),
             v.offset,
             v.gtids.clone(),

@@ -12,7 +12,7 @@ use tideline_wal::{GtidSet, Offset};
 use crate::catalog::{Catalog, DEFAULT_TREE, Tree, TreeInfo};
 use crate::error::ReadError;
 pub(crate) use crate::store::OwnedBounds;
-use crate::store::{StoreIter, StoreSnap, StoreSnapshot, StoreTree};
+use crate::store::{StoreIter, StoreSnap, StoreSnapshot, StoreTree, TreeHandle};
 
 /// A log position: the last applied offset and the GTIDs executed up to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +35,8 @@ pub(crate) struct SnapshotAt {
 #[derive(Clone)]
 pub struct Snapshot {
     inner: StoreSnap,
+    /// The engine's `meta` keyspace, read through `inner`: index progress as of the snapshot.
+    meta: TreeHandle,
     catalog: Arc<Catalog>,
     offset: u64,
     gtids: Arc<GtidSet>,
@@ -53,6 +55,7 @@ impl std::fmt::Debug for Snapshot {
 impl Snapshot {
     pub(crate) fn new(
         inner: StoreSnap,
+        meta: TreeHandle,
         catalog: Arc<Catalog>,
         offset: u64,
         gtids: Arc<GtidSet>,
@@ -60,11 +63,17 @@ impl Snapshot {
     ) -> Snapshot {
         Snapshot {
             inner,
+            meta,
             catalog,
             offset,
             gtids,
             generation,
         }
+    }
+
+    /// The value of `key` in the engine's `meta` keyspace as of this snapshot.
+    pub(crate) fn meta_get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ReadError> {
+        Ok(self.inner.get(&self.meta, key)?.map(|v| v.to_vec()))
     }
 
     /// The last offset applied in this snapshot; `None` before the first transaction.
