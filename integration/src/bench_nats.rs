@@ -136,10 +136,12 @@ async fn bare_side(args: &NatsBenchArgs, run: &str, batches: &[Batch]) -> anyhow
         ..Default::default()
     })
     .await?;
-    // Built before the clock starts: the bare side publishes ready bytes.
+    // Built before the clock starts: the bare side publishes ready bytes, with the ids of the
+    // sink side's pipeline name (the same length).
+    let pipeline = format!("bench-{run}");
     let msgs: Vec<Vec<message::Message>> = batches
         .iter()
-        .map(|b| message::messages(b, &cfg.subject, Per::Txn))
+        .map(|b| message::messages(b, &pipeline, &cfg.subject, Per::Txn))
         .collect();
     let started = Instant::now();
     for batch in msgs {

@@ -8,11 +8,16 @@
 //! more, see `scripts/sink-crash`). A last child catches up; then the stream must hold each
 //! transaction exactly once (count, GTIDs, ids, changes) and replaying it must give the
 //! workload's final state. A second scenario stops and restarts the NATS server under a running
-//! pipeline: it retries, reports the outage and catches up, again exactly once.
+//! pipeline: it retries, reports the outage and catches up, again exactly once. A third puts
+//! two pipelines on one stream (the default stream is shared): filtering different trees of
+//! the same transactions, or both bootstrapping the same source (two trees with an index
+//! each); each pipeline's subjects must hold every one of its changes, rows and index
+//! definitions, the changes and rows exactly once.
 //!
 //! Guards against: a checkpoint written before the acks (loss), a re-sent batch landing twice
 //! (no or unstable `Nats-Msg-Id`), a pipeline that gives up or loses data across a server
-//! restart. Canary: with the `Nats-Msg-Id` header off (feature `testing`), the same kill
+//! restart, two messages sharing an id (two pipelines', or two trees' tree events in one
+//! bootstrap) so that the stream drops one as a "duplicate" and the sink moves past it. Canary: with the `Nats-Msg-Id` header off (feature `testing`), the same kill
 //! cycles must leave duplicates that the same checker reports.
 
 mod common;
@@ -96,12 +101,14 @@ async fn read_all(js: &jetstream::Context, stream: &str) -> Vec<(String, String,
 }
 
 /// Checks that the stream holds each committed transaction exactly once, in a shape that
-/// replays to `model`. `Err` says what is wrong.
+/// replays to `model`, each message of a transaction with id `PIPELINE/GTID` (`pipeline`'s).
+/// `Err` says what is wrong.
 fn check_stream(
     msgs: &[(String, String, Value)],
     committed: &[Committed],
     model: &Model,
     cfg: &NatsConfig,
+    pipeline: &str,
 ) -> Result<(), String> {
     let by_gtid: BTreeMap<&str, &Committed> =
         committed.iter().map(|c| (c.gtid.as_str(), c)).collect();
@@ -132,7 +139,7 @@ fn check_stream(
             .ok_or_else(|| format!("message {id} carries GTID {gtid:?}, never committed"))?;
         let key = match cfg.per {
             Per::Txn => {
-                if id != &gtid && id_err.is_none() {
+                if *id != format!("{pipeline}/{gtid}") && id_err.is_none() {
                     id_err = Some(format!("message of {gtid} has Nats-Msg-Id {id:?}"));
                 }
                 let trees: BTreeSet<&str> =
@@ -304,7 +311,7 @@ fn kill_cycles_verdict(test: &str, per: Per, without_msg_id: bool) -> Result<(),
         committed.len()
     );
     let msgs = rt.block_on(read_all(&js, &cfg.stream));
-    let verdict = check_stream(&msgs, &committed, &model, &cfg);
+    let verdict = check_stream(&msgs, &committed, &model, &cfg, &pipeline);
     let _ = rt.block_on(js.delete_stream(&cfg.stream));
     verdict
 }
@@ -530,7 +537,13 @@ fn a_restarted_server_is_an_outage_the_pipeline_rides_out() {
         let js = js(&js_url).await;
         read_all(&js, &cfg.stream).await
     });
-    if let Err(e) = check_stream(&msgs, &committed, &sinkkit::model_of(&committed), &cfg) {
+    if let Err(e) = check_stream(
+        &msgs,
+        &committed,
+        &sinkkit::model_of(&committed),
+        &cfg,
+        &pipeline,
+    ) {
         panic!("{e}");
     }
 }
@@ -683,4 +696,371 @@ fn a_stale_writer_never_moves_the_position_back() {
         let _ = kv.purge(pipeline.as_str()).await;
         let _ = js.delete_stream(&cfg.stream).await;
     });
+}
+
+// ---- Several pipelines on one stream ----------------------------------------------------
+//
+// The default stream (`TIDELINE`) is shared by every pipeline of a deployment: only the
+// checkpoint key is the pipeline's. Two pipelines on one stream must each find every change
+// they pass in it exactly once, whatever the other one published: a message id shared by
+// two pipelines' messages makes the stream drop the second as a "duplicate", acked as if
+// stored, and its pipeline moves past changes that never reached the stream.
+
+/// A change as a consumer of a subject sees it: `(gtid, op, tree, key, after)` (gtid ""
+/// for a bootstrap's changes, after "" for a delete).
+type Seen = (String, String, String, String, String);
+
+/// The envelopes of one message's payload, with the GTID the message carries ("" none).
+fn envelopes_of(p: &Value) -> (String, Vec<Value>) {
+    match p["changes"].as_array() {
+        Some(changes) => (
+            p["gtid"].as_str().unwrap_or_default().to_string(),
+            changes.clone(),
+        ),
+        None => (
+            p["source"]["gtid"].as_str().unwrap_or_default().to_string(),
+            vec![p.clone()],
+        ),
+    }
+}
+
+/// Every envelope on a subject starting with `prefix`, with its message's GTID.
+fn envelopes_under(msgs: &[(String, String, Value)], prefix: &str) -> Vec<(String, Value)> {
+    msgs.iter()
+        .filter(|(_, subject, _)| subject.starts_with(prefix))
+        .flat_map(|(_, _, p)| {
+            let (gtid, envelopes) = envelopes_of(p);
+            envelopes.into_iter().map(move |e| (gtid.clone(), e))
+        })
+        .collect()
+}
+
+/// The data changes (puts, deletes, bootstrap reads) on subjects under `prefix`, sorted.
+fn changes_under(msgs: &[(String, String, Value)], prefix: &str) -> Vec<Seen> {
+    let field = |e: &Value, f: &str| e[f].as_str().unwrap_or_default().to_string();
+    let mut out: Vec<Seen> = envelopes_under(msgs, prefix)
+        .into_iter()
+        .filter(|(_, e)| sinkkit::is_data(e))
+        .map(|(gtid, e)| {
+            (
+                gtid,
+                field(&e, "op"),
+                field(&e, "tree"),
+                field(&e, "key"),
+                field(&e, "after"),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `Err` naming what `got` lacks and what it holds too often or unasked, both sorted.
+fn same_multiset(what: &str, want: &[Seen], got: &[Seen]) -> Result<(), String> {
+    let count = |v: &[Seen]| {
+        let mut m: BTreeMap<Seen, usize> = BTreeMap::new();
+        for s in v {
+            *m.entry(s.clone()).or_default() += 1;
+        }
+        m
+    };
+    let (w, g) = (count(want), count(got));
+    let missing: Vec<_> = w
+        .iter()
+        .filter(|(s, n)| g.get(*s).copied().unwrap_or(0) < **n)
+        .map(|(s, _)| s)
+        .collect();
+    let extra: Vec<_> = g
+        .iter()
+        .filter(|(s, n)| w.get(*s).copied().unwrap_or(0) < **n)
+        .map(|(s, _)| s)
+        .collect();
+    if missing.is_empty() && extra.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{what}: the stream holds {} changes, {} expected; {} missing (e.g. {:?}), {} repeated \
+         or unexpected (e.g. {:?})",
+        got.len(),
+        want.len(),
+        missing.len(),
+        &missing[..missing.len().min(3)],
+        extra.len(),
+        &extra[..extra.len().min(3)],
+    ))
+}
+
+/// A pipeline of this process from `node` into `cfg`'s stream, passing only `trees` (all
+/// when empty), started `from` where the sink holds no checkpoint.
+fn spawn_pipeline(
+    rt: &tokio::runtime::Runtime,
+    node: &Node,
+    name: &str,
+    cfg: &NatsConfig,
+    trees: &[&str],
+    from: tideline_connectors::StartFrom,
+) -> (
+    tideline_connectors::SharedPipelineStatus,
+    tokio::task::JoinHandle<Result<(), tideline_connectors::PipelineError>>,
+) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut pcfg = tideline_connectors::PipelineConfig::new(
+        name,
+        &node.addr,
+        tideline_stream::ClientConfig::new(
+            tideline_stream::tls::load_client_dir(&node.secrets()).unwrap(),
+        ),
+    );
+    pcfg.from = from;
+    pcfg.filter.trees = trees.iter().map(|t| t.to_string()).collect();
+    pcfg.batch_changes = 50;
+    pcfg.retry_min = Duration::from_millis(50);
+    pcfg.retry_max = Duration::from_millis(500);
+    let sink = NatsSink::new(cfg.clone(), name).expect("a valid NATS config");
+    let _g = rt.enter();
+    tideline_connectors::pipeline::spawn(pcfg, Box::new(sink))
+}
+
+/// Waits until pipeline `name`'s stored checkpoint satisfies `done`, then stops it.
+fn run_until(
+    rt: &tokio::runtime::Runtime,
+    cfg: &NatsConfig,
+    pipeline: (
+        &str,
+        tideline_connectors::SharedPipelineStatus,
+        tokio::task::JoinHandle<Result<(), tideline_connectors::PipelineError>>,
+    ),
+    done: impl Fn(&PipelineCheckpoint) -> bool,
+) {
+    let (name, status, task) = pipeline;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let stored = rt.block_on(async {
+            let js = js(&cfg.url).await;
+            let kv = js.get_key_value(&cfg.positions_bucket).await.ok()?;
+            let bytes = kv.get(name).await.ok()??;
+            PipelineCheckpoint::decode(&bytes).ok()
+        });
+        if stored.as_ref().is_some_and(&done) {
+            break;
+        }
+        assert!(
+            !task.is_finished(),
+            "pipeline {name} stopped: {}",
+            status.get().to_json()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "pipeline {name} did not get there in 120 s: {}",
+            status.get().to_json()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    task.abort();
+}
+
+/// Two pipelines with different tree filters (one `users`, one `orders`) publish a workload
+/// whose transactions often touch both trees into one stream; each pipeline's subjects must
+/// hold every change of its tree exactly once. Run one after the other, so that the second
+/// always publishes what the first already did.
+fn two_filtered_pipelines_on_one_stream(test: &str, per: Per) -> Result<(), String> {
+    let seed = sinkkit::seed(test);
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("node"), 0);
+    let run = sinkkit::unique("");
+    let committed = sinkkit::client_workload(
+        &node.addr,
+        &node.secrets(),
+        seed,
+        300,
+        Duration::ZERO,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .join()
+    .expect("the workload");
+    let last = committed.last().map(|c| c.offset).unwrap_or(0);
+    let rt = rt();
+    let mut problems = Vec::new();
+    let mut stream = String::new();
+    for tree in ["users", "orders"] {
+        let mut cfg = sinkkit::nats_config(&run, per);
+        cfg.subject = format!("tltest.{run}.{tree}-pipeline.{{tree}}");
+        stream.clone_from(&cfg.stream);
+        let name = format!("{tree}-{run}");
+        let (status, task) = spawn_pipeline(
+            &rt,
+            &node,
+            &name,
+            &cfg,
+            &[tree],
+            tideline_connectors::StartFrom::Tail(tideline_consumers::TailStart::Earliest),
+        );
+        run_until(&rt, &cfg, (&name, status, task), |c| c.offset() >= last);
+        let msgs = rt.block_on(async { read_all(&js(&cfg.url).await, &cfg.stream).await });
+        let want: Vec<Seen> = {
+            let mut v: Vec<Seen> = committed
+                .iter()
+                .flat_map(|c| {
+                    c.changes
+                        .iter()
+                        .filter(|(_, t, _, _)| t == tree)
+                        .map(|(o, t, k, v)| {
+                            (
+                                c.gtid.clone(),
+                                o.to_string(),
+                                t.clone(),
+                                k.clone(),
+                                v.clone(),
+                            )
+                        })
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let got = changes_under(&msgs, &format!("tltest.{run}.{tree}-pipeline."));
+        if let Err(e) = same_multiset(&format!("pipeline {name} (trees = [{tree}])"), &want, &got) {
+            problems.push(e);
+        }
+    }
+    rt.block_on(async {
+        let _ = js(&sinkkit::nats_config(&run, per).url)
+            .await
+            .delete_stream(&stream)
+            .await;
+    });
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("\n"))
+    }
+}
+
+#[test]
+fn two_pipelines_filtering_different_trees_into_one_stream_each_publish_every_change_once() {
+    if !sinkkit::service_up("NATS", NATS_PORT) {
+        return;
+    }
+    let test =
+        "two_pipelines_filtering_different_trees_into_one_stream_each_publish_every_change_once";
+    if let Err(e) = two_filtered_pipelines_on_one_stream(test, Per::Txn) {
+        panic!("{e}");
+    }
+}
+
+#[test]
+fn two_pipelines_filtering_different_trees_one_message_per_change_each_publish_every_change_once() {
+    if !sinkkit::service_up("NATS", NATS_PORT) {
+        return;
+    }
+    let test = "two_pipelines_filtering_different_trees_one_message_per_change_each_publish_every_change_once";
+    if let Err(e) = two_filtered_pipelines_on_one_stream(test, Per::Op) {
+        panic!("{e}");
+    }
+}
+
+/// Two pipelines bootstrap the same idle source (two trees, each with an index) into one
+/// stream, one after the other, each on subjects of its own. Each pipeline's subjects must
+/// hold every row of the source exactly once, and the tree and index definitions of every
+/// tree (a consumer that rebuilds the source needs them; they are no-ops when repeated).
+#[test]
+fn two_pipelines_bootstrapping_into_one_stream_each_publish_every_row_and_every_trees_index() {
+    if !sinkkit::service_up("NATS", NATS_PORT) {
+        return;
+    }
+    let test =
+        "two_pipelines_bootstrapping_into_one_stream_each_publish_every_row_and_every_trees_index";
+    let seed = sinkkit::seed(test);
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("node"), 0);
+    let committed = sinkkit::client_workload(
+        &node.addr,
+        &node.secrets(),
+        seed,
+        300,
+        Duration::ZERO,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .join()
+    .expect("the workload");
+    let trees = ["users", "orders"];
+    for tree in trees {
+        let out = node.run(&[
+            "index", "create", "--tree", tree, "--name", "by_i", "--path", "/i", "--wait",
+        ]);
+        assert!(
+            out.status.success(),
+            "index create on {tree}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The source is idle from here on: every step of the copies is at the same offset.
+    let rows: Vec<Seen> = {
+        let mut v: Vec<Seen> = sinkkit::model_of(&committed)
+            .into_iter()
+            .map(|((tree, key), value)| (String::new(), "read".into(), tree, key, value))
+            .collect();
+        v.sort();
+        v
+    };
+    let run = sinkkit::unique("");
+    let rt = rt();
+    let mut problems = Vec::new();
+    let mut stream = String::new();
+    for p in ["a", "b"] {
+        let mut cfg = sinkkit::nats_config(&run, Per::Txn);
+        cfg.subject = format!("tltest.{run}.{p}.{{tree}}");
+        stream.clone_from(&cfg.stream);
+        let name = format!("boot-{p}-{run}");
+        let (status, task) = spawn_pipeline(
+            &rt,
+            &node,
+            &name,
+            &cfg,
+            &[],
+            tideline_connectors::StartFrom::Bootstrap,
+        );
+        run_until(&rt, &cfg, (&name, status, task), |c| {
+            matches!(c, PipelineCheckpoint::Tail(_))
+        });
+        let msgs = rt.block_on(async { read_all(&js(&cfg.url).await, &cfg.stream).await });
+        let prefix = format!("tltest.{run}.{p}.");
+        if let Err(e) = same_multiset(
+            &format!("pipeline {name}'s rows"),
+            &rows,
+            &changes_under(&msgs, &prefix),
+        ) {
+            problems.push(e);
+        }
+        let mut declared = BTreeSet::new();
+        for (_, e) in envelopes_under(&msgs, &prefix) {
+            let (op, tree) = (e["op"].as_str().unwrap_or_default(), &e["tree"]);
+            let tree = tree.as_str().unwrap_or_default().to_string();
+            match op {
+                "create_tree" => declared.insert(format!("tree {tree}")),
+                "create_index" => declared.insert(format!(
+                    "index {tree}/{}",
+                    e["name"].as_str().unwrap_or_default()
+                )),
+                _ => false,
+            };
+        }
+        for tree in trees {
+            for want in [format!("tree {tree}"), format!("index {tree}/by_i")] {
+                if !declared.contains(&want) {
+                    problems.push(format!(
+                        "pipeline {name}: no create_{} of {tree} in the stream (it has {declared:?})",
+                        want.split(' ').next().unwrap_or_default()
+                    ));
+                }
+            }
+        }
+    }
+    rt.block_on(async {
+        let _ = js(&sinkkit::nats_config(&run, Per::Txn).url)
+            .await
+            .delete_stream(&stream)
+            .await;
+    });
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

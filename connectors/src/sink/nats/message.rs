@@ -2,16 +2,31 @@
 //! client, no clock, so that the shapes documented in `docs/OPERATIONS.md` ("NATS JetStream
 //! sink") are tested without a server.
 //!
+//! Every message id starts with `PIPELINE/`, the pipeline's name: a stream may be shared by
+//! several pipelines (the default one is), whose filters make different messages of one
+//! source transaction, and the stream must never drop one pipeline's message as a repeat of
+//! another's. A pipeline name holds only letters, digits and `-_=./` (it keys the positions
+//! bucket) and what follows the last `/` never holds one, so two pipelines never share an id.
+//!
 //! - Live transaction, `per = "txn"`: one message, payload
-//!   `{"gtid":"UUID:N","offset":N,"ts":"RFC 3339","changes":[envelope, ...]}`, id `UUID:N`.
+//!   `{"gtid":"UUID:N","offset":N,"ts":"RFC 3339","changes":[envelope, ...]}`, id
+//!   `PIPELINE/UUID:N`.
 //! - Live transaction, `per = "op"`: one message per change, payload its envelope, id
-//!   `UUID:N:I` (I = the change's index in the transaction, from 0).
+//!   `PIPELINE/UUID:N:I` (I = the change's index among the transaction's changes that pass
+//!   the pipeline's filter, from 0).
 //! - Bootstrap row (`op: read`), in both modes: one message per row, id
-//!   `boot:SERVER_UUID:HASH` where HASH names the tree, key and value, so that a chunk sent
-//!   again after a crash (same rows, same values) is dropped by the stream.
-//! - Live change during a bootstrap (no GTID of its own), in both modes: one message per
-//!   change, id `boot:SERVER_UUID:EPOCH:OFFSET:I` from the bootstrap progress the batch
-//!   stores (OFFSET = the last live record the step handled).
+//!   `PIPELINE/boot:SERVER_UUID:HASH` where HASH names the tree, key and value, so that a
+//!   chunk sent again after a crash (same rows, same values) is dropped by the stream.
+//! - Change during a bootstrap (a live change, or a tree's `create_tree` and `create_index`
+//!   that come with each chunk of a tree with indexes; no GTID of their own), in both modes:
+//!   one message per change, id `PIPELINE/boot:SERVER_UUID:EPOCH:OFFSET:I:HASH` from the
+//!   bootstrap progress the batch stores (OFFSET = the last live record the step handled;
+//!   I = the change's index in the step) and HASH of the message's payload. The tree events
+//!   of a step do not move OFFSET, and on an idle source every tree's come at the same one
+//!   with the same I: HASH (which names the tree, the index and its definition) keeps them
+//!   apart, and stays what it was when the same step is sent again after a crash or a retry,
+//!   where a counter of the copy's events would not (a resumed copy does not know how many
+//!   the crashed one had sent).
 //!
 //! Owns: these shapes. Must never: publish, or decide when the checkpoint moves.
 
@@ -112,6 +127,8 @@ const SUBJECTS_MAX: usize = 4096;
 /// tree's subject is rendered once and kept between batches.
 #[derive(Debug)]
 pub struct Builder {
+    /// `PIPELINE/`: what every id starts with.
+    prefix: String,
     template: String,
     per: Per,
     subjects: HashMap<String, Subject>,
@@ -127,9 +144,11 @@ struct Pending {
 }
 
 impl Builder {
-    /// Messages for subject `template` (with `{tree}`), one per transaction or per change.
-    pub fn new(template: &str, per: Per) -> Builder {
+    /// Messages of pipeline `pipeline` for subject `template` (with `{tree}`), one per
+    /// transaction or per change.
+    pub fn new(pipeline: &str, template: &str, per: Per) -> Builder {
         Builder {
+            prefix: format!("{pipeline}/"),
             template: template.to_owned(),
             per,
             subjects: HashMap::new(),
@@ -154,6 +173,7 @@ impl Builder {
         let mut buf = Vec::with_capacity(self.bytes_hint);
         let mut pending = Vec::with_capacity(batch.items.len());
         let uuid = batch.source;
+        let prefix = self.prefix.clone();
         // One rendering of the server's uuid, of each origin's uuid and of each second per
         // batch: the transactions' texts only change their numbers.
         let mut live = SourceText::live(uuid, 0, "", "");
@@ -186,7 +206,7 @@ impl Builder {
                             buf.extend_from_slice(b"]}");
                             pending.push(Pending {
                                 subject: self.subject(txn_tree(t)),
-                                id: gtid.to_owned(),
+                                id: format!("{prefix}{gtid}"),
                                 payload: start..buf.len(),
                             });
                         }
@@ -196,7 +216,7 @@ impl Builder {
                                 envelope::write_op(op, source, &mut buf);
                                 pending.push(Pending {
                                     subject: self.subject(op_tree(op)),
-                                    id: format!("{gtid}:{i}"),
+                                    id: format!("{prefix}{gtid}:{i}"),
                                     payload: start..buf.len(),
                                 });
                             }
@@ -211,7 +231,7 @@ impl Builder {
                         envelope::write_read(tree, k, v, &source, &mut buf);
                         pending.push(Pending {
                             subject: subject.clone(),
-                            id: format!("boot:{uuid}:{}", digest(&[tree.as_bytes(), k, v])),
+                            id: format!("{prefix}boot:{uuid}:{}", digest(&[tree.as_bytes(), k, v])),
                             payload: start..buf.len(),
                         });
                     }
@@ -228,9 +248,10 @@ impl Builder {
                     for (i, op) in ops.iter().enumerate() {
                         let start = buf.len();
                         envelope::write_op(op, &source, &mut buf);
+                        let hash = digest(&[&buf[start..]]);
                         pending.push(Pending {
                             subject: self.subject(op_tree(op)),
-                            id: format!("boot:{uuid}:{step}:{i}"),
+                            id: format!("{prefix}boot:{uuid}:{step}:{i}:{hash}"),
                             payload: start..buf.len(),
                         });
                     }
@@ -250,9 +271,9 @@ impl Builder {
     }
 }
 
-/// The messages of `batch`, in order (a [`Builder`] used once).
-pub fn messages(batch: &Batch, template: &str, per: Per) -> Vec<Message> {
-    Builder::new(template, per).messages(batch)
+/// The messages of `batch` of pipeline `pipeline`, in order (a [`Builder`] used once).
+pub fn messages(batch: &Batch, pipeline: &str, template: &str, per: Per) -> Vec<Message> {
+    Builder::new(pipeline, template, per).messages(batch)
 }
 
 #[cfg(test)]
@@ -263,7 +284,12 @@ mod tests {
 
     /// The messages of `batch` built as JSON values and serialized: the shapes the direct
     /// writer must reproduce byte for byte.
-    fn by_value(batch: &Batch, template: &str, per: Per) -> Vec<(String, String, Vec<u8>)> {
+    fn by_value(
+        batch: &Batch,
+        pipeline: &str,
+        template: &str,
+        per: Per,
+    ) -> Vec<(String, String, Vec<u8>)> {
         let mut out = Vec::new();
         let uuid = batch.source;
         let to_bytes = |v: &Value| serde_json::to_vec(v).unwrap();
@@ -288,13 +314,17 @@ mod tests {
                                 "ts": envelope::rfc3339_us(t.timestamp_us),
                                 "changes": changes,
                             });
-                            out.push((subject(template, txn_tree(t)), gtid, to_bytes(&payload)));
+                            out.push((
+                                subject(template, txn_tree(t)),
+                                format!("{pipeline}/{gtid}"),
+                                to_bytes(&payload),
+                            ));
                         }
                         Per::Op => {
                             for (i, op) in t.ops.iter().enumerate() {
                                 out.push((
                                     subject(template, op_tree(op)),
-                                    format!("{gtid}:{i}"),
+                                    format!("{pipeline}/{gtid}:{i}"),
                                     to_bytes(&envelope::op_envelope(op, source)),
                                 ));
                             }
@@ -305,7 +335,10 @@ mod tests {
                     for (k, v) in entries {
                         out.push((
                             subject(template, tree),
-                            format!("boot:{uuid}:{}", digest(&[tree.as_bytes(), k, v])),
+                            format!(
+                                "{pipeline}/boot:{uuid}:{}",
+                                digest(&[tree.as_bytes(), k, v])
+                            ),
                             to_bytes(&envelope::read_envelope(tree, k, v, uuid)),
                         ));
                     }
@@ -317,10 +350,11 @@ mod tests {
                     };
                     for (i, op) in ops.iter().enumerate() {
                         let step = digest(&[&batch.checkpoint]);
+                        let payload = to_bytes(&envelope::op_envelope(op, source));
                         out.push((
                             subject(template, op_tree(op)),
-                            format!("boot:{uuid}:{step}:{i}"),
-                            to_bytes(&envelope::op_envelope(op, source)),
+                            format!("{pipeline}/boot:{uuid}:{step}:{i}:{}", digest(&[&payload])),
+                            payload,
                         ));
                     }
                 }
@@ -360,7 +394,7 @@ mod tests {
             checkpoint: b"not a bootstrap checkpoint".to_vec(),
         };
         for per in [Per::Txn, Per::Op] {
-            let mut builder = Builder::new("cdc.{tree}", per);
+            let mut builder = Builder::new("p", "cdc.{tree}", per);
             // Twice through one builder: its kept subjects and buffer size change nothing.
             for _ in 0..2 {
                 let got: Vec<_> = builder
@@ -368,7 +402,7 @@ mod tests {
                     .into_iter()
                     .map(|m| (m.subject.to_string(), m.id, m.payload.to_vec()))
                     .collect();
-                let want = by_value(&batch, "cdc.{tree}", per);
+                let want = by_value(&batch, "p", "cdc.{tree}", per);
                 assert_eq!(got.len(), want.len(), "{per:?}");
                 for (g, w) in got.iter().zip(&want) {
                     assert_eq!(g.0, w.0, "{per:?}");
@@ -419,12 +453,12 @@ mod tests {
             checkpoint: vec![],
         };
         for per in [Per::Txn, Per::Op] {
-            let got: Vec<_> = Builder::new("s.{tree}", per)
+            let got: Vec<_> = Builder::new("p", "s.{tree}", per)
                 .messages(&batch)
                 .into_iter()
                 .map(|m| (m.subject.to_string(), m.id, m.payload.to_vec()))
                 .collect();
-            let want = by_value(&batch, "s.{tree}", per);
+            let want = by_value(&batch, "p", "s.{tree}", per);
             assert_eq!(got.len(), want.len());
             for (g, w) in got.iter().zip(&want) {
                 assert_eq!(g.1, w.1, "{per:?}");
@@ -466,9 +500,9 @@ mod tests {
             ],
             checkpoint: vec![],
         };
-        let m = messages(&batch, "tideline.{tree}", Per::Txn);
+        let m = messages(&batch, "users-feed", "tideline.{tree}", Per::Txn);
         assert_eq!(m.len(), 2);
-        assert_eq!(m[0].id, format!("{uuid}:3"));
+        assert_eq!(m[0].id, format!("users-feed/{uuid}:3"));
         assert_eq!(m[0].subject.as_str(), "tideline.users");
         assert_eq!(m[1].subject.as_str(), "tideline._multi");
         let p: Value = serde_json::from_slice(&m[0].payload).unwrap();
@@ -487,9 +521,12 @@ mod tests {
             items: vec![txn(uuid, 9, vec![put("a.b", "k1"), put("c", "k2")])],
             checkpoint: vec![],
         };
-        let m = messages(&batch, "cdc.{tree}.changes", Per::Op);
+        let m = messages(&batch, "feed", "cdc.{tree}.changes", Per::Op);
         let ids: Vec<_> = m.iter().map(|m| m.id.as_str()).collect();
-        assert_eq!(ids, [format!("{uuid}:9:0"), format!("{uuid}:9:1")]);
+        assert_eq!(
+            ids,
+            [format!("feed/{uuid}:9:0"), format!("feed/{uuid}:9:1")]
+        );
         assert_eq!(m[0].subject.as_str(), "cdc.a_b.changes");
         assert_eq!(m[1].subject.as_str(), "cdc.c.changes");
         let p: Value = serde_json::from_slice(&m[1].payload).unwrap();
@@ -515,14 +552,139 @@ mod tests {
             }],
             checkpoint: b"{}".to_vec(),
         };
-        let first = messages(&chunk(b"2"), "x.{tree}", Per::Txn);
-        let again = messages(&chunk(b"2"), "x.{tree}", Per::Txn);
-        let changed = messages(&chunk(b"3"), "x.{tree}", Per::Txn);
+        let first = messages(&chunk(b"2"), "p", "x.{tree}", Per::Txn);
+        let again = messages(&chunk(b"2"), "p", "x.{tree}", Per::Txn);
+        let changed = messages(&chunk(b"3"), "p", "x.{tree}", Per::Txn);
         assert_eq!(first, again);
         assert_eq!(first[0].id, changed[0].id);
         assert_ne!(first[1].id, changed[1].id);
         assert_ne!(first[0].id, first[1].id);
-        assert!(first[0].id.starts_with(&format!("boot:{uuid}:")));
+        assert!(first[0].id.starts_with(&format!("p/boot:{uuid}:")));
+    }
+
+    /// A step of a bootstrap copy at `offset` holding `ops`, in the checkpoint the copy stores
+    /// with it (the cursor at `tree`).
+    fn copy_step(uuid: uuid::Uuid, offset: u64, tree: &str, ops: Vec<Op>) -> Batch {
+        let progress = serde_json::from_value(json!({
+            "server_uuid": uuid, "after_offset": offset, "epoch": 3, "tree": tree,
+            "key_hex": "", "tree_done": true, "trees_done": 1, "chunks": 1, "keys": 5,
+            "bytes": 50, "keys_estimate": 10, "bytes_estimate": 100, "records": 0,
+            "resumes": 0,
+        }))
+        .unwrap();
+        Batch {
+            source: uuid,
+            items: vec![Item::Ops(ops)],
+            checkpoint: PipelineCheckpoint::Bootstrap(progress).encode(),
+        }
+    }
+
+    fn tree_events(tree: &str) -> Vec<Op> {
+        vec![
+            Op::CreateTree {
+                tree: tree.into(),
+                merge_operator: None,
+            },
+            Op::CreateIndex {
+                tree: tree.into(),
+                name: "by_i".into(),
+                paths: vec!["/i".into()],
+                unique: false,
+            },
+        ]
+    }
+
+    fn ids(batch: &Batch, pipeline: &str, per: Per) -> Vec<String> {
+        messages(batch, pipeline, "t.{tree}", per)
+            .into_iter()
+            .map(|m| m.id)
+            .collect()
+    }
+
+    /// Two pipelines on one stream publish the same transaction (or the same row) filtered
+    /// each its own way: no id of one may be an id of the other, or the stream drops it.
+    #[test]
+    fn two_pipelines_never_share_an_id() {
+        let uuid = uuid::Uuid::from_bytes([5; 16]);
+        let users = Batch {
+            source: uuid,
+            items: vec![txn(uuid, 4, vec![put("users", "a")])],
+            checkpoint: vec![],
+        };
+        let orders = Batch {
+            source: uuid,
+            items: vec![txn(uuid, 4, vec![put("orders", "b")])],
+            checkpoint: vec![],
+        };
+        for per in [Per::Txn, Per::Op] {
+            let a = ids(&users, "users-feed", per);
+            let b = ids(&orders, "orders-feed", per);
+            assert!(a.iter().all(|id| !b.contains(id)), "{per:?}: {a:?} {b:?}");
+            // A pipeline whose name is another's with `/...` added: still apart.
+            let c = ids(&orders, "users-feed/x", per);
+            assert!(a.iter().all(|id| !c.contains(id)), "{per:?}: {a:?} {c:?}");
+            // The same batch again (a retry, a restart): the same ids.
+            assert_eq!(a, ids(&users, "users-feed", per));
+        }
+        let chunk = Batch {
+            source: uuid,
+            items: vec![Item::Chunk {
+                tree: "users".into(),
+                merge_operator: None,
+                from: vec![],
+                to: None,
+                entries: tideline_wal::PackedEntries::from_pairs(vec![(
+                    b"a".to_vec(),
+                    b"1".to_vec(),
+                )])
+                .unwrap(),
+            }],
+            checkpoint: vec![],
+        };
+        assert_ne!(ids(&chunk, "a", Per::Txn), ids(&chunk, "b", Per::Txn));
+    }
+
+    /// On an idle source every step of a copy is at one offset: the tree events of the
+    /// second tree must not get the first tree's ids, nor those of a live change of the same
+    /// step position; the same step sent again (a resumed copy) keeps its ids.
+    #[test]
+    fn the_tree_events_of_a_copy_get_an_id_per_tree() {
+        let uuid = uuid::Uuid::from_bytes([6; 16]);
+        let first = ids(
+            &copy_step(uuid, 40, "", tree_events("orders")),
+            "p",
+            Per::Txn,
+        );
+        let second = ids(
+            &copy_step(uuid, 40, "orders", tree_events("users")),
+            "p",
+            Per::Txn,
+        );
+        let live = ids(
+            &copy_step(uuid, 40, "orders", vec![put("users", "k")]),
+            "p",
+            Per::Txn,
+        );
+        assert_eq!(first.len(), 2);
+        assert_ne!(first[0], first[1]);
+        assert!(
+            first.iter().all(|id| !second.contains(id)),
+            "{first:?} {second:?}"
+        );
+        assert!(
+            second.iter().all(|id| !live.contains(id)),
+            "{second:?} {live:?}"
+        );
+        assert!(
+            first[0].starts_with(&format!("p/boot:{uuid}:3:40:0:")),
+            "{first:?}"
+        );
+        let again = ids(
+            &copy_step(uuid, 40, "orders", tree_events("users")),
+            "p",
+            Per::Op,
+        );
+        assert_eq!(second, again);
     }
 
     #[test]

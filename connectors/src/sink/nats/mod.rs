@@ -1,12 +1,13 @@
 //! The NATS JetStream sink: changes as JSON messages on a stream, de-duplicated by GTID.
 //!
-//! Delivery: every message of a batch is published with a `Nats-Msg-Id` header (the GTID, see
-//! [`message`]), up to `max_in_flight` awaiting their ack at once (see `publish.rs`), and
-//! every ack is awaited; only then is the batch's checkpoint
-//! written, to the JetStream key-value bucket `positions_bucket` (default
-//! `tideline_positions`) under the pipeline's name, over the revision this sink last read or
-//! wrote (compare and set: a stale writer never moves it back; one finding its own checkpoint
-//! already stored goes on; any other stops, `Fatal`). A crash between the acks and that write
+//! Delivery: every message of a batch is published with a `Nats-Msg-Id` header (the pipeline's
+//! name and the GTID, `PIPELINE/UUID:N`, see [`message`]: a stream shared by several
+//! pipelines never drops one pipeline's message as a repeat of another's), up to
+//! `max_in_flight` awaiting their ack at once (see `publish.rs`), and every ack is awaited;
+//! only then is the batch's checkpoint written, to the JetStream key-value bucket
+//! `positions_bucket` (default `tideline_positions`) under the pipeline's name, over the
+//! revision this sink last read or wrote (compare and set: a stale writer never moves it back;
+//! one finding its own checkpoint already stored goes on; any other stops, `Fatal`). A crash between the acks and that write
 //! sends the batch again on restart, and the stream drops each message whose id it saw within
 //! its **duplicate window**: at least once + de-duplication = exactly once, as long as the
 //! connector is back within the window (a longer outage may repeat the batch it was writing).
@@ -219,7 +220,7 @@ impl NatsSink {
                  digits and -_=./"
             ));
         }
-        let builder = message::Builder::new(&cfg.subject, cfg.per);
+        let builder = message::Builder::new(pipeline, &cfg.subject, cfg.per);
         Ok(NatsSink {
             cfg,
             pipeline: pipeline.to_owned(),
