@@ -11,6 +11,9 @@
 //!   share the server): the node's pipeline retries, catches up, `status` counts the outage.
 //! - An unreachable server: `--check` says so in one line; `connect` retries and stores
 //!   nothing.
+//! - One batch holding a `create_tree` or `drop_tree` between writes (the fold's runs): a
+//!   merge after it adds to what the batch wrote before it, and a dropped tree leaves none of
+//!   the keys the batch wrote before the drop.
 
 mod common;
 mod sinkkit;
@@ -461,4 +464,189 @@ fn an_unreachable_server_gives_one_clear_line_and_no_position() {
     });
     sinkkit::kill9(&mut child, &log);
     assert!(source.runtime.block_on(position(&mut db, &name)).is_none());
+}
+
+/// A `tideline connect` of pipeline `name` from the source's earliest offset, with batches of
+/// up to 10,000 changes or 2 s: transactions committed before it starts (and each single
+/// transaction) reach the sink in one batch. Killed when dropped (a failed assertion).
+fn connect_one_batch(source: &SourceNode, dir: &std::path::Path, name: &str) -> Connector {
+    let file = sinkkit::pipeline_file(
+        dir,
+        name,
+        &format!(
+            "name = \"{name}\"\nbatch_changes = 10000\nbatch_delay_ms = 2000\n\n[source]\nnode = \
+             \"{}\"\nsecrets = \"{}\"\nfrom = \"earliest\"\n\n[sink]\nkind = \"redis\"\nurl = \
+             \"{URL}\"\nkey = \"{name}:{{tree}}:{{key}}\"\n",
+            source.addr,
+            source.secrets.display()
+        ),
+    );
+    let log = dir.join(format!("{name}.log"));
+    Connector(sinkkit::connect(&file, &log, false), log)
+}
+
+/// A connector child and its log; SIGKILLed when dropped if still running.
+struct Connector(std::process::Child, std::path::PathBuf);
+
+impl Connector {
+    /// Kills it, checking it was still running (it had not stopped on an error).
+    fn kill9(mut self) {
+        sinkkit::kill9(&mut self.0, &self.1);
+    }
+}
+
+impl Drop for Connector {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Waits until pipeline `name` stored the source's last offset.
+fn caught_up(
+    source: &SourceNode,
+    db: &mut MultiplexedConnection,
+    dir: &std::path::Path,
+    name: &str,
+) {
+    let last = source.last_offset();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sinkkit::checkpoint_offset(source.runtime.block_on(position(db, name)).as_deref()) < last
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the connector did not store offset {last}; log:\n{}",
+            std::fs::read_to_string(dir.join(format!("{name}.log"))).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The rows of `tree` in the source and in Redis, as `key=value` lines, for comparison.
+fn rows(
+    source: &SourceNode,
+    db: &mut MultiplexedConnection,
+    name: &str,
+    tree: &str,
+) -> (Vec<String>, Vec<String>) {
+    let line = |(k, v): (Vec<u8>, Vec<u8>)| {
+        format!(
+            "{}={}",
+            String::from_utf8_lossy(&k),
+            String::from_utf8_lossy(&v)
+        )
+    };
+    let want: Vec<String> = source
+        .engine
+        .snapshot()
+        .range::<Vec<u8>>(tree, .., false)
+        .map(|scan| scan.map(|kv| line(kv.expect("read a row"))).collect())
+        .unwrap_or_default();
+    let have = source
+        .runtime
+        .block_on(keys(db, &format!("{name}:{tree}:")))
+        .into_iter()
+        .map(line)
+        .collect();
+    (want, have)
+}
+
+/// A merge after a `create_tree` in the same batch (a new run of the fold) adds to the value
+/// the batch wrote before it, not to the one Redis held before the batch.
+#[test]
+fn a_merge_after_a_tree_is_created_in_the_same_batch_adds_to_what_the_batch_wrote() {
+    if !sinkkit::service_up("Redis", REDIS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceNode::start(&dir.path().join("src"));
+    let mut db = source.runtime.block_on(conn());
+    let name = sinkkit::unique("rdruns");
+    let e = &source.engine;
+    // Three transactions committed before the connector starts: its first batch.
+    e.put("cnt", b"a", b"5").unwrap();
+    e.create_tree("x", None).unwrap();
+    e.merge("cnt", b"a", b"2").unwrap();
+    let child = connect_one_batch(&source, dir.path(), &name);
+    caught_up(&source, &mut db, dir.path(), &name);
+    let (want, have) = rows(&source, &mut db, &name, "cnt");
+    assert_eq!(want, ["a=7"]);
+    assert_eq!(
+        have, want,
+        "after [put cnt/a=5] [create_tree x] [merge cnt/a +2] in one batch"
+    );
+    // One transaction while Redis holds 7: three runs, each merge on the run before it.
+    let mut tx = e.begin();
+    tx.put("cnt", b"a", b"10").unwrap();
+    tx.create_tree("y", Some("add")).unwrap();
+    tx.merge("cnt", b"a", b"3").unwrap();
+    tx.create_tree("z", None).unwrap();
+    tx.merge("cnt", b"a", b"4").unwrap();
+    tx.commit().unwrap();
+    caught_up(&source, &mut db, dir.path(), &name);
+    let (want, have) = rows(&source, &mut db, &name, "cnt");
+    assert_eq!(want, ["a=17"]);
+    assert_eq!(
+        have, want,
+        "after [put cnt/a=10] [create_tree y] [merge +3] [create_tree z] [merge +4] in one \
+         transaction"
+    );
+    child.kill9();
+    source
+        .runtime
+        .block_on(clean(&mut db, &format!("{name}:"), &name));
+}
+
+/// A `drop_tree` deletes the tree's keys that the same batch wrote before it (not in Redis yet
+/// when the sink looked for the tree's keys), as well as the ones Redis held.
+#[test]
+fn a_dropped_tree_leaves_no_key_the_same_batch_wrote() {
+    if !sinkkit::service_up("Redis", REDIS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceNode::start(&dir.path().join("src"));
+    let mut db = source.runtime.block_on(conn());
+    let name = sinkkit::unique("rddrop");
+    let e = &source.engine;
+    // Transactions committed before the connector starts: its first batch. `g` is created,
+    // written and dropped; `u` too, then created again with one row; `t` stays.
+    e.create_tree("g", None).unwrap();
+    e.put("g", b"a", b"1").unwrap();
+    e.drop_tree("g").unwrap();
+    e.create_tree("u", None).unwrap();
+    e.put("u", b"a", b"1").unwrap();
+    e.put("u", b"b", b"1").unwrap();
+    e.drop_tree("u").unwrap();
+    e.create_tree("u", None).unwrap();
+    e.put("u", b"b", b"2").unwrap();
+    e.create_tree("t", None).unwrap();
+    e.put("t", b"old", b"1").unwrap();
+    let child = connect_one_batch(&source, dir.path(), &name);
+    caught_up(&source, &mut db, dir.path(), &name);
+    for (tree, expect) in [("g", &[][..]), ("u", &["b=2"][..]), ("t", &["old=1"][..])] {
+        let (want, have) = rows(&source, &mut db, &name, tree);
+        assert_eq!(want, expect);
+        assert_eq!(have, want, "tree {tree} after the first batch");
+    }
+    // One transaction while Redis holds `t/old`: a new key and the old one written, then the
+    // tree dropped.
+    let mut tx = e.begin();
+    tx.put("t", b"new", b"2").unwrap();
+    tx.put("t", b"old", b"3").unwrap();
+    tx.drop_tree("t").unwrap();
+    tx.commit().unwrap();
+    caught_up(&source, &mut db, dir.path(), &name);
+    let (want, have) = rows(&source, &mut db, &name, "t");
+    assert!(want.is_empty(), "{want:?}");
+    assert_eq!(
+        have, want,
+        "after [put t/new] [put t/old] [drop_tree t] in one transaction"
+    );
+    child.kill9();
+    source
+        .runtime
+        .block_on(clean(&mut db, &format!("{name}:"), &name));
 }

@@ -7,8 +7,10 @@
 //! are read after `WATCH`ing them, so a change by anyone else between the read and `EXEC`
 //! makes the transaction fail and the batch is tried again); bootstrap chunk → its rows
 //! `SET` (Redis cannot remove a key range; the pipeline bootstraps only a sink that holds
-//! none of its rows); tree dropped → its keys (found with `SCAN MATCH` on the template)
-//! deleted in the batch's transaction.
+//! none of its rows); tree dropped → its keys (found with `SCAN MATCH` on the template, and
+//! those the batch wrote before the drop) deleted in the batch's transaction. A merge in a
+//! later step of a batch (after a `create_tree`, a drop or a chunk) applies to what the batch
+//! wrote before it, carried in memory: the batch's transaction is one step for Redis.
 //!
 //! Exactly once: every batch is one Redis transaction that also `SET`s
 //! `tideline:position:{pipeline}` to the checkpoint; Redis applies it whole or not at all. The
@@ -380,6 +382,11 @@ impl RedisSink {
 
     /// The batch's writes in order: each Redis key and its new value (`None`: deleted), with
     /// merges resolved against `stored` and a dropped tree's keys (`drops`) deleted.
+    ///
+    /// A batch of several steps is applied as one transaction, so a later step sees what the
+    /// earlier ones wrote, not `stored` (read before the transaction): each key's value is
+    /// carried forward in memory from run to run, and a drop also deletes the keys of its tree
+    /// that the batch wrote before it (they were not in Redis yet when `drops` was scanned).
     fn batch_ops(
         &self,
         steps: &[Step],
@@ -389,20 +396,47 @@ impl RedisSink {
         let mut ops = Vec::new();
         // Keys of a tree dropped earlier in this batch hold nothing any more.
         let mut dropped: HashSet<&str> = HashSet::new();
+        // Only a run followed by another run or a drop needs what it wrote remembered (most
+        // batches are one run).
+        let carry = steps
+            .iter()
+            .skip_while(|s| !matches!(s, Step::Run(_)))
+            .skip(1)
+            .any(|s| matches!(s, Step::Run(_) | Step::Drop(_)));
+        // Each key's value as the batch left it so far, and the keys each tree wrote.
+        let mut carried: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+        let mut written: HashMap<&str, Vec<Vec<u8>>> = HashMap::new();
         for step in steps {
             match step {
                 Step::Create(_) | Step::ClearRange { .. } => {}
                 Step::Drop(tree) => {
                     dropped.insert(tree);
-                    ops.extend(drops[tree].iter().map(|k| (k.clone(), None)));
+                    let scanned = &drops[tree];
+                    ops.extend(scanned.iter().map(|k| (k.clone(), None)));
+                    for key in written.remove(tree.as_str()).unwrap_or_default() {
+                        let Some(v) = carried.get_mut(&key) else {
+                            continue;
+                        };
+                        // Already absent, or deleted with the scanned keys: nothing to add.
+                        if v.take().is_some() && scanned.binary_search(&key).is_err() {
+                            ops.push((key, None));
+                        }
+                    }
                 }
                 Step::Run(run) => {
                     for (tree, rows) in &run.trees {
                         let gone = dropped.contains(tree.as_str());
                         for (k, f) in rows {
                             let key = self.key(tree, k);
-                            let base = if gone { None } else { stored.get(&key) };
-                            let value = f.resolve(base.map(Vec::as_slice));
+                            let value = match carried.get(&key) {
+                                Some(v) => f.resolve(v.as_deref()),
+                                None if gone => f.resolve(None),
+                                None => f.resolve(stored.get(&key).map(Vec::as_slice)),
+                            };
+                            if carry {
+                                carried.insert(key.clone(), value.clone());
+                                written.entry(tree).or_default().push(key.clone());
+                            }
                             ops.push((key, value));
                         }
                     }
@@ -581,6 +615,102 @@ mod tests {
         assert_eq!(s.key("users", b"u\xff1"), b"app:users/u\xff1");
         assert_eq!(s.pattern("a*b"), b"app:a\\*b/*");
         assert_eq!(s.position_key, "tideline:position:p");
+    }
+
+    fn txn(ops: Vec<tideline_wal::Op>) -> crate::sink::Item {
+        crate::sink::Item::Txn(tideline_wal::Transaction {
+            offset: tideline_wal::Offset::new(1).unwrap(),
+            gtid: tideline_wal::Gtid::new(uuid::Uuid::nil(), 1).unwrap(),
+            timestamp_us: 0,
+            ops,
+        })
+    }
+
+    fn put(tree: &str, key: &str, value: &str) -> tideline_wal::Op {
+        tideline_wal::Op::Put {
+            tree: tree.into(),
+            key: key.into(),
+            value: value.into(),
+            before: None,
+        }
+    }
+
+    /// The value `key` is left with by `ops` (the last write wins), `None` when none writes it.
+    fn last<'a>(ops: &'a [(Vec<u8>, Option<Vec<u8>>)], key: &str) -> Option<Option<&'a [u8]>> {
+        ops.iter()
+            .rev()
+            .find(|(k, _)| k == key.as_bytes())
+            .map(|(_, v)| v.as_deref())
+    }
+
+    /// Runs of one batch are one transaction: a merge in a later run (after a bootstrap chunk
+    /// or a `create_tree`) starts from what an earlier run wrote, not from the value read
+    /// before the batch; a drop deletes the keys of its tree written earlier in the batch,
+    /// which its SCAN (before the batch) could not find.
+    #[test]
+    fn later_runs_see_what_earlier_runs_of_the_batch_wrote() {
+        let s = RedisSink::new(RedisConfig::new("redis://127.0.0.1:6379"), "p").unwrap();
+        let mut operators = Operators::default();
+        operators.learn_from_source(&BTreeMap::from([("cnt".into(), "add".into())]));
+        let merge = |key: &str, n: &str| tideline_wal::Op::Merge {
+            tree: "cnt".into(),
+            key: key.into(),
+            operand: n.into(),
+        };
+        let batch = Batch {
+            source: uuid::Uuid::nil(),
+            items: vec![
+                txn(vec![put("cnt", "a", "5"), put("t", "new", "1")]),
+                crate::sink::Item::Chunk {
+                    tree: "cnt".into(),
+                    merge_operator: Some("add".into()),
+                    from: b"m".to_vec(),
+                    to: None,
+                    entries: tideline_wal::PackedEntries::from_pairs(vec![(
+                        b"m".to_vec(),
+                        b"1".to_vec(),
+                    )])
+                    .unwrap(),
+                },
+                txn(vec![
+                    merge("a", "2"),
+                    merge("b", "1"),
+                    tideline_wal::Op::DropTree { tree: "t".into() },
+                    tideline_wal::Op::CreateTree {
+                        tree: "x".into(),
+                        merge_operator: None,
+                    },
+                    merge("a", "3"),
+                    put("t", "again", "2"),
+                ]),
+            ],
+            checkpoint: vec![],
+        };
+        let steps = fold::fold(&batch, &mut operators).unwrap();
+        let drops = HashMap::from([("t".to_string(), vec![b"t:old".to_vec()])]);
+        let stored = HashMap::from([
+            (b"cnt:a".to_vec(), b"100".to_vec()),
+            (b"cnt:b".to_vec(), b"10".to_vec()),
+        ]);
+        let ops = s.batch_ops(&steps, &drops, &stored);
+        assert_eq!(last(&ops, "cnt:a"), Some(Some(&b"10"[..])), "{ops:?}");
+        assert_eq!(last(&ops, "cnt:b"), Some(Some(&b"11"[..])), "{ops:?}");
+        assert_eq!(last(&ops, "cnt:m"), Some(Some(&b"1"[..])), "{ops:?}");
+        assert_eq!(last(&ops, "t:old"), Some(None), "{ops:?}");
+        assert_eq!(last(&ops, "t:new"), Some(None), "{ops:?}");
+        assert_eq!(last(&ops, "t:again"), Some(Some(&b"2"[..])), "{ops:?}");
+        // One run: nothing carried, merges on what Redis held.
+        let one = fold::fold(
+            &Batch {
+                source: uuid::Uuid::nil(),
+                items: vec![txn(vec![merge("a", "2")])],
+                checkpoint: vec![],
+            },
+            &mut operators,
+        )
+        .unwrap();
+        let ops = s.batch_ops(&one, &HashMap::new(), &stored);
+        assert_eq!(ops, [(b"cnt:a".to_vec(), Some(b"102".to_vec()))]);
     }
 
     #[test]
