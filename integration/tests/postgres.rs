@@ -391,6 +391,59 @@ fn a_position_moved_by_another_writer_stops_the_sink_before_it_writes() {
     rt.block_on(drop_tables(&db, &format!("{name}_"), &name));
 }
 
+/// A unique index the user put on a sink table, which two source keys' rows violate, is a
+/// data conflict for an operator (held, naming the index), not an outage retried for ever;
+/// nothing of the batch is stored.
+#[test]
+fn a_users_unique_index_that_the_rows_violate_holds_the_sink_for_an_operator() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let db = pg();
+    let name = sinkkit::unique("pguniq");
+    rt.block_on(async {
+        let mut sink = counter_sink(&name, URL);
+        assert_eq!(sink.open().await.expect("open"), None);
+        sink.write(&plus_one(1))
+            .await
+            .expect("batch 1 creates the table");
+        db.batch_execute(&format!(
+            "CREATE UNIQUE INDEX \"{name}_one_value\" ON \"{name}_cnt\" (value)"
+        ))
+        .await
+        .expect("the user's unique index");
+        let uuid = uuid::Uuid::from_bytes([7; 16]);
+        let put = |key: &str| tideline_wal::Op::Put {
+            tree: "cnt".into(),
+            key: key.into(),
+            value: b"42".to_vec(),
+            before: None,
+        };
+        let batch = Batch {
+            source: uuid,
+            items: vec![tideline_connectors::Item::Txn(tideline_wal::Transaction {
+                offset: tideline_wal::Offset::new(2).unwrap(),
+                gtid: tideline_wal::Gtid::new(uuid, 2).unwrap(),
+                timestamp_us: 0,
+                ops: vec![put("a"), put("b")],
+            })],
+            checkpoint: b"after batch 2".to_vec(),
+        };
+        let e = sink.write(&batch).await.expect_err("refused by the index");
+        assert!(
+            matches!(&e, SinkError::Hold(m) if m.contains(&format!("{name}_one_value"))),
+            "{e}"
+        );
+        assert_eq!(
+            position(&db, &name).await.as_deref(),
+            Some(&b"after batch 1"[..])
+        );
+    });
+    rt.block_on(drop_tables(&db, &format!("{name}_"), &name));
+}
+
 fn wait_until<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {

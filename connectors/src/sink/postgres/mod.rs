@@ -467,9 +467,19 @@ fn classify(e: &tokio_postgres::Error, doing: &str) -> SinkError {
     if *code == SqlState::INVALID_CATALOG_NAME {
         return SinkError::Hold(format!("{msg}; create the database or fix the sink's url"));
     }
+    // A unique index of the user's on a sink table that two source keys' rows violate: a
+    // data conflict no retry resolves (the sink upserts by `key`, so its own primary key never
+    // is). A concurrent CREATE TABLE IF NOT EXISTS losing a race on the system catalog's own
+    // unique index (`pg_type_typname_nsp_index`, ...) is a passing fault, below.
+    if *code == SqlState::UNIQUE_VIOLATION && !db.constraint().is_some_and(|c| c.starts_with("pg_"))
+    {
+        return SinkError::Hold(format!(
+            "{msg}; a unique index or constraint on the table refuses rows the source holds \
+             (the source has no such constraint): drop it, or map the column elsewhere"
+        ));
+    }
     // 08 connection, 40 rollbacks (serialization, deadlock), 53 resources, 57 operator
-    // intervention (shutdown, restart), 58 system errors; a concurrent CREATE TABLE IF NOT
-    // EXISTS can also lose a race on the catalog's unique index.
+    // intervention (shutdown, restart), 58 system errors; the catalog race above.
     // A table dropped behind the sink's back: the retry reconnects and creates it again.
     if ["08", "40", "53", "57", "58"].contains(&class)
         || *code == SqlState::UNIQUE_VIOLATION
