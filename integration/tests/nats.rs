@@ -647,6 +647,53 @@ fn a_subject_no_stream_captures_holds_with_a_clear_error() {
     });
 }
 
+/// A stream that refuses the message for good (here its `max_msg_size` is below the
+/// transaction's message) holds the pipeline for an operator, naming the JetStream error,
+/// instead of retrying the same batch for ever as if NATS were down.
+#[test]
+fn a_message_the_stream_refuses_for_good_holds_with_the_streams_reason() {
+    if !sinkkit::service_up("NATS", NATS_PORT) {
+        return;
+    }
+    let run = sinkkit::unique("");
+    let cfg = sinkkit::nats_config(&run, Per::Txn);
+    let pipeline = format!("toobig-{run}");
+    let rt = rt();
+    rt.block_on(async {
+        let js = js(&cfg.url).await;
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: cfg.stream.clone(),
+            subjects: cfg.subjects.clone(),
+            max_message_size: 64,
+            ..Default::default()
+        })
+        .await
+        .expect("a stream with a 64-byte message limit");
+        let mut sink = NatsSink::new(cfg.clone(), &pipeline).unwrap();
+        sink.open().await.expect("open");
+        let err = sink
+            .write(&one_put_batch(10))
+            .await
+            .expect_err("the stream refuses the message");
+        match &err {
+            SinkError::Hold(m) => assert!(m.contains("10054"), "{m}"),
+            other => panic!("held for an operator, not {other:?}"),
+        }
+        let kv = js
+            .get_key_value(&cfg.positions_bucket)
+            .await
+            .expect("the positions bucket the sink opened");
+        assert!(
+            kv.get(pipeline.as_str())
+                .await
+                .expect("read the bucket")
+                .is_none(),
+            "a checkpoint was stored although nothing was"
+        );
+        let _ = js.delete_stream(&cfg.stream).await;
+    });
+}
+
 /// The positions bucket moves a pipeline's checkpoint only from the one the sink last read
 /// or wrote: a connector that opened before another one wrote (one killed whose last write
 /// lands late, or a second connector of the pipeline) never moves it back, and a write that

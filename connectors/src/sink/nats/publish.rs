@@ -29,8 +29,15 @@ struct Ack {
     error: Option<AckError>,
 }
 
+/// JetStream errors a publish meets again however often it is sent: 10054, the message is
+/// larger than the stream's `max_msg_size`; 10109, the stream is sealed.
+const PERMANENT: [u64; 2] = [10054, 10109];
+
 #[derive(serde::Deserialize)]
 struct AckError {
+    /// HTTP-like status: 4xx the request is refused, 5xx the server could not take it now.
+    #[serde(default)]
+    code: u16,
     #[serde(default)]
     description: String,
     #[serde(default)]
@@ -236,10 +243,21 @@ fn check_answer(
         ))
     })?;
     if let Some(e) = ack.error {
-        return Err(SinkError::Retry(format!(
+        let msg = format!(
             "NATS publish to {subject}: {} (JetStream error {})",
             e.description, e.err_code
-        )));
+        );
+        // Refused for good: the same batch would be refused again, so an operator must
+        // change the stream or the pipeline. Other 4xx answers pass (409: the same id is
+        // being stored by an earlier try).
+        if (400..500).contains(&e.code) && PERMANENT.contains(&e.err_code) {
+            return Err(SinkError::Hold(format!(
+                "{msg}: stream {stream:?} refuses the message; change the stream (its \
+                 max_msg_size, or unseal it) or the pipeline (per = \"op\" makes smaller \
+                 messages)"
+            )));
+        }
+        return Err(SinkError::Retry(msg));
     }
     match ack.stream.as_deref() {
         Some(s) if s == stream => Ok(()),
