@@ -434,6 +434,40 @@ fn a_unique_index_refuses_a_second_key_once_live_and_reports_backfill_duplicates
     assert!(matches!(err, WriteError::UniqueViolation { .. }), "{err}");
 }
 
+/// A transaction that drops a unique index (or its tree) is not refused for a value that
+/// index maps to another key: once the transaction is applied, the index no longer exists.
+#[test]
+fn a_transaction_that_drops_a_unique_index_is_not_refused_by_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = mem_engine(dir.path());
+    e.create_tree("users", None).expect("tree");
+    e.put("users", b"u3", br#"{"email":"b@x"}"#).expect("put");
+    e.create_index("users", "by_email", &["/email"], true)
+        .expect("create");
+    assert!(e.wait_indexes_live(LIVE_WAIT));
+    e.transaction(|tx| {
+        tx.drop_index("users", "by_email")?;
+        tx.put("users", b"u9", br#"{"email":"b@x"}"#)?;
+        Ok(())
+    })
+    .expect("the index is dropped with the write");
+    assert!(e.indexes().is_empty());
+    e.create_index("users", "by_email", &["/email"], true)
+        .expect("create again");
+    assert!(e.wait_indexes_live(LIVE_WAIT));
+    e.transaction(|tx| {
+        tx.drop_tree("users")?;
+        tx.create_tree("users", None)?;
+        tx.put("users", b"u7", br#"{"email":"b@x"}"#)?;
+        Ok(())
+    })
+    .expect("the tree and its index are dropped with the write");
+    assert_eq!(
+        e.get("users", b"u7").expect("get").as_deref(),
+        Some(&br#"{"email":"b@x"}"#[..])
+    );
+}
+
 /// Concurrent writers race for one value: exactly one wins, whatever the apply timing
 /// (claims of transactions committed but not yet applied count).
 #[test]

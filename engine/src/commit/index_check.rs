@@ -72,9 +72,23 @@ impl Inner {
         if cat.indexes.is_empty() {
             return Ok(Vec::new());
         }
+        // An index this transaction drops (or whose tree it drops) refuses nothing: once the
+        // transaction is applied, the index no longer exists.
+        let dropped = |i: &Index| {
+            ops.iter().any(|o| match o {
+                Op::DropIndex { tree, name } => *tree == i.tree && *name == i.name,
+                Op::DropTree { tree } => *tree == i.tree,
+                _ => false,
+            })
+        };
         let unique_of = |tree: &str| -> Vec<Arc<Index>> {
             cat.indexes_of(tree)
-                .map(|m| m.values().filter(|i| i.unique).cloned().collect())
+                .map(|m| {
+                    m.values()
+                        .filter(|i| i.unique && !dropped(i))
+                        .cloned()
+                        .collect()
+                })
                 .unwrap_or_default()
         };
         if !ops.iter().any(|o| !unique_of(o.tree()).is_empty()) {
