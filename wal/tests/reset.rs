@@ -201,3 +201,88 @@ fn write_empty_segment(storage: &dyn Storage, uuid: uuid::Uuid, first: Offset, g
     f.write_all_at(&header, 0).unwrap();
     f.sync_data().unwrap();
 }
+
+/// Storage that holds the reset's rename of its new segment until the test lets it go: the
+/// moment in which the log's history epoch is already the new one and its segments are still
+/// the old ones.
+#[derive(Debug, Clone)]
+struct HoldResetRename {
+    inner: MemStorage,
+    held: Arc<std::sync::atomic::AtomicBool>,
+    release: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Storage for HoldResetRename {
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn create(&self, name: &str) -> std::io::Result<Box<dyn tideline_wal::StorageFile>> {
+        self.inner.create(name)
+    }
+    fn open(&self, name: &str) -> std::io::Result<Box<dyn tideline_wal::StorageFile>> {
+        self.inner.open(name)
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        self.inner.remove(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
+        if from.ends_with(".reset") {
+            self.held.store(true, Ordering::SeqCst);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !self.release.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self) -> std::io::Result<()> {
+        self.inner.sync_dir()
+    }
+    fn describe(&self, name: &str) -> String {
+        self.inner.describe(name)
+    }
+}
+
+/// A downstream that subscribes by GTID set while a reset is under way (a fresh replica of a
+/// node that is finishing its own bootstrap) is told the copied GTIDs are gone, or its reader
+/// reports the reset: it never reads on in the new history with the copied GTIDs missing.
+#[test]
+fn a_subscription_by_gtid_set_during_a_reset_never_skips_the_copied_gtids() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let storage = HoldResetRename {
+        inner: MemStorage::new(),
+        held: Arc::new(AtomicBool::new(false)),
+        release: Arc::new(AtomicBool::new(false)),
+    };
+    let wal = Arc::new(Wal::open(Arc::new(storage.clone()), opts(64 << 20)).unwrap());
+    let copied = copied_set();
+    let reset = {
+        let (wal, copied) = (wal.clone(), copied.clone());
+        std::thread::spawn(move || wal.reset_history(&copied))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !storage.held.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reset never renamed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let subscribed = wal.read_missing(&GtidSet::new());
+    storage.release.store(true, Ordering::SeqCst);
+    reset.join().unwrap().unwrap();
+    assert_eq!(wal.gtids(), copied);
+    wal.append(txn_for(1)).unwrap();
+    match subscribed {
+        Err(Error::GtidsPurged { .. }) => {}
+        Err(e) => panic!("{e}"),
+        Ok(mut reader) => match reader.next_txn() {
+            Err(Error::HistoryReset { .. }) => {}
+            other => panic!(
+                "a reader opened against the old history read on in the new one, without the \
+                 copied GTIDs: {other:?}"
+            ),
+        },
+    }
+}

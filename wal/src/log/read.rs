@@ -14,7 +14,7 @@ use crate::record::{self, FrameError, Transaction};
 use crate::storage::{Storage, StorageFile};
 use crate::{Epoch, Error, Offset};
 
-use super::{Shared, Wal, lock};
+use super::{Shared, State, Wal, lock};
 
 impl Wal {
     /// Resolves once `offset` is visible. Fails if the log is poisoned or closed meanwhile.
@@ -49,7 +49,11 @@ impl Wal {
     /// A reader from `from`. Fails with [`Error::OffsetUnavailable`] if retention removed it
     /// or it lies more than one past the visible head.
     pub fn read_from(&self, from: Offset) -> Result<Reader, Error> {
-        let first = self.first_offset();
+        let (first, epoch) = {
+            let st = lock(&self.shared.state);
+            let first = Offset::new(st.segments[0].first).unwrap_or(Offset::FIRST);
+            (first, segments_epoch(&st))
+        };
         let last = self.visible_offset();
         if from < first || from.get() > last + 1 {
             return Err(Error::OffsetUnavailable {
@@ -58,7 +62,7 @@ impl Wal {
                 last,
             });
         }
-        Ok(Reader::new(self.shared.clone(), from.get(), None))
+        Ok(Reader::new(self.shared.clone(), from.get(), None, epoch))
     }
 
     /// A reader of every record whose GTID is not in `have`, in log order (auto-positioning).
@@ -80,9 +84,25 @@ impl Wal {
                 break;
             }
         }
+        let epoch = segments_epoch(&st);
         drop(st);
-        Ok(Reader::new(self.shared.clone(), start, Some(have.clone())))
+        Ok(Reader::new(
+            self.shared.clone(),
+            start,
+            Some(have.clone()),
+            epoch,
+        ))
     }
+}
+
+/// The history epoch of the segments a reader was positioned on. Not the log's epoch: a reset
+/// publishes its new epoch before it replaces the segments (so that readers already open see
+/// the reset rather than a missing file), and a reader positioned on the old segments in that
+/// moment must be one of those readers, not one of the new history.
+fn segments_epoch(st: &State) -> u64 {
+    st.segments
+        .last()
+        .map_or(Epoch::INITIAL.get(), |s| s.epoch.get())
 }
 
 async fn wait_visible(shared: &Shared, offset: Offset) -> Result<(), Error> {
@@ -131,9 +151,9 @@ impl std::fmt::Debug for Reader {
 }
 
 impl Reader {
-    fn new(shared: Arc<Shared>, next: u64, exclude: Option<GtidSet>) -> Reader {
+    fn new(shared: Arc<Shared>, next: u64, exclude: Option<GtidSet>, epoch: u64) -> Reader {
         Reader {
-            epoch: shared.history_epoch.load(Ordering::SeqCst),
+            epoch,
             shared,
             next,
             exclude,
