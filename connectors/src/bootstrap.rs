@@ -104,7 +104,8 @@ pub(crate) async fn run(
         last_log: Mutex::new(Instant::now()),
     };
     let d = driver(addr, &report);
-    let result = copy::copy(&d, &Filter::default(), sink, b).await;
+    // The engine sink wipes the whole engine when a copy begins: it needs no list of trees.
+    let result = copy::copy(&d, &Filter::default(), sink, b, &mut None).await;
     match result {
         Ok(pos) => Ok(pos.gtids),
         Err(stop) => {

@@ -26,8 +26,8 @@ use rand::{Rng, SeedableRng};
 use tideline::node::{EngineNode, open_engine};
 use tideline_connectors::pipeline::{self, PipelineError};
 use tideline_connectors::{
-    Batch, Filter, Item, PipelineCheckpoint, PipelineConfig, PipelineState, SharedPipelineStatus,
-    Sink, SinkError, SinkFuture, StartFrom,
+    Batch, EarlierCopy, Filter, Item, PipelineCheckpoint, PipelineConfig, PipelineState,
+    SharedPipelineStatus, Sink, SinkError, SinkFuture, StartFrom,
 };
 use tideline_engine::{Engine, MergeOperator};
 use tideline_stream::{ClientConfig, ServerConfig, ServerHandle, tls};
@@ -175,6 +175,8 @@ struct Stored {
     writes: usize,
     /// Each write takes at least this long (a slow sink, so that a bootstrap overlaps writes).
     write_delay: Duration,
+    /// What each `begin_copy` was told the sink holds of an earlier copy.
+    begun: Vec<EarlierCopy>,
 }
 
 #[derive(Clone, Default)]
@@ -245,6 +247,25 @@ impl Sink for TestSink {
     fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
         let cp = self.with(|s| s.checkpoint.clone());
         Box::pin(async move { Ok(cp) })
+    }
+
+    /// As a sink storing values does: the earlier copy's trees (all, when not recorded) are
+    /// cleared with the new copy's first checkpoint.
+    fn begin_copy<'a>(
+        &'a mut self,
+        checkpoint: &'a [u8],
+        earlier: &'a EarlierCopy,
+    ) -> SinkFuture<'a, Result<(), SinkError>> {
+        self.with(|s| {
+            s.begun.push(earlier.clone());
+            match earlier {
+                EarlierCopy::None => return,
+                EarlierCopy::Trees { trees, .. } => s.state.retain(|(t, _), _| !trees.contains(t)),
+                EarlierCopy::Unrecorded => s.state.clear(),
+            }
+            s.checkpoint = Some(checkpoint.to_vec());
+        });
+        Box::pin(async { Ok(()) })
     }
 
     fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>> {
@@ -679,6 +700,118 @@ async fn an_interrupted_bootstrap_resumes_from_its_stored_progress() {
     );
     assert_eq!(sink.with(|s| s.state.clone()), src.state(), "seed {seed}");
     task.abort();
+}
+
+/// Runs a bootstrap of `cfg` into a new sink that fails for good after a few stored steps;
+/// returns the sink and the checkpoint it holds then (a copy's, naming the trees written).
+async fn interrupted_copy(cfg: PipelineConfig) -> (TestSink, serde_json::Value) {
+    let sink = TestSink::default();
+    sink.with(|s| {
+        s.faults_after = 5;
+        s.faults.push_back(Fault::Fatal);
+    });
+    let (st, task) = spawn(cfg, &sink);
+    let r = match tokio::time::timeout(Duration::from_secs(60), task).await {
+        Ok(r) => r.unwrap(),
+        Err(_) => panic!("the first run did not stop; status {}", st.get().to_json()),
+    };
+    assert!(r.is_err(), "the injected fatal error stops the first run");
+    let bytes = sink
+        .with(|s| s.checkpoint.clone())
+        .expect("a stored checkpoint");
+    assert!(
+        matches!(
+            PipelineCheckpoint::decode(&bytes),
+            Ok(PipelineCheckpoint::Bootstrap(_))
+        ),
+        "the sink holds a copy's progress"
+    );
+    (sink, serde_json::from_slice(&bytes).unwrap())
+}
+
+/// A copy that cannot resume (here: its progress names another node) starts again from
+/// scratch, and the sink is first told which trees the earlier copy wrote (as its checkpoints
+/// record them) so that it clears them: a tree dropped at the source meanwhile and rows
+/// deleted meanwhile must not stay, though the new copy's chunks never name them. A progress
+/// stored by an earlier build records no trees: the sink is told so, or given the pipeline's
+/// `trees` when it names some.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_cannot_resume_starts_again_after_the_sink_clears_the_earlier_ones_trees() {
+    let seed = rand::random::<u64>();
+    println!("seed {seed}");
+    let src = preloaded_source(seed).await;
+    let (sink, mut stored) = interrupted_copy(bootstrap_config(&src, "recopy")).await;
+    let written: Vec<String> = serde_json::from_value(stored["trees"].clone()).unwrap();
+    assert!(
+        written.contains(&"counters".to_string()),
+        "trees are copied in name order: {stored}"
+    );
+    assert!(
+        sink.with(|s| s.state.keys().any(|(t, _)| t == "counters")),
+        "the partial copy holds `counters`"
+    );
+    // Meanwhile the source drops a copied tree and deletes rows the sink holds.
+    src.engine.drop_tree("counters").unwrap();
+    for k in 0..200 {
+        src.engine
+            .delete("docs", format!("k{k:03}").as_bytes())
+            .unwrap();
+    }
+    stored["bootstrap"]["server_uuid"] = uuid::Uuid::from_bytes([9; 16]).to_string().into();
+    sink.with(|s| s.checkpoint = Some(stored.to_string().into_bytes()));
+    let (st, task) = spawn(bootstrap_config(&src, "recopy"), &sink);
+    wait_caught_up(&src, &sink, &st).await;
+    task.abort();
+    assert_eq!(
+        sink.with(|s| s.begun.clone()),
+        [
+            EarlierCopy::None,
+            EarlierCopy::Trees {
+                trees: written,
+                prefix: None
+            }
+        ],
+        "a new sink's copy, then the copy begun again over the earlier one's trees"
+    );
+    assert_eq!(sink.with(|s| s.state.clone()), src.state(), "seed {seed}");
+    assert_eq!(st.get().to_json()["bootstrap"]["resumes"], 0);
+
+    // Progress of an earlier build: no trees recorded, no epoch (it cannot resume).
+    for (trees, told) in [
+        (vec![], EarlierCopy::Unrecorded),
+        (
+            vec!["docs".to_string()],
+            EarlierCopy::Trees {
+                trees: vec!["docs".into()],
+                prefix: None,
+            },
+        ),
+    ] {
+        let mut cfg = bootstrap_config(&src, "earlier");
+        cfg.filter.trees.clone_from(&trees);
+        let (sink, mut stored) = interrupted_copy(cfg.clone()).await;
+        stored.as_object_mut().unwrap().remove("trees");
+        stored["bootstrap"]["epoch"] = serde_json::Value::Null;
+        sink.with(|s| s.checkpoint = Some(stored.to_string().into_bytes()));
+        let (st, task) = spawn(cfg, &sink);
+        wait_caught_up(&src, &sink, &st).await;
+        task.abort();
+        assert_eq!(
+            sink.with(|s| s.begun.last().cloned()),
+            Some(told),
+            "{trees:?}"
+        );
+        let want: BTreeMap<_, _> = src
+            .state()
+            .into_iter()
+            .filter(|((t, _), _)| trees.is_empty() || trees.contains(t))
+            .collect();
+        assert_eq!(
+            sink.with(|s| s.state.clone()),
+            want,
+            "{trees:?}, seed {seed}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

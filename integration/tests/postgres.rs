@@ -26,7 +26,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sinkkit::{Norm, SourceNode};
 use tideline_connectors::sink::postgres::{PostgresConfig, PostgresSink};
-use tideline_connectors::{Batch, Sink, SinkError};
+use tideline_connectors::{Batch, EarlierCopy, Sink, SinkError};
 
 const PG: u16 = 5432;
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -655,4 +655,177 @@ fn bad_files_and_unreachable_or_refusing_servers_give_one_clear_line_and_no_posi
         rt.block_on(position(&db, &name)).is_none(),
         "--check stores no position"
     );
+}
+
+/// A bootstrap that cannot resume (the source purged the log its stored progress needs)
+/// starts again from scratch into tables holding a partial copy: the table of a tree dropped
+/// at the source meanwhile must not keep its rows (the new copy's chunks never name that
+/// tree), nor the other tables rows deleted meanwhile.
+#[test]
+fn a_copy_that_cannot_resume_starts_again_without_leaving_stale_rows() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceNode::start_purgeable(&dir.path().join("src"));
+    let _guard = source.runtime.enter();
+    let db = pg();
+    let name = sinkkit::unique("pgrecopy");
+    let prefix = format!("{name}_");
+    let file = sinkkit::pipeline_file(
+        dir.path(),
+        &name,
+        &format!(
+            "name = \"{name}\"\n\n[source]\nnode = \"{}\"\nsecrets = \"{}\"\nfrom = \
+             \"bootstrap\"\n\n[sink]\nkind = \"postgres\"\nurl = \"{URL}\"\ntable = \
+             \"{prefix}{{tree}}\"\n",
+            source.addr,
+            source.secrets.display()
+        ),
+    );
+    let log = dir.path().join("connect.log");
+    let rt = &source.runtime;
+    sinkkit::copy_that_cannot_resume(
+        &source,
+        &file,
+        &log,
+        || rt.block_on(position(&db, &name)),
+        || {
+            sinkkit::RESTART_TREES
+                .iter()
+                .map(|tree| {
+                    let rows = rt.block_on(rows(&db, &format!("{prefix}{tree}")));
+                    (tree.to_string(), rows)
+                })
+                .collect()
+        },
+    );
+    for tree in sinkkit::RESTART_TREES {
+        let _ = rt.block_on(db.batch_execute(&format!("DROP TABLE IF EXISTS \"{prefix}{tree}\"")));
+    }
+    let _ = rt.block_on(db.execute(
+        "DELETE FROM tideline_positions WHERE pipeline = $1",
+        &[&name],
+    ));
+}
+
+/// `begin_copy` of a copy that starts again from scratch: the tables of the trees the earlier
+/// copy wrote are truncated with storing the new copy's position, in one transaction; other
+/// tables keep their rows. A position moved by another writer stops it before it truncates
+/// anything. Trees not recorded (a position stored by an earlier version) hold the pipeline
+/// until an operator has removed the position.
+#[test]
+fn begin_copy_truncates_the_earlier_copys_tables_or_holds_when_it_does_not_know_them() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let db = pg();
+    let name = sinkkit::unique("pgbegin");
+    let prefix = format!("{name}_");
+    let trees = |t: &[&str], prefix: Option<&str>| EarlierCopy::Trees {
+        trees: t.iter().map(|t| t.to_string()).collect(),
+        prefix: prefix.map(|p| p.as_bytes().to_vec()),
+    };
+    let count = |tree: &str| {
+        let db = &db;
+        let table = format!("{prefix}{tree}");
+        async move { rows(db, &table).await.len() }
+    };
+    rt.block_on(async {
+        let mut sink = counter_sink(&name, URL);
+        assert_eq!(sink.open().await.expect("open"), None);
+        let written = [("t", "a"), ("t", "b"), ("u", "a"), ("v", "a")];
+        sink.write(&sinkkit::puts(&written, "copy 1, step 1"))
+            .await
+            .expect("a step of the earlier copy");
+        sink.begin_copy(b"copy 2", &trees(&["t", "u", "never-written"], None))
+            .await
+            .expect("the earlier copy's tables emptied");
+        assert_eq!(
+            (count("t").await, count("u").await, count("v").await),
+            (0, 0, 1),
+            "only the tree not named keeps its rows"
+        );
+        assert_eq!(position(&db, &name).await.as_deref(), Some(&b"copy 2"[..]));
+        // A pipeline limited to keys starting with `p`: the others are not its own.
+        let written = [("t", "p1"), ("t", "q1")];
+        sink.write(&sinkkit::puts(&written, "copy 2, step 1"))
+            .await
+            .expect("the new copy writes after its first checkpoint");
+        sink.begin_copy(b"copy 3", &trees(&["t"], Some("p")))
+            .await
+            .expect("the earlier copy's rows with its prefix cleared");
+        assert_eq!(
+            rows(&db, &format!("{prefix}t"))
+                .await
+                .into_keys()
+                .collect::<Vec<_>>(),
+            [b"q1".to_vec()]
+        );
+        // Another writer moved the position: nothing is truncated.
+        db.execute(
+            "UPDATE tideline_positions SET checkpoint = 'elsewhere' WHERE pipeline = $1",
+            &[&name],
+        )
+        .await
+        .expect("move the position");
+        let e = sink
+            .begin_copy(b"copy 4", &trees(&["t", "v"], None))
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&e, SinkError::Fatal(m) if m.contains("another connector wrote")),
+            "{e}"
+        );
+        assert_eq!((count("t").await, count("v").await), (1, 1));
+
+        // Trees not recorded: held, until the operator empties the tables and removes the
+        // position.
+        let mut sink = counter_sink(&name, URL);
+        assert_eq!(
+            sink.open().await.expect("open").as_deref(),
+            Some(&b"elsewhere"[..])
+        );
+        let e = sink
+            .begin_copy(b"copy 4", &EarlierCopy::Unrecorded)
+            .await
+            .expect_err("held");
+        assert!(
+            matches!(&e, SinkError::Hold(m) if m.contains("cannot resume")
+                && m.contains("DELETE FROM") && m.contains(&name)),
+            "{e}"
+        );
+        assert_eq!(
+            (count("t").await, count("v").await),
+            (1, 1),
+            "nothing emptied"
+        );
+        for tree in ["t", "u", "v"] {
+            db.batch_execute(&format!("TRUNCATE \"{prefix}{tree}\""))
+                .await
+                .expect("the operator empties the tables");
+        }
+        db.execute(
+            "DELETE FROM tideline_positions WHERE pipeline = $1",
+            &[&name],
+        )
+        .await
+        .expect("the operator removes the position");
+        sink.begin_copy(b"copy 4", &EarlierCopy::Unrecorded)
+            .await
+            .expect("the copy begins once the position is gone");
+        sink.write(&sinkkit::puts(&[("t", "d")], "copy 4, step 1"))
+            .await
+            .expect("the new copy writes into the emptied tables");
+        assert_eq!(count("t").await, 1);
+    });
+    for tree in ["t", "u", "v"] {
+        let _ = rt.block_on(db.batch_execute(&format!("DROP TABLE IF EXISTS \"{prefix}{tree}\"")));
+    }
+    let _ = rt.block_on(db.execute(
+        "DELETE FROM tideline_positions WHERE pipeline = $1",
+        &[&name],
+    ));
 }

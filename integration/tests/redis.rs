@@ -29,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 use sinkkit::{Norm, SourceNode};
 use tideline_connectors::sink::redis::{RedisConfig, RedisSink};
-use tideline_connectors::{Batch, Item, Sink, SinkError};
+use tideline_connectors::{Batch, EarlierCopy, Item, Sink, SinkError};
 
 const REDIS: u16 = 6379;
 const URL: &str = "redis://127.0.0.1:6379";
@@ -69,10 +69,16 @@ async fn keys(c: &mut MultiplexedConnection, prefix: &str) -> BTreeMap<Vec<u8>, 
             .query_async(c)
             .await
             .expect("SCAN");
-        for k in page {
-            let v: Option<Vec<u8>> = redis::cmd("GET").arg(&k).query_async(c).await.expect("GET");
-            if let Some(v) = v {
-                out.insert(k[prefix.len()..].to_vec(), v);
+        if !page.is_empty() {
+            let values: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                .arg(&page)
+                .query_async(c)
+                .await
+                .expect("MGET");
+            for (k, v) in page.into_iter().zip(values) {
+                if let Some(v) = v {
+                    out.insert(k[prefix.len()..].to_vec(), v);
+                }
             }
         }
         if next == 0 {
@@ -649,4 +655,184 @@ fn a_dropped_tree_leaves_no_key_the_same_batch_wrote() {
     source
         .runtime
         .block_on(clean(&mut db, &format!("{name}:"), &name));
+}
+
+/// A bootstrap that cannot resume (the source purged the log its stored progress needs)
+/// starts again from scratch into a sink holding a partial copy: rows deleted at the source
+/// meanwhile and the keys of a tree dropped meanwhile must not stay in Redis (a chunk only
+/// `SET`s its rows; Redis cannot delete a key range).
+#[test]
+fn a_copy_that_cannot_resume_starts_again_without_leaving_stale_keys() {
+    if !sinkkit::service_up("Redis", REDIS) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceNode::start_purgeable(&dir.path().join("src"));
+    let mut db = source.runtime.block_on(conn());
+    let name = sinkkit::unique("rdrecopy");
+    let file = sinkkit::pipeline_file(
+        dir.path(),
+        &name,
+        &format!(
+            "name = \"{name}\"\n\n[source]\nnode = \"{}\"\nsecrets = \"{}\"\nfrom = \
+             \"bootstrap\"\n\n[sink]\nkind = \"redis\"\nurl = \"{URL}\"\nkey = \
+             \"{name}:{{tree}}:{{key}}\"\n",
+            source.addr,
+            source.secrets.display()
+        ),
+    );
+    let log = dir.path().join("connect.log");
+    let rt = &source.runtime;
+    let db2 = db.clone();
+    sinkkit::copy_that_cannot_resume(
+        &source,
+        &file,
+        &log,
+        || rt.block_on(position(&mut db2.clone(), &name)),
+        || {
+            sinkkit::RESTART_TREES
+                .iter()
+                .map(|tree| {
+                    let rows = rt.block_on(keys(&mut db2.clone(), &format!("{name}:{tree}:")));
+                    let rows = rows.into_iter().map(|(k, v)| (k, Norm::of(&v))).collect();
+                    (tree.to_string(), rows)
+                })
+                .collect()
+        },
+    );
+    rt.block_on(clean(&mut db, &format!("{name}:"), &name));
+}
+
+/// `begin_copy` of a copy that starts again from scratch: the keys of the trees the earlier
+/// copy wrote go, with the new copy's position, in one transaction; other trees' keys stay,
+/// and so do keys outside the pipeline's key prefix. A template without `{tree}` is the
+/// pipeline's alone: all its keys go. A position moved by another writer stops it before it
+/// deletes anything. When it cannot tell the pipeline's keys (a template that begins with
+/// `{key}`, trees not recorded), it holds the pipeline, until an operator removed the
+/// position.
+#[test]
+fn begin_copy_deletes_the_earlier_copys_trees_or_holds_when_it_cannot_tell_their_keys() {
+    if !sinkkit::service_up("Redis", REDIS) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = conn().await;
+        let name = sinkkit::unique("rdbegin");
+        let sink_of = |key: String| {
+            let mut cfg = RedisConfig::new(URL);
+            cfg.key = key;
+            RedisSink::new(cfg, &name).expect("sink settings")
+        };
+        let trees = |t: &[&str], prefix: Option<&str>| EarlierCopy::Trees {
+            trees: t.iter().map(|t| t.to_string()).collect(),
+            prefix: prefix.map(|p| p.as_bytes().to_vec()),
+        };
+        let stored = |c: &mut MultiplexedConnection| {
+            let mut c = c.clone();
+            let prefix = format!("{name}:");
+            async move {
+                keys(&mut c, &prefix)
+                    .await
+                    .into_keys()
+                    .map(|k| String::from_utf8(k).unwrap())
+                    .collect::<Vec<_>>()
+            }
+        };
+        let mut sink = sink_of(format!("{name}:{{tree}}:{{key}}"));
+        assert_eq!(sink.open().await.expect("open"), None);
+        let rows = [("t", "a"), ("t", "b"), ("u", "a"), ("v", "a")];
+        sink.write(&sinkkit::puts(&rows, "copy 1, step 1"))
+            .await
+            .expect("a step of the earlier copy");
+        sink.begin_copy(b"copy 2", &trees(&["t", "u", "never-written"], None))
+            .await
+            .expect("the earlier copy's trees cleared");
+        assert_eq!(
+            stored(&mut c).await,
+            ["v:a"],
+            "only the tree not named stays"
+        );
+        assert_eq!(
+            position(&mut c, &name).await.as_deref(),
+            Some(&b"copy 2"[..])
+        );
+        // A pipeline limited to keys starting with `p`: the others are not its own.
+        let rows = [("t", "p1"), ("t", "q1")];
+        sink.write(&sinkkit::puts(&rows, "copy 2, step 1"))
+            .await
+            .expect("the new copy writes after its first checkpoint");
+        sink.begin_copy(b"copy 3", &trees(&["t"], Some("p")))
+            .await
+            .expect("the earlier copy's keys with its prefix cleared");
+        assert_eq!(stored(&mut c).await, ["t:q1", "v:a"]);
+        // Another writer moved the position: nothing is deleted.
+        redis::cmd("SET")
+            .arg(format!("tideline:position:{name}"))
+            .arg("elsewhere")
+            .query_async::<()>(&mut c)
+            .await
+            .expect("SET");
+        let e = sink
+            .begin_copy(b"copy 4", &trees(&["t", "v"], None))
+            .await
+            .expect_err("refused");
+        assert!(
+            matches!(&e, SinkError::Fatal(m) if m.contains("another connector wrote")),
+            "{e}"
+        );
+        assert_eq!(stored(&mut c).await, ["t:q1", "v:a"]);
+        clean(&mut c, &format!("{name}:"), &name).await;
+
+        // Without `{tree}`, every key of the template is the pipeline's.
+        let mut sink = sink_of(format!("{name}:{{key}}"));
+        assert_eq!(sink.open().await.expect("open"), None);
+        sink.write(&sinkkit::puts(&[("t", "a"), ("u", "b")], "copy 1, step 1"))
+            .await
+            .expect("a step of the earlier copy");
+        sink.begin_copy(b"copy 2", &trees(&["t"], None))
+            .await
+            .expect("the template's keys cleared");
+        assert_eq!(stored(&mut c).await, Vec::<String>::new());
+        clean(&mut c, &format!("{name}:"), &name).await;
+
+        // Held where the sink cannot tell the pipeline's keys, until the position is gone.
+        for (key, row, earlier) in [
+            (
+                "{key}".to_string(),
+                format!("{name}:a"),
+                trees(&["t"], None),
+            ),
+            (
+                format!("{name}:{{tree}}:{{key}}"),
+                "a".to_string(),
+                EarlierCopy::Unrecorded,
+            ),
+        ] {
+            let mut sink = sink_of(key.clone());
+            assert_eq!(sink.open().await.expect("open"), None);
+            sink.write(&sinkkit::puts(&[("t", &row)], "copy 1, step 1"))
+                .await
+                .expect("a step of the earlier copy");
+            let e = sink
+                .begin_copy(b"copy 2", &earlier)
+                .await
+                .expect_err("held");
+            assert!(
+                matches!(&e, SinkError::Hold(m) if m.contains("cannot resume")
+                    && m.contains(&format!("tideline:position:{name}"))),
+                "{key}: {e}"
+            );
+            assert_eq!(stored(&mut c).await.len(), 1, "{key}: nothing deleted");
+            // The operator starts the pipeline over: keys and position deleted.
+            clean(&mut c, &format!("{name}:"), &name).await;
+            sink.begin_copy(b"copy 2", &earlier)
+                .await
+                .expect("the copy begins once the position is gone");
+            sink.write(&sinkkit::puts(&[("t", &row)], "copy 2, step 1"))
+                .await
+                .expect("the new copy writes into the emptied sink");
+            clean(&mut c, &format!("{name}:"), &name).await;
+        }
+    });
 }

@@ -2,7 +2,12 @@
 //!
 //! persisted (in every sink): changes must stay backward compatible. The bytes are JSON:
 //! `{"tail":{"server_uuid":..,"offset":N,"gtids":"SET","epoch":N}}` while following the log,
-//! `{"bootstrap":{...progress...}}` while copying.
+//! `{"bootstrap":{...progress...},"trees":["a",..]}` while copying. `trees` names every tree
+//! the copy's stored steps wrote into the sink, so that a copy that must start again from
+//! scratch can have them cleared ([`crate::sink::EarlierCopy`]); progress stored by builds
+//! before it has none (its trees are unrecorded).
+
+use std::collections::BTreeSet;
 
 use serde_json::{Value, json};
 use tideline_consumers::{BootstrapProgress, Position};
@@ -26,6 +31,24 @@ impl PipelineCheckpoint {
             PipelineCheckpoint::Bootstrap(b) => json!({ "bootstrap": b }),
         };
         v.to_string().into_bytes()
+    }
+
+    /// A copy's checkpoint: its progress and the trees its stored steps wrote so far (`None`:
+    /// not recorded, as in progress stored by an earlier build; the bytes then name none).
+    pub fn encode_copy(progress: &BootstrapProgress, trees: Option<&BTreeSet<String>>) -> Vec<u8> {
+        let v = match trees {
+            Some(t) => json!({ "bootstrap": progress, "trees": t }),
+            None => json!({ "bootstrap": progress }),
+        };
+        v.to_string().into_bytes()
+    }
+
+    /// The trees a copy's checkpoint records as written ([`PipelineCheckpoint::encode_copy`]);
+    /// `None` when it records none (stored by an earlier build, or not a copy's checkpoint).
+    pub fn copied_trees(bytes: &[u8]) -> Option<BTreeSet<String>> {
+        let v: Value = serde_json::from_slice(bytes).ok()?;
+        v.get("bootstrap")?;
+        serde_json::from_value(v.get("trees")?.clone()).ok()
     }
 
     /// Reads what [`PipelineCheckpoint::encode`] wrote; the error says what is wrong.
@@ -77,5 +100,43 @@ mod tests {
                 .unwrap_err()
                 .contains("not JSON")
         );
+    }
+
+    #[test]
+    fn a_copy_checkpoint_records_its_trees_and_an_earlier_one_records_none() {
+        let progress = BootstrapProgress {
+            server_uuid: uuid::Uuid::from_bytes([5; 16]),
+            after_offset: 7,
+            epoch: Some(2),
+            tree: "b".into(),
+            key_hex: "6b31".into(),
+            tree_done: false,
+            trees_done: 1,
+            chunks: 3,
+            keys: 30,
+            bytes: 300,
+            keys_estimate: 90,
+            bytes_estimate: 0,
+            records: 4,
+            resumes: 0,
+        };
+        let trees: BTreeSet<String> = ["a".to_string(), "b".to_string()].into();
+        let bytes = PipelineCheckpoint::encode_copy(&progress, Some(&trees));
+        assert_eq!(
+            PipelineCheckpoint::decode(&bytes).unwrap(),
+            PipelineCheckpoint::Bootstrap(progress.clone()),
+            "the progress reads as before"
+        );
+        assert_eq!(PipelineCheckpoint::copied_trees(&bytes), Some(trees));
+        let empty = PipelineCheckpoint::encode_copy(&progress, Some(&BTreeSet::new()));
+        assert_eq!(
+            PipelineCheckpoint::copied_trees(&empty),
+            Some(BTreeSet::new())
+        );
+        // Stored by an earlier build: the trees are unknown, not none.
+        let earlier = PipelineCheckpoint::Bootstrap(progress.clone()).encode();
+        assert_eq!(PipelineCheckpoint::copied_trees(&earlier), None);
+        assert_eq!(PipelineCheckpoint::encode_copy(&progress, None), earlier);
+        assert_eq!(PipelineCheckpoint::copied_trees(b"{\"tail\":{}}"), None);
     }
 }

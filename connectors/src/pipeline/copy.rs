@@ -7,16 +7,28 @@
 //! slower of the two, not at their sum. A process killed at any point resumes from the last
 //! step the sink stored, so at most the steps in flight are sent again.
 //!
-//! Owns: the order of copy steps, when a copy begins from scratch ([`Sink::begin_copy`]), the
-//! chunk acknowledgements to the source. Must never: acknowledge a chunk before the sink stored
-//! it, or move the checkpoint past a step not stored.
+//! Every copy checkpoint also names the trees the copy's stored steps wrote ([`CopiedTrees`]):
+//! when a copy must begin again from scratch, the sink is told what the earlier one left
+//! ([`EarlierCopy`]) and clears it with the new copy's first checkpoint.
+//!
+//! Owns: the order of copy steps, when a copy begins from scratch ([`Sink::begin_copy`]) and
+//! what the sink holds then, the chunk acknowledgements to the source. Must never: acknowledge
+//! a chunk before the sink stored it, or move the checkpoint past a step not stored.
+
+use std::collections::BTreeSet;
 
 use tideline_consumers::{Bootstrap, BootstrapError, BootstrapProgress, BootstrapStep, Position};
 use tideline_stream::ClientError;
 
 use super::drive::Driver;
 use super::{Filter, PipelineCheckpoint, PipelineError};
-use crate::sink::{Batch, Item, Sink};
+use crate::sink::{Batch, EarlierCopy, Item, Sink};
+
+/// The trees the copy steps a sink stored have written, as its last stored checkpoint records
+/// them; `None` when they are not known (a checkpoint stored by an earlier build). Kept across
+/// the copies of one pipeline run, so that a copy begun again from scratch (after one that
+/// cannot resume) knows what the sink holds.
+pub(crate) type CopiedTrees = Option<BTreeSet<String>>;
 
 /// Steps received ahead of the sink.
 const STEPS_AHEAD: usize = 4;
@@ -53,17 +65,31 @@ type Received = Result<Option<(BootstrapStep, BootstrapProgress, f64)>, Bootstra
 
 /// Copies from `b` into `sink` until the copy is complete; returns the position the live tail
 /// takes over at. A copy that starts from scratch (`resumes == 0`) first calls
-/// [`Sink::begin_copy`]. `filter` keeps only the changes that pass.
+/// [`Sink::begin_copy`], naming what `trees` says the sink holds of an earlier copy; `trees`
+/// then follows what the stored steps write. `filter` keeps only the changes that pass.
 pub(crate) async fn copy(
     d: &Driver<'_>,
     filter: &Filter,
     sink: &mut dyn Sink,
     mut b: Bootstrap,
+    trees: &mut CopiedTrees,
 ) -> Result<Position, CopyStop> {
     let server_uuid = b.progress().server_uuid;
     if b.progress().resumes == 0 {
-        let start = PipelineCheckpoint::Bootstrap(b.progress().clone()).encode();
-        d.begin_copy(sink, &start).await.map_err(CopyStop::Sink)?;
+        let earlier = match trees.as_ref() {
+            Some(t) if t.is_empty() => EarlierCopy::None,
+            Some(t) => EarlierCopy::Trees {
+                trees: t.iter().cloned().collect(),
+                prefix: filter.prefix.clone(),
+            },
+            None => EarlierCopy::Unrecorded,
+        };
+        let none = BTreeSet::new();
+        let start = PipelineCheckpoint::encode_copy(b.progress(), Some(&none));
+        d.begin_copy(sink, &start, &earlier)
+            .await
+            .map_err(CopyStop::Sink)?;
+        *trees = Some(none);
     }
     let mut acker = b.take_acker();
     let mut chunks_stored = 0u64;
@@ -134,10 +160,24 @@ pub(crate) async fn copy(
                 return Ok(pos);
             }
         };
+        // The step's trees go into the checkpoint stored with it. A write that fails for good
+        // ends the pipeline run, and `trees` with it.
+        if let (Some(t), Some(item)) = (trees.as_mut(), item.as_ref()) {
+            let mut note = |tree: &str| {
+                if !t.contains(tree) {
+                    t.insert(tree.to_owned());
+                }
+            };
+            match item {
+                Item::Chunk { tree, .. } => note(tree),
+                Item::Ops(ops) => ops.iter().for_each(|op| note(op.tree())),
+                Item::Txn(_) => {}
+            }
+        }
         let batch = Batch {
             source: server_uuid,
             items: item.into_iter().collect(),
-            checkpoint: PipelineCheckpoint::Bootstrap(progress.clone()).encode(),
+            checkpoint: PipelineCheckpoint::encode_copy(&progress, trees.as_ref()),
         };
         d.write(sink, batch).await.map_err(CopyStop::Sink)?;
         d.report.copy_step(&progress, rate);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tideline_consumers::{BootstrapProgress, Position};
 
 use super::{PipelineConfig, PipelineError, SharedPipelineStatus};
-use crate::sink::{Batch, Sink, SinkError};
+use crate::sink::{Batch, EarlierCopy, Sink, SinkError};
 
 /// Where the shared steps report what happened: a pipeline's status, or a replica's upstream
 /// status. Called without any lock held; implementations must not block.
@@ -113,15 +113,17 @@ impl<'a> Driver<'a> {
         }
     }
 
-    /// Tells the sink a copy starts from scratch at `checkpoint`, retrying as it says.
+    /// Tells the sink a copy starts from scratch at `checkpoint`, replacing `earlier`,
+    /// retrying as it says.
     pub(crate) async fn begin_copy(
         &self,
         sink: &mut dyn Sink,
         checkpoint: &[u8],
+        earlier: &EarlierCopy,
     ) -> Result<(), PipelineError> {
         let mut failures = 0;
         loop {
-            match sink.begin_copy(checkpoint).await {
+            match sink.begin_copy(checkpoint, earlier).await {
                 Ok(()) => {
                     self.after_success(sink, failures);
                     return Ok(());

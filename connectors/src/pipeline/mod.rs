@@ -9,9 +9,11 @@
 //!
 //! Where it starts: [`Sink::open`] returns the checkpoint the sink stored with its data. With
 //! one, the pipeline resumes right after it (by offset on the same node and history, by GTID
-//! set elsewhere: the tail's own rules), or resumes the bootstrap it records. Without one, it
-//! starts from [`PipelineConfig::from`]: a bootstrap copy of the source's current state merged
-//! with its live log, or a tail position.
+//! set elsewhere: the tail's own rules), or resumes the bootstrap it records; a bootstrap that
+//! cannot resume (the source purged the log it needs, or is another node or history) starts
+//! again from scratch once the sink has cleared the trees the earlier copy wrote
+//! ([`Sink::begin_copy`]). Without one, it starts from [`PipelineConfig::from`]: a bootstrap
+//! copy of the source's current state merged with its live log, or a tail position.
 //!
 //! Back-pressure: the pipeline reads one batch ahead of the sink at most (plus what the tail's
 //! connection buffers); a slow sink slows only its own pipeline. The source node never waits
@@ -198,25 +200,34 @@ pub async fn run(
     st: &SharedPipelineStatus,
 ) -> Result<(), PipelineError> {
     let d = Driver::of(&cfg, st);
-    let stored = d.open(&mut *sink).await?;
-    let stored = match stored {
-        Some(bytes) => Some(PipelineCheckpoint::decode(&bytes).map_err(|reason| {
-            PipelineError::Checkpoint {
-                sink: sink.describe(),
-                reason,
-            }
-        })?),
-        None => None,
-    };
+    let stored_bytes = d.open(&mut *sink).await?;
+    let stored = stored_bytes
+        .as_deref()
+        .map(PipelineCheckpoint::decode)
+        .transpose()
+        .map_err(|reason| PipelineError::Checkpoint {
+            sink: sink.describe(),
+            reason,
+        })?;
     let operators = merge_operators(&cfg, &d, st).await?;
     sink.set_merge_operators(&operators);
     let position = match stored {
         Some(PipelineCheckpoint::Tail(p)) => Some(p),
         Some(PipelineCheckpoint::Bootstrap(p)) => {
-            Some(bootstrap(&cfg, &d, st, &mut *sink, Some(p)).await?)
+            // The trees the stored copy wrote; a checkpoint of an earlier build names none, and
+            // then a pipeline limited to some trees can have written no others.
+            let trees = stored_bytes
+                .as_deref()
+                .and_then(PipelineCheckpoint::copied_trees)
+                .or_else(|| {
+                    (!cfg.filter.trees.is_empty())
+                        .then(|| cfg.filter.trees.iter().cloned().collect())
+                });
+            Some(bootstrap(&cfg, &d, st, &mut *sink, Some(p), trees).await?)
         }
         None if cfg.from == StartFrom::Bootstrap => {
-            Some(bootstrap(&cfg, &d, st, &mut *sink, None).await?)
+            let trees = Some(std::collections::BTreeSet::new());
+            Some(bootstrap(&cfg, &d, st, &mut *sink, None, trees).await?)
         }
         None => None,
     };
@@ -388,13 +399,16 @@ fn filtered(filter: &Filter, mut txn: Transaction) -> Option<Transaction> {
 }
 
 /// Copies the source's state into the sink (resuming `stored` when given), storing progress
-/// with every batch; returns the position the live tail takes over at.
+/// with every batch; returns the position the live tail takes over at. `trees`: what the sink
+/// holds of a copy (see [`copy::CopiedTrees`]); a copy that cannot resume starts again from
+/// scratch, and the sink clears those first.
 async fn bootstrap(
     cfg: &PipelineConfig,
     d: &Driver<'_>,
     st: &SharedPipelineStatus,
     sink: &mut dyn Sink,
     mut stored: Option<BootstrapProgress>,
+    mut trees: copy::CopiedTrees,
 ) -> Result<Position, PipelineError> {
     let source_err = |message: String| PipelineError::Source {
         addr: cfg.addr.clone(),
@@ -417,7 +431,7 @@ async fn bootstrap(
         };
         let b = match Bootstrap::start(&client, stored.clone(), cfg.chunk_bytes).await {
             Err(BootstrapError::Restart(why)) if stored.is_some() => {
-                tracing::warn!(pipeline = %cfg.name, reason = %why, "the bootstrap cannot resume; copying again from scratch");
+                tracing::warn!(pipeline = %cfg.name, reason = %why, "the bootstrap cannot resume; copying again from scratch, after the sink clears what the earlier copy wrote");
                 stored = None;
                 Bootstrap::start(&client, None, cfg.chunk_bytes).await
             }
@@ -432,7 +446,7 @@ async fn bootstrap(
             }
             Err(e) => return Err(source_err(e.to_string())),
         };
-        let (why, progress) = match copy::copy(d, &cfg.filter, sink, b).await {
+        let (why, progress) = match copy::copy(d, &cfg.filter, sink, b, &mut trees).await {
             Ok(pos) => {
                 tracing::info!(pipeline = %cfg.name, "bootstrap complete; following the log");
                 return Ok(pos);

@@ -29,6 +29,11 @@
 //!    its own pipeline and nothing else (the source node never waits on a consumer).
 //! 5. **Order.** A sink applies the items of a batch in order; a later item on the same key
 //!    wins. It never reorders across batches.
+//! 6. **A copy that starts again.** A bootstrap copy that cannot be resumed starts again from
+//!    scratch; [`Sink::begin_copy`] says which trees the earlier copy wrote ([`EarlierCopy`]).
+//!    A sink that stores values clears them with the new copy's first checkpoint, or holds
+//!    the pipeline for an operator when it cannot do so safely: its content must end equal to
+//!    the source's, and the new copy only rewrites the trees the source has now.
 //!
 //! What a sink must never do: move its stored checkpoint past data it has not stored, keep
 //! the checkpoint in a place other than beside its data, or read the source itself.
@@ -137,8 +142,9 @@ pub enum Item {
     Txn(Transaction),
     /// Bootstrap: replace `[from, to)` of `tree` (`to: None` = to its end) with `entries`, the
     /// range's rows as of the source position the chunk was read at. A sink that cannot
-    /// remove a key range writes the entries as upserts (the pipeline bootstraps only a sink
-    /// that stored no checkpoint, so the range holds nothing else).
+    /// remove a key range writes the entries as upserts (a copy runs only into a sink that
+    /// holds nothing of the pipeline's, or that cleared an earlier copy's trees in
+    /// [`Sink::begin_copy`], so the range holds nothing else).
     Chunk {
         /// Tree.
         tree: String,
@@ -155,6 +161,27 @@ pub enum Item {
     /// their own: the copy ends at a GTID set (the checkpoint after it), and the live tail
     /// takes over there.
     Ops(Vec<Op>),
+}
+
+/// What a sink holds of an earlier copy when a copy begins from scratch ([`Sink::begin_copy`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EarlierCopy {
+    /// Nothing: a sink that stored no checkpoint (or whose earlier copy stored no row yet).
+    None,
+    /// Rows of these trees (and of no other), written by an earlier copy that cannot be
+    /// resumed: it was interrupted, and the source has since purged the log it needs, or is
+    /// another node, or its history was replaced. The copy's checkpoints record them.
+    Trees {
+        /// The trees.
+        trees: Vec<String>,
+        /// Only keys starting with this passed the pipeline's filter: the copy wrote no others
+        /// (rows of other keys, another pipeline's, stay).
+        prefix: Option<Vec<u8>>,
+    },
+    /// Rows of an earlier copy whose checkpoint does not record its trees: stored by a build
+    /// that did not record them, for a pipeline that names no `trees` (for one that does, the
+    /// pipeline passes those as [`EarlierCopy::Trees`]).
+    Unrecorded,
 }
 
 /// A batch for [`Sink::write`].
@@ -244,12 +271,24 @@ pub trait Sink: Send {
     }
 
     /// A copy of the source starts from scratch (a fresh bootstrap, or one that cannot resume),
-    /// before its first [`Sink::write`]; `checkpoint` is the copy's starting point. A sink
-    /// that can, clears what it holds and stores `checkpoint` with that (the engine sink wipes
-    /// the engine); the others keep the default, which does nothing: the pipeline bootstraps
-    /// only a sink that holds no checkpoint, and each chunk replaces its range.
-    fn begin_copy<'a>(&'a mut self, checkpoint: &'a [u8]) -> SinkFuture<'a, Result<(), SinkError>> {
-        let _ = checkpoint;
+    /// before its first [`Sink::write`]; `checkpoint` is the copy's starting point, and
+    /// `earlier` what the sink holds of an earlier copy of this pipeline that the new one
+    /// replaces (see [`EarlierCopy`]). The chunks of the new copy replace only the ranges of
+    /// the trees the source has now, so a sink that stores values must first remove what the
+    /// earlier copy left, atomically with storing `checkpoint` (a crash in between leaves the
+    /// earlier checkpoint, and the next start clears again): rows since deleted at the source,
+    /// and trees since dropped, would otherwise stay for good. One that cannot do so safely
+    /// holds the pipeline ([`SinkError::Hold`]) with a message saying what to clear, and checks
+    /// again when tried again (an operator who emptied it and removed its position has
+    /// started the pipeline over). The engine sink wipes the engine whatever `earlier` says.
+    /// Default: nothing (a sink that ships changes rather than storing values: what it sent
+    /// stays sent, and the new copy's rows follow).
+    fn begin_copy<'a>(
+        &'a mut self,
+        checkpoint: &'a [u8],
+        earlier: &'a EarlierCopy,
+    ) -> SinkFuture<'a, Result<(), SinkError>> {
+        let _ = (checkpoint, earlier);
         Box::pin(async { Ok(()) })
     }
 

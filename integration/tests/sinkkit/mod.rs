@@ -24,19 +24,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use tideline::node::{EngineNode, open_engine};
+use tideline::node::{EngineNode, open_engine_with};
 use tideline_connectors::sink::nats::{NatsConfig, NatsSink, Per};
 use tideline_connectors::sink::webhook::{WebhookConfig, WebhookSink};
 use tideline_connectors::{PipelineConfig, Sink, StartFrom};
 use tideline_consumers::TailStart;
-use tideline_engine::Engine;
+use tideline_engine::{Engine, EngineOptions};
 use tideline_stream::{ServerConfig, ServerHandle, WriteOp, tls};
-use tideline_wal::Durability;
+use tideline_wal::{Durability, RetentionPolicy, WalOptions};
 
 // ---- Services, names, seeds ------------------------------------------------------------
 
@@ -110,6 +110,34 @@ pub struct SourceNode {
 
 impl SourceNode {
     pub fn start(dir: &Path) -> SourceNode {
+        SourceNode::start_with_log(
+            dir,
+            WalOptions {
+                durability: Durability::Sync,
+                ..WalOptions::default()
+            },
+        )
+    }
+
+    /// A node whose log is cut into 64 KiB segments and keeps none of them for readers
+    /// without a slot (`--log-retain-bytes 0`), so that [`SourceNode::purge_through`] can
+    /// remove old offsets as a node's retention does.
+    pub fn start_purgeable(dir: &Path) -> SourceNode {
+        SourceNode::start_with_log(
+            dir,
+            WalOptions {
+                durability: Durability::Sync,
+                segment_bytes_max: 64 << 10,
+                retention: RetentionPolicy {
+                    retain_bytes_min: 0,
+                    ..RetentionPolicy::default()
+                },
+                ..WalOptions::default()
+            },
+        )
+    }
+
+    fn start_with_log(dir: &Path, log: WalOptions) -> SourceNode {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -118,7 +146,8 @@ impl SourceNode {
             .expect("a runtime");
         let secrets = dir.join("secrets");
         tideline_stream::ensure_secrets(&secrets).expect("create secrets");
-        let engine = open_engine(&dir.join("data"), Durability::Sync, false).expect("open engine");
+        let engine = open_engine_with(&dir.join("data"), log, EngineOptions::default())
+            .expect("open engine");
         let server_secrets = tls::load_server(&secrets).expect("server secrets");
         let server = runtime.block_on(async {
             let cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
@@ -145,6 +174,38 @@ impl SourceNode {
     /// The last offset the engine applied.
     pub fn last_offset(&self) -> u64 {
         self.engine.position().offset.map_or(0, |o| o.get())
+    }
+
+    /// Runs the log's retention until the log no longer holds `offset` (a reader asking for
+    /// it gets "not available"). The engine's store checkpoint (every second) lets retention
+    /// past what the store persisted. For a node of [`SourceNode::start_purgeable`].
+    pub fn purge_through(&self, offset: u64) {
+        let wal = self.engine.wal();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while wal.first_offset().get() <= offset {
+            assert!(
+                Instant::now() < deadline,
+                "the log still holds offset {offset}: it starts at {}",
+                wal.first_offset()
+            );
+            wal.run_retention().expect("run the log's retention");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Every row of `trees`: tree → key → value (a tree the node lacks: no rows).
+    pub fn rows_of(&self, trees: &[&str]) -> BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>> {
+        let snap = self.engine.snapshot();
+        trees
+            .iter()
+            .map(|tree| {
+                let rows = snap
+                    .range::<Vec<u8>>(tree, .., false)
+                    .map(|scan| scan.map(|kv| kv.expect("read a row")).collect())
+                    .unwrap_or_default();
+                (tree.to_string(), rows)
+            })
+            .collect()
     }
 
     /// What a value sink must hold: tree → key → value.
@@ -613,6 +674,139 @@ pub fn assert_same(
     eprintln!("{what}: the sink equals the log's projection ({rows} rows)");
 }
 
+// ---- A copy that cannot resume ----------------------------------------------------------
+
+/// The trees of [`copy_that_cannot_resume`]: `a_gone` (copied first, then dropped at the
+/// source) and the workload's, `kv` holding ~10 MB (the copy's longest part).
+pub const RESTART_TREES: [&str; 4] = ["a_gone", "cnt", "doc", "kv"];
+
+/// A bootstrap that must start again from scratch into a sink that holds a partial copy, run
+/// against the sink of the connector file `config` (`from = "bootstrap"`); `position` reads
+/// the checkpoint the sink stores, `contents` its rows of [`RESTART_TREES`]:
+///
+/// 1. `source` (from [`SourceNode::start_purgeable`]) holds tree `a_gone` and ~10 MB in `kv`;
+///    `tideline connect` bootstraps it and is SIGKILLed once it stored part of `kv`;
+/// 2. the source then deletes rows the sink already holds (in `kv` and `cnt`), changes one,
+///    drops `a_gone`, and its retention removes the log the stored progress would resume
+///    from;
+/// 3. the connector starts again: it cannot resume the copy, copies from scratch, and follows
+///    the log.
+///
+/// The sink must then hold exactly what the source holds: none of the rows deleted and no
+/// row of the dropped tree.
+pub fn copy_that_cannot_resume(
+    source: &SourceNode,
+    config: &Path,
+    log: &Path,
+    mut position: impl FnMut() -> Option<Vec<u8>>,
+    mut contents: impl FnMut() -> BTreeMap<String, BTreeMap<Vec<u8>, Norm>>,
+) {
+    let e = &source.engine;
+    e.create_tree("a_gone", None).expect("create a_gone");
+    let mut tx = e.begin();
+    for i in 0..300 {
+        tx.put(
+            "a_gone",
+            format!("g{i:04}").as_bytes(),
+            format!("{{\"g\":{i}}}").as_bytes(),
+        )
+        .expect("put");
+    }
+    tx.commit().expect("commit");
+    e.put("cnt", b"c1", b"5").expect("put");
+    e.put("doc", b"d1", br#"{"a":1}"#).expect("put");
+    let pad = "x".repeat(80);
+    for chunk in 0..100 {
+        let mut tx = e.begin();
+        for j in 0..1000 {
+            let i = chunk * 1000 + j;
+            let v = format!("{{\"n\":{i},\"pad\":\"{pad}\"}}");
+            tx.put("kv", format!("b{i:06}").as_bytes(), v.as_bytes())
+                .expect("put");
+        }
+        tx.commit().expect("commit");
+    }
+    let bootstrap = |cp: Option<Vec<u8>>| -> Option<Value> {
+        let v: Value = serde_json::from_slice(&cp?).ok()?;
+        assert!(
+            v.get("tail").is_none(),
+            "the copy ended before the connector was killed (make `kv` larger): {v}"
+        );
+        Some(v["bootstrap"].clone())
+    };
+
+    // 1. Killed once it stored a chunk of `kv` (trees are copied in name order).
+    let mut child = connect(config, log, false);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let p = bootstrap(position());
+        if p.as_ref().is_some_and(|p| {
+            p["tree"] == "kv" && p["key_hex"].as_str().is_some_and(|k| !k.is_empty())
+        }) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the copy never reached `kv`: {p:?}; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    kill9(&mut child, log);
+    let progress = bootstrap(position()).expect("a stored bootstrap progress");
+    let held = contents();
+    assert!(
+        held["a_gone"].len() == 300 && held["kv"].contains_key(&b"b000000"[..]),
+        "the partial copy holds `a_gone` and the first rows of `kv`: {progress}"
+    );
+    eprintln!("killed mid-copy at {progress}");
+
+    // 2. The source changes and purges the log the copy would resume from.
+    let mut tx = e.begin();
+    for i in 0..50 {
+        tx.delete("kv", format!("b{i:06}").as_bytes())
+            .expect("delete");
+    }
+    tx.put("kv", b"b000060", br#"{"changed":true}"#)
+        .expect("put");
+    tx.delete("cnt", b"c1").expect("delete");
+    tx.commit().expect("commit");
+    e.drop_tree("a_gone").expect("drop a_gone");
+    let filler = format!("{{\"f\":\"{}\"}}", "y".repeat(4000));
+    for i in 0..64 {
+        e.put("kv", format!("f{i:02}").as_bytes(), filler.as_bytes())
+            .expect("put");
+    }
+    let after = progress["after_offset"]
+        .as_u64()
+        .expect("after_offset in the progress");
+    source.purge_through(after + 1);
+
+    // 3. Started again: the copy cannot resume and starts from scratch.
+    let mut child = connect(config, log, false);
+    let last = source.last_offset();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while checkpoint_offset(position().as_deref()) < last {
+        assert!(
+            Instant::now() < deadline,
+            "the connector did not store offset {last}; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    kill9(&mut child, log);
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    assert!(
+        text.contains("cannot resume"),
+        "the second run copied again from scratch (its log says why); log:\n{text}"
+    );
+    assert_same(
+        "a copy started again from scratch",
+        &source.rows_of(&RESTART_TREES),
+        &contents(),
+    );
+}
+
 // ---- A relay that loses answers --------------------------------------------------------
 
 /// A TCP relay to 127.0.0.1:`port` that, once armed (set the returned flag), passes on the
@@ -706,6 +900,30 @@ pub fn one_change(seq: u64, put: bool) -> tideline_connectors::Batch {
             ops: vec![op],
         })],
         checkpoint: format!("after batch {seq}").into_bytes(),
+    }
+}
+
+/// One transaction putting `{"v":1}` at each `(tree, key)` of `rows`, with `checkpoint`.
+pub fn puts(rows: &[(&str, &str)], checkpoint: &str) -> tideline_connectors::Batch {
+    let uuid = uuid::Uuid::from_bytes([7; 16]);
+    let ops = rows
+        .iter()
+        .map(|(tree, key)| tideline_wal::Op::Put {
+            tree: tree.to_string(),
+            key: key.as_bytes().to_vec(),
+            value: br#"{"v":1}"#.to_vec(),
+            before: None,
+        })
+        .collect();
+    tideline_connectors::Batch {
+        source: uuid,
+        items: vec![tideline_connectors::Item::Txn(tideline_wal::Transaction {
+            offset: tideline_wal::Offset::new(1).unwrap(),
+            gtid: tideline_wal::Gtid::new(uuid, 1).unwrap(),
+            timestamp_us: 0,
+            ops,
+        })],
+        checkpoint: checkpoint.as_bytes().to_vec(),
     }
 }
 

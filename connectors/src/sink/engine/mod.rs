@@ -44,7 +44,7 @@ use tideline_engine::{Applied, Engine, RestoreOp, WriteError};
 use tideline_wal::{NewTransaction, Transaction};
 
 use crate::pipeline::PipelineCheckpoint;
-use crate::sink::{Batch, Item, Sink, SinkError, SinkFuture};
+use crate::sink::{Batch, EarlierCopy, Item, Sink, SinkError, SinkFuture};
 
 /// A pipeline's destination that is this node's engine.
 pub struct EngineSink {
@@ -210,10 +210,23 @@ impl Sink for EngineSink {
     }
 
     fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
-        Box::pin(async move { Ok(self.stored()?.map(|c| c.encode())) })
+        Box::pin(async move {
+            let stored = self.stored()?;
+            // A copy stored in the engine is this sink's to continue (a resumed copy begins
+            // nothing): its done batch must end it, even when it is the first batch written.
+            if let Some(PipelineCheckpoint::Bootstrap(p)) = &stored {
+                self.copying = Some(p.server_uuid);
+            }
+            Ok(stored.map(|c| c.encode()))
+        })
     }
 
-    fn begin_copy<'a>(&'a mut self, checkpoint: &'a [u8]) -> SinkFuture<'a, Result<(), SinkError>> {
+    /// Wipes the engine (whatever `earlier` names: nothing of an earlier copy stays).
+    fn begin_copy<'a>(
+        &'a mut self,
+        checkpoint: &'a [u8],
+        _earlier: &'a EarlierCopy,
+    ) -> SinkFuture<'a, Result<(), SinkError>> {
         Box::pin(async move {
             let progress = match PipelineCheckpoint::decode(checkpoint) {
                 Ok(PipelineCheckpoint::Bootstrap(p)) => p,

@@ -12,7 +12,7 @@ use tideline_wal::{FileStorage, Gtid, GtidSet, Offset, Op, Transaction, Wal, Wal
 
 use super::EngineSink;
 use crate::pipeline::PipelineCheckpoint;
-use crate::sink::{Batch, Item, Sink, SinkError};
+use crate::sink::{Batch, EarlierCopy, Item, Sink, SinkError};
 
 const SOURCE: uuid::Uuid = uuid::Uuid::from_bytes([0xaa; 16]);
 
@@ -137,6 +137,50 @@ fn progress(chunks: u64) -> BootstrapProgress {
     }
 }
 
+/// A copy resumed after its last chunk was stored, where the source has nothing more to send
+/// (idle): the first thing the resumed copy writes is the done batch, and it ends the copy.
+#[tokio::test]
+async fn a_resumed_copy_whose_first_batch_is_done_ends_the_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let mut sink = EngineSink::new(engine.clone());
+    let begin = PipelineCheckpoint::Bootstrap(progress(0)).encode();
+    sink.begin_copy(&begin, &EarlierCopy::None)
+        .await
+        .expect("begin");
+    let chunk = Batch {
+        source: SOURCE,
+        items: vec![Item::Chunk {
+            tree: "t".into(),
+            merge_operator: None,
+            from: vec![],
+            to: None,
+            entries: tideline_wal::PackedEntries::from_pairs(vec![(b"a".to_vec(), b"x".to_vec())])
+                .unwrap(),
+        }],
+        checkpoint: PipelineCheckpoint::Bootstrap(progress(1)).encode(),
+    };
+    sink.write(&chunk).await.expect("the last chunk");
+    // Killed before the done batch: a new session opens a new sink on the same engine.
+    drop(sink);
+    let mut sink = EngineSink::new(engine.clone());
+    sink.open()
+        .await
+        .expect("open")
+        .expect("the copy's progress");
+    let done = Batch {
+        source: SOURCE,
+        items: vec![],
+        checkpoint: tail_checkpoint(7, &format!("{SOURCE}:1-7")),
+    };
+    sink.write(&done).await.expect("finish");
+    assert!(
+        !engine.is_bootstrapping(),
+        "the resumed copy's done batch did not end the copy"
+    );
+    assert_eq!(engine.gtid_executed(), set(&format!("{SOURCE}:1-7")));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_resumes_after_reopen_and_ends_at_its_gtid_set() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -145,7 +189,9 @@ async fn a_copy_resumes_after_reopen_and_ends_at_its_gtid_set() {
     sink.write(&live_batch()).await.expect("state to be wiped");
 
     let begin = PipelineCheckpoint::Bootstrap(progress(0)).encode();
-    sink.begin_copy(&begin).await.expect("begin");
+    sink.begin_copy(&begin, &EarlierCopy::None)
+        .await
+        .expect("begin");
     assert!(engine.trees().is_empty(), "the copy wipes the old state");
     let chunk = Batch {
         source: SOURCE,
@@ -237,7 +283,9 @@ async fn an_owned_live_batch_refused_during_a_copy_comes_back_whole_and_applies_
     let engine = open(dir.path());
     let mut sink = EngineSink::new(engine.clone());
     let begin = PipelineCheckpoint::Bootstrap(progress(0)).encode();
-    sink.begin_copy(&begin).await.expect("begin");
+    sink.begin_copy(&begin, &EarlierCopy::None)
+        .await
+        .expect("begin");
 
     let batch = live_batch();
     let (err, back) = sink
@@ -289,7 +337,9 @@ async fn an_owned_copy_step_is_stored_with_its_progress_and_a_refused_one_is_fat
     let engine = open(dir.path());
     let mut sink = EngineSink::new(engine.clone());
     let begin = PipelineCheckpoint::Bootstrap(progress(0)).encode();
-    sink.begin_copy(&begin).await.expect("begin");
+    sink.begin_copy(&begin, &EarlierCopy::None)
+        .await
+        .expect("begin");
     let chunk = |entries: &[(&[u8], &[u8])], chunks| Batch {
         source: SOURCE,
         items: vec![Item::Chunk {

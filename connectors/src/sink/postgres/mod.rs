@@ -9,8 +9,10 @@
 //! pipeline with an error naming it. Put → upsert; delete → delete; merge → the tree's merge
 //! operator applied to the stored value (read with `SELECT ... FOR UPDATE` in the same
 //! transaction) and upserted; bootstrap chunk → its rows upserted and the range's other rows
-//! deleted (`key >= from AND key < to`, compared bytewise with `COLLATE "C"`); tree created →
-//! table created; tree dropped → table truncated (or dropped: `on_drop_tree`).
+//! deleted (`key >= from AND key < to`, compared bytewise with `COLLATE "C"`); a copy that
+//! starts again from scratch → the tables of the trees the interrupted copy wrote truncated
+//! with its first position ([`Sink::begin_copy`]); tree created → table created; tree dropped
+//! → table truncated (or dropped: `on_drop_tree`).
 //!
 //! Exactly once: every batch is one transaction that also upserts the pipeline's row of
 //! `tideline_positions(pipeline, checkpoint, updated_at)`; a crash before `COMMIT` leaves
@@ -43,7 +45,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, Statement, Transaction};
 
 use crate::sink::fold::{self, Operators, Step};
-use crate::sink::{Batch, Sink, SinkError, SinkFuture};
+use crate::sink::{Batch, EarlierCopy, Sink, SinkError, SinkFuture};
 
 /// PostgreSQL's longest identifier, in bytes; longer names are silently cut by the server.
 const IDENT_BYTES_MAX: usize = 63;
@@ -286,12 +288,7 @@ impl PostgresSink {
         // The position moves only from the one this sink last read or wrote (compare and
         // set in the upsert itself, no statement of its own). When it is another, nothing of
         // the batch is committed, and the stored one says why.
-        let sql = format!(
-            "INSERT INTO {positions} (pipeline, checkpoint, updated_at) VALUES ($1, $2, now()) \
-             ON CONFLICT (pipeline) DO UPDATE SET checkpoint = EXCLUDED.checkpoint, updated_at \
-             = now() WHERE {positions}.checkpoint IS NOT DISTINCT FROM $3"
-        );
-        let stmt = prepare(&txn, stmts, &sql).await?;
+        let stmt = prepare(&txn, stmts, &position_upsert(&positions)).await?;
         let stored = if crate::sink::position_apart() {
             // Canary only (feature `testing`): data first, position later, apart.
             txn.commit().await.map_err(|e| classify(&e, "commit"))?;
@@ -334,6 +331,130 @@ impl PostgresSink {
         known.extend(created);
         Ok(())
     }
+
+    /// [`Sink::begin_copy`]: the tables of the trees an earlier copy wrote are emptied in one
+    /// transaction with storing the new copy's checkpoint (compare and set, as a batch's):
+    /// truncated, or, for a pipeline limited to a key prefix, cleared of the keys with that
+    /// prefix only (the others are not the pipeline's). Emptied, not dropped, whatever
+    /// `on_drop_tree` says: the tables of trees the source still has keep their grants,
+    /// indexes and mapped columns, and the copy fills them again.
+    async fn begin_copy_inner(
+        &mut self,
+        checkpoint: &[u8],
+        earlier: &EarlierCopy,
+    ) -> Result<(), SinkError> {
+        let (trees, prefix) = match earlier {
+            EarlierCopy::None => return Ok(()),
+            EarlierCopy::Trees { trees, prefix } => (trees, prefix),
+            EarlierCopy::Unrecorded => {
+                let why = format!(
+                    "the bootstrap of pipeline `{}` cannot resume and must copy again from \
+                     scratch, and its tables hold rows of the interrupted copy, whose stored \
+                     position (written by an earlier version) does not name its trees: empty \
+                     the pipeline's tables (`table` = \"{}\" in schema `{}`) and run `DELETE \
+                     FROM {} WHERE pipeline = '{}'`; the copy then starts again by itself",
+                    self.pipeline,
+                    self.cfg.table,
+                    self.cfg.schema,
+                    self.positions_table(),
+                    self.pipeline.replace('\'', "''"),
+                );
+                return self.hold_unless_started_over(why).await;
+            }
+        };
+        // A tree whose name makes no valid table never had one written (that holds a write).
+        let tables: Vec<String> = trees.iter().filter_map(|t| self.table(t).ok()).collect();
+        // A prefix that is not text matches no row (a key that is not text is never stored).
+        let (tables, prefix) = match prefix.as_deref().map(std::str::from_utf8) {
+            None => (tables, None),
+            Some(Ok(p)) if !p.contains('\0') => (tables, Some(p.to_owned())),
+            Some(_) => (Vec::new(), None),
+        };
+        let positions = self.positions_table();
+        let pipeline = self.pipeline.clone();
+        let expected = self.expected.clone();
+        let conn = self.connect().await?;
+        let Conn { client, stmts, .. } = conn;
+        let txn = client
+            .transaction()
+            .await
+            .map_err(|e| classify(&e, "begin"))?;
+        let mut existing = Vec::new();
+        for t in tables {
+            let exists: Option<String> = txn
+                .query_one("SELECT to_regclass($1)::text", &[&t])
+                .await
+                .map_err(|e| classify(&e, &format!("look {t} up")))?
+                .get(0);
+            if exists.is_some() {
+                existing.push(t);
+            }
+        }
+        match &prefix {
+            None if !existing.is_empty() => {
+                let list = existing.join(", ");
+                txn.batch_execute(&format!("TRUNCATE {list}"))
+                    .await
+                    .map_err(|e| classify(&e, &format!("truncate {list}")))?;
+            }
+            None => {}
+            Some(p) => {
+                for t in &existing {
+                    txn.execute(&format!("DELETE FROM {t} WHERE starts_with(key, $1)"), &[p])
+                        .await
+                        .map_err(|e| classify(&e, &format!("clear {t}")))?;
+                }
+            }
+        }
+        let stmt = prepare(&txn, stmts, &position_upsert(&positions)).await?;
+        let n = txn
+            .execute(&stmt, &[&pipeline, &checkpoint, &expected])
+            .await
+            .map_err(|e| classify(&e, "store the position"))?;
+        if n == 0 {
+            txn.rollback()
+                .await
+                .map_err(|e| classify(&e, "roll back"))?;
+            let now = read_position(client, &positions, &pipeline).await?;
+            if now.as_deref() != Some(checkpoint) {
+                return Err(crate::sink::position_moved(&format!(
+                    "the position of pipeline `{pipeline}` in {positions}"
+                )));
+            }
+            // Cleared and stored before; only the commit's answer was lost.
+        } else {
+            txn.commit().await.map_err(|e| classify(&e, "commit"))?;
+            tracing::warn!(pipeline = %pipeline, tables = %existing.join(", "), "emptied the tables of the interrupted copy; copying again from scratch");
+        }
+        self.expected = Some(checkpoint.to_vec());
+        Ok(())
+    }
+
+    /// Holds the pipeline with `why`, unless its position is gone: an operator who emptied
+    /// its tables and removed the position started it over, and the copy may begin.
+    async fn hold_unless_started_over(&mut self, why: String) -> Result<(), SinkError> {
+        let positions = self.positions_table();
+        let pipeline = self.pipeline.clone();
+        let conn = self.connect().await?;
+        if read_position(&conn.client, &positions, &pipeline)
+            .await?
+            .is_none()
+        {
+            self.expected = None;
+            return Ok(());
+        }
+        Err(SinkError::Hold(why))
+    }
+}
+
+/// The upsert of a pipeline's position into `positions`, moving it only from the one given
+/// as `$3` (`IS NOT DISTINCT FROM`: none, when the sink held none).
+fn position_upsert(positions: &str) -> String {
+    format!(
+        "INSERT INTO {positions} (pipeline, checkpoint, updated_at) VALUES ($1, $2, now()) ON \
+         CONFLICT (pipeline) DO UPDATE SET checkpoint = EXCLUDED.checkpoint, updated_at = now() \
+         WHERE {positions}.checkpoint IS NOT DISTINCT FROM $3"
+    )
 }
 
 /// The checkpoint stored for `pipeline` in table `positions`.
@@ -516,6 +637,21 @@ impl Sink for PostgresSink {
             }
             if r.is_err() {
                 // The transaction was rolled back (or the server is gone): start afresh.
+                self.conn = None;
+            }
+            r
+        })
+    }
+
+    fn begin_copy<'a>(
+        &'a mut self,
+        checkpoint: &'a [u8],
+        earlier: &'a EarlierCopy,
+    ) -> SinkFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            let r = self.begin_copy_inner(checkpoint, earlier).await;
+            if r.is_err() {
+                // A transaction was rolled back (or the server is gone): start afresh.
                 self.conn = None;
             }
             r

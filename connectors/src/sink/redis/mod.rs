@@ -6,11 +6,14 @@
 //! merge → the tree's merge operator applied to the stored value and `SET` (the stored values
 //! are read after `WATCH`ing them, so a change by anyone else between the read and `EXEC`
 //! makes the transaction fail and the batch is tried again); bootstrap chunk → its rows
-//! `SET` (Redis cannot remove a key range; the pipeline bootstraps only a sink that holds
-//! none of its rows); tree dropped → its keys (found with `SCAN MATCH` on the template, and
-//! those the batch wrote before the drop) deleted in the batch's transaction. A merge in a
-//! later step of a batch (after a `create_tree`, a drop or a chunk) applies to what the batch
-//! wrote before it, carried in memory: the batch's transaction is one step for Redis.
+//! `SET` (Redis cannot remove a key range; a copy runs only into a sink that holds none of
+//! the pipeline's rows, or that first deleted the keys of the trees an interrupted copy
+//! wrote: [`Sink::begin_copy`], held for an operator when a template that begins with
+//! `{key}` cannot tell them from other data); tree dropped → its keys (found with `SCAN
+//! MATCH` on the template, and those the batch wrote before the drop) deleted in the batch's
+//! transaction. A merge in a later step of a batch (after a `create_tree`, a drop or a chunk)
+//! applies to what the batch wrote before it, carried in memory: the batch's transaction is
+//! one step for Redis.
 //!
 //! Exactly once: every batch is one Redis transaction that also `SET`s
 //! `tideline:position:{pipeline}` to the checkpoint; Redis applies it whole or not at all. The
@@ -33,7 +36,7 @@ use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 
 use crate::sink::fold::{self, Final, Operators, Step};
-use crate::sink::{Batch, Sink, SinkError, SinkFuture};
+use crate::sink::{Batch, EarlierCopy, Sink, SinkError, SinkFuture};
 
 /// How often a batch whose watched keys changed under it is tried again at once.
 const WATCH_TRIES: usize = 5;
@@ -176,12 +179,20 @@ impl RedisSink {
 
     /// The `SCAN MATCH` pattern of every key of `tree`.
     fn pattern(&self, tree: &str) -> Vec<u8> {
+        self.pattern_with(tree, b"")
+    }
+
+    /// The `SCAN MATCH` pattern of the keys of `tree` whose row key starts with `prefix`.
+    fn pattern_with(&self, tree: &str, prefix: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         for p in &self.template {
             match p {
                 Part::Lit(b) => glob_escape(b, &mut out),
                 Part::Tree => glob_escape(tree.as_bytes(), &mut out),
-                Part::Key => out.push(b'*'),
+                Part::Key => {
+                    glob_escape(prefix, &mut out);
+                    out.push(b'*');
+                }
             }
         }
         out
@@ -470,34 +481,173 @@ impl RedisSink {
         crate::sink::position_moved(&format!("redis: the position `{}`", self.position_key))
     }
 
+    /// [`Sink::begin_copy`]: the keys of the trees an earlier copy wrote (found with `SCAN
+    /// MATCH` on the template, as for a dropped tree; with the pipeline's key prefix, only the
+    /// keys it could have written) are deleted in one transaction with storing the new copy's
+    /// checkpoint, checked as a batch's. A template without `{tree}` gives every tree one
+    /// pattern: the earlier copy wrote everything of this pipeline under it, so it all goes (the
+    /// template's keys are the pipeline's, as a drop already assumes). A template that begins
+    /// with `{key}` anchors its pattern nowhere (`*...`: `{key}` alone matches every key of the
+    /// database), so nothing tells the pipeline's keys from other data: the pipeline is held
+    /// for an operator instead.
+    async fn begin_copy_inner(
+        &mut self,
+        checkpoint: &[u8],
+        earlier: &EarlierCopy,
+    ) -> Result<(), SinkError> {
+        let (trees, prefix) = match earlier {
+            EarlierCopy::None => return Ok(()),
+            EarlierCopy::Trees { trees, prefix } => (trees, prefix.as_deref().unwrap_or_default()),
+            EarlierCopy::Unrecorded => {
+                let why = format!(
+                    "{}, and Redis holds keys of the interrupted copy, whose stored position \
+                     (written by an earlier version) does not name its trees: delete the keys \
+                     this pipeline wrote (its key template is `{}`) and its position `{}`; the \
+                     copy then starts again by itself",
+                    self.must_copy_again(),
+                    self.cfg.key,
+                    self.position_key
+                );
+                return self.hold_unless_started_over(why).await;
+            }
+        };
+        if self.template.first() == Some(&Part::Key) {
+            let why = format!(
+                "{}, and Redis holds keys of the interrupted copy of trees {}; the key \
+                 template `{}` begins with `{{key}}`, so its pattern `{}` cannot tell this \
+                 pipeline's keys from other data: delete the keys this pipeline wrote and its \
+                 position `{}`; the copy then starts again by itself",
+                self.must_copy_again(),
+                trees.join(", "),
+                self.cfg.key,
+                String::from_utf8_lossy(
+                    &self.pattern_with(trees.first().map_or("", String::as_str), prefix)
+                ),
+                self.position_key
+            );
+            return self.hold_unless_started_over(why).await;
+        }
+        let mut patterns: Vec<Vec<u8>> =
+            trees.iter().map(|t| self.pattern_with(t, prefix)).collect();
+        patterns.sort();
+        patterns.dedup();
+        let mut con = self.connect().await?;
+        let mut keys = Vec::new();
+        for pattern in &patterns {
+            keys.extend(scan(&mut con, pattern).await?);
+        }
+        keys.sort();
+        keys.dedup();
+        // Never a pipeline's position (a tree named `tideline` under the default template
+        // would match them all): this one's is replaced below, the others are not ours.
+        keys.retain(|k| !k.starts_with(b"tideline:position:"));
+        for _ in 0..WATCH_TRIES {
+            let (position,): (Option<Vec<u8>>,) = redis::pipe()
+                .cmd("WATCH")
+                .arg(&self.position_key)
+                .ignore()
+                .cmd("GET")
+                .arg(&self.position_key)
+                .query_async(&mut con)
+                .await
+                .map_err(|e| classify(&e, "watch and read the position"))?;
+            if position != self.expected {
+                let _ = redis::cmd("UNWATCH").query_async::<()>(&mut con).await;
+                if position.as_deref() == Some(checkpoint) {
+                    // Cleared and stored before; only the answer was lost.
+                    self.expected = position;
+                    return Ok(());
+                }
+                return Err(self.moved());
+            }
+            let mut pipe = redis::pipe();
+            pipe.atomic();
+            for chunk in keys.chunks(1000) {
+                pipe.cmd("DEL").arg(chunk).ignore();
+            }
+            pipe.cmd("SET").arg(&self.position_key).arg(checkpoint);
+            let r: Option<(redis::Value,)> = pipe
+                .query_async(&mut con)
+                .await
+                .map_err(|e| classify(&e, "delete the keys of the interrupted copy"))?;
+            if r.is_some() {
+                tracing::warn!(sink = %self.describe, keys = keys.len(), trees = %trees.join(", "), "deleted the keys of the interrupted copy; copying again from scratch");
+                self.expected = Some(checkpoint.to_vec());
+                return Ok(());
+            }
+            // EXEC answered nil: the position changed between the read and EXEC.
+        }
+        Err(SinkError::Retry(format!(
+            "redis: the position `{}` kept changing while the keys of the interrupted copy were \
+             deleted ({WATCH_TRIES} tries); is another connector running this pipeline?",
+            self.position_key
+        )))
+    }
+
+    fn must_copy_again(&self) -> String {
+        format!(
+            "the bootstrap of this pipeline (position `{}`) cannot resume and must copy again \
+             from scratch",
+            self.position_key
+        )
+    }
+
+    /// Holds the pipeline with `why`, unless its position is gone: an operator who deleted
+    /// its keys and its position started it over, and the copy may begin.
+    async fn hold_unless_started_over(&mut self, why: String) -> Result<(), SinkError> {
+        let mut con = self.connect().await?;
+        let position: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&self.position_key)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| classify(&e, "read the position"))?;
+        if position.is_none() {
+            self.expected = None;
+            return Ok(());
+        }
+        Err(SinkError::Hold(why))
+    }
+
     async fn scan(
         &self,
         con: &mut MultiplexedConnection,
         tree: &str,
     ) -> Result<Vec<Vec<u8>>, SinkError> {
-        let pattern = self.pattern(tree);
-        let mut cursor: u64 = 0;
-        let mut keys = Vec::new();
-        loop {
-            let (next, page): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(con)
-                .await
-                .map_err(|e| classify(&e, "scan a dropped tree's keys"))?;
-            keys.extend(page);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        keys.sort();
-        keys.dedup();
-        Ok(keys)
+        scan(con, &self.pattern(tree)).await
     }
+}
+
+/// Every key matching `pattern` (`SCAN MATCH`), sorted, each once.
+async fn scan(con: &mut MultiplexedConnection, pattern: &[u8]) -> Result<Vec<Vec<u8>>, SinkError> {
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let (next, page): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(con)
+            .await
+            .map_err(|e| {
+                classify(
+                    &e,
+                    &format!(
+                        "scan the keys matching `{}`",
+                        String::from_utf8_lossy(pattern)
+                    ),
+                )
+            })?;
+        keys.extend(page);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    keys.sort();
+    keys.dedup();
+    Ok(keys)
 }
 
 fn parse_template(t: &str) -> Result<Vec<Part>, SinkError> {
@@ -590,6 +740,21 @@ impl Sink for RedisSink {
             if r.is_ok() {
                 self.expected = Some(batch.checkpoint.clone());
             }
+            if r.is_err() {
+                // Also clears a WATCH left by a failed attempt.
+                self.conn = None;
+            }
+            r
+        })
+    }
+
+    fn begin_copy<'a>(
+        &'a mut self,
+        checkpoint: &'a [u8],
+        earlier: &'a EarlierCopy,
+    ) -> SinkFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            let r = self.begin_copy_inner(checkpoint, earlier).await;
             if r.is_err() {
                 // Also clears a WATCH left by a failed attempt.
                 self.conn = None;
