@@ -513,23 +513,20 @@ fn concurrent_writers_of_one_unique_value_commit_exactly_once() {
     }
 }
 
-/// A transaction committed while a unique index backfills, and applied only after the
-/// index went live, still holds its value against a newer writer: the newer one is refused,
-/// and the live index never maps one value to two keys. The applier pauses before each group
-/// (test-only switch), so the first writer stays unapplied across the go-live.
-#[test]
-fn a_value_written_during_the_backfill_still_counts_once_the_index_is_live() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// An in-memory engine with `opts` whose tree `users` holds `docs` documents `d00000`,
+/// `d00001`, ... (`{"email":"dN@x"}`), loaded in one transaction, with index `by_email` on
+/// `/email` declared (and backfilling: with 16 documents per backfill step, it goes live
+/// only after `docs / 16` steps).
+fn backfilling(dir: &Path, opts: EngineOptions, docs: u32, unique: bool) -> Arc<Engine> {
     let wal = Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).expect("wal");
     let opts = EngineOptions {
-        unsafe_pause_before_apply: Some(Duration::from_secs(2)),
         index_backfill_keys: 16,
-        ..EngineOptions::default()
+        ..opts
     };
-    let e = Arc::new(Engine::open(dir.path(), Arc::new(wal), opts).expect("engine"));
+    let e = Arc::new(Engine::open(dir, Arc::new(wal), opts).expect("engine"));
     e.create_tree("users", None).expect("tree");
     e.transaction(|tx| {
-        for i in 0..2000 {
+        for i in 0..docs {
             tx.put(
                 "users",
                 format!("d{i:05}").as_bytes(),
@@ -539,8 +536,27 @@ fn a_value_written_during_the_backfill_still_counts_once_the_index_is_live() {
         Ok(())
     })
     .expect("load");
-    e.create_index("users", "by_email", &["/email"], true)
+    e.create_index("users", "by_email", &["/email"], unique)
         .expect("create");
+    e
+}
+
+/// A transaction committed while a unique index backfills, and applied only after the
+/// index went live, still holds its value against a newer writer: the newer one is refused,
+/// and the live index never maps one value to two keys. The applier pauses before each group
+/// (test-only switch), so the first writer stays unapplied across the go-live.
+#[test]
+fn a_value_written_during_the_backfill_still_counts_once_the_index_is_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = backfilling(
+        dir.path(),
+        EngineOptions {
+            unsafe_pause_before_apply: Some(Duration::from_secs(2)),
+            ..EngineOptions::default()
+        },
+        2000,
+        true,
+    );
     assert!(
         matches!(
             e.indexes()[0].state,
@@ -582,27 +598,15 @@ fn a_value_written_during_the_backfill_still_counts_once_the_index_is_live() {
 #[test]
 fn duplicates_written_in_one_apply_group_during_the_backfill_are_reported() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let wal = Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).expect("wal");
-    let opts = EngineOptions {
-        unsafe_pause_before_apply: Some(Duration::from_millis(500)),
-        index_backfill_keys: 16,
-        ..EngineOptions::default()
-    };
-    let e = Arc::new(Engine::open(dir.path(), Arc::new(wal), opts).expect("engine"));
-    e.create_tree("users", None).expect("tree");
-    e.transaction(|tx| {
-        for i in 0..200 {
-            tx.put(
-                "users",
-                format!("d{i:05}").as_bytes(),
-                format!(r#"{{"email":"d{i}@x"}}"#).as_bytes(),
-            )?;
-        }
-        Ok(())
-    })
-    .expect("load");
-    e.create_index("users", "by_email", &["/email"], true)
-        .expect("create");
+    let e = backfilling(
+        dir.path(),
+        EngineOptions {
+            unsafe_pause_before_apply: Some(Duration::from_millis(500)),
+            ..EngineOptions::default()
+        },
+        200,
+        true,
+    );
     // Keys before every loaded one: the backfill's first step passes them before they exist,
     // so only the writes' own maintenance can see the duplicate.
     let writers: Vec<_> = [&b"!a"[..], b"!b"]
@@ -633,26 +637,7 @@ fn duplicates_written_in_one_apply_group_during_the_backfill_are_reported() {
 #[test]
 fn a_snapshot_taken_during_the_backfill_never_answers_from_a_partial_index() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let wal = Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).expect("wal");
-    let opts = EngineOptions {
-        index_backfill_keys: 16,
-        ..EngineOptions::default()
-    };
-    let e = Engine::open(dir.path(), Arc::new(wal), opts).expect("engine");
-    e.create_tree("users", None).expect("tree");
-    e.transaction(|tx| {
-        for i in 0..2000 {
-            tx.put(
-                "users",
-                format!("d{i:05}").as_bytes(),
-                format!(r#"{{"email":"d{i}@x"}}"#).as_bytes(),
-            )?;
-        }
-        Ok(())
-    })
-    .expect("load");
-    e.create_index("users", "by_email", &["/email"], false)
-        .expect("create");
+    let e = backfilling(dir.path(), EngineOptions::default(), 2000, false);
     let old = e.snapshot();
     // Still backfilling after the snapshot was taken, so backfilling when it was taken.
     assert!(
