@@ -123,6 +123,8 @@ impl Inner {
 
     /// Applies every visible transaction not yet applied. `Err` once the store failed.
     fn apply_visible(&self) -> Result<(), ()> {
+        // Before the visible head is read: what becomes visible meanwhile joins the group.
+        self.paused_by_test_before_apply();
         let visible = self.wal.visible_offset();
         loop {
             let mut a = lock(&self.apply);
@@ -174,7 +176,6 @@ impl Inner {
                 return Err(());
             }
             drop(a);
-            self.paused_by_test_before_apply();
             // A panic while applying becomes a store failure (fail-stop), not a hang.
             let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.apply_group(&group, false)

@@ -115,10 +115,12 @@ pub struct EngineOptions {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_pause_after_applied: Option<std::time::Duration>,
-    /// Test-only (cargo feature `testing`): the applier sleeps this long before it applies
-    /// each group (holding nothing). Widens the moment in which a transaction is committed
-    /// and not yet applied, so that a test can prove what counts such transactions (the
-    /// claims of unique indexes) covers it.
+    /// Test-only (cargo feature `testing`): once woken by newly visible transactions, the
+    /// applier sleeps this long (holding nothing) before it reads what is visible and applies
+    /// it. Widens the moment in which a transaction is committed and not yet applied, and
+    /// lets transactions committed meanwhile share one group, so that a test can prove what
+    /// counts such transactions (the claims of unique indexes, duplicates within a group)
+    /// covers them.
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_pause_before_apply: Option<std::time::Duration>,

@@ -544,17 +544,19 @@ fn backfilling(dir: &Path, opts: EngineOptions, docs: u32, unique: bool) -> Arc<
 /// A transaction committed while a unique index backfills, and applied only after the
 /// index went live, still holds its value against a newer writer: the newer one is refused,
 /// and the live index never maps one value to two keys. The applier pauses before each group
-/// (test-only switch), so the first writer stays unapplied across the go-live.
+/// (test-only switch), so the first writer stays unapplied across the go-live: the backfill's
+/// 63 steps take well over the first writer's check and well under the 3 s pause, even for a
+/// debug build on a loaded machine.
 #[test]
 fn a_value_written_during_the_backfill_still_counts_once_the_index_is_live() {
     let dir = tempfile::tempdir().expect("tempdir");
     let e = backfilling(
         dir.path(),
         EngineOptions {
-            unsafe_pause_before_apply: Some(Duration::from_secs(2)),
+            unsafe_pause_before_apply: Some(Duration::from_secs(3)),
             ..EngineOptions::default()
         },
-        2000,
+        1000,
         true,
     );
     assert!(
@@ -604,7 +606,7 @@ fn duplicates_written_in_one_apply_group_during_the_backfill_are_reported() {
             unsafe_pause_before_apply: Some(Duration::from_millis(500)),
             ..EngineOptions::default()
         },
-        200,
+        2000,
         true,
     );
     // Keys before every loaded one: the backfill's first step passes them before they exist,
