@@ -270,12 +270,7 @@ impl PostgresSink {
                             dropped.push(t.clone());
                         }
                         OnDropTree::Truncate => {
-                            let exists: Option<String> = txn
-                                .query_one("SELECT to_regclass($1)::text", &[t])
-                                .await
-                                .map_err(|e| classify(&e, &format!("look {t} up")))?
-                                .get(0);
-                            if exists.is_some() {
+                            if table_exists(&txn, t).await? {
                                 txn.batch_execute(&format!("TRUNCATE {t}"))
                                     .await
                                     .map_err(|e| classify(&e, &format!("truncate {t}")))?;
@@ -298,32 +293,16 @@ impl PostgresSink {
                 .await
                 .map_err(|e| classify(&e, "store the position"))?
         } else {
-            let n = txn
-                .execute(&stmt, &[&pipeline, &batch.checkpoint, &expected])
-                .await
-                .map_err(|e| classify(&e, "store the position"))?;
-            if n == 0 {
-                txn.rollback()
-                    .await
-                    .map_err(|e| classify(&e, "roll back"))?;
-            } else {
-                txn.commit().await.map_err(|e| classify(&e, "commit"))?;
-            }
-            n
+            commit_with_position(txn, &stmt, &pipeline, &batch.checkpoint, &expected).await?
         };
         if stored == 0 {
             // Not the expected position: nothing of the batch was committed.
             // A staging table created by the rolled-back transaction is gone with it.
             *staged = false;
-            let now = read_position(client, &positions, &pipeline).await?;
-            if now.as_deref() == Some(batch.checkpoint.as_slice()) {
-                // This batch committed before, but its answer was lost with the connection.
-                tracing::info!(pipeline = %pipeline, "batch already stored (its commit's answer was lost); not applying it again");
-                return Ok(());
-            }
-            return Err(crate::sink::position_moved(&format!(
-                "the position of pipeline `{pipeline}` in {positions}"
-            )));
+            stored_before(client, &positions, &pipeline, &batch.checkpoint).await?;
+            // This batch committed before, but its answer was lost with the connection.
+            tracing::info!(pipeline = %pipeline, "batch already stored (its commit's answer was lost); not applying it again");
+            return Ok(());
         }
         for t in dropped {
             known.remove(&t);
@@ -381,12 +360,7 @@ impl PostgresSink {
             .map_err(|e| classify(&e, "begin"))?;
         let mut existing = Vec::new();
         for t in tables {
-            let exists: Option<String> = txn
-                .query_one("SELECT to_regclass($1)::text", &[&t])
-                .await
-                .map_err(|e| classify(&e, &format!("look {t} up")))?
-                .get(0);
-            if exists.is_some() {
+            if table_exists(&txn, &t).await? {
                 existing.push(t);
             }
         }
@@ -407,23 +381,10 @@ impl PostgresSink {
             }
         }
         let stmt = prepare(&txn, stmts, &position_upsert(&positions)).await?;
-        let n = txn
-            .execute(&stmt, &[&pipeline, &checkpoint, &expected])
-            .await
-            .map_err(|e| classify(&e, "store the position"))?;
-        if n == 0 {
-            txn.rollback()
-                .await
-                .map_err(|e| classify(&e, "roll back"))?;
-            let now = read_position(client, &positions, &pipeline).await?;
-            if now.as_deref() != Some(checkpoint) {
-                return Err(crate::sink::position_moved(&format!(
-                    "the position of pipeline `{pipeline}` in {positions}"
-                )));
-            }
-            // Cleared and stored before; only the commit's answer was lost.
+        if commit_with_position(txn, &stmt, &pipeline, checkpoint, &expected).await? == 0 {
+            // Cleared and stored before, if so; only the commit's answer was lost.
+            stored_before(client, &positions, &pipeline, checkpoint).await?;
         } else {
-            txn.commit().await.map_err(|e| classify(&e, "commit"))?;
             tracing::warn!(pipeline = %pipeline, tables = %existing.join(", "), "emptied the tables of the interrupted copy; copying again from scratch");
         }
         self.expected = Some(checkpoint.to_vec());
@@ -458,6 +419,58 @@ fn position_upsert(positions: &str) -> String {
 }
 
 /// The checkpoint stored for `pipeline` in table `positions`.
+/// Stores `checkpoint` as `pipeline`'s position with the compare-and-set upsert `stmt` (from
+/// `expected`) and commits `txn` with it, or rolls it all back when the stored position is
+/// not `expected`. Returns the rows the upsert changed: 0, nothing was committed.
+async fn commit_with_position(
+    txn: tokio_postgres::Transaction<'_>,
+    stmt: &tokio_postgres::Statement,
+    pipeline: &str,
+    checkpoint: &[u8],
+    expected: &Option<Vec<u8>>,
+) -> Result<u64, SinkError> {
+    let n = txn
+        .execute(stmt, &[&pipeline, &checkpoint, expected])
+        .await
+        .map_err(|e| classify(&e, "store the position"))?;
+    if n == 0 {
+        txn.rollback()
+            .await
+            .map_err(|e| classify(&e, "roll back"))?;
+    } else {
+        txn.commit().await.map_err(|e| classify(&e, "commit"))?;
+    }
+    Ok(n)
+}
+
+/// After a compare-and-set that changed nothing: `Ok` when the stored position is
+/// `checkpoint` (an earlier try stored it, and only its answer was lost), the sink's
+/// position-moved error when it is another writer's.
+async fn stored_before(
+    client: &Client,
+    positions: &str,
+    pipeline: &str,
+    checkpoint: &[u8],
+) -> Result<(), SinkError> {
+    let now = read_position(client, positions, pipeline).await?;
+    if now.as_deref() == Some(checkpoint) {
+        return Ok(());
+    }
+    Err(crate::sink::position_moved(&format!(
+        "the position of pipeline `{pipeline}` in {positions}"
+    )))
+}
+
+/// Whether table `t` (a quoted, qualified name) exists, as `txn` sees it.
+async fn table_exists(txn: &tokio_postgres::Transaction<'_>, t: &str) -> Result<bool, SinkError> {
+    let found: Option<String> = txn
+        .query_one("SELECT to_regclass($1)::text", &[&t])
+        .await
+        .map_err(|e| classify(&e, &format!("look {t} up")))?
+        .get(0);
+    Ok(found.is_some())
+}
+
 async fn read_position(
     client: &Client,
     positions: &str,
