@@ -35,8 +35,13 @@ use std::time::Duration;
 use redis::aio::MultiplexedConnection;
 use serde::Deserialize;
 
+use template::Template;
+
 use crate::sink::fold::{self, Final, Operators, Step};
 use crate::sink::{Batch, EarlierCopy, Sink, SinkError, SinkFuture};
+
+mod clear;
+mod template;
 
 /// How often a batch whose watched keys changed under it is tried again at once.
 const WATCH_TRIES: usize = 5;
@@ -116,19 +121,11 @@ impl RedisConfig {
     }
 }
 
-/// A piece of the key template.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Part {
-    Lit(Vec<u8>),
-    Tree,
-    Key,
-}
-
 /// The Redis sink; see the module docs.
 pub struct RedisSink {
     client: redis::Client,
     cfg: RedisConfig,
-    template: Vec<Part>,
+    template: Template,
     position_key: String,
     /// `CLIENT SETNAME`: `tideline:{pipeline}` (no spaces allowed).
     client_name: String,
@@ -149,7 +146,7 @@ impl RedisSink {
                 "sink url: {e}; write redis://[USER:PASSWORD@]HOST:PORT[/DB]"
             ))
         })?;
-        let template = parse_template(&cfg.key)?;
+        let template = Template::parse(&cfg.key)?;
         let info = client.get_connection_info();
         let describe = format!("redis {}/{}", info.addr(), info.redis_settings().db());
         Ok(RedisSink {
@@ -163,39 +160,6 @@ impl RedisSink {
             operators: Operators::default(),
             expected: None,
         })
-    }
-
-    fn key(&self, tree: &str, key: &[u8]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(tree.len() + key.len() + 8);
-        for p in &self.template {
-            match p {
-                Part::Lit(b) => out.extend_from_slice(b),
-                Part::Tree => out.extend_from_slice(tree.as_bytes()),
-                Part::Key => out.extend_from_slice(key),
-            }
-        }
-        out
-    }
-
-    /// The `SCAN MATCH` pattern of every key of `tree`.
-    fn pattern(&self, tree: &str) -> Vec<u8> {
-        self.pattern_with(tree, b"")
-    }
-
-    /// The `SCAN MATCH` pattern of the keys of `tree` whose row key starts with `prefix`.
-    fn pattern_with(&self, tree: &str, prefix: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for p in &self.template {
-            match p {
-                Part::Lit(b) => glob_escape(b, &mut out),
-                Part::Tree => glob_escape(tree.as_bytes(), &mut out),
-                Part::Key => {
-                    glob_escape(prefix, &mut out);
-                    out.push(b'*');
-                }
-            }
-        }
-        out
     }
 
     async fn connect(&mut self) -> Result<MultiplexedConnection, SinkError> {
@@ -265,7 +229,7 @@ impl RedisSink {
                         }
                         for (k, f) in rows {
                             if matches!(f, Final::Merges(_)) {
-                                watched.push(self.key(tree, k));
+                                watched.push(self.template.key(tree, k));
                             }
                         }
                     }
@@ -438,7 +402,7 @@ impl RedisSink {
                     for (tree, rows) in &run.trees {
                         let gone = dropped.contains(tree.as_str());
                         for (k, f) in rows {
-                            let key = self.key(tree, k);
+                            let key = self.template.key(tree, k);
                             let value = match carried.get(&key) {
                                 Some(v) => f.resolve(v.as_deref()),
                                 None if gone => f.resolve(None),
@@ -481,139 +445,12 @@ impl RedisSink {
         crate::sink::position_moved(&format!("redis: the position `{}`", self.position_key))
     }
 
-    /// [`Sink::begin_copy`]: the keys of the trees an earlier copy wrote (found with `SCAN
-    /// MATCH` on the template, as for a dropped tree; with the pipeline's key prefix, only the
-    /// keys it could have written) are deleted in one transaction with storing the new copy's
-    /// checkpoint, checked as a batch's. A template without `{tree}` gives every tree one
-    /// pattern: the earlier copy wrote everything of this pipeline under it, so it all goes (the
-    /// template's keys are the pipeline's, as a drop already assumes). A template that begins
-    /// with `{key}` anchors its pattern nowhere (`*...`: `{key}` alone matches every key of the
-    /// database), so nothing tells the pipeline's keys from other data: the pipeline is held
-    /// for an operator instead.
-    async fn begin_copy_inner(
-        &mut self,
-        checkpoint: &[u8],
-        earlier: &EarlierCopy,
-    ) -> Result<(), SinkError> {
-        let (trees, prefix) = match earlier {
-            EarlierCopy::None => return Ok(()),
-            EarlierCopy::Trees { trees, prefix } => (trees, prefix.as_deref().unwrap_or_default()),
-            EarlierCopy::Unrecorded => {
-                let why = format!(
-                    "{}, and Redis holds keys of the interrupted copy, whose stored position \
-                     (written by an earlier version) does not name its trees: delete the keys \
-                     this pipeline wrote (its key template is `{}`) and its position `{}`; the \
-                     copy then starts again by itself",
-                    self.must_copy_again(),
-                    self.cfg.key,
-                    self.position_key
-                );
-                return self.hold_unless_started_over(why).await;
-            }
-        };
-        if self.template.first() == Some(&Part::Key) {
-            let why = format!(
-                "{}, and Redis holds keys of the interrupted copy of trees {}; the key \
-                 template `{}` begins with `{{key}}`, so its pattern `{}` cannot tell this \
-                 pipeline's keys from other data: delete the keys this pipeline wrote and its \
-                 position `{}`; the copy then starts again by itself",
-                self.must_copy_again(),
-                trees.join(", "),
-                self.cfg.key,
-                String::from_utf8_lossy(
-                    &self.pattern_with(trees.first().map_or("", String::as_str), prefix)
-                ),
-                self.position_key
-            );
-            return self.hold_unless_started_over(why).await;
-        }
-        let mut patterns: Vec<Vec<u8>> =
-            trees.iter().map(|t| self.pattern_with(t, prefix)).collect();
-        patterns.sort();
-        patterns.dedup();
-        let mut con = self.connect().await?;
-        let mut keys = Vec::new();
-        for pattern in &patterns {
-            keys.extend(scan(&mut con, pattern).await?);
-        }
-        keys.sort();
-        keys.dedup();
-        // Never a pipeline's position (a tree named `tideline` under the default template
-        // would match them all): this one's is replaced below, the others are not ours.
-        keys.retain(|k| !k.starts_with(b"tideline:position:"));
-        for _ in 0..WATCH_TRIES {
-            let (position,): (Option<Vec<u8>>,) = redis::pipe()
-                .cmd("WATCH")
-                .arg(&self.position_key)
-                .ignore()
-                .cmd("GET")
-                .arg(&self.position_key)
-                .query_async(&mut con)
-                .await
-                .map_err(|e| classify(&e, "watch and read the position"))?;
-            if position != self.expected {
-                let _ = redis::cmd("UNWATCH").query_async::<()>(&mut con).await;
-                if position.as_deref() == Some(checkpoint) {
-                    // Cleared and stored before; only the answer was lost.
-                    self.expected = position;
-                    return Ok(());
-                }
-                return Err(self.moved());
-            }
-            let mut pipe = redis::pipe();
-            pipe.atomic();
-            for chunk in keys.chunks(1000) {
-                pipe.cmd("DEL").arg(chunk).ignore();
-            }
-            pipe.cmd("SET").arg(&self.position_key).arg(checkpoint);
-            let r: Option<(redis::Value,)> = pipe
-                .query_async(&mut con)
-                .await
-                .map_err(|e| classify(&e, "delete the keys of the interrupted copy"))?;
-            if r.is_some() {
-                tracing::warn!(sink = %self.describe, keys = keys.len(), trees = %trees.join(", "), "deleted the keys of the interrupted copy; copying again from scratch");
-                self.expected = Some(checkpoint.to_vec());
-                return Ok(());
-            }
-            // EXEC answered nil: the position changed between the read and EXEC.
-        }
-        Err(SinkError::Retry(format!(
-            "redis: the position `{}` kept changing while the keys of the interrupted copy were \
-             deleted ({WATCH_TRIES} tries); is another connector running this pipeline?",
-            self.position_key
-        )))
-    }
-
-    fn must_copy_again(&self) -> String {
-        format!(
-            "the bootstrap of this pipeline (position `{}`) cannot resume and must copy again \
-             from scratch",
-            self.position_key
-        )
-    }
-
-    /// Holds the pipeline with `why`, unless its position is gone: an operator who deleted
-    /// its keys and its position started it over, and the copy may begin.
-    async fn hold_unless_started_over(&mut self, why: String) -> Result<(), SinkError> {
-        let mut con = self.connect().await?;
-        let position: Option<Vec<u8>> = redis::cmd("GET")
-            .arg(&self.position_key)
-            .query_async(&mut con)
-            .await
-            .map_err(|e| classify(&e, "read the position"))?;
-        if position.is_none() {
-            self.expected = None;
-            return Ok(());
-        }
-        Err(SinkError::Hold(why))
-    }
-
     async fn scan(
         &self,
         con: &mut MultiplexedConnection,
         tree: &str,
     ) -> Result<Vec<Vec<u8>>, SinkError> {
-        scan(con, &self.pattern(tree)).await
+        scan(con, &self.template.pattern(tree)).await
     }
 }
 
@@ -648,45 +485,6 @@ async fn scan(con: &mut MultiplexedConnection, pattern: &[u8]) -> Result<Vec<Vec
     keys.sort();
     keys.dedup();
     Ok(keys)
-}
-
-fn parse_template(t: &str) -> Result<Vec<Part>, SinkError> {
-    let mut parts = Vec::new();
-    let mut lit = Vec::new();
-    let mut rest = t;
-    while !rest.is_empty() {
-        if let Some(r) = rest.strip_prefix("{tree}") {
-            parts.push(Part::Lit(std::mem::take(&mut lit)));
-            parts.push(Part::Tree);
-            rest = r;
-        } else if let Some(r) = rest.strip_prefix("{key}") {
-            parts.push(Part::Lit(std::mem::take(&mut lit)));
-            parts.push(Part::Key);
-            rest = r;
-        } else {
-            let c = rest.chars().next().expect("rest is not empty");
-            let mut buf = [0u8; 4];
-            lit.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-            rest = &rest[c.len_utf8()..];
-        }
-    }
-    parts.push(Part::Lit(lit));
-    parts.retain(|p| !matches!(p, Part::Lit(l) if l.is_empty()));
-    if parts.iter().filter(|p| **p == Part::Key).count() != 1 {
-        return Err(SinkError::Fatal(format!(
-            "sink key `{t}` must contain `{{key}}` exactly once (e.g. \"{{tree}}:{{key}}\")"
-        )));
-    }
-    Ok(parts)
-}
-
-fn glob_escape(bytes: &[u8], out: &mut Vec<u8>) {
-    for &b in bytes {
-        if matches!(b, b'*' | b'?' | b'[' | b']' | b'\\') {
-            out.push(b'\\');
-        }
-        out.push(b);
-    }
 }
 
 /// What a Redis error means for the pipeline.
@@ -777,8 +575,8 @@ mod tests {
         let mut cfg = RedisConfig::new("redis://127.0.0.1:6379");
         cfg.key = "app:{tree}/{key}".into();
         let s = RedisSink::new(cfg, "p").unwrap();
-        assert_eq!(s.key("users", b"u\xff1"), b"app:users/u\xff1");
-        assert_eq!(s.pattern("a*b"), b"app:a\\*b/*");
+        assert_eq!(s.template.key("users", b"u\xff1"), b"app:users/u\xff1");
+        assert_eq!(s.template.pattern("a*b"), b"app:a\\*b/*");
         assert_eq!(s.position_key, "tideline:position:p");
     }
 
