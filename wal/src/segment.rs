@@ -187,6 +187,28 @@ pub fn header_len(prefix: &[u8]) -> Result<u32, HeaderError> {
     Ok(total)
 }
 
+/// Whether a header's length field (read by [`header_len`]) is the length its format's fixed
+/// part and its GTID text make: true of a header cut short while it was written (its first
+/// bytes are whole), false of one whose length field was damaged. `prefix` holds at least
+/// [`HEADER_FIXED_BYTES`] bytes.
+pub fn header_len_is_consistent(prefix: &[u8]) -> bool {
+    let (Some(format), Some(total), Some(text)) =
+        (prefix.get(8..10), prefix.get(12..16), prefix.get(48..52))
+    else {
+        return false;
+    };
+    let fixed = match u16::from_le_bytes([format[0], format[1]]) {
+        1 => HEADER_FIXED_BYTES,
+        _ => HEADER_FIXED_BYTES_V2,
+    };
+    let total = u32::from_le_bytes([total[0], total[1], total[2], total[3]]) as usize;
+    let text = u32::from_le_bytes([text[0], text[1], text[2], text[3]]) as usize;
+    fixed
+        .checked_add(text)
+        .map(|n| n.next_multiple_of(8))
+        .is_some_and(|n| n == total)
+}
+
 /// Decodes a header from the start of `buf`.
 pub fn decode_header(buf: &[u8]) -> Result<SegmentHeader, HeaderError> {
     let total = header_len(buf)? as usize;

@@ -514,3 +514,77 @@ fn canary_alloc_probe_sees_a_large_allocation() {
     assert!(alloc_probe::largest_bytes() > ALLOC_LIMIT_BYTES);
     drop(big);
 }
+
+/// Opens `image`, read-write and read-only, expecting `Corrupt` at the header's length field
+/// of `name`, and checks the file is still there, whole.
+fn expect_header_length_corrupt(image: &MemStorage, name: &str, max: u64) {
+    let len = image.file_len(name).expect("len");
+    for read_only in [false, true] {
+        let o = WalOptions {
+            read_only,
+            ..opts(max)
+        };
+        match Wal::open(Arc::new(image.clone()), o) {
+            Err(Error::Corrupt { file, .. }) => assert_eq!(file, image.describe(name)),
+            Ok(wal) => panic!(
+                "read_only {read_only}: a damaged header length was accepted: the log opened \
+                 at offset {} with {:?} removed",
+                wal.visible_offset(),
+                wal.recovery_report().removed_torn_segment
+            ),
+            Err(other) => panic!("read_only {read_only}: expected Corrupt, got {other:?}"),
+        }
+        assert_eq!(
+            image.file_len(name).expect("the segment is still there"),
+            len,
+            "read_only {read_only}: a refused open changed the segment"
+        );
+    }
+}
+
+#[test]
+fn a_damaged_length_in_the_last_segments_header_is_corruption_not_a_torn_creation() {
+    // The header's length field (bytes 12..16) damaged so that it claims more than the file
+    // holds: the segment holds acknowledged records, so it must never be taken for one torn
+    // while it was being created (and removed with them).
+    for bit in [4, 12, 20] {
+        // One segment only, and the last of several.
+        for (max, records) in [(1 << 20, 12), (600, 40)] {
+            let base = build_log(max, records);
+            let names = segment_names(&base);
+            let name = names.last().expect("segments");
+            let image = copy(&base);
+            image.flip_bit(name, 12 * 8 + bit).expect("flip");
+            expect_header_length_corrupt(&image, name, max);
+        }
+    }
+}
+
+#[test]
+fn a_last_segment_torn_while_its_header_was_written_is_removed() {
+    // The writer syncs a new segment's header before it writes a record there, so a last
+    // segment holding only part of its header never held a record: it is removed and the log
+    // opens with everything before it.
+    let base = build_log(600, 40);
+    let names = segment_names(&base);
+    let before = names.len();
+    let wal = Wal::open(Arc::new(copy(&base)), opts(600)).expect("open");
+    let next = wal.visible_offset() + 1;
+    drop(wal);
+    let first = Offset::new(next).expect("offset");
+    let header = segment::encode_header(first, UUID, 0, &gtids_through(40));
+    for keep in [segment::HEADER_FIXED_BYTES, header.len() - 1] {
+        let image = copy(&base);
+        let name = segment::file_name(first);
+        let f = image.create(&name).expect("create");
+        f.write_all_at(&header[..keep], 0).expect("write");
+        let wal = Wal::open(Arc::new(image.clone()), opts(600)).expect("open");
+        assert_eq!(
+            wal.recovery_report().removed_torn_segment.as_deref(),
+            Some(name.as_str())
+        );
+        assert_eq!(check_log(&wal, 40), Ok(40));
+        drop(wal);
+        assert_eq!(segment_names(&image).len(), before);
+    }
+}

@@ -215,8 +215,18 @@ impl Wal {
                 Err(e) => {
                     let len = file.len().unwrap_or(0);
                     let torn_creation = Some(i) == last_idx
-                        && (matches!(e, HeaderError::Truncated { .. })
-                            || read_all(st, &*file, name)?.iter().all(|&b| b == 0));
+                        && match e {
+                            // Cut short while it was written, not a length field damaged
+                            // into claiming more than the file holds (the file then holds
+                            // records, and they must not go with it).
+                            HeaderError::Truncated { available, .. } => {
+                                available < segment::HEADER_FIXED_BYTES
+                                    || segment::header_len_is_consistent(&read_all(
+                                        st, &*file, name,
+                                    )?)
+                            }
+                            _ => read_all(st, &*file, name)?.iter().all(|&b| b == 0),
+                        };
                     if torn_creation && opts.read_only {
                         continue;
                     }
