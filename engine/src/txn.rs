@@ -306,6 +306,10 @@ impl<'e> Txn<'e> {
         if let Some(w) = &mut self.writes {
             w.retain(|(t, _), _| t != tree);
         }
+        // The values read from the dropped tree are no before-images of writes to a tree of
+        // the same name created later in this transaction (it starts empty). The reads stay
+        // in `reads`, checked at commit.
+        self.read_values.retain(|(t, _), _| t != tree);
         Ok(())
     }
 

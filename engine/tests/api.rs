@@ -660,3 +660,50 @@ fn a_store_ahead_of_its_log_is_refused_with_a_typed_error() {
         other => panic!("expected StoreAheadOfLog, got {other:?}"),
     }
 }
+
+/// The before-image a transaction logs for a key it read is the key's value just before the
+/// write: a tree dropped and created again inside the transaction starts empty, so a key read
+/// before the drop has no before-image in the new tree.
+#[test]
+fn a_before_image_read_before_a_drop_is_not_logged_for_the_tree_created_again() {
+    use tideline_wal::Op;
+    let n = node();
+    let e = &n.engine;
+    e.create_tree("t", None).expect("create");
+    e.put("t", b"k", b"5").expect("put");
+    let logged_before = |c: tideline_engine::CommitInfo| {
+        let txn = e
+            .wal()
+            .read_from(c.offset)
+            .expect("reader")
+            .next_txn()
+            .expect("read")
+            .expect("record");
+        txn.ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Put { key, before, .. } if key == b"k" => Some(before.clone()),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    // Read, then write: the value read is the before-image.
+    let mut tx = e.begin();
+    assert_eq!(tx.get("t", b"k").expect("get").as_deref(), Some(&b"5"[..]));
+    tx.put("t", b"k", b"6").expect("put");
+    let c = tx.commit().expect("commit").expect("logged");
+    assert_eq!(logged_before(c), [Some(b"5".to_vec())]);
+    // Read, drop, create again, write: the key did not exist in the new tree.
+    let mut tx = e.begin();
+    assert_eq!(tx.get("t", b"k").expect("get").as_deref(), Some(&b"6"[..]));
+    tx.drop_tree("t").expect("drop");
+    tx.create_tree("t", None).expect("create again");
+    tx.put("t", b"k", b"7").expect("put");
+    let c = tx.commit().expect("commit").expect("logged");
+    assert_eq!(
+        logged_before(c),
+        [None],
+        "the put into the tree created again logged the dropped tree's value as its before-image"
+    );
+    assert_eq!(e.get("t", b"k").expect("get").as_deref(), Some(&b"7"[..]));
+}
