@@ -138,7 +138,9 @@ fn write_err(e: WriteError) -> NodeError {
     } else {
         match &e {
             WriteError::ReadOnly => ErrorCode::ReadOnly,
-            WriteError::FailStop { .. } | WriteError::Bootstrapping => ErrorCode::Unavailable,
+            WriteError::FailStop { .. }
+            | WriteError::Bootstrapping
+            | WriteError::GtidsExhausted { .. } => ErrorCode::Unavailable,
             WriteError::KeyTooLarge { .. }
             | WriteError::ValueTooLarge { .. }
             | WriteError::TooLarge { .. } => ErrorCode::TooLarge,

@@ -275,6 +275,16 @@ pub enum WriteError {
         /// The original failure.
         reason: String,
     },
+    /// Every GTID number of this node's server uuid is taken (the last one, 2^64 - 1, came
+    /// from an upstream or a peer using this node's uuid): a local commit has no number left.
+    /// Not retryable.
+    #[error(
+        "this node cannot number a local transaction: GTID {server_uuid}:18446744073709551615,          the last number of its server uuid, is already taken (an upstream or a peer used          this node's uuid); nothing was written. Give the writes to a node with another uuid,          or bootstrap this one as a new node"
+    )]
+    GtidsExhausted {
+        /// This node's server uuid.
+        server_uuid: uuid::Uuid,
+    },
     /// The engine was closed.
     #[error("the engine is closed; open it again to write")]
     Closed,

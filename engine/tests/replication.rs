@@ -371,3 +371,44 @@ fn a_batch_applied_as_one_keeps_each_transactions_own_write_set() {
         assert_eq!(other.is_some(), i % 3 == 0, "b{i:02}");
     }
 }
+
+/// An upstream transaction numbered with this node's own server uuid and the last GTID number
+/// (a peer cloned with the same uuid, or a bad one) leaves the node no number for a local
+/// commit. The node says so, with a typed error that is not retried, instead of panicking
+/// under the commit lock or reporting a conflict that can never clear.
+#[test]
+fn the_last_gtid_number_of_this_nodes_uuid_taken_upstream_refuses_local_commits_plainly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = open(
+        dir.path(),
+        &Arc::new(MemStorage::new()),
+        EngineOptions::default(),
+    );
+    let own = e.server_uuid();
+    let txn = NewTransaction {
+        gtid: tideline_wal::Gtid::new(own, u64::MAX).expect("gtid"),
+        timestamp_us: 0,
+        ops: vec![tideline_wal::Op::CreateTree {
+            tree: "default".into(),
+            merge_operator: None,
+        }],
+    };
+    e.apply_upstream(txn).expect("apply upstream");
+    e.set_read_only(false);
+    let local = std::thread::spawn(move || {
+        let r = e.put("default", b"k", b"v");
+        (r, e)
+    })
+    .join();
+    let (r, e) = local.expect("a local commit panicked");
+    match r {
+        Err(err @ WriteError::GtidsExhausted { .. }) => {
+            assert!(!err.is_retryable());
+            assert!(err.to_string().contains(&own.to_string()), "{err}");
+        }
+        other => panic!("expected GtidsExhausted, got {other:?}"),
+    }
+    // Nothing was written, and the node still takes upstream transactions.
+    assert_eq!(e.get("default", b"k").expect("get"), None);
+    assert_eq!(e.wal().visible_offset(), 1);
+}

@@ -447,7 +447,10 @@ impl Inner {
                 let seq = st
                     .submitted
                     .last_seq(&self.server_uuid)
-                    .map_or(1, |s| s + 1);
+                    .map_or(Some(1), |s| s.checked_add(1))
+                    .ok_or(WriteError::GtidsExhausted {
+                        server_uuid: self.server_uuid,
+                    })?;
                 let gtid = Gtid::new(self.server_uuid, seq)
                     .map_err(|e| WriteError::Conflict(format!("internal: {e}")))?;
                 (gtid, now_us())
