@@ -286,3 +286,131 @@ fn a_subscription_by_gtid_set_during_a_reset_never_skips_the_copied_gtids() {
         },
     }
 }
+
+/// Storage whose files' reads block, once armed, at the second read until released: the
+/// moment in which a reader is part-way through a segment larger than one read.
+#[derive(Debug, Clone, Default)]
+struct GateReads {
+    inner: MemStorage,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    reads: Arc<std::sync::atomic::AtomicU64>,
+    held: Arc<std::sync::atomic::AtomicBool>,
+    release: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct GatedFile {
+    inner: Box<dyn tideline_wal::StorageFile>,
+    gate: GateReads,
+}
+
+impl tideline_wal::StorageFile for GatedFile {
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
+        use std::sync::atomic::Ordering;
+        let g = &self.gate;
+        if g.armed.load(Ordering::SeqCst) && g.reads.fetch_add(1, Ordering::SeqCst) == 1 {
+            g.held.store(true, Ordering::SeqCst);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !g.release.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
+        self.inner.read_at(buf, pos)
+    }
+    fn write_all_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+        self.inner.write_all_at(buf, pos)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+impl Storage for GateReads {
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn create(&self, name: &str) -> std::io::Result<Box<dyn tideline_wal::StorageFile>> {
+        self.inner.create(name)
+    }
+    fn open(&self, name: &str) -> std::io::Result<Box<dyn tideline_wal::StorageFile>> {
+        Ok(Box::new(GatedFile {
+            inner: self.inner.open(name)?,
+            gate: self.clone(),
+        }))
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        self.inner.remove(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self) -> std::io::Result<()> {
+        self.inner.sync_dir()
+    }
+    fn describe(&self, name: &str) -> String {
+        self.inner.describe(name)
+    }
+}
+
+/// A reader by GTID set that is skipping GTIDs its downstream has, part-way through the active
+/// segment when a reset replaces the history, must report the reset when it reaches the end
+/// of the old segment: it never goes on into the new history's first segment (whose first
+/// offset follows the old history's last), without the copied GTIDs.
+#[test]
+fn a_reader_skipping_through_a_reset_reports_it_and_never_reads_the_new_history() {
+    use std::sync::atomic::Ordering;
+    let storage = GateReads::default();
+    let wal = Arc::new(Wal::open(Arc::new(storage.clone()), opts(64 << 20)).unwrap());
+    // ~3 MiB in one segment: more than one read of the reader.
+    let value = vec![7u8; 16 << 10];
+    let mut have = GtidSet::new();
+    for seq in 1..=200 {
+        let gtid = Gtid::new(UUID, seq).unwrap();
+        wal.append(tideline_wal::NewTransaction {
+            gtid,
+            timestamp_us: 0,
+            ops: vec![tideline_wal::Op::Put {
+                tree: "t".into(),
+                key: seq.to_be_bytes().to_vec(),
+                value: value.clone(),
+                before: None,
+            }],
+        })
+        .unwrap();
+        have.insert(gtid);
+    }
+    assert_eq!(wal.stats().segments.len(), 1);
+    let mut reader = wal.read_missing(&have).unwrap();
+    storage.armed.store(true, Ordering::SeqCst);
+    let read = std::thread::spawn(move || reader.next_txn().map(|t| t.map(|t| t.gtid)));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !storage.held.load(Ordering::SeqCst) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the reader never read twice"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let copied = copied_set();
+    wal.reset_history(&copied).unwrap();
+    let new = Gtid::new(UUID, 201).unwrap();
+    wal.append(tideline_wal::NewTransaction {
+        gtid: new,
+        timestamp_us: 0,
+        ops: vec![],
+    })
+    .unwrap();
+    storage.release.store(true, Ordering::SeqCst);
+    match read.join().unwrap() {
+        Err(Error::HistoryReset { .. }) => {}
+        other => panic!(
+            "a reader of the old history read on into the new one, without the copied GTIDs: \
+             {other:?}"
+        ),
+    }
+}

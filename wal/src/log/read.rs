@@ -269,6 +269,13 @@ impl Reader {
                 last: shared.visible(),
             });
         };
+        // A segment of another history: a reset replaced the one this reader read in while it
+        // was between checks of the epoch (skipping GTIDs, say). It never reads on in it.
+        if meta.epoch.get() != self.epoch {
+            return Err(Error::HistoryReset {
+                gtids_before: self.shared_gtids_before(),
+            });
+        }
         let file = st.open(&meta.name).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::OffsetUnavailable {
