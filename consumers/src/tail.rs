@@ -256,6 +256,14 @@ impl Tail {
         }
         Ok(())
     }
+
+    /// Saves `pos`, a position [`Tail::position`] returned before the application took
+    /// transactions it then could not process (its output went away, say): the checkpoint
+    /// holds what was processed and the next run starts with the first one that was not.
+    pub fn commit_at(&mut self, pos: &Position) -> Result<(), TailError> {
+        lock(&self.checkpoint).save(pos)?;
+        Ok(())
+    }
 }
 
 impl Stream for Tail {

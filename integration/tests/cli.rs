@@ -722,3 +722,54 @@ fn tail_of_an_absent_node_gives_up_after_its_timeout() {
     assert!(err.contains("cannot reach"), "{err}");
     assert!(err.contains("--retry"), "{err}");
 }
+
+/// `tail --checkpoint` never saves a position past what it printed: a transaction whose line
+/// could not be written (the reader of its output went away) is not counted as delivered, so
+/// the next run starts with it.
+#[test]
+fn a_tail_whose_output_is_gone_saves_no_position_past_what_it_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), 0);
+    common::load(&node, 1, 3, 1);
+    let cp = dir.path().join("tail.cp");
+    // Output into a pipe whose reading end is already closed: the first line fails.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = node
+        .cli()
+        .args([
+            "tail", "--node", &node.addr, "--from", "earliest", "--limit", "3",
+        ])
+        .arg("--checkpoint")
+        .arg(&cp)
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let saved = std::fs::read_to_string(&cp).unwrap_or_default();
+    let offset = serde_json::from_str::<serde_json::Value>(&saved)
+        .ok()
+        .and_then(|v| v["offset"].as_u64())
+        .unwrap_or(0);
+    assert_eq!(
+        offset,
+        0,
+        "nothing was printed, yet the checkpoint holds offset {offset} ({}; tail said: {})",
+        saved.trim(),
+        stderr(&out)
+    );
+    // The next run prints from the first transaction.
+    let again = node
+        .cli()
+        .args([
+            "tail", "--node", &node.addr, "--from", "earliest", "--limit", "1",
+        ])
+        .arg("--checkpoint")
+        .arg(&cp)
+        .output()
+        .unwrap();
+    assert!(again.status.success(), "{}", stderr(&again));
+    let first: serde_json::Value =
+        serde_json::from_slice(again.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(first["offset"].as_u64(), Some(1), "{first}");
+}

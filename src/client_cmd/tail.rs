@@ -98,6 +98,9 @@ pub fn tail_cmd(args: &TailArgs) -> anyhow::Result<ExitCode> {
         let mut out = std::io::stdout().lock();
         let mut n = 0u64;
         while args.limit.is_none_or(|l| n < l) {
+            // The position after the last line printed: what the checkpoint may hold if the
+            // next line cannot be written.
+            let printed = t.position();
             let next = tokio::select! {
                 next = t.next() => next,
                 _ = tokio::signal::ctrl_c() => break,
@@ -107,8 +110,12 @@ pub fn tail_cmd(args: &TailArgs) -> anyhow::Result<ExitCode> {
             let mut line = serde_json::to_vec(&render::txn_json(&txn))?;
             line.push(b'\n');
             if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
+                // This transaction was not printed: it is not saved as delivered.
+                if let Some(p) = &printed {
+                    t.commit_at(p)?;
+                }
                 if e.kind() == std::io::ErrorKind::BrokenPipe {
-                    break;
+                    return Ok(ExitCode::SUCCESS);
                 }
                 return Err(e.into());
             }
