@@ -25,11 +25,12 @@ pub struct DemoArgs {
     /// removed afterwards. A node's data directory is refused.
     #[arg(long, value_name = "DIR")]
     data: Option<PathBuf>,
-    /// Transactions to commit.
-    #[arg(long, default_value_t = 20_000)]
+    /// Transactions to commit (at most 2^40).
+    #[arg(long, default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(1..=(1 << 40)))]
     txns: u64,
-    /// Concurrent writers.
-    #[arg(long, default_value_t = 8)]
+    /// Concurrent writers (1 to 1024).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=1024))]
     writers: u64,
     /// When commits are acknowledged.
     #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
@@ -53,7 +54,7 @@ fn run_in(data: &Path, args: &DemoArgs) -> anyhow::Result<ExitCode> {
     let wal = open_log(data, args.durability.durability())?;
     let uuid = wal.server_uuid();
     let before = wal.gtids();
-    let start_seq = before.last_seq(&uuid).unwrap_or(0) + 1;
+    let start_seq = before.last_seq(&uuid).unwrap_or(0).saturating_add(1);
     eprintln!(
         "log {} (server_uuid {uuid}): {} transactions already, {} durability",
         dir.display(),
@@ -64,7 +65,12 @@ fn run_in(data: &Path, args: &DemoArgs) -> anyhow::Result<ExitCode> {
         }
     );
     let next = Arc::new(Mutex::new(start_seq));
-    let end_seq = start_seq + args.txns;
+    let end_seq = start_seq.checked_add(args.txns).ok_or_else(|| {
+        anyhow::anyhow!(
+            "this log's GTID numbers end before {} more transactions; pass a smaller --txns",
+            args.txns
+        )
+    })?;
     let pb = ProgressBar::new(args.txns);
     let started = Instant::now();
     let mut handles = Vec::new();

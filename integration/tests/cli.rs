@@ -773,3 +773,21 @@ fn a_tail_whose_output_is_gone_saves_no_position_past_what_it_printed() {
         serde_json::from_slice(again.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
     assert_eq!(first["offset"].as_u64(), Some(1), "{first}");
 }
+
+/// `demo` refuses counts it cannot do, saying which flag: it never reports work it did not do.
+#[test]
+fn demo_refuses_a_transaction_count_it_cannot_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(bin())
+        .args(["demo", "--txns", &u64::MAX.to_string()])
+        .arg("--data")
+        .arg(dir.path().join("d"))
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "demo --txns u64::MAX succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(stderr(&out).contains("--txns"), "{}", stderr(&out));
+}
