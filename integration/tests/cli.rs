@@ -791,3 +791,59 @@ fn demo_refuses_a_transaction_count_it_cannot_commit() {
     );
     assert!(stderr(&out).contains("--txns"), "{}", stderr(&out));
 }
+
+/// A `load` whose node dies under it cannot know whether the batches in flight were
+/// committed: it says so (README, "unknown outcome"), and never calls them not committed.
+#[test]
+fn a_load_cut_off_from_its_node_says_the_batches_in_flight_may_be_committed() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = Node::start(&dir.path().join("n"), 0);
+    let mut child = node
+        .cli()
+        .args([
+            "load",
+            "--node",
+            &node.addr,
+            "--batch",
+            "100",
+            "--timeout-ms",
+            "2000",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let value = "v".repeat(100);
+    // Lines flow until the load stops reading; the node is killed once some are committed.
+    let feeder = std::thread::spawn(move || {
+        for i in 0u64.. {
+            if writeln!(stdin, "k:{i:09}\t{value}").is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while last_offset(&node) < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the load committed nothing"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    node.kill9();
+    let out = child.wait_with_output().unwrap();
+    feeder.join().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("may or may not have been committed"),
+        "the load did not say its batches in flight have an unknown outcome: {err}"
+    );
+    assert!(
+        !err.contains("not committed)"),
+        "the load called a batch whose answer was lost not committed: {err}"
+    );
+}

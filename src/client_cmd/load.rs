@@ -108,13 +108,61 @@ async fn node_limits(client: &tideline_stream::Client) -> anyhow::Result<(usize,
     ))
 }
 
+/// A batch whose commit failed: its lines, whether it may be committed all the same (the
+/// request went out and its answer was lost, or the node stopped on a failure), and why.
+struct Failed {
+    lines: (u64, u64),
+    in_doubt: bool,
+    error: tideline_stream::ClientError,
+}
+
+impl Failed {
+    fn of(lines: (u64, u64), error: tideline_stream::ClientError) -> Failed {
+        use tideline_stream::{ClientError, ErrorCode};
+        let in_doubt = matches!(
+            error,
+            ClientError::Connection(_)
+                | ClientError::Wire(_)
+                | ClientError::Server {
+                    code: ErrorCode::Unavailable | ErrorCode::Internal,
+                    ..
+                }
+        );
+        Failed {
+            lines,
+            in_doubt,
+            error,
+        }
+    }
+}
+
+impl std::fmt::Display for Failed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (first, last) = self.lines;
+        if self.in_doubt {
+            write!(
+                f,
+                "lines {first}-{last} (one transaction; its outcome is unknown: it may or may                  not have been committed): {}",
+                self.error
+            )
+        } else {
+            write!(
+                f,
+                "lines {first}-{last} (one transaction, not committed): {}",
+                self.error
+            )
+        }
+    }
+}
+
 /// What a finished commit task of `load` gave.
-type LoadResult = Result<anyhow::Result<((u64, u64), usize, String)>, tokio::task::JoinError>;
+type LoadResult = Result<Result<((u64, u64), usize, String), Failed>, tokio::task::JoinError>;
 
 /// Records one finished batch; returns the keys it committed.
 fn record(
     r: LoadResult,
     committed: &mut Vec<((u64, u64), String)>,
+    in_doubt: &mut Vec<(u64, u64)>,
     failure: &mut Option<String>,
 ) -> u64 {
     match r {
@@ -122,8 +170,11 @@ fn record(
             committed.push((lines, gtid));
             n as u64
         }
-        Ok(Err(e)) => {
-            failure.get_or_insert(format!("{e:#}"));
+        Ok(Err(f)) => {
+            if f.in_doubt {
+                in_doubt.push(f.lines);
+            }
+            failure.get_or_insert(f.to_string());
             0
         }
         Err(e) => {
@@ -244,11 +295,13 @@ pub fn load(args: &LoadArgs) -> anyhow::Result<ExitCode> {
         // Committed line ranges with their GTIDs, and the first failure.
         let mut committed: Vec<((u64, u64), String)> = Vec::new();
         let mut failure: Option<String> = None;
+        // Line ranges of batches whose outcome is unknown.
+        let mut in_doubt: Vec<(u64, u64)> = Vec::new();
         while failure.is_none() {
             let Some(b) = rx.recv().await else { break };
             while inflight.len() >= args.parallel.max(1) {
                 if let Some(r) = inflight.join_next().await {
-                    let n = record(r, &mut committed, &mut failure);
+                    let n = record(r, &mut committed, &mut in_doubt, &mut failure);
                     loaded += n;
                     txns += u64::from(n > 0);
                     pb.set_position(loaded);
@@ -261,17 +314,18 @@ pub fn load(args: &LoadArgs) -> anyhow::Result<ExitCode> {
             inflight.spawn(async move {
                 let n = b.ops.len();
                 let (first, last) = b.lines;
-                let (_, gtid) = client.commit(b.ops).await.with_context(|| {
-                    format!("lines {first}-{last} (one transaction, not committed)")
-                })?;
-                Ok::<_, anyhow::Error>((b.lines, n, gtid))
+                let (_, gtid) = client
+                    .commit(b.ops)
+                    .await
+                    .map_err(|e| Failed::of((first, last), e))?;
+                Ok::<_, Failed>((b.lines, n, gtid))
             });
         }
         // After a failure send nothing more: stop the reader, then wait for what is in flight.
         failed.store(true, std::sync::atomic::Ordering::SeqCst);
         drop(rx);
         while let Some(r) = inflight.join_next().await {
-            let n = record(r, &mut committed, &mut failure);
+            let n = record(r, &mut committed, &mut in_doubt, &mut failure);
             loaded += n;
             txns += u64::from(n > 0);
             pb.set_position(loaded);
@@ -305,19 +359,34 @@ pub fn load(args: &LoadArgs) -> anyhow::Result<ExitCode> {
                     _ => ranges.push((*a, *b)),
                 }
             }
+            // Without batches in doubt, what is not confirmed was not committed.
+            let rest = if in_doubt.is_empty() {
+                "committed"
+            } else {
+                "confirmed"
+            };
             let done = match ranges.as_slice() {
-                [] => "nothing was committed".to_string(),
+                [] => format!("nothing was {rest}"),
                 [(1, end)] => format!(
                     "lines 1-{end} committed ({loaded} keys, last GTID {last_gtid}); nothing \
-                     after line {end} was committed"
+                     after line {end} was {rest}"
                 ),
                 _ => format!(
                     "lines {} committed ({loaded} keys, last GTID {last_gtid}); nothing else \
-                     was committed",
+                     was {rest}",
                     ranges_text(&ranges)
                 ),
             };
-            bail!("{cause}; {done}");
+            if in_doubt.is_empty() {
+                bail!("{cause}; {done}");
+            }
+            in_doubt.sort_unstable();
+            bail!(
+                "{cause}; {done}; lines {} may or may not have been committed (the node's \
+                 answer was lost): read their keys back (`tideline get`) before loading them \
+                 again",
+                ranges_text(&in_doubt)
+            );
         }
         let secs = started.elapsed().as_secs_f64();
         eprintln!(
