@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use tideline_engine::{Engine, IndexInfo, IndexState, ReadError, Snapshot, WriteError};
-use tideline_stream::server::Rows;
 use tideline_stream::{
     BootstrapView, ErrorCode, Node, NodeError, Observer, Page, ScanPage, WriteOp,
 };
@@ -455,24 +454,6 @@ impl Node for EngineNode {
         };
         let rows = rows.take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)));
         tideline_stream::server::collect_page(rows, page).map_err(read_err)
-    }
-
-    fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError> {
-        use std::ops::Bound;
-        let lower = match after {
-            Some(a) => Bound::Excluded(a.to_vec()),
-            None => Bound::Unbounded,
-        };
-        let scan = match self
-            .engine
-            .range::<Vec<u8>>(tree, (lower, Bound::Unbounded), false)
-        {
-            Err(ReadError::UnknownTree(_)) => return Ok(Vec::new()),
-            other => other.map_err(read_err)?,
-        };
-        scan.take(limit.min(usize::MAX as u64) as usize)
-            .collect::<Result<Rows, ReadError>>()
-            .map_err(read_err)
     }
 
     async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {

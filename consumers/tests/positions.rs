@@ -26,7 +26,6 @@ use tideline_consumers::{
 };
 use tideline_stream::log_node::LogNode;
 use tideline_stream::proto::WriteOp;
-use tideline_stream::server::Rows;
 use tideline_stream::{
     ClientConfig, Node, NodeError, Page, ScanPage, ServerConfig, ServerHandle, tls,
 };
@@ -469,9 +468,6 @@ impl Node for CommitAfterRead {
     }
     fn scan(&self, tree: &str, prefix: &[u8], page: ScanPage<'_>) -> Result<Page, NodeError> {
         self.inner.scan(tree, prefix, page)
-    }
-    fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError> {
-        self.inner.range_after(tree, after, limit)
     }
     async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
         self.inner.commit(ops).await

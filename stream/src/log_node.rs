@@ -9,7 +9,7 @@ use std::time::Duration;
 use tideline_wal::{Gtid, GtidSet, NewTransaction, Offset, Op, Wal};
 
 use crate::proto::{ErrorCode, WriteOp};
-use crate::server::{Node, NodeError, Page, Rows, ScanPage, collect_page};
+use crate::server::{Node, NodeError, Page, ScanPage, collect_page};
 
 type Kv = BTreeMap<(String, Vec<u8>), Vec<u8>>;
 
@@ -112,17 +112,6 @@ impl Node for LogNode {
             }
         }
         Ok((offset, gtid))
-    }
-    fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError> {
-        Ok(self
-            .kv
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|((t, k), _)| t == tree && after.is_none_or(|a| k.as_slice() > a))
-            .take(limit as usize)
-            .map(|((_, k), v)| (k.clone(), v.clone()))
-            .collect())
     }
 
     fn status_json(&self) -> String {

@@ -4,6 +4,10 @@
 //! `PositionUnavailable` rather than send chunks of the new state after chunks of the old one
 //! (the replica would hold a mix of both), and a resume naming the old epoch is refused so the
 //! replica starts again from scratch.
+//!
+//! The chunk window on the same side: the server keeps at most its window of chunks unstored,
+//! and a consumer's report of more chunks stored than were sent (a bug or a hostile peer) ends
+//! the stream with `InvalidRequest` rather than overflowing the server's count.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,14 +89,6 @@ impl Node for TwoHistories {
         page: tideline_stream::ScanPage<'_>,
     ) -> Result<tideline_stream::Page, NodeError> {
         self.log.scan(tree, prefix, page)
-    }
-    fn range_after(
-        &self,
-        tree: &str,
-        after: Option<&[u8]>,
-        limit: u64,
-    ) -> Result<tideline_stream::server::Rows, NodeError> {
-        self.log.range_after(tree, after, limit)
     }
     async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
         self.log.commit(ops).await
@@ -283,5 +279,28 @@ async fn a_bootstrap_never_crosses_a_history_reset_of_its_server() {
         .await
         .unwrap();
     assert_eq!(resumed.epoch, new_epoch);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_of_more_chunks_stored_than_sent_is_refused() {
+    let (_dir, _node, server, client) = start(1).await;
+    let mut stream = client.bootstrap(None, 16 << 10).await.unwrap();
+    let mut acker = stream.take_acker().unwrap();
+    expect_chunk(&mut stream, 1).await;
+    acker.stored(u64::MAX).await.unwrap();
+    match next(&mut stream).await {
+        Err(ClientError::Server {
+            code: ErrorCode::InvalidRequest,
+            message,
+        }) => assert!(
+            message.contains(&u64::MAX.to_string()) && message.contains("has sent 1 chunk"),
+            "{message}"
+        ),
+        other => panic!("expected InvalidRequest, got {other:?}"),
+    }
+    // The server goes on: a new bootstrap is served.
+    let mut again = client.bootstrap(None, 16 << 10).await.unwrap();
+    expect_chunk(&mut again, 1).await;
     server.shutdown().await;
 }

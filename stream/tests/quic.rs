@@ -1,13 +1,16 @@
 //! Server and client over real QUIC on loopback, with a bare log as the node: tails from every
 //! kind of start position deliver exactly the expected records, in order, once; a wrong token,
 //! a wrong CA, malformed and oversized frames are refused while the server keeps serving; a
-//! stalled subscription does not hold up another one.
+//! stalled subscription does not hold up another one. Every answer stays within the message
+//! limit the client decodes (17 MiB), whatever the sizes of the keys and values read or of the
+//! keys a monitor sees: an answer over it is refused by the client (`FrameTooLarge`), so a
+//! paging client would ask for the same page forever.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tideline_stream::log_node::LogNode;
-use tideline_stream::proto::{self, Start, WriteOp};
+use tideline_stream::proto::{self, Request, Response, Start, WriteOp};
 use tideline_stream::{
     Client, ClientConfig, ClientError, ErrorCode, Event, Node, ServerConfig, ServerHandle, tls,
 };
@@ -245,5 +248,193 @@ async fn a_stalled_subscription_does_not_hold_up_another() {
     // Writers are not blocked either.
     let (offset, _) = client.commit(put(1)).await.unwrap();
     assert_eq!(offset, 41);
+    f.server.shutdown().await;
+}
+
+/// Sends `req` on a fresh stream of `client`'s connection and decodes the answer as a client
+/// does, with the default limits (an answer over them is `FrameTooLarge`).
+async fn raw_request(
+    client: &Client,
+    req: &Request,
+) -> Result<Option<proto::Frame<Response>>, proto::ProtoError> {
+    let mut raw = Vec::new();
+    proto::encode_message(req, &mut raw).unwrap();
+    let (mut send, mut recv) = client.raw_connection().open_bi().await.unwrap();
+    send.write_all(&raw).await.unwrap();
+    let _ = send.finish();
+    let body = recv.read_to_end(64 << 20).await.unwrap_or_default();
+    let mut dec = proto::FrameDecoder::new(proto::Limits::default());
+    dec.feed(&body);
+    dec.next_frame::<Response>()
+}
+
+fn put_kv(tree: &str, key: Vec<u8>, value_bytes: usize) -> Vec<WriteOp> {
+    vec![WriteOp::Put {
+        tree: tree.into(),
+        key,
+        value: vec![b'v'; value_bytes],
+    }]
+}
+
+/// The largest row there is (a 64 KiB key, a 16 MiB value) after a page filled almost to its
+/// byte bound: the page must stop before it, not take it and pass the message limit. The
+/// legacy single-answer `Scan` refuses with `TooLarge` rather than send what the client cannot
+/// decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scan_page_stops_before_a_row_that_would_pass_the_message_limit() {
+    let f = start().await;
+    let addr = f.server.local_addr().to_string();
+    let client = Client::connect(&addr, f.client_cfg.clone()).await.unwrap();
+    let big_key = [b"p:b".as_slice(), &[b'b'; (64 << 10) - 3]].concat();
+    // Just under a page's 1 MiB, then the largest row, then a small one.
+    client
+        .commit(put_kv("big", b"p:a".to_vec(), (1 << 20) - 256))
+        .await
+        .unwrap();
+    client
+        .commit(put_kv("big", big_key.clone(), 16 << 20))
+        .await
+        .unwrap();
+    client
+        .commit(put_kv("big", b"q:c".to_vec(), 10))
+        .await
+        .unwrap();
+
+    // The legacy scan of the prefix `p:` (half a message at most): refused, not oversized.
+    let legacy = |limit| Request::Scan {
+        tree: "big".into(),
+        prefix: b"p:".to_vec(),
+        limit,
+    };
+    match raw_request(&client, &legacy(10)).await {
+        Ok(Some(proto::Frame::Message(Response::Error {
+            code: ErrorCode::TooLarge,
+            message,
+        }))) => assert!(
+            message.contains("use a client of this version"),
+            "{message}"
+        ),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    match raw_request(&client, &legacy(1)).await {
+        Ok(Some(proto::Frame::Message(Response::Rows { rows }))) => {
+            assert_eq!(rows.len(), 1);
+            assert_eq!(rows[0].0, b"p:a");
+        }
+        other => panic!("expected one row, got {other:?}"),
+    }
+    let rows = client.scan("big", b"", 10).await.unwrap();
+    let got: Vec<(Vec<u8>, usize)> = rows.into_iter().map(|(k, v)| (k, v.len())).collect();
+    assert_eq!(
+        got,
+        vec![
+            (b"p:a".to_vec(), (1 << 20) - 256),
+            (big_key, 16 << 20),
+            (b"q:c".to_vec(), 10)
+        ]
+    );
+
+    f.server.shutdown().await;
+}
+
+/// `Range` (older `verify`) is bounded in bytes on the server like a legacy scan: an answer
+/// that would pass half a message is refused with `TooLarge` (older clients take a short answer
+/// for the end of the tree, so the server never sends one), and paging a row at a time still
+/// goes through rows of any size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_answer_is_bounded_in_bytes() {
+    let f = start().await;
+    let addr = f.server.local_addr().to_string();
+    let client = Client::connect(&addr, f.client_cfg.clone()).await.unwrap();
+    // 18 MiB in three rows: more than one message.
+    for k in [b"a", b"b", b"c"] {
+        client
+            .commit(put_kv("wide", k.to_vec(), 6 << 20))
+            .await
+            .unwrap();
+    }
+    match client.range_after("wide", None, u64::MAX).await {
+        Err(ClientError::Server {
+            code: ErrorCode::TooLarge,
+            message,
+        }) => assert!(message.contains("smaller"), "{message}"),
+        other => panic!("expected TooLarge, got {:?}", other.map(|r| r.len())),
+    }
+    let mut after: Option<Vec<u8>> = None;
+    let mut keys = Vec::new();
+    loop {
+        let rows = client
+            .range_after("wide", after.as_deref(), 1)
+            .await
+            .unwrap();
+        let Some((k, v)) = rows.last() else { break };
+        assert_eq!((rows.len(), v.len()), (1, 6 << 20));
+        keys.push(k.clone());
+        after = Some(k.clone());
+    }
+    assert_eq!(keys, vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+    f.server.shutdown().await;
+}
+
+/// A request whose key is as large as a message may be (before any node checks it) must not
+/// make the monitor feed send an event over the message limit: every attached monitor would
+/// fail with `FrameTooLarge`. The event carries the key's first 1 KiB and a mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_monitor_survives_a_request_with_a_huge_key() {
+    let f = start().await;
+    let addr = f.server.local_addr().to_string();
+    let client = Client::connect(&addr, f.client_cfg.clone()).await.unwrap();
+    let mut monitor = client.monitor(None, 1_000_000).await.unwrap();
+
+    // The largest `Get` the node accepts: its answer as an event is larger than that.
+    let limit = proto::Limits::default().message_bytes_max as usize;
+    let encoded = |key_bytes: usize| {
+        let mut out = Vec::new();
+        let get = Request::Get {
+            tree: "t".into(),
+            key: vec![b'k'; key_bytes],
+        };
+        proto::encode_message(&get, &mut out).unwrap();
+        out.len() - proto::FRAME_HEADER_BYTES
+    };
+    let key_bytes = limit - (encoded(limit - 1024) - (limit - 1024));
+    assert_eq!(encoded(key_bytes), limit);
+    let mut whole = Vec::new();
+    let as_event = Response::Monitor {
+        events: vec![proto::MonitorEvent {
+            ts_us: 0,
+            remote: "127.0.0.1:1".into(),
+            kind: "get".into(),
+            tree: "t".into(),
+            key: vec![b'k'; key_bytes],
+            latency_us: 0,
+            ok: true,
+        }],
+        dropped: 0,
+    };
+    proto::encode_message(&as_event, &mut whole).unwrap();
+    assert!(
+        whole.len() - proto::FRAME_HEADER_BYTES > limit,
+        "the request's key copied whole would pass the limit"
+    );
+
+    assert_eq!(client.get("t", &vec![b'k'; key_bytes]).await.unwrap(), None);
+    let (events, _) = tokio::time::timeout(Duration::from_secs(10), monitor.next())
+        .await
+        .expect("the monitor hears of the request within 10 s")
+        .unwrap()
+        .expect("the monitor stream goes on");
+    let e = &events[0];
+    assert_eq!((e.kind.as_str(), e.tree.as_str()), ("get", "t"));
+    assert_eq!(e.key.len(), 1024 + "…".len(), "cut to 1 KiB and marked");
+    assert!(e.key.starts_with(&[b'k'; 1024]) && e.key.ends_with("…".as_bytes()));
+    // Still serving this monitor.
+    client.get("t", b"small").await.unwrap();
+    let (events, _) = tokio::time::timeout(Duration::from_secs(10), monitor.next())
+        .await
+        .expect("the monitor hears of the request within 10 s")
+        .unwrap()
+        .expect("the monitor stream goes on");
+    assert_eq!(events[0].key, b"small");
     f.server.shutdown().await;
 }

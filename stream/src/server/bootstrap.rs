@@ -142,6 +142,31 @@ fn next_piece(
     })
 }
 
+/// Waits until fewer than `window` of the `sent` chunks are not reported stored. A consumer
+/// that reports more chunks stored than were sent breaks the protocol (its count is of no use
+/// for the window) and is refused; one that went away ends the copy.
+async fn wait_stored(
+    stored: &mut tokio::sync::watch::Receiver<u64>,
+    sent: u64,
+    window: u64,
+) -> Result<(), Stop> {
+    let reported = *stored
+        .wait_for(|&n| n.saturating_add(window) > sent)
+        .await
+        .map_err(|_| Stop::Gone)?;
+    if reported > sent {
+        return Err(refused(
+            ErrorCode::InvalidRequest,
+            format!(
+                "the consumer reported {reported} chunks stored, but this stream has sent \
+                 {sent} chunk(s); this is a client bug: bootstrap again from scratch with a \
+                 client of this node's release"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 async fn run<N: Node>(
     node: &N,
     cfg: &ServerConfig,
@@ -275,9 +300,7 @@ async fn run<N: Node>(
             Piece::Done { gtid_executed } => {
                 // The handover follows the last chunk's storing, so the consumer's last
                 // report still finds this end listening.
-                if stored.wait_for(|&n| n >= chunks_sent).await.is_err() {
-                    return Err(Stop::Gone);
-                }
+                wait_stored(&mut stored, chunks_sent, 1).await?;
                 send_message(
                     send,
                     &Response::BootstrapDone {
@@ -289,13 +312,7 @@ async fn run<N: Node>(
                 return Ok(());
             }
         };
-        if stored
-            .wait_for(|&n| n + window > chunks_sent)
-            .await
-            .is_err()
-        {
-            return Err(Stop::Gone);
-        }
+        wait_stored(&mut stored, chunks_sent, window).await?;
         let bytes = entries.len();
         cursor = match &to {
             Some(k) => Cursor {

@@ -14,6 +14,7 @@ use std::time::Duration;
 use tideline_wal::{Epoch, GtidSet, Offset};
 
 use super::config::{ServerConfig, error, now_us};
+use super::monitor::{cut_bytes, cut_text};
 use super::node::{Node, SCAN_PAGE_BYTES_MAX, ScanPage};
 use super::subscription::{SubscriptionRequest, serve_subscription};
 use crate::observe::Peer;
@@ -141,31 +142,11 @@ pub(super) async fn handle_stream<N: Node>(
             Ok(value) => Response::Value { value },
             Err(e) => error(e.code, e.message),
         },
-        // The single-answer scan of older clients: bounded like a page; an answer that would
-        // not fit one message is refused rather than built.
         Request::Scan {
             tree,
             prefix,
             limit,
-        } => {
-            let page = ScanPage {
-                after: None,
-                limit,
-                bytes_max: u64::from(cfg.limits.message_bytes_max) / 2,
-            };
-            match node.scan(&tree, &prefix, page) {
-                Ok(p) if p.more && (p.rows.len() as u64) < limit => error(
-                    ErrorCode::TooLarge,
-                    format!(
-                        "the answer holds more than {} bytes: use a client of this version \
-                         (it scans in pages), or pass a smaller --limit",
-                        page.bytes_max
-                    ),
-                ),
-                Ok(p) => Response::Rows { rows: p.rows },
-                Err(e) => error(e.code, e.message),
-            }
-        }
+        } => legacy_rows(&*node, &cfg, &tree, &prefix, None, limit),
         Request::ScanPage {
             tree,
             prefix,
@@ -194,10 +175,7 @@ pub(super) async fn handle_stream<N: Node>(
             Err(e) => error(e.code, e.message),
         },
         Request::Range { tree, after, limit } => {
-            match node.range_after(&tree, after.as_deref(), limit) {
-                Ok(rows) => Response::Rows { rows },
-                Err(e) => error(e.code, e.message),
-            }
+            legacy_rows(&*node, &cfg, &tree, b"", after.as_deref(), limit)
         }
         Request::Status => Response::Status {
             json: node.status_json(),
@@ -246,6 +224,39 @@ pub(super) async fn handle_stream<N: Node>(
     Ok(())
 }
 
+/// Answers the single-answer reads of older clients, `Scan` and `Range` (a `Range` is a scan
+/// of the empty prefix): one page of at most `limit` rows and half a message (a single larger
+/// row still fits a message). An answer that would not hold its `limit` rows within that is
+/// refused rather than cut short: these clients take a short answer for the end of the scan
+/// (the older `verify` pages with `Range` and stops at the first page short of its size).
+fn legacy_rows<N: Node>(
+    node: &N,
+    cfg: &ServerConfig,
+    tree: &str,
+    prefix: &[u8],
+    after: Option<&[u8]>,
+    limit: u64,
+) -> Response {
+    let page = ScanPage {
+        after,
+        limit,
+        bytes_max: u64::from(cfg.limits.message_bytes_max) / 2,
+    };
+    match node.scan(tree, prefix, page) {
+        Ok(p) if p.more && (p.rows.len() as u64) < limit => error(
+            ErrorCode::TooLarge,
+            format!(
+                "the answer holds more than {} bytes: use a client of this version (it reads \
+                 in pages bounded in bytes), or pass a smaller --limit (`scan`) or --page \
+                 (`verify`)",
+                page.bytes_max
+            ),
+        ),
+        Ok(p) => Response::Rows { rows: p.rows },
+        Err(e) => error(e.code, e.message),
+    }
+}
+
 /// Drops slot `name` unless a live subscription of this server uses it (that consumer would
 /// go on acking into a slot that no longer holds its log; stop it first). A subscription
 /// naming the slot after the drop creates it again where it starts, as any new slot.
@@ -290,7 +301,9 @@ fn drop_slot<N: Node>(node: &N, cfg: &ServerConfig, name: &str) -> Response {
     }
 }
 
-/// What a monitor reports of a request, taken before the request is consumed.
+/// What a monitor reports of a request, taken before the request is consumed: its tree and
+/// key cut to [`super::monitor::EVENT_FIELD_BYTES_MAX`] (a request's key may be as large as a
+/// message before any node checks it).
 struct Seen {
     kind: &'static str,
     tree: String,
@@ -346,8 +359,8 @@ impl Seen {
         };
         Some(Seen {
             kind,
-            tree: tree.to_string(),
-            key: key.to_vec(),
+            tree: cut_text(tree),
+            key: cut_bytes(key),
         })
     }
 
@@ -361,5 +374,30 @@ impl Seen {
             latency_us: latency.as_micros().min(u64::MAX as u128) as u64,
             ok,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_monitor_event_copies_at_most_a_kib_of_a_key_tree_or_gtid_set() {
+        let mark = "…".as_bytes();
+        let wait = Request::WaitFor {
+            gtids: "x".repeat(1 << 20),
+            timeout_ms: 0,
+        };
+        let seen = Seen::of(&wait).unwrap();
+        assert_eq!(seen.key.len(), 1024 + mark.len());
+        assert!(seen.key.starts_with(&[b'x'; 1024]) && seen.key.ends_with(mark));
+        // A tree name is cut on a character boundary; a key of 1 KiB is whole.
+        let get = Request::Get {
+            tree: "é".repeat(1 << 19),
+            key: vec![b'k'; 1024],
+        };
+        let seen = Seen::of(&get).unwrap();
+        assert_eq!(seen.tree, format!("{}…", "é".repeat(512)));
+        assert_eq!(seen.key, vec![b'k'; 1024]);
     }
 }

@@ -43,7 +43,9 @@ pub struct ScanPage<'a> {
     pub after: Option<&'a [u8]>,
     /// Most rows.
     pub limit: u64,
-    /// Stop adding rows once this many bytes of keys and values are in the page.
+    /// Most bytes of rows in the page, each row counted as its key, its value and the 16 bytes
+    /// that frame them in an answer: the page stops before the row that would pass it, unless
+    /// that row is the first (a page is never empty while keys are left).
     pub bytes_max: u64,
 }
 
@@ -56,12 +58,18 @@ pub struct Page {
     pub more: bool,
 }
 
-/// Largest page a scan answer holds, in bytes of keys and values: a page (plus one row of at
-/// most a 64 KiB key and a 16 MiB value) stays within one message, and the server holds one
-/// page per request.
+/// Largest page a scan answer holds, in bytes of rows (see [`ScanPage::bytes_max`]). A page
+/// of several rows stays within it, and a page of one row (at most a 64 KiB key and a 16 MiB
+/// value) fits one message too; the server holds one page per request.
 pub const SCAN_PAGE_BYTES_MAX: u64 = 1 << 20;
 
-/// Builds a page from rows in key order, applying `page`'s bounds.
+/// Bytes a row takes in a `Rows` answer besides its key and value: the archived key and value
+/// vectors, 4 bytes of position and 4 of length each. Counted so that a page of many small
+/// rows stays within its bound as sent, not only as keys and values.
+const ROW_ENVELOPE_BYTES: u64 = 16;
+
+/// Builds a page from rows in key order, applying `page`'s bounds: it stops before the row
+/// that would take it past `limit` rows or `bytes_max` bytes, but always holds the first row.
 pub fn collect_page<E>(
     rows: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), E>>,
     page: ScanPage<'_>,
@@ -70,12 +78,14 @@ pub fn collect_page<E>(
     let mut bytes = 0u64;
     for row in rows {
         let (k, v) = row?;
-        if out.rows.len() as u64 >= page.limit || (!out.rows.is_empty() && bytes >= page.bytes_max)
+        let row_bytes = (k.len() as u64) + (v.len() as u64) + ROW_ENVELOPE_BYTES;
+        if out.rows.len() as u64 >= page.limit
+            || (!out.rows.is_empty() && bytes.saturating_add(row_bytes) > page.bytes_max)
         {
             out.more = true;
             break;
         }
-        bytes += (k.len() + v.len()) as u64;
+        bytes += row_bytes;
         out.rows.push((k, v));
     }
     Ok(out)
@@ -97,13 +107,11 @@ pub trait Node: Send + Sync + 'static {
     fn wal(&self) -> &Wal;
     /// Reads one key.
     fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError>;
-    /// Reads one page of keys starting with `prefix`, in key order, strictly after `after`:
-    /// at most `limit` rows, and no more rows once their keys and values pass `bytes_max`
-    /// (the first row always counts, so a page is never empty while keys are left). The
-    /// server holds at most one page per request.
+    /// Reads one page of keys starting with `prefix`, in key order, strictly after `after`,
+    /// within `page`'s bounds ([`collect_page`] applies them; the first row always counts, so
+    /// a page is never empty while keys are left). The server holds at most one page per
+    /// request, and answers `Range` with a page of the empty prefix.
     fn scan(&self, tree: &str, prefix: &[u8], page: ScanPage<'_>) -> Result<Page, NodeError>;
-    /// Reads up to `limit` keys strictly after `after` (all keys when `None`), in key order.
-    fn range_after(&self, tree: &str, after: Option<&[u8]>, limit: u64) -> Result<Rows, NodeError>;
     /// Commits `ops` atomically; resolves once acknowledged (durable under sync durability).
     fn commit(
         &self,
@@ -201,13 +209,51 @@ mod page_tests {
         };
         let p = collect_page(rows(10, 100).into_iter(), page(3, 1 << 20)).unwrap();
         assert_eq!((p.rows.len(), p.more), (3, true));
-        // 105 bytes per row: the page closes once 250 bytes are in it.
+        // 121 bytes per row with its envelope: a third would pass 250 bytes.
         let p = collect_page(rows(10, 100).into_iter(), page(100, 250)).unwrap();
-        assert_eq!((p.rows.len(), p.more), (3, true));
+        assert_eq!((p.rows.len(), p.more), (2, true));
+        let p = collect_page(rows(10, 100).into_iter(), page(100, 242)).unwrap();
+        assert_eq!((p.rows.len(), p.more), (2, true));
         // One row larger than the bound still makes a page.
         let p = collect_page(rows(2, 10_000).into_iter(), page(100, 250)).unwrap();
         assert_eq!((p.rows.len(), p.more), (1, true));
         let p = collect_page(rows(2, 1).into_iter(), page(100, 1 << 20)).unwrap();
         assert_eq!((p.rows.len(), p.more), (2, false));
+    }
+
+    /// Bytes of `rows` as a `Rows` answer, past the answer's own fixed envelope.
+    fn encoded(rows: &Rows) -> u64 {
+        let size = |rows: Rows| {
+            let mut out = Vec::new();
+            crate::proto::encode_message(&crate::proto::Response::Rows { rows }, &mut out).unwrap();
+            out.len() as u64
+        };
+        size(rows.clone()) - size(Vec::new())
+    }
+
+    #[test]
+    fn a_page_of_several_rows_stays_within_its_bound_as_encoded() {
+        let page = |bytes_max| ScanPage {
+            after: None,
+            limit: u64::MAX,
+            bytes_max,
+        };
+        // Small rows: their envelopes outweigh their keys.
+        let p = collect_page(rows(1000, 0).into_iter(), page(1000)).unwrap();
+        assert!(p.more && p.rows.len() > 1);
+        assert!(encoded(&p.rows) <= 1000, "{} bytes", encoded(&p.rows));
+        // Just under the bound, then the largest row there is: the page stops before it, and
+        // that row alone is the next page, which fits a message.
+        let largest = (vec![b'k'; 64 << 10], vec![b'v'; 16 << 20]);
+        let two: Vec<Row> = vec![
+            Ok((b"a".to_vec(), vec![b'v'; 1000 - 64])),
+            Ok(largest.clone()),
+        ];
+        let p = collect_page(two.into_iter(), page(1000)).unwrap();
+        assert_eq!((p.rows.len(), p.more), (1, true));
+        let p = collect_page(vec![Ok::<_, ()>(largest)].into_iter(), page(1000)).unwrap();
+        assert_eq!((p.rows.len(), p.more), (1, false));
+        let limit = u64::from(crate::proto::Limits::default().message_bytes_max);
+        assert!(encoded(&p.rows) + 64 <= limit);
     }
 }
