@@ -54,7 +54,7 @@ pub struct ConfigError {
 /// A pipeline file, checked.
 #[derive(Debug, Clone)]
 pub struct ConnectFile {
-    /// Its pipelines, in file order; names are unique.
+    /// Its pipelines, in file order; names are unique, and so are file sinks' `path`s.
     pub pipelines: Vec<PipelineSpec>,
 }
 
@@ -309,6 +309,28 @@ impl ConnectFile {
                 ));
             }
             let sink_cfg = sink_config(text, file, sink)?;
+            if let SinkConfig::File(c) = &sink_cfg {
+                let same = |p: &PipelineSpec| {
+                    matches!(&p.sink, SinkConfig::File(o)
+                        if o.path == c.path || same_file_lexically(&o.path, &c.path))
+                };
+                if let Some(first) = out.iter().find(|p| same(p)) {
+                    let span = match sink.get_ref() {
+                        DeValue::Table(t) => t.get("path").map(|v| v.span()),
+                        _ => None,
+                    };
+                    return Err(err(
+                        span.or(Some(sink.span())),
+                        format!(
+                            "pipelines `{}` and `{name}` both write the file sink path `{}`: \
+                             a file sink's files and position belong to one pipeline; give \
+                             each pipeline its own `path`",
+                            first.name,
+                            c.path.display()
+                        ),
+                    ));
+                }
+            }
             out.push(PipelineSpec {
                 name,
                 from,
@@ -321,6 +343,31 @@ impl ConnectFile {
         }
         Ok(ConnectFile { pipelines: out })
     }
+}
+
+/// Whether `a` and `b` name one file once spelled alike: relative to the working directory,
+/// without `.` components or doubled separators, and with `..` taking back the component
+/// before it. Lexical only (symbolic links are not followed): two names of one file
+/// through a link are caught when the second sink opens (by the first one's lock, or by the
+/// position the first one wrote).
+fn same_file_lexically(a: &Path, b: &Path) -> bool {
+    fn normal(p: &Path) -> PathBuf {
+        let p = std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    if !out.pop() {
+                        out.push(c);
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        out
+    }
+    normal(a) == normal(b)
 }
 
 /// Deserializes a `[sink]` table by its `kind`, with errors at the offending key's line.
@@ -682,6 +729,40 @@ key = "app:{tree}:{key}"
             matches!(&f.pipelines[1].sink, SinkConfig::Redis(c) if c.key == "app:{tree}:{key}")
         );
         assert_eq!(f.pipelines[1].line, 19);
+    }
+
+    /// A file sink's position belongs to one pipeline: two pipelines of a file writing one
+    /// `path` would fight over it (the second waits forever for the first's lock, or, run
+    /// one at a time, each would find the other's position). Refused before anything
+    /// starts, also when the two paths are spelled differently.
+    #[test]
+    fn two_pipelines_on_one_file_sink_path_are_refused() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "[[pipeline]]\nname = \"b\"\n[pipeline.source]\nnode = \"n:1\"\n\
+                 trees = [\"other\"]\n[pipeline.sink]\nkind = \"file\"\npath = \"{a}\"\n\
+                 [[pipeline]]\nname = \"a\"\n[pipeline.source]\nnode = \"n:1\"\n\
+                 from = \"earliest\"\n[pipeline.sink]\nkind = \"file\"\npath = \"{b}\"\n"
+            )
+        };
+        for (first, second) in [
+            ("out/x.jsonl", "out/x.jsonl"),
+            ("out/x.jsonl", "./out/x.jsonl"),
+            ("out//x.jsonl", "out/./x.jsonl"),
+            ("out/x.jsonl", "out/../out/x.jsonl"),
+        ] {
+            let text = two(first, second);
+            let e = error(&text);
+            assert!(
+                e.message.contains("`b`") && e.message.contains("`a`"),
+                "names both pipelines: {e}"
+            );
+            assert!(e.message.contains("its own `path`"), "says what to do: {e}");
+            assert_eq!(e.line, 16, "the second pipeline's path: {e}");
+        }
+        // Different files are fine.
+        let f = ConnectFile::parse(&two("out/x.jsonl", "out/y.jsonl"), "p.toml").unwrap();
+        assert_eq!(f.pipelines.len(), 2);
     }
 
     #[test]

@@ -79,8 +79,8 @@ pub trait Checkpoint: Send {
     fn save(&mut self, pos: &Position) -> Result<(), CheckpointError>;
 }
 
-/// A checkpoint in a JSON file, replaced atomically (temporary file, fsync, rename, fsync of
-/// the directory).
+/// A checkpoint in a JSON file, replaced atomically (temporary file `PATH.tmp`, fsync, rename,
+/// fsync of the directory).
 #[derive(Debug, Clone)]
 pub struct FileCheckpoint {
     path: PathBuf,
@@ -122,7 +122,7 @@ impl Checkpoint for FileCheckpoint {
             source,
         };
         let body = pos.to_bytes();
-        let tmp = self.path.with_extension("tmp");
+        let tmp = temp_path_of(&self.path);
         {
             let mut f = std::fs::File::create(&tmp).map_err(io)?;
             f.write_all(&body).map_err(io)?;
@@ -138,6 +138,16 @@ impl Checkpoint for FileCheckpoint {
             .map_err(io)?;
         Ok(())
     }
+}
+
+/// Where [`FileCheckpoint::save`] writes before the rename: `.tmp` appended to the whole file
+/// name (`orders.json` → `orders.json.tmp`), never replacing its extension: so it is never the
+/// checkpoint itself (`cp.tmp`), and two checkpoints in one directory (`orders.json`,
+/// `orders.pos`) never share it.
+fn temp_path_of(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
 }
 
 /// A checkpoint in memory, shared by clones (for tests and for applications that keep the
@@ -189,5 +199,65 @@ mod tests {
         std::fs::write(&path, b"{not json").unwrap();
         let e = cp.load().unwrap_err();
         assert!(e.to_string().contains("remove it"), "{e}");
+    }
+
+    fn position(offset: u64) -> Position {
+        let uuid = Uuid::from_bytes([9; 16]);
+        Position {
+            server_uuid: uuid,
+            offset,
+            gtids: format!("{uuid}:1-{offset}").parse().unwrap(),
+            epoch: Some(Epoch::new(1)),
+        }
+    }
+
+    /// A save replaces the file (a new one renamed over it), whatever the checkpoint is
+    /// called: a save that rewrote it in place would leave it empty or half-written if the
+    /// process died during the write. A hard link to the old file shows which happened: a
+    /// replace leaves the old bytes under it. `cp.tmp` was saved in place (its temporary
+    /// name was itself).
+    #[test]
+    fn a_save_replaces_the_file_never_rewrites_it_in_place() {
+        for name in ["cp.json", "cp.tmp", "cp", "cp.json.tmp"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(name);
+            let mut cp = FileCheckpoint::new(&path);
+            cp.save(&position(1)).unwrap();
+            let witness = dir.path().join(format!("{name}.witness"));
+            std::fs::hard_link(&path, &witness).unwrap();
+            cp.save(&position(2)).unwrap();
+            assert_eq!(cp.load().unwrap(), Some(position(2)), "{name}");
+            assert_eq!(
+                Position::parse(&std::fs::read(&witness).unwrap()).unwrap(),
+                position(1),
+                "{name}: the save rewrote the checkpoint in place"
+            );
+        }
+    }
+
+    /// Checkpoints in one directory never share a temporary file (two consumers saving at
+    /// once would rename each other's bytes into place), and none writes to itself.
+    #[test]
+    fn checkpoints_in_one_directory_have_their_own_temporary_files() {
+        let names = [
+            "orders.json",
+            "orders.pos",
+            "orders",
+            "orders.tmp",
+            "o.rders",
+        ];
+        let dir = Path::new("/d");
+        let temps: Vec<PathBuf> = names.iter().map(|n| temp_path_of(&dir.join(n))).collect();
+        for (i, (name, temp)) in names.iter().zip(&temps).enumerate() {
+            assert_ne!(temp, &dir.join(name), "{name} is its own temporary file");
+            for (other, other_temp) in names.iter().zip(&temps).skip(i + 1) {
+                assert_ne!(
+                    temp,
+                    other_temp,
+                    "{name} and {other} share the temporary file {}",
+                    temp.display()
+                );
+            }
+        }
     }
 }

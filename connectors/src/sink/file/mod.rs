@@ -10,7 +10,8 @@
 //!   starts (rotation happens between batches, so a batch never spans two files). Reading
 //!   `.1`, `.2`, ..., `.N`, then the live file gives every change in log order.
 //! - `changes.jsonl.position`: which rotated file is the last, how many bytes of the live file
-//!   hold stored envelopes, and the pipeline's checkpoint (format in `position.rs`).
+//!   hold stored envelopes, and the pipeline's checkpoint (format in `position.rs`). It names
+//!   the pipeline that wrote it; a sink of any other pipeline refuses the files on open.
 //! - `changes.jsonl.lock`: `flock`ed by the one sink writing these files (it holds its PID);
 //!   a second one waits, retrying, until the first has stopped.
 //!
@@ -28,8 +29,8 @@
 //! position is undone on open (the renamed file becomes the live file again).
 //!
 //! Owns: the files and the position beside them. Must never: store a position that covers
-//! bytes not yet synced, or write into a file it did not create (a data file without a
-//! position beside it is refused, never cut).
+//! bytes not yet synced, write into a file it did not create (a data file without a
+//! position beside it is refused, never cut), or resume from another pipeline's position.
 
 mod position;
 
@@ -258,6 +259,28 @@ impl FileSink {
                 fresh
             }
         };
+        // The stored checkpoint is its pipeline's: another pipeline resuming from it would
+        // skip what that one filtered out or had not reached. Checked before anything is
+        // cut or renamed, and the lock let go, so the owner can still run.
+        if pos.pipeline != self.pipeline {
+            self.lock = None;
+            return Err(fatal(format!(
+                "{} was written by pipeline `{}`, not by this pipeline `{}`: its position is \
+                 that pipeline's, and resuming from it could skip changes; nothing was \
+                 touched. Give pipeline `{}` its own file; or, if this is pipeline `{}` \
+                 renamed, name it `{}` again; or, to have `{}` write here from its `from`, \
+                 move {}, its rotated files and {} away first",
+                pos_path.display(),
+                pos.pipeline,
+                self.pipeline,
+                self.pipeline,
+                pos.pipeline,
+                pos.pipeline,
+                self.pipeline,
+                path.display(),
+                pos_path.display(),
+            )));
+        }
         // A crash after a rotation's rename, before its position: undo the rename.
         let next = self.rotated(pos.segment + 1);
         if next.exists() {

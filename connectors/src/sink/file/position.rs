@@ -10,6 +10,8 @@
 //! - `segment`: how many rotated files (`changes.jsonl.1` .. `changes.jsonl.N`) precede the
 //!   live file; `bytes`: the length of the live file that holds stored envelopes (anything
 //!   after it is a torn or unstored tail, cut on open).
+//! - `pipeline`: the name of the pipeline whose checkpoint this is; the sink of any other
+//!   pipeline refuses the files rather than resume from it.
 //! - `checkpoint` (or `checkpoint_b64` when not UTF-8): the pipeline's checkpoint, `null`
 //!   before the first batch.
 //!

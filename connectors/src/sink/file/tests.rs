@@ -220,3 +220,46 @@ fn a_second_sink_on_the_same_file_waits_until_the_first_is_gone() {
     second.write_sync(&batch(6, 1)).unwrap();
     assert_eq!(gtids_in(&path), (1..=6).collect::<Vec<_>>());
 }
+
+/// The position beside the files is one pipeline's checkpoint. A pipeline that found another
+/// pipeline's position there took it for its own: it resumed after the other's last offset
+/// (with the other's filter) and never wrote what came before. It must be refused, naming
+/// both pipelines, with the files left exactly as they were (a torn tail included), and the
+/// owner must still resume where it stopped.
+#[test]
+fn a_position_written_by_another_pipeline_is_refused_and_nothing_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x.jsonl");
+    let mut b = FileSink::new(FileConfig::new(&path), "b").unwrap();
+    resume_and_write(&mut b, 4);
+    drop(b);
+    let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+    f.write_all(b"{\"op\":\"put\",\"tr").unwrap();
+    drop(f);
+    let data = std::fs::read(&path).unwrap();
+    let pos = std::fs::read(position::path_of(&path)).unwrap();
+
+    let mut a = FileSink::new(FileConfig::new(&path), "a").unwrap();
+    let e = open(&mut a).unwrap_err();
+    let m = e.to_string();
+    assert!(matches!(e, SinkError::Fatal(_)), "{e}");
+    assert!(
+        m.contains("pipeline `b`") && m.contains("pipeline `a`"),
+        "names both: {m}"
+    );
+    assert!(
+        m.contains("its own") && m.contains("move"),
+        "says what to do: {m}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), data, "the data is untouched");
+    assert_eq!(
+        std::fs::read(position::path_of(&path)).unwrap(),
+        pos,
+        "the position is untouched"
+    );
+    // The refused sink let go of the files: their owner resumes where it stopped.
+    let mut b = FileSink::new(FileConfig::new(&path), "b").unwrap();
+    assert_eq!(open(&mut b).unwrap().as_deref(), Some(&b"cp4"[..]));
+    resume_and_write(&mut b, 6);
+    assert_eq!(gtids_in(&path), (1..=6).collect::<Vec<_>>());
+}
