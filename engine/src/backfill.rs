@@ -42,6 +42,12 @@ pub struct IndexPage {
     pub next: Option<Vec<u8>>,
 }
 
+/// Bytes a row takes in a protocol answer holding an index page (`IndexRows`) besides its
+/// key and value: the archived key and value vectors, 4 bytes of position and 4 of length
+/// each. Counted so that a page of several rows stays within `bytes_max` as sent, and a page
+/// that stops before a large row leaves that row to a page of its own, which fits a message.
+const INDEX_ROW_ENVELOPE_BYTES: u64 = 16;
+
 impl Engine {
     /// Declares index `name` on `tree` over the JSON pointers `paths` (a logged
     /// transaction, so replicas get it). The index is backfilled in the background while
@@ -209,8 +215,12 @@ impl Snapshot {
 
     /// One page of the index in order: entries whose leading components equal `values` and
     /// whose next component starts with `prefix`, strictly after entry key `after` (from a
-    /// previous page's `next`): at most `limit` rows, and no more once their bytes pass
-    /// `bytes_max` (at least one row when any is left). Refused while the index is not live.
+    /// previous page's `next`): at most `limit` rows and `bytes_max` bytes, each row counted
+    /// as its primary key, its value and the 16 bytes that frame them in an answer: the page
+    /// stops before the row that would pass either bound, unless that row is the first (a
+    /// page is never empty while entries are left), and `next` is the entry of its last row,
+    /// so the next page starts with the row this one left. Refused while the index is not
+    /// live.
     #[expect(
         clippy::too_many_arguments,
         reason = "a query's parts; a struct adds nothing"
@@ -248,7 +258,7 @@ impl Snapshot {
         let mut last = None;
         for kv in store.range(&idx.handle, (lo, hi)) {
             let (entry, _) = kv?;
-            if page.rows.len() >= limit || (!page.rows.is_empty() && bytes >= bytes_max) {
+            if page.rows.len() >= limit {
                 page.next = last;
                 return Ok(page);
             }
@@ -265,11 +275,17 @@ impl Snapshot {
             let Some(v) = store.get(&t.handle, pk)? else {
                 return Err(damaged(pk));
             };
+            // A row the page leaves is verified by the page that returns it.
+            let row_bytes = (pk.len() + v.len()) as u64 + INDEX_ROW_ENVELOPE_BYTES;
+            if !page.rows.is_empty() && bytes.saturating_add(row_bytes) > bytes_max {
+                page.next = last;
+                return Ok(page);
+            }
             if idx.entry_for(pk, Some(&v), &mut Parsed::default()) != DocEntry::Entry(entry.clone())
             {
                 return Err(damaged(pk));
             }
-            bytes += (pk.len() + v.len()) as u64;
+            bytes += row_bytes;
             page.rows.push((pk.to_vec(), v.to_vec()));
             last = Some(entry);
         }

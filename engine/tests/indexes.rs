@@ -14,6 +14,8 @@
 //! - Backfill while writes go on (50,000 documents; 1,000,000 in the ignored long run).
 //! - Unique indexes refuse a second key for a value once live, also against transactions
 //!   committed but not yet applied, and report duplicates met while backfilling.
+//! - A query page filled to its byte bound stops before a 16 MiB document that would take its
+//!   answer past the message limit, and the next page holds that document alone.
 
 mod common;
 
@@ -686,6 +688,126 @@ fn queries_are_refused_while_backfilling() {
     }
     assert!(e.wait_indexes_live(LIVE_WAIT));
     assert!(e.snapshot().index_is_live("t", "i").expect("exists"));
+}
+
+/// What the protocol promises an index page (docs/PROTOCOL.md, `IndexQuery`): each row counts
+/// as its key, its value and the 16 bytes that frame them in an `IndexRows` answer, and a
+/// page of several rows stays within `bytes_max` (capped at 1 MiB) so that its answer fits a
+/// message of 17 MiB, where a row alone (up to a 16 MiB value) fits too.
+const ROW_ENVELOPE_BYTES: u64 = 16;
+const PAGE_BYTES_MAX: u64 = 1 << 20;
+const MESSAGE_BYTES_MAX: u64 = 17 << 20;
+
+/// Bytes of `rows` as the protocol counts them.
+fn page_bytes(rows: &[(Vec<u8>, Vec<u8>)]) -> u64 {
+    rows.iter()
+        .map(|(k, v)| (k.len() + v.len()) as u64 + ROW_ENVELOPE_BYTES)
+        .sum()
+}
+
+/// A document indexed under `v = "a"` of exactly `len` bytes.
+fn padded_doc(len: usize) -> Vec<u8> {
+    let (head, tail) = (r#"{"v":"a","pad":""#, r#""}"#);
+    let mut doc = head.as_bytes().to_vec();
+    doc.resize(len - tail.len(), b'x');
+    doc.extend_from_slice(tail.as_bytes());
+    assert_eq!(doc.len(), len);
+    doc
+}
+
+/// A page filled to its bound with small documents, then the largest document there is:
+/// the page must stop before it (else the answer passes the message limit, the client's
+/// frame decoder refuses it, and asking again from the same `after` fails forever), and the
+/// next page holds it alone, with nothing skipped or repeated across the pages.
+#[test]
+fn an_index_page_stops_before_a_document_that_would_pass_its_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = mem_engine(dir.path());
+    e.create_tree("t", None).expect("tree");
+    e.create_index("t", "by_v", &["/v"], false).expect("create");
+    assert!(e.wait_indexes_live(LIVE_WAIT));
+    // Small documents whose rows, envelopes included, fill the bound exactly (the last one
+    // sized to make up the rest); without the envelopes they are ~16 KiB short of it.
+    let small_key = |i: usize| format!("s{i:05}").into_bytes();
+    let small_bytes = 1000;
+    let row_bytes = (small_key(0).len() + small_bytes) as u64 + ROW_ENVELOPE_BYTES;
+    let n = (PAGE_BYTES_MAX / row_bytes) as usize;
+    let rest = (PAGE_BYTES_MAX - (n as u64 - 1) * row_bytes) - ROW_ENVELOPE_BYTES;
+    let mut expected = Vec::new();
+    for i in 0..n {
+        let len = if i + 1 == n {
+            rest as usize - small_key(i).len()
+        } else {
+            small_bytes
+        };
+        e.put("t", &small_key(i), &padded_doc(len))
+            .expect("put small");
+        expected.push(small_key(i));
+    }
+    // The largest document: a 16 MiB value under a long key that sorts after the small
+    // ones, then one more small document after it.
+    let big_key = vec![b'y'; 63 << 10];
+    e.put("t", &big_key, &padded_doc(16 << 20))
+        .expect("put big");
+    expected.push(big_key.clone());
+    let last_key = b"z".to_vec();
+    e.put("t", &last_key, &padded_doc(100)).expect("put last");
+    expected.push(last_key);
+
+    let snap = e.snapshot();
+    let mut pages = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let page = snap
+            .index_scan(
+                "t",
+                "by_v",
+                &[],
+                b"",
+                after.as_deref(),
+                usize::MAX,
+                PAGE_BYTES_MAX,
+            )
+            .expect("index page");
+        assert!(
+            !page.rows.is_empty(),
+            "an empty page while documents are left"
+        );
+        let answer_bytes =
+            page_bytes(&page.rows) + page.next.as_ref().map_or(0, |n| n.len() as u64);
+        assert!(
+            answer_bytes < MESSAGE_BYTES_MAX,
+            "page {} of {} rows: {answer_bytes} bytes do not fit a message",
+            pages.len(),
+            page.rows.len()
+        );
+        if page.rows.len() > 1 {
+            assert!(
+                page_bytes(&page.rows) <= PAGE_BYTES_MAX,
+                "page {} of {} rows: {} bytes pass the bound",
+                pages.len(),
+                page.rows.len(),
+                page_bytes(&page.rows)
+            );
+        }
+        let next = page.next.clone();
+        pages.push(page.rows.into_iter().map(|(k, _)| k).collect::<Vec<_>>());
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [n, 1, 1], "rows per page");
+    assert!(
+        pages[0] == expected[..n],
+        "the first page holds every small document"
+    );
+    assert!(
+        pages[1] == [big_key],
+        "the large document is a page of its own"
+    );
+    assert!(pages.concat() == expected, "nothing skipped or repeated");
 }
 
 // ---------------------------------------------------------------------------------------
