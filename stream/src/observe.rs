@@ -97,6 +97,16 @@ struct LiveSubscription {
     sent_through: Arc<AtomicU64>,
 }
 
+/// The live subscriptions and the slots being dropped, under one lock: a subscription is
+/// registered as its slot's user before it creates or takes the slot, and a `DropSlot` claims
+/// the slot only while no subscription uses it, so one of the two always sees the other.
+#[derive(Default)]
+struct Registry {
+    live: BTreeMap<u64, LiveSubscription>,
+    /// Slot names with a `DropSlot` in progress, and how many.
+    dropping: BTreeMap<String, usize>,
+}
+
 /// The server's counters and registries; shared between the server and the node.
 pub struct Observer {
     connections_active: AtomicU64,
@@ -104,7 +114,7 @@ pub struct Observer {
     streams_active: AtomicU64,
     refused: [AtomicU64; RefuseReason::ALL.len()],
     requests: [AtomicU64; REQUEST_KINDS.len()],
-    subscriptions: Mutex<BTreeMap<u64, LiveSubscription>>,
+    subscriptions: Mutex<Registry>,
     next_subscription: AtomicU64,
     monitors: AtomicUsize,
     monitor_tx: broadcast::Sender<MonitorEvent>,
@@ -138,7 +148,7 @@ impl Observer {
             streams_active: AtomicU64::new(0),
             refused: Default::default(),
             requests: Default::default(),
-            subscriptions: Mutex::new(BTreeMap::new()),
+            subscriptions: Mutex::new(Registry::default()),
             next_subscription: AtomicU64::new(1),
             monitors: AtomicUsize::new(0),
             monitor_tx,
@@ -182,7 +192,8 @@ impl Observer {
     /// The live subscriptions.
     pub fn subscriptions(&self) -> Vec<SubscriptionInfo> {
         let subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
-        subs.values()
+        subs.live
+            .values()
             .map(|s| {
                 let mut info = s.info.clone();
                 info.sent_through = s.sent_through.load(Ordering::Relaxed);
@@ -210,20 +221,51 @@ impl Observer {
         }
     }
 
+    /// Registers a live subscription, which from then on counts as a user of its slot (a
+    /// `DropSlot` of it is refused). `None` while a `DropSlot` of its slot is in progress.
     pub(crate) fn subscription(
         self: &Arc<Self>,
         info: SubscriptionInfo,
         sent_through: Arc<AtomicU64>,
-    ) -> Registration {
+    ) -> Option<Registration> {
+        let mut subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        if info
+            .slot
+            .as_ref()
+            .is_some_and(|s| subs.dropping.contains_key(s))
+        {
+            return None;
+        }
         let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
-        self.subscriptions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        subs.live
             .insert(id, LiveSubscription { info, sent_through });
-        Registration {
+        Some(Registration {
             observer: self.clone(),
             id,
+        })
+    }
+
+    /// Claims slot `name` for a drop: while the claim lives no subscription can register with
+    /// that slot. Refused with the live subscriptions that use the slot, if any.
+    pub(crate) fn claim_slot_drop(
+        self: &Arc<Self>,
+        name: &str,
+    ) -> Result<SlotDropClaim, Vec<SubscriptionInfo>> {
+        let mut subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
+        let users: Vec<SubscriptionInfo> = subs
+            .live
+            .values()
+            .filter(|s| s.info.slot.as_deref() == Some(name))
+            .map(|s| s.info.clone())
+            .collect();
+        if !users.is_empty() {
+            return Err(users);
         }
+        *subs.dropping.entry(name.to_owned()).or_default() += 1;
+        Ok(SlotDropClaim {
+            observer: self.clone(),
+            name: name.to_owned(),
+        })
     }
 
     /// Whether any monitor is attached: the only cost a request pays when none is.
@@ -277,7 +319,30 @@ impl Drop for Registration {
             .subscriptions
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .live
             .remove(&self.id);
+    }
+}
+
+/// Keeps subscriptions from registering with a slot while it is dropped; releases when dropped.
+pub(crate) struct SlotDropClaim {
+    observer: Arc<Observer>,
+    name: String,
+}
+
+impl Drop for SlotDropClaim {
+    fn drop(&mut self) {
+        let mut subs = self
+            .observer
+            .subscriptions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = subs.dropping.get_mut(&self.name) {
+            *n -= 1;
+            if *n == 0 {
+                subs.dropping.remove(&self.name);
+            }
+        }
     }
 }
 
@@ -321,13 +386,47 @@ mod tests {
             sent_through: 0,
             since_us: 0,
         };
-        let r = o.subscription(info, through.clone());
+        let r = o
+            .subscription(info, through.clone())
+            .expect("no drop in progress");
         through.store(9, Ordering::Relaxed);
         assert_eq!(o.subscriptions()[0].sent_through, 9);
         drop((c, s, r));
         assert_eq!((o.connections_active(), o.streams_active()), (0, 0));
         assert!(o.subscriptions().is_empty());
         assert_eq!(o.connections_total(), 1);
+    }
+
+    /// A subscription with a slot and a drop of that slot exclude each other, whichever comes
+    /// first; other slots and subscriptions without one are not held up.
+    #[test]
+    fn a_slot_drop_and_a_subscription_of_the_slot_exclude_each_other() {
+        let o = Arc::new(Observer::new());
+        let info = |slot: Option<&str>| SubscriptionInfo {
+            remote: "127.0.0.1:1".into(),
+            client: "t".into(),
+            start: "earliest".into(),
+            tree: None,
+            prefix: None,
+            slot: slot.map(str::to_string),
+            sent_through: 0,
+            since_us: 0,
+        };
+        let through = Arc::new(AtomicU64::new(0));
+        let sub = o.subscription(info(Some("s")), through.clone()).unwrap();
+        let users = o.claim_slot_drop("s").err().expect("s is in use");
+        assert_eq!(users.len(), 1);
+        let other = o.claim_slot_drop("x").unwrap();
+        drop(sub);
+        let first = o.claim_slot_drop("s").unwrap();
+        let second = o.claim_slot_drop("s").unwrap();
+        assert!(o.subscription(info(Some("s")), through.clone()).is_none());
+        assert!(o.subscription(info(None), through.clone()).is_some());
+        drop(first);
+        assert!(o.subscription(info(Some("s")), through.clone()).is_none());
+        drop((second, other));
+        assert!(o.subscription(info(Some("s")), through.clone()).is_some());
+        assert!(o.subscription(info(Some("x")), through).is_some());
     }
 
     #[test]

@@ -51,6 +51,12 @@ pub struct ServerConfig {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_no_handshake_budget: bool,
+    /// Test-only: a subscription with a slot waits for a notification here once its slot is
+    /// created or taken, before it answers `Subscribed`. Exists so the slot tests can send a
+    /// `DropSlot` while a subscription is in that window.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_pause_after_slot_attach: Option<Arc<tokio::sync::Notify>>,
     /// Heartbeat interval on idle subscriptions.
     pub heartbeat: Duration,
     /// A subscription sends a batch once it holds this many bytes of records.
@@ -101,6 +107,8 @@ impl ServerConfig {
             hello_bytes_max: 4 << 10,
             #[cfg(feature = "testing")]
             unsafe_no_handshake_budget: false,
+            #[cfg(feature = "testing")]
+            unsafe_pause_after_slot_attach: None,
             heartbeat: Duration::from_millis(500),
             batch_bytes_target: 256 << 10,
             consumer_buffer_bytes: CONSUMER_BUFFER_BYTES_DEFAULT,

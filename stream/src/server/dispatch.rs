@@ -259,25 +259,28 @@ fn legacy_rows<N: Node>(
 
 /// Drops slot `name` unless a live subscription of this server uses it (that consumer would
 /// go on acking into a slot that no longer holds its log; stop it first). A subscription
-/// naming the slot after the drop creates it again where it starts, as any new slot.
+/// counts from before it creates or takes its slot, and none can start with the slot until
+/// the drop is done (the claim), so no subscription is left with a dropped slot. A
+/// subscription naming the slot after the drop creates it again where it starts, as any new
+/// slot.
 fn drop_slot<N: Node>(node: &N, cfg: &ServerConfig, name: &str) -> Response {
-    let users: Vec<String> = cfg
-        .observer
-        .subscriptions()
-        .into_iter()
-        .filter(|s| s.slot.as_deref() == Some(name))
-        .map(|s| format!("{} ({})", s.client, s.remote))
-        .collect();
-    if !users.is_empty() {
-        return error(
-            ErrorCode::InvalidRequest,
-            format!(
-                "slot {name} is in use by a live subscription of {}: stop that consumer, then \
-                 drop the slot",
-                users.join(", ")
-            ),
-        );
-    }
+    let _claim = match cfg.observer.claim_slot_drop(name) {
+        Ok(claim) => claim,
+        Err(users) => {
+            let users: Vec<String> = users
+                .iter()
+                .map(|s| format!("{} ({})", s.client, s.remote))
+                .collect();
+            return error(
+                ErrorCode::InvalidRequest,
+                format!(
+                    "slot {name} is in use by a live subscription of {}: stop that consumer, \
+                     then drop the slot",
+                    users.join(", ")
+                ),
+            );
+        }
+    };
     let wal = node.wal();
     let Some(slot) = wal.slot(name) else {
         let names: Vec<String> = wal.slots().into_iter().map(|s| s.name).collect();

@@ -4,8 +4,10 @@
 //! Owns: opening a reader at a start (with the GTID set covered before it), batching records
 //! (unfiltered ones go out as the log stores them), filters, progress, and the acks of the
 //! stream. Must never buffer more than one batch (`batch_bytes_target`) per subscription — a
-//! slow consumer stalls only its own stream through QUIC flow control — and must never let an
-//! ack move a slot past what was sent.
+//! slow consumer stalls only its own stream through QUIC flow control — must never let an
+//! ack move a slot past what was sent, and must never take an ack into a slot that is gone
+//! in silence (the subscription ends with an error: its consumer would believe its position
+//! held).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -162,6 +164,38 @@ pub(super) async fn serve_subscription<N: Node>(
             return Ok(());
         }
     };
+    // Registered before the slot is created or taken: from here on a `DropSlot` of it is
+    // refused as in use, so the slot cannot be dropped between its creation and the first ack.
+    let sent_through = Arc::new(std::sync::atomic::AtomicU64::new(
+        reader.next_offset().get() - 1,
+    ));
+    let info = SubscriptionInfo {
+        remote: peer.remote.to_string(),
+        client: peer.client.to_string(),
+        start: match &start {
+            Start::Earliest => "earliest".to_string(),
+            Start::Latest => "latest".to_string(),
+            Start::Offset(n) => format!("offset:{n}"),
+            Start::Gtid(set) => format!("gtid:{set}"),
+        },
+        tree: tree.clone(),
+        prefix: prefix
+            .as_deref()
+            .map(|p| String::from_utf8_lossy(p).into_owned()),
+        slot: slot.clone(),
+        sent_through: 0,
+        since_us: now_us(),
+    };
+    let Some(_listed) = cfg.observer.subscription(info, sent_through.clone()) else {
+        let name = slot.as_deref().unwrap_or_default();
+        let message = format!(
+            "slot {name} is being dropped by a DropSlot request; subscribe again once it is \
+             done (the slot is then created anew where the subscription starts)"
+        );
+        send_message(&mut send, &error(ErrorCode::Conflict, message)).await?;
+        let _ = send.finish();
+        return Ok(());
+    };
     // A new slot starts where the subscription starts; an existing one stays where the
     // consumer's acks put it (a resume may start past what its checkpoint stored, and the
     // slot must keep holding that).
@@ -171,6 +205,12 @@ pub(super) async fn serve_subscription<N: Node>(
         send_message(&mut send, &error(ErrorCode::InvalidRequest, e.to_string())).await?;
         let _ = send.finish();
         return Ok(());
+    }
+    #[cfg(feature = "testing")]
+    if slot.is_some()
+        && let Some(pause) = &cfg.unsafe_pause_after_slot_attach
+    {
+        pause.notified().await;
     }
     let head = wal.visible_offset();
     let (tree, prefix) = (tree.as_deref(), prefix.as_deref());
@@ -198,26 +238,10 @@ pub(super) async fn serve_subscription<N: Node>(
     .await?;
 
     // Acks arrive on the receive side; handle them in their own task so a consumer's acks
-    // never wait behind our sends.
-    let sent_through = Arc::new(std::sync::atomic::AtomicU64::new(sub.next_offset() - 1));
-    let _listed = cfg.observer.subscription(
-        SubscriptionInfo {
-            remote: peer.remote.to_string(),
-            client: peer.client.to_string(),
-            start: match &start {
-                Start::Earliest => "earliest".to_string(),
-                Start::Latest => "latest".to_string(),
-                Start::Offset(n) => format!("offset:{n}"),
-                Start::Gtid(set) => format!("gtid:{set}"),
-            },
-            tree: tree.map(str::to_string),
-            prefix: prefix.map(|p| String::from_utf8_lossy(p).into_owned()),
-            slot: slot.clone(),
-            sent_through: 0,
-            since_us: now_us(),
-        },
-        sent_through.clone(),
-    );
+    // never wait behind our sends. An ack that finds the slot gone (removed through the log,
+    // not by `DropSlot`, which a live subscription refuses) hands the answer that ends the
+    // subscription to the send loop: its consumer must not believe its position is held.
+    let (slot_lost_tx, mut slot_lost) = tokio::sync::mpsc::channel::<Response>(1);
     let ack_task = {
         let sent_through = sent_through.clone();
         let node = node.clone();
@@ -230,8 +254,24 @@ pub(super) async fn serve_subscription<N: Node>(
                         recv.stop(close_code::PROTOCOL);
                         return;
                     }
-                    if let (Some(name), Some(next)) = (&slot, Offset::new(offset + 1)) {
-                        let _ = node.wal().advance_slot(name, next);
+                    if let (Some(name), Some(next)) = (&slot, Offset::new(offset + 1))
+                        && let Err(e) = node.wal().advance_slot(name, next)
+                    {
+                        tracing::warn!(
+                            slot = %name,
+                            "ack into a slot that is gone ({e}); ending the subscription"
+                        );
+                        let message = format!(
+                            "slot {name} was dropped while this subscription used it: it no \
+                             longer holds this consumer's position, and retention may remove \
+                             the log from offset {next} on. Resume from the consumer's \
+                             checkpoint (the slot is created anew where it starts), or \
+                             re-bootstrap the consumer if that is no longer in the log"
+                        );
+                        let _ = slot_lost_tx
+                            .send(error(ErrorCode::InvalidRequest, message))
+                            .await;
+                        return;
                     }
                 }
             }
@@ -244,6 +284,10 @@ pub(super) async fn serve_subscription<N: Node>(
     let mut batch = BatchBuilder::with_capacity(batch_capacity);
     let mut send = Outbox::new(send);
     let result = loop {
+        if let Ok(lost) = slot_lost.try_recv() {
+            let _ = send.message(&lost).await;
+            break Ok(());
+        }
         let mut through = None;
         let mut last_pushed = None;
         let mut considered = 0usize;
@@ -343,6 +387,10 @@ pub(super) async fn serve_subscription<N: Node>(
                     && let Err(e) = send.message(&hb).await {
                         break Err(e);
                     }
+            }
+            Some(lost) = slot_lost.recv() => {
+                let _ = send.message(&lost).await;
+                break Ok(());
             }
             () = send.stopped() => break Ok(()),
         }
