@@ -58,12 +58,21 @@ pub struct EngineSink {
 }
 
 impl EngineSink {
-    /// A sink into `engine`.
+    /// A sink into `engine`. A copy stored in the engine is this sink's to continue (a resumed
+    /// copy begins nothing), whether or not the caller opens the sink (the replica does not):
+    /// its done batch must end it, even when it is the first batch written. A progress that
+    /// does not decode is left to [`Sink::open`] to report.
     pub fn new(engine: Arc<Engine>) -> Self {
+        let copying = engine
+            .is_bootstrapping()
+            .then(|| engine.bootstrap_progress())
+            .flatten()
+            .and_then(|p| BootstrapProgress::from_json(&p))
+            .map(|p| p.server_uuid);
         EngineSink {
             engine,
             last_committed: 0,
-            copying: None,
+            copying,
         }
     }
 
@@ -212,8 +221,7 @@ impl Sink for EngineSink {
     fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
         Box::pin(async move {
             let stored = self.stored()?;
-            // A copy stored in the engine is this sink's to continue (a resumed copy begins
-            // nothing): its done batch must end it, even when it is the first batch written.
+            // As in `new`: a copy stored in the engine is this sink's to continue.
             if let Some(PipelineCheckpoint::Bootstrap(p)) = &stored {
                 self.copying = Some(p.server_uuid);
             }

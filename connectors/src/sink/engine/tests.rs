@@ -181,6 +181,33 @@ async fn a_resumed_copy_whose_first_batch_is_done_ends_the_copy() {
     assert_eq!(engine.gtid_executed(), set(&format!("{SOURCE}:1-7")));
 }
 
+/// The replica makes its sink with `EngineSink::new` and copies without `open` (it reads the
+/// stored progress itself): a copy resumed that way whose only step left is its end must end
+/// too, or the replica stays bootstrapping for good, every live batch refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_sink_ends_a_stored_copy_whose_first_batch_is_done_without_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let mut sink = EngineSink::new(engine.clone());
+    let begin = PipelineCheckpoint::Bootstrap(progress(0)).encode();
+    sink.begin_copy(&begin, &EarlierCopy::None)
+        .await
+        .expect("begin");
+    drop(sink);
+    let mut sink = EngineSink::new(engine.clone());
+    let done = Batch {
+        source: SOURCE,
+        items: vec![],
+        checkpoint: tail_checkpoint(7, &format!("{SOURCE}:1-7")),
+    };
+    sink.write(&done).await.expect("finish");
+    assert!(
+        !engine.is_bootstrapping(),
+        "a new session's sink dropped the resumed copy's end"
+    );
+    assert_eq!(engine.gtid_executed(), set(&format!("{SOURCE}:1-7")));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_copy_resumes_after_reopen_and_ends_at_its_gtid_set() {
     let dir = tempfile::tempdir().expect("tempdir");
