@@ -2,9 +2,12 @@
 //! Chromium, `/metrics` read by a Prometheus text parser while a workload runs, `/api/log`
 //! against `tideline tail`, `/health` following a replica's upstream down and back up, the
 //! bearer token off loopback, and `tideline monitor` showing another client's write.
+//! `/api/log` over records of 1 MiB is read page by page, each answer within its documented
+//! byte bound, following the continuation it names.
 //! Guards against a page that renders only on the happy path (or throws in its script),
-//! metrics that do not move, a health check that stays green with its upstream gone, and a
-//! monitor that misses requests.
+//! metrics that do not move, a health check that stays green with its upstream gone, a
+//! monitor that misses requests, and a log answer built in memory without a byte bound (GiBs
+//! for `limit=10000` over large values) or one cut short without saying where to go on.
 
 mod common;
 
@@ -18,6 +21,16 @@ use common::Node;
 
 /// `GET path` on `addr` (HTTP/1.0, so the server closes when done): status and body.
 fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
+    let (status, _, body) = http_get_with_headers(addr, path, token);
+    (status, body)
+}
+
+/// [`http_get`] with the answer's headers, names lowercased.
+fn http_get_with_headers(
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+) -> (u16, Vec<(String, String)>, String) {
     let mut s = TcpStream::connect(addr).expect("connect to the admin listener");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let auth = token
@@ -32,7 +45,20 @@ fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("a status code");
-    (status, body.to_string())
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, or fails after `secs` naming `what`.
@@ -327,6 +353,114 @@ fn api_log_lines_equal_tail_and_status_matches_the_cli() {
     ] {
         assert_eq!(api[field], cli[field], "{field}");
     }
+}
+
+/// What docs/OPERATIONS.md promises of one `/api/log` answer: at most 16 MiB of JSON lines
+/// (unless its one record is larger).
+const LOG_ANSWER_BYTES_MAX: usize = 16 << 20;
+
+/// Reads `/api/log` from `from` with `limit=10000`, following `Tideline-Next-From` until an
+/// answer ends at the log's end: the offsets read, in order, and how each page ended.
+fn read_log_pages(addr: &str, from: &str) -> (Vec<u64>, Vec<String>) {
+    let (mut from, mut offsets, mut ends) = (from.to_string(), vec![], vec![]);
+    loop {
+        let (code, headers, body) =
+            http_get_with_headers(addr, &format!("/api/log?from={from}&limit=10000"), None);
+        assert_eq!(code, 200, "{}", &body[..body.len().min(300)]);
+        assert!(
+            body.len() <= LOG_ANSWER_BYTES_MAX,
+            "an answer of {} bytes (page {}) passes the documented {LOG_ANSWER_BYTES_MAX}",
+            body.len(),
+            ends.len() + 1
+        );
+        for line in body.lines() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            let put = v["ops"]
+                .as_array()
+                .and_then(|ops| ops.iter().find(|op| op["op"] == "put"))
+                .expect("the record's put");
+            assert_eq!(
+                put["value"].as_str().map(str::len),
+                Some(1 << 20),
+                "offset {}",
+                v["offset"]
+            );
+            offsets.push(v["offset"].as_u64().expect("an offset"));
+        }
+        let end = header(&headers, "tideline-page-end")
+            .expect("the answer says why it ended")
+            .to_string();
+        from = header(&headers, "tideline-next-from")
+            .expect("the answer says where to go on")
+            .to_string();
+        ends.push(end.clone());
+        if end == "log" {
+            return (offsets, ends);
+        }
+        assert!(
+            ends.len() <= 40,
+            "no end after 40 pages; the last ended by {end}"
+        );
+    }
+}
+
+#[test]
+fn api_log_answers_stay_within_their_byte_bound_and_name_where_to_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_http(&dir.path().join("p"), &[]);
+    let addr = admin(&node);
+    // 40 transactions of one 1 MiB value each: 40 MiB of JSON, more than two answers hold.
+    let records = 40u64;
+    let mut load = node
+        .cli()
+        .args([
+            "load",
+            "--node",
+            &node.addr,
+            "--batch",
+            "1",
+            "--parallel",
+            "1",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run tideline load");
+    {
+        let mut stdin = load.stdin.take().expect("piped stdin");
+        for i in 1..=records {
+            let value = format!("{i:06}").repeat((1 << 20) / 6 + 1);
+            writeln!(stdin, "big:{i:06}\t{}", &value[..1 << 20]).expect("write to load");
+        }
+    }
+    assert!(load.wait().expect("wait for load").success());
+
+    let (offsets, ends) = read_log_pages(&addr, "earliest");
+    assert_eq!(
+        offsets,
+        (1..=records).collect::<Vec<_>>(),
+        "pages: {ends:?}"
+    );
+    assert!(
+        ends.iter().filter(|e| *e == "bytes").count() >= 2,
+        "the byte bound cut the answers: {ends:?}"
+    );
+
+    // From a GTID set the continuation keeps skipping what the set holds.
+    let (_, body) = http_get(&addr, "/api/log?from=offset:5&limit=1", None);
+    let fifth: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
+    let gtid = fifth["gtid"].as_str().unwrap();
+    let (uuid, seq) = gtid.rsplit_once(':').unwrap();
+    assert_eq!(seq, "5");
+    let (offsets, _) = read_log_pages(&addr, &format!("gtid:{uuid}:1-5"));
+    assert_eq!(offsets, (6..=records).collect::<Vec<_>>());
+
+    // A page cut by `limit` says so, and where the next one starts.
+    let (code, headers, body) = http_get_with_headers(&addr, "/api/log?limit=2", None);
+    assert_eq!(code, 200);
+    assert_eq!(body.lines().count(), 2);
+    assert_eq!(header(&headers, "tideline-page-end"), Some("limit"));
+    assert_eq!(header(&headers, "tideline-next-from"), Some("offset:3"));
 }
 
 #[test]

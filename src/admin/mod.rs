@@ -10,7 +10,7 @@
 //! |---|---|
 //! | `/` | HTML overview; refreshes its `<main>` every 2 s from `/?part=main` |
 //! | `/api/status` | the `tideline status` JSON |
-//! | `/api/log?from=POSITION&limit=N` | JSON lines exactly as `tideline tail` prints them |
+//! | `/api/log?from=POSITION&limit=N` | JSON lines exactly as `tideline tail` prints them, at most 16 MiB (one record at least); `Tideline-Next-From` and `Tideline-Page-End` say where to go on and why the answer ended |
 //! | `/health` | 200 `ok: ...` or 503 with the reason |
 //! | `/metrics` | Prometheus text format |
 
@@ -40,6 +40,13 @@ use self::samples::Samples;
 /// Records `/api/log` returns when the request names no limit, and at most.
 const LOG_LIMIT_DEFAULT: u64 = 100;
 const LOG_LIMIT_MAX: u64 = 10_000;
+/// Most bytes of JSON lines in one `/api/log` answer: it ends before a record that would pass
+/// them, unless that record is its first (one record always comes, so paging moves on).
+const LOG_ANSWER_BYTES_MAX: usize = 16 << 20;
+/// The `from` that reads on after an `/api/log` answer.
+const NEXT_FROM_HEADER: &str = "tideline-next-from";
+/// Why an `/api/log` answer ended: [`PageEnd`].
+const PAGE_END_HEADER: &str = "tideline-page-end";
 
 /// What the handlers share.
 struct Admin {
@@ -169,6 +176,72 @@ struct LogQuery {
     limit: Option<u64>,
 }
 
+/// Why an `/api/log` answer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PageEnd {
+    /// It holds every record up to the end of the log (as of the request).
+    Log,
+    /// It holds `limit` records.
+    Limit,
+    /// The next record would have passed [`LOG_ANSWER_BYTES_MAX`].
+    Bytes,
+}
+
+impl PageEnd {
+    fn as_str(self) -> &'static str {
+        match self {
+            PageEnd::Log => "log",
+            PageEnd::Limit => "limit",
+            PageEnd::Bytes => "bytes",
+        }
+    }
+}
+
+/// One `/api/log` answer: its JSON lines, why it ended, and the `from` that reads on.
+struct LogPage {
+    lines: String,
+    end: PageEnd,
+    next_from: StartPosition,
+}
+
+/// Reads up to `limit` records from `from`, within [`LOG_ANSWER_BYTES_MAX`] of JSON lines
+/// (one record at least). The next `from` is the offset after the last record; from a GTID
+/// set it is that set with the GTIDs read added, so that it goes on skipping what the set
+/// holds.
+fn log_page(wal: &tideline_wal::Wal, from: StartPosition, limit: u64) -> anyhow::Result<LogPage> {
+    let mut reader = crate::log_cmd::reader_for(wal, &from)?;
+    let mut lines = String::new();
+    let mut next_from = from;
+    let mut records = 0;
+    let end = loop {
+        if records == limit {
+            break PageEnd::Limit;
+        }
+        let Some(txn) = reader.next_txn()? else {
+            break PageEnd::Log;
+        };
+        let line = crate::render::txn_json(&txn).to_string();
+        if records > 0 && lines.len() + line.len() + 1 > LOG_ANSWER_BYTES_MAX {
+            break PageEnd::Bytes;
+        }
+        lines.push_str(&line);
+        lines.push('\n');
+        records += 1;
+        next_from = match next_from {
+            StartPosition::Gtid(mut set) => {
+                set.insert(txn.gtid);
+                StartPosition::Gtid(set)
+            }
+            _ => StartPosition::Offset(txn.offset.next()),
+        };
+    };
+    Ok(LogPage {
+        lines,
+        end,
+        next_from,
+    })
+}
+
 async fn api_log(State(admin): State<Arc<Admin>>, Query(q): Query<LogQuery>) -> Response {
     let from = match q
         .from
@@ -189,22 +262,22 @@ async fn api_log(State(admin): State<Arc<Admin>>, Query(q): Query<LogQuery>) -> 
         return bad_request(&format!("limit must be 1..={LOG_LIMIT_MAX}"));
     }
     let node = admin.node.clone();
-    let lines = tokio::task::spawn_blocking(move || -> anyhow::Result<String> {
-        let mut reader = crate::log_cmd::reader_for(node.wal_ref(), &from)?;
-        let mut out = String::new();
-        for _ in 0..limit {
-            let Some(txn) = reader.next_txn()? else { break };
-            out.push_str(&crate::render::txn_json(&txn).to_string());
-            out.push('\n');
-        }
-        Ok(out)
-    })
-    .await;
-    match lines {
-        Ok(Ok(body)) => (
+    let page = tokio::task::spawn_blocking(move || log_page(node.wal_ref(), from, limit)).await;
+    match page {
+        Ok(Ok(page)) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, "application/x-ndjson")],
-            body,
+            [
+                (header::CONTENT_TYPE, "application/x-ndjson".to_string()),
+                (
+                    header::HeaderName::from_static(NEXT_FROM_HEADER),
+                    page.next_from.to_string(),
+                ),
+                (
+                    header::HeaderName::from_static(PAGE_END_HEADER),
+                    page.end.as_str().to_string(),
+                ),
+            ],
+            page.lines,
         )
             .into_response(),
         Ok(Err(e)) => (StatusCode::UNPROCESSABLE_ENTITY, format!("{e:#}\n")).into_response(),
@@ -280,4 +353,62 @@ async fn metrics_text(State(admin): State<Arc<Admin>>) -> Response {
         admin.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tideline_wal::{Gtid, MemStorage, NewTransaction, Op, Wal, WalOptions};
+
+    use super::*;
+
+    fn put(wal: &Wal, seq: u64, value_bytes: usize) {
+        let gtid = Gtid::new(wal.server_uuid(), seq).unwrap();
+        let op = Op::Put {
+            tree: "default".into(),
+            key: format!("k{seq}").into_bytes(),
+            value: vec![b'a'; value_bytes],
+            before: None,
+        };
+        let ops = vec![op];
+        wal.submit(NewTransaction {
+            gtid,
+            timestamp_us: 0,
+            ops,
+        })
+        .unwrap()
+        .wait()
+        .unwrap();
+    }
+
+    /// A record larger than the byte bound comes alone (paging moves on); the bound never
+    /// holds back the record after it.
+    #[test]
+    fn a_record_past_the_byte_bound_comes_alone_and_paging_moves_on() {
+        let wal = Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).unwrap();
+        put(&wal, 1, 1 << 10);
+        put(&wal, 2, LOG_ANSWER_BYTES_MAX);
+        put(&wal, 3, 1 << 10);
+
+        let page = log_page(&wal, StartPosition::Earliest, 100).unwrap();
+        assert_eq!(page.lines.lines().count(), 1);
+        assert_eq!(page.end, PageEnd::Bytes);
+        assert_eq!(page.next_from.to_string(), "offset:2");
+
+        let page = log_page(&wal, page.next_from, 100).unwrap();
+        assert_eq!(page.lines.lines().count(), 1);
+        assert!(page.lines.len() > LOG_ANSWER_BYTES_MAX);
+        assert_eq!(page.end, PageEnd::Bytes);
+        assert_eq!(page.next_from.to_string(), "offset:3");
+
+        let page = log_page(&wal, page.next_from, 100).unwrap();
+        assert_eq!(page.lines.lines().count(), 1);
+        assert_eq!(page.end, PageEnd::Log);
+        assert_eq!(page.next_from.to_string(), "offset:4");
+        // At the end, the next answer starts where new records will come.
+        let page = log_page(&wal, page.next_from, 100).unwrap();
+        assert_eq!((page.lines.as_str(), page.end), ("", PageEnd::Log));
+        assert_eq!(page.next_from.to_string(), "offset:4");
+    }
 }

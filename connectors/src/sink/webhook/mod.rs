@@ -4,20 +4,27 @@
 //! file (`position_file`), replaced atomically (write, fsync, rename, fsync the directory)
 //! only after the receiver answered 2xx. A crash between the answer and that write POSTs the
 //! batch again on restart, perhaps cut differently: the receiver de-duplicates by the
-//! `Tideline-Gtid-Range` header (the batch's GTID set), keeping per origin the highest GTID
+//! `Tideline-Gtid-Range` header (the request's GTID set), keeping per origin the highest GTID
 //! it applied (docs/OPERATIONS.md, "Webhook sink"). One sink at a time owns a position file:
 //! it `flock`s `POSITION_FILE.lock`, and a second one waits until the first has stopped.
 //!
+//! Requests: a batch goes out in log order as one POST, or several when its GTID set's text
+//! would pass [`GTID_RANGE_BYTES_MAX`] (a filtered batch's GTIDs are sparse, about 8 bytes of
+//! header each): each POST's header then names its own part, so the header fits a proxy's
+//! limit and the receiver's rule holds per request. The position moves once every part of
+//! the batch was answered 2xx; a failed part sends the batch again from its first part.
+//!
 //! Answers: 2xx stored; 5xx, 408, 429, refused connections and timeouts are retried by the
 //! pipeline with backoff ([`SinkError::Retry`]); any other answer (4xx, a redirect) holds the
-//! pipeline for an operator ([`SinkError::Hold`]) with the status and the body's first line,
-//! and the position does not move.
+//! pipeline for an operator ([`SinkError::Hold`]) with the status and the body's first line
+//! (a 431 says which headers were too large), and the position does not move.
 //!
 //! Owns: the HTTP request, its headers and the position file. Must never: write the position
 //! before the receiver's 2xx.
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -34,7 +41,7 @@ use tideline_wal::GtidSet;
 
 use crate::envelope;
 use crate::pipeline::PipelineCheckpoint;
-use crate::sink::{Batch, Sink, SinkError, SinkFuture};
+use crate::sink::{Batch, Item, Sink, SinkError, SinkFuture};
 
 /// How a batch's envelopes travel in the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -92,6 +99,16 @@ pub const GTID_RANGE_HEADER: &str = "tideline-gtid-range";
 pub const PIPELINE_HEADER: &str = "tideline-pipeline";
 /// The header naming a bootstrap step (batches of a bootstrap carry no GTID).
 pub const BOOTSTRAP_HEADER: &str = "tideline-bootstrap";
+
+/// Most bytes of one request's `Tideline-Gtid-Range` value. A batch whose GTID set would
+/// write longer goes out in several POSTs; this leaves room for the other headers under the
+/// smallest common proxy limit on a header line (nginx's 8 KiB, `large_client_header_buffers`).
+pub const GTID_RANGE_BYTES_MAX: usize = 4096;
+
+/// Most bytes one GTID adds to a set's text: `,UUID:N` for a new origin (1 + 36 + 1 and at
+/// most 20 digits); opening or widening an interval of a known origin adds less, and joining
+/// two intervals takes bytes away.
+const GTID_TEXT_BYTES_MAX: usize = 58;
 
 /// POSTs batches to a URL; see the module docs.
 pub struct WebhookSink {
@@ -176,10 +193,10 @@ impl WebhookSink {
         format!("{host}:{port}")
     }
 
-    fn body(&self, batch: &Batch) -> Vec<u8> {
-        let mut envelopes: Vec<Value> = Vec::with_capacity(batch.changes());
-        for item in &batch.items {
-            envelope::for_each_envelope(item, batch.source, |v| envelopes.push(v));
+    fn body(&self, source: uuid::Uuid, items: &[Item]) -> Vec<u8> {
+        let mut envelopes: Vec<Value> = Vec::new();
+        for item in items {
+            envelope::for_each_envelope(item, source, |v| envelopes.push(v));
         }
         match self.cfg.format {
             Format::Json => serde_json::to_vec(&envelopes).unwrap_or_default(),
@@ -195,22 +212,53 @@ impl WebhookSink {
         }
     }
 
+    /// POSTs `batch` part by part, in log order; stops at the first part not answered 2xx.
     async fn post(&self, batch: &Batch) -> Result<(), SinkError> {
-        let mut req = hyper::Request::post(self.uri.clone()).header(
-            hyper::header::CONTENT_TYPE,
-            match self.cfg.format {
-                Format::Json => "application/json",
-                Format::Jsonl => "application/x-ndjson",
-            },
-        );
-        for (k, v) in &self.headers {
-            req = req.header(k, v);
+        let parts = split(batch);
+        let n = parts.len();
+        for (i, part) in parts.into_iter().enumerate() {
+            let items = &batch.items[part.items];
+            if items.iter().all(|item| changes(item) == 0) {
+                continue;
+            }
+            self.post_part(batch.source, items, part.headers)
+                .await
+                .map_err(|e| match e {
+                    SinkError::Hold(m) if n > 1 => {
+                        SinkError::Hold(format!("{m} [request {} of the batch's {n}]", i + 1))
+                    }
+                    e => e,
+                })?;
         }
-        for (k, v) in batch_headers(batch) {
+        Ok(())
+    }
+
+    async fn post_part(
+        &self,
+        source: uuid::Uuid,
+        items: &[Item],
+        part_headers: Vec<(HeaderName, HeaderValue)>,
+    ) -> Result<(), SinkError> {
+        let content_type = match self.cfg.format {
+            Format::Json => "application/json",
+            Format::Jsonl => "application/x-ndjson",
+        };
+        let mut req = hyper::Request::post(self.uri.clone())
+            .header(hyper::header::CONTENT_TYPE, content_type);
+        // What the request's header lines weigh (`Name: value\r\n`), and the heaviest, for
+        // the message of a 431.
+        let mut header_bytes = 0;
+        let mut heaviest: (usize, &str) = (0, "");
+        for (k, v) in self.headers.iter().chain(&part_headers) {
+            let line = k.as_str().len() + v.len() + 4;
+            header_bytes += line;
+            if line > heaviest.0 {
+                heaviest = (line, k.as_str());
+            }
             req = req.header(k, v);
         }
         let req = req
-            .body(Full::new(Bytes::from(self.body(batch))))
+            .body(Full::new(Bytes::from(self.body(source, items))))
             .map_err(|e| SinkError::Fatal(format!("webhook request: {e}")))?;
         let url = &self.cfg.url;
         let timeout = Duration::from_millis(self.cfg.timeout_ms);
@@ -252,6 +300,15 @@ impl WebhookSink {
         let code = status.as_u16();
         if status.is_server_error() || code == 408 || code == 429 {
             Err(SinkError::Retry(message))
+        } else if code == 431 {
+            Err(SinkError::Hold(format!(
+                "{message}; the request's headers were too large for the receiver or a proxy \
+                 in front of it: {header_bytes} bytes of header lines, the longest \
+                 {:?} ({} bytes; Tideline-Gtid-Range stays within {GTID_RANGE_BYTES_MAX}); \
+                 raise the receiver's header limit (nginx: large_client_header_buffers) or \
+                 shorten the sink's `headers` (the position did not move)",
+                heaviest.1, heaviest.0
+            )))
         } else {
             Err(SinkError::Hold(format!(
                 "{message}; fix the receiver or the pipeline's config (the position did not move)"
@@ -260,33 +317,82 @@ impl WebhookSink {
     }
 }
 
-/// The headers that identify `batch`: its GTID set (live transactions), or the bootstrap
-/// step it is (a bootstrap's checkpoint: `SERVER_UUID:EPOCH:TREE:KEY_HEX:OFFSET`).
-pub fn batch_headers(batch: &Batch) -> Vec<(HeaderName, HeaderValue)> {
-    let mut out = Vec::new();
-    let mut set = GtidSet::new();
-    for t in batch.txns() {
-        set.insert(t.gtid);
+/// The changes (envelopes) `item` carries.
+fn changes(item: &Item) -> usize {
+    match item {
+        Item::Txn(t) => t.ops.len(),
+        Item::Chunk { entries, .. } => entries.len(),
+        Item::Ops(ops) => ops.len(),
     }
-    if !set.is_empty()
-        && let Ok(v) = HeaderValue::try_from(set.to_string())
-    {
-        out.push((HeaderName::from_static(GTID_RANGE_HEADER), v));
-    }
-    if let Ok(PipelineCheckpoint::Bootstrap(p)) = PipelineCheckpoint::decode(&batch.checkpoint) {
-        let step = format!(
-            "{}:{}:{}:{}:{}",
-            p.server_uuid,
-            p.epoch.unwrap_or_default(),
-            p.tree,
-            p.key_hex,
-            p.after_offset
-        );
-        if let Ok(v) = HeaderValue::try_from(step) {
-            out.push((HeaderName::from_static(BOOTSTRAP_HEADER), v));
+}
+
+/// One POST of a batch: `batch.items[items]` and the headers that identify it.
+struct Part {
+    items: Range<usize>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+/// Cuts `batch` into POSTs, in log order, each with its GTID set (live transactions) in
+/// `Tideline-Gtid-Range`, whose text stays within [`GTID_RANGE_BYTES_MAX`] (a part holds at
+/// least one transaction, so a batch always goes out), and the bootstrap step the batch is
+/// (a bootstrap's checkpoint: `SERVER_UUID:EPOCH:TREE:KEY_HEX:OFFSET`) on each. A batch of
+/// a bootstrap carries no GTID and is one part.
+fn split(batch: &Batch) -> Vec<Part> {
+    let bootstrap = bootstrap_header(batch);
+    let part = |items: Range<usize>, set: &GtidSet| {
+        let mut headers = Vec::new();
+        if !set.is_empty() {
+            let text = set.to_string();
+            assert!(
+                text.len() <= GTID_RANGE_BYTES_MAX,
+                "a part's GTID set is cut at {GTID_RANGE_BYTES_MAX} bytes of text"
+            );
+            // A GTID set's text is ASCII (hex, digits, `-`, `:` and `,`).
+            if let Ok(v) = HeaderValue::try_from(text) {
+                headers.push((HeaderName::from_static(GTID_RANGE_HEADER), v));
+            }
         }
+        if let Some(v) = &bootstrap {
+            headers.push((HeaderName::from_static(BOOTSTRAP_HEADER), v.clone()));
+        }
+        Part { items, headers }
+    };
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let mut set = GtidSet::new();
+    // An upper bound on the length of `set`'s text, made exact (formatting the set) when adding
+    // one more GTID might pass the bound.
+    let mut text_bytes = 0;
+    for (i, item) in batch.items.iter().enumerate() {
+        let Item::Txn(t) = item else { continue };
+        if text_bytes + GTID_TEXT_BYTES_MAX > GTID_RANGE_BYTES_MAX {
+            text_bytes = set.to_string().len();
+            if text_bytes + GTID_TEXT_BYTES_MAX > GTID_RANGE_BYTES_MAX {
+                parts.push(part(start..i, &set));
+                (start, set, text_bytes) = (i, GtidSet::new(), 0);
+            }
+        }
+        set.insert(t.gtid);
+        text_bytes += GTID_TEXT_BYTES_MAX;
     }
-    out
+    parts.push(part(start..batch.items.len(), &set));
+    parts
+}
+
+/// `Tideline-Bootstrap` of a batch whose checkpoint is a bootstrap's.
+fn bootstrap_header(batch: &Batch) -> Option<HeaderValue> {
+    let Ok(PipelineCheckpoint::Bootstrap(p)) = PipelineCheckpoint::decode(&batch.checkpoint) else {
+        return None;
+    };
+    let step = format!(
+        "{}:{}:{}:{}:{}",
+        p.server_uuid,
+        p.epoch.unwrap_or_default(),
+        p.tree,
+        p.key_hex,
+        p.after_offset
+    );
+    HeaderValue::try_from(step).ok()
 }
 
 /// The position file: `{"pipeline":"NAME","checkpoint_b64":"..."}`.
@@ -422,6 +528,184 @@ impl Sink for WebhookSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Read};
+    use std::sync::{Arc, Mutex};
+
+    use crate::sink::Item;
+    use tideline_wal::{Gtid, Offset, Op, Transaction};
+
+    /// The most bytes of a `Tideline-Gtid-Range` value, as docs/OPERATIONS.md states it.
+    const DOCUMENTED_RANGE_BYTES_MAX: usize = 4096;
+    /// nginx's default header line limit (`large_client_header_buffers 4 8k`).
+    const PROXY_LINE_BYTES_MAX: usize = 8192;
+
+    /// One request as the receiver saw it.
+    #[derive(Debug, Clone)]
+    struct Seen {
+        range: Option<String>,
+        envelopes: Vec<Value>,
+    }
+
+    /// A receiver behind a proxy with nginx's header limit: a header line longer than
+    /// [`PROXY_LINE_BYTES_MAX`] gets `431`; otherwise the request is recorded and answered
+    /// 200. Plain HTTP/1.1 on blocking threads, keep-alive included.
+    fn proxied_receiver() -> (String, Arc<Mutex<Vec<Seen>>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let out = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let seen = seen.clone();
+                std::thread::spawn(move || serve_connection(conn, &seen));
+            }
+        });
+        (url, out)
+    }
+
+    fn serve_connection(conn: std::net::TcpStream, seen: &Mutex<Vec<Seen>>) {
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn);
+        loop {
+            let mut request_line = String::new();
+            if r.read_line(&mut request_line).unwrap_or(0) == 0 {
+                return;
+            }
+            let (mut length, mut range, mut too_long) = (0usize, None, false);
+            loop {
+                let mut line = String::new();
+                r.read_line(&mut line).unwrap();
+                if line == "\r\n" {
+                    break;
+                }
+                too_long |= line.len() > PROXY_LINE_BYTES_MAX;
+                let (k, v) = line.trim_end().split_once(':').unwrap();
+                match k.to_ascii_lowercase().as_str() {
+                    "content-length" => length = v.trim().parse().unwrap(),
+                    GTID_RANGE_HEADER => range = Some(v.trim().to_owned()),
+                    _ => {}
+                }
+            }
+            let mut body = vec![0; length];
+            r.read_exact(&mut body).unwrap();
+            let answer = if too_long {
+                "431 Request Header Fields Too Large"
+            } else {
+                let envelopes = serde_json::from_slice(&body).unwrap();
+                seen.lock().unwrap().push(Seen { range, envelopes });
+                "200 OK"
+            };
+            write!(w, "HTTP/1.1 {answer}\r\ncontent-length: 0\r\n\r\n").unwrap();
+        }
+    }
+
+    /// `n` one-put transactions whose GTID numbers skip every other one (1, 3, 5, ...), as a
+    /// tree or prefix filter leaves them.
+    fn sparse_batch(n: u64) -> Batch {
+        let uuid = uuid::Uuid::from_bytes([7; 16]);
+        let items = (1..=n)
+            .map(|i| {
+                Item::Txn(Transaction {
+                    offset: Offset::new(2 * i - 1).unwrap(),
+                    gtid: Gtid::new(uuid, 2 * i - 1).unwrap(),
+                    timestamp_us: 1_700_000_000_000_000,
+                    ops: vec![Op::Put {
+                        tree: "t".into(),
+                        key: format!("k{i}").into_bytes(),
+                        value: b"v".to_vec(),
+                        before: None,
+                    }],
+                })
+            })
+            .collect();
+        Batch {
+            source: uuid,
+            items,
+            checkpoint: b"cp".to_vec(),
+        }
+    }
+
+    /// A filtered batch of the default size (10,000 changes, sparse GTIDs) must reach a
+    /// receiver behind a proxy with an 8 KiB header limit: every request's GTID range within
+    /// the documented bound, each naming exactly the GTIDs of its body, ranges ascending (so
+    /// the receiver's de-duplication rule holds), and every change once over all requests.
+    /// Guards against a header that grows with the batch, which the proxy answers with 431
+    /// and the pipeline holds on for ever.
+    #[tokio::test]
+    async fn a_sparse_batch_is_posted_with_bounded_gtid_ranges_and_every_change_once() {
+        let (url, seen) = proxied_receiver();
+        let dir = tempfile::tempdir().unwrap();
+        let pos = dir.path().join("hook.position");
+        let mut sink = WebhookSink::new(WebhookConfig::new(&url, &pos), "p").unwrap();
+        sink.open().await.unwrap();
+        let batch = sparse_batch(10_000);
+        sink.write(&batch).await.expect("the batch is delivered");
+        assert_eq!(
+            read_position(&pos, "p").unwrap().as_deref(),
+            Some(&b"cp"[..])
+        );
+
+        let seen = seen.lock().unwrap().clone();
+        let mut all = Vec::new();
+        let mut previous_last = 0;
+        for (i, req) in seen.iter().enumerate() {
+            let range = req
+                .range
+                .as_deref()
+                .expect("a live request names its GTIDs");
+            assert!(
+                range.len() <= DOCUMENTED_RANGE_BYTES_MAX,
+                "request {i}: a GTID range of {} bytes",
+                range.len()
+            );
+            // Cut near the bound, not into needlessly many requests.
+            assert!(
+                i + 1 == seen.len() || range.len() > DOCUMENTED_RANGE_BYTES_MAX * 3 / 4,
+                "request {i} of {}: a GTID range of only {} bytes",
+                seen.len(),
+                range.len()
+            );
+            let range: GtidSet = range.parse().unwrap();
+            let mut body = GtidSet::new();
+            for e in &req.envelopes {
+                let g: Gtid = e["source"]["gtid"].as_str().unwrap().parse().unwrap();
+                body.insert(g);
+                all.push(g.seq);
+            }
+            assert_eq!(
+                range, body,
+                "request {i}: the header names its body's GTIDs"
+            );
+            let first = range.intervals(&batch.source)[0].start;
+            assert!(first > previous_last, "request {i}: ranges ascend");
+            previous_last = range.last_seq(&batch.source).unwrap();
+        }
+        assert!(seen.len() > 1, "the batch needs several requests");
+        let want: Vec<u64> = (1..=10_000).map(|i| 2 * i - 1).collect();
+        assert_eq!(all, want, "every change once, in log order");
+    }
+
+    /// A 431 (headers too large) says so, with the header bytes sent and what to change.
+    #[tokio::test]
+    async fn a_431_names_the_oversized_headers_and_the_remedy() {
+        let (url, _seen) = proxied_receiver();
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WebhookConfig::new(&url, dir.path().join("hook.position"));
+        cfg.headers
+            .insert("x-big".into(), "a".repeat(PROXY_LINE_BYTES_MAX));
+        let mut sink = WebhookSink::new(cfg, "p").unwrap();
+        sink.open().await.unwrap();
+        let e = sink.write(&sparse_batch(3)).await.unwrap_err();
+        let SinkError::Hold(m) = &e else {
+            panic!("a 431 holds: {e}")
+        };
+        assert!(m.contains("headers were too large"), "{m}");
+        assert!(
+            m.contains("`headers`"),
+            "names the config key to shorten: {m}"
+        );
+    }
 
     #[test]
     fn the_position_file_round_trips_and_refuses_another_pipeline() {
