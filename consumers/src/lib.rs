@@ -44,4 +44,4 @@ mod tail;
 pub use bootstrap::{Bootstrap, BootstrapError, BootstrapProgress, BootstrapStep};
 pub use checkpoint::{Checkpoint, CheckpointError, FileCheckpoint, MemoryCheckpoint};
 pub use position::{Position, TailStart};
-pub use tail::{Session, Tail, TailConfig, TailError, tail};
+pub use tail::{Disconnected, Session, Tail, TailConfig, TailError, tail};

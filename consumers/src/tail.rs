@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_core::Stream;
 use tideline_stream::proto::ClientSubscription;
@@ -114,6 +114,35 @@ fn backoff(cfg: &TailConfig, attempt: u32) -> Duration {
     base.mul_f64(jitter)
 }
 
+/// A tail without a subscription to its node, and why: it lost one, or could not get one, and
+/// is reconnecting. The tail keeps going by itself; this is for whoever reports on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Disconnected {
+    /// When the first failure of this run happened.
+    pub since: Instant,
+    /// The last failure: the lost connection, then each failed reconnect.
+    pub error: String,
+    /// Failures since `since` (the lost connection and each failed reconnect), at least 1.
+    pub failures: u32,
+}
+
+/// The tail's link to its node as [`Tail::disconnected`] reports it: `None` while subscribed
+/// (and before the first attempt).
+type Link = Arc<Mutex<Option<Disconnected>>>;
+
+/// Records one failure of the link (a lost connection or a failed reconnect).
+fn link_failed(link: &Mutex<Option<Disconnected>>, error: &dyn std::fmt::Display) {
+    let mut l = lock(link);
+    let d = l.get_or_insert_with(|| Disconnected {
+        since: Instant::now(),
+        error: String::new(),
+        failures: 0,
+    });
+    d.error = error.to_string();
+    d.failures += 1;
+}
+
 /// Classifies an error that ends a connection: retry, or end the tail.
 fn classify(e: ClientError) -> Result<ClientError, TailError> {
     match e {
@@ -214,6 +243,7 @@ pub struct Tail {
     delivered: Arc<Mutex<Option<Position>>>,
     checkpoint: SharedCheckpoint,
     head: Arc<AtomicU64>,
+    link: Link,
 }
 
 impl std::fmt::Debug for Tail {
@@ -239,6 +269,14 @@ impl Tail {
     /// [`Tail::position`], it gives the consumer's lag in transactions.
     pub fn head(&self) -> u64 {
         self.head.load(Ordering::Relaxed)
+    }
+
+    /// `Some` while the tail has no subscription because a connection was lost or an attempt
+    /// failed (it is reconnecting, by itself), with when that began, the last error and the
+    /// failures since; `None` once it is subscribed again. Network trouble never ends a tail,
+    /// so this is how a consumer that waits on it learns that its node is out of reach.
+    pub fn disconnected(&self) -> Option<Disconnected> {
+        lock(&self.link).clone()
     }
 
     /// Declares every transaction returned so far processed and saves the checkpoint. The
@@ -285,12 +323,20 @@ pub fn tail(cfg: TailConfig, checkpoint: Option<Box<dyn Checkpoint>>) -> Tail {
         stored: None,
     }));
     let head = Arc::new(AtomicU64::new(0));
-    let stream = run(cfg, delivered.clone(), checkpoint.clone(), head.clone());
+    let link: Link = Arc::new(Mutex::new(None));
+    let stream = run(
+        cfg,
+        delivered.clone(),
+        checkpoint.clone(),
+        head.clone(),
+        link.clone(),
+    );
     Tail {
         stream: Box::pin(stream),
         delivered,
         checkpoint,
         head,
+        link,
     }
 }
 
@@ -299,6 +345,7 @@ fn run(
     delivered: Arc<Mutex<Option<Position>>>,
     checkpoint: SharedCheckpoint,
     head: Arc<AtomicU64>,
+    link: Link,
 ) -> impl Stream<Item = Result<Transaction, TailError>> + Send {
     async_stream::stream! {
         let loaded = lock(&checkpoint).checkpoint.as_ref().map(|c| c.load());
@@ -334,6 +381,7 @@ fn run(
                 Err(e) => match classify_connect(e, connected_once) {
                     Ok(e) => {
                         tracing::warn!(addr = %cfg.addr, error = %e, attempt = failures + 1, "tail: reconnecting");
+                        link_failed(&link, &e);
                         last_err = Some(e);
                         failures += 1;
                         continue;
@@ -355,6 +403,7 @@ fn run(
                 Err(e) => match classify(e) {
                     Ok(e) => {
                         tracing::warn!(addr = %cfg.addr, error = %e, "tail: resubscribing");
+                        link_failed(&link, &e);
                         last_err = Some(e);
                         failures += 1;
                         continue;
@@ -396,6 +445,7 @@ fn run(
                 return;
             }
             failures = 0;
+            *lock(&link) = None;
             // The position is defined from the subscription on: everything covered before its
             // start counts as seen (a `latest` start's set comes from the subscription itself,
             // with nothing between), and a reconnect before the first record resumes here
@@ -460,12 +510,14 @@ fn run(
                     }
                     Ok(None) => {
                         tracing::info!(addr = %cfg.addr, "tail: node ended the subscription; reconnecting");
+                        link_failed(&link, &"the node ended the subscription");
                         failures += 1;
                         break;
                     }
                     Err(e) => match classify(e) {
                         Ok(e) => {
                             tracing::warn!(addr = %cfg.addr, error = %e, "tail: connection lost; reconnecting");
+                            link_failed(&link, &e);
                             last_err = Some(e);
                             failures += 1;
                             break;

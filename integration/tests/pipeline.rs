@@ -11,11 +11,13 @@
 //!   counted in the status (errors, outages, last error, state);
 //! - an empty sink is bootstrapped from the source while the source keeps writing, and ends
 //!   equal to the source's state; a bootstrap interrupted midway resumes from the progress the
-//!   sink stored, not from scratch.
+//!   sink stored, not from scratch;
+//! - a source that goes away while the pipeline follows it shows in the status (state, error,
+//!   one outage) until it is back, and nothing is lost or repeated across it.
 //!
 //! Guards against: lost or repeated transactions at restarts, filters that freeze the
-//! position, batches that never close, silent sink failures, and a bootstrap that drops or
-//! overwrites changes made while it copies.
+//! position, batches that never close, silent sink or source failures, and a bootstrap that
+//! drops or overwrites changes made while it copies.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -826,6 +828,27 @@ async fn a_source_that_stops_and_returns_is_followed_without_loss() {
     if let Some(s) = src.server.take() {
         s.shutdown().await;
     }
+    // Meanwhile status shows the source down, with its error, as one outage however many
+    // reconnects fail (docs/OPERATIONS.md, "Status"), not `running` with nothing wrong.
+    wait_until("status shows the source down", || {
+        let s = st.get();
+        s.last_error.is_some() && s.state != PipelineState::Running
+    })
+    .await;
+    let down = st.get();
+    assert_eq!(down.state, PipelineState::Retrying, "{}", down.to_json());
+    assert!(
+        down.last_error
+            .as_deref()
+            .is_some_and(|e| e.starts_with(&format!("source {}", src.addr))),
+        "{}",
+        down.to_json()
+    );
+    wait_until("a failed reconnect is counted", || {
+        st.get().errors_total >= 2
+    })
+    .await;
+    assert_eq!(st.get().outages_total, 1, "{}", st.get().to_json());
     src.engine.put("t", b"b", b"2").unwrap();
     let cfg = ServerConfig::new(src.addr.parse().unwrap());
     let node = Arc::new(EngineNode::new(
@@ -850,6 +873,13 @@ async fn a_source_that_stops_and_returns_is_followed_without_loss() {
     }
     src.server = Some(server.expect("the port is free again"));
     wait_caught_up(&src, &sink, &st).await;
+    // Once it is back, the outage is over: no error, `running`, still one outage.
+    wait_until("status shows the source back", || {
+        let s = st.get();
+        s.last_error.is_none() && s.state == PipelineState::Running
+    })
+    .await;
+    assert_eq!(st.get().outages_total, 1, "{}", st.get().to_json());
     let src = Arc::new(src);
     assert_exactly_once_in_order(&src, &sink);
     task.abort();

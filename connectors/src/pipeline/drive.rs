@@ -185,3 +185,53 @@ impl Report for SharedPipelineStatus {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sink::SinkFuture;
+    use crate::{PipelineState, PipelineStatus};
+
+    /// A sink that stores everything.
+    struct Stores;
+
+    impl Sink for Stores {
+        fn describe(&self) -> String {
+            "test".into()
+        }
+        fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn write<'a>(&'a mut self, _: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// `last_error` is cleared once the sink stores again (docs/OPERATIONS.md, "Status"),
+    /// whoever set it: an error of the source (a bootstrap stream that ended early) must not
+    /// stay on a pipeline whose sink has stored since, though no sink call failed.
+    #[tokio::test]
+    async fn a_stored_batch_clears_an_error_of_the_source() {
+        let st = PipelineStatus::shared("p", "source", "sink");
+        st.update(|s| {
+            s.state = PipelineState::Bootstrapping;
+            s.last_error = Some("the bootstrap stream ended early".into());
+        });
+        let d = Driver {
+            name: "p",
+            retry_min: Duration::from_millis(1),
+            retry_max: Duration::from_millis(1),
+            hold_pause: Duration::from_millis(1),
+            report: &st,
+        };
+        let batch = Batch {
+            source: uuid::Uuid::nil(),
+            items: vec![],
+            checkpoint: b"step".to_vec(),
+        };
+        d.write(&mut Stores, batch).await.unwrap();
+        let s = st.get();
+        assert_eq!(s.last_error, None, "{}", s.to_json());
+        assert_eq!(s.state, PipelineState::Bootstrapping);
+    }
+}

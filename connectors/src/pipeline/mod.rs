@@ -253,6 +253,9 @@ async fn merge_operators(
         .await;
         match r {
             Ok(json) => {
+                if failures > 0 {
+                    st.update(|s| s.last_error = None);
+                }
                 let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
                 let ops = v["merge_operators"]
                     .as_object()
@@ -322,11 +325,15 @@ async fn follow(
         }
     });
     let mut last_write = Instant::now();
+    let mut outage = SourceOutage::default();
     loop {
         let (items, end) = next_batch(cfg, &mut tail).await?;
+        outage.observe(cfg, st, &tail);
+        // The head of the node subscribed to now: offsets are per node, so after a switch to
+        // another node a maximum over both would measure the lag against the wrong log.
         let head = tail.head();
         let pos = tail.position();
-        st.update(|s| s.source_head = s.source_head.max(head));
+        st.update(|s| s.source_head = head);
         let Some(pos) = pos else { continue };
         if end && items.is_empty() {
             return Err(PipelineError::Source {
@@ -349,6 +356,48 @@ async fn follow(
         last_write = Instant::now();
         st.update(|s| s.caught_up_to(&pos, head));
         written = Some(pos);
+    }
+}
+
+/// What the status shows of the source's link, as the tail reports it: the tail reconnects by
+/// itself and only says so through [`Tail::disconnected`], so the pipeline looks after every
+/// wait (at most a second apart). A source out of reach is one outage (`retrying`, its error in
+/// `last_error`), each of the tail's failures one error; a source subscribed again ends it.
+#[derive(Default)]
+struct SourceOutage {
+    /// The tail's failures already counted in this outage; `None` while the source is up.
+    counted: Option<u32>,
+}
+
+impl SourceOutage {
+    fn observe(&mut self, cfg: &PipelineConfig, st: &SharedPipelineStatus, tail: &Tail) {
+        match tail.disconnected() {
+            Some(d) => {
+                let first = self.counted.is_none();
+                let new = d.failures.saturating_sub(self.counted.unwrap_or(0));
+                self.counted = Some(d.failures);
+                if first {
+                    tracing::warn!(pipeline = %cfg.name, source = %cfg.addr, error = %d.error, "source out of reach; the tail reconnects");
+                }
+                st.update(|s| {
+                    s.errors_total += u64::from(new);
+                    if first {
+                        s.outages_total += 1;
+                    }
+                    s.state = PipelineState::Retrying;
+                    s.last_error = Some(format!("source {}: {}", cfg.addr, d.error));
+                });
+            }
+            None => {
+                if self.counted.take().is_some() {
+                    tracing::info!(pipeline = %cfg.name, source = %cfg.addr, "source reachable again");
+                    st.update(|s| {
+                        s.state = PipelineState::Running;
+                        s.last_error = None;
+                    });
+                }
+            }
+        }
     }
 }
 

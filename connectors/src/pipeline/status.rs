@@ -19,7 +19,8 @@ pub enum PipelineState {
     Bootstrapping,
     /// Following the source's log.
     Running,
-    /// The sink failed with a passing fault; retrying with backoff.
+    /// The sink failed with a passing fault, or the source is out of reach; retrying with
+    /// backoff.
     Retrying,
     /// The sink needs an operator; tried again after a long pause.
     Held,
@@ -64,7 +65,7 @@ pub struct PipelineStatus {
     pub state: PipelineState,
     /// The last position stored by the sink.
     pub position: Option<Position>,
-    /// The source's head offset, as last reported.
+    /// The source's head offset, as last reported by the node the tail is subscribed to.
     pub source_head: u64,
     /// Source transactions not yet stored by the sink.
     pub lag_txns: u64,
@@ -76,11 +77,12 @@ pub struct PipelineStatus {
     pub changes_total: u64,
     /// Batches stored since start.
     pub batches_total: u64,
-    /// Failed sink calls since start.
+    /// Failed sink calls, lost source connections and failed reconnects, since start.
     pub errors_total: u64,
     /// Separate outages (runs of failures ended by a success, or still going).
     pub outages_total: u64,
-    /// The last error, cleared when the sink stores again.
+    /// The last error, cleared when the sink stores again (a source out of reach: once it is
+    /// back).
     pub last_error: Option<String>,
     /// Bootstrap progress, while and after copying.
     pub bootstrap: Option<serde_json::Value>,
@@ -153,6 +155,10 @@ impl PipelineStatus {
     }
 
     pub(crate) fn wrote(&mut self, txns: u64, changes: u64, last_ts_us: Option<i64>) {
+        // The sink stores again: whatever the last error was (the sink's, or the source's
+        // during a copy), it is over. A source still out of reach is shown again by the
+        // pipeline's next look at its tail.
+        self.last_error = None;
         self.txns_total += txns;
         self.changes_total += changes;
         self.batches_total += 1;
@@ -169,8 +175,10 @@ impl PipelineStatus {
 
     pub(crate) fn caught_up_to(&mut self, pos: &Position, head: u64) {
         self.position = Some(pos.clone());
-        self.source_head = self.source_head.max(head);
-        self.lag_txns = self.source_head.saturating_sub(pos.offset);
+        // As reported for the tail's current subscription, not a maximum: after a failover the
+        // new node's offsets may all lie below the old one's.
+        self.source_head = head;
+        self.lag_txns = head.saturating_sub(pos.offset);
         if self.lag_txns == 0 {
             self.lag_seconds = 0.0;
         }
@@ -197,5 +205,36 @@ impl PipelineStatus {
             "last_error": self.last_error,
             "bootstrap": self.bootstrap,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tideline_wal::GtidSet;
+
+    use super::*;
+
+    fn at(node: u8, offset: u64) -> Position {
+        Position {
+            server_uuid: uuid::Uuid::from_bytes([node; 16]),
+            offset,
+            gtids: GtidSet::new(),
+            epoch: None,
+        }
+    }
+
+    /// Offsets are per node: after a failover to a node whose log is shorter, the lag is that
+    /// node's head less the position there, not the old node's head less it.
+    #[test]
+    fn the_lag_after_a_failover_is_measured_on_the_new_node() {
+        let st = PipelineStatus::shared("p", "source", "sink");
+        st.update(|s| s.caught_up_to(&at(0xA, 999_990), 1_000_000));
+        assert_eq!(st.get().lag_txns, 10);
+        st.update(|s| s.caught_up_to(&at(0xB, 50), 60));
+        let s = st.get();
+        assert_eq!((s.source_head, s.lag_txns), (60, 10), "{}", s.to_json());
+        // A position past the head as last reported is no lag, never an underflow.
+        st.update(|s| s.caught_up_to(&at(0xB, 70), 60));
+        assert_eq!(st.get().lag_txns, 0);
     }
 }
