@@ -14,9 +14,10 @@
 //! own `gtid_executed`, stored in the same store batch as the data.
 //!
 //! Owns: the replication loop of one upstream (connect, back off, decide to bootstrap, follow
-//! the tail and hand it to the sink), errant-GTID detection. Must never: write to the engine
-//! other than through the engine sink, move a GTID number or offset the upstream assigned, or
-//! copy state itself (that is `bootstrap`'s job, which this module calls and never the reverse).
+//! the tail and hand it to the sink), errant-GTID detection, the refusal to copy over this
+//! node's own transactions the upstream lacks. Must never: write to the engine other than
+//! through the engine sink, move a GTID number or offset the upstream assigned, or copy state
+//! itself (that is `bootstrap`'s job, which this module calls and never the reverse).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -158,8 +159,18 @@ async fn replicate_once(
     }
     match follow(addr, &client, engine, st, opts.sources).await {
         Err(Purged(e)) if can_bootstrap => {
+            // A copy wipes this node's state but keeps its own GTIDs executed: it must not run
+            // over own transactions the upstream lacks. A first look without pausing local
+            // writes, so that a replica held here does not refuse its clients at each
+            // re-check; then the decisive one with local writes paused until the copy began.
+            keep_own_transactions(addr, &client, engine, st, &e).await?;
+            let paused = LocalWritesPaused::pause(engine).await?;
+            keep_own_transactions(addr, &client, engine, st, &e).await?;
             tracing::warn!(upstream = %addr, error = %e, "the upstream purged GTIDs this replica needs: bootstrapping");
-            bootstrap::run(&client, &mut sink, engine, st, addr, opts.chunk_bytes).await?;
+            let copied =
+                bootstrap::run(&client, &mut sink, engine, st, addr, opts.chunk_bytes).await;
+            drop(paused);
+            copied?;
             follow(addr, &client, engine, st, opts.sources)
                 .await
                 .map_err(|Purged(e)| Stop::Retry(format!("after the bootstrap: {e}")))?
@@ -210,6 +221,98 @@ fn pending_bootstrap_is_ours(
              one --upstream to copy that one from scratch"
                 .into(),
         )),
+    }
+}
+
+/// Refuses a bootstrap from an upstream that lacks transactions this node made itself
+/// (`--allow-local-writes`): the copy would wipe their effects while their GTIDs stay executed
+/// (`Engine::bootstrap_begin` keeps them, so that no GTID number is reused), and no GTID
+/// comparison would ever show the loss. `Held`: checked again every few seconds, so the
+/// replica copies by itself once the upstream has them. `purged`: why a copy is needed.
+async fn keep_own_transactions(
+    addr: &str,
+    client: &Client,
+    engine: &Engine,
+    st: &SharedStatus,
+    purged: &ClientError,
+) -> Result<(), Stop> {
+    let (_, upstream_executed) = client
+        .wait_for(&GtidSet::new(), Duration::ZERO)
+        .await
+        .map_err(classify)?;
+    let own_uuid = engine.server_uuid();
+    let lacking = engine.gtid_executed().difference(&upstream_executed);
+    let mut own = GtidSet::new();
+    for iv in lacking.intervals(&own_uuid) {
+        own.insert_interval(own_uuid, *iv);
+    }
+    if own.is_empty() {
+        return Ok(());
+    }
+    update(st, |s| s.errant = lacking.clone());
+    Err(Stop::Held(format!(
+        "upstream {addr} (node {}, gtid_executed {upstream_executed}) purged GTIDs this \
+         replica needs ({purged}), so catching up takes a bootstrap, and it lacks this \
+         replica's own transactions {own}: a copy would wipe those acknowledged local \
+         transactions. Not bootstrapping from it until that changes. Either give the \
+         upstream the missing transactions: start it (or a node upstream of it) with \
+         --upstream pointing at a node that has them, e.g. this one; once its gtid_executed \
+         contains them, this replica resumes by itself. Or discard them: stop this node, \
+         empty its data directory and start it again as a fresh replica; downstreams that \
+         received them keep them and are errant in turn (docs/OPERATIONS.md, \"Errant \
+         GTIDs\"); checked again every few seconds",
+        client.server_uuid()
+    )))
+}
+
+/// Local writes paused for the decision to bootstrap and the copy's start: the engine is
+/// read-only (local commits are refused) from [`LocalWritesPaused::pause`], which returns
+/// once every transaction already committed is applied (in `gtid_executed`, where
+/// [`keep_own_transactions`] looks), until it is dropped. Without it a local commit made
+/// after that check would be wiped by the copy, and one still in flight when the copy begins
+/// would make the engine refuse to begin (`WriteError::CommitsInFlight`). Once begun, the
+/// copy refuses local writes itself until it ends. Nothing if the engine is read-only anyway.
+struct LocalWritesPaused {
+    engine: Arc<Engine>,
+    /// Whether the engine was read-write and is made so again on drop.
+    resume: bool,
+}
+
+impl LocalWritesPaused {
+    /// How long to wait for committed local transactions to be applied.
+    const APPLIED_WAIT: Duration = Duration::from_secs(30);
+
+    async fn pause(engine: &Arc<Engine>) -> Result<Self, Stop> {
+        let resume = !engine.is_read_only();
+        engine.set_read_only(true);
+        let paused = LocalWritesPaused {
+            engine: engine.clone(),
+            resume,
+        };
+        if !resume {
+            return Ok(paused);
+        }
+        let e = engine.clone();
+        let applied = tokio::task::spawn_blocking(move || e.wait_all_visible(Self::APPLIED_WAIT))
+            .await
+            .map_err(|e| Stop::Fatal(format!("engine task failed: {e}")))?
+            .map_err(|e| Stop::Fatal(e.to_string()))?;
+        if !applied {
+            return Err(Stop::Retry(format!(
+                "transactions committed on this node were not applied within {:?}; the \
+                 decision to bootstrap waits for them",
+                Self::APPLIED_WAIT
+            )));
+        }
+        Ok(paused)
+    }
+}
+
+impl Drop for LocalWritesPaused {
+    fn drop(&mut self) {
+        if self.resume {
+            self.engine.set_read_only(false);
+        }
     }
 }
 

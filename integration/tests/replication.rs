@@ -3,7 +3,8 @@
 //! Each ends with the replicas' state and `gtid_executed` equal to what they replicate, every
 //! transaction applied once. Also: replicas refuse client writes, and a replica pointed at an
 //! upstream that lacks GTIDs it has (its own writes, or another origin's) reports them as
-//! errant and applies nothing from that upstream.
+//! errant and applies nothing from that upstream; a read-write replica is not bootstrapped
+//! over its own writes that its upstream lacks.
 
 mod common;
 
@@ -197,6 +198,119 @@ fn a_replicas_own_writes_are_reported_as_errant() {
     let u = wait_settled(&r);
     assert_eq!(u["state"], "error", "{u}");
     assert_eq!(u["errant"], format!("{r_uuid}:1"), "{u}");
+}
+
+/// A read-write replica (`--allow-local-writes`) holds an acknowledged write of its own that
+/// its upstream lacks, and the upstream has purged the log the replica needs. Catching up
+/// would take a bootstrap, which wipes the replica's state but keeps its own GTIDs executed:
+/// the write would be gone while every GTID comparison says nothing is missing. The replica
+/// must refuse the copy, name its own GTIDs and the upstream, keep the write, and carry on
+/// by itself once the upstream has those transactions (the operator's choice 1 in
+/// docs/OPERATIONS.md, "Errant GTIDs": the upstream replicates from the replica).
+#[test]
+fn a_read_write_replica_is_not_bootstrapped_over_its_own_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let secrets = secrets.to_str().unwrap();
+    // Small segments, no retention beyond what is needed: A purges quickly (every 10 s).
+    let a_args = [
+        "--secrets",
+        secrets,
+        "--log-segment-bytes",
+        "16384",
+        "--log-retain-bytes",
+        "0",
+    ];
+    let mut a = Node::start_with(&dir.path().join("a"), 0, &a_args);
+    let a_port = a.port();
+    let a_addr = a.addr.clone();
+    load(&a, 1, 100, 10);
+    let r_args = [
+        "--secrets",
+        secrets,
+        "--upstream",
+        &a_addr,
+        "--allow-local-writes",
+    ];
+    let r = Node::start_with(&dir.path().join("r"), 0, &r_args);
+    wait_gtids(&r, &gtids(&a));
+    assert!(r.run(&["put", "local", "1"]).status.success());
+    let r_uuid = status(&r)["server_uuid"].as_str().unwrap().to_string();
+    let own = format!("{r_uuid}:1");
+    assert!(gtids(&r).contains(&own), "{}", gtids(&r));
+    let r_data = r.data.clone();
+    drop(r); // killed
+
+    // A moves on and purges what R would need (R stopped at A's offset 10).
+    load(&a, 101, 3_000, 10);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while status(&a)["first_offset"].as_u64().unwrap() <= 11 {
+        assert!(Instant::now() < deadline, "A never purged: {}", status(&a));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let r = Node::start_with(&r_data, 0, &r_args);
+    let u = wait_settled(&r);
+    let s = status(&r);
+    assert_eq!(
+        u["state"], "error",
+        "R must not copy over its own writes: {s}"
+    );
+    assert_eq!(u["errant"], own, "{u}");
+    let err = u["error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains(&own) && err.contains(&a_addr) && err.contains("wipe"),
+        "the error names R's own GTIDs, the upstream and why: {err}"
+    );
+    assert_eq!(s["bootstrapping"], false, "{s}");
+    assert_eq!(
+        r.run(&["get", "local"]).stdout,
+        b"1",
+        "R's own write is kept"
+    );
+    assert!(gtids(&r).contains(&own));
+    // Still held after a re-check (every few seconds): nothing changed upstream.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = |r: &Node| {
+        r.stderr_lines()
+            .iter()
+            .filter(|l| l.contains("replication held for an operator"))
+            .count()
+    };
+    while held(&r) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "R never re-checked: {}",
+            status(&r)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status(&r)["upstreams"][0]["state"], "error");
+    assert_eq!(r.run(&["get", "local"]).stdout, b"1");
+
+    // Choice 1: A takes R's transactions (it replicates from R); R then copies A by itself,
+    // R's write included.
+    a.kill9();
+    let a_data = a.data.clone();
+    drop(a);
+    let mut a_up = a_args.to_vec();
+    a_up.extend(["--upstream", &r.addr, "--allow-local-writes"]);
+    let a = Node::start_with(&a_data, a_port, &a_up);
+    assert_eq!(a.addr, a_addr, "A is back on the address R replicates from");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !gtids(&a).contains(&own) {
+        assert!(
+            Instant::now() < deadline,
+            "A never got {own}: {}",
+            status(&a)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_gtids(&r, &gtids(&a));
+    let u = wait_settled(&r);
+    assert_eq!(u["state"], "connected", "{u}");
+    assert_eq!(r.run(&["get", "local"]).stdout, b"1");
+    assert_eq!(scan(&r, "default"), scan(&a, "default"));
 }
 
 /// Polls `node`'s first upstream until it is `connected` or in `error`; returns it.

@@ -26,9 +26,10 @@
 //! the node resumes here, and [`Engine::bootstrap_progress`] stays readable as it was.
 //!
 //! Errors: a store failure is fail-stop in the engine and [`SinkError::Fatal`] here; a write
-//! refused because another copy into this engine is running is [`SinkError::Retry`]; input the
-//! engine refuses (an unknown tree, a key over the limit) is [`SinkError::Fatal`]: replaying it
-//! would be refused again, and skipping it would diverge from the source.
+//! refused because another copy into this engine is running, or a copy begun while a local
+//! commit is in flight, is [`SinkError::Retry`]; input the engine refuses (an unknown tree, a
+//! key over the limit) is [`SinkError::Fatal`]: replaying it would be refused again, and
+//! skipping it would diverge from the source.
 //!
 //! Owns: the mapping of batches onto the engine's upstream-apply and bootstrap calls. Must
 //! never: assign GTIDs or offsets, apply a GTID already executed, or record bootstrap progress
@@ -147,6 +148,12 @@ fn write_error(e: WriteError) -> SinkError {
     match e {
         WriteError::Bootstrapping => SinkError::Retry(format!(
             "{e}: another copy into this node is running; waiting until it has finished"
+        )),
+        // Passing: the commit finishes. The replica pauses local writes before it decides to
+        // copy and begins (`replica::LocalWritesPaused`), so it does not meet this.
+        WriteError::CommitsInFlight { applied, submitted } => SinkError::Retry(format!(
+            "a transaction committed on this read-write node is still in flight (applied \
+             offset {applied}, submitted {submitted}): the copy begins once it is applied"
         )),
         e => SinkError::Fatal(e.to_string()),
     }

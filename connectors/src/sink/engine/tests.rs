@@ -416,3 +416,19 @@ async fn an_owned_copy_step_is_stored_with_its_progress_and_a_refused_one_is_fat
         "nor its progress"
     );
 }
+
+/// A copy begun while a transaction committed on this (read-write) node is still being
+/// applied: the engine refuses to wipe under it. That is passing (the commit finishes), so the
+/// sink retries; it is not the end of replication, and the message tells no operator to call
+/// an engine API they cannot reach. Guards against a read-write replica whose replication
+/// stopped for good because a client wrote at the moment it began a bootstrap.
+#[test]
+fn a_copy_begun_under_a_commit_in_flight_is_retried() {
+    let e = super::write_error(tideline_engine::WriteError::CommitsInFlight {
+        applied: 7,
+        submitted: 8,
+    });
+    assert!(matches!(e, SinkError::Retry(_)), "{e:?}");
+    assert!(!e.message().contains("set_read_only"), "{e}");
+    assert!(e.message().contains("in flight"), "{e}");
+}
