@@ -799,19 +799,7 @@ fn a_load_cut_off_from_its_node_says_the_batches_in_flight_may_be_committed() {
     use std::io::Write as _;
     let dir = tempfile::tempdir().unwrap();
     let mut node = Node::start(&dir.path().join("n"), 0);
-    let mut child = node
-        .cli()
-        .args([
-            "load",
-            "--node",
-            &node.addr,
-            "--batch",
-            "100",
-            "--timeout-ms",
-            "2000",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
+    let mut child = common::load_cmd(&node, &["--batch", "100", "--timeout-ms", "2000"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();

@@ -411,29 +411,14 @@ fn api_log_answers_stay_within_their_byte_bound_and_name_where_to_go_on() {
     let addr = admin(&node);
     // 40 transactions of one 1 MiB value each: 40 MiB of JSON, more than two answers hold.
     let records = 40u64;
-    let mut load = node
-        .cli()
-        .args([
-            "load",
-            "--node",
-            &node.addr,
-            "--batch",
-            "1",
-            "--parallel",
-            "1",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("run tideline load");
-    {
-        let mut stdin = load.stdin.take().expect("piped stdin");
-        for i in 1..=records {
+    common::load_lines(
+        &node,
+        1,
+        (1..=records).map(|i| {
             let value = format!("{i:06}").repeat((1 << 20) / 6 + 1);
-            writeln!(stdin, "big:{i:06}\t{}", &value[..1 << 20]).expect("write to load");
-        }
-    }
-    assert!(load.wait().expect("wait for load").success());
+            format!("big:{i:06}\t{}", &value[..1 << 20])
+        }),
+    );
 
     let (offsets, ends) = read_log_pages(&addr, "earliest");
     assert_eq!(

@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -163,30 +163,15 @@ fn load(node: &Node, from: u64, count: u64) {
 
 /// Loads `count` single-put transactions into `node`, values padded to `bytes`.
 fn load_sized(node: &Node, from: u64, count: u64, bytes: usize) {
-    let mut child = node
-        .cli()
-        .args([
-            "load",
-            "--node",
-            &node.addr,
-            "--batch",
-            "1",
-            "--parallel",
-            "1",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("run tideline load");
-    {
-        let mut stdin = child.stdin.take().expect("stdin");
-        for i in from..from + count {
+    common::load_lines(
+        node,
+        1,
+        (from..from + count).map(|i| {
             let value = format!("v{i}");
             let pad = "p".repeat(bytes.saturating_sub(value.len()));
-            writeln!(stdin, "k{i:06}\t{value}{pad}").expect("write to load");
-        }
-    }
-    assert!(child.wait().expect("wait for load").success());
+            format!("k{i:06}\t{value}{pad}")
+        }),
+    );
 }
 
 /// Waits until `node` has `want`; returns how long that took. Fails after `limit`.

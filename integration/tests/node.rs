@@ -98,28 +98,11 @@ fn cli_tails_from_every_position_exactly_once() {
 /// Loads `count` transactions of one put each, `key:NNNNNN` → `bytes` bytes of `v`.
 fn load_big(node: &Node, from: u64, count: u64, bytes: usize) {
     let value = "v".repeat(bytes);
-    let mut child = node
-        .cli()
-        .args([
-            "load",
-            "--node",
-            &node.addr,
-            "--batch",
-            "1",
-            "--parallel",
-            "1",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    {
-        let mut stdin = child.stdin.take().unwrap();
-        for i in from..from + count {
-            writeln!(stdin, "key:{i:06}\t{value}").unwrap();
-        }
-    }
-    assert!(child.wait().unwrap().success());
+    common::load_lines(
+        node,
+        1,
+        (from..from + count).map(|i| format!("key:{i:06}\t{value}")),
+    );
 }
 
 /// The node dies by SIGKILL while a tail is observably mid-transfer: the tail has printed 50

@@ -474,23 +474,39 @@ impl Drop for Node {
     }
 }
 
-pub fn load(node: &Node, from: u64, to: u64, batch: usize) {
-    let mut child = node
-        .cli()
-        .args(["load", "--node", &node.addr, "--batch", &batch.to_string()])
-        // One transaction at a time, so offsets follow key order.
-        .args(["--parallel", "1"])
+/// `tideline load --node ADDR ARGS...`, its stdin piped for the caller's `KEY<TAB>VALUE`
+/// lines and its stdout dropped; the caller may set more before it spawns it.
+pub fn load_cmd(node: &Node, args: &[&str]) -> Command {
+    let mut cmd = node.cli();
+    cmd.args(["load", "--node", &node.addr])
+        .args(args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::null());
+    cmd
+}
+
+/// Loads `lines` (`KEY<TAB>VALUE`) in transactions of `batch` lines, one transaction at a
+/// time (offsets follow the lines' order); fails unless the load succeeds.
+pub fn load_lines(node: &Node, batch: usize, lines: impl IntoIterator<Item = String>) {
+    let mut child = load_cmd(node, &["--batch", &batch.to_string(), "--parallel", "1"])
         .spawn()
         .expect("run tideline load");
     {
         let mut stdin = child.stdin.take().expect("piped stdin");
-        for i in from..=to {
-            writeln!(stdin, "key:{i:06}\tvalue-{i}").expect("write to load");
+        for line in lines {
+            writeln!(stdin, "{line}").expect("write to load");
         }
     }
     assert!(child.wait().expect("wait for load").success());
+}
+
+/// Loads `key:NNNNNN` → `value-N` for N in `from..=to`, `batch` lines per transaction.
+pub fn load(node: &Node, from: u64, to: u64, batch: usize) {
+    load_lines(
+        node,
+        batch,
+        (from..=to).map(|i| format!("key:{i:06}\tvalue-{i}")),
+    );
 }
 
 /// The number at `path` in a JSON report, asserted positive.
