@@ -14,9 +14,11 @@
 //!   UTF-8, base64 under the same name with `_b64` appended (`key_b64`). Values are never
 //!   parsed: a JSON document travels as its text, exactly as stored.
 //! - `before`: only where the log carries a before-image (writers that record them).
-//! - `source.offset` and `source.gtid`: the transaction's place in the source's log; `null`
-//!   for bootstrap rows and for changes made while a bootstrap runs (the copy as a whole is
-//!   positioned by its end GTID set). `source.ts`: the origin's commit time, RFC 3339 UTC.
+//! - `source.offset` and `source.gtid`: the transaction's place in the source's log, also for
+//!   the changes a bootstrap applies from records the source wrote while it ran; `null` for
+//!   bootstrap rows and for the trees and indexes a bootstrap declares before a chunk (the
+//!   copy as a whole is positioned by its end GTID set). `source.ts`: the origin's commit
+//!   time, RFC 3339 UTC.
 //!
 //! Owns: the envelope's shape and its text helpers. Must never: decide batching, delivery or
 //! positions (the pipeline and the sinks do).
@@ -27,7 +29,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value, json};
 use tideline_wal::{Op, Transaction};
 
-use crate::sink::Item;
+use crate::sink::{CopyRecord, Item};
 
 /// RFC 3339 text (UTC, microseconds) for a timestamp in microseconds since the Unix epoch.
 pub fn rfc3339_us(timestamp_us: i64) -> String {
@@ -53,7 +55,8 @@ pub fn put_bytes(obj: &mut Map<String, Value>, field: &str, bytes: &[u8]) {
 pub struct Source<'a> {
     /// The source node.
     pub server_uuid: uuid::Uuid,
-    /// The transaction, for live changes; `None` during a bootstrap.
+    /// The transaction (or the record of a bootstrap's change); `None` for a bootstrap's rows
+    /// and the trees and indexes it declares.
     pub txn: Option<&'a Transaction>,
 }
 
@@ -156,6 +159,15 @@ pub fn for_each_envelope(item: &Item, server_uuid: uuid::Uuid, mut f: impl FnMut
                 f(op_envelope(op, source));
             }
         }
+        Item::Record(r) => {
+            let source = Source {
+                server_uuid,
+                txn: Some(&r.txn),
+            };
+            for op in &r.txn.ops {
+                f(op_envelope(op, source));
+            }
+        }
         Item::Ops(ops) => {
             let source = Source {
                 server_uuid,
@@ -178,7 +190,7 @@ pub fn for_each_envelope(item: &Item, server_uuid: uuid::Uuid, mut f: impl FnMut
 /// without building a [`Value`] per change (the file sink's hot path).
 pub fn write_lines(item: &Item, server_uuid: uuid::Uuid, out: &mut Vec<u8>) {
     match item {
-        Item::Txn(t) => {
+        Item::Txn(t) | Item::Record(CopyRecord { txn: t, .. }) => {
             let source = SourceText::new(server_uuid, Some(t));
             for op in &t.ops {
                 write_op(op, &source, out);
@@ -574,6 +586,29 @@ mod tests {
         assert!(out[1]["source"]["gtid"].is_null());
     }
 
+    /// A change a bootstrap applies from a record the source wrote while it ran names that
+    /// record, as a live change does: a receiver de-duplicates it by its GTID.
+    #[test]
+    fn copy_time_changes_carry_their_records_gtid() {
+        let uuid = uuid::Uuid::from_bytes([3; 16]);
+        let txn = Transaction {
+            offset: Offset::new(9).unwrap(),
+            gtid: Gtid::new(uuid, 9).unwrap(),
+            timestamp_us: 1_700_000_000_000_000,
+            ops: sample_ops(),
+        };
+        let item = Item::Record(CopyRecord::filtered(txn, |op| op.kind() == "merge"));
+        let mut out = vec![];
+        for_each_envelope(&item, uuid, |v| out.push(v));
+        assert!(!out.is_empty());
+        for e in &out {
+            assert_eq!(e["op"], "merge");
+            assert_eq!(e["source"]["offset"], 9);
+            assert_eq!(e["source"]["gtid"], format!("{uuid}:9"));
+            assert_eq!(e["source"]["ts"], "2023-11-14T22:13:20.000000Z");
+        }
+    }
+
     #[test]
     fn written_lines_are_the_envelopes_serialized() {
         let uuid = uuid::Uuid::from_bytes([4; 16]);
@@ -585,6 +620,7 @@ mod tests {
         };
         let items = [
             Item::Txn(txn.clone()),
+            Item::Record(CopyRecord::filtered(txn.clone(), |op| op.tree() != "t")),
             Item::Ops(txn.ops.clone()),
             Item::Chunk {
                 tree: "t".into(),

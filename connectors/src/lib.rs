@@ -45,7 +45,7 @@ pub use pipeline::{
 };
 pub use replica::{BootstrapMode, ReplicaOptions, spawn};
 pub use sink::engine::EngineSink;
-pub use sink::{Batch, EarlierCopy, Item, Sink, SinkError, SinkFuture};
+pub use sink::{Batch, CopyRecord, EarlierCopy, Item, Sink, SinkError, SinkFuture};
 pub use status::{SharedStatus, UpstreamState, UpstreamStatus};
 
 /// Microseconds since the Unix epoch, for lag figures.

@@ -1,16 +1,20 @@
 //! Chunked bootstrap merged with the live tail: the receiving end, with a position to persist.
 //!
 //! [`Bootstrap`] turns a node's bootstrap stream into [`BootstrapStep`]s to apply in order:
-//! live ops that fall in ranges already copied, chunks that replace their key range, and the
-//! final handover. After each step, [`Bootstrap::progress`] is the position to store
-//! atomically with what the step wrote; passing it back to [`Bootstrap::start`] resumes from
-//! the last finished step, so a killed consumer re-receives at most the step in flight.
+//! live records reduced to their ops that fall in ranges already copied (each keeping its
+//! GTID, offset and time), the trees and indexes to declare before a chunk, chunks that
+//! replace their key range, and the final handover. After each step,
+//! [`Bootstrap::progress`] is the position to store atomically with what the step wrote;
+//! passing it back to [`Bootstrap::start`] resumes from the last finished step, so a killed
+//! consumer re-receives at most the step in flight.
 //!
 //! The merge rule and why it is safe are in `tideline_stream::proto::bootstrap`.
 
 use std::time::Instant;
 
-use tideline_stream::proto::{BootstrapPosition, BootstrapResume, Chunk, Cursor, ProtoError};
+use tideline_stream::proto::{
+    BootstrapPosition, BootstrapResume, Chunk, CopyRecord, Cursor, ProtoError,
+};
 use tideline_stream::{
     BootstrapEvent, BootstrapStream, ChunkAcker, Client, ClientError, ErrorCode,
 };
@@ -109,7 +113,12 @@ impl BootstrapProgress {
 /// One thing to apply, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootstrapStep {
-    /// Ops of live records on ranges already copied (possibly empty: the position still moved).
+    /// Live records of the node received during the copy, each reduced to its ops on ranges
+    /// already copied (possibly none: the position still moved). Apply their ops in order;
+    /// their GTIDs are not executed here (the copy's end GTID set holds them).
+    Records(Vec<CopyRecord>),
+    /// Ops that belong to no record: the `create_tree` and `create_index` that come before each
+    /// chunk of a tree with indexes (no-ops when they exist). The position does not move.
     Ops(Vec<Op>),
     /// Replace `[from, to)` of `tree` (`to: None` = to its end) with `entries`, creating the
     /// tree with `merge_operator` if it does not exist. One part of a chunk.
@@ -298,14 +307,9 @@ impl Bootstrap {
         let step = match event {
             BootstrapEvent::Records(txns) => {
                 let n = txns.len() as u64;
-                let ops = self
-                    .pos
-                    .on_records(txns)?
-                    .into_iter()
-                    .flat_map(|(_, ops)| ops)
-                    .collect();
+                let records = self.pos.on_records(txns)?;
                 self.progress.records += n;
-                BootstrapStep::Ops(ops)
+                BootstrapStep::Records(records)
             }
             BootstrapEvent::Indexes {
                 tree,

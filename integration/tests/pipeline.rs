@@ -291,6 +291,7 @@ impl Sink for TestSink {
                         }
                         s.txns.push(t.clone());
                     }
+                    Item::Record(r) => r.txn.ops.iter().for_each(|op| s.apply_op(op)),
                     Item::Ops(ops) => ops.iter().for_each(|op| s.apply_op(op)),
                     Item::Chunk {
                         tree,

@@ -7,10 +7,14 @@
 //! move. (3) A connector child process is killed with SIGKILL mid-batch again and again
 //! (20 cycles; `TIDELINE_SINK_KILL_CYCLES` for more) while a node takes a random workload:
 //! the receiver, de-duplicating by the GTID range header as docs/OPERATIONS.md tells
-//! receivers to, ends with every change exactly once and the workload's state.
+//! receivers to, ends with every change exactly once and the workload's state. (4) A
+//! bootstrap copy during which the source merges into a range already copied: the receiver
+//! applies that request but its answer is lost, the sink POSTs it again, and the same rule
+//! must recognise the repeat (the copy-time changes carry their GTIDs).
 //!
 //! Guards against: a position written before the 2xx (loss), retries that drop or reorder a
-//! batch, a 4xx that moves the position, a GTID header that does not say what the body holds.
+//! batch, a 4xx that moves the position, a GTID header that does not say what the body holds,
+//! copy-time changes without a GTID (a merge re-POSTed during a copy counted twice).
 //! Canary: a receiver that does not de-duplicate must see repeats after the same kills.
 
 mod common;
@@ -47,6 +51,8 @@ fn webhook_connector_child() {
 struct Post {
     pipeline: String,
     range: Option<String>,
+    /// `Tideline-Bootstrap`: the copy step a request belongs to.
+    bootstrap: Option<String>,
     envelopes: Vec<Value>,
 }
 
@@ -80,9 +86,57 @@ async fn receive(
     r.posts.lock().unwrap().push(Post {
         pipeline: h("tideline-pipeline").unwrap_or_default(),
         range: h("tideline-gtid-range"),
+        bootstrap: h("tideline-bootstrap"),
         envelopes,
     });
     (StatusCode::OK, "ok".into())
+}
+
+/// The receiver of the copy test. It applies (records) every request; it holds its answer to
+/// the first request with copied `cnt` rows until `release`, so that the test writes to that
+/// range while the copy stands right after it; and it answers the first request with a merge
+/// 503 after applying it: the answer is lost, and the sink POSTs the request again.
+#[derive(Default)]
+struct CopyReceiver {
+    posts: Mutex<Vec<Post>>,
+    chunk_held: AtomicBool,
+    release: AtomicBool,
+    merge_answer_lost: AtomicBool,
+}
+
+async fn receive_copy(
+    axum::extract::State(r): axum::extract::State<Arc<CopyReceiver>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let h = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    let envelopes: Vec<Value> = serde_json::from_slice(&body).expect("a JSON array body");
+    let has = |op: &str| {
+        envelopes
+            .iter()
+            .any(|e| e["op"] == op && e["tree"] == "cnt")
+    };
+    let (rows, merge) = (has("read"), has("merge"));
+    r.posts.lock().unwrap().push(Post {
+        pipeline: h("tideline-pipeline").unwrap_or_default(),
+        range: h("tideline-gtid-range"),
+        bootstrap: h("tideline-bootstrap"),
+        envelopes,
+    });
+    if rows && !r.chunk_held.swap(true, Ordering::SeqCst) {
+        while !r.release.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    if merge && !r.merge_answer_lost.swap(true, Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    StatusCode::OK
 }
 
 /// Starts a receiver on a runtime thread of its own; returns its URL.
@@ -107,17 +161,18 @@ fn rt() -> tokio::runtime::Runtime {
 }
 
 /// The receiver's de-duplication as docs/OPERATIONS.md describes it: per origin, the highest
-/// GTID sequence applied; envelopes at or below it are repeats. Returns the envelopes kept.
+/// GTID sequence applied; envelopes at or below it are repeats. A request without a GTID
+/// range holds only a copy's rows (`op: read` upserts, harmless twice): applied as it is.
+/// Returns the envelopes kept.
 fn dedup(posts: &[Post]) -> Vec<Value> {
     let mut applied: BTreeMap<String, u64> = BTreeMap::new();
     let mut kept = Vec::new();
     for p in posts {
-        let range: GtidSet = p
-            .range
-            .as_deref()
-            .expect("a live batch has a GTID range")
-            .parse()
-            .expect("the range header is a GTID set");
+        let Some(range) = p.range.as_deref() else {
+            kept.extend(p.envelopes.iter().cloned());
+            continue;
+        };
+        let range: GtidSet = range.parse().expect("the range header is a GTID set");
         // Whole batch already applied: skip it without looking inside.
         if range.uuids().all(|u| {
             applied
@@ -419,4 +474,159 @@ fn kill9_mid_batch_then_dedup_by_header_gives_each_change_once() {
     // de-duplicate sees repeats.
     let e = check(&all, &committed).expect_err("the kills must have caused re-sent batches");
     assert!(e.contains("kept"), "{e}");
+}
+
+/// Scenario (4). The source holds rows in `cnt` (an `add` tree) and `kv`; a pipeline copies
+/// it into the webhook. While the copy stands right after `cnt` (the receiver holds its answer
+/// to that chunk), one transaction merges into a copied `cnt` key and puts a `kv` key not yet
+/// copied: the merge is a copy-time change, the put comes with `kv`'s chunk. The receiver
+/// applies the merge's request but its answer is lost, so the sink POSTs it again; after
+/// the copy, one more merge is live. The receiver following the documented rule must end
+/// with the source's rows: the repeated merge recognised by its GTID range, not counted
+/// twice.
+#[test]
+fn a_copy_time_merge_posted_again_is_recognised_by_the_documented_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = sinkkit::SourceNode::start(&dir.path().join("node"));
+    for i in 0..10 {
+        source
+            .engine
+            .put("cnt", format!("c{i}").as_bytes(), b"100")
+            .expect("put");
+        source
+            .engine
+            .put("kv", format!("k{i}").as_bytes(), br#"{"n":0}"#)
+            .expect("put");
+    }
+    let rt = rt();
+    let receiver = Arc::new(CopyReceiver::default());
+    let url = {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind the receiver");
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive_copy))
+            .with_state(receiver.clone());
+        rt.spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/hook")
+    };
+    let position = dir.path().join("webhook.json");
+    let mut hook = WebhookConfig::new(&url, &position);
+    hook.timeout_ms = 60_000;
+    let sink = WebhookSink::new(hook, "copied").unwrap();
+    let mut cfg = tideline_connectors::PipelineConfig::new(
+        "copied",
+        &source.addr,
+        tideline_stream::ClientConfig::new(
+            tideline_stream::tls::load_client_dir(&source.secrets).unwrap(),
+        ),
+    );
+    cfg.retry_min = Duration::from_millis(20);
+    cfg.retry_max = Duration::from_millis(200);
+    cfg.hold_pause = Duration::from_secs(3600);
+    cfg.from = tideline_connectors::StartFrom::Bootstrap;
+    let (status, task) = {
+        let _g = rt.enter();
+        tideline_connectors::pipeline::spawn(cfg, Box::new(sink))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !receiver.chunk_held.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "no copy of `cnt` POSTed: {}",
+            status.get().to_json()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut tx = source.engine.begin();
+    tx.merge("cnt", b"c3", b"5").expect("merge");
+    tx.put("kv", b"k7", br#"{"n":7}"#).expect("put");
+    tx.commit().expect("commit");
+    receiver.release.store(true, Ordering::SeqCst);
+    let wait_tail = |at: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let tail = std::fs::read(&position).ok().and_then(|b| {
+                let v: Value = serde_json::from_slice(&b).ok()?;
+                use base64::Engine as _;
+                let cp = base64::engine::general_purpose::STANDARD
+                    .decode(v["checkpoint_b64"].as_str()?)
+                    .ok()?;
+                match PipelineCheckpoint::decode(&cp).ok()? {
+                    PipelineCheckpoint::Tail(p) => Some(p.offset),
+                    PipelineCheckpoint::Bootstrap(_) => None,
+                }
+            });
+            if tail.is_some_and(|o| o >= at) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the pipeline does not follow the log at offset {at}: {}",
+                status.get().to_json()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_tail(source.last_offset());
+    let mut tx = source.engine.begin();
+    tx.merge("cnt", b"c3", b"1").expect("merge");
+    tx.commit().expect("commit");
+    wait_tail(source.last_offset());
+    task.abort();
+
+    let posts = receiver.posts.lock().unwrap().clone();
+    let merges: Vec<&Post> = posts
+        .iter()
+        .filter(|p| p.envelopes.iter().any(|e| e["op"] == "merge"))
+        .collect();
+    assert!(
+        receiver.merge_answer_lost.load(Ordering::SeqCst) && merges.len() == 3,
+        "the copy-time merge POSTed twice (its first answer lost), the live one once: {merges:#?}"
+    );
+    // The documented rule, then the merges resolved as the tree's operator does.
+    let add = tideline_engine::MergeOperator::from_name("add").expect("the add operator");
+    let mut held: BTreeMap<String, BTreeMap<Vec<u8>, Vec<u8>>> = BTreeMap::new();
+    for e in dedup(&posts).iter().filter(|e| sinkkit::is_data(e)) {
+        let tree = e["tree"].as_str().expect("a tree").to_string();
+        let key = e["key"].as_str().expect("a UTF-8 key").as_bytes().to_vec();
+        let rows = held.entry(tree).or_default();
+        match e["op"].as_str() {
+            Some("put" | "read") => {
+                rows.insert(key, e["after"].as_str().expect("a value").into());
+            }
+            Some("delete") => {
+                rows.remove(&key);
+            }
+            _ => {
+                let operand = e["operand"].as_str().expect("an operand").as_bytes();
+                let after = add.resolve(rows.get(&key).map(Vec::as_slice), operand);
+                rows.insert(key, after);
+            }
+        }
+    }
+    let want = source.rows_of(&["cnt", "kv"]);
+    assert_eq!(
+        held.get("cnt").and_then(|r| r.get(&b"c3"[..])),
+        Some(&b"106".to_vec()),
+        "the receiver's cnt/c3 after 100 + 5 (during the copy, POSTed twice) + 1; posts: \
+         {merges:#?}"
+    );
+    assert_eq!(held, want, "the receiver holds the source's rows");
+    // What the rule relies on: the copy-time merge names its record, as a live change does,
+    // and its request names the record's GTID; the request still says it is a copy step.
+    let copy_time = merges[0];
+    let e = copy_time
+        .envelopes
+        .iter()
+        .find(|e| e["op"] == "merge")
+        .unwrap();
+    let gtid = e["source"]["gtid"]
+        .as_str()
+        .expect("a copy-time change's GTID");
+    assert!(e["source"]["offset"].as_u64().is_some(), "{e}");
+    assert_eq!(copy_time.range.as_deref(), Some(gtid), "{copy_time:#?}");
+    assert!(copy_time.bootstrap.is_some(), "{copy_time:#?}");
+    assert_eq!(copy_time.pipeline, "copied");
 }

@@ -1,5 +1,5 @@
 //! One connection's worth of a bootstrap copy: the source's ordered stream of chunks and live
-//! ops turned into batches, each stored by the sink with the copy's progress as checkpoint.
+//! records turned into batches, each stored by the sink with the copy's progress as checkpoint.
 //! Shared by every pipeline that bootstraps and by the replica (whose sink is the engine).
 //!
 //! Receiving and storing overlap: a task reads steps off the stream (up to
@@ -113,10 +113,26 @@ pub(crate) async fn copy(
             None | Some(Ok(None)) => return Err(CopyStop::Source(SourceEnd::Ended, saved)),
             Some(Err(e)) => return Err(CopyStop::Source(SourceEnd::Failed(e), saved)),
         };
-        let (item, completes_chunk) = match step {
+        let (items, completes_chunk): (Vec<Item>, bool) = match step {
+            BootstrapStep::Records(records) => {
+                // One item per record that keeps an op, so that each keeps its GTID.
+                let items = records
+                    .into_iter()
+                    .filter_map(|mut r| {
+                        r.retain(|op| filter.passes(op));
+                        (!r.txn.ops.is_empty()).then_some(Item::Record(r))
+                    })
+                    .collect();
+                (items, false)
+            }
             BootstrapStep::Ops(mut ops) => {
                 ops.retain(|op| filter.passes(op));
-                ((!ops.is_empty()).then_some(Item::Ops(ops)), false)
+                let items = if ops.is_empty() {
+                    vec![]
+                } else {
+                    vec![Item::Ops(ops)]
+                };
+                (items, false)
             }
             BootstrapStep::Chunk {
                 tree,
@@ -138,7 +154,7 @@ pub(crate) async fn copy(
                         entries,
                     }
                 });
-                (item, completes_chunk)
+                (item.into_iter().collect(), completes_chunk)
             }
             BootstrapStep::Done {
                 offset,
@@ -162,21 +178,24 @@ pub(crate) async fn copy(
         };
         // The step's trees go into the checkpoint stored with it. A write that fails for good
         // ends the pipeline run, and `trees` with it.
-        if let (Some(t), Some(item)) = (trees.as_mut(), item.as_ref()) {
+        if let Some(t) = trees.as_mut() {
             let mut note = |tree: &str| {
                 if !t.contains(tree) {
                     t.insert(tree.to_owned());
                 }
             };
-            match item {
-                Item::Chunk { tree, .. } => note(tree),
-                Item::Ops(ops) => ops.iter().for_each(|op| note(op.tree())),
-                Item::Txn(_) => {}
+            for item in &items {
+                match item {
+                    Item::Chunk { tree, .. } => note(tree),
+                    Item::Record(r) => r.txn.ops.iter().for_each(|op| note(op.tree())),
+                    Item::Ops(ops) => ops.iter().for_each(|op| note(op.tree())),
+                    Item::Txn(_) => {}
+                }
             }
         }
         let batch = Batch {
             source: server_uuid,
-            items: item.into_iter().collect(),
+            items,
             checkpoint: PipelineCheckpoint::encode_copy(&progress, trees.as_ref()),
         };
         d.write(sink, batch).await.map_err(CopyStop::Sink)?;

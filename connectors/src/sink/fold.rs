@@ -22,7 +22,7 @@ use std::collections::{BTreeMap, HashMap};
 use tideline_engine::MergeOperator;
 use tideline_wal::Op;
 
-use crate::sink::{Batch, Item, SinkError};
+use crate::sink::{Batch, CopyRecord, Item, SinkError};
 
 /// A key's state after a run of ops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,7 +157,7 @@ pub(crate) fn fold(batch: &Batch, operators: &mut Operators) -> Result<Vec<Step>
     };
     for item in &batch.items {
         match item {
-            Item::Txn(t) => {
+            Item::Txn(t) | Item::Record(CopyRecord { txn: t, .. }) => {
                 for op in &t.ops {
                     fold_op(op, &mut run, &mut steps, operators, flush)?;
                 }

@@ -5,8 +5,10 @@
 //! 1. **Input.** A sink receives [`Batch`]es of [`Item`]s in the source's log order, **at least
 //!    once**: after a crash or a retry, items it already wrote may come again. Every live item
 //!    carries its source position: a [`Item::Txn`] has its origin GTID and the source node's
-//!    offset; a bootstrap step ([`Item::Chunk`], [`Item::Ops`]) belongs to the copy whose
-//!    progress the batch's checkpoint records.
+//!    offset; a bootstrap step ([`Item::Chunk`], [`Item::Record`], [`Item::Ops`]) belongs to
+//!    the copy whose progress the batch's checkpoint records, and a [`Item::Record`] also
+//!    keeps its record's GTID and offset (a copy resumed after a crash sends it again, perhaps
+//!    with fewer of its ops, never more).
 //! 2. **Exactly-once effect.** A sink stores the batch's [`Batch::checkpoint`] **with** its data:
 //!    in the same transaction (a database), or written only after the data is durable (a file,
 //!    a message broker that acknowledged). [`Sink::open`] returns the last checkpoint stored,
@@ -129,6 +131,7 @@ pub(crate) fn lock_beside(lock: &std::path::Path, what: &str) -> Result<std::fs:
     }
 }
 
+pub use tideline_stream::proto::CopyRecord;
 use tideline_wal::{Op, PackedEntries, Transaction};
 
 /// What a sink's async methods return: boxed, so that a pipeline can hold any sink as
@@ -157,9 +160,16 @@ pub enum Item {
         /// Ascending `(key, value)` rows.
         entries: PackedEntries,
     },
-    /// Bootstrap: live changes to ranges already copied, in log order. They have no GTID of
-    /// their own: the copy ends at a GTID set (the checkpoint after it), and the live tail
-    /// takes over there.
+    /// Bootstrap: a live record of the source received while the copy runs, reduced to its
+    /// ops on ranges already copied that pass the pipeline's filter. Apply its ops as those
+    /// of [`Item::Ops`], without marking its GTID executed: the copy ends at a GTID set that
+    /// holds it (the checkpoint after the copy), where the live tail takes over. Sinks that
+    /// ship changes name them by the record ([`CopyRecord::indexed_ops`] gives each op's
+    /// index in the record as logged), so that a receiver de-duplicates them as live ones.
+    Record(CopyRecord),
+    /// Bootstrap: changes that belong to no record, in log order: the `create_tree` and
+    /// `create_index` declared before each chunk of a tree with indexes (no-ops when they
+    /// exist, and sent again with every such chunk).
     Ops(Vec<Op>),
 }
 
@@ -210,7 +220,7 @@ impl Batch {
         self.items
             .iter()
             .map(|i| match i {
-                Item::Txn(t) => t.ops.len(),
+                Item::Txn(t) | Item::Record(CopyRecord { txn: t, .. }) => t.ops.len(),
                 Item::Chunk { entries, .. } => entries.len(),
                 Item::Ops(ops) => ops.len(),
             })

@@ -85,6 +85,48 @@ impl Cursor {
     }
 }
 
+/// A live record received during a copy, reduced to the ops the copy applies: those on ranges
+/// it has passed (possibly none). It keeps the record's GTID, offset and commit time, and each
+/// op's index in the record as logged, so that what a consumer makes of an op is named by the
+/// record however the copy was cut: a copy resumed from stored progress receives the record
+/// again with its cursor where that progress left it, so it may apply fewer of the record's
+/// ops than the attempt it repeats, and a count of the ops it applies would name them
+/// differently.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyRecord {
+    /// The record, its ops reduced to the ones that apply, in log order.
+    pub txn: Transaction,
+    /// Per op of `txn.ops`, its index among the record's ops as logged (ascending).
+    pub op_indexes: Vec<usize>,
+}
+
+impl CopyRecord {
+    /// `txn` reduced to the ops `keep` accepts, each with its index in `txn`.
+    pub fn filtered(txn: Transaction, keep: impl FnMut(&Op) -> bool) -> CopyRecord {
+        let op_indexes = (0..txn.ops.len()).collect();
+        let mut record = CopyRecord { txn, op_indexes };
+        record.retain(keep);
+        record
+    }
+
+    /// Keeps only the ops `keep` accepts (a consumer's own filter), with their indexes.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Op) -> bool) {
+        let ops = std::mem::take(&mut self.txn.ops);
+        let indexes = std::mem::take(&mut self.op_indexes);
+        for (i, op) in indexes.into_iter().zip(ops) {
+            if keep(&op) {
+                self.op_indexes.push(i);
+                self.txn.ops.push(op);
+            }
+        }
+    }
+
+    /// The ops that apply, each with its index in the record as logged.
+    pub fn indexed_ops(&self) -> impl Iterator<Item = (usize, &Op)> {
+        self.op_indexes.iter().copied().zip(&self.txn.ops)
+    }
+}
+
 /// Where a bootstrap stands: the last live offset received and the copy's cursor. Persist it
 /// atomically with what was applied; it is all a resume needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -98,11 +140,8 @@ pub struct BootstrapPosition {
 impl BootstrapPosition {
     /// Takes a batch of live records: they must continue exactly after `after_offset` (the
     /// server reads its log densely; records already received after a resume are dropped).
-    /// Returns, per record, its offset and the ops to apply (possibly none).
-    pub fn on_records(
-        &mut self,
-        txns: Vec<Transaction>,
-    ) -> Result<Vec<(u64, Vec<Op>)>, ProtoError> {
+    /// Returns each record reduced to the ops to apply (possibly none).
+    pub fn on_records(&mut self, txns: Vec<Transaction>) -> Result<Vec<CopyRecord>, ProtoError> {
         let mut out = Vec::with_capacity(txns.len());
         for txn in txns {
             let o = txn.offset.get();
@@ -116,12 +155,7 @@ impl BootstrapPosition {
                 )));
             }
             self.after_offset = o;
-            let ops: Vec<Op> = txn
-                .ops
-                .into_iter()
-                .filter(|op| self.cursor.covers(op))
-                .collect();
-            out.push((o, ops));
+            out.push(CopyRecord::filtered(txn, |op| self.cursor.covers(op)));
         }
         Ok(out)
     }
@@ -250,8 +284,8 @@ mod tests {
         // Writes to a copied key (1) and a not-yet-copied key (7).
         let r1 = write(&mut source, b'1', "v1");
         let r2 = write(&mut source, b'7', "v1");
-        for (_, ops) in pos.on_records(vec![r1, r2]).unwrap() {
-            for op in &ops {
+        for r in pos.on_records(vec![r1, r2]).unwrap() {
+            for op in &r.txn.ops {
                 apply_op(&mut replica, op);
             }
         }
@@ -262,13 +296,37 @@ mod tests {
             replica.insert(("a".into(), k), v);
         }
         let r3 = write(&mut source, b'8', "v2");
-        for (_, ops) in pos.on_records(vec![r3]).unwrap() {
-            for op in &ops {
+        for r in pos.on_records(vec![r3]).unwrap() {
+            for op in &r.txn.ops {
                 apply_op(&mut replica, op);
             }
         }
         assert_eq!(replica, source);
         assert!(pos.cursor.tree_done);
+    }
+
+    /// A record keeps its GTID, offset and time, and each op it applies keeps its index in
+    /// the record as logged, through the cursor and a consumer's own filter.
+    #[test]
+    fn a_record_keeps_its_identity_and_each_op_its_index() {
+        let mut pos = BootstrapPosition::default();
+        pos.on_chunk("b", b"", Some(b"m"), 0, true).unwrap();
+        let mut r = record(
+            1,
+            vec![put("b", "z", "1"), put("a", "x", "1"), put("b", "c", "1")],
+        );
+        r.timestamp_us = 42;
+        let mut got = pos.on_records(vec![r.clone()]).unwrap();
+        let mut got = got.pop().unwrap();
+        assert_eq!(
+            (got.txn.gtid, got.txn.offset, got.txn.timestamp_us),
+            (r.gtid, r.offset, 42)
+        );
+        assert_eq!(got.op_indexes, [1, 2], "`b/z` is not copied yet");
+        assert_eq!(got.txn.ops, r.ops[1..]);
+        got.retain(|op| op.tree() == "b");
+        let kept: Vec<_> = got.indexed_ops().collect();
+        assert_eq!(kept, [(2, &r.ops[2])]);
     }
 
     #[test]

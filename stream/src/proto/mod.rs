@@ -60,7 +60,8 @@ pub mod bootstrap;
 mod messages;
 pub use batch::{BATCH_PREFIX_BYTES, BatchBuilder, RawBatch, RawRecord, decode_batch};
 pub use bootstrap::{
-    BootstrapPosition, Cursor, checked_entries, pack_entry, packed_parts, unpack_entries,
+    BootstrapPosition, CopyRecord, Cursor, checked_entries, pack_entry, packed_parts,
+    unpack_entries,
 };
 pub use messages::{
     BootstrapResume, Chunk, ErrorCode, IndexDef, IndexQuery, MonitorEvent, Request, Response,

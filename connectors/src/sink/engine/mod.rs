@@ -16,7 +16,8 @@
 //!   the same atomic store batch as the chunk or ops it follows.
 //! - **Bootstrap.** [`Sink::begin_copy`] wipes the engine and records the starting progress
 //!   ([`Engine::bootstrap_begin`]); every copy batch becomes one [`Engine::bootstrap_apply`]
-//!   call ([`Item::Chunk`] → [`RestoreOp::Chunk`], [`Item::Ops`] → [`RestoreOp::Op`]); the
+//!   call ([`Item::Chunk`] → [`RestoreOp::Chunk`], the ops of [`Item::Record`] and
+//!   [`Item::Ops`] → [`RestoreOp::Op`], no GTID marked executed); the
 //!   first empty batch with a tail checkpoint of the copy's source ends the copy at that
 //!   checkpoint's GTID set ([`Engine::bootstrap_finish`]). Live transactions that meet a copy
 //!   they are not part of (another upstream of a multi-source replica) wait ([`SinkError::Retry`]).
@@ -189,6 +190,8 @@ impl EngineSink {
         let mut ops = Vec::with_capacity(items.len());
         for item in items {
             match item {
+                // A record's GTID is not executed here: the copy's end GTID set holds it.
+                Item::Record(r) => ops.extend(r.txn.ops.into_iter().map(RestoreOp::Op)),
                 Item::Ops(o) => ops.extend(o.into_iter().map(RestoreOp::Op)),
                 Item::Chunk {
                     tree,

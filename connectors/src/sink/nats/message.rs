@@ -17,16 +17,25 @@
 //! - Bootstrap row (`op: read`), in both modes: one message per row, id
 //!   `PIPELINE/boot:SERVER_UUID:HASH` where HASH names the tree, key and value, so that a
 //!   chunk sent again after a crash (same rows, same values) is dropped by the stream.
-//! - Change during a bootstrap (a live change, or a tree's `create_tree` and `create_index`
-//!   that come with each chunk of a tree with indexes; no GTID of their own), in both modes:
-//!   one message per change, id `PIPELINE/boot:SERVER_UUID:EPOCH:OFFSET:I:HASH` from the
-//!   bootstrap progress the batch stores (OFFSET = the last live record the step handled;
-//!   I = the change's index in the step) and HASH of the message's payload. The tree events
-//!   of a step do not move OFFSET, and on an idle source every tree's come at the same one
-//!   with the same I: HASH (which names the tree, the index and its definition) keeps them
-//!   apart, and stays what it was when the same step is sent again after a crash or a retry,
-//!   where a counter of the copy's events would not (a resumed copy does not know how many
-//!   the crashed one had sent).
+//! - Change a bootstrap applies from a record the source wrote while it ran, in both modes:
+//!   one message per change, payload its envelope (with the record's GTID, offset and time),
+//!   id `PIPELINE/UUID:N:I` from the record's GTID and I = the change's index among the
+//!   record's changes as logged, from 0. A copy resumed after a crash sends the record again
+//!   in another step, with its cursor where the stored progress left it: perhaps fewer of its
+//!   changes, never others, and each with its id of before, so the stream drops them. (One
+//!   message per change, not per record: the copy applies only the record's changes on
+//!   ranges already copied, which part depending on how the copy was cut, and a message
+//!   shaped as a transaction would pass that part off as the whole.)
+//! - A tree's `create_tree` and `create_index` that come with each chunk of a tree with
+//!   indexes (no record of their own), in both modes: one message per change, id
+//!   `PIPELINE/boot:SERVER_UUID:EPOCH:OFFSET:I:HASH` from the bootstrap progress the batch
+//!   stores (OFFSET = the last live record the step handled; I = the change's index in the
+//!   step) and HASH of the message's payload. The tree events of a step do not move OFFSET,
+//!   and on an idle source every tree's come at the same one with the same I: HASH (which
+//!   names the tree, the index and its definition) keeps them apart, and stays what it was
+//!   when the same step is sent again after a crash or a retry, where a counter of the
+//!   copy's events would not (a resumed copy does not know how many the crashed one had
+//!   sent).
 //!
 //! Owns: these shapes. Must never: publish, or decide when the checkpoint moves.
 
@@ -236,6 +245,21 @@ impl Builder {
                         });
                     }
                 }
+                Item::Record(r) => {
+                    let t = &r.txn;
+                    let gtid = gtids.render(&t.gtid);
+                    let ts = times.render(t.timestamp_us);
+                    live.set_live(t.offset.get(), gtid, ts);
+                    for (i, op) in r.indexed_ops() {
+                        let start = buf.len();
+                        envelope::write_op(op, &live, &mut buf);
+                        pending.push(Pending {
+                            subject: self.subject(op_tree(op)),
+                            id: format!("{prefix}{gtid}:{i}"),
+                            payload: start..buf.len(),
+                        });
+                    }
+                }
                 Item::Ops(ops) => {
                     let step = match PipelineCheckpoint::decode(&batch.checkpoint) {
                         Ok(PipelineCheckpoint::Bootstrap(p)) => {
@@ -279,6 +303,7 @@ pub fn messages(batch: &Batch, pipeline: &str, template: &str, per: Per) -> Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sink::CopyRecord;
     use serde_json::{Value, json};
     use tideline_wal::{Gtid, Offset};
 
@@ -343,6 +368,19 @@ mod tests {
                         ));
                     }
                 }
+                Item::Record(r) => {
+                    let source = envelope::Source {
+                        server_uuid: uuid,
+                        txn: Some(&r.txn),
+                    };
+                    for (i, op) in r.indexed_ops() {
+                        out.push((
+                            subject(template, op_tree(op)),
+                            format!("{pipeline}/{}:{i}", r.txn.gtid),
+                            to_bytes(&envelope::op_envelope(op, source)),
+                        ));
+                    }
+                }
                 Item::Ops(ops) => {
                     let source = envelope::Source {
                         server_uuid: uuid,
@@ -389,6 +427,15 @@ mod tests {
                     ])
                     .unwrap(),
                 },
+                Item::Record(CopyRecord::filtered(
+                    Transaction {
+                        offset: Offset::new(8).unwrap(),
+                        gtid: Gtid::new(uuid, 8).unwrap(),
+                        timestamp_us: 1_700_000_000_654_321,
+                        ops: ops.clone(),
+                    },
+                    |op| op.tree() != "t",
+                )),
                 Item::Ops(ops),
             ],
             checkpoint: b"not a bootstrap checkpoint".to_vec(),
@@ -579,6 +626,23 @@ mod tests {
         }
     }
 
+    /// A copy step at `offset` (cursor at `tree`) holding live `records`, each reduced to the
+    /// ops `applies` accepts.
+    fn copy_records(
+        uuid: uuid::Uuid,
+        offset: u64,
+        tree: &str,
+        records: Vec<Transaction>,
+        applies: impl Fn(&Op) -> bool,
+    ) -> Batch {
+        let mut batch = copy_step(uuid, offset, tree, vec![]);
+        batch.items = records
+            .into_iter()
+            .map(|r| Item::Record(CopyRecord::filtered(r, &applies)))
+            .collect();
+        batch
+    }
+
     fn tree_events(tree: &str) -> Vec<Op> {
         vec![
             Op::CreateTree {
@@ -685,6 +749,73 @@ mod tests {
             Per::Op,
         );
         assert_eq!(second, again);
+    }
+
+    /// A record the source committed while a copy ran reaches the sink in a copy step; a copy
+    /// resumed after a crash (between the acks and the checkpoint) sends it again in a step
+    /// cut differently: other records around it, another progress, and only the ops the
+    /// resumed cursor covers. Its messages must keep their ids, taken from the record's GTID
+    /// and each op's place in the record, or the stream stores its ops twice (a merge counted
+    /// twice).
+    #[test]
+    fn a_copy_time_record_keeps_its_ids_however_the_copy_cuts_it() {
+        let uuid = uuid::Uuid::from_bytes([4; 16]);
+        let merge = Op::Merge {
+            tree: "cnt".into(),
+            key: b"z".to_vec(),
+            operand: b"1".to_vec(),
+        };
+        let record = |n: u64, ops: Vec<Op>| Transaction {
+            offset: Offset::new(n).unwrap(),
+            gtid: Gtid::new(uuid, n).unwrap(),
+            timestamp_us: 1_700_000_000_000_000,
+            ops,
+        };
+        // First sent with the record before it, the copy past all of `cnt`; again with the
+        // record after it, the resumed copy's cursor at `cnt`/`m`: the merge on `z` is not
+        // covered (the chunk it reads next holds its effect).
+        let first = copy_records(
+            uuid,
+            7,
+            "cnt",
+            vec![
+                record(6, vec![put("cnt", "k6")]),
+                record(7, vec![merge.clone(), put("cnt", "b")]),
+            ],
+            |_| true,
+        );
+        let again = copy_records(
+            uuid,
+            8,
+            "cnt",
+            vec![
+                record(7, vec![merge, put("cnt", "b")]),
+                record(8, vec![put("cnt", "k8")]),
+            ],
+            |op| op.key() < Some(&b"m"[..]),
+        );
+        for per in [Per::Txn, Per::Op] {
+            let of_7 = |batch: &Batch| -> Vec<(String, String)> {
+                messages(batch, "p", "t.{tree}", per)
+                    .into_iter()
+                    .map(|m| {
+                        let e: Value = serde_json::from_slice(&m.payload).unwrap();
+                        (e["key"].as_str().unwrap_or_default().to_owned(), m.id)
+                    })
+                    .filter(|(k, _)| k == "z" || k == "b")
+                    .collect()
+            };
+            let (first, again) = (of_7(&first), of_7(&again));
+            assert_eq!(
+                first,
+                [
+                    ("z".to_owned(), format!("p/{uuid}:7:0")),
+                    ("b".to_owned(), format!("p/{uuid}:7:1"))
+                ],
+                "{per:?}: ids from the record's GTID and the op's place in it"
+            );
+            assert_eq!(again, first[1..], "{per:?}: the same op, the same id");
+        }
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! only after the receiver answered 2xx. A crash between the answer and that write POSTs the
 //! batch again on restart, perhaps cut differently: the receiver de-duplicates by the
 //! `Tideline-Gtid-Range` header (the request's GTID set), keeping per origin the highest GTID
-//! it applied (docs/OPERATIONS.md, "Webhook sink"). One sink at a time owns a position file:
+//! it applied (docs/OPERATIONS.md, "Webhook sink"); the changes a bootstrap copy applies from
+//! the records the source wrote meanwhile carry those records' GTIDs too, and the copy's rows
+//! carry none (`read` upserts, harmless twice). One sink at a time owns a position file:
 //! it `flock`s `POSITION_FILE.lock`, and a second one waits until the first has stopped.
 //!
 //! Requests: a batch goes out in log order as one POST, or several when its GTID set's text
@@ -41,7 +43,7 @@ use tideline_wal::GtidSet;
 
 use crate::envelope;
 use crate::pipeline::PipelineCheckpoint;
-use crate::sink::{Batch, Item, Sink, SinkError, SinkFuture};
+use crate::sink::{Batch, CopyRecord, Item, Sink, SinkError, SinkFuture};
 
 /// How a batch's envelopes travel in the body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -97,7 +99,7 @@ impl WebhookConfig {
 pub const GTID_RANGE_HEADER: &str = "tideline-gtid-range";
 /// The header carrying the pipeline's name.
 pub const PIPELINE_HEADER: &str = "tideline-pipeline";
-/// The header naming a bootstrap step (batches of a bootstrap carry no GTID).
+/// The header naming a bootstrap step (a copy's batch; its rows carry no GTID).
 pub const BOOTSTRAP_HEADER: &str = "tideline-bootstrap";
 
 /// Most bytes of one request's `Tideline-Gtid-Range` value. A batch whose GTID set would
@@ -320,7 +322,7 @@ impl WebhookSink {
 /// The changes (envelopes) `item` carries.
 fn changes(item: &Item) -> usize {
     match item {
-        Item::Txn(t) => t.ops.len(),
+        Item::Txn(t) | Item::Record(CopyRecord { txn: t, .. }) => t.ops.len(),
         Item::Chunk { entries, .. } => entries.len(),
         Item::Ops(ops) => ops.len(),
     }
@@ -332,11 +334,12 @@ struct Part {
     headers: Vec<(HeaderName, HeaderValue)>,
 }
 
-/// Cuts `batch` into POSTs, in log order, each with its GTID set (live transactions) in
-/// `Tideline-Gtid-Range`, whose text stays within [`GTID_RANGE_BYTES_MAX`] (a part holds at
-/// least one transaction, so a batch always goes out), and the bootstrap step the batch is
-/// (a bootstrap's checkpoint: `SERVER_UUID:EPOCH:TREE:KEY_HEX:OFFSET`) on each. A batch of
-/// a bootstrap carries no GTID and is one part.
+/// Cuts `batch` into POSTs, in log order, each with its GTID set (live transactions, and the
+/// records whose changes a copy applies) in `Tideline-Gtid-Range`, whose text stays within
+/// [`GTID_RANGE_BYTES_MAX`] (a part holds at least one transaction, so a batch always goes
+/// out), and the bootstrap step the batch is (a bootstrap's checkpoint:
+/// `SERVER_UUID:EPOCH:TREE:KEY_HEX:OFFSET`) on each. A copy's chunk or its tree and index
+/// declarations carry no GTID and go out with no range.
 fn split(batch: &Batch) -> Vec<Part> {
     let bootstrap = bootstrap_header(batch);
     let part = |items: Range<usize>, set: &GtidSet| {
@@ -364,7 +367,9 @@ fn split(batch: &Batch) -> Vec<Part> {
     // one more GTID might pass the bound.
     let mut text_bytes = 0;
     for (i, item) in batch.items.iter().enumerate() {
-        let Item::Txn(t) = item else { continue };
+        let (Item::Txn(t) | Item::Record(CopyRecord { txn: t, .. })) = item else {
+            continue;
+        };
         if text_bytes + GTID_TEXT_BYTES_MAX > GTID_RANGE_BYTES_MAX {
             text_bytes = set.to_string().len();
             if text_bytes + GTID_TEXT_BYTES_MAX > GTID_RANGE_BYTES_MAX {
