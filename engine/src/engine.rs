@@ -82,8 +82,11 @@ impl Engine {
         self.inner.read_only.load(Ordering::SeqCst)
     }
 
-    /// Switches read-only mode (a replica is read-only; promotion turns it off).
+    /// Switches read-only mode (a replica is read-only; promotion turns it off). Once it has
+    /// made the engine read-only, no local commit is submitted any more: one already past its
+    /// first check is refused under the commit lock, which this takes to set the flag.
     pub fn set_read_only(&self, read_only: bool) {
+        let _commits = lock(&self.inner.commit);
         self.inner.read_only.store(read_only, Ordering::SeqCst);
     }
 

@@ -124,6 +124,13 @@ pub struct EngineOptions {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_pause_before_apply: Option<std::time::Duration>,
+    /// Test-only (cargo feature `testing`): a local commit sleeps this long after its first
+    /// checks (read-only, bootstrapping) and before it takes the commit lock. Widens the
+    /// moment in which the node may be made read-only under a commit that already passed its
+    /// first check, so that a test can prove such a commit is refused.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_pause_before_commit_lock: Option<std::time::Duration>,
 }
 
 // The test-only switches, read through these so that without the `testing` feature the
@@ -202,6 +209,8 @@ impl Default for EngineOptions {
             unsafe_pause_after_applied: None,
             #[cfg(feature = "testing")]
             unsafe_pause_before_apply: None,
+            #[cfg(feature = "testing")]
+            unsafe_pause_before_commit_lock: None,
         }
     }
 }
@@ -481,6 +490,14 @@ impl Inner {
     pub(crate) fn paused_by_test_after_applied(&self) {
         #[cfg(feature = "testing")]
         if let Some(d) = self.opts.unsafe_pause_after_applied {
+            std::thread::sleep(d);
+        }
+    }
+
+    /// The test-only switch `unsafe_pause_before_commit_lock`.
+    pub(crate) fn paused_by_test_before_commit_lock(&self) {
+        #[cfg(feature = "testing")]
+        if let Some(d) = self.opts.unsafe_pause_before_commit_lock {
             std::thread::sleep(d);
         }
     }

@@ -512,6 +512,33 @@ fn read_only_refuses_local_writes() {
     e.put("default", b"k", b"v").expect("promoted");
 }
 
+/// Once `set_read_only(true)` returns, no local commit gets in: not even one that passed its
+/// first read-only check just before (a demoted primary, or a replica pausing local writes
+/// before a copy, must be able to count on it). The commit is held between that check and
+/// the commit lock (test-only pause) while the node is made read-only.
+#[test]
+fn a_commit_that_passed_its_first_check_is_refused_once_the_node_is_read_only() {
+    let n = node_with(EngineOptions {
+        unsafe_pause_before_commit_lock: Some(std::time::Duration::from_millis(600)),
+        ..EngineOptions::default()
+    });
+    let e = Arc::new(n.engine);
+    let writer = {
+        let e = e.clone();
+        std::thread::spawn(move || e.put("default", b"late", b"v"))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    e.set_read_only(true);
+    let before = e.wal().visible_offset();
+    let r = writer.join().expect("the writer");
+    assert!(
+        matches!(r, Err(WriteError::ReadOnly)),
+        "a commit got in after the node was made read-only: {r:?}"
+    );
+    assert_eq!(e.wal().visible_offset(), before);
+    assert_eq!(e.get("default", b"late").expect("get"), None);
+}
+
 #[test]
 fn poisoned_log_makes_the_engine_fail_stop() {
     let n = node();

@@ -125,6 +125,7 @@ impl Inner {
         }
         inner.check_not_failed()?;
         let prepared = inner.prepare(ops)?;
+        inner.paused_by_test_before_commit_lock();
         let f = {
             let mut st = lock(&inner.commit);
             inner.submit_locked(&mut st, prepared, reads, Origin::Local)?
@@ -195,6 +196,11 @@ impl Inner {
         // Checked under the commit lock, which `bootstrap_begin` takes to set the flag.
         if self.bootstrapping.load(Ordering::SeqCst) {
             return Err(WriteError::Bootstrapping);
+        }
+        // Likewise read-only for local commits (`set_read_only` takes the lock to set it): a
+        // commit that passed the first check before the node was made read-only is refused.
+        if matches!(origin, Origin::Local) && self.read_only.load(Ordering::SeqCst) {
+            return Err(WriteError::ReadOnly);
         }
         let Prepared {
             ops,
