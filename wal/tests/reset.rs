@@ -6,8 +6,10 @@
 mod common;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use common::{UUID, opts, txn_for};
+use common::{Hooked, UUID, opts, txn_for};
 use tideline_wal::{
     Epoch, Error, Gtid, GtidSet, MemStorage, Offset, Storage, Wal, WalOptions, segment,
 };
@@ -202,75 +204,62 @@ fn write_empty_segment(storage: &dyn Storage, uuid: uuid::Uuid, first: Offset, g
     f.sync_data().unwrap();
 }
 
-/// Storage that holds the reset's rename of its new segment until the test lets it go: the
-/// moment in which the log's history epoch is already the new one and its segments are still
-/// the old ones.
-#[derive(Debug, Clone)]
-struct HoldResetRename {
-    inner: MemStorage,
-    held: Arc<std::sync::atomic::AtomicBool>,
-    release: Arc<std::sync::atomic::AtomicBool>,
+/// Holds whoever calls [`Gate::hold`] (a storage hook) until the test releases it, at most
+/// 10 s.
+#[derive(Default)]
+struct Gate {
+    held: AtomicBool,
+    release: AtomicBool,
 }
 
-impl Storage for HoldResetRename {
-    fn list(&self) -> std::io::Result<Vec<String>> {
-        self.inner.list()
-    }
-    fn create(&self, name: &str) -> std::io::Result<Box<dyn tideline_wal::StorageFile>> {
-        self.inner.create(name)
-    }
-    fn open(&self, name: &str) -> std::io::Result<Box<dyn tideline_wal::StorageFile>> {
-        self.inner.open(name)
-    }
-    fn remove(&self, name: &str) -> std::io::Result<()> {
-        self.inner.remove(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
-        use std::sync::atomic::Ordering;
-        if from.ends_with(".reset") {
-            self.held.store(true, Ordering::SeqCst);
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while !self.release.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
+impl Gate {
+    fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.release.load(Ordering::SeqCst) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
         }
-        self.inner.rename(from, to)
     }
-    fn sync_dir(&self) -> std::io::Result<()> {
-        self.inner.sync_dir()
+
+    /// Waits until a caller is held; fails with `never` after 10 s.
+    fn wait_held(&self, never: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.held.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "{never}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
-    fn describe(&self, name: &str) -> String {
-        self.inner.describe(name)
+
+    fn release(&self) {
+        self.release.store(true, Ordering::SeqCst);
     }
 }
 
 /// A downstream that subscribes by GTID set while a reset is under way (a fresh replica of a
 /// node that is finishing its own bootstrap) is told the copied GTIDs are gone, or its reader
-/// reports the reset: it never reads on in the new history with the copied GTIDs missing.
+/// reports the reset: it never reads on in the new history with the copied GTIDs missing. The
+/// reset is held in its rename of the new segment: the moment in which the log's history
+/// epoch is already the new one and its segments are still the old ones.
 #[test]
 fn a_subscription_by_gtid_set_during_a_reset_never_skips_the_copied_gtids() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let storage = HoldResetRename {
-        inner: MemStorage::new(),
-        held: Arc::new(AtomicBool::new(false)),
-        release: Arc::new(AtomicBool::new(false)),
-    };
-    let wal = Arc::new(Wal::open(Arc::new(storage.clone()), opts(64 << 20)).unwrap());
+    let gate = Arc::new(Gate::default());
+    let storage = Hooked::default().before_rename({
+        let gate = gate.clone();
+        move |from, _| {
+            if from.ends_with(".reset") {
+                gate.hold();
+            }
+        }
+    });
+    let wal = Arc::new(Wal::open(Arc::new(storage), opts(64 << 20)).unwrap());
     let copied = copied_set();
     let reset = {
         let (wal, copied) = (wal.clone(), copied.clone());
         std::thread::spawn(move || wal.reset_history(&copied))
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !storage.held.load(Ordering::SeqCst) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the reset never renamed"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    gate.wait_held("the reset never renamed");
     let subscribed = wal.read_missing(&GtidSet::new());
-    storage.release.store(true, Ordering::SeqCst);
+    gate.release();
     reset.join().unwrap().unwrap();
     assert_eq!(wal.gtids(), copied);
     wal.append(txn_for(1)).unwrap();
@@ -287,85 +276,24 @@ fn a_subscription_by_gtid_set_during_a_reset_never_skips_the_copied_gtids() {
     }
 }
 
-/// Storage whose files' reads block, once armed, at the second read until released: the
-/// moment in which a reader is part-way through a segment larger than one read.
-#[derive(Debug, Clone, Default)]
-struct GateReads {
-    inner: MemStorage,
-    armed: Arc<std::sync::atomic::AtomicBool>,
-    reads: Arc<std::sync::atomic::AtomicU64>,
-    held: Arc<std::sync::atomic::AtomicBool>,
-    release: Arc<std::sync::atomic::AtomicBool>,
-}
-
-struct GatedFile {
-    inner: Box<dyn tideline_wal::StorageFile>,
-    gate: GateReads,
-}
-
-impl tideline_wal::StorageFile for GatedFile {
-    fn read_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
-        use std::sync::atomic::Ordering;
-        let g = &self.gate;
-        if g.armed.load(Ordering::SeqCst) && g.reads.fetch_add(1, Ordering::SeqCst) == 1 {
-            g.held.store(true, Ordering::SeqCst);
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-            while !g.release.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-        }
-        self.inner.read_at(buf, pos)
-    }
-    fn write_all_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
-        self.inner.write_all_at(buf, pos)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        self.inner.sync_data()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-}
-
-impl Storage for GateReads {
-    fn list(&self) -> std::io::Result<Vec<String>> {
-        self.inner.list()
-    }
-    fn create(&self, name: &str) -> std::io::Result<Box<dyn tideline_wal::StorageFile>> {
-        self.inner.create(name)
-    }
-    fn open(&self, name: &str) -> std::io::Result<Box<dyn tideline_wal::StorageFile>> {
-        Ok(Box::new(GatedFile {
-            inner: self.inner.open(name)?,
-            gate: self.clone(),
-        }))
-    }
-    fn remove(&self, name: &str) -> std::io::Result<()> {
-        self.inner.remove(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self) -> std::io::Result<()> {
-        self.inner.sync_dir()
-    }
-    fn describe(&self, name: &str) -> String {
-        self.inner.describe(name)
-    }
-}
-
 /// A reader by GTID set that is skipping GTIDs its downstream has, part-way through the active
 /// segment when a reset replaces the history, must report the reset when it reaches the end
 /// of the old segment: it never goes on into the new history's first segment (whose first
-/// offset follows the old history's last), without the copied GTIDs.
+/// offset follows the old history's last), without the copied GTIDs. The reader is held at
+/// its second read of the segment, which is larger than one read.
 #[test]
 fn a_reader_skipping_through_a_reset_reports_it_and_never_reads_the_new_history() {
-    use std::sync::atomic::Ordering;
-    let storage = GateReads::default();
-    let wal = Arc::new(Wal::open(Arc::new(storage.clone()), opts(64 << 20)).unwrap());
+    let gate = Arc::new(Gate::default());
+    let armed = Arc::new(AtomicBool::new(false));
+    let storage = Hooked::default().before_read({
+        let (gate, armed, reads) = (gate.clone(), armed.clone(), AtomicU64::new(0));
+        move |_| {
+            if armed.load(Ordering::SeqCst) && reads.fetch_add(1, Ordering::SeqCst) == 1 {
+                gate.hold();
+            }
+        }
+    });
+    let wal = Arc::new(Wal::open(Arc::new(storage), opts(64 << 20)).unwrap());
     // ~3 MiB in one segment: more than one read of the reader.
     let value = vec![7u8; 16 << 10];
     let mut have = GtidSet::new();
@@ -386,16 +314,9 @@ fn a_reader_skipping_through_a_reset_reports_it_and_never_reads_the_new_history(
     }
     assert_eq!(wal.stats().segments.len(), 1);
     let mut reader = wal.read_missing(&have).unwrap();
-    storage.armed.store(true, Ordering::SeqCst);
+    armed.store(true, Ordering::SeqCst);
     let read = std::thread::spawn(move || reader.next_txn().map(|t| t.map(|t| t.gtid)));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !storage.held.load(Ordering::SeqCst) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the reader never read twice"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    gate.wait_held("the reader never read twice");
     let copied = copied_set();
     wal.reset_history(&copied).unwrap();
     let new = Gtid::new(UUID, 201).unwrap();
@@ -405,7 +326,7 @@ fn a_reader_skipping_through_a_reset_reports_it_and_never_reads_the_new_history(
         ops: vec![],
     })
     .unwrap();
-    storage.release.store(true, Ordering::SeqCst);
+    gate.release();
     match read.join().unwrap() {
         Err(Error::HistoryReset { .. }) => {}
         other => panic!(

@@ -22,11 +22,10 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tideline_wal::{
-    CrashMode, Error, MemStorage, Offset, RetentionPolicy, SlotState, Storage, StorageFile, Wal,
-    WalOptions,
+    CrashMode, Error, MemStorage, Offset, RetentionPolicy, SlotState, Storage, Wal, WalOptions,
 };
 
-use common::{Writers, opts, txn_for};
+use common::{Hooked, Writers, opts, txn_for};
 
 fn retain_nothing(segment_bytes_max: u64) -> WalOptions {
     WalOptions {
@@ -107,71 +106,49 @@ fn retention_loop(wal: &Arc<Wal>) -> Looping {
     })
 }
 
-/// Storage that, once armed, stops the first segment removal made while a history reset is
-/// under way (its `.reset` file exists) and lets retention run meanwhile: it opens the segments
-/// retention may remove and waits (boundedly) for the retention loop to go round twice. This
-/// widens the window of the race to the whole of a retention run, without changing what
-/// either side does.
-#[derive(Debug, Clone)]
-struct PauseResetRemoval {
-    inner: MemStorage,
-    armed: Arc<AtomicBool>,
-    /// Set when the reset is paused; the retention loop then lifts the owner's floor.
-    paused: Arc<AtomicBool>,
-    retention_rounds: Arc<AtomicU64>,
-}
-
-impl Storage for PauseResetRemoval {
-    fn list(&self) -> std::io::Result<Vec<String>> {
-        self.inner.list()
-    }
-    fn create(&self, name: &str) -> std::io::Result<Box<dyn StorageFile>> {
-        self.inner.create(name)
-    }
-    fn open(&self, name: &str) -> std::io::Result<Box<dyn StorageFile>> {
-        self.inner.open(name)
-    }
-    fn remove(&self, name: &str) -> std::io::Result<()> {
-        let resetting = self.inner.list()?.iter().any(|n| n.ends_with(".reset"));
-        if resetting && name.ends_with(".wal") && self.armed.swap(false, Ordering::SeqCst) {
-            let start = self.retention_rounds.load(Ordering::SeqCst);
-            self.paused.store(true, Ordering::SeqCst);
+/// The race's widening: once armed, the first segment removal made while a history reset is
+/// under way (its `.reset` file exists) stops and lets retention run meanwhile: it opens the
+/// segments retention may remove and waits (boundedly) for the retention loop to go round
+/// twice. This widens the window of the race to the whole of a retention run, without
+/// changing what either side does. `paused` is set when the reset is paused; the retention
+/// loop then lifts the owner's floor.
+fn pause_reset_removal(
+    armed: &Arc<AtomicBool>,
+    paused: &Arc<AtomicBool>,
+    retention_rounds: &Arc<AtomicU64>,
+) -> Hooked {
+    let storage = Hooked::default();
+    let (inner, armed, paused, rounds) = (
+        storage.inner.clone(),
+        armed.clone(),
+        paused.clone(),
+        retention_rounds.clone(),
+    );
+    storage.before_remove(move |name| {
+        let resetting = inner
+            .list()
+            .is_ok_and(|l| l.iter().any(|n| n.ends_with(".reset")));
+        if resetting && name.ends_with(".wal") && armed.swap(false, Ordering::SeqCst) {
+            let start = rounds.load(Ordering::SeqCst);
+            paused.store(true, Ordering::SeqCst);
             // Bounded: with the fix, retention waits for the reset, so it cannot go round.
             let deadline = Instant::now() + Duration::from_millis(100);
-            while self.retention_rounds.load(Ordering::SeqCst) < start + 2
-                && Instant::now() < deadline
-            {
+            while rounds.load(Ordering::SeqCst) < start + 2 && Instant::now() < deadline {
                 std::thread::yield_now();
             }
         }
-        self.inner.remove(name)
-    }
-    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
-        self.inner.rename(from, to)
-    }
-    fn sync_dir(&self) -> std::io::Result<()> {
-        self.inner.sync_dir()
-    }
-    fn describe(&self, name: &str) -> String {
-        self.inner.describe(name)
-    }
+    })
 }
 
 #[test]
 fn reset_history_beside_looping_retention() {
-    let storage = PauseResetRemoval {
-        inner: MemStorage::new(),
-        armed: Arc::new(AtomicBool::new(false)),
-        paused: Arc::new(AtomicBool::new(false)),
-        retention_rounds: Arc::new(AtomicU64::new(0)),
-    };
-    let wal = Arc::new(Wal::open(Arc::new(storage.clone()), retain_nothing(1024)).expect("open"));
+    let armed = Arc::new(AtomicBool::new(false));
+    let paused = Arc::new(AtomicBool::new(false));
+    let retention_rounds = Arc::new(AtomicU64::new(0));
+    let storage = pause_reset_removal(&armed, &paused, &retention_rounds);
+    let wal = Arc::new(Wal::open(Arc::new(storage), retain_nothing(1024)).expect("open"));
     let retention = {
-        let (wal, paused, rounds) = (
-            wal.clone(),
-            storage.paused.clone(),
-            storage.retention_rounds.clone(),
-        );
+        let (wal, paused, rounds) = (wal.clone(), paused.clone(), retention_rounds.clone());
         Looping::start(move || {
             // The floor is lifted before the flag drops: the test's next round, which waits
             // for the flag, must not set its floor before this lift lands (under load the lift
@@ -201,7 +178,7 @@ fn reset_history_beside_looping_retention() {
             "round {round}: too few segments"
         );
         let set = wal.gtids();
-        storage.armed.store(true, Ordering::SeqCst);
+        armed.store(true, Ordering::SeqCst);
         if let Err(e) = wal.reset_history(&set) {
             panic!(
                 "round {round}: reset_history failed beside retention: {e}; retention: {:?}",
@@ -212,7 +189,7 @@ fn reset_history_beside_looping_retention() {
         // The retention loop lifts the floor in its next round; wait for that before the next
         // round holds segments again, so the lift cannot land in the middle of it.
         let deadline = Instant::now() + Duration::from_secs(30);
-        while storage.paused.load(Ordering::SeqCst) && retention.error().is_none() {
+        while paused.load(Ordering::SeqCst) && retention.error().is_none() {
             assert!(
                 Instant::now() < deadline,
                 "round {round}: retention stalled"

@@ -17,7 +17,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tideline_wal::{
-    Encoded, Error, Gtid, GtidSet, NewTransaction, Offset, Op, Storage, Wal, WalOptions,
+    Encoded, Error, Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, Storage, StorageFile,
+    Wal, WalOptions,
 };
 use uuid::Uuid;
 
@@ -341,5 +342,114 @@ fn writer(wal: &Wal, stop: &AtomicBool, paused: &AtomicBool, log: &WriteLog) {
                 return;
             }
         }
+    }
+}
+
+/// What a [`Hooked`] storage runs before an operation: it sees the operation's names and may
+/// wait there, holding its caller at that moment of a race.
+type Hook = Arc<dyn Fn(&str, &str) + Send + Sync>;
+
+/// An in-memory storage that runs hooks before some of its operations (a segment's removal or
+/// rename, a read of a file opened through it), for tests that hold one side of a race at a
+/// chosen moment without changing what either side does.
+#[derive(Clone, Default)]
+pub struct Hooked {
+    pub inner: MemStorage,
+    before_remove: Option<Hook>,
+    before_rename: Option<Hook>,
+    before_read: Option<Hook>,
+}
+
+impl std::fmt::Debug for Hooked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hooked")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Hooked {
+    /// Runs `f(name)` before each removal.
+    pub fn before_remove(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.before_remove = Some(Arc::new(move |name, _| f(name)));
+        self
+    }
+
+    /// Runs `f(from, to)` before each rename.
+    pub fn before_rename(mut self, f: impl Fn(&str, &str) + Send + Sync + 'static) -> Self {
+        self.before_rename = Some(Arc::new(f));
+        self
+    }
+
+    /// Runs `f(name)` before each read of a file opened through this storage.
+    pub fn before_read(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.before_read = Some(Arc::new(move |name, _| f(name)));
+        self
+    }
+}
+
+/// A file of a [`Hooked`] storage.
+struct HookedFile {
+    inner: Box<dyn StorageFile>,
+    name: String,
+    before_read: Option<Hook>,
+}
+
+impl StorageFile for HookedFile {
+    fn read_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<usize> {
+        if let Some(h) = &self.before_read {
+            h(&self.name, "");
+        }
+        self.inner.read_at(buf, pos)
+    }
+    fn write_all_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+        self.inner.write_all_at(buf, pos)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+}
+
+impl Storage for Hooked {
+    fn list(&self) -> std::io::Result<Vec<String>> {
+        self.inner.list()
+    }
+    fn create(&self, name: &str) -> std::io::Result<Box<dyn StorageFile>> {
+        self.inner.create(name)
+    }
+    fn open(&self, name: &str) -> std::io::Result<Box<dyn StorageFile>> {
+        let inner = self.inner.open(name)?;
+        Ok(match &self.before_read {
+            None => inner,
+            Some(h) => Box::new(HookedFile {
+                inner,
+                name: name.to_owned(),
+                before_read: Some(h.clone()),
+            }),
+        })
+    }
+    fn remove(&self, name: &str) -> std::io::Result<()> {
+        if let Some(h) = &self.before_remove {
+            h(name, "");
+        }
+        self.inner.remove(name)
+    }
+    fn rename(&self, from: &str, to: &str) -> std::io::Result<()> {
+        if let Some(h) = &self.before_rename {
+            h(from, to);
+        }
+        self.inner.rename(from, to)
+    }
+    fn sync_dir(&self) -> std::io::Result<()> {
+        self.inner.sync_dir()
+    }
+    fn describe(&self, name: &str) -> String {
+        self.inner.describe(name)
     }
 }
