@@ -236,10 +236,7 @@ async fn keep_own_transactions(
     st: &SharedStatus,
     purged: &ClientError,
 ) -> Result<(), Stop> {
-    let (_, upstream_executed) = client
-        .wait_for(&GtidSet::new(), Duration::ZERO)
-        .await
-        .map_err(classify)?;
+    let upstream_executed = upstream_executed(addr, client, st).await?;
     let own_uuid = engine.server_uuid();
     let lacking = engine.gtid_executed().difference(&upstream_executed);
     let mut own = GtidSet::new();
@@ -316,6 +313,57 @@ impl Drop for LocalWritesPaused {
     }
 }
 
+/// The upstream's `gtid_executed`, to compare this replica's with; `Stop::Retry` while the
+/// upstream is being bootstrapped itself, since its set then holds only its own GTIDs until its
+/// copy ends (`Engine::bootstrap_begin`) and a comparison would call nearly everything errant.
+/// The set is read between two `status` reads that both show no bootstrap and the same history
+/// epoch: a copy raises `bootstrapping` before it wipes and lowers it only after it replaced
+/// the history (a new epoch), so a set read between them is never one of a node mid-copy.
+async fn upstream_executed(
+    addr: &str,
+    client: &Client,
+    st: &SharedStatus,
+) -> Result<GtidSet, Stop> {
+    let before = epoch_unless_bootstrapping(addr, client, st).await?;
+    let (_, executed) = client
+        .wait_for(&GtidSet::new(), Duration::ZERO)
+        .await
+        .map_err(classify)?;
+    let after = epoch_unless_bootstrapping(addr, client, st).await?;
+    if before != after {
+        return Err(Stop::Retry(format!(
+            "upstream {addr} replaced its history (a bootstrap of its own ended) while this \
+             replica read its GTID set; reading it again"
+        )));
+    }
+    Ok(executed)
+}
+
+/// The upstream's history epoch from its `status` (`None` from a node that does not report
+/// one); `Stop::Retry`, with no GTID called errant, while it is being bootstrapped.
+async fn epoch_unless_bootstrapping(
+    addr: &str,
+    client: &Client,
+    st: &SharedStatus,
+) -> Result<Option<u64>, Stop> {
+    let json = client.status().await.map_err(classify)?;
+    let status: serde_json::Value = serde_json::from_str(&json).map_err(|e| {
+        Stop::Retry(format!(
+            "upstream {addr} answered `status` with something that is not JSON ({e}), so this \
+             replica cannot tell whether it is being bootstrapped; asking again"
+        ))
+    })?;
+    if status["bootstrapping"] == true {
+        update(st, |s| s.errant = GtidSet::new());
+        return Err(Stop::Retry(format!(
+            "upstream {addr} (node {}) is being bootstrapped from its own upstream; waiting \
+             for it to finish before comparing GTID sets",
+            client.server_uuid()
+        )));
+    }
+    Ok(status["history_epoch"].as_u64())
+}
+
 /// The upstream has purged GTIDs this replica needs.
 struct Purged(ClientError);
 
@@ -356,7 +404,9 @@ async fn subscribe_and_apply(
     sources: usize,
 ) -> Result<Result<(), Stop>, SubscribeError> {
     let upstream_uuid = client.server_uuid();
-    let (_, upstream_executed) = client.wait_for(&GtidSet::new(), Duration::ZERO).await?;
+    let upstream_executed = upstream_executed(addr, client, st)
+        .await
+        .map_err(SubscribeError::Stop)?;
     let have = engine.gtid_executed();
     let (errant, held) = errant_gtids(
         &have,

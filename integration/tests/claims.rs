@@ -15,6 +15,9 @@
 //! - a bootstrapping node refuses to serve bootstraps (OPERATIONS.md, ARCHITECTURE.md:
 //!   `Unavailable`, retried): a downstream replica waits, copies nothing meanwhile, and
 //!   bootstraps once its upstream finished, ending equal to the primary.
+//! - a downstream of a bootstrapping node (OPERATIONS.md "Errant GTIDs"): while its upstream
+//!   copies, and shows a partial `gtid_executed`, it waits and says why instead of calling its
+//!   own history errant and holding; it carries on from that upstream once the copy is done.
 //! - the slot age cap (OPERATIONS.md "Retention and slots"): a slot whose log is older than
 //!   `--log-slot-age-max` is invalidated with a reason naming the cap, retention then removes
 //!   that log, and the slot's consumer gets a clear error instead of a silent skip.
@@ -432,6 +435,90 @@ fn a_bootstrapping_node_refuses_to_serve_a_bootstrap_until_it_has_finished() {
         !uc["bootstrap"].is_null(),
         "C bootstrapped from B once B had finished: {uc}"
     );
+}
+
+/// OPERATIONS.md "Errant GTIDs": errant GTIDs are those "the replica has executed and the
+/// upstream lacks"; a node mid-copy has not lost them, it has not received them yet ("While
+/// bootstrapping ... downstream replicas retry"). C replicates A's history through B; B then
+/// loses its data and bootstraps from A again, held mid-copy (A paused) while C reconnects.
+/// B's `gtid_executed` is partial meanwhile: C must wait for the copy without calling its own
+/// history errant (which would hold it and tell an operator to re-bootstrap it for nothing),
+/// then go on from B once B has finished.
+#[test]
+fn a_downstream_of_a_bootstrapping_node_waits_without_reporting_errant_gtids() {
+    let (dir, secrets) = cluster();
+    let a = Node::start_with(&dir.path().join("a"), 0, &["--secrets", &secrets]);
+    load_keys(&a, "default", "key", 0, 20_000, 100);
+    let want = gtids(&a);
+    let b_args = ["--secrets", &secrets, "--upstream", &a.addr];
+    let mut b = Node::start_with(&dir.path().join("b"), 0, &b_args);
+    wait_gtids(&b, &want);
+    let c = Node::start_with(
+        &dir.path().join("c"),
+        0,
+        &["--secrets", &secrets, "--upstream", &b.addr],
+    );
+    wait_gtids(&c, &want);
+
+    // B loses its data and starts again on its address: it copies A, paused mid-copy.
+    let port = b.port();
+    b.kill9();
+    std::fs::remove_dir_all(&b.data).unwrap();
+    let b = Node::start_with(
+        &dir.path().join("b"),
+        port,
+        &[&b_args[..], &["--bootstrap-chunk-bytes", "16384"]].concat(),
+    );
+    wait_for(Duration::from_secs(120), "B to store some chunks", || {
+        let u = upstream(&b, 0);
+        (u["bootstrap"]["chunks"].as_u64().unwrap_or(0) >= 3).then_some(())
+    });
+    signal(a.pid(), "STOP");
+    let sb = status(&b);
+    assert_eq!(sb["bootstrapping"], true, "B is mid-copy: {sb}");
+    assert_ne!(
+        sb["gtid_executed"],
+        want.as_str(),
+        "B's set is partial: {sb}"
+    );
+
+    // C reconnects to B and says it waits for B's copy; nothing of its own is errant.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let uc = loop {
+        let u = upstream(&c, 0);
+        let waits = u["server_uuid"] == sb["server_uuid"]
+            && u["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("is being bootstrapped"));
+        if waits {
+            break u;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "C did not say that it waits for B's copy; its upstream: {u}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(uc["state"], "connecting", "{uc}");
+    assert_eq!(
+        uc["errant"], "",
+        "C called GTIDs errant that B is copying: {uc}"
+    );
+    assert_eq!(gtids(&c), want, "C's data is untouched");
+    assert_eq!(status(&b)["bootstrapping"], true, "B still mid-copy");
+
+    // A goes on; B finishes; C carries on from B and ends equal to A.
+    signal(a.pid(), "CONT");
+    load_keys(&a, "default", "more", 0, 500, 100);
+    let want = gtids(&a);
+    wait_gtids(&b, &want);
+    wait_gtids(&c, &want);
+    let out = a.run(&["verify", "--node", &a.addr, "--node", &c.addr]);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("verify prints JSON");
+    assert_eq!(report["equal"], true, "{report}");
+    let uc = upstream(&c, 0);
+    assert_eq!(uc["state"], "connected", "{uc}");
+    assert_eq!(uc["errant"], "", "{uc}");
 }
 
 /// Sends signal `sig` (by name: STOP, CONT) to `pid`; the `kill` tool keeps this test free
