@@ -139,6 +139,34 @@ fn open_finishes_a_reset_interrupted_after_the_rename() {
     assert_eq!(wal.append(txn_for(201)).unwrap().get(), 201);
 }
 
+/// The same crash window seen by a read-only open (`tideline log info|verify`, or a reader
+/// beside a live node in the middle of its reset): it shows the log as the next read-write
+/// open will make it, and removes nothing; it does not report the log corrupt.
+#[test]
+fn a_read_only_open_reads_a_reset_interrupted_after_the_rename_as_finished() {
+    let (storage, uuid) = log_with_history();
+    let names = segment_names(&*storage);
+    for n in &names[..names.len() - 1] {
+        storage.remove(n).unwrap();
+    }
+    let copied = copied_set();
+    write_empty_segment(&*storage, uuid, Offset::new(201).unwrap(), &copied);
+    let read_only = WalOptions {
+        read_only: true,
+        ..small_segments()
+    };
+    let wal = Wal::open(storage.clone(), read_only)
+        .unwrap_or_else(|e| panic!("a read-only open of an interrupted reset failed: {e}"));
+    assert_eq!(wal.gtids(), copied);
+    assert_eq!(wal.first_offset().get(), 201);
+    drop(wal);
+    assert_eq!(
+        segment_names(&*storage).len(),
+        2,
+        "a read-only open removed a segment"
+    );
+}
+
 /// The same crash window when the copy's GTID set contains the old history's (a replica that
 /// was only behind): only the new segment's history epoch tells the two histories apart.
 /// Without it, open would keep the old records as if they preceded the copy.

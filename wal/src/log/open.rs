@@ -282,18 +282,23 @@ impl Wal {
                     || prev.epoch != header.epoch)
                 && Some(i) == last_idx
                 && bytes == u64::from(header.header_bytes)
-                && !opts.read_only
             {
                 // An empty last segment of another history epoch (or, written before epochs,
                 // whose GTID set does not contain the earlier ones') is what an interrupted
-                // `reset_history` leaves: finish it.
-                tracing::warn!(file = %st.describe(name), "completing an interrupted history reset");
-                for s in segments.drain(..) {
-                    st.remove(&s.name)
-                        .map_err(|e| Error::io(format!("remove {}", st.describe(&s.name)), e))?;
+                // `reset_history` leaves: finish it. Read-only, the log is shown as the next
+                // read-write open will make it, and nothing is removed.
+                if opts.read_only {
+                    segments.clear();
+                } else {
+                    tracing::warn!(file = %st.describe(name), "completing an interrupted history reset");
+                    for s in segments.drain(..) {
+                        st.remove(&s.name).map_err(|e| {
+                            Error::io(format!("remove {}", st.describe(&s.name)), e)
+                        })?;
+                    }
+                    st.sync_dir()
+                        .map_err(|e| Error::io("sync log directory", e))?;
                 }
-                st.sync_dir()
-                    .map_err(|e| Error::io("sync log directory", e))?;
             }
             if let Some(prev) = segments.last()
                 && !prev.gtids_before.is_subset(&header.gtids_before)
