@@ -1,4 +1,3 @@
-
 use super::*;
 use crate::sink::CopyRecord;
 use serde_json::{Value, json};
