@@ -33,6 +33,16 @@ fn node_with(opts: EngineOptions) -> Node {
     }
 }
 
+/// The transaction the log holds at `offset`.
+fn logged(e: &Engine, offset: tideline_wal::Offset) -> tideline_wal::Transaction {
+    e.wal()
+        .read_from(offset)
+        .expect("reader")
+        .next_txn()
+        .expect("read")
+        .expect("record")
+}
+
 fn scan(it: tideline_engine::Scan) -> Vec<(String, String)> {
     it.map(|kv| {
         let (k, v) = kv.expect("scan item");
@@ -56,13 +66,7 @@ fn first_commit_is_offset_one_and_creates_default_inside_it() {
     let c = e.put("default", b"k", b"v").expect("put");
     assert_eq!(c.offset.get(), 1);
     assert_eq!(c.gtid.to_string(), format!("{}:1", e.server_uuid()));
-    let txn = e
-        .wal()
-        .read_from(c.offset)
-        .expect("reader")
-        .next_txn()
-        .expect("read")
-        .expect("record");
+    let txn = logged(e, c.offset);
     assert!(
         matches!(&txn.ops[0], tideline_wal::Op::CreateTree { tree, merge_operator: None } if tree == "default")
     );
@@ -265,13 +269,7 @@ fn cas_counters_json_and_merge_operators() {
         .expect("txn");
     assert_eq!(out.value.as_deref(), Some(&b"50"[..]));
     // The log holds the operand, not the result.
-    let last = e
-        .wal()
-        .read_from(out.commit.expect("logged").offset)
-        .expect("reader")
-        .next_txn()
-        .expect("read")
-        .expect("record");
+    let last = logged(e, out.commit.expect("logged").offset);
     assert!(matches!(&last.ops[0], tideline_wal::Op::Merge { operand, .. } if operand == b"8"));
 }
 
@@ -621,13 +619,7 @@ fn logged_ops_leave_out_redundant_creations_and_add_implicit_ones() {
     tx.put("default", b"a", b"1").expect("put");
     tx.put("users", b"u2", b"bob").expect("put");
     let c = tx.commit().expect("commit").expect("logged");
-    let txn = e
-        .wal()
-        .read_from(c.offset)
-        .expect("reader")
-        .next_txn()
-        .expect("read")
-        .expect("record");
+    let txn = logged(e, c.offset);
     let shape: Vec<String> = txn
         .ops
         .iter()
@@ -699,13 +691,7 @@ fn a_before_image_read_before_a_drop_is_not_logged_for_the_tree_created_again() 
     e.create_tree("t", None).expect("create");
     e.put("t", b"k", b"5").expect("put");
     let logged_before = |c: tideline_engine::CommitInfo| {
-        let txn = e
-            .wal()
-            .read_from(c.offset)
-            .expect("reader")
-            .next_txn()
-            .expect("read")
-            .expect("record");
+        let txn = logged(e, c.offset);
         txn.ops
             .iter()
             .filter_map(|op| match op {

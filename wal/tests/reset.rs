@@ -117,20 +117,26 @@ fn reset_of_an_empty_log_is_repeatable() {
     assert!(copied.is_subset(&wal.gtids()));
 }
 
-/// The crash window between renaming the new first segment into place and removing the old
-/// active one: an old segment followed by an empty one whose GTID set lacks the old one's.
-/// Open must finish the reset (without that rule it reports the log corrupt).
-#[test]
-fn open_finishes_a_reset_interrupted_after_the_rename() {
+/// What a reset interrupted after its rename leaves: the log of [`log_with_history`] with its
+/// older segments removed, the old active one still there, and after it the new history's
+/// empty first segment (GTIDs before: [`copied_set`]). Returns the storage and that set.
+fn reset_interrupted_after_the_rename() -> (Arc<dyn Storage>, GtidSet) {
     let (storage, uuid) = log_with_history();
     let names = segment_names(&*storage);
-    // The older segments were removed; the old active one is still there.
     for n in &names[..names.len() - 1] {
         storage.remove(n).unwrap();
     }
     let copied = copied_set();
     write_empty_segment(&*storage, uuid, Offset::new(201).unwrap(), &copied);
+    (storage, copied)
+}
 
+/// The crash window between renaming the new first segment into place and removing the old
+/// active one: an old segment followed by an empty one whose GTID set lacks the old one's.
+/// Open must finish the reset (without that rule it reports the log corrupt).
+#[test]
+fn open_finishes_a_reset_interrupted_after_the_rename() {
+    let (storage, copied) = reset_interrupted_after_the_rename();
     let wal = Wal::open(storage.clone(), small_segments()).unwrap();
     assert_eq!(wal.gtids(), copied);
     assert_eq!(wal.first_offset().get(), 201);
@@ -144,13 +150,7 @@ fn open_finishes_a_reset_interrupted_after_the_rename() {
 /// open will make it, and removes nothing; it does not report the log corrupt.
 #[test]
 fn a_read_only_open_reads_a_reset_interrupted_after_the_rename_as_finished() {
-    let (storage, uuid) = log_with_history();
-    let names = segment_names(&*storage);
-    for n in &names[..names.len() - 1] {
-        storage.remove(n).unwrap();
-    }
-    let copied = copied_set();
-    write_empty_segment(&*storage, uuid, Offset::new(201).unwrap(), &copied);
+    let (storage, copied) = reset_interrupted_after_the_rename();
     let read_only = WalOptions {
         read_only: true,
         ..small_segments()
