@@ -25,7 +25,8 @@
 //! (1000000), `BENCH_RESTORE_CHUNK_KB` (4096), `BENCH_ONLY_RESTORE` (set: run step 5 only),
 //! `BENCH_UPSTREAM_TXNS` (1000000), `BENCH_ONLY_UPSTREAM` (set: run step 6 only),
 //! `BENCH_ONLY_LOAD` (set: stop after step 3; with `BENCH_COMMITS=640` it runs steps 2-3
-//! almost alone, e.g. under `perf record`).
+//! almost alone, e.g. under `perf record`), `BENCH_IDLE_SECS` (2: how long the idle gets run;
+//! they start on the block cache the load left, so a longer run shows the warm rate).
 //!
 //! `cargo bench -p tideline-engine --bench engine`
 
@@ -514,6 +515,7 @@ fn main() {
     let preload = load_puts;
     settle(&engine);
     let stop = AtomicBool::new(false);
+    let idle_secs = env("BENCH_IDLE_SECS", 2);
     let idle = std::thread::scope(|s| {
         let hs: Vec<_> = (0..readers)
             .map(|r| {
@@ -523,14 +525,14 @@ fn main() {
                 })
             })
             .collect();
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(Duration::from_secs(idle_secs));
         stop.store(true, Ordering::SeqCst);
         hs.into_iter()
             .map(|h| h.join().expect("reader"))
             .collect::<Vec<_>>()
     });
     let idle_gets: u64 = idle.iter().map(|r| r.0).sum();
-    let idle_rate = idle_gets as f64 / 2.0;
+    let idle_rate = idle_gets as f64 / idle_secs as f64;
     let mut idle_samples: Vec<u64> = idle.into_iter().flat_map(|r| r.1).collect();
     let idle_p50 = percentile(&mut idle_samples, 0.50);
     let idle_p99 = percentile(&mut idle_samples, 0.99);
