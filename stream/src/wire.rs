@@ -88,7 +88,8 @@ impl FramedRecv {
         }
     }
 
-    /// The next frame, which must be a message.
+    /// The next frame, which must be a message. A batch is refused as it is, its records
+    /// never decoded.
     pub async fn next_message<M>(&mut self) -> Result<Option<M>, WireError>
     where
         M: rkyv::Archive,
@@ -96,7 +97,7 @@ impl FramedRecv {
                 rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
             > + rkyv::Deserialize<M, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
     {
-        match self.next::<M>().await? {
+        match self.next_raw::<M>().await? {
             None => Ok(None),
             Some(Frame::Message(m)) => Ok(Some(m)),
             Some(Frame::Batch(_)) => {

@@ -1,7 +1,8 @@
 //! Server and client over real QUIC on loopback, with a bare log as the node: tails from every
 //! kind of start position deliver exactly the expected records, in order, once; a wrong token,
-//! a wrong CA, malformed and oversized frames are refused while the server keeps serving; a
-//! stalled subscription does not hold up another one. Every answer stays within the message
+//! a wrong CA, malformed and oversized frames, and a batch where a request belongs (unread, so
+//! that a corrupt record's error text never reaches the peer) are refused while the server
+//! keeps serving; a stalled subscription does not hold up another one. Every answer stays within the message
 //! limit the client decodes (17 MiB), whatever the sizes of the keys and values read or of the
 //! keys a monitor sees: an answer over it is refused by the client (`FrameTooLarge`), so a
 //! paging client would ask for the same page forever.
@@ -203,6 +204,80 @@ async fn wrong_token_wrong_ca_and_bad_frames_are_refused_and_the_server_goes_on(
     client.commit(put(1)).await.unwrap();
     let again = Client::connect(&addr, f.client_cfg.clone()).await.unwrap();
     assert_eq!(again.status().await.unwrap(), r#"{"last_offset":1}"#);
+    f.server.shutdown().await;
+}
+
+/// CRC32C (Castagnoli), bit by bit: what a peer computes to pass a log frame's checksum.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Found by a third code review: a batch frame sent where a request is expected was decoded
+/// before it was refused, and a record with a valid checksum but a corrupt payload came back
+/// as rkyv's error text, naming addresses of the node's memory. The node must refuse the
+/// batch for what it is, without reading its records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_as_a_request_is_refused_unread() {
+    let f = start().await;
+    let addr = f.server.local_addr().to_string();
+    let client = Client::connect(&addr, f.client_cfg.clone()).await.unwrap();
+    let mut b = proto::BatchBuilder::new();
+    b.push(&tideline_wal::Transaction {
+        offset: tideline_wal::Offset::new(1).unwrap(),
+        gtid: tideline_wal::Gtid::new(uuid::Uuid::from_bytes([1; 16]), 1).unwrap(),
+        timestamp_us: 0,
+        ops: vec![tideline_wal::Op::Put {
+            tree: "default".into(),
+            key: b"key".to_vec(),
+            value: vec![7; 100],
+            before: None,
+        }],
+    })
+    .unwrap();
+    let mut wire = Vec::new();
+    b.finish_into(&mut wire);
+    // Corrupt the payload's last bytes (rkyv's root) and re-checksum the log frame, so that
+    // the batch passes its frame checks and fails only when its record is decoded.
+    let frame_at = proto::BATCH_PREFIX_BYTES;
+    let len = u32::from_le_bytes(wire[frame_at..frame_at + 4].try_into().unwrap()) as usize;
+    let payload_end = frame_at + 16 + len;
+    for byte in &mut wire[payload_end - 4..payload_end] {
+        *byte ^= 0xff;
+    }
+    let crc = crc32c(&[&wire[frame_at..frame_at + 4], &wire[frame_at + 8..]].concat());
+    wire[frame_at + 4..frame_at + 8].copy_from_slice(&crc.to_le_bytes());
+    let limits = proto::Limits::default();
+    let body = &wire[proto::FRAME_HEADER_BYTES..];
+    let raw = proto::RawBatch::check(bytes::Bytes::copy_from_slice(body), &limits)
+        .expect("the batch passes its frame checks");
+    assert_eq!(raw.len(), 1);
+    assert!(
+        proto::decode_batch(body, &limits).is_err(),
+        "the corrupt record decodes: the test proves nothing"
+    );
+    match client_raw(&client, &wire).await {
+        Ok(Some(proto::Frame::Message(proto::Response::Error {
+            code: ErrorCode::InvalidRequest,
+            message,
+        }))) => assert!(
+            message.contains("a batch where a message was expected"),
+            "{message}"
+        ),
+        other => panic!("expected an InvalidRequest error, got {other:?}"),
+    }
+    // Still serving.
+    client.commit(put(1)).await.unwrap();
     f.server.shutdown().await;
 }
 

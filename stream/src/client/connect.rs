@@ -43,6 +43,9 @@ fn client_endpoint(cfg: &ClientConfig, ipv6: bool) -> Result<quinn::Endpoint, Cl
     // Room for a whole bootstrap chunk in flight (the stream window bounds what a stalled
     // reader holds; tails stay bounded by the server's batch size).
     t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW_BYTES));
+    // No DATAGRAM frames: nothing reads them, and quinn would buffer up to 1.25 MB of them
+    // (its default) outside every flow-control window.
+    t.datagram_receive_buffer_size(None);
     client_cfg.transport_config(Arc::new(t));
     // Bound to the family of the address dialled: an IPv4 socket cannot reach [::1].
     let bind: std::net::SocketAddr = if ipv6 {
@@ -71,6 +74,25 @@ enum Attempt {
     Failed(String),
     /// Give up.
     Fatal(ClientError),
+}
+
+/// How a failed `Hello` ends an attempt: `busy` (its argument says what the node did) when the
+/// node asks to try again later, fatal otherwise.
+fn hello_failed(e: ClientError, busy: impl FnOnce(&str) -> ClientError) -> Attempt {
+    match e {
+        // `Error { Unavailable }`: authenticated while the node serves `max_connections`.
+        e @ ClientError::Server {
+            code: ErrorCode::Unavailable,
+            ..
+        } => Attempt::Busy(e),
+        // Evicted by newer handshakes before its `Hello` was read.
+        ClientError::Connection(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == quinn::VarInt::from_u32(crate::server::close_code::BUSY) =>
+        {
+            Attempt::Busy(busy("closed the connection before its Hello"))
+        }
+        e => Attempt::Fatal(e),
+    }
 }
 
 impl Client {
@@ -199,22 +221,7 @@ impl Client {
                 client.server_uuid = welcome;
                 Ok(client)
             }
-            // `Error { Unavailable }`: authenticated while the node serves `max_connections`.
-            Ok(Err(
-                e @ ClientError::Server {
-                    code: ErrorCode::Unavailable,
-                    ..
-                },
-            )) => Err(Attempt::Busy(e)),
-            // Evicted by newer handshakes before its `Hello` was read.
-            Ok(Err(ClientError::Connection(quinn::ConnectionError::ApplicationClosed(c))))
-                if c.error_code == quinn::VarInt::from_u32(crate::server::close_code::BUSY) =>
-            {
-                Err(Attempt::Busy(busy(
-                    "closed the connection before its Hello",
-                )))
-            }
-            Ok(Err(e)) => Err(Attempt::Fatal(e)),
+            Ok(Err(e)) => Err(hello_failed(e, busy)),
         }
     }
 
@@ -262,5 +269,50 @@ impl Client {
             Ok(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::request_failed;
+    use crate::wire::WireError;
+
+    fn evicted() -> quinn::ConnectionError {
+        quinn::ConnectionError::ApplicationClosed(quinn::ApplicationClose {
+            error_code: quinn::VarInt::from_u32(crate::server::close_code::BUSY),
+            reason: bytes::Bytes::from_static(b"evicted"),
+        })
+    }
+
+    fn busy(why: &str) -> ClientError {
+        ClientError::Server {
+            code: ErrorCode::Unavailable,
+            message: why.to_string(),
+        }
+    }
+
+    /// Found by a third code review: a connection the node evicts (close code 3) while the
+    /// client writes its `Hello` must be retried as busy, as one evicted while the client
+    /// reads the answer is; `connect` gave up at once instead.
+    #[test]
+    fn a_connection_evicted_while_its_hello_is_written_or_read_is_tried_again() {
+        let written = request_failed(WireError::Write(quinn::WriteError::ConnectionLost(
+            evicted(),
+        )));
+        assert!(
+            matches!(hello_failed(written, busy), Attempt::Busy(_)),
+            "evicted while writing Hello: not retried"
+        );
+        let read = request_failed(WireError::Read(quinn::ReadError::ConnectionLost(evicted())));
+        assert!(
+            matches!(hello_failed(read, busy), Attempt::Busy(_)),
+            "evicted while reading Welcome: not retried"
+        );
+        // A stream the node stopped is no eviction: final.
+        let stopped = request_failed(WireError::Write(quinn::WriteError::Stopped(
+            quinn::VarInt::from_u32(0),
+        )));
+        assert!(matches!(hello_failed(stopped, busy), Attempt::Fatal(_)));
     }
 }

@@ -121,6 +121,17 @@ impl ClientError {
     }
 }
 
+/// The error of a request stream that failed: a lost connection is
+/// [`ClientError::Connection`], with the node's close code (busy, unauthorized), so that the
+/// caller can tell why; anything else stays [`ClientError::Wire`].
+fn request_failed(e: WireError) -> ClientError {
+    match e {
+        WireError::Read(quinn::ReadError::ConnectionLost(e))
+        | WireError::Write(quinn::WriteError::ConnectionLost(e)) => ClientError::Connection(e),
+        e => ClientError::Wire(e),
+    }
+}
+
 /// A connection to one node.
 pub struct Client {
     endpoint: quinn::Endpoint,
@@ -160,14 +171,15 @@ impl Client {
     async fn request(&self, req: Request) -> Result<Response, ClientError> {
         let is_hello = matches!(req, Request::Hello { .. });
         let (mut send, recv) = self.conn.open_bi().await?;
-        send_message(&mut send, &req).await?;
+        send_message(&mut send, &req)
+            .await
+            .map_err(request_failed)?;
         let _ = send.finish();
         let mut recv = FramedRecv::new(recv, self.cfg.limits);
         let resp = match recv.next_message::<Response>().await {
             Ok(Some(r)) => r,
             Ok(None) => return Err(ClientError::Unexpected("the node closed the stream".into())),
-            Err(WireError::Read(quinn::ReadError::ConnectionLost(e))) => return Err(e.into()),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(request_failed(e)),
         };
         match resp {
             Response::Error { code, message } if !is_hello => {

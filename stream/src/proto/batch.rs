@@ -16,7 +16,7 @@ use bytes::Bytes;
 use tideline_wal::record::{self, FrameError, NewTransaction, RawFrame};
 use tideline_wal::{Gtid, Offset, Transaction};
 
-use super::{FRAME_HEADER_BYTES, KIND_BATCH, Limits, ProtoError};
+use super::{FRAME_HEADER_BYTES, KIND_BATCH, Limits, ProtoError, without_addresses};
 
 /// Bytes a batch frame holds before its records: the frame header and the record count.
 pub const BATCH_PREFIX_BYTES: usize = FRAME_HEADER_BYTES + 4;
@@ -163,7 +163,13 @@ pub fn decode_batch(body: &[u8], limits: &Limits) -> Result<Vec<Transaction>, Pr
 
 fn decode_record(i: usize, raw: RawFrame<'_>) -> Result<Transaction, ProtoError> {
     record::decode_payload(raw.offset, raw.payload)
-        .map_err(|e| ProtoError::BadBatch(format!("record {i}: {e}")))
+        .map_err(|e| bad_payload(format!("record {i}"), &e))
+}
+
+/// A record whose payload failed validation, said without the addresses rkyv's error names
+/// (the text may go back to the peer that sent the batch).
+fn bad_payload(which: String, e: &dyn std::fmt::Display) -> ProtoError {
+    ProtoError::BadBatch(without_addresses(&format!("{which}: {e}")))
 }
 
 /// A received batch kept as the one buffer it arrived in: every record's frame is checked
@@ -255,18 +261,18 @@ impl<'a> RawRecord<'a> {
     /// strings borrowed from the batch, nothing allocated).
     pub fn archived(&self) -> Result<&'a rkyv::Archived<NewTransaction>, ProtoError> {
         rkyv::access::<rkyv::Archived<NewTransaction>, rkyv::rancor::Error>(self.payload)
-            .map_err(|e| ProtoError::BadBatch(format!("offset {}: {e}", self.offset.get())))
+            .map_err(|e| bad_payload(format!("offset {}", self.offset.get()), &e))
     }
 
     /// The record's GTID (validates the payload, builds nothing else).
     pub fn gtid(&self) -> Result<Gtid, ProtoError> {
         record::payload_gtid(self.payload)
-            .map_err(|e| ProtoError::BadBatch(format!("offset {}: {e}", self.offset.get())))
+            .map_err(|e| bad_payload(format!("offset {}", self.offset.get()), &e))
     }
 
     /// The record decoded into an owned transaction.
     pub fn decode(&self) -> Result<Transaction, ProtoError> {
         record::decode_payload(self.offset, self.payload)
-            .map_err(|e| ProtoError::BadBatch(format!("offset {}: {e}", self.offset.get())))
+            .map_err(|e| bad_payload(format!("offset {}", self.offset.get()), &e))
     }
 }

@@ -147,6 +147,80 @@ fn malformed_messages_name_no_memory_address() {
     assert!(refused > 0, "no edit was refused: the test proves nothing");
 }
 
+/// CRC32C (Castagnoli), bit by bit: what a peer computes to pass the log frame's checksum.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// Found by a third code review: a peer can send a batch frame (where the node expects a
+/// request) whose record passes its checksum but holds a corrupt payload; the node decoded it
+/// and sent rkyv's error text back, with the addresses of its buffer. Every way of reading
+/// such a batch must refuse it without naming a memory address.
+#[test]
+fn malformed_batch_records_name_no_memory_address() {
+    let mut b = BatchBuilder::new();
+    b.push(&txn(1, 1)).unwrap();
+    let mut wire = Vec::new();
+    b.finish_into(&mut wire);
+    // The one log frame: len, crc, offset, payload, padding.
+    let frame_at = BATCH_PREFIX_BYTES;
+    let reframe = |wire: &mut Vec<u8>| {
+        let frame = &wire[frame_at..];
+        let crc = crc32c(&[&frame[..4], &frame[8..]].concat());
+        wire[frame_at + 4..frame_at + 8].copy_from_slice(&crc.to_le_bytes());
+    };
+    let mut same = wire.clone();
+    reframe(&mut same);
+    assert_eq!(same, wire, "the test's CRC32C is not the log's");
+    let len = u32::from_le_bytes(wire[frame_at..frame_at + 4].try_into().unwrap()) as usize;
+    let payload_at = frame_at + record::FRAME_HEADER_BYTES;
+    let mut refused = 0;
+    for at in payload_at..payload_at + len {
+        for mask in [0x01u8, 0x10, 0x80, 0xff] {
+            let mut bad = wire.clone();
+            bad[at] ^= mask;
+            reframe(&mut bad);
+            let mut texts = Vec::new();
+            // As a request stream reads it, and as a subscription reads it.
+            let mut d = FrameDecoder::new(Limits::default());
+            d.feed(&bad);
+            if let Err(e) = d.next_frame::<Request>() {
+                texts.push(e.to_string());
+            }
+            if let Err(e) = decode_batch(&bad[FRAME_HEADER_BYTES..], &Limits::default()) {
+                texts.push(e.to_string());
+            }
+            let mut d = FrameDecoder::new(Limits::default());
+            d.feed(&bad);
+            let Some(Frame::Batch(raw)) = d.next_raw_frame::<Response>().unwrap() else {
+                panic!("the checksum was recomputed: the batch must pass its check");
+            };
+            texts.extend(raw.decode().err().map(|e| e.to_string()));
+            for r in raw.records() {
+                texts.extend(r.gtid().err().map(|e| e.to_string()));
+                texts.extend(r.archived().err().map(|e| e.to_string()));
+                texts.extend(r.decode().err().map(|e| e.to_string()));
+            }
+            refused += texts.len();
+            for text in texts {
+                assert!(!names_an_address(&text), "byte {at} ^ {mask:#x}: {text}");
+            }
+        }
+    }
+    assert!(refused > 0, "no edit was refused: the test proves nothing");
+}
+
 /// Drives a server and a client subscription against each other across a reconnect, on a
 /// virtual clock: heartbeats when idle, resume without gap or duplicate.
 #[test]

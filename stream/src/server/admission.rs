@@ -113,6 +113,10 @@ fn transport(cfg: &ServerConfig, send_window: u64) -> quinn::TransportConfig {
     t.max_idle_timeout(quinn::IdleTimeout::try_from(idle).ok());
     t.keep_alive_interval(Some((idle / 4).max(Duration::from_millis(100))));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    // No DATAGRAM frames: nothing reads them, and quinn would buffer up to 1.25 MB of them per
+    // connection (its default) outside every flow-control window, even before `Hello`. A peer
+    // that sends one anyway is closed (PROTOCOL_VIOLATION).
+    t.datagram_receive_buffer_size(None);
     if cfg.no_handshake_budget() {
         t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(cfg.max_streams_per_connection));
         return t;
