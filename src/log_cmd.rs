@@ -69,16 +69,31 @@ pub fn open_log_with(data: &Path, opts: WalOptions) -> anyhow::Result<Arc<Wal>> 
     Ok(Arc::new(wal))
 }
 
-/// Opens an existing log read-only, safe beside a running node; refuses to create one.
+/// Opens an existing log read-only, safe beside a running node and on a copy it may only
+/// read; refuses to create one.
 pub fn open_existing(data: &Path, verify_on_open: bool) -> anyhow::Result<Wal> {
     let dir = log_dir(data);
-    let has_segments = std::fs::read_dir(&dir)
-        .map(|entries| {
-            entries.filter_map(Result::ok).any(|e| {
-                tideline_wal::segment::parse_file_name(&e.file_name().to_string_lossy()).is_some()
-            })
-        })
-        .unwrap_or(false);
+    let unreadable = || {
+        format!(
+            "cannot read the log directory {} (the log tools need read access to it and its \
+             files, not write access)",
+            dir.display()
+        )
+    };
+    let mut has_segments = false;
+    match std::fs::read_dir(&dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(unreadable),
+        Ok(entries) => {
+            for entry in entries {
+                let name = entry.with_context(unreadable)?.file_name();
+                if tideline_wal::segment::parse_file_name(&name.to_string_lossy()).is_some() {
+                    has_segments = true;
+                    break;
+                }
+            }
+        }
+    }
     if !has_segments {
         bail!(
             "no Tideline log in {}: pass the --data directory of a node (it holds log/*.wal)",
@@ -115,10 +130,15 @@ pub fn dump(args: &DumpArgs) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     let mut n = 0u64;
+    let mut line = Vec::new();
     while args.limit.is_none_or(|l| n < l) {
         let Some(txn) = reader.next_txn()? else { break };
-        serde_json::to_writer(&mut out, &render::txn_json(&txn))?;
-        if let Err(e) = out.write_all(b"\n") {
+        // Whole lines into the output, so that one check sees a reader that went away (`|
+        // head`) whichever write finds the pipe closed.
+        line.clear();
+        serde_json::to_writer(&mut line, &render::txn_json(&txn))?;
+        line.push(b'\n');
+        if let Err(e) = out.write_all(&line) {
             if e.kind() == std::io::ErrorKind::BrokenPipe {
                 return Ok(ExitCode::SUCCESS);
             }

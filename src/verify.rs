@@ -5,10 +5,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 use tideline_stream::{Client, SCAN_PAGE_BYTES_MAX};
 
 use crate::client_cmd::{CredArgs, runtime};
+use crate::render::put_bytes;
 
 /// Arguments of `verify`.
 #[derive(Debug, Args)]
@@ -34,18 +35,41 @@ const SHOW_BYTES_MAX: usize = 256;
 /// Bytes of a big value's prefix that are shown.
 const PREFIX_BYTES: usize = 64;
 
-/// A key or value for the report: text when short (or `full`), else prefix, length and hash.
-fn show(bytes: &[u8], full: bool) -> Value {
+/// Puts a key or value (`None`: absent on that side) into the report as `field`: in full when
+/// short (or `full`), else as its prefix, length and hash. Bytes are shown exactly: text as
+/// `field`, anything that is not UTF-8 as base64 in `field_b64` (a prefix likewise as `prefix`
+/// or `prefix_b64`), as `tail` and `log dump` show them.
+fn put_shown(obj: &mut Map<String, Value>, field: &str, bytes: Option<&[u8]>, full: bool) {
+    let Some(bytes) = bytes else {
+        obj.insert(field.to_owned(), Value::Null);
+        return;
+    };
     if full || bytes.len() <= SHOW_BYTES_MAX {
-        return json!(String::from_utf8_lossy(bytes));
+        put_bytes(obj, field, bytes);
+        return;
     }
     let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
     let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    json!({
-        "prefix": String::from_utf8_lossy(&bytes[..PREFIX_BYTES]),
-        "bytes": bytes.len(),
-        "sha256": hex,
-    })
+    let mut big = Map::new();
+    let head = &bytes[..PREFIX_BYTES];
+    // Text cut inside a character is shown up to the last whole one, still as text.
+    let head = match std::str::from_utf8(head) {
+        Err(e) if e.error_len().is_none() => &head[..e.valid_up_to()],
+        _ => head,
+    };
+    put_bytes(&mut big, "prefix", head);
+    big.insert("bytes".into(), json!(bytes.len()));
+    big.insert("sha256".into(), json!(hex));
+    obj.insert(field.to_owned(), Value::Object(big));
+}
+
+/// One difference for the report: the key and each side's value (`None` where absent).
+fn difference(key: &[u8], first: Option<&[u8]>, other: Option<&[u8]>, full: bool) -> Value {
+    let mut obj = Map::new();
+    put_shown(&mut obj, "key", Some(key), full);
+    put_shown(&mut obj, "first", first, full);
+    put_shown(&mut obj, "other", other, full);
+    Value::Object(obj)
 }
 
 /// The first key where two trees differ, with both sides (`null` where absent).
@@ -87,23 +111,13 @@ async fn first_difference(
         let diff = match (ra, rb) {
             (None, None) => return Ok((compared, None)),
             (Some((ka, va)), Some((kb, vb))) if ka == kb => {
-                if va != vb {
-                    Some(
-                        json!({"key": show(ka, full), "first": show(va, full), "other": show(vb, full)}),
-                    )
-                } else {
-                    None
-                }
+                (va != vb).then(|| difference(ka, Some(va), Some(vb), full))
             }
             (Some((ka, va)), Some((kb, _))) if ka < kb => {
-                Some(json!({"key": show(ka, full), "first": show(va, full), "other": null}))
+                Some(difference(ka, Some(va), None, full))
             }
-            (Some((ka, va)), None) => {
-                Some(json!({"key": show(ka, full), "first": show(va, full), "other": null}))
-            }
-            (_, Some((kb, vb))) => {
-                Some(json!({"key": show(kb, full), "first": null, "other": show(vb, full)}))
-            }
+            (Some((ka, va)), None) => Some(difference(ka, Some(va), None, full)),
+            (_, Some((kb, vb))) => Some(difference(kb, None, Some(vb), full)),
         };
         if diff.is_some() {
             return Ok((compared, diff));

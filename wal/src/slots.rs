@@ -75,7 +75,7 @@ impl Slots {
             return Ok(Slots::default());
         }
         let file = storage
-            .open(FILE)
+            .open_read(FILE)
             .map_err(|e| Error::io(format!("open {}", storage.describe(FILE)), e))?;
         let len = file
             .len()

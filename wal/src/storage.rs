@@ -21,7 +21,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -35,6 +35,10 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>>;
     /// Opens an existing file for reading and writing.
     fn open(&self, name: &str) -> io::Result<Box<dyn StorageFile>>;
+    /// Opens an existing file for reading only; writes through it fail. What a read-only log
+    /// and every reader use, so that they work where the process may not write (a read-only
+    /// mount, files the user can only read).
+    fn open_read(&self, name: &str) -> io::Result<Box<dyn StorageFile>>;
     /// Removes a file.
     fn remove(&self, name: &str) -> io::Result<()>;
     /// Atomically replaces `to` with `from`.
@@ -162,6 +166,12 @@ impl Storage for FileStorage {
             .open(self.dir.join(name))?;
         Ok(Box::new(RealFile(f)))
     }
+    fn open_read(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .open(self.dir.join(name))?;
+        Ok(Box::new(RealFile(f)))
+    }
     fn remove(&self, name: &str) -> io::Result<()> {
         fs::remove_file(self.dir.join(name))
     }
@@ -256,6 +266,8 @@ struct Faults {
     fail_writes_errno: AtomicU64,
     /// Microseconds every data sync takes before it does anything; 0 = no delay.
     sync_delay_us: AtomicU64,
+    /// Set by [`MemStorage::mount_read_only`]: every request for write access fails.
+    read_only_mount: AtomicBool,
     /// The gate data syncs stop at while it is held.
     gate: Mutex<SyncGate>,
     gate_moved: Condvar,
@@ -387,6 +399,22 @@ impl MemStorage {
         self.faults.gate_moved.notify_all();
     }
 
+    /// From now on the directory behaves like a read-only mount (a backup mounted `ro`), where
+    /// not even root may write: opening a file for writing, creating, removing and renaming
+    /// fail with EROFS, and so do directory syncs, so that a test sees any attempt to change
+    /// the directory. Reading goes on.
+    pub fn mount_read_only(&self) {
+        self.faults.read_only_mount.store(true, Ordering::SeqCst);
+    }
+
+    /// Fails with EROFS on a directory made read-only by [`MemStorage::mount_read_only`].
+    fn writable_mount(&self) -> io::Result<()> {
+        if self.faults.read_only_mount.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(EROFS));
+        }
+        Ok(())
+    }
+
     /// Data writes attempted so far.
     pub fn write_count(&self) -> u64 {
         self.faults.writes.load(Ordering::SeqCst)
@@ -509,6 +537,10 @@ impl MemStorage {
 
 /// EIO, the same number on every Unix this runs on.
 const EIO: i32 = 5;
+/// EROFS, the same number on every Unix this runs on.
+const EROFS: i32 = 30;
+/// EBADF, what a write through a file opened for reading only fails with.
+const EBADF: i32 = 9;
 
 fn xorshift(mut x: u64) -> u64 {
     x ^= x << 13;
@@ -524,6 +556,17 @@ fn not_found() -> io::Error {
 struct MemHandle {
     file: Arc<MemFile>,
     storage: MemStorage,
+    /// Opened with [`Storage::open_read`]: writes fail, as through a real read-only descriptor.
+    read_only: bool,
+}
+
+impl MemHandle {
+    fn writable(&self) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(EBADF));
+        }
+        Ok(())
+    }
 }
 
 impl StorageFile for MemHandle {
@@ -538,6 +581,7 @@ impl StorageFile for MemHandle {
         Ok(n)
     }
     fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()> {
+        self.writable()?;
         let outcome = self.storage.write_outcome();
         let buf = match &outcome {
             Ok(()) => buf,
@@ -592,6 +636,7 @@ impl StorageFile for MemHandle {
         Ok(lock(&self.file.state).data.len() as u64)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.writable()?;
         let mut st = lock(&self.file.state);
         let len = len as usize;
         st.data.resize(len, 0);
@@ -608,6 +653,7 @@ impl Storage for MemStorage {
         Ok(lock(&self.dir).live.keys().cloned().collect())
     }
     fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        self.writable_mount()?;
         let mut dir = lock(&self.dir);
         if dir.live.contains_key(name) {
             return Err(io::Error::new(io::ErrorKind::AlreadyExists, "file exists"));
@@ -617,27 +663,42 @@ impl Storage for MemStorage {
         Ok(Box::new(MemHandle {
             file,
             storage: self.clone(),
+            read_only: false,
         }))
     }
     fn open(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        self.writable_mount()?;
         let dir = lock(&self.dir);
         let file = dir.live.get(name).ok_or_else(not_found)?.clone();
         Ok(Box::new(MemHandle {
             file,
             storage: self.clone(),
+            read_only: false,
+        }))
+    }
+    fn open_read(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
+        let dir = lock(&self.dir);
+        let file = dir.live.get(name).ok_or_else(not_found)?.clone();
+        Ok(Box::new(MemHandle {
+            file,
+            storage: self.clone(),
+            read_only: true,
         }))
     }
     fn remove(&self, name: &str) -> io::Result<()> {
+        self.writable_mount()?;
         lock(&self.dir).live.remove(name).ok_or_else(not_found)?;
         Ok(())
     }
     fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        self.writable_mount()?;
         let mut dir = lock(&self.dir);
         let file = dir.live.remove(from).ok_or_else(not_found)?;
         dir.live.insert(to.to_owned(), file);
         Ok(())
     }
     fn sync_dir(&self) -> io::Result<()> {
+        self.writable_mount()?;
         self.sync_outcome()?;
         let mut dir = lock(&self.dir);
         dir.durable = dir.live.clone();
@@ -714,6 +775,47 @@ mod tests {
         assert!(
             kept.contains(&0) && kept.contains(&6),
             "prefixes seen: {kept:?}"
+        );
+    }
+
+    /// The file implementation's read-only open asks for no write access: writes through it
+    /// fail even for root, to whom the permission bits would not show it.
+    #[test]
+    fn a_file_opened_for_reading_refuses_writes_and_reads_what_was_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::new(dir.path()).unwrap();
+        let a = s.create("a").unwrap();
+        a.write_all_at(b"hello", 0).unwrap();
+        let r = s.open_read("a").unwrap();
+        let mut buf = vec![0; 8];
+        let n = r.read_full_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(
+            r.write_all_at(b"x", 0).unwrap_err().raw_os_error(),
+            Some(EBADF)
+        );
+        assert!(r.set_len(0).is_err());
+    }
+
+    #[test]
+    fn a_read_only_mount_refuses_write_access_and_reads_go_on() {
+        let s = MemStorage::new();
+        let a = s.create("a").unwrap();
+        a.write_all_at(b"hello", 0).unwrap();
+        s.mount_read_only();
+        let erofs = |r: io::Result<()>| r.unwrap_err().raw_os_error() == Some(EROFS);
+        assert!(erofs(s.open("a").map(drop)));
+        assert!(erofs(s.create("b").map(drop)));
+        assert!(erofs(s.remove("a")));
+        assert!(erofs(s.rename("a", "b")));
+        assert!(erofs(s.sync_dir()));
+        let r = s.open_read("a").unwrap();
+        let mut buf = vec![0; 8];
+        let n = r.read_full_at(&mut buf, 0).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(
+            r.write_all_at(b"x", 0).unwrap_err().raw_os_error(),
+            Some(EBADF)
         );
     }
 

@@ -6,7 +6,8 @@
 //! Must never: cut or remove a record that may have been acknowledged. It cuts only a torn tail
 //! of the last segment (a whole frame with a valid checksum is never taken for one), removes
 //! only a last segment torn at creation and what an interrupted reset left, and reports any
-//! other damage as [`Error::Corrupt`] naming file and byte. A read-only log changes nothing.
+//! other damage as [`Error::Corrupt`] naming file and byte. A read-only log changes nothing and
+//! opens every file for reading only, so that it opens where it may not write.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex};
@@ -97,15 +98,20 @@ struct ScannedSegment {
     scan: ScanResult,
 }
 
-/// Opens a segment, reads it whole and scans its frames.
+/// Opens a segment, for writing too when `writable` (to cut a torn tail), reads it whole and
+/// scans its frames.
 fn scan_segment(
     st: &dyn Storage,
     seg: &SegmentMeta,
     record_bytes_max: u32,
+    writable: bool,
 ) -> Result<ScannedSegment, Error> {
-    let file = st
-        .open(&seg.name)
-        .map_err(|e| Error::io(format!("open {}", st.describe(&seg.name)), e))?;
+    let file = if writable {
+        st.open(&seg.name)
+    } else {
+        st.open_read(&seg.name)
+    }
+    .map_err(|e| Error::io(format!("open {}", st.describe(&seg.name)), e))?;
     let buf = read_all(st, &*file, &seg.name)?;
     let scan = scan_frames(&buf, seg.header_bytes as usize, seg.first, record_bytes_max);
     Ok(ScannedSegment { file, buf, scan })
@@ -207,8 +213,9 @@ impl Wal {
         let mut server_uuid: Option<Uuid> = None;
         let last_idx = names.len().checked_sub(1);
         for (i, (name_offset, name)) in names.iter().enumerate() {
+            // Only read here: a read-only log must open where it may not write.
             let file = st
-                .open(name)
+                .open_read(name)
                 .map_err(|e| Error::io(format!("open {}", st.describe(name)), e))?;
             let header = match header_of(st, &*file, name)? {
                 Ok(h) => h,
@@ -372,7 +379,7 @@ impl Wal {
             }
             Some(last) => {
                 let ScannedSegment { file, buf, scan } =
-                    scan_segment(st, last, opts.record_bytes_max)?;
+                    scan_segment(st, last, opts.record_bytes_max, !opts.read_only)?;
                 report.records_scanned += scan.records;
                 if let Some((bad_at, why)) = &scan.bad {
                     let (bad_at, expect) = (*bad_at, last.first + scan.records);
@@ -526,7 +533,7 @@ fn verify_closed(
     next: &SegmentMeta,
     opts: &WalOptions,
 ) -> Result<u64, Error> {
-    let scan = scan_segment(st, seg, opts.record_bytes_max)?.scan;
+    let scan = scan_segment(st, seg, opts.record_bytes_max, false)?.scan;
     if let Some((at, why)) = scan.bad {
         return Err(Error::Corrupt {
             file: st.describe(&seg.name),

@@ -276,7 +276,7 @@ impl Reader {
                 gtids_before: self.shared_gtids_before(),
             });
         }
-        let file = st.open(&meta.name).map_err(|e| {
+        let file = st.open_read(&meta.name).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 Error::OffsetUnavailable {
                     requested: self.next_offset(),

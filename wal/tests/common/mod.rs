@@ -386,6 +386,18 @@ impl Hooked {
         self.before_read = Some(Arc::new(move |name, _| f(name)));
         self
     }
+
+    /// `inner`, running the `before_read` hook (if any) before each of its reads.
+    fn hook_reads(&self, name: &str, inner: Box<dyn StorageFile>) -> Box<dyn StorageFile> {
+        match &self.before_read {
+            None => inner,
+            Some(h) => Box::new(HookedFile {
+                inner,
+                name: name.to_owned(),
+                before_read: Some(h.clone()),
+            }),
+        }
+    }
 }
 
 /// A file of a [`Hooked`] storage.
@@ -424,15 +436,10 @@ impl Storage for Hooked {
         self.inner.create(name)
     }
     fn open(&self, name: &str) -> std::io::Result<Box<dyn StorageFile>> {
-        let inner = self.inner.open(name)?;
-        Ok(match &self.before_read {
-            None => inner,
-            Some(h) => Box::new(HookedFile {
-                inner,
-                name: name.to_owned(),
-                before_read: Some(h.clone()),
-            }),
-        })
+        Ok(self.hook_reads(name, self.inner.open(name)?))
+    }
+    fn open_read(&self, name: &str) -> std::io::Result<Box<dyn StorageFile>> {
+        Ok(self.hook_reads(name, self.inner.open_read(name)?))
     }
     fn remove(&self, name: &str) -> std::io::Result<()> {
         if let Some(h) = &self.before_remove {
