@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures_core::Stream;
 use tideline_stream::proto::ClientSubscription;
 use tideline_stream::{Client, ClientConfig, ClientError, ErrorCode, Event, Subscription};
-use tideline_wal::{GtidSet, Transaction};
+use tideline_wal::{Epoch, GtidSet, Transaction};
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::position::{Position, TailStart};
@@ -143,7 +143,9 @@ fn link_failed(link: &Mutex<Option<Disconnected>>, error: &dyn std::fmt::Display
     d.failures += 1;
 }
 
-/// Classifies an error that ends a connection: retry, or end the tail.
+/// Classifies an error that ends a connection: retry, or end the tail. `PositionUnavailable`
+/// is fatal here: the run loop retries it once by GTID set when it ends a subscription the
+/// node had accepted.
 fn classify(e: ClientError) -> Result<ClientError, TailError> {
     match e {
         ClientError::Unauthorized { .. } => Err(TailError::Unauthorized(e)),
@@ -360,6 +362,11 @@ fn run(
         let mut failures: u32 = 0;
         let mut last_err: Option<ClientError> = None;
         let mut connected_once = false;
+        // Where the last subscription that the node accepted ended with `PositionUnavailable`
+        // mid-stream: its history epoch and the GTIDs delivered by then. The same again (the
+        // same history, nothing delivered since) is not a replaced history but a log the node
+        // cannot read on: it ends the tail instead of resubscribing for ever.
+        let mut lost_mid_stream: Option<(Epoch, GtidSet)> = None;
         loop {
             if failures > 0 {
                 if cfg.reconnect_attempts_max.is_some_and(|m| failures > m) {
@@ -511,6 +518,28 @@ fn run(
                     Ok(None) => {
                         tracing::info!(addr = %cfg.addr, "tail: node ended the subscription; reconnecting");
                         link_failed(&link, &"the node ended the subscription");
+                        failures += 1;
+                        break;
+                    }
+                    // The node accepted this position and lost it while serving: its log was
+                    // replaced under the subscription (a bootstrap of the node ends with that),
+                    // and the offsets go on in a new history. Resubscribe by the GTID set, as
+                    // after any reset; a refusal of that one is a truly lost position (fatal).
+                    Err(ClientError::Server { code: ErrorCode::PositionUnavailable, message }) => {
+                        let gtids = pos.as_ref().map(|p| p.gtids.clone()).unwrap_or_default();
+                        let at = Some((epoch, gtids));
+                        if lost_mid_stream == at {
+                            yield Err(TailError::PositionUnavailable(message));
+                            return;
+                        }
+                        lost_mid_stream = at;
+                        if let Some(p) = pos.as_mut() {
+                            p.epoch = None;
+                        }
+                        let e = ClientError::Server { code: ErrorCode::PositionUnavailable, message };
+                        tracing::warn!(addr = %cfg.addr, error = %e, "tail: the node's log was replaced mid-stream; resubscribing by GTID set");
+                        link_failed(&link, &e);
+                        last_err = Some(e);
                         failures += 1;
                         break;
                     }

@@ -2,7 +2,8 @@
 //! application has taken half of the log) and delivers every transaction exactly once, in
 //! order; after a crash of the consumer itself mid-transfer (no final commit), its checkpoint
 //! file resumes it with no gap (at least once); a lost position is a typed error. Guards against gaps and duplicates at reconnects and against silent skips,
-//! also when the node's log history was replaced by a bootstrap (a new history epoch).
+//! also when the node's log history was replaced by a bootstrap (a new history epoch), between
+//! two runs of the tail or under a live subscription.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -456,5 +457,81 @@ async fn a_tail_resumed_across_a_history_reset_it_has_everything_of_goes_on() {
     }
     append(u.wal(), origin, 111..=111);
     assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(origin, 111).unwrap());
+    u_server.shutdown().await;
+}
+
+/// A node's history is reset while it serves (at the end of every bootstrap of it): a tail
+/// already subscribed there sees its subscription end with `PositionUnavailable` mid-stream.
+/// That is not a lost position: the tail resubscribes by its GTID set, as on any reconnect,
+/// and goes on with exactly the transactions after the last one it took, once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_tail_goes_on_across_a_history_reset_of_its_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    tls::ensure_secrets(&secrets).unwrap();
+    let cfg = client_cfg(&secrets);
+    let (u_server, u) = start_log_node(&dir.path().join("u"), &secrets);
+    let origin = uuid::Uuid::new_v4();
+    append(u.wal(), origin, 1..=100);
+    let mut t = tail(
+        fast_reconnect(TailConfig::new(
+            u_server.local_addr().to_string(),
+            cfg.clone(),
+            TailStart::Earliest,
+        )),
+        None,
+    );
+    for n in 1..=100 {
+        assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(origin, n).unwrap());
+    }
+    // The same tail is still subscribed (its reader waits for offset 101) when the node's
+    // history is replaced by a copy holding exactly what the tail has.
+    let copied: GtidSet = format!("{origin}:1-100").parse().unwrap();
+    tokio::task::block_in_place(|| u.wal().reset_history(&copied)).unwrap();
+    append(u.wal(), origin, 101..=110);
+    for n in 101..=110 {
+        assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(origin, n).unwrap());
+    }
+    append(u.wal(), origin, 111..=111);
+    assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(origin, 111).unwrap());
+    u_server.shutdown().await;
+}
+
+/// The other side: the copy that replaced the node's history holds GTIDs the live tail never
+/// got. Resubscribing by GTID set is refused, and that ends the tail with an error naming
+/// them: never a silent skip past them, never a loop of resubscriptions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_tail_ends_loudly_when_a_history_reset_of_its_node_skips_what_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    tls::ensure_secrets(&secrets).unwrap();
+    let cfg = client_cfg(&secrets);
+    let (u_server, u) = start_log_node(&dir.path().join("u"), &secrets);
+    let origin = uuid::Uuid::new_v4();
+    append(u.wal(), origin, 1..=100);
+    let mut t = tail(
+        fast_reconnect(TailConfig::new(
+            u_server.local_addr().to_string(),
+            cfg.clone(),
+            TailStart::Earliest,
+        )),
+        None,
+    );
+    for n in 1..=100 {
+        assert_eq!(next_txn(&mut t).await.gtid, Gtid::new(origin, n).unwrap());
+    }
+    let copied: GtidSet = format!("{origin}:1-120").parse().unwrap();
+    tokio::task::block_in_place(|| u.wal().reset_history(&copied)).unwrap();
+    append(u.wal(), origin, 121..=130);
+    match tokio::time::timeout(Duration::from_secs(20), t.next()).await {
+        Ok(Some(Err(TailError::PositionUnavailable(msg)))) => {
+            assert!(msg.contains(&format!("{origin}:101-120")), "{msg}")
+        }
+        Ok(Some(Ok(txn))) => panic!(
+            "the tail went on past GTIDs it never got: {} at offset {}",
+            txn.gtid, txn.offset
+        ),
+        other => panic!("expected PositionUnavailable, got {other:?}"),
+    }
     u_server.shutdown().await;
 }
