@@ -18,7 +18,8 @@
 //!   the changes a bootstrap applies from records the source wrote while it ran; `null` for
 //!   bootstrap rows and for the trees and indexes a bootstrap declares before a chunk (the
 //!   copy as a whole is positioned by its end GTID set). `source.ts`: the origin's commit
-//!   time, RFC 3339 UTC.
+//!   time, RFC 3339 UTC, clamped to 1970-01-01 .. 9999-12-31T23:59:59.999999Z (the origin's
+//!   clock is not checked).
 //!
 //! Owns: the envelope's shape and its text helpers. Must never: decide batching, delivery or
 //! positions (the pipeline and the sinks do).
@@ -31,9 +32,21 @@ use tideline_wal::{Op, Transaction};
 
 use crate::sink::{CopyRecord, Item};
 
+/// The last microsecond RFC 3339 can write: 9999-12-31T23:59:59.999999Z.
+const RFC3339_US_MAX: u64 = 253_402_300_799_999_999;
+
+/// A commit time in microseconds since the Unix epoch, clamped to what RFC 3339 can write
+/// (1970-01-01 .. 9999-12-31T23:59:59.999999): the origin node's clock is not checked, and
+/// one set far wrong (or a peer) must not stop a sink.
+fn rfc3339_clamp_us(timestamp_us: i64) -> u64 {
+    u64::try_from(timestamp_us).unwrap_or(0).min(RFC3339_US_MAX)
+}
+
 /// RFC 3339 text (UTC, microseconds) for a timestamp in microseconds since the Unix epoch.
+/// A time before 1970 renders as 1970-01-01T00:00:00.000000Z, one after year 9999 as
+/// 9999-12-31T23:59:59.999999Z.
 pub fn rfc3339_us(timestamp_us: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_micros(timestamp_us.max(0) as u64);
+    let t = UNIX_EPOCH + Duration::from_micros(rfc3339_clamp_us(timestamp_us));
     humantime::format_rfc3339_micros(t).to_string()
 }
 
@@ -344,9 +357,9 @@ pub struct TsText {
 }
 
 impl TsText {
-    /// The RFC 3339 text of `timestamp_us`.
+    /// The RFC 3339 text of `timestamp_us` (clamped as [`rfc3339_us`] does).
     pub fn render(&mut self, timestamp_us: i64) -> &str {
-        let us = timestamp_us.max(0) as u64;
+        let us = rfc3339_clamp_us(timestamp_us);
         let (second, micros) = (us / 1_000_000, us % 1_000_000);
         if self.second != Some(second) {
             self.text = rfc3339_us(timestamp_us);
@@ -607,6 +620,48 @@ mod tests {
             assert_eq!(e["source"]["gtid"], format!("{uuid}:9"));
             assert_eq!(e["source"]["ts"], "2023-11-14T22:13:20.000000Z");
         }
+    }
+
+    /// A commit time comes from the origin node unchecked: one past year 9999 (a peer or a
+    /// node with a wrong clock) renders clamped to the last microsecond RFC 3339 can write,
+    /// in every sink that ships envelopes, rather than panicking on every restart.
+    #[test]
+    fn a_commit_time_past_year_9999_renders_clamped_instead_of_panicking() {
+        const LAST: &str = "9999-12-31T23:59:59.999999Z";
+        for us in [253_402_300_800_000_000, 253_402_300_799_999_999, i64::MAX] {
+            assert_eq!(rfc3339_us(us), LAST, "{us}");
+        }
+        let mut times = TsText::default();
+        assert_eq!(times.render(253_402_300_800_000_123), LAST);
+        assert_eq!(times.render(253_402_300_800_000_456), LAST);
+        assert_eq!(
+            times.render(1_700_000_000_000_001),
+            "2023-11-14T22:13:20.000001Z"
+        );
+        let uuid = uuid::Uuid::from_bytes([5; 16]);
+        let txn = Transaction {
+            offset: Offset::new(3).unwrap(),
+            gtid: Gtid::new(uuid, 3).unwrap(),
+            timestamp_us: 253_402_300_800_000_000,
+            ops: sample_ops(),
+        };
+        let batch = crate::sink::Batch {
+            source: uuid,
+            items: vec![Item::Txn(txn.clone())],
+            checkpoint: vec![],
+        };
+        use crate::sink::nats::message::{Per, messages};
+        for per in [Per::Txn, Per::Op] {
+            let built = messages(&batch, "p", "t.{tree}", per);
+            assert!(!built.is_empty());
+            for m in &built {
+                let text = String::from_utf8_lossy(&m.payload);
+                assert!(text.contains(LAST), "{per:?}: {text}");
+            }
+        }
+        let mut lines = Vec::new();
+        write_lines(&Item::Txn(txn), uuid, &mut lines);
+        assert!(String::from_utf8_lossy(&lines).contains(LAST));
     }
 
     #[test]

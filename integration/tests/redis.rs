@@ -836,3 +836,131 @@ fn begin_copy_deletes_the_earlier_copys_trees_or_holds_when_it_cannot_tell_their
         }
     });
 }
+
+/// One transaction of `ops` from a fixed source, with `checkpoint`.
+fn ops_batch(ops: Vec<tideline_wal::Op>, checkpoint: &str) -> Batch {
+    let uuid = uuid::Uuid::from_bytes([7; 16]);
+    Batch {
+        source: uuid,
+        items: vec![Item::Txn(tideline_wal::Transaction {
+            offset: tideline_wal::Offset::new(1).unwrap(),
+            gtid: tideline_wal::Gtid::new(uuid, 1).unwrap(),
+            timestamp_us: 0,
+            ops,
+        })],
+        checkpoint: checkpoint.as_bytes().to_vec(),
+    }
+}
+
+/// Under the default template `{tree}:{key}` a tree named `tideline` shares its keys' prefix
+/// with every pipeline's position (`tideline:position:NAME`). Dropping that tree must delete
+/// its rows and no pipeline's position, and a row that would render onto a position must be
+/// refused rather than written over it: either would make the other pipeline stop with
+/// "another connector wrote this pipeline meanwhile", and start from `from` after a restart.
+/// (In database 9 of the shared server, so that the unfixed drop deletes no position of the
+/// other tests.)
+#[test]
+fn a_tree_named_tideline_never_deletes_or_overwrites_another_pipelines_position() {
+    if !sinkkit::service_up("Redis", REDIS) {
+        return;
+    }
+    const URL9: &str = "redis://127.0.0.1:6379/9";
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = redis::Client::open(URL9)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to Redis database 9");
+        let (p, q) = (sinkkit::unique("rdnsp"), sinkkit::unique("rdnsq"));
+        let mut sink_q = RedisSink::new(RedisConfig::new(URL9), &q).expect("sink settings");
+        assert_eq!(sink_q.open().await.expect("open Q"), None);
+        sink_q
+            .write(&sinkkit::puts(&[(&q, "a")], "q batch 1"))
+            .await
+            .expect("Q's first batch");
+        let mut sink_p = RedisSink::new(RedisConfig::new(URL9), &p).expect("sink settings");
+        assert_eq!(sink_p.open().await.expect("open P"), None);
+        let row = format!("{p}-row");
+        sink_p
+            .write(&ops_batch(
+                vec![
+                    tideline_wal::Op::CreateTree {
+                        tree: "tideline".into(),
+                        merge_operator: None,
+                    },
+                    tideline_wal::Op::Put {
+                        tree: "tideline".into(),
+                        key: row.clone().into_bytes(),
+                        value: b"1".to_vec(),
+                        before: None,
+                    },
+                ],
+                "p batch 1",
+            ))
+            .await
+            .expect("P creates tree `tideline` and writes a row");
+        sink_p
+            .write(&ops_batch(
+                vec![tideline_wal::Op::DropTree {
+                    tree: "tideline".into(),
+                }],
+                "p batch 2",
+            ))
+            .await
+            .expect("P drops tree `tideline`");
+        assert_eq!(
+            position(&mut c, &q).await.as_deref(),
+            Some(&b"q batch 1"[..]),
+            "pipeline Q's position after pipeline P dropped its tree `tideline`"
+        );
+        assert_eq!(
+            position(&mut c, &p).await.as_deref(),
+            Some(&b"p batch 2"[..])
+        );
+        let gone: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(format!("tideline:{row}"))
+            .query_async(&mut c)
+            .await
+            .expect("GET");
+        assert_eq!(gone, None, "the dropped tree's row");
+        sink_q
+            .write(&sinkkit::puts(&[(&q, "a")], "q batch 2"))
+            .await
+            .expect("Q goes on writing");
+        // A row of P that renders onto Q's position: refused, naming the key and the remedy.
+        let e = sink_p
+            .write(&ops_batch(
+                vec![tideline_wal::Op::Put {
+                    tree: "tideline".into(),
+                    key: format!("position:{q}").into_bytes(),
+                    value: b"overwritten".to_vec(),
+                    before: None,
+                }],
+                "p batch 3",
+            ))
+            .await
+            .expect_err("a row onto another pipeline's position is refused");
+        assert!(
+            matches!(&e, SinkError::Hold(m) if m.contains(&format!("tideline:position:{q}"))
+                && m.contains("`key` template")),
+            "{e}"
+        );
+        assert_eq!(
+            position(&mut c, &q).await.as_deref(),
+            Some(&b"q batch 2"[..]),
+            "Q's position after P's refused row"
+        );
+        assert_eq!(
+            position(&mut c, &p).await.as_deref(),
+            Some(&b"p batch 2"[..])
+        );
+        let _: Result<(), _> = redis::cmd("DEL")
+            .arg(format!("{q}:a"))
+            .arg(format!("tideline:{row}"))
+            .arg(format!("tideline:position:{p}"))
+            .arg(format!("tideline:position:{q}"))
+            .query_async(&mut c)
+            .await;
+    });
+}

@@ -115,6 +115,11 @@ impl Operators {
         }
     }
 
+    /// Whether `tree` has a merge operator as far as the sink knows.
+    pub(crate) fn merges(&self, tree: &str) -> bool {
+        matches!(self.by_tree.get(tree), Some(Some(_)))
+    }
+
     fn set(&mut self, tree: &str, name: Option<&str>) -> Result<(), SinkError> {
         let op = match name {
             None => None,

@@ -4,10 +4,12 @@
 //! template), created if absent as
 //! `(key text COLLATE "C" PRIMARY KEY, value jsonb, value_bytes bytea, <mapped columns> text)`.
 //! A value that is JSON goes to `value` (jsonb: PostgreSQL keeps its meaning, not its
-//! spacing or key order), any other value to `value_bytes`; the other column is NULL. A key
-//! must be UTF-8 text without NUL (the primary key is `text`): any other key holds the
-//! pipeline with an error naming it. Put → upsert; delete → delete; merge → the tree's merge
-//! operator applied to the stored value (read with `SELECT ... FOR UPDATE` in the same
+//! spacing or key order), any other value to `value_bytes`; the other column is NULL, except
+//! that a tree with a merge operator keeps a JSON value's exact bytes in `value_bytes` too
+//! when jsonb's text is not them (`rows`). A key must be UTF-8 text without NUL (the primary
+//! key is `text`), and short enough for its btree: any other key holds the pipeline with an
+//! error naming it. Put → upsert; delete → delete; merge → the tree's merge operator applied
+//! to the stored value's exact bytes (read with `SELECT ... FOR UPDATE` in the same
 //! transaction) and upserted; bootstrap chunk → its rows upserted and the range's other rows
 //! deleted (`key >= from AND key < to`, compared bytewise with `COLLATE "C"`); a copy that
 //! starts again from scratch → the tables of the trees the interrupted copy wrote truncated
@@ -201,6 +203,17 @@ impl PostgresSink {
         let steps = fold::fold(batch, &mut self.operators)?;
         // Table names first (a bad one holds the pipeline before anything is sent).
         let mut tables: HashMap<String, String> = HashMap::new();
+        // Trees with a merge operator: their values keep their exact bytes (`rows`).
+        let merging: HashSet<String> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Run(run) => Some(fold::run_trees(run)),
+                _ => None,
+            })
+            .flatten()
+            .filter(|t| self.operators.merges(t))
+            .map(str::to_owned)
+            .collect();
         for step in &steps {
             let trees: Vec<&str> = match step {
                 Step::Create(t) | Step::Drop(t) | Step::ClearRange { tree: t, .. } => vec![t],
@@ -241,7 +254,11 @@ impl PostgresSink {
                     for (tree, rows) in &run.trees {
                         let t = &tables[tree];
                         ensure_table(&txn, known, &mut created, t, &columns).await?;
-                        write_rows(&txn, stmts, staged, t, tree, rows, &columns, method).await?;
+                        let keep_bytes = merging.contains(tree.as_str());
+                        write_rows(
+                            &txn, stmts, staged, t, tree, rows, &columns, method, keep_bytes,
+                        )
+                        .await?;
                     }
                 }
                 Step::ClearRange { tree, from, to } => {

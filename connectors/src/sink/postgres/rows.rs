@@ -1,16 +1,31 @@
 //! What happens to a tree's rows: values split into `value` (JSON) or `value_bytes`, mapped
 //! columns read from the document, merges resolved against the stored rows, then deletes and
 //! upserts (`unnest` or `COPY`).
+//!
+//! A merge starts from the value's exact bytes, as the source's does: jsonb keeps a
+//! document's meaning, not its text (`{"e":1}\n` reads back as `{"e": 1}`, `1e3` as `1000`).
+//! So in a tree with a merge operator, a JSON value whose jsonb text is not its exact bytes
+//! also keeps them in `value_bytes` (`value` stays the jsonb view of it), and a merge reads
+//! `value_bytes` first. (A row written by an earlier version, which kept only jsonb, gives
+//! its jsonb text: the bytes are gone.)
 
 use std::collections::HashMap;
 
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Statement, Transaction};
 
-use super::{WriteMethod, classify, key_text, prepare};
+use super::{WriteMethod, classify, hex, key_text, prepare};
 use crate::sink::SinkError;
 use crate::sink::fold::{Final, TreeRun};
+
+/// PostgreSQL's largest btree index entry (8 kB pages): an insert beyond it fails with
+/// SQLSTATE 54000, "index row size ... exceeds btree version 4 maximum 2704".
+const BTREE_ENTRY_BYTES_MAX: usize = 2704;
+
+/// What a key's index entry holds besides the key: the tuple header and the text's length.
+const BTREE_ENTRY_OVERHEAD_BYTES: usize = 12;
 
 /// The `value` (JSON text) or `value_bytes` of a stored value.
 fn split_value(value: &[u8]) -> (Option<&str>, Option<&[u8]>, Option<serde_json::Value>) {
@@ -48,6 +63,7 @@ pub(super) async fn write_rows(
     rows: &TreeRun,
     columns: &[(String, String)],
     method: WriteMethod,
+    keep_bytes: bool,
 ) -> Result<(), SinkError> {
     // The stored values that pending merges apply to, locked until COMMIT.
     let merge_keys: Vec<&str> = rows
@@ -70,7 +86,9 @@ pub(super) async fn write_rows(
             let k: String = r.get(0);
             let v: Option<String> = r.get(1);
             let b: Option<Vec<u8>> = r.get(2);
-            stored.insert(k, v.map(String::into_bytes).or(b).unwrap_or_default());
+            // The exact bytes where kept; jsonb's text only where it is them (or, for a row
+            // of an earlier version, the best there is).
+            stored.insert(k, b.or(v.map(String::into_bytes)).unwrap_or_default());
         }
     }
     let mut deletes: Vec<&str> = Vec::new();
@@ -105,7 +123,13 @@ pub(super) async fn write_rows(
         let (j, b, doc) = split_value(v);
         keys.push(k);
         json.push(j);
-        bytes.push(b);
+        // Sent along for a JSON value too where merges need them; the upsert stores them only
+        // when jsonb's text is not the same bytes ([`select_list`]).
+        bytes.push(if keep_bytes && j.is_some() {
+            Some(v.as_slice())
+        } else {
+            b
+        });
         for (i, (_, pointer)) in columns.iter().enumerate() {
             cols[i].push(column_text(doc.as_ref(), pointer));
         }
@@ -139,7 +163,7 @@ pub(super) async fn write_rows(
             }
             txn.execute(&stmt, &params)
                 .await
-                .map_err(|e| classify(&e, &format!("upsert into {table}")))?;
+                .map_err(|e| upsert_error(&e, &format!("upsert into {table}"), tree, &keys))?;
         }
         WriteMethod::Copy => {
             if !*staged {
@@ -182,9 +206,9 @@ pub(super) async fn write_rows(
                  tideline_stage {conflict}; TRUNCATE tideline_stage",
                 select_list(columns.len())
             );
-            txn.batch_execute(&sql)
-                .await
-                .map_err(|e| classify(&e, &format!("merge staged rows into {table}")))?;
+            txn.batch_execute(&sql).await.map_err(|e| {
+                upsert_error(&e, &format!("merge staged rows into {table}"), tree, &keys)
+            })?;
             // Only after the transaction commits does the table surely exist; until then a
             // rollback would take it away, so a failed batch resets `staged` with the conn.
             *staged = true;
@@ -193,8 +217,38 @@ pub(super) async fn write_rows(
     Ok(())
 }
 
+/// What a failed upsert of `keys` (of `tree`) means: a key too long for the primary key's
+/// btree (which the source takes: its keys may be up to 64 KiB) holds the pipeline with what
+/// to leave out; anything else as [`classify`] says. (A key that compresses well fits longer;
+/// one of at most `BTREE_ENTRY_BYTES_MAX - BTREE_ENTRY_OVERHEAD_BYTES` bytes always fits, so
+/// a longest key within that points at another index.)
+fn upsert_error(e: &tokio_postgres::Error, doing: &str, tree: &str, keys: &[&str]) -> SinkError {
+    if e.code() == Some(&SqlState::PROGRAM_LIMIT_EXCEEDED)
+        && let Some(key) = keys.iter().max_by_key(|k| k.len())
+        && key.len() + BTREE_ENTRY_OVERHEAD_BYTES > BTREE_ENTRY_BYTES_MAX
+    {
+        let server = e.as_db_error().map_or("", |d| d.message());
+        return SinkError::Hold(format!(
+            "postgres: {doing}: {server}: tree `{tree}` has a key of {} bytes ({}), too long for \
+             the table's primary key (PostgreSQL's btree takes index entries of at most \
+             {BTREE_ENTRY_BYTES_MAX} bytes; longer keys fit only where they compress). The sink \
+             cannot store such a key: leave these keys out of the pipeline (`prefix`, `trees`), \
+             or use a sink that takes them (redis, file)",
+            key.len(),
+            hex(key.as_bytes())
+        ));
+    }
+    classify(e, doing)
+}
+
+/// The upserted row from staged `k, v, b, c0, ...`: `b` is the exact bytes, of a JSON value
+/// `v` too when they are kept for merges, and then stored only when jsonb's text of `v` is
+/// not the same.
 fn select_list(columns: usize) -> String {
-    let mut s = String::from("k, v::jsonb, b");
+    let mut s = String::from(
+        "k, v::jsonb, CASE WHEN v IS NULL OR b IS NULL THEN b WHEN v::jsonb::text = v COLLATE \"C\" \
+         THEN NULL ELSE b END",
+    );
     for i in 0..columns {
         s.push_str(&format!(", c{i}"));
     }

@@ -5,7 +5,7 @@
 //! Owns: which keys an earlier copy left, and when to hold. Must never: delete a
 //! `tideline:position:*` key other than its own pipeline's.
 
-use super::{RedisSink, WATCH_TRIES, classify, scan};
+use super::{POSITION_PREFIX, RedisSink, WATCH_TRIES, classify, scan};
 use crate::sink::{EarlierCopy, SinkError};
 
 impl RedisSink {
@@ -72,7 +72,7 @@ impl RedisSink {
         keys.dedup();
         // Never a pipeline's position (a tree named `tideline` under the default template
         // would match them all): this one's is replaced below, the others are not ours.
-        keys.retain(|k| !k.starts_with(b"tideline:position:"));
+        keys.retain(|k| !k.starts_with(POSITION_PREFIX));
         for _ in 0..WATCH_TRIES {
             let (position,): (Option<Vec<u8>>,) = redis::pipe()
                 .cmd("WATCH")

@@ -11,9 +11,10 @@
 //! wrote: [`Sink::begin_copy`], held for an operator when a template that begins with
 //! `{key}` cannot tell them from other data); tree dropped → its keys (found with `SCAN
 //! MATCH` on the template, and those the batch wrote before the drop) deleted in the batch's
-//! transaction. A merge in a later step of a batch (after a `create_tree`, a drop or a chunk)
-//! applies to what the batch wrote before it, carried in memory: the batch's transaction is
-//! one step for Redis.
+//! transaction. Positions (`tideline:position:*`) are never data: a drop's scan leaves them,
+//! and a row whose key renders to one holds the pipeline instead of being written. A merge
+//! in a later step of a batch (after a `create_tree`, a drop or a chunk) applies to what the
+//! batch wrote before it, carried in memory: the batch's transaction is one step for Redis.
 //!
 //! Exactly once: every batch is one Redis transaction that also `SET`s
 //! `tideline:position:{pipeline}` to the checkpoint; Redis applies it whole or not at all. The
@@ -42,6 +43,14 @@ use crate::sink::{Batch, EarlierCopy, Sink, SinkError, SinkFuture};
 
 mod clear;
 mod template;
+
+/// Where every pipeline keeps its position: `tideline:position:{pipeline}`. No data key is
+/// ever written there, and no drop or clear deletes one (a tree named `tideline` under the
+/// default template `{tree}:{key}` would match them all).
+const POSITION_PREFIX: &[u8] = b"tideline:position:";
+
+/// One write of a batch: a Redis key and its new value (`None`: deleted).
+type Write = (Vec<u8>, Option<Vec<u8>>);
 
 /// How often a batch whose watched keys changed under it is tried again at once.
 const WATCH_TRIES: usize = 5;
@@ -153,7 +162,7 @@ impl RedisSink {
             client,
             cfg,
             template,
-            position_key: format!("tideline:position:{pipeline}"),
+            position_key: format!("{}{pipeline}", String::from_utf8_lossy(POSITION_PREFIX)),
             client_name: format!("tideline:{}", pipeline.replace(char::is_whitespace, "_")),
             describe,
             conn: None,
@@ -229,7 +238,7 @@ impl RedisSink {
                         }
                         for (k, f) in rows {
                             if matches!(f, Final::Merges(_)) {
-                                watched.push(self.template.key(tree, k));
+                                watched.push(self.data_key(tree, k)?);
                             }
                         }
                     }
@@ -243,7 +252,8 @@ impl RedisSink {
         // Without merges the writes do not depend on anything read: worked out once.
         let mut plain = watched
             .is_empty()
-            .then(|| self.batch_ops(&steps, &drops, &HashMap::new()));
+            .then(|| self.batch_ops(&steps, &drops, &HashMap::new()))
+            .transpose()?;
         if let Some(ops) = plain.take_if(|ops| ops.len() <= SCRIPT_OPS_MAX) {
             // Nothing to read first: the check and the batch are one script, one round trip.
             let mut cmd = redis::cmd("EVAL");
@@ -315,7 +325,7 @@ impl RedisSink {
                         .zip(values)
                         .filter_map(|(k, v)| Some((k.clone(), v?)))
                         .collect();
-                    resolved = self.batch_ops(&steps, &drops, &stored);
+                    resolved = self.batch_ops(&steps, &drops, &stored)?;
                     &resolved
                 }
             };
@@ -362,12 +372,13 @@ impl RedisSink {
     /// earlier ones wrote, not `stored` (read before the transaction): each key's value is
     /// carried forward in memory from run to run, and a drop also deletes the keys of its tree
     /// that the batch wrote before it (they were not in Redis yet when `drops` was scanned).
+    /// A row whose key renders onto a pipeline's position refuses the batch ([`Self::data_key`]).
     fn batch_ops(
         &self,
         steps: &[Step],
         drops: &HashMap<String, Vec<Vec<u8>>>,
         stored: &HashMap<Vec<u8>, Vec<u8>>,
-    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    ) -> Result<Vec<Write>, SinkError> {
         let mut ops = Vec::new();
         // Keys of a tree dropped earlier in this batch hold nothing any more.
         let mut dropped: HashSet<&str> = HashSet::new();
@@ -402,7 +413,7 @@ impl RedisSink {
                     for (tree, rows) in &run.trees {
                         let gone = dropped.contains(tree.as_str());
                         for (k, f) in rows {
-                            let key = self.template.key(tree, k);
+                            let key = self.data_key(tree, k)?;
                             let value = match carried.get(&key) {
                                 Some(v) => f.resolve(v.as_deref()),
                                 None if gone => f.resolve(None),
@@ -418,7 +429,27 @@ impl RedisSink {
                 }
             }
         }
-        ops
+        Ok(ops)
+    }
+
+    /// The Redis key of row `key` of `tree`, refused (`Hold`) when it renders into the
+    /// positions' namespace (tree `tideline`, key `position:Q` under `{tree}:{key}`): written,
+    /// it would replace pipeline Q's position.
+    fn data_key(&self, tree: &str, key: &[u8]) -> Result<Vec<u8>, SinkError> {
+        let rendered = self.template.key(tree, key);
+        if rendered.starts_with(POSITION_PREFIX) {
+            return Err(SinkError::Hold(format!(
+                "redis: a row of tree `{tree}` renders to Redis key `{}`, where pipelines keep \
+                 their positions (`{}NAME`), and is not written. Change the sink's `key` \
+                 template (now `{}`) so that no row renders there (e.g. \
+                 \"data:{{tree}}:{{key}}\"; keys written under the old one stay), or leave the \
+                 tree or key out of the pipeline (`trees`, `prefix`)",
+                String::from_utf8_lossy(&rendered),
+                String::from_utf8_lossy(POSITION_PREFIX),
+                self.cfg.key
+            )));
+        }
+        Ok(rendered)
     }
 
     /// Canary only (feature `testing`): the position stored in a step of its own, after the
@@ -445,12 +476,15 @@ impl RedisSink {
         crate::sink::position_moved(&format!("redis: the position `{}`", self.position_key))
     }
 
+    /// The keys of dropped `tree`: those its pattern matches, never a pipeline's position.
     async fn scan(
         &self,
         con: &mut MultiplexedConnection,
         tree: &str,
     ) -> Result<Vec<Vec<u8>>, SinkError> {
-        scan(con, &self.template.pattern(tree)).await
+        let mut keys = scan(con, &self.template.pattern(tree)).await?;
+        keys.retain(|k| !k.starts_with(POSITION_PREFIX));
+        Ok(keys)
     }
 }
 
@@ -655,7 +689,7 @@ mod tests {
             (b"cnt:a".to_vec(), b"100".to_vec()),
             (b"cnt:b".to_vec(), b"10".to_vec()),
         ]);
-        let ops = s.batch_ops(&steps, &drops, &stored);
+        let ops = s.batch_ops(&steps, &drops, &stored).unwrap();
         assert_eq!(last(&ops, "cnt:a"), Some(Some(&b"10"[..])), "{ops:?}");
         assert_eq!(last(&ops, "cnt:b"), Some(Some(&b"11"[..])), "{ops:?}");
         assert_eq!(last(&ops, "cnt:m"), Some(Some(&b"1"[..])), "{ops:?}");
@@ -672,7 +706,7 @@ mod tests {
             &mut operators,
         )
         .unwrap();
-        let ops = s.batch_ops(&one, &HashMap::new(), &stored);
+        let ops = s.batch_ops(&one, &HashMap::new(), &stored).unwrap();
         assert_eq!(ops, [(b"cnt:a".to_vec(), Some(b"102".to_vec()))]);
     }
 
