@@ -99,7 +99,9 @@ struct LiveSubscription {
 
 /// The live subscriptions and the slots being dropped, under one lock: a subscription is
 /// registered as its slot's user before it creates or takes the slot, and a `DropSlot` claims
-/// the slot only while no subscription uses it, so one of the two always sees the other.
+/// the slot only while no subscription uses it, so one of the two always sees the other. A
+/// slot has at most one live subscription: it holds one consumer's position, and the acks of
+/// two would move it past what the slower one still needs.
 #[derive(Default)]
 struct Registry {
     live: BTreeMap<u64, LiveSubscription>,
@@ -221,25 +223,34 @@ impl Observer {
         }
     }
 
-    /// Registers a live subscription, which from then on counts as a user of its slot (a
-    /// `DropSlot` of it is refused). `None` while a `DropSlot` of its slot is in progress.
+    /// Registers a live subscription, which from then on is the only user of its slot (a
+    /// `DropSlot` of it and another subscription with it are refused) until the registration
+    /// is dropped. Refused while a `DropSlot` of its slot is in progress or another live
+    /// subscription uses the slot.
     pub(crate) fn subscription(
         self: &Arc<Self>,
         info: SubscriptionInfo,
         sent_through: Arc<AtomicU64>,
-    ) -> Option<Registration> {
+    ) -> Result<Registration, SlotBusy> {
         let mut subs = self.subscriptions.lock().unwrap_or_else(|p| p.into_inner());
-        if info
-            .slot
-            .as_ref()
-            .is_some_and(|s| subs.dropping.contains_key(s))
-        {
-            return None;
+        if let Some(slot) = &info.slot {
+            if subs.dropping.contains_key(slot) {
+                return Err(SlotBusy::Dropping);
+            }
+            if let Some(user) = subs
+                .live
+                .values()
+                .find(|s| s.info.slot.as_ref() == Some(slot))
+            {
+                let mut info = user.info.clone();
+                info.sent_through = user.sent_through.load(Ordering::Relaxed);
+                return Err(SlotBusy::InUse(Box::new(info)));
+            }
         }
         let id = self.next_subscription.fetch_add(1, Ordering::Relaxed);
         subs.live
             .insert(id, LiveSubscription { info, sent_through });
-        Some(Registration {
+        Ok(Registration {
             observer: self.clone(),
             id,
         })
@@ -305,6 +316,15 @@ impl Drop for Gauge {
     fn drop(&mut self) {
         (self.field)(&self.observer).fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Why a subscription with a slot was not registered.
+#[derive(Debug)]
+pub(crate) enum SlotBusy {
+    /// A `DropSlot` of the slot is in progress.
+    Dropping,
+    /// Another live subscription uses the slot: this one.
+    InUse(Box<SubscriptionInfo>),
 }
 
 /// Keeps a subscription in the registry until dropped.
@@ -388,7 +408,7 @@ mod tests {
         };
         let r = o
             .subscription(info, through.clone())
-            .expect("no drop in progress");
+            .expect("no slot to be busy");
         through.store(9, Ordering::Relaxed);
         assert_eq!(o.subscriptions()[0].sent_through, 9);
         drop((c, s, r));
@@ -420,13 +440,55 @@ mod tests {
         drop(sub);
         let first = o.claim_slot_drop("s").unwrap();
         let second = o.claim_slot_drop("s").unwrap();
-        assert!(o.subscription(info(Some("s")), through.clone()).is_none());
-        assert!(o.subscription(info(None), through.clone()).is_some());
+        assert!(o.subscription(info(Some("s")), through.clone()).is_err());
+        assert!(o.subscription(info(None), through.clone()).is_ok());
         drop(first);
-        assert!(o.subscription(info(Some("s")), through.clone()).is_none());
+        assert!(o.subscription(info(Some("s")), through.clone()).is_err());
         drop((second, other));
-        assert!(o.subscription(info(Some("s")), through.clone()).is_some());
-        assert!(o.subscription(info(Some("x")), through).is_some());
+        assert!(o.subscription(info(Some("s")), through.clone()).is_ok());
+        assert!(o.subscription(info(Some("x")), through).is_ok());
+    }
+
+    /// A slot has one live subscription at a time: a second one is refused with the first
+    /// one's details until the first is dropped. Subscriptions without a slot or with another
+    /// slot are not held up.
+    #[test]
+    fn a_slot_has_one_live_subscription_at_a_time() {
+        let o = Arc::new(Observer::new());
+        let info = |slot: Option<&str>, client: &str| SubscriptionInfo {
+            remote: "127.0.0.1:1".into(),
+            client: client.into(),
+            start: "earliest".into(),
+            tree: None,
+            prefix: None,
+            slot: slot.map(str::to_string),
+            sent_through: 0,
+            since_us: 0,
+        };
+        let through = Arc::new(AtomicU64::new(4));
+        let first = o
+            .subscription(info(Some("s"), "a"), through.clone())
+            .unwrap();
+        match o.subscription(info(Some("s"), "b"), through.clone()) {
+            Err(SlotBusy::InUse(user)) => {
+                assert_eq!((user.client.as_str(), user.sent_through), ("a", 4));
+            }
+            Err(SlotBusy::Dropping) => panic!("slot s is not being dropped"),
+            Ok(_) => panic!("a second subscription of slot s was not refused"),
+        }
+        let others = (
+            o.subscription(info(None, "c"), through.clone()).unwrap(),
+            o.subscription(info(None, "d"), through.clone()).unwrap(),
+            o.subscription(info(Some("x"), "e"), through.clone())
+                .unwrap(),
+        );
+        drop(first);
+        let again = o
+            .subscription(info(Some("s"), "b"), through.clone())
+            .unwrap();
+        assert!(o.subscription(info(Some("s"), "a"), through).is_err());
+        drop((again, others));
+        assert!(o.subscriptions().is_empty());
     }
 
     #[test]

@@ -513,3 +513,53 @@ async fn a_monitor_survives_a_request_with_a_huge_key() {
     assert_eq!(events[0].key, b"small");
     f.server.shutdown().await;
 }
+
+/// A subscription's start is shown in `status` (and on the HTTP overview) for as long as it
+/// lives: a start from a client's GTID set of a MiB must show cut, as monitor events cut keys,
+/// or two such subscriptions push `status` past the message limit and every status check of
+/// the node fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_from_a_huge_gtid_set_shows_a_bounded_start() {
+    use std::fmt::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    tls::ensure_secrets(dir.path()).unwrap();
+    let secrets = tls::load_server(dir.path()).unwrap();
+    let node = Arc::new(LogNode::new(
+        Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).unwrap(),
+    ));
+    let observer = Arc::new(tideline_stream::Observer::new());
+    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
+    cfg.observer = observer.clone();
+    let server = tideline_stream::serve(cfg, secrets, node.clone()).unwrap();
+    let client_cfg = ClientConfig::new(tls::load_client_dir(dir.path()).unwrap());
+    let client = Client::connect(&server.local_addr().to_string(), client_cfg)
+        .await
+        .unwrap();
+    for i in 1..=3 {
+        client.commit(put(i)).await.unwrap();
+    }
+    // The node's first GTID, and every other number of another origin: over a MiB of text.
+    let uuid = node.wal().server_uuid();
+    let other = uuid::Uuid::from_bytes([7; 16]);
+    let mut set = format!("{uuid}:1,{other}");
+    let mut n = 1u64;
+    while set.len() < 1 << 20 {
+        write!(set, ":{n}").unwrap();
+        n += 2;
+    }
+    let mut sub = client
+        .subscribe(Start::Gtid(set.clone()), None, None, None)
+        .await
+        .unwrap();
+    assert_eq!(take(&mut sub, 2).await, vec![2, 3]);
+    let shown = observer.subscriptions();
+    assert_eq!(shown.len(), 1, "{shown:?}");
+    let start = &shown[0].start;
+    assert!(
+        start.len() <= 1100 && start.starts_with("gtid:") && start.ends_with('\u{2026}'),
+        "status shows a start of {} bytes for a subscription from a GTID set of {} bytes",
+        start.len(),
+        set.len()
+    );
+    server.shutdown().await;
+}

@@ -1,10 +1,14 @@
 //! Slots under a live subscription, over real QUIC on loopback with a bare log as the node: a
 //! `DropSlot` that arrives while a subscription is attaching its slot (created or taken, not
-//! yet answered `Subscribed`) is refused as "in use", and a subscription whose slot is gone
-//! all the same (removed through the log itself) ends with an `Error` at its next ack. Guards against a consumer that believes its
-//! slot holds its position while retention is free to remove the log it still needs.
+//! yet answered `Subscribed`) is refused as "in use", a subscription whose slot is gone all
+//! the same (removed through the log itself) ends with an `Error` at its next ack, and a slot
+//! has one live subscription at a time (a second is refused until the first ends, also when
+//! the first one's network went away). Guards against a consumer that believes its slot holds
+//! its position while retention is free to remove the log it still needs.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tideline_stream::log_node::LogNode;
@@ -192,4 +196,169 @@ async fn an_ack_into_a_dropped_slot_ends_the_subscription() {
         f.node.wal().slot("s").is_none(),
         "the ack re-created the slot"
     );
+}
+
+/// Subscribes with slot `slot` until the node accepts it (a `Conflict` means the slot is still
+/// in use: try again); fails after `within`. Returns the subscription, how long it took and
+/// how often it was refused.
+async fn subscribe_when_free(
+    client: &Client,
+    slot: &str,
+    within: Duration,
+) -> (Subscription, Duration, u32) {
+    let began = Instant::now();
+    let mut refused = 0;
+    loop {
+        match client
+            .subscribe(Start::Earliest, None, None, Some(slot.into()))
+            .await
+        {
+            Ok(sub) => return (sub, began.elapsed(), refused),
+            Err(ClientError::Server {
+                code: ErrorCode::Conflict,
+                message,
+            }) if began.elapsed() < within => {
+                assert!(message.contains("in use"), "{message}");
+                refused += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!(
+                "slot {slot} was still refused {:?} after its subscription ended: {e}",
+                began.elapsed()
+            ),
+        }
+    }
+}
+
+/// A slot holds one consumer's position: while one subscription uses slot s, a second one
+/// naming s is refused (`Conflict`, saying the slot is in use and by whom), since the faster
+/// consumer's acks would move the slot past what the slower one still needs. Once the first
+/// subscription ends, a new one takes the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_live_subscription_of_a_slot_is_refused_until_the_first_ends() {
+    let f = start(|c| c.heartbeat = Duration::from_millis(50)).await;
+    let writer = f.client().await;
+    for i in 1..=10 {
+        writer.commit(put(i)).await.unwrap();
+    }
+    let fast = f.client().await;
+    let mut first = fast
+        .subscribe(Start::Earliest, None, None, Some("s".into()))
+        .await
+        .unwrap();
+    read_through(&mut first, 10).await;
+    let slow = f.client().await;
+    match slow
+        .subscribe(Start::Earliest, None, None, Some("s".into()))
+        .await
+    {
+        Err(ClientError::Server { code, message }) => {
+            assert_eq!(code, ErrorCode::Conflict, "{message}");
+            assert!(
+                message.contains("slot s is in use") && message.contains("another slot name"),
+                "the refusal does not say the slot is in use and what to do: {message}"
+            );
+        }
+        Ok(second) => {
+            // What it costs: the first consumer's ack moves the slot past what the second,
+            // which has read nothing yet, still needs.
+            first.ack(10).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            panic!(
+                "a second live subscription of slot s was accepted (from offset {}); after the \
+                 first one's ack the slot is {:?}",
+                second.next_offset(),
+                f.node.wal().slot("s")
+            );
+        }
+        Err(e) => panic!("the second subscription failed otherwise: {e}"),
+    }
+    // The first ends (its consumer closes the stream): the slot is free again.
+    drop(first);
+    let (mut second, _, _) = subscribe_when_free(&slow, "s", Duration::from_secs(5)).await;
+    read_through(&mut second, 10).await;
+}
+
+/// A UDP relay between a client and the server that can be cut: from then on it drops every
+/// datagram both ways, as a network that went away does.
+struct Relay {
+    addr: SocketAddr,
+    cut: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    async fn start(server: SocketAddr) -> Relay {
+        let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        back.connect(server).await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let cut = Arc::new(AtomicBool::new(false));
+        let task = {
+            let cut = cut.clone();
+            tokio::spawn(async move {
+                let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+                let mut client = None;
+                loop {
+                    tokio::select! {
+                        Ok((n, from)) = front.recv_from(&mut up) => {
+                            client = Some(from);
+                            if !cut.load(Ordering::SeqCst) {
+                                let _ = back.send(&up[..n]).await;
+                            }
+                        }
+                        Ok(n) = back.recv(&mut down) => {
+                            if let Some(to) = client.filter(|_| !cut.load(Ordering::SeqCst)) {
+                                let _ = front.send_to(&down[..n], to).await;
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        Relay { addr, cut, task }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A consumer whose network goes away does not close its stream: its subscription stays the
+/// slot's user until the node notices the connection is gone, at the idle timeout (the
+/// shorter of the node's and the client's). The consumer that comes back then takes its slot
+/// again: the refusal is not left behind by a connection that died.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_is_free_again_once_the_node_notices_its_consumer_is_gone() {
+    let idle = Duration::from_secs(2);
+    let f = start(|c| {
+        c.heartbeat = Duration::from_millis(50);
+        c.idle_timeout = idle;
+    })
+    .await;
+    let writer = f.client().await;
+    for i in 1..=10 {
+        writer.commit(put(i)).await.unwrap();
+    }
+    let relay = Relay::start(f.server.local_addr()).await;
+    let lost = Client::connect(&relay.addr.to_string(), f.client_cfg.clone())
+        .await
+        .unwrap();
+    let mut first = lost
+        .subscribe(Start::Earliest, None, None, Some("s".into()))
+        .await
+        .unwrap();
+    read_through(&mut first, 10).await;
+    relay.cut.store(true, Ordering::SeqCst);
+    let back = f.client().await;
+    let (mut sub, took, refused) = subscribe_when_free(&back, "s", idle * 5).await;
+    read_through(&mut sub, 10).await;
+    eprintln!("slot s was free again {took:?} after the network went away (idle timeout {idle:?})");
+    assert!(
+        refused > 0,
+        "slot s was taken by a second subscription while its first one's connection was live"
+    );
+    drop((first, lost, relay));
 }

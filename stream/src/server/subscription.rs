@@ -5,9 +5,9 @@
 //! (unfiltered ones go out as the log stores them), filters, progress, and the acks of the
 //! stream. Must never buffer more than one batch (`batch_bytes_target`) per subscription — a
 //! slow consumer stalls only its own stream through QUIC flow control — must never let an
-//! ack move a slot past what was sent, and must never take an ack into a slot that is gone
-//! in silence (the subscription ends with an error: its consumer would believe its position
-//! held).
+//! ack move a slot past what was sent, must never let two live subscriptions share a slot
+//! (the second is refused), and must never take an ack into a slot that is gone in silence
+//! (the subscription ends with an error: its consumer would believe its position held).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -16,9 +16,10 @@ use std::time::Duration;
 use tideline_wal::{GtidSet, Offset, Op, Reader, Transaction, Wal};
 
 use super::config::{ServerConfig, close_code, error, now_us};
+use super::monitor::cut_text;
 use super::node::Node;
 use super::outbox::Outbox;
-use crate::observe::{Peer, SubscriptionInfo};
+use crate::observe::{Peer, SlotBusy, SubscriptionInfo};
 use crate::proto::{BatchBuilder, ErrorCode, Request, Response, ServerSubscription, Start};
 use crate::wire::{FramedRecv, WireError, send_message};
 
@@ -172,11 +173,13 @@ pub(super) async fn serve_subscription<N: Node>(
     let info = SubscriptionInfo {
         remote: peer.remote.to_string(),
         client: peer.client.to_string(),
+        // Cut as monitor events cut keys: `status` lists every live subscription in one
+        // message, and a client's GTID set may be as large as a message.
         start: match &start {
             Start::Earliest => "earliest".to_string(),
             Start::Latest => "latest".to_string(),
             Start::Offset(n) => format!("offset:{n}"),
-            Start::Gtid(set) => format!("gtid:{set}"),
+            Start::Gtid(set) => cut_text(&format!("gtid:{set}")),
         },
         tree: tree.clone(),
         prefix: prefix
@@ -186,15 +189,30 @@ pub(super) async fn serve_subscription<N: Node>(
         sent_through: 0,
         since_us: now_us(),
     };
-    let Some(_listed) = cfg.observer.subscription(info, sent_through.clone()) else {
-        let name = slot.as_deref().unwrap_or_default();
-        let message = format!(
-            "slot {name} is being dropped by a DropSlot request; subscribe again once it is \
-             done (the slot is then created anew where the subscription starts)"
-        );
-        send_message(&mut send, &error(ErrorCode::Conflict, message)).await?;
-        let _ = send.finish();
-        return Ok(());
+    let _listed = match cfg.observer.subscription(info, sent_through.clone()) {
+        Ok(listed) => listed,
+        Err(busy) => {
+            let name = slot.as_deref().unwrap_or_default();
+            let message = match busy {
+                SlotBusy::Dropping => format!(
+                    "slot {name} is being dropped by a DropSlot request; subscribe again once \
+                     it is done (the slot is then created anew where the subscription starts)"
+                ),
+                SlotBusy::InUse(user) => format!(
+                    "slot {name} is in use by a live subscription of {} ({}): a slot holds one \
+                     consumer's position, and another consumer's acks would move it past what \
+                     this one still needs. Stop that consumer, or give this one another slot \
+                     name. A consumer that lost its connection keeps the slot until this node \
+                     notices it is gone (within the idle timeout, {} s at most)",
+                    user.client,
+                    user.remote,
+                    cfg.idle_timeout.as_secs_f64()
+                ),
+            };
+            send_message(&mut send, &error(ErrorCode::Conflict, message)).await?;
+            let _ = send.finish();
+            return Ok(());
+        }
     };
     // A new slot starts where the subscription starts; an existing one stays where the
     // consumer's acks put it (a resume may start past what its checkpoint stored, and the
