@@ -525,11 +525,13 @@ impl<'a> StoreBatch<'a> {
     }
 
     /// Adds `op` to the batch with its one meaning: creating an existing tree keeps it
-    /// (operator and data); dropping a missing tree does nothing; a data op on a missing tree
-    /// creates the tree without an operator (submission refuses such ops; a log written by
-    /// another build might hold one, and apply stays total and deterministic); a merge is
-    /// resolved against the tree's current value (this batch's writes included) with the
-    /// tree's operator, or stores the operand when the tree has none.
+    /// (operator and data), creating one with an operator this build does not know is an
+    /// error (only a newer build's log holds one); dropping a missing tree does nothing; a
+    /// data op on a missing tree creates the tree without an operator (submission refuses
+    /// such ops; a log written by another build might hold one, and apply stays total and
+    /// deterministic); a merge is resolved against the tree's current value (this batch's
+    /// writes included) with the tree's operator, or stores the operand when the tree has
+    /// none.
     pub(crate) fn apply_op(&mut self, op: OpRef<'_>, at: NewKeyspace) -> Result<(), String> {
         match op {
             OpRef::CreateTree {
@@ -537,7 +539,19 @@ impl<'a> StoreBatch<'a> {
                 merge_operator,
             } => {
                 if self.catalog().get(tree).is_none() {
-                    let merge = merge_operator.and_then(MergeOperator::from_name);
+                    // Without its operator the tree's merges would mean something else.
+                    let merge = match merge_operator {
+                        None => None,
+                        Some(name) => Some(MergeOperator::from_name(name).ok_or_else(|| {
+                            format!(
+                                "tree `{tree}` is created with merge operator `{name}`, which \
+                                 this build does not know (built-ins are {}): the log was \
+                                 written by a newer Tideline build; run that build or a newer \
+                                 one",
+                                crate::merge::known_operators()
+                            )
+                        })?),
+                    };
                     self.create_tree(tree, merge, at)?;
                 }
             }

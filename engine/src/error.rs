@@ -19,26 +19,43 @@ pub enum OpenError {
         source: StoreError,
     },
     /// The store holds bytes that do not decode.
-    #[error(
-        "the state store in {path} is damaged ({what}); delete the store directory to rebuild \
-         it from the log, or restore the node from a replica"
-    )]
+    #[error("the state store in {path} is damaged: {what}")]
     CorruptStore {
         /// The store directory.
         path: String,
-        /// What did not decode.
+        /// What did not decode, then what to do: [`crate::Engine::open`] advises deleting the
+        /// store only when its log can rebuild it (the log still starts at offset 1 with no
+        /// history before it), else restoring the store or bootstrapping the node again.
         what: String,
     },
     /// The store was built from another node's log.
     #[error(
         "the state store belongs to server {store_uuid} but the log is server {log_uuid}; \
-         point --data at the matching log and store, or delete the store to rebuild it"
+         point --data at the matching log and store, or {remedy}"
     )]
     WrongLog {
         /// server_uuid recorded in the store.
         store_uuid: uuid::Uuid,
         /// server_uuid of the log.
         log_uuid: uuid::Uuid,
+        /// What to do otherwise: delete the store only when this log can rebuild it.
+        remedy: String,
+    },
+    /// The store lacks GTIDs the log counts as executed before its first record (a bootstrap
+    /// copy, or records retention removed): it was deleted, or replaced by an older copy, and
+    /// the log cannot rebuild what is missing.
+    #[error(
+        "the state store in {path} lacks GTIDs {missing} that the log counts as executed but \
+         cannot replay (a bootstrap copy, or records retention removed): the store was \
+         deleted or replaced by an older copy; restore the store from a backup taken since, \
+         or empty the node's data directory (log and store) and bootstrap the node again \
+         from a replica"
+    )]
+    StoreLacksLogHistory {
+        /// The store directory.
+        path: String,
+        /// The GTIDs the store lacks.
+        missing: tideline_wal::GtidSet,
     },
     /// The store has applied records the log does not hold: the log lost durable records.
     #[error(
@@ -54,8 +71,9 @@ pub enum OpenError {
     /// The store needs records that retention already removed from the log.
     #[error(
         "the state store has applied up to offset {store_offset}, but the log starts at \
-         {first_offset}; records in between are gone: delete the store and re-bootstrap this \
-         node from a replica"
+         {first_offset}; records in between are gone: restore the store from a more recent \
+         backup, or empty the node's data directory (log and store) and bootstrap the node \
+         again from a replica"
     )]
     LogMissing {
         /// Offset applied by the store.
@@ -68,14 +86,26 @@ pub enum OpenError {
     Log(#[from] tideline_wal::Error),
     /// Applying a replayed record to the store failed.
     #[error(
-        "applying log record {offset} to the store failed: {reason}; check the disk and \
-         restart (replay resumes from the store's last applied offset)"
+        "applying log record {offset} to the store failed: {reason}; fix what it names (a \
+         failed write: check the disk) and restart (replay resumes from the store's last \
+         applied offset)"
     )]
     Apply {
         /// The record's offset.
         offset: u64,
         /// What failed.
         reason: String,
+    },
+    /// Syncing the store after recovery failed.
+    #[error(
+        "syncing the state store in {path} after recovery failed: {source}; check the disk \
+         and restart (recovery applies the log again)"
+    )]
+    StoreSync {
+        /// The store directory.
+        path: String,
+        /// The store's error.
+        source: StoreError,
     },
     /// A setting is out of range.
     #[error("invalid engine option: {0}")]
@@ -118,6 +148,22 @@ pub enum ReadError {
         name: String,
         /// Its state, e.g. `backfilling (42.0%)`.
         state: String,
+    },
+    /// A query gave more values than the index has paths: nothing the index holds can match.
+    #[error(
+        "index `{name}` on tree `{tree}` has {paths} {} but the query gave {values} values; give \
+         at most one value per path, in the order of the paths (see `tideline index list`)",
+        if *.paths == 1 { "path" } else { "paths" }
+    )]
+    IndexTooManyValues {
+        /// Tree.
+        tree: String,
+        /// Index name.
+        name: String,
+        /// How many paths the index has.
+        paths: usize,
+        /// How many values the query gave.
+        values: usize,
     },
     /// An index entry does not match its document: the index is damaged.
     #[error(
@@ -207,13 +253,14 @@ pub enum WriteError {
         /// Limit.
         max: usize,
     },
-    /// A value (or merge operand) over the limit.
+    /// A value or merge operand over the limit, or a merge that would leave a value over it.
     #[error(
-        "value of {bytes} bytes exceeds the limit of {max} bytes; split it, or raise the \
-         limit (`serve --value-bytes-max`, EngineOptions::value_bytes_max)"
+        "value of {bytes} bytes (for a merge: the value it would leave under its key) exceeds \
+         the limit of {max} bytes; nothing was written: split the value across keys, or raise \
+         the limit (`serve --value-bytes-max`, EngineOptions::value_bytes_max)"
     )]
     ValueTooLarge {
-        /// Value length.
+        /// Value length (for a merge: of the value it would leave).
         bytes: usize,
         /// Limit.
         max: usize,

@@ -129,6 +129,11 @@ impl FromStr for MergeOperator {
     }
 }
 
+/// How much longer than its input (existing value and operands) a `json-merge-patch` result
+/// may be: it is serde_json's compact form, where strings, literals and layout never grow but
+/// a number may (`1e15` is written back as `1000000000000000.0`, 18 bytes for 4).
+pub(crate) const JSON_GROWTH_MAX: u64 = 6;
+
 /// The built-in operator names, comma-separated, for error messages.
 pub(crate) fn known_operators() -> String {
     MergeOperator::ALL
@@ -191,6 +196,34 @@ mod tests {
         assert_eq!(max.resolve(None, b"3"), b"3");
         assert_eq!(max.resolve(Some(b"9"), b"3"), b"9");
         assert_eq!(max.resolve(Some(b"x"), b"3"), b"3");
+    }
+
+    /// JSON_GROWTH_MAX bounds what a number, the one JSON text serde_json writes back longer,
+    /// becomes: the shortest numbers of every exponent, where the growth is largest.
+    #[test]
+    fn json_results_grow_at_most_json_growth_max() {
+        let mut largest = 0.0f64;
+        for exp in -330..330 {
+            for n in [format!("9e{exp}"), format!("-9e{exp}"), format!("1e{exp}")] {
+                let out = MergeOperator::JsonMergePatch.resolve(None, n.as_bytes());
+                if out == b"null" {
+                    continue; // out of range: the operand is refused on submission
+                }
+                largest = largest.max(out.len() as f64 / n.len() as f64);
+                assert!(
+                    out.len() as u64 <= JSON_GROWTH_MAX * n.len() as u64,
+                    "{n} -> {}",
+                    String::from_utf8_lossy(&out)
+                );
+            }
+        }
+        assert!(largest > 4.0, "the worst case was not met: {largest}");
+        for (n, want) in [("-0", "-0.0"), ("1e15", "1000000000000000.0")] {
+            assert_eq!(
+                MergeOperator::JsonMergePatch.resolve(None, n.as_bytes()),
+                want.as_bytes()
+            );
+        }
     }
 
     #[test]

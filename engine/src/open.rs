@@ -1,9 +1,10 @@
 //! Opening, recovery, checkpoints and closing.
 //!
-//! Owns: [`Engine::open`] (option checks, the store's position and identity checked against
-//! the log, the catalog loaded, an interrupted bootstrap finish completed, replay of every log
-//! record after the store's applied offset, the applier and checkpoint threads started),
-//! checkpoints (sync the store, then raise the log's retention floor) and [`Engine::close`].
+//! Owns: [`Engine::open`] (option checks, the store's position, identity and history checked
+//! against the log, the catalog loaded, an interrupted bootstrap finish completed, replay of
+//! every log record after the store's applied offset, the applier and checkpoint threads
+//! started), checkpoints (sync the store, then raise the log's retention floor) and
+//! [`Engine::close`].
 //!
 //! Invariants: recovery applies offsets densely and in order through the same applier code as
 //! live commits (`Inner::apply_group`), so a crash at any point loses no acknowledged
@@ -40,6 +41,24 @@ impl Engine {
         wal: Arc<Wal>,
         opts: EngineOptions,
     ) -> Result<Engine, OpenError> {
+        let log = wal.clone();
+        Engine::open_unadvised(store_dir.as_ref(), wal, opts).map_err(|e| match e {
+            // Raised while loading the store (also by the catalog and the bootstrap finish):
+            // what to do depends on whether the log can rebuild the store.
+            OpenError::CorruptStore { path, what } => OpenError::CorruptStore {
+                path,
+                what: format!("{what}; {}", store_remedy(&log)),
+            },
+            other => other,
+        })
+    }
+
+    /// [`Engine::open`] before a damaged store's error says what to do about it.
+    fn open_unadvised(
+        store_dir: &Path,
+        wal: Arc<Wal>,
+        opts: EngineOptions,
+    ) -> Result<Engine, OpenError> {
         if opts.key_bytes_max == 0 || opts.key_bytes_max > KEY_BYTES_MAX_LIMIT {
             return Err(OpenError::BadOption(format!(
                 "key_bytes_max must be 1..={KEY_BYTES_MAX_LIMIT}, not {}",
@@ -59,7 +78,7 @@ impl Engine {
                 opts.memtable_bytes
             )));
         }
-        let path = store_dir.as_ref().to_path_buf();
+        let path = store_dir.to_path_buf();
         let shown = path.display().to_string();
         let store_err = |source: StoreError| OpenError::Store {
             path: shown.clone(),
@@ -124,6 +143,7 @@ impl Engine {
                 return Err(OpenError::WrongLog {
                     store_uuid,
                     log_uuid: wal.server_uuid(),
+                    remedy: store_remedy(&wal),
                 });
             }
         }
@@ -156,6 +176,21 @@ impl Engine {
                 store_offset: applied,
                 first_offset: first,
             });
+        }
+        // The history before the log's first record (a bootstrap copy, records retention
+        // removed) must be in the store: replay cannot bring it back. A healthy store holds it
+        // (the bootstrap finish stores the copy's GTIDs before the log's reset records them;
+        // retention never removes what the store has not persisted); a deleted store, or an
+        // older copy of it put back, does not. While bootstrapping the store holds only this
+        // node's own GTIDs until the finish.
+        if bootstrap.is_none() {
+            let missing = history_before_log(&wal).difference(&gtids);
+            if !missing.is_empty() {
+                return Err(OpenError::StoreLacksLogHistory {
+                    path: shown.clone(),
+                    missing,
+                });
+            }
         }
         // Hold the log the store may still need until the first checkpoint below.
         wal.set_retention_floor(Offset::new(applied + 1).unwrap_or(Offset::FIRST));
@@ -216,21 +251,27 @@ impl Engine {
             let v = inner.view.read().unwrap_or_else(|p| p.into_inner());
             inner.reset_commit_state(&mut lock(&inner.commit), &v);
             lock(&inner.apply).applied = v.offset;
-            let log_gtids = wal.gtids();
-            // While bootstrapping, the store's GTIDs are the upstream's, not the log's.
-            if !log_gtids.is_subset(&v.gtids) && !inner.bootstrapping.load(Ordering::SeqCst) {
-                tracing::warn!(
-                    log = %log_gtids, store = %v.gtids,
-                    "the log holds GTIDs the store has not executed; they were skipped as duplicates"
-                );
+            // After replay the store holds every GTID of the log (checked above for the
+            // history before its first record); a store whose applied offset covers a record
+            // whose GTID it lacks is of another history. While bootstrapping, the store's
+            // GTIDs are the upstream's, not the log's.
+            let missing = wal.gtids().difference(&v.gtids);
+            if !missing.is_empty()
+                && !inner.bootstrapping.load(Ordering::SeqCst)
+                && inner.opts.replay_on_open()
+            {
+                return Err(OpenError::StoreLacksLogHistory {
+                    path: shown.clone(),
+                    missing,
+                });
             }
         }
         if replayed > 0 {
             tracing::info!(replayed, "replayed log records into the store");
         }
         inner
-            .checkpoint()
-            .map_err(|reason| OpenError::Apply { offset: 0, reason })?;
+            .sync_store()
+            .map_err(|source| sync_after_replay_failed(&shown, source))?;
 
         // A thread that dies (a panic outside the applier's own guard, a bug) fails the engine
         // (fail-stop) instead of leaving commits waiting for ever behind a dead thread.
@@ -330,6 +371,48 @@ impl Engine {
     }
 }
 
+/// The error of open's store sync after replay.
+fn sync_after_replay_failed(path: &str, source: StoreError) -> OpenError {
+    OpenError::StoreSync {
+        path: path.to_string(),
+        source,
+    }
+}
+
+/// The GTIDs the log holds as history before its first record: what a bootstrap copied and
+/// what retention removed.
+fn history_before_log(wal: &Wal) -> GtidSet {
+    wal.stats()
+        .segments
+        .into_iter()
+        .next()
+        .map(|s| s.gtids_before)
+        .unwrap_or_default()
+}
+
+/// What to do about a store the engine cannot use: delete it only when the log can rebuild
+/// it, that is when the log still starts at offset 1 with no history before it; otherwise
+/// deleting it would only lead to another refusal (`LogMissing`, `StoreLacksLogHistory`).
+fn store_remedy(wal: &Wal) -> String {
+    let first = wal.first_offset();
+    let before = history_before_log(wal);
+    if first == Offset::FIRST && before.is_empty() {
+        return "delete the store directory to rebuild it from the log, or restore the node \
+                from a replica"
+            .into();
+    }
+    let history = if before.is_empty() {
+        String::new()
+    } else {
+        format!(" after the history {before}")
+    };
+    format!(
+        "restore the store from a backup, or empty the node's data directory (log and store) \
+         and bootstrap the node again from a replica: the log cannot rebuild the store, as it \
+         starts at offset {first}{history}"
+    )
+}
+
 /// The text of a panic's payload (`panic!` with a literal or a format).
 fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
     panic
@@ -405,13 +488,19 @@ impl Inner {
     }
 
     pub(crate) fn checkpoint(&self) -> Result<(), String> {
+        self.sync_store()
+            .map_err(|e| format!("syncing the state store failed: {e}"))
+    }
+
+    /// [`Inner::checkpoint`] with the store's error: syncs the store, then raises the log's
+    /// retention floor; a failed sync fails the engine.
+    fn sync_store(&self) -> Result<(), StoreError> {
         let _g = lock(&self.checkpoint_lock);
         let applied = self.applied.load(Ordering::SeqCst);
         // Every batch up to `applied` was committed to the store's journal before this sync.
         if let Err(e) = self.db.persist(Persist::Sync) {
-            let reason = format!("syncing the state store failed: {e}");
-            self.fail(reason.clone());
-            return Err(reason);
+            self.fail(format!("syncing the state store failed: {e}"));
+            return Err(e);
         }
         self.wal
             .set_retention_floor(Offset::new(applied + 1).unwrap_or(Offset::FIRST));
@@ -439,5 +528,187 @@ impl Inner {
             }
             stop = lock(&self.stop);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Open's refusals and their advice: a damaged or foreign store is rebuilt from the log
+    //! only when the log still holds the whole history (else the advice would lead to a
+    //! refusal or, worse, a store without the missing history); a failed sync after replay
+    //! names that step; a log naming a merge operator this build does not know is refused
+    //! (replaying it without the operator would give merges another meaning).
+
+    use std::sync::Arc;
+
+    use tideline_wal::{
+        Gtid, GtidSet, MemStorage, NewTransaction, Op, RetentionPolicy, Wal, WalOptions,
+    };
+
+    use crate::catalog;
+    use crate::engine::Engine;
+    use crate::error::OpenError;
+    use crate::state::EngineOptions;
+    use crate::store::{Backend, Store, StoreError, StoreOptions, TreeOptions, WriteBatch};
+
+    fn small_segments() -> WalOptions {
+        WalOptions {
+            segment_bytes_max: 4096,
+            retention: RetentionPolicy {
+                retain_bytes_min: 0,
+                slot_bytes_max: None,
+                slot_age_max: None,
+            },
+            ..WalOptions::default()
+        }
+    }
+
+    /// A node with 200 commits in `store`, on the log in `storage`; with `retain`, retention
+    /// then removes the log's early segments. Returns the log's first offset.
+    fn node_with_history(store: &std::path::Path, storage: &Arc<MemStorage>, retain: bool) -> u64 {
+        let wal = Arc::new(Wal::open(storage.clone(), small_segments()).expect("open log"));
+        let e = Engine::open(store, wal.clone(), EngineOptions::default()).expect("open engine");
+        for i in 0..200u32 {
+            e.put("default", format!("k{i:04}").as_bytes(), &[7u8; 100])
+                .expect("put");
+        }
+        e.checkpoint().expect("checkpoint");
+        if retain {
+            wal.run_retention().expect("retention");
+        }
+        let first = wal.first_offset().get();
+        e.close().expect("close engine");
+        drop(e);
+        wal.close().expect("close log");
+        first
+    }
+
+    /// Overwrites the store's format marker with one no build writes.
+    fn damage_format_marker(store: &std::path::Path) {
+        let db = Backend::open(
+            store,
+            &StoreOptions {
+                cache_bytes: 8 << 20,
+                worker_threads: 0,
+            },
+        )
+        .expect("open the store");
+        let meta = db
+            .tree(catalog::META_KEYSPACE, &TreeOptions::default())
+            .expect("meta");
+        let mut batch = db.batch();
+        batch.insert(&meta, catalog::KEY_FORMAT, b"99");
+        batch.commit().expect("commit");
+        db.persist(crate::store::Persist::Sync).expect("sync");
+    }
+
+    fn open_err(store: &std::path::Path, storage: &Arc<MemStorage>) -> OpenError {
+        let wal = Wal::open(storage.clone(), small_segments()).expect("open log");
+        match Engine::open(store, Arc::new(wal), EngineOptions::default()) {
+            Ok(_) => panic!("the store opened; it must be refused"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn a_damaged_store_is_not_sent_to_a_rebuild_from_a_log_past_retention() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Arc::new(MemStorage::new());
+        let store = dir.path().join("store");
+        let first = node_with_history(&store, &storage, true);
+        assert!(
+            first > 1,
+            "retention removed the early segments (first offset {first})"
+        );
+        damage_format_marker(&store);
+        let e = open_err(&store, &storage);
+        let text = e.to_string();
+        assert!(matches!(e, OpenError::CorruptStore { .. }), "{text}");
+        assert!(
+            !text.contains("delete the store"),
+            "the log starts at offset {first}: deleting the store cannot rebuild it: {text}"
+        );
+        assert!(text.contains("restore"), "{text}");
+    }
+
+    #[test]
+    fn a_damaged_store_is_sent_to_a_rebuild_when_the_log_holds_the_whole_history() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let storage = Arc::new(MemStorage::new());
+        let store = dir.path().join("store");
+        assert_eq!(node_with_history(&store, &storage, false), 1);
+        damage_format_marker(&store);
+        let text = open_err(&store, &storage).to_string();
+        assert!(text.contains("delete the store directory"), "{text}");
+        // And the advice holds: the log rebuilds the store.
+        std::fs::remove_dir_all(&store).expect("delete the store");
+        let wal = Wal::open(storage.clone(), small_segments()).expect("open log");
+        let e = Engine::open(&store, Arc::new(wal), EngineOptions::default()).expect("rebuild");
+        assert_eq!(
+            e.get("default", b"k0199").expect("get").map(|v| v.len()),
+            Some(100)
+        );
+    }
+
+    #[test]
+    fn a_store_of_another_log_is_not_sent_to_a_rebuild_from_a_log_that_starts_after_a_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = dir.path().join("store");
+        node_with_history(&store, &Arc::new(MemStorage::new()), false);
+        // Another node's log whose history begins with a bootstrap copy.
+        let storage = Arc::new(MemStorage::new());
+        let wal = Wal::open(storage.clone(), small_segments()).expect("open log");
+        let copied: GtidSet = "3e11fa47-71ca-11e1-9e33-c80aa9429562:1-10"
+            .parse()
+            .expect("set");
+        wal.reset_history(&copied).expect("reset");
+        wal.close().expect("close log");
+        let e = open_err(&store, &storage);
+        let text = e.to_string();
+        assert!(matches!(e, OpenError::WrongLog { .. }), "{text}");
+        assert!(!text.contains("delete the store"), "{text}");
+    }
+
+    #[test]
+    fn a_failed_sync_after_replay_names_the_sync_not_a_log_record() {
+        let source = StoreError::new(std::io::Error::other("no space left on device"));
+        let text = super::sync_after_replay_failed("/data/store", source).to_string();
+        assert!(
+            text.contains("syncing the state store in /data/store"),
+            "names the step: {text}"
+        );
+        assert!(text.contains("no space left on device"), "{text}");
+        assert!(!text.contains("log record 0"), "{text}");
+    }
+
+    #[test]
+    fn a_log_naming_an_unknown_merge_operator_is_refused_on_replay() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wal = Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).expect("log");
+        let gtid = Gtid::new(wal.server_uuid(), 1).expect("gtid");
+        wal.append(NewTransaction {
+            gtid,
+            timestamp_us: 1,
+            ops: vec![Op::CreateTree {
+                tree: "counts".into(),
+                merge_operator: Some("max_v9".into()),
+            }],
+        })
+        .expect("append");
+        let text = match Engine::open(dir.path(), Arc::new(wal), EngineOptions::default()) {
+            Ok(e) => panic!(
+                "replay created the tree with operator {:?} instead of refusing the log",
+                e.trees()
+                    .iter()
+                    .find(|t| t.name == "counts")
+                    .map(|t| t.merge_operator)
+            ),
+            Err(e) => e.to_string(),
+        };
+        assert!(text.contains("max_v9"), "names the operator: {text}");
+        assert!(
+            text.contains("newer"),
+            "says to run the newer build: {text}"
+        );
     }
 }

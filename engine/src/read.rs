@@ -17,7 +17,7 @@ use crate::engine::Engine;
 use crate::error::{ReadError, key_text};
 use crate::snapshot::{Position, Scan, Snapshot, owned_bounds};
 use crate::state::Inner;
-use crate::store::{Store, StoreTree};
+use crate::store::{Store, StoreSnapshot, StoreTree};
 
 impl Engine {
     /// The last applied position: offset and `gtid_executed`.
@@ -59,7 +59,8 @@ impl Engine {
     }
 
     /// Key-value pairs of `tree` in `range` (any bounds), ascending or, with `reverse`,
-    /// descending. The scan reads one consistent state.
+    /// descending. The scan reads one consistent state: the one committed when it began
+    /// (a store snapshot, taken once per scan).
     pub fn range<K: AsRef<[u8]>>(
         &self,
         tree: &str,
@@ -69,17 +70,24 @@ impl Engine {
         let catalog = self.inner.current_catalog();
         let bounds = owned_bounds(&range);
         match catalog.get(tree) {
-            Some(t) => Ok(Scan::new(bounds.map(|b| t.handle.range(b)), reverse)),
+            Some(t) => Ok(Scan::new(
+                bounds.map(|b| self.inner.db.snapshot().range(&t.handle, b)),
+                reverse,
+            )),
             None if tree == DEFAULT_TREE => Ok(Scan::new(None, reverse)),
             None => Err(ReadError::UnknownTree(tree.to_string())),
         }
     }
 
-    /// Key-value pairs of `tree` whose key starts with `prefix`.
+    /// Key-value pairs of `tree` whose key starts with `prefix`, read like
+    /// [`range`](Self::range) from the state committed when the scan began.
     pub fn prefix(&self, tree: &str, prefix: &[u8], reverse: bool) -> Result<Scan, ReadError> {
         let catalog = self.inner.current_catalog();
         match catalog.get(tree) {
-            Some(t) => Ok(Scan::new(Some(t.handle.prefix(prefix)), reverse)),
+            Some(t) => Ok(Scan::new(
+                Some(self.inner.db.snapshot().prefix(&t.handle, prefix)),
+                reverse,
+            )),
             None if tree == DEFAULT_TREE => Ok(Scan::new(None, reverse)),
             None => Err(ReadError::UnknownTree(tree.to_string())),
         }

@@ -239,6 +239,10 @@ pub(crate) struct HistoryEntry {
     pub(crate) offset: u64,
     pub(crate) keys: KeysRef,
     pub(crate) trees: Vec<Arc<str>>,
+    /// Trees whose indexes the transaction creates or drops (no read conflicts with them).
+    pub(crate) index_trees: Vec<Arc<str>>,
+    /// Bytes of the values and merge operands it writes: how much it may grow one value.
+    pub(crate) written_bytes: u64,
 }
 
 /// The keys some transactions write, tree and key, in one buffer: an upstream batch collects

@@ -1,8 +1,9 @@
 //! The engine's API on its everyday paths and its refusals: trees, point reads, ranges and
 //! prefixes in both directions, compare-and-swap, counters, JSON documents, merge operators,
 //! conflicts between transactions, read-only mode, fail-stop on a poisoned log, and bad
-//! input (unknown tree or operator, oversized key or value, malformed JSON), where nothing
-//! may reach the log or the store. Guards against silent partial writes and wrong results.
+//! input (unknown tree or operator, oversized key or value, a merge that would grow a value
+//! past the limit, malformed JSON), where nothing may reach the log or the store. Guards
+//! against silent partial writes and wrong results.
 
 use std::sync::Arc;
 
@@ -719,4 +720,131 @@ fn a_before_image_read_before_a_drop_is_not_logged_for_the_tree_created_again() 
         "the put into the tree created again logged the dropped tree's value as its before-image"
     );
     assert_eq!(e.get("t", b"k").expect("get").as_deref(), Some(&b"7"[..]));
+}
+
+/// 16 MiB, the default value limit (`EngineOptions::value_bytes_max`).
+const VALUE_MAX: usize = 16 << 20;
+
+/// Asserts that `r` is the refusal of a merge that would leave `bytes` under its key.
+fn assert_merge_too_large(r: Result<tideline_engine::CommitInfo, WriteError>, bytes: usize) {
+    let err = r.expect_err("a merge leaving a value over the limit");
+    match &err {
+        WriteError::ValueTooLarge { bytes: b, max } => {
+            assert_eq!((*b, *max), (bytes, VALUE_MAX), "{err}")
+        }
+        other => panic!("expected ValueTooLarge, got {other:?}"),
+    }
+    assert!(!err.is_retryable(), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&bytes.to_string()) && msg.contains("merge") && msg.contains("split"),
+        "the message must say what the merge would make of the value and what to do: {msg}"
+    );
+}
+
+/// A merge whose result grows with the stored value (`append`, `json-merge-patch`) may not
+/// leave a value over the value limit: such a value could never be sent to a replica being
+/// bootstrapped (one chunk message), nor read back. Merges are resolved when applied, which
+/// must never fail, so the primary refuses the commit instead, and the stored value is the
+/// one before it.
+#[test]
+fn a_merge_that_would_grow_a_value_past_the_limit_is_refused() {
+    let n = node();
+    let e = &n.engine;
+    e.create_tree("log", Some("append")).expect("tree");
+    let nine = vec![b'x'; 9 << 20];
+    e.merge("log", b"k", &nine).expect("first merge");
+    let before = e.wal().visible_offset();
+    assert_merge_too_large(e.merge("log", b"k", &nine), 18 << 20);
+    // Also when the transaction itself wrote the value it merges into.
+    assert_merge_too_large(
+        e.transaction(|tx| {
+            tx.put("log", b"fresh", &nine)?;
+            tx.merge("log", b"fresh", &nine)
+        })
+        .map(|o| o.commit.expect("logged")),
+        18 << 20,
+    );
+    assert_eq!(e.wal().visible_offset(), before, "a refusal logged nothing");
+    assert_eq!(
+        e.get("log", b"k").expect("get").map(|v| v.len()),
+        Some(9 << 20),
+        "the stored value is the one before the refused merge"
+    );
+    // Up to the limit, a merge goes through; a delete starts the key over.
+    e.merge("log", b"k", &vec![b'y'; VALUE_MAX - (9 << 20)])
+        .expect("a merge up to the limit");
+    assert_merge_too_large(e.merge("log", b"k", b"z"), VALUE_MAX + 1);
+    e.delete("log", b"k").expect("delete");
+    e.merge("log", b"k", &nine)
+        .expect("a merge into a deleted key");
+
+    // A JSON merge patch that adds fields grows its document the same way.
+    e.create_tree("docs", Some("json-merge-patch"))
+        .expect("tree");
+    let field = |name: &str| format!(r#"{{"{name}":"{}"}}"#, "x".repeat(9 << 20));
+    e.merge("docs", b"d", field("a").as_bytes())
+        .expect("first patch");
+    let doc = e.get("docs", b"d").expect("get").expect("stored");
+    let err = e.merge("docs", b"d", field("b").as_bytes());
+    assert_merge_too_large(err, 2 * (9 << 20) + r#"{"a":"","b":""}"#.len());
+    assert_eq!(e.get("docs", b"d").expect("get"), Some(doc));
+}
+
+/// The size check of a merge counts the merges to the same key that are committed and not
+/// yet applied (the applier is held back by a test-only pause): one that could take the value
+/// over the limit with them is a retryable conflict, exact once they are applied. Small
+/// merges beside a pending one commit without a conflict (a merge stays blind).
+#[test]
+fn a_merge_beside_a_pending_merge_of_its_key_is_checked_against_both() {
+    let n = node_with(EngineOptions {
+        unsafe_pause_before_apply: Some(std::time::Duration::from_secs(2)),
+        ..EngineOptions::default()
+    });
+    let e = Arc::new(n.engine);
+    e.transaction(|tx| {
+        tx.create_tree("log", Some("append"))?;
+        tx.merge("log", b"small", b"a")
+    })
+    .expect("tree");
+    let nine = vec![b'x'; 9 << 20];
+    let first = {
+        let e = e.clone();
+        let nine = nine.clone();
+        std::thread::spawn(move || {
+            e.transaction(|tx| {
+                tx.merge("log", b"k", &nine)?;
+                tx.merge("log", b"small", b"b")
+            })
+            .map(|o| o.commit)
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while e.wal().visible_offset() <= e.applied_offset() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first merge never reached the log"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // Refused at once, before anything waits for the applier.
+    let err = e
+        .merge("log", b"k", &nine)
+        .expect_err("the second merge could take the value over the limit");
+    assert!(
+        e.applied_offset() < e.wal().visible_offset(),
+        "the first merge must still be unapplied when the second one is checked"
+    );
+    assert!(err.is_retryable(), "{err:?}");
+    e.merge("log", b"small", b"c")
+        .expect("a small merge beside a pending one commits");
+    first
+        .join()
+        .expect("first merge")
+        .expect("first merge commits");
+    assert_merge_too_large(e.merge("log", b"k", &nine), 18 << 20);
+    assert_eq!(
+        e.get("log", b"k").expect("get").map(|v| v.len()),
+        Some(9 << 20)
+    );
 }

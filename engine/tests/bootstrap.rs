@@ -18,6 +18,9 @@
 //! - finish: `gtid_executed` and the log's GTIDs become the given set, the next commit takes
 //!   the next offset and is logged, upstream GTIDs in the set are no-ops, a finish cut short
 //!   after its first step is completed by open;
+//! - a store without the copy (deleted after the finish, or a backup from before it put
+//!   back) is refused on open, naming the copy's GTIDs the log holds only as history before
+//!   its first record: opening it would serve a state without the copy;
 //! - writes refused while bootstrapping; malformed peer input refused with nothing written.
 
 mod common;
@@ -28,7 +31,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use rand::rngs::StdRng;
-use tideline_engine::{Applied, Engine, EngineOptions, RestoreOp, WriteError};
+use tideline_engine::{Applied, Engine, EngineOptions, OpenError, RestoreOp, WriteError};
 use tideline_wal::{
     FileStorage, Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, PackedEntries, Wal,
     WalOptions,
@@ -788,6 +791,110 @@ fn a_finish_cut_short_after_its_first_step_is_completed_by_open() {
     // The 7 copied, the node's own first one, and the put after the finish.
     assert_eq!(e.wal().gtids().count(), 9);
     assert!(!e.is_bootstrapping());
+}
+
+/// Copies directory `from` (recursively) to `to`, a store image for a "restored backup".
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create the copy's directory");
+    for e in std::fs::read_dir(from).expect("read dir") {
+        let e = e.expect("dir entry");
+        let target = to.join(e.file_name());
+        if e.file_type().expect("file type").is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), &target).expect("copy a file");
+        }
+    }
+}
+
+/// Bootstraps `e` from a copy holding `k1 = v1` whose GTIDs are `upstream:1-10`, then applies
+/// the upstream's GTID 11 (logged after the copy). Returns the copy's GTID set.
+fn bootstrap_copy_then_one_upstream_txn(e: &Engine) -> GtidSet {
+    e.bootstrap_begin(b"p0").expect("begin");
+    e.bootstrap_apply(
+        vec![chunk("default", None, b"a", None, &[(b"k1", b"v1")])],
+        b"p1",
+    )
+    .expect("apply");
+    let copied: GtidSet = format!("{}:1-10", upstream()).parse().expect("set");
+    e.bootstrap_finish(&copied).expect("finish");
+    assert!(matches!(
+        e.apply_upstream(upstream_txn(11, b"k11")).expect("apply"),
+        Applied::Committed(_)
+    ));
+    assert_eq!(
+        e.get("default", b"k1").expect("get").as_deref(),
+        Some(&b"v1"[..])
+    );
+    copied
+}
+
+/// Opens `store` on the log in `storage` and expects the refusal of a store that lacks the
+/// bootstrap copy `copied` the log counts as executed before its first record: a typed error
+/// naming the missing GTIDs and telling the operator to restore the store or bootstrap again.
+#[track_caller]
+fn assert_refused_for_missing_copy(store: &Path, storage: &Arc<MemStorage>, copied: &GtidSet) {
+    let wal = Wal::open(storage.clone(), WalOptions::default()).expect("open log");
+    let e = match Engine::open(store, Arc::new(wal), EngineOptions::default()) {
+        Ok(e) => panic!(
+            "a store without the bootstrap copy ({copied}) opened and serves k1 = {:?}, \
+             gtid_executed {}: it must be refused",
+            e.get("default", b"k1").expect("get"),
+            e.gtid_executed()
+        ),
+        Err(e) => e,
+    };
+    let text = e.to_string();
+    match &e {
+        OpenError::StoreLacksLogHistory { missing, .. } => {
+            assert_eq!(missing, copied, "{text}")
+        }
+        other => panic!("expected StoreLacksLogHistory, got {other:?}: {text}"),
+    }
+    assert!(
+        text.contains(&copied.to_string()),
+        "names the GTIDs: {text}"
+    );
+    assert!(
+        text.contains("restore"),
+        "says to restore the store: {text}"
+    );
+    assert!(
+        text.contains("bootstrap"),
+        "says to bootstrap again: {text}"
+    );
+}
+
+/// A new replica bootstrapped with an empty log keeps the copy's GTIDs only as the log's
+/// history before its first record. Its store deleted (to "rebuild it from the log"), the log
+/// alone would give a state without the copy: open must refuse it instead of serving it.
+#[test]
+fn a_store_rebuilt_from_a_log_that_starts_after_a_bootstrap_copy_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = Arc::new(MemStorage::new());
+    let e = open_mem(&dir.path().join("store"), &storage);
+    let copied = bootstrap_copy_then_one_upstream_txn(&e);
+    close(e);
+    assert_refused_for_missing_copy(&dir.path().join("new-store"), &storage, &copied);
+}
+
+/// A backup of the store taken before the node was bootstrapped, restored afterwards: its
+/// applied offset is just before the log's first record, so offsets alone do not tell it is
+/// of the old state; open must refuse it instead of replaying the new history onto it.
+#[test]
+fn a_store_restored_from_before_a_bootstrap_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let storage = Arc::new(MemStorage::new());
+    let store = dir.path().join("store");
+    let e = open_mem(&store, &storage);
+    e.put("default", b"l0", b"local").expect("put");
+    close(e);
+    let backup = dir.path().join("backup");
+    copy_dir(&store, &backup);
+    let e = open_mem(&store, &storage);
+    let copied = bootstrap_copy_then_one_upstream_txn(&e);
+    close(e);
+    assert_refused_for_missing_copy(&backup, &storage, &copied);
 }
 
 #[test]

@@ -13,7 +13,8 @@
 //!   replay (test-only switch), the same checks must fail.
 //! - Backfill while writes go on (50,000 documents; 1,000,000 in the ignored long run).
 //! - Unique indexes refuse a second key for a value once live, also against transactions
-//!   committed but not yet applied, and report duplicates met while backfilling.
+//!   committed but not yet applied, and report duplicates met while backfilling; an index
+//!   that such a transaction drops refuses nothing.
 //! - A query page filled to its byte bound stops before a 16 MiB document that would take its
 //!   answer past the message limit, and the next page holds that document alone.
 
@@ -467,6 +468,87 @@ fn a_transaction_that_drops_a_unique_index_is_not_refused_by_it() {
     assert_eq!(
         e.get("users", b"u7").expect("get").as_deref(),
         Some(&br#"{"email":"b@x"}"#[..])
+    );
+}
+
+/// A write is not refused by a unique index that a transaction committed and not yet applied
+/// drops (the index alone, or created again on another field; its tree, alone or with an
+/// index of the same name created again): that index will no longer exist when the write is
+/// applied. The applier is held back (test-only pause) so the dropping transaction stays
+/// unapplied while the write commits; the write commits, or at worst gets a retryable
+/// conflict, never a uniqueness violation.
+#[test]
+fn a_unique_index_dropped_by_a_pending_transaction_refuses_no_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).expect("wal");
+    let e = Arc::new(
+        Engine::open(
+            dir.path(),
+            Arc::new(wal),
+            EngineOptions {
+                unsafe_pause_before_apply: Some(Duration::from_millis(1500)),
+                ..EngineOptions::default()
+            },
+        )
+        .expect("engine"),
+    );
+    type Dropping = fn(&mut tideline_engine::Txn<'_>, &str) -> Result<(), WriteError>;
+    let cases: [(&str, Dropping); 4] = [
+        ("the index", |tx, t| tx.drop_index(t, "by_email")),
+        ("the tree", |tx, t| {
+            tx.drop_tree(t)?;
+            tx.create_tree(t, None)
+        }),
+        ("the tree, its index created again", |tx, t| {
+            tx.drop_tree(t)?;
+            tx.create_tree(t, None)?;
+            tx.create_index(t, "by_email", &["/email"], true)
+        }),
+        ("the index, created again on another field", |tx, t| {
+            tx.drop_index(t, "by_email")?;
+            tx.create_index(t, "by_email", &["/other"], true)
+        }),
+    ];
+    // One transaction sets every case up: the pause holds back each apply.
+    e.transaction(|tx| {
+        for i in 0..cases.len() {
+            let t = format!("c{i}");
+            tx.create_tree(&t, None)?;
+            tx.put(&t, b"k1", br#"{"email":"a"}"#)?;
+            tx.create_index(&t, "by_email", &["/email"], true)?;
+        }
+        Ok(())
+    })
+    .expect("setup");
+    assert!(e.wait_indexes_live(LIVE_WAIT));
+    let mut refused = Vec::new();
+    for (i, (what, dropping)) in cases.into_iter().enumerate() {
+        let t = format!("c{i}");
+        let dropper = {
+            let e = e.clone();
+            let t = t.clone();
+            std::thread::spawn(move || e.transaction(|tx| dropping(tx, &t)).map(|_| ()))
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while e.wal().visible_offset() <= e.applied_offset() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the drop never reached the log"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let r = e.put(&t, b"k2", br#"{"email":"a"}"#);
+        if !(r.is_ok() || r.as_ref().is_err_and(WriteError::is_retryable)) {
+            refused.push(format!("dropping {what}: {r:?}"));
+        }
+        dropper
+            .join()
+            .expect("dropper")
+            .unwrap_or_else(|err| panic!("dropping {what}: {err}"));
+    }
+    assert!(
+        refused.is_empty(),
+        "writes refused by a unique index being dropped: {refused:#?}"
     );
 }
 

@@ -3,8 +3,15 @@
 //! snapshot (`Txn::snapshot`). Guards against lost updates and write skew that commit silently:
 //! a transaction whose assumption ("this tree is new and empty", "these keys hold these
 //! values") was broken by a concurrent commit must fail with a retryable conflict.
+//!
+//! Also: a scan (`Engine::range`, `Engine::prefix`) reads one committed state while writers
+//! go on. Guards against a scan that walks the live tree and shows, for keys ahead of its
+//! cursor, transactions committed after it began: a value moved from one key to another is
+//! then seen twice or not at all.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU32};
 
 use tideline_engine::{Engine, EngineOptions, WriteError};
 use tideline_wal::{MemStorage, Wal, WalOptions};
@@ -141,4 +148,87 @@ fn reads_through_the_transaction_snapshot_are_conflict_checked() {
         e.get("default", b"bob").expect("get").as_deref(),
         Some(&b"on"[..])
     );
+}
+
+/// A token moves between `k/a` and `k/z` (one transaction deletes one and puts the other)
+/// while scans walk the ~50,000 keys between them, forwards, backwards and by prefix. Every
+/// scan reads one committed state, so it sees the token exactly once.
+#[test]
+fn a_scan_sees_a_moved_value_exactly_once_while_writers_go_on() {
+    const FILLER: u32 = 50_000;
+    const MOVES_MIN: u32 = 2_000;
+    const OVERLAPPING_SCANS_MIN: u32 = 8;
+    let n = node();
+    let e = &n.engine;
+    e.create_tree("t", None).expect("create t");
+    for start in (0..FILLER).step_by(5_000) {
+        e.transaction(|tx| {
+            for i in start..start + 5_000 {
+                tx.put("t", format!("k/m{i:06}").as_bytes(), b"filler")?;
+            }
+            Ok(())
+        })
+        .expect("filler");
+    }
+    e.put("t", b"k/a", b"token").expect("token");
+
+    let writing = AtomicBool::new(true);
+    let reading = AtomicBool::new(true);
+    let overlapping = AtomicU32::new(0);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut moves = 0u32;
+            // Until enough scans ran beside the moves (or the reader stopped: it failed).
+            while moves < MOVES_MIN
+                || (overlapping.load(SeqCst) < OVERLAPPING_SCANS_MIN && reading.load(SeqCst))
+            {
+                let (from, to): (&[u8], &[u8]) = if moves.is_multiple_of(2) {
+                    (b"k/a", b"k/z")
+                } else {
+                    (b"k/z", b"k/a")
+                };
+                e.transaction(|tx| {
+                    tx.delete("t", from)?;
+                    tx.put("t", to, b"token")
+                })
+                .expect("move the token");
+                moves += 1;
+            }
+            writing.store(false, SeqCst);
+        });
+        // A failed assertion below ends the writer too, instead of leaving it waiting.
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, SeqCst);
+            }
+        }
+        let _stop = Stop(&reading);
+        let mut scans = 0u32;
+        while writing.load(SeqCst) {
+            let (kind, scan) = match scans % 3 {
+                0 => ("forward range", e.range::<&[u8]>("t", .., false)),
+                1 => ("reverse range", e.range::<&[u8]>("t", .., true)),
+                _ => ("prefix", e.prefix("t", b"k/", false)),
+            };
+            let mut tokens = Vec::new();
+            let mut keys = 0u32;
+            for item in scan.expect("scan") {
+                let (k, _) = item.expect("scan item");
+                keys += 1;
+                if k == b"k/a" || k == b"k/z" {
+                    tokens.push(String::from_utf8_lossy(&k).into_owned());
+                }
+            }
+            assert_eq!(
+                (tokens.len(), keys),
+                (1, FILLER + 1),
+                "{kind} scan {scans} saw the moved token as {tokens:?}: not one committed state"
+            );
+            scans += 1;
+            if writing.load(SeqCst) {
+                overlapping.fetch_add(1, SeqCst);
+            }
+        }
+    });
 }

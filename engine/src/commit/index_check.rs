@@ -56,24 +56,41 @@ impl Inner {
             .any(|e| e.keys.iter().any(|(t, k)| t == tree && k == key))
     }
 
+    /// Whether a transaction submitted and not yet applied created or dropped `tree` or one
+    /// of its indexes: an index of `tree` in the applied catalog may then not be the one this
+    /// transaction's writes will meet.
+    fn pending_schema_change(st: &CommitState, applied: u64, tree: &str) -> bool {
+        st.history
+            .iter()
+            .rev()
+            .take_while(|e| e.offset > applied)
+            .any(|e| e.trees.iter().chain(&e.index_trees).any(|t| **t == *tree))
+    }
+
     /// Refuses a local transaction whose puts or merges would give a second primary key a
     /// value that a live unique index maps to another key: in the applied index, in the
     /// claims of transactions submitted and not yet applied, or earlier in this transaction.
-    /// A holder that a pending transaction is rewriting makes it a retryable conflict.
-    /// Returns the claims this transaction makes, to record once it is submitted: for every
-    /// unique index, backfilling ones included (they refuse nothing yet, but may go live
-    /// before this transaction is applied).
+    /// A holder that a pending transaction is rewriting makes it a retryable conflict, and so
+    /// does an index whose tree or indexes a pending transaction changes (it may not be the
+    /// index this transaction's writes will meet). Returns the claims this transaction makes,
+    /// to record once it is submitted: for every unique index, backfilling ones included
+    /// (they refuse nothing yet, but may go live before this transaction is applied).
     pub(super) fn check_unique(
         &self,
         st: &mut CommitState,
         ops: &[Op],
     ) -> Result<Vec<Claim>, WriteError> {
+        // Before the catalog, which the applier publishes before it moves `applied`: the
+        // catalog read is at least as new as that offset, so a pending transaction that
+        // changed it counts as pending.
+        let applied = self.applied.load(Ordering::SeqCst);
         let cat = self.current_catalog();
         if cat.indexes.is_empty() {
             return Ok(Vec::new());
         }
         // An index this transaction drops (or whose tree it drops) refuses nothing: once the
-        // transaction is applied, the index no longer exists.
+        // transaction is applied, the index no longer exists. Nor does one that a
+        // transaction submitted before it dropped (no longer in `st.indexes`).
         let dropped = |i: &Index| {
             ops.iter().any(|o| match o {
                 Op::DropIndex { tree, name } => *tree == i.tree && *name == i.name,
@@ -81,20 +98,22 @@ impl Inner {
                 _ => false,
             })
         };
+        let uniques: Vec<Arc<Index>> = cat
+            .all_indexes()
+            .filter(|i| {
+                i.unique && !dropped(i) && st.indexes.contains(&(i.tree.clone(), i.name.clone()))
+            })
+            .cloned()
+            .collect();
         let unique_of = |tree: &str| -> Vec<Arc<Index>> {
-            cat.indexes_of(tree)
-                .map(|m| {
-                    m.values()
-                        .filter(|i| i.unique && !dropped(i))
-                        .cloned()
-                        .collect()
-                })
-                .unwrap_or_default()
+            uniques.iter().filter(|i| i.tree == tree).cloned().collect()
         };
-        if !ops.iter().any(|o| !unique_of(o.tree()).is_empty()) {
+        if !ops
+            .iter()
+            .any(|o| uniques.iter().any(|i| i.tree == o.tree()))
+        {
             return Ok(Vec::new());
         }
-        let applied = self.applied.load(Ordering::SeqCst);
         if st.claims.len() > 4096 {
             st.claims.retain(|_, (_, off)| *off > applied);
         }
@@ -161,15 +180,25 @@ impl Inner {
                     mine.insert(claim, key.clone());
                     continue;
                 }
-                let violation = |other: &[u8]| WriteError::UniqueViolation {
-                    tree: tree.clone(),
-                    index: idx.name.clone(),
-                    value: idx
-                        .decode_entry(&e)
-                        .map(|(v, _)| index::values_text(&v))
-                        .unwrap_or_default(),
-                    existing_key: key_text(other),
-                    key: key_text(key),
+                let violation = |other: &[u8]| {
+                    if Self::pending_schema_change(st, applied, tree) {
+                        return WriteError::Conflict(format!(
+                            "tree `{tree}` or its indexes were changed by a transaction not yet \
+                             applied, so unique index `{}` may not hold key {:?} once it is",
+                            idx.name,
+                            key_text(other)
+                        ));
+                    }
+                    WriteError::UniqueViolation {
+                        tree: tree.clone(),
+                        index: idx.name.clone(),
+                        value: idx
+                            .decode_entry(&e)
+                            .map(|(v, _)| index::values_text(&v))
+                            .unwrap_or_default(),
+                        existing_key: key_text(other),
+                        key: key_text(key),
+                    }
                 };
                 if let Some(other) = mine.get(&claim)
                     && other != key

@@ -8,7 +8,8 @@
 //!   trees; a **consistent snapshot** of every tree; **persist** (to the OS, or synced);
 //!   figures for metrics.
 //! - [`StoreTree`]: a handle on one tree that reads the latest committed state (point get,
-//!   range and prefix scans, key-only range scans), estimates its size in O(1), and
+//!   range and prefix scans, key-only range scans; a scan is not of one state: it sees what
+//!   commits while it walks), estimates its size in O(1), and
 //!   **ingests** a sorted stream of puts and tombstones as tables (bulk load, no journal).
 //! - [`WriteBatch`]: inserts and removes across trees, committed atomically: all or nothing,
 //!   also across a crash. The batch need not be durable when `commit` returns: the log is the
@@ -165,9 +166,11 @@ pub(crate) trait StoreTree: Clone + Send + Sync {
     fn id(&self) -> u64;
     /// The value of `key`.
     fn get(&self, key: &[u8]) -> Result<Option<Self::Value>, StoreError>;
-    /// Pairs in `bounds`, ascending.
+    /// Pairs in `bounds`, ascending. The scan walks the live tree: keys ahead of its cursor
+    /// show batches committed after it began (part of one, even). For one committed state,
+    /// scan through a [`StoreSnapshot`].
     fn range(&self, bounds: OwnedBounds) -> Self::Iter;
-    /// Pairs whose key starts with `prefix`, ascending.
+    /// Pairs whose key starts with `prefix`, ascending; live like [`StoreTree::range`].
     fn prefix(&self, prefix: &[u8]) -> Self::Iter;
     /// Keys in `[from, to)` (`to: None`: to the end), ascending.
     fn keys(&self, from: &[u8], to: Option<&[u8]>) -> Self::Keys;
