@@ -53,13 +53,44 @@ fn event_json(e: &MonitorEvent) -> Value {
     Value::Object(obj)
 }
 
+/// `s` as it may reach a terminal: control characters (C0 such as ESC and BEL, DEL, C1)
+/// and backslashes escaped as Rust writes them (`\u{1b}`, `\n`, `\\`), the rest as is. Tree
+/// names and keys come from any client's requests: raw, an escape sequence in one would
+/// clear, move or retitle the screen of whoever is watching.
+fn terminal_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c == '\\' || c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// What a failed write to stdout means: a reader that went away (`| head`) is the normal end
+/// of the output (exit 0, nothing said, as for `scan` and `tail`); anything else (a full
+/// disk) is an error.
+fn output_failed(e: std::io::Error) -> anyhow::Result<ExitCode> {
+    if e.kind() == std::io::ErrorKind::BrokenPipe {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(anyhow::Error::new(e).context("write to standard output"))
+    }
+}
+
 fn event_text(e: &MonitorEvent) -> String {
     format!(
         "{:.6} [{}] {} {} {:?} {:.3} ms{}",
         e.ts_us as f64 / 1e6,
-        e.remote,
-        e.kind,
-        if e.tree.is_empty() { "-" } else { &e.tree },
+        terminal_text(&e.remote),
+        terminal_text(&e.kind),
+        if e.tree.is_empty() {
+            "-".to_string()
+        } else {
+            terminal_text(&e.tree)
+        },
         String::from_utf8_lossy(&e.key),
         e.latency_us as f64 / 1e3,
         if e.ok { "" } else { " ERROR" }
@@ -92,29 +123,52 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
                 eprintln!("the node ended the monitor");
                 break;
             };
-            let mut out = stdout.lock();
             if dropped > 0 {
                 eprintln!("({dropped} requests not shown: this monitor read too slowly)");
             }
-            for e in &events {
-                let line = if args.json {
-                    event_json(e).to_string()
-                } else {
-                    event_text(e)
-                };
-                if writeln!(out, "{line}").is_err() {
-                    return Ok(ExitCode::SUCCESS); // stdout closed (a pipe to `head`)
-                }
-                shown += 1;
-                if args.limit.is_some_and(|l| shown >= l) {
-                    let _ = out.flush();
-                    return Ok(ExitCode::SUCCESS);
-                }
+            if let Some(code) = write_events(
+                &mut stdout.lock(),
+                &events,
+                args.json,
+                &mut shown,
+                args.limit,
+            )? {
+                return Ok(code);
             }
-            let _ = out.flush();
         }
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Writes one batch of the monitor feed, a line per request; `Some(exit code)` when the
+/// command is done (`limit` requests shown, or stdout closed); an error when the output
+/// failed otherwise.
+fn write_events(
+    out: &mut impl Write,
+    events: &[MonitorEvent],
+    json: bool,
+    shown: &mut u64,
+    limit: Option<u64>,
+) -> anyhow::Result<Option<ExitCode>> {
+    for e in events {
+        let line = if json {
+            event_json(e).to_string()
+        } else {
+            event_text(e)
+        };
+        if let Err(e) = writeln!(out, "{line}") {
+            return output_failed(e).map(Some);
+        }
+        *shown += 1;
+        if limit.is_some_and(|l| *shown >= l) {
+            break;
+        }
+    }
+    let done = limit.is_some_and(|l| *shown >= l);
+    match out.flush() {
+        Ok(()) => Ok(done.then_some(ExitCode::SUCCESS)),
+        Err(e) => output_failed(e).map(Some),
+    }
 }
 
 /// Arguments of `top`.
@@ -195,7 +249,8 @@ impl Interval {
     }
 }
 
-fn print_screen(addr: &str, r: &Value, clear: bool) {
+/// The text of one `top` screen; every name and key in it is [`terminal_text`].
+fn screen(addr: &str, r: &Value, clear: bool) -> String {
     let mut s = String::new();
     if clear {
         s.push_str("\x1b[H\x1b[2J");
@@ -214,16 +269,17 @@ fn print_screen(addr: &str, r: &Value, clear: bool) {
     let key = |v: &Value| {
         v["key"]
             .as_str()
-            .map(str::to_string)
+            .map(terminal_text)
             .or_else(|| v["key_b64"].as_str().map(|k| format!("base64:{k}")))
             .unwrap_or_default()
     };
+    let text = |v: &Value| terminal_text(v.as_str().unwrap_or(""));
     for k in r["hottest_keys"].as_array().into_iter().flatten() {
         s.push_str(&format!(
             "{:>9}  {:>10.3}  {}/{}\n",
             k["requests"].as_u64().unwrap_or(0),
             k["max_latency_us"].as_u64().unwrap_or(0) as f64 / 1e3,
-            k["tree"].as_str().unwrap_or(""),
+            text(&k["tree"]),
             key(k)
         ));
     }
@@ -235,14 +291,13 @@ fn print_screen(addr: &str, r: &Value, clear: bool) {
         s.push_str(&format!(
             "{:>10.3}  {:<9} {:<22} {}/{}\n",
             e["latency_us"].as_u64().unwrap_or(0) as f64 / 1e3,
-            e["kind"].as_str().unwrap_or(""),
-            e["client"].as_str().unwrap_or(""),
-            e["tree"].as_str().unwrap_or(""),
+            text(&e["kind"]),
+            text(&e["client"]),
+            text(&e["tree"]),
             key(e)
         ));
     }
-    print!("{s}");
-    let _ = std::io::stdout().flush();
+    s
 }
 
 /// `top`.
@@ -251,7 +306,7 @@ pub fn top(args: &TopArgs) -> anyhow::Result<ExitCode> {
         bail!("--interval-ms and --rows must be at least 1");
     }
     let interval = Duration::from_millis(args.interval_ms);
-    let screen = !args.json && std::io::stdout().is_terminal();
+    let clear = !args.json && std::io::stdout().is_terminal();
     runtime()?.block_on(async {
         let client = args.node.connect().await?;
         let addr = client.addr().to_string();
@@ -276,10 +331,14 @@ pub fn top(args: &TopArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             let report = cur.report(args.rows, started.elapsed().as_secs_f64());
-            if args.json {
-                println!("{report}");
+            let text = if args.json {
+                format!("{report}\n")
             } else {
-                print_screen(&addr, &report, screen);
+                screen(&addr, &report, clear)
+            };
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+                return output_failed(e);
             }
             done += 1;
             if args.iterations.is_some_and(|n| done >= n) {
@@ -318,6 +377,81 @@ mod tests {
         assert_eq!(r["slowest"][0]["latency_us"], 900);
         assert_eq!(r["slowest"][1]["latency_us"], 50);
         assert_eq!(r["slowest"].as_array().map(Vec::len), Some(2));
+    }
+
+    /// Every control character a request can carry: C0 (ESC, BEL, NUL, newline...), DEL, C1.
+    fn controls() -> String {
+        (0u32..0x20)
+            .chain([0x7f])
+            .chain(0x80..0xa0)
+            .filter_map(char::from_u32)
+            .collect()
+    }
+
+    /// Fails on a control character other than a line's own newline, naming it.
+    fn assert_no_controls(what: &str, text: &str) {
+        for line in text.split('\n') {
+            let bad: Vec<char> = line.chars().filter(|c| c.is_control()).collect();
+            assert!(
+                bad.is_empty(),
+                "{what} passes control characters {bad:?} to the terminal: {line:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn control_characters_in_trees_and_keys_never_reach_the_terminal() {
+        let hostile = format!("\u{1b}[2J\u{1b}]0;owned\u{7}{}x", controls());
+        let mut e = ev(&hostile, 5);
+        e.tree = hostile.clone();
+        assert_no_controls("a monitor line", &event_text(&e));
+        let mut i = Interval::default();
+        i.add(e, 3);
+        let shown = screen("127.0.0.1:1", &i.report(3, 1.0), false);
+        assert_no_controls("the top screen", &shown);
+        // Escaped, not dropped: the characters stay legible.
+        assert!(shown.contains("\\u{1b}[2J"), "{shown}");
+    }
+
+    /// A writer that fails every write with `kind`.
+    struct Failing(std::io::ErrorKind);
+
+    impl Write for Failing {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(self.0.into())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Err(self.0.into())
+        }
+    }
+
+    #[test]
+    fn a_monitor_whose_output_fails_stops_quietly_only_on_a_closed_pipe() {
+        let events = [ev("k", 1)];
+        let mut shown = 0;
+        let closed = write_events(
+            &mut Failing(std::io::ErrorKind::BrokenPipe),
+            &events,
+            false,
+            &mut shown,
+            None,
+        );
+        assert!(
+            matches!(closed, Ok(Some(code)) if code == ExitCode::SUCCESS),
+            "a closed pipe: {closed:?}"
+        );
+        let full = write_events(
+            &mut Failing(std::io::ErrorKind::StorageFull),
+            &events,
+            true,
+            &mut shown,
+            None,
+        );
+        let err = match full {
+            Err(err) => format!("{err:#}"),
+            Ok(code) => panic!("a full disk was taken for the end of the output: {code:?}"),
+        };
+        assert!(err.contains("standard output"), "{err}");
     }
 
     #[test]

@@ -370,7 +370,9 @@ fn index_page(engine: &Engine, q: &IndexQuery) -> Result<IndexPage, ReadError> {
 
 fn index_read_err(e: ReadError) -> NodeError {
     match e {
-        ReadError::UnknownTree(_) | ReadError::UnknownIndex { .. } => {
+        ReadError::UnknownTree(_)
+        | ReadError::UnknownIndex { .. }
+        | ReadError::IndexTooManyValues { .. } => {
             NodeError::new(ErrorCode::InvalidRequest, e.to_string())
         }
         ReadError::IndexNotLive { .. } => NodeError::new(ErrorCode::Unavailable, e.to_string()),

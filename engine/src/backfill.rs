@@ -220,7 +220,7 @@ impl Snapshot {
     /// stops before the row that would pass either bound, unless that row is the first (a
     /// page is never empty while entries are left), and `next` is the entry of its last row,
     /// so the next page starts with the row this one left. Refused while the index is not
-    /// live.
+    /// live, and refused with more `values` than the index has paths.
     #[expect(
         clippy::too_many_arguments,
         reason = "a query's parts; a struct adds nothing"
@@ -236,6 +236,15 @@ impl Snapshot {
         bytes_max: u64,
     ) -> Result<IndexPage, ReadError> {
         let idx = self.live_index(tree, name)?;
+        // Values past the last path would be matched against primary-key bytes.
+        if values.len() > idx.paths.len() {
+            return Err(ReadError::IndexTooManyValues {
+                tree: tree.into(),
+                name: name.into(),
+                paths: idx.paths.len(),
+                values: values.len(),
+            });
+        }
         let t = self
             .catalog()
             .get(tree)

@@ -8,7 +8,9 @@
 //! values (17.6); ambiguous `scan` rows that do not round-trip through `load` (17.7);
 //! messages naming Rust APIs or repeating OS errors (17.8); silent surprises in `tail
 //! --checkpoint`, `TIDELINE_SECRETS=` and `del` (17.9); `tail` retrying an
-//! absent node forever (17.10).
+//! absent node forever (17.10); `verify` showing bytes that are not UTF-8 as U+FFFD, so that
+//! different values look alike; `log dump | head -1` failing with "Broken pipe"; `top --json |
+//! head -1` panicking.
 
 use std::io::{Read, Write};
 use std::net::UdpSocket;
@@ -579,6 +581,53 @@ fn verify_shows_a_prefix_length_and_hash_of_big_values() {
     );
 }
 
+/// Bytes that are not UTF-8 are shown exactly, as base64 (`key_b64`, `first_b64`,
+/// `other_b64`, as `tail` and `log dump` print them): two different values are never shown
+/// alike, and a key present on one side only can be named.
+#[test]
+fn verify_shows_keys_and_values_that_are_not_utf8_as_base64() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Node::start(&dir.path().join("a"), 0);
+    let secrets = a.secrets().display().to_string();
+    let b = Node::start_with(&dir.path().join("b"), 0, &["--secrets", &secrets]);
+    let load = |node: &Node, input: &[u8]| {
+        let out = run_with_stdin(node, &["load"], input);
+        assert!(out.status.success(), "load: {}", stderr(&out));
+    };
+    let verify = || {
+        let out = a
+            .cli()
+            .args(["verify", "--node", &a.addr, "--node", &b.addr])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|_| panic!("verify printed no JSON: {}", stderr(&out)));
+        report["comparisons"][0]["first_difference"].clone()
+    };
+
+    // The same key, values 0xfe and 0xff.
+    load(&a, b"k\t\xfe\n");
+    load(&b, b"k\t\xff\n");
+    let diff = verify();
+    assert_eq!(diff["key"], "k", "{diff}");
+    assert_eq!(diff["first_b64"], "/g==", "{diff}");
+    assert_eq!(diff["other_b64"], "/w==", "{diff}");
+    assert_ne!(diff["first_b64"], diff["other_b64"], "{diff}");
+    assert!(
+        diff.get("first").is_none() && diff.get("other").is_none(),
+        "{diff}"
+    );
+
+    // A key that is not UTF-8, present on the first node only.
+    load(&b, b"k\t\xfe\n");
+    load(&a, b"\xfe\x01\tv\n");
+    let diff = verify();
+    assert_eq!(diff["key_b64"], "/gE=", "{diff}");
+    assert_eq!(diff["first"], "v", "{diff}");
+    assert_eq!(diff["other"], Value::Null, "{diff}");
+}
+
 // ---- issue 17.7: scan | load round-trips any data -----------------------------------------
 
 #[test]
@@ -774,6 +823,36 @@ fn a_tail_whose_output_is_gone_saves_no_position_past_what_it_printed() {
     assert_eq!(first["offset"].as_u64(), Some(1), "{first}");
 }
 
+/// `log dump | head -1`: a reader that goes away is the normal end of a dump, as for `scan`
+/// and `tail`: exit 0 and nothing on stderr, wherever in a line the write finds the pipe
+/// closed.
+#[test]
+fn a_log_dump_whose_reader_goes_away_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), 0);
+    let value = "v".repeat(1024);
+    common::load_lines(&node, 1, (0..2000).map(|i| format!("key:{i:06}\t{value}")));
+    let mut dump = Command::new(bin())
+        .args(["log", "dump", "--data"])
+        .arg(&node.data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(dump.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    let first: Value = serde_json::from_str(&first).expect("log dump prints JSON lines");
+    assert_eq!(first["offset"], 1, "{first}");
+    drop(stdout);
+    let out = wait_bounded(dump, Duration::from_secs(60), "log dump");
+    assert_eq!(
+        (out.status.code(), stderr(&out)),
+        (Some(0), String::new()),
+        "log dump into a closed pipe"
+    );
+}
+
 /// `demo` refuses counts it cannot do, saying which flag: it never reports work it did not do.
 #[test]
 fn demo_refuses_a_transaction_count_it_cannot_commit() {
@@ -833,5 +912,40 @@ fn a_load_cut_off_from_its_node_says_the_batches_in_flight_may_be_committed() {
     assert!(
         !err.contains("not committed)"),
         "the load called a batch whose answer was lost not committed: {err}"
+    );
+}
+
+/// `top --json | head -1`: a reader that goes away is the normal end of the output, as for
+/// `scan` and `tail`: exit 0 and nothing on stderr (not a panic on the next interval's line).
+#[test]
+fn top_whose_reader_goes_away_after_one_interval_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("n"), 0);
+    let mut top = node
+        .cli()
+        .args([
+            "top",
+            "--json",
+            "--interval-ms",
+            "100",
+            "--iterations",
+            "20",
+        ])
+        .args(["--node", &node.addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(top.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut first).unwrap();
+    let first: Value = serde_json::from_str(&first).expect("top --json prints JSON lines");
+    assert!(first["requests"].is_u64(), "{first}");
+    drop(stdout);
+    let out = wait_bounded(top, Duration::from_secs(60), "top --json");
+    assert_eq!(
+        (out.status.code(), stderr(&out)),
+        (Some(0), String::new()),
+        "top --json into a closed pipe"
     );
 }

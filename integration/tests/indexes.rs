@@ -13,6 +13,8 @@
 //!   The harness's canary is the engine's (`engine/tests/indexes.rs`: the same checks fail
 //!   with index maintenance skipped on replay); the node binary has no test switches.
 //! - Unique refusal with its error text; skipped documents counted in `index status`.
+//! - `get --index` with more `--and` values than the index has paths is refused, naming how
+//!   many paths it has, not answered "not found".
 
 mod common;
 
@@ -601,4 +603,30 @@ fn scan_by_index_ranges_over_values() {
     let lines: Vec<&str> = some.lines().collect();
     assert_eq!(lines.len(), 5);
     assert!(lines.iter().all(|l| l.contains(r#""city":"c01"#)), "{some}");
+}
+
+/// `get --index` with more `--and` values than the index has paths is a mistake the node
+/// names (how many paths the index has), with a non-zero exit: never "not found" while the
+/// document is there.
+#[test]
+fn get_by_index_with_more_values_than_paths_says_how_many_paths_the_index_has() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = dir.path().join("secrets");
+    let p = primary(dir.path(), "p", &secrets);
+    ok(&p.run(&["put", "--tree", "users", "u1", r#"{"email":"a@x"}"#]));
+    ok(&p.run(&[
+        "index", "create", "--tree", "users", "--name", "by_email", "--path", "/email", "--wait",
+    ]));
+    let found = ok(&p.run(&["get", "--tree", "users", "--index", "by_email", "a@x"]));
+    assert_eq!(found, "u1\t{\"email\":\"a@x\"}\n");
+    let out = p.run(&[
+        "get", "--tree", "users", "--index", "by_email", "a@x", "--and", "u1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("1 path") && err.contains("2 values"),
+        "exit {:?}, stderr: {err}",
+        out.status.code()
+    );
+    assert!(!err.contains("not found"), "{err}");
 }
