@@ -118,7 +118,11 @@ pub enum BootstrapStep {
     /// their GTIDs are not executed here (the copy's end GTID set holds them).
     Records(Vec<CopyRecord>),
     /// Ops that belong to no record: the `create_tree` and `create_index` that come before each
-    /// chunk of a tree with indexes (no-ops when they exist). The position does not move.
+    /// chunk of a tree with indexes, always followed by that chunk. Store them with the
+    /// chunk's first part, in one step: a tree's first chunk (`from` empty) begins its copy,
+    /// and what a consumer holds of the tree then (left by an attempt cut short, possibly
+    /// from another state of the node) is to be replaced by what this step defines. The
+    /// position does not move.
     Ops(Vec<Op>),
     /// Replace `[from, to)` of `tree` (`to: None` = to its end) with `entries`, creating the
     /// tree with `merge_operator` if it does not exist. One part of a chunk.
@@ -151,8 +155,9 @@ pub enum BootstrapStep {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum BootstrapError {
-    /// The stored position cannot be resumed here (another node, or its log moved past it):
-    /// wipe what was copied and start from scratch.
+    /// The stored position cannot be resumed here (another node, or its log moved past it),
+    /// or the node ended the copy because it cannot go on with it (its history was replaced:
+    /// it was bootstrapped itself): wipe what was copied and start from scratch.
     #[error("the bootstrap cannot resume: {0}; it must start again from scratch")]
     Restart(String),
     /// The connection failed; retry with the same progress if [`ClientError::is_retryable`].
@@ -175,6 +180,8 @@ pub struct Bootstrap {
     /// Keys and bytes of the parts of the chunk in progress.
     part_keys: u64,
     part_bytes: u64,
+    /// The tree whose definitions came last: its chunk must come next.
+    defined: Option<String>,
 }
 
 impl Bootstrap {
@@ -273,6 +280,7 @@ impl Bootstrap {
             done: false,
             part_keys: 0,
             part_bytes: 0,
+            defined: None,
             started: Instant::now(),
         })
     }
@@ -301,9 +309,33 @@ impl Bootstrap {
         if self.done {
             return Ok(None);
         }
-        let event = self.stream.next().await?.ok_or_else(|| {
-            ClientError::Unexpected("the node ended the bootstrap stream early".into())
-        })?;
+        let event = match self.stream.next().await {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                return Err(ClientError::Unexpected(
+                    "the node ended the bootstrap stream early".into(),
+                )
+                .into());
+            }
+            // The node cannot go on with this copy (its history was replaced, or its log can
+            // no longer be read from the copy's position): no resume of it will be served.
+            Err(ClientError::Server {
+                code: ErrorCode::PositionUnavailable,
+                message,
+            }) => return Err(BootstrapError::Restart(message)),
+            Err(e) => return Err(e.into()),
+        };
+        let defined = self.defined.take();
+        match (&defined, &event) {
+            (None, _) => {}
+            (Some(t), BootstrapEvent::Chunk(c)) if c.tree == *t => {}
+            (Some(t), _) => {
+                return Err(ProtoError::Violation(format!(
+                    "the definitions of tree `{t}` are not followed by its chunk"
+                ))
+                .into());
+            }
+        }
         let step = match event {
             BootstrapEvent::Records(txns) => {
                 let n = txns.len() as u64;
@@ -316,8 +348,9 @@ impl Bootstrap {
                 merge_operator,
                 indexes,
             } => {
-                // The tree first (its chunk follows), then its indexes; both are no-ops when
-                // they exist. The position does not move.
+                // The tree first (its chunk follows), then its indexes. The position does not
+                // move.
+                self.defined = Some(tree.clone());
                 let mut ops = vec![Op::CreateTree {
                     tree: tree.clone(),
                     merge_operator,

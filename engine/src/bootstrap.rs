@@ -52,8 +52,17 @@ pub enum RestoreOp {
     /// `gtid_executed`.
     Op(Op),
     /// A chunk of a tree: makes sure `tree` exists (created with `merge_operator` if absent;
-    /// an existing tree is kept, operator included), removes every key in `[from, to)`
+    /// an existing tree is kept, operator included, except by a chunk from the tree's first
+    /// key, below), removes every key in `[from, to)`
     /// (`to: None`: to the end of the tree), then puts `entries`.
+    ///
+    /// A chunk from the tree's first key (`from` empty) begins the tree's copy: a copy sends
+    /// every tree from its first key, and it applies no live op on a tree before that
+    /// chunk. So whatever the engine holds of the tree then is left by an earlier attempt
+    /// that was cut short, possibly from another state of the upstream (a tree since
+    /// re-created with another operator, an index since dropped): the call that holds such
+    /// a chunk first drops the tree with its indexes, and the tree is then exactly what the
+    /// call defines (its `CreateTree` and `CreateIndex` ops, or the chunk's operator).
     Chunk {
         /// The tree.
         tree: String,
@@ -158,8 +167,14 @@ impl Engine {
     /// keeps it; a power cut may lose recent calls, but progress and data move together.
     /// Refused ([`WriteError::NotBootstrapping`]) unless bootstrapping.
     ///
-    /// Chunks that come before the call's first op are written faster, as new tables (bulk
-    /// ingestion), just before the batch. A crash between the two can leave those chunks in
+    /// A call that holds a chunk from the first key of a tree (`from` empty) begins that
+    /// tree's copy: before anything else of the call, the tree is dropped with its indexes,
+    /// and the call's ops and chunks define it anew (see [`RestoreOp::Chunk`]). Give the
+    /// tree's definitions (`CreateTree`, `CreateIndex`) in the same call as that chunk.
+    ///
+    /// Chunks that come before the call's first op that writes data (definitions of trees
+    /// and indexes do not count) are written faster, as new tables (bulk ingestion), just
+    /// before the batch. A crash between the two can leave those chunks in
     /// place while the progress record still names the previous call. That is safe when the
     /// caller resumes a chunked copy: the chunks lie in ranges not yet copied according to the
     /// record, a resumed copy sends those ranges again, and each chunk replaces its range.
@@ -182,13 +197,26 @@ impl Engine {
         let merges = validate(&inner.opts, &ops)?;
         let _indexes = lock(&inner.index_lock);
         let mut sb = StoreBatch::new(inner, inner.current_catalog(), true);
-        // Chunks before the first op are ingested as tables (see `ingest_chunk`); the rest
-        // goes into the batch, in order.
+        // Trees whose copy begins in this call: what the engine holds of them goes first.
+        for op in &ops {
+            if let RestoreOp::Chunk { tree, from, .. } = op
+                && from.is_empty()
+            {
+                sb.drop_tree(tree);
+            }
+        }
+        // Chunks before the first op that writes data are ingested as tables (see
+        // `ingest_chunk`); the rest goes into the batch, in order. A definition before a
+        // chunk (the tree's `create_tree` and `create_index` that come with its chunk) writes
+        // no key of it: the chunk's tables need not wait for the batch.
         let mut leading = true;
         for (op, merge) in ops.into_iter().zip(merges) {
             let applied = match op {
                 RestoreOp::Op(op) => {
-                    leading = false;
+                    leading &= matches!(
+                        op,
+                        Op::CreateTree { .. } | Op::CreateIndex { .. } | Op::DropIndex { .. }
+                    );
                     sb.apply_op((&op).into(), NewKeyspace::Restore)
                 }
                 RestoreOp::Chunk {
@@ -474,8 +502,9 @@ fn validate(
 }
 
 impl StoreBatch<'_> {
-    /// Writes a chunk (validated) that no op of the call precedes straight into the tree's
-    /// tables (the store's bulk ingestion: no journal, no memtable), before the batch. The
+    /// Writes a chunk (validated) that no data op of the call precedes (definitions of trees
+    /// and indexes write no key) straight into the tree's tables (the store's bulk
+    /// ingestion: no journal, no memtable), before the batch. The
     /// stream is the chunk's entries merged with a tombstone for every other key the tree
     /// holds in the range; it gets a sequence number above everything written before, and
     /// the batch (ops after the chunks, the progress record, a tree's catalog entry) commits
@@ -493,8 +522,9 @@ impl StoreBatch<'_> {
     /// before. That is safe for a bootstrap: the chunks lie in ranges the progress record says
     /// are not copied yet, a resumed copy sends every such range again as chunks, and each
     /// chunk replaces its whole range; live ops for ranges not yet copied are skipped by the
-    /// caller. A tree the chunk created has no catalog entry until the batch commits, so its
-    /// keyspace is removed on open.
+    /// caller. A tree the chunk or the call's `create_tree` created (also in place of one the
+    /// call dropped) has no catalog entry until the batch commits, so its keyspace is removed
+    /// on open, and the tree it replaces is still in place.
     pub(crate) fn ingest_chunk(
         &mut self,
         tree: &str,

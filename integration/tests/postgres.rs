@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sinkkit::{Norm, SourceNode};
-use tideline_connectors::sink::postgres::{PostgresConfig, PostgresSink};
+use tideline_connectors::sink::postgres::{PostgresConfig, PostgresSink, WriteMethod};
 use tideline_connectors::{Batch, EarlierCopy, Sink, SinkError};
 
 const PG: u16 = 5432;
@@ -52,7 +52,8 @@ async fn position(c: &tokio_postgres::Client, pipeline: &str) -> Option<Vec<u8>>
     .map(|r| r.get(0))
 }
 
-/// Rows of `table` as the sink stores them: jsonb by meaning, bytea by bytes.
+/// Rows of `table` as the sink stores them: jsonb by meaning, bytea by bytes (a JSON value of
+/// a tree with a merge operator may keep its exact bytes beside its jsonb: those).
 async fn rows(c: &tokio_postgres::Client, table: &str) -> BTreeMap<Vec<u8>, Norm> {
     let sql = format!("SELECT key, value::text, value_bytes FROM \"{table}\"");
     let Ok(rows) = c.query(&sql, &[]).await else {
@@ -66,6 +67,7 @@ async fn rows(c: &tokio_postgres::Client, table: &str) -> BTreeMap<Vec<u8>, Norm
             let n = match (v, b) {
                 (Some(j), None) => Norm::Json(serde_json::from_str(&j).expect("jsonb text")),
                 (None, Some(b)) => Norm::Bytes(b),
+                (Some(_), Some(b)) => Norm::of(&b),
                 other => panic!("row {k} of {table} has value and value_bytes {other:?}"),
             };
             (k.into_bytes(), n)
@@ -828,4 +830,249 @@ fn begin_copy_truncates_the_earlier_copys_tables_or_holds_when_it_does_not_know_
         "DELETE FROM tideline_positions WHERE pipeline = $1",
         &[&name],
     ));
+}
+
+/// A sink of pipeline `name` writing tables `{name}_{tree}` by `method`, with these merge
+/// operators.
+fn merging_sink(name: &str, method: WriteMethod, operators: &[(&str, &str)]) -> PostgresSink {
+    let mut cfg = PostgresConfig::new(URL);
+    cfg.table = format!("{name}_{{tree}}");
+    cfg.method = method;
+    let mut sink = PostgresSink::new(cfg, name).expect("sink settings");
+    sink.set_merge_operators(
+        &operators
+            .iter()
+            .map(|(t, o)| (t.to_string(), o.to_string()))
+            .collect(),
+    );
+    sink
+}
+
+/// Batch `seq` of one transaction of `ops` from a fixed source; its checkpoint names it.
+fn ops_batch(seq: u64, ops: Vec<tideline_wal::Op>) -> Batch {
+    let uuid = uuid::Uuid::from_bytes([7; 16]);
+    Batch {
+        source: uuid,
+        items: vec![tideline_connectors::Item::Txn(tideline_wal::Transaction {
+            offset: tideline_wal::Offset::new(seq).unwrap(),
+            gtid: tideline_wal::Gtid::new(uuid, seq).unwrap(),
+            timestamp_us: 0,
+            ops,
+        })],
+        checkpoint: format!("after batch {seq}").into_bytes(),
+    }
+}
+
+/// A merge in a later batch starts from the bytes the source's value has, not from jsonb's
+/// rendering of them (`{"e": 1}` for `{"e":1}\n`, `1000` for `1e3`): otherwise the sink's
+/// value differs from the source's, and by where the batches happened to be cut. Both keys
+/// get `append` merges in two batches; each row must end with the source's exact bytes,
+/// whichever way the rows are written.
+#[test]
+fn a_merge_in_a_later_batch_starts_from_the_exact_bytes_of_the_stored_value() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    for method in [WriteMethod::Unnest, WriteMethod::Copy] {
+        merges_start_from_the_exact_bytes(method);
+    }
+}
+
+fn merges_start_from_the_exact_bytes(method: WriteMethod) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let db = pg();
+    let name = sinkkit::unique("pgexact");
+    let append = tideline_engine::MergeOperator::from_name("append").expect("append");
+    let operands: [(&str, [&[u8]; 2]); 2] = [
+        ("k", [b"{\"e\":1}\n", b"{\"e\":2}\n"]),
+        ("n", [b"1e3", b"5"]),
+    ];
+    rt.block_on(async {
+        let mut sink = merging_sink(&name, method, &[("log", "append")]);
+        assert_eq!(sink.open().await.expect("open"), None);
+        for (i, seq) in [(0, 1), (1, 2)] {
+            let ops = operands
+                .iter()
+                .map(|(key, ops)| tideline_wal::Op::Merge {
+                    tree: "log".into(),
+                    key: key.as_bytes().to_vec(),
+                    operand: ops[i].to_vec(),
+                })
+                .collect();
+            sink.write(&ops_batch(seq, ops))
+                .await
+                .unwrap_or_else(|e| panic!("batch {seq}: {e}"));
+        }
+        for (key, ops) in operands {
+            let want = append.resolve(Some(&append.resolve(None, ops[0])), ops[1]);
+            let row = db
+                .query_one(
+                    &format!("SELECT value::text, value_bytes FROM \"{name}_log\" WHERE key = $1"),
+                    &[&key],
+                )
+                .await
+                .expect("the merged row");
+            let (json, bytes): (Option<String>, Option<Vec<u8>>) = (row.get(0), row.get(1));
+            let stored = bytes.clone().or(json.clone().map(String::into_bytes));
+            assert_eq!(
+                stored.as_deref().map(String::from_utf8_lossy),
+                Some(String::from_utf8_lossy(&want)),
+                "{method:?}: key {key} after two batches of `append` (value {json:?}, \
+                 value_bytes {:?})",
+                bytes.as_deref().map(String::from_utf8_lossy)
+            );
+            if serde_json::from_slice::<serde_json::Value>(&want).is_ok() {
+                assert!(json.is_some(), "{method:?}: key {key} keeps its jsonb view");
+            }
+        }
+    });
+    let _ = rt.block_on(db.batch_execute(&format!("DROP TABLE IF EXISTS \"{name}_log\"")));
+    let _ = rt.block_on(db.execute(
+        "DELETE FROM tideline_positions WHERE pipeline = $1",
+        &[&name],
+    ));
+}
+
+/// A key longer than PostgreSQL's btree takes (index rows up to 2,704 bytes; text that does
+/// not compress) cannot be the table's primary key. The pipeline is held with a message that
+/// says so and how to leave such keys out, not one telling the operator to fix or drop the
+/// table (which the sink would re-create for the same key).
+#[test]
+fn a_key_too_long_for_the_primary_key_index_holds_the_pipeline_naming_the_limit() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _guard = rt.enter();
+    let db = pg();
+    let name = sinkkit::unique("pglongkey");
+    let mut rng = StdRng::seed_from_u64(sinkkit::seed("postgres long key"));
+    let key: String = (0..4000)
+        .map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)]))
+        .collect();
+    rt.block_on(async {
+        let mut sink = merging_sink(&name, WriteMethod::Unnest, &[]);
+        assert_eq!(sink.open().await.expect("open"), None);
+        let e = sink
+            .write(&ops_batch(
+                1,
+                vec![tideline_wal::Op::Put {
+                    tree: "t".into(),
+                    key: key.into_bytes(),
+                    value: b"1".to_vec(),
+                    before: None,
+                }],
+            ))
+            .await
+            .expect_err("a key the primary key's index cannot take");
+        assert!(
+            matches!(&e, SinkError::Hold(m) if m.contains("4000 bytes")
+                && m.contains("`prefix`") && m.contains("`trees`")),
+            "{e}"
+        );
+        assert_eq!(position(&db, &name).await, None, "nothing stored");
+    });
+    let _ = rt.block_on(db.batch_execute(&format!("DROP TABLE IF EXISTS \"{name}_t\"")));
+    let _ = rt.block_on(db.execute(
+        "DELETE FROM tideline_positions WHERE pipeline = $1",
+        &[&name],
+    ));
+}
+
+/// Two pipelines share a table, each with its own key prefix (`us:` and `eu:`): a copy of one
+/// must leave the other's rows. The source cuts a copy's chunks over the whole tree, at any
+/// key (also one that is not text), and the sink clears each chunk's range: a copy of `eu:`
+/// in small chunks must clear only keys of `eu:`, and never name a key outside it. Guards
+/// against a prefixed copy that deleted another pipeline's rows, or held for good on a
+/// boundary key of no prefix of it.
+#[test]
+fn a_prefixed_copy_leaves_the_rows_of_another_prefix_in_a_shared_table() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceNode::start(dir.path());
+    let _guard = source.runtime.enter();
+    let rt = &source.runtime;
+    let db = pg();
+    let name = sinkkit::unique("pgprefix");
+    let table = format!("{name}_shared");
+    source
+        .engine
+        .create_tree("shared", None)
+        .expect("create the shared tree");
+    // About 300 bytes a row: 16 KiB chunks cut each prefix, and the keys that are not text
+    // between them, several times.
+    let pad = "x".repeat(280);
+    let keys: Vec<Vec<u8>> = (0..150)
+        .flat_map(|i| {
+            [
+                format!("eu:{i:03}").into_bytes(),
+                format!("us:{i:03}").into_bytes(),
+                [&b"\xfe"[..], format!("{i:03}").as_bytes()].concat(),
+            ]
+        })
+        .collect();
+    for key in &keys {
+        let value = format!("{{\"pad\":\"{pad}\"}}");
+        source
+            .engine
+            .put("shared", key, value.as_bytes())
+            .expect("put a row");
+    }
+    let of = |rows: &BTreeMap<Vec<u8>, Norm>, prefix: &str| {
+        rows.keys()
+            .filter(|k| k.starts_with(prefix.as_bytes()))
+            .count()
+    };
+    let run = |prefix: &str, chunk_bytes: u64| {
+        let pipeline = format!("{name}-{}", prefix.trim_end_matches(':'));
+        let client = tideline_stream::ClientConfig::new(
+            tideline_stream::tls::load_client_dir(&source.secrets).expect("client secrets"),
+        );
+        let mut cfg = tideline_connectors::PipelineConfig::new(&pipeline, &source.addr, client);
+        cfg.from = tideline_connectors::StartFrom::Bootstrap;
+        cfg.filter.prefix = Some(prefix.as_bytes().to_vec());
+        cfg.chunk_bytes = chunk_bytes;
+        cfg.retry_min = Duration::from_millis(50);
+        cfg.retry_max = Duration::from_millis(500);
+        let mut sink_cfg = PostgresConfig::new(URL);
+        sink_cfg.table = format!("{name}_{{tree}}");
+        let sink = PostgresSink::new(sink_cfg, &pipeline).expect("sink settings");
+        let (status, task) = tideline_connectors::pipeline::spawn(cfg, Box::new(sink));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let rows = rt.block_on(rows(&db, &table));
+            let running = status.get().state == tideline_connectors::PipelineState::Running;
+            if running && of(&rows, prefix) == 150 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the copy of {prefix} did not finish: {} rows of it, {} of us:; status {}",
+                of(&rows, prefix),
+                of(&rows, "us:"),
+                status.get().to_json()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        task.abort();
+        pipeline
+    };
+    let us = run("us:", 1 << 20);
+    let eu = run("eu:", 16 << 10);
+    let rows = rt.block_on(rows(&db, &table));
+    assert_eq!(
+        (of(&rows, "us:"), of(&rows, "eu:"), rows.len()),
+        (150, 150, 300),
+        "rows of us:, of eu:, of all after the copy of eu:"
+    );
+    let _ = rt.block_on(db.batch_execute(&format!("DROP TABLE IF EXISTS \"{table}\"")));
+    for pipeline in [us, eu] {
+        let _ = rt.block_on(db.execute(
+            "DELETE FROM tideline_positions WHERE pipeline = $1",
+            &[&pipeline],
+        ));
+    }
 }

@@ -1,7 +1,9 @@
 //! The engine sink on a real engine over files: a batch delivered twice is applied once (by
 //! GTID), and the checkpoint it reports survives closing and reopening the engine, during a copy
 //! and after it. Guards against a replica that applies a re-delivered transaction again, or that
-//! forgets where it stood after a restart.
+//! forgets where it stood after a restart. And a tree's first chunk of a copy replaces the
+//! tree's definitions that a copy cut short left (another operator, an index the source
+//! dropped since): guards against a replica whose merges diverge from its source's.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -418,4 +420,144 @@ fn a_copy_begun_under_a_commit_in_flight_is_retried() {
     assert!(matches!(e, SinkError::Retry(_)), "{e:?}");
     assert!(!e.message().contains("set_read_only"), "{e}");
     assert!(e.message().contains("in flight"), "{e}");
+}
+
+/// What a copy step left of a tree before the copy reached it: the tree's definition (its
+/// operator and an index) as an earlier view of the upstream had it, stored before a kill,
+/// with the progress still before the tree.
+async fn a_copy_with_stale_definitions_of_t(engine: &Arc<Engine>) -> EngineSink {
+    let mut sink = EngineSink::new(engine.clone());
+    let mut before_t = progress(0);
+    before_t.tree = String::new();
+    before_t.key_hex = String::new();
+    let at_p0 = PipelineCheckpoint::Bootstrap(before_t).encode();
+    sink.begin_copy(&at_p0, &EarlierCopy::None)
+        .await
+        .expect("begin");
+    let stale = Batch {
+        source: SOURCE,
+        items: vec![Item::Ops(vec![
+            Op::CreateTree {
+                tree: "t".into(),
+                merge_operator: Some("add".into()),
+            },
+            Op::CreateIndex {
+                tree: "t".into(),
+                name: "i".into(),
+                paths: vec!["/a".into()],
+                unique: false,
+            },
+        ])],
+        checkpoint: at_p0,
+    };
+    sink.write(&stale).await.expect("the stale definitions");
+    sink
+}
+
+/// The resumed copy's first chunk of `t`, as the upstream now has it (re-created with the
+/// `append` operator), after `definitions`, in one step that completes the tree.
+fn first_chunk_of_t(definitions: Vec<Op>) -> Batch {
+    let mut done = progress(1);
+    done.key_hex = String::new();
+    done.tree_done = true;
+    done.trees_done = 1;
+    let mut items = Vec::new();
+    if !definitions.is_empty() {
+        items.push(Item::Ops(definitions));
+    }
+    items.push(Item::Chunk {
+        tree: "t".into(),
+        merge_operator: Some("append".into()),
+        from: vec![],
+        to: None,
+        entries: tideline_wal::PackedEntries::from_pairs(vec![(b"a".to_vec(), b"x".to_vec())])
+            .unwrap(),
+    });
+    Batch {
+        source: SOURCE,
+        items,
+        checkpoint: PipelineCheckpoint::Bootstrap(done).encode(),
+    }
+}
+
+fn operator_and_indexes(engine: &Engine, tree: &str) -> (Option<String>, Vec<String>) {
+    let operator = engine
+        .trees()
+        .into_iter()
+        .find(|t| t.name == tree)
+        .and_then(|t| t.merge_operator)
+        .map(|m| m.name().to_string());
+    let indexes = engine
+        .indexes()
+        .into_iter()
+        .filter(|i| i.tree == tree)
+        .map(|i| i.name)
+        .collect();
+    (operator, indexes)
+}
+
+/// A replica killed after storing a tree's definitions and before the tree's first chunk;
+/// meanwhile the upstream re-created the tree with another operator and without its index.
+/// The resumed copy's first chunk of the tree must leave the tree as the upstream now has
+/// it: the chunk's operator, no index. Guards against a replica that kept the old operator
+/// (its merges then diverge from the upstream's) and rebuilt a dropped index for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trees_first_chunk_replaces_definitions_an_interrupted_copy_left() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let mut sink = a_copy_with_stale_definitions_of_t(&engine).await;
+    sink.write(&first_chunk_of_t(vec![]))
+        .await
+        .expect("the first chunk of t");
+    let done = Batch {
+        source: SOURCE,
+        items: vec![],
+        checkpoint: tail_checkpoint(7, &format!("{SOURCE}:1-7")),
+    };
+    sink.write(&done).await.expect("finish");
+    assert!(!engine.is_bootstrapping());
+    assert_eq!(
+        operator_and_indexes(&engine, "t"),
+        (Some("append".to_string()), vec![]),
+        "t's operator and indexes after the copy"
+    );
+    assert_eq!(
+        engine.get("t", b"a").expect("read").as_deref(),
+        Some(&b"x"[..])
+    );
+}
+
+/// The same, where the upstream's tree has an index of its own: its definition comes with
+/// the first chunk, in the same step, and is the only index the tree keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trees_first_chunk_keeps_exactly_the_indexes_stored_with_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path());
+    let mut sink = a_copy_with_stale_definitions_of_t(&engine).await;
+    let definitions = vec![
+        Op::CreateTree {
+            tree: "t".into(),
+            merge_operator: Some("append".into()),
+        },
+        Op::CreateIndex {
+            tree: "t".into(),
+            name: "j".into(),
+            paths: vec!["/b".into()],
+            unique: false,
+        },
+    ];
+    sink.write(&first_chunk_of_t(definitions))
+        .await
+        .expect("the first chunk of t with its definitions");
+    let done = Batch {
+        source: SOURCE,
+        items: vec![],
+        checkpoint: tail_checkpoint(7, &format!("{SOURCE}:1-7")),
+    };
+    sink.write(&done).await.expect("finish");
+    assert_eq!(
+        operator_and_indexes(&engine, "t"),
+        (Some("append".to_string()), vec!["j".to_string()]),
+        "t's operator and indexes after the copy"
+    );
 }
