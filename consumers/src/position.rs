@@ -55,10 +55,12 @@ pub struct Position {
 impl Position {
     /// Where to resume on node `server_uuid`: by offset on the same node, by GTID set on any
     /// other (auto-positioning, no offset arithmetic across nodes). A resume by offset still
-    /// needs the node's history epoch to match (see [`Position::offset_valid_in`]).
+    /// needs the node's history epoch to match (see [`Position::offset_valid_in`]). A damaged
+    /// position at the largest offset resumes there, past any log, and the node refuses it as
+    /// unavailable: the offset never wraps round to 0.
     pub fn resume_on(&self, server_uuid: Uuid) -> TailStart {
         if server_uuid == self.server_uuid && self.epoch.is_some() {
-            TailStart::Offset(self.offset + 1)
+            TailStart::Offset(self.offset.saturating_add(1))
         } else {
             TailStart::Gtid(self.gtids.clone())
         }
@@ -68,5 +70,24 @@ impl Position {
     /// same node, and its history was not replaced since (a bootstrap of that node).
     pub fn offset_valid_in(&self, server_uuid: Uuid, epoch: Epoch) -> bool {
         server_uuid == self.server_uuid && self.epoch == Some(epoch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A damaged checkpoint holding the largest offset resumes at an offset no log can reach,
+    /// which the node refuses as unavailable: never a panic, and never a wrap to offset 0.
+    #[test]
+    fn a_checkpoint_at_the_largest_offset_resumes_past_every_log_instead_of_wrapping() {
+        let uuid = Uuid::from_u128(7);
+        let pos = Position {
+            server_uuid: uuid,
+            offset: u64::MAX,
+            gtids: GtidSet::new(),
+            epoch: Some(Epoch::INITIAL),
+        };
+        assert_eq!(pos.resume_on(uuid), TailStart::Offset(u64::MAX));
     }
 }

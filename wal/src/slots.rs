@@ -20,8 +20,8 @@ const TMP: &str = "slots.json.tmp";
 pub enum SlotState {
     /// Holding segments from its restart offset on.
     Active,
-    /// The retention cap removed log this slot needed. Its consumer must re-bootstrap; drop
-    /// and re-create the slot.
+    /// The retention cap removed log this slot needed, and it holds none any more: drop and
+    /// re-create it. Its consumer re-bootstraps only if the log no longer holds its position.
     Invalidated {
         /// Why, naming the cap and the first offset still available.
         reason: String,
@@ -138,17 +138,21 @@ impl Slots {
         Ok(())
     }
 
-    pub(crate) fn create(&mut self, name: &str, restart: Offset) -> Result<SlotInfo, Error> {
+    /// Creates slot `name` at `restart`; `first_available` is the log's first offset, for the
+    /// advice when the slot was invalidated.
+    pub(crate) fn create(
+        &mut self,
+        name: &str,
+        restart: Offset,
+        first_available: Offset,
+    ) -> Result<SlotInfo, Error> {
         check_name(name)?;
         if let Some(SlotInfo {
             state: SlotState::Invalidated { reason },
             ..
         }) = self.map.get(name)
         {
-            return Err(Error::SlotInvalidated {
-                name: name.to_owned(),
-                reason: reason.clone(),
-            });
+            return Err(refusal(name, reason, restart, first_available));
         }
         let info = self
             .map
@@ -163,11 +167,22 @@ impl Slots {
         Ok(info)
     }
 
-    pub(crate) fn advance(&mut self, name: &str, restart: Offset) -> Result<(), Error> {
+    /// Moves slot `name` on to `restart`. Fails for an invalidated slot: it holds no log, and
+    /// a consumer whose acks it took would believe its position is kept. `first_available`
+    /// gives the log's first offset, for the advice then.
+    pub(crate) fn advance(
+        &mut self,
+        name: &str,
+        restart: Offset,
+        first_available: impl FnOnce() -> Offset,
+    ) -> Result<(), Error> {
         let slot = self
             .map
             .get_mut(name)
             .ok_or_else(|| Error::NoSuchSlot(name.to_owned()))?;
+        if let SlotState::Invalidated { reason } = &slot.state {
+            return Err(refusal(name, reason, restart, first_available()));
+        }
         if restart.get() > slot.restart_offset {
             slot.restart_offset = restart.get();
             self.dirty = true;
@@ -208,7 +223,7 @@ impl Slots {
                 slot.state = SlotState::Invalidated {
                     reason: format!(
                         "needed offset {} but the {cap} cap removed the log before offset \
-                         {first_kept}; re-bootstrap the consumer, then drop and re-create the slot",
+                         {first_kept}",
                         slot.restart_offset
                     ),
                 };
@@ -217,5 +232,28 @@ impl Slots {
             }
         }
         out
+    }
+}
+
+/// The error for using invalidated slot `name` (stored `reason`) for a consumer whose first
+/// needed offset is `position`, with the advice for where that is: a position the log still
+/// holds needs only a new slot, one it no longer holds a re-bootstrap.
+fn refusal(name: &str, reason: &str, position: Offset, first_available: Offset) -> Error {
+    let advice = if position >= first_available {
+        format!(
+            "the log still holds offset {position}, the first this consumer needs, so it need \
+             not re-bootstrap: drop and re-create the slot and resume from the consumer's \
+             checkpoint"
+        )
+    } else {
+        format!(
+            "the log no longer holds offset {position}, the first this consumer needs (it \
+             starts at {first_available}): re-bootstrap the consumer, then drop and re-create \
+             the slot"
+        )
+    };
+    Error::SlotInvalidated {
+        name: name.to_owned(),
+        reason: format!("{reason}; {advice}"),
     }
 }

@@ -1,12 +1,14 @@
 //! Append, read, roll, reopen and auto-position on a small log: the everyday path that every
 //! other crate relies on. Guards against lost, reordered or duplicated records across segment
-//! boundaries and restarts.
+//! boundaries and restarts, against a reader that retention overtakes being told the log is
+//! corrupt (rather than that its position is gone) while a real gap is still corruption, and
+//! against acks into a slot the retention cap invalidated being taken as if it held the log.
 
 use std::sync::Arc;
 
 use tideline_wal::{
-    Durability, Error, Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, Storage, Wal,
-    WalOptions,
+    Durability, Error, Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, RetentionPolicy,
+    Storage, Wal, WalOptions,
 };
 
 fn txn(wal: &Wal, seq: u64) -> NewTransaction {
@@ -254,4 +256,148 @@ fn records_encoded_into_one_buffer_read_back_each_as_itself() {
         })
         .collect();
     assert_eq!(got, want);
+}
+
+/// Reads `r` until it fails; panics if it catches up with the head instead.
+fn read_until_error(r: &mut tideline_wal::Reader) -> Error {
+    loop {
+        match r.next_txn() {
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the reader caught up without an error: {r:?}"),
+            Err(e) => return e,
+        }
+    }
+}
+
+fn retain_nothing(slot_bytes_max: Option<u64>) -> WalOptions {
+    WalOptions {
+        retention: RetentionPolicy {
+            retain_bytes_min: 0,
+            slot_bytes_max,
+            slot_age_max: None,
+        },
+        ..small_segments()
+    }
+}
+
+/// A reader in the middle of a segment that retention then removes, together with the
+/// segments after it, reads to the end of its (still open) segment and then learns that its
+/// next position is gone, with the range the log holds: the same answer a reader gets that
+/// asks for that position afresh. Saying "corrupt" there would tell the operator to restore a
+/// healthy node from a replica.
+#[test]
+fn a_reader_overtaken_by_retention_by_several_segments_is_told_its_position_is_gone() {
+    let wal = Wal::open(Arc::new(MemStorage::new()), retain_nothing(None)).unwrap();
+    for seq in 1..=300 {
+        wal.append(txn(&wal, seq)).unwrap();
+    }
+    let mut r = wal.read_from(wal.first_offset()).unwrap();
+    assert_eq!(r.next_txn().unwrap().unwrap().offset, Offset::FIRST);
+    let report = wal.run_retention().unwrap();
+    assert!(
+        report.removed_segments.len() >= 2,
+        "retention must remove the reader's segment and the next: {report:?}"
+    );
+    match read_until_error(&mut r) {
+        Error::OffsetUnavailable {
+            requested,
+            first_available,
+            last,
+        } => {
+            assert_eq!(first_available, wal.first_offset());
+            assert!(requested < first_available, "{requested} {first_available}");
+            assert_eq!(last, 300);
+        }
+        other => panic!("expected OffsetUnavailable, got {other:?}: {other}"),
+    }
+}
+
+/// A segment that ends (at a record boundary) before the next segment begins, inside the log
+/// retention kept, is a hole in the log: corruption, not an unavailable position.
+#[test]
+fn a_segment_that_ends_before_the_next_one_begins_is_corruption() {
+    let storage = MemStorage::new();
+    let wal = Wal::open(Arc::new(storage.clone()), small_segments()).unwrap();
+    // The length of each segment's file after each of its records.
+    let mut lengths: Vec<(String, Vec<u64>)> = Vec::new();
+    for seq in 1..=300 {
+        wal.append(txn(&wal, seq)).unwrap();
+        let active = wal.stats().segments.last().unwrap().name.clone();
+        let len = storage.file_len(&active).unwrap();
+        match lengths.last_mut() {
+            Some((name, lens)) if *name == active => lens.push(len),
+            _ => lengths.push((active, vec![len])),
+        }
+    }
+    // Cut the last record off the third segment.
+    let (name, lens) = &lengths[2];
+    assert!(lens.len() >= 2, "{name} holds one record");
+    storage
+        .open(name)
+        .unwrap()
+        .set_len(lens[lens.len() - 2])
+        .unwrap();
+    let mut r = wal.read_from(Offset::FIRST).unwrap();
+    match read_until_error(&mut r) {
+        Error::Corrupt { reason, .. } => {
+            assert!(reason.contains("segment ends before offset"), "{reason}")
+        }
+        other => panic!("expected Corrupt, got {other:?}: {other}"),
+    }
+}
+
+/// Once the retention cap invalidated a slot, an ack into it (a live subscription's consumer
+/// moving it on) fails: the slot holds no log, and a consumer whose acks are taken believes
+/// its position is kept.
+#[test]
+fn an_ack_into_a_slot_the_retention_cap_invalidated_is_refused() {
+    let wal = Wal::open(Arc::new(MemStorage::new()), retain_nothing(Some(8192))).unwrap();
+    wal.create_slot("replica-b", Offset::FIRST).unwrap();
+    for seq in 1..=300 {
+        wal.append(txn(&wal, seq)).unwrap();
+    }
+    let report = wal.run_retention().unwrap();
+    assert_eq!(report.invalidated_slots, vec!["replica-b".to_string()]);
+    match wal.advance_slot("replica-b", Offset::new(300).unwrap()) {
+        Err(Error::SlotInvalidated { name, .. }) => assert_eq!(name, "replica-b"),
+        other => panic!("an ack into an invalidated slot was answered {other:?}"),
+    }
+    let slot = wal.slot("replica-b").unwrap();
+    assert_eq!(slot.restart_offset, 1, "the refused ack moved the slot");
+}
+
+/// The refusal of an invalidated slot says what its consumer must do by where the consumer
+/// stands: a position the log still holds needs no re-bootstrap (drop and re-create the slot,
+/// or go on without it), one the log no longer holds does.
+#[test]
+fn an_invalidated_slot_advises_re_bootstrap_only_when_the_log_lacks_the_position() {
+    let wal = Wal::open(Arc::new(MemStorage::new()), retain_nothing(Some(8192))).unwrap();
+    wal.create_slot("replica-b", Offset::FIRST).unwrap();
+    for seq in 1..=300 {
+        wal.append(txn(&wal, seq)).unwrap();
+    }
+    wal.run_retention().unwrap();
+    let first = wal.first_offset();
+    assert!(first.get() > 2);
+    let held = [
+        wal.advance_slot("replica-b", first).unwrap_err(),
+        wal.create_slot("replica-b", first).unwrap_err(),
+    ];
+    for e in held {
+        let text = e.to_string();
+        assert!(matches!(e, Error::SlotInvalidated { .. }), "{e:?}");
+        assert!(
+            !text.contains("re-bootstrap the consumer,") && text.contains("still holds"),
+            "the log still holds the consumer's position, yet: {text}"
+        );
+        assert!(text.contains("drop and re-create"), "{text}");
+    }
+    let gone = wal
+        .advance_slot("replica-b", Offset::new(2).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        gone.contains("re-bootstrap") && gone.contains("no longer holds"),
+        "the log no longer holds the consumer's position, yet: {gone}"
+    );
 }

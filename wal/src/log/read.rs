@@ -263,6 +263,9 @@ impl Reader {
             )
         };
         let Some(meta) = meta else {
+            // A reset replaces every segment, so a reader of the old history that comes here
+            // between its epoch checks must hear of the reset, not of a removed position.
+            self.check_epoch()?;
             return Err(Error::OffsetUnavailable {
                 requested: self.next_offset(),
                 first_available: Offset::new(first_available).unwrap_or(Offset::FIRST),
@@ -366,12 +369,18 @@ impl Reader {
                     let got = self.refill(needed).map_err(ReadEnd::Err)?;
                     if got == 0 {
                         // Nothing more in this file. Either the record is in the next segment,
-                        // or the file is missing bytes that must be there.
-                        let more_segments = {
+                        // or retention removed that segment too (this one, already open, was
+                        // removed with it: the record is gone, and opening the next segment
+                        // says so as for any removed position), or the file is missing bytes
+                        // that must be there.
+                        let (more_segments, removed) = {
                             let state = lock(&self.shared.state);
-                            state.segments.iter().any(|s| s.first == self.next)
+                            (
+                                state.segments.iter().any(|s| s.first == self.next),
+                                state.segments[0].first > self.next,
+                            )
                         };
-                        if more_segments && self.buf.len() == self.pos {
+                        if (more_segments || removed) && self.buf.len() == self.pos {
                             return Err(ReadEnd::End);
                         }
                         let reason = if self.buf.len() == self.pos {

@@ -56,7 +56,8 @@ impl Wal {
 
     /// Creates slot `name` holding the log from `restart` on (the first offset its consumer
     /// still needs). Creating an existing slot returns it unchanged; one that retention's cap
-    /// invalidated is refused with [`Error::SlotInvalidated`].
+    /// invalidated is refused with [`Error::SlotInvalidated`] (here `restart` is always still
+    /// in the log, so the advice is a new slot, not a re-bootstrap).
     pub fn create_slot(&self, name: &str, restart: Offset) -> Result<SlotInfo, Error> {
         self.writable()?;
         // Checked under the slots lock, which retention holds from choosing segments until
@@ -70,16 +71,18 @@ impl Wal {
                 last: self.visible_offset(),
             });
         }
-        let info = slots.create(name, restart)?;
+        let info = slots.create(name, restart, first)?;
         slots.save(&*self.shared.storage)?;
         Ok(info)
     }
 
     /// Records that the consumer of `name` needs nothing before `restart`. Kept in memory and
     /// saved by the next [`Wal::run_retention`] or slot change; after a crash a slot may be a
-    /// little behind, which holds more log, never less.
+    /// little behind, which holds more log, never less. Fails with [`Error::NoSuchSlot`] once
+    /// the slot is dropped and with [`Error::SlotInvalidated`] once retention's cap invalidated
+    /// it: either way it holds nothing for the consumer any more.
     pub fn advance_slot(&self, name: &str, restart: Offset) -> Result<(), Error> {
-        lock(&self.shared.slots).advance(name, restart)
+        lock(&self.shared.slots).advance(name, restart, || self.first_offset())
     }
 
     /// Removes slot `name`.
