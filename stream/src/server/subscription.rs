@@ -279,13 +279,18 @@ pub(super) async fn serve_subscription<N: Node>(
                             slot = %name,
                             "ack into a slot that is gone ({e}); ending the subscription"
                         );
-                        let message = format!(
-                            "slot {name} was dropped while this subscription used it: it no \
-                             longer holds this consumer's position, and retention may remove \
-                             the log from offset {next} on. Resume from the consumer's \
-                             checkpoint (the slot is created anew where it starts), or \
-                             re-bootstrap the consumer if that is no longer in the log"
-                        );
+                        let message = match e {
+                            // Retention's cap took it: the error says where the log stands.
+                            tideline_wal::Error::SlotInvalidated { .. } => e.to_string(),
+                            _ => format!(
+                                "slot {name} was dropped while this subscription used it: it no \
+                                 longer holds this consumer's position, and retention may \
+                                 remove the log from offset {next} on. Resume from the \
+                                 consumer's checkpoint (the slot is created anew where it \
+                                 starts), or re-bootstrap the consumer if that is no longer in \
+                                 the log"
+                            ),
+                        };
                         let _ = slot_lost_tx
                             .send(error(ErrorCode::InvalidRequest, message))
                             .await;
