@@ -131,6 +131,7 @@ pub(crate) fn driver<'a>(addr: &'a str, report: &'a dyn Report) -> Driver<'a> {
         retry_max: Duration::from_secs(5),
         hold_pause: Duration::from_secs(5),
         report,
+        stamp: None,
     }
 }
 

@@ -8,6 +8,9 @@
 //! the sink's unit tests (`connectors/src/sink/file/tests.rs`: with the cut off, the same
 //! crash duplicates).
 //!
+//! Also: a sink restarted on the same file with a wider filter (`--tree a`, then every tree)
+//! either writes what the first filter dropped or refuses to start, never skips it silently.
+//!
 //! Cycles: 20 by default; `TIDELINE_SINK_KILL_CYCLES=N` runs more. `TIDELINE_TEST_SEED=N`
 //! replays the kill timings and the workload.
 
@@ -272,4 +275,104 @@ fn from_bootstrap_writes_the_state_then_the_changes() {
             ("put".to_string(), "c".to_string(), Value::from(5)),
         ]
     );
+}
+
+/// A file sink stopped and started again with a wider filter (here: `--tree a`, then every
+/// tree) must not skip, without a word, the changes the first filter dropped before the
+/// stored position: either it writes them, or it refuses to start and says that the filter
+/// changed and what to do.
+#[test]
+fn a_restart_with_a_wider_filter_skips_no_change_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("node"), 0);
+    for tree in ["a", "b"] {
+        let out = node.run(&["put", "--tree", tree, "1", "v"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let last = common::status(&node)["last_offset"].as_u64().unwrap();
+    let out = dir.path().join("changes.jsonl");
+    let first_log = dir.path().join("first.stderr");
+    let mut first = sink_cmd(&node, &out, &first_log)
+        .args(["--tree", "a"])
+        .spawn()
+        .expect("start tideline sink file --tree a");
+    // The put to b is filtered out; the position still moves past it (within a second).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored_offset(&out) < last {
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the first run exited: {}",
+            std::fs::read_to_string(&first_log).unwrap_or_default()
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the first run did not store offset {last}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sent = Command::new("kill")
+        .args(["-TERM", &first.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let status = first.wait().unwrap();
+    assert!(
+        status.success(),
+        "after SIGTERM: {status}: {}",
+        std::fs::read_to_string(&first_log).unwrap_or_default()
+    );
+    let has = |tree: &str| {
+        envelopes(&out)
+            .iter()
+            .any(|(_, op, t, k)| op == "put" && t == tree && k == "1")
+    };
+    assert!(has("a") && !has("b"), "{:?}", envelopes(&out));
+
+    // Again on the same file, without --tree; one more change to see it through.
+    let second_log = dir.path().join("second.stderr");
+    let mut second = sink_cmd(&node, &out, &second_log)
+        .spawn()
+        .expect("start tideline sink file");
+    assert!(node.run(&["put", "--tree", "c", "1", "v"]).status.success());
+    let last = common::status(&node)["last_offset"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        if let Some(status) = second.try_wait().unwrap() {
+            break Some(status);
+        }
+        if stored_offset(&out) >= last {
+            break None;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the second run neither stored offset {last} nor stopped"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let err = std::fs::read_to_string(&second_log).unwrap_or_default();
+    match exited {
+        Some(status) => {
+            assert!(!status.success(), "the second run stopped by itself: {err}");
+            for what in ["filter", "--tree a", "--from bootstrap"] {
+                assert!(err.contains(what), "the refusal names no `{what}`: {err}");
+            }
+            assert!(!has("b"), "refused, yet written: {:?}", envelopes(&out));
+            println!("refused: {err}");
+        }
+        None => {
+            let _ = second.kill();
+            let _ = second.wait();
+            assert!(
+                has("b"),
+                "the put to tree b (filtered out by the first run's --tree a) is missing, and \
+                 the run without --tree stored offset {last} without an error: {:?}; stderr: \
+                 {err}",
+                envelopes(&out)
+            );
+        }
+    }
 }

@@ -175,7 +175,7 @@ pub fn sink_file(args: &SinkFileArgs) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::SUCCESS)
             }
             Some(Ok(Ok(()))) => Ok(ExitCode::SUCCESS),
-            Some(Ok(Err(e))) => Err(stop_error(e)),
+            Some(Ok(Err(e))) => Err(stop_error(e, &args.out)),
             Some(Err(e)) => Err(anyhow::anyhow!("the pipeline task failed: {e}")),
         }
     })
@@ -191,8 +191,42 @@ fn where_it_stands(s: &tideline_connectors::PipelineStatus) -> String {
     }
 }
 
-fn stop_error(e: PipelineError) -> anyhow::Error {
-    anyhow::anyhow!("{e}")
+fn stop_error(e: PipelineError, out: &std::path::Path) -> anyhow::Error {
+    match e {
+        PipelineError::FilterWidened {
+            stored, configured, ..
+        } => {
+            let stored = filter_flags(&stored);
+            anyhow::anyhow!(
+                "the filter changed: {} was written with {stored}, and its position is past \
+                 the changes that filter left out; this run's filter ({}) lets such changes \
+                 through, but would resume after them, so they would be missing from the \
+                 file. Run again with {stored} (or a narrower filter); or, \
+                 to have everything the new filter lets through, write a new --out file with \
+                 --from bootstrap (the node's current state, then its changes) or --from \
+                 earliest (its whole log, if the node still holds it)",
+                out.display(),
+                filter_flags(&configured)
+            )
+        }
+        e => anyhow::anyhow!("{e}"),
+    }
+}
+
+/// The flags of `sink file` that give `f`: `--tree a --prefix us --ops put,delete`.
+fn filter_flags(f: &Filter) -> String {
+    let mut flags: Vec<String> = f.trees.iter().map(|t| format!("--tree {t}")).collect();
+    if let Some(p) = &f.prefix {
+        flags.push(format!("--prefix {}", String::from_utf8_lossy(p)));
+    }
+    if !f.ops.is_empty() {
+        flags.push(format!("--ops {}", f.ops.join(",")));
+    }
+    if flags.is_empty() {
+        "no --tree, --prefix or --ops".into()
+    } else {
+        flags.join(" ")
+    }
 }
 
 fn progress_line(s: &tideline_connectors::PipelineStatus) -> String {
@@ -232,5 +266,22 @@ mod tests {
         );
         let e = "soon".parse::<SinkStart>().unwrap_err();
         assert!(e.contains("earliest") && e.contains("bootstrap"), "{e}");
+    }
+
+    #[test]
+    fn filters_show_as_the_flags_that_give_them() {
+        let f = Filter {
+            trees: vec!["a".into(), "b".into()],
+            prefix: Some(b"us".to_vec()),
+            ops: vec!["put".into(), "delete".into()],
+        };
+        assert_eq!(
+            filter_flags(&f),
+            "--tree a --tree b --prefix us --ops put,delete"
+        );
+        assert_eq!(
+            filter_flags(&Filter::default()),
+            "no --tree, --prefix or --ops"
+        );
     }
 }

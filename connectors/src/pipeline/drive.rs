@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tideline_consumers::{BootstrapProgress, Position};
 
-use super::{PipelineConfig, PipelineError, SharedPipelineStatus};
+use super::{Filter, PipelineCheckpoint, PipelineConfig, PipelineError, SharedPipelineStatus};
 use crate::sink::{Batch, EarlierCopy, Sink, SinkError};
 
 /// Where the shared steps report what happened: a pipeline's status, or a replica's upstream
@@ -40,6 +40,10 @@ pub(crate) struct Driver<'a> {
     pub hold_pause: Duration,
     /// Where outcomes go.
     pub report: &'a dyn Report,
+    /// The filter recorded in every checkpoint handed to the sink (a pipeline's, see
+    /// [`PipelineCheckpoint::with_filter`]); `None` for a replica, whose engine sink builds its
+    /// checkpoints from engine state.
+    pub stamp: Option<&'a Filter>,
 }
 
 impl<'a> Driver<'a> {
@@ -51,6 +55,15 @@ impl<'a> Driver<'a> {
             retry_max: cfg.retry_max,
             hold_pause: cfg.hold_pause,
             report: st,
+            stamp: Some(&cfg.filter),
+        }
+    }
+
+    /// `checkpoint` with the filter to record in it, if any.
+    fn stamped(&self, checkpoint: Vec<u8>) -> Vec<u8> {
+        match self.stamp {
+            Some(f) => PipelineCheckpoint::with_filter(checkpoint, f),
+            None => checkpoint,
         }
     }
 
@@ -121,9 +134,10 @@ impl<'a> Driver<'a> {
         checkpoint: &[u8],
         earlier: &EarlierCopy,
     ) -> Result<(), PipelineError> {
+        let checkpoint = self.stamped(checkpoint.to_vec());
         let mut failures = 0;
         loop {
-            match sink.begin_copy(checkpoint, earlier).await {
+            match sink.begin_copy(&checkpoint, earlier).await {
                 Ok(()) => {
                     self.after_success(sink, failures);
                     return Ok(());
@@ -145,6 +159,8 @@ impl<'a> Driver<'a> {
     ) -> Result<(), PipelineError> {
         let last_ts = batch.txns().last().map(|t| t.timestamp_us);
         let (txns, changes) = (batch.txns().count() as u64, batch.changes() as u64);
+        // Once, before the first try: every retry hands the sink the same bytes.
+        batch.checkpoint = self.stamped(std::mem::take(&mut batch.checkpoint));
         let mut failures = 0;
         loop {
             match sink.write_owned(batch).await {
@@ -223,6 +239,7 @@ mod tests {
             retry_max: Duration::from_millis(1),
             hold_pause: Duration::from_millis(1),
             report: &st,
+            stamp: None,
         };
         let batch = Batch {
             source: uuid::Uuid::nil(),
@@ -233,5 +250,80 @@ mod tests {
         let s = st.get();
         assert_eq!(s.last_error, None, "{}", s.to_json());
         assert_eq!(s.state, PipelineState::Bootstrapping);
+    }
+
+    /// A sink that fails its first write and records every checkpoint it is handed.
+    #[derive(Default)]
+    struct Records {
+        seen: Vec<Vec<u8>>,
+    }
+
+    impl Sink for Records {
+        fn describe(&self) -> String {
+            "test".into()
+        }
+        fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn write<'a>(&'a mut self, batch: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>> {
+            self.seen.push(batch.checkpoint.clone());
+            let first = self.seen.len() == 1;
+            Box::pin(async move {
+                if first {
+                    Err(SinkError::Retry("once".into()))
+                } else {
+                    Ok(())
+                }
+            })
+        }
+    }
+
+    /// A pipeline's checkpoints record its filter, the same bytes on every retry; the
+    /// replica's driver (no filter to record) hands them on as they are.
+    #[tokio::test]
+    async fn a_pipeline_driver_records_its_filter_in_every_checkpoint() {
+        let st = PipelineStatus::shared("p", "source", "sink");
+        let filter = Filter {
+            trees: vec!["a".into()],
+            prefix: None,
+            ops: vec![],
+        };
+        let checkpoint = PipelineCheckpoint::Tail(Position {
+            server_uuid: uuid::Uuid::from_bytes([1; 16]),
+            offset: 3,
+            gtids: Default::default(),
+            epoch: None,
+        })
+        .encode();
+        for stamp in [Some(&filter), None] {
+            let d = Driver {
+                name: "p",
+                retry_min: Duration::from_millis(1),
+                retry_max: Duration::from_millis(1),
+                hold_pause: Duration::from_millis(1),
+                report: &st,
+                stamp,
+            };
+            let mut sink = Records::default();
+            let batch = Batch {
+                source: uuid::Uuid::nil(),
+                items: vec![],
+                checkpoint: checkpoint.clone(),
+            };
+            d.write(&mut sink, batch).await.unwrap();
+            assert_eq!(sink.seen.len(), 2, "one failure, one retry");
+            assert_eq!(sink.seen[0], sink.seen[1], "a retry hands the same bytes");
+            assert_eq!(
+                PipelineCheckpoint::stored_filter(&sink.seen[1]).unwrap(),
+                stamp.cloned()
+            );
+            assert_eq!(
+                PipelineCheckpoint::decode(&sink.seen[1]).unwrap(),
+                PipelineCheckpoint::decode(&checkpoint).unwrap()
+            );
+            if stamp.is_none() {
+                assert_eq!(sink.seen[1], checkpoint);
+            }
+        }
     }
 }

@@ -15,6 +15,10 @@
 //! ([`Sink::begin_copy`]). Without one, it starts from [`PipelineConfig::from`]: a bootstrap
 //! copy of the source's current state merged with its live log, or a tail position.
 //!
+//! Every checkpoint records the pipeline's filter; a stored one that the configured filter
+//! widens (it lets through changes the stored position went past unwritten) refuses the start
+//! ([`PipelineError::FilterWidened`]), as resuming would skip those changes for good.
+//!
 //! Back-pressure: the pipeline reads one batch ahead of the sink at most (plus what the tail's
 //! connection buffers); a slow sink slows only its own pipeline. The source node never waits
 //! on it.
@@ -85,6 +89,32 @@ impl Filter {
 
     fn is_empty(&self) -> bool {
         self.trees.is_empty() && self.prefix.is_none() && self.ops.is_empty()
+    }
+}
+
+/// `trees [a, b], prefix "us", ops [put]`; `all` and `none` where it does not filter.
+impl std::fmt::Display for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list = |l: &[String]| {
+            if l.is_empty() {
+                "all".to_string()
+            } else {
+                format!("[{}]", l.join(", "))
+            }
+        };
+        let prefix = match &self.prefix {
+            None => "none".to_string(),
+            Some(p) => match std::str::from_utf8(p) {
+                Ok(p) => format!("{p:?}"),
+                Err(_) => format!("\"{}\"", p.escape_ascii()),
+            },
+        };
+        write!(
+            f,
+            "trees {}, prefix {prefix}, ops {}",
+            list(&self.trees),
+            list(&self.ops)
+        )
     }
 }
 
@@ -166,6 +196,25 @@ pub enum PipelineError {
         /// What is wrong.
         reason: String,
     },
+    /// The configured filter lets through changes that the filter stored with the sink's
+    /// position dropped: resuming would never write those up to that position.
+    #[error(
+        "sink {sink} holds a position stored with the filter ({stored}), and this pipeline's \
+         filter ({configured}) lets through changes that one left out: resuming would skip \
+         those up to the stored position without writing them, so the pipeline does not \
+         start. Restore the earlier filter (or a narrower one); or, to have everything the new \
+         filter lets through, clear the sink's position and what the pipeline wrote \
+         (docs/OPERATIONS.md, \"Pipelines and sinks\") so that it starts again from `from` (bootstrap \
+         or earliest)"
+    )]
+    FilterWidened {
+        /// The sink.
+        sink: String,
+        /// The filter stored with the sink's position.
+        stored: Box<Filter>,
+        /// The pipeline's filter now.
+        configured: Box<Filter>,
+    },
 }
 
 /// Starts `cfg` into `sink` on the current tokio runtime; returns its status and its task.
@@ -209,6 +258,25 @@ pub async fn run(
             sink: sink.describe(),
             reason,
         })?;
+    // A position stored under a narrower filter went past what that filter dropped.
+    let stored_filter = stored_bytes
+        .as_deref()
+        .map(PipelineCheckpoint::stored_filter)
+        .transpose()
+        .map_err(|reason| PipelineError::Checkpoint {
+            sink: sink.describe(),
+            reason,
+        })?
+        .flatten();
+    if let Some(earlier) = stored_filter
+        && checkpoint::widened(&earlier, &cfg.filter)
+    {
+        return Err(PipelineError::FilterWidened {
+            sink: sink.describe(),
+            stored: Box::new(earlier),
+            configured: Box::new(cfg.filter.clone()),
+        });
+    }
     let operators = merge_operators(&cfg, &d, st).await?;
     sink.set_merge_operators(&operators);
     let position = match stored {
