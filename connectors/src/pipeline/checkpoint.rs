@@ -99,7 +99,7 @@ impl PipelineCheckpoint {
         Value::Object(v).to_string().into_bytes()
     }
 
-    /// The filter a checkpoint records ([`PipelineCheckpoint::with_filter`]); `None` when it
+    /// The filter a checkpoint records (written by `with_filter`); `None` when it
     /// records none (stored by an earlier build, or built by the replica's engine sink). The
     /// error says what is wrong with a recorded one.
     pub fn stored_filter(bytes: &[u8]) -> Result<Option<Filter>, String> {
