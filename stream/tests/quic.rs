@@ -207,22 +207,6 @@ async fn wrong_token_wrong_ca_and_bad_frames_are_refused_and_the_server_goes_on(
     f.server.shutdown().await;
 }
 
-/// CRC32C (Castagnoli), bit by bit: what a peer computes to pass a log frame's checksum.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// Found by a third code review: a batch frame sent where a request is expected was decoded
 /// before it was refused, and a record with a valid checksum but a corrupt payload came back
 /// as rkyv's error text, naming addresses of the node's memory. The node must refuse the
@@ -255,7 +239,7 @@ async fn a_batch_sent_as_a_request_is_refused_unread() {
     for byte in &mut wire[payload_end - 4..payload_end] {
         *byte ^= 0xff;
     }
-    let crc = crc32c(&[&wire[frame_at..frame_at + 4], &wire[frame_at + 8..]].concat());
+    let crc = crc32c::crc32c(&[&wire[frame_at..frame_at + 4], &wire[frame_at + 8..]].concat());
     wire[frame_at + 4..frame_at + 8].copy_from_slice(&crc.to_le_bytes());
     let limits = proto::Limits::default();
     let body = &wire[proto::FRAME_HEADER_BYTES..];

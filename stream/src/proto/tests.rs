@@ -147,22 +147,6 @@ fn malformed_messages_name_no_memory_address() {
     assert!(refused > 0, "no edit was refused: the test proves nothing");
 }
 
-/// CRC32C (Castagnoli), bit by bit: what a peer computes to pass the log frame's checksum.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// Found by a third code review: a peer can send a batch frame (where the node expects a
 /// request) whose record passes its checksum but holds a corrupt payload; the node decoded it
 /// and sent rkyv's error text back, with the addresses of its buffer. Every way of reading
@@ -177,7 +161,7 @@ fn malformed_batch_records_name_no_memory_address() {
     let frame_at = BATCH_PREFIX_BYTES;
     let reframe = |wire: &mut Vec<u8>| {
         let frame = &wire[frame_at..];
-        let crc = crc32c(&[&frame[..4], &frame[8..]].concat());
+        let crc = crc32c::crc32c(&[&frame[..4], &frame[8..]].concat());
         wire[frame_at + 4..frame_at + 8].copy_from_slice(&crc.to_le_bytes());
     };
     let mut same = wire.clone();
