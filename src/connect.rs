@@ -112,11 +112,19 @@ async fn check_one(p: &PipelineSpec) -> Result<String, String> {
         Ok(Err(e)) => return Err(format!("sink {}: {}", sink.describe(), e.message())),
         Ok(Ok(s)) => s,
     };
+    // The pipeline refuses to start from a position it did not write, or from one that its
+    // filter widens: say so here, as it would.
+    let resumes = tideline_connectors::pipeline::resume_point(
+        &sink.describe(),
+        stored.as_deref(),
+        &cfg.filter,
+    )
+    .map_err(|e| e.to_string())?;
     Ok(format!(
         "source {} ({source}), sink {} ({})",
         cfg.addr,
         sink.describe(),
-        match stored {
+        match resumes {
             Some(_) => "holds a position: resumes there",
             None => "holds no position: starts from `from`",
         }

@@ -250,33 +250,7 @@ pub async fn run(
 ) -> Result<(), PipelineError> {
     let d = Driver::of(&cfg, st);
     let stored_bytes = d.open(&mut *sink).await?;
-    let stored = stored_bytes
-        .as_deref()
-        .map(PipelineCheckpoint::decode)
-        .transpose()
-        .map_err(|reason| PipelineError::Checkpoint {
-            sink: sink.describe(),
-            reason,
-        })?;
-    // A position stored under a narrower filter went past what that filter dropped.
-    let stored_filter = stored_bytes
-        .as_deref()
-        .map(PipelineCheckpoint::stored_filter)
-        .transpose()
-        .map_err(|reason| PipelineError::Checkpoint {
-            sink: sink.describe(),
-            reason,
-        })?
-        .flatten();
-    if let Some(earlier) = stored_filter
-        && checkpoint::widened(&earlier, &cfg.filter)
-    {
-        return Err(PipelineError::FilterWidened {
-            sink: sink.describe(),
-            stored: Box::new(earlier),
-            configured: Box::new(cfg.filter.clone()),
-        });
-    }
+    let stored = resume_point(&sink.describe(), stored_bytes.as_deref(), &cfg.filter)?;
     let operators = merge_operators(&cfg, &d, st).await?;
     sink.set_merge_operators(&operators);
     let position = match stored {
@@ -300,6 +274,38 @@ pub async fn run(
         None => None,
     };
     follow(&cfg, &d, st, &mut *sink, position).await
+}
+
+/// Where a pipeline with `filter` resumes, given the checkpoint `stored` that its sink
+/// (`sink` describes it) returned from [`Sink::open`]: `None` when there is none (it starts
+/// from [`PipelineConfig::from`]). Refuses a checkpoint this pipeline did not write
+/// ([`PipelineError::Checkpoint`]), and one stored under a filter that `filter` widens
+/// ([`PipelineError::FilterWidened`]). [`run`] asks it before it moves anything, and so does
+/// `tideline connect --check`.
+pub fn resume_point(
+    sink: &str,
+    stored: Option<&[u8]>,
+    filter: &Filter,
+) -> Result<Option<PipelineCheckpoint>, PipelineError> {
+    let Some(bytes) = stored else {
+        return Ok(None);
+    };
+    let bad = |reason| PipelineError::Checkpoint {
+        sink: sink.to_owned(),
+        reason,
+    };
+    let checkpoint = PipelineCheckpoint::decode(bytes).map_err(bad)?;
+    // A position stored under a narrower filter went past what that filter dropped.
+    if let Some(earlier) = PipelineCheckpoint::stored_filter(bytes).map_err(bad)?
+        && checkpoint::widened(&earlier, filter)
+    {
+        return Err(PipelineError::FilterWidened {
+            sink: sink.to_owned(),
+            stored: Box::new(earlier),
+            configured: Box::new(filter.clone()),
+        });
+    }
+    Ok(Some(checkpoint))
 }
 
 /// The source's merge operators, from its `status` (`merge_operators`: tree -> name), so that
@@ -561,6 +567,15 @@ async fn bootstrap(
                 failures += 1;
                 continue;
             }
+            // A copy from scratch the node will not serve now (a reset of its history raced
+            // the start): a passing fault, tried again like a lost connection.
+            Err(e @ BootstrapError::Restart(_)) => {
+                tracing::warn!(pipeline = %cfg.name, error = %e, "the source refused to start the bootstrap; trying again from scratch");
+                st.update(|s| s.last_error = Some(e.to_string()));
+                stored = None;
+                failures += 1;
+                continue;
+            }
             Err(e) => return Err(source_err(e.to_string())),
         };
         let (why, progress) = match copy::copy(d, &cfg.filter, sink, b, &mut trees).await {
@@ -575,7 +590,18 @@ async fn bootstrap(
                 SourceEnd::Failed(BootstrapError::Client(e)) if e.is_retryable() => {
                     (e.to_string(), saved)
                 }
-                SourceEnd::Failed(BootstrapError::Restart(why)) => (why, None),
+                // The node will not go on with this copy: it begins again from scratch, and
+                // the sink clears what it wrote (`trees`). Never again from the progress this
+                // connection started from: the node may accept that one (its history
+                // unchanged, a log read failed) and send the steps stored since once more,
+                // live records among them, whose merges would count twice.
+                SourceEnd::Failed(e @ BootstrapError::Restart(_)) => {
+                    tracing::warn!(pipeline = %cfg.name, error = %e, "the source ended the bootstrap; copying again from scratch, after the sink clears what the earlier copy wrote");
+                    st.update(|s| s.last_error = Some(e.to_string()));
+                    stored = None;
+                    failures += 1;
+                    continue;
+                }
                 SourceEnd::Failed(e) => return Err(source_err(e.to_string())),
             },
         };
