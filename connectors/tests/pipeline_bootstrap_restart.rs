@@ -22,12 +22,10 @@ use tideline_connectors::sink::{Batch, EarlierCopy, Item, Sink, SinkError, SinkF
 use tideline_connectors::{
     PipelineCheckpoint, PipelineConfig, PipelineState, SharedPipelineStatus, StartFrom,
 };
-use tideline_stream::log_node::LogNode;
-use tideline_stream::proto::{WriteOp, pack_entry};
-use tideline_stream::{
-    BootstrapView, ClientConfig, ErrorCode, Node, NodeError, ServerConfig, ServerHandle, tls,
-};
-use tideline_wal::{Epoch, Gtid, GtidSet, MemStorage, NewTransaction, Offset, Op, Wal, WalOptions};
+use tideline_stream::proto::pack_entry;
+use tideline_stream::testing::{BootstrapNode, Views, serve_local};
+use tideline_stream::{BootstrapView, ClientConfig, ErrorCode, Node, NodeError, ServerHandle};
+use tideline_wal::{Epoch, Gtid, GtidSet, MemStorage, NewTransaction, Op, Wal, WalOptions};
 use tokio::sync::Semaphore;
 
 /// The one tree copied.
@@ -76,10 +74,13 @@ struct State {
     rows: Rows,
 }
 
-/// A log node with a state the test writes (log and state under one lock), served to
-/// bootstraps in views; each fault is injected once.
-struct CopyNode {
-    log: LogNode,
+/// A log node with a state the test writes (log and state under one lock, so it takes no
+/// writes over the wire), served to bootstraps in views; each fault is injected once.
+type CopyNode = BootstrapNode<Copied>;
+
+/// The state of a [`CopyNode`], which its views copy, and the faults they inject.
+#[derive(Default)]
+struct Copied {
     state: Mutex<State>,
     /// The next read of the chunk from this key, in a view at this offset or later, fails
     /// with `PositionUnavailable`, the history unchanged (as a failed log read ends a copy).
@@ -90,24 +91,25 @@ struct CopyNode {
     stale_next_view: AtomicBool,
 }
 
-impl CopyNode {
-    /// Commits `op` to the log and the state.
-    fn commit(&self, op: Op) {
-        let mut state = self.state.lock().expect("state lock");
-        state.seq += 1;
-        let gtid = Gtid::new(self.log.wal().server_uuid(), state.seq).expect("a GTID");
-        let offset = tokio::task::block_in_place(|| {
-            self.log.wal().append(NewTransaction {
-                gtid,
-                timestamp_us: 0,
-                ops: vec![op.clone()],
-            })
+/// Commits `op` to the node's log and state.
+fn commit(node: &CopyNode, op: Op) {
+    let wal = node.wal();
+    let mut state = node.views.state.lock().expect("state lock");
+    state.seq += 1;
+    let gtid = Gtid::new(wal.server_uuid(), state.seq).expect("a GTID");
+    let offset = tokio::task::block_in_place(|| {
+        wal.append(NewTransaction {
+            gtid,
+            timestamp_us: 0,
+            ops: vec![op.clone()],
         })
-        .expect("append to the log");
-        apply(&mut state.rows, &op);
-        state.offset = offset.get();
-    }
+    })
+    .expect("append to the log");
+    apply(&mut state.rows, &op);
+    state.offset = offset.get();
+}
 
+impl Copied {
     fn rows(&self) -> Rows {
         self.state.lock().expect("state lock").rows.clone()
     }
@@ -117,7 +119,7 @@ impl CopyNode {
     }
 }
 
-/// See [`CopyNode::fail_chunk`]: `(offset, key)`.
+/// See [`Copied::fail_chunk`]: `(offset, key)`.
 type FailChunk = Arc<Mutex<Option<(u64, Vec<u8>)>>>;
 
 struct View {
@@ -175,42 +177,15 @@ impl BootstrapView for View {
     }
 }
 
-impl Node for CopyNode {
-    fn wal(&self) -> &Wal {
-        self.log.wal()
-    }
-    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
-        self.log.get(tree, key)
-    }
-    fn scan(
-        &self,
-        tree: &str,
-        prefix: &[u8],
-        page: tideline_stream::ScanPage<'_>,
-    ) -> Result<tideline_stream::Page, NodeError> {
-        self.log.scan(tree, prefix, page)
-    }
-    async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
-        let _ = ops;
-        Err(NodeError::new(
-            ErrorCode::InvalidRequest,
-            "this test node takes no writes over the wire",
-        ))
-    }
-    fn status_json(&self) -> String {
-        self.log.status_json()
-    }
-    async fn wait_for(&self, gtids: GtidSet, timeout: Duration) -> (bool, GtidSet) {
-        self.log.wait_for(gtids, timeout).await
-    }
-    fn bootstrap_view(&self) -> Result<Arc<dyn BootstrapView>, NodeError> {
-        let mut epoch = self.log.wal().history_epoch();
+impl Views for Copied {
+    fn view(&self, wal: &Wal) -> Result<Arc<dyn BootstrapView>, NodeError> {
+        let mut epoch = wal.history_epoch();
         if self.stale_next_view.swap(false, Ordering::SeqCst) {
             epoch = Epoch::new(epoch.get() + 1);
         }
         Ok(Arc::new(View {
             state: self.state.lock().expect("state lock").clone(),
-            uuid: self.log.wal().server_uuid(),
+            uuid: wal.server_uuid(),
             epoch,
             fail_chunk: self.fail_chunk.clone(),
         }))
@@ -221,35 +196,29 @@ impl Node for CopyNode {
 /// configuration for it (the directory holds the secrets).
 fn start_node() -> (tempfile::TempDir, Arc<CopyNode>, ServerHandle, ClientConfig) {
     let dir = tempfile::tempdir().expect("tempdir");
-    tls::ensure_secrets(dir.path()).expect("secrets");
     let wal = Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).expect("open log");
-    let node = Arc::new(CopyNode {
-        log: LogNode::new(wal),
-        state: Mutex::new(State::default()),
-        fail_chunk: FailChunk::default(),
-        stale_next_view: AtomicBool::new(false),
-    });
-    node.commit(Op::Put {
-        tree: TREE.into(),
-        key: COUNTER.to_vec(),
-        value: b"0".to_vec(),
-        before: None,
-    });
-    for i in 0..KEYS {
-        node.commit(Op::Put {
+    let node = Arc::new(BootstrapNode::new(wal, Copied::default()).refusing_wire_writes());
+    commit(
+        &node,
+        Op::Put {
             tree: TREE.into(),
-            key: format!("k{i:03}").into_bytes(),
-            value: vec![b'v'; 1024],
+            key: COUNTER.to_vec(),
+            value: b"0".to_vec(),
             before: None,
-        });
+        },
+    );
+    for i in 0..KEYS {
+        commit(
+            &node,
+            Op::Put {
+                tree: TREE.into(),
+                key: format!("k{i:03}").into_bytes(),
+                value: vec![b'v'; 1024],
+                before: None,
+            },
+        );
     }
-    let server = tideline_stream::serve(
-        ServerConfig::new("127.0.0.1:0".parse().expect("address")),
-        tls::load_server(dir.path()).expect("server secrets"),
-        node.clone(),
-    )
-    .expect("serve");
-    let mut client = ClientConfig::new(tls::load_client_dir(dir.path()).expect("client secrets"));
+    let (server, mut client) = serve_local(dir.path(), node.clone(), |_| {});
     client.connect_timeout = Duration::from_secs(2);
     (dir, node, server, client)
 }
@@ -392,7 +361,7 @@ async fn assert_caught_up(
     stored: &Arc<Mutex<Stored>>,
     status: &SharedPipelineStatus,
 ) {
-    let last = node.last_offset();
+    let last = node.views.last_offset();
     wait_for(
         &format!("the live tail at offset {last}"),
         stored,
@@ -407,11 +376,11 @@ async fn assert_caught_up(
     };
     assert_eq!(
         counter(&rows),
-        counter(&node.rows()),
+        counter(&node.views.rows()),
         "the sink's counter against the node's: every copy-time merge must count once"
     );
     assert!(
-        rows == node.rows(),
+        rows == node.views.rows(),
         "the sink's rows differ from the node's"
     );
     assert_ne!(status.get().state, PipelineState::Failed);
@@ -443,21 +412,24 @@ async fn a_resumed_copy_the_node_ends_midway_starts_again_from_scratch_and_count
     // Merges into the copied counter; the next run resumes the copy and receives them as
     // live records, stores them, and then the node ends the copy (history unchanged).
     for _ in 0..5 {
-        node.commit(Op::Merge {
-            tree: TREE.into(),
-            key: COUNTER.to_vec(),
-            operand: b"1".to_vec(),
-        });
+        commit(
+            &node,
+            Op::Merge {
+                tree: TREE.into(),
+                key: COUNTER.to_vec(),
+                operand: b"1".to_vec(),
+            },
+        );
     }
     let cursor: Vec<u8> = (0..first.key_hex.len())
         .step_by(2)
         .map(|i| u8::from_str_radix(&first.key_hex[i..i + 2], 16).expect("hex"))
         .collect();
-    *node.fail_chunk.lock().expect("fault lock") = Some((node.last_offset(), cursor));
+    *node.views.fail_chunk.lock().expect("fault lock") = Some((node.views.last_offset(), cursor));
     let (status, task) = spawn_pipeline(&addr, &client, &stored, Semaphore::MAX_PERMITS);
     assert_caught_up(&node, &stored, &status).await;
     assert!(
-        node.fail_chunk.lock().expect("fault lock").is_none(),
+        node.views.fail_chunk.lock().expect("fault lock").is_none(),
         "the node ended the resumed copy midway"
     );
     let begun = stored.lock().expect("sink lock").begun.clone();
@@ -479,11 +451,11 @@ async fn a_fresh_copy_the_node_refuses_at_its_start_is_tried_again() {
     let addr = server.local_addr().to_string();
     let stored = Arc::new(Mutex::new(Stored::default()));
 
-    node.stale_next_view.store(true, Ordering::SeqCst);
+    node.views.stale_next_view.store(true, Ordering::SeqCst);
     let (status, task) = spawn_pipeline(&addr, &client, &stored, Semaphore::MAX_PERMITS);
     assert_caught_up(&node, &stored, &status).await;
     assert!(
-        !node.stale_next_view.load(Ordering::SeqCst),
+        !node.views.stale_next_view.load(Ordering::SeqCst),
         "the node refused a copy at its start"
     );
     task.abort();

@@ -9,106 +9,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tideline_consumers::{Bootstrap, BootstrapError, BootstrapStep};
-use tideline_stream::log_node::LogNode;
-use tideline_stream::proto::{WriteOp, pack_entry};
-use tideline_stream::{
-    BootstrapView, Client, ClientConfig, Node, NodeError, ServerConfig, ServerHandle, tls,
-};
-use tideline_wal::{Epoch, Gtid, GtidSet, MemStorage, Offset, Wal, WalOptions};
+use tideline_stream::testing::{BootstrapNode, FixedKeys, serve_local};
+use tideline_stream::{Client, Node, ServerHandle};
+use tideline_wal::{GtidSet, MemStorage, Wal, WalOptions};
 
-/// Keys of the one tree, each with a 1 KiB value: about 100 KiB, several 16 KiB chunks.
-const KEYS: u32 = 100;
-
-/// A log-only node whose state is tree `t`, served in views of the log's current history.
-struct TwoHistories {
-    log: LogNode,
-}
-
-struct View {
-    epoch: Epoch,
-}
-
-impl BootstrapView for View {
-    fn offset(&self) -> u64 {
-        0
-    }
-    fn epoch(&self) -> Epoch {
-        self.epoch
-    }
-    fn gtid_executed(&self) -> GtidSet {
-        GtidSet::new()
-    }
-    fn trees(&self) -> Vec<(String, Option<String>)> {
-        vec![("t".into(), None)]
-    }
-    fn estimate(&self) -> (u64, u64) {
-        (u64::from(KEYS), u64::from(KEYS) * 1024)
-    }
-    fn chunk(
-        &self,
-        _tree: &str,
-        from: &[u8],
-        bytes_max: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<Option<Vec<u8>>, NodeError> {
-        for i in 0..KEYS {
-            let key = format!("k{i:03}").into_bytes();
-            if key.as_slice() < from {
-                continue;
-            }
-            if out.len() >= bytes_max {
-                return Ok(Some(key));
-            }
-            pack_entry(out, &key, &[b'v'; 1024]);
-        }
-        Ok(None)
-    }
-}
-
-impl Node for TwoHistories {
-    fn wal(&self) -> &Wal {
-        self.log.wal()
-    }
-    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
-        self.log.get(tree, key)
-    }
-    fn scan(
-        &self,
-        tree: &str,
-        prefix: &[u8],
-        page: tideline_stream::ScanPage<'_>,
-    ) -> Result<tideline_stream::Page, NodeError> {
-        self.log.scan(tree, prefix, page)
-    }
-    async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
-        self.log.commit(ops).await
-    }
-    fn status_json(&self) -> String {
-        self.log.status_json()
-    }
-    async fn wait_for(&self, gtids: GtidSet, timeout: Duration) -> (bool, GtidSet) {
-        self.log.wait_for(gtids, timeout).await
-    }
-    fn bootstrap_view(&self) -> Result<Arc<dyn BootstrapView>, NodeError> {
-        Ok(Arc::new(View {
-            epoch: self.log.wal().history_epoch(),
-        }))
-    }
-}
+/// A log-only node whose state is tree `t`, served in views of the log's current history:
+/// 100 keys, each with a 1 KiB value (about 100 KiB, several 16 KiB chunks).
+type TwoHistories = BootstrapNode<FixedKeys>;
 
 /// The node, its server and a client connected to it (the directory holds the secrets).
 async fn start() -> (tempfile::TempDir, Arc<TwoHistories>, ServerHandle, Client) {
     let dir = tempfile::tempdir().expect("tempdir");
-    tls::ensure_secrets(dir.path()).expect("secrets");
     let wal = Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).expect("open log");
-    let node = Arc::new(TwoHistories {
-        log: LogNode::new(wal),
-    });
-    let cfg = ServerConfig::new("127.0.0.1:0".parse().expect("address"));
-    let tls = tls::load_server(dir.path()).expect("server secrets");
-    let server = tideline_stream::serve(cfg, tls, node.clone()).expect("serve");
+    let node = Arc::new(BootstrapNode::new(wal, FixedKeys::new(100, 1024, |_| b'v')));
+    let (server, cfg) = serve_local(dir.path(), node.clone(), |_| {});
     let addr = server.local_addr().to_string();
-    let cfg = ClientConfig::new(tls::load_client_dir(dir.path()).expect("client secrets"));
     let client = Client::connect(&addr, cfg).await.expect("connect");
     (dir, node, server, client)
 }

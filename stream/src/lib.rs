@@ -10,6 +10,7 @@
 //! - [`server`]: the quinn server; it reaches the node through the [`Node`] trait.
 //! - [`client`]: the quinn client, one request or subscription per stream.
 //! - [`tls`]: creating and loading the cluster secrets.
+//! - `testing` (feature `testing`, tests only): a fake node serving bootstrap copies.
 //!
 //! It does not reconnect, checkpoint or fence by itself: that is the smart client in
 //! `tideline-consumers`. See `docs/PROTOCOL.md` for every message and a resume timeline.
@@ -31,6 +32,8 @@ pub mod log_node;
 pub mod observe;
 pub mod proto;
 pub mod server;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tls;
 pub mod udp;
 mod wire;

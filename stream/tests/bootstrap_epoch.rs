@@ -12,99 +12,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tideline_stream::log_node::LogNode;
-use tideline_stream::proto::{BootstrapResume, Cursor, WriteOp, pack_entry, unpack_entries};
-use tideline_stream::{
-    BootstrapEvent, BootstrapView, Client, ClientConfig, ClientError, ErrorCode, Node, NodeError,
-    ServerConfig, tls,
-};
-use tideline_wal::{Epoch, Gtid, GtidSet, MemStorage, Offset, Wal, WalOptions};
+use tideline_stream::proto::{BootstrapResume, Cursor, unpack_entries};
+use tideline_stream::testing::{BootstrapNode, FixedKeys, serve_local};
+use tideline_stream::{BootstrapEvent, Client, ClientError, ErrorCode, Node};
+use tideline_wal::{Epoch, GtidSet, MemStorage, Wal, WalOptions};
 
-/// Keys of the one tree, each with a 1 KiB value: about 100 KiB, several 16 KiB chunks.
-const KEYS: u32 = 100;
-
-/// A log-only node with a state to copy: tree `t` whose values all read `o` in the log's
-/// first history and `n` after its history is reset.
-struct TwoHistories {
-    log: LogNode,
-}
-
-struct View {
-    epoch: Epoch,
-}
-
-impl BootstrapView for View {
-    fn offset(&self) -> u64 {
-        0
-    }
-    fn epoch(&self) -> Epoch {
-        self.epoch
-    }
-    fn gtid_executed(&self) -> GtidSet {
-        GtidSet::new()
-    }
-    fn trees(&self) -> Vec<(String, Option<String>)> {
-        vec![("t".into(), None)]
-    }
-    fn estimate(&self) -> (u64, u64) {
-        (u64::from(KEYS), u64::from(KEYS) * 1024)
-    }
-    fn chunk(
-        &self,
-        _tree: &str,
-        from: &[u8],
-        bytes_max: usize,
-        out: &mut Vec<u8>,
-    ) -> Result<Option<Vec<u8>>, NodeError> {
-        let value = if self.epoch == Epoch::INITIAL {
-            b'o'
-        } else {
-            b'n'
-        };
-        for i in 0..KEYS {
-            let key = format!("k{i:03}").into_bytes();
-            if key.as_slice() < from {
-                continue;
-            }
-            if out.len() >= bytes_max {
-                return Ok(Some(key));
-            }
-            pack_entry(out, &key, &[value; 1024]);
-        }
-        Ok(None)
-    }
-}
-
-impl Node for TwoHistories {
-    fn wal(&self) -> &Wal {
-        self.log.wal()
-    }
-    fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
-        self.log.get(tree, key)
-    }
-    fn scan(
-        &self,
-        tree: &str,
-        prefix: &[u8],
-        page: tideline_stream::ScanPage<'_>,
-    ) -> Result<tideline_stream::Page, NodeError> {
-        self.log.scan(tree, prefix, page)
-    }
-    async fn commit(&self, ops: Vec<WriteOp>) -> Result<(Offset, Gtid), NodeError> {
-        self.log.commit(ops).await
-    }
-    fn status_json(&self) -> String {
-        self.log.status_json()
-    }
-    async fn wait_for(&self, gtids: GtidSet, timeout: Duration) -> (bool, GtidSet) {
-        self.log.wait_for(gtids, timeout).await
-    }
-    fn bootstrap_view(&self) -> Result<Arc<dyn BootstrapView>, NodeError> {
-        Ok(Arc::new(View {
-            epoch: self.log.wal().history_epoch(),
-        }))
-    }
-}
+/// A log-only node with a state to copy: tree `t` whose 100 keys, each with a 1 KiB value
+/// (about 100 KiB, several 16 KiB chunks), all read `o` in the log's first history and `n`
+/// after its history is reset (built by [`start`]).
+type TwoHistories = BootstrapNode<FixedKeys>;
 
 async fn next(
     s: &mut tideline_stream::BootstrapStream,
@@ -125,16 +41,13 @@ async fn start(
     Client,
 ) {
     let dir = tempfile::tempdir().unwrap();
-    tls::ensure_secrets(dir.path()).unwrap();
-    let node = Arc::new(TwoHistories {
-        log: LogNode::new(Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).unwrap()),
+    let wal = Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).unwrap();
+    let value = |epoch| if epoch == Epoch::INITIAL { b'o' } else { b'n' };
+    let node = Arc::new(BootstrapNode::new(wal, FixedKeys::new(100, 1024, value)));
+    let (server, cfg) = serve_local(dir.path(), node.clone(), |cfg| {
+        cfg.bootstrap_chunks_in_flight = window
     });
-    let mut cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
-    cfg.bootstrap_chunks_in_flight = window;
-    let server =
-        tideline_stream::serve(cfg, tls::load_server(dir.path()).unwrap(), node.clone()).unwrap();
     let addr = server.local_addr().to_string();
-    let cfg = ClientConfig::new(tls::load_client_dir(dir.path()).unwrap());
     let client = Client::connect(&addr, cfg).await.unwrap();
     (dir, node, server, client)
 }
