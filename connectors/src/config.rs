@@ -16,7 +16,9 @@
 //! ```
 //!
 //! Every mistake — a key no table knows, a wrong type, a missing key, a bad value — is a
-//! [`ConfigError`] naming the line and the key, and nothing starts.
+//! [`ConfigError`] naming the line and the key, and nothing starts. It never quotes the value
+//! of a key that may hold a secret (`password`, `token`, `url`, `headers`): those messages are
+//! printed on stderr, into journald and by `--check`.
 //!
 //! Owns: parsing and checking files, building each pipeline's [`PipelineConfig`] and its
 //! sink. Must never: connect anywhere (that is [`crate::Sink::open`], which `--check` calls).
@@ -430,14 +432,51 @@ fn sink_config(
     }
 }
 
-/// Adds the key's name to a message about a value (`invalid type: ...` names none).
+/// Adds the key's name to a message about a value (`invalid type: ...` names none), and hides
+/// the value a message quotes when the key holds a secret ([`SECRET_KEYS`]).
 fn name_the_key(table: &DeTable<'_>, span: &std::ops::Range<usize>, message: &str) -> String {
     match key_at(table, span, "") {
-        Some(path) if !message.contains(&format!("`{}`", last(&path))) => {
-            format!("{path}: {message}")
+        Some(path) => {
+            let secret = path
+                .split(['.', '['])
+                .any(|part| SECRET_KEYS.contains(&part));
+            let message = if secret {
+                hide_value(message)
+            } else {
+                message.to_owned()
+            };
+            if message.contains(&format!("`{}`", last(&path))) {
+                message
+            } else {
+                format!("{path}: {message}")
+            }
         }
-        _ => message.to_owned(),
+        None => message.to_owned(),
     }
+}
+
+/// Keys whose values may hold a credential: a password, a token, a URL with its user info or
+/// query, request headers (`Authorization`). Errors about them never quote the value.
+const SECRET_KEYS: [&str; 4] = ["password", "token", "url", "headers"];
+
+/// `message` without the value serde quotes in it: `invalid type: integer `123456`, expected
+/// a string` becomes `invalid type: integer <hidden>, expected a string`. Messages of other
+/// shapes quote no value (`unknown field `url``, `missing field `url``) and stay.
+fn hide_value(message: &str) -> String {
+    for lead in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(lead)
+            && let Some(at) = rest.rfind(", expected ")
+        {
+            // `integer `5``, `string "x"`, `boolean `true``: the kind is the words before the
+            // value's quote.
+            let what = &rest[..at];
+            return match what.find(['`', '"']) {
+                Some(q) => format!("{lead}{} <hidden>{}", what[..q].trim_end(), &rest[at..]),
+                None => message.to_owned(),
+            };
+        }
+    }
+    message.to_owned()
 }
 
 fn last(path: &str) -> &str {
@@ -609,3 +648,6 @@ impl PipelineSpec {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod secret_tests;

@@ -7,9 +7,10 @@
 //! ```
 //!
 //! - `op`: `put`, `delete`, `merge` (its `operand`; the value after it is the tree's merge
-//!   operator applied to the value before), `read` (a row copied by a bootstrap),
-//!   `create_tree` (with `merge_operator` when it has one), `drop_tree` (no key),
-//!   `create_index` (with `name`, `paths`, `unique`) or `drop_index` (with `name`).
+//!   operator applied to the value before), `read` (a row copied by a bootstrap, with its
+//!   tree's `merge_operator` when it has one), `create_tree` (with `merge_operator` when it
+//!   has one), `drop_tree` (no key), `create_index` (with `name`, `paths`, `unique`) or
+//!   `drop_index` (with `name`).
 //! - `key`, `before`, `after`, `operand`: the bytes as a UTF-8 string, or, when they are not
 //!   UTF-8, base64 under the same name with `_b64` appended (`key_b64`). Values are never
 //!   parsed: a JSON document travels as its text, exactly as stored.
@@ -142,13 +143,24 @@ pub fn op_envelope(op: &Op, source: Source<'_>) -> Value {
     Value::Object(obj)
 }
 
-/// The envelope of a row copied by a bootstrap (`op: read`).
-pub fn read_envelope(tree: &str, key: &[u8], value: &[u8], server_uuid: uuid::Uuid) -> Value {
+/// The envelope of a row copied by a bootstrap (`op: read`): with `merge_operator` when its
+/// tree has one, since a bootstrap declares the tree (`create_tree`) only before a chunk of
+/// a tree with indexes, and a reader needs the operator to apply the `merge`s that follow.
+pub fn chunk_row_envelope(
+    tree: &str,
+    merge_operator: Option<&str>,
+    key: &[u8],
+    value: &[u8],
+    server_uuid: uuid::Uuid,
+) -> Value {
     let mut obj = Map::new();
     obj.insert("op".into(), Value::String("read".into()));
     obj.insert("tree".into(), Value::String(tree.to_owned()));
     put_bytes(&mut obj, "key", key);
     put_bytes(&mut obj, "after", value);
+    if let Some(m) = merge_operator {
+        obj.insert("merge_operator".into(), Value::String(m.to_owned()));
+    }
     obj.insert(
         "source".into(),
         Source {
@@ -190,9 +202,20 @@ pub fn for_each_envelope(item: &Item, server_uuid: uuid::Uuid, mut f: impl FnMut
                 f(op_envelope(op, source));
             }
         }
-        Item::Chunk { tree, entries, .. } => {
+        Item::Chunk {
+            tree,
+            merge_operator,
+            entries,
+            ..
+        } => {
             for (k, v) in entries {
-                f(read_envelope(tree, k, v, server_uuid));
+                f(chunk_row_envelope(
+                    tree,
+                    merge_operator.as_deref(),
+                    k,
+                    v,
+                    server_uuid,
+                ));
             }
         }
     }
@@ -217,10 +240,15 @@ pub fn write_lines(item: &Item, server_uuid: uuid::Uuid, out: &mut Vec<u8>) {
                 out.push(b'\n');
             }
         }
-        Item::Chunk { tree, entries, .. } => {
+        Item::Chunk {
+            tree,
+            merge_operator,
+            entries,
+            ..
+        } => {
             let source = SourceText::new(server_uuid, None);
             for (k, v) in entries {
-                write_read(tree, k, v, &source, out);
+                write_chunk_row(tree, merge_operator.as_deref(), k, v, &source, out);
                 out.push(b'\n');
             }
         }
@@ -385,13 +413,24 @@ impl TsText {
     }
 }
 
-/// Appends the envelope of a row copied by a bootstrap (what [`read_envelope`] gives) to
-/// `out` as one JSON object, without a newline.
-pub fn write_read(tree: &str, key: &[u8], value: &[u8], source: &SourceText, out: &mut Vec<u8>) {
+/// Appends the envelope of a chunk's row (what [`chunk_row_envelope`] gives) to `out` as one
+/// JSON object, without a newline.
+pub fn write_chunk_row(
+    tree: &str,
+    merge_operator: Option<&str>,
+    key: &[u8],
+    value: &[u8],
+    source: &SourceText,
+    out: &mut Vec<u8>,
+) {
     out.extend_from_slice(b"{\"op\":\"read\",\"tree\":");
     write_str(out, tree);
     write_bytes_field(out, "key", key);
     write_bytes_field(out, "after", value);
+    if let Some(m) = merge_operator {
+        out.extend_from_slice(b",\"merge_operator\":");
+        write_str(out, m);
+    }
     out.extend_from_slice(&source.text);
 }
 
@@ -599,6 +638,44 @@ mod tests {
         assert!(out[1]["source"]["gtid"].is_null());
     }
 
+    /// A bootstrap declares a tree (`create_tree`, with its merge operator) only before a
+    /// chunk of a tree with indexes; every chunk carries the operator. A reader of a copy
+    /// gets `read` rows and then `merge` operands, whose documented meaning ("the tree's
+    /// merge operator applied") needs the operator: the rows of a tree that has one name it,
+    /// in every sink's shape (values, and the lines the file sink writes).
+    #[test]
+    fn bootstrap_rows_name_their_trees_merge_operator() {
+        let uuid = uuid::Uuid::from_bytes([6; 16]);
+        let chunk = |merge_operator: Option<&str>| Item::Chunk {
+            tree: "cnt".into(),
+            merge_operator: merge_operator.map(String::from),
+            from: vec![],
+            to: None,
+            entries: tideline_wal::PackedEntries::from_pairs(vec![(
+                b"c1".to_vec(),
+                b"100".to_vec(),
+            )])
+            .unwrap(),
+        };
+        let mut values = vec![];
+        for_each_envelope(&chunk(Some("add")), uuid, |v| values.push(v));
+        assert_eq!(values.len(), 1);
+        assert_eq!(values[0]["op"], "read");
+        assert_eq!(
+            values[0]["merge_operator"], "add",
+            "a copied row of an `add` tree names its operator: {}",
+            values[0]
+        );
+        let mut lines = Vec::new();
+        write_lines(&chunk(Some("add")), uuid, &mut lines);
+        let line: Value = serde_json::from_slice(&lines).unwrap();
+        assert_eq!(line, values[0]);
+        // A tree without an operator: no field.
+        let mut values = vec![];
+        for_each_envelope(&chunk(None), uuid, |v| values.push(v));
+        assert!(values[0].get("merge_operator").is_none(), "{}", values[0]);
+    }
+
     /// A change a bootstrap applies from a record the source wrote while it ran names that
     /// record, as a live change does: a receiver de-duplicates it by its GTID.
     #[test]
@@ -686,6 +763,17 @@ mod tests {
                     (b"a".to_vec(), b"1".to_vec()),
                     (vec![0xfe], vec![0xfd]),
                 ])
+                .unwrap(),
+            },
+            Item::Chunk {
+                tree: "c\"q".into(),
+                merge_operator: Some("json-merge-patch".into()),
+                from: vec![],
+                to: None,
+                entries: tideline_wal::PackedEntries::from_pairs(vec![(
+                    b"n".to_vec(),
+                    b"{}".to_vec(),
+                )])
                 .unwrap(),
             },
         ];

@@ -10,12 +10,16 @@
 //! receivers to, ends with every change exactly once and the workload's state. (4) A
 //! bootstrap copy during which the source merges into a range already copied: the receiver
 //! applies that request but its answer is lost, the sink POSTs it again, and the same rule
-//! must recognise the repeat (the copy-time changes carry their GTIDs).
+//! must recognise the repeat (the copy-time changes carry their GTIDs). (5) Two pipelines
+//! (different trees) POST into one receiver and one lags: the documented rule keeps a
+//! high-water mark per pipeline and origin, and every change of both is kept once.
 //!
 //! Guards against: a position written before the 2xx (loss), retries that drop or reorder a
 //! batch, a 4xx that moves the position, a GTID header that does not say what the body holds,
-//! copy-time changes without a GTID (a merge re-POSTed during a copy counted twice).
-//! Canary: a receiver that does not de-duplicate must see repeats after the same kills.
+//! copy-time changes without a GTID (a merge re-POSTed during a copy counted twice), a rule
+//! that shares its high-water marks between pipelines (the lagging one's changes skipped).
+//! Canaries: a receiver that does not de-duplicate must see repeats after the same kills; one
+//! keyed only by origin must lose the lagging pipeline's changes.
 
 mod common;
 mod sinkkit;
@@ -160,11 +164,17 @@ fn rt() -> tokio::runtime::Runtime {
         .expect("a runtime")
 }
 
-/// The receiver's de-duplication as docs/OPERATIONS.md describes it: per origin, the highest
-/// GTID sequence applied; envelopes at or below it are repeats. A request without a GTID
-/// range holds only a copy's rows (`op: read` upserts, harmless twice): applied as it is.
-/// Returns the envelopes kept.
+/// The receiver's de-duplication as docs/OPERATIONS.md describes it: per `Tideline-Pipeline`
+/// and per origin (the uuid part of each GTID, never `source.server_uuid`), the highest GTID
+/// sequence applied; envelopes at or below it are repeats. A request without a GTID range
+/// holds only a copy's rows (`op: read` upserts, harmless twice): applied as it is. Returns
+/// the envelopes kept.
 fn dedup(posts: &[Post]) -> Vec<Value> {
+    dedup_keyed(posts, |p, uuid| format!("{}/{uuid}", p.pipeline))
+}
+
+/// [`dedup`] with the high-water marks kept under `key(request, origin uuid)`.
+fn dedup_keyed(posts: &[Post], key: impl Fn(&Post, &str) -> String) -> Vec<Value> {
     let mut applied: BTreeMap<String, u64> = BTreeMap::new();
     let mut kept = Vec::new();
     for p in posts {
@@ -176,7 +186,7 @@ fn dedup(posts: &[Post]) -> Vec<Value> {
         // Whole batch already applied: skip it without looking inside.
         if range.uuids().all(|u| {
             applied
-                .get(&u.to_string())
+                .get(&key(p, &u.to_string()))
                 .is_some_and(|a| range.last_seq(u).is_some_and(|l| l <= *a))
         }) {
             continue;
@@ -185,14 +195,14 @@ fn dedup(posts: &[Post]) -> Vec<Value> {
             let gtid = e["source"]["gtid"].as_str().expect("a live change's GTID");
             let (uuid, seq) = gtid.rsplit_once(':').expect("UUID:N");
             let seq: u64 = seq.parse().expect("a sequence number");
-            if applied.get(uuid).is_some_and(|a| seq <= *a) {
+            if applied.get(&key(p, uuid)).is_some_and(|a| seq <= *a) {
                 continue;
             }
             kept.push(e.clone());
         }
         for u in range.uuids() {
             let last = range.last_seq(u).unwrap_or(0);
-            let a = applied.entry(u.to_string()).or_default();
+            let a = applied.entry(key(p, &u.to_string())).or_default();
             *a = (*a).max(last);
         }
     }
@@ -474,6 +484,159 @@ fn kill9_mid_batch_then_dedup_by_header_gives_each_change_once() {
     // de-duplicate sees repeats.
     let e = check(&all, &committed).expect_err("the kills must have caused re-sent batches");
     assert!(e.contains("kept"), "{e}");
+}
+
+/// The receiver of the two-pipeline test: records every request, and answers 503 to those
+/// of pipeline `behind` until `release`, so that pipeline lags the other.
+struct SharedReceiver {
+    posts: Mutex<Vec<Post>>,
+    behind: &'static str,
+    release: AtomicBool,
+}
+
+async fn receive_shared(
+    axum::extract::State(r): axum::extract::State<Arc<SharedReceiver>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> StatusCode {
+    let h = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(String::from)
+    };
+    let pipeline = h("tideline-pipeline").unwrap_or_default();
+    if pipeline == r.behind && !r.release.load(Ordering::SeqCst) {
+        return StatusCode::SERVICE_UNAVAILABLE;
+    }
+    let envelopes: Vec<Value> = serde_json::from_slice(&body).expect("a JSON array body");
+    r.posts.lock().unwrap().push(Post {
+        pipeline,
+        range: h("tideline-gtid-range"),
+        bootstrap: h("tideline-bootstrap"),
+        envelopes,
+    });
+    StatusCode::OK
+}
+
+/// Scenario (5). Two pipelines of one node (trees `users` and `orders`; a third of the
+/// transactions touch both, so both pipelines carry their GTIDs) POST into one receiver, and
+/// `orders` lags: its first requests get 503 until `users` has caught up. A receiver
+/// following the documented rule (per `Tideline-Pipeline` and per origin uuid of each
+/// GTID) must keep every change of both once. Guards against a rule with one high-water mark
+/// per origin for all pipelines, which skips the lagging pipeline's changes as repeats.
+#[test]
+fn two_pipelines_into_one_receiver_keep_every_change_under_the_documented_rule() {
+    let seed = sinkkit::seed("two_pipelines_into_one_receiver");
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(&dir.path().join("node"), 0);
+    let rt = rt();
+    let receiver = Arc::new(SharedReceiver {
+        posts: Mutex::new(vec![]),
+        behind: "orders",
+        release: AtomicBool::new(false),
+    });
+    let url = {
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind the receiver");
+        let addr = listener.local_addr().unwrap();
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive_shared))
+            .with_state(receiver.clone());
+        rt.spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}/hook")
+    };
+    let committed = sinkkit::client_workload(
+        &node.addr,
+        &node.secrets(),
+        seed,
+        300,
+        Duration::ZERO,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .join()
+    .unwrap();
+    let last = committed.last().unwrap().offset;
+    let mut tasks = Vec::new();
+    let mut positions = BTreeMap::new();
+    for tree in ["users", "orders"] {
+        let position = dir.path().join(format!("{tree}.position"));
+        let sink = WebhookSink::new(WebhookConfig::new(&url, &position), tree).unwrap();
+        let mut cfg = pipeline_cfg(&node, tree);
+        cfg.filter.trees = vec![tree.to_string()];
+        let (status, task) = {
+            let _g = rt.enter();
+            tideline_connectors::pipeline::spawn(cfg, Box::new(sink))
+        };
+        tasks.push(task);
+        positions.insert(tree, (position, status));
+    }
+    let wait = |tree: &str| {
+        let (position, status) = &positions[tree];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while stored_offset(position) < last {
+            assert!(
+                Instant::now() < deadline,
+                "pipeline {tree} did not catch up: {}",
+                status.get().to_json()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait("users");
+    receiver.release.store(true, Ordering::SeqCst);
+    wait("orders");
+    for t in tasks {
+        t.abort();
+    }
+    let posts = receiver.posts.lock().unwrap().clone();
+    assert!(
+        posts.iter().any(|p| p.pipeline == "orders") && posts.iter().any(|p| p.pipeline == "users"),
+        "both pipelines POSTed"
+    );
+    let of_tree = |kept: &[Value], tree: &str| {
+        kept.iter()
+            .filter(|e| sinkkit::is_data(e) && e["tree"] == tree)
+            .count()
+    };
+    let kept = dedup(&posts);
+    for tree in ["users", "orders"] {
+        let want: Vec<(String, String, String)> = committed
+            .iter()
+            .flat_map(|c| {
+                c.changes
+                    .iter()
+                    .filter(|(_, t, _, _)| t == tree)
+                    .map(|(o, _, k, _)| (c.gtid.clone(), o.to_string(), k.clone()))
+            })
+            .collect();
+        let got: Vec<(String, String, String)> = kept
+            .iter()
+            .filter(|e| sinkkit::is_data(e) && e["tree"] == tree)
+            .map(|e| {
+                (
+                    e["source"]["gtid"].as_str().unwrap_or_default().to_string(),
+                    e["op"].as_str().unwrap_or_default().to_string(),
+                    e["key"].as_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        assert!(
+            got == want,
+            "pipeline {tree}: the receiver kept {} of its {} changes under the documented \
+             de-duplication rule",
+            got.len(),
+            want.len()
+        );
+    }
+    // Canary: one high-water mark per origin for both pipelines skips the lagging one's
+    // changes as repeats.
+    let shared = dedup_keyed(&posts, |_, uuid| uuid.to_string());
+    assert!(
+        of_tree(&shared, "orders") < of_tree(&kept, "orders"),
+        "the canary: a rule shared by the pipelines must lose the lagging one's changes"
+    );
 }
 
 /// Scenario (4). The source holds rows in `cnt` (an `add` tree) and `kv`; a pipeline copies

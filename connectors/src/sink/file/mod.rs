@@ -25,8 +25,10 @@
 //! envelope is missing and none is written twice.
 //!
 //! A rotation renames the live file, syncs the directory, stores the position with the new
-//! segment number, then creates the new live file. A crash between the rename and the stored
-//! position is undone on open (the renamed file becomes the live file again).
+//! segment number, then creates the new live file. If syncing or storing fails, the rename is
+//! undone (and the directory synced) before the error is returned, so a rotated file shows
+//! only once the position records it; a crash between the rename and the stored position is
+//! undone on open (the renamed file becomes the live file again).
 //!
 //! Owns: the files and the position beside them. Must never: store a position that covers
 //! bytes not yet synced, write into a file it did not create (a data file without a
@@ -349,16 +351,44 @@ impl FileSink {
         Ok(pos.checkpoint)
     }
 
-    /// Renames the live file to the next rotated number and starts a new one.
+    /// Renames the live file to the next rotated number and starts a new one. Until the
+    /// position records the rotation, `.N+1` is the live file under another name: if that
+    /// record fails (a full disk holds the sink right here), the rename is undone before the
+    /// error is returned, so that no rotated file an operator may compress, ship or delete
+    /// meanwhile holds what the sink still counts as live. Only a crash in between leaves
+    /// it, and open undoes it.
     fn rotate(&mut self) -> Result<(), SinkError> {
         let path = self.cfg.path.clone();
         let next = self.segment + 1;
         let to = self.rotated(next);
         self.file = None;
-        std::fs::rename(&path, &to)
-            .and_then(|()| sync_dir(&path))
-            .map_err(|e| io_error("rotate", &path, &e))?;
-        self.store_position(0, next, self.checkpoint.as_deref())?;
+        std::fs::rename(&path, &to).map_err(|e| io_error("rotate", &path, &e))?;
+        let recorded = sync_dir(&path)
+            .map_err(|e| io_error("rotate", &path, &e))
+            .and_then(|()| self.store_position(0, next, self.checkpoint.as_deref()));
+        if let Err(e) = recorded {
+            return Err(
+                match std::fs::rename(&to, &path).and_then(|()| sync_dir(&path)) {
+                    Ok(()) => e,
+                    // Open undoes it (the position does not name `.N+1`), before it writes.
+                    Err(back) => {
+                        let m = format!(
+                            "{}; renaming {} back to {} failed too ({back}): it is still the live \
+                         file, and the next attempt renames it back first, so leave it where \
+                         it is",
+                            e.message(),
+                            to.display(),
+                            path.display(),
+                        );
+                        match e {
+                            SinkError::Retry(_) => SinkError::Retry(m),
+                            SinkError::Hold(_) => SinkError::Hold(m),
+                            SinkError::Fatal(_) => SinkError::Fatal(m),
+                        }
+                    }
+                },
+            );
+        }
         self.segment = next;
         self.stored_bytes = 0;
         let file = OpenOptions::new()

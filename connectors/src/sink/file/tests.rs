@@ -263,3 +263,47 @@ fn a_position_written_by_another_pipeline_is_refused_and_nothing_is_touched() {
     resume_and_write(&mut b, 6);
     assert_eq!(gtids_in(&path), (1..=6).collect::<Vec<_>>());
 }
+
+/// A rotation whose position cannot be stored (a full disk holds the sink exactly there) must
+/// not leave `.N+1` behind: the docs tell operators that rotated files are theirs to
+/// compress, ship or delete, and one freeing space would delete it, after which the next
+/// write found the live file "cut or replaced" and stopped for good (or, if it was only
+/// copied away, its lines came out again in the next `.N+1`). Once the position can be
+/// stored again, the sink goes on with every change once, in order.
+#[test]
+fn a_rotation_whose_position_fails_is_undone_before_the_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("changes.jsonl");
+    let cfg = FileConfig {
+        path: path.clone(),
+        rotate_bytes: 600,
+    };
+    let mut s = FileSink::new(cfg, "test").unwrap();
+    assert_eq!(open(&mut s).unwrap(), None);
+    let mut next = 1;
+    while s.stored_bytes < 600 {
+        s.write_sync(&batch(next, 3)).unwrap();
+        next += 3;
+    }
+    let rotated = position::suffixed(&path, &(s.segment + 1).to_string());
+    // The position's temporary file cannot be created: the next write's rotation fails.
+    let blocker = position::suffixed(&position::path_of(&path), "tmp");
+    std::fs::create_dir(&blocker).unwrap();
+    let e = s
+        .write_sync(&batch(next, 3))
+        .expect_err("the position cannot be stored");
+    assert!(
+        !rotated.exists(),
+        "{} is visible as a rotated file although the rotation failed ({e}); an operator \
+         freeing space may delete it",
+        rotated.display()
+    );
+    // What an operator freeing space would do: delete the rotated file, if any, then retry.
+    let _ = std::fs::remove_file(&rotated);
+    std::fs::remove_dir(&blocker).unwrap();
+    s.write_sync(&batch(next, 3))
+        .expect("the sink goes on once the position can be stored");
+    next += 3;
+    resume_and_write(&mut s, next + 5);
+    assert_eq!(gtids_in(&path), (1..=next + 5).collect::<Vec<_>>());
+}

@@ -232,12 +232,24 @@ impl Builder {
                         }
                     }
                 }
-                Item::Chunk { tree, entries, .. } => {
+                Item::Chunk {
+                    tree,
+                    merge_operator,
+                    entries,
+                    ..
+                } => {
                     let subject = self.subject(tree);
                     let source = SourceText::new(uuid, None);
                     for (k, v) in entries {
                         let start = buf.len();
-                        envelope::write_read(tree, k, v, &source, &mut buf);
+                        envelope::write_chunk_row(
+                            tree,
+                            merge_operator.as_deref(),
+                            k,
+                            v,
+                            &source,
+                            &mut buf,
+                        );
                         pending.push(Pending {
                             subject: subject.clone(),
                             id: format!("{prefix}boot:{uuid}:{}", digest(&[tree.as_bytes(), k, v])),

@@ -184,8 +184,8 @@ impl NatsSink {
         let bad = |m: String| Err(SinkError::Fatal(m));
         if !cfg.url.starts_with("nats://") {
             return bad(format!(
-                "sink url {:?}: give a nats://host:port URL (TLS is not supported by this sink)",
-                cfg.url
+                "sink url {}: give a nats://host:port URL (TLS is not supported by this sink)",
+                super::webhook::shown_url(&cfg.url)
             ));
         }
         if !valid_name(&cfg.stream) {
@@ -246,17 +246,19 @@ impl NatsSink {
         if let Some(t) = &cfg.token {
             opts = opts.token(t.clone());
         }
+        // Messages show the URL without its user info (docs/OPERATIONS.md).
+        let shown = super::webhook::shown_url(&cfg.url);
         let client = opts.connect(cfg.url.as_str()).await.map_err(|e| {
             use async_nats::ConnectErrorKind as K;
             match e.kind() {
                 K::AuthorizationViolation | K::Authentication => SinkError::Hold(format!(
                     "NATS at {} refused the credentials ({e}): check user/password/token",
-                    cfg.url
+                    shown
                 )),
-                K::ServerParse => SinkError::Fatal(format!("sink url {:?}: {e}", cfg.url)),
+                K::ServerParse => SinkError::Fatal(format!("sink url {shown}: {e}")),
                 _ => SinkError::Retry(format!(
                     "NATS at {} is not reachable ({e}); is nats-server running?",
-                    cfg.url
+                    shown
                 )),
             }
         })?;
@@ -278,7 +280,7 @@ impl NatsSink {
             match e.kind() {
                 K::JetStreamUnavailable => SinkError::Hold(format!(
                     "NATS at {} has no JetStream ({e}): start nats-server with -js",
-                    cfg.url
+                    shown
                 )),
                 K::JetStream(_) => SinkError::Hold(format!(
                     "NATS refused stream {:?} ({e}): check its subjects do not overlap another \
@@ -375,9 +377,8 @@ async fn positions_bucket(
 
 impl Sink for NatsSink {
     fn describe(&self) -> String {
-        let host = self.cfg.url.trim_start_matches("nats://");
-        // Never a password: drop any `user:pass@`.
-        let host = host.rsplit('@').next().unwrap_or(host);
+        let url = super::webhook::shown_url(&self.cfg.url);
+        let host = url.trim_start_matches("nats://");
         format!("nats {host} stream {}", self.cfg.stream)
     }
 

@@ -4,8 +4,10 @@
 //! file (`position_file`), replaced atomically (write, fsync, rename, fsync the directory)
 //! only after the receiver answered 2xx. A crash between the answer and that write POSTs the
 //! batch again on restart, perhaps cut differently: the receiver de-duplicates by the
-//! `Tideline-Gtid-Range` header (the request's GTID set), keeping per origin the highest GTID
-//! it applied (docs/OPERATIONS.md, "Webhook sink"); the changes a bootstrap copy applies from
+//! `Tideline-Gtid-Range` header (the request's GTID set), keeping the highest GTID sequence it
+//! applied per `Tideline-Pipeline` and per origin (the uuid part of each GTID; never
+//! `source.server_uuid`, the node read from) (docs/OPERATIONS.md, "Webhook sink"); the
+//! changes a bootstrap copy applies from
 //! the records the source wrote meanwhile carry those records' GTIDs too, and the copy's rows
 //! carry none (`read` upserts, harmless twice). One sink at a time owns a position file:
 //! it `flock`s `POSITION_FILE.lock`, and a second one waits until the first has stopped.
@@ -16,13 +18,16 @@
 //! limit and the receiver's rule holds per request. The position moves once every part of
 //! the batch was answered 2xx; a failed part sends the batch again from its first part.
 //!
-//! Answers: 2xx stored; 5xx, 408, 429, refused connections and timeouts are retried by the
-//! pipeline with backoff ([`SinkError::Retry`]); any other answer (4xx, a redirect) holds the
-//! pipeline for an operator ([`SinkError::Hold`]) with the status and the body's first line
-//! (a 431 says which headers were too large), and the position does not move.
+//! Answers: the status line decides, within `timeout_ms`. 2xx: stored (its body is dropped
+//! unread); 5xx, 408, 429, refused connections and timeouts are retried by the pipeline with
+//! backoff ([`SinkError::Retry`]); any other answer (4xx, a redirect) holds the pipeline for
+//! an operator ([`SinkError::Hold`]) with the status and the body's first line (a 431 says
+//! which headers were too large), and the position does not move. Of an error's body at most
+//! 4 KiB (`ERROR_BODY_BYTES_MAX`) are read, for at most a second.
 //!
 //! Owns: the HTTP request, its headers and the position file. Must never: write the position
-//! before the receiver's 2xx.
+//! before the receiver's 2xx, or show the URL's user info, query or fragment (user info is
+//! refused: the client would not send it).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -59,7 +64,8 @@ pub enum Format {
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
-    /// Where batches are POSTed: an `http://host:port/path` URL.
+    /// Where batches are POSTed: an `http://host:port/path` URL, without user info
+    /// (credentials go in `headers`). Shown without its query or fragment.
     pub url: String,
     /// The file holding this pipeline's checkpoint, replaced atomically after each 2xx; its
     /// directory is created when absent.
@@ -70,7 +76,8 @@ pub struct WebhookConfig {
     /// Extra request headers, e.g. `{ Authorization = "Bearer ..." }` (never logged).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// How long one POST may take, connection included, before it is retried (default 10000).
+    /// How long one POST may take, connection included, until the receiver's status line
+    /// arrives, before it is retried (default 10000).
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
 }
@@ -125,32 +132,40 @@ pub struct WebhookSink {
 
 impl WebhookSink {
     /// Checks `cfg` (no I/O); [`Sink::open`] reads the position file and tests the URL.
+    /// Messages show the URL as [`Sink::describe`] does, never its user info, query or
+    /// fragment (where tokens travel).
     pub fn new(cfg: WebhookConfig, pipeline: &str) -> Result<WebhookSink, SinkError> {
+        let shown = shown_url(&cfg.url);
         let uri: Uri = cfg
             .url
             .parse()
-            .map_err(|e| SinkError::Fatal(format!("sink url {:?}: {e}", cfg.url)))?;
+            .map_err(|e| SinkError::Fatal(format!("sink url {shown}: {e}")))?;
         match uri.scheme_str() {
             Some("http") => {}
             Some("https") => {
                 return Err(SinkError::Fatal(format!(
-                    "sink url {:?}: https is not supported by the webhook sink; POST to an \
-                     http:// URL (a TLS-terminating proxy on loopback can forward it)",
-                    cfg.url
+                    "sink url {shown}: https is not supported by the webhook sink; POST to an \
+                     http:// URL (a TLS-terminating proxy on loopback can forward it)"
                 )));
             }
             _ => {
                 return Err(SinkError::Fatal(format!(
-                    "sink url {:?}: give an http://host:port/path URL",
-                    cfg.url
+                    "sink url {shown}: give an http://host:port/path URL"
                 )));
             }
         }
-        if uri.host().is_none() {
+        // The client sends no Basic auth from the URL (it takes only the host for `Host`):
+        // credentials there would never reach the receiver.
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
             return Err(SinkError::Fatal(format!(
-                "sink url {:?} names no host",
-                cfg.url
+                "sink url {shown}: user info (`user:password@`) in the URL is not sent; \
+                 remove it and give the credentials as a header instead, e.g. \
+                 headers = {{ Authorization = \"Basic <base64 of user:password>\" }} (header \
+                 values are never shown)"
             )));
+        }
+        if uri.host().is_none() {
+            return Err(SinkError::Fatal(format!("sink url {shown} names no host")));
         }
         if cfg.timeout_ms == 0 {
             return Err(SinkError::Fatal(
@@ -187,6 +202,12 @@ impl WebhookSink {
             client,
             lock: None,
         })
+    }
+
+    /// The URL as messages and [`Sink::describe`] show it: `http://host:port/path`, without
+    /// user info, query or fragment.
+    fn shown(&self) -> String {
+        format!("http://{}{}", self.authority(), self.uri.path())
     }
 
     fn authority(&self) -> String {
@@ -262,19 +283,16 @@ impl WebhookSink {
         let req = req
             .body(Full::new(Bytes::from(self.body(source, items))))
             .map_err(|e| SinkError::Fatal(format!("webhook request: {e}")))?;
-        let url = &self.cfg.url;
+        let url = self.shown();
         let timeout = Duration::from_millis(self.cfg.timeout_ms);
-        let answer = async {
-            let resp = self.client.request(req).await?;
-            let status = resp.status();
-            // The body only matters for the error message: read what comes in time.
-            let body = resp.into_body().collect().await.map(|b| b.to_bytes());
-            Ok::<_, hyper_util::client::legacy::Error>((status, body.unwrap_or_default()))
-        };
-        let (status, body) = match tokio::time::timeout(timeout, answer).await {
+        // The answer is the status line: a 2xx means stored, whatever its body does (it is
+        // dropped unread, closing the connection if any of it is still coming).
+        let resp = match tokio::time::timeout(timeout, self.client.request(req)).await {
             Err(_) => {
                 return Err(SinkError::Retry(format!(
-                    "webhook {url} did not answer within {} ms",
+                    "webhook {url} did not answer within {} ms (timeout_ms); if the receiver \
+                     is up but slow with batches this large, raise the sink's `timeout_ms` or \
+                     lower the pipeline's `batch_changes`",
                     self.cfg.timeout_ms
                 )));
             }
@@ -288,9 +306,16 @@ impl WebhookSink {
             }
             Ok(Ok(r)) => r,
         };
+        let status = resp.status();
         if status.is_success() {
             return Ok(());
         }
+        // The body only matters for the message (its first line): a bounded part, briefly.
+        let body = body_start(
+            resp.into_body(),
+            Duration::from_millis(self.cfg.timeout_ms.min(ERROR_BODY_WAIT_MS)),
+        )
+        .await;
         let first_line = String::from_utf8_lossy(&body)
             .lines()
             .next()
@@ -316,6 +341,54 @@ impl WebhookSink {
                 "{message}; fix the receiver or the pipeline's config (the position did not move)"
             )))
         }
+    }
+}
+
+/// Most bytes of an error answer's body the sink reads: its first line goes into the
+/// message, at most 200 characters of it.
+const ERROR_BODY_BYTES_MAX: usize = 4096;
+
+/// Most milliseconds the sink waits for an error answer's body (within `timeout_ms`).
+const ERROR_BODY_WAIT_MS: u64 = 1000;
+
+/// The start of `body`: what arrives within `wait`, up to its first line break or
+/// [`ERROR_BODY_BYTES_MAX`] bytes. The rest is never read (dropping the body closes the
+/// connection).
+async fn body_start(mut body: hyper::body::Incoming, wait: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    let read = async {
+        while out.len() < ERROR_BODY_BYTES_MAX && !out.contains(&b'\n') {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        let room = ERROR_BODY_BYTES_MAX - out.len();
+                        out.extend_from_slice(&data[..data.len().min(room)]);
+                    }
+                }
+                Some(Err(_)) | None => break,
+            }
+        }
+    };
+    // What came in time is enough for the message.
+    let _ = tokio::time::timeout(wait, read).await;
+    out
+}
+
+/// `url` as messages show it before it is parsed (also the NATS sink's): scheme, host, port
+/// and path, without user info, query or fragment (where credentials and tokens travel).
+pub(crate) fn shown_url(url: &str) -> String {
+    let url = url.find(['?', '#']).map_or(url, |i| &url[..i]);
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    match scheme {
+        Some(scheme) => format!("{scheme}://{host}{path}"),
+        None => format!("{host}{path}"),
     }
 }
 
@@ -465,7 +538,7 @@ fn write_position(path: &Path, pipeline: &str, checkpoint: &[u8]) -> std::io::Re
 impl Sink for WebhookSink {
     fn describe(&self) -> String {
         // The URL without any user info, query or fragment.
-        format!("webhook http://{}{}", self.authority(), self.uri.path())
+        format!("webhook {}", self.shown())
     }
 
     fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
@@ -496,11 +569,12 @@ impl Sink for WebhookSink {
                 Ok(Ok(_)) => Ok(stored),
                 Ok(Err(e)) => Err(SinkError::Retry(format!(
                     "webhook {} is not reachable ({e}); is the receiver running?",
-                    self.cfg.url
+                    self.shown()
                 ))),
                 Err(_) => Err(SinkError::Retry(format!(
-                    "webhook {}: no connection within {} ms",
-                    self.cfg.url, self.cfg.timeout_ms
+                    "webhook {}: no connection within {} ms (timeout_ms)",
+                    self.shown(),
+                    self.cfg.timeout_ms
                 ))),
             }
         })
@@ -751,6 +825,213 @@ mod tests {
         );
         drop(first);
         assert_eq!(second.open().await.unwrap(), None);
+    }
+
+    /// A receiver on a raw socket: reads each request whole (head and body), then writes
+    /// `answer` and, when `body_bytes` > 0, that many more bytes of body as fast as the sink
+    /// takes them; then holds the connection open without a word. Returns its URL and how
+    /// many body bytes it got written into the socket.
+    fn raw_receiver(answer: &'static str, body_bytes: usize) -> (String, Arc<Mutex<usize>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let written = Arc::new(Mutex::new(0usize));
+        let out = written.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let written = written.clone();
+                std::thread::spawn(move || {
+                    let mut w = conn.try_clone().unwrap();
+                    let mut r = BufReader::new(conn);
+                    let mut length = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = line.trim_end().split_once(':')
+                            && k.eq_ignore_ascii_case("content-length")
+                        {
+                            length = v.trim().parse().unwrap();
+                        }
+                    }
+                    let mut body = vec![0; length];
+                    if r.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if w.write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                    let chunk = [b'x'; 64 * 1024];
+                    let mut left = body_bytes;
+                    while left > 0 {
+                        let n = left.min(chunk.len());
+                        if w.write_all(&chunk[..n]).is_err() {
+                            return;
+                        }
+                        left -= n;
+                        *written.lock().unwrap() += n;
+                    }
+                    // Hold the connection (the body, if promised longer, never ends).
+                    std::thread::sleep(Duration::from_secs(60));
+                });
+            }
+        });
+        (url, out)
+    }
+
+    /// A receiver that sends its 2xx status line and headers, then stalls its body, has
+    /// stored the batch: the docs say "2xx: stored". The sink must take the status line as
+    /// the answer, move the position, and not wait for (or re-send because of) the body.
+    #[tokio::test]
+    async fn a_2xx_whose_body_stalls_is_stored_and_the_position_moves() {
+        let (url, _) = raw_receiver("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n", 0);
+        let dir = tempfile::tempdir().unwrap();
+        let pos = dir.path().join("hook.position");
+        let mut cfg = WebhookConfig::new(&url, &pos);
+        cfg.timeout_ms = 200;
+        let mut sink = WebhookSink::new(cfg, "p").unwrap();
+        sink.open().await.unwrap();
+        sink.write(&sparse_batch(3))
+            .await
+            .expect("a 2xx status line is the receiver's answer; its body does not matter");
+        assert_eq!(
+            read_position(&pos, "p").unwrap().as_deref(),
+            Some(&b"cp"[..]),
+            "the position moved after the 2xx"
+        );
+    }
+
+    /// An error answer with an endless body: the sink reads a bounded part of it (the
+    /// message uses the first line) and answers on time, with the status and that line.
+    #[tokio::test]
+    async fn an_error_body_is_read_only_in_part_and_the_answer_comes_on_time() {
+        // 64 MiB promised and sent as fast as the sink reads; a cap leaves most unsent.
+        const SENT_BYTES: usize = 64 << 20;
+        let answer = "HTTP/1.1 400 Bad Request\r\ncontent-length: 67108864\r\n\r\n";
+        let (url, written) = raw_receiver(answer, SENT_BYTES);
+        let dir = tempfile::tempdir().unwrap();
+        let pos = dir.path().join("hook.position");
+        let mut sink = WebhookSink::new(WebhookConfig::new(&url, &pos), "p").unwrap();
+        sink.open().await.unwrap();
+        let e = sink.write(&sparse_batch(3)).await.unwrap_err();
+        let SinkError::Hold(m) = &e else {
+            panic!("a 400 holds: {e}")
+        };
+        assert!(m.contains("400") && m.contains("xxxx"), "{m}");
+        // Socket buffers take a few MiB whatever the sink reads; all 64 means it read all.
+        let sent = *written.lock().unwrap();
+        assert!(
+            sent < SENT_BYTES / 4,
+            "the sink read {sent} bytes of an error body it uses 200 characters of"
+        );
+        assert!(!pos.exists(), "the position moved on a 400");
+    }
+
+    /// An error answer whose body stalls after its first line: the answer is the status and
+    /// that line, at once, not a timeout.
+    #[tokio::test]
+    async fn an_error_whose_body_stalls_is_reported_with_its_status() {
+        let answer = "HTTP/1.1 422 Unprocessable Entity\r\ncontent-length: 1000\r\n\r\n\
+                      bad field `x`\n";
+        let (url, _) = raw_receiver(answer, 0);
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WebhookConfig::new(&url, dir.path().join("hook.position"));
+        cfg.timeout_ms = 5_000;
+        let mut sink = WebhookSink::new(cfg, "p").unwrap();
+        sink.open().await.unwrap();
+        let e = sink.write(&sparse_batch(3)).await.unwrap_err();
+        assert!(
+            matches!(&e, SinkError::Hold(m) if m.contains("422") && m.contains("bad field `x`")),
+            "{e}"
+        );
+    }
+
+    /// A receiver that never answers: the retry message names the keys that bound one POST
+    /// (`timeout_ms`) and its size (`batch_changes`): a batch too large to upload or handle
+    /// in time otherwise retries for ever with no hint.
+    #[tokio::test]
+    async fn a_timeout_names_timeout_ms_and_batch_changes() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let keep = held.clone();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                keep.lock().unwrap().push(conn);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = WebhookConfig::new(&url, dir.path().join("hook.position"));
+        cfg.timeout_ms = 100;
+        let mut sink = WebhookSink::new(cfg, "p").unwrap();
+        sink.open().await.unwrap();
+        let e = sink.write(&sparse_batch(3)).await.unwrap_err();
+        assert!(
+            matches!(&e, SinkError::Retry(m) if m.contains("timeout_ms")
+                && m.contains("batch_changes")),
+            "{e}"
+        );
+    }
+
+    /// Credentials in the URL's user info never reach the receiver (the client sends no
+    /// Basic auth), so the sink refuses them and says to use `headers`; and no message of
+    /// the sink shows user info or a query (`?token=`), as `describe()` does not.
+    #[tokio::test]
+    async fn user_info_is_refused_and_no_message_shows_a_urls_secrets() {
+        let secret = |m: &str| m.contains("s3cret") || m.contains("token=t");
+        let e = WebhookSink::new(
+            WebhookConfig::new("http://u:s3cret@127.0.0.1:1/x?token=t", "p"),
+            "p",
+        )
+        .err()
+        .expect("user info is refused");
+        assert!(matches!(e, SinkError::Fatal(_)), "{e}");
+        let m = e.message();
+        assert!(
+            m.contains("headers") && m.contains("Authorization"),
+            "points to headers: {m}"
+        );
+        assert!(!secret(m), "{m}");
+        // Refused forms, and a URL that does not parse, keep the secrets out too.
+        for url in [
+            "https://u:s3cret@h/x?token=t",
+            "ftp://u:s3cret@h/x?token=t",
+            "http://u:s3cret@h:port/x?token=t",
+            "http:///x?token=t#s3cret",
+        ] {
+            let e = WebhookSink::new(WebhookConfig::new(url, "p"), "p")
+                .err()
+                .unwrap_or_else(|| panic!("{url} is refused"));
+            assert!(!secret(e.message()), "{url}: {e}");
+        }
+        // A query: accepted, and neither open, a write nor describe shows it.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = closed.local_addr().unwrap();
+        drop(closed);
+        let dir = tempfile::tempdir().unwrap();
+        let mut sink = WebhookSink::new(
+            WebhookConfig::new(
+                format!("http://{addr}/x?token=t#s3cret"),
+                dir.path().join("hook.position"),
+            ),
+            "p",
+        )
+        .unwrap();
+        assert!(!secret(&sink.describe()), "{}", sink.describe());
+        let e = sink.open().await.expect_err("nothing listens");
+        assert!(matches!(e, SinkError::Retry(_)), "{e}");
+        assert!(!secret(e.message()), "{e}");
+        let e = sink
+            .write(&sparse_batch(3))
+            .await
+            .expect_err("nothing listens");
+        assert!(matches!(e, SinkError::Retry(_)), "{e}");
+        assert!(!secret(e.message()), "{e}");
+        assert!(e.message().contains(&format!("http://{addr}/x")), "{e}");
     }
 
     #[test]

@@ -52,7 +52,12 @@ fn by_value(
                     }
                 }
             }
-            Item::Chunk { tree, entries, .. } => {
+            Item::Chunk {
+                tree,
+                merge_operator,
+                entries,
+                ..
+            } => {
                 for (k, v) in entries {
                     out.push((
                         subject(template, tree),
@@ -60,7 +65,13 @@ fn by_value(
                             "{pipeline}/boot:{uuid}:{}",
                             digest(&[tree.as_bytes(), k, v])
                         ),
-                        to_bytes(&envelope::read_envelope(tree, k, v, uuid)),
+                        to_bytes(&envelope::chunk_row_envelope(
+                            tree,
+                            merge_operator.as_deref(),
+                            k,
+                            v,
+                            uuid,
+                        )),
                     ));
                 }
             }
