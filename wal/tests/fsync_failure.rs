@@ -12,8 +12,12 @@
 //! whose interval sync can fail after the records were acknowledged. A failed commit whose
 //! sync got a seeded prefix of its batch to disk (`MemStorage::persist_on_failed_sync`) may
 //! come back after a power cut (its outcome is unknown, as the docs say), but only as whole
-//! records in order, and never shown and then lost. Canaries: with `unsafe_ignore_sync_errors`
-//! the same checkers must report loss.
+//! records in order, and never shown and then lost. Also, under `Async`: a later fsync that
+//! succeeds (Linux reports a failure once) publishing what the failed one's cut removed, and a
+//! leading committer acknowledging a group it wrote while the interval fsync failed. And a new
+//! segment whose header fsync failed being kept, so that after a restart without a reboot
+//! acknowledged records go in behind a header the disk lacks. Canaries: with
+//! `unsafe_ignore_sync_errors` the same checkers must report loss.
 
 mod common;
 
@@ -397,5 +401,222 @@ fn a_failed_commit_has_an_unknown_outcome_but_never_a_partial_one() {
     assert!(
         some_back > 0 && none_back > 0,
         "failed commits came back {some_back} times, stayed out {none_back} times"
+    );
+}
+
+/// Queues GTID number `seq` as the engine does under `Async` (encoded, then
+/// `submit_encoded_acked`): waiting on it makes the caller the combining leader that writes it.
+fn queue(wal: &Wal, seq: u64) -> tideline_wal::Appended {
+    let mut encoded = tideline_wal::Encoded::with_capacity(1);
+    let i = wal
+        .encode_into(&txn_for(seq), &mut encoded)
+        .expect("encode");
+    let (a, ()) = wal
+        .submit_encoded_acked(&encoded, i, |_| ())
+        .expect("submit");
+    a
+}
+
+/// Under `Async`, the writer thread's interval sync runs while leading committers write and
+/// acknowledge. When it fails, the log cuts everything written since the last good sync. Linux
+/// reports a failed fsync's error once, so the next fsync of the file succeeds: a writer that
+/// went on syncing on its interval (or at close) would then publish the records just cut. The
+/// visible and durable heads must stay where the last good sync left them, and a wait for a cut
+/// record must fail with the poison error.
+#[test]
+fn after_a_failed_async_sync_a_later_sync_publishes_nothing() {
+    const INTERVAL: Duration = Duration::from_millis(50);
+    let storage = MemStorage::new();
+    let wal = Wal::open(
+        Arc::new(storage.clone()),
+        WalOptions {
+            durability: Durability::Async { interval: INTERVAL },
+            ..opts(1 << 20)
+        },
+    )
+    .expect("open");
+    queue(&wal, 1).wait().expect("ack 1");
+    let one = Offset::new(1).expect("offset");
+    assert!(
+        wal.wait_visible_blocking(one, Duration::from_secs(30))
+            .expect("wait for 1"),
+        "record 1 never became visible"
+    );
+    // The interval sync of record 2 is held at the gate; record 3 is written and acknowledged
+    // by its leader meanwhile.
+    storage.hold_syncs();
+    queue(&wal, 2).wait().expect("ack 2");
+    assert!(
+        storage.wait_syncs_waiting(1, Duration::from_secs(30)),
+        "the interval sync of record 2 never started"
+    );
+    queue(&wal, 3).wait().expect("ack 3");
+    // The held sync fails; after it, the disk reports no error (Linux reports it once).
+    storage.fail_syncs_from(storage.sync_count() + 1);
+    storage.release_syncs();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !wal.is_poisoned() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failed sync did not poison the log"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    storage.fail_syncs_from(0);
+    // Several intervals, in which a writer that still thought records 2 and 3 unsynced would
+    // sync and publish them (an absence is checked: there is no event to wait for).
+    std::thread::sleep(INTERVAL * 6);
+    assert!(
+        wal.visible_offset() == 1 && wal.durable_offset() == 1,
+        "after the failed sync: visible {} / durable {}, but only 1 survived the cut",
+        wal.visible_offset(),
+        wal.durable_offset()
+    );
+    let three = Offset::new(3).expect("offset");
+    match wal.wait_visible_blocking(three, Duration::from_secs(1)) {
+        Err(Error::Poisoned { .. }) => {}
+        other => panic!("a wait for cut record 3 gave {other:?}, not Poisoned"),
+    }
+    // Closing syncs what is unsynced: on a poisoned log, it must publish nothing either.
+    assert!(matches!(wal.close(), Err(Error::Poisoned { .. })));
+    assert!(
+        wal.visible_offset() == 1 && wal.durable_offset() == 1,
+        "after close: visible {} / durable {}, but only 1 survived the cut",
+        wal.visible_offset(),
+        wal.durable_offset()
+    );
+}
+
+/// A segment roll whose new header's fsync fails: Linux marks the header's pages clean without
+/// writing them, so the page cache shows a valid header that the disk does not have. A restart
+/// without a reboot must not append acknowledged records behind that header, or the next power
+/// cut leaves a segment whose header is zeros followed by records: a log that cannot be opened.
+/// With `removal_fails`, the log cannot remove the new segment after the failure (as if it had
+/// died first), so the restart finds it.
+fn header_sync_fails_at_a_roll(removal_fails: bool) -> Result<(), String> {
+    let storage = common::Hooked::default();
+    let mem = storage.inner.clone();
+    let opts = opts(1024);
+    let mut acked = 0;
+    {
+        let wal = Wal::open(Arc::new(storage.clone()), opts.clone()).map_err(|e| e.to_string())?;
+        storage.fail_removes(removal_fails);
+        for seq in 1..=1_000 {
+            // A roll syncs the old segment, then the new one's header: the second sync fails.
+            mem.fail_syncs_from(mem.sync_count() + 2);
+            let appended = wal.append(txn_for(seq));
+            mem.fail_syncs_from(0);
+            match appended {
+                Ok(_) => acked = seq,
+                Err(Error::Poisoned { .. }) => break,
+                Err(e) => return Err(format!("append {seq}: {e}")),
+            }
+        }
+        if !wal.is_poisoned() {
+            return Err("no roll in 1000 appends of 1 KiB segments".into());
+        }
+    }
+    storage.fail_removes(false);
+    // A restart with the page cache intact, then acknowledged appends.
+    let (restarted, n) = open_and_check(Arc::new(storage.clone()), opts.clone(), acked)
+        .map_err(|e| format!("restart: {e}"))?;
+    for seq in n + 1..=n + 5 {
+        restarted
+            .append(txn_for(seq))
+            .map_err(|e| format!("append {seq} after the restart: {e}"))?;
+    }
+    drop(restarted);
+    let image = mem.crash(CrashMode::DropUnsynced);
+    open_and_check(Arc::new(image), opts, n + 5)
+        .map_err(|e| format!("power cut after the restart: {e}"))?;
+    Ok(())
+}
+
+#[test]
+fn a_new_segment_whose_header_sync_failed_does_not_take_records_after_a_restart() {
+    header_sync_fails_at_a_roll(false).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn a_kept_segment_whose_header_sync_failed_gets_its_header_on_disk_at_restart() {
+    header_sync_fails_at_a_roll(true).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Under `Async`, a leading committer that checked the log was healthy just before the writer
+/// thread's interval sync failed: it writes its group while the log is poisoned, and the cut
+/// that follows removes it. It must answer its committers with the poison error, never `Ok`:
+/// nothing is acknowledged after a failure. The leader is held inside its write (a storage
+/// hook) until the failed sync has poisoned the log.
+#[test]
+fn a_leader_writing_when_the_interval_sync_fails_does_not_acknowledge() {
+    let in_write = Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Mutex::new(go_rx);
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storage = common::Hooked::default().before_write({
+        let (in_write, armed) = (in_write.clone(), armed.clone());
+        move |_| {
+            if armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                *in_write.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                in_write.1.notify_all();
+                let _ = go_rx
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .recv_timeout(Duration::from_secs(30));
+            }
+        }
+    });
+    let mem = storage.inner.clone();
+    let wal = Arc::new(
+        Wal::open(
+            Arc::new(storage),
+            WalOptions {
+                durability: Durability::Async {
+                    interval: Duration::from_millis(5),
+                },
+                ..opts(1 << 20)
+            },
+        )
+        .expect("open"),
+    );
+    // The interval sync of record 1 is held at the gate.
+    mem.hold_syncs();
+    queue(&wal, 1).wait().expect("ack 1");
+    assert!(
+        mem.wait_syncs_waiting(1, Duration::from_secs(30)),
+        "the interval sync of record 1 never started"
+    );
+    // Record 2's leader passes the health check and stops inside its write.
+    armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let leader = {
+        let wal = wal.clone();
+        std::thread::spawn(move || queue(&wal, 2).wait())
+    };
+    {
+        let mut entered = in_write.0.lock().unwrap_or_else(|p| p.into_inner());
+        while !*entered {
+            entered = in_write
+                .1
+                .wait_timeout(entered, Duration::from_secs(30))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+    // The held sync fails and poisons the log; the writer thread then waits for the leader.
+    mem.fail_syncs_from(mem.sync_count() + 1);
+    mem.release_syncs();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !wal.is_poisoned() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the failed sync did not poison the log"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = go_tx.send(());
+    let answer = leader.join().expect("the leader panicked");
+    assert!(
+        matches!(answer, Err(Error::Poisoned { .. })),
+        "record 2, written after the log was poisoned, was answered {answer:?}"
     );
 }

@@ -189,6 +189,8 @@ impl Wal {
     }
 }
 
+/// Creates segment `first`: its header written and synced, and the directory synced. On a
+/// failure after the file was created, the file is removed again ([`discard_new_segment`]).
 pub(super) fn create_segment(
     st: &dyn Storage,
     opts: &WalOptions,
@@ -203,12 +205,21 @@ pub(super) fn create_segment(
         segment::encode_header_in_epoch(first, server_uuid, created_us, gtids_before, epoch);
     let ctx = |what: &str| format!("{what} {}", st.describe(&name));
     let file = st.create(&name).map_err(|e| Error::io(ctx("create"), e))?;
-    file.write_all_at(&header, 0)
-        .map_err(|e| Error::io(ctx("write header of"), e))?;
-    if !opts.skip_fsync() {
-        file.sync_data().map_err(|e| Error::io(ctx("sync"), e))?;
-        st.sync_dir()
-            .map_err(|e| Error::io("sync log directory", e))?;
+    let written = file
+        .write_all_at(&header, 0)
+        .map_err(|e| Error::io(ctx("write header of"), e))
+        .and_then(|()| {
+            if opts.skip_fsync() {
+                return Ok(());
+            }
+            file.sync_data().map_err(|e| Error::io(ctx("sync"), e))?;
+            st.sync_dir()
+                .map_err(|e| Error::io("sync log directory", e))
+        });
+    if let Err(e) = written {
+        drop(file);
+        discard_new_segment(st, opts, &name);
+        return Err(e);
     }
     Ok(SegmentMeta {
         name,
@@ -219,6 +230,25 @@ pub(super) fn create_segment(
         created_us,
         bytes: header.len() as u64,
     })
+}
+
+/// Removes segment `name`, just created, after creating or opening it failed: the log is
+/// poisoned, and the file must not outlive it. Its header's fsync may have failed, and Linux
+/// then shows the header from the page cache without ever writing it: a restart without a
+/// reboot would append acknowledged records behind a header the disk lacks, and the next power
+/// cut would leave a segment that starts with zeros (an unopenable log). Best effort, errors
+/// logged: should the file stay, recovery rewrites the header of a last segment that holds
+/// nothing else before it syncs it.
+pub(super) fn discard_new_segment(st: &dyn Storage, opts: &WalOptions, name: &str) {
+    if let Err(e) = st.remove(name) {
+        tracing::error!(file = %st.describe(name), error = %e, "cannot remove a segment whose creation failed");
+        return;
+    }
+    if !opts.skip_fsync()
+        && let Err(e) = st.sync_dir()
+    {
+        tracing::error!(file = %st.describe(name), error = %e, "cannot sync the log directory after removing a segment whose creation failed");
+    }
 }
 
 /// A close upper estimate of a transaction's archived size.

@@ -52,8 +52,10 @@ pub use read::Reader;
 pub enum Durability {
     /// After its bytes are on disk (fdatasync). A crash loses nothing acknowledged.
     Sync,
-    /// After its bytes are written to the OS; a sync follows within `interval`. A crash of the
-    /// machine (not just the process) can lose up to `interval` of acknowledged records.
+    /// After its bytes are written to the OS; a sync begins within `interval`. A crash of the
+    /// machine (not just the process) can lose the records acknowledged since the last sync
+    /// that completed: up to `interval` plus one sync (longer on a slow disk). A failed sync
+    /// loses the same records (the log is poisoned and cuts them), never one a reader saw.
     /// Readers see a record only once that sync covered it (the visible head is the durable
     /// head, as under `Sync`), so what a power cut takes back was never shown to anyone and
     /// its offset and GTID number can be given again.

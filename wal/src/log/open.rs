@@ -426,6 +426,19 @@ impl Wal {
                 // fsync. It becomes visible now, so it is made durable first: file data and
                 // the directory entry (the segment may have been created just before the death).
                 if !opts.skip_fsync() && !opts.read_only {
+                    // A segment that holds only its header may be one whose header fsync
+                    // failed: Linux then marked the header's pages clean unwritten, so a sync
+                    // alone would not write it and records appended behind it would follow
+                    // zeros on disk. Written again, the header is dirty and the sync writes it.
+                    let header_bytes = last.header_bytes as usize;
+                    if scan.valid_end == u64::from(last.header_bytes) && buf.len() >= header_bytes {
+                        file.write_all_at(&buf[..header_bytes], 0).map_err(|e| {
+                            Error::io(
+                                format!("rewrite the header of {}", st.describe(&last.name)),
+                                e,
+                            )
+                        })?;
+                    }
                     file.sync_data()
                         .map_err(|e| Error::io(format!("sync {}", st.describe(&last.name)), e))?;
                     st.sync_dir()

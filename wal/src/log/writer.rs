@@ -7,7 +7,9 @@
 //! Owns: the active segment file, the written and durable heads, and fail-stop (a failed write
 //! or fsync poisons the log and cuts the active segment back to the last good sync).
 //! Must never: acknowledge an append under `Sync` before its bytes are durable, retry a failed
-//! fsync and acknowledge, or make a record visible before it is durable.
+//! fsync and acknowledge, acknowledge or publish anything once the log is poisoned (a later
+//! fsync that succeeds proves nothing: Linux reports a failed fsync's error once), or make a
+//! record visible before it is durable.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -19,7 +21,7 @@ use crate::storage::{Storage, StorageFile};
 
 #[cfg(doc)]
 use super::Wal;
-use super::append::create_segment;
+use super::append::{create_segment, discard_new_segment};
 use super::retain::reset_segments;
 use super::{Durability, Epoch, Pending, Shared, State, WalOptions, lock};
 
@@ -191,7 +193,7 @@ fn write_batch(
             }
             Err(reason) => {
                 shared.poison(reason);
-                cut_unsynced(shared, &*a.file, a.synced_len);
+                cut_unsynced(shared, a);
                 fail(batch);
                 return wrote;
             }
@@ -226,7 +228,7 @@ fn write_batch(
             *last_sync = Instant::now();
             if let Err(reason) = synced {
                 shared.poison(reason);
-                cut_unsynced(shared, &*a.file, a.synced_len);
+                cut_unsynced(shared, a);
                 fail(batch);
                 return wrote;
             }
@@ -247,6 +249,15 @@ fn write_batch(
                 shared.wake_writer_if_waiting(lock(&shared.state));
             }
         }
+    }
+    // Checked again under `active`, just before acknowledging: the writer thread's interval
+    // sync runs without `active` and may have failed (and poisoned the log) while this group
+    // was written. The cut that follows it waits for `active` and takes this group away, so it
+    // is answered with the poison error (its outcome unknown, as for any failed append), never
+    // `Ok`: nothing is acknowledged once the log is poisoned.
+    if shared.poisoned.load(Ordering::SeqCst) {
+        fail(batch);
+        return wrote;
     }
     for ack in batch.acks {
         let _ = ack.send(Ok(()));
@@ -326,7 +337,11 @@ pub(super) fn writer_main(shared: Arc<Shared>, gtids_in_log: GtidSet) {
                     continue;
                 }
                 match sync_interval {
-                    Some(iv) if shared.unsynced.load(Ordering::SeqCst) => {
+                    // Once poisoned, nothing is synced again (see `due` below).
+                    Some(iv)
+                        if shared.unsynced.load(Ordering::SeqCst)
+                            && !shared.poisoned.load(Ordering::SeqCst) =>
+                    {
                         let left = iv.saturating_sub(last_sync.elapsed());
                         if left.is_zero() {
                             break;
@@ -371,6 +386,15 @@ pub(super) fn writer_main(shared: Arc<Shared>, gtids_in_log: GtidSet) {
             }
         }
 
+        // A reset asked for before the log was poisoned is refused: its sync of the active
+        // segment would "succeed" over the failed one and publish what the poison cut.
+        let reset = match reset {
+            Some(req) if shared.poisoned.load(Ordering::SeqCst) => {
+                let _ = req.ack.send(Err(shared.poison_error()));
+                None
+            }
+            other => other,
+        };
         if let Some(req) = reset {
             match reset_segments(
                 &shared,
@@ -388,7 +412,7 @@ pub(super) fn writer_main(shared: Arc<Shared>, gtids_in_log: GtidSet) {
                 }
                 Err(reason) => {
                     shared.poison(reason);
-                    cut_unsynced(&shared, &*a.file, a.synced_len);
+                    cut_unsynced(&shared, a);
                     let _ = req.ack.send(Err(shared.poison_error()));
                 }
             }
@@ -396,8 +420,11 @@ pub(super) fn writer_main(shared: Arc<Shared>, gtids_in_log: GtidSet) {
 
         // Under `Async`: the interval's sync, of what was written up to now. It runs without
         // `active`, so leading committers go on writing (and acknowledging) meanwhile; what
-        // they write is shown after the next sync.
+        // they write is shown after the next sync. Never once poisoned: after a failed fsync
+        // the next one of the file succeeds on Linux without having written the lost pages,
+        // and what it would publish was cut.
         let due = shared.unsynced.load(Ordering::SeqCst)
+            && !shared.poisoned.load(Ordering::SeqCst)
             && (closing || sync_interval.is_some_and(|iv| last_sync.elapsed() >= iv));
         let snapshot = due.then(|| {
             shared.unsynced.store(false, Ordering::SeqCst);
@@ -414,23 +441,28 @@ pub(super) fn writer_main(shared: Arc<Shared>, gtids_in_log: GtidSet) {
             match sync_file(&shared, st, &*file, &name) {
                 Ok(()) => {
                     // Only this thread rolls or resets, so the file is still the active one.
-                    if let Some(a) = lock(&shared.active).as_mut() {
+                    // Under `active`, so that no cut comes between the check and the publish;
+                    // a log poisoned meanwhile (a leader's failed write) publishes nothing.
+                    let mut active = lock(&shared.active);
+                    if let Some(a) = active.as_mut()
+                        && !shared.poisoned.load(Ordering::SeqCst)
+                    {
                         a.synced_len = a.synced_len.max(len);
+                        shared.durable.fetch_max(written, Ordering::SeqCst);
+                        shared.publish_visible(written, &gtids);
                     }
-                    shared.durable.fetch_max(written, Ordering::SeqCst);
-                    shared.publish_visible(written, &gtids);
                 }
                 Err(reason) => {
                     shared.poison(reason);
-                    if let Some(a) = lock(&shared.active).as_ref() {
-                        cut_unsynced(&shared, &*a.file, a.synced_len);
+                    if let Some(a) = lock(&shared.active).as_mut() {
+                        cut_unsynced(&shared, a);
                     }
                 }
             }
             last_sync = Instant::now();
         }
         if closing
-            && !shared.unsynced.load(Ordering::SeqCst)
+            && (!shared.unsynced.load(Ordering::SeqCst) || shared.poisoned.load(Ordering::SeqCst))
             && lock(&shared.state).pending.count == 0
         {
             *lock(&shared.active) = None;
@@ -445,6 +477,10 @@ pub(super) fn writer_main(shared: Arc<Shared>, gtids_in_log: GtidSet) {
 /// a reader saw, and a restarted node never reissues an offset or GTID number with other
 /// content.
 pub(super) fn made_durable(shared: &Shared, unpublished: &mut Vec<Gtid>) {
+    // Callers sync first and stop at a failed sync; a log poisoned meanwhile publishes nothing.
+    if shared.poisoned.load(Ordering::SeqCst) {
+        return;
+    }
     let written = shared.written.load(Ordering::SeqCst);
     shared.durable.fetch_max(written, Ordering::SeqCst);
     shared.unsynced.store(false, Ordering::SeqCst);
@@ -454,21 +490,35 @@ pub(super) fn made_durable(shared: &Shared, unpublished: &mut Vec<Gtid>) {
     unpublished.clear();
 }
 
-/// After a failed sync of the active file. Linux may drop the dirty pages of a failed fsync
-/// unwritten while the page cache still shows them, so a restart without a power cut would
-/// read, recover and show records that the next power cut takes back. The file is cut back to
-/// what the last successful sync covered, and a sync is attempted to make the cut durable (it
-/// acknowledges nothing, so this is not a retry). Best effort: the log is poisoned and the node
-/// stops either way, and whatever part of the unsynced bytes reached the disk before the error
-/// may come back after a power cut. That is why the outcome of a failed append is unknown.
-fn cut_unsynced(shared: &Shared, file: &dyn StorageFile, synced_len: u64) {
+/// After a failed sync of the active file (the log is poisoned). Linux may drop the dirty
+/// pages of a failed fsync unwritten while the page cache still shows them, so a restart
+/// without a power cut would read, recover and show records that the next power cut takes
+/// back. The file is cut back to what the last successful sync covered, and a sync is
+/// attempted to make the cut durable (it acknowledges nothing, so this is not a retry). Best
+/// effort: the log is poisoned and the node stops either way, and whatever part of the unsynced
+/// bytes reached the disk before the error may come back after a power cut. That is why the
+/// outcome of a failed append is unknown.
+///
+/// The in-memory state follows the file: the written head goes back to the durable head, and
+/// what was written but unpublished is forgotten, so that nothing can later count the cut
+/// records as written or show them.
+fn cut_unsynced(shared: &Shared, a: &mut Active) {
     if shared.durable.load(Ordering::SeqCst) >= shared.written.load(Ordering::SeqCst) {
-        return;
+        // Everything written is durable: a roll or reset synced it before it failed.
+        a.synced_len = a.len;
+    } else {
+        let _ = a.file.set_len(a.synced_len);
+        if !shared.skip_fsync() {
+            let _ = a.file.sync_data();
+        }
+        a.len = a.synced_len;
+        shared
+            .written
+            .store(shared.durable.load(Ordering::SeqCst), Ordering::SeqCst);
     }
-    let _ = file.set_len(synced_len);
-    if !shared.skip_fsync() {
-        let _ = file.sync_data();
-    }
+    a.unpublished.clear();
+    shared.active_bytes.store(a.len, Ordering::SeqCst);
+    shared.unsynced.store(false, Ordering::SeqCst);
 }
 
 /// After the writer could not even start, answer every append with the poison error.
@@ -541,9 +591,10 @@ fn roll(
         epoch,
     )
     .map_err(|e| e.to_string())?;
-    let new_file = st
-        .open(&meta.name)
-        .map_err(|e| format!("open {}: {e}", st.describe(&meta.name)))?;
+    let new_file = st.open(&meta.name).map_err(|e| {
+        discard_new_segment(st, &shared.opts, &meta.name);
+        format!("open {}: {e}", st.describe(&meta.name))
+    })?;
     let new_len = meta.bytes;
     let new_name = meta.name.clone();
     {

@@ -350,7 +350,7 @@ fn writer(wal: &Wal, stop: &AtomicBool, paused: &AtomicBool, log: &WriteLog) {
 type Hook = Arc<dyn Fn(&str, &str) + Send + Sync>;
 
 /// An in-memory storage that runs hooks before some of its operations (a segment's removal or
-/// rename, a read of a file opened through it), for tests that hold one side of a race at a
+/// rename, a read of or a write to a file opened through it), for tests that hold one side of a race at a
 /// chosen moment without changing what either side does.
 #[derive(Clone, Default)]
 pub struct Hooked {
@@ -358,6 +358,9 @@ pub struct Hooked {
     before_remove: Option<Hook>,
     before_rename: Option<Hook>,
     before_read: Option<Hook>,
+    before_write: Option<Hook>,
+    /// Removals fail with EIO while set.
+    removes_fail: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Hooked {
@@ -387,16 +390,30 @@ impl Hooked {
         self
     }
 
-    /// `inner`, running the `before_read` hook (if any) before each of its reads.
-    fn hook_reads(&self, name: &str, inner: Box<dyn StorageFile>) -> Box<dyn StorageFile> {
-        match &self.before_read {
-            None => inner,
-            Some(h) => Box::new(HookedFile {
-                inner,
-                name: name.to_owned(),
-                before_read: Some(h.clone()),
-            }),
+    /// From now on removals fail with EIO (`true`) or work again (`false`), in every clone.
+    pub fn fail_removes(&self, fail: bool) {
+        self.removes_fail.store(fail, Ordering::SeqCst);
+    }
+
+    /// Runs `f(name)` before each write to a file opened through this storage (not to one
+    /// just created: the log opens a segment again before it appends to it).
+    pub fn before_write(mut self, f: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.before_write = Some(Arc::new(move |name, _| f(name)));
+        self
+    }
+
+    /// `inner`, running the `before_read` and `before_write` hooks (if any) before each of its
+    /// reads and writes.
+    fn hook_file(&self, name: &str, inner: Box<dyn StorageFile>) -> Box<dyn StorageFile> {
+        if self.before_read.is_none() && self.before_write.is_none() {
+            return inner;
         }
+        Box::new(HookedFile {
+            inner,
+            name: name.to_owned(),
+            before_read: self.before_read.clone(),
+            before_write: self.before_write.clone(),
+        })
     }
 }
 
@@ -405,6 +422,7 @@ struct HookedFile {
     inner: Box<dyn StorageFile>,
     name: String,
     before_read: Option<Hook>,
+    before_write: Option<Hook>,
 }
 
 impl StorageFile for HookedFile {
@@ -415,6 +433,9 @@ impl StorageFile for HookedFile {
         self.inner.read_at(buf, pos)
     }
     fn write_all_at(&self, buf: &[u8], pos: u64) -> std::io::Result<()> {
+        if let Some(h) = &self.before_write {
+            h(&self.name, "");
+        }
         self.inner.write_all_at(buf, pos)
     }
     fn sync_data(&self) -> std::io::Result<()> {
@@ -436,14 +457,17 @@ impl Storage for Hooked {
         self.inner.create(name)
     }
     fn open(&self, name: &str) -> std::io::Result<Box<dyn StorageFile>> {
-        Ok(self.hook_reads(name, self.inner.open(name)?))
+        Ok(self.hook_file(name, self.inner.open(name)?))
     }
     fn open_read(&self, name: &str) -> std::io::Result<Box<dyn StorageFile>> {
-        Ok(self.hook_reads(name, self.inner.open_read(name)?))
+        Ok(self.hook_file(name, self.inner.open_read(name)?))
     }
     fn remove(&self, name: &str) -> std::io::Result<()> {
         if let Some(h) = &self.before_remove {
             h(name, "");
+        }
+        if self.removes_fail.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected: removal fails (EIO)"));
         }
         self.inner.remove(name)
     }
