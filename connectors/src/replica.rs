@@ -175,15 +175,20 @@ async fn replicate_once(
                 .await
                 .map_err(|Purged(e)| Stop::Retry(format!("after the bootstrap: {e}")))?
         }
+        // Another upstream may still have what this one purged (a diamond or triangle whose
+        // branches purge at different times): held, re-checked, and carried on by itself once
+        // another upstream has delivered those GTIDs.
+        Err(Purged(e)) if opts.sources > 1 => Err(Stop::Held(format!(
+            "{e}; this replica needs GTIDs upstream {addr} has purged, and a multi-source \
+             replica cannot bootstrap from one upstream (the copy would replace what the \
+             others sent). Waiting in case another upstream delivers them: checked again every \
+             few seconds, and replication from {addr} resumes by itself once this replica has \
+             them. If no upstream has them, bootstrap this replica from one upstream first, \
+             then add the others"
+        ))),
         Err(Purged(e)) => Err(Stop::Fatal(format!(
-            "{e}; this replica needs GTIDs the upstream has purged{}",
-            if opts.sources > 1 {
-                ": a multi-source replica cannot bootstrap from one upstream (the copy would \
-                 replace what the others sent); bootstrap it from one upstream first, then add \
-                 the others"
-            } else {
-                ": restart it with --bootstrap auto, or pick an upstream that still has them"
-            }
+            "{e}; this replica needs GTIDs the upstream has purged: restart it with \
+             --bootstrap auto, or pick an upstream that still has them"
         ))),
         Ok(r) => r,
     }
@@ -252,15 +257,24 @@ async fn keep_own_transactions(
          replica needs ({purged}), so catching up takes a bootstrap, and it lacks this \
          replica's own transactions {own}: a copy would wipe those acknowledged local \
          transactions. Not bootstrapping from it until that changes. Either give the \
-         upstream the missing transactions: start it (or a node upstream of it) with \
-         --upstream pointing at a node that has them, e.g. this one; once its gtid_executed \
-         contains them, this replica resumes by itself. Or discard them: stop this node, \
-         empty its data directory and start it again as a fresh replica; downstreams that \
-         received them keep them and are errant in turn (docs/OPERATIONS.md, \"Errant \
-         GTIDs\"); checked again every few seconds",
-        client.server_uuid()
+         upstream the missing transactions: {}; this replica then resumes by itself. Or \
+         discard them: stop this node, empty its data directory and start it again as a \
+         fresh replica; downstreams that received them keep them and are errant in turn \
+         (docs/OPERATIONS.md, \"Errant GTIDs\"); checked again every few seconds",
+        client.server_uuid(),
+        LET_THE_UPSTREAM_RECEIVE_THEM,
     )))
 }
+
+/// How an operator gives an upstream the transactions it lacks (docs/OPERATIONS.md, "Errant
+/// GTIDs", choice 1). `--allow-local-writes` is needed: without it the upstream turns
+/// read-only when given an `--upstream`, refuses its clients, and holds that node in turn for
+/// its own transactions the node lacks, while the node holds it: neither ever moves.
+const LET_THE_UPSTREAM_RECEIVE_THEM: &str = "restart the upstream (or a node upstream of it) \
+     with an added --upstream pointing at a node that has them, e.g. this one, and with \
+     --allow-local-writes (so that it keeps taking writes, and its own transactions that node \
+     lacks do not hold it); once its gtid_executed contains them, restart it as before, \
+     without that --upstream and without --allow-local-writes";
 
 /// Local writes paused for the decision to bootstrap and the copy's start: the engine is
 /// read-only (local commits are refused) from [`LocalWritesPaused::pause`], which returns
@@ -424,9 +438,9 @@ async fn subscribe_and_apply(
             "errant GTIDs {held}: this replica executed them and upstream {addr} (node \
              {upstream_uuid}, gtid_executed {upstream_executed}) lacks them, so applying from \
              it would mix two histories. Not replicating from it until that changes: point \
-             this replica at an upstream that has them, let this upstream receive them, or \
-             re-bootstrap this replica from it (docs/OPERATIONS.md, \"Errant GTIDs\"); \
-             checked again every few seconds"
+             this replica at an upstream that has them; or let this upstream receive them: \
+             {LET_THE_UPSTREAM_RECEIVE_THEM}; or re-bootstrap this replica from it \
+             (docs/OPERATIONS.md, \"Errant GTIDs\"); checked again every few seconds"
         ))));
     }
     let mut sub = match client
@@ -515,8 +529,13 @@ async fn subscribe_and_apply(
 /// returns (what to report, what makes the replica refuse the upstream).
 ///
 /// Reported: every GTID this replica has that the upstream lacks, of any origin. With several
-/// upstreams, GTIDs of an origin the upstream has never seen are left out: they came from
-/// another source (a multi-source merge), not from a history the upstream diverged from.
+/// upstreams, two kinds of another origin's GTIDs are left out, since they came from another
+/// source rather than from a history the upstream diverged from: those of an origin the
+/// upstream has never seen (a multi-source merge), and those of an origin whose lacking GTIDs
+/// all lie above the upstream's highest GTID number of it (the upstream is only behind: this
+/// replica got the newer ones by a shorter path, as in a triangle). A gap inside the
+/// upstream's range of an origin is left in. With one upstream nothing is left out: an only
+/// upstream that lacks the newest GTIDs is a failover to a node that lost them.
 /// Refused on: all of those, except this node's own GTIDs when it accepts local writes
 /// (`--allow-local-writes`: its own writes reach the upstream, if ever, through another path,
 /// as in a circular topology).
@@ -531,7 +550,11 @@ pub(crate) fn errant_gtids(
     let mut held = GtidSet::new();
     let lacking = have.difference(upstream);
     for uuid in lacking.uuids() {
-        if sources > 1 && upstream.intervals(uuid).is_empty() && *uuid != own_uuid {
+        let only_behind = match upstream.last_seq(uuid) {
+            None => true,
+            Some(last) => lacking.intervals(uuid).iter().all(|iv| iv.start > last),
+        };
+        if sources > 1 && only_behind && *uuid != own_uuid {
             continue;
         }
         for iv in lacking.intervals(uuid) {
@@ -666,5 +689,41 @@ mod tests {
         assert!(held.is_empty());
         let (_, held) = errant_gtids(&have, &GtidSet::new(), me_uuid, false, 1);
         assert_eq!(held.to_string(), format!("{me}:1-2"));
+    }
+
+    #[test]
+    fn an_upstream_only_behind_on_an_origin_is_not_errant_with_several_sources() {
+        let (a, me) = (
+            "aaaaaaaa-0000-0000-0000-000000000000",
+            "cccccccc-0000-0000-0000-000000000000",
+        );
+        let me_uuid = uuid::Uuid::parse_str(me).unwrap();
+        let have = set(&format!("{a}:1-100"));
+        // A triangle: this replica got A:96-100 straight from A; the other upstream, a replica
+        // of A too, is behind. Neither reported nor held.
+        let behind = set(&format!("{a}:1-95"));
+        let (errant, held) = errant_gtids(&have, &behind, me_uuid, false, 2);
+        assert!(errant.is_empty() && held.is_empty(), "{errant} / {held}");
+        // A gap inside the upstream's own range of A is another history: held, all of A's
+        // lacking GTIDs named.
+        let gap = set(&format!("{a}:1-5:7-95"));
+        let (errant, held) = errant_gtids(&have, &gap, me_uuid, false, 2);
+        assert_eq!(errant.to_string(), format!("{a}:6:96-100"));
+        assert_eq!(held, errant);
+        // With one source nothing changes: the only upstream lacking A:96-100 is a failover to
+        // a node that lost them.
+        let (errant, held) = errant_gtids(&have, &behind, me_uuid, false, 1);
+        assert_eq!(errant.to_string(), format!("{a}:96-100"));
+        assert_eq!(held, errant);
+        // This node's own GTIDs above what the upstream has of them: held on a read-only
+        // node, reported only with --allow-local-writes.
+        let have = set(&format!("{a}:1-95,{me}:1-5"));
+        let upstream = set(&format!("{a}:1-95,{me}:1-3"));
+        let (errant, held) = errant_gtids(&have, &upstream, me_uuid, false, 2);
+        assert_eq!(errant.to_string(), format!("{me}:4-5"));
+        assert_eq!(held, errant);
+        let (errant, held) = errant_gtids(&have, &upstream, me_uuid, true, 2);
+        assert_eq!(errant.to_string(), format!("{me}:4-5"));
+        assert!(held.is_empty(), "{held}");
     }
 }

@@ -16,7 +16,8 @@ pub(crate) enum Stop {
     /// A connection error that waiting cannot fix (another cluster's certificate): needs an
     /// operator unless the upstream was reached before.
     Permanent(String),
-    /// Needs an operator, or a change on the upstream: shown as `error`, checked again after
+    /// Needs an operator, or a change on the upstream or another upstream (a multi-source
+    /// replica waiting for GTIDs this upstream purged): shown as `error`, checked again after
     /// a pause (the longest backoff).
     Held(String),
 }
