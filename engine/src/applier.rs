@@ -8,7 +8,10 @@
 //!
 //! Invariants: offsets apply densely and in order; the view (offset, GTIDs, catalog) changes
 //! under its write lock together with the store batch, so readers never see one without the
-//! other. A store failure or a panic while applying is fail-stop: nothing more applies.
+//! other. The store's write backpressure is waited out before that lock, never under it
+//! (`Inner::wait_writable`): readers never wait for a stalled store. A store failure, a
+//! panic while applying, or any other fail-stop (`Inner::fail`) ends applying: nothing more
+//! applies, and every committer still waiting gets an error.
 //!
 //! Must never: apply an offset the log has not made visible, skip an offset, or assign GTIDs
 //! or offsets (the commit path and the log do).
@@ -64,10 +67,17 @@ impl Inner {
 
     /// Waits until every submitted transaction is applied; `Err` if one never will be.
     pub(crate) fn wait_all_applied(&self) -> Result<(), WriteError> {
-        let target = self.last_submitted.load(Ordering::SeqCst);
+        self.wait_outcome(self.last_submitted.load(Ordering::SeqCst))
+    }
+
+    /// Waits until `offset` is applied; `Err` if it never will be.
+    pub(crate) fn wait_outcome(&self, offset: u64) -> Result<(), WriteError> {
+        if self.applied.load(Ordering::SeqCst) >= offset {
+            return Ok(());
+        }
         let mut a = lock(&self.apply);
         loop {
-            if let Some(r) = Self::outcome(&a, target) {
+            if let Some(r) = Self::outcome(&a, offset) {
                 return r;
             }
             a = self
@@ -102,16 +112,7 @@ impl Inner {
                 Err(e) => {
                     // Poisoned: apply what became visible before, then fail the rest.
                     let _ = self.apply_visible();
-                    let reason = format!("the log stopped acknowledging: {e}");
-                    self.fail(reason.clone());
-                    let mut a = lock(&self.apply);
-                    a.dead_from = a.applied + 1;
-                    a.dead_reason = reason;
-                    for r in a.ready.values() {
-                        r.wake();
-                    }
-                    drop(a);
-                    self.applied_cv.notify_all();
+                    self.fail(format!("the log stopped acknowledging: {e}"));
                     return;
                 }
             }
@@ -121,12 +122,16 @@ impl Inner {
         }
     }
 
-    /// Applies every visible transaction not yet applied. `Err` once the store failed.
+    /// Applies every visible transaction not yet applied. `Err` once the store or the engine
+    /// failed (fail-stop: nothing more applies).
     fn apply_visible(&self) -> Result<(), ()> {
         // Before the visible head is read: what becomes visible meanwhile joins the group.
         self.paused_by_test_before_apply();
         let visible = self.wal.visible_offset();
         loop {
+            if self.failed.load(Ordering::SeqCst) {
+                return Err(());
+            }
             let mut a = lock(&self.apply);
             let next = a.applied + 1;
             if next > visible {
@@ -168,11 +173,9 @@ impl Inner {
                     "log offset {next} was not written by this engine; the engine must be the \
                      log's only writer"
                 );
-                self.fail(reason.clone());
-                a.store_failed = Some(reason);
-                for r in a.ready.values() {
-                    r.wake();
-                }
+                a.store_failed = Some(reason.clone());
+                drop(a);
+                self.fail(reason);
                 return Err(());
             }
             drop(a);
@@ -198,16 +201,13 @@ impl Inner {
                         "applying offsets {next}..={} to the store failed: {reason}",
                         at - 1
                     );
-                    self.fail(reason.clone());
-                    a.store_failed = Some(reason);
+                    a.store_failed = Some(reason.clone());
+                    drop(a);
                     for w in waiters {
                         w.unpark();
                     }
-                    for r in a.ready.values() {
-                        r.wake();
-                    }
-                    drop(a);
-                    self.applied_cv.notify_all();
+                    // Wakes every other committer waiting.
+                    self.fail(reason);
                     return Err(());
                 }
             }
@@ -264,6 +264,8 @@ impl Inner {
         self.write_identity(&mut batch, last);
         batch.insert(&self.meta, catalog::KEY_GTIDS, gtids.to_string().as_bytes());
         let new_catalog = catalog.map(Arc::new);
+        // Readers take the view's lock: the store's backpressure is waited out before it.
+        self.wait_writable(&batch)?;
         {
             let mut v = self.view.write().unwrap_or_else(|p| p.into_inner());
             batch

@@ -398,6 +398,9 @@ impl Inner {
         };
         *sb.progress_mut(&idx) = p;
         let (batch, _, _, updates) = sb.into_parts();
+        // Not in the store's backpressure, which never ends once the store failed: closing
+        // the engine joins this thread.
+        self.wait_writable(&batch)?;
         batch
             .commit()
             .map_err(|e| format!("store batch commit: {e}"))?;

@@ -129,6 +129,10 @@ impl Engine {
         } else {
             base.clone()
         };
+        // Readers take the view's lock: the store's backpressure is waited out before it.
+        inner
+            .wait_writable(&batch)
+            .map_err(|reason| inner.store_failure(format!("bootstrap begin: {reason}")))?;
         {
             let mut v = inner.view.write().unwrap_or_else(|p| p.into_inner());
             batch
@@ -240,6 +244,10 @@ impl Engine {
         }
         let (mut batch, catalog, dropped, index_progress) = sb.into_parts();
         batch.insert(&inner.meta, catalog::KEY_BOOTSTRAP, progress);
+        // Readers take the view's lock: the store's backpressure is waited out before it.
+        inner
+            .wait_writable(&batch)
+            .map_err(|reason| inner.store_failure(format!("bootstrap apply: {reason}")))?;
         {
             let mut v = inner.view.write().unwrap_or_else(|p| p.into_inner());
             batch
@@ -333,6 +341,10 @@ impl Engine {
             catalog::KEY_BOOTSTRAP_FINISHING,
             text.as_bytes(),
         );
+        // Readers take the view's lock: the store's backpressure is waited out before it.
+        inner
+            .wait_writable(&batch)
+            .map_err(|reason| inner.store_failure(format!("bootstrap finish: {reason}")))?;
         {
             let mut v = inner.view.write().unwrap_or_else(|p| p.into_inner());
             batch

@@ -114,6 +114,9 @@ pub use snapshot::{KeyValue, Position, Scan, Snapshot};
 pub use state::{
     CommitInfo, EngineOptions, KEY_BYTES_MAX_DEFAULT, KEY_BYTES_MAX_LIMIT, VALUE_BYTES_MAX_DEFAULT,
 };
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub use store::StoreFaults;
 pub use store::{StoreError, StoreStats};
 pub use tideline_wal::{Gtid, GtidSet, Offset, Wal};
 pub use txn::Txn;

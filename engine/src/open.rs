@@ -93,6 +93,8 @@ impl Engine {
             &StoreOptions {
                 cache_bytes: opts.cache_bytes,
                 worker_threads: opts.store_threads,
+                #[cfg(feature = "testing")]
+                faults: opts.unsafe_store_faults.clone(),
             },
         )
         .map_err(store_err)?;
@@ -345,15 +347,36 @@ impl Engine {
     }
 
     /// Refuses new writes, ends the applier and checkpoint threads and fails every commit
-    /// still waiting to be applied.
+    /// still waiting to be applied. Once the engine failed, a thread that does not end within
+    /// [`STUCK_THREAD_WAIT`] is left behind (it may be stuck in a store that will never answer
+    /// again) instead of joined: closing a failed engine always returns.
     fn stop_threads(&self) {
         {
             *lock(&self.inner.stop) = true;
             self.inner.stop_cv.notify_all();
         }
         self.inner.stopping.store(true, Ordering::SeqCst);
-        for h in lock(&self.threads).drain(..) {
-            let _ = h.join();
+        let threads: Vec<_> = lock(&self.threads).drain(..).collect();
+        let mut failed_at: Option<std::time::Instant> = None;
+        for h in threads {
+            loop {
+                if h.is_finished() {
+                    let _ = h.join();
+                    break;
+                }
+                if self.inner.failed.load(Ordering::SeqCst) {
+                    let since = *failed_at.get_or_insert_with(std::time::Instant::now);
+                    if since.elapsed() >= STUCK_THREAD_WAIT {
+                        tracing::error!(
+                            thread = h.thread().name().unwrap_or("?"),
+                            "closing the failed engine without this thread: it did not end \
+                             (stuck in the failed store)"
+                        );
+                        break;
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
         }
         {
             // Nothing applies any more: a commit still waiting learns it now.
@@ -370,6 +393,10 @@ impl Engine {
         }
     }
 }
+
+/// How long closing a failed engine waits for each of its threads to end (all together, at
+/// most this long after the failure was seen) before it leaves a stuck one behind.
+const STUCK_THREAD_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The error of open's store sync after replay.
 fn sync_after_replay_failed(path: &str, source: StoreError) -> OpenError {
@@ -426,21 +453,10 @@ impl Inner {
     /// A background thread died: the engine fails (fail-stop, which the node's watchdog turns
     /// into exit code 2), and every commit waiting to be applied learns it now.
     fn thread_died(&self, role: &str, panic: &str) {
-        let reason = format!(
+        self.fail(format!(
             "the engine's {role} thread died ({panic}); restart the node: recovery replays \
              what the log holds"
-        );
-        self.fail(reason.clone());
-        let mut a = lock(&self.apply);
-        if a.dead_from == u64::MAX {
-            a.dead_from = a.applied + 1;
-            a.dead_reason = reason;
-        }
-        for r in a.ready.values() {
-            r.wake();
-        }
-        drop(a);
-        self.applied_cv.notify_all();
+        ));
     }
 
     /// Replays log records after `applied`. Returns how many were applied.
@@ -590,6 +606,8 @@ mod tests {
             &StoreOptions {
                 cache_bytes: 8 << 20,
                 worker_threads: 0,
+                #[cfg(feature = "testing")]
+                faults: None,
             },
         )
         .expect("open the store");

@@ -131,6 +131,14 @@ pub struct EngineOptions {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_pause_before_commit_lock: Option<std::time::Duration>,
+    /// Test-only (cargo feature `testing`): faults of the state store that the test switches
+    /// on while the engine runs ([`StoreFaults`](crate::StoreFaults): a write stall, reported
+    /// or not, and failing syncs that poison the store). Exists so that tests can prove that
+    /// readers do not wait on a stalled store and that a store failure releases every waiting
+    /// committer and lets the engine close.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_store_faults: Option<Arc<crate::store::StoreFaults>>,
 }
 
 // The test-only switches, read through these so that without the `testing` feature the
@@ -211,6 +219,8 @@ impl Default for EngineOptions {
             unsafe_pause_before_apply: None,
             #[cfg(feature = "testing")]
             unsafe_pause_before_commit_lock: None,
+            #[cfg(feature = "testing")]
+            unsafe_store_faults: None,
         }
     }
 }
@@ -526,15 +536,65 @@ impl Inner {
         let _ = thread;
     }
 
+    /// Fail-stop: the engine refuses writes from now on, nothing more is applied, and every
+    /// commit waiting for its outcome gets an error now (an applier stuck in a failed store
+    /// would never give it one). Takes the apply lock: never call it holding that lock.
     pub(crate) fn fail(&self, reason: String) {
         tracing::error!(%reason, "engine stopped accepting writes (fail-stop)");
         {
             let mut r = lock(&self.failed_reason);
             if r.is_empty() {
-                *r = reason;
+                r.clone_from(&reason);
             }
         }
         self.failed.store(true, Ordering::SeqCst);
+        let mut a = lock(&self.apply);
+        if a.dead_from == u64::MAX {
+            a.dead_from = a.applied + 1;
+            a.dead_reason = reason;
+        }
+        for r in a.ready.values() {
+            r.wake();
+        }
+        drop(a);
+        self.applied_cv.notify_all();
+    }
+
+    /// Waits until `batch` can commit without waiting inside the store (see
+    /// [`WriteBatch::write_stall`]); call it before taking a lock readers need (the view's).
+    /// Polls every 10 ms. `Err` when the store is poisoned or the engine failed meanwhile: the
+    /// stall may then never end.
+    pub(crate) fn wait_writable(&self, batch: &Batch) -> Result<(), String> {
+        let mut since: Option<std::time::Instant> = None;
+        loop {
+            match batch.write_stall() {
+                Ok(false) => {
+                    if let Some(t) = since {
+                        tracing::info!(
+                            waited_ms = t.elapsed().as_millis() as u64,
+                            "the state store accepts writes again"
+                        );
+                    }
+                    return Ok(());
+                }
+                Ok(true) => {}
+                Err(e) => return Err(format!("the store failed while it stalled writes: {e}")),
+            }
+            if self.failed.load(Ordering::SeqCst) {
+                return Err(format!(
+                    "the engine failed while the store stalled writes: {}",
+                    lock(&self.failed_reason)
+                ));
+            }
+            if since.is_none() {
+                since = Some(std::time::Instant::now());
+                tracing::info!(
+                    "the state store stalls writes (its flushes or compactions fell behind); \
+                     writes wait, reads go on"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Wakes async waiters on [`Engine::view_changes`](crate::Engine::view_changes); call after the view changed.

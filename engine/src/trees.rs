@@ -29,7 +29,9 @@ impl Engine {
     }
 
     /// Creates `tree` with an optional merge operator, by name (see [`MergeOperator`](crate::MergeOperator)).
-    /// Returns `None` when the tree already exists with the same operator (nothing logged).
+    /// Returns `None` when the tree already exists with the same operator (nothing logged):
+    /// also when another transaction's creation of it is not yet applied, in which case this
+    /// returns once it is, so the tree can be written and read as soon as this returns.
     pub fn create_tree(
         &self,
         tree: &str,

@@ -4,6 +4,11 @@
 //! a transaction whose assumption ("this tree is new and empty", "these keys hold these
 //! values") was broken by a concurrent commit must fail with a retryable conflict.
 //!
+//! Also: a `create_tree` that answers "already exists" because a concurrent, not yet applied
+//! transaction creates the tree returns only once that tree is usable. Guards against an
+//! `UnknownTree` ("create it first") on the next write to a tree the caller was just told
+//! exists.
+//!
 //! Also: a scan (`Engine::range`, `Engine::prefix`) reads one committed state while writers
 //! go on. Guards against a scan that walks the live tree and shows, for keys ahead of its
 //! cursor, transactions committed after it began: a value moved from one key to another is
@@ -116,6 +121,47 @@ fn concurrent_create_tree_alone_still_succeeds_and_retries_converge() {
         .expect("transaction");
     assert_eq!(out.value.as_deref(), Some(&b"x"[..]));
     assert_eq!(e.get("u", b"k").expect("get").as_deref(), Some(&b"x"[..]));
+}
+
+/// Two threads "ensure the tree exists, then write": A's `create_tree` is logged but not yet
+/// applied (the applier is held back) when B's finds the tree already created and returns
+/// `None` ("already exists"). B's next write and read must work: `None` promises the tree
+/// exists, so B must not get `UnknownTree` ("create it first") for a tree it was just told is
+/// there.
+#[test]
+fn create_tree_answering_already_exists_leaves_the_tree_usable() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let wal = Arc::new(Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).expect("log"));
+    let opts = EngineOptions {
+        unsafe_pause_before_apply: Some(std::time::Duration::from_millis(300)),
+        ..EngineOptions::default()
+    };
+    let e = Engine::open(dir.path(), wal.clone(), opts).expect("open engine");
+    std::thread::scope(|s| {
+        let a = s.spawn(|| e.create_tree("t", None));
+        // A's creation is in the log, and the applier has not applied it yet.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while wal.visible_offset() < 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "A's create_tree never reached the log"
+            );
+            std::thread::yield_now();
+        }
+        assert_eq!(e.applied_offset(), 0, "the applier is held back");
+        assert_eq!(
+            e.create_tree("t", None).expect("B creates t"),
+            None,
+            "B: already created by A"
+        );
+        e.put("t", b"k", b"v")
+            .expect("B writes to the tree it was told exists");
+        assert_eq!(
+            e.get("t", b"k").expect("B reads the tree").as_deref(),
+            Some(&b"v"[..])
+        );
+        assert!(a.join().expect("A").expect("A creates t").is_some());
+    });
 }
 
 /// Write skew through the raw snapshot: two on-call doctors, each transaction checks through

@@ -79,6 +79,17 @@ struct Prepared {
     encoded: Option<(Arc<Encoded>, usize)>,
 }
 
+/// What [`Inner::submit_locked`] did with a transaction.
+enum Submitted {
+    /// Logged: its committer waits for its outcome ([`Inner::finish`]).
+    Logged(InFlight),
+    /// Nothing to log: a local transaction without effect, or an upstream GTID already here.
+    /// `visible_at`: the transaction only re-created trees that other transactions create,
+    /// submitted and not yet applied; once this offset is applied they exist for reads and
+    /// writes (`None`: they already do, or there were none).
+    Nothing { visible_at: Option<u64> },
+}
+
 /// A submitted transaction, not yet applied.
 struct InFlight {
     offset: Offset,
@@ -113,7 +124,9 @@ fn now_us() -> i64 {
 
 impl Inner {
     /// Commits a local transaction built by a [`Txn`](crate::Txn): `reads` is its snapshot
-    /// and read set, checked for conflicts. `Ok(None)`: nothing to log.
+    /// and read set, checked for conflicts. `Ok(None)`: nothing to log. A transaction that
+    /// only re-created trees which another transaction creates returns `Ok(None)` once that
+    /// creation is applied, so that the trees it was told exist can be written and read.
     pub(crate) fn commit_txn(
         &self,
         ops: Vec<Op>,
@@ -134,8 +147,11 @@ impl Inner {
             inner.submit_locked(&mut st, prepared, reads, Origin::Local)?
         };
         match f {
-            None => Ok(None),
-            Some(mut f) => {
+            Submitted::Nothing { visible_at: None } => Ok(None),
+            Submitted::Nothing {
+                visible_at: Some(offset),
+            } => inner.wait_outcome(offset).map(|()| None),
+            Submitted::Logged(mut f) => {
                 f.release_spent();
                 inner.finish(f).map(Some)
             }
@@ -187,15 +203,14 @@ impl Inner {
         Ok(())
     }
 
-    /// Validates and submits one transaction; called with the commit lock held. `Ok(None)`:
-    /// nothing to log (a local transaction without effect, or an upstream GTID already here).
+    /// Validates and submits one transaction; called with the commit lock held.
     fn submit_locked(
         &self,
         st: &mut CommitState,
         prepared: Prepared,
         reads: Option<(SnapshotAt, &[ReadItem])>,
         origin: Origin,
-    ) -> Result<Option<InFlight>, WriteError> {
+    ) -> Result<Submitted, WriteError> {
         // Checked under the commit lock, which `bootstrap_begin` takes to set the flag.
         if self.bootstrapping.load(Ordering::SeqCst) {
             return Err(WriteError::Bootstrapping);
@@ -217,7 +232,7 @@ impl Inner {
         if let Origin::Upstream { gtid, .. } = origin
             && st.submitted.contains(&gtid)
         {
-            return Ok(None);
+            return Ok(Submitted::Nothing { visible_at: None });
         }
         // Serializability: nothing this transaction read may have been written by a
         // transaction submitted after its snapshot.
@@ -270,6 +285,8 @@ impl Inner {
         // else `ops` is logged as it is (no move of every op under the commit lock).
         let mut index_changes: BTreeMap<(String, String), bool> = BTreeMap::new();
         let mut dropped_ops: Vec<usize> = Vec::new();
+        // The trees (and merge operators) of the dropped re-creations.
+        let mut dropped_trees: Vec<(String, Option<MergeOperator>)> = Vec::new();
         let mut create_default_at: Vec<usize> = Vec::new();
         let mut tree_ops: Vec<Arc<str>> = Vec::new();
         let mut index_trees: Vec<Arc<str>> = Vec::new();
@@ -331,6 +348,7 @@ impl Inner {
                                 }
                                 modified = true;
                                 dropped_ops.push(i);
+                                dropped_trees.push((tree.clone(), m));
                                 continue;
                             }
                             return Err(WriteError::TreeExists {
@@ -451,7 +469,16 @@ impl Inner {
             ops
         };
         if out.is_empty() && local {
-            return Ok(None);
+            // Every op re-created a tree another submitted transaction creates. Until that
+            // one is applied, the tree is missing from the catalog writes and reads check: the
+            // caller, told it exists, would get `UnknownTree`. So it waits for everything
+            // submitted so far (the creations are among it) unless they are applied already.
+            let applied = self.current_catalog();
+            let pending = dropped_trees
+                .iter()
+                .any(|(tree, m)| applied.trees.get(tree.as_str()).map(|t| t.merge) != Some(*m));
+            let visible_at = pending.then(|| self.last_submitted.load(Ordering::SeqCst));
+            return Ok(Submitted::Nothing { visible_at });
         }
         // A replica applying upstream transactions never refuses them.
         let claims = if local {
@@ -571,7 +598,7 @@ impl Inner {
                 _ => break,
             }
         }
-        Ok(Some(InFlight {
+        Ok(Submitted::Logged(InFlight {
             offset: Offset::new(offset).unwrap_or(Offset::FIRST),
             gtid,
             written,

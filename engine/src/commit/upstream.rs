@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 
 use tideline_wal::{Encoded, NewTransaction};
 
-use super::{Origin, Prepared};
+use super::{Origin, Prepared, Submitted};
 use crate::engine::Engine;
 use crate::error::WriteError;
 use crate::packed::PackedOps;
@@ -123,8 +123,8 @@ impl Engine {
                 let origin = Origin::Upstream { gtid, timestamp_us };
                 results.push(Applied::AlreadyExecuted);
                 match inner.submit_locked(&mut st, p, None, origin) {
-                    Ok(Some(f)) => pending.push((results.len() - 1, f)),
-                    Ok(None) => {}
+                    Ok(Submitted::Logged(f)) => pending.push((results.len() - 1, f)),
+                    Ok(Submitted::Nothing { .. }) => {}
                     Err(e) => {
                         refusal = Some(e);
                         break;

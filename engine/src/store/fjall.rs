@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use fjall::{KeyspaceCreateOptions, PersistMode, Readable};
+use fjall::{AbstractTree, KeyspaceCreateOptions, PersistMode, Readable};
 
 use super::{
     Ingest, KvPair, OwnedBounds, Persist, Store, StoreError, StoreOptions, StoreSnapshot,
@@ -25,6 +25,9 @@ fn err(e: fjall::Error) -> StoreError {
 /// A fjall database.
 pub(crate) struct FjallStore {
     db: fjall::Database,
+    /// Test-only faults (cargo feature `testing`).
+    #[cfg(feature = "testing")]
+    faults: Option<std::sync::Arc<super::StoreFaults>>,
 }
 
 /// A fjall keyspace.
@@ -50,15 +53,36 @@ pub(crate) struct FjallTree {
 /// most that much twice.
 pub(crate) struct FjallBatch {
     batch: fjall::OwnedWriteBatch,
+    /// The database, asked whether it is poisoned while it stalls writes.
+    db: fjall::Database,
     /// The trees written, in the order first written; `Held::tree` indexes this.
     trees: Vec<fjall::Keyspace>,
     /// Every held write's key, then its value (none for a removal).
     bytes: Vec<u8>,
     held: Vec<Held>,
+    /// Test-only faults (cargo feature `testing`).
+    #[cfg(feature = "testing")]
+    faults: Option<std::sync::Arc<super::StoreFaults>>,
 }
 
 /// Bytes of keys and values a batch holds before it hands them to fjall (sorted so far).
 const HELD_BYTES_MAX: usize = 32 << 20;
+
+/// fjall 3.1 halts a committing writer (sleeps, after the batch's writes are visible, checking
+/// no poison) while a keyspace it wrote has this many sealed memtables waiting for a flush
+/// (`Keyspace::local_backpressure`)...
+const FJALL_HALT_SEALED_MEMTABLES: usize = 4;
+/// ...or this many runs in level 0 waiting for a compaction (`check_write_halt`).
+const FJALL_HALT_L0_RUNS: usize = 30;
+
+/// [`WriteBatch::write_stall`] reports a stall below fjall's halt by what can happen between
+/// the report and fjall's own check after the commit: each tree's memtable is rotated at most
+/// twice (its active memtable holds writes from before the report, then this batch's), and
+/// each sealed memtable becomes one level-0 run when flushed (at most the one sealed at the
+/// report and the two sealed since). So a batch committed when no stall is reported never
+/// halts in fjall.
+const STALL_SEALED_MEMTABLES: usize = FJALL_HALT_SEALED_MEMTABLES - 2;
+const STALL_L0_RUNS: usize = FJALL_HALT_L0_RUNS - 3;
 
 /// A write held until commit: its key and value as ranges of `FjallBatch::bytes`.
 struct Held {
@@ -72,6 +96,14 @@ struct Held {
 
 impl FjallBatch {
     fn hold(&mut self, tree: &FjallTree, key: &[u8], value: Option<&[u8]>) {
+        let id = tree.ks.id();
+        let t = match self.trees.iter().position(|k| k.id() == id) {
+            Some(t) => t,
+            None => {
+                self.trees.push(tree.ks.clone());
+                self.trees.len() - 1
+            }
+        };
         let size = key.len() + value.map_or(0, <[u8]>::len);
         if self.bytes.len() + size > HELD_BYTES_MAX {
             self.hand_over();
@@ -85,14 +117,6 @@ impl FjallBatch {
                 return;
             }
         }
-        let id = tree.ks.id();
-        let t = match self.trees.iter().position(|k| k.id() == id) {
-            Some(t) => t,
-            None => {
-                self.trees.push(tree.ks.clone());
-                self.trees.len() - 1
-            }
-        };
         // `bytes` never holds more than HELD_BYTES_MAX: every offset and length fits in u32.
         let at = self.bytes.len() as u32;
         self.bytes.extend_from_slice(key);
@@ -189,6 +213,8 @@ impl Store for FjallStore {
             .worker_threads(workers);
         Ok(FjallStore {
             db: builder.open().map_err(err)?,
+            #[cfg(feature = "testing")]
+            faults: opts.faults.clone(),
         })
     }
 
@@ -222,9 +248,12 @@ impl Store for FjallStore {
     fn batch(&self) -> FjallBatch {
         FjallBatch {
             batch: self.db.batch(),
+            db: self.db.clone(),
             trees: Vec::new(),
             bytes: Vec::new(),
             held: Vec::new(),
+            #[cfg(feature = "testing")]
+            faults: self.faults.clone(),
         }
     }
 
@@ -235,6 +264,13 @@ impl Store for FjallStore {
     }
 
     fn persist(&self, how: Persist) -> Result<(), StoreError> {
+        #[cfg(feature = "testing")]
+        if let Some(f) = &self.faults {
+            match how {
+                Persist::Buffer => f.check_poisoned()?,
+                Persist::Sync => f.sync()?,
+            }
+        }
         let mode = match how {
             Persist::Buffer => PersistMode::Buffer,
             Persist::Sync => PersistMode::SyncAll,
@@ -328,9 +364,41 @@ impl WriteBatch for FjallBatch {
         self.hold(tree, key, None);
     }
 
+    /// A tree past [`STALL_SEALED_MEMTABLES`] or [`STALL_L0_RUNS`]. While stalled, asks
+    /// whether the database is poisoned (a failed flush poisons it and ends that flush worker:
+    /// the stall would never end) by handing the journal's buffer to the OS, which fails on a
+    /// poisoned database and costs nothing when the buffer is empty.
+    fn write_stall(&self) -> Result<bool, StoreError> {
+        #[cfg(feature = "testing")]
+        if let Some(f) = &self.faults {
+            f.check_poisoned()?;
+            if f.reports_stall() {
+                return Ok(true);
+            }
+        }
+        let stalled = self.trees.iter().any(|ks| {
+            ks.sealed_memtable_count() >= STALL_SEALED_MEMTABLES
+                || ks.tree.l0_run_count() >= STALL_L0_RUNS
+        });
+        if stalled {
+            self.db.persist(PersistMode::Buffer).map_err(err)?;
+        }
+        Ok(stalled)
+    }
+
     fn commit(mut self) -> Result<(), StoreError> {
+        #[cfg(feature = "testing")]
+        if let Some(f) = &self.faults {
+            f.check_poisoned()?;
+        }
         self.hand_over();
-        self.batch.commit().map_err(err)
+        self.batch.commit().map_err(err)?;
+        // fjall's backpressure runs here too, once the writes are visible.
+        #[cfg(feature = "testing")]
+        if let Some(f) = &self.faults {
+            f.wait_in_commit();
+        }
+        Ok(())
     }
 }
 
@@ -401,7 +469,10 @@ impl Iterator for FjallKeys {
 
 #[cfg(test)]
 mod tests {
-    use super::{FjallStore, HELD_BYTES_MAX, default_workers};
+    use super::{
+        FJALL_HALT_SEALED_MEMTABLES, FjallStore, HELD_BYTES_MAX, STALL_SEALED_MEMTABLES,
+        default_workers,
+    };
     use crate::store::{Store, StoreOptions, StoreTree, TreeOptions, WriteBatch};
 
     fn store(dir: &std::path::Path) -> FjallStore {
@@ -410,6 +481,8 @@ mod tests {
             &StoreOptions {
                 cache_bytes: 8 << 20,
                 worker_threads: 0,
+                #[cfg(feature = "testing")]
+                faults: None,
             },
         )
         .expect("open the store")
@@ -494,6 +567,48 @@ mod tests {
         assert_eq!(read(&t, b"h").map(|v| v.len()), Some(HELD_BYTES_MAX + 1));
         assert_eq!(read(&t, &[b'v', 0]), None);
         assert_eq!(read(&t, &[b'v', 3]).map(|v| v.len()), Some(big.len()));
+    }
+
+    #[test]
+    fn a_batch_reports_a_stall_while_a_tree_it_writes_has_memtables_waiting_for_a_flush() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // No background workers: sealed memtables stay sealed, as when flushes fall behind.
+        let db = FjallStore {
+            db: fjall::Database::builder(dir.path())
+                .worker_threads_unchecked(0)
+                .open()
+                .expect("open the store"),
+            #[cfg(feature = "testing")]
+            faults: None,
+        };
+        let t = db.tree("t", &TreeOptions::default()).expect("tree t");
+        let u = db.tree("u", &TreeOptions::default()).expect("tree u");
+        let stalled = |tree: &super::FjallTree| {
+            let mut batch = db.batch();
+            batch.insert(tree, b"k", b"v");
+            batch.write_stall().expect("the store is not poisoned")
+        };
+        for sealed in 0..STALL_SEALED_MEMTABLES {
+            assert!(!stalled(&t), "{sealed} sealed memtables: no stall yet");
+            let mut batch = db.batch();
+            batch.insert(&t, b"k", &sealed.to_be_bytes());
+            batch.commit().expect("commit");
+            assert!(t.ks.rotate_memtable().expect("rotate"), "sealed a memtable");
+        }
+        assert_eq!(t.ks.sealed_memtable_count(), STALL_SEALED_MEMTABLES);
+        assert!(
+            stalled(&t),
+            "a commit now could reach fjall's halt ({FJALL_HALT_SEALED_MEMTABLES} sealed) \
+             before a flush"
+        );
+        assert!(!stalled(&u), "another tree's writes are not stalled");
+        let mut both = db.batch();
+        both.insert(&u, b"k", b"v");
+        both.insert(&t, b"k", b"v");
+        assert!(
+            both.write_stall().expect("not poisoned"),
+            "a batch writing both"
+        );
     }
 
     #[test]

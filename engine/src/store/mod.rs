@@ -14,6 +14,8 @@
 //! - [`WriteBatch`]: inserts and removes across trees, committed atomically: all or nothing,
 //!   also across a crash. The batch need not be durable when `commit` returns: the log is the
 //!   journal, and the engine calls [`Store::persist`] before it lets the log forget records.
+//!   It reports whether the store stalls writes to its trees (backpressure), so that the
+//!   engine waits for the store before, not while, it holds the lock readers take.
 //! - [`StoreSnapshot`]: reads of one committed state, stable while later batches commit.
 //!
 //! The engine is written against these traits only; [`Backend`] picks the implementation
@@ -85,6 +87,102 @@ pub(crate) struct StoreOptions {
     pub(crate) cache_bytes: u64,
     /// Background threads (flushes, compactions); 0: the store's default.
     pub(crate) worker_threads: usize,
+    /// Test-only (cargo feature `testing`): faults a test switches on while the store runs.
+    #[cfg(feature = "testing")]
+    pub(crate) faults: Option<std::sync::Arc<StoreFaults>>,
+}
+
+/// Test-only (cargo feature `testing`, set through `EngineOptions::unsafe_store_faults`):
+/// faults of the state store that a test switches on and off while the engine runs, at a
+/// moment of its choosing, to reproduce what a slow or failing disk does to fjall.
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+#[derive(Debug, Default)]
+pub struct StoreFaults {
+    /// The store reports a write stall, and a commit waits in it.
+    stall: std::sync::atomic::AtomicBool,
+    /// A commit waits in a write stall the store does not report.
+    unreported_stall: std::sync::atomic::AtomicBool,
+    /// Syncs fail from now on.
+    fail_syncs: std::sync::atomic::AtomicBool,
+    /// A sync failed: every later commit and persist fails.
+    poisoned: std::sync::atomic::AtomicBool,
+    /// Commits that waited in a stall, and reports of one.
+    stalls_seen: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(feature = "testing")]
+impl StoreFaults {
+    /// Holds the store in a write stall, as fjall's when its flushes fall behind: the store
+    /// reports it, and a batch's commit, once its writes are visible, waits until the stall
+    /// ends, whether the store is poisoned or not (fjall's backpressure checks no poison).
+    pub fn set_write_stall(&self, on: bool) {
+        self.stall.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The same stall without the store reporting it: only a commit waits in it (what a
+    /// stall that begins while a batch commits does).
+    pub fn set_unreported_write_stall(&self, on: bool) {
+        self.unreported_stall
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// From now on every sync of the store fails and poisons it (every later commit and
+    /// persist fails), as a failed flush or fsync poisons fjall.
+    pub fn fail_syncs(&self) {
+        self.fail_syncs
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many times a commit waited in a stall or the store reported one.
+    pub fn stalls_seen(&self) -> u64 {
+        self.stalls_seen.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether the store reports a stall (and counts the report).
+    pub(crate) fn reports_stall(&self) -> bool {
+        let on = self.stall.load(std::sync::atomic::Ordering::SeqCst);
+        if on {
+            self.stalls_seen
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        on
+    }
+
+    /// A commit's wait after its writes became visible, while either stall lasts.
+    pub(crate) fn wait_in_commit(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let stalled = || self.stall.load(SeqCst) || self.unreported_stall.load(SeqCst);
+        if stalled() {
+            self.stalls_seen.fetch_add(1, SeqCst);
+        }
+        while stalled() {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// `Err` once a sync failed (the store is poisoned).
+    pub(crate) fn check_poisoned(&self) -> Result<(), StoreError> {
+        if self.poisoned.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(StoreError::new(std::io::Error::other(
+                "test-only fault: the store is poisoned by an earlier failed sync",
+            )));
+        }
+        Ok(())
+    }
+
+    /// A sync: fails (and poisons the store) once `fail_syncs` was called.
+    pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        self.check_poisoned()?;
+        if self.fail_syncs.load(std::sync::atomic::Ordering::SeqCst) {
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+            return Err(StoreError::new(std::io::Error::other(
+                "test-only fault: the store's sync failed",
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// How a tree is created (ignored when it exists).
@@ -194,7 +292,14 @@ pub(crate) trait WriteBatch: Send {
     fn insert(&mut self, tree: &Self::Tree, key: &[u8], value: &[u8]);
     /// Removes `key` from `tree`.
     fn remove(&mut self, tree: &Self::Tree, key: &[u8]);
-    /// Applies every write at once; visible to every later read and snapshot.
+    /// Whether the store is stalling writes to a tree this batch writes (its flushes or
+    /// compactions fell behind): a commit now might wait inside the store, after its writes
+    /// became visible, until they catch up. A caller that holds a lock readers need across
+    /// `commit` waits (without it) while this says so. `Err` once the store is poisoned: its
+    /// stall may never end, and a commit would fail.
+    fn write_stall(&self) -> Result<bool, StoreError>;
+    /// Applies every write at once; visible to every later read and snapshot. May wait
+    /// inside the store while it stalls writes (see [`WriteBatch::write_stall`]).
     fn commit(self) -> Result<(), StoreError>;
 }
 
