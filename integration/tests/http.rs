@@ -4,10 +4,17 @@
 //! bearer token off loopback, and `tideline monitor` showing another client's write.
 //! `/api/log` over records of 1 MiB is read page by page, each answer within its documented
 //! byte bound, following the continuation it names.
+//! The admin listener under abuse: SIGTERM with a request head half-sent still stops the
+//! node cleanly, and a flood of idle connections holds at most the documented cap of the
+//! node's file descriptors. A replica's `tideline_replication_applied_total` counts what it
+//! applied from the upstream's log since start, not its bootstrap copy.
 //! Guards against a page that renders only on the happy path (or throws in its script),
 //! metrics that do not move, a health check that stays green with its upstream gone, a
 //! monitor that misses requests, and a log answer built in memory without a byte bound (GiBs
-//! for `limit=10000` over large values) or one cut short without saying where to go on.
+//! for `limit=10000` over large values) or one cut short without saying where to go on; an
+//! admin that keeps a silent client's connection for good (a shutdown that never ends, a
+//! node that runs out of file descriptors and fail-stops), and a replication counter that
+//! jumps by the whole copied state at the end of a bootstrap.
 
 mod common;
 
@@ -552,4 +559,162 @@ fn monitor_shows_a_put_from_another_client() {
     assert!(seen["client"].as_str().unwrap().starts_with("127.0.0.1:"));
     let _ = monitor.kill();
     let _ = monitor.wait();
+}
+
+/// The admin's documented cap on connections served at once (OPERATIONS.md, "Watching a
+/// node"); more wait in the kernel's accept queue, holding none of the node's descriptors.
+const ADMIN_CONNECTIONS_MAX: usize = 64;
+
+/// The node's open file descriptors now.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list the node's open file descriptors")
+        .count()
+}
+
+fn send_signal(pid: u32, sig: i32) {
+    // The `kill` tool keeps this test free of unsafe code.
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// A client that sent part of a request head and went quiet (or a scanner, or a browser
+/// tab that froze) must not keep `serve` from stopping: SIGTERM exits 0, store and log
+/// synced ("tideline stopped cleanly"), as OPERATIONS.md promises.
+#[test]
+fn sigterm_stops_the_node_cleanly_while_an_admin_request_head_is_half_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = start_http(&dir.path().join("p"), &[]);
+    let addr = admin(&node);
+    let mut stuck = TcpStream::connect(&addr).expect("connect to the admin listener");
+    // No blank line: the head never ends.
+    stuck.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    stuck.flush().unwrap();
+    // The listener accepts in order: once a later connection is answered, the stuck one is
+    // in the server's hands.
+    assert_eq!(http_get(&addr, "/health", None).0, 200);
+
+    send_signal(node.pid(), 15);
+    let status = node.wait_timeout(Duration::from_secs(10));
+    let Some(status) = status else {
+        panic!(
+            "the node did not exit within 10 s of SIGTERM while an admin request head was \
+             half-sent; its stderr: {:?}",
+            node.stderr_lines()
+        );
+    };
+    assert_eq!(status.code(), Some(0), "clean shutdown exits 0");
+    assert!(
+        node.wait_stderr("tideline stopped cleanly", Duration::from_secs(5))
+            .is_some(),
+        "{:?}",
+        node.stderr_lines()
+    );
+    drop(stuck);
+}
+
+/// A flood of connections that never send a byte (no token needed: the check runs after a
+/// request head) takes at most the admin's cap of the node's file descriptors, which the
+/// log and the store need (a failed segment roll fail-stops the node); the admin serves
+/// again once they are gone.
+#[test]
+fn a_flood_of_idle_admin_connections_keeps_the_nodes_open_files_bounded() {
+    // Past the cap, within the kernel's accept queue (128 more), so every connect returns at
+    // once.
+    const FLOOD: usize = 160;
+    // Descriptors the node may open meanwhile for its own work (store, log).
+    const MARGIN: usize = 16;
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_http(&dir.path().join("p"), &[]);
+    let addr = admin(&node);
+    let pid = node.pid();
+    assert_eq!(http_get(&addr, "/health", None).0, 200);
+    let before = open_fds(pid);
+    let flood: Vec<TcpStream> = (0..FLOOD)
+        .map(|i| {
+            TcpStream::connect(&addr).unwrap_or_else(|e| panic!("connection {i} of the flood: {e}"))
+        })
+        .collect();
+    // The admin takes its cap of them (it serves that many at once)...
+    let mut most = wait_until(10, "the admin to take its cap of the flood", || {
+        let n = open_fds(pid);
+        (n + MARGIN / 4 >= before + ADMIN_CONNECTIONS_MAX).then_some(n)
+    });
+    // ... and, were it to take more, would within moments: watch what it holds a while.
+    let watch_until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < watch_until {
+        most = most.max(open_fds(pid));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        most <= before + ADMIN_CONNECTIONS_MAX + MARGIN,
+        "{FLOOD} idle admin connections took the node from {before} to {most} open file \
+         descriptors (cap {ADMIN_CONNECTIONS_MAX} + margin {MARGIN})"
+    );
+    drop(flood);
+    wait_until(30, "the admin to answer once the flood is gone", || {
+        (http_get(&addr, "/health", None).0 == 200).then_some(())
+    });
+    assert!(node.stderr_lines().iter().all(|l| !l.contains("fail-stop")));
+}
+
+/// A replica that bootstrapped (copied its upstream's state) and then applied one
+/// transaction from the upstream's log: `status` says `applied` 6 (everything it executed of
+/// what came from the upstream) and `applied_since_start` 1; the counter
+/// `tideline_replication_applied_total` is the latter, as documented ("applied from it since
+/// start"), so its `rate()` shows no spike of copied GTIDs at the end of a bootstrap.
+#[test]
+fn replication_applied_total_counts_the_log_since_start_not_the_bootstrap_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let primary = Node::start(&dir.path().join("p"), 0);
+    // 50 lines in batches of 10: five transactions, which the empty replica copies.
+    common::load(&primary, 1, 50, 10);
+    let secrets = primary.secrets();
+    let replica = start_http(
+        &dir.path().join("r"),
+        &[
+            "--upstream",
+            &primary.addr,
+            "--secrets",
+            secrets.to_str().unwrap(),
+        ],
+    );
+    common::wait_gtids(&replica, &common::gtids(&primary));
+    assert!(primary.run(&["put", "after", "copy"]).status.success());
+    let want = common::gtids(&primary);
+    common::wait_gtids(&replica, &want);
+    let up = wait_until(
+        30,
+        "the replica to count the transaction from the log",
+        || {
+            let up = common::status(&replica)["upstreams"][0].clone();
+            (up["applied_since_start"] == 1).then_some(up)
+        },
+    );
+    assert_eq!(up["applied"], 6, "{up}");
+    assert!(
+        up["bootstrap"].is_object(),
+        "the replica bootstrapped: {up}"
+    );
+
+    let addr = admin(&replica);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, text) = http_get(&addr, "/metrics", None);
+        let applied = metric(&text, "tideline_replication_applied_total");
+        if applied == Some(1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tideline_replication_applied_total is {applied:?}, not 1: the transaction \
+             applied from the log since start (status: {up})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

@@ -127,7 +127,7 @@ fn describe() {
     );
     describe_counter!(
         "tideline_replication_applied_total",
-        "Transactions applied from the upstream since start"
+        "Transactions applied from the upstream's log since this node started (a bootstrap copy is not counted)"
     );
     describe_gauge!(
         "tideline_bootstrap_bytes",

@@ -4,7 +4,13 @@
 //! It owns the admin listener, the 1 s sampler that feeds the page's charts and the gauges,
 //! and nothing else: it reads the node through [`EngineNode`] and never writes to it. Bound to
 //! loopback it serves anyone who can reach it (as the node's other local tools do); bound
-//! elsewhere, every path but `/health` needs `Authorization: Bearer TOKEN` (the cluster token).
+//! elsewhere, every path but `/health` needs `Authorization: Bearer TOKEN` (the cluster token,
+//! which also lets a client write: it is plain HTTP, so the token crosses the network in the
+//! clear; OPERATIONS.md says to keep the admin on loopback behind a TLS proxy instead).
+//!
+//! Whoever reaches the port holds the node's resources only within bounds ([`listener`]): at
+//! most 64 connections at once, each dropped once quiet for 10 s, and at shutdown every one
+//! still open after [`SHUTDOWN_GRACE`]. Handlers that read the log run on blocking threads.
 //!
 //! | path | what |
 //! |---|---|
@@ -14,12 +20,14 @@
 //! | `/health` | 200 `ok: ...` or 503 with the reason |
 //! | `/metrics` | Prometheus text format |
 
+mod listener;
 mod metrics;
 mod page;
 mod samples;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
@@ -34,8 +42,13 @@ use serde_json::Value;
 use crate::node::EngineNode;
 use crate::position::StartPosition;
 
+use self::listener::{AdminListener, ConnState, Connections};
 pub use self::metrics::install_recorder;
 use self::samples::Samples;
+
+/// How long [`AdminHandle::shutdown`] lets requests in progress finish before it drops their
+/// connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Records `/api/log` returns when the request names no limit, and at most.
 const LOG_LIMIT_DEFAULT: u64 = 100;
@@ -62,6 +75,7 @@ pub struct AdminHandle {
     local_addr: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
+    conns: Arc<Connections>,
 }
 
 impl AdminHandle {
@@ -70,10 +84,29 @@ impl AdminHandle {
         self.local_addr
     }
 
-    /// Stops serving and waits for the server and the sampler to end.
-    pub async fn shutdown(self) {
+    /// Stops accepting, lets requests in progress finish for at most [`SHUTDOWN_GRACE`] (idle
+    /// connections close at once), then drops the connections still open; returns once the
+    /// server and the sampler have ended.
+    pub async fn shutdown(mut self) {
         let _ = self.stop.send(());
-        let _ = self.task.await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task)
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tracing::warn!(
+            "HTTP admin connections still open {} s after shutdown began: dropping them",
+            SHUTDOWN_GRACE.as_secs()
+        );
+        self.conns.drop_all();
+        // A dropped connection fails its next read or write at once; the abort is a backstop.
+        if tokio::time::timeout(Duration::from_secs(1), &mut self.task)
+            .await
+            .is_err()
+        {
+            self.task.abort();
+        }
     }
 }
 
@@ -88,6 +121,8 @@ pub async fn serve(
         .await
         .with_context(|| format!("bind the HTTP admin on {addr} (is the port in use?)"))?;
     let local_addr = listener.local_addr().context("read the admin address")?;
+    let conns = Connections::new();
+    let listener = AdminListener::new(listener, conns.clone());
     let admin = Arc::new(Admin {
         node,
         samples: Samples::new(),
@@ -101,16 +136,23 @@ pub async fn serve(
         .route("/metrics", get(metrics_text))
         .route_layer(middleware::from_fn_with_state(admin.clone(), require_token))
         .route("/health", get(health))
+        .layer(middleware::from_fn(listener::track))
         .with_state(admin.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let reaper = conns.clone();
     let task = tokio::spawn(async move {
         let sampler = tokio::spawn(samples::run(admin.clone()));
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await;
+        let reaper = tokio::spawn(reaper.reap());
+        let served = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<ConnState>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stopped.await;
+        })
+        .await;
         sampler.abort();
+        reaper.abort();
         if let Err(e) = served {
             tracing::error!(error = %e, "the HTTP admin stopped");
         }
@@ -119,6 +161,7 @@ pub async fn serve(
         local_addr,
         stop,
         task,
+        conns,
     })
 }
 
@@ -149,7 +192,13 @@ struct OverviewQuery {
 }
 
 async fn overview(State(admin): State<Arc<Admin>>, Query(q): Query<OverviewQuery>) -> Response {
-    let view = page::View::gather(&admin.node, &admin.samples);
+    // It reads the log's last records from disk: off the runtime's workers.
+    let view =
+        tokio::task::spawn_blocking(move || page::View::gather(&admin.node, &admin.samples)).await;
+    let view = match view {
+        Ok(view) => view,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    };
     let html = match q.part.as_deref() {
         Some("main") => page::main_section(&view),
         _ => page::document(&view),

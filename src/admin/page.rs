@@ -1,10 +1,13 @@
 //! The overview page: plain HTML rendered on the node, a few lines of script that refresh
 //! `<main>` every 2 s, and inline SVG charts. No framework, no external asset: the page works
 //! from a machine with no network. Everything shown comes from the status document, the last
-//! records of the log and the sampler's ring.
+//! records of the log (summed up: trees and op kinds, never keys or values) and the sampler's
+//! ring.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
+use serde::Serialize;
 use serde_json::Value;
 
 use super::samples::{Sample, Samples};
@@ -16,29 +19,29 @@ const RECENT_TXNS: u64 = 15;
 /// What one rendering shows.
 pub struct View {
     status: Value,
-    recent: Vec<Value>,
+    recent: Vec<TxnSummary>,
     samples: Vec<Sample>,
     health: (bool, String),
 }
 
+/// What "Recent transactions" shows of one: a few hundred bytes, whatever its values.
+#[derive(Debug, Serialize)]
+struct TxnSummary {
+    offset: u64,
+    gtid: String,
+    ts: String,
+    trees: BTreeSet<String>,
+    /// Ops per kind (`put`, `delete`, ...).
+    ops: BTreeMap<&'static str, usize>,
+}
+
 impl View {
-    /// Reads the node now.
+    /// Reads the node now; it reads the log's last records from disk (run it off the async
+    /// workers).
     pub fn gather(node: &EngineNode, samples: &Samples) -> View {
         let status = node.status();
-        let wal = node.wal_ref();
         let last = status["last_offset"].as_u64().unwrap_or(0);
-        let first = wal.first_offset().get();
-        let from = last.saturating_sub(RECENT_TXNS - 1).max(first).max(1);
-        let mut recent = Vec::new();
-        if last >= from
-            && let Some(start) = tideline_wal::Offset::new(from)
-            && let Ok(reader) = wal.read_from(start)
-        {
-            for txn in reader.take(RECENT_TXNS as usize).flatten() {
-                recent.push(crate::render::txn_json(&txn));
-            }
-        }
-        recent.reverse();
+        let recent = recent_txns(node.wal_ref(), last);
         let health = super::health_of(&status);
         View {
             status,
@@ -47,6 +50,34 @@ impl View {
             health,
         }
     }
+}
+
+/// The last [`RECENT_TXNS`] transactions up to offset `last`, newest first, summed up: each
+/// record is dropped once its trees and op kinds are counted, so at most one is held.
+fn recent_txns(wal: &tideline_wal::Wal, last: u64) -> Vec<TxnSummary> {
+    let first = wal.first_offset().get();
+    let from = last.saturating_sub(RECENT_TXNS - 1).max(first).max(1);
+    let mut recent = Vec::new();
+    if last >= from
+        && let Some(start) = tideline_wal::Offset::new(from)
+        && let Ok(reader) = wal.read_from(start)
+    {
+        for txn in reader.take(RECENT_TXNS as usize).flatten() {
+            let mut ops = BTreeMap::new();
+            for op in &txn.ops {
+                *ops.entry(op.kind()).or_default() += 1;
+            }
+            recent.push(TxnSummary {
+                offset: txn.offset.get(),
+                gtid: txn.gtid.to_string(),
+                ts: crate::render::rfc3339_us(txn.timestamp_us),
+                trees: txn.ops.iter().map(|op| op.tree().to_owned()).collect(),
+                ops,
+            });
+        }
+    }
+    recent.reverse();
+    recent
 }
 
 /// HTML-escapes `s`.
@@ -422,7 +453,7 @@ fn indexes(h: &mut String, s: &Value) {
     h.push_str("</table></section>");
 }
 
-fn recent(h: &mut String, txns: &[Value]) {
+fn recent(h: &mut String, txns: &[TxnSummary]) {
     h.push_str("<section id=\"recent\" class=\"wide\"><h2>Recent transactions</h2>");
     if txns.is_empty() {
         h.push_str("<p class=\"muted\">the log holds no transaction yet</p></section>");
@@ -432,18 +463,9 @@ fn recent(h: &mut String, txns: &[Value]) {
         "<table><tr><th>offset</th><th>GTID</th><th>time</th><th>trees</th><th>ops</th></tr>",
     );
     for t in txns {
-        let ops = t["ops"].as_array().cloned().unwrap_or_default();
-        let mut trees: Vec<String> = ops
-            .iter()
-            .filter_map(|o| o["tree"].as_str().map(str::to_string))
-            .collect();
-        trees.sort();
-        trees.dedup();
-        let mut kinds: std::collections::BTreeMap<String, usize> = Default::default();
-        for o in &ops {
-            *kinds.entry(text(&o["op"])).or_default() += 1;
-        }
-        let kinds = kinds
+        let trees = t.trees.iter().map(String::as_str).collect::<Vec<_>>();
+        let kinds = t
+            .ops
             .iter()
             .map(|(k, n)| format!("{n} {k}"))
             .collect::<Vec<_>>()
@@ -451,9 +473,9 @@ fn recent(h: &mut String, txns: &[Value]) {
         let _ = write!(
             h,
             "<tr><td>{offset}</td><td><code>{gtid}</code></td><td>{ts}</td><td>{trees}</td><td>{kinds}</td></tr>",
-            offset = text(&t["offset"]),
-            gtid = esc(&text(&t["gtid"])),
-            ts = esc(&text(&t["ts"])),
+            offset = t.offset,
+            gtid = esc(&t.gtid),
+            ts = esc(&t.ts),
             trees = esc(&trees.join(", ")),
             kinds = esc(&kinds),
         );
@@ -520,6 +542,59 @@ mod tests {
         assert_eq!(
             esc("<a href=\"x\">&'"),
             "&lt;a href=&quot;x&quot;&gt;&amp;&#39;"
+        );
+    }
+
+    /// The overview lists the last transactions by tree and op kind only: gathering them
+    /// must not hold (or render) their keys and values, which may be MiBs each and are read
+    /// again every 2 s for each open tab.
+    #[test]
+    fn the_recent_transactions_summary_holds_no_values() {
+        use std::sync::Arc;
+        use tideline_wal::{Gtid, MemStorage, NewTransaction, Op, Wal, WalOptions};
+
+        const VALUE_BYTES: usize = 1 << 20;
+        let wal = Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).unwrap();
+        for seq in 1..=RECENT_TXNS + 2 {
+            // Binary values, the largest rendering (base64).
+            let ops = vec![
+                Op::Put {
+                    tree: "blobs".into(),
+                    key: format!("k{seq}").into_bytes(),
+                    value: vec![0xff; VALUE_BYTES],
+                    before: Some(vec![0xfe; VALUE_BYTES]),
+                },
+                Op::Delete {
+                    tree: "gone".into(),
+                    key: vec![0xfd; VALUE_BYTES],
+                    before: Some(vec![0xfc; VALUE_BYTES]),
+                },
+            ];
+            let txn = NewTransaction {
+                gtid: Gtid::new(wal.server_uuid(), seq).unwrap(),
+                timestamp_us: 0,
+                ops,
+            };
+            wal.submit(txn).unwrap().wait().unwrap();
+        }
+        let last = RECENT_TXNS + 2;
+        let summary = recent_txns(&wal, last);
+        assert_eq!(summary.len(), RECENT_TXNS as usize);
+        let held = serde_json::to_string(&summary).unwrap().len();
+        assert!(
+            held < 4096,
+            "the summary of {RECENT_TXNS} transactions holds {held} bytes: values were decoded \
+             into it"
+        );
+        let mut h = String::new();
+        recent(&mut h, &summary);
+        assert!(
+            h.contains("<td>blobs, gone</td><td>1 delete, 1 put</td>"),
+            "{h}"
+        );
+        assert!(
+            h.contains(&format!("<tr><td>{last}</td>")),
+            "newest first: {h}"
         );
     }
 

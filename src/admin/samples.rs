@@ -128,7 +128,10 @@ fn export(admin: &Admin, status: &Value) {
         gauge!("tideline_replication_lag_transactions", &labels).set(num(&u["lag_txns"]) as f64);
         gauge!("tideline_replication_lag_seconds", &labels)
             .set(u["lag_seconds"].as_f64().unwrap_or(0.0));
-        counter!("tideline_replication_applied_total", &labels).absolute(num(&u["applied"]));
+        // Applied from the upstream's log since this node started, as a counter resets with
+        // the process; `applied` would add a bootstrap copy (every GTID it brought) at once.
+        counter!("tideline_replication_applied_total", &labels)
+            .absolute(num(&u["applied_since_start"]));
         if let Some(b) = u["bootstrap"].as_object() {
             gauge!("tideline_bootstrap_bytes", &labels)
                 .set(b.get("bytes").and_then(Value::as_u64).unwrap_or(0) as f64);
