@@ -177,17 +177,37 @@ impl Store {
 
 type SharedCheckpoint = Arc<Mutex<Store>>;
 
-/// Per subscription: when the checkpoint was saved last and what the slot was acked to.
+/// Per subscription: when the checkpoint was saved last, what the slot was acked to, and how
+/// far the subscription has reached.
 struct Settle {
     last_saved: Option<tokio::time::Instant>,
     acked: u64,
+    /// The last offset this subscription has sent or reported (in a batch or a progress
+    /// report; before any, the one before its start). The node ends a subscription acked past
+    /// it, so the slot is acked no further: a position from before this subscription (a
+    /// checkpoint resumed by GTID set, which starts at a segment's first record) is acked once
+    /// the stream has passed it.
+    reached: u64,
 }
+
+/// Why [`settle`] failed.
+enum SettleError {
+    /// Saving the checkpoint failed: the tail ends.
+    Checkpoint(CheckpointError),
+    /// The node did not take the ack: the subscription is over (the node ends it, saying
+    /// why, or the connection is gone).
+    Ack(ClientError),
+}
+
+/// How long a tail whose ack the node refused goes on reading the subscription, to learn
+/// why from the node's `Error` that ends it, before it reconnects anyway.
+const ACK_REFUSED_GRACE: Duration = Duration::from_secs(5);
 
 /// Takes `pos` as the tail's position: publishes it, saves it when the checkpoint interval
 /// has passed, and acks the slot on `server` up to what the checkpoint holds (without a
 /// checkpoint, up to `pos`: the application keeps no position to resume from, so the slot
-/// only has to hold the log for this process's reconnects). Only offsets of `server` are
-/// acked there.
+/// only has to hold the log for this process's reconnects), and no further than the
+/// subscription has reached. Only offsets of `server` are acked there.
 async fn settle(
     pos: Position,
     server: uuid::Uuid,
@@ -196,7 +216,7 @@ async fn settle(
     sub: &mut Subscription,
     delivered: &Mutex<Option<Position>>,
     checkpoint: &Mutex<Store>,
-) -> Result<(), CheckpointError> {
+) -> Result<(), SettleError> {
     *lock(delivered) = Some(pos.clone());
     let ack = {
         let mut store = lock(checkpoint);
@@ -209,24 +229,41 @@ async fn settle(
                 .last_saved
                 .is_none_or(|t| t.elapsed() >= cfg.checkpoint_interval);
             if due && store.stored.as_ref() != Some(&pos) {
-                store.save(&pos)?;
+                store.save(&pos).map_err(SettleError::Checkpoint)?;
                 st.last_saved = Some(tokio::time::Instant::now());
             }
             store.stored.as_ref()
         }
         .filter(|p| p.server_uuid == server)
-        .map(|p| p.offset)
+        .map(|p| p.offset.min(st.reached))
     };
     if cfg.slot.is_some()
         && let Some(o) = ack
         && o > st.acked
     {
-        // A lost ack only holds more log; the next one repeats it.
-        if sub.ack(o).await.is_ok() {
-            st.acked = o;
-        }
+        sub.ack(o).await.map_err(SettleError::Ack)?;
+        st.acked = o;
     }
     Ok(())
+}
+
+/// Logs an ack the node did not take and returns it with the deadline for the subscription
+/// to end by (see [`ACK_REFUSED_GRACE`]).
+fn refused_ack(cfg: &TailConfig, e: ClientError) -> (ClientError, tokio::time::Instant) {
+    tracing::warn!(
+        addr = %cfg.addr, error = %e,
+        "tail: the node did not take an ack of the slot; the subscription is over, reconnecting once it ends"
+    );
+    (e, tokio::time::Instant::now() + ACK_REFUSED_GRACE)
+}
+
+/// The node's head and history epoch now, from a `latest` subscription (no filter, no slot)
+/// closed at once.
+async fn node_head(client: &Client) -> Result<(u64, Epoch), ClientError> {
+    let sub = client
+        .subscribe(TailStart::Latest.to_wire(), None, None, None)
+        .await?;
+    Ok((sub.head(), sub.epoch()))
 }
 
 /// Classifies a failed connect: another cluster's certificate ends the tail, unless this tail
@@ -415,6 +452,40 @@ fn run(
                         failures += 1;
                         continue;
                     }
+                    // A resume by offset the node refused: the position is past the node's
+                    // head, before its log (purged), or of a history the node has replaced
+                    // since. The node's head and epoch now tell which.
+                    Err(TailError::PositionUnavailable(message)) if by_offset => {
+                        match node_head(&client).await {
+                            Ok((node_head, epoch)) => {
+                                if let Some(p) = pos.as_mut() && !p.offset_valid_in(uuid, epoch) {
+                                    tracing::warn!(
+                                        addr = %cfg.addr, was = ?p.epoch, now = %epoch,
+                                        "tail: the node's history was replaced; resuming by GTID set"
+                                    );
+                                    p.epoch = None;
+                                    continue;
+                                }
+                                let seen = pos.as_ref().map_or(0, |p| p.offset);
+                                if node_head < seen {
+                                    yield Err(TailError::Diverged { server_uuid: uuid, node_head, seen });
+                                } else {
+                                    yield Err(TailError::PositionUnavailable(message));
+                                }
+                                return;
+                            }
+                            Err(e) => match classify(e) {
+                                Ok(e) => {
+                                    tracing::warn!(addr = %cfg.addr, error = %e, "tail: resubscribing");
+                                    link_failed(&link, &e);
+                                    last_err = Some(e);
+                                    failures += 1;
+                                    continue;
+                                }
+                                Err(fatal) => { yield Err(fatal); return; }
+                            },
+                        }
+                    }
                     Err(fatal) => { yield Err(fatal); return; }
                 },
             };
@@ -432,11 +503,9 @@ fn run(
                 drop(sub);
                 continue;
             }
+            // A node of this history whose head is below the position refuses the resume
+            // (`Diverged` is told apart there): an accepted one starts within its log.
             let same_history = pos.as_ref().is_some_and(|p| p.offset_valid_in(uuid, epoch));
-            if let Some(p) = &pos && same_history && sub.head() < p.offset {
-                yield Err(TailError::Diverged { server_uuid: uuid, node_head: sub.head(), seen: p.offset });
-                return;
-            }
             let mut state = match &pos {
                 Some(p) => {
                     let mut s = ClientSubscription::new(p.gtids.clone());
@@ -467,19 +536,46 @@ fn run(
                 },
             };
             pos = Some(here.clone());
-            let mut st = Settle { last_saved, acked: 0 };
-            if let Err(e) = settle(here, uuid, &cfg, &mut st, &mut sub, &delivered, &checkpoint).await {
-                yield Err(e.into());
-                return;
+            let mut st = Settle {
+                last_saved,
+                acked: 0,
+                reached: sub.next_offset().saturating_sub(1),
+            };
+            // Set once the node refused an ack: the subscription is over, and the node ends it
+            // saying why (or the connection is gone); the tail reads on until then, or until
+            // the deadline, and reconnects.
+            let mut ack_refused: Option<(ClientError, tokio::time::Instant)> = None;
+            match settle(here, uuid, &cfg, &mut st, &mut sub, &delivered, &checkpoint).await {
+                Ok(()) => {}
+                Err(SettleError::Checkpoint(e)) => { yield Err(e.into()); return; }
+                Err(SettleError::Ack(e)) => ack_refused = Some(refused_ack(&cfg, e)),
             }
             // Saving the start is not a save of delivered work: the first batch may save too.
             st.last_saved = last_saved;
             loop {
-                let taken = match sub.next().await {
+                let next = match &ack_refused {
+                    None => sub.next().await,
+                    Some((_, deadline)) => match tokio::time::timeout_at(*deadline, sub.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            let e = ack_refused.take().map_or_else(
+                                || ClientError::Unexpected("the node refused an ack".into()),
+                                |(e, _)| e,
+                            );
+                            tracing::warn!(addr = %cfg.addr, error = %e, "tail: the node refused an ack and did not end the subscription; reconnecting");
+                            link_failed(&link, &e);
+                            last_err = Some(e);
+                            failures += 1;
+                            break;
+                        }
+                    },
+                };
+                let taken = match next {
                     Ok(Some(Event::Batch(txns))) => {
                         let last_offset = txns.last().map(|t| t.offset.get());
                         if let Some(o) = last_offset {
                             head.fetch_max(o, Ordering::Relaxed);
+                            st.reached = st.reached.max(o);
                         }
                         let mut gtids = state.seen().clone();
                         let fresh = match state.handle_batch(txns) {
@@ -502,6 +598,7 @@ fn run(
                         })
                     }
                     Ok(Some(Event::Progress { through, gtids })) => {
+                        st.reached = st.reached.max(through);
                         state.handle_progress(through, &gtids);
                         Some(Position {
                             server_uuid: uuid,
@@ -556,9 +653,14 @@ fn run(
                 };
                 if let Some(p) = taken {
                     pos = Some(p.clone());
-                    if let Err(e) = settle(p, uuid, &cfg, &mut st, &mut sub, &delivered, &checkpoint).await {
-                        yield Err(e.into());
-                        return;
+                    match settle(p, uuid, &cfg, &mut st, &mut sub, &delivered, &checkpoint).await {
+                        Ok(()) => {}
+                        Err(SettleError::Checkpoint(e)) => { yield Err(e.into()); return; }
+                        Err(SettleError::Ack(e)) => {
+                            if ack_refused.is_none() {
+                                ack_refused = Some(refused_ack(&cfg, e));
+                            }
+                        }
                     }
                 }
             }

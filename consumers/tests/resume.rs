@@ -535,3 +535,148 @@ async fn a_live_tail_ends_loudly_when_a_history_reset_of_its_node_skips_what_it_
     }
     u_server.shutdown().await;
 }
+
+/// Waits until `cond` holds, checking every 10 ms; panics with `what` after 20 s.
+async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A checkpoint written before history epochs were recorded (`epoch: None`) resumes by GTID
+/// set, also on the node it came from, and that subscription starts at the first record of
+/// the segment holding the first GTID the consumer lacks: before the checkpoint's offset. The
+/// tail must not ack its slot past what this subscription has sent (the node ends a
+/// subscription acked so), and its slot must follow what the consumer saves. Guards against a
+/// slot that stops moving for the whole life of the connection, pinning the log until
+/// retention's cap invalidates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_follows_a_tail_resumed_from_a_checkpoint_without_an_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    tls::ensure_secrets(&secrets).unwrap();
+    let cfg = client_cfg(&secrets);
+    let (u_server, u) = start_log_node(&dir.path().join("u"), &secrets);
+    let origin = uuid::Uuid::new_v4();
+    append(u.wal(), origin, 1..=50);
+    // The consumer took 1..=50 on this node; its checkpoint has no epoch.
+    let mut checkpoint = tideline_consumers::MemoryCheckpoint::default();
+    tideline_consumers::Checkpoint::save(
+        &mut checkpoint,
+        &tideline_consumers::Position {
+            server_uuid: u.wal().server_uuid(),
+            offset: 50,
+            gtids: format!("{origin}:1-50").parse().unwrap(),
+            epoch: None,
+        },
+    )
+    .unwrap();
+    let mut tcfg = fast_reconnect(TailConfig::new(
+        u_server.local_addr().to_string(),
+        cfg.clone(),
+        TailStart::Earliest,
+    ));
+    tcfg.slot = Some("s".into());
+    // Every position taken is saved: the slot may follow each one.
+    tcfg.checkpoint_interval = Duration::ZERO;
+    // The application takes every transaction as it comes (the tail settles, saves and acks
+    // only while it is asked for more).
+    let (taken_tx, mut taken) = tokio::sync::mpsc::unbounded_channel();
+    let mut t = tail(tcfg, Some(Box::new(checkpoint.clone())));
+    // The tail subscribes (it lacks nothing yet, so the node sends nothing) and settles at its
+    // start, where it may ack its slot: it has once it reports the node's head.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while t.head() == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tail never subscribed"
+        );
+        std::future::poll_fn(|cx| {
+            let polled = t.poll_next_unpin(cx);
+            assert!(
+                polled.is_pending(),
+                "the tail yielded with nothing to send: {polled:?}"
+            );
+            std::task::Poll::Ready(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let app = tokio::spawn(async move {
+        while let Some(r) = t.next().await {
+            if taken_tx.send(r).is_err() {
+                break;
+            }
+        }
+    });
+    let mut take =
+        async |n: u64| match tokio::time::timeout(Duration::from_secs(20), taken.recv()).await {
+            Ok(Some(Ok(txn))) => assert_eq!(txn.gtid, Gtid::new(origin, n).unwrap()),
+            other => panic!("the tail ended before {origin}:{n}: {other:?}"),
+        };
+    append(u.wal(), origin, 51..=100);
+    for n in 51..=100 {
+        take(n).await;
+    }
+    let slot = || u.wal().slot("s").map(|s| s.restart_offset);
+    wait_until("the slot follows the saved position to offset 101", || {
+        slot() == Some(101)
+    })
+    .await;
+    append(u.wal(), origin, 101..=110);
+    for n in 101..=110 {
+        take(n).await;
+    }
+    wait_until("the slot follows the saved position to offset 111", || {
+        slot() == Some(111)
+    })
+    .await;
+    app.abort();
+    u_server.shutdown().await;
+}
+
+/// A node that comes back with less history than the consumer saw, in the same history epoch
+/// (its data directory was restored from a backup, say), lost transactions: the tail must say
+/// so (`Diverged`: re-bootstrap the consumer), not that its position is "unavailable" with the
+/// advice to start from an available one, which skips or repeats data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_behind_the_consumer_in_the_same_history_is_diverged() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    tls::ensure_secrets(&secrets).unwrap();
+    let cfg = client_cfg(&secrets);
+    let (u_server, u) = start_log_node(&dir.path().join("u"), &secrets);
+    let origin = uuid::Uuid::new_v4();
+    append(u.wal(), origin, 1..=10);
+    let mut checkpoint = tideline_consumers::MemoryCheckpoint::default();
+    tideline_consumers::Checkpoint::save(
+        &mut checkpoint,
+        &tideline_consumers::Position {
+            server_uuid: u.wal().server_uuid(),
+            offset: 50,
+            gtids: format!("{origin}:1-50").parse().unwrap(),
+            epoch: Some(u.wal().history_epoch()),
+        },
+    )
+    .unwrap();
+    let t = fast_reconnect(TailConfig::new(
+        u_server.local_addr().to_string(),
+        cfg.clone(),
+        TailStart::Earliest,
+    ));
+    let mut t = pin!(tail(t, Some(Box::new(checkpoint))));
+    match tokio::time::timeout(Duration::from_secs(20), t.next()).await {
+        Ok(Some(Err(
+            e @ TailError::Diverged {
+                node_head, seen, ..
+            },
+        ))) => {
+            assert_eq!((node_head, seen), (10, 50));
+            assert!(e.to_string().contains("re-bootstrap the consumer"), "{e}");
+        }
+        other => panic!("expected Diverged {{ node_head: 10, seen: 50 }}, got {other:?}"),
+    }
+    u_server.shutdown().await;
+}

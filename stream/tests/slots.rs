@@ -1,10 +1,11 @@
 //! Slots under a live subscription, over real QUIC on loopback with a bare log as the node: a
 //! `DropSlot` that arrives while a subscription is attaching its slot (created or taken, not
 //! yet answered `Subscribed`) is refused as "in use", a subscription whose slot is gone all
-//! the same (removed through the log itself) ends with an `Error` at its next ack, and a slot
-//! has one live subscription at a time (a second is refused until the first ends, also when
-//! the first one's network went away). Guards against a consumer that believes its slot holds
-//! its position while retention is free to remove the log it still needs.
+//! the same (removed through the log itself) ends with an `Error` at its next ack, so does one
+//! acked past what it was sent, and a slot has one live subscription at a time (a second is
+//! refused until the first ends, also when the first one's network went away). Guards against
+//! a consumer that believes its slot holds its position while retention is free to remove the
+//! log it still needs, or whose slot stops moving without a word.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use tideline_stream::{
     Client, ClientConfig, ClientError, ErrorCode, Event, Node, ServerConfig, ServerHandle,
     Subscription, tls,
 };
-use tideline_wal::{MemStorage, Wal, WalOptions};
+use tideline_wal::{MemStorage, RetentionPolicy, Wal, WalOptions};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -27,11 +28,15 @@ struct Fixture {
 }
 
 async fn start(cfg: impl FnOnce(&mut ServerConfig)) -> Fixture {
+    start_with(WalOptions::default(), cfg).await
+}
+
+async fn start_with(opts: WalOptions, cfg: impl FnOnce(&mut ServerConfig)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     tls::ensure_secrets(dir.path()).unwrap();
     let secrets = tls::load_server(dir.path()).unwrap();
     let node = Arc::new(LogNode::new(
-        Wal::open(Arc::new(MemStorage::new()), WalOptions::default()).unwrap(),
+        Wal::open(Arc::new(MemStorage::new()), opts).unwrap(),
     ));
     let mut server_cfg = ServerConfig::new("127.0.0.1:0".parse().unwrap());
     cfg(&mut server_cfg);
@@ -196,6 +201,113 @@ async fn an_ack_into_a_dropped_slot_ends_the_subscription() {
         f.node.wal().slot("s").is_none(),
         "the ack re-created the slot"
     );
+}
+
+/// An ack past what the server has sent is a consumer bug (or a consumer acking from a
+/// position this subscription has not reached): the subscription ends with an `Error` the
+/// consumer sees, as PROTOCOL.md says, and the slot does not move. Guards against a server that
+/// only stops reading acks and goes on sending: the slot then never moves again on that
+/// connection, without a word, until retention's cap invalidates it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_past_what_was_sent_ends_the_subscription() {
+    let f = start(|c| c.heartbeat = Duration::from_millis(50)).await;
+    let writer = f.client().await;
+    for i in 1..=10 {
+        writer.commit(put(i)).await.unwrap();
+    }
+    let consumer = f.client().await;
+    let mut sub = consumer
+        .subscribe(Start::Earliest, None, None, Some("s".into()))
+        .await
+        .unwrap();
+    read_through(&mut sub, 10).await;
+    sub.ack(110).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut events = 0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sub.next()).await {
+            Err(_) => panic!(
+                "the subscription went on for 10 s ({events} heartbeats or batches) after an \
+                 ack of offset 110 when only 1..=10 were sent"
+            ),
+            Ok(Ok(Some(_))) => events += 1,
+            Ok(Ok(None)) => panic!("the subscription ended without saying why"),
+            Ok(Err(ClientError::Server { code, message })) => {
+                assert_eq!(code, ErrorCode::InvalidRequest, "{message}");
+                assert!(
+                    message.contains("ack of offset 110") && message.contains("10"),
+                    "the error does not name the ack and what was sent: {message}"
+                );
+                break;
+            }
+            Ok(Err(e)) => panic!("the subscription failed without saying why: {e}"),
+        }
+    }
+    let slot = f.node.wal().slot("s").expect("slot s exists");
+    assert_eq!(slot.restart_offset, 1, "the bad ack moved the slot");
+}
+
+/// A subscription's reader holds the segment it starts in from before the node answers
+/// `Subscribed`: retention that removes that segment between the subscribe and the first
+/// read (every 10 s on a node whose log passed its size) must not end the stream with
+/// `PositionUnavailable`, which a `--from earliest` tail, resuming by GTID set from the
+/// removed segment, takes for purged GTIDs and stops for good. Here the window is held open
+/// with the test pause after the slot is taken (an existing slot, further on, so that it does
+/// not hold the first segment).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_between_subscribe_and_first_read_does_not_take_the_start_away() {
+    let pause = Arc::new(tokio::sync::Notify::new());
+    let opts = WalOptions {
+        segment_bytes_max: 4096,
+        retention: RetentionPolicy {
+            retain_bytes_min: 0,
+            slot_bytes_max: None,
+            slot_age_max: None,
+        },
+        ..WalOptions::default()
+    };
+    let mut observer = None;
+    let f = start_with(opts, |c| {
+        c.heartbeat = Duration::from_millis(50);
+        c.unsafe_pause_after_slot_attach = Some(pause.clone());
+        observer = Some(c.observer.clone());
+    })
+    .await;
+    let observer = observer.expect("the configuration was built");
+    let writer = f.client().await;
+    for i in 1..=100 {
+        writer.commit(put(i)).await.unwrap();
+    }
+    let wal = f.node.wal();
+    let segments = wal.stats().segments;
+    assert!(segments.len() > 2, "the log must span segments");
+    let second = segments[1].first_offset;
+    wal.create_slot("s", second).unwrap();
+    let consumer = f.client().await;
+    let subscribing = tokio::spawn(async move {
+        let sub = consumer
+            .subscribe(Start::Earliest, None, None, Some("s".into()))
+            .await;
+        (consumer, sub)
+    });
+    // The subscription has its reader and took slot s once it shows in the node's list.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while observer.subscriptions().is_empty() {
+        assert!(Instant::now() < deadline, "the subscription never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let removed = tokio::task::block_in_place(|| wal.run_retention()).unwrap();
+    assert_eq!(
+        wal.first_offset(),
+        second,
+        "retention removed {removed:?}: the first segment only was meant to go"
+    );
+    pause.notify_one();
+    let (_consumer, sub) = subscribing.await.unwrap();
+    let mut sub = sub.unwrap();
+    assert_eq!(sub.next_offset(), 1);
+    read_through(&mut sub, 100).await;
 }
 
 /// Subscribes with slot `slot` until the node accepts it (a `Conflict` means the slot is still

@@ -13,14 +13,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tideline_wal::{GtidSet, Offset, Op, Reader, Transaction, Wal};
+use tideline_wal::{GtidSet, NewTransaction, Offset, Op, Reader, Transaction, Wal, record};
 
 use super::config::{ServerConfig, close_code, error, now_us};
 use super::monitor::cut_text;
 use super::node::Node;
 use super::outbox::Outbox;
 use crate::observe::{Peer, SlotBusy, SubscriptionInfo};
-use crate::proto::{BatchBuilder, ErrorCode, Request, Response, ServerSubscription, Start};
+use crate::proto::{
+    BATCH_PREFIX_BYTES, BatchBuilder, ErrorCode, FRAME_HEADER_BYTES, Request, Response,
+    ServerSubscription, Start,
+};
 use crate::wire::{FramedRecv, WireError, send_message};
 
 /// What a `Subscribe` asked for.
@@ -61,12 +64,39 @@ pub fn filter_txn(
 /// read between the look at the segment list and the open.
 const OPEN_ATTEMPTS_MAX: u32 = 8;
 
+/// A record read from the log and not yet in a batch: the one at the start, read when the
+/// reader was opened, or one that would have taken the batch it came to past the size limit.
+enum Pending {
+    /// An unfiltered subscription's record: its frame as the log stores it.
+    Frame { offset: u64, frame: Vec<u8> },
+    /// A filtered subscription's record, not yet considered.
+    Txn(Transaction),
+}
+
+/// A reader opened at a subscription's start.
+struct Opened {
+    reader: Reader,
+    /// The first offset the subscription considers (`Subscribed.next_offset`).
+    start: Offset,
+    /// Every GTID covered before `start`.
+    covered: GtidSet,
+    /// The record at `start` when the reader has read it already (see [`open_reader`]).
+    first: Option<Pending>,
+}
+
 /// Opens a reader at `start`, with the GTID set covered before its first record: for an
 /// offset start (`earliest`, `latest`, `offset:N`), the `gtids_before` of the segment holding
 /// the start plus the GTIDs of that segment's records before it (read once, so the start and
 /// the set come from one look at the log and nothing falls between them); for a GTID start,
 /// the client's own set (the reader skips exactly those).
-fn open_reader(wal: &Wal, start: &Start) -> Result<(Reader, GtidSet), Box<Response>> {
+///
+/// An offset start leaves the reader holding the start's segment open: a reader opens its
+/// segment at its first read and keeps reading it once retention removes it, so when the
+/// start is a segment's first record, that record is read here (as its frame when `raw`, else
+/// decoded) and handed back in [`Opened::first`]. Retention can then no longer take the start
+/// away before the stream's first read, which would end a fresh `earliest` subscription at
+/// once with `PositionUnavailable`.
+fn open_reader(wal: &Wal, start: &Start, raw: bool) -> Result<Opened, Box<Response>> {
     let unavailable =
         |e: tideline_wal::Error| Box::new(error(ErrorCode::PositionUnavailable, e.to_string()));
     let requested = match start {
@@ -75,7 +105,12 @@ fn open_reader(wal: &Wal, start: &Start) -> Result<(Reader, GtidSet), Box<Respon
                 Box::new(error(ErrorCode::InvalidRequest, e.to_string()))
             })?;
             let reader = wal.read_missing(&set).map_err(unavailable)?;
-            return Ok((reader, set));
+            return Ok(Opened {
+                start: reader.next_offset(),
+                reader,
+                covered: set,
+                first: None,
+            });
         }
         Start::Offset(0) => {
             return Err(Box::new(error(
@@ -112,11 +147,13 @@ fn open_reader(wal: &Wal, start: &Start) -> Result<(Reader, GtidSet), Box<Respon
                 ))
             }));
         };
+        let retry = |e: &tideline_wal::Error| {
+            matches!(e, tideline_wal::Error::OffsetUnavailable { .. })
+                && attempt < OPEN_ATTEMPTS_MAX
+        };
         let mut reader = match wal.read_from(seg.first_offset) {
             Ok(r) => r,
-            Err(tideline_wal::Error::OffsetUnavailable { .. }) if attempt < OPEN_ATTEMPTS_MAX => {
-                continue;
-            }
+            Err(e) if retry(&e) => continue,
             Err(e) => return Err(unavailable(e)),
         };
         let mut covered = seg.gtids_before.clone();
@@ -134,11 +171,157 @@ fn open_reader(wal: &Wal, start: &Start) -> Result<(Reader, GtidSet), Box<Respon
                         ),
                     )));
                 }
+                Err(e) if retry(&e) => break,
                 Err(e) => return Err(unavailable(e)),
             }
         }
-        return Ok((reader, covered));
+        if reader.next_offset() < at {
+            continue;
+        }
+        // Nothing read yet (the start is the segment's first record): read that record now.
+        // None visible (a `latest` start on a new segment) leaves the reader on the segment
+        // being written, which retention never removes.
+        let first = if at == seg.first_offset {
+            let read = if raw {
+                let mut frame = Vec::new();
+                reader.next_raw(&mut frame).map(|o| {
+                    o.map(|o| Pending::Frame {
+                        offset: o.get(),
+                        frame,
+                    })
+                })
+            } else {
+                reader.next_txn().map(|t| t.map(Pending::Txn))
+            };
+            match read {
+                Ok(first) => first,
+                Err(e) if retry(&e) => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+        } else {
+            None
+        };
+        return Ok(Opened {
+            reader,
+            start: at,
+            covered,
+            first,
+        });
     }
+}
+
+/// What filling a batch with the next record did.
+enum Fill {
+    /// The record at this offset went into the batch.
+    Added(u64),
+    /// The filter dropped the record at this offset.
+    Dropped(u64),
+    /// The next record would take the batch past its size limit: it waits for the next one.
+    Full,
+    /// No record is visible after the reader.
+    CaughtUp,
+}
+
+/// The error of a record pending in the wrong form: never, since the form is picked once per
+/// subscription; should it happen, the subscription ends saying so rather than skip it.
+fn pending_mismatch(offset: u64) -> tideline_wal::Error {
+    tideline_wal::Error::Encode {
+        reason: format!("internal: the record at offset {offset} was read in the wrong form"),
+    }
+}
+
+/// Adds the next record to `batch` as the log stores it (an unfiltered subscription). A
+/// record that would take a batch that holds others past `records_bytes_max` is kept in
+/// `pending` and goes first in the next batch, alone if it is that large.
+fn fill_frame(
+    reader: &mut Reader,
+    pending: &mut Option<Pending>,
+    batch: &mut BatchBuilder,
+    records_bytes_max: usize,
+) -> Result<Fill, tideline_wal::Error> {
+    match pending.take() {
+        Some(Pending::Frame { offset, frame }) => {
+            batch.push_frame_with(|buf| {
+                buf.extend_from_slice(&frame);
+                Ok::<_, tideline_wal::Error>(true)
+            })?;
+            return Ok(Fill::Added(offset));
+        }
+        Some(Pending::Txn(t)) => return Err(pending_mismatch(t.offset.get())),
+        None => {}
+    }
+    let before = batch.bytes();
+    let mut fill = Fill::CaughtUp;
+    batch.push_frame_with(|buf| {
+        let at = buf.len();
+        let Some(offset) = reader.next_raw(buf)? else {
+            return Ok(false);
+        };
+        if before > 0 && before + (buf.len() - at) > records_bytes_max {
+            *pending = Some(Pending::Frame {
+                offset: offset.get(),
+                frame: buf.split_off(at),
+            });
+            fill = Fill::Full;
+            return Ok(false);
+        }
+        fill = Fill::Added(offset.get());
+        Ok::<_, tideline_wal::Error>(true)
+    })?;
+    Ok(fill)
+}
+
+/// Considers the next record for a filtered subscription: adds what the filters keep of it to
+/// `batch` (re-framed as the log frames it), or drops it. A record that would take a batch
+/// that holds others past `records_bytes_max` is kept in `pending`, not yet considered, and
+/// goes first in the next batch.
+fn fill_filtered(
+    reader: &mut Reader,
+    pending: &mut Option<Pending>,
+    batch: &mut BatchBuilder,
+    records_bytes_max: usize,
+    filters: (Option<&str>, Option<&[u8]>),
+    sub: &mut ServerSubscription,
+) -> Result<Fill, tideline_wal::Error> {
+    let txn = match pending.take() {
+        Some(Pending::Txn(t)) => t,
+        Some(Pending::Frame { offset, .. }) => return Err(pending_mismatch(offset)),
+        None => match reader.next_txn()? {
+            Some(t) => t,
+            None => return Ok(Fill::CaughtUp),
+        },
+    };
+    let (offset, gtid) = (txn.offset, txn.gtid);
+    let Some(kept) = filter_txn(txn, filters.0, filters.1) else {
+        sub.on_considered(offset.get(), gtid);
+        return Ok(Fill::Dropped(offset.get()));
+    };
+    let new = NewTransaction {
+        gtid,
+        timestamp_us: kept.timestamp_us,
+        ops: kept.ops,
+    };
+    let before = batch.bytes();
+    let added = batch.push_frame_with(|buf| {
+        let at = buf.len();
+        record::encode_frame(offset, &new, buf)?;
+        if before > 0 && before + (buf.len() - at) > records_bytes_max {
+            buf.truncate(at);
+            return Ok(false);
+        }
+        Ok::<_, tideline_wal::Error>(true)
+    })?;
+    if !added {
+        *pending = Some(Pending::Txn(Transaction {
+            offset,
+            gtid,
+            timestamp_us: new.timestamp_us,
+            ops: new.ops,
+        }));
+        return Ok(Fill::Full);
+    }
+    sub.on_considered(offset.get(), gtid);
+    Ok(Fill::Added(offset.get()))
 }
 
 /// Serves one subscription until the consumer leaves or the stream breaks.
@@ -157,7 +340,10 @@ pub(super) async fn serve_subscription<N: Node>(
         slot,
     } = req;
     let wal = node.wal();
-    let (mut reader, covered) = match open_reader(wal, &start) {
+    // Without filters, records go out as the log stores them: no decode, no re-encode, and
+    // no progress reports (every record considered is sent).
+    let pass_through = tree.is_none() && prefix.is_none();
+    let mut opened = match open_reader(wal, &start, pass_through) {
         Ok(r) => r,
         Err(resp) => {
             send_message(&mut send, &*resp).await?;
@@ -167,9 +353,7 @@ pub(super) async fn serve_subscription<N: Node>(
     };
     // Registered before the slot is created or taken: from here on a `DropSlot` of it is
     // refused as in use, so the slot cannot be dropped between its creation and the first ack.
-    let sent_through = Arc::new(std::sync::atomic::AtomicU64::new(
-        reader.next_offset().get() - 1,
-    ));
+    let sent_through = Arc::new(std::sync::atomic::AtomicU64::new(opened.start.get() - 1));
     let info = SubscriptionInfo {
         remote: peer.remote.to_string(),
         client: peer.client.to_string(),
@@ -216,14 +400,40 @@ pub(super) async fn serve_subscription<N: Node>(
     };
     // A new slot starts where the subscription starts; an existing one stays where the
     // consumer's acks put it (a resume may start past what its checkpoint stored, and the
-    // slot must keep holding that).
-    if let Some(name) = &slot
-        && let Err(e) = wal.create_slot(name, reader.next_offset())
-    {
-        send_message(&mut send, &error(ErrorCode::InvalidRequest, e.to_string())).await?;
-        let _ = send.finish();
-        return Ok(());
+    // slot must keep holding that). Retention may have removed an `earliest` start since the
+    // reader was opened (the reader still holds it, a new slot cannot): such a start moves on
+    // to where the log starts now.
+    let mut attempt = 0;
+    while let Some(name) = &slot {
+        attempt += 1;
+        match wal.create_slot(name, opened.start) {
+            Ok(_) => break,
+            Err(tideline_wal::Error::OffsetUnavailable { .. })
+                if matches!(start, Start::Earliest) && attempt < OPEN_ATTEMPTS_MAX =>
+            {
+                opened = match open_reader(wal, &start, pass_through) {
+                    Ok(r) => r,
+                    Err(resp) => {
+                        send_message(&mut send, &*resp).await?;
+                        let _ = send.finish();
+                        return Ok(());
+                    }
+                };
+                sent_through.store(opened.start.get() - 1, Ordering::SeqCst);
+            }
+            Err(e) => {
+                send_message(&mut send, &error(ErrorCode::InvalidRequest, e.to_string())).await?;
+                let _ = send.finish();
+                return Ok(());
+            }
+        }
     }
+    let Opened {
+        mut reader,
+        start: first_offset,
+        covered,
+        first,
+    } = opened;
     #[cfg(feature = "testing")]
     if slot.is_some()
         && let Some(pause) = &cfg.unsafe_pause_after_slot_attach
@@ -231,13 +441,10 @@ pub(super) async fn serve_subscription<N: Node>(
         pause.notified().await;
     }
     let head = wal.visible_offset();
-    let (tree, prefix) = (tree.as_deref(), prefix.as_deref());
-    // Without filters, records go out as the log stores them: no decode, no re-encode, and
-    // no progress reports (every record considered is sent).
-    let pass_through = tree.is_none() && prefix.is_none();
+    let filters = (tree.as_deref(), prefix.as_deref());
     let gtids_before = covered.to_string();
     let mut sub = ServerSubscription::new(
-        reader.next_offset().get(),
+        first_offset.get(),
         cfg.heartbeat.as_micros() as i64,
         now_us(),
     );
@@ -256,10 +463,13 @@ pub(super) async fn serve_subscription<N: Node>(
     .await?;
 
     // Acks arrive on the receive side; handle them in their own task so a consumer's acks
-    // never wait behind our sends. An ack that finds the slot gone (removed through the log,
-    // not by `DropSlot`, which a live subscription refuses) hands the answer that ends the
-    // subscription to the send loop: its consumer must not believe its position is held.
-    let (slot_lost_tx, mut slot_lost) = tokio::sync::mpsc::channel::<Response>(1);
+    // never wait behind our sends. An ack this task cannot take hands the answer that ends the
+    // subscription to the send loop, which sends it and ends the stream: an ack past what was
+    // sent or reported (the consumer is wrong about its position: were it only ignored, the
+    // slot would stop moving without a word), or one that finds the slot gone (removed through
+    // the log, not by `DropSlot`, which a live subscription refuses): its consumer must not
+    // believe its position is held.
+    let (ending_tx, mut ending) = tokio::sync::mpsc::channel::<Response>(1);
     let ack_task = {
         let sent_through = sent_through.clone();
         let node = node.clone();
@@ -267,8 +477,22 @@ pub(super) async fn serve_subscription<N: Node>(
         tokio::spawn(async move {
             while let Ok(Some(req)) = recv.next_message::<Request>().await {
                 if let Request::Ack { offset } = req {
-                    if offset > sent_through.load(Ordering::SeqCst) {
-                        tracing::warn!(offset, "ack past what was sent; closing subscription");
+                    let sent = sent_through.load(Ordering::SeqCst);
+                    if offset > sent {
+                        tracing::warn!(
+                            offset,
+                            sent,
+                            "ack past what was sent; ending the subscription"
+                        );
+                        let message = format!(
+                            "ack of offset {offset} past what this subscription has sent or \
+                             reported (through offset {sent}): a consumer acks only what it \
+                             received. The consumer is wrong about its position; subscribe \
+                             again from the position it has"
+                        );
+                        let _ = ending_tx
+                            .send(error(ErrorCode::InvalidRequest, message))
+                            .await;
                         recv.stop(close_code::PROTOCOL);
                         return;
                     }
@@ -291,7 +515,7 @@ pub(super) async fn serve_subscription<N: Node>(
                                  the log"
                             ),
                         };
-                        let _ = slot_lost_tx
+                        let _ = ending_tx
                             .send(error(ErrorCode::InvalidRequest, message))
                             .await;
                         return;
@@ -305,10 +529,15 @@ pub(super) async fn serve_subscription<N: Node>(
     // batch seldom reallocates while it is read.
     let batch_capacity = cfg.batch_bytes_target + (cfg.batch_bytes_target >> 2);
     let mut batch = BatchBuilder::with_capacity(batch_capacity);
+    // The most record bytes a batch may carry: the receiver refuses a batch whose body (the
+    // record count and the records) passes `batch_bytes_max`.
+    let records_bytes_max = (cfg.limits.batch_bytes_max as usize)
+        .saturating_sub(BATCH_PREFIX_BYTES - FRAME_HEADER_BYTES);
+    let mut pending = first;
     let mut send = Outbox::new(send);
     let result = loop {
-        if let Ok(lost) = slot_lost.try_recv() {
-            let _ = send.message(&lost).await;
+        if let Ok(end) = ending.try_recv() {
+            let _ = send.message(&end).await;
             break Ok(());
         }
         let mut through = None;
@@ -319,34 +548,24 @@ pub(super) async fn serve_subscription<N: Node>(
         {
             considered += 1;
             let next = if pass_through {
-                let mut offset = None;
-                batch
-                    .push_frame_with(|buf| {
-                        offset = reader.next_raw(buf)?;
-                        Ok::<_, tideline_wal::Error>(offset.is_some())
-                    })
-                    .map(|_| offset.map(Offset::get))
+                fill_frame(&mut reader, &mut pending, &mut batch, records_bytes_max)
             } else {
-                reader.next_txn().and_then(|t| {
-                    Ok(match t {
-                        None => None,
-                        Some(txn) => {
-                            let o = txn.offset.get();
-                            sub.on_considered(o, txn.gtid);
-                            if let Some(t) = filter_txn(txn, tree, prefix) {
-                                batch.push(&t).map_err(|e| tideline_wal::Error::Encode {
-                                    reason: e.to_string(),
-                                })?;
-                                last_pushed = Some(o);
-                            }
-                            Some(o)
-                        }
-                    })
-                })
+                fill_filtered(
+                    &mut reader,
+                    &mut pending,
+                    &mut batch,
+                    records_bytes_max,
+                    filters,
+                    &mut sub,
+                )
             };
             let offset = match next {
-                Ok(Some(o)) => o,
-                Ok(None) => break,
+                Ok(Fill::Added(o)) => {
+                    last_pushed = Some(o);
+                    o
+                }
+                Ok(Fill::Dropped(o)) => o,
+                Ok(Fill::Full | Fill::CaughtUp) => break,
                 Err(e) => {
                     let _ = send
                         .message(&error(ErrorCode::PositionUnavailable, e.to_string()))
@@ -366,8 +585,9 @@ pub(super) async fn serve_subscription<N: Node>(
             // This waits only for the previous batch to be taken whole (flow-control credit
             // and room in the send window: back-pressure from a slow consumer stops there);
             // what the window cannot take of this one yet goes while the next one is read.
-            // A transaction much larger than a batch leaves with its batch: the builder starts
-            // each batch at the everyday size.
+            // A transaction much larger than a batch leaves with its batch (alone, if it would
+            // take a batch past `batch_bytes_max`): the builder starts each batch at the
+            // everyday size.
             if let Err(e) = send.send_batch(batch.take_frame(batch_capacity)).await {
                 break Err(e);
             }
@@ -411,8 +631,8 @@ pub(super) async fn serve_subscription<N: Node>(
                         break Err(e);
                     }
             }
-            Some(lost) = slot_lost.recv() => {
-                let _ = send.message(&lost).await;
+            Some(end) = ending.recv() => {
+                let _ = send.message(&end).await;
                 break Ok(());
             }
             () = send.stopped() => break Ok(()),

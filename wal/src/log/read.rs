@@ -174,6 +174,14 @@ impl Reader {
         Offset::new(self.next).unwrap_or(Offset::FIRST)
     }
 
+    /// Test-only: the bytes this reader's buffer holds allocated. Exists so a test can check
+    /// that a large record does not leave the reader holding its size.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Resolves once a record at or after the reader's position is visible.
     pub async fn wait(&self) -> Result<(), Error> {
         wait_visible(&self.shared, self.next_offset()).await
@@ -408,8 +416,8 @@ impl Reader {
             self.pos = 0;
         }
         let have = self.buf.len();
-        // Up to a chunk (more if the frame needs it), but not past the end of the file: a
-        // caught-up tail then zero-fills a few bytes, not a whole chunk per record, and a
+        // A chunk in all (the whole frame if it is larger), but not past the end of the file:
+        // a caught-up tail then zero-fills a few bytes, not a whole chunk per record, and a
         // damaged length cannot grow the buffer beyond the file.
         let file_len = seg.file.len().map_err(|e| {
             Error::io(
@@ -418,8 +426,17 @@ impl Reader {
             )
         })?;
         let left = file_len.saturating_sub(seg.buf_file_pos + have as u64);
-        let more = needed.saturating_sub(have).max(READ_CHUNK_BYTES);
+        let more = needed.max(READ_CHUNK_BYTES).saturating_sub(have);
         let want = have + usize::try_from(left).unwrap_or(usize::MAX).min(more).max(1);
+        // The buffer is held for the reader's life (a subscription's): it stays at a chunk, and
+        // a frame larger than that grows it only while the frame is read. Exact sizes, so that
+        // growing never doubles past what is asked.
+        let keep = want.max(READ_CHUNK_BYTES);
+        if self.buf.capacity() > keep {
+            self.buf.shrink_to(keep);
+        } else if want > self.buf.capacity() {
+            self.buf.reserve_exact(want - have);
+        }
         self.buf.resize(want, 0);
         let n = seg
             .file
