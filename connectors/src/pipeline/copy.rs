@@ -22,7 +22,7 @@ use tideline_consumers::{Bootstrap, BootstrapError, BootstrapProgress, Bootstrap
 use tideline_stream::ClientError;
 use tideline_wal::{Op, PackedEntries};
 
-use super::drive::Driver;
+use super::drive::{Driver, Relearn};
 use super::{Filter, PipelineCheckpoint, PipelineError};
 use crate::sink::{Batch, EarlierCopy, Item, Sink};
 
@@ -73,8 +73,21 @@ pub(crate) async fn copy(
     d: &Driver<'_>,
     filter: &Filter,
     sink: &mut dyn Sink,
+    b: Bootstrap,
+    trees: &mut CopiedTrees,
+) -> Result<Position, CopyStop> {
+    copy_learning(d, filter, sink, b, trees, None).await
+}
+
+/// [`copy`], with each step written as [`Driver::write_learning`] says: a step that holds
+/// first asks `source` for the source's merge operators again.
+pub(crate) async fn copy_learning(
+    d: &Driver<'_>,
+    filter: &Filter,
+    sink: &mut dyn Sink,
     mut b: Bootstrap,
     trees: &mut CopiedTrees,
+    source: Option<&dyn Relearn>,
 ) -> Result<Position, CopyStop> {
     let server_uuid = b.progress().server_uuid;
     if b.progress().resumes == 0 {
@@ -163,7 +176,9 @@ pub(crate) async fn copy(
             items,
             checkpoint: PipelineCheckpoint::encode_copy(&progress, trees.as_ref()),
         };
-        d.write(sink, batch).await.map_err(CopyStop::Sink)?;
+        d.write_learning(sink, batch, source)
+            .await
+            .map_err(CopyStop::Sink)?;
         d.report.copy_step(&progress, rate);
         saved = Some(progress);
         if completes_chunk && let Some(a) = acker.as_mut() {

@@ -2,16 +2,18 @@
 //! sink's error says, with the outcome reported. Shared by every pipeline and by the replica
 //! (whose sink is the engine), so that there is one retry policy for all of them.
 //!
-//! Owns: [`Driver`] (retry settings and whom to report to), [`Report`], the jittered backoff.
+//! Owns: [`Driver`] (retry settings and whom to report to), [`Report`], [`Relearn`] (what a
+//! held write asks the source again), the jittered backoff.
 //! Must never: change a batch between retries, or report a batch written before the sink
 //! returned.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tideline_consumers::{BootstrapProgress, Position};
 
 use super::{Filter, PipelineCheckpoint, PipelineConfig, PipelineError, SharedPipelineStatus};
-use crate::sink::{Batch, EarlierCopy, Sink, SinkError};
+use crate::sink::{Batch, EarlierCopy, Sink, SinkError, SinkFuture};
 
 /// Where the shared steps report what happened: a pipeline's status, or a replica's upstream
 /// status. Called without any lock held; implementations must not block.
@@ -26,6 +28,16 @@ pub(crate) trait Report: Sync {
     fn copy_step(&self, progress: &BootstrapProgress, rate: f64);
     /// The copy is complete and stored; the live tail takes over at `pos`.
     fn copy_done(&self, pos: &Position, progress: &BootstrapProgress, rate: f64);
+}
+
+/// Where a write that holds can learn again what the source says of its trees: a sink of
+/// values holds a merge on a tree whose operator it was not told (a tree created after the
+/// pipeline read the source's `status`, whose `create_tree` the filter left out), and the
+/// source may name it now. A pipeline's reads the source's `status`.
+pub(crate) trait Relearn: Sync {
+    /// The source's merge operators (tree → name) when they differ from the ones last handed
+    /// to the sink; `None` when they do not, or when the source cannot be asked now.
+    fn changed_operators(&self) -> SinkFuture<'_, Option<BTreeMap<String, String>>>;
 }
 
 /// How the shared steps retry, and whom they report to.
@@ -155,7 +167,19 @@ impl<'a> Driver<'a> {
     pub(crate) async fn write(
         &self,
         sink: &mut dyn Sink,
+        batch: Batch,
+    ) -> Result<(), PipelineError> {
+        self.write_learning(sink, batch, None).await
+    }
+
+    /// [`Driver::write`]; and before a `Hold` pauses it, asks `source` whether the source's
+    /// merge operators changed: if so, the sink is handed them and tried again at once, with
+    /// nothing held or counted. Held only when they did not (or the source cannot be asked).
+    pub(crate) async fn write_learning(
+        &self,
+        sink: &mut dyn Sink,
         mut batch: Batch,
+        source: Option<&dyn Relearn>,
     ) -> Result<(), PipelineError> {
         let last_ts = batch.txns().last().map(|t| t.timestamp_us);
         let (txns, changes) = (batch.txns().count() as u64, batch.changes() as u64);
@@ -167,6 +191,15 @@ impl<'a> Driver<'a> {
                 Ok(()) => break self.after_success(sink, failures),
                 Err((e, back)) => {
                     batch = back;
+                    // Tried again at once only when the source's operators changed since the
+                    // sink was last handed them, so this cannot spin.
+                    if let (SinkError::Hold(why), Some(source)) = (&e, source)
+                        && let Some(operators) = source.changed_operators().await
+                    {
+                        tracing::info!(pipeline = %self.name, sink = %sink.describe(), held = %why, "the source's merge operators changed; trying the batch again with them");
+                        sink.set_merge_operators(&operators);
+                        continue;
+                    }
                     let delay = self.after_failure(sink, e, &mut failures)?;
                     tokio::time::sleep(delay).await;
                 }
@@ -275,6 +308,118 @@ mod tests {
                     Ok(())
                 }
             })
+        }
+    }
+
+    /// A copy whose first write fails (PostgreSQL restarting, say) has stored no step yet, so
+    /// the status holds no copy progress; once the write is stored the state must be the
+    /// copy's again (`bootstrapping`), not `running`: automation that waits for `running`
+    /// takes the copy for finished (review 4, finding 4).
+    #[tokio::test]
+    async fn a_copy_recovered_from_a_failed_first_write_still_shows_bootstrapping() {
+        let st = PipelineStatus::shared("p", "source", "sink");
+        st.update(|s| s.enter(PipelineState::Bootstrapping));
+        let d = Driver {
+            name: "p",
+            retry_min: Duration::from_millis(1),
+            retry_max: Duration::from_millis(1),
+            hold_pause: Duration::from_millis(1),
+            report: &st,
+            stamp: None,
+        };
+        let batch = Batch {
+            source: uuid::Uuid::nil(),
+            items: vec![],
+            checkpoint: b"first step".to_vec(),
+        };
+        d.write(&mut Records::default(), batch).await.unwrap();
+        let s = st.get();
+        assert_eq!(s.bootstrap, None, "no copy step reported");
+        assert_eq!(
+            s.state,
+            PipelineState::Bootstrapping,
+            "after a retried first copy write: {}",
+            s.to_json()
+        );
+    }
+
+    /// A sink of values that holds every write until it is told tree `late`'s operator.
+    #[derive(Default)]
+    struct NeedsLate {
+        told: BTreeMap<String, String>,
+        tries: u32,
+    }
+
+    impl Sink for NeedsLate {
+        fn describe(&self) -> String {
+            "test".into()
+        }
+        fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
+            Box::pin(async { Ok(None) })
+        }
+        fn write<'a>(&'a mut self, _: &'a Batch) -> SinkFuture<'a, Result<(), SinkError>> {
+            self.tries += 1;
+            let known = self.told.contains_key("late");
+            Box::pin(async move {
+                if known {
+                    Ok(())
+                } else {
+                    Err(SinkError::Hold("a merge on tree `late`".into()))
+                }
+            })
+        }
+        fn set_merge_operators(&mut self, operators: &BTreeMap<String, String>) {
+            self.told.extend(operators.clone());
+        }
+    }
+
+    /// Answers `changed_operators` from a list, then with "unchanged".
+    struct Answers(std::sync::Mutex<Vec<Option<BTreeMap<String, String>>>>);
+
+    impl Relearn for Answers {
+        fn changed_operators(&self) -> SinkFuture<'_, Option<BTreeMap<String, String>>> {
+            let next = {
+                let mut a = self.0.lock().unwrap();
+                if a.is_empty() { None } else { a.remove(0) }
+            };
+            Box::pin(async move { next })
+        }
+    }
+
+    /// A merge on a tree created after the pipeline read the source's operators (its
+    /// `create_tree` filtered out) is stored once the source names the tree's operator:
+    /// read again before the write holds, and tried again at once, never shown as `held`;
+    /// held only while the source's operators are what the sink already has.
+    #[tokio::test]
+    async fn a_held_write_is_tried_again_at_once_with_operators_the_source_names_now() {
+        let late = || Some(BTreeMap::from([("late".to_string(), "add".to_string())]));
+        for (answers, holds) in [(vec![late()], 0), (vec![None, late()], 1)] {
+            let st = PipelineStatus::shared("p", "source", "sink");
+            st.update(|s| s.enter(PipelineState::Running));
+            let d = Driver {
+                name: "p",
+                retry_min: Duration::from_millis(1),
+                retry_max: Duration::from_millis(1),
+                hold_pause: Duration::from_millis(1),
+                report: &st,
+                stamp: None,
+            };
+            let batch = Batch {
+                source: uuid::Uuid::nil(),
+                items: vec![],
+                checkpoint: b"batch".to_vec(),
+            };
+            let mut sink = NeedsLate::default();
+            let source = Answers(std::sync::Mutex::new(answers));
+            d.write_learning(&mut sink, batch, Some(&source))
+                .await
+                .unwrap();
+            let s = st.get();
+            assert_eq!(s.errors_total, holds, "{}", s.to_json());
+            assert_eq!(
+                (s.state, sink.tries),
+                (PipelineState::Running, holds as u32 + 2)
+            );
         }
     }
 

@@ -46,7 +46,7 @@ use tideline_wal::{Op, Transaction};
 use crate::sink::{Batch, Item, Sink};
 pub use checkpoint::PipelineCheckpoint;
 use copy::{CopyStop, SourceEnd};
-use drive::Driver;
+use drive::{Driver, Relearn};
 pub use status::{PipelineState, PipelineStatus, SharedPipelineStatus};
 
 /// Where a pipeline whose sink holds no checkpoint starts.
@@ -253,6 +253,10 @@ pub async fn run(
     let stored = resume_point(&sink.describe(), stored_bytes.as_deref(), &cfg.filter)?;
     let operators = merge_operators(&cfg, &d, st).await?;
     sink.set_merge_operators(&operators);
+    let source = SourceOperators {
+        cfg: &cfg,
+        handed: std::sync::Mutex::new(operators),
+    };
     let position = match stored {
         Some(PipelineCheckpoint::Tail(p)) => Some(p),
         Some(PipelineCheckpoint::Bootstrap(p)) => {
@@ -265,15 +269,15 @@ pub async fn run(
                     (!cfg.filter.trees.is_empty())
                         .then(|| cfg.filter.trees.iter().cloned().collect())
                 });
-            Some(bootstrap(&cfg, &d, st, &mut *sink, Some(p), trees).await?)
+            Some(bootstrap(&cfg, &d, &source, st, &mut *sink, Some(p), trees).await?)
         }
         None if cfg.from == StartFrom::Bootstrap => {
             let trees = Some(std::collections::BTreeSet::new());
-            Some(bootstrap(&cfg, &d, st, &mut *sink, None, trees).await?)
+            Some(bootstrap(&cfg, &d, &source, st, &mut *sink, None, trees).await?)
         }
         None => None,
     };
-    follow(&cfg, &d, st, &mut *sink, position).await
+    follow(&cfg, &d, &source, st, &mut *sink, position).await
 }
 
 /// Where a pipeline with `filter` resumes, given the checkpoint `stored` that its sink
@@ -318,27 +322,11 @@ async fn merge_operators(
 ) -> Result<BTreeMap<String, String>, PipelineError> {
     let mut failures = 0u32;
     loop {
-        let r = async {
-            let client = Client::connect(&cfg.addr, cfg.client.clone()).await?;
-            let status = client.status().await;
-            client.close().await;
-            status
-        }
-        .await;
-        match r {
-            Ok(json) => {
+        match read_merge_operators(cfg).await {
+            Ok(ops) => {
                 if failures > 0 {
                     st.update(|s| s.last_error = None);
                 }
-                let v: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
-                let ops = v["merge_operators"]
-                    .as_object()
-                    .map(|m| {
-                        m.iter()
-                            .filter_map(|(t, o)| Some((t.clone(), o.as_str()?.to_owned())))
-                            .collect()
-                    })
-                    .unwrap_or_default();
                 return Ok(ops);
             }
             Err(e) if e.is_retryable() => {
@@ -354,6 +342,51 @@ async fn merge_operators(
                 });
             }
         }
+    }
+}
+
+/// One read of the source's merge operators (see [`merge_operators`]).
+async fn read_merge_operators(
+    cfg: &PipelineConfig,
+) -> Result<BTreeMap<String, String>, tideline_stream::ClientError> {
+    let client = Client::connect(&cfg.addr, cfg.client.clone()).await?;
+    let status = client.status().await;
+    client.close().await;
+    let v: serde_json::Value = serde_json::from_str(&status?).unwrap_or_default();
+    Ok(v["merge_operators"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(t, o)| Some((t.clone(), o.as_str()?.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// The source's merge operators as last handed to the sink, read again when a write holds
+/// ([`Relearn`]).
+struct SourceOperators<'a> {
+    cfg: &'a PipelineConfig,
+    handed: std::sync::Mutex<BTreeMap<String, String>>,
+}
+
+impl Relearn for SourceOperators<'_> {
+    fn changed_operators(&self) -> crate::sink::SinkFuture<'_, Option<BTreeMap<String, String>>> {
+        Box::pin(async move {
+            let now = match read_merge_operators(self.cfg).await {
+                Ok(now) => now,
+                Err(e) => {
+                    tracing::warn!(pipeline = %self.cfg.name, error = %e, "could not read the source's merge operators again");
+                    return None;
+                }
+            };
+            let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
+            if *handed == now {
+                return None;
+            }
+            handed.clone_from(&now);
+            Some(now)
+        })
     }
 }
 
@@ -374,6 +407,7 @@ impl Checkpoint for FromSink {
 async fn follow(
     cfg: &PipelineConfig,
     d: &Driver<'_>,
+    source: &dyn Relearn,
     st: &SharedPipelineStatus,
     sink: &mut dyn Sink,
     position: Option<Position>,
@@ -393,7 +427,7 @@ async fn follow(
     let mut tail = tideline_consumers::tail(tcfg, Some(Box::new(FromSink(position.clone()))));
     let mut written = position;
     st.update(|s| {
-        s.state = PipelineState::Running;
+        s.enter(PipelineState::Running);
         if let Some(p) = &written {
             s.position = Some(p.clone());
         }
@@ -426,7 +460,7 @@ async fn follow(
             items,
             checkpoint: PipelineCheckpoint::Tail(pos.clone()).encode(),
         };
-        d.write(sink, batch).await?;
+        d.write_learning(sink, batch, Some(source)).await?;
         last_write = Instant::now();
         st.update(|s| s.caught_up_to(&pos, head));
         written = Some(pos);
@@ -528,6 +562,7 @@ fn filtered(filter: &Filter, mut txn: Transaction) -> Option<Transaction> {
 async fn bootstrap(
     cfg: &PipelineConfig,
     d: &Driver<'_>,
+    source: &dyn Relearn,
     st: &SharedPipelineStatus,
     sink: &mut dyn Sink,
     mut stored: Option<BootstrapProgress>,
@@ -542,7 +577,7 @@ async fn bootstrap(
         if failures > 0 {
             tokio::time::sleep(d.backoff(failures - 1)).await;
         }
-        st.update(|s| s.state = PipelineState::Bootstrapping);
+        st.update(|s| s.enter(PipelineState::Bootstrapping));
         let client = match Client::connect(&cfg.addr, cfg.client.clone()).await {
             Ok(c) => c,
             Err(e) if e.is_retryable() => {
@@ -578,7 +613,8 @@ async fn bootstrap(
             }
             Err(e) => return Err(source_err(e.to_string())),
         };
-        let (why, progress) = match copy::copy(d, &cfg.filter, sink, b, &mut trees).await {
+        let copied = copy::copy_learning(d, &cfg.filter, sink, b, &mut trees, Some(source)).await;
+        let (why, progress) = match copied {
             Ok(pos) => {
                 tracing::info!(pipeline = %cfg.name, "bootstrap complete; following the log");
                 return Ok(pos);

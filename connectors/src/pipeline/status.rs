@@ -89,6 +89,9 @@ pub struct PipelineStatus {
     /// Changes per second over the last few seconds.
     pub rate: f64,
     rate_window: (Instant, u64),
+    /// What the pipeline is doing, failures aside (`Starting`, `Bootstrapping` or `Running`):
+    /// the state it returns to once a failure is over.
+    phase: PipelineState,
 }
 
 /// A status shared between a pipeline's task and its readers.
@@ -128,7 +131,22 @@ impl PipelineStatus {
             bootstrap: None,
             rate: 0.0,
             rate_window: (Instant::now(), 0),
+            phase: PipelineState::Starting,
         })))
+    }
+
+    /// The pipeline begins `phase` (copying: `Bootstrapping`, following the log: `Running`),
+    /// shown as its state from now on, and again after each failure that ends.
+    pub(crate) fn enter(&mut self, phase: PipelineState) {
+        debug_assert!(
+            matches!(
+                phase,
+                PipelineState::Starting | PipelineState::Bootstrapping | PipelineState::Running
+            ),
+            "a phase, not a failure: {phase:?}"
+        );
+        self.phase = phase;
+        self.state = phase;
     }
 
     pub(crate) fn failed(&mut self, e: &SinkError, first: bool) {
@@ -143,14 +161,12 @@ impl PipelineStatus {
         self.last_error = Some(e.to_string());
     }
 
+    /// A failure is over: the state is the pipeline's phase again (a copy whose first write
+    /// was retried is still `bootstrapping`, though it has stored no progress yet).
     pub(crate) fn recovered(&mut self) {
         self.last_error = None;
         if matches!(self.state, PipelineState::Retrying | PipelineState::Held) {
-            self.state = if self.bootstrap.is_some() && self.position.is_none() {
-                PipelineState::Bootstrapping
-            } else {
-                PipelineState::Running
-            };
+            self.state = self.phase;
         }
     }
 

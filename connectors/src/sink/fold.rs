@@ -12,8 +12,13 @@
 //!
 //! Merge operators: a tree's operator comes from the stream (`create_tree`, a bootstrap
 //! chunk) or, for trees that existed before the pipeline started, from the source node's
-//! `status` (handed over by [`Operators::learn_from_source`]). A merge on a tree whose
-//! operator is unknown is refused with a `Hold` error rather than stored wrongly.
+//! `status` (handed over by [`Operators::learn_from_source`], at the start and again before a
+//! write holds). A merge on a tree whose operator is unknown is never guessed: when the batch
+//! drops the tree after it, the merge leaves nothing (the drop removes the tree's rows, as it
+//! did at the source); otherwise the batch is refused with a `Hold` error. A merge needs its
+//! tree to have an operator when it is written, so a tree whose operator the source's status
+//! does not name even when read again was dropped (or created again without one) after the
+//! merge, and its drop comes later in the stream.
 //!
 //! Owns: folding and operator bookkeeping. Must never: do I/O.
 
@@ -102,15 +107,25 @@ pub(crate) enum Step {
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Operators {
     by_tree: HashMap<String, Option<MergeOperator>>,
+    /// Operators the source's status names that this build does not know, by tree.
+    unknown_names: HashMap<String, String>,
 }
 
 impl Operators {
-    /// Learns the source's operators as its `status` reported them when the pipeline started.
-    /// What the stream says later wins.
+    /// Learns the source's operators as its `status` reports them (when the pipeline starts,
+    /// and again before a write holds). What the stream said wins: a tree the sink knows
+    /// keeps its operator. For a tree it does not know, the operator the source names now is
+    /// the one its merges were written with, or the tree was dropped and created again after
+    /// them, and the drop that follows removes what they left.
     pub(crate) fn learn_from_source(&mut self, operators: &BTreeMap<String, String>) {
         for (tree, name) in operators {
-            if let Some(op) = MergeOperator::from_name(name) {
-                self.by_tree.entry(tree.clone()).or_insert(Some(op));
+            match MergeOperator::from_name(name) {
+                Some(op) => {
+                    self.by_tree.entry(tree.clone()).or_insert(Some(op));
+                }
+                None => {
+                    self.unknown_names.insert(tree.clone(), name.clone());
+                }
             }
         }
     }
@@ -134,7 +149,8 @@ impl Operators {
         Ok(())
     }
 
-    fn get(&self, tree: &str) -> Result<MergeOperator, SinkError> {
+    /// `tree`'s operator, for a merge in a copy's step (`copying`) or in a batch of the log.
+    fn get(&self, tree: &str, copying: bool) -> Result<MergeOperator, SinkError> {
         match self.by_tree.get(tree) {
             Some(Some(op)) => Ok(*op),
             Some(None) => Err(SinkError::Hold(format!(
@@ -142,36 +158,47 @@ impl Operators {
                  this pipeline saw; restart the connector so that it reads the source's trees \
                  again"
             ))),
-            None => Err(SinkError::Hold(format!(
-                "a merge on tree `{tree}`, whose merge operator this pipeline does not know (the \
-                 source's status did not name it); restart the connector once the source \
-                 reports the tree"
+            None if self.unknown_names.contains_key(tree) => Err(SinkError::Hold(format!(
+                "tree `{tree}` uses the merge operator `{}`, which this tideline does not know; \
+                 upgrade the connector to the source's version",
+                self.unknown_names[tree]
             ))),
+            // The pipeline hands the sink the source's operators again before it holds: the
+            // source names none for the tree now.
+            None => {
+                let remedy = if copying {
+                    "this step of the copy ends before the drop. To go on, start the pipeline \
+                     over"
+                } else {
+                    "this batch ends before the drop. To go on, restart the connector with \
+                     `batch_changes` and `batch_delay_ms` large enough for one batch to reach \
+                     the drop (and `ops`, if set, including `drop_tree`), or start the pipeline \
+                     over"
+                };
+                Err(SinkError::Hold(format!(
+                    "a merge on tree `{tree}`, for which the source's status names no merge \
+                     operator: a merge needs one, so the source dropped `{tree}` after this \
+                     merge (and may have created it again without one), and {remedy}: clear \
+                     the sink's position and what the pipeline wrote (docs/OPERATIONS.md, \
+                     \"Pipelines and sinks\")"
+                )))
+            }
         }
     }
 }
 
 /// Folds `batch` into steps, learning operators from it.
 pub(crate) fn fold(batch: &Batch, operators: &mut Operators) -> Result<Vec<Step>, SinkError> {
-    let mut steps = Vec::new();
-    let mut run = Run::default();
-    let flush = |run: &mut Run, steps: &mut Vec<Step>| {
-        if !run.is_empty() {
-            steps.push(Step::Run(std::mem::take(run)));
-        }
+    let mut f = Folder {
+        steps: Vec::new(),
+        run: Run::default(),
+        operators,
+        batch,
+        at: 0,
+        drops: None,
     };
     for item in &batch.items {
         match item {
-            Item::Txn(t) | Item::Record(CopyRecord { txn: t, .. }) => {
-                for op in &t.ops {
-                    fold_op(op, &mut run, &mut steps, operators, flush)?;
-                }
-            }
-            Item::Ops(ops) => {
-                for op in ops {
-                    fold_op(op, &mut run, &mut steps, operators, flush)?;
-                }
-            }
             Item::Chunk {
                 tree,
                 merge_operator,
@@ -179,71 +206,128 @@ pub(crate) fn fold(batch: &Batch, operators: &mut Operators) -> Result<Vec<Step>
                 to,
                 entries,
             } => {
-                operators.set(tree, merge_operator.as_deref())?;
-                flush(&mut run, &mut steps);
-                steps.push(Step::Create(tree.clone()));
-                steps.push(Step::ClearRange {
+                f.operators.set(tree, merge_operator.as_deref())?;
+                f.flush();
+                f.steps.push(Step::Create(tree.clone()));
+                f.steps.push(Step::ClearRange {
                     tree: tree.clone(),
                     from: from.clone(),
                     to: to.clone(),
                 });
-                let rows = run.tree(tree);
+                let rows = f.run.tree(tree);
                 for (k, v) in entries {
                     rows.insert(k.to_vec(), Final::Value(Some(v.to_vec())));
                 }
             }
-        }
-    }
-    flush(&mut run, &mut steps);
-    Ok(steps)
-}
-
-fn fold_op(
-    op: &Op,
-    run: &mut Run,
-    steps: &mut Vec<Step>,
-    operators: &mut Operators,
-    flush: impl Fn(&mut Run, &mut Vec<Step>),
-) -> Result<(), SinkError> {
-    match op {
-        Op::Put {
-            tree, key, value, ..
-        } => {
-            run.tree(tree)
-                .insert(key.clone(), Final::Value(Some(value.clone())));
-        }
-        Op::Delete { tree, key, .. } => {
-            run.tree(tree).insert(key.clone(), Final::Value(None));
-        }
-        Op::Merge { tree, key, operand } => {
-            let m = operators.get(tree)?;
-            let rows = run.tree(tree);
-            match rows.get_mut(key) {
-                Some(Final::Value(v)) => {
-                    *v = Some(m.resolve(v.as_deref(), operand));
-                }
-                Some(Final::Merges(ms)) => ms.push((m, operand.clone())),
-                None => {
-                    rows.insert(key.clone(), Final::Merges(vec![(m, operand.clone())]));
+            Item::Txn(_) | Item::Record(_) | Item::Ops(_) => {
+                let copying = !matches!(item, Item::Txn(_));
+                for op in item_ops(item) {
+                    f.at += 1;
+                    f.op(op, copying)?;
                 }
             }
         }
-        Op::CreateTree {
-            tree,
-            merge_operator,
-        } => {
-            operators.set(tree, merge_operator.as_deref())?;
-            flush(run, steps);
-            steps.push(Step::Create(tree.clone()));
-        }
-        Op::DropTree { tree } => {
-            flush(run, steps);
-            steps.push(Step::Drop(tree.clone()));
-        }
-        // Secondary indexes live in the node; a sink of values has nothing to do for them.
-        Op::CreateIndex { .. } | Op::DropIndex { .. } => {}
     }
-    Ok(())
+    f.flush();
+    Ok(f.steps)
+}
+
+/// The ops of a batch's item, in order (a chunk has none: it holds rows).
+fn item_ops(item: &Item) -> &[Op] {
+    match item {
+        Item::Txn(t) | Item::Record(CopyRecord { txn: t, .. }) => &t.ops,
+        Item::Ops(ops) => ops,
+        Item::Chunk { .. } => &[],
+    }
+}
+
+/// One fold in progress.
+struct Folder<'b, 'o> {
+    steps: Vec<Step>,
+    run: Run,
+    operators: &'o mut Operators,
+    batch: &'b Batch,
+    /// Ordinal of the op being folded (1 for the batch's first op).
+    at: usize,
+    /// Each dropped tree's last `drop_tree` in the batch, by ordinal; found when a merge first
+    /// needs it.
+    drops: Option<HashMap<&'b str, usize>>,
+}
+
+impl Folder<'_, '_> {
+    fn flush(&mut self) {
+        if !self.run.is_empty() {
+            self.steps.push(Step::Run(std::mem::take(&mut self.run)));
+        }
+    }
+
+    /// Whether the batch drops `tree` after the op being folded.
+    fn dropped_later(&mut self, tree: &str) -> bool {
+        let batch = self.batch;
+        let drops = self.drops.get_or_insert_with(|| {
+            batch
+                .items
+                .iter()
+                .flat_map(item_ops)
+                .enumerate()
+                .filter_map(|(i, op)| match op {
+                    Op::DropTree { tree } => Some((tree.as_str(), i + 1)),
+                    _ => None,
+                })
+                .collect()
+        });
+        drops.get(tree).is_some_and(|&d| d > self.at)
+    }
+
+    fn op(&mut self, op: &Op, copying: bool) -> Result<(), SinkError> {
+        match op {
+            Op::Put {
+                tree, key, value, ..
+            } => {
+                self.run
+                    .tree(tree)
+                    .insert(key.clone(), Final::Value(Some(value.clone())));
+            }
+            Op::Delete { tree, key, .. } => {
+                self.run.tree(tree).insert(key.clone(), Final::Value(None));
+            }
+            Op::Merge { tree, key, operand } => {
+                let m = match self.operators.get(tree, copying) {
+                    Ok(m) => m,
+                    // The batch drops the tree after this merge, and the drop removes every row
+                    // of it (whatever a run before it wrote): the merge has nothing to store,
+                    // and its operator does not matter.
+                    Err(_) if self.dropped_later(tree) => return Ok(()),
+                    Err(e) => return Err(e),
+                };
+                let rows = self.run.tree(tree);
+                match rows.get_mut(key) {
+                    Some(Final::Value(v)) => {
+                        *v = Some(m.resolve(v.as_deref(), operand));
+                    }
+                    Some(Final::Merges(ms)) => ms.push((m, operand.clone())),
+                    None => {
+                        rows.insert(key.clone(), Final::Merges(vec![(m, operand.clone())]));
+                    }
+                }
+            }
+            Op::CreateTree {
+                tree,
+                merge_operator,
+            } => {
+                self.operators.set(tree, merge_operator.as_deref())?;
+                self.flush();
+                self.steps.push(Step::Create(tree.clone()));
+            }
+            Op::DropTree { tree } => {
+                self.flush();
+                self.steps.push(Step::Drop(tree.clone()));
+            }
+            // Secondary indexes live in the node; a sink of values has nothing to do for them.
+            Op::CreateIndex { .. } | Op::DropIndex { .. } => {}
+        }
+        Ok(())
+    }
 }
 
 /// The trees a run writes, for sinks that create destinations before writing. The pipeline
@@ -327,6 +411,73 @@ mod tests {
         assert_eq!(
             run.trees[0].1[&b"k".to_vec()].resolve(Some(b"9")),
             Some(b"9".to_vec())
+        );
+    }
+
+    /// The source merged into tree `c` and then dropped it while the pipeline was down, so
+    /// its `status` no longer names `c`'s operator, but the stream from the stored position
+    /// still carries the merge before the drop. The drop in the same batch removes whatever
+    /// the merge would have left, as it did at the source: the batch is stored (the sink ends
+    /// with no row of `c`), never held for good; a tree of that name created again after the
+    /// drop resolves its own merges with its own operator.
+    #[test]
+    fn a_merge_on_a_tree_the_batch_then_drops_needs_no_operator() {
+        let mut ops = Operators::default();
+        let b = batch(vec![
+            txn(vec![
+                Op::Put {
+                    tree: "c".into(),
+                    key: b"j".to_vec(),
+                    value: b"4".to_vec(),
+                    before: None,
+                },
+                merge("c", "k", "1"),
+                merge("c", "j", "1"),
+            ]),
+            txn(vec![Op::DropTree { tree: "c".into() }]),
+            txn(vec![Op::CreateTree {
+                tree: "c".into(),
+                merge_operator: Some("add".into()),
+            }]),
+            txn(vec![merge("c", "k", "2")]),
+        ]);
+        let steps = fold(&b, &mut ops).expect("the drop settles the merges: nothing to hold");
+        // Whatever a run writes of `c` before the drop, the drop removes; after it, `c` holds
+        // only what the re-created tree's ops leave.
+        let drop_at = steps
+            .iter()
+            .position(|s| matches!(s, Step::Drop(t) if t == "c"))
+            .unwrap_or_else(|| panic!("no drop of `c`: {steps:?}"));
+        let after: Vec<_> = steps[drop_at + 1..]
+            .iter()
+            .filter_map(|s| match s {
+                Step::Run(run) => Some(run),
+                _ => None,
+            })
+            .flat_map(|run| run.trees.iter())
+            .filter(|(t, _)| t == "c")
+            .flat_map(|(_, rows)| rows.iter())
+            .map(|(k, f)| (k.clone(), f.resolve(None)))
+            .collect();
+        assert_eq!(after, [(b"k".to_vec(), Some(b"2".to_vec()))], "{steps:?}");
+
+        // Without the drop in the batch, the merge is held, and the message says what an
+        // operator can do (not "restart once the source reports the tree": it never will).
+        let mut ops = Operators::default();
+        let e = fold(&batch(vec![txn(vec![merge("c", "k", "1")])]), &mut ops).unwrap_err();
+        let SinkError::Hold(m) = &e else {
+            panic!("{e}")
+        };
+        assert!(
+            m.contains("`c`") && m.contains("batch_changes") && m.contains("position"),
+            "{m}"
+        );
+        // An operator the source names but this build does not know is not a dropped tree.
+        ops.learn_from_source(&BTreeMap::from([("u".into(), "zeta".into())]));
+        let e = fold(&batch(vec![txn(vec![merge("u", "k", "1")])]), &mut ops).unwrap_err();
+        assert!(
+            matches!(&e, SinkError::Hold(m) if m.contains("`zeta`") && m.contains("upgrade")),
+            "{e}"
         );
     }
 
