@@ -25,6 +25,10 @@ use crate::merge::MergeOperator;
 use crate::packed::PackedTxn;
 use crate::store::{Backend, Batch, TreeHandle, TreeOptions, WriteBatch};
 
+/// How long the store must stall writes before [`Inner::wait_writable`] logs it (shorter
+/// stalls are routine under a steady write load).
+const STALL_WORTH_A_WORD: Duration = Duration::from_secs(1);
+
 /// Default key limit: 64 KiB less one byte (65,535), the state store's hard limit.
 pub const KEY_BYTES_MAX_DEFAULT: usize = KEY_BYTES_MAX_LIMIT;
 
@@ -562,14 +566,16 @@ impl Inner {
 
     /// Waits until `batch` can commit without waiting inside the store (see
     /// [`WriteBatch::write_stall`]); call it before taking a lock readers need (the view's).
-    /// Polls every 10 ms. `Err` when the store is poisoned or the engine failed meanwhile: the
+    /// Polls every millisecond. `Err` when the store is poisoned or the engine failed meanwhile: the
     /// stall may then never end.
     pub(crate) fn wait_writable(&self, batch: &Batch) -> Result<(), String> {
         let mut since: Option<std::time::Instant> = None;
+        let mut said = false;
         loop {
             match batch.write_stall() {
                 Ok(false) => {
-                    if let Some(t) = since {
+                    // Short stalls are routine under a steady write load; a long one is news.
+                    if let Some(t) = since.filter(|t| t.elapsed() >= STALL_WORTH_A_WORD) {
                         tracing::info!(
                             waited_ms = t.elapsed().as_millis() as u64,
                             "the state store accepts writes again"
@@ -586,14 +592,20 @@ impl Inner {
                     lock(&self.failed_reason)
                 ));
             }
-            if since.is_none() {
-                since = Some(std::time::Instant::now());
-                tracing::info!(
-                    "the state store stalls writes (its flushes or compactions fell behind); \
-                     writes wait, reads go on"
-                );
+            match since {
+                None => since = Some(std::time::Instant::now()),
+                Some(t) if !said && t.elapsed() >= STALL_WORTH_A_WORD => {
+                    said = true;
+                    tracing::info!(
+                        "the state store stalls writes (its flushes or compactions fell \
+                         behind); writes wait, reads go on"
+                    );
+                }
+                Some(_) => {}
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // Short: a stall usually ends within a flush, and the applier should go on as soon
+            // as it does.
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
