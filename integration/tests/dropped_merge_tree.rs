@@ -5,7 +5,10 @@
 //! - A tree merged into and then dropped at the source while the pipeline was stopped (daily
 //!   counter trees): the restarted pipeline replays the merge before the drop, with no operator
 //!   to resolve it. It must reach `running` and leave no row of the dropped tree, as at the
-//!   source; it must not hold for good (review 4, finding 1).
+//!   source; it must not hold for good (review 4, finding 1). Also when the tree took more
+//!   merges than one batch holds, so that the merges and the drop come in different batches:
+//!   the source's status, read after the merges, does not list the tree, so its drop follows
+//!   and the merges have nothing to leave.
 //! - A tree created after the pipeline started, whose `create_tree` the pipeline's `ops` filter
 //!   leaves out: the source names its operator now, so the pipeline reads it again before it
 //!   holds, and stores the merged value.
@@ -91,6 +94,19 @@ fn start(
     SharedPipelineStatus,
     tokio::task::JoinHandle<Result<(), tideline_connectors::PipelineError>>,
 ) {
+    start_with(source, name, ops, None)
+}
+
+/// [`start`], with batches of at most `batch_changes` changes when given.
+fn start_with(
+    source: &SourceNode,
+    name: &str,
+    ops: &[&str],
+    batch_changes: Option<usize>,
+) -> (
+    SharedPipelineStatus,
+    tokio::task::JoinHandle<Result<(), tideline_connectors::PipelineError>>,
+) {
     let client = tideline_stream::ClientConfig::new(
         tideline_stream::tls::load_client_dir(&source.secrets).expect("client secrets"),
     );
@@ -98,6 +114,9 @@ fn start(
     cfg.from = StartFrom::Tail(TailStart::Earliest);
     cfg.filter.ops = ops.iter().map(|o| o.to_string()).collect();
     cfg.batch_delay = Duration::from_millis(500);
+    if let Some(n) = batch_changes {
+        cfg.batch_changes = n;
+    }
     cfg.retry_min = Duration::from_millis(50);
     cfg.retry_max = Duration::from_millis(500);
     let mut sink_cfg = PostgresConfig::new(URL);
@@ -179,6 +198,67 @@ fn a_restarted_pipeline_goes_past_a_merge_into_a_tree_the_source_dropped_meanwhi
     assert!(
         left.is_empty(),
         "the sink still holds rows of the dropped tree: {left:?}"
+    );
+    task.abort();
+    let _ = rt.block_on(task);
+    rt.block_on(clean_up(&db, &name, &["daily", "kv", "cnt", "doc"]));
+}
+
+/// Daily counter trees take many merges before they are dropped: while the pipeline is
+/// stopped, more merges than one batch holds, then the drop. The restarted pipeline's first
+/// batches carry only merges into a tree the source no longer has; it must go past them.
+#[test]
+fn a_restarted_pipeline_goes_past_more_merges_than_a_batch_into_a_tree_since_dropped() {
+    if !sinkkit::service_up("PostgreSQL", PG) {
+        return;
+    }
+    const BATCH_CHANGES: usize = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let source = SourceNode::start(dir.path());
+    let _guard = source.runtime.enter();
+    let rt = &source.runtime;
+    let db = pg(rt);
+    let name = sinkkit::unique("pgdropmany");
+    let daily = format!("{name}_daily");
+    let kv = format!("{name}_kv");
+    let e = &source.engine;
+    e.create_tree("daily", Some("add")).expect("create daily");
+    e.merge("daily", b"visits", b"1").expect("merge");
+
+    let (status, task) = start_with(&source, &name, &[], Some(BATCH_CHANGES));
+    wait_caught_up(&source, &status, "first run", || {
+        rt.block_on(rows(&db, &daily)).get("visits") == Some(&Norm::of(b"1"))
+    });
+    task.abort();
+    let _ = rt.block_on(task);
+
+    // While the pipeline is stopped: merges into `daily` enough for several batches, each in
+    // a transaction of its own, then the tree goes; then changes that must still arrive.
+    for i in 0..(5 * BATCH_CHANGES) {
+        let key = format!("page{}", i % 3);
+        e.merge("daily", key.as_bytes(), b"1").expect("merge");
+    }
+    e.drop_tree("daily").expect("drop daily");
+    for i in 0..(2 * BATCH_CHANGES) {
+        e.put("kv", format!("after{i}").as_bytes(), b"\"drop\"")
+            .expect("put");
+    }
+
+    let (status, task) = start_with(&source, &name, &[], Some(BATCH_CHANGES));
+    let last = format!("after{}", 2 * BATCH_CHANGES - 1);
+    wait_caught_up(&source, &status, "after the restart", || {
+        rt.block_on(rows(&db, &kv)).contains_key(&last)
+    });
+    let left = rt.block_on(rows(&db, &daily));
+    assert!(
+        left.is_empty(),
+        "the sink still holds rows of the dropped tree: {left:?}"
+    );
+    let kv_rows = rt.block_on(rows(&db, &kv));
+    assert_eq!(
+        kv_rows.keys().filter(|k| k.starts_with("after")).count(),
+        2 * BATCH_CHANGES,
+        "every change after the drop arrives: {kv_rows:?}"
     );
     task.abort();
     let _ = rt.block_on(task);

@@ -80,7 +80,7 @@ pub(crate) async fn copy(
 }
 
 /// [`copy`], with each step written as [`Driver::write_learning`] says: a step that holds
-/// first asks `source` for the source's merge operators again.
+/// first asks `source` for what the source's `status` says of its trees again.
 pub(crate) async fn copy_learning(
     d: &Driver<'_>,
     filter: &Filter,

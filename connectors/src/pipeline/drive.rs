@@ -7,7 +7,7 @@
 //! Must never: change a batch between retries, or report a batch written before the sink
 //! returned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use tideline_consumers::{BootstrapProgress, Position};
@@ -30,14 +30,45 @@ pub(crate) trait Report: Sync {
     fn copy_done(&self, pos: &Position, progress: &BootstrapProgress, rate: f64);
 }
 
+/// What the source's `status` says of its trees, for a sink that stores values: handed to it
+/// when the pipeline starts and again before a held write is retried ([`Relearn`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct SourceTrees {
+    /// Tree → merge operator name, for trees that have one (`merge_operators`).
+    pub operators: BTreeMap<String, String>,
+    /// Every tree the source has (`trees`), listed no earlier than the source offset beside it
+    /// (`last_offset`); `None` when the status does not say, or when the pipeline's filter
+    /// keeps `drop_tree` from the sink (a tree the list lacks then has no drop to follow).
+    pub trees: Option<(BTreeSet<String>, u64)>,
+}
+
+impl SourceTrees {
+    /// Hands these to `sink` ([`Sink::set_merge_operators`], [`Sink::set_source_trees`]).
+    pub(crate) fn hand_to(&self, sink: &mut dyn Sink) {
+        sink.set_merge_operators(&self.operators);
+        if let Some((trees, as_of_offset)) = &self.trees {
+            sink.set_source_trees(trees, *as_of_offset);
+        }
+    }
+
+    /// Whether the trees or operators differ from `other`'s (where the list was read aside).
+    pub(crate) fn differs(&self, other: &SourceTrees) -> bool {
+        self.operators != other.operators
+            || self.trees.as_ref().map(|t| &t.0) != other.trees.as_ref().map(|t| &t.0)
+    }
+}
+
 /// Where a write that holds can learn again what the source says of its trees: a sink of
 /// values holds a merge on a tree whose operator it was not told (a tree created after the
 /// pipeline read the source's `status`, whose `create_tree` the filter left out), and the
-/// source may name it now. A pipeline's reads the source's `status`.
+/// source may name it now; or on a tree the source no longer has, dropped after the merge,
+/// which a status read after the merge no longer lists. A pipeline's reads the source's
+/// `status`.
 pub(crate) trait Relearn: Sync {
-    /// The source's merge operators (tree → name) when they differ from the ones last handed
-    /// to the sink; `None` when they do not, or when the source cannot be asked now.
-    fn changed_operators(&self) -> SinkFuture<'_, Option<BTreeMap<String, String>>>;
+    /// What the source's `status` says of its trees now, and whether its trees or merge
+    /// operators differ from the ones last handed to the sink; `None` when the source cannot
+    /// be asked now.
+    fn read_again(&self) -> SinkFuture<'_, Option<(SourceTrees, bool)>>;
 }
 
 /// How the shared steps retry, and whom they report to.
@@ -172,9 +203,10 @@ impl<'a> Driver<'a> {
         self.write_learning(sink, batch, None).await
     }
 
-    /// [`Driver::write`]; and before a `Hold` pauses it, asks `source` whether the source's
-    /// merge operators changed: if so, the sink is handed them and tried again at once, with
-    /// nothing held or counted. Held only when they did not (or the source cannot be asked).
+    /// [`Driver::write`]; and before a `Hold` pauses it, reads what `source` says of its trees
+    /// again and hands it to the sink (the retry after the pause uses it): if the trees or
+    /// merge operators changed, the sink is tried again at once, with nothing held or
+    /// counted. Held only when they did not (or the source cannot be asked).
     pub(crate) async fn write_learning(
         &self,
         sink: &mut dyn Sink,
@@ -191,14 +223,16 @@ impl<'a> Driver<'a> {
                 Ok(()) => break self.after_success(sink, failures),
                 Err((e, back)) => {
                     batch = back;
-                    // Tried again at once only when the source's operators changed since the
-                    // sink was last handed them, so this cannot spin.
+                    // Tried again at once only when the source's trees or operators changed
+                    // since the sink was last handed them, so this cannot spin.
                     if let (SinkError::Hold(why), Some(source)) = (&e, source)
-                        && let Some(operators) = source.changed_operators().await
+                        && let Some((now, changed)) = source.read_again().await
                     {
-                        tracing::info!(pipeline = %self.name, sink = %sink.describe(), held = %why, "the source's merge operators changed; trying the batch again with them");
-                        sink.set_merge_operators(&operators);
-                        continue;
+                        now.hand_to(sink);
+                        if changed {
+                            tracing::info!(pipeline = %self.name, sink = %sink.describe(), held = %why, "the source's trees or merge operators changed; trying the batch again with them");
+                            continue;
+                        }
                     }
                     let delay = self.after_failure(sink, e, &mut failures)?;
                     tokio::time::sleep(delay).await;
@@ -373,16 +407,27 @@ mod tests {
         }
     }
 
-    /// Answers `changed_operators` from a list, then with "unchanged".
+    /// Answers `read_again` from a list (an operator map: changed; `None`: unchanged), then
+    /// with "unchanged".
     struct Answers(std::sync::Mutex<Vec<Option<BTreeMap<String, String>>>>);
 
     impl Relearn for Answers {
-        fn changed_operators(&self) -> SinkFuture<'_, Option<BTreeMap<String, String>>> {
+        fn read_again(&self) -> SinkFuture<'_, Option<(SourceTrees, bool)>> {
             let next = {
                 let mut a = self.0.lock().unwrap();
                 if a.is_empty() { None } else { a.remove(0) }
             };
-            Box::pin(async move { next })
+            let answer = match next {
+                Some(operators) => (
+                    SourceTrees {
+                        operators,
+                        trees: None,
+                    },
+                    true,
+                ),
+                None => (SourceTrees::default(), false),
+            };
+            Box::pin(async move { Some(answer) })
         }
     }
 

@@ -32,7 +32,7 @@ pub(crate) mod copy;
 pub(crate) mod drive;
 mod status;
 
-use std::collections::BTreeMap;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -46,7 +46,7 @@ use tideline_wal::{Op, Transaction};
 use crate::sink::{Batch, Item, Sink};
 pub use checkpoint::PipelineCheckpoint;
 use copy::{CopyStop, SourceEnd};
-use drive::{Driver, Relearn};
+use drive::{Driver, Relearn, SourceTrees};
 pub use status::{PipelineState, PipelineStatus, SharedPipelineStatus};
 
 /// Where a pipeline whose sink holds no checkpoint starts.
@@ -251,11 +251,11 @@ pub async fn run(
     let d = Driver::of(&cfg, st);
     let stored_bytes = d.open(&mut *sink).await?;
     let stored = resume_point(&sink.describe(), stored_bytes.as_deref(), &cfg.filter)?;
-    let operators = merge_operators(&cfg, &d, st).await?;
-    sink.set_merge_operators(&operators);
+    let trees = source_trees(&cfg, &d, st).await?;
+    trees.hand_to(&mut *sink);
     let source = SourceOperators {
         cfg: &cfg,
-        handed: std::sync::Mutex::new(operators),
+        handed: std::sync::Mutex::new(trees),
     };
     let position = match stored {
         Some(PipelineCheckpoint::Tail(p)) => Some(p),
@@ -312,22 +312,23 @@ pub fn resume_point(
     Ok(Some(checkpoint))
 }
 
-/// The source's merge operators, from its `status` (`merge_operators`: tree -> name), so that
-/// a sink storing values can resolve merges on trees created before the pipeline started.
-/// Retries a passing fault like the tail does; a node that does not report them gives none.
-async fn merge_operators(
+/// What the source's `status` says of its trees (see [`SourceTrees`]), so that a sink storing
+/// values can resolve merges on trees created before the pipeline started, and go past merges
+/// on trees dropped since. Retries a passing fault like the tail does; a node that does not
+/// report them gives none.
+async fn source_trees(
     cfg: &PipelineConfig,
     d: &Driver<'_>,
     st: &SharedPipelineStatus,
-) -> Result<BTreeMap<String, String>, PipelineError> {
+) -> Result<SourceTrees, PipelineError> {
     let mut failures = 0u32;
     loop {
-        match read_merge_operators(cfg).await {
-            Ok(ops) => {
+        match read_source_trees(cfg).await {
+            Ok(trees) => {
                 if failures > 0 {
                     st.update(|s| s.last_error = None);
                 }
-                return Ok(ops);
+                return Ok(trees);
             }
             Err(e) if e.is_retryable() => {
                 tracing::warn!(pipeline = %cfg.name, error = %e, "source unreachable; retrying");
@@ -345,47 +346,62 @@ async fn merge_operators(
     }
 }
 
-/// One read of the source's merge operators (see [`merge_operators`]).
-async fn read_merge_operators(
+/// One read of the source's trees (see [`source_trees`]).
+async fn read_source_trees(
     cfg: &PipelineConfig,
-) -> Result<BTreeMap<String, String>, tideline_stream::ClientError> {
+) -> Result<SourceTrees, tideline_stream::ClientError> {
     let client = Client::connect(&cfg.addr, cfg.client.clone()).await?;
     let status = client.status().await;
     client.close().await;
     let v: serde_json::Value = serde_json::from_str(&status?).unwrap_or_default();
-    Ok(v["merge_operators"]
+    Ok(parse_source_trees(&v, &cfg.filter))
+}
+
+/// [`SourceTrees`] from a `status` document. The list of trees is left out when `filter`
+/// keeps `drop_tree` from the sink: a tree missing from it then has no drop to follow.
+fn parse_source_trees(status: &serde_json::Value, filter: &Filter) -> SourceTrees {
+    let operators = status["merge_operators"]
         .as_object()
         .map(|m| {
             m.iter()
                 .filter_map(|(t, o)| Some((t.clone(), o.as_str()?.to_owned())))
                 .collect()
         })
-        .unwrap_or_default())
+        .unwrap_or_default();
+    let drops_pass = filter.ops.is_empty() || filter.ops.iter().any(|o| o == "drop_tree");
+    // `status` reads its position before its trees: the list is no older than `last_offset`.
+    let trees = match (status["trees"].as_array(), status["last_offset"].as_u64()) {
+        (Some(names), Some(as_of)) if drops_pass => names
+            .iter()
+            .map(|n| n.as_str().map(str::to_owned))
+            .collect::<Option<BTreeSet<String>>>()
+            .map(|names| (names, as_of)),
+        _ => None,
+    };
+    SourceTrees { operators, trees }
 }
 
-/// The source's merge operators as last handed to the sink, read again when a write holds
-/// ([`Relearn`]).
+/// What the source's `status` said of its trees when last handed to the sink, read again when
+/// a write holds ([`Relearn`]).
 struct SourceOperators<'a> {
     cfg: &'a PipelineConfig,
-    handed: std::sync::Mutex<BTreeMap<String, String>>,
+    handed: std::sync::Mutex<SourceTrees>,
 }
 
 impl Relearn for SourceOperators<'_> {
-    fn changed_operators(&self) -> crate::sink::SinkFuture<'_, Option<BTreeMap<String, String>>> {
+    fn read_again(&self) -> crate::sink::SinkFuture<'_, Option<(SourceTrees, bool)>> {
         Box::pin(async move {
-            let now = match read_merge_operators(self.cfg).await {
+            let now = match read_source_trees(self.cfg).await {
                 Ok(now) => now,
                 Err(e) => {
-                    tracing::warn!(pipeline = %self.cfg.name, error = %e, "could not read the source's merge operators again");
+                    tracing::warn!(pipeline = %self.cfg.name, error = %e, "could not read the source's trees again");
                     return None;
                 }
             };
             let mut handed = self.handed.lock().unwrap_or_else(|p| p.into_inner());
-            if *handed == now {
-                return None;
-            }
+            let changed = now.differs(&handed);
             handed.clone_from(&now);
-            Some(now)
+            Some((now, changed))
         })
     }
 }

@@ -13,16 +13,20 @@
 //! Merge operators: a tree's operator comes from the stream (`create_tree`, a bootstrap
 //! chunk) or, for trees that existed before the pipeline started, from the source node's
 //! `status` (handed over by [`Operators::learn_from_source`], at the start and again before a
-//! write holds). A merge on a tree whose operator is unknown is never guessed: when the batch
-//! drops the tree after it, the merge leaves nothing (the drop removes the tree's rows, as it
-//! did at the source); otherwise the batch is refused with a `Hold` error. A merge needs its
-//! tree to have an operator when it is written, so a tree whose operator the source's status
-//! does not name even when read again was dropped (or created again without one) after the
-//! merge, and its drop comes later in the stream.
+//! held write is retried). A `drop_tree` forgets the tree's operator: a tree of that name
+//! created again later has its own. A merge on a tree whose operator is unknown is never
+//! guessed; it leaves nothing when a drop of its tree follows in the stream, which is known
+//! when the batch drops the tree after it, or when the source's status, read after the merge
+//! was committed ([`Operators::learn_source_trees`]), does not list the tree at all: the merge
+//! shows that the tree existed then, so it was dropped since, and that drop, later in the
+//! stream, removes every row the merge could leave (the sink's rows of the tree are stale
+//! only until it arrives). Otherwise (the source lists the tree but names no operator for it,
+//! or names one this build does not know) the batch is refused with a `Hold` error.
 //!
 //! Owns: folding and operator bookkeeping. Must never: do I/O.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use tideline_engine::MergeOperator;
 use tideline_wal::Op;
@@ -109,14 +113,32 @@ pub(crate) struct Operators {
     by_tree: HashMap<String, Option<MergeOperator>>,
     /// Operators the source's status names that this build does not know, by tree.
     unknown_names: HashMap<String, String>,
+    /// What the source's status said last (shared: [`fold`] works on a copy).
+    source: Arc<SourceView>,
+    /// Trees dropped in the stream and not created again in it since, each with the source
+    /// offset of its last drop (`u64::MAX` when the drop came without one).
+    dropped: HashMap<String, u64>,
+    /// Trees whose merges were skipped since their last drop, warned about once.
+    warned: HashSet<String>,
+}
+
+/// The source's `status` as last handed to the sink.
+#[derive(Debug, Default, Clone)]
+struct SourceView {
+    /// Tree → operator name.
+    operators: BTreeMap<String, String>,
+    /// Every tree the source had, as listed no earlier than the source offset `as_of`.
+    trees: Option<BTreeSet<String>>,
+    /// The source offset the list of trees is no older than (0: none handed).
+    as_of: u64,
 }
 
 impl Operators {
     /// Learns the source's operators as its `status` reports them (when the pipeline starts,
-    /// and again before a write holds). What the stream said wins: a tree the sink knows
-    /// keeps its operator. For a tree it does not know, the operator the source names now is
-    /// the one its merges were written with, or the tree was dropped and created again after
-    /// them, and the drop that follows removes what they left.
+    /// and again before a held write is retried). What the stream said wins: a tree the sink
+    /// knows keeps its operator. For a tree it does not know, the operator the source names
+    /// now is the one its merges were written with, or the tree was dropped and created again
+    /// after them, and the drop that follows removes what they left.
     pub(crate) fn learn_from_source(&mut self, operators: &BTreeMap<String, String>) {
         for (tree, name) in operators {
             match MergeOperator::from_name(name) {
@@ -128,6 +150,24 @@ impl Operators {
                 }
             }
         }
+        Arc::make_mut(&mut self.source)
+            .operators
+            .clone_from(operators);
+    }
+
+    /// Learns every tree the source has, as its `status` lists them no earlier than the
+    /// source offset `as_of` (its `last_offset`), read together with the operators handed to
+    /// [`Operators::learn_from_source`] just before. Only for a pipeline whose filter lets
+    /// `drop_tree` through: a merge committed at or before `as_of` on a tree missing from
+    /// the list is followed in the stream by the tree's drop.
+    pub(crate) fn learn_source_trees(&mut self, trees: &BTreeSet<String>, as_of: u64) {
+        let view = Arc::make_mut(&mut self.source);
+        view.trees = Some(trees.clone());
+        view.as_of = as_of;
+        // A drop the status has seen, of a tree it no longer lists, needs no memory: merges
+        // after it are skipped by the list.
+        self.dropped
+            .retain(|tree, at| *at > as_of || trees.contains(tree));
     }
 
     /// Whether `tree` has a merge operator as far as the sink knows.
@@ -146,25 +186,61 @@ impl Operators {
             })?),
         };
         self.by_tree.insert(tree.to_owned(), op);
+        self.dropped.remove(tree);
         Ok(())
+    }
+
+    /// `tree` was dropped at source offset `at`: what the sink knew of its operator was the
+    /// dropped tree's, not that of a tree of the same name created later.
+    fn forget(&mut self, tree: &str, at: Option<u64>) {
+        self.by_tree.remove(tree);
+        self.unknown_names.remove(tree);
+        self.warned.remove(tree);
+        self.dropped.insert(tree.to_owned(), at.unwrap_or(u64::MAX));
+    }
+
+    /// Whether the source's status, listed after the op at source offset `at` was committed,
+    /// does not list `tree`: the tree was dropped after that op, and the drop follows in the
+    /// stream.
+    fn gone_at_source(&self, tree: &str, at: Option<u64>) -> bool {
+        let v = &self.source;
+        at.is_some_and(|at| at <= v.as_of)
+            && v.trees.as_ref().is_some_and(|trees| !trees.contains(tree))
     }
 
     /// `tree`'s operator, for a merge in a copy's step (`copying`) or in a batch of the log.
     fn get(&self, tree: &str, copying: bool) -> Result<MergeOperator, SinkError> {
-        match self.by_tree.get(tree) {
-            Some(Some(op)) => Ok(*op),
+        // Dropped in the stream: the status names the operator of the tree created after the
+        // drop only when it was read after the drop.
+        let from_source = match self.dropped.get(tree) {
+            Some(&at) if at > self.source.as_of => None,
+            _ => self.source.operators.get(tree),
+        };
+        let learned = match self.by_tree.get(tree) {
+            Some(known) => Some(*known),
+            None => from_source
+                .and_then(|n| MergeOperator::from_name(n))
+                .map(Some),
+        };
+        let unknown_name = self
+            .unknown_names
+            .get(tree)
+            .or_else(|| from_source.filter(|n| MergeOperator::from_name(n).is_none()));
+        match learned {
+            Some(Some(op)) => Ok(op),
             Some(None) => Err(SinkError::Hold(format!(
                 "a merge on tree `{tree}`, which has no merge operator at the source as far as \
                  this pipeline saw; restart the connector so that it reads the source's trees \
                  again"
             ))),
-            None if self.unknown_names.contains_key(tree) => Err(SinkError::Hold(format!(
+            None if unknown_name.is_some() => Err(SinkError::Hold(format!(
                 "tree `{tree}` uses the merge operator `{}`, which this tideline does not know; \
                  upgrade the connector to the source's version",
-                self.unknown_names[tree]
+                unknown_name.map_or("", String::as_str)
             ))),
-            // The pipeline hands the sink the source's operators again before it holds: the
-            // source names none for the tree now.
+            // The pipeline hands the sink the source's status again before it holds: the
+            // source names no operator for the tree now, yet lists the tree (or its list is
+            // older than the merge, or the pipeline's filter keeps drops from the sink).
             None => {
                 let remedy = if copying {
                     "this step of the copy ends before the drop. To go on, start the pipeline \
@@ -187,14 +263,16 @@ impl Operators {
     }
 }
 
-/// Folds `batch` into steps, learning operators from it.
+/// Folds `batch` into steps, learning operators from it. `operators` changes only when the
+/// fold succeeds: a batch refused is folded again, from the same operators, when retried.
 pub(crate) fn fold(batch: &Batch, operators: &mut Operators) -> Result<Vec<Step>, SinkError> {
     let mut f = Folder {
         steps: Vec::new(),
         run: Run::default(),
-        operators,
+        operators: operators.clone(),
         batch,
         at: 0,
+        offset: None,
         drops: None,
     };
     for item in &batch.items {
@@ -221,6 +299,10 @@ pub(crate) fn fold(batch: &Batch, operators: &mut Operators) -> Result<Vec<Step>
             }
             Item::Txn(_) | Item::Record(_) | Item::Ops(_) => {
                 let copying = !matches!(item, Item::Txn(_));
+                f.offset = match item {
+                    Item::Txn(t) | Item::Record(CopyRecord { txn: t, .. }) => Some(t.offset.get()),
+                    _ => None,
+                };
                 for op in item_ops(item) {
                     f.at += 1;
                     f.op(op, copying)?;
@@ -229,6 +311,7 @@ pub(crate) fn fold(batch: &Batch, operators: &mut Operators) -> Result<Vec<Step>
         }
     }
     f.flush();
+    *operators = f.operators;
     Ok(f.steps)
 }
 
@@ -242,19 +325,23 @@ fn item_ops(item: &Item) -> &[Op] {
 }
 
 /// One fold in progress.
-struct Folder<'b, 'o> {
+struct Folder<'b> {
     steps: Vec<Step>,
     run: Run,
-    operators: &'o mut Operators,
+    /// The sink's operators as this fold leaves them (its own copy until it succeeds).
+    operators: Operators,
     batch: &'b Batch,
     /// Ordinal of the op being folded (1 for the batch's first op).
     at: usize,
+    /// Source offset of the record the op being folded belongs to (`None`: a copy's ops that
+    /// belong to no record).
+    offset: Option<u64>,
     /// Each dropped tree's last `drop_tree` in the batch, by ordinal; found when a merge first
     /// needs it.
     drops: Option<HashMap<&'b str, usize>>,
 }
 
-impl Folder<'_, '_> {
+impl Folder<'_> {
     fn flush(&mut self) {
         if !self.run.is_empty() {
             self.steps.push(Step::Run(std::mem::take(&mut self.run)));
@@ -298,6 +385,20 @@ impl Folder<'_, '_> {
                     // of it (whatever a run before it wrote): the merge has nothing to store,
                     // and its operator does not matter.
                     Err(_) if self.dropped_later(tree) => return Ok(()),
+                    // The source's status, listed after this merge was committed, lacks the
+                    // tree: it was dropped since, and the drop follows in the stream.
+                    Err(_) if self.operators.gone_at_source(tree, self.offset) => {
+                        if self.operators.warned.insert(tree.clone()) {
+                            tracing::warn!(
+                                tree = %tree,
+                                "skipping merges into tree `{tree}`, whose operator is unknown: \
+                                 the source has dropped it since, and its drop, later in the \
+                                 stream, removes what they would leave (the sink's rows of the \
+                                 tree are stale until then)"
+                            );
+                        }
+                        return Ok(());
+                    }
                     Err(e) => return Err(e),
                 };
                 let rows = self.run.tree(tree);
@@ -320,6 +421,7 @@ impl Folder<'_, '_> {
                 self.steps.push(Step::Create(tree.clone()));
             }
             Op::DropTree { tree } => {
+                self.operators.forget(tree, self.offset);
                 self.flush();
                 self.steps.push(Step::Drop(tree.clone()));
             }
@@ -478,6 +580,127 @@ mod tests {
         assert!(
             matches!(&e, SinkError::Hold(m) if m.contains("`zeta`") && m.contains("upgrade")),
             "{e}"
+        );
+    }
+
+    fn txn_at(offset: u64, ops: Vec<Op>) -> Item {
+        let Item::Txn(mut t) = txn(ops) else {
+            unreachable!("txn builds a transaction")
+        };
+        t.offset = Offset::new(offset).unwrap();
+        Item::Txn(t)
+    }
+
+    fn trees(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    /// The merges into a tree come in batches before the one that drops it (a tree takes many
+    /// merges before it goes): the source's status, listed after them, lacks the tree, so its
+    /// drop follows and the merges are skipped; the batch is stored, not held. A merge the
+    /// list is older than, or on a tree the source lists with no operator, still holds.
+    #[test]
+    fn merges_into_a_tree_the_source_no_longer_lists_are_skipped() {
+        let mut ops = Operators::default();
+        ops.learn_from_source(&BTreeMap::new());
+        ops.learn_source_trees(&trees(&["kv"]), 10);
+        let put = |key: &str| Op::Put {
+            tree: "kv".into(),
+            key: key.into(),
+            value: b"1".to_vec(),
+            before: None,
+        };
+        let b = batch(vec![
+            txn_at(5, vec![merge("c", "k", "1"), merge("c", "j", "1")]),
+            txn_at(6, vec![put("a"), merge("c", "k", "1")]),
+        ]);
+        let steps = fold(&b, &mut ops).expect("merges into a tree since dropped are skipped");
+        let written: Vec<&str> = steps
+            .iter()
+            .filter_map(|s| match s {
+                Step::Run(run) => Some(run),
+                _ => None,
+            })
+            .flat_map(run_trees)
+            .collect();
+        assert_eq!(written, ["kv"], "{steps:?}");
+
+        // Committed after the list was read: the source may have created `c` since.
+        let e = fold(
+            &batch(vec![txn_at(11, vec![merge("c", "k", "1")])]),
+            &mut ops,
+        )
+        .unwrap_err();
+        assert!(matches!(&e, SinkError::Hold(m) if m.contains("`c`")), "{e}");
+        // Listed with no operator: dropped and created again without one; held as before.
+        ops.learn_source_trees(&trees(&["kv", "c"]), 20);
+        let e = fold(
+            &batch(vec![txn_at(12, vec![merge("c", "k", "1")])]),
+            &mut ops,
+        )
+        .unwrap_err();
+        assert!(matches!(&e, SinkError::Hold(m) if m.contains("`c`")), "{e}");
+    }
+
+    /// A drop forgets the tree's operator: a tree of that name created again (its
+    /// `create_tree` filtered out) is not merged with the dropped one's operator, but with the
+    /// one the source's status names once read after the drop; and a batch refused leaves the
+    /// operators as they were, so that folding it again with that status succeeds.
+    #[test]
+    fn a_drop_forgets_the_operator_learned_for_the_tree() {
+        let mut ops = Operators::default();
+        ops.learn_from_source(&BTreeMap::from([("c".into(), "add".into())]));
+        ops.learn_source_trees(&trees(&["c"]), 4);
+        let steps = fold(
+            &batch(vec![
+                txn_at(5, vec![merge("c", "k", "2")]),
+                txn_at(6, vec![Op::DropTree { tree: "c".into() }]),
+            ]),
+            &mut ops,
+        )
+        .unwrap();
+        assert!(
+            matches!(steps.last(), Some(Step::Drop(t)) if t == "c"),
+            "{steps:?}"
+        );
+
+        // `c` created again with `max` at offset 7; the status handed was read before.
+        let again = batch(vec![txn_at(8, vec![merge("c", "k", "3")])]);
+        let e = fold(&again, &mut ops).unwrap_err();
+        assert!(matches!(&e, SinkError::Hold(m) if m.contains("`c`")), "{e}");
+        ops.learn_from_source(&BTreeMap::from([("c".into(), "max".into())]));
+        ops.learn_source_trees(&trees(&["c"]), 8);
+        let steps = fold(&again, &mut ops).unwrap();
+        let Step::Run(run) = &steps[0] else {
+            panic!("{steps:?}")
+        };
+        assert_eq!(
+            run.trees[0].1[&b"k".to_vec()].resolve(Some(b"9")),
+            Some(b"9".to_vec()),
+            "resolved with `max`, not the dropped tree's `add`"
+        );
+
+        // The drop and the merge after it in one batch, the status read before the drop: held,
+        // and held with nothing learned from the refused fold; once a status read after the
+        // drop is handed, the same batch folds.
+        let mut ops = Operators::default();
+        ops.learn_from_source(&BTreeMap::from([("c".into(), "add".into())]));
+        ops.learn_source_trees(&trees(&["c"]), 4);
+        let both = batch(vec![
+            txn_at(5, vec![Op::DropTree { tree: "c".into() }]),
+            txn_at(7, vec![merge("c", "k", "3")]),
+        ]);
+        assert!(matches!(fold(&both, &mut ops), Err(SinkError::Hold(_))));
+        assert!(ops.merges("c"), "a refused fold forgets nothing");
+        ops.learn_from_source(&BTreeMap::from([("c".into(), "max".into())]));
+        ops.learn_source_trees(&trees(&["c"]), 7);
+        let steps = fold(&both, &mut ops).unwrap();
+        let Some(Step::Run(run)) = steps.last() else {
+            panic!("{steps:?}")
+        };
+        assert_eq!(
+            run.trees[0].1[&b"k".to_vec()].resolve(Some(b"9")),
+            Some(b"9".to_vec())
         );
     }
 

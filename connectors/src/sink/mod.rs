@@ -50,7 +50,7 @@ pub mod postgres;
 pub mod redis;
 pub mod webhook;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Test-only switch (feature `testing`, env `TIDELINE_TESTING_POSITION_APART`): a value sink
 /// stores the position in a step of its own after the data, so that a kill between the two
@@ -302,11 +302,23 @@ pub trait Sink: Send {
         Box::pin(async { Ok(()) })
     }
 
-    /// The source's merge operators (tree → operator name) as its `status` names them when the
-    /// pipeline starts, before the first [`Sink::write`]. A sink that stores values rather
-    /// than the log's operands resolves merges with them (ops in the stream — `create_tree`,
-    /// a bootstrap chunk — override them). Default: ignored.
+    /// The source's merge operators (tree → operator name) as its `status` names them: when
+    /// the pipeline starts, before the first [`Sink::write`], and again, read anew, before a
+    /// write that held is tried again. A sink that stores values rather than the log's
+    /// operands resolves merges with them (ops in the stream — `create_tree`, a bootstrap
+    /// chunk — override them). Default: ignored.
     fn set_merge_operators(&mut self, operators: &BTreeMap<String, String>) {
         let _ = operators;
+    }
+
+    /// Every tree the source has, as its `status` lists them no earlier than the source offset
+    /// `as_of_offset` (its `last_offset`); handed right after [`Sink::set_merge_operators`],
+    /// from the same read, and only by a pipeline whose filter lets `drop_tree` through. A
+    /// merge in the stream at or before `as_of_offset` on a tree the list lacks was followed
+    /// by the tree's drop, which comes later in the stream and removes whatever the merge
+    /// would leave: a sink of values that does not know the tree's operator skips the merge
+    /// rather than hold. Default: ignored.
+    fn set_source_trees(&mut self, trees: &BTreeSet<String>, as_of_offset: u64) {
+        let _ = (trees, as_of_offset);
     }
 }

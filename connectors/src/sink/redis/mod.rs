@@ -598,6 +598,10 @@ impl Sink for RedisSink {
     fn set_merge_operators(&mut self, operators: &BTreeMap<String, String>) {
         self.operators.learn_from_source(operators);
     }
+
+    fn set_source_trees(&mut self, trees: &std::collections::BTreeSet<String>, as_of_offset: u64) {
+        self.operators.learn_source_trees(trees, as_of_offset);
+    }
 }
 
 #[cfg(test)]
