@@ -85,8 +85,10 @@ pub fn spawn(
                     });
                     failures += 1;
                 }
-                // Another cluster's certificate: permanent, unless this upstream once worked
-                // (it may be mid-redeploy), in which case it is retried like a network error.
+                // Another cluster's certificate or a refused token: permanent, unless this
+                // upstream once worked in this process (it may be mid-redeploy, or restarted
+                // with a rotated token before this replica), in which case it is checked again
+                // after the longest backoff.
                 Err(Stop::Permanent(e))
                     if st
                         .lock()
@@ -99,7 +101,7 @@ pub fn spawn(
                         s.state = UpstreamState::Connecting;
                         s.error = Some(e);
                     });
-                    failures += 1;
+                    failures = failures.max(6);
                 }
                 Err(Stop::Held(e)) => {
                     tracing::error!(upstream = %addr, error = %e, "replication held for an operator");

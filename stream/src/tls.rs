@@ -23,13 +23,21 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 /// The name every node certificate carries and every client verifies.
 pub const SERVER_NAME: &str = "tideline.internal";
 
-const FILES: [&str; 5] = [
+/// The files of a secrets directory, in the order they are created (`token` last: its
+/// presence means the set was written whole).
+pub const FILES: [&str; 5] = [
     "ca.pem",
     "ca.key.pem",
     "server.pem",
     "server.key.pem",
     "token",
 ];
+
+/// The lock held while a directory's secrets are checked and created.
+const LOCK_FILE: &str = ".lock";
+
+/// The suffix of a file being written.
+const TMP_SUFFIX: &str = ".tmp";
 
 /// Why secrets could not be created or loaded.
 #[derive(Debug, thiserror::Error)]
@@ -43,10 +51,11 @@ pub enum SecretsError {
         /// Cause.
         source: std::io::Error,
     },
-    /// Some files exist and others not.
+    /// Some files exist and others not, and the set cannot be a creation cut short on a new
+    /// node.
     #[error(
-        "secrets directory {dir} is incomplete (missing {missing}): restore it from a node of \
-         the cluster, or empty it to create a new cluster"
+        "secrets directory {dir} is incomplete (missing {missing}): restore the whole secrets \
+         directory from a node of the cluster"
     )]
     Incomplete {
         /// Directory.
@@ -71,6 +80,31 @@ pub enum SecretsError {
         /// Certificate or key.
         what: &'static str,
         /// Parser message.
+        reason: String,
+    },
+    /// A file of a node's secrets directory is empty or does not parse.
+    #[error(
+        "{path} is not a valid {what} ({reason}): restore the whole secrets directory from a \
+         node of the cluster"
+    )]
+    Damaged {
+        /// File.
+        path: PathBuf,
+        /// Certificate, key or token.
+        what: &'static str,
+        /// Parser message.
+        reason: String,
+    },
+    /// The node certificate was not issued by the CA beside it.
+    #[error(
+        "{dir}/server.pem was not issued by {dir}/ca.pem ({reason}): copy the whole secrets \
+         directory from a node of the cluster (clients trusting this ca.pem would refuse the \
+         node as another cluster's)"
+    )]
+    ForeignCertificate {
+        /// Directory.
+        dir: String,
+        /// What the verifier said.
         reason: String,
     },
     /// Certificate generation failed.
@@ -110,38 +144,131 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SecretsError + '_ {
     }
 }
 
-fn write_private(path: &Path, data: &[u8], private: bool) -> Result<(), SecretsError> {
+/// Writes `dir/name` whole or not at all: `name.tmp`, fsynced, then renamed over `name`.
+fn write_file(dir: &Path, name: &str, data: &[u8], private: bool) -> Result<(), SecretsError> {
     use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(if private { 0o600 } else { 0o644 })
-        .open(path)
-        .map_err(io_err(path))?;
-    f.write_all(data).map_err(io_err(path))?;
-    f.sync_all().map_err(io_err(path))
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(data).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))
+}
+
+fn sync_dir(dir: &Path) -> Result<(), SecretsError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// What a secrets directory holds, read under its lock.
+struct Contents {
+    /// Which of [`FILES`] exist.
+    present: [bool; FILES.len()],
+    /// Names ending in [`TMP_SUFFIX`]: files of a creation cut short.
+    leftovers: Vec<PathBuf>,
+}
+
+impl Contents {
+    fn read(dir: &Path) -> Result<Contents, SecretsError> {
+        let mut present = [false; FILES.len()];
+        let mut leftovers = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+            let entry = entry.map_err(io_err(dir))?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if let Some(i) = FILES.iter().position(|f| *f == name) {
+                present[i] = true;
+            } else if name.ends_with(TMP_SUFFIX) {
+                leftovers.push(entry.path());
+            }
+        }
+        Ok(Contents { present, leftovers })
+    }
+
+    fn missing(&self) -> String {
+        FILES
+            .iter()
+            .zip(&self.present)
+            .filter(|(_, p)| !**p)
+            .map(|(f, _)| *f)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Creates the secrets in `dir` if none are there; leaves complete secrets alone. Returns
+/// whether they were created. A creation cut short is never completed: use
+/// [`ensure_node_secrets`] where that is safe.
+pub fn ensure_secrets(dir: &Path) -> Result<bool, SecretsError> {
+    ensure_node_secrets(dir, false)
 }
 
 /// Creates the secrets in `dir` if none are there; leaves complete secrets alone. Returns
 /// whether they were created.
-pub fn ensure_secrets(dir: &Path) -> Result<bool, SecretsError> {
-    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    let present: Vec<bool> = FILES.iter().map(|f| dir.join(f).exists()).collect();
-    if present.iter().all(|p| *p) {
+///
+/// Exclusive: an `flock` on `dir/.lock` is held from the check to the end of the creation, so
+/// nodes started together on one directory wait for the first, then load what it created.
+/// Atomic: each file is written as `NAME.tmp`, fsynced and renamed, `token` last, so a
+/// directory holding `token` was created whole. One without `token` (some files, or `.tmp`
+/// leftovers) is a creation cut short: it is created again only when `node_is_new` (the node's
+/// data directory holds no log yet, so nothing can have used these secrets); otherwise it is
+/// refused, saying which files are missing.
+pub fn ensure_node_secrets(dir: &Path, node_is_new: bool) -> Result<bool, SecretsError> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))?;
+    let lock_path = dir.join(LOCK_FILE);
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    // Released when `lock` is dropped, or by the kernel if the process dies.
+    lock.lock().map_err(io_err(&lock_path))?;
+    let contents = Contents::read(dir)?;
+    if contents.present.iter().all(|p| *p) {
         return Ok(false);
     }
-    if present.iter().any(|p| *p) {
-        let missing: Vec<&str> = FILES
-            .iter()
-            .zip(&present)
-            .filter(|(_, p)| !**p)
-            .map(|(f, _)| *f)
-            .collect();
-        return Err(SecretsError::Incomplete {
-            dir: dir.to_path_buf(),
-            missing: missing.join(", "),
-        });
+    let token_present = contents.present[FILES.len() - 1];
+    let untouched = !contents.present.iter().any(|p| *p) && contents.leftovers.is_empty();
+    if !untouched {
+        if token_present || !node_is_new {
+            return Err(SecretsError::Incomplete {
+                dir: dir.to_path_buf(),
+                missing: contents.missing(),
+            });
+        }
+        // A creation cut short, on a node that has used no secrets yet: start it again.
+        for (f, p) in FILES.iter().zip(&contents.present) {
+            if *p {
+                let path = dir.join(f);
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+            }
+        }
+        for path in &contents.leftovers {
+            std::fs::remove_file(path).map_err(io_err(path))?;
+        }
     }
+    create(dir)?;
+    drop(lock);
+    Ok(true)
+}
+
+/// Generates and writes the five files into `dir`, which holds none of them.
+fn create(dir: &Path) -> Result<(), SecretsError> {
     let generate = |e: rcgen::Error| SecretsError::Generate(e.to_string());
     let ca_key = rcgen::KeyPair::generate().map_err(generate)?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(generate)?;
@@ -174,27 +301,36 @@ pub fn ensure_secrets(dir: &Path) -> Result<bool, SecretsError> {
     rand::fill(&mut token);
     let token_hex: String = token.iter().map(|b| format!("{b:02x}")).collect();
 
-    write_private(&dir.join("ca.pem"), ca_cert.pem().as_bytes(), false)?;
-    write_private(
-        &dir.join("ca.key.pem"),
+    write_file(dir, "ca.pem", ca_cert.pem().as_bytes(), false)?;
+    #[cfg(test)]
+    tests::after_first_file(dir);
+    write_file(
+        dir,
+        "ca.key.pem",
         issuer.key().serialize_pem().as_bytes(),
         true,
     )?;
-    write_private(&dir.join("server.pem"), server_cert.pem().as_bytes(), false)?;
-    write_private(
-        &dir.join("server.key.pem"),
+    write_file(dir, "server.pem", server_cert.pem().as_bytes(), false)?;
+    write_file(
+        dir,
+        "server.key.pem",
         server_key.serialize_pem().as_bytes(),
         true,
     )?;
-    write_private(
-        &dir.join("token"),
-        format!("{token_hex}\n").as_bytes(),
-        true,
-    )?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))?;
-    Ok(true)
+    // The four renames are durable before `token`, the commit point, appears.
+    sync_dir(dir)?;
+    write_file(dir, "token", format!("{token_hex}\n").as_bytes(), true)?;
+    sync_dir(dir)
+}
+
+/// The files of `dir` that a node loads (or keeps: `ca.key.pem`) and that are missing, in
+/// the order they are created; empty when the set is whole.
+pub fn missing_files(dir: &Path) -> Vec<&'static str> {
+    FILES
+        .iter()
+        .filter(|f| !dir.join(f).is_file())
+        .copied()
+        .collect()
 }
 
 fn read_cert(path: &Path) -> Result<CertificateDer<'static>, SecretsError> {
@@ -219,21 +355,56 @@ pub fn read_token(path: &Path) -> Result<String, SecretsError> {
     Ok(token)
 }
 
-/// Loads what a server needs from `dir`.
+/// Loads what a server needs from `dir`. Refuses an empty or unparsable file, and a node
+/// certificate that `dir/ca.pem` did not issue (clients trusting that CA would take the node
+/// for another cluster's).
 pub fn load_server(dir: &Path) -> Result<ServerSecrets, SecretsError> {
-    let cert = read_cert(&dir.join("server.pem"))?;
-    let ca = read_cert(&dir.join("ca.pem"))?;
+    let damaged = |e: SecretsError| match e {
+        SecretsError::BadPem { path, what, reason } => SecretsError::Damaged { path, what, reason },
+        e => e,
+    };
+    let cert = read_cert(&dir.join("server.pem")).map_err(damaged)?;
+    let ca = read_cert(&dir.join("ca.pem")).map_err(damaged)?;
     let key_path = dir.join("server.key.pem");
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| SecretsError::BadPem {
+    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| SecretsError::Damaged {
         path: key_path.clone(),
         what: "private key",
         reason: e.to_string(),
     })?;
+    let token = read_token(&dir.join("token")).map_err(damaged)?;
+    check_issued_by(dir, &cert, &ca)?;
     Ok(ServerSecrets {
         chain: vec![cert, ca],
         key: Arc::new(key),
-        token: read_token(&dir.join("token"))?,
+        token,
     })
+}
+
+/// Checks `cert` the way a client does: issued by `ca`, for [`SERVER_NAME`].
+fn check_issued_by(
+    dir: &Path,
+    cert: &CertificateDer<'static>,
+    ca: &CertificateDer<'static>,
+) -> Result<(), SecretsError> {
+    use rustls::client::danger::ServerCertVerifier;
+    let foreign = |reason: String| SecretsError::ForeignCertificate {
+        dir: dir.display().to_string(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(ca.clone())
+        .map_err(|e| foreign(format!("ca.pem is not a usable CA: {e}")))?;
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| foreign(e.to_string()))?;
+    let name = rustls_pki_types::ServerName::try_from(SERVER_NAME)
+        .map_err(|e| SecretsError::Tls(e.to_string()))?;
+    verifier
+        .verify_server_cert(cert, &[], &name, &[], rustls_pki_types::UnixTime::now())
+        .map(|_| ())
+        .map_err(|e| foreign(e.to_string()))
 }
 
 /// Loads what a client needs from a CA file and a token file.
@@ -274,6 +445,161 @@ pub fn token_eq(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A test-only pause inside the creation, after its first file is in place: the directory
+    /// it is set for, and what to run there.
+    type Pause = (PathBuf, Box<dyn Fn() + Send>);
+    static PAUSE: Mutex<Vec<Pause>> = Mutex::new(Vec::new());
+
+    pub(super) fn after_first_file(dir: &Path) {
+        let pauses = PAUSE.lock().unwrap_or_else(|p| p.into_inner());
+        for (d, f) in pauses.iter() {
+            if d == dir {
+                f();
+            }
+        }
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Two nodes started together on one fresh secrets directory: the second one checks while
+    /// the first is between its first file and its last. Both must start, with one token.
+    #[test]
+    fn two_creators_at_once_both_start_with_one_token() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("secrets");
+        let (paused_tx, paused_rx) = mpsc::channel::<()>();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let go_rx = Mutex::new(go_rx);
+        let paused_tx = Mutex::new(paused_tx);
+        PAUSE.lock().unwrap().push((
+            dir.clone(),
+            Box::new(move || {
+                paused_tx.lock().unwrap().send(()).unwrap();
+                // Held until the second creator has finished, or for a while if it waits for
+                // this one (it must, for the directory to come out whole).
+                let _ = go_rx
+                    .lock()
+                    .unwrap()
+                    .recv_timeout(Duration::from_millis(300));
+            }),
+        ));
+        let first = {
+            let dir = dir.clone();
+            std::thread::spawn(move || ensure_secrets(&dir))
+        };
+        paused_rx.recv().unwrap();
+        let second = {
+            let dir = dir.clone();
+            std::thread::spawn(move || {
+                let r = ensure_secrets(&dir);
+                let _ = go_tx.send(());
+                r
+            })
+        };
+        let second = second.join().unwrap();
+        let first = first.join().unwrap();
+        PAUSE.lock().unwrap().retain(|(d, _)| d != &dir);
+        let first = first.unwrap_or_else(|e| panic!("first creator failed: {e}"));
+        let second = second.unwrap_or_else(|e| panic!("second creator failed: {e}"));
+        assert!(
+            first && !second,
+            "exactly the first one creates: {first} {second}"
+        );
+        let token = load_server(&dir).unwrap().token;
+        assert_eq!(load_client_dir(&dir).unwrap().token, token);
+        assert_eq!(mode(&dir), 0o700, "the secrets directory is private");
+        for (f, m) in [
+            ("ca.key.pem", 0o600),
+            ("server.key.pem", 0o600),
+            ("token", 0o600),
+        ] {
+            assert_eq!(mode(&dir.join(f)), m, "{f}");
+        }
+    }
+
+    /// A token file left empty (a crash between its creation and its fsync, on a filesystem
+    /// that delays allocation): the node says which file and what to do.
+    #[test]
+    fn an_empty_token_file_names_the_way_out() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(ensure_secrets(dir.path()).unwrap());
+        std::fs::write(dir.path().join("token"), b"").unwrap();
+        let e = ensure_secrets(dir.path())
+            .and_then(|_| load_server(dir.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("token"), "names the file: {e}");
+        assert!(
+            e.contains("restore the whole secrets directory from a node of the cluster"),
+            "says what to do: {e}"
+        );
+        std::fs::write(dir.path().join("server.key.pem"), b"").unwrap();
+        let e = load_server(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("server.key.pem")
+                && e.contains("restore the whole secrets directory from a node of the cluster"),
+            "{e}"
+        );
+    }
+
+    /// A creation cut short (a half set, no token, `.tmp` leftovers) on a node that has no
+    /// log yet is done again; once the node has a log it is refused, with the way out.
+    #[test]
+    fn a_half_set_is_recreated_only_on_a_new_node() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(ensure_secrets(dir.path()).unwrap());
+        std::fs::remove_file(dir.path().join("token")).unwrap();
+        std::fs::remove_file(dir.path().join("server.key.pem")).unwrap();
+        std::fs::write(dir.path().join("server.key.pem.tmp"), b"half").unwrap();
+        let e = ensure_node_secrets(dir.path(), false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("missing server.key.pem, token")
+                && e.contains("restore the whole secrets directory from a node of the cluster")
+                && !e.contains("empty it"),
+            "{e}"
+        );
+        assert!(ensure_node_secrets(dir.path(), true).unwrap());
+        load_server(dir.path()).unwrap();
+        assert!(!dir.path().join("server.key.pem.tmp").exists());
+        // A token present but another file missing is never a creation cut short.
+        std::fs::remove_file(dir.path().join("ca.pem")).unwrap();
+        let e = ensure_node_secrets(dir.path(), true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing ca.pem"), "{e}");
+    }
+
+    /// A server certificate that the `ca.pem` beside it did not sign (a partial copy from
+    /// another node): clients holding this very directory would be told it is another
+    /// cluster's, so the node refuses to start.
+    #[test]
+    fn a_server_certificate_of_another_ca_is_refused() {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        ensure_secrets(a.path()).unwrap();
+        ensure_secrets(b.path()).unwrap();
+        std::fs::copy(a.path().join("ca.pem"), b.path().join("ca.pem")).unwrap();
+        std::fs::copy(a.path().join("token"), b.path().join("token")).unwrap();
+        let e = match load_server(b.path()) {
+            Ok(_) => panic!("a server certificate of another CA was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("server.pem was not issued by")
+                && e.contains("copy the whole secrets directory from a node of the cluster"),
+            "{e}"
+        );
+        load_server(a.path()).unwrap();
+    }
 
     #[test]
     fn creates_once_and_refuses_a_half_directory() {
