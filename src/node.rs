@@ -523,8 +523,8 @@ impl Node for EngineNode {
                     ErrorCode::Unavailable,
                     format!(
                         "the node has not applied {text} within {} ms (it has {executed}); \
-                         check its upstream's lag (`tideline status`) or pass a longer \
-                         --timeout",
+                         check its upstream's lag (`tideline status`) or raise \
+                         --after-timeout-ms (the library's `timeout`)",
                         q.timeout_ms
                     ),
                 ));
@@ -542,6 +542,18 @@ impl Node for EngineNode {
                     if q.fence.is_some() && tokio::time::Instant::now() < deadline =>
                 {
                     tokio::time::sleep(INDEX_LIVE_RECHECK).await;
+                }
+                // The fence was passed and waited for: the way out is more time, not a fence.
+                Err(ReadError::IndexNotLive { tree, name, state }) if q.fence.is_some() => {
+                    return Err(NodeError::new(
+                        ErrorCode::Unavailable,
+                        format!(
+                            "index `{name}` on tree `{tree}` is still {state} after {} ms; \
+                             raise --after-timeout-ms (the library's `timeout`) or query it \
+                             once it is live (see `tideline index status`)",
+                            q.timeout_ms
+                        ),
+                    ));
                 }
                 other => return other.map_err(index_read_err),
             }

@@ -719,7 +719,10 @@ impl Session {
 
     /// The documents secondary index `index` of `tree` maps `values` to (one per indexed
     /// path, or fewer for a composite index), as (key, value) pairs in index order, read from
-    /// one snapshot of the node (at most 1 MiB; ask [`Client::index_query`] for pages).
+    /// one snapshot of the node. Only the first page: at most 1 MiB of documents, and nothing
+    /// says whether more matched. To read every match, call [`Client::index_query`] (from
+    /// [`Session::client`]) and pass each page's `next` as the next query's `after`, until
+    /// `next` is `None`.
     /// With `after`, the node first waits until it has applied that GTID set and the index is
     /// live, so a write acknowledged anywhere (e.g. the primary) is seen on a replica: the
     /// fence fails with [`ErrorCode::Unavailable`](tideline_stream::ErrorCode) after

@@ -24,7 +24,7 @@ use std::sync::Arc;
 type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use crate::catalog::{self, Catalog, Tree};
-use crate::index::{self, DocEntry, Index, Parsed, Progress};
+use crate::index::{self, DocEntry, Index, Parsed, Phase, Progress};
 use crate::merge::MergeOperator;
 use crate::packed::OpRef;
 use crate::state::{Inner, tree_options};
@@ -362,8 +362,18 @@ impl<'a> StoreBatch<'a> {
             if let DocEntry::Entry(e) = old {
                 self.index_write(idx, e, false);
             }
+            // A pair of keys sharing a value is counted once: while the index backfills, only
+            // when both keys lie below the cursor. A key at or past it is met again by the
+            // backfill, which counts it against the holders sorting before it (so a pair
+            // across the cursor is counted there, not here as well).
             let duplicate = match &new {
-                DocEntry::Entry(e) if idx.unique => self.other_holder(idx, e, key)?,
+                DocEntry::Entry(e) if idx.unique => match self.backfill_cursor(idx) {
+                    None => self.other_holder(idx, e, key, None)?,
+                    Some(cursor) if key < cursor.as_slice() => {
+                        self.other_holder(idx, e, key, Some(&cursor))?
+                    }
+                    Some(_) => None,
+                },
                 _ => None,
             };
             let example = duplicate.map(|other| duplicate_text(idx, &new, &other, key));
@@ -397,19 +407,37 @@ impl<'a> StoreBatch<'a> {
         Ok(())
     }
 
-    /// Another primary key that holds the value of `entry` (whose primary key is `pk`): in
-    /// the store's index, unless this batch removes that entry, or put by an earlier write
-    /// of this batch and not removed since.
+    /// The backfill cursor of `idx` as this batch sees it: `None` once the index is live.
+    fn backfill_cursor(&self, idx: &Index) -> Option<Vec<u8>> {
+        let cursor = |p: &Progress| match &p.phase {
+            Phase::Backfilling { cursor } => Some(cursor.clone()),
+            Phase::Live | Phase::Failed { .. } => None,
+        };
+        match self.progress.get(&idx.keyspace) {
+            Some((_, p)) => cursor(p),
+            None => cursor(&crate::state::lock(&idx.progress)),
+        }
+    }
+
+    /// Another primary key, sorting before `below` when that is given, that holds the value
+    /// of `entry` (whose primary key is `pk`): in the store's index, unless this batch
+    /// removes that entry, or put by an earlier write of this batch and not removed since.
     pub(crate) fn other_holder(
         &self,
         idx: &Index,
         entry: &[u8],
         pk: &[u8],
+        below: Option<&[u8]>,
     ) -> Result<Option<Vec<u8>>, String> {
         let prefix = &entry[..entry.len() - pk.len()];
+        let in_range = |k: &[u8]| below.is_none_or(|b| k < b);
         for kv in idx.handle.prefix(prefix) {
             let (k, _) = kv.map_err(|e| format!("read index `{}`: {e}", idx.name))?;
             let other = &k[prefix.len()..];
+            // Entries of one value come in primary-key order.
+            if !in_range(other) {
+                break;
+            }
             if other == pk {
                 continue;
             }
@@ -422,7 +450,7 @@ impl<'a> StoreBatch<'a> {
             .get(&(idx.keyspace.clone(), prefix.to_vec()))
         {
             let writes = self.index_writes.get(&idx.keyspace);
-            for other in holders.iter().filter(|k| k.as_slice() != pk) {
+            for other in holders.iter().filter(|k| k.as_slice() != pk && in_range(k)) {
                 let mut e = prefix.to_vec();
                 e.extend_from_slice(other);
                 if writes.and_then(|w| w.entries.get(&e)) == Some(&true) {

@@ -8,7 +8,8 @@
 //! `CreateIndex` on, live maintenance (in `apply`) keeps the index entry of *every* written
 //! key current. A backfill step takes the index lock, which the applier holds across each
 //! group apply, reads the *current* values of the next range of at most
-//! `EngineOptions::index_backfill_keys` keys, and writes their entries, the counters and the cursor (the
+//! `EngineOptions::index_backfill_keys` keys (and, for large documents, about
+//! [`BACKFILL_STEP_BYTES_MAX`] bytes), and writes their entries, the counters and the cursor (the
 //! first key not yet backfilled) in one store batch. An entry computed from the current value
 //! is never stale, and a key written before the step already has the same entry, so the
 //! result equals a recomputation once the cursor passes the last key. Writers wait for at
@@ -302,8 +303,22 @@ impl Snapshot {
     }
 }
 
+/// Bytes (keys and values) a backfill step reads at most, besides the document that passes
+/// it: every commit waits for a step (the applier takes the index lock for each group), so a
+/// step over large documents must end early. A step always takes at least one document.
+pub(crate) const BACKFILL_STEP_BYTES_MAX: u64 = 4 << 20;
+
+/// Whether a backfill step that has read `docs` documents of `bytes` bytes (keys and values)
+/// ends before the next one: at `keys_max` documents (`EngineOptions::index_backfill_keys`,
+/// at least 1), or once [`BACKFILL_STEP_BYTES_MAX`] bytes were read.
+fn step_is_full(docs: usize, bytes: u64, keys_max: usize) -> bool {
+    docs >= keys_max.max(1) || (docs > 0 && bytes >= BACKFILL_STEP_BYTES_MAX)
+}
+
 impl Inner {
-    /// The backfill thread: runs steps while any index is backfilling, naps otherwise.
+    /// The backfill thread: runs steps while any index is backfilling, naps otherwise. A
+    /// step that fails (reading the tree or the index, or committing its batch) makes the
+    /// engine fail-stop; no index is marked failed.
     pub(crate) fn backfill_loop(self: Arc<Self>) {
         loop {
             if self.stopping.load(Ordering::SeqCst) || self.failed.load(Ordering::SeqCst) {
@@ -352,20 +367,26 @@ impl Inner {
         let mut next_cursor = None;
         // Values this step indexed, for duplicates within the range (unique indexes).
         let mut seen: std::collections::HashMap<Vec<u8>, Vec<u8>> = Default::default();
+        let mut bytes = 0u64;
         for kv in t.handle.range((Bound::Included(cursor), Bound::Unbounded)) {
             let (k, v) = kv.map_err(|e| format!("read tree `{}`: {e}", idx.tree))?;
-            if n == self.opts.index_backfill_keys.max(1) {
+            if step_is_full(n, bytes, self.opts.index_backfill_keys) {
                 next_cursor = Some(k);
                 break;
             }
             n += 1;
+            bytes = bytes.saturating_add((k.len() + v.len()) as u64);
             match idx.entry_for(&k, Some(&v), &mut Parsed::default()) {
                 DocEntry::Entry(e) => {
+                    // A pair sharing a value is counted once, at its later key: against a
+                    // key this step met before (`seen`), else against a holder sorting before
+                    // this key (backfilled, or written since the declaration). A holder
+                    // sorting after it is counted when the backfill or its write meets it.
                     let holder = if idx.unique {
                         let prefix = e[..e.len() - k.len()].to_vec();
                         match seen.insert(prefix, k.clone()) {
                             Some(other) if other != k => Some(other),
-                            _ => sb.other_holder(&idx, &e, &k)?,
+                            _ => sb.other_holder(&idx, &e, &k, Some(&k))?,
                         }
                     } else {
                         None
@@ -411,5 +432,33 @@ impl Inner {
             *lock(&i.progress) = p;
         }
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A step over large documents ends after a few of them, not after `index_backfill_keys`:
+    /// every commit of the node waits for the step (it holds the index lock).
+    #[test]
+    fn a_backfill_step_over_large_documents_ends_at_its_byte_bound() {
+        let doc = 1u64 << 20;
+        let keys_max = 2048;
+        let docs = (0..keys_max)
+            .find(|&n| step_is_full(n, n as u64 * doc, keys_max))
+            .expect("a step ends");
+        assert_eq!(
+            docs,
+            (BACKFILL_STEP_BYTES_MAX / doc) as usize,
+            "a step over 1 MiB documents read {docs} of them"
+        );
+        // One document larger than the bound is still a step (the backfill moves on).
+        assert!(!step_is_full(0, 0, keys_max));
+        assert!(step_is_full(1, 16 << 20, keys_max));
+        // Small documents: the key count bounds the step.
+        assert!(!step_is_full(2047, 2047 * 100, keys_max));
+        assert!(step_is_full(2048, 2048 * 100, keys_max));
+        assert!(step_is_full(1, 10, 0), "index_backfill_keys 0 means 1");
     }
 }

@@ -21,7 +21,11 @@
 //! Each component is the field's bytes with every 0x00 written as 0x00 0xFF, closed by
 //! 0x00 0x01, so entries sort by the components' bytes, component by component, then by
 //! primary key; the entry's value is empty. A component is a string's UTF-8 bytes, or the
-//! JSON text of any other scalar (`42`, `true`, `null`). A document that is not JSON, lacks a
+//! JSON text serde_json renders for any other scalar (`42`, `true`, `null`): a number is
+//! rendered from its parsed u64, i64 or f64, not copied from the document (`1.50` → `1.5`,
+//! `1e2` → `100.0`, `-0` → `-0.0`, integers beyond u64/i64 as floats), and the type is not
+//! kept (`"42"` and `42` give one component). Numbers thus sort by that text's bytes, not
+//! numerically. A document that is not JSON, lacks a
 //! path, or holds an object or array at one, is *skipped* (counted, no entry). The paths are
 //! read without building the document (`fields`), with the same result as a full parse.
 
@@ -74,7 +78,9 @@ pub enum IndexState {
     },
     /// Complete: equals a recomputation from the tree at every applied position.
     Live,
-    /// The backfill stopped; drop and create the index again.
+    /// Reserved: never entered by this version. A backfill that cannot read the tree or
+    /// store its step makes the engine fail-stop instead (see `docs/ENGINE.md`); the state
+    /// stays decodable so that a progress record holding it still opens.
     Failed {
         /// Why.
         reason: String,

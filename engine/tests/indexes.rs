@@ -437,6 +437,34 @@ fn a_unique_index_refuses_a_second_key_once_live_and_reports_backfill_duplicates
     assert!(matches!(err, WriteError::UniqueViolation { .. }), "{err}");
 }
 
+/// One duplicate pair is counted once, whichever key the backfill meets first: here `u2` is
+/// written (and indexed) by the very transaction that declares the index, `u1` was there
+/// before, so the backfill meets `u1` with `u2`'s entry already present, then meets `u2`.
+/// Guards against `duplicates: 2` and two examples for a pair the same data without the
+/// live write reports as one.
+#[test]
+fn a_duplicate_pair_written_with_the_declaration_is_counted_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = mem_engine(dir.path());
+    e.create_tree("users", None).expect("tree");
+    e.put("users", b"u1", br#"{"email":"a@x"}"#).expect("put");
+    e.transaction(|tx| {
+        tx.create_index("users", "by_email", &["/email"], true)?;
+        tx.put("users", b"u2", br#"{"email":"a@x"}"#)?;
+        Ok(())
+    })
+    .expect("declare and write");
+    assert!(e.wait_indexes_live(LIVE_WAIT));
+    let info = &e.indexes()[0];
+    assert_eq!(
+        (info.duplicates, info.duplicate_examples.len()),
+        (1, 1),
+        "one pair of keys sharing a value counted as {} duplicates: {:?}",
+        info.duplicates,
+        info.duplicate_examples
+    );
+}
+
 /// A transaction that drops a unique index (or its tree) is not refused for a value that
 /// index maps to another key: once the transaction is applied, the index no longer exists.
 #[test]

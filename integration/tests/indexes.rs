@@ -13,6 +13,8 @@
 //!   The harness's canary is the engine's (`engine/tests/indexes.rs`: the same checks fail
 //!   with index maintenance skipped on replay); the node binary has no test switches.
 //! - Unique refusal with its error text; skipped documents counted in `index status`.
+//! - A fenced query that times out (fence not reached, or the index still backfilling) names
+//!   `--after-timeout-ms`, never tells a user who passed `--after` to pass a fence.
 //! - `get --index` with more `--and` values than the index has paths is refused, naming how
 //!   many paths it has, not answered "not found".
 
@@ -347,8 +349,63 @@ fn fenced_index_reads_on_a_replica_see_the_write_just_made_on_the_primary() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("has not applied") && err.contains("within 300 ms"),
-        "{err}"
+        err.contains("has not applied")
+            && err.contains("within 300 ms")
+            && err.contains("--after-timeout-ms"),
+        "the message must name the fence's timeout flag: {err}"
+    );
+}
+
+/// A fenced query whose fence is reached but whose index still backfills at the deadline
+/// says so and names the flag that gives it more time (`--after-timeout-ms`); it does not
+/// tell a user who passed `--after` to pass a fence.
+#[test]
+fn a_fenced_query_of_a_backfilling_index_names_the_timeout_flag() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = dir.path().join("secrets");
+    // One document per backfill step: 100,000 documents take far longer than the query's
+    // 300 ms, so the index is still backfilling at its deadline.
+    let p = Node::start_with(
+        &dir.path().join("p"),
+        0,
+        &[
+            "--secrets",
+            secrets.to_str().expect("UTF-8 path"),
+            "--index-backfill-keys",
+            "1",
+        ],
+    );
+    load_docs(
+        &p,
+        "users",
+        (0..100_000u64).map(|i| (format!("u{i:06}"), format!(r#"{{"email":"e{i}@x"}}"#))),
+    );
+    let g = gtid_of(&ok(&p.run(&[
+        "index", "create", "--tree", "users", "--name", "by_email", "--path", "/email",
+    ])));
+    let out = p.run(&[
+        "get",
+        "--tree",
+        "users",
+        "--index",
+        "by_email",
+        "e1@x",
+        "--after",
+        &g,
+        "--after-timeout-ms",
+        "300",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let state = index_list(&p)[0]["state"].clone();
+    assert_eq!(state, "backfilling", "the index went live too soon: {err}");
+    assert!(
+        !out.status.success()
+            && err.contains("backfilling")
+            && err.contains("--after-timeout-ms")
+            && !err.contains("pass a fence"),
+        "exit {:?}; a fenced query of a backfilling index must say to raise \
+         --after-timeout-ms, not to pass a fence: {err}",
+        out.status.code()
     );
 }
 
