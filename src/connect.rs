@@ -133,6 +133,9 @@ async fn check_one(p: &PipelineSpec) -> Result<String, String> {
 
 async fn run(file: &ConnectFile) -> anyhow::Result<ExitCode> {
     let mut running = spawn_all(file, None)?;
+    // Made once: a listener made anew in each `select!` misses a signal landing between two.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("install the SIGINT handler")?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install the SIGTERM handler")?;
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -141,7 +144,7 @@ async fn run(file: &ConnectFile) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = tick.tick() => {}
         }

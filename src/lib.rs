@@ -135,14 +135,16 @@ struct DataArg {
     data: PathBuf,
 }
 
-/// `sync` fsyncs each group of commits; `async` fsyncs every interval. Either way a commit is
-/// acknowledged once applied, which is after its record is durable (README, "Durability").
+/// `sync` fsyncs each group of commits and acknowledges a commit after its fsync; `async`
+/// fsyncs every interval and acknowledges a commit once written, before its fsync. Either way
+/// readers see a record only once it is durable (README, "Durability, stated plainly").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum DurabilityArg {
     /// Acknowledge after fsync (default): an acknowledged commit survives power loss.
     Sync,
-    /// One fsync every 10 ms for everything written since: fewer fsyncs, but commits, tails and
-    /// replicas wait up to 10 ms for it (nothing is shown or acknowledged before it).
+    /// One fsync every 10 ms for everything written since: a commit is acknowledged once
+    /// written, before its fsync, so a power cut can lose acknowledged commits of up to one
+    /// interval plus one fsync; nothing is shown to readers before it is durable.
     Async,
 }
 

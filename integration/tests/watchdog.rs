@@ -10,6 +10,11 @@
 //! `error: fail-stop:` line naming the task, within the watchdog's tick plus shutdown; after a
 //! restart without the switch, every acknowledged put is there and writes go on.
 //!
+//! And a failure during the shutdown: SIGTERM arrives while the node is busy in retention
+//! (the test-only `TIDELINE_TESTING_RETENTION_PAUSE_MS` holds it there), a put reaches the
+//! node before it closes, and the applier dies on it. The watchdog no longer ticks, yet the
+//! node must still exit 2 with its `error: fail-stop:` line, not report a clean stop.
+//!
 //! Guards against: a node that keeps answering (status, tails) with a dead applier or log
 //! writer, so commits hang for ever while the node looks healthy; and a node whose accept loop
 //! died, which takes no connection any more yet keeps running (its replicas' and pipelines'
@@ -130,4 +135,69 @@ fn a_dead_log_writer_stops_the_node_with_exit_code_2() {
 #[test]
 fn a_dead_quic_server_task_stops_the_node_with_exit_code_2() {
     kill_task_round("quic-server", "QUIC server task");
+}
+
+fn send_signal(pid: u32, sig: &str) {
+    // The `kill` tool keeps this test free of unsafe code.
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
+/// The shutdown's own check: the loop has stopped on SIGTERM (the watchdog ticks no more)
+/// when the applier dies, while the node waits for its retention run before it closes.
+#[test]
+fn a_failure_during_shutdown_still_exits_with_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let mut node = Node::start_env(
+        None,
+        &data,
+        "127.0.0.1:0",
+        &[],
+        &[
+            ("TIDELINE_TESTING_KILL_TASK", "applier"),
+            ("TIDELINE_TESTING_RETENTION_PAUSE_MS", "3000"),
+        ],
+    );
+    assert!(
+        node.wait_stderr("retention paused", Duration::from_secs(10))
+            .is_some(),
+        "the node never announced its retention pause: build the tideline binary with its \
+         `testing` feature; its stderr: {:#?}",
+        node.stderr_lines()
+    );
+    send_signal(node.pid(), "TERM");
+    // The server still answers until the retention run ends; this put kills the applier.
+    let put = put_in_background(&node, "k1");
+    let status = node.wait_timeout(EXIT_WAIT).unwrap_or_else(|| {
+        panic!(
+            "the node still runs {EXIT_WAIT:?} after SIGTERM; its stderr: {:#?}",
+            node.stderr_lines()
+        )
+    });
+    let _ = put.join();
+    let lines = node.stderr_lines();
+    assert!(
+        lines.iter().any(|l| l.contains("applier")),
+        "the applier never died (the put did not reach the node before it closed): {lines:#?}"
+    );
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "the applier died during the shutdown: exit status {status}, expected the fail-stop \
+         code 2; stderr: {lines:#?}"
+    );
+    let fail_stop = lines
+        .iter()
+        .find(|l| l.starts_with("error: fail-stop:"))
+        .unwrap_or_else(|| panic!("no `error: fail-stop:` line: {lines:#?}"));
+    assert!(
+        fail_stop.contains("applier thread"),
+        "the fail-stop line should name the applier thread: {fail_stop}"
+    );
 }

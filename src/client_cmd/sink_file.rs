@@ -148,13 +148,16 @@ pub fn sink_file(args: &SinkFileArgs) -> anyhow::Result<ExitCode> {
             ProgressStyle::with_template("{spinner} {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
+        // Made once: a listener made anew in each `select!` misses a signal landing between two.
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .context("install the SIGINT handler")?;
         let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("install the SIGTERM handler")?;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let result = loop {
             tokio::select! {
                 r = &mut task => break Some(r),
-                _ = tokio::signal::ctrl_c() => break None,
+                _ = sigint.recv() => break None,
                 _ = sigterm.recv() => break None,
                 _ = tick.tick() => bar.set_message(progress_line(&status.get())),
             }

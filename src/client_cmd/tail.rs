@@ -96,6 +96,10 @@ pub fn tail_cmd(args: &TailArgs) -> anyhow::Result<ExitCode> {
             .map(|p| Box::new(FileCheckpoint::new(p)) as Box<dyn tideline_consumers::Checkpoint>);
         let mut t = tail(tcfg, checkpoint);
         let mut out = std::io::stdout().lock();
+        // Made once: a listener made anew in each `select!` misses a Ctrl-C landing while a
+        // line is written (a full stdout pipe blocks the write).
+        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(|e| anyhow::anyhow!("install the SIGINT handler: {e}"))?;
         let mut n = 0u64;
         while args.limit.is_none_or(|l| n < l) {
             // The position after the last line printed: what the checkpoint may hold if the
@@ -103,7 +107,7 @@ pub fn tail_cmd(args: &TailArgs) -> anyhow::Result<ExitCode> {
             let printed = t.position();
             let next = tokio::select! {
                 next = t.next() => next,
-                _ = tokio::signal::ctrl_c() => break,
+                _ = sigint.recv() => break,
             };
             let Some(item) = next else { break };
             let txn = item?;

@@ -24,8 +24,10 @@ pub struct ServeArgs {
     /// Secrets directory (CA, certificate, token); created on first start. Default DATA/secrets.
     #[arg(long, value_name = "DIR")]
     pub(super) secrets: Option<PathBuf>,
-    /// `sync`: fsync each group of commits (default). `async`: one fsync every 10 ms; commits,
-    /// tails and replicas wait up to 10 ms for it (nothing is shown before it is durable).
+    /// `sync`: a commit is acknowledged after its fsync (default). `async`: one fsync every
+    /// 10 ms; a commit is acknowledged once written, before its fsync, so a power cut can lose
+    /// acknowledged commits of up to one interval plus one fsync; nothing is shown to readers
+    /// before it is durable (tails and replicas wait up to 10 ms).
     #[arg(long, value_enum, default_value_t = DurabilityArg::Sync)]
     pub(super) durability: DurabilityArg,
     /// Refuse local writes. Implied by --upstream unless --allow-local-writes is given.
@@ -164,6 +166,16 @@ pub(super) fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
     cfg.hello_timeout = Duration::from_millis(args.hello_timeout_ms);
     cfg.consumer_buffer_bytes = usize::try_from(args.consumer_buffer_bytes)
         .context("--consumer-buffer-bytes does not fit this machine's address space")?;
+    // The server refuses it too, but only once the data directory is open: say it first.
+    if cfg.consumer_buffer_bytes < cfg.consumer_buffer_bytes_min() {
+        anyhow::bail!(
+            "--consumer-buffer-bytes {} is below the {} bytes a consumer needs (a log reader's \
+             chunk, the connection's state and four batches of {}): pass a larger value",
+            cfg.consumer_buffer_bytes,
+            cfg.consumer_buffer_bytes_min(),
+            cfg.batch_bytes_target
+        );
+    }
     cfg.bootstrap_chunks_in_flight = args.bootstrap_chunks_in_flight;
     Ok(cfg)
 }

@@ -65,8 +65,46 @@ pub fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     runtime.block_on(serve_async(args))
 }
 
+/// The checks before anything is created on disk that need [`preflight`]'s `--connect` file:
+/// the server settings (the consumer buffer), the `--http` port, and each pipeline's source
+/// and sink settings (those `spawn_all` would refuse once the node serves). A pipeline whose
+/// source credentials are this node's secrets, not yet created, has them checked when it starts.
+fn preflight_settings(
+    args: &ServeArgs,
+    secrets_dir: &Path,
+    connect: Option<&ConnectFile>,
+) -> anyhow::Result<()> {
+    server_config(args)?;
+    if let Some(addr) = args.http
+        && let Err(e) = std::net::TcpListener::bind(addr)
+    {
+        anyhow::bail!(
+            "--http {addr}: cannot listen there ({e}); is another process using the port? \
+             Stop it or pass another --http ADDR"
+        );
+    }
+    let Some(file) = connect else {
+        return Ok(());
+    };
+    let own_secrets_ready = tideline_stream::tls::missing_files(secrets_dir).is_empty();
+    let host = HostNode {
+        addr: args.listen,
+        secrets: secrets_dir,
+    };
+    let refused =
+        |e: String| anyhow::anyhow!("--connect: {e} (docs/OPERATIONS.md, \"Connectors\")");
+    for p in &file.pipelines {
+        if p.source.secrets.is_some() || own_secrets_ready {
+            p.pipeline_config(Some(host)).map_err(refused)?;
+        }
+        p.sink()
+            .map_err(|e| refused(format!("pipeline `{}`: {}", p.name, e.message())))?;
+    }
+    Ok(())
+}
+
 /// Checks, before anything is created on disk, that `serve` can run: the port is free, the
-/// data directory is usable, the upstream addresses parse, and a replica has its cluster's
+/// data directory is usable, the upstream addresses parse, and a replica has its cluster's whole
 /// secrets (a new cluster's could never connect to the upstream).
 fn preflight(args: &ServeArgs, secrets_dir: &Path) -> anyhow::Result<Option<ConnectFile>> {
     // Bind the port and let it go at once: `serve` binds it again below, after opening the
@@ -97,14 +135,26 @@ fn preflight(args: &ServeArgs, secrets_dir: &Path) -> anyhow::Result<Option<Conn
             anyhow::bail!("--upstream {up:?} is not HOST:PORT (for example 127.0.0.1:7400)");
         }
     }
-    if !args.upstream.is_empty() && !secrets_dir.join("ca.pem").exists() {
-        anyhow::bail!(
-            "a replica needs its cluster's secrets, and {} holds none: pass --secrets DIR with \
-             the upstream's secrets directory (a new cluster's certificates could never \
-             connect to {})",
-            secrets_dir.display(),
-            args.upstream.join(", ")
-        );
+    if !args.upstream.is_empty() {
+        let missing = tideline_stream::tls::missing_files(secrets_dir);
+        if missing.len() == tideline_stream::tls::FILES.len() {
+            anyhow::bail!(
+                "a replica needs its cluster's secrets, and {} holds none: pass --secrets DIR \
+                 with the upstream's secrets directory (a new cluster's certificates could \
+                 never connect to {})",
+                secrets_dir.display(),
+                args.upstream.join(", ")
+            );
+        }
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "a replica needs its cluster's whole secrets directory, and {} lacks {}: \
+                 restore the whole secrets directory from a node of the cluster (the \
+                 upstream's)",
+                secrets_dir.display(),
+                missing.join(", ")
+            );
+        }
     }
     match &args.connect {
         None => Ok(None),
@@ -120,7 +170,11 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| args.data.join("secrets"));
     let connect = preflight(args, &secrets_dir)?;
-    if tideline_stream::ensure_secrets(&secrets_dir)? {
+    preflight_settings(args, &secrets_dir, connect.as_ref())?;
+    // A secrets creation cut short is done again only while this node has no log: nothing
+    // can have used those secrets yet.
+    let node_is_new = !crate::log_cmd::log_dir(&args.data).exists();
+    if tideline_stream::tls::ensure_node_secrets(&secrets_dir, node_is_new)? {
         tracing::info!(dir = %secrets_dir.display(), "created cluster secrets (CA, certificate, token)");
     }
     let secrets = tideline_stream::tls::load_server(&secrets_dir)?;
@@ -216,13 +270,21 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         );
     }
 
+    // Both listeners live for the whole loop: one made anew in each `select!` would not exist
+    // while a branch runs, and a signal landing then would be consumed by nobody.
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("install the SIGINT handler")?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install the SIGTERM handler")?;
     let mut watchdog = tokio::time::interval(Duration::from_millis(100));
     let mut retention = tokio::time::interval(Duration::from_secs(10));
+    retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The retention run in progress: a branch of the loop, so that signals and the watchdog
+    // are heard while its fsyncs run. At most one runs at a time.
+    let mut retaining: Option<tokio::task::JoinHandle<_>> = None;
     let exit = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break None,
+            _ = sigint.recv() => break None,
             _ = sigterm.recv() => break None,
             _ = watchdog.tick() => {
                 // Fail-stop: a poisoned log or a dead engine thread ends the node.
@@ -239,15 +301,26 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
                     break Some("the QUIC server task stopped".to_string());
                 }
             }
-            _ = retention.tick() => {
+            report = async { retaining.as_mut().expect("guarded by is_some").await },
+                if retaining.is_some() =>
+            {
+                retaining = None;
+                log_retention(report);
+            }
+            _ = retention.tick(), if retaining.is_none() => {
                 let wal = engine.wal().clone();
-                let report = tokio::task::spawn_blocking(move || wal.run_retention()).await;
-                if let Ok(Err(e)) = report {
-                    tracing::warn!(error = %e, "retention failed");
-                }
+                retaining = Some(tokio::task::spawn_blocking(move || {
+                    #[cfg(feature = "testing")]
+                    testing::retention_pause();
+                    wal.run_retention()
+                }));
             }
         }
     };
+    // Retention never runs beside the close below (nor past the runtime): let it finish.
+    if let Some(run) = retaining.take() {
+        log_retention(run.await);
+    }
     for (_, task) in &pipelines {
         // Each batch is stored with its position in one step: stopping anywhere is safe.
         task.abort();
@@ -256,21 +329,46 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     if let Some(admin) = admin {
         admin.shutdown().await;
     }
-    if let Some(reason) = exit {
-        tracing::error!(%reason, "fail-stop: exiting");
-        eprintln!("error: fail-stop: {reason}");
-        return Ok(ExitCode::from(2));
+    // The watchdog no longer ticks: a failure since its last tick (a commit's failed fsync
+    // during the drain, an engine thread that died) is a fail-stop all the same.
+    if let Some(reason) = exit.or_else(|| engine.fail_stop_reason()) {
+        return Ok(fail_stop(&reason));
     }
     tracing::info!("shutting down: syncing the log and the store");
-    let closed = tokio::task::spawn_blocking(move || {
-        engine.close().map_err(anyhow::Error::from)?;
-        engine.wal().close().map_err(anyhow::Error::from)
+    let (closed, failed) = tokio::task::spawn_blocking(move || {
+        let closed = engine
+            .close()
+            .map_err(anyhow::Error::from)
+            .and_then(|()| engine.wal().close().map_err(anyhow::Error::from));
+        (closed, engine.fail_stop_reason())
     })
     .await
     .context("shutdown task failed")?;
+    if let Some(reason) = failed {
+        if let Err(e) = &closed {
+            tracing::error!(error = %e, "closing the failed node");
+        }
+        return Ok(fail_stop(&reason));
+    }
     closed?;
     eprintln!("tideline stopped cleanly");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Ends the node on a fail-stop: exit code 2 and a line saying why (docs/OPERATIONS.md).
+fn fail_stop(reason: &str) -> ExitCode {
+    tracing::error!(%reason, "fail-stop: exiting");
+    eprintln!("error: fail-stop: {reason}");
+    ExitCode::from(2)
+}
+
+/// Logs a retention run that failed; the next run, 10 s later, tries again.
+fn log_retention<T>(report: Result<Result<T, tideline_wal::Error>, tokio::task::JoinError>) {
+    match report {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "retention failed"),
+        Err(e) => tracing::warn!(error = %e, "the retention task failed"),
+    }
 }
 
 /// Test-only switches (cargo feature `testing`, absent from the binary a release build makes):
@@ -278,7 +376,9 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 /// that critical task once the node has a commit, so that a test can watch the watchdog stop
 /// the node with exit code 2; env `TIDELINE_TESTING_SKIP_BOOTSTRAP_WIPE=1` makes a bootstrap
 /// keep the replica's old trees (the engine's `unsafe_bootstrap_skip_wipe`), the canary of the
-/// stale-data bootstrap test.
+/// stale-data bootstrap test; env `TIDELINE_TESTING_RETENTION_PAUSE_MS=N` makes each retention
+/// run sleep N ms first (a slow disk's fsyncs), announced on stderr, so that a test can send a
+/// signal while retention runs.
 #[cfg(feature = "testing")]
 mod testing {
     use tideline_engine::EngineOptions;
@@ -316,5 +416,26 @@ mod testing {
             ),
         }
         Ok((log, opts, Some(task)))
+    }
+
+    const RETENTION_PAUSE_ENV: &str = "TIDELINE_TESTING_RETENTION_PAUSE_MS";
+
+    /// Sleeps as long as `TIDELINE_TESTING_RETENTION_PAUSE_MS` says (on a blocking thread, in
+    /// the retention run), after saying so on stderr. A value that is not a number of
+    /// milliseconds is ignored with a line saying so.
+    pub(super) fn retention_pause() {
+        let Ok(value) = std::env::var(RETENTION_PAUSE_ENV) else {
+            return;
+        };
+        match value.parse::<u64>() {
+            Ok(0) => {}
+            Ok(ms) => {
+                eprintln!("TESTING: {RETENTION_PAUSE_ENV}: retention paused for {ms} ms");
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+            Err(_) => {
+                eprintln!("TESTING: {RETENTION_PAUSE_ENV}={value} ignored: use a number of ms")
+            }
+        }
     }
 }

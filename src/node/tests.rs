@@ -157,3 +157,97 @@ fn handshake_grace_flag_refuses_bad_values_with_a_reason() {
         );
     }
 }
+
+/// Claim (README, "Durability, stated plainly"): under `--durability async` a commit is
+/// acknowledged once its record is written, before the fsync, so a power cut can lose
+/// acknowledged commits; only readers wait for the fsync. `serve --help` is where an operator
+/// picks the mode, so it must say the same. Fails if the help says async commits wait for the
+/// fsync or that nothing is acknowledged before it.
+#[test]
+fn serve_help_says_async_acknowledges_before_the_fsync() {
+    use clap::CommandFactory;
+    let help = Serve::command().render_long_help().to_string();
+    let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    for wrong in [
+        "commits, tails and replicas wait",
+        "nothing is shown or acknowledged",
+    ] {
+        assert!(
+            !help.contains(wrong),
+            "serve --help still says {wrong:?}:\n{help}"
+        );
+    }
+    for right in [
+        "acknowledged once written, before its fsync",
+        "a power cut can lose acknowledged commits",
+        "nothing is shown to readers before it is durable",
+    ] {
+        assert!(
+            help.contains(right),
+            "serve --help does not say {right:?}:\n{help}"
+        );
+    }
+}
+
+/// Runs `serve --data DIR/data --listen 127.0.0.1:0 EXTRA...` on a fresh directory; its error
+/// (it must refuse to start) and whether it created the data directory or the log in it.
+fn serve_refuses_on_a_fresh_dir(dir: &std::path::Path, extra: &[&str]) -> (String, bool, bool) {
+    use clap::Parser;
+    let data = dir.join("data");
+    let data_arg = data.to_string_lossy().into_owned();
+    let argv = ["serve", "--data", &data_arg, "--listen", "127.0.0.1:0"]
+        .into_iter()
+        .chain(extra.iter().copied());
+    let args = Serve::try_parse_from(argv).expect("valid flags").args;
+    let err = match serve(&args) {
+        Ok(code) => panic!("serve {extra:?} started (and stopped with {code:?}); it must refuse"),
+        Err(e) => crate::error_line(&e),
+    };
+    (err, data.exists(), data.join("log").exists())
+}
+
+/// Claim (docs/OPERATIONS.md): a bad `--connect` file, a consumer buffer the server refuses
+/// and an `--http` port in use stop `serve` before it creates or changes anything: on a fresh
+/// directory, no data directory and no log. Fails if such a check runs only after the engine
+/// has opened (created) the log.
+#[test]
+fn serve_refuses_bad_pipelines_buffers_and_http_ports_before_creating_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let connect = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &connect,
+        "name = \"rows\"\n\n[source]\nfrom = \"earliest\"\n\n[sink]\nkind = \"postgres\"\n\
+         url = \"postgres://tideline@127.0.0.1:1/db\"\ntable = \"rows\"\n",
+    )
+    .expect("write the pipeline file");
+    let connect = connect.to_string_lossy().into_owned();
+    let http = std::net::TcpListener::bind("127.0.0.1:0").expect("a TCP port");
+    let http = http.local_addr().expect("its address").to_string();
+    let mut failures = Vec::new();
+    for (i, (extra, says)) in [
+        (vec!["--connect", connect.as_str()], "{tree}"),
+        (
+            vec!["--consumer-buffer-bytes", "2000000"],
+            "--consumer-buffer-bytes",
+        ),
+        (vec!["--http", http.as_str()], "--http"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let fresh = dir.path().join(format!("case{i}"));
+        let (err, data, log) = serve_refuses_on_a_fresh_dir(&fresh, &extra);
+        if !err.contains(says) {
+            failures.push(format!(
+                "serve {extra:?}: the error should name {says:?}: {err}"
+            ));
+        }
+        if log || data {
+            failures.push(format!(
+                "serve {extra:?} refused ({err}) only after creating {}",
+                if log { "the log" } else { "the data directory" }
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}

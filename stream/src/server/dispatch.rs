@@ -5,8 +5,9 @@
 //!
 //! Owns: the request-to-answer mapping, the bounds on what one answer may hold (a page at most
 //! [`SCAN_PAGE_BYTES_MAX`]), and the monitor hook (every request served is published to the
-//! monitor feed once its answer is known). Must never authenticate (admission did) and must
-//! never hold more than one page of a scan in memory.
+//! monitor feed once its answer is known). Must never authenticate (admission did), must
+//! never hold more than one page of a scan in memory, and must never make a blocking node call
+//! (a read, `status`, a slot drop) on an async worker: those run on the blocking pool.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -138,15 +139,25 @@ pub(super) async fn handle_stream<N: Node>(
         Request::Monitor { tree, sample_ppm } => {
             return super::monitor::serve_monitor(cfg, send, recv, tree, sample_ppm).await;
         }
-        Request::Get { tree, key } => match node.get(&tree, &key) {
-            Ok(value) => Response::Value { value },
-            Err(e) => error(e.code, e.message),
-        },
+        Request::Get { tree, key } => {
+            let node = node.clone();
+            off_the_workers("get", move || match node.get(&tree, &key) {
+                Ok(value) => Response::Value { value },
+                Err(e) => error(e.code, e.message),
+            })
+            .await
+        }
         Request::Scan {
             tree,
             prefix,
             limit,
-        } => legacy_rows(&*node, &cfg, &tree, &prefix, None, limit),
+        } => {
+            let (node, cfg) = (node.clone(), cfg.clone());
+            off_the_workers("scan", move || {
+                legacy_rows(&*node, &cfg, &tree, &prefix, None, limit)
+            })
+            .await
+        }
         Request::ScanPage {
             tree,
             prefix,
@@ -154,15 +165,19 @@ pub(super) async fn handle_stream<N: Node>(
             limit,
             bytes_max,
         } => {
-            let page = ScanPage {
-                after: after.as_deref(),
-                limit,
-                bytes_max: bytes_max.clamp(1, SCAN_PAGE_BYTES_MAX),
-            };
-            match node.scan(&tree, &prefix, page) {
-                Ok(p) => Response::Rows { rows: p.rows },
-                Err(e) => error(e.code, e.message),
-            }
+            let node = node.clone();
+            off_the_workers("scan", move || {
+                let page = ScanPage {
+                    after: after.as_deref(),
+                    limit,
+                    bytes_max: bytes_max.clamp(1, SCAN_PAGE_BYTES_MAX),
+                };
+                match node.scan(&tree, &prefix, page) {
+                    Ok(p) => Response::Rows { rows: p.rows },
+                    Err(e) => error(e.code, e.message),
+                }
+            })
+            .await
         }
         Request::Commit { ops } => match node.commit(ops).await {
             Ok((offset, gtid)) => {
@@ -175,11 +190,19 @@ pub(super) async fn handle_stream<N: Node>(
             Err(e) => error(e.code, e.message),
         },
         Request::Range { tree, after, limit } => {
-            legacy_rows(&*node, &cfg, &tree, b"", after.as_deref(), limit)
+            let (node, cfg) = (node.clone(), cfg.clone());
+            off_the_workers("range", move || {
+                legacy_rows(&*node, &cfg, &tree, b"", after.as_deref(), limit)
+            })
+            .await
         }
-        Request::Status => Response::Status {
-            json: node.status_json(),
-        },
+        Request::Status => {
+            let node = node.clone();
+            off_the_workers("status", move || Response::Status {
+                json: node.status_json(),
+            })
+            .await
+        }
         Request::WaitFor { gtids, timeout_ms } => match gtids.parse::<GtidSet>() {
             Ok(set) => {
                 let (reached, executed) = node
@@ -211,7 +234,10 @@ pub(super) async fn handle_stream<N: Node>(
                 Err(e) => error(e.code, e.message),
             }
         }
-        Request::DropSlot { name } => drop_slot(&*node, &cfg, &name),
+        Request::DropSlot { name } => {
+            let (node, cfg) = (node.clone(), cfg.clone());
+            off_the_workers("drop_slot", move || drop_slot(&*node, &cfg, &name)).await
+        }
         Request::Hello { .. } => error(ErrorCode::InvalidRequest, "already authenticated"),
         Request::Ack { .. } | Request::ChunksStored { .. } => error(
             ErrorCode::InvalidRequest,
@@ -222,6 +248,18 @@ pub(super) async fn handle_stream<N: Node>(
     send_message(&mut send, &resp).await?;
     let _ = send.finish();
     Ok(())
+}
+
+/// Answers a request whose node call blocks (a read that misses the block cache reads the
+/// disk; `status` and a slot drop wait on the log's slots while retention fsyncs) on the
+/// blocking pool, so that the async workers go on serving every other connection meanwhile.
+async fn off_the_workers(
+    what: &'static str,
+    answer: impl FnOnce() -> Response + Send + 'static,
+) -> Response {
+    tokio::task::spawn_blocking(answer)
+        .await
+        .unwrap_or_else(|e| error(ErrorCode::Internal, format!("the {what} task failed: {e}")))
 }
 
 /// Answers the single-answer reads of older clients, `Scan` and `Range` (a `Range` is a scan
