@@ -5,10 +5,10 @@
 //! - A tree merged into and then dropped at the source while the pipeline was stopped (daily
 //!   counter trees): the restarted pipeline replays the merge before the drop, with no operator
 //!   to resolve it. It must reach `running` and leave no row of the dropped tree, as at the
-//!   source; it must not hold for good (review 4, finding 1). Also when the tree took more
-//!   merges than one batch holds, so that the merges and the drop come in different batches:
-//!   the source's status, read after the merges, does not list the tree, so its drop follows
-//!   and the merges have nothing to leave.
+//!   source; it must not hold for good (docs/reliability.md, fourth code review). Also when
+//!   the tree took more merges than one batch holds, so that the merges and the drop come in
+//!   different batches: the source's status, read after the merges, does not list the tree,
+//!   so its drop follows and the merges have nothing to leave.
 //! - A tree created after the pipeline started, whose `create_tree` the pipeline's `ops` filter
 //!   leaves out: the source names its operator now, so the pipeline reads it again before it
 //!   holds, and stores the merged value.

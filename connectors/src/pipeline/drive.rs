@@ -348,7 +348,7 @@ mod tests {
     /// A copy whose first write fails (PostgreSQL restarting, say) has stored no step yet, so
     /// the status holds no copy progress; once the write is stored the state must be the
     /// copy's again (`bootstrapping`), not `running`: automation that waits for `running`
-    /// takes the copy for finished (review 4, finding 4).
+    /// takes the copy for finished (docs/reliability.md, fourth code review).
     #[tokio::test]
     async fn a_copy_recovered_from_a_failed_first_write_still_shows_bootstrapping() {
         let st = PipelineStatus::shared("p", "source", "sink");
