@@ -322,3 +322,21 @@ pub trait Sink: Send {
         let _ = (trees, as_of_offset);
     }
 }
+
+/// `url` as the webhook and NATS sinks' messages show it before it is parsed: scheme, host,
+/// port and path, without user info, query or fragment (where credentials and tokens travel).
+pub(crate) fn shown_url(url: &str) -> String {
+    let url = url.find(['?', '#']).map_or(url, |i| &url[..i]);
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    match scheme {
+        Some(scheme) => format!("{scheme}://{host}{path}"),
+        None => format!("{host}{path}"),
+    }
+}

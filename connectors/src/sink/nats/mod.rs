@@ -185,7 +185,7 @@ impl NatsSink {
         if !cfg.url.starts_with("nats://") {
             return bad(format!(
                 "sink url {}: give a nats://host:port URL (TLS is not supported by this sink)",
-                super::webhook::shown_url(&cfg.url)
+                super::shown_url(&cfg.url)
             ));
         }
         if !valid_name(&cfg.stream) {
@@ -247,7 +247,7 @@ impl NatsSink {
             opts = opts.token(t.clone());
         }
         // Messages show the URL without its user info (docs/OPERATIONS.md).
-        let shown = super::webhook::shown_url(&cfg.url);
+        let shown = super::shown_url(&cfg.url);
         let client = opts.connect(cfg.url.as_str()).await.map_err(|e| {
             use async_nats::ConnectErrorKind as K;
             match e.kind() {
@@ -377,7 +377,7 @@ async fn positions_bucket(
 
 impl Sink for NatsSink {
     fn describe(&self) -> String {
-        let url = super::webhook::shown_url(&self.cfg.url);
+        let url = super::shown_url(&self.cfg.url);
         let host = url.trim_start_matches("nats://");
         format!("nats {host} stream {}", self.cfg.stream)
     }
