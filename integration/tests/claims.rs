@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Node, gtids, status, wait_gtids};
+use common::{Node, gtids, send_signal, status, wait_gtids};
 use serde_json::Value;
 
 fn stderr(out: &Output) -> String {
@@ -392,7 +392,7 @@ fn a_bootstrapping_node_refuses_to_serve_a_bootstrap_until_it_has_finished() {
         let u = upstream(&b, 0);
         (u["bootstrap"]["chunks"].as_u64().unwrap_or(0) >= 3).then_some(())
     });
-    signal(a.pid(), "STOP"); // A paused mid-copy
+    send_signal(a.pid(), "STOP"); // A paused mid-copy
     let s = status(&b);
     assert_eq!(s["bootstrapping"], true, "B is mid-copy: {s}");
 
@@ -423,7 +423,7 @@ fn a_bootstrapping_node_refuses_to_serve_a_bootstrap_until_it_has_finished() {
     assert_eq!(status(&b)["bootstrapping"], true, "B still mid-copy");
 
     // A goes on; B finishes; C (retrying) then copies B and ends equal to A.
-    signal(a.pid(), "CONT");
+    send_signal(a.pid(), "CONT");
     let want = gtids(&a);
     wait_gtids(&b, &want);
     wait_gtids(&c, &want);
@@ -473,7 +473,7 @@ fn a_downstream_of_a_bootstrapping_node_waits_without_reporting_errant_gtids() {
         let u = upstream(&b, 0);
         (u["bootstrap"]["chunks"].as_u64().unwrap_or(0) >= 3).then_some(())
     });
-    signal(a.pid(), "STOP");
+    send_signal(a.pid(), "STOP");
     let sb = status(&b);
     assert_eq!(sb["bootstrapping"], true, "B is mid-copy: {sb}");
     assert_ne!(
@@ -508,7 +508,7 @@ fn a_downstream_of_a_bootstrapping_node_waits_without_reporting_errant_gtids() {
     assert_eq!(status(&b)["bootstrapping"], true, "B still mid-copy");
 
     // A goes on; B finishes; C carries on from B and ends equal to A.
-    signal(a.pid(), "CONT");
+    send_signal(a.pid(), "CONT");
     load_keys(&a, "default", "more", 0, 500, 100);
     let want = gtids(&a);
     wait_gtids(&b, &want);
@@ -519,18 +519,6 @@ fn a_downstream_of_a_bootstrapping_node_waits_without_reporting_errant_gtids() {
     let uc = upstream(&c, 0);
     assert_eq!(uc["state"], "connected", "{uc}");
     assert_eq!(uc["errant"], "", "{uc}");
-}
-
-/// Sends signal `sig` (by name: STOP, CONT) to `pid`; the `kill` tool keeps this test free
-/// of unsafe code.
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill -{sig} {pid} failed");
 }
 
 /// OPERATIONS.md "Retention and slots": slots hold the log "up to a cap (`slot_bytes_max`

@@ -24,7 +24,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Node;
+use common::{Node, send_signal};
 
 /// `GET path` on `addr` (HTTP/1.0, so the server closes when done): status and body.
 fn http_get(addr: &str, path: &str, token: Option<&str>) -> (u16, String) {
@@ -572,17 +572,6 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
-fn send_signal(pid: u32, sig: i32) {
-    // The `kill` tool keeps this test free of unsafe code.
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill -{sig} {pid} failed");
-}
-
 /// A client that sent part of a request head and went quiet (or a scanner, or a browser
 /// tab that froze) must not keep `serve` from stopping: SIGTERM exits 0, store and log
 /// synced ("tideline stopped cleanly"), as OPERATIONS.md promises.
@@ -599,7 +588,7 @@ fn sigterm_stops_the_node_cleanly_while_an_admin_request_head_is_half_sent() {
     // in the server's hands.
     assert_eq!(http_get(&addr, "/health", None).0, 200);
 
-    send_signal(node.pid(), 15);
+    send_signal(node.pid(), "TERM");
     let status = node.wait_timeout(Duration::from_secs(10));
     let Some(status) = status else {
         panic!(

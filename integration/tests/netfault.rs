@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use common::{Impair, Node, Relay, gtids, status};
+use common::{Impair, Node, Relay, gtids, send_signal, status};
 
 /// Two namespaces joined by a veth pair; removed on drop.
 struct Net {
@@ -217,16 +217,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn signal(pid: u32, sig: &str) {
-    assert!(
-        Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status()
-            .expect("run kill")
-            .success()
-    );
-}
-
 #[test]
 fn a_replica_and_a_tail_ride_out_loss_partitions_and_pauses() {
     let Some(net) = Net::create_or_skip() else {
@@ -331,11 +321,11 @@ fn a_replica_and_a_tail_ride_out_loss_partitions_and_pauses() {
         round(
             "B paused (SIGSTOP) while A commits",
             &|| {
-                signal(b.pid(), "-STOP");
+                send_signal(b.pid(), "STOP");
                 true
             },
             &|| {},
-            &|| signal(b.pid(), "-CONT"),
+            &|| send_signal(b.pid(), "CONT"),
         );
     }
     // Every round commits on A, whatever the network did: the last one always runs.

@@ -12,10 +12,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use common::Node;
+use common::{Node, send_signal};
 
 /// How long the retention run sleeps after the node announces it.
 const PAUSE_MS: &str = "3000";
@@ -23,17 +22,6 @@ const PAUSE_MS: &str = "3000";
 /// Longest the test waits for the node to stop: the pause (the run is waited for before the
 /// log closes), plus a generous shutdown.
 const EXIT_WAIT: Duration = Duration::from_secs(20);
-
-fn send_signal(pid: u32, sig: &str) {
-    // The `kill` tool keeps this test free of unsafe code.
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill -{sig} {pid} failed");
-}
 
 #[test]
 fn sigint_during_retention_stops_the_node_cleanly() {

@@ -25,7 +25,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::Node;
+use common::{Node, send_signal};
 
 /// Longest the test waits for the node to stop by itself (a guard against a hang: the
 /// watchdog ticks every 100 ms).
@@ -135,17 +135,6 @@ fn a_dead_log_writer_stops_the_node_with_exit_code_2() {
 #[test]
 fn a_dead_quic_server_task_stops_the_node_with_exit_code_2() {
     kill_task_round("quic-server", "QUIC server task");
-}
-
-fn send_signal(pid: u32, sig: &str) {
-    // The `kill` tool keeps this test free of unsafe code.
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill -{sig} {pid} failed");
 }
 
 /// The shutdown's own check: the loop has stopped on SIGTERM (the watchdog ticks no more)

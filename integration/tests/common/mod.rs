@@ -254,6 +254,19 @@ impl Drop for Relay {
     }
 }
 
+/// Sends signal `sig` (by name: `TERM`, `INT`, `STOP`, `CONT`, or by number) to `pid`; the
+/// `kill` tool keeps the tests free of unsafe code.
+#[allow(dead_code)]
+pub fn send_signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -{sig} {pid} failed");
+}
+
 /// A port that was free a moment ago, for tests that need a TCP port where nothing listens.
 /// Nodes start on port 0 ([`Node::start`]), which cannot race with other tests; a pipeline a
 /// node runs (`serve --connect`) follows that node when its `[source]` names no `node`.
