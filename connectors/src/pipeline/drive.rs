@@ -275,6 +275,27 @@ mod tests {
     use crate::sink::SinkFuture;
     use crate::{PipelineState, PipelineStatus};
 
+    /// A driver that retries and pauses for a millisecond, reporting to `report`.
+    fn quick<'a>(report: &'a dyn Report, stamp: Option<&'a Filter>) -> Driver<'a> {
+        Driver {
+            name: "p",
+            retry_min: Duration::from_millis(1),
+            retry_max: Duration::from_millis(1),
+            hold_pause: Duration::from_millis(1),
+            report,
+            stamp,
+        }
+    }
+
+    /// A batch of nothing, carrying `checkpoint`.
+    fn empty(checkpoint: &[u8]) -> Batch {
+        Batch {
+            source: uuid::Uuid::nil(),
+            items: vec![],
+            checkpoint: checkpoint.to_vec(),
+        }
+    }
+
     /// A sink that stores everything.
     struct Stores;
 
@@ -300,19 +321,8 @@ mod tests {
             s.state = PipelineState::Bootstrapping;
             s.last_error = Some("the bootstrap stream ended early".into());
         });
-        let d = Driver {
-            name: "p",
-            retry_min: Duration::from_millis(1),
-            retry_max: Duration::from_millis(1),
-            hold_pause: Duration::from_millis(1),
-            report: &st,
-            stamp: None,
-        };
-        let batch = Batch {
-            source: uuid::Uuid::nil(),
-            items: vec![],
-            checkpoint: b"step".to_vec(),
-        };
+        let d = quick(&st, None);
+        let batch = empty(b"step");
         d.write(&mut Stores, batch).await.unwrap();
         let s = st.get();
         assert_eq!(s.last_error, None, "{}", s.to_json());
@@ -353,19 +363,8 @@ mod tests {
     async fn a_copy_recovered_from_a_failed_first_write_still_shows_bootstrapping() {
         let st = PipelineStatus::shared("p", "source", "sink");
         st.update(|s| s.enter(PipelineState::Bootstrapping));
-        let d = Driver {
-            name: "p",
-            retry_min: Duration::from_millis(1),
-            retry_max: Duration::from_millis(1),
-            hold_pause: Duration::from_millis(1),
-            report: &st,
-            stamp: None,
-        };
-        let batch = Batch {
-            source: uuid::Uuid::nil(),
-            items: vec![],
-            checkpoint: b"first step".to_vec(),
-        };
+        let d = quick(&st, None);
+        let batch = empty(b"first step");
         d.write(&mut Records::default(), batch).await.unwrap();
         let s = st.get();
         assert_eq!(s.bootstrap, None, "no copy step reported");
@@ -441,19 +440,8 @@ mod tests {
         for (answers, holds) in [(vec![late()], 0), (vec![None, late()], 1)] {
             let st = PipelineStatus::shared("p", "source", "sink");
             st.update(|s| s.enter(PipelineState::Running));
-            let d = Driver {
-                name: "p",
-                retry_min: Duration::from_millis(1),
-                retry_max: Duration::from_millis(1),
-                hold_pause: Duration::from_millis(1),
-                report: &st,
-                stamp: None,
-            };
-            let batch = Batch {
-                source: uuid::Uuid::nil(),
-                items: vec![],
-                checkpoint: b"batch".to_vec(),
-            };
+            let d = quick(&st, None);
+            let batch = empty(b"batch");
             let mut sink = NeedsLate::default();
             let source = Answers(std::sync::Mutex::new(answers));
             d.write_learning(&mut sink, batch, Some(&source))
@@ -486,14 +474,7 @@ mod tests {
         })
         .encode();
         for stamp in [Some(&filter), None] {
-            let d = Driver {
-                name: "p",
-                retry_min: Duration::from_millis(1),
-                retry_max: Duration::from_millis(1),
-                hold_pause: Duration::from_millis(1),
-                report: &st,
-                stamp,
-            };
+            let d = quick(&st, stamp);
             let mut sink = Records::default();
             let batch = Batch {
                 source: uuid::Uuid::nil(),
