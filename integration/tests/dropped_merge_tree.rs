@@ -16,9 +16,9 @@
 mod common;
 mod sinkkit;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use sinkkit::pg::rows;
 use sinkkit::{Norm, SourceNode};
 use tideline_connectors::sink::postgres::{PostgresConfig, PostgresSink};
 use tideline_connectors::{
@@ -35,29 +35,6 @@ fn pg(rt: &tokio::runtime::Runtime) -> tokio_postgres::Client {
         .expect("connect to PostgreSQL");
     rt.spawn(conn);
     client
-}
-
-/// Rows of `table` (none when it does not exist): key → value, jsonb by meaning, bytea by
-/// bytes.
-async fn rows(c: &tokio_postgres::Client, table: &str) -> BTreeMap<String, Norm> {
-    let sql = format!("SELECT key, value::text, value_bytes FROM \"{table}\"");
-    let Ok(rows) = c.query(&sql, &[]).await else {
-        return BTreeMap::new();
-    };
-    rows.iter()
-        .map(|r| {
-            let k: String = r.get(0);
-            let v: Option<String> = r.get(1);
-            let b: Option<Vec<u8>> = r.get(2);
-            let n = match (v, b) {
-                (Some(j), None) => Norm::Json(serde_json::from_str(&j).expect("jsonb text")),
-                (None, Some(b)) => Norm::Bytes(b),
-                (Some(_), Some(b)) => Norm::of(&b),
-                other => panic!("row {k} of {table} has value and value_bytes {other:?}"),
-            };
-            (k, n)
-        })
-        .collect()
 }
 
 async fn table_exists(c: &tokio_postgres::Client, table: &str) -> bool {
@@ -174,7 +151,7 @@ fn a_restarted_pipeline_goes_past_a_merge_into_a_tree_the_source_dropped_meanwhi
 
     let (status, task) = start(&source, &name, &[]);
     wait_caught_up(&source, &status, "first run", || {
-        rt.block_on(rows(&db, &daily)).get("visits") == Some(&Norm::of(b"1"))
+        rt.block_on(rows(&db, &daily)).get(b"visits".as_slice()) == Some(&Norm::of(b"1"))
     });
     task.abort();
     let _ = rt.block_on(task);
@@ -187,7 +164,8 @@ fn a_restarted_pipeline_goes_past_a_merge_into_a_tree_the_source_dropped_meanwhi
 
     let (status, task) = start(&source, &name, &[]);
     wait_caught_up(&source, &status, "after the restart", || {
-        rt.block_on(rows(&db, &kv)).contains_key("after")
+        rt.block_on(rows(&db, &kv))
+            .contains_key(b"after".as_slice())
     });
     // `on_drop_tree = "truncate"` (the default): the table stays, empty.
     assert!(
@@ -227,7 +205,7 @@ fn a_restarted_pipeline_goes_past_more_merges_than_a_batch_into_a_tree_since_dro
 
     let (status, task) = start_with(&source, &name, &[], Some(BATCH_CHANGES));
     wait_caught_up(&source, &status, "first run", || {
-        rt.block_on(rows(&db, &daily)).get("visits") == Some(&Norm::of(b"1"))
+        rt.block_on(rows(&db, &daily)).get(b"visits".as_slice()) == Some(&Norm::of(b"1"))
     });
     task.abort();
     let _ = rt.block_on(task);
@@ -247,7 +225,7 @@ fn a_restarted_pipeline_goes_past_more_merges_than_a_batch_into_a_tree_since_dro
     let (status, task) = start_with(&source, &name, &[], Some(BATCH_CHANGES));
     let last = format!("after{}", 2 * BATCH_CHANGES - 1);
     wait_caught_up(&source, &status, "after the restart", || {
-        rt.block_on(rows(&db, &kv)).contains_key(&last)
+        rt.block_on(rows(&db, &kv)).contains_key(last.as_bytes())
     });
     let left = rt.block_on(rows(&db, &daily));
     assert!(
@@ -256,7 +234,7 @@ fn a_restarted_pipeline_goes_past_more_merges_than_a_batch_into_a_tree_since_dro
     );
     let kv_rows = rt.block_on(rows(&db, &kv));
     assert_eq!(
-        kv_rows.keys().filter(|k| k.starts_with("after")).count(),
+        kv_rows.keys().filter(|k| k.starts_with(b"after")).count(),
         2 * BATCH_CHANGES,
         "every change after the drop arrives: {kv_rows:?}"
     );
@@ -288,7 +266,7 @@ fn a_merge_on_a_tree_created_after_the_start_uses_the_operator_the_source_names_
     e.merge("late", b"n", b"5").expect("merge");
     e.merge("late", b"n", b"2").expect("merge");
     wait_caught_up(&source, &status, "after merges into the new tree", || {
-        rt.block_on(rows(&db, &late)).get("n") == Some(&Norm::of(b"7"))
+        rt.block_on(rows(&db, &late)).get(b"n".as_slice()) == Some(&Norm::of(b"7"))
     });
     task.abort();
     let _ = rt.block_on(task);

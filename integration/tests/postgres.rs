@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use sinkkit::pg::rows;
 use sinkkit::{Norm, SourceNode};
 use tideline_connectors::sink::postgres::{PostgresConfig, PostgresSink, WriteMethod};
 use tideline_connectors::{Batch, EarlierCopy, Sink, SinkError};
@@ -50,29 +51,6 @@ async fn position(c: &tokio_postgres::Client, pipeline: &str) -> Option<Vec<u8>>
     .ok()
     .flatten()
     .map(|r| r.get(0))
-}
-
-/// Rows of `table` as the sink stores them: jsonb by meaning, bytea by bytes (a JSON value of
-/// a tree with a merge operator may keep its exact bytes beside its jsonb: those).
-async fn rows(c: &tokio_postgres::Client, table: &str) -> BTreeMap<Vec<u8>, Norm> {
-    let sql = format!("SELECT key, value::text, value_bytes FROM \"{table}\"");
-    let Ok(rows) = c.query(&sql, &[]).await else {
-        return BTreeMap::new();
-    };
-    rows.iter()
-        .map(|r| {
-            let k: String = r.get(0);
-            let v: Option<String> = r.get(1);
-            let b: Option<Vec<u8>> = r.get(2);
-            let n = match (v, b) {
-                (Some(j), None) => Norm::Json(serde_json::from_str(&j).expect("jsonb text")),
-                (None, Some(b)) => Norm::Bytes(b),
-                (Some(_), Some(b)) => Norm::of(&b),
-                other => panic!("row {k} of {table} has value and value_bytes {other:?}"),
-            };
-            (k.into_bytes(), n)
-        })
-        .collect()
 }
 
 async fn drop_tables(c: &tokio_postgres::Client, prefix: &str, pipeline: &str) {

@@ -17,6 +17,8 @@
 //!   the kill cycles ([`cycles`], 20 by default: the minimum).
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
+pub mod pg;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::TcpStream;
