@@ -149,14 +149,92 @@ pub(super) async fn catch_up(
 /// from the wire: what remains when the transport costs nothing. (Applying one 256 KiB batch
 /// at a time would measure the log's sync interval instead: the applier sees records only once
 /// durable, so each batch waits for the next 10 ms sync.)
+///
+/// Then the same records, read and grouped the same way, appended to an empty bare log of the
+/// same durability (each group encoded, queued and waited for until visible, as the engine's
+/// log does it): the rate the engine's apply is measured against (`vs_bare_log`).
 pub(super) fn apply_only(primary: &Engine, dir: &Path) -> anyhow::Result<Value> {
-    const GROUP_TXNS_MAX: usize = 16_384;
     let engine = open_engine(dir, ASYNC_10MS, true)?;
     let wal = primary.wal();
     let total = wal.visible_offset();
     let pb = bar(total, "apply only, async engine");
     let started = Instant::now();
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<tideline_wal::NewTransaction>>(64);
+    let applied = replay_grouped(wal, |batch| {
+        let n = batch.len() as u64;
+        engine
+            .apply_upstream_batch(batch)
+            .context("apply a batch")?;
+        pb.inc(n);
+        Ok(())
+    })?;
+    let secs = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    ensure!(
+        applied == total,
+        "applied {applied} transactions, the primary's log holds {total}"
+    );
+    engine.close().context("close the engine")?;
+    engine.wal().close().context("close the log")?;
+
+    let bare_dir = dir.join("bare-log");
+    let storage = tideline_wal::FileStorage::new(&bare_dir)
+        .with_context(|| format!("create {}", bare_dir.display()))?;
+    let bare = tideline_wal::Wal::open(
+        Arc::new(storage),
+        tideline_wal::WalOptions {
+            durability: ASYNC_10MS,
+            ..tideline_wal::WalOptions::default()
+        },
+    )
+    .context("open the bare log")?;
+    let pb = bar(total, "apply only, bare log");
+    let started = Instant::now();
+    let appended = replay_grouped(wal, |batch| {
+        let mut encoded = tideline_wal::Encoded::with_capacity(batch.len());
+        let mut last = None;
+        for t in &batch {
+            let i = bare.encode_into(t, &mut encoded).context("encode")?;
+            last = Some(bare.submit_encoded_with(&encoded, i, |_| ())?.0);
+        }
+        if let Some(last) = last {
+            ensure!(
+                bare.wait_visible_blocking(last, CONVERGE_TIMEOUT)?,
+                "the bare log did not show offset {} within {CONVERGE_TIMEOUT:?}",
+                last.get()
+            );
+        }
+        pb.inc(batch.len() as u64);
+        Ok(())
+    })?;
+    let bare_secs = started.elapsed().as_secs_f64();
+    pb.finish_and_clear();
+    ensure!(
+        appended == total,
+        "appended {appended} transactions, the primary's log holds {total}"
+    );
+    bare.close().context("close the bare log")?;
+    let rate = applied as f64 / secs;
+    let bare_rate = appended as f64 / bare_secs;
+    Ok(json!({
+        "transactions": applied,
+        "seconds": secs,
+        "txns_per_s": rate.round(),
+        "bare_log_seconds": bare_secs,
+        "bare_log_txns_per_s": bare_rate.round(),
+        "vs_bare_log": rate / bare_rate,
+    }))
+}
+
+/// Reads `wal` from its first record on a reader thread that hands over batches of about
+/// 256 KiB (up to 64 queued), and calls `apply` with every batch that arrived since its last
+/// call, up to 16,384 transactions (as the replication task groups a backlog). Returns the
+/// transactions handed to `apply`.
+fn replay_grouped(
+    wal: &tideline_wal::Wal,
+    mut apply: impl FnMut(Vec<NewTransaction>) -> anyhow::Result<()>,
+) -> anyhow::Result<u64> {
+    const GROUP_TXNS_MAX: usize = 16_384;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<NewTransaction>>(64);
     let mut applied = 0u64;
     std::thread::scope(|s| -> anyhow::Result<()> {
         let reader = s.spawn(move || -> anyhow::Result<()> {
@@ -173,13 +251,11 @@ pub(super) fn apply_only(primary: &Engine, dir: &Path) -> anyhow::Result<Value> 
                         + t.ops
                             .iter()
                             .map(|op| match op {
-                                tideline_wal::Op::Put { key, value, .. } => {
-                                    key.len() + value.len() + 16
-                                }
+                                Op::Put { key, value, .. } => key.len() + value.len() + 16,
                                 _ => 32,
                             })
                             .sum::<usize>();
-                    batch.push(tideline_wal::NewTransaction {
+                    batch.push(NewTransaction {
                         gtid: t.gtid,
                         timestamp_us: t.timestamp_us,
                         ops: t.ops,
@@ -207,28 +283,12 @@ pub(super) fn apply_only(primary: &Engine, dir: &Path) -> anyhow::Result<Value> 
                     Err(_) => break,
                 }
             }
-            let n = batch.len() as u64;
-            engine
-                .apply_upstream_batch(batch)
-                .context("apply a batch")?;
-            applied += n;
-            pb.inc(n);
+            applied += batch.len() as u64;
+            apply(batch)?;
         }
         reader
             .join()
             .map_err(|_| anyhow::anyhow!("the log reader thread panicked"))?
     })?;
-    let secs = started.elapsed().as_secs_f64();
-    pb.finish_and_clear();
-    ensure!(
-        applied == total,
-        "applied {applied} transactions, the primary's log holds {total}"
-    );
-    engine.close().context("close the engine")?;
-    engine.wal().close().context("close the log")?;
-    Ok(json!({
-        "transactions": applied,
-        "seconds": secs,
-        "txns_per_s": (applied as f64 / secs).round(),
-    }))
+    Ok(applied)
 }
