@@ -81,11 +81,13 @@ enum Command {
     Monitor(monitor_cmd::MonitorArgs),
     /// Show the hottest keys and slowest requests, refreshed every interval.
     Top(monitor_cmd::TopArgs),
-    /// Run the pipelines of a TOML file: a source node's changes into PostgreSQL or Redis,
-    /// exactly once, until Ctrl-C (docs/OPERATIONS.md, "Connectors"). --check validates the
-    /// file and reaches each source and sink without moving data.
+    /// Run the pipelines of a TOML file: a source node's changes into PostgreSQL, Redis, NATS
+    /// JetStream, a webhook or JSON-lines files, until Ctrl-C (docs/OPERATIONS.md,
+    /// "Connectors", says what each sink guarantees). --check validates the file and reaches
+    /// each source and sink without moving data.
     Connect(connect::ConnectArgs),
-    /// Compare nodes key by key: prints equal, or the first differing key (exit 1).
+    /// Compare nodes key by key: prints a JSON report (`equal`, and each comparison's first
+    /// differing key); exit 1 when they differ.
     Verify(verify::VerifyArgs),
     /// Inspect a node's log offline (the node need not run).
     #[command(subcommand)]
