@@ -35,14 +35,20 @@ impl From<quinn::WriteError> for WireError {
 pub struct FramedRecv {
     recv: quinn::RecvStream,
     dec: FrameDecoder,
+    /// The decoder's limits: [`FramedRecv::next_message`] tells a batch header refused for its
+    /// length by them.
+    limits: Limits,
 }
 
 impl FramedRecv {
-    /// Wraps a stream, enforcing `limits`.
+    /// Wraps a stream, enforcing `limits`. A stream that must carry messages only is best
+    /// read with `batch_bytes_max` 0: a batch on it is then refused at its header, before its
+    /// body is read (see [`FramedRecv::next_message`]).
     pub fn new(recv: quinn::RecvStream, limits: Limits) -> Self {
         FramedRecv {
             recv,
             dec: FrameDecoder::new(limits),
+            limits,
         }
     }
 
@@ -88,8 +94,10 @@ impl FramedRecv {
         }
     }
 
-    /// The next frame, which must be a message. A batch is refused as it is, its records
-    /// never decoded.
+    /// The next frame, which must be a message. A batch is refused as such (`a batch where a
+    /// message was expected`), its records never decoded, whether it arrived whole, failed its
+    /// frame checks, or was refused at its header for its length: with `batch_bytes_max` 0,
+    /// every batch header but an empty one's is, so no batch body is read at all.
     pub async fn next_message<M>(&mut self) -> Result<Option<M>, WireError>
     where
         M: rkyv::Archive,
@@ -97,12 +105,26 @@ impl FramedRecv {
                 rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>,
             > + rkyv::Deserialize<M, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
     {
-        match self.next_raw::<M>().await? {
-            None => Ok(None),
-            Some(Frame::Message(m)) => Ok(Some(m)),
-            Some(Frame::Batch(_)) => {
-                Err(ProtoError::Violation("a batch where a message was expected".into()).into())
+        let refused = || ProtoError::Violation("a batch where a message was expected".into());
+        match self.next_raw::<M>().await {
+            Ok(None) => Ok(None),
+            Ok(Some(Frame::Message(m))) => Ok(Some(m)),
+            Ok(Some(Frame::Batch(_))) => Err(refused().into()),
+            Err(WireError::Proto(e)) if self.is_batch_error(&e) => Err(refused().into()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `e` can only have come from a batch frame: a batch that failed its frame
+    /// checks, or a header over the batch limit that is not the message limit (a header of
+    /// either kind over a limit both share is not told apart, and keeps its own error).
+    fn is_batch_error(&self, e: &ProtoError) -> bool {
+        match e {
+            ProtoError::BadBatch(_) => true,
+            ProtoError::FrameTooLarge { max, .. } => {
+                *max == self.limits.batch_bytes_max && *max != self.limits.message_bytes_max
             }
+            _ => false,
         }
     }
 

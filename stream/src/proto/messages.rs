@@ -231,6 +231,30 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// The message's name, as docs/PROTOCOL.md names it: for the error that refuses a request
+    /// sent on a stream that does not take it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "Hello",
+            Request::Subscribe { .. } => "Subscribe",
+            Request::Ack { .. } => "Ack",
+            Request::Get { .. } => "Get",
+            Request::Scan { .. } => "Scan",
+            Request::Commit { .. } => "Commit",
+            Request::Status => "Status",
+            Request::WaitFor { .. } => "WaitFor",
+            Request::Range { .. } => "Range",
+            Request::Bootstrap { .. } => "Bootstrap",
+            Request::ChunksStored { .. } => "ChunksStored",
+            Request::ScanPage { .. } => "ScanPage",
+            Request::Monitor { .. } => "Monitor",
+            Request::IndexQuery(_) => "IndexQuery",
+            Request::DropSlot { .. } => "DropSlot",
+        }
+    }
+}
+
 /// Where to resume a bootstrap.
 ///
 /// persisted: wire type; changes must stay backward compatible.
@@ -460,11 +484,17 @@ pub struct MonitorEvent {
     pub ts_us: i64,
     /// The client's address.
     pub remote: String,
-    /// `get`, `scan`, `range`, `commit`, `subscribe`, `status`, `wait_for` or `bootstrap`.
+    /// The request: `get`, `scan` (`Scan` and `ScanPage`), `range`, `commit`, `index`
+    /// (`IndexQuery`), `status`, `wait_for`, `subscribe`, `bootstrap` or `drop_slot`.
     pub kind: String,
-    /// The tree (empty where the request has none).
+    /// The tree (empty where the request has none): the one read, the first op's of a
+    /// commit, the one queried, or a subscription's tree filter.
     pub tree: String,
-    /// The key, the scan prefix, or the first key a commit wrote (empty where none).
+    /// What the request names besides its tree (empty where it names nothing): `get` the
+    /// key; `scan` the prefix; `range` the `after` key (empty from the first key); `commit`
+    /// its first op's key, or the index name of a first `CreateIndex` or `DropIndex`; `index`
+    /// the index name; `wait_for` the GTID set; `subscribe` its prefix filter; `drop_slot`
+    /// the slot name; `status` and `bootstrap` nothing.
     pub key: Vec<u8>,
     /// How long the node took to answer, in microseconds.
     pub latency_us: u64,

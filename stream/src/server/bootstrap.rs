@@ -10,8 +10,9 @@
 //!
 //! Owns: the bootstrap stream of one consumer, from `Bootstrap` to `BootstrapDone`. Must never
 //! have more than `ServerConfig::bootstrap_chunks_in_flight` chunks sent and not yet stored
-//! (`ChunksStored`), never send the handover before every chunk is stored, and never write to
-//! the node: it reads views and the log only.
+//! (`ChunksStored`), never send the handover before every chunk is stored, never end a copy
+//! without an `Error` when the consumer sent what the stream does not take (a bad frame,
+//! another request), and never write to the node: it reads views and the log only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use std::time::Duration;
 use tideline_wal::{Epoch, Offset};
 use uuid::Uuid;
 
-use super::config::{ServerConfig, error};
+use super::config::{ServerConfig, close_code, error};
 use super::node::{BootstrapView, Node};
 use crate::proto::{
     BatchBuilder, BootstrapResume, Chunk, Cursor, ErrorCode, Request, Response, packed_parts,
@@ -46,15 +47,44 @@ pub(super) async fn serve_bootstrap<N: Node>(
     chunk_bytes: u64,
 ) -> Result<(), WireError> {
     // The consumer reports the chunks it has stored; a chunk goes out only once every
-    // earlier one is stored.
-    let (stored_tx, stored_rx) = tokio::sync::watch::channel(0u64);
+    // earlier one is stored. Only those reports follow `Bootstrap` on its stream: a bad frame
+    // or another request ends the copy with `InvalidRequest` naming it (`Reports::Broken`),
+    // as the first frame of a stream would get, not with a stream cut short without a word.
+    // A consumer that ends its side of the stream, or whose stream or connection breaks,
+    // reports no more: a copy waiting for its report ends (`Stop::Gone`).
+    let (reports_tx, reports_rx) = tokio::sync::watch::channel(Reports::Stored(0));
     let acks = tokio::spawn(async move {
-        while let Ok(Some(Request::ChunksStored { chunks })) = recv.next_message::<Request>().await
-        {
-            stored_tx.send_replace(chunks);
-        }
+        let reason = loop {
+            match recv.next_message::<Request>().await {
+                Ok(Some(Request::ChunksStored { chunks })) => {
+                    reports_tx.send_replace(Reports::Stored(chunks));
+                }
+                Ok(None) | Err(WireError::Read(_)) => return,
+                Ok(Some(other)) => {
+                    let name = other.name();
+                    tracing::warn!(
+                        request = name,
+                        "request on a bootstrap stream; ending the copy"
+                    );
+                    break format!(
+                        "a {name} request on a bootstrap stream, which takes only ChunksStored \
+                         after its Bootstrap: this is a client bug. Send each request on a \
+                         stream of its own, and resume the bootstrap"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "bad frame on a bootstrap stream; ending the copy");
+                    break format!(
+                        "{e}, on a bootstrap stream (it takes only ChunksStored after its \
+                         Bootstrap): this is a client bug; resume the bootstrap"
+                    );
+                }
+            }
+        };
+        reports_tx.send_replace(Reports::Broken(reason));
+        recv.stop(close_code::PROTOCOL);
     });
-    let result = run(&*node, &cfg, &mut send, stored_rx, resume, chunk_bytes).await;
+    let result = run(&*node, &cfg, &mut send, reports_rx, resume, chunk_bytes).await;
     acks.abort();
     match result {
         Ok(()) => {}
@@ -73,6 +103,24 @@ enum Stop {
     Wire(WireError),
     /// The consumer went away.
     Gone,
+}
+
+/// What the consumer has reported on its bootstrap stream.
+#[derive(Debug, Clone)]
+enum Reports {
+    /// It has stored this many chunks of the stream.
+    Stored(u64),
+    /// It sent what the stream does not take (a bad frame, another request): the copy ends
+    /// with `InvalidRequest` and this text.
+    Broken(String),
+}
+
+/// Ends the copy if the consumer has broken the protocol on its side of the stream.
+fn check_reports(reports: &tokio::sync::watch::Receiver<Reports>) -> Result<(), Stop> {
+    match &*reports.borrow() {
+        Reports::Broken(reason) => Err(refused(ErrorCode::InvalidRequest, reason.clone())),
+        Reports::Stored(_) => Ok(()),
+    }
 }
 
 impl From<WireError> for Stop {
@@ -144,16 +192,27 @@ fn next_piece(
 
 /// Waits until fewer than `window` of the `sent` chunks are not reported stored. A consumer
 /// that reports more chunks stored than were sent breaks the protocol (its count is of no use
-/// for the window) and is refused; one that went away ends the copy.
+/// for the window) and is refused, as is one that sent what the stream does not take; one
+/// that went away ends the copy.
 async fn wait_stored(
-    stored: &mut tokio::sync::watch::Receiver<u64>,
+    reports: &mut tokio::sync::watch::Receiver<Reports>,
     sent: u64,
     window: u64,
 ) -> Result<(), Stop> {
-    let reported = *stored
-        .wait_for(|&n| n.saturating_add(window) > sent)
+    // The acks task sets `Broken` before it ends: `wait_for` sees the last value before it
+    // reports the sender gone, so a broken stream is refused, not taken for a consumer gone.
+    let report = reports
+        .wait_for(|r| match r {
+            Reports::Stored(n) => n.saturating_add(window) > sent,
+            Reports::Broken(_) => true,
+        })
         .await
-        .map_err(|_| Stop::Gone)?;
+        .map_err(|_| Stop::Gone)?
+        .clone();
+    let reported = match report {
+        Reports::Stored(n) => n,
+        Reports::Broken(reason) => return Err(refused(ErrorCode::InvalidRequest, reason)),
+    };
     if reported > sent {
         return Err(refused(
             ErrorCode::InvalidRequest,
@@ -171,7 +230,7 @@ async fn run<N: Node>(
     node: &N,
     cfg: &ServerConfig,
     send: &mut quinn::SendStream,
-    mut stored: tokio::sync::watch::Receiver<u64>,
+    mut reports: tokio::sync::watch::Receiver<Reports>,
     resume: Option<BootstrapResume>,
     chunk_bytes: u64,
 ) -> Result<(), Stop> {
@@ -240,6 +299,7 @@ async fn run<N: Node>(
     let mut chunks_sent = 0u64;
     let window = cfg.bootstrap_chunks_in_flight.max(1);
     loop {
+        check_reports(&reports)?;
         let v = match view.take() {
             Some(v) => v,
             None => node
@@ -300,7 +360,7 @@ async fn run<N: Node>(
             Piece::Done { gtid_executed } => {
                 // The handover follows the last chunk's storing, so the consumer's last
                 // report still finds this end listening.
-                wait_stored(&mut stored, chunks_sent, 1).await?;
+                wait_stored(&mut reports, chunks_sent, 1).await?;
                 send_message(
                     send,
                     &Response::BootstrapDone {
@@ -312,7 +372,7 @@ async fn run<N: Node>(
                 return Ok(());
             }
         };
-        wait_stored(&mut stored, chunks_sent, window).await?;
+        wait_stored(&mut reports, chunks_sent, window).await?;
         let bytes = entries.len();
         cursor = match &to {
             Some(k) => Cursor {

@@ -19,7 +19,7 @@ use super::monitor::{cut_bytes, cut_text};
 use super::node::{Node, SCAN_PAGE_BYTES_MAX, ScanPage};
 use super::subscription::{SubscriptionRequest, serve_subscription};
 use crate::observe::Peer;
-use crate::proto::{ErrorCode, MonitorEvent, Request, Response, WriteOp};
+use crate::proto::{ErrorCode, Limits, MonitorEvent, Request, Response, WriteOp};
 use crate::wire::{FramedRecv, WireError, send_message};
 
 /// How long a read waits for its connection's last commit to become visible before it is
@@ -79,7 +79,16 @@ pub(super) async fn handle_stream<N: Node>(
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) -> Result<(), WireError> {
-    let mut recv = FramedRecv::new(recv, cfg.limits);
+    // A client sends messages only, on every stream (requests, acks, stored-chunk reports):
+    // no room for a batch, so one is refused at its header, before its body (up to
+    // `batch_bytes_max`) is gathered or its records checked.
+    let mut recv = FramedRecv::new(
+        recv,
+        Limits {
+            batch_bytes_max: 0,
+            ..cfg.limits
+        },
+    );
     let req = match recv.next_message::<Request>().await {
         Ok(Some(r)) => r,
         Ok(None) => return Ok(()),
@@ -344,7 +353,8 @@ fn drop_slot<N: Node>(node: &N, cfg: &ServerConfig, name: &str) -> Response {
 
 /// What a monitor reports of a request, taken before the request is consumed: its tree and
 /// key cut to [`super::monitor::EVENT_FIELD_BYTES_MAX`] (a request's key may be as large as a
-/// message before any node checks it).
+/// message before any node checks it). What `tree` and `key` hold for each kind is documented
+/// on [`MonitorEvent`] and in docs/PROTOCOL.md (`Monitor`): a change here changes both.
 struct Seen {
     kind: &'static str,
     tree: String,

@@ -3,11 +3,17 @@
 //!
 //! Owns: opening a reader at a start (with the GTID set covered before it), batching records
 //! (unfiltered ones go out as the log stores them), filters, progress, and the acks of the
-//! stream. Must never buffer more than one batch (`batch_bytes_target`) per subscription — a
-//! slow consumer stalls only its own stream through QUIC flow control — must never let an
-//! ack move a slot past what was sent, must never let two live subscriptions share a slot
-//! (the second is refused), and must never take an ack into a slot that is gone in silence
-//! (the subscription ends with an error: its consumer would believe its position held).
+//! stream. Must never:
+//! - hold more than the batch being prepared and the one in flight (`super::outbox`), room
+//!   for twice `batch_bytes_target` each (as `ServerConfig::consumer_buffer_bytes` counts
+//!   them), plus one pending record (read and not yet in a batch, `Pending`): a slow
+//!   consumer stalls only its own stream, through QUIC flow control;
+//! - let an ack move a slot past what was sent;
+//! - let two live subscriptions share a slot (the second is refused);
+//! - take an ack into a slot that is gone in silence (the subscription ends with an error:
+//!   its consumer would believe its position held);
+//! - stop reading acks while it goes on sending (a bad frame or another request on the stream
+//!   ends the subscription with an error).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -463,65 +469,89 @@ pub(super) async fn serve_subscription<N: Node>(
     .await?;
 
     // Acks arrive on the receive side; handle them in their own task so a consumer's acks
-    // never wait behind our sends. An ack this task cannot take hands the answer that ends the
-    // subscription to the send loop, which sends it and ends the stream: an ack past what was
-    // sent or reported (the consumer is wrong about its position: were it only ignored, the
-    // slot would stop moving without a word), or one that finds the slot gone (removed through
-    // the log, not by `DropSlot`, which a live subscription refuses): its consumer must not
-    // believe its position is held.
+    // never wait behind our sends. What this task cannot take hands the answer that ends the
+    // subscription to the send loop, which sends it and ends the stream (were the task only
+    // to end, the subscription would go on sending while no later ack is read: the slot would
+    // stop moving without a word):
+    // - a bad frame, or a request other than `Ack` (only acks follow `Subscribe` on its
+    //   stream): `InvalidRequest` naming it, as the first frame of a stream would get;
+    // - an ack past what was sent or reported: the consumer is wrong about its position;
+    // - an ack that finds the slot gone (removed through the log, not by `DropSlot`, which a
+    //   live subscription refuses): its consumer must not believe its position is held.
+    // A consumer that ends its side of the stream, or whose stream or connection breaks,
+    // sends no more acks; the subscription goes on until the send side notices.
     let (ending_tx, mut ending) = tokio::sync::mpsc::channel::<Response>(1);
     let ack_task = {
         let sent_through = sent_through.clone();
         let node = node.clone();
         let slot = slot.clone();
         tokio::spawn(async move {
-            while let Ok(Some(req)) = recv.next_message::<Request>().await {
-                if let Request::Ack { offset } = req {
-                    let sent = sent_through.load(Ordering::SeqCst);
-                    if offset > sent {
+            let message = loop {
+                let offset = match recv.next_message::<Request>().await {
+                    Ok(Some(Request::Ack { offset })) => offset,
+                    Ok(None) | Err(WireError::Read(_)) => return,
+                    Ok(Some(other)) => {
+                        let name = other.name();
                         tracing::warn!(
-                            offset,
-                            sent,
-                            "ack past what was sent; ending the subscription"
+                            request = name,
+                            "request on a subscription stream; ending the subscription"
                         );
-                        let message = format!(
-                            "ack of offset {offset} past what this subscription has sent or \
-                             reported (through offset {sent}): a consumer acks only what it \
-                             received. The consumer is wrong about its position; subscribe \
-                             again from the position it has"
+                        break format!(
+                            "a {name} request on a subscription stream, which takes only acks \
+                             after its Subscribe: this is a client bug. Send each request on a \
+                             stream of its own, and subscribe again"
                         );
-                        let _ = ending_tx
-                            .send(error(ErrorCode::InvalidRequest, message))
-                            .await;
-                        recv.stop(close_code::PROTOCOL);
-                        return;
                     }
-                    if let (Some(name), Some(next)) = (&slot, Offset::new(offset + 1))
-                        && let Err(e) = node.wal().advance_slot(name, next)
-                    {
+                    Err(e) => {
                         tracing::warn!(
-                            slot = %name,
-                            "ack into a slot that is gone ({e}); ending the subscription"
+                            error = %e,
+                            "bad frame on a subscription stream; ending the subscription"
                         );
-                        let message = match e {
-                            // Retention's cap took it: the error says where the log stands.
-                            tideline_wal::Error::SlotInvalidated { .. } => e.to_string(),
-                            _ => format!(
-                                "slot {name} was dropped while this subscription used it: it no \
-                                 longer holds this consumer's position, and retention may \
-                                 remove the log from offset {next} on. Resume from the \
-                                 consumer's checkpoint (the slot is created anew where it \
-                                 starts), or re-bootstrap the consumer if that is no longer in \
-                                 the log"
-                            ),
-                        };
-                        let _ = ending_tx
-                            .send(error(ErrorCode::InvalidRequest, message))
-                            .await;
-                        return;
+                        break format!(
+                            "{e}, on a subscription stream (it takes only acks after its \
+                             Subscribe): this is a client bug; subscribe again"
+                        );
                     }
+                };
+                let sent = sent_through.load(Ordering::SeqCst);
+                if offset > sent {
+                    tracing::warn!(
+                        offset,
+                        sent,
+                        "ack past what was sent; ending the subscription"
+                    );
+                    break format!(
+                        "ack of offset {offset} past what this subscription has sent or \
+                         reported (through offset {sent}): a consumer acks only what it \
+                         received. The consumer is wrong about its position; subscribe \
+                         again from the position it has"
+                    );
                 }
-            }
+                if let (Some(name), Some(next)) = (&slot, Offset::new(offset + 1))
+                    && let Err(e) = node.wal().advance_slot(name, next)
+                {
+                    tracing::warn!(
+                        slot = %name,
+                        "ack into a slot that is gone ({e}); ending the subscription"
+                    );
+                    break match e {
+                        // Retention's cap took it: the error says where the log stands.
+                        tideline_wal::Error::SlotInvalidated { .. } => e.to_string(),
+                        _ => format!(
+                            "slot {name} was dropped while this subscription used it: it no \
+                             longer holds this consumer's position, and retention may \
+                             remove the log from offset {next} on. Resume from the \
+                             consumer's checkpoint (the slot is created anew where it \
+                             starts), or re-bootstrap the consumer if that is no longer in \
+                             the log"
+                        ),
+                    };
+                }
+            };
+            let _ = ending_tx
+                .send(error(ErrorCode::InvalidRequest, message))
+                .await;
+            recv.stop(close_code::PROTOCOL);
         })
     };
 
