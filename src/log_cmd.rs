@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use clap::Args;
 use serde_json::json;
-use tideline_wal::{Durability, FileStorage, Offset, Reader, Storage, Wal, WalOptions};
+use tideline_wal::{Durability, Error, FileStorage, Offset, Reader, Storage, Wal, WalOptions};
 
 use crate::position::StartPosition;
 use crate::render;
@@ -70,8 +70,14 @@ pub fn open_log_with(data: &Path, opts: WalOptions) -> anyhow::Result<Arc<Wal>> 
 }
 
 /// Opens an existing log read-only, safe beside a running node and on a copy it may only
-/// read; refuses to create one.
-pub fn open_existing(data: &Path, verify_on_open: bool) -> anyhow::Result<Wal> {
+/// read; refuses to create one. With `inspect_damaged`, a last segment damaged inside does not
+/// refuse the open: the log ends before the damage and [`Wal::damage`] names it (the caller
+/// must report it and fail).
+pub fn open_existing(
+    data: &Path,
+    verify_on_open: bool,
+    inspect_damaged: bool,
+) -> anyhow::Result<Wal> {
     let dir = log_dir(data);
     let unreadable = || {
         format!(
@@ -106,6 +112,7 @@ pub fn open_existing(data: &Path, verify_on_open: bool) -> anyhow::Result<Wal> {
     let opts = WalOptions {
         verify_on_open,
         read_only: true,
+        inspect_damaged,
         ..WalOptions::default()
     };
     Wal::open(storage, opts).with_context(|| format!("open the log in {}", dir.display()))
@@ -123,16 +130,61 @@ pub fn reader_for(wal: &Wal, from: &StartPosition) -> anyhow::Result<Reader> {
     })
 }
 
-/// `log dump`.
+/// The damage an inspecting open ended `wal` before, as the error to fail with: the readable
+/// log ends at its visible offset.
+fn damage_error(wal: &Wal) -> Option<anyhow::Error> {
+    wal.damage().map(|d| {
+        anyhow::Error::new(d).context(format!(
+            "the log ends at offset {}, the last record before damage",
+            wal.visible_offset()
+        ))
+    })
+}
+
+/// Writes `bytes` to stdout and flushes. A reader that went away (`| head`, `| true`) is the
+/// normal end of the output, not an error: returns `Ok(false)` then.
+fn write_stdout(out: &mut impl Write, bytes: &[u8]) -> anyhow::Result<bool> {
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(anyhow::Error::new(e).context("write to stdout")),
+    }
+}
+
+/// `log dump`. Prints the records from `--from`; a damaged log is read up to the damage, and
+/// a dump that reaches it (or starts past it) fails with the corruption error after printing
+/// what lies before, so that a script never takes it for the whole log.
 pub fn dump(args: &DumpArgs) -> anyhow::Result<ExitCode> {
-    let wal = open_existing(&args.data, false)?;
+    let wal = open_existing(&args.data, false, true)?;
+    if let StartPosition::Offset(o) = &args.from
+        && o.get() > wal.visible_offset() + 1
+        && let Some(e) = damage_error(&wal)
+    {
+        return Err(e.context(format!("nothing can be read from offset {o}")));
+    }
     let mut reader = reader_for(&wal, &args.from)?;
     let stdout = std::io::stdout();
     let mut out = BufWriter::new(stdout.lock());
     let mut n = 0u64;
     let mut line = Vec::new();
+    let mut reached_end = false;
     while args.limit.is_none_or(|l| n < l) {
-        let Some(txn) = reader.next_txn()? else { break };
+        let txn = match reader.next_txn() {
+            Ok(Some(txn)) => txn,
+            Ok(None) => {
+                reached_end = true;
+                break;
+            }
+            // Damage a reader meets (in a closed segment): what came before is printed, then
+            // the damage is the error.
+            Err(e) => {
+                if !write_stdout(&mut out, &[])? {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                return Err(anyhow::Error::new(e)
+                    .context(format!("read the log at offset {}", reader.next_offset())));
+            }
+        };
         // Whole lines into the output, so that one check sees a reader that went away (`|
         // head`) whichever write finds the pipe closed.
         line.clear();
@@ -146,16 +198,24 @@ pub fn dump(args: &DumpArgs) -> anyhow::Result<ExitCode> {
         }
         n += 1;
     }
-    match out.flush() {
-        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => return Err(e.into()),
-        _ => {}
+    if !write_stdout(&mut out, &[])? {
+        return Ok(ExitCode::SUCCESS);
     }
-    Ok(ExitCode::SUCCESS)
+    match damage_error(&wal) {
+        Some(e) if reached_end => Err(e),
+        // Stopped by --limit before the damage: all that was asked for is printed, and whole.
+        Some(e) => {
+            eprintln!("warning: {}", crate::error_line(&e));
+            Ok(ExitCode::SUCCESS)
+        }
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
-/// `log info`.
+/// `log info`. On a log damaged in its last segment it shows the log up to the damage and the
+/// damage (`damage`, null otherwise), then fails with it.
 pub fn info(data: &Path) -> anyhow::Result<ExitCode> {
-    let wal = open_existing(data, false)?;
+    let wal = open_existing(data, false, true)?;
     let stats = wal.stats();
     let segments: Vec<_> = stats
         .segments
@@ -171,6 +231,13 @@ pub fn info(data: &Path) -> anyhow::Result<ExitCode> {
         })
         .collect();
     let recovery = wal.recovery_report();
+    let damage = match wal.damage() {
+        None => serde_json::Value::Null,
+        Some(Error::Corrupt { file, byte, reason }) => {
+            json!({ "file": file, "byte": byte, "reason": reason })
+        }
+        Some(other) => json!({ "reason": other.to_string() }),
+    };
     let out = json!({
         "server_uuid": stats.server_uuid.to_string(),
         "first_offset": stats.first_offset.get(),
@@ -185,24 +252,33 @@ pub fn info(data: &Path) -> anyhow::Result<ExitCode> {
             "records_scanned": recovery.records_scanned,
             "elapsed_us": recovery.elapsed_us,
         },
+        "damage": damage,
     });
-    println!("{}", serde_json::to_string_pretty(&out)?);
-    Ok(ExitCode::SUCCESS)
+    let mut text = serde_json::to_string_pretty(&out)?;
+    text.push('\n');
+    // A reader that went away ends the output, not the check: the damage is still reported.
+    write_stdout(&mut std::io::stdout().lock(), text.as_bytes())?;
+    match damage_error(&wal) {
+        Some(e) => Err(e),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
-/// `log verify`.
+/// `log verify`. Refuses a damaged log at open, as a writable open would, naming file and
+/// byte; closed segments are checked too.
 pub fn verify(data: &Path) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
-    let wal = open_existing(data, true)?;
+    let wal = open_existing(data, true, false)?;
     let n = wal.verify()?;
     let stats = wal.stats();
-    println!(
-        "ok: {n} records in {} segments ({} bytes), offsets {}..={}, verified in {:.2?}",
+    let text = format!(
+        "ok: {n} records in {} segments ({} bytes), offsets {}..={}, verified in {:.2?}\n",
         stats.segments.len(),
         stats.total_bytes,
         stats.first_offset,
         stats.visible_offset,
         started.elapsed()
     );
+    write_stdout(&mut std::io::stdout().lock(), text.as_bytes())?;
     Ok(ExitCode::SUCCESS)
 }

@@ -105,6 +105,14 @@ pub struct WalOptions {
     /// Open for inspection only: no writer, no truncation of a torn tail (it is just not
     /// read), no file created or removed. For tools reading the log of a running node.
     pub read_only: bool,
+    /// With `read_only`: open a log whose last segment holds damage (a frame that is not a
+    /// torn tail: a bad frame with a valid one after it, or a whole frame the log cannot
+    /// accept) instead of refusing it, for inspection. The records before the damage are
+    /// then the log (its last offset is the last good record), [`Wal::damage`] names the
+    /// damage and [`Wal::verify`] fails with it. Without `read_only` it changes nothing: a
+    /// writable open always refuses damage (fail-stop), for a writer would append after it.
+    /// Damage in a closed segment is found by the reader that reaches it, as always.
+    pub inspect_damaged: bool,
     // The `unsafe_*` switches below disable a protection so that a fault-injection test can
     // prove it catches the loss (its canary). They exist only with the `testing` feature, so
     // no production build can set them.
@@ -146,6 +154,7 @@ impl Default for WalOptions {
             retention: RetentionPolicy::default(),
             verify_on_open: false,
             read_only: false,
+            inspect_damaged: false,
             #[cfg(feature = "testing")]
             unsafe_skip_fsync: false,
             #[cfg(feature = "testing")]
@@ -441,11 +450,32 @@ impl Shared {
     }
 }
 
+/// Damage an inspecting open ([`WalOptions::inspect_damaged`]) found in the last segment and
+/// ended the log before.
+#[derive(Debug, Clone)]
+struct Damage {
+    file: String,
+    byte: u64,
+    reason: String,
+}
+
+impl Damage {
+    fn error(&self) -> Error {
+        Error::Corrupt {
+            file: self.file.clone(),
+            byte: self.byte,
+            reason: self.reason.clone(),
+        }
+    }
+}
+
 /// The log. Dropping it (or [`Wal::close`]) syncs what was written and stops the writer.
 pub struct Wal {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
     recovery: RecoveryReport,
+    /// Set only by an inspecting read-only open: the log as opened ends before it.
+    damage: Option<Damage>,
     /// The directory's writer lock (none for a read-only log); released after `close`.
     _writer_lock: Option<WriterLock>,
 }
@@ -603,6 +633,13 @@ impl Wal {
     /// What recovery found when this log was opened.
     pub fn recovery_report(&self) -> &RecoveryReport {
         &self.recovery
+    }
+
+    /// The damage an inspecting read-only open ([`WalOptions::inspect_damaged`]) found in the
+    /// last segment, as the [`Error::Corrupt`] a writable open refuses the log with; the log
+    /// as opened ends at the last record before it. `None` for every other open.
+    pub fn damage(&self) -> Option<Error> {
+        self.damage.as_ref().map(Damage::error)
     }
 
     /// The node id of this log, fixed when the log was created.

@@ -7,7 +7,10 @@
 //! of the last segment (a whole frame with a valid checksum is never taken for one), removes
 //! only a last segment torn at creation and what an interrupted reset left, and reports any
 //! other damage as [`Error::Corrupt`] naming file and byte. A read-only log changes nothing and
-//! opens every file for reading only, so that it opens where it may not write.
+//! opens every file for reading only, so that it opens where it may not write. An inspecting
+//! open (read-only and [`WalOptions::inspect_damaged`]) is the one exception to refusing
+//! damage in the last segment: it ends the log before the damage and records it, changing
+//! nothing, so that the records before it can be read.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex};
@@ -26,7 +29,7 @@ use crate::{Epoch, Error, Offset};
 use super::append::create_segment;
 use super::retain::RESET_SUFFIX;
 use super::writer::{fail_pending_forever, writer_main};
-use super::{Pending, RecoveryReport, SegmentMeta, Shared, State, Wal, WalOptions};
+use super::{Damage, Pending, RecoveryReport, SegmentMeta, Shared, State, Wal, WalOptions};
 
 struct ScanResult {
     records: u64,
@@ -183,7 +186,8 @@ fn header_of(
 impl Wal {
     /// Opens the log in `storage`, creating it if empty, and recovers it: the last segment is
     /// checked record by record and a torn tail cut at a record boundary; anything else that
-    /// is damaged is an [`Error::Corrupt`] naming the file and byte.
+    /// is damaged is an [`Error::Corrupt`] naming the file and byte (except damage in the last
+    /// segment under [`WalOptions::inspect_damaged`], which ends the log before it).
     pub fn open(storage: Arc<dyn Storage>, opts: WalOptions) -> Result<Wal, Error> {
         let started = Instant::now();
         let mut report = RecoveryReport::default();
@@ -355,6 +359,7 @@ impl Wal {
 
         // The last segment: scan, cut a torn tail.
         let mut gtids = GtidSet::new();
+        let mut damage = None;
         let next_offset;
         let active_bytes;
         match segments.last_mut() {
@@ -383,27 +388,38 @@ impl Wal {
                 report.records_scanned += scan.records;
                 if let Some((bad_at, why)) = &scan.bad {
                     let (bad_at, expect) = (*bad_at, last.first + scan.records);
-                    if let Some(reason) = refused_not_torn(&buf[bad_at as usize..], why) {
-                        return Err(Error::Corrupt {
-                            file: st.describe(&last.name),
-                            byte: bad_at,
-                            reason,
-                        });
+                    let not_torn = refused_not_torn(&buf[bad_at as usize..], why).or_else(|| {
+                        valid_frame_after(&buf, bad_at as usize, expect, opts.record_bytes_max).map(
+                            |later| {
+                                format!(
+                                    "{why}, yet a valid record follows at byte {later}: this \
+                                     is damage inside the log, not a torn tail"
+                                )
+                            },
+                        )
+                    });
+                    match not_torn {
+                        // Inspection: the log ends before the damage. Nothing is cut (the open
+                        // is read-only), and the damage stays visible through `Wal::damage`.
+                        Some(reason) if opts.read_only && opts.inspect_damaged => {
+                            damage = Some(Damage {
+                                file: st.describe(&last.name),
+                                byte: bad_at,
+                                reason,
+                            });
+                        }
+                        Some(reason) => {
+                            return Err(Error::Corrupt {
+                                file: st.describe(&last.name),
+                                byte: bad_at,
+                                reason,
+                            });
+                        }
+                        None => report.truncated_bytes = buf.len() as u64 - bad_at,
                     }
-                    if let Some(later) =
-                        valid_frame_after(&buf, bad_at as usize, expect, opts.record_bytes_max)
-                    {
-                        return Err(Error::Corrupt {
-                            file: st.describe(&last.name),
-                            byte: bad_at,
-                            reason: format!(
-                                "{why}, yet a valid record follows at byte {later}: this is \
-                                 damage inside the log, not a torn tail"
-                            ),
-                        });
-                    }
-                    report.truncated_bytes = buf.len() as u64 - bad_at;
                 }
+                // Only a torn tail gets here with `scan.bad` in a writable open: damage was
+                // refused above.
                 if let (Some((bad_at, why)), false) = (&scan.bad, opts.read_only) {
                     let bad_at = *bad_at;
                     tracing::warn!(
@@ -524,17 +540,22 @@ impl Wal {
             shared,
             writer: Mutex::new(writer),
             recovery: report,
+            damage,
             _writer_lock: writer_lock,
         })
     }
 
     /// Reads every record of every segment and checks frames, checksums, payloads and dense
-    /// offsets. Returns the number of records checked.
+    /// offsets. Returns the number of records checked. Fails with the damage an inspecting
+    /// open stopped the log at ([`Wal::damage`]) once the records before it are checked.
     pub fn verify(&self) -> Result<u64, Error> {
         let mut reader = self.read_from(self.first_offset())?;
         let mut n = 0;
         while reader.next_txn()?.is_some() {
             n += 1;
+        }
+        if let Some(damage) = self.damage() {
+            return Err(damage);
         }
         Ok(n)
     }
