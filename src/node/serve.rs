@@ -164,6 +164,26 @@ fn preflight(args: &ServeArgs, secrets_dir: &Path) -> anyhow::Result<Option<Conn
     }
 }
 
+/// Refuses a data directory whose log another process holds (a node serving it), with the
+/// words the log's own open would use: the last check, so that a refused `serve` creates
+/// nothing (no stray secrets beside a running node's log). The lock is taken and let go at
+/// once, leaving this process's PID in the lock file as the open does next: the log takes
+/// it again when it opens, and a writer that came in between still fails there, having
+/// created nothing either (a node with a log never creates secrets). A data directory
+/// without a log has no writer to find, and nothing is created for it here.
+fn check_log_free(data: &Path) -> anyhow::Result<()> {
+    let dir = crate::log_cmd::log_dir(data);
+    if !dir.is_dir() {
+        return Ok(());
+    }
+    let storage = tideline_wal::FileStorage::new(&dir)
+        .with_context(|| format!("open the log directory {}", dir.display()))?;
+    let lock = tideline_wal::Storage::lock_writer(&storage)
+        .with_context(|| format!("open the log in {}", dir.display()))?;
+    drop(lock);
+    Ok(())
+}
+
 async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let secrets_dir = args
         .secrets
@@ -171,10 +191,12 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .unwrap_or_else(|| args.data.join("secrets"));
     let connect = preflight(args, &secrets_dir)?;
     preflight_settings(args, &secrets_dir, connect.as_ref())?;
-    // A secrets creation cut short is done again only while this node has no log: nothing
-    // can have used those secrets yet.
-    let node_is_new = !crate::log_cmd::log_dir(&args.data).exists();
-    if tideline_stream::tls::ensure_node_secrets(&secrets_dir, node_is_new)? {
+    check_log_free(&args.data)?;
+    // Only a node without a log creates secrets (or redoes a creation cut short): one with a
+    // log has served under its cluster's, and new ones would make it another cluster.
+    let log_dir = crate::log_cmd::log_dir(&args.data);
+    let existing_log = log_dir.exists().then_some(log_dir.as_path());
+    if tideline_stream::tls::ensure_node_secrets(&secrets_dir, existing_log)? {
         tracing::info!(dir = %secrets_dir.display(), "created cluster secrets (CA, certificate, token)");
     }
     let secrets = tideline_stream::tls::load_server(&secrets_dir)?;

@@ -63,6 +63,19 @@ pub enum SecretsError {
         /// Missing file names.
         missing: String,
     },
+    /// A node that already has a log finds no secrets at all: it was started with another
+    /// `--secrets` directory, or its own was lost. New secrets would make it a new cluster,
+    /// which its clients and replicas would refuse.
+    #[error(
+        "{dir} holds no cluster secrets but this node already has a log in {log}: pass the \
+         --secrets DIR it was started with (or restore {dir} from a node of the cluster)"
+    )]
+    NoneForExistingNode {
+        /// The secrets directory (absent, or holding none of [`FILES`]).
+        dir: PathBuf,
+        /// The node's log directory.
+        log: PathBuf,
+    },
     /// A client's secrets directory has no `ca.pem`.
     #[error(
         "{dir} holds no ca.pem: pass --secrets with the secrets directory of a node of the \
@@ -207,20 +220,70 @@ impl Contents {
 /// whether they were created. A creation cut short is never completed: use
 /// [`ensure_node_secrets`] where that is safe.
 pub fn ensure_secrets(dir: &Path) -> Result<bool, SecretsError> {
-    ensure_node_secrets(dir, false)
+    ensure(dir, false)
 }
 
-/// Creates the secrets in `dir` if none are there; leaves complete secrets alone. Returns
-/// whether they were created.
+/// The secrets of a node about to serve, in `dir`; `existing_log` is the node's log directory
+/// when it already has one (`None`: a new node). Returns whether they were created.
 ///
-/// Exclusive: an `flock` on `dir/.lock` is held from the check to the end of the creation, so
-/// nodes started together on one directory wait for the first, then load what it created.
-/// Atomic: each file is written as `NAME.tmp`, fsynced and renamed, `token` last, so a
-/// directory holding `token` was created whole. One without `token` (some files, or `.tmp`
-/// leftovers) is a creation cut short: it is created again only when `node_is_new` (the node's
-/// data directory holds no log yet, so nothing can have used these secrets); otherwise it is
-/// refused, saying which files are missing.
-pub fn ensure_node_secrets(dir: &Path, node_is_new: bool) -> Result<bool, SecretsError> {
+/// Only a new node creates secrets: one with a log has served under some cluster's secrets,
+/// and new ones would silently make it another cluster. For it this only checks, creating
+/// nothing, not even `dir`: `dir` absent or holding none of [`FILES`] is refused with
+/// [`SecretsError::NoneForExistingNode`], a partial set with [`SecretsError::Incomplete`].
+///
+/// For a new node: exclusive, an `flock` on `dir/.lock` is held from the check to the end of
+/// the creation, so nodes started together on one directory wait for the first, then load what
+/// it created. Atomic: each file is written as `NAME.tmp`, fsynced and renamed, `token` last,
+/// so a directory holding `token` was created whole. One without `token` (some files, or
+/// `.tmp` leftovers) is a creation cut short and is created again: the node has no log yet,
+/// so nothing can have used these secrets.
+pub fn ensure_node_secrets(dir: &Path, existing_log: Option<&Path>) -> Result<bool, SecretsError> {
+    match existing_log {
+        None => ensure(dir, true),
+        Some(log) => check_existing(dir, log).map(|()| false),
+    }
+}
+
+/// The check of [`ensure_node_secrets`] for a node that has a log: creates nothing.
+fn check_existing(dir: &Path, log: &Path) -> Result<(), SecretsError> {
+    let none = || SecretsError::NoneForExistingNode {
+        dir: dir.to_path_buf(),
+        log: log.to_path_buf(),
+    };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(none()),
+        Err(e) => return Err(io_err(dir)(e)),
+        Ok(_) => {}
+    }
+    // A new node sharing `dir` may be creating the set right now: wait for it under the lock
+    // it holds. No lock file means no creation has ever begun here, and none is made.
+    let lock_path = dir.join(LOCK_FILE);
+    let _lock = match std::fs::OpenOptions::new().read(true).open(&lock_path) {
+        Ok(lock) => {
+            // Shared: checkers do not wait for each other, only for a creator. Released when
+            // `_lock` is dropped, or by the kernel if the process dies.
+            lock.lock_shared().map_err(io_err(&lock_path))?;
+            Some(lock)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(&lock_path)(e)),
+    };
+    let contents = Contents::read(dir)?;
+    if contents.present.iter().all(|p| *p) {
+        return Ok(());
+    }
+    if !contents.present.iter().any(|p| *p) && contents.leftovers.is_empty() {
+        return Err(none());
+    }
+    Err(SecretsError::Incomplete {
+        dir: dir.to_path_buf(),
+        missing: contents.missing(),
+    })
+}
+
+/// Creates the secrets in `dir` if none are there; leaves complete secrets alone. A creation
+/// cut short is created again when `redo_cut_short`, refused otherwise.
+fn ensure(dir: &Path, redo_cut_short: bool) -> Result<bool, SecretsError> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -245,13 +308,13 @@ pub fn ensure_node_secrets(dir: &Path, node_is_new: bool) -> Result<bool, Secret
     let token_present = contents.present[FILES.len() - 1];
     let untouched = !contents.present.iter().any(|p| *p) && contents.leftovers.is_empty();
     if !untouched {
-        if token_present || !node_is_new {
+        if token_present || !redo_cut_short {
             return Err(SecretsError::Incomplete {
                 dir: dir.to_path_buf(),
                 missing: contents.missing(),
             });
         }
-        // A creation cut short, on a node that has used no secrets yet: start it again.
+        // A creation cut short, where nothing has used the secrets yet: start it again.
         for (f, p) in FILES.iter().zip(&contents.present) {
             if *p {
                 let path = dir.join(f);
@@ -558,7 +621,8 @@ mod tests {
         std::fs::remove_file(dir.path().join("token")).unwrap();
         std::fs::remove_file(dir.path().join("server.key.pem")).unwrap();
         std::fs::write(dir.path().join("server.key.pem.tmp"), b"half").unwrap();
-        let e = ensure_node_secrets(dir.path(), false)
+        let log = dir.path().join("log");
+        let e = ensure_node_secrets(dir.path(), Some(&log))
             .unwrap_err()
             .to_string();
         assert!(
@@ -567,15 +631,54 @@ mod tests {
                 && !e.contains("empty it"),
             "{e}"
         );
-        assert!(ensure_node_secrets(dir.path(), true).unwrap());
+        assert!(ensure_node_secrets(dir.path(), None).unwrap());
         load_server(dir.path()).unwrap();
         assert!(!dir.path().join("server.key.pem.tmp").exists());
         // A token present but another file missing is never a creation cut short.
         std::fs::remove_file(dir.path().join("ca.pem")).unwrap();
-        let e = ensure_node_secrets(dir.path(), true)
+        let e = ensure_node_secrets(dir.path(), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("missing ca.pem"), "{e}");
+    }
+
+    /// A node that already has a log never creates secrets: with none where it looks (it was
+    /// started with another `--secrets`), it is refused, naming its log and the way out, and
+    /// creates nothing there, not even the directory or its lock file. Its whole set loads.
+    #[test]
+    fn a_node_with_a_log_creates_no_secrets() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("secrets");
+        let log = root.path().join("log");
+        let e = ensure_node_secrets(&dir, Some(&log)).unwrap_err();
+        assert!(
+            matches!(e, SecretsError::NoneForExistingNode { .. }),
+            "{e:?}"
+        );
+        let e = e.to_string();
+        assert!(
+            e.contains("holds no cluster secrets")
+                && e.contains(&log.display().to_string())
+                && e.contains("pass the --secrets DIR it was started with"),
+            "{e}"
+        );
+        assert!(!dir.exists(), "the check created {}", dir.display());
+        std::fs::create_dir(&dir).unwrap();
+        let e = ensure_node_secrets(&dir, Some(&log)).unwrap_err();
+        assert!(
+            matches!(e, SecretsError::NoneForExistingNode { .. }),
+            "{e:?}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            0,
+            "it wrote into {dir:?}"
+        );
+        // Created by a new node, the set is then the existing node's, left alone.
+        assert!(ensure_node_secrets(&dir, None).unwrap());
+        let token = load_server(&dir).unwrap().token;
+        assert!(!ensure_node_secrets(&dir, Some(&log)).unwrap());
+        assert_eq!(load_server(&dir).unwrap().token, token);
     }
 
     /// A server certificate that the `ca.pem` beside it did not sign (a partial copy from
