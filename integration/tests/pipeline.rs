@@ -13,11 +13,15 @@
 //!   equal to the source's state; a bootstrap interrupted midway resumes from the progress the
 //!   sink stored, not from scratch;
 //! - a source that goes away while the pipeline follows it shows in the status (state, error,
-//!   one outage) until it is back, and nothing is lost or repeated across it.
+//!   one outage) until it is back, and nothing is lost or repeated across it;
+//! - while the sink fails (retried or held), the status's lag follows the source (head,
+//!   transactions, age of the oldest not stored) and is 0 again once the sink has caught up;
+//!   what the pipeline reads ahead meanwhile is one batch at most, stored once.
 //!
 //! Guards against: lost or repeated transactions at restarts, filters that freeze the
-//! position, batches that never close, silent sink or source failures, and a bootstrap that
-//! drops or overwrites changes made while it copies.
+//! position, batches that never close, silent sink or source failures, a lag frozen at 0 for
+//! the whole of a sink outage (no lag alert fires), and a bootstrap that drops or overwrites
+//! changes made while it copies.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
@@ -881,6 +885,133 @@ async fn a_source_that_stops_and_returns_is_followed_without_loss() {
     })
     .await;
     assert_eq!(st.get().outages_total, 1, "{}", st.get().to_json());
+    let src = Arc::new(src);
+    assert_exactly_once_in_order(&src, &sink);
+    task.abort();
+}
+
+/// While the sink fails (`Retry`, or `Hold`) and the source moves on, the status must show the
+/// pipeline falling behind: `source_head` follows the source, `lag_txns` counts what the sink
+/// has not stored and `lag_seconds` grows (docs/OPERATIONS.md, "Metrics": the alert on a
+/// growing `tideline_pipeline_lag_seconds`). Frozen at their values from before the outage (0
+/// for a pipeline that was caught up), no alert fires for as long as the sink is down. Once the
+/// sink stores again the lag returns to 0, with nothing lost or repeated across the outage.
+async fn lag_grows_while_the_sink_fails(fault: Fault) {
+    let src = source().await;
+    let sink = TestSink::default();
+    src.create(&["t"]);
+    let (st, task) = spawn(src.config("lag"), &sink);
+    src.engine.put("t", b"a", b"1").unwrap();
+    wait_caught_up(&src, &sink, &st).await;
+    let stored = src.last_offset();
+    assert_eq!(st.get().lag_txns, 0, "{}", st.get().to_json());
+    // The sink fails every write from now on: the first batch after this is retried for ever.
+    sink.with(|s| s.faults.extend(std::iter::repeat_n(fault, 1_000_000)));
+    src.engine.put("t", b"b", b"2").unwrap();
+    let failing = match fault {
+        Fault::Hold => PipelineState::Held,
+        _ => PipelineState::Retrying,
+    };
+    wait_until("the sink's failure shows", || st.get().state == failing).await;
+    for i in 0..30 {
+        src.engine
+            .put("t", format!("c{i}").as_bytes(), b"3")
+            .unwrap();
+    }
+    let head = src.last_offset();
+    // Refreshed within a second or two of each change (a heartbeat's interval and the
+    // status's refresh); the bound leaves room for a loaded machine.
+    let behind = |s: &tideline_connectors::PipelineStatus| {
+        s.source_head == head && s.lag_txns == head - stored && s.lag_seconds > 0.0
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !behind(&st.get()) {
+        assert!(
+            Instant::now() < deadline,
+            "{fault:?}: the source is at {head}, the sink stores through {stored}, so {} \
+             transactions are not stored, but the status says {}",
+            head - stored,
+            st.get().to_json()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Still failing, and the lag in seconds keeps growing (the age of the oldest transaction
+    // not stored), so an alert on a growing lag fires.
+    let earlier = st.get().lag_seconds;
+    wait_until("lag_seconds grows while the sink fails", || {
+        let s = st.get();
+        s.state == failing && s.lag_seconds >= earlier + 1.0
+    })
+    .await;
+    assert_eq!(sink.tail_offset(), Some(stored), "nothing stored meanwhile");
+    // The sink recovers: everything is stored once, and the lag is 0 again.
+    sink.with(|s| s.faults.clear());
+    wait_caught_up(&src, &sink, &st).await;
+    wait_until("the status shows the pipeline caught up", || {
+        let s = st.get();
+        s.state == PipelineState::Running && s.lag_txns == 0 && s.lag_seconds == 0.0
+    })
+    .await;
+    assert_eq!(st.get().source_head, head, "{}", st.get().to_json());
+    let src = Arc::new(src);
+    assert_exactly_once_in_order(&src, &sink);
+    task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_grows_while_the_sink_is_retried() {
+    lag_grows_while_the_sink_fails(Fault::Retry).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_grows_while_the_sink_is_held() {
+    lag_grows_while_the_sink_fails(Fault::Hold).await;
+}
+
+/// While the sink fails, the pipeline reads on from the source (to learn its head) but keeps
+/// no more than one batch of what it read: after the outage the batches are no larger than
+/// `batch_changes`, and every transaction read ahead is stored once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_read_ahead_while_the_sink_fails_is_one_batch_and_stored_once() {
+    let src = source().await;
+    let sink = TestSink::default();
+    src.create(&["t"]);
+    let mut cfg = src.config("ahead");
+    cfg.batch_changes = 5;
+    let (st, task) = spawn(cfg, &sink);
+    src.engine.put("t", b"a", b"1").unwrap();
+    wait_caught_up(&src, &sink, &st).await;
+    let stored = src.last_offset();
+    let before = sink.with(|s| s.batches.len());
+    sink.with(|s| {
+        s.faults
+            .extend(std::iter::repeat_n(Fault::Retry, 1_000_000))
+    });
+    src.engine.put("t", b"b", b"2").unwrap();
+    wait_until("the sink's failure shows", || {
+        st.get().state == PipelineState::Retrying
+    })
+    .await;
+    for i in 0..30 {
+        src.engine
+            .put("t", format!("c{i}").as_bytes(), b"3")
+            .unwrap();
+    }
+    // At least the failing batch and the one read ahead show as lag.
+    wait_until("the lag shows what was read ahead", || {
+        let s = st.get();
+        s.lag_txns > 5 && s.lag_seconds > 0.0
+    })
+    .await;
+    sink.with(|s| s.faults.clear());
+    wait_caught_up(&src, &sink, &st).await;
+    let batches = sink.with(|s| s.batches[before..].to_vec());
+    assert!(batches.iter().all(|&b| b <= 5), "{batches:?}");
+    assert_eq!(
+        batches.iter().sum::<usize>() as u64,
+        src.last_offset() - stored,
+        "{batches:?}"
+    );
     let src = Arc::new(src);
     assert_exactly_once_in_order(&src, &sink);
     task.abort();

@@ -69,7 +69,8 @@ pub struct PipelineStatus {
     pub source_head: u64,
     /// Source transactions not yet stored by the sink.
     pub lag_txns: u64,
-    /// Age of the last stored transaction while behind; 0 when caught up.
+    /// While behind: the age of the last stored transaction, or, while a write is failing,
+    /// held or slow, of the oldest transaction not yet stored; 0 when caught up.
     pub lag_seconds: f64,
     /// Transactions stored since start.
     pub txns_total: u64,
@@ -200,6 +201,27 @@ impl PipelineStatus {
         }
     }
 
+    /// A write has gone on for a while (retried, held or slow) and the source has moved on:
+    /// the lag as it grows, not as it was when the sink last stored. `head` is the source's
+    /// head now, `stored_offset` the offset on that node that the lag counts from (`None`
+    /// when it is not known there: the head is not shown then, as measured against another
+    /// node's log), `oldest_unstored_ts_us` the commit time of the first transaction the sink
+    /// has not stored.
+    pub(crate) fn behind(
+        &mut self,
+        head: u64,
+        stored_offset: Option<u64>,
+        oldest_unstored_ts_us: Option<i64>,
+    ) {
+        if let Some(stored) = stored_offset {
+            self.source_head = head;
+            self.lag_txns = head.saturating_sub(stored);
+        }
+        if let Some(ts) = oldest_unstored_ts_us {
+            self.lag_seconds = ((crate::now_us() - ts).max(0) as f64) / 1e6;
+        }
+    }
+
     /// The `status` JSON of this pipeline.
     pub fn to_json(&self) -> serde_json::Value {
         json!({
@@ -252,5 +274,25 @@ mod tests {
         // A position past the head as last reported is no lag, never an underflow.
         st.update(|s| s.caught_up_to(&at(0xB, 70), 60));
         assert_eq!(st.get().lag_txns, 0);
+    }
+
+    /// While a write goes on, the lag follows the source from the stored position, and its age
+    /// is that of the oldest transaction not stored; a head on another node's log (no stored
+    /// offset there) leaves the head and `lag_txns` as they were. Once stored, it is 0 again.
+    #[test]
+    fn the_lag_while_a_write_goes_on_grows_from_the_stored_position() {
+        let st = PipelineStatus::shared("p", "source", "sink");
+        st.update(|s| s.caught_up_to(&at(0xA, 10), 10));
+        let oldest_us = crate::now_us() - 5_000_000;
+        st.update(|s| s.behind(40, Some(10), Some(oldest_us)));
+        let s = st.get();
+        assert_eq!((s.source_head, s.lag_txns), (40, 30), "{}", s.to_json());
+        assert!(s.lag_seconds >= 5.0, "{}", s.to_json());
+        st.update(|s| s.behind(7, None, Some(oldest_us)));
+        let s = st.get();
+        assert_eq!((s.source_head, s.lag_txns), (40, 30), "{}", s.to_json());
+        st.update(|s| s.caught_up_to(&at(0xA, 40), 40));
+        let s = st.get();
+        assert_eq!((s.lag_txns, s.lag_seconds), (0, 0.0), "{}", s.to_json());
     }
 }
