@@ -2,15 +2,23 @@
 //! Chromium, `/metrics` read by a Prometheus text parser while a workload runs, `/api/log`
 //! against `tideline tail`, `/health` following a replica's upstream down and back up, the
 //! bearer token off loopback, and `tideline monitor` showing another client's write.
+//! A page left open behind a proxy on a path prefix follows its node: the header's health
+//! badge turns `unhealthy` with the upstream gone and `unreachable` with the node down, and
+//! a proxy's own page is never put in it. On loopback, `/api/log` (keys and values) needs the
+//! token, and a request addressed to any name but an IP address or `localhost` (DNS
+//! rebinding) is refused. A pipeline name with backslashes reads back unchanged from its
+//! Prometheus label.
 //! `/api/log` over records of 1 MiB is read page by page, each answer within its documented
 //! byte bound, following the continuation it names.
 //! The admin listener under abuse: SIGTERM with a request head half-sent still stops the
 //! node cleanly, and a flood of idle connections holds at most the documented cap of the
 //! node's file descriptors. A replica's `tideline_replication_applied_total` counts what it
 //! applied from the upstream's log since start, not its bootstrap copy.
-//! Guards against a page that renders only on the happy path (or throws in its script),
-//! metrics that do not move, a health check that stays green with its upstream gone, a
-//! monitor that misses requests, and a log answer built in memory without a byte bound (GiBs
+//! Guards against a page that renders only on the happy path (or throws in its script), a
+//! header frozen at what it showed when loaded, a page that fetches outside its path prefix,
+//! a web page (or another local user) that reads every key and value through the loopback
+//! admin, a label value changed on export, metrics that do not move, a health check that
+//! stays green with its upstream gone, a monitor that misses requests, and a log answer built in memory without a byte bound (GiBs
 //! for `limit=10000` over large values) or one cut short without saying where to go on; an
 //! admin that keeps a silent client's connection for good (a shutdown that never ends, a
 //! node that runs out of file descriptors and fail-stops), and a replication counter that
@@ -38,12 +46,22 @@ fn http_get_with_headers(
     path: &str,
     token: Option<&str>,
 ) -> (u16, Vec<(String, String)>, String) {
-    let mut s = TcpStream::connect(addr).expect("connect to the admin listener");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").unwrap();
+    http_request(
+        addr,
+        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n"),
+    )
+}
+
+/// Sends `request` (a whole request head, blank line included; HTTP/1.0 or `Connection:
+/// close`, so the server closes when done) to `addr`: status, headers (names lowercased) and
+/// body.
+fn http_request(addr: &str, request: &str) -> (u16, Vec<(String, String)>, String) {
+    let mut s = TcpStream::connect(addr).expect("connect to the admin listener");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).expect("read the answer");
     let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
@@ -92,6 +110,14 @@ fn admin(node: &Node) -> String {
         .expect("the node printed its admin address")
 }
 
+/// The cluster token of `node` (its secrets directory's `token` file).
+fn token(node: &Node) -> String {
+    std::fs::read_to_string(node.secrets().join("token"))
+        .expect("read the node's token")
+        .trim()
+        .to_string()
+}
+
 fn metric(text: &str, name: &str) -> Option<f64> {
     let lines = text.lines().map(|l| Ok(l.to_string()));
     let scrape =
@@ -128,6 +154,18 @@ fn chromium() -> Option<&'static str> {
 /// Runs headless Chromium on `url`: the DOM after the page's script had 5 s of virtual time,
 /// and a screenshot written to `png`.
 fn render(url: &str, png: &Path, profile: &Path) -> String {
+    run_chromium(url, profile, &format!("--screenshot={}", png.display()));
+    dump_dom(url, profile)
+}
+
+/// The DOM of `url` in headless Chromium after the page's script had 5 s of virtual time
+/// (two or three of its 2 s refreshes).
+fn dump_dom(url: &str, profile: &Path) -> String {
+    let out = run_chromium(url, profile, "--dump-dom");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn run_chromium(url: &str, profile: &Path, extra: &str) -> std::process::Output {
     let browser = chromium().expect("checked by the caller");
     let base = [
         "--headless",
@@ -141,24 +179,149 @@ fn render(url: &str, png: &Path, profile: &Path) -> String {
         "--window-size=1300,1100",
         "--virtual-time-budget=5000",
     ];
-    let run = |extra: &str| {
-        let out = Command::new(browser)
-            .args(base)
-            .arg(format!("--user-data-dir={}", profile.display()))
-            .arg(extra)
-            .arg(url)
-            .output()
-            .expect("run chromium");
-        assert!(
-            out.status.success(),
-            "chromium failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+    let out = Command::new(browser)
+        .args(base)
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(extra)
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// What [`PrefixProxy`] serves at `/` and for any path it does not mount.
+const OTHER_APP: &str = "<!doctype html><title>another app</title><h1>another app</h1>";
+
+/// How [`PrefixProxy`] answers the page's refresh (`/tideline/?part=main`).
+#[derive(Debug, Clone, Copy)]
+enum Refresh {
+    /// With the node's answer to `/?part=main`, as a reverse proxy would. With the node down
+    /// it closes the connection unanswered: the browser finds the node unreachable.
+    Node,
+    /// With a page of the proxy's own (a login page once a session expired), status 200.
+    OtherApp,
+}
+
+/// A reverse proxy that mounts one node's admin under `/tideline/`, as an operator's proxy on
+/// a path prefix does, with another app at `/`. `/tideline/` answers with a page fixed at
+/// start (the overview as the node served it earlier), so that the browser starts from that
+/// page and sees the rest through the page's own refreshes.
+struct PrefixProxy {
+    addr: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PrefixProxy {
+    fn start(node_admin: &str, page: &str, refresh: Refresh) -> PrefixProxy {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (node_admin, page, stopped) = (
+            node_admin.to_string(),
+            Arc::new(page.to_string()),
+            stop.clone(),
         );
-        out
+        let accept = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stopped.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let (node_admin, page) = (node_admin.clone(), page.clone());
+                // A connection per thread: Chromium opens some it sends nothing on.
+                std::thread::spawn(move || Self::answer(conn, &node_admin, &page, refresh));
+            }
+        });
+        PrefixProxy {
+            addr,
+            stop,
+            accept: Some(accept),
+        }
+    }
+
+    fn answer(mut conn: TcpStream, node_admin: &str, page: &str, refresh: Refresh) {
+        conn.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut head = BufReader::new(conn.try_clone().unwrap());
+        let mut request_line = String::new();
+        if head.read_line(&mut request_line).is_err() {
+            return;
+        }
+        loop {
+            let mut line = String::new();
+            match head.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) if line == "\r\n" => break,
+                Ok(_) => {}
+            }
+        }
+        let target = request_line.split_whitespace().nth(1).unwrap_or("");
+        let reply = |status: &str, body: &str| {
+            format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes()
+        };
+        let answer = match (target, refresh) {
+            ("/tideline/", _) => reply("200 OK", page),
+            ("/tideline/?part=main", Refresh::Node) => {
+                let Ok(mut node) = TcpStream::connect(node_admin) else {
+                    // The node is down: the connection closes unanswered.
+                    return;
+                };
+                write!(
+                    node,
+                    "GET /?part=main HTTP/1.0\r\nHost: {node_admin}\r\n\r\n"
+                )
+                .unwrap();
+                let mut raw = Vec::new();
+                if node.read_to_end(&mut raw).is_err() || raw.is_empty() {
+                    return;
+                }
+                raw
+            }
+            ("/tideline/?part=main", Refresh::OtherApp) => reply("200 OK", OTHER_APP),
+            ("/favicon.ico", _) => reply("404 Not Found", ""),
+            _ => reply("200 OK", OTHER_APP),
+        };
+        let _ = conn.write_all(&answer);
+    }
+}
+
+impl Drop for PrefixProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop, which then sees `stop`.
+        let _ = TcpStream::connect(&self.addr);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+    }
+}
+
+/// The page's `<header>`, `<main>` and `<body ...>` opening tag, from a DOM dump.
+fn page_parts(dom: &str) -> (&str, &str, &str) {
+    let part = |open: &str, close: &str| {
+        dom.split_once(open)
+            .and_then(|(_, rest)| rest.split_once(close))
+            .map(|(inner, _)| inner)
+            .unwrap_or_else(|| panic!("no {open} in the page: {dom}"))
     };
-    run(&format!("--screenshot={}", png.display()));
-    let dom = run("--dump-dom");
-    String::from_utf8_lossy(&dom.stdout).into_owned()
+    (
+        part("<header", "</header>"),
+        part("<main", "</main>"),
+        part("<body", ">"),
+    )
 }
 
 #[test]
@@ -180,13 +343,13 @@ fn overview_page_renders_gtids_and_replica_lag_in_a_real_browser() {
         ),
     )
     .unwrap();
-    let primary = Node::start_with(
+    let mut primary = Node::start_with(
         &dir.path().join("p"),
         0,
         &["--http", "127.0.0.1:0", "--connect", file.to_str().unwrap()],
     );
     let secrets = primary.secrets();
-    let replica = start_http(
+    let mut replica = start_http(
         &dir.path().join("r"),
         &[
             "--upstream",
@@ -290,6 +453,82 @@ fn overview_page_renders_gtids_and_replica_lag_in_a_real_browser() {
         "the caught-up replica should show lag 0: {row}"
     );
     assert!(row.contains("connected"), "{row}");
+
+    // A page left open while its node changes, behind a proxy that mounts the admin on a
+    // path prefix: the header's badges follow the refreshes, and a refresh that fails marks
+    // the page stale. The browser starts from the replica's page as it was while healthy.
+    let replica_admin = admin(&replica);
+    let (code, page) = http_get(&replica_admin, "/", None);
+    assert_eq!(code, 200);
+    assert!(
+        page.contains("id=\"health\"") && page.contains(">healthy</span>"),
+        "{page}"
+    );
+    primary.kill9();
+    wait_until(30, "the replica's /health to turn 503", || {
+        (http_get(&replica_admin, "/health", None).0 == 503).then_some(())
+    });
+    let proxy = PrefixProxy::start(&replica_admin, &page, Refresh::Node);
+    let url = format!("http://{}/tideline/", proxy.addr);
+    let dom = dump_dom(&url, &dir.path().join("chromium-prefix-unhealthy"));
+    let (header, main, body) = page_parts(&dom);
+    assert!(
+        header.contains("<span class=\"badge bad\" id=\"health\"")
+            && header.contains(">unhealthy</span>"),
+        "the header's health badge did not follow the replica's upstream going away: {header}"
+    );
+    assert!(
+        !main.contains("another app"),
+        "under a path prefix the page fetched the proxy's root page: {main}"
+    );
+    assert!(
+        main.contains("<section id=\"position\">") && !body.contains("stale"),
+        "{body} {main}"
+    );
+    drop(proxy);
+
+    // The proxy answers a refresh with a page of its own: it is not put in the page.
+    let proxy = PrefixProxy::start(&replica_admin, &page, Refresh::OtherApp);
+    let dom = dump_dom(
+        &format!("http://{}/tideline/", proxy.addr),
+        &dir.path().join("chromium-prefix-other"),
+    );
+    let (header, main, body) = page_parts(&dom);
+    assert!(
+        !main.contains("another app") && main.contains("<section id=\"position\">"),
+        "the proxy's own page replaced the overview: {main}"
+    );
+    assert!(body.contains("stale"), "{body}");
+    assert!(header.contains(">unreachable</span>"), "{header}");
+    drop(proxy);
+
+    // The node stops answering: the badge says so and the page is marked stale.
+    replica.kill9();
+    let proxy = PrefixProxy::start(&replica_admin, &page, Refresh::Node);
+    let png = shots.join("overview-stale.png");
+    let dom = render(
+        &format!("http://{}/tideline/", proxy.addr),
+        &png,
+        &dir.path().join("chromium-prefix-down"),
+    );
+    println!(
+        "screenshot of a page whose node went down: {}",
+        png.display()
+    );
+    let (header, main, body) = page_parts(&dom);
+    assert!(
+        header.contains("<span class=\"badge bad\" id=\"health\"")
+            && header.contains(">unreachable</span>"),
+        "the header still shows the node's last health with the node down: {header}"
+    );
+    assert!(
+        body.contains("class=\"stale\""),
+        "the page is not marked stale: {body}"
+    );
+    assert!(
+        main.contains(&format!("<code id=\"gtid-executed\">{want}</code>")),
+        "the last data stays shown: {main}"
+    );
 }
 
 #[test]
@@ -332,15 +571,16 @@ fn api_log_lines_equal_tail_and_status_matches_the_cli() {
     let dir = tempfile::tempdir().unwrap();
     let node = start_http(&dir.path().join("p"), &[]);
     let addr = admin(&node);
+    let token = token(&node);
     common::load(&node, 1, 30, 1);
     let tail = node.run(&["tail", "--from", "offset:5", "--limit", "20"]);
     assert!(tail.status.success());
-    let (code, body) = http_get(&addr, "/api/log?from=offset:5&limit=20", None);
+    let (code, body) = http_get(&addr, "/api/log?from=offset:5&limit=20", Some(&token));
     assert_eq!(code, 200, "{body}");
     assert_eq!(body, String::from_utf8(tail.stdout).unwrap());
     assert_eq!(body.lines().count(), 20);
 
-    let (code, body) = http_get(&addr, "/api/log?from=nowhere", None);
+    let (code, body) = http_get(&addr, "/api/log?from=nowhere", Some(&token));
     assert_eq!(code, 400, "{body}");
     assert!(
         body.contains("offset:N"),
@@ -366,13 +606,17 @@ fn api_log_lines_equal_tail_and_status_matches_the_cli() {
 /// (unless its one record is larger).
 const LOG_ANSWER_BYTES_MAX: usize = 16 << 20;
 
-/// Reads `/api/log` from `from` with `limit=10000`, following `Tideline-Next-From` until an
-/// answer ends at the log's end: the offsets read, in order, and how each page ended.
-fn read_log_pages(addr: &str, from: &str) -> (Vec<u64>, Vec<String>) {
+/// Reads `/api/log` from `from` with `limit=10000` (sending `token`), following
+/// `Tideline-Next-From` until an answer ends at the log's end: the offsets read, in order,
+/// and how each page ended.
+fn read_log_pages(addr: &str, token: &str, from: &str) -> (Vec<u64>, Vec<String>) {
     let (mut from, mut offsets, mut ends) = (from.to_string(), vec![], vec![]);
     loop {
-        let (code, headers, body) =
-            http_get_with_headers(addr, &format!("/api/log?from={from}&limit=10000"), None);
+        let (code, headers, body) = http_get_with_headers(
+            addr,
+            &format!("/api/log?from={from}&limit=10000"),
+            Some(token),
+        );
         assert_eq!(code, 200, "{}", &body[..body.len().min(300)]);
         assert!(
             body.len() <= LOG_ANSWER_BYTES_MAX,
@@ -427,7 +671,8 @@ fn api_log_answers_stay_within_their_byte_bound_and_name_where_to_go_on() {
         }),
     );
 
-    let (offsets, ends) = read_log_pages(&addr, "earliest");
+    let token = token(&node);
+    let (offsets, ends) = read_log_pages(&addr, &token, "earliest");
     assert_eq!(
         offsets,
         (1..=records).collect::<Vec<_>>(),
@@ -439,16 +684,16 @@ fn api_log_answers_stay_within_their_byte_bound_and_name_where_to_go_on() {
     );
 
     // From a GTID set the continuation keeps skipping what the set holds.
-    let (_, body) = http_get(&addr, "/api/log?from=offset:5&limit=1", None);
+    let (_, body) = http_get(&addr, "/api/log?from=offset:5&limit=1", Some(&token));
     let fifth: serde_json::Value = serde_json::from_str(body.trim()).unwrap();
     let gtid = fifth["gtid"].as_str().unwrap();
     let (uuid, seq) = gtid.rsplit_once(':').unwrap();
     assert_eq!(seq, "5");
-    let (offsets, _) = read_log_pages(&addr, &format!("gtid:{uuid}:1-5"));
+    let (offsets, _) = read_log_pages(&addr, &token, &format!("gtid:{uuid}:1-5"));
     assert_eq!(offsets, (6..=records).collect::<Vec<_>>());
 
     // A page cut by `limit` says so, and where the next one starts.
-    let (code, headers, body) = http_get_with_headers(&addr, "/api/log?limit=2", None);
+    let (code, headers, body) = http_get_with_headers(&addr, "/api/log?limit=2", Some(&token));
     assert_eq!(code, 200);
     assert_eq!(body.lines().count(), 2);
     assert_eq!(header(&headers, "tideline-page-end"), Some("limit"));
@@ -505,15 +750,201 @@ fn off_loopback_every_path_but_health_needs_the_token() {
     let node = Node::start_with(&dir.path().join("p"), 0, &["--http", "0.0.0.0:0"]);
     let port = admin(&node).rsplit(':').next().unwrap().to_string();
     let addr = format!("127.0.0.1:{port}");
-    let token = std::fs::read_to_string(node.secrets().join("token")).unwrap();
+    let token = token(&node);
     for path in ["/", "/api/status", "/metrics", "/api/log"] {
         let (code, body) = http_get(&addr, path, None);
         assert_eq!(code, 401, "{path} without a token: {body}");
         assert!(body.contains("Bearer"), "{body}");
         assert_eq!(http_get(&addr, path, Some("wrong")).0, 401, "{path}");
-        assert_eq!(http_get(&addr, path, Some(token.trim())).0, 200, "{path}");
+        assert_eq!(http_get(&addr, path, Some(&token)).0, 200, "{path}");
     }
     assert_eq!(http_get(&addr, "/health", None).0, 200);
+    // Off loopback the token decides, whatever name the client reached the node by.
+    let (code, _, body) = http_request(
+        &addr,
+        &format!(
+            "GET /api/status HTTP/1.0\r\nHost: tideline.example:{port}\r\n\
+             Authorization: Bearer {token}\r\n\r\n"
+        ),
+    );
+    assert_eq!(code, 200, "{body}");
+}
+
+/// A value only `/api/log` shows: the secret a web page must not read.
+const SECRET: &str = "hunter2-secret-value";
+
+/// DNS rebinding: a web page at `http://attacker.example:PORT/` whose name the attacker then
+/// points at 127.0.0.1 reads the loopback admin as its own origin, with `Host:
+/// attacker.example:PORT`. A loopback admin answers only requests addressed to an IP address
+/// or `localhost`; a client that names no host at all (HTTP/1.0) is no browser, so it is
+/// served.
+#[test]
+fn a_loopback_admin_refuses_a_request_addressed_to_another_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_http(&dir.path().join("p"), &[]);
+    let addr = admin(&node);
+    let port = addr.rsplit(':').next().unwrap().to_string();
+    let token = token(&node);
+    let out = node.run(&["put", "--tree", "users", "alice", SECRET]);
+    assert!(out.status.success());
+    let get = |path: &str, host: Option<&str>| {
+        let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+        http_request(
+            &addr,
+            &format!("GET {path} HTTP/1.0\r\n{host}Authorization: Bearer {token}\r\n\r\n"),
+        )
+    };
+    let paths = [
+        "/",
+        "/?part=main",
+        "/api/status",
+        "/api/log?from=earliest",
+        "/health",
+        "/metrics",
+        "/nowhere",
+    ];
+    for host in [
+        format!("attacker.example:{port}"),
+        "attacker.example".to_string(),
+        format!("127.0.0.1.nip.io:{port}"),
+        format!("localhost.attacker.example:{port}"),
+    ] {
+        for path in paths {
+            let (code, _, body) = get(path, Some(&host));
+            assert_eq!(
+                code, 421,
+                "{path} with Host {host} must be refused (DNS rebinding): {body}"
+            );
+            assert!(!body.contains(SECRET), "{body}");
+            assert!(
+                body.contains(&format!("127.0.0.1:{port}")),
+                "the refusal says what to use instead: {body}"
+            );
+        }
+    }
+    // The same name in an absolute request target (as sent to a proxy) is refused too.
+    let (code, _, body) = http_request(
+        &addr,
+        &format!(
+            "GET http://attacker.example:{port}/api/log HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             Authorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(code, 421, "{body}");
+
+    for host in [
+        Some(format!("127.0.0.1:{port}")),
+        Some("127.0.0.1".to_string()),
+        Some(format!("localhost:{port}")),
+        Some("LocalHost".to_string()),
+        Some(format!("[::1]:{port}")),
+        Some(format!("10.1.2.3:{port}")),
+        None,
+    ] {
+        for path in paths {
+            let (code, _, body) = get(path, host.as_deref());
+            let want = if path == "/nowhere" { 404 } else { 200 };
+            assert_eq!(code, want, "{path} with Host {host:?}: {body}");
+        }
+        let (_, _, body) = get("/api/log?from=earliest", host.as_deref());
+        assert!(body.contains(SECRET), "Host {host:?}: {body}");
+    }
+}
+
+/// The secrets directory keeps the token from other local users, and every QUIC request
+/// needs it; `/api/log`, the one admin path that shows keys and values, needs it too, even on
+/// loopback. The overview, status, health and metrics (no key, no value) stay open there.
+#[test]
+fn a_loopback_admin_serves_the_log_only_with_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = start_http(&dir.path().join("p"), &[]);
+    let addr = admin(&node);
+    let token = token(&node);
+    let out = node.run(&["put", "--tree", "users", "alice", SECRET]);
+    assert!(out.status.success());
+
+    for path in ["/api/log", "/api/log?from=earliest&limit=10"] {
+        for offered in [None, Some("wrong")] {
+            let (code, headers, body) = http_get_with_headers(&addr, path, offered);
+            assert_eq!(code, 401, "{path} with token {offered:?}: {body}");
+            assert!(!body.contains(SECRET), "{body}");
+            assert!(
+                body.contains("Authorization: Bearer TOKEN") && body.contains("token"),
+                "the refusal says what to send: {body}"
+            );
+            assert_eq!(header(&headers, "www-authenticate"), Some("Bearer"));
+        }
+        let (code, body) = http_get(&addr, path, Some(&token));
+        assert_eq!(code, 200, "{path}: {body}");
+        assert!(body.contains(SECRET), "{body}");
+    }
+    for path in ["/", "/?part=main", "/api/status", "/health", "/metrics"] {
+        let (code, body) = http_get(&addr, path, None);
+        assert_eq!(code, 200, "{path} stays open on loopback: {body}");
+        assert!(!body.contains(SECRET), "{path} shows a value: {body}");
+    }
+}
+
+/// A label value as the Prometheus text format reads it: `value` starts just after the
+/// opening quote; the value ends at the first unescaped quote. Only `\\`, `\"` and `\n` are
+/// escapes; anything else after a backslash is malformed exposition.
+fn label_value(value: &str) -> String {
+    let mut out = String::new();
+    let mut chars = value.chars();
+    loop {
+        match chars.next().expect("a closing quote") {
+            '"' => return out,
+            '\\' => match chars.next() {
+                Some('\\') => out.push('\\'),
+                Some('"') => out.push('"'),
+                Some('n') => out.push('\n'),
+                other => panic!("malformed escape \\{other:?} in the label value {value:?}"),
+            },
+            c => out.push(c),
+        }
+    }
+}
+
+/// A pipeline's name reaches its Prometheus label unchanged, backslashes included: the
+/// recorder treats a backslash in a label value as an escape of what follows, so `a\"b` came
+/// out as `a"b` (and two names that differ by one backslash shared one series).
+#[test]
+fn a_pipeline_name_with_backslashes_reads_back_unchanged_from_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    // a \ " b \ \ c \ n: an escaped quote, an escaped backslash and a backslash before a
+    // letter (a TOML literal string keeps every backslash).
+    let name = r#"a\"b\\c\n"#;
+    let file = dir.path().join("pipeline.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "name = '{name}'\n[source]\nfrom = \"latest\"\n\
+             [sink]\nkind = \"file\"\npath = \"{}\"\n",
+            dir.path().join("out.jsonl").display()
+        ),
+    )
+    .unwrap();
+    let node = start_http(
+        &dir.path().join("p"),
+        &["--connect", file.to_str().unwrap()],
+    );
+    let addr = admin(&node);
+    let status = common::status(&node);
+    assert_eq!(status["pipelines"][0]["name"], name, "{status}");
+
+    let prefix = "tideline_pipeline_lag_txns{pipeline=\"";
+    let line = wait_until(10, "the sampler to export the pipeline", || {
+        let (_, text) = http_get(&addr, "/metrics", None);
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .map(str::to_string)
+    });
+    let exported = label_value(&line[prefix.len()..]);
+    assert_eq!(exported, name, "the exposition line: {line}");
+    assert!(
+        line.starts_with(r#"tideline_pipeline_lag_txns{pipeline="a\\\"b\\\\c\\n"} "#),
+        "{line}"
+    );
 }
 
 #[test]

@@ -2,11 +2,20 @@
 //! status JSON, recent log records, a health check and Prometheus metrics.
 //!
 //! It owns the admin listener, the 1 s sampler that feeds the page's charts and the gauges,
-//! and nothing else: it reads the node through [`EngineNode`] and never writes to it. Bound to
-//! loopback it serves anyone who can reach it (as the node's other local tools do); bound
-//! elsewhere, every path but `/health` needs `Authorization: Bearer TOKEN` (the cluster token,
-//! which also lets a client write: it is plain HTTP, so the token crosses the network in the
-//! clear; OPERATIONS.md says to keep the admin on loopback behind a TLS proxy instead).
+//! and nothing else: it reads the node through [`EngineNode`] and never writes to it.
+//!
+//! Who may read what:
+//! - `/api/log`, the one path that shows keys and values, always needs `Authorization: Bearer
+//!   TOKEN` (the cluster token, which also lets a client write), on loopback too: every local
+//!   user reaches loopback, while the secrets directory keeps the token to the node's own
+//!   user, and QUIC reads need it as well.
+//! - Bound to loopback, the other paths need no token, and only requests addressed to an IP
+//!   address or `localhost` are served ([`check_host`]): a web page whose name an attacker
+//!   points at 127.0.0.1 (DNS rebinding) reads the admin as its own origin, and its requests
+//!   name the attacker's host.
+//! - Bound elsewhere, every path but `/health` needs the token. It is plain HTTP, so the token
+//!   crosses the network in the clear; OPERATIONS.md says to keep the admin on loopback behind
+//!   a TLS proxy instead.
 //!
 //! Whoever reaches the port holds the node's resources only within bounds ([`listener`]): at
 //! most 64 connections at once, each dropped once quiet for 10 s, and at shutdown every one
@@ -14,9 +23,9 @@
 //!
 //! | path | what |
 //! |---|---|
-//! | `/` | HTML overview; refreshes its `<main>` every 2 s from `/?part=main` |
+//! | `/` | HTML overview; refreshes its header's badges and `<main>` from `?part=main`, 2 s after each refresh ends |
 //! | `/api/status` | the `tideline status` JSON |
-//! | `/api/log?from=POSITION&limit=N` | JSON lines exactly as `tideline tail` prints them, at most 16 MiB (one record at least); `Tideline-Next-From` and `Tideline-Page-End` say where to go on and why the answer ended |
+//! | `/api/log?from=POSITION&limit=N` | JSON lines exactly as `tideline tail` prints them, at most 16 MiB (one record at least); `Tideline-Next-From` and `Tideline-Page-End` say where to go on and why the answer ended. Needs the token, on loopback too |
 //! | `/health` | 200 `ok: ...` or 503 with the reason |
 //! | `/metrics` | Prometheus text format |
 
@@ -25,7 +34,7 @@ mod metrics;
 mod page;
 mod samples;
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,8 +75,14 @@ struct Admin {
     node: Arc<EngineNode>,
     samples: Samples,
     metrics: ::metrics_exporter_prometheus::PrometheusHandle,
-    /// `Some(token)` when the listener is not on loopback.
-    token: Option<String>,
+    /// The cluster token: `/api/log` always needs it; off loopback every path but `/health`
+    /// does.
+    token: String,
+    /// The listener is on a loopback address: the paths but `/api/log` need no token, and only
+    /// requests addressed to an IP address or `localhost` are served.
+    loopback: bool,
+    /// The bound address, which a refused request is told to use.
+    local_addr: SocketAddr,
 }
 
 /// A running admin server; [`AdminHandle::shutdown`] stops it.
@@ -110,8 +125,8 @@ impl AdminHandle {
     }
 }
 
-/// Binds `addr` and serves the admin pages of `node`. `token` guards every path but
-/// `/health` when `addr` is not a loopback address.
+/// Binds `addr` and serves the admin pages of `node`. `token` guards `/api/log`, and every path
+/// but `/health` when `addr` is not a loopback address.
 pub async fn serve(
     addr: SocketAddr,
     node: Arc<EngineNode>,
@@ -127,15 +142,28 @@ pub async fn serve(
         node,
         samples: Samples::new(),
         metrics: install_recorder(),
-        token: (!addr.ip().is_loopback()).then_some(token),
+        token,
+        loopback: addr.ip().is_loopback(),
+        local_addr,
     });
     let app = Router::new()
         .route("/", get(overview))
         .route("/api/status", get(api_status))
-        .route("/api/log", get(api_log))
         .route("/metrics", get(metrics_text))
-        .route_layer(middleware::from_fn_with_state(admin.clone(), require_token))
+        .route_layer(middleware::from_fn_with_state(
+            admin.clone(),
+            require_token_off_loopback,
+        ))
+        .route(
+            "/api/log",
+            get(api_log).route_layer(middleware::from_fn_with_state(
+                admin.clone(),
+                require_token_for_data,
+            )),
+        )
         .route("/health", get(health))
+        // Every path, unknown ones included.
+        .layer(middleware::from_fn_with_state(admin.clone(), check_host))
         .layer(middleware::from_fn(listener::track))
         .with_state(admin.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -165,25 +193,108 @@ pub async fn serve(
     })
 }
 
-async fn require_token(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
-    let Some(token) = &admin.token else {
+/// Off loopback, the token guards the paths it is layered on.
+async fn require_token_off_loopback(
+    State(admin): State<Arc<Admin>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if admin.loopback || offers_token(&req, &admin.token) {
         return next.run(req).await;
-    };
-    let offered = req
-        .headers()
+    }
+    unauthorized(
+        "this admin listener is not on loopback: send `Authorization: Bearer TOKEN` with the \
+         cluster token (the `token` file in the secrets directory)\n",
+    )
+}
+
+/// The token guards `/api/log` wherever the listener is: it serves keys and values, which on
+/// loopback every local user would otherwise read, token or not.
+async fn require_token_for_data(
+    State(admin): State<Arc<Admin>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if offers_token(&req, &admin.token) {
+        return next.run(req).await;
+    }
+    unauthorized(
+        "/api/log serves keys and values, so it needs the cluster token, on loopback too: send \
+         `Authorization: Bearer TOKEN` with the `token` file in the secrets directory (curl -H \
+         \"Authorization: Bearer $(cat SECRETS/token)\" ...)\n",
+    )
+}
+
+fn offers_token(req: &Request, token: &str) -> bool {
+    req.headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match offered {
-        Some(t) if tideline_stream::tls::token_eq(t, token) => next.run(req).await,
-        _ => (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "this admin listener is not on loopback: send `Authorization: Bearer TOKEN` with \
-             the cluster token (the `token` file in the secrets directory)\n",
-        )
-            .into_response(),
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| tideline_stream::tls::token_eq(t, token))
+}
+
+fn unauthorized(msg: &'static str) -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        msg,
+    )
+        .into_response()
+}
+
+/// On loopback, serves only requests addressed to an IP address or `localhost` (any port):
+/// names that no DNS answer can point elsewhere. A web page at `http://attacker.example/`
+/// whose name then resolves to 127.0.0.1 (DNS rebinding) reads this listener as its own
+/// origin, and every one of its requests says `Host: attacker.example`. A request with no
+/// `Host` (HTTP/1.0) is served: browsers always send one, so it is no such page. Off loopback
+/// the token decides, and a rebinding page cannot send it.
+async fn check_host(State(admin): State<Arc<Admin>>, req: Request, next: Next) -> Response {
+    if !admin.loopback {
+        return next.run(req).await;
     }
+    // An absolute request target (`GET http://NAME/...`) names the host too, and wins over
+    // `Host` where both come (RFC 9112 §3.2.2): each must be local.
+    let target = req.uri().authority().map(|a| a.as_str().to_string());
+    let hosts = req
+        .headers()
+        .get_all(header::HOST)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let Some(name) = target.into_iter().chain(hosts).find(|h| !is_local_name(h)) else {
+        return next.run(req).await;
+    };
+    let addr = admin.local_addr;
+    (
+        StatusCode::MISDIRECTED_REQUEST,
+        format!(
+            "this admin listener is on loopback and answers only requests addressed to an IP \
+             address or localhost, not to {name:?} (a web page whose name was pointed at this \
+             machine would read the node as its own): open http://{addr}/ instead; a reverse \
+             proxy must send `Host: {addr}` (nginx: `proxy_set_header Host $proxy_host;`, its \
+             default)\n"
+        ),
+    )
+        .into_response()
+}
+
+/// Whether `authority` (`HOST[:PORT]`, as in `Host`) names an IP address or `localhost`.
+fn is_local_name(authority: &str) -> bool {
+    let port_ok = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = authority.strip_prefix('[') {
+        return match rest.split_once(']') {
+            Some((ip, port)) => {
+                ip.parse::<Ipv6Addr>().is_ok()
+                    && (port.is_empty() || port.strip_prefix(':').is_some_and(port_ok))
+            }
+            None => false,
+        };
+    }
+    let host = match authority.split_once(':') {
+        Some((host, port)) if port_ok(port) => host,
+        Some(_) => return false,
+        None => authority,
+    };
+    host.parse::<Ipv4Addr>().is_ok() || host.eq_ignore_ascii_case("localhost")
 }
 
 #[derive(Debug, Deserialize)]
@@ -429,6 +540,42 @@ mod tests {
         .unwrap()
         .wait()
         .unwrap();
+    }
+
+    #[test]
+    fn local_names_are_ip_addresses_and_localhost() {
+        for name in [
+            "127.0.0.1:7480",
+            "127.0.0.1",
+            "127.0.0.1:",
+            "10.1.2.3:80",
+            "[::1]:7480",
+            "[::1]",
+            "localhost",
+            "localhost:7480",
+            "LocalHost:7480",
+        ] {
+            assert!(is_local_name(name), "{name}");
+        }
+        for name in [
+            "",
+            "attacker.example",
+            "attacker.example:7480",
+            "localhost.",
+            "localhost.attacker.example:7480",
+            "127.0.0.1.nip.io:7480",
+            "127.1:7480",
+            "127.0.0.1:74x",
+            "127.0.0.1:80:80",
+            "x@127.0.0.1",
+            "[::1",
+            "[::1]x",
+            "[::1]:7480x",
+            "[attacker.example]:7480",
+            "\u{fffd}:7480",
+        ] {
+            assert!(!is_local_name(name), "{name}");
+        }
     }
 
     /// A record larger than the byte bound comes alone (paging moves on); the bound never

@@ -1,8 +1,13 @@
-//! The overview page: plain HTML rendered on the node, a few lines of script that refresh
-//! `<main>` every 2 s, and inline SVG charts. No framework, no external asset: the page works
-//! from a machine with no network. Everything shown comes from the status document, the last
-//! records of the log (summed up: trees and op kinds, never keys or values) and the sampler's
-//! ring.
+//! The overview page: plain HTML rendered on the node, a few lines of script that refresh the
+//! header's badges and `<main>` 2 s after each refresh ends, and inline SVG charts. No
+//! framework, no external asset: the page works from a machine with no network. Everything
+//! shown comes from the status document, the last records of the log (summed up: trees and op
+//! kinds, never keys or values) and the sampler's ring.
+//!
+//! Every URL the page uses is relative, so it works as well behind a proxy that mounts the
+//! admin on a path (`https://ops.example/tideline/`) as at `/`. A refresh that fails, or that
+//! brings something other than the fragment (a proxy's own page), leaves the page as it was
+//! and marks it stale: the health badge says `unreachable` and `<main>` is dimmed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -15,6 +20,10 @@ use crate::node::EngineNode;
 
 /// Transactions listed under "Recent transactions".
 const RECENT_TXNS: u64 = 15;
+
+/// How the refreshed fragment begins: the script puts in the page only an answer that does
+/// (a proxy's own page, a login page, is not ours).
+const FRAGMENT_START: &str = "<span id=\"badges\">";
 
 /// What one rendering shows.
 pub struct View {
@@ -111,7 +120,9 @@ header{background:#12324a;color:#fff;padding:12px 20px;display:flex;gap:16px;ali
 header h1{font-size:18px;margin:0}
 .badge{padding:2px 8px;border-radius:10px;font-size:12px;font-weight:600;background:#2d5f82}
 .ok{background:#1f7a3e}.bad{background:#b3261e}
+#badges{display:inline-flex;gap:16px;align-items:baseline}
 main{padding:12px 20px;display:grid;grid-template-columns:repeat(auto-fit,minmax(460px,1fr));gap:14px}
+body.stale main{opacity:.45;filter:grayscale(1)}
 section{background:#fff;border:1px solid #dde2e8;border-radius:6px;padding:10px 14px;overflow:auto}
 section.wide{grid-column:1/-1}
 h2{font-size:14px;margin:0 0 8px;text-transform:uppercase;letter-spacing:.04em;color:#4a5663}
@@ -135,22 +146,45 @@ window.addEventListener('error', function (e) {
 });
 (function () {
   var n = 0;
+  var shown = 'loading';
+  // The page keeps what it shows and says it is stale: the health badge reads unreachable.
+  function stale(why) {
+    document.body.classList.add('stale');
+    var health = document.getElementById('health');
+    health.className = 'badge bad';
+    health.textContent = 'unreachable';
+    health.title = 'the last refresh failed (' + why + '): the page shows the node as of ' + shown;
+    document.getElementById('updated').textContent =
+      shown + ' · node unreachable (' + why + ')';
+  }
+  // Relative URL: under a proxy's path prefix it stays under the prefix.
   function refresh() {
-    fetch('/?part=main', {cache: 'no-store', credentials: 'same-origin'})
+    fetch('?part=main', {cache: 'no-store', credentials: 'same-origin'})
       .then(function (r) { if (!r.ok) throw new Error('HTTP ' + r.status); return r.text(); })
       .then(function (html) {
-        document.querySelector('main').innerHTML = html;
+        if (html.lastIndexOf('<span id="badges">', 0) !== 0) {
+          throw new Error('the answer is not this node\'s overview');
+        }
+        var fresh = document.createElement('template');
+        fresh.innerHTML = html;
+        var badges = fresh.content.firstElementChild;
+        document.getElementById('badges').replaceWith(badges);
+        var main = document.querySelector('main');
+        main.textContent = '';
+        main.appendChild(fresh.content);
+        document.body.classList.remove('stale');
         n += 1;
         document.body.dataset.refreshed = String(n);
-        document.getElementById('updated').textContent = new Date().toLocaleTimeString();
+        shown = new Date().toLocaleTimeString();
+        document.getElementById('updated').textContent = shown;
       })
-      .catch(function (e) {
-        document.getElementById('updated').textContent = 'node unreachable (' + e.message + ')';
-      });
+      .catch(function (e) { stale(e.message || String(e)); })
+      .then(next, next);
   }
+  // The next refresh starts once this one has ended: a slow answer never piles up fetches.
+  function next() { setTimeout(refresh, 2000); }
   document.body.dataset.script = 'ok';
   refresh();
-  setInterval(refresh, 2000);
 })();
 "#;
 
@@ -159,24 +193,47 @@ pub fn document(v: &View) -> String {
     let s = &v.status;
     let uuid = text(&s["server_uuid"]);
     let role = text(&s["role"]);
-    let (ok, reason) = &v.health;
     let mut h = String::with_capacity(16 << 10);
+    // Footer links are relative, like the script's fetch (see the module's comment).
     let _ = write!(
         h,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width\">\
          <title>tideline {role} {short}</title><style>{STYLE}</style></head>\
-         <body data-refreshed=\"0\"><header><h1>tideline</h1>\
-         <span class=\"badge\" id=\"role\">{role}{ro}</span>\
-         <span class=\"badge {hc}\" id=\"health\" title=\"{reason}\">{hw}</span>\
+         <body data-refreshed=\"0\"><header><h1>tideline</h1>{badges}\
          <code>{uuid}</code><span class=\"muted\">durability {dur}</span></header>\
          <p id=\"js-error\" class=\"err\" hidden></p><main>{main}</main>\
          <footer>updated <span id=\"updated\">now</span> · \
-         <a href=\"/api/status\">/api/status</a> · <a href=\"/api/log?from=earliest&amp;limit=100\">/api/log</a> · \
-         <a href=\"/metrics\">/metrics</a> · <a href=\"/health\">/health</a></footer>\
+         <a href=\"api/status\">api/status</a> · \
+         <a href=\"api/log?from=earliest&amp;limit=100\" title=\"needs Authorization: Bearer TOKEN\">api/log</a> (token) · \
+         <a href=\"metrics\">metrics</a> · <a href=\"health\">health</a></footer>\
          <script>{SCRIPT}</script></body></html>",
         role = esc(&role),
         short = esc(uuid.get(..8).unwrap_or(&uuid)),
+        badges = badges(v),
+        uuid = esc(&uuid),
+        dur = esc(&text(&s["durability"])),
+        main = sections(v),
+    );
+    h
+}
+
+/// The refreshed part of the page (`?part=main`): the header's badges, which the script moves
+/// into the header, then the content of `<main>`. It starts with [`FRAGMENT_START`].
+pub fn main_section(v: &View) -> String {
+    let mut h = badges(v);
+    h.push_str(&sections(v));
+    h
+}
+
+/// The role (read-only or not) and health badges, in one element the script replaces whole.
+fn badges(v: &View) -> String {
+    let s = &v.status;
+    let (ok, reason) = &v.health;
+    format!(
+        "{FRAGMENT_START}<span class=\"badge\" id=\"role\">{role}{ro}</span>\
+         <span class=\"badge {hc}\" id=\"health\" title=\"{reason}\">{hw}</span></span>",
+        role = esc(&text(&s["role"])),
         ro = if s["read_only"].as_bool() == Some(true) {
             " · read-only"
         } else {
@@ -185,15 +242,11 @@ pub fn document(v: &View) -> String {
         hc = if *ok { "ok" } else { "bad" },
         hw = if *ok { "healthy" } else { "unhealthy" },
         reason = esc(reason),
-        uuid = esc(&uuid),
-        dur = esc(&text(&s["durability"])),
-        main = main_section(v),
-    );
-    h
+    )
 }
 
-/// The refreshed part of the page.
-pub fn main_section(v: &View) -> String {
+/// What `<main>` holds.
+fn sections(v: &View) -> String {
     let mut h = String::with_capacity(12 << 10);
     position(&mut h, v);
     charts(&mut h, &v.samples);
@@ -596,6 +649,89 @@ mod tests {
             h.contains(&format!("<tr><td>{last}</td>")),
             "newest first: {h}"
         );
+    }
+
+    /// A view of a node whose status is `status`, with no record and no sample.
+    fn view_of(status: Value) -> View {
+        let health = super::super::health_of(&status);
+        View {
+            status,
+            recent: Vec::new(),
+            samples: Vec::new(),
+            health,
+        }
+    }
+
+    /// The header's badges are part of what the page's refresh replaces: a page left open
+    /// shows the node's health and role as of the last refresh, not as of its loading.
+    #[test]
+    fn the_refreshed_fragment_carries_the_header_badges() {
+        let healthy = view_of(serde_json::json!({"role": "primary", "read_only": false}));
+        let fragment = main_section(&healthy);
+        assert!(
+            fragment.contains(
+                "<span class=\"badge ok\" id=\"health\" title=\"accepting writes\">healthy</span>"
+            ),
+            "{fragment}"
+        );
+        assert!(
+            fragment.contains("<span class=\"badge\" id=\"role\">primary</span>"),
+            "{fragment}"
+        );
+
+        let unhealthy = view_of(serde_json::json!({
+            "role": "replica",
+            "read_only": true,
+            "fail_stop": "the <log> failed",
+        }));
+        let fragment = main_section(&unhealthy);
+        assert!(
+            fragment.contains(
+                "<span class=\"badge bad\" id=\"health\" title=\"fail-stop: the &lt;log&gt; failed\">unhealthy</span>"
+            ),
+            "{fragment}"
+        );
+        assert!(
+            fragment.contains("<span class=\"badge\" id=\"role\">replica · read-only</span>"),
+            "{fragment}"
+        );
+        // The whole page shows the same badges once, in its header.
+        let page = document(&unhealthy);
+        assert_eq!(page.matches("id=\"health\"").count(), 1, "{page}");
+        let header = page.split("</header>").next().unwrap_or_default();
+        assert!(header.contains(">unhealthy</span>"), "{header}");
+    }
+
+    /// Behind a proxy that mounts the admin on a path prefix (`https://ops.example/tideline/`)
+    /// an absolute URL leaves the prefix: the refresh fetched the proxy's own root page and
+    /// put it in the page. Every URL the page uses is relative.
+    #[test]
+    fn the_page_fetches_and_links_relative_to_where_it_is_served() {
+        let page = document(&view_of(serde_json::json!({"role": "primary"})));
+        for absolute in ["fetch('/", "fetch(\"/", "href=\"/", "src=\"/", "action=\"/"] {
+            assert!(!page.contains(absolute), "{absolute} in {page}");
+        }
+        assert!(page.contains("fetch('?part=main'"), "{page}");
+        for link in ["api/status", "api/log?from=earliest", "metrics", "health"] {
+            assert!(
+                page.contains(&format!("href=\"{link}")),
+                "no relative link to {link}: {page}"
+            );
+        }
+        // An answer that is not the overview's fragment (a proxy's login page, say) is not
+        // put in the page: the script looks for the fragment's first element.
+        let fragment = main_section(&view_of(serde_json::json!({"role": "primary"})));
+        assert!(fragment.starts_with(FRAGMENT_START), "{fragment}");
+        assert!(page.contains(&format!("'{FRAGMENT_START}'")), "{page}");
+    }
+
+    /// A refresh starts 2 s after the previous one ended, never while it runs: a slow answer
+    /// (a debug build reading large records) must not pile fetches on the node.
+    #[test]
+    fn the_page_refreshes_after_each_answer_not_on_an_interval() {
+        let page = document(&view_of(serde_json::json!({"role": "primary"})));
+        assert!(!page.contains("setInterval"), "{page}");
+        assert!(page.contains("setTimeout(refresh, 2000)"), "{page}");
     }
 
     #[test]
