@@ -104,6 +104,24 @@ fn flag(v: &Value) -> f64 {
     if v.as_bool() == Some(true) { 1.0 } else { 0.0 }
 }
 
+/// Each slot's lag (the records it holds: 0 once invalidated, as an invalidated slot holds
+/// nothing) and whether it is active; `last` is the log's last offset.
+fn export_slots(status: &Value, last: u64) {
+    use metrics::gauge;
+    for s in status["slots"].as_array().into_iter().flatten() {
+        let labels = [("slot", label(s["name"].as_str().unwrap_or("?")))];
+        let restart = s["restart_offset"].as_u64().unwrap_or(0);
+        let active = s["state"].as_str().is_none_or(|st| st == "active");
+        let held = if active {
+            last.saturating_sub(restart.saturating_sub(1))
+        } else {
+            0
+        };
+        gauge!("tideline_slot_lag_transactions", &labels).set(held as f64);
+        gauge!("tideline_slot_active", &labels).set(if active { 1.0 } else { 0.0 });
+    }
+}
+
 /// Copies the status document and the server's counters into the recorder.
 fn export(admin: &Admin, status: &Value) {
     use metrics::{counter, gauge};
@@ -169,14 +187,7 @@ fn export(admin: &Admin, status: &Value) {
             });
         }
     }
-    for s in status["slots"].as_array().into_iter().flatten() {
-        let labels = [("slot", label(s["name"].as_str().unwrap_or("?")))];
-        let restart = num(&s["restart_offset"]);
-        gauge!("tideline_slot_lag_transactions", &labels)
-            .set(last.saturating_sub(restart.saturating_sub(1)) as f64);
-        let active = s["state"].as_str().is_none_or(|st| st == "active");
-        gauge!("tideline_slot_active", &labels).set(if active { 1.0 } else { 0.0 });
-    }
+    export_slots(status, last);
     let consumers = status["consumers"].as_array().cloned().unwrap_or_default();
     for i in status["indexes"].as_array().into_iter().flatten() {
         let labels = [
@@ -223,7 +234,29 @@ fn export(admin: &Admin, status: &Value) {
 
 #[cfg(test)]
 mod tests {
-    use super::label;
+    use super::{export_slots, label};
+
+    /// An invalidated slot holds nothing (OPERATIONS.md, "Retention and slots"), so its lag is
+    /// 0 however far the log has moved on; an active slot's lag is what it holds.
+    #[test]
+    fn an_invalidated_slot_exports_no_lag() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let status = serde_json::json!({"slots": [
+            {"name": "gone", "restart_offset": 2, "state": "invalidated"},
+            {"name": "live", "restart_offset": 31, "state": "active"},
+        ]});
+        metrics::with_local_recorder(&recorder, || export_slots(&status, 40));
+        let text = handle.render();
+        assert!(
+            text.contains(r#"tideline_slot_lag_transactions{slot="gone"} 0"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"tideline_slot_lag_transactions{slot="live"} 10"#),
+            "{text}"
+        );
+    }
 
     /// What the recorder writes for a label value passed through [`label`] reads back as that
     /// value under the exposition format's escapes (`\\`, `\"`, `\n`); a recorder that
