@@ -41,16 +41,42 @@ use crate::sink::redis::{RedisConfig, RedisSink};
 use crate::sink::webhook::{WebhookConfig, WebhookSink};
 use crate::sink::{Sink, SinkError};
 
-/// A mistake in a pipeline file: where and what.
+/// A mistake in a pipeline file: where and what. Shown as `FILE line N: MESSAGE` (`FILE:
+/// MESSAGE` when the mistake has no line), always on one line: control characters in the
+/// file's name or the message (a pipeline name may hold a newline) are escaped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file} line {line}: {message}")]
 pub struct ConfigError {
     /// The file, as given.
     pub file: String,
-    /// 1-based line.
+    /// 1-based line; 0 when the mistake is about no line (the file cannot be read).
     pub line: usize,
     /// What is wrong and what to write instead.
     pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let file = one_line(&self.file);
+        match self.line {
+            0 => write!(f, "{file}: ")?,
+            line => write!(f, "{file} line {line}: ")?,
+        }
+        f.write_str(&one_line(&self.message))
+    }
+}
+
+/// `s` with its control characters (newline, tab, ESC, ...) escaped as Rust writes them
+/// (`\n`): an error is one line on stderr and in journald, whatever a name holds.
+fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// A pipeline file, checked.
@@ -77,6 +103,10 @@ pub struct PipelineSpec {
     pub from: StartFrom,
     /// The line of the pipeline's sink table, for messages.
     pub line: usize,
+    /// The line of the pipeline's source table, for messages.
+    pub source_line: usize,
+    /// The file the pipeline was read from, as given, for messages.
+    pub file: String,
 }
 
 /// A sink's kind and settings.
@@ -175,10 +205,19 @@ impl ConnectFile {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<ConnectFile, ConfigError> {
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let bytes = std::fs::read(path).map_err(|e| ConfigError {
             file: file.clone(),
+            // Nothing was read: no line to name.
             line: 0,
-            message: format!("cannot read it: {e}"),
+            message: format!("cannot read it: {e}; pass the path of a pipeline file"),
+        })?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            ConfigError {
+                file: file.clone(),
+                line: line_of(e.as_bytes(), at),
+                message: format!("byte {at} is not UTF-8: save the file as UTF-8 text"),
+            }
         })?;
         Self::parse(&text, &file)
     }
@@ -224,11 +263,13 @@ impl ConnectFile {
                     "missing [sink] table: add `[sink]` with `kind` and that sink's keys".into(),
                 ));
             };
+            let source_span = key_span(root.get_ref(), "source");
             pipelines.push((
                 doc.name
                     .map(|n| n.into_inner())
                     .unwrap_or_else(|| "default".into()),
                 source,
+                source_span,
                 sink,
                 doc.batch_changes,
                 doc.batch_delay_ms,
@@ -267,6 +308,7 @@ impl ConnectFile {
                 pipelines.push((
                     name.into_inner(),
                     p.source,
+                    key_span(t, "source"),
                     sink,
                     p.batch_changes,
                     p.batch_delay_ms,
@@ -283,7 +325,7 @@ impl ConnectFile {
             ));
         }
         let mut out = Vec::new();
-        for (name, source, sink, batch_changes, batch_delay_ms) in pipelines {
+        for (name, source, source_span, sink, batch_changes, batch_delay_ms) in pipelines {
             if name.is_empty() || out.iter().any(|p: &PipelineSpec| p.name == name) {
                 return Err(err(
                     Some(sink.span()),
@@ -341,6 +383,8 @@ impl ConnectFile {
                 batch_changes: batch_changes.unwrap_or(10_000),
                 batch_delay: Duration::from_millis(batch_delay_ms.unwrap_or(50)),
                 line: line_of(text, sink.span().start),
+                source_line: line_of(text, source_span.unwrap_or(sink.span()).start),
+                file: file.to_owned(),
             });
         }
         Ok(ConnectFile { pipelines: out })
@@ -520,8 +564,9 @@ fn key_span(table: &DeTable<'_>, key: &str) -> Option<std::ops::Range<usize>> {
 }
 
 /// 1-based line of byte `at`.
-fn line_of(text: &str, at: usize) -> usize {
-    text.as_bytes()[..at.min(text.len())]
+fn line_of(text: impl AsRef<[u8]>, at: usize) -> usize {
+    let text = text.as_ref();
+    text[..at.min(text.len())]
         .iter()
         .filter(|&&b| b == b'\n')
         .count()
@@ -634,6 +679,34 @@ impl PipelineSpec {
         Ok(cfg)
     }
 
+    /// The pipeline's settings ([`PipelineSpec::pipeline_config`]) and its sink, not yet
+    /// opened ([`PipelineSpec::sink`]), or the first mistake found in them as a
+    /// [`ConfigError`] at the pipeline's place in its file: a sink mistake (a URL scheme the
+    /// sink refuses, an empty `path`, a name the sink cannot use) at the sink table's line, a
+    /// source mistake (no `node`, unreadable secrets) at the source table's line. Creates no
+    /// file and connects nowhere, so a runner builds every pipeline of a file before it
+    /// starts any.
+    pub fn build(
+        &self,
+        host: Option<HostNode<'_>>,
+    ) -> Result<(PipelineConfig, Box<dyn Sink>), ConfigError> {
+        let at = |line: usize, message: String| ConfigError {
+            file: self.file.clone(),
+            line,
+            message,
+        };
+        let sink = self.sink().map_err(|e| {
+            at(
+                self.line,
+                format!("pipeline `{}`: {}", self.name, e.message()),
+            )
+        })?;
+        let cfg = self
+            .pipeline_config(host)
+            .map_err(|m| at(self.source_line, m))?;
+        Ok((cfg, sink))
+    }
+
     /// The pipeline's sink, not yet opened.
     pub fn sink(&self) -> Result<Box<dyn Sink>, SinkError> {
         Ok(match &self.sink {
@@ -651,3 +724,6 @@ mod tests;
 
 #[cfg(test)]
 mod secret_tests;
+
+#[cfg(test)]
+mod load_tests;

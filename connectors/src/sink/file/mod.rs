@@ -124,6 +124,27 @@ fn io_error(what: &str, path: &Path, e: &std::io::Error) -> SinkError {
     }
 }
 
+/// Refuses a `path` that names a directory: one ending in `/` (or `/.`), or one that is a
+/// directory now. The sink's other files are named by appending to `path` (`PATH.lock`,
+/// `PATH.position`), which for a directory would put `DIR.lock` beside it or `DIR/.lock`
+/// inside it, and the directory would then be refused as a file this sink did not write.
+fn refuse_directory(path: &Path) -> Result<(), SinkError> {
+    let raw = path.as_os_str().as_encoded_bytes();
+    let lexical = raw.ends_with(b"/") || raw.ends_with(b"/.");
+    if lexical || path.is_dir() {
+        let shown = path.display().to_string();
+        let dir = shown
+            .strip_suffix("/.")
+            .unwrap_or(&shown)
+            .trim_end_matches('/');
+        return Err(SinkError::Fatal(format!(
+            "{} is a directory; give a file path such as {dir}/changes.jsonl",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 fn sync_dir(path: &Path) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
@@ -134,7 +155,8 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
 
 impl FileSink {
     /// A sink writing to `cfg.path` for pipeline `pipeline`; touches no file until
-    /// [`Sink::open`].
+    /// [`Sink::open`]. A path that names no file, or names a directory, is refused here, so
+    /// that a runner checking its sinks before it starts any refuses it too.
     pub fn new(cfg: FileConfig, pipeline: &str) -> Result<FileSink, SinkError> {
         if cfg.path.as_os_str().is_empty() || cfg.path.file_name().is_none() {
             return Err(SinkError::Fatal(format!(
@@ -142,6 +164,7 @@ impl FileSink {
                 cfg.path
             )));
         }
+        refuse_directory(&cfg.path)?;
         Ok(FileSink {
             cfg,
             pipeline: pipeline.to_string(),
@@ -223,6 +246,9 @@ impl FileSink {
                 dir.display()
             )));
         }
+        // Again here: the directory may have appeared since `new`. Before the lock, which
+        // would be created beside (or inside) it.
+        refuse_directory(&path)?;
         self.lock_files()?;
         let pos_path = self.position_path();
         let stored = position::load(&pos_path).map_err(|e| io_error("read", &pos_path, &e))?;

@@ -307,3 +307,53 @@ fn a_rotation_whose_position_fails_is_undone_before_the_error() {
     resume_and_write(&mut s, next + 5);
     assert_eq!(gtids_in(&path), (1..=next + 5).collect::<Vec<_>>());
 }
+
+/// Every `*.lock` file in `dir` and in its subdirectories (one level down).
+fn locks_in(dir: &Path) -> Vec<PathBuf> {
+    let entries = |d: &Path| -> Vec<PathBuf> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    let top = entries(dir);
+    let below = top.iter().filter(|p| p.is_dir()).flat_map(|d| entries(d));
+    top.iter()
+        .cloned()
+        .chain(below)
+        .filter(|p| p.to_string_lossy().ends_with(".lock"))
+        .collect()
+}
+
+/// `sink file --out DIR` (an existing directory, or a path ending in `/`) took `DIR.lock`
+/// (or `DIR/.lock`, a hidden file in the user's directory) and then refused with the words
+/// for a foreign file ("was not written by this sink"). A directory is refused as one,
+/// before any lock, both when the sink is made and when it opens (the directory may appear
+/// in between).
+#[test]
+fn a_directory_path_is_refused_as_one_before_any_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let later = dir.path().join("later");
+    let mut s = sink(&later);
+    std::fs::create_dir(&later).unwrap();
+    let e = open(&mut s).expect_err("a directory is no file to append to");
+    assert!(
+        matches!(&e, SinkError::Fatal(m) if m.contains("is a directory")
+            && m.contains(&format!("{}/changes.jsonl", later.display()))),
+        "{e}"
+    );
+    assert_eq!(locks_in(dir.path()), Vec::<PathBuf>::new(), "{e}");
+
+    let existing = dir.path().join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    let slash = format!("{}/", dir.path().join("nosuch").display());
+    let dot = format!("{}/.", existing.display());
+    for path in [existing.display().to_string(), slash, dot] {
+        let e = FileSink::new(FileConfig::new(&path), "test").expect_err(&path);
+        assert!(
+            matches!(&e, SinkError::Fatal(m) if m.contains("is a directory")),
+            "{path}: {e}"
+        );
+    }
+    assert_eq!(locks_in(dir.path()), Vec::<PathBuf>::new());
+}
