@@ -1,10 +1,12 @@
 //! Resumable tails and sessions with read fences.
 //!
 //! Owns: the connection to one node, reconnecting with backoff and resuming right after the
-//! last transaction delivered, and saving positions through a [`Checkpoint`]. Must never skip
-//! a position silently (a lost position ends the stream with a [`TailError`]), and must never
-//! reach into how a checkpoint stores its position.
+//! last transaction delivered, saving positions through a [`Checkpoint`], and ending cleanly
+//! ([`Tail::close`]). Must never skip a position silently (a lost position ends the stream with
+//! a [`TailError`]), never ack a slot past what the checkpoint holds, and never reach into how a
+//! checkpoint stores its position.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -15,6 +17,7 @@ use futures_core::Stream;
 use tideline_stream::proto::ClientSubscription;
 use tideline_stream::{Client, ClientConfig, ClientError, ErrorCode, Event, Subscription};
 use tideline_wal::{Epoch, GtidSet, Transaction};
+use tokio::sync::watch;
 
 use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::position::{Position, TailStart};
@@ -173,6 +176,18 @@ impl Store {
         }
         Ok(())
     }
+
+    /// What a slot may be acked up to once the application has processed up to `processed`:
+    /// what the checkpoint holds, so that a consumer that crashes finds its log still held;
+    /// without a checkpoint, `processed` (the application keeps no position to resume from,
+    /// so the slot only has to hold the log for this process's reconnects).
+    fn ackable<'a>(&'a self, processed: Option<&'a Position>) -> Option<&'a Position> {
+        if self.checkpoint.is_none() {
+            processed
+        } else {
+            self.stored.as_ref()
+        }
+    }
 }
 
 type SharedCheckpoint = Arc<Mutex<Store>>;
@@ -188,6 +203,22 @@ struct Settle {
     /// checkpoint resumed by GTID set, which starts at a segment's first record) is acked once
     /// the stream has passed it.
     reached: u64,
+}
+
+/// The offset to ack the slot on `server` up to, when the application has processed up to
+/// `processed` (see [`Store::ackable`]): only offsets of `server`, no further than the
+/// subscription has reached, and only when that moves the slot.
+fn ack_offset(
+    store: &Store,
+    processed: Option<&Position>,
+    server: uuid::Uuid,
+    st: &Settle,
+) -> Option<u64> {
+    store
+        .ackable(processed)
+        .filter(|p| p.server_uuid == server)
+        .map(|p| p.offset.min(st.reached))
+        .filter(|&o| o > st.acked)
 }
 
 /// Why [`settle`] failed.
@@ -220,9 +251,7 @@ async fn settle(
     *lock(delivered) = Some(pos.clone());
     let ack = {
         let mut store = lock(checkpoint);
-        if store.checkpoint.is_none() {
-            Some(&pos)
-        } else {
+        if store.checkpoint.is_some() {
             // Saving syncs a file: at most once per interval, so a fast tail is not held to
             // the disk's fsync rate. `Tail::commit` saves at once.
             let due = st
@@ -232,14 +261,11 @@ async fn settle(
                 store.save(&pos).map_err(SettleError::Checkpoint)?;
                 st.last_saved = Some(tokio::time::Instant::now());
             }
-            store.stored.as_ref()
         }
-        .filter(|p| p.server_uuid == server)
-        .map(|p| p.offset.min(st.reached))
+        ack_offset(&store, Some(&pos), server, st)
     };
     if cfg.slot.is_some()
         && let Some(o) = ack
-        && o > st.acked
     {
         sub.ack(o).await.map_err(SettleError::Ack)?;
         st.acked = o;
@@ -255,6 +281,127 @@ fn refused_ack(cfg: &TailConfig, e: ClientError) -> (ClientError, tokio::time::I
         "tail: the node did not take an ack of the slot; the subscription is over, reconnecting once it ends"
     );
     (e, tokio::time::Instant::now() + ACK_REFUSED_GRACE)
+}
+
+/// [`Tail::close`]'s request to the run loop, with the position of what the application
+/// processed (`None`: it has none).
+#[derive(Debug, Clone)]
+struct CloseRequest {
+    processed: Option<Position>,
+}
+
+/// The run loop's side of [`Tail::close`]: `Some` once the application asked the tail to end.
+type Closing = watch::Receiver<Option<CloseRequest>>;
+
+/// The most [`Tail::close`] takes to end the subscription (the final ack, waiting for the node
+/// to take it, and the connection's close), so that a node out of reach cannot hang an
+/// application that is stopping. Past it the tail is dropped: the node ends the subscription
+/// at its idle timeout, and the slot holds the log from its last ack on.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// How long [`Tail::close`] waits for the node to show the final ack before it closes the
+/// connection anyway.
+const CLOSE_ACK_WAIT: Duration = Duration::from_secs(1);
+
+/// Between two looks at the node's slots while [`Tail::close`] waits for the final ack.
+const CLOSE_ACK_POLL: Duration = Duration::from_millis(10);
+
+/// `f`, or `None` once the tail is asked to close (dropping `f`: the run loop then ends).
+async fn unless_closed<T>(closing: &mut Closing, f: impl Future<Output = T>) -> Option<T> {
+    let mut f = std::pin::pin!(f);
+    // Ends with an error once the `Tail` is gone: nobody reads on then either.
+    let mut closed = std::pin::pin!(closing.wait_for(Option::is_some));
+    std::future::poll_fn(|cx| {
+        if closed.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        f.as_mut().poll(cx).map(Some)
+    })
+    .await
+}
+
+/// Whether the application asked the tail to close, and what it processed then.
+fn close_requested(closing: &Closing) -> Option<CloseRequest> {
+    closing.borrow().clone()
+}
+
+/// Whether the node has taken an ack of `slot` through `offset`, as its status shows it (the
+/// slot's `restart_offset` past `offset`), asking again until it has. `false` when the node
+/// cannot tell: it does not list its slots in its status, the slot is gone or invalidated, or
+/// the status request failed.
+async fn ack_taken(client: &Client, slot: &str, offset: u64) -> bool {
+    loop {
+        let Ok(text) = client.status().await else {
+            return false;
+        };
+        let Ok(status) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return false;
+        };
+        let Some(slots) = status.get("slots").and_then(serde_json::Value::as_array) else {
+            return false;
+        };
+        let Some(s) = slots.iter().find(|s| s["name"] == slot) else {
+            return false;
+        };
+        if s["state"] != "active" {
+            return false;
+        }
+        match s["restart_offset"].as_u64() {
+            Some(restart) if restart > offset => return true,
+            Some(_) => tokio::time::sleep(CLOSE_ACK_POLL).await,
+            None => return false,
+        }
+    }
+}
+
+/// The ack [`goodbye`] sends (see [`ack_offset`]): none once the node refused one (the
+/// subscription is over).
+fn final_ack(
+    checkpoint: &Mutex<Store>,
+    processed: Option<&Position>,
+    server: uuid::Uuid,
+    st: &Settle,
+    ack_refused: bool,
+) -> Option<u64> {
+    if ack_refused {
+        return None;
+    }
+    ack_offset(&lock(checkpoint), processed, server, st)
+}
+
+/// Ends a subscription for [`Tail::close`]: acks the slot through `ack`, waits (up to
+/// [`CLOSE_ACK_WAIT`]) until the node has taken that ack, and closes the connection with code
+/// 0, so that the node ends the subscription, and frees its slot, at once instead of at its
+/// idle timeout.
+///
+/// The wait is needed because closing a QUIC connection discards the stream data the node's
+/// application has not read yet, the ack among it; the node does not answer acks, so its
+/// status is where the ack shows. A node whose status does not list its slots is taken at its
+/// word after one round trip.
+async fn goodbye(cfg: &TailConfig, client: Client, mut sub: Subscription, ack: Option<u64>) {
+    if let (Some(slot), Some(o)) = (&cfg.slot, ack) {
+        match sub.ack(o).await {
+            Ok(()) => {
+                if tokio::time::timeout(CLOSE_ACK_WAIT, ack_taken(&client, slot, o))
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        addr = %cfg.addr, slot = %slot, offset = o,
+                        "tail: the node did not show the final ack of the slot in time; closing \
+                         anyway (the slot holds the log from its previous ack on)"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(
+                addr = %cfg.addr, slot = %slot, error = %e,
+                "tail: the final ack of the slot was not sent; the slot holds the log from its \
+                 previous ack on"
+            ),
+        }
+    }
+    drop(sub);
+    client.close().await;
 }
 
 /// The node's head and history epoch now, from a `latest` subscription (no filter, no slot)
@@ -283,6 +430,7 @@ pub struct Tail {
     checkpoint: SharedCheckpoint,
     head: Arc<AtomicU64>,
     link: Link,
+    closing: watch::Sender<Option<CloseRequest>>,
 }
 
 impl std::fmt::Debug for Tail {
@@ -322,10 +470,10 @@ impl Tail {
     /// tail also saves by itself when the application asks for the transaction after the last
     /// one of a batch, on progress reports and heartbeats, at most once per
     /// `checkpoint_interval`, so a crash re-delivers at most the batch in progress and the
-    /// batches taken within that interval; an application that stops cleanly calls this last
-    /// and loses and repeats nothing. The slot
-    /// is acked only up to what the checkpoint holds (at the next batch, progress report or
-    /// heartbeat after a save), so a consumer that crashes finds its log still held.
+    /// batches taken within that interval; an application that stops cleanly calls this (or
+    /// [`Tail::close`]) last and loses and repeats nothing. The slot is acked only up to what
+    /// the checkpoint holds (at the next batch, progress report or heartbeat after a save, or
+    /// at [`Tail::close`]), so a consumer that crashes finds its log still held.
     pub fn commit(&mut self) -> Result<(), TailError> {
         let pos = lock(&self.delivered).clone();
         if let Some(p) = pos {
@@ -340,6 +488,61 @@ impl Tail {
     pub fn commit_at(&mut self, pos: &Position) -> Result<(), TailError> {
         lock(&self.checkpoint).save(pos)?;
         Ok(())
+    }
+
+    /// Ends the tail cleanly, every transaction returned so far processed: saves the
+    /// checkpoint ([`Tail::commit`]), acks the slot up to what the checkpoint holds (without a
+    /// checkpoint, up to what was returned), waits until the node has taken that ack, and
+    /// closes the connection, so that the node ends the subscription and frees the slot at
+    /// once: the next run naming the slot gets it without waiting. A tail dropped instead
+    /// acks nothing more (the slot stays where a batch, progress report or heartbeat last
+    /// acked it), and a process that exits right after leaves the node holding the
+    /// subscription, and the slot, until its idle timeout, as after a crash.
+    ///
+    /// Takes at most 2 s: a node out of reach cannot hang a stopping application (the slot
+    /// then stays where it was acked last, which only holds more log). Fails only when the
+    /// checkpoint cannot be saved; the connection is closed anyway, and the slot is not acked
+    /// past what the checkpoint holds.
+    pub async fn close(self) -> Result<(), TailError> {
+        let processed = self.position();
+        self.finish(processed).await
+    }
+
+    /// [`Tail::close`] with `processed` as the position of what was processed: a position
+    /// [`Tail::position`] returned before the application took transactions it then could not
+    /// process ([`Tail::commit_at`]); `None` if it returned `None`. The checkpoint and the slot
+    /// go no further.
+    pub async fn close_at(self, processed: Option<Position>) -> Result<(), TailError> {
+        self.finish(processed).await
+    }
+
+    async fn finish(mut self, processed: Option<Position>) -> Result<(), TailError> {
+        // Saved first: the final ack goes no further than what the checkpoint holds, and a
+        // failed save leaves it where it was.
+        let saved = match &processed {
+            Some(p) => lock(&self.checkpoint).save(p).map_err(TailError::from),
+            None => Ok(()),
+        };
+        self.closing.send_replace(Some(CloseRequest { processed }));
+        // The run loop owns the connection: it sees the request at its next step (right after
+        // the transaction the application took last, while waiting for the node, or between
+        // reconnects), ends the subscription and returns. Whatever it would still yield is
+        // not the application's any more.
+        let stream = &mut self.stream;
+        let drained = tokio::time::timeout(CLOSE_WAIT, async {
+            while std::future::poll_fn(|cx| stream.as_mut().poll_next(cx))
+                .await
+                .is_some()
+            {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "tail: the connection did not close within {CLOSE_WAIT:?}; dropping it (the node \
+                 ends the subscription at its idle timeout)"
+            );
+        }
+        saved
     }
 }
 
@@ -363,12 +566,14 @@ pub fn tail(cfg: TailConfig, checkpoint: Option<Box<dyn Checkpoint>>) -> Tail {
     }));
     let head = Arc::new(AtomicU64::new(0));
     let link: Link = Arc::new(Mutex::new(None));
+    let (closing, close_requests) = watch::channel(None);
     let stream = run(
         cfg,
         delivered.clone(),
         checkpoint.clone(),
         head.clone(),
         link.clone(),
+        close_requests,
     );
     Tail {
         stream: Box::pin(stream),
@@ -376,6 +581,7 @@ pub fn tail(cfg: TailConfig, checkpoint: Option<Box<dyn Checkpoint>>) -> Tail {
         checkpoint,
         head,
         link,
+        closing,
     }
 }
 
@@ -385,6 +591,7 @@ fn run(
     checkpoint: SharedCheckpoint,
     head: Arc<AtomicU64>,
     link: Link,
+    mut closing: Closing,
 ) -> impl Stream<Item = Result<Transaction, TailError>> + Send {
     async_stream::stream! {
         let loaded = lock(&checkpoint).checkpoint.as_ref().map(|c| c.load());
@@ -405,6 +612,10 @@ fn run(
         // cannot read on: it ends the tail instead of resubscribing for ever.
         let mut lost_mid_stream: Option<(Epoch, GtidSet)> = None;
         loop {
+            // A tail asked to close between subscriptions has nothing to end.
+            if close_requested(&closing).is_some() {
+                return;
+            }
             if failures > 0 {
                 if cfg.reconnect_attempts_max.is_some_and(|m| failures > m) {
                     yield Err(TailError::GaveUp {
@@ -415,9 +626,19 @@ fn run(
                     });
                     return;
                 }
-                tokio::time::sleep(backoff(&cfg, failures - 1)).await;
+                if unless_closed(&mut closing, tokio::time::sleep(backoff(&cfg, failures - 1)))
+                    .await
+                    .is_none()
+                {
+                    return;
+                }
             }
-            let client = match Client::connect(&cfg.addr, cfg.client.clone()).await {
+            let Some(connected) =
+                unless_closed(&mut closing, Client::connect(&cfg.addr, cfg.client.clone())).await
+            else {
+                return;
+            };
+            let client = match connected {
                 Ok(c) => {
                     connected_once = true;
                     c
@@ -439,10 +660,14 @@ fn run(
                 None => cfg.start.clone(),
             };
             let by_offset = pos.is_some() && matches!(start, TailStart::Offset(_));
-            let mut sub = match client
-                .subscribe(start.to_wire(), cfg.tree.clone(), cfg.prefix.clone(), cfg.slot.clone())
-                .await
-            {
+            let subscribed = client
+                .subscribe(start.to_wire(), cfg.tree.clone(), cfg.prefix.clone(), cfg.slot.clone());
+            // A subscription the node may have accepted meanwhile ends with the connection,
+            // dropped with `client`.
+            let Some(subscribed) = unless_closed(&mut closing, subscribed).await else {
+                return;
+            };
+            let mut sub = match subscribed {
                 Ok(s) => s,
                 Err(e) => match classify(e) {
                     Ok(e) => {
@@ -554,8 +779,8 @@ fn run(
             st.last_saved = last_saved;
             loop {
                 let next = match &ack_refused {
-                    None => sub.next().await,
-                    Some((_, deadline)) => match tokio::time::timeout_at(*deadline, sub.next()).await {
+                    None => unless_closed(&mut closing, sub.next()).await,
+                    Some((_, deadline)) => match tokio::time::timeout_at(*deadline, unless_closed(&mut closing, sub.next())).await {
                         Ok(next) => next,
                         Err(_) => {
                             let e = ack_refused.take().map_or_else(
@@ -570,6 +795,13 @@ fn run(
                         }
                     },
                 };
+                // Asked to close while waiting for the node: everything returned was taken.
+                let Some(next) = next else {
+                    let processed = close_requested(&closing).and_then(|c| c.processed);
+                    let ack = final_ack(&checkpoint, processed.as_ref(), uuid, &st, ack_refused.is_some());
+                    goodbye(&cfg, client, sub, ack).await;
+                    return;
+                };
                 let taken = match next {
                     Ok(Some(Event::Batch(txns))) => {
                         let last_offset = txns.last().map(|t| t.offset.get());
@@ -582,11 +814,23 @@ fn run(
                             Ok(f) => f,
                             Err(e) => { yield Err(TailError::Client(ClientError::Wire(e.into()))); return; }
                         };
+                        let mut closed = None;
                         for txn in fresh {
                             gtids.insert(txn.gtid);
                             let p = Position { server_uuid: uuid, offset: txn.offset.get(), gtids: gtids.clone(), epoch: Some(epoch) };
                             *lock(&delivered) = Some(p);
                             yield Ok(txn);
+                            // Asked to close after taking this one: the rest of the batch is
+                            // not the application's, and no batch-end position is settled.
+                            closed = close_requested(&closing);
+                            if closed.is_some() {
+                                break;
+                            }
+                        }
+                        if let Some(c) = closed {
+                            let ack = final_ack(&checkpoint, c.processed.as_ref(), uuid, &st, ack_refused.is_some());
+                            goodbye(&cfg, client, sub, ack).await;
+                            return;
                         }
                         // The application has asked for more: it took every transaction of
                         // the batch.

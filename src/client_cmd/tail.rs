@@ -101,6 +101,9 @@ pub fn tail_cmd(args: &TailArgs) -> anyhow::Result<ExitCode> {
         let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(|e| anyhow::anyhow!("install the SIGINT handler: {e}"))?;
         let mut n = 0u64;
+        // Every way out closes the tail: it saves the checkpoint, acks the slot up to what
+        // was printed (what the checkpoint holds, with one) and closes the connection, so that
+        // the node frees the slot at once for the next run instead of at its idle timeout.
         while args.limit.is_none_or(|l| n < l) {
             // The position after the last line printed: what the checkpoint may hold if the
             // next line cannot be written.
@@ -114,10 +117,8 @@ pub fn tail_cmd(args: &TailArgs) -> anyhow::Result<ExitCode> {
             let mut line = serde_json::to_vec(&render::txn_json(&txn))?;
             line.push(b'\n');
             if let Err(e) = out.write_all(&line).and_then(|()| out.flush()) {
-                // This transaction was not printed: it is not saved as delivered.
-                if let Some(p) = &printed {
-                    t.commit_at(p)?;
-                }
+                // This transaction was not printed: it is neither saved nor acked.
+                t.close_at(printed).await?;
                 if e.kind() == std::io::ErrorKind::BrokenPipe {
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -125,7 +126,7 @@ pub fn tail_cmd(args: &TailArgs) -> anyhow::Result<ExitCode> {
             }
             n += 1;
         }
-        t.commit()?;
+        t.close().await?;
         Ok(ExitCode::SUCCESS)
     })
 }
