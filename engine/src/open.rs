@@ -418,11 +418,20 @@ fn history_before_log(wal: &Wal) -> GtidSet {
 }
 
 /// What to do about a store the engine cannot use: delete it only when the log can rebuild
-/// it, that is when the log still starts at offset 1 with no history before it; otherwise
-/// deleting it would only lead to another refusal (`LogMissing`, `StoreLacksLogHistory`).
+/// it, that is when the log still starts at offset 1 with no history before it and holds
+/// records; otherwise deleting it would only lead to another refusal (`LogMissing`,
+/// `StoreLacksLogHistory`) or, beside a log without records (a new one put where a lost or
+/// unmounted log was), destroy what may be the only copy of the node's data.
 fn store_remedy(wal: &Wal) -> String {
     let first = wal.first_offset();
     let before = history_before_log(wal);
+    // Nothing has been appended yet in this open: the written offset is the log's last.
+    if wal.written_offset() == 0 && before.is_empty() {
+        return "mount or restore this node's own log, or restore the node from a replica; do \
+                not delete the store: this log holds no records and cannot rebuild it (the \
+                store may be the only copy of this node's data)"
+            .into();
+    }
     if first == Offset::FIRST && before.is_empty() {
         return "delete the store directory to rebuild it from the log, or restore the node \
                 from a replica"

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Node, bin};
+use common::{Node, bin, send_signal};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
@@ -148,4 +148,134 @@ fn a_second_serve_on_a_running_nodes_data_leaves_no_secrets_behind() {
     let out = node.run(&["get", "k"]);
     assert!(out.status.success(), "get: {}", stderr(&out));
     assert_eq!(out.stdout, b"v");
+}
+
+/// Copies directory `from` to `to` (files and subdirectories).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// The names in directory `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Claim: a data directory whose store holds a node's state but whose log is missing (a log
+/// disk not mounted at boot, a lost log directory) is refused before anything is created,
+/// and the advice never says to delete the store, the only copy of the node's data left.
+/// Guards against `serve` creating a new empty log and then advising "delete the store
+/// directory to rebuild it from the log".
+#[test]
+fn a_store_without_its_log_is_refused_without_advice_to_delete_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node");
+    let mut node = Node::start(&data, 0);
+    let out = node.run(&["put", "k", "v"]);
+    assert!(out.status.success(), "put: {}", stderr(&out));
+    send_signal(node.pid(), "INT");
+    let status = node.wait_timeout(Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the node did not stop cleanly: {status:?}"
+    );
+
+    let copy = dir.path().join("copy");
+    copy_dir(&data.join("store"), &copy.join("store"));
+    copy_dir(&data.join("secrets"), &copy.join("secrets"));
+    let out = serve_expecting_refusal(&copy, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    // "do not delete the store" is the one way the words may appear.
+    assert!(
+        !err.replace("do not delete the store", "")
+            .contains("delete the store"),
+        "the advice deletes the only copy of the data: {err}"
+    );
+    assert!(
+        err.contains("log") && err.contains("missing") && err.contains("do not delete the store"),
+        "the refusal should say the log is missing and to keep the store: {err}"
+    );
+    assert_eq!(
+        entries(&copy),
+        ["secrets", "store"],
+        "the refused serve created something in the data directory: {err}"
+    );
+
+    // The log of another node that never committed (a new empty log put in its place): the
+    // store and log do not match, and a log without records cannot rebuild the store.
+    let fresh = dir.path().join("fresh");
+    let mut other = Node::start(&fresh, 0);
+    send_signal(other.pid(), "INT");
+    assert!(other.wait_timeout(Duration::from_secs(30)).is_some());
+    copy_dir(&fresh.join("log"), &copy.join("log"));
+    let out = serve_expecting_refusal(&copy, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("belongs to server"), "{err}");
+    assert!(
+        !err.replace("do not delete the store", "")
+            .contains("delete the store"),
+        "the advice deletes the only copy of the data beside an empty log: {err}"
+    );
+}
+
+/// Claim (docs/OPERATIONS.md: "Before it creates or changes anything, `serve` checks that it
+/// can run"): a file where `DATA/log`, `DATA/store` or the secrets directory should be is
+/// refused naming the path and saying it is not a directory, with nothing new in DATA.
+/// Guards against "File exists (os error 17)" or a fjall error after secrets and a new log
+/// were created.
+#[test]
+fn a_file_where_serve_needs_a_directory_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for (i, name) in ["log", "store", "secrets-flag"].into_iter().enumerate() {
+        let data = dir.path().join(format!("case{i}"));
+        std::fs::create_dir(&data).unwrap();
+        let (file, extra) = if name == "secrets-flag" {
+            let file = dir.path().join("pipeline.toml");
+            std::fs::write(&file, "not a directory\n").unwrap();
+            (
+                file.clone(),
+                vec!["--secrets".to_string(), file.display().to_string()],
+            )
+        } else {
+            let file = data.join(name);
+            std::fs::write(&file, "not a directory\n").unwrap();
+            (file, Vec::new())
+        };
+        let before = entries(&data);
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let out = serve_expecting_refusal(&data, &extra);
+        let err = stderr(&out);
+        if out.status.code() != Some(1) {
+            failures.push(format!("{name}: exit {:?}: {err}", out.status.code()));
+        }
+        if !err.contains(&file.display().to_string()) || !err.contains("not a directory") {
+            failures.push(format!(
+                "{name}: the error should name {} and say \"not a directory\": {err}",
+                file.display()
+            ));
+        }
+        let after = entries(&data);
+        if after != before {
+            failures.push(format!(
+                "{name}: the refused serve changed DATA from {before:?} to {after:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
 }

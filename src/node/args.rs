@@ -117,7 +117,9 @@ pub struct ServeArgs {
     pub(super) hello_timeout_ms: u64,
     /// Serve the HTTP admin here: overview page `/`, `/api/status`, `/api/log`, `/health`,
     /// `/metrics`. Off unless given (e.g. `--http 127.0.0.1:7480`); off loopback every path
-    /// but `/health` needs `Authorization: Bearer TOKEN` (the cluster token).
+    /// but `/health` needs `Authorization: Bearer TOKEN` (the cluster token); `/api/log` needs
+    /// it on loopback too, and on loopback only requests addressed to an IP address or
+    /// `localhost` are served.
     #[arg(long, value_name = "ADDR")]
     pub(super) http: Option<SocketAddr>,
     /// Run the pipelines of this TOML file inside the node (as `tideline connect --config
@@ -170,7 +172,8 @@ pub(super) fn server_config(args: &ServeArgs) -> anyhow::Result<ServerConfig> {
     if cfg.consumer_buffer_bytes < cfg.consumer_buffer_bytes_min() {
         anyhow::bail!(
             "--consumer-buffer-bytes {} is below the {} bytes a consumer needs (a log reader's \
-             chunk, the connection's state and four batches of {}): pass a larger value",
+             chunk, the connection's state, four batches of {} being prepared or in flight, \
+             and a send window of two more batches): pass a larger value",
             cfg.consumer_buffer_bytes,
             cfg.consumer_buffer_bytes_min(),
             cfg.batch_bytes_target

@@ -41,6 +41,7 @@ pub fn open_engine_with(
     log: WalOptions,
     opts: EngineOptions,
 ) -> anyhow::Result<Arc<Engine>> {
+    check_store_has_log(data)?;
     let wal = open_log_with(data, log)?;
     let report = wal.recovery_report();
     if report.truncated_bytes > 0 {
@@ -127,6 +128,12 @@ fn preflight(args: &ServeArgs, secrets_dir: &Path) -> anyhow::Result<Option<Conn
             args.data.display()
         );
     }
+    let log_dir = crate::log_cmd::log_dir(&args.data);
+    let store_dir = args.data.join("store");
+    check_dir_or_absent(&log_dir, "the node's log")?;
+    check_dir_or_absent(&store_dir, "the node's state store")?;
+    check_dir_or_absent(secrets_dir, "the cluster secrets")?;
+    check_store_has_log(&args.data)?;
     for up in &args.upstream {
         let port_ok = up
             .rsplit_once(':')
@@ -164,6 +171,91 @@ fn preflight(args: &ServeArgs, secrets_dir: &Path) -> anyhow::Result<Option<Conn
     }
 }
 
+/// Refuses `path` when something other than a directory is there (a file, a symbolic link to
+/// nothing, one that cannot be looked at), naming the path and what it is for; absent is fine,
+/// `serve` creates it.
+fn check_dir_or_absent(path: &Path, what: &str) -> anyhow::Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(()),
+        Ok(_) => anyhow::bail!(
+            "{} is a file, not a directory: it should hold {what}; move the file away, or \
+             pass a --data/--secrets directory that does not hold it",
+            path.display()
+        ),
+        // A symbolic link whose target is gone (a disk not mounted): not absent.
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                && std::fs::symlink_metadata(path).is_ok() =>
+        {
+            anyhow::bail!(
+                "{} is a symbolic link to {}, which does not exist: it should hold {what}; \
+                 mount or restore its target",
+                path.display(),
+                std::fs::read_link(path)
+                    .map(|t| t.display().to_string())
+                    .unwrap_or_else(|_| "a path that cannot be read".into())
+            )
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => anyhow::bail!(
+            "cannot use {} ({what}): {e}; it must be a directory this user can read and \
+             write (or absent)",
+            path.display()
+        ),
+    }
+}
+
+/// Whether `dir` holds a segment of a log (a `*.wal` file). An empty directory is no log: a
+/// mount point whose disk was not mounted looks like that.
+fn holds_log_segments(dir: &Path) -> anyhow::Result<bool> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => {
+            return Err(e).with_context(|| format!("read the log directory {}", dir.display()));
+        }
+    };
+    for entry in entries {
+        let entry = entry.with_context(|| format!("read the log directory {}", dir.display()))?;
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .ends_with(tideline_wal::segment::SUFFIX)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Refuses a data directory whose store holds a node's state while its log is missing or
+/// holds no segment (a log disk not mounted, a lost log directory). Opening it would create
+/// a new, empty log beside the store, under another server_uuid, and then refuse the pair;
+/// the store is then the only copy of the node's data, so nothing may suggest deleting it.
+/// A node's first start creates its log before its store, so no crash leaves a store alone.
+fn check_store_has_log(data: &Path) -> anyhow::Result<()> {
+    let store = data.join("store");
+    let store_used = match std::fs::read_dir(&store) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(_) => false,
+    };
+    let log = crate::log_cmd::log_dir(data);
+    if !store_used || holds_log_segments(&log)? {
+        return Ok(());
+    }
+    let state = if log.exists() {
+        "holds no log segment (is its disk mounted?)"
+    } else {
+        "is missing"
+    };
+    anyhow::bail!(
+        "{} holds a node's state but {} {state}: mount or restore the log; do not delete \
+         the store (it may be the only copy of this node's data)",
+        store.display(),
+        log.display()
+    )
+}
+
 /// Refuses a data directory whose log another process holds (a node serving it), with the
 /// words the log's own open would use: the last check, so that a refused `serve` creates
 /// nothing (no stray secrets beside a running node's log). The lock is taken and let go at
@@ -192,6 +284,12 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let connect = preflight(args, &secrets_dir)?;
     preflight_settings(args, &secrets_dir, connect.as_ref())?;
     check_log_free(&args.data)?;
+    std::fs::create_dir_all(&args.data).with_context(|| {
+        format!(
+            "create the data directory {}; pass a writable directory as --data",
+            args.data.display()
+        )
+    })?;
     // Only a node without a log creates secrets (or redoes a creation cut short): one with a
     // log has served under its cluster's, and new ones would make it another cluster.
     let log_dir = crate::log_cmd::log_dir(&args.data);

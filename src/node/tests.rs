@@ -251,3 +251,20 @@ fn serve_refuses_bad_pipelines_buffers_and_http_ports_before_creating_the_log() 
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Claim: the refusal of a too-small `--consumer-buffer-bytes` lists parts that add up to the
+/// minimum it states: four batches held (prepared or in flight) and a send window of two
+/// more (the server's `consumer_buffer_bytes_min`). Fails if the send window is left out.
+#[test]
+fn a_small_consumer_buffer_is_refused_with_parts_that_add_up() {
+    let args = serve_args(&["--consumer-buffer-bytes", "2000000"]).expect("valid flags");
+    let err = server_config(&args)
+        .expect_err("2000000 bytes is below the minimum")
+        .to_string();
+    let min = server_defaults().consumer_buffer_bytes_min();
+    assert!(err.contains(&format!("below the {min} bytes")), "{err}");
+    assert!(
+        err.contains("four batches") && err.contains("a send window of two more batches"),
+        "the parts named do not add up to {min}: {err}"
+    );
+}

@@ -85,6 +85,42 @@ pub enum SecretsError {
         /// Directory.
         dir: PathBuf,
     },
+    /// A secrets file (or its directory) that this user may not read: it may well be there,
+    /// so it is not reported as missing.
+    #[error(
+        "cannot read {path}: permission denied; run as the node's user, or give this user \
+         read access to the secrets directory and its files"
+    )]
+    Unreadable {
+        /// The file that could not be read or looked at.
+        path: PathBuf,
+    },
+    /// A secrets path that should be a directory is a file, or lies under one.
+    #[error(
+        "{dir} is not a directory (it is a file, or lies under one): pass --secrets with the \
+         secrets directory of a node of the cluster (DATA/secrets of the node, or the one its \
+         `serve --secrets` names)"
+    )]
+    NotADirectory {
+        /// The path given as a secrets directory.
+        dir: PathBuf,
+    },
+    /// The secrets directory could not be created.
+    #[error("create the secrets directory {dir}: {source}; pass a writable --secrets or --data")]
+    CreateDir {
+        /// Directory.
+        dir: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The cluster token file could not be read.
+    #[error("read the cluster token from {path}: {source}")]
+    TokenRead {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// A PEM file did not parse.
     #[error("{path} is not a valid PEM {what}: {reason}")]
     BadPem {
@@ -150,6 +186,37 @@ pub struct ClientSecrets {
     pub origin: String,
 }
 
+/// The error of reading secrets file `path` that failed with `source`: a permission error
+/// says so and who may read it, rather than the bare OS error.
+fn read_failed(path: &Path, source: std::io::Error) -> SecretsError {
+    if source.kind() == std::io::ErrorKind::PermissionDenied {
+        SecretsError::Unreadable {
+            path: path.to_path_buf(),
+        }
+    } else {
+        io_err(path)(source)
+    }
+}
+
+/// The error of looking for secrets file `path` (its metadata) that failed with `source`
+/// other than "not found": a permission error, a directory that is a file, or the OS error.
+fn probe_failed(path: &Path, source: std::io::Error) -> SecretsError {
+    if source.kind() == std::io::ErrorKind::NotADirectory {
+        return SecretsError::NotADirectory {
+            dir: path.parent().unwrap_or(path).to_path_buf(),
+        };
+    }
+    read_failed(path, source)
+}
+
+/// The error of reading token file `path` that failed with `source`.
+fn read_token_failed(path: &Path, source: std::io::Error) -> SecretsError {
+    match read_failed(path, source) {
+        SecretsError::Io { path, source } => SecretsError::TokenRead { path, source },
+        other => other,
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> SecretsError + '_ {
     move |source| SecretsError::Io {
         path: path.to_path_buf(),
@@ -192,7 +259,7 @@ impl Contents {
     fn read(dir: &Path) -> Result<Contents, SecretsError> {
         let mut present = [false; FILES.len()];
         let mut leftovers = Vec::new();
-        for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        for entry in std::fs::read_dir(dir).map_err(|e| read_failed(dir, e))? {
             let entry = entry.map_err(io_err(dir))?;
             let name = entry.file_name();
             let name = name.to_string_lossy();
@@ -252,7 +319,7 @@ fn check_existing(dir: &Path, log: &Path) -> Result<(), SecretsError> {
     };
     match std::fs::metadata(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(none()),
-        Err(e) => return Err(io_err(dir)(e)),
+        Err(e) => return Err(read_failed(dir, e)),
         Ok(_) => {}
     }
     // A new node sharing `dir` may be creating the set right now: wait for it under the lock
@@ -289,7 +356,18 @@ fn ensure(dir: &Path, redo_cut_short: bool) -> Result<bool, SecretsError> {
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(io_err(dir))?;
+        .map_err(|source| match source.kind() {
+            // A file where the directory (or one of its parents) should be.
+            std::io::ErrorKind::AlreadyExists | std::io::ErrorKind::NotADirectory => {
+                SecretsError::NotADirectory {
+                    dir: dir.to_path_buf(),
+                }
+            }
+            _ => SecretsError::CreateDir {
+                dir: dir.to_path_buf(),
+                source,
+            },
+        })?;
     let lock_path = dir.join(LOCK_FILE);
     let lock = std::fs::OpenOptions::new()
         .read(true)
@@ -397,7 +475,8 @@ pub fn missing_files(dir: &Path) -> Vec<&'static str> {
 }
 
 fn read_cert(path: &Path) -> Result<CertificateDer<'static>, SecretsError> {
-    CertificateDer::from_pem_file(path).map_err(|e| SecretsError::BadPem {
+    let pem = std::fs::read(path).map_err(|e| read_failed(path, e))?;
+    CertificateDer::from_pem_slice(&pem).map_err(|e| SecretsError::BadPem {
         path: path.to_path_buf(),
         what: "certificate",
         reason: e.to_string(),
@@ -406,7 +485,7 @@ fn read_cert(path: &Path) -> Result<CertificateDer<'static>, SecretsError> {
 
 /// Reads a token file: the first line, trimmed.
 pub fn read_token(path: &Path) -> Result<String, SecretsError> {
-    let text = std::fs::read_to_string(path).map_err(io_err(path))?;
+    let text = std::fs::read_to_string(path).map_err(|e| read_token_failed(path, e))?;
     let token = text.lines().next().unwrap_or("").trim().to_string();
     if token.is_empty() {
         return Err(SecretsError::BadPem {
@@ -429,7 +508,8 @@ pub fn load_server(dir: &Path) -> Result<ServerSecrets, SecretsError> {
     let cert = read_cert(&dir.join("server.pem")).map_err(damaged)?;
     let ca = read_cert(&dir.join("ca.pem")).map_err(damaged)?;
     let key_path = dir.join("server.key.pem");
-    let key = PrivateKeyDer::from_pem_file(&key_path).map_err(|e| SecretsError::Damaged {
+    let key_pem = std::fs::read(&key_path).map_err(|e| read_failed(&key_path, e))?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| SecretsError::Damaged {
         path: key_path.clone(),
         what: "private key",
         reason: e.to_string(),
@@ -482,10 +562,16 @@ pub fn load_client(ca_file: &Path, token_file: &Path) -> Result<ClientSecrets, S
 /// Loads what a client needs from a secrets directory.
 pub fn load_client_dir(dir: &Path) -> Result<ClientSecrets, SecretsError> {
     let ca = dir.join("ca.pem");
-    if !ca.exists() {
-        return Err(SecretsError::Missing {
-            dir: dir.to_path_buf(),
-        });
+    // Only "not found" is missing: `exists()` would also say so for a directory this user
+    // may not read, or a path that is a file, sending the operator to look for another one.
+    match std::fs::metadata(&ca) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(SecretsError::Missing {
+                dir: dir.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(probe_failed(&ca, e)),
     }
     let mut secrets = load_client(&ca, &dir.join("token"))?;
     secrets.origin = dir.display().to_string();
@@ -585,6 +671,91 @@ mod tests {
         ] {
             assert_eq!(mode(&dir.join(f)), m, "{f}");
         }
+    }
+
+    /// Claim: a `--secrets` path that is a file (or lies under one) is reported as not a
+    /// directory, not as a directory that "holds no ca.pem" (the operator passed the path
+    /// they meant; what is wrong is what is there). Fails if `ca.pem` is probed with
+    /// `exists()`, which turns every error into "absent".
+    #[test]
+    fn a_secrets_path_that_is_a_file_is_not_reported_as_missing_ca_pem() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("pipeline.toml");
+        std::fs::write(&file, "name = \"x\"\n").unwrap();
+        for dir in [file.clone(), file.join("secrets")] {
+            let e = load_client_dir(&dir).unwrap_err().to_string();
+            assert!(!e.contains("holds no ca.pem"), "{}: {e}", dir.display());
+            assert!(
+                e.contains("not a directory") && e.contains(&dir.display().to_string()),
+                "{}: the error should name the path and say it is not a directory: {e}",
+                dir.display()
+            );
+        }
+    }
+
+    /// Claim: a secrets file this user may not read is reported as unreadable, with the way
+    /// out, not as missing. The error is injected (tests run as root here, which reads
+    /// everything); [`a_secrets_directory_without_read_access_says_permission_denied`] checks
+    /// the real thing when not root.
+    #[test]
+    fn a_permission_error_on_a_secrets_file_says_who_may_read_it() {
+        let path = Path::new("/var/lib/tideline/secrets/ca.pem");
+        for e in [
+            read_failed(path, std::io::ErrorKind::PermissionDenied.into()),
+            probe_failed(path, std::io::ErrorKind::PermissionDenied.into()),
+        ] {
+            let e = e.to_string();
+            assert!(
+                e.contains("cannot read /var/lib/tideline/secrets/ca.pem: permission denied")
+                    && e.contains("run as the node's user"),
+                "{e}"
+            );
+        }
+        let token = Path::new("/etc/tideline/token");
+        let e = read_token_failed(token, std::io::ErrorKind::NotFound.into()).to_string();
+        assert!(
+            e.starts_with("read the cluster token from /etc/tideline/token: "),
+            "{e}"
+        );
+    }
+
+    /// The unreadable-directory case for real (skipped as root, who reads everything).
+    #[test]
+    fn a_secrets_directory_without_read_access_says_permission_denied() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        assert!(ensure_secrets(dir.path()).unwrap());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o000)).unwrap();
+        let readable = std::fs::read_dir(dir.path()).is_ok();
+        let result = load_client_dir(dir.path());
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        if readable {
+            eprintln!("skipped: this user (root) reads a directory of mode 0000");
+            return;
+        }
+        let e = result.unwrap_err().to_string();
+        assert!(
+            e.contains("permission denied") && !e.contains("holds no ca.pem"),
+            "{e}"
+        );
+    }
+
+    /// Claim: a secrets directory whose `token` is missing says it was reading the cluster
+    /// token, not only the bare OS error on a path.
+    #[test]
+    fn a_missing_token_says_what_was_being_read() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(ensure_secrets(dir.path()).unwrap());
+        std::fs::remove_file(dir.path().join("token")).unwrap();
+        let token = dir.path().join("token");
+        let e = load_client_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "read the cluster token from {}: ",
+                token.display()
+            )),
+            "{e}"
+        );
     }
 
     /// A token file left empty (a crash between its creation and its fsync, on a filesystem
