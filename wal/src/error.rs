@@ -2,6 +2,7 @@
 
 use std::io;
 
+use crate::segment::{FORMAT_VERSION, FORMAT_VERSION_MIN, RKYV_FORMAT};
 use crate::{GtidSet, Offset};
 
 /// What went wrong in the log. Each variant says the cause and what to do.
@@ -32,6 +33,18 @@ pub enum Error {
         byte: u64,
         /// What is wrong.
         reason: String,
+    },
+    /// A segment in a format this build does not read: written by a newer Tideline, or by a
+    /// build with other rkyv features. Its header is whole and its checksum valid, so the log
+    /// is not damaged; the open changed nothing.
+    #[error("{}", unsupported_format_text(.file, *.format, *.rkyv))]
+    UnsupportedFormat {
+        /// Segment file.
+        file: String,
+        /// Segment format found in its header.
+        format: u16,
+        /// rkyv format id found in its header.
+        rkyv: u16,
     },
     /// The requested offset was removed by retention or is past the end.
     #[error(
@@ -129,6 +142,29 @@ pub enum Error {
         /// The cause.
         source: io::Error,
     },
+}
+
+/// The message of [`Error::UnsupportedFormat`]: who wrote the segment and what to run. It must
+/// not read as damage: the advice for damage (restore from a replica or backup) would replace
+/// a healthy log.
+fn unsupported_format_text(file: &str, format: u16, rkyv: u16) -> String {
+    let found = format!(
+        "segment format {format}, rkyv {rkyv:#06b}; this build reads segment formats \
+         {FORMAT_VERSION_MIN}-{FORMAT_VERSION}, rkyv {RKYV_FORMAT:#06b}"
+    );
+    if format > FORMAT_VERSION {
+        format!(
+            "{file} was written by a newer Tideline ({found}); the log is not damaged and \
+             was left as it is: upgrade Tideline, to a release that reads segment format \
+             {format}, and run that on this data directory"
+        )
+    } else {
+        format!(
+            "{file} was written by a Tideline built with other rkyv features ({found}); the \
+             log is not damaged and was left as it is: run a build whose rkyv features match \
+             the ones that wrote it on this data directory"
+        )
+    }
 }
 
 impl Error {

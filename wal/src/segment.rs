@@ -135,7 +135,9 @@ pub enum HeaderError {
     },
     /// Not a Tideline segment.
     BadMagic,
-    /// Written by a format this build does not read.
+    /// Written by a newer Tideline (a format above [`FORMAT_VERSION`]) or by a build with
+    /// other rkyv features: whole and checksum-valid, so not damage. A format below
+    /// [`FORMAT_VERSION_MIN`], which no Tideline writes, is [`HeaderError::Invalid`] instead.
     UnsupportedVersion {
         /// Segment format version found.
         format: u16,
@@ -160,7 +162,7 @@ impl std::fmt::Display for HeaderError {
                 f,
                 "segment format {format} / rkyv format {rkyv:#06b} is not readable by this \
                  build (it reads formats {FORMAT_VERSION_MIN}-{FORMAT_VERSION}, rkyv \
-                 {RKYV_FORMAT:#06b}); upgrade Tideline"
+                 {RKYV_FORMAT:#06b})"
             ),
             HeaderError::Invalid(why) => write!(f, "segment header invalid: {why}"),
             HeaderError::Checksum => f.write_str("segment header checksum mismatch"),
@@ -233,7 +235,14 @@ pub fn decode_header(buf: &[u8]) -> Result<SegmentHeader, HeaderError> {
         u64::from_le_bytes(b)
     };
     let (format, rkyv) = (u16_at(8), u16_at(10));
-    if !(FORMAT_VERSION_MIN..=FORMAT_VERSION).contains(&format) || rkyv != RKYV_FORMAT {
+    // Checked after the checksum, so that a format this build does not know is one a
+    // Tideline wrote, not a damaged field: the caller reports it as such, not as corruption.
+    if format < FORMAT_VERSION_MIN {
+        return Err(HeaderError::Invalid(
+            "segment format below the oldest any Tideline wrote",
+        ));
+    }
+    if format > FORMAT_VERSION || rkyv != RKYV_FORMAT {
         return Err(HeaderError::UnsupportedVersion { format, rkyv });
     }
     let (fixed, epoch) = if format == 1 {

@@ -6,11 +6,12 @@
 //! Must never: cut or remove a record that may have been acknowledged. It cuts only a torn tail
 //! of the last segment (a whole frame with a valid checksum is never taken for one), removes
 //! only a last segment torn at creation and what an interrupted reset left, and reports any
-//! other damage as [`Error::Corrupt`] naming file and byte. A read-only log changes nothing and
-//! opens every file for reading only, so that it opens where it may not write. An inspecting
-//! open (read-only and [`WalOptions::inspect_damaged`]) is the one exception to refusing
-//! damage in the last segment: it ends the log before the damage and records it, changing
-//! nothing, so that the records before it can be read.
+//! other damage as [`Error::Corrupt`] naming file and byte; a segment whose checksum-valid
+//! header names a format this build does not read is [`Error::UnsupportedFormat`], not damage.
+//! A read-only log changes nothing and opens every file for reading only, so that it opens
+//! where it may not write. An inspecting open (read-only and [`WalOptions::inspect_damaged`])
+//! is the one exception to refusing damage in the last segment: it ends the log before the
+//! damage and records it, changing nothing, so that the records before it can be read.
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Condvar, Mutex};
@@ -253,10 +254,20 @@ impl Wal {
                         report.removed_torn_segment = Some(name.clone());
                         continue;
                     }
-                    return Err(Error::Corrupt {
-                        file: st.describe(name),
-                        byte: 0,
-                        reason: e.to_string(),
+                    return Err(match e {
+                        // Whole and checksum-valid: written by another build, not damaged.
+                        HeaderError::UnsupportedVersion { format, rkyv } => {
+                            Error::UnsupportedFormat {
+                                file: st.describe(name),
+                                format,
+                                rkyv,
+                            }
+                        }
+                        e => Error::Corrupt {
+                            file: st.describe(name),
+                            byte: 0,
+                            reason: e.to_string(),
+                        },
                     });
                 }
             };
