@@ -5,7 +5,8 @@
 //! (4) full scan of a large log; (5) recovery (open) of that log, default and full-verify.
 //! Only ratios from one run compare: shared disks vary by 10x from one minute to the next.
 
-use crate::bench_util::{bar, open_wal, put, run_in_dir};
+use crate::bench_util::{bar, open_wal, parse_seconds, put, run_in_dir, writers_parser};
+use crate::client_cmd::output::outln;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -27,20 +28,22 @@ pub struct WalBenchArgs {
     /// Directory to write in (on the disk to measure); created, and emptied afterwards.
     #[arg(long, value_name = "DIR", default_value = "./tideline-bench")]
     dir: PathBuf,
-    /// Concurrent writer counts for the group-commit phase.
-    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+    /// Concurrent writer counts for the group-commit phase, each 1 to 1024.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16,64",
+          value_parser = writers_parser())]
     writers: Vec<usize>,
-    /// Seconds per timed phase.
-    #[arg(long, default_value_t = 3.0)]
+    /// Seconds per timed phase: above 0, at most 86400.
+    #[arg(long, default_value_t = 3.0, value_parser = parse_seconds)]
     seconds: f64,
     /// Value bytes per record in the group-commit and scan phases.
     #[arg(long, default_value_t = 100)]
     record_bytes: usize,
-    /// MiB written by each bandwidth measurement (raw and log), in 1 MiB batches.
-    #[arg(long, default_value_t = 256)]
+    /// MiB written by each bandwidth measurement (raw and log), in 1 MiB batches (1 or more:
+    /// 0 leaves nothing to measure).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..))]
     bandwidth_mib: u64,
-    /// Size of the log built for the scan and recovery phases, in MiB.
-    #[arg(long, default_value_t = 1024)]
+    /// Size of the log built for the scan and recovery phases, in MiB (1 or more).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     log_mib: u64,
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -310,41 +313,92 @@ fn run_all(args: &WalBenchArgs, root: &Path) -> anyhow::Result<serde_json::Value
     }))
 }
 
-fn print_table(r: &serde_json::Value) {
+fn print_table(r: &serde_json::Value) -> anyhow::Result<()> {
     let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-    println!("tideline bench wal ({} B records)", r["record_bytes"]);
-    println!(
+    outln!("tideline bench wal ({} B records)", r["record_bytes"])?;
+    outln!(
         "  raw 4 KiB write+fdatasync     {:>12.0} /s   (p50 {:.2} ms)",
         f("raw_fsync_4k_per_s"),
         f("raw_fsync_p50_ms")
-    );
+    )?;
     if let Some(rows) = r["group_commit"].as_array() {
         for row in rows {
-            println!(
+            outln!(
                 "  durable appends, {:>3} writers {:>12.0} /s   ({:.1}x one writer, {:.1}x raw fsync)",
                 row["writers"].as_u64().unwrap_or(0),
                 row["appends_per_s"].as_f64().unwrap_or(f64::NAN),
                 row["vs_single_writer"].as_f64().unwrap_or(f64::NAN),
                 row["vs_raw_fsync"].as_f64().unwrap_or(f64::NAN),
-            );
+            )?;
         }
     }
-    println!(
+    outln!(
         "  1 MiB appends                 {:>12.1} MiB/s ({:.0}% of raw {:.1} MiB/s)",
         f("log_bandwidth_mib_s"),
         100.0 * f("bandwidth_ratio"),
         f("raw_bandwidth_mib_s")
-    );
-    println!(
+    )?;
+    outln!(
         "  full scan                     {:>12.0} records/s ({:.0} MiB/s, {} records)",
         f("scan_records_per_s"),
         f("scan_mib_s"),
         r["scan_records"]
-    );
-    println!(
+    )?;
+    outln!(
         "  recovery of {:>5} MiB         {:>12.3} s open, {:.3} s with full verify",
         r["log_bytes"].as_u64().unwrap_or(0) >> 20,
         f("recovery_open_s"),
         f("recovery_full_verify_s")
-    );
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    //! The `bench` flags clap must refuse (exit 2) before a run directory exists: a NaN,
+    //! negative, zero or huge `--seconds` panicked in `Duration::from_secs_f64` and left
+    //! `DIR/wal-PID` behind; a count of 0 printed NaN or ignored the 0.
+
+    use clap::Parser;
+
+    /// Parses `tideline ARGS` as the binary does.
+    fn parse(args: &[&str]) -> Result<crate::Cli, clap::Error> {
+        crate::Cli::try_parse_from(std::iter::once("tideline").chain(args.iter().copied()))
+    }
+
+    fn refused(args: &[&str]) {
+        match parse(args) {
+            Ok(cli) => panic!("clap accepted {args:?}: {cli:?}"),
+            Err(e) => assert_eq!(e.exit_code(), 2, "{args:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn bench_seconds_must_be_finite_positive_and_at_most_a_day() {
+        for cmd in [&["bench", "wal"][..], &["bench", "index"][..]] {
+            for bad in ["NaN", "nan", "-1", "1e300", "0", "inf", "86401", "x"] {
+                let flag = format!("--seconds={bad}");
+                refused(&[cmd, &[flag.as_str()][..]].concat());
+            }
+            for good in ["0.5", "3", "86400"] {
+                let flag = format!("--seconds={good}");
+                let args = [cmd, &[flag.as_str()][..]].concat();
+                parse(&args).unwrap_or_else(|e| panic!("{args:?} refused: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn bench_counts_of_zero_are_refused() {
+        refused(&["bench", "wal", "--writers", "0"]);
+        refused(&["bench", "wal", "--writers", "1,0,4"]);
+        refused(&["bench", "wal", "--bandwidth-mib", "0"]);
+        refused(&["bench", "wal", "--log-mib", "0"]);
+        refused(&["bench", "index", "--writers", "0"]);
+        refused(&["bench", "index", "--rate", "0"]);
+        refused(&["bench", "index", "--docs", "0"]);
+        refused(&["bench", "index", "--only", "with", "--writes", "0"]);
+        refused(&["bench", "sink-file", "--batch-changes", "0"]);
+        parse(&["bench", "wal", "--writers", "1,4"]).expect("writers 1,4");
+        parse(&["bench", "index", "--writers", "1", "--rate", "1"]).expect("one writer");
+    }
 }

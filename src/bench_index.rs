@@ -34,7 +34,8 @@ use serde_json::{Value, json};
 use tideline_engine::{Engine, EngineOptions};
 use tideline_wal::{Durability, WalOptions};
 
-use crate::bench_util::{goal, percentile, print_goals, run_in_dir};
+use crate::bench_util::{goal, parse_seconds, percentile, run_in_dir, write_goals, writers_parser};
+use crate::client_cmd::output::outln;
 
 /// Arguments of `bench index`.
 #[derive(Debug, Args)]
@@ -42,21 +43,21 @@ pub struct IndexBenchArgs {
     /// Directory to write in (on the disk to measure); created, and emptied afterwards.
     #[arg(long, value_name = "DIR", default_value = "./tideline-bench")]
     dir: PathBuf,
-    /// Documents loaded and backfilled.
-    #[arg(long, default_value_t = 1_000_000)]
+    /// Documents loaded and backfilled (1 or more).
+    #[arg(long, default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     docs: u64,
-    /// Target rate of the paced write phases, writes per second.
-    #[arg(long, default_value_t = 10_000)]
+    /// Target rate of the paced write phases, writes per second (1 or more).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     rate: u64,
-    /// Seconds per write phase.
-    #[arg(long, default_value_t = 5.0)]
+    /// Seconds per write phase: above 0, at most 86400.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_seconds)]
     seconds: f64,
     /// Rounds of the unpaced phases (without, then with the index, alternating); the median
     /// round's ratio is the goal's.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     rounds: u32,
-    /// Concurrent writers in the write phases.
-    #[arg(long, default_value_t = 32)]
+    /// Concurrent writers in the write phases, 1 to 1024.
+    #[arg(long, default_value_t = 32, value_parser = writers_parser())]
     writers: usize,
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -69,8 +70,8 @@ pub struct IndexBenchArgs {
     /// docs).
     #[arg(long, value_enum, requires = "writes")]
     only: Option<Only>,
-    /// Writes of the `--only` phase, in all writers together.
-    #[arg(long, requires = "only")]
+    /// Writes of the `--only` phase, in all writers together (1 or more).
+    #[arg(long, requires = "only", value_parser = clap::value_parser!(u64).range(1..))]
     writes: Option<u64>,
 }
 
@@ -339,67 +340,68 @@ fn measure(root: &Path, a: &IndexBenchArgs) -> anyhow::Result<Value> {
     }))
 }
 
-fn print(r: &Value) {
+fn print(r: &Value) -> anyhow::Result<()> {
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     if let Some(only) = r["only"].as_str() {
-        println!(
+        outln!(
             "unpaced writes {only} index: {} writes, {:.0} writes/s, CPU {:.1} µs per write",
             r["writes"],
             f(&r["per_s"]),
             f(&r["cpu_us_per_write"])
-        );
-        return;
+        )?;
+        return Ok(());
     }
-    println!("documents                 {}", r["docs"]);
-    println!(
+    outln!("documents                 {}", r["docs"])?;
+    outln!(
         "load (1,000 per txn)      {:>10.0} docs/s  ({:.1} s)",
         f(&r["load"]["docs_per_s"]),
         f(&r["load"]["seconds"])
-    );
-    println!(
+    )?;
+    outln!(
         "index backfill            {:>10.0} docs/s  ({:.1} s)",
         f(&r["backfill"]["docs_per_s"]),
         f(&r["backfill"]["seconds"])
-    );
+    )?;
     let pc = &r["paced"];
-    println!(
+    outln!(
         "paced writes, target {}/s, {} writers (index lag 0: maintained in the write's batch):",
-        pc["target_per_s"], pc["writers"]
-    );
+        pc["target_per_s"],
+        pc["writers"]
+    )?;
     for (name, k) in [
         ("without index", "without_index"),
         ("with one index", "with_index"),
     ] {
-        println!(
+        outln!(
             "  {name:<16} {:>9.0} writes/s  p50 {:.2} ms  p99 {:.2} ms",
             f(&pc[k]["per_s"]),
             f(&pc[k]["p50_ms"]),
             f(&pc[k]["p99_ms"])
-        );
+        )?;
     }
     if let Some(rounds) = r["rounds"].as_array() {
         let ratios: Vec<String> = rounds
             .iter()
             .map(|x| format!("{:.0}%", f(&x["ratio"]) * 100.0))
             .collect();
-        println!(
+        outln!(
             "unpaced rounds (without, then with, alternating): {}",
             ratios.join(" ")
-        );
+        )?;
     }
-    println!(
+    outln!(
         "unpaced writes, median round {:>6.0} without, {:.0} with one index ({:.0}%)",
         f(&r["max"]["without_index_per_s"]),
         f(&r["max"]["with_index_per_s"]),
         f(&r["max"]["ratio"]) * 100.0
-    );
-    println!(
+    )?;
+    outln!(
         "  CPU per unpaced write    {:>9.1} µs without, {:.1} µs with one index (without/with {:.0}%)",
         f(&r["max"]["cpu_us_per_write_without_index"]),
         f(&r["max"]["cpu_us_per_write_with_index"]),
         f(&r["max"]["cpu_ratio"]) * 100.0
-    );
-    print_goals(r);
+    )?;
+    write_goals(r)
 }
 
 /// `bench index`.

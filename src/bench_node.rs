@@ -12,6 +12,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use tideline_stream::WriteOp;
 
+use crate::client_cmd::output::outln;
 use crate::client_cmd::{NodeArgs, runtime};
 
 /// What each request does.
@@ -113,9 +114,9 @@ pub fn run(args: &NodeBenchArgs) -> anyhow::Result<ExitCode> {
         }))
     })?;
     if args.json {
-        println!("{report}");
+        outln!("{report}")?;
     } else {
-        println!(
+        outln!(
             "{} {}: {} requests from {} clients in {:.2} s = {:.0} requests/s; latency p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
             args.node_addr(),
             report["kind"].as_str().unwrap_or("?"),
@@ -126,7 +127,7 @@ pub fn run(args: &NodeBenchArgs) -> anyhow::Result<ExitCode> {
             report["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
             report["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
             report["latency_ms"]["max"].as_f64().unwrap_or(0.0),
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }

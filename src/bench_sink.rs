@@ -22,7 +22,8 @@ use clap::Args;
 use serde_json::{Value, json};
 use tideline_stream::{ServerConfig, tls};
 
-use crate::bench_util::{goal, print_goals, run_in_dir};
+use crate::bench_util::{goal, run_in_dir, write_goals};
+use crate::client_cmd::output::outln;
 use crate::node::{EngineNode, open_engine};
 
 /// Arguments of `bench sink-file`.
@@ -40,8 +41,9 @@ pub struct SinkFileBenchArgs {
     /// Bytes of each value.
     #[arg(long, default_value_t = 100)]
     value_bytes: usize,
-    /// The sink's batch size, in changes.
-    #[arg(long, default_value_t = 10_000)]
+    /// The sink's batch size, in changes (1 or more, as `sink file --batch-changes`).
+    #[arg(long, default_value_t = 10_000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     batch_changes: usize,
     /// Print one JSON object instead of the table.
     #[arg(long)]
@@ -273,18 +275,18 @@ fn stored_offset(out: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn print_report(r: &Value) {
+fn print_report(r: &Value) -> anyhow::Result<()> {
     let line = |name: &str, v: &Value| {
-        println!(
+        outln!(
             "  {name:<28} {:>10.0} changes/s  ({:.1} MiB/s, {:.2} s; CPU s: process {:.2}, node {:.2})",
             v["changes_per_s"].as_f64().unwrap_or(0.0),
             v["mib_per_s"].as_f64().unwrap_or(0.0),
             v["seconds"].as_f64().unwrap_or(0.0),
             v["process_cpu_seconds"].as_f64().unwrap_or(0.0),
             v["node_cpu_seconds"].as_f64().unwrap_or(0.0),
-        );
+        )
     };
-    println!(
+    outln!(
         "file sink beside tail > file: {} changes in {} transactions of {} puts, {} B values \
          (loaded in {:.1} s)",
         r["changes"],
@@ -292,13 +294,13 @@ fn print_report(r: &Value) {
         r["ops_per_txn"],
         r["value_bytes"],
         r["load_seconds"].as_f64().unwrap_or(0.0)
-    );
-    line("sink file (synced batches)", &r["sink_file"]);
-    line("tail > file", &r["tail_to_file"]);
-    println!(
+    )?;
+    line("sink file (synced batches)", &r["sink_file"])?;
+    line("tail > file", &r["tail_to_file"])?;
+    outln!(
         "  {:<28} {:>10.2}x",
         "sink file / tail",
         r["sink_vs_tail"].as_f64().unwrap_or(0.0)
-    );
-    print_goals(r);
+    )?;
+    write_goals(r)
 }

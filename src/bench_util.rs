@@ -10,20 +10,71 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use tideline_wal::{Durability, FileStorage, Op, Storage, Wal, WalOptions};
 
+use crate::client_cmd::output::outln;
+
 /// Async durability as `tideline serve --durability async` sets it: fsync every 10 ms.
 pub const ASYNC_10MS: Durability = Durability::Async {
     interval: Duration::from_millis(10),
 };
 
+/// What a report's table printer returns: `()` when it cannot fail (peer-bench's tables, with
+/// `println!`), or whether its lines could be written (`tideline bench`'s, through
+/// `client_cmd::output`, where a reader gone away is not a failure).
+pub trait TablePrinted {
+    /// The printer's outcome as a result.
+    fn into_result(self) -> anyhow::Result<()>;
+}
+
+impl TablePrinted for () {
+    fn into_result(self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+impl TablePrinted for anyhow::Result<()> {
+    fn into_result(self) -> anyhow::Result<()> {
+        self
+    }
+}
+
+/// Most seconds a timed `bench` phase may last: a day, far past any useful run, and far
+/// below what `Duration::from_secs_f64` refuses.
+pub const PHASE_SECONDS_MAX: f64 = 86_400.0;
+
+/// Parses `--seconds`: a finite number of seconds, above 0 and at most a day, so a phase
+/// always ends and its duration is one `Duration` can hold (NaN, a negative or a huge value
+/// panicked in `Duration::from_secs_f64` after the run directory was made).
+pub fn parse_seconds(s: &str) -> Result<f64, String> {
+    let seconds: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds; give one such as 3 or 0.5"))?;
+    if !seconds.is_finite() || seconds <= 0.0 || seconds > PHASE_SECONDS_MAX {
+        return Err(format!(
+            "{s} seconds: give a number above 0 and at most {PHASE_SECONDS_MAX} (a day)"
+        ));
+    }
+    Ok(seconds)
+}
+
+/// Most concurrent writer threads a `bench` phase starts: beyond this, thread creation
+/// fails before any measurement does.
+pub const WRITERS_MAX: u64 = 1024;
+
+/// Parses a writer count: 1 to [`WRITERS_MAX`] (0 writers measure nothing and print NaN).
+pub fn writers_parser() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..=WRITERS_MAX)
+}
+
 /// Runs a benchmark in a fresh directory `DIR/NAME-PID` (removed afterwards unless `keep`),
 /// then prints its report: one JSON object with `json`, else the table `print` draws.
-pub fn run_in_dir(
+pub fn run_in_dir<P: TablePrinted>(
     dir: &Path,
     name: &str,
     keep: bool,
     json: bool,
     run: impl FnOnce(&Path) -> anyhow::Result<Value>,
-    print: fn(&Value),
+    print: impl FnOnce(&Value) -> P,
 ) -> anyhow::Result<ExitCode> {
     crate::log_cmd::refuse_node_dir(dir, "bench")?;
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -35,9 +86,9 @@ pub fn run_in_dir(
     }
     let report = result?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?)?;
     } else {
-        print(&report);
+        print(&report).into_result()?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -116,16 +167,26 @@ pub fn goal(name: &str, value: f64, target: f64, unit: &str, higher_is_better: b
     })
 }
 
-/// Prints the `goals` of a report, one line each, met or MISSED.
+/// Prints the `goals` of a report, one line each, met or MISSED, for a table printer that
+/// cannot fail (peer-bench's): a closed pipe ends the output quietly, any other write failure
+/// panics, as `println!` would.
 pub fn print_goals(r: &Value) {
-    println!("goals:");
+    if let Err(e) = write_goals(r) {
+        panic!("{}", crate::error_line(&e));
+    }
+}
+
+/// Prints the `goals` of a report, one line each, met or MISSED. A closed pipe is `Ok` (the
+/// end of the output); any other write failure is an error.
+pub fn write_goals(r: &Value) -> anyhow::Result<()> {
+    outln!("goals:")?;
     for g in r["goals"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         let op = if g["higher_is_better"].as_bool() == Some(true) {
             ">="
         } else {
             "<="
         };
-        println!(
+        outln!(
             "  {:<6} {:<40} {:>12.3} {} (goal {op} {})",
             if g["met"].as_bool() == Some(true) {
                 "met"
@@ -136,8 +197,9 @@ pub fn print_goals(r: &Value) {
             g["value"].as_f64().unwrap_or(f64::NAN),
             g["unit"].as_str().unwrap_or(""),
             g["target"]
-        );
+        )?;
     }
+    Ok(())
 }
 
 /// Reads `count` transactions from a subscription and returns, for each, the delay in

@@ -2,13 +2,15 @@
 //! modules, with the escaping `scan` writes and `load` reads.
 //!
 //! Owns: how a command reaches and authenticates with a node ([`NodeArgs`], [`CredArgs`]), the
-//! runtime of one command, the single-key commands. Must never: print anything but the
-//! command's result on stdout (errors go to stderr through `run`), or retry a write on its
-//! own (a commit whose outcome is unknown is reported, not sent twice).
+//! runtime of one command, the single-key commands, and [`output`], through which every
+//! one-shot command writes its result (a reader that goes away ends it quietly). Must never:
+//! print anything but the command's result on stdout (errors go to stderr through `run`), or
+//! retry a write on its own (a commit whose outcome is unknown is reported, not sent twice).
 
 mod escape;
 mod index;
 mod load;
+pub(crate) mod output;
 mod scan;
 mod sink_file;
 mod slot;
@@ -21,7 +23,7 @@ pub use sink_file::{SinkFileArgs, sink_file};
 pub use slot::{SlotCommand, slot_cmd};
 pub use tail::{TailArgs, tail_cmd};
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -29,6 +31,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use tideline_stream::{Client, ClientConfig, WriteOp, tls};
+
+use output::outln;
 
 /// How to reach and authenticate with a node.
 #[derive(Debug, Clone, Args)]
@@ -53,8 +57,10 @@ pub struct CredArgs {
     /// A file holding the cluster token (instead of --secrets).
     #[arg(long, value_name = "FILE", requires = "ca")]
     token_file: Option<PathBuf>,
-    /// Give up on an unreachable or silent node after this many milliseconds.
-    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    /// Give up on an unreachable or silent node after this many milliseconds (1 or more: 0
+    /// would leave no time to connect, and is also the connection's idle timeout).
+    #[arg(long, default_value_t = 5000, value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: u64,
 }
 
@@ -176,7 +182,7 @@ fn commit_one(node: &NodeArgs, op: WriteOp) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let client = node.connect().await?;
         let (offset, gtid) = client.commit(vec![op]).await?;
-        println!("{}", serde_json::json!({"offset": offset, "gtid": gtid}));
+        outln!("{}", serde_json::json!({"offset": offset, "gtid": gtid}))?;
         client.close().await;
         Ok(ExitCode::SUCCESS)
     })
@@ -222,7 +228,7 @@ pub fn del(args: &KeyArgs) -> anyhow::Result<ExitCode> {
                 key: args.key.as_bytes().to_vec(),
             }])
             .await?;
-        println!("{}", serde_json::json!({"offset": offset, "gtid": gtid}));
+        outln!("{}", serde_json::json!({"offset": offset, "gtid": gtid}))?;
         client.close().await;
         Ok(ExitCode::SUCCESS)
     })
@@ -276,12 +282,10 @@ pub fn get(args: &GetArgs) -> anyhow::Result<ExitCode> {
         client.close().await;
         match value {
             Some(v) => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(&v)?;
-                if !args.raw && out.is_terminal() {
-                    out.write_all(b"\n")?;
+                output::print_bytes(&v)?;
+                if !args.raw && std::io::stdout().is_terminal() {
+                    output::print_bytes(b"\n")?;
                 }
-                out.flush()?;
                 Ok(ExitCode::SUCCESS)
             }
             None => {
@@ -307,7 +311,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         client.close().await;
         let value: serde_json::Value =
             serde_json::from_str(&json).context("the node sent a status that is not JSON")?;
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         Ok(ExitCode::SUCCESS)
     })
 }

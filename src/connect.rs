@@ -11,9 +11,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use tideline_connectors::config::{ConnectFile, HostNode, PipelineSpec};
-use tideline_connectors::{PipelineError, PipelineState, SharedPipelineStatus};
+use tideline_connectors::pipeline::PipelineConfig;
+use tideline_connectors::{PipelineError, PipelineState, SharedPipelineStatus, Sink};
 use tideline_stream::Client;
 use tokio::task::JoinHandle;
+
+use crate::client_cmd::output::outln;
+use crate::monitor_cmd::terminal_text;
 
 /// How long `--check` waits for each source and sink.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,19 +40,36 @@ pub struct ConnectArgs {
 /// A running pipeline.
 pub type Running = (SharedPipelineStatus, JoinHandle<Result<(), PipelineError>>);
 
-/// Starts every pipeline of `file` on the current runtime. A node running the file passes
-/// itself as `host`: the source of a pipeline whose `[source]` names no node, and the
-/// secrets of one that names none.
+/// A pipeline built and not yet started.
+type Built = (PipelineConfig, Box<dyn Sink>);
+
+/// Starts every pipeline of `file` on the current runtime, or none: see [`build_all`]. A node
+/// running the file passes itself as `host`: the source of a pipeline whose `[source]` names
+/// no node, and the secrets of one that names none.
 pub fn spawn_all(file: &ConnectFile, host: Option<HostNode<'_>>) -> anyhow::Result<Vec<Running>> {
-    let mut out = Vec::new();
-    for p in &file.pipelines {
-        let cfg = p.pipeline_config(host).map_err(anyhow::Error::msg)?;
-        let sink = p
-            .sink()
-            .map_err(|e| anyhow::anyhow!("pipeline `{}`: {}", p.name, e.message()))?;
-        out.push(tideline_connectors::pipeline::spawn(cfg, sink));
-    }
-    Ok(out)
+    Ok(spawn_built(build_all(file, host)?))
+}
+
+/// Every pipeline's settings and sink, built before any pipeline starts: a mistake found
+/// only here (a sink URL scheme, a name a sink refuses, missing secrets) in any pipeline
+/// is returned with its file and line, and nothing has started ("nothing starts",
+/// docs/OPERATIONS.md). A pipeline started first would already have opened its sink (its
+/// files, its position table) when a later one is refused.
+fn build_all(file: &ConnectFile, host: Option<HostNode<'_>>) -> anyhow::Result<Vec<Built>> {
+    file.pipelines
+        .iter()
+        .map(|p| {
+            p.build(host)
+                .map_err(|e| anyhow::anyhow!("{e} (docs/OPERATIONS.md, \"Connectors\")"))
+        })
+        .collect()
+}
+
+fn spawn_built(built: Vec<Built>) -> Vec<Running> {
+    built
+        .into_iter()
+        .map(|(cfg, sink)| tideline_connectors::pipeline::spawn(cfg, sink))
+        .collect()
 }
 
 /// `connect`.
@@ -66,10 +87,10 @@ async fn check(file: &ConnectFile) -> anyhow::Result<ExitCode> {
     let mut ok = true;
     for p in &file.pipelines {
         match check_one(p).await {
-            Ok(verdict) => println!("pipeline {}: ok: {verdict}", p.name),
+            Ok(verdict) => outln!("pipeline {}: ok: {verdict}", terminal_text(&p.name))?,
             Err(e) => {
                 ok = false;
-                println!("pipeline {}: FAILED: {e}", p.name);
+                outln!("pipeline {}: FAILED: {e}", terminal_text(&p.name))?;
             }
         }
     }
@@ -81,8 +102,7 @@ async fn check(file: &ConnectFile) -> anyhow::Result<ExitCode> {
 }
 
 async fn check_one(p: &PipelineSpec) -> Result<String, String> {
-    let cfg = p.pipeline_config(None)?;
-    let mut sink = p.sink().map_err(|e| e.message().to_owned())?;
+    let (cfg, mut sink) = p.build(None).map_err(|e| e.to_string())?;
     let source = match tokio::time::timeout(
         CHECK_TIMEOUT,
         Client::connect(&cfg.addr, cfg.client.clone()),
@@ -132,12 +152,14 @@ async fn check_one(p: &PipelineSpec) -> Result<String, String> {
 }
 
 async fn run(file: &ConnectFile) -> anyhow::Result<ExitCode> {
-    let mut running = spawn_all(file, None)?;
+    let built = build_all(file, None)?;
     // Made once: a listener made anew in each `select!` misses a signal landing between two.
+    // Made before any pipeline starts, so that failing here leaves none running.
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("install the SIGINT handler")?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("install the SIGTERM handler")?;
+    let mut running = spawn_built(built);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_states: Vec<Option<PipelineState>> = vec![None; running.len()];
     let mut last_print = tokio::time::Instant::now();
@@ -164,7 +186,7 @@ async fn run(file: &ConnectFile) -> anyhow::Result<ExitCode> {
             if running[i].1.is_finished() {
                 let (status, task) = running.remove(i);
                 last_states.remove(i);
-                let name = status.get().name;
+                let name = terminal_text(&status.get().name);
                 match task.await {
                     Ok(Ok(())) => eprintln!("pipeline {name}: stopped"),
                     Ok(Err(e)) => {
@@ -188,6 +210,11 @@ async fn run(file: &ConnectFile) -> anyhow::Result<ExitCode> {
         // A sink stores each batch with its position in one step: stopping anywhere is safe.
         task.abort();
     }
+    // Wait until each has stopped: a task still being polled when the runtime shuts down
+    // would find its timers gone and panic.
+    for (_, task) in running {
+        let _ = task.await;
+    }
     Ok(if failed {
         ExitCode::FAILURE
     } else {
@@ -199,7 +226,7 @@ async fn run(file: &ConnectFile) -> anyhow::Result<ExitCode> {
 fn status_line(p: &serde_json::Value) -> String {
     let mut line = format!(
         "pipeline {}: {} · offset {} · lag {} txns {:.3} s · {} changes · {}/s · {} errors, {} outages",
-        p["name"].as_str().unwrap_or("?"),
+        terminal_text(p["name"].as_str().unwrap_or("?")),
         p["state"].as_str().unwrap_or("?"),
         p["offset"].as_u64().map_or("-".into(), |o| o.to_string()),
         p["lag_txns"].as_u64().unwrap_or(0),

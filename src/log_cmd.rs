@@ -86,23 +86,28 @@ pub fn open_existing(
             dir.display()
         )
     };
-    let mut has_segments = false;
-    match std::fs::read_dir(&dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(unreadable),
-        Ok(entries) => {
-            for entry in entries {
-                let name = entry.with_context(unreadable)?.file_name();
-                if tideline_wal::segment::parse_file_name(&name.to_string_lossy()).is_some() {
-                    has_segments = true;
-                    break;
-                }
+    if !holds_segments(&dir).with_context(unreadable)? {
+        // `--data DATA/log`, the log directory itself: say which directory to pass.
+        let hint = match holds_segments(data) {
+            Ok(true) => {
+                let parent = match (data.file_name(), data.parent()) {
+                    (Some(_), Some(p)) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                    (Some(_), _) => PathBuf::from("."),
+                    (None, _) => data.join(".."),
+                };
+                format!(
+                    "; {} itself holds log segments: pass --data {} (the node's data \
+                     directory)",
+                    data.display(),
+                    parent.display()
+                )
             }
-        }
-    }
-    if !has_segments {
+            // Only a hint: a directory that cannot be read gets none.
+            Ok(false) | Err(_) => String::new(),
+        };
         bail!(
-            "no Tideline log in {}: pass the --data directory of a node (it holds log/*.wal)",
+            "no Tideline log in {}: pass the --data directory of a node (it holds \
+             log/*.wal){hint}",
             dir.display()
         );
     }
@@ -116,6 +121,22 @@ pub fn open_existing(
         ..WalOptions::default()
     };
     Wal::open(storage, opts).with_context(|| format!("open the log in {}", dir.display()))
+}
+
+/// Whether `dir` holds log segment files (`*.wal`); a directory that does not exist holds
+/// none.
+pub fn holds_segments(dir: &Path) -> std::io::Result<bool> {
+    let entries = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        other => other?,
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        if tideline_wal::segment::parse_file_name(&name.to_string_lossy()).is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 pub fn reader_for(wal: &Wal, from: &StartPosition) -> anyhow::Result<Reader> {

@@ -8,6 +8,7 @@ use clap::Args;
 use serde_json::{Map, Value, json};
 use tideline_stream::{Client, SCAN_PAGE_BYTES_MAX};
 
+use crate::client_cmd::output::outln;
 use crate::client_cmd::{CredArgs, runtime};
 use crate::render::put_bytes;
 
@@ -192,10 +193,10 @@ pub fn verify(args: &VerifyArgs) -> anyhow::Result<ExitCode> {
         for c in clients {
             c.close().await;
         }
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({"equal": equal, "comparisons": reports}))?
-        );
+        )?;
         Ok(if equal {
             ExitCode::SUCCESS
         } else {

@@ -14,6 +14,7 @@ use serde_json::Value;
 use tideline_stream::{Client, IndexQuery, SCAN_PAGE_BYTES_MAX, WriteOp};
 
 use super::escape::write_escaped;
+use super::output::outln;
 use super::{NodeArgs, runtime};
 
 /// `tideline index ...`.
@@ -139,7 +140,7 @@ fn create(a: &CreateArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        println!("{}", serde_json::json!({"offset": offset, "gtid": gtid}));
+        outln!("{}", serde_json::json!({"offset": offset, "gtid": gtid}))?;
         client.close().await;
         Ok(ExitCode::SUCCESS)
     })
@@ -155,7 +156,7 @@ fn drop_index(a: &NameArgs) -> anyhow::Result<ExitCode> {
             }])
             .await
             .with_context(|| format!("drop index `{}` of tree `{}`", a.name, a.tree))?;
-        println!("{}", serde_json::json!({"offset": offset, "gtid": gtid}));
+        outln!("{}", serde_json::json!({"offset": offset, "gtid": gtid}))?;
         client.close().await;
         Ok(ExitCode::SUCCESS)
     })
@@ -204,12 +205,12 @@ fn list(a: &ListArgs) -> anyhow::Result<ExitCode> {
             .filter(|i| a.tree.as_deref().is_none_or(|t| i["tree"] == t))
             .collect();
         if a.json {
-            println!("{}", serde_json::to_string(&shown)?);
+            outln!("{}", serde_json::to_string(&shown)?)?;
         } else if shown.is_empty() {
             eprintln!("no indexes; declare one with `tideline index create`");
         } else {
             for i in shown {
-                println!("{}", line(i));
+                outln!("{}", line(i))?;
             }
         }
         Ok(ExitCode::SUCCESS)
@@ -229,24 +230,24 @@ fn status(a: &NameArgs) -> anyhow::Result<ExitCode> {
             );
         };
         if a.json {
-            println!("{i}");
+            outln!("{i}")?;
             return Ok(ExitCode::SUCCESS);
         }
-        println!("index       {} on tree {}", a.name, a.tree);
-        println!(
+        outln!("index       {} on tree {}", a.name, a.tree)?;
+        outln!(
             "paths       {}{}",
             i["paths"],
             if i["unique"] == true { " (unique)" } else { "" }
-        );
-        println!("state       {}", state_text(i));
-        println!("entries     {}", i["entries"]);
-        println!(
+        )?;
+        outln!("state       {}", state_text(i))?;
+        outln!("entries     {}", i["entries"])?;
+        outln!(
             "skipped     {} documents (not JSON, a path missing, or an object/array)",
             i["skipped"]
-        );
-        println!("duplicates  {}", i["duplicates"]);
+        )?;
+        outln!("duplicates  {}", i["duplicates"])?;
         for e in i["duplicate_examples"].as_array().into_iter().flatten() {
-            println!("            {}", e.as_str().unwrap_or(""));
+            outln!("            {}", e.as_str().unwrap_or(""))?;
         }
         Ok(ExitCode::SUCCESS)
     })

@@ -14,6 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tideline_stream::WriteOp;
 
 use super::escape::unescape;
+use super::output::outln;
 use super::{NodeArgs, runtime};
 
 /// Arguments of `load`.
@@ -142,7 +143,8 @@ impl std::fmt::Display for Failed {
         if self.in_doubt {
             write!(
                 f,
-                "lines {first}-{last} (one transaction; its outcome is unknown: it may or may                  not have been committed): {}",
+                "lines {first}-{last} (one transaction; its outcome is unknown: it may or may \
+                 not have been committed): {}",
                 self.error
             )
         } else {
@@ -158,8 +160,10 @@ impl std::fmt::Display for Failed {
 /// What a finished commit task of `load` gave.
 type LoadResult = Result<Result<((u64, u64), usize, String), Failed>, tokio::task::JoinError>;
 
-/// Records one finished batch; returns the keys it committed.
+/// Records one finished batch (`lines`: the input lines it covered); returns the keys it
+/// committed.
 fn record(
+    lines: (u64, u64),
     r: LoadResult,
     committed: &mut Vec<((u64, u64), String)>,
     in_doubt: &mut Vec<(u64, u64)>,
@@ -178,8 +182,40 @@ fn record(
             0
         }
         Err(e) => {
-            failure.get_or_insert(format!("commit task failed: {e}"));
+            // The task may have sent its commit before it ended.
+            in_doubt.push(lines);
+            failure.get_or_insert(format!(
+                "lines {}-{} (one transaction; its outcome is unknown): commit task failed: {e}",
+                lines.0, lines.1
+            ));
             0
+        }
+    }
+}
+
+/// The signals that stop a `load`, listened for from start to end: a listener made anew in
+/// each `select!` would leave gaps in which tokio's handler, once installed, swallows the
+/// signal.
+struct StopSignals {
+    sigint: tokio::signal::unix::Signal,
+    sigterm: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(StopSignals {
+            sigint: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
+            sigterm: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
+        })
+    }
+
+    /// The next SIGINT or SIGTERM: its name and the exit code a shell gives a command that
+    /// signal ended (128 + its number).
+    async fn recv(&mut self) -> (&'static str, u8) {
+        tokio::select! {
+            _ = self.sigint.recv() => ("SIGINT", 130),
+            _ = self.sigterm.recv() => ("SIGTERM", 143),
         }
     }
 }
@@ -195,208 +231,289 @@ fn ranges_text(ranges: &[(u64, u64)]) -> String {
 
 /// `load`: escaped `KEY<TAB>VALUE` lines from stdin in batched transactions. A bad line or a
 /// failed batch stops the load: nothing more is sent, the batches in flight are waited for,
-/// and the error says exactly which lines were committed.
+/// and the error says exactly which lines were committed. SIGINT or SIGTERM stops it the same
+/// way (a second one stops the wait, leaving the batches still in flight in doubt) and exits
+/// 128 + the signal's number, as a shell reports a command a signal ended.
 pub fn load(args: &LoadArgs) -> anyhow::Result<ExitCode> {
-    runtime()?.block_on(async {
-        let client = std::sync::Arc::new(args.node.connect().await?);
-        let limits = node_limits(&client).await?;
-        let pb = if std::io::stderr().is_terminal() {
-            let pb = ProgressBar::new_spinner();
-            if let Ok(style) =
-                ProgressStyle::with_template("{spinner} {pos} keys loaded ({per_sec}) {elapsed}")
-            {
-                pb.set_style(style);
+    let rt = runtime()?;
+    let result = rt.block_on(load_async(args));
+    // The stdin reader may be blocked in a read that never ends (a terminal, or a pipe whose
+    // writer outlives us) after a stop; it holds nothing that needs finishing.
+    rt.shutdown_background();
+    result
+}
+
+async fn load_async(args: &LoadArgs) -> anyhow::Result<ExitCode> {
+    // Installed before anything is sent, so no signal finds the default action (death with
+    // no report) once a commit may be in flight.
+    let mut signals = StopSignals::install()?;
+    let client = std::sync::Arc::new(args.node.connect().await?);
+    let limits = node_limits(&client).await?;
+    let pb = if std::io::stderr().is_terminal() {
+        let pb = ProgressBar::new_spinner();
+        if let Ok(style) =
+            ProgressStyle::with_template("{spinner} {pos} keys loaded ({per_sec}) {elapsed}")
+        {
+            pb.set_style(style);
+        }
+        pb
+    } else {
+        ProgressBar::hidden()
+    };
+    let started = std::time::Instant::now();
+    let parallel = args.parallel.max(1);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<LoadBatch>(parallel);
+    let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Read stdin on a blocking thread; commit on the runtime with bounded parallelism.
+    let tree = args.tree.clone();
+    let atomic = args.atomic;
+    let batch = if atomic {
+        usize::MAX
+    } else {
+        args.batch.max(1)
+    };
+    let batch_bytes = if atomic {
+        ATOMIC_BYTES_MAX
+    } else {
+        args.batch_bytes
+    } as usize;
+    let stop = failed.clone();
+    let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let stdin = std::io::stdin().lock();
+        let mut ops = Vec::with_capacity(batch.min(4096));
+        let mut bytes = 0usize;
+        let mut first_line = 1u64;
+        let send = |ops: Vec<WriteOp>, lines: (u64, u64)| {
+            !stop.load(std::sync::atomic::Ordering::SeqCst)
+                && tx.blocking_send(LoadBatch { lines, ops }).is_ok()
+        };
+        let mut last_line = 0u64;
+        for (n, line) in stdin.split(b'\n').enumerate() {
+            let n = n as u64 + 1;
+            last_line = n;
+            let line = line.map_err(|e| format!("line {n}: cannot read stdin: {e}"))?;
+            let line = line.strip_suffix(b"\r").unwrap_or(&line);
+            if line.is_empty() {
+                continue;
             }
-            pb
-        } else {
-            ProgressBar::hidden()
-        };
-        let started = std::time::Instant::now();
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<LoadBatch>(args.parallel.max(1));
-        let failed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        // Read stdin on a blocking thread; commit on the runtime with bounded parallelism.
-        let tree = args.tree.clone();
-        let atomic = args.atomic;
-        let batch = if atomic {
-            usize::MAX
-        } else {
-            args.batch.max(1)
-        };
-        let batch_bytes = if atomic {
-            ATOMIC_BYTES_MAX
-        } else {
-            args.batch_bytes
-        } as usize;
-        let stop = failed.clone();
-        let reader = tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let stdin = std::io::stdin().lock();
-            let mut ops = Vec::with_capacity(batch.min(4096));
-            let mut bytes = 0usize;
-            let mut first_line = 1u64;
-            let send = |ops: Vec<WriteOp>, lines: (u64, u64)| {
-                !stop.load(std::sync::atomic::Ordering::SeqCst)
-                    && tx.blocking_send(LoadBatch { lines, ops }).is_ok()
+            let (op, size) = match parse_load_line(line, &tree, limits) {
+                Ok(x) => x,
+                Err(e) => {
+                    // Everything before the bad line goes (with --atomic: nothing); nothing
+                    // after it.
+                    if !atomic
+                        && !ops.is_empty()
+                        && !send(std::mem::take(&mut ops), (first_line, n - 1))
+                    {
+                        return Ok(());
+                    }
+                    return Err(format!("line {n}: {e}"));
+                }
             };
-            let mut last_line = 0u64;
-            for (n, line) in stdin.split(b'\n').enumerate() {
-                let n = n as u64 + 1;
-                last_line = n;
-                let line = line.map_err(|e| format!("line {n}: cannot read stdin: {e}"))?;
-                let line = line.strip_suffix(b"\r").unwrap_or(&line);
-                if line.is_empty() {
-                    continue;
+            if !ops.is_empty() && bytes + size > batch_bytes {
+                if atomic {
+                    return Err(format!(
+                        "line {n}: --atomic input passes {ATOMIC_BYTES_MAX} bytes (keys, \
+                         values and {OP_ENVELOPE_BYTES} bytes per line), more than one \
+                         transaction carries; load without --atomic to commit in batches"
+                    ));
                 }
-                let (op, size) = match parse_load_line(line, &tree, limits) {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Everything before the bad line goes (with --atomic: nothing); nothing
-                        // after it.
-                        if !atomic
-                            && !ops.is_empty()
-                            && !send(std::mem::take(&mut ops), (first_line, n - 1))
-                        {
-                            return Ok(());
-                        }
-                        return Err(format!("line {n}: {e}"));
-                    }
-                };
-                if !ops.is_empty() && bytes + size > batch_bytes {
-                    if atomic {
-                        return Err(format!(
-                            "line {n}: --atomic input passes {ATOMIC_BYTES_MAX} bytes (keys, \
-                             values and {OP_ENVELOPE_BYTES} bytes per line), more than one \
-                             transaction carries; load without --atomic to commit in batches"
-                        ));
-                    }
-                    if !send(std::mem::take(&mut ops), (first_line, n - 1)) {
-                        return Ok(());
-                    }
-                    first_line = n;
-                    bytes = 0;
+                if !send(std::mem::take(&mut ops), (first_line, n - 1)) {
+                    return Ok(());
                 }
-                ops.push(op);
-                bytes += size;
-                if ops.len() >= batch {
-                    if !send(std::mem::take(&mut ops), (first_line, n)) {
-                        return Ok(());
-                    }
-                    first_line = n + 1;
-                    bytes = 0;
-                }
+                first_line = n;
+                bytes = 0;
             }
-            if !ops.is_empty() {
-                let _ = send(ops, (first_line, last_line));
-            }
-            Ok(())
-        });
-        let mut inflight = tokio::task::JoinSet::new();
-        let mut loaded = 0u64;
-        let mut txns = 0u64;
-        // Committed line ranges with their GTIDs, and the first failure.
-        let mut committed: Vec<((u64, u64), String)> = Vec::new();
-        let mut failure: Option<String> = None;
-        // Line ranges of batches whose outcome is unknown.
-        let mut in_doubt: Vec<(u64, u64)> = Vec::new();
-        while failure.is_none() {
-            let Some(b) = rx.recv().await else { break };
-            while inflight.len() >= args.parallel.max(1) {
-                if let Some(r) = inflight.join_next().await {
-                    let n = record(r, &mut committed, &mut in_doubt, &mut failure);
-                    loaded += n;
-                    txns += u64::from(n > 0);
-                    pb.set_position(loaded);
+            ops.push(op);
+            bytes += size;
+            if ops.len() >= batch {
+                if !send(std::mem::take(&mut ops), (first_line, n)) {
+                    return Ok(());
                 }
+                first_line = n + 1;
+                bytes = 0;
             }
-            if failure.is_some() {
+        }
+        if !ops.is_empty() {
+            let _ = send(ops, (first_line, last_line));
+        }
+        Ok(())
+    });
+    let mut inflight = tokio::task::JoinSet::new();
+    // The input lines of each batch in flight, by task.
+    let mut inflight_lines: std::collections::HashMap<tokio::task::Id, (u64, u64)> =
+        std::collections::HashMap::new();
+    let mut loaded = 0u64;
+    let mut txns = 0u64;
+    // Committed line ranges with their GTIDs, and the first failure.
+    let mut committed: Vec<((u64, u64), String)> = Vec::new();
+    let mut failure: Option<String> = None;
+    // Line ranges of batches whose outcome is unknown.
+    let mut in_doubt: Vec<(u64, u64)> = Vec::new();
+    // The signal that stopped the load: its name and exit code.
+    let mut interrupted: Option<(&'static str, u8)> = None;
+    // Transactions given up on by a signal during the wait for those in flight.
+    let mut abandoned = 0usize;
+    // Records a finished commit task.
+    let mut finish = |joined: Result<(tokio::task::Id, _), tokio::task::JoinError>,
+                      inflight_lines: &mut std::collections::HashMap<_, _>,
+                      committed: &mut Vec<_>,
+                      in_doubt: &mut Vec<_>,
+                      failure: &mut Option<String>| {
+        let (id, r) = match joined {
+            Ok((id, r)) => (id, Ok(r)),
+            Err(e) => (e.id(), Err(e)),
+        };
+        let lines = inflight_lines.remove(&id).unwrap_or((0, 0));
+        let n = record(lines, r, committed, in_doubt, failure);
+        loaded += n;
+        txns += u64::from(n > 0);
+        pb.set_position(loaded);
+    };
+    while failure.is_none() {
+        tokio::select! {
+            biased;
+            sig = signals.recv() => {
+                interrupted = Some(sig);
                 break;
             }
-            let client = client.clone();
-            inflight.spawn(async move {
-                let n = b.ops.len();
-                let (first, last) = b.lines;
-                let (_, gtid) = client
-                    .commit(b.ops)
-                    .await
-                    .map_err(|e| Failed::of((first, last), e))?;
-                Ok::<_, Failed>((b.lines, n, gtid))
-            });
+            Some(joined) = inflight.join_next_with_id(), if !inflight.is_empty() => {
+                finish(joined, &mut inflight_lines, &mut committed, &mut in_doubt, &mut failure);
+            }
+            b = rx.recv(), if inflight.len() < parallel => {
+                let Some(b) = b else { break };
+                let client = client.clone();
+                let lines = b.lines;
+                let task = inflight.spawn(async move {
+                    let n = b.ops.len();
+                    let (first, last) = b.lines;
+                    let (_, gtid) = client
+                        .commit(b.ops)
+                        .await
+                        .map_err(|e| Failed::of((first, last), e))?;
+                    Ok::<_, Failed>((b.lines, n, gtid))
+                });
+                inflight_lines.insert(task.id(), lines);
+            }
         }
-        // After a failure send nothing more: stop the reader, then wait for what is in flight.
-        failed.store(true, std::sync::atomic::Ordering::SeqCst);
-        drop(rx);
-        while let Some(r) = inflight.join_next().await {
-            let n = record(r, &mut committed, &mut in_doubt, &mut failure);
-            loaded += n;
-            txns += u64::from(n > 0);
-            pb.set_position(loaded);
+    }
+    // After a failure or a signal send nothing more: stop the reader (batches it queued were
+    // never sent), then wait for what is in flight. A signal during that wait gives up on it:
+    // what is still in flight is in doubt.
+    let stopped_early = failure.is_some() || interrupted.is_some();
+    failed.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(rx);
+    while !inflight.is_empty() {
+        tokio::select! {
+            biased;
+            sig = signals.recv() => {
+                interrupted.get_or_insert(sig);
+                abandoned = inflight_lines.len();
+                in_doubt.extend(inflight_lines.drain().map(|(_, lines)| lines));
+                // Dropping the tasks cancels their commits wherever they are: sent or not.
+                inflight.abort_all();
+                break;
+            }
+            Some(joined) = inflight.join_next_with_id() => {
+                finish(joined, &mut inflight_lines, &mut committed, &mut in_doubt, &mut failure);
+            }
         }
-        let read = reader.await.context("stdin reader failed")?;
-        pb.finish_and_clear();
-        if let Ok(client) = std::sync::Arc::try_unwrap(client) {
-            client.close().await;
-        }
-        committed.sort_by_key(|(lines, _)| *lines);
-        let last_gtid = committed
-            .iter()
-            .map(|(_, g)| g.clone())
-            .max_by_key(|g| {
-                g.rsplit_once(':')
-                    .and_then(|(_, n)| n.parse::<u64>().ok())
-                    .unwrap_or(0)
-            })
-            .unwrap_or_default();
-        let cause = match (failure, read) {
-            (Some(f), _) => Some(f),
-            (None, Err(e)) => Some(e),
-            (None, Ok(())) => None,
+    }
+    // A reader stopped early may be blocked reading stdin for good; its outcome no longer
+    // matters. Otherwise it has ended (it closed the channel) and may have failed.
+    let read = if stopped_early || interrupted.is_some() {
+        Ok(())
+    } else {
+        reader.await.context("stdin reader failed")?
+    };
+    pb.finish_and_clear();
+    if let Ok(client) = std::sync::Arc::try_unwrap(client) {
+        client.close().await;
+    }
+    committed.sort_by_key(|(lines, _)| *lines);
+    let last_gtid = committed
+        .iter()
+        .map(|(_, g)| g.clone())
+        .max_by_key(|g| {
+            g.rsplit_once(':')
+                .and_then(|(_, n)| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .unwrap_or_default();
+    let signal = interrupted.map(|(name, _)| match abandoned {
+        0 => format!("interrupted by {name}"),
+        n => format!(
+            "interrupted by {name}; stopped waiting for the {n} transaction(s) still in flight"
+        ),
+    });
+    let cause = match (failure, read, signal) {
+        (Some(f), _, Some(s)) => Some(format!("{f}; {s}")),
+        (Some(f), _, None) => Some(f),
+        (None, _, Some(s)) => Some(s),
+        (None, Err(e), None) => Some(e),
+        (None, Ok(()), None) => None,
+    };
+    if let Some(cause) = cause {
+        let message = summary(&cause, &committed, loaded, &last_gtid, &mut in_doubt);
+        let Some((_, code)) = interrupted else {
+            bail!("{message}");
         };
-        if let Some(cause) = cause {
-            // Merge adjacent batches into line ranges.
-            let mut ranges: Vec<(u64, u64)> = Vec::new();
-            for ((a, b), _) in &committed {
-                match ranges.last_mut() {
-                    Some((_, end)) if *end + 1 == *a => *end = *b,
-                    _ => ranges.push((*a, *b)),
-                }
-            }
-            // Without batches in doubt, what is not confirmed was not committed.
-            let rest = if in_doubt.is_empty() {
-                "committed"
-            } else {
-                "confirmed"
-            };
-            let done = match ranges.as_slice() {
-                [] => format!("nothing was {rest}"),
-                [(1, end)] => format!(
-                    "lines 1-{end} committed ({loaded} keys, last GTID {last_gtid}); nothing \
-                     after line {end} was {rest}"
-                ),
-                _ => format!(
-                    "lines {} committed ({loaded} keys, last GTID {last_gtid}); nothing else \
-                     was {rest}",
-                    ranges_text(&ranges)
-                ),
-            };
-            if in_doubt.is_empty() {
-                bail!("{cause}; {done}");
-            }
-            in_doubt.sort_unstable();
-            bail!(
-                "{cause}; {done}; lines {} may or may not have been committed (the node's \
-                 answer was lost): read their keys back (`tideline get`) before loading them \
-                 again",
-                ranges_text(&in_doubt)
-            );
+        eprintln!("error: {message}");
+        return Ok(ExitCode::from(code));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "loaded {loaded} keys in {txns} transactions in {secs:.2}s ({:.0} keys/s)",
+        loaded as f64 / secs.max(1e-9)
+    );
+    outln!(
+        "{}",
+        serde_json::json!({"keys": loaded, "transactions": txns, "last_gtid": last_gtid})
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What a stopped load committed, after `cause`: the committed line ranges (`committed`
+/// sorted by line), nothing else, and the ranges in doubt.
+fn summary(
+    cause: &str,
+    committed: &[((u64, u64), String)],
+    loaded: u64,
+    last_gtid: &str,
+    in_doubt: &mut [(u64, u64)],
+) -> String {
+    // Merge adjacent batches into line ranges.
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for ((a, b), _) in committed {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == *a => *end = *b,
+            _ => ranges.push((*a, *b)),
         }
-        let secs = started.elapsed().as_secs_f64();
-        eprintln!(
-            "loaded {loaded} keys in {txns} transactions in {secs:.2}s ({:.0} keys/s)",
-            loaded as f64 / secs.max(1e-9)
-        );
-        println!(
-            "{}",
-            serde_json::json!({"keys": loaded, "transactions": txns, "last_gtid": last_gtid})
-        );
-        Ok(ExitCode::SUCCESS)
-    })
+    }
+    // Without batches in doubt, what is not confirmed was not committed.
+    let rest = if in_doubt.is_empty() {
+        "committed"
+    } else {
+        "confirmed"
+    };
+    let done = match ranges.as_slice() {
+        [] => format!("nothing was {rest}"),
+        [(1, end)] => format!(
+            "lines 1-{end} committed ({loaded} keys, last GTID {last_gtid}); nothing after \
+             line {end} was {rest}"
+        ),
+        _ => format!(
+            "lines {} committed ({loaded} keys, last GTID {last_gtid}); nothing else was {rest}",
+            ranges_text(&ranges)
+        ),
+    };
+    if in_doubt.is_empty() {
+        return format!("{cause}; {done}");
+    }
+    in_doubt.sort_unstable();
+    format!(
+        "{cause}; {done}; lines {} may or may not have been committed (the node's answer was \
+         lost): read their keys back (`tideline get`) before loading them again",
+        ranges_text(in_doubt)
+    )
 }

@@ -10,6 +10,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 use serde_json::Value;
 
+use super::output::outln;
 use super::{NodeArgs, runtime};
 
 /// `tideline slot ...`.
@@ -60,12 +61,12 @@ fn list(a: &ListArgs) -> anyhow::Result<ExitCode> {
         anyhow::Ok(v["slots"].as_array().cloned().unwrap_or_default())
     })?;
     if a.json {
-        println!("{}", Value::Array(slots));
+        outln!("{}", Value::Array(slots))?;
     } else if slots.is_empty() {
-        println!("no slots");
+        outln!("no slots")?;
     } else {
         for s in &slots {
-            println!("{}", line(s));
+            outln!("{}", line(s))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -92,10 +93,10 @@ fn drop_slot(a: &DropArgs) -> anyhow::Result<ExitCode> {
             .drop_slot(&a.name)
             .await
             .with_context(|| format!("drop slot `{}`", a.name))?;
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"dropped": a.name, "restart_offset": restart})
-        );
+        )?;
         client.close().await;
         Ok(ExitCode::SUCCESS)
     })
