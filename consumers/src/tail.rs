@@ -43,6 +43,12 @@ pub struct TailConfig {
     pub backoff_max: Duration,
     /// Give up after this many failed reconnects in a row (`None`: never).
     pub reconnect_attempts_max: Option<u32>,
+    /// How long the node may refuse `slot` as in use by another live subscription, from the
+    /// first refusal with no subscription since, before the tail ends with
+    /// [`TailError::SlotInUse`]. Default 20 s (`SLOT_IN_USE_WAIT`): longer than a consumer whose
+    /// connection died keeps the slot. Raise it for a node run with a longer idle timeout
+    /// (`serve --idle-timeout-ms`); `Duration::ZERO` ends the tail at the first refusal.
+    pub slot_in_use_wait: Duration,
     /// Least time between two automatic checkpoint saves (each syncs a file). A crash of the
     /// consumer re-delivers what it took since the last save: the batch in progress and the
     /// batches taken within this interval. Default 200 ms.
@@ -62,10 +68,18 @@ impl TailConfig {
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
             reconnect_attempts_max: None,
+            slot_in_use_wait: SLOT_IN_USE_WAIT,
             checkpoint_interval: Duration::from_millis(200),
         }
     }
 }
+
+/// Default of [`TailConfig::slot_in_use_wait`]. A consumer whose connection died keeps its
+/// slot until the node notices, within the connection's idle timeout (the shorter of the
+/// node's, 10 s by default, and the client's): a refusal that lasts longer comes from a
+/// consumer that is live, and retrying it would never end. 10 s of margin covers a node
+/// slow to notice and the tail's last backoff.
+const SLOT_IN_USE_WAIT: Duration = Duration::from_secs(20);
 
 /// Why a tail ended. Network trouble never ends a tail by itself (it reconnects); these do.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +108,20 @@ pub enum TailError {
     /// Reading or writing the checkpoint failed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The node refused the slot as in use (by another live subscription, or being dropped)
+    /// for [`TailConfig::slot_in_use_wait`] and more: stop that consumer, or give this one
+    /// another slot name.
+    #[error(
+        "{message}; still refused after {} s of retries, longer than a consumer whose \
+         connection died keeps its slot",
+        waited.as_secs()
+    )]
+    SlotInUse {
+        /// The node's last refusal, naming the slot and its holder.
+        message: String,
+        /// From the first refusal to the last.
+        waited: Duration,
+    },
     /// Reconnecting failed too many times in a row.
     #[error("gave up after {attempts} failed reconnects; last error: {last}")]
     GaveUp {
@@ -611,6 +639,10 @@ fn run(
         // same history, nothing delivered since) is not a replaced history but a log the node
         // cannot read on: it ends the tail instead of resubscribing for ever.
         let mut lost_mid_stream: Option<(Epoch, GtidSet)> = None;
+        // Since when the node has refused the slot (in use by another live subscription), and
+        // `failures` after that refusal. A refusal continues the run only if no other failure
+        // came between (`failures` is still that) and no subscription (which clears it).
+        let mut slot_refused: Option<(tokio::time::Instant, u32)> = None;
         loop {
             // A tail asked to close between subscriptions has nothing to end.
             if close_requested(&closing).is_some() {
@@ -626,7 +658,12 @@ fn run(
                     });
                     return;
                 }
-                if unless_closed(&mut closing, tokio::time::sleep(backoff(&cfg, failures - 1)))
+                let mut delay = backoff(&cfg, failures - 1);
+                if let Some((since, n)) = slot_refused && n == failures {
+                    // The last retry of a refused slot comes at the bound, not a backoff after.
+                    delay = delay.min(cfg.slot_in_use_wait.saturating_sub(since.elapsed()));
+                }
+                if unless_closed(&mut closing, tokio::time::sleep(delay))
                     .await
                     .is_none()
                 {
@@ -669,6 +706,32 @@ fn run(
             };
             let mut sub = match subscribed {
                 Ok(s) => s,
+                // The slot is held by another subscription. Retried for a while: the holder
+                // may be this tail's own lost connection, or a consumer that died, which the
+                // node ends at its idle timeout; past `slot_in_use_wait` the holder is live.
+                Err(ClientError::Server { code: ErrorCode::Conflict, message }) if cfg.slot.is_some() => {
+                    let now = tokio::time::Instant::now();
+                    let since = match slot_refused {
+                        Some((since, n)) if n == failures => since,
+                        _ => now,
+                    };
+                    let waited = now.duration_since(since);
+                    if waited >= cfg.slot_in_use_wait {
+                        yield Err(TailError::SlotInUse { message, waited });
+                        return;
+                    }
+                    let e = ClientError::Server { code: ErrorCode::Conflict, message };
+                    tracing::warn!(
+                        addr = %cfg.addr, error = %e,
+                        "tail: the node refused the slot; retrying for up to {:?} in all",
+                        cfg.slot_in_use_wait
+                    );
+                    link_failed(&link, &e);
+                    last_err = Some(e);
+                    failures += 1;
+                    slot_refused = Some((since, failures));
+                    continue;
+                }
                 Err(e) => match classify(e) {
                     Ok(e) => {
                         tracing::warn!(addr = %cfg.addr, error = %e, "tail: resubscribing");
@@ -746,6 +809,7 @@ fn run(
                 return;
             }
             failures = 0;
+            slot_refused = None;
             *lock(&link) = None;
             // The position is defined from the subscription on: everything covered before its
             // start counts as seen (a `latest` start's set comes from the subscription itself,

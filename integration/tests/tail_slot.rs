@@ -7,9 +7,15 @@
 //! connection: its slot never moved (or lagged one run behind with a checkpoint), and the node
 //! kept the exited tail's subscription, and so the slot, live until its idle timeout, so the
 //! next run of the same command was refused "slot S is in use" and retried for seconds.
+//!
+//! And against a tail whose slot another live consumer holds: the node refuses it "slot S is
+//! in use by a live subscription"; the tail retries that only as long as a holder whose
+//! connection died keeps the slot (the node's idle timeout and a margin, 20 s), then exits 1
+//! with the node's message, instead of retrying for ever.
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::Output;
+use std::process::{Child, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -136,4 +142,123 @@ fn tail_limit_with_checkpoint_acks_what_it_stored_and_the_next_run_goes_on() {
     );
     let s = slot(&node, "s");
     assert_eq!(s["restart_offset"], second + 1, "{s}");
+}
+
+/// A `tideline` process killed when the test ends, however it ends.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The unread output of a holding tail: kept open so that the tail does not stop on a
+/// closed pipe (its few lines fit in the pipe).
+type HolderOutput = std::io::Lines<BufReader<std::process::ChildStdout>>;
+
+/// Starts `tail --from earliest --slot NAME` with no limit and waits until it has printed a
+/// line: it holds the slot, live, until it is killed (or its output is dropped).
+fn hold_slot(node: &Node, name: &str) -> (Running, HolderOutput) {
+    let mut child = node
+        .cli()
+        .args([
+            "tail", "--node", &node.addr, "--from", "earliest", "--slot", name,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("run tideline tail");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let holder = Running(child);
+    let mut lines = BufReader::new(stdout).lines();
+    lines
+        .next()
+        .expect("the holding tail printed nothing")
+        .expect("UTF-8");
+    (holder, lines)
+}
+
+/// How long a tail refused its slot by a live holder may run: the tail's bound (20 s) and a
+/// few seconds for the last retry and the exit.
+const REFUSED_EXIT_MAX: Duration = Duration::from_secs(30);
+
+#[test]
+fn tail_refused_its_slot_by_a_live_consumer_exits_1_with_the_nodes_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_three_transactions(dir.path());
+    let (mut holder, _holder_output) = hold_slot(&node, "s");
+
+    let started = Instant::now();
+    let mut second = Running(
+        node.cli()
+            .args([
+                "tail", "--node", &node.addr, "--from", "earliest", "--slot", "s",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run tideline tail"),
+    );
+    let status = loop {
+        if let Some(status) = second.0.try_wait().expect("wait for tail") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < REFUSED_EXIT_MAX,
+            "a tail refused its slot by a live consumer was still running after {:?}",
+            started.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let took = started.elapsed();
+    let mut stderr = String::new();
+    second
+        .0
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut stderr)
+        .expect("tail's stderr is UTF-8");
+    let mut stdout = String::new();
+    second
+        .0
+        .stdout
+        .take()
+        .expect("piped stdout")
+        .read_to_string(&mut stdout)
+        .expect("tail's stdout is UTF-8");
+    assert_eq!(status.code(), Some(1), "after {took:?}; stderr: {stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: ") && last.contains("slot s is in use by a live subscription"),
+        "the error line should carry the node's refusal: {stderr}"
+    );
+    assert!(stdout.is_empty(), "the refused tail printed {stdout:?}");
+    // It retried first, as for a holder whose connection died: not at the first refusal.
+    assert!(
+        took >= Duration::from_secs(15),
+        "the refused tail gave up after {took:?}, before a dead holder's slot comes free"
+    );
+    assert!(
+        holder.0.try_wait().expect("wait for the holder").is_none(),
+        "the holding tail ended"
+    );
+}
+
+#[test]
+fn tail_gets_the_slot_of_a_killed_consumer_once_the_node_notices() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node_with_three_transactions(dir.path());
+    let (mut holder, _holder_output) = hold_slot(&node, "s");
+    // Killed without closing its connection: the node keeps its subscription, and the slot,
+    // until the idle timeout. The next tail is refused until then and retries.
+    holder.0.kill().expect("kill the holder");
+    holder.0.wait().expect("wait for the holder");
+    let (_, stderr, took) = tail_one(&node, "s", None);
+    assert!(
+        took < REFUSED_EXIT_MAX,
+        "took {took:?} to get a dead consumer's slot; stderr: {stderr}"
+    );
 }

@@ -33,7 +33,9 @@ pub struct TailArgs {
     /// Exit after this many transactions delivered (after filters).
     #[arg(long, value_name = "N")]
     limit: Option<u64>,
-    /// A named slot on the node that holds the log for this consumer.
+    /// A named slot on the node that holds the log for this consumer. While another live
+    /// consumer uses it, the node refuses it: tail retries for 20 s (a consumer whose
+    /// connection died keeps its slot until the node's idle timeout), then exits 1.
     #[arg(long, value_name = "NAME")]
     slot: Option<String>,
     /// Resume from (and keep) a position in this file across restarts of `tail`. A position
@@ -41,7 +43,8 @@ pub struct TailArgs {
     #[arg(long, value_name = "FILE")]
     checkpoint: Option<PathBuf>,
     /// Keep trying while the node cannot be reached at start, instead of giving up after
-    /// --timeout-ms. (Once connected, a tail always reconnects.)
+    /// --timeout-ms. (Once connected, a tail always reconnects.) A --slot in use by another
+    /// live consumer still ends tail after 20 s.
     #[arg(long)]
     retry: bool,
 }
