@@ -14,7 +14,7 @@
 
 use std::io::{Read, Write};
 use std::net::UdpSocket;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,29 +23,10 @@ use serde_json::Value;
 
 mod common;
 
-use common::{Node, bin, rss_kib};
+use common::{Node, bin, rss_kib, wait_bounded};
 
 fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Waits for `child` to exit by itself within `limit`; kills it and fails otherwise.
-fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Output {
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => return child.wait_with_output().expect("collect output"),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let out = child.wait_with_output().expect("collect output");
-                panic!(
-                    "{what} still running after {limit:?}; stderr so far:\n{}",
-                    stderr(&out)
-                );
-            }
-        }
-    }
 }
 
 /// Feeds `input` to `tideline ARGS --node ADDR` on stdin.

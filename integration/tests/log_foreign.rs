@@ -16,10 +16,11 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::wait_bounded;
 use tideline_wal::segment::{self, FORMAT_VERSION};
 use tideline_wal::{FileStorage, Gtid, NewTransaction, Op, Wal, WalOptions};
 
@@ -95,25 +96,6 @@ fn set_format(data: &Path, format: u16) {
         let crc = crc32c(&bytes[..total]);
         bytes[52..56].copy_from_slice(&crc.to_le_bytes());
         std::fs::write(&p, &bytes).expect("write segment");
-    }
-}
-
-/// Waits for `child` to exit by itself within `limit`; kills it and fails otherwise.
-fn wait_bounded(mut child: Child, limit: Duration, what: &str) -> Output {
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => return child.wait_with_output().expect("collect output"),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let out = child.wait_with_output().expect("collect output");
-                panic!(
-                    "{what} still running after {limit:?}; stderr so far:\n{}",
-                    stderr(&out)
-                );
-            }
-        }
     }
 }
 

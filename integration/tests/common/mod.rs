@@ -660,3 +660,29 @@ pub fn raw_endpoint(secrets: &Path, idle: Duration) -> quinn::Endpoint {
     ep.set_default_client_config(client_cfg);
     ep
 }
+
+/// Waits for `child` to exit by itself within `limit`; kills it and fails otherwise, with
+/// what it wrote to stderr.
+pub fn wait_bounded(
+    mut child: std::process::Child,
+    limit: std::time::Duration,
+    what: &str,
+) -> std::process::Output {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => return child.wait_with_output().expect("collect output"),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            _ => {
+                let _ = child.kill();
+                let out = child.wait_with_output().expect("collect output");
+                panic!(
+                    "{what} still running after {limit:?}; stderr so far:\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+    }
+}
