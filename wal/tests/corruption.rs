@@ -24,7 +24,7 @@ use tideline_wal::{
     CrashMode, Error, GtidSet, MemStorage, NewTransaction, Offset, Storage, Wal, WalOptions,
 };
 
-use common::{UUID, check_log, opts, txn_for};
+use common::{UUID, check_log, opts, read_file, segment_names, txn_for};
 
 /// Records the largest single allocation made by each thread, so a test can show a bogus
 /// length was refused before anything of that size was allocated. Per thread, because the
@@ -107,25 +107,6 @@ fn build_log(segment_bytes_max: u64, records: u64) -> MemStorage {
 /// A copy of a closed log (everything is synced, so the crash image is the whole log).
 fn copy(storage: &MemStorage) -> MemStorage {
     storage.crash(CrashMode::DropUnsynced)
-}
-
-fn segment_names(storage: &MemStorage) -> Vec<String> {
-    let mut names: Vec<String> = storage
-        .list()
-        .expect("list")
-        .into_iter()
-        .filter(|n| segment::parse_file_name(n).is_some())
-        .collect();
-    names.sort();
-    names
-}
-
-fn read_file(storage: &MemStorage, name: &str) -> Vec<u8> {
-    let f = storage.open(name).expect("open file");
-    let mut buf = vec![0; storage.file_len(name).expect("len") as usize];
-    let n = f.read_full_at(&mut buf, 0).expect("read");
-    buf.truncate(n);
-    buf
 }
 
 /// Where the bytes of a segment belong.

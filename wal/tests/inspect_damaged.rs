@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tideline_wal::record::{self, FRAME_HEADER_BYTES};
 use tideline_wal::{Error, MemStorage, Offset, Storage, Wal, WalOptions, segment};
 
-use common::{check_log, opts, txn_for};
+use common::{check_log, opts, read_file, segment_names, txn_for};
 
 /// Writes records `1..=n` and closes the log.
 fn write_log(storage: &MemStorage, n: u64, segment_bytes_max: u64) {
@@ -28,25 +28,6 @@ fn write_log(storage: &MemStorage, n: u64, segment_bytes_max: u64) {
         wal.append(txn_for(seq)).expect("append");
     }
     wal.close().expect("close");
-}
-
-fn segment_names(storage: &MemStorage) -> Vec<String> {
-    let mut names: Vec<String> = storage
-        .list()
-        .expect("list")
-        .into_iter()
-        .filter(|n| segment::parse_file_name(n).is_some())
-        .collect();
-    names.sort();
-    names
-}
-
-fn read_file(storage: &MemStorage, name: &str) -> Vec<u8> {
-    let file = storage.open_read(name).expect("open");
-    let mut buf = vec![0u8; file.len().expect("len") as usize];
-    let n = file.read_full_at(&mut buf, 0).expect("read");
-    buf.truncate(n);
-    buf
 }
 
 /// Where the frame of `offset` starts in segment `name`.

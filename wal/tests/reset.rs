@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Hooked, UUID, opts, txn_for};
+use common::{Hooked, UUID, opts, segment_names, txn_for};
 use tideline_wal::{
     Epoch, Error, Gtid, GtidSet, MemStorage, Offset, Storage, Wal, WalOptions, segment,
 };
@@ -212,17 +212,6 @@ fn open_keeps_the_old_history_when_the_reset_did_not_get_renamed() {
     assert_eq!(wal.verify().unwrap(), 200);
     assert_eq!(segment_names(&*storage), before);
     assert!(!storage.list().unwrap().contains(&name));
-}
-
-fn segment_names(storage: &dyn Storage) -> Vec<String> {
-    let mut names: Vec<String> = storage
-        .list()
-        .unwrap()
-        .into_iter()
-        .filter(|n| segment::parse_file_name(n).is_some())
-        .collect();
-    names.sort();
-    names
 }
 
 fn write_empty_segment(storage: &dyn Storage, uuid: uuid::Uuid, first: Offset, gtids: &GtidSet) {

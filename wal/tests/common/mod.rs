@@ -484,3 +484,24 @@ impl Storage for Hooked {
         self.inner.describe(name)
     }
 }
+
+/// The log's segment files in `storage`, in offset order.
+pub fn segment_names(storage: &dyn Storage) -> Vec<String> {
+    let mut names: Vec<String> = storage
+        .list()
+        .expect("list")
+        .into_iter()
+        .filter(|n| tideline_wal::segment::parse_file_name(n).is_some())
+        .collect();
+    names.sort();
+    names
+}
+
+/// The whole of file `name` in `storage`.
+pub fn read_file(storage: &dyn Storage, name: &str) -> Vec<u8> {
+    let file = storage.open_read(name).expect("open");
+    let mut buf = vec![0u8; file.len().expect("len") as usize];
+    let n = file.read_full_at(&mut buf, 0).expect("read");
+    buf.truncate(n);
+    buf
+}
