@@ -412,3 +412,82 @@ fn the_last_gtid_number_of_this_nodes_uuid_taken_upstream_refuses_local_commits_
     assert_eq!(e.get("default", b"k").expect("get"), None);
     assert_eq!(e.wal().visible_offset(), 1);
 }
+
+/// The replica's call returns once a batch is durable in the log, before the applier applies
+/// it, and only once every earlier batch is applied: the next batch is prepared while this one
+/// applies, and at most one batch is logged but unapplied. The applying call waits for its own
+/// batch. A restart applies what was logged.
+#[test]
+fn a_logged_upstream_batch_returns_before_its_apply_and_after_the_previous_one() {
+    let dir_a = tempfile::tempdir().expect("tempdir");
+    let a = open(
+        dir_a.path(),
+        &Arc::new(MemStorage::new()),
+        EngineOptions::default(),
+    );
+    for i in 0..6u32 {
+        a.put("default", format!("k{i}").as_bytes(), b"v")
+            .expect("write");
+    }
+    let upstream = log_of(&a);
+    let dir_b = tempfile::tempdir().expect("tempdir");
+    let storage_b = Arc::new(MemStorage::new());
+    let opts = EngineOptions {
+        read_only: true,
+        // Every apply starts this late: what the calls wait for shows in the timings.
+        unsafe_pause_before_apply: Some(std::time::Duration::from_millis(400)),
+        ..EngineOptions::default()
+    };
+    let b = open(dir_b.path(), &storage_b, opts.clone());
+    let logged = |e: &Engine| e.wal().visible_offset();
+
+    let first = b
+        .apply_upstream_logged(upstream[..3].to_vec())
+        .expect("first batch");
+    assert!(first.iter().all(|r| matches!(r, Applied::Committed(_))));
+    assert_eq!(logged(&b), 3, "the batch is in the log on return");
+    assert_eq!(
+        b.applied_offset(),
+        0,
+        "the call did not wait for its own batch's apply"
+    );
+    let second = b
+        .apply_upstream_logged(upstream[3..5].to_vec())
+        .expect("second batch");
+    assert!(second.iter().all(|r| matches!(r, Applied::Committed(_))));
+    assert_eq!(logged(&b), 5);
+    assert!(
+        b.applied_offset() >= 3,
+        "the second call returned before the first batch was applied (applied offset {})",
+        b.applied_offset()
+    );
+    // A resend of a logged, unapplied GTID is in flight: nothing is logged twice.
+    let again = b
+        .apply_upstream_logged(upstream[3..5].to_vec())
+        .expect("resend");
+    assert!(again.iter().all(|r| matches!(r, Applied::AlreadyExecuted)));
+    // The applying call returns with its batch applied.
+    b.apply_upstream_owned(upstream[5..].to_vec())
+        .expect("last batch");
+    assert_eq!(b.applied_offset(), 6);
+    assert_eq!(b.gtid_executed(), a.gtid_executed());
+    drop(b);
+
+    // Logged and not yet applied at a stop: the reopened engine applies it from its log.
+    let b = open(dir_b.path(), &storage_b, opts.clone());
+    let more = a.put("default", b"k6", b"v").expect("write");
+    let last = log_of(&a).pop().expect("record");
+    assert_eq!(last.gtid, more.gtid);
+    b.apply_upstream_logged(vec![last]).expect("logged");
+    drop(b);
+    let b = open(dir_b.path(), &storage_b, opts);
+    assert!(
+        b.wait_all_visible(std::time::Duration::from_secs(10))
+            .expect("apply")
+    );
+    assert_eq!(b.gtid_executed(), a.gtid_executed());
+    assert_eq!(
+        b.get("default", b"k6").expect("read").as_deref(),
+        Some(&b"v"[..])
+    );
+}

@@ -113,6 +113,14 @@ impl InFlight {
     fn release_spent(&mut self) {
         self.spent = None;
     }
+
+    /// Where the transaction was logged, for a caller that does not wait for its apply.
+    fn logged(&self) -> CommitInfo {
+        CommitInfo {
+            offset: self.offset,
+            gtid: self.gtid,
+        }
+    }
 }
 
 fn now_us() -> i64 {
@@ -605,6 +613,20 @@ impl Inner {
             _txn: txn,
             spent: Some((out, encoded.map(|(e, _)| e))),
         }))
+    }
+
+    /// Waits until the log shows `offset` (durable, under either durability); `Err` when
+    /// the log failed or the engine stopped.
+    fn wait_logged(&self, offset: Offset) -> Result<(), WriteError> {
+        loop {
+            if self
+                .wal
+                .wait_visible_blocking(offset, Duration::from_secs(1))?
+            {
+                return Ok(());
+            }
+            self.check_not_failed()?;
+        }
     }
 
     /// Waits until the transaction is applied (hence durable and visible), or failed; under

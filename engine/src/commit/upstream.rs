@@ -2,10 +2,13 @@
 //! through the commit pipeline in batches, checked as a whole before any is submitted.
 //!
 //! Owns: [`Engine::apply_upstream`], [`Engine::apply_upstream_batch`],
-//! [`Engine::apply_upstream_owned`] and what they report ([`Applied`], [`Refused`]).
+//! [`Engine::apply_upstream_owned`], [`Engine::apply_upstream_logged`] and what they report
+//! ([`Applied`], [`Refused`]).
 //!
-//! Must never: submit part of a batch while a bootstrap runs, or report a transaction
-//! committed before the applier applied it.
+//! Must never: submit part of a batch while a bootstrap runs; report a transaction
+//! committed before it is durable in the log; return from the applying calls before the
+//! applier applied what they report, or from the logged call before every earlier batch is
+//! applied.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -56,6 +59,33 @@ impl Engine {
     pub fn apply_upstream_owned(
         &self,
         txns: Vec<NewTransaction>,
+    ) -> Result<Vec<Applied>, Box<Refused>> {
+        self.apply_upstream_until(txns, Until::Applied)
+    }
+
+    /// [`Engine::apply_upstream_owned`] for a replica that applies a stream batch after batch
+    /// (what the replication task does): it returns once the batch is **durable in this
+    /// node's log** and every batch submitted before it is applied, without waiting for the
+    /// applier to apply this one. The caller prepares its next batch (checks, encoding) while
+    /// the applier works on this one, and at most one batch is logged but unapplied.
+    ///
+    /// `gtid_executed`, reads and read fences show the batch once it is applied; a crash
+    /// before that loses nothing, since the engine replays its log past the store's applied
+    /// offset on open. A GTID logged here and not yet applied is in flight, so a resend of it
+    /// is [`Applied::AlreadyExecuted`]. A refusal part-way, a bootstrap refusal and failures
+    /// are as for [`Engine::apply_upstream_owned`] (after a refusal part-way the call waits
+    /// for the prefix to be applied, so `gtid_executed` shows it on return).
+    pub fn apply_upstream_logged(
+        &self,
+        txns: Vec<NewTransaction>,
+    ) -> Result<Vec<Applied>, Box<Refused>> {
+        self.apply_upstream_until(txns, Until::Logged)
+    }
+
+    fn apply_upstream_until(
+        &self,
+        txns: Vec<NewTransaction>,
+        until: Until,
     ) -> Result<Vec<Applied>, Box<Refused>> {
         let refused = |error| {
             Box::new(Refused {
@@ -135,6 +165,19 @@ impl Engine {
         for (_, f) in &mut pending {
             f.release_spent();
         }
+        if let (Until::Logged, None, Some((_, first)), Some((_, last))) =
+            (until, &refusal, pending.first(), pending.last())
+        {
+            // Every earlier batch applied (one batch at most behind), then this one durable.
+            inner
+                .wait_outcome(first.offset.get().saturating_sub(1))
+                .map_err(refused)?;
+            inner.wait_logged(last.offset).map_err(refused)?;
+            for (i, f) in pending {
+                results[i] = Applied::Committed(f.logged());
+            }
+            return Ok(results);
+        }
         // Submitted transactions are in the log: wait for them even when a later one was
         // refused. A failure here means every later offset fails too (fail-stop).
         for (i, f) in pending {
@@ -145,6 +188,15 @@ impl Engine {
             None => Ok(results),
         }
     }
+}
+
+/// When an upstream batch's call returns.
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    /// Once the applier applied every transaction of the batch.
+    Applied,
+    /// Once the batch is durable in the log and every earlier batch applied.
+    Logged,
 }
 
 /// Why [`Engine::apply_upstream_owned`] applied nothing (or not all), and the transactions it

@@ -142,7 +142,7 @@ pub(super) async fn catch_up(
 }
 
 /// The engine side of catch-up alone: the primary's log read locally and applied to an empty
-/// async engine with [`Engine::apply_upstream_batch`] as the replication task applies it:
+/// async engine with [`Engine::apply_upstream_logged`] as the replication task applies it:
 /// a reader thread hands over batches like the stream's (about 256 KiB, up to 64 queued)
 /// while the engine applies, and each call takes every batch that arrived, up to 16,384
 /// transactions (`connectors/src/replica.rs`). No network, no QUIC, no decoding of frames
@@ -162,11 +162,19 @@ pub(super) fn apply_only(primary: &Engine, dir: &Path) -> anyhow::Result<Value> 
     let applied = replay_grouped(wal, |batch| {
         let n = batch.len() as u64;
         engine
-            .apply_upstream_batch(batch)
+            .apply_upstream_logged(batch)
+            .map_err(|r| r.error)
             .context("apply a batch")?;
         pb.inc(n);
         Ok(())
     })?;
+    // The last group's call returned once it was logged: the time runs until it is applied.
+    ensure!(
+        engine
+            .wait_all_visible(CONVERGE_TIMEOUT)
+            .context("apply the last group")?,
+        "the engine did not apply the last group within {CONVERGE_TIMEOUT:?}"
+    );
     let secs = started.elapsed().as_secs_f64();
     pb.finish_and_clear();
     ensure!(

@@ -40,6 +40,7 @@
 mod tests;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tideline_consumers::{BootstrapProgress, Position};
 use tideline_engine::{Applied, Engine, RestoreOp, WriteError};
@@ -136,6 +137,10 @@ impl EngineSink {
 }
 
 /// Runs a blocking engine call off the async threads.
+/// How long [`Sink::open`] waits for the engine to apply what it logged: one batch at most
+/// (see [`Engine::apply_upstream_logged`]), which takes well under a second.
+const APPLY_WAIT: Duration = Duration::from_secs(60);
+
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, WriteError> + Send + 'static,
 ) -> Result<T, SinkError> {
@@ -230,6 +235,15 @@ impl Sink for EngineSink {
 
     fn open(&mut self) -> SinkFuture<'_, Result<Option<Vec<u8>>, SinkError>> {
         Box::pin(async move {
+            // A live batch's write returns once it is in the log, before its apply; the
+            // checkpoint (`gtid_executed`, what is applied) holds every batch written once the
+            // applier caught up.
+            let engine = self.engine.clone();
+            if !blocking(move || engine.wait_all_visible(APPLY_WAIT)).await? {
+                return Err(SinkError::Retry(format!(
+                    "the engine has not applied the transactions it logged within {APPLY_WAIT:?}"
+                )));
+            }
             let stored = self.stored()?;
             // As in `new`: a copy stored in the engine is this sink's to continue.
             if let Some(PipelineCheckpoint::Bootstrap(p)) = &stored {
@@ -360,7 +374,9 @@ impl Sink for EngineSink {
                 })
                 .collect();
             let engine = self.engine.clone();
-            let result = tokio::task::spawn_blocking(move || engine.apply_upstream_owned(txns))
+            // Returns once the batch is durable in the log and the one before it applied:
+            // the next batch is received and prepared while the applier applies this one.
+            let result = tokio::task::spawn_blocking(move || engine.apply_upstream_logged(txns))
                 .await
                 .map_err(|e| SinkError::Fatal(format!("engine task failed: {e}")));
             // Whole after a refusal because a copy runs (the only `Retry`); emptied after a

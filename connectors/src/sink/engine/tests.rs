@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tideline_consumers::{BootstrapProgress, Position};
 use tideline_engine::{Engine, EngineOptions};
@@ -19,12 +20,13 @@ use crate::sink::{Batch, EarlierCopy, Item, Sink, SinkError};
 const SOURCE: uuid::Uuid = uuid::Uuid::from_bytes([0xaa; 16]);
 
 fn open(dir: &Path) -> Arc<Engine> {
+    open_with(dir, EngineOptions::default())
+}
+
+fn open_with(dir: &Path, opts: EngineOptions) -> Arc<Engine> {
     let storage = Arc::new(FileStorage::new(dir.join("log")).expect("log directory"));
     let wal = Wal::open(storage, WalOptions::default()).expect("open log");
-    Arc::new(
-        Engine::open(dir.join("store"), Arc::new(wal), EngineOptions::default())
-            .expect("open engine"),
-    )
+    Arc::new(Engine::open(dir.join("store"), Arc::new(wal), opts).expect("open engine"))
 }
 
 fn txn(n: u64, ops: Vec<Op>) -> Transaction {
@@ -333,6 +335,12 @@ async fn an_owned_live_batch_refused_during_a_copy_comes_back_whole_and_applies_
         .map_err(|(e, _)| e)
         .expect("the retried batch");
     assert_eq!(sink.last_committed(), 3);
+    // A live batch's write returns once it is logged; reads show it once it is applied.
+    assert!(
+        engine
+            .wait_all_visible(Duration::from_secs(10))
+            .expect("apply")
+    );
     assert_eq!(
         engine.gtid_executed(),
         set(&format!("{SOURCE}:1-3,{other}:1-2"))
@@ -560,4 +568,36 @@ async fn a_trees_first_chunk_keeps_exactly_the_indexes_stored_with_it() {
         (Some("append".to_string()), vec!["j".to_string()]),
         "t's operator and indexes after the copy"
     );
+}
+
+/// The replica's live write returns once the batch is in the engine's log, before its apply;
+/// the checkpoint `open` returns must still hold every batch written (contract item 2), or a
+/// restarted pipeline would resume before data the engine has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_after_a_live_write_holds_its_checkpoint_while_the_apply_lags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open_with(
+        dir.path(),
+        EngineOptions {
+            read_only: true,
+            // The applier starts each apply this late.
+            unsafe_pause_before_apply: Some(Duration::from_millis(500)),
+            ..EngineOptions::default()
+        },
+    );
+    let mut sink = EngineSink::new(engine.clone());
+    sink.write_owned(live_batch())
+        .await
+        .map_err(|(e, _)| e)
+        .expect("write");
+    assert_eq!(
+        engine.wal().visible_offset(),
+        3,
+        "the batch is in the log when the write returns"
+    );
+    let stored = sink.open().await.expect("open").expect("a checkpoint");
+    match PipelineCheckpoint::decode(&stored).expect("decode") {
+        PipelineCheckpoint::Tail(pos) => assert_eq!(pos.gtids, set(&format!("{SOURCE}:1-3"))),
+        other => panic!("{other:?}"),
+    }
 }
