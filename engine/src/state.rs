@@ -60,7 +60,9 @@ pub struct EngineOptions {
     /// Under async durability a local commit is acknowledged once its record is written,
     /// before the interval's fsync and the apply make it visible; past this many acknowledged
     /// transactions not yet applied, a commit waits for the applier (back-pressure: the
-    /// applier's queue holds every such transaction). Default 65,536.
+    /// applier's queue holds every such transaction). The same bound holds what a replica's
+    /// [`Engine::apply_upstream_logged`](crate::Engine::apply_upstream_logged) leaves logged
+    /// and unapplied, under either durability. Default 65,536.
     pub async_unapplied_max: u64,
     /// Most transactions applied in one store batch. Default 16,384: the store takes a
     /// batch's writes in key order, and a larger batch gives the sort more to work with

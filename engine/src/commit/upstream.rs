@@ -7,8 +7,8 @@
 //!
 //! Must never: submit part of a batch while a bootstrap runs; report a transaction
 //! committed before it is durable in the log; return from the applying calls before the
-//! applier applied what they report, or from the logged call before every earlier batch is
-//! applied.
+//! applier applied what they report, or from the logged call with more than
+//! `async_unapplied_max` transactions logged and not applied.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -65,9 +65,9 @@ impl Engine {
 
     /// [`Engine::apply_upstream_owned`] for a replica that applies a stream batch after batch
     /// (what the replication task does): it returns once the batch is **durable in this
-    /// node's log** and every batch submitted before it is applied, without waiting for the
-    /// applier to apply this one. The caller prepares its next batch (checks, encoding) while
-    /// the applier works on this one, and at most one batch is logged but unapplied.
+    /// node's log** and the applier is at most `async_unapplied_max` transactions (65,536 by
+    /// default) behind its end, without waiting for the applier to apply it. The caller
+    /// prepares its next batches (checks, encoding) while the applier works.
     ///
     /// `gtid_executed`, reads and read fences show the batch once it is applied; a crash
     /// before that loses nothing, since the engine replays its log past the store's applied
@@ -165,13 +165,14 @@ impl Engine {
         for (_, f) in &mut pending {
             f.release_spent();
         }
-        if let (Until::Logged, None, Some((_, first)), Some((_, last))) =
-            (until, &refusal, pending.first(), pending.last())
-        {
-            // Every earlier batch applied (one batch at most behind), then this one durable.
-            inner
-                .wait_outcome(first.offset.get().saturating_sub(1))
-                .map_err(refused)?;
+        if let (Until::Logged, None, Some((_, last))) = (until, &refusal, pending.last()) {
+            // The applier at most `async_unapplied_max` transactions behind this batch's end
+            // (back-pressure), then this batch durable.
+            let behind = last
+                .offset
+                .get()
+                .saturating_sub(inner.opts.async_unapplied_max);
+            inner.wait_outcome(behind).map_err(refused)?;
             inner.wait_logged(last.offset).map_err(refused)?;
             for (i, f) in pending {
                 results[i] = Applied::Committed(f.logged());
@@ -195,7 +196,8 @@ impl Engine {
 enum Until {
     /// Once the applier applied every transaction of the batch.
     Applied,
-    /// Once the batch is durable in the log and every earlier batch applied.
+    /// Once the batch is durable in the log and the applier at most `async_unapplied_max`
+    /// transactions behind its end.
     Logged,
 }
 
