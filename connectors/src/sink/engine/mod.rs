@@ -136,11 +136,12 @@ impl EngineSink {
     }
 }
 
-/// Runs a blocking engine call off the async threads.
-/// How long [`Sink::open`] waits for the engine to apply what it logged: one batch at most
-/// (see [`Engine::apply_upstream_logged`]), which takes well under a second.
+/// How long [`Sink::open`] waits for the engine to apply what it logged: at most
+/// `async_unapplied_max` transactions (65,536 by default; see
+/// [`Engine::apply_upstream_logged`]), well under a second at the apply's rate.
 const APPLY_WAIT: Duration = Duration::from_secs(60);
 
+/// Runs a blocking engine call off the async threads.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, WriteError> + Send + 'static,
 ) -> Result<T, SinkError> {
@@ -374,8 +375,9 @@ impl Sink for EngineSink {
                 })
                 .collect();
             let engine = self.engine.clone();
-            // Returns once the batch is durable in the log and the one before it applied:
-            // the next batch is received and prepared while the applier applies this one.
+            // Returns once the batch is durable in the log, with the applier at most
+            // `async_unapplied_max` transactions behind: the next batches are received and
+            // prepared while the applier applies this one.
             let result = tokio::task::spawn_blocking(move || engine.apply_upstream_logged(txns))
                 .await
                 .map_err(|e| SinkError::Fatal(format!("engine task failed: {e}")));
