@@ -94,7 +94,7 @@ impl Engine {
             })
         };
         let mut results = Vec::with_capacity(txns.len());
-        let mut pending = Vec::new();
+        let mut pending = Vec::with_capacity(txns.len());
         let inner = &self.inner;
         inner.check_not_failed().map_err(refused)?;
         // Limits are checked for the whole batch before anything is submitted. The batch's
