@@ -434,8 +434,9 @@ fn a_logged_upstream_batch_returns_before_its_apply_and_after_the_previous_one()
     let storage_b = Arc::new(MemStorage::new());
     let opts = EngineOptions {
         read_only: true,
-        // Every apply starts this late: what the calls wait for shows in the timings.
-        unsafe_pause_before_apply: Some(std::time::Duration::from_millis(400)),
+        // Every apply starts this late (a margin against a loaded machine): the first call
+        // returns well before the applier applies anything.
+        unsafe_pause_before_apply: Some(std::time::Duration::from_secs(1)),
         async_unapplied_max: 2,
         ..EngineOptions::default()
     };
