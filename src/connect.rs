@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use tideline_connectors::config::{ConnectFile, HostNode, PipelineSpec};
 use tideline_connectors::pipeline::PipelineConfig;
@@ -155,10 +154,7 @@ async fn run(file: &ConnectFile) -> anyhow::Result<ExitCode> {
     let built = build_all(file, None)?;
     // Made once: a listener made anew in each `select!` misses a signal landing between two.
     // Made before any pipeline starts, so that failing here leaves none running.
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("install the SIGINT handler")?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("install the SIGTERM handler")?;
+    let mut signals = crate::signals::StopSignals::install()?;
     let mut running = spawn_built(built);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut last_states: Vec<Option<PipelineState>> = vec![None; running.len()];
@@ -166,8 +162,7 @@ async fn run(file: &ConnectFile) -> anyhow::Result<ExitCode> {
     let mut failed = false;
     loop {
         tokio::select! {
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
+            _ = signals.recv() => break,
             _ = tick.tick() => {}
         }
         let every = last_print.elapsed() >= STATUS_EVERY;

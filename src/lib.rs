@@ -28,6 +28,7 @@ mod monitor_cmd;
 pub mod node;
 mod position;
 mod render;
+mod signals;
 mod verify;
 
 use std::path::PathBuf;

@@ -7,13 +7,14 @@ use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::Args;
 use serde_json::{Map, Value, json};
 use tideline_stream::MonitorEvent;
 
 use crate::client_cmd::{NodeArgs, runtime};
 use crate::render;
+use crate::signals::StopSignals;
 
 /// Arguments of `monitor`.
 #[derive(Debug, Args)]
@@ -97,35 +98,6 @@ fn event_text(e: &MonitorEvent) -> String {
     )
 }
 
-/// Ctrl-C (SIGINT) and SIGTERM, each listened for from [`StopSignals::new`] on. Made once,
-/// before the loop: once a listener exists, tokio's handler replaces the default action for
-/// the life of the process, and a listener made anew in each `select!` (`ctrl_c()`) misses
-/// a signal landing while none is alive (while a batch of lines or a screen is written, a
-/// full stdout pipe blocking the write). Such a signal was lost, and the command ran on.
-struct StopSignals {
-    sigint: tokio::signal::unix::Signal,
-    sigterm: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    fn new() -> anyhow::Result<StopSignals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(StopSignals {
-            sigint: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
-            sigterm: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
-        })
-    }
-
-    /// Returns once either signal has arrived since [`StopSignals::new`] (at once for one
-    /// that arrived before this call).
-    async fn recv(&mut self) {
-        tokio::select! {
-            _ = self.sigint.recv() => {}
-            _ = self.sigterm.recv() => {}
-        }
-    }
-}
-
 /// `monitor`.
 pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
     let ppm = sample_ppm(args.sample)?;
@@ -141,14 +113,14 @@ pub fn monitor(args: &MonitorArgs) -> anyhow::Result<ExitCode> {
                 .map(|t| format!(" on tree {t}"))
                 .unwrap_or_default()
         );
-        let mut stop = StopSignals::new()?;
+        let mut stop = StopSignals::install()?;
         let stdout = std::io::stdout();
         let mut shown = 0u64;
         loop {
             let next = tokio::select! {
                 // A signal first: under load the feed is always ready.
                 biased;
-                () = stop.recv() => break,
+                _ = stop.recv() => break,
                 n = feed.next() => n?,
             };
             let Some((events, dropped)) = next else {
@@ -343,7 +315,7 @@ pub fn top(args: &TopArgs) -> anyhow::Result<ExitCode> {
         let client = args.node.connect().await?;
         let addr = client.addr().to_string();
         let mut feed = client.monitor(None, 1_000_000).await?;
-        let mut stop = StopSignals::new()?;
+        let mut stop = StopSignals::install()?;
         let mut done = 0u64;
         loop {
             let started = Instant::now();
@@ -352,7 +324,7 @@ pub fn top(args: &TopArgs) -> anyhow::Result<ExitCode> {
             loop {
                 let next = tokio::select! {
                     biased;
-                    () = stop.recv() => return Ok(ExitCode::SUCCESS),
+                    _ = stop.recv() => return Ok(ExitCode::SUCCESS),
                     () = tokio::time::sleep_until(deadline) => break,
                     n = feed.next() => n?,
                 };

@@ -193,33 +193,6 @@ fn record(
     }
 }
 
-/// The signals that stop a `load`, listened for from start to end: a listener made anew in
-/// each `select!` would leave gaps in which tokio's handler, once installed, swallows the
-/// signal.
-struct StopSignals {
-    sigint: tokio::signal::unix::Signal,
-    sigterm: tokio::signal::unix::Signal,
-}
-
-impl StopSignals {
-    fn install() -> anyhow::Result<StopSignals> {
-        use tokio::signal::unix::{SignalKind, signal};
-        Ok(StopSignals {
-            sigint: signal(SignalKind::interrupt()).context("install the SIGINT handler")?,
-            sigterm: signal(SignalKind::terminate()).context("install the SIGTERM handler")?,
-        })
-    }
-
-    /// The next SIGINT or SIGTERM: its name and the exit code a shell gives a command that
-    /// signal ended (128 + its number).
-    async fn recv(&mut self) -> (&'static str, u8) {
-        tokio::select! {
-            _ = self.sigint.recv() => ("SIGINT", 130),
-            _ = self.sigterm.recv() => ("SIGTERM", 143),
-        }
-    }
-}
-
 /// Line ranges as text: `1-2000, 3001-4000`.
 fn ranges_text(ranges: &[(u64, u64)]) -> String {
     ranges
@@ -246,7 +219,7 @@ pub fn load(args: &LoadArgs) -> anyhow::Result<ExitCode> {
 async fn load_async(args: &LoadArgs) -> anyhow::Result<ExitCode> {
     // Installed before anything is sent, so no signal finds the default action (death with
     // no report) once a commit may be in flight.
-    let mut signals = StopSignals::install()?;
+    let mut signals = crate::signals::StopSignals::install()?;
     let client = std::sync::Arc::new(args.node.connect().await?);
     let limits = node_limits(&client).await?;
     let pb = if std::io::stderr().is_terminal() {

@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tideline_connectors::pipeline::{self, PipelineError};
@@ -149,16 +148,12 @@ pub fn sink_file(args: &SinkFileArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_else(|_| ProgressStyle::default_spinner()),
         );
         // Made once: a listener made anew in each `select!` misses a signal landing between two.
-        let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-            .context("install the SIGINT handler")?;
-        let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("install the SIGTERM handler")?;
+        let mut signals = crate::signals::StopSignals::install()?;
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let result = loop {
             tokio::select! {
                 r = &mut task => break Some(r),
-                _ = sigint.recv() => break None,
-                _ = sigterm.recv() => break None,
+                _ = signals.recv() => break None,
                 _ = tick.tick() => bar.set_message(progress_line(&status.get())),
             }
         };

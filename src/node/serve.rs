@@ -392,10 +392,7 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 
     // Both listeners live for the whole loop: one made anew in each `select!` would not exist
     // while a branch runs, and a signal landing then would be consumed by nobody.
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .context("install the SIGINT handler")?;
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("install the SIGTERM handler")?;
+    let mut signals = crate::signals::StopSignals::install()?;
     let mut watchdog = tokio::time::interval(Duration::from_millis(100));
     let mut retention = tokio::time::interval(Duration::from_secs(10));
     retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -404,8 +401,7 @@ async fn serve_async(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let mut retaining: Option<tokio::task::JoinHandle<_>> = None;
     let exit = loop {
         tokio::select! {
-            _ = sigint.recv() => break None,
-            _ = sigterm.recv() => break None,
+            _ = signals.recv() => break None,
             _ = watchdog.tick() => {
                 // Fail-stop: a poisoned log or a dead engine thread ends the node.
                 if let Some(reason) = engine.fail_stop_reason() {
