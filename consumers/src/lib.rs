@@ -39,9 +39,11 @@
 pub mod bootstrap;
 mod checkpoint;
 mod position;
+mod session;
 mod tail;
 
 pub use bootstrap::{Bootstrap, BootstrapError, BootstrapProgress, BootstrapStep};
 pub use checkpoint::{Checkpoint, CheckpointError, FileCheckpoint, MemoryCheckpoint};
 pub use position::{Position, TailStart};
-pub use tail::{Disconnected, Session, Tail, TailConfig, TailError, tail};
+pub use session::Session;
+pub use tail::{Disconnected, Tail, TailConfig, TailError, tail};

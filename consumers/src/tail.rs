@@ -1,4 +1,4 @@
-//! Resumable tails and sessions with read fences.
+//! Resumable tails.
 //!
 //! Owns: the connection to one node, reconnecting with backoff and resuming right after the
 //! last transaction delivered, saving positions through a [`Checkpoint`], and ending cleanly
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures_core::Stream;
 use tideline_stream::proto::ClientSubscription;
-use tideline_stream::{Client, ClientConfig, ClientError, ErrorCode, Event, Subscription};
+use tideline_stream::{Client, ClientError, ErrorCode, Event, Subscription};
 use tideline_wal::{Epoch, GtidSet, Transaction};
 use tokio::sync::watch;
 
@@ -22,133 +22,14 @@ use crate::checkpoint::{Checkpoint, CheckpointError};
 use crate::position::{Position, TailStart};
 
 mod close;
+mod config;
+
+use config::backoff;
+pub use config::{TailConfig, TailError};
 
 use close::{
     CLOSE_WAIT, CloseRequest, Closing, close_requested, final_ack, goodbye, unless_closed,
 };
-
-/// Settings of a tail.
-#[derive(Debug, Clone)]
-pub struct TailConfig {
-    /// `host:port` of the node; resolved again at every reconnect.
-    pub addr: String,
-    /// Connection settings.
-    pub client: ClientConfig,
-    /// Start position when there is no checkpoint.
-    pub start: TailStart,
-    /// Only this tree.
-    pub tree: Option<String>,
-    /// Only keys with this prefix.
-    pub prefix: Option<Vec<u8>>,
-    /// A named slot on the node holding the log for this consumer (acked after each batch).
-    pub slot: Option<String>,
-    /// First reconnect delay; doubles up to `backoff_max`, with jitter.
-    pub backoff_min: Duration,
-    /// Longest reconnect delay.
-    pub backoff_max: Duration,
-    /// Give up after this many failed reconnects in a row (`None`: never).
-    pub reconnect_attempts_max: Option<u32>,
-    /// How long the node may refuse `slot` as in use by another live subscription, from the
-    /// first refusal with no subscription since, before the tail ends with
-    /// [`TailError::SlotInUse`]. Default 20 s (`SLOT_IN_USE_WAIT`): longer than a consumer whose
-    /// connection died keeps the slot. Raise it for a node run with a longer idle timeout
-    /// (`serve --idle-timeout-ms`); `Duration::ZERO` ends the tail at the first refusal.
-    pub slot_in_use_wait: Duration,
-    /// Least time between two automatic checkpoint saves (each syncs a file). A crash of the
-    /// consumer re-delivers what it took since the last save: the batch in progress and the
-    /// batches taken within this interval. Default 200 ms.
-    pub checkpoint_interval: Duration,
-}
-
-impl TailConfig {
-    /// A tail of `addr` from `start`, reconnecting forever.
-    pub fn new(addr: impl Into<String>, client: ClientConfig, start: TailStart) -> Self {
-        TailConfig {
-            addr: addr.into(),
-            client,
-            start,
-            tree: None,
-            prefix: None,
-            slot: None,
-            backoff_min: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(5),
-            reconnect_attempts_max: None,
-            slot_in_use_wait: SLOT_IN_USE_WAIT,
-            checkpoint_interval: Duration::from_millis(200),
-        }
-    }
-}
-
-/// Default of [`TailConfig::slot_in_use_wait`]. A consumer whose connection died keeps its
-/// slot until the node notices, within the connection's idle timeout (the shorter of the
-/// node's, 10 s by default, and the client's): a refusal that lasts longer comes from a
-/// consumer that is live, and retrying it would never end. 10 s of margin covers a node
-/// slow to notice and the tail's last backoff.
-const SLOT_IN_USE_WAIT: Duration = Duration::from_secs(20);
-
-/// Why a tail ended. Network trouble never ends a tail by itself (it reconnects); these do.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum TailError {
-    /// The start or resume position is gone (purged by retention, or past the end).
-    #[error("position unavailable: {0}")]
-    PositionUnavailable(String),
-    /// The node's history lacks what this consumer already saw (it lost data, or is a
-    /// different node under the same id). Re-bootstrap the consumer.
-    #[error(
-        "node {server_uuid} has history only up to offset {node_head}, but this consumer already \
-         saw offset {seen}: the node lost transactions; re-bootstrap the consumer"
-    )]
-    Diverged {
-        /// The node.
-        server_uuid: uuid::Uuid,
-        /// Its head now.
-        node_head: u64,
-        /// What the consumer saw.
-        seen: u64,
-    },
-    /// The node refused the credentials.
-    #[error(transparent)]
-    Unauthorized(ClientError),
-    /// Reading or writing the checkpoint failed.
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    /// The node refused the slot as in use (by another live subscription, or being dropped)
-    /// for [`TailConfig::slot_in_use_wait`] and more: stop that consumer, or give this one
-    /// another slot name.
-    #[error(
-        "{message}; still refused after {} s of retries, longer than a consumer whose \
-         connection died keeps its slot",
-        waited.as_secs()
-    )]
-    SlotInUse {
-        /// The node's last refusal, naming the slot and its holder.
-        message: String,
-        /// From the first refusal to the last.
-        waited: Duration,
-    },
-    /// Reconnecting failed too many times in a row.
-    #[error("gave up after {attempts} failed reconnects; last error: {last}")]
-    GaveUp {
-        /// Attempts made.
-        attempts: u32,
-        /// The last error.
-        last: ClientError,
-    },
-    /// The node answered with a non-retryable error or broke the protocol.
-    #[error(transparent)]
-    Client(ClientError),
-}
-
-fn backoff(cfg: &TailConfig, attempt: u32) -> Duration {
-    let base = cfg
-        .backoff_min
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(cfg.backoff_max);
-    // ±20% jitter so that many consumers of a restarted node do not reconnect in lockstep.
-    let jitter = rand::random_range(0.8..1.2);
-    base.mul_f64(jitter)
-}
 
 /// A tail without a subscription to its node, and why: it lost one, or could not get one, and
 /// is reconnecting. The tail keeps going by itself; this is for whoever reports on it.
@@ -858,107 +739,5 @@ fn run(
             }
             last_saved = st.last_saved;
         }
-    }
-}
-
-/// A client session that reconnects on demand, for requests and read fences.
-#[derive(Debug)]
-pub struct Session {
-    addr: String,
-    cfg: ClientConfig,
-    client: tokio::sync::Mutex<Option<Arc<Client>>>,
-}
-
-impl Session {
-    /// A session with `addr`; connects on first use.
-    pub fn new(addr: impl Into<String>, cfg: ClientConfig) -> Self {
-        Session {
-            addr: addr.into(),
-            cfg,
-            client: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    /// The current connection, connecting (again) if needed.
-    pub async fn client(&self) -> Result<Arc<Client>, ClientError> {
-        let mut guard = self.client.lock().await;
-        if let Some(c) = guard.as_ref() {
-            return Ok(c.clone());
-        }
-        let c = Arc::new(Client::connect(&self.addr, self.cfg.clone()).await?);
-        *guard = Some(c.clone());
-        Ok(c)
-    }
-
-    async fn forget(&self) {
-        *self.client.lock().await = None;
-    }
-
-    /// A read fence: resolves once the node has applied and made durable every GTID of
-    /// `gtids` (returns `true`), or at `timeout` (returns `false`). Retries once on a broken
-    /// connection (waiting is idempotent).
-    pub async fn wait_for(&self, gtids: &GtidSet, timeout: Duration) -> Result<bool, ClientError> {
-        for attempt in 0..2 {
-            let c = self.client().await?;
-            match c.wait_for(gtids, timeout).await {
-                Ok((reached, _)) => return Ok(reached),
-                Err(e) if e.is_retryable() && attempt == 0 => self.forget().await,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(false)
-    }
-
-    /// The documents secondary index `index` of `tree` maps `values` to (one per indexed
-    /// path, or fewer for a composite index), as (key, value) pairs in index order, read from
-    /// one snapshot of the node. Only the first page: at most 1 MiB of documents, and nothing
-    /// says whether more matched. To read every match, call [`Client::index_query`] (from
-    /// [`Session::client`]) and pass each page's `next` as the next query's `after`, until
-    /// `next` is `None`.
-    /// With `after`, the node first waits until it has applied that GTID set and the index is
-    /// live, so a write acknowledged anywhere (e.g. the primary) is seen on a replica: the
-    /// fence fails with [`ErrorCode::Unavailable`](tideline_stream::ErrorCode) after
-    /// `timeout`. Retries once on a broken connection (reads are idempotent).
-    pub async fn index_get(
-        &self,
-        tree: &str,
-        index: &str,
-        values: &[Vec<u8>],
-        after: Option<&GtidSet>,
-        timeout: Duration,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClientError> {
-        let query = tideline_stream::IndexQuery {
-            tree: tree.into(),
-            index: index.into(),
-            values: values.to_vec(),
-            prefix: Vec::new(),
-            after: None,
-            limit: u64::MAX,
-            bytes_max: tideline_stream::SCAN_PAGE_BYTES_MAX,
-            fence: after.map(GtidSet::to_string),
-            timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-        };
-        for attempt in 0..2 {
-            let c = self.client().await?;
-            match c.index_query(query.clone()).await {
-                Ok(p) => return Ok(p.rows),
-                Err(e) if e.is_retryable() && attempt == 0 => self.forget().await,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(Vec::new())
-    }
-
-    /// Reads one key, retrying once on a broken connection (reads are idempotent).
-    pub async fn get(&self, tree: &str, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
-        for attempt in 0..2 {
-            let c = self.client().await?;
-            match c.get(tree, key).await {
-                Ok(v) => return Ok(v),
-                Err(e) if e.is_retryable() && attempt == 0 => self.forget().await,
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(None)
     }
 }
