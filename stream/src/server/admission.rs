@@ -152,7 +152,12 @@ pub fn serve<N: Node>(
     let mut server_cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     server_cfg.transport_config(Arc::new(transport(&cfg, send_window)));
     let endpoint = crate::udp::bind(cfg.listen, cfg.udp_buffer_bytes)
-        .and_then(|socket| crate::udp::endpoint(socket, Some(server_cfg)))
+        .and_then(|socket| {
+            if cfg.datagram_filter() {
+                crate::udp::attach_server_filter(&socket);
+            }
+            crate::udp::endpoint(socket, Some(server_cfg))
+        })
         .map_err(|source| ServeError::Bind {
             addr: cfg.listen,
             source,

@@ -57,6 +57,12 @@ pub struct ServerConfig {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub unsafe_pause_after_slot_attach: Option<Arc<tokio::sync::Notify>>,
+    /// Test-only: leave the server's UDP socket without its filter of datagrams that cannot
+    /// be QUIC for the node (`crate::udp::attach_server_filter`). Exists so the filter's test
+    /// can prove it catches garbage reaching the node.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub unsafe_no_datagram_filter: bool,
     /// Heartbeat interval on idle subscriptions.
     pub heartbeat: Duration,
     /// A subscription sends a batch once it holds this many bytes of records.
@@ -91,6 +97,15 @@ impl ServerConfig {
         false
     }
 
+    /// Whether the server's socket filters out datagrams that cannot be QUIC for the node:
+    /// always, unless a test turned it off.
+    pub(crate) fn datagram_filter(&self) -> bool {
+        #[cfg(feature = "testing")]
+        return !self.unsafe_no_datagram_filter;
+        #[cfg(not(feature = "testing"))]
+        true
+    }
+
     /// Defaults for `listen`.
     pub fn new(listen: SocketAddr) -> Self {
         ServerConfig {
@@ -109,6 +124,8 @@ impl ServerConfig {
             unsafe_no_handshake_budget: false,
             #[cfg(feature = "testing")]
             unsafe_pause_after_slot_attach: None,
+            #[cfg(feature = "testing")]
+            unsafe_no_datagram_filter: false,
             heartbeat: Duration::from_millis(500),
             batch_bytes_target: 256 << 10,
             consumer_buffer_bytes: CONSUMER_BUFFER_BYTES_DEFAULT,
