@@ -1,4 +1,5 @@
-//! UDP sockets for the QUIC endpoints, with large buffers.
+//! UDP sockets for the QUIC endpoints, with large buffers, and the server socket's filter of
+//! datagrams that cannot be QUIC for it.
 //!
 //! QUIC on loopback bursts faster than the kernel's default socket buffers drain; the drops
 //! that follow halve the congestion window. 4 MiB buffers removed the 0.4–2% loopback packet
@@ -60,10 +61,9 @@ const UDP_HEADER: u32 = 8;
 #[cfg(target_os = "linux")]
 fn server_filter() -> Vec<socket2::SockFilter> {
     use libc::{
-        BPF_ABS, BPF_AND, BPF_B, BPF_JEQ, BPF_JGE, BPF_JGT, BPF_JMP, BPF_JSET, BPF_K, BPF_LD,
-        BPF_LEN, BPF_RET, BPF_W,
+        BPF_ABS, BPF_ALU, BPF_AND, BPF_B, BPF_JEQ, BPF_JGE, BPF_JGT, BPF_JMP, BPF_JSET, BPF_K,
+        BPF_LD, BPF_LEN, BPF_RET, BPF_W,
     };
-    const ALU_AND: u32 = 0x04 | BPF_AND | BPF_K;
     let op = |code: u32, jt: u8, jf: u8, k: u32| socket2::SockFilter::new(code as u16, jt, jf, k);
     let byte = |at: u32| op(BPF_LD | BPF_B | BPF_ABS, 0, 0, UDP_HEADER + at);
     let len = || op(BPF_LD | BPF_W | BPF_LEN, 0, 0, 0);
@@ -71,33 +71,32 @@ fn server_filter() -> Vec<socket2::SockFilter> {
     const ACCEPT: u8 = 16;
     const DROP: u8 = 17;
     let to = |from: u8, target: u8| target - from - 1;
+    // `cond` against `k` at instruction `at`: on true to `yes`, else to `no` (`None`: the next).
+    let jump = |at: u8, cond: u32, k: u32, yes: Option<u8>, no: Option<u8>| {
+        let (jt, jf) = (yes.map_or(0, |t| to(at, t)), no.map_or(0, |t| to(at, t)));
+        op(BPF_JMP | cond | BPF_K, jt, jf, k)
+    };
     vec![
         /* 0 */ len(),
-        /* 1 */ op(BPF_JMP | BPF_JGE | BPF_K, 0, to(1, DROP), UDP_HEADER + 21),
+        /* 1 */ jump(1, BPF_JGE, UDP_HEADER + 21, None, Some(DROP)),
         /* 2 */ byte(0),
-        /* 3 */ op(BPF_JMP | BPF_JSET | BPF_K, 0, to(3, DROP), 0x40),
+        /* 3 */ jump(3, BPF_JSET, 0x40, None, Some(DROP)),
         // Short header: quinn checks the rest.
         /* 4 */
-        op(BPF_JMP | BPF_JSET | BPF_K, 0, to(4, ACCEPT), 0x80),
+        jump(4, BPF_JSET, 0x80, None, Some(ACCEPT)),
         /* 5 */ op(BPF_LD | BPF_W | BPF_ABS, 0, 0, UDP_HEADER + 1),
-        /* 6 */ op(BPF_JMP | BPF_JEQ | BPF_K, 0, to(6, DROP), 1),
+        /* 6 */ jump(6, BPF_JEQ, 1, None, Some(DROP)),
         /* 7 */ byte(5),
-        /* 8 */ op(BPF_JMP | BPF_JGT | BPF_K, to(8, DROP), 0, 20),
+        /* 8 */ jump(8, BPF_JGT, 20, Some(DROP), None),
         /* 9 */ byte(0),
-        /* 10 */ op(ALU_AND, 0, 0, 0x30),
+        /* 10 */ op(BPF_ALU | BPF_AND | BPF_K, 0, 0, 0x30),
         // Not an Initial (0-RTT, Handshake): quinn checks the rest.
         /* 11 */
-        op(BPF_JMP | BPF_JEQ | BPF_K, 0, to(11, ACCEPT), 0),
+        jump(11, BPF_JEQ, 0, None, Some(ACCEPT)),
         /* 12 */ len(),
-        /* 13 */
-        op(
-            BPF_JMP | BPF_JGE | BPF_K,
-            0,
-            to(13, DROP),
-            UDP_HEADER + 1200,
-        ),
+        /* 13 */ jump(13, BPF_JGE, UDP_HEADER + 1200, None, Some(DROP)),
         /* 14 */ byte(5),
-        /* 15 */ op(BPF_JMP | BPF_JGE | BPF_K, to(15, ACCEPT), to(15, DROP), 8),
+        /* 15 */ jump(15, BPF_JGE, 8, Some(ACCEPT), Some(DROP)),
         /* 16 */ op(BPF_RET | BPF_K, 0, 0, u32::MAX),
         /* 17 */ op(BPF_RET | BPF_K, 0, 0, 0),
     ]
